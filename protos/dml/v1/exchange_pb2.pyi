@@ -1,0 +1,59 @@
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class RingPhase(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    RING_PHASE_UNSPECIFIED: _ClassVar[RingPhase]
+    RING_PHASE_REDUCE_SCATTER: _ClassVar[RingPhase]
+    RING_PHASE_ALL_GATHER: _ClassVar[RingPhase]
+RING_PHASE_UNSPECIFIED: RingPhase
+RING_PHASE_REDUCE_SCATTER: RingPhase
+RING_PHASE_ALL_GATHER: RingPhase
+
+class TensorChunk(_message.Message):
+    __slots__ = ("job_id", "round", "epoch", "sender_id", "phase", "step", "offset_elems", "data")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    SENDER_ID_FIELD_NUMBER: _ClassVar[int]
+    PHASE_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_ELEMS_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    round: int
+    epoch: int
+    sender_id: str
+    phase: RingPhase
+    step: int
+    offset_elems: int
+    data: bytes
+    def __init__(self, job_id: _Optional[str] = ..., round: _Optional[int] = ..., epoch: _Optional[int] = ..., sender_id: _Optional[str] = ..., phase: _Optional[_Union[RingPhase, str]] = ..., step: _Optional[int] = ..., offset_elems: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class PushChunksResponse(_message.Message):
+    __slots__ = ("chunks",)
+    CHUNKS_FIELD_NUMBER: _ClassVar[int]
+    chunks: int
+    def __init__(self, chunks: _Optional[int] = ...) -> None: ...
+
+class FetchParametersRequest(_message.Message):
+    __slots__ = ("job_id", "round")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    round: int
+    def __init__(self, job_id: _Optional[str] = ..., round: _Optional[int] = ...) -> None: ...
+
+class ParameterChunk(_message.Message):
+    __slots__ = ("round", "digest", "data")
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    DIGEST_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    round: int
+    digest: str
+    data: bytes
+    def __init__(self, round: _Optional[int] = ..., digest: _Optional[str] = ..., data: _Optional[bytes] = ...) -> None: ...
