@@ -1,0 +1,1 @@
+"""Socket-free aggregation algorithms: ring all-reduce schedule, weighted averaging, transports."""

@@ -1,0 +1,46 @@
+"""Weighted parameter averaging over a ring, and parameter digests.
+
+The weight travels as one extra element at the end of the flat buffer: each member scales its
+parameters by its weight, the ring sums both, and each member divides by the summed weight.
+Every member runs the same float operations on the same bytes, so results stay bit-identical.
+"""
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+
+from aggregation.allreduce import DEFAULT_CHUNK_ELEMS, ring_allreduce
+from aggregation.transport import RingLink
+
+
+def weighted_ring_average(
+    buf: np.ndarray, weight: float, rank: int, world: int, link: RingLink, timeout: float,
+    chunk_elems: int = DEFAULT_CHUNK_ELEMS,
+) -> float:
+    """Averages ``buf[:-1]`` across the ring, weighted; ``buf[-1]`` is scratch for the weight.
+
+    Returns the total weight. ``weight`` must be positive (samples processed).
+    """
+    if weight <= 0:
+        raise ValueError(f"weight must be positive, got {weight}")
+    params = buf[:-1]
+    params *= np.float32(weight)
+    buf[-1] = np.float32(weight)
+    ring_allreduce(buf, rank, world, link, timeout, chunk_elems)
+    total = float(buf[-1])
+    params /= np.float32(total)
+    return total
+
+
+def weighted_mean(arrays: list[np.ndarray], weights: list[float]) -> np.ndarray:
+    """Reference weighted mean in float64 (for tests and single-process baselines)."""
+    if len(arrays) != len(weights) or not arrays:
+        raise ValueError("need one weight per array and at least one array")
+    w = np.asarray(weights, dtype=np.float64)
+    return (np.stack([a.astype(np.float64) for a in arrays]) * w[:, None]).sum(0) / w.sum()
+
+
+def digest(params: np.ndarray) -> str:
+    """sha256 hex digest of a float32 buffer's bytes."""
+    return hashlib.sha256(np.ascontiguousarray(params).view(np.uint8)).hexdigest()

@@ -1,0 +1,1 @@
+"""The dml coordinator: jobs, peer registry, shard plans and the round state machine."""

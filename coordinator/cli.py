@@ -1,0 +1,65 @@
+"""``dml-coordinator``: runs the coordinator until SIGINT or SIGTERM."""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import pathlib
+import signal
+import sys
+import threading
+
+from coordinator.server import CoordinatorServer, ServerConfig
+from coordinator.service import CoordinatorConfig
+
+
+def _env_int(name: str, default: int) -> int:
+    v = os.environ.get(name)
+    return int(v) if v else default
+
+
+def build_config(argv: list[str] | None = None) -> ServerConfig:
+    """Flags, then environment variables (DML_*), then defaults."""
+    d = CoordinatorConfig()
+    p = argparse.ArgumentParser(prog="dml-coordinator", description="Run the dml coordinator (gRPC server).")
+    p.add_argument("--host", default=os.environ.get("DML_HOST", "127.0.0.1"), help="address to bind (0.0.0.0 for all)")
+    p.add_argument("--port", type=int, default=_env_int("DML_PORT", 50051), help="port to bind; 0 picks a free one")
+    p.add_argument("--state-dir", type=pathlib.Path, default=os.environ.get("DML_STATE_DIR"),
+                   help="directory for the SQLite state and checkpoints (in memory when omitted)")
+    p.add_argument("--heartbeat-interval-ms", type=int, default=_env_int("DML_HEARTBEAT_INTERVAL_MS", d.heartbeat_interval_ms))
+    p.add_argument("--peer-timeout-ms", type=int, default=_env_int("DML_PEER_TIMEOUT_MS", d.peer_timeout_ms))
+    p.add_argument("--port-file", type=pathlib.Path, help="write the bound port here once listening")
+    p.add_argument("--log-level", default=os.environ.get("DML_LOG_LEVEL", "INFO"))
+    a = p.parse_args(argv)
+    if not 0 <= a.port <= 65535:
+        p.error(f"--port must be 0..65535, got {a.port}")
+    if a.heartbeat_interval_ms < 10 or a.peer_timeout_ms <= a.heartbeat_interval_ms:
+        p.error("need --heartbeat-interval-ms >= 10 and --peer-timeout-ms > --heartbeat-interval-ms")
+    logging.basicConfig(level=a.log_level.upper(), format="%(asctime)s %(levelname)s coordinator %(name)s: %(message)s")
+    cfg = ServerConfig(host=a.host, port=a.port, state_dir=a.state_dir,
+                       timing=CoordinatorConfig(a.heartbeat_interval_ms, a.peer_timeout_ms), port_file=a.port_file)
+    return cfg
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point."""
+    cfg = build_config(argv)
+    try:
+        server = CoordinatorServer(cfg).start()
+    except OSError as e:
+        print(f"dml-coordinator: {e}", file=sys.stderr)
+        sys.exit(1)
+    if cfg.port_file is not None:
+        tmp = cfg.port_file.with_suffix(".tmp")
+        tmp.write_text(str(server.port))
+        tmp.replace(cfg.port_file)
+    print(f"dml-coordinator listening on {server.address}", flush=True)
+    done = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: done.set())
+    done.wait()
+    server.stop()
+
+
+if __name__ == "__main__":
+    main()

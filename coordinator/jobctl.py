@@ -1,0 +1,312 @@
+"""``dml``: the job client. Submit, list, watch, cancel jobs, download models, run a local cluster.
+
+Exit codes: 0 success, 1 the coordinator failed or is unreachable, 2 bad input (a usage error or
+the coordinator's INVALID_ARGUMENT), 3 a job that ended FAILED or CANCELLED (``status --watch``,
+``local``).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import pathlib
+import sys
+import time
+from typing import Any, Callable, NoReturn, TypeVar
+
+import grpc
+
+from coordinator.servicer import spec_to_pb
+from coordinator.spec import JobSpec
+from dml.v1 import jobs_pb2, jobs_pb2_grpc, types_pb2
+
+T = TypeVar("T")
+STATE_NAMES = {v: types_pb2.JobState.Name(v).removeprefix("JOB_STATE_") for v in types_pb2.JobState.values()}
+FINISHED = {"SUCCEEDED", "FAILED", "CANCELLED"}
+
+
+class CliError(Exception):
+    """A one-line error for the user, with the exit code to leave with."""
+
+    def __init__(self, message: str, code: int = 1) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def cli_error(e: grpc.RpcError, coordinator: str) -> CliError:
+    """The user-facing error for a failed call."""
+    code = e.code() if isinstance(e, grpc.Call) else None
+    details = e.details() if isinstance(e, grpc.Call) else str(e)
+    if code == grpc.StatusCode.INVALID_ARGUMENT:
+        return CliError(f"invalid job: {details}", 2)
+    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+        return CliError(f"cannot reach coordinator at {coordinator} ({code.name.lower()})", 1)
+    if code == grpc.StatusCode.NOT_FOUND:
+        return CliError(details, 1)
+    return CliError(f"coordinator error: {code.name if code else '?'}: {details}", 1)
+
+
+def _rpc(fn: Callable[[], T], coordinator: str) -> T:
+    try:
+        return fn()
+    except grpc.RpcError as e:
+        raise cli_error(e, coordinator) from None
+
+
+def _stub(coordinator: str) -> jobs_pb2_grpc.JobServiceStub:
+    if ":" not in coordinator:
+        raise CliError(f"--coordinator must be HOST:PORT, got {coordinator!r}", 2)
+    return jobs_pb2_grpc.JobServiceStub(grpc.insecure_channel(coordinator, options=[("grpc.max_receive_message_length", 8 << 20)]))
+
+
+def status_dict(job: jobs_pb2.JobStatus) -> dict[str, Any]:
+    """A job status as the JSON object `dml status --json` prints."""
+    last = job.last
+    return {
+        "job_id": job.job_id,
+        "state": STATE_NAMES[job.state],
+        "round": job.round,
+        "rounds": job.spec.rounds,
+        "epoch": job.epoch,
+        "peers": list(job.peers),
+        "samples": job.samples,
+        "reason": job.reason,
+        "checkpoint_round": job.checkpoint_round,
+        "task": job.spec.task,
+        "metrics": {
+            "train_loss": last.train_loss if job.HasField("last") else None,
+            "test_accuracy": last.test_accuracy if job.HasField("last") else None,
+            "test_loss": last.test_loss if job.HasField("last") else None,
+            "round_ms": last.duration_ms if job.HasField("last") else None,
+            "digest": last.digest if job.HasField("last") else None,
+        },
+    }
+
+
+def _fmt(x: float | None, spec: str = ".4f") -> str:
+    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
+
+
+def status_line(job: jobs_pb2.JobStatus, width: int = 30) -> str:
+    """One line: a progress bar, round, loss, accuracy, peers and state."""
+    d = status_dict(job)
+    frac = d["round"] / max(d["rounds"], 1)
+    bar = "#" * int(frac * width) + "." * (width - int(frac * width))
+    m = d["metrics"]
+    line = (f"{d['job_id']} [{bar}] round {d['round']}/{d['rounds']} loss {_fmt(m['train_loss'])} "
+            f"acc {_fmt(m['test_accuracy'])} peers {len(d['peers'])} {d['state']}")
+    return line + (f" ({d['reason']})" if d["reason"] and d["state"] not in ("SUCCEEDED",) else "")
+
+
+# -- commands --------------------------------------------------------------------------------
+def spec_from_args(a: argparse.Namespace) -> JobSpec:
+    """The job spec the submit flags describe."""
+    d = JobSpec()
+    return JobSpec(task=a.task, rounds=a.rounds, local_steps=a.local_steps, batch_size=a.batch_size,
+                   learning_rate=a.lr, min_peers=a.min_peers if a.min_peers is not None else d.min_peers, sharding=a.sharding, aggregation=a.aggregation,
+                   seed=a.seed, num_shards=a.num_shards or d.num_shards,
+                   checkpoint_every_rounds=a.checkpoint_every or d.checkpoint_every_rounds)
+
+
+def submit(coordinator: str, spec: JobSpec, timeout: float) -> str:
+    """Submits a job; returns its id."""
+    stub = _stub(coordinator)
+    return _rpc(lambda: stub.SubmitJob(jobs_pb2.SubmitJobRequest(spec=spec_to_pb(spec)), timeout=timeout),
+                coordinator).job_id
+
+
+def cmd_submit(a: argparse.Namespace) -> int:
+    jid = submit(a.coordinator, spec_from_args(a), a.timeout)
+    print(f"submitted to {a.coordinator}", file=sys.stderr)
+    print(jid)
+    return 0
+
+
+def _latest_job(stub: jobs_pb2_grpc.JobServiceStub, coordinator: str, timeout: float) -> str:
+    jobs = _rpc(lambda: stub.ListJobs(jobs_pb2.ListJobsRequest(), timeout=timeout), coordinator).jobs
+    if not jobs:
+        raise CliError(f"no jobs on {coordinator}", 1)
+    return jobs[0].job_id
+
+
+def watch(coordinator: str, job_id: str, timeout: float, on_update: Callable[[jobs_pb2.JobStatus], None],
+          max_s: float = 24 * 3600) -> jobs_pb2.JobStatus:
+    """Follows a job until it finishes (reconnecting if the coordinator restarts); returns the end status."""
+    stub = _stub(coordinator)
+    deadline = time.monotonic() + max_s
+    last: jobs_pb2.JobStatus | None = None
+    while time.monotonic() < deadline:
+        try:
+            for st in stub.WatchJob(jobs_pb2.WatchJobRequest(job_id=job_id), timeout=min(300.0, deadline - time.monotonic())):
+                last = st
+                on_update(st)
+                if STATE_NAMES[st.state] in FINISHED:
+                    return st
+        except grpc.RpcError as e:
+            code = e.code() if isinstance(e, grpc.Call) else None
+            if code not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED) or last is None:
+                raise cli_error(e, coordinator) from None
+            time.sleep(0.5)  # the coordinator is restarting: reconnect after a pause
+    raise CliError(f"gave up watching {job_id} after {max_s:.0f}s", 1)
+
+
+def cmd_status(a: argparse.Namespace) -> int:
+    stub = _stub(a.coordinator)
+    jid = a.job or _latest_job(stub, a.coordinator, a.timeout)
+    if not a.watch:
+        resp = _rpc(lambda: stub.GetJob(jobs_pb2.GetJobRequest(job_id=jid, include_history=a.history), timeout=a.timeout),
+                    a.coordinator)
+        if a.json:
+            d = status_dict(resp.job)
+            if a.history:
+                d["history"] = [{"round": r.round, "train_loss": r.train_loss, "test_accuracy": r.test_accuracy,
+                                 "samples": r.samples, "members": r.members, "duration_ms": r.duration_ms}
+                                for r in resp.history]
+            print(json.dumps(d))
+        else:
+            print(status_line(resp.job))
+        return 0
+    tty = sys.stdout.isatty() and not a.json
+
+    def show(st: jobs_pb2.JobStatus) -> None:
+        if a.json:
+            print(json.dumps(status_dict(st)), flush=True)
+        elif tty:
+            print("\r\033[K" + status_line(st), end="", flush=True)
+        else:
+            print(status_line(st), flush=True)
+
+    end = watch(a.coordinator, jid, a.timeout, show)
+    if tty:
+        print()
+    return 0 if STATE_NAMES[end.state] == "SUCCEEDED" else 3
+
+
+def cmd_jobs(a: argparse.Namespace) -> int:
+    stub = _stub(a.coordinator)
+    jobs = _rpc(lambda: stub.ListJobs(jobs_pb2.ListJobsRequest(), timeout=a.timeout), a.coordinator).jobs
+    if a.json:
+        print(json.dumps([status_dict(j) for j in jobs]))
+        return 0
+    print(f"{'JOB':<24} {'STATE':<10} {'ROUND':>11} {'ACC':>7} {'PEERS':>5}  TASK")
+    for j in jobs:
+        d = status_dict(j)
+        print(f"{d['job_id']:<24} {d['state']:<10} {d['round']:>5}/{d['rounds']:<5} "
+              f"{_fmt(d['metrics']['test_accuracy'], '.4f'):>7} {len(d['peers']):>5}  {d['task']}")
+    return 0
+
+
+def cmd_cancel(a: argparse.Namespace) -> int:
+    stub = _stub(a.coordinator)
+    st = _rpc(lambda: stub.CancelJob(jobs_pb2.CancelJobRequest(job_id=a.job), timeout=a.timeout), a.coordinator).state
+    print(f"{a.job} {STATE_NAMES[st]}")
+    return 0
+
+
+def download_model(coordinator: str, job_id: str, out: pathlib.Path, timeout: float) -> tuple[int, str]:
+    """Saves the job's last checkpoint (a torch state_dict file); returns (round, digest)."""
+    stub = _stub(coordinator)
+    parts = _rpc(lambda: list(stub.DownloadModel(jobs_pb2.DownloadModelRequest(job_id=job_id), timeout=timeout)),
+                 coordinator)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".part")
+    tmp.write_bytes(b"".join(p.data for p in parts))
+    tmp.replace(out)
+    return parts[0].round, parts[0].digest
+
+
+def cmd_model(a: argparse.Namespace) -> int:
+    rnd, dig = download_model(a.coordinator, a.job, a.output, max(a.timeout, 60.0))
+    print(f"saved round {rnd} of {a.job} to {a.output} (parameter digest {dig[:16]})")
+    return 0
+
+
+# -- parser ----------------------------------------------------------------------------------
+def add_job_options(p: argparse.ArgumentParser) -> None:
+    """The job flags shared by ``submit`` and ``local``."""
+    d = JobSpec()
+    p.add_argument("--task", default=d.task, help="digits (default) or synthetic:SIZE, e.g. synthetic:10M")
+    p.add_argument("--rounds", type=int, default=d.rounds, help=f"rounds to commit (default {d.rounds})")
+    p.add_argument("--local-steps", type=int, default=d.local_steps, help="SGD steps per round per peer")
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--lr", type=float, default=d.learning_rate, help="learning rate")
+    p.add_argument("--min-peers", type=int, default=None,
+                   help=f"peers needed to run a round (default {d.min_peers}; `local`: all its peers)")
+    p.add_argument("--sharding", default=d.sharding, help="iid or dirichlet:ALPHA")
+    p.add_argument("--aggregation", default=d.aggregation, help="ring")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--num-shards", type=int, default=0, help=f"shards to cut the data into (default {d.num_shards})")
+    p.add_argument("--checkpoint-every", type=int, default=0, help=f"rounds between checkpoints (default {d.checkpoint_every_rounds})")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``dml`` argument parser."""
+    env_coord = os.environ.get("DML_COORDINATOR", "127.0.0.1:50051")
+    p = _Parser(prog="dml", description="dml job client: submit, watch and manage training jobs.")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    def common(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--coordinator", default=env_coord, help="coordinator HOST:PORT (env DML_COORDINATOR)")
+        sp.add_argument("--timeout", type=float, default=5.0, help="deadline per call in seconds")
+
+    sp = sub.add_parser("submit", help="submit a job; prints its id on the last line")
+    common(sp)
+    add_job_options(sp)
+    sp.set_defaults(fn=cmd_submit)
+
+    sp = sub.add_parser("status", help="show a job (default: the newest)")
+    common(sp)
+    sp.add_argument("job", nargs="?")
+    sp.add_argument("--watch", action="store_true", help="follow the job with a progress bar until it ends")
+    sp.add_argument("--json", action="store_true", help="print JSON")
+    sp.add_argument("--history", action="store_true", help="include every committed round (with --json)")
+    sp.set_defaults(fn=cmd_status)
+
+    sp = sub.add_parser("jobs", help="list jobs")
+    common(sp)
+    sp.add_argument("--json", action="store_true")
+    sp.set_defaults(fn=cmd_jobs)
+
+    sp = sub.add_parser("cancel", help="cancel a job")
+    common(sp)
+    sp.add_argument("job")
+    sp.set_defaults(fn=cmd_cancel)
+
+    sp = sub.add_parser("model", help="download a job's committed parameters as a torch state_dict")
+    common(sp)
+    sp.add_argument("job")
+    sp.add_argument("-o", "--output", type=pathlib.Path, required=True)
+    sp.set_defaults(fn=cmd_model)
+
+    from coordinator import local
+
+    sp = sub.add_parser("local", help="run a coordinator and N peers here, train a job, print the accuracy")
+    local.add_arguments(sp)
+    add_job_options(sp)
+    sp.set_defaults(fn=local.cmd_local)
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point."""
+    a = build_parser().parse_args(argv)
+    try:
+        code = a.fn(a)
+    except CliError as e:
+        print(f"dml: {e}", file=sys.stderr)
+        code = e.code
+    except KeyboardInterrupt:
+        print("\ndml: interrupted", file=sys.stderr)
+        code = 130
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,158 @@
+"""``dml local``: a coordinator and N peers as processes on 127.0.0.1, one job, then a clean exit.
+
+The same topology as docker-compose.yml. Children are started through their handles and always
+reaped: SIGTERM, then SIGKILL after a grace period, on success, failure and Ctrl-C alike.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import contextlib
+import os
+import pathlib
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Iterator
+
+from coordinator import jobctl
+
+DEFAULT_PORT = 50051
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Flags of ``dml local`` besides the job options."""
+    p.add_argument("--peers", type=int, default=3, help="number of peer processes (default 3)")
+    p.add_argument("--port", type=int, default=None,
+                   help=f"coordinator port (default {DEFAULT_PORT} if free, else any free port; 0 for any)")
+    p.add_argument("--state-dir", type=pathlib.Path, default=None, help="coordinator state (default: a temp dir)")
+    p.add_argument("--output", "-o", type=pathlib.Path, default=None, help="save the trained model (state_dict) here")
+    p.add_argument("--json", action="store_true", help="print the final status as JSON on the last line")
+    p.add_argument("--log-dir", type=pathlib.Path, default=None, help="where process logs go (default: the state dir)")
+    p.add_argument("--timeout-s", type=float, default=1800.0, help="give up after this long")
+
+
+def _free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+            return True
+        except OSError:
+            return False
+
+
+def wait_for_port_file(path: pathlib.Path, proc: subprocess.Popen[bytes], timeout_s: float) -> int:
+    """Waits until a child writes its bound port to ``path``."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if path.exists():
+            return int(path.read_text())
+        if proc.poll() is not None:
+            raise jobctl.CliError(f"coordinator exited with code {proc.returncode} before listening", 1)
+        time.sleep(0.05)
+    raise jobctl.CliError(f"coordinator did not start within {timeout_s:.0f}s", 1)
+
+
+def reap(procs: list[subprocess.Popen[bytes]], grace_s: float = 5.0) -> None:
+    """SIGTERM every child, wait up to ``grace_s``, SIGKILL the rest."""
+    for p in procs:
+        if p.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                p.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    for p in procs:
+        try:
+            p.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait(5)
+
+
+@contextlib.contextmanager
+def cluster(peers: int, port: int, state_dir: pathlib.Path, log_dir: pathlib.Path,
+            extra_peer_args: tuple[str, ...] = ()) -> Iterator[tuple[str, list[subprocess.Popen[bytes]]]]:
+    """Starts a coordinator and ``peers`` peers; yields (coordinator address, processes)."""
+    log_dir.mkdir(parents=True, exist_ok=True)
+    py = sys.executable
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    port_file = state_dir / "coordinator.port"
+    port_file.unlink(missing_ok=True)
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        coord = subprocess.Popen(
+            [py, "-m", "coordinator.cli", "--host", "127.0.0.1", "--port", str(port), "--state-dir", str(state_dir),
+             "--port-file", str(port_file)],
+            stdout=open(log_dir / "coordinator.log", "ab"), stderr=subprocess.STDOUT, env=env)
+        procs.append(coord)
+        address = f"127.0.0.1:{wait_for_port_file(port_file, coord, 60)}"
+        for i in range(peers):
+            procs.append(subprocess.Popen(
+                [py, "-m", "peer.cli", "--coordinator", address, "--host", "127.0.0.1", "--port", "0",
+                 "--device", "cpu", *extra_peer_args],
+                stdout=open(log_dir / f"peer-{i}.log", "ab"), stderr=subprocess.STDOUT, env=env))
+        yield address, procs
+    finally:
+        reap(procs)
+
+
+def cmd_local(a: argparse.Namespace) -> int:
+    """Runs the job on a local cluster and prints the final test accuracy."""
+    if a.peers < 1:
+        raise jobctl.CliError("--peers must be at least 1", 2)
+    port = a.port if a.port is not None else (DEFAULT_PORT if _free(DEFAULT_PORT) else 0)
+    if a.min_peers is None:
+        a.min_peers = a.peers  # start with the whole cluster rather than grow it round by round
+    spec = jobctl.spec_from_args(a)
+    if spec.min_peers > a.peers:
+        raise jobctl.CliError(f"--min-peers {spec.min_peers} exceeds --peers {a.peers}", 2)
+    tmp = None
+    state_dir = a.state_dir
+    if state_dir is None:
+        tmp = tempfile.TemporaryDirectory(prefix="dml-local-")
+        state_dir = pathlib.Path(tmp.name)
+    state_dir.mkdir(parents=True, exist_ok=True)
+    log_dir = a.log_dir or state_dir / "logs"
+    started = time.monotonic()
+    try:
+        with cluster(a.peers, port, state_dir, log_dir) as (address, _procs):
+            print(f"coordinator on {address}, {a.peers} peers; logs in {log_dir}", file=sys.stderr)
+            print(f"  watch from another shell: dml status --coordinator {address} --watch", file=sys.stderr)
+            job_id = jobctl.submit(address, spec, timeout=30.0)
+            print(f"job {job_id}: {spec.task}, {spec.rounds} rounds x {spec.local_steps} local steps, "
+                  f"batch {spec.batch_size}, lr {spec.learning_rate}", file=sys.stderr)
+            tty = sys.stderr.isatty()
+            last_round = [-1]
+
+            def show(st: object) -> None:
+                line = jobctl.status_line(st)  # type: ignore[arg-type]
+                if tty:
+                    print("\r\033[K" + line, end="", file=sys.stderr, flush=True)
+                elif st.round != last_round[0] and (st.round % 10 == 0 or st.round == st.spec.rounds):  # type: ignore[attr-defined]
+                    print(line, file=sys.stderr, flush=True)
+                last_round[0] = st.round  # type: ignore[attr-defined]
+
+            try:
+                end = jobctl.watch(address, job_id, 10.0, show, max_s=a.timeout_s)
+            except KeyboardInterrupt:
+                with contextlib.suppress(jobctl.CliError):
+                    jobctl._rpc(lambda: jobctl._stub(address).CancelJob(
+                        jobctl.jobs_pb2.CancelJobRequest(job_id=job_id), timeout=2), address)
+                raise
+            if tty:
+                print(file=sys.stderr)
+            d = jobctl.status_dict(end)
+            if a.output is not None and d["state"] == "SUCCEEDED":
+                rnd, _ = jobctl.download_model(address, job_id, a.output, 60.0)
+                print(f"saved round {rnd} model to {a.output}", file=sys.stderr)
+        acc = d["metrics"]["test_accuracy"]
+        print(f"job {job_id} {d['state']} after {d['round']} rounds in {time.monotonic() - started:.1f}s: "
+              f"test accuracy {jobctl._fmt(acc)}")
+        if a.json:
+            print(json.dumps(d))
+        return 0 if d["state"] == "SUCCEEDED" else 3
+    finally:
+        if tmp is not None:
+            tmp.cleanup()

@@ -1,0 +1,104 @@
+"""Wiring: a gRPC server with the coordinator's services, health and reflection, and the reaper
+thread that evicts silent peers."""
+from __future__ import annotations
+
+import logging
+import pathlib
+import threading
+from concurrent import futures
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from coordinator.service import Coordinator, CoordinatorConfig
+from coordinator.servicer import JobServicer, PeerControlServicer
+from coordinator.store import MemoryStore, SqliteStore, Store
+from dml.v1 import control_pb2, control_pb2_grpc, jobs_pb2, jobs_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+MAX_MESSAGE_BYTES = 8 << 20
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Everything dml-coordinator is configured with."""
+
+    host: str = "127.0.0.1"
+    port: int = 0
+    state_dir: pathlib.Path | None = None
+    timing: CoordinatorConfig = CoordinatorConfig()
+    workers: int = 64
+    port_file: pathlib.Path | None = None  # where the CLI writes the bound port
+
+
+class CoordinatorServer:
+    """A running coordinator: call :meth:`stop` to end it."""
+
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        store: Store
+        if config.state_dir is not None:
+            store = SqliteStore(config.state_dir)
+            ckpt = config.state_dir / "checkpoints"
+        else:
+            import tempfile
+
+            store = MemoryStore()
+            ckpt = pathlib.Path(tempfile.mkdtemp(prefix="dml-ckpt-"))
+        self.coordinator = Coordinator(config.timing, store, ckpt)
+        opts = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
+        self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=config.workers), options=opts)
+        jobs_pb2_grpc.add_JobServiceServicer_to_server(JobServicer(self.coordinator), self._server)
+        control_pb2_grpc.add_PeerControlServicer_to_server(PeerControlServicer(self.coordinator), self._server)
+        self._health = health.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
+        names = (
+            jobs_pb2.DESCRIPTOR.services_by_name["JobService"].full_name,
+            control_pb2.DESCRIPTOR.services_by_name["PeerControl"].full_name,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        )
+        reflection.enable_server_reflection(names, self._server)
+        self.port = self._server.add_insecure_port(f"{config.host}:{config.port}")
+        if self.port == 0:
+            raise OSError(f"cannot listen on {config.host}:{config.port}")
+        self._stop = threading.Event()
+        self._reaper = threading.Thread(target=self._reap, name="reaper", daemon=True)
+
+    @property
+    def address(self) -> str:
+        """host:port clients dial."""
+        return f"{self.config.host}:{self.port}"
+
+    def start(self) -> "CoordinatorServer":
+        """Starts serving and reaping."""
+        self._server.start()
+        self._reaper.start()
+        for name in ("", "dml.v1.JobService", "dml.v1.PeerControl"):
+            self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        log.info("coordinator listening on %s", self.address)
+        return self
+
+    def _reap(self) -> None:
+        while not self._stop.wait(self.config.timing.tick_ms / 1000.0):
+            try:
+                self.coordinator.tick()
+            except Exception:  # the reaper must survive a bad tick; the error is logged
+                log.exception("reaper tick failed")
+
+    def wait(self) -> None:
+        """Blocks until the server stops."""
+        self._server.wait_for_termination()
+
+    def stop(self, grace_s: float = 1.0) -> None:
+        """Stops serving (in-flight calls get ``grace_s``) and closes the store."""
+        self._stop.set()
+        self._health.enter_graceful_shutdown()
+        self._server.stop(grace_s).wait(grace_s + 1)
+        if self._reaper.is_alive():
+            self._reaper.join(2)
+        self.coordinator.close()

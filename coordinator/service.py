@@ -1,0 +1,220 @@
+"""The coordinator as one object: state machine + lock + store + checkpoints + the real clock.
+
+Servicers call these methods and translate results to protos; the background reaper calls
+:meth:`Coordinator.tick`. Every change is persisted before waiters are woken, so what a peer or
+client sees has survived a crash.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import pathlib
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+
+from coordinator import planner
+from coordinator.spec import JobSpec, validate, with_defaults
+from coordinator.state import FINISHED, Changes, ClusterState, Job, NotFound, Report, Stale
+from coordinator.store import Store
+from peer.tasks import get_task
+
+log = logging.getLogger(__name__)
+
+__all__ = ["Coordinator", "CoordinatorConfig", "NotFound", "Stale"]
+
+
+@dataclass(frozen=True)
+class CoordinatorConfig:
+    """Timing of the control plane."""
+
+    heartbeat_interval_ms: int = 500
+    peer_timeout_ms: int = 3000
+    tick_ms: int = 200
+
+
+@functools.lru_cache(maxsize=32)
+def _shards(task: str, num_shards: int, sharding: str, seed: int) -> tuple[np.ndarray, ...]:
+    labels = get_task(task).load().y_train
+    return tuple(planner.make_shards(labels, num_shards, sharding, seed))
+
+
+def job_shards(spec: JobSpec) -> list[np.ndarray]:
+    """The shards of a job's training set (deterministic from the spec, so never stored)."""
+    return list(_shards(spec.task, spec.num_shards, spec.sharding, spec.seed))
+
+
+class Coordinator:
+    """Thread-safe facade over :class:`ClusterState`."""
+
+    def __init__(self, config: CoordinatorConfig, store: Store, checkpoint_dir: pathlib.Path,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.config = config
+        self._store = store
+        self._ckpt_dir = checkpoint_dir
+        self._clock = clock
+        self._cond = threading.Condition()
+        self.state = ClusterState(config.peer_timeout_ms, lambda s: [int(x.size) for x in job_shards(s)])
+        jobs, peers = store.load()
+        now = self.now_ms()
+        for j in jobs:
+            self.state.jobs[j.job_id] = j
+        for p in peers:
+            p.last_seen_ms = now  # a restart grants every known peer a fresh lease
+            self.state.peers[p.peer_id] = p
+        if jobs or peers:
+            log.info("restored %d jobs and %d peers from the store", len(jobs), len(peers))
+
+    def now_ms(self) -> int:
+        """Wall clock in Unix milliseconds."""
+        return int(self._clock() * 1000)
+
+    def _apply(self, changes: Changes) -> None:
+        """Persists what changed and wakes waiters. Call with the condition held."""
+        st = self.state
+        if changes.jobs or changes.peers or changes.removed_peers or changes.committed:
+            self._store.save(
+                jobs=[st.jobs[j] for j in changes.jobs if j in st.jobs],
+                peers=[st.peers[p] for p in changes.peers if p in st.peers],
+                removed_peers=changes.removed_peers,
+                rounds=[(j, st.jobs[j].history[r - 1]) for j, r in changes.committed],
+            )
+            self._cond.notify_all()
+
+    # -- peers ------------------------------------------------------------------------------
+    def register(self, address: str, capability: dict[str, Any]) -> str:
+        """Registers a peer and returns its id."""
+        with self._cond:
+            pid, ch = self.state.register(address, capability, self.now_ms())
+            self._apply(ch)
+        log.info("peer %s registered at %s (%s)", pid, address, capability.get("device", "?"))
+        return pid
+
+    def heartbeat(self, peer_id: str) -> int:
+        """Renews a peer's lease; returns its job's epoch."""
+        with self._cond:
+            return self.state.heartbeat(peer_id, self.now_ms())
+
+    def tick(self) -> None:
+        """Evicts expired peers. Called by the reaper thread."""
+        with self._cond:
+            self._apply(self.state.expire(self.now_ms()))
+
+    def report_failure(self, peer_id: str, suspect: str, detail: str) -> None:
+        """A member reports a neighbour that broke the exchange."""
+        with self._cond:
+            log.warning("peer %s reports %s: %s", peer_id, suspect or "no suspect", detail)
+            if suspect:
+                self._apply(self.state.report_failure(peer_id, suspect, self.now_ms()))
+
+    def wait_plan(self, peer_id: str, last: tuple[str, int, int], timeout_s: float) -> Job | None:
+        """Blocks until the peer has an active plan other than ``last`` (job, round, epoch)."""
+        deadline = time.monotonic() + timeout_s
+        with self._cond:
+            while True:
+                job = self.state.plan_for(peer_id)
+                if job is not None and (job.job_id, job.round, job.epoch) != last:
+                    return job
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return None
+                self._cond.wait(left)
+
+    def report(self, peer_id: str, job_id: str, rnd: int, epoch: int, rep: Report) -> bool:
+        """Records a round report; True if it committed the round."""
+        with self._cond:
+            ch = self.state.report(peer_id, job_id, rnd, epoch, rep, self.now_ms())
+            self._apply(ch)
+            if ch.committed:
+                j = self.state.jobs[job_id]
+                r = j.history[-1]
+                log.info("job %s: round %d committed (epoch %d, %d members, %d samples, acc %.4f, %d ms)",
+                         job_id, r.round, r.epoch, len(r.members), r.samples, r.test_accuracy, r.duration_ms)
+                self._prune_checkpoints(j)
+            return bool(ch.committed)
+
+    # -- checkpoints ------------------------------------------------------------------------
+    def checkpoint_path(self, job_id: str, rnd: int) -> pathlib.Path:
+        """Where round ``rnd``'s checkpoint of a job lives."""
+        return self._ckpt_dir / job_id / f"round-{rnd:06d}.pt"
+
+    def store_checkpoint(self, peer_id: str, job_id: str, rnd: int, digest: str, data: bytes) -> None:
+        """Writes a checkpoint atomically, then records it (it counts once its round commits)."""
+        with self._cond:
+            self.state.job(job_id)
+        path = self.checkpoint_path(job_id, rnd)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        with self._cond:
+            self.state.checkpoint_uploaded(peer_id, job_id, rnd, digest, self.now_ms())
+            self._apply(Changes(jobs=(job_id,)))
+
+    def _prune_checkpoints(self, job: Job) -> None:
+        keep = self.checkpoint_path(job.job_id, job.checkpoint_round).name if job.checkpoint_round else ""
+        folder = self._ckpt_dir / job.job_id
+        if folder.is_dir():
+            for f in folder.iterdir():
+                if f.name != keep and f.suffix == ".pt" and int(f.stem.split("-")[1]) < job.committed_round:
+                    f.unlink(missing_ok=True)
+
+    def checkpoint(self, job_id: str) -> tuple[int, str, pathlib.Path]:
+        """The job's last committed checkpoint: round, digest, file. NotFound if none."""
+        with self._cond:
+            job = self.state.job(job_id)
+            if not job.checkpoint_round:
+                raise NotFound(f"job {job_id} has no checkpoint yet (state {job.state}, round {job.committed_round})")
+            return job.checkpoint_round, job.checkpoint_digest, self.checkpoint_path(job_id, job.checkpoint_round)
+
+    # -- jobs -------------------------------------------------------------------------------
+    def submit(self, spec: JobSpec) -> str:
+        """Validates (InvalidSpec) and queues a job."""
+        spec = with_defaults(spec)
+        validate(spec)
+        with self._cond:
+            jid, ch = self.state.submit(spec, self.now_ms())
+            self._apply(ch)
+        log.info("job %s submitted: %s", jid, spec)
+        return jid
+
+    def cancel(self, job_id: str) -> str:
+        """Cancels a job; returns its state."""
+        with self._cond:
+            self._apply(self.state.cancel(job_id, self.now_ms()))
+            return self.state.job(job_id).state
+
+    def snapshot(self, job_id: str) -> Job:
+        """A job (the live object; read it under no assumptions of stability)."""
+        with self._cond:
+            return self.state.job(job_id)
+
+    def jobs(self) -> list[Job]:
+        """All jobs, newest first."""
+        with self._cond:
+            return sorted(self.state.jobs.values(), key=lambda j: (j.created_ms, j.job_id), reverse=True)
+
+    def wait_job_change(self, job_id: str, seen_updated_ms: int, seen_round: int, timeout_s: float) -> Job:
+        """Blocks until the job changes from what the caller saw, it finishes, or the timeout."""
+        deadline = time.monotonic() + timeout_s
+        with self._cond:
+            while True:
+                job = self.state.job(job_id)
+                if job.updated_ms != seen_updated_ms or job.committed_round != seen_round or job.state in FINISHED:
+                    return job
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return job
+                self._cond.wait(left)
+
+    def close(self) -> None:
+        """Closes the store."""
+        with self._cond:
+            self._store.close()

@@ -1,0 +1,226 @@
+"""gRPC servicers of the coordinator. They only translate: proto to a Coordinator call, domain
+error to a status code (InvalidSpec: INVALID_ARGUMENT, NotFound: NOT_FOUND, Stale:
+FAILED_PRECONDITION)."""
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from typing import Iterator
+
+import grpc
+
+from coordinator.service import Coordinator
+from coordinator.spec import InvalidSpec, JobSpec
+from coordinator.state import FINISHED, Job, NotFound, Report, RoundRecord, Stale
+from dml.v1 import control_pb2, control_pb2_grpc, jobs_pb2, jobs_pb2_grpc, types_pb2
+
+log = logging.getLogger(__name__)
+
+CHUNK_BYTES = 1 << 20
+MAX_PLAN_WAIT_S = 30.0
+MAX_WATCH_S = 24 * 3600.0
+
+STATE_TO_PB = {
+    "PENDING": types_pb2.JOB_STATE_PENDING,
+    "RUNNING": types_pb2.JOB_STATE_RUNNING,
+    "SUCCEEDED": types_pb2.JOB_STATE_SUCCEEDED,
+    "FAILED": types_pb2.JOB_STATE_FAILED,
+    "CANCELLED": types_pb2.JOB_STATE_CANCELLED,
+}
+
+
+@contextlib.contextmanager
+def _status(context: grpc.ServicerContext) -> Iterator[None]:
+    """Maps domain errors to gRPC status codes with their messages."""
+    try:
+        yield
+    except InvalidSpec as e:
+        context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+    except NotFound as e:
+        context.abort(grpc.StatusCode.NOT_FOUND, str(e))
+    except Stale as e:
+        context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
+
+
+def spec_to_pb(s: JobSpec) -> types_pb2.JobSpec:
+    """Domain spec to proto."""
+    return types_pb2.JobSpec(
+        task=s.task, rounds=s.rounds, local_steps=s.local_steps, batch_size=s.batch_size,
+        learning_rate=s.learning_rate, min_peers=s.min_peers, sharding=s.sharding,
+        aggregation=s.aggregation, seed=s.seed, num_shards=s.num_shards,
+        checkpoint_every_rounds=s.checkpoint_every_rounds,
+    )
+
+
+def spec_from_pb(p: types_pb2.JobSpec) -> JobSpec:
+    """Proto spec to domain (zeros mean 'default', filled in by the coordinator)."""
+    return JobSpec(
+        task=p.task, rounds=p.rounds, local_steps=p.local_steps, batch_size=p.batch_size,
+        learning_rate=p.learning_rate, min_peers=p.min_peers, sharding=p.sharding,
+        aggregation=p.aggregation, seed=p.seed, num_shards=p.num_shards,
+        checkpoint_every_rounds=p.checkpoint_every_rounds,
+    )
+
+
+def _finite(x: float) -> float:
+    return x if math.isfinite(x) else 0.0
+
+
+def round_to_pb(r: RoundRecord) -> types_pb2.RoundMetrics:
+    """A committed round as proto metrics."""
+    return types_pb2.RoundMetrics(
+        round=r.round, epoch=r.epoch, train_loss=_finite(r.train_loss), test_accuracy=_finite(r.test_accuracy),
+        test_loss=_finite(r.test_loss), samples=r.samples, digest=r.digest, duration_ms=r.duration_ms,
+        members=len(r.members),
+    )
+
+
+def job_to_pb(j: Job) -> jobs_pb2.JobStatus:
+    """A job's user-facing status."""
+    st = jobs_pb2.JobStatus(
+        job_id=j.job_id, spec=spec_to_pb(j.spec), state=STATE_TO_PB[j.state], round=j.committed_round,
+        epoch=j.epoch, peers=list(j.members), reason=j.reason, created_unix_ms=j.created_ms,
+        updated_unix_ms=j.updated_ms, checkpoint_round=j.checkpoint_round, samples=j.samples,
+    )
+    if j.history:
+        st.last.CopyFrom(round_to_pb(j.history[-1]))
+    return st
+
+
+class JobServicer(jobs_pb2_grpc.JobServiceServicer):
+    """Users' API."""
+
+    def __init__(self, coord: Coordinator) -> None:
+        self._c = coord
+
+    def SubmitJob(self, request: jobs_pb2.SubmitJobRequest, context: grpc.ServicerContext) -> jobs_pb2.SubmitJobResponse:
+        with _status(context):
+            return jobs_pb2.SubmitJobResponse(job_id=self._c.submit(spec_from_pb(request.spec)))
+        raise AssertionError("unreachable")
+
+    def GetJob(self, request: jobs_pb2.GetJobRequest, context: grpc.ServicerContext) -> jobs_pb2.GetJobResponse:
+        with _status(context):
+            j = self._c.snapshot(request.job_id)
+            hist = [round_to_pb(r) for r in j.history] if request.include_history else []
+            return jobs_pb2.GetJobResponse(job=job_to_pb(j), history=hist)
+        raise AssertionError("unreachable")
+
+    def ListJobs(self, request: jobs_pb2.ListJobsRequest, context: grpc.ServicerContext) -> jobs_pb2.ListJobsResponse:
+        return jobs_pb2.ListJobsResponse(jobs=[job_to_pb(j) for j in self._c.jobs()])
+
+    def CancelJob(self, request: jobs_pb2.CancelJobRequest, context: grpc.ServicerContext) -> jobs_pb2.CancelJobResponse:
+        with _status(context):
+            return jobs_pb2.CancelJobResponse(state=STATE_TO_PB[self._c.cancel(request.job_id)])
+        raise AssertionError("unreachable")
+
+    def WatchJob(self, request: jobs_pb2.WatchJobRequest, context: grpc.ServicerContext) -> Iterator[jobs_pb2.JobStatus]:
+        with _status(context):
+            j = self._c.snapshot(request.job_id)
+            left = context.time_remaining()
+            budget = min(MAX_WATCH_S, left if left is not None else MAX_WATCH_S)
+            seen = (j.updated_ms, j.committed_round)
+            yield job_to_pb(j)
+            while context.is_active() and j.state not in FINISHED and budget > 0:
+                j = self._c.wait_job_change(request.job_id, seen[0], seen[1], min(5.0, budget))
+                budget -= 5.0
+                if (j.updated_ms, j.committed_round) != seen or j.state in FINISHED:
+                    seen = (j.updated_ms, j.committed_round)
+                    yield job_to_pb(j)
+
+    def DownloadModel(self, request: jobs_pb2.DownloadModelRequest, context: grpc.ServicerContext) -> Iterator[jobs_pb2.ModelChunk]:
+        with _status(context):
+            rnd, digest, path = self._c.checkpoint(request.job_id)
+            with open(path, "rb") as f:
+                first = True
+                while True:
+                    data = f.read(CHUNK_BYTES)
+                    if not data and not first:
+                        return
+                    yield jobs_pb2.ModelChunk(round=rnd if first else 0, digest=digest if first else "", data=data)
+                    first = False
+
+
+class PeerControlServicer(control_pb2_grpc.PeerControlServicer):
+    """Peers' API."""
+
+    def __init__(self, coord: Coordinator) -> None:
+        self._c = coord
+
+    def RegisterPeer(self, request: control_pb2.RegisterPeerRequest, context: grpc.ServicerContext) -> control_pb2.RegisterPeerResponse:
+        if not request.address or ":" not in request.address:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"address must be host:port, got {request.address!r}")
+        cap = {"device": request.capability.device, "memory_bytes": request.capability.memory_bytes,
+               "pool": request.capability.pool}
+        pid = self._c.register(request.address, cap)
+        cfg = self._c.config
+        return control_pb2.RegisterPeerResponse(
+            peer_id=pid, heartbeat_interval_ms=cfg.heartbeat_interval_ms, peer_timeout_ms=cfg.peer_timeout_ms
+        )
+
+    def Heartbeat(self, request: control_pb2.HeartbeatRequest, context: grpc.ServicerContext) -> control_pb2.HeartbeatResponse:
+        with _status(context):
+            return control_pb2.HeartbeatResponse(epoch=self._c.heartbeat(request.peer_id))
+        raise AssertionError("unreachable")
+
+    def GetPlan(self, request: control_pb2.GetPlanRequest, context: grpc.ServicerContext) -> control_pb2.GetPlanResponse:
+        with _status(context):
+            wait = min(request.wait_ms / 1000.0, MAX_PLAN_WAIT_S)
+            left = context.time_remaining()
+            if left is not None:
+                wait = max(0.0, min(wait, left - 0.2))
+            last = (request.last_job_id, request.last_round, request.last_epoch)
+            job = self._c.wait_plan(request.peer_id, last, wait)
+            if job is None:
+                return control_pb2.GetPlanResponse(has_plan=False)
+            return control_pb2.GetPlanResponse(has_plan=True, plan=self._plan_pb(job))
+        raise AssertionError("unreachable")
+
+    def _plan_pb(self, job: Job) -> types_pb2.Plan:
+        from coordinator.service import job_shards
+
+        shards = job_shards(job.spec)
+        st = self._c.state
+        members = [
+            types_pb2.Member(peer_id=m, address=st.peers[m].address if m in st.peers else "",
+                             shard_ids=job.assignment.get(m, []))
+            for m in job.members
+        ]
+        return types_pb2.Plan(
+            job_id=job.job_id, round=job.round, epoch=job.epoch, members=members, spec=spec_to_pb(job.spec),
+            shards=[types_pb2.ShardIndices(indices=s.tolist()) for s in shards],
+            checkpoint=job.wants_checkpoint(job.round),
+        )
+
+    def ReportRound(self, request: control_pb2.ReportRoundRequest, context: grpc.ServicerContext) -> control_pb2.ReportRoundResponse:
+        with _status(context):
+            rep = Report(
+                samples=request.samples, train_loss=request.train_loss, digest=request.digest,
+                test_accuracy=request.test_accuracy if request.has_test_metrics else None,
+                test_loss=request.test_loss if request.has_test_metrics else None,
+            )
+            committed = self._c.report(request.peer_id, request.job_id, request.round, request.epoch, rep)
+            return control_pb2.ReportRoundResponse(committed=committed)
+        raise AssertionError("unreachable")
+
+    def ReportFailure(self, request: control_pb2.ReportFailureRequest, context: grpc.ServicerContext) -> control_pb2.ReportFailureResponse:
+        with _status(context):
+            self._c.report_failure(request.peer_id, request.suspect_peer_id, request.detail)
+            return control_pb2.ReportFailureResponse()
+        raise AssertionError("unreachable")
+
+    def UploadCheckpoint(self, request_iterator: Iterator[control_pb2.CheckpointChunk], context: grpc.ServicerContext) -> control_pb2.UploadCheckpointResponse:
+        with _status(context):
+            first = None
+            parts: list[bytes] = []
+            for chunk in request_iterator:
+                if first is None:
+                    first = chunk
+                parts.append(chunk.data)
+            if first is None:
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, "empty checkpoint upload")
+            assert first is not None
+            data = b"".join(parts)
+            self._c.store_checkpoint(first.peer_id, first.job_id, first.round, first.digest, data)
+            return control_pb2.UploadCheckpointResponse(size_bytes=len(data))
+        raise AssertionError("unreachable")

@@ -1,0 +1,87 @@
+"""The job specification as a plain dataclass, its defaults and its validation."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+from typing import Any
+
+from coordinator.planner import parse_sharding
+from peer.tasks import get_task
+
+AGGREGATIONS = ("ring",)
+MAX_ROUNDS = 1_000_000
+
+
+class InvalidSpec(ValueError):
+    """A job spec a user got wrong; the message says what and how to fix it."""
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """What a job trains and how. Defaults train ``digits`` to its best accuracy in about a minute."""
+
+    task: str = "digits"
+    rounds: int = 200
+    local_steps: int = 10
+    batch_size: int = 32
+    learning_rate: float = 0.1
+    min_peers: int = 1
+    sharding: str = "iid"
+    aggregation: str = "ring"
+    seed: int = 0
+    num_shards: int = 24
+    checkpoint_every_rounds: int = 10
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-friendly form."""
+        return asdict(self)
+
+    @staticmethod
+    def from_dict(d: dict[str, Any]) -> "JobSpec":
+        """Inverse of :meth:`to_dict` (unknown keys are ignored)."""
+        fields = JobSpec.__dataclass_fields__
+        return JobSpec(**{k: v for k, v in d.items() if k in fields})
+
+
+def with_defaults(spec: JobSpec) -> JobSpec:
+    """Fills zero / empty fields (proto3's 'unset') with the defaults."""
+    d = JobSpec()
+    return replace(
+        spec,
+        task=spec.task or d.task,
+        local_steps=spec.local_steps or d.local_steps,
+        batch_size=spec.batch_size or d.batch_size,
+        learning_rate=spec.learning_rate or d.learning_rate,
+        min_peers=spec.min_peers or d.min_peers,
+        sharding=spec.sharding or d.sharding,
+        aggregation=spec.aggregation or d.aggregation,
+        num_shards=spec.num_shards or d.num_shards,
+        checkpoint_every_rounds=spec.checkpoint_every_rounds or d.checkpoint_every_rounds,
+    )
+
+
+def validate(spec: JobSpec) -> None:
+    """Raises InvalidSpec naming the first bad field."""
+    if not 1 <= spec.rounds <= MAX_ROUNDS:
+        raise InvalidSpec(f"rounds must be between 1 and {MAX_ROUNDS}, got {spec.rounds}")
+    if spec.local_steps < 1:
+        raise InvalidSpec(f"local_steps must be at least 1, got {spec.local_steps}")
+    if spec.batch_size < 1:
+        raise InvalidSpec(f"batch_size must be at least 1, got {spec.batch_size}")
+    if not 0 < spec.learning_rate < 100:
+        raise InvalidSpec(f"learning_rate must be in (0, 100), got {spec.learning_rate}")
+    if spec.min_peers < 1:
+        raise InvalidSpec(f"min_peers must be at least 1, got {spec.min_peers}")
+    if spec.aggregation not in AGGREGATIONS:
+        raise InvalidSpec(f"unknown aggregation {spec.aggregation!r}: choose one of {', '.join(AGGREGATIONS)}")
+    if spec.checkpoint_every_rounds < 1:
+        raise InvalidSpec("checkpoint_every_rounds must be at least 1")
+    try:
+        parse_sharding(spec.sharding)
+        task = get_task(spec.task)
+    except ValueError as e:
+        raise InvalidSpec(str(e)) from None
+    n = task.load().y_train.size
+    if not 1 <= spec.num_shards <= n:
+        raise InvalidSpec(f"num_shards must be between 1 and {n} (the training set size), got {spec.num_shards}")
+    if spec.min_peers > spec.num_shards:
+        raise InvalidSpec(f"min_peers ({spec.min_peers}) cannot exceed num_shards ({spec.num_shards})")

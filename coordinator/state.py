@@ -1,0 +1,372 @@
+"""The coordinator's state machine: peer registry, jobs and synchronous rounds.
+
+Deterministic and free of I/O: every method takes ``now_ms`` from the caller and returns what
+changed; the caller (``coordinator.service``) persists, wakes waiters and logs. Round rules:
+
+- A job starts when at least ``min_peers`` live peers are idle; it takes them all (up to its
+  shard count) in registration order as the ring of epoch 1.
+- Round ``r`` commits when every member of the current epoch reported ``r`` with the same digest.
+- A member that leaves (evicted, or reported broken by a neighbour) bumps the epoch; only its
+  shards move; round ``r`` is re-issued to the survivors from the parameters of ``r - 1``.
+- Idle live peers join a running job at the next round boundary (a new epoch).
+- Below ``min_peers`` the job waits and says why.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+
+from coordinator import planner
+from coordinator.spec import JobSpec
+
+log = logging.getLogger(__name__)
+
+PENDING, RUNNING, SUCCEEDED, FAILED, CANCELLED = "PENDING", "RUNNING", "SUCCEEDED", "FAILED", "CANCELLED"
+FINISHED = (SUCCEEDED, FAILED, CANCELLED)
+MAX_DIGEST_MISMATCHES = 3
+
+
+class NotFound(Exception):
+    """Unknown or evicted peer, unknown job."""
+
+
+class Stale(Exception):
+    """A report or upload for a round or epoch that is no longer current."""
+
+
+@dataclass
+class PeerRecord:
+    """A registered peer."""
+
+    peer_id: str
+    address: str
+    capability: dict[str, Any]
+    registered_ms: int
+    last_seen_ms: int
+    job_id: str = ""
+
+
+@dataclass
+class Report:
+    """One member's report of a round."""
+
+    samples: int
+    train_loss: float
+    digest: str
+    test_accuracy: float | None = None
+    test_loss: float | None = None
+
+
+@dataclass
+class RoundRecord:
+    """A committed round."""
+
+    round: int
+    epoch: int
+    samples: int
+    train_loss: float
+    test_accuracy: float
+    test_loss: float
+    digest: str
+    duration_ms: int
+    members: list[str]
+    committed_ms: int
+
+
+@dataclass
+class Job:
+    """A job and its round state."""
+
+    job_id: str
+    spec: JobSpec
+    created_ms: int
+    state: str = PENDING
+    updated_ms: int = 0
+    reason: str = ""
+    committed_round: int = 0
+    epoch: int = 0
+    members: list[str] = field(default_factory=list)
+    assignment: dict[str, list[int]] = field(default_factory=dict)
+    round_started_ms: int = 0
+    reports: dict[str, Report] = field(default_factory=dict)
+    history: list[RoundRecord] = field(default_factory=list)
+    samples: int = 0
+    checkpoint_round: int = 0
+    checkpoint_digest: str = ""
+    pending_checkpoint: tuple[int, str] | None = None  # (round, digest) uploaded, not yet committed
+    mismatches: int = 0
+
+    @property
+    def round(self) -> int:
+        """The round being run (committed + 1)."""
+        return self.committed_round + 1
+
+    def wants_checkpoint(self, rnd: int) -> bool:
+        """Whether round ``rnd``'s first member uploads a checkpoint before reporting."""
+        return rnd == self.spec.rounds or rnd % self.spec.checkpoint_every_rounds == 0
+
+
+@dataclass(frozen=True)
+class Changes:
+    """What a call changed, for the caller to persist and announce."""
+
+    jobs: tuple[str, ...] = ()
+    peers: tuple[str, ...] = ()
+    removed_peers: tuple[str, ...] = ()
+    committed: tuple[tuple[str, int], ...] = ()
+
+    def __or__(self, other: "Changes") -> "Changes":
+        return Changes(
+            tuple(dict.fromkeys(self.jobs + other.jobs)),
+            tuple(dict.fromkeys(self.peers + other.peers)),
+            tuple(dict.fromkeys(self.removed_peers + other.removed_peers)),
+            self.committed + other.committed,
+        )
+
+
+class ClusterState:
+    """Peers and jobs. ``shard_sizes(spec)`` gives the sizes of a job's shards."""
+
+    def __init__(self, peer_timeout_ms: int, shard_sizes: Callable[[JobSpec], list[int]]) -> None:
+        self.peer_timeout_ms = peer_timeout_ms
+        self.peers: dict[str, PeerRecord] = {}
+        self.jobs: dict[str, Job] = {}
+        self._shard_sizes = shard_sizes
+        self._ids = itertools.count(1)
+
+    # -- ids --------------------------------------------------------------------------------
+    def _new_id(self, prefix: str, taken: dict[str, Any], now_ms: int) -> str:
+        while True:
+            cand = f"{prefix}-{now_ms % 10**8:08d}-{next(self._ids)}"
+            if cand not in taken:
+                return cand
+
+    # -- peers ------------------------------------------------------------------------------
+    def register(self, address: str, capability: dict[str, Any], now_ms: int) -> tuple[str, Changes]:
+        """Adds a peer; returns its id."""
+        pid = self._new_id("peer", self.peers, now_ms)
+        self.peers[pid] = PeerRecord(pid, address, capability, now_ms, now_ms)
+        return pid, Changes(peers=(pid,)) | self.schedule(now_ms)
+
+    def heartbeat(self, peer_id: str, now_ms: int) -> int:
+        """Renews a lease; returns the epoch of the peer's job (0 if idle)."""
+        p = self._peer(peer_id)
+        p.last_seen_ms = now_ms
+        job = self.jobs.get(p.job_id)
+        return job.epoch if job else 0
+
+    def _peer(self, peer_id: str) -> PeerRecord:
+        p = self.peers.get(peer_id)
+        if p is None:
+            raise NotFound(f"peer {peer_id} is not registered (evicted or unknown); register again")
+        return p
+
+    def expire(self, now_ms: int) -> Changes:
+        """Evicts peers silent for longer than the peer timeout."""
+        dead = [p.peer_id for p in self.peers.values() if now_ms - p.last_seen_ms > self.peer_timeout_ms]
+        changes = Changes()
+        for pid in dead:
+            log.warning("peer %s: no heartbeat for %d ms, evicting", pid, now_ms - self.peers[pid].last_seen_ms)
+            changes = changes | self.remove_peer(pid, now_ms)
+        return changes
+
+    def remove_peer(self, peer_id: str, now_ms: int) -> Changes:
+        """Evicts a peer; its job re-forms the ring without it."""
+        p = self.peers.pop(peer_id, None)
+        if p is None:
+            return Changes()
+        changes = Changes(removed_peers=(peer_id,))
+        job = self.jobs.get(p.job_id)
+        if job and job.state == RUNNING and peer_id in job.members:
+            sizes = self._shard_sizes(job.spec)
+            job.members = [m for m in job.members if m != peer_id]
+            if job.members:
+                job.assignment = planner.remove_peers(job.assignment, {peer_id}, sizes)
+            else:
+                job.assignment = {}
+            self._new_epoch(job, now_ms, f"peer {peer_id} left")
+            changes = changes | Changes(jobs=(job.job_id,))
+        return changes | self.schedule(now_ms)
+
+    def report_failure(self, reporter: str, suspect: str, now_ms: int) -> Changes:
+        """A member says its neighbour broke the exchange: evict the neighbour now."""
+        self._peer(reporter).last_seen_ms = now_ms
+        if suspect in self.peers:
+            log.warning("peer %s reported by %s as failed mid-exchange; evicting", suspect, reporter)
+            return self.remove_peer(suspect, now_ms)
+        return Changes()
+
+    def live_idle(self) -> list[str]:
+        """Idle peers in registration order."""
+        idle = [p for p in self.peers.values() if not p.job_id]
+        return [p.peer_id for p in sorted(idle, key=lambda p: (p.registered_ms, p.peer_id))]
+
+    # -- jobs -------------------------------------------------------------------------------
+    def submit(self, spec: JobSpec, now_ms: int) -> tuple[str, Changes]:
+        """Queues a validated job."""
+        jid = self._new_id("job", self.jobs, now_ms)
+        self.jobs[jid] = Job(jid, spec, created_ms=now_ms, updated_ms=now_ms, reason="waiting for peers")
+        return jid, Changes(jobs=(jid,)) | self.schedule(now_ms)
+
+    def job(self, job_id: str) -> Job:
+        """A job by id."""
+        job = self.jobs.get(job_id)
+        if job is None:
+            raise NotFound(f"job {job_id} not found")
+        return job
+
+    def cancel(self, job_id: str, now_ms: int) -> Changes:
+        """Stops a job and frees its peers (no-op once finished)."""
+        job = self.job(job_id)
+        if job.state in FINISHED:
+            return Changes()
+        return self._finish(job, CANCELLED, "cancelled by user", now_ms)
+
+    def _finish(self, job: Job, state: str, reason: str, now_ms: int) -> Changes:
+        job.state, job.reason, job.updated_ms = state, reason, now_ms
+        freed = []
+        for pid in job.members:
+            if pid in self.peers:
+                self.peers[pid].job_id = ""
+                freed.append(pid)
+        job.members, job.reports = [], {}
+        log.info("job %s: %s (%s)", job.job_id, state, reason)
+        return Changes(jobs=(job.job_id,), peers=tuple(freed)) | self.schedule(now_ms)
+
+    def _new_epoch(self, job: Job, now_ms: int, why: str) -> None:
+        job.epoch += 1
+        job.reports = {}
+        job.pending_checkpoint = None
+        job.round_started_ms = now_ms
+        job.updated_ms = now_ms
+        if len(job.members) < job.spec.min_peers:
+            job.reason = f"waiting for peers: {len(job.members)} live, {job.spec.min_peers} needed"
+        else:
+            job.reason = ""
+        log.info("job %s: epoch %d, round %d, ring %s (%s)", job.job_id, job.epoch, job.round, job.members, why)
+
+    def _admit(self, job: Job, now_ms: int) -> bool:
+        """Adds idle peers to a job at a round boundary. True if the ring changed."""
+        room = job.spec.num_shards - len(job.members)
+        joiners = self.live_idle()[: max(room, 0)]
+        if not joiners:
+            return False
+        sizes = self._shard_sizes(job.spec)
+        for pid in joiners:
+            self.peers[pid].job_id = job.job_id
+        job.members = job.members + joiners
+        if job.assignment:
+            job.assignment = planner.add_peers(job.assignment, joiners, sizes)
+        else:
+            job.assignment = planner.assign_shards(sizes, job.members)
+        return True
+
+    def schedule(self, now_ms: int) -> Changes:
+        """Starts pending jobs and tops up waiting ones with idle peers."""
+        changed: list[str] = []
+        for job in sorted(self.jobs.values(), key=lambda j: (j.created_ms, j.job_id)):
+            if job.state == RUNNING and len(job.members) < job.spec.min_peers:
+                if self._admit(job, now_ms):
+                    self._new_epoch(job, now_ms, "peers joined a waiting job")
+                    changed.append(job.job_id)
+            elif job.state == PENDING and len(self.live_idle()) >= job.spec.min_peers:
+                job.state = RUNNING
+                self._admit(job, now_ms)
+                self._new_epoch(job, now_ms, "job started")
+                changed.append(job.job_id)
+            elif job.state == PENDING:
+                reason = f"waiting for peers: {len(self.live_idle())} idle, {job.spec.min_peers} needed"
+                if reason != job.reason:
+                    job.reason = reason
+                    changed.append(job.job_id)
+        return Changes(jobs=tuple(changed), peers=tuple(p for j in changed for p in self.jobs[j].members))
+
+    def active(self, job: Job) -> bool:
+        """Whether the job's current round is being run (enough members)."""
+        return job.state == RUNNING and bool(job.members) and len(job.members) >= job.spec.min_peers
+
+    def plan_for(self, peer_id: str) -> Job | None:
+        """The running job the peer is a member of, if its round is active."""
+        p = self._peer(peer_id)
+        job = self.jobs.get(p.job_id)
+        if job is None or not self.active(job) or peer_id not in job.members:
+            return None
+        return job
+
+    def _check_current(self, job: Job, peer_id: str, rnd: int, epoch: int) -> None:
+        if job.state != RUNNING:
+            raise Stale(f"job {job.job_id} is {job.state}")
+        if (rnd, epoch) != (job.round, job.epoch):
+            raise Stale(f"round {rnd} epoch {epoch} is stale; current is round {job.round} epoch {job.epoch}")
+        if peer_id not in job.members:
+            raise Stale(f"peer {peer_id} is not a member of epoch {job.epoch}")
+
+    def checkpoint_uploaded(self, peer_id: str, job_id: str, rnd: int, digest: str, now_ms: int) -> None:
+        """Records a checkpoint for the current round (it counts once the round commits)."""
+        self._peer(peer_id).last_seen_ms = now_ms
+        job = self.job(job_id)
+        if job.state == SUCCEEDED and rnd == job.committed_round:
+            return
+        self._check_current(job, peer_id, rnd, job.epoch)
+        job.pending_checkpoint = (rnd, digest)
+
+    def report(self, peer_id: str, job_id: str, rnd: int, epoch: int, rep: Report, now_ms: int) -> Changes:
+        """Records a member's round report; commits the round when every member agrees."""
+        self._peer(peer_id).last_seen_ms = now_ms
+        job = self.job(job_id)
+        self._check_current(job, peer_id, rnd, epoch)
+        job.reports[peer_id] = rep
+        if set(job.reports) != set(job.members):
+            return Changes()
+        digests = {r.digest for r in job.reports.values()}
+        if len(digests) != 1:
+            job.mismatches += 1
+            log.error("job %s round %d: members disagree on parameters (%d digests)", job_id, rnd, len(digests))
+            if job.mismatches >= MAX_DIGEST_MISMATCHES:
+                return self._finish(job, FAILED, f"parameter digests disagreed {job.mismatches} times", now_ms)
+            self._new_epoch(job, now_ms, "digest mismatch, re-running the round")
+            return Changes(jobs=(job_id,))
+        return self._commit(job, digests.pop(), now_ms)
+
+    def _commit(self, job: Job, digest: str, now_ms: int) -> Changes:
+        reps = list(job.reports.values())
+        samples = sum(r.samples for r in reps)
+        evals = [r for r in reps if r.test_accuracy is not None]
+        rec = RoundRecord(
+            round=job.round,
+            epoch=job.epoch,
+            samples=samples,
+            train_loss=sum(r.train_loss * r.samples for r in reps) / max(samples, 1),
+            test_accuracy=evals[0].test_accuracy if evals else float("nan"),  # type: ignore[arg-type]
+            test_loss=evals[0].test_loss if evals else float("nan"),  # type: ignore[arg-type]
+            digest=digest,
+            duration_ms=now_ms - job.round_started_ms,
+            members=list(job.members),
+            committed_ms=now_ms,
+        )
+        job.history.append(rec)
+        job.samples += samples
+        job.committed_round = rec.round
+        job.reports = {}
+        job.mismatches = 0
+        if job.pending_checkpoint == (rec.round, digest):
+            job.checkpoint_round, job.checkpoint_digest = rec.round, digest
+        job.pending_checkpoint = None
+        job.round_started_ms = now_ms
+        job.updated_ms = now_ms
+        changes = Changes(jobs=(job.job_id,), committed=((job.job_id, rec.round),))
+        if job.committed_round >= job.spec.rounds:
+            return changes | self._finish(job, SUCCEEDED, f"{job.spec.rounds} rounds committed", now_ms)
+        if self._admit(job, now_ms):
+            self._new_epoch(job, now_ms, "peers joined at a round boundary")
+            changes = changes | Changes(peers=tuple(job.members))
+        return changes
+
+
+def shard_sizes_for(shards: Callable[[JobSpec], list[np.ndarray]]) -> Callable[[JobSpec], list[int]]:
+    """Adapts a shard builder to the sizes the state machine needs."""
+    return lambda spec: [int(s.size) for s in shards(spec)]

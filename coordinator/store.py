@@ -1,0 +1,145 @@
+"""Durable coordinator state: an interface with an in-memory and an SQLite implementation.
+
+SQLite runs in WAL mode with every change in one transaction, so ``kill -9`` at any point leaves
+the last committed state readable. Jobs and peers are stored as JSON documents; committed rounds
+as rows of their own so history grows by appends.
+"""
+from __future__ import annotations
+
+import json
+import pathlib
+import sqlite3
+import threading
+from dataclasses import asdict
+from typing import Any, Iterable, Protocol
+
+from coordinator.spec import JobSpec
+from coordinator.state import Job, PeerRecord, Report, RoundRecord
+
+
+def job_to_dict(job: Job) -> dict[str, Any]:
+    """A job without its history (stored separately), as JSON-friendly data."""
+    d = asdict(job)
+    d.pop("history")
+    d["spec"] = job.spec.to_dict()
+    return d
+
+
+def job_from_dict(d: dict[str, Any], history: list[RoundRecord]) -> Job:
+    """Inverse of :func:`job_to_dict`."""
+    d = dict(d)
+    d["spec"] = JobSpec.from_dict(d["spec"])
+    d["reports"] = {k: Report(**v) for k, v in d.get("reports", {}).items()}
+    d["assignment"] = {k: list(v) for k, v in d.get("assignment", {}).items()}
+    pc = d.get("pending_checkpoint")
+    d["pending_checkpoint"] = tuple(pc) if pc else None
+    return Job(history=history, **d)
+
+
+class Store(Protocol):
+    """Where the coordinator keeps what must survive a restart."""
+
+    def save(self, jobs: Iterable[Job], peers: Iterable[PeerRecord], removed_peers: Iterable[str],
+             rounds: Iterable[tuple[str, RoundRecord]]) -> None:
+        """Writes changed jobs and peers, deletes removed peers, appends committed rounds, atomically."""
+
+    def load(self) -> tuple[list[Job], list[PeerRecord]]:
+        """Everything saved, jobs with their history."""
+
+    def close(self) -> None:
+        """Releases resources."""
+
+
+class MemoryStore:
+    """A Store in a dict (tests, and coordinators that need no durability)."""
+
+    def __init__(self) -> None:
+        self.jobs: dict[str, dict[str, Any]] = {}
+        self.peers: dict[str, dict[str, Any]] = {}
+        self.rounds: dict[str, list[dict[str, Any]]] = {}
+
+    def save(self, jobs: Iterable[Job], peers: Iterable[PeerRecord], removed_peers: Iterable[str],
+             rounds: Iterable[tuple[str, RoundRecord]]) -> None:
+        """See :class:`Store`."""
+        for j in jobs:
+            self.jobs[j.job_id] = json.loads(json.dumps(job_to_dict(j)))
+        for p in peers:
+            self.peers[p.peer_id] = asdict(p)
+        for pid in removed_peers:
+            self.peers.pop(pid, None)
+        for jid, r in rounds:
+            self.rounds.setdefault(jid, []).append(asdict(r))
+
+    def load(self) -> tuple[list[Job], list[PeerRecord]]:
+        """See :class:`Store`."""
+        jobs = [job_from_dict(d, [RoundRecord(**r) for r in self.rounds.get(jid, [])]) for jid, d in self.jobs.items()]
+        return jobs, [PeerRecord(**p) for p in self.peers.values()]
+
+    def close(self) -> None:
+        """Nothing to release."""
+
+
+class SqliteStore:
+    """A Store in ``DIR/coordinator.db`` (WAL mode, one transaction per save)."""
+
+    def __init__(self, state_dir: pathlib.Path) -> None:
+        state_dir.mkdir(parents=True, exist_ok=True)
+        self.path = state_dir / "coordinator.db"
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.execute("PRAGMA busy_timeout=5000")
+        with self._tx():
+            self._db.execute("CREATE TABLE IF NOT EXISTS jobs (job_id TEXT PRIMARY KEY, body TEXT NOT NULL)")
+            self._db.execute("CREATE TABLE IF NOT EXISTS peers (peer_id TEXT PRIMARY KEY, body TEXT NOT NULL)")
+            self._db.execute(
+                "CREATE TABLE IF NOT EXISTS rounds (job_id TEXT NOT NULL, round INTEGER NOT NULL, "
+                "body TEXT NOT NULL, PRIMARY KEY (job_id, round))"
+            )
+
+    def _tx(self) -> "_Tx":
+        return _Tx(self._db, self._lock)
+
+    def save(self, jobs: Iterable[Job], peers: Iterable[PeerRecord], removed_peers: Iterable[str],
+             rounds: Iterable[tuple[str, RoundRecord]]) -> None:
+        """See :class:`Store`."""
+        with self._tx():
+            for j in jobs:
+                self._db.execute("INSERT OR REPLACE INTO jobs VALUES (?, ?)", (j.job_id, json.dumps(job_to_dict(j))))
+            for p in peers:
+                self._db.execute("INSERT OR REPLACE INTO peers VALUES (?, ?)", (p.peer_id, json.dumps(asdict(p))))
+            for pid in removed_peers:
+                self._db.execute("DELETE FROM peers WHERE peer_id = ?", (pid,))
+            for jid, r in rounds:
+                self._db.execute("INSERT OR REPLACE INTO rounds VALUES (?, ?, ?)", (jid, r.round, json.dumps(asdict(r))))
+
+    def load(self) -> tuple[list[Job], list[PeerRecord]]:
+        """See :class:`Store`."""
+        with self._lock:
+            hist: dict[str, list[RoundRecord]] = {}
+            for jid, body in self._db.execute("SELECT job_id, body FROM rounds ORDER BY job_id, round"):
+                hist.setdefault(jid, []).append(RoundRecord(**json.loads(body)))
+            jobs = [job_from_dict(json.loads(b), hist.get(jid, [])) for jid, b in self._db.execute("SELECT job_id, body FROM jobs")]
+            peers = [PeerRecord(**json.loads(b)) for (b,) in self._db.execute("SELECT body FROM peers")]
+        return jobs, peers
+
+    def close(self) -> None:
+        """Closes the database."""
+        with self._lock:
+            self._db.close()
+
+
+class _Tx:
+    def __init__(self, db: sqlite3.Connection, lock: threading.Lock) -> None:
+        self._db, self._lock = db, lock
+
+    def __enter__(self) -> None:
+        self._lock.acquire()
+        self._db.execute("BEGIN IMMEDIATE")
+
+    def __exit__(self, exc_type: object, *_: object) -> None:
+        try:
+            self._db.execute("ROLLBACK" if exc_type else "COMMIT")
+        finally:
+            self._lock.release()

@@ -1,0 +1,1 @@
+"""The dml peer: trains on its shards with torch and averages parameters with other peers."""

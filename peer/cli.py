@@ -1,0 +1,91 @@
+"""``dml-peer``: joins a coordinator and trains until SIGINT or SIGTERM."""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import threading
+
+import grpc
+
+from peer.runner import Peer, PeerConfig
+
+
+def resolve_device(choice: str) -> str:
+    """``auto`` picks CUDA when present; ``cuda:N`` is checked to exist."""
+    import torch
+
+    if choice == "auto":
+        return "cuda:0" if torch.cuda.is_available() else "cpu"
+    if choice == "cpu":
+        return "cpu"
+    if choice.startswith("cuda"):
+        idx = int(choice.split(":", 1)[1]) if ":" in choice else 0
+        if not torch.cuda.is_available() or idx >= torch.cuda.device_count():
+            raise ValueError(f"--device {choice}: no such CUDA device ({torch.cuda.device_count()} visible)")
+        return f"cuda:{idx}"
+    raise ValueError(f"--device must be auto, cpu or cuda:N, got {choice!r}")
+
+
+def build_config(argv: list[str] | None = None) -> tuple[PeerConfig, argparse.Namespace]:
+    """Flags, then DML_* environment variables, then defaults."""
+    p = argparse.ArgumentParser(prog="dml-peer", description="Join a dml coordinator and train.")
+    p.add_argument("--coordinator", default=os.environ.get("DML_COORDINATOR"), help="coordinator HOST:PORT")
+    p.add_argument("--host", default=os.environ.get("DML_PEER_HOST", "127.0.0.1"), help="address to bind the exchange server")
+    p.add_argument("--port", type=int, default=int(os.environ.get("DML_PEER_PORT", "0")), help="exchange port; 0 picks a free one")
+    p.add_argument("--advertise-host", default=os.environ.get("DML_ADVERTISE_HOST", ""),
+                   help="host other peers dial (default: --host, or this machine's hostname for 0.0.0.0)")
+    p.add_argument("--device", default=os.environ.get("DML_DEVICE", "auto"), help="auto, cpu or cuda:N")
+    p.add_argument("--exchange-timeout-s", type=float, default=float(os.environ.get("DML_EXCHANGE_TIMEOUT_S", "30")))
+    p.add_argument("--torch-threads", type=int, default=int(os.environ.get("DML_TORCH_THREADS", "1")),
+                   help="intra-op threads for torch (1 suits several peers per machine)")
+    p.add_argument("--log-level", default=os.environ.get("DML_LOG_LEVEL", "INFO"))
+    a = p.parse_args(argv)
+    if not a.coordinator or ":" not in a.coordinator:
+        p.error("--coordinator HOST:PORT is required")
+    if not 0 <= a.port <= 65535:
+        p.error(f"--port must be 0..65535, got {a.port}")
+    try:
+        device = resolve_device(a.device)
+    except ValueError as e:
+        p.error(str(e))
+    cfg = PeerConfig(coordinator=a.coordinator, host=a.host, port=a.port, advertise_host=a.advertise_host,
+                     device=device, exchange_timeout_s=a.exchange_timeout_s)
+    return cfg, a
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point."""
+    cfg, a = build_config(argv)
+    logging.basicConfig(level=a.log_level.upper(), format="%(asctime)s %(levelname)s peer %(name)s: %(message)s")
+    import torch
+
+    torch.set_num_threads(max(1, a.torch_threads))
+    try:
+        peer = Peer(cfg)
+    except OSError as e:
+        print(f"dml-peer: {e}", file=sys.stderr)
+        sys.exit(1)
+    done = threading.Event()
+
+    def _stop(*_: object) -> None:
+        done.set()
+        peer.stop_event.set()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, _stop)
+    try:
+        peer.start()
+    except grpc.RpcError as e:
+        print(f"dml-peer: cannot register with {cfg.coordinator}: {e.code() if isinstance(e, grpc.Call) else e}", file=sys.stderr)
+        sys.exit(1)
+    print(f"dml-peer {peer.peer_id} exchanging on {peer.address}", flush=True)
+    peer.run_in_thread()
+    done.wait()
+    peer.stop()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,71 @@
+"""The peer's client for the coordinator's PeerControl service: every call with a deadline, and
+retries with capped exponential backoff on UNAVAILABLE / DEADLINE_EXCEEDED."""
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+from typing import Callable, Iterator, TypeVar
+
+import grpc
+
+from dml.v1 import control_pb2, control_pb2_grpc
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+CALL_TIMEOUT_S = 10.0
+
+
+class Evicted(Exception):
+    """The coordinator no longer knows this peer (NOT_FOUND): re-register."""
+
+
+class ControlClient:
+    """Thin, retrying wrapper over PeerControlStub."""
+
+    def __init__(self, address: str, stop: threading.Event) -> None:
+        self.address = address
+        self._channel = grpc.insecure_channel(address, options=[("grpc.max_receive_message_length", 64 << 20)])
+        self.stub = control_pb2_grpc.PeerControlStub(self._channel)
+        self._stop = stop
+
+    def call(self, fn: Callable[[], T], what: str, give_up_s: float = 3600.0) -> T:
+        """Runs ``fn`` until it succeeds, retrying transient errors with backoff up to ``give_up_s``.
+
+        NOT_FOUND raises Evicted; other errors propagate."""
+        delay, deadline = 0.1, time.monotonic() + give_up_s
+        while True:
+            try:
+                return fn()
+            except grpc.RpcError as e:
+                code = e.code() if isinstance(e, grpc.Call) else None
+                if code == grpc.StatusCode.NOT_FOUND:
+                    raise Evicted(e.details() if isinstance(e, grpc.Call) else str(e)) from None
+                if code not in RETRYABLE or time.monotonic() + delay > deadline or self._stop.is_set():
+                    raise
+                log.info("%s: coordinator %s unavailable (%s); retrying in %.1fs", what, self.address, code, delay)
+                if self._stop.wait(delay):
+                    raise
+                delay = min(delay * 2, 2.0) * (0.8 + 0.4 * random.random())
+
+    def register(self, address: str, device: str, memory_bytes: int) -> control_pb2.RegisterPeerResponse:
+        """Registers this peer."""
+        req = control_pb2.RegisterPeerRequest(
+            address=address, capability=control_pb2.PeerCapability(device=device, memory_bytes=memory_bytes))
+        return self.call(lambda: self.stub.RegisterPeer(req, timeout=CALL_TIMEOUT_S), "register")
+
+    def upload_checkpoint(self, peer_id: str, job_id: str, rnd: int, digest: str, data: bytes) -> None:
+        """Streams a checkpoint in 1 MiB chunks."""
+        def chunks() -> Iterator[control_pb2.CheckpointChunk]:
+            step = 1 << 20
+            for i in range(0, max(len(data), 1), step):
+                yield control_pb2.CheckpointChunk(peer_id=peer_id, job_id=job_id, round=rnd, digest=digest,
+                                                  data=data[i : i + step])
+        timeout = CALL_TIMEOUT_S + len(data) / 50e6
+        self.call(lambda: self.stub.UploadCheckpoint(chunks(), timeout=timeout), "upload checkpoint", give_up_s=60)
+
+    def close(self) -> None:
+        """Closes the channel."""
+        self._channel.close()

@@ -1,0 +1,287 @@
+"""The peer process: exchange server, registration, heartbeats and the round loop.
+
+Parameter bookkeeping: ``committed`` holds the parameters every member agreed on at the start of
+the current round; ``tentative`` the result of the last round this peer finished (reported, not
+yet known to be committed). A plan for round ``r + 1`` proves round ``r`` committed and promotes
+``tentative``; a plan that re-issues round ``r`` (new epoch) restarts from ``committed``.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from concurrent import futures
+from dataclasses import dataclass
+
+import grpc
+import numpy as np
+
+from aggregation.averaging import digest, weighted_ring_average
+from aggregation.transport import ExchangeError
+from dml.v1 import control_pb2, exchange_pb2, exchange_pb2_grpc, types_pb2
+from peer.client import CALL_TIMEOUT_S, ControlClient, Evicted
+from peer.exchange import GRPC_OPTIONS, ExchangeServicer, GrpcRingLink
+from peer.tasks import get_task
+from peer.trainer import Trainer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PeerConfig:
+    """Everything dml-peer is configured with."""
+
+    coordinator: str
+    host: str = "127.0.0.1"
+    port: int = 0
+    advertise_host: str = ""  # host others dial; defaults to --host (or the hostname for 0.0.0.0)
+    device: str = "cpu"
+    exchange_timeout_s: float = 30.0
+    plan_wait_s: float = 5.0
+
+
+@dataclass
+class Snapshot:
+    """Parameters of one round of one job."""
+
+    job_id: str
+    round: int
+    params: np.ndarray
+    digest: str
+
+
+class Peer:
+    """One dml peer. ``start()`` then ``run()`` (blocks) or ``run_in_thread()``; ``stop()`` ends it."""
+
+    def __init__(self, config: PeerConfig) -> None:
+        self.config = config
+        self.stop_event = threading.Event()
+        self.peer_id = ""
+        self._lock = threading.Lock()
+        self._trainer: Trainer | None = None
+        self._trainer_job = ""
+        self._committed: Snapshot | None = None
+        self._tentative: Snapshot | None = None
+        self._abort = threading.Event()
+        self._exchange_epoch = 0
+        self._evicted = threading.Event()
+        self._heartbeat_s = 0.5
+        self.servicer = ExchangeServicer(self._params_for, recv_timeout_s=config.exchange_timeout_s)
+        self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=16), options=GRPC_OPTIONS)
+        exchange_pb2_grpc.add_PeerExchangeServicer_to_server(self.servicer, self._server)
+        self.port = self._server.add_insecure_port(f"{config.host}:{config.port}")
+        if self.port == 0:
+            raise OSError(f"cannot listen on {config.host}:{config.port}")
+        host = config.advertise_host or config.host
+        if host in ("0.0.0.0", "::", ""):
+            import socket
+
+            host = socket.gethostname()
+        self.address = f"{host}:{self.port}"
+        self.client = ControlClient(config.coordinator, self.stop_event)
+        self._hb_thread = threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True)
+        self._main: threading.Thread | None = None
+
+    # -- lifecycle --------------------------------------------------------------------------
+    def start(self) -> "Peer":
+        """Starts the exchange server and registers with the coordinator."""
+        self._server.start()
+        self._register()
+        self._hb_thread.start()
+        return self
+
+    def _register(self) -> None:
+        resp = self.client.register(self.address, self.config.device, 0)
+        self.peer_id = resp.peer_id
+        self._heartbeat_s = resp.heartbeat_interval_ms / 1000.0
+        self._evicted.clear()
+        log.info("peer %s: registered at %s with coordinator %s", self.peer_id, self.address, self.config.coordinator)
+
+    def run_in_thread(self) -> threading.Thread:
+        """Runs the round loop in a daemon thread."""
+        self._main = threading.Thread(target=self.run, name=f"peer-{self.port}", daemon=True)
+        self._main.start()
+        return self._main
+
+    def stop(self) -> None:
+        """Stops the loops and the server."""
+        self.stop_event.set()
+        self._abort.set()
+        if self._main is not None:
+            self._main.join(10)
+        self._server.stop(0.5).wait(2)
+        self.client.close()
+
+    # -- heartbeats -------------------------------------------------------------------------
+    def _heartbeat_loop(self) -> None:
+        failing = False
+        while not self.stop_event.wait(self._heartbeat_s):
+            if self._evicted.is_set():
+                continue
+            try:
+                epoch = self.client.stub.Heartbeat(
+                    control_pb2.HeartbeatRequest(peer_id=self.peer_id), timeout=max(self._heartbeat_s * 2, 1.0)
+                ).epoch
+                if failing:
+                    log.info("peer %s: coordinator reachable again", self.peer_id)
+                failing = False
+                if self._exchange_epoch and epoch != self._exchange_epoch:
+                    self._abort.set()
+            except grpc.RpcError as e:
+                code = e.code() if isinstance(e, grpc.Call) else None
+                if code == grpc.StatusCode.NOT_FOUND:
+                    log.warning("peer %s: evicted by the coordinator; will re-register", self.peer_id)
+                    self._evicted.set()
+                    self._abort.set()
+                elif not failing:
+                    log.warning("peer %s: heartbeat failed (%s); retrying", self.peer_id, code)
+                    failing = True
+
+    # -- serving parameters -----------------------------------------------------------------
+    def _params_for(self, job_id: str, rnd: int) -> tuple[int, str, bytes] | None:
+        with self._lock:
+            trainer = self._trainer if self._trainer_job == job_id else None
+            cands = [s for s in (self._tentative, self._committed) if s is not None and s.job_id == job_id]
+        if trainer is None:
+            return None
+        for snap in cands:
+            if rnd in (0, snap.round):
+                return snap.round, snap.digest, trainer.state_dict_bytes(snap.params)
+        return None
+
+    # -- the round loop ---------------------------------------------------------------------
+    def run(self) -> None:
+        """Waits for plans and runs rounds until stopped."""
+        last: tuple[str, int, int] = ("", 0, 0)
+        while not self.stop_event.is_set():
+            try:
+                if self._evicted.is_set():
+                    self._register()
+                    last = ("", 0, 0)
+                resp = self.client.call(lambda: self.client.stub.GetPlan(
+                    control_pb2.GetPlanRequest(peer_id=self.peer_id, last_job_id=last[0], last_round=last[1],
+                                               last_epoch=last[2], wait_ms=int(self.config.plan_wait_s * 1000)),
+                    timeout=self.config.plan_wait_s + CALL_TIMEOUT_S), "get plan")
+                if not resp.has_plan:
+                    continue
+                plan = resp.plan
+                last = (plan.job_id, plan.round, plan.epoch)
+                self._run_round(plan)
+            except Evicted as e:
+                log.warning("peer %s: %s", self.peer_id, e)
+                self._evicted.set()
+            except grpc.RpcError as e:
+                if self.stop_event.is_set():
+                    return
+                log.error("peer %s: coordinator call failed: %s", self.peer_id,
+                          e.details() if isinstance(e, grpc.Call) else e)
+                self.stop_event.wait(1.0)
+
+    def _prepare(self, plan: types_pb2.Plan) -> Trainer:
+        """Makes sure the trainer holds the parameters of round ``plan.round - 1``."""
+        spec = plan.spec
+        if self._trainer is None or self._trainer_job != plan.job_id:
+            trainer = Trainer(get_task(spec.task), spec.seed, spec.learning_rate, self.config.device)
+            init = trainer.params()
+            with self._lock:
+                self._trainer, self._trainer_job = trainer, plan.job_id
+                self._committed = Snapshot(plan.job_id, 0, init, digest(init))
+                self._tentative = None
+        trainer = self._trainer
+        start = plan.round - 1
+        with self._lock:
+            if self._tentative is not None and self._tentative.round == start:
+                self._committed, self._tentative = self._tentative, None
+            elif self._tentative is not None and self._tentative.round > start:
+                self._tentative = None
+        assert self._committed is not None
+        if self._committed.round != start:
+            self._fetch(plan, start, trainer)
+        trainer.set_params(self._committed.params)
+        return trainer
+
+    def _fetch(self, plan: types_pb2.Plan, rnd: int, trainer: Trainer) -> None:
+        """Pulls round ``rnd``'s parameters from another member (a joiner catching up)."""
+        import io
+
+        import torch
+
+        for m in plan.members:
+            if m.peer_id == self.peer_id:
+                continue
+            try:
+                with grpc.insecure_channel(m.address, options=GRPC_OPTIONS) as ch:
+                    stub = exchange_pb2_grpc.PeerExchangeStub(ch)
+                    parts = list(stub.FetchParameters(exchange_pb2.FetchParametersRequest(job_id=plan.job_id, round=rnd),
+                                                      timeout=self.config.exchange_timeout_s))
+            except grpc.RpcError as e:
+                log.info("peer %s: %s has no round %d parameters (%s)", self.peer_id, m.peer_id, rnd,
+                         e.code() if isinstance(e, grpc.Call) else e)
+                continue
+            sd = torch.load(io.BytesIO(b"".join(p.data for p in parts)), map_location="cpu", weights_only=True)
+            trainer.model.load_state_dict(sd)
+            params = trainer.params()
+            if digest(params) != parts[0].digest:
+                log.warning("peer %s: parameters from %s failed their digest check", self.peer_id, m.peer_id)
+                continue
+            with self._lock:
+                self._committed = Snapshot(plan.job_id, rnd, params, parts[0].digest)
+            log.info("peer %s job %s: caught up to round %d from %s", self.peer_id, plan.job_id, rnd, m.peer_id)
+            return
+        raise ExchangeError(f"no member could provide round {rnd} parameters")
+
+    def _run_round(self, plan: types_pb2.Plan) -> None:
+        me = [i for i, m in enumerate(plan.members) if m.peer_id == self.peer_id]
+        if not me:
+            return
+        rank, world = me[0], len(plan.members)
+        tag = f"peer {self.peer_id} job {plan.job_id} round {plan.round} epoch {plan.epoch}"
+        spec = plan.spec
+        self._abort.clear()
+        self._exchange_epoch = plan.epoch
+        t0 = time.monotonic()
+        try:
+            trainer = self._prepare(plan)
+            mine = plan.members[rank].shard_ids
+            indices = np.concatenate([np.asarray(plan.shards[s].indices, dtype=np.int64) for s in mine])
+            rng = np.random.default_rng([spec.seed, plan.round, min(mine)])
+            res = trainer.train(indices, spec.local_steps, spec.batch_size, rng)
+            t1 = time.monotonic()
+            pred, succ = plan.members[(rank - 1) % world], plan.members[(rank + 1) % world]
+            link = GrpcRingLink(self.servicer, (plan.job_id, plan.round, plan.epoch), self.peer_id, pred.peer_id,
+                                succ.peer_id, succ.address, self.config.exchange_timeout_s, self._abort)
+            buf = trainer.host_buffer()
+            try:
+                weighted_ring_average(buf, float(res.samples), rank, world, link, self.config.exchange_timeout_s)
+            finally:
+                link.shutdown()
+            trainer.load_host_buffer(buf)
+            t2 = time.monotonic()
+        except ExchangeError as e:
+            log.warning("%s: exchange failed: %s", tag, e)
+            if e.suspect:
+                self.client.call(lambda: self.client.stub.ReportFailure(control_pb2.ReportFailureRequest(
+                    peer_id=self.peer_id, job_id=plan.job_id, round=plan.round, epoch=plan.epoch,
+                    suspect_peer_id=e.suspect, detail=str(e)), timeout=CALL_TIMEOUT_S), "report failure", give_up_s=30)
+            return
+        finally:
+            self._exchange_epoch = 0
+        params = trainer.params()
+        dig = digest(params)
+        with self._lock:
+            self._tentative = Snapshot(plan.job_id, plan.round, params, dig)
+        req = control_pb2.ReportRoundRequest(peer_id=self.peer_id, job_id=plan.job_id, round=plan.round,
+                                             epoch=plan.epoch, samples=res.samples, train_loss=res.loss, digest=dig)
+        if rank == 0:
+            acc, loss = trainer.evaluate()
+            req.has_test_metrics, req.test_accuracy, req.test_loss = True, acc, loss
+        try:
+            if rank == 0 and plan.checkpoint:
+                self.client.upload_checkpoint(self.peer_id, plan.job_id, plan.round, dig, trainer.state_dict_bytes(params))
+            self.client.call(lambda: self.client.stub.ReportRound(req, timeout=CALL_TIMEOUT_S), "report round", give_up_s=60)
+        except grpc.RpcError as e:
+            if isinstance(e, grpc.Call) and e.code() == grpc.StatusCode.FAILED_PRECONDITION:
+                log.info("%s: round superseded (%s)", tag, e.details())
+                return
+            raise
+        log.debug("%s: train %.3fs exchange %.3fs report %.3fs", tag, t1 - t0, t2 - t1, time.monotonic() - t2)

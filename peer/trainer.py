@@ -1,0 +1,138 @@
+"""Local training with torch over a flat parameter buffer. Imports no gRPC.
+
+The model's floating-point parameters and buffers are re-pointed into one contiguous float32
+tensor (plus one spare element for the all-reduce weight), so training updates it in place and
+the exchange reads and writes it with no copy.
+"""
+from __future__ import annotations
+
+import io
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from peer.tasks import Dataset, Task
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class StepResult:
+    """What one round of local training did."""
+
+    samples: int
+    loss: float
+
+
+class Trainer:
+    """A task's model, its flat buffer, plain SGD and the data, on one device.
+
+    Plain SGD keeps no optimizer state, so restoring the parameters restores the whole training
+    state: a round re-run after a membership change starts from exactly the committed point.
+    """
+
+    def __init__(self, task: Task, seed: int, lr: float, device: str = "cpu") -> None:
+        self.task = task
+        self.device = torch.device(device)
+        torch.manual_seed(seed)
+        self.model = task.build_model().to(self.device)
+        tensors = [p for p in self.model.parameters()] + [
+            b for b in self.model.buffers() if b.is_floating_point()
+        ]
+        self.numel = sum(t.numel() for t in tensors)
+        # Host-side flat buffer (exchanged over the wire) and the device one training uses.
+        self.flat = torch.zeros(self.numel + 1, dtype=torch.float32, device=self.device)
+        offset = 0
+        for t in tensors:
+            n = t.numel()
+            self.flat[offset : offset + n].copy_(t.detach().reshape(-1))
+            t.data = self.flat[offset : offset + n].view_as(t)
+            offset += n
+        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=lr)
+        self._layout = [(name, t.shape, off) for name, t, off in self._named_slices()]
+        data = task.load()
+        self.data = data
+        self._x = torch.from_numpy(data.x_train).to(self.device)
+        self._y = torch.from_numpy(data.y_train).to(self.device)
+        self._xt = torch.from_numpy(data.x_test).to(self.device)
+        self._yt = torch.from_numpy(data.y_test).to(self.device)
+
+    # -- parameters ------------------------------------------------------------------------
+    def host_buffer(self) -> np.ndarray:
+        """The flat buffer (parameters then the weight slot) as a float32 numpy array.
+
+        On CPU this is a view of the live parameters; on CUDA a host copy that
+        :meth:`load_host_buffer` writes back.
+        """
+        if self.device.type == "cpu":
+            return self.flat.numpy()
+        return self.flat.cpu().numpy()
+
+    def load_host_buffer(self, buf: np.ndarray) -> None:
+        """Writes a host buffer back into the parameters (a no-op for the CPU view itself)."""
+        if self.device.type == "cpu" and np.shares_memory(buf, self.flat.numpy()):
+            return
+        self.flat.copy_(torch.from_numpy(buf))
+
+    def params(self) -> np.ndarray:
+        """A copy of the parameters (without the weight slot)."""
+        return self.flat[: self.numel].cpu().numpy().copy()
+
+    def set_params(self, params: np.ndarray) -> None:
+        """Overwrites the parameters from a flat float32 array."""
+        if params.size != self.numel:
+            raise ValueError(f"parameter count mismatch: got {params.size}, model has {self.numel}")
+        self.flat[: self.numel].copy_(torch.from_numpy(np.ascontiguousarray(params, dtype=np.float32)))
+
+    def _named_slices(self) -> list[tuple[str, torch.Tensor, int]]:
+        base = self.flat.data_ptr()
+        out = []
+        for name, t in self.model.state_dict(keep_vars=True).items():
+            if t.is_floating_point() and t.dtype == torch.float32 and t.numel():
+                out.append((name, t, (t.data_ptr() - base) // 4))
+        return out
+
+    def state_dict_bytes(self, params: np.ndarray | None = None) -> bytes:
+        """The model's state_dict (of ``params`` if given, else the live ones), torch.save'd."""
+        sd = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
+        if params is not None:
+            for name, shape, off in self._layout:
+                n = int(np.prod(shape)) if len(shape) else 1
+                sd[name] = torch.from_numpy(params[off : off + n].copy()).reshape(shape)
+        out = io.BytesIO()
+        torch.save(sd, out)
+        return out.getvalue()
+
+    # -- training --------------------------------------------------------------------------
+    def train(self, indices: np.ndarray, steps: int, batch_size: int, rng: np.random.Generator) -> StepResult:
+        """Runs ``steps`` SGD steps on mini-batches drawn from ``indices`` without replacement
+        (reshuffled when exhausted). Returns samples processed and their mean loss."""
+        if indices.size == 0:
+            raise ValueError("no training samples assigned")
+        self.model.train()
+        order = rng.permutation(indices)
+        pos, total, loss_sum = 0, 0, 0.0
+        for _ in range(steps):
+            if pos >= order.size:
+                order, pos = rng.permutation(indices), 0
+            batch = torch.from_numpy(order[pos : pos + batch_size]).to(self.device)
+            pos += batch_size
+            self.optimizer.zero_grad(set_to_none=True)
+            loss = F.cross_entropy(self.model(self._x[batch]), self._y[batch])
+            loss.backward()
+            self.optimizer.step()
+            total += int(batch.numel())
+            loss_sum += float(loss.detach()) * int(batch.numel())
+        return StepResult(samples=total, loss=loss_sum / max(total, 1))
+
+    @torch.no_grad()
+    def evaluate(self) -> tuple[float, float]:
+        """Test accuracy in [0, 1] and mean test loss of the current parameters."""
+        self.model.eval()
+        logits = self.model(self._xt)
+        loss = float(F.cross_entropy(logits, self._yt))
+        acc = float((logits.argmax(1) == self._yt).float().mean())
+        return acc, loss
