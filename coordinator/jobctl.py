@@ -222,6 +222,19 @@ def cmd_model(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_health(a: argparse.Namespace) -> int:
+    """Asks the standard gRPC health service; exit 0 when SERVING (docker health checks)."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    if ":" not in a.coordinator:
+        raise CliError(f"--coordinator must be HOST:PORT, got {a.coordinator!r}", 2)
+    stub = health_pb2_grpc.HealthStub(grpc.insecure_channel(a.coordinator))
+    resp = _rpc(lambda: stub.Check(health_pb2.HealthCheckRequest(service=a.service), timeout=a.timeout), a.coordinator)
+    name = health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
+    print(name)
+    return 0 if resp.status == health_pb2.HealthCheckResponse.SERVING else 1
+
+
 # -- parser ----------------------------------------------------------------------------------
 def add_job_options(p: argparse.ArgumentParser) -> None:
     """The job flags shared by ``submit`` and ``local``."""
@@ -284,6 +297,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("job")
     sp.add_argument("-o", "--output", type=pathlib.Path, required=True)
     sp.set_defaults(fn=cmd_model)
+
+    sp = sub.add_parser("health", help="check the coordinator's gRPC health service")
+    common(sp)
+    sp.add_argument("--service", default="", help="service name ('' for the whole server)")
+    sp.set_defaults(fn=cmd_health)
 
     from coordinator import local
 

@@ -73,7 +73,7 @@ def reap(procs: list[subprocess.Popen[bytes]], grace_s: float = 5.0) -> None:
 
 @contextlib.contextmanager
 def cluster(peers: int, port: int, state_dir: pathlib.Path, log_dir: pathlib.Path,
-            extra_peer_args: tuple[str, ...] = ()) -> Iterator[tuple[str, list[subprocess.Popen[bytes]]]]:
+            extra_peer_args: tuple[str, ...] = (), coordinator_args: tuple[str, ...] = ()) -> Iterator[tuple[str, list[subprocess.Popen[bytes]]]]:
     """Starts a coordinator and ``peers`` peers; yields (coordinator address, processes)."""
     log_dir.mkdir(parents=True, exist_ok=True)
     py = sys.executable
@@ -84,7 +84,7 @@ def cluster(peers: int, port: int, state_dir: pathlib.Path, log_dir: pathlib.Pat
     try:
         coord = subprocess.Popen(
             [py, "-m", "coordinator.cli", "--host", "127.0.0.1", "--port", str(port), "--state-dir", str(state_dir),
-             "--port-file", str(port_file)],
+             "--port-file", str(port_file), *coordinator_args],
             stdout=open(log_dir / "coordinator.log", "ab"), stderr=subprocess.STDOUT, env=env)
         procs.append(coord)
         address = f"127.0.0.1:{wait_for_port_file(port_file, coord, 60)}"
