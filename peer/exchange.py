@@ -165,7 +165,7 @@ class GrpcRingLink:
         if self._send_error:
             raise ExchangeError(self._send_error, suspect=self._succ_id)
         if self._call is None:
-            self._call = self._stub.PushChunks.future(self._requests(), timeout=self._deadline_s, wait_for_ready=True)
+            self._call = self._stub.PushChunks.future(self._requests(), timeout=self._deadline_s)
             self._call.add_done_callback(self._on_done)
         job, rnd, epoch = self._key
         self._out.put(exchange_pb2.TensorChunk(

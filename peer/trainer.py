@@ -108,15 +108,17 @@ class Trainer:
 
     # -- training --------------------------------------------------------------------------
     def train(self, indices: np.ndarray, steps: int, batch_size: int, rng: np.random.Generator) -> StepResult:
-        """Runs ``steps`` SGD steps on mini-batches drawn from ``indices`` without replacement
-        (reshuffled when exhausted). Returns samples processed and their mean loss."""
+        """Runs ``steps`` SGD steps on full mini-batches drawn from ``indices`` without
+        replacement, reshuffling when fewer than ``batch_size`` remain (a batch is never larger
+        than the shard). Returns samples processed and their mean loss."""
         if indices.size == 0:
             raise ValueError("no training samples assigned")
         self.model.train()
+        batch_size = min(batch_size, int(indices.size))
         order = rng.permutation(indices)
         pos, total, loss_sum = 0, 0, 0.0
         for _ in range(steps):
-            if pos >= order.size:
+            if pos + batch_size > order.size:
                 order, pos = rng.permutation(indices), 0
             batch = torch.from_numpy(order[pos : pos + batch_size]).to(self.device)
             pos += batch_size
