@@ -104,12 +104,12 @@ class Coordinator:
         with self._cond:
             self._apply(self.state.expire(self.now_ms()))
 
-    def report_failure(self, peer_id: str, suspect: str, detail: str) -> None:
-        """A member reports a neighbour that broke the exchange."""
+    def report_failure(self, peer_id: str, job_id: str, rnd: int, epoch: int, suspect: str, detail: str) -> None:
+        """A member reports that its exchange of (round, epoch) failed, naming a suspect if any."""
         with self._cond:
-            log.warning("peer %s reports %s: %s", peer_id, suspect or "no suspect", detail)
-            if suspect:
-                self._apply(self.state.report_failure(peer_id, suspect, self.now_ms()))
+            log.warning("peer %s job %s round %d epoch %d: exchange failed (suspect %s): %s",
+                        peer_id, job_id, rnd, epoch, suspect or "none", detail)
+            self._apply(self.state.report_failure(peer_id, job_id, rnd, epoch, suspect, self.now_ms()))
 
     def wait_plan(self, peer_id: str, last: tuple[str, int, int], timeout_s: float) -> Job | None:
         """Blocks until the peer has an active plan other than ``last`` (job, round, epoch)."""

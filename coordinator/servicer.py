@@ -205,7 +205,8 @@ class PeerControlServicer(control_pb2_grpc.PeerControlServicer):
 
     def ReportFailure(self, request: control_pb2.ReportFailureRequest, context: grpc.ServicerContext) -> control_pb2.ReportFailureResponse:
         with _status(context):
-            self._c.report_failure(request.peer_id, request.suspect_peer_id, request.detail)
+            self._c.report_failure(request.peer_id, request.job_id, request.round, request.epoch,
+                                   request.suspect_peer_id, request.detail)
             return control_pb2.ReportFailureResponse()
         raise AssertionError("unreachable")
 

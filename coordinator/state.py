@@ -192,12 +192,20 @@ class ClusterState:
             changes = changes | Changes(jobs=(job.job_id,))
         return changes | self.schedule(now_ms)
 
-    def report_failure(self, reporter: str, suspect: str, now_ms: int) -> Changes:
-        """A member says its neighbour broke the exchange: evict the neighbour now."""
+    def report_failure(self, reporter: str, job_id: str, rnd: int, epoch: int, suspect: str, now_ms: int) -> Changes:
+        """A member's exchange of (round, epoch) failed. With a suspect (a neighbour whose
+        stream broke or whose port refused), evict it now; without one, re-issue the round under
+        a new epoch so nobody waits on an exchange that cannot finish. Stale reports are ignored."""
         self._peer(reporter).last_seen_ms = now_ms
-        if suspect in self.peers:
+        job = self.jobs.get(job_id)
+        if job is None or job.state != RUNNING or (rnd, epoch) != (job.round, job.epoch):
+            return Changes()
+        if suspect and suspect in self.peers and suspect != reporter:
             log.warning("peer %s reported by %s as failed mid-exchange; evicting", suspect, reporter)
             return self.remove_peer(suspect, now_ms)
+        if not suspect:
+            self._new_epoch(job, now_ms, f"exchange failed at {reporter}")
+            return Changes(jobs=(job_id,))
         return Changes()
 
     def live_idle(self) -> list[str]:
@@ -321,7 +329,7 @@ class ClusterState:
         self._check_current(job, peer_id, rnd, epoch)
         job.reports[peer_id] = rep
         if set(job.reports) != set(job.members):
-            return Changes()
+            return Changes(jobs=(job_id,))  # persisted, so a coordinator restart keeps the report
         digests = {r.digest for r in job.reports.values()}
         if len(digests) != 1:
             job.mismatches += 1

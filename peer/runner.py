@@ -125,7 +125,7 @@ class Peer:
                 if failing:
                     log.info("peer %s: coordinator reachable again", self.peer_id)
                 failing = False
-                if self._exchange_epoch and epoch != self._exchange_epoch:
+                if self._exchange_epoch and epoch > self._exchange_epoch:  # epochs only grow
                     self._abort.set()
             except grpc.RpcError as e:
                 code = e.code() if isinstance(e, grpc.Call) else None
@@ -259,7 +259,7 @@ class Peer:
             t2 = time.monotonic()
         except ExchangeError as e:
             log.warning("%s: exchange failed: %s", tag, e)
-            if e.suspect:
+            if not self._abort.is_set():  # an abort means the coordinator already moved on
                 self.client.call(lambda: self.client.stub.ReportFailure(control_pb2.ReportFailureRequest(
                     peer_id=self.peer_id, job_id=plan.job_id, round=plan.round, epoch=plan.epoch,
                     suspect_peer_id=e.suspect, detail=str(e)), timeout=CALL_TIMEOUT_S), "report failure", give_up_s=30)
