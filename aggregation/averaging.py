@@ -43,4 +43,4 @@ def weighted_mean(arrays: list[np.ndarray], weights: list[float]) -> np.ndarray:
 
 def digest(params: np.ndarray) -> str:
     """sha256 hex digest of a float32 buffer's bytes."""
-    return hashlib.sha256(np.ascontiguousarray(params).view(np.uint8)).hexdigest()
+    return hashlib.sha256(np.ascontiguousarray(params).data).hexdigest()

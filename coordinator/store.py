@@ -54,26 +54,30 @@ class MemoryStore:
     """A Store in a dict (tests, and coordinators that need no durability)."""
 
     def __init__(self) -> None:
-        self.jobs: dict[str, dict[str, Any]] = {}
-        self.peers: dict[str, dict[str, Any]] = {}
-        self.rounds: dict[str, list[dict[str, Any]]] = {}
+        self.jobs: dict[str, str] = {}  # JSON documents, as the SQLite store keeps them
+        self.peers: dict[str, str] = {}
+        self.rounds: dict[str, list[str]] = {}
 
     def save(self, jobs: Iterable[Job], peers: Iterable[PeerRecord], removed_peers: Iterable[str],
              rounds: Iterable[tuple[str, RoundRecord]]) -> None:
-        """See :class:`Store`."""
-        for j in jobs:
-            self.jobs[j.job_id] = json.loads(json.dumps(job_to_dict(j)))
-        for p in peers:
-            self.peers[p.peer_id] = asdict(p)
-        for pid in removed_peers:
+        """See :class:`Store`. Everything is serialised before anything is written, so a save
+        that fails part-way writes nothing (as SQLite's rollback does)."""
+        new_jobs = {j.job_id: json.dumps(job_to_dict(j)) for j in jobs}
+        new_peers = {p.peer_id: json.dumps(asdict(p)) for p in peers}
+        gone = list(removed_peers)
+        new_rounds = [(jid, json.dumps(asdict(r))) for jid, r in rounds]
+        self.jobs.update(new_jobs)
+        self.peers.update(new_peers)
+        for pid in gone:
             self.peers.pop(pid, None)
-        for jid, r in rounds:
-            self.rounds.setdefault(jid, []).append(asdict(r))
+        for jid, r in new_rounds:
+            self.rounds.setdefault(jid, []).append(r)
 
     def load(self) -> tuple[list[Job], list[PeerRecord]]:
-        """See :class:`Store`."""
-        jobs = [job_from_dict(d, [RoundRecord(**r) for r in self.rounds.get(jid, [])]) for jid, d in self.jobs.items()]
-        return jobs, [PeerRecord(**p) for p in self.peers.values()]
+        """See :class:`Store`. Returns fresh objects that share nothing with the store."""
+        jobs = [job_from_dict(json.loads(d), [RoundRecord(**json.loads(r)) for r in self.rounds.get(jid, [])])
+                for jid, d in self.jobs.items()]
+        return jobs, [PeerRecord(**json.loads(p)) for p in self.peers.values()]
 
     def close(self) -> None:
         """Nothing to release."""

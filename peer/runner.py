@@ -158,10 +158,11 @@ class Peer:
                 if self._evicted.is_set():
                     self._register()
                     last = ("", 0, 0)
-                resp = self.client.call(lambda: self.client.stub.GetPlan(
-                    control_pb2.GetPlanRequest(peer_id=self.peer_id, last_job_id=last[0], last_round=last[1],
-                                               last_epoch=last[2], wait_ms=int(self.config.plan_wait_s * 1000)),
-                    timeout=self.config.plan_wait_s + CALL_TIMEOUT_S), "get plan")
+                ask = control_pb2.GetPlanRequest(peer_id=self.peer_id, last_job_id=last[0], last_round=last[1],
+                                                 last_epoch=last[2], wait_ms=int(self.config.plan_wait_s * 1000))
+                resp = self.client.call(
+                    lambda: self.client.stub.GetPlan(ask, timeout=self.config.plan_wait_s + CALL_TIMEOUT_S),  # noqa: B023 (called now)
+                    "get plan")
                 if not resp.has_plan:
                     continue
                 plan = resp.plan
@@ -260,9 +261,10 @@ class Peer:
         except ExchangeError as e:
             log.warning("%s: exchange failed: %s", tag, e)
             if not self._abort.is_set():  # an abort means the coordinator already moved on
-                self.client.call(lambda: self.client.stub.ReportFailure(control_pb2.ReportFailureRequest(
-                    peer_id=self.peer_id, job_id=plan.job_id, round=plan.round, epoch=plan.epoch,
-                    suspect_peer_id=e.suspect, detail=str(e)), timeout=CALL_TIMEOUT_S), "report failure", give_up_s=30)
+                fail = control_pb2.ReportFailureRequest(peer_id=self.peer_id, job_id=plan.job_id, round=plan.round,
+                                                        epoch=plan.epoch, suspect_peer_id=e.suspect, detail=str(e))
+                self.client.call(lambda: self.client.stub.ReportFailure(fail, timeout=CALL_TIMEOUT_S),
+                                 "report failure", give_up_s=30)
             return
         finally:
             self._exchange_epoch = 0

@@ -82,7 +82,7 @@ def parse_size(text: str) -> int:
     if not m:
         raise ValueError(f"bad size {text!r}: expected a number with an optional k or M suffix")
     mult = {"": 1, "k": 1_000, "K": 1_000, "m": 1_000_000, "M": 1_000_000}[m.group(2)]
-    return int(float(m.group(1)) * mult)
+    return round(float(m.group(1)) * mult)
 
 
 def get_task(name: str) -> Task:
@@ -92,7 +92,7 @@ def get_task(name: str) -> Task:
     if name.startswith("synthetic:"):
         params = parse_size(name.split(":", 1)[1])
         if not 3_000 <= params <= 2_000_000_000:
-            raise ValueError(f"synthetic model size must be between 3k and 2000M parameters, got {params}")
+            raise ValueError(f"task {name!r}: synthetic model size must be between 3k and 2000M parameters, got {params}")
         hidden = max(1, round((params - 10) / (256 + 1 + 10)))
         return Task(name, _synthetic, (256, hidden, 10))
     raise ValueError(f"unknown task {name!r}: choose 'digits' or 'synthetic:SIZE' (e.g. synthetic:10M)")

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from peer.tasks import Dataset, Task
+from peer.tasks import Task
 
 log = logging.getLogger(__name__)
 

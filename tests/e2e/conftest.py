@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
 import pathlib
 import subprocess
 import sys
@@ -11,7 +10,7 @@ from typing import Iterator
 
 import pytest
 
-from coordinator.local import cluster, reap
+from coordinator.local import cluster
 
 pytestmark = pytest.mark.e2e
 ROOT = pathlib.Path(__file__).resolve().parents[2]

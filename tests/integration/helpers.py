@@ -12,7 +12,7 @@ import torch
 
 from coordinator.server import CoordinatorServer, ServerConfig
 from coordinator.service import CoordinatorConfig
-from dml.v1 import exchange_pb2, exchange_pb2_grpc, jobs_pb2, jobs_pb2_grpc
+from dml.v1 import exchange_pb2, exchange_pb2_grpc, jobs_pb2_grpc
 from peer.runner import Peer, PeerConfig
 
 FAST = CoordinatorConfig(heartbeat_interval_ms=200, peer_timeout_ms=1500, tick_ms=100)

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import importlib.util
 import pathlib
-import sys
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 

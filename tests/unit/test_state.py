@@ -1,0 +1,526 @@
+"""The coordinator's round state machine, driven by hand with a fake clock (``now_ms`` integers)."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from coordinator.spec import JobSpec
+from coordinator.state import (
+    CANCELLED,
+    FAILED,
+    FINISHED,
+    MAX_DIGEST_MISMATCHES,
+    PENDING,
+    RUNNING,
+    SUCCEEDED,
+    Changes,
+    ClusterState,
+    Job,
+    NotFound,
+    Report,
+    Stale,
+)
+
+TIMEOUT_MS = 1_000
+
+
+def new_state(timeout_ms: int = TIMEOUT_MS) -> ClusterState:
+    return ClusterState(timeout_ms, shard_sizes=lambda spec: [10] * spec.num_shards)
+
+
+def spec(**kw: object) -> JobSpec:
+    base = dict(rounds=5, min_peers=2, num_shards=6, checkpoint_every_rounds=2)
+    base.update(kw)
+    return JobSpec(**base)  # type: ignore[arg-type]
+
+
+def rep(digest: str = "d", samples: int = 10, loss: float = 1.0, acc: float | None = None) -> Report:
+    return Report(samples=samples, train_loss=loss, digest=digest, test_accuracy=acc,
+                  test_loss=None if acc is None else 0.5)
+
+
+def register(st_: ClusterState, n: int, now: int = 0) -> list[str]:
+    return [st_.register(f"10.0.0.{i}:5000", {"device": "cpu"}, now)[0] for i in range(n)]
+
+
+def report_all(st_: ClusterState, job: Job, now: int, digests: list[str] | None = None) -> Changes:
+    """Every member reports the current round; returns the last call's changes."""
+    members = list(job.members)
+    digests = digests or ["d"] * len(members)
+    rnd, epoch = job.round, job.epoch
+    ch = Changes()
+    for m, d in zip(members, digests):
+        ch = st_.report(m, job.job_id, rnd, epoch, rep(d), now)
+    return ch
+
+
+def shards_of(job: Job) -> list[int]:
+    return sorted(s for v in job.assignment.values() for s in v)
+
+
+def running(n_peers: int = 2, **kw: object) -> tuple[ClusterState, Job, list[str]]:
+    """A job running on ``n_peers`` peers (registered first, so the job takes them all)."""
+    s = new_state()
+    peers = register(s, n_peers)
+    jid, _ = s.submit(spec(**kw), 0)
+    job = s.job(jid)
+    assert job.state == RUNNING and job.members == peers and job.epoch == 1
+    return s, job, peers
+
+
+# -- starting ---------------------------------------------------------------------------------
+
+
+def test_job_waits_for_min_peers_then_runs_epoch_one() -> None:
+    s = new_state()
+    jid, ch = s.submit(spec(min_peers=3), now_ms=0)
+    assert jid in ch.jobs
+    job = s.job(jid)
+    assert job.state == PENDING
+    assert "waiting for peers" in job.reason and "3 needed" in job.reason
+    a, b = register(s, 2, now=10)
+    assert job.state == PENDING and job.epoch == 0
+    assert "2 idle" in job.reason
+    assert s.plan_for(a) is None
+    c, ch = s.register("10.0.0.9:1", {}, 20)
+    assert jid in ch.jobs and set(ch.peers) >= {a, b, c}
+    assert job.state == RUNNING
+    assert job.epoch == 1 and job.round == 1 and job.committed_round == 0
+    assert job.members == [a, b, c], "registration order"
+    assert job.reason == ""
+    assert shards_of(job) == list(range(6))
+    assert set(job.assignment) == {a, b, c}
+    for p in (a, b, c):
+        assert s.plan_for(p) is job
+        assert s.peers[p].job_id == jid
+        assert s.heartbeat(p, 30) == 1
+
+
+def test_job_takes_at_most_num_shards_peers() -> None:
+    s = new_state()
+    jid, _ = s.submit(spec(min_peers=1, num_shards=2), 0)
+    peers = register(s, 3)
+    job = s.job(jid)
+    assert job.members == peers[:1]
+    # min_peers=1 starts the job at the first registration; the others join at a boundary.
+    report_all(s, job, 5)
+    assert len(job.members) == 2
+    assert s.peers[peers[2]].job_id == ""
+    assert s.live_idle() == [peers[2]]
+
+
+# -- committing -------------------------------------------------------------------------------
+
+
+def test_round_commits_only_when_every_member_reported_the_same_digest() -> None:
+    s, job, peers = running(3)
+    a, b, c = peers
+    job.round_started_ms = 100
+    assert s.report(a, job.job_id, 1, 1, rep("d", samples=10, loss=1.0), 150).committed == ()
+    assert s.report(b, job.job_id, 1, 1, rep("d", samples=30, loss=2.0, acc=0.9), 160).committed == ()
+    assert job.committed_round == 0 and set(job.reports) == {a, b}
+    ch = s.report(c, job.job_id, 1, 1, rep("d", samples=20, loss=4.0), 400)
+    assert ch.committed == ((job.job_id, 1),)
+    assert job.committed_round == 1 and job.round == 2 and job.epoch == 1
+    assert job.reports == {}
+    (rec,) = job.history
+    assert (rec.round, rec.epoch, rec.samples, rec.digest) == (1, 1, 60, "d")
+    assert rec.train_loss == pytest.approx((10 * 1.0 + 30 * 2.0 + 20 * 4.0) / 60)
+    assert rec.test_accuracy == 0.9 and rec.test_loss == 0.5
+    assert rec.duration_ms == 300 and rec.committed_ms == 400
+    assert rec.members == [a, b, c]
+    assert job.samples == 60
+
+
+def test_digest_mismatch_reruns_the_round_under_a_new_epoch_then_fails() -> None:
+    s, job, peers = running(3)
+    for i in range(1, MAX_DIGEST_MISMATCHES):
+        ch = report_all(s, job, 10 * i, ["x", "x", "y"])
+        assert ch.committed == ()
+        assert job.state == RUNNING
+        assert job.round == 1, "the same round is re-run"
+        assert job.epoch == 1 + i
+        assert job.reports == {} and job.mismatches == i
+    ch = report_all(s, job, 100, ["x", "y", "z"])
+    assert job.state == FAILED
+    assert "digest" in job.reason
+    assert job.committed_round == 0 and job.history == []
+    assert job.job_id in ch.jobs
+    assert job.members == []
+    for p in peers:
+        assert s.peers[p].job_id == "" and s.plan_for(p) is None
+
+
+def test_a_commit_resets_the_mismatch_count() -> None:
+    s, job, _ = running(2)
+    report_all(s, job, 1, ["x", "y"])
+    report_all(s, job, 2, ["x", "y"])
+    assert job.mismatches == 2
+    report_all(s, job, 3)
+    assert job.committed_round == 1 and job.mismatches == 0
+    report_all(s, job, 4, ["x", "y"])
+    report_all(s, job, 5, ["x", "y"])
+    assert job.state == RUNNING and job.mismatches == 2
+
+
+def test_stale_round_or_epoch_is_rejected() -> None:
+    s, job, (a, b) = running(2)
+    with pytest.raises(Stale):
+        s.report(a, job.job_id, 2, 1, rep(), 1)  # future round
+    with pytest.raises(Stale):
+        s.report(a, job.job_id, 1, 0, rep(), 1)  # old epoch
+    report_all(s, job, 2, ["x", "y"])  # mismatch: epoch 2
+    with pytest.raises(Stale):
+        s.report(a, job.job_id, 1, 1, rep(), 3)
+    report_all(s, job, 4)  # commits round 1 in epoch 2
+    with pytest.raises(Stale):
+        s.report(a, job.job_id, 1, 2, rep(), 5)  # the committed round
+    assert job.reports == {}
+    s.report(a, job.job_id, 2, 2, rep(), 6)  # the current one is fine
+    assert set(job.reports) == {a}
+
+
+def test_report_from_non_member_is_stale_and_unknowns_are_not_found() -> None:
+    s, job, (a, b) = running(2, num_shards=2)
+    (c,) = register(s, 1, now=1)  # idle: the job has no room
+    with pytest.raises(Stale):
+        s.report(c, job.job_id, 1, 1, rep(), 2)
+    with pytest.raises(NotFound):
+        s.report("peer-nobody", job.job_id, 1, 1, rep(), 2)
+    with pytest.raises(NotFound):
+        s.report(a, "job-nope", 1, 1, rep(), 2)
+    with pytest.raises(NotFound):
+        s.heartbeat("peer-nobody", 2)
+    with pytest.raises(NotFound):
+        s.plan_for("peer-nobody")
+    with pytest.raises(NotFound):
+        s.job("job-nope")
+    with pytest.raises(NotFound):
+        s.cancel("job-nope", 2)
+    with pytest.raises(NotFound):
+        s.checkpoint_uploaded("peer-nobody", job.job_id, 1, "d", 2)
+
+
+# -- leases -----------------------------------------------------------------------------------
+
+
+def test_heartbeat_keeps_a_peer_alive_and_expire_evicts_a_silent_one() -> None:
+    s, job, (a, b, c) = running(3, min_peers=2)
+    report_all(s, job, 100)  # round 1 committed
+    before = {p: list(v) for p, v in job.assignment.items()}
+    epoch = job.epoch
+    s.report(a, job.job_id, 2, epoch, rep(), 200)  # round 2 under way
+    for t in (500, 1000, 1500):
+        assert s.heartbeat(a, t) == epoch
+        assert s.heartbeat(b, t) == epoch
+    # c was last seen at 100 (its report): silent for exactly the timeout, the lease still holds.
+    assert s.expire(1100) == Changes()
+    assert c in s.peers
+    ch = s.expire(1101)
+    assert ch.removed_peers == (c,)
+    assert job.job_id in ch.jobs
+    assert c not in s.peers and a in s.peers and b in s.peers
+    with pytest.raises(NotFound):
+        s.heartbeat(c, 1600)
+    assert job.epoch == epoch + 1
+    assert job.round == 2, "the interrupted round is re-issued, not skipped"
+    assert job.reports == {}, "reports of the cancelled attempt are dropped"
+    assert job.members == [a, b]
+    assert job.round_started_ms == 1101
+    assert set(job.assignment) == {a, b}
+    assert shards_of(job) == list(range(6))
+    for p in (a, b):
+        assert set(before[p]) <= set(job.assignment[p]), f"survivor {p} lost a shard"
+    moved = set(job.assignment[a]) - set(before[a]) | set(job.assignment[b]) - set(before[b])
+    assert moved == set(before[c]), "only the departed peer's shards move"
+    with pytest.raises(Stale):
+        s.report(a, job.job_id, 2, epoch, rep(), 1600)
+    report_all(s, job, 1700)
+    assert job.committed_round == 2 and job.history[-1].members == [a, b]
+
+
+def test_expire_evicts_idle_peers_too() -> None:
+    s = new_state()
+    (a,) = register(s, 1, now=0)
+    ch = s.expire(TIMEOUT_MS + 1)
+    assert ch.removed_peers == (a,) and s.peers == {}
+
+
+def test_below_min_peers_the_job_waits_then_resumes_when_a_peer_registers() -> None:
+    s, job, (a, b) = running(2, min_peers=2)
+    report_all(s, job, 100)
+    s.heartbeat(a, 1500)
+    s.expire(1500)
+    assert job.members == [a]
+    assert job.state == RUNNING
+    assert s.plan_for(a) is None
+    assert "waiting" in job.reason and "2 needed" in job.reason
+    assert not s.active(job)
+    waiting_epoch = job.epoch
+    (c,) = register(s, 1, now=1600)
+    assert job.members == [a, c]
+    assert job.epoch == waiting_epoch + 1
+    assert job.round == 2
+    assert job.reason == ""
+    assert s.plan_for(a) is job and s.plan_for(c) is job
+    assert shards_of(job) == list(range(6)) and job.assignment[c]
+    report_all(s, job, 1700)
+    assert job.committed_round == 2
+
+
+def test_job_that_lost_every_member_restarts_from_fresh_peers() -> None:
+    s, job, (a, b) = running(2, min_peers=1)
+    report_all(s, job, 10)
+    s.expire(5000)
+    assert job.state == RUNNING and job.members == [] and job.assignment == {}
+    assert "waiting" in job.reason
+    (c,) = register(s, 1, now=5001)
+    assert job.members == [c] and job.round == 2
+    assert job.assignment == {c: list(range(6))}
+    assert s.plan_for(c) is job
+
+
+def test_a_peer_registering_mid_round_joins_at_the_next_boundary() -> None:
+    s, job, (a, b) = running(2)
+    epoch = job.epoch
+    s.report(a, job.job_id, 1, epoch, rep(), 10)
+    (c,) = register(s, 1, now=20)
+    assert job.members == [a, b] and job.epoch == epoch, "no change mid-round"
+    assert s.peers[c].job_id == ""
+    assert s.plan_for(c) is None
+    ch = s.report(b, job.job_id, 1, epoch, rep(), 30)  # the in-flight round still commits
+    assert ch.committed == ((job.job_id, 1),)
+    assert job.members == [a, b, c]
+    assert job.epoch == epoch + 1 and job.round == 2
+    assert c in ch.peers
+    assert s.peers[c].job_id == job.job_id
+    assert s.plan_for(c) is job
+    assert shards_of(job) == list(range(6)) and len(job.assignment[c]) == 2
+
+
+def test_job_succeeds_after_its_rounds_and_frees_its_peers() -> None:
+    s, job, peers = running(2, rounds=3)
+    nxt, _ = s.submit(spec(min_peers=2), 5)
+    assert s.job(nxt).state == PENDING
+    for r in range(1, 4):
+        assert job.round == r
+        ch = report_all(s, job, 10 * r)
+        assert (job.job_id, r) in ch.committed
+    assert job.state == SUCCEEDED and job.committed_round == 3
+    assert [h.round for h in job.history] == [1, 2, 3]
+    assert job.members == []
+    assert job.reason == "3 rounds committed"
+    with pytest.raises(Stale):
+        s.report(peers[0], job.job_id, 4, job.epoch, rep(), 40)
+    # The freed peers went straight to the next job.
+    assert s.job(nxt).state == RUNNING and s.job(nxt).members == peers
+    assert all(s.plan_for(p) is s.job(nxt) for p in peers)
+
+
+def test_cancel_frees_peers_and_is_a_no_op_once_finished() -> None:
+    s, job, (a, b) = running(2)
+    ch = s.cancel(job.job_id, 50)
+    assert job.state == CANCELLED and job.reason == "cancelled by user" and job.updated_ms == 50
+    assert set(ch.peers) >= {a, b} and job.job_id in ch.jobs
+    assert s.live_idle() == [a, b]
+    with pytest.raises(Stale):
+        s.report(a, job.job_id, 1, 1, rep(), 60)
+    snapshot = dataclasses.replace(job)
+    assert s.cancel(job.job_id, 70) == Changes()
+    assert job == snapshot and job.updated_ms == 50
+
+    done, _, _ = running(2, rounds=1)
+    finished = next(iter(done.jobs.values()))
+    report_all(done, finished, 1)
+    assert finished.state == SUCCEEDED
+    assert done.cancel(finished.job_id, 2) == Changes()
+    assert finished.state == SUCCEEDED
+
+
+def test_cancel_pending_job() -> None:
+    s = new_state()
+    jid, _ = s.submit(spec(min_peers=2), 0)
+    s.cancel(jid, 1)
+    assert s.job(jid).state == CANCELLED
+    register(s, 2, now=2)
+    assert s.job(jid).state == CANCELLED, "a cancelled job never starts"
+    assert len(s.live_idle()) == 2
+
+
+def test_report_failure_evicts_the_suspect() -> None:
+    s, job, (a, b, c) = running(3)
+    before = {p: list(v) for p, v in job.assignment.items()}
+    ch = s.report_failure(a, job.job_id, 1, 1, b, 900)
+    assert ch.removed_peers == (b,)
+    assert b not in s.peers and job.members == [a, c]
+    assert job.epoch == 2 and job.round == 1
+    assert s.peers[a].last_seen_ms == 900
+    for p in (a, c):
+        assert set(before[p]) <= set(job.assignment[p])
+    assert shards_of(job) == list(range(6))
+    with pytest.raises(NotFound):
+        s.report_failure(b, job.job_id, 1, 2, a, 903)
+    assert a in s.peers
+
+
+def test_report_failure_for_a_stale_round_or_epoch_is_ignored() -> None:
+    s, job, (a, b, c) = running(3)
+    assert s.report_failure(a, job.job_id, 1, 0, b, 10) == Changes()
+    assert s.report_failure(a, job.job_id, 2, 1, b, 11) == Changes()
+    assert s.report_failure(a, "job-nope", 1, 1, b, 12) == Changes()
+    assert b in s.peers and job.epoch == 1
+    s.report_failure(a, job.job_id, 1, 1, b, 13)  # evicts b: epoch 2
+    # c's report of the same broken exchange arrives late, naming a: it must not evict a too.
+    assert s.report_failure(c, job.job_id, 1, 1, a, 14) == Changes()
+    assert a in s.peers and job.members == [a, c]
+
+
+def test_report_failure_without_a_suspect_reissues_the_round() -> None:
+    s, job, (a, b, c) = running(3)
+    s.report(a, job.job_id, 1, 1, rep(), 5)
+    ch = s.report_failure(a, job.job_id, 1, 1, "", 10)
+    assert job.job_id in ch.jobs and ch.removed_peers == ()
+    assert job.epoch == 2 and job.round == 1 and job.reports == {}
+    assert job.members == [a, b, c]
+    # Naming itself, or a peer already gone, evicts nobody.
+    assert s.report_failure(a, job.job_id, 1, 2, a, 11).removed_peers == ()
+    assert s.report_failure(a, job.job_id, 1, 2, "peer-gone", 12).removed_peers == ()
+    assert set(s.peers) == {a, b, c}
+
+
+# -- checkpoints ------------------------------------------------------------------------------
+
+
+def test_checkpoint_counts_only_when_its_round_commits_with_the_same_digest() -> None:
+    s, job, (a, b) = running(2, rounds=6, checkpoint_every_rounds=2)
+    assert [r for r in range(1, 7) if job.wants_checkpoint(r)] == [2, 4, 6]
+    report_all(s, job, 1)  # round 1
+    with pytest.raises(Stale):
+        s.checkpoint_uploaded(a, job.job_id, 3, "d", 2)
+    s.checkpoint_uploaded(a, job.job_id, 2, "d", 2)
+    assert job.pending_checkpoint == (2, "d")
+    assert job.checkpoint_round == 0, "not before the round commits"
+    report_all(s, job, 3)  # round 2 commits with digest d
+    assert (job.checkpoint_round, job.checkpoint_digest) == (2, "d")
+    assert job.pending_checkpoint is None
+
+    report_all(s, job, 4)  # round 3
+    s.checkpoint_uploaded(a, job.job_id, 4, "other", 5)
+    report_all(s, job, 6)  # round 4 commits with digest d, not the uploaded one
+    assert job.committed_round == 4
+    assert (job.checkpoint_round, job.checkpoint_digest) == (2, "d")
+
+    report_all(s, job, 7)  # round 5
+    s.checkpoint_uploaded(a, job.job_id, 6, "d", 8)
+    report_all(s, job, 9, ["d", "e"])  # mismatch drops the pending checkpoint
+    assert job.pending_checkpoint is None
+    report_all(s, job, 10)  # round 6 commits, but its checkpoint must be re-uploaded
+    assert job.state == SUCCEEDED
+    assert job.checkpoint_round == 2
+    # A late upload for the final round of a finished job is tolerated and changes nothing.
+    s.checkpoint_uploaded(a, job.job_id, 6, "d", 11)
+    assert job.checkpoint_round == 2
+
+
+def test_membership_change_drops_the_pending_checkpoint() -> None:
+    s, job, (a, b, c) = running(3, checkpoint_every_rounds=1)
+    s.checkpoint_uploaded(a, job.job_id, 1, "d", 1)
+    s.report_failure(a, job.job_id, 1, 1, c, 2)
+    assert job.pending_checkpoint is None
+    report_all(s, job, 3)
+    assert job.committed_round == 1 and job.checkpoint_round == 0
+
+
+# -- Changes ----------------------------------------------------------------------------------
+
+
+def test_changes_union_dedupes_but_keeps_every_commit() -> None:
+    x = Changes(jobs=("j1",), peers=("p1", "p2"), committed=(("j1", 1),))
+    y = Changes(jobs=("j1", "j2"), peers=("p2",), removed_peers=("p3",), committed=(("j1", 2),))
+    z = x | y
+    assert z.jobs == ("j1", "j2") and z.peers == ("p1", "p2") and z.removed_peers == ("p3",)
+    assert z.committed == (("j1", 1), ("j1", 2))
+    assert (Changes() | Changes()) == Changes()
+
+
+# -- invariants under random operation sequences ----------------------------------------------
+
+# Weighted by repetition: commits and registrations are common, cancels rare.
+OP_NAMES = ["register"] * 3 + ["advance"] * 2 + ["heartbeat"] * 3 + ["expire"] * 2 + ["commit"] * 6 + \
+    ["mismatch", "fail", "submit", "cancel"]
+OPS = st.lists(st.tuples(st.sampled_from(OP_NAMES), st.integers(0, 1000)), max_size=80)
+
+
+def check_invariants(s: ClusterState, last: dict[str, tuple[int, int]]) -> None:
+    owner: dict[str, str] = {}
+    for job in s.jobs.values():
+        prev_epoch, prev_round = last.get(job.job_id, (0, 0))
+        assert job.epoch >= prev_epoch and job.committed_round >= prev_round
+        last[job.job_id] = (job.epoch, job.committed_round)
+        assert [h.round for h in job.history] == list(range(1, job.committed_round + 1))
+        if job.state in FINISHED or job.state == PENDING:
+            assert job.members == []
+            continue
+        assert job.state == RUNNING and job.epoch >= 1
+        assert len(set(job.members)) == len(job.members) <= job.spec.num_shards
+        assert set(job.reports) <= set(job.members)
+        if job.members:
+            assert set(job.assignment) == set(job.members)
+            assert shards_of(job) == list(range(job.spec.num_shards))
+        for m in job.members:
+            assert m in s.peers, f"member {m} of {job.job_id} is not registered"
+            assert s.peers[m].job_id == job.job_id
+            assert m not in owner
+            owner[m] = job.job_id
+        assert s.active(job) == (len(job.members) >= job.spec.min_peers)
+    for pid, p in s.peers.items():
+        assert (p.job_id != "") == (pid in owner), f"peer {pid} job_id {p.job_id!r}"
+
+
+@settings(max_examples=300, deadline=None, database=None)
+@given(ops=OPS)
+def test_state_machine_invariants_hold_under_random_operations(ops: list[tuple[str, int]]) -> None:
+    s = new_state()
+    now = 0
+    last: dict[str, tuple[int, int]] = {}
+    register(s, 3, now)
+    s.submit(spec(min_peers=2, num_shards=4, rounds=4), now)
+    for op, arg in ops:
+        peers = sorted(s.peers)
+        jobs = sorted(s.jobs)
+        if op == "register":
+            s.register("h:1", {}, now)
+        elif op == "advance":
+            now += arg % 900 + 1
+        elif op == "heartbeat":
+            for p in peers[: arg % (len(peers) + 1)]:
+                s.heartbeat(p, now)
+        elif op == "expire":
+            s.expire(now)
+        elif op in ("commit", "mismatch") and jobs:
+            job = s.jobs[jobs[arg % len(jobs)]]
+            if s.active(job):
+                digests = ["d"] * len(job.members)
+                if op == "mismatch" and len(digests) > 1:
+                    digests[-1] = "e"
+                rnd, epoch = job.round, job.epoch
+                ch = report_all(s, job, now, digests)
+                if len(set(digests)) == 1:
+                    assert ch.committed == ((job.job_id, rnd),) and job.committed_round == rnd
+                else:
+                    assert ch.committed == () and job.committed_round == rnd - 1
+                    assert job.state == FAILED or (job.epoch == epoch + 1 and job.round == rnd)
+        elif op == "fail" and len(peers) >= 2:
+            reporter = peers[arg % len(peers)]
+            job = s.jobs.get(s.peers[reporter].job_id)
+            suspect = "" if arg % 5 == 0 else peers[(arg // 7) % len(peers)]
+            if job is not None:
+                s.report_failure(reporter, job.job_id, job.round, job.epoch, suspect, now)
+        elif op == "submit":
+            s.submit(spec(min_peers=arg % 3 + 1, num_shards=4, rounds=3), now)
+        elif op == "cancel" and jobs:
+            s.cancel(jobs[arg % len(jobs)], now)
+        check_invariants(s, last)

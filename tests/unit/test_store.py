@@ -1,0 +1,219 @@
+"""One test suite for every Store: MemoryStore and SqliteStore must behave the same."""
+from __future__ import annotations
+
+import math
+import pathlib
+import sqlite3
+from typing import Any, Iterator
+
+import pytest
+
+from coordinator.spec import JobSpec
+from coordinator.state import FAILED, RUNNING, SUCCEEDED, Job, PeerRecord, Report, RoundRecord
+from coordinator.store import MemoryStore, SqliteStore, Store, job_from_dict, job_to_dict
+
+
+@pytest.fixture(params=["memory", "sqlite"])
+def store(request: pytest.FixtureRequest, tmp_path: pathlib.Path) -> Iterator[Store]:
+    s: Any = MemoryStore() if request.param == "memory" else SqliteStore(tmp_path / "state")
+    yield s
+    s.close()
+
+
+def peer(pid: str, job_id: str = "", seen: int = 5) -> PeerRecord:
+    return PeerRecord(pid, f"{pid}.local:7000", {"device": "cuda:0", "memory_gb": 78.5, "tags": ["a", "b"]},
+                      registered_ms=1, last_seen_ms=seen, job_id=job_id)
+
+
+def record(rnd: int, members: list[str], acc: float = 0.5) -> RoundRecord:
+    return RoundRecord(round=rnd, epoch=2, samples=640, train_loss=0.25 * rnd, test_accuracy=acc, test_loss=1.5,
+                       digest=f"{rnd:064x}", duration_ms=1234, members=list(members), committed_ms=10_000 + rnd)
+
+
+def busy_job(jid: str = "job-1") -> Job:
+    """A job with every field away from its default."""
+    spec = JobSpec(task="synthetic:500k", rounds=7, local_steps=3, batch_size=16, learning_rate=0.05,
+                   min_peers=2, sharding="dirichlet:0.3", seed=9, num_shards=12, checkpoint_every_rounds=2)
+    job = Job(jid, spec, created_ms=100, state=RUNNING, updated_ms=300, reason="peer x left",
+              committed_round=2, epoch=4, members=["p1", "p2"],
+              assignment={"p1": [0, 2, 4, 6, 8, 10], "p2": [1, 3, 5, 7, 9, 11]},
+              round_started_ms=250,
+              reports={"p1": Report(samples=48, train_loss=0.7, digest="ab" * 32, test_accuracy=0.81, test_loss=0.6),
+                       "p2": Report(samples=32, train_loss=0.9, digest="ab" * 32)},
+              samples=1280, checkpoint_round=2, checkpoint_digest="cd" * 32,
+              pending_checkpoint=(3, "ef" * 32), mismatches=1)
+    job.history = [record(1, ["p1", "p2", "p3"]), record(2, ["p1", "p2"])]
+    return job
+
+
+def save_job(store: Store, job: Job, peers: list[PeerRecord] = ()) -> None:  # type: ignore[assignment]
+    store.save(jobs=[job], peers=peers, removed_peers=[], rounds=[(job.job_id, r) for r in job.history])
+
+
+def by_id(items: list[Any], attr: str) -> dict[str, Any]:
+    return {getattr(x, attr): x for x in items}
+
+
+def test_empty_store_loads_nothing(store: Store) -> None:
+    assert store.load() == ([], [])
+
+
+def test_job_and_peers_round_trip(store: Store) -> None:
+    job = busy_job()
+    peers = [peer("p1", job.job_id), peer("p2", job.job_id), peer("p3")]
+    save_job(store, job, peers)
+    jobs, got_peers = store.load()
+    assert jobs == [job]
+    got = jobs[0]
+    assert got is not job
+    assert isinstance(got.spec, JobSpec) and got.spec == job.spec
+    assert isinstance(got.reports["p1"], Report) and got.reports["p2"].test_accuracy is None
+    assert got.pending_checkpoint == (3, "ef" * 32) and isinstance(got.pending_checkpoint, tuple)
+    assert all(isinstance(r, RoundRecord) for r in got.history)
+    assert by_id(got_peers, "peer_id") == by_id(peers, "peer_id")
+
+
+def test_job_with_defaults_round_trips(store: Store) -> None:
+    job = Job("job-2", JobSpec(), created_ms=5)
+    save_job(store, job)
+    assert store.load()[0] == [job]
+    assert store.load()[0][0].pending_checkpoint is None
+
+
+def test_saving_again_replaces_and_history_grows_by_appends(store: Store) -> None:
+    job = busy_job()
+    save_job(store, job)
+    job.state, job.committed_round, job.reports, job.pending_checkpoint = SUCCEEDED, 3, {}, None
+    job.members, job.assignment = [], {}
+    job.history.append(record(3, ["p1"]))
+    store.save(jobs=[job], peers=[], removed_peers=[], rounds=[(job.job_id, job.history[-1])])
+    (got,), _ = store.load()
+    assert got == job
+    assert [r.round for r in got.history] == [1, 2, 3]
+
+
+def test_rounds_stay_with_their_job(store: Store) -> None:
+    a, b = busy_job("job-a"), busy_job("job-b")
+    b.history = [record(1, ["q"], acc=0.1)]
+    save_job(store, a)
+    save_job(store, b)
+    jobs = by_id(store.load()[0], "job_id")
+    assert jobs["job-a"].history == a.history
+    assert jobs["job-b"].history == b.history
+
+
+def test_peers_update_and_removed_peers_disappear(store: Store) -> None:
+    store.save(jobs=[], peers=[peer("p1"), peer("p2"), peer("p3")], removed_peers=[], rounds=[])
+    store.save(jobs=[], peers=[peer("p1", "job-1", seen=99)], removed_peers=["p2", "never-saved"], rounds=[])
+    _, peers = store.load()
+    got = by_id(peers, "peer_id")
+    assert set(got) == {"p1", "p3"}
+    assert got["p1"] == peer("p1", "job-1", seen=99)
+    # Saved and removed in one call: the removal wins.
+    store.save(jobs=[], peers=[peer("p4")], removed_peers=["p4"], rounds=[])
+    assert "p4" not in by_id(store.load()[1], "peer_id")
+
+
+def test_nan_metrics_survive(store: Store) -> None:
+    job = busy_job()
+    job.history = [record(1, ["p1"], acc=float("nan"))]
+    save_job(store, job)
+    (got,), _ = store.load()
+    assert math.isnan(got.history[0].test_accuracy)
+
+
+def test_loaded_state_is_a_copy(store: Store) -> None:
+    """The coordinator mutates what it loads; that must not rewrite the store behind its back."""
+    job = busy_job()
+    save_job(store, job, [peer("p1")])
+    job.members.append("later")  # mutating the saved object after save must not leak
+    (got,), (p,) = store.load()
+    got.members.append("intruder")
+    got.history[0].members.append("intruder")
+    got.reports.clear()
+    p.capability["device"] = "changed"
+    (again,), (p2,) = store.load()
+    assert again.members == ["p1", "p2"]
+    assert again.history[0].members == ["p1", "p2", "p3"]
+    assert set(again.reports) == {"p1", "p2"}
+    assert p2.capability["device"] == "cuda:0"
+
+
+def failing(items: list[Any]) -> Iterator[Any]:
+    """Yields ``items`` then fails, as a save that breaks half way."""
+    yield from items
+    raise RuntimeError("disk on fire")
+
+
+def test_failed_save_writes_nothing(store: Store) -> None:
+    save_job(store, busy_job("job-old"))
+    with pytest.raises(RuntimeError):
+        store.save(jobs=failing([busy_job("job-new")]), peers=[peer("p9")], removed_peers=[], rounds=[])
+    jobs, peers = store.load()
+    assert [j.job_id for j in jobs] == ["job-old"]
+    assert peers == []
+
+
+def test_job_dict_round_trip_without_a_store() -> None:
+    job = busy_job()
+    d = job_to_dict(job)
+    assert "history" not in d
+    assert isinstance(d["spec"], dict)
+    assert job_from_dict(d, job.history) == job
+
+
+# -- SQLite only -----------------------------------------------------------------------------
+
+
+def test_sqlite_reopened_sees_everything(tmp_path: pathlib.Path) -> None:
+    state_dir = tmp_path / "nested" / "state"
+    first = SqliteStore(state_dir)
+    job, other = busy_job("job-1"), busy_job("job-2")
+    other.state, other.members, other.assignment = FAILED, [], {}
+    save_job(first, job, [peer("p1", "job-1"), peer("p2", "job-1"), peer("gone")])
+    save_job(first, other)
+    first.save(jobs=[], peers=[], removed_peers=["gone"], rounds=[])
+    # A second connection sees the committed state while the first is still open (crash-like).
+    concurrent = SqliteStore(state_dir)
+    want_jobs = by_id([job, other], "job_id")
+    assert by_id(concurrent.load()[0], "job_id") == want_jobs
+    concurrent.close()
+    first.close()
+    reopened = SqliteStore(state_dir)
+    try:
+        jobs, peers = reopened.load()
+        assert by_id(jobs, "job_id") == want_jobs
+        assert set(by_id(peers, "peer_id")) == {"p1", "p2"}
+    finally:
+        reopened.close()
+
+
+def test_sqlite_uses_wal_journal_mode(tmp_path: pathlib.Path) -> None:
+    s = SqliteStore(tmp_path)
+    try:
+        assert s.path == tmp_path / "coordinator.db"
+        assert s._db.execute("PRAGMA journal_mode").fetchone()[0].lower() == "wal"
+    finally:
+        s.close()
+    # WAL is a property of the database file: a plain connection sees it too.
+    con = sqlite3.connect(tmp_path / "coordinator.db")
+    try:
+        assert con.execute("PRAGMA journal_mode").fetchone()[0].lower() == "wal"
+    finally:
+        con.close()
+
+
+def test_sqlite_tables_are_plain_json(tmp_path: pathlib.Path) -> None:
+    """History is stored as rows of its own, not inside the job document."""
+    s = SqliteStore(tmp_path)
+    save_job(s, busy_job())
+    s.close()
+    con = sqlite3.connect(tmp_path / "coordinator.db")
+    try:
+        assert con.execute("SELECT COUNT(*) FROM rounds").fetchone()[0] == 2
+        (body,) = con.execute("SELECT body FROM jobs").fetchone()
+        assert '"history"' not in body
+    finally:
+        con.close()
+
+
