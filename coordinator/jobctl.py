@@ -222,6 +222,40 @@ def cmd_model(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plot(a: argparse.Namespace) -> int:
+    """Saves a PNG of train loss and test accuracy per committed round."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise CliError("dml plot needs matplotlib: pip install 'dml[plot]'", 2) from None
+    stub = _stub(a.coordinator)
+    resp = _rpc(lambda: stub.GetJob(jobs_pb2.GetJobRequest(job_id=a.job, include_history=True), timeout=a.timeout),
+                a.coordinator)
+    if not resp.history:
+        raise CliError(f"{a.job} has no committed rounds yet", 1)
+    rounds = [r.round for r in resp.history]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(rounds, [r.train_loss for r in resp.history], color="tab:red", label="train loss")
+    ax.set_xlabel("committed round")
+    ax.set_ylabel("train loss", color="tab:red")
+    ax2 = ax.twinx()
+    ax2.plot(rounds, [r.test_accuracy for r in resp.history], color="tab:blue", label="test accuracy")
+    ax2.set_ylabel("test accuracy", color="tab:blue")
+    ax2.set_ylim(0, 1)
+    for prev, r in zip(resp.history, resp.history[1:]):
+        if r.epoch != prev.epoch:
+            ax.axvline(r.round, color="grey", lw=0.5, ls=":")
+    st = status_dict(resp.job)
+    ax.set_title(f"{st['job_id']} ({st['task']}, {st['state']}); dotted: membership changes")
+    fig.tight_layout()
+    fig.savefig(a.output, dpi=110)
+    print(f"saved {len(rounds)} rounds to {a.output}")
+    return 0
+
+
 def cmd_health(a: argparse.Namespace) -> int:
     """Asks the standard gRPC health service; exit 0 when SERVING (docker health checks)."""
     from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -297,6 +331,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("job")
     sp.add_argument("-o", "--output", type=pathlib.Path, required=True)
     sp.set_defaults(fn=cmd_model)
+
+    sp = sub.add_parser("plot", help="plot train loss and test accuracy per round to a PNG")
+    common(sp)
+    sp.add_argument("job")
+    sp.add_argument("-o", "--output", type=pathlib.Path, required=True)
+    sp.set_defaults(fn=cmd_plot)
 
     sp = sub.add_parser("health", help="check the coordinator's gRPC health service")
     common(sp)

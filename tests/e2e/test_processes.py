@@ -82,3 +82,14 @@ def test_killed_peer_is_evicted_its_shards_move_and_job_succeeds(local_cluster, 
     assert_state_dicts_identical([g[1] for g in got])
 
 
+
+
+def test_plot_of_a_finished_job(local_cluster, tmp_path):
+    address, _ = local_cluster(2)
+    job = dml("submit", "--coordinator", address, "--rounds", "15", "--local-steps", "3", "--min-peers", "2"
+              ).stdout.strip().splitlines()[-1]
+    wait_status(address, job, lambda s: s["state"] == "SUCCEEDED", 90, "SUCCEEDED")
+    out = dml("plot", "--coordinator", address, job, "-o", str(tmp_path / "curve.png"))
+    assert out.returncode == 0, out.stderr
+    assert "saved 15 rounds" in out.stdout
+    assert (tmp_path / "curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
