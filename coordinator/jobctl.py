@@ -47,14 +47,14 @@ def cli_error(e: grpc.RpcError, coordinator: str) -> CliError:
     return CliError(f"coordinator error: {code.name if code else '?'}: {details}", 1)
 
 
-def _rpc(fn: Callable[[], T], coordinator: str) -> T:
+def rpc(fn: Callable[[], T], coordinator: str) -> T:
     try:
         return fn()
     except grpc.RpcError as e:
         raise cli_error(e, coordinator) from None
 
 
-def _stub(coordinator: str) -> jobs_pb2_grpc.JobServiceStub:
+def job_stub(coordinator: str) -> jobs_pb2_grpc.JobServiceStub:
     if ":" not in coordinator:
         raise CliError(f"--coordinator must be HOST:PORT, got {coordinator!r}", 2)
     return jobs_pb2_grpc.JobServiceStub(grpc.insecure_channel(coordinator, options=[("grpc.max_receive_message_length", 8 << 20)]))
@@ -84,7 +84,7 @@ def status_dict(job: jobs_pb2.JobStatus) -> dict[str, Any]:
     }
 
 
-def _fmt(x: float | None, spec: str = ".4f") -> str:
+def fmt_metric(x: float | None, spec: str = ".4f") -> str:
     return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
 
 
@@ -94,8 +94,8 @@ def status_line(job: jobs_pb2.JobStatus, width: int = 30) -> str:
     frac = d["round"] / max(d["rounds"], 1)
     bar = "#" * int(frac * width) + "." * (width - int(frac * width))
     m = d["metrics"]
-    line = (f"{d['job_id']} [{bar}] round {d['round']}/{d['rounds']} loss {_fmt(m['train_loss'])} "
-            f"acc {_fmt(m['test_accuracy'])} peers {len(d['peers'])} {d['state']}")
+    line = (f"{d['job_id']} [{bar}] round {d['round']}/{d['rounds']} loss {fmt_metric(m['train_loss'])} "
+            f"acc {fmt_metric(m['test_accuracy'])} peers {len(d['peers'])} {d['state']}")
     return line + (f" ({d['reason']})" if d["reason"] and d["state"] not in ("SUCCEEDED",) else "")
 
 
@@ -111,8 +111,8 @@ def spec_from_args(a: argparse.Namespace) -> JobSpec:
 
 def submit(coordinator: str, spec: JobSpec, timeout: float) -> str:
     """Submits a job; returns its id."""
-    stub = _stub(coordinator)
-    return _rpc(lambda: stub.SubmitJob(jobs_pb2.SubmitJobRequest(spec=spec_to_pb(spec)), timeout=timeout),
+    stub = job_stub(coordinator)
+    return rpc(lambda: stub.SubmitJob(jobs_pb2.SubmitJobRequest(spec=spec_to_pb(spec)), timeout=timeout),
                 coordinator).job_id
 
 
@@ -124,7 +124,7 @@ def cmd_submit(a: argparse.Namespace) -> int:
 
 
 def _latest_job(stub: jobs_pb2_grpc.JobServiceStub, coordinator: str, timeout: float) -> str:
-    jobs = _rpc(lambda: stub.ListJobs(jobs_pb2.ListJobsRequest(), timeout=timeout), coordinator).jobs
+    jobs = rpc(lambda: stub.ListJobs(jobs_pb2.ListJobsRequest(), timeout=timeout), coordinator).jobs
     if not jobs:
         raise CliError(f"no jobs on {coordinator}", 1)
     return jobs[0].job_id
@@ -133,7 +133,7 @@ def _latest_job(stub: jobs_pb2_grpc.JobServiceStub, coordinator: str, timeout: f
 def watch(coordinator: str, job_id: str, timeout: float, on_update: Callable[[jobs_pb2.JobStatus], None],
           max_s: float = 24 * 3600) -> jobs_pb2.JobStatus:
     """Follows a job until it finishes (reconnecting if the coordinator restarts); returns the end status."""
-    stub = _stub(coordinator)
+    stub = job_stub(coordinator)
     deadline = time.monotonic() + max_s
     last: jobs_pb2.JobStatus | None = None
     while time.monotonic() < deadline:
@@ -152,10 +152,10 @@ def watch(coordinator: str, job_id: str, timeout: float, on_update: Callable[[jo
 
 
 def cmd_status(a: argparse.Namespace) -> int:
-    stub = _stub(a.coordinator)
+    stub = job_stub(a.coordinator)
     jid = a.job or _latest_job(stub, a.coordinator, a.timeout)
     if not a.watch:
-        resp = _rpc(lambda: stub.GetJob(jobs_pb2.GetJobRequest(job_id=jid, include_history=a.history), timeout=a.timeout),
+        resp = rpc(lambda: stub.GetJob(jobs_pb2.GetJobRequest(job_id=jid, include_history=a.history), timeout=a.timeout),
                     a.coordinator)
         if a.json:
             d = status_dict(resp.job)
@@ -184,8 +184,8 @@ def cmd_status(a: argparse.Namespace) -> int:
 
 
 def cmd_jobs(a: argparse.Namespace) -> int:
-    stub = _stub(a.coordinator)
-    jobs = _rpc(lambda: stub.ListJobs(jobs_pb2.ListJobsRequest(), timeout=a.timeout), a.coordinator).jobs
+    stub = job_stub(a.coordinator)
+    jobs = rpc(lambda: stub.ListJobs(jobs_pb2.ListJobsRequest(), timeout=a.timeout), a.coordinator).jobs
     if a.json:
         print(json.dumps([status_dict(j) for j in jobs]))
         return 0
@@ -193,21 +193,21 @@ def cmd_jobs(a: argparse.Namespace) -> int:
     for j in jobs:
         d = status_dict(j)
         print(f"{d['job_id']:<24} {d['state']:<10} {d['round']:>5}/{d['rounds']:<5} "
-              f"{_fmt(d['metrics']['test_accuracy'], '.4f'):>7} {len(d['peers']):>5}  {d['task']}")
+              f"{fmt_metric(d['metrics']['test_accuracy'], '.4f'):>7} {len(d['peers']):>5}  {d['task']}")
     return 0
 
 
 def cmd_cancel(a: argparse.Namespace) -> int:
-    stub = _stub(a.coordinator)
-    st = _rpc(lambda: stub.CancelJob(jobs_pb2.CancelJobRequest(job_id=a.job), timeout=a.timeout), a.coordinator).state
+    stub = job_stub(a.coordinator)
+    st = rpc(lambda: stub.CancelJob(jobs_pb2.CancelJobRequest(job_id=a.job), timeout=a.timeout), a.coordinator).state
     print(f"{a.job} {STATE_NAMES[st]}")
     return 0
 
 
 def download_model(coordinator: str, job_id: str, out: pathlib.Path, timeout: float) -> tuple[int, str]:
     """Saves the job's last checkpoint (a torch state_dict file); returns (round, digest)."""
-    stub = _stub(coordinator)
-    parts = _rpc(lambda: list(stub.DownloadModel(jobs_pb2.DownloadModelRequest(job_id=job_id), timeout=timeout)),
+    stub = job_stub(coordinator)
+    parts = rpc(lambda: list(stub.DownloadModel(jobs_pb2.DownloadModelRequest(job_id=job_id), timeout=timeout)),
                  coordinator)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".part")
@@ -231,8 +231,8 @@ def cmd_plot(a: argparse.Namespace) -> int:
         import matplotlib.pyplot as plt
     except ImportError:
         raise CliError("dml plot needs matplotlib: pip install 'dml[plot]'", 2) from None
-    stub = _stub(a.coordinator)
-    resp = _rpc(lambda: stub.GetJob(jobs_pb2.GetJobRequest(job_id=a.job, include_history=True), timeout=a.timeout),
+    stub = job_stub(a.coordinator)
+    resp = rpc(lambda: stub.GetJob(jobs_pb2.GetJobRequest(job_id=a.job, include_history=True), timeout=a.timeout),
                 a.coordinator)
     if not resp.history:
         raise CliError(f"{a.job} has no committed rounds yet", 1)
@@ -263,7 +263,7 @@ def cmd_health(a: argparse.Namespace) -> int:
     if ":" not in a.coordinator:
         raise CliError(f"--coordinator must be HOST:PORT, got {a.coordinator!r}", 2)
     stub = health_pb2_grpc.HealthStub(grpc.insecure_channel(a.coordinator))
-    resp = _rpc(lambda: stub.Check(health_pb2.HealthCheckRequest(service=a.service), timeout=a.timeout), a.coordinator)
+    resp = rpc(lambda: stub.Check(health_pb2.HealthCheckRequest(service=a.service), timeout=a.timeout), a.coordinator)
     name = health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
     print(name)
     return 0 if resp.status == health_pb2.HealthCheckResponse.SERVING else 1

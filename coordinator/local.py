@@ -33,6 +33,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print the final status as JSON on the last line")
     p.add_argument("--log-dir", type=pathlib.Path, default=None, help="where process logs go (default: the state dir)")
     p.add_argument("--timeout-s", type=float, default=1800.0, help="give up after this long")
+    p.add_argument("--keep", action="store_true",
+                   help="keep the cluster up after the job ends (query it, submit more jobs) until Ctrl-C")
 
 
 def _free(port: int) -> bool:
@@ -54,6 +56,19 @@ def wait_for_port_file(path: pathlib.Path, proc: subprocess.Popen[bytes], timeou
             raise jobctl.CliError(f"coordinator exited with code {proc.returncode} before listening", 1)
         time.sleep(0.05)
     raise jobctl.CliError(f"coordinator did not start within {timeout_s:.0f}s", 1)
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: on Linux, get SIGTERM when the parent dies, even by SIGKILL."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def _interrupt(signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def reap(procs: list[subprocess.Popen[bytes]], grace_s: float = 5.0) -> None:
@@ -85,14 +100,16 @@ def cluster(peers: int, port: int, state_dir: pathlib.Path, log_dir: pathlib.Pat
         coord = subprocess.Popen(
             [py, "-m", "coordinator.cli", "--host", "127.0.0.1", "--port", str(port), "--state-dir", str(state_dir),
              "--port-file", str(port_file), *coordinator_args],
-            stdout=open(log_dir / "coordinator.log", "ab"), stderr=subprocess.STDOUT, env=env)
+            stdout=open(log_dir / "coordinator.log", "ab"), stderr=subprocess.STDOUT, env=env,
+            preexec_fn=_die_with_parent)
         procs.append(coord)
         address = f"127.0.0.1:{wait_for_port_file(port_file, coord, 60)}"
         for i in range(peers):
             procs.append(subprocess.Popen(
                 [py, "-m", "peer.cli", "--coordinator", address, "--host", "127.0.0.1", "--port", "0",
                  "--device", "cpu", *extra_peer_args],
-                stdout=open(log_dir / f"peer-{i}.log", "ab"), stderr=subprocess.STDOUT, env=env))
+                stdout=open(log_dir / f"peer-{i}.log", "ab"), stderr=subprocess.STDOUT, env=env,
+                preexec_fn=_die_with_parent))
         yield address, procs
     finally:
         reap(procs)
@@ -102,6 +119,8 @@ def cmd_local(a: argparse.Namespace) -> int:
     """Runs the job on a local cluster and prints the final test accuracy."""
     if a.peers < 1:
         raise jobctl.CliError("--peers must be at least 1", 2)
+    for sig in (signal.SIGTERM, signal.SIGHUP):  # stop like Ctrl-C: cancel the job, reap the children
+        signal.signal(sig, _interrupt)
     port = a.port if a.port is not None else (DEFAULT_PORT if _free(DEFAULT_PORT) else 0)
     if a.min_peers is None:
         a.min_peers = a.peers  # start with the whole cluster rather than grow it round by round
@@ -138,7 +157,7 @@ def cmd_local(a: argparse.Namespace) -> int:
                 end = jobctl.watch(address, job_id, 10.0, show, max_s=a.timeout_s)
             except KeyboardInterrupt:
                 with contextlib.suppress(jobctl.CliError):
-                    jobctl._rpc(lambda: jobctl._stub(address).CancelJob(
+                    jobctl.rpc(lambda: jobctl.job_stub(address).CancelJob(
                         jobctl.jobs_pb2.CancelJobRequest(job_id=job_id), timeout=2), address)
                 raise
             if tty:
@@ -147,9 +166,14 @@ def cmd_local(a: argparse.Namespace) -> int:
             if a.output is not None and d["state"] == "SUCCEEDED":
                 rnd, _ = jobctl.download_model(address, job_id, a.output, 60.0)
                 print(f"saved round {rnd} model to {a.output}", file=sys.stderr)
+            if a.keep:
+                print(f"job {job_id} {d['state']}: test accuracy {jobctl.fmt_metric(d['metrics']['test_accuracy'])}; "
+                      f"cluster still up on {address}, Ctrl-C to stop", file=sys.stderr, flush=True)
+                while True:
+                    time.sleep(3600)
         acc = d["metrics"]["test_accuracy"]
         print(f"job {job_id} {d['state']} after {d['round']} rounds in {time.monotonic() - started:.1f}s: "
-              f"test accuracy {jobctl._fmt(acc)}")
+              f"test accuracy {jobctl.fmt_metric(acc)}")
         if a.json:
             print(json.dumps(d))
         return 0 if d["state"] == "SUCCEEDED" else 3

@@ -73,7 +73,9 @@ def test_dml_local_trains_and_shuts_down(tmp_path):
     assert "Traceback" not in "".join(p.read_text() for p in (tmp_path / "s" / "logs").glob("*.log"))
 
 
-def test_dml_local_ctrl_c_reaps_every_process(tmp_path):
+@pytest.mark.parametrize("how", ["ctrl-c", "sigterm", "sigkill"])
+def test_dml_local_reaps_every_process_when_stopped(tmp_path, how):
+    """Ctrl-C (SIGINT to the group), SIGTERM, even SIGKILL of `dml local` leave no process behind."""
     proc = subprocess.Popen([sys.executable, "-m", "coordinator.jobctl", "local", "--port", "0", "--peers", "2",
                              "--rounds", "100000", "--state-dir", str(tmp_path / "s")],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
@@ -86,11 +88,17 @@ def test_dml_local_ctrl_c_reaps_every_process(tmp_path):
         assert "job job-" in line
         children = _children(proc.pid)
         assert len(children) == 3, children  # coordinator + 2 peers
-        os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does
+        if how == "ctrl-c":
+            os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does
+        else:
+            proc.send_signal(signal.SIGTERM if how == "sigterm" else signal.SIGKILL)
         proc.wait(30)
-        assert proc.returncode == 130
+        assert proc.returncode == (130 if how != "sigkill" else -signal.SIGKILL)
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and any(_alive(pid) for pid in children):
+            time.sleep(0.1)
         for pid in children:
-            assert not _alive(pid), f"child {pid} survived Ctrl-C"
+            assert not _alive(pid), f"child {pid} survived {how}"
     finally:
         reap([proc])
 
