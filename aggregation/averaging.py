@@ -20,15 +20,19 @@ def weighted_ring_average(
 ) -> float:
     """Averages ``buf[:-1]`` across the ring, weighted; ``buf[-1]`` is scratch for the weight.
 
-    Returns the total weight. ``weight`` must be positive (samples processed).
+    Returns the total weight. ``weight`` is the samples this member processed; 0 is allowed (a
+    member with no data this round keeps the others' average) as long as some member has more.
+    Raises ValueError if every weight is 0.
     """
-    if weight <= 0:
-        raise ValueError(f"weight must be positive, got {weight}")
+    if weight < 0:
+        raise ValueError(f"weight must be >= 0, got {weight}")
     params = buf[:-1]
     params *= np.float32(weight)
     buf[-1] = np.float32(weight)
     ring_allreduce(buf, rank, world, link, timeout, chunk_elems)
     total = float(buf[-1])
+    if total <= 0:
+        raise ValueError("every member had weight 0: nothing to average")
     params /= np.float32(total)
     return total
 

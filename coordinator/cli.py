@@ -26,8 +26,12 @@ def build_config(argv: list[str] | None = None) -> ServerConfig:
     p.add_argument("--port", type=int, default=_env_int("DML_PORT", 50051), help="port to bind; 0 picks a free one")
     p.add_argument("--state-dir", type=pathlib.Path, default=os.environ.get("DML_STATE_DIR"),
                    help="directory for the SQLite state and checkpoints (in memory when omitted)")
-    p.add_argument("--heartbeat-interval-ms", type=int, default=_env_int("DML_HEARTBEAT_INTERVAL_MS", d.heartbeat_interval_ms))
-    p.add_argument("--peer-timeout-ms", type=int, default=_env_int("DML_PEER_TIMEOUT_MS", d.peer_timeout_ms))
+    p.add_argument("--heartbeat-interval-ms", type=int, default=_env_int("DML_HEARTBEAT_INTERVAL_MS", d.heartbeat_interval_ms),
+                   help=f"how often peers heartbeat (default {d.heartbeat_interval_ms})")
+    p.add_argument("--peer-timeout-ms", type=int, default=_env_int("DML_PEER_TIMEOUT_MS", d.peer_timeout_ms),
+                   help=f"evict a peer silent this long (default {d.peer_timeout_ms})")
+    p.add_argument("--round-deadline-ms", type=int, default=_env_int("DML_ROUND_DEADLINE_MS", d.round_deadline_ms),
+                   help=f"evict members that have not reported a round this long after it started (default {d.round_deadline_ms})")
     p.add_argument("--port-file", type=pathlib.Path, help="write the bound port here once listening")
     p.add_argument("--log-level", default=os.environ.get("DML_LOG_LEVEL", "INFO"))
     a = p.parse_args(argv)
@@ -35,9 +39,12 @@ def build_config(argv: list[str] | None = None) -> ServerConfig:
         p.error(f"--port must be 0..65535, got {a.port}")
     if a.heartbeat_interval_ms < 10 or a.peer_timeout_ms <= a.heartbeat_interval_ms:
         p.error("need --heartbeat-interval-ms >= 10 and --peer-timeout-ms > --heartbeat-interval-ms")
+    if a.round_deadline_ms <= a.peer_timeout_ms:
+        p.error("--round-deadline-ms must exceed --peer-timeout-ms")
     logging.basicConfig(level=a.log_level.upper(), format="%(asctime)s %(levelname)s coordinator %(name)s: %(message)s")
     cfg = ServerConfig(host=a.host, port=a.port, state_dir=a.state_dir,
-                       timing=CoordinatorConfig(a.heartbeat_interval_ms, a.peer_timeout_ms), port_file=a.port_file)
+                       timing=CoordinatorConfig(heartbeat_interval_ms=a.heartbeat_interval_ms, peer_timeout_ms=a.peer_timeout_ms,
+                                                round_deadline_ms=a.round_deadline_ms), port_file=a.port_file)
     return cfg
 
 

@@ -71,6 +71,7 @@ def status_dict(job: jobs_pb2.JobStatus) -> dict[str, Any]:
         "epoch": job.epoch,
         "peers": list(job.peers),
         "samples": job.samples,
+        "data_epoch": job.data_epoch,
         "reason": job.reason,
         "checkpoint_round": job.checkpoint_round,
         "task": job.spec.task,
@@ -82,6 +83,14 @@ def status_dict(job: jobs_pb2.JobStatus) -> dict[str, Any]:
             "digest": last.digest if job.HasField("last") else None,
         },
     }
+
+
+def history_dict(r: types_pb2.RoundMetrics) -> dict[str, Any]:
+    """One committed round, with its sample ledger, as JSON-friendly data."""
+    return {"round": r.round, "epoch": r.epoch, "train_loss": r.train_loss, "test_accuracy": r.test_accuracy,
+            "samples": r.samples, "members": r.members, "duration_ms": r.duration_ms, "digest": r.digest,
+            "data_epoch": r.data_epoch,
+            "consumed": {m.peer_id: [[x.shard_id, x.start, x.stop] for x in m.ranges] for m in r.consumed}}
 
 
 def fmt_metric(x: float | None, spec: str = ".4f") -> str:
@@ -106,7 +115,8 @@ def spec_from_args(a: argparse.Namespace) -> JobSpec:
     return JobSpec(task=a.task, rounds=a.rounds, local_steps=a.local_steps, batch_size=a.batch_size,
                    learning_rate=a.lr, min_peers=a.min_peers if a.min_peers is not None else d.min_peers, sharding=a.sharding, aggregation=a.aggregation,
                    seed=a.seed, num_shards=a.num_shards or d.num_shards,
-                   checkpoint_every_rounds=a.checkpoint_every or d.checkpoint_every_rounds)
+                   checkpoint_every_rounds=a.checkpoint_every or d.checkpoint_every_rounds,
+                   peer_grace_s=a.peer_grace_s or d.peer_grace_s)
 
 
 def submit(coordinator: str, spec: JobSpec, timeout: float) -> str:
@@ -160,9 +170,7 @@ def cmd_status(a: argparse.Namespace) -> int:
         if a.json:
             d = status_dict(resp.job)
             if a.history:
-                d["history"] = [{"round": r.round, "train_loss": r.train_loss, "test_accuracy": r.test_accuracy,
-                                 "samples": r.samples, "members": r.members, "duration_ms": r.duration_ms}
-                                for r in resp.history]
+                d["history"] = [history_dict(r) for r in resp.history]
             print(json.dumps(d))
         else:
             print(status_line(resp.job))
@@ -285,6 +293,8 @@ def add_job_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--num-shards", type=int, default=0, help=f"shards to cut the data into (default {d.num_shards})")
     p.add_argument("--checkpoint-every", type=int, default=0, help=f"rounds between checkpoints (default {d.checkpoint_every_rounds})")
+    p.add_argument("--peer-grace-s", type=int, default=0,
+                   help=f"fail a running job that has fewer than --min-peers for this long (default {d.peer_grace_s})")
 
 
 class _Parser(argparse.ArgumentParser):

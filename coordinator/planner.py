@@ -106,3 +106,35 @@ def add_peers(assign: Assignment, new: list[str], sizes: list[int]) -> Assignmen
         out[donor].remove(s)
         out[taker].append(s)
     return {p: sorted(v) for p, v in out.items()}
+
+
+# -- sample allocation: which samples each member trains on in a round -------------------------
+Range = tuple[int, int, int]  # (shard id, start, stop) in the shard's order for its data epoch
+
+
+def shard_order(indices: np.ndarray, seed: int, data_epoch: int, shard_id: int) -> np.ndarray:
+    """The order a shard's samples are visited in during one data epoch (same on every peer)."""
+    return np.random.default_rng([seed, data_epoch, shard_id]).permutation(indices)
+
+
+def allocate(assign: Assignment, sizes: list[int], cursors: dict[int, int], budget: int) -> dict[str, list[Range]]:
+    """Gives each member up to ``budget`` samples from its own shards, continuing each shard
+    where its cursor stands. A member whose shards are exhausted gets nothing this round."""
+    out: dict[str, list[Range]] = {}
+    for peer, shards in assign.items():
+        left, ranges = budget, []
+        for s in sorted(shards):
+            start = cursors.get(s, 0)
+            take = min(left, sizes[s] - start)
+            if take > 0:
+                ranges.append((s, start, start + take))
+                left -= take
+            if left == 0:
+                break
+        out[peer] = ranges
+    return out
+
+
+def remaining(sizes: list[int], cursors: dict[int, int]) -> int:
+    """Samples not yet visited in the current data epoch."""
+    return sum(size - cursors.get(s, 0) for s, size in enumerate(sizes))

@@ -32,9 +32,10 @@ __all__ = ["Coordinator", "CoordinatorConfig", "NotFound", "Stale"]
 class CoordinatorConfig:
     """Timing of the control plane."""
 
-    heartbeat_interval_ms: int = 500
-    peer_timeout_ms: int = 3000
-    tick_ms: int = 200
+    heartbeat_interval_ms: int = 500  # how often peers heartbeat
+    peer_timeout_ms: int = 2000  # silence after which a peer is evicted (4 missed heartbeats)
+    tick_ms: int = 100  # how often the reaper checks leases and deadlines
+    round_deadline_ms: int = 120_000  # a round running longer evicts the members that did not report
 
 
 @functools.lru_cache(maxsize=32)
@@ -58,7 +59,8 @@ class Coordinator:
         self._ckpt_dir = checkpoint_dir
         self._clock = clock
         self._cond = threading.Condition()
-        self.state = ClusterState(config.peer_timeout_ms, lambda s: [int(x.size) for x in job_shards(s)])
+        self.state = ClusterState(config.peer_timeout_ms, lambda s: [int(x.size) for x in job_shards(s)],
+                                  config.round_deadline_ms)
         jobs, peers = store.load()
         now = self.now_ms()
         for j in jobs:

@@ -12,7 +12,7 @@ import grpc
 
 from coordinator.service import Coordinator
 from coordinator.spec import InvalidSpec, JobSpec
-from coordinator.state import FINISHED, Job, NotFound, Report, RoundRecord, Stale
+from coordinator.state import FINISHED, BadReport, Job, NotFound, Report, RoundRecord, Stale
 from dml.v1 import control_pb2, control_pb2_grpc, jobs_pb2, jobs_pb2_grpc, types_pb2
 
 log = logging.getLogger(__name__)
@@ -35,7 +35,7 @@ def _status(context: grpc.ServicerContext) -> Iterator[None]:
     """Maps domain errors to gRPC status codes with their messages."""
     try:
         yield
-    except InvalidSpec as e:
+    except (InvalidSpec, BadReport) as e:
         context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
     except NotFound as e:
         context.abort(grpc.StatusCode.NOT_FOUND, str(e))
@@ -49,7 +49,7 @@ def spec_to_pb(s: JobSpec) -> types_pb2.JobSpec:
         task=s.task, rounds=s.rounds, local_steps=s.local_steps, batch_size=s.batch_size,
         learning_rate=s.learning_rate, min_peers=s.min_peers, sharding=s.sharding,
         aggregation=s.aggregation, seed=s.seed, num_shards=s.num_shards,
-        checkpoint_every_rounds=s.checkpoint_every_rounds,
+        checkpoint_every_rounds=s.checkpoint_every_rounds, peer_grace_s=s.peer_grace_s,
     )
 
 
@@ -59,7 +59,7 @@ def spec_from_pb(p: types_pb2.JobSpec) -> JobSpec:
         task=p.task, rounds=p.rounds, local_steps=p.local_steps, batch_size=p.batch_size,
         learning_rate=p.learning_rate, min_peers=p.min_peers, sharding=p.sharding,
         aggregation=p.aggregation, seed=p.seed, num_shards=p.num_shards,
-        checkpoint_every_rounds=p.checkpoint_every_rounds,
+        checkpoint_every_rounds=p.checkpoint_every_rounds, peer_grace_s=p.peer_grace_s,
     )
 
 
@@ -67,13 +67,21 @@ def _finite(x: float) -> float:
     return x if math.isfinite(x) else 0.0
 
 
-def round_to_pb(r: RoundRecord) -> types_pb2.RoundMetrics:
-    """A committed round as proto metrics."""
-    return types_pb2.RoundMetrics(
+def ranges_to_pb(ranges: list[list[int]]) -> list[types_pb2.SampleRange]:
+    """[shard, start, stop] triples as protos."""
+    return [types_pb2.SampleRange(shard_id=s, start=a, stop=b) for s, a, b in ranges]
+
+
+def round_to_pb(r: RoundRecord, ledger: bool = False) -> types_pb2.RoundMetrics:
+    """A committed round as proto metrics (with the samples each member consumed if ``ledger``)."""
+    m = types_pb2.RoundMetrics(
         round=r.round, epoch=r.epoch, train_loss=_finite(r.train_loss), test_accuracy=_finite(r.test_accuracy),
         test_loss=_finite(r.test_loss), samples=r.samples, digest=r.digest, duration_ms=r.duration_ms,
-        members=len(r.members),
+        members=len(r.members), data_epoch=r.data_epoch,
     )
+    if ledger:
+        m.consumed.extend(types_pb2.MemberSamples(peer_id=p, ranges=ranges_to_pb(rs)) for p, rs in r.consumed.items())
+    return m
 
 
 def job_to_pb(j: Job) -> jobs_pb2.JobStatus:
@@ -82,6 +90,7 @@ def job_to_pb(j: Job) -> jobs_pb2.JobStatus:
         job_id=j.job_id, spec=spec_to_pb(j.spec), state=STATE_TO_PB[j.state], round=j.committed_round,
         epoch=j.epoch, peers=list(j.members), reason=j.reason, created_unix_ms=j.created_ms,
         updated_unix_ms=j.updated_ms, checkpoint_round=j.checkpoint_round, samples=j.samples,
+        data_epoch=j.data_epoch,
     )
     if j.history:
         st.last.CopyFrom(round_to_pb(j.history[-1]))
@@ -102,7 +111,7 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
     def GetJob(self, request: jobs_pb2.GetJobRequest, context: grpc.ServicerContext) -> jobs_pb2.GetJobResponse:
         with _status(context):
             j = self._c.snapshot(request.job_id)
-            hist = [round_to_pb(r) for r in j.history] if request.include_history else []
+            hist = [round_to_pb(r, ledger=True) for r in j.history] if request.include_history else []
             return jobs_pb2.GetJobResponse(job=job_to_pb(j), history=hist)
         raise AssertionError("unreachable")
 
@@ -173,23 +182,24 @@ class PeerControlServicer(control_pb2_grpc.PeerControlServicer):
             job = self._c.wait_plan(request.peer_id, last, wait)
             if job is None:
                 return control_pb2.GetPlanResponse(has_plan=False)
-            return control_pb2.GetPlanResponse(has_plan=True, plan=self._plan_pb(job))
+            return control_pb2.GetPlanResponse(has_plan=True, plan=self._plan_pb(job, request.peer_id))
         raise AssertionError("unreachable")
 
-    def _plan_pb(self, job: Job) -> types_pb2.Plan:
+    def _plan_pb(self, job: Job, peer_id: str) -> types_pb2.Plan:
         from coordinator.service import job_shards
 
         shards = job_shards(job.spec)
         st = self._c.state
         members = [
             types_pb2.Member(peer_id=m, address=st.peers[m].address if m in st.peers else "",
-                             shard_ids=job.assignment.get(m, []))
+                             shard_ids=job.assignment.get(m, []), samples=ranges_to_pb(job.allocation.get(m, [])))
             for m in job.members
         ]
+        mine = {s for s, _, _ in job.allocation.get(peer_id, [])}
         return types_pb2.Plan(
             job_id=job.job_id, round=job.round, epoch=job.epoch, members=members, spec=spec_to_pb(job.spec),
-            shards=[types_pb2.ShardIndices(indices=s.tolist()) for s in shards],
-            checkpoint=job.wants_checkpoint(job.round),
+            checkpoint=job.wants_checkpoint(job.round), data_epoch=job.data_epoch,
+            shard_indices={s: types_pb2.ShardIndices(indices=shards[s].tolist()) for s in mine},
         )
 
     def ReportRound(self, request: control_pb2.ReportRoundRequest, context: grpc.ServicerContext) -> control_pb2.ReportRoundResponse:
@@ -198,6 +208,7 @@ class PeerControlServicer(control_pb2_grpc.PeerControlServicer):
                 samples=request.samples, train_loss=request.train_loss, digest=request.digest,
                 test_accuracy=request.test_accuracy if request.has_test_metrics else None,
                 test_loss=request.test_loss if request.has_test_metrics else None,
+                samples_per_s=request.train_samples_per_s,
             )
             committed = self._c.report(request.peer_id, request.job_id, request.round, request.epoch, rep)
             return control_pb2.ReportRoundResponse(committed=committed)

@@ -30,6 +30,7 @@ class JobSpec:
     seed: int = 0
     num_shards: int = 24
     checkpoint_every_rounds: int = 10
+    peer_grace_s: int = 300
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-friendly form."""
@@ -56,6 +57,7 @@ def with_defaults(spec: JobSpec) -> JobSpec:
         aggregation=spec.aggregation or d.aggregation,
         num_shards=spec.num_shards or d.num_shards,
         checkpoint_every_rounds=spec.checkpoint_every_rounds or d.checkpoint_every_rounds,
+        peer_grace_s=spec.peer_grace_s or d.peer_grace_s,
     )
 
 
@@ -75,6 +77,8 @@ def validate(spec: JobSpec) -> None:
         raise InvalidSpec(f"unknown aggregation {spec.aggregation!r}: choose one of {', '.join(AGGREGATIONS)}")
     if spec.checkpoint_every_rounds < 1:
         raise InvalidSpec("checkpoint_every_rounds must be at least 1")
+    if not 1 <= spec.peer_grace_s <= 30 * 24 * 3600:
+        raise InvalidSpec(f"peer_grace_s must be between 1 s and 30 days, got {spec.peer_grace_s}")
     try:
         parse_sharding(spec.sharding)
         task = get_task(spec.task)

@@ -9,7 +9,13 @@ changed; the caller (``coordinator.service``) persists, wakes waiters and logs. 
 - A member that leaves (evicted, or reported broken by a neighbour) bumps the epoch; only its
   shards move; round ``r`` is re-issued to the survivors from the parameters of ``r - 1``.
 - Idle live peers join a running job at the next round boundary (a new epoch).
-- Below ``min_peers`` the job waits and says why.
+- Below ``min_peers`` the job waits and says why; after ``peer_grace_s`` it fails.
+- A round running past ``round_deadline_ms`` evicts the members that did not report (or, if
+  none did, is re-issued under a new epoch).
+- Sample ledger: each round is allocated contiguous ranges of each member's shards (continuing
+  the committed cursors of the data epoch); a commit advances the cursors and records the ranges,
+  a re-issued round re-allocates from the committed cursors, so every sample is used exactly once
+  per data epoch in committed rounds whatever failed.
 """
 from __future__ import annotations
 
@@ -38,6 +44,10 @@ class Stale(Exception):
     """A report or upload for a round or epoch that is no longer current."""
 
 
+class BadReport(ValueError):
+    """A report that contradicts the plan (e.g. a sample count other than allocated)."""
+
+
 @dataclass
 class PeerRecord:
     """A registered peer."""
@@ -48,6 +58,7 @@ class PeerRecord:
     registered_ms: int
     last_seen_ms: int
     job_id: str = ""
+    samples_per_s: float = 0.0  # measured training throughput (moving average)
 
 
 @dataclass
@@ -59,6 +70,7 @@ class Report:
     digest: str
     test_accuracy: float | None = None
     test_loss: float | None = None
+    samples_per_s: float = 0.0
 
 
 @dataclass
@@ -75,6 +87,8 @@ class RoundRecord:
     duration_ms: int
     members: list[str]
     committed_ms: int
+    data_epoch: int = 1
+    consumed: dict[str, list[list[int]]] = field(default_factory=dict)  # peer -> [shard, start, stop]
 
 
 @dataclass
@@ -99,6 +113,14 @@ class Job:
     checkpoint_digest: str = ""
     pending_checkpoint: tuple[int, str] | None = None  # (round, digest) uploaded, not yet committed
     mismatches: int = 0
+    data_epoch: int = 1
+    cursors: dict[int, int] = field(default_factory=dict)  # shard -> committed position in its order
+    allocation: dict[str, list[list[int]]] = field(default_factory=dict)  # this round: peer -> ranges
+    waiting_since_ms: int = 0  # when the job fell below min_peers (0: not waiting)
+
+    def allocated(self, peer_id: str) -> int:
+        """Samples allocated to a member in the current round."""
+        return sum(stop - start for _, start, stop in self.allocation.get(peer_id, []))
 
     @property
     def round(self) -> int:
@@ -131,8 +153,10 @@ class Changes:
 class ClusterState:
     """Peers and jobs. ``shard_sizes(spec)`` gives the sizes of a job's shards."""
 
-    def __init__(self, peer_timeout_ms: int, shard_sizes: Callable[[JobSpec], list[int]]) -> None:
+    def __init__(self, peer_timeout_ms: int, shard_sizes: Callable[[JobSpec], list[int]],
+                 round_deadline_ms: int = 120_000) -> None:
         self.peer_timeout_ms = peer_timeout_ms
+        self.round_deadline_ms = round_deadline_ms
         self.peers: dict[str, PeerRecord] = {}
         self.jobs: dict[str, Job] = {}
         self._shard_sizes = shard_sizes
@@ -166,13 +190,35 @@ class ClusterState:
         return p
 
     def expire(self, now_ms: int) -> Changes:
-        """Evicts peers silent for longer than the peer timeout."""
+        """Evicts peers silent for longer than the peer timeout, enforces round deadlines and
+        fails jobs that waited for peers longer than their grace period."""
         dead = [p.peer_id for p in self.peers.values() if now_ms - p.last_seen_ms > self.peer_timeout_ms]
         changes = Changes()
         for pid in dead:
             log.warning("peer %s: no heartbeat for %d ms, evicting", pid, now_ms - self.peers[pid].last_seen_ms)
             changes = changes | self.remove_peer(pid, now_ms)
+        for job in list(self.jobs.values()):
+            if job.state != RUNNING:
+                continue
+            if self.active(job) and now_ms - job.round_started_ms > self.round_deadline_ms:
+                changes = changes | self._round_overdue(job, now_ms)
+            elif job.waiting_since_ms and now_ms - job.waiting_since_ms > job.spec.peer_grace_s * 1000:
+                changes = changes | self._finish(
+                    job, FAILED, f"only {len(job.members)} of {job.spec.min_peers} peers for "
+                    f"{job.spec.peer_grace_s}s (peer grace period); last committed round {job.committed_round}", now_ms)
         return changes
+
+    def _round_overdue(self, job: Job, now_ms: int) -> Changes:
+        laggards = [m for m in job.members if m not in job.reports]
+        if job.reports and laggards:
+            log.warning("job %s round %d: deadline of %d ms passed; evicting %s, which did not report",
+                        job.job_id, job.round, self.round_deadline_ms, laggards)
+            changes = Changes()
+            for pid in laggards:
+                changes = changes | self.remove_peer(pid, now_ms)
+            return changes
+        self._new_epoch(job, now_ms, f"round deadline of {self.round_deadline_ms} ms passed with no report")
+        return Changes(jobs=(job.job_id,))
 
     def remove_peer(self, peer_id: str, now_ms: int) -> Changes:
         """Evicts a peer; its job re-forms the ring without it."""
@@ -185,7 +231,7 @@ class ClusterState:
             sizes = self._shard_sizes(job.spec)
             job.members = [m for m in job.members if m != peer_id]
             if job.members:
-                job.assignment = planner.remove_peers(job.assignment, {peer_id}, sizes)
+                job.assignment = planner.remove_peers(job.assignment, {peer_id}, sizes, self._capacity(job.members))
             else:
                 job.assignment = {}
             self._new_epoch(job, now_ms, f"peer {peer_id} left")
@@ -207,6 +253,12 @@ class ClusterState:
             self._new_epoch(job, now_ms, f"exchange failed at {reporter}")
             return Changes(jobs=(job_id,))
         return Changes()
+
+    def _capacity(self, members: list[str]) -> dict[str, float]:
+        """Measured samples/s per member; members not yet measured count as the average."""
+        known = {m: self.peers[m].samples_per_s for m in members if m in self.peers and self.peers[m].samples_per_s > 0}
+        default = sum(known.values()) / len(known) if known else 1.0
+        return {m: known.get(m, default) for m in members}
 
     def live_idle(self) -> list[str]:
         """Idle peers in registration order."""
@@ -245,16 +297,32 @@ class ClusterState:
         log.info("job %s: %s (%s)", job.job_id, state, reason)
         return Changes(jobs=(job.job_id,), peers=tuple(freed)) | self.schedule(now_ms)
 
-    def _new_epoch(self, job: Job, now_ms: int, why: str) -> None:
-        job.epoch += 1
+    def _issue(self, job: Job, now_ms: int) -> None:
+        """(Re)starts the current round: clears reports and allocates samples from the
+        committed cursors, opening a new data epoch when the last one is used up."""
         job.reports = {}
         job.pending_checkpoint = None
         job.round_started_ms = now_ms
         job.updated_ms = now_ms
+        if not job.members:
+            job.allocation = {}
+            return
+        sizes = self._shard_sizes(job.spec)
+        if planner.remaining(sizes, job.cursors) == 0:
+            job.data_epoch += 1
+            job.cursors = {}
+        alloc = planner.allocate(job.assignment, sizes, job.cursors, job.spec.local_steps * job.spec.batch_size)
+        job.allocation = {p: [list(r) for r in rs] for p, rs in alloc.items()}
+
+    def _new_epoch(self, job: Job, now_ms: int, why: str) -> None:
+        job.epoch += 1
+        self._issue(job, now_ms)
         if len(job.members) < job.spec.min_peers:
             job.reason = f"waiting for peers: {len(job.members)} live, {job.spec.min_peers} needed"
+            job.waiting_since_ms = job.waiting_since_ms or now_ms
         else:
             job.reason = ""
+            job.waiting_since_ms = 0
         log.info("job %s: epoch %d, round %d, ring %s (%s)", job.job_id, job.epoch, job.round, job.members, why)
 
     def _admit(self, job: Job, now_ms: int) -> bool:
@@ -324,9 +392,16 @@ class ClusterState:
 
     def report(self, peer_id: str, job_id: str, rnd: int, epoch: int, rep: Report, now_ms: int) -> Changes:
         """Records a member's round report; commits the round when every member agrees."""
-        self._peer(peer_id).last_seen_ms = now_ms
+        peer = self._peer(peer_id)
+        peer.last_seen_ms = now_ms
         job = self.job(job_id)
         self._check_current(job, peer_id, rnd, epoch)
+        if rep.samples != job.allocated(peer_id):
+            raise BadReport(f"peer {peer_id} reports {rep.samples} samples for round {rnd}; "
+                            f"{job.allocated(peer_id)} were allocated")
+        if rep.samples_per_s > 0:
+            old = peer.samples_per_s
+            peer.samples_per_s = rep.samples_per_s if old <= 0 else 0.7 * old + 0.3 * rep.samples_per_s
         job.reports[peer_id] = rep
         if set(job.reports) != set(job.members):
             return Changes(jobs=(job_id,))  # persisted, so a coordinator restart keeps the report
@@ -355,7 +430,12 @@ class ClusterState:
             duration_ms=now_ms - job.round_started_ms,
             members=list(job.members),
             committed_ms=now_ms,
+            data_epoch=job.data_epoch,
+            consumed={p: [list(r) for r in rs] for p, rs in job.allocation.items()},
         )
+        for ranges in job.allocation.values():
+            for shard, _, stop in ranges:
+                job.cursors[shard] = stop
         job.history.append(rec)
         job.samples += samples
         job.committed_round = rec.round
@@ -363,15 +443,14 @@ class ClusterState:
         job.mismatches = 0
         if job.pending_checkpoint == (rec.round, digest):
             job.checkpoint_round, job.checkpoint_digest = rec.round, digest
-        job.pending_checkpoint = None
-        job.round_started_ms = now_ms
-        job.updated_ms = now_ms
         changes = Changes(jobs=(job.job_id,), committed=((job.job_id, rec.round),))
         if job.committed_round >= job.spec.rounds:
             return changes | self._finish(job, SUCCEEDED, f"{job.spec.rounds} rounds committed", now_ms)
         if self._admit(job, now_ms):
             self._new_epoch(job, now_ms, "peers joined at a round boundary")
             changes = changes | Changes(peers=tuple(job.members))
+        else:
+            self._issue(job, now_ms)
         return changes
 
 

@@ -31,6 +31,7 @@ def job_from_dict(d: dict[str, Any], history: list[RoundRecord]) -> Job:
     d["spec"] = JobSpec.from_dict(d["spec"])
     d["reports"] = {k: Report(**v) for k, v in d.get("reports", {}).items()}
     d["assignment"] = {k: list(v) for k, v in d.get("assignment", {}).items()}
+    d["cursors"] = {int(k): int(v) for k, v in d.get("cursors", {}).items()}  # JSON keys are strings
     pc = d.get("pending_checkpoint")
     d["pending_checkpoint"] = tuple(pc) if pc else None
     return Job(history=history, **d)

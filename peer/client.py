@@ -27,8 +27,8 @@ class ControlClient:
 
     def __init__(self, address: str, stop: threading.Event) -> None:
         self.address = address
-        self._channel = grpc.insecure_channel(address, options=[("grpc.max_receive_message_length", 64 << 20)])
-        self.stub = control_pb2_grpc.PeerControlStub(self._channel)
+        self.channel = grpc.insecure_channel(address, options=[("grpc.max_receive_message_length", 64 << 20)])
+        self.stub = control_pb2_grpc.PeerControlStub(self.channel)
         self._stop = stop
 
     def call(self, fn: Callable[[], T], what: str, give_up_s: float = 3600.0) -> T:
@@ -68,4 +68,4 @@ class ControlClient:
 
     def close(self) -> None:
         """Closes the channel."""
-        self._channel.close()
+        self.channel.close()

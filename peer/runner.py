@@ -18,7 +18,8 @@ import numpy as np
 
 from aggregation.averaging import digest, weighted_ring_average
 from aggregation.transport import ExchangeError
-from dml.v1 import control_pb2, exchange_pb2, exchange_pb2_grpc, types_pb2
+from coordinator.planner import shard_order
+from dml.v1 import control_pb2, exchange_pb2, exchange_pb2_grpc, jobs_pb2, jobs_pb2_grpc, types_pb2
 from peer.client import CALL_TIMEOUT_S, ControlClient, Evicted
 from peer.exchange import GRPC_OPTIONS, ExchangeServicer, GrpcRingLink
 from peer.tasks import get_task
@@ -91,6 +92,9 @@ class Peer:
         return self
 
     def _register(self) -> None:
+        if self.peer_id:  # evicted: whatever it held may be stale, start clean as a new member
+            with self._lock:
+                self._trainer, self._trainer_job, self._committed, self._tentative = None, "", None, None
         resp = self.client.register(self.address, self.config.device, 0)
         self.peer_id = resp.peer_id
         self._heartbeat_s = resp.heartbeat_interval_ms / 1000.0
@@ -202,34 +206,59 @@ class Peer:
         return trainer
 
     def _fetch(self, plan: types_pb2.Plan, rnd: int, trainer: Trainer) -> None:
-        """Pulls round ``rnd``'s parameters from another member (a joiner catching up)."""
-        import io
-
-        import torch
-
-        for m in plan.members:
-            if m.peer_id == self.peer_id:
-                continue
+        """Pulls round ``rnd``'s parameters (a joiner catching up): from a live member, else from
+        the coordinator's checkpoint when it is of that round. Each download is digest-checked."""
+        sources = [(m.peer_id, m.address) for m in plan.members if m.peer_id != self.peer_id]
+        for name, address in sources:
             try:
-                with grpc.insecure_channel(m.address, options=GRPC_OPTIONS) as ch:
+                with grpc.insecure_channel(address, options=GRPC_OPTIONS) as ch:
                     stub = exchange_pb2_grpc.PeerExchangeStub(ch)
                     parts = list(stub.FetchParameters(exchange_pb2.FetchParametersRequest(job_id=plan.job_id, round=rnd),
                                                       timeout=self.config.exchange_timeout_s))
             except grpc.RpcError as e:
-                log.info("peer %s: %s has no round %d parameters (%s)", self.peer_id, m.peer_id, rnd,
+                log.info("peer %s: %s has no round %d parameters (%s)", self.peer_id, name, rnd,
                          e.code() if isinstance(e, grpc.Call) else e)
                 continue
-            sd = torch.load(io.BytesIO(b"".join(p.data for p in parts)), map_location="cpu", weights_only=True)
-            trainer.model.load_state_dict(sd)
-            params = trainer.params()
-            if digest(params) != parts[0].digest:
-                log.warning("peer %s: parameters from %s failed their digest check", self.peer_id, m.peer_id)
-                continue
-            with self._lock:
-                self._committed = Snapshot(plan.job_id, rnd, params, parts[0].digest)
-            log.info("peer %s job %s: caught up to round %d from %s", self.peer_id, plan.job_id, rnd, m.peer_id)
-            return
-        raise ExchangeError(f"no member could provide round {rnd} parameters")
+            if parts and parts[0].round == rnd and self._adopt(plan.job_id, rnd, trainer, parts[0].digest,
+                                                                b"".join(p.data for p in parts), name):
+                return
+        try:
+            stub = jobs_pb2_grpc.JobServiceStub(self.client.channel)
+            chunks = list(stub.DownloadModel(jobs_pb2.DownloadModelRequest(job_id=plan.job_id),
+                                             timeout=self.config.exchange_timeout_s))
+            if chunks and chunks[0].round == rnd and self._adopt(plan.job_id, rnd, trainer, chunks[0].digest,
+                                                                  b"".join(c.data for c in chunks), "the coordinator"):
+                return
+        except grpc.RpcError as e:
+            log.info("peer %s: no checkpoint of round %d at the coordinator (%s)", self.peer_id, rnd,
+                     e.code() if isinstance(e, grpc.Call) else e)
+        raise ExchangeError(f"neither a member nor the coordinator could provide round {rnd} parameters")
+
+    def _adopt(self, job_id: str, rnd: int, trainer: Trainer, want: str, data: bytes, source: str) -> bool:
+        """Loads a downloaded state_dict as round ``rnd``'s committed parameters if its digest matches."""
+        import io
+
+        import torch
+
+        sd = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        trainer.model.load_state_dict(sd)
+        params = trainer.params()
+        if digest(params) != want:
+            log.warning("peer %s: round %d parameters from %s failed their digest check", self.peer_id, rnd, source)
+            return False
+        with self._lock:
+            self._committed = Snapshot(job_id, rnd, params, want)
+        log.info("peer %s job %s: caught up to round %d from %s", self.peer_id, job_id, rnd, source)
+        return True
+
+    @staticmethod
+    def _samples(plan: types_pb2.Plan, rank: int) -> np.ndarray:
+        """The training-set indices this member trains on, in order, as the plan allocates them."""
+        parts = []
+        for r in plan.members[rank].samples:
+            indices = np.asarray(plan.shard_indices[r.shard_id].indices, dtype=np.int64)
+            parts.append(shard_order(indices, plan.spec.seed, plan.data_epoch, r.shard_id)[r.start : r.stop])
+        return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
 
     def _run_round(self, plan: types_pb2.Plan) -> None:
         me = [i for i, m in enumerate(plan.members) if m.peer_id == self.peer_id]
@@ -243,10 +272,9 @@ class Peer:
         t0 = time.monotonic()
         try:
             trainer = self._prepare(plan)
-            mine = plan.members[rank].shard_ids
-            indices = np.concatenate([np.asarray(plan.shards[s].indices, dtype=np.int64) for s in mine])
-            rng = np.random.default_rng([spec.seed, plan.round, min(mine)])
-            res = trainer.train(indices, spec.local_steps, spec.batch_size, rng)
+            samples = self._samples(plan, rank)
+            t_train = time.monotonic()
+            res = trainer.train_on(samples, spec.batch_size)
             t1 = time.monotonic()
             pred, succ = plan.members[(rank - 1) % world], plan.members[(rank + 1) % world]
             link = GrpcRingLink(self.servicer, (plan.job_id, plan.round, plan.epoch), self.peer_id, pred.peer_id,
@@ -272,8 +300,10 @@ class Peer:
         dig = digest(params)
         with self._lock:
             self._tentative = Snapshot(plan.job_id, plan.round, params, dig)
-        req = control_pb2.ReportRoundRequest(peer_id=self.peer_id, job_id=plan.job_id, round=plan.round,
-                                             epoch=plan.epoch, samples=res.samples, train_loss=res.loss, digest=dig)
+        req = control_pb2.ReportRoundRequest(
+            peer_id=self.peer_id, job_id=plan.job_id, round=plan.round, epoch=plan.epoch, samples=res.samples,
+            train_loss=res.loss, digest=dig,
+            train_samples_per_s=res.samples / (t1 - t_train) if res.samples and t1 > t_train else 0.0)
         if rank == 0:
             acc, loss = trainer.evaluate()
             req.has_test_metrics, req.test_accuracy, req.test_loss = True, acc, loss

@@ -113,15 +113,28 @@ class Trainer:
         than the shard). Returns samples processed and their mean loss."""
         if indices.size == 0:
             raise ValueError("no training samples assigned")
-        self.model.train()
         batch_size = min(batch_size, int(indices.size))
         order = rng.permutation(indices)
-        pos, total, loss_sum = 0, 0, 0.0
+        pos, batches = 0, []
         for _ in range(steps):
             if pos + batch_size > order.size:
                 order, pos = rng.permutation(indices), 0
-            batch = torch.from_numpy(order[pos : pos + batch_size]).to(self.device)
+            batches.append(order[pos : pos + batch_size])
             pos += batch_size
+        return self._run(batches)
+
+    def train_on(self, samples: np.ndarray, batch_size: int) -> StepResult:
+        """One SGD step per ``batch_size`` consecutive samples of ``samples``, in order (the last
+        batch may be smaller). The coordinator's plan fixes ``samples``; none means no step."""
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        return self._run([samples[i : i + batch_size] for i in range(0, samples.size, batch_size)])
+
+    def _run(self, batches: list[np.ndarray]) -> StepResult:
+        self.model.train()
+        total, loss_sum = 0, 0.0
+        for idx in batches:
+            batch = torch.from_numpy(np.ascontiguousarray(idx, dtype=np.int64)).to(self.device)
             self.optimizer.zero_grad(set_to_none=True)
             loss = F.cross_entropy(self.model(self._x[batch]), self._y[batch])
             loss.backward()

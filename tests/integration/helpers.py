@@ -75,3 +75,14 @@ def assert_state_dicts_identical(states: list[dict[str, torch.Tensor]]) -> None:
         for k in first:
             assert other[k].dtype == first[k].dtype and other[k].shape == first[k].shape
             assert other[k].numpy().tobytes() == first[k].numpy().tobytes(), f"tensor {k} differs"
+
+
+def ledger_problems(history: list[dict], spec=None) -> list[str]:
+    """Sample-ledger violations of a job's history (as `dml status --json --history` prints it)."""
+    from coordinator.ledger import violations
+    from coordinator.service import job_shards
+    from coordinator.spec import JobSpec
+
+    sizes = [int(s.size) for s in job_shards(spec or JobSpec())]
+    rounds = [(r["data_epoch"], [tuple(x) for m in sorted(r["consumed"]) for x in r["consumed"][m]]) for r in history]
+    return violations(rounds, sizes)

@@ -17,6 +17,7 @@ from coordinator.state import (
     RUNNING,
     SUCCEEDED,
     Changes,
+    BadReport,
     ClusterState,
     Job,
     NotFound,
@@ -32,7 +33,8 @@ def new_state(timeout_ms: int = TIMEOUT_MS) -> ClusterState:
 
 
 def spec(**kw: object) -> JobSpec:
-    base = dict(rounds=5, min_peers=2, num_shards=6, checkpoint_every_rounds=2)
+    # One step of 10 samples: with shards of 10, each member is allocated exactly one shard a round.
+    base = dict(rounds=5, min_peers=2, num_shards=6, checkpoint_every_rounds=2, local_steps=1, batch_size=10)
     base.update(kw)
     return JobSpec(**base)  # type: ignore[arg-type]
 
@@ -53,7 +55,7 @@ def report_all(st_: ClusterState, job: Job, now: int, digests: list[str] | None 
     rnd, epoch = job.round, job.epoch
     ch = Changes()
     for m, d in zip(members, digests):
-        ch = st_.report(m, job.job_id, rnd, epoch, rep(d), now)
+        ch = st_.report(m, job.job_id, rnd, epoch, rep(d, samples=job.allocated(m)), now)
     return ch
 
 
@@ -119,6 +121,10 @@ def test_round_commits_only_when_every_member_reported_the_same_digest() -> None
     s, job, peers = running(3)
     a, b, c = peers
     job.round_started_ms = 100
+    # Uneven allocations (as at the end of a data epoch) so the loss must be sample-weighted.
+    job.allocation = {a: [[0, 0, 10]], b: [[1, 0, 10], [2, 0, 10], [3, 0, 10]], c: [[4, 0, 10], [5, 0, 10]]}
+    with pytest.raises(BadReport):
+        s.report(a, job.job_id, 1, 1, rep("d", samples=11), 120)
     assert s.report(a, job.job_id, 1, 1, rep("d", samples=10, loss=1.0), 150).committed == ()
     assert s.report(b, job.job_id, 1, 1, rep("d", samples=30, loss=2.0, acc=0.9), 160).committed == ()
     assert job.committed_round == 0 and set(job.reports) == {a, b}

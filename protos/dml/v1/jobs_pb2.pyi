@@ -8,7 +8,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class JobStatus(_message.Message):
-    __slots__ = ("job_id", "spec", "state", "round", "epoch", "peers", "last", "reason", "created_unix_ms", "updated_unix_ms", "checkpoint_round", "samples")
+    __slots__ = ("job_id", "spec", "state", "round", "epoch", "peers", "last", "reason", "created_unix_ms", "updated_unix_ms", "checkpoint_round", "samples", "data_epoch")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     SPEC_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -21,6 +21,7 @@ class JobStatus(_message.Message):
     UPDATED_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
     CHECKPOINT_ROUND_FIELD_NUMBER: _ClassVar[int]
     SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    DATA_EPOCH_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     spec: _types_pb2.JobSpec
     state: _types_pb2.JobState
@@ -33,7 +34,8 @@ class JobStatus(_message.Message):
     updated_unix_ms: int
     checkpoint_round: int
     samples: int
-    def __init__(self, job_id: _Optional[str] = ..., spec: _Optional[_Union[_types_pb2.JobSpec, _Mapping]] = ..., state: _Optional[_Union[_types_pb2.JobState, str]] = ..., round: _Optional[int] = ..., epoch: _Optional[int] = ..., peers: _Optional[_Iterable[str]] = ..., last: _Optional[_Union[_types_pb2.RoundMetrics, _Mapping]] = ..., reason: _Optional[str] = ..., created_unix_ms: _Optional[int] = ..., updated_unix_ms: _Optional[int] = ..., checkpoint_round: _Optional[int] = ..., samples: _Optional[int] = ...) -> None: ...
+    data_epoch: int
+    def __init__(self, job_id: _Optional[str] = ..., spec: _Optional[_Union[_types_pb2.JobSpec, _Mapping]] = ..., state: _Optional[_Union[_types_pb2.JobState, str]] = ..., round: _Optional[int] = ..., epoch: _Optional[int] = ..., peers: _Optional[_Iterable[str]] = ..., last: _Optional[_Union[_types_pb2.RoundMetrics, _Mapping]] = ..., reason: _Optional[str] = ..., created_unix_ms: _Optional[int] = ..., updated_unix_ms: _Optional[int] = ..., checkpoint_round: _Optional[int] = ..., samples: _Optional[int] = ..., data_epoch: _Optional[int] = ...) -> None: ...
 
 class SubmitJobRequest(_message.Message):
     __slots__ = ("spec",)

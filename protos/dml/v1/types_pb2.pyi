@@ -23,7 +23,7 @@ JOB_STATE_FAILED: JobState
 JOB_STATE_CANCELLED: JobState
 
 class JobSpec(_message.Message):
-    __slots__ = ("task", "rounds", "local_steps", "batch_size", "learning_rate", "min_peers", "sharding", "aggregation", "seed", "num_shards", "checkpoint_every_rounds")
+    __slots__ = ("task", "rounds", "local_steps", "batch_size", "learning_rate", "min_peers", "sharding", "aggregation", "seed", "num_shards", "checkpoint_every_rounds", "peer_grace_s")
     TASK_FIELD_NUMBER: _ClassVar[int]
     ROUNDS_FIELD_NUMBER: _ClassVar[int]
     LOCAL_STEPS_FIELD_NUMBER: _ClassVar[int]
@@ -35,6 +35,7 @@ class JobSpec(_message.Message):
     SEED_FIELD_NUMBER: _ClassVar[int]
     NUM_SHARDS_FIELD_NUMBER: _ClassVar[int]
     CHECKPOINT_EVERY_ROUNDS_FIELD_NUMBER: _ClassVar[int]
+    PEER_GRACE_S_FIELD_NUMBER: _ClassVar[int]
     task: str
     rounds: int
     local_steps: int
@@ -46,10 +47,29 @@ class JobSpec(_message.Message):
     seed: int
     num_shards: int
     checkpoint_every_rounds: int
-    def __init__(self, task: _Optional[str] = ..., rounds: _Optional[int] = ..., local_steps: _Optional[int] = ..., batch_size: _Optional[int] = ..., learning_rate: _Optional[float] = ..., min_peers: _Optional[int] = ..., sharding: _Optional[str] = ..., aggregation: _Optional[str] = ..., seed: _Optional[int] = ..., num_shards: _Optional[int] = ..., checkpoint_every_rounds: _Optional[int] = ...) -> None: ...
+    peer_grace_s: int
+    def __init__(self, task: _Optional[str] = ..., rounds: _Optional[int] = ..., local_steps: _Optional[int] = ..., batch_size: _Optional[int] = ..., learning_rate: _Optional[float] = ..., min_peers: _Optional[int] = ..., sharding: _Optional[str] = ..., aggregation: _Optional[str] = ..., seed: _Optional[int] = ..., num_shards: _Optional[int] = ..., checkpoint_every_rounds: _Optional[int] = ..., peer_grace_s: _Optional[int] = ...) -> None: ...
+
+class SampleRange(_message.Message):
+    __slots__ = ("shard_id", "start", "stop")
+    SHARD_ID_FIELD_NUMBER: _ClassVar[int]
+    START_FIELD_NUMBER: _ClassVar[int]
+    STOP_FIELD_NUMBER: _ClassVar[int]
+    shard_id: int
+    start: int
+    stop: int
+    def __init__(self, shard_id: _Optional[int] = ..., start: _Optional[int] = ..., stop: _Optional[int] = ...) -> None: ...
+
+class MemberSamples(_message.Message):
+    __slots__ = ("peer_id", "ranges")
+    PEER_ID_FIELD_NUMBER: _ClassVar[int]
+    RANGES_FIELD_NUMBER: _ClassVar[int]
+    peer_id: str
+    ranges: _containers.RepeatedCompositeFieldContainer[SampleRange]
+    def __init__(self, peer_id: _Optional[str] = ..., ranges: _Optional[_Iterable[_Union[SampleRange, _Mapping]]] = ...) -> None: ...
 
 class RoundMetrics(_message.Message):
-    __slots__ = ("round", "epoch", "train_loss", "test_accuracy", "test_loss", "samples", "digest", "duration_ms", "members")
+    __slots__ = ("round", "epoch", "train_loss", "test_accuracy", "test_loss", "samples", "digest", "duration_ms", "members", "data_epoch", "consumed")
     ROUND_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     TRAIN_LOSS_FIELD_NUMBER: _ClassVar[int]
@@ -59,6 +79,8 @@ class RoundMetrics(_message.Message):
     DIGEST_FIELD_NUMBER: _ClassVar[int]
     DURATION_MS_FIELD_NUMBER: _ClassVar[int]
     MEMBERS_FIELD_NUMBER: _ClassVar[int]
+    DATA_EPOCH_FIELD_NUMBER: _ClassVar[int]
+    CONSUMED_FIELD_NUMBER: _ClassVar[int]
     round: int
     epoch: int
     train_loss: float
@@ -68,35 +90,48 @@ class RoundMetrics(_message.Message):
     digest: str
     duration_ms: int
     members: int
-    def __init__(self, round: _Optional[int] = ..., epoch: _Optional[int] = ..., train_loss: _Optional[float] = ..., test_accuracy: _Optional[float] = ..., test_loss: _Optional[float] = ..., samples: _Optional[int] = ..., digest: _Optional[str] = ..., duration_ms: _Optional[int] = ..., members: _Optional[int] = ...) -> None: ...
+    data_epoch: int
+    consumed: _containers.RepeatedCompositeFieldContainer[MemberSamples]
+    def __init__(self, round: _Optional[int] = ..., epoch: _Optional[int] = ..., train_loss: _Optional[float] = ..., test_accuracy: _Optional[float] = ..., test_loss: _Optional[float] = ..., samples: _Optional[int] = ..., digest: _Optional[str] = ..., duration_ms: _Optional[int] = ..., members: _Optional[int] = ..., data_epoch: _Optional[int] = ..., consumed: _Optional[_Iterable[_Union[MemberSamples, _Mapping]]] = ...) -> None: ...
 
 class Member(_message.Message):
-    __slots__ = ("peer_id", "address", "shard_ids")
+    __slots__ = ("peer_id", "address", "shard_ids", "samples")
     PEER_ID_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     SHARD_IDS_FIELD_NUMBER: _ClassVar[int]
+    SAMPLES_FIELD_NUMBER: _ClassVar[int]
     peer_id: str
     address: str
     shard_ids: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, peer_id: _Optional[str] = ..., address: _Optional[str] = ..., shard_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+    samples: _containers.RepeatedCompositeFieldContainer[SampleRange]
+    def __init__(self, peer_id: _Optional[str] = ..., address: _Optional[str] = ..., shard_ids: _Optional[_Iterable[int]] = ..., samples: _Optional[_Iterable[_Union[SampleRange, _Mapping]]] = ...) -> None: ...
 
 class Plan(_message.Message):
-    __slots__ = ("job_id", "round", "epoch", "members", "spec", "shards", "checkpoint")
+    __slots__ = ("job_id", "round", "epoch", "members", "spec", "checkpoint", "data_epoch", "shard_indices")
+    class ShardIndicesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: int
+        value: ShardIndices
+        def __init__(self, key: _Optional[int] = ..., value: _Optional[_Union[ShardIndices, _Mapping]] = ...) -> None: ...
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     MEMBERS_FIELD_NUMBER: _ClassVar[int]
     SPEC_FIELD_NUMBER: _ClassVar[int]
-    SHARDS_FIELD_NUMBER: _ClassVar[int]
     CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
+    DATA_EPOCH_FIELD_NUMBER: _ClassVar[int]
+    SHARD_INDICES_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     round: int
     epoch: int
     members: _containers.RepeatedCompositeFieldContainer[Member]
     spec: JobSpec
-    shards: _containers.RepeatedCompositeFieldContainer[ShardIndices]
     checkpoint: bool
-    def __init__(self, job_id: _Optional[str] = ..., round: _Optional[int] = ..., epoch: _Optional[int] = ..., members: _Optional[_Iterable[_Union[Member, _Mapping]]] = ..., spec: _Optional[_Union[JobSpec, _Mapping]] = ..., shards: _Optional[_Iterable[_Union[ShardIndices, _Mapping]]] = ..., checkpoint: _Optional[bool] = ...) -> None: ...
+    data_epoch: int
+    shard_indices: _containers.MessageMap[int, ShardIndices]
+    def __init__(self, job_id: _Optional[str] = ..., round: _Optional[int] = ..., epoch: _Optional[int] = ..., members: _Optional[_Iterable[_Union[Member, _Mapping]]] = ..., spec: _Optional[_Union[JobSpec, _Mapping]] = ..., checkpoint: _Optional[bool] = ..., data_epoch: _Optional[int] = ..., shard_indices: _Optional[_Mapping[int, ShardIndices]] = ...) -> None: ...
 
 class ShardIndices(_message.Message):
     __slots__ = ("indices",)
