@@ -278,29 +278,56 @@ def cmd_health(a: argparse.Namespace) -> int:
 
 
 # -- parser ----------------------------------------------------------------------------------
+def _int_in(lo: int, hi: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+        if not lo <= v <= hi:
+            raise argparse.ArgumentTypeError(f"{v} is outside {lo}..{hi}")
+        return v
+    return parse
+
+
+def _positive_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid float value: {text!r}") from None
+    if not (v > 0 and math.isfinite(v)):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return v
+
+
+U32 = 2**32 - 1
+
+
 def add_job_options(p: argparse.ArgumentParser) -> None:
-    """The job flags shared by ``submit`` and ``local``."""
+    """The job flags shared by ``submit`` and ``local`` (range-checked: bad values exit 2)."""
     d = JobSpec()
     p.add_argument("--task", default=d.task, help="digits (default) or synthetic:SIZE, e.g. synthetic:10M")
-    p.add_argument("--rounds", type=int, default=d.rounds, help=f"rounds to commit (default {d.rounds})")
-    p.add_argument("--local-steps", type=int, default=d.local_steps, help="SGD steps per round per peer")
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--lr", type=float, default=d.learning_rate, help="learning rate")
-    p.add_argument("--min-peers", type=int, default=None,
+    # Zero passes through: the coordinator answers INVALID_ARGUMENT. Where proto3 would read a
+    # zero as "use the default" (steps, batch, lr, peers), the client refuses it instead.
+    p.add_argument("--rounds", type=_int_in(0, U32), default=d.rounds, help=f"rounds to commit (default {d.rounds})")
+    p.add_argument("--local-steps", type=_int_in(1, U32), default=d.local_steps, help="SGD steps per round per peer")
+    p.add_argument("--batch-size", type=_int_in(1, U32), default=d.batch_size)
+    p.add_argument("--lr", type=_positive_float, default=d.learning_rate, help="learning rate")
+    p.add_argument("--min-peers", type=_int_in(1, U32), default=None,
                    help=f"peers needed to run a round (default {d.min_peers}; `local`: all its peers)")
     p.add_argument("--sharding", default=d.sharding, help="iid or dirichlet:ALPHA")
     p.add_argument("--aggregation", default=d.aggregation, help="ring")
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--num-shards", type=int, default=0, help=f"shards to cut the data into (default {d.num_shards})")
-    p.add_argument("--checkpoint-every", type=int, default=0, help=f"rounds between checkpoints (default {d.checkpoint_every_rounds})")
-    p.add_argument("--peer-grace-s", type=int, default=0,
+    p.add_argument("--seed", type=_int_in(0, 2**63 - 1), default=d.seed)
+    p.add_argument("--num-shards", type=_int_in(0, U32), default=0, help=f"shards to cut the data into (default {d.num_shards})")
+    p.add_argument("--checkpoint-every", type=_int_in(0, U32), default=0,
+                   help=f"rounds between checkpoints (default {d.checkpoint_every_rounds})")
+    p.add_argument("--peer-grace-s", type=_int_in(0, U32), default=0,
                    help=f"fail a running job that has fewer than --min-peers for this long (default {d.peer_grace_s})")
 
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
-        self.print_usage(sys.stderr)
-        self.exit(2, f"{self.prog}: error: {message}\n")
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:

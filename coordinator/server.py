@@ -30,7 +30,7 @@ class ServerConfig:
     port: int = 0
     state_dir: pathlib.Path | None = None
     timing: CoordinatorConfig = CoordinatorConfig()
-    workers: int = 64
+    workers: int = 256  # long polls and watch streams each hold one while they wait
     port_file: pathlib.Path | None = None  # where the CLI writes the bound port
 
 

@@ -12,18 +12,20 @@ import os
 import pathlib
 import threading
 import time
+import uuid
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, TypeVar
 
 import numpy as np
 
 from coordinator import planner
 from coordinator.spec import JobSpec, validate, with_defaults
-from coordinator.state import FINISHED, Changes, ClusterState, Job, NotFound, Report, Stale
+from coordinator.state import Changes, ClusterState, Job, NotFound, Report, Stale
 from coordinator.store import Store
 from peer.tasks import get_task
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 __all__ = ["Coordinator", "CoordinatorConfig", "NotFound", "Stale"]
 
@@ -67,6 +69,9 @@ class Coordinator:
             self.state.jobs[j.job_id] = j
         for p in peers:
             p.last_seen_ms = now  # a restart grants every known peer a fresh lease
+            job = self.state.jobs.get(p.job_id)
+            if job is None or job.state != "RUNNING" or p.peer_id not in job.members:
+                p.job_id = ""
             self.state.peers[p.peer_id] = p
         if jobs or peers:
             log.info("restored %d jobs and %d peers from the store", len(jobs), len(peers))
@@ -96,10 +101,15 @@ class Coordinator:
         log.info("peer %s registered at %s (%s)", pid, address, capability.get("device", "?"))
         return pid
 
-    def heartbeat(self, peer_id: str) -> int:
-        """Renews a peer's lease; returns its job's epoch."""
+    def heartbeat(self, peer_id: str) -> tuple[str, int]:
+        """Renews a peer's lease; returns its job and the job's epoch."""
         with self._cond:
             return self.state.heartbeat(peer_id, self.now_ms())
+
+    def view(self, fn: Callable[[ClusterState], T]) -> T:
+        """Runs ``fn`` on the state under the lock (to read a consistent snapshot)."""
+        with self._cond:
+            return fn(self.state)
 
     def tick(self) -> None:
         """Evicts expired peers. Called by the reaper thread."""
@@ -113,14 +123,16 @@ class Coordinator:
                         peer_id, job_id, rnd, epoch, suspect or "none", detail)
             self._apply(self.state.report_failure(peer_id, job_id, rnd, epoch, suspect, self.now_ms()))
 
-    def wait_plan(self, peer_id: str, last: tuple[str, int, int], timeout_s: float) -> Job | None:
-        """Blocks until the peer has an active plan other than ``last`` (job, round, epoch)."""
+    def wait_plan(self, peer_id: str, last: tuple[str, int, int], timeout_s: float,
+                  build: Callable[[Job], T]) -> T | None:
+        """Blocks until the peer has an active plan other than ``last`` (job, round, epoch);
+        returns ``build(job)``, run under the lock so the plan is consistent."""
         deadline = time.monotonic() + timeout_s
         with self._cond:
             while True:
                 job = self.state.plan_for(peer_id)
                 if job is not None and (job.job_id, job.round, job.epoch) != last:
-                    return job
+                    return build(job)
                 left = deadline - time.monotonic()
                 if left <= 0:
                     return None
@@ -144,21 +156,29 @@ class Coordinator:
         """Where round ``rnd``'s checkpoint of a job lives."""
         return self._ckpt_dir / job_id / f"round-{rnd:06d}.pt"
 
-    def store_checkpoint(self, peer_id: str, job_id: str, rnd: int, digest: str, data: bytes) -> None:
-        """Writes a checkpoint atomically, then records it (it counts once its round commits)."""
+    def check_checkpoint(self, peer_id: str, job_id: str, rnd: int, epoch: int) -> None:
+        """Raises NotFound/Stale unless the upload is for the current round of a member."""
         with self._cond:
-            self.state.job(job_id)
+            self.state.check_checkpoint(peer_id, job_id, rnd, epoch)
+
+    def store_checkpoint(self, peer_id: str, job_id: str, rnd: int, epoch: int, digest: str, data: bytes) -> None:
+        """Writes a checkpoint to a private temp file, then (if the round is still current)
+        renames it into place and records it; it counts once its round commits."""
+        self.check_checkpoint(peer_id, job_id, rnd, epoch)
         path = self.checkpoint_path(job_id, rnd)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        with self._cond:
-            self.state.checkpoint_uploaded(peer_id, job_id, rnd, digest, self.now_ms())
-            self._apply(Changes(jobs=(job_id,)))
+        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            with self._cond:
+                self.state.checkpoint_uploaded(peer_id, job_id, rnd, epoch, digest, self.now_ms())
+                os.replace(tmp, path)
+                self._apply(Changes(jobs=(job_id,)))
+        finally:
+            tmp.unlink(missing_ok=True)
 
     def _prune_checkpoints(self, job: Job) -> None:
         keep = self.checkpoint_path(job.job_id, job.checkpoint_round).name if job.checkpoint_round else ""
@@ -193,27 +213,23 @@ class Coordinator:
             self._apply(self.state.cancel(job_id, self.now_ms()))
             return self.state.job(job_id).state
 
-    def snapshot(self, job_id: str) -> Job:
-        """A job (the live object; read it under no assumptions of stability)."""
-        with self._cond:
-            return self.state.job(job_id)
-
     def jobs(self) -> list[Job]:
         """All jobs, newest first."""
         with self._cond:
             return sorted(self.state.jobs.values(), key=lambda j: (j.created_ms, j.job_id), reverse=True)
 
-    def wait_job_change(self, job_id: str, seen_updated_ms: int, seen_round: int, timeout_s: float) -> Job:
-        """Blocks until the job changes from what the caller saw, it finishes, or the timeout."""
+    def wait_job_change(self, job_id: str, seen: tuple[int, int, str] | None, timeout_s: float,
+                        build: Callable[[Job], T]) -> tuple[tuple[int, int, str], T]:
+        """Blocks until the job's (updated, round, state) differs from ``seen``, or the timeout.
+        Returns the new key and ``build(job)``, built under the lock."""
         deadline = time.monotonic() + timeout_s
         with self._cond:
             while True:
                 job = self.state.job(job_id)
-                if job.updated_ms != seen_updated_ms or job.committed_round != seen_round or job.state in FINISHED:
-                    return job
+                key = (job.updated_ms, job.committed_round, job.state)
                 left = deadline - time.monotonic()
-                if left <= 0:
-                    return job
+                if key != seen or left <= 0:
+                    return key, build(job)
                 self._cond.wait(left)
 
     def close(self) -> None:

@@ -6,13 +6,14 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import threading
 from typing import Iterator
 
 import grpc
 
 from coordinator.service import Coordinator
 from coordinator.spec import InvalidSpec, JobSpec
-from coordinator.state import FINISHED, BadReport, Job, NotFound, Report, RoundRecord, Stale
+from coordinator.state import BadReport, Job, NotFound, Report, RoundRecord, Stale
 from dml.v1 import control_pb2, control_pb2_grpc, jobs_pb2, jobs_pb2_grpc, types_pb2
 
 log = logging.getLogger(__name__)
@@ -20,6 +21,8 @@ log = logging.getLogger(__name__)
 CHUNK_BYTES = 1 << 20
 MAX_PLAN_WAIT_S = 30.0
 MAX_WATCH_S = 24 * 3600.0
+FINISHED_PB = (types_pb2.JOB_STATE_SUCCEEDED, types_pb2.JOB_STATE_FAILED, types_pb2.JOB_STATE_CANCELLED)
+MAX_WATCHERS = 64  # WatchJob streams hold a server thread each; past this they are refused
 
 STATE_TO_PB = {
     "PENDING": types_pb2.JOB_STATE_PENDING,
@@ -102,6 +105,7 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
 
     def __init__(self, coord: Coordinator) -> None:
         self._c = coord
+        self._watchers = threading.BoundedSemaphore(MAX_WATCHERS)
 
     def SubmitJob(self, request: jobs_pb2.SubmitJobRequest, context: grpc.ServicerContext) -> jobs_pb2.SubmitJobResponse:
         with _status(context):
@@ -110,13 +114,15 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
 
     def GetJob(self, request: jobs_pb2.GetJobRequest, context: grpc.ServicerContext) -> jobs_pb2.GetJobResponse:
         with _status(context):
-            j = self._c.snapshot(request.job_id)
-            hist = [round_to_pb(r, ledger=True) for r in j.history] if request.include_history else []
-            return jobs_pb2.GetJobResponse(job=job_to_pb(j), history=hist)
+            def build(st: object) -> jobs_pb2.GetJobResponse:
+                j = self._c.state.job(request.job_id)
+                hist = [round_to_pb(r, ledger=True) for r in j.history] if request.include_history else []
+                return jobs_pb2.GetJobResponse(job=job_to_pb(j), history=hist)
+            return self._c.view(build)
         raise AssertionError("unreachable")
 
     def ListJobs(self, request: jobs_pb2.ListJobsRequest, context: grpc.ServicerContext) -> jobs_pb2.ListJobsResponse:
-        return jobs_pb2.ListJobsResponse(jobs=[job_to_pb(j) for j in self._c.jobs()])
+        return self._c.view(lambda st: jobs_pb2.ListJobsResponse(jobs=[job_to_pb(j) for j in self._c.jobs()]))
 
     def CancelJob(self, request: jobs_pb2.CancelJobRequest, context: grpc.ServicerContext) -> jobs_pb2.CancelJobResponse:
         with _status(context):
@@ -124,18 +130,23 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
         raise AssertionError("unreachable")
 
     def WatchJob(self, request: jobs_pb2.WatchJobRequest, context: grpc.ServicerContext) -> Iterator[jobs_pb2.JobStatus]:
-        with _status(context):
-            j = self._c.snapshot(request.job_id)
-            left = context.time_remaining()
-            budget = min(MAX_WATCH_S, left if left is not None else MAX_WATCH_S)
-            seen = (j.updated_ms, j.committed_round)
-            yield job_to_pb(j)
-            while context.is_active() and j.state not in FINISHED and budget > 0:
-                j = self._c.wait_job_change(request.job_id, seen[0], seen[1], min(5.0, budget))
-                budget -= 5.0
-                if (j.updated_ms, j.committed_round) != seen or j.state in FINISHED:
-                    seen = (j.updated_ms, j.committed_round)
-                    yield job_to_pb(j)
+        if not self._watchers.acquire(blocking=False):
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"more than {MAX_WATCHERS} watchers; poll GetJob instead")
+        try:
+            with _status(context):
+                left = context.time_remaining()
+                budget = min(MAX_WATCH_S, left if left is not None else MAX_WATCH_S)
+                seen: tuple[int, int, str] | None = None
+                while context.is_active() and budget > 0:
+                    key, st = self._c.wait_job_change(request.job_id, seen, min(5.0, budget), job_to_pb)
+                    budget -= 5.0
+                    if key != seen:
+                        seen = key
+                        yield st
+                    if st.state in FINISHED_PB:
+                        return
+        finally:
+            self._watchers.release()
 
     def DownloadModel(self, request: jobs_pb2.DownloadModelRequest, context: grpc.ServicerContext) -> Iterator[jobs_pb2.ModelChunk]:
         with _status(context):
@@ -164,12 +175,14 @@ class PeerControlServicer(control_pb2_grpc.PeerControlServicer):
         pid = self._c.register(request.address, cap)
         cfg = self._c.config
         return control_pb2.RegisterPeerResponse(
-            peer_id=pid, heartbeat_interval_ms=cfg.heartbeat_interval_ms, peer_timeout_ms=cfg.peer_timeout_ms
+            peer_id=pid, heartbeat_interval_ms=cfg.heartbeat_interval_ms, peer_timeout_ms=cfg.peer_timeout_ms,
+            round_deadline_ms=cfg.round_deadline_ms,
         )
 
     def Heartbeat(self, request: control_pb2.HeartbeatRequest, context: grpc.ServicerContext) -> control_pb2.HeartbeatResponse:
         with _status(context):
-            return control_pb2.HeartbeatResponse(epoch=self._c.heartbeat(request.peer_id))
+            job_id, epoch = self._c.heartbeat(request.peer_id)
+            return control_pb2.HeartbeatResponse(job_id=job_id, epoch=epoch)
         raise AssertionError("unreachable")
 
     def GetPlan(self, request: control_pb2.GetPlanRequest, context: grpc.ServicerContext) -> control_pb2.GetPlanResponse:
@@ -179,13 +192,14 @@ class PeerControlServicer(control_pb2_grpc.PeerControlServicer):
             if left is not None:
                 wait = max(0.0, min(wait, left - 0.2))
             last = (request.last_job_id, request.last_round, request.last_epoch)
-            job = self._c.wait_plan(request.peer_id, last, wait)
-            if job is None:
+            plan = self._c.wait_plan(request.peer_id, last, wait, lambda job: self._plan_pb(job, request.peer_id))
+            if plan is None:
                 return control_pb2.GetPlanResponse(has_plan=False)
-            return control_pb2.GetPlanResponse(has_plan=True, plan=self._plan_pb(job, request.peer_id))
+            return control_pb2.GetPlanResponse(has_plan=True, plan=plan)
         raise AssertionError("unreachable")
 
     def _plan_pb(self, job: Job, peer_id: str) -> types_pb2.Plan:
+        """The plan proto; called under the coordinator's lock."""
         from coordinator.service import job_shards
 
         shards = job_shards(job.spec)
@@ -198,7 +212,7 @@ class PeerControlServicer(control_pb2_grpc.PeerControlServicer):
         mine = {s for s, _, _ in job.allocation.get(peer_id, [])}
         return types_pb2.Plan(
             job_id=job.job_id, round=job.round, epoch=job.epoch, members=members, spec=spec_to_pb(job.spec),
-            checkpoint=job.wants_checkpoint(job.round), data_epoch=job.data_epoch,
+            checkpoint=job.wants_checkpoint(job.round), data_epoch=job.data_epoch, start_digest=job.start_digest,
             shard_indices={s: types_pb2.ShardIndices(indices=shards[s].tolist()) for s in mine},
         )
 
@@ -217,22 +231,19 @@ class PeerControlServicer(control_pb2_grpc.PeerControlServicer):
     def ReportFailure(self, request: control_pb2.ReportFailureRequest, context: grpc.ServicerContext) -> control_pb2.ReportFailureResponse:
         with _status(context):
             self._c.report_failure(request.peer_id, request.job_id, request.round, request.epoch,
-                                   request.suspect_peer_id, request.detail)
+                                   request.suspect_peer_id, request.detail[:500])
             return control_pb2.ReportFailureResponse()
         raise AssertionError("unreachable")
 
     def UploadCheckpoint(self, request_iterator: Iterator[control_pb2.CheckpointChunk], context: grpc.ServicerContext) -> control_pb2.UploadCheckpointResponse:
         with _status(context):
-            first = None
-            parts: list[bytes] = []
-            for chunk in request_iterator:
-                if first is None:
-                    first = chunk
-                parts.append(chunk.data)
+            first = next(request_iterator, None)
             if first is None:
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT, "empty checkpoint upload")
             assert first is not None
-            data = b"".join(parts)
-            self._c.store_checkpoint(first.peer_id, first.job_id, first.round, first.digest, data)
+            # Refuse a stale upload before receiving (and writing) the rest of it.
+            self._c.check_checkpoint(first.peer_id, first.job_id, first.round, first.epoch)
+            data = first.data + b"".join(chunk.data for chunk in request_iterator)
+            self._c.store_checkpoint(first.peer_id, first.job_id, first.round, first.epoch, first.digest, data)
             return control_pb2.UploadCheckpointResponse(size_bytes=len(data))
         raise AssertionError("unreachable")

@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 PENDING, RUNNING, SUCCEEDED, FAILED, CANCELLED = "PENDING", "RUNNING", "SUCCEEDED", "FAILED", "CANCELLED"
 FINISHED = (SUCCEEDED, FAILED, CANCELLED)
 MAX_DIGEST_MISMATCHES = 3
+MAX_REISSUES = 50  # a round re-issued this often without committing fails the job
 
 
 class NotFound(Exception):
@@ -117,6 +118,14 @@ class Job:
     cursors: dict[int, int] = field(default_factory=dict)  # shard -> committed position in its order
     allocation: dict[str, list[list[int]]] = field(default_factory=dict)  # this round: peer -> ranges
     waiting_since_ms: int = 0  # when the job fell below min_peers (0: not waiting)
+    holders: list[str] = field(default_factory=list)  # live peers known to hold the committed round
+    reissues: int = 0  # times the current round was re-issued
+    rolled_back_rounds: int = 0  # committed rounds given up because no peer held them any more
+
+    @property
+    def start_digest(self) -> str:
+        """Digest of the parameters the current round starts from ("" for the seeded init)."""
+        return self.history[-1].digest if self.committed_round else ""
 
     def allocated(self, peer_id: str) -> int:
         """Samples allocated to a member in the current round."""
@@ -161,6 +170,7 @@ class ClusterState:
         self.jobs: dict[str, Job] = {}
         self._shard_sizes = shard_sizes
         self._ids = itertools.count(1)
+        self._doomed: set[str] = set()
 
     # -- ids --------------------------------------------------------------------------------
     def _new_id(self, prefix: str, taken: dict[str, Any], now_ms: int) -> str:
@@ -176,12 +186,12 @@ class ClusterState:
         self.peers[pid] = PeerRecord(pid, address, capability, now_ms, now_ms)
         return pid, Changes(peers=(pid,)) | self.schedule(now_ms)
 
-    def heartbeat(self, peer_id: str, now_ms: int) -> int:
-        """Renews a lease; returns the epoch of the peer's job (0 if idle)."""
+    def heartbeat(self, peer_id: str, now_ms: int) -> tuple[str, int]:
+        """Renews a lease; returns the peer's job and its epoch (("", 0) if idle)."""
         p = self._peer(peer_id)
         p.last_seen_ms = now_ms
         job = self.jobs.get(p.job_id)
-        return job.epoch if job else 0
+        return (job.job_id, job.epoch) if job else ("", 0)
 
     def _peer(self, peer_id: str) -> PeerRecord:
         p = self.peers.get(peer_id)
@@ -197,6 +207,11 @@ class ClusterState:
         for pid in dead:
             log.warning("peer %s: no heartbeat for %d ms, evicting", pid, now_ms - self.peers[pid].last_seen_ms)
             changes = changes | self.remove_peer(pid, now_ms)
+        for jid in sorted(self._doomed):
+            job = self.jobs[jid]
+            if job.state == RUNNING:
+                changes = changes | self._finish(job, FAILED, job.reason, now_ms)
+        self._doomed.clear()
         for job in list(self.jobs.values()):
             if job.state != RUNNING:
                 continue
@@ -227,6 +242,8 @@ class ClusterState:
             return Changes()
         changes = Changes(removed_peers=(peer_id,))
         job = self.jobs.get(p.job_id)
+        if job and peer_id in job.holders:
+            job.holders = [h for h in job.holders if h != peer_id]
         if job and job.state == RUNNING and peer_id in job.members:
             sizes = self._shard_sizes(job.spec)
             job.members = [m for m in job.members if m != peer_id]
@@ -246,8 +263,11 @@ class ClusterState:
         job = self.jobs.get(job_id)
         if job is None or job.state != RUNNING or (rnd, epoch) != (job.round, job.epoch):
             return Changes()
-        if suspect and suspect in self.peers and suspect != reporter:
-            log.warning("peer %s reported by %s as failed mid-exchange; evicting", suspect, reporter)
+        if suspect and suspect in self.peers:
+            if suspect == reporter:
+                log.warning("peer %s gives up its place in job %s (local failure)", reporter, job_id)
+            else:
+                log.warning("peer %s reported by %s as failed mid-exchange; evicting", suspect, reporter)
             return self.remove_peer(suspect, now_ms)
         if not suspect:
             self._new_epoch(job, now_ms, f"exchange failed at {reporter}")
@@ -297,9 +317,32 @@ class ClusterState:
         log.info("job %s: %s (%s)", job.job_id, state, reason)
         return Changes(jobs=(job.job_id,), peers=tuple(freed)) | self.schedule(now_ms)
 
+    def _rollback_if_orphaned(self, job: Job) -> None:
+        """If no live member holds the committed round, go back to the last checkpoint (or the
+        seeded initial model): the rounds after it are lost, but the job can go on."""
+        if not job.committed_round or any(h in job.members for h in job.holders) or not job.members:
+            return
+        if job.checkpoint_round == job.committed_round:
+            return  # joiners fetch the committed round from the coordinator's checkpoint
+        lost = job.committed_round - job.checkpoint_round
+        log.error("job %s: every peer holding round %d is gone; rolling back %d rounds to checkpoint round %d",
+                  job.job_id, job.committed_round, lost, job.checkpoint_round)
+        job.history = job.history[: job.checkpoint_round]
+        job.committed_round = job.checkpoint_round
+        job.samples = sum(r.samples for r in job.history)
+        job.data_epoch = job.history[-1].data_epoch if job.history else 1
+        job.cursors = {}
+        for r in job.history:
+            if r.data_epoch == job.data_epoch:
+                for ranges in r.consumed.values():
+                    for shard, _, stop in ranges:
+                        job.cursors[shard] = stop
+        job.rolled_back_rounds += lost
+
     def _issue(self, job: Job, now_ms: int) -> None:
         """(Re)starts the current round: clears reports and allocates samples from the
         committed cursors, opening a new data epoch when the last one is used up."""
+        self._rollback_if_orphaned(job)
         job.reports = {}
         job.pending_checkpoint = None
         job.round_started_ms = now_ms
@@ -316,6 +359,7 @@ class ClusterState:
 
     def _new_epoch(self, job: Job, now_ms: int, why: str) -> None:
         job.epoch += 1
+        job.reissues += 1
         self._issue(job, now_ms)
         if len(job.members) < job.spec.min_peers:
             job.reason = f"waiting for peers: {len(job.members)} live, {job.spec.min_peers} needed"
@@ -324,6 +368,9 @@ class ClusterState:
             job.reason = ""
             job.waiting_since_ms = 0
         log.info("job %s: epoch %d, round %d, ring %s (%s)", job.job_id, job.epoch, job.round, job.members, why)
+        if job.reissues >= MAX_REISSUES:
+            job.reason = f"round {job.round} re-issued {job.reissues} times without committing (last: {why})"
+            self._doomed.add(job.job_id)  # failed by the next expire(), which persists the freed peers
 
     def _admit(self, job: Job, now_ms: int) -> bool:
         """Adds idle peers to a job at a round boundary. True if the ring changed."""
@@ -381,13 +428,16 @@ class ClusterState:
         if peer_id not in job.members:
             raise Stale(f"peer {peer_id} is not a member of epoch {job.epoch}")
 
-    def checkpoint_uploaded(self, peer_id: str, job_id: str, rnd: int, digest: str, now_ms: int) -> None:
+    def check_checkpoint(self, peer_id: str, job_id: str, rnd: int, epoch: int) -> None:
+        """Raises NotFound or Stale unless a member may upload round ``rnd`` of epoch ``epoch`` now."""
+        self._peer(peer_id)
+        self._check_current(self.job(job_id), peer_id, rnd, epoch)
+
+    def checkpoint_uploaded(self, peer_id: str, job_id: str, rnd: int, epoch: int, digest: str, now_ms: int) -> None:
         """Records a checkpoint for the current round (it counts once the round commits)."""
         self._peer(peer_id).last_seen_ms = now_ms
         job = self.job(job_id)
-        if job.state == SUCCEEDED and rnd == job.committed_round:
-            return
-        self._check_current(job, peer_id, rnd, job.epoch)
+        self._check_current(job, peer_id, rnd, epoch)
         job.pending_checkpoint = (rnd, digest)
 
     def report(self, peer_id: str, job_id: str, rnd: int, epoch: int, rep: Report, now_ms: int) -> Changes:
@@ -439,8 +489,10 @@ class ClusterState:
         job.history.append(rec)
         job.samples += samples
         job.committed_round = rec.round
+        job.holders = list(job.members)
         job.reports = {}
         job.mismatches = 0
+        job.reissues = 0
         if job.pending_checkpoint == (rec.round, digest):
             job.checkpoint_round, job.checkpoint_digest = rec.round, digest
         changes = Changes(jobs=(job.job_id,), committed=((job.job_id, rec.round),))

@@ -76,8 +76,12 @@ class MemoryStore:
 
     def load(self) -> tuple[list[Job], list[PeerRecord]]:
         """See :class:`Store`. Returns fresh objects that share nothing with the store."""
-        jobs = [job_from_dict(json.loads(d), [RoundRecord(**json.loads(r)) for r in self.rounds.get(jid, [])])
-                for jid, d in self.jobs.items()]
+        jobs = []
+        for jid, d in self.jobs.items():
+            job = job_from_dict(json.loads(d), [])
+            rounds = {r.round: r for r in (RoundRecord(**json.loads(x)) for x in self.rounds.get(jid, []))}
+            job.history = [rounds[n] for n in sorted(rounds) if n <= job.committed_round]
+            jobs.append(job)
         return jobs, [PeerRecord(**json.loads(p)) for p in self.peers.values()]
 
     def close(self) -> None:
@@ -126,6 +130,8 @@ class SqliteStore:
             for jid, body in self._db.execute("SELECT job_id, body FROM rounds ORDER BY job_id, round"):
                 hist.setdefault(jid, []).append(RoundRecord(**json.loads(body)))
             jobs = [job_from_dict(json.loads(b), hist.get(jid, [])) for jid, b in self._db.execute("SELECT job_id, body FROM jobs")]
+            for j in jobs:  # rows past a rollback are overwritten as rounds commit again
+                j.history = [r for r in j.history if r.round <= j.committed_round]
             peers = [PeerRecord(**json.loads(b)) for (b,) in self._db.execute("SELECT body FROM peers")]
         return jobs, peers
 

@@ -6,7 +6,6 @@ import logging
 import os
 import signal
 import sys
-import threading
 
 import grpc
 
@@ -68,10 +67,7 @@ def main(argv: list[str] | None = None) -> None:
     except OSError as e:
         print(f"dml-peer: {e}", file=sys.stderr)
         sys.exit(1)
-    done = threading.Event()
-
     def _stop(*_: object) -> None:
-        done.set()
         peer.stop_event.set()
 
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -83,7 +79,8 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(1)
     print(f"dml-peer {peer.peer_id} exchanging on {peer.address}", flush=True)
     peer.run_in_thread()
-    done.wait()
+    while not peer.stop_event.wait(1.0):  # set by SIGINT/SIGTERM, or if the round loop dies
+        pass
     peer.stop()
 
 

@@ -25,6 +25,7 @@ Key = tuple[str, int, int]  # (job_id, round, epoch)
 INBOX_CHUNKS = 64
 POLL_S = 0.05
 CHUNK_BYTES = 1 << 20
+STALE_INBOX_S = 600.0
 GRPC_OPTIONS = [
     ("grpc.max_receive_message_length", 8 << 20),
     ("grpc.max_send_message_length", 8 << 20),
@@ -41,6 +42,7 @@ class Inbox:
 
     def __init__(self, key: Key) -> None:
         self.key = key
+        self.created = time.monotonic()
         self.q: queue.Queue[Chunk | _Broken] = queue.Queue(maxsize=INBOX_CHUNKS)
         self.closed = threading.Event()
         self.sender = ""
@@ -59,14 +61,16 @@ class ExchangeServicer(exchange_pb2_grpc.PeerExchangeServicer):
         self._recv_timeout_s = recv_timeout_s
 
     def inbox(self, key: Key) -> Inbox:
-        """The inbox for ``key``, created if needed; inboxes of other exchanges are dropped."""
+        """The inbox for ``key``, created if needed. Older exchanges of the same job are dropped,
+        and those of other jobs once they are older than any exchange can last."""
+        now = time.monotonic()
         with self._lock:
-            for k in [k for k in self._inboxes if k != key and (k[0] != key[0] or k[1:] < key[1:])]:
-                self._inboxes.pop(k).closed.set()
-            box = self._inboxes.get(key)
-            if box is None:
-                box = self._inboxes[key] = Inbox(key)
-            return box
+            for k, old in list(self._inboxes.items()):
+                if k != key and ((k[0] == key[0] and k[1:] < key[1:]) or now - old.created > STALE_INBOX_S):
+                    self._inboxes.pop(k).closed.set()
+            if key not in self._inboxes:
+                self._inboxes[key] = Inbox(key)
+            return self._inboxes[key]
 
     def release(self, key: Key) -> None:
         """Drops the inbox of a finished or abandoned exchange."""
@@ -130,7 +134,8 @@ class GrpcRingLink:
     """
 
     def __init__(self, servicer: ExchangeServicer, key: Key, self_id: str, pred_id: str,
-                 succ_id: str, succ_address: str, deadline_s: float, abort: threading.Event) -> None:
+                 succ_id: str, succ_address: str, deadline_s: float, abort: threading.Event,
+                 idle_timeout_s: float = 30.0) -> None:
         self._key = key
         self._self_id, self._pred_id, self._succ_id = self_id, pred_id, succ_id
         self._inbox = servicer.inbox(key)
@@ -140,6 +145,7 @@ class GrpcRingLink:
         self._channel = grpc.insecure_channel(succ_address, options=GRPC_OPTIONS)
         self._stub = exchange_pb2_grpc.PeerExchangeStub(self._channel)
         self._deadline_s = deadline_s
+        self._idle_s = idle_timeout_s
         self._call: grpc.Future | None = None
         self._send_error: str = ""
         self._done = threading.Event()
@@ -174,8 +180,9 @@ class GrpcRingLink:
         ))
 
     def recv(self, timeout: float) -> Chunk:
-        """Next chunk from the predecessor; fails fast on abort or a broken stream."""
-        deadline = time.monotonic() + timeout
+        """Next chunk from the predecessor; fails fast on abort or a broken stream, and after
+        ``idle_timeout_s`` without a chunk (progress-based, so a slow ring is not a dead one)."""
+        deadline = time.monotonic() + min(timeout, self._idle_s)
         while True:
             if self._abort.is_set():
                 raise ExchangeError("round aborted: the membership changed")
@@ -185,7 +192,7 @@ class GrpcRingLink:
                 item = self._inbox.q.get(timeout=min(POLL_S, max(deadline - time.monotonic(), 0.001)))
             except queue.Empty:
                 if time.monotonic() >= deadline:
-                    raise ExchangeError(f"no data from {self._pred_id} within the exchange deadline") from None
+                    raise ExchangeError(f"no data from {self._pred_id} for {min(timeout, self._idle_s):.1f}s") from None
                 continue
             if isinstance(item, _Broken):
                 raise ExchangeError(item.reason, suspect=self._pred_id)

@@ -64,7 +64,8 @@ class Peer:
         self._committed: Snapshot | None = None
         self._tentative: Snapshot | None = None
         self._abort = threading.Event()
-        self._exchange_epoch = 0
+        self._exchange: tuple[str, int] = ("", 0)  # (job, epoch) of the exchange under way
+        self._round_deadline_s = 120.0
         self._evicted = threading.Event()
         self._heartbeat_s = 0.5
         self.servicer = ExchangeServicer(self._params_for, recv_timeout_s=config.exchange_timeout_s)
@@ -98,6 +99,7 @@ class Peer:
         resp = self.client.register(self.address, self.config.device, 0)
         self.peer_id = resp.peer_id
         self._heartbeat_s = resp.heartbeat_interval_ms / 1000.0
+        self._round_deadline_s = (resp.round_deadline_ms or 120_000) / 1000.0
         self._evicted.clear()
         log.info("peer %s: registered at %s with coordinator %s", self.peer_id, self.address, self.config.coordinator)
 
@@ -122,21 +124,23 @@ class Peer:
         while not self.stop_event.wait(self._heartbeat_s):
             if self._evicted.is_set():
                 continue
+            me = self.peer_id  # a NOT_FOUND for an id we no longer use must not evict the new one
             try:
-                epoch = self.client.stub.Heartbeat(
-                    control_pb2.HeartbeatRequest(peer_id=self.peer_id), timeout=max(self._heartbeat_s * 2, 1.0)
-                ).epoch
+                hb = self.client.stub.Heartbeat(control_pb2.HeartbeatRequest(peer_id=me),
+                                                timeout=max(self._heartbeat_s * 2, 1.0))
                 if failing:
-                    log.info("peer %s: coordinator reachable again", self.peer_id)
+                    log.info("peer %s: coordinator reachable again", me)
                 failing = False
-                if self._exchange_epoch and epoch > self._exchange_epoch:  # epochs only grow
+                job, epoch = self._exchange
+                if job and (hb.job_id != job or hb.epoch > epoch):  # cancelled, finished, or re-formed
                     self._abort.set()
             except grpc.RpcError as e:
                 code = e.code() if isinstance(e, grpc.Call) else None
                 if code == grpc.StatusCode.NOT_FOUND:
-                    log.warning("peer %s: evicted by the coordinator; will re-register", self.peer_id)
-                    self._evicted.set()
-                    self._abort.set()
+                    if me == self.peer_id:
+                        log.warning("peer %s: evicted by the coordinator; will re-register", me)
+                        self._evicted.set()
+                        self._abort.set()
                 elif not failing:
                     log.warning("peer %s: heartbeat failed (%s); retrying", self.peer_id, code)
                     failing = True
@@ -155,7 +159,16 @@ class Peer:
 
     # -- the round loop ---------------------------------------------------------------------
     def run(self) -> None:
-        """Waits for plans and runs rounds until stopped."""
+        """Waits for plans and runs rounds until stopped. If the loop itself dies the whole peer
+        stops (heartbeats included), rather than lingering as a member that never reports."""
+        try:
+            self._loop()
+        finally:
+            if not self.stop_event.is_set():
+                log.critical("peer %s: round loop ended unexpectedly; stopping", self.peer_id)
+            self.stop_event.set()
+
+    def _loop(self) -> None:
         last: tuple[str, int, int] = ("", 0, 0)
         while not self.stop_event.is_set():
             try:
@@ -193,15 +206,20 @@ class Peer:
                 self._committed = Snapshot(plan.job_id, 0, init, digest(init))
                 self._tentative = None
         trainer = self._trainer
-        start = plan.round - 1
+        start, want = plan.round - 1, plan.start_digest
+
+        def good(snap: Snapshot | None) -> bool:
+            return snap is not None and snap.round == start and (not want or snap.digest == want)
+
         with self._lock:
-            if self._tentative is not None and self._tentative.round == start:
+            if good(self._tentative):  # our last round committed
                 self._committed, self._tentative = self._tentative, None
-            elif self._tentative is not None and self._tentative.round > start:
-                self._tentative = None
-        assert self._committed is not None
-        if self._committed.round != start:
+            elif self._tentative is not None and self._tentative.round >= start:
+                self._tentative = None  # it did not commit (or not with our parameters)
+            ok = good(self._committed)
+        if not ok:
             self._fetch(plan, start, trainer)
+        assert self._committed is not None
         trainer.set_params(self._committed.params)
         return trainer
 
@@ -219,15 +237,15 @@ class Peer:
                 log.info("peer %s: %s has no round %d parameters (%s)", self.peer_id, name, rnd,
                          e.code() if isinstance(e, grpc.Call) else e)
                 continue
-            if parts and parts[0].round == rnd and self._adopt(plan.job_id, rnd, trainer, parts[0].digest,
-                                                                b"".join(p.data for p in parts), name):
+            if parts and parts[0].round == rnd and plan.start_digest in ("", parts[0].digest) and self._adopt(
+                    plan.job_id, rnd, trainer, parts[0].digest, b"".join(p.data for p in parts), name):
                 return
         try:
             stub = jobs_pb2_grpc.JobServiceStub(self.client.channel)
             chunks = list(stub.DownloadModel(jobs_pb2.DownloadModelRequest(job_id=plan.job_id),
                                              timeout=self.config.exchange_timeout_s))
-            if chunks and chunks[0].round == rnd and self._adopt(plan.job_id, rnd, trainer, chunks[0].digest,
-                                                                  b"".join(c.data for c in chunks), "the coordinator"):
+            if chunks and chunks[0].round == rnd and plan.start_digest in ("", chunks[0].digest) and self._adopt(
+                    plan.job_id, rnd, trainer, chunks[0].digest, b"".join(c.data for c in chunks), "the coordinator"):
                 return
         except grpc.RpcError as e:
             log.info("peer %s: no checkpoint of round %d at the coordinator (%s)", self.peer_id, rnd,
@@ -264,38 +282,54 @@ class Peer:
         me = [i for i, m in enumerate(plan.members) if m.peer_id == self.peer_id]
         if not me:
             return
-        rank, world = me[0], len(plan.members)
         tag = f"peer {self.peer_id} job {plan.job_id} round {plan.round} epoch {plan.epoch}"
-        spec = plan.spec
         self._abort.clear()
-        self._exchange_epoch = plan.epoch
-        t0 = time.monotonic()
+        self._exchange = (plan.job_id, plan.epoch)
         try:
-            trainer = self._prepare(plan)
-            samples = self._samples(plan, rank)
-            t_train = time.monotonic()
-            res = trainer.train_on(samples, spec.batch_size)
-            t1 = time.monotonic()
-            pred, succ = plan.members[(rank - 1) % world], plan.members[(rank + 1) % world]
-            link = GrpcRingLink(self.servicer, (plan.job_id, plan.round, plan.epoch), self.peer_id, pred.peer_id,
-                                succ.peer_id, succ.address, self.config.exchange_timeout_s, self._abort)
-            buf = trainer.host_buffer()
-            try:
-                weighted_ring_average(buf, float(res.samples), rank, world, link, self.config.exchange_timeout_s)
-            finally:
-                link.shutdown()
-            trainer.load_host_buffer(buf)
-            t2 = time.monotonic()
+            self._train_and_average(plan, me[0], tag)
         except ExchangeError as e:
             log.warning("%s: exchange failed: %s", tag, e)
             if not self._abort.is_set():  # an abort means the coordinator already moved on
-                fail = control_pb2.ReportFailureRequest(peer_id=self.peer_id, job_id=plan.job_id, round=plan.round,
-                                                        epoch=plan.epoch, suspect_peer_id=e.suspect, detail=str(e))
-                self.client.call(lambda: self.client.stub.ReportFailure(fail, timeout=CALL_TIMEOUT_S),
-                                 "report failure", give_up_s=30)
-            return
+                self._report_failure(plan, e.suspect, str(e))
+        except Evicted:
+            raise
+        except Exception as e:  # noqa: BLE001 - any local failure: give up the place, rejoin clean
+            if isinstance(e, grpc.RpcError) and isinstance(e, grpc.Call) and e.code() == grpc.StatusCode.FAILED_PRECONDITION:
+                log.info("%s: round superseded (%s)", tag, e.details())
+                return
+            log.exception("%s: local failure; leaving the ring so the round can go on without us", tag)
+            self._report_failure(plan, self.peer_id, f"local failure: {e!r}")
         finally:
-            self._exchange_epoch = 0
+            self._exchange = ("", 0)
+
+    def _report_failure(self, plan: types_pb2.Plan, suspect: str, detail: str) -> None:
+        fail = control_pb2.ReportFailureRequest(peer_id=self.peer_id, job_id=plan.job_id, round=plan.round,
+                                                epoch=plan.epoch, suspect_peer_id=suspect, detail=detail)
+        try:
+            self.client.call(lambda: self.client.stub.ReportFailure(fail, timeout=CALL_TIMEOUT_S),
+                             "report failure", give_up_s=30)
+        except (grpc.RpcError, Evicted) as e:
+            log.warning("peer %s: could not report the failure: %s", self.peer_id, e)
+
+    def _train_and_average(self, plan: types_pb2.Plan, rank: int, tag: str) -> None:
+        world = len(plan.members)
+        t0 = time.monotonic()
+        trainer = self._prepare(plan)
+        samples = self._samples(plan, rank)
+        t_train = time.monotonic()
+        res = trainer.train_on(samples, plan.spec.batch_size)
+        t1 = time.monotonic()
+        succ = plan.members[(rank + 1) % world]
+        link = GrpcRingLink(self.servicer, (plan.job_id, plan.round, plan.epoch), self.peer_id,
+                            plan.members[(rank - 1) % world].peer_id, succ.peer_id, succ.address,
+                            self._round_deadline_s, self._abort, idle_timeout_s=self.config.exchange_timeout_s)
+        buf = trainer.host_buffer()
+        try:
+            weighted_ring_average(buf, float(res.samples), rank, world, link, self._round_deadline_s)
+        finally:
+            link.shutdown()
+        trainer.load_host_buffer(buf)
+        t2 = time.monotonic()
         params = trainer.params()
         dig = digest(params)
         with self._lock:
@@ -307,13 +341,8 @@ class Peer:
         if rank == 0:
             acc, loss = trainer.evaluate()
             req.has_test_metrics, req.test_accuracy, req.test_loss = True, acc, loss
-        try:
-            if rank == 0 and plan.checkpoint:
-                self.client.upload_checkpoint(self.peer_id, plan.job_id, plan.round, dig, trainer.state_dict_bytes(params))
-            self.client.call(lambda: self.client.stub.ReportRound(req, timeout=CALL_TIMEOUT_S), "report round", give_up_s=60)
-        except grpc.RpcError as e:
-            if isinstance(e, grpc.Call) and e.code() == grpc.StatusCode.FAILED_PRECONDITION:
-                log.info("%s: round superseded (%s)", tag, e.details())
-                return
-            raise
+            if plan.checkpoint:
+                self.client.upload_checkpoint(self.peer_id, plan.job_id, plan.round, plan.epoch, dig,
+                                              trainer.state_dict_bytes(params))
+        self.client.call(lambda: self.client.stub.ReportRound(req, timeout=CALL_TIMEOUT_S), "report round", give_up_s=60)
         log.debug("%s: train %.3fs exchange %.3fs report %.3fs", tag, t1 - t0, t2 - t1, time.monotonic() - t2)

@@ -122,3 +122,13 @@ def _alive(pid: int) -> bool:
         return False
     with open(f"/proc/{pid}/stat") as f:  # a zombie is dead but not yet reaped by its parent
         return f.read().split()[2] != "Z"
+
+
+@pytest.mark.parametrize("args,words", [
+    (["--seed", "-1"], "--seed"), (["--num-shards", "-2"], "--num-shards"),
+    (["--batch-size", "5000000000"], "--batch-size"), (["--lr", "0"], "--lr"), (["--local-steps", "0"], "--local-steps"),
+])
+def test_out_of_range_flags_exit_2_without_a_traceback(args, words):
+    out = dml("submit", "--coordinator", "127.0.0.1:1", *args)
+    assert out.returncode == 2 and words in out.stderr and "Traceback" not in out.stderr
+    assert out.stderr.count("\n") == 1

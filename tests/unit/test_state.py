@@ -98,7 +98,7 @@ def test_job_waits_for_min_peers_then_runs_epoch_one() -> None:
     for p in (a, b, c):
         assert s.plan_for(p) is job
         assert s.peers[p].job_id == jid
-        assert s.heartbeat(p, 30) == 1
+        assert s.heartbeat(p, 30) == (jid, 1)
 
 
 def test_job_takes_at_most_num_shards_peers() -> None:
@@ -207,7 +207,7 @@ def test_report_from_non_member_is_stale_and_unknowns_are_not_found() -> None:
     with pytest.raises(NotFound):
         s.cancel("job-nope", 2)
     with pytest.raises(NotFound):
-        s.checkpoint_uploaded("peer-nobody", job.job_id, 1, "d", 2)
+        s.checkpoint_uploaded("peer-nobody", job.job_id, 1, job.epoch, "d", 2)
 
 
 # -- leases -----------------------------------------------------------------------------------
@@ -220,8 +220,8 @@ def test_heartbeat_keeps_a_peer_alive_and_expire_evicts_a_silent_one() -> None:
     epoch = job.epoch
     s.report(a, job.job_id, 2, epoch, rep(), 200)  # round 2 under way
     for t in (500, 1000, 1500):
-        assert s.heartbeat(a, t) == epoch
-        assert s.heartbeat(b, t) == epoch
+        assert s.heartbeat(a, t)[1] == epoch
+        assert s.heartbeat(b, t)[1] == epoch
     # c was last seen at 100 (its report): silent for exactly the timeout, the lease still holds.
     assert s.expire(1100) == Changes()
     assert c in s.peers
@@ -277,16 +277,32 @@ def test_below_min_peers_the_job_waits_then_resumes_when_a_peer_registers() -> N
     assert job.committed_round == 2
 
 
-def test_job_that_lost_every_member_restarts_from_fresh_peers() -> None:
+def test_job_that_lost_every_holder_rolls_back_to_its_checkpoint() -> None:
+    """Nobody alive holds round 1 and there is no checkpoint of it: fresh peers restart from the
+    last checkpoint (here the seeded initial model), the lost round is counted, the ledger rewound."""
     s, job, (a, b) = running(2, min_peers=1)
     report_all(s, job, 10)
+    assert job.holders == [a, b] and job.cursors
     s.expire(5000)
     assert job.state == RUNNING and job.members == [] and job.assignment == {}
     assert "waiting" in job.reason
     (c,) = register(s, 1, now=5001)
-    assert job.members == [c] and job.round == 2
+    assert job.members == [c] and job.round == 1 and job.committed_round == 0
+    assert job.rolled_back_rounds == 1 and job.history == [] and job.samples == 0 and job.cursors == {}
+    assert job.start_digest == ""
     assert job.assignment == {c: list(range(6))}
     assert s.plan_for(c) is job
+
+
+def test_job_that_lost_every_holder_resumes_from_a_checkpoint_of_the_committed_round() -> None:
+    s, job, (a, b) = running(2, min_peers=1, checkpoint_every_rounds=1)
+    s.checkpoint_uploaded(a, job.job_id, 1, job.epoch, "d", 5)
+    report_all(s, job, 10)
+    assert job.checkpoint_round == 1
+    s.expire(5000)
+    (c,) = register(s, 1, now=5001)
+    assert job.round == 2 and job.rolled_back_rounds == 0
+    assert job.start_digest == "d", "the joiner fetches round 1 from the coordinator's checkpoint"
 
 
 def test_a_peer_registering_mid_round_joins_at_the_next_boundary() -> None:
@@ -391,10 +407,11 @@ def test_report_failure_without_a_suspect_reissues_the_round() -> None:
     assert job.job_id in ch.jobs and ch.removed_peers == ()
     assert job.epoch == 2 and job.round == 1 and job.reports == {}
     assert job.members == [a, b, c]
-    # Naming itself, or a peer already gone, evicts nobody.
-    assert s.report_failure(a, job.job_id, 1, 2, a, 11).removed_peers == ()
-    assert s.report_failure(a, job.job_id, 1, 2, "peer-gone", 12).removed_peers == ()
+    # A peer already gone evicts nobody; naming itself, a peer gives up its place (local failure).
+    assert s.report_failure(a, job.job_id, 1, 2, "peer-gone", 11).removed_peers == ()
     assert set(s.peers) == {a, b, c}
+    assert s.report_failure(a, job.job_id, 1, 2, a, 12).removed_peers == (a,)
+    assert job.members == [b, c] and job.epoch == 3
 
 
 # -- checkpoints ------------------------------------------------------------------------------
@@ -405,8 +422,8 @@ def test_checkpoint_counts_only_when_its_round_commits_with_the_same_digest() ->
     assert [r for r in range(1, 7) if job.wants_checkpoint(r)] == [2, 4, 6]
     report_all(s, job, 1)  # round 1
     with pytest.raises(Stale):
-        s.checkpoint_uploaded(a, job.job_id, 3, "d", 2)
-    s.checkpoint_uploaded(a, job.job_id, 2, "d", 2)
+        s.checkpoint_uploaded(a, job.job_id, 3, job.epoch, "d", 2)
+    s.checkpoint_uploaded(a, job.job_id, 2, job.epoch, "d", 2)
     assert job.pending_checkpoint == (2, "d")
     assert job.checkpoint_round == 0, "not before the round commits"
     report_all(s, job, 3)  # round 2 commits with digest d
@@ -414,26 +431,27 @@ def test_checkpoint_counts_only_when_its_round_commits_with_the_same_digest() ->
     assert job.pending_checkpoint is None
 
     report_all(s, job, 4)  # round 3
-    s.checkpoint_uploaded(a, job.job_id, 4, "other", 5)
+    s.checkpoint_uploaded(a, job.job_id, 4, job.epoch, "other", 5)
     report_all(s, job, 6)  # round 4 commits with digest d, not the uploaded one
     assert job.committed_round == 4
     assert (job.checkpoint_round, job.checkpoint_digest) == (2, "d")
 
     report_all(s, job, 7)  # round 5
-    s.checkpoint_uploaded(a, job.job_id, 6, "d", 8)
+    s.checkpoint_uploaded(a, job.job_id, 6, job.epoch, "d", 8)
     report_all(s, job, 9, ["d", "e"])  # mismatch drops the pending checkpoint
     assert job.pending_checkpoint is None
     report_all(s, job, 10)  # round 6 commits, but its checkpoint must be re-uploaded
     assert job.state == SUCCEEDED
     assert job.checkpoint_round == 2
-    # A late upload for the final round of a finished job is tolerated and changes nothing.
-    s.checkpoint_uploaded(a, job.job_id, 6, "d", 11)
+    # A late upload for a finished job is refused and changes nothing.
+    with pytest.raises(Stale):
+        s.checkpoint_uploaded(a, job.job_id, 6, job.epoch, "d", 11)
     assert job.checkpoint_round == 2
 
 
 def test_membership_change_drops_the_pending_checkpoint() -> None:
     s, job, (a, b, c) = running(3, checkpoint_every_rounds=1)
-    s.checkpoint_uploaded(a, job.job_id, 1, "d", 1)
+    s.checkpoint_uploaded(a, job.job_id, 1, job.epoch, "d", 1)
     s.report_failure(a, job.job_id, 1, 1, c, 2)
     assert job.pending_checkpoint is None
     report_all(s, job, 3)

@@ -25,14 +25,16 @@ class RegisterPeerRequest(_message.Message):
     def __init__(self, address: _Optional[str] = ..., capability: _Optional[_Union[PeerCapability, _Mapping]] = ...) -> None: ...
 
 class RegisterPeerResponse(_message.Message):
-    __slots__ = ("peer_id", "heartbeat_interval_ms", "peer_timeout_ms")
+    __slots__ = ("peer_id", "heartbeat_interval_ms", "peer_timeout_ms", "round_deadline_ms")
     PEER_ID_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_INTERVAL_MS_FIELD_NUMBER: _ClassVar[int]
     PEER_TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
+    ROUND_DEADLINE_MS_FIELD_NUMBER: _ClassVar[int]
     peer_id: str
     heartbeat_interval_ms: int
     peer_timeout_ms: int
-    def __init__(self, peer_id: _Optional[str] = ..., heartbeat_interval_ms: _Optional[int] = ..., peer_timeout_ms: _Optional[int] = ...) -> None: ...
+    round_deadline_ms: int
+    def __init__(self, peer_id: _Optional[str] = ..., heartbeat_interval_ms: _Optional[int] = ..., peer_timeout_ms: _Optional[int] = ..., round_deadline_ms: _Optional[int] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
     __slots__ = ("peer_id",)
@@ -41,10 +43,12 @@ class HeartbeatRequest(_message.Message):
     def __init__(self, peer_id: _Optional[str] = ...) -> None: ...
 
 class HeartbeatResponse(_message.Message):
-    __slots__ = ("epoch",)
+    __slots__ = ("epoch", "job_id")
     EPOCH_FIELD_NUMBER: _ClassVar[int]
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
     epoch: int
-    def __init__(self, epoch: _Optional[int] = ...) -> None: ...
+    job_id: str
+    def __init__(self, epoch: _Optional[int] = ..., job_id: _Optional[str] = ...) -> None: ...
 
 class GetPlanRequest(_message.Message):
     __slots__ = ("peer_id", "last_job_id", "last_round", "last_epoch", "wait_ms")
@@ -121,18 +125,20 @@ class ReportFailureResponse(_message.Message):
     def __init__(self) -> None: ...
 
 class CheckpointChunk(_message.Message):
-    __slots__ = ("peer_id", "job_id", "round", "digest", "data")
+    __slots__ = ("peer_id", "job_id", "round", "digest", "epoch", "data")
     PEER_ID_FIELD_NUMBER: _ClassVar[int]
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     DIGEST_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
     peer_id: str
     job_id: str
     round: int
     digest: str
+    epoch: int
     data: bytes
-    def __init__(self, peer_id: _Optional[str] = ..., job_id: _Optional[str] = ..., round: _Optional[int] = ..., digest: _Optional[str] = ..., data: _Optional[bytes] = ...) -> None: ...
+    def __init__(self, peer_id: _Optional[str] = ..., job_id: _Optional[str] = ..., round: _Optional[int] = ..., digest: _Optional[str] = ..., epoch: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class UploadCheckpointResponse(_message.Message):
     __slots__ = ("size_bytes",)

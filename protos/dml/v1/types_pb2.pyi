@@ -107,7 +107,7 @@ class Member(_message.Message):
     def __init__(self, peer_id: _Optional[str] = ..., address: _Optional[str] = ..., shard_ids: _Optional[_Iterable[int]] = ..., samples: _Optional[_Iterable[_Union[SampleRange, _Mapping]]] = ...) -> None: ...
 
 class Plan(_message.Message):
-    __slots__ = ("job_id", "round", "epoch", "members", "spec", "checkpoint", "data_epoch", "shard_indices")
+    __slots__ = ("job_id", "round", "epoch", "members", "spec", "checkpoint", "data_epoch", "shard_indices", "start_digest")
     class ShardIndicesEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -123,6 +123,7 @@ class Plan(_message.Message):
     CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
     DATA_EPOCH_FIELD_NUMBER: _ClassVar[int]
     SHARD_INDICES_FIELD_NUMBER: _ClassVar[int]
+    START_DIGEST_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     round: int
     epoch: int
@@ -131,7 +132,8 @@ class Plan(_message.Message):
     checkpoint: bool
     data_epoch: int
     shard_indices: _containers.MessageMap[int, ShardIndices]
-    def __init__(self, job_id: _Optional[str] = ..., round: _Optional[int] = ..., epoch: _Optional[int] = ..., members: _Optional[_Iterable[_Union[Member, _Mapping]]] = ..., spec: _Optional[_Union[JobSpec, _Mapping]] = ..., checkpoint: _Optional[bool] = ..., data_epoch: _Optional[int] = ..., shard_indices: _Optional[_Mapping[int, ShardIndices]] = ...) -> None: ...
+    start_digest: str
+    def __init__(self, job_id: _Optional[str] = ..., round: _Optional[int] = ..., epoch: _Optional[int] = ..., members: _Optional[_Iterable[_Union[Member, _Mapping]]] = ..., spec: _Optional[_Union[JobSpec, _Mapping]] = ..., checkpoint: _Optional[bool] = ..., data_epoch: _Optional[int] = ..., shard_indices: _Optional[_Mapping[int, ShardIndices]] = ..., start_digest: _Optional[str] = ...) -> None: ...
 
 class ShardIndices(_message.Message):
     __slots__ = ("indices",)
