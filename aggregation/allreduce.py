@@ -7,6 +7,7 @@ wire from a :class:`aggregation.transport.RingLink`.
 from __future__ import annotations
 
 import time
+from typing import Iterator
 
 import numpy as np
 
@@ -39,37 +40,44 @@ def ring_allreduce(
         return
     deadline = time.monotonic() + timeout
     segs = ring.segments(buf.size, world)
-    seg_chunks = [ring.chunks(s, chunk_elems) for s in segs]
 
     def send(phase: int, step: int, span: ring.Span) -> None:
         link.send(Chunk(phase, step, span.start, buf[span.start : span.stop]))
 
-    def recv(phase: int, step: int, span: ring.Span) -> np.ndarray:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise ExchangeError(f"all-reduce deadline of {timeout:.1f}s passed")
-        got = link.recv(left)
-        if (got.phase, got.step, got.offset, got.data.size) != (phase, step, span.start, span.size):
-            raise ExchangeError(
-                f"out-of-order chunk: got phase {got.phase} step {got.step} offset {got.offset} "
-                f"size {got.data.size}, expected {phase}/{step}/{span.start}/{span.size}"
-            )
-        return got.data
+    def receive(phase: int, step: int, seg: ring.Span) -> Iterator[tuple[ring.Span, np.ndarray]]:
+        """The chunks that tile ``seg``, in order. The sender's chunk size is its own business:
+        a receiver only needs the pieces to arrive contiguously, so members may differ in it."""
+        pos = seg.start
+        while pos < seg.stop:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise ExchangeError(f"all-reduce deadline of {timeout:.1f}s passed")
+            got = link.recv(left)
+            size = got.data.size
+            if (got.phase, got.step, got.offset) != (phase, step, pos) or not 0 < size <= seg.stop - pos:
+                raise ExchangeError(
+                    f"out-of-order chunk: got phase {got.phase} step {got.step} offset {got.offset} size {size}, "
+                    f"expected phase {phase} step {step} offset {pos} (segment ends at {seg.stop})"
+                )
+            yield ring.Span(pos, pos + size), got.data
+            pos += size
 
     last = world - 2
-    for span in seg_chunks[ring.send_segment(ring.REDUCE_SCATTER, rank, 0, world)]:
+    for span in ring.chunks(segs[ring.send_segment(ring.REDUCE_SCATTER, rank, 0, world)], chunk_elems):
         send(ring.REDUCE_SCATTER, 0, span)
     for step in range(world - 1):
-        for span in seg_chunks[ring.recv_segment(ring.REDUCE_SCATTER, rank, step, world)]:
+        seg = segs[ring.recv_segment(ring.REDUCE_SCATTER, rank, step, world)]
+        for span, data in receive(ring.REDUCE_SCATTER, step, seg):
             view = buf[span.start : span.stop]
-            np.add(view, recv(ring.REDUCE_SCATTER, step, span), out=view)
+            np.add(view, data, out=view)
             if step < last:
                 send(ring.REDUCE_SCATTER, step + 1, span)
             else:  # fully reduced: start the all-gather with it at once
                 send(ring.ALL_GATHER, 0, span)
     for step in range(world - 1):
-        for span in seg_chunks[ring.recv_segment(ring.ALL_GATHER, rank, step, world)]:
-            buf[span.start : span.stop] = recv(ring.ALL_GATHER, step, span)
+        seg = segs[ring.recv_segment(ring.ALL_GATHER, rank, step, world)]
+        for span, data in receive(ring.ALL_GATHER, step, seg):
+            buf[span.start : span.stop] = data
             if step < last:
                 send(ring.ALL_GATHER, step + 1, span)
     link.close(max(0.0, deadline - time.monotonic()))

@@ -9,6 +9,7 @@ import sys
 
 import grpc
 
+from aggregation.allreduce import DEFAULT_CHUNK_ELEMS
 from peer.runner import Peer, PeerConfig
 
 
@@ -37,7 +38,10 @@ def build_config(argv: list[str] | None = None) -> tuple[PeerConfig, argparse.Na
     p.add_argument("--advertise-host", default=os.environ.get("DML_ADVERTISE_HOST", ""),
                    help="host other peers dial (default: --host, or this machine's hostname for 0.0.0.0)")
     p.add_argument("--device", default=os.environ.get("DML_DEVICE", "auto"), help="auto, cpu or cuda:N")
-    p.add_argument("--exchange-timeout-s", type=float, default=float(os.environ.get("DML_EXCHANGE_TIMEOUT_S", "30")))
+    p.add_argument("--exchange-timeout-s", type=float, default=float(os.environ.get("DML_EXCHANGE_TIMEOUT_S", "30")),
+                   help="give up on the ring when no chunk arrives for this long (default 30)")
+    p.add_argument("--chunk-elems", type=int, default=int(os.environ.get("DML_CHUNK_ELEMS", str(DEFAULT_CHUNK_ELEMS))),
+                   help=f"float32 elements per exchange chunk (default {DEFAULT_CHUNK_ELEMS}, 1 MiB; at most 1M)")
     p.add_argument("--torch-threads", type=int, default=int(os.environ.get("DML_TORCH_THREADS", "1")),
                    help="intra-op threads for torch (1 suits several peers per machine)")
     p.add_argument("--log-level", default=os.environ.get("DML_LOG_LEVEL", "INFO"))
@@ -46,12 +50,16 @@ def build_config(argv: list[str] | None = None) -> tuple[PeerConfig, argparse.Na
         p.error("--coordinator HOST:PORT is required")
     if not 0 <= a.port <= 65535:
         p.error(f"--port must be 0..65535, got {a.port}")
+    if not 1 <= a.chunk_elems <= 1 << 20:
+        p.error(f"--chunk-elems must be 1..{1 << 20} (4 MiB messages), got {a.chunk_elems}")
+    if not a.exchange_timeout_s > 0:
+        p.error("--exchange-timeout-s must be positive")
     try:
         device = resolve_device(a.device)
     except ValueError as e:
         p.error(str(e))
     cfg = PeerConfig(coordinator=a.coordinator, host=a.host, port=a.port, advertise_host=a.advertise_host,
-                     device=device, exchange_timeout_s=a.exchange_timeout_s)
+                     device=device, exchange_timeout_s=a.exchange_timeout_s, chunk_elems=a.chunk_elems)
     return cfg, a
 
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import grpc
 import numpy as np
 
+from aggregation.allreduce import DEFAULT_CHUNK_ELEMS
 from aggregation.averaging import digest, weighted_ring_average
 from aggregation.transport import ExchangeError
 from coordinator.planner import shard_order
@@ -37,8 +38,9 @@ class PeerConfig:
     port: int = 0
     advertise_host: str = ""  # host others dial; defaults to --host (or the hostname for 0.0.0.0)
     device: str = "cpu"
-    exchange_timeout_s: float = 30.0
+    exchange_timeout_s: float = 30.0  # longest wait for the next chunk from the ring predecessor
     plan_wait_s: float = 5.0
+    chunk_elems: int = DEFAULT_CHUNK_ELEMS  # float32 elements per wire chunk (1 MiB)
 
 
 @dataclass
@@ -311,6 +313,14 @@ class Peer:
         except (grpc.RpcError, Evicted) as e:
             log.warning("peer %s: could not report the failure: %s", self.peer_id, e)
 
+    def _make_link(self, plan: types_pb2.Plan, rank: int) -> GrpcRingLink:
+        """The ring link for this round (a seam for fault-injection tests)."""
+        world = len(plan.members)
+        succ = plan.members[(rank + 1) % world]
+        return GrpcRingLink(self.servicer, (plan.job_id, plan.round, plan.epoch), self.peer_id,
+                            plan.members[(rank - 1) % world].peer_id, succ.peer_id, succ.address,
+                            self._round_deadline_s, self._abort, idle_timeout_s=self.config.exchange_timeout_s)
+
     def _train_and_average(self, plan: types_pb2.Plan, rank: int, tag: str) -> None:
         world = len(plan.members)
         t0 = time.monotonic()
@@ -319,13 +329,11 @@ class Peer:
         t_train = time.monotonic()
         res = trainer.train_on(samples, plan.spec.batch_size)
         t1 = time.monotonic()
-        succ = plan.members[(rank + 1) % world]
-        link = GrpcRingLink(self.servicer, (plan.job_id, plan.round, plan.epoch), self.peer_id,
-                            plan.members[(rank - 1) % world].peer_id, succ.peer_id, succ.address,
-                            self._round_deadline_s, self._abort, idle_timeout_s=self.config.exchange_timeout_s)
+        link = self._make_link(plan, rank)
         buf = trainer.host_buffer()
         try:
-            weighted_ring_average(buf, float(res.samples), rank, world, link, self._round_deadline_s)
+            weighted_ring_average(buf, float(res.samples), rank, world, link, self._round_deadline_s,
+                                  self.config.chunk_elems)
         finally:
             link.shutdown()
         trainer.load_host_buffer(buf)

@@ -1,0 +1,83 @@
+"""Faults injected in-process at exact points (hivemind style: subclass the runner), over real
+gRPC on 127.0.0.1:0. The peer timeout is long (20 s) so any quick recovery seen here comes from
+the neighbours' reports, not from missed heartbeats."""
+from __future__ import annotations
+
+import threading
+import time
+
+from aggregation.transport import Chunk
+from coordinator.service import CoordinatorConfig
+from coordinator.spec import JobSpec
+from dml.v1 import jobs_pb2, types_pb2
+from peer.exchange import GrpcRingLink
+from peer.runner import Peer, PeerConfig
+from tests.integration.helpers import (assert_state_dicts_identical, coordinator, fetch_state, job_stub, peers,
+                                       wait_for)
+from tests.integration.test_cluster import _job, _submit
+
+SLOW_HEARTBEAT_EVICTION = CoordinatorConfig(heartbeat_interval_ms=200, peer_timeout_ms=20_000, tick_ms=100)
+
+
+class Crash(Exception):
+    """Raised in the victim's thread when it 'dies'."""
+
+
+class CrashingPeer(Peer):
+    """Dies (server gone, heartbeats stop, streams cut) after sending ``after_chunks`` chunks of
+    the all-reduce of round ``at_round`` — in the middle of the exchange."""
+
+    def __init__(self, config: PeerConfig, at_round: int, after_chunks: int) -> None:
+        super().__init__(config)
+        self.at_round, self.after_chunks = at_round, after_chunks
+        self.crashed = threading.Event()
+
+    def _make_link(self, plan, rank) -> GrpcRingLink:
+        link = super()._make_link(plan, rank)
+        if plan.round != self.at_round or self.crashed.is_set():
+            return link
+        peer, sent = self, [0]
+        real_send = link.send
+
+        def send(chunk: Chunk) -> None:
+            if sent[0] == peer.after_chunks:
+                peer.crashed.set()
+                peer.stop_event.set()  # no more heartbeats
+                peer._server.stop(0)  # incoming streams die, the port closes
+                link.shutdown()  # the outgoing stream is cut
+                raise Crash("crashed mid-exchange")
+            sent[0] += 1
+            real_send(chunk)
+
+        link.send = send  # type: ignore[method-assign]
+        return link
+
+
+def test_peer_dying_mid_exchange_is_evicted_at_once_and_survivors_agree():
+    spec = JobSpec(rounds=25, local_steps=5, min_peers=2)
+    with coordinator(timing=SLOW_HEARTBEAT_EVICTION) as srv, peers(srv.address, 2) as ps:
+        victim = CrashingPeer(PeerConfig(coordinator=srv.address, plan_wait_s=1.0, chunk_elems=512),
+                              at_round=5, after_chunks=6).start()
+        try:
+            victim.run_in_thread()
+            stub = job_stub(srv.address)
+            assert srv.coordinator.view(lambda st: len(st.live_idle())) == 3
+            jid = _submit(stub, spec)
+            wait_for(victim.crashed.is_set, 60, "the victim to crash mid-exchange")
+            t_crash = time.monotonic()
+            wait_for(lambda: victim.peer_id not in _job(stub, jid).job.peers, 10, "eviction")
+            detected_s = time.monotonic() - t_crash
+            assert detected_s < 5, f"eviction took {detected_s:.1f}s: not via the neighbours' report"
+            wait_for(lambda: _job(stub, jid).job.state == types_pb2.JOB_STATE_SUCCEEDED, 90, "job to succeed")
+        finally:
+            victim.stop()
+        resp = _job(stub, jid, history=True)
+        assert [r.round for r in resp.history] == list(range(1, 26))
+        assert resp.history[4].members == 2, "round 5 was re-run by the survivors"
+        got = [fetch_state(p.address, jid, 25) for p in ps]
+        assert got[0][0] == got[1][0] == resp.history[-1].digest
+        assert_state_dicts_identical([g[1] for g in got])
+        from tests.integration.helpers import ledger_problems
+        from coordinator.jobctl import history_dict
+
+        assert ledger_problems([history_dict(r) for r in resp.history], spec) == []
