@@ -338,7 +338,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     def common(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("--coordinator", default=env_coord, help="coordinator HOST:PORT (env DML_COORDINATOR)")
-        sp.add_argument("--timeout", type=float, default=5.0, help="deadline per call in seconds")
+        sp.add_argument("--timeout", type=_positive_float, default=15.0,
+                        help="deadline per call in seconds (an unreachable address fails at once)")
 
     sp = sub.add_parser("submit", help="submit a job; prints its id on the last line")
     common(sp)

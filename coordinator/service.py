@@ -27,7 +27,11 @@ from peer.tasks import get_task
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-__all__ = ["Coordinator", "CoordinatorConfig", "NotFound", "Stale"]
+__all__ = ["Coordinator", "CoordinatorConfig", "NotFound", "ShuttingDown", "Stale"]
+
+
+class ShuttingDown(Exception):
+    """The coordinator is stopping; clients should retry (UNAVAILABLE)."""
 
 
 @dataclass(frozen=True)
@@ -61,6 +65,7 @@ class Coordinator:
         self._ckpt_dir = checkpoint_dir
         self._clock = clock
         self._cond = threading.Condition()
+        self._closed = False
         self.state = ClusterState(config.peer_timeout_ms, lambda s: [int(x.size) for x in job_shards(s)],
                                   config.round_deadline_ms)
         jobs, peers = store.load()
@@ -82,6 +87,8 @@ class Coordinator:
 
     def _apply(self, changes: Changes) -> None:
         """Persists what changed and wakes waiters. Call with the condition held."""
+        if self._closed:
+            raise ShuttingDown("the coordinator is shutting down; retry against the restarted one")
         st = self.state
         if changes.jobs or changes.peers or changes.removed_peers or changes.committed:
             self._store.save(
@@ -233,6 +240,7 @@ class Coordinator:
                 self._cond.wait(left)
 
     def close(self) -> None:
-        """Closes the store."""
+        """Closes the store; later changes fail with ShuttingDown."""
         with self._cond:
+            self._closed = True
             self._store.close()

@@ -11,7 +11,7 @@ from typing import Iterator
 
 import grpc
 
-from coordinator.service import Coordinator
+from coordinator.service import Coordinator, ShuttingDown
 from coordinator.spec import InvalidSpec, JobSpec
 from coordinator.state import BadReport, Job, NotFound, Report, RoundRecord, Stale
 from dml.v1 import control_pb2, control_pb2_grpc, jobs_pb2, jobs_pb2_grpc, types_pb2
@@ -44,6 +44,8 @@ def _status(context: grpc.ServicerContext) -> Iterator[None]:
         context.abort(grpc.StatusCode.NOT_FOUND, str(e))
     except Stale as e:
         context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
+    except ShuttingDown as e:
+        context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
 
 
 def spec_to_pb(s: JobSpec) -> types_pb2.JobSpec:
