@@ -13,7 +13,6 @@ import time
 
 import pytest
 
-from coordinator.jobctl import history_dict  # noqa: F401 (documents the history format used)
 from coordinator.spec import JobSpec
 from tests.e2e.conftest import dml, status, wait_status
 from tests.integration.helpers import assert_state_dicts_identical, fetch_state, ledger_problems
@@ -46,7 +45,7 @@ def _check_finished_job(procs, job: str, baseline_acc: float, live: int) -> dict
     assert sum(r["samples"] for r in hist) == end["samples"]
     # Every peer still registered holds the final round, bit for bit, under the committed digest.
     got = []
-    for pid, addr in procs.peer_addresses().items():
+    for addr in procs.peer_addresses().values():
         try:
             got.append(fetch_state(addr, job, ROUNDS))
         except Exception:  # noqa: BLE001 - dead or evicted peers have nothing to serve

@@ -9,7 +9,7 @@ import time
 from aggregation.transport import Chunk
 from coordinator.service import CoordinatorConfig
 from coordinator.spec import JobSpec
-from dml.v1 import jobs_pb2, types_pb2
+from dml.v1 import types_pb2
 from peer.exchange import GrpcRingLink
 from peer.runner import Peer, PeerConfig
 from tests.integration.helpers import (assert_state_dicts_identical, coordinator, fetch_state, job_stub, peers,
