@@ -460,7 +460,7 @@ def analyse(ev: Event, obs: list[Obs], cluster: Cluster, off: float, until_wall:
     ``until_wall``: when the next failure was injected (collateral evictions are looked for before it)."""
     ev.collateral = [f"{pid} ({cause}) at +{w - ev.wall:.2f}s"
                      for w, pid, cause in evictions(cluster.logs, ev.wall, min(until_wall, ev.wall + 10.0))
-                     if ev.victim_id not in pid]
+                     if not ev.victim_id or ev.victim_id not in pid]
     horizon = ev.t + 60.0
     det: Obs | None = None
     if ev.kind in ("sigkill", "sigstop"):
@@ -775,6 +775,11 @@ def measure(name: str, a: argparse.Namespace, spec: JobSpec, events: list[Event]
                            "recovery_p50_s": percentile(kr, 50), "recovery_p95_s": percentile(kr, 95),
                            "unmeasured": sum(1 for e in ks if e.detection_s is None or e.recovery_s is None)}
     final_acc = by_round[r1].test_accuracy if r1 in by_round else None
+    edge = min(30.0, span / 3)
+
+    def rate(t0: float, t1: float) -> float | None:
+        o0, o1 = last_before(obs, t0), last_before(obs, t1)
+        return (o1.round - o0.round) / (t1 - t0) if o0 and o1 and t1 > t0 else None
     return {
         "run": name,
         "job_id": resp.job.job_id,
@@ -803,6 +808,8 @@ def measure(name: str, a: argparse.Namespace, spec: JobSpec, events: list[Event]
         "goodput_samples_per_s": window_samples / span if span > 0 else None,
         "final_test_accuracy": final_acc,
         "final_round": r1,
+        "rounds_per_s_first_last": [rate(t_start, t_start + edge), rate(t_end - edge, t_end)],
+        "rate_edge_s": edge,
         "longest_commit_gap_s": max(gaps_s) if gaps_s else None,
         "monitor_unanswered_polls": len(down),
         "membership_epochs": (at_end.epoch if at_end else 0),
@@ -869,6 +876,9 @@ def table(c: dict[str, Any], b: dict[str, Any], a: argparse.Namespace, t: dict[s
     row("ledger violations", str(c["ledger_violations"]), str(b["ledger_violations"]), f"0 {ok('ledger')}")
     row("goodput (committed samples/s)", _f(c["goodput_samples_per_s"], ".0f"), _f(b["goodput_samples_per_s"], ".0f"),
         f">= {TARGETS['goodput_ratio']:.0%} of failure-free: {_f(t['goodput_ratio'], '.1%')} {ok('goodput')}")
+    fl_c, fl_b = c["rounds_per_s_first_last"], b.get("rounds_per_s_first_last") or [None, None]
+    row(f"rounds/s, first / last {c['rate_edge_s']:.0f} s of the window", f"{_f(fl_c[0], '.1f')} / {_f(fl_c[1], '.1f')}",
+        f"{_f(fl_b[0], '.1f')} / {_f(fl_b[1], '.1f')}")
     row("longest gap between commits (s)", _f(c["longest_commit_gap_s"]), _f(b["longest_commit_gap_s"]))
     row("final test accuracy (last round in window)", _f(c["final_test_accuracy"], ".4f"), _f(b["final_test_accuracy"], ".4f"))
     row("data epochs / membership epochs", f"{c['data_epochs']} / {c['membership_epochs']}",
@@ -914,6 +924,7 @@ def main() -> int:
     p.add_argument("--every-s", type=float, default=15.0, help="one failure this often (default 15)")
     p.add_argument("--seed", type=int, default=0, help="seeds the failure kinds and victims")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    p.add_argument("--json-out", type=pathlib.Path, default=None, help="also write the JSON object to this file")
     p.add_argument("--kinds", default=",".join(KINDS), help=f"failure kinds to use (default {','.join(KINDS)})")
     p.add_argument("--stop-s", type=float, default=None,
                    help="how long a SIGSTOPped peer stays stopped (default: peer timeout + 2 s)")
@@ -966,7 +977,8 @@ def main() -> int:
     if b is None:
         b = {k: (None if not isinstance(v, (list, dict, str, bool)) else v) for k, v in c.items()}
         b.update(run="failure-free (skipped)", failures=0, rounds_lost="-", ledger_violations="-", round_numbers_ok=True,
-                 rounds_rewritten=[], logs="-", data_epochs="-", membership_epochs="-")
+                 rounds_rewritten=[], logs="-", data_epochs="-", membership_epochs="-", evictions_in_window=[],
+                 rounds_per_s_first_last=[None, None], load_1min_start_end=None)
     t = targets(c, b)
     out = {"config": {"peers": a.peers, "duration_s": a.duration_s, "every_s": a.every_s, "seed": a.seed,
                       "kinds": a.kinds, "stop_s": a.stop_s, "work_dir": str(work),
@@ -975,6 +987,8 @@ def main() -> int:
            "chaos": {k: v for k, v in c.items() if not k.startswith("_")},
            "failure_free": {k: v for k, v in b.items() if not k.startswith("_")},
            "targets": TARGETS, "met": t}
+    if a.json_out is not None:
+        a.json_out.write_text(json.dumps(out, default=str, indent=1))
     if a.json:
         print(json.dumps(out, default=str))
     else:
