@@ -745,8 +745,8 @@ def measure(name: str, a: argparse.Namespace, spec: JobSpec, events: list[Event]
     lost_rounds |= {c["round_before_kill"] for c in kill_checks if not c["in_final_history_same_digest"]}
     rounds_lost = len(lost_rounds) + sum(1 for c in kill_checks if not c["not_behind_after_restart"])
     sizes = [int(s.size) for s in job_shards(with_defaults(spec))]
-    ledger = violations([(h.data_epoch, [(x.shard_id, x.start, x.stop)
-                                         for m in sorted(h.consumed, key=lambda m: m.peer_id) for x in m.ranges])
+    ledger = violations([[(x.shard_id, x.data_epoch, x.start, x.stop)
+                          for m in sorted(h.consumed, key=lambda m: m.peer_id) for x in m.ranges]
                          for h in hist], sizes)
     at_start, at_end = last_before(obs, t_start), last_before(obs, t_end)
     r0 = at_start.round if at_start else 0

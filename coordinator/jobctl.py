@@ -90,7 +90,8 @@ def history_dict(r: types_pb2.RoundMetrics) -> dict[str, Any]:
     return {"round": r.round, "epoch": r.epoch, "train_loss": r.train_loss, "test_accuracy": r.test_accuracy,
             "samples": r.samples, "members": r.members, "duration_ms": r.duration_ms, "digest": r.digest,
             "data_epoch": r.data_epoch,
-            "consumed": {m.peer_id: [[x.shard_id, x.start, x.stop] for x in m.ranges] for m in r.consumed}}
+            "consumed": {m.peer_id: [[x.shard_id, x.data_epoch, x.start, x.stop] for x in m.ranges]
+                         for m in r.consumed}}
 
 
 def fmt_metric(x: float | None, spec: str = ".4f") -> str:

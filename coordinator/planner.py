@@ -109,32 +109,43 @@ def add_peers(assign: Assignment, new: list[str], sizes: list[int]) -> Assignmen
 
 
 # -- sample allocation: which samples each member trains on in a round -------------------------
-Range = tuple[int, int, int]  # (shard id, start, stop) in the shard's order for its data epoch
+# Each shard is read in passes (its own data epochs); pass e visits the shard in the order
+# shard_order(..., e, shard). A cursor (pass, position) says where the committed rounds stopped.
+Range = tuple[int, int, int, int]  # (shard id, pass, start, stop) in that pass's order
+Cursor = tuple[int, int]  # (pass, position); a shard not yet read is at (1, 0)
 
 
 def shard_order(indices: np.ndarray, seed: int, data_epoch: int, shard_id: int) -> np.ndarray:
-    """The order a shard's samples are visited in during one data epoch (same on every peer)."""
+    """The order a shard's samples are visited in during one pass (same on every peer)."""
     return np.random.default_rng([seed, data_epoch, shard_id]).permutation(indices)
 
 
-def allocate(assign: Assignment, sizes: list[int], cursors: dict[int, int], budget: int) -> dict[str, list[Range]]:
-    """Gives each member up to ``budget`` samples from its own shards, continuing each shard
-    where its cursor stands. A member whose shards are exhausted gets nothing this round."""
+def advance(cursors: dict[int, Cursor], ranges: list[Range], sizes: list[int]) -> None:
+    """Moves the cursors past ``ranges`` (in order); a finished pass starts the next one."""
+    for shard, epoch, _, stop in ranges:
+        cursors[shard] = (epoch + 1, 0) if stop >= sizes[shard] else (epoch, stop)
+
+
+def allocate(assign: Assignment, sizes: list[int], cursors: dict[int, Cursor], budget: int) -> dict[str, list[Range]]:
+    """Gives each member ``budget`` samples from its own shards, continuing where the committed
+    cursors stand: always from its least-read shard (lowest pass, then lowest id), starting the
+    shard's next pass when one ends, so every round is full and shards advance evenly."""
     out: dict[str, list[Range]] = {}
     for peer, shards in assign.items():
+        live = [s for s in shards if sizes[s] > 0]
+        cur = {s: cursors.get(s, (1, 0)) for s in live}
         left, ranges = budget, []
-        for s in sorted(shards):
-            start = cursors.get(s, 0)
-            take = min(left, sizes[s] - start)
-            if take > 0:
-                ranges.append((s, start, start + take))
-                left -= take
-            if left == 0:
-                break
+        while left > 0 and live:
+            s = min(live, key=lambda x: (cur[x][0], x))
+            epoch, pos = cur[s]
+            take = min(left, sizes[s] - pos)
+            ranges.append((s, epoch, pos, pos + take))
+            left -= take
+            cur[s] = (epoch + 1, 0) if pos + take >= sizes[s] else (epoch, pos + take)
         out[peer] = ranges
     return out
 
 
-def remaining(sizes: list[int], cursors: dict[int, int]) -> int:
-    """Samples not yet visited in the current data epoch."""
-    return sum(size - cursors.get(s, 0) for s, size in enumerate(sizes))
+def data_epoch(cursors: dict[int, Cursor], num_shards: int) -> int:
+    """The pass every shard has reached (1 until each shard was read through once)."""
+    return min((cursors.get(s, (1, 0))[0] for s in range(num_shards)), default=1)

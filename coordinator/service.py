@@ -72,8 +72,11 @@ class Coordinator:
         now = self.now_ms()
         for j in jobs:
             self.state.jobs[j.job_id] = j
+            if j.state in ("PENDING", "RUNNING"):
+                job_shards(j.spec)  # load the data now, not under the lock at the first commit
         for p in peers:
-            p.last_seen_ms = now  # a restart grants every known peer a fresh lease
+            # A restart grants every known peer a lease of two timeouts: their reconnects back off.
+            p.last_seen_ms = now + config.peer_timeout_ms
             job = self.state.jobs.get(p.job_id)
             if job is None or job.state != "RUNNING" or p.peer_id not in job.members:
                 p.job_id = ""
@@ -208,6 +211,7 @@ class Coordinator:
         """Validates (InvalidSpec) and queues a job."""
         spec = with_defaults(spec)
         validate(spec)
+        job_shards(spec)  # cut the shards outside the lock
         with self._cond:
             jid, ch = self.state.submit(spec, self.now_ms())
             self._apply(ch)

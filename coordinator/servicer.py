@@ -73,8 +73,8 @@ def _finite(x: float) -> float:
 
 
 def ranges_to_pb(ranges: list[list[int]]) -> list[types_pb2.SampleRange]:
-    """[shard, start, stop] triples as protos."""
-    return [types_pb2.SampleRange(shard_id=s, start=a, stop=b) for s, a, b in ranges]
+    """[shard, pass, start, stop] ranges as protos."""
+    return [types_pb2.SampleRange(shard_id=s, data_epoch=e, start=a, stop=b) for s, e, a, b in ranges]
 
 
 def round_to_pb(r: RoundRecord, ledger: bool = False) -> types_pb2.RoundMetrics:
@@ -211,7 +211,7 @@ class PeerControlServicer(control_pb2_grpc.PeerControlServicer):
                              shard_ids=job.assignment.get(m, []), samples=ranges_to_pb(job.allocation.get(m, [])))
             for m in job.members
         ]
-        mine = {s for s, _, _ in job.allocation.get(peer_id, [])}
+        mine = {r[0] for r in job.allocation.get(peer_id, [])}
         return types_pb2.Plan(
             job_id=job.job_id, round=job.round, epoch=job.epoch, members=members, spec=spec_to_pb(job.spec),
             checkpoint=job.wants_checkpoint(job.round), data_epoch=job.data_epoch, start_digest=job.start_digest,

@@ -69,6 +69,8 @@ def validate(spec: JobSpec) -> None:
         raise InvalidSpec(f"local_steps must be at least 1, got {spec.local_steps}")
     if spec.batch_size < 1:
         raise InvalidSpec(f"batch_size must be at least 1, got {spec.batch_size}")
+    if spec.local_steps * spec.batch_size > 10**8:
+        raise InvalidSpec("local_steps x batch_size must be at most 100M samples per round")
     if not 0 < spec.learning_rate < 100:
         raise InvalidSpec(f"learning_rate must be in (0, 100), got {spec.learning_rate}")
     if spec.min_peers < 1:

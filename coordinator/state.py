@@ -13,9 +13,9 @@ changed; the caller (``coordinator.service``) persists, wakes waiters and logs. 
 - A round running past ``round_deadline_ms`` evicts the members that did not report (or, if
   none did, is re-issued under a new epoch).
 - Sample ledger: each round is allocated contiguous ranges of each member's shards (continuing
-  the committed cursors of the data epoch); a commit advances the cursors and records the ranges,
-  a re-issued round re-allocates from the committed cursors, so every sample is used exactly once
-  per data epoch in committed rounds whatever failed.
+  each shard's committed cursor: pass and position); a commit advances the cursors and records
+  the ranges, a re-issued round re-allocates from the committed cursors, so every sample is used
+  exactly once per pass in committed rounds whatever failed.
 """
 from __future__ import annotations
 
@@ -88,8 +88,8 @@ class RoundRecord:
     duration_ms: int
     members: list[str]
     committed_ms: int
-    data_epoch: int = 1
-    consumed: dict[str, list[list[int]]] = field(default_factory=dict)  # peer -> [shard, start, stop]
+    data_epoch: int = 1  # the pass every shard had reached when the round committed
+    consumed: dict[str, list[list[int]]] = field(default_factory=dict)  # peer -> [shard, pass, start, stop]
 
 
 @dataclass
@@ -114,8 +114,8 @@ class Job:
     checkpoint_digest: str = ""
     pending_checkpoint: tuple[int, str] | None = None  # (round, digest) uploaded, not yet committed
     mismatches: int = 0
-    data_epoch: int = 1
-    cursors: dict[int, int] = field(default_factory=dict)  # shard -> committed position in its order
+    data_epoch: int = 1  # the pass every shard has reached
+    cursors: dict[int, tuple[int, int]] = field(default_factory=dict)  # shard -> committed (pass, position)
     allocation: dict[str, list[list[int]]] = field(default_factory=dict)  # this round: peer -> ranges
     waiting_since_ms: int = 0  # when the job fell below min_peers (0: not waiting)
     holders: list[str] = field(default_factory=list)  # live peers known to hold the committed round
@@ -129,7 +129,7 @@ class Job:
 
     def allocated(self, peer_id: str) -> int:
         """Samples allocated to a member in the current round."""
-        return sum(stop - start for _, start, stop in self.allocation.get(peer_id, []))
+        return sum(stop - start for _, _, start, stop in self.allocation.get(peer_id, []))
 
     @property
     def round(self) -> int:
@@ -330,18 +330,17 @@ class ClusterState:
         job.history = job.history[: job.checkpoint_round]
         job.committed_round = job.checkpoint_round
         job.samples = sum(r.samples for r in job.history)
-        job.data_epoch = job.history[-1].data_epoch if job.history else 1
+        sizes = self._shard_sizes(job.spec)
         job.cursors = {}
         for r in job.history:
-            if r.data_epoch == job.data_epoch:
-                for ranges in r.consumed.values():
-                    for shard, _, stop in ranges:
-                        job.cursors[shard] = stop
+            for ranges in r.consumed.values():
+                planner.advance(job.cursors, [tuple(x) for x in ranges], sizes)  # type: ignore[misc]
+        job.data_epoch = planner.data_epoch(job.cursors, len(sizes))
         job.rolled_back_rounds += lost
 
     def _issue(self, job: Job, now_ms: int) -> None:
         """(Re)starts the current round: clears reports and allocates samples from the
-        committed cursors, opening a new data epoch when the last one is used up."""
+        committed cursors."""
         self._rollback_if_orphaned(job)
         job.reports = {}
         job.pending_checkpoint = None
@@ -351,9 +350,6 @@ class ClusterState:
             job.allocation = {}
             return
         sizes = self._shard_sizes(job.spec)
-        if planner.remaining(sizes, job.cursors) == 0:
-            job.data_epoch += 1
-            job.cursors = {}
         alloc = planner.allocate(job.assignment, sizes, job.cursors, job.spec.local_steps * job.spec.batch_size)
         job.allocation = {p: [list(r) for r in rs] for p, rs in alloc.items()}
 
@@ -480,12 +476,12 @@ class ClusterState:
             duration_ms=now_ms - job.round_started_ms,
             members=list(job.members),
             committed_ms=now_ms,
-            data_epoch=job.data_epoch,
             consumed={p: [list(r) for r in rs] for p, rs in job.allocation.items()},
         )
+        sizes = self._shard_sizes(job.spec)
         for ranges in job.allocation.values():
-            for shard, _, stop in ranges:
-                job.cursors[shard] = stop
+            planner.advance(job.cursors, [tuple(r) for r in ranges], sizes)  # type: ignore[misc]
+        job.data_epoch = rec.data_epoch = planner.data_epoch(job.cursors, len(sizes))
         job.history.append(rec)
         job.samples += samples
         job.committed_round = rec.round

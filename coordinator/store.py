@@ -10,7 +10,7 @@ import json
 import pathlib
 import sqlite3
 import threading
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from typing import Any, Iterable, Protocol
 
 from coordinator.spec import JobSpec
@@ -18,10 +18,11 @@ from coordinator.state import Job, PeerRecord, Report, RoundRecord
 
 
 def job_to_dict(job: Job) -> dict[str, Any]:
-    """A job without its history (stored separately), as JSON-friendly data."""
-    d = asdict(job)
-    d.pop("history")
+    """A job without its history (stored separately, and never copied here: this runs on every
+    save, and the history grows with every round), as JSON-friendly data."""
+    d = {f.name: getattr(job, f.name) for f in fields(job) if f.name != "history"}
     d["spec"] = job.spec.to_dict()
+    d["reports"] = {k: asdict(v) for k, v in job.reports.items()}
     return d
 
 
@@ -31,7 +32,7 @@ def job_from_dict(d: dict[str, Any], history: list[RoundRecord]) -> Job:
     d["spec"] = JobSpec.from_dict(d["spec"])
     d["reports"] = {k: Report(**v) for k, v in d.get("reports", {}).items()}
     d["assignment"] = {k: list(v) for k, v in d.get("assignment", {}).items()}
-    d["cursors"] = {int(k): int(v) for k, v in d.get("cursors", {}).items()}  # JSON keys are strings
+    d["cursors"] = {int(k): (int(v[0]), int(v[1])) for k, v in d.get("cursors", {}).items()}  # JSON keys are strings
     pc = d.get("pending_checkpoint")
     d["pending_checkpoint"] = tuple(pc) if pc else None
     return Job(history=history, **d)

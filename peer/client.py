@@ -27,7 +27,13 @@ class ControlClient:
 
     def __init__(self, address: str, stop: threading.Event) -> None:
         self.address = address
-        self.channel = grpc.insecure_channel(address, options=[("grpc.max_receive_message_length", 64 << 20)])
+        self.channel = grpc.insecure_channel(address, options=[
+            ("grpc.max_receive_message_length", 64 << 20),
+            # Reconnect quickly after a coordinator restart (gRPC's default backoff starts at 1 s).
+            ("grpc.initial_reconnect_backoff_ms", 100),
+            ("grpc.min_reconnect_backoff_ms", 100),
+            ("grpc.max_reconnect_backoff_ms", 1000),
+        ])
         self.stub = control_pb2_grpc.PeerControlStub(self.channel)
         self._stop = stop
 
@@ -48,7 +54,7 @@ class ControlClient:
                 log.info("%s: coordinator %s unavailable (%s); retrying in %.1fs", what, self.address, code, delay)
                 if self._stop.wait(delay):
                     raise
-                delay = min(delay * 2, 2.0) * (0.8 + 0.4 * random.random())
+                delay = min(delay * 2, 1.0) * (0.8 + 0.4 * random.random())
 
     def register(self, address: str, device: str, memory_bytes: int) -> control_pb2.RegisterPeerResponse:
         """Registers this peer."""

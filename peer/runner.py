@@ -277,7 +277,7 @@ class Peer:
         parts = []
         for r in plan.members[rank].samples:
             indices = np.asarray(plan.shard_indices[r.shard_id].indices, dtype=np.int64)
-            parts.append(shard_order(indices, plan.spec.seed, plan.data_epoch, r.shard_id)[r.start : r.stop])
+            parts.append(shard_order(indices, plan.spec.seed, r.data_epoch, r.shard_id)[r.start : r.stop])
         return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
 
     def _run_round(self, plan: types_pb2.Plan) -> None:

@@ -3,6 +3,8 @@
 Each test checks what the product promises: the job succeeds, every committed round is there
 exactly once, the live peers end bit-identical, the sample ledger holds (each sample once per
 data epoch in committed rounds), and the final accuracy is within 1 point of a failure-free run.
+"Final accuracy" is the mean over the last 10 committed rounds: one round's accuracy on the 360
+test images moves by a point from round to round, failures or not.
 """
 from __future__ import annotations
 
@@ -19,7 +21,8 @@ from tests.integration.helpers import assert_state_dicts_identical, fetch_state,
 
 pytestmark = pytest.mark.e2e
 
-ROUNDS = 150
+ROUNDS = 200
+FINAL_ROUNDS = 10
 SPEC = JobSpec(rounds=ROUNDS, min_peers=2)
 SUBMIT = ["--rounds", str(ROUNDS), "--min-peers", "2"]
 
@@ -34,6 +37,10 @@ def _history(address: str, job: str) -> list[dict]:
     out = dml("status", "--coordinator", address, job, "--json", "--history")
     assert out.returncode == 0, out.stderr
     return json.loads(out.stdout)["history"]
+
+
+def _final_accuracy(hist: list[dict]) -> float:
+    return sum(r["test_accuracy"] for r in hist[-FINAL_ROUNDS:]) / FINAL_ROUNDS
 
 
 def _check_finished_job(procs, job: str, baseline_acc: float, live: int) -> dict:
@@ -53,7 +60,7 @@ def _check_finished_job(procs, job: str, baseline_acc: float, live: int) -> dict
     assert len(got) >= live, f"only {len(got)} peers hold round {ROUNDS}"
     assert {g[0] for g in got} == {hist[-1]["digest"]}
     assert_state_dicts_identical([g[1] for g in got])
-    acc = end["metrics"]["test_accuracy"]
+    acc = _final_accuracy(hist)
     assert abs(acc - baseline_acc) <= 0.01, f"accuracy {acc:.4f} vs failure-free {baseline_acc:.4f}"
     return end
 
@@ -73,8 +80,8 @@ def baseline_acc(tmp_path_factory):
                 for _ in range(n):
                     p.start_peer()
                 job = _submit(p.address, "--min-peers", str(n))
-                end = wait_status(p.address, job, lambda s: s["state"] == "SUCCEEDED", 240, "baseline")
-                cache[n] = float(end["metrics"]["test_accuracy"])
+                wait_status(p.address, job, lambda s: s["state"] == "SUCCEEDED", 240, "baseline")
+                cache[n] = _final_accuracy(_history(p.address, job))
             finally:
                 p.reap()
         return cache[n]

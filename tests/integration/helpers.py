@@ -84,5 +84,5 @@ def ledger_problems(history: list[dict], spec=None) -> list[str]:
     from coordinator.spec import JobSpec
 
     sizes = [int(s.size) for s in job_shards(spec or JobSpec())]
-    rounds = [(r["data_epoch"], [tuple(x) for m in sorted(r["consumed"]) for x in r["consumed"][m]]) for r in history]
+    rounds = [[tuple(x) for m in sorted(r["consumed"]) for x in r["consumed"][m]] for r in history]
     return violations(rounds, sizes)

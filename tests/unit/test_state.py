@@ -122,7 +122,8 @@ def test_round_commits_only_when_every_member_reported_the_same_digest() -> None
     a, b, c = peers
     job.round_started_ms = 100
     # Uneven allocations (as at the end of a data epoch) so the loss must be sample-weighted.
-    job.allocation = {a: [[0, 0, 10]], b: [[1, 0, 10], [2, 0, 10], [3, 0, 10]], c: [[4, 0, 10], [5, 0, 10]]}
+    job.allocation = {a: [[0, 1, 0, 10]], b: [[1, 1, 0, 10], [2, 1, 0, 10], [3, 1, 0, 10]],
+                      c: [[4, 1, 0, 10], [5, 1, 0, 10]]}
     with pytest.raises(BadReport):
         s.report(a, job.job_id, 1, 1, rep("d", samples=11), 120)
     assert s.report(a, job.job_id, 1, 1, rep("d", samples=10, loss=1.0), 150).committed == ()
@@ -482,8 +483,12 @@ def check_invariants(s: ClusterState, last: dict[str, tuple[int, int]]) -> None:
     owner: dict[str, str] = {}
     for job in s.jobs.values():
         prev_epoch, prev_round = last.get(job.job_id, (0, 0))
-        assert job.epoch >= prev_epoch and job.committed_round >= prev_round
-        last[job.job_id] = (job.epoch, job.committed_round)
+        # Committed rounds only go back by an explicit, counted rollback to the checkpoint.
+        progress = job.committed_round + job.rolled_back_rounds
+        assert job.epoch >= prev_epoch and progress >= prev_round
+        if job.rolled_back_rounds:
+            assert job.committed_round >= job.checkpoint_round
+        last[job.job_id] = (job.epoch, progress)
         assert [h.round for h in job.history] == list(range(1, job.committed_round + 1))
         if job.state in FINISHED or job.state == PENDING:
             assert job.members == []

@@ -51,14 +51,16 @@ class JobSpec(_message.Message):
     def __init__(self, task: _Optional[str] = ..., rounds: _Optional[int] = ..., local_steps: _Optional[int] = ..., batch_size: _Optional[int] = ..., learning_rate: _Optional[float] = ..., min_peers: _Optional[int] = ..., sharding: _Optional[str] = ..., aggregation: _Optional[str] = ..., seed: _Optional[int] = ..., num_shards: _Optional[int] = ..., checkpoint_every_rounds: _Optional[int] = ..., peer_grace_s: _Optional[int] = ...) -> None: ...
 
 class SampleRange(_message.Message):
-    __slots__ = ("shard_id", "start", "stop")
+    __slots__ = ("shard_id", "start", "stop", "data_epoch")
     SHARD_ID_FIELD_NUMBER: _ClassVar[int]
     START_FIELD_NUMBER: _ClassVar[int]
     STOP_FIELD_NUMBER: _ClassVar[int]
+    DATA_EPOCH_FIELD_NUMBER: _ClassVar[int]
     shard_id: int
     start: int
     stop: int
-    def __init__(self, shard_id: _Optional[int] = ..., start: _Optional[int] = ..., stop: _Optional[int] = ...) -> None: ...
+    data_epoch: int
+    def __init__(self, shard_id: _Optional[int] = ..., start: _Optional[int] = ..., stop: _Optional[int] = ..., data_epoch: _Optional[int] = ...) -> None: ...
 
 class MemberSamples(_message.Message):
     __slots__ = ("peer_id", "ranges")
