@@ -54,7 +54,7 @@ class ControlClient:
                 log.info("%s: coordinator %s unavailable (%s); retrying in %.1fs", what, self.address, code, delay)
                 if self._stop.wait(delay):
                     raise
-                delay = min(delay * 2, 1.0) * (0.8 + 0.4 * random.random())
+                delay = min(delay * 2, 0.5) * (0.8 + 0.4 * random.random())
 
     def register(self, address: str, device: str, memory_bytes: int) -> control_pb2.RegisterPeerResponse:
         """Registers this peer."""

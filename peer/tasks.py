@@ -8,6 +8,8 @@
 from __future__ import annotations
 
 import functools
+import importlib.util
+import pathlib
 import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
@@ -53,15 +55,42 @@ class Task:
         return sum(a * b + b for a, b in zip(self.layers, self.layers[1:]))
 
 
+def _digits_file() -> pathlib.Path | None:
+    """scikit-learn's bundled digits.csv.gz, found without importing scikit-learn (which costs
+    a second or more of start-up: it matters when a coordinator or peer restarts)."""
+    spec = importlib.util.find_spec("sklearn")
+    if spec is None or spec.origin is None:
+        return None
+    path = pathlib.Path(spec.origin).parent / "datasets" / "data" / "digits.csv.gz"
+    return path if path.is_file() else None
+
+
+def stratified_split(y: np.ndarray, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Train and test indices, each class split in the same proportion (deterministic)."""
+    rng = np.random.default_rng(seed)
+    train, test = [], []
+    for c in np.unique(y):
+        idx = rng.permutation(np.flatnonzero(y == c))
+        k = int(round(test_fraction * idx.size))
+        test.append(idx[:k])
+        train.append(idx[k:])
+    return np.sort(np.concatenate(train)), np.sort(np.concatenate(test))
+
+
 @functools.lru_cache(maxsize=None)
 def _digits() -> Dataset:
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
+    path = _digits_file()
+    if path is not None:
+        raw = np.loadtxt(path, delimiter=",", dtype=np.float32)
+        x, y = raw[:, :-1], raw[:, -1].astype(np.int64)
+    else:  # an unusual install: let scikit-learn find its data
+        from sklearn.datasets import load_digits
 
-    x, y = load_digits(return_X_y=True)
+        x, y = load_digits(return_X_y=True)
+        y = y.astype(np.int64)
     x = (x / 16.0).astype(np.float32)
-    xtr, xte, ytr, yte = train_test_split(x, y.astype(np.int64), test_size=0.2, random_state=0, stratify=y)
-    return Dataset(xtr, ytr, xte, yte)
+    tr, te = stratified_split(y, 0.2, seed=0)
+    return Dataset(x[tr], y[tr], x[te], y[te])
 
 
 @functools.lru_cache(maxsize=None)

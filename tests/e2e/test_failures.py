@@ -3,7 +3,7 @@
 Each test checks what the product promises: the job succeeds, every committed round is there
 exactly once, the live peers end bit-identical, the sample ledger holds (each sample once per
 data epoch in committed rounds), and the final accuracy is within 1 point of a failure-free run.
-"Final accuracy" is the mean over the last 10 committed rounds: one round's accuracy on the 360
+"Final accuracy" is the mean over the last 10 committed rounds: one round's accuracy on the 359
 test images moves by a point from round to round, failures or not.
 """
 from __future__ import annotations

@@ -36,7 +36,7 @@ def test_default_spec_is_valid() -> None:
         (dict(sharding="foo"), "sharding"),
         (dict(sharding="dirichlet:0"), "sharding"),
         (dict(aggregation="gossip"), "aggregation"),
-        (dict(num_shards=1438), "num_shards"),
+        (dict(num_shards=1439), "num_shards"),
         (dict(num_shards=0), "num_shards"),
         (dict(min_peers=5, num_shards=4), "min_peers"),
         (dict(checkpoint_every_rounds=0), "checkpoint_every_rounds"),
@@ -53,7 +53,7 @@ def test_invalid_spec_is_a_value_error() -> None:
 
 
 def test_num_shards_may_equal_the_training_set_size() -> None:
-    validate(JobSpec(num_shards=1437))
+    validate(JobSpec(num_shards=1438))
     validate(JobSpec(num_shards=1, min_peers=1))
 
 
@@ -83,8 +83,8 @@ def test_spec_dict_round_trip_ignores_unknown_keys() -> None:
 def test_digits_shapes_and_split() -> None:
     task = get_task("digits")
     data = task.load()
-    assert data.x_train.shape == (1437, 64) and data.x_test.shape == (360, 64)
-    assert data.y_train.shape == (1437,) and data.y_test.shape == (360,)
+    assert data.x_train.shape == (1438, 64) and data.x_test.shape == (359, 64)
+    assert data.y_train.shape == (1438,) and data.y_test.shape == (359,)
     assert data.x_train.dtype == np.float32 and data.y_train.dtype == np.int64
     assert set(np.unique(data.y_train)) == set(range(10)) == set(np.unique(data.y_test))
     assert 0.0 <= data.x_train.min() and data.x_train.max() <= 1.0
@@ -291,3 +291,23 @@ def test_a_few_steps_reduce_the_loss_on_digits() -> None:
     assert loss1 < 0.7 * loss0, (loss0, loss1)
     assert last.loss < first.loss
     assert acc1 > acc0 and acc1 > 0.6, (acc0, acc1)
+
+
+def test_digits_loads_without_importing_scikit_learn() -> None:
+    """Start-up cost matters on every restart: the bundled CSV is read directly."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from peer.tasks import get_task; d = get_task('digits').load(); "
+            "print(int('sklearn' in sys.modules), d.x_train.shape[0] + d.x_test.shape[0])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.stdout.split() == ["0", "1797"], out.stderr
+
+
+def test_stratified_split_keeps_class_proportions() -> None:
+    from peer.tasks import stratified_split
+
+    y = np.repeat(np.arange(4), [50, 30, 10, 10])
+    tr, te = stratified_split(y, 0.2, seed=0)
+    assert sorted(np.concatenate([tr, te]).tolist()) == list(range(100))
+    assert np.bincount(y[te]).tolist() == [10, 6, 2, 2]

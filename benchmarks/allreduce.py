@@ -1,0 +1,409 @@
+"""All-reduce benchmark: dml's ring over real gRPC against torch.distributed gloo, same machine.
+
+    python benchmarks/allreduce.py [--world-sizes 2,3,4] [--sizes-mb 1,64,256] [--codecs fp32]
+                                   [--repeats 5] [--chunk-elems 262144] [--json]
+
+For every (N, size, codec) it starts two pools of N worker processes on 127.0.0.1 (``spawn``):
+
+- dml: each worker runs its own gRPC server with an :class:`peer.exchange.ExchangeServicer` on
+  127.0.0.1:0 (the ports go through the parent), and per repetition builds a
+  :class:`peer.exchange.GrpcRingLink` to its successor keyed by a fresh (job, round, epoch), as
+  ``Peer._make_link`` does, then times :func:`aggregation.allreduce.ring_allreduce` plus the
+  link's shutdown (connecting the channel is part of it, as in a real round);
+- gloo: ``init_process_group('gloo', init_method='tcp://127.0.0.1:PORT')`` on a free port, then
+  times ``dist.all_reduce`` on a float32 tensor of the same size.
+
+Both pools warm up once, then repetitions interleave (dml, gloo, dml, gloo, ...) so machine noise
+hits both. Each repetition starts on a multiprocessing barrier; its time is the span from the
+first worker leaving the barrier to the last one finishing (``perf_counter`` is the system-wide
+monotonic clock), its CPU time the sum over the N workers of ``time.process_time`` (all threads
+of the process, gRPC's included) over the same region. Rank r's buffer holds small integers in
+[-10, 10], so the exact sum is representable in float32: every worker compares its result with it
+and the largest absolute error over all ranks and repetitions is reported (it should be 0).
+
+Per configuration it prints the time median [min..max], algorithm bandwidth (size / time) and bus
+bandwidth (algbw x 2(N-1)/N, the nccl-tests convention; GB = 1e9 bytes, MB = 2**20 bytes), the
+median CPU-seconds, and the ratio of medians dml / gloo. ``--json`` prints one JSON object per
+configuration instead. Progress goes to stderr. Every wait has a deadline and every worker is
+stopped, then terminated, then killed if need be.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import multiprocessing as mp
+import os
+import pathlib
+import platform
+import socket
+import statistics
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from typing import Any
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")  # inherited by the workers: one compute thread each
+
+import numpy as np
+
+from aggregation.allreduce import DEFAULT_CHUNK_ELEMS
+
+CODECS = ("fp32",)
+MB = 1 << 20
+GB = 1e9
+JOB = "allreduce-bench"
+FILL_BLOCK = 1 << 20
+READY_TIMEOUT_S = 180.0
+BARRIER_TIMEOUT_S = 120.0
+STOP_TIMEOUT_S = 10.0
+IDLE_EXIT_S = 3600.0  # a worker whose parent stops talking to it exits after this long
+
+
+# -- data ------------------------------------------------------------------------------------------
+def _pattern(rank: int, start: int, stop: int) -> np.ndarray:
+    """Rank ``rank``'s values for elements [start, stop): small integers in [-10, 10]."""
+    i = np.arange(start, stop, dtype=np.int64)
+    return (((i * 7 + 3 * rank) % 17) + (i // 1021 + rank) % 5 - 10).astype(np.float32)
+
+
+def _fill(out: np.ndarray, rank: int) -> None:
+    for s in range(0, out.size, FILL_BLOCK):
+        e = min(s + FILL_BLOCK, out.size)
+        out[s:e] = _pattern(rank, s, e)
+
+
+def _expected(n: int, world: int) -> np.ndarray:
+    """The exact element-wise sum of every rank's pattern (exact in float32: |sum| <= 10 N)."""
+    out = np.empty(n, dtype=np.float32)
+    for s in range(0, n, FILL_BLOCK):
+        e = min(s + FILL_BLOCK, n)
+        acc = np.zeros(e - s, dtype=np.float64)
+        for r in range(world):
+            acc += _pattern(r, s, e)
+        out[s:e] = acc
+    return out
+
+
+def _max_abs_err(buf: np.ndarray, expected: np.ndarray) -> float:
+    worst = 0.0
+    for s in range(0, buf.size, FILL_BLOCK):
+        e = min(s + FILL_BLOCK, buf.size)
+        d = np.abs(buf[s:e].astype(np.float64) - expected[s:e])
+        worst = max(worst, float(d.max()) if d.size else 0.0)
+    return worst
+
+
+# -- workers ---------------------------------------------------------------------------------------
+def _worker(kind: str, rank: int, world: int, n: int, conn: Any, barrier: Any, opts: dict[str, Any]) -> None:
+    """One rank of one pool. Talks to the parent over ``conn``: sends ("ready", port), then for each
+    ("run", rep) sends ("done", t0, t1, cpu_s, max_abs_err); exits on ("stop",) or a lost parent."""
+    server = None
+    try:
+        orig = np.empty(n, dtype=np.float32)
+        _fill(orig, rank)
+        buf = np.empty_like(orig)
+        expected = _expected(n, world)
+        timeout = float(opts["timeout_s"])
+        if kind == "dml":
+            import threading
+            from concurrent import futures
+
+            import grpc
+            from dml.v1 import exchange_pb2_grpc
+
+            from aggregation.allreduce import ring_allreduce
+            from peer.exchange import GRPC_OPTIONS, ExchangeServicer, GrpcRingLink
+
+            if "torch" in sys.modules:  # not imported by the dml path; harmless if it ever is
+                sys.modules["torch"].set_num_threads(1)
+            servicer = ExchangeServicer(lambda job, rnd: None, recv_timeout_s=timeout)
+            server = grpc.server(futures.ThreadPoolExecutor(max_workers=16), options=GRPC_OPTIONS)
+            exchange_pb2_grpc.add_PeerExchangeServicer_to_server(servicer, server)
+            port = server.add_insecure_port("127.0.0.1:0")
+            if port == 0:
+                raise OSError("cannot listen on 127.0.0.1:0")
+            server.start()
+            conn.send(("ready", port))
+            if not conn.poll(READY_TIMEOUT_S):
+                raise TimeoutError("no peer ports from the parent")
+            msg = conn.recv()
+            if msg[0] != "ports":
+                return
+            ports: list[int] = msg[1]
+            abort = threading.Event()
+            succ = (rank + 1) % world
+
+            def op(rep: int) -> tuple[float, float, float]:
+                link = GrpcRingLink(servicer, (JOB, rep, 0), f"w{rank}", f"w{(rank - 1) % world}", f"w{succ}",
+                                    f"127.0.0.1:{ports[succ]}", timeout, abort, idle_timeout_s=timeout)
+                barrier.wait(BARRIER_TIMEOUT_S)
+                t0, c0 = time.perf_counter(), time.process_time()
+                try:
+                    ring_allreduce(buf, rank, world, link, timeout, int(opts["chunk_elems"]))
+                finally:
+                    link.shutdown()
+                t1, c1 = time.perf_counter(), time.process_time()
+                return t0, t1, c1 - c0
+        else:
+            from datetime import timedelta
+
+            import torch
+            import torch.distributed as dist
+
+            torch.set_num_threads(1)
+            dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{opts['gloo_port']}", rank=rank,
+                                    world_size=world, timeout=timedelta(seconds=max(timeout, READY_TIMEOUT_S)))
+            tensor = torch.from_numpy(buf)  # shares memory with buf
+            conn.send(("ready", 0))
+
+            def op(rep: int) -> tuple[float, float, float]:
+                barrier.wait(BARRIER_TIMEOUT_S)
+                t0, c0 = time.perf_counter(), time.process_time()
+                dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+                t1, c1 = time.perf_counter(), time.process_time()
+                return t0, t1, c1 - c0
+
+        while True:
+            if not conn.poll(IDLE_EXIT_S):
+                return
+            msg = conn.recv()
+            if msg[0] == "stop":
+                return
+            np.copyto(buf, orig)
+            t0, t1, cpu = op(int(msg[1]))
+            conn.send(("done", t0, t1, cpu, _max_abs_err(buf, expected)))
+    except (EOFError, BrokenPipeError, KeyboardInterrupt):
+        pass  # the parent went away or was interrupted: just clean up
+    except BaseException:  # noqa: BLE001 - any failure is reported to the parent, which stops the pool
+        barrier.abort()  # ranks waiting on the barrier fail at once instead of timing out
+        with contextlib.suppress(OSError, ValueError):
+            conn.send(("error", f"{kind} rank {rank}: {traceback.format_exc()}"))
+    finally:
+        if server is not None:
+            server.stop(0)
+        dist_mod = sys.modules.get("torch.distributed")
+        if kind == "gloo" and dist_mod is not None and dist_mod.is_initialized():
+            with contextlib.suppress(RuntimeError):
+                dist_mod.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _recv(conn: Any, deadline: float, what: str) -> tuple:
+    left = deadline - time.monotonic()
+    if left <= 0 or not conn.poll(left):
+        raise TimeoutError(f"timed out waiting for {what}")
+    msg = conn.recv()
+    if msg[0] == "error":
+        raise RuntimeError(f"worker failed during {what}:\n{msg[1]}")
+    return msg
+
+
+class Pool:
+    """N worker processes of one kind ("dml" or "gloo") for one configuration."""
+
+    def __init__(self, ctx: Any, kind: str, world: int, n: int, opts: dict[str, Any]) -> None:
+        self.kind, self.world, self.n = kind, world, n
+        self.timeout_s = float(opts["timeout_s"])
+        self.barrier = ctx.Barrier(world)
+        self.conns: list[Any] = []
+        self.procs: list[Any] = []
+        self.rep = 0
+        for rank in range(world):
+            parent, child = ctx.Pipe()
+            p = ctx.Process(target=_worker, args=(kind, rank, world, n, child, self.barrier, opts),
+                            name=f"{kind}-{rank}", daemon=True)
+            p.start()
+            child.close()
+            self.conns.append(parent)
+            self.procs.append(p)
+
+    def wait_ready(self) -> None:
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        ports = [_recv(c, deadline, f"{self.kind} rank {r} to start")[1] for r, c in enumerate(self.conns)]
+        if self.kind == "dml":
+            for c in self.conns:
+                c.send(("ports", ports))
+        _log(f"  {self.kind} workers up: pids {[p.pid for p in self.procs]}")
+
+    def run(self) -> tuple[float, float, float]:
+        """One repetition: (seconds from first start to last finish, CPU-s summed, max abs error)."""
+        self.rep += 1
+        for c in self.conns:
+            c.send(("run", self.rep))
+        deadline = time.monotonic() + self.timeout_s + BARRIER_TIMEOUT_S + 30.0
+        got = [_recv(c, deadline, f"{self.kind} rank {r} repetition {self.rep}") for r, c in enumerate(self.conns)]
+        span = max(m[2] for m in got) - min(m[1] for m in got)
+        return span, sum(m[3] for m in got), max(m[4] for m in got)
+
+    def close(self) -> None:
+        for c in self.conns:
+            try:
+                c.send(("stop",))
+            except (OSError, ValueError):
+                pass
+        deadline = time.monotonic() + STOP_TIMEOUT_S
+        for p in self.procs:
+            p.join(max(0.1, deadline - time.monotonic()))
+        for p in self.procs:
+            if p.is_alive():
+                p.terminate()
+                p.join(3.0)
+            if p.is_alive():
+                p.kill()
+                p.join(3.0)
+        for c in self.conns:
+            c.close()
+
+
+# -- measurement -----------------------------------------------------------------------------------
+@dataclass
+class Series:
+    times: list[float] = field(default_factory=list)
+    cpus: list[float] = field(default_factory=list)
+    max_err: float = 0.0
+
+    def add(self, t: float, cpu: float, err: float) -> None:
+        self.times.append(t)
+        self.cpus.append(cpu)
+        self.max_err = max(self.max_err, err)
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def measure(ctx: Any, world: int, size_mb: float, codec: str, args: argparse.Namespace) -> dict[str, Any]:
+    n = round(size_mb * MB / 4)
+    if n < world:
+        raise ValueError(f"{size_mb} MB is fewer elements than ranks")
+    timeout_s = args.timeout_s or max(60.0, 1.0 * size_mb * world)
+    opts = {"chunk_elems": args.chunk_elems, "timeout_s": timeout_s, "gloo_port": _free_port()}
+    dml, gloo = Series(), Series()
+    pools: list[Pool] = []
+    try:
+        _log(f"N={world} {size_mb:g} MB {codec}: starting workers")
+        pools.append(Pool(ctx, "dml", world, n, opts))
+        pools[-1].wait_ready()
+        pools.append(Pool(ctx, "gloo", world, n, opts))
+        pools[-1].wait_ready()
+        pd, pg = pools
+        wd, wg = pd.run(), pg.run()  # warm-up, not counted (errors still are)
+        dml.max_err, gloo.max_err = wd[2], wg[2]
+        _log(f"  warm-up: dml {wd[0]:.4f} s gloo {wg[0]:.4f} s")
+        for r in range(args.repeats):
+            dml.add(*pd.run())
+            gloo.add(*pg.run())
+            _log(f"  rep {r + 1}/{args.repeats}: dml {dml.times[-1]:.4f} s ({dml.cpus[-1]:.2f} CPU-s)"
+                 f"  gloo {gloo.times[-1]:.4f} s ({gloo.cpus[-1]:.2f} CPU-s)")
+    finally:
+        for p in reversed(pools):
+            p.close()
+    nbytes = n * 4
+    bus = 2 * (world - 1) / world
+    row: dict[str, Any] = {"world_size": world, "size_mb": size_mb, "codec": codec, "chunk_elems": args.chunk_elems,
+                           "repeats": args.repeats}
+    for name, s in (("dml", dml), ("gloo", gloo)):
+        med = statistics.median(s.times)
+        row[f"{name}_s"] = med
+        row[f"{name}_min_s"] = min(s.times)
+        row[f"{name}_max_s"] = max(s.times)
+        row[f"{name}_algbw_gbs"] = nbytes / med / GB
+        row[f"{name}_busbw_gbs"] = nbytes / med / GB * bus
+        row[f"{name}_cpu_s"] = statistics.median(s.cpus)
+        row[f"{name}_times_s"] = s.times
+    row["ratio"] = row["dml_s"] / row["gloo_s"]
+    row["cpu_ratio"] = row["dml_cpu_s"] / row["gloo_cpu_s"] if row["gloo_cpu_s"] > 0 else None
+    row["max_abs_err"] = dml.max_err
+    row["gloo_max_abs_err"] = gloo.max_err
+    return row
+
+
+HEADER = (f"{'N':>2} {'size MB':>7} {'codec':>5} | {'dml s median [min..max]':>27} {'algbw':>6} {'busbw':>6}"
+          f" {'CPU-s':>6} | {'gloo s median [min..max]':>27} {'algbw':>6} {'busbw':>6} {'CPU-s':>6}"
+          f" | {'ratio':>5} {'CPU x':>5} {'max_err':>7}")
+
+
+def _fmt_row(r: dict[str, Any]) -> str:
+    def side(k: str) -> str:
+        t = f"{r[k + '_s']:.4f} [{r[k + '_min_s']:.4f}..{r[k + '_max_s']:.4f}]"
+        return f"{t:>27} {r[k + '_algbw_gbs']:6.3f} {r[k + '_busbw_gbs']:6.3f} {r[k + '_cpu_s']:6.3f}"
+
+    cpu_x = f"{r['cpu_ratio']:5.2f}" if r["cpu_ratio"] is not None else "    -"
+    return (f"{r['world_size']:>2} {r['size_mb']:>7g} {r['codec']:>5} | {side('dml')} | {side('gloo')}"
+            f" | {r['ratio']:5.2f} {cpu_x} {max(r['max_abs_err'], r['gloo_max_abs_err']):7.1g}")
+
+
+def _csv(kind: type, text: str, flag: str, p: argparse.ArgumentParser) -> list:
+    try:
+        vals = [kind(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        p.error(f"{flag}: expected a comma-separated list, got {text!r}")
+    if not vals:
+        p.error(f"{flag}: empty list")
+    return vals
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="allreduce.py", description=__doc__.split("\n\n")[0])
+    p.add_argument("--world-sizes", default="2,3,4", help="comma-separated process counts (default 2,3,4)")
+    p.add_argument("--sizes-mb", default="1,64,256", help="comma-separated buffer sizes in MB of 2**20 bytes (default 1,64,256)")
+    p.add_argument("--codecs", default="fp32", help=f"comma-separated wire codecs; known: {', '.join(CODECS)}")
+    p.add_argument("--repeats", type=int, default=5, help="timed repetitions per configuration (default 5)")
+    p.add_argument("--chunk-elems", type=int, default=DEFAULT_CHUNK_ELEMS,
+                   help=f"float32 elements per dml wire chunk (default {DEFAULT_CHUNK_ELEMS}; at most {1 << 20})")
+    p.add_argument("--timeout-s", type=float, default=0.0,
+                   help="deadline per all-reduce (default max(60, size_mb x N) seconds)")
+    p.add_argument("--json", action="store_true", help="one JSON object per configuration on stdout")
+    a = p.parse_args(argv)
+    a.world_sizes = _csv(int, a.world_sizes, "--world-sizes", p)
+    a.sizes_mb = _csv(float, a.sizes_mb, "--sizes-mb", p)
+    a.codecs = [c.strip() for c in a.codecs.split(",") if c.strip()]
+    if not a.codecs:
+        p.error("--codecs: empty list")
+    unknown = [c for c in a.codecs if c not in CODECS]
+    if unknown:
+        p.error(f"--codecs: unknown codec(s) {', '.join(map(repr, unknown))}; only {', '.join(CODECS)} exists today")
+    if any(w < 2 for w in a.world_sizes):
+        p.error("--world-sizes: every world size must be at least 2")
+    if any(s <= 0 for s in a.sizes_mb):
+        p.error("--sizes-mb: sizes must be positive")
+    if a.repeats < 1:
+        p.error("--repeats must be at least 1")
+    if not 1 <= a.chunk_elems <= 1 << 20:
+        p.error(f"--chunk-elems must be 1..{1 << 20} (4 MiB messages), got {a.chunk_elems}")
+    if a.timeout_s < 0:
+        p.error("--timeout-s must not be negative")
+    return a
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    ctx = mp.get_context("spawn")
+    if not args.json:
+        print(f"# all-reduce (sum, float32): dml gRPC ring vs torch.distributed gloo, 127.0.0.1, "
+              f"{os.cpu_count()} CPUs, Python {platform.python_version()}")
+        print(f"# chunk_elems={args.chunk_elems} repeats={args.repeats}; time = median [min..max] s from the first "
+              f"rank leaving the barrier to the last one done; algbw/busbw GB/s (busbw = algbw x 2(N-1)/N); "
+              f"CPU-s = median over repeats of the sum over ranks; ratio = dml/gloo median time; CPU x = dml/gloo "
+              f"CPU-s; max_err = max |result - exact sum| over both, every rank and repeat")
+        print(HEADER, flush=True)
+    for world in args.world_sizes:
+        for size_mb in args.sizes_mb:
+            for codec in args.codecs:
+                row = measure(ctx, world, size_mb, codec, args)
+                print(json.dumps(row) if args.json else _fmt_row(row), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
