@@ -234,14 +234,15 @@ def peer_ids(path: pathlib.Path) -> list[tuple[float, str]]:
     return out
 
 
-def reattach_wall(path: pathlib.Path, after_wall: float) -> tuple[bool, float | None]:
-    """After ``after_wall``: did the peer's heartbeat fail, and when did one succeed again?"""
+def reattach_wall(path: pathlib.Path, after_wall: float, fail_by_wall: float) -> tuple[bool, float | None]:
+    """After ``after_wall``: did the peer's heartbeat fail during this outage (by
+    ``fail_by_wall``; a later failure belongs to a later outage), and when did one succeed again?"""
     failed = False
     for line in _lines(path):
         w = _wall(line)
         if w is None or w < after_wall - 0.002:
             continue
-        if not failed and HB_FAIL_RE.search(line):
+        if not failed and w <= fail_by_wall and HB_FAIL_RE.search(line):
             failed = True
         elif failed and HB_OK_RE.search(line):
             return True, w
@@ -490,7 +491,9 @@ def analyse(ev: Event, obs: list[Obs], cluster: Cluster, off: float, until_wall:
         t_det = ans.t
         missing = []
         for slot, log in ev.members.items():
-            failed, w = reattach_wall(pathlib.Path(log), ev.wall)
+            # A heartbeat can only fail while the coordinator is down (plus one heartbeat call's
+            # deadline): a member silent about this outage must not be matched to the next one.
+            failed, w = reattach_wall(pathlib.Path(log), ev.wall, ev.wall + ev.answer_s + 2.0)
             if failed and w is None:
                 missing.append(slot)
             elif w is not None:
