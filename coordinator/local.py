@@ -39,6 +39,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def _free(port: int) -> bool:
     with socket.socket() as s:
+        # As gRPC does: a port left in TIME_WAIT by the last run is free to listen on.
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind(("127.0.0.1", port))
             return True
@@ -119,7 +121,9 @@ def cmd_local(a: argparse.Namespace) -> int:
     """Runs the job on a local cluster and prints the final test accuracy."""
     if a.peers < 1:
         raise jobctl.CliError("--peers must be at least 1", 2)
-    for sig in (signal.SIGTERM, signal.SIGHUP):  # stop like Ctrl-C: cancel the job, reap the children
+    # Stop the same way on each: cancel the job, reap the children. SIGINT too, explicitly: a
+    # shell starts background jobs with SIGINT ignored, and Python would keep ignoring it.
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, _interrupt)
     port = a.port if a.port is not None else (DEFAULT_PORT if _free(DEFAULT_PORT) else 0)
     if a.min_peers is None:
