@@ -61,6 +61,7 @@ def _check_finished_job(procs, job: str, baseline_acc: float, live: int) -> dict
     assert {g[0] for g in got} == {hist[-1]["digest"]}
     assert_state_dicts_identical([g[1] for g in got])
     acc = _final_accuracy(hist)
+    print(f"final accuracy {acc:.4f}, failure-free {baseline_acc:.4f}")
     assert abs(acc - baseline_acc) <= 0.01, f"accuracy {acc:.4f} vs failure-free {baseline_acc:.4f}"
     return end
 
