@@ -114,16 +114,15 @@ def _worker(kind: str, rank: int, world: int, n: int, conn: Any, barrier: Any, o
             from concurrent import futures
 
             import grpc
-            from dml.v1 import exchange_pb2_grpc
 
             from aggregation.allreduce import ring_allreduce
-            from peer.exchange import GRPC_OPTIONS, ExchangeServicer, GrpcRingLink
+            from peer.exchange import GRPC_OPTIONS, ExchangeServicer, GrpcRingLink, add_exchange_to_server
 
             if "torch" in sys.modules:  # not imported by the dml path; harmless if it ever is
                 sys.modules["torch"].set_num_threads(1)
             servicer = ExchangeServicer(lambda job, rnd: None, recv_timeout_s=timeout)
             server = grpc.server(futures.ThreadPoolExecutor(max_workers=16), options=GRPC_OPTIONS)
-            exchange_pb2_grpc.add_PeerExchangeServicer_to_server(servicer, server)
+            add_exchange_to_server(servicer, server)
             port = server.add_insecure_port("127.0.0.1:0")
             if port == 0:
                 raise OSError("cannot listen on 127.0.0.1:0")

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import logging
 import queue
+import struct
 import threading
 import time
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import grpc
 import numpy as np
@@ -26,6 +27,15 @@ INBOX_CHUNKS = 64
 POLL_S = 0.05
 CHUNK_BYTES = 1 << 20
 STALE_INBOX_S = 600.0
+
+# The hot path bypasses protobuf: PushChunks wraps every chunk in a TensorChunk, which costs three
+# copies per byte (tobytes, the message, serialisation) and one more to read it back. Frames on
+# this raw method are a 12-byte header (phase u8, pad, step u16, offset u64, little-endian) then
+# the float32 payload; the (job, round, epoch, sender) key travels once, as call metadata. The
+# sender copies the payload once into the frame; the receiver views it in place.
+FRAMES_SERVICE = "dml.v1.PeerFrames"
+FRAMES_METHOD = f"/{FRAMES_SERVICE}/Push"
+FRAME_HEADER = struct.Struct("<BxHQ")
 GRPC_OPTIONS = [
     ("grpc.max_receive_message_length", 8 << 20),
     ("grpc.max_send_message_length", 8 << 20),
@@ -80,16 +90,54 @@ class ExchangeServicer(exchange_pb2_grpc.PeerExchangeServicer):
             box.closed.set()
 
     def PushChunks(self, request_iterator: Iterator[exchange_pb2.TensorChunk], context: grpc.ServicerContext) -> exchange_pb2.PushChunksResponse:
-        box: Inbox | None = None
-        n = 0
-        try:
-            for msg in request_iterator:
-                if box is None:
-                    box = self.inbox((msg.job_id, msg.round, msg.epoch))
-                    box.sender = msg.sender_id
+        """The protobuf form of the exchange (portable; the ring itself uses :meth:`push_frames`)."""
+        first = next(request_iterator, None)
+        if first is None:
+            return exchange_pb2.PushChunksResponse(chunks=0)
+
+        def chunks() -> Iterator[Chunk]:
+            for msg in _chain(first, request_iterator):
                 if len(msg.data) % 4:
                     context.abort(grpc.StatusCode.INVALID_ARGUMENT, "chunk data is not a whole number of float32")
-                chunk = Chunk(int(msg.phase), msg.step, msg.offset_elems, np.frombuffer(msg.data, dtype=np.float32))
+                yield Chunk(int(msg.phase), msg.step, msg.offset_elems, np.frombuffer(msg.data, dtype=np.float32))
+
+        n = self._receive(chunks(), (first.job_id, first.round, first.epoch), first.sender_id, context)
+        return exchange_pb2.PushChunksResponse(chunks=n)
+
+    def push_frames(self, request_iterator: Iterator[bytes], context: grpc.ServicerContext) -> exchange_pb2.PushChunksResponse:
+        """The raw-frame form of PushChunks (see FRAME_HEADER); the key is in the call metadata."""
+        md = dict(context.invocation_metadata())
+        try:
+            key = (str(md["dml-job"]), int(md["dml-round"]), int(md["dml-epoch"]))
+            sender = str(md["dml-sender"])
+        except (KeyError, ValueError):
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "frames need dml-job, dml-round, dml-epoch, dml-sender metadata")
+
+        def chunks() -> Iterator[Chunk]:
+            for frame in request_iterator:
+                if len(frame) < FRAME_HEADER.size or (len(frame) - FRAME_HEADER.size) % 4:
+                    context.abort(grpc.StatusCode.INVALID_ARGUMENT, "malformed frame")
+                phase, step, offset = FRAME_HEADER.unpack_from(frame)
+                yield Chunk(phase, step, offset, np.frombuffer(frame, dtype=np.float32, offset=FRAME_HEADER.size))
+
+        n = self._receive(chunks(), key, sender, context)
+        return exchange_pb2.PushChunksResponse(chunks=n)
+
+    def frames_handler(self) -> grpc.GenericRpcHandler:
+        """Registers :meth:`push_frames` (bytes in, no protobuf) on a server."""
+        return grpc.method_handlers_generic_handler(FRAMES_SERVICE, {
+            "Push": grpc.stream_unary_rpc_method_handler(
+                self.push_frames, request_deserializer=None,
+                response_serializer=exchange_pb2.PushChunksResponse.SerializeToString),
+        })
+
+    def _receive(self, chunks: Iterator[Chunk], key: Key, sender: str, context: grpc.ServicerContext) -> int:
+        """Moves a stream's chunks into the inbox of ``key``; marks it broken if the stream breaks."""
+        box = self.inbox(key)
+        box.sender = sender
+        n = 0
+        try:
+            for chunk in chunks:
                 deadline = time.monotonic() + self._recv_timeout_s
                 while not box.closed.is_set():
                     try:
@@ -100,12 +148,12 @@ class ExchangeServicer(exchange_pb2_grpc.PeerExchangeServicer):
                             context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "receiver did not drain its inbox in time")
                 n += 1
         except grpc.RpcError as e:  # the sender went away mid-stream
-            if box is not None and not box.closed.is_set():
+            if not box.closed.is_set():
                 self._put_broken(box, f"stream from {box.sender} broke: {e.code() if hasattr(e, 'code') else e}")
             raise
-        if box is not None and not context.is_active():
+        if not context.is_active():
             self._put_broken(box, f"stream from {box.sender} was cancelled")
-        return exchange_pb2.PushChunksResponse(chunks=n)
+        return n
 
     @staticmethod
     def _put_broken(box: Inbox, reason: str) -> None:
@@ -141,16 +189,17 @@ class GrpcRingLink:
         self._inbox = servicer.inbox(key)
         self._servicer = servicer
         self._abort = abort
-        self._out: queue.Queue[exchange_pb2.TensorChunk | None] = queue.Queue()
+        self._out: queue.Queue[bytes | None] = queue.Queue()
         self._channel = grpc.insecure_channel(succ_address, options=GRPC_OPTIONS)
-        self._stub = exchange_pb2_grpc.PeerExchangeStub(self._channel)
+        self._push = self._channel.stream_unary(
+            FRAMES_METHOD, request_serializer=None, response_deserializer=exchange_pb2.PushChunksResponse.FromString)
         self._deadline_s = deadline_s
         self._idle_s = idle_timeout_s
         self._call: grpc.Future | None = None
         self._send_error: str = ""
         self._done = threading.Event()
 
-    def _requests(self) -> Iterator[exchange_pb2.TensorChunk]:
+    def _requests(self) -> Iterator[bytes]:
         while True:
             item = self._out.get()
             if item is None:
@@ -171,13 +220,12 @@ class GrpcRingLink:
         if self._send_error:
             raise ExchangeError(self._send_error, suspect=self._succ_id)
         if self._call is None:
-            self._call = self._stub.PushChunks.future(self._requests(), timeout=self._deadline_s)
+            job, rnd, epoch = self._key
+            md = (("dml-job", job), ("dml-round", str(rnd)), ("dml-epoch", str(epoch)), ("dml-sender", self._self_id))
+            self._call = self._push.future(self._requests(), timeout=self._deadline_s, metadata=md)
             self._call.add_done_callback(self._on_done)
-        job, rnd, epoch = self._key
-        self._out.put(exchange_pb2.TensorChunk(
-            job_id=job, round=rnd, epoch=epoch, sender_id=self._self_id, phase=chunk.phase, step=chunk.step,
-            offset_elems=chunk.offset, data=chunk.data.tobytes(),
-        ))
+        # One copy: the payload goes straight from the flat buffer into the frame.
+        self._out.put(b"".join((FRAME_HEADER.pack(chunk.phase, chunk.step, chunk.offset), chunk.data.data)))
 
     def recv(self, timeout: float) -> Chunk:
         """Next chunk from the predecessor; fails fast on abort or a broken stream, and after
@@ -221,3 +269,14 @@ class GrpcRingLink:
             self._call.cancel()
         self._servicer.release(self._key)
         self._channel.close()
+
+
+def _chain(first: exchange_pb2.TensorChunk, rest: Iterable[exchange_pb2.TensorChunk]) -> Iterator[exchange_pb2.TensorChunk]:
+    yield first
+    yield from rest
+
+
+def add_exchange_to_server(servicer: ExchangeServicer, server: grpc.Server) -> None:
+    """Serves both forms of the exchange (protobuf PeerExchange and raw frames) on ``server``."""
+    exchange_pb2_grpc.add_PeerExchangeServicer_to_server(servicer, server)
+    server.add_generic_rpc_handlers((servicer.frames_handler(),))

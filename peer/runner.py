@@ -22,7 +22,7 @@ from aggregation.transport import ExchangeError
 from coordinator.planner import shard_order
 from dml.v1 import control_pb2, exchange_pb2, exchange_pb2_grpc, jobs_pb2, jobs_pb2_grpc, types_pb2
 from peer.client import CALL_TIMEOUT_S, ControlClient, Evicted
-from peer.exchange import GRPC_OPTIONS, ExchangeServicer, GrpcRingLink
+from peer.exchange import GRPC_OPTIONS, ExchangeServicer, GrpcRingLink, add_exchange_to_server
 from peer.tasks import get_task
 from peer.trainer import Trainer
 
@@ -72,7 +72,7 @@ class Peer:
         self._heartbeat_s = 0.5
         self.servicer = ExchangeServicer(self._params_for, recv_timeout_s=config.exchange_timeout_s)
         self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=16), options=GRPC_OPTIONS)
-        exchange_pb2_grpc.add_PeerExchangeServicer_to_server(self.servicer, self._server)
+        add_exchange_to_server(self.servicer, self._server)
         self.port = self._server.add_insecure_port(f"{config.host}:{config.port}")
         if self.port == 0:
             raise OSError(f"cannot listen on {config.host}:{config.port}")

@@ -1,0 +1,55 @@
+"""The raw-frame exchange method: what it accepts and what it refuses, over real gRPC."""
+from __future__ import annotations
+
+from concurrent import futures
+
+import grpc
+import numpy as np
+import pytest
+
+from dml.v1 import exchange_pb2
+from peer.exchange import FRAME_HEADER, FRAMES_METHOD, ExchangeServicer, add_exchange_to_server
+
+
+@pytest.fixture
+def target():
+    servicer = ExchangeServicer(lambda job, rnd: None, recv_timeout_s=5)
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    add_exchange_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    push = channel.stream_unary(FRAMES_METHOD, request_serializer=None,
+                                response_deserializer=exchange_pb2.PushChunksResponse.FromString)
+    try:
+        yield servicer, push
+    finally:
+        channel.close()
+        server.stop(0).wait(5)
+
+
+MD = (("dml-job", "j"), ("dml-round", "3"), ("dml-epoch", "2"), ("dml-sender", "p1"))
+
+
+def test_frames_land_in_the_inbox_of_their_key_unchanged(target):
+    servicer, push = target
+    data = np.arange(10, dtype=np.float32)
+    frames = [FRAME_HEADER.pack(1, 0, 0) + data[:6].tobytes(), FRAME_HEADER.pack(1, 0, 6) + data[6:].tobytes()]
+    assert push(iter(frames), metadata=MD, timeout=5).chunks == 2
+    box = servicer.inbox(("j", 3, 2))
+    a, b = box.q.get(timeout=1), box.q.get(timeout=1)
+    assert (a.phase, a.step, a.offset, b.offset) == (1, 0, 0, 6)
+    assert np.array_equal(np.concatenate([a.data, b.data]), data)
+    assert box.sender == "p1"
+
+
+@pytest.mark.parametrize("frame,md", [
+    (b"\x01\x00", MD),  # shorter than the header
+    (FRAME_HEADER.pack(1, 0, 0) + b"\x00" * 6, MD),  # not whole float32s
+    (FRAME_HEADER.pack(1, 0, 0) + b"\x00" * 8, MD[:2]),  # no epoch or sender
+])
+def test_malformed_frames_are_invalid_argument(target, frame, md):
+    _, push = target
+    with pytest.raises(grpc.RpcError) as e:
+        push(iter([frame]), metadata=md, timeout=5)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
