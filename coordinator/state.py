@@ -24,7 +24,6 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-import numpy as np
 
 from coordinator import planner
 from coordinator.spec import JobSpec
@@ -501,7 +500,3 @@ class ClusterState:
             self._issue(job, now_ms)
         return changes
 
-
-def shard_sizes_for(shards: Callable[[JobSpec], list[np.ndarray]]) -> Callable[[JobSpec], list[int]]:
-    """Adapts a shard builder to the sizes the state machine needs."""
-    return lambda spec: [int(s.size) for s in shards(spec)]
