@@ -1,20 +1,61 @@
-"""Ring all-reduce (sum) over a flat float32 buffer, reduced in place.
+"""Ring all-reduce (sum) over a flat float32 buffer, reduced in place, in any wire codec.
 
 Chunks are pipelined: as soon as a chunk is reduced it is forwarded, so every link carries data
-while the member waits for the next chunk. The schedule comes from :mod:`aggregation.ring`; the
-wire from a :class:`aggregation.transport.RingLink`.
+while the member waits for the next chunk. The schedule comes from :mod:`aggregation.ring`, the
+wire from a :class:`aggregation.transport.RingLink`, the encoding from :mod:`aggregation.codecs`.
+
+No copy the algorithm can avoid is made. In fp32 a member sends views of ``buf`` itself, receives
+all-gather chunks straight into ``buf`` and reduce-scatter chunks into one reused scratch buffer,
+and adds in place. (Sending a view of ``buf`` is safe: the only later write to a sent range is its
+all-gather value, which cannot arrive before the successor has consumed what was sent.) A lossy
+codec encodes into a small pool of reused staging buffers, recycled once the link says the frame
+left; all-gather frames are forwarded as received, without re-encoding, and the member that
+finishes a segment keeps the decoded value of what it sent, so every member decodes the same
+bytes and ends bit-identical.
+
+With ``residual`` (error feedback) every encoding this member does adds its error there: the
+caller adds the residual into its next contribution, so over rounds nothing is lost.
 """
 from __future__ import annotations
 
 import time
-from typing import Iterator
+from typing import Any, Iterator
 
 import numpy as np
 
 from aggregation import ring
-from aggregation.transport import Chunk, ExchangeError, RingLink
+from aggregation.codecs import Codec, Fp32, codec_name
+from aggregation.transport import ExchangeError, Header, RingLink
 
 DEFAULT_CHUNK_ELEMS = 256 * 1024  # 1 MiB of float32, well under gRPC's 4 MiB message cap
+STAGING_SLOTS = 16
+
+
+class _Staging:
+    """Reused encode/forward buffers, handed out round robin; a slot is reused only after the
+    link reports the frame that used it as sent. Each slot is a numpy array (for the link) and
+    the codec's native view of it."""
+
+    def __init__(self, link: RingLink, codec: Codec, slots: int, slot_bytes: int, deadline: float) -> None:
+        self._link = link
+        self._bufs = [np.empty(slot_bytes, dtype=np.uint8) for _ in range(slots)] if slot_bytes else []
+        self._native = [codec.wrap(b) for b in self._bufs]
+        self._seq = [0] * len(self._bufs)
+        self._next = 0
+        self._deadline = deadline
+
+    def take(self) -> tuple[int, np.ndarray, Any]:
+        """A free slot (its index, buffer and native view), waiting for its last frame to leave."""
+        i = self._next
+        self._next = (i + 1) % len(self._bufs)
+        if self._seq[i]:
+            self._link.wait_sent(self._seq[i], max(0.0, self._deadline - time.monotonic()))
+            self._seq[i] = 0
+        return i, self._bufs[i], self._native[i]
+
+    def sent(self, i: int, seq: int) -> None:
+        """Records that slot ``i`` is on the wire as frame ``seq``."""
+        self._seq[i] = seq
 
 
 def ring_allreduce(
@@ -24,60 +65,125 @@ def ring_allreduce(
     link: RingLink,
     timeout: float,
     chunk_elems: int = DEFAULT_CHUNK_ELEMS,
+    codec: Codec | None = None,
+    residual: np.ndarray | None = None,
 ) -> None:
     """Replaces ``buf`` (1-D float32) with the element-wise sum of every member's ``buf``.
 
     Every member ends with bit-identical contents: each segment is reduced by one member and
-    copied verbatim to the others. ``timeout`` bounds the whole call in seconds. Raises
-    ExchangeError if a neighbour fails or the deadline passes; ``buf`` is then undefined and the
-    caller must restore it.
+    copied verbatim to the others. ``codec`` (default fp32, exact) is the wire format; every
+    member must use the same one. ``residual`` (float32, like ``buf``) receives this member's
+    encoding errors. ``timeout`` bounds the whole call in seconds. Raises ExchangeError if a
+    neighbour fails or the deadline passes; ``buf`` (and ``residual``) are then undefined and
+    the caller must restore them.
     """
+    codec = codec or Fp32()
     if buf.ndim != 1 or buf.dtype != np.float32:
         raise ValueError("ring_allreduce needs a 1-D float32 buffer")
+    if residual is not None and (residual.shape != buf.shape or residual.dtype != np.float32):
+        raise ValueError("residual must be a float32 buffer shaped like buf")
     if not 0 <= rank < world:
         raise ValueError(f"rank {rank} outside world of {world}")
+    if chunk_elems < 1:
+        raise ValueError(f"chunk size must be >= 1 element, got {chunk_elems}")
     if world == 1:
         return
     deadline = time.monotonic() + timeout
     segs = ring.segments(buf.size, world)
+    raw = isinstance(codec, Fp32)  # fp32 goes on the wire straight from buf
+    staging_elems = min(chunk_elems, buf.size)
+    staging_bytes = codec.payload_bytes(staging_elems)
+    # Receivers accept any chunking (members may differ in chunk size), so the scratch grows to
+    # the largest chunk seen.
+    scratch = np.empty(staging_bytes, dtype=np.uint8)
+    scratch_native = codec.wrap(scratch)
+    staging = _Staging(link, codec, 0 if raw else STAGING_SLOTS, staging_bytes, deadline)
+    u8 = buf.view(np.uint8)
+    nbuf = codec.wrap(buf)  # the codec's view of buf and residual, made once: slicing is cheap
+    nres = None if residual is None else codec.wrap(residual)
 
-    def send(phase: int, step: int, span: ring.Span) -> None:
-        link.send(Chunk(phase, step, span.start, buf[span.start : span.stop]))
+    def left() -> float:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise ExchangeError(f"all-reduce deadline of {timeout:.1f}s passed")
+        return remaining
 
-    def receive(phase: int, step: int, seg: ring.Span) -> Iterator[tuple[ring.Span, np.ndarray]]:
-        """The chunks that tile ``seg``, in order. The sender's chunk size is its own business:
-        a receiver only needs the pieces to arrive contiguously, so members may differ in it."""
+    def send_raw(phase: int, step: int, span: ring.Span) -> None:
+        link.send(Header(phase, codec.id, step, span.start, span.size), u8[4 * span.start : 4 * span.stop])
+
+    def send_encoded(phase: int, step: int, span: ring.Span, own: bool = False) -> None:
+        """Encodes ``buf[span]`` (with error feedback) and sends it; ``own`` also replaces it by
+        the decoded value, so the member that finished the segment matches everyone else."""
+        for a in range(span.start, span.stop, staging_elems):
+            b = min(a + staging_elems, span.stop)
+            i, out, native = staging.take()
+            nb = codec.encode(nbuf[a:b], native, None if nres is None else nres[a:b])
+            if own:
+                codec.decode_into(native[:nb], nbuf[a:b])
+            staging.sent(i, link.send(Header(phase, codec.id, step, a, b - a), out[:nb]))
+
+    def send(phase: int, step: int, span: ring.Span, own: bool = False) -> None:
+        if raw:
+            send_raw(phase, step, span)
+        else:
+            send_encoded(phase, step, span, own)
+
+    def receive(phase: int, step: int, seg: ring.Span) -> Iterator[tuple[ring.Span, int]]:
+        """The frames that tile ``seg``, in order: yields each one's span and payload size after
+        its header is read; the caller then reads the payload."""
         pos = seg.start
         while pos < seg.stop:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise ExchangeError(f"all-reduce deadline of {timeout:.1f}s passed")
-            got = link.recv(left)
-            size = got.data.size
-            if (got.phase, got.step, got.offset) != (phase, step, pos) or not 0 < size <= seg.stop - pos:
+            got = link.recv_header(left())
+            if got.codec != codec.id:
+                raise ExchangeError(f"codec mismatch: predecessor sends {codec_name(got.codec)}, this member uses {codec.name}")
+            if (got.phase, got.step, got.offset) != (phase, step, pos) or not 0 < got.count <= seg.stop - pos:
                 raise ExchangeError(
-                    f"out-of-order chunk: got phase {got.phase} step {got.step} offset {got.offset} size {size}, "
+                    f"out-of-order chunk: got phase {got.phase} step {got.step} offset {got.offset} size {got.count}, "
                     f"expected phase {phase} step {step} offset {pos} (segment ends at {seg.stop})"
                 )
-            yield ring.Span(pos, pos + size), got.data
-            pos += size
+            yield ring.Span(pos, pos + got.count), codec.payload_bytes(got.count)
+            pos += got.count
+
+    def scratch_for(nbytes: int) -> tuple[np.ndarray, Any]:
+        nonlocal scratch, scratch_native
+        if scratch.size < nbytes:
+            scratch = np.empty(nbytes, dtype=np.uint8)
+            scratch_native = codec.wrap(scratch)
+        return scratch[:nbytes], scratch_native[:nbytes]
 
     last = world - 2
     for span in ring.chunks(segs[ring.send_segment(ring.REDUCE_SCATTER, rank, 0, world)], chunk_elems):
         send(ring.REDUCE_SCATTER, 0, span)
     for step in range(world - 1):
         seg = segs[ring.recv_segment(ring.REDUCE_SCATTER, rank, step, world)]
-        for span, data in receive(ring.REDUCE_SCATTER, step, seg):
-            view = buf[span.start : span.stop]
-            np.add(view, data, out=view)
+        for span, nbytes in receive(ring.REDUCE_SCATTER, step, seg):
+            payload, native = scratch_for(nbytes)
+            link.recv_payload(payload, left())
+            codec.decode_add(native, nbuf[span.start : span.stop])
             if step < last:
                 send(ring.REDUCE_SCATTER, step + 1, span)
             else:  # fully reduced: start the all-gather with it at once
-                send(ring.ALL_GATHER, 0, span)
+                send(ring.ALL_GATHER, 0, span, own=True)
     for step in range(world - 1):
         seg = segs[ring.recv_segment(ring.ALL_GATHER, rank, step, world)]
-        for span, data in receive(ring.ALL_GATHER, step, seg):
-            buf[span.start : span.stop] = data
-            if step < last:
-                send(ring.ALL_GATHER, step + 1, span)
+        for span, nbytes in receive(ring.ALL_GATHER, step, seg):
+            if raw:  # straight into place, then forward the same bytes
+                link.recv_payload(u8[4 * span.start : 4 * span.stop], left())
+                if step < last:
+                    send_raw(ring.ALL_GATHER, step + 1, span)
+                continue
+            if nbytes > staging_bytes:  # a predecessor with bigger chunks: cannot be pooled
+                out = np.empty(nbytes, dtype=np.uint8)
+                i, native = -1, codec.wrap(out)
+            else:
+                i, out, native = staging.take()
+            link.recv_payload(out[:nbytes], left())
+            codec.decode_into(native[:nbytes], nbuf[span.start : span.stop])
+            if step < last:  # forward verbatim: no second rounding
+                seq = link.send(Header(ring.ALL_GATHER, codec.id, step + 1, span.start, span.size), out[:nbytes])
+                if i >= 0:
+                    staging.sent(i, seq)
+                else:
+                    link.wait_sent(seq, left())
     link.close(max(0.0, deadline - time.monotonic()))
+

@@ -1,8 +1,13 @@
 """Weighted parameter averaging over a ring, and parameter digests.
 
-The weight travels as one extra element at the end of the flat buffer: each member scales its
-parameters by its weight, the ring sums both, and each member divides by the summed weight.
-Every member runs the same float operations on the same bytes, so results stay bit-identical.
+Exact (fp32): the weight travels as one extra element at the end of the flat buffer; each member
+scales its parameters by its weight, the ring sums both, and each member divides by the summed
+weight. Compressed (bf16, fp16, int8): each member sends its *change* since the committed
+parameters every member shares, scaled by its share of the total weight, plus its error-feedback
+residual; the ring sums the changes and each member adds the sum to the shared base. Changes are
+small and centred, which is what lossy codecs encode well, and the residual carries every
+encoding error into the next round instead of dropping it. Either way every member runs the same
+float operations on the same bytes, so results stay bit-identical.
 """
 from __future__ import annotations
 
@@ -11,6 +16,7 @@ import hashlib
 import numpy as np
 
 from aggregation.allreduce import DEFAULT_CHUNK_ELEMS, ring_allreduce
+from aggregation.codecs import Codec
 from aggregation.transport import RingLink
 
 
@@ -35,6 +41,31 @@ def weighted_ring_average(
         raise ValueError("every member had weight 0: nothing to average")
     params /= np.float32(total)
     return total
+
+
+def delta_ring_average(
+    params: np.ndarray, base: np.ndarray, share: float, rank: int, world: int, link: RingLink,
+    timeout: float, codec: Codec, residual: np.ndarray, chunk_elems: int = DEFAULT_CHUNK_ELEMS,
+) -> None:
+    """Replaces ``params`` by ``base + sum_i share_i * (params_i - base)`` over the ring.
+
+    ``base`` must be the same bytes on every member (the committed parameters the round started
+    from); ``share`` is this member's weight over the total (the plan fixes both, so no weight
+    travels). Works in place on ``params``: no model-sized temporary. ``residual`` (float32, like
+    ``params``) is the error-feedback state: added into this round's contribution, then replaced
+    by this round's encoding errors. On ExchangeError ``params`` and ``residual`` are undefined;
+    the caller restores the parameters and should zero the residual.
+    """
+    if not 0 <= share <= 1:
+        raise ValueError(f"share must be in [0, 1], got {share}")
+    if base.shape != params.shape or residual.shape != params.shape:
+        raise ValueError("params, base and residual must have the same shape")
+    np.subtract(params, base, out=params)
+    params *= np.float32(share)
+    params += residual
+    residual.fill(0.0)
+    ring_allreduce(params, rank, world, link, timeout, chunk_elems, codec, residual)
+    params += base
 
 
 def weighted_mean(arrays: list[np.ndarray], weights: list[float]) -> np.ndarray:

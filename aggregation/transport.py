@@ -1,17 +1,25 @@
 """The transport a ring member uses to talk to its neighbours, and an in-memory one for tests.
 
 A member sends only to its successor and receives only from its predecessor, so a transport is a
-pair of one-way links. ``send`` never blocks on the network (it queues); ``recv`` waits up to a
-timeout. Errors surface as :class:`ExchangeError` naming the neighbour at fault.
+pair of one-way links carrying *frames*: a 16-byte :data:`FRAME` header, then the payload (the
+chunk in the job's wire codec). Sends are zero-copy where the transport allows: ``send`` hands
+over a view and returns a sequence number, and the caller must not change those bytes until
+``wait_sent`` says the frame left. Receives are two calls, so the payload can land straight in
+its final place: ``recv_header``, then ``recv_payload`` into a buffer the caller picks. Errors
+surface as :class:`ExchangeError` naming the neighbour at fault.
 """
 from __future__ import annotations
 
 import queue
+import struct
 import threading
 from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
+
+# phase u8, codec u8, step u16, offset u64 (elements), count u32 (elements); little-endian.
+FRAME = struct.Struct("<BBHQI")
 
 
 class ExchangeError(Exception):
@@ -23,39 +31,60 @@ class ExchangeError(Exception):
 
 
 @dataclass(frozen=True)
-class Chunk:
-    """A slice of a sender's flat buffer, tagged with where it belongs in the schedule."""
+class Header:
+    """Where a frame's chunk belongs in the schedule, and how it is encoded."""
 
     phase: int
+    codec: int
     step: int
     offset: int
-    data: np.ndarray
+    count: int
+
+    def pack(self) -> bytes:
+        """The 16 wire bytes."""
+        return FRAME.pack(self.phase, self.codec, self.step, self.offset, self.count)
+
+    @classmethod
+    def unpack(cls, data: bytes | memoryview) -> "Header":
+        """Parses the first 16 bytes of ``data``."""
+        return cls(*FRAME.unpack_from(data))
 
 
 class RingLink(Protocol):
     """One member's view of the ring: a link to its successor and one from its predecessor."""
 
-    def send(self, chunk: Chunk) -> None:
-        """Queues ``chunk`` for the successor. Raises ExchangeError if the link is broken."""
+    def send(self, header: Header, payload: np.ndarray) -> int:
+        """Queues a frame for the successor; returns its sequence number (from 1). The payload
+        (a contiguous uint8 array) must stay unchanged until :meth:`wait_sent` for that number returns. Raises
+        ExchangeError if the link is broken."""
 
-    def recv(self, timeout: float) -> Chunk:
-        """Next chunk from the predecessor. Raises ExchangeError on timeout or a broken link."""
+    def wait_sent(self, seq: int, timeout: float) -> None:
+        """Blocks until frame ``seq`` has left this process (its payload may be reused)."""
+
+    def recv_header(self, timeout: float) -> Header:
+        """Header of the next frame from the predecessor. Raises ExchangeError on timeout or a
+        broken link."""
+
+    def recv_payload(self, out: np.ndarray, timeout: float) -> None:
+        """Fills ``out`` (a contiguous uint8 array) with the payload of the frame whose header
+        was just read; ``out.nbytes`` must be its exact size."""
 
     def close(self, timeout: float) -> None:
-        """Waits until every queued chunk is delivered. Raises ExchangeError on failure."""
+        """Waits until every queued frame is delivered. Raises ExchangeError on failure."""
 
 
 class InMemoryRing:
     """A ring of ``world`` members in one process, joined by queues. Used by unit tests.
 
-    ``drop_from`` makes a member's outgoing link fail, to test failure paths.
+    ``break_member`` makes a member's outgoing link go silent, to test failure paths.
     """
 
     def __init__(self, world: int) -> None:
         self.world = world
-        self._queues: list[queue.Queue[Chunk]] = [queue.Queue() for _ in range(world)]
+        self._queues: list[queue.Queue[tuple[Header, bytes]]] = [queue.Queue() for _ in range(world)]
         self._broken: set[int] = set()
         self._lock = threading.Lock()
+        self.sent_bytes = [0] * world
 
     def break_member(self, rank: int) -> None:
         """Makes every later send from ``rank`` vanish, as if the process died."""
@@ -73,22 +102,37 @@ class InMemoryLink:
     def __init__(self, ring: InMemoryRing, rank: int) -> None:
         self._ring = ring
         self._rank = rank
+        self._seq = 0
+        self._payload = b""
 
-    def send(self, chunk: Chunk) -> None:
-        """Copies the chunk into the successor's queue (a copy, as a real wire would)."""
+    def send(self, header: Header, payload: np.ndarray) -> int:
+        """Copies the frame into the successor's queue (a copy, as a real wire would)."""
+        self._seq += 1
         with self._ring._lock:
             if self._rank in self._ring._broken:
-                return
+                return self._seq
+            self._ring.sent_bytes[self._rank] += payload.nbytes + FRAME.size
         succ = (self._rank + 1) % self._ring.world
-        self._ring._queues[succ].put(Chunk(chunk.phase, chunk.step, chunk.offset, chunk.data.copy()))
+        self._ring._queues[succ].put((header, bytes(payload)))
+        return self._seq
 
-    def recv(self, timeout: float) -> Chunk:
-        """Next chunk from the predecessor, or ExchangeError after ``timeout`` seconds."""
+    def wait_sent(self, seq: int, timeout: float) -> None:
+        """Sends complete at once."""
+
+    def recv_header(self, timeout: float) -> Header:
+        """Next header from the predecessor, or ExchangeError after ``timeout`` seconds."""
         try:
-            return self._ring._queues[self._rank].get(timeout=timeout)
+            header, self._payload = self._ring._queues[self._rank].get(timeout=timeout)
         except queue.Empty:
             pred = (self._rank - 1) % self._ring.world
             raise ExchangeError(f"no data from rank {pred} within {timeout:.1f}s", suspect=str(pred)) from None
+        return header
+
+    def recv_payload(self, out: np.ndarray, timeout: float) -> None:
+        """Copies the pending payload into ``out``."""
+        if out.nbytes != len(self._payload):
+            raise ExchangeError(f"payload of {len(self._payload)} bytes, expected {out.nbytes}")
+        out.view(np.uint8)[:] = np.frombuffer(self._payload, dtype=np.uint8)
 
     def close(self, timeout: float) -> None:
         """Nothing to flush: sends are delivered at once."""

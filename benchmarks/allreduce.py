@@ -1,15 +1,18 @@
-"""All-reduce benchmark: dml's ring over real gRPC against torch.distributed gloo, same machine.
+"""All-reduce benchmark: dml's ring between processes against torch.distributed gloo, same machine.
 
     python benchmarks/allreduce.py [--world-sizes 2,3,4] [--sizes-mb 1,64,256] [--codecs fp32]
-                                   [--repeats 5] [--chunk-elems 262144] [--json]
+                                   [--data-planes tcp] [--repeats 5] [--chunk-elems 262144] [--json]
 
-For every (N, size, codec) it starts two pools of N worker processes on 127.0.0.1 (``spawn``):
+For every (N, size, codec, data plane) it starts two pools of N worker processes on 127.0.0.1
+(``spawn``):
 
 - dml: each worker runs its own gRPC server with an :class:`peer.exchange.ExchangeServicer` on
-  127.0.0.1:0 (the ports go through the parent), and per repetition builds a
-  :class:`peer.exchange.GrpcRingLink` to its successor keyed by a fresh (job, round, epoch), as
-  ``Peer._make_link`` does, then times :func:`aggregation.allreduce.ring_allreduce` plus the
-  link's shutdown (connecting the channel is part of it, as in a real round);
+  127.0.0.1:0 (the ports go through the parent) and, for ``tcp``, its TCP data plane; per
+  repetition it builds a :class:`peer.exchange.PeerLink` to its successor keyed by a fresh (job,
+  round, epoch), exactly as ``Peer._make_link`` does, then times
+  :func:`aggregation.allreduce.ring_allreduce` plus the link's shutdown. Negotiating the TCP
+  stream over gRPC (or opening the gRPC stream) is part of the time, as in a real round. Lossy
+  codecs run with an error-feedback residual, as peers do;
 - gloo: ``init_process_group('gloo', init_method='tcp://127.0.0.1:PORT')`` on a free port, then
   times ``dist.all_reduce`` on a float32 tensor of the same size.
 
@@ -52,8 +55,10 @@ for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
 import numpy as np
 
 from aggregation.allreduce import DEFAULT_CHUNK_ELEMS
+from aggregation.codecs import CODEC_NAMES
 
-CODECS = ("fp32",)
+CODECS = CODEC_NAMES
+DATA_PLANES = ("tcp", "grpc")
 MB = 1 << 20
 GB = 1e9
 JOB = "allreduce-bench"
@@ -116,11 +121,18 @@ def _worker(kind: str, rank: int, world: int, n: int, conn: Any, barrier: Any, o
             import grpc
 
             from aggregation.allreduce import ring_allreduce
-            from peer.exchange import GRPC_OPTIONS, ExchangeServicer, GrpcRingLink, add_exchange_to_server
+            from aggregation.codecs import get_codec
+            from peer.exchange import GRPC_OPTIONS, ExchangeServicer, PeerLink, add_exchange_to_server
 
-            if "torch" in sys.modules:  # not imported by the dml path; harmless if it ever is
-                sys.modules["torch"].set_num_threads(1)
-            servicer = ExchangeServicer(lambda job, rnd: None, recv_timeout_s=timeout)
+            codec = get_codec(str(opts["codec"]))
+            residual = None if codec.exact else np.zeros(n, dtype=np.float32)
+            if not codec.exact:
+                import torch  # the lossy codecs' casts; one thread, like a peer
+
+                torch.set_num_threads(1)
+            plane = str(opts["data_plane"])
+            servicer = ExchangeServicer(lambda job, rnd: None, recv_timeout_s=timeout,
+                                        data_plane_host="127.0.0.1" if plane == "tcp" else None)
             server = grpc.server(futures.ThreadPoolExecutor(max_workers=16), options=GRPC_OPTIONS)
             add_exchange_to_server(servicer, server)
             port = server.add_insecure_port("127.0.0.1:0")
@@ -138,15 +150,20 @@ def _worker(kind: str, rank: int, world: int, n: int, conn: Any, barrier: Any, o
             succ = (rank + 1) % world
 
             def op(rep: int) -> tuple[float, float, float]:
-                link = GrpcRingLink(servicer, (JOB, rep, 0), f"w{rank}", f"w{(rank - 1) % world}", f"w{succ}",
-                                    f"127.0.0.1:{ports[succ]}", timeout, abort, idle_timeout_s=timeout)
+                link = PeerLink(servicer, (JOB, rep, 0), f"w{rank}", f"w{(rank - 1) % world}", f"w{succ}",
+                                f"127.0.0.1:{ports[succ]}", timeout, abort, idle_timeout_s=timeout, data_plane=plane)
+                if residual is not None:
+                    residual.fill(0.0)
                 barrier.wait(BARRIER_TIMEOUT_S)
                 t0, c0 = time.perf_counter(), time.process_time()
                 try:
-                    ring_allreduce(buf, rank, world, link, timeout, int(opts["chunk_elems"]))
+                    ring_allreduce(buf, rank, world, link, timeout, int(opts["chunk_elems"]), codec, residual)
+                    used = link.sender_kind
                 finally:
                     link.shutdown()
                 t1, c1 = time.perf_counter(), time.process_time()
+                if used != plane:
+                    raise RuntimeError(f"asked for the {plane} data plane, the link used {used!r}")
                 return t0, t1, c1 - c0
         else:
             from datetime import timedelta
@@ -185,6 +202,7 @@ def _worker(kind: str, rank: int, world: int, n: int, conn: Any, barrier: Any, o
     finally:
         if server is not None:
             server.stop(0)
+            servicer.close()
         dist_mod = sys.modules.get("torch.distributed")
         if kind == "gloo" and dist_mod is not None and dist_mod.is_initialized():
             with contextlib.suppress(RuntimeError):
@@ -281,16 +299,17 @@ def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def measure(ctx: Any, world: int, size_mb: float, codec: str, args: argparse.Namespace) -> dict[str, Any]:
+def measure(ctx: Any, world: int, size_mb: float, codec: str, plane: str, args: argparse.Namespace) -> dict[str, Any]:
     n = round(size_mb * MB / 4)
     if n < world:
         raise ValueError(f"{size_mb} MB is fewer elements than ranks")
     timeout_s = args.timeout_s or max(60.0, 1.0 * size_mb * world)
-    opts = {"chunk_elems": args.chunk_elems, "timeout_s": timeout_s, "gloo_port": _free_port()}
+    opts = {"chunk_elems": args.chunk_elems, "timeout_s": timeout_s, "gloo_port": _free_port(), "codec": codec,
+            "data_plane": plane}
     dml, gloo = Series(), Series()
     pools: list[Pool] = []
     try:
-        _log(f"N={world} {size_mb:g} MB {codec}: starting workers")
+        _log(f"N={world} {size_mb:g} MB {codec} over {plane}: starting workers")
         pools.append(Pool(ctx, "dml", world, n, opts))
         pools[-1].wait_ready()
         pools.append(Pool(ctx, "gloo", world, n, opts))
@@ -309,8 +328,8 @@ def measure(ctx: Any, world: int, size_mb: float, codec: str, args: argparse.Nam
             p.close()
     nbytes = n * 4
     bus = 2 * (world - 1) / world
-    row: dict[str, Any] = {"world_size": world, "size_mb": size_mb, "codec": codec, "chunk_elems": args.chunk_elems,
-                           "repeats": args.repeats}
+    row: dict[str, Any] = {"world_size": world, "size_mb": size_mb, "codec": codec, "data_plane": plane,
+                           "chunk_elems": args.chunk_elems, "repeats": args.repeats}
     for name, s in (("dml", dml), ("gloo", gloo)):
         med = statistics.median(s.times)
         row[f"{name}_s"] = med
@@ -327,7 +346,7 @@ def measure(ctx: Any, world: int, size_mb: float, codec: str, args: argparse.Nam
     return row
 
 
-HEADER = (f"{'N':>2} {'size MB':>7} {'codec':>5} | {'dml s median [min..max]':>27} {'algbw':>6} {'busbw':>6}"
+HEADER = (f"{'N':>2} {'size MB':>7} {'codec':>5} {'plane':>5} | {'dml s median [min..max]':>27} {'algbw':>6} {'busbw':>6}"
           f" {'CPU-s':>6} | {'gloo s median [min..max]':>27} {'algbw':>6} {'busbw':>6} {'CPU-s':>6}"
           f" | {'ratio':>5} {'CPU x':>5} {'max_err':>7}")
 
@@ -338,7 +357,7 @@ def _fmt_row(r: dict[str, Any]) -> str:
         return f"{t:>27} {r[k + '_algbw_gbs']:6.3f} {r[k + '_busbw_gbs']:6.3f} {r[k + '_cpu_s']:6.3f}"
 
     cpu_x = f"{r['cpu_ratio']:5.2f}" if r["cpu_ratio"] is not None else "    -"
-    return (f"{r['world_size']:>2} {r['size_mb']:>7g} {r['codec']:>5} | {side('dml')} | {side('gloo')}"
+    return (f"{r['world_size']:>2} {r['size_mb']:>7g} {r['codec']:>5} {r['data_plane']:>5} | {side('dml')} | {side('gloo')}"
             f" | {r['ratio']:5.2f} {cpu_x} {max(r['max_abs_err'], r['gloo_max_abs_err']):7.1g}")
 
 
@@ -357,6 +376,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--world-sizes", default="2,3,4", help="comma-separated process counts (default 2,3,4)")
     p.add_argument("--sizes-mb", default="1,64,256", help="comma-separated buffer sizes in MB of 2**20 bytes (default 1,64,256)")
     p.add_argument("--codecs", default="fp32", help=f"comma-separated wire codecs; known: {', '.join(CODECS)}")
+    p.add_argument("--data-planes", default="tcp",
+                   help="comma-separated ways dml's chunks travel: tcp (the fast data plane), grpc (default tcp)")
     p.add_argument("--repeats", type=int, default=5, help="timed repetitions per configuration (default 5)")
     p.add_argument("--chunk-elems", type=int, default=DEFAULT_CHUNK_ELEMS,
                    help=f"float32 elements per dml wire chunk (default {DEFAULT_CHUNK_ELEMS}; at most {1 << 20})")
@@ -371,7 +392,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--codecs: empty list")
     unknown = [c for c in a.codecs if c not in CODECS]
     if unknown:
-        p.error(f"--codecs: unknown codec(s) {', '.join(map(repr, unknown))}; only {', '.join(CODECS)} exists today")
+        p.error(f"--codecs: unknown codec(s) {', '.join(map(repr, unknown))}; choose from {', '.join(CODECS)}")
+    a.data_planes = [c.strip() for c in a.data_planes.split(",") if c.strip()]
+    if not a.data_planes or any(c not in DATA_PLANES for c in a.data_planes):
+        p.error(f"--data-planes: expected a comma-separated list of {', '.join(DATA_PLANES)}")
     if any(w < 2 for w in a.world_sizes):
         p.error("--world-sizes: every world size must be at least 2")
     if any(s <= 0 for s in a.sizes_mb):
@@ -389,7 +413,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     ctx = mp.get_context("spawn")
     if not args.json:
-        print(f"# all-reduce (sum, float32): dml gRPC ring vs torch.distributed gloo, 127.0.0.1, "
+        print(f"# all-reduce (sum, float32 buffers): dml ring vs torch.distributed gloo (always fp32), 127.0.0.1, "
               f"{os.cpu_count()} CPUs, Python {platform.python_version()}")
         print(f"# chunk_elems={args.chunk_elems} repeats={args.repeats}; time = median [min..max] s from the first "
               f"rank leaving the barrier to the last one done; algbw/busbw GB/s (busbw = algbw x 2(N-1)/N); "
@@ -399,8 +423,9 @@ def main(argv: list[str] | None = None) -> int:
     for world in args.world_sizes:
         for size_mb in args.sizes_mb:
             for codec in args.codecs:
-                row = measure(ctx, world, size_mb, codec, args)
-                print(json.dumps(row) if args.json else _fmt_row(row), flush=True)
+                for plane in args.data_planes:
+                    row = measure(ctx, world, size_mb, codec, plane, args)
+                    print(json.dumps(row) if args.json else _fmt_row(row), flush=True)
     return 0
 
 

@@ -18,7 +18,7 @@ from typing import Any, Callable, NoReturn, TypeVar
 import grpc
 
 from coordinator.servicer import spec_to_pb
-from coordinator.spec import JobSpec
+from coordinator.spec import CODECS, DATA_PLANES, JobSpec
 from dml.v1 import jobs_pb2, jobs_pb2_grpc, types_pb2
 
 T = TypeVar("T")
@@ -89,6 +89,7 @@ def history_dict(r: types_pb2.RoundMetrics) -> dict[str, Any]:
     """One committed round, with its sample ledger, as JSON-friendly data."""
     return {"round": r.round, "epoch": r.epoch, "train_loss": r.train_loss, "test_accuracy": r.test_accuracy,
             "samples": r.samples, "members": r.members, "duration_ms": r.duration_ms, "digest": r.digest,
+            "train_ms": r.train_ms, "exchange_ms": r.exchange_ms, "committed_unix_ms": r.committed_unix_ms,
             "data_epoch": r.data_epoch,
             "consumed": {m.peer_id: [[x.shard_id, x.data_epoch, x.start, x.stop] for x in m.ranges]
                          for m in r.consumed}}
@@ -117,7 +118,7 @@ def spec_from_args(a: argparse.Namespace) -> JobSpec:
                    learning_rate=a.lr, min_peers=a.min_peers if a.min_peers is not None else d.min_peers, sharding=a.sharding, aggregation=a.aggregation,
                    seed=a.seed, num_shards=a.num_shards or d.num_shards,
                    checkpoint_every_rounds=a.checkpoint_every or d.checkpoint_every_rounds,
-                   peer_grace_s=a.peer_grace_s or d.peer_grace_s)
+                   peer_grace_s=a.peer_grace_s or d.peer_grace_s, codec=a.codec, data_plane=a.data_plane)
 
 
 def submit(coordinator: str, spec: JobSpec, timeout: float) -> str:
@@ -318,6 +319,10 @@ def add_job_options(p: argparse.ArgumentParser) -> None:
                    help=f"peers needed to run a round (default {d.min_peers}; `local`: all its peers)")
     p.add_argument("--sharding", default=d.sharding, help="iid or dirichlet:ALPHA")
     p.add_argument("--aggregation", default=d.aggregation, help="ring")
+    p.add_argument("--codec", choices=CODECS, default=d.codec,
+                   help="wire codec of the exchange: fp32 (exact, default), bf16, fp16, int8 (lossy ones use error feedback)")
+    p.add_argument("--data-plane", choices=DATA_PLANES, default=d.data_plane,
+                   help="how ring chunks travel: auto (TCP negotiated over gRPC, else gRPC; default), tcp, grpc")
     p.add_argument("--seed", type=_int_in(0, 2**63 - 1), default=d.seed)
     p.add_argument("--num-shards", type=_int_in(0, U32), default=0, help=f"shards to cut the data into (default {d.num_shards})")
     p.add_argument("--checkpoint-every", type=_int_in(0, U32), default=0,

@@ -8,6 +8,8 @@ from coordinator.planner import parse_sharding
 from peer.tasks import get_task
 
 AGGREGATIONS = ("ring",)
+CODECS = ("fp32", "bf16", "fp16", "int8")  # aggregation.codecs.CODEC_NAMES; checked by a test
+DATA_PLANES = ("auto", "tcp", "grpc")
 MAX_ROUNDS = 1_000_000
 
 
@@ -31,6 +33,8 @@ class JobSpec:
     num_shards: int = 24
     checkpoint_every_rounds: int = 10
     peer_grace_s: int = 300
+    codec: str = "fp32"
+    data_plane: str = "auto"
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-friendly form."""
@@ -58,6 +62,8 @@ def with_defaults(spec: JobSpec) -> JobSpec:
         num_shards=spec.num_shards or d.num_shards,
         checkpoint_every_rounds=spec.checkpoint_every_rounds or d.checkpoint_every_rounds,
         peer_grace_s=spec.peer_grace_s or d.peer_grace_s,
+        codec=spec.codec or d.codec,
+        data_plane=spec.data_plane or d.data_plane,
     )
 
 
@@ -77,6 +83,10 @@ def validate(spec: JobSpec) -> None:
         raise InvalidSpec(f"min_peers must be at least 1, got {spec.min_peers}")
     if spec.aggregation not in AGGREGATIONS:
         raise InvalidSpec(f"unknown aggregation {spec.aggregation!r}: choose one of {', '.join(AGGREGATIONS)}")
+    if spec.codec not in CODECS:
+        raise InvalidSpec(f"unknown codec {spec.codec!r}: choose one of {', '.join(CODECS)}")
+    if spec.data_plane not in DATA_PLANES:
+        raise InvalidSpec(f"unknown data plane {spec.data_plane!r}: choose one of {', '.join(DATA_PLANES)}")
     if spec.checkpoint_every_rounds < 1:
         raise InvalidSpec("checkpoint_every_rounds must be at least 1")
     if not 1 <= spec.peer_grace_s <= 30 * 24 * 3600:

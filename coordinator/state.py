@@ -71,6 +71,8 @@ class Report:
     test_accuracy: float | None = None
     test_loss: float | None = None
     samples_per_s: float = 0.0
+    train_ms: int = 0
+    exchange_ms: int = 0
 
 
 @dataclass
@@ -89,6 +91,8 @@ class RoundRecord:
     committed_ms: int
     data_epoch: int = 1  # the pass every shard had reached when the round committed
     consumed: dict[str, list[list[int]]] = field(default_factory=dict)  # peer -> [shard, pass, start, stop]
+    train_ms: int = 0  # the slowest member's preparation plus training
+    exchange_ms: int = 0  # the slowest member's all-reduce
 
 
 @dataclass
@@ -476,6 +480,8 @@ class ClusterState:
             members=list(job.members),
             committed_ms=now_ms,
             consumed={p: [list(r) for r in rs] for p, rs in job.allocation.items()},
+            train_ms=max(r.train_ms for r in reps),
+            exchange_ms=max(r.exchange_ms for r in reps),
         )
         sizes = self._shard_sizes(job.spec)
         for ranges in job.allocation.values():

@@ -40,6 +40,8 @@ def build_config(argv: list[str] | None = None) -> tuple[PeerConfig, argparse.Na
     p.add_argument("--device", default=os.environ.get("DML_DEVICE", "auto"), help="auto, cpu or cuda:N")
     p.add_argument("--exchange-timeout-s", type=float, default=float(os.environ.get("DML_EXCHANGE_TIMEOUT_S", "30")),
                    help="give up on the ring when no chunk arrives for this long (default 30)")
+    p.add_argument("--no-tcp", action="store_true", default=os.environ.get("DML_NO_TCP", "") not in ("", "0"),
+                   help="serve no TCP data plane: neighbours send ring chunks over gRPC (env DML_NO_TCP=1)")
     p.add_argument("--chunk-elems", type=int, default=int(os.environ.get("DML_CHUNK_ELEMS", str(DEFAULT_CHUNK_ELEMS))),
                    help=f"float32 elements per exchange chunk (default {DEFAULT_CHUNK_ELEMS}, 1 MiB; at most 1M)")
     p.add_argument("--torch-threads", type=int, default=int(os.environ.get("DML_TORCH_THREADS", "1")),
@@ -59,7 +61,8 @@ def build_config(argv: list[str] | None = None) -> tuple[PeerConfig, argparse.Na
     except ValueError as e:
         p.error(str(e))
     cfg = PeerConfig(coordinator=a.coordinator, host=a.host, port=a.port, advertise_host=a.advertise_host,
-                     device=device, exchange_timeout_s=a.exchange_timeout_s, chunk_elems=a.chunk_elems)
+                     device=device, exchange_timeout_s=a.exchange_timeout_s, chunk_elems=a.chunk_elems,
+                     tcp=not a.no_tcp)
     return cfg, a
 
 

@@ -1,15 +1,18 @@
-"""The peer's exchange server (PeerExchange) and the gRPC ring link the all-reduce runs over.
+"""The peer's exchange server (PeerExchange) and the ring link the all-reduce runs over.
 
-Incoming chunks land in an inbox keyed by (job, round, epoch), created by whichever side comes
-first (a fast predecessor may start sending before this peer is ready). Inboxes are bounded, so a
-slow receiver pushes back through gRPC flow control. A broken incoming stream marks the inbox
-broken, so the receiver fails at once and names the predecessor.
+Incoming frames land in an inbox keyed by (job, round, epoch), created by whichever side comes
+first (a fast predecessor may start sending before this peer is ready). Frames arrive one of
+three ways: the raw gRPC method (bytes, no protobuf), the protobuf PushChunks, or a TCP stream of
+the fast data plane (:mod:`peer.dataplane`) attached to the inbox. gRPC inboxes are bounded, so a
+slow receiver pushes back through flow control; a TCP stream is read straight into the caller's
+buffer and pushes back through the kernel's. A broken incoming stream marks the inbox broken, so
+the receiver fails at once and names the predecessor.
 """
 from __future__ import annotations
 
 import logging
 import queue
-import struct
+import socket
 import threading
 import time
 from typing import Callable, Iterable, Iterator
@@ -17,8 +20,10 @@ from typing import Callable, Iterable, Iterator
 import grpc
 import numpy as np
 
-from aggregation.transport import Chunk, ExchangeError
+from aggregation.codecs import payload_size
+from aggregation.transport import FRAME, ExchangeError, Header
 from dml.v1 import exchange_pb2, exchange_pb2_grpc
+from peer import dataplane
 
 log = logging.getLogger(__name__)
 
@@ -27,19 +32,23 @@ INBOX_CHUNKS = 64
 POLL_S = 0.05
 CHUNK_BYTES = 1 << 20
 STALE_INBOX_S = 600.0
+OPEN_TIMEOUT_S = 5.0
+DATA_PLANES = ("auto", "tcp", "grpc")
 
 # The hot path bypasses protobuf: PushChunks wraps every chunk in a TensorChunk, which costs three
 # copies per byte (tobytes, the message, serialisation) and one more to read it back. Frames on
-# this raw method are a 12-byte header (phase u8, pad, step u16, offset u64, little-endian) then
-# the float32 payload; the (job, round, epoch, sender) key travels once, as call metadata. The
-# sender copies the payload once into the frame; the receiver views it in place.
+# this raw method are a 16-byte header (aggregation.transport.FRAME) then the payload; the
+# (job, round, epoch, sender) key travels once, as call metadata. The TCP data plane carries the
+# same frames.
 FRAMES_SERVICE = "dml.v1.PeerFrames"
 FRAMES_METHOD = f"/{FRAMES_SERVICE}/Push"
-FRAME_HEADER = struct.Struct("<BxHQ")
 GRPC_OPTIONS = [
     ("grpc.max_receive_message_length", 8 << 20),
     ("grpc.max_send_message_length", 8 << 20),
 ]
+
+
+Frame = tuple[Header, memoryview]
 
 
 class _Broken:
@@ -48,27 +57,59 @@ class _Broken:
 
 
 class Inbox:
-    """Chunks from the predecessor for one all-reduce."""
+    """Frames from the predecessor for one all-reduce: queued gRPC frames, or a TCP stream."""
 
     def __init__(self, key: Key) -> None:
         self.key = key
         self.created = time.monotonic()
-        self.q: queue.Queue[Chunk | _Broken] = queue.Queue(maxsize=INBOX_CHUNKS)
+        self.q: queue.Queue[Frame | _Broken] = queue.Queue(maxsize=INBOX_CHUNKS)
         self.closed = threading.Event()
+        self.arrived = threading.Event()  # set by the first gRPC frame or the TCP stream
+        self.conn: socket.socket | None = None
         self.sender = ""
+
+    def close(self) -> None:
+        """Marks the inbox dead and drops its stream, if any."""
+        self.closed.set()
+        self.arrived.set()
+        if self.conn is not None:
+            _close_socket(self.conn)
 
 
 ParamsSource = Callable[[str, int], "tuple[int, str, bytes] | None"]
 
 
-class ExchangeServicer(exchange_pb2_grpc.PeerExchangeServicer):
-    """Receives ring chunks into inboxes and serves committed parameters."""
+def _parse_frame(frame: bytes) -> Frame:
+    """Splits a raw frame into its header and payload view; ValueError if malformed."""
+    if len(frame) < FRAME.size:
+        raise ValueError("frame shorter than its header")
+    header = Header.unpack(frame)
+    if len(frame) - FRAME.size != payload_size(header.codec, header.count):
+        raise ValueError(f"frame payload of {len(frame) - FRAME.size} bytes does not match "
+                         f"{header.count} elements in codec {header.codec}")
+    return header, memoryview(frame)[FRAME.size:]
 
-    def __init__(self, params_source: ParamsSource, recv_timeout_s: float = 60.0) -> None:
+
+class ExchangeServicer(exchange_pb2_grpc.PeerExchangeServicer):
+    """Receives ring frames into inboxes, offers the TCP data plane and serves committed
+    parameters. ``data_plane_host`` (the host to listen on) enables TCP; None serves gRPC only."""
+
+    def __init__(self, params_source: ParamsSource, recv_timeout_s: float = 60.0,
+                 data_plane_host: str | None = None) -> None:
         self._lock = threading.Lock()
         self._inboxes: dict[Key, Inbox] = {}
         self._params_source = params_source
         self._recv_timeout_s = recv_timeout_s
+        self.data_plane = dataplane.DataPlane(data_plane_host, self._attach) if data_plane_host is not None else None
+
+    def close(self) -> None:
+        """Stops the data plane and drops every inbox."""
+        if self.data_plane is not None:
+            self.data_plane.close()
+        with self._lock:
+            boxes, self._inboxes = list(self._inboxes.values()), {}
+        for box in boxes:
+            box.close()
 
     def inbox(self, key: Key) -> Inbox:
         """The inbox for ``key``, created if needed. Older exchanges of the same job are dropped,
@@ -77,7 +118,7 @@ class ExchangeServicer(exchange_pb2_grpc.PeerExchangeServicer):
         with self._lock:
             for k, old in list(self._inboxes.items()):
                 if k != key and ((k[0] == key[0] and k[1:] < key[1:]) or now - old.created > STALE_INBOX_S):
-                    self._inboxes.pop(k).closed.set()
+                    self._inboxes.pop(k).close()
             if key not in self._inboxes:
                 self._inboxes[key] = Inbox(key)
             return self._inboxes[key]
@@ -87,7 +128,27 @@ class ExchangeServicer(exchange_pb2_grpc.PeerExchangeServicer):
         with self._lock:
             box = self._inboxes.pop(key, None)
         if box:
-            box.closed.set()
+            box.close()
+
+    def _attach(self, key: Key, sender: str, conn: socket.socket) -> bool:
+        """Binds an authenticated TCP stream to ``key``'s inbox (one stream per inbox)."""
+        box = self.inbox(key)
+        with self._lock:
+            if box.closed.is_set() or box.conn is not None or self._inboxes.get(key) is not box:
+                return False
+            box.conn, box.sender = conn, sender
+        box.arrived.set()
+        return True
+
+    def OpenDataPlane(self, request: exchange_pb2.OpenDataPlaneRequest, context: grpc.ServicerContext) -> exchange_pb2.OpenDataPlaneResponse:
+        """Issues a port and single-use token for a TCP stream of one all-reduce."""
+        if self.data_plane is None:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, "this peer serves no TCP data plane (started with --no-tcp)")
+        assert self.data_plane is not None
+        if not request.job_id or not request.sender_id:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "job_id and sender_id are required")
+        token = self.data_plane.offer((request.job_id, request.round, request.epoch), request.sender_id)
+        return exchange_pb2.OpenDataPlaneResponse(port=self.data_plane.port, token=token)
 
     def PushChunks(self, request_iterator: Iterator[exchange_pb2.TensorChunk], context: grpc.ServicerContext) -> exchange_pb2.PushChunksResponse:
         """The protobuf form of the exchange (portable; the ring itself uses :meth:`push_frames`)."""
@@ -95,17 +156,24 @@ class ExchangeServicer(exchange_pb2_grpc.PeerExchangeServicer):
         if first is None:
             return exchange_pb2.PushChunksResponse(chunks=0)
 
-        def chunks() -> Iterator[Chunk]:
+        def frames() -> Iterator[Frame]:
             for msg in _chain(first, request_iterator):
-                if len(msg.data) % 4:
-                    context.abort(grpc.StatusCode.INVALID_ARGUMENT, "chunk data is not a whole number of float32")
-                yield Chunk(int(msg.phase), msg.step, msg.offset_elems, np.frombuffer(msg.data, dtype=np.float32))
+                codec = msg.codec or 1
+                count = msg.count if msg.count or codec != 1 else len(msg.data) // 4
+                try:
+                    ok = payload_size(codec, count) == len(msg.data)
+                except ValueError:
+                    ok = False
+                if not ok:
+                    context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                  f"chunk data of {len(msg.data)} bytes is not {count} elements in codec {codec}")
+                yield Header(int(msg.phase), codec, msg.step, msg.offset_elems, count), memoryview(msg.data)
 
-        n = self._receive(chunks(), (first.job_id, first.round, first.epoch), first.sender_id, context)
+        n = self._receive(frames(), (first.job_id, first.round, first.epoch), first.sender_id, context)
         return exchange_pb2.PushChunksResponse(chunks=n)
 
     def push_frames(self, request_iterator: Iterator[bytes], context: grpc.ServicerContext) -> exchange_pb2.PushChunksResponse:
-        """The raw-frame form of PushChunks (see FRAME_HEADER); the key is in the call metadata."""
+        """The raw-frame form of PushChunks (see :data:`FRAME`); the key is in the call metadata."""
         md = dict(context.invocation_metadata())
         try:
             key = (str(md["dml-job"]), int(md["dml-round"]), int(md["dml-epoch"]))
@@ -113,14 +181,14 @@ class ExchangeServicer(exchange_pb2_grpc.PeerExchangeServicer):
         except (KeyError, ValueError):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "frames need dml-job, dml-round, dml-epoch, dml-sender metadata")
 
-        def chunks() -> Iterator[Chunk]:
+        def frames() -> Iterator[Frame]:
             for frame in request_iterator:
-                if len(frame) < FRAME_HEADER.size or (len(frame) - FRAME_HEADER.size) % 4:
-                    context.abort(grpc.StatusCode.INVALID_ARGUMENT, "malformed frame")
-                phase, step, offset = FRAME_HEADER.unpack_from(frame)
-                yield Chunk(phase, step, offset, np.frombuffer(frame, dtype=np.float32, offset=FRAME_HEADER.size))
+                try:
+                    yield _parse_frame(frame)
+                except ValueError as e:
+                    context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"malformed frame: {e}")
 
-        n = self._receive(chunks(), key, sender, context)
+        n = self._receive(frames(), key, sender, context)
         return exchange_pb2.PushChunksResponse(chunks=n)
 
     def frames_handler(self) -> grpc.GenericRpcHandler:
@@ -131,17 +199,18 @@ class ExchangeServicer(exchange_pb2_grpc.PeerExchangeServicer):
                 response_serializer=exchange_pb2.PushChunksResponse.SerializeToString),
         })
 
-    def _receive(self, chunks: Iterator[Chunk], key: Key, sender: str, context: grpc.ServicerContext) -> int:
-        """Moves a stream's chunks into the inbox of ``key``; marks it broken if the stream breaks."""
+    def _receive(self, frames: Iterator[Frame], key: Key, sender: str, context: grpc.ServicerContext) -> int:
+        """Moves a stream's frames into the inbox of ``key``; marks it broken if the stream breaks."""
         box = self.inbox(key)
         box.sender = sender
         n = 0
         try:
-            for chunk in chunks:
+            for frame in frames:
                 deadline = time.monotonic() + self._recv_timeout_s
                 while not box.closed.is_set():
                     try:
-                        box.q.put(chunk, timeout=POLL_S)
+                        box.q.put(frame, timeout=POLL_S)
+                        box.arrived.set()
                         break
                     except queue.Full:
                         if time.monotonic() > deadline or not context.is_active():
@@ -159,6 +228,7 @@ class ExchangeServicer(exchange_pb2_grpc.PeerExchangeServicer):
     def _put_broken(box: Inbox, reason: str) -> None:
         try:
             box.q.put(_Broken(reason), timeout=1.0)
+            box.arrived.set()
         except queue.Full:
             pass
 
@@ -174,30 +244,32 @@ class ExchangeServicer(exchange_pb2_grpc.PeerExchangeServicer):
                                               data=data[i : i + CHUNK_BYTES])
 
 
-class GrpcRingLink:
-    """A ring member's link: a client stream to the successor, the inbox from the predecessor.
+def _close_socket(sock: socket.socket) -> None:
+    """Shuts a socket down (waking any thread blocked on it) and closes it."""
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    sock.close()
 
-    ``abort`` is an event the owner sets when the round is cancelled (membership changed); a
-    waiting ``recv`` then fails promptly.
-    """
 
-    def __init__(self, servicer: ExchangeServicer, key: Key, self_id: str, pred_id: str,
-                 succ_id: str, succ_address: str, deadline_s: float, abort: threading.Event,
-                 idle_timeout_s: float = 30.0) -> None:
-        self._key = key
-        self._self_id, self._pred_id, self._succ_id = self_id, pred_id, succ_id
-        self._inbox = servicer.inbox(key)
-        self._servicer = servicer
-        self._abort = abort
+class _GrpcSender:
+    """Frames to the successor over the raw gRPC method: one client stream per all-reduce."""
+
+    kind = "grpc"
+
+    def __init__(self, channel: grpc.Channel, key: Key, self_id: str, succ_id: str, deadline_s: float) -> None:
+        self._succ_id = succ_id
         self._out: queue.Queue[bytes | None] = queue.Queue()
-        self._channel = grpc.insecure_channel(succ_address, options=GRPC_OPTIONS)
-        self._push = self._channel.stream_unary(
-            FRAMES_METHOD, request_serializer=None, response_deserializer=exchange_pb2.PushChunksResponse.FromString)
-        self._deadline_s = deadline_s
-        self._idle_s = idle_timeout_s
-        self._call: grpc.Future | None = None
-        self._send_error: str = ""
+        push = channel.stream_unary(FRAMES_METHOD, request_serializer=None,
+                                    response_deserializer=exchange_pb2.PushChunksResponse.FromString)
+        job, rnd, epoch = key
+        md = (("dml-job", job), ("dml-round", str(rnd)), ("dml-epoch", str(epoch)), ("dml-sender", self_id))
+        self.error = ""
         self._done = threading.Event()
+        self._seq = 0
+        self._call = push.future(self._requests(), timeout=deadline_s, metadata=md)
+        self._call.add_done_callback(self._on_done)
 
     def _requests(self) -> Iterator[bytes]:
         while True:
@@ -212,63 +284,306 @@ class GrpcRingLink:
             if err is not None:
                 code = err.code() if isinstance(err, grpc.Call) else None
                 details = err.details() if isinstance(err, grpc.Call) else str(err)
-                self._send_error = f"stream to {self._succ_id} failed: {code} {details}"
+                self.error = f"stream to {self._succ_id} failed: {code} {details}"
         self._done.set()
 
-    def send(self, chunk: Chunk) -> None:
-        """Queues a chunk for the successor (serialised on gRPC's thread)."""
-        if self._send_error:
-            raise ExchangeError(self._send_error, suspect=self._succ_id)
-        if self._call is None:
-            job, rnd, epoch = self._key
-            md = (("dml-job", job), ("dml-round", str(rnd)), ("dml-epoch", str(epoch)), ("dml-sender", self._self_id))
-            self._call = self._push.future(self._requests(), timeout=self._deadline_s, metadata=md)
-            self._call.add_done_callback(self._on_done)
-        # One copy: the payload goes straight from the flat buffer into the frame.
-        self._out.put(b"".join((FRAME_HEADER.pack(chunk.phase, chunk.step, chunk.offset), chunk.data.data)))
+    def send(self, header: Header, payload: np.ndarray) -> int:
+        # One copy: the payload goes straight from the caller's buffer into the message, so the
+        # frame counts as sent at once.
+        self._out.put(b"".join((header.pack(), payload.data)))
+        self._seq += 1
+        return self._seq
 
-    def recv(self, timeout: float) -> Chunk:
-        """Next chunk from the predecessor; fails fast on abort or a broken stream, and after
-        ``idle_timeout_s`` without a chunk (progress-based, so a slow ring is not a dead one)."""
-        deadline = time.monotonic() + min(timeout, self._idle_s)
-        while True:
-            if self._abort.is_set():
+    def wait_sent(self, seq: int, timeout: float, abort: threading.Event) -> None:
+        """Frames are copied when queued."""
+
+    def finish(self, timeout: float, abort: threading.Event) -> None:
+        self._out.put(None)
+        deadline = time.monotonic() + timeout
+        while not self._done.wait(POLL_S):
+            if abort.is_set():
                 raise ExchangeError("round aborted: the membership changed")
-            if self._send_error:
-                raise ExchangeError(self._send_error, suspect=self._succ_id)
+            if time.monotonic() > deadline:
+                raise ExchangeError(f"{self._succ_id} did not acknowledge in time", suspect=self._succ_id)
+        if self.error:
+            raise ExchangeError(self.error, suspect=self._succ_id)
+
+    def cancel(self) -> None:
+        if not self._call.done():
+            self._out.put(None)
+            self._call.cancel()
+
+
+class _TcpSender:
+    """Frames to the successor over an authenticated TCP stream, written by a sender thread with
+    ``sendmsg`` straight from the caller's buffers (zero copies in user space)."""
+
+    kind = "tcp"
+
+    def __init__(self, sock: socket.socket, succ_id: str, idle_s: float) -> None:
+        self._sock = sock
+        self._succ_id = succ_id
+        self._idle_s = idle_s
+        sock.settimeout(idle_s)  # a successor that stops reading for this long is dead
+        self._out: queue.Queue[tuple[bytes, np.ndarray, int] | None] = queue.Queue()
+        self._cond = threading.Condition()
+        self._sent = 0
+        self._seq = 0
+        self.error = ""
+        self._thread = threading.Thread(target=self._loop, name=f"send-{succ_id}", daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while True:
+            item = self._out.get()
+            if item is None:
+                return
+            header, payload, seq = item
             try:
-                item = self._inbox.q.get(timeout=min(POLL_S, max(deadline - time.monotonic(), 0.001)))
+                _sendmsg_all(self._sock, header, memoryview(payload).cast("B"))
+            except OSError as e:
+                with self._cond:
+                    self.error = f"stream to {self._succ_id} failed: {e!r}"
+                    self._cond.notify_all()
+                return
+            with self._cond:
+                self._sent = seq
+                self._cond.notify_all()
+
+    def send(self, header: Header, payload: np.ndarray) -> int:
+        self._seq += 1
+        self._out.put((header.pack(), payload, self._seq))
+        return self._seq
+
+    def wait_sent(self, seq: int, timeout: float, abort: threading.Event) -> None:
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while self._sent < seq:
+                if self.error:
+                    raise ExchangeError(self.error, suspect=self._succ_id)
+                if abort.is_set():
+                    raise ExchangeError("round aborted: the membership changed")
+                if time.monotonic() > deadline:
+                    raise ExchangeError(f"sending to {self._succ_id} made no progress in time", suspect=self._succ_id)
+                self._cond.wait(POLL_S)
+
+    def finish(self, timeout: float, abort: threading.Event) -> None:
+        """Waits for every frame to leave, then for the successor's one-byte acknowledgement."""
+        self._out.put(None)
+        self.wait_sent(self._seq, timeout, abort)
+        deadline = time.monotonic() + timeout
+        self._sock.settimeout(POLL_S)
+        while True:
+            try:
+                got = self._sock.recv(1)
+            except socket.timeout:
+                if abort.is_set():
+                    raise ExchangeError("round aborted: the membership changed") from None
+                if time.monotonic() > deadline:
+                    raise ExchangeError(f"{self._succ_id} did not acknowledge in time", suspect=self._succ_id) from None
+                continue
+            except OSError as e:
+                raise ExchangeError(f"stream to {self._succ_id} failed: {e!r}", suspect=self._succ_id) from None
+            if got != dataplane.ACK:
+                raise ExchangeError(f"{self._succ_id} closed the stream without acknowledging", suspect=self._succ_id)
+            return
+
+    def cancel(self) -> None:
+        self._out.put(None)
+        _close_socket(self._sock)
+
+
+def _sendmsg_all(sock: socket.socket, header: bytes, payload: memoryview) -> None:
+    """Writes header then payload with as few system calls as the kernel allows."""
+    sent = sock.sendmsg([header, payload])
+    if sent < len(header):
+        sock.sendall(memoryview(header)[sent:])
+        sent = len(header)
+    if sent - len(header) < len(payload):
+        sock.sendall(payload[sent - len(header):])
+
+
+class PeerLink:
+    """A ring member's link: frames to the successor over TCP or gRPC, frames from the
+    predecessor from the inbox (whichever way the predecessor chose to send them).
+
+    ``data_plane`` is the job's choice: "tcp" streams over the fast data plane or fails, "grpc"
+    uses the raw gRPC method, "auto" tries TCP and falls back to gRPC when the successor offers
+    no data plane or its port cannot be reached. ``abort`` is an event the owner sets when the
+    round is cancelled (membership changed); a waiting call then fails promptly.
+    """
+
+    def __init__(self, servicer: ExchangeServicer, key: Key, self_id: str, pred_id: str,
+                 succ_id: str, succ_address: str, deadline_s: float, abort: threading.Event,
+                 idle_timeout_s: float = 30.0, data_plane: str = "auto") -> None:
+        if data_plane not in DATA_PLANES:
+            raise ValueError(f"unknown data plane {data_plane!r}")
+        self._key = key
+        self._self_id, self._pred_id, self._succ_id = self_id, pred_id, succ_id
+        self._succ_address = succ_address
+        self._inbox = servicer.inbox(key)
+        self._servicer = servicer
+        self._abort = abort
+        self._deadline_s = deadline_s
+        self._idle_s = idle_timeout_s
+        self._mode = data_plane
+        self._channel = grpc.insecure_channel(succ_address, options=GRPC_OPTIONS)
+        self._sender: _GrpcSender | _TcpSender | None = None
+        self._pending: memoryview | None = None  # payload of the last gRPC frame read
+        self._hdr = bytearray(FRAME.size)
+
+    @property
+    def sender_kind(self) -> str:
+        """How frames go to the successor: "tcp", "grpc", or "" before the first send."""
+        return self._sender.kind if self._sender else ""
+
+    @property
+    def receiver_kind(self) -> str:
+        """How frames come from the predecessor: "tcp", "grpc", or "" before the first one."""
+        if not self._inbox.arrived.is_set():
+            return ""
+        return "tcp" if self._inbox.conn is not None else "grpc"
+
+    # -- sending ------------------------------------------------------------------------------
+    def _open(self) -> _GrpcSender | _TcpSender:
+        if self._mode != "grpc":
+            try:
+                return self._open_tcp()
+            except ExchangeError:
+                if self._mode == "tcp":
+                    raise
+            except (grpc.RpcError, OSError, ValueError) as e:
+                if self._mode == "tcp":
+                    raise ExchangeError(f"cannot open a TCP stream to {self._succ_id}: {_describe(e)}",
+                                        suspect=self._succ_id) from None
+                log.info("exchange %s: no TCP stream to %s (%s); using gRPC", self._key, self._succ_id, _describe(e))
+        return _GrpcSender(self._channel, self._key, self._self_id, self._succ_id, self._deadline_s)
+
+    def _open_tcp(self) -> _TcpSender:
+        job, rnd, epoch = self._key
+        stub = exchange_pb2_grpc.PeerExchangeStub(self._channel)
+        timeout = min(OPEN_TIMEOUT_S, self._idle_s)
+        try:
+            offer = stub.OpenDataPlane(exchange_pb2.OpenDataPlaneRequest(
+                job_id=job, round=rnd, epoch=epoch, sender_id=self._self_id), timeout=timeout)
+        except grpc.RpcError as e:
+            code = e.code() if isinstance(e, grpc.Call) else None
+            if code in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.UNIMPLEMENTED):
+                raise  # no data plane there: "auto" falls back
+            # Unreachable or broken: the same failure the gRPC path would hit, named.
+            raise ExchangeError(f"cannot reach {self._succ_id}: {_describe(e)}", suspect=self._succ_id) from None
+        host, _ = dataplane.split_host_port(self._succ_address)
+        sock = dataplane.connect(host, offer.port, offer.token, timeout)
+        return _TcpSender(sock, self._succ_id, self._idle_s)
+
+    def send(self, header: Header, payload: np.ndarray) -> int:
+        """Queues a frame for the successor; see :class:`aggregation.transport.RingLink`."""
+        if self._sender is None:
+            self._sender = self._open()
+        if self._sender.error:
+            raise ExchangeError(self._sender.error, suspect=self._succ_id)
+        return self._sender.send(header, payload)
+
+    def wait_sent(self, seq: int, timeout: float) -> None:
+        """Blocks until frame ``seq`` has left (its payload may then be reused)."""
+        if self._sender is not None:
+            self._sender.wait_sent(seq, min(timeout, self._idle_s), self._abort)
+
+    # -- receiving ----------------------------------------------------------------------------
+    def _check(self, deadline: float, waited: float) -> None:
+        if self._abort.is_set():
+            raise ExchangeError("round aborted: the membership changed")
+        if self._sender is not None and self._sender.error:
+            raise ExchangeError(self._sender.error, suspect=self._succ_id)
+        if self._inbox.closed.is_set():
+            raise ExchangeError("exchange superseded by a newer round")
+        if time.monotonic() >= deadline:
+            raise ExchangeError(f"no data from {self._pred_id} for {waited:.1f}s", suspect=self._pred_id)
+
+    def _recv_exact(self, conn: socket.socket, view: memoryview, timeout: float) -> None:
+        waited = min(timeout, self._idle_s)
+        deadline = time.monotonic() + waited
+        got = 0
+        while got < len(view):
+            try:
+                n = conn.recv_into(view[got:])
+            except socket.timeout:
+                self._check(deadline, waited)
+                continue
+            except OSError as e:
+                self._check(time.monotonic() + 1.0, waited)
+                raise ExchangeError(f"stream from {self._pred_id} broke: {e!r}", suspect=self._pred_id) from None
+            if n == 0:
+                self._check(time.monotonic() + 1.0, waited)
+                raise ExchangeError(f"stream from {self._pred_id} closed early", suspect=self._pred_id)
+            got += n
+            deadline = time.monotonic() + waited  # progress-based: a slow ring is not a dead one
+
+    def recv_header(self, timeout: float) -> Header:
+        """Header of the next frame from the predecessor; fails fast on abort or a broken
+        stream, and after ``idle_timeout_s`` without data."""
+        waited = min(timeout, self._idle_s)
+        deadline = time.monotonic() + waited
+        box = self._inbox
+        while not box.arrived.is_set():
+            self._check(deadline, waited)
+            box.arrived.wait(POLL_S)
+        if box.conn is not None:
+            if box.conn.gettimeout() != POLL_S:
+                box.conn.settimeout(POLL_S)
+            self._recv_exact(box.conn, memoryview(self._hdr), timeout)
+            return Header.unpack(self._hdr)
+        while True:
+            self._check(deadline, waited)
+            try:
+                item = box.q.get(timeout=min(POLL_S, max(deadline - time.monotonic(), 0.001)))
             except queue.Empty:
-                if time.monotonic() >= deadline:
-                    raise ExchangeError(f"no data from {self._pred_id} for {min(timeout, self._idle_s):.1f}s") from None
                 continue
             if isinstance(item, _Broken):
                 raise ExchangeError(item.reason, suspect=self._pred_id)
-            return item
+            header, self._pending = item
+            return header
 
+    def recv_payload(self, out: np.ndarray, timeout: float) -> None:
+        """Reads the last header's payload into ``out`` (straight from the socket on TCP)."""
+        view = memoryview(out).cast("B")
+        if self._inbox.conn is not None:
+            self._recv_exact(self._inbox.conn, view, timeout)
+            return
+        if self._pending is None or len(self._pending) != len(view):
+            raise ExchangeError(f"payload of {0 if self._pending is None else len(self._pending)} bytes, "
+                                f"expected {len(view)}", suspect=self._pred_id)
+        view[:] = self._pending
+        self._pending = None
+
+    # -- the end ------------------------------------------------------------------------------
     def close(self, timeout: float) -> None:
-        """Ends the outgoing stream and waits for the successor to acknowledge it."""
-        self._out.put(None)
+        """Acknowledges the predecessor's stream, then waits for every frame to reach the
+        successor (and, on TCP, for its acknowledgement)."""
+        conn = self._inbox.conn
         try:
-            if self._call is not None:
-                deadline = time.monotonic() + timeout
-                while not self._done.wait(POLL_S):
-                    if self._abort.is_set():
-                        raise ExchangeError("round aborted: the membership changed")
-                    if time.monotonic() > deadline:
-                        raise ExchangeError(f"{self._succ_id} did not acknowledge in time")
-                if self._send_error:
-                    raise ExchangeError(self._send_error, suspect=self._succ_id)
+            if conn is not None:  # first, or every member would wait on its successor in a cycle
+                try:
+                    conn.sendall(dataplane.ACK)
+                except OSError as e:
+                    raise ExchangeError(f"stream from {self._pred_id} broke: {e!r}", suspect=self._pred_id) from None
+            if self._sender is not None:
+                self._sender.finish(timeout, self._abort)
         finally:
             self.shutdown()
 
     def shutdown(self) -> None:
-        """Cancels the stream if still open and frees the inbox and channel."""
-        if self._call is not None and not self._call.done():
-            self._out.put(None)
-            self._call.cancel()
+        """Cancels the outgoing stream if still open and frees the inbox and channel."""
+        if self._sender is not None:
+            self._sender.cancel()
         self._servicer.release(self._key)
         self._channel.close()
+
+
+def _describe(e: BaseException) -> str:
+    if isinstance(e, grpc.Call):
+        return f"{e.code()} {e.details()}"
+    return repr(e)
 
 
 def _chain(first: exchange_pb2.TensorChunk, rest: Iterable[exchange_pb2.TensorChunk]) -> Iterator[exchange_pb2.TensorChunk]:

@@ -4,6 +4,12 @@ Parameter bookkeeping: ``committed`` holds the parameters every member agreed on
 the current round; ``tentative`` the result of the last round this peer finished (reported, not
 yet known to be committed). A plan for round ``r + 1`` proves round ``r`` committed and promotes
 ``tentative``; a plan that re-issues round ``r`` (new epoch) restarts from ``committed``.
+
+Memory: the model lives once in the trainer's flat buffer. ``tentative`` is that buffer itself (no
+copy: nothing changes it before the next plan says whether it committed), and promotion copies it
+into the committed snapshot's existing array. A round holds the flat buffer, the committed copy,
+and either the gradients (training) or, for lossy codecs, the error-feedback residual (exchange):
+three model-sized buffers at most.
 """
 from __future__ import annotations
 
@@ -17,12 +23,13 @@ import grpc
 import numpy as np
 
 from aggregation.allreduce import DEFAULT_CHUNK_ELEMS
-from aggregation.averaging import digest, weighted_ring_average
+from aggregation.averaging import delta_ring_average, digest, weighted_ring_average
+from aggregation.codecs import Codec, get_codec
 from aggregation.transport import ExchangeError
 from coordinator.planner import shard_order
 from dml.v1 import control_pb2, exchange_pb2, exchange_pb2_grpc, jobs_pb2, jobs_pb2_grpc, types_pb2
 from peer.client import CALL_TIMEOUT_S, ControlClient, Evicted
-from peer.exchange import GRPC_OPTIONS, ExchangeServicer, GrpcRingLink, add_exchange_to_server
+from peer.exchange import GRPC_OPTIONS, ExchangeServicer, PeerLink, add_exchange_to_server
 from peer.tasks import get_task
 from peer.trainer import Trainer
 
@@ -41,6 +48,7 @@ class PeerConfig:
     exchange_timeout_s: float = 30.0  # longest wait for the next chunk from the ring predecessor
     plan_wait_s: float = 5.0
     chunk_elems: int = DEFAULT_CHUNK_ELEMS  # float32 elements per wire chunk (1 MiB)
+    tcp: bool = True  # serve the TCP data plane (jobs may still choose gRPC)
 
 
 @dataclass
@@ -51,6 +59,7 @@ class Snapshot:
     round: int
     params: np.ndarray
     digest: str
+    live: bool = False  # params is the trainer's own buffer, not a copy
 
 
 class Peer:
@@ -70,7 +79,10 @@ class Peer:
         self._round_deadline_s = 120.0
         self._evicted = threading.Event()
         self._heartbeat_s = 0.5
-        self.servicer = ExchangeServicer(self._params_for, recv_timeout_s=config.exchange_timeout_s)
+        self._residual: tuple[str, np.ndarray] | None = None  # (job, error-feedback residual)
+        self._codecs: dict[str, Codec] = {}
+        self.servicer = ExchangeServicer(self._params_for, recv_timeout_s=config.exchange_timeout_s,
+                                         data_plane_host=config.host if config.tcp else None)
         self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=16), options=GRPC_OPTIONS)
         add_exchange_to_server(self.servicer, self._server)
         self.port = self._server.add_insecure_port(f"{config.host}:{config.port}")
@@ -98,6 +110,7 @@ class Peer:
         if self.peer_id:  # evicted: whatever it held may be stale, start clean as a new member
             with self._lock:
                 self._trainer, self._trainer_job, self._committed, self._tentative = None, "", None, None
+                self._residual = None
         resp = self.client.register(self.address, self.config.device, 0)
         self.peer_id = resp.peer_id
         self._heartbeat_s = resp.heartbeat_interval_ms / 1000.0
@@ -118,6 +131,7 @@ class Peer:
         if self._main is not None:
             self._main.join(10)
         self._server.stop(0.5).wait(2)
+        self.servicer.close()
         self.client.close()
 
     # -- heartbeats -------------------------------------------------------------------------
@@ -149,14 +163,16 @@ class Peer:
 
     # -- serving parameters -----------------------------------------------------------------
     def _params_for(self, job_id: str, rnd: int) -> tuple[int, str, bytes] | None:
+        # Serialised under the lock: the tentative snapshot is the live buffer, which the next
+        # round only touches after _prepare (which takes the lock) has moved it aside.
         with self._lock:
             trainer = self._trainer if self._trainer_job == job_id else None
             cands = [s for s in (self._tentative, self._committed) if s is not None and s.job_id == job_id]
-        if trainer is None:
-            return None
-        for snap in cands:
-            if rnd in (0, snap.round):
-                return snap.round, snap.digest, trainer.state_dict_bytes(snap.params)
+            if trainer is None:
+                return None
+            for snap in cands:
+                if rnd in (0, snap.round):
+                    return snap.round, snap.digest, trainer.state_dict_bytes(snap.params)
         return None
 
     # -- the round loop ---------------------------------------------------------------------
@@ -213,17 +229,36 @@ class Peer:
         def good(snap: Snapshot | None) -> bool:
             return snap is not None and snap.round == start and (not want or snap.digest == want)
 
+        in_place = False  # the trainer already holds the starting parameters
         with self._lock:
-            if good(self._tentative):  # our last round committed
-                self._committed, self._tentative = self._tentative, None
-            elif self._tentative is not None and self._tentative.round >= start:
-                self._tentative = None  # it did not commit (or not with our parameters)
+            tent = self._tentative
+            if good(tent):  # our last round committed
+                assert tent is not None
+                self._committed = self._promote(tent)
+                self._tentative, in_place = None, tent.live
+            else:  # it did not commit (or not with our parameters), or it is older than needed
+                self._tentative = None
             ok = good(self._committed)
         if not ok:
             self._fetch(plan, start, trainer)
+            in_place = False
         assert self._committed is not None
-        trainer.set_params(self._committed.params)
+        if not in_place:
+            trainer.set_params(self._committed.params)
         return trainer
+
+    def _promote(self, tent: Snapshot) -> Snapshot:
+        """The committed snapshot for a tentative one: a copy if it is the live buffer, made into
+        the old committed array when it fits (no new allocation). Called under the lock."""
+        if not tent.live:
+            return tent
+        old = self._committed
+        if old is not None and old.params.shape == tent.params.shape and not np.shares_memory(old.params, tent.params):
+            np.copyto(old.params, tent.params)
+            params = old.params
+        else:
+            params = tent.params.copy()
+        return Snapshot(tent.job_id, tent.round, params, tent.digest)
 
     def _fetch(self, plan: types_pb2.Plan, rnd: int, trainer: Trainer) -> None:
         """Pulls round ``rnd``'s parameters (a joiner catching up): from a live member, else from
@@ -313,16 +348,50 @@ class Peer:
         except (grpc.RpcError, Evicted) as e:
             log.warning("peer %s: could not report the failure: %s", self.peer_id, e)
 
-    def _make_link(self, plan: types_pb2.Plan, rank: int) -> GrpcRingLink:
+    def _make_link(self, plan: types_pb2.Plan, rank: int) -> PeerLink:
         """The ring link for this round (a seam for fault-injection tests)."""
         world = len(plan.members)
         succ = plan.members[(rank + 1) % world]
-        return GrpcRingLink(self.servicer, (plan.job_id, plan.round, plan.epoch), self.peer_id,
-                            plan.members[(rank - 1) % world].peer_id, succ.peer_id, succ.address,
-                            self._round_deadline_s, self._abort, idle_timeout_s=self.config.exchange_timeout_s)
+        return PeerLink(self.servicer, (plan.job_id, plan.round, plan.epoch), self.peer_id,
+                        plan.members[(rank - 1) % world].peer_id, succ.peer_id, succ.address,
+                        self._round_deadline_s, self._abort, idle_timeout_s=self.config.exchange_timeout_s,
+                        data_plane=plan.spec.data_plane or "auto")
+
+    def _codec(self, name: str) -> Codec:
+        if name not in self._codecs:
+            self._codecs[name] = get_codec(name)
+        return self._codecs[name]
+
+    def _residual_for(self, job_id: str, n: int) -> np.ndarray:
+        """This job's error-feedback residual (zeros when new)."""
+        if self._residual is None or self._residual[0] != job_id or self._residual[1].size != n:
+            self._residual = None  # free the old one first
+            self._residual = (job_id, np.zeros(n, dtype=np.float32))
+        return self._residual[1]
+
+    def _average(self, plan: types_pb2.Plan, rank: int, buf: np.ndarray, samples: int, link: PeerLink) -> None:
+        """Averages ``buf`` (parameters, then the weight slot) with the other members."""
+        world = len(plan.members)
+        codec = plan.spec.codec or "fp32"
+        # Lossy codecs send changes against a base every member must hold bit for bit: the
+        # committed round, whose digest the plan carries. Before the first commit there is no
+        # such proof (inits agree only as far as seeding does), so that round averages exactly.
+        if codec == "fp32" or not plan.start_digest:
+            weighted_ring_average(buf, float(samples), rank, world, link, self._round_deadline_s, self.config.chunk_elems)
+            return
+        total = sum(r.stop - r.start for m in plan.members for r in m.samples)
+        if total <= 0:
+            raise ValueError("the plan allocates no samples: nothing to average")
+        assert self._committed is not None
+        residual = self._residual_for(plan.job_id, buf.size - 1)
+        try:
+            delta_ring_average(buf[:-1], self._committed.params, samples / total, rank, world, link,
+                               self._round_deadline_s, self._codec(codec), residual, self.config.chunk_elems)
+        except BaseException:
+            residual.fill(0.0)  # half-updated: drop it rather than feed back a wrong correction
+            raise
 
     def _train_and_average(self, plan: types_pb2.Plan, rank: int, tag: str) -> None:
-        world = len(plan.members)
         t0 = time.monotonic()
         trainer = self._prepare(plan)
         samples = self._samples(plan, rank)
@@ -332,20 +401,20 @@ class Peer:
         link = self._make_link(plan, rank)
         buf = trainer.host_buffer()
         try:
-            weighted_ring_average(buf, float(res.samples), rank, world, link, self._round_deadline_s,
-                                  self.config.chunk_elems)
+            self._average(plan, rank, buf, res.samples, link)
         finally:
             link.shutdown()
         trainer.load_host_buffer(buf)
         t2 = time.monotonic()
-        params = trainer.params()
+        params, live = trainer.params_view()
         dig = digest(params)
         with self._lock:
-            self._tentative = Snapshot(plan.job_id, plan.round, params, dig)
+            self._tentative = Snapshot(plan.job_id, plan.round, params, dig, live=live)
         req = control_pb2.ReportRoundRequest(
             peer_id=self.peer_id, job_id=plan.job_id, round=plan.round, epoch=plan.epoch, samples=res.samples,
             train_loss=res.loss, digest=dig,
-            train_samples_per_s=res.samples / (t1 - t_train) if res.samples and t1 > t_train else 0.0)
+            train_samples_per_s=res.samples / (t1 - t_train) if res.samples and t1 > t_train else 0.0,
+            train_ms=int((t1 - t0) * 1000), exchange_ms=int((t2 - t1) * 1000))
         if rank == 0:
             acc, loss = trainer.evaluate()
             req.has_test_metrics, req.test_accuracy, req.test_loss = True, acc, loss

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import logging
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -17,6 +18,7 @@ import torch.nn.functional as F
 from peer.tasks import Task
 
 log = logging.getLogger(__name__)
+_INIT_LOCK = threading.Lock()  # torch's seed is global: peers sharing a process build one at a time
 
 
 @dataclass
@@ -37,8 +39,9 @@ class Trainer:
     def __init__(self, task: Task, seed: int, lr: float, device: str = "cpu") -> None:
         self.task = task
         self.device = torch.device(device)
-        torch.manual_seed(seed)
-        self.model = task.build_model().to(self.device)
+        with _INIT_LOCK:
+            torch.manual_seed(seed)
+            self.model = task.build_model().to(self.device)
         tensors = [p for p in self.model.parameters()] + [
             b for b in self.model.buffers() if b.is_floating_point()
         ]
@@ -76,6 +79,13 @@ class Trainer:
         if self.device.type == "cpu" and np.shares_memory(buf, self.flat.numpy()):
             return
         self.flat.copy_(torch.from_numpy(buf))
+
+    def params_view(self) -> tuple[np.ndarray, bool]:
+        """The parameters without a copy where possible: (array, True) for the live CPU buffer
+        (valid until the next training step), (host copy, False) on an accelerator."""
+        if self.device.type == "cpu":
+            return self.flat.numpy()[: self.numel], True
+        return self.params(), False
 
     def params(self) -> np.ndarray:
         """A copy of the parameters (without the weight slot)."""
@@ -141,6 +151,7 @@ class Trainer:
             self.optimizer.step()
             total += int(batch.numel())
             loss_sum += float(loss.detach()) * int(batch.numel())
+        self.optimizer.zero_grad(set_to_none=True)  # gradients are not needed past the round
         return StepResult(samples=total, loss=loss_sum / max(total, 1))
 
     @torch.no_grad()

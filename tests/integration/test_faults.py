@@ -6,11 +6,14 @@ from __future__ import annotations
 import threading
 import time
 
-from aggregation.transport import Chunk
+import numpy as np
+import pytest
+
+from aggregation.transport import Header
 from coordinator.service import CoordinatorConfig
 from coordinator.spec import JobSpec
 from dml.v1 import types_pb2
-from peer.exchange import GrpcRingLink
+from peer.exchange import PeerLink
 from peer.runner import Peer, PeerConfig
 from tests.integration.helpers import (assert_state_dicts_identical, coordinator, fetch_state, job_stub, peers,
                                        wait_for)
@@ -32,29 +35,31 @@ class CrashingPeer(Peer):
         self.at_round, self.after_chunks = at_round, after_chunks
         self.crashed = threading.Event()
 
-    def _make_link(self, plan, rank) -> GrpcRingLink:
+    def _make_link(self, plan, rank) -> PeerLink:
         link = super()._make_link(plan, rank)
         if plan.round != self.at_round or self.crashed.is_set():
             return link
         peer, sent = self, [0]
         real_send = link.send
 
-        def send(chunk: Chunk) -> None:
+        def send(header: Header, payload: np.ndarray) -> int:
             if sent[0] == peer.after_chunks:
                 peer.crashed.set()
                 peer.stop_event.set()  # no more heartbeats
-                peer._server.stop(0)  # incoming streams die, the port closes
+                peer._server.stop(0)  # incoming gRPC streams die, the port closes
+                peer.servicer.close()  # so do TCP streams and the data-plane port
                 link.shutdown()  # the outgoing stream is cut
                 raise Crash("crashed mid-exchange")
             sent[0] += 1
-            real_send(chunk)
+            return real_send(header, payload)
 
         link.send = send  # type: ignore[method-assign]
         return link
 
 
-def test_peer_dying_mid_exchange_is_evicted_at_once_and_survivors_agree():
-    spec = JobSpec(rounds=25, local_steps=5, min_peers=2)
+@pytest.mark.parametrize("data_plane,codec", [("tcp", "fp32"), ("grpc", "fp32"), ("tcp", "int8")])
+def test_peer_dying_mid_exchange_is_evicted_at_once_and_survivors_agree(data_plane, codec):
+    spec = JobSpec(rounds=25, local_steps=5, min_peers=2, data_plane=data_plane, codec=codec)
     with coordinator(timing=SLOW_HEARTBEAT_EVICTION) as srv, peers(srv.address, 2) as ps:
         victim = CrashingPeer(PeerConfig(coordinator=srv.address, plan_wait_s=1.0, chunk_elems=512),
                               at_round=5, after_chunks=6).start()

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from dml.v1 import exchange_pb2
-from peer.exchange import FRAME_HEADER, FRAMES_METHOD, ExchangeServicer, add_exchange_to_server
+from aggregation.transport import Header
+from peer.exchange import FRAMES_METHOD, ExchangeServicer, add_exchange_to_server
 
 
 @pytest.fixture
@@ -34,19 +35,21 @@ MD = (("dml-job", "j"), ("dml-round", "3"), ("dml-epoch", "2"), ("dml-sender", "
 def test_frames_land_in_the_inbox_of_their_key_unchanged(target):
     servicer, push = target
     data = np.arange(10, dtype=np.float32)
-    frames = [FRAME_HEADER.pack(1, 0, 0) + data[:6].tobytes(), FRAME_HEADER.pack(1, 0, 6) + data[6:].tobytes()]
+    frames = [Header(1, 1, 0, 0, 6).pack() + data[:6].tobytes(), Header(1, 1, 0, 6, 4).pack() + data[6:].tobytes()]
     assert push(iter(frames), metadata=MD, timeout=5).chunks == 2
     box = servicer.inbox(("j", 3, 2))
-    a, b = box.q.get(timeout=1), box.q.get(timeout=1)
-    assert (a.phase, a.step, a.offset, b.offset) == (1, 0, 0, 6)
-    assert np.array_equal(np.concatenate([a.data, b.data]), data)
+    (a, pa), (b, pb) = box.q.get(timeout=1), box.q.get(timeout=1)
+    assert (a.phase, a.step, a.offset, b.offset, a.count, b.count) == (1, 0, 0, 6, 6, 4)
+    assert np.array_equal(np.concatenate([np.frombuffer(pa, np.float32), np.frombuffer(pb, np.float32)]), data)
     assert box.sender == "p1"
 
 
 @pytest.mark.parametrize("frame,md", [
     (b"\x01\x00", MD),  # shorter than the header
-    (FRAME_HEADER.pack(1, 0, 0) + b"\x00" * 6, MD),  # not whole float32s
-    (FRAME_HEADER.pack(1, 0, 0) + b"\x00" * 8, MD[:2]),  # no epoch or sender
+    (Header(1, 1, 0, 0, 2).pack() + b"\x00" * 6, MD),  # 6 bytes are not 2 float32s
+    (Header(1, 4, 0, 0, 2).pack() + b"\x00" * 2, MD),  # int8 needs its 4-byte scale too
+    (Header(1, 9, 0, 0, 2).pack() + b"\x00" * 8, MD),  # no such codec
+    (Header(1, 1, 0, 0, 2).pack() + b"\x00" * 8, MD[:2]),  # no epoch or sender
 ])
 def test_malformed_frames_are_invalid_argument(target, frame, md):
     _, push = target

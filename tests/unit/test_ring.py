@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from aggregation import ring
 from aggregation.allreduce import ring_allreduce
 from aggregation.averaging import digest, weighted_mean, weighted_ring_average
-from aggregation.transport import Chunk, ExchangeError, InMemoryRing
+from aggregation.transport import FRAME, ExchangeError, Header, InMemoryRing
 
 JOIN_S = 20.0  # generous upper bound for a thread; a correct run takes milliseconds
 WORLDS = list(range(1, 9))
@@ -191,16 +191,13 @@ class CountingLink:
         self.elems = 0
         self.phases: list[tuple[int, int]] = []
 
-    def send(self, chunk: Chunk) -> None:
-        self.elems += chunk.data.size
-        self.phases.append((chunk.phase, chunk.step))
-        self.inner.send(chunk)
+    def send(self, header: Header, payload: np.ndarray) -> int:
+        self.elems += header.count
+        self.phases.append((header.phase, header.step))
+        return self.inner.send(header, payload)
 
-    def recv(self, timeout: float) -> Chunk:
-        return self.inner.recv(timeout)
-
-    def close(self, timeout: float) -> None:
-        self.inner.close(timeout)
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
 
 
 @pytest.mark.parametrize("world", [2, 3, 5, 8])
@@ -331,7 +328,7 @@ def test_recv_times_out_with_exchange_error_naming_predecessor() -> None:
     link = InMemoryRing(3).link(0)
     t0 = time.monotonic()
     with pytest.raises(ExchangeError) as ei:
-        link.recv(0.05)
+        link.recv_header(0.05)
     assert time.monotonic() - t0 < 2.0
     assert ei.value.suspect == "2"
 
@@ -339,11 +336,15 @@ def test_recv_times_out_with_exchange_error_naming_predecessor() -> None:
 def test_in_memory_link_copies_data_like_a_wire() -> None:
     net = InMemoryRing(2)
     data = np.ones(3, np.float32)
-    net.link(0).send(Chunk(1, 0, 0, data))
+    net.link(0).send(Header(1, 1, 0, 0, 3), data.view(np.uint8))
     data[:] = 5
-    got = net.link(1).recv(1.0)
-    assert np.array_equal(got.data, np.ones(3, np.float32))
-    assert (got.phase, got.step, got.offset) == (1, 0, 0)
+    rx = net.link(1)
+    got = rx.recv_header(1.0)
+    out = np.zeros(3, np.float32)
+    rx.recv_payload(out.view(np.uint8), 1.0)
+    assert np.array_equal(out, np.ones(3, np.float32))
+    assert (got.phase, got.codec, got.step, got.offset, got.count) == (1, 1, 0, 0, 3)
+    assert net.sent_bytes == [12 + FRAME.size, 0]
 
 
 class ScramblingLink:
@@ -353,17 +354,14 @@ class ScramblingLink:
         self.inner = inner
         self.first = True
 
-    def send(self, chunk: Chunk) -> None:
+    def send(self, header: Header, payload: np.ndarray) -> int:
         if self.first:
             self.first = False
-            chunk = Chunk(chunk.phase, chunk.step, chunk.offset + 1, chunk.data)
-        self.inner.send(chunk)
+            header = Header(header.phase, header.codec, header.step, header.offset + 1, header.count)
+        return self.inner.send(header, payload)
 
-    def recv(self, timeout: float) -> Chunk:
-        return self.inner.recv(timeout)
-
-    def close(self, timeout: float) -> None:
-        self.inner.close(timeout)
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
 
 
 def test_out_of_order_chunk_is_an_exchange_error() -> None:

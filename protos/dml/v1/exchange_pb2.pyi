@@ -15,7 +15,7 @@ RING_PHASE_REDUCE_SCATTER: RingPhase
 RING_PHASE_ALL_GATHER: RingPhase
 
 class TensorChunk(_message.Message):
-    __slots__ = ("job_id", "round", "epoch", "sender_id", "phase", "step", "offset_elems", "data")
+    __slots__ = ("job_id", "round", "epoch", "sender_id", "phase", "step", "offset_elems", "data", "codec", "count")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
@@ -24,6 +24,8 @@ class TensorChunk(_message.Message):
     STEP_FIELD_NUMBER: _ClassVar[int]
     OFFSET_ELEMS_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
+    CODEC_FIELD_NUMBER: _ClassVar[int]
+    COUNT_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     round: int
     epoch: int
@@ -32,13 +34,35 @@ class TensorChunk(_message.Message):
     step: int
     offset_elems: int
     data: bytes
-    def __init__(self, job_id: _Optional[str] = ..., round: _Optional[int] = ..., epoch: _Optional[int] = ..., sender_id: _Optional[str] = ..., phase: _Optional[_Union[RingPhase, str]] = ..., step: _Optional[int] = ..., offset_elems: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
+    codec: int
+    count: int
+    def __init__(self, job_id: _Optional[str] = ..., round: _Optional[int] = ..., epoch: _Optional[int] = ..., sender_id: _Optional[str] = ..., phase: _Optional[_Union[RingPhase, str]] = ..., step: _Optional[int] = ..., offset_elems: _Optional[int] = ..., data: _Optional[bytes] = ..., codec: _Optional[int] = ..., count: _Optional[int] = ...) -> None: ...
 
 class PushChunksResponse(_message.Message):
     __slots__ = ("chunks",)
     CHUNKS_FIELD_NUMBER: _ClassVar[int]
     chunks: int
     def __init__(self, chunks: _Optional[int] = ...) -> None: ...
+
+class OpenDataPlaneRequest(_message.Message):
+    __slots__ = ("job_id", "round", "epoch", "sender_id")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    SENDER_ID_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    round: int
+    epoch: int
+    sender_id: str
+    def __init__(self, job_id: _Optional[str] = ..., round: _Optional[int] = ..., epoch: _Optional[int] = ..., sender_id: _Optional[str] = ...) -> None: ...
+
+class OpenDataPlaneResponse(_message.Message):
+    __slots__ = ("port", "token")
+    PORT_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    port: int
+    token: bytes
+    def __init__(self, port: _Optional[int] = ..., token: _Optional[bytes] = ...) -> None: ...
 
 class FetchParametersRequest(_message.Message):
     __slots__ = ("job_id", "round")

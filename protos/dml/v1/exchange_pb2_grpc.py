@@ -45,6 +45,11 @@ class PeerExchangeStub:
                 request_serializer=dml_dot_v1_dot_exchange__pb2.FetchParametersRequest.SerializeToString,
                 response_deserializer=dml_dot_v1_dot_exchange__pb2.ParameterChunk.FromString,
                 _registered_method=True)
+        self.OpenDataPlane = channel.unary_unary(
+                '/dml.v1.PeerExchange/OpenDataPlane',
+                request_serializer=dml_dot_v1_dot_exchange__pb2.OpenDataPlaneRequest.SerializeToString,
+                response_deserializer=dml_dot_v1_dot_exchange__pb2.OpenDataPlaneResponse.FromString,
+                _registered_method=True)
 
 
 class PeerExchangeServicer:
@@ -69,6 +74,15 @@ class PeerExchangeServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def OpenDataPlane(self, request, context):
+        """Offers the sender a plain TCP stream for one all-reduce (the fast data plane): the answer
+        names a port on this peer and a single-use token the sender presents on connecting. Frames
+        on it are those of the raw gRPC method. FAILED_PRECONDITION when this peer serves none.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PeerExchangeServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -81,6 +95,11 @@ def add_PeerExchangeServicer_to_server(servicer, server):
                     servicer.FetchParameters,
                     request_deserializer=dml_dot_v1_dot_exchange__pb2.FetchParametersRequest.FromString,
                     response_serializer=dml_dot_v1_dot_exchange__pb2.ParameterChunk.SerializeToString,
+            ),
+            'OpenDataPlane': grpc.unary_unary_rpc_method_handler(
+                    servicer.OpenDataPlane,
+                    request_deserializer=dml_dot_v1_dot_exchange__pb2.OpenDataPlaneRequest.FromString,
+                    response_serializer=dml_dot_v1_dot_exchange__pb2.OpenDataPlaneResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -138,6 +157,33 @@ class PeerExchange:
             '/dml.v1.PeerExchange/FetchParameters',
             dml_dot_v1_dot_exchange__pb2.FetchParametersRequest.SerializeToString,
             dml_dot_v1_dot_exchange__pb2.ParameterChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def OpenDataPlane(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dml.v1.PeerExchange/OpenDataPlane',
+            dml_dot_v1_dot_exchange__pb2.OpenDataPlaneRequest.SerializeToString,
+            dml_dot_v1_dot_exchange__pb2.OpenDataPlaneResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12\x64ml/v1/types.proto\x12\x06\x64ml.v1\"\xfa\x01\n\x07JobSpec\x12\x0c\n\x04task\x18\x01 \x01(\t\x12\x0e\n\x06rounds\x18\x02 \x01(\r\x12\x13\n\x0blocal_steps\x18\x03 \x01(\r\x12\x12\n\nbatch_size\x18\x04 \x01(\r\x12\x15\n\rlearning_rate\x18\x05 \x01(\x01\x12\x11\n\tmin_peers\x18\x06 \x01(\r\x12\x10\n\x08sharding\x18\x07 \x01(\t\x12\x13\n\x0b\x61ggregation\x18\x08 \x01(\t\x12\x0c\n\x04seed\x18\t \x01(\x04\x12\x12\n\nnum_shards\x18\n \x01(\r\x12\x1f\n\x17\x63heckpoint_every_rounds\x18\x0b \x01(\r\x12\x14\n\x0cpeer_grace_s\x18\x0c \x01(\r\"P\n\x0bSampleRange\x12\x10\n\x08shard_id\x18\x01 \x01(\r\x12\r\n\x05start\x18\x02 \x01(\r\x12\x0c\n\x04stop\x18\x03 \x01(\r\x12\x12\n\ndata_epoch\x18\x04 \x01(\r\"E\n\rMemberSamples\x12\x0f\n\x07peer_id\x18\x01 \x01(\t\x12#\n\x06ranges\x18\x02 \x03(\x0b\x32\x13.dml.v1.SampleRange\"\xee\x01\n\x0cRoundMetrics\x12\r\n\x05round\x18\x01 \x01(\r\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12\x12\n\ntrain_loss\x18\x03 \x01(\x01\x12\x15\n\rtest_accuracy\x18\x04 \x01(\x01\x12\x11\n\ttest_loss\x18\x05 \x01(\x01\x12\x0f\n\x07samples\x18\x06 \x01(\x04\x12\x0e\n\x06\x64igest\x18\x07 \x01(\t\x12\x13\n\x0b\x64uration_ms\x18\x08 \x01(\x04\x12\x0f\n\x07members\x18\t \x01(\r\x12\x12\n\ndata_epoch\x18\n \x01(\r\x12\'\n\x08\x63onsumed\x18\x0b \x03(\x0b\x32\x15.dml.v1.MemberSamples\"c\n\x06Member\x12\x0f\n\x07peer_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x11\n\tshard_ids\x18\x03 \x03(\r\x12$\n\x07samples\x18\x04 \x03(\x0b\x32\x13.dml.v1.SampleRange\"\xc2\x02\n\x04Plan\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\r\x12\r\n\x05\x65poch\x18\x03 \x01(\x04\x12\x1f\n\x07members\x18\x04 \x03(\x0b\x32\x0e.dml.v1.Member\x12\x1d\n\x04spec\x18\x05 \x01(\x0b\x32\x0f.dml.v1.JobSpec\x12\x12\n\ncheckpoint\x18\x07 \x01(\x08\x12\x12\n\ndata_epoch\x18\x08 \x01(\r\x12\x35\n\rshard_indices\x18\t \x03(\x0b\x32\x1e.dml.v1.Plan.ShardIndicesEntry\x12\x14\n\x0cstart_digest\x18\n \x01(\t\x1aI\n\x11ShardIndicesEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12#\n\x05value\x18\x02 \x01(\x0b\x32\x14.dml.v1.ShardIndices:\x02\x38\x01J\x04\x08\x06\x10\x07R\x06shards\"\x1f\n\x0cShardIndices\x12\x0f\n\x07indices\x18\x01 \x03(\r*\x9b\x01\n\x08JobState\x12\x19\n\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\x15\n\x11JOB_STATE_PENDING\x10\x01\x12\x15\n\x11JOB_STATE_RUNNING\x10\x02\x12\x17\n\x13JOB_STATE_SUCCEEDED\x10\x03\x12\x14\n\x10JOB_STATE_FAILED\x10\x04\x12\x17\n\x13JOB_STATE_CANCELLED\x10\x05\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12\x64ml/v1/types.proto\x12\x06\x64ml.v1\"\x9d\x02\n\x07JobSpec\x12\x0c\n\x04task\x18\x01 \x01(\t\x12\x0e\n\x06rounds\x18\x02 \x01(\r\x12\x13\n\x0blocal_steps\x18\x03 \x01(\r\x12\x12\n\nbatch_size\x18\x04 \x01(\r\x12\x15\n\rlearning_rate\x18\x05 \x01(\x01\x12\x11\n\tmin_peers\x18\x06 \x01(\r\x12\x10\n\x08sharding\x18\x07 \x01(\t\x12\x13\n\x0b\x61ggregation\x18\x08 \x01(\t\x12\x0c\n\x04seed\x18\t \x01(\x04\x12\x12\n\nnum_shards\x18\n \x01(\r\x12\x1f\n\x17\x63heckpoint_every_rounds\x18\x0b \x01(\r\x12\x14\n\x0cpeer_grace_s\x18\x0c \x01(\r\x12\r\n\x05\x63odec\x18\r \x01(\t\x12\x12\n\ndata_plane\x18\x0e \x01(\t\"P\n\x0bSampleRange\x12\x10\n\x08shard_id\x18\x01 \x01(\r\x12\r\n\x05start\x18\x02 \x01(\r\x12\x0c\n\x04stop\x18\x03 \x01(\r\x12\x12\n\ndata_epoch\x18\x04 \x01(\r\"E\n\rMemberSamples\x12\x0f\n\x07peer_id\x18\x01 \x01(\t\x12#\n\x06ranges\x18\x02 \x03(\x0b\x32\x13.dml.v1.SampleRange\"\xb0\x02\n\x0cRoundMetrics\x12\r\n\x05round\x18\x01 \x01(\r\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12\x12\n\ntrain_loss\x18\x03 \x01(\x01\x12\x15\n\rtest_accuracy\x18\x04 \x01(\x01\x12\x11\n\ttest_loss\x18\x05 \x01(\x01\x12\x0f\n\x07samples\x18\x06 \x01(\x04\x12\x0e\n\x06\x64igest\x18\x07 \x01(\t\x12\x13\n\x0b\x64uration_ms\x18\x08 \x01(\x04\x12\x0f\n\x07members\x18\t \x01(\r\x12\x12\n\ndata_epoch\x18\n \x01(\r\x12\'\n\x08\x63onsumed\x18\x0b \x03(\x0b\x32\x15.dml.v1.MemberSamples\x12\x10\n\x08train_ms\x18\x0c \x01(\r\x12\x13\n\x0b\x65xchange_ms\x18\r \x01(\r\x12\x19\n\x11\x63ommitted_unix_ms\x18\x0e \x01(\x04\"c\n\x06Member\x12\x0f\n\x07peer_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x11\n\tshard_ids\x18\x03 \x03(\r\x12$\n\x07samples\x18\x04 \x03(\x0b\x32\x13.dml.v1.SampleRange\"\xc2\x02\n\x04Plan\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\r\x12\r\n\x05\x65poch\x18\x03 \x01(\x04\x12\x1f\n\x07members\x18\x04 \x03(\x0b\x32\x0e.dml.v1.Member\x12\x1d\n\x04spec\x18\x05 \x01(\x0b\x32\x0f.dml.v1.JobSpec\x12\x12\n\ncheckpoint\x18\x07 \x01(\x08\x12\x12\n\ndata_epoch\x18\x08 \x01(\r\x12\x35\n\rshard_indices\x18\t \x03(\x0b\x32\x1e.dml.v1.Plan.ShardIndicesEntry\x12\x14\n\x0cstart_digest\x18\n \x01(\t\x1aI\n\x11ShardIndicesEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12#\n\x05value\x18\x02 \x01(\x0b\x32\x14.dml.v1.ShardIndices:\x02\x38\x01J\x04\x08\x06\x10\x07R\x06shards\"\x1f\n\x0cShardIndices\x12\x0f\n\x07indices\x18\x01 \x03(\r*\x9b\x01\n\x08JobState\x12\x19\n\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\x15\n\x11JOB_STATE_PENDING\x10\x01\x12\x15\n\x11JOB_STATE_RUNNING\x10\x02\x12\x17\n\x13JOB_STATE_SUCCEEDED\x10\x03\x12\x14\n\x10JOB_STATE_FAILED\x10\x04\x12\x17\n\x13JOB_STATE_CANCELLED\x10\x05\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,22 +33,22 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_PLAN_SHARDINDICESENTRY']._loaded_options = None
   _globals['_PLAN_SHARDINDICESENTRY']._serialized_options = b'8\001'
-  _globals['_JOBSTATE']._serialized_start=1137
-  _globals['_JOBSTATE']._serialized_end=1292
+  _globals['_JOBSTATE']._serialized_start=1238
+  _globals['_JOBSTATE']._serialized_end=1393
   _globals['_JOBSPEC']._serialized_start=31
-  _globals['_JOBSPEC']._serialized_end=281
-  _globals['_SAMPLERANGE']._serialized_start=283
-  _globals['_SAMPLERANGE']._serialized_end=363
-  _globals['_MEMBERSAMPLES']._serialized_start=365
-  _globals['_MEMBERSAMPLES']._serialized_end=434
-  _globals['_ROUNDMETRICS']._serialized_start=437
-  _globals['_ROUNDMETRICS']._serialized_end=675
-  _globals['_MEMBER']._serialized_start=677
-  _globals['_MEMBER']._serialized_end=776
-  _globals['_PLAN']._serialized_start=779
-  _globals['_PLAN']._serialized_end=1101
-  _globals['_PLAN_SHARDINDICESENTRY']._serialized_start=1014
-  _globals['_PLAN_SHARDINDICESENTRY']._serialized_end=1087
-  _globals['_SHARDINDICES']._serialized_start=1103
-  _globals['_SHARDINDICES']._serialized_end=1134
+  _globals['_JOBSPEC']._serialized_end=316
+  _globals['_SAMPLERANGE']._serialized_start=318
+  _globals['_SAMPLERANGE']._serialized_end=398
+  _globals['_MEMBERSAMPLES']._serialized_start=400
+  _globals['_MEMBERSAMPLES']._serialized_end=469
+  _globals['_ROUNDMETRICS']._serialized_start=472
+  _globals['_ROUNDMETRICS']._serialized_end=776
+  _globals['_MEMBER']._serialized_start=778
+  _globals['_MEMBER']._serialized_end=877
+  _globals['_PLAN']._serialized_start=880
+  _globals['_PLAN']._serialized_end=1202
+  _globals['_PLAN_SHARDINDICESENTRY']._serialized_start=1115
+  _globals['_PLAN_SHARDINDICESENTRY']._serialized_end=1188
+  _globals['_SHARDINDICES']._serialized_start=1204
+  _globals['_SHARDINDICES']._serialized_end=1235
 # @@protoc_insertion_point(module_scope)

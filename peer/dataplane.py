@@ -1,0 +1,147 @@
+"""The fast data plane: plain TCP streams between ring neighbours, negotiated over gRPC.
+
+A gRPC stream tops out near 1.65 GB/s here and costs a copy per chunk each way; a TCP socket moves
+about 4.4 GB/s, and ``sendmsg`` / ``recv_into`` move bytes straight between the flat parameter
+buffer and the kernel. So for each all-reduce the sender asks its successor over gRPC
+(``OpenDataPlane``) for a port and a single-use token, connects, presents the token, and then
+writes the very frames the raw gRPC method carries. The successor binds the connection to that
+all-reduce's inbox. Nothing reaches an inbox without a token its owner issued over gRPC for that
+(job, round, epoch) and sender.
+
+Failure semantics match the gRPC path: a closed or reset connection is a broken stream naming the
+neighbour; progress is bounded by the exchange idle timeout; at the end the receiver
+acknowledges with one byte, so a sender knows its successor got everything.
+"""
+from __future__ import annotations
+
+import logging
+import secrets
+import socket
+import threading
+import time
+from typing import Callable
+
+log = logging.getLogger(__name__)
+
+MAGIC = b"DMLT"
+TOKEN_BYTES = 16
+HELLO_BYTES = len(MAGIC) + TOKEN_BYTES
+ACK = b"\x06"
+TOKEN_TTL_S = 60.0
+MAX_TOKENS = 256
+HANDSHAKE_S = 5.0
+SOCKET_BUFFER_BYTES = 4 << 20
+
+Key = tuple[str, int, int]  # (job_id, round, epoch)
+Attach = Callable[[Key, str, socket.socket], bool]
+
+
+def tune(sock: socket.socket) -> None:
+    """No Nagle delay on the last frame, and buffers that hold a few chunks."""
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, opt, SOCKET_BUFFER_BYTES)
+        except OSError:  # capped by the system: the default still works
+            pass
+
+
+def split_host_port(address: str) -> tuple[str, int]:
+    """``host:port`` or ``[v6]:port`` to (host, port)."""
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise ValueError(f"bad address {address!r}: expected HOST:PORT")
+    return host.strip("[]"), int(port)
+
+
+class DataPlane:
+    """A TCP listener that accepts only connections holding a token it issued.
+
+    ``attach(key, sender, sock)`` hands an authenticated connection to the exchange; it returns
+    False (and the connection is closed) if nothing wants it any more.
+    """
+
+    def __init__(self, host: str, attach: Attach) -> None:
+        self._attach = attach
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self._listener = socket.socket(family, socket.SOCK_STREAM)
+        self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._listener.bind((host, 0))
+        self._listener.listen(64)
+        self.port = self._listener.getsockname()[1]
+        self._tokens: dict[bytes, tuple[Key, str, float]] = {}
+        self._lock = threading.Lock()
+        self._closed = threading.Event()
+        self._thread = threading.Thread(target=self._accept_loop, name=f"dataplane-{self.port}", daemon=True)
+        self._thread.start()
+
+    def offer(self, key: Key, sender: str) -> bytes:
+        """A fresh token for ``sender`` to stream ``key``'s frames to this peer."""
+        token = secrets.token_bytes(TOKEN_BYTES)
+        now = time.monotonic()
+        with self._lock:
+            for t, (_, _, expiry) in list(self._tokens.items()):
+                if expiry < now:
+                    del self._tokens[t]
+            while len(self._tokens) >= MAX_TOKENS:
+                del self._tokens[next(iter(self._tokens))]
+            self._tokens[token] = (key, sender, now + TOKEN_TTL_S)
+        return token
+
+    def _accept_loop(self) -> None:
+        while not self._closed.is_set():
+            try:
+                conn, _ = self._listener.accept()
+            except OSError:
+                if self._closed.is_set():
+                    return
+                time.sleep(0.05)
+                continue
+            threading.Thread(target=self._handshake, args=(conn,), name="dataplane-hello", daemon=True).start()
+
+    def _handshake(self, conn: socket.socket) -> None:
+        try:
+            conn.settimeout(HANDSHAKE_S)
+            hello = bytearray(HELLO_BYTES)
+            view, got = memoryview(hello), 0
+            while got < HELLO_BYTES:
+                n = conn.recv_into(view[got:])
+                if n == 0:
+                    raise ConnectionError("closed during the handshake")
+                got += n
+            if bytes(hello[: len(MAGIC)]) != MAGIC:
+                raise ConnectionError("not a dml data-plane hello")
+            with self._lock:
+                entry = self._tokens.pop(bytes(hello[len(MAGIC):]), None)
+            if entry is None or entry[2] < time.monotonic():
+                raise ConnectionError("unknown or expired token")
+            key, sender, _ = entry
+            tune(conn)
+            if self._attach(key, sender, conn):
+                return
+            raise ConnectionError(f"no exchange wants {key} any more")
+        except (OSError, ConnectionError) as e:
+            log.info("data plane %d: refused a connection: %s", self.port, e)
+        conn.close()
+
+    def close(self) -> None:
+        """Stops accepting; connections already attached belong to their exchanges."""
+        self._closed.set()
+        try:
+            self._listener.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self._listener.close()
+        self._thread.join(2)
+
+
+def connect(host: str, port: int, token: bytes, timeout: float) -> socket.socket:
+    """Opens an authenticated stream to a peer's data plane."""
+    sock = socket.create_connection((host, port), timeout=timeout)
+    try:
+        tune(sock)
+        sock.sendall(MAGIC + token)
+    except OSError:
+        sock.close()
+        raise
+    return sock
