@@ -13,8 +13,11 @@ left; all-gather frames are forwarded as received, without re-encoding, and the 
 finishes a segment keeps the decoded value of what it sent, so every member decodes the same
 bytes and ends bit-identical.
 
-With ``residual`` (error feedback) every encoding this member does adds its error there: the
-caller adds the residual into its next contribution, so over rounds nothing is lost.
+With ``residual`` (error feedback) every encoding this member does writes its error there. A
+member encodes each of the N segments exactly once (its own contribution to one, a partial sum
+to N - 2 others as it forwards them, the final sum of the segment it finishes), so after the call
+the residual holds exactly this round's errors, with no separate pass to clear it. The caller
+adds it into its next contribution, so over rounds nothing is lost.
 """
 from __future__ import annotations
 
@@ -72,8 +75,8 @@ def ring_allreduce(
 
     Every member ends with bit-identical contents: each segment is reduced by one member and
     copied verbatim to the others. ``codec`` (default fp32, exact) is the wire format; every
-    member must use the same one. ``residual`` (float32, like ``buf``) receives this member's
-    encoding errors. ``timeout`` bounds the whole call in seconds. Raises ExchangeError if a
+    member must use the same one. ``residual`` (float32, like ``buf``) is overwritten with this
+    member's encoding errors (zeros when nothing was encoded). ``timeout`` bounds the whole call in seconds. Raises ExchangeError if a
     neighbour fails or the deadline passes; ``buf`` (and ``residual``) are then undefined and
     the caller must restore them.
     """
@@ -87,6 +90,8 @@ def ring_allreduce(
     if chunk_elems < 1:
         raise ValueError(f"chunk size must be >= 1 element, got {chunk_elems}")
     if world == 1:
+        if residual is not None:
+            residual.fill(0.0)
         return
     deadline = time.monotonic() + timeout
     segs = ring.segments(buf.size, world)

@@ -52,8 +52,8 @@ def delta_ring_average(
     ``base`` must be the same bytes on every member (the committed parameters the round started
     from); ``share`` is this member's weight over the total (the plan fixes both, so no weight
     travels). Works in place on ``params``: no model-sized temporary. ``residual`` (float32, like
-    ``params``) is the error-feedback state: added into this round's contribution, then replaced
-    by this round's encoding errors. On ExchangeError ``params`` and ``residual`` are undefined;
+    ``params``) is the error-feedback state: added into this round's contribution, then
+    overwritten with this round's encoding errors. On ExchangeError ``params`` and ``residual`` are undefined;
     the caller restores the parameters and should zero the residual.
     """
     if not 0 <= share <= 1:
@@ -63,7 +63,6 @@ def delta_ring_average(
     np.subtract(params, base, out=params)
     params *= np.float32(share)
     params += residual
-    residual.fill(0.0)
     ring_allreduce(params, rank, world, link, timeout, chunk_elems, codec, residual)
     params += base
 

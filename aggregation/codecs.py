@@ -11,9 +11,9 @@ bounds below are per element, for round-to-nearest encoding of a chunk ``x``:
 - ``int8``: one float32 scale per chunk, ``scale = max|x| / 127``, ``q = round(x / scale)``;
   ``|err| <= scale / 2 = max|x| / 254`` (plus float32 rounding of the product).
 
-**Error feedback.** ``encode`` can add its own error (``x - decode(encode(x))``) into a residual
-slice. A peer that adds its residual into its next contribution sends, over rounds, exactly what
-it meant to send: compression error is carried forward instead of lost, so it does not
+**Error feedback.** ``encode`` can write its own error (``x - decode(encode(x))``) into a
+residual slice. A peer that adds its residual into its next contribution sends, over rounds,
+exactly what it meant to send: compression error is carried forward instead of lost, so it does not
 accumulate (Seide et al. 2014; Karimireddy et al. 2019). Decoding is a pure function of the
 bytes, so every member that decodes the same bytes gets bit-identical float32 values.
 
@@ -56,8 +56,8 @@ class Codec:
 
     def encode(self, src: Any, out: Any, residual: Any = None) -> int:
         """Writes the wire form of float32 ``src`` into the start of uint8 ``out``; returns the
-        bytes written. With ``residual`` (float32, same size as ``src``), adds the encoding error
-        ``src - decode(...)`` to it."""
+        bytes written. With ``residual`` (float32, same size as ``src``), writes the encoding
+        error ``src - decode(...)`` into it (overwriting it: one pass, not two)."""
         raise NotImplementedError
 
     def decode_into(self, payload: Any, out: Any) -> None:
@@ -82,6 +82,8 @@ class Fp32(Codec):
 
     def encode(self, src: np.ndarray, out: np.ndarray, residual: Any = None) -> int:
         out[: 4 * src.size].view(np.float32)[:] = src
+        if residual is not None:
+            residual.fill(0.0)
         return 4 * src.size
 
     def decode_into(self, payload: np.ndarray, out: np.ndarray) -> None:
@@ -124,8 +126,7 @@ class _Half(_Torch):
         else:
             wire.copy_(src)
         if residual is not None:
-            residual.add_(src)
-            residual.sub_(wire)
+            self._torch.sub(src, wire, out=residual)
         return 2 * n
 
     def decode_into(self, payload: "torch.Tensor", out: "torch.Tensor") -> None:
@@ -179,8 +180,7 @@ class Int8(_Torch):
         tmp.round_().clamp_(-127.0, 127.0)
         out[4 : 4 + n].view(torch.int8).copy_(tmp)
         if residual is not None:
-            residual.add_(src)
-            residual.sub_(tmp.mul_(scale))  # tmp now holds the decoded values
+            torch.sub(src, tmp.mul_(scale), out=residual)  # tmp now holds the decoded values
         return 4 + n
 
     def decode_into(self, payload: "torch.Tensor", out: "torch.Tensor") -> None:

@@ -1,9 +1,11 @@
 """dml with N peers against the same model trained in one process on the same number of samples.
 
-    python benchmarks/accuracy.py [--peers 3] [job flags as for `dml submit`]
+    python benchmarks/accuracy.py [--peers 3] [--codecs fp32,int8] [job flags as for `dml submit`]
 
-Prints one table: test accuracy, wall time and samples for both. The single-process baseline runs
-the same task, model, seed, batch size and learning rate for peers x rounds x local_steps steps.
+Prints one table: test accuracy (of the last round, and the mean over the last 10 rounds), wall
+time and samples, for dml once per wire codec and for one process. The single-process baseline
+runs the same task, model, seed, batch size and learning rate for peers x rounds x local_steps
+steps. With several codecs it also prints each one's gap to the first (fp32 by default).
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import pathlib
 import sys
 import tempfile
 import time
+from dataclasses import replace
 
 import numpy as np
 
@@ -20,11 +23,12 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
 from coordinator import jobctl  # noqa: E402
 from coordinator.local import cluster  # noqa: E402
-from coordinator.spec import JobSpec  # noqa: E402
+from coordinator.spec import CODECS, JobSpec  # noqa: E402
 
 
-def run_dml(spec: JobSpec, peers: int) -> tuple[float, float, int]:
-    """Runs the job on a local process cluster; returns (test accuracy, seconds, samples)."""
+def run_dml(spec: JobSpec, peers: int) -> tuple[float, float, float, int]:
+    """Runs the job on a local process cluster; returns (last-round test accuracy, mean over the
+    last 10 rounds, seconds, samples)."""
     with tempfile.TemporaryDirectory(prefix="dml-bench-") as tmp:
         with cluster(peers, 0, pathlib.Path(tmp), pathlib.Path(tmp) / "logs") as (address, _):
             t0 = time.monotonic()
@@ -34,7 +38,9 @@ def run_dml(spec: JobSpec, peers: int) -> tuple[float, float, int]:
             d = jobctl.status_dict(end)
             if d["state"] != "SUCCEEDED":
                 raise SystemExit(f"dml job ended {d['state']}: {d['reason']}")
-            return float(d["metrics"]["test_accuracy"]), took, int(d["samples"])
+            hist = jobctl.history(address, job, 30)
+            last10 = [r.test_accuracy for r in hist[-10:]]
+            return float(d["metrics"]["test_accuracy"]), float(np.mean(last10)), took, int(d["samples"])
 
 
 def run_single(spec: JobSpec, steps: int) -> tuple[float, float, int]:
@@ -58,25 +64,38 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--peers", type=int, default=3)
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    p.add_argument("--codecs", default="",
+                   help="comma-separated wire codecs to run dml with, one job each (default: --codec's)")
     jobctl.add_job_options(p)
     a = p.parse_args()
     if a.min_peers is None:
         a.min_peers = a.peers
+    codecs = [c.strip() for c in a.codecs.split(",") if c.strip()] or [a.codec]
+    bad = [c for c in codecs if c not in CODECS]
+    if bad:
+        p.error(f"--codecs: unknown {', '.join(bad)}; choose from {', '.join(CODECS)}")
     spec = jobctl.spec_from_args(a)
-    acc_d, t_d, n_d = run_dml(spec, a.peers)
+    runs = {c: run_dml(replace(spec, codec=c), a.peers) for c in codecs}
     acc_s, t_s, n_s = run_single(spec, spec.rounds * spec.local_steps * a.peers)
+    first = codecs[0]
     row = {"task": spec.task, "peers": a.peers, "rounds": spec.rounds, "local_steps": spec.local_steps,
-           "dml_accuracy": acc_d, "single_accuracy": acc_s, "gap_points": 100 * (acc_s - acc_d),
-           "dml_samples": n_d, "single_samples": n_s, "dml_s": t_d, "single_s": t_s}
+           "single_accuracy": acc_s, "single_samples": n_s, "single_s": t_s,
+           "dml": {c: {"accuracy": r[0], "accuracy_last10": r[1], "s": r[2], "samples": r[3],
+                       "gap_points_vs_single": 100 * (acc_s - r[0]),
+                       f"gap_points_vs_{first}": 100 * (runs[first][0] - r[0])} for c, r in runs.items()}}
     if a.json:
         print(json.dumps(row))
         return
     print(f"task {spec.task}, {spec.rounds} rounds x {spec.local_steps} local steps, batch {spec.batch_size}, "
           f"lr {spec.learning_rate}, sharding {spec.sharding}")
-    print(f"{'run':<26} {'test acc':>9} {'samples':>9} {'wall s':>8}")
-    print(f"{f'dml, {a.peers} peers (ring)':<26} {acc_d:>9.4f} {n_d:>9} {t_d:>8.1f}")
-    print(f"{'single process':<26} {acc_s:>9.4f} {n_s:>9} {t_s:>8.1f}")
-    print(f"gap: {row['gap_points']:+.2f} points (single minus dml)")
+    print(f"{'run':<30} {'test acc':>9} {'last 10':>8} {'samples':>9} {'wall s':>8}")
+    for c, (acc, acc10, t, n) in runs.items():
+        print(f"{f'dml, {a.peers} peers (ring, {c})':<30} {acc:>9.4f} {acc10:>8.4f} {n:>9} {t:>8.1f}")
+    print(f"{'single process':<30} {acc_s:>9.4f} {'':>8} {n_s:>9} {t_s:>8.1f}")
+    for c, (acc, acc10, _, _) in runs.items():
+        print(f"gap: {100 * (acc_s - acc):+.2f} points (single minus dml {c})"
+              + (f"; {100 * (runs[first][0] - acc):+.2f} points last round, {100 * (runs[first][1] - acc10):+.2f} "
+                 f"last 10 ({first} minus {c})" if c != first else ""))
 
 
 if __name__ == "__main__":

@@ -128,6 +128,13 @@ def submit(coordinator: str, spec: JobSpec, timeout: float) -> str:
                 coordinator).job_id
 
 
+def history(coordinator: str, job_id: str, timeout: float) -> list[types_pb2.RoundMetrics]:
+    """Every committed round of a job, oldest first."""
+    stub = job_stub(coordinator)
+    return list(rpc(lambda: stub.GetJob(jobs_pb2.GetJobRequest(job_id=job_id, include_history=True), timeout=timeout),
+                    coordinator).history)
+
+
 def cmd_submit(a: argparse.Namespace) -> int:
     jid = submit(a.coordinator, spec_from_args(a), a.timeout)
     print(f"submitted to {a.coordinator}", file=sys.stderr)

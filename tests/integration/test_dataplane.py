@@ -1,0 +1,223 @@
+"""The ring over real peer links: the TCP data plane (negotiated over gRPC), its fallback to gRPC,
+its authentication, and its failure behaviour. Servers on 127.0.0.1:0, members as threads."""
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from concurrent import futures
+from typing import Any, Callable
+
+import grpc
+import numpy as np
+import pytest
+
+from aggregation.allreduce import ring_allreduce
+from aggregation.codecs import get_codec
+from aggregation.transport import ExchangeError, Header
+from dml.v1 import exchange_pb2, exchange_pb2_grpc
+from peer import dataplane
+from peer.exchange import ExchangeServicer, PeerLink, add_exchange_to_server
+
+
+class Member:
+    """One ring member: an exchange server (with or without the TCP data plane)."""
+
+    def __init__(self, tcp: bool = True) -> None:
+        self.servicer = ExchangeServicer(lambda job, rnd: None, recv_timeout_s=5,
+                                         data_plane_host="127.0.0.1" if tcp else None)
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
+        add_exchange_to_server(self.servicer, self.server)
+        self.port = self.server.add_insecure_port("127.0.0.1:0")
+        self.server.start()
+        self.address = f"127.0.0.1:{self.port}"
+        self.abort = threading.Event()
+
+    def close(self) -> None:
+        self.server.stop(0).wait(5)
+        self.servicer.close()
+
+
+@pytest.fixture
+def members():
+    made: list[Member] = []
+
+    def make(n: int, tcp: list[bool] | None = None) -> list[Member]:
+        made.extend(Member(t) for t in (tcp or [True] * n))
+        return made[-n:]
+
+    yield make
+    for m in made:
+        m.close()
+
+
+def links(ms: list[Member], key: tuple[str, int, int], plane: str | list[str], idle_s: float = 5.0) -> list[PeerLink]:
+    n = len(ms)
+    planes = plane if isinstance(plane, list) else [plane] * n
+    return [PeerLink(ms[r].servicer, key, f"p{r}", f"p{(r - 1) % n}", f"p{(r + 1) % n}", ms[(r + 1) % n].address,
+                     10.0, ms[r].abort, idle_timeout_s=idle_s, data_plane=planes[r]) for r in range(n)]
+
+
+def run_ring(ls: list[PeerLink], bufs: list[np.ndarray], codec: str = "fp32",
+             body: Callable[[int, PeerLink], None] | None = None) -> list[BaseException | None]:
+    errors: list[BaseException | None] = [None] * len(ls)
+
+    def one(r: int) -> None:
+        try:
+            if body is not None:
+                body(r, ls[r])
+            else:
+                ring_allreduce(bufs[r], r, len(ls), ls[r], 10.0, 1000, get_codec(codec),
+                               None if codec == "fp32" else np.zeros_like(bufs[r]))
+        except BaseException as e:  # noqa: BLE001 - collected for the assertions
+            errors[r] = e
+        finally:
+            ls[r].shutdown()
+
+    threads = [threading.Thread(target=one, args=(r,)) for r in range(len(ls))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert not any(t.is_alive() for t in threads), "a ring member hung"
+    return errors
+
+
+def int_bufs(n: int, size: int, seed: int = 0) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [rng.integers(-100, 100, size).astype(np.float32) for _ in range(n)]
+
+
+@pytest.mark.parametrize("plane", ["tcp", "grpc", "auto"])
+@pytest.mark.parametrize("world", [2, 3])
+def test_ring_is_exact_over_every_data_plane(members, plane, world):
+    ms = members(world)
+    bufs = int_bufs(world, 10_007)
+    want = np.sum(np.stack(bufs).astype(np.float64), axis=0)
+    ls = links(ms, ("j", 1, 1), plane)
+    assert run_ring(ls, bufs) == [None] * world
+    for b in bufs:
+        assert np.array_equal(b.astype(np.float64), want)
+    expect = "grpc" if plane == "grpc" else "tcp"
+    assert [link.sender_kind for link in ls] == [expect] * world
+    assert [link.receiver_kind for link in ls] == [expect] * world
+
+
+@pytest.mark.parametrize("codec", ["bf16", "fp16", "int8"])
+def test_lossy_codecs_end_bit_identical_over_tcp(members, codec):
+    ms = members(3)
+    bufs = [b / 7 for b in int_bufs(3, 5_003, seed=1)]
+    want = np.sum(np.stack(bufs).astype(np.float64), axis=0)
+    assert run_ring(links(ms, ("j", 1, 1), "tcp"), bufs, codec) == [None] * 3
+    assert bufs[0].tobytes() == bufs[1].tobytes() == bufs[2].tobytes()
+    assert np.abs(bufs[0] - want).max() < 0.05 * np.abs(want).max()
+
+
+def test_auto_falls_back_to_grpc_where_no_data_plane_is_served(members):
+    ms = members(3, tcp=[True, False, True])  # p1 serves no TCP: p0 -> p1 goes over gRPC
+    bufs = int_bufs(3, 3000)
+    want = np.sum(np.stack(bufs).astype(np.float64), axis=0)
+    ls = links(ms, ("j", 1, 1), "auto")
+    assert run_ring(ls, bufs) == [None] * 3
+    assert np.array_equal(bufs[2].astype(np.float64), want)
+    assert [link.sender_kind for link in ls] == ["grpc", "tcp", "tcp"]
+    assert [link.receiver_kind for link in ls] == ["tcp", "grpc", "tcp"]
+
+
+def test_tcp_only_job_fails_clearly_where_no_data_plane_is_served(members):
+    ms = members(2, tcp=[True, False])
+    ls = links(ms, ("j", 1, 1), "tcp")
+    errors = run_ring(ls, int_bufs(2, 100))
+    assert isinstance(errors[0], ExchangeError) and "TCP" in str(errors[0]) and errors[0].suspect == "p1"
+    assert isinstance(errors[1], ExchangeError)  # its predecessor never sent: it times out
+
+
+def hung_up(s: socket.socket) -> bool:
+    """True when the other side closes the connection (cleanly or with a reset) within 5 s."""
+    s.settimeout(5)
+    try:
+        return s.recv(1) == b""
+    except ConnectionResetError:
+        return True
+
+
+def test_data_plane_refuses_connections_without_a_valid_token(members):
+    (m,) = members(1)
+    dp = m.servicer.data_plane
+    assert dp is not None
+    key = ("j", 1, 1)
+    box = m.servicer.inbox(key)
+    for hello in (b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", dataplane.MAGIC + b"\x00" * dataplane.TOKEN_BYTES):
+        with socket.create_connection(("127.0.0.1", dp.port), timeout=5) as s:
+            s.sendall(hello)
+            assert hung_up(s), "the data plane must hang up on a bad hello"
+    assert box.conn is None
+    token = dp.offer(key, "p9")
+    with dataplane.connect("127.0.0.1", dp.port, token, 5) as s:
+        deadline = time.monotonic() + 5
+        while box.conn is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert box.conn is not None and box.sender == "p9"
+    with socket.create_connection(("127.0.0.1", dp.port), timeout=5) as s:  # tokens are single-use
+        s.sendall(dataplane.MAGIC + token)
+        assert hung_up(s)
+
+
+def test_open_data_plane_rpc_validates_and_reports_absence(members):
+    with_tcp, without = members(2, tcp=[True, False])
+    for m, code in ((without, grpc.StatusCode.FAILED_PRECONDITION), (with_tcp, grpc.StatusCode.INVALID_ARGUMENT)):
+        with grpc.insecure_channel(m.address) as ch:
+            stub = exchange_pb2_grpc.PeerExchangeStub(ch)
+            with pytest.raises(grpc.RpcError) as e:
+                stub.OpenDataPlane(exchange_pb2.OpenDataPlaneRequest(job_id="", round=1, epoch=1), timeout=5)
+            assert e.value.code() == code
+
+
+def test_predecessor_dying_mid_stream_fails_the_receiver_fast_naming_it(members):
+    ms = members(2)
+    ls = links(ms, ("j", 1, 1), "tcp", idle_s=20.0)
+    payload = np.zeros(1000, np.float32)
+
+    def body(r: int, link: PeerLink) -> None:
+        if r == 0:  # sends one frame of three, then dies
+            link.send(Header(1, 1, 0, 0, 1000), payload.view(np.uint8))
+            link.wait_sent(1, 5)
+            link.shutdown()
+            return
+        t0 = time.monotonic()
+        try:
+            for _ in range(3):
+                link.recv_header(10)
+                link.recv_payload(payload.copy().view(np.uint8), 10)
+        finally:
+            body.took = time.monotonic() - t0  # type: ignore[attr-defined]
+
+    errors = run_ring(ls, [], body=body)
+    assert errors[0] is None
+    assert isinstance(errors[1], ExchangeError) and errors[1].suspect == "p0"
+    assert body.took < 5, "a closed stream must fail at once, not after the idle timeout"  # type: ignore[attr-defined]
+
+
+def test_abort_stops_a_waiting_receiver_promptly(members):
+    ms = members(2)
+    ls = links(ms, ("j", 1, 1), "tcp", idle_s=20.0)
+    out: dict[str, Any] = {}
+
+    def body(r: int, link: PeerLink) -> None:
+        if r == 0:
+            link.send(Header(1, 1, 0, 0, 10), np.zeros(10, np.float32).view(np.uint8))
+            link.wait_sent(1, 5)
+            time.sleep(1.0)  # keep the stream open, send nothing more
+            return
+        link.recv_header(10)
+        link.recv_payload(np.zeros(10, np.float32).view(np.uint8), 10)
+        threading.Timer(0.2, ms[1].abort.set).start()
+        t0 = time.monotonic()
+        try:
+            link.recv_header(10)
+        finally:
+            out["took"] = time.monotonic() - t0
+
+    errors = run_ring(ls, [], body=body)
+    assert isinstance(errors[1], ExchangeError) and "aborted" in str(errors[1])
+    assert out["took"] < 2
