@@ -58,8 +58,10 @@ def delta_ring_average(
     """
     if not 0 <= share <= 1:
         raise ValueError(f"share must be in [0, 1], got {share}")
-    if base.shape != params.shape or residual.shape != params.shape:
-        raise ValueError("params, base and residual must have the same shape")
+    if base.shape != params.shape or residual.shape != params.shape or params.ndim != 1:
+        raise ValueError("params, base and residual must be 1-D and of the same shape")
+    if not params.dtype == base.dtype == residual.dtype == np.float32:
+        raise ValueError("params, base and residual must be float32")
     np.subtract(params, base, out=params)
     params *= np.float32(share)
     params += residual

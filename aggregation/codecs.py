@@ -5,7 +5,8 @@ and decodes it back into, or onto, a float32 slice; accumulation is always float
 bounds below are per element, for round-to-nearest encoding of a chunk ``x``:
 
 - ``fp32``: exact (the bytes are the values).
-- ``bf16``: ``|err| <= 2**-8 * |x|`` (8 significant bits) for normal values.
+- ``bf16``: ``|err| <= 2**-8 * |x|`` (8 significant bits) for normal values; values beyond
+  bf16's largest (about 3.39e38) become infinite.
 - ``fp16``: ``|err| <= 2**-11 * |x|`` for ``2**-14 <= |x| <= 65504``; ``|err| <= 2**-25`` below
   that (subnormals); values beyond 65504 saturate to +-65504 rather than becoming infinite.
 - ``int8``: one float32 scale per chunk, ``scale = max|x| / 127``, ``q = round(x / scale)``;
@@ -23,6 +24,7 @@ non-finite input gives a non-finite scale and decodes to NaN, as fp32 would carr
 """
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -172,11 +174,14 @@ class Int8(_Torch):
         peak = 0.0
         if n:
             lo, hi = torch.aminmax(src)
-            peak = max(-float(lo), float(hi))
-        scale = float(np.float32(peak / 127.0)) if peak > 0 else 1.0  # what the receiver reads back
+            peak = max(-float(lo), float(hi)) if not (math.isnan(lo) or math.isnan(hi)) else math.nan
+        if not math.isfinite(peak):
+            scale = math.nan  # NaN or infinity in the chunk: it decodes to NaN, as fp32 would carry it
+        else:
+            scale = float(np.float32(peak / 127.0)) if peak > 0 else 1.0  # what the receiver reads back
         out[:4].view(torch.float32).fill_(scale)
         tmp = self._scratch(n)
-        torch.mul(src, 1.0 / scale, out=tmp)
+        torch.div(src, scale, out=tmp)  # not a multiply by 1/scale: that overflows for tiny chunks
         tmp.round_().clamp_(-127.0, 127.0)
         out[4 : 4 + n].view(torch.int8).copy_(tmp)
         if residual is not None:
