@@ -90,6 +90,7 @@ def history_dict(r: types_pb2.RoundMetrics) -> dict[str, Any]:
     return {"round": r.round, "epoch": r.epoch, "train_loss": r.train_loss, "test_accuracy": r.test_accuracy,
             "samples": r.samples, "members": r.members, "duration_ms": r.duration_ms, "digest": r.digest,
             "train_ms": r.train_ms, "exchange_ms": r.exchange_ms, "committed_unix_ms": r.committed_unix_ms,
+            "test_evaluated": r.test_evaluated, "eval_ms": r.eval_ms,
             "data_epoch": r.data_epoch,
             "consumed": {m.peer_id: [[x.shard_id, x.data_epoch, x.start, x.stop] for x in m.ranges]
                          for m in r.consumed}}
@@ -118,7 +119,8 @@ def spec_from_args(a: argparse.Namespace) -> JobSpec:
                    learning_rate=a.lr, min_peers=a.min_peers if a.min_peers is not None else d.min_peers, sharding=a.sharding, aggregation=a.aggregation,
                    seed=a.seed, num_shards=a.num_shards or d.num_shards,
                    checkpoint_every_rounds=a.checkpoint_every or d.checkpoint_every_rounds,
-                   peer_grace_s=a.peer_grace_s or d.peer_grace_s, codec=a.codec, data_plane=a.data_plane)
+                   peer_grace_s=a.peer_grace_s or d.peer_grace_s, codec=a.codec, data_plane=a.data_plane,
+                   eval_every_rounds=a.eval_every or d.eval_every_rounds)
 
 
 def submit(coordinator: str, spec: JobSpec, timeout: float) -> str:
@@ -332,6 +334,8 @@ def add_job_options(p: argparse.ArgumentParser) -> None:
                    help="how ring chunks travel: auto (TCP negotiated over gRPC, else gRPC; default), tcp, grpc")
     p.add_argument("--seed", type=_int_in(0, 2**63 - 1), default=d.seed)
     p.add_argument("--num-shards", type=_int_in(0, U32), default=0, help=f"shards to cut the data into (default {d.num_shards})")
+    p.add_argument("--eval-every", type=_int_in(0, U32), default=0,
+                   help=f"rounds between test evaluations, always including the last (default {d.eval_every_rounds})")
     p.add_argument("--checkpoint-every", type=_int_in(0, U32), default=0,
                    help=f"rounds between checkpoints (default {d.checkpoint_every_rounds})")
     p.add_argument("--peer-grace-s", type=_int_in(0, U32), default=0,

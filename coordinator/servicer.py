@@ -55,7 +55,7 @@ def spec_to_pb(s: JobSpec) -> types_pb2.JobSpec:
         learning_rate=s.learning_rate, min_peers=s.min_peers, sharding=s.sharding,
         aggregation=s.aggregation, seed=s.seed, num_shards=s.num_shards,
         checkpoint_every_rounds=s.checkpoint_every_rounds, peer_grace_s=s.peer_grace_s,
-        codec=s.codec, data_plane=s.data_plane,
+        codec=s.codec, data_plane=s.data_plane, eval_every_rounds=s.eval_every_rounds,
     )
 
 
@@ -66,7 +66,7 @@ def spec_from_pb(p: types_pb2.JobSpec) -> JobSpec:
         learning_rate=p.learning_rate, min_peers=p.min_peers, sharding=p.sharding,
         aggregation=p.aggregation, seed=p.seed, num_shards=p.num_shards,
         checkpoint_every_rounds=p.checkpoint_every_rounds, peer_grace_s=p.peer_grace_s,
-        codec=p.codec, data_plane=p.data_plane,
+        codec=p.codec, data_plane=p.data_plane, eval_every_rounds=p.eval_every_rounds,
     )
 
 
@@ -85,7 +85,7 @@ def round_to_pb(r: RoundRecord, ledger: bool = False) -> types_pb2.RoundMetrics:
         round=r.round, epoch=r.epoch, train_loss=_finite(r.train_loss), test_accuracy=_finite(r.test_accuracy),
         test_loss=_finite(r.test_loss), samples=r.samples, digest=r.digest, duration_ms=r.duration_ms,
         members=len(r.members), data_epoch=r.data_epoch, train_ms=r.train_ms, exchange_ms=r.exchange_ms,
-        committed_unix_ms=r.committed_ms,
+        committed_unix_ms=r.committed_ms, test_evaluated=r.test_evaluated, eval_ms=r.eval_ms,
     )
     if ledger:
         m.consumed.extend(types_pb2.MemberSamples(peer_id=p, ranges=ranges_to_pb(rs)) for p, rs in r.consumed.items())
@@ -228,7 +228,7 @@ class PeerControlServicer(control_pb2_grpc.PeerControlServicer):
                 test_accuracy=request.test_accuracy if request.has_test_metrics else None,
                 test_loss=request.test_loss if request.has_test_metrics else None,
                 samples_per_s=request.train_samples_per_s, train_ms=request.train_ms,
-                exchange_ms=request.exchange_ms,
+                exchange_ms=request.exchange_ms, eval_ms=request.eval_ms,
             )
             committed = self._c.report(request.peer_id, request.job_id, request.round, request.epoch, rep)
             return control_pb2.ReportRoundResponse(committed=committed)

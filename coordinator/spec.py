@@ -35,6 +35,7 @@ class JobSpec:
     peer_grace_s: int = 300
     codec: str = "fp32"
     data_plane: str = "auto"
+    eval_every_rounds: int = 1
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-friendly form."""
@@ -64,6 +65,7 @@ def with_defaults(spec: JobSpec) -> JobSpec:
         peer_grace_s=spec.peer_grace_s or d.peer_grace_s,
         codec=spec.codec or d.codec,
         data_plane=spec.data_plane or d.data_plane,
+        eval_every_rounds=spec.eval_every_rounds or d.eval_every_rounds,
     )
 
 
@@ -87,6 +89,8 @@ def validate(spec: JobSpec) -> None:
         raise InvalidSpec(f"unknown codec {spec.codec!r}: choose one of {', '.join(CODECS)}")
     if spec.data_plane not in DATA_PLANES:
         raise InvalidSpec(f"unknown data plane {spec.data_plane!r}: choose one of {', '.join(DATA_PLANES)}")
+    if spec.eval_every_rounds < 1:
+        raise InvalidSpec("eval_every_rounds must be at least 1")
     if spec.checkpoint_every_rounds < 1:
         raise InvalidSpec("checkpoint_every_rounds must be at least 1")
     if not 1 <= spec.peer_grace_s <= 30 * 24 * 3600:

@@ -73,6 +73,7 @@ class Report:
     samples_per_s: float = 0.0
     train_ms: int = 0
     exchange_ms: int = 0
+    eval_ms: int = 0
 
 
 @dataclass
@@ -93,6 +94,8 @@ class RoundRecord:
     consumed: dict[str, list[list[int]]] = field(default_factory=dict)  # peer -> [shard, pass, start, stop]
     train_ms: int = 0  # the slowest member's preparation plus training
     exchange_ms: int = 0  # the slowest member's all-reduce
+    test_evaluated: bool = True  # False: test metrics carried from the last evaluated round
+    eval_ms: int = 0
 
 
 @dataclass
@@ -468,13 +471,14 @@ class ClusterState:
         reps = list(job.reports.values())
         samples = sum(r.samples for r in reps)
         evals = [r for r in reps if r.test_accuracy is not None]
+        prev = job.history[-1] if job.history else None
         rec = RoundRecord(
             round=job.round,
             epoch=job.epoch,
             samples=samples,
             train_loss=sum(r.train_loss * r.samples for r in reps) / max(samples, 1),
-            test_accuracy=evals[0].test_accuracy if evals else float("nan"),  # type: ignore[arg-type]
-            test_loss=evals[0].test_loss if evals else float("nan"),  # type: ignore[arg-type]
+            test_accuracy=evals[0].test_accuracy if evals else prev.test_accuracy if prev else float("nan"),  # type: ignore[arg-type]
+            test_loss=evals[0].test_loss if evals else prev.test_loss if prev else float("nan"),  # type: ignore[arg-type]
             digest=digest,
             duration_ms=now_ms - job.round_started_ms,
             members=list(job.members),
@@ -482,6 +486,8 @@ class ClusterState:
             consumed={p: [list(r) for r in rs] for p, rs in job.allocation.items()},
             train_ms=max(r.train_ms for r in reps),
             exchange_ms=max(r.exchange_ms for r in reps),
+            test_evaluated=bool(evals),
+            eval_ms=max(r.eval_ms for r in reps),
         )
         sizes = self._shard_sizes(job.spec)
         for ranges in job.allocation.values():

@@ -62,13 +62,14 @@ class ControlClient:
             address=address, capability=control_pb2.PeerCapability(device=device, memory_bytes=memory_bytes))
         return self.call(lambda: self.stub.RegisterPeer(req, timeout=CALL_TIMEOUT_S), "register")
 
-    def upload_checkpoint(self, peer_id: str, job_id: str, rnd: int, epoch: int, digest: str, data: bytes) -> None:
+    def upload_checkpoint(self, peer_id: str, job_id: str, rnd: int, epoch: int, digest: str,
+                          data: bytes | memoryview) -> None:
         """Streams a checkpoint in 1 MiB chunks."""
         def chunks() -> Iterator[control_pb2.CheckpointChunk]:
             step = 1 << 20
             for i in range(0, max(len(data), 1), step):
                 yield control_pb2.CheckpointChunk(peer_id=peer_id, job_id=job_id, round=rnd, epoch=epoch,
-                                                  digest=digest, data=data[i : i + step])
+                                                  digest=digest, data=bytes(data[i : i + step]))
         timeout = CALL_TIMEOUT_S + len(data) / 50e6
         self.call(lambda: self.stub.UploadCheckpoint(chunks(), timeout=timeout), "upload checkpoint", give_up_s=60)
 

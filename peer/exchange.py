@@ -76,7 +76,7 @@ class Inbox:
             _close_socket(self.conn)
 
 
-ParamsSource = Callable[[str, int], "tuple[int, str, bytes] | None"]
+ParamsSource = Callable[[str, int], "tuple[int, str, bytes | memoryview] | None"]
 
 
 def _parse_frame(frame: bytes) -> Frame:
@@ -241,7 +241,7 @@ class ExchangeServicer(exchange_pb2_grpc.PeerExchangeServicer):
         rnd, digest, data = got
         for i in range(0, max(len(data), 1), CHUNK_BYTES):
             yield exchange_pb2.ParameterChunk(round=rnd if i == 0 else 0, digest=digest if i == 0 else "",
-                                              data=data[i : i + CHUNK_BYTES])
+                                              data=bytes(data[i : i + CHUNK_BYTES]))
 
 
 def _close_socket(sock: socket.socket) -> None:

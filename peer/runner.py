@@ -102,6 +102,7 @@ class Peer:
     def start(self) -> "Peer":
         """Starts the exchange server and registers with the coordinator."""
         self._server.start()
+        Trainer.warm_up()
         self._register()
         self._hb_thread.start()
         return self
@@ -162,7 +163,7 @@ class Peer:
                     failing = True
 
     # -- serving parameters -----------------------------------------------------------------
-    def _params_for(self, job_id: str, rnd: int) -> tuple[int, str, bytes] | None:
+    def _params_for(self, job_id: str, rnd: int) -> tuple[int, str, bytes | memoryview] | None:
         # Serialised under the lock: the tentative snapshot is the live buffer, which the next
         # round only touches after _prepare (which takes the lock) has moved it aside.
         with self._lock:
@@ -415,9 +416,12 @@ class Peer:
             train_loss=res.loss, digest=dig,
             train_samples_per_s=res.samples / (t1 - t_train) if res.samples and t1 > t_train else 0.0,
             train_ms=int((t1 - t0) * 1000), exchange_ms=int((t2 - t1) * 1000))
-        if rank == 0:
+        every = max(plan.spec.eval_every_rounds, 1)
+        if rank == 0 and (plan.round % every == 0 or plan.round >= plan.spec.rounds):
+            t_eval = time.monotonic()
             acc, loss = trainer.evaluate()
             req.has_test_metrics, req.test_accuracy, req.test_loss = True, acc, loss
+            req.eval_ms = int((time.monotonic() - t_eval) * 1000)
             if plan.checkpoint:
                 self.client.upload_checkpoint(self.peer_id, plan.job_id, plan.round, plan.epoch, dig,
                                               trainer.state_dict_bytes(params))

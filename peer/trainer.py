@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from peer.tasks import Task
 
 log = logging.getLogger(__name__)
+EVAL_BATCH = 256
 _INIT_LOCK = threading.Lock()  # torch's seed is global: peers sharing a process build one at a time
 
 
@@ -105,16 +106,28 @@ class Trainer:
                 out.append((name, t, (t.data_ptr() - base) // 4))
         return out
 
-    def state_dict_bytes(self, params: np.ndarray | None = None) -> bytes:
-        """The model's state_dict (of ``params`` if given, else the live ones), torch.save'd."""
-        sd = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
+    def state_dict_bytes(self, params: np.ndarray | None = None) -> memoryview:
+        """The model's state_dict (of ``params`` if given, else the live ones), torch.save'd.
+
+        Costs about two model sizes while it runs (one copy of each tensor, since torch.save
+        would write a view's whole storage, and the serialised bytes), and returns a view of the
+        bytes rather than a third copy."""
+        flat = {name for name, _, _ in self._layout} if params is not None else set()
+        sd = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items() if k not in flat}
         if params is not None:
             for name, shape, off in self._layout:
                 n = int(np.prod(shape)) if len(shape) else 1
-                sd[name] = torch.from_numpy(params[off : off + n].copy()).reshape(shape)
+                sd[name] = torch.from_numpy(params[off : off + n]).reshape(shape).clone()
         out = io.BytesIO()
         torch.save(sd, out)
-        return out.getvalue()
+        del sd
+        return out.getbuffer()
+
+    @staticmethod
+    def warm_up() -> None:
+        """Imports what a first job would (the optimizer pulls in much of torch), so a peer's
+        start-up, not its first round, pays that time and memory."""
+        torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
 
     # -- training --------------------------------------------------------------------------
     def train(self, indices: np.ndarray, steps: int, batch_size: int, rng: np.random.Generator) -> StepResult:
@@ -155,10 +168,17 @@ class Trainer:
         return StepResult(samples=total, loss=loss_sum / max(total, 1))
 
     @torch.no_grad()
-    def evaluate(self) -> tuple[float, float]:
-        """Test accuracy in [0, 1] and mean test loss of the current parameters."""
+    def evaluate(self, batch_size: int = EVAL_BATCH) -> tuple[float, float]:
+        """Test accuracy in [0, 1] and mean test loss of the current parameters, computed in
+        batches so activations never take more than a batch's worth of memory."""
         self.model.eval()
-        logits = self.model(self._xt)
-        loss = float(F.cross_entropy(logits, self._yt))
-        acc = float((logits.argmax(1) == self._yt).float().mean())
-        return acc, loss
+        n = int(self._yt.numel())
+        if n == 0:
+            return float("nan"), float("nan")
+        correct, loss_sum = 0, 0.0
+        for i in range(0, n, batch_size):
+            logits = self.model(self._xt[i : i + batch_size])
+            y = self._yt[i : i + batch_size]
+            loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
+            correct += int((logits.argmax(1) == y).sum())
+        return correct / n, loss_sum / n

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from dml.v1 import types_pb2 as dml_dot_v1_dot_types__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14\x64ml/v1/control.proto\x12\x06\x64ml.v1\x1a\x12\x64ml/v1/types.proto\"D\n\x0ePeerCapability\x12\x0e\n\x06\x64\x65vice\x18\x01 \x01(\t\x12\x14\n\x0cmemory_bytes\x18\x02 \x01(\x04\x12\x0c\n\x04pool\x18\x03 \x01(\t\"R\n\x13RegisterPeerRequest\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12*\n\ncapability\x18\x02 \x01(\x0b\x32\x16.dml.v1.PeerCapability\"z\n\x14RegisterPeerResponse\x12\x0f\n\x07peer_id\x18\x01 \x01(\t\x12\x1d\n\x15heartbeat_interval_ms\x18\x02 \x01(\r\x12\x17\n\x0fpeer_timeout_ms\x18\x03 \x01(\r\x12\x19\n\x11round_deadline_ms\x18\x04 \x01(\r\"#\n\x10HeartbeatRequest\x12\x0f\n\x07peer_id\x18\x01 \x01(\t\"2\n\x11HeartbeatResponse\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\x12\x0e\n\x06job_id\x18\x02 \x01(\t\"o\n\x0eGetPlanRequest\x12\x0f\n\x07peer_id\x18\x01 \x01(\t\x12\x13\n\x0blast_job_id\x18\x02 \x01(\t\x12\x12\n\nlast_round\x18\x03 \x01(\r\x12\x12\n\nlast_epoch\x18\x04 \x01(\x04\x12\x0f\n\x07wait_ms\x18\x05 \x01(\r\"?\n\x0fGetPlanResponse\x12\x10\n\x08has_plan\x18\x01 \x01(\x08\x12\x1a\n\x04plan\x18\x02 \x01(\x0b\x32\x0c.dml.v1.Plan\"\x90\x02\n\x12ReportRoundRequest\x12\x0f\n\x07peer_id\x18\x01 \x01(\t\x12\x0e\n\x06job_id\x18\x02 \x01(\t\x12\r\n\x05round\x18\x03 \x01(\r\x12\r\n\x05\x65poch\x18\x04 \x01(\x04\x12\x0f\n\x07samples\x18\x05 \x01(\x04\x12\x12\n\ntrain_loss\x18\x06 \x01(\x01\x12\x0e\n\x06\x64igest\x18\x07 \x01(\t\x12\x18\n\x10has_test_metrics\x18\x08 \x01(\x08\x12\x15\n\rtest_accuracy\x18\t \x01(\x01\x12\x11\n\ttest_loss\x18\n \x01(\x01\x12\x1b\n\x13train_samples_per_s\x18\x0b \x01(\x01\x12\x10\n\x08train_ms\x18\x0c \x01(\r\x12\x13\n\x0b\x65xchange_ms\x18\r \x01(\r\"(\n\x13ReportRoundResponse\x12\x11\n\tcommitted\x18\x01 \x01(\x08\"~\n\x14ReportFailureRequest\x12\x0f\n\x07peer_id\x18\x01 \x01(\t\x12\x0e\n\x06job_id\x18\x02 \x01(\t\x12\r\n\x05round\x18\x03 \x01(\r\x12\r\n\x05\x65poch\x18\x04 \x01(\x04\x12\x17\n\x0fsuspect_peer_id\x18\x05 \x01(\t\x12\x0e\n\x06\x64\x65tail\x18\x06 \x01(\t\"\x17\n\x15ReportFailureResponse\"n\n\x0f\x43heckpointChunk\x12\x0f\n\x07peer_id\x18\x01 \x01(\t\x12\x0e\n\x06job_id\x18\x02 \x01(\t\x12\r\n\x05round\x18\x03 \x01(\r\x12\x0e\n\x06\x64igest\x18\x04 \x01(\t\x12\r\n\x05\x65poch\x18\x06 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x05 \x01(\x0c\".\n\x18UploadCheckpointResponse\x12\x12\n\nsize_bytes\x18\x01 \x01(\x04\x32\xbd\x03\n\x0bPeerControl\x12I\n\x0cRegisterPeer\x12\x1b.dml.v1.RegisterPeerRequest\x1a\x1c.dml.v1.RegisterPeerResponse\x12@\n\tHeartbeat\x12\x18.dml.v1.HeartbeatRequest\x1a\x19.dml.v1.HeartbeatResponse\x12:\n\x07GetPlan\x12\x16.dml.v1.GetPlanRequest\x1a\x17.dml.v1.GetPlanResponse\x12\x46\n\x0bReportRound\x12\x1a.dml.v1.ReportRoundRequest\x1a\x1b.dml.v1.ReportRoundResponse\x12L\n\rReportFailure\x12\x1c.dml.v1.ReportFailureRequest\x1a\x1d.dml.v1.ReportFailureResponse\x12O\n\x10UploadCheckpoint\x12\x17.dml.v1.CheckpointChunk\x1a .dml.v1.UploadCheckpointResponse(\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14\x64ml/v1/control.proto\x12\x06\x64ml.v1\x1a\x12\x64ml/v1/types.proto\"D\n\x0ePeerCapability\x12\x0e\n\x06\x64\x65vice\x18\x01 \x01(\t\x12\x14\n\x0cmemory_bytes\x18\x02 \x01(\x04\x12\x0c\n\x04pool\x18\x03 \x01(\t\"R\n\x13RegisterPeerRequest\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12*\n\ncapability\x18\x02 \x01(\x0b\x32\x16.dml.v1.PeerCapability\"z\n\x14RegisterPeerResponse\x12\x0f\n\x07peer_id\x18\x01 \x01(\t\x12\x1d\n\x15heartbeat_interval_ms\x18\x02 \x01(\r\x12\x17\n\x0fpeer_timeout_ms\x18\x03 \x01(\r\x12\x19\n\x11round_deadline_ms\x18\x04 \x01(\r\"#\n\x10HeartbeatRequest\x12\x0f\n\x07peer_id\x18\x01 \x01(\t\"2\n\x11HeartbeatResponse\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\x12\x0e\n\x06job_id\x18\x02 \x01(\t\"o\n\x0eGetPlanRequest\x12\x0f\n\x07peer_id\x18\x01 \x01(\t\x12\x13\n\x0blast_job_id\x18\x02 \x01(\t\x12\x12\n\nlast_round\x18\x03 \x01(\r\x12\x12\n\nlast_epoch\x18\x04 \x01(\x04\x12\x0f\n\x07wait_ms\x18\x05 \x01(\r\"?\n\x0fGetPlanResponse\x12\x10\n\x08has_plan\x18\x01 \x01(\x08\x12\x1a\n\x04plan\x18\x02 \x01(\x0b\x32\x0c.dml.v1.Plan\"\xa1\x02\n\x12ReportRoundRequest\x12\x0f\n\x07peer_id\x18\x01 \x01(\t\x12\x0e\n\x06job_id\x18\x02 \x01(\t\x12\r\n\x05round\x18\x03 \x01(\r\x12\r\n\x05\x65poch\x18\x04 \x01(\x04\x12\x0f\n\x07samples\x18\x05 \x01(\x04\x12\x12\n\ntrain_loss\x18\x06 \x01(\x01\x12\x0e\n\x06\x64igest\x18\x07 \x01(\t\x12\x18\n\x10has_test_metrics\x18\x08 \x01(\x08\x12\x15\n\rtest_accuracy\x18\t \x01(\x01\x12\x11\n\ttest_loss\x18\n \x01(\x01\x12\x1b\n\x13train_samples_per_s\x18\x0b \x01(\x01\x12\x10\n\x08train_ms\x18\x0c \x01(\r\x12\x13\n\x0b\x65xchange_ms\x18\r \x01(\r\x12\x0f\n\x07\x65val_ms\x18\x0e \x01(\r\"(\n\x13ReportRoundResponse\x12\x11\n\tcommitted\x18\x01 \x01(\x08\"~\n\x14ReportFailureRequest\x12\x0f\n\x07peer_id\x18\x01 \x01(\t\x12\x0e\n\x06job_id\x18\x02 \x01(\t\x12\r\n\x05round\x18\x03 \x01(\r\x12\r\n\x05\x65poch\x18\x04 \x01(\x04\x12\x17\n\x0fsuspect_peer_id\x18\x05 \x01(\t\x12\x0e\n\x06\x64\x65tail\x18\x06 \x01(\t\"\x17\n\x15ReportFailureResponse\"n\n\x0f\x43heckpointChunk\x12\x0f\n\x07peer_id\x18\x01 \x01(\t\x12\x0e\n\x06job_id\x18\x02 \x01(\t\x12\r\n\x05round\x18\x03 \x01(\r\x12\x0e\n\x06\x64igest\x18\x04 \x01(\t\x12\r\n\x05\x65poch\x18\x06 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x05 \x01(\x0c\".\n\x18UploadCheckpointResponse\x12\x12\n\nsize_bytes\x18\x01 \x01(\x04\x32\xbd\x03\n\x0bPeerControl\x12I\n\x0cRegisterPeer\x12\x1b.dml.v1.RegisterPeerRequest\x1a\x1c.dml.v1.RegisterPeerResponse\x12@\n\tHeartbeat\x12\x18.dml.v1.HeartbeatRequest\x1a\x19.dml.v1.HeartbeatResponse\x12:\n\x07GetPlan\x12\x16.dml.v1.GetPlanRequest\x1a\x17.dml.v1.GetPlanResponse\x12\x46\n\x0bReportRound\x12\x1a.dml.v1.ReportRoundRequest\x1a\x1b.dml.v1.ReportRoundResponse\x12L\n\rReportFailure\x12\x1c.dml.v1.ReportFailureRequest\x1a\x1d.dml.v1.ReportFailureResponse\x12O\n\x10UploadCheckpoint\x12\x17.dml.v1.CheckpointChunk\x1a .dml.v1.UploadCheckpointResponse(\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -47,17 +47,17 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETPLANRESPONSE']._serialized_start=532
   _globals['_GETPLANRESPONSE']._serialized_end=595
   _globals['_REPORTROUNDREQUEST']._serialized_start=598
-  _globals['_REPORTROUNDREQUEST']._serialized_end=870
-  _globals['_REPORTROUNDRESPONSE']._serialized_start=872
-  _globals['_REPORTROUNDRESPONSE']._serialized_end=912
-  _globals['_REPORTFAILUREREQUEST']._serialized_start=914
-  _globals['_REPORTFAILUREREQUEST']._serialized_end=1040
-  _globals['_REPORTFAILURERESPONSE']._serialized_start=1042
-  _globals['_REPORTFAILURERESPONSE']._serialized_end=1065
-  _globals['_CHECKPOINTCHUNK']._serialized_start=1067
-  _globals['_CHECKPOINTCHUNK']._serialized_end=1177
-  _globals['_UPLOADCHECKPOINTRESPONSE']._serialized_start=1179
-  _globals['_UPLOADCHECKPOINTRESPONSE']._serialized_end=1225
-  _globals['_PEERCONTROL']._serialized_start=1228
-  _globals['_PEERCONTROL']._serialized_end=1673
+  _globals['_REPORTROUNDREQUEST']._serialized_end=887
+  _globals['_REPORTROUNDRESPONSE']._serialized_start=889
+  _globals['_REPORTROUNDRESPONSE']._serialized_end=929
+  _globals['_REPORTFAILUREREQUEST']._serialized_start=931
+  _globals['_REPORTFAILUREREQUEST']._serialized_end=1057
+  _globals['_REPORTFAILURERESPONSE']._serialized_start=1059
+  _globals['_REPORTFAILURERESPONSE']._serialized_end=1082
+  _globals['_CHECKPOINTCHUNK']._serialized_start=1084
+  _globals['_CHECKPOINTCHUNK']._serialized_end=1194
+  _globals['_UPLOADCHECKPOINTRESPONSE']._serialized_start=1196
+  _globals['_UPLOADCHECKPOINTRESPONSE']._serialized_end=1242
+  _globals['_PEERCONTROL']._serialized_start=1245
+  _globals['_PEERCONTROL']._serialized_end=1690
 # @@protoc_insertion_point(module_scope)

@@ -73,7 +73,7 @@ class GetPlanResponse(_message.Message):
     def __init__(self, has_plan: _Optional[bool] = ..., plan: _Optional[_Union[_types_pb2.Plan, _Mapping]] = ...) -> None: ...
 
 class ReportRoundRequest(_message.Message):
-    __slots__ = ("peer_id", "job_id", "round", "epoch", "samples", "train_loss", "digest", "has_test_metrics", "test_accuracy", "test_loss", "train_samples_per_s", "train_ms", "exchange_ms")
+    __slots__ = ("peer_id", "job_id", "round", "epoch", "samples", "train_loss", "digest", "has_test_metrics", "test_accuracy", "test_loss", "train_samples_per_s", "train_ms", "exchange_ms", "eval_ms")
     PEER_ID_FIELD_NUMBER: _ClassVar[int]
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
@@ -87,6 +87,7 @@ class ReportRoundRequest(_message.Message):
     TRAIN_SAMPLES_PER_S_FIELD_NUMBER: _ClassVar[int]
     TRAIN_MS_FIELD_NUMBER: _ClassVar[int]
     EXCHANGE_MS_FIELD_NUMBER: _ClassVar[int]
+    EVAL_MS_FIELD_NUMBER: _ClassVar[int]
     peer_id: str
     job_id: str
     round: int
@@ -100,7 +101,8 @@ class ReportRoundRequest(_message.Message):
     train_samples_per_s: float
     train_ms: int
     exchange_ms: int
-    def __init__(self, peer_id: _Optional[str] = ..., job_id: _Optional[str] = ..., round: _Optional[int] = ..., epoch: _Optional[int] = ..., samples: _Optional[int] = ..., train_loss: _Optional[float] = ..., digest: _Optional[str] = ..., has_test_metrics: _Optional[bool] = ..., test_accuracy: _Optional[float] = ..., test_loss: _Optional[float] = ..., train_samples_per_s: _Optional[float] = ..., train_ms: _Optional[int] = ..., exchange_ms: _Optional[int] = ...) -> None: ...
+    eval_ms: int
+    def __init__(self, peer_id: _Optional[str] = ..., job_id: _Optional[str] = ..., round: _Optional[int] = ..., epoch: _Optional[int] = ..., samples: _Optional[int] = ..., train_loss: _Optional[float] = ..., digest: _Optional[str] = ..., has_test_metrics: _Optional[bool] = ..., test_accuracy: _Optional[float] = ..., test_loss: _Optional[float] = ..., train_samples_per_s: _Optional[float] = ..., train_ms: _Optional[int] = ..., exchange_ms: _Optional[int] = ..., eval_ms: _Optional[int] = ...) -> None: ...
 
 class ReportRoundResponse(_message.Message):
     __slots__ = ("committed",)

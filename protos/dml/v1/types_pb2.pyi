@@ -23,7 +23,7 @@ JOB_STATE_FAILED: JobState
 JOB_STATE_CANCELLED: JobState
 
 class JobSpec(_message.Message):
-    __slots__ = ("task", "rounds", "local_steps", "batch_size", "learning_rate", "min_peers", "sharding", "aggregation", "seed", "num_shards", "checkpoint_every_rounds", "peer_grace_s", "codec", "data_plane")
+    __slots__ = ("task", "rounds", "local_steps", "batch_size", "learning_rate", "min_peers", "sharding", "aggregation", "seed", "num_shards", "checkpoint_every_rounds", "peer_grace_s", "codec", "data_plane", "eval_every_rounds")
     TASK_FIELD_NUMBER: _ClassVar[int]
     ROUNDS_FIELD_NUMBER: _ClassVar[int]
     LOCAL_STEPS_FIELD_NUMBER: _ClassVar[int]
@@ -38,6 +38,7 @@ class JobSpec(_message.Message):
     PEER_GRACE_S_FIELD_NUMBER: _ClassVar[int]
     CODEC_FIELD_NUMBER: _ClassVar[int]
     DATA_PLANE_FIELD_NUMBER: _ClassVar[int]
+    EVAL_EVERY_ROUNDS_FIELD_NUMBER: _ClassVar[int]
     task: str
     rounds: int
     local_steps: int
@@ -52,7 +53,8 @@ class JobSpec(_message.Message):
     peer_grace_s: int
     codec: str
     data_plane: str
-    def __init__(self, task: _Optional[str] = ..., rounds: _Optional[int] = ..., local_steps: _Optional[int] = ..., batch_size: _Optional[int] = ..., learning_rate: _Optional[float] = ..., min_peers: _Optional[int] = ..., sharding: _Optional[str] = ..., aggregation: _Optional[str] = ..., seed: _Optional[int] = ..., num_shards: _Optional[int] = ..., checkpoint_every_rounds: _Optional[int] = ..., peer_grace_s: _Optional[int] = ..., codec: _Optional[str] = ..., data_plane: _Optional[str] = ...) -> None: ...
+    eval_every_rounds: int
+    def __init__(self, task: _Optional[str] = ..., rounds: _Optional[int] = ..., local_steps: _Optional[int] = ..., batch_size: _Optional[int] = ..., learning_rate: _Optional[float] = ..., min_peers: _Optional[int] = ..., sharding: _Optional[str] = ..., aggregation: _Optional[str] = ..., seed: _Optional[int] = ..., num_shards: _Optional[int] = ..., checkpoint_every_rounds: _Optional[int] = ..., peer_grace_s: _Optional[int] = ..., codec: _Optional[str] = ..., data_plane: _Optional[str] = ..., eval_every_rounds: _Optional[int] = ...) -> None: ...
 
 class SampleRange(_message.Message):
     __slots__ = ("shard_id", "start", "stop", "data_epoch")
@@ -75,7 +77,7 @@ class MemberSamples(_message.Message):
     def __init__(self, peer_id: _Optional[str] = ..., ranges: _Optional[_Iterable[_Union[SampleRange, _Mapping]]] = ...) -> None: ...
 
 class RoundMetrics(_message.Message):
-    __slots__ = ("round", "epoch", "train_loss", "test_accuracy", "test_loss", "samples", "digest", "duration_ms", "members", "data_epoch", "consumed", "train_ms", "exchange_ms", "committed_unix_ms")
+    __slots__ = ("round", "epoch", "train_loss", "test_accuracy", "test_loss", "samples", "digest", "duration_ms", "members", "data_epoch", "consumed", "train_ms", "exchange_ms", "committed_unix_ms", "test_evaluated", "eval_ms")
     ROUND_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     TRAIN_LOSS_FIELD_NUMBER: _ClassVar[int]
@@ -90,6 +92,8 @@ class RoundMetrics(_message.Message):
     TRAIN_MS_FIELD_NUMBER: _ClassVar[int]
     EXCHANGE_MS_FIELD_NUMBER: _ClassVar[int]
     COMMITTED_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    TEST_EVALUATED_FIELD_NUMBER: _ClassVar[int]
+    EVAL_MS_FIELD_NUMBER: _ClassVar[int]
     round: int
     epoch: int
     train_loss: float
@@ -104,7 +108,9 @@ class RoundMetrics(_message.Message):
     train_ms: int
     exchange_ms: int
     committed_unix_ms: int
-    def __init__(self, round: _Optional[int] = ..., epoch: _Optional[int] = ..., train_loss: _Optional[float] = ..., test_accuracy: _Optional[float] = ..., test_loss: _Optional[float] = ..., samples: _Optional[int] = ..., digest: _Optional[str] = ..., duration_ms: _Optional[int] = ..., members: _Optional[int] = ..., data_epoch: _Optional[int] = ..., consumed: _Optional[_Iterable[_Union[MemberSamples, _Mapping]]] = ..., train_ms: _Optional[int] = ..., exchange_ms: _Optional[int] = ..., committed_unix_ms: _Optional[int] = ...) -> None: ...
+    test_evaluated: bool
+    eval_ms: int
+    def __init__(self, round: _Optional[int] = ..., epoch: _Optional[int] = ..., train_loss: _Optional[float] = ..., test_accuracy: _Optional[float] = ..., test_loss: _Optional[float] = ..., samples: _Optional[int] = ..., digest: _Optional[str] = ..., duration_ms: _Optional[int] = ..., members: _Optional[int] = ..., data_epoch: _Optional[int] = ..., consumed: _Optional[_Iterable[_Union[MemberSamples, _Mapping]]] = ..., train_ms: _Optional[int] = ..., exchange_ms: _Optional[int] = ..., committed_unix_ms: _Optional[int] = ..., test_evaluated: _Optional[bool] = ..., eval_ms: _Optional[int] = ...) -> None: ...
 
 class Member(_message.Message):
     __slots__ = ("peer_id", "address", "shard_ids", "samples")

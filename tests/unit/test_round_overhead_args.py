@@ -1,0 +1,95 @@
+"""benchmarks/round_overhead.py: flag parsing (bad flags exit 2) and the per-round split.
+
+The module is imported in a child process: importing it sets environment variables (one compute
+thread, gRPC fork support off) that must not leak into this test process.
+"""
+from __future__ import annotations
+
+import json
+import pathlib
+import subprocess
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+SCRIPT = ROOT / "benchmarks" / "round_overhead.py"
+
+CHILD = r"""
+import contextlib, io, json, sys
+sys.path.insert(0, sys.argv[1])
+import round_overhead as ro
+
+def parse(argv):
+    err = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err):
+            a = ro.parse_args(argv)
+    except SystemExit as e:
+        return {"exit": e.code, "stderr": err.getvalue()}
+    return {"exit": None, "sizes": a.sizes, "rounds": a.rounds, "peers": a.peers, "codec": a.codec,
+            "data_plane": a.data_plane, "local_steps": a.local_steps, "warmup": a.warmup, "lr": a.lr}
+
+cases = json.loads(sys.argv[2])
+out = {"parse": [parse(c) for c in cases],
+       "default_rounds": [ro.default_rounds(n) for n in (999_925, 9_999_961, 50_000_032)],
+       "task_name": [ro.task_name(x) for x in (1.0, 10.0, 0.5)]}
+hist = [{"round": r, "epoch": 1, "committed_unix_ms": 1000 * r + (500 if r == 4 else 0), "train_ms": 100,
+         "exchange_ms": 200, "duration_ms": 900} for r in range(1, 7)]
+out["split"] = ro.round_split(hist, 6, 2, {(3, 1): 0.4, (4, 1): 0.5, (5, 1): 0.6})
+out["split_no_reports"] = ro.round_split(hist, 6, 2, {})
+print(json.dumps(out))
+"""
+
+GOOD = [[], ["--params-m", "1,10", "--peers", "3", "--rounds", "4", "--codec", "int8", "--data-plane", "grpc",
+             "--local-steps", "2", "--json"], ["--params-m", " 0.5 "]]
+BAD = {
+    "--peers": ["--peers", "0"],
+    "not a number": ["--params-m", "1,x"],
+    "must be positive": ["--params-m", "1,-5"],
+    "between 3k and 2000M": ["--params-m", "0.001"],
+    "--warmup + 2 = 4": ["--rounds", "3"],
+    "--codec": ["--codec", "fp8"],
+    "--data-plane": ["--data-plane", "udp"],
+    "--local-steps": ["--local-steps", "0"],
+    "--lr": ["--lr", "-1"],
+}
+
+
+def _run_child() -> dict:
+    cases = GOOD + list(BAD.values())
+    res = subprocess.run([sys.executable, "-c", CHILD, str(SCRIPT.parent), json.dumps(cases)],
+                         capture_output=True, text=True, timeout=120, cwd=ROOT, check=False)
+    assert res.returncode == 0, res.stderr
+    return json.loads(res.stdout.splitlines()[-1])
+
+
+def test_parsing_and_split() -> None:
+    out = _run_child()
+    default, custom, half = out["parse"][: len(GOOD)]
+    assert default["exit"] is None
+    assert [m for m, _ in default["sizes"]] == [1.0, 10.0, 50.0]
+    assert default["peers"] == 4 and default["rounds"] is None and default["codec"] == "fp32"
+    assert default["data_plane"] == "auto" and default["local_steps"] == 1 and default["warmup"] == 2
+    assert default["lr"] == 0.01
+    assert custom["exit"] is None and custom["peers"] == 3 and custom["rounds"] == 4
+    assert custom["codec"] == "int8" and custom["data_plane"] == "grpc" and custom["local_steps"] == 2
+    assert half["exit"] is None and half["sizes"][0][0] == 0.5
+    for (needle, _), got in zip(BAD.items(), out["parse"][len(GOOD):]):
+        assert got["exit"] == 2, (needle, got)
+        assert needle in got["stderr"], (needle, got["stderr"])
+    assert out["default_rounds"] == [30, 20, 8]
+    assert out["task_name"] == ["synthetic:1M", "synthetic:10M", "synthetic:0.5M"]
+    # Measured rounds 3..5; round 4 committed 0.5 s late, round 5 0.5 s early.
+    s = out["split"]
+    assert s["measured_rounds"] == 3
+    assert s["round_s"] == 1.0 and s["round_s_max"] == 1.5
+    assert s["train_s"] == 0.1 and s["exchange_s"] == 0.2
+    assert abs(s["coord_s"] - 0.7) < 1e-9 and abs(s["coord_s_max"] - 1.2) < 1e-9
+    assert s["plan_to_commit_s"] == 0.9 and s["report_s"] == 0.5
+    assert out["split_no_reports"]["report_s"] is None
+
+
+def test_bad_flag_exits_2() -> None:
+    res = subprocess.run([sys.executable, str(SCRIPT), "--peers", "0"], capture_output=True, text=True, timeout=120,
+                         cwd=ROOT, check=False)
+    assert res.returncode == 2
+    assert "--peers" in res.stderr and res.stdout == ""
