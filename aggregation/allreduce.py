@@ -22,6 +22,7 @@ adds it into its next contribution, so over rounds nothing is lost.
 from __future__ import annotations
 
 import time
+from collections import deque
 from typing import Any, Iterator
 
 import numpy as np
@@ -31,34 +32,37 @@ from aggregation.codecs import Codec, Fp32, codec_name
 from aggregation.transport import ExchangeError, Header, RingLink
 
 DEFAULT_CHUNK_ELEMS = 256 * 1024  # 1 MiB of float32, well under gRPC's 4 MiB message cap
-STAGING_SLOTS = 16
 
 
 class _Staging:
-    """Reused encode/forward buffers, handed out round robin; a slot is reused only after the
-    link reports the frame that used it as sent. Each slot is a numpy array (for the link) and
-    the codec's native view of it."""
+    """Reused encode/forward buffers. A buffer goes back to the free list once the link reports
+    the frame that used it as sent; when none is free a new one is made. Taking a buffer never
+    waits: a member that blocked on its own sends while its neighbours blocked on theirs would
+    stop reading, and the ring would deadlock. What the pool can grow to is bounded by the frames
+    in flight, at most the bytes this member sends in one all-reduce."""
 
-    def __init__(self, link: RingLink, codec: Codec, slots: int, slot_bytes: int, deadline: float) -> None:
+    def __init__(self, link: RingLink, codec: Codec, slot_bytes: int) -> None:
         self._link = link
-        self._bufs = [np.empty(slot_bytes, dtype=np.uint8) for _ in range(slots)] if slot_bytes else []
-        self._native = [codec.wrap(b) for b in self._bufs]
-        self._seq = [0] * len(self._bufs)
-        self._next = 0
-        self._deadline = deadline
+        self._codec = codec
+        self._slot_bytes = slot_bytes
+        self._free: list[tuple[np.ndarray, Any]] = []
+        self._busy: deque[tuple[int, np.ndarray, Any]] = deque()
 
-    def take(self) -> tuple[int, np.ndarray, Any]:
-        """A free slot (its index, buffer and native view), waiting for its last frame to leave."""
-        i = self._next
-        self._next = (i + 1) % len(self._bufs)
-        if self._seq[i]:
-            self._link.wait_sent(self._seq[i], max(0.0, self._deadline - time.monotonic()))
-            self._seq[i] = 0
-        return i, self._bufs[i], self._native[i]
+    def take(self, nbytes: int) -> tuple[np.ndarray, Any]:
+        """A buffer of at least ``nbytes`` (numpy, and the codec's native view of it)."""
+        done = self._link.sent_upto()
+        while self._busy and self._busy[0][0] <= done:
+            _, buf, native = self._busy.popleft()
+            self._free.append((buf, native))
+        for i in range(len(self._free) - 1, -1, -1):
+            if self._free[i][0].size >= nbytes:
+                return self._free.pop(i)
+        buf = np.empty(max(nbytes, self._slot_bytes), dtype=np.uint8)
+        return buf, self._codec.wrap(buf)
 
-    def sent(self, i: int, seq: int) -> None:
-        """Records that slot ``i`` is on the wire as frame ``seq``."""
-        self._seq[i] = seq
+    def sent(self, slot: tuple[np.ndarray, Any], seq: int) -> None:
+        """Records that ``slot`` is on the wire as frame ``seq``."""
+        self._busy.append((seq, slot[0], slot[1]))
 
 
 def ring_allreduce(
@@ -103,7 +107,7 @@ def ring_allreduce(
     # the largest chunk seen.
     scratch = np.empty(staging_bytes, dtype=np.uint8)
     scratch_native = codec.wrap(scratch)
-    staging = _Staging(link, codec, 0 if raw else STAGING_SLOTS, staging_bytes, deadline)
+    staging = _Staging(link, codec, staging_bytes)
     u8 = buf.view(np.uint8)
     nbuf = codec.wrap(buf)  # the codec's view of buf and residual, made once: slicing is cheap
     nres = None if residual is None else codec.wrap(residual)
@@ -122,11 +126,12 @@ def ring_allreduce(
         the decoded value, so the member that finished the segment matches everyone else."""
         for a in range(span.start, span.stop, staging_elems):
             b = min(a + staging_elems, span.stop)
-            i, out, native = staging.take()
+            slot = staging.take(codec.payload_bytes(b - a))
+            out, native = slot
             nb = codec.encode(nbuf[a:b], native, None if nres is None else nres[a:b])
             if own:
                 codec.decode_into(native[:nb], nbuf[a:b])
-            staging.sent(i, link.send(Header(phase, codec.id, step, a, b - a), out[:nb]))
+            staging.sent(slot, link.send(Header(phase, codec.id, step, a, b - a), out[:nb]))
 
     def send(phase: int, step: int, span: ring.Span, own: bool = False) -> None:
         if raw:
@@ -178,18 +183,12 @@ def ring_allreduce(
                 if step < last:
                     send_raw(ring.ALL_GATHER, step + 1, span)
                 continue
-            if nbytes > staging_bytes:  # a predecessor with bigger chunks: cannot be pooled
-                out = np.empty(nbytes, dtype=np.uint8)
-                i, native = -1, codec.wrap(out)
-            else:
-                i, out, native = staging.take()
+            slot = staging.take(nbytes)
+            out, native = slot
             link.recv_payload(out[:nbytes], left())
             codec.decode_into(native[:nbytes], nbuf[span.start : span.stop])
             if step < last:  # forward verbatim: no second rounding
-                seq = link.send(Header(ring.ALL_GATHER, codec.id, step + 1, span.start, span.size), out[:nbytes])
-                if i >= 0:
-                    staging.sent(i, seq)
-                else:
-                    link.wait_sent(seq, left())
+                staging.sent(slot, link.send(Header(ring.ALL_GATHER, codec.id, step + 1, span.start, span.size),
+                                             out[:nbytes]))
     link.close(max(0.0, deadline - time.monotonic()))
 

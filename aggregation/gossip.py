@@ -301,6 +301,6 @@ def _check_buffer(buf: np.ndarray, what: str) -> None:
 
 def _check_weight(w: float, what: str) -> None:
     if isinstance(w, bool) or not isinstance(w, (int, float, np.integer, np.floating)):
-        raise ValueError(f"{what} must be a number, got {w!r}")
+        raise ValueError(f"{what} must be a number, got {w!r}")  # noqa: TRY004 - one error type for bad input
     if not math.isfinite(float(w)) or w < 0:
         raise ValueError(f"{what} must be finite and >= 0, got {w}")

@@ -202,7 +202,7 @@ def simulate(
     net = net_cls(sim_peers, dead_set)
     result = SimResult(t.value, sim_peers, dead_set)
     live = [p for p in sim_peers if p.index not in dead_set]
-    optimum = np.mean([p.target for p in live], axis=0, dtype=np.float64) if lr > 0 else None
+    optimum = np.mean([p.target for p in live if p.target is not None], axis=0, dtype=np.float64) if lr > 0 else None
 
     def record() -> None:
         result.distances.append(consensus_distance([p.params for p in live]))

@@ -53,7 +53,7 @@ def parse_topology(name: str | Topology) -> Topology:
     if isinstance(name, Topology):
         return name
     if not isinstance(name, str):
-        raise ValueError(f"topology must be a name, got {name!r}")
+        raise ValueError(f"topology must be a name, got {name!r}")  # noqa: TRY004 - one error type for bad input
     key = name.strip().lower()
     for t in Topology:
         if t.value == key:
@@ -144,7 +144,7 @@ def partner_ids(
 
 def _check_n(n: int) -> None:
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)):
-        raise ValueError(f"member count must be an int, got {n!r}")
+        raise ValueError(f"member count must be an int, got {n!r}")  # noqa: TRY004 - one error type for bad input
     if n < 1:
         raise ValueError(f"member count must be >= 1, got {n}")
 

@@ -4,7 +4,7 @@ A member sends only to its successor and receives only from its predecessor, so 
 pair of one-way links carrying *frames*: a 16-byte :data:`FRAME` header, then the payload (the
 chunk in the job's wire codec). Sends are zero-copy where the transport allows: ``send`` hands
 over a view and returns a sequence number, and the caller must not change those bytes until
-``wait_sent`` says the frame left. Receives are two calls, so the payload can land straight in
+the frame has left (``sent_upto`` reaches its number; ``wait_sent`` blocks for it). Receives are two calls, so the payload can land straight in
 its final place: ``recv_header``, then ``recv_payload`` into a buffer the caller picks. Errors
 surface as :class:`ExchangeError` naming the neighbour at fault.
 """
@@ -60,6 +60,9 @@ class RingLink(Protocol):
 
     def wait_sent(self, seq: int, timeout: float) -> None:
         """Blocks until frame ``seq`` has left this process (its payload may be reused)."""
+
+    def sent_upto(self) -> int:
+        """The highest sequence number that has left this process (frames leave in order)."""
 
     def recv_header(self, timeout: float) -> Header:
         """Header of the next frame from the predecessor. Raises ExchangeError on timeout or a
@@ -118,6 +121,10 @@ class InMemoryLink:
 
     def wait_sent(self, seq: int, timeout: float) -> None:
         """Sends complete at once."""
+
+    def sent_upto(self) -> int:
+        """Every frame has left: sends copy at once."""
+        return self._seq
 
     def recv_header(self, timeout: float) -> Header:
         """Next header from the predecessor, or ExchangeError after ``timeout`` seconds."""

@@ -33,9 +33,10 @@ Per-round figures, from the job history the coordinator keeps (``GetJob`` with h
 - ``train_s``: ``train_ms``, the slowest member's preparation (restoring the committed parameters)
   plus local training;
 - ``exchange_s``: ``exchange_ms``, the slowest member's all-reduce (link set-up included);
-- ``coord_s``: ``round_s - train_s - exchange_s`` per round: everything else (plan delivery, the
-  report, rank 0's test-set evaluation before it reports, the commit, the gap until the next
-  plan). The slowest trainer and the slowest exchanger need not be the same member, so in
+- ``eval_s``: ``eval_ms``, rank 0's test-set evaluation (0 in rounds that do not evaluate: by
+  default only the final round does, ``--eval-every`` changes that);
+- ``coord_s``: ``round_s - train_s - exchange_s - eval_s`` per round: everything else (plan
+  delivery, the report, the commit, the gap until the next plan). The slowest trainer and the slowest exchanger need not be the same member, so in
   principle this can come out slightly low (even negative); it is not clamped;
 - ``plan_to_commit_s``: ``duration_ms``, from the round's plan to its commit;
 - ``report_s`` (when the peers' DEBUG line "train .. exchange .. report .." is found in their
@@ -181,6 +182,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--peers", type=_int_at_least(1), default=4, help="peer processes (default 4)")
     p.add_argument("--rounds", type=_int_at_least(1), default=None,
                    help="rounds per job (default: 30 below 10M parameters, 20 up to 10M, 8 above)")
+    p.add_argument("--eval-every", type=_int_at_least(1), default=None,
+                   help="rounds between rank 0's test evaluations (default: only the final round)")
     p.add_argument("--warmup", type=_int_at_least(1), default=2,
                    help="first rounds left out of the medians (default 2; the final round is left out too)")
     p.add_argument("--codec", choices=CODECS, default="fp32", help="wire codec of the job (default fp32)")
@@ -392,7 +395,7 @@ def round_split(history: list[dict[str, Any]], rounds: int, warmup: int,
                 reports: dict[tuple[int, int], float]) -> dict[str, Any]:
     """Medians (and maxima) of the per-round split over rounds warmup < r < rounds."""
     by_round = {h["round"]: h for h in history}
-    cols: dict[str, list[float]] = {k: [] for k in ("round_s", "train_s", "exchange_s", "coord_s",
+    cols: dict[str, list[float]] = {k: [] for k in ("round_s", "train_s", "exchange_s", "eval_s", "coord_s",
                                                     "plan_to_commit_s", "report_s")}
     measured = []
     for r in range(warmup + 1, rounds):
@@ -401,10 +404,12 @@ def round_split(history: list[dict[str, Any]], rounds: int, warmup: int,
             continue
         round_s = (h["committed_unix_ms"] - prev["committed_unix_ms"]) / 1000.0
         train_s, exchange_s = h["train_ms"] / 1000.0, h["exchange_ms"] / 1000.0
+        eval_s = h.get("eval_ms", 0) / 1000.0
         cols["round_s"].append(round_s)
         cols["train_s"].append(train_s)
         cols["exchange_s"].append(exchange_s)
-        cols["coord_s"].append(round_s - train_s - exchange_s)
+        cols["eval_s"].append(eval_s)
+        cols["coord_s"].append(round_s - train_s - exchange_s - eval_s)
         cols["plan_to_commit_s"].append(h["duration_ms"] / 1000.0)
         rep = reports.get((r, h["epoch"]))
         if rep is not None:
@@ -430,7 +435,8 @@ def measure(a: argparse.Namespace, params_m: float, num_params: int, root: pathl
     job_timeout_s = a.timeout_s if a.timeout_s is not None else 60.0 + rounds * (2.0 + 0.6 * num_params / 1e6)
     spec = JobSpec(task=task, rounds=rounds, local_steps=a.local_steps, batch_size=a.batch_size,
                    learning_rate=a.lr, min_peers=a.peers, num_shards=max(JobSpec().num_shards, a.peers),
-                   checkpoint_every_rounds=rounds + 1, codec=a.codec, data_plane=a.data_plane)
+                   checkpoint_every_rounds=rounds + 1, codec=a.codec, data_plane=a.data_plane,
+                   eval_every_rounds=a.eval_every or rounds)
     root.mkdir(parents=True, exist_ok=True)
     t0 = time.monotonic()
     log = lambda msg: print(f"[{task}] {msg}", file=sys.stderr, flush=True)
@@ -488,9 +494,9 @@ def measure(a: argparse.Namespace, params_m: float, num_params: int, root: pathl
         "task": task, "params": num_params, "peers": a.peers, "rounds": rounds, "warmup": a.warmup,
         "codec": a.codec, "data_plane": a.data_plane, "local_steps": a.local_steps, "batch_size": a.batch_size,
         "lr": a.lr, "job_id": job_id,
-        **{k: split[k] for k in ("measured_rounds", "round_s", "train_s", "exchange_s", "coord_s",
+        **{k: split[k] for k in ("measured_rounds", "round_s", "train_s", "exchange_s", "eval_s", "coord_s",
                                  "plan_to_commit_s", "report_s")},
-        "max": {k: split[k + "_max"] for k in ("round_s", "train_s", "exchange_s", "coord_s",
+        "max": {k: split[k + "_max"] for k in ("round_s", "train_s", "exchange_s", "eval_s", "coord_s",
                                                "plan_to_commit_s", "report_s")},
         "model_mb": _round(model_mb, 3),
         "baseline_rss_mb": _round(max(base), 2),
@@ -523,18 +529,18 @@ def table(rows: list[dict[str, Any]], a: argparse.Namespace) -> str:
          f"Python {platform.python_version()}; codec {a.codec}, data plane {a.data_plane}, "
          f"{a.local_steps} local step(s) x batch {a.batch_size}"),
         (f"# seconds per round, medians over rounds {a.warmup + 1}..R-1 (first {a.warmup} and the final round left "
-         "out): round = commit-to-commit; train/exchange = slowest member's; coord = round - train - exchange "
-         "(of which report = slowest member's exchange end to report acknowledged, incl. rank 0's test evaluation)"),
+         "out): round = commit-to-commit; train/exchange = slowest member's; eval = rank 0's test evaluation; "
+         "coord = round - train - exchange - eval (report = slowest member's exchange end to report acknowledged)"),
         ("# RSS in MB (2**20 B): base = VmRSS after registering (max over peers), peak = VmHWM (max over peers), "
          "x = max over peers of (peak - base) / model, x oth = the same without rank 0 (marked * in peak per peer: "
-         "it evaluates the test set each round)"),
-        (f"{'params':>12} {'R':>3} {'round':>7} {'train':>7} {'exch':>7} {'coord':>7} {'report':>7} {'ex+co':>7} "
+         "it evaluates the test set and uploads the final checkpoint)"),
+        (f"{'params':>12} {'R':>3} {'round':>7} {'train':>7} {'exch':>7} {'eval':>7} {'coord':>7} {'report':>7} {'ex+co':>7} "
          f"{'model':>7} {'base':>6} {'peak':>6} {'x':>6} {'x oth':>6}  peak per peer"),
     ]
     for r in rows:
         lines.append(
             f"{r['params']:>12,} {r['rounds']:>3} {_f(r['round_s'])} {_f(r['train_s'])} {_f(r['exchange_s'])} "
-            f"{_f(r['coord_s'])} {_f(r['report_s']):>7} {_f(r['exchange_s'] + r['coord_s']):>7} "
+            f"{_f(r['eval_s'])} {_f(r['coord_s'])} {_f(r['report_s']):>7} {_f(r['exchange_s'] + r['coord_s']):>7} "
             f"{r['model_mb']:>7.1f} {r['baseline_rss_mb']:>6.0f} {r['peak_rss_mb']:>6.0f} "
             f"{r['rss_over_baseline_x_model']:>6.2f} {_f(r['rss_over_baseline_x_model_others'], '.2f'):>6}  "
             + " ".join(f"{x:.0f}" + ("*" if i == r["evaluator_peer"] else "")

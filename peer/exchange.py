@@ -297,6 +297,9 @@ class _GrpcSender:
     def wait_sent(self, seq: int, timeout: float, abort: threading.Event) -> None:
         """Frames are copied when queued."""
 
+    def sent_upto(self) -> int:
+        return self._seq
+
     def finish(self, timeout: float, abort: threading.Event) -> None:
         self._out.put(None)
         deadline = time.monotonic() + timeout
@@ -366,6 +369,9 @@ class _TcpSender:
                 if time.monotonic() > deadline:
                     raise ExchangeError(f"sending to {self._succ_id} made no progress in time", suspect=self._succ_id)
                 self._cond.wait(POLL_S)
+
+    def sent_upto(self) -> int:
+        return self._sent
 
     def finish(self, timeout: float, abort: threading.Event) -> None:
         """Waits for every frame to leave, then for the successor's one-byte acknowledgement."""
@@ -488,6 +494,10 @@ class PeerLink:
         """Blocks until frame ``seq`` has left (its payload may then be reused)."""
         if self._sender is not None:
             self._sender.wait_sent(seq, min(timeout, self._idle_s), self._abort)
+
+    def sent_upto(self) -> int:
+        """The highest frame number that has left (frames leave in order)."""
+        return self._sender.sent_upto() if self._sender is not None else 0
 
     # -- receiving ----------------------------------------------------------------------------
     def _check(self, deadline: float, waited: float) -> None:

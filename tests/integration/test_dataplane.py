@@ -221,3 +221,32 @@ def test_abort_stops_a_waiting_receiver_promptly(members):
     errors = run_ring(ls, [], body=body)
     assert isinstance(errors[1], ExchangeError) and "aborted" in str(errors[1])
     assert out["took"] < 2
+
+
+def test_lossy_ring_much_larger_than_socket_buffers_does_not_deadlock(members, monkeypatch):
+    """Every member first queues its whole reduce-scatter segment: if encoding waited for buffer
+    space while neighbours did the same, nobody would read and the ring would stall (it did, with
+    a fixed pool of 16 staging buffers, at 256 MB). Frames here far outnumber any fixed pool and
+    the segments exceed the socket buffers (kept small here)."""
+    monkeypatch.setattr(dataplane, "SOCKET_BUFFER_BYTES", 32 * 1024)
+    ms = members(3)
+    bufs = [np.full(600_000, float(r + 1), np.float32) for r in range(3)]
+    ls = links(ms, ("j", 1, 1), "tcp", idle_s=10.0)
+    errors: list[BaseException | None] = [None] * 3
+
+    def one(r: int) -> None:
+        try:
+            ring_allreduce(bufs[r], r, 3, ls[r], 20.0, 4096, get_codec("bf16"), np.zeros_like(bufs[r]))
+        except BaseException as e:  # noqa: BLE001
+            errors[r] = e
+        finally:
+            ls[r].shutdown()
+
+    threads = [threading.Thread(target=one, args=(r,)) for r in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not any(t.is_alive() for t in threads), "the ring deadlocked"
+    assert errors == [None] * 3
+    assert all(np.all(b == 6.0) for b in bufs)
