@@ -155,6 +155,24 @@ def ring_allreduce(
             yield ring.Span(pos, pos + got.count), codec.payload_bytes(got.count)
             pos += got.count
 
+    partial = np.empty(0, dtype=np.float32)
+    partial_native = codec.wrap(partial)
+
+    def send_partial(step: int, span: ring.Span, native: Any) -> None:
+        """Encodes and sends ``buf[span] + decode(native)`` without writing it into ``buf``: the
+        all-gather overwrites that range anyway, so the sum never needs to reach main memory."""
+        nonlocal partial, partial_native
+        if partial.size < span.size:
+            partial = np.empty(span.size, dtype=np.float32)
+            partial_native = codec.wrap(partial)
+        acc = partial_native[: span.size]
+        codec.decode_into(native, acc)
+        acc += nbuf[span.start : span.stop]
+        slot = staging.take(codec.payload_bytes(span.size))
+        out, wire = slot
+        nb = codec.encode(acc, wire, None if nres is None else nres[span.start : span.stop])
+        staging.sent(slot, link.send(Header(ring.REDUCE_SCATTER, codec.id, step, span.start, span.size), out[:nb]))
+
     def scratch_for(nbytes: int) -> tuple[np.ndarray, Any]:
         nonlocal scratch, scratch_native
         if scratch.size < nbytes:
@@ -170,11 +188,14 @@ def ring_allreduce(
         for span, nbytes in receive(ring.REDUCE_SCATTER, step, seg):
             payload, native = scratch_for(nbytes)
             link.recv_payload(payload, left())
-            codec.decode_add(native, nbuf[span.start : span.stop])
-            if step < last:
-                send(ring.REDUCE_SCATTER, step + 1, span)
-            else:  # fully reduced: start the all-gather with it at once
+            if step == last:  # fully reduced: keep it, and start the all-gather with it at once
+                codec.decode_add(native, nbuf[span.start : span.stop])
                 send(ring.ALL_GATHER, 0, span, own=True)
+            elif raw:  # reduce in place and forward straight from buf
+                codec.decode_add(native, nbuf[span.start : span.stop])
+                send_raw(ring.REDUCE_SCATTER, step + 1, span)
+            else:  # a partial sum only passes through: sum it in a small cache-resident buffer
+                send_partial(step + 1, span, native)
     for step in range(world - 1):
         seg = segs[ring.recv_segment(ring.ALL_GATHER, rank, step, world)]
         for span, nbytes in receive(ring.ALL_GATHER, step, seg):
