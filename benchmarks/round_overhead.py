@@ -391,6 +391,14 @@ def report_times(logs: pathlib.Path, peers: int, job_id: str) -> dict[tuple[int,
     return out
 
 
+def dataset_mb(task: str) -> float:
+    """The task's training and test arrays, in MB: what every peer loads besides the model."""
+    from peer.tasks import get_task
+
+    d = get_task(task).load()
+    return sum(x.nbytes for x in (d.x_train, d.y_train, d.x_test, d.y_test)) / MB
+
+
 def round_split(history: list[dict[str, Any]], rounds: int, warmup: int,
                 reports: dict[tuple[int, int], float]) -> dict[str, Any]:
     """Medians (and maxima) of the per-round split over rounds warmup < r < rounds."""
@@ -487,6 +495,7 @@ def measure(a: argparse.Namespace, params_m: float, num_params: int, root: pathl
         log(f"warning: membership changed during the job (members per round {members}, epochs {epochs}); "
             f"see the logs")
     peak = [m["VmHWM"] for m in mem]
+    data_mb = dataset_mb(task)
     over = [(pk - b) / model_mb for pk, b in zip(peak, base)]
     evaluator = c.peer_ids.index(ring[0]) if ring and ring[0] in c.peer_ids else None
     others = [x for i, x in enumerate(over) if i != evaluator]
@@ -499,6 +508,8 @@ def measure(a: argparse.Namespace, params_m: float, num_params: int, root: pathl
         "max": {k: split[k + "_max"] for k in ("round_s", "train_s", "exchange_s", "eval_s", "coord_s",
                                                "plan_to_commit_s", "report_s")},
         "model_mb": _round(model_mb, 3),
+        "data_mb": _round(data_mb, 3),
+        "rss_over_baseline_and_data_x_model": _round(max((pk - b - data_mb) / model_mb for pk, b in zip(peak, base)), 3),
         "baseline_rss_mb": _round(max(base), 2),
         "peak_rss_mb": _round(max(peak), 2),
         "rss_over_baseline_x_model": _round(max(over), 3),
@@ -571,6 +582,9 @@ def checks(rows: list[dict[str, Any]], a: argparse.Namespace) -> list[str]:
                    f"({r['model_mb']:.1f} MB model): worst {who} {worst:.2f} x model over its baseline"
                    + (f", other peers up to {oth:.2f} x" if oth is not None and r["evaluator_peer"] == i else "")
                    + f" -> {'ok' if worst <= TARGET_RSS_X_MODEL else 'NOT ok'}")
+        wd = r["rss_over_baseline_and_data_x_model"]
+        out.append(f"  counting the task's data ({r['data_mb']:.1f} MB, loaded with the job) in the baseline: "
+                   f"{wd:.2f} x model -> {'ok' if wd <= TARGET_RSS_X_MODEL else 'NOT ok'}")
     return out
 
 

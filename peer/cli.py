@@ -66,9 +66,27 @@ def build_config(argv: list[str] | None = None) -> tuple[PeerConfig, argparse.Na
     return cfg, a
 
 
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+
+
+def return_big_buffers_to_the_os(threshold: int = 1 << 20) -> None:
+    """Serves every allocation of ``threshold`` bytes or more with its own mapping, so freeing
+    it (gradients, evaluation activations, exchange buffers) gives the memory back. glibc's
+    default raises the threshold after each large free, up to 32 MiB, and then keeps freed
+    gradient-sized blocks resident: measured on synthetic:10M, 20 MB more RSS after the first
+    step and a 54 MB higher peak. A no-op where the C library is not glibc."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, threshold)
+    except (OSError, AttributeError):
+        pass
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point."""
     cfg, a = build_config(argv)
+    return_big_buffers_to_the_os()
     logging.basicConfig(level=a.log_level.upper(), format="%(asctime)s %(levelname)s peer %(name)s: %(message)s")
     import torch
 

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from peer.tasks import Task
 
 log = logging.getLogger(__name__)
-EVAL_BATCH = 256
+EVAL_BATCH = 64
 _INIT_LOCK = threading.Lock()  # torch's seed is global: peers sharing a process build one at a time
 
 
@@ -109,15 +109,17 @@ class Trainer:
     def state_dict_bytes(self, params: np.ndarray | None = None) -> memoryview:
         """The model's state_dict (of ``params`` if given, else the live ones), torch.save'd.
 
-        Costs about two model sizes while it runs (one copy of each tensor, since torch.save
-        would write a view's whole storage, and the serialised bytes), and returns a view of the
-        bytes rather than a third copy."""
-        flat = {name for name, _, _ in self._layout} if params is not None else set()
+        The float tensors are views of one flat array, which torch.save writes once (it keeps
+        views of a storage as views), so this costs one model size, the serialised bytes, and
+        returns a view of them rather than a copy. Loading gives tensors that share one storage."""
+        if params is None:
+            params, _ = self.params_view()
+        base = torch.from_numpy(np.ascontiguousarray(params[: self.numel], dtype=np.float32))
+        flat = {name for name, _, _ in self._layout}
         sd = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items() if k not in flat}
-        if params is not None:
-            for name, shape, off in self._layout:
-                n = int(np.prod(shape)) if len(shape) else 1
-                sd[name] = torch.from_numpy(params[off : off + n]).reshape(shape).clone()
+        for name, shape, off in self._layout:
+            n = int(np.prod(shape)) if len(shape) else 1
+            sd[name] = base[off : off + n].view(shape)
         out = io.BytesIO()
         torch.save(sd, out)
         del sd
