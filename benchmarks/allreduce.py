@@ -54,7 +54,7 @@ for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
 
 import numpy as np
 
-from aggregation.allreduce import DEFAULT_CHUNK_ELEMS
+from aggregation.allreduce import chunk_elems_for
 from aggregation.codecs import CODEC_NAMES
 
 CODECS = CODEC_NAMES
@@ -305,7 +305,7 @@ def measure(ctx: Any, world: int, size_mb: float, codec: str, plane: str, args: 
     if n < world:
         raise ValueError(f"{size_mb} MB is fewer elements than ranks")
     timeout_s = args.timeout_s or max(60.0, 1.0 * size_mb * world)
-    opts = {"chunk_elems": args.chunk_elems, "timeout_s": timeout_s, "gloo_port": _free_port(), "codec": codec,
+    opts = {"chunk_elems": args.chunk_elems or chunk_elems_for(plane), "timeout_s": timeout_s, "gloo_port": _free_port(), "codec": codec,
             "data_plane": plane, "verify": args.verify}
     dml, gloo = Series(), Series()
     pools: list[Pool] = []
@@ -330,7 +330,7 @@ def measure(ctx: Any, world: int, size_mb: float, codec: str, plane: str, args: 
     nbytes = n * 4
     bus = 2 * (world - 1) / world
     row: dict[str, Any] = {"world_size": world, "size_mb": size_mb, "codec": codec, "data_plane": plane,
-                           "chunk_elems": args.chunk_elems, "repeats": args.repeats}
+                           "chunk_elems": opts["chunk_elems"], "repeats": args.repeats}
     for name, s in (("dml", dml), ("gloo", gloo)):
         med = statistics.median(s.times)
         row[f"{name}_s"] = med
@@ -380,8 +380,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--data-planes", default="tcp",
                    help="comma-separated ways dml's chunks travel: tcp (the fast data plane), grpc (default tcp)")
     p.add_argument("--repeats", type=int, default=5, help="timed repetitions per configuration (default 5)")
-    p.add_argument("--chunk-elems", type=int, default=DEFAULT_CHUNK_ELEMS,
-                   help=f"float32 elements per dml wire chunk (default {DEFAULT_CHUNK_ELEMS}; at most {1 << 20})")
+    p.add_argument("--chunk-elems", type=int, default=0,
+                   help=f"float32 elements per dml wire chunk, at most {1 << 20} (default 0: as peers pick, "
+                        f"{chunk_elems_for('tcp')} over tcp, {chunk_elems_for('grpc')} over grpc)")
     p.add_argument("--timeout-s", type=float, default=0.0,
                    help="deadline per all-reduce (default max(60, size_mb x N) seconds)")
     p.add_argument("--verify", choices=("all", "first"), default="all",
@@ -406,8 +407,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--sizes-mb: sizes must be positive")
     if a.repeats < 1:
         p.error("--repeats must be at least 1")
-    if not 1 <= a.chunk_elems <= 1 << 20:
-        p.error(f"--chunk-elems must be 1..{1 << 20} (4 MiB messages), got {a.chunk_elems}")
+    if not 0 <= a.chunk_elems <= 1 << 20:
+        p.error(f"--chunk-elems must be 0 (auto) or 1..{1 << 20} (4 MiB messages), got {a.chunk_elems}")
     if a.timeout_s < 0:
         p.error("--timeout-s must not be negative")
     return a
@@ -419,7 +420,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.json:
         print(f"# all-reduce (sum, float32 buffers): dml ring vs torch.distributed gloo (always fp32), 127.0.0.1, "
               f"{os.cpu_count()} CPUs, Python {platform.python_version()}")
-        print(f"# chunk_elems={args.chunk_elems} repeats={args.repeats}; time = median [min..max] s from the first "
+        print(f"# chunk_elems={args.chunk_elems or "auto"} repeats={args.repeats}; time = median [min..max] s from the first "
               f"rank leaving the barrier to the last one done; algbw/busbw GB/s (busbw = algbw x 2(N-1)/N); "
               f"CPU-s = median over repeats of the sum over ranks; ratio = dml/gloo median time; CPU x = dml/gloo "
               f"CPU-s; max_err = max |result - exact sum| over both, every rank and repeat")

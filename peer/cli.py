@@ -9,7 +9,7 @@ import sys
 
 import grpc
 
-from aggregation.allreduce import DEFAULT_CHUNK_ELEMS
+from aggregation.allreduce import DEFAULT_CHUNK_ELEMS, TCP_CHUNK_ELEMS
 from peer.runner import Peer, PeerConfig
 
 
@@ -42,8 +42,9 @@ def build_config(argv: list[str] | None = None) -> tuple[PeerConfig, argparse.Na
                    help="give up on the ring when no chunk arrives for this long (default 30)")
     p.add_argument("--no-tcp", action="store_true", default=os.environ.get("DML_NO_TCP", "") not in ("", "0"),
                    help="serve no TCP data plane: neighbours send ring chunks over gRPC (env DML_NO_TCP=1)")
-    p.add_argument("--chunk-elems", type=int, default=int(os.environ.get("DML_CHUNK_ELEMS", str(DEFAULT_CHUNK_ELEMS))),
-                   help=f"float32 elements per exchange chunk (default {DEFAULT_CHUNK_ELEMS}, 1 MiB; at most 1M)")
+    p.add_argument("--chunk-elems", type=int, default=int(os.environ.get("DML_CHUNK_ELEMS", "0")),
+                   help=f"float32 elements per exchange chunk, at most 1M (default 0: {TCP_CHUNK_ELEMS} over TCP, "
+                        f"{DEFAULT_CHUNK_ELEMS} over gRPC, as measured fastest)")
     p.add_argument("--torch-threads", type=int, default=int(os.environ.get("DML_TORCH_THREADS", "1")),
                    help="intra-op threads for torch (1 suits several peers per machine)")
     p.add_argument("--log-level", default=os.environ.get("DML_LOG_LEVEL", "INFO"))
@@ -52,8 +53,8 @@ def build_config(argv: list[str] | None = None) -> tuple[PeerConfig, argparse.Na
         p.error("--coordinator HOST:PORT is required")
     if not 0 <= a.port <= 65535:
         p.error(f"--port must be 0..65535, got {a.port}")
-    if not 1 <= a.chunk_elems <= 1 << 20:
-        p.error(f"--chunk-elems must be 1..{1 << 20} (4 MiB messages), got {a.chunk_elems}")
+    if not 0 <= a.chunk_elems <= 1 << 20:
+        p.error(f"--chunk-elems must be 0 (auto) or 1..{1 << 20} (4 MiB messages), got {a.chunk_elems}")
     if not a.exchange_timeout_s > 0:
         p.error("--exchange-timeout-s must be positive")
     try:

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import grpc
 import numpy as np
 
-from aggregation.allreduce import DEFAULT_CHUNK_ELEMS
+from aggregation.allreduce import chunk_elems_for
 from aggregation.averaging import delta_ring_average, digest, weighted_ring_average
 from aggregation.codecs import Codec, get_codec
 from aggregation.transport import ExchangeError
@@ -47,7 +47,7 @@ class PeerConfig:
     device: str = "cpu"
     exchange_timeout_s: float = 30.0  # longest wait for the next chunk from the ring predecessor
     plan_wait_s: float = 5.0
-    chunk_elems: int = DEFAULT_CHUNK_ELEMS  # float32 elements per wire chunk (1 MiB)
+    chunk_elems: int = 0  # float32 elements per wire chunk; 0: the best measured for the job's data plane
     tcp: bool = True  # serve the TCP data plane (jobs may still choose gRPC)
 
 
@@ -374,11 +374,12 @@ class Peer:
         """Averages ``buf`` (parameters, then the weight slot) with the other members."""
         world = len(plan.members)
         codec = plan.spec.codec or "fp32"
+        chunk = self.config.chunk_elems or chunk_elems_for(plan.spec.data_plane or "auto")
         # Lossy codecs send changes against a base every member must hold bit for bit: the
         # committed round, whose digest the plan carries. Before the first commit there is no
         # such proof (inits agree only as far as seeding does), so that round averages exactly.
         if codec == "fp32" or not plan.start_digest:
-            weighted_ring_average(buf, float(samples), rank, world, link, self._round_deadline_s, self.config.chunk_elems)
+            weighted_ring_average(buf, float(samples), rank, world, link, self._round_deadline_s, chunk)
             return
         total = sum(r.stop - r.start for m in plan.members for r in m.samples)
         if total <= 0:
@@ -387,7 +388,7 @@ class Peer:
         residual = self._residual_for(plan.job_id, buf.size - 1)
         try:
             delta_ring_average(buf[:-1], self._committed.params, samples / total, rank, world, link,
-                               self._round_deadline_s, self._codec(codec), residual, self.config.chunk_elems)
+                               self._round_deadline_s, self._codec(codec), residual, chunk)
         except BaseException:
             residual.fill(0.0)  # half-updated: drop it rather than feed back a wrong correction
             raise
