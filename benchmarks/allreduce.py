@@ -420,7 +420,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.json:
         print(f"# all-reduce (sum, float32 buffers): dml ring vs torch.distributed gloo (always fp32), 127.0.0.1, "
               f"{os.cpu_count()} CPUs, Python {platform.python_version()}")
-        print(f"# chunk_elems={args.chunk_elems or "auto"} repeats={args.repeats}; time = median [min..max] s from the first "
+        print(f"# chunk_elems={args.chunk_elems or 'auto'} repeats={args.repeats}; time = median [min..max] s from the first "
               f"rank leaving the barrier to the last one done; algbw/busbw GB/s (busbw = algbw x 2(N-1)/N); "
               f"CPU-s = median over repeats of the sum over ranks; ratio = dml/gloo median time; CPU x = dml/gloo "
               f"CPU-s; max_err = max |result - exact sum| over both, every rank and repeat")
