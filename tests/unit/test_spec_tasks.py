@@ -40,6 +40,9 @@ def test_default_spec_is_valid() -> None:
         (dict(num_shards=0), "num_shards"),
         (dict(min_peers=5, num_shards=4), "min_peers"),
         (dict(checkpoint_every_rounds=0), "checkpoint_every_rounds"),
+        (dict(codec="fp8"), "codec"),
+        (dict(data_plane="udp"), "data plane"),
+        (dict(eval_every_rounds=0), "eval_every_rounds"),
     ],
 )
 def test_validate_rejects_naming_the_field(changes: dict[str, object], field: str) -> None:
@@ -311,3 +314,17 @@ def test_stratified_split_keeps_class_proportions() -> None:
     tr, te = stratified_split(y, 0.2, seed=0)
     assert sorted(np.concatenate([tr, te]).tolist()) == list(range(100))
     assert np.bincount(y[te]).tolist() == [10, 6, 2, 2]
+
+
+def test_spec_codecs_are_the_wire_codecs() -> None:
+    from aggregation.codecs import CODEC_NAMES
+    from coordinator.spec import CODECS, DATA_PLANES
+    from peer.exchange import DATA_PLANES as LINK_PLANES
+
+    assert CODECS == CODEC_NAMES
+    assert set(DATA_PLANES) == set(LINK_PLANES)
+
+
+def test_unset_codec_plane_and_eval_every_take_defaults() -> None:
+    got = with_defaults(dataclasses.replace(JobSpec(), codec="", data_plane="", eval_every_rounds=0))
+    assert (got.codec, got.data_plane, got.eval_every_rounds) == ("fp32", "auto", 1)

@@ -553,3 +553,17 @@ def test_state_machine_invariants_hold_under_random_operations(ops: list[tuple[s
         elif op == "cancel" and jobs:
             s.cancel(jobs[arg % len(jobs)], now)
         check_invariants(s, last)
+
+
+def test_rounds_without_evaluation_carry_the_last_test_metrics_forward() -> None:
+    s, job, peers = running(2, rounds=4)
+    for rnd, acc in ((1, 0.5), (2, None), (3, 0.75)):
+        for i, m in enumerate(job.members):
+            r = rep(samples=job.allocated(m), acc=acc if i == 0 else None)
+            r.train_ms, r.exchange_ms, r.eval_ms = 10 * (i + 1), 5 * (i + 1), 7 if acc is not None and i == 0 else 0
+            s.report(m, job.job_id, rnd, job.epoch, r, rnd * 100)
+    h = job.history
+    assert [r.test_evaluated for r in h] == [True, False, True]
+    assert [r.test_accuracy for r in h] == [0.5, 0.5, 0.75]
+    assert [r.eval_ms for r in h] == [7, 0, 7]
+    assert h[0].train_ms == 20 and h[0].exchange_ms == 10, "the slowest member's times"
