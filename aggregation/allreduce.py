@@ -66,6 +66,10 @@ class _Staging:
         buf = np.empty(max(nbytes, self._slot_bytes), dtype=np.uint8)
         return buf, self._codec.wrap(buf)
 
+    def put_back(self, slot: tuple[np.ndarray, Any]) -> None:
+        """Returns a buffer that was never sent."""
+        self._free.append(slot)
+
     def sent(self, slot: tuple[np.ndarray, Any], seq: int) -> None:
         """Records that ``slot`` is on the wire as frame ``seq``."""
         self._busy.append((seq, slot[0], slot[1]))
@@ -217,5 +221,7 @@ def ring_allreduce(
             if step < last:  # forward verbatim: no second rounding
                 staging.sent(slot, link.send(Header(ring.ALL_GATHER, codec.id, step + 1, span.start, span.size),
                                              out[:nbytes]))
+            else:
+                staging.put_back(slot)
     link.close(max(0.0, deadline - time.monotonic()))
 

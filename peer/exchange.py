@@ -454,10 +454,7 @@ class PeerLink:
     def _open(self) -> _GrpcSender | _TcpSender:
         if self._mode != "grpc":
             try:
-                return self._open_tcp()
-            except ExchangeError:
-                if self._mode == "tcp":
-                    raise
+                return self._open_tcp()  # ExchangeError (successor unreachable) propagates: no fallback
             except (grpc.RpcError, OSError, ValueError) as e:
                 if self._mode == "tcp":
                     raise ExchangeError(f"cannot open a TCP stream to {self._succ_id}: {_describe(e)}",
@@ -466,6 +463,8 @@ class PeerLink:
         return _GrpcSender(self._channel, self._key, self._self_id, self._succ_id, self._deadline_s)
 
     def _open_tcp(self) -> _TcpSender:
+        if self._abort.is_set():
+            raise ExchangeError("round aborted: the membership changed")
         job, rnd, epoch = self._key
         stub = exchange_pb2_grpc.PeerExchangeStub(self._channel)
         timeout = min(OPEN_TIMEOUT_S, self._idle_s)
@@ -478,6 +477,8 @@ class PeerLink:
                 raise  # no data plane there: "auto" falls back
             # Unreachable or broken: the same failure the gRPC path would hit, named.
             raise ExchangeError(f"cannot reach {self._succ_id}: {_describe(e)}", suspect=self._succ_id) from None
+        if self._abort.is_set():
+            raise ExchangeError("round aborted: the membership changed")
         host, _ = dataplane.split_host_port(self._succ_address)
         sock = dataplane.connect(host, offer.port, offer.token, timeout)
         return _TcpSender(sock, self._succ_id, self._idle_s)

@@ -238,6 +238,8 @@ class Peer:
                 self._committed = self._promote(tent)
                 self._tentative, in_place = None, tent.live
             else:  # it did not commit (or not with our parameters), or it is older than needed
+                if tent is not None and self._residual is not None:
+                    self._residual[1].fill(0.0)  # its errors belong to a round that never counted
                 self._tentative = None
             ok = good(self._committed)
         if not ok:
@@ -423,8 +425,8 @@ class Peer:
             acc, loss = trainer.evaluate()
             req.has_test_metrics, req.test_accuracy, req.test_loss = True, acc, loss
             req.eval_ms = int((time.monotonic() - t_eval) * 1000)
-            if plan.checkpoint:
-                self.client.upload_checkpoint(self.peer_id, plan.job_id, plan.round, plan.epoch, dig,
-                                              trainer.state_dict_bytes(params))
+        if rank == 0 and plan.checkpoint:  # whether or not this round is evaluated
+            self.client.upload_checkpoint(self.peer_id, plan.job_id, plan.round, plan.epoch, dig,
+                                          trainer.state_dict_bytes(params))
         self.client.call(lambda: self.client.stub.ReportRound(req, timeout=CALL_TIMEOUT_S), "report round", give_up_s=60)
         log.debug("%s: train %.3fs exchange %.3fs report %.3fs", tag, t1 - t0, t2 - t1, time.monotonic() - t2)

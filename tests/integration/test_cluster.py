@@ -105,3 +105,26 @@ def test_peer_that_leaves_between_rounds_is_evicted_and_the_job_succeeds():
         assert shards, "rounds after the eviction ran with the survivors"
         got = [fetch_state(p.address, jid, 400) for p in ps]
         assert_state_dicts_identical([g[1] for g in got])
+
+
+def test_checkpoints_follow_their_own_schedule_when_evaluation_is_sparser():
+    """eval_every_rounds must not thin out checkpoints (it once did: uploads only happened on
+    rounds that were also evaluated)."""
+    spec = JobSpec(rounds=8, local_steps=2, min_peers=2, checkpoint_every_rounds=2, eval_every_rounds=3)
+    with coordinator() as srv, peers(srv.address, 2) as ps:
+        uploads: list[int] = []
+        for p in ps:
+            real = p.client.upload_checkpoint
+
+            def spy(peer_id, job_id, rnd, *rest, _real=real):
+                uploads.append(rnd)
+                return _real(peer_id, job_id, rnd, *rest)
+
+            p.client.upload_checkpoint = spy  # type: ignore[method-assign]
+        stub = job_stub(srv.address)
+        jid = _submit(stub, spec)
+        wait_for(lambda: _job(stub, jid).job.state == types_pb2.JOB_STATE_SUCCEEDED, 60, "job to succeed")
+        hist = _job(stub, jid, history=True).history
+    assert sorted(set(uploads)) == [2, 4, 6, 8]
+    assert [r.round for r in hist if r.test_evaluated] == [3, 6, 8]
+    assert [r.test_accuracy for r in hist][3] == hist[2].test_accuracy  # round 4 carries round 3's
