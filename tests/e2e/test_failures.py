@@ -109,7 +109,13 @@ def test_sigkill_mid_exchange_then_restart(procs, baseline_acc):
     st = wait_status(procs.address, job, lambda s: len(s["peers"]) == 2, 10, "eviction")
     detected = time.monotonic() - t0
     assert st["epoch"] > before["epoch"]
-    assert detected < 1.5, f"detected after {detected:.2f}s: the neighbours should report it before the 1.5 s timeout"
+    # Who noticed, not how fast (timings on a shared machine are noise): a ring neighbour must
+    # have reported the dead peer, rather than its lease running out (1.5 s here).
+    (victim_id,) = set(before["peers"]) - set(st["peers"])
+    coord_log = "".join(f.read_text(errors="replace") for f in procs.logs.glob("coordinator-*.log"))
+    assert f"peer {victim_id} reported by" in coord_log, (
+        f"{victim_id} was evicted after {detected:.2f}s, but not on a neighbour's report:\n{coord_log[-2000:]}")
+    assert f"peer {victim_id}: no heartbeat" not in coord_log
     procs.start_peer("--chunk-elems", "256")  # the machine comes back
     wait_status(procs.address, job, lambda s: len(s["peers"]) == 3, 30, "the restarted peer to join")
     _check_finished_job(procs, job, baseline_acc(3), live=3)
