@@ -10,8 +10,9 @@ For every (N, size, codec, data plane) it starts two pools of N worker processes
   127.0.0.1:0 (the ports go through the parent) and, for ``tcp``, its TCP data plane; per
   repetition it builds a :class:`peer.exchange.PeerLink` to its successor keyed by a fresh (job,
   round, epoch), exactly as ``Peer._make_link`` does, then times
-  :func:`aggregation.allreduce.ring_allreduce` plus the link's shutdown. Negotiating the TCP
-  stream over gRPC (or opening the gRPC stream) is part of the time, as in a real round. Lossy
+  :func:`aggregation.allreduce.ring_allreduce` plus the link's shutdown. Peers negotiate the
+  TCP stream over gRPC while they train (``PeerLink.open_early``), so the benchmark starts it
+  before the barrier too; ``--open-in-time`` puts it inside the timed span instead. Lossy
   codecs run with an error-feedback residual, as peers do;
 - gloo: ``init_process_group('gloo', init_method='tcp://127.0.0.1:PORT')`` on a free port, then
   times ``dist.all_reduce`` on a float32 tensor of the same size.
@@ -154,6 +155,8 @@ def _worker(kind: str, rank: int, world: int, n: int, conn: Any, barrier: Any, o
                                 f"127.0.0.1:{ports[succ]}", timeout, abort, idle_timeout_s=timeout, data_plane=plane)
                 if residual is not None:
                     residual.fill(0.0)
+                if opts["open_early"]:
+                    link.open_early()  # as peers do: negotiated while they train, before the all-reduce
                 barrier.wait(BARRIER_TIMEOUT_S)
                 t0, c0 = time.perf_counter(), time.process_time()
                 try:
@@ -306,7 +309,7 @@ def measure(ctx: Any, world: int, size_mb: float, codec: str, plane: str, args: 
         raise ValueError(f"{size_mb} MB is fewer elements than ranks")
     timeout_s = args.timeout_s or max(60.0, 1.0 * size_mb * world)
     opts = {"chunk_elems": args.chunk_elems or chunk_elems_for(plane), "timeout_s": timeout_s, "gloo_port": _free_port(), "codec": codec,
-            "data_plane": plane, "verify": args.verify}
+            "data_plane": plane, "verify": args.verify, "open_early": not args.open_in_time}
     dml, gloo = Series(), Series()
     pools: list[Pool] = []
     try:
@@ -388,6 +391,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--verify", choices=("all", "first"), default="all",
                    help="check every repetition's result against the exact sum (default), or only the warm-up's "
                         "(keeps a profiler's samples to the all-reduce itself)")
+    p.add_argument("--open-in-time", action="store_true",
+                   help="negotiate each link inside the timed span (peers negotiate while they train; by "
+                        "default the benchmark does it before the barrier, as they do)")
     p.add_argument("--json", action="store_true", help="one JSON object per configuration on stdout")
     a = p.parse_args(argv)
     a.world_sizes = _csv(int, a.world_sizes, "--world-sizes", p)

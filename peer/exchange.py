@@ -435,6 +435,8 @@ class PeerLink:
         self._mode = data_plane
         self._channel = grpc.insecure_channel(succ_address, options=GRPC_OPTIONS)
         self._sender: _GrpcSender | _TcpSender | None = None
+        self._opening: threading.Thread | None = None
+        self._open_error: BaseException | None = None
         self._pending: memoryview | None = None  # payload of the last gRPC frame read
         self._hdr = bytearray(FRAME.size)
 
@@ -462,6 +464,35 @@ class PeerLink:
                 log.info("exchange %s: no TCP stream to %s (%s); using gRPC", self._key, self._succ_id, _describe(e))
         return _GrpcSender(self._channel, self._key, self._self_id, self._succ_id, self._deadline_s)
 
+    def open_early(self) -> None:
+        """Negotiates the outgoing stream in the background (peers call this before training,
+        so the round trip and connect overlap local work); the first send waits for it and
+        raises whatever it raised."""
+        if self._opening is None and self._sender is None:
+            def run() -> None:
+                try:
+                    self._sender = self._open()
+                except BaseException as e:  # noqa: BLE001 - re-raised by the first send
+                    self._open_error = e
+
+            self._opening = threading.Thread(target=run, name=f"open-{self._succ_id}", daemon=True)
+            self._opening.start()
+
+    def _await_open(self) -> None:
+        if self._opening is None:
+            return
+        deadline = time.monotonic() + 2 * OPEN_TIMEOUT_S + 1.0  # the RPC and the connect, each bounded
+        while self._opening.is_alive():
+            if self._abort.is_set():
+                raise ExchangeError("round aborted: the membership changed")
+            if time.monotonic() > deadline:
+                raise ExchangeError(f"opening a stream to {self._succ_id} did not finish", suspect=self._succ_id)
+            self._opening.join(POLL_S)
+        self._opening = None
+        if self._open_error is not None:
+            err, self._open_error = self._open_error, None
+            raise err
+
     def _open_tcp(self) -> _TcpSender:
         if self._abort.is_set():
             raise ExchangeError("round aborted: the membership changed")
@@ -485,6 +516,8 @@ class PeerLink:
 
     def send(self, header: Header, payload: np.ndarray) -> int:
         """Queues a frame for the successor; see :class:`aggregation.transport.RingLink`."""
+        if self._sender is None:
+            self._await_open()
         if self._sender is None:
             self._sender = self._open()
         if self._sender.error:
@@ -585,6 +618,8 @@ class PeerLink:
 
     def shutdown(self) -> None:
         """Cancels the outgoing stream if still open and frees the inbox and channel."""
+        if self._opening is not None:
+            self._opening.join(2 * OPEN_TIMEOUT_S + 1.0)  # bounded: it must not outlive the link
         if self._sender is not None:
             self._sender.cancel()
         self._servicer.release(self._key)

@@ -397,12 +397,17 @@ class Peer:
 
     def _train_and_average(self, plan: types_pb2.Plan, rank: int, tag: str) -> None:
         t0 = time.monotonic()
-        trainer = self._prepare(plan)
-        samples = self._samples(plan, rank)
-        t_train = time.monotonic()
-        res = trainer.train_on(samples, plan.spec.batch_size)
-        t1 = time.monotonic()
         link = self._make_link(plan, rank)
+        link.open_early()  # the stream to the successor is negotiated while we train
+        try:
+            trainer = self._prepare(plan)
+            samples = self._samples(plan, rank)
+            t_train = time.monotonic()
+            res = trainer.train_on(samples, plan.spec.batch_size)
+        except BaseException:
+            link.shutdown()
+            raise
+        t1 = time.monotonic()
         buf = trainer.host_buffer()
         try:
             self._average(plan, rank, buf, res.samples, link)
