@@ -23,7 +23,8 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 

@@ -103,7 +103,7 @@ class _Torch(Codec):
 
         self._torch = torch
 
-    def wrap(self, a: np.ndarray) -> "torch.Tensor":
+    def wrap(self, a: np.ndarray) -> torch.Tensor:
         return self._torch.from_numpy(a)
 
 
@@ -120,7 +120,7 @@ class _Half(_Torch):
     def payload_bytes(self, n: int) -> int:
         return 2 * n
 
-    def encode(self, src: "torch.Tensor", out: "torch.Tensor", residual: "torch.Tensor | None" = None) -> int:
+    def encode(self, src: torch.Tensor, out: torch.Tensor, residual: torch.Tensor | None = None) -> int:
         n = src.numel()
         wire = out[: 2 * n].view(self._dtype)
         if self.clamp is not None:
@@ -131,10 +131,10 @@ class _Half(_Torch):
             self._torch.sub(src, wire, out=residual)
         return 2 * n
 
-    def decode_into(self, payload: "torch.Tensor", out: "torch.Tensor") -> None:
+    def decode_into(self, payload: torch.Tensor, out: torch.Tensor) -> None:
         out.copy_(payload[: 2 * out.numel()].view(self._dtype))
 
-    def decode_add(self, payload: "torch.Tensor", out: "torch.Tensor") -> None:
+    def decode_add(self, payload: torch.Tensor, out: torch.Tensor) -> None:
         out.add_(payload[: 2 * out.numel()].view(self._dtype))
 
 
@@ -163,12 +163,12 @@ class Int8(_Torch):
     def payload_bytes(self, n: int) -> int:
         return 4 + n
 
-    def _scratch(self, n: int) -> "torch.Tensor":
+    def _scratch(self, n: int) -> torch.Tensor:
         if self._tmp.numel() < n:
             self._tmp = self._torch.empty(n, dtype=self._torch.float32)
         return self._tmp[:n]
 
-    def encode(self, src: "torch.Tensor", out: "torch.Tensor", residual: "torch.Tensor | None" = None) -> int:
+    def encode(self, src: torch.Tensor, out: torch.Tensor, residual: torch.Tensor | None = None) -> int:
         torch = self._torch
         n = src.numel()
         peak = 0.0
@@ -188,12 +188,12 @@ class Int8(_Torch):
             torch.sub(src, tmp.mul_(scale), out=residual)  # tmp now holds the decoded values
         return 4 + n
 
-    def decode_into(self, payload: "torch.Tensor", out: "torch.Tensor") -> None:
+    def decode_into(self, payload: torch.Tensor, out: torch.Tensor) -> None:
         scale = float(payload[:4].view(self._torch.float32))
         out.copy_(payload[4 : 4 + out.numel()].view(self._torch.int8))
         out.mul_(scale)
 
-    def decode_add(self, payload: "torch.Tensor", out: "torch.Tensor") -> None:
+    def decode_add(self, payload: torch.Tensor, out: torch.Tensor) -> None:
         tmp = self._scratch(out.numel())
         self.decode_into(payload, tmp)
         out.add_(tmp)

@@ -45,7 +45,7 @@ class Header:
         return FRAME.pack(self.phase, self.codec, self.step, self.offset, self.count)
 
     @classmethod
-    def unpack(cls, data: bytes | memoryview) -> "Header":
+    def unpack(cls, data: bytes | bytearray | memoryview) -> Header:
         """Parses the first 16 bytes of ``data``."""
         return cls(*FRAME.unpack_from(data))
 
@@ -94,7 +94,7 @@ class InMemoryRing:
         with self._lock:
             self._broken.add(rank)
 
-    def link(self, rank: int) -> "InMemoryLink":
+    def link(self, rank: int) -> InMemoryLink:
         """The link ``rank`` uses."""
         return InMemoryLink(self, rank)
 

@@ -21,9 +21,9 @@ import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
-from coordinator import jobctl  # noqa: E402
-from coordinator.local import cluster  # noqa: E402
-from coordinator.spec import CODECS, JobSpec  # noqa: E402
+from coordinator import jobctl
+from coordinator.local import cluster
+from coordinator.spec import CODECS, JobSpec
 
 
 def run_dml(spec: JobSpec, peers: int) -> tuple[float, float, float, int]:

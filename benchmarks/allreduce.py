@@ -123,7 +123,12 @@ def _worker(kind: str, rank: int, world: int, n: int, conn: Any, barrier: Any, o
 
             from aggregation.allreduce import ring_allreduce
             from aggregation.codecs import get_codec
-            from peer.exchange import GRPC_OPTIONS, ExchangeServicer, PeerLink, add_exchange_to_server
+            from peer.exchange import (
+                GRPC_OPTIONS,
+                ExchangeServicer,
+                PeerLink,
+                add_exchange_to_server,
+            )
 
             codec = get_codec(str(opts["codec"]))
             residual = None if codec.exact else np.zeros(n, dtype=np.float32)

@@ -24,9 +24,9 @@ import time
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from coordinator import jobctl  # noqa: E402
-from coordinator.local import _die_with_parent, cluster, reap  # noqa: E402
-from coordinator.spec import CODECS, JobSpec  # noqa: E402
+from coordinator import jobctl
+from coordinator.local import _die_with_parent, cluster, reap
+from coordinator.spec import CODECS, JobSpec
 
 
 def run(codec: str, a: argparse.Namespace, tmp: pathlib.Path) -> dict[str, object]:

@@ -13,13 +13,14 @@ import os
 import pathlib
 import sys
 import time
-from typing import Any, Callable, NoReturn, TypeVar
+from collections.abc import Callable
+from typing import Any, NoReturn, TypeVar
 
 import grpc
+from dml.v1 import jobs_pb2, jobs_pb2_grpc, types_pb2
 
 from coordinator.servicer import spec_to_pb
 from coordinator.spec import CODECS, DATA_PLANES, JobSpec
-from dml.v1 import jobs_pb2, jobs_pb2_grpc, types_pb2
 
 T = TypeVar("T")
 STATE_NAMES = {v: types_pb2.JobState.Name(v).removeprefix("JOB_STATE_") for v in types_pb2.JobState.values()}

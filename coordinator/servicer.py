@@ -7,14 +7,14 @@ import contextlib
 import logging
 import math
 import threading
-from typing import Iterator
+from collections.abc import Iterator
 
 import grpc
+from dml.v1 import control_pb2, control_pb2_grpc, jobs_pb2, jobs_pb2_grpc, types_pb2
 
 from coordinator.service import Coordinator, ShuttingDown
 from coordinator.spec import InvalidSpec, JobSpec
 from coordinator.state import BadReport, Job, NotFound, Report, RoundRecord, Stale
-from dml.v1 import control_pb2, control_pb2_grpc, jobs_pb2, jobs_pb2_grpc, types_pb2
 
 log = logging.getLogger(__name__)
 

@@ -42,7 +42,7 @@ class JobSpec:
         return asdict(self)
 
     @staticmethod
-    def from_dict(d: dict[str, Any]) -> "JobSpec":
+    def from_dict(d: dict[str, Any]) -> JobSpec:
         """Inverse of :meth:`to_dict` (unknown keys are ignored)."""
         fields = JobSpec.__dataclass_fields__
         return JobSpec(**{k: v for k, v in d.items() if k in fields})

@@ -21,9 +21,9 @@ from __future__ import annotations
 
 import itertools
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
-
+from typing import Any
 
 from coordinator import planner
 from coordinator.spec import JobSpec
@@ -156,7 +156,7 @@ class Changes:
     removed_peers: tuple[str, ...] = ()
     committed: tuple[tuple[str, int], ...] = ()
 
-    def __or__(self, other: "Changes") -> "Changes":
+    def __or__(self, other: Changes) -> Changes:
         return Changes(
             tuple(dict.fromkeys(self.jobs + other.jobs)),
             tuple(dict.fromkeys(self.peers + other.peers)),

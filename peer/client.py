@@ -6,10 +6,10 @@ import logging
 import random
 import threading
 import time
-from typing import Callable, Iterator, TypeVar
+from collections.abc import Callable, Iterator
+from typing import TypeVar
 
 import grpc
-
 from dml.v1 import control_pb2, control_pb2_grpc
 
 log = logging.getLogger(__name__)

@@ -15,14 +15,14 @@ import queue
 import socket
 import threading
 import time
-from typing import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import grpc
 import numpy as np
+from dml.v1 import exchange_pb2, exchange_pb2_grpc
 
 from aggregation.codecs import payload_size
 from aggregation.transport import FRAME, ExchangeError, Header
-from dml.v1 import exchange_pb2, exchange_pb2_grpc
 from peer import dataplane
 
 log = logging.getLogger(__name__)
@@ -343,7 +343,7 @@ class _TcpSender:
                 return
             header, payload, seq = item
             try:
-                _sendmsg_all(self._sock, header, memoryview(payload).cast("B"))
+                _sendmsg_all(self._sock, header, payload.data.cast("B"))
             except OSError as e:
                 with self._cond:
                     self.error = f"stream to {self._succ_id} failed: {e!r}"
@@ -382,7 +382,7 @@ class _TcpSender:
         while True:
             try:
                 got = self._sock.recv(1)
-            except socket.timeout:
+            except TimeoutError:
                 if abort.is_set():
                     raise ExchangeError("round aborted: the membership changed") from None
                 if time.monotonic() > deadline:
@@ -551,7 +551,7 @@ class PeerLink:
         while got < len(view):
             try:
                 n = conn.recv_into(view[got:])
-            except socket.timeout:
+            except TimeoutError:
                 self._check(deadline, waited)
                 continue
             except OSError as e:
@@ -590,7 +590,7 @@ class PeerLink:
 
     def recv_payload(self, out: np.ndarray, timeout: float) -> None:
         """Reads the last header's payload into ``out`` (straight from the socket on TCP)."""
-        view = memoryview(out).cast("B")
+        view = out.data.cast("B")
         if self._inbox.conn is not None:
             self._recv_exact(self._inbox.conn, view, timeout)
             return

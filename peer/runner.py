@@ -21,15 +21,27 @@ from dataclasses import dataclass
 
 import grpc
 import numpy as np
+from dml.v1 import (
+    control_pb2,
+    exchange_pb2,
+    exchange_pb2_grpc,
+    jobs_pb2,
+    jobs_pb2_grpc,
+    types_pb2,
+)
 
 from aggregation.allreduce import chunk_elems_for
 from aggregation.averaging import delta_ring_average, digest, weighted_ring_average
 from aggregation.codecs import Codec, get_codec
 from aggregation.transport import ExchangeError
 from coordinator.planner import shard_order
-from dml.v1 import control_pb2, exchange_pb2, exchange_pb2_grpc, jobs_pb2, jobs_pb2_grpc, types_pb2
 from peer.client import CALL_TIMEOUT_S, ControlClient, Evicted
-from peer.exchange import GRPC_OPTIONS, ExchangeServicer, PeerLink, add_exchange_to_server
+from peer.exchange import (
+    GRPC_OPTIONS,
+    ExchangeServicer,
+    PeerLink,
+    add_exchange_to_server,
+)
 from peer.tasks import get_task
 from peer.trainer import Trainer
 
@@ -99,7 +111,7 @@ class Peer:
         self._main: threading.Thread | None = None
 
     # -- lifecycle --------------------------------------------------------------------------
-    def start(self) -> "Peer":
+    def start(self) -> Peer:
         """Starts the exchange server and registers with the coordinator."""
         self._server.start()
         Trainer.warm_up()
@@ -333,7 +345,7 @@ class Peer:
                 self._report_failure(plan, e.suspect, str(e))
         except Evicted:
             raise
-        except Exception as e:  # noqa: BLE001 - any local failure: give up the place, rejoin clean
+        except Exception as e:
             if isinstance(e, grpc.RpcError) and isinstance(e, grpc.Call) and e.code() == grpc.StatusCode.FAILED_PRECONDITION:
                 log.info("%s: round superseded (%s)", tag, e.details())
                 return

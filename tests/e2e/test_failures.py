@@ -17,7 +17,11 @@ import pytest
 
 from coordinator.spec import JobSpec
 from tests.e2e.conftest import dml, status, wait_status
-from tests.integration.helpers import assert_state_dicts_identical, fetch_state, ledger_problems
+from tests.integration.helpers import (
+    assert_state_dicts_identical,
+    fetch_state,
+    ledger_problems,
+)
 
 pytestmark = pytest.mark.e2e
 

@@ -6,14 +6,20 @@ import io
 import grpc
 import pytest
 import torch
+from dml.v1 import jobs_pb2, types_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from coordinator.servicer import spec_to_pb
 from coordinator.spec import JobSpec
-from dml.v1 import jobs_pb2, types_pb2
-from tests.integration.helpers import (assert_state_dicts_identical, coordinator, fetch_state, job_stub, peers,
-                                       wait_for)
+from tests.integration.helpers import (
+    assert_state_dicts_identical,
+    coordinator,
+    fetch_state,
+    job_stub,
+    peers,
+    wait_for,
+)
 
 SMALL = JobSpec(task="digits", rounds=12, local_steps=5, batch_size=32, learning_rate=0.1, min_peers=3,
                 checkpoint_every_rounds=5)

@@ -5,17 +5,18 @@ from __future__ import annotations
 import socket
 import threading
 import time
+from collections.abc import Callable
 from concurrent import futures
-from typing import Any, Callable
+from typing import Any
 
 import grpc
 import numpy as np
 import pytest
+from dml.v1 import exchange_pb2, exchange_pb2_grpc
 
 from aggregation.allreduce import ring_allreduce
 from aggregation.codecs import get_codec
 from aggregation.transport import ExchangeError, Header
-from dml.v1 import exchange_pb2, exchange_pb2_grpc
 from peer import dataplane
 from peer.exchange import ExchangeServicer, PeerLink, add_exchange_to_server
 

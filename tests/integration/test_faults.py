@@ -8,15 +8,21 @@ import time
 
 import numpy as np
 import pytest
+from dml.v1 import types_pb2
 
 from aggregation.transport import Header
 from coordinator.service import CoordinatorConfig
 from coordinator.spec import JobSpec
-from dml.v1 import types_pb2
 from peer.exchange import PeerLink
 from peer.runner import Peer, PeerConfig
-from tests.integration.helpers import (assert_state_dicts_identical, coordinator, fetch_state, job_stub, peers,
-                                       wait_for)
+from tests.integration.helpers import (
+    assert_state_dicts_identical,
+    coordinator,
+    fetch_state,
+    job_stub,
+    peers,
+    wait_for,
+)
 from tests.integration.test_cluster import _job, _submit
 
 SLOW_HEARTBEAT_EVICTION = CoordinatorConfig(heartbeat_interval_ms=200, peer_timeout_ms=20_000, tick_ms=100)
@@ -82,7 +88,7 @@ def test_peer_dying_mid_exchange_is_evicted_at_once_and_survivors_agree(data_pla
         got = [fetch_state(p.address, jid, 25) for p in ps]
         assert got[0][0] == got[1][0] == resp.history[-1].digest
         assert_state_dicts_identical([g[1] for g in got])
-        from tests.integration.helpers import ledger_problems
         from coordinator.jobctl import history_dict
+        from tests.integration.helpers import ledger_problems
 
         assert ledger_problems([history_dict(r) for r in resp.history], spec) == []

@@ -6,8 +6,8 @@ from concurrent import futures
 import grpc
 import numpy as np
 import pytest
-
 from dml.v1 import exchange_pb2
+
 from aggregation.transport import Header
 from peer.exchange import FRAMES_METHOD, ExchangeServicer, add_exchange_to_server
 
