@@ -337,8 +337,10 @@ class Peer:
         tag = f"peer {self.peer_id} job {plan.job_id} round {plan.round} epoch {plan.epoch}"
         self._abort.clear()
         self._exchange = (plan.job_id, plan.epoch)
+        link = self._make_link(plan, me[0])
+        link.open_early()  # the stream to the successor is negotiated while we train
         try:
-            self._train_and_average(plan, me[0], tag)
+            self._train_and_average(plan, me[0], tag, link)
         except ExchangeError as e:
             log.warning("%s: exchange failed: %s", tag, e)
             if not self._abort.is_set():  # an abort means the coordinator already moved on
@@ -352,6 +354,9 @@ class Peer:
             log.exception("%s: local failure; leaving the ring so the round can go on without us", tag)
             self._report_failure(plan, self.peer_id, f"local failure: {e!r}")
         finally:
+            # Only now: closing our outgoing stream first would let our successor see it break
+            # and blame us before our own report (naming the real culprit) reaches the coordinator.
+            link.shutdown()
             self._exchange = ("", 0)
 
     def _report_failure(self, plan: types_pb2.Plan, suspect: str, detail: str) -> None:
@@ -407,24 +412,15 @@ class Peer:
             residual.fill(0.0)  # half-updated: drop it rather than feed back a wrong correction
             raise
 
-    def _train_and_average(self, plan: types_pb2.Plan, rank: int, tag: str) -> None:
+    def _train_and_average(self, plan: types_pb2.Plan, rank: int, tag: str, link: PeerLink) -> None:
         t0 = time.monotonic()
-        link = self._make_link(plan, rank)
-        link.open_early()  # the stream to the successor is negotiated while we train
-        try:
-            trainer = self._prepare(plan)
-            samples = self._samples(plan, rank)
-            t_train = time.monotonic()
-            res = trainer.train_on(samples, plan.spec.batch_size)
-        except BaseException:
-            link.shutdown()
-            raise
+        trainer = self._prepare(plan)
+        samples = self._samples(plan, rank)
+        t_train = time.monotonic()
+        res = trainer.train_on(samples, plan.spec.batch_size)
         t1 = time.monotonic()
         buf = trainer.host_buffer()
-        try:
-            self._average(plan, rank, buf, res.samples, link)
-        finally:
-            link.shutdown()
+        self._average(plan, rank, buf, res.samples, link)  # closes the link when it succeeds
         trainer.load_host_buffer(buf)
         t2 = time.monotonic()
         params, live = trainer.params_view()

@@ -6,9 +6,11 @@ the exchange reads and writes it with no copy.
 """
 from __future__ import annotations
 
+import functools
 import io
 import logging
 import threading
+from typing import Any
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,6 +22,51 @@ from peer.tasks import Task
 log = logging.getLogger(__name__)
 EVAL_BATCH = 64
 _INIT_LOCK = threading.Lock()  # torch's seed is global: peers sharing a process build one at a time
+
+
+class _SGDLinear(torch.autograd.Function):
+    """``x @ W.T + b`` whose backward applies plain SGD to ``W`` and ``b`` in place.
+
+    Backward first computes the gradient for the layer below from the old weights, then does
+    ``W -= lr * g.T @ x`` as one in-place GEMM (``addmm_``): the weight gradient is never
+    materialised, so training holds no model-sized gradient. Every gradient is still taken at
+    the old weights, so this is exactly a plain SGD step (up to float rounding order)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lr: float) -> torch.Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.lr = lr
+        ctx.bias = bias
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor | None, None, None, None]:
+        x, weight = ctx.saved_tensors
+        grad_x = g @ weight if ctx.needs_input_grad[0] else None
+        with torch.no_grad():
+            weight.addmm_(g.t(), x, alpha=-ctx.lr)
+            if ctx.bias is not None:
+                ctx.bias.sub_(g.sum(0), alpha=ctx.lr)
+        return grad_x, None, None, None
+
+
+def fuse_sgd_into_backward(model: torch.nn.Module, lr: float) -> bool:
+    """Routes every ``nn.Linear`` of ``model`` through :class:`_SGDLinear` when those are all
+    its parameters (the built-in tasks' MLPs); returns False and changes nothing otherwise, and
+    training then takes ordinary optimizer steps."""
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    owned = {id(p) for m in linears for p in m.parameters(recurse=False)}
+    if not linears or any(id(p) not in owned for p in model.parameters()):
+        return False
+    for m in linears:
+        m.forward = functools.partial(_fused_forward, m, lr)  # type: ignore[method-assign]
+    return True
+
+
+def _fused_forward(m: torch.nn.Linear, lr: float, x: torch.Tensor) -> torch.Tensor:
+    if not torch.is_grad_enabled():  # evaluation: a plain linear layer
+        return F.linear(x, m.weight, m.bias)
+    return _SGDLinear.apply(x, m.weight, m.bias, lr)
 
 
 @dataclass
@@ -56,6 +103,9 @@ class Trainer:
             t.data = self.flat[offset : offset + n].view_as(t)
             offset += n
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=lr)
+        # Plain SGD on an MLP can apply each layer's update inside backward, straight into the
+        # weights, so no gradient the size of the model ever exists (see _SGDLinear).
+        self.fused_sgd = fuse_sgd_into_backward(self.model, lr)
         self._layout = [(name, t.shape, off) for name, t, off in self._named_slices()]
         data = task.load()
         self.data = data

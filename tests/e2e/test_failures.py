@@ -115,7 +115,9 @@ def test_sigkill_mid_exchange_then_restart(procs, baseline_acc):
     assert st["epoch"] > before["epoch"]
     # Who noticed, not how fast (timings on a shared machine are noise): a ring neighbour must
     # have reported the dead peer, rather than its lease running out (1.5 s here).
-    (victim_id,) = set(before["peers"]) - set(st["peers"])
+    gone = set(before["peers"]) - set(st["peers"])
+    assert len(gone) == 1, f"healthy peers were evicted along with the victim: {sorted(gone)}"
+    (victim_id,) = gone
     coord_log = "".join(f.read_text(errors="replace") for f in procs.logs.glob("coordinator-*.log"))
     assert f"peer {victim_id} reported by" in coord_log, (
         f"{victim_id} was evicted after {detected:.2f}s, but not on a neighbour's report:\n{coord_log[-2000:]}")

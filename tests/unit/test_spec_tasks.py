@@ -328,3 +328,25 @@ def test_spec_codecs_are_the_wire_codecs() -> None:
 def test_unset_codec_plane_and_eval_every_take_defaults() -> None:
     got = with_defaults(dataclasses.replace(JobSpec(), codec="", data_plane="", eval_every_rounds=0))
     assert (got.codec, got.data_plane, got.eval_every_rounds) == ("fp32", "auto", 1)
+
+
+def test_sgd_fused_into_backward_matches_optimizer_steps() -> None:
+    """The built-in MLPs apply SGD inside backward (no model-sized gradient); that must be the
+    same plain SGD step the optimizer takes, and must leave no gradients behind."""
+    import numpy as np
+
+    from peer.tasks import get_task
+    from peer.trainer import Trainer
+
+    fused = Trainer(get_task("digits"), seed=3, lr=0.1)
+    plain = Trainer(get_task("digits"), seed=3, lr=0.1)
+    assert fused.fused_sgd
+    for m in plain.model.modules():  # back to nn.Linear's own forward: the optimizer steps
+        m.__dict__.pop("forward", None)
+    assert np.array_equal(fused.params(), plain.params())
+    idx = np.arange(320)
+    r1, r2 = fused.train_on(idx, 32), plain.train_on(idx, 32)
+    assert abs(r1.loss - r2.loss) < 1e-5
+    assert np.allclose(fused.params(), plain.params(), rtol=1e-5, atol=1e-6)
+    assert not np.array_equal(fused.params(), Trainer(get_task("digits"), seed=3, lr=0.1).params())
+    assert all(p.grad is None for p in fused.model.parameters())
