@@ -7,7 +7,7 @@ import random
 import threading
 import time
 from collections.abc import Callable, Iterator
-from typing import TypeVar
+from typing import BinaryIO, TypeVar
 
 import grpc
 from dml.v1 import control_pb2, control_pb2_grpc
@@ -63,14 +63,29 @@ class ControlClient:
         return self.call(lambda: self.stub.RegisterPeer(req, timeout=CALL_TIMEOUT_S), "register")
 
     def upload_checkpoint(self, peer_id: str, job_id: str, rnd: int, epoch: int, digest: str,
-                          data: bytes | memoryview) -> None:
-        """Streams a checkpoint in 1 MiB chunks."""
+                          data: bytes | memoryview | BinaryIO) -> None:
+        """Streams a checkpoint in 1 MiB chunks, from bytes or from a file object read as it
+        goes (so a checkpoint spilled to disk is never held in memory whole)."""
+        step = 1 << 20
+        if isinstance(data, (bytes, memoryview)):
+            size = len(data)
+            buf = data
+
+            def read(i: int) -> bytes:
+                return bytes(buf[i : i + step])
+        else:
+            size = data.seek(0, 2)
+            f = data
+
+            def read(i: int) -> bytes:
+                f.seek(i)
+                return f.read(step)
+
         def chunks() -> Iterator[control_pb2.CheckpointChunk]:
-            step = 1 << 20
-            for i in range(0, max(len(data), 1), step):
+            for i in range(0, max(size, 1), step):
                 yield control_pb2.CheckpointChunk(peer_id=peer_id, job_id=job_id, round=rnd, epoch=epoch,
-                                                  digest=digest, data=bytes(data[i : i + step]))
-        timeout = CALL_TIMEOUT_S + len(data) / 50e6
+                                                  digest=digest, data=read(i))
+        timeout = CALL_TIMEOUT_S + size / 50e6
         self.call(lambda: self.stub.UploadCheckpoint(chunks(), timeout=timeout), "upload checkpoint", give_up_s=60)
 
     def close(self) -> None:

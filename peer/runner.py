@@ -14,6 +14,7 @@ three model-sized buffers at most.
 from __future__ import annotations
 
 import logging
+import tempfile
 import threading
 import time
 from concurrent import futures
@@ -439,7 +440,8 @@ class Peer:
             req.has_test_metrics, req.test_accuracy, req.test_loss = True, acc, loss
             req.eval_ms = int((time.monotonic() - t_eval) * 1000)
         if rank == 0 and plan.checkpoint:  # whether or not this round is evaluated
-            self.client.upload_checkpoint(self.peer_id, plan.job_id, plan.round, plan.epoch, dig,
-                                          trainer.state_dict_bytes(params))
+            with tempfile.TemporaryFile(prefix="dml-checkpoint-") as f:  # on disk, not another model in memory
+                trainer.save_state_dict(f, params)
+                self.client.upload_checkpoint(self.peer_id, plan.job_id, plan.round, plan.epoch, dig, f)
         self.client.call(lambda: self.client.stub.ReportRound(req, timeout=CALL_TIMEOUT_S), "report round", give_up_s=60)
         log.debug("%s: train %.3fs exchange %.3fs report %.3fs", tag, t1 - t0, t2 - t1, time.monotonic() - t2)

@@ -157,11 +157,17 @@ class Trainer:
         return out
 
     def state_dict_bytes(self, params: np.ndarray | None = None) -> memoryview:
-        """The model's state_dict (of ``params`` if given, else the live ones), torch.save'd.
+        """The model's state_dict (of ``params`` if given, else the live ones), torch.save'd
+        into memory (see :meth:`save_state_dict`); a view of the bytes, not a copy."""
+        out = io.BytesIO()
+        self.save_state_dict(out, params)
+        return out.getbuffer()
 
-        The float tensors are views of one flat array, which torch.save writes once (it keeps
-        views of a storage as views), so this costs one model size, the serialised bytes, and
-        returns a view of them rather than a copy. Loading gives tensors that share one storage."""
+    def save_state_dict(self, f: Any, params: np.ndarray | None = None) -> None:
+        """torch.save's the model's state_dict (of ``params`` if given, else the live ones) to
+        the file object ``f``. The float tensors are views of one flat array, which torch.save
+        writes once (it keeps views of a storage as views): no copy of the model is made.
+        Loading gives tensors that share one storage."""
         if params is None:
             params, _ = self.params_view()
         base = torch.from_numpy(np.ascontiguousarray(params[: self.numel], dtype=np.float32))
@@ -170,10 +176,7 @@ class Trainer:
         for name, shape, off in self._layout:
             n = int(np.prod(shape)) if len(shape) else 1
             sd[name] = base[off : off + n].view(shape)
-        out = io.BytesIO()
-        torch.save(sd, out)
-        del sd
-        return out.getbuffer()
+        torch.save(sd, f)
 
     @staticmethod
     def warm_up() -> None:
