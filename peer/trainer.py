@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from peer.tasks import Task
 
 log = logging.getLogger(__name__)
-EVAL_BATCH = 64
+EVAL_BATCH = 32
 _INIT_LOCK = threading.Lock()  # torch's seed is global: peers sharing a process build one at a time
 
 
