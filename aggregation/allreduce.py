@@ -91,9 +91,9 @@ def ring_allreduce(
     Every member ends with bit-identical contents: each segment is reduced by one member and
     copied verbatim to the others. ``codec`` (default fp32, exact) is the wire format; every
     member must use the same one. ``residual`` (float32, like ``buf``) is overwritten with this
-    member's encoding errors (zeros when nothing was encoded). ``timeout`` bounds the whole call in seconds. Raises ExchangeError if a
-    neighbour fails or the deadline passes; ``buf`` (and ``residual``) are then undefined and
-    the caller must restore them.
+    member's encoding errors (zeros when nothing was encoded). ``timeout`` bounds the whole call
+    in seconds. Raises ExchangeError if a neighbour fails or the deadline passes; ``buf`` (and
+    ``residual``) are then undefined and the caller must restore them.
     """
     codec = codec or Fp32()
     if buf.ndim != 1 or buf.dtype != np.float32:
@@ -104,14 +104,13 @@ def ring_allreduce(
         raise ValueError(f"rank {rank} outside world of {world}")
     if chunk_elems < 1:
         raise ValueError(f"chunk size must be >= 1 element, got {chunk_elems}")
-    if world == 1 or (residual is not None and isinstance(codec, Fp32)):
-        if residual is not None:
-            residual.fill(0.0)  # nothing will be encoded lossily: no error to carry
-        if world == 1:
-            return
+    raw = isinstance(codec, Fp32)  # fp32 goes on the wire straight from buf
+    if residual is not None and (raw or world == 1):
+        residual.fill(0.0)  # nothing will be encoded lossily: no error to carry
+    if world == 1:
+        return
     deadline = time.monotonic() + timeout
     segs = ring.segments(buf.size, world)
-    raw = isinstance(codec, Fp32)  # fp32 goes on the wire straight from buf
     staging_elems = min(chunk_elems, buf.size)
     staging_bytes = codec.payload_bytes(staging_elems)
     # Receivers accept any chunking (members may differ in chunk size), so the scratch grows to

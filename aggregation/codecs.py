@@ -52,7 +52,8 @@ class Codec:
         """The native form of ``a`` (same memory)."""
         raise NotImplementedError
 
-    def payload_bytes(self, n: int) -> int:
+    @staticmethod
+    def payload_bytes(n: int) -> int:
         """Bytes on the wire for ``n`` elements."""
         raise NotImplementedError
 
@@ -79,7 +80,8 @@ class Fp32(Codec):
     def wrap(self, a: np.ndarray) -> np.ndarray:
         return a
 
-    def payload_bytes(self, n: int) -> int:
+    @staticmethod
+    def payload_bytes(n: int) -> int:
         return 4 * n
 
     def encode(self, src: np.ndarray, out: np.ndarray, residual: Any = None) -> int:
@@ -117,7 +119,8 @@ class _Half(_Torch):
         super().__init__()
         self._dtype = getattr(self._torch, self.dtype_name)
 
-    def payload_bytes(self, n: int) -> int:
+    @staticmethod
+    def payload_bytes(n: int) -> int:
         return 2 * n
 
     def encode(self, src: torch.Tensor, out: torch.Tensor, residual: torch.Tensor | None = None) -> int:
@@ -160,7 +163,8 @@ class Int8(_Torch):
         super().__init__()
         self._tmp = self._torch.empty(0, dtype=self._torch.float32)  # reused between calls
 
-    def payload_bytes(self, n: int) -> int:
+    @staticmethod
+    def payload_bytes(n: int) -> int:
         return 4 + n
 
     def _scratch(self, n: int) -> torch.Tensor:
@@ -199,10 +203,10 @@ class Int8(_Torch):
         out.add_(tmp)
 
 
-CODEC_NAMES = ("fp32", "bf16", "fp16", "int8")
-_BY_NAME = {"fp32": Fp32, "bf16": Bf16, "fp16": Fp16, "int8": Int8}
-_BY_ID = {c.id: c for c in (Fp32, Bf16, Fp16, Int8)}
-_PAYLOAD = {Fp32.id: lambda n: 4 * n, Bf16.id: lambda n: 2 * n, Fp16.id: lambda n: 2 * n, Int8.id: lambda n: 4 + n}
+_CODECS: tuple[type[Codec], ...] = (Fp32, Bf16, Fp16, Int8)
+_BY_NAME = {c.name: c for c in _CODECS}
+_BY_ID = {c.id: c for c in _CODECS}
+CODEC_NAMES = tuple(_BY_NAME)
 
 
 def get_codec(name: str) -> Codec:
@@ -223,4 +227,4 @@ def payload_size(codec_id: int, count: int) -> int:
     """Wire bytes of ``count`` elements in codec ``codec_id``; ValueError for an unknown id."""
     if codec_id not in _BY_ID:
         raise ValueError(f"unknown codec id {codec_id}")
-    return _PAYLOAD[codec_id](count)
+    return _BY_ID[codec_id].payload_bytes(count)

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import datetime
 import json
 import math
@@ -58,7 +57,7 @@ from dml.v1 import jobs_pb2, jobs_pb2_grpc
 
 from coordinator import jobctl
 from coordinator.ledger import violations
-from coordinator.local import reap
+from coordinator.local import die_with_parent, reap
 from coordinator.service import CoordinatorConfig, job_shards
 from coordinator.spec import MAX_ROUNDS, JobSpec, with_defaults
 
@@ -91,24 +90,6 @@ class BenchError(Exception):
 
 
 # -- processes -------------------------------------------------------------------------------
-def _resolve_prctl() -> Any:
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        return ctypes.CDLL("libc.so.6", use_errno=True).prctl
-    except (OSError, AttributeError):
-        return None
-
-
-_PRCTL = _resolve_prctl()  # resolved here, so the forked child only makes the call
-
-
-def _die_with_parent() -> None:
-    """In the child, before exec: get SIGTERM when this benchmark dies, even by SIGKILL (Linux)."""
-    if _PRCTL is not None:
-        _PRCTL(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-
 def free_port() -> int:
     """A port free right now on 127.0.0.1 (the coordinator keeps it across restarts)."""
     with socket.socket() as s:
@@ -151,7 +132,7 @@ class Cluster:
     def _spawn(self, name: str, cmd: list[str], log: pathlib.Path) -> Proc:
         with open(log, "ab") as f:
             p = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=self.env, cwd=ROOT,
-                                 preexec_fn=_die_with_parent)  # noqa: PLW1509 (one ctypes call, no locks)
+                                 preexec_fn=die_with_parent)  # noqa: PLW1509 (one ctypes call, no locks)
         proc = Proc(name, p, log, time.monotonic())
         self.everything.append(proc)
         return proc

@@ -25,7 +25,7 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from coordinator import jobctl
-from coordinator.local import _die_with_parent, cluster, reap
+from coordinator.local import cluster, die_with_parent, reap
 from coordinator.spec import CODECS, JobSpec
 
 
@@ -36,7 +36,7 @@ def run(codec: str, a: argparse.Namespace, tmp: pathlib.Path) -> dict[str, objec
         gpu = [subprocess.Popen([sys.executable, "-m", "peer.cli", "--coordinator", address, "--host", "127.0.0.1",
                                  "--port", "0", "--device", "cuda"],
                                 stdout=open(logs / f"gpu-peer-{i}.log", "ab"), stderr=subprocess.STDOUT,
-                                env=dict(os.environ, PYTHONUNBUFFERED="1"), preexec_fn=_die_with_parent)
+                                env=dict(os.environ, PYTHONUNBUFFERED="1"), preexec_fn=die_with_parent)
                for i in range(a.gpu_peers)]
         try:
             n = a.cpu_peers + a.gpu_peers

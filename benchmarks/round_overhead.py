@@ -74,7 +74,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import json
 import math
 import os
@@ -106,7 +105,7 @@ if _SET_FORK_ENV:
 from dml.v1 import jobs_pb2
 
 from coordinator import jobctl
-from coordinator.local import reap, wait_for_port_file
+from coordinator.local import die_with_parent, reap, wait_for_port_file
 from coordinator.spec import CODECS, DATA_PLANES, MAX_ROUNDS, JobSpec
 from peer.tasks import get_task
 
@@ -228,24 +227,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 # -- processes -------------------------------------------------------------------------------
-def _resolve_prctl() -> Any:
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        return ctypes.CDLL("libc.so.6", use_errno=True).prctl
-    except (OSError, AttributeError):
-        return None
-
-
-_PRCTL = _resolve_prctl()  # resolved here, so the forked child only makes the call
-
-
-def _die_with_parent() -> None:
-    """In the child, before exec: get SIGTERM when this benchmark dies, even by SIGKILL (Linux)."""
-    if _PRCTL is not None:
-        _PRCTL(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-
 _interrupted = False
 
 
@@ -280,7 +261,7 @@ def _child_env() -> dict[str, str]:
 def _spawn(cmd: list[str], log: pathlib.Path, procs: list[subprocess.Popen[bytes]]) -> subprocess.Popen[bytes]:
     with open(log, "ab") as f:  # the child holds its own descriptor
         p = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=_child_env(),
-                             cwd=ROOT, preexec_fn=_die_with_parent)  # noqa: PLW1509 (exec follows)
+                             cwd=ROOT, preexec_fn=die_with_parent)  # noqa: PLW1509 (exec follows)
     procs.append(p)
     return p
 

@@ -16,7 +16,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Iterator
+from typing import Any, Iterator
 
 from coordinator import jobctl
 
@@ -60,13 +60,25 @@ def wait_for_port_file(path: pathlib.Path, proc: subprocess.Popen[bytes], timeou
     raise jobctl.CliError(f"coordinator did not start within {timeout_s:.0f}s", 1)
 
 
-def _die_with_parent() -> None:
-    """In the child, before exec: on Linux, get SIGTERM when the parent dies, even by SIGKILL."""
-    if sys.platform.startswith("linux"):
-        import ctypes
+def _resolve_prctl() -> Any:
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
 
-        with contextlib.suppress(OSError, AttributeError):
-            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    try:
+        return ctypes.CDLL("libc.so.6", use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+
+
+_PRCTL = _resolve_prctl()  # resolved here, so the forked child only makes the call
+
+
+def die_with_parent() -> None:
+    """For ``preexec_fn``: in the child, before exec, get SIGTERM when the parent dies, even by
+    SIGKILL (Linux; elsewhere nothing)."""
+    if _PRCTL is not None:
+        _PRCTL(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 def _interrupt(signum: int, _frame: object) -> None:
@@ -103,7 +115,7 @@ def cluster(peers: int, port: int, state_dir: pathlib.Path, log_dir: pathlib.Pat
             [py, "-m", "coordinator.cli", "--host", "127.0.0.1", "--port", str(port), "--state-dir", str(state_dir),
              "--port-file", str(port_file), *coordinator_args],
             stdout=open(log_dir / "coordinator.log", "ab"), stderr=subprocess.STDOUT, env=env,
-            preexec_fn=_die_with_parent)
+            preexec_fn=die_with_parent)
         procs.append(coord)
         address = f"127.0.0.1:{wait_for_port_file(port_file, coord, 60)}"
         for i in range(peers):
@@ -111,7 +123,7 @@ def cluster(peers: int, port: int, state_dir: pathlib.Path, log_dir: pathlib.Pat
                 [py, "-m", "peer.cli", "--coordinator", address, "--host", "127.0.0.1", "--port", "0",
                  "--device", "cpu", *extra_peer_args],
                 stdout=open(log_dir / f"peer-{i}.log", "ab"), stderr=subprocess.STDOUT, env=env,
-                preexec_fn=_die_with_parent))
+                preexec_fn=die_with_parent))
         yield address, procs
     finally:
         reap(procs)

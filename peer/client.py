@@ -62,29 +62,17 @@ class ControlClient:
             address=address, capability=control_pb2.PeerCapability(device=device, memory_bytes=memory_bytes))
         return self.call(lambda: self.stub.RegisterPeer(req, timeout=CALL_TIMEOUT_S), "register")
 
-    def upload_checkpoint(self, peer_id: str, job_id: str, rnd: int, epoch: int, digest: str,
-                          data: bytes | memoryview | BinaryIO) -> None:
-        """Streams a checkpoint in 1 MiB chunks, from bytes or from a file object read as it
-        goes (so a checkpoint spilled to disk is never held in memory whole)."""
+    def upload_checkpoint(self, peer_id: str, job_id: str, rnd: int, epoch: int, digest: str, f: BinaryIO) -> None:
+        """Streams a checkpoint from the file object ``f`` in 1 MiB chunks, read as they go (so
+        a checkpoint spilled to disk is never held in memory whole). Each attempt reads it anew."""
         step = 1 << 20
-        if isinstance(data, (bytes, memoryview)):
-            size = len(data)
-            buf = data
-
-            def read(i: int) -> bytes:
-                return bytes(buf[i : i + step])
-        else:
-            size = data.seek(0, 2)
-            f = data
-
-            def read(i: int) -> bytes:
-                f.seek(i)
-                return f.read(step)
+        size = f.seek(0, 2)
 
         def chunks() -> Iterator[control_pb2.CheckpointChunk]:
             for i in range(0, max(size, 1), step):
+                f.seek(i)
                 yield control_pb2.CheckpointChunk(peer_id=peer_id, job_id=job_id, round=rnd, epoch=epoch,
-                                                  digest=digest, data=read(i))
+                                                  digest=digest, data=f.read(step))
         timeout = CALL_TIMEOUT_S + size / 50e6
         self.call(lambda: self.stub.UploadCheckpoint(chunks(), timeout=timeout), "upload checkpoint", give_up_s=60)
 

@@ -34,6 +34,7 @@ CHUNK_BYTES = 1 << 20
 STALE_INBOX_S = 600.0
 OPEN_TIMEOUT_S = 5.0
 DATA_PLANES = ("auto", "tcp", "grpc")
+ABORTED = "round aborted: the membership changed"
 
 # The hot path bypasses protobuf: PushChunks wraps every chunk in a TensorChunk, which costs three
 # copies per byte (tobytes, the message, serialisation) and one more to read it back. Frames on
@@ -79,14 +80,18 @@ class Inbox:
 ParamsSource = Callable[[str, int], "tuple[int, str, bytes | memoryview] | None"]
 
 
+def _check_payload(header: Header, nbytes: int) -> None:
+    """ValueError unless ``nbytes`` is exactly ``header.count`` elements in ``header.codec``."""
+    if nbytes != payload_size(header.codec, header.count):  # ValueError for an unknown codec too
+        raise ValueError(f"payload of {nbytes} bytes is not {header.count} elements in codec {header.codec}")
+
+
 def _parse_frame(frame: bytes) -> Frame:
     """Splits a raw frame into its header and payload view; ValueError if malformed."""
     if len(frame) < FRAME.size:
         raise ValueError("frame shorter than its header")
     header = Header.unpack(frame)
-    if len(frame) - FRAME.size != payload_size(header.codec, header.count):
-        raise ValueError(f"frame payload of {len(frame) - FRAME.size} bytes does not match "
-                         f"{header.count} elements in codec {header.codec}")
+    _check_payload(header, len(frame) - FRAME.size)
     return header, memoryview(frame)[FRAME.size:]
 
 
@@ -160,14 +165,12 @@ class ExchangeServicer(exchange_pb2_grpc.PeerExchangeServicer):
             for msg in _chain(first, request_iterator):
                 codec = msg.codec or 1
                 count = msg.count if msg.count or codec != 1 else len(msg.data) // 4
+                header = Header(int(msg.phase), codec, msg.step, msg.offset_elems, count)
                 try:
-                    ok = payload_size(codec, count) == len(msg.data)
-                except ValueError:
-                    ok = False
-                if not ok:
-                    context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                  f"chunk data of {len(msg.data)} bytes is not {count} elements in codec {codec}")
-                yield Header(int(msg.phase), codec, msg.step, msg.offset_elems, count), memoryview(msg.data)
+                    _check_payload(header, len(msg.data))
+                except ValueError as e:
+                    context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"malformed chunk: {e}")
+                yield header, memoryview(msg.data)
 
         n = self._receive(frames(), (first.job_id, first.round, first.epoch), first.sender_id, context)
         return exchange_pb2.PushChunksResponse(chunks=n)
@@ -305,7 +308,7 @@ class _GrpcSender:
         deadline = time.monotonic() + timeout
         while not self._done.wait(POLL_S):
             if abort.is_set():
-                raise ExchangeError("round aborted: the membership changed")
+                raise ExchangeError(ABORTED)
             if time.monotonic() > deadline:
                 raise ExchangeError(f"{self._succ_id} did not acknowledge in time", suspect=self._succ_id)
         if self.error:
@@ -365,7 +368,7 @@ class _TcpSender:
                 if self.error:
                     raise ExchangeError(self.error, suspect=self._succ_id)
                 if abort.is_set():
-                    raise ExchangeError("round aborted: the membership changed")
+                    raise ExchangeError(ABORTED)
                 if time.monotonic() > deadline:
                     raise ExchangeError(f"sending to {self._succ_id} made no progress in time", suspect=self._succ_id)
                 self._cond.wait(POLL_S)
@@ -384,7 +387,7 @@ class _TcpSender:
                 got = self._sock.recv(1)
             except TimeoutError:
                 if abort.is_set():
-                    raise ExchangeError("round aborted: the membership changed") from None
+                    raise ExchangeError(ABORTED) from None
                 if time.monotonic() > deadline:
                     raise ExchangeError(f"{self._succ_id} did not acknowledge in time", suspect=self._succ_id) from None
                 continue
@@ -484,7 +487,7 @@ class PeerLink:
         deadline = time.monotonic() + 2 * OPEN_TIMEOUT_S + 1.0  # the RPC and the connect, each bounded
         while self._opening.is_alive():
             if self._abort.is_set():
-                raise ExchangeError("round aborted: the membership changed")
+                raise ExchangeError(ABORTED)
             if time.monotonic() > deadline:
                 raise ExchangeError(f"opening a stream to {self._succ_id} did not finish", suspect=self._succ_id)
             self._opening.join(POLL_S)
@@ -495,7 +498,7 @@ class PeerLink:
 
     def _open_tcp(self) -> _TcpSender:
         if self._abort.is_set():
-            raise ExchangeError("round aborted: the membership changed")
+            raise ExchangeError(ABORTED)
         job, rnd, epoch = self._key
         stub = exchange_pb2_grpc.PeerExchangeStub(self._channel)
         timeout = min(OPEN_TIMEOUT_S, self._idle_s)
@@ -509,7 +512,7 @@ class PeerLink:
             # Unreachable or broken: the same failure the gRPC path would hit, named.
             raise ExchangeError(f"cannot reach {self._succ_id}: {_describe(e)}", suspect=self._succ_id) from None
         if self._abort.is_set():
-            raise ExchangeError("round aborted: the membership changed")
+            raise ExchangeError(ABORTED)
         host, _ = dataplane.split_host_port(self._succ_address)
         sock = dataplane.connect(host, offer.port, offer.token, timeout)
         return _TcpSender(sock, self._succ_id, self._idle_s)
@@ -536,7 +539,7 @@ class PeerLink:
     # -- receiving ----------------------------------------------------------------------------
     def _check(self, deadline: float, waited: float) -> None:
         if self._abort.is_set():
-            raise ExchangeError("round aborted: the membership changed")
+            raise ExchangeError(ABORTED)
         if self._sender is not None and self._sender.error:
             raise ExchangeError(self._sender.error, suspect=self._succ_id)
         if self._inbox.closed.is_set():

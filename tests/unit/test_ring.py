@@ -5,9 +5,7 @@ Threads are always joined with a timeout, so a hang fails the test instead of st
 """
 from __future__ import annotations
 
-import threading
 import time
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -19,35 +17,9 @@ from aggregation import ring
 from aggregation.allreduce import ring_allreduce
 from aggregation.averaging import digest, weighted_mean, weighted_ring_average
 from aggregation.transport import FRAME, ExchangeError, Header, InMemoryRing
+from tests.unit.ringkit import assert_bit_identical, run_members
 
-JOIN_S = 20.0  # generous upper bound for a thread; a correct run takes milliseconds
 WORLDS = list(range(1, 9))
-
-
-def run_members(world: int, body: Callable[[int, Any], Any], net: InMemoryRing | None = None,
-                link_wrap: Callable[[int, Any], Any] | None = None) -> tuple[list[Any], list[BaseException | None]]:
-    """Runs ``body(rank, link)`` on one thread per rank; returns (results, errors) per rank."""
-    net = net or InMemoryRing(world)
-    results: list[Any] = [None] * world
-    errors: list[BaseException | None] = [None] * world
-
-    def target(rank: int) -> None:
-        link = net.link(rank)
-        if link_wrap is not None:
-            link = link_wrap(rank, link)
-        try:
-            results[rank] = body(rank, link)
-        except BaseException as e:  # noqa: BLE001 - reported to the test thread
-            errors[rank] = e
-
-    threads = [threading.Thread(target=target, args=(r,), daemon=True, name=f"rank-{r}") for r in range(world)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=JOIN_S)
-    alive = [t.name for t in threads if t.is_alive()]
-    assert not alive, f"ring members still running after {JOIN_S}s: {alive}"
-    return results, errors
 
 
 def allreduce_all(bufs: list[np.ndarray], chunk_elems: int, timeout: float = 10.0) -> None:
@@ -60,12 +32,6 @@ def allreduce_all(bufs: list[np.ndarray], chunk_elems: int, timeout: float = 10.
 def random_bufs(world: int, n: int, seed: int) -> list[np.ndarray]:
     rng = np.random.default_rng(seed)
     return [rng.standard_normal(n).astype(np.float32) for _ in range(world)]
-
-
-def assert_bit_identical(bufs: list[np.ndarray]) -> None:
-    first = bufs[0].tobytes()
-    for r, b in enumerate(bufs[1:], start=1):
-        assert b.tobytes() == first, f"rank {r} differs from rank 0"
 
 
 # -- the schedule ----------------------------------------------------------------------------

@@ -9,9 +9,7 @@ magnitude is at most ``A = sum_i |x_i|`` (plus the errors so far, a few percent 
 """
 from __future__ import annotations
 
-import threading
 import time
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -24,37 +22,11 @@ from aggregation.allreduce import ring_allreduce
 from aggregation.averaging import delta_ring_average
 from aggregation.codecs import get_codec
 from aggregation.transport import ExchangeError, InMemoryRing
+from tests.unit.ringkit import assert_bit_identical, run_members
 
-JOIN_S = 20.0
 LOSSY = ["bf16", "fp16", "int8"]
 F32_EPS = 2.0**-23
 SETTINGS = settings(max_examples=40, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
-
-
-def run_members(world: int, body: Callable[[int, Any], Any], net: InMemoryRing | None = None) -> list[BaseException | None]:
-    """Runs ``body(rank, link)`` on one thread per rank; returns each rank's exception (or None)."""
-    net = net or InMemoryRing(world)
-    errors: list[BaseException | None] = [None] * world
-
-    def target(rank: int) -> None:
-        try:
-            body(rank, net.link(rank))
-        except BaseException as e:  # noqa: BLE001 - reported to the test thread
-            errors[rank] = e
-
-    threads = [threading.Thread(target=target, args=(r,), daemon=True, name=f"rank-{r}") for r in range(world)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=JOIN_S)
-    alive = [t.name for t in threads if t.is_alive()]
-    assert not alive, f"ring members still running after {JOIN_S}s: {alive}"
-    return errors
-
-
-def assert_bit_identical(bufs: list[np.ndarray]) -> None:
-    for r, b in enumerate(bufs[1:], start=1):
-        assert b.tobytes() == bufs[0].tobytes(), f"rank {r} differs from rank 0"
 
 
 def ring_error_bound(name: str, contribs: list[np.ndarray]) -> np.ndarray:
@@ -98,7 +70,7 @@ def run_ring(name: str, bufs: list[np.ndarray], chunks: list[int], residuals: li
              timeout: float = 10.0) -> None:
     world = len(bufs)
     codecs = [get_codec(name) for _ in range(world)]
-    errors = run_members(world, lambda r, link: ring_allreduce(
+    _, errors = run_members(world, lambda r, link: ring_allreduce(
         bufs[r], r, world, link, timeout, chunks[r], codecs[r], None if residuals is None else residuals[r]))
     assert errors == [None] * world, errors
 
@@ -255,7 +227,7 @@ def test_codec_mismatch_fails_every_member(world: int, odd: int, odd_codec: str,
     names = [odd_codec if r == odd else others for r in range(world)]
     codecs = [get_codec(nm) for nm in names]
     t0 = time.monotonic()
-    errors = run_members(world, lambda r, link: ring_allreduce(bufs[r], r, world, link, timeout, 16, codecs[r]))
+    _, errors = run_members(world, lambda r, link: ring_allreduce(bufs[r], r, world, link, timeout, 16, codecs[r]))
     elapsed = time.monotonic() - t0
     assert all(isinstance(e, ExchangeError) for e in errors), errors
     succ = (odd + 1) % world
@@ -275,7 +247,7 @@ def run_delta(name: str, params: list[np.ndarray], base: np.ndarray, shares: lis
               residuals: list[np.ndarray], chunks: list[int]) -> None:
     world = len(params)
     codecs = [get_codec(name) for _ in range(world)]
-    errors = run_members(world, lambda r, link: delta_ring_average(
+    _, errors = run_members(world, lambda r, link: delta_ring_average(
         params[r], base, shares[r], r, world, link, 10.0, codecs[r], residuals[r], chunks[r]))
     assert errors == [None] * world, errors
 
