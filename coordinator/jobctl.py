@@ -19,8 +19,9 @@ from typing import Any, NoReturn, TypeVar
 import grpc
 from dml.v1 import jobs_pb2, jobs_pb2_grpc, types_pb2
 
+from aggregation.topology import TOPOLOGY_NAMES
 from coordinator.servicer import spec_to_pb
-from coordinator.spec import CODECS, DATA_PLANES, JobSpec
+from coordinator.spec import AGGREGATIONS, CODECS, DATA_PLANES, JobSpec
 
 T = TypeVar("T")
 STATE_NAMES = {v: types_pb2.JobState.Name(v).removeprefix("JOB_STATE_") for v in types_pb2.JobState.values()}
@@ -76,12 +77,15 @@ def status_dict(job: jobs_pb2.JobStatus) -> dict[str, Any]:
         "reason": job.reason,
         "checkpoint_round": job.checkpoint_round,
         "task": job.spec.task,
+        "aggregation": job.spec.aggregation or "ring",
         "metrics": {
             "train_loss": last.train_loss if job.HasField("last") else None,
             "test_accuracy": last.test_accuracy if job.HasField("last") else None,
             "test_loss": last.test_loss if job.HasField("last") else None,
             "round_ms": last.duration_ms if job.HasField("last") else None,
             "digest": last.digest if job.HasField("last") else None,
+            "consensus_distance": last.consensus_distance if job.HasField("last") else None,
+            "bytes_sent": last.bytes_sent if job.HasField("last") else None,
         },
     }
 
@@ -92,7 +96,7 @@ def history_dict(r: types_pb2.RoundMetrics) -> dict[str, Any]:
             "samples": r.samples, "members": r.members, "duration_ms": r.duration_ms, "digest": r.digest,
             "train_ms": r.train_ms, "exchange_ms": r.exchange_ms, "committed_unix_ms": r.committed_unix_ms,
             "test_evaluated": r.test_evaluated, "eval_ms": r.eval_ms,
-            "data_epoch": r.data_epoch,
+            "data_epoch": r.data_epoch, "consensus_distance": r.consensus_distance, "bytes_sent": r.bytes_sent,
             "consumed": {m.peer_id: [[x.shard_id, x.data_epoch, x.start, x.stop] for x in m.ranges]
                          for m in r.consumed}}
 
@@ -107,8 +111,11 @@ def status_line(job: jobs_pb2.JobStatus, width: int = 30) -> str:
     frac = d["round"] / max(d["rounds"], 1)
     bar = "#" * int(frac * width) + "." * (width - int(frac * width))
     m = d["metrics"]
+    gossip = d["aggregation"] == "gossip" and d["state"] == "RUNNING" and not (m["digest"] or "")
     line = (f"{d['job_id']} [{bar}] round {d['round']}/{d['rounds']} loss {fmt_metric(m['train_loss'])} "
-            f"acc {fmt_metric(m['test_accuracy'])} peers {len(d['peers'])} {d['state']}")
+            f"acc {fmt_metric(m['test_accuracy'])}"
+            + (f" consensus {fmt_metric(m['consensus_distance'], '.3g')}" if gossip and m["consensus_distance"] is not None else "")
+            + f" peers {len(d['peers'])} {d['state']}")
     return line + (f" ({d['reason']})" if d["reason"] and d["state"] not in ("SUCCEEDED",) else "")
 
 
@@ -121,7 +128,8 @@ def spec_from_args(a: argparse.Namespace) -> JobSpec:
                    seed=a.seed, num_shards=a.num_shards or d.num_shards,
                    checkpoint_every_rounds=a.checkpoint_every or d.checkpoint_every_rounds,
                    peer_grace_s=a.peer_grace_s or d.peer_grace_s, codec=a.codec, data_plane=a.data_plane,
-                   eval_every_rounds=a.eval_every or d.eval_every_rounds)
+                   eval_every_rounds=a.eval_every or d.eval_every_rounds,
+                   gossip_topology=a.topology, gossip_timeout_ms=a.gossip_timeout_ms or d.gossip_timeout_ms)
 
 
 def submit(coordinator: str, spec: JobSpec, timeout: float) -> str:
@@ -328,7 +336,13 @@ def add_job_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--min-peers", type=_int_in(1, U32), default=None,
                    help=f"peers needed to run a round (default {d.min_peers}; `local`: all its peers)")
     p.add_argument("--sharding", default=d.sharding, help="iid or dirichlet:ALPHA")
-    p.add_argument("--aggregation", default=d.aggregation, help="ring")
+    p.add_argument("--aggregation", choices=AGGREGATIONS, default=d.aggregation,
+                   help="ring (synchronous all-reduce, the default) or gossip (pairwise averaging, no barrier; "
+                        "the last round is one exact ring average)")
+    p.add_argument("--topology", choices=TOPOLOGY_NAMES, default=d.gossip_topology,
+                   help=f"gossip: how peers pick partners (default {d.gossip_topology})")
+    p.add_argument("--gossip-timeout-ms", type=_int_in(0, U32), default=0,
+                   help=f"gossip: give up on a partner after this long (default {d.gossip_timeout_ms})")
     p.add_argument("--codec", choices=CODECS, default=d.codec,
                    help="wire codec of the exchange: fp32 (exact, default), bf16, fp16, int8 (lossy ones use error feedback)")
     p.add_argument("--data-plane", choices=DATA_PLANES, default=d.data_plane,

@@ -141,7 +141,7 @@ class Coordinator:
         with self._cond:
             while True:
                 job = self.state.plan_for(peer_id)
-                if job is not None and (job.job_id, job.round, job.epoch) != last:
+                if job is not None and self.state.plan_key(job, peer_id) != last:
                     return build(job)
                 left = deadline - time.monotonic()
                 if left <= 0:

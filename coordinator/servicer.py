@@ -56,6 +56,7 @@ def spec_to_pb(s: JobSpec) -> types_pb2.JobSpec:
         aggregation=s.aggregation, seed=s.seed, num_shards=s.num_shards,
         checkpoint_every_rounds=s.checkpoint_every_rounds, peer_grace_s=s.peer_grace_s,
         codec=s.codec, data_plane=s.data_plane, eval_every_rounds=s.eval_every_rounds,
+        gossip_topology=s.gossip_topology, gossip_timeout_ms=s.gossip_timeout_ms,
     )
 
 
@@ -67,6 +68,7 @@ def spec_from_pb(p: types_pb2.JobSpec) -> JobSpec:
         aggregation=p.aggregation, seed=p.seed, num_shards=p.num_shards,
         checkpoint_every_rounds=p.checkpoint_every_rounds, peer_grace_s=p.peer_grace_s,
         codec=p.codec, data_plane=p.data_plane, eval_every_rounds=p.eval_every_rounds,
+        gossip_topology=p.gossip_topology, gossip_timeout_ms=p.gossip_timeout_ms,
     )
 
 
@@ -86,6 +88,7 @@ def round_to_pb(r: RoundRecord, ledger: bool = False) -> types_pb2.RoundMetrics:
         test_loss=_finite(r.test_loss), samples=r.samples, digest=r.digest, duration_ms=r.duration_ms,
         members=len(r.members), data_epoch=r.data_epoch, train_ms=r.train_ms, exchange_ms=r.exchange_ms,
         committed_unix_ms=r.committed_ms, test_evaluated=r.test_evaluated, eval_ms=r.eval_ms,
+        consensus_distance=_finite(r.consensus_distance), bytes_sent=r.bytes_sent,
     )
     if ledger:
         m.consumed.extend(types_pb2.MemberSamples(peer_id=p, ranges=ranges_to_pb(rs)) for p, rs in r.consumed.items())
@@ -209,15 +212,19 @@ class PeerControlServicer(control_pb2_grpc.PeerControlServicer):
 
         shards = job_shards(job.spec)
         st = self._c.state
+        gossip = job.gossip_phase  # a gossip step is this member's alone: the others' samples are not sent
         members = [
             types_pb2.Member(peer_id=m, address=st.peers[m].address if m in st.peers else "",
-                             shard_ids=job.assignment.get(m, []), samples=ranges_to_pb(job.allocation.get(m, [])))
+                             shard_ids=job.assignment.get(m, []),
+                             samples=ranges_to_pb(job.allocation.get(m, []) if m == peer_id or not gossip else []))
             for m in job.members
         ]
         mine = {r[0] for r in job.allocation.get(peer_id, [])}
+        _, rnd, epoch = st.plan_key(job, peer_id)
         return types_pb2.Plan(
-            job_id=job.job_id, round=job.round, epoch=job.epoch, members=members, spec=spec_to_pb(job.spec),
-            checkpoint=job.wants_checkpoint(job.round), data_epoch=job.data_epoch, start_digest=job.start_digest,
+            job_id=job.job_id, round=rnd, epoch=epoch, members=members, spec=spec_to_pb(job.spec),
+            checkpoint=not gossip and job.wants_checkpoint(rnd), data_epoch=job.data_epoch,
+            start_digest="" if gossip else job.start_digest, gossip=gossip,
             shard_indices={s: types_pb2.ShardIndices(indices=shards[s].tolist()) for s in mine},
         )
 
@@ -229,6 +236,8 @@ class PeerControlServicer(control_pb2_grpc.PeerControlServicer):
                 test_loss=request.test_loss if request.has_test_metrics else None,
                 samples_per_s=request.train_samples_per_s, train_ms=request.train_ms,
                 exchange_ms=request.exchange_ms, eval_ms=request.eval_ms,
+                pair_distance=request.pair_distance if request.has_pair_distance else None,
+                bytes_sent=request.bytes_sent,
             )
             committed = self._c.report(request.peer_id, request.job_id, request.round, request.epoch, rep)
             return control_pb2.ReportRoundResponse(committed=committed)

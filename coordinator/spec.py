@@ -4,13 +4,15 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
+from aggregation.topology import TOPOLOGY_NAMES
 from coordinator.planner import parse_sharding
 from peer.tasks import get_task
 
-AGGREGATIONS = ("ring",)
+AGGREGATIONS = ("ring", "gossip")
 CODECS = ("fp32", "bf16", "fp16", "int8")  # aggregation.codecs.CODEC_NAMES; checked by a test
 DATA_PLANES = ("auto", "tcp", "grpc")
 MAX_ROUNDS = 1_000_000
+MAX_GOSSIP_TIMEOUT_MS = 600_000
 
 
 class InvalidSpec(ValueError):
@@ -36,6 +38,8 @@ class JobSpec:
     codec: str = "fp32"
     data_plane: str = "auto"
     eval_every_rounds: int = 1
+    gossip_topology: str = "uniform"
+    gossip_timeout_ms: int = 10_000
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-friendly form."""
@@ -66,6 +70,8 @@ def with_defaults(spec: JobSpec) -> JobSpec:
         codec=spec.codec or d.codec,
         data_plane=spec.data_plane or d.data_plane,
         eval_every_rounds=spec.eval_every_rounds or d.eval_every_rounds,
+        gossip_topology=spec.gossip_topology or d.gossip_topology,
+        gossip_timeout_ms=spec.gossip_timeout_ms or d.gossip_timeout_ms,
     )
 
 
@@ -89,6 +95,10 @@ def validate(spec: JobSpec) -> None:
         raise InvalidSpec(f"unknown codec {spec.codec!r}: choose one of {', '.join(CODECS)}")
     if spec.data_plane not in DATA_PLANES:
         raise InvalidSpec(f"unknown data plane {spec.data_plane!r}: choose one of {', '.join(DATA_PLANES)}")
+    if spec.gossip_topology not in TOPOLOGY_NAMES:
+        raise InvalidSpec(f"unknown gossip topology {spec.gossip_topology!r}: choose one of {', '.join(TOPOLOGY_NAMES)}")
+    if not 100 <= spec.gossip_timeout_ms <= MAX_GOSSIP_TIMEOUT_MS:
+        raise InvalidSpec(f"gossip_timeout_ms must be between 100 and {MAX_GOSSIP_TIMEOUT_MS}, got {spec.gossip_timeout_ms}")
     if spec.eval_every_rounds < 1:
         raise InvalidSpec("eval_every_rounds must be at least 1")
     if spec.checkpoint_every_rounds < 1:

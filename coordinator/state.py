@@ -16,6 +16,22 @@ changed; the caller (``coordinator.service``) persists, wakes waiters and logs. 
   each shard's committed cursor: pass and position); a commit advances the cursors and records
   the ranges, a re-issued round re-allocates from the committed cursors, so every sample is used
   exactly once per pass in committed rounds whatever failed.
+
+Gossip jobs (``aggregation="gossip"``) have no barrier until their last round. In the gossip
+phase every member runs its own numbered steps: it is given one step's samples from its own
+shards, trains, averages with one partner of its choosing (peer to peer; the coordinator is not
+involved), and reports; the report advances its shards' cursors and the next step is issued at
+once. Nobody waits for anybody. Every ``gossip_peers`` reported steps (the members at the start)
+make one *virtual round* in the history, with the mean of the members' latest test metrics and
+the estimated consensus distance, so status, progress and plots read the same as for a ring job.
+After ``(rounds - 1) * gossip_peers`` steps the phase ends and round ``rounds`` runs as a normal
+synchronous ring round from each member's own parameters: one exact average, committed with
+equal digests and checkpointed, which ``dml model`` serves. Membership works as in ring jobs
+(heartbeat eviction moves only the dead member's shards; idle peers join at once and start from
+the seeded model with weight 0, so their first exchange adopts their partner's parameters). A
+member that holds its step past the round deadline is evicted. The ledger is at-least-once in
+this phase: a member that dies mid-step may already have averaged what it trained into a
+partner, and its samples are trained again by whoever takes its shards.
 """
 from __future__ import annotations
 
@@ -74,6 +90,8 @@ class Report:
     train_ms: int = 0
     exchange_ms: int = 0
     eval_ms: int = 0
+    pair_distance: float | None = None  # gossip: distance to the partner before averaging
+    bytes_sent: int = 0
 
 
 @dataclass
@@ -96,6 +114,8 @@ class RoundRecord:
     exchange_ms: int = 0  # the slowest member's all-reduce
     test_evaluated: bool = True  # False: test metrics carried from the last evaluated round
     eval_ms: int = 0
+    consensus_distance: float = 0.0  # gossip: estimated spread of the members' parameters
+    bytes_sent: int = 0  # parameters sent between members in the round, all together
 
 
 @dataclass
@@ -127,6 +147,17 @@ class Job:
     holders: list[str] = field(default_factory=list)  # live peers known to hold the committed round
     reissues: int = 0  # times the current round was re-issued
     rolled_back_rounds: int = 0  # committed rounds given up because no peer held them any more
+    # -- gossip phase (see the module doc) --
+    gossip_phase: bool = False
+    gossip_peers: int = 0  # members when the phase started: steps per virtual round
+    gossip_steps: int = 0  # steps reported, by departed members too
+    gossip_next: dict[str, int] = field(default_factory=dict)  # member -> the step it runs now
+    gossip_issued_ms: dict[str, int] = field(default_factory=dict)  # member -> when that step was issued
+    gossip_evals: dict[str, list[float]] = field(default_factory=dict)  # member -> [acc, loss], last evaluated
+    gossip_dist: dict[str, float] = field(default_factory=dict)  # member -> last distance to a partner
+    # this virtual round so far: [samples, loss sum, bytes, max train ms, max exchange ms, max eval ms, start ms, evaluated]
+    gossip_window: list[float] = field(default_factory=lambda: [0, 0.0, 0, 0, 0, 0, 0, 0])
+    gossip_consumed: dict[str, list[list[int]]] = field(default_factory=dict)
 
     @property
     def start_digest(self) -> str:
@@ -221,7 +252,13 @@ class ClusterState:
         for job in list(self.jobs.values()):
             if job.state != RUNNING:
                 continue
-            if self.active(job) and now_ms - job.round_started_ms > self.round_deadline_ms:
+            if job.gossip_phase and self.active(job):
+                stuck = [m for m in job.members if now_ms - job.gossip_issued_ms.get(m, now_ms) > self.round_deadline_ms]
+                for pid in stuck:
+                    log.warning("job %s: peer %s held gossip step %d past the deadline of %d ms; evicting",
+                                job.job_id, pid, job.gossip_next.get(pid, 0), self.round_deadline_ms)
+                    changes = changes | self.remove_peer(pid, now_ms)
+            elif self.active(job) and now_ms - job.round_started_ms > self.round_deadline_ms:
                 changes = changes | self._round_overdue(job, now_ms)
             elif job.waiting_since_ms and now_ms - job.waiting_since_ms > job.spec.peer_grace_s * 1000:
                 changes = changes | self._finish(
@@ -267,6 +304,13 @@ class ClusterState:
         a new epoch so nobody waits on an exchange that cannot finish. Stale reports are ignored."""
         self._peer(reporter).last_seen_ms = now_ms
         job = self.jobs.get(job_id)
+        if job is not None and job.state == RUNNING and job.gossip_phase:
+            # Gossip members route around dead partners themselves; only a member giving up its
+            # own place (a local failure) is acted on.
+            if suspect == reporter and reporter in job.members:
+                log.warning("peer %s gives up its place in job %s (local failure)", reporter, job_id)
+                return self.remove_peer(reporter, now_ms)
+            return Changes()
         if job is None or job.state != RUNNING or (rnd, epoch) != (job.round, job.epoch):
             return Changes()
         if suspect and suspect in self.peers:
@@ -347,6 +391,9 @@ class ClusterState:
     def _issue(self, job: Job, now_ms: int) -> None:
         """(Re)starts the current round: clears reports and allocates samples from the
         committed cursors."""
+        if job.gossip_phase:
+            self._issue_gossip(job, now_ms)
+            return
         self._rollback_if_orphaned(job)
         job.reports = {}
         job.pending_checkpoint = None
@@ -358,6 +405,123 @@ class ClusterState:
         sizes = self._shard_sizes(job.spec)
         alloc = planner.allocate(job.assignment, sizes, job.cursors, job.spec.local_steps * job.spec.batch_size)
         job.allocation = {p: [list(r) for r in rs] for p, rs in alloc.items()}
+
+    def _issue_gossip(self, job: Job, now_ms: int) -> None:
+        """Gossip phase: forgets departed members and gives each member without a step its
+        first one. Members mid-step keep theirs: nothing they do depends on the others."""
+        job.reports = {}
+        job.updated_ms = now_ms
+        members = set(job.members)
+        for d in (job.gossip_next, job.gossip_issued_ms, job.gossip_evals, job.gossip_dist, job.allocation):
+            for k in [k for k in d if k not in members]:
+                del d[k]
+        for m in job.members:
+            if m not in job.gossip_next:
+                job.gossip_next[m] = 1
+            if m not in job.allocation:
+                self._allocate_step(job, m, now_ms)
+
+    def _allocate_step(self, job: Job, peer_id: str, now_ms: int) -> None:
+        """One gossip step's samples for a member, from its own shards' cursors."""
+        sizes = self._shard_sizes(job.spec)
+        alloc = planner.allocate({peer_id: job.assignment.get(peer_id, [])}, sizes, job.cursors,
+                                 job.spec.local_steps * job.spec.batch_size)
+        job.allocation[peer_id] = [list(r) for r in alloc[peer_id]]
+        job.gossip_issued_ms[peer_id] = now_ms
+
+    def _start_gossip(self, job: Job, now_ms: int) -> None:
+        """Enters the gossip phase (a gossip job of more than one round) with its first members."""
+        if job.spec.aggregation != "gossip" or job.spec.rounds < 2 or job.committed_round:
+            return
+        job.gossip_phase = True
+        job.gossip_peers = len(job.members)
+        job.gossip_window = [0, 0.0, 0, 0, 0, 0, now_ms, 0]
+        job.allocation = {}
+        job.holders = list(job.members)
+
+    def _gossip_report(self, job: Job, peer: PeerRecord, step: int, rep: Report, now_ms: int) -> Changes:
+        """A member finished gossip step ``step``: count it, give it the next one, and close a
+        virtual round (or the phase) when enough steps are in."""
+        pid = peer.peer_id
+        if job.state != RUNNING or not job.gossip_phase:
+            raise Stale(f"job {job.job_id} is past its gossip phase")
+        if pid not in job.members:
+            raise Stale(f"peer {pid} is not a member of job {job.job_id}")
+        if step != job.gossip_next.get(pid):
+            raise Stale(f"gossip step {step} is stale; peer {pid} runs step {job.gossip_next.get(pid)}")
+        if rep.samples != job.allocated(pid):
+            raise BadReport(f"peer {pid} reports {rep.samples} samples for gossip step {step}; "
+                            f"{job.allocated(pid)} were allocated")
+        if rep.samples_per_s > 0:
+            old = peer.samples_per_s
+            peer.samples_per_s = rep.samples_per_s if old <= 0 else 0.7 * old + 0.3 * rep.samples_per_s
+        sizes = self._shard_sizes(job.spec)
+        ranges = job.allocation.pop(pid, [])
+        mine = set(job.assignment.get(pid, []))
+        # A shard that moved to a joiner mid-step may have been allocated again from the same
+        # cursor: advance only where the cursor still stands at the range's start.
+        fresh = [r for r in ranges if r[0] in mine and job.cursors.get(r[0], (1, 0)) == (r[1], r[2])]
+        planner.advance(job.cursors, [tuple(r) for r in fresh], sizes)  # type: ignore[misc]
+        job.gossip_consumed.setdefault(pid, []).extend(ranges)
+        w = job.gossip_window
+        w[0] += rep.samples
+        w[1] += rep.train_loss * rep.samples
+        w[2] += rep.bytes_sent
+        w[3], w[4], w[5] = max(w[3], rep.train_ms), max(w[4], rep.exchange_ms), max(w[5], rep.eval_ms)
+        if rep.test_accuracy is not None:
+            job.gossip_evals[pid] = [rep.test_accuracy, rep.test_loss if rep.test_loss is not None else float("nan")]
+            w[7] = 1
+        if rep.pair_distance is not None:
+            job.gossip_dist[pid] = rep.pair_distance
+        job.gossip_steps += 1
+        job.gossip_next[pid] = step + 1
+        job.samples += rep.samples
+        job.updated_ms = now_ms
+        self._allocate_step(job, pid, now_ms)
+        changes = Changes(jobs=(job.job_id,))
+        if job.gossip_steps >= (job.committed_round + 1) * job.gossip_peers:
+            changes = changes | self._gossip_record(job, now_ms)
+        if job.committed_round >= job.spec.rounds - 1:
+            job.gossip_phase = False
+            job.allocation = {}
+            job.gossip_next, job.gossip_issued_ms = {}, {}
+            self._new_epoch(job, now_ms, f"gossip phase done after {job.gossip_steps} steps; exact average of the live members")
+        return changes
+
+    def consensus_estimate(self, job: Job) -> float:
+        """sqrt(mean_i ||x_i - mean||^2) from the members' last partner distances: for two
+        members drawn at random, E||x_i - x_j||^2 = 2n/(n-1) times its square. Exact for the
+        uniform topology; sparse topologies pair close neighbours, so it reads low for them."""
+        d = [job.gossip_dist[m] for m in job.members if m in job.gossip_dist]
+        n = len(job.members)
+        if not d or n < 2:
+            return 0.0
+        return (sum(x * x for x in d) / len(d) * (n - 1) / (2 * n)) ** 0.5
+
+    def _gossip_record(self, job: Job, now_ms: int) -> Changes:
+        """Closes a virtual round of the gossip phase into the history."""
+        w = job.gossip_window
+        prev = job.history[-1] if job.history else None
+        evals = [job.gossip_evals[m] for m in job.members if m in job.gossip_evals]
+        acc = sum(e[0] for e in evals) / len(evals) if evals else prev.test_accuracy if prev else float("nan")
+        loss = sum(e[1] for e in evals) / len(evals) if evals else prev.test_loss if prev else float("nan")
+        sizes = self._shard_sizes(job.spec)
+        rec = RoundRecord(
+            round=job.committed_round + 1, epoch=job.epoch, samples=int(w[0]),
+            train_loss=w[1] / max(w[0], 1), test_accuracy=acc, test_loss=loss, digest="",
+            duration_ms=now_ms - int(w[6]), members=list(job.members), committed_ms=now_ms,
+            data_epoch=planner.data_epoch(job.cursors, len(sizes)), consumed=job.gossip_consumed,
+            train_ms=int(w[3]), exchange_ms=int(w[4]), test_evaluated=bool(w[7]), eval_ms=int(w[5]),
+            consensus_distance=self.consensus_estimate(job), bytes_sent=int(w[2]),
+        )
+        job.history.append(rec)
+        job.committed_round = rec.round
+        job.data_epoch = rec.data_epoch
+        job.holders = list(job.members)
+        job.reissues = 0
+        job.gossip_consumed = {}
+        job.gossip_window = [0, 0.0, 0, 0, 0, 0, now_ms, 0]
+        return Changes(jobs=(job.job_id,), committed=((job.job_id, rec.round),))
 
     def _new_epoch(self, job: Job, now_ms: int, why: str) -> None:
         job.epoch += 1
@@ -394,13 +558,19 @@ class ClusterState:
         """Starts pending jobs and tops up waiting ones with idle peers."""
         changed: list[str] = []
         for job in sorted(self.jobs.values(), key=lambda j: (j.created_ms, j.job_id)):
-            if job.state == RUNNING and len(job.members) < job.spec.min_peers:
+            if job.state == RUNNING and job.gossip_phase and self.live_idle():
+                if self._admit(job, now_ms):  # no round boundary to wait for
+                    job.holders = list(job.members)
+                    self._new_epoch(job, now_ms, "peers joined the gossip")
+                    changed.append(job.job_id)
+            elif job.state == RUNNING and len(job.members) < job.spec.min_peers:
                 if self._admit(job, now_ms):
                     self._new_epoch(job, now_ms, "peers joined a waiting job")
                     changed.append(job.job_id)
             elif job.state == PENDING and len(self.live_idle()) >= job.spec.min_peers:
                 job.state = RUNNING
                 self._admit(job, now_ms)
+                self._start_gossip(job, now_ms)
                 self._new_epoch(job, now_ms, "job started")
                 changed.append(job.job_id)
             elif job.state == PENDING:
@@ -421,6 +591,13 @@ class ClusterState:
         if job is None or not self.active(job) or peer_id not in job.members:
             return None
         return job
+
+    def plan_key(self, job: Job, peer_id: str) -> tuple[str, int, int]:
+        """(job, round, epoch) of the member's current plan; in the gossip phase the round is
+        the member's own step."""
+        if job.gossip_phase:
+            return job.job_id, job.gossip_next.get(peer_id, 0), job.epoch
+        return job.job_id, job.round, job.epoch
 
     def _check_current(self, job: Job, peer_id: str, rnd: int, epoch: int) -> None:
         if job.state != RUNNING:
@@ -447,6 +624,8 @@ class ClusterState:
         peer = self._peer(peer_id)
         peer.last_seen_ms = now_ms
         job = self.job(job_id)
+        if job.gossip_phase:
+            return self._gossip_report(job, peer, rnd, rep, now_ms)
         self._check_current(job, peer_id, rnd, epoch)
         if rep.samples != job.allocated(peer_id):
             raise BadReport(f"peer {peer_id} reports {rep.samples} samples for round {rnd}; "
@@ -488,6 +667,7 @@ class ClusterState:
             exchange_ms=max(r.exchange_ms for r in reps),
             test_evaluated=bool(evals),
             eval_ms=max(r.eval_ms for r in reps),
+            bytes_sent=sum(r.bytes_sent for r in reps),
         )
         sizes = self._shard_sizes(job.spec)
         for ranges in job.allocation.values():

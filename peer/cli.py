@@ -47,6 +47,9 @@ def build_config(argv: list[str] | None = None) -> tuple[PeerConfig, argparse.Na
                         f"{DEFAULT_CHUNK_ELEMS} over gRPC, as measured fastest)")
     p.add_argument("--torch-threads", type=int, default=int(os.environ.get("DML_TORCH_THREADS", "1")),
                    help="intra-op threads for torch (1 suits several peers per machine)")
+    p.add_argument("--slowdown", type=float, default=float(os.environ.get("DML_SLOWDOWN", "1")),
+                   help="experiments: train this many times slower than this machine can, by idling "
+                        "(slowdown - 1) x the training time after each local training (default 1: off)")
     p.add_argument("--log-level", default=os.environ.get("DML_LOG_LEVEL", "INFO"))
     a = p.parse_args(argv)
     if not a.coordinator or ":" not in a.coordinator:
@@ -57,13 +60,15 @@ def build_config(argv: list[str] | None = None) -> tuple[PeerConfig, argparse.Na
         p.error(f"--chunk-elems must be 0 (auto) or 1..{1 << 20} (4 MiB messages), got {a.chunk_elems}")
     if not a.exchange_timeout_s > 0:
         p.error("--exchange-timeout-s must be positive")
+    if not 1 <= a.slowdown <= 1000:
+        p.error(f"--slowdown must be between 1 and 1000, got {a.slowdown}")
     try:
         device = resolve_device(a.device)
     except ValueError as e:
         p.error(str(e))
     cfg = PeerConfig(coordinator=a.coordinator, host=a.host, port=a.port, advertise_host=a.advertise_host,
                      device=device, exchange_timeout_s=a.exchange_timeout_s, chunk_elems=a.chunk_elems,
-                     tcp=not a.no_tcp)
+                     tcp=not a.no_tcp, slowdown=a.slowdown)
     return cfg, a
 
 

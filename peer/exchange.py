@@ -24,6 +24,7 @@ from dml.v1 import exchange_pb2, exchange_pb2_grpc
 from aggregation.codecs import payload_size
 from aggregation.transport import FRAME, ExchangeError, Header
 from peer import dataplane
+from peer.gossip import GossipNode
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +106,7 @@ class ExchangeServicer(exchange_pb2_grpc.PeerExchangeServicer):
         self._inboxes: dict[Key, Inbox] = {}
         self._params_source = params_source
         self._recv_timeout_s = recv_timeout_s
+        self.gossip: GossipNode | None = None  # set by the peer: serves PeerExchange.Gossip
         self.data_plane = dataplane.DataPlane(data_plane_host, self._attach) if data_plane_host is not None else None
 
     def close(self) -> None:
@@ -234,6 +236,14 @@ class ExchangeServicer(exchange_pb2_grpc.PeerExchangeServicer):
             box.arrived.set()
         except queue.Full:
             pass
+
+    def Gossip(self, request_iterator: Iterator[exchange_pb2.GossipMessage], context: grpc.ServicerContext) -> Iterator[exchange_pb2.GossipMessage]:
+        """One pairwise gossip exchange, served by the peer's :class:`peer.gossip.GossipNode`."""
+        node = self.gossip
+        if node is None:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, "this peer does not gossip")
+            return
+        yield from node.serve(request_iterator, context)
 
     def FetchParameters(self, request: exchange_pb2.FetchParametersRequest, context: grpc.ServicerContext) -> Iterator[exchange_pb2.ParameterChunk]:
         got = self._params_source(request.job_id, request.round)

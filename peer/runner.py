@@ -34,6 +34,7 @@ from dml.v1 import (
 from aggregation.allreduce import chunk_elems_for
 from aggregation.averaging import delta_ring_average, digest, weighted_ring_average
 from aggregation.codecs import Codec, get_codec
+from aggregation.topology import partner_ids
 from aggregation.transport import ExchangeError
 from coordinator.planner import shard_order
 from peer.client import CALL_TIMEOUT_S, ControlClient, Evicted
@@ -43,6 +44,7 @@ from peer.exchange import (
     PeerLink,
     add_exchange_to_server,
 )
+from peer.gossip import GossipNode, Outcome
 from peer.tasks import get_task
 from peer.trainer import Trainer
 
@@ -62,6 +64,9 @@ class PeerConfig:
     plan_wait_s: float = 5.0
     chunk_elems: int = 0  # float32 elements per wire chunk; 0: the best measured for the job's data plane
     tcp: bool = True  # serve the TCP data plane (jobs may still choose gRPC)
+    # Experiments only: after training, wait (slowdown - 1) times as long as training took, so
+    # this peer trains `slowdown` times slower than it can (a stand-in for a slower machine).
+    slowdown: float = 1.0
 
 
 @dataclass
@@ -96,6 +101,11 @@ class Peer:
         self._codecs: dict[str, Codec] = {}
         self.servicer = ExchangeServicer(self._params_for, recv_timeout_s=config.exchange_timeout_s,
                                          data_plane_host=config.host if config.tcp else None)
+        self.gossip = GossipNode("")
+        self.servicer.gossip = self.gossip
+        self._channels: dict[str, grpc.Channel] = {}  # gossip partners' exchange servers, by address
+        self._suspects: dict[str, float] = {}  # gossip partners that failed -> skip until (monotonic)
+        self._gossip_bytes_reported = 0
         self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=16), options=GRPC_OPTIONS)
         add_exchange_to_server(self.servicer, self._server)
         self.port = self._server.add_insecure_port(f"{config.host}:{config.port}")
@@ -122,11 +132,13 @@ class Peer:
 
     def _register(self) -> None:
         if self.peer_id:  # evicted: whatever it held may be stale, start clean as a new member
+            self.gossip.detach()
             with self._lock:
                 self._trainer, self._trainer_job, self._committed, self._tentative = None, "", None, None
                 self._residual = None
         resp = self.client.register(self.address, self.config.device, 0)
         self.peer_id = resp.peer_id
+        self.gossip.peer_id = resp.peer_id
         self._heartbeat_s = resp.heartbeat_interval_ms / 1000.0
         self._round_deadline_s = (resp.round_deadline_ms or 120_000) / 1000.0
         self._evicted.clear()
@@ -146,6 +158,7 @@ class Peer:
             self._main.join(10)
         self._server.stop(0.5).wait(2)
         self.servicer.close()
+        self._close_channels()
         self.client.close()
 
     # -- heartbeats -------------------------------------------------------------------------
@@ -216,7 +229,10 @@ class Peer:
                     continue
                 plan = resp.plan
                 last = (plan.job_id, plan.round, plan.epoch)
-                self._run_round(plan)
+                if plan.gossip:
+                    self._run_gossip_step(plan)
+                else:
+                    self._run_round(plan)
             except Evicted as e:
                 log.warning("peer %s: %s", self.peer_id, e)
                 self._evicted.set()
@@ -239,6 +255,8 @@ class Peer:
                 self._tentative = None
         trainer = self._trainer
         start, want = plan.round - 1, plan.start_digest
+        if spec.aggregation == "gossip":
+            self._end_gossip(plan.job_id, start)
 
         def good(snap: Snapshot | None) -> bool:
             return snap is not None and snap.round == start and (not want or snap.digest == want)
@@ -262,6 +280,20 @@ class Peer:
         if not in_place:
             trainer.set_params(self._committed.params)
         return trainer
+
+    def _end_gossip(self, job_id: str, rnd: int) -> None:
+        """A gossip job's closing ring round: partners may no longer change the parameters, and
+        this peer's own (gossiped) parameters become the round's starting point, kept so a
+        re-issued round starts from them again."""
+        self.gossip.detach()
+        self._close_channels()
+        with self._lock:
+            trainer = self._trainer
+            held = self._committed is not None and self._committed.job_id == job_id and self._committed.round == rnd
+            if trainer is None or held or self._tentative is not None:
+                return
+            params = trainer.params()
+            self._committed = Snapshot(job_id, rnd, params, digest(params))
 
     def _promote(self, tent: Snapshot) -> Snapshot:
         """The committed snapshot for a tentative one: a copy if it is the live buffer, made into
@@ -445,3 +477,105 @@ class Peer:
                 self.client.upload_checkpoint(self.peer_id, plan.job_id, plan.round, plan.epoch, dig, f)
         self.client.call(lambda: self.client.stub.ReportRound(req, timeout=CALL_TIMEOUT_S), "report round", give_up_s=60)
         log.debug("%s: train %.3fs exchange %.3fs report %.3fs", tag, t1 - t0, t2 - t1, time.monotonic() - t2)
+
+    # -- gossip steps -------------------------------------------------------------------------
+    def _close_channels(self) -> None:
+        chans, self._channels = list(self._channels.values()), {}
+        for ch in chans:
+            ch.close()
+        self._suspects.clear()
+
+    def _channel(self, address: str) -> grpc.Channel:
+        if address not in self._channels:
+            self._channels[address] = grpc.insecure_channel(address, options=GRPC_OPTIONS)
+        return self._channels[address]
+
+    def _gossip_trainer(self, plan: types_pb2.Plan) -> Trainer:
+        """The job's trainer (a new member starts from the seeded model, with weight 0, so its
+        first exchange takes on its partner's parameters), attached to the gossip node."""
+        spec = plan.spec
+        if self._trainer is None or self._trainer_job != plan.job_id:
+            self.gossip.detach()
+            self._close_channels()
+            trainer = Trainer(get_task(spec.task), spec.seed, spec.learning_rate, self.config.device)
+            with self._lock:
+                self._trainer, self._trainer_job = trainer, plan.job_id
+                self._committed, self._tentative = None, None
+        self.gossip.attach(plan.job_id, self._trainer)
+        return self._trainer
+
+    def _gossip_exchange(self, plan: types_pb2.Plan, rank: int) -> Outcome | None:
+        """Averages with the first candidate partner that takes part; busy or failed ones are
+        skipped (a failed one for a while). None when nobody could."""
+        spec = plan.spec
+        ids = [m.peer_id for m in plan.members]
+        address = {m.peer_id: m.address for m in plan.members}
+        live = {a for a in address.values()}
+        for addr in [a for a in self._channels if a not in live]:  # members that left
+            self._channels.pop(addr).close()
+        rng = np.random.default_rng([spec.seed, int.from_bytes(self.peer_id.encode()[-8:], "little"), plan.round])
+        now = time.monotonic()
+        timeout = (spec.gossip_timeout_ms or 10_000) / 1000.0
+        for cand in partner_ids(spec.gossip_topology or "uniform", ids, self.peer_id, plan.round, rng):
+            if self.stop_event.is_set():
+                return None
+            if self._suspects.get(cand, 0.0) > now:
+                continue
+            out = self.gossip.exchange(plan.job_id, cand, address[cand], timeout, self._channel(address[cand]))
+            if out.ok:
+                self._suspects.pop(cand, None)
+                return out
+            if not out.busy:
+                log.info("peer %s job %s step %d: exchange with %s failed (%s); trying another partner",
+                         self.peer_id, plan.job_id, plan.round, cand, out.detail)
+                self._suspects[cand] = time.monotonic() + max(2 * timeout, 5.0)
+            elif "this peer is serving" in out.detail:
+                return None  # we are being averaged right now: that is this step's exchange
+        return None
+
+    def _run_gossip_step(self, plan: types_pb2.Plan) -> None:
+        """One gossip step: train on the step's samples, average with one partner, report."""
+        me = [i for i, m in enumerate(plan.members) if m.peer_id == self.peer_id]
+        if not me:
+            return
+        rank = me[0]
+        tag = f"peer {self.peer_id} job {plan.job_id} gossip step {plan.round}"
+        try:
+            t0 = time.monotonic()
+            trainer = self._gossip_trainer(plan)
+            samples = self._samples(plan, rank)
+            t_train = time.monotonic()
+            res = trainer.train_on(samples, plan.spec.batch_size)
+            t_done = time.monotonic()
+            if self.config.slowdown > 1:
+                self.stop_event.wait((self.config.slowdown - 1) * (t_done - t_train))
+            self.gossip.add_samples(res.samples)
+            t1 = time.monotonic()
+            out = self._gossip_exchange(plan, rank)
+            t2 = time.monotonic()
+            sent = self.gossip.bytes_sent
+            req = control_pb2.ReportRoundRequest(
+                peer_id=self.peer_id, job_id=plan.job_id, round=plan.round, epoch=plan.epoch, samples=res.samples,
+                train_loss=res.loss, train_ms=int((t1 - t0) * 1000), exchange_ms=int((t2 - t1) * 1000),
+                train_samples_per_s=res.samples / (t_done - t_train) if res.samples and t_done > t_train else 0.0,
+                bytes_sent=sent - self._gossip_bytes_reported)
+            if out is not None:
+                req.has_pair_distance, req.pair_distance = True, out.distance
+            every = max(plan.spec.eval_every_rounds, 1)
+            if plan.round % every == 0:
+                t_eval = time.monotonic()
+                with trainer.lock:  # a partner's averaging must not land mid-evaluation
+                    acc, loss = trainer.evaluate()
+                req.has_test_metrics, req.test_accuracy, req.test_loss = True, acc, loss
+                req.eval_ms = int((time.monotonic() - t_eval) * 1000)
+            self.client.call(lambda: self.client.stub.ReportRound(req, timeout=CALL_TIMEOUT_S), "report step",
+                             give_up_s=60)
+            self._gossip_bytes_reported = sent
+        except Evicted:
+            raise
+        except Exception as e:
+            if isinstance(e, grpc.RpcError) and isinstance(e, grpc.Call) and e.code() == grpc.StatusCode.FAILED_PRECONDITION:
+                log.info("%s: superseded (%s)", tag, e.details())
+                return
+            log.exception("%s: local failure; leaving the job", tag)
+            self._report_failure(plan, self.peer_id, f"local failure: {e!r}")

@@ -87,6 +87,9 @@ class Trainer:
     def __init__(self, task: Task, seed: int, lr: float, device: str = "cpu") -> None:
         self.task = task
         self.device = torch.device(device)
+        # Held around every SGD step and by whatever else changes the parameters in place (a
+        # gossip partner's averaging), so that never lands in the middle of a step.
+        self.lock = threading.Lock()
         with _INIT_LOCK:
             torch.manual_seed(seed)
             self.model = task.build_model().to(self.device)
@@ -213,10 +216,11 @@ class Trainer:
         total, loss_sum = 0, 0.0
         for idx in batches:
             batch = torch.from_numpy(np.ascontiguousarray(idx, dtype=np.int64)).to(self.device)
-            self.optimizer.zero_grad(set_to_none=True)
-            loss = F.cross_entropy(self.model(self._x[batch]), self._y[batch])
-            loss.backward()
-            self.optimizer.step()
+            with self.lock:
+                self.optimizer.zero_grad(set_to_none=True)
+                loss = F.cross_entropy(self.model(self._x[batch]), self._y[batch])
+                loss.backward()
+                self.optimizer.step()
             total += int(batch.numel())
             loss_sum += float(loss.detach()) * int(batch.numel())
         self.optimizer.zero_grad(set_to_none=True)  # gradients are not needed past the round

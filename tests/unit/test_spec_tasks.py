@@ -35,7 +35,9 @@ def test_default_spec_is_valid() -> None:
         (dict(task="synthetic:1"), "synthetic"),
         (dict(sharding="foo"), "sharding"),
         (dict(sharding="dirichlet:0"), "sharding"),
-        (dict(aggregation="gossip"), "aggregation"),
+        (dict(aggregation="allreduce"), "aggregation"),
+        (dict(aggregation="gossip", gossip_topology="star"), "topology"),
+        (dict(aggregation="gossip", gossip_timeout_ms=50), "gossip_timeout_ms"),
         (dict(num_shards=1439), "num_shards"),
         (dict(num_shards=0), "num_shards"),
         (dict(min_peers=5, num_shards=4), "min_peers"),
@@ -72,7 +74,9 @@ def test_with_defaults_fills_zeros_and_keeps_set_values() -> None:
     assert with_defaults(custom) == custom
     # rounds is never defaulted: a zero there is the user's error to see.
     assert with_defaults(JobSpec(rounds=0)).rounds == 0
-    assert AGGREGATIONS == ("ring",)
+    assert AGGREGATIONS == ("ring", "gossip")
+    unset_gossip = with_defaults(JobSpec(aggregation="gossip", gossip_topology="", gossip_timeout_ms=0))
+    assert (unset_gossip.gossip_topology, unset_gossip.gossip_timeout_ms) == (d.gossip_topology, d.gossip_timeout_ms)
 
 
 def test_spec_dict_round_trip_ignores_unknown_keys() -> None:

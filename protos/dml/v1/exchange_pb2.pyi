@@ -81,3 +81,21 @@ class ParameterChunk(_message.Message):
     digest: str
     data: bytes
     def __init__(self, round: _Optional[int] = ..., digest: _Optional[str] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class GossipMessage(_message.Message):
+    __slots__ = ("job_id", "sender_id", "exchange_id", "elems", "weight", "data", "commit")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    SENDER_ID_FIELD_NUMBER: _ClassVar[int]
+    EXCHANGE_ID_FIELD_NUMBER: _ClassVar[int]
+    ELEMS_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    COMMIT_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    sender_id: str
+    exchange_id: str
+    elems: int
+    weight: float
+    data: bytes
+    commit: bool
+    def __init__(self, job_id: _Optional[str] = ..., sender_id: _Optional[str] = ..., exchange_id: _Optional[str] = ..., elems: _Optional[int] = ..., weight: _Optional[float] = ..., data: _Optional[bytes] = ..., commit: _Optional[bool] = ...) -> None: ...

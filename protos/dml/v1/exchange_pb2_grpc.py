@@ -50,6 +50,11 @@ class PeerExchangeStub:
                 request_serializer=dml_dot_v1_dot_exchange__pb2.OpenDataPlaneRequest.SerializeToString,
                 response_deserializer=dml_dot_v1_dot_exchange__pb2.OpenDataPlaneResponse.FromString,
                 _registered_method=True)
+        self.Gossip = channel.stream_stream(
+                '/dml.v1.PeerExchange/Gossip',
+                request_serializer=dml_dot_v1_dot_exchange__pb2.GossipMessage.SerializeToString,
+                response_deserializer=dml_dot_v1_dot_exchange__pb2.GossipMessage.FromString,
+                _registered_method=True)
 
 
 class PeerExchangeServicer:
@@ -83,6 +88,17 @@ class PeerExchangeServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Gossip(self, request_iterator, context):
+        """One pairwise push-pull gossip exchange. The initiator sends an offer then its parameters;
+        the partner answers with its own, or RESOURCE_EXHAUSTED at once when it is busy in another
+        exchange; the initiator applies the weighted mean and sends `commit`; the partner applies it
+        and confirms. Either side that fails before its commit leaves its parameters untouched. The
+        call must carry a deadline.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PeerExchangeServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -100,6 +116,11 @@ def add_PeerExchangeServicer_to_server(servicer, server):
                     servicer.OpenDataPlane,
                     request_deserializer=dml_dot_v1_dot_exchange__pb2.OpenDataPlaneRequest.FromString,
                     response_serializer=dml_dot_v1_dot_exchange__pb2.OpenDataPlaneResponse.SerializeToString,
+            ),
+            'Gossip': grpc.stream_stream_rpc_method_handler(
+                    servicer.Gossip,
+                    request_deserializer=dml_dot_v1_dot_exchange__pb2.GossipMessage.FromString,
+                    response_serializer=dml_dot_v1_dot_exchange__pb2.GossipMessage.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -184,6 +205,33 @@ class PeerExchange:
             '/dml.v1.PeerExchange/OpenDataPlane',
             dml_dot_v1_dot_exchange__pb2.OpenDataPlaneRequest.SerializeToString,
             dml_dot_v1_dot_exchange__pb2.OpenDataPlaneResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Gossip(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/dml.v1.PeerExchange/Gossip',
+            dml_dot_v1_dot_exchange__pb2.GossipMessage.SerializeToString,
+            dml_dot_v1_dot_exchange__pb2.GossipMessage.FromString,
             options,
             channel_credentials,
             insecure,

@@ -23,7 +23,7 @@ JOB_STATE_FAILED: JobState
 JOB_STATE_CANCELLED: JobState
 
 class JobSpec(_message.Message):
-    __slots__ = ("task", "rounds", "local_steps", "batch_size", "learning_rate", "min_peers", "sharding", "aggregation", "seed", "num_shards", "checkpoint_every_rounds", "peer_grace_s", "codec", "data_plane", "eval_every_rounds")
+    __slots__ = ("task", "rounds", "local_steps", "batch_size", "learning_rate", "min_peers", "sharding", "aggregation", "seed", "num_shards", "checkpoint_every_rounds", "peer_grace_s", "codec", "data_plane", "eval_every_rounds", "gossip_topology", "gossip_timeout_ms")
     TASK_FIELD_NUMBER: _ClassVar[int]
     ROUNDS_FIELD_NUMBER: _ClassVar[int]
     LOCAL_STEPS_FIELD_NUMBER: _ClassVar[int]
@@ -39,6 +39,8 @@ class JobSpec(_message.Message):
     CODEC_FIELD_NUMBER: _ClassVar[int]
     DATA_PLANE_FIELD_NUMBER: _ClassVar[int]
     EVAL_EVERY_ROUNDS_FIELD_NUMBER: _ClassVar[int]
+    GOSSIP_TOPOLOGY_FIELD_NUMBER: _ClassVar[int]
+    GOSSIP_TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
     task: str
     rounds: int
     local_steps: int
@@ -54,7 +56,9 @@ class JobSpec(_message.Message):
     codec: str
     data_plane: str
     eval_every_rounds: int
-    def __init__(self, task: _Optional[str] = ..., rounds: _Optional[int] = ..., local_steps: _Optional[int] = ..., batch_size: _Optional[int] = ..., learning_rate: _Optional[float] = ..., min_peers: _Optional[int] = ..., sharding: _Optional[str] = ..., aggregation: _Optional[str] = ..., seed: _Optional[int] = ..., num_shards: _Optional[int] = ..., checkpoint_every_rounds: _Optional[int] = ..., peer_grace_s: _Optional[int] = ..., codec: _Optional[str] = ..., data_plane: _Optional[str] = ..., eval_every_rounds: _Optional[int] = ...) -> None: ...
+    gossip_topology: str
+    gossip_timeout_ms: int
+    def __init__(self, task: _Optional[str] = ..., rounds: _Optional[int] = ..., local_steps: _Optional[int] = ..., batch_size: _Optional[int] = ..., learning_rate: _Optional[float] = ..., min_peers: _Optional[int] = ..., sharding: _Optional[str] = ..., aggregation: _Optional[str] = ..., seed: _Optional[int] = ..., num_shards: _Optional[int] = ..., checkpoint_every_rounds: _Optional[int] = ..., peer_grace_s: _Optional[int] = ..., codec: _Optional[str] = ..., data_plane: _Optional[str] = ..., eval_every_rounds: _Optional[int] = ..., gossip_topology: _Optional[str] = ..., gossip_timeout_ms: _Optional[int] = ...) -> None: ...
 
 class SampleRange(_message.Message):
     __slots__ = ("shard_id", "start", "stop", "data_epoch")
@@ -77,7 +81,7 @@ class MemberSamples(_message.Message):
     def __init__(self, peer_id: _Optional[str] = ..., ranges: _Optional[_Iterable[_Union[SampleRange, _Mapping]]] = ...) -> None: ...
 
 class RoundMetrics(_message.Message):
-    __slots__ = ("round", "epoch", "train_loss", "test_accuracy", "test_loss", "samples", "digest", "duration_ms", "members", "data_epoch", "consumed", "train_ms", "exchange_ms", "committed_unix_ms", "test_evaluated", "eval_ms")
+    __slots__ = ("round", "epoch", "train_loss", "test_accuracy", "test_loss", "samples", "digest", "duration_ms", "members", "data_epoch", "consumed", "train_ms", "exchange_ms", "committed_unix_ms", "test_evaluated", "eval_ms", "consensus_distance", "bytes_sent")
     ROUND_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     TRAIN_LOSS_FIELD_NUMBER: _ClassVar[int]
@@ -94,6 +98,8 @@ class RoundMetrics(_message.Message):
     COMMITTED_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
     TEST_EVALUATED_FIELD_NUMBER: _ClassVar[int]
     EVAL_MS_FIELD_NUMBER: _ClassVar[int]
+    CONSENSUS_DISTANCE_FIELD_NUMBER: _ClassVar[int]
+    BYTES_SENT_FIELD_NUMBER: _ClassVar[int]
     round: int
     epoch: int
     train_loss: float
@@ -110,7 +116,9 @@ class RoundMetrics(_message.Message):
     committed_unix_ms: int
     test_evaluated: bool
     eval_ms: int
-    def __init__(self, round: _Optional[int] = ..., epoch: _Optional[int] = ..., train_loss: _Optional[float] = ..., test_accuracy: _Optional[float] = ..., test_loss: _Optional[float] = ..., samples: _Optional[int] = ..., digest: _Optional[str] = ..., duration_ms: _Optional[int] = ..., members: _Optional[int] = ..., data_epoch: _Optional[int] = ..., consumed: _Optional[_Iterable[_Union[MemberSamples, _Mapping]]] = ..., train_ms: _Optional[int] = ..., exchange_ms: _Optional[int] = ..., committed_unix_ms: _Optional[int] = ..., test_evaluated: _Optional[bool] = ..., eval_ms: _Optional[int] = ...) -> None: ...
+    consensus_distance: float
+    bytes_sent: int
+    def __init__(self, round: _Optional[int] = ..., epoch: _Optional[int] = ..., train_loss: _Optional[float] = ..., test_accuracy: _Optional[float] = ..., test_loss: _Optional[float] = ..., samples: _Optional[int] = ..., digest: _Optional[str] = ..., duration_ms: _Optional[int] = ..., members: _Optional[int] = ..., data_epoch: _Optional[int] = ..., consumed: _Optional[_Iterable[_Union[MemberSamples, _Mapping]]] = ..., train_ms: _Optional[int] = ..., exchange_ms: _Optional[int] = ..., committed_unix_ms: _Optional[int] = ..., test_evaluated: _Optional[bool] = ..., eval_ms: _Optional[int] = ..., consensus_distance: _Optional[float] = ..., bytes_sent: _Optional[int] = ...) -> None: ...
 
 class Member(_message.Message):
     __slots__ = ("peer_id", "address", "shard_ids", "samples")
@@ -125,7 +133,7 @@ class Member(_message.Message):
     def __init__(self, peer_id: _Optional[str] = ..., address: _Optional[str] = ..., shard_ids: _Optional[_Iterable[int]] = ..., samples: _Optional[_Iterable[_Union[SampleRange, _Mapping]]] = ...) -> None: ...
 
 class Plan(_message.Message):
-    __slots__ = ("job_id", "round", "epoch", "members", "spec", "checkpoint", "data_epoch", "shard_indices", "start_digest")
+    __slots__ = ("job_id", "round", "epoch", "members", "spec", "checkpoint", "data_epoch", "shard_indices", "start_digest", "gossip")
     class ShardIndicesEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -142,6 +150,7 @@ class Plan(_message.Message):
     DATA_EPOCH_FIELD_NUMBER: _ClassVar[int]
     SHARD_INDICES_FIELD_NUMBER: _ClassVar[int]
     START_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    GOSSIP_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     round: int
     epoch: int
@@ -151,7 +160,8 @@ class Plan(_message.Message):
     data_epoch: int
     shard_indices: _containers.MessageMap[int, ShardIndices]
     start_digest: str
-    def __init__(self, job_id: _Optional[str] = ..., round: _Optional[int] = ..., epoch: _Optional[int] = ..., members: _Optional[_Iterable[_Union[Member, _Mapping]]] = ..., spec: _Optional[_Union[JobSpec, _Mapping]] = ..., checkpoint: _Optional[bool] = ..., data_epoch: _Optional[int] = ..., shard_indices: _Optional[_Mapping[int, ShardIndices]] = ..., start_digest: _Optional[str] = ...) -> None: ...
+    gossip: bool
+    def __init__(self, job_id: _Optional[str] = ..., round: _Optional[int] = ..., epoch: _Optional[int] = ..., members: _Optional[_Iterable[_Union[Member, _Mapping]]] = ..., spec: _Optional[_Union[JobSpec, _Mapping]] = ..., checkpoint: _Optional[bool] = ..., data_epoch: _Optional[int] = ..., shard_indices: _Optional[_Mapping[int, ShardIndices]] = ..., start_digest: _Optional[str] = ..., gossip: _Optional[bool] = ...) -> None: ...
 
 class ShardIndices(_message.Message):
     __slots__ = ("indices",)

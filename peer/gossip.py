@@ -1,0 +1,272 @@
+"""Gossip exchanges over gRPC: one peer's side of pairwise push-pull averaging.
+
+A :class:`GossipNode` holds what a peer exchanges in a gossip job: the trainer whose parameters
+are averaged, the averaging weight (samples trained, merged at every exchange) and the exchange
+slot (:class:`aggregation.gossip.Exchanger`), which makes every exchange touching this peer,
+whether it started it or serves it, one at a time. Both roles run the same two-phase exchange:
+
+1. initiator A: takes its slot, sends an offer (job, exchange id, size, weight) and its
+   parameters on a ``PeerExchange.Gossip`` stream with a deadline;
+2. partner B: refuses at once with RESOURCE_EXHAUSTED when its slot is taken (A then tries
+   another candidate); else it receives A's parameters into a separate buffer, takes its
+   trainer's lock (training pauses between two SGD steps) and answers with its own parameters;
+3. A, holding both, averages (:func:`aggregation.gossip.pair_average`, the same coefficients on
+   both sides) and sends ``commit``; B averages on ``commit`` and confirms.
+
+Nothing is applied before the other side's whole copy has arrived, so a partner that dies or
+stalls mid-exchange costs the other one deadline and leaves its parameters untouched. The one
+window no protocol closes (two generals) is after A's commit: if B never sees ``commit`` it
+aborts on its deadline, A has averaged and B has not. Both are still sane models (A's is a
+convex combination); the node counts such exchanges as ``one_sided``. Since B holds its
+trainer's lock from its answer to its commit, both sides average exactly the bytes they sent,
+and after an exchange both hold bit-identical parameters.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import queue
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+import numpy as np
+from dml.v1 import exchange_pb2, exchange_pb2_grpc
+
+from aggregation.gossip import Exchanger, ExchangeStateError, Snapshot
+
+log = logging.getLogger(__name__)
+
+CHUNK_BYTES = 1 << 20
+LOCK_POLL_S = 0.05
+
+
+class GossipRefused(Exception):
+    """The partner cannot exchange now (busy, another job, not reachable)."""
+
+
+@dataclass
+class Outcome:
+    """How one attempt to exchange with a partner ended."""
+
+    partner: str
+    ok: bool
+    busy: bool = False
+    distance: float = float("nan")  # ||mine - theirs|| before averaging
+    bytes_sent: int = 0
+    detail: str = ""
+
+
+def _chunks(buf: np.ndarray) -> Iterator[bytes]:
+    view = buf.view(np.uint8)
+    for start in range(0, view.size, CHUNK_BYTES):
+        yield view[start : start + CHUNK_BYTES].tobytes()
+
+
+def _fill(out: np.ndarray, pos: int, data: bytes) -> int:
+    """Copies ``data`` into ``out``'s bytes at byte ``pos``; ValueError on overflow."""
+    view = out.view(np.uint8)
+    end = pos + len(data)
+    if end > view.size:
+        raise ValueError(f"more parameter bytes than announced ({end} > {view.size})")
+    view[pos:end] = np.frombuffer(data, dtype=np.uint8)
+    return end
+
+
+def pair_distance(a: np.ndarray, b: np.ndarray, piece: int = 1 << 16) -> float:
+    """||a - b|| in float64, through small pieces (no model-sized temporary)."""
+    acc = 0.0
+    for s in range(0, a.size, piece):
+        d = a[s : s + piece].astype(np.float64) - b[s : s + piece]
+        acc += float(np.dot(d, d))
+    return math.sqrt(acc)
+
+
+class GossipNode:
+    """One peer's gossip state; thread-safe. ``attach`` it to a job's trainer before exchanging."""
+
+    def __init__(self, peer_id: str) -> None:
+        self.peer_id = peer_id
+        self.slot = Exchanger(peer_id)
+        self._lock = threading.Lock()
+        self.job_id = ""
+        self.trainer: Any = None
+        self.weight = 0.0  # guarded by the trainer's lock
+        self.bytes_sent = 0
+        self.one_sided = 0
+
+    # -- membership of a job ----------------------------------------------------------------
+    def attach(self, job_id: str, trainer: Any) -> None:
+        """Exchanges from now on average ``trainer``'s parameters for ``job_id``."""
+        with self._lock:
+            if self.job_id == job_id and self.trainer is trainer:
+                return
+            self.job_id, self.trainer, self.weight = job_id, trainer, 0.0
+
+    def detach(self) -> None:
+        """Stops serving exchanges; returns once none can still change the parameters."""
+        with self._lock:
+            trainer, self.job_id, self.trainer = self.trainer, "", None
+        if trainer is not None:
+            with trainer.lock:  # an exchange committing now holds it; later ones see job_id ""
+                pass
+
+    def add_samples(self, n: int) -> None:
+        """Training added ``n`` samples to this peer's weight."""
+        trainer = self.trainer
+        if trainer is not None:
+            with trainer.lock:
+                self.weight += n
+
+    def _current(self, job_id: str) -> Any:
+        with self._lock:
+            return self.trainer if self.job_id == job_id and self.trainer is not None else None
+
+    # -- the partner's side (the Gossip RPC) ---------------------------------------------------
+    def serve(self, requests: Iterator[exchange_pb2.GossipMessage], context: grpc.ServicerContext
+              ) -> Iterator[exchange_pb2.GossipMessage]:
+        """Serves one exchange started by another peer (PeerExchange.Gossip)."""
+        left = context.time_remaining()
+        if left is None or left > 3600:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "a gossip exchange must carry a deadline (at most 1 h)")
+        deadline = time.monotonic() + left
+        first = next(requests, None)
+        if first is None:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "empty gossip stream")
+        assert first is not None
+        trainer = self._current(first.job_id)
+        if trainer is None:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                          f"peer {self.peer_id} is not gossiping in job {first.job_id!r} now")
+        n = trainer.numel
+        if first.elems != n or not math.isfinite(first.weight) or first.weight < 0 or not first.exchange_id:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"bad offer: {first.elems} elements (model has {n}), weight {first.weight}, "
+                          f"exchange id {first.exchange_id!r}")
+        key = (first.sender_id, first.exchange_id)
+        if not self.slot.try_begin(key):
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"peer {self.peer_id} is busy in another exchange")
+        locked = False
+        committed = False
+        try:
+            theirs = np.empty(n, dtype=np.float32)
+            pos = _fill(theirs, 0, first.data)
+            while pos < theirs.nbytes:
+                msg = next(requests, None)
+                if msg is None:
+                    raise GossipRefused("the initiator closed the stream before sending all its parameters")
+                pos = _fill(theirs, pos, msg.data)
+            self.slot.stage(key, Snapshot(theirs, float(first.weight)))
+            while not trainer.lock.acquire(timeout=LOCK_POLL_S):  # waits out one SGD step at most
+                if time.monotonic() > deadline or not context.is_active():
+                    raise GossipRefused("deadline passed waiting for the training step")
+            locked = True
+            if self._current(first.job_id) is not trainer:
+                raise GossipRefused("the job ended")
+            buf = trainer.host_buffer()
+            mine, w_mine = buf[:n], self.weight
+            yield exchange_pb2.GossipMessage(job_id=first.job_id, sender_id=self.peer_id,
+                                             exchange_id=first.exchange_id, elems=n, weight=w_mine)
+            for data in _chunks(mine):
+                yield exchange_pb2.GossipMessage(data=data)
+                self.bytes_sent += len(data)
+            msg = next(requests, None)
+            if msg is None or not msg.commit:
+                raise GossipRefused("the initiator did not commit")
+            self.weight = self.slot.commit(key, mine, w_mine)
+            committed = True
+            trainer.load_host_buffer(buf)
+            locked = False
+            trainer.lock.release()
+            yield exchange_pb2.GossipMessage(commit=True)
+        except (GossipRefused, ValueError, ExchangeStateError, grpc.RpcError) as e:
+            log.info("peer %s: gossip exchange %s from %s dropped: %s", self.peer_id, first.exchange_id,
+                     first.sender_id, e)
+            context.abort(grpc.StatusCode.ABORTED, f"exchange dropped: {e}")
+        finally:
+            if locked:
+                trainer.lock.release()
+            if not committed:
+                self.slot.abort(key)
+
+    # -- the initiator's side ---------------------------------------------------------------------
+    def exchange(self, job_id: str, partner_id: str, address: str, timeout_s: float,
+                 channel: grpc.Channel | None = None) -> Outcome:
+        """Runs one exchange with ``partner_id`` at ``address``; never raises for the partner's
+        failures (the Outcome says what happened). Parameters change only on success."""
+        trainer = self._current(job_id)
+        if trainer is None:
+            return Outcome(partner_id, False, detail="not attached to the job")
+        xid = uuid.uuid4().hex[:16]
+        key = (partner_id, xid)
+        if not self.slot.try_begin(key):
+            return Outcome(partner_id, False, busy=True, detail="this peer is serving another exchange")
+        own = channel is None
+        ch = channel or grpc.insecure_channel(address)
+        out: queue.Queue[exchange_pb2.GossipMessage | None] = queue.Queue()
+        sent = [0]
+        n = trainer.numel
+        buf = trainer.host_buffer()
+        mine = buf[:n]
+        w_mine = self.weight
+        committed = False
+        call = None
+
+        def requests() -> Iterator[exchange_pb2.GossipMessage]:
+            yield exchange_pb2.GossipMessage(job_id=job_id, sender_id=self.peer_id, exchange_id=xid,
+                                             elems=n, weight=w_mine)
+            for data in _chunks(mine):
+                yield exchange_pb2.GossipMessage(data=data)
+                sent[0] += len(data)
+            msg = out.get(timeout=timeout_s)  # the commit, or None to end
+            if msg is not None:
+                yield msg
+
+        try:
+            stub = exchange_pb2_grpc.PeerExchangeStub(ch)
+            call = stub.Gossip(requests(), timeout=timeout_s)
+            first = next(call)
+            if first.elems != n or not math.isfinite(first.weight) or first.weight < 0:
+                raise GossipRefused(f"bad answer: {first.elems} elements, weight {first.weight}")
+            theirs = np.empty(n, dtype=np.float32)
+            pos = _fill(theirs, 0, first.data)
+            while pos < theirs.nbytes:
+                pos = _fill(theirs, pos, next(call).data)
+            self.slot.stage(key, Snapshot(theirs, float(first.weight)))
+            dist = pair_distance(mine, theirs)
+            with trainer.lock:
+                self.weight = self.slot.commit(key, mine, w_mine)
+                committed = True
+                trainer.load_host_buffer(buf)
+            out.put(exchange_pb2.GossipMessage(commit=True))
+            try:
+                confirm = next(call)
+                if not confirm.commit:
+                    raise GossipRefused("no confirmation")
+            except (grpc.RpcError, StopIteration, GossipRefused) as e:
+                self.one_sided += 1
+                log.warning("peer %s: exchange %s with %s applied here only (the partner did not confirm: %s)",
+                            self.peer_id, xid, partner_id, e)
+            self.bytes_sent += sent[0]
+            return Outcome(partner_id, True, distance=dist, bytes_sent=sent[0])
+        except grpc.RpcError as e:
+            code = e.code() if isinstance(e, grpc.Call) else None
+            detail = e.details() if isinstance(e, grpc.Call) else str(e)
+            self.bytes_sent += sent[0]
+            return Outcome(partner_id, False, busy=code == grpc.StatusCode.RESOURCE_EXHAUSTED,
+                           bytes_sent=sent[0], detail=f"{code.name if code else 'error'}: {detail}")
+        except (GossipRefused, ValueError, StopIteration, ExchangeStateError) as e:
+            self.bytes_sent += sent[0]
+            return Outcome(partner_id, False, bytes_sent=sent[0], detail=str(e) or type(e).__name__)
+        finally:
+            if not committed:
+                self.slot.abort(key)
+                out.put(None)
+                if call is not None:
+                    call.cancel()
+            if own:
+                ch.close()
