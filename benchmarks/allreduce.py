@@ -2,6 +2,7 @@
 
     python benchmarks/allreduce.py [--world-sizes 2,3,4] [--sizes-mb 1,64,256] [--codecs fp32]
                                    [--data-planes tcp] [--repeats 5] [--chunk-elems 262144] [--json]
+                                   [--link-mbit 1000 [--egress-only] [--link-probe-s 1]]
 
 For every (N, size, codec, data plane) it starts two pools of N worker processes on 127.0.0.1
 (``spawn``):
@@ -30,16 +31,28 @@ bandwidth (algbw x 2(N-1)/N, the nccl-tests convention; GB = 1e9 bytes, MB = 2**
 median CPU-seconds, and the ratio of medians dml / gloo. ``--json`` prints one JSON object per
 configuration instead. Progress goes to stderr. Every wait has a deadline and every worker is
 stopped, then terminated, then killed if need be.
+
+``--link-mbit R`` (root and iproute2) replaces 127.0.0.1 with an emulated LAN (``netem.py``): one
+network namespace per rank, a veth into a shared bridge, ``tbf`` limiting each rank to R Mbit/s
+each way (``--egress-only``: what it sends only). Both workers of rank r (dml's and gloo's) enter
+rank r's namespace before they open a socket, listen on and advertise its address
+10.213.0.(r+1), and gloo rendezvouses at rank 0's. A plain-socket ring probe first reports the rate
+the link reaches (``--link-probe-s``). The table gains the floor, 2(N-1)/N x the codec's wire bytes
+x 8 / R (gloo's is fp32's), and each time over its floor; ``--json`` rows carry ``link_mbit`` (0 on
+loopback), ``floor_s`` and ``gloo_floor_s`` (None on loopback). The LAN is deleted on exit, on
+errors, on SIGINT and SIGTERM; a run killed outright leaves it until the next run deletes it.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
 import multiprocessing as mp
 import os
 import pathlib
 import platform
+import signal
 import socket
 import statistics
 import sys
@@ -50,13 +63,16 @@ from typing import Any
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+if str(ROOT / "benchmarks") not in sys.path:
+    sys.path.insert(1, str(ROOT / "benchmarks"))  # netem, also when this file is loaded by path
 for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
     os.environ.setdefault(_var, "1")  # inherited by the workers: one compute thread each
 
+import netem
 import numpy as np
 
 from aggregation.allreduce import chunk_elems_for
-from aggregation.codecs import CODEC_NAMES
+from aggregation.codecs import CODEC_NAMES, get_codec
 
 CODECS = CODEC_NAMES
 DATA_PLANES = ("tcp", "grpc")
@@ -68,6 +84,8 @@ READY_TIMEOUT_S = 180.0
 BARRIER_TIMEOUT_S = 120.0
 STOP_TIMEOUT_S = 10.0
 IDLE_EXIT_S = 3600.0  # a worker whose parent stops talking to it exits after this long
+NETNS_GLOO_PORTS = itertools.count(29500)  # a rank's namespace is private: a new port per gloo pool
+FLOOR_SLACK = 0.97  # a time under this fraction of the floor means the link is not shaped
 
 
 # -- data ------------------------------------------------------------------------------------------
@@ -110,6 +128,10 @@ def _worker(kind: str, rank: int, world: int, n: int, conn: Any, barrier: Any, o
     ("run", rep) sends ("done", t0, t1, cpu_s, max_abs_err); exits on ("stop",) or a lost parent."""
     server = None
     try:
+        hosts: list[str] = opts["hosts"] or ["127.0.0.1"] * world
+        if opts["netns"]:  # first thing: every socket and thread of this process lives in the rank's namespace
+            netem.enter_netns(opts["netns"][rank])
+        host = hosts[rank]
         orig = np.empty(n, dtype=np.float32)
         _fill(orig, rank)
         buf = np.empty_like(orig)
@@ -138,12 +160,12 @@ def _worker(kind: str, rank: int, world: int, n: int, conn: Any, barrier: Any, o
                 torch.set_num_threads(1)
             plane = str(opts["data_plane"])
             servicer = ExchangeServicer(lambda job, rnd: None, recv_timeout_s=timeout,
-                                        data_plane_host="127.0.0.1" if plane == "tcp" else None)
+                                        data_plane_host=host if plane == "tcp" else None)
             server = grpc.server(futures.ThreadPoolExecutor(max_workers=16), options=GRPC_OPTIONS)
             add_exchange_to_server(servicer, server)
-            port = server.add_insecure_port("127.0.0.1:0")
+            port = server.add_insecure_port(f"{host}:0")
             if port == 0:
-                raise OSError("cannot listen on 127.0.0.1:0")
+                raise OSError(f"cannot listen on {host}:0")
             server.start()
             conn.send(("ready", port))
             if not conn.poll(READY_TIMEOUT_S):
@@ -157,7 +179,7 @@ def _worker(kind: str, rank: int, world: int, n: int, conn: Any, barrier: Any, o
 
             def op(rep: int) -> tuple[float, float, float]:
                 link = PeerLink(servicer, (JOB, rep, 0), f"w{rank}", f"w{(rank - 1) % world}", f"w{succ}",
-                                f"127.0.0.1:{ports[succ]}", timeout, abort, idle_timeout_s=timeout, data_plane=plane)
+                                f"{hosts[succ]}:{ports[succ]}", timeout, abort, idle_timeout_s=timeout, data_plane=plane)
                 if residual is not None:
                     residual.fill(0.0)
                 if opts["open_early"]:
@@ -180,7 +202,9 @@ def _worker(kind: str, rank: int, world: int, n: int, conn: Any, barrier: Any, o
             import torch.distributed as dist
 
             torch.set_num_threads(1)
-            dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{opts['gloo_port']}", rank=rank,
+            if opts["netns"]:
+                os.environ["GLOO_SOCKET_IFNAME"] = opts["iface"]  # gloo's pairs on the emulated link
+            dist.init_process_group("gloo", init_method=f"tcp://{hosts[0]}:{opts['gloo_port']}", rank=rank,
                                     world_size=world, timeout=timedelta(seconds=max(timeout, READY_TIMEOUT_S)))
             tensor = torch.from_numpy(buf)  # shares memory with buf
             conn.send(("ready", 0))
@@ -308,13 +332,19 @@ def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def measure(ctx: Any, world: int, size_mb: float, codec: str, plane: str, args: argparse.Namespace) -> dict[str, Any]:
+def measure(ctx: Any, world: int, size_mb: float, codec: str, plane: str, args: argparse.Namespace,
+            lan: netem.Lan | None = None) -> dict[str, Any]:
     n = round(size_mb * MB / 4)
     if n < world:
         raise ValueError(f"{size_mb} MB is fewer elements than ranks")
     timeout_s = args.timeout_s or max(60.0, 1.0 * size_mb * world)
-    opts = {"chunk_elems": args.chunk_elems or chunk_elems_for(plane), "timeout_s": timeout_s, "gloo_port": _free_port(), "codec": codec,
-            "data_plane": plane, "verify": args.verify, "open_early": not args.open_in_time}
+    if lan is not None:  # at least 3x the floor of the slowest (fp32) transfer, plus slack
+        timeout_s = args.timeout_s or max(timeout_s, 3 * netem.ring_floor_s(world, n * 4, lan.mbit) + 60.0)
+    opts = {"chunk_elems": args.chunk_elems or chunk_elems_for(plane), "timeout_s": timeout_s, "codec": codec,
+            "gloo_port": next(NETNS_GLOO_PORTS) if lan is not None else _free_port(),
+            "data_plane": plane, "verify": args.verify, "open_early": not args.open_in_time,
+            "netns": lan.names[:world] if lan is not None else None,
+            "hosts": lan.addrs[:world] if lan is not None else None, "iface": netem.IFACE}
     dml, gloo = Series(), Series()
     pools: list[Pool] = []
     try:
@@ -352,6 +382,15 @@ def measure(ctx: Any, world: int, size_mb: float, codec: str, plane: str, args: 
     row["cpu_ratio"] = row["dml_cpu_s"] / row["gloo_cpu_s"] if row["gloo_cpu_s"] > 0 else None
     row["max_abs_err"] = dml.max_err
     row["gloo_max_abs_err"] = gloo.max_err
+    row["link_mbit"] = lan.mbit if lan is not None else 0
+    row["floor_s"] = row["gloo_floor_s"] = None
+    if lan is not None:
+        row["floor_s"] = netem.ring_floor_s(world, get_codec(codec).payload_bytes(n), lan.mbit)
+        row["gloo_floor_s"] = netem.ring_floor_s(world, nbytes, lan.mbit)
+        for name, floor in (("dml", row["floor_s"]), ("gloo", row["gloo_floor_s"])):
+            if row[f"{name}_min_s"] < FLOOR_SLACK * floor:
+                _log(f"  WARNING: {name} took {row[f'{name}_min_s']:.4f} s, under the {lan.mbit:g} Mbit/s floor "
+                     f"{floor:.4f} s: the link is not shaped as asked")
     return row
 
 
@@ -360,14 +399,20 @@ HEADER = (f"{'N':>2} {'size MB':>7} {'codec':>5} {'plane':>5} | {'dml s median [
           f" | {'ratio':>5} {'CPU x':>5} {'max_err':>7}")
 
 
+LINK_HEADER = f" | {'floor s':>7} {'dml/fl':>6} {'gl/fl':>6}"
+
+
 def _fmt_row(r: dict[str, Any]) -> str:
     def side(k: str) -> str:
         t = f"{r[k + '_s']:.4f} [{r[k + '_min_s']:.4f}..{r[k + '_max_s']:.4f}]"
         return f"{t:>27} {r[k + '_algbw_gbs']:6.3f} {r[k + '_busbw_gbs']:6.3f} {r[k + '_cpu_s']:6.3f}"
 
     cpu_x = f"{r['cpu_ratio']:5.2f}" if r["cpu_ratio"] is not None else "    -"
-    return (f"{r['world_size']:>2} {r['size_mb']:>7g} {r['codec']:>5} {r['data_plane']:>5} | {side('dml')} | {side('gloo')}"
+    line = (f"{r['world_size']:>2} {r['size_mb']:>7g} {r['codec']:>5} {r['data_plane']:>5} | {side('dml')} | {side('gloo')}"
             f" | {r['ratio']:5.2f} {cpu_x} {max(r['max_abs_err'], r['gloo_max_abs_err']):7.1g}")
+    if r.get("floor_s") is not None:  # the codec's floor; gloo's is always fp32's
+        line += f" | {r['floor_s']:7.4f} {r['dml_s'] / r['floor_s']:6.2f} {r['gloo_s'] / r['gloo_floor_s']:6.2f}"
+    return line
 
 
 def _csv(kind: type, text: str, flag: str, p: argparse.ArgumentParser) -> list:
@@ -399,6 +444,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--open-in-time", action="store_true",
                    help="negotiate each link inside the timed span (peers negotiate while they train; by "
                         "default the benchmark does it before the barrier, as they do)")
+    p.add_argument("--link-mbit", type=float, default=0.0,
+                   help="emulate a LAN of this many Mbit/s per rank and direction (network namespaces, veth, tbf; "
+                        "needs root and iproute2); default 0: plain 127.0.0.1")
+    p.add_argument("--egress-only", action="store_true",
+                   help="with --link-mbit, shape only what each rank sends (default: both directions)")
+    p.add_argument("--link-probe-s", type=float, default=1.0,
+                   help="with --link-mbit, seconds of plain-socket ring traffic per world size before the "
+                        "all-reduces, to report the rate the link reaches (default 1; 0: skip)")
     p.add_argument("--json", action="store_true", help="one JSON object per configuration on stdout")
     a = p.parse_args(argv)
     a.world_sizes = _csv(int, a.world_sizes, "--world-sizes", p)
@@ -422,26 +475,71 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--chunk-elems must be 0 (auto) or 1..{1 << 20} (4 MiB messages), got {a.chunk_elems}")
     if a.timeout_s < 0:
         p.error("--timeout-s must not be negative")
+    if not a.link_mbit >= 0:  # also NaN
+        p.error(f"--link-mbit must be 0 (loopback) or a positive rate in Mbit/s, got {a.link_mbit:g}")
+    if a.link_mbit and max(a.world_sizes) > netem.MAX_RANKS:
+        p.error(f"--link-mbit: at most {netem.MAX_RANKS} ranks")
+    if a.link_probe_s < 0:
+        p.error("--link-probe-s must not be negative")
     return a
+
+
+def _raise_exit(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)  # unwinds through the finally blocks: workers stopped, LAN deleted
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.link_mbit > 0:
+        why = netem.check_prereqs()
+        if why is not None:
+            print(f"allreduce.py: error: {why}", file=sys.stderr)
+            return 2
     ctx = mp.get_context("spawn")
-    if not args.json:
-        print(f"# all-reduce (sum, float32 buffers): dml ring vs torch.distributed gloo (always fp32), 127.0.0.1, "
-              f"{os.cpu_count()} CPUs, Python {platform.python_version()}")
-        print(f"# chunk_elems={args.chunk_elems or 'auto'} repeats={args.repeats}; time = median [min..max] s from the first "
-              f"rank leaving the barrier to the last one done; algbw/busbw GB/s (busbw = algbw x 2(N-1)/N); "
-              f"CPU-s = median over repeats of the sum over ranks; ratio = dml/gloo median time; CPU x = dml/gloo "
-              f"CPU-s; max_err = max |result - exact sum| over both, every rank and repeat")
-        print(HEADER, flush=True)
-    for world in args.world_sizes:
-        for size_mb in args.sizes_mb:
-            for codec in args.codecs:
-                for plane in args.data_planes:
-                    row = measure(ctx, world, size_mb, codec, plane, args)
-                    print(json.dumps(row) if args.json else _fmt_row(row), flush=True)
+    lan: netem.Lan | None = None
+    old_term = signal.signal(signal.SIGTERM, _raise_exit)
+    try:
+        if args.link_mbit > 0:
+            lan = netem.Lan(max(args.world_sizes), args.link_mbit, egress_only=args.egress_only)
+            try:
+                lan.open()
+            except netem.NetemError as e:
+                print(f"allreduce.py: error: cannot build the emulated network: {e}", file=sys.stderr)
+                return 2
+            _log(lan.describe())
+        where = "127.0.0.1" if lan is None else f"one network namespace per rank, {lan.mbit:g} Mbit/s links"
+        if not args.json:
+            print(f"# all-reduce (sum, float32 buffers): dml ring vs torch.distributed gloo (always fp32), {where}, "
+                  f"{os.cpu_count()} CPUs, Python {platform.python_version()}")
+            print(f"# chunk_elems={args.chunk_elems or 'auto'} repeats={args.repeats}; time = median [min..max] s from the first "
+                  f"rank leaving the barrier to the last one done; algbw/busbw GB/s (busbw = algbw x 2(N-1)/N); "
+                  f"CPU-s = median over repeats of the sum over ranks; ratio = dml/gloo median time; CPU x = dml/gloo "
+                  f"CPU-s; max_err = max |result - exact sum| over both, every rank and repeat")
+            if lan is not None:
+                print(f"# {lan.describe()}")
+                print("# floor s = 2(N-1)/N x the codec's wire bytes x 8 / rate (each rank's share of the ring on its "
+                      "link); dml/fl = dml median / that floor; gl/fl = gloo median / fp32's floor")
+            print(HEADER + (LINK_HEADER if lan is not None else ""), flush=True)
+        for world in args.world_sizes:
+            if lan is not None and args.link_probe_s > 0:
+                rates = netem.probe_ring(ctx, lan, world, args.link_probe_s)
+                msg = (f"ring probe, N={world}: every rank sending to the next for {args.link_probe_s:g} s over plain "
+                       f"TCP, received Mbit/s by rank: {', '.join(f'{r:.0f}' for r in rates)}")
+                _log(msg)
+                if not args.json:
+                    print(f"# {msg}", flush=True)
+            for size_mb in args.sizes_mb:
+                for codec in args.codecs:
+                    for plane in args.data_planes:
+                        row = measure(ctx, world, size_mb, codec, plane, args, lan)
+                        print(json.dumps(row) if args.json else _fmt_row(row), flush=True)
+    except KeyboardInterrupt:
+        _log("interrupted")
+        return 130
+    finally:
+        if lan is not None:
+            lan.close()
+        signal.signal(signal.SIGTERM, old_term)
     return 0
 
 

@@ -1,0 +1,300 @@
+"""An emulated LAN on one Linux machine, for benchmarks: a network namespace per rank, each with a
+veth pair into one bridge in the root namespace, every link shaped to R Mbit/s with ``tbf``.
+
+Layout for a run of process ``PID`` with ``N`` ranks (names carry the pid, so concurrent runs do
+not collide and leftovers of dead runs can be found):
+
+- bridge ``dmlbPID`` in the root namespace, up, no address, bridge netfilter off (best effort: a
+  host whose FORWARD policy drops would otherwise drop the bridged packets);
+- per rank r: namespace ``dmlb-PID-r``; a veth pair whose root end ``dmlbPIDrR`` is a port of the
+  bridge and whose other end is ``eth0`` inside the namespace, with address 10.213.0.(r+1)/24;
+  ``lo`` up in the namespace;
+- shaping: ``tbf rate R mbit burst B latency 50ms`` on ``eth0`` inside each namespace (what the
+  rank sends) and, unless ``egress_only``, the same on the bridge end (what it receives): a NIC
+  is full duplex, R each way. B = max(64 KiB, 1 ms of line rate): tbf's watchdog is a
+  high-resolution timer, so it needs no HZ-sized bucket, and 1 ms keeps bursts far below a
+  round's time while letting GSO super-packets through whole (tbf splits a packet larger than
+  B into segments). 50 ms of queue at most (rate x 50 ms + B bytes), above what TCP's small-queue
+  limit leaves in the qdisc.
+
+A process joins a rank's network with :func:`enter_netns` before it creates any socket or
+thread. Everything is torn down by :meth:`Lan.close` (deleting a namespace deletes its veth;
+the root end is deleted too in case a process still holds the namespace), and :func:`leftovers`
+finds what runs that died left behind. Needs root and iproute2 (``ip``, ``tc``).
+"""
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import re
+import shutil
+import signal
+import subprocess
+import time
+from typing import Any
+
+PREFIX = "dmlb"
+SUBNET = "10.213.0"
+IFACE = "eth0"  # a rank's end of its veth, inside its namespace
+LATENCY_MS = 50
+MIN_BURST = 64 * 1024
+MAX_RANKS = 253  # 10.213.0.1 .. 10.213.0.253
+CLONE_NEWNET = 0x40000000
+NETNS_DIR = "/var/run/netns"
+_NS_RE = re.compile(rf"^{PREFIX}-(\d+)-(\d+)$")
+_LINK_RE = re.compile(rf"^{PREFIX}(\d+)(?:r(\d+))?$")
+
+
+class NetemError(RuntimeError):
+    """The emulated network cannot be built here (not root, no iproute2, a command failed)."""
+
+
+# -- names and the commands (pure) -----------------------------------------------------------------
+def ns_name(pid: int, rank: int) -> str:
+    return f"{PREFIX}-{pid}-{rank}"
+
+
+def bridge_name(pid: int) -> str:
+    return f"{PREFIX}{pid}"
+
+
+def veth_name(pid: int, rank: int) -> str:
+    """The root end of rank ``rank``'s veth (an interface name: at most 15 characters)."""
+    return f"{PREFIX}{pid}r{rank}"
+
+
+def rank_addr(rank: int) -> str:
+    return f"{SUBNET}.{rank + 1}"
+
+
+def tbf_burst_bytes(mbit: float) -> int:
+    """Bucket size: 1 ms of line rate, at least 64 KiB."""
+    return max(MIN_BURST, int(mbit * 1e6 / 8 / 1000))
+
+
+def tbf_args(mbit: float) -> list[str]:
+    rate = f"{mbit:g}mbit"
+    return ["tbf", "rate", rate, "burst", str(tbf_burst_bytes(mbit)), "latency", f"{LATENCY_MS}ms"]
+
+
+def ring_floor_s(world: int, wire_bytes: float, mbit: float) -> float:
+    """The least time a ring all-reduce of ``wire_bytes`` (the buffer as its codec puts it on the
+    wire) can take when every rank sends at ``mbit`` Mbit/s: each rank sends 2(N-1)/N of it."""
+    if mbit <= 0:
+        raise ValueError("the link rate must be positive")
+    return 2 * (world - 1) / world * wire_bytes * 8 / (mbit * 1e6)
+
+
+def setup_commands(pid: int, world: int, mbit: float, egress_only: bool = False) -> list[list[str]]:
+    """The ``ip``/``tc`` argv lists that build the LAN for ``world`` ranks, in order."""
+    if not 1 <= world <= MAX_RANKS:
+        raise ValueError(f"1..{MAX_RANKS} ranks, got {world}")
+    if len(veth_name(pid, world - 1)) > 15:
+        raise ValueError(f"pid {pid} makes interface names longer than 15 characters")
+    br = bridge_name(pid)
+    cmds = [["ip", "link", "add", br, "type", "bridge"], ["ip", "link", "set", br, "up"]]
+    for r in range(world):
+        ns, veth = ns_name(pid, r), veth_name(pid, r)
+        cmds += [
+            ["ip", "netns", "add", ns],
+            ["ip", "link", "add", veth, "type", "veth", "peer", "name", IFACE, "netns", ns],
+            ["ip", "link", "set", veth, "master", br],
+            ["ip", "link", "set", veth, "up"],
+            ["ip", "-n", ns, "link", "set", "lo", "up"],
+            ["ip", "-n", ns, "addr", "add", f"{rank_addr(r)}/24", "dev", IFACE],
+            ["ip", "-n", ns, "link", "set", IFACE, "up"],
+            ["tc", "-n", ns, "qdisc", "add", "dev", IFACE, "root", *tbf_args(mbit)],
+        ]
+        if not egress_only:
+            cmds.append(["tc", "qdisc", "add", "dev", veth, "root", *tbf_args(mbit)])
+    return cmds
+
+
+def optional_commands(pid: int) -> list[list[str]]:
+    """Best effort after setup: keep the bridged packets out of iptables (br_netfilter)."""
+    return [["ip", "link", "set", "dev", bridge_name(pid), "type", "bridge",
+             "nf_call_iptables", "0", "nf_call_ip6tables", "0", "nf_call_arptables", "0"]]
+
+
+def teardown_commands(pid: int, world: int) -> list[list[str]]:
+    """Every command is run even if earlier ones fail (a half-built LAN is torn down the same way)."""
+    cmds = [["ip", "netns", "del", ns_name(pid, r)] for r in range(world)]
+    cmds += [["ip", "link", "del", veth_name(pid, r)] for r in range(world)]
+    cmds.append(["ip", "link", "del", bridge_name(pid)])
+    return cmds
+
+
+def leftover_commands(netns: list[str], links: list[str], alive: Any) -> list[list[str]]:
+    """Commands deleting namespaces and links of this prefix whose run (pid) is gone; ``alive(pid)``
+    says whether a pid is running."""
+    cmds: list[list[str]] = []
+    for ns in netns:
+        m = _NS_RE.match(ns)
+        if m and not alive(int(m.group(1))):
+            cmds.append(["ip", "netns", "del", ns])
+    dead = [(ln, m) for ln in links if (m := _LINK_RE.match(ln)) and not alive(int(m.group(1)))]
+    cmds += [["ip", "link", "del", ln] for ln, m in dead if m.group(2) is not None]  # veths first
+    cmds += [["ip", "link", "del", ln] for ln, m in dead if m.group(2) is None]  # then bridges
+    return cmds
+
+
+# -- running them ----------------------------------------------------------------------------------
+def check_prereqs() -> str | None:
+    """Why the LAN cannot be built here, or None."""
+    if not hasattr(os, "geteuid") or os.geteuid() != 0:
+        return "--link-mbit builds network namespaces and needs root (run it as root)"
+    missing = [t for t in ("ip", "tc") if shutil.which(t) is None]
+    if missing:
+        return f"--link-mbit needs iproute2: {' and '.join(missing)} not found on PATH"
+    return None
+
+
+def _run(cmd: list[str], check: bool = True) -> subprocess.CompletedProcess:
+    res = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=30)
+    if check and res.returncode != 0:
+        raise NetemError(f"`{' '.join(cmd)}` failed ({res.returncode}): {res.stderr.strip()}")
+    return res
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def leftovers() -> list[list[str]]:
+    """Commands removing what dead runs left behind (namespaces, veths, bridges of this prefix)."""
+    ns = _run(["ip", "netns", "list"], check=False).stdout.split("\n")
+    netns = [line.split()[0] for line in ns if line.strip()]
+    out = _run(["ip", "-o", "link", "show"], check=False).stdout.split("\n")
+    links = [parts[1].split("@")[0].rstrip(":") for line in out if len(parts := line.split()) > 1]
+    return leftover_commands(netns, links, _pid_alive)
+
+
+def clean_leftovers() -> int:
+    cmds = leftovers()
+    for cmd in cmds:
+        _run(cmd, check=False)
+    return len(cmds)
+
+
+class Lan:
+    """The emulated LAN for ``world`` ranks: :meth:`open` builds it, :meth:`close` deletes it. ``names[r]`` is rank r's namespace,
+    ``addrs[r]`` its address."""
+
+    def __init__(self, world: int, mbit: float, egress_only: bool = False, pid: int | None = None) -> None:
+        self.world, self.mbit, self.egress_only = world, mbit, egress_only
+        self.pid = os.getpid() if pid is None else pid
+        self.names = [ns_name(self.pid, r) for r in range(world)]
+        self.addrs = [rank_addr(r) for r in range(world)]
+        self.built = False
+
+    def open(self) -> Lan:
+        clean_leftovers()
+        self.built = True  # from the first command on, close() has something to undo
+        try:
+            for cmd in setup_commands(self.pid, self.world, self.mbit, self.egress_only):
+                _run(cmd)
+            for cmd in optional_commands(self.pid):
+                _run(cmd, check=False)
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def close(self) -> None:
+        """Deletes everything; SIGINT/SIGTERM wait until it is done."""
+        if not self.built:
+            return
+        blocked = {signal.SIGINT, signal.SIGTERM}
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, blocked)
+        try:
+            for cmd in teardown_commands(self.pid, self.world):
+                with contextlib.suppress(OSError, subprocess.SubprocessError):
+                    _run(cmd, check=False)
+            self.built = False
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+    def describe(self) -> str:
+        both = "egress only" if self.egress_only else "each direction"
+        return (f"emulated LAN: {self.world} network namespaces {self.names[0]}..{self.names[-1]} on bridge "
+                f"{bridge_name(self.pid)}, veth + tbf {self.mbit:g} Mbit/s {both} (burst "
+                f"{tbf_burst_bytes(self.mbit)} B, latency {LATENCY_MS} ms), addresses {self.addrs[0]}..{self.addrs[-1]}")
+
+
+# -- in a process ----------------------------------------------------------------------------------
+def enter_netns(name: str) -> None:
+    """Moves the calling thread (call it first thing, from the main thread of a fresh process, before
+    any socket or thread exists: both inherit it) into the network namespace ``name``."""
+    fd = os.open(os.path.join(NETNS_DIR, name), os.O_RDONLY)
+    try:
+        if hasattr(os, "setns"):  # Python 3.12+
+            os.setns(fd, CLONE_NEWNET)
+        else:
+            libc = ctypes.CDLL(None, use_errno=True)
+            if libc.setns(fd, CLONE_NEWNET) != 0:
+                err = ctypes.get_errno()
+                raise OSError(err, f"setns({name}): {os.strerror(err)}")
+    finally:
+        os.close(fd)
+
+
+PROBE_PORT = 29400
+
+
+def _probe_rank(name: str, addr: str, succ_addr: str, seconds: float, barrier: Any, out: Any, rank: int) -> None:
+    import socket
+    import threading
+
+    enter_netns(name)
+    lst = socket.create_server((addr, PROBE_PORT))
+    barrier.wait(30)
+    snd = socket.create_connection((succ_addr, PROBE_PORT), timeout=30)
+    rcv, _ = lst.accept()
+    lst.close()
+    block = b"\0" * (1 << 20)
+
+    def send() -> None:
+        end = time.perf_counter() + seconds
+        with contextlib.suppress(OSError):
+            while time.perf_counter() < end:
+                snd.sendall(block)
+        snd.shutdown(socket.SHUT_WR)
+
+    th = threading.Thread(target=send, daemon=True)
+    th.start()
+    buf = bytearray(1 << 20)
+    rcv.settimeout(seconds + 30)
+    got, t0 = rcv.recv_into(buf), time.perf_counter()  # from the first byte on
+    while k := rcv.recv_into(buf):
+        got += k
+    t1 = time.perf_counter()
+    th.join(30)
+    out.put((rank, got * 8 / (t1 - t0) / 1e6))
+
+
+def probe_ring(ctx: Any, lan: Lan, world: int, seconds: float = 1.0) -> list[float]:
+    """Every rank of ``world`` sends to its successor for ``seconds`` at once (the ring all-reduce's
+    pattern, plain sockets); returns the Mbit/s each one received, by rank."""
+    barrier, out = ctx.Barrier(world), ctx.Queue()
+    procs = [ctx.Process(target=_probe_rank, daemon=True,
+                         args=(lan.names[r], lan.addrs[r], lan.addrs[(r + 1) % world], seconds, barrier, out, r))
+             for r in range(world)]
+    for p in procs:
+        p.start()
+    try:
+        got = dict(out.get(timeout=seconds + 30) for _ in range(world))
+    finally:
+        for p in procs:
+            p.join(5)
+            if p.is_alive():
+                p.kill()
+                p.join(3)
+    return [got[r] for r in range(world)]
+
