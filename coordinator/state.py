@@ -420,6 +420,8 @@ class ClusterState:
                 job.gossip_next[m] = 1
             if m not in job.allocation:
                 self._allocate_step(job, m, now_ms)
+            elif job.waiting_since_ms:  # nobody got a plan while the job waited for peers
+                job.gossip_issued_ms[m] = now_ms
 
     def _allocate_step(self, job: Job, peer_id: str, now_ms: int) -> None:
         """One gossip step's samples for a member, from its own shards' cursors."""
@@ -460,8 +462,11 @@ class ClusterState:
         mine = set(job.assignment.get(pid, []))
         # A shard that moved to a joiner mid-step may have been allocated again from the same
         # cursor: advance only where the cursor still stands at the range's start.
-        fresh = [r for r in ranges if r[0] in mine and job.cursors.get(r[0], (1, 0)) == (r[1], r[2])]
-        planner.advance(job.cursors, [tuple(r) for r in fresh], sizes)  # type: ignore[misc]
+        # One range at a time: a step that read a shard to its end and on into its next pass
+        # holds two ranges of it, the second starting where the first leaves the cursor.
+        for r in ranges:
+            if r[0] in mine and job.cursors.get(r[0], (1, 0)) == (r[1], r[2]):
+                planner.advance(job.cursors, [tuple(r)], sizes)  # type: ignore[list-item]
         job.gossip_consumed.setdefault(pid, []).extend(ranges)
         w = job.gossip_window
         w[0] += rep.samples
