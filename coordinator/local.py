@@ -102,8 +102,10 @@ def reap(procs: list[subprocess.Popen[bytes]], grace_s: float = 5.0) -> None:
 
 @contextlib.contextmanager
 def cluster(peers: int, port: int, state_dir: pathlib.Path, log_dir: pathlib.Path,
-            extra_peer_args: tuple[str, ...] = (), coordinator_args: tuple[str, ...] = ()) -> Iterator[tuple[str, list[subprocess.Popen[bytes]]]]:
-    """Starts a coordinator and ``peers`` peers; yields (coordinator address, processes)."""
+            extra_peer_args: tuple[str, ...] = (), coordinator_args: tuple[str, ...] = (),
+            peer_args: dict[int, tuple[str, ...]] | None = None) -> Iterator[tuple[str, list[subprocess.Popen[bytes]]]]:
+    """Starts a coordinator and ``peers`` peers; yields (coordinator address, processes).
+    ``peer_args`` adds flags to single peers, by index (e.g. one ``--slowdown``)."""
     log_dir.mkdir(parents=True, exist_ok=True)
     py = sys.executable
     env = dict(os.environ, PYTHONUNBUFFERED="1")
@@ -121,7 +123,7 @@ def cluster(peers: int, port: int, state_dir: pathlib.Path, log_dir: pathlib.Pat
         for i in range(peers):
             procs.append(subprocess.Popen(
                 [py, "-m", "peer.cli", "--coordinator", address, "--host", "127.0.0.1", "--port", "0",
-                 "--device", "cpu", *extra_peer_args],
+                 "--device", "cpu", *extra_peer_args, *(peer_args or {}).get(i, ())],
                 stdout=open(log_dir / f"peer-{i}.log", "ab"), stderr=subprocess.STDOUT, env=env,
                 preexec_fn=die_with_parent))
         yield address, procs

@@ -443,6 +443,7 @@ class PeerLink:
         self._inbox = servicer.inbox(key)
         self._servicer = servicer
         self._abort = abort
+        self.bytes_sent = 0  # frames queued for the successor, headers included
         self._deadline_s = deadline_s
         self._idle_s = idle_timeout_s
         self._mode = data_plane
@@ -535,7 +536,9 @@ class PeerLink:
             self._sender = self._open()
         if self._sender.error:
             raise ExchangeError(self._sender.error, suspect=self._succ_id)
-        return self._sender.send(header, payload)
+        seq = self._sender.send(header, payload)
+        self.bytes_sent += FRAME.size + payload.nbytes
+        return seq
 
     def wait_sent(self, seq: int, timeout: float) -> None:
         """Blocks until frame ``seq`` has left (its payload may then be reused)."""

@@ -98,6 +98,8 @@ class GossipNode:
         self.weight = 0.0  # guarded by the trainer's lock
         self.bytes_sent = 0
         self.one_sided = 0
+        self.served = 0  # exchanges applied as the partner (another peer started them)
+        self.last_distance = float("nan")  # ||mine - theirs|| of the last exchange applied, either role
 
     # -- membership of a job ----------------------------------------------------------------
     def attach(self, job_id: str, trainer: Any) -> None:
@@ -177,7 +179,10 @@ class GossipNode:
             msg = next(requests, None)
             if msg is None or not msg.commit:
                 raise GossipRefused("the initiator did not commit")
+            dist = pair_distance(mine, theirs)
             self.weight = self.slot.commit(key, mine, w_mine)
+            self.served += 1
+            self.last_distance = dist
             committed = True
             trainer.load_host_buffer(buf)
             locked = False
@@ -242,6 +247,7 @@ class GossipNode:
                 self.weight = self.slot.commit(key, mine, w_mine)
                 committed = True
                 trainer.load_host_buffer(buf)
+            self.last_distance = dist
             out.put(exchange_pb2.GossipMessage(commit=True))
             try:
                 confirm = next(call)

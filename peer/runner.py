@@ -14,6 +14,7 @@ three model-sized buffers at most.
 from __future__ import annotations
 
 import logging
+import math
 import tempfile
 import threading
 import time
@@ -106,6 +107,7 @@ class Peer:
         self._channels: dict[str, grpc.Channel] = {}  # gossip partners' exchange servers, by address
         self._suspects: dict[str, float] = {}  # gossip partners that failed -> skip until (monotonic)
         self._gossip_bytes_reported = 0
+        self._gossip_served_seen = 0  # the node's `served` count when this peer last exchanged
         self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=16), options=GRPC_OPTIONS)
         add_exchange_to_server(self.servicer, self._server)
         self.port = self._server.add_insecure_port(f"{config.host}:{config.port}")
@@ -392,6 +394,11 @@ class Peer:
             link.shutdown()
             self._exchange = ("", 0)
 
+    def _throttle(self, trained_s: float) -> None:
+        """``--slowdown``: idles (slowdown - 1) x the training time just spent."""
+        if self.config.slowdown > 1:
+            self.stop_event.wait((self.config.slowdown - 1) * trained_s)
+
     def _report_failure(self, plan: types_pb2.Plan, suspect: str, detail: str) -> None:
         fail = control_pb2.ReportFailureRequest(peer_id=self.peer_id, job_id=plan.job_id, round=plan.round,
                                                 epoch=plan.epoch, suspect_peer_id=suspect, detail=detail)
@@ -451,6 +458,8 @@ class Peer:
         samples = self._samples(plan, rank)
         t_train = time.monotonic()
         res = trainer.train_on(samples, plan.spec.batch_size)
+        t_done = time.monotonic()
+        self._throttle(t_done - t_train)
         t1 = time.monotonic()
         buf = trainer.host_buffer()
         self._average(plan, rank, buf, res.samples, link)  # closes the link when it succeeds
@@ -463,8 +472,8 @@ class Peer:
         req = control_pb2.ReportRoundRequest(
             peer_id=self.peer_id, job_id=plan.job_id, round=plan.round, epoch=plan.epoch, samples=res.samples,
             train_loss=res.loss, digest=dig,
-            train_samples_per_s=res.samples / (t1 - t_train) if res.samples and t1 > t_train else 0.0,
-            train_ms=int((t1 - t0) * 1000), exchange_ms=int((t2 - t1) * 1000))
+            train_samples_per_s=res.samples / (t1 - t_train) if res.samples and t1 > t_train else 0.0,  # throttle included
+            train_ms=int((t1 - t0) * 1000), exchange_ms=int((t2 - t1) * 1000), bytes_sent=link.bytes_sent)
         every = max(plan.spec.eval_every_rounds, 1)
         if rank == 0 and (plan.round % every == 0 or plan.round >= plan.spec.rounds):
             t_eval = time.monotonic()
@@ -506,7 +515,13 @@ class Peer:
 
     def _gossip_exchange(self, plan: types_pb2.Plan, rank: int) -> Outcome | None:
         """Averages with the first candidate partner that takes part; busy or failed ones are
-        skipped (a failed one for a while). None when nobody could."""
+        skipped (a failed one for a while). None when nobody could, or when a partner averaged
+        with this peer while it trained: that was this step's exchange (as in AD-PSGD, every
+        step averages once, and starting another would only collide with the partners' own)."""
+        served = self.gossip.served
+        if served != self._gossip_served_seen:
+            self._gossip_served_seen = served
+            return None
         spec = plan.spec
         ids = [m.peer_id for m in plan.members]
         address = {m.peer_id: m.address for m in plan.members}
@@ -524,6 +539,7 @@ class Peer:
             out = self.gossip.exchange(plan.job_id, cand, address[cand], timeout, self._channel(address[cand]))
             if out.ok:
                 self._suspects.pop(cand, None)
+                self._gossip_served_seen = self.gossip.served
                 return out
             if not out.busy:
                 log.info("peer %s job %s step %d: exchange with %s failed (%s); trying another partner",
@@ -547,8 +563,7 @@ class Peer:
             t_train = time.monotonic()
             res = trainer.train_on(samples, plan.spec.batch_size)
             t_done = time.monotonic()
-            if self.config.slowdown > 1:
-                self.stop_event.wait((self.config.slowdown - 1) * (t_done - t_train))
+            self._throttle(t_done - t_train)
             self.gossip.add_samples(res.samples)
             t1 = time.monotonic()
             out = self._gossip_exchange(plan, rank)
@@ -557,10 +572,11 @@ class Peer:
             req = control_pb2.ReportRoundRequest(
                 peer_id=self.peer_id, job_id=plan.job_id, round=plan.round, epoch=plan.epoch, samples=res.samples,
                 train_loss=res.loss, train_ms=int((t1 - t0) * 1000), exchange_ms=int((t2 - t1) * 1000),
-                train_samples_per_s=res.samples / (t_done - t_train) if res.samples and t_done > t_train else 0.0,
+                train_samples_per_s=res.samples / (t1 - t_train) if res.samples and t1 > t_train else 0.0,  # throttle included
                 bytes_sent=sent - self._gossip_bytes_reported)
-            if out is not None:
-                req.has_pair_distance, req.pair_distance = True, out.distance
+            dist = self.gossip.last_distance
+            if not math.isnan(dist):
+                req.has_pair_distance, req.pair_distance = True, dist
             every = max(plan.spec.eval_every_rounds, 1)
             if plan.round % every == 0:
                 t_eval = time.monotonic()
@@ -571,6 +587,10 @@ class Peer:
             self.client.call(lambda: self.client.stub.ReportRound(req, timeout=CALL_TIMEOUT_S), "report step",
                              give_up_s=60)
             self._gossip_bytes_reported = sent
+            if plan.round % 100 == 0:
+                slot = self.gossip.slot
+                log.info("%s: exchanges applied %d, dropped %d, refused while busy %d, one-sided %d; weight %.0f",
+                         tag, slot.commits, slot.aborts, slot.refusals, self.gossip.one_sided, self.gossip.weight)
         except Evicted:
             raise
         except Exception as e:
