@@ -72,6 +72,8 @@ class Coordinator:
         now = self.now_ms()
         for j in jobs:
             self.state.jobs[j.job_id] = j
+            # Members' gossip steps restart their deadline: time the coordinator was down is not theirs.
+            j.gossip_issued_ms = {m: now + config.peer_timeout_ms for m in j.gossip_issued_ms}
             if j.state in ("PENDING", "RUNNING"):
                 job_shards(j.spec)  # load the data now, not under the lock at the first commit
         for p in peers:

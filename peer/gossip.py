@@ -55,7 +55,7 @@ class Outcome:
 
     partner: str
     ok: bool
-    busy: bool = False
+    busy: bool = False  # alive but could not take part now (busy, or not gossiping in the job yet)
     distance: float = float("nan")  # ||mine - theirs|| before averaging
     bytes_sent: int = 0
     detail: str = ""
@@ -263,7 +263,9 @@ class GossipNode:
             code = e.code() if isinstance(e, grpc.Call) else None
             detail = e.details() if isinstance(e, grpc.Call) else str(e)
             self.bytes_sent += sent[0]
-            return Outcome(partner_id, False, busy=code == grpc.StatusCode.RESOURCE_EXHAUSTED,
+            # Busy, or alive but not (yet, or no longer) gossiping in this job: not a failure.
+            busy = code in (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.FAILED_PRECONDITION)
+            return Outcome(partner_id, False, busy=busy,
                            bytes_sent=sent[0], detail=f"{code.name if code else 'error'}: {detail}")
         except (GossipRefused, ValueError, StopIteration, ExchangeStateError) as e:
             self.bytes_sent += sent[0]
