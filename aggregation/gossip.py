@@ -115,6 +115,34 @@ def pair_average(mine: np.ndarray, theirs: np.ndarray, w_mine: float, w_theirs: 
         np.add(part, tmp, out=part)
 
 
+def pair_apply(live: np.ndarray, sent: np.ndarray, theirs: np.ndarray, w_sent: float, w_theirs: float) -> None:
+    """The averaging for a side whose parameters moved on after it sent ``sent`` (it kept
+    training while its copy travelled): ``live += p_theirs * (theirs - sent)``, with the
+    coefficients of :func:`pair_weights`. That is :func:`pair_average` of ``sent`` plus the
+    side's own progress ``live - sent``, which is kept whole; the partner's contribution is
+    counted exactly once. Equal to :func:`pair_average` up to rounding when ``live == sent``
+    (use that one then: it is bit-identical to the partner's result). Works in pieces, no
+    model-sized temporary; raises ValueError (``live`` untouched) for bad buffers or weights.
+    """
+    for buf, what in ((live, "live"), (sent, "sent"), (theirs, "theirs")):
+        _check_buffer(buf, what)
+    if not live.shape == sent.shape == theirs.shape:
+        raise ValueError(f"buffers differ in length: {live.shape[0]}, {sent.shape[0]}, {theirs.shape[0]}")
+    if not live.flags.writeable:
+        raise ValueError("live must be writeable")
+    if np.shares_memory(live, theirs) or np.shares_memory(live, sent):
+        raise ValueError("live must not overlap sent or theirs")
+    _, p_theirs = pair_weights(w_sent, w_theirs)
+    n = live.shape[0]
+    scratch = np.empty(min(n, SCRATCH_ELEMS), dtype=np.float32)
+    for start in range(0, n, SCRATCH_ELEMS):
+        stop = min(start + SCRATCH_ELEMS, n)
+        tmp = scratch[: stop - start]
+        np.subtract(theirs[start:stop], sent[start:stop], out=tmp)
+        np.multiply(tmp, p_theirs, out=tmp)
+        np.add(live[start:stop], tmp, out=live[start:stop])
+
+
 def merged_weight(w_mine: float, w_theirs: float) -> float:
     """The weight both sides hold after an exchange: ``(w_mine + w_theirs) / 2`` (symmetric)."""
     _check_weight(w_mine, "w_mine")
@@ -237,8 +265,11 @@ class Exchanger:
                 raise ExchangeStateError(f"{self.name!r}: a copy from {partner!r} is already staged")
             self._staged = theirs
 
-    def commit(self, partner: Hashable, mine: np.ndarray, w_mine: float) -> float:
+    def commit(self, partner: Hashable, mine: np.ndarray, w_mine: float, sent: np.ndarray | None = None) -> float:
         """Phase 2: averages the staged copy into ``mine`` and frees the slot.
+
+        ``sent``: the copy this side sent, when ``mine`` has changed since (then
+        :func:`pair_apply`, keeping that change; else :func:`pair_average`).
 
         Returns the weight this side now holds (:func:`merged_weight`). Raises
         ExchangeStateError unless an exchange with ``partner`` has a copy staged; raises
@@ -252,7 +283,10 @@ class Exchanger:
                 raise ExchangeStateError(f"{self.name!r}: commit with {partner!r} before its copy was staged")
             self._committing = True
         try:
-            pair_average(mine, theirs.params, w_mine, theirs.weight)
+            if sent is None:
+                pair_average(mine, theirs.params, w_mine, theirs.weight)
+            else:
+                pair_apply(mine, sent, theirs.params, w_mine, theirs.weight)
             weight = merged_weight(w_mine, theirs.weight)
         except BaseException:
             self._release(committed=False)

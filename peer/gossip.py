@@ -8,8 +8,9 @@ whether it started it or serves it, one at a time. Both roles run the same two-p
 1. initiator A: takes its slot, sends an offer (job, exchange id, size, weight) and its
    parameters on a ``PeerExchange.Gossip`` stream with a deadline;
 2. partner B: refuses at once with RESOURCE_EXHAUSTED when its slot is taken (A then tries
-   another candidate); else it receives A's parameters into a separate buffer, takes its
-   trainer's lock (training pauses between two SGD steps) and answers with its own parameters;
+   another candidate); else it receives A's parameters into a separate buffer, copies its own
+   between two SGD steps (under its trainer's lock, held only for the copy) and answers with
+   that copy;
 3. A, holding both, averages (:func:`aggregation.gossip.pair_average`, the same coefficients on
    both sides) and sends ``commit``; B averages on ``commit`` and confirms.
 
@@ -17,9 +18,12 @@ Nothing is applied before the other side's whole copy has arrived, so a partner 
 stalls mid-exchange costs the other one deadline and leaves its parameters untouched. The one
 window no protocol closes (two generals) is after A's commit: if B never sees ``commit`` it
 aborts on its deadline, A has averaged and B has not. Both are still sane models (A's is a
-convex combination); the node counts such exchanges as ``one_sided``. Since B holds its
-trainer's lock from its answer to its commit, both sides average exactly the bytes they sent,
-and after an exchange both hold bit-identical parameters.
+convex combination); the node counts such exchanges as ``one_sided``.
+
+B keeps training while its copy travels. If it took no SGD step in between, it applies the
+same symmetric formula as A and the two end bit-identical; if it did, it adds A's share of the
+difference to its moved-on parameters (:func:`aggregation.gossip.pair_apply`), so neither its
+own progress nor A's contribution is lost or counted twice.
 """
 from __future__ import annotations
 
@@ -163,24 +167,29 @@ class GossipNode:
                     raise GossipRefused("the initiator closed the stream before sending all its parameters")
                 pos = _fill(theirs, pos, msg.data)
             self.slot.stage(key, Snapshot(theirs, float(first.weight)))
-            while not trainer.lock.acquire(timeout=LOCK_POLL_S):  # waits out one SGD step at most
-                if time.monotonic() > deadline or not context.is_active():
-                    raise GossipRefused("deadline passed waiting for the training step")
-            locked = True
+            # Our copy is taken between two SGD steps; training goes on while it travels.
+            locked = self._lock_trainer(trainer, deadline, context)
             if self._current(first.job_id) is not trainer:
                 raise GossipRefused("the job ended")
-            buf = trainer.host_buffer()
-            mine, w_mine = buf[:n], self.weight
+            sent, w_mine, version = trainer.host_buffer()[:n].copy(), self.weight, trainer.version
+            locked = False
+            trainer.lock.release()
             yield exchange_pb2.GossipMessage(job_id=first.job_id, sender_id=self.peer_id,
                                              exchange_id=first.exchange_id, elems=n, weight=w_mine)
-            for data in _chunks(mine):
+            for data in _chunks(sent):
                 yield exchange_pb2.GossipMessage(data=data)
                 self.bytes_sent += len(data)
             msg = next(requests, None)
             if msg is None or not msg.commit:
                 raise GossipRefused("the initiator did not commit")
-            dist = pair_distance(mine, theirs)
-            self.weight = self.slot.commit(key, mine, w_mine)
+            dist = pair_distance(sent, theirs)
+            locked = self._lock_trainer(trainer, deadline, context)
+            if self._current(first.job_id) is not trainer:
+                raise GossipRefused("the job ended")
+            buf = trainer.host_buffer()
+            moved = trainer.version != version  # trained since: keep that progress (pair_apply)
+            gained = self.weight - w_mine  # samples trained since
+            self.weight = self.slot.commit(key, buf[:n], w_mine, sent=sent if moved else None) + gained
             self.served += 1
             self.last_distance = dist
             committed = True
@@ -197,6 +206,14 @@ class GossipNode:
                 trainer.lock.release()
             if not committed:
                 self.slot.abort(key)
+
+    @staticmethod
+    def _lock_trainer(trainer: Any, deadline: float, context: grpc.ServicerContext) -> bool:
+        """Takes the trainer's lock (free between two SGD steps) before the call's deadline."""
+        while not trainer.lock.acquire(timeout=LOCK_POLL_S):
+            if time.monotonic() > deadline or not context.is_active():
+                raise GossipRefused("deadline passed waiting for the training step")
+        return True
 
     # -- the initiator's side ---------------------------------------------------------------------
     def exchange(self, job_id: str, partner_id: str, address: str, timeout_s: float,

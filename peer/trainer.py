@@ -90,6 +90,7 @@ class Trainer:
         # Held around every SGD step and by whatever else changes the parameters in place (a
         # gossip partner's averaging), so that never lands in the middle of a step.
         self.lock = threading.Lock()
+        self.version = 0  # SGD steps taken (under the lock): tells whether the parameters moved
         with _INIT_LOCK:
             torch.manual_seed(seed)
             self.model = task.build_model().to(self.device)
@@ -221,6 +222,7 @@ class Trainer:
                 loss = F.cross_entropy(self.model(self._x[batch]), self._y[batch])
                 loss.backward()
                 self.optimizer.step()
+                self.version += 1
             total += int(batch.numel())
             loss_sum += float(loss.detach()) * int(batch.numel())
         self.optimizer.zero_grad(set_to_none=True)  # gradients are not needed past the round

@@ -24,10 +24,12 @@ BIG = CHUNK_BYTES // 4 + 12_345  # elements: two chunks, the second one partial
 
 
 class FakeTrainer:
-    """What a GossipNode needs of a trainer: a lock, numel and a live flat host buffer."""
+    """What a GossipNode needs of a trainer: a lock, a step counter, numel and a live flat host
+    buffer."""
 
     def __init__(self, values: np.ndarray) -> None:
         self.lock = threading.Lock()
+        self.version = 0  # bumped by whatever changes the parameters under the lock, as SGD steps do
         self.numel = int(values.size)
         self._buf = np.zeros(self.numel + 1, dtype=np.float32)
         self._buf[: self.numel] = values
@@ -366,8 +368,9 @@ def test_an_initiator_dying_mid_exchange_leaves_the_partner_untouched_and_free(c
                 got = len(first.data)
                 while got < 4 * first.elems:
                     got += len(next(call).data)
-                # The partner now holds its trainer's lock, waiting for the commit.
-                assert not b.trainer.lock.acquire(blocking=False)
+                # The partner waits for the commit with its trainer's lock free: it may train meanwhile.
+                assert b.trainer.lock.acquire(blocking=False)
+                b.trainer.lock.release()
                 if when == "closes without commit":
                     gate.set()  # the request stream ends: no commit
                     assert finish(call) == grpc.StatusCode.ABORTED
@@ -433,3 +436,37 @@ def test_concurrent_exchanges_are_serialised_and_conserve_the_mass(cluster) -> N
     for n in nodes:  # every peer holds a convex combination of the starting points
         p = n.params()
         assert np.isfinite(p).all() and p.min() >= lo - 1e-5 and p.max() <= hi + 1e-5
+
+
+def test_a_partner_that_trains_while_its_copy_travels_keeps_its_step_and_counts_ours_once(cluster) -> None:
+    """The partner's lock is free between its answer and the commit; an SGD step taken there
+    is kept whole, and the initiator's share is added to the moved-on parameters once."""
+    from aggregation.gossip import pair_average
+
+    b = cluster("peer-b", fake(2, BIG), samples=6)
+    sent = b.params()
+    gate = threading.Event()
+    mine = np.full(BIG, 7.0, dtype=np.float32)  # what _raw_offer sends, weight 1
+    with grpc.insecure_channel(b.address, options=GRPC_OPTIONS) as ch:
+        def requests():
+            yield from _raw_offer(b, gate, stop_after_half=False)
+            yield exchange_pb2.GossipMessage(commit=True)
+        call = exchange_pb2_grpc.PeerExchangeStub(ch).Gossip(requests(), timeout=30)
+        first = next(call)
+        got = bytearray(first.data)
+        while len(got) < 4 * first.elems:
+            got += next(call).data
+        assert np.frombuffer(bytes(got), dtype=np.float32).tobytes() == sent.tobytes()
+        with b.trainer.lock:  # one "SGD step" while the copy is out
+            b.trainer.host_buffer()[:BIG] += 0.5
+            b.trainer.version += 1
+        b.node.add_samples(2)
+        gate.set()  # now the commit goes
+        assert next(call).commit
+        assert finish(call) == grpc.StatusCode.OK
+    expected = sent.copy()
+    pair_average(expected, mine, 6, 1)  # what the initiator computed
+    np.testing.assert_allclose(b.params(), expected + np.float32(0.5), rtol=0, atol=1e-5)
+    assert b.node.weight == (6 + 1) / 2 + 2  # merged, plus the samples trained meanwhile
+    assert b.node.slot.commits == 1
+    assert_idle(b)

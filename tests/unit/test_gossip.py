@@ -684,3 +684,35 @@ def test_benchmark_bad_flags_exit_2(argv: list[str], capsys: pytest.CaptureFixtu
         bench.main(argv)
     assert ei.value.code == 2
     assert "error" in capsys.readouterr().err
+
+
+def test_pair_apply_is_pair_average_of_the_sent_copy_plus_the_own_progress() -> None:
+    from aggregation.gossip import pair_apply
+
+    rng = np.random.default_rng(3)
+    for n in (1, 7, SCRATCH_ELEMS + 5):
+        sent = rng.normal(size=n).astype(np.float32)
+        theirs = rng.normal(size=n).astype(np.float32)
+        step = rng.normal(size=n).astype(np.float32) * 0.01
+        live = sent + step
+        expected = sent.copy()
+        pair_average(expected, theirs, 3.0, 5.0)
+        pair_apply(live, sent, theirs, 3.0, 5.0)
+        np.testing.assert_allclose(live, expected + step, rtol=0, atol=1e-5)
+        same = sent.copy()
+        pair_apply(same, sent.copy(), theirs, 3.0, 5.0)  # nothing trained: the average, up to rounding
+        np.testing.assert_allclose(same, expected, rtol=0, atol=1e-6)
+
+
+def test_pair_apply_refuses_overlaps_and_bad_weights_leaving_live_untouched() -> None:
+    from aggregation.gossip import pair_apply
+
+    live = np.ones(8, dtype=np.float32)
+    before = live.copy()
+    with pytest.raises(ValueError):
+        pair_apply(live, live, np.zeros(8, dtype=np.float32), 1.0, 1.0)
+    with pytest.raises(ValueError):
+        pair_apply(live, np.zeros(8, dtype=np.float32), np.zeros(8, dtype=np.float32), 0.0, 0.0)
+    with pytest.raises(ValueError):
+        pair_apply(live, np.zeros(7, dtype=np.float32), np.zeros(8, dtype=np.float32), 1.0, 1.0)
+    assert live.tobytes() == before.tobytes()
