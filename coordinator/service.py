@@ -150,18 +150,33 @@ class Coordinator:
                     return None
                 self._cond.wait(left)
 
-    def report(self, peer_id: str, job_id: str, rnd: int, epoch: int, rep: Report) -> bool:
-        """Records a round report; True if it committed the round."""
+    def report(self, peer_id: str, job_id: str, rnd: int, epoch: int, rep: Report,
+               build_next: Callable[[Job], T] | None = None) -> tuple[bool, T | None]:
+        """Records a round report; returns whether it committed the round and, for a gossip step
+        (when ``build_next`` is given), ``build_next(job)`` for the member's next step, built
+        under the lock, so it need not ask for it."""
         with self._cond:
+            gossip = self.state.job(job_id).gossip_phase
             ch = self.state.report(peer_id, job_id, rnd, epoch, rep, self.now_ms())
             self._apply(ch)
-            if ch.committed:
+            if ch.committed and not gossip:
                 j = self.state.jobs[job_id]
                 r = j.history[-1]
                 log.info("job %s: round %d committed (epoch %d, %d members, %d samples, acc %.4f, %d ms)",
                          job_id, r.round, r.epoch, len(r.members), r.samples, r.test_accuracy, r.duration_ms)
                 self._prune_checkpoints(j)
-            return bool(ch.committed)
+            if ch.committed and gossip:
+                j = self.state.jobs[job_id]
+                r = j.history[-1]
+                log.info("job %s: gossip round %d (%d steps, %d members, acc %.4f, consensus distance %.3g, %d ms)",
+                         job_id, r.round, j.gossip_steps, len(r.members), r.test_accuracy, r.consensus_distance,
+                         r.duration_ms)
+            nxt = None
+            if gossip and build_next is not None:
+                job = self.state.plan_for(peer_id)
+                if job is not None and job.job_id == job_id and job.gossip_phase:
+                    nxt = build_next(job)
+            return bool(ch.committed), nxt
 
     # -- checkpoints ------------------------------------------------------------------------
     def checkpoint_path(self, job_id: str, rnd: int) -> pathlib.Path:

@@ -225,6 +225,7 @@ class PeerControlServicer(control_pb2_grpc.PeerControlServicer):
             job_id=job.job_id, round=rnd, epoch=epoch, members=members, spec=spec_to_pb(job.spec),
             checkpoint=not gossip and job.wants_checkpoint(rnd), data_epoch=job.data_epoch,
             start_digest="" if gossip else job.start_digest, gossip=gossip,
+            evaluate=gossip and job.gossip_eval_step.get(peer_id) == rnd,
             shard_indices={s: types_pb2.ShardIndices(indices=shards[s].tolist()) for s in mine},
         )
 
@@ -239,8 +240,11 @@ class PeerControlServicer(control_pb2_grpc.PeerControlServicer):
                 pair_distance=request.pair_distance if request.has_pair_distance else None,
                 bytes_sent=request.bytes_sent,
             )
-            committed = self._c.report(request.peer_id, request.job_id, request.round, request.epoch, rep)
-            return control_pb2.ReportRoundResponse(committed=committed)
+            committed, nxt = self._c.report(request.peer_id, request.job_id, request.round, request.epoch, rep,
+                                            lambda job: self._plan_pb(job, request.peer_id))
+            if nxt is None:
+                return control_pb2.ReportRoundResponse(committed=committed)
+            return control_pb2.ReportRoundResponse(committed=committed, has_next=True, next=nxt)
         raise AssertionError("unreachable")
 
     def ReportFailure(self, request: control_pb2.ReportFailureRequest, context: grpc.ServicerContext) -> control_pb2.ReportFailureResponse:

@@ -153,10 +153,11 @@ class Job:
     gossip_steps: int = 0  # steps reported, by departed members too
     gossip_next: dict[str, int] = field(default_factory=dict)  # member -> the step it runs now
     gossip_issued_ms: dict[str, int] = field(default_factory=dict)  # member -> when that step was issued
-    gossip_evals: dict[str, list[float]] = field(default_factory=dict)  # member -> [acc, loss], last evaluated
+    gossip_eval_step: dict[str, int] = field(default_factory=dict)  # member -> its step that evaluates
     gossip_dist: dict[str, float] = field(default_factory=dict)  # member -> last distance to a partner
-    # this virtual round so far: [samples, loss sum, bytes, max train ms, max exchange ms, max eval ms, start ms, evaluated]
-    gossip_window: list[float] = field(default_factory=lambda: [0, 0.0, 0, 0, 0, 0, 0, 0])
+    # this virtual round so far: [samples, loss sum, bytes, max train ms, max exchange ms, max eval ms, start ms,
+    # evaluations, test accuracy sum, test loss sum]
+    gossip_window: list[float] = field(default_factory=lambda: [0, 0.0, 0, 0, 0, 0, 0, 0, 0.0, 0.0])
     gossip_consumed: dict[str, list[list[int]]] = field(default_factory=dict)
 
     @property
@@ -412,7 +413,7 @@ class ClusterState:
         job.reports = {}
         job.updated_ms = now_ms
         members = set(job.members)
-        for d in (job.gossip_next, job.gossip_issued_ms, job.gossip_evals, job.gossip_dist, job.allocation):
+        for d in (job.gossip_next, job.gossip_issued_ms, job.gossip_eval_step, job.gossip_dist, job.allocation):
             for k in [k for k in d if k not in members]:
                 del d[k]
         for m in job.members:
@@ -437,7 +438,8 @@ class ClusterState:
             return
         job.gossip_phase = True
         job.gossip_peers = len(job.members)
-        job.gossip_window = [0, 0.0, 0, 0, 0, 0, now_ms, 0]
+        job.gossip_window = [0, 0.0, 0, 0, 0, 0, now_ms, 0, 0.0, 0.0]
+        job.gossip_eval_step = {job.members[0]: 1} if job.members else {}
         job.allocation = {}
         job.holders = list(job.members)
 
@@ -474,8 +476,9 @@ class ClusterState:
         w[2] += rep.bytes_sent
         w[3], w[4], w[5] = max(w[3], rep.train_ms), max(w[4], rep.exchange_ms), max(w[5], rep.eval_ms)
         if rep.test_accuracy is not None:
-            job.gossip_evals[pid] = [rep.test_accuracy, rep.test_loss if rep.test_loss is not None else float("nan")]
-            w[7] = 1
+            w[7] += 1
+            w[8] += rep.test_accuracy
+            w[9] += rep.test_loss if rep.test_loss is not None else float("nan")
         if rep.pair_distance is not None:
             job.gossip_dist[pid] = rep.pair_distance
         job.gossip_steps += 1
@@ -485,11 +488,11 @@ class ClusterState:
         self._allocate_step(job, pid, now_ms)
         changes = Changes(jobs=(job.job_id,))
         if job.gossip_steps >= (job.committed_round + 1) * job.gossip_peers:
-            changes = changes | self._gossip_record(job, now_ms)
+            changes = changes | self._gossip_record(job, pid, now_ms)
         if job.committed_round >= job.spec.rounds - 1:
             job.gossip_phase = False
             job.allocation = {}
-            job.gossip_next, job.gossip_issued_ms = {}, {}
+            job.gossip_next, job.gossip_issued_ms, job.gossip_eval_step = {}, {}, {}
             self._new_epoch(job, now_ms, f"gossip phase done after {job.gossip_steps} steps; exact average of the live members")
         return changes
 
@@ -503,13 +506,14 @@ class ClusterState:
             return 0.0
         return (sum(x * x for x in d) / len(d) * (n - 1) / (2 * n)) ** 0.5
 
-    def _gossip_record(self, job: Job, now_ms: int) -> Changes:
-        """Closes a virtual round of the gossip phase into the history."""
+    def _gossip_record(self, job: Job, closer: str, now_ms: int) -> Changes:
+        """Closes a virtual round of the gossip phase (its last step was ``closer``'s) into the
+        history. Test metrics: the mean of the evaluations reported in the round (each of a
+        member's own model), else carried from the last round."""
         w = job.gossip_window
         prev = job.history[-1] if job.history else None
-        evals = [job.gossip_evals[m] for m in job.members if m in job.gossip_evals]
-        acc = sum(e[0] for e in evals) / len(evals) if evals else prev.test_accuracy if prev else float("nan")
-        loss = sum(e[1] for e in evals) / len(evals) if evals else prev.test_loss if prev else float("nan")
+        acc = w[8] / w[7] if w[7] else prev.test_accuracy if prev else float("nan")
+        loss = w[9] / w[7] if w[7] else prev.test_loss if prev else float("nan")
         sizes = self._shard_sizes(job.spec)
         rec = RoundRecord(
             round=job.committed_round + 1, epoch=job.epoch, samples=int(w[0]),
@@ -525,7 +529,11 @@ class ClusterState:
         job.holders = list(job.members)
         job.reissues = 0
         job.gossip_consumed = {}
-        job.gossip_window = [0, 0.0, 0, 0, 0, 0, now_ms, 0]
+        job.gossip_window = [0, 0.0, 0, 0, 0, 0, now_ms, 0, 0.0, 0.0]
+        # One evaluation per evaluated virtual round, as a ring round has: the next step of the
+        # member that closed this one (it is live and, having just reported, not the slowest).
+        if (rec.round + 1) % job.spec.eval_every_rounds == 0 and closer in job.gossip_next:
+            job.gossip_eval_step = {closer: job.gossip_next[closer]}
         return Changes(jobs=(job.job_id,), committed=((job.job_id, rec.round),))
 
     def _new_epoch(self, job: Job, now_ms: int, why: str) -> None:

@@ -229,12 +229,14 @@ class Peer:
                     "get plan")
                 if not resp.has_plan:
                     continue
-                plan = resp.plan
-                last = (plan.job_id, plan.round, plan.epoch)
-                if plan.gossip:
-                    self._run_gossip_step(plan)
-                else:
-                    self._run_round(plan)
+                plan: types_pb2.Plan | None = resp.plan
+                while plan is not None and not self.stop_event.is_set():
+                    last = (plan.job_id, plan.round, plan.epoch)
+                    if plan.gossip:  # a gossip step's report answers with the next step
+                        plan = self._run_gossip_step(plan)
+                    else:
+                        self._run_round(plan)
+                        plan = None
             except Evicted as e:
                 log.warning("peer %s: %s", self.peer_id, e)
                 self._evicted.set()
@@ -549,11 +551,12 @@ class Peer:
                 return None  # we are being averaged right now: that is this step's exchange
         return None
 
-    def _run_gossip_step(self, plan: types_pb2.Plan) -> None:
-        """One gossip step: train on the step's samples, average with one partner, report."""
+    def _run_gossip_step(self, plan: types_pb2.Plan) -> types_pb2.Plan | None:
+        """One gossip step: train on the step's samples, average with one partner, report.
+        Returns the next plan when the report's answer carries one."""
         me = [i for i, m in enumerate(plan.members) if m.peer_id == self.peer_id]
         if not me:
-            return
+            return None
         rank = me[0]
         tag = f"peer {self.peer_id} job {plan.job_id} gossip step {plan.round}"
         try:
@@ -577,25 +580,26 @@ class Peer:
             dist = self.gossip.last_distance
             if not math.isnan(dist):
                 req.has_pair_distance, req.pair_distance = True, dist
-            every = max(plan.spec.eval_every_rounds, 1)
-            if plan.round % every == 0:
+            if plan.evaluate:  # about once per virtual round, whoever the coordinator asks
                 t_eval = time.monotonic()
                 with trainer.lock:  # a partner's averaging must not land mid-evaluation
                     acc, loss = trainer.evaluate()
                 req.has_test_metrics, req.test_accuracy, req.test_loss = True, acc, loss
                 req.eval_ms = int((time.monotonic() - t_eval) * 1000)
-            self.client.call(lambda: self.client.stub.ReportRound(req, timeout=CALL_TIMEOUT_S), "report step",
-                             give_up_s=60)
+            resp = self.client.call(lambda: self.client.stub.ReportRound(req, timeout=CALL_TIMEOUT_S), "report step",
+                                    give_up_s=60)
             self._gossip_bytes_reported = sent
             if plan.round % 100 == 0:
                 slot = self.gossip.slot
                 log.info("%s: exchanges applied %d, dropped %d, refused while busy %d, one-sided %d; weight %.0f",
                          tag, slot.commits, slot.aborts, slot.refusals, self.gossip.one_sided, self.gossip.weight)
+            return resp.next if resp.has_next else None
         except Evicted:
             raise
         except Exception as e:
             if isinstance(e, grpc.RpcError) and isinstance(e, grpc.Call) and e.code() == grpc.StatusCode.FAILED_PRECONDITION:
                 log.info("%s: superseded (%s)", tag, e.details())
-                return
+                return None
             log.exception("%s: local failure; leaving the job", tag)
             self._report_failure(plan, self.peer_id, f"local failure: {e!r}")
+        return None

@@ -111,10 +111,14 @@ class ReportRoundRequest(_message.Message):
     def __init__(self, peer_id: _Optional[str] = ..., job_id: _Optional[str] = ..., round: _Optional[int] = ..., epoch: _Optional[int] = ..., samples: _Optional[int] = ..., train_loss: _Optional[float] = ..., digest: _Optional[str] = ..., has_test_metrics: _Optional[bool] = ..., test_accuracy: _Optional[float] = ..., test_loss: _Optional[float] = ..., train_samples_per_s: _Optional[float] = ..., train_ms: _Optional[int] = ..., exchange_ms: _Optional[int] = ..., eval_ms: _Optional[int] = ..., pair_distance: _Optional[float] = ..., has_pair_distance: _Optional[bool] = ..., bytes_sent: _Optional[int] = ...) -> None: ...
 
 class ReportRoundResponse(_message.Message):
-    __slots__ = ("committed",)
+    __slots__ = ("committed", "has_next", "next")
     COMMITTED_FIELD_NUMBER: _ClassVar[int]
+    HAS_NEXT_FIELD_NUMBER: _ClassVar[int]
+    NEXT_FIELD_NUMBER: _ClassVar[int]
     committed: bool
-    def __init__(self, committed: _Optional[bool] = ...) -> None: ...
+    has_next: bool
+    next: _types_pb2.Plan
+    def __init__(self, committed: _Optional[bool] = ..., has_next: _Optional[bool] = ..., next: _Optional[_Union[_types_pb2.Plan, _Mapping]] = ...) -> None: ...
 
 class ReportFailureRequest(_message.Message):
     __slots__ = ("peer_id", "job_id", "round", "epoch", "suspect_peer_id", "detail")
