@@ -82,11 +82,15 @@ def _fill(out: np.ndarray, pos: int, data: bytes) -> int:
 
 
 def pair_distance(a: np.ndarray, b: np.ndarray, piece: int = 1 << 16) -> float:
-    """||a - b|| in float64, through small pieces (no model-sized temporary)."""
+    """||a - b|| in float64, through small pieces (no model-sized temporary). Plain ufuncs, not
+    ``np.dot``: a BLAS call wakes OpenBLAS's worker threads, which then spin for a while; on a
+    gossip peer sharing cores with others that spinning cost as much CPU as the training."""
     acc = 0.0
     for s in range(0, a.size, piece):
-        d = a[s : s + piece].astype(np.float64) - b[s : s + piece]
-        acc += float(np.dot(d, d))
+        d = a[s : s + piece].astype(np.float64)
+        np.subtract(d, b[s : s + piece], out=d)
+        np.multiply(d, d, out=d)
+        acc += float(d.sum())
     return math.sqrt(acc)
 
 
