@@ -75,7 +75,7 @@ from aggregation.allreduce import chunk_elems_for
 from aggregation.codecs import CODEC_NAMES, get_codec
 
 CODECS = CODEC_NAMES
-DATA_PLANES = ("tcp", "grpc")
+DATA_PLANES = ("shm", "tcp", "grpc")
 MB = 1 << 20
 GB = 1e9
 JOB = "allreduce-bench"
@@ -160,7 +160,7 @@ def _worker(kind: str, rank: int, world: int, n: int, conn: Any, barrier: Any, o
                 torch.set_num_threads(1)
             plane = str(opts["data_plane"])
             servicer = ExchangeServicer(lambda job, rnd: None, recv_timeout_s=timeout,
-                                        data_plane_host=host if plane == "tcp" else None)
+                                        data_plane_host=host if plane in ("shm", "tcp") else None)
             server = grpc.server(futures.ThreadPoolExecutor(max_workers=16), options=GRPC_OPTIONS)
             add_exchange_to_server(servicer, server)
             port = server.add_insecure_port(f"{host}:0")
@@ -431,7 +431,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sizes-mb", default="1,64,256", help="comma-separated buffer sizes in MB of 2**20 bytes (default 1,64,256)")
     p.add_argument("--codecs", default="fp32", help=f"comma-separated wire codecs; known: {', '.join(CODECS)}")
     p.add_argument("--data-planes", default="tcp",
-                   help="comma-separated ways dml's chunks travel: tcp (the fast data plane), grpc (default tcp)")
+                   help="comma-separated ways dml's chunks travel: shm (shared memory on one host, headers "
+                        "over TCP), tcp (the fast data plane), grpc (default tcp)")
     p.add_argument("--repeats", type=int, default=5, help="timed repetitions per configuration (default 5)")
     p.add_argument("--chunk-elems", type=int, default=0,
                    help=f"float32 elements per dml wire chunk, at most {1 << 20} (default 0: as peers pick, "

@@ -10,7 +10,7 @@ from peer.tasks import get_task
 
 AGGREGATIONS = ("ring", "gossip")
 CODECS = ("fp32", "bf16", "fp16", "int8")  # aggregation.codecs.CODEC_NAMES; checked by a test
-DATA_PLANES = ("auto", "tcp", "grpc")
+DATA_PLANES = ("auto", "shm", "tcp", "grpc")  # peer.exchange.DATA_PLANES
 MAX_ROUNDS = 1_000_000
 MAX_GOSSIP_TIMEOUT_MS = 600_000
 

@@ -21,9 +21,12 @@ import threading
 import time
 from collections.abc import Callable
 
+from peer.shm import SharedSlots
+
 log = logging.getLogger(__name__)
 
 MAGIC = b"DMLT"
+MAGIC_SHM = b"DMLS"  # the sender mapped the offered shared-memory slots: payloads go there
 TOKEN_BYTES = 16
 HELLO_BYTES = len(MAGIC) + TOKEN_BYTES
 ACK = b"\x06"
@@ -33,7 +36,7 @@ HANDSHAKE_S = 5.0
 SOCKET_BUFFER_BYTES = 4 << 20
 
 Key = tuple[str, int, int]  # (job_id, round, epoch)
-Attach = Callable[[Key, str, socket.socket], bool]
+Attach = Callable[[Key, str, socket.socket, "SharedSlots | None"], bool]
 
 
 def tune(sock: socket.socket) -> None:
@@ -69,24 +72,38 @@ class DataPlane:
         self._listener.bind((host, 0))
         self._listener.listen(64)
         self.port = self._listener.getsockname()[1]
-        self._tokens: dict[bytes, tuple[Key, str, float]] = {}
+        self._tokens: dict[bytes, tuple[Key, str, float, SharedSlots | None]] = {}
         self._lock = threading.Lock()
         self._closed = threading.Event()
         self._thread = threading.Thread(target=self._accept_loop, name=f"dataplane-{self.port}", daemon=True)
         self._thread.start()
 
-    def offer(self, key: Key, sender: str) -> bytes:
-        """A fresh token for ``sender`` to stream ``key``'s frames to this peer."""
+    def offer(self, key: Key, sender: str, shm: SharedSlots | None = None) -> bytes:
+        """A fresh token for ``sender`` to stream ``key``'s frames to this peer (through
+        ``shm``'s slots if the sender maps them; the token owns them until then)."""
         token = secrets.token_bytes(TOKEN_BYTES)
         now = time.monotonic()
+        dropped = []
         with self._lock:
-            for t, (_, _, expiry) in list(self._tokens.items()):
-                if expiry < now:
-                    del self._tokens[t]
+            for t, entry in list(self._tokens.items()):
+                if entry[2] < now:
+                    dropped.append(self._tokens.pop(t)[3])
             while len(self._tokens) >= MAX_TOKENS:
-                del self._tokens[next(iter(self._tokens))]
-            self._tokens[token] = (key, sender, now + TOKEN_TTL_S)
+                dropped.append(self._tokens.pop(next(iter(self._tokens)))[3])
+            self._tokens[token] = (key, sender, now + TOKEN_TTL_S, shm)
+        for slots in dropped:
+            if slots is not None:
+                slots.close()
         return token
+
+    def forget(self, key: Key) -> None:
+        """Drops the unused tokens of an exchange that ended (and their shared-memory files)."""
+        with self._lock:
+            gone = [t for t, entry in self._tokens.items() if entry[0] == key]
+            dropped = [self._tokens.pop(t)[3] for t in gone]
+        for slots in dropped:
+            if slots is not None:
+                slots.close()
 
     def _accept_loop(self) -> None:
         while not self._closed.is_set():
@@ -109,16 +126,28 @@ class DataPlane:
                 if n == 0:
                     raise ConnectionError("closed during the handshake")
                 got += n
-            if bytes(hello[: len(MAGIC)]) != MAGIC:
+            magic = bytes(hello[: len(MAGIC)])
+            if magic not in (MAGIC, MAGIC_SHM):
                 raise ConnectionError("not a dml data-plane hello")
             with self._lock:
                 entry = self._tokens.pop(bytes(hello[len(MAGIC):]), None)
             if entry is None or entry[2] < time.monotonic():
+                if entry is not None and entry[3] is not None:
+                    entry[3].close()
                 raise ConnectionError("unknown or expired token")
-            key, sender, _ = entry
+            key, sender, _, slots = entry
+            if slots is not None and magic != MAGIC_SHM:  # the sender could not map them: plain TCP
+                slots.close()
+                slots = None
+            elif slots is None and magic == MAGIC_SHM:
+                raise ConnectionError("shared memory was not offered for this token")
+            if slots is not None:
+                slots.unlink()  # both sides have it mapped: its name is no longer needed
             tune(conn)
-            if self._attach(key, sender, conn):
+            if self._attach(key, sender, conn, slots):
                 return
+            if slots is not None:
+                slots.close()
             raise ConnectionError(f"no exchange wants {key} any more")
         except (OSError, ConnectionError) as e:
             log.info("data plane %d: refused a connection: %s", self.port, e)
@@ -133,14 +162,20 @@ class DataPlane:
             pass
         self._listener.close()
         self._thread.join(2)
+        with self._lock:
+            entries, self._tokens = list(self._tokens.values()), {}
+        for entry in entries:
+            if entry[3] is not None:
+                entry[3].close()
 
 
-def connect(host: str, port: int, token: bytes, timeout: float) -> socket.socket:
-    """Opens an authenticated stream to a peer's data plane."""
+def connect(host: str, port: int, token: bytes, timeout: float, shm: bool = False) -> socket.socket:
+    """Opens an authenticated stream to a peer's data plane (saying whether the sender mapped
+    the shared-memory slots it was offered)."""
     sock = socket.create_connection((host, port), timeout=timeout)
     try:
         tune(sock)
-        sock.sendall(MAGIC + token)
+        sock.sendall((MAGIC_SHM if shm else MAGIC) + token)
     except OSError:
         sock.close()
         raise

@@ -23,8 +23,9 @@ from dml.v1 import exchange_pb2, exchange_pb2_grpc
 
 from aggregation.codecs import payload_size
 from aggregation.transport import FRAME, ExchangeError, Header
-from peer import dataplane
+from peer import dataplane, shm
 from peer.gossip import GossipNode
+from peer.shm import SharedSlots
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +35,9 @@ POLL_S = 0.05
 CHUNK_BYTES = 1 << 20
 STALE_INBOX_S = 600.0
 OPEN_TIMEOUT_S = 5.0
-DATA_PLANES = ("auto", "tcp", "grpc")
+DATA_PLANES = ("auto", "shm", "tcp", "grpc")
+SHM_SLOT_BYTES = (1 << 22) + 64  # the largest chunk (1M float32) plus room for a codec's scale
+SHM_MIN_BYTES = 8 << 20  # "auto" uses shared memory from this buffer size on
 ABORTED = "round aborted: the membership changed"
 
 # The hot path bypasses protobuf: PushChunks wraps every chunk in a TensorChunk, which costs three
@@ -68,6 +71,7 @@ class Inbox:
         self.closed = threading.Event()
         self.arrived = threading.Event()  # set by the first gRPC frame or the TCP stream
         self.conn: socket.socket | None = None
+        self.shm: SharedSlots | None = None  # payloads come through these slots (headers on conn)
         self.sender = ""
 
     def close(self) -> None:
@@ -76,6 +80,8 @@ class Inbox:
         self.arrived.set()
         if self.conn is not None:
             _close_socket(self.conn)
+        if self.shm is not None:
+            self.shm.close()
 
 
 ParamsSource = Callable[[str, int], "tuple[int, str, bytes | memoryview] | None"]
@@ -136,14 +142,17 @@ class ExchangeServicer(exchange_pb2_grpc.PeerExchangeServicer):
             box = self._inboxes.pop(key, None)
         if box:
             box.close()
+        if self.data_plane is not None:
+            self.data_plane.forget(key)
 
-    def _attach(self, key: Key, sender: str, conn: socket.socket) -> bool:
-        """Binds an authenticated TCP stream to ``key``'s inbox (one stream per inbox)."""
+    def _attach(self, key: Key, sender: str, conn: socket.socket, shm: SharedSlots | None = None) -> bool:
+        """Binds an authenticated TCP stream (and its shared-memory slots, if the sender mapped
+        them) to ``key``'s inbox (one stream per inbox)."""
         box = self.inbox(key)
         with self._lock:
             if box.closed.is_set() or box.conn is not None or self._inboxes.get(key) is not box:
                 return False
-            box.conn, box.sender = conn, sender
+            box.conn, box.sender, box.shm = conn, sender, shm
         box.arrived.set()
         return True
 
@@ -154,8 +163,17 @@ class ExchangeServicer(exchange_pb2_grpc.PeerExchangeServicer):
         assert self.data_plane is not None
         if not request.job_id or not request.sender_id:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "job_id and sender_id are required")
-        token = self.data_plane.offer((request.job_id, request.round, request.epoch), request.sender_id)
-        return exchange_pb2.OpenDataPlaneResponse(port=self.data_plane.port, token=token)
+        slots = None
+        if request.shm_slot_bytes and shm.available():
+            try:
+                slots = SharedSlots.create(min(request.shm_slot_bytes, shm.MAX_SLOT_BYTES))
+            except OSError as e:
+                log.info("no shared-memory slots for %s: %s", request.sender_id, e)
+        token = self.data_plane.offer((request.job_id, request.round, request.epoch), request.sender_id, slots)
+        if slots is None:
+            return exchange_pb2.OpenDataPlaneResponse(port=self.data_plane.port, token=token)
+        return exchange_pb2.OpenDataPlaneResponse(port=self.data_plane.port, token=token, shm_path=str(slots.path),
+                                                  shm_nonce=slots.nonce, shm_slot_bytes=slots.slot_bytes)
 
     def PushChunks(self, request_iterator: Iterator[exchange_pb2.TensorChunk], context: grpc.ServicerContext) -> exchange_pb2.PushChunksResponse:
         """The protobuf form of the exchange (portable; the ring itself uses :meth:`push_frames`)."""
@@ -394,7 +412,7 @@ class _TcpSender:
         self._sock.settimeout(POLL_S)
         while True:
             try:
-                got = self._sock.recv(1)
+                got = self._sock.recv(64)
             except TimeoutError:
                 if abort.is_set():
                     raise ExchangeError(ABORTED) from None
@@ -403,13 +421,75 @@ class _TcpSender:
                 continue
             except OSError as e:
                 raise ExchangeError(f"stream to {self._succ_id} failed: {e!r}", suspect=self._succ_id) from None
-            if got != dataplane.ACK:
+            if not got:
                 raise ExchangeError(f"{self._succ_id} closed the stream without acknowledging", suspect=self._succ_id)
-            return
+            if self._acknowledged(got):
+                return
+
+    def _acknowledged(self, got: bytes) -> bool:
+        """Whether ``got`` (bytes from the successor after the last frame) is its acknowledgement."""
+        if got != dataplane.ACK:
+            raise ExchangeError(f"{self._succ_id} closed the stream without acknowledging", suspect=self._succ_id)
+        return True
 
     def cancel(self) -> None:
         self._out.put(None)
         _close_socket(self._sock)
+
+
+class _ShmSender(_TcpSender):
+    """Frames to a successor on this host: each payload is copied into a shared-memory slot and
+    only its header goes on the TCP stream; the successor returns one credit byte per slot it
+    has read, and a slot is written again only after its credit (so at most ``shm.SLOTS``
+    frames are in flight). Everything else, failures and the closing acknowledgement included,
+    is the TCP sender's."""
+
+    kind = "shm"
+
+    def __init__(self, sock: socket.socket, slots: SharedSlots, succ_id: str, idle_s: float) -> None:
+        self._slots = slots
+        self._credits = shm.SLOTS  # slots free to write
+        super().__init__(sock, succ_id, idle_s)
+
+    def _take_credit(self) -> None:
+        while self._credits == 0:
+            got = self._sock.recv(64)  # the socket's idle timeout bounds the wait
+            if not got:
+                raise ConnectionError("closed by the successor")
+            if got.strip(shm.CREDIT):
+                raise ConnectionError(f"unexpected bytes {got[:8]!r} from the successor")
+            self._credits += len(got)
+
+    def _loop(self) -> None:
+        frame = 0
+        while True:
+            item = self._out.get()
+            if item is None:
+                return
+            header, payload, seq = item
+            try:
+                self._take_credit()
+                data = payload.data.cast("B")
+                self._slots.slot(frame, len(data))[:] = data
+                self._credits -= 1
+                frame += 1
+                self._sock.sendall(header)
+            except (OSError, ConnectionError, ValueError) as e:
+                with self._cond:
+                    self.error = f"stream to {self._succ_id} failed: {e!r}"
+                    self._cond.notify_all()
+                return
+            with self._cond:
+                self._sent = seq
+                self._cond.notify_all()
+
+    def _acknowledged(self, got: bytes) -> bool:
+        rest = got.lstrip(shm.CREDIT)  # credits for the last slots may precede the acknowledgement
+        if not rest:
+            return False
+        if rest[:1] != dataplane.ACK:
+            raise ExchangeError(f"{self._succ_id} closed the stream without acknowledging", suspect=self._succ_id)
+        return True
 
 
 def _sendmsg_all(sock: socket.socket, header: bytes, payload: memoryview) -> None:
@@ -434,9 +514,13 @@ class PeerLink:
 
     def __init__(self, servicer: ExchangeServicer, key: Key, self_id: str, pred_id: str,
                  succ_id: str, succ_address: str, deadline_s: float, abort: threading.Event,
-                 idle_timeout_s: float = 30.0, data_plane: str = "auto") -> None:
+                 idle_timeout_s: float = 30.0, data_plane: str = "auto", payload_bytes: int = 0) -> None:
         if data_plane not in DATA_PLANES:
             raise ValueError(f"unknown data plane {data_plane!r}")
+        # "auto" asks for shared memory only where it pays: it costs a fixed ~2 ms per
+        # all-reduce (measured at 1 MB, N=2: 4.9 ms against TCP's 2.8) and saves a fifth of the
+        # time at 64 MB, N=4. payload_bytes: the buffer's size, 0 when not known yet.
+        self._want_shm = data_plane == "shm" or (data_plane == "auto" and payload_bytes >= SHM_MIN_BYTES)
         self._key = key
         self._self_id, self._pred_id, self._succ_id = self_id, pred_id, succ_id
         self._succ_address = succ_address
@@ -453,18 +537,21 @@ class PeerLink:
         self._open_error: BaseException | None = None
         self._pending: memoryview | None = None  # payload of the last gRPC frame read
         self._hdr = bytearray(FRAME.size)
+        self._frames = 0  # frames read from shared-memory slots
 
     @property
     def sender_kind(self) -> str:
-        """How frames go to the successor: "tcp", "grpc", or "" before the first send."""
+        """How frames go to the successor: "shm", "tcp", "grpc", or "" before the first send."""
         return self._sender.kind if self._sender else ""
 
     @property
     def receiver_kind(self) -> str:
-        """How frames come from the predecessor: "tcp", "grpc", or "" before the first one."""
+        """How frames come from the predecessor: "shm", "tcp", "grpc", or "" before the first one."""
         if not self._inbox.arrived.is_set():
             return ""
-        return "tcp" if self._inbox.conn is not None else "grpc"
+        if self._inbox.conn is None:
+            return "grpc"
+        return "shm" if self._inbox.shm is not None else "tcp"
 
     # -- sending ------------------------------------------------------------------------------
     def _open(self) -> _GrpcSender | _TcpSender:
@@ -472,7 +559,7 @@ class PeerLink:
             try:
                 return self._open_tcp()  # ExchangeError (successor unreachable) propagates: no fallback
             except (grpc.RpcError, OSError, ValueError) as e:
-                if self._mode == "tcp":
+                if self._mode in ("tcp", "shm"):
                     raise ExchangeError(f"cannot open a TCP stream to {self._succ_id}: {_describe(e)}",
                                         suspect=self._succ_id) from None
                 log.info("exchange %s: no TCP stream to %s (%s); using gRPC", self._key, self._succ_id, _describe(e))
@@ -515,7 +602,8 @@ class PeerLink:
         timeout = min(OPEN_TIMEOUT_S, self._idle_s)
         try:
             offer = stub.OpenDataPlane(exchange_pb2.OpenDataPlaneRequest(
-                job_id=job, round=rnd, epoch=epoch, sender_id=self._self_id), timeout=timeout)
+                job_id=job, round=rnd, epoch=epoch, sender_id=self._self_id,
+                shm_slot_bytes=SHM_SLOT_BYTES if self._want_shm else 0), timeout=timeout)
         except grpc.RpcError as e:
             code = e.code() if isinstance(e, grpc.Call) else None
             if code in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.UNIMPLEMENTED):
@@ -525,7 +613,19 @@ class PeerLink:
         if self._abort.is_set():
             raise ExchangeError(ABORTED)
         host, _ = dataplane.split_host_port(self._succ_address)
-        sock = dataplane.connect(host, offer.port, offer.token, timeout)
+        slots = None
+        if offer.shm_path:  # offered only when we asked: a successor on this host can take them
+            try:
+                slots = SharedSlots.attach(offer.shm_path, offer.shm_nonce, offer.shm_slot_bytes)
+            except (OSError, ValueError) as e:
+                log.info("exchange %s: %s's shared memory is not ours to map (%s); streaming over TCP",
+                         self._key, self._succ_id, e)
+        if self._mode == "shm" and slots is None:
+            raise ExchangeError(f"{self._succ_id} offered no shared memory this peer can map "
+                                f"(data plane 'shm' needs both on one host)", suspect=self._succ_id)
+        sock = dataplane.connect(host, offer.port, offer.token, timeout, shm=slots is not None)
+        if slots is not None:
+            return _ShmSender(sock, slots, self._succ_id, self._idle_s)
         return _TcpSender(sock, self._succ_id, self._idle_s)
 
     def send(self, header: Header, payload: np.ndarray) -> int:
@@ -607,8 +707,20 @@ class PeerLink:
     def recv_payload(self, out: np.ndarray, timeout: float) -> None:
         """Reads the last header's payload into ``out`` (straight from the socket on TCP)."""
         view = out.data.cast("B")
-        if self._inbox.conn is not None:
-            self._recv_exact(self._inbox.conn, view, timeout)
+        box = self._inbox
+        if box.shm is not None and box.conn is not None:
+            try:
+                view[:] = box.shm.slot(self._frames, len(view))
+                box.conn.sendall(shm.CREDIT)  # the slot may be written again
+            except ValueError as e:
+                raise ExchangeError(f"frame from {self._pred_id} does not fit its slot: {e}", suspect=self._pred_id) from None
+            except OSError as e:
+                self._check(time.monotonic() + 1.0, timeout)
+                raise ExchangeError(f"stream from {self._pred_id} broke: {e!r}", suspect=self._pred_id) from None
+            self._frames += 1
+            return
+        if box.conn is not None:
+            self._recv_exact(box.conn, view, timeout)
             return
         if self._pending is None or len(self._pending) != len(view):
             raise ExchangeError(f"payload of {0 if self._pending is None else len(self._pending)} bytes, "

@@ -417,7 +417,8 @@ class Peer:
         return PeerLink(self.servicer, (plan.job_id, plan.round, plan.epoch), self.peer_id,
                         plan.members[(rank - 1) % world].peer_id, succ.peer_id, succ.address,
                         self._round_deadline_s, self._abort, idle_timeout_s=self.config.exchange_timeout_s,
-                        data_plane=plan.spec.data_plane or "auto")
+                        data_plane=plan.spec.data_plane or "auto",
+                        payload_bytes=4 * self._trainer.numel if self._trainer is not None and self._trainer_job == plan.job_id else 0)
 
     def _codec(self, name: str) -> Codec:
         if name not in self._codecs:

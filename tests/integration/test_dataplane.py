@@ -2,6 +2,8 @@
 its authentication, and its failure behaviour. Servers on 127.0.0.1:0, members as threads."""
 from __future__ import annotations
 
+import os
+import pathlib
 import socket
 import threading
 import time
@@ -17,7 +19,8 @@ from dml.v1 import exchange_pb2, exchange_pb2_grpc
 from aggregation.allreduce import ring_allreduce
 from aggregation.codecs import get_codec
 from aggregation.transport import ExchangeError, Header
-from peer import dataplane
+from peer import dataplane, shm
+from peer.exchange import SHM_MIN_BYTES as PeerLink_SHM_MIN
 from peer.exchange import ExchangeServicer, PeerLink, add_exchange_to_server
 
 
@@ -52,11 +55,18 @@ def members():
         m.close()
 
 
-def links(ms: list[Member], key: tuple[str, int, int], plane: str | list[str], idle_s: float = 5.0) -> list[PeerLink]:
+def links(ms: list[Member], key: tuple[str, int, int], plane: str | list[str], idle_s: float = 5.0,
+          payload_bytes: int = 0) -> list[PeerLink]:
     n = len(ms)
     planes = plane if isinstance(plane, list) else [plane] * n
     return [PeerLink(ms[r].servicer, key, f"p{r}", f"p{(r - 1) % n}", f"p{(r + 1) % n}", ms[(r + 1) % n].address,
-                     10.0, ms[r].abort, idle_timeout_s=idle_s, data_plane=planes[r]) for r in range(n)]
+                     10.0, ms[r].abort, idle_timeout_s=idle_s, data_plane=planes[r], payload_bytes=payload_bytes)
+            for r in range(n)]
+
+
+def our_shm_files() -> list[pathlib.Path]:
+    """Shared-memory files this process created (the receiver's side makes them)."""
+    return sorted(shm.SHM_DIR.glob(f"dml-{os.getpid()}-*"))
 
 
 def run_ring(ls: list[PeerLink], bufs: list[np.ndarray], codec: str = "fp32",
@@ -89,7 +99,7 @@ def int_bufs(n: int, size: int, seed: int = 0) -> list[np.ndarray]:
     return [rng.integers(-100, 100, size).astype(np.float32) for _ in range(n)]
 
 
-@pytest.mark.parametrize("plane", ["tcp", "grpc", "auto"])
+@pytest.mark.parametrize("plane", ["shm", "tcp", "grpc", "auto"])
 @pytest.mark.parametrize("world", [2, 3])
 def test_ring_is_exact_over_every_data_plane(members, plane, world):
     ms = members(world)
@@ -99,17 +109,46 @@ def test_ring_is_exact_over_every_data_plane(members, plane, world):
     assert run_ring(ls, bufs) == [None] * world
     for b in bufs:
         assert np.array_equal(b.astype(np.float64), want)
-    expect = "grpc" if plane == "grpc" else "tcp"
+    expect = {"grpc": "grpc", "shm": "shm"}.get(plane, "tcp")  # auto: small buffers stay on TCP
     assert [link.sender_kind for link in ls] == [expect] * world
     assert [link.receiver_kind for link in ls] == [expect] * world
+    assert our_shm_files() == [], "a shared-memory file outlived its exchange"
 
 
+def test_auto_takes_shared_memory_for_large_buffers(members):
+    ms = members(2)
+    bufs = int_bufs(2, 4_000)
+    ls = links(ms, ("j", 1, 1), "auto", payload_bytes=PeerLink_SHM_MIN)
+    assert run_ring(ls, bufs) == [None] * 2
+    assert [link.sender_kind for link in ls] == ["shm", "shm"]
+
+
+def test_shared_memory_that_cannot_be_mapped_falls_back_to_tcp_or_fails_clearly(members, monkeypatch):
+    """A successor on another host (or with its own /dev/shm) offers a file the sender cannot
+    map: "auto" streams over TCP, "shm" fails naming it, and the offered file is removed."""
+    def elsewhere(*_: object) -> shm.SharedSlots:
+        raise FileNotFoundError("no such file on this host")
+
+    monkeypatch.setattr(shm.SharedSlots, "attach", staticmethod(elsewhere))
+    ms = members(2)
+    bufs = int_bufs(2, 4_000)
+    want = np.sum(np.stack(bufs).astype(np.float64), axis=0)
+    ls = links(ms, ("j", 1, 1), "auto", payload_bytes=PeerLink_SHM_MIN)
+    assert run_ring(ls, bufs) == [None] * 2
+    assert np.array_equal(bufs[0].astype(np.float64), want)
+    assert [link.sender_kind for link in ls] == ["tcp", "tcp"]
+    errors = run_ring(links(ms, ("j", 2, 1), ["shm", "tcp"]), int_bufs(2, 100))
+    assert isinstance(errors[0], ExchangeError) and "shared memory" in str(errors[0]) and errors[0].suspect == "p1"
+    assert our_shm_files() == [], "an offer nobody mapped must go when its exchange ends"
+
+
+@pytest.mark.parametrize("plane", ["tcp", "shm"])
 @pytest.mark.parametrize("codec", ["bf16", "fp16", "int8"])
-def test_lossy_codecs_end_bit_identical_over_tcp(members, codec):
+def test_lossy_codecs_end_bit_identical(members, codec, plane):
     ms = members(3)
     bufs = [b / 7 for b in int_bufs(3, 5_003, seed=1)]
     want = np.sum(np.stack(bufs).astype(np.float64), axis=0)
-    assert run_ring(links(ms, ("j", 1, 1), "tcp"), bufs, codec) == [None] * 3
+    assert run_ring(links(ms, ("j", 1, 1), plane), bufs, codec) == [None] * 3
     assert bufs[0].tobytes() == bufs[1].tobytes() == bufs[2].tobytes()
     assert np.abs(bufs[0] - want).max() < 0.05 * np.abs(want).max()
 
@@ -174,9 +213,10 @@ def test_open_data_plane_rpc_validates_and_reports_absence(members):
             assert e.value.code() == code
 
 
-def test_predecessor_dying_mid_stream_fails_the_receiver_fast_naming_it(members):
+@pytest.mark.parametrize("plane", ["tcp", "shm"])
+def test_predecessor_dying_mid_stream_fails_the_receiver_fast_naming_it(members, plane):
     ms = members(2)
-    ls = links(ms, ("j", 1, 1), "tcp", idle_s=20.0)
+    ls = links(ms, ("j", 1, 1), plane, idle_s=20.0)
     payload = np.zeros(1000, np.float32)
 
     def body(r: int, link: PeerLink) -> None:
@@ -224,7 +264,8 @@ def test_abort_stops_a_waiting_receiver_promptly(members):
     assert out["took"] < 2
 
 
-def test_lossy_ring_much_larger_than_socket_buffers_does_not_deadlock(members, monkeypatch):
+@pytest.mark.parametrize("plane", ["tcp", "shm"])
+def test_lossy_ring_much_larger_than_socket_buffers_does_not_deadlock(members, monkeypatch, plane):
     """Every member first queues its whole reduce-scatter segment: if encoding waited for buffer
     space while neighbours did the same, nobody would read and the ring would stall (it did, with
     a fixed pool of 16 staging buffers, at 256 MB). Frames here far outnumber any fixed pool and
@@ -232,7 +273,7 @@ def test_lossy_ring_much_larger_than_socket_buffers_does_not_deadlock(members, m
     monkeypatch.setattr(dataplane, "SOCKET_BUFFER_BYTES", 32 * 1024)
     ms = members(3)
     bufs = [np.full(600_000, float(r + 1), np.float32) for r in range(3)]
-    ls = links(ms, ("j", 1, 1), "tcp", idle_s=10.0)
+    ls = links(ms, ("j", 1, 1), plane, idle_s=10.0)  # shm: 4 slots in flight, far fewer than frames
     errors: list[BaseException | None] = [None] * 3
 
     def one(r: int) -> None:

@@ -45,24 +45,32 @@ class PushChunksResponse(_message.Message):
     def __init__(self, chunks: _Optional[int] = ...) -> None: ...
 
 class OpenDataPlaneRequest(_message.Message):
-    __slots__ = ("job_id", "round", "epoch", "sender_id")
+    __slots__ = ("job_id", "round", "epoch", "sender_id", "shm_slot_bytes")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     SENDER_ID_FIELD_NUMBER: _ClassVar[int]
+    SHM_SLOT_BYTES_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     round: int
     epoch: int
     sender_id: str
-    def __init__(self, job_id: _Optional[str] = ..., round: _Optional[int] = ..., epoch: _Optional[int] = ..., sender_id: _Optional[str] = ...) -> None: ...
+    shm_slot_bytes: int
+    def __init__(self, job_id: _Optional[str] = ..., round: _Optional[int] = ..., epoch: _Optional[int] = ..., sender_id: _Optional[str] = ..., shm_slot_bytes: _Optional[int] = ...) -> None: ...
 
 class OpenDataPlaneResponse(_message.Message):
-    __slots__ = ("port", "token")
+    __slots__ = ("port", "token", "shm_path", "shm_nonce", "shm_slot_bytes")
     PORT_FIELD_NUMBER: _ClassVar[int]
     TOKEN_FIELD_NUMBER: _ClassVar[int]
+    SHM_PATH_FIELD_NUMBER: _ClassVar[int]
+    SHM_NONCE_FIELD_NUMBER: _ClassVar[int]
+    SHM_SLOT_BYTES_FIELD_NUMBER: _ClassVar[int]
     port: int
     token: bytes
-    def __init__(self, port: _Optional[int] = ..., token: _Optional[bytes] = ...) -> None: ...
+    shm_path: str
+    shm_nonce: bytes
+    shm_slot_bytes: int
+    def __init__(self, port: _Optional[int] = ..., token: _Optional[bytes] = ..., shm_path: _Optional[str] = ..., shm_nonce: _Optional[bytes] = ..., shm_slot_bytes: _Optional[int] = ...) -> None: ...
 
 class FetchParametersRequest(_message.Message):
     __slots__ = ("job_id", "round")
