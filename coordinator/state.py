@@ -456,9 +456,7 @@ class ClusterState:
         if rep.samples != job.allocated(pid):
             raise BadReport(f"peer {pid} reports {rep.samples} samples for gossip step {step}; "
                             f"{job.allocated(pid)} were allocated")
-        if rep.samples_per_s > 0:
-            old = peer.samples_per_s
-            peer.samples_per_s = rep.samples_per_s if old <= 0 else 0.7 * old + 0.3 * rep.samples_per_s
+        _note_speed(peer, rep)
         sizes = self._shard_sizes(job.spec)
         ranges = job.allocation.pop(pid, [])
         mine = set(job.assignment.get(pid, []))
@@ -643,9 +641,7 @@ class ClusterState:
         if rep.samples != job.allocated(peer_id):
             raise BadReport(f"peer {peer_id} reports {rep.samples} samples for round {rnd}; "
                             f"{job.allocated(peer_id)} were allocated")
-        if rep.samples_per_s > 0:
-            old = peer.samples_per_s
-            peer.samples_per_s = rep.samples_per_s if old <= 0 else 0.7 * old + 0.3 * rep.samples_per_s
+        _note_speed(peer, rep)
         job.reports[peer_id] = rep
         if set(job.reports) != set(job.members):
             return Changes(jobs=(job_id,))  # persisted, so a coordinator restart keeps the report
@@ -705,3 +701,9 @@ class ClusterState:
             self._issue(job, now_ms)
         return changes
 
+
+def _note_speed(peer: PeerRecord, rep: Report) -> None:
+    """Folds a report's measured training throughput into the peer's moving average."""
+    if rep.samples_per_s > 0:
+        old = peer.samples_per_s
+        peer.samples_per_s = rep.samples_per_s if old <= 0 else 0.7 * old + 0.3 * rep.samples_per_s

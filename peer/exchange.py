@@ -374,8 +374,8 @@ class _TcpSender:
                 return
             header, payload, seq = item
             try:
-                _sendmsg_all(self._sock, header, payload.data.cast("B"))
-            except OSError as e:
+                self._write(header, payload.data.cast("B"))
+            except (OSError, ValueError) as e:
                 with self._cond:
                     self.error = f"stream to {self._succ_id} failed: {e!r}"
                     self._cond.notify_all()
@@ -383,6 +383,10 @@ class _TcpSender:
             with self._cond:
                 self._sent = seq
                 self._cond.notify_all()
+
+    def _write(self, header: bytes, payload: memoryview) -> None:
+        """Puts one frame on its way (called on the sender thread, in order)."""
+        _sendmsg_all(self._sock, header, payload)
 
     def send(self, header: Header, payload: np.ndarray) -> int:
         self._seq += 1
@@ -449,6 +453,7 @@ class _ShmSender(_TcpSender):
     def __init__(self, sock: socket.socket, slots: SharedSlots, succ_id: str, idle_s: float) -> None:
         self._slots = slots
         self._credits = shm.SLOTS  # slots free to write
+        self._frame = 0
         super().__init__(sock, succ_id, idle_s)
 
     def _take_credit(self) -> None:
@@ -460,28 +465,12 @@ class _ShmSender(_TcpSender):
                 raise ConnectionError(f"unexpected bytes {got[:8]!r} from the successor")
             self._credits += len(got)
 
-    def _loop(self) -> None:
-        frame = 0
-        while True:
-            item = self._out.get()
-            if item is None:
-                return
-            header, payload, seq = item
-            try:
-                self._take_credit()
-                data = payload.data.cast("B")
-                self._slots.slot(frame, len(data))[:] = data
-                self._credits -= 1
-                frame += 1
-                self._sock.sendall(header)
-            except (OSError, ConnectionError, ValueError) as e:
-                with self._cond:
-                    self.error = f"stream to {self._succ_id} failed: {e!r}"
-                    self._cond.notify_all()
-                return
-            with self._cond:
-                self._sent = seq
-                self._cond.notify_all()
+    def _write(self, header: bytes, payload: memoryview) -> None:
+        self._take_credit()
+        self._slots.slot(self._frame, len(payload))[:] = payload
+        self._credits -= 1
+        self._frame += 1
+        self._sock.sendall(header)
 
     def _acknowledged(self, got: bytes) -> bool:
         rest = got.lstrip(shm.CREDIT)  # credits for the last slots may precede the acknowledgement
