@@ -33,9 +33,9 @@ from typing import Any
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
-from coordinator import jobctl  # noqa: E402
-from coordinator.local import cluster  # noqa: E402
-from coordinator.spec import JobSpec  # noqa: E402
+from coordinator import jobctl
+from coordinator.local import cluster
+from coordinator.spec import JobSpec
 
 SCENARIOS = ("equal", "slow")
 AGGREGATIONS = ("ring", "gossip")
@@ -99,12 +99,12 @@ def main(argv: list[str] | None = None) -> int:
         for agg in aggs:
             r = run(replace(base, aggregation=agg), a.peers, a.slowdown if sc == "slow" else 1.0, log_root)
             r["scenario"] = sc
-            r["to_target_s"] = time_to_target_s = time_to_target(r["history"], a.target)
+            r["to_target_s"] = time_to_target(r["history"], a.target)
             results[(sc, agg)] = r
             if a.json:
                 print(json.dumps({k: v for k, v in r.items() if k != "history"}), flush=True)
             else:
-                print(f"  ran {sc} {agg}: {r['job_s']:.1f}s, to target {fmt(time_to_target_s)}", file=sys.stderr)
+                print(f"  ran {sc} {agg}: {r['job_s']:.1f}s, to target {fmt(r['to_target_s'])}", file=sys.stderr)
     speedups = {sc: speedup(results.get((sc, "ring")), results.get((sc, "gossip"))) for sc in scenarios}
     if a.json:
         for sc, x in speedups.items():

@@ -60,6 +60,7 @@ class Outcome:
     partner: str
     ok: bool
     busy: bool = False  # alive but could not take part now (busy, or not gossiping in the job yet)
+    serving: bool = False  # not tried: this peer is itself being averaged by another right now
     distance: float = float("nan")  # ||mine - theirs|| before averaging
     bytes_sent: int = 0
     detail: str = ""
@@ -230,7 +231,7 @@ class GossipNode:
         xid = uuid.uuid4().hex[:16]
         key = (partner_id, xid)
         if not self.slot.try_begin(key):
-            return Outcome(partner_id, False, busy=True, detail="this peer is serving another exchange")
+            return Outcome(partner_id, False, busy=True, serving=True, detail="this peer is serving another exchange")
         own = channel is None
         ch = channel or grpc.insecure_channel(address)
         out: queue.Queue[exchange_pb2.GossipMessage | None] = queue.Queue()
@@ -278,20 +279,18 @@ class GossipNode:
                 self.one_sided += 1
                 log.warning("peer %s: exchange %s with %s applied here only (the partner did not confirm: %s)",
                             self.peer_id, xid, partner_id, e)
-            self.bytes_sent += sent[0]
             return Outcome(partner_id, True, distance=dist, bytes_sent=sent[0])
         except grpc.RpcError as e:
             code = e.code() if isinstance(e, grpc.Call) else None
             detail = e.details() if isinstance(e, grpc.Call) else str(e)
-            self.bytes_sent += sent[0]
             # Busy, or alive but not (yet, or no longer) gossiping in this job: not a failure.
             busy = code in (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.FAILED_PRECONDITION)
             return Outcome(partner_id, False, busy=busy,
                            bytes_sent=sent[0], detail=f"{code.name if code else 'error'}: {detail}")
         except (GossipRefused, ValueError, StopIteration, ExchangeStateError) as e:
-            self.bytes_sent += sent[0]
             return Outcome(partner_id, False, bytes_sent=sent[0], detail=str(e) or type(e).__name__)
         finally:
+            self.bytes_sent += sent[0]
             if not committed:
                 self.slot.abort(key)
                 out.put(None)

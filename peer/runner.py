@@ -81,6 +81,11 @@ class Snapshot:
     live: bool = False  # params is the trainer's own buffer, not a copy
 
 
+def _superseded(e: BaseException) -> bool:
+    """The coordinator refused a report or upload as stale: the plan moved on without us."""
+    return isinstance(e, grpc.Call) and e.code() == grpc.StatusCode.FAILED_PRECONDITION
+
+
 class Peer:
     """One dml peer. ``start()`` then ``run()`` (blocks) or ``run_in_thread()``; ``stop()`` ends it."""
 
@@ -385,8 +390,8 @@ class Peer:
         except Evicted:
             raise
         except Exception as e:
-            if isinstance(e, grpc.RpcError) and isinstance(e, grpc.Call) and e.code() == grpc.StatusCode.FAILED_PRECONDITION:
-                log.info("%s: round superseded (%s)", tag, e.details())
+            if _superseded(e):
+                log.info("%s: round superseded (%s)", tag, e)
                 return
             log.exception("%s: local failure; leaving the ring so the round can go on without us", tag)
             self._report_failure(plan, self.peer_id, f"local failure: {e!r}")
@@ -516,7 +521,7 @@ class Peer:
         self.gossip.attach(plan.job_id, self._trainer)
         return self._trainer
 
-    def _gossip_exchange(self, plan: types_pb2.Plan, rank: int) -> Outcome | None:
+    def _gossip_exchange(self, plan: types_pb2.Plan) -> Outcome | None:
         """Averages with the first candidate partner that takes part; busy or failed ones are
         skipped (a failed one for a while). None when nobody could, or when a partner averaged
         with this peer while it trained: that was this step's exchange (as in AD-PSGD, every
@@ -528,7 +533,7 @@ class Peer:
         spec = plan.spec
         ids = [m.peer_id for m in plan.members]
         address = {m.peer_id: m.address for m in plan.members}
-        live = {a for a in address.values()}
+        live = set(address.values())
         for addr in [a for a in self._channels if a not in live]:  # members that left
             self._channels.pop(addr).close()
         rng = np.random.default_rng([spec.seed, int.from_bytes(self.peer_id.encode()[-8:], "little"), plan.round])
@@ -548,7 +553,7 @@ class Peer:
                 log.info("peer %s job %s step %d: exchange with %s failed (%s); trying another partner",
                          self.peer_id, plan.job_id, plan.round, cand, out.detail)
                 self._suspects[cand] = time.monotonic() + max(2 * timeout, 5.0)
-            elif "this peer is serving" in out.detail:
+            elif out.serving:
                 return None  # we are being averaged right now: that is this step's exchange
         return None
 
@@ -570,7 +575,7 @@ class Peer:
             self._throttle(t_done - t_train)
             self.gossip.add_samples(res.samples)
             t1 = time.monotonic()
-            out = self._gossip_exchange(plan, rank)
+            self._gossip_exchange(plan)
             t2 = time.monotonic()
             sent = self.gossip.bytes_sent
             req = control_pb2.ReportRoundRequest(
@@ -598,8 +603,8 @@ class Peer:
         except Evicted:
             raise
         except Exception as e:
-            if isinstance(e, grpc.RpcError) and isinstance(e, grpc.Call) and e.code() == grpc.StatusCode.FAILED_PRECONDITION:
-                log.info("%s: superseded (%s)", tag, e.details())
+            if _superseded(e):
+                log.info("%s: superseded (%s)", tag, e)
                 return None
             log.exception("%s: local failure; leaving the job", tag)
             self._report_failure(plan, self.peer_id, f"local failure: {e!r}")
