@@ -157,7 +157,7 @@ class Job:
     gossip_dist: dict[str, float] = field(default_factory=dict)  # member -> last distance to a partner
     # this virtual round so far: [samples, loss sum, bytes, max train ms, max exchange ms, max eval ms, start ms,
     # evaluations, test accuracy sum, test loss sum]
-    gossip_window: list[float] = field(default_factory=lambda: [0, 0.0, 0, 0, 0, 0, 0, 0, 0.0, 0.0])
+    gossip_window: list[float] = field(default_factory=lambda: _new_window(0))
     gossip_consumed: dict[str, list[list[int]]] = field(default_factory=dict)
 
     @property
@@ -438,7 +438,7 @@ class ClusterState:
             return
         job.gossip_phase = True
         job.gossip_peers = len(job.members)
-        job.gossip_window = [0, 0.0, 0, 0, 0, 0, now_ms, 0, 0.0, 0.0]
+        job.gossip_window = _new_window(now_ms)
         job.gossip_eval_step = {job.members[0]: 1} if job.members else {}
         job.allocation = {}
         job.holders = list(job.members)
@@ -527,7 +527,7 @@ class ClusterState:
         job.holders = list(job.members)
         job.reissues = 0
         job.gossip_consumed = {}
-        job.gossip_window = [0, 0.0, 0, 0, 0, 0, now_ms, 0, 0.0, 0.0]
+        job.gossip_window = _new_window(now_ms)
         # One evaluation per evaluated virtual round, as a ring round has: the next step of the
         # member that closed this one (it is live and, having just reported, not the slowest).
         if (rec.round + 1) % job.spec.eval_every_rounds == 0 and closer in job.gossip_next:
@@ -707,3 +707,8 @@ def _note_speed(peer: PeerRecord, rep: Report) -> None:
     if rep.samples_per_s > 0:
         old = peer.samples_per_s
         peer.samples_per_s = rep.samples_per_s if old <= 0 else 0.7 * old + 0.3 * rep.samples_per_s
+
+
+def _new_window(start_ms: int) -> list[float]:
+    """An empty gossip window (see ``Job.gossip_window``) starting at ``start_ms``."""
+    return [0, 0.0, 0, 0, 0, 0, start_ms, 0, 0.0, 0.0]
