@@ -159,18 +159,17 @@ class Coordinator:
             gossip = self.state.job(job_id).gossip_phase
             ch = self.state.report(peer_id, job_id, rnd, epoch, rep, self.now_ms())
             self._apply(ch)
-            if ch.committed and not gossip:
+            if ch.committed:
                 j = self.state.jobs[job_id]
                 r = j.history[-1]
-                log.info("job %s: round %d committed (epoch %d, %d members, %d samples, acc %.4f, %d ms)",
-                         job_id, r.round, r.epoch, len(r.members), r.samples, r.test_accuracy, r.duration_ms)
-                self._prune_checkpoints(j)
-            if ch.committed and gossip:
-                j = self.state.jobs[job_id]
-                r = j.history[-1]
-                log.info("job %s: gossip round %d (%d steps, %d members, acc %.4f, consensus distance %.3g, %d ms)",
-                         job_id, r.round, j.gossip_steps, len(r.members), r.test_accuracy, r.consensus_distance,
-                         r.duration_ms)
+                if gossip:
+                    log.info("job %s: gossip round %d (%d steps, %d members, acc %.4f, consensus distance %.3g, %d ms)",
+                             job_id, r.round, j.gossip_steps, len(r.members), r.test_accuracy, r.consensus_distance,
+                             r.duration_ms)
+                else:
+                    log.info("job %s: round %d committed (epoch %d, %d members, %d samples, acc %.4f, %d ms)",
+                             job_id, r.round, r.epoch, len(r.members), r.samples, r.test_accuracy, r.duration_ms)
+                    self._prune_checkpoints(j)
             nxt = None
             if gossip and build_next is not None:
                 job = self.state.plan_for(peer_id)

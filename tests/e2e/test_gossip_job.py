@@ -20,6 +20,7 @@ from tests.integration.helpers import (
     assert_state_dicts_identical,
     fetch_state,
     ledger_problems,
+    wait_for,
 )
 
 pytestmark = pytest.mark.e2e
@@ -106,21 +107,12 @@ def test_gossip_job_succeeds_and_serves_its_final_model(local_cluster, tmp_path)
     assert acc > 0.7
 
 
-def _wait_for(pred, timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if pred():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
-
-
 def test_gossip_job_survives_a_peer_killed_mid_job(procs):
     rounds = 300
     procs.start_coordinator()
     for _ in range(3):
         procs.start_peer("--slowdown", "2")
-    _wait_for(lambda: len(procs.peer_addresses()) == 3, 90, "3 peers to register")
+    wait_for(lambda: len(procs.peer_addresses()) == 3, 90, "3 peers to register")
     job = _submit(procs.address, rounds, "--min-peers", "2")
     address = procs.address
     st = _wait(address, job, lambda s: s["round"] >= 10 or s["state"] in FINISHED, 90, "round 10")
