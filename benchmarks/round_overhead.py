@@ -140,28 +140,6 @@ def _params_list(text: str) -> list[float]:
     return out
 
 
-def _int_at_least(lo: int) -> Any:
-    def parse(text: str) -> int:
-        try:
-            v = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
-        if v < lo:
-            raise argparse.ArgumentTypeError(f"must be at least {lo}, got {v}")
-        return v
-    return parse
-
-
-def _positive_float(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid float value: {text!r}") from None
-    if not (math.isfinite(v) and v > 0):
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
-    return v
-
-
 def task_name(params_m: float) -> str:
     """``synthetic:<N>M`` with N written without a needless ``.0``."""
     return f"synthetic:{params_m:g}M"
@@ -178,20 +156,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--params-m", type=_params_list, default=[1.0, 10.0, 50.0],
                    help="model sizes in millions of parameters, comma-separated (default 1,10,50)")
-    p.add_argument("--peers", type=_int_at_least(1), default=4, help="peer processes (default 4)")
-    p.add_argument("--rounds", type=_int_at_least(1), default=None,
+    p.add_argument("--peers", type=jobctl.int_in(1, jobctl.U32), default=4, help="peer processes (default 4)")
+    p.add_argument("--rounds", type=jobctl.int_in(1, jobctl.U32), default=None,
                    help="rounds per job (default: 30 below 10M parameters, 20 up to 10M, 8 above)")
-    p.add_argument("--eval-every", type=_int_at_least(1), default=None,
+    p.add_argument("--eval-every", type=jobctl.int_in(1, jobctl.U32), default=None,
                    help="rounds between rank 0's test evaluations (default: only the final round)")
-    p.add_argument("--warmup", type=_int_at_least(1), default=2,
+    p.add_argument("--warmup", type=jobctl.int_in(1, jobctl.U32), default=2,
                    help="first rounds left out of the medians (default 2; the final round is left out too)")
     p.add_argument("--codec", choices=CODECS, default="fp32", help="wire codec of the job (default fp32)")
     p.add_argument("--data-plane", choices=DATA_PLANES, default="auto", help="data plane of the job (default auto)")
-    p.add_argument("--local-steps", type=_int_at_least(1), default=1,
+    p.add_argument("--local-steps", type=jobctl.int_in(1, jobctl.U32), default=1,
                    help="SGD steps per peer per round (default 1: cheap training, the overhead is measured)")
-    p.add_argument("--batch-size", type=_int_at_least(1), default=32, help="batch size (default 32)")
-    p.add_argument("--lr", type=_positive_float, default=0.01, help="learning rate (default 0.01)")
-    p.add_argument("--timeout-s", type=_positive_float, default=None,
+    p.add_argument("--batch-size", type=jobctl.int_in(1, jobctl.U32), default=32, help="batch size (default 32)")
+    p.add_argument("--lr", type=jobctl.positive_float, default=0.01, help="learning rate (default 0.01)")
+    p.add_argument("--timeout-s", type=jobctl.positive_float, default=None,
                    help="deadline per job, after the cluster is up (default: 60 s + rounds x (2 + 0.6 x params in M) s)")
     p.add_argument("--log-dir", type=pathlib.Path, default=None,
                    help="keep the process logs here, one folder per size (default: a temp dir, removed)")

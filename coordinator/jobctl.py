@@ -298,7 +298,8 @@ def cmd_health(a: argparse.Namespace) -> int:
 
 
 # -- parser ----------------------------------------------------------------------------------
-def _int_in(lo: int, hi: int) -> Callable[[str], int]:
+def int_in(lo: int, hi: int) -> Callable[[str], int]:
+    """An argparse type: an int in lo..hi, else a clear usage error."""
     def parse(text: str) -> int:
         try:
             v = int(text)
@@ -310,7 +311,8 @@ def _int_in(lo: int, hi: int) -> Callable[[str], int]:
     return parse
 
 
-def _positive_float(text: str) -> float:
+def positive_float(text: str) -> float:
+    """An argparse type: a finite number above 0."""
     try:
         v = float(text)
     except ValueError:
@@ -329,11 +331,11 @@ def add_job_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--task", default=d.task, help="digits (default) or synthetic:SIZE, e.g. synthetic:10M")
     # Zero passes through: the coordinator answers INVALID_ARGUMENT. Where proto3 would read a
     # zero as "use the default" (steps, batch, lr, peers), the client refuses it instead.
-    p.add_argument("--rounds", type=_int_in(0, U32), default=d.rounds, help=f"rounds to commit (default {d.rounds})")
-    p.add_argument("--local-steps", type=_int_in(1, U32), default=d.local_steps, help="SGD steps per round per peer")
-    p.add_argument("--batch-size", type=_int_in(1, U32), default=d.batch_size)
-    p.add_argument("--lr", type=_positive_float, default=d.learning_rate, help="learning rate")
-    p.add_argument("--min-peers", type=_int_in(1, U32), default=None,
+    p.add_argument("--rounds", type=int_in(0, U32), default=d.rounds, help=f"rounds to commit (default {d.rounds})")
+    p.add_argument("--local-steps", type=int_in(1, U32), default=d.local_steps, help="SGD steps per round per peer")
+    p.add_argument("--batch-size", type=int_in(1, U32), default=d.batch_size)
+    p.add_argument("--lr", type=positive_float, default=d.learning_rate, help="learning rate")
+    p.add_argument("--min-peers", type=int_in(1, U32), default=None,
                    help=f"peers needed to run a round (default {d.min_peers}; `local`: all its peers)")
     p.add_argument("--sharding", default=d.sharding, help="iid or dirichlet:ALPHA")
     p.add_argument("--aggregation", choices=AGGREGATIONS, default=d.aggregation,
@@ -341,19 +343,19 @@ def add_job_options(p: argparse.ArgumentParser) -> None:
                         "the last round is one exact ring average)")
     p.add_argument("--topology", choices=TOPOLOGY_NAMES, default=d.gossip_topology,
                    help=f"gossip: how peers pick partners (default {d.gossip_topology})")
-    p.add_argument("--gossip-timeout-ms", type=_int_in(0, U32), default=0,
+    p.add_argument("--gossip-timeout-ms", type=int_in(0, U32), default=0,
                    help=f"gossip: give up on a partner after this long (default {d.gossip_timeout_ms})")
     p.add_argument("--codec", choices=CODECS, default=d.codec,
                    help="wire codec of the exchange: fp32 (exact, default), bf16, fp16, int8 (lossy ones use error feedback)")
     p.add_argument("--data-plane", choices=DATA_PLANES, default=d.data_plane,
                    help="how ring chunks travel: auto (TCP negotiated over gRPC, else gRPC; default), tcp, grpc")
-    p.add_argument("--seed", type=_int_in(0, 2**63 - 1), default=d.seed)
-    p.add_argument("--num-shards", type=_int_in(0, U32), default=0, help=f"shards to cut the data into (default {d.num_shards})")
-    p.add_argument("--eval-every", type=_int_in(0, U32), default=0,
+    p.add_argument("--seed", type=int_in(0, 2**63 - 1), default=d.seed)
+    p.add_argument("--num-shards", type=int_in(0, U32), default=0, help=f"shards to cut the data into (default {d.num_shards})")
+    p.add_argument("--eval-every", type=int_in(0, U32), default=0,
                    help=f"rounds between test evaluations, always including the last (default {d.eval_every_rounds})")
-    p.add_argument("--checkpoint-every", type=_int_in(0, U32), default=0,
+    p.add_argument("--checkpoint-every", type=int_in(0, U32), default=0,
                    help=f"rounds between checkpoints (default {d.checkpoint_every_rounds})")
-    p.add_argument("--peer-grace-s", type=_int_in(0, U32), default=0,
+    p.add_argument("--peer-grace-s", type=int_in(0, U32), default=0,
                    help=f"fail a running job that has fewer than --min-peers for this long (default {d.peer_grace_s})")
 
 
@@ -370,7 +372,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     def common(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("--coordinator", default=env_coord, help="coordinator HOST:PORT (env DML_COORDINATOR)")
-        sp.add_argument("--timeout", type=_positive_float, default=15.0,
+        sp.add_argument("--timeout", type=positive_float, default=15.0,
                         help="deadline per call in seconds (an unreachable address fails at once)")
 
     sp = sub.add_parser("submit", help="submit a job; prints its id on the last line")
