@@ -28,9 +28,9 @@ from typing import Any
 
 import numpy as np
 
-from aggregation import ring
-from aggregation.codecs import Codec, Fp32, codec_name
-from aggregation.transport import ExchangeError, Header, RingLink
+from dml.aggregation import ring
+from dml.aggregation.codecs import Codec, Fp32, codec_name
+from dml.aggregation.transport import ExchangeError, Header, RingLink
 
 DEFAULT_CHUNK_ELEMS = 256 * 1024  # 1 MiB of float32: the fastest over gRPC streams (docs/performance.md)
 TCP_CHUNK_ELEMS = 1024 * 1024  # 4 MiB of float32: fewer frames, 10-15% faster over the TCP data plane

@@ -15,9 +15,9 @@ import hashlib
 
 import numpy as np
 
-from aggregation.allreduce import DEFAULT_CHUNK_ELEMS, ring_allreduce
-from aggregation.codecs import Codec
-from aggregation.transport import RingLink
+from dml.aggregation.allreduce import DEFAULT_CHUNK_ELEMS, ring_allreduce
+from dml.aggregation.codecs import Codec
+from dml.aggregation.transport import RingLink
 
 
 def weighted_ring_average(

@@ -23,9 +23,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from aggregation.gossip import Exchanger, Snapshot, consensus_distance, snapshot
-from aggregation.topology import Topology, parse_topology, partners
-from aggregation.transport import ExchangeError
+from dml.aggregation.gossip import Exchanger, Snapshot, consensus_distance, snapshot
+from dml.aggregation.topology import Topology, parse_topology, partners
+from dml.aggregation.transport import ExchangeError
 
 
 @dataclass

@@ -21,9 +21,9 @@ import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
-from coordinator import jobctl
-from coordinator.local import cluster
-from coordinator.spec import CODECS, JobSpec
+from dml.client import cli as jobctl
+from dml.client.local import cluster
+from dml.common.spec import CODECS, JobSpec
 
 
 def run_dml(spec: JobSpec, peers: int) -> tuple[float, float, float, int]:
@@ -47,8 +47,8 @@ def run_single(spec: JobSpec, steps: int) -> tuple[float, float, int]:
     """Trains the same model in this process for ``steps`` steps; returns (accuracy, seconds, samples)."""
     import torch
 
-    from peer.tasks import get_task
-    from peer.trainer import Trainer
+    from dml.common.tasks import get_task
+    from dml.peer.trainer import Trainer
 
     torch.set_num_threads(1)
     t0 = time.monotonic()

@@ -71,8 +71,8 @@ for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
 import netem
 import numpy as np
 
-from aggregation.allreduce import chunk_elems_for
-from aggregation.codecs import CODEC_NAMES, get_codec
+from dml.aggregation.allreduce import chunk_elems_for
+from dml.aggregation.codecs import CODEC_NAMES, get_codec
 
 CODECS = CODEC_NAMES
 DATA_PLANES = ("shm", "tcp", "grpc")
@@ -143,9 +143,9 @@ def _worker(kind: str, rank: int, world: int, n: int, conn: Any, barrier: Any, o
 
             import grpc
 
-            from aggregation.allreduce import ring_allreduce
-            from aggregation.codecs import get_codec
-            from peer.exchange import (
+            from dml.aggregation.allreduce import ring_allreduce
+            from dml.aggregation.codecs import get_codec
+            from dml.peer.exchange import (
                 GRPC_OPTIONS,
                 ExchangeServicer,
                 PeerLink,

@@ -55,11 +55,11 @@ if _SET_FORK_ENV:
 import grpc
 from dml.v1 import jobs_pb2, jobs_pb2_grpc
 
-from coordinator import jobctl
-from coordinator.ledger import violations
-from coordinator.local import die_with_parent, reap
-from coordinator.service import CoordinatorConfig, job_shards
-from coordinator.spec import MAX_ROUNDS, JobSpec, with_defaults
+from dml.client import cli as jobctl
+from dml.coordinator.ledger import violations
+from dml.client.local import die_with_parent, reap
+from dml.coordinator.service import CoordinatorConfig, job_shards
+from dml.common.spec import MAX_ROUNDS, JobSpec, with_defaults
 
 KINDS = ("sigkill", "sigstop", "coordinator")
 FINISHED = {"SUCCEEDED", "FAILED", "CANCELLED"}
@@ -119,7 +119,7 @@ class Cluster:
         self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
         self.port_file = self.state / "coordinator.port"
-        self.coord_cmd = [sys.executable, "-m", "coordinator.cli", "--host", "127.0.0.1", "--port", str(self.port),
+        self.coord_cmd = [sys.executable, "-m", "dml.coordinator.cli", "--host", "127.0.0.1", "--port", str(self.port),
                           "--state-dir", str(self.state), "--port-file", str(self.port_file), *coord_args]
         self.env = dict(os.environ, PYTHONUNBUFFERED="1")
         if _SET_FORK_ENV:
@@ -155,7 +155,7 @@ class Cluster:
         """Starts a fresh peer process in ``slot`` (log peer-SLOT.GEN.log)."""
         gen = self.generations.get(slot, -1) + 1
         self.generations[slot] = gen
-        cmd = [sys.executable, "-m", "peer.cli", "--coordinator", self.address, "--host", "127.0.0.1",
+        cmd = [sys.executable, "-m", "dml.peer.cli", "--coordinator", self.address, "--host", "127.0.0.1",
                "--port", "0", "--device", "cpu"]
         self.peers[slot] = self._spawn(f"peer-{slot}", cmd, self.logs / f"peer-{slot}.{gen}.log")
         return self.peers[slot]

@@ -32,8 +32,8 @@ import time
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from aggregation.gossip_sim import SimResult, fit_rate, simulate, steps_to
-from aggregation.topology import TOPOLOGY_NAMES, parse_topology
+from dml.aggregation.gossip_sim import SimResult, fit_rate, simulate, steps_to
+from dml.aggregation.topology import TOPOLOGY_NAMES, parse_topology
 
 TARGET_FRACTION = 1e-3  # "steps to reach" this fraction of the starting distance
 FIT_FLOOR = 1e-6  # the rate fit ignores steps below this fraction of the start

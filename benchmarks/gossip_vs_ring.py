@@ -33,9 +33,9 @@ from typing import Any
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
-from coordinator import jobctl
-from coordinator.local import cluster
-from coordinator.spec import JobSpec
+from dml.client import cli as jobctl
+from dml.client.local import cluster
+from dml.common.spec import JobSpec
 
 SCENARIOS = ("equal", "slow")
 AGGREGATIONS = ("ring", "gossip")

@@ -24,16 +24,16 @@ import time
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from coordinator import jobctl
-from coordinator.local import cluster, die_with_parent, reap
-from coordinator.spec import CODECS, JobSpec
+from dml.client import cli as jobctl
+from dml.client.local import cluster, die_with_parent, reap
+from dml.common.spec import CODECS, JobSpec
 
 
 def run(codec: str, a: argparse.Namespace, tmp: pathlib.Path) -> dict[str, object]:
     """One job on a fresh mixed cluster; returns its summary."""
     logs = tmp / codec / "logs"
     with cluster(a.cpu_peers, 0, tmp / codec, logs) as (address, procs):
-        gpu = [subprocess.Popen([sys.executable, "-m", "peer.cli", "--coordinator", address, "--host", "127.0.0.1",
+        gpu = [subprocess.Popen([sys.executable, "-m", "dml.peer.cli", "--coordinator", address, "--host", "127.0.0.1",
                                  "--port", "0", "--device", "cuda"],
                                 stdout=open(logs / f"gpu-peer-{i}.log", "ab"), stderr=subprocess.STDOUT,
                                 env=dict(os.environ, PYTHONUNBUFFERED="1"), preexec_fn=die_with_parent)

@@ -13,7 +13,7 @@ every process (SIGTERM, then SIGKILL) before the next size. Fresh processes per 
 RSS a per-size figure.
 
 Job: task ``synthetic:<N>M`` (an MLP 256 -> hidden -> 10 with about N million parameters, exact
-count from ``peer.tasks.get_task``), ``--local-steps`` SGD steps of ``--batch-size`` per peer per
+count from ``dml.common.tasks.get_task``), ``--local-steps`` SGD steps of ``--batch-size`` per peer per
 round (default 1 x 32: the point is the overhead around training, so training is kept cheap),
 learning rate ``--lr`` (default 0.01; synthetic:10M diverges at 0.1), wire codec ``--codec`` and
 data plane ``--data-plane`` passed through to the job, and ``checkpoint_every_rounds`` = rounds + 1,
@@ -104,10 +104,10 @@ if _SET_FORK_ENV:
 
 from dml.v1 import jobs_pb2
 
-from coordinator import jobctl
-from coordinator.local import die_with_parent, reap, wait_for_port_file
-from coordinator.spec import CODECS, DATA_PLANES, MAX_ROUNDS, JobSpec
-from peer.tasks import get_task
+from dml.client import cli as jobctl
+from dml.client.local import die_with_parent, reap, wait_for_port_file
+from dml.common.spec import CODECS, DATA_PLANES, MAX_ROUNDS, JobSpec
+from dml.common.tasks import get_task
 
 MB = 1 << 20
 TARGET_OVERHEAD_S = 1.0  # coord_s + exchange_s per round at 10M parameters and 4 peers
@@ -278,14 +278,14 @@ def cluster(peers: int, root: pathlib.Path) -> Iterator[Cluster]:
     py = sys.executable
     procs: list[subprocess.Popen[bytes]] = []
     try:
-        coord = _spawn([py, "-m", "coordinator.cli", "--host", "127.0.0.1", "--port", "0", "--state-dir", str(state),
+        coord = _spawn([py, "-m", "dml.coordinator.cli", "--host", "127.0.0.1", "--port", "0", "--state-dir", str(state),
                         "--port-file", str(port_file)], logs / "coordinator.log", procs)
         try:
             port = wait_for_port_file(port_file, coord, START_TIMEOUT_S)
         except jobctl.CliError as e:
             raise BenchError(str(e)) from None
         address = f"127.0.0.1:{port}"
-        peer_procs = [_spawn([py, "-m", "peer.cli", "--coordinator", address, "--host", "127.0.0.1", "--port", "0",
+        peer_procs = [_spawn([py, "-m", "dml.peer.cli", "--coordinator", address, "--host", "127.0.0.1", "--port", "0",
                               "--device", "cpu", "--log-level", "DEBUG"], logs / f"peer-{i}.log", procs)
                       for i in range(peers)]
         ids = _wait_registered(peer_procs, logs, START_TIMEOUT_S)
@@ -352,7 +352,7 @@ def report_times(logs: pathlib.Path, peers: int, job_id: str) -> dict[tuple[int,
 
 def dataset_mb(task: str) -> float:
     """The task's training and test arrays, in MB: what every peer loads besides the model."""
-    from peer.tasks import get_task
+    from dml.common.tasks import get_task
 
     d = get_task(task).load()
     return sum(x.nbytes for x in (d.x_train, d.y_train, d.x_test, d.y_test)) / MB

@@ -9,8 +9,8 @@ import signal
 import sys
 import threading
 
-from coordinator.server import CoordinatorServer, ServerConfig
-from coordinator.service import CoordinatorConfig
+from dml.coordinator.server import CoordinatorServer, ServerConfig
+from dml.coordinator.service import CoordinatorConfig
 
 
 def _env_int(name: str, default: int) -> int:

@@ -1,7 +1,7 @@
 """The sample ledger: which samples each committed round consumed, and its invariant.
 
 Each shard is read in passes (data epochs); pass ``e`` visits it in one fixed order
-(``planner.shard_order``), and each committed round consumes contiguous ranges of those orders.
+(``dml.common.sampling.shard_order``), and each committed round consumes contiguous ranges of those orders.
 The invariant, whatever failed: every pass of every shard uses each of its samples exactly once in
 committed rounds, i.e. per shard the committed ranges tile pass 1 from 0 to the shard's size, then
 pass 2, and so on, in order, with no overlap and no gap (only the current pass may stop short).

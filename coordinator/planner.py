@@ -7,23 +7,11 @@ the most-loaded peers until the load is even.
 """
 from __future__ import annotations
 
-import re
-
 import numpy as np
 
+from dml.common.sampling import parse_sharding
+
 Assignment = dict[str, list[int]]
-
-_DIRICHLET = re.compile(r"^dirichlet:(\d+(?:\.\d+)?(?:[eE][-+]?\d+)?)$")
-
-
-def parse_sharding(text: str) -> tuple[str, float]:
-    """Parses ``iid`` or ``dirichlet:ALPHA``. Raises ValueError with a message."""
-    if text == "iid":
-        return "iid", 0.0
-    m = _DIRICHLET.match(text)
-    if m and float(m.group(1)) > 0:
-        return "dirichlet", float(m.group(1))
-    raise ValueError(f"bad sharding {text!r}: expected 'iid' or 'dirichlet:ALPHA' with ALPHA > 0")
 
 
 def make_shards(labels: np.ndarray, num_shards: int, sharding: str, seed: int) -> list[np.ndarray]:
@@ -113,11 +101,6 @@ def add_peers(assign: Assignment, new: list[str], sizes: list[int]) -> Assignmen
 # shard_order(..., e, shard). A cursor (pass, position) says where the committed rounds stopped.
 Range = tuple[int, int, int, int]  # (shard id, pass, start, stop) in that pass's order
 Cursor = tuple[int, int]  # (pass, position); a shard not yet read is at (1, 0)
-
-
-def shard_order(indices: np.ndarray, seed: int, data_epoch: int, shard_id: int) -> np.ndarray:
-    """The order a shard's samples are visited in during one pass (same on every peer)."""
-    return np.random.default_rng([seed, data_epoch, shard_id]).permutation(indices)
 
 
 def advance(cursors: dict[int, Cursor], ranges: list[Range], sizes: list[int]) -> None:

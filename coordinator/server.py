@@ -12,9 +12,9 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from coordinator.service import Coordinator, CoordinatorConfig
-from coordinator.servicer import JobServicer, PeerControlServicer
-from coordinator.store import MemoryStore, SqliteStore, Store
+from dml.coordinator.service import Coordinator, CoordinatorConfig
+from dml.coordinator.servicer import JobServicer, PeerControlServicer
+from dml.coordinator.store import MemoryStore, SqliteStore, Store
 from dml.v1 import control_pb2, control_pb2_grpc, jobs_pb2, jobs_pb2_grpc
 
 log = logging.getLogger(__name__)

@@ -18,11 +18,11 @@ from typing import Any, Callable, TypeVar
 
 import numpy as np
 
-from coordinator import planner
-from coordinator.spec import JobSpec, validate, with_defaults
-from coordinator.state import Changes, ClusterState, Job, NotFound, Report, Stale
-from coordinator.store import Store
-from peer.tasks import get_task
+from dml.coordinator import planner
+from dml.common.spec import JobSpec, validate, with_defaults
+from dml.coordinator.state import Changes, ClusterState, Job, NotFound, Report, Stale
+from dml.coordinator.store import Store
+from dml.common.tasks import get_task
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

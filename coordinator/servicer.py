@@ -12,9 +12,9 @@ from collections.abc import Iterator
 import grpc
 from dml.v1 import control_pb2, control_pb2_grpc, jobs_pb2, jobs_pb2_grpc, types_pb2
 
-from coordinator.service import Coordinator, ShuttingDown
-from coordinator.spec import InvalidSpec, JobSpec
-from coordinator.state import BadReport, Job, NotFound, Report, RoundRecord, Stale
+from dml.coordinator.service import Coordinator, ShuttingDown
+from dml.common.spec import InvalidSpec, spec_from_pb, spec_to_pb
+from dml.coordinator.state import BadReport, Job, NotFound, Report, RoundRecord, Stale
 
 log = logging.getLogger(__name__)
 
@@ -46,30 +46,6 @@ def _status(context: grpc.ServicerContext) -> Iterator[None]:
         context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
     except ShuttingDown as e:
         context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
-
-
-def spec_to_pb(s: JobSpec) -> types_pb2.JobSpec:
-    """Domain spec to proto."""
-    return types_pb2.JobSpec(
-        task=s.task, rounds=s.rounds, local_steps=s.local_steps, batch_size=s.batch_size,
-        learning_rate=s.learning_rate, min_peers=s.min_peers, sharding=s.sharding,
-        aggregation=s.aggregation, seed=s.seed, num_shards=s.num_shards,
-        checkpoint_every_rounds=s.checkpoint_every_rounds, peer_grace_s=s.peer_grace_s,
-        codec=s.codec, data_plane=s.data_plane, eval_every_rounds=s.eval_every_rounds,
-        gossip_topology=s.gossip_topology, gossip_timeout_ms=s.gossip_timeout_ms,
-    )
-
-
-def spec_from_pb(p: types_pb2.JobSpec) -> JobSpec:
-    """Proto spec to domain (zeros mean 'default', filled in by the coordinator)."""
-    return JobSpec(
-        task=p.task, rounds=p.rounds, local_steps=p.local_steps, batch_size=p.batch_size,
-        learning_rate=p.learning_rate, min_peers=p.min_peers, sharding=p.sharding,
-        aggregation=p.aggregation, seed=p.seed, num_shards=p.num_shards,
-        checkpoint_every_rounds=p.checkpoint_every_rounds, peer_grace_s=p.peer_grace_s,
-        codec=p.codec, data_plane=p.data_plane, eval_every_rounds=p.eval_every_rounds,
-        gossip_topology=p.gossip_topology, gossip_timeout_ms=p.gossip_timeout_ms,
-    )
 
 
 def _finite(x: float) -> float:
@@ -208,7 +184,7 @@ class PeerControlServicer(control_pb2_grpc.PeerControlServicer):
 
     def _plan_pb(self, job: Job, peer_id: str) -> types_pb2.Plan:
         """The plan proto; called under the coordinator's lock."""
-        from coordinator.service import job_shards
+        from dml.coordinator.service import job_shards
 
         shards = job_shards(job.spec)
         st = self._c.state

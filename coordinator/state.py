@@ -41,8 +41,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from coordinator import planner
-from coordinator.spec import JobSpec
+from dml.coordinator import planner
+from dml.common.spec import JobSpec
 
 log = logging.getLogger(__name__)
 

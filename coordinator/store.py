@@ -13,8 +13,8 @@ import threading
 from dataclasses import asdict, fields
 from typing import Any, Iterable, Protocol
 
-from coordinator.spec import JobSpec
-from coordinator.state import Job, PeerRecord, Report, RoundRecord
+from dml.common.spec import JobSpec
+from dml.coordinator.state import Job, PeerRecord, Report, RoundRecord
 
 
 def job_to_dict(job: Job) -> dict[str, Any]:

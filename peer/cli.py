@@ -9,8 +9,8 @@ import sys
 
 import grpc
 
-from aggregation.allreduce import DEFAULT_CHUNK_ELEMS, TCP_CHUNK_ELEMS
-from peer.runner import Peer, PeerConfig
+from dml.aggregation.allreduce import DEFAULT_CHUNK_ELEMS, TCP_CHUNK_ELEMS
+from dml.peer.runner import Peer, PeerConfig
 
 
 def resolve_device(choice: str) -> str:

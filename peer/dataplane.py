@@ -21,7 +21,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from peer.shm import SharedSlots
+from dml.peer.shm import SharedSlots
 
 log = logging.getLogger(__name__)
 

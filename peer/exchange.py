@@ -21,11 +21,11 @@ import grpc
 import numpy as np
 from dml.v1 import exchange_pb2, exchange_pb2_grpc
 
-from aggregation.codecs import payload_size
-from aggregation.transport import FRAME, ExchangeError, Header
-from peer import dataplane, shm
-from peer.gossip import GossipNode
-from peer.shm import SharedSlots
+from dml.aggregation.codecs import payload_size
+from dml.aggregation.transport import FRAME, ExchangeError, Header
+from dml.peer import dataplane, shm
+from dml.peer.gossip import GossipNode
+from dml.peer.shm import SharedSlots
 
 log = logging.getLogger(__name__)
 

@@ -41,7 +41,7 @@ import grpc
 import numpy as np
 from dml.v1 import exchange_pb2, exchange_pb2_grpc
 
-from aggregation.gossip import Exchanger, ExchangeStateError, Snapshot
+from dml.aggregation.gossip import Exchanger, ExchangeStateError, Snapshot
 
 log = logging.getLogger(__name__)
 

@@ -32,22 +32,22 @@ from dml.v1 import (
     types_pb2,
 )
 
-from aggregation.allreduce import chunk_elems_for
-from aggregation.averaging import delta_ring_average, digest, weighted_ring_average
-from aggregation.codecs import Codec, get_codec
-from aggregation.topology import partner_ids
-from aggregation.transport import ExchangeError
-from coordinator.planner import shard_order
-from peer.client import CALL_TIMEOUT_S, ControlClient, Evicted
-from peer.exchange import (
+from dml.aggregation.allreduce import chunk_elems_for
+from dml.aggregation.averaging import delta_ring_average, digest, weighted_ring_average
+from dml.aggregation.codecs import Codec, get_codec
+from dml.aggregation.topology import partner_ids
+from dml.aggregation.transport import ExchangeError
+from dml.common.sampling import shard_order
+from dml.peer.client import CALL_TIMEOUT_S, ControlClient, Evicted
+from dml.peer.exchange import (
     GRPC_OPTIONS,
     ExchangeServicer,
     PeerLink,
     add_exchange_to_server,
 )
-from peer.gossip import GossipNode, Outcome
-from peer.tasks import get_task
-from peer.trainer import Trainer
+from dml.peer.gossip import GossipNode, Outcome
+from dml.common.tasks import get_task
+from dml.peer.trainer import Trainer
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from peer.tasks import Task
+from dml.common.tasks import Task
 
 log = logging.getLogger(__name__)
 EVAL_BATCH = 32

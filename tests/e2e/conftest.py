@@ -10,7 +10,7 @@ from typing import Iterator
 
 import pytest
 
-from coordinator.local import cluster, reap
+from dml.client.local import cluster, reap
 
 pytestmark = pytest.mark.e2e
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -18,7 +18,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 def dml(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     """Runs the `dml` job client as a separate process."""
-    return subprocess.run([sys.executable, "-m", "coordinator.jobctl", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "dml.client.cli", *args], capture_output=True, text=True,
                           timeout=timeout, cwd=ROOT)
 
 
@@ -81,13 +81,13 @@ class Procs:
 
     def start_coordinator(self) -> str:
         """Starts (or restarts, on the same port and state dir) the coordinator."""
-        from coordinator.local import wait_for_port_file
+        from dml.client.local import wait_for_port_file
 
         port_file = self.root / "coordinator.port"
         port_file.unlink(missing_ok=True)
         self._n += 1
         proc = subprocess.Popen(
-            [sys.executable, "-m", "coordinator.cli", "--host", "127.0.0.1", "--port", str(self.port),
+            [sys.executable, "-m", "dml.coordinator.cli", "--host", "127.0.0.1", "--port", str(self.port),
              "--state-dir", str(self.state_dir), "--port-file", str(port_file), "--heartbeat-interval-ms", "200",
              "--peer-timeout-ms", "1500"],
             stdout=open(self.logs / f"coordinator-{self._n}.log", "ab"), stderr=subprocess.STDOUT, cwd=ROOT)
@@ -100,7 +100,7 @@ class Procs:
         """Starts one more peer process."""
         self._n += 1
         proc = subprocess.Popen(
-            [sys.executable, "-m", "peer.cli", "--coordinator", self.address, "--port", "0", "--device", "cpu", *extra],
+            [sys.executable, "-m", "dml.peer.cli", "--coordinator", self.address, "--port", "0", "--device", "cpu", *extra],
             stdout=open(self.logs / f"peer-{self._n}.log", "ab"), stderr=subprocess.STDOUT, cwd=ROOT)
         self._all.append(proc)
         self.peers.append(proc)

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from coordinator.local import reap
+from dml.client.local import reap
 from tests.e2e.conftest import ROOT, dml
 
 pytestmark = pytest.mark.e2e
@@ -43,10 +43,10 @@ def test_bad_flags_exit_2_with_a_message():
     assert out.returncode == 2 and "invalid int value" in out.stderr
     out = dml("status", "--coordinator", "nonsense")
     assert out.returncode == 2 and "HOST:PORT" in out.stderr
-    peer = subprocess.run([sys.executable, "-m", "peer.cli", "--coordinator", "nohostport"], capture_output=True,
+    peer = subprocess.run([sys.executable, "-m", "dml.peer.cli", "--coordinator", "nohostport"], capture_output=True,
                           text=True, timeout=60, cwd=ROOT)
     assert peer.returncode == 2 and "HOST:PORT" in peer.stderr and "Traceback" not in peer.stderr
-    peer = subprocess.run([sys.executable, "-m", "peer.cli", "--coordinator", "127.0.0.1:1", "--device", "tpu"],
+    peer = subprocess.run([sys.executable, "-m", "dml.peer.cli", "--coordinator", "127.0.0.1:1", "--device", "tpu"],
                           capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert peer.returncode == 2 and "--device" in peer.stderr
 
@@ -62,7 +62,7 @@ def test_invalid_job_is_rejected_by_the_coordinator_with_exit_2(local_cluster):
 
 
 def test_dml_local_trains_and_shuts_down(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "coordinator.jobctl", "local", "--port", "0", "--peers", "2",
+    out = subprocess.run([sys.executable, "-m", "dml.client.cli", "local", "--port", "0", "--peers", "2",
                           "--rounds", "30", "--state-dir", str(tmp_path / "s"), "-o", str(tmp_path / "m.pt")],
                          capture_output=True, text=True, timeout=180, cwd=ROOT)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -76,7 +76,7 @@ def test_dml_local_trains_and_shuts_down(tmp_path):
 @pytest.mark.parametrize("how", ["ctrl-c", "sigterm", "sigkill"])
 def test_dml_local_reaps_every_process_when_stopped(tmp_path, how):
     """Ctrl-C (SIGINT to the group), SIGTERM, even SIGKILL of `dml local` leave no process behind."""
-    proc = subprocess.Popen([sys.executable, "-m", "coordinator.jobctl", "local", "--port", "0", "--peers", "2",
+    proc = subprocess.Popen([sys.executable, "-m", "dml.client.cli", "local", "--port", "0", "--peers", "2",
                              "--rounds", "100000", "--state-dir", str(tmp_path / "s")],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
                             start_new_session=True)

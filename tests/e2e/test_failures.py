@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from coordinator.spec import JobSpec
+from dml.common.spec import JobSpec
 from tests.e2e.conftest import dml, status, wait_status
 from tests.integration.helpers import (
     assert_state_dicts_identical,

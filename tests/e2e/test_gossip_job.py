@@ -12,9 +12,9 @@ import pytest
 import torch
 from dml.v1 import jobs_pb2
 
-from coordinator import jobctl
-from peer.tasks import get_task
-from peer.trainer import Trainer
+from dml.client import cli as jobctl
+from dml.common.tasks import get_task
+from dml.peer.trainer import Trainer
 from tests.e2e.conftest import dml
 from tests.integration.helpers import (
     assert_state_dicts_identical,

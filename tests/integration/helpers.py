@@ -10,10 +10,10 @@ from typing import Callable, Iterator
 import grpc
 import torch
 
-from coordinator.server import CoordinatorServer, ServerConfig
-from coordinator.service import CoordinatorConfig
+from dml.coordinator.server import CoordinatorServer, ServerConfig
+from dml.coordinator.service import CoordinatorConfig
 from dml.v1 import exchange_pb2, exchange_pb2_grpc, jobs_pb2_grpc
-from peer.runner import Peer, PeerConfig
+from dml.peer.runner import Peer, PeerConfig
 
 FAST = CoordinatorConfig(heartbeat_interval_ms=200, peer_timeout_ms=1500, tick_ms=100)
 
@@ -79,9 +79,9 @@ def assert_state_dicts_identical(states: list[dict[str, torch.Tensor]]) -> None:
 
 def ledger_problems(history: list[dict], spec=None) -> list[str]:
     """Sample-ledger violations of a job's history (as `dml status --json --history` prints it)."""
-    from coordinator.ledger import violations
-    from coordinator.service import job_shards
-    from coordinator.spec import JobSpec
+    from dml.coordinator.ledger import violations
+    from dml.coordinator.service import job_shards
+    from dml.common.spec import JobSpec
 
     sizes = [int(s.size) for s in job_shards(spec or JobSpec())]
     rounds = [[tuple(x) for m in sorted(r["consumed"]) for x in r["consumed"][m]] for r in history]

@@ -10,8 +10,8 @@ from dml.v1 import jobs_pb2, types_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from coordinator.servicer import spec_to_pb
-from coordinator.spec import JobSpec
+from dml.common.spec import spec_to_pb
+from dml.common.spec import JobSpec
 from tests.integration.helpers import (
     assert_state_dicts_identical,
     coordinator,

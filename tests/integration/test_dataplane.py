@@ -16,12 +16,12 @@ import numpy as np
 import pytest
 from dml.v1 import exchange_pb2, exchange_pb2_grpc
 
-from aggregation.allreduce import ring_allreduce
-from aggregation.codecs import get_codec
-from aggregation.transport import ExchangeError, Header
-from peer import dataplane, shm
-from peer.exchange import SHM_MIN_BYTES as PeerLink_SHM_MIN
-from peer.exchange import ExchangeServicer, PeerLink, add_exchange_to_server
+from dml.aggregation.allreduce import ring_allreduce
+from dml.aggregation.codecs import get_codec
+from dml.aggregation.transport import ExchangeError, Header
+from dml.peer import dataplane, shm
+from dml.peer.exchange import SHM_MIN_BYTES as PeerLink_SHM_MIN
+from dml.peer.exchange import ExchangeServicer, PeerLink, add_exchange_to_server
 
 
 class Member:

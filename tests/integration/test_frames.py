@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from dml.v1 import exchange_pb2
 
-from aggregation.transport import Header
-from peer.exchange import FRAMES_METHOD, ExchangeServicer, add_exchange_to_server
+from dml.aggregation.transport import Header
+from dml.peer.exchange import FRAMES_METHOD, ExchangeServicer, add_exchange_to_server
 
 
 @pytest.fixture

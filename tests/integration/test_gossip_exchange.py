@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 from dml.v1 import exchange_pb2, exchange_pb2_grpc
 
-from aggregation.gossip import merged_weight, pair_average
-from peer.exchange import GRPC_OPTIONS, ExchangeServicer, add_exchange_to_server
-from peer.gossip import CHUNK_BYTES, GossipNode, Outcome
+from dml.aggregation.gossip import merged_weight, pair_average
+from dml.peer.exchange import GRPC_OPTIONS, ExchangeServicer, add_exchange_to_server
+from dml.peer.gossip import CHUNK_BYTES, GossipNode, Outcome
 from tests.integration.helpers import wait_for
 
 JOB = "job-gossip-1"
@@ -115,8 +115,8 @@ def assert_idle(*nodes: Node) -> None:
 @pytest.mark.parametrize("kind", ["trainer", "big"])
 def test_completed_exchange_leaves_both_bit_identical_at_the_weighted_mean(cluster, kind: str) -> None:
     if kind == "trainer":
-        from peer.tasks import get_task
-        from peer.trainer import Trainer
+        from dml.common.tasks import get_task
+        from dml.peer.trainer import Trainer
 
         ta, tb = Trainer(get_task("digits"), 1, 0.1), Trainer(get_task("digits"), 2, 0.1)
     else:
@@ -441,7 +441,7 @@ def test_concurrent_exchanges_are_serialised_and_conserve_the_mass(cluster) -> N
 def test_a_partner_that_trains_while_its_copy_travels_keeps_its_step_and_counts_ours_once(cluster) -> None:
     """The partner's lock is free between its answer and the commit; an SGD step taken there
     is kept whole, and the initiator's share is added to the moved-on parameters once."""
-    from aggregation.gossip import pair_average
+    from dml.aggregation.gossip import pair_average
 
     b = cluster("peer-b", fake(2, BIG), samples=6)
     sent = b.params()

@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from aggregation.transport import InMemoryRing
+from dml.aggregation.transport import InMemoryRing
 
 JOIN_S = 20.0  # generous upper bound for a thread; a correct run takes milliseconds
 

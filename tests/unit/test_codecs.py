@@ -16,7 +16,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from aggregation.codecs import (
+from dml.aggregation.codecs import (
     CODEC_NAMES,
     FP16_MAX,
     codec_name,

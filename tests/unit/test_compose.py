@@ -34,9 +34,9 @@ def test_services_and_commands_are_the_packages_own():
 
 
 def test_commands_parse_with_the_real_parsers():
-    from coordinator import cli as coord_cli
-    from coordinator import jobctl
-    from peer import cli as peer_cli
+    from dml.coordinator import cli as coord_cli
+    from dml.client import cli as jobctl
+    from dml.peer import cli as peer_cli
 
     services = _compose()["services"]
     cfg = coord_cli.build_config(services["coordinator"]["command"][1:])

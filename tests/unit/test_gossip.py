@@ -17,8 +17,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from aggregation import topology as topo
-from aggregation.gossip import (
+from dml.aggregation import topology as topo
+from dml.aggregation.gossip import (
     SCRATCH_ELEMS,
     Exchanger,
     ExchangeStateError,
@@ -29,7 +29,7 @@ from aggregation.gossip import (
     pair_weights,
     snapshot,
 )
-from aggregation.gossip_sim import (
+from dml.aggregation.gossip_sim import (
     InMemoryGossipNet,
     Opened,
     SimPeer,
@@ -40,7 +40,7 @@ from aggregation.gossip_sim import (
     simulate,
     steps_to,
 )
-from aggregation.transport import ExchangeError
+from dml.aggregation.transport import ExchangeError
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 JOIN_S = 20.0
@@ -687,7 +687,7 @@ def test_benchmark_bad_flags_exit_2(argv: list[str], capsys: pytest.CaptureFixtu
 
 
 def test_pair_apply_is_pair_average_of_the_sent_copy_plus_the_own_progress() -> None:
-    from aggregation.gossip import pair_apply
+    from dml.aggregation.gossip import pair_apply
 
     rng = np.random.default_rng(3)
     for n in (1, 7, SCRATCH_ELEMS + 5):
@@ -705,7 +705,7 @@ def test_pair_apply_is_pair_average_of_the_sent_copy_plus_the_own_progress() -> 
 
 
 def test_pair_apply_refuses_overlaps_and_bad_weights_leaving_live_untouched() -> None:
-    from aggregation.gossip import pair_apply
+    from dml.aggregation.gossip import pair_apply
 
     live = np.ones(8, dtype=np.float32)
     before = live.copy()

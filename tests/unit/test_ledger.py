@@ -4,8 +4,8 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from coordinator import planner
-from coordinator.ledger import violations
+from dml.coordinator import planner
+from dml.coordinator.ledger import violations
 
 
 def test_every_round_is_full_and_passes_wrap_per_shard() -> None:

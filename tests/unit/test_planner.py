@@ -8,7 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from coordinator.planner import add_peers, assign_shards, make_shards, parse_sharding, remove_peers
+from dml.common.sampling import parse_sharding
+from dml.coordinator.planner import add_peers, assign_shards, make_shards, remove_peers
 
 PROPS = settings(max_examples=60, deadline=None, database=None)
 

@@ -13,10 +13,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from aggregation import ring
-from aggregation.allreduce import ring_allreduce
-from aggregation.averaging import digest, weighted_mean, weighted_ring_average
-from aggregation.transport import FRAME, ExchangeError, Header, InMemoryRing
+from dml.aggregation import ring
+from dml.aggregation.allreduce import ring_allreduce
+from dml.aggregation.averaging import digest, weighted_mean, weighted_ring_average
+from dml.aggregation.transport import FRAME, ExchangeError, Header, InMemoryRing
 from tests.unit.ringkit import assert_bit_identical, run_members
 
 WORLDS = list(range(1, 9))

@@ -17,11 +17,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from aggregation import ring
-from aggregation.allreduce import ring_allreduce
-from aggregation.averaging import delta_ring_average
-from aggregation.codecs import get_codec
-from aggregation.transport import ExchangeError, InMemoryRing
+from dml.aggregation import ring
+from dml.aggregation.allreduce import ring_allreduce
+from dml.aggregation.averaging import delta_ring_average
+from dml.aggregation.codecs import get_codec
+from dml.aggregation.transport import ExchangeError, InMemoryRing
 from tests.unit.ringkit import assert_bit_identical, run_members
 
 LOSSY = ["bf16", "fp16", "int8"]

@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from peer import shm
+from dml.peer import shm
 
 pytestmark = pytest.mark.skipif(not shm.available(), reason="no writable /dev/shm")
 

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from coordinator.spec import AGGREGATIONS, InvalidSpec, JobSpec, validate, with_defaults
-from peer.tasks import get_task, parse_size, task_names
-from peer.trainer import Trainer
+from dml.common.spec import AGGREGATIONS, InvalidSpec, JobSpec, validate, with_defaults
+from dml.common.tasks import get_task, parse_size, task_names
+from dml.peer.trainer import Trainer
 
 # -- the spec ---------------------------------------------------------------------------------
 
@@ -305,14 +305,14 @@ def test_digits_loads_without_importing_scikit_learn() -> None:
     import subprocess
     import sys
 
-    code = ("import sys; from peer.tasks import get_task; d = get_task('digits').load(); "
+    code = ("import sys; from dml.common.tasks import get_task; d = get_task('digits').load(); "
             "print(int('sklearn' in sys.modules), d.x_train.shape[0] + d.x_test.shape[0])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.stdout.split() == ["0", "1797"], out.stderr
 
 
 def test_stratified_split_keeps_class_proportions() -> None:
-    from peer.tasks import stratified_split
+    from dml.common.tasks import stratified_split
 
     y = np.repeat(np.arange(4), [50, 30, 10, 10])
     tr, te = stratified_split(y, 0.2, seed=0)
@@ -321,9 +321,9 @@ def test_stratified_split_keeps_class_proportions() -> None:
 
 
 def test_spec_codecs_are_the_wire_codecs() -> None:
-    from aggregation.codecs import CODEC_NAMES
-    from coordinator.spec import CODECS, DATA_PLANES
-    from peer.exchange import DATA_PLANES as LINK_PLANES
+    from dml.aggregation.codecs import CODEC_NAMES
+    from dml.common.spec import CODECS, DATA_PLANES
+    from dml.peer.exchange import DATA_PLANES as LINK_PLANES
 
     assert CODECS == CODEC_NAMES
     assert set(DATA_PLANES) == set(LINK_PLANES)
@@ -339,8 +339,8 @@ def test_sgd_fused_into_backward_matches_optimizer_steps() -> None:
     same plain SGD step the optimizer takes, and must leave no gradients behind."""
     import numpy as np
 
-    from peer.tasks import get_task
-    from peer.trainer import Trainer
+    from dml.common.tasks import get_task
+    from dml.peer.trainer import Trainer
 
     fused = Trainer(get_task("digits"), seed=3, lr=0.1)
     plain = Trainer(get_task("digits"), seed=3, lr=0.1)

@@ -7,8 +7,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from coordinator.spec import JobSpec
-from coordinator.state import (
+from dml.common.spec import JobSpec
+from dml.coordinator.state import (
     CANCELLED,
     FAILED,
     FINISHED,

@@ -14,10 +14,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from aggregation.gossip import consensus_distance
-from coordinator.ledger import violations
-from coordinator.spec import JobSpec
-from coordinator.state import (
+from dml.aggregation.gossip import consensus_distance
+from dml.coordinator.ledger import violations
+from dml.common.spec import JobSpec
+from dml.coordinator.state import (
     RUNNING,
     SUCCEEDED,
     BadReport,
@@ -27,7 +27,7 @@ from coordinator.state import (
     Report,
     Stale,
 )
-from coordinator.store import MemoryStore, SqliteStore, job_from_dict, job_to_dict
+from dml.coordinator.store import MemoryStore, SqliteStore, job_from_dict, job_to_dict
 
 TIMEOUT_MS = 1_000
 DEADLINE_MS = 5_000

@@ -8,9 +8,9 @@ from typing import Any, Iterator
 
 import pytest
 
-from coordinator.spec import JobSpec
-from coordinator.state import FAILED, RUNNING, SUCCEEDED, Job, PeerRecord, Report, RoundRecord
-from coordinator.store import MemoryStore, SqliteStore, Store, job_from_dict, job_to_dict
+from dml.common.spec import JobSpec
+from dml.coordinator.state import FAILED, RUNNING, SUCCEEDED, Job, PeerRecord, Report, RoundRecord
+from dml.coordinator.store import MemoryStore, SqliteStore, Store, job_from_dict, job_to_dict
 
 
 @pytest.fixture(params=["memory", "sqlite"])

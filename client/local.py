@@ -18,7 +18,7 @@ import tempfile
 import time
 from typing import Any, Iterator
 
-from coordinator import jobctl
+from dml.client import cli as jobctl
 
 DEFAULT_PORT = 50051
 
@@ -114,7 +114,7 @@ def cluster(peers: int, port: int, state_dir: pathlib.Path, log_dir: pathlib.Pat
     procs: list[subprocess.Popen[bytes]] = []
     try:
         coord = subprocess.Popen(
-            [py, "-m", "coordinator.cli", "--host", "127.0.0.1", "--port", str(port), "--state-dir", str(state_dir),
+            [py, "-m", "dml.coordinator.cli", "--host", "127.0.0.1", "--port", str(port), "--state-dir", str(state_dir),
              "--port-file", str(port_file), *coordinator_args],
             stdout=open(log_dir / "coordinator.log", "ab"), stderr=subprocess.STDOUT, env=env,
             preexec_fn=die_with_parent)
@@ -122,7 +122,7 @@ def cluster(peers: int, port: int, state_dir: pathlib.Path, log_dir: pathlib.Pat
         address = f"127.0.0.1:{wait_for_port_file(port_file, coord, 60)}"
         for i in range(peers):
             procs.append(subprocess.Popen(
-                [py, "-m", "peer.cli", "--coordinator", address, "--host", "127.0.0.1", "--port", "0",
+                [py, "-m", "dml.peer.cli", "--coordinator", address, "--host", "127.0.0.1", "--port", "0",
                  "--device", "cpu", *extra_peer_args, *(peer_args or {}).get(i, ())],
                 stdout=open(log_dir / f"peer-{i}.log", "ab"), stderr=subprocess.STDOUT, env=env,
                 preexec_fn=die_with_parent))

@@ -19,9 +19,9 @@ from typing import Any, NoReturn, TypeVar
 import grpc
 from dml.v1 import jobs_pb2, jobs_pb2_grpc, types_pb2
 
-from aggregation.topology import TOPOLOGY_NAMES
-from coordinator.servicer import spec_to_pb
-from coordinator.spec import AGGREGATIONS, CODECS, DATA_PLANES, JobSpec
+from dml.aggregation.topology import TOPOLOGY_NAMES
+from dml.common.spec import spec_to_pb
+from dml.common.spec import AGGREGATIONS, CODECS, DATA_PLANES, JobSpec
 
 T = TypeVar("T")
 STATE_NAMES = {v: types_pb2.JobState.Name(v).removeprefix("JOB_STATE_") for v in types_pb2.JobState.values()}
@@ -415,7 +415,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--service", default="", help="service name ('' for the whole server)")
     sp.set_defaults(fn=cmd_health)
 
-    from coordinator import local
+    from dml.client import local
 
     sp = sub.add_parser("local", help="run a coordinator and N peers here, train a job, print the accuracy")
     local.add_arguments(sp)

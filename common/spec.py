@@ -1,12 +1,13 @@
 """The job specification as a plain dataclass, its defaults and its validation."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
-from aggregation.topology import TOPOLOGY_NAMES
-from coordinator.planner import parse_sharding
-from peer.tasks import get_task
+from dml.aggregation.topology import TOPOLOGY_NAMES
+from dml.common.sampling import parse_sharding
+from dml.common.tasks import get_task
+from dml.v1 import types_pb2
 
 AGGREGATIONS = ("ring", "gossip")
 CODECS = ("fp32", "bf16", "fp16", "int8")  # aggregation.codecs.CODEC_NAMES; checked by a test
@@ -52,27 +53,25 @@ class JobSpec:
         return JobSpec(**{k: v for k, v in d.items() if k in fields})
 
 
+# Fields whose zero is a real value, not proto3's "unset".
+_ZERO_IS_A_VALUE = frozenset({"rounds", "seed"})
+
+
 def with_defaults(spec: JobSpec) -> JobSpec:
     """Fills zero / empty fields (proto3's 'unset') with the defaults."""
     d = JobSpec()
-    return replace(
-        spec,
-        task=spec.task or d.task,
-        local_steps=spec.local_steps or d.local_steps,
-        batch_size=spec.batch_size or d.batch_size,
-        learning_rate=spec.learning_rate or d.learning_rate,
-        min_peers=spec.min_peers or d.min_peers,
-        sharding=spec.sharding or d.sharding,
-        aggregation=spec.aggregation or d.aggregation,
-        num_shards=spec.num_shards or d.num_shards,
-        checkpoint_every_rounds=spec.checkpoint_every_rounds or d.checkpoint_every_rounds,
-        peer_grace_s=spec.peer_grace_s or d.peer_grace_s,
-        codec=spec.codec or d.codec,
-        data_plane=spec.data_plane or d.data_plane,
-        eval_every_rounds=spec.eval_every_rounds or d.eval_every_rounds,
-        gossip_topology=spec.gossip_topology or d.gossip_topology,
-        gossip_timeout_ms=spec.gossip_timeout_ms or d.gossip_timeout_ms,
-    )
+    return replace(spec, **{f.name: getattr(spec, f.name) or getattr(d, f.name)
+                            for f in fields(JobSpec) if f.name not in _ZERO_IS_A_VALUE})
+
+
+def spec_to_pb(s: JobSpec) -> types_pb2.JobSpec:
+    """Domain spec to proto (the two carry the same field names)."""
+    return types_pb2.JobSpec(**{f.name: getattr(s, f.name) for f in fields(JobSpec)})
+
+
+def spec_from_pb(p: types_pb2.JobSpec) -> JobSpec:
+    """Proto spec to domain (zeros mean 'default', filled in by :func:`with_defaults`)."""
+    return JobSpec(**{f.name: getattr(p, f.name) for f in fields(JobSpec)})
 
 
 def validate(spec: JobSpec) -> None:

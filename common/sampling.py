@@ -1,0 +1,24 @@
+"""What the coordinator and every peer must agree on about samples: the sharding scheme's name
+and the order in which a shard's samples are visited in each pass. Pure, numpy only."""
+from __future__ import annotations
+
+import re
+
+import numpy as np
+
+_DIRICHLET = re.compile(r"^dirichlet:(\d+(?:\.\d+)?(?:[eE][-+]?\d+)?)$")
+
+
+def parse_sharding(text: str) -> tuple[str, float]:
+    """Parses ``iid`` or ``dirichlet:ALPHA``. Raises ValueError with a message."""
+    if text == "iid":
+        return "iid", 0.0
+    m = _DIRICHLET.match(text)
+    if m and float(m.group(1)) > 0:
+        return "dirichlet", float(m.group(1))
+    raise ValueError(f"bad sharding {text!r}: expected 'iid' or 'dirichlet:ALPHA' with ALPHA > 0")
+
+
+def shard_order(indices: np.ndarray, seed: int, data_epoch: int, shard_id: int) -> np.ndarray:
+    """The order a shard's samples are visited in during one pass (same on every peer)."""
+    return np.random.default_rng([seed, data_epoch, shard_id]).permutation(indices)
