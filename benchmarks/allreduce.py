@@ -139,14 +139,10 @@ def _worker(kind: str, rank: int, world: int, n: int, conn: Any, barrier: Any, o
         timeout = float(opts["timeout_s"])
         if kind == "dml":
             import threading
-            from concurrent import futures
-
-            import grpc
-
             from dml.aggregation.allreduce import ring_allreduce
             from dml.aggregation.codecs import get_codec
+            from dml.common import rpc
             from dml.peer.exchange import (
-                GRPC_OPTIONS,
                 ExchangeServicer,
                 PeerLink,
                 add_exchange_to_server,
@@ -161,11 +157,9 @@ def _worker(kind: str, rank: int, world: int, n: int, conn: Any, barrier: Any, o
             plane = str(opts["data_plane"])
             servicer = ExchangeServicer(lambda job, rnd: None, recv_timeout_s=timeout,
                                         data_plane_host=host if plane in ("shm", "tcp") else None)
-            server = grpc.server(futures.ThreadPoolExecutor(max_workers=16), options=GRPC_OPTIONS)
+            server = rpc.server(workers=16, max_message_bytes=rpc.EXCHANGE_MESSAGE_BYTES)
             add_exchange_to_server(servicer, server)
-            port = server.add_insecure_port(f"{host}:0")
-            if port == 0:
-                raise OSError(f"cannot listen on {host}:0")
+            port = rpc.bind(server, host, 0)
             server.start()
             conn.send(("ready", port))
             if not conn.poll(READY_TIMEOUT_S):

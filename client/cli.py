@@ -20,6 +20,7 @@ import grpc
 from dml.v1 import jobs_pb2, jobs_pb2_grpc, types_pb2
 
 from dml.aggregation.topology import TOPOLOGY_NAMES
+from dml.common import rpc as grpcs
 from dml.common.spec import spec_to_pb
 from dml.common.spec import AGGREGATIONS, CODECS, DATA_PLANES, JobSpec
 
@@ -59,7 +60,7 @@ def rpc(fn: Callable[[], T], coordinator: str) -> T:
 def job_stub(coordinator: str) -> jobs_pb2_grpc.JobServiceStub:
     if ":" not in coordinator:
         raise CliError(f"--coordinator must be HOST:PORT, got {coordinator!r}", 2)
-    return jobs_pb2_grpc.JobServiceStub(grpc.insecure_channel(coordinator, options=[("grpc.max_receive_message_length", 8 << 20)]))
+    return jobs_pb2_grpc.JobServiceStub(grpcs.channel(coordinator))
 
 
 def status_dict(job: jobs_pb2.JobStatus) -> dict[str, Any]:
@@ -290,7 +291,7 @@ def cmd_health(a: argparse.Namespace) -> int:
 
     if ":" not in a.coordinator:
         raise CliError(f"--coordinator must be HOST:PORT, got {a.coordinator!r}", 2)
-    stub = health_pb2_grpc.HealthStub(grpc.insecure_channel(a.coordinator))
+    stub = health_pb2_grpc.HealthStub(grpcs.channel(a.coordinator))
     resp = rpc(lambda: stub.Check(health_pb2.HealthCheckRequest(service=a.service), timeout=a.timeout), a.coordinator)
     name = health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
     print(name)

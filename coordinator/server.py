@@ -5,22 +5,18 @@ from __future__ import annotations
 import logging
 import pathlib
 import threading
-from concurrent import futures
 from dataclasses import dataclass
 
-import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from dml.common import rpc
 from dml.coordinator.service import Coordinator, CoordinatorConfig
 from dml.coordinator.servicer import JobServicer, PeerControlServicer
 from dml.coordinator.store import MemoryStore, SqliteStore, Store
 from dml.v1 import control_pb2, control_pb2_grpc, jobs_pb2, jobs_pb2_grpc
 
 log = logging.getLogger(__name__)
-
-MAX_MESSAGE_BYTES = 8 << 20
-
 
 @dataclass(frozen=True)
 class ServerConfig:
@@ -49,9 +45,7 @@ class CoordinatorServer:
             store = MemoryStore()
             ckpt = pathlib.Path(tempfile.mkdtemp(prefix="dml-ckpt-"))
         self.coordinator = Coordinator(config.timing, store, ckpt)
-        opts = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
-        self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=config.workers), options=opts)
+        self._server = rpc.server(workers=config.workers)
         jobs_pb2_grpc.add_JobServiceServicer_to_server(JobServicer(self.coordinator), self._server)
         control_pb2_grpc.add_PeerControlServicer_to_server(PeerControlServicer(self.coordinator), self._server)
         self._health = health.HealthServicer()
@@ -63,9 +57,7 @@ class CoordinatorServer:
             reflection.SERVICE_NAME,
         )
         reflection.enable_server_reflection(names, self._server)
-        self.port = self._server.add_insecure_port(f"{config.host}:{config.port}")
-        if self.port == 0:
-            raise OSError(f"cannot listen on {config.host}:{config.port}")
+        self.port = rpc.bind(self._server, config.host, config.port)
         self._stop = threading.Event()
         self._reaper = threading.Thread(target=self._reap, name="reaper", daemon=True)
 

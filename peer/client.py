@@ -12,6 +12,8 @@ from typing import BinaryIO, TypeVar
 import grpc
 from dml.v1 import control_pb2, control_pb2_grpc
 
+from dml.common import rpc
+
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
@@ -27,13 +29,7 @@ class ControlClient:
 
     def __init__(self, address: str, stop: threading.Event) -> None:
         self.address = address
-        self.channel = grpc.insecure_channel(address, options=[
-            ("grpc.max_receive_message_length", 64 << 20),
-            # Reconnect quickly after a coordinator restart (gRPC's default backoff starts at 1 s).
-            ("grpc.initial_reconnect_backoff_ms", 100),
-            ("grpc.min_reconnect_backoff_ms", 100),
-            ("grpc.max_reconnect_backoff_ms", 1000),
-        ])
+        self.channel = rpc.channel(address, fast_reconnect=True)
         self.stub = control_pb2_grpc.PeerControlStub(self.channel)
         self._stop = stop
 

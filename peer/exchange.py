@@ -22,6 +22,7 @@ import numpy as np
 from dml.v1 import exchange_pb2, exchange_pb2_grpc
 
 from dml.aggregation.codecs import payload_size
+from dml.common import rpc
 from dml.aggregation.transport import FRAME, ExchangeError, Header
 from dml.peer import dataplane, shm
 from dml.peer.gossip import GossipNode
@@ -47,10 +48,6 @@ ABORTED = "round aborted: the membership changed"
 # same frames.
 FRAMES_SERVICE = "dml.v1.PeerFrames"
 FRAMES_METHOD = f"/{FRAMES_SERVICE}/Push"
-GRPC_OPTIONS = [
-    ("grpc.max_receive_message_length", 8 << 20),
-    ("grpc.max_send_message_length", 8 << 20),
-]
 
 
 Frame = tuple[Header, memoryview]
@@ -520,7 +517,7 @@ class PeerLink:
         self._deadline_s = deadline_s
         self._idle_s = idle_timeout_s
         self._mode = data_plane
-        self._channel = grpc.insecure_channel(succ_address, options=GRPC_OPTIONS)
+        self._channel = rpc.channel(succ_address, max_message_bytes=rpc.EXCHANGE_MESSAGE_BYTES)
         self._sender: _GrpcSender | _TcpSender | None = None
         self._opening: threading.Thread | None = None
         self._open_error: BaseException | None = None

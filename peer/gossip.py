@@ -42,6 +42,7 @@ import numpy as np
 from dml.v1 import exchange_pb2, exchange_pb2_grpc
 
 from dml.aggregation.gossip import Exchanger, ExchangeStateError, Snapshot
+from dml.common import rpc
 
 log = logging.getLogger(__name__)
 
@@ -233,7 +234,7 @@ class GossipNode:
         if not self.slot.try_begin(key):
             return Outcome(partner_id, False, busy=True, serving=True, detail="this peer is serving another exchange")
         own = channel is None
-        ch = channel or grpc.insecure_channel(address)
+        ch = channel or rpc.channel(address, max_message_bytes=rpc.EXCHANGE_MESSAGE_BYTES)
         out: queue.Queue[exchange_pb2.GossipMessage | None] = queue.Queue()
         sent = [0]
         n = trainer.numel

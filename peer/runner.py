@@ -18,7 +18,6 @@ import math
 import tempfile
 import threading
 import time
-from concurrent import futures
 from dataclasses import dataclass
 
 import grpc
@@ -37,10 +36,10 @@ from dml.aggregation.averaging import delta_ring_average, digest, weighted_ring_
 from dml.aggregation.codecs import Codec, get_codec
 from dml.aggregation.topology import partner_ids
 from dml.aggregation.transport import ExchangeError
+from dml.common import rpc
 from dml.common.sampling import shard_order
 from dml.peer.client import CALL_TIMEOUT_S, ControlClient, Evicted
 from dml.peer.exchange import (
-    GRPC_OPTIONS,
     ExchangeServicer,
     PeerLink,
     add_exchange_to_server,
@@ -113,11 +112,9 @@ class Peer:
         self._suspects: dict[str, float] = {}  # gossip partners that failed -> skip until (monotonic)
         self._gossip_bytes_reported = 0
         self._gossip_served_seen = 0  # the node's `served` count when this peer last exchanged
-        self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=16), options=GRPC_OPTIONS)
+        self._server = rpc.server(workers=16, max_message_bytes=rpc.EXCHANGE_MESSAGE_BYTES)
         add_exchange_to_server(self.servicer, self._server)
-        self.port = self._server.add_insecure_port(f"{config.host}:{config.port}")
-        if self.port == 0:
-            raise OSError(f"cannot listen on {config.host}:{config.port}")
+        self.port = rpc.bind(self._server, config.host, config.port)
         host = config.advertise_host or config.host
         if host in ("0.0.0.0", "::", ""):
             import socket
@@ -323,7 +320,7 @@ class Peer:
         sources = [(m.peer_id, m.address) for m in plan.members if m.peer_id != self.peer_id]
         for name, address in sources:
             try:
-                with grpc.insecure_channel(address, options=GRPC_OPTIONS) as ch:
+                with rpc.channel(address, max_message_bytes=rpc.EXCHANGE_MESSAGE_BYTES) as ch:
                     stub = exchange_pb2_grpc.PeerExchangeStub(ch)
                     parts = list(stub.FetchParameters(exchange_pb2.FetchParametersRequest(job_id=plan.job_id, round=rnd),
                                                       timeout=self.config.exchange_timeout_s))
@@ -504,7 +501,7 @@ class Peer:
 
     def _channel(self, address: str) -> grpc.Channel:
         if address not in self._channels:
-            self._channels[address] = grpc.insecure_channel(address, options=GRPC_OPTIONS)
+            self._channels[address] = rpc.channel(address, max_message_bytes=rpc.EXCHANGE_MESSAGE_BYTES)
         return self._channels[address]
 
     def _gossip_trainer(self, plan: types_pb2.Plan) -> Trainer:

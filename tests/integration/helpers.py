@@ -7,9 +7,9 @@ import io
 import time
 from typing import Callable, Iterator
 
-import grpc
 import torch
 
+from dml.common import rpc
 from dml.coordinator.server import CoordinatorServer, ServerConfig
 from dml.coordinator.service import CoordinatorConfig
 from dml.v1 import exchange_pb2, exchange_pb2_grpc, jobs_pb2_grpc
@@ -55,12 +55,12 @@ def wait_for(pred: Callable[[], bool], timeout_s: float, what: str) -> None:
 
 def job_stub(address: str) -> jobs_pb2_grpc.JobServiceStub:
     """A JobService client."""
-    return jobs_pb2_grpc.JobServiceStub(grpc.insecure_channel(address))
+    return jobs_pb2_grpc.JobServiceStub(rpc.channel(address))
 
 
 def fetch_state(address: str, job_id: str, rnd: int) -> tuple[str, dict[str, torch.Tensor], bytes]:
     """Downloads a peer's parameters of a round: (digest, state_dict, raw bytes)."""
-    with grpc.insecure_channel(address) as ch:
+    with rpc.channel(address) as ch:
         parts = list(exchange_pb2_grpc.PeerExchangeStub(ch).FetchParameters(
             exchange_pb2.FetchParametersRequest(job_id=job_id, round=rnd), timeout=10))
     raw = b"".join(p.data for p in parts)

@@ -6,6 +6,7 @@ import io
 import grpc
 import pytest
 import torch
+from dml.common import rpc
 from dml.v1 import jobs_pb2, types_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
@@ -74,7 +75,7 @@ def test_invalid_jobs_are_invalid_argument_with_a_message():
 
 def test_health_and_reflection_are_served():
     with coordinator() as srv:
-        ch = grpc.insecure_channel(srv.address)
+        ch = rpc.channel(srv.address)
         for name in ("", "dml.v1.JobService", "dml.v1.PeerControl"):
             resp = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=name), timeout=5)
             assert resp.status == health_pb2.HealthCheckResponse.SERVING

@@ -8,12 +8,12 @@ import socket
 import threading
 import time
 from collections.abc import Callable
-from concurrent import futures
 from typing import Any
 
 import grpc
 import numpy as np
 import pytest
+from dml.common import rpc
 from dml.v1 import exchange_pb2, exchange_pb2_grpc
 
 from dml.aggregation.allreduce import ring_allreduce
@@ -30,9 +30,9 @@ class Member:
     def __init__(self, tcp: bool = True) -> None:
         self.servicer = ExchangeServicer(lambda job, rnd: None, recv_timeout_s=5,
                                          data_plane_host="127.0.0.1" if tcp else None)
-        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
+        self.server = rpc.server(workers=8, max_message_bytes=rpc.EXCHANGE_MESSAGE_BYTES)
         add_exchange_to_server(self.servicer, self.server)
-        self.port = self.server.add_insecure_port("127.0.0.1:0")
+        self.port = rpc.bind(self.server, "127.0.0.1", 0)
         self.server.start()
         self.address = f"127.0.0.1:{self.port}"
         self.abort = threading.Event()
@@ -206,7 +206,7 @@ def test_data_plane_refuses_connections_without_a_valid_token(members):
 def test_open_data_plane_rpc_validates_and_reports_absence(members):
     with_tcp, without = members(2, tcp=[True, False])
     for m, code in ((without, grpc.StatusCode.FAILED_PRECONDITION), (with_tcp, grpc.StatusCode.INVALID_ARGUMENT)):
-        with grpc.insecure_channel(m.address) as ch:
+        with rpc.channel(m.address) as ch:
             stub = exchange_pb2_grpc.PeerExchangeStub(ch)
             with pytest.raises(grpc.RpcError) as e:
                 stub.OpenDataPlane(exchange_pb2.OpenDataPlaneRequest(job_id="", round=1, epoch=1), timeout=5)

@@ -1,11 +1,11 @@
 """The raw-frame exchange method: what it accepts and what it refuses, over real gRPC."""
 from __future__ import annotations
 
-from concurrent import futures
 
 import grpc
 import numpy as np
 import pytest
+from dml.common import rpc
 from dml.v1 import exchange_pb2
 
 from dml.aggregation.transport import Header
@@ -15,11 +15,11 @@ from dml.peer.exchange import FRAMES_METHOD, ExchangeServicer, add_exchange_to_s
 @pytest.fixture
 def target():
     servicer = ExchangeServicer(lambda job, rnd: None, recv_timeout_s=5)
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    server = rpc.server(workers=4, max_message_bytes=rpc.EXCHANGE_MESSAGE_BYTES)
     add_exchange_to_server(servicer, server)
-    port = server.add_insecure_port("127.0.0.1:0")
+    port = rpc.bind(server, "127.0.0.1", 0)
     server.start()
-    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    channel = rpc.channel(f"127.0.0.1:{port}")
     push = channel.stream_unary(FRAMES_METHOD, request_serializer=None,
                                 response_deserializer=exchange_pb2.PushChunksResponse.FromString)
     try:

@@ -6,7 +6,6 @@ import random
 import threading
 import time
 from collections.abc import Callable, Iterator
-from concurrent import futures
 from dataclasses import dataclass
 
 import grpc
@@ -15,7 +14,8 @@ import pytest
 from dml.v1 import exchange_pb2, exchange_pb2_grpc
 
 from dml.aggregation.gossip import merged_weight, pair_average
-from dml.peer.exchange import GRPC_OPTIONS, ExchangeServicer, add_exchange_to_server
+from dml.common import rpc
+from dml.peer.exchange import ExchangeServicer, add_exchange_to_server
 from dml.peer.gossip import CHUNK_BYTES, GossipNode, Outcome
 from tests.integration.helpers import wait_for
 
@@ -80,12 +80,12 @@ def cluster() -> Iterator[Callable]:
             if trainer is not None:
                 node.attach(JOB, trainer)
                 node.add_samples(samples)
-            server = grpc.server(futures.ThreadPoolExecutor(max_workers=8), options=GRPC_OPTIONS)
+            server = rpc.server(workers=8, max_message_bytes=rpc.EXCHANGE_MESSAGE_BYTES)
             add_exchange_to_server(servicer, server)
         else:
-            server = grpc.server(futures.ThreadPoolExecutor(max_workers=8), options=GRPC_OPTIONS)
+            server = rpc.server(workers=8, max_message_bytes=rpc.EXCHANGE_MESSAGE_BYTES)
             exchange_pb2_grpc.add_PeerExchangeServicer_to_server(servicer, server)
-        port = server.add_insecure_port("127.0.0.1:0")
+        port = rpc.bind(server, "127.0.0.1", 0)
         assert port, "no port"
         server.start()
         servers.append(server)
@@ -224,7 +224,7 @@ def test_bad_offers_are_refused_with_their_status_and_change_nothing(cluster, ca
     }[case]
     if case == "detached":
         b.node.detach()
-    with grpc.insecure_channel(b.address) as ch:
+    with rpc.channel(b.address) as ch:
         stub = exchange_pb2_grpc.PeerExchangeStub(ch)
         call = stub.Gossip(iter(msgs)) if case == "no deadline" else stub.Gossip(iter(msgs), timeout=10)
         got = finish(call)
@@ -237,7 +237,7 @@ def test_bad_offers_are_refused_with_their_status_and_change_nothing(cluster, ca
 def test_a_peer_that_does_not_gossip_refuses(cluster) -> None:
     servicer = ExchangeServicer(lambda job_id, rnd: None)  # gossip not set
     b = cluster("peer-b", servicer=servicer)
-    with grpc.insecure_channel(b.address) as ch:
+    with rpc.channel(b.address) as ch:
         call = exchange_pb2_grpc.PeerExchangeStub(ch).Gossip(iter([offer(4)]), timeout=10)
         assert finish(call) == grpc.StatusCode.FAILED_PRECONDITION
 
@@ -356,7 +356,7 @@ def test_an_initiator_dying_mid_exchange_leaves_the_partner_untouched_and_free(c
     b = cluster("peer-b", fake(2, BIG), samples=6)
     xb = b.params()
     gate = threading.Event()
-    with grpc.insecure_channel(b.address, options=GRPC_OPTIONS) as ch:
+    with rpc.channel(b.address, max_message_bytes=rpc.EXCHANGE_MESSAGE_BYTES) as ch:
         call = exchange_pb2_grpc.PeerExchangeStub(ch).Gossip(
             _raw_offer(b, gate, stop_after_half=when == "mid-offer"), timeout=30)
         try:
@@ -447,7 +447,7 @@ def test_a_partner_that_trains_while_its_copy_travels_keeps_its_step_and_counts_
     sent = b.params()
     gate = threading.Event()
     mine = np.full(BIG, 7.0, dtype=np.float32)  # what _raw_offer sends, weight 1
-    with grpc.insecure_channel(b.address, options=GRPC_OPTIONS) as ch:
+    with rpc.channel(b.address, max_message_bytes=rpc.EXCHANGE_MESSAGE_BYTES) as ch:
         def requests():
             yield from _raw_offer(b, gate, stop_after_half=False)
             yield exchange_pb2.GossipMessage(commit=True)

@@ -1,5 +1,6 @@
 from dml.v1 import types_pb2 as _types_pb2
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from collections.abc import Iterable as _Iterable, Mapping as _Mapping
@@ -7,8 +8,23 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class EvictionCause(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    EVICTION_CAUSE_UNSPECIFIED: _ClassVar[EvictionCause]
+    EVICTION_CAUSE_HEARTBEAT_TIMEOUT: _ClassVar[EvictionCause]
+    EVICTION_CAUSE_NEIGHBOUR_REPORT: _ClassVar[EvictionCause]
+    EVICTION_CAUSE_SELF_REPORT: _ClassVar[EvictionCause]
+    EVICTION_CAUSE_ROUND_DEADLINE: _ClassVar[EvictionCause]
+    EVICTION_CAUSE_REPLACED: _ClassVar[EvictionCause]
+EVICTION_CAUSE_UNSPECIFIED: EvictionCause
+EVICTION_CAUSE_HEARTBEAT_TIMEOUT: EvictionCause
+EVICTION_CAUSE_NEIGHBOUR_REPORT: EvictionCause
+EVICTION_CAUSE_SELF_REPORT: EvictionCause
+EVICTION_CAUSE_ROUND_DEADLINE: EvictionCause
+EVICTION_CAUSE_REPLACED: EvictionCause
+
 class JobStatus(_message.Message):
-    __slots__ = ("job_id", "spec", "state", "round", "epoch", "peers", "last", "reason", "created_unix_ms", "updated_unix_ms", "checkpoint_round", "samples", "data_epoch")
+    __slots__ = ("job_id", "spec", "state", "round", "epoch", "peers", "last", "reason", "created_unix_ms", "updated_unix_ms", "checkpoint_round", "samples", "data_epoch", "rolled_back_rounds", "evictions", "epochs", "evictions_total")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     SPEC_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -22,6 +38,10 @@ class JobStatus(_message.Message):
     CHECKPOINT_ROUND_FIELD_NUMBER: _ClassVar[int]
     SAMPLES_FIELD_NUMBER: _ClassVar[int]
     DATA_EPOCH_FIELD_NUMBER: _ClassVar[int]
+    ROLLED_BACK_ROUNDS_FIELD_NUMBER: _ClassVar[int]
+    EVICTIONS_FIELD_NUMBER: _ClassVar[int]
+    EPOCHS_FIELD_NUMBER: _ClassVar[int]
+    EVICTIONS_TOTAL_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     spec: _types_pb2.JobSpec
     state: _types_pb2.JobState
@@ -35,7 +55,41 @@ class JobStatus(_message.Message):
     checkpoint_round: int
     samples: int
     data_epoch: int
-    def __init__(self, job_id: _Optional[str] = ..., spec: _Optional[_Union[_types_pb2.JobSpec, _Mapping]] = ..., state: _Optional[_Union[_types_pb2.JobState, str]] = ..., round: _Optional[int] = ..., epoch: _Optional[int] = ..., peers: _Optional[_Iterable[str]] = ..., last: _Optional[_Union[_types_pb2.RoundMetrics, _Mapping]] = ..., reason: _Optional[str] = ..., created_unix_ms: _Optional[int] = ..., updated_unix_ms: _Optional[int] = ..., checkpoint_round: _Optional[int] = ..., samples: _Optional[int] = ..., data_epoch: _Optional[int] = ...) -> None: ...
+    rolled_back_rounds: int
+    evictions: _containers.RepeatedCompositeFieldContainer[Eviction]
+    epochs: _containers.RepeatedCompositeFieldContainer[MembershipEpoch]
+    evictions_total: int
+    def __init__(self, job_id: _Optional[str] = ..., spec: _Optional[_Union[_types_pb2.JobSpec, _Mapping]] = ..., state: _Optional[_Union[_types_pb2.JobState, str]] = ..., round: _Optional[int] = ..., epoch: _Optional[int] = ..., peers: _Optional[_Iterable[str]] = ..., last: _Optional[_Union[_types_pb2.RoundMetrics, _Mapping]] = ..., reason: _Optional[str] = ..., created_unix_ms: _Optional[int] = ..., updated_unix_ms: _Optional[int] = ..., checkpoint_round: _Optional[int] = ..., samples: _Optional[int] = ..., data_epoch: _Optional[int] = ..., rolled_back_rounds: _Optional[int] = ..., evictions: _Optional[_Iterable[_Union[Eviction, _Mapping]]] = ..., epochs: _Optional[_Iterable[_Union[MembershipEpoch, _Mapping]]] = ..., evictions_total: _Optional[int] = ...) -> None: ...
+
+class Eviction(_message.Message):
+    __slots__ = ("peer_id", "cause", "reporter", "unix_ms", "epoch", "round", "detail")
+    PEER_ID_FIELD_NUMBER: _ClassVar[int]
+    CAUSE_FIELD_NUMBER: _ClassVar[int]
+    REPORTER_FIELD_NUMBER: _ClassVar[int]
+    UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    DETAIL_FIELD_NUMBER: _ClassVar[int]
+    peer_id: str
+    cause: EvictionCause
+    reporter: str
+    unix_ms: int
+    epoch: int
+    round: int
+    detail: str
+    def __init__(self, peer_id: _Optional[str] = ..., cause: _Optional[_Union[EvictionCause, str]] = ..., reporter: _Optional[str] = ..., unix_ms: _Optional[int] = ..., epoch: _Optional[int] = ..., round: _Optional[int] = ..., detail: _Optional[str] = ...) -> None: ...
+
+class MembershipEpoch(_message.Message):
+    __slots__ = ("epoch", "peers", "started_unix_ms", "round")
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    PEERS_FIELD_NUMBER: _ClassVar[int]
+    STARTED_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    epoch: int
+    peers: _containers.RepeatedScalarFieldContainer[str]
+    started_unix_ms: int
+    round: int
+    def __init__(self, epoch: _Optional[int] = ..., peers: _Optional[_Iterable[str]] = ..., started_unix_ms: _Optional[int] = ..., round: _Optional[int] = ...) -> None: ...
 
 class SubmitJobRequest(_message.Message):
     __slots__ = ("spec",)

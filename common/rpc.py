@@ -1,0 +1,82 @@
+"""The one way dml makes gRPC channels and servers.
+
+Every client and server in the code goes through :func:`channel` and :func:`server` (then
+:func:`bind`), so message limits, keepalive, reconnect backoff, credentials and interceptors are
+set in one place. TLS and authentication plug in here.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from concurrent import futures
+from typing import Any
+
+import grpc
+
+# Message limits, by what travels. Control messages are small; checkpoints travel in chunks well
+# under the control limit; exchange frames are one chunk of a flat parameter buffer.
+CONTROL_MESSAGE_BYTES = 8 << 20
+EXCHANGE_MESSAGE_BYTES = 8 << 20
+
+# Keepalive: a silent connection is probed every 20 s and dropped when a probe goes unanswered
+# for 10 s, so a half-open TCP connection (a peer that vanished with its host) is noticed.
+KEEPALIVE_OPTIONS: list[tuple[str, Any]] = [
+    ("grpc.keepalive_time_ms", 20_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
+]
+
+# Reconnect quickly after a restart (gRPC's default backoff starts at 1 s and grows to 120 s).
+FAST_RECONNECT_OPTIONS: list[tuple[str, Any]] = [
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+]
+
+
+class BindError(OSError):
+    """A server could not listen on the address it was given (in use, or not this host's)."""
+
+
+def _limits(max_message_bytes: int) -> list[tuple[str, Any]]:
+    return [("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.max_send_message_length", max_message_bytes)]
+
+
+def channel(address: str, *, max_message_bytes: int = CONTROL_MESSAGE_BYTES, fast_reconnect: bool = False,
+            options: Sequence[tuple[str, Any]] = ()) -> grpc.Channel:
+    """A channel to ``address`` (host:port) with dml's limits and keepalive.
+
+    ``fast_reconnect`` for long-lived channels to a server that may restart (a peer's channel to
+    the coordinator); ``options`` adds or overrides gRPC channel arguments."""
+    opts = dict(_limits(max_message_bytes) + KEEPALIVE_OPTIONS + (FAST_RECONNECT_OPTIONS if fast_reconnect else []))
+    opts.update(options)
+    return grpc.insecure_channel(address, options=list(opts.items()))
+
+
+def server(*, workers: int, max_message_bytes: int = CONTROL_MESSAGE_BYTES,
+           interceptors: Sequence[grpc.ServerInterceptor] = ()) -> grpc.Server:
+    """A thread-pool server with dml's limits and keepalive policy. Bind it with :func:`bind`."""
+    opts = _limits(max_message_bytes) + [
+        # One server per port: without this, gRPC sets SO_REUSEPORT and a second process binds the
+        # same port silently, and clients get answers from either.
+        ("grpc.so_reuseport", 0),
+        # Accept the clients' keepalive pings (the default policy rejects pings more often than 5 min).
+        ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+    ]
+    return grpc.server(futures.ThreadPoolExecutor(max_workers=workers), options=opts,
+                       interceptors=list(interceptors))
+
+
+def bind(srv: grpc.Server, host: str, port: int) -> int:
+    """Listens on host:port (0 picks a free port) and returns the port bound.
+
+    Raises :class:`BindError` naming the address when it is taken or not this host's."""
+    try:
+        bound = srv.add_insecure_port(f"{host}:{port}")
+    except RuntimeError:
+        bound = 0
+    if bound == 0:
+        raise BindError(f"cannot listen on {host}:{port}: the address is in use or not this host's")
+    return bound
