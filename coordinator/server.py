@@ -11,6 +11,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from dml.common import rpc
+from dml.coordinator.lock import StateDirLock
 from dml.coordinator.service import Coordinator, CoordinatorConfig
 from dml.coordinator.servicer import JobServicer, PeerControlServicer
 from dml.coordinator.store import MemoryStore, SqliteStore, Store
@@ -34,7 +35,23 @@ class CoordinatorServer:
     """A running coordinator: call :meth:`stop` to end it."""
 
     def __init__(self, config: ServerConfig) -> None:
+        """Locks the state dir (if any), opens the store and binds; raises
+        :class:`~dml.coordinator.lock.StateDirLocked` or :class:`~dml.common.rpc.BindError`
+        (holding nothing then) when another coordinator has the state dir or the port."""
         self.config = config
+        # Lock, then open the store, then bind, then record the address: a second coordinator
+        # never opens a held store, and one that fails to bind lets the lock go.
+        self._state_lock = StateDirLock(config.state_dir).acquire() if config.state_dir is not None else None
+        try:
+            self._open(config)
+        except BaseException:
+            if self._state_lock is not None:
+                self._state_lock.release()
+            raise
+        if self._state_lock is not None:
+            self._state_lock.record(self.address)
+
+    def _open(self, config: ServerConfig) -> None:
         store: Store
         if config.state_dir is not None:
             store = SqliteStore(config.state_dir)
@@ -57,7 +74,11 @@ class CoordinatorServer:
             reflection.SERVICE_NAME,
         )
         reflection.enable_server_reflection(names, self._server)
-        self.port = rpc.bind(self._server, config.host, config.port)
+        try:
+            self.port = rpc.bind(self._server, config.host, config.port)
+        except BaseException:
+            self.coordinator.close()
+            raise
         self._stop = threading.Event()
         self._reaper = threading.Thread(target=self._reap, name="reaper", daemon=True)
 
@@ -94,3 +115,5 @@ class CoordinatorServer:
         if self._reaper.is_alive():
             self._reaper.join(2)
         self.coordinator.close()
+        if self._state_lock is not None:
+            self._state_lock.release()
