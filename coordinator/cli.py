@@ -9,6 +9,8 @@ import signal
 import sys
 import threading
 
+from dml.common import portcheck, rpc
+from dml.coordinator.lock import StateDirLocked
 from dml.coordinator.server import CoordinatorServer, ServerConfig
 from dml.coordinator.service import CoordinatorConfig
 
@@ -53,6 +55,12 @@ def main(argv: list[str] | None = None) -> None:
     cfg = build_config(argv)
     try:
         server = CoordinatorServer(cfg).start()
+    except StateDirLocked as e:  # another coordinator holds the state dir
+        print(f"dml-coordinator: {e}", file=sys.stderr)
+        sys.exit(2)
+    except rpc.BindError:  # the port is taken, or the host is not this machine's
+        print(f"dml-coordinator: {portcheck.bind_failure(cfg.host, cfg.port)}", file=sys.stderr)
+        sys.exit(2)
     except OSError as e:
         print(f"dml-coordinator: {e}", file=sys.stderr)
         sys.exit(1)

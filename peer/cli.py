@@ -10,6 +10,7 @@ import sys
 import grpc
 
 from dml.aggregation.allreduce import DEFAULT_CHUNK_ELEMS, TCP_CHUNK_ELEMS
+from dml.common import portcheck, rpc
 from dml.peer.runner import Peer, PeerConfig
 
 
@@ -99,6 +100,9 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(max(1, a.torch_threads))
     try:
         peer = Peer(cfg)
+    except rpc.BindError:  # --port taken, or --host not this machine's
+        print(f"dml-peer: {portcheck.bind_failure(cfg.host, cfg.port)}", file=sys.stderr)
+        sys.exit(2)
     except OSError as e:
         print(f"dml-peer: {e}", file=sys.stderr)
         sys.exit(1)
