@@ -38,6 +38,26 @@ class BindError(OSError):
     """A server could not listen on the address it was given (in use, or not this host's)."""
 
 
+def parse_address(address: str) -> tuple[str, int]:
+    """Splits a dialable ``HOST:PORT`` (``[V6]:PORT`` for an IPv6 literal) into host and port.
+
+    Raises ValueError with a one-line message when there is no host, no port, or a port that is
+    not 1..65535."""
+    want = f"HOST:PORT with a port in 1..65535, got {address!r}"
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port:
+        raise ValueError(f"address must be {want}")
+    if host.startswith("[") and host.endswith("]"):
+        inner = host[1:-1]
+        if not inner or not all(c in "0123456789abcdefABCDEF:." for c in inner):
+            raise ValueError(f"address must be {want}")
+    elif ":" in host or any(c.isspace() or c in "/[]@" for c in host):
+        raise ValueError(f"address must be {want} (write an IPv6 host in brackets: [::1]:50051)")
+    if not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ValueError(f"address must be {want}")
+    return host, int(port)
+
+
 def _limits(max_message_bytes: int) -> list[tuple[str, Any]]:
     return [("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes)]

@@ -1,0 +1,127 @@
+"""What the three command line tools (``dml``, ``dml-coordinator``, ``dml-peer``) share about
+their flags: help that shows every default, ``--version``, range-checked argparse types whose
+messages name the real bounds, an address type, and a quiet end when stdout is a closed pipe."""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+from collections.abc import Callable
+from typing import NoReturn
+
+import dml
+from dml.common.rpc import parse_address
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends ``(default: X)`` to an option's help unless the help already says its default (or
+    that it is required), the option is an on/off switch, or it has no default value."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if ("default" in text or "required" in text or action.default in (None, argparse.SUPPRESS)
+                or isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction))
+                or not action.option_strings):
+            return text
+        return super()._get_help_string(action)
+
+
+class Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose usage errors are one line pointing at ``--help``, exit 2."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def add_version(p: argparse.ArgumentParser) -> None:
+    """``--version``: prints ``PROG VERSION`` (the package's version) and exits 0."""
+    p.add_argument("--version", action="version", version=f"%(prog)s {dml.__version__}")
+
+
+U32 = 2**32 - 1  # the largest value of a uint32 proto field
+
+
+def int_in(lo: int, hi: int | None = None, default_zero: int | None = None) -> Callable[[str], int]:
+    """An argparse type: an int in lo..hi, else a usage error naming that range. Without ``hi``
+    the only upper bound is a uint32 field's, and the message for a low value says "at least".
+
+    With ``default_zero``, 0 is accepted too and read as that value (the job flags whose 0 has
+    always meant "the default", as proto3's unset does in the job spec)."""
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+        if default_zero is not None and v == 0:
+            return default_zero
+        if hi is None:
+            if v < lo:
+                raise argparse.ArgumentTypeError(f"must be at least {lo}, got {v}")
+            if v > U32:
+                raise argparse.ArgumentTypeError(f"must be at most {U32} (a 32-bit field), got {v}")
+        elif not lo <= v <= hi:
+            raise argparse.ArgumentTypeError(f"must be between {lo} and {hi}, got {v}")
+        return v
+    parse.__name__ = "int"  # what argparse calls the type in its own messages
+    return parse
+
+
+def float_in(lo: float, hi: float, lo_open: bool = True, hi_open: bool = False) -> Callable[[str], float]:
+    """An argparse type: a finite number in the interval from lo to hi (open or closed at each
+    end), else a usage error naming the interval."""
+    shown = f"{'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
+
+    def parse(text: str) -> float:
+        try:
+            v = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid float value: {text!r}") from None
+        above = v > lo if lo_open else v >= lo
+        below = v < hi if hi_open else v <= hi
+        if not (math.isfinite(v) and above and below):
+            raise argparse.ArgumentTypeError(f"must be in {shown}, got {text}")
+        return v
+    parse.__name__ = "float"
+    return parse
+
+
+def positive_float(text: str) -> float:
+    """An argparse type: a finite number above 0."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid float value: {text!r}") from None
+    if not (v > 0 and math.isfinite(v)):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return v
+
+
+def address(text: str) -> str:
+    """An argparse type: a dialable HOST:PORT (port 1..65535), else a usage error."""
+    try:
+        parse_address(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
+def run_quietly(main: Callable[[], int | None]) -> NoReturn:
+    """Runs ``main`` and exits with its code. When stdout is a pipe that closed early (``| head``)
+    the process ends quietly with 141, as a tool killed by SIGPIPE does, with no traceback."""
+    try:
+        try:
+            code: int | str | None = main()
+        except SystemExit as e:  # argparse's --help and usage errors: flush their output here too
+            code = e.code
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # Python flushes stdout again at exit; point it at /dev/null so that flush has nowhere to fail.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        code = 141
+    sys.exit(code)
