@@ -1,19 +1,25 @@
-"""The job specification as a plain dataclass, its defaults and its validation."""
+"""The job specification as a plain dataclass, its defaults and its validation. Importing it loads
+no numpy (the job client uses it); validation imports the task registry when it runs."""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
-from dml.aggregation.topology import TOPOLOGY_NAMES
-from dml.common.sampling import parse_sharding
-from dml.common.tasks import get_task
 from dml.v1 import types_pb2
 
 AGGREGATIONS = ("ring", "gossip")
 CODECS = ("fp32", "bf16", "fp16", "int8")  # aggregation.codecs.CODEC_NAMES; checked by a test
 DATA_PLANES = ("auto", "shm", "tcp", "grpc")  # peer.exchange.DATA_PLANES
+# aggregation.topology.TOPOLOGY_NAMES; checked by a test. Named here so that the job client, which
+# needs the names for its flags, loads no numpy.
+TOPOLOGY_NAMES = ("uniform", "ring", "exponential")
+# Validation bounds (the CLI's range checks name the same ones).
 MAX_ROUNDS = 1_000_000
+MAX_SAMPLES_PER_ROUND = 10**8  # local_steps x batch_size
+MAX_LEARNING_RATE = 100.0
+MIN_GOSSIP_TIMEOUT_MS = 100
 MAX_GOSSIP_TIMEOUT_MS = 600_000
+MAX_PEER_GRACE_S = 30 * 24 * 3600
 
 
 class InvalidSpec(ValueError):
@@ -82,10 +88,10 @@ def validate(spec: JobSpec) -> None:
         raise InvalidSpec(f"local_steps must be at least 1, got {spec.local_steps}")
     if spec.batch_size < 1:
         raise InvalidSpec(f"batch_size must be at least 1, got {spec.batch_size}")
-    if spec.local_steps * spec.batch_size > 10**8:
+    if spec.local_steps * spec.batch_size > MAX_SAMPLES_PER_ROUND:
         raise InvalidSpec("local_steps x batch_size must be at most 100M samples per round")
-    if not 0 < spec.learning_rate < 100:
-        raise InvalidSpec(f"learning_rate must be in (0, 100), got {spec.learning_rate}")
+    if not 0 < spec.learning_rate < MAX_LEARNING_RATE:
+        raise InvalidSpec(f"learning_rate must be in (0, {MAX_LEARNING_RATE:g}), got {spec.learning_rate}")
     if spec.min_peers < 1:
         raise InvalidSpec(f"min_peers must be at least 1, got {spec.min_peers}")
     if spec.aggregation not in AGGREGATIONS:
@@ -96,14 +102,17 @@ def validate(spec: JobSpec) -> None:
         raise InvalidSpec(f"unknown data plane {spec.data_plane!r}: choose one of {', '.join(DATA_PLANES)}")
     if spec.gossip_topology not in TOPOLOGY_NAMES:
         raise InvalidSpec(f"unknown gossip topology {spec.gossip_topology!r}: choose one of {', '.join(TOPOLOGY_NAMES)}")
-    if not 100 <= spec.gossip_timeout_ms <= MAX_GOSSIP_TIMEOUT_MS:
-        raise InvalidSpec(f"gossip_timeout_ms must be between 100 and {MAX_GOSSIP_TIMEOUT_MS}, got {spec.gossip_timeout_ms}")
+    if not MIN_GOSSIP_TIMEOUT_MS <= spec.gossip_timeout_ms <= MAX_GOSSIP_TIMEOUT_MS:
+        raise InvalidSpec(f"gossip_timeout_ms must be between {MIN_GOSSIP_TIMEOUT_MS} and {MAX_GOSSIP_TIMEOUT_MS}, got {spec.gossip_timeout_ms}")
     if spec.eval_every_rounds < 1:
         raise InvalidSpec("eval_every_rounds must be at least 1")
     if spec.checkpoint_every_rounds < 1:
         raise InvalidSpec("checkpoint_every_rounds must be at least 1")
-    if not 1 <= spec.peer_grace_s <= 30 * 24 * 3600:
+    if not 1 <= spec.peer_grace_s <= MAX_PEER_GRACE_S:
         raise InvalidSpec(f"peer_grace_s must be between 1 s and 30 days, got {spec.peer_grace_s}")
+    from dml.common.sampling import parse_sharding  # numpy: imported by the coordinator, not the client
+    from dml.common.tasks import get_task
+
     try:
         parse_sharding(spec.sharding)
         task = get_task(spec.task)

@@ -329,6 +329,13 @@ def test_spec_codecs_are_the_wire_codecs() -> None:
     assert set(DATA_PLANES) == set(LINK_PLANES)
 
 
+def test_spec_topologies_are_the_gossip_topologies() -> None:
+    from dml.aggregation.topology import TOPOLOGY_NAMES as POLICIES
+    from dml.common.spec import TOPOLOGY_NAMES
+
+    assert TOPOLOGY_NAMES == POLICIES
+
+
 def test_unset_codec_plane_and_eval_every_take_defaults() -> None:
     got = with_defaults(dataclasses.replace(JobSpec(), codec="", data_plane="", eval_every_rounds=0))
     assert (got.codec, got.data_plane, got.eval_every_rounds) == ("fp32", "auto", 1)
