@@ -21,7 +21,8 @@ import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
-from dml.client import cli as jobctl
+from dml.client.cli import add_job_options, spec_from_args
+from dml.client.api import JobClient, status_dict
 from dml.client.local import cluster
 from dml.common.spec import CODECS, JobSpec
 
@@ -32,13 +33,14 @@ def run_dml(spec: JobSpec, peers: int) -> tuple[float, float, float, int]:
     with tempfile.TemporaryDirectory(prefix="dml-bench-") as tmp:
         with cluster(peers, 0, pathlib.Path(tmp), pathlib.Path(tmp) / "logs") as (address, _):
             t0 = time.monotonic()
-            job = jobctl.submit(address, spec, timeout=30)
-            end = jobctl.watch(address, job, 10, lambda st: None, max_s=3600)
-            took = time.monotonic() - t0
-            d = jobctl.status_dict(end)
-            if d["state"] != "SUCCEEDED":
-                raise SystemExit(f"dml job ended {d['state']}: {d['reason']}")
-            hist = jobctl.history(address, job, 30)
+            with JobClient(address, timeout_s=30) as client:
+                job = client.submit(spec)
+                end = client.watch(job, lambda st: None, max_s=3600)
+                took = time.monotonic() - t0
+                d = status_dict(end)
+                if d["state"] != "SUCCEEDED":
+                    raise SystemExit(f"dml job ended {d['state']}: {d['reason']}")
+                hist = client.history(job)
             last10 = [r.test_accuracy for r in hist[-10:]]
             return float(d["metrics"]["test_accuracy"]), float(np.mean(last10)), took, int(d["samples"])
 
@@ -66,7 +68,7 @@ def main() -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     p.add_argument("--codecs", default="",
                    help="comma-separated wire codecs to run dml with, one job each (default: --codec's)")
-    jobctl.add_job_options(p)
+    add_job_options(p)
     a = p.parse_args()
     if a.min_peers is None:
         a.min_peers = a.peers
@@ -74,7 +76,7 @@ def main() -> None:
     bad = [c for c in codecs if c not in CODECS]
     if bad:
         p.error(f"--codecs: unknown {', '.join(bad)}; choose from {', '.join(CODECS)}")
-    spec = jobctl.spec_from_args(a)
+    spec = spec_from_args(a)
     runs = {c: run_dml(replace(spec, codec=c), a.peers) for c in codecs}
     acc_s, t_s, n_s = run_single(spec, spec.rounds * spec.local_steps * a.peers)
     first = codecs[0]

@@ -55,7 +55,7 @@ if _SET_FORK_ENV:
 import grpc
 from dml.v1 import jobs_pb2, jobs_pb2_grpc
 
-from dml.client import cli as jobctl
+from dml.client import api as jobapi
 from dml.coordinator.ledger import violations
 from dml.client.local import die_with_parent, reap
 from dml.coordinator.service import CoordinatorConfig, job_shards
@@ -335,7 +335,7 @@ class Monitor(threading.Thread):
             try:
                 j = stub.GetJob(req, timeout=2.0).job
                 o = Obs(time.monotonic(), True, j.round, j.epoch, tuple(j.peers), j.samples,
-                        jobctl.STATE_NAMES[j.state], j.last.digest if j.HasField("last") else "")
+                        jobapi.STATE_NAMES[j.state], j.last.digest if j.HasField("last") else "")
             except grpc.RpcError as e:
                 code = e.code() if isinstance(e, grpc.Call) else None
                 o = Obs(time.monotonic(), False, error=code.name if code else str(e))
@@ -592,7 +592,8 @@ def run(name: str, a: argparse.Namespace, work: pathlib.Path, chaos: bool) -> di
         cluster.start_coordinator()
         procs = [cluster.start_peer(i) for i in range(a.peers)]
         cluster.wait_registered(procs, 120)
-        job_id = jobctl.submit(cluster.address, spec, timeout=30)
+        with jobapi.JobClient(cluster.address, timeout_s=30) as client:
+            job_id = client.submit(spec)
         _say(f"[{name}] coordinator {cluster.address}, {a.peers} peers, job {job_id}; logs in {cluster.logs}")
         mon = Monitor(cluster.address, job_id)
         mon.start()
@@ -663,7 +664,7 @@ def run(name: str, a: argparse.Namespace, work: pathlib.Path, chaos: bool) -> di
         mon.halt.set()
         mon.join(5)
         obs = list(mon.obs)
-        stub = jobctl.job_stub(cluster.address)
+        stub = jobapi.JobClient(cluster.address).stub
         cancel_wall = time.time()
         with contextlib.suppress(grpc.RpcError):
             stub.CancelJob(jobs_pb2.CancelJobRequest(job_id=job_id), timeout=10)
@@ -767,7 +768,7 @@ def measure(name: str, a: argparse.Namespace, spec: JobSpec, events: list[Event]
     return {
         "run": name,
         "job_id": resp.job.job_id,
-        "final_state": jobctl.STATE_NAMES[resp.job.state],
+        "final_state": jobapi.STATE_NAMES[resp.job.state],
         "window_s": span,
         "failures": len(events),
         "failures_by_kind": {k: sum(1 for e in events if e.kind == k) for k in KINDS},

@@ -33,7 +33,8 @@ from typing import Any
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
-from dml.client import cli as jobctl
+from dml.client.cli import add_job_options, spec_from_args
+from dml.client.api import JobClient, status_dict
 from dml.client.local import cluster
 from dml.common.spec import JobSpec
 
@@ -48,13 +49,14 @@ def run(spec: JobSpec, peers: int, slow: float, log_root: pathlib.Path) -> dict[
         slow_args = {peers - 1: ("--slowdown", str(slow))} if slow > 1 else {}
         with cluster(peers, 0, pathlib.Path(tmp), logs, peer_args=slow_args) as (address, _):
             t0 = time.monotonic()
-            job = jobctl.submit(address, spec, timeout=30)
-            end = jobctl.watch(address, job, 10, lambda st: None, max_s=3600)
-            wall = time.monotonic() - t0
-            d = jobctl.status_dict(end)
-            if d["state"] != "SUCCEEDED":
-                raise SystemExit(f"{spec.aggregation} job ended {d['state']}: {d['reason']} (logs in {logs})")
-            hist = jobctl.history(address, job, 30)
+            with JobClient(address, timeout_s=30) as client:
+                job = client.submit(spec)
+                end = client.watch(job, lambda st: None, max_s=3600)
+                wall = time.monotonic() - t0
+                d = status_dict(end)
+                if d["state"] != "SUCCEEDED":
+                    raise SystemExit(f"{spec.aggregation} job ended {d['state']}: {d['reason']} (logs in {logs})")
+                hist = client.history(job)
     start = hist[0].committed_unix_ms - hist[0].duration_ms
     return {
         "aggregation": spec.aggregation, "topology": spec.gossip_topology if spec.aggregation == "gossip" else "",
@@ -76,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--scenarios", default="equal,slow", help="equal and/or slow (default both)")
     p.add_argument("--aggregations", default="ring,gossip", help="ring and/or gossip (default both)")
     p.add_argument("--json", action="store_true", help="one JSON object per run, then one per scenario")
-    jobctl.add_job_options(p)
+    add_job_options(p)
     a = p.parse_args(argv)
     scenarios = [s.strip() for s in a.scenarios.split(",") if s.strip()]
     aggs = [s.strip() for s in a.aggregations.split(",") if s.strip()]
@@ -92,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--target must be in (0, 1]")
     if a.min_peers is None:
         a.min_peers = a.peers
-    base = jobctl.spec_from_args(a)
+    base = spec_from_args(a)
     log_root = pathlib.Path(tempfile.mkdtemp(prefix="dml-gvr-logs-"))
     results: dict[tuple[str, str], dict[str, Any]] = {}
     for sc in scenarios:

@@ -24,7 +24,7 @@ import time
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from dml.client import cli as jobctl
+from dml.client.api import JobClient, status_dict
 from dml.client.local import cluster, die_with_parent, reap
 from dml.common.spec import CODECS, JobSpec
 
@@ -42,13 +42,14 @@ def run(codec: str, a: argparse.Namespace, tmp: pathlib.Path) -> dict[str, objec
             n = a.cpu_peers + a.gpu_peers
             spec = JobSpec(rounds=a.rounds, min_peers=n, codec=codec, task=a.task, learning_rate=a.lr)
             t0 = time.monotonic()
-            job = jobctl.submit(address, spec, timeout=60)
-            end = jobctl.watch(address, job, 30, lambda st: None, max_s=a.timeout_s)
-            took = time.monotonic() - t0
-            hist = jobctl.history(address, job, 60)
+            with JobClient(address, timeout_s=60) as client:
+                job = client.submit(spec)
+                end = client.watch(job, lambda st: None, max_s=a.timeout_s)
+                took = time.monotonic() - t0
+                hist = client.history(job)
         finally:
             reap(gpu)
-    d = jobctl.status_dict(end)
+    d = status_dict(end)
     members = sorted({r.members for r in hist})
     return {"codec": codec, "state": d["state"], "reason": d["reason"], "rounds": len(hist),
             "members_per_round": members, "all_members_every_round": members == [n],

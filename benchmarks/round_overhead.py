@@ -104,7 +104,8 @@ if _SET_FORK_ENV:
 
 from dml.v1 import jobs_pb2
 
-from dml.client import cli as jobctl
+from dml.client.api import ApiError, JobClient, history_dict, status_dict
+from dml.common.args import int_in, positive_float
 from dml.client.local import die_with_parent, reap, wait_for_port_file
 from dml.common.spec import CODECS, DATA_PLANES, MAX_ROUNDS, JobSpec
 from dml.common.tasks import get_task
@@ -156,20 +157,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--params-m", type=_params_list, default=[1.0, 10.0, 50.0],
                    help="model sizes in millions of parameters, comma-separated (default 1,10,50)")
-    p.add_argument("--peers", type=jobctl.int_in(1, jobctl.U32), default=4, help="peer processes (default 4)")
-    p.add_argument("--rounds", type=jobctl.int_in(1, jobctl.U32), default=None,
+    p.add_argument("--peers", type=int_in(1), default=4, help="peer processes (default 4)")
+    p.add_argument("--rounds", type=int_in(1), default=None,
                    help="rounds per job (default: 30 below 10M parameters, 20 up to 10M, 8 above)")
-    p.add_argument("--eval-every", type=jobctl.int_in(1, jobctl.U32), default=None,
+    p.add_argument("--eval-every", type=int_in(1), default=None,
                    help="rounds between rank 0's test evaluations (default: only the final round)")
-    p.add_argument("--warmup", type=jobctl.int_in(1, jobctl.U32), default=2,
+    p.add_argument("--warmup", type=int_in(1), default=2,
                    help="first rounds left out of the medians (default 2; the final round is left out too)")
     p.add_argument("--codec", choices=CODECS, default="fp32", help="wire codec of the job (default fp32)")
     p.add_argument("--data-plane", choices=DATA_PLANES, default="auto", help="data plane of the job (default auto)")
-    p.add_argument("--local-steps", type=jobctl.int_in(1, jobctl.U32), default=1,
+    p.add_argument("--local-steps", type=int_in(1), default=1,
                    help="SGD steps per peer per round (default 1: cheap training, the overhead is measured)")
-    p.add_argument("--batch-size", type=jobctl.int_in(1, jobctl.U32), default=32, help="batch size (default 32)")
-    p.add_argument("--lr", type=jobctl.positive_float, default=0.01, help="learning rate (default 0.01)")
-    p.add_argument("--timeout-s", type=jobctl.positive_float, default=None,
+    p.add_argument("--batch-size", type=int_in(1), default=32, help="batch size (default 32)")
+    p.add_argument("--lr", type=positive_float, default=0.01, help="learning rate (default 0.01)")
+    p.add_argument("--timeout-s", type=positive_float, default=None,
                    help="deadline per job, after the cluster is up (default: 60 s + rounds x (2 + 0.6 x params in M) s)")
     p.add_argument("--log-dir", type=pathlib.Path, default=None,
                    help="keep the process logs here, one folder per size (default: a temp dir, removed)")
@@ -282,7 +283,7 @@ def cluster(peers: int, root: pathlib.Path) -> Iterator[Cluster]:
                         "--port-file", str(port_file)], logs / "coordinator.log", procs)
         try:
             port = wait_for_port_file(port_file, coord, START_TIMEOUT_S)
-        except jobctl.CliError as e:
+        except ApiError as e:
             raise BenchError(str(e)) from None
         address = f"127.0.0.1:{port}"
         peer_procs = [_spawn([py, "-m", "dml.peer.cli", "--coordinator", address, "--host", "127.0.0.1", "--port", "0",
@@ -413,7 +414,8 @@ def measure(a: argparse.Namespace, params_m: float, num_params: int, root: pathl
         base = [proc_status_mb(p.pid)["VmRSS"] for p in c.peers]
         log(f"{len(c.peers)} peers registered after {time.monotonic() - t0:.1f}s at {c.address}; baseline RSS "
             + ", ".join(f"{x:.0f}" for x in base) + " MB")
-        job_id = jobctl.submit(c.address, spec, timeout=30.0)
+        client = JobClient(c.address, timeout_s=30.0)
+        job_id = client.submit(spec)
         log(f"job {job_id}: {rounds} rounds x {a.local_steps} local steps x batch {a.batch_size}, codec {a.codec}, "
             f"data plane {a.data_plane}; deadline {job_timeout_s:.0f}s")
         t_job = time.monotonic()
@@ -430,21 +432,19 @@ def measure(a: argparse.Namespace, params_m: float, num_params: int, root: pathl
                 log(f"round {st.round}/{rounds} after {time.monotonic() - t_job:.1f}s")
 
         try:
-            end = jobctl.watch(c.address, job_id, 10.0, show, max_s=job_timeout_s)
-        except jobctl.CliError as e:
-            with contextlib.suppress(jobctl.CliError):
-                jobctl.rpc(lambda: jobctl.job_stub(c.address).CancelJob(
-                    jobs_pb2.CancelJobRequest(job_id=job_id), timeout=2), c.address)
+            end = client.watch(job_id, show, max_s=job_timeout_s)
+        except ApiError as e:
+            with contextlib.suppress(ApiError):
+                JobClient(c.address, timeout_s=2.0).cancel(job_id)
             raise BenchError(f"{task}: {e}") from None
         job_s = time.monotonic() - t_job
-        st = jobctl.status_dict(end)
+        st = status_dict(end)
         if st["state"] != "SUCCEEDED":
             raise BenchError(f"{task}: job {job_id} ended {st['state']}: {st['reason']}")
         mem = [proc_status_mb(p.pid) for p in c.peers]
         coord_mem = proc_status_mb(c.coordinator.pid)
-        resp = jobctl.rpc(lambda: jobctl.job_stub(c.address).GetJob(
-            jobs_pb2.GetJobRequest(job_id=job_id, include_history=True), timeout=30.0), c.address)
-        history = [jobctl.history_dict(r) for r in resp.history]
+        history = [history_dict(r) for r in client.history(job_id)]
+        client.close()
         # Rounds end with the report: the peers' last DEBUG lines are written by now.
         reports = report_times(c.logs, a.peers, job_id)
     split = round_split(history, rounds, a.warmup, reports)
@@ -563,7 +563,7 @@ def main(argv: list[str] | None = None) -> int:
             root = base / task_name(params_m).replace(":", "-")
             try:
                 row = measure(a, params_m, num_params, root)
-            except (BenchError, jobctl.CliError) as e:
+            except (BenchError, ApiError) as e:
                 print(f"round_overhead: {e}", file=sys.stderr)
                 tails = log_tails(root / "logs")
                 if tails:  # written up to the stop: the last lines may be shutdown noise

@@ -19,6 +19,7 @@ import time
 from typing import Any, Iterator
 
 from dml.client import cli as jobctl
+from dml.client.api import ApiError, JobClient, status_dict
 
 DEFAULT_PORT = 50051
 
@@ -29,10 +30,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=int, default=None,
                    help=f"coordinator port (default {DEFAULT_PORT} if free, else any free port; 0 for any)")
     p.add_argument("--state-dir", type=pathlib.Path, default=None, help="coordinator state (default: a temp dir)")
-    p.add_argument("--output", "-o", type=pathlib.Path, default=None, help="save the trained model (state_dict) here")
+    p.add_argument("--output", "-o", type=pathlib.Path, default=None, help="save the trained model (state_dict) here (default: not saved)")
     p.add_argument("--json", action="store_true", help="print the final status as JSON on the last line")
     p.add_argument("--log-dir", type=pathlib.Path, default=None, help="where process logs go (default: the state dir)")
-    p.add_argument("--timeout-s", type=float, default=1800.0, help="give up after this long")
+    p.add_argument("--timeout-s", type=float, default=1800.0, help="give up on the job after this many seconds")
     p.add_argument("--keep", action="store_true",
                    help="keep the cluster up after the job ends (query it, submit more jobs) until Ctrl-C")
 
@@ -55,9 +56,9 @@ def wait_for_port_file(path: pathlib.Path, proc: subprocess.Popen[bytes], timeou
         if path.exists():
             return int(path.read_text())
         if proc.poll() is not None:
-            raise jobctl.CliError(f"coordinator exited with code {proc.returncode} before listening", 1)
+            raise ApiError(f"coordinator exited with code {proc.returncode} before listening", 1)
         time.sleep(0.05)
-    raise jobctl.CliError(f"coordinator did not start within {timeout_s:.0f}s", 1)
+    raise ApiError(f"coordinator did not start within {timeout_s:.0f}s", 1)
 
 
 def _resolve_prctl() -> Any:
@@ -134,7 +135,7 @@ def cluster(peers: int, port: int, state_dir: pathlib.Path, log_dir: pathlib.Pat
 def cmd_local(a: argparse.Namespace) -> int:
     """Runs the job on a local cluster and prints the final test accuracy."""
     if a.peers < 1:
-        raise jobctl.CliError("--peers must be at least 1", 2)
+        raise ApiError("--peers must be at least 1", 2)
     # Stop the same way on each: cancel the job, reap the children. SIGINT too, explicitly: a
     # shell starts background jobs with SIGINT ignored, and Python would keep ignoring it.
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
@@ -144,7 +145,7 @@ def cmd_local(a: argparse.Namespace) -> int:
         a.min_peers = a.peers  # start with the whole cluster rather than grow it round by round
     spec = jobctl.spec_from_args(a)
     if spec.min_peers > a.peers:
-        raise jobctl.CliError(f"--min-peers {spec.min_peers} exceeds --peers {a.peers}", 2)
+        raise ApiError(f"--min-peers {spec.min_peers} exceeds --peers {a.peers}", 2)
     tmp = None
     state_dir = a.state_dir
     if state_dir is None:
@@ -157,7 +158,8 @@ def cmd_local(a: argparse.Namespace) -> int:
         with cluster(a.peers, port, state_dir, log_dir) as (address, _procs):
             print(f"coordinator on {address}, {a.peers} peers; logs in {log_dir}", file=sys.stderr)
             print(f"  watch from another shell: dml status --coordinator {address} --watch", file=sys.stderr)
-            job_id = jobctl.submit(address, spec, timeout=30.0)
+            client = JobClient(address, timeout_s=30.0)
+            job_id = client.submit(spec)
             print(f"job {job_id}: {spec.task}, {spec.rounds} rounds x {spec.local_steps} local steps, "
                   f"batch {spec.batch_size}, lr {spec.learning_rate}", file=sys.stderr)
             tty = sys.stderr.isatty()
@@ -172,17 +174,16 @@ def cmd_local(a: argparse.Namespace) -> int:
                 last_round[0] = st.round  # type: ignore[attr-defined]
 
             try:
-                end = jobctl.watch(address, job_id, 10.0, show, max_s=a.timeout_s)
+                end = client.watch(job_id, show, max_s=a.timeout_s)
             except KeyboardInterrupt:
-                with contextlib.suppress(jobctl.CliError):
-                    jobctl.rpc(lambda: jobctl.job_stub(address).CancelJob(
-                        jobctl.jobs_pb2.CancelJobRequest(job_id=job_id), timeout=2), address)
+                with contextlib.suppress(ApiError):
+                    JobClient(address, timeout_s=2.0).cancel(job_id)
                 raise
             if tty:
                 print(file=sys.stderr)
-            d = jobctl.status_dict(end)
+            d = status_dict(end)
             if a.output is not None and d["state"] == "SUCCEEDED":
-                rnd, _ = jobctl.download_model(address, job_id, a.output, 60.0)
+                rnd, _ = client.download(job_id, a.output, 60.0)
                 print(f"saved round {rnd} model to {a.output}", file=sys.stderr)
             if a.keep:
                 print(f"job {job_id} {d['state']}: test accuracy {jobctl.fmt_metric(d['metrics']['test_accuracy'])}; "

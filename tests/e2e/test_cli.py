@@ -1,6 +1,7 @@
 """The CLIs' answers to bad input and unreachable coordinators, and `dml local` end to end."""
 from __future__ import annotations
 
+import json
 import os
 import pathlib
 import re
@@ -8,10 +9,11 @@ import signal
 import subprocess
 import sys
 import time
+from typing import Iterator
 
 import pytest
 
-from dml.client.local import reap
+from dml.client.local import cluster, reap
 from tests.e2e.conftest import ROOT, dml
 
 pytestmark = pytest.mark.e2e
@@ -53,7 +55,8 @@ def test_bad_flags_exit_2_with_a_message():
 
 def test_invalid_job_is_rejected_by_the_coordinator_with_exit_2(local_cluster):
     address, _ = local_cluster(0)
-    for args, words in ((["--rounds", "0"], "rounds"), (["--task", "mnist"], "unknown task"),
+    # Checks only the coordinator can make (the flags' own range checks are in tests/unit/test_cli_args.py).
+    for args, words in ((["--num-shards", "100000"], "num_shards"), (["--task", "mnist"], "unknown task"),
                         (["--sharding", "dirichlet:zero"], "sharding")):
         out = dml("submit", "--coordinator", address, *args)
         assert out.returncode == 2, out
@@ -132,3 +135,119 @@ def test_out_of_range_flags_exit_2_without_a_traceback(args, words):
     out = dml("submit", "--coordinator", "127.0.0.1:1", *args)
     assert out.returncode == 2 and words in out.stderr and "Traceback" not in out.stderr
     assert out.stderr.count("\n") == 1
+
+
+@pytest.fixture(scope="module")
+def finished_job(tmp_path_factory) -> Iterator[tuple[str, str]]:
+    """A coordinator and one peer that have run a 3-round job to the end: (address, job id)."""
+    root = tmp_path_factory.mktemp("finished")
+    with cluster(1, 0, root / "state", root / "logs") as (address, _):
+        out = dml("submit", "--coordinator", address, "--rounds", "3", "--local-steps", "2")
+        assert out.returncode == 0, out.stderr
+        job = out.stdout.split()[-1]
+        out = dml("status", "--coordinator", address, job, "--watch", timeout=180)
+        assert out.returncode == 0 and "SUCCEEDED" in out.stdout, out
+        yield address, job
+
+
+# The child runs one `dml` command in-process and writes the names of the modules it loaded.
+LOADED = r"""
+import json, sys
+from dml.client import cli
+try:
+    cli.main(sys.argv[2:])
+finally:
+    with open(sys.argv[1], "w") as f:
+        json.dump(sorted(sys.modules), f)
+"""
+
+
+def _loaded(tmp_path: pathlib.Path, *argv: str) -> tuple[subprocess.CompletedProcess[str], list[str]]:
+    mods = tmp_path / "modules.json"
+    mods.unlink(missing_ok=True)
+    out = subprocess.run([sys.executable, "-c", LOADED, str(mods), *argv], capture_output=True, text=True,
+                         timeout=60, cwd=ROOT)
+    return out, json.loads(mods.read_text())
+
+
+def _server_side(mods: list[str]) -> list[str]:
+    return [m for m in mods if m in ("sqlite3", "_sqlite3", "torch", "numpy", "matplotlib")
+            or m.startswith(("torch.", "numpy.", "dml.coordinator", "dml.peer", "sqlite3."))]
+
+
+def test_dml_status_loads_no_server_code(finished_job, tmp_path):
+    """Any form of `dml status` (and `dml jobs`) imports no SQLite, torch, numpy, coordinator or peer code."""
+    address, job = finished_job
+    a = ("--coordinator", address)
+    for argv in (["status", *a], ["status", *a, job], ["status", *a, job, "--json"], ["status", *a, job, "--history"],
+                 ["status", *a, job, "--json", "--history"], ["status", *a, job, "--watch"],
+                 ["status", *a, "--watch", "--json"], ["jobs", *a]):
+        out, mods = _loaded(tmp_path, *argv)
+        assert out.returncode == 0, (argv, out.stderr)
+        assert _server_side(mods) == [], argv
+        assert "dml.client.api" in mods and "grpc" in mods
+
+
+def test_unknown_job_is_bad_input(finished_job, tmp_path):
+    """status, status --watch, model, cancel and plot answer an unknown job id alike: one line, exit 2;
+    plot looks the job up before it loads matplotlib."""
+    address, _ = finished_job
+    for argv in (["status", "job-nope"], ["status", "job-nope", "--watch"], ["cancel", "job-nope"],
+                 ["model", "job-nope", "-o", str(tmp_path / "m.pt")]):
+        out = dml(*argv, "--coordinator", address)
+        assert out.returncode == 2, (argv, out)
+        assert out.stderr == "dml: job job-nope not found\n", (argv, out.stderr)
+    out, mods = _loaded(tmp_path, "plot", "--coordinator", address, "job-nope", "-o", str(tmp_path / "p.png"))
+    assert out.returncode == 2 and out.stderr == "dml: job job-nope not found\n", out.stderr
+    assert "matplotlib" not in mods and not (tmp_path / "p.png").exists()
+
+
+def test_status_history_is_a_table_without_json(finished_job):
+    address, job = finished_job
+    out = dml("status", "--coordinator", address, job, "--history")
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[0].startswith(f"{job} [") and "SUCCEEDED" in lines[0]
+    assert lines[1].split()[:6] == ["ROUND", "EPOCH", "PEERS", "SAMPLES", "LOSS", "ACC"]
+    rows = [line.split() for line in lines[2:]]
+    assert [r[0] for r in rows] == ["1", "2", "3"]
+    full = json.loads(dml("status", "--coordinator", address, job, "--json", "--history").stdout)
+    for row, h in zip(rows, full["history"]):
+        assert (int(row[1]), int(row[2]), int(row[3])) == (h["epoch"], h["members"], h["samples"])
+        assert float(row[4]) == pytest.approx(h["train_loss"], abs=1e-4)
+
+
+def test_status_into_a_closed_pipe_ends_quietly(finished_job):
+    """`dml status --json --history | head -1` and the like: exit 141, no BrokenPipeError on stderr."""
+    address, job = finished_job
+    for argv in (["status", job, "--json", "--history"], ["status", job, "--history"], ["jobs"]):
+        r, w = os.pipe()
+        os.close(r)  # the reader has gone, as `head` does after its line
+        try:
+            out = subprocess.run([sys.executable, "-m", "dml.client.cli", *argv, "--coordinator", address], stdout=w,
+                                 stderr=subprocess.PIPE, text=True, timeout=60, cwd=ROOT)
+        finally:
+            os.close(w)
+        assert out.returncode == 141 and out.stderr == "", (argv, out.stderr)
+
+
+def test_peer_with_an_unreachable_coordinator_says_to_check_the_address():
+    """The peer keeps retrying; its log says once that it cannot reach the coordinator and to check
+    the address (then again every LOG_EVERY_S: tests/unit/test_cli_args.py), and it stops on SIGTERM."""
+    addr = f"127.0.0.1:{_unused_port()}"
+    proc = subprocess.Popen([sys.executable, "-m", "dml.peer.cli", "--coordinator", addr, "--port", "0", "--device", "cpu"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        deadline = time.monotonic() + 120
+        line = ""
+        while time.monotonic() < deadline and "cannot reach" not in line:
+            line = proc.stderr.readline()
+            if not line and proc.poll() is not None:
+                break
+        assert "cannot reach the coordinator" in line and addr in line and "check" in line, line
+        proc.send_signal(signal.SIGTERM)
+        rest = proc.stderr.read()
+        assert proc.wait(30) == 1
+        assert "Traceback" not in rest and f"cannot register with {addr}" in rest, rest
+    finally:
+        reap([proc])

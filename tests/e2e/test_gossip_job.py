@@ -10,9 +10,8 @@ import time
 
 import pytest
 import torch
-from dml.v1 import jobs_pb2
 
-from dml.client import cli as jobctl
+from dml.client.api import JobClient, history_dict, status_dict
 from dml.common.tasks import get_task
 from dml.peer.trainer import Trainer
 from tests.e2e.conftest import dml
@@ -41,10 +40,11 @@ def _peer_ids(logs) -> dict[int, tuple[str, str]]:
 
 def _get(address: str, job: str, history: bool = False) -> dict:
     """The job's status (and history) over gRPC, as `dml status --json [--history]` prints it."""
-    resp = jobctl.job_stub(address).GetJob(jobs_pb2.GetJobRequest(job_id=job, include_history=history), timeout=10)
-    d = jobctl.status_dict(resp.job)
+    with JobClient(address, timeout_s=10) as client:
+        resp = client.status(job, history=history)
+    d = status_dict(resp.job)
     if history:
-        d["history"] = [jobctl.history_dict(r) for r in resp.history]
+        d["history"] = [history_dict(r) for r in resp.history]
     return d
 
 

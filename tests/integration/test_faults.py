@@ -88,7 +88,7 @@ def test_peer_dying_mid_exchange_is_evicted_at_once_and_survivors_agree(data_pla
         got = [fetch_state(p.address, jid, 25) for p in ps]
         assert got[0][0] == got[1][0] == resp.history[-1].digest
         assert_state_dicts_identical([g[1] for g in got])
-        from dml.client.cli import history_dict
+        from dml.client.api import history_dict
         from tests.integration.helpers import ledger_problems
 
         assert ledger_problems([history_dict(r) for r in resp.history], spec) == []

@@ -1,0 +1,209 @@
+"""The job API as a small library over ``dml.v1`` JobService: submit, status, list, watch,
+download, cancel, health. No argument parsing and no printing: the ``dml`` CLI, ``dml local`` and
+the benchmarks sit on top of it.
+
+Every failure is an :class:`ApiError` carrying the exit code a command line tool should leave
+with: :data:`BAD_INPUT` (2) for what the caller got wrong (a malformed address, an invalid job
+spec, an unknown job id), :data:`FAILED` (1) for an unreachable coordinator or a server error.
+
+Loads no server code, no SQLite and no torch.
+"""
+from __future__ import annotations
+
+import logging
+import pathlib
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import grpc
+
+from dml.common import rpc
+from dml.common.spec import JobSpec, spec_to_pb
+from dml.v1 import jobs_pb2, jobs_pb2_grpc, types_pb2
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+BAD_INPUT = 2
+FAILED = 1
+DEFAULT_TIMEOUT_S = 15.0
+STATE_NAMES = {v: types_pb2.JobState.Name(v).removeprefix("JOB_STATE_") for v in types_pb2.JobState.values()}
+FINISHED = frozenset({"SUCCEEDED", "FAILED", "CANCELLED"})
+_TRANSIENT = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+
+
+class ApiError(Exception):
+    """A one-line error for the user, with the exit code to leave with (2 bad input, 1 otherwise)."""
+
+    def __init__(self, message: str, code: int = FAILED) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def api_error(e: grpc.RpcError, address: str) -> ApiError:
+    """The user-facing error for a failed call to the coordinator at ``address``."""
+    code = e.code() if isinstance(e, grpc.Call) else None
+    details = e.details() if isinstance(e, grpc.Call) else str(e)
+    if code == grpc.StatusCode.INVALID_ARGUMENT:
+        return ApiError(f"invalid job: {details}", BAD_INPUT)
+    if code == grpc.StatusCode.NOT_FOUND:
+        return ApiError(details, BAD_INPUT)  # an unknown job id, or a job with no checkpoint yet
+    if code in _TRANSIENT:
+        return ApiError(f"cannot reach coordinator at {address} ({code.name.lower()})", FAILED)
+    return ApiError(f"coordinator error: {code.name if code else '?'}: {details}", FAILED)
+
+
+def check_address(address: str) -> str:
+    """``address`` if it is a dialable HOST:PORT, else an ApiError (bad input) saying so."""
+    try:
+        rpc.parse_address(address)
+    except ValueError as e:
+        raise ApiError(f"coordinator {e}", BAD_INPUT) from None
+    return address
+
+
+def status_dict(job: jobs_pb2.JobStatus) -> dict[str, Any]:
+    """A job status as the JSON object `dml status --json` prints."""
+    last = job.last
+    has = job.HasField("last")
+    return {
+        "job_id": job.job_id,
+        "state": STATE_NAMES[job.state],
+        "round": job.round,
+        "rounds": job.spec.rounds,
+        "epoch": job.epoch,
+        "peers": list(job.peers),
+        "samples": job.samples,
+        "data_epoch": job.data_epoch,
+        "reason": job.reason,
+        "checkpoint_round": job.checkpoint_round,
+        "task": job.spec.task,
+        "aggregation": job.spec.aggregation or "ring",
+        "metrics": {
+            "train_loss": last.train_loss if has else None,
+            "test_accuracy": last.test_accuracy if has else None,
+            "test_loss": last.test_loss if has else None,
+            "round_ms": last.duration_ms if has else None,
+            "digest": last.digest if has else None,
+            "consensus_distance": last.consensus_distance if has else None,
+            "bytes_sent": last.bytes_sent if has else None,
+        },
+    }
+
+
+def history_dict(r: types_pb2.RoundMetrics) -> dict[str, Any]:
+    """One committed round, with its sample ledger, as JSON-friendly data."""
+    return {"round": r.round, "epoch": r.epoch, "train_loss": r.train_loss, "test_accuracy": r.test_accuracy,
+            "samples": r.samples, "members": r.members, "duration_ms": r.duration_ms, "digest": r.digest,
+            "train_ms": r.train_ms, "exchange_ms": r.exchange_ms, "committed_unix_ms": r.committed_unix_ms,
+            "test_evaluated": r.test_evaluated, "eval_ms": r.eval_ms,
+            "data_epoch": r.data_epoch, "consensus_distance": r.consensus_distance, "bytes_sent": r.bytes_sent,
+            "consumed": {m.peer_id: [[x.shard_id, x.data_epoch, x.start, x.stop] for x in m.ranges]
+                         for m in r.consumed}}
+
+
+class JobClient:
+    """A connection to one coordinator's JobService; every call has a deadline of ``timeout_s``.
+
+    Use it as a context manager, or call :meth:`close`. Raises :class:`ApiError` (bad input) at
+    once for a malformed address."""
+
+    def __init__(self, address: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+        self.address = check_address(address)
+        self.timeout_s = timeout_s
+        self._channel = rpc.channel(address)
+        self.stub = jobs_pb2_grpc.JobServiceStub(self._channel)
+
+    def __enter__(self) -> JobClient:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Closes the channel."""
+        self._channel.close()
+
+    def call(self, fn: Callable[[], T]) -> T:
+        """Runs one RPC, turning a gRPC error into an ApiError."""
+        try:
+            return fn()
+        except grpc.RpcError as e:
+            raise api_error(e, self.address) from None
+
+    def submit(self, spec: JobSpec) -> str:
+        """Submits a job; returns its id."""
+        req = jobs_pb2.SubmitJobRequest(spec=spec_to_pb(spec))
+        return self.call(lambda: self.stub.SubmitJob(req, timeout=self.timeout_s)).job_id
+
+    def status(self, job_id: str, history: bool = False) -> jobs_pb2.GetJobResponse:
+        """The job's status (``.job``) and, with ``history``, every committed round with its
+        sample ledger, oldest first (``.history``), read as one snapshot."""
+        req = jobs_pb2.GetJobRequest(job_id=job_id, include_history=history)
+        return self.call(lambda: self.stub.GetJob(req, timeout=self.timeout_s))
+
+    def history(self, job_id: str) -> list[types_pb2.RoundMetrics]:
+        """Every committed round of a job, oldest first."""
+        return list(self.status(job_id, history=True).history)
+
+    def list(self) -> list[jobs_pb2.JobStatus]:
+        """Every job, newest first."""
+        return list(self.call(lambda: self.stub.ListJobs(jobs_pb2.ListJobsRequest(), timeout=self.timeout_s)).jobs)
+
+    def latest(self) -> str:
+        """The newest job's id; an ApiError when there is none."""
+        jobs = self.list()
+        if not jobs:
+            raise ApiError(f"no jobs on {self.address}", FAILED)
+        return jobs[0].job_id
+
+    def cancel(self, job_id: str) -> str:
+        """Cancels a job; returns the state it is in afterwards (CANCELLED, or how it had ended)."""
+        req = jobs_pb2.CancelJobRequest(job_id=job_id)
+        return STATE_NAMES[self.call(lambda: self.stub.CancelJob(req, timeout=self.timeout_s)).state]
+
+    def watch(self, job_id: str, on_update: Callable[[jobs_pb2.JobStatus], None],
+              max_s: float = 24 * 3600) -> jobs_pb2.JobStatus:
+        """Calls ``on_update`` with each change of the job until it finishes, and returns the
+        final status. Reconnects if the coordinator restarts once the job has been seen; an
+        ApiError after ``max_s`` seconds."""
+        deadline = time.monotonic() + max_s
+        seen = False
+        req = jobs_pb2.WatchJobRequest(job_id=job_id)
+        while time.monotonic() < deadline:
+            try:
+                for st in self.stub.WatchJob(req, timeout=min(300.0, deadline - time.monotonic())):
+                    seen = True
+                    on_update(st)
+                    if STATE_NAMES[st.state] in FINISHED:
+                        return st
+            except grpc.RpcError as e:
+                code = e.code() if isinstance(e, grpc.Call) else None
+                if code not in _TRANSIENT or not seen:
+                    raise api_error(e, self.address) from None
+                log.debug("watch %s: %s; reconnecting", job_id, code)
+                time.sleep(0.5)  # the coordinator is restarting: reconnect after a pause
+        raise ApiError(f"gave up watching {job_id} after {max_s:.0f}s", FAILED)
+
+    def download(self, job_id: str, path: pathlib.Path, timeout_s: float | None = None) -> tuple[int, str]:
+        """Saves the job's last checkpoint (a torch state_dict file) to ``path``, atomically;
+        returns (round, parameter digest). ``timeout_s`` defaults to the client's, at least 60 s."""
+        limit = timeout_s if timeout_s is not None else max(self.timeout_s, 60.0)
+        req = jobs_pb2.DownloadModelRequest(job_id=job_id)
+        parts = self.call(lambda: list(self.stub.DownloadModel(req, timeout=limit)))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".part")
+        tmp.write_bytes(b"".join(p.data for p in parts))
+        tmp.replace(path)
+        return parts[0].round, parts[0].digest
+
+    def health(self, service: str = "") -> str:
+        """The coordinator's standard gRPC health answer for ``service`` ('' for the whole
+        server): SERVING, NOT_SERVING, ..."""
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        stub = health_pb2_grpc.HealthStub(self._channel)
+        req = health_pb2.HealthCheckRequest(service=service)
+        resp = self.call(lambda: stub.Check(req, timeout=self.timeout_s))
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
