@@ -9,6 +9,7 @@ import signal
 import sys
 import threading
 
+from dml.common import args as cliargs
 from dml.common import portcheck, rpc
 from dml.coordinator.lock import StateDirLocked
 from dml.coordinator.server import CoordinatorServer, ServerConfig
@@ -20,25 +21,31 @@ def _env_int(name: str, default: int) -> int:
     return int(v) if v else default
 
 
+def build_parser() -> argparse.ArgumentParser:
+    """The ``dml-coordinator`` argument parser (defaults from DML_* environment variables)."""
+    d = CoordinatorConfig()
+    p = cliargs.Parser(prog="dml-coordinator", description="Run the dml coordinator (gRPC server).")
+    cliargs.add_version(p)
+    p.add_argument("--host", default=os.environ.get("DML_HOST", "127.0.0.1"), help="address to bind (0.0.0.0 for all)")
+    p.add_argument("--port", type=cliargs.int_in(0, 65535), default=_env_int("DML_PORT", 50051),
+                   help="port to bind; 0 picks a free one")
+    p.add_argument("--state-dir", type=pathlib.Path, default=os.environ.get("DML_STATE_DIR"),
+                   help="directory for the SQLite state and checkpoints (default: none, state in memory)")
+    p.add_argument("--heartbeat-interval-ms", type=int, default=_env_int("DML_HEARTBEAT_INTERVAL_MS", d.heartbeat_interval_ms),
+                   help="how often peers heartbeat")
+    p.add_argument("--peer-timeout-ms", type=int, default=_env_int("DML_PEER_TIMEOUT_MS", d.peer_timeout_ms),
+                   help="evict a peer silent this long")
+    p.add_argument("--round-deadline-ms", type=int, default=_env_int("DML_ROUND_DEADLINE_MS", d.round_deadline_ms),
+                   help="evict members that have not reported a round this long after it started")
+    p.add_argument("--port-file", type=pathlib.Path, help="write the bound port here once listening (default: none)")
+    p.add_argument("--log-level", default=os.environ.get("DML_LOG_LEVEL", "INFO"), help="logging level")
+    return p
+
+
 def build_config(argv: list[str] | None = None) -> ServerConfig:
     """Flags, then environment variables (DML_*), then defaults."""
-    d = CoordinatorConfig()
-    p = argparse.ArgumentParser(prog="dml-coordinator", description="Run the dml coordinator (gRPC server).")
-    p.add_argument("--host", default=os.environ.get("DML_HOST", "127.0.0.1"), help="address to bind (0.0.0.0 for all)")
-    p.add_argument("--port", type=int, default=_env_int("DML_PORT", 50051), help="port to bind; 0 picks a free one")
-    p.add_argument("--state-dir", type=pathlib.Path, default=os.environ.get("DML_STATE_DIR"),
-                   help="directory for the SQLite state and checkpoints (in memory when omitted)")
-    p.add_argument("--heartbeat-interval-ms", type=int, default=_env_int("DML_HEARTBEAT_INTERVAL_MS", d.heartbeat_interval_ms),
-                   help=f"how often peers heartbeat (default {d.heartbeat_interval_ms})")
-    p.add_argument("--peer-timeout-ms", type=int, default=_env_int("DML_PEER_TIMEOUT_MS", d.peer_timeout_ms),
-                   help=f"evict a peer silent this long (default {d.peer_timeout_ms})")
-    p.add_argument("--round-deadline-ms", type=int, default=_env_int("DML_ROUND_DEADLINE_MS", d.round_deadline_ms),
-                   help=f"evict members that have not reported a round this long after it started (default {d.round_deadline_ms})")
-    p.add_argument("--port-file", type=pathlib.Path, help="write the bound port here once listening")
-    p.add_argument("--log-level", default=os.environ.get("DML_LOG_LEVEL", "INFO"))
+    p = build_parser()
     a = p.parse_args(argv)
-    if not 0 <= a.port <= 65535:
-        p.error(f"--port must be 0..65535, got {a.port}")
     if a.heartbeat_interval_ms < 10 or a.peer_timeout_ms <= a.heartbeat_interval_ms:
         p.error("need --heartbeat-interval-ms >= 10 and --peer-timeout-ms > --heartbeat-interval-ms")
     if a.round_deadline_ms <= a.peer_timeout_ms:

@@ -10,6 +10,7 @@ import sys
 import grpc
 
 from dml.aggregation.allreduce import DEFAULT_CHUNK_ELEMS, TCP_CHUNK_ELEMS
+from dml.common import args as cliargs
 from dml.common import portcheck, rpc
 from dml.peer.runner import Peer, PeerConfig
 
@@ -30,17 +31,20 @@ def resolve_device(choice: str) -> str:
     raise ValueError(f"--device must be auto, cpu or cuda:N, got {choice!r}")
 
 
-def build_config(argv: list[str] | None = None) -> tuple[PeerConfig, argparse.Namespace]:
-    """Flags, then DML_* environment variables, then defaults."""
-    p = argparse.ArgumentParser(prog="dml-peer", description="Join a dml coordinator and train.")
-    p.add_argument("--coordinator", default=os.environ.get("DML_COORDINATOR"), help="coordinator HOST:PORT")
+def build_parser() -> argparse.ArgumentParser:
+    """The ``dml-peer`` argument parser (defaults from DML_* environment variables)."""
+    p = cliargs.Parser(prog="dml-peer", description="Join a dml coordinator and train.")
+    cliargs.add_version(p)
+    p.add_argument("--coordinator", type=cliargs.address, default=os.environ.get("DML_COORDINATOR"),
+                   help="coordinator HOST:PORT (required unless env DML_COORDINATOR is set)")
     p.add_argument("--host", default=os.environ.get("DML_PEER_HOST", "127.0.0.1"), help="address to bind the exchange server")
-    p.add_argument("--port", type=int, default=int(os.environ.get("DML_PEER_PORT", "0")), help="exchange port; 0 picks a free one")
+    p.add_argument("--port", type=cliargs.int_in(0, 65535), default=int(os.environ.get("DML_PEER_PORT", "0")),
+                   help="exchange port; 0 picks a free one")
     p.add_argument("--advertise-host", default=os.environ.get("DML_ADVERTISE_HOST", ""),
                    help="host other peers dial (default: --host, or this machine's hostname for 0.0.0.0)")
     p.add_argument("--device", default=os.environ.get("DML_DEVICE", "auto"), help="auto, cpu or cuda:N")
     p.add_argument("--exchange-timeout-s", type=float, default=float(os.environ.get("DML_EXCHANGE_TIMEOUT_S", "30")),
-                   help="give up on the ring when no chunk arrives for this long (default 30)")
+                   help="give up on the ring when no chunk arrives for this many seconds")
     p.add_argument("--no-tcp", action="store_true", default=os.environ.get("DML_NO_TCP", "") not in ("", "0"),
                    help="serve no TCP data plane: neighbours send ring chunks over gRPC (env DML_NO_TCP=1)")
     p.add_argument("--chunk-elems", type=int, default=int(os.environ.get("DML_CHUNK_ELEMS", "0")),
@@ -51,12 +55,16 @@ def build_config(argv: list[str] | None = None) -> tuple[PeerConfig, argparse.Na
     p.add_argument("--slowdown", type=float, default=float(os.environ.get("DML_SLOWDOWN", "1")),
                    help="experiments: train this many times slower than this machine can, by idling "
                         "(slowdown - 1) x the training time after each local training (default 1: off)")
-    p.add_argument("--log-level", default=os.environ.get("DML_LOG_LEVEL", "INFO"))
+    p.add_argument("--log-level", default=os.environ.get("DML_LOG_LEVEL", "INFO"), help="logging level")
+    return p
+
+
+def build_config(argv: list[str] | None = None) -> tuple[PeerConfig, argparse.Namespace]:
+    """Flags, then DML_* environment variables, then defaults."""
+    p = build_parser()
     a = p.parse_args(argv)
-    if not a.coordinator or ":" not in a.coordinator:
+    if not a.coordinator:
         p.error("--coordinator HOST:PORT is required")
-    if not 0 <= a.port <= 65535:
-        p.error(f"--port must be 0..65535, got {a.port}")
     if not 0 <= a.chunk_elems <= 1 << 20:
         p.error(f"--chunk-elems must be 0 (auto) or 1..{1 << 20} (4 MiB messages), got {a.chunk_elems}")
     if not a.exchange_timeout_s > 0:
