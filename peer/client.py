@@ -18,6 +18,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 CALL_TIMEOUT_S = 10.0
+LOG_EVERY_S = 20.0  # while the coordinator is unreachable, one log line this often (retries are faster)
 
 
 class Evicted(Exception):
@@ -32,25 +33,66 @@ class ControlClient:
         self.channel = rpc.channel(address, fast_reconnect=True)
         self.stub = control_pb2_grpc.PeerControlStub(self.channel)
         self._stop = stop
+        self._log_lock = threading.Lock()
+        self._failing_since: float | None = None  # monotonic time the coordinator became unreachable
+        self._next_log = 0.0  # no "unreachable" line before this (monotonic)
 
     def call(self, fn: Callable[[], T], what: str, give_up_s: float = 3600.0) -> T:
         """Runs ``fn`` until it succeeds, retrying transient errors with backoff up to ``give_up_s``.
 
-        NOT_FOUND raises Evicted; other errors propagate."""
-        delay, deadline = 0.1, time.monotonic() + give_up_s
+        Retries stay frequent (at most 0.5 s apart, so a restarted coordinator is found at once),
+        but while the coordinator stays unreachable the log says so only every
+        ``LOG_EVERY_S``, asking to check the address. NOT_FOUND raises Evicted; other errors
+        propagate."""
+        delay, start = 0.1, time.monotonic()
+        deadline, attempts = start + give_up_s, 0
         while True:
             try:
-                return fn()
+                out = fn()
             except grpc.RpcError as e:
                 code = e.code() if isinstance(e, grpc.Call) else None
                 if code == grpc.StatusCode.NOT_FOUND:
                     raise Evicted(e.details() if isinstance(e, grpc.Call) else str(e)) from None
                 if code not in RETRYABLE or time.monotonic() + delay > deadline or self._stop.is_set():
                     raise
-                log.info("%s: coordinator %s unavailable (%s); retrying in %.1fs", what, self.address, code, delay)
+                attempts += 1
+                self._note_unreachable(what, code, attempts, start)
                 if self._stop.wait(delay):
                     raise
                 delay = min(delay * 2, 0.5) * (0.8 + 0.4 * random.random())
+                continue
+            self._note_reachable(what)
+            return out
+
+    def _note_unreachable(self, what: str, code: grpc.StatusCode | None, attempts: int, start: float) -> None:
+        """Logs an unreachable coordinator: once when it starts, then every LOG_EVERY_S (DEBUG between)."""
+        now = time.monotonic()
+        with self._log_lock:
+            first = self._failing_since is None
+            if first:
+                self._failing_since = start
+            since = self._failing_since
+            due = first or now >= self._next_log
+            if due:
+                self._next_log = now + LOG_EVERY_S
+        name = code.name if code is not None else "?"
+        if first:
+            log.warning("%s: cannot reach the coordinator at %s (%s); retrying. If this persists, check that a "
+                        "coordinator runs there and that --coordinator is its address", what, self.address, name)
+        elif due:
+            log.warning("%s: still cannot reach the coordinator at %s after %.0fs (%s, %d attempts); check "
+                        "--coordinator and that the coordinator is running", what, self.address, now - since,
+                        name, attempts)
+        else:
+            log.debug("%s: coordinator %s unavailable (%s); retrying", what, self.address, name)
+
+    def _note_reachable(self, what: str) -> None:
+        if self._failing_since is None:  # the common case, without the lock
+            return
+        with self._log_lock:
+            since, self._failing_since = self._failing_since, None
+        if since is not None:
+            log.info("%s: the coordinator at %s answers again after %.1fs", what, self.address, time.monotonic() - since)
 
     def register(self, address: str, device: str, memory_bytes: int) -> control_pb2.RegisterPeerResponse:
         """Registers this peer."""
