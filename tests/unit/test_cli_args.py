@@ -1,0 +1,255 @@
+"""The three command line tools as people expect them, checked on their real parsers: every
+option's help shows its default, --version, range messages that name the job spec's bounds,
+malformed addresses refused as bad input, the history table, a quiet end on a closed pipe, and
+the peer's few log lines while its coordinator is unreachable."""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import pathlib
+import subprocess
+import sys
+
+import grpc
+import pytest
+
+from dml import __version__
+from dml.client import api, cli
+from dml.common import args as cliargs
+from dml.common import rpc
+from dml.common import spec as specmod
+from dml.v1 import types_pb2
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+
+
+def _parsers() -> list[tuple[str, argparse.ArgumentParser]]:
+    from dml.coordinator import cli as coord_cli
+    from dml.peer import cli as peer_cli
+
+    top = cli.build_parser()
+    out = [("dml", top), ("dml-coordinator", coord_cli.build_parser()), ("dml-peer", peer_cli.build_parser())]
+    for action in top._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            out += [(f"dml {name}", sp) for name, sp in action.choices.items()]
+    return out
+
+
+SWITCHES = (argparse._HelpAction, argparse._VersionAction, argparse._StoreTrueAction, argparse._StoreFalseAction,
+            argparse._SubParsersAction)
+
+
+@pytest.mark.parametrize("name,parser", _parsers(), ids=lambda x: x if isinstance(x, str) else "")
+def test_every_option_shows_its_default(name: str, parser: argparse.ArgumentParser) -> None:
+    fmt = parser._get_formatter()
+    for action in parser._actions:
+        if isinstance(action, SWITCHES) or not action.option_strings:
+            continue
+        text = fmt._expand_help(action) if action.help else ""
+        assert "default" in text or "required" in text, f"{name} {action.option_strings[0]}: {text!r}"
+
+
+def test_help_shows_the_actual_default_value() -> None:
+    text = cli.build_parser()._subparsers._group_actions[0].choices["submit"].format_help()  # type: ignore[union-attr]
+    assert f"(default: {specmod.JobSpec().rounds})" in " ".join(text.split())
+
+
+@pytest.mark.parametrize("prog,module", [("dml", "dml.client.cli"), ("dml-coordinator", "dml.coordinator.cli"),
+                                         ("dml-peer", "dml.peer.cli")])
+def test_version(prog: str, module: str, capsys: pytest.CaptureFixture[str]) -> None:
+    import importlib
+
+    mod = importlib.import_module(module)
+    parser = mod.build_parser()
+    with pytest.raises(SystemExit) as e:
+        parser.parse_args(["--version"])
+    assert e.value.code == 0
+    assert capsys.readouterr().out.strip() == f"{prog} {__version__}"
+
+
+def _submit_error(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
+    with pytest.raises(SystemExit) as e:
+        cli.build_parser().parse_args(["submit", *argv])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    return err
+
+
+@pytest.mark.parametrize("argv,words", [
+    (["--rounds", "-1"], f"--rounds: must be between 1 and {specmod.MAX_ROUNDS}, got -1"),
+    (["--rounds", "0"], f"--rounds: must be between 1 and {specmod.MAX_ROUNDS}, got 0"),
+    (["--rounds", str(specmod.MAX_ROUNDS + 1)], f"between 1 and {specmod.MAX_ROUNDS}"),
+    (["--local-steps", "0"], f"--local-steps: must be between 1 and {specmod.MAX_SAMPLES_PER_ROUND}"),
+    (["--batch-size", "5000000000"], f"--batch-size: must be between 1 and {specmod.MAX_SAMPLES_PER_ROUND}"),
+    (["--lr", "0"], f"--lr: must be in (0, {specmod.MAX_LEARNING_RATE:g})"),
+    (["--lr", "100"], "must be in (0, 100)"),
+    (["--gossip-timeout-ms", "50"],
+     f"must be between {specmod.MIN_GOSSIP_TIMEOUT_MS} and {specmod.MAX_GOSSIP_TIMEOUT_MS}, got 50"),
+    (["--peer-grace-s", str(specmod.MAX_PEER_GRACE_S + 1)], f"between 1 and {specmod.MAX_PEER_GRACE_S}"),
+    (["--num-shards", "-2"], "--num-shards: must be at least 1, got -2"),
+    (["--eval-every", str(2**32)], "--eval-every: must be at most 4294967295"),
+    (["--min-peers", "0"], "--min-peers: must be at least 1, got 0"),
+    (["--seed", "-1"], f"--seed: must be between 0 and {2**63 - 1}"),
+    (["--rounds", "many"], "invalid int value: 'many'"),
+])
+def test_range_messages_name_the_real_bounds(argv: list[str], words: str, capsys: pytest.CaptureFixture[str]) -> None:
+    err = _submit_error(argv, capsys)
+    assert words in err, err
+    assert "4294967295" not in err or "at most" in err, err
+
+
+def test_zero_still_means_the_default_where_it_always_did() -> None:
+    a = cli.build_parser().parse_args(["submit", "--num-shards", "0", "--eval-every", "0", "--checkpoint-every", "0",
+                                       "--peer-grace-s", "0", "--gossip-timeout-ms", "0"])
+    d = specmod.JobSpec()
+    got = cli.spec_from_args(a)
+    assert (got.num_shards, got.eval_every_rounds, got.checkpoint_every_rounds, got.peer_grace_s,
+            got.gossip_timeout_ms) == (d.num_shards, d.eval_every_rounds, d.checkpoint_every_rounds, d.peer_grace_s,
+                                       d.gossip_timeout_ms)
+    assert cli.spec_from_args(cli.build_parser().parse_args(["submit"])) == d
+
+
+@pytest.mark.parametrize("address,want", [
+    ("127.0.0.1:50051", ("127.0.0.1", 50051)), ("coordinator:1", ("coordinator", 1)),
+    ("localhost:65535", ("localhost", 65535)), ("[::1]:50051", ("[::1]", 50051)),
+])
+def test_parse_address_accepts_host_port(address: str, want: tuple[str, int]) -> None:
+    assert rpc.parse_address(address) == want
+
+
+@pytest.mark.parametrize("address", ["host:notaport", "nohostport", "host:0", "host:65536", "host:-1", ":50051",
+                                     "host:", "::1:50051", "[]:5", "a b:5", "host:5x", ""])
+def test_parse_address_refuses_the_rest(address: str) -> None:
+    with pytest.raises(ValueError, match="HOST:PORT"):
+        rpc.parse_address(address)
+
+
+@pytest.mark.parametrize("address", ["host:notaport", "nohostport", "127.0.0.1:70000"])
+def test_a_malformed_address_is_bad_input(address: str, capsys: pytest.CaptureFixture[str]) -> None:
+    from dml.peer import cli as peer_cli
+
+    for parse in (lambda: cli.build_parser().parse_args(["status", "--coordinator", address]),
+                  lambda: peer_cli.build_config(["--coordinator", address, "--device", "cpu"])):
+        with pytest.raises(SystemExit) as e:
+            parse()
+        assert e.value.code == 2
+        err = capsys.readouterr().err
+        assert "HOST:PORT" in err and address in err and err.count("\n") == 1, err
+    with pytest.raises(api.ApiError) as ae:
+        api.JobClient(address)
+    assert ae.value.code == api.BAD_INPUT and "HOST:PORT" in str(ae.value)
+
+
+def test_status_history_table() -> None:
+    rounds = [types_pb2.RoundMetrics(round=1, epoch=1, members=2, samples=64, train_loss=2.25, test_accuracy=0.5,
+                                     test_loss=2.0, test_evaluated=True, duration_ms=120, train_ms=40, exchange_ms=30),
+              types_pb2.RoundMetrics(round=2, epoch=2, members=1, samples=128, train_loss=2.0, test_accuracy=0.5,
+                                     test_evaluated=False, duration_ms=90, train_ms=35, exchange_ms=0)]
+    lines = cli.history_table(rounds)
+    assert lines[0].split() == ["ROUND", "EPOCH", "PEERS", "SAMPLES", "LOSS", "ACC", "TEST_LOSS", "ROUND_MS",
+                                "TRAIN_MS", "EXCH_MS"]
+    assert lines[1].split() == ["1", "1", "2", "64", "2.2500", "0.5000", "2.0000", "120", "40", "30"]
+    assert lines[2].split() == ["2", "2", "1", "128", "2.0000", "-", "-", "90", "35", "0"]  # no evaluation
+    assert cli.history_table(rounds, gossip=True)[0].split()[-1] == "CONSENSUS"
+
+
+class _Unavailable(grpc.RpcError, grpc.Call):  # type: ignore[misc]
+    def code(self) -> grpc.StatusCode:
+        return grpc.StatusCode.UNAVAILABLE
+
+    def details(self) -> str:
+        return "connection refused"
+
+
+def test_not_found_is_bad_input_and_unreachable_is_a_failure() -> None:
+    class NotFound(_Unavailable):
+        def code(self) -> grpc.StatusCode:
+            return grpc.StatusCode.NOT_FOUND
+
+        def details(self) -> str:
+            return "job job-x not found"
+
+    e = api.api_error(NotFound(), "h:1")
+    assert (e.code, str(e)) == (api.BAD_INPUT, "job job-x not found")
+    e = api.api_error(_Unavailable(), "h:1")
+    assert e.code == api.FAILED and "cannot reach coordinator at h:1" in str(e)
+
+
+def test_an_unreachable_coordinator_is_logged_a_few_times_a_minute(monkeypatch: pytest.MonkeyPatch,
+                                                                    caplog: pytest.LogCaptureFixture) -> None:
+    """Ten simulated minutes of retries against a dead address: a line when it starts, then one
+    every LOG_EVERY_S, each asking to check the address; one line when it answers again."""
+    from dml.peer import client as pc
+
+    now = [1000.0]
+    monkeypatch.setattr(pc.time, "monotonic", lambda: now[0])
+
+    class Clock:  # the stop event: waiting advances the fake clock
+        def is_set(self) -> bool:
+            return False
+
+        def wait(self, s: float) -> bool:
+            now[0] += s
+            return False
+
+    cc = pc.ControlClient("127.0.0.1:1", Clock())  # type: ignore[arg-type]
+    minutes = 10
+    calls = [0]
+
+    def fn() -> str:
+        calls[0] += 1
+        if now[0] < 1000.0 + minutes * 60:
+            raise _Unavailable()
+        return "ok"
+
+    try:
+        with caplog.at_level(logging.DEBUG, logger=pc.__name__):
+            assert cc.call(fn, "register") == "ok"
+    finally:
+        cc.close()
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert calls[0] > minutes * 60  # retries stay frequent: a restarted coordinator is found at once
+    every = minutes * 60 / pc.LOG_EVERY_S  # lines at 0, LOG_EVERY_S, 2 LOG_EVERY_S, ... (retries land just after)
+    assert every <= len(warnings) <= every + 1, warnings
+    assert len(warnings) <= 4 * minutes
+    assert all("127.0.0.1:1" in w and "check" in w for w in warnings), warnings
+    assert "cannot reach the coordinator" in warnings[0] and "still cannot reach" in warnings[1]
+    again = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO]
+    assert len(again) == 1 and "answers again" in again[0]
+
+
+def _to_closed_pipe(argv: list[str], unbuffered: bool) -> subprocess.CompletedProcess[str]:
+    """Runs ``python argv`` with stdout a pipe whose reader is gone (what `| head` leaves)."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    if unbuffered:
+        env["PYTHONUNBUFFERED"] = "1"
+    r, w = os.pipe()
+    os.close(r)
+    try:
+        return subprocess.run([sys.executable, *argv], stdout=w, stderr=subprocess.PIPE, text=True, timeout=60,
+                              cwd=ROOT, env=env)
+    finally:
+        os.close(w)
+
+
+@pytest.mark.parametrize("unbuffered", [False, True])
+def test_a_closed_pipe_ends_quietly(unbuffered: bool) -> None:
+    """Output into a closed pipe: exit 141 (as SIGPIPE would), nothing on stderr, whether the
+    write fails at once (unbuffered) or at the last flush."""
+    code = "from dml.common.args import run_quietly; run_quietly(lambda: print('one line') or 0)"
+    out = _to_closed_pipe(["-c", code], unbuffered)
+    assert out.returncode == 141 and out.stderr == "", out.stderr
+    for argv in (["--help"], ["submit", "--help"], ["--version"]):
+        out = _to_closed_pipe(["-m", "dml.client.cli", *argv], unbuffered)
+        assert out.returncode in (0, 141) and out.stderr == "", (argv, out.stderr)
+
+
+def test_int_in_and_float_in() -> None:
+    assert cliargs.int_in(1, 5)("5") == 5
+    assert cliargs.int_in(1, None, 7)("0") == 7
+    assert cliargs.float_in(0, 1, lo_open=False)("0") == 0.0
+    for bad in ("nan", "inf", "-0.5", "1.5"):
+        with pytest.raises(argparse.ArgumentTypeError, match=r"\[0, 1\]"):
+            cliargs.float_in(0, 1, lo_open=False)(bad)
