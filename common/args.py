@@ -24,7 +24,7 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
                 or isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction))
                 or not action.option_strings):
             return text
-        return super()._get_help_string(action)
+        return super()._get_help_string(action) or text
 
 
 class Parser(argparse.ArgumentParser):

@@ -69,9 +69,7 @@ class ControlClient:
         now = time.monotonic()
         with self._log_lock:
             first = self._failing_since is None
-            if first:
-                self._failing_since = start
-            since = self._failing_since
+            since = self._failing_since = start if self._failing_since is None else self._failing_since
             due = first or now >= self._next_log
             if due:
                 self._next_log = now + LOG_EVERY_S
