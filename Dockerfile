@@ -8,9 +8,10 @@ ARG BASE_IMAGE=python:3.12-slim
 FROM ${BASE_IMAGE} AS build
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN python3 -m venv /opt/dml
-# `wheel[s]` matches ./wheels when it exists and nothing otherwise; README.md keeps the COPY valid
-# either way (a COPY none of whose sources match fails).
-COPY README.md wheel[s] /wheels/
+# `wheel[s]` matches ./wheels when it exists and nothing otherwise; the Dockerfile, always there and
+# seldom changed, keeps the COPY valid either way (a COPY none of whose sources match fails)
+# without costing the torch layer its cache.
+COPY Dockerfile wheel[s] /wheels/
 # torch first, in its own layer, so that code changes do not reinstall it. CPU torch keeps the
 # image small; build with --build-arg TORCH_INDEX=... for CUDA.
 ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
