@@ -40,8 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default=os.environ.get("DML_PEER_HOST", "127.0.0.1"), help="address to bind the exchange server")
     p.add_argument("--port", type=cliargs.int_in(0, 65535), default=int(os.environ.get("DML_PEER_PORT", "0")),
                    help="exchange port; 0 picks a free one")
-    p.add_argument("--advertise-host", default=os.environ.get("DML_ADVERTISE_HOST", ""),
-                   help="host other peers dial (default: --host, or this machine's hostname for 0.0.0.0)")
+    p.add_argument("--advertise-host", default=os.environ.get("DML_ADVERTISE_HOST", "auto"),
+                   help="host other peers dial; auto: --host, or for 0.0.0.0 and :: this "
+                        "machine's address on the route to the coordinator (in a container, its own IP)")
     p.add_argument("--device", default=os.environ.get("DML_DEVICE", "auto"), help="auto, cpu or cuda:N")
     p.add_argument("--exchange-timeout-s", type=float, default=float(os.environ.get("DML_EXCHANGE_TIMEOUT_S", "30")),
                    help="give up on the ring when no chunk arrives for this many seconds")

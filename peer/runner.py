@@ -38,6 +38,7 @@ from dml.aggregation.topology import partner_ids
 from dml.aggregation.transport import ExchangeError
 from dml.common import rpc
 from dml.common.sampling import shard_order
+from dml.peer.advertise import advertise_host
 from dml.peer.client import CALL_TIMEOUT_S, ControlClient, Evicted
 from dml.peer.exchange import (
     ExchangeServicer,
@@ -58,7 +59,7 @@ class PeerConfig:
     coordinator: str
     host: str = "127.0.0.1"
     port: int = 0
-    advertise_host: str = ""  # host others dial; defaults to --host (or the hostname for 0.0.0.0)
+    advertise_host: str = ""  # host others dial; "" or "auto": see dml.peer.advertise
     device: str = "cpu"
     exchange_timeout_s: float = 30.0  # longest wait for the next chunk from the ring predecessor
     plan_wait_s: float = 5.0
@@ -115,12 +116,7 @@ class Peer:
         self._server = rpc.server(workers=16, max_message_bytes=rpc.EXCHANGE_MESSAGE_BYTES)
         add_exchange_to_server(self.servicer, self._server)
         self.port = rpc.bind(self._server, config.host, config.port)
-        host = config.advertise_host or config.host
-        if host in ("0.0.0.0", "::", ""):
-            import socket
-
-            host = socket.gethostname()
-        self.address = f"{host}:{self.port}"
+        self.address = f"{advertise_host(config.host, config.advertise_host, config.coordinator)}:{self.port}"
         self.client = ControlClient(config.coordinator, self.stop_event)
         self._hb_thread = threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True)
         self._main: threading.Thread | None = None

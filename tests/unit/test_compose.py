@@ -1,9 +1,12 @@
-"""docker-compose.yml: the topology of `dml local` (a coordinator, three peers, a submitter), each
-service running a command this package provides, with a named state volume and a gRPC health check.
-Docker cannot run here, so the structure is what is checked."""
+"""docker-compose.yml and the Dockerfile: the topology of `dml local` (a coordinator, peers, a
+submitter) as one scalable `peer` service, each service running a command this package provides,
+with a named state volume and a gRPC health check. A real `docker compose up --scale peer=4` needs a
+Docker daemon and an image (scripts/docker_base.sh builds both offline), so here the structure is
+what is checked."""
 from __future__ import annotations
 
 import pathlib
+import re
 import tomllib
 
 import yaml
@@ -21,15 +24,13 @@ def _scripts() -> set[str]:
 
 def test_services_and_commands_are_the_packages_own():
     services = _compose()["services"]
-    assert {"coordinator", "submit"} <= set(services)
-    peers = [n for n in services if n.startswith("peer")]
-    assert len(peers) == 3
+    assert set(services) == {"coordinator", "peer", "submit"}, "one peer service, scaled with --scale peer=N"
     scripts = _scripts()
     for name, svc in services.items():
         cmd = svc["command"]
         assert isinstance(cmd, list) and cmd[0] in scripts, f"{name} runs {cmd[0]!r}, not a dml entry point"
     assert services["coordinator"]["command"][0] == "dml-coordinator"
-    assert all(services[p]["command"][0] == "dml-peer" for p in peers)
+    assert services["peer"]["command"][0] == "dml-peer"
     assert services["submit"]["command"][:2] == ["dml", "submit"]
 
 
@@ -41,12 +42,35 @@ def test_commands_parse_with_the_real_parsers():
     services = _compose()["services"]
     cfg = coord_cli.build_config(services["coordinator"]["command"][1:])
     assert cfg.state_dir is not None and cfg.host == "0.0.0.0"
-    for name in services:
-        if name.startswith("peer"):
-            pc, _ = peer_cli.build_config(services[name]["command"][1:] + ["--device", "cpu"])
-            assert pc.coordinator == "coordinator:50051" and pc.advertise_host == name
+    pc, _ = peer_cli.build_config(services["peer"]["command"][1:] + ["--device", "cpu"])
+    assert pc.coordinator == "coordinator:50051"
     jobctl.build_parser().parse_args(services["submit"]["command"][1:])
     jobctl.build_parser().parse_args(services["coordinator"]["healthcheck"]["test"][2:])
+
+
+def test_peer_replicas_each_advertise_their_own_address(monkeypatch):
+    """Every replica runs the same command, so nothing in it may name one replica: it binds every
+    interface and leaves the advertised host to auto (the container's own address)."""
+    from dml.peer import advertise
+    from dml.peer import cli as peer_cli
+
+    peer = _compose()["services"]["peer"]
+    cmd = peer["command"]
+    assert "--advertise-host" not in cmd and "DML_ADVERTISE_HOST" not in peer.get("environment", {})
+    monkeypatch.delenv("DML_ADVERTISE_HOST", raising=False)
+    pc, _ = peer_cli.build_config(cmd[1:] + ["--device", "cpu"])
+    assert pc.host == "0.0.0.0" and pc.advertise_host == advertise.AUTO
+    monkeypatch.setattr(advertise, "route_address", lambda coordinator, family: "172.18.0.5")
+    assert advertise.advertise_host(pc.host, pc.advertise_host, pc.coordinator) == "172.18.0.5"
+    # What would stop `--scale`: a fixed container name, or a host port each replica would claim.
+    assert "container_name" not in peer and "ports" not in peer and "hostname" not in peer
+
+
+def test_default_scale_trains_the_default_job():
+    """`docker compose up` alone starts as many peers as the submitted job waits for."""
+    services = _compose()["services"]
+    submit = services["submit"]["command"]
+    assert services["peer"]["deploy"]["replicas"] >= int(submit[submit.index("--min-peers") + 1])
 
 
 def test_state_volume_health_check_and_ordering():
@@ -59,4 +83,28 @@ def test_state_volume_health_check_and_ordering():
     for name, svc in c["services"].items():
         if name != "coordinator":
             assert svc["depends_on"]["coordinator"]["condition"] == "service_healthy"
-    assert (ROOT / "Dockerfile").exists()
+
+
+def test_dockerfile_takes_its_base_image_as_a_build_argument():
+    text = (ROOT / "Dockerfile").read_text()
+    first_from = text.index("\nFROM ")
+    assert re.search(r"^ARG BASE_IMAGE=python:3\.12-slim$", text[:first_from], re.M), \
+        "BASE_IMAGE is declared, with its default, before the first FROM"
+    froms = re.findall(r"^FROM (\S+)", text, re.M)
+    assert froms and all(f == "${BASE_IMAGE}" for f in froms), froms
+    for name, svc in _compose()["services"].items():
+        assert svc["build"]["args"]["BASE_IMAGE"].startswith("${DML_BASE_IMAGE:-"), name
+        assert svc["image"] == "dml:latest", name
+
+
+def test_the_image_installs_every_package_of_the_tree():
+    """The Dockerfile copies the whole tree (so a new package folder cannot be left out) and the
+    .dockerignore keeps every package folder, and the wheelhouse, in the build context."""
+    text = (ROOT / "Dockerfile").read_text()
+    assert re.search(r"^COPY \. /src$", text, re.M)
+    ignored = {line.strip().rstrip("/") for line in (ROOT / ".dockerignore").read_text().splitlines()
+               if line.strip() and not line.startswith("#")}
+    package_dirs = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"]
+    tops = {d.split("/")[0] for d in package_dirs.values()} | {"pyproject.toml", "README.md", "wheels"}
+    assert not tops & ignored, tops & ignored
+    assert ".venv" in ignored, "a local virtualenv would make the build context gigabytes"
