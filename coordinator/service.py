@@ -20,7 +20,8 @@ import numpy as np
 
 from dml.coordinator import planner
 from dml.common.spec import JobSpec, validate, with_defaults
-from dml.coordinator.state import Changes, ClusterState, Job, NotFound, Report, Stale
+from dml.coordinator.records import Changes, Job, NotFound, Report, Stale
+from dml.coordinator.state import ClusterState
 from dml.coordinator.store import Store
 from dml.common.tasks import get_task
 
@@ -73,7 +74,7 @@ class Coordinator:
         for j in jobs:
             self.state.jobs[j.job_id] = j
             # Members' gossip steps restart their deadline: time the coordinator was down is not theirs.
-            j.gossip_issued_ms = {m: now + config.peer_timeout_ms for m in j.gossip_issued_ms}
+            j.gossip.issued_ms = {m: now + config.peer_timeout_ms for m in j.gossip.issued_ms}
             if j.state in ("PENDING", "RUNNING"):
                 job_shards(j.spec)  # load the data now, not under the lock at the first commit
         for p in peers:
@@ -156,7 +157,7 @@ class Coordinator:
         (when ``build_next`` is given), ``build_next(job)`` for the member's next step, built
         under the lock, so it need not ask for it."""
         with self._cond:
-            gossip = self.state.job(job_id).gossip_phase
+            gossip = self.state.job(job_id).gossip.active
             ch = self.state.report(peer_id, job_id, rnd, epoch, rep, self.now_ms())
             self._apply(ch)
             if ch.committed:
@@ -164,7 +165,7 @@ class Coordinator:
                 r = j.history[-1]
                 if gossip:
                     log.info("job %s: gossip round %d (%d steps, %d members, acc %.4f, consensus distance %.3g, %d ms)",
-                             job_id, r.round, j.gossip_steps, len(r.members), r.test_accuracy, r.consensus_distance,
+                             job_id, r.round, j.gossip.steps, len(r.members), r.test_accuracy, r.consensus_distance,
                              r.duration_ms)
                 else:
                     log.info("job %s: round %d committed (epoch %d, %d members, %d samples, acc %.4f, %d ms)",
@@ -173,7 +174,7 @@ class Coordinator:
             nxt = None
             if gossip and build_next is not None:
                 job = self.state.plan_for(peer_id)
-                if job is not None and job.job_id == job_id and job.gossip_phase:
+                if job is not None and job.job_id == job_id and job.gossip.active:
                     nxt = build_next(job)
             return bool(ch.committed), nxt
 

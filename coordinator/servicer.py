@@ -14,7 +14,7 @@ from dml.v1 import control_pb2, control_pb2_grpc, jobs_pb2, jobs_pb2_grpc, types
 
 from dml.coordinator.service import Coordinator, ShuttingDown
 from dml.common.spec import InvalidSpec, spec_from_pb, spec_to_pb
-from dml.coordinator.state import BadReport, Job, NotFound, Report, RoundRecord, Stale
+from dml.coordinator.records import BadReport, Job, NotFound, Report, RoundRecord, Stale
 
 log = logging.getLogger(__name__)
 
@@ -188,7 +188,7 @@ class PeerControlServicer(control_pb2_grpc.PeerControlServicer):
 
         shards = job_shards(job.spec)
         st = self._c.state
-        gossip = job.gossip_phase  # a gossip step is this member's alone: the others' samples are not sent
+        gossip = job.gossip.active  # a gossip step is this member's alone: the others' samples are not sent
         members = [
             types_pb2.Member(peer_id=m, address=st.peers[m].address if m in st.peers else "",
                              shard_ids=job.assignment.get(m, []),
@@ -201,7 +201,7 @@ class PeerControlServicer(control_pb2_grpc.PeerControlServicer):
             job_id=job.job_id, round=rnd, epoch=epoch, members=members, spec=spec_to_pb(job.spec),
             checkpoint=not gossip and job.wants_checkpoint(rnd), data_epoch=job.data_epoch,
             start_digest="" if gossip else job.start_digest, gossip=gossip,
-            evaluate=gossip and job.gossip_eval_step.get(peer_id) == rnd,
+            evaluate=gossip and job.gossip.eval_step.get(peer_id) == rnd,
             shard_indices={s: types_pb2.ShardIndices(indices=shards[s].tolist()) for s in mine},
         )
 

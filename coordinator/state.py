@@ -21,10 +21,10 @@ Gossip jobs (``aggregation="gossip"``) have no barrier until their last round. I
 phase every member runs its own numbered steps: it is given one step's samples from its own
 shards, trains, averages with one partner of its choosing (peer to peer; the coordinator is not
 involved), and reports; the report advances its shards' cursors and the next step is issued at
-once. Nobody waits for anybody. Every ``gossip_peers`` reported steps (the members at the start)
+once. Nobody waits for anybody. Every ``gossip.peers`` reported steps (the members at the start)
 make one *virtual round* in the history, with the mean of the members' latest test metrics and
 the estimated consensus distance, so status, progress and plots read the same as for a ring job.
-After ``(rounds - 1) * gossip_peers`` steps the phase ends and round ``rounds`` runs as a normal
+After ``(rounds - 1) * gossip.peers`` steps the phase ends and round ``rounds`` runs as a normal
 synchronous ring round from each member's own parameters: one exact average, committed with
 equal digests and checkpointed, which ``dml model`` serves. Membership works as in ring jobs
 (heartbeat eviction moves only the dead member's shards; idle peers join at once and start from
@@ -38,163 +38,32 @@ from __future__ import annotations
 import itertools
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
-from dml.coordinator import planner
 from dml.common.spec import JobSpec
+from dml.coordinator import planner
+from dml.coordinator.records import (
+    CANCELLED,
+    FAILED,
+    FINISHED,
+    PENDING,
+    RUNNING,
+    SUCCEEDED,
+    BadReport,
+    Changes,
+    GossipWindow,
+    Job,
+    NotFound,
+    PeerRecord,
+    Report,
+    RoundRecord,
+    Stale,
+)
 
 log = logging.getLogger(__name__)
 
-PENDING, RUNNING, SUCCEEDED, FAILED, CANCELLED = "PENDING", "RUNNING", "SUCCEEDED", "FAILED", "CANCELLED"
-FINISHED = (SUCCEEDED, FAILED, CANCELLED)
 MAX_DIGEST_MISMATCHES = 3
 MAX_REISSUES = 50  # a round re-issued this often without committing fails the job
-
-
-class NotFound(Exception):
-    """Unknown or evicted peer, unknown job."""
-
-
-class Stale(Exception):
-    """A report or upload for a round or epoch that is no longer current."""
-
-
-class BadReport(ValueError):
-    """A report that contradicts the plan (e.g. a sample count other than allocated)."""
-
-
-@dataclass
-class PeerRecord:
-    """A registered peer."""
-
-    peer_id: str
-    address: str
-    capability: dict[str, Any]
-    registered_ms: int
-    last_seen_ms: int
-    job_id: str = ""
-    samples_per_s: float = 0.0  # measured training throughput (moving average)
-
-
-@dataclass
-class Report:
-    """One member's report of a round."""
-
-    samples: int
-    train_loss: float
-    digest: str
-    test_accuracy: float | None = None
-    test_loss: float | None = None
-    samples_per_s: float = 0.0
-    train_ms: int = 0
-    exchange_ms: int = 0
-    eval_ms: int = 0
-    pair_distance: float | None = None  # gossip: distance to the partner before averaging
-    bytes_sent: int = 0
-
-
-@dataclass
-class RoundRecord:
-    """A committed round."""
-
-    round: int
-    epoch: int
-    samples: int
-    train_loss: float
-    test_accuracy: float
-    test_loss: float
-    digest: str
-    duration_ms: int
-    members: list[str]
-    committed_ms: int
-    data_epoch: int = 1  # the pass every shard had reached when the round committed
-    consumed: dict[str, list[list[int]]] = field(default_factory=dict)  # peer -> [shard, pass, start, stop]
-    train_ms: int = 0  # the slowest member's preparation plus training
-    exchange_ms: int = 0  # the slowest member's all-reduce
-    test_evaluated: bool = True  # False: test metrics carried from the last evaluated round
-    eval_ms: int = 0
-    consensus_distance: float = 0.0  # gossip: estimated spread of the members' parameters
-    bytes_sent: int = 0  # parameters sent between members in the round, all together
-
-
-@dataclass
-class Job:
-    """A job and its round state."""
-
-    job_id: str
-    spec: JobSpec
-    created_ms: int
-    state: str = PENDING
-    updated_ms: int = 0
-    reason: str = ""
-    committed_round: int = 0
-    epoch: int = 0
-    members: list[str] = field(default_factory=list)
-    assignment: dict[str, list[int]] = field(default_factory=dict)
-    round_started_ms: int = 0
-    reports: dict[str, Report] = field(default_factory=dict)
-    history: list[RoundRecord] = field(default_factory=list)
-    samples: int = 0
-    checkpoint_round: int = 0
-    checkpoint_digest: str = ""
-    pending_checkpoint: tuple[int, str] | None = None  # (round, digest) uploaded, not yet committed
-    mismatches: int = 0
-    data_epoch: int = 1  # the pass every shard has reached
-    cursors: dict[int, tuple[int, int]] = field(default_factory=dict)  # shard -> committed (pass, position)
-    allocation: dict[str, list[list[int]]] = field(default_factory=dict)  # this round: peer -> ranges
-    waiting_since_ms: int = 0  # when the job fell below min_peers (0: not waiting)
-    holders: list[str] = field(default_factory=list)  # live peers known to hold the committed round
-    reissues: int = 0  # times the current round was re-issued
-    rolled_back_rounds: int = 0  # committed rounds given up because no peer held them any more
-    # -- gossip phase (see the module doc) --
-    gossip_phase: bool = False
-    gossip_peers: int = 0  # members when the phase started: steps per virtual round
-    gossip_steps: int = 0  # steps reported, by departed members too
-    gossip_next: dict[str, int] = field(default_factory=dict)  # member -> the step it runs now
-    gossip_issued_ms: dict[str, int] = field(default_factory=dict)  # member -> when that step was issued
-    gossip_eval_step: dict[str, int] = field(default_factory=dict)  # member -> its step that evaluates
-    gossip_dist: dict[str, float] = field(default_factory=dict)  # member -> last distance to a partner
-    # this virtual round so far: [samples, loss sum, bytes, max train ms, max exchange ms, max eval ms, start ms,
-    # evaluations, test accuracy sum, test loss sum]
-    gossip_window: list[float] = field(default_factory=lambda: _new_window(0))
-    gossip_consumed: dict[str, list[list[int]]] = field(default_factory=dict)
-
-    @property
-    def start_digest(self) -> str:
-        """Digest of the parameters the current round starts from ("" for the seeded init)."""
-        return self.history[-1].digest if self.committed_round else ""
-
-    def allocated(self, peer_id: str) -> int:
-        """Samples allocated to a member in the current round."""
-        return sum(stop - start for _, _, start, stop in self.allocation.get(peer_id, []))
-
-    @property
-    def round(self) -> int:
-        """The round being run (committed + 1)."""
-        return self.committed_round + 1
-
-    def wants_checkpoint(self, rnd: int) -> bool:
-        """Whether round ``rnd``'s first member uploads a checkpoint before reporting."""
-        return rnd == self.spec.rounds or rnd % self.spec.checkpoint_every_rounds == 0
-
-
-@dataclass(frozen=True)
-class Changes:
-    """What a call changed, for the caller to persist and announce."""
-
-    jobs: tuple[str, ...] = ()
-    peers: tuple[str, ...] = ()
-    removed_peers: tuple[str, ...] = ()
-    committed: tuple[tuple[str, int], ...] = ()
-
-    def __or__(self, other: Changes) -> Changes:
-        return Changes(
-            tuple(dict.fromkeys(self.jobs + other.jobs)),
-            tuple(dict.fromkeys(self.peers + other.peers)),
-            tuple(dict.fromkeys(self.removed_peers + other.removed_peers)),
-            self.committed + other.committed,
-        )
 
 
 class ClusterState:
@@ -253,11 +122,11 @@ class ClusterState:
         for job in list(self.jobs.values()):
             if job.state != RUNNING:
                 continue
-            if job.gossip_phase and self.active(job):
-                stuck = [m for m in job.members if now_ms - job.gossip_issued_ms.get(m, now_ms) > self.round_deadline_ms]
+            if job.gossip.active and self.active(job):
+                stuck = [m for m in job.members if now_ms - job.gossip.issued_ms.get(m, now_ms) > self.round_deadline_ms]
                 for pid in stuck:
                     log.warning("job %s: peer %s held gossip step %d past the deadline of %d ms; evicting",
-                                job.job_id, pid, job.gossip_next.get(pid, 0), self.round_deadline_ms)
+                                job.job_id, pid, job.gossip.step.get(pid, 0), self.round_deadline_ms)
                     changes = changes | self.remove_peer(pid, now_ms)
             elif self.active(job) and now_ms - job.round_started_ms > self.round_deadline_ms:
                 changes = changes | self._round_overdue(job, now_ms)
@@ -305,7 +174,7 @@ class ClusterState:
         a new epoch so nobody waits on an exchange that cannot finish. Stale reports are ignored."""
         self._peer(reporter).last_seen_ms = now_ms
         job = self.jobs.get(job_id)
-        if job is not None and job.state == RUNNING and job.gossip_phase:
+        if job is not None and job.state == RUNNING and job.gossip.active:
             # Gossip members route around dead partners themselves; only a member giving up its
             # own place (a local failure) is acted on.
             if suspect == reporter and reporter in job.members:
@@ -392,7 +261,7 @@ class ClusterState:
     def _issue(self, job: Job, now_ms: int) -> None:
         """(Re)starts the current round: clears reports and allocates samples from the
         committed cursors."""
-        if job.gossip_phase:
+        if job.gossip.active:
             self._issue_gossip(job, now_ms)
             return
         self._rollback_if_orphaned(job)
@@ -413,16 +282,16 @@ class ClusterState:
         job.reports = {}
         job.updated_ms = now_ms
         members = set(job.members)
-        for d in (job.gossip_next, job.gossip_issued_ms, job.gossip_eval_step, job.gossip_dist, job.allocation):
+        for d in (job.gossip.step, job.gossip.issued_ms, job.gossip.eval_step, job.gossip.distance, job.allocation):
             for k in [k for k in d if k not in members]:
                 del d[k]
         for m in job.members:
-            if m not in job.gossip_next:
-                job.gossip_next[m] = 1
+            if m not in job.gossip.step:
+                job.gossip.step[m] = 1
             if m not in job.allocation:
                 self._allocate_step(job, m, now_ms)
             elif job.waiting_since_ms:  # nobody got a plan while the job waited for peers
-                job.gossip_issued_ms[m] = now_ms
+                job.gossip.issued_ms[m] = now_ms
 
     def _allocate_step(self, job: Job, peer_id: str, now_ms: int) -> None:
         """One gossip step's samples for a member, from its own shards' cursors."""
@@ -430,16 +299,16 @@ class ClusterState:
         alloc = planner.allocate({peer_id: job.assignment.get(peer_id, [])}, sizes, job.cursors,
                                  job.spec.local_steps * job.spec.batch_size)
         job.allocation[peer_id] = [list(r) for r in alloc[peer_id]]
-        job.gossip_issued_ms[peer_id] = now_ms
+        job.gossip.issued_ms[peer_id] = now_ms
 
     def _start_gossip(self, job: Job, now_ms: int) -> None:
         """Enters the gossip phase (a gossip job of more than one round) with its first members."""
         if job.spec.aggregation != "gossip" or job.spec.rounds < 2 or job.committed_round:
             return
-        job.gossip_phase = True
-        job.gossip_peers = len(job.members)
-        job.gossip_window = _new_window(now_ms)
-        job.gossip_eval_step = {job.members[0]: 1} if job.members else {}
+        job.gossip.active = True
+        job.gossip.peers = len(job.members)
+        job.gossip.window = GossipWindow(start_ms=now_ms)
+        job.gossip.eval_step = {job.members[0]: 1} if job.members else {}
         job.allocation = {}
         job.holders = list(job.members)
 
@@ -447,12 +316,12 @@ class ClusterState:
         """A member finished gossip step ``step``: count it, give it the next one, and close a
         virtual round (or the phase) when enough steps are in."""
         pid = peer.peer_id
-        if job.state != RUNNING or not job.gossip_phase:
+        if job.state != RUNNING or not job.gossip.active:
             raise Stale(f"job {job.job_id} is past its gossip phase")
         if pid not in job.members:
             raise Stale(f"peer {pid} is not a member of job {job.job_id}")
-        if step != job.gossip_next.get(pid):
-            raise Stale(f"gossip step {step} is stale; peer {pid} runs step {job.gossip_next.get(pid)}")
+        if step != job.gossip.step.get(pid):
+            raise Stale(f"gossip step {step} is stale; peer {pid} runs step {job.gossip.step.get(pid)}")
         if rep.samples != job.allocated(pid):
             raise BadReport(f"peer {pid} reports {rep.samples} samples for gossip step {step}; "
                             f"{job.allocated(pid)} were allocated")
@@ -467,38 +336,39 @@ class ClusterState:
         for r in ranges:
             if r[0] in mine and job.cursors.get(r[0], (1, 0)) == (r[1], r[2]):
                 planner.advance(job.cursors, [tuple(r)], sizes)  # type: ignore[list-item]
-        job.gossip_consumed.setdefault(pid, []).extend(ranges)
-        w = job.gossip_window
-        w[0] += rep.samples
-        w[1] += rep.train_loss * rep.samples
-        w[2] += rep.bytes_sent
-        w[3], w[4], w[5] = max(w[3], rep.train_ms), max(w[4], rep.exchange_ms), max(w[5], rep.eval_ms)
+        w = job.gossip.window
+        w.consumed.setdefault(pid, []).extend(ranges)
+        w.samples += rep.samples
+        w.loss_sum += rep.train_loss * rep.samples
+        w.bytes_sent += rep.bytes_sent
+        w.train_ms, w.exchange_ms = max(w.train_ms, rep.train_ms), max(w.exchange_ms, rep.exchange_ms)
+        w.eval_ms = max(w.eval_ms, rep.eval_ms)
         if rep.test_accuracy is not None:
-            w[7] += 1
-            w[8] += rep.test_accuracy
-            w[9] += rep.test_loss if rep.test_loss is not None else float("nan")
+            w.evaluations += 1
+            w.accuracy_sum += rep.test_accuracy
+            w.test_loss_sum += rep.test_loss if rep.test_loss is not None else float("nan")
         if rep.pair_distance is not None:
-            job.gossip_dist[pid] = rep.pair_distance
-        job.gossip_steps += 1
-        job.gossip_next[pid] = step + 1
+            job.gossip.distance[pid] = rep.pair_distance
+        job.gossip.steps += 1
+        job.gossip.step[pid] = step + 1
         job.samples += rep.samples
         job.updated_ms = now_ms
         self._allocate_step(job, pid, now_ms)
         changes = Changes(jobs=(job.job_id,))
-        if job.gossip_steps >= (job.committed_round + 1) * job.gossip_peers:
+        if job.gossip.steps >= (job.committed_round + 1) * job.gossip.peers:
             changes = changes | self._gossip_record(job, pid, now_ms)
         if job.committed_round >= job.spec.rounds - 1:
-            job.gossip_phase = False
+            job.gossip.active = False
             job.allocation = {}
-            job.gossip_next, job.gossip_issued_ms, job.gossip_eval_step = {}, {}, {}
-            self._new_epoch(job, now_ms, f"gossip phase done after {job.gossip_steps} steps; exact average of the live members")
+            job.gossip.step, job.gossip.issued_ms, job.gossip.eval_step = {}, {}, {}
+            self._new_epoch(job, now_ms, f"gossip phase done after {job.gossip.steps} steps; exact average of the live members")
         return changes
 
     def consensus_estimate(self, job: Job) -> float:
         """sqrt(mean_i ||x_i - mean||^2) from the members' last partner distances: for two
         members drawn at random, E||x_i - x_j||^2 = 2n/(n-1) times its square. Exact for the
         uniform topology; sparse topologies pair close neighbours, so it reads low for them."""
-        d = [job.gossip_dist[m] for m in job.members if m in job.gossip_dist]
+        d = [job.gossip.distance[m] for m in job.members if m in job.gossip.distance]
         n = len(job.members)
         if not d or n < 2:
             return 0.0
@@ -508,30 +378,29 @@ class ClusterState:
         """Closes a virtual round of the gossip phase (its last step was ``closer``'s) into the
         history. Test metrics: the mean of the evaluations reported in the round (each of a
         member's own model), else carried from the last round."""
-        w = job.gossip_window
+        w = job.gossip.window
         prev = job.history[-1] if job.history else None
-        acc = w[8] / w[7] if w[7] else prev.test_accuracy if prev else float("nan")
-        loss = w[9] / w[7] if w[7] else prev.test_loss if prev else float("nan")
+        acc = w.accuracy_sum / w.evaluations if w.evaluations else prev.test_accuracy if prev else float("nan")
+        loss = w.test_loss_sum / w.evaluations if w.evaluations else prev.test_loss if prev else float("nan")
         sizes = self._shard_sizes(job.spec)
         rec = RoundRecord(
-            round=job.committed_round + 1, epoch=job.epoch, samples=int(w[0]),
-            train_loss=w[1] / max(w[0], 1), test_accuracy=acc, test_loss=loss, digest="",
-            duration_ms=now_ms - int(w[6]), members=list(job.members), committed_ms=now_ms,
-            data_epoch=planner.data_epoch(job.cursors, len(sizes)), consumed=job.gossip_consumed,
-            train_ms=int(w[3]), exchange_ms=int(w[4]), test_evaluated=bool(w[7]), eval_ms=int(w[5]),
-            consensus_distance=self.consensus_estimate(job), bytes_sent=int(w[2]),
+            round=job.committed_round + 1, epoch=job.epoch, samples=w.samples,
+            train_loss=w.loss_sum / max(w.samples, 1), test_accuracy=acc, test_loss=loss, digest="",
+            duration_ms=now_ms - w.start_ms, members=list(job.members), committed_ms=now_ms,
+            data_epoch=planner.data_epoch(job.cursors, len(sizes)), consumed=w.consumed,
+            train_ms=w.train_ms, exchange_ms=w.exchange_ms, test_evaluated=bool(w.evaluations), eval_ms=w.eval_ms,
+            consensus_distance=self.consensus_estimate(job), bytes_sent=w.bytes_sent,
         )
         job.history.append(rec)
         job.committed_round = rec.round
         job.data_epoch = rec.data_epoch
         job.holders = list(job.members)
         job.reissues = 0
-        job.gossip_consumed = {}
-        job.gossip_window = _new_window(now_ms)
+        job.gossip.window = GossipWindow(start_ms=now_ms)
         # One evaluation per evaluated virtual round, as a ring round has: the next step of the
         # member that closed this one (it is live and, having just reported, not the slowest).
-        if (rec.round + 1) % job.spec.eval_every_rounds == 0 and closer in job.gossip_next:
-            job.gossip_eval_step = {closer: job.gossip_next[closer]}
+        if (rec.round + 1) % job.spec.eval_every_rounds == 0 and closer in job.gossip.step:
+            job.gossip.eval_step = {closer: job.gossip.step[closer]}
         return Changes(jobs=(job.job_id,), committed=((job.job_id, rec.round),))
 
     def _new_epoch(self, job: Job, now_ms: int, why: str) -> None:
@@ -569,7 +438,7 @@ class ClusterState:
         """Starts pending jobs and tops up waiting ones with idle peers."""
         changed: list[str] = []
         for job in sorted(self.jobs.values(), key=lambda j: (j.created_ms, j.job_id)):
-            if job.state == RUNNING and job.gossip_phase and self.live_idle():
+            if job.state == RUNNING and job.gossip.active and self.live_idle():
                 if self._admit(job, now_ms):  # no round boundary to wait for
                     job.holders = list(job.members)
                     self._new_epoch(job, now_ms, "peers joined the gossip")
@@ -606,8 +475,8 @@ class ClusterState:
     def plan_key(self, job: Job, peer_id: str) -> tuple[str, int, int]:
         """(job, round, epoch) of the member's current plan; in the gossip phase the round is
         the member's own step."""
-        if job.gossip_phase:
-            return job.job_id, job.gossip_next.get(peer_id, 0), job.epoch
+        if job.gossip.active:
+            return job.job_id, job.gossip.step.get(peer_id, 0), job.epoch
         return job.job_id, job.round, job.epoch
 
     def _check_current(self, job: Job, peer_id: str, rnd: int, epoch: int) -> None:
@@ -635,7 +504,7 @@ class ClusterState:
         peer = self._peer(peer_id)
         peer.last_seen_ms = now_ms
         job = self.job(job_id)
-        if job.gossip_phase:
+        if job.gossip.active:
             return self._gossip_report(job, peer, rnd, rep, now_ms)
         self._check_current(job, peer_id, rnd, epoch)
         if rep.samples != job.allocated(peer_id):
@@ -708,7 +577,3 @@ def _note_speed(peer: PeerRecord, rep: Report) -> None:
         old = peer.samples_per_s
         peer.samples_per_s = rep.samples_per_s if old <= 0 else 0.7 * old + 0.3 * rep.samples_per_s
 
-
-def _new_window(start_ms: int) -> list[float]:
-    """An empty gossip window (see ``Job.gossip_window``) starting at ``start_ms``."""
-    return [0, 0.0, 0, 0, 0, 0, start_ms, 0, 0.0, 0.0]

@@ -14,7 +14,7 @@ from dataclasses import asdict, fields
 from typing import Any, Iterable, Protocol
 
 from dml.common.spec import JobSpec
-from dml.coordinator.state import Job, PeerRecord, Report, RoundRecord
+from dml.coordinator.records import GossipPhase, GossipWindow, Job, PeerRecord, Report, RoundRecord
 
 
 def job_to_dict(job: Job) -> dict[str, Any]:
@@ -23,6 +23,7 @@ def job_to_dict(job: Job) -> dict[str, Any]:
     d = {f.name: getattr(job, f.name) for f in fields(job) if f.name != "history"}
     d["spec"] = job.spec.to_dict()
     d["reports"] = {k: asdict(v) for k, v in job.reports.items()}
+    d["gossip"] = asdict(job.gossip)
     return d
 
 
@@ -35,7 +36,27 @@ def job_from_dict(d: dict[str, Any], history: list[RoundRecord]) -> Job:
     d["cursors"] = {int(k): (int(v[0]), int(v[1])) for k, v in d.get("cursors", {}).items()}  # JSON keys are strings
     pc = d.get("pending_checkpoint")
     d["pending_checkpoint"] = tuple(pc) if pc else None
+    if "gossip_window" in d:
+        d["gossip"] = _gossip_from_flat(d)
+    g = dict(d.get("gossip", {}))
+    g["window"] = GossipWindow(**g.get("window", {}))
+    d["gossip"] = GossipPhase(**g)
     return Job(history=history, **d)
+
+
+def _gossip_from_flat(d: dict[str, Any]) -> dict[str, Any]:
+    """Takes the gossip phase out of a job document of the first release, where it was a set of
+    ``gossip_*`` fields and a ``gossip_window`` list: [samples, loss sum, bytes, max train ms,
+    max exchange ms, max eval ms, start ms, evaluations, test accuracy sum, test loss sum]."""
+    w = d.pop("gossip_window")
+    window = {"samples": int(w[0]), "loss_sum": float(w[1]), "bytes_sent": int(w[2]), "train_ms": int(w[3]),
+              "exchange_ms": int(w[4]), "eval_ms": int(w[5]), "start_ms": int(w[6]), "evaluations": int(w[7]),
+              "accuracy_sum": float(w[8]), "test_loss_sum": float(w[9]),
+              "consumed": d.pop("gossip_consumed", {})}
+    return {"active": d.pop("gossip_phase", False), "peers": d.pop("gossip_peers", 0),
+            "steps": d.pop("gossip_steps", 0), "step": d.pop("gossip_next", {}),
+            "issued_ms": d.pop("gossip_issued_ms", {}), "eval_step": d.pop("gossip_eval_step", {}),
+            "distance": d.pop("gossip_dist", {}), "window": window}
 
 
 class Store(Protocol):

@@ -8,22 +8,21 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dml.common.spec import JobSpec
-from dml.coordinator.state import (
+from dml.coordinator.records import (
     CANCELLED,
     FAILED,
     FINISHED,
-    MAX_DIGEST_MISMATCHES,
     PENDING,
     RUNNING,
     SUCCEEDED,
     BadReport,
     Changes,
-    ClusterState,
     Job,
     NotFound,
     Report,
     Stale,
 )
+from dml.coordinator.state import MAX_DIGEST_MISMATCHES, ClusterState
 
 TIMEOUT_MS = 1_000
 

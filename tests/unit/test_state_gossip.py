@@ -2,7 +2,7 @@
 
 A gossip job (``aggregation="gossip"``, two rounds or more) has no barrier until its last round:
 every member runs its own numbered steps, a report advances only that member, every
-``gossip_peers`` steps close a virtual round, and round ``rounds`` is a normal ring round.
+``gossip.peers`` steps close a virtual round, and round ``rounds`` is a normal ring round.
 """
 from __future__ import annotations
 
@@ -17,16 +17,8 @@ from hypothesis import strategies as st
 from dml.aggregation.gossip import consensus_distance
 from dml.coordinator.ledger import violations
 from dml.common.spec import JobSpec
-from dml.coordinator.state import (
-    RUNNING,
-    SUCCEEDED,
-    BadReport,
-    ClusterState,
-    Job,
-    NotFound,
-    Report,
-    Stale,
-)
+from dml.coordinator.records import RUNNING, SUCCEEDED, BadReport, Job, NotFound, Report, Stale
+from dml.coordinator.state import ClusterState
 from dml.coordinator.store import MemoryStore, SqliteStore, job_from_dict, job_to_dict
 
 TIMEOUT_MS = 1_000
@@ -64,12 +56,12 @@ def step(s: ClusterState, job: Job, pid: str, now: int = 0, *, loss: float = 1.0
     """``pid`` reports the step it runs now (or ``rnd``), with the samples it was allocated."""
     r = Report(samples=job.allocated(pid) if samples is None else samples, train_loss=loss, digest="",
                test_accuracy=acc, test_loss=None if acc is None else 1.0 - acc, pair_distance=dist, bytes_sent=sent)
-    return s.report(pid, job.job_id, job.gossip_next[pid] if rnd is None else rnd, job.epoch, r, now)
+    return s.report(pid, job.job_id, job.gossip.step[pid] if rnd is None else rnd, job.epoch, r, now)
 
 
 def frozen(job: Job, pid: str) -> tuple:
     """What a member's current step is: its number, its samples, when it was issued."""
-    return job.gossip_next[pid], [list(r) for r in job.allocation[pid]], job.gossip_issued_ms[pid]
+    return job.gossip.step[pid], [list(r) for r in job.allocation[pid]], job.gossip.issued_ms[pid]
 
 
 def ledger(job: Job) -> list[list[tuple[int, int, int, int]]]:
@@ -83,13 +75,13 @@ def ledger(job: Job) -> list[list[tuple[int, int, int, int]]]:
     ("gossip", 2, True), ("gossip", 4, True), ("gossip", 1, False), ("ring", 4, False)])
 def test_gossip_phase_starts_only_for_gossip_jobs_of_two_rounds_or_more(aggregation: str, rounds: int, gossip: bool) -> None:
     _, job, peers = running(3, aggregation=aggregation, rounds=rounds)
-    assert job.gossip_phase is gossip
+    assert job.gossip.active is gossip
     if gossip:
-        assert job.gossip_peers == 3 and job.gossip_steps == 0
-        assert job.gossip_next == {p: 1 for p in peers}
-        assert job.gossip_issued_ms == {p: 0 for p in peers}
+        assert job.gossip.peers == 3 and job.gossip.steps == 0
+        assert job.gossip.step == {p: 1 for p in peers}
+        assert job.gossip.issued_ms == {p: 0 for p in peers}
     else:
-        assert job.gossip_next == {}
+        assert job.gossip.step == {}
     # Either way each member starts with one step's (or round's) samples from its own shards.
     for p in peers:
         assert job.allocated(p) == BUDGET
@@ -115,13 +107,13 @@ def test_a_report_advances_only_its_member_and_nobody_waits() -> None:
     first = [list(r) for r in job.allocation[a]]
     for i in range(5):  # a runs ahead: no barrier, b and c never report
         step(s, job, a, 100 * (i + 1))
-    assert job.gossip_next[a] == 6 and job.gossip_steps == 5
-    assert job.gossip_issued_ms[a] == 500
+    assert job.gossip.step[a] == 6 and job.gossip.steps == 5
+    assert job.gossip.issued_ms[a] == 500
     assert {p: frozen(job, p) for p in (b, c)} == before
     assert {sh: job.cursors.get(sh) for p in (b, c) for sh in job.assignment[p]} == cursors_of_others
     # a's steps continued each other through its own shards.
     consumed = [tuple(r) for rec in job.history for r in rec.consumed.get(a, [])] + \
-               [tuple(r) for r in job.gossip_consumed.get(a, [])]
+               [tuple(r) for r in job.gossip.window.consumed.get(a, [])]
     assert consumed[0] == tuple(first[0])
     assert sum(stop - start for _, _, start, stop in consumed) == 5 * BUDGET
     assert {r[0] for r in consumed} <= set(job.assignment[a])
@@ -142,7 +134,7 @@ def test_stale_step_or_outsider_is_stale_and_wrong_samples_is_bad_and_nothing_ch
         step(s, job, b, 20, samples=BUDGET + 1)
     assert job_to_dict(job) == snap, "a refused report changes nothing"
     outsider = register(s, 1, 30)[0]  # admitted at once: a member now, at step 1
-    assert job.gossip_next[outsider] == 1
+    assert job.gossip.step[outsider] == 1
     s.remove_peer(outsider, 40)
     snap = job_to_dict(job)
     with pytest.raises(NotFound):  # evicted
@@ -153,7 +145,7 @@ def test_stale_step_or_outsider_is_stale_and_wrong_samples_is_bad_and_nothing_ch
     old_epoch = 1
     assert job.epoch > old_epoch
     s.report(b, job.job_id, 1, old_epoch, Report(job.allocated(b), 1.0, ""), 60)
-    assert job.gossip_next[b] == 2
+    assert job.gossip.step[b] == 2
 
 
 def test_virtual_round_every_gossip_peers_steps_with_its_samples_bytes_metrics_and_consensus() -> None:
@@ -200,12 +192,12 @@ def test_after_rounds_minus_one_times_n_steps_the_last_round_is_a_ring_round_tha
     s, job, (a, b, c) = running(3, rounds=4)
     order = [a, a, b, c, a, b, b, a, c]  # 9 = (4 - 1) * 3 steps, members at different speeds
     for i, p in enumerate(order):
-        assert job.gossip_phase
+        assert job.gossip.active
         step(s, job, p, 10 * (i + 1), acc=0.5)
-    assert not job.gossip_phase
+    assert not job.gossip.active
     assert [r.round for r in job.history] == [1, 2, 3] and all(r.digest == "" for r in job.history)
-    assert job.gossip_steps == 9 and job.round == 4 and job.epoch == 2
-    assert job.gossip_next == {} and job.gossip_issued_ms == {}
+    assert job.gossip.steps == 9 and job.round == 4 and job.epoch == 2
+    assert job.gossip.step == {} and job.gossip.issued_ms == {}
     assert all(s.plan_key(job, p) == (job.job_id, 4, 2) for p in (a, b, c))
     assert all(job.allocated(p) == BUDGET for p in (a, b, c))
     # A member still in its gossip step when the phase ended is stale (the epoch moved on).
@@ -238,17 +230,17 @@ def test_silent_member_is_evicted_only_its_shards_move_and_the_others_keep_their
         s.heartbeat(p, 900)
     ch = s.expire(1200)  # c silent since 0
     assert c in ch.removed_peers and c not in s.peers
-    assert job.members == [a, b] and job.gossip_phase and job.epoch == 2
+    assert job.members == [a, b] and job.gossip.active and job.epoch == 2
     assert {p: frozen(job, p) for p in (a, b)} == before
     for p in (a, b):
         assert set(shards[p]) <= set(job.assignment[p])
     assert sorted(job.assignment[a] + job.assignment[b]) == list(range(6))
     assert set(job.assignment[a] + job.assignment[b]) - set(shards[a] + shards[b]) == set(shards[c])
-    assert c not in job.gossip_next and c not in job.allocation and c not in job.gossip_issued_ms
+    assert c not in job.gossip.step and c not in job.allocation and c not in job.gossip.issued_ms
     assert job.cursors == cursors  # c's unreported step consumed nothing
-    assert job.gossip_peers == 3  # steps per virtual round stay as at the start
+    assert job.gossip.peers == 3  # steps per virtual round stay as at the start
     step(s, job, a, 1300)  # the survivors go on with their steps
-    assert job.gossip_next[a] == 4
+    assert job.gossip.step[a] == 4
 
 
 def test_member_holding_its_step_past_the_deadline_is_evicted() -> None:
@@ -261,7 +253,7 @@ def test_member_holding_its_step_past_the_deadline_is_evicted() -> None:
     assert s.expire(5_000).removed_peers == ()
     ch = s.expire(5_001)
     assert ch.removed_peers == (c,)
-    assert job.members == [a, b] and job.gossip_phase and job.state == RUNNING
+    assert job.members == [a, b] and job.gossip.active and job.state == RUNNING
 
 
 def test_a_member_waiting_for_peers_is_not_evicted_as_stuck_when_the_job_resumes() -> None:
@@ -291,17 +283,17 @@ def test_idle_peer_registering_mid_phase_is_admitted_at_once_with_step_one() -> 
     step(s, job, b, 200)
     before = {p: frozen(job, p) for p in (a, b, c)}
     (d,) = register(s, 1, 300)
-    assert job.members == [a, b, c, d] and job.gossip_phase
-    assert job.gossip_next[d] == 1 and job.allocated(d) == BUDGET and job.gossip_issued_ms[d] == 300
+    assert job.members == [a, b, c, d] and job.gossip.active
+    assert job.gossip.step[d] == 1 and job.allocated(d) == BUDGET and job.gossip.issued_ms[d] == 300
     assert job.assignment[d], "the joiner took shards"
     assert {r[0] for r in job.allocation[d]} <= set(job.assignment[d])
     assert s.plan_key(job, d) == (job.job_id, 1, job.epoch) and s.plan_for(d) is job
     # The others keep their steps; their allocations are theirs still (maybe from a shard that
     # just moved, which the joiner is given again from the same cursor: at least once).
     assert {p: frozen(job, p)[0] for p in (a, b, c)} == {p: v[0] for p, v in before.items()}
-    assert job.gossip_peers == 3
+    assert job.gossip.peers == 3
     step(s, job, d, 400)
-    assert job.gossip_next[d] == 2
+    assert job.gossip.step[d] == 2
 
 
 def test_a_step_that_reads_a_shard_into_its_next_pass_advances_its_cursor_past_both_ranges() -> None:
@@ -323,10 +315,10 @@ def test_ledger_holds_across_the_phase_and_the_last_round_when_nobody_fails(seed
     rng = random.Random(seed)
     weights = [rng.random() + 0.1 for _ in peers]  # members run at different speeds
     t = 0
-    while job.gossip_phase:
+    while job.gossip.active:
         t += 10
         step(s, job, rng.choices(peers, weights)[0], t)
-    assert job.committed_round == rounds - 1 and job.gossip_steps == (rounds - 1) * n
+    assert job.committed_round == rounds - 1 and job.gossip.steps == (rounds - 1) * n
     for p in peers:
         s.report(p, job.job_id, job.round, job.epoch, Report(job.allocated(p), 1.0, "z"), t + 10)
     assert job.state == SUCCEEDED
@@ -343,7 +335,7 @@ def test_job_survives_a_store_round_trip_mid_phase_and_the_phase_goes_on(kind: s
     s, job, (a, b, c) = running(3, rounds=3)
     for i, p in enumerate([a, a, b, c, b]):  # one virtual round closed, two steps into the next
         step(s, job, p, 100 * (i + 1), acc=0.5, dist=0.25 * (i + 1), sent=10)
-    assert job.committed_round == 1 and job.gossip_steps == 5
+    assert job.committed_round == 1 and job.gossip.steps == 5
     store = MemoryStore() if kind == "memory" else SqliteStore(tmp_path / "state")
     store.save([job], list(s.peers.values()), [], [(job.job_id, r) for r in job.history])
     jobs, peers = store.load()
@@ -360,8 +352,8 @@ def test_job_survives_a_store_round_trip_mid_phase_and_the_phase_goes_on(kind: s
     assert [s2.plan_key(loaded, p) for p in (a, b, c)] == [s.plan_key(job, p) for p in (a, b, c)]
     with pytest.raises(Stale):
         step(s2, loaded, a, 600, rnd=2)
-    while loaded.gossip_phase:
-        p = min((a, b, c), key=lambda m: loaded.gossip_next[m])
+    while loaded.gossip.active:
+        p = min((a, b, c), key=lambda m: loaded.gossip.step[m])
         step(s2, loaded, p, 700)
     assert loaded.committed_round == 2 and loaded.history[-1].round == 2
     for p in (a, b, c):

@@ -9,7 +9,7 @@ from typing import Any, Iterator
 import pytest
 
 from dml.common.spec import JobSpec
-from dml.coordinator.state import FAILED, RUNNING, SUCCEEDED, Job, PeerRecord, Report, RoundRecord
+from dml.coordinator.records import FAILED, RUNNING, SUCCEEDED, Job, PeerRecord, Report, RoundRecord
 from dml.coordinator.store import MemoryStore, SqliteStore, Store, job_from_dict, job_to_dict
 
 
@@ -217,3 +217,19 @@ def test_sqlite_tables_are_plain_json(tmp_path: pathlib.Path) -> None:
         con.close()
 
 
+def test_a_job_document_of_the_first_release_reads_its_gossip_window_into_named_fields() -> None:
+    """The first release kept the gossip phase as flat ``gossip_*`` fields and a list of slots."""
+    d = job_to_dict(busy_job())
+    del d["gossip"]
+    d.update(gossip_phase=True, gossip_peers=3, gossip_steps=5, gossip_next={"p1": 3, "p2": 2},
+             gossip_issued_ms={"p1": 400, "p2": 300}, gossip_eval_step={"p1": 3}, gossip_dist={"p1": 0.5},
+             gossip_window=[14, 21.0, 700, 12, 8, 3, 250, 1, 0.75, 0.5],
+             gossip_consumed={"p1": [[0, 1, 0, 7]], "p2": [[1, 1, 0, 7]]})
+    g = job_from_dict(d, []).gossip
+    assert (g.active, g.peers, g.steps) == (True, 3, 5)
+    assert g.step == {"p1": 3, "p2": 2} and g.issued_ms == {"p1": 400, "p2": 300}
+    assert g.eval_step == {"p1": 3} and g.distance == {"p1": 0.5}
+    w = g.window
+    assert (w.samples, w.loss_sum, w.bytes_sent, w.train_ms, w.exchange_ms, w.eval_ms) == (14, 21.0, 700, 12, 8, 3)
+    assert (w.start_ms, w.evaluations, w.accuracy_sum, w.test_loss_sum) == (250, 1, 0.75, 0.5)
+    assert w.consumed == {"p1": [[0, 1, 0, 7]], "p2": [[1, 1, 0, 7]]}

@@ -1,0 +1,179 @@
+"""The coordinator's records: peers, jobs, rounds, reports, and the errors of its state machine.
+
+Plain data, stored as JSON by ``dml.coordinator.store``; the rules that change them are in
+``dml.coordinator.state``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from dml.common.spec import JobSpec
+
+PENDING, RUNNING, SUCCEEDED, FAILED, CANCELLED = "PENDING", "RUNNING", "SUCCEEDED", "FAILED", "CANCELLED"
+FINISHED = (SUCCEEDED, FAILED, CANCELLED)
+
+
+class NotFound(Exception):
+    """Unknown or evicted peer, unknown job."""
+
+
+class Stale(Exception):
+    """A report or upload for a round or epoch that is no longer current."""
+
+
+class BadReport(ValueError):
+    """A report that contradicts the plan (e.g. a sample count other than allocated)."""
+
+
+@dataclass
+class PeerRecord:
+    """A registered peer."""
+
+    peer_id: str
+    address: str
+    capability: dict[str, Any]
+    registered_ms: int
+    last_seen_ms: int
+    job_id: str = ""
+    samples_per_s: float = 0.0  # measured training throughput (moving average)
+
+
+@dataclass
+class Report:
+    """One member's report of a round."""
+
+    samples: int
+    train_loss: float
+    digest: str
+    test_accuracy: float | None = None
+    test_loss: float | None = None
+    samples_per_s: float = 0.0
+    train_ms: int = 0
+    exchange_ms: int = 0
+    eval_ms: int = 0
+    pair_distance: float | None = None  # gossip: distance to the partner before averaging
+    bytes_sent: int = 0
+
+
+@dataclass
+class RoundRecord:
+    """A committed round."""
+
+    round: int
+    epoch: int
+    samples: int
+    train_loss: float
+    test_accuracy: float
+    test_loss: float
+    digest: str
+    duration_ms: int
+    members: list[str]
+    committed_ms: int
+    data_epoch: int = 1  # the pass every shard had reached when the round committed
+    consumed: dict[str, list[list[int]]] = field(default_factory=dict)  # peer -> [shard, pass, start, stop]
+    train_ms: int = 0  # the slowest member's preparation plus training
+    exchange_ms: int = 0  # the slowest member's all-reduce
+    test_evaluated: bool = True  # False: test metrics carried from the last evaluated round
+    eval_ms: int = 0
+    consensus_distance: float = 0.0  # gossip: estimated spread of the members' parameters
+    bytes_sent: int = 0  # parameters sent between members in the round, all together
+
+
+@dataclass
+class GossipWindow:
+    """The virtual round the gossip phase is gathering: what its steps reported so far."""
+
+    start_ms: int = 0
+    samples: int = 0
+    loss_sum: float = 0.0  # train loss times samples, summed over the steps
+    bytes_sent: int = 0
+    train_ms: int = 0  # the slowest step's
+    exchange_ms: int = 0  # the slowest step's
+    eval_ms: int = 0  # the slowest step's
+    evaluations: int = 0  # steps that reported test metrics
+    accuracy_sum: float = 0.0  # over those steps
+    test_loss_sum: float = 0.0  # over those steps
+    consumed: dict[str, list[list[int]]] = field(default_factory=dict)  # member -> [shard, pass, start, stop]
+
+
+@dataclass
+class GossipPhase:
+    """A gossip job's state before its last round (see ``dml.coordinator.state``)."""
+
+    active: bool = False
+    peers: int = 0  # members when the phase started: steps per virtual round
+    steps: int = 0  # steps reported, by departed members too
+    step: dict[str, int] = field(default_factory=dict)  # member -> the step it runs now
+    issued_ms: dict[str, int] = field(default_factory=dict)  # member -> when that step was issued
+    eval_step: dict[str, int] = field(default_factory=dict)  # member -> its step that evaluates
+    distance: dict[str, float] = field(default_factory=dict)  # member -> last distance to a partner
+    window: GossipWindow = field(default_factory=GossipWindow)
+
+
+@dataclass
+class Job:
+    """A job and its round state."""
+
+    job_id: str
+    spec: JobSpec
+    created_ms: int
+    state: str = PENDING
+    updated_ms: int = 0
+    reason: str = ""
+    committed_round: int = 0
+    epoch: int = 0
+    members: list[str] = field(default_factory=list)
+    assignment: dict[str, list[int]] = field(default_factory=dict)
+    round_started_ms: int = 0
+    reports: dict[str, Report] = field(default_factory=dict)
+    history: list[RoundRecord] = field(default_factory=list)
+    samples: int = 0
+    checkpoint_round: int = 0
+    checkpoint_digest: str = ""
+    pending_checkpoint: tuple[int, str] | None = None  # (round, digest) uploaded, not yet committed
+    mismatches: int = 0
+    data_epoch: int = 1  # the pass every shard has reached
+    cursors: dict[int, tuple[int, int]] = field(default_factory=dict)  # shard -> committed (pass, position)
+    allocation: dict[str, list[list[int]]] = field(default_factory=dict)  # this round: peer -> ranges
+    waiting_since_ms: int = 0  # when the job fell below min_peers (0: not waiting)
+    holders: list[str] = field(default_factory=list)  # live peers known to hold the committed round
+    reissues: int = 0  # times the current round was re-issued
+    rolled_back_rounds: int = 0  # committed rounds given up because no peer held them any more
+    gossip: GossipPhase = field(default_factory=GossipPhase)
+
+    @property
+    def start_digest(self) -> str:
+        """Digest of the parameters the current round starts from ("" for the seeded init)."""
+        return self.history[-1].digest if self.committed_round else ""
+
+    def allocated(self, peer_id: str) -> int:
+        """Samples allocated to a member in the current round."""
+        return sum(stop - start for _, _, start, stop in self.allocation.get(peer_id, []))
+
+    @property
+    def round(self) -> int:
+        """The round being run (committed + 1)."""
+        return self.committed_round + 1
+
+    def wants_checkpoint(self, rnd: int) -> bool:
+        """Whether round ``rnd``'s first member uploads a checkpoint before reporting."""
+        return rnd == self.spec.rounds or rnd % self.spec.checkpoint_every_rounds == 0
+
+
+@dataclass(frozen=True)
+class Changes:
+    """What a call changed, for the caller to persist and announce."""
+
+    jobs: tuple[str, ...] = ()
+    peers: tuple[str, ...] = ()
+    removed_peers: tuple[str, ...] = ()
+    committed: tuple[tuple[str, int], ...] = ()
+
+    def __or__(self, other: Changes) -> Changes:
+        return Changes(
+            tuple(dict.fromkeys(self.jobs + other.jobs)),
+            tuple(dict.fromkeys(self.peers + other.peers)),
+            tuple(dict.fromkeys(self.removed_peers + other.removed_peers)),
+            self.committed + other.committed,
+        )
