@@ -118,6 +118,7 @@ class Job:
     job_id: str
     spec: JobSpec
     created_ms: int
+    shard_sizes: list[int] = field(default_factory=list)  # samples per shard, fixed at submit time
     state: str = PENDING
     updated_ms: int = 0
     reason: str = ""

@@ -52,7 +52,9 @@ def _shards(task: str, num_shards: int, sharding: str, seed: int) -> tuple[np.nd
 
 
 def job_shards(spec: JobSpec) -> list[np.ndarray]:
-    """The shards of a job's training set (deterministic from the spec, so never stored)."""
+    """The shards of a job's training set as sample indices, for the peers' plans: deterministic
+    from the spec, so never stored (their sizes are, on the Job, fixed at submit time). Cut once
+    per spec and cached."""
     return list(_shards(spec.task, spec.num_shards, spec.sharding, spec.seed))
 
 
@@ -67,8 +69,7 @@ class Coordinator:
         self._clock = clock
         self._cond = threading.Condition()
         self._closed = False
-        self.state = ClusterState(config.peer_timeout_ms, lambda s: [int(x.size) for x in job_shards(s)],
-                                  config.round_deadline_ms)
+        self.state = ClusterState(config.peer_timeout_ms, config.round_deadline_ms)
         jobs, peers = store.load()
         now = self.now_ms()
         for j in jobs:
@@ -76,7 +77,7 @@ class Coordinator:
             # Members' gossip steps restart their deadline: time the coordinator was down is not theirs.
             j.gossip.issued_ms = {m: now + config.peer_timeout_ms for m in j.gossip.issued_ms}
             if j.state in ("PENDING", "RUNNING"):
-                job_shards(j.spec)  # load the data now, not under the lock at the first commit
+                job_shards(j.spec)  # cut the plans' shard indices now, not under the lock at the first plan
         for p in peers:
             # A restart grants every known peer a lease of two timeouts: their reconnects back off.
             p.last_seen_ms = now + config.peer_timeout_ms
@@ -228,9 +229,9 @@ class Coordinator:
         """Validates (InvalidSpec) and queues a job."""
         spec = with_defaults(spec)
         validate(spec)
-        job_shards(spec)  # cut the shards outside the lock
+        sizes = [int(s.size) for s in job_shards(spec)]  # cut the shards outside the lock
         with self._cond:
-            jid, ch = self.state.submit(spec, self.now_ms())
+            jid, ch = self.state.submit(spec, sizes, self.now_ms())
             self._apply(ch)
         log.info("job %s submitted: %s", jid, spec)
         return jid

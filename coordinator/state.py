@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-from collections.abc import Callable
 from typing import Any
 
 from dml.common.spec import JobSpec
@@ -67,15 +66,13 @@ MAX_REISSUES = 50  # a round re-issued this often without committing fails the j
 
 
 class ClusterState:
-    """Peers and jobs. ``shard_sizes(spec)`` gives the sizes of a job's shards."""
+    """Peers and jobs. A job's shard sizes are given at submit time: nothing here loads data."""
 
-    def __init__(self, peer_timeout_ms: int, shard_sizes: Callable[[JobSpec], list[int]],
-                 round_deadline_ms: int = 120_000) -> None:
+    def __init__(self, peer_timeout_ms: int, round_deadline_ms: int = 120_000) -> None:
         self.peer_timeout_ms = peer_timeout_ms
         self.round_deadline_ms = round_deadline_ms
         self.peers: dict[str, PeerRecord] = {}
         self.jobs: dict[str, Job] = {}
-        self._shard_sizes = shard_sizes
         self._ids = itertools.count(1)
         self._doomed: set[str] = set()
 
@@ -158,7 +155,7 @@ class ClusterState:
         if job and peer_id in job.holders:
             job.holders = [h for h in job.holders if h != peer_id]
         if job and job.state == RUNNING and peer_id in job.members:
-            sizes = self._shard_sizes(job.spec)
+            sizes = job.shard_sizes
             job.members = [m for m in job.members if m != peer_id]
             if job.members:
                 job.assignment = planner.remove_peers(job.assignment, {peer_id}, sizes, self._capacity(job.members))
@@ -206,10 +203,13 @@ class ClusterState:
         return [p.peer_id for p in sorted(idle, key=lambda p: (p.registered_ms, p.peer_id))]
 
     # -- jobs -------------------------------------------------------------------------------
-    def submit(self, spec: JobSpec, now_ms: int) -> tuple[str, Changes]:
-        """Queues a validated job."""
+    def submit(self, spec: JobSpec, shard_sizes: list[int], now_ms: int) -> tuple[str, Changes]:
+        """Queues a validated job whose training set is cut into shards of ``shard_sizes`` samples."""
+        if len(shard_sizes) != spec.num_shards:
+            raise ValueError(f"{len(shard_sizes)} shard sizes for a job of {spec.num_shards} shards")
         jid = self._new_id("job", self.jobs, now_ms)
-        self.jobs[jid] = Job(jid, spec, created_ms=now_ms, updated_ms=now_ms, reason="waiting for peers")
+        self.jobs[jid] = Job(jid, spec, created_ms=now_ms, shard_sizes=list(shard_sizes), updated_ms=now_ms,
+                             reason="waiting for peers")
         return jid, Changes(jobs=(jid,)) | self.schedule(now_ms)
 
     def job(self, job_id: str) -> Job:
@@ -250,7 +250,7 @@ class ClusterState:
         job.history = job.history[: job.checkpoint_round]
         job.committed_round = job.checkpoint_round
         job.samples = sum(r.samples for r in job.history)
-        sizes = self._shard_sizes(job.spec)
+        sizes = job.shard_sizes
         job.cursors = {}
         for r in job.history:
             for ranges in r.consumed.values():
@@ -272,7 +272,7 @@ class ClusterState:
         if not job.members:
             job.allocation = {}
             return
-        sizes = self._shard_sizes(job.spec)
+        sizes = job.shard_sizes
         alloc = planner.allocate(job.assignment, sizes, job.cursors, job.spec.local_steps * job.spec.batch_size)
         job.allocation = {p: [list(r) for r in rs] for p, rs in alloc.items()}
 
@@ -295,7 +295,7 @@ class ClusterState:
 
     def _allocate_step(self, job: Job, peer_id: str, now_ms: int) -> None:
         """One gossip step's samples for a member, from its own shards' cursors."""
-        sizes = self._shard_sizes(job.spec)
+        sizes = job.shard_sizes
         alloc = planner.allocate({peer_id: job.assignment.get(peer_id, [])}, sizes, job.cursors,
                                  job.spec.local_steps * job.spec.batch_size)
         job.allocation[peer_id] = [list(r) for r in alloc[peer_id]]
@@ -326,7 +326,7 @@ class ClusterState:
             raise BadReport(f"peer {pid} reports {rep.samples} samples for gossip step {step}; "
                             f"{job.allocated(pid)} were allocated")
         _note_speed(peer, rep)
-        sizes = self._shard_sizes(job.spec)
+        sizes = job.shard_sizes
         ranges = job.allocation.pop(pid, [])
         mine = set(job.assignment.get(pid, []))
         # A shard that moved to a joiner mid-step may have been allocated again from the same
@@ -382,7 +382,7 @@ class ClusterState:
         prev = job.history[-1] if job.history else None
         acc = w.accuracy_sum / w.evaluations if w.evaluations else prev.test_accuracy if prev else float("nan")
         loss = w.test_loss_sum / w.evaluations if w.evaluations else prev.test_loss if prev else float("nan")
-        sizes = self._shard_sizes(job.spec)
+        sizes = job.shard_sizes
         rec = RoundRecord(
             round=job.committed_round + 1, epoch=job.epoch, samples=w.samples,
             train_loss=w.loss_sum / max(w.samples, 1), test_accuracy=acc, test_loss=loss, digest="",
@@ -424,7 +424,7 @@ class ClusterState:
         joiners = self.live_idle()[: max(room, 0)]
         if not joiners:
             return False
-        sizes = self._shard_sizes(job.spec)
+        sizes = job.shard_sizes
         for pid in joiners:
             self.peers[pid].job_id = job.job_id
         job.members = job.members + joiners
@@ -547,7 +547,7 @@ class ClusterState:
             eval_ms=max(r.eval_ms for r in reps),
             bytes_sent=sum(r.bytes_sent for r in reps),
         )
-        sizes = self._shard_sizes(job.spec)
+        sizes = job.shard_sizes
         for ranges in job.allocation.values():
             planner.advance(job.cursors, [tuple(r) for r in ranges], sizes)  # type: ignore[misc]
         job.data_epoch = rec.data_epoch = planner.data_epoch(job.cursors, len(sizes))

@@ -28,7 +28,7 @@ TIMEOUT_MS = 1_000
 
 
 def new_state(timeout_ms: int = TIMEOUT_MS) -> ClusterState:
-    return ClusterState(timeout_ms, shard_sizes=lambda spec: [10] * spec.num_shards)
+    return ClusterState(timeout_ms)
 
 
 def spec(**kw: object) -> JobSpec:
@@ -36,6 +36,11 @@ def spec(**kw: object) -> JobSpec:
     base = dict(rounds=5, min_peers=2, num_shards=6, checkpoint_every_rounds=2, local_steps=1, batch_size=10)
     base.update(kw)
     return JobSpec(**base)  # type: ignore[arg-type]
+
+
+def submit(st_: ClusterState, job_spec: JobSpec, now: int) -> tuple[str, Changes]:
+    """Submits a job whose shards hold 10 samples each."""
+    return st_.submit(job_spec, [10] * job_spec.num_shards, now)
 
 
 def rep(digest: str = "d", samples: int = 10, loss: float = 1.0, acc: float | None = None) -> Report:
@@ -66,7 +71,7 @@ def running(n_peers: int = 2, **kw: object) -> tuple[ClusterState, Job, list[str
     """A job running on ``n_peers`` peers (registered first, so the job takes them all)."""
     s = new_state()
     peers = register(s, n_peers)
-    jid, _ = s.submit(spec(**kw), 0)
+    jid, _ = submit(s, spec(**kw), 0)
     job = s.job(jid)
     assert job.state == RUNNING and job.members == peers and job.epoch == 1
     return s, job, peers
@@ -77,7 +82,7 @@ def running(n_peers: int = 2, **kw: object) -> tuple[ClusterState, Job, list[str
 
 def test_job_waits_for_min_peers_then_runs_epoch_one() -> None:
     s = new_state()
-    jid, ch = s.submit(spec(min_peers=3), now_ms=0)
+    jid, ch = submit(s, spec(min_peers=3), 0)
     assert jid in ch.jobs
     job = s.job(jid)
     assert job.state == PENDING
@@ -100,9 +105,20 @@ def test_job_waits_for_min_peers_then_runs_epoch_one() -> None:
         assert s.heartbeat(p, 30) == (jid, 1)
 
 
+def test_submit_fixes_the_shard_sizes_on_the_job() -> None:
+    s = new_state()
+    sizes = [7, 7, 6, 6, 6, 6]
+    jid, _ = s.submit(spec(), sizes, 0)
+    sizes[0] = 99  # the caller's list is not kept
+    assert s.job(jid).shard_sizes == [7, 7, 6, 6, 6, 6]
+    with pytest.raises(ValueError, match="5 shard sizes for a job of 6 shards"):
+        s.submit(spec(), [7] * 5, 1)
+    assert list(s.jobs) == [jid]
+
+
 def test_job_takes_at_most_num_shards_peers() -> None:
     s = new_state()
-    jid, _ = s.submit(spec(min_peers=1, num_shards=2), 0)
+    jid, _ = submit(s, spec(min_peers=1, num_shards=2), 0)
     peers = register(s, 3)
     job = s.job(jid)
     assert job.members == peers[:1]
@@ -325,7 +341,7 @@ def test_a_peer_registering_mid_round_joins_at_the_next_boundary() -> None:
 
 def test_job_succeeds_after_its_rounds_and_frees_its_peers() -> None:
     s, job, peers = running(2, rounds=3)
-    nxt, _ = s.submit(spec(min_peers=2), 5)
+    nxt, _ = submit(s, spec(min_peers=2), 5)
     assert s.job(nxt).state == PENDING
     for r in range(1, 4):
         assert job.round == r
@@ -364,7 +380,7 @@ def test_cancel_frees_peers_and_is_a_no_op_once_finished() -> None:
 
 def test_cancel_pending_job() -> None:
     s = new_state()
-    jid, _ = s.submit(spec(min_peers=2), 0)
+    jid, _ = submit(s, spec(min_peers=2), 0)
     s.cancel(jid, 1)
     assert s.job(jid).state == CANCELLED
     register(s, 2, now=2)
@@ -515,7 +531,7 @@ def test_state_machine_invariants_hold_under_random_operations(ops: list[tuple[s
     now = 0
     last: dict[str, tuple[int, int]] = {}
     register(s, 3, now)
-    s.submit(spec(min_peers=2, num_shards=4, rounds=4), now)
+    submit(s, spec(min_peers=2, num_shards=4, rounds=4), now)
     for op, arg in ops:
         peers = sorted(s.peers)
         jobs = sorted(s.jobs)
@@ -548,7 +564,7 @@ def test_state_machine_invariants_hold_under_random_operations(ops: list[tuple[s
             if job is not None:
                 s.report_failure(reporter, job.job_id, job.round, job.epoch, suspect, now)
         elif op == "submit":
-            s.submit(spec(min_peers=arg % 3 + 1, num_shards=4, rounds=3), now)
+            submit(s, spec(min_peers=arg % 3 + 1, num_shards=4, rounds=3), now)
         elif op == "cancel" and jobs:
             s.cancel(jobs[arg % len(jobs)], now)
         check_invariants(s, last)

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from dml.aggregation.gossip import consensus_distance
 from dml.coordinator.ledger import violations
 from dml.common.spec import JobSpec
-from dml.coordinator.records import RUNNING, SUCCEEDED, BadReport, Job, NotFound, Report, Stale
+from dml.coordinator.records import RUNNING, SUCCEEDED, BadReport, Changes, Job, NotFound, Report, Stale
 from dml.coordinator.state import ClusterState
 from dml.coordinator.store import MemoryStore, SqliteStore, job_from_dict, job_to_dict
 
@@ -28,7 +28,7 @@ BUDGET = 7  # samples per step (local_steps x batch_size): steps straddle shard 
 
 
 def new_state(deadline_ms: int = DEADLINE_MS) -> ClusterState:
-    return ClusterState(TIMEOUT_MS, shard_sizes=lambda spec: [SHARD] * spec.num_shards, round_deadline_ms=deadline_ms)
+    return ClusterState(TIMEOUT_MS, round_deadline_ms=deadline_ms)
 
 
 def spec(**kw: object) -> JobSpec:
@@ -38,6 +38,11 @@ def spec(**kw: object) -> JobSpec:
     return JobSpec(**base)  # type: ignore[arg-type]
 
 
+def submit(s: ClusterState, job_spec: JobSpec, now: int) -> tuple[str, Changes]:
+    """Submits a job whose shards hold ``SHARD`` samples each."""
+    return s.submit(job_spec, [SHARD] * job_spec.num_shards, now)
+
+
 def register(s: ClusterState, n: int, now: int = 0) -> list[str]:
     return [s.register(f"10.0.0.{i}:5000", {"device": "cpu"}, now)[0] for i in range(n)]
 
@@ -45,7 +50,7 @@ def register(s: ClusterState, n: int, now: int = 0) -> list[str]:
 def running(n: int = 3, deadline_ms: int = DEADLINE_MS, **kw: object) -> tuple[ClusterState, Job, list[str]]:
     s = new_state(deadline_ms)
     peers = register(s, n)
-    jid, _ = s.submit(spec(**kw), 0)
+    jid, _ = submit(s, spec(**kw), 0)
     job = s.job(jid)
     assert job.state == RUNNING and job.members == peers
     return s, job, peers

@@ -34,7 +34,7 @@ def busy_job(jid: str = "job-1") -> Job:
     """A job with every field away from its default."""
     spec = JobSpec(task="synthetic:500k", rounds=7, local_steps=3, batch_size=16, learning_rate=0.05,
                    min_peers=2, sharding="dirichlet:0.3", seed=9, num_shards=12, checkpoint_every_rounds=2)
-    job = Job(jid, spec, created_ms=100, state=RUNNING, updated_ms=300, reason="peer x left",
+    job = Job(jid, spec, created_ms=100, shard_sizes=[42] * 11 + [38], state=RUNNING, updated_ms=300, reason="peer x left",
               committed_round=2, epoch=4, members=["p1", "p2"],
               assignment={"p1": [0, 2, 4, 6, 8, 10], "p2": [1, 3, 5, 7, 9, 11]},
               round_started_ms=250,
