@@ -14,6 +14,7 @@ from dml.common import portcheck, rpc
 from dml.coordinator.lock import StateDirLocked
 from dml.coordinator.server import CoordinatorServer, ServerConfig
 from dml.coordinator.service import CoordinatorConfig
+from dml.coordinator.store import SchemaError
 
 
 def _env_int(name: str, default: int) -> int:
@@ -71,6 +72,9 @@ def main(argv: list[str] | None = None) -> None:
     except OSError as e:
         print(f"dml-coordinator: {e}", file=sys.stderr)
         sys.exit(1)
+    except SchemaError as e:  # a state dir of a newer dml: bad input
+        print(f"dml-coordinator: {e}", file=sys.stderr)
+        sys.exit(2)
     if cfg.port_file is not None:
         tmp = cfg.port_file.with_suffix(".tmp")
         tmp.write_text(str(server.port))

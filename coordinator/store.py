@@ -3,10 +3,15 @@
 SQLite runs in WAL mode with every change in one transaction, so ``kill -9`` at any point leaves
 the last committed state readable. Jobs and peers are stored as JSON documents; committed rounds
 as rows of their own so history grows by appends.
+
+The database carries its schema version in ``PRAGMA user_version``. Version 0 is the first
+release's (commit 0e7092d): opening it migrates it in one transaction. A database of a newer
+version than :data:`SCHEMA_VERSION` is refused (:class:`SchemaError`), never rewritten.
 """
 from __future__ import annotations
 
 import json
+import logging
 import pathlib
 import sqlite3
 import threading
@@ -14,7 +19,18 @@ from dataclasses import asdict, fields
 from typing import Any, Iterable, Protocol
 
 from dml.common.spec import JobSpec
+from dml.common.tasks import get_task
+from dml.coordinator import planner
 from dml.coordinator.records import GossipPhase, GossipWindow, Job, PeerRecord, Report, RoundRecord
+
+log = logging.getLogger(__name__)
+
+# 0: the first release (0e7092d). 1: the gossip phase as one object; shard sizes on the job.
+SCHEMA_VERSION = 1
+
+
+class SchemaError(Exception):
+    """A state dir this version of dml cannot open (written by a newer one), or cannot migrate."""
 
 
 def job_to_dict(job: Job) -> dict[str, Any]:
@@ -36,19 +52,27 @@ def job_from_dict(d: dict[str, Any], history: list[RoundRecord]) -> Job:
     d["cursors"] = {int(k): (int(v[0]), int(v[1])) for k, v in d.get("cursors", {}).items()}  # JSON keys are strings
     pc = d.get("pending_checkpoint")
     d["pending_checkpoint"] = tuple(pc) if pc else None
-    if "gossip_window" in d:
-        d["gossip"] = _gossip_from_flat(d)
     g = dict(d.get("gossip", {}))
     g["window"] = GossipWindow(**g.get("window", {}))
     d["gossip"] = GossipPhase(**g)
     return Job(history=history, **d)
 
 
+def job_dict_from_v0(d: dict[str, Any], shard_sizes: list[int]) -> dict[str, Any]:
+    """A job document of schema 0 (the first release) as schema 1 has it: the gossip phase's
+    ``gossip_*`` fields and ``gossip_window`` list become one ``gossip`` object, and the job
+    gets the sizes of its shards."""
+    d = dict(d)
+    d["gossip"] = _gossip_from_flat(d)
+    d["shard_sizes"] = list(shard_sizes)
+    return d
+
+
 def _gossip_from_flat(d: dict[str, Any]) -> dict[str, Any]:
-    """Takes the gossip phase out of a job document of the first release, where it was a set of
+    """Takes the gossip phase out of a schema-0 job document (in place), where it was a set of
     ``gossip_*`` fields and a ``gossip_window`` list: [samples, loss sum, bytes, max train ms,
     max exchange ms, max eval ms, start ms, evaluations, test accuracy sum, test loss sum]."""
-    w = d.pop("gossip_window")
+    w = d.pop("gossip_window", None) or [0, 0.0, 0, 0, 0, 0, 0, 0, 0.0, 0.0]
     window = {"samples": int(w[0]), "loss_sum": float(w[1]), "bytes_sent": int(w[2]), "train_ms": int(w[3]),
               "exchange_ms": int(w[4]), "eval_ms": int(w[5]), "start_ms": int(w[6]), "evaluations": int(w[7]),
               "accuracy_sum": float(w[8]), "test_loss_sum": float(w[9]),
@@ -111,23 +135,63 @@ class MemoryStore:
 
 
 class SqliteStore:
-    """A Store in ``DIR/coordinator.db`` (WAL mode, one transaction per save)."""
+    """A Store in ``DIR/coordinator.db`` (WAL mode, one transaction per save). Opening a database
+    of an older schema migrates it; one of a newer schema raises :class:`SchemaError`."""
 
     def __init__(self, state_dir: pathlib.Path) -> None:
         state_dir.mkdir(parents=True, exist_ok=True)
         self.path = state_dir / "coordinator.db"
         self._lock = threading.Lock()
         self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.execute("PRAGMA busy_timeout=5000")
-        with self._tx():
-            self._db.execute("CREATE TABLE IF NOT EXISTS jobs (job_id TEXT PRIMARY KEY, body TEXT NOT NULL)")
-            self._db.execute("CREATE TABLE IF NOT EXISTS peers (peer_id TEXT PRIMARY KEY, body TEXT NOT NULL)")
-            self._db.execute(
-                "CREATE TABLE IF NOT EXISTS rounds (job_id TEXT NOT NULL, round INTEGER NOT NULL, "
-                "body TEXT NOT NULL, PRIMARY KEY (job_id, round))"
-            )
+        try:
+            self._db.execute("PRAGMA busy_timeout=5000")
+            self._check_not_newer(self._version())  # before anything writes to a database it cannot read
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            with self._tx():
+                version = self._version()
+                self._check_not_newer(version)
+                self._db.execute("CREATE TABLE IF NOT EXISTS jobs (job_id TEXT PRIMARY KEY, body TEXT NOT NULL)")
+                self._db.execute("CREATE TABLE IF NOT EXISTS peers (peer_id TEXT PRIMARY KEY, body TEXT NOT NULL)")
+                self._db.execute(
+                    "CREATE TABLE IF NOT EXISTS rounds (job_id TEXT NOT NULL, round INTEGER NOT NULL, "
+                    "body TEXT NOT NULL, PRIMARY KEY (job_id, round))"
+                )
+                if version < 1:
+                    self._migrate_0_to_1()
+                if version < SCHEMA_VERSION:
+                    self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        except BaseException:
+            self._db.close()
+            raise
+
+    def _version(self) -> int:
+        return int(self._db.execute("PRAGMA user_version").fetchone()[0])
+
+    def _check_not_newer(self, version: int) -> None:
+        if version > SCHEMA_VERSION:
+            raise SchemaError(
+                f"{self.path} has store schema version {version}, newer than this dml knows ({SCHEMA_VERSION}): "
+                f"it was written by a newer dml; run that one, or give this one another state dir")
+
+    def _migrate_0_to_1(self) -> None:
+        """Schema 0 to 1, inside the opening transaction: every job gets its shard sizes (the
+        task's training set, cut as at submit time) and its gossip phase as one object."""
+        rows = self._db.execute("SELECT job_id, body FROM jobs").fetchall()
+        labels: dict[str, Any] = {}
+        for jid, body in rows:
+            d = json.loads(body)
+            spec = JobSpec.from_dict(d["spec"])
+            try:
+                if spec.task not in labels:
+                    labels[spec.task] = get_task(spec.task).load().y_train
+                shards = planner.make_shards(labels[spec.task], spec.num_shards, spec.sharding, spec.seed)
+            except ValueError as e:
+                raise SchemaError(f"{self.path}: cannot migrate job {jid} from store schema 0: {e}") from e
+            new = job_dict_from_v0(d, [int(s.size) for s in shards])
+            self._db.execute("UPDATE jobs SET body = ? WHERE job_id = ?", (json.dumps(new), jid))
+        if rows:
+            log.info("migrated %s from store schema 0 to 1 (%d jobs)", self.path, len(rows))
 
     def _tx(self) -> "_Tx":
         return _Tx(self._db, self._lock)

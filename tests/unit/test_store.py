@@ -1,16 +1,29 @@
 """One test suite for every Store: MemoryStore and SqliteStore must behave the same."""
 from __future__ import annotations
 
+import json
 import math
 import pathlib
+import shutil
 import sqlite3
 from typing import Any, Iterator
 
 import pytest
 
+from dml.common import tasks
 from dml.common.spec import JobSpec
+from dml.coordinator.ledger import violations
 from dml.coordinator.records import FAILED, RUNNING, SUCCEEDED, Job, PeerRecord, Report, RoundRecord
-from dml.coordinator.store import MemoryStore, SqliteStore, Store, job_from_dict, job_to_dict
+from dml.coordinator.store import (
+    SCHEMA_VERSION,
+    MemoryStore,
+    SchemaError,
+    SqliteStore,
+    Store,
+    job_dict_from_v0,
+    job_from_dict,
+    job_to_dict,
+)
 
 
 @pytest.fixture(params=["memory", "sqlite"])
@@ -217,15 +230,17 @@ def test_sqlite_tables_are_plain_json(tmp_path: pathlib.Path) -> None:
         con.close()
 
 
-def test_a_job_document_of_the_first_release_reads_its_gossip_window_into_named_fields() -> None:
+def test_a_job_document_of_schema_0_gets_its_gossip_window_in_named_fields_and_its_shard_sizes() -> None:
     """The first release kept the gossip phase as flat ``gossip_*`` fields and a list of slots."""
     d = job_to_dict(busy_job())
-    del d["gossip"]
+    del d["gossip"], d["shard_sizes"]
     d.update(gossip_phase=True, gossip_peers=3, gossip_steps=5, gossip_next={"p1": 3, "p2": 2},
              gossip_issued_ms={"p1": 400, "p2": 300}, gossip_eval_step={"p1": 3}, gossip_dist={"p1": 0.5},
              gossip_window=[14, 21.0, 700, 12, 8, 3, 250, 1, 0.75, 0.5],
              gossip_consumed={"p1": [[0, 1, 0, 7]], "p2": [[1, 1, 0, 7]]})
-    g = job_from_dict(d, []).gossip
+    job = job_from_dict(job_dict_from_v0(d, [5] * 12), [])
+    assert job.shard_sizes == [5] * 12
+    g = job.gossip
     assert (g.active, g.peers, g.steps) == (True, 3, 5)
     assert g.step == {"p1": 3, "p2": 2} and g.issued_ms == {"p1": 400, "p2": 300}
     assert g.eval_step == {"p1": 3} and g.distance == {"p1": 0.5}
@@ -233,3 +248,104 @@ def test_a_job_document_of_the_first_release_reads_its_gossip_window_into_named_
     assert (w.samples, w.loss_sum, w.bytes_sent, w.train_ms, w.exchange_ms, w.eval_ms) == (14, 21.0, 700, 12, 8, 3)
     assert (w.start_ms, w.evaluations, w.accuracy_sum, w.test_loss_sum) == (250, 1, 0.75, 0.5)
     assert w.consumed == {"p1": [[0, 1, 0, 7]], "p2": [[1, 1, 0, 7]]}
+
+
+# -- schema versions -------------------------------------------------------------------------
+
+FIXTURE = pathlib.Path(__file__).resolve().parents[1] / "fixtures" / "state-0e7092d"
+
+
+def old_state_dir(tmp_path: pathlib.Path) -> pathlib.Path:
+    """A copy of the first release's state dir (tests/fixtures/README.md says how it was made)."""
+    return pathlib.Path(shutil.copytree(FIXTURE, tmp_path / "state"))
+
+
+def raw_jobs(db: pathlib.Path) -> dict[str, dict[str, Any]]:
+    con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    try:
+        return {jid: json.loads(body) for jid, body in con.execute("SELECT job_id, body FROM jobs")}
+    finally:
+        con.close()
+
+
+def user_version(db: pathlib.Path) -> int:
+    con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    try:
+        return int(con.execute("PRAGMA user_version").fetchone()[0])
+    finally:
+        con.close()
+
+
+def test_a_state_dir_of_the_first_release_opens_migrated_with_its_jobs_rounds_and_ledger(tmp_path: pathlib.Path) -> None:
+    state = old_state_dir(tmp_path)
+    db = state / "coordinator.db"
+    assert user_version(db) == 0
+    old = raw_jobs(db)
+    store = SqliteStore(state)
+    try:
+        jobs, peers = store.load()
+    finally:
+        store.close()
+    assert user_version(db) == SCHEMA_VERSION
+    by = by_id(jobs, "job_id")
+    assert set(by) == set(old)
+    states = sorted((j.state, j.spec.aggregation) for j in jobs)
+    assert states == [("PENDING", "ring"), ("RUNNING", "gossip"), ("RUNNING", "ring"),
+                      ("SUCCEEDED", "gossip"), ("SUCCEEDED", "ring")]
+    train = tasks.get_task("digits").load().y_train.size
+    for jid, job in by.items():
+        o = old[jid]
+        assert (job.committed_round, job.epoch, job.members, job.samples) == (
+            o["committed_round"], o["epoch"], o["members"], o["samples"])
+        assert job.cursors == {int(k): tuple(v) for k, v in o["cursors"].items()}
+        assert len(job.shard_sizes) == job.spec.num_shards and sum(job.shard_sizes) == train
+        assert [r.round for r in job.history] == list(range(1, job.committed_round + 1))
+        assert sum(r.samples for r in job.history) + job.gossip.window.samples == job.samples
+        ranges = [[tuple(x) for m in sorted(r.consumed) for x in r.consumed[m]] for r in job.history]
+        assert violations(ranges, job.shard_sizes) == [], jid
+    running = [j for j in jobs if j.state == "RUNNING"]
+    assert all(j.committed_round > 2 and len(j.members) == 2 for j in running)
+    ring = next(j for j in running if j.spec.aggregation == "ring")
+    assert ring.checkpoint_round and (state / "checkpoints" / ring.job_id / f"round-{ring.checkpoint_round:06d}.pt").is_file()
+    gossip = next(j for j in running if j.spec.aggregation == "gossip")
+    o = old[gossip.job_id]
+    g, w = gossip.gossip, gossip.gossip.window
+    assert g.active and (g.peers, g.steps, g.step, g.issued_ms) == (
+        o["gossip_peers"], o["gossip_steps"], o["gossip_next"], o["gossip_issued_ms"])
+    assert [w.samples, w.loss_sum, w.bytes_sent, w.train_ms, w.exchange_ms, w.eval_ms, w.start_ms, w.evaluations,
+            w.accuracy_sum, w.test_loss_sum] == o["gossip_window"]
+    assert w.samples > 0 and w.consumed == o["gossip_consumed"]
+    assert {p.peer_id for p in peers} == {m for j in running for m in j.members}
+    # Opened again, the store is at the current schema and migrates nothing twice.
+    migrated = raw_jobs(db)
+    SqliteStore(state).close()
+    assert raw_jobs(db) == migrated
+
+
+def test_a_state_dir_of_a_newer_schema_is_refused_and_left_as_it_is(tmp_path: pathlib.Path) -> None:
+    state = tmp_path / "state"
+    SqliteStore(state).close()
+    db = state / "coordinator.db"
+    con = sqlite3.connect(db)
+    con.execute(f"PRAGMA user_version={SCHEMA_VERSION + 1}")
+    con.close()
+    before = db.read_bytes()
+    with pytest.raises(SchemaError, match=f"schema version {SCHEMA_VERSION + 1}, newer than this dml knows"):
+        SqliteStore(state)
+    assert db.read_bytes() == before and user_version(db) == SCHEMA_VERSION + 1
+
+
+def test_a_migration_that_fails_leaves_the_old_schema_untouched(tmp_path: pathlib.Path) -> None:
+    state = old_state_dir(tmp_path)
+    db = state / "coordinator.db"
+    con = sqlite3.connect(db)
+    (jid, body), *_ = con.execute("SELECT job_id, body FROM jobs").fetchall()
+    d = json.loads(body)
+    d["spec"]["task"] = "retired-task"
+    con.execute("UPDATE jobs SET body = ? WHERE job_id = ?", (json.dumps(d), jid))
+    con.commit()
+    con.close()
+    old = raw_jobs(db)
+    with pytest.raises(SchemaError, match=f"cannot migrate job {jid} from store schema 0: unknown task 'retired-task'"):
+        SqliteStore(state)
+    assert user_version(db) == 0 and raw_jobs(db) == old
