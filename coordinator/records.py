@@ -13,6 +13,15 @@ from dml.common.spec import JobSpec
 PENDING, RUNNING, SUCCEEDED, FAILED, CANCELLED = "PENDING", "RUNNING", "SUCCEEDED", "FAILED", "CANCELLED"
 FINISHED = (SUCCEEDED, FAILED, CANCELLED)
 
+# Why a peer left a job's membership: the names of dml.v1.EvictionCause without their prefix.
+HEARTBEAT_TIMEOUT = "HEARTBEAT_TIMEOUT"  # no heartbeat for the peer timeout
+NEIGHBOUR_REPORT = "NEIGHBOUR_REPORT"  # a ring neighbour or gossip partner reported it failed
+SELF_REPORT = "SELF_REPORT"  # it reported a local failure and gave up its place
+ROUND_DEADLINE = "ROUND_DEADLINE"  # it had not reported when the round (or its gossip step) passed its deadline
+REPLACED = "REPLACED"  # a peer registered at its address (it restarted)
+EVICTION_CAUSES = (HEARTBEAT_TIMEOUT, NEIGHBOUR_REPORT, SELF_REPORT, ROUND_DEADLINE, REPLACED)
+MAX_JOB_EVENTS = 256  # a job keeps its most recent evictions and epochs, this many of each
+
 
 class NotFound(Exception):
     """Unknown or evicted peer, unknown job."""
@@ -112,6 +121,29 @@ class GossipPhase:
 
 
 @dataclass
+class Eviction:
+    """One removal of a peer from a job's membership."""
+
+    peer_id: str
+    cause: str  # one of EVICTION_CAUSES
+    reporter: str  # the peer that reported it (NEIGHBOUR_REPORT), else ""
+    unix_ms: int
+    epoch: int  # the membership epoch it ended (the next one starts without the peer)
+    round: int  # the round under way (re-issued under the next epoch)
+    detail: str = ""  # what the coordinator saw, for people
+
+
+@dataclass
+class MembershipEpoch:
+    """One membership epoch of a job: its members in ring order, from when and which round."""
+
+    epoch: int
+    peers: list[str]
+    started_ms: int
+    round: int  # the first round planned under it
+
+
+@dataclass
 class Job:
     """A job and its round state."""
 
@@ -142,6 +174,9 @@ class Job:
     reissues: int = 0  # times the current round was re-issued
     rolled_back_rounds: int = 0  # committed rounds given up because no peer held them any more
     gossip: GossipPhase = field(default_factory=GossipPhase)
+    evictions: list[Eviction] = field(default_factory=list)  # oldest first, the most recent MAX_JOB_EVENTS
+    evictions_total: int = 0  # including those no longer listed
+    epochs: list[MembershipEpoch] = field(default_factory=list)  # oldest first, the most recent MAX_JOB_EVENTS
 
     @property
     def start_digest(self) -> str:

@@ -135,7 +135,7 @@ class Coordinator:
         with self._cond:
             log.warning("peer %s job %s round %d epoch %d: exchange failed (suspect %s): %s",
                         peer_id, job_id, rnd, epoch, suspect or "none", detail)
-            self._apply(self.state.report_failure(peer_id, job_id, rnd, epoch, suspect, self.now_ms()))
+            self._apply(self.state.report_failure(peer_id, job_id, rnd, epoch, suspect, self.now_ms(), detail))
 
     def wait_plan(self, peer_id: str, last: tuple[str, int, int], timeout_s: float,
                   build: Callable[[Job], T]) -> T | None:

@@ -77,7 +77,12 @@ def job_to_pb(j: Job) -> jobs_pb2.JobStatus:
         job_id=j.job_id, spec=spec_to_pb(j.spec), state=STATE_TO_PB[j.state], round=j.committed_round,
         epoch=j.epoch, peers=list(j.members), reason=j.reason, created_unix_ms=j.created_ms,
         updated_unix_ms=j.updated_ms, checkpoint_round=j.checkpoint_round, samples=j.samples,
-        data_epoch=j.data_epoch,
+        data_epoch=j.data_epoch, rolled_back_rounds=j.rolled_back_rounds, evictions_total=j.evictions_total,
+        evictions=[jobs_pb2.Eviction(peer_id=e.peer_id, cause=jobs_pb2.EvictionCause.Value(f"EVICTION_CAUSE_{e.cause}"),
+                                     reporter=e.reporter, unix_ms=e.unix_ms, epoch=e.epoch, round=e.round,
+                                     detail=e.detail) for e in j.evictions],
+        epochs=[jobs_pb2.MembershipEpoch(epoch=e.epoch, peers=e.peers, started_unix_ms=e.started_ms, round=e.round)
+                for e in j.epochs],
     )
     if j.history:
         st.last.CopyFrom(round_to_pb(j.history[-1]))

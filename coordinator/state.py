@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import itertools
 import logging
-from typing import Any
+from typing import Any, TypeVar
 
 from dml.common.spec import JobSpec
 from dml.coordinator import planner
@@ -45,13 +45,20 @@ from dml.coordinator.records import (
     CANCELLED,
     FAILED,
     FINISHED,
+    HEARTBEAT_TIMEOUT,
+    MAX_JOB_EVENTS,
+    NEIGHBOUR_REPORT,
     PENDING,
+    ROUND_DEADLINE,
     RUNNING,
+    SELF_REPORT,
     SUCCEEDED,
     BadReport,
     Changes,
+    Eviction,
     GossipWindow,
     Job,
+    MembershipEpoch,
     NotFound,
     PeerRecord,
     Report,
@@ -60,6 +67,7 @@ from dml.coordinator.records import (
 )
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 MAX_DIGEST_MISMATCHES = 3
 MAX_REISSUES = 50  # a round re-issued this often without committing fails the job
@@ -109,8 +117,9 @@ class ClusterState:
         dead = [p.peer_id for p in self.peers.values() if now_ms - p.last_seen_ms > self.peer_timeout_ms]
         changes = Changes()
         for pid in dead:
-            log.warning("peer %s: no heartbeat for %d ms, evicting", pid, now_ms - self.peers[pid].last_seen_ms)
-            changes = changes | self.remove_peer(pid, now_ms)
+            silent = now_ms - self.peers[pid].last_seen_ms
+            log.warning("peer %s: no heartbeat for %d ms, evicting", pid, silent)
+            changes = changes | self.remove_peer(pid, now_ms, HEARTBEAT_TIMEOUT, detail=f"no heartbeat for {silent} ms")
         for jid in sorted(self._doomed):
             job = self.jobs[jid]
             if job.state == RUNNING:
@@ -122,9 +131,9 @@ class ClusterState:
             if job.gossip.active and self.active(job):
                 stuck = [m for m in job.members if now_ms - job.gossip.issued_ms.get(m, now_ms) > self.round_deadline_ms]
                 for pid in stuck:
-                    log.warning("job %s: peer %s held gossip step %d past the deadline of %d ms; evicting",
-                                job.job_id, pid, job.gossip.step.get(pid, 0), self.round_deadline_ms)
-                    changes = changes | self.remove_peer(pid, now_ms)
+                    why = f"held gossip step {job.gossip.step.get(pid, 0)} past the deadline of {self.round_deadline_ms} ms"
+                    log.warning("job %s: peer %s %s; evicting", job.job_id, pid, why)
+                    changes = changes | self.remove_peer(pid, now_ms, ROUND_DEADLINE, detail=why)
             elif self.active(job) and now_ms - job.round_started_ms > self.round_deadline_ms:
                 changes = changes | self._round_overdue(job, now_ms)
             elif job.waiting_since_ms and now_ms - job.waiting_since_ms > job.spec.peer_grace_s * 1000:
@@ -139,14 +148,16 @@ class ClusterState:
             log.warning("job %s round %d: deadline of %d ms passed; evicting %s, which did not report",
                         job.job_id, job.round, self.round_deadline_ms, laggards)
             changes = Changes()
+            why = f"had not reported round {job.round} when its deadline of {self.round_deadline_ms} ms passed"
             for pid in laggards:
-                changes = changes | self.remove_peer(pid, now_ms)
+                changes = changes | self.remove_peer(pid, now_ms, ROUND_DEADLINE, detail=why)
             return changes
         self._new_epoch(job, now_ms, f"round deadline of {self.round_deadline_ms} ms passed with no report")
         return Changes(jobs=(job.job_id,))
 
-    def remove_peer(self, peer_id: str, now_ms: int) -> Changes:
-        """Evicts a peer; its job re-forms the ring without it."""
+    def remove_peer(self, peer_id: str, now_ms: int, cause: str, reporter: str = "", detail: str = "") -> Changes:
+        """Evicts a peer for ``cause`` (one of ``EVICTION_CAUSES``); its job records the eviction
+        and re-forms the ring without it."""
         p = self.peers.pop(peer_id, None)
         if p is None:
             return Changes()
@@ -155,6 +166,8 @@ class ClusterState:
         if job and peer_id in job.holders:
             job.holders = [h for h in job.holders if h != peer_id]
         if job and job.state == RUNNING and peer_id in job.members:
+            _keep_recent(job.evictions, Eviction(peer_id, cause, reporter, now_ms, job.epoch, job.round, detail))
+            job.evictions_total += 1
             sizes = job.shard_sizes
             job.members = [m for m in job.members if m != peer_id]
             if job.members:
@@ -165,10 +178,12 @@ class ClusterState:
             changes = changes | Changes(jobs=(job.job_id,))
         return changes | self.schedule(now_ms)
 
-    def report_failure(self, reporter: str, job_id: str, rnd: int, epoch: int, suspect: str, now_ms: int) -> Changes:
-        """A member's exchange of (round, epoch) failed. With a suspect (a neighbour whose
-        stream broke or whose port refused), evict it now; without one, re-issue the round under
-        a new epoch so nobody waits on an exchange that cannot finish. Stale reports are ignored."""
+    def report_failure(self, reporter: str, job_id: str, rnd: int, epoch: int, suspect: str, now_ms: int,
+                       detail: str = "") -> Changes:
+        """A member's exchange of (round, epoch) failed (``detail``: what it saw). With a suspect
+        (a neighbour whose stream broke or whose port refused), evict it now; without one,
+        re-issue the round under a new epoch so nobody waits on an exchange that cannot finish.
+        Stale reports are ignored."""
         self._peer(reporter).last_seen_ms = now_ms
         job = self.jobs.get(job_id)
         if job is not None and job.state == RUNNING and job.gossip.active:
@@ -176,16 +191,16 @@ class ClusterState:
             # own place (a local failure) is acted on.
             if suspect == reporter and reporter in job.members:
                 log.warning("peer %s gives up its place in job %s (local failure)", reporter, job_id)
-                return self.remove_peer(reporter, now_ms)
+                return self.remove_peer(reporter, now_ms, SELF_REPORT, detail=detail)
             return Changes()
         if job is None or job.state != RUNNING or (rnd, epoch) != (job.round, job.epoch):
             return Changes()
         if suspect and suspect in self.peers:
             if suspect == reporter:
                 log.warning("peer %s gives up its place in job %s (local failure)", reporter, job_id)
-            else:
-                log.warning("peer %s reported by %s as failed mid-exchange; evicting", suspect, reporter)
-            return self.remove_peer(suspect, now_ms)
+                return self.remove_peer(reporter, now_ms, SELF_REPORT, detail=detail)
+            log.warning("peer %s reported by %s as failed mid-exchange; evicting", suspect, reporter)
+            return self.remove_peer(suspect, now_ms, NEIGHBOUR_REPORT, reporter=reporter, detail=detail)
         if not suspect:
             self._new_epoch(job, now_ms, f"exchange failed at {reporter}")
             return Changes(jobs=(job_id,))
@@ -407,6 +422,7 @@ class ClusterState:
         job.epoch += 1
         job.reissues += 1
         self._issue(job, now_ms)
+        _keep_recent(job.epochs, MembershipEpoch(job.epoch, list(job.members), now_ms, job.round))
         if len(job.members) < job.spec.min_peers:
             job.reason = f"waiting for peers: {len(job.members)} live, {job.spec.min_peers} needed"
             job.waiting_since_ms = job.waiting_since_ms or now_ms
@@ -569,6 +585,12 @@ class ClusterState:
         else:
             self._issue(job, now_ms)
         return changes
+
+
+def _keep_recent(events: list[T], event: T) -> None:
+    """Appends ``event``, keeping the most recent ``MAX_JOB_EVENTS``."""
+    events.append(event)
+    del events[:-MAX_JOB_EVENTS]
 
 
 def _note_speed(peer: PeerRecord, rep: Report) -> None:

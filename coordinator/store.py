@@ -21,7 +21,16 @@ from typing import Any, Iterable, Protocol
 from dml.common.spec import JobSpec
 from dml.common.tasks import get_task
 from dml.coordinator import planner
-from dml.coordinator.records import GossipPhase, GossipWindow, Job, PeerRecord, Report, RoundRecord
+from dml.coordinator.records import (
+    Eviction,
+    GossipPhase,
+    GossipWindow,
+    Job,
+    MembershipEpoch,
+    PeerRecord,
+    Report,
+    RoundRecord,
+)
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +49,8 @@ def job_to_dict(job: Job) -> dict[str, Any]:
     d["spec"] = job.spec.to_dict()
     d["reports"] = {k: asdict(v) for k, v in job.reports.items()}
     d["gossip"] = asdict(job.gossip)
+    d["evictions"] = [asdict(e) for e in job.evictions]
+    d["epochs"] = [asdict(e) for e in job.epochs]
     return d
 
 
@@ -55,6 +66,8 @@ def job_from_dict(d: dict[str, Any], history: list[RoundRecord]) -> Job:
     g = dict(d.get("gossip", {}))
     g["window"] = GossipWindow(**g.get("window", {}))
     d["gossip"] = GossipPhase(**g)
+    d["evictions"] = [Eviction(**e) for e in d.get("evictions", [])]
+    d["epochs"] = [MembershipEpoch(**e) for e in d.get("epochs", [])]
     return Job(history=history, **d)
 
 

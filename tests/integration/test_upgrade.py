@@ -30,7 +30,8 @@ def test_the_jobs_of_a_first_release_state_dir_resume_with_new_peers(tmp_path: p
         ring = next(j for j, (s, agg, _) in before.items() if s == "RUNNING" and agg == "ring")
         gossip = next(j for j, (s, agg, _) in before.items() if s == "RUNNING" and agg == "gossip")
         pending = next(j for j, (s, _, _) in before.items() if s == "PENDING")
-        old_members = set(c.state.job(ring).members) | set(c.state.job(gossip).members)
+        old_ring = set(c.state.job(ring).members)
+        old_members = old_ring | set(c.state.job(gossip).members)
         stub = job_stub(srv.address)
         listed = stub.ListJobs(jobs_pb2.ListJobsRequest(), timeout=10).jobs
         assert {j.job_id for j in listed} == set(before)
@@ -44,6 +45,9 @@ def test_the_jobs_of_a_first_release_state_dir_resume_with_new_peers(tmp_path: p
             got = stub.GetJob(jobs_pb2.GetJobRequest(job_id=ring, include_history=True), timeout=10)
             assert got.job.state == types_pb2.JOB_STATE_RUNNING
             assert [r.round for r in got.history] == list(range(1, got.job.round + 1))
+            # The old release's members were the first to go, for want of heartbeats.
+            assert {(e.peer_id, e.cause) for e in got.job.evictions[:2]} == {
+                (m, jobs_pb2.EVICTION_CAUSE_HEARTBEAT_TIMEOUT) for m in old_ring}
             for jid in (ring, gossip, pending):
                 job = c.view(lambda st, jid=jid: st.jobs[jid])
                 assert not old_members & set(job.members)

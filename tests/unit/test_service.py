@@ -9,10 +9,11 @@ import pytest
 from dml.common import tasks
 from dml.common.spec import JobSpec
 from dml.coordinator import service
-from dml.coordinator.records import Report
+from dml.coordinator.records import EVICTION_CAUSES, NEIGHBOUR_REPORT, Eviction, Job, MembershipEpoch, Report
 from dml.coordinator.service import Coordinator, CoordinatorConfig, job_shards
-from dml.coordinator.servicer import PeerControlServicer
+from dml.coordinator.servicer import PeerControlServicer, job_to_pb
 from dml.coordinator.store import MemoryStore, SqliteStore
+from dml.v1 import jobs_pb2
 
 
 def test_submit_fixes_the_shard_sizes_and_a_restored_job_runs_without_loading_data(
@@ -73,3 +74,20 @@ def test_the_running_jobs_of_a_first_release_state_dir_are_planned_again(tmp_pat
                     assert len(idx.indices) == job.shard_sizes[s]
     finally:
         coord.close()
+
+
+def test_job_status_carries_every_eviction_cause_the_epochs_and_the_rolled_back_rounds() -> None:
+    job = Job("job-1", JobSpec(), created_ms=1, shard_sizes=[1] * JobSpec().num_shards, state="RUNNING", epoch=7,
+              rolled_back_rounds=2, evictions_total=9)
+    job.evictions = [Eviction(f"p{i}", cause, "p9" if cause == NEIGHBOUR_REPORT else "", 100 + i, 2 + i, 5, f"why {i}")
+                     for i, cause in enumerate(EVICTION_CAUSES)]
+    job.epochs = [MembershipEpoch(6, ["p8", "p9"], 90, 4), MembershipEpoch(7, ["p9"], 120, 5)]
+    st = job_to_pb(job)
+    assert st.rolled_back_rounds == 2 and st.evictions_total == 9
+    assert [jobs_pb2.EvictionCause.Name(e.cause) for e in st.evictions] == [
+        "EVICTION_CAUSE_HEARTBEAT_TIMEOUT", "EVICTION_CAUSE_NEIGHBOUR_REPORT", "EVICTION_CAUSE_SELF_REPORT",
+        "EVICTION_CAUSE_ROUND_DEADLINE", "EVICTION_CAUSE_REPLACED"]
+    assert [(e.peer_id, e.reporter, e.unix_ms, e.epoch, e.round, e.detail) for e in st.evictions][:2] == [
+        ("p0", "", 100, 2, 5, "why 0"), ("p1", "p9", 101, 3, 5, "why 1")]
+    assert [(e.epoch, list(e.peers), e.started_unix_ms, e.round) for e in st.epochs] == [
+        (6, ["p8", "p9"], 90, 4), (7, ["p9"], 120, 5)]

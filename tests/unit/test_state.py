@@ -12,12 +12,19 @@ from dml.coordinator.records import (
     CANCELLED,
     FAILED,
     FINISHED,
+    HEARTBEAT_TIMEOUT,
+    MAX_JOB_EVENTS,
+    NEIGHBOUR_REPORT,
     PENDING,
+    ROUND_DEADLINE,
     RUNNING,
+    SELF_REPORT,
     SUCCEEDED,
     BadReport,
     Changes,
+    Eviction,
     Job,
+    MembershipEpoch,
     NotFound,
     Report,
     Stale,
@@ -428,6 +435,73 @@ def test_report_failure_without_a_suspect_reissues_the_round() -> None:
     assert set(s.peers) == {a, b, c}
     assert s.report_failure(a, job.job_id, 1, 2, a, 12).removed_peers == (a,)
     assert job.members == [b, c] and job.epoch == 3
+
+
+# -- evictions and epochs, as JobStatus shows them ---------------------------------------------
+
+
+def test_a_heartbeat_timeout_is_recorded_with_the_epoch_it_ended_and_the_round_under_way() -> None:
+    s, job, (a, b, c) = running(3)
+    report_all(s, job, 100)  # round 1 committed in epoch 1; round 2 under way
+    for p in (a, b):
+        s.heartbeat(p, 1100)
+    s.expire(1101)  # c silent since 100
+    assert job.evictions == [Eviction(c, HEARTBEAT_TIMEOUT, "", 1101, 1, 2, "no heartbeat for 1001 ms")]
+    assert job.evictions_total == 1
+    assert job.epochs == [MembershipEpoch(1, [a, b, c], 0, 1), MembershipEpoch(2, [a, b], 1101, 2)]
+    assert job.epochs[-1].epoch == job.epoch and job.epochs[-1].peers == job.members
+
+
+def test_neighbour_and_self_reports_are_recorded_with_their_reporter_and_detail() -> None:
+    s, job, (a, b, c, d) = running(4)
+    s.report_failure(a, job.job_id, 1, 1, b, 900, "stream from b broke")
+    s.report_failure(c, job.job_id, 1, 2, c, 950, "CUDA out of memory")
+    assert job.evictions == [Eviction(b, NEIGHBOUR_REPORT, a, 900, 1, 1, "stream from b broke"),
+                             Eviction(c, SELF_REPORT, "", 950, 2, 1, "CUDA out of memory")]
+    assert [(e.epoch, e.peers, e.round) for e in job.epochs] == [(1, [a, b, c, d], 1), (2, [a, c, d], 1), (3, [a, d], 1)]
+    # Stale or suspect-less reports evict nobody; a re-issued round is an epoch of its own.
+    s.report_failure(a, job.job_id, 1, 1, d, 960)
+    s.report_failure(a, job.job_id, 1, 3, "", 970)
+    assert len(job.evictions) == job.evictions_total == 2
+    assert job.epochs[-1] == MembershipEpoch(4, [a, d], 970, 1)
+
+
+def test_members_that_missed_the_round_deadline_are_recorded_as_such() -> None:
+    s, job, (a, b, c) = running(3)
+    report_all(s, job, 10)
+    s.report(a, job.job_id, 2, 1, rep(), 20)
+    for p in (a, b, c):
+        s.heartbeat(p, 120_010)
+    s.expire(120_011)  # round 2 started at 10: past the default deadline of 120 s
+    why = "had not reported round 2 when its deadline of 120000 ms passed"
+    assert job.evictions == [Eviction(b, ROUND_DEADLINE, "", 120_011, 1, 2, why),
+                             Eviction(c, ROUND_DEADLINE, "", 120_011, 2, 2, why)]
+    assert job.members == [a] and job.epochs[-1] == MembershipEpoch(3, [a], 120_011, 2)
+
+
+def test_only_members_evictions_are_recorded_and_a_cancel_is_none() -> None:
+    s, job, peers = running(2, num_shards=2)
+    (idle,) = register(s, 1, now=5)
+    s.heartbeat(peers[0], 900)
+    s.heartbeat(peers[1], 900)
+    s.expire(1006)  # the idle peer is evicted: it was nobody's member
+    assert idle not in s.peers and job.evictions == [] and job.evictions_total == 0
+    s.cancel(job.job_id, 1010)
+    assert job.evictions == [] and len(job.epochs) == 1
+
+
+def test_a_job_keeps_its_most_recent_evictions_and_epochs_and_counts_them_all() -> None:
+    s = new_state()
+    jid, _ = submit(s, spec(min_peers=1, num_shards=1, rounds=10), 0)
+    job = s.job(jid)
+    gone = []
+    for i in range(MAX_JOB_EVENTS + 44):
+        (p,) = register(s, 1, now=i)  # joins the waiting job
+        s.report_failure(p, jid, job.round, job.epoch, p, i)  # and gives up its place
+        gone.append(p)
+    assert job.evictions_total == MAX_JOB_EVENTS + 44
+    assert [e.peer_id for e in job.evictions] == gone[-MAX_JOB_EVENTS:]
+    assert len(job.epochs) == MAX_JOB_EVENTS and job.epochs[-1].epoch == job.epoch == 2 * (MAX_JOB_EVENTS + 44)
 
 
 # -- checkpoints ------------------------------------------------------------------------------

@@ -17,7 +17,21 @@ from hypothesis import strategies as st
 from dml.aggregation.gossip import consensus_distance
 from dml.coordinator.ledger import violations
 from dml.common.spec import JobSpec
-from dml.coordinator.records import RUNNING, SUCCEEDED, BadReport, Changes, Job, NotFound, Report, Stale
+from dml.coordinator.records import (
+    HEARTBEAT_TIMEOUT,
+    ROUND_DEADLINE,
+    RUNNING,
+    SELF_REPORT,
+    SUCCEEDED,
+    BadReport,
+    Changes,
+    Eviction,
+    Job,
+    MembershipEpoch,
+    NotFound,
+    Report,
+    Stale,
+)
 from dml.coordinator.state import ClusterState
 from dml.coordinator.store import MemoryStore, SqliteStore, job_from_dict, job_to_dict
 
@@ -140,7 +154,7 @@ def test_stale_step_or_outsider_is_stale_and_wrong_samples_is_bad_and_nothing_ch
     assert job_to_dict(job) == snap, "a refused report changes nothing"
     outsider = register(s, 1, 30)[0]  # admitted at once: a member now, at step 1
     assert job.gossip.step[outsider] == 1
-    s.remove_peer(outsider, 40)
+    s.remove_peer(outsider, 40, HEARTBEAT_TIMEOUT)
     snap = job_to_dict(job)
     with pytest.raises(NotFound):  # evicted
         s.report(outsider, job.job_id, 1, job.epoch, Report(BUDGET, 1.0, ""), 50)
@@ -256,9 +270,25 @@ def test_member_holding_its_step_past_the_deadline_is_evicted() -> None:
         step(s, job, a, t)
         step(s, job, b, t)
     assert s.expire(5_000).removed_peers == ()
+    under_way = job.round
     ch = s.expire(5_001)
     assert ch.removed_peers == (c,)
     assert job.members == [a, b] and job.gossip.active and job.state == RUNNING
+    assert job.evictions == [Eviction(c, ROUND_DEADLINE, "", 5_001, 1, under_way,
+                                      "held gossip step 1 past the deadline of 5000 ms")]
+    assert job.epochs[-1] == MembershipEpoch(2, [a, b], 5_001, under_way)
+
+
+def test_in_the_phase_only_a_member_giving_up_its_place_is_evicted_and_recorded() -> None:
+    s, job, (a, b, c) = running(3)
+    step(s, job, a, 10)
+    s.report_failure(a, job.job_id, 2, 1, b, 20, "partner b refused")  # routed around: nobody evicted
+    assert job.members == [a, b, c] and job.evictions == []
+    s.report_failure(b, job.job_id, 1, 1, b, 30, "local failure")
+    assert job.evictions == [Eviction(b, SELF_REPORT, "", 30, 1, 1, "local failure")]
+    (d,) = register(s, 1, 40)  # admitted at once: an epoch of its own
+    assert [(e.epoch, e.peers, e.started_ms) for e in job.epochs] == [
+        (1, [a, b, c], 0), (2, [a, c], 30), (3, [a, c, d], 40)]
 
 
 def test_a_member_waiting_for_peers_is_not_evicted_as_stuck_when_the_job_resumes() -> None:

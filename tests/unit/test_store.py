@@ -13,7 +13,18 @@ import pytest
 from dml.common import tasks
 from dml.common.spec import JobSpec
 from dml.coordinator.ledger import violations
-from dml.coordinator.records import FAILED, RUNNING, SUCCEEDED, Job, PeerRecord, Report, RoundRecord
+from dml.coordinator.records import (
+    FAILED,
+    NEIGHBOUR_REPORT,
+    RUNNING,
+    SUCCEEDED,
+    Eviction,
+    Job,
+    MembershipEpoch,
+    PeerRecord,
+    Report,
+    RoundRecord,
+)
 from dml.coordinator.store import (
     SCHEMA_VERSION,
     MemoryStore,
@@ -56,6 +67,10 @@ def busy_job(jid: str = "job-1") -> Job:
               samples=1280, checkpoint_round=2, checkpoint_digest="cd" * 32,
               pending_checkpoint=(3, "ef" * 32), mismatches=1)
     job.history = [record(1, ["p1", "p2", "p3"]), record(2, ["p1", "p2"])]
+    job.rolled_back_rounds = 1
+    job.evictions = [Eviction("p3", NEIGHBOUR_REPORT, "p1", 240, 3, 2, "stream broke")]
+    job.evictions_total = 5
+    job.epochs = [MembershipEpoch(3, ["p1", "p2", "p3"], 200, 2), MembershipEpoch(4, ["p1", "p2"], 240, 2)]
     return job
 
 
@@ -83,6 +98,7 @@ def test_job_and_peers_round_trip(store: Store) -> None:
     assert isinstance(got.reports["p1"], Report) and got.reports["p2"].test_accuracy is None
     assert got.pending_checkpoint == (3, "ef" * 32) and isinstance(got.pending_checkpoint, tuple)
     assert all(isinstance(r, RoundRecord) for r in got.history)
+    assert isinstance(got.evictions[0], Eviction) and isinstance(got.epochs[0], MembershipEpoch)
     assert by_id(got_peers, "peer_id") == by_id(peers, "peer_id")
 
 

@@ -1,0 +1,37 @@
+"""What JobStatus says about a job's membership (evictions and epochs), read through GetJob
+from a real coordinator with real peers."""
+from __future__ import annotations
+
+from dml.common.spec import JobSpec
+from dml.v1 import jobs_pb2, types_pb2
+from tests.integration.helpers import coordinator, job_stub, peers, wait_for
+from tests.integration.test_cluster import _job, _submit
+
+LEFT = (jobs_pb2.EVICTION_CAUSE_HEARTBEAT_TIMEOUT, jobs_pb2.EVICTION_CAUSE_NEIGHBOUR_REPORT)
+
+
+def test_get_job_lists_the_eviction_of_a_peer_that_left_and_the_epochs_around_it() -> None:
+    with coordinator() as srv, peers(srv.address, 2):
+        stub = job_stub(srv.address)
+        jid = _submit(stub, JobSpec(rounds=400, local_steps=5, min_peers=2))
+        with peers(srv.address, 1) as extra:
+            wait_for(lambda: len(_job(stub, jid).job.peers) == 3 and _job(stub, jid).job.round >= 3, 60, "3-peer ring")
+        gone = extra[0].peer_id
+        wait_for(lambda: gone not in _job(stub, jid).job.peers, 30, "eviction")
+        st = _job(stub, jid).job
+        stub.CancelJob(jobs_pb2.CancelJobRequest(job_id=jid), timeout=10)
+    (ev,) = [e for e in st.evictions if e.peer_id == gone]
+    assert ev.cause in LEFT, jobs_pb2.EvictionCause.Name(ev.cause)
+    assert (ev.reporter != "") == (ev.cause == jobs_pb2.EVICTION_CAUSE_NEIGHBOUR_REPORT)
+    assert ev.detail and ev.unix_ms >= st.created_unix_ms and ev.round >= 3
+    assert st.evictions_total == len(st.evictions) >= 1
+    assert st.rolled_back_rounds == 0
+    # Epochs: numbered from 1 without a gap, the last one is the job's ring now; the epoch the
+    # eviction ended had the peer, the next one has not.
+    assert [e.epoch for e in st.epochs] == list(range(1, st.epoch + 1))
+    assert list(st.epochs[-1].peers) == list(st.peers)
+    epochs = {e.epoch: e for e in st.epochs}
+    assert gone in epochs[ev.epoch].peers and gone not in epochs[ev.epoch + 1].peers
+    assert epochs[ev.epoch + 1].round == ev.round
+    assert all(a.started_unix_ms <= b.started_unix_ms and a.round <= b.round for a, b in zip(st.epochs, st.epochs[1:]))
+    assert st.state == types_pb2.JOB_STATE_RUNNING
