@@ -9,6 +9,8 @@ changed; the caller (``coordinator.service``) persists, wakes waiters and logs. 
 - A member that leaves (evicted, or reported broken by a neighbour) bumps the epoch; only its
   shards move; round ``r`` is re-issued to the survivors from the parameters of ``r - 1``.
 - Idle live peers join a running job at the next round boundary (a new epoch).
+- A peer registering at the address of a registered one replaces it (a restart): the old one is
+  evicted as for any other cause.
 - Below ``min_peers`` the job waits and says why; after ``peer_grace_s`` it fails.
 - A round running past ``round_deadline_ms`` evicts the members that did not report (or, if
   none did, is re-issued under a new epoch).
@@ -49,6 +51,7 @@ from dml.coordinator.records import (
     MAX_JOB_EVENTS,
     NEIGHBOUR_REPORT,
     PENDING,
+    REPLACED,
     ROUND_DEADLINE,
     RUNNING,
     SELF_REPORT,
@@ -93,10 +96,16 @@ class ClusterState:
 
     # -- peers ------------------------------------------------------------------------------
     def register(self, address: str, capability: dict[str, Any], now_ms: int) -> tuple[str, Changes]:
-        """Adds a peer; returns its id."""
+        """Adds a peer; returns its id. A registered peer at the same address is stale (that peer
+        restarted, or its container came back at the same host:port): it is removed first,
+        evicted from its job as ``REPLACED``, its shards moving as for any eviction."""
+        changes = Changes()
+        for old in [p.peer_id for p in self.peers.values() if p.address == address]:
+            log.warning("peer %s: a new peer registered at its address %s; replacing it", old, address)
+            changes = changes | self.remove_peer(old, now_ms, REPLACED, detail=f"a new peer registered at {address}")
         pid = self._new_id("peer", self.peers, now_ms)
         self.peers[pid] = PeerRecord(pid, address, capability, now_ms, now_ms)
-        return pid, Changes(peers=(pid,)) | self.schedule(now_ms)
+        return pid, changes | Changes(peers=(pid,)) | self.schedule(now_ms)
 
     def heartbeat(self, peer_id: str, now_ms: int) -> tuple[str, int]:
         """Renews a lease; returns the peer's job and its epoch (("", 0) if idle)."""

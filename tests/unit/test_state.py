@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 
 import pytest
 from hypothesis import given, settings
@@ -16,6 +17,7 @@ from dml.coordinator.records import (
     MAX_JOB_EVENTS,
     NEIGHBOUR_REPORT,
     PENDING,
+    REPLACED,
     ROUND_DEADLINE,
     RUNNING,
     SELF_REPORT,
@@ -55,8 +57,11 @@ def rep(digest: str = "d", samples: int = 10, loss: float = 1.0, acc: float | No
                   test_loss=None if acc is None else 0.5)
 
 
+PORTS = itertools.count(5000)  # every registration at an address of its own unless a test says otherwise
+
+
 def register(st_: ClusterState, n: int, now: int = 0) -> list[str]:
-    return [st_.register(f"10.0.0.{i}:5000", {"device": "cpu"}, now)[0] for i in range(n)]
+    return [st_.register(f"10.0.0.1:{next(PORTS)}", {"device": "cpu"}, now)[0] for _ in range(n)]
 
 
 def report_all(st_: ClusterState, job: Job, now: int, digests: list[str] | None = None) -> Changes:
@@ -504,6 +509,33 @@ def test_a_job_keeps_its_most_recent_evictions_and_epochs_and_counts_them_all() 
     assert len(job.epochs) == MAX_JOB_EVENTS and job.epochs[-1].epoch == job.epoch == 2 * (MAX_JOB_EVENTS + 44)
 
 
+def test_a_peer_registering_at_a_members_address_replaces_it_and_takes_its_place_at_the_boundary() -> None:
+    s, job, (a, b, c) = running(3)
+    before = {p: list(v) for p, v in job.assignment.items()}
+    s.report(a, job.job_id, 1, 1, rep(), 5)
+    addr = s.peers[c].address
+    d, ch = s.register(addr, {"device": "cpu"}, 10)
+    assert c in ch.removed_peers and d in ch.peers and job.job_id in ch.jobs
+    assert c not in s.peers and s.peers[d].address == addr
+    with pytest.raises(NotFound):
+        s.heartbeat(c, 11)
+    assert job.evictions == [Eviction(c, REPLACED, "", 10, 1, 1, f"a new peer registered at {addr}")]
+    assert job.members == [a, b] and job.epoch == 2 and job.round == 1 and job.reports == {}
+    for p in (a, b):
+        assert set(before[p]) <= set(job.assignment[p]), "only the replaced peer's shards move"
+    assert s.peers[d].job_id == "", "the new registration joins at the next boundary, like any peer"
+    report_all(s, job, 20)
+    assert job.members == [a, b, d] and s.plan_for(d) is job
+
+
+def test_a_peer_registering_at_an_idle_peers_address_replaces_it() -> None:
+    s, job, _ = running(2, num_shards=2)
+    (idle,) = register(s, 1, now=5)
+    new, ch = s.register(s.peers[idle].address, {}, 6)
+    assert ch.removed_peers == (idle,) and set(s.peers) == set(job.members) | {new}
+    assert s.live_idle() == [new] and job.evictions == [] and job.epoch == 1
+
+
 # -- checkpoints ------------------------------------------------------------------------------
 
 
@@ -564,7 +596,7 @@ def test_changes_union_dedupes_but_keeps_every_commit() -> None:
 
 # Weighted by repetition: commits and registrations are common, cancels rare.
 OP_NAMES = ["register"] * 3 + ["advance"] * 2 + ["heartbeat"] * 3 + ["expire"] * 2 + ["commit"] * 6 + \
-    ["mismatch", "fail", "submit", "cancel"]
+    ["mismatch", "fail", "submit", "cancel", "reregister"]
 OPS = st.lists(st.tuples(st.sampled_from(OP_NAMES), st.integers(0, 1000)), max_size=80)
 
 
@@ -594,8 +626,15 @@ def check_invariants(s: ClusterState, last: dict[str, tuple[int, int]]) -> None:
             assert m not in owner
             owner[m] = job.job_id
         assert s.active(job) == (len(job.members) >= job.spec.min_peers)
+        # JobStatus's membership history: the last epoch recorded is the ring now.
+        assert job.epochs[-1].epoch == job.epoch and job.epochs[-1].peers == job.members
+    for job in s.jobs.values():
+        assert len(job.evictions) == min(job.evictions_total, MAX_JOB_EVENTS)
+        assert [e.epoch for e in job.epochs] == list(range(job.epoch - len(job.epochs) + 1, job.epoch + 1))
+        assert all(e.epoch < job.epoch for e in job.evictions), "an eviction ends its epoch"
     for pid, p in s.peers.items():
         assert (p.job_id != "") == (pid in owner), f"peer {pid} job_id {p.job_id!r}"
+    assert len({p.address for p in s.peers.values()}) == len(s.peers), "one registration per address"
 
 
 @settings(max_examples=300, deadline=None, database=None)
@@ -610,7 +649,9 @@ def test_state_machine_invariants_hold_under_random_operations(ops: list[tuple[s
         peers = sorted(s.peers)
         jobs = sorted(s.jobs)
         if op == "register":
-            s.register("h:1", {}, now)
+            s.register(f"h:{next(PORTS)}", {}, now)
+        elif op == "reregister" and peers:  # a peer restarts at its address
+            s.register(s.peers[peers[arg % len(peers)]].address, {}, now)
         elif op == "advance":
             now += arg % 900 + 1
         elif op == "heartbeat":

@@ -6,6 +6,7 @@ every member runs its own numbered steps, a report advances only that member, ev
 """
 from __future__ import annotations
 
+import itertools
 import math
 import random
 
@@ -19,6 +20,7 @@ from dml.coordinator.ledger import violations
 from dml.common.spec import JobSpec
 from dml.coordinator.records import (
     HEARTBEAT_TIMEOUT,
+    REPLACED,
     ROUND_DEADLINE,
     RUNNING,
     SELF_REPORT,
@@ -57,8 +59,11 @@ def submit(s: ClusterState, job_spec: JobSpec, now: int) -> tuple[str, Changes]:
     return s.submit(job_spec, [SHARD] * job_spec.num_shards, now)
 
 
+PORTS = itertools.count(5000)  # every registration at an address of its own
+
+
 def register(s: ClusterState, n: int, now: int = 0) -> list[str]:
-    return [s.register(f"10.0.0.{i}:5000", {"device": "cpu"}, now)[0] for i in range(n)]
+    return [s.register(f"10.0.0.1:{next(PORTS)}", {"device": "cpu"}, now)[0] for _ in range(n)]
 
 
 def running(n: int = 3, deadline_ms: int = DEADLINE_MS, **kw: object) -> tuple[ClusterState, Job, list[str]]:
@@ -395,3 +400,17 @@ def test_job_survives_a_store_round_trip_mid_phase_and_the_phase_goes_on(kind: s
         s2.report(p, loaded.job_id, 3, loaded.epoch, Report(loaded.allocated(p), 1.0, "f"), 800)
     assert loaded.state == SUCCEEDED
     assert violations(ledger(loaded), [SHARD] * 6) == []
+
+
+def test_a_member_that_restarts_at_its_address_is_replaced_and_the_new_one_joins_at_once() -> None:
+    s, job, (a, b, c) = running(3)
+    step(s, job, c, 10)
+    shards_c = list(job.assignment[c])
+    d, ch = s.register(s.peers[c].address, {}, 20)
+    assert ch.removed_peers == (c,) and c not in s.peers
+    assert job.evictions == [Eviction(c, REPLACED, "", 20, 1, 1, f"a new peer registered at {s.peers[d].address}")]
+    # Evicted (a new epoch without c), then the new registration admitted at once (another).
+    assert [(e.epoch, e.peers) for e in job.epochs] == [(1, [a, b, c]), (2, [a, b]), (3, [a, b, d])]
+    assert job.gossip.step[d] == 1 and c not in job.gossip.step and job.assignment[d]
+    assert sorted(sum(job.assignment.values(), [])) == list(range(6)) and set(shards_c) <= set(
+        job.assignment[a] + job.assignment[b] + job.assignment[d])
