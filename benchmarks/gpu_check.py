@@ -25,7 +25,8 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from dml.client.api import JobClient, status_dict
-from dml.client.local import cluster, die_with_parent, reap
+from dml.client.cluster import die_with_parent, reap
+from dml.client.local import cluster
 from dml.common.spec import CODECS, JobSpec
 
 

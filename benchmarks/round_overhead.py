@@ -106,7 +106,7 @@ from dml.v1 import jobs_pb2
 
 from dml.client.api import ApiError, JobClient, history_dict, status_dict
 from dml.common.args import int_in, positive_float
-from dml.client.local import die_with_parent, reap, wait_for_port_file
+from dml.client.cluster import ClusterError, die_with_parent, reap, wait_for_port_file
 from dml.common.spec import CODECS, DATA_PLANES, MAX_ROUNDS, JobSpec
 from dml.common.tasks import get_task
 
@@ -283,7 +283,7 @@ def cluster(peers: int, root: pathlib.Path) -> Iterator[Cluster]:
                         "--port-file", str(port_file)], logs / "coordinator.log", procs)
         try:
             port = wait_for_port_file(port_file, coord, START_TIMEOUT_S)
-        except ApiError as e:
+        except ClusterError as e:
             raise BenchError(str(e)) from None
         address = f"127.0.0.1:{port}"
         peer_procs = [_spawn([py, "-m", "dml.peer.cli", "--coordinator", address, "--host", "127.0.0.1", "--port", "0",

@@ -6,9 +6,8 @@ reaped: SIGTERM, then SIGKILL after a grace period, on success, failure and Ctrl
 from __future__ import annotations
 
 import argparse
-import json
 import contextlib
-import os
+import json
 import pathlib
 import signal
 import socket
@@ -16,10 +15,11 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Any, Iterator
+from typing import Iterator
 
 from dml.client import cli as jobctl
 from dml.client.api import ApiError, JobClient, status_dict
+from dml.client.cluster import ClusterError, LocalCluster
 
 DEFAULT_PORT = 50051
 
@@ -49,87 +49,32 @@ def _free(port: int) -> bool:
             return False
 
 
-def wait_for_port_file(path: pathlib.Path, proc: subprocess.Popen[bytes], timeout_s: float) -> int:
-    """Waits until a child writes its bound port to ``path``."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if path.exists():
-            return int(path.read_text())
-        if proc.poll() is not None:
-            raise ApiError(f"coordinator exited with code {proc.returncode} before listening", 1)
-        time.sleep(0.05)
-    raise ApiError(f"coordinator did not start within {timeout_s:.0f}s", 1)
-
-
-def _resolve_prctl() -> Any:
-    if not sys.platform.startswith("linux"):
-        return None
-    import ctypes
-
-    try:
-        return ctypes.CDLL("libc.so.6", use_errno=True).prctl
-    except (OSError, AttributeError):
-        return None
-
-
-_PRCTL = _resolve_prctl()  # resolved here, so the forked child only makes the call
-
-
-def die_with_parent() -> None:
-    """For ``preexec_fn``: in the child, before exec, get SIGTERM when the parent dies, even by
-    SIGKILL (Linux; elsewhere nothing)."""
-    if _PRCTL is not None:
-        _PRCTL(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-
 def _interrupt(signum: int, _frame: object) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
-
-
-def reap(procs: list[subprocess.Popen[bytes]], grace_s: float = 5.0) -> None:
-    """SIGTERM every child, wait up to ``grace_s``, SIGKILL the rest."""
-    for p in procs:
-        if p.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                p.send_signal(signal.SIGTERM)
-    deadline = time.monotonic() + grace_s
-    for p in procs:
-        try:
-            p.wait(max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait(5)
 
 
 @contextlib.contextmanager
 def cluster(peers: int, port: int, state_dir: pathlib.Path, log_dir: pathlib.Path,
             extra_peer_args: tuple[str, ...] = (), coordinator_args: tuple[str, ...] = (),
             peer_args: dict[int, tuple[str, ...]] | None = None) -> Iterator[tuple[str, list[subprocess.Popen[bytes]]]]:
-    """Starts a coordinator and ``peers`` peers; yields (coordinator address, processes).
-    ``peer_args`` adds flags to single peers, by index (e.g. one ``--slowdown``)."""
-    log_dir.mkdir(parents=True, exist_ok=True)
-    py = sys.executable
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    port_file = state_dir / "coordinator.port"
-    port_file.unlink(missing_ok=True)
-    procs: list[subprocess.Popen[bytes]] = []
-    try:
-        coord = subprocess.Popen(
-            [py, "-m", "dml.coordinator.cli", "--host", "127.0.0.1", "--port", str(port), "--state-dir", str(state_dir),
-             "--port-file", str(port_file), *coordinator_args],
-            stdout=open(log_dir / "coordinator.log", "ab"), stderr=subprocess.STDOUT, env=env,
-            preexec_fn=die_with_parent)
-        procs.append(coord)
-        address = f"127.0.0.1:{wait_for_port_file(port_file, coord, 60)}"
+    """Starts a coordinator and ``peers`` peers (logs ``coordinator.log``, ``peer-I.log``); yields
+    (coordinator address, processes: the coordinator, then peer 0, 1, ...), and reaps them all on
+    the way out. ``peer_args`` adds flags to single peers, by index (e.g. one ``--slowdown``)."""
+    with LocalCluster(state_dir, log_dir, port=port, coordinator_args=coordinator_args,
+                      peer_args=("--device", "cpu", *extra_peer_args)) as c:
+        address = c.start_coordinator()
         for i in range(peers):
-            procs.append(subprocess.Popen(
-                [py, "-m", "dml.peer.cli", "--coordinator", address, "--host", "127.0.0.1", "--port", "0",
-                 "--device", "cpu", *extra_peer_args, *(peer_args or {}).get(i, ())],
-                stdout=open(log_dir / f"peer-{i}.log", "ab"), stderr=subprocess.STDOUT, env=env,
-                preexec_fn=die_with_parent))
-        yield address, procs
-    finally:
-        reap(procs)
+            c.start_peer(i, (peer_args or {}).get(i, ()))
+        yield address, [p.popen for p in c.everything]
+
+
+@contextlib.contextmanager
+def _cli_errors() -> Iterator[None]:
+    """A cluster that does not start is a one-line message and exit code 1."""
+    try:
+        yield
+    except ClusterError as e:
+        raise ApiError(str(e), 1) from None
 
 
 def cmd_local(a: argparse.Namespace) -> int:
@@ -155,7 +100,7 @@ def cmd_local(a: argparse.Namespace) -> int:
     log_dir = a.log_dir or state_dir / "logs"
     started = time.monotonic()
     try:
-        with cluster(a.peers, port, state_dir, log_dir) as (address, _procs):
+        with _cli_errors(), cluster(a.peers, port, state_dir, log_dir) as (address, _procs):
             print(f"coordinator on {address}, {a.peers} peers; logs in {log_dir}", file=sys.stderr)
             print(f"  watch from another shell: dml status --coordinator {address} --watch", file=sys.stderr)
             client = JobClient(address, timeout_s=30.0)

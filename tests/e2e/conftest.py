@@ -10,7 +10,7 @@ from typing import Iterator
 
 import pytest
 
-from dml.client.local import cluster, reap
+from dml.client.cluster import LocalCluster, default_log_name, registrations
 
 pytestmark = pytest.mark.e2e
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -41,87 +41,79 @@ def wait_status(address: str, job: str, pred, timeout_s: float, what: str) -> di
     raise AssertionError(f"timed out waiting for {what}; last status {st}")
 
 
-@pytest.fixture
-def local_cluster(tmp_path) -> Iterator:
-    """Factory: start a cluster of N peer processes with fast timeouts."""
-    stack = []
+FAST_FAILURES = ("--heartbeat-interval-ms", "200", "--peer-timeout-ms", "1500")
 
-    def start(n: int):
-        cm = cluster(n, 0, tmp_path / "state", tmp_path / "logs",
-                     coordinator_args=("--heartbeat-interval-ms", "200", "--peer-timeout-ms", "1500"))
-        stack.append(cm)
-        return cm.__enter__()
 
-    yield start
-    for cm in reversed(stack):
-        cm.__exit__(None, None, None)
-    for log in sorted((tmp_path / "logs").glob("*.log")) if (tmp_path / "logs").exists() else []:
+def _print_tracebacks(logs: pathlib.Path, tail: int) -> None:
+    for log in sorted(logs.glob("*.log")) if logs.exists() else []:
         text = log.read_text(errors="replace")
         if "Traceback" in text:
-            print(f"--- {log.name} ---\n{text[-4000:]}")
+            print(f"--- {log.name} ---\n{text[-tail:]}")
+
+
+@pytest.fixture
+def local_cluster(tmp_path) -> Iterator:
+    """Factory: start a cluster of N peer processes with fast timeouts; yields (address,
+    processes): the coordinator, then peer 0, 1, ... (peer i writes peer-i.log)."""
+    clusters: list[LocalCluster] = []
+
+    def start(n: int) -> tuple[str, list[subprocess.Popen[bytes]]]:
+        c = LocalCluster(tmp_path / "state", tmp_path / "logs", coordinator_args=FAST_FAILURES, cwd=ROOT)
+        clusters.append(c)
+        address = c.start_coordinator()
+        for i in range(n):
+            c.start_peer(i)
+        return address, [p.popen for p in c.everything]
+
+    yield start
+    for c in reversed(clusters):
+        c.close()
+    _print_tracebacks(tmp_path / "logs", 4000)
 
 
 class Procs:
-    """Coordinator and peer processes for failure tests: restartable, always reaped."""
+    """Coordinator and peer processes for failure tests: restartable, always reaped. Logs are
+    numbered in start order across both kinds: coordinator-1.log, peer-2.log, peer-3.log, ..."""
 
     def __init__(self, root: pathlib.Path) -> None:
         self.root = root
         self.state_dir = root / "state"
         self.logs = root / "logs"
-        self.logs.mkdir(parents=True, exist_ok=True)
-        self.port = 0
-        self.coordinator: subprocess.Popen[bytes] | None = None
-        self.peers: list[subprocess.Popen[bytes]] = []
-        self._all: list[subprocess.Popen[bytes]] = []
         self._n = 0
+        self.cluster = LocalCluster(self.state_dir, self.logs, coordinator_args=FAST_FAILURES, cwd=ROOT,
+                                    log_name=self._log_name)
+        self.peers: list[subprocess.Popen[bytes]] = []
+
+    def _log_name(self, name: str, generation: int) -> str:
+        return f"coordinator-{self._n}.log" if name == "coordinator" else default_log_name(name, generation)
 
     @property
     def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
+        return self.cluster.address
+
+    @property
+    def coordinator(self) -> subprocess.Popen[bytes] | None:
+        return self.cluster.coordinator.popen if self.cluster.coordinator is not None else None
 
     def start_coordinator(self) -> str:
         """Starts (or restarts, on the same port and state dir) the coordinator."""
-        from dml.client.local import wait_for_port_file
-
-        port_file = self.root / "coordinator.port"
-        port_file.unlink(missing_ok=True)
         self._n += 1
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "dml.coordinator.cli", "--host", "127.0.0.1", "--port", str(self.port),
-             "--state-dir", str(self.state_dir), "--port-file", str(port_file), "--heartbeat-interval-ms", "200",
-             "--peer-timeout-ms", "1500"],
-            stdout=open(self.logs / f"coordinator-{self._n}.log", "ab"), stderr=subprocess.STDOUT, cwd=ROOT)
-        self._all.append(proc)
-        self.coordinator = proc
-        self.port = wait_for_port_file(port_file, proc, 60)
-        return self.address
+        return self.cluster.start_coordinator()
 
     def start_peer(self, *extra: str) -> subprocess.Popen[bytes]:
-        """Starts one more peer process."""
+        """Starts one more peer process (in slot N, writing peer-N.log)."""
         self._n += 1
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "dml.peer.cli", "--coordinator", self.address, "--port", "0", "--device", "cpu", *extra],
-            stdout=open(self.logs / f"peer-{self._n}.log", "ab"), stderr=subprocess.STDOUT, cwd=ROOT)
-        self._all.append(proc)
+        proc = self.cluster.start_peer(self._n, extra).popen
         self.peers.append(proc)
         return proc
 
     def peer_addresses(self) -> dict[str, str]:
         """peer id -> exchange address, from every peer log (restarted peers log a new id)."""
-        import re
-
-        out = {}
-        for log in self.logs.glob("peer-*.log"):
-            for m in re.finditer(r"(?:dml-peer|peer) (peer-\S+)(?: exchanging on|: registered at) (\S+)", log.read_text()):
-                out[m.group(1)] = m.group(2)
-        return out
+        return {r.peer_id: r.address for log in self.logs.glob("peer-*.log") for r in registrations(log)}
 
     def reap(self) -> None:
-        reap(self._all)
-        for log in sorted(self.logs.glob("*.log")):
-            text = log.read_text(errors="replace")
-            if "Traceback" in text:
-                print(f"--- {log.name} ---\n{text[-3000:]}")
+        self.cluster.close()
+        _print_tracebacks(self.logs, 3000)
 
 
 @pytest.fixture

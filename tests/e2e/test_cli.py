@@ -13,7 +13,8 @@ from typing import Iterator
 
 import pytest
 
-from dml.client.local import cluster, reap
+from dml.client.cluster import reap
+from dml.client.local import cluster
 from tests.e2e.conftest import ROOT, dml
 
 pytestmark = pytest.mark.e2e

@@ -12,7 +12,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from dml.client.local import reap, wait_for_port_file
+from dml.client.cluster import reap, wait_for_port_file
 from dml.common import rpc
 from dml.coordinator.lock import LOCK_NAME, read_holder
 from tests.e2e.conftest import ROOT

@@ -1,0 +1,282 @@
+"""A coordinator and peers as child processes on one host: the helper behind ``dml local``, the
+e2e tests and the benchmarks.
+
+:class:`LocalCluster` starts ``python -m dml.coordinator.cli`` on a port (0: any free one, read
+back from its port file; a restart reuses the port and the state dir) and ``python -m
+dml.peer.cli`` processes in numbered slots, each writing its own log file. It kills, pauses,
+resumes and restarts them by slot, and :meth:`LocalCluster.close` reaps every process it ever
+started (SIGCONT to paused ones, SIGTERM, then SIGKILL after a grace period). Children also get
+SIGTERM when their parent dies, even by SIGKILL (Linux).
+
+It only spawns processes: it imports nothing of the coordinator or the peer.
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime
+import logging
+import os
+import pathlib
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+GRACE_S = 5.0
+
+
+class ClusterError(Exception):
+    """A process of the cluster did not start (it exited, or a deadline passed)."""
+
+
+def _resolve_prctl() -> Any:
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    try:
+        return ctypes.CDLL("libc.so.6", use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+
+
+_PRCTL = _resolve_prctl()  # resolved here, so the forked child only makes the call
+
+
+def die_with_parent() -> None:
+    """For ``preexec_fn``: in the child, before exec, get SIGTERM when the parent dies, even by
+    SIGKILL (Linux; elsewhere nothing)."""
+    if _PRCTL is not None:
+        _PRCTL(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def reap(procs: Sequence[subprocess.Popen[bytes]], grace_s: float = GRACE_S) -> None:
+    """SIGTERM every child, wait up to ``grace_s``, SIGKILL the rest."""
+    for p in procs:
+        if p.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                p.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    for p in procs:
+        try:
+            p.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait(5)
+
+
+def wait_for_port_file(path: pathlib.Path, proc: subprocess.Popen[bytes], timeout_s: float) -> int:
+    """Waits until a child writes its bound port to ``path`` (it writes the file atomically)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if path.exists():
+            return int(path.read_text())
+        if proc.poll() is not None:
+            raise ClusterError(f"coordinator exited with code {proc.returncode} before listening")
+        time.sleep(0.05)
+    raise ClusterError(f"coordinator did not start within {timeout_s:.0f}s")
+
+
+@dataclass
+class Proc:
+    """One child process of the cluster: its name ("coordinator", "peer-SLOT"), which start of
+    that name it is (0 first), its log, and when it was started (``time.time()``)."""
+
+    name: str
+    generation: int
+    popen: subprocess.Popen[bytes]
+    log: pathlib.Path
+    started: float
+    args: tuple[str, ...] = ()  # the peer's own extra flags, reused by a restart
+    paused: bool = False
+
+    @property
+    def alive(self) -> bool:
+        """Not exited yet (a paused process is alive)."""
+        return self.popen.poll() is None
+
+
+def default_log_name(name: str, generation: int) -> str:
+    """``coordinator.log`` and ``peer-SLOT.log``; a restart writes ``NAME.GEN.log``."""
+    return f"{name}.log" if generation == 0 else f"{name}.{generation}.log"
+
+
+@dataclass
+class Registration:
+    """A peer process registering with the coordinator, from its own log."""
+
+    wall: float  # its log's timestamp, Unix seconds
+    peer_id: str
+    address: str
+
+
+# peer/runner.py logs this line when the coordinator has given the process its id.
+_REGISTERED_RE = re.compile(r"peer (peer-[\w-]+): registered at (\S+)")
+_TS_RE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) ")
+
+
+def log_time(line: str) -> float | None:
+    """The Unix time of a log line's ``asctime`` prefix (local time, as logging writes it)."""
+    m = _TS_RE.match(line)
+    if not m:
+        return None
+    return datetime.datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp()
+
+
+def log_lines(path: pathlib.Path) -> list[str]:
+    """A log's lines ([] while it does not exist)."""
+    try:
+        return path.read_text(errors="replace").splitlines()
+    except OSError:
+        return []
+
+
+def registrations(path: pathlib.Path) -> list[Registration]:
+    """Each registration a peer process logged, oldest first: the id the coordinator gave it and
+    the exchange address it registered (a peer evicted while alive registers again, with a new id)."""
+    out = []
+    for line in log_lines(path):
+        m = _REGISTERED_RE.search(line)
+        if m:
+            out.append(Registration(log_time(line) or 0.0, m.group(1), m.group(2)))
+    return out
+
+
+@dataclass
+class LocalCluster:
+    """A coordinator and peers as processes on ``host``; every process it starts is reaped by
+    :meth:`close` (also on leaving a ``with`` block).
+
+    ``coordinator_args`` go to every coordinator start, ``peer_args`` to every peer (after
+    ``--coordinator``, ``--host`` and ``--port 0``), ``env`` is the children's environment (default:
+    this one's) with PYTHONUNBUFFERED=1, ``log_name(name, generation)`` names each log file in
+    ``log_dir`` (opened for appending)."""
+
+    state_dir: pathlib.Path
+    log_dir: pathlib.Path
+    port: int = 0
+    host: str = "127.0.0.1"
+    coordinator_args: Sequence[str] = ()
+    peer_args: Sequence[str] = ("--device", "cpu")
+    env: Mapping[str, str] | None = None
+    cwd: pathlib.Path | None = None
+    log_name: Callable[[str, int], str] = default_log_name
+    grace_s: float = GRACE_S
+    coordinator: Proc | None = field(default=None, init=False)
+    peers: dict[int, Proc] = field(default_factory=dict, init=False)  # slot -> its latest process
+    everything: list[Proc] = field(default_factory=list, init=False)
+
+    def __post_init__(self) -> None:
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self.port_file = self.state_dir / "coordinator.port"
+        self._env = dict(os.environ if self.env is None else self.env, PYTHONUNBUFFERED="1")
+        self._generations: dict[str, int] = {}
+
+    def __enter__(self) -> LocalCluster:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+    @property
+    def address(self) -> str:
+        """The coordinator's host:port (once started)."""
+        if not self.port:
+            raise ClusterError("the coordinator has not been started")
+        return f"{self.host}:{self.port}"
+
+    def _spawn(self, name: str, cmd: list[str], args: tuple[str, ...] = ()) -> Proc:
+        gen = self._generations.get(name, -1) + 1
+        self._generations[name] = gen
+        path = self.log_dir / self.log_name(name, gen)
+        with open(path, "ab") as f:
+            popen = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=self._env, cwd=self.cwd,
+                                     preexec_fn=die_with_parent)  # noqa: PLW1509 (one ctypes call, no locks)
+        proc = Proc(name, gen, popen, path, time.time(), args)
+        self.everything.append(proc)
+        log.debug("started %s (pid %d), log %s", name, popen.pid, path)
+        return proc
+
+    def start_coordinator(self, timeout_s: float = 60.0) -> str:
+        """Starts the coordinator, or starts it again on the same port and state dir after it
+        died or was killed; returns its address once it listens."""
+        if self.coordinator is not None and self.coordinator.alive:
+            raise ClusterError(f"the coordinator is still running (pid {self.coordinator.popen.pid})")
+        self.port_file.unlink(missing_ok=True)
+        cmd = [sys.executable, "-m", "dml.coordinator.cli", "--host", self.host, "--port", str(self.port),
+               "--state-dir", str(self.state_dir), "--port-file", str(self.port_file), *self.coordinator_args]
+        self.coordinator = self._spawn("coordinator", cmd)
+        self.port = wait_for_port_file(self.port_file, self.coordinator.popen, timeout_s)
+        return self.address
+
+    def start_peer(self, slot: int | None = None, args: Sequence[str] = ()) -> Proc:
+        """Starts a peer process in ``slot`` (default: the next unused one) with ``args`` added to
+        ``peer_args``; a slot whose process has exited gets a fresh one."""
+        if slot is None:
+            slot = max(self.peers, default=-1) + 1
+        old = self.peers.get(slot)
+        if old is not None and old.alive:
+            raise ClusterError(f"peer slot {slot} still runs pid {old.popen.pid}")
+        cmd = [sys.executable, "-m", "dml.peer.cli", "--coordinator", self.address, "--host", self.host,
+               "--port", "0", *self.peer_args, *args]
+        self.peers[slot] = self._spawn(f"peer-{slot}", cmd, tuple(args))
+        return self.peers[slot]
+
+    def kill(self, proc: Proc) -> None:
+        """SIGKILL one process and reap it."""
+        with contextlib.suppress(ProcessLookupError):
+            proc.popen.send_signal(signal.SIGKILL)
+        proc.popen.wait(10)
+        proc.paused = False
+
+    def kill_peer(self, slot: int) -> Proc:
+        """SIGKILL the slot's process; returns it."""
+        proc = self.peers[slot]
+        self.kill(proc)
+        return proc
+
+    def kill_coordinator(self) -> Proc:
+        """SIGKILL the coordinator; returns it (start it again with :meth:`start_coordinator`)."""
+        if self.coordinator is None:
+            raise ClusterError("the coordinator has not been started")
+        self.kill(self.coordinator)
+        return self.coordinator
+
+    def restart_peer(self, slot: int) -> Proc:
+        """SIGKILL the slot's process (if alive) and start a fresh one with the same flags."""
+        old = self.peers[slot]
+        if old.alive:
+            self.kill(old)
+        return self.start_peer(slot, old.args)
+
+    def stop_peer(self, slot: int) -> Proc:
+        """SIGTERM the slot's process (it leaves cleanly) and reap it, SIGKILL after the grace period."""
+        proc = self.peers[slot]
+        self.resume(proc)
+        reap([proc.popen], self.grace_s)
+        return proc
+
+    def pause(self, proc: Proc) -> None:
+        """SIGSTOP: the process hangs, alive, until :meth:`resume`."""
+        proc.popen.send_signal(signal.SIGSTOP)
+        proc.paused = True
+
+    def resume(self, proc: Proc) -> None:
+        """SIGCONT a paused process (a no-op on one that is not paused or has exited)."""
+        if proc.paused and proc.alive:
+            with contextlib.suppress(ProcessLookupError):
+                proc.popen.send_signal(signal.SIGCONT)
+        proc.paused = False
+
+    def close(self) -> None:
+        """Resumes paused children, then SIGTERM / SIGKILL every process ever started."""
+        for p in self.everything:
+            self.resume(p)
+        reap([p.popen for p in self.everything], self.grace_s)
