@@ -2,10 +2,10 @@
 
     python benchmarks/chaos.py [--peers 4] [--duration-s 180] [--every-s 15] [--seed 0] [--json]
 
-Runs the default task (``JobSpec`` defaults, rounds set very high, min_peers 2) on a coordinator
-process (fixed free port, a state dir, so it can be restarted) and N ``dml-peer`` processes on
-127.0.0.1, and injects one failure every ``--every-s`` seconds, kinds cycling through a seeded
-permutation of:
+Runs the default task (``JobSpec`` defaults, rounds set very high, min_peers 2) on a local
+cluster (``dml.client.cluster.LocalCluster``: a coordinator with a state dir, restartable on the
+same port, and N ``dml-peer`` processes on 127.0.0.1), and injects one failure every
+``--every-s`` seconds, kinds cycling through a seeded permutation of:
 
 - ``sigkill``: SIGKILL a random member peer, start a fresh peer process in its place at once;
 - ``sigstop``: SIGSTOP a random member peer, SIGCONT it after ``--stop-s`` (longer than the peer
@@ -16,15 +16,27 @@ Then it cancels the job and runs the same job for the same duration without fail
 cluster, and prints one table comparing the two runs (``--json``: one JSON object instead).
 Progress and per-failure details go to stderr; logs and state stay under ``--work-dir``.
 
-A separate thread polls GetJob every ~50 ms; all timings come from that timeline (monotonic
-clock) or, for peers re-attaching to a restarted coordinator, from the peers' log timestamps.
-Every wait has a deadline and every process started is reaped (SIGCONT, SIGTERM, then SIGKILL).
+Everything it reports about the job comes from the job API. ``GetJob`` with the history at the
+end of a run gives the commits (``RoundMetrics.committed_unix_ms``, digests, samples, the sample
+ledger, accuracy), the evictions with their causes and times (``JobStatus.evictions``), the
+membership epochs (``JobStatus.epochs``) and ``rolled_back_rounds``. A thread polls ``GetJob``
+every ~50 ms meanwhile: the rounds and digests seen committed (checked against the final history),
+when a restarted coordinator answers again, and the current members (to pick a victim). So:
+detection is an eviction's ``unix_ms`` minus the injection time; recovery runs from detection to
+the next commit; a peer is back when the first membership epoch listing it began.
+
+Two facts only the peers know come from each peer process's own log: which peer id a process
+registered as (the coordinator issues ids; to map a victim process to its id, and to find the id
+a restarted or woken peer came back with), and, after a coordinator kill, when each member's
+heartbeat succeeded again (part of that failure's detection). The process logs are also scanned
+for tracebacks, which no API reports. All times are Unix wall-clock times on this host, the
+coordinator's and this script's alike (they share the machine's clock). Every wait has a deadline
+and every process started is reaped (SIGCONT, SIGTERM, then SIGKILL).
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
 import json
 import math
 import os
@@ -32,14 +44,11 @@ import pathlib
 import random
 import re
 import signal
-import socket
-import sqlite3
-import subprocess
 import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -56,232 +65,150 @@ import grpc
 from dml.v1 import jobs_pb2, jobs_pb2_grpc
 
 from dml.client import api as jobapi
-from dml.coordinator.ledger import violations
-from dml.client.local import die_with_parent, reap
-from dml.coordinator.service import CoordinatorConfig, job_shards
+from dml.client.cluster import ClusterError, LocalCluster, Proc, log_lines, log_time, registrations
+from dml.common import rpc
 from dml.common.spec import MAX_ROUNDS, JobSpec, with_defaults
+from dml.coordinator.ledger import violations
+from dml.coordinator.service import CoordinatorConfig, job_shards
 
 KINDS = ("sigkill", "sigstop", "coordinator")
-FINISHED = {"SUCCEEDED", "FAILED", "CANCELLED"}
 POLL_S = 0.05
+HORIZON_S = 60.0  # a failure not detected and recovered from within this long is "not measured"
 TARGETS = {"rounds_lost": 0, "ledger_violations": 0, "detection_p95_s": 3.0, "recovery_p95_s": 5.0,
            "goodput_ratio": 0.80}
-TS_RE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) ")
-REG_RE = re.compile(r"peer (peer-[\w-]+): registered at ")
+# A peer's own log (peer/runner.py) around a coordinator outage.
 HB_FAIL_RE = re.compile(r": heartbeat failed \(")
 HB_OK_RE = re.compile(r": coordinator reachable again|: evicted by the coordinator")
-# Lines worth a look after a run (counted per pattern, a few excerpts kept).
-FINDINGS = {
-    "traceback": re.compile(r"Traceback"),
-    "rollback": re.compile(r"rolling back"),
-    "digest_mismatch": re.compile(r"disagree on parameters"),
-    "round_deadline": re.compile(r"deadline of \d+ ms passed"),
-    "job_finished": re.compile(r"job \S+: (FAILED|SUCCEEDED)"),
-    "local_failure": re.compile(r"local failure"),
-    "could_not_report": re.compile(r"could not report"),
-    "critical": re.compile(r" CRITICAL "),
-    "no_parameters": re.compile(r"could provide round"),
-    "bad_report": re.compile(r"were allocated"),
-}
+# Process log lines that no API reports (counted, a few excerpts kept).
+FINDINGS = {"traceback": re.compile(r"Traceback"), "critical": re.compile(r" CRITICAL ")}
+# A poller reconnects to a restarted coordinator within ~0.2 s (rpc's fast reconnect is up to 1 s).
+POLL_CHANNEL_OPTIONS = [("grpc.initial_reconnect_backoff_ms", 50), ("grpc.min_reconnect_backoff_ms", 50),
+                        ("grpc.max_reconnect_backoff_ms", 200)]
+HISTORY_BYTES = 256 << 20  # a long run's history with its sample ledger
 
 
 class BenchError(Exception):
     """The benchmark could not go on (a process did not start, a deadline passed)."""
 
 
-# -- processes -------------------------------------------------------------------------------
-def free_port() -> int:
-    """A port free right now on 127.0.0.1 (the coordinator keeps it across restarts)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _s(unix_ms: int) -> float:
+    return unix_ms / 1000.0
 
 
-@dataclass
-class Proc:
-    """One child process and its log."""
-
-    name: str
-    popen: subprocess.Popen[bytes]
-    log: pathlib.Path
-    started: float
-    stopped: bool = False
-
-
-class Cluster:
-    """A coordinator and peers as processes; every process ever started is reaped by close()."""
-
-    def __init__(self, root: pathlib.Path, coord_args: list[str]) -> None:
-        self.state = root / "state"
-        self.logs = root / "logs"
-        self.state.mkdir(parents=True, exist_ok=True)
-        self.logs.mkdir(parents=True, exist_ok=True)
-        self.port = free_port()
-        self.address = f"127.0.0.1:{self.port}"
-        self.port_file = self.state / "coordinator.port"
-        self.coord_cmd = [sys.executable, "-m", "dml.coordinator.cli", "--host", "127.0.0.1", "--port", str(self.port),
-                          "--state-dir", str(self.state), "--port-file", str(self.port_file), *coord_args]
-        self.env = dict(os.environ, PYTHONUNBUFFERED="1")
-        if _SET_FORK_ENV:
-            self.env.pop(_FORK_ENV, None)
-        self.everything: list[Proc] = []
-        self.coord: Proc | None = None
-        self.peers: dict[int, Proc] = {}
-        self.generations: dict[int, int] = {}
-
-    def _spawn(self, name: str, cmd: list[str], log: pathlib.Path) -> Proc:
-        with open(log, "ab") as f:
-            p = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=self.env, cwd=ROOT,
-                                 preexec_fn=die_with_parent)  # noqa: PLW1509 (one ctypes call, no locks)
-        proc = Proc(name, p, log, time.monotonic())
-        self.everything.append(proc)
-        return proc
-
-    def start_coordinator(self, timeout_s: float = 60.0) -> float:
-        """Starts the coordinator (same command every time); returns when it listens."""
-        self.port_file.unlink(missing_ok=True)
-        gen = sum(1 for p in self.everything if p.name == "coordinator") + 1
-        self.coord = self._spawn("coordinator", self.coord_cmd, self.logs / f"coordinator-{gen}.log")
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.port_file.exists():
-                return time.monotonic()
-            if self.coord.popen.poll() is not None:
-                raise BenchError(f"coordinator exited with {self.coord.popen.returncode} (see {self.coord.log})")
-            time.sleep(0.01)
-        raise BenchError(f"coordinator did not listen within {timeout_s:.0f}s (see {self.coord.log})")
-
-    def start_peer(self, slot: int) -> Proc:
-        """Starts a fresh peer process in ``slot`` (log peer-SLOT.GEN.log)."""
-        gen = self.generations.get(slot, -1) + 1
-        self.generations[slot] = gen
-        cmd = [sys.executable, "-m", "dml.peer.cli", "--coordinator", self.address, "--host", "127.0.0.1",
-               "--port", "0", "--device", "cpu"]
-        self.peers[slot] = self._spawn(f"peer-{slot}", cmd, self.logs / f"peer-{slot}.{gen}.log")
-        return self.peers[slot]
-
-    def wait_registered(self, procs: list[Proc], timeout_s: float) -> None:
-        """Waits until each peer has registered (its log says so)."""
-        deadline = time.monotonic() + timeout_s
-        left = list(procs)
-        while left and time.monotonic() < deadline:
-            for p in list(left):
-                if p.popen.poll() is not None:
-                    raise BenchError(f"{p.name} exited with {p.popen.returncode} (see {p.log})")
-                if peer_ids(p.log):
-                    left.remove(p)
-            time.sleep(0.05)
-        if left:
-            raise BenchError(f"peers did not register within {timeout_s:.0f}s: {[p.name for p in left]}")
-
-    def kill(self, proc: Proc) -> None:
-        """SIGKILL and reap."""
-        with contextlib.suppress(ProcessLookupError):
-            proc.popen.send_signal(signal.SIGKILL)
-        proc.popen.wait(10)
-
-    def close(self) -> None:
-        """Resumes stopped children, then SIGTERM / SIGKILL every process ever started."""
-        for p in self.everything:
-            if p.stopped and p.popen.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    p.popen.send_signal(signal.SIGCONT)
-                p.stopped = False
-        reap([p.popen for p in self.everything])
+# -- what the job API says -------------------------------------------------------------------
+def cause_text(e: jobs_pb2.Eviction) -> str:
+    """How the coordinator learnt of it: ``heartbeat timeout (no heartbeat for 2150 ms)``,
+    ``neighbour report by peer-3``, ..."""
+    name = jobs_pb2.EvictionCause.Name(e.cause).removeprefix("EVICTION_CAUSE_").lower().replace("_", " ")
+    if e.reporter:
+        name += f" by {e.reporter}"
+    return f"{name} ({e.detail})" if e.detail else name
 
 
-# -- logs ------------------------------------------------------------------------------------
-def _wall(line: str) -> float | None:
-    m = TS_RE.match(line)
-    if not m:
-        return None
-    return datetime.datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp()  # local time, as logged
+def evictions_between(job: jobs_pb2.JobStatus, t0: float, t1: float) -> list[jobs_pb2.Eviction]:
+    """The job's evictions decided in [t0, t1) (Unix seconds), oldest first."""
+    return sorted((e for e in job.evictions if t0 <= _s(e.unix_ms) < t1), key=lambda e: e.unix_ms)
 
 
-def _lines(path: pathlib.Path) -> list[str]:
-    try:
-        return path.read_text(errors="replace").splitlines()
-    except OSError:
-        return []
+def eviction_of(job: jobs_pb2.JobStatus, peer_id: str, after: float) -> jobs_pb2.Eviction | None:
+    """The first eviction of ``peer_id`` at or after ``after`` (Unix seconds; the coordinator's
+    times are whole milliseconds, so one millisecond before counts)."""
+    got = evictions_between(job, after - 0.001, math.inf)
+    return next((e for e in got if e.peer_id == peer_id), None)
 
 
-def peer_ids(path: pathlib.Path) -> list[tuple[float, str]]:
-    """(wall time, peer id) of each registration in a peer's log, oldest first."""
-    out = []
-    for line in _lines(path):
-        m = REG_RE.search(line)
-        if m:
-            out.append((_wall(line) or 0.0, m.group(1)))
+def epoch_with(job: jobs_pb2.JobStatus, peer_id: str, after: float) -> jobs_pb2.MembershipEpoch | None:
+    """The first membership epoch begun at or after ``after`` whose ring includes ``peer_id``."""
+    for ep in sorted(job.epochs, key=lambda x: x.epoch):
+        if _s(ep.started_unix_ms) >= after - 0.001 and peer_id in ep.peers:
+            return ep
+    return None
+
+
+def epoch_at(job: jobs_pb2.JobStatus, t: float) -> jobs_pb2.MembershipEpoch | None:
+    """The membership epoch current at ``t``: the last one begun by then."""
+    best = None
+    for ep in sorted(job.epochs, key=lambda x: x.epoch):
+        if _s(ep.started_unix_ms) <= t:
+            best = ep
+    return best
+
+
+def commit_after(history: Sequence[Any], t: float) -> Any | None:
+    """The first round of the history committed after ``t`` (Unix seconds)."""
+    later = [h for h in history if _s(h.committed_unix_ms) > t]
+    return min(later, key=lambda h: h.committed_unix_ms) if later else None
+
+
+def fetch_job(address: str, job_id: str, timeout_s: float) -> jobs_pb2.GetJobResponse:
+    """GetJob with the history, retried until ``timeout_s`` (the coordinator may just have been
+    restarted)."""
+    deadline = time.monotonic() + timeout_s
+    last = ""
+    while time.monotonic() < deadline:
+        with rpc.channel(address, max_message_bytes=HISTORY_BYTES, options=POLL_CHANNEL_OPTIONS) as ch:
+            try:
+                return jobs_pb2_grpc.JobServiceStub(ch).GetJob(
+                    jobs_pb2.GetJobRequest(job_id=job_id, include_history=True),
+                    timeout=max(1.0, deadline - time.monotonic()))
+            except grpc.RpcError as e:
+                last = e.code().name if isinstance(e, grpc.Call) else str(e)
+        time.sleep(0.5)
+    raise BenchError(f"could not read job {job_id} from {address} within {timeout_s:.0f}s ({last})")
+
+
+# -- what only the peers know (their own logs) -----------------------------------------------
+def current_member_slots(cluster: LocalCluster, members: Sequence[str]) -> dict[int, str]:
+    """Peer slots (alive, not paused) whose process is registered as one of ``members``: slot ->
+    peer id (the process's latest registration, from its log)."""
+    out = {}
+    for slot, p in sorted(cluster.peers.items()):
+        if p.paused or not p.alive:
+            continue
+        ids = [r.peer_id for r in registrations(p.log) if r.peer_id in members]
+        if ids:
+            out[slot] = ids[-1]
     return out
 
 
-def reattach_wall(path: pathlib.Path, after_wall: float, fail_by_wall: float) -> tuple[bool, float | None]:
-    """After ``after_wall``: did the peer's heartbeat fail during this outage (by
-    ``fail_by_wall``; a later failure belongs to a later outage), and when did one succeed again?"""
+def wait_registered(procs: Sequence[Proc], timeout_s: float) -> None:
+    """Waits until each peer process has registered (its log says so)."""
+    deadline = time.monotonic() + timeout_s
+    left = list(procs)
+    while left and time.monotonic() < deadline:
+        for p in list(left):
+            if not p.alive:
+                raise BenchError(f"{p.name} exited with {p.popen.returncode} (see {p.log})")
+            if registrations(p.log):
+                left.remove(p)
+        time.sleep(0.05)
+    if left:
+        raise BenchError(f"peers did not register within {timeout_s:.0f}s: {[p.name for p in left]}")
+
+
+def heartbeat_back(path: pathlib.Path, after: float, fail_by: float) -> tuple[bool, float | None]:
+    """From a peer's log, after ``after``: did its heartbeat fail during this outage (by
+    ``fail_by``; a later failure belongs to a later outage), and when did one succeed again?"""
     failed = False
-    for line in _lines(path):
-        w = _wall(line)
-        if w is None or w < after_wall - 0.002:
+    for line in log_lines(path):
+        w = log_time(line)
+        if w is None or w < after - 0.002:
             continue
-        if not failed and w <= fail_by_wall and HB_FAIL_RE.search(line):
+        if not failed and w <= fail_by and HB_FAIL_RE.search(line):
             failed = True
         elif failed and HB_OK_RE.search(line):
             return True, w
     return failed, None
 
 
-def eviction_cause(logs: pathlib.Path, peer_id: str, after_wall: float) -> str:
-    """How the coordinator's log says a peer was removed (first such line after ``after_wall``)."""
-    pid = re.escape(peer_id)
-    causes = ((re.compile(rf"peer {pid}: no heartbeat for (\d+) ms"), "heartbeat timeout ({} ms)"),
-              (re.compile(rf"peer {pid} reported by (\S+) as failed mid-exchange"), "neighbour report ({})"),
-              (re.compile(rf"peer {pid} gives up its place()"), "its own report{}"),
-              (re.compile(rf"evicting \[?[^\n]*{pid}[^\n]*which did not report()"), "round deadline{}"))
-    for path in sorted(logs.glob("coordinator-*.log")):
-        for line in _lines(path):
-            if peer_id not in line or (_wall(line) or 0.0) < after_wall - 0.002:
-                continue
-            for rx, fmt in causes:
-                m = rx.search(line)
-                if m:
-                    return fmt.format(m.group(1))
-    return ""
-
-
-EVICT_RE = re.compile(r"peer (peer-[\w-]+): no heartbeat for (\d+) ms|peer (peer-[\w-]+) reported by (\S+) as failed"
-                      r"|peer (peer-[\w-]+) gives up its place|evicting (\[[^\]]*\]), which did not report")
-
-
-def evictions(logs: pathlib.Path, from_wall: float, to_wall: float) -> list[tuple[float, str, str]]:
-    """(wall time, peer id(s), cause) of each eviction the coordinator logged in the interval."""
-    out = []
-    for path in sorted(logs.glob("coordinator-*.log")):
-        for line in _lines(path):
-            w = _wall(line)
-            if w is None or not from_wall - 0.002 <= w < to_wall:
-                continue
-            m = EVICT_RE.search(line)
-            if not m:
-                continue
-            if m.group(1):
-                out.append((w, m.group(1), f"heartbeat timeout {m.group(2)} ms"))
-            elif m.group(3):
-                out.append((w, m.group(3), f"reported by {m.group(4)}"))
-            elif m.group(5):
-                out.append((w, m.group(5), "gave up its place"))
-            else:
-                out.append((w, m.group(6), "round deadline"))
-    return sorted(out)
-
-
-def scan_logs(logs: pathlib.Path, until_wall: float) -> dict[str, Any]:
-    """Counts lines of interest in every log of a run, with a few excerpts; timestamped lines
-    after ``until_wall`` (the job was cancelled, the cluster is being stopped) are left out."""
+def scan_logs(logs: pathlib.Path, until: float) -> dict[str, Any]:
+    """Counts tracebacks and CRITICAL lines in every log of a run, with a few excerpts; lines
+    logged after ``until`` (the job was cancelled, the cluster is being stopped) are left out."""
     out: dict[str, Any] = {}
     for path in sorted(logs.glob("*.log")):
-        for line in _lines(path):
-            w = _wall(line)
-            if w is not None and w > until_wall:
+        for line in log_lines(path):
+            w = log_time(line)
+            if w is not None and w > until:
                 continue
             for name, rx in FINDINGS.items():
                 if rx.search(line):
@@ -295,7 +222,7 @@ def scan_logs(logs: pathlib.Path, until_wall: float) -> dict[str, Any]:
 # -- the GetJob timeline ---------------------------------------------------------------------
 @dataclass
 class Obs:
-    """One GetJob poll: when it answered (monotonic) and what it said (ok False: no answer)."""
+    """One GetJob poll: when it answered (Unix seconds) and what it said (ok False: no answer)."""
 
     t: float
     ok: bool
@@ -305,12 +232,16 @@ class Obs:
     samples: int = 0
     state: str = ""
     digest: str = ""
+    commit_ms: int = 0  # when the round it shows committed (the coordinator's clock)
     error: str = ""
     latency: float = 0.0  # how long the poll took
 
 
-CHANNEL_OPTS = [("grpc.max_receive_message_length", 256 << 20), ("grpc.initial_reconnect_backoff_ms", 50),
-                ("grpc.min_reconnect_backoff_ms", 50), ("grpc.max_reconnect_backoff_ms", 200)]
+def obs_of(j: jobs_pb2.JobStatus, t: float) -> Obs:
+    """A poll's view of a JobStatus."""
+    last = j.last if j.HasField("last") else None
+    return Obs(t, True, j.round, j.epoch, tuple(j.peers), j.samples, jobapi.STATE_NAMES[j.state],
+               last.digest if last else "", last.committed_unix_ms if last else 0)
 
 
 class Monitor(threading.Thread):
@@ -330,19 +261,17 @@ class Monitor(threading.Thread):
         while not self.halt.is_set():
             t0 = time.monotonic()
             if stub is None:
-                ch = grpc.insecure_channel(self.address, options=CHANNEL_OPTS)
+                ch = rpc.channel(self.address, options=POLL_CHANNEL_OPTIONS)
                 stub = jobs_pb2_grpc.JobServiceStub(ch)
             try:
-                j = stub.GetJob(req, timeout=2.0).job
-                o = Obs(time.monotonic(), True, j.round, j.epoch, tuple(j.peers), j.samples,
-                        jobapi.STATE_NAMES[j.state], j.last.digest if j.HasField("last") else "")
+                o = obs_of(stub.GetJob(req, timeout=2.0).job, time.time())
             except grpc.RpcError as e:
                 code = e.code() if isinstance(e, grpc.Call) else None
-                o = Obs(time.monotonic(), False, error=code.name if code else str(e))
+                o = Obs(time.time(), False, error=code.name if code else str(e))
                 if ch is not None:
                     ch.close()
                 ch, stub = None, None
-            o.latency = o.t - t0
+            o.latency = time.monotonic() - t0
             self.obs.append(o)
             self.halt.wait(max(0.0, POLL_S - (time.monotonic() - t0)))
         if ch is not None:
@@ -364,25 +293,13 @@ def first(obs: list[Obs], t_from: float, pred: Any, t_to: float = math.inf) -> O
     return None
 
 
-def last_before(obs: list[Obs], t: float) -> Obs | None:
-    """The last answered poll at or before ``t``."""
-    best = None
-    for o in obs:
-        if o.t > t:
-            break
-        if o.ok:
-            best = o
-    return best
-
-
 # -- failures --------------------------------------------------------------------------------
 @dataclass
 class Event:
-    """One injected failure and what was measured about it (seconds, monotonic)."""
+    """One injected failure and what was measured about it (Unix seconds; durations in s)."""
 
     kind: str
     t: float  # injection
-    wall: float
     victim: str = ""  # peer slot name or "coordinator"
     victim_id: str = ""
     log: str = ""  # the victim peer's log (sigstop) or the replacement's log (sigkill)
@@ -398,8 +315,9 @@ class Event:
     answer_s: float | None = None  # coordinator: until the restarted one answered GetJob
     reattach_s: float | None = None  # coordinator: until the last member's heartbeat succeeded again
     slowest_poll_s: float | None = None  # coordinator: slowest GetJob between the answer and the next commit
-    how: str = ""  # peer: how the coordinator learnt of it (its log)
-    collateral: list[str] = field(default_factory=list)  # other peers evicted soon after (coordinator log)
+    how: str = ""  # peer: the eviction's cause, as GetJob gives it
+    new_id: str = ""  # peer: the id the slot's process registered as after the failure
+    collateral: list[str] = field(default_factory=list)  # other peers evicted soon after
     round_after_restart: int | None = None
     note: str = ""
 
@@ -425,42 +343,34 @@ def kinds_forever(rng: random.Random, allowed: list[str]) -> Iterator[str]:
         yield from perm
 
 
-def current_member_slots(cluster: Cluster, members: tuple[str, ...]) -> dict[int, str]:
-    """Peer slots (alive, not stopped) whose current peer id is in the ring."""
-    out = {}
-    for slot, p in sorted(cluster.peers.items()):
-        if p.stopped or p.popen.poll() is not None:
-            continue
-        ids = [pid for _, pid in peer_ids(p.log) if pid in members]
-        if ids:
-            out[slot] = ids[-1]
-    return out
-
-
-def analyse(ev: Event, obs: list[Obs], cluster: Cluster, off: float, until_wall: float = math.inf) -> None:
-    """Fills the event's measurements from the timeline (``off``: monotonic minus wall clock);
-    ``until_wall``: when the next failure was injected (collateral evictions are looked for before it)."""
-    ev.collateral = [f"{pid} ({cause}) at +{w - ev.wall:.2f}s"
-                     for w, pid, cause in evictions(cluster.logs, ev.wall, min(until_wall, ev.wall + 10.0))
-                     if not ev.victim_id or ev.victim_id not in pid]
-    horizon = ev.t + 60.0
-    det: Obs | None = None
+def analyse(ev: Event, obs: list[Obs], resp: jobs_pb2.GetJobResponse, until: float = math.inf) -> None:
+    """Fills the event's measurements from GetJob (``resp``: evictions, epochs, the history's
+    commit times), the poll timeline ``obs`` and, for the peer-side facts, the peers' logs;
+    ``until``: when the next failure was injected (collateral evictions are looked for before it)."""
+    job = resp.job
+    ev.collateral = [f"{e.peer_id} ({cause_text(e)}) at +{_s(e.unix_ms) - ev.t:.2f}s"
+                     for e in evictions_between(job, ev.t, min(until, ev.t + 10.0))
+                     if not ev.victim_id or e.peer_id != ev.victim_id]
+    horizon = ev.t + HORIZON_S
+    t_det: float | None = None
     if ev.kind in ("sigkill", "sigstop"):
-        det = first(obs, ev.t, lambda o: ev.victim_id not in o.peers, horizon)
-        if det is not None:
-            ev.detection_s = det.t - ev.t
-        regs = peer_ids(pathlib.Path(ev.log))
+        e = eviction_of(job, ev.victim_id, ev.t) if ev.victim_id else None
+        if e is not None and _s(e.unix_ms) < horizon:
+            t_det = _s(e.unix_ms)
+            ev.detection_s = max(0.0, t_det - ev.t)
+            ev.how = cause_text(e)
+        regs = registrations(pathlib.Path(ev.log)) if ev.log else []
         if ev.kind == "sigkill":
-            new_id = regs[0][1] if regs else ""
-            since = ev.t
+            ev.new_id = regs[0].peer_id if regs else ""
+            since: float | None = ev.t
         else:
-            later = [pid for w, pid in regs if w + off > ev.t]
-            new_id = later[0] if later else ""
-            since = ev.t_cont if ev.t_cont is not None else ev.t
-        if new_id:
-            j = first(obs, since, lambda o: new_id in o.peers, horizon)
-            if j is not None:
-                ev.rejoin_s = j.t - since
+            later = [r.peer_id for r in regs if r.wall > ev.t]
+            ev.new_id = later[0] if later else ""
+            since = ev.t_cont
+        if ev.new_id and since is not None:
+            ep = epoch_with(job, ev.new_id, since)
+            if ep is not None and _s(ep.started_unix_ms) < horizon:
+                ev.rejoin_s = max(0.0, _s(ep.started_unix_ms) - since)
     else:
         if ev.t_restarted is None:
             return
@@ -474,34 +384,32 @@ def analyse(ev: Event, obs: list[Obs], cluster: Cluster, off: float, until_wall:
         for slot, log in ev.members.items():
             # A heartbeat can only fail while the coordinator is down (plus one heartbeat call's
             # deadline): a member silent about this outage must not be matched to the next one.
-            failed, w = reattach_wall(pathlib.Path(log), ev.wall, ev.wall + ev.answer_s + 2.0)
+            failed, w = heartbeat_back(pathlib.Path(log), ev.t, ev.t + ev.answer_s + 2.0)
             if failed and w is None:
                 missing.append(slot)
             elif w is not None:
-                t_det = max(t_det, w + off)
+                t_det = max(t_det, w)
         if missing:
             ev.note = f"no heartbeat back yet from {missing}"
             return
         ev.note = ""
-        ev.detection_s = t_det - ev.t
-        ev.reattach_s = t_det - ev.t
-        det = last_before(obs, t_det) or ans
-        if det.t < ans.t:
-            det = ans
-    if det is not None and ev.detection_s is not None:
-        t_det = ev.t + ev.detection_s
-        r_det = det.round
-        nxt = first(obs, t_det, lambda o: o.round > r_det, horizon)
-        if nxt is not None:
-            ev.recovery_s = nxt.t - t_det
-            if ev.kind == "coordinator" and ev.t_restarted is not None:
-                lats = [o.latency for o in obs if ev.t_restarted <= o.t <= nxt.t]
-                ev.slowest_poll_s = max(lats) if lats else None
-    if ev.kind in ("sigkill", "sigstop") and ev.victim_id:
-        ev.how = eviction_cause(cluster.logs, ev.victim_id, ev.wall)
+        ev.detection_s = ev.reattach_s = t_det - ev.t
+    if t_det is None:
+        return
+    nxt = commit_after(resp.history, t_det)
+    if nxt is not None and _s(nxt.committed_unix_ms) < horizon:
+        ev.recovery_s = _s(nxt.committed_unix_ms) - t_det
+        if ev.kind == "coordinator" and ev.t_restarted is not None:
+            lats = [o.latency for o in obs if ev.t_restarted <= o.t <= _s(nxt.committed_unix_ms) + POLL_S]
+            ev.slowest_poll_s = max(lats) if lats else None
 
 
-def inject(kind: str, cluster: Cluster, mon: Monitor, rng: random.Random, stop_s: float,
+def measured(ev: Event) -> bool:
+    """Detection and recovery known (and, for a peer, its return to the ring)."""
+    return ev.recovery_s is not None and (ev.kind == "coordinator" or ev.rejoin_s is not None)
+
+
+def inject(kind: str, cluster: LocalCluster, mon: Monitor, rng: random.Random, stop_s: float,
            pending: list[tuple[float, Proc, Event]]) -> Event | None:
     """Injects one failure; None if there is no member to pick (try again shortly)."""
     latest = mon.latest()
@@ -513,29 +421,22 @@ def inject(kind: str, cluster: Cluster, mon: Monitor, rng: random.Random, stop_s
             return None
         slot = rng.choice(sorted(slots))
         proc = cluster.peers[slot]
-        ev = Event(kind, time.monotonic(), time.time(), victim=f"peer-{slot}", victim_id=slots[slot],
+        ev = Event(kind, time.time(), victim=f"peer-{slot}", victim_id=slots[slot],
                    round_before=latest.round, digest_before=latest.digest)
         if kind == "sigkill":
-            proc.popen.send_signal(signal.SIGKILL)
-            ev.t, ev.wall = time.monotonic(), time.time()
-            proc.popen.wait(10)
-            new = cluster.start_peer(slot)
-            ev.t_restarted, ev.log = time.monotonic(), str(new.log)
+            new = cluster.restart_peer(slot)  # SIGKILL, reap, start a fresh process in the slot
+            ev.t_restarted, ev.log = time.time(), str(new.log)
         else:
-            proc.popen.send_signal(signal.SIGSTOP)
-            ev.t, ev.wall = time.monotonic(), time.time()
-            proc.stopped = True
+            cluster.pause(proc)
             ev.log = str(proc.log)
             pending.append((ev.t + stop_s, proc, ev))
         return ev
-    assert cluster.coord is not None
     members = current_member_slots(cluster, latest.peers)
-    ev = Event(kind, time.monotonic(), time.time(), victim="coordinator", round_before=latest.round,
-               digest_before=latest.digest, members={f"peer-{s}": str(cluster.peers[s].log) for s in members})
-    cluster.coord.popen.send_signal(signal.SIGKILL)
-    ev.t, ev.wall = time.monotonic(), time.time()
-    cluster.coord.popen.wait(10)
-    ev.t_restarted = cluster.start_coordinator()
+    ev = Event(kind, time.time(), victim="coordinator", round_before=latest.round, digest_before=latest.digest,
+               members={f"peer-{s}": str(cluster.peers[s].log) for s in members})
+    cluster.kill_coordinator()
+    cluster.start_coordinator()
+    ev.t_restarted = time.time()
     return ev
 
 
@@ -552,24 +453,6 @@ def _say(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def read_rolled_back(job: jobs_pb2.JobStatus, state_dir: pathlib.Path, job_id: str) -> tuple[int | None, str]:
-    """The job's rolled_back_rounds: from GetJob if the API has the field, else the state DB."""
-    if "rolled_back_rounds" in job.DESCRIPTOR.fields_by_name:
-        return int(job.rolled_back_rounds), "GetJob"  # type: ignore[attr-defined]
-    try:
-        db = sqlite3.connect(f"file:{state_dir / 'coordinator.db'}?mode=ro", uri=True, timeout=5)
-        try:
-            row = db.execute("SELECT body FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
-        finally:
-            db.close()
-        if row is None:
-            return None, "job not in the state DB"
-        v = json.loads(row[0]).get("rolled_back_rounds")
-        return (int(v) if v is not None else None), "state DB (not exposed by GetJob)"
-    except sqlite3.Error as e:
-        return None, f"state DB unreadable: {e}"
-
-
 def run(name: str, a: argparse.Namespace, work: pathlib.Path, chaos: bool) -> dict[str, Any]:
     """One run: cluster, job, (failures), measurements."""
     root = work / name
@@ -579,22 +462,21 @@ def run(name: str, a: argparse.Namespace, work: pathlib.Path, chaos: bool) -> di
         if v is not None:
             coord_args += [flag, str(v)]
     spec = JobSpec(rounds=MAX_ROUNDS, min_peers=2, seed=a.job_seed)
-    cluster = Cluster(root, coord_args)
+    env = {k: v for k, v in os.environ.items() if not (_SET_FORK_ENV and k == _FORK_ENV)}
+    cluster = LocalCluster(root / "state", root / "logs", coordinator_args=coord_args, env=env, cwd=ROOT)
     mon: Monitor | None = None
     events: list[Event] = []
     anomalies: list[str] = []
-    off = time.monotonic() - time.time()
     kind_rng, victim_rng = random.Random(a.seed), random.Random(a.seed + 1)
     kinds = kinds_forever(kind_rng, a.kinds)
     pending: list[tuple[float, Proc, Event]] = []
     load0 = os.getloadavg()
     try:
         cluster.start_coordinator()
-        procs = [cluster.start_peer(i) for i in range(a.peers)]
-        cluster.wait_registered(procs, 120)
+        wait_registered([cluster.start_peer(i) for i in range(a.peers)], 120)
         with jobapi.JobClient(cluster.address, timeout_s=30) as client:
             job_id = client.submit(spec)
-        _say(f"[{name}] coordinator {cluster.address}, {a.peers} peers, job {job_id}; logs in {cluster.logs}")
+        _say(f"[{name}] coordinator {cluster.address}, {a.peers} peers, job {job_id}; logs in {cluster.log_dir}")
         mon = Monitor(cluster.address, job_id)
         mon.start()
         deadline = time.monotonic() + 120
@@ -602,41 +484,36 @@ def run(name: str, a: argparse.Namespace, work: pathlib.Path, chaos: bool) -> di
             time.sleep(0.05)
         first_commit = first(mon.obs, 0, lambda o: o.round >= 1)
         if first_commit is None:
-            raise BenchError(f"no round committed within 120 s (see {cluster.logs})")
-        t_start = first_commit.t
-        if first_commit.epoch != 1 or len(first_commit.peers) != a.peers:
-            anomalies.append(f"before the window (no failure injected yet): round 1 committed under membership epoch "
-                             f"{first_commit.epoch} with {len(first_commit.peers)} of {a.peers} peers; see the "
-                             f"coordinator log for evictions during round 1")
+            raise BenchError(f"no round committed within 120 s (see {cluster.log_dir})")
+        # The window opens at the commit of the first round seen, on the coordinator's clock.
+        t_start = _s(first_commit.commit_ms)
         t_end = t_start + a.duration_s
         next_at = t_start + a.every_s
         next_kind = next(kinds)
         last_print = t_start
         while True:
-            now = time.monotonic()
+            now = time.time()
             for item in [x for x in pending if x[0] <= now]:
                 pending.remove(item)
                 _, proc, ev = item
-                if proc.popen.poll() is None:
-                    proc.popen.send_signal(signal.SIGCONT)
-                ev.t_cont = time.monotonic()
-                proc.stopped = False
+                cluster.resume(proc)
+                ev.t_cont = time.time()
             if now >= t_end and not pending:
                 break
             latest = mon.latest()
-            if latest is not None and latest.state in FINISHED:
+            if latest is not None and latest.state in jobapi.FINISHED:
                 anomalies.append(f"job ended {latest.state} at +{latest.t - t_start:.1f}s (round {latest.round})")
                 break
             for slot, p in list(cluster.peers.items()):
-                if p.popen.poll() is not None:
+                if not p.alive:
                     anomalies.append(f"{p.name} exited by itself with {p.popen.returncode} at +{now - t_start:.1f}s "
                                      f"(log {p.log.name}); started a fresh one")
                     cluster.start_peer(slot)
-            if cluster.coord is not None and cluster.coord.popen.poll() is not None:
-                anomalies.append(f"coordinator exited by itself with {cluster.coord.popen.returncode} at "
+            if cluster.coordinator is not None and not cluster.coordinator.alive:
+                anomalies.append(f"coordinator exited by itself with {cluster.coordinator.popen.returncode} at "
                                  f"+{now - t_start:.1f}s; restarted it")
                 cluster.start_coordinator()
-            if chaos and now >= next_at and now < t_end and not pending:
+            if chaos and next_at <= now < t_end and not pending:
                 got = inject(next_kind, cluster, mon, victim_rng, a.stop_s, pending)
                 if got is None:
                     next_at = now + 0.5  # no member to pick right now
@@ -654,49 +531,45 @@ def run(name: str, a: argparse.Namespace, work: pathlib.Path, chaos: bool) -> di
             time.sleep(POLL_S)
         # Let the last failures finish recovering (measured), then stop.
         settle = time.monotonic() + a.settle_s
-        while chaos and time.monotonic() < settle:
+        while chaos and events and time.monotonic() < settle:
+            resp = fetch_job(cluster.address, job_id, 30)
             obs = list(mon.obs)
             for i, ev in enumerate(events):
-                analyse(ev, obs, cluster, off, events[i + 1].wall if i + 1 < len(events) else math.inf)
-            if all(ev.recovery_s is not None and (ev.kind == "coordinator" or ev.rejoin_s is not None) for ev in events):
+                analyse(ev, obs, resp, events[i + 1].t if i + 1 < len(events) else math.inf)
+            if all(measured(ev) for ev in events):
                 break
-            time.sleep(0.2)
+            time.sleep(1.0)
         mon.halt.set()
         mon.join(5)
         obs = list(mon.obs)
-        stub = jobapi.JobClient(cluster.address).stub
-        cancel_wall = time.time()
-        with contextlib.suppress(grpc.RpcError):
-            stub.CancelJob(jobs_pb2.CancelJobRequest(job_id=job_id), timeout=10)
-        resp = None
-        for _ in range(20):  # the coordinator may just have been restarted
-            try:
-                resp = jobs_pb2_grpc.JobServiceStub(grpc.insecure_channel(cluster.address, options=CHANNEL_OPTS)).GetJob(
-                    jobs_pb2.GetJobRequest(job_id=job_id, include_history=True), timeout=30)
-                break
-            except grpc.RpcError:
-                time.sleep(0.5)
-        if resp is None:
-            raise BenchError("could not read the job's history after the run")
+        cancel_at = time.time()
+        with contextlib.suppress(jobapi.ApiError), jobapi.JobClient(cluster.address, timeout_s=10) as client:
+            client.cancel(job_id)
+        resp = fetch_job(cluster.address, job_id, 30)
         for i, ev in enumerate(events):
-            analyse(ev, obs, cluster, off, events[i + 1].wall if i + 1 < len(events) else cancel_wall)
+            analyse(ev, obs, resp, events[i + 1].t if i + 1 < len(events) else cancel_at)
     finally:
         if mon is not None:
             mon.halt.set()
         cluster.close()
-    rolled_back, rb_source = read_rolled_back(resp.job, cluster.state, job_id)
-    res = measure(name, a, spec, events, obs, resp, t_start, t_end, rolled_back, rb_source, anomalies, cluster)
-    res["log_findings"] = scan_logs(cluster.logs, cancel_wall)
-    res["evictions_in_window"] = [f"+{w - (t_start - off):.2f}s {pid} ({cause})"
-                                  for w, pid, cause in evictions(cluster.logs, t_start - off, t_end - off)]
+    early = evictions_between(resp.job, 0.0, t_start)
+    if first_commit.epoch != 1 or len(first_commit.peers) != a.peers or early:
+        anomalies.append(f"before the window (no failure injected yet): round {first_commit.round} committed under "
+                         f"membership epoch {first_commit.epoch} with {len(first_commit.peers)} of {a.peers} peers; "
+                         f"evictions before it: {[f'{e.peer_id} ({cause_text(e)})' for e in early] or 'none'}")
+    sizes = [int(s.size) for s in job_shards(with_defaults(spec))]
+    res = measure(name, events, obs, resp, t_start, t_end, anomalies, sizes)
+    res["logs"] = str(cluster.log_dir)
+    res["log_findings"] = scan_logs(cluster.log_dir, cancel_at)
     res["load_1min_start_end"] = [round(load0[0], 2), round(os.getloadavg()[0], 2)]
     return res
 
 
-def measure(name: str, a: argparse.Namespace, spec: JobSpec, events: list[Event], obs: list[Obs],
-            resp: jobs_pb2.GetJobResponse, t_start: float, t_end: float, rolled_back: int | None, rb_source: str,
-            anomalies: list[str], cluster: Cluster) -> dict[str, Any]:
-    """The numbers of one run."""
+def measure(name: str, events: list[Event], obs: list[Obs], resp: jobs_pb2.GetJobResponse, t_start: float,
+            t_end: float, anomalies: list[str], sizes: list[int]) -> dict[str, Any]:
+    """The numbers of one run, from the final GetJob (``resp``, with the history), the poll
+    timeline and the analysed events; ``sizes``: the job's shard sizes (for the sample ledger)."""
+    job = resp.job
     hist = list(resp.history)
     nums = [h.round for h in hist]
     by_round = {h.round: h for h in hist}
@@ -729,22 +602,17 @@ def measure(name: str, a: argparse.Namespace, spec: JobSpec, events: list[Event]
     lost_rounds = set(rewritten) | set(gaps) | set(dupes)
     lost_rounds |= {c["round_before_kill"] for c in kill_checks if not c["in_final_history_same_digest"]}
     rounds_lost = len(lost_rounds) + sum(1 for c in kill_checks if not c["not_behind_after_restart"])
-    sizes = [int(s.size) for s in job_shards(with_defaults(spec))]
     ledger = violations([[(x.shard_id, x.data_epoch, x.start, x.stop)
                           for m in sorted(h.consumed, key=lambda m: m.peer_id) for x in m.ranges]
                          for h in hist], sizes)
-    at_start, at_end = last_before(obs, t_start), last_before(obs, t_end)
-    r0 = at_start.round if at_start else 0
-    r1 = at_end.round if at_end else 0
-    window_samples = sum(by_round[r].samples for r in range(r0 + 1, r1 + 1) if r in by_round)
+    # The window, on the coordinator's commit times: rounds committed in (t_start, t_end].
     span = t_end - t_start
-    commits, top = [], 0
-    for o in obs:
-        if o.ok:
-            if o.round > top and t_start < o.t <= t_end:
-                commits.append(o.t)
-            top = max(top, o.round)
+    window = sorted((h for h in hist if t_start < _s(h.committed_unix_ms) <= t_end), key=lambda h: h.committed_unix_ms)
+    window_samples = sum(h.samples for h in window)
+    commits = [_s(h.committed_unix_ms) for h in window]
     gaps_s = [b - a_ for a_, b in zip([t_start] + commits, commits + [t_end])]
+    before_end = [h for h in hist if _s(h.committed_unix_ms) <= t_end]
+    r1 = max((h.round for h in before_end), default=0)
     down = [o for o in obs if not o.ok and t_start <= o.t <= t_end]
     det = [e.detection_s for e in events if e.detection_s is not None]
     rec = [e.recovery_s for e in events if e.recovery_s is not None]
@@ -763,12 +631,13 @@ def measure(name: str, a: argparse.Namespace, spec: JobSpec, events: list[Event]
     edge = min(30.0, span / 3)
 
     def rate(t0: float, t1: float) -> float | None:
-        o0, o1 = last_before(obs, t0), last_before(obs, t1)
-        return (o1.round - o0.round) / (t1 - t0) if o0 and o1 and t1 > t0 else None
+        return sum(1 for c in commits if t0 < c <= t1) / (t1 - t0) if t1 > t0 else None
+    ep_end = epoch_at(job, t_end)
+    in_window = evictions_between(job, t_start, t_end)
     return {
         "run": name,
-        "job_id": resp.job.job_id,
-        "final_state": jobapi.STATE_NAMES[resp.job.state],
+        "job_id": job.job_id,
+        "final_state": jobapi.STATE_NAMES[job.state],
         "window_s": span,
         "failures": len(events),
         "failures_by_kind": {k: sum(1 for e in events if e.kind == k) for k in KINDS},
@@ -779,13 +648,13 @@ def measure(name: str, a: argparse.Namespace, spec: JobSpec, events: list[Event]
         "other_peers_evicted": sum(len(e.collateral) for e in events),
         "unmeasured_failures": sum(1 for e in events if e.detection_s is None or e.recovery_s is None),
         "per_kind": per_kind,
-        "rounds_committed_in_window": r1 - r0,
+        "rounds_committed_in_window": len(window),
         "rounds_committed_total": n,
         "rounds_lost": rounds_lost,
         "round_numbers_ok": order_ok,
         "round_gaps": gaps[:50], "round_duplicates": dupes[:50], "rounds_rewritten": rewritten[:50],
         "round_regressions": regressions[:20],
-        "rolled_back_rounds": rolled_back, "rolled_back_rounds_source": rb_source,
+        "rolled_back_rounds": job.rolled_back_rounds,
         "coordinator_kill_checks": kill_checks,
         "ledger_violations": len(ledger), "ledger_excerpt": ledger[:10],
         "data_epochs": hist[-1].data_epoch if hist else 0,
@@ -797,13 +666,15 @@ def measure(name: str, a: argparse.Namespace, spec: JobSpec, events: list[Event]
         "rate_edge_s": edge,
         "longest_commit_gap_s": max(gaps_s) if gaps_s else None,
         "monitor_unanswered_polls": len(down),
-        "membership_epochs": (at_end.epoch if at_end else 0),
+        "membership_epochs": ep_end.epoch if ep_end is not None else 0,
+        "membership_epochs_begun_in_window": sum(1 for ep in job.epochs if t_start < _s(ep.started_unix_ms) <= t_end),
+        "evictions_in_window": [f"+{_s(e.unix_ms) - t_start:.2f}s {e.peer_id} ({cause_text(e)})" for e in in_window],
+        "evictions_total": job.evictions_total,
         "anomalies": anomalies,
-        "logs": str(cluster.logs),
         "events": [{"at_s": round(e.t - t_start, 3), "kind": e.kind, "victim": e.victim, "victim_id": e.victim_id,
                     "round_before": e.round_before, "detection_s": e.detection_s, "recovery_s": e.recovery_s,
                     "rejoin_s": e.rejoin_s, "coordinator_answer_s": e.answer_s, "heartbeats_back_s": e.reattach_s,
-                    "slowest_poll_after_restart_s": e.slowest_poll_s, "evicted_by": e.how,
+                    "slowest_poll_after_restart_s": e.slowest_poll_s, "evicted_by": e.how, "new_id": e.new_id,
                     "other_peers_evicted": e.collateral,
                     "round_after_restart": e.round_after_restart, "note": e.note} for e in events],
         "_t_start": t_start,
@@ -846,10 +717,10 @@ def table(c: dict[str, Any], b: dict[str, Any], a: argparse.Namespace, t: dict[s
         row(f"  {k}", f"{_f(v['recovery_p50_s'])} / {_f(v['recovery_p95_s'])}", "-")
     row("injection -> next commit p50 / p95 (s)", f"{_f(c['outage_p50_s'])} / {_f(c['outage_p95_s'])}", "-")
     row("peer back in the ring p50 / p95 (s)", f"{_f(c['rejoin_p50_s'])} / {_f(c['rejoin_p95_s'])}", "-")
-    row("evictions the coordinator logged (window)", str(len(c["evictions_in_window"])),
-        str(len(b.get("evictions_in_window") or [])))
+    row("evictions in the window (of all in the job)", f"{len(c['evictions_in_window'])} ({_f(c['evictions_total'])})",
+        f"{len(b.get('evictions_in_window') or [])} ({_f(b.get('evictions_total'))})")
     row("other (healthy) peers evicted after a failure", str(c["other_peers_evicted"]), "-")
-    row("failures not measured (deadline 60 s)", str(c["unmeasured_failures"]), "-")
+    row(f"failures not measured (deadline {HORIZON_S:.0f} s)", str(c["unmeasured_failures"]), "-")
     row("rounds committed in the window", str(c["rounds_committed_in_window"]), str(b["rounds_committed_in_window"]))
     row("committed rounds lost", str(c["rounds_lost"]), str(b["rounds_lost"]), f"0 {ok('rounds_lost')}")
     row("  numbering 1..N, no gap, no repeat", "yes" if c["round_numbers_ok"] else "NO",
@@ -866,17 +737,21 @@ def table(c: dict[str, Any], b: dict[str, Any], a: argparse.Namespace, t: dict[s
         f"{_f(fl_b[0], '.1f')} / {_f(fl_b[1], '.1f')}")
     row("longest gap between commits (s)", _f(c["longest_commit_gap_s"]), _f(b["longest_commit_gap_s"]))
     row("final test accuracy (last round in window)", _f(c["final_test_accuracy"], ".4f"), _f(b["final_test_accuracy"], ".4f"))
-    row("data epochs / membership epochs", f"{c['data_epochs']} / {c['membership_epochs']}",
+    row("data epochs / membership epochs (at the end)", f"{c['data_epochs']} / {c['membership_epochs']}",
         f"{b['data_epochs']} / {b['membership_epochs']}")
+    row("membership epochs begun in the window", _f(c["membership_epochs_begun_in_window"]),
+        _f(b.get("membership_epochs_begun_in_window")))
     lines += ["",
-              "window: from the first committed round for --duration-s; goodput = samples of the rounds committed in",
-              "  the window / window length. Timings come from GetJob polled every 50 ms (nearest-rank percentiles).",
-              "detection: sigkill/sigstop: from the signal until GetJob no longer lists the peer (evicted);",
+              "window: from the commit of the first round seen for --duration-s; goodput = samples of the rounds",
+              "  committed in the window / window length. Times are GetJob's (commit, eviction and epoch times; the",
+              "  coordinator's clock, this machine's) and this script's (injections; GetJob polled every 50 ms);",
+              "  nearest-rank percentiles.",
+              "detection: sigkill/sigstop: from the signal until the coordinator evicted the peer (GetJob evictions);",
               "  coordinator: from kill -9 until the restarted coordinator answers GetJob AND every ring member whose",
               "  heartbeat failed has logged a successful heartbeat again (peer log 'coordinator reachable again').",
-              "recovery: from detection until GetJob shows a round committed after the one it showed at detection.",
-              "peer back in the ring: sigkill: from the kill until the replacement process is a ring member;",
-              "  sigstop: from SIGCONT until the peer's re-registered id is a ring member.",
+              "recovery: from detection until the next round committed (GetJob history's commit times).",
+              "peer back in the ring: sigkill: from the kill until a membership epoch with the replacement began;",
+              "  sigstop: from SIGCONT until one with the peer's re-registered id began (ids from the peers' logs).",
               "rounds lost: round numbers missing or repeated in the final history, rounds seen committed whose",
               "  digest differs in (or is missing from) the final history, and pre-kill rounds not kept.",
               (f"machine load (1-min average, start/end of run): chaos {c.get('load_1min_start_end')}, "
@@ -901,36 +776,68 @@ def targets(c: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def main() -> int:
-    """Entry point."""
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The flags (bad ones exit 2)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--peers", type=int, default=4)
+    p.add_argument("--peers", type=int, default=4, help="peer processes (default 4)")
     p.add_argument("--duration-s", type=float, default=180.0, help="length of each run (default 180)")
     p.add_argument("--every-s", type=float, default=15.0, help="one failure this often (default 15)")
-    p.add_argument("--seed", type=int, default=0, help="seeds the failure kinds and victims")
+    p.add_argument("--seed", type=int, default=0, help="seeds the failure kinds and victims (default 0)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     p.add_argument("--json-out", type=pathlib.Path, default=None, help="also write the JSON object to this file")
     p.add_argument("--kinds", default=",".join(KINDS), help=f"failure kinds to use (default {','.join(KINDS)})")
     p.add_argument("--stop-s", type=float, default=None,
                    help="how long a SIGSTOPped peer stays stopped (default: peer timeout + 2 s)")
-    p.add_argument("--heartbeat-interval-ms", type=int, default=None, help="passed to dml-coordinator")
-    p.add_argument("--peer-timeout-ms", type=int, default=None, help="passed to dml-coordinator")
-    p.add_argument("--round-deadline-ms", type=int, default=None, help="passed to dml-coordinator")
+    p.add_argument("--heartbeat-interval-ms", type=int, default=None,
+                   help="passed to dml-coordinator (default: its own)")
+    p.add_argument("--peer-timeout-ms", type=int, default=None, help="passed to dml-coordinator (default: its own)")
+    p.add_argument("--round-deadline-ms", type=int, default=None, help="passed to dml-coordinator (default: its own)")
     p.add_argument("--job-seed", type=int, default=JobSpec().seed, help="the job's seed (default JobSpec's)")
     p.add_argument("--settle-s", type=float, default=30.0,
-                   help="after the window, wait up to this long for the last failure's recovery to be measured")
+                   help="after the window, wait up to this long for the last failure's recovery to be measured "
+                        "(default 30)")
     p.add_argument("--skip-baseline", action="store_true", help="run only the chaos run (development)")
     p.add_argument("--work-dir", type=pathlib.Path, default=None, help="logs and state (default: a new temp dir, kept)")
-    a = p.parse_args()
+    a = p.parse_args(argv)
     a.kinds = [k.strip() for k in a.kinds.split(",") if k.strip()]
     if not a.kinds or any(k not in KINDS for k in a.kinds):
         p.error(f"--kinds must name some of {', '.join(KINDS)}")
     if a.peers < 2:
         p.error("--peers must be at least 2 (the job needs 2)")
-    if a.duration_s <= 0 or a.every_s <= 0:
+    if not (a.duration_s > 0 and a.every_s > 0):
         p.error("--duration-s and --every-s must be positive")
+    if a.stop_s is not None and not a.stop_s > 0:
+        p.error("--stop-s must be positive")
+    if a.settle_s < 0:
+        p.error("--settle-s must be at least 0")
     if a.stop_s is None:
         a.stop_s = (a.peer_timeout_ms or CoordinatorConfig().peer_timeout_ms) / 1000 + 2.0
+    return a
+
+
+def skipped_baseline(c: dict[str, Any]) -> dict[str, Any]:
+    """Stands in for the failure-free run under --skip-baseline: the table shows "-"."""
+    b = {k: (None if not isinstance(v, (list, dict, str, bool)) else v) for k, v in c.items()}
+    b.update(run="failure-free (skipped)", failures=0, rounds_lost="-", ledger_violations="-", round_numbers_ok=True,
+             rounds_rewritten=[], logs="-", data_epochs="-", membership_epochs="-", evictions_in_window=[],
+             rounds_per_s_first_last=[None, None], load_1min_start_end=None)
+    return b
+
+
+def report(c: dict[str, Any], b: dict[str, Any], a: argparse.Namespace, work: pathlib.Path) -> dict[str, Any]:
+    """The JSON object of --json: the config, both runs' numbers and whether the targets were met."""
+    return {"config": {"peers": a.peers, "duration_s": a.duration_s, "every_s": a.every_s, "seed": a.seed,
+                       "kinds": a.kinds, "stop_s": a.stop_s, "work_dir": str(work),
+                       "heartbeat_interval_ms": a.heartbeat_interval_ms or CoordinatorConfig().heartbeat_interval_ms,
+                       "peer_timeout_ms": a.peer_timeout_ms or CoordinatorConfig().peer_timeout_ms},
+            "chaos": {k: v for k, v in c.items() if not k.startswith("_")},
+            "failure_free": {k: v for k, v in b.items() if not k.startswith("_")},
+            "targets": TARGETS, "met": targets(c, b)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point."""
+    a = parse_args(argv)
     work = a.work_dir or pathlib.Path(tempfile.mkdtemp(prefix="dml-chaos-"))
     work.mkdir(parents=True, exist_ok=True)
 
@@ -949,7 +856,7 @@ def main() -> int:
         b = run("failure-free", a, work, chaos=False) if not a.skip_baseline else None
         for x in b["anomalies"] if b is not None else []:
             _say(f"[failure-free] ANOMALY: {x}")
-    except BenchError as e:
+    except (BenchError, ClusterError, jobapi.ApiError) as e:
         print(f"chaos: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
@@ -960,24 +867,14 @@ def main() -> int:
             for name, v in r["log_findings"].items():
                 _say(f"[{r['run']}] log lines '{name}': {v['count']}" + "".join(f"\n    {x}" for x in v["excerpts"]))
     if b is None:
-        b = {k: (None if not isinstance(v, (list, dict, str, bool)) else v) for k, v in c.items()}
-        b.update(run="failure-free (skipped)", failures=0, rounds_lost="-", ledger_violations="-", round_numbers_ok=True,
-                 rounds_rewritten=[], logs="-", data_epochs="-", membership_epochs="-", evictions_in_window=[],
-                 rounds_per_s_first_last=[None, None], load_1min_start_end=None)
-    t = targets(c, b)
-    out = {"config": {"peers": a.peers, "duration_s": a.duration_s, "every_s": a.every_s, "seed": a.seed,
-                      "kinds": a.kinds, "stop_s": a.stop_s, "work_dir": str(work),
-                      "heartbeat_interval_ms": a.heartbeat_interval_ms or CoordinatorConfig().heartbeat_interval_ms,
-                      "peer_timeout_ms": a.peer_timeout_ms or CoordinatorConfig().peer_timeout_ms},
-           "chaos": {k: v for k, v in c.items() if not k.startswith("_")},
-           "failure_free": {k: v for k, v in b.items() if not k.startswith("_")},
-           "targets": TARGETS, "met": t}
+        b = skipped_baseline(c)
+    out = report(c, b, a, work)
     if a.json_out is not None:
         a.json_out.write_text(json.dumps(out, default=str, indent=1))
     if a.json:
         print(json.dumps(out, default=str))
     else:
-        print(table(c, b, a, t))
+        print(table(c, b, a, out["met"]))
     return 0
 
 

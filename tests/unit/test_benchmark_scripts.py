@@ -3,6 +3,7 @@ flags with exit code 2 (a syntax error once slipped into one)."""
 from __future__ import annotations
 
 import importlib.util
+import json
 import pathlib
 import py_compile
 import sys
@@ -133,3 +134,231 @@ def test_netem_leftovers_only_of_dead_runs() -> None:
     assert cmds == [["ip", "netns", "del", "dmlb-11-0"], ["ip", "netns", "del", "dmlb-11-1"],
                     ["ip", "link", "del", "dmlb11r0"], ["ip", "link", "del", "dmlb11r1"],
                     ["ip", "link", "del", "dmlb11"]]
+
+
+# -- chaos.py: what it reads from the job API and how it reports it --------------------------
+T0 = 1_700_000_000.0  # a Unix time; every time below is T0 + seconds
+
+
+@pytest.fixture(scope="module")
+def chaos():
+    with pytest.MonkeyPatch.context() as mp:  # the script sets a gRPC variable at import
+        mp.delenv("GRPC_ENABLE_FORK_SUPPORT", raising=False)
+        yield _load("chaos")
+
+
+def _ms(s: float) -> int:
+    return round((T0 + s) * 1000)
+
+
+def _peer_log(path: pathlib.Path, lines: list[tuple[float, str]]) -> str:
+    """A peer log as dml-peer writes it (local-time asctime with milliseconds)."""
+    import datetime
+
+    out = []
+    for s, msg in lines:
+        d = datetime.datetime.fromtimestamp(T0 + s)
+        out.append(f"{d:%Y-%m-%d %H:%M:%S},{d.microsecond // 1000:03d} INFO peer dml.peer.runner: {msg}")
+    path.write_text("\n".join(out) + "\n")
+    return str(path)
+
+
+def _job(evictions=(), epochs=(), rolled_back=0, total=None):
+    from dml.v1 import jobs_pb2
+
+    job = jobs_pb2.JobStatus(job_id="job-1", state=jobs_pb2.JobStatus().state, rolled_back_rounds=rolled_back,
+                             evictions_total=len(evictions) if total is None else total)
+    for pid, cause, s, reporter, detail in evictions:
+        job.evictions.add(peer_id=pid, cause=jobs_pb2.EvictionCause.Value(f"EVICTION_CAUSE_{cause}"), reporter=reporter,
+                          unix_ms=_ms(s), detail=detail)
+    for n, (peers, s) in enumerate(epochs, start=1):
+        job.epochs.add(epoch=n, peers=peers, started_unix_ms=_ms(s), round=1)
+    return job
+
+
+def _resp(job, commits: list[float], samples: int = 100, shards: int = 2, size: int = 250):
+    """GetJob's answer with a history of rounds 1..N committed at ``commits`` (seconds); each
+    round consumes the next ``samples`` samples of each of ``shards`` shards of ``size``."""
+    from dml.v1 import jobs_pb2
+
+    resp = jobs_pb2.GetJobResponse(job=job)
+    cursor = {s: (1, 0) for s in range(shards)}
+    for rnd, s in enumerate(commits, start=1):
+        h = resp.history.add(round=rnd, epoch=1, samples=samples * shards, digest=f"d{rnd}", committed_unix_ms=_ms(s),
+                             test_accuracy=0.5 + rnd / 1000, data_epoch=1, members=shards)
+        for shard in range(shards):
+            m = h.consumed.add(peer_id=f"peer-{shard}")
+            ep, at = cursor[shard]
+            stop = min(at + samples, size)
+            m.ranges.add(shard_id=shard, data_epoch=ep, start=at, stop=stop)
+            cursor[shard] = (ep + 1, 0) if stop >= size else (ep, stop)
+            h.data_epoch = ep
+    return resp
+
+
+def _obs(chaos, s: float, rnd: int, ok: bool = True, peers=("peer-a",), latency: float = 0.01):
+    return chaos.Obs(T0 + s, ok, rnd, 1, tuple(peers), 0, "RUNNING" if ok else "", f"d{rnd}" if ok else "",
+                     _ms(s) if ok else 0, "" if ok else "UNAVAILABLE", latency)
+
+
+def test_chaos_measures_a_killed_peer_from_evictions_epochs_and_commit_times(chaos, tmp_path):
+    job = _job(evictions=[("peer-b", "NEIGHBOUR_REPORT", 10.4, "peer-a", "failed mid-exchange"),
+                          ("peer-c", "HEARTBEAT_TIMEOUT", 12.0, "", "no heartbeat for 2150 ms"),
+                          ("peer-d", "HEARTBEAT_TIMEOUT", 30.0, "", "no heartbeat for 2150 ms")],
+               epochs=[(["peer-a", "peer-b", "peer-c", "peer-d"], 0.0), (["peer-a", "peer-c", "peer-d"], 10.4),
+                       (["peer-a", "peer-d"], 12.0), (["peer-a", "peer-d", "peer-e"], 13.0)])
+    resp = _resp(job, [1.0, 5.0, 10.0, 10.9, 11.5])
+    log = _peer_log(tmp_path / "peer-1.1.log", [(10.6, "peer peer-e: registered at 127.0.0.1:4242 with coordinator x")])
+    ev = chaos.Event("sigkill", T0 + 10.0, victim="peer-1", victim_id="peer-b", log=log, t_restarted=T0 + 10.01)
+    chaos.analyse(ev, [], resp, until=T0 + 25.0)
+    assert ev.detection_s == pytest.approx(0.4, abs=1e-3)
+    assert ev.how == "neighbour report by peer-a (failed mid-exchange)"
+    assert ev.recovery_s == pytest.approx(0.5, abs=1e-3)  # eviction at +10.4 to the commit at +10.9
+    assert ev.new_id == "peer-e" and ev.rejoin_s == pytest.approx(3.0, abs=1e-3)
+    # Another peer evicted within 10 s of the failure is collateral; one 20 s later is not.
+    assert ev.collateral == ["peer-c (heartbeat timeout (no heartbeat for 2150 ms)) at +2.00s"]
+    assert chaos.measured(ev)
+
+
+def test_chaos_measures_a_stopped_peer_from_its_sigcont(chaos, tmp_path):
+    job = _job(evictions=[("peer-c", "HEARTBEAT_TIMEOUT", 12.1, "", "no heartbeat for 2100 ms")],
+               epochs=[(["peer-a", "peer-c"], 0.0), (["peer-a"], 12.1), (["peer-a", "peer-f"], 17.0)])
+    resp = _resp(job, [1.0, 12.6])
+    log = _peer_log(tmp_path / "peer-2.log", [(-100.0, "peer peer-c: registered at 127.0.0.1:1 with coordinator x"),
+                                              (14.5, "peer peer-c: evicted by the coordinator; will re-register"),
+                                              (16.5, "peer peer-f: registered at 127.0.0.1:1 with coordinator x")])
+    ev = chaos.Event("sigstop", T0 + 10.0, victim="peer-2", victim_id="peer-c", log=log, t_cont=T0 + 14.0)
+    chaos.analyse(ev, [], resp)
+    assert ev.detection_s == pytest.approx(2.1, abs=1e-3) and ev.how.startswith("heartbeat timeout")
+    assert ev.recovery_s == pytest.approx(0.5, abs=1e-3)
+    assert ev.new_id == "peer-f" and ev.rejoin_s == pytest.approx(3.0, abs=1e-3)  # from SIGCONT at +14
+    assert ev.collateral == []
+
+
+def test_chaos_leaves_a_failure_unmeasured_without_its_eviction(chaos, tmp_path):
+    resp = _resp(_job(epochs=[(["peer-a", "peer-b"], 0.0)]), [1.0, 11.0])
+    ev = chaos.Event("sigkill", T0 + 10.0, victim="peer-0", victim_id="peer-b", log=str(tmp_path / "none.log"))
+    chaos.analyse(ev, [], resp)
+    assert ev.detection_s is None and ev.recovery_s is None and ev.rejoin_s is None and not chaos.measured(ev)
+
+
+def test_chaos_measures_a_coordinator_kill_from_its_answer_and_the_heartbeats(chaos, tmp_path):
+    resp = _resp(_job(), [1.0, 9.9, 12.0, 12.5])
+    obs = ([_obs(chaos, 9.95, 2)] + [_obs(chaos, 10.0 + i / 10, 0, ok=False) for i in range(12)]
+           + [_obs(chaos, 11.2, 2, latency=0.3), _obs(chaos, 11.3, 2, latency=0.05), _obs(chaos, 12.05, 3)])
+    back = _peer_log(tmp_path / "peer-0.log", [(10.5, "peer peer-a: heartbeat failed (UNAVAILABLE); retrying"),
+                                               (11.6, "peer peer-a: coordinator reachable again")])
+    quiet = _peer_log(tmp_path / "peer-1.log", [(5.0, "peer peer-b: registered at 127.0.0.1:2 with coordinator x")])
+    ev = chaos.Event("coordinator", T0 + 10.0, victim="coordinator", round_before=2, digest_before="d2",
+                     members={"peer-0": back, "peer-1": quiet}, t_restarted=T0 + 11.0)
+    chaos.analyse(ev, obs, resp)
+    assert ev.answer_s == pytest.approx(1.2, abs=1e-3) and ev.round_after_restart == 2
+    assert ev.detection_s == pytest.approx(1.6, abs=1e-3) == ev.reattach_s  # the last heartbeat back
+    assert ev.recovery_s == pytest.approx(0.4, abs=1e-3)  # to the commit at +12.0
+    assert ev.slowest_poll_s == pytest.approx(0.3)
+    # A member whose heartbeat failed and has not come back: not measured yet, and said why.
+    _peer_log(tmp_path / "peer-0.log", [(10.5, "peer peer-a: heartbeat failed (UNAVAILABLE); retrying")])
+    ev2 = chaos.Event("coordinator", T0 + 10.0, victim="coordinator", members={"peer-0": back}, t_restarted=T0 + 11.0)
+    chaos.analyse(ev2, obs, resp)
+    assert ev2.detection_s is None and ev2.recovery_s is None and ev2.note == "no heartbeat back yet from ['peer-0']"
+
+
+def _sizes() -> list[int]:
+    return [250, 250]
+
+
+def test_chaos_measure_reads_rounds_ledger_rollbacks_epochs_and_evictions_from_getjob(chaos):
+    job = _job(evictions=[("peer-x", "ROUND_DEADLINE", 0.5, "", ""), ("peer-b", "SELF_REPORT", 20.0, "", "local failure"),
+                          ("peer-c", "REPLACED", 70.0, "", "")],
+               epochs=[(["peer-a", "peer-b"], 0.0), (["peer-a"], 20.0), (["peer-a", "peer-c"], 40.0),
+                       (["peer-a"], 70.0)], rolled_back=3, total=300)
+    commits = [10.0 + i for i in range(8)] + [30.0, 31.0, 65.0]  # rounds 1..11; the window is 10 .. 70
+    resp = _resp(job, commits)
+    obs = [_obs(chaos, s + 0.01, r) for r, s in enumerate(commits, start=1)]
+    ev = chaos.Event("sigkill", T0 + 20.0, victim="peer-1", victim_id="peer-b", detection_s=0.2, recovery_s=1.0,
+                     rejoin_s=3.0)
+    m = chaos.measure("chaos", [ev], obs, resp, T0 + 10.0, T0 + 70.0, [], _sizes())
+    assert m["rounds_lost"] == 0 and m["round_numbers_ok"] and m["rounds_rewritten"] == []
+    assert m["ledger_violations"] == 0
+    assert m["rolled_back_rounds"] == 3
+    assert m["membership_epochs"] == 4 and m["membership_epochs_begun_in_window"] == 3
+    assert m["evictions_in_window"] == ["+10.00s peer-b (self report (local failure))"]
+    assert m["evictions_total"] == 300
+    assert m["rounds_committed_in_window"] == 10 and m["final_round"] == 11
+    assert m["window_samples"] == 10 * 200 and m["goodput_samples_per_s"] == pytest.approx(2000 / 60)
+    assert m["longest_commit_gap_s"] == pytest.approx(34.0)  # +31 .. +65
+    assert m["final_test_accuracy"] == pytest.approx(0.511)
+    assert m["data_epochs"] == 4  # 3 rounds a pass (100 + 100 + 50 of 250 samples per shard)
+    assert m["detection_p95_s"] == pytest.approx(0.2) and m["unmeasured_failures"] == 0
+
+
+def test_chaos_measure_counts_lost_rewritten_and_double_used(chaos):
+    resp = _resp(_job(), [10.0 + i for i in range(6)])
+    del resp.history[2]  # round 3 missing
+    resp.history[0].consumed[0].ranges[0].start = 50  # shard 0 skips its first 50 samples
+    obs = [_obs(chaos, 10.5, 1), _obs(chaos, 11.5, 2)]
+    obs[1].digest = "other"  # round 2 was seen committed with another digest
+    obs.append(_obs(chaos, 12.5, 1))  # and the committed round went back
+    kill = chaos.Event("coordinator", T0 + 12.0, round_before=2, digest_before="d2", round_after_restart=1)
+    m = chaos.measure("chaos", [kill], obs, resp, T0 + 10.0, T0 + 20.0, [], _sizes())
+    assert m["round_gaps"] == [3] and m["rounds_rewritten"] == [2] and not m["round_numbers_ok"]
+    assert len(m["round_regressions"]) == 1
+    kc = m["coordinator_kill_checks"]
+    assert kc == [{"round_before_kill": 2, "in_final_history_same_digest": True, "round_after_restart": 1,
+                   "not_behind_after_restart": False}]
+    assert m["rounds_lost"] == 3  # rounds 2 and 3, and the restart behind the kill
+    assert m["ledger_violations"] >= 1 and "skipped" in m["ledger_excerpt"][0]
+
+
+def test_chaos_report_and_table(chaos):
+    resp = _resp(_job(rolled_back=1, epochs=[(["peer-a", "peer-b"], 0.0)]), [10.0 + i for i in range(30)])
+    obs = [_obs(chaos, 10.0 + i + 0.01, i + 1) for i in range(30)]
+    events = [chaos.Event("sigkill", T0 + 15.0, victim="peer-0", victim_id="peer-b", detection_s=0.3, recovery_s=0.7,
+                          rejoin_s=2.0, how="neighbour report by peer-a"),
+              chaos.Event("coordinator", T0 + 25.0, victim="coordinator", round_before=15, digest_before="d15",
+                          round_after_restart=15, detection_s=1.5, recovery_s=0.5)]
+    c = chaos.measure("chaos", events, obs, resp, T0 + 10.0, T0 + 40.0, [], _sizes())
+    b = chaos.measure("failure-free", [], obs, resp, T0 + 10.0, T0 + 40.0, [], _sizes())
+    for r in (c, b):
+        r.update(logs="/tmp/x", log_findings={}, load_1min_start_end=[0.5, 0.6])
+    a = chaos.parse_args(["--duration-s", "30"])
+    out = chaos.report(c, b, a, pathlib.Path("/tmp/w"))
+    assert out["met"]["rounds_lost"] and out["met"]["ledger"] and out["met"]["detection"]
+    assert out["met"]["goodput_ratio"] == pytest.approx(1.0)
+    back = json.loads(json.dumps(out, default=str))
+    assert back["chaos"]["rolled_back_rounds"] == 1 and back["chaos"]["events"][0]["evicted_by"] == "neighbour report by peer-a"
+    assert "_events" not in back["chaos"]
+    text = chaos.table(c, b, a, out["met"])
+    assert "detection p50 / p95 (s)" in text and "0.30 / 1.50" in text
+    assert "rolled_back_rounds" in text and "ledger violations" in text
+    skipped = chaos.skipped_baseline(c)
+    assert "failure-free" in chaos.table(c, skipped, a, chaos.report(c, skipped, a, pathlib.Path("/tmp/w"))["met"])
+
+
+def test_chaos_flags(chaos):
+    a = chaos.parse_args([])
+    assert a.peers == 4 and a.duration_s == 180 and a.every_s == 15 and a.kinds == list(chaos.KINDS)
+    assert a.stop_s > 2  # longer than the peer timeout
+    assert chaos.parse_args(["--kinds", "sigkill, coordinator"]).kinds == ["sigkill", "coordinator"]
+    for bad in (["--peers", "1"], ["--kinds", "reboot"], ["--kinds", ","], ["--duration-s", "0"], ["--every-s", "-1"],
+                ["--stop-s", "0"], ["--settle-s", "-1"], ["--duration-s", "nan"]):
+        with pytest.raises(SystemExit) as e:
+            chaos.parse_args(bad)
+        assert e.value.code == 2, bad
+
+
+def test_chaos_peer_side_facts_from_the_peer_logs(chaos, tmp_path):
+    from dml.client.cluster import registrations
+
+    log = _peer_log(tmp_path / "p.log", [(1.0, "peer peer-a: registered at 127.0.0.1:5 with coordinator x"),
+                                         (2.0, "peer peer-a: heartbeat failed (UNAVAILABLE); retrying"),
+                                         (3.0, "peer peer-a: evicted by the coordinator; will re-register"),
+                                         (3.5, "peer peer-g: registered at 127.0.0.1:5 with coordinator x")])
+    regs = registrations(pathlib.Path(log))
+    assert [(r.peer_id, r.address) for r in regs] == [("peer-a", "127.0.0.1:5"), ("peer-g", "127.0.0.1:5")]
+    assert regs[1].wall == pytest.approx(T0 + 3.5, abs=1e-3)
+    assert chaos.heartbeat_back(pathlib.Path(log), T0 + 1.5, T0 + 2.5) == (True, pytest.approx(T0 + 3.0, abs=1e-3))
+    assert chaos.heartbeat_back(pathlib.Path(log), T0 + 1.5, T0 + 1.9) == (False, None)  # failed after this outage
+    (tmp_path / "coordinator.log").write_text("x\nTraceback (most recent call last):\n  boom\n")
+    found = chaos.scan_logs(tmp_path, T0 + 100)
+    assert found["traceback"]["count"] == 1 and "critical" not in found
