@@ -40,12 +40,9 @@ from dml.common import rpc
 from dml.common.sampling import shard_order
 from dml.peer.advertise import advertise_host
 from dml.peer.client import CALL_TIMEOUT_S, ControlClient, Evicted
-from dml.peer.exchange import (
-    ExchangeServicer,
-    PeerLink,
-    add_exchange_to_server,
-)
+from dml.peer.exchange import ExchangeServicer, add_exchange_to_server
 from dml.peer.gossip import GossipNode, Outcome
+from dml.peer.link import PeerLink
 from dml.common.tasks import get_task
 from dml.peer.trainer import Trainer
 
