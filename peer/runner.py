@@ -1,16 +1,5 @@
-"""The peer process: exchange server, registration, heartbeats and the round loop.
-
-Parameter bookkeeping: ``committed`` holds the parameters every member agreed on at the start of
-the current round; ``tentative`` the result of the last round this peer finished (reported, not
-yet known to be committed). A plan for round ``r + 1`` proves round ``r`` committed and promotes
-``tentative``; a plan that re-issues round ``r`` (new epoch) restarts from ``committed``.
-
-Memory: the model lives once in the trainer's flat buffer. ``tentative`` is that buffer itself (no
-copy: nothing changes it before the next plan says whether it committed), and promotion copies it
-into the committed snapshot's existing array. A round holds the flat buffer, the committed copy,
-and either the gradients (training) or, for lossy codecs, the error-feedback residual (exchange):
-three model-sized buffers at most.
-"""
+"""The peer process: exchange server, registration, heartbeats and the round loop (the
+parameters it holds between rounds: :mod:`peer.params`)."""
 from __future__ import annotations
 
 import logging
@@ -43,6 +32,7 @@ from dml.peer.client import CALL_TIMEOUT_S, ControlClient, Evicted
 from dml.peer.exchange import ExchangeServicer, add_exchange_to_server
 from dml.peer.gossip import GossipNode, Outcome
 from dml.peer.link import PeerLink
+from dml.peer.params import ParamStore, Snapshot
 from dml.common.tasks import get_task
 from dml.peer.trainer import Trainer
 
@@ -67,17 +57,6 @@ class PeerConfig:
     slowdown: float = 1.0
 
 
-@dataclass
-class Snapshot:
-    """Parameters of one round of one job."""
-
-    job_id: str
-    round: int
-    params: np.ndarray
-    digest: str
-    live: bool = False  # params is the trainer's own buffer, not a copy
-
-
 def _superseded(e: BaseException) -> bool:
     """The coordinator refused a report or upload as stale: the plan moved on without us."""
     return isinstance(e, grpc.Call) and e.code() == grpc.StatusCode.FAILED_PRECONDITION
@@ -90,11 +69,7 @@ class Peer:
         self.config = config
         self.stop_event = threading.Event()
         self.peer_id = ""
-        self._lock = threading.Lock()
-        self._trainer: Trainer | None = None
-        self._trainer_job = ""
-        self._committed: Snapshot | None = None
-        self._tentative: Snapshot | None = None
+        self.store = ParamStore()
         self._abort = threading.Event()
         self._exchange: tuple[str, int] = ("", 0)  # (job, epoch) of the exchange under way
         self._round_deadline_s = 120.0
@@ -102,7 +77,7 @@ class Peer:
         self._heartbeat_s = 0.5
         self._residual: tuple[str, np.ndarray] | None = None  # (job, error-feedback residual)
         self._codecs: dict[str, Codec] = {}
-        self.servicer = ExchangeServicer(self._params_for, recv_timeout_s=config.exchange_timeout_s,
+        self.servicer = ExchangeServicer(self.store.serve, recv_timeout_s=config.exchange_timeout_s,
                                          data_plane_host=config.host if config.tcp else None)
         self.gossip = GossipNode("")
         self.servicer.gossip = self.gossip
@@ -130,9 +105,8 @@ class Peer:
     def _register(self) -> None:
         if self.peer_id:  # evicted: whatever it held may be stale, start clean as a new member
             self.gossip.detach()
-            with self._lock:
-                self._trainer, self._trainer_job, self._committed, self._tentative = None, "", None, None
-                self._residual = None
+            self.store.clear()
+            self._residual = None
         resp = self.client.register(self.address, self.config.device, 0)
         self.peer_id = resp.peer_id
         self.gossip.peer_id = resp.peer_id
@@ -185,20 +159,6 @@ class Peer:
                     log.warning("peer %s: heartbeat failed (%s); retrying", self.peer_id, code)
                     failing = True
 
-    # -- serving parameters -----------------------------------------------------------------
-    def _params_for(self, job_id: str, rnd: int) -> tuple[int, str, bytes | memoryview] | None:
-        # Serialised under the lock: the tentative snapshot is the live buffer, which the next
-        # round only touches after _prepare (which takes the lock) has moved it aside.
-        with self._lock:
-            trainer = self._trainer if self._trainer_job == job_id else None
-            cands = [s for s in (self._tentative, self._committed) if s is not None and s.job_id == job_id]
-            if trainer is None:
-                return None
-            for snap in cands:
-                if rnd in (0, snap.round):
-                    return snap.round, snap.digest, trainer.state_dict_bytes(snap.params)
-        return None
-
     # -- the round loop ---------------------------------------------------------------------
     def run(self) -> None:
         """Waits for plans and runs rounds until stopped. If the loop itself dies the whole peer
@@ -245,39 +205,25 @@ class Peer:
     def _prepare(self, plan: types_pb2.Plan) -> Trainer:
         """Makes sure the trainer holds the parameters of round ``plan.round - 1``."""
         spec = plan.spec
-        if self._trainer is None or self._trainer_job != plan.job_id:
+        trainer = self.store.trainer_for(plan.job_id)
+        if trainer is None:
             trainer = Trainer(get_task(spec.task), spec.seed, spec.learning_rate, self.config.device)
             init = trainer.params()
-            with self._lock:
-                self._trainer, self._trainer_job = trainer, plan.job_id
-                self._committed = Snapshot(plan.job_id, 0, init, digest(init))
-                self._tentative = None
-        trainer = self._trainer
-        start, want = plan.round - 1, plan.start_digest
+            self.store.start(plan.job_id, trainer, Snapshot(plan.job_id, 0, init, digest(init)))
+        start = plan.round - 1
         if spec.aggregation == "gossip":
             self._end_gossip(plan.job_id, start)
-
-        def good(snap: Snapshot | None) -> bool:
-            return snap is not None and snap.round == start and (not want or snap.digest == want)
-
-        in_place = False  # the trainer already holds the starting parameters
-        with self._lock:
-            tent = self._tentative
-            if good(tent):  # our last round committed
-                assert tent is not None
-                self._committed = self._promote(tent)
-                self._tentative, in_place = None, tent.live
-            else:  # it did not commit (or not with our parameters), or it is older than needed
-                if tent is not None and self._residual is not None:
-                    self._residual[1].fill(0.0)  # its errors belong to a round that never counted
-                self._tentative = None
-            ok = good(self._committed)
-        if not ok:
+        got = self.store.begin(start, plan.start_digest)
+        if got.dropped and self._residual is not None:
+            self._residual[1].fill(0.0)  # its errors belong to a round that never counted
+        in_place = got.in_place  # the trainer already holds the starting parameters
+        if not got.ready:
             self._fetch(plan, start, trainer)
             in_place = False
-        assert self._committed is not None
+        committed = self.store.committed
+        assert committed is not None
         if not in_place:
-            trainer.set_params(self._committed.params)
+            trainer.set_params(committed.params)
         return trainer
 
     def _end_gossip(self, job_id: str, rnd: int) -> None:
@@ -286,26 +232,7 @@ class Peer:
         re-issued round starts from them again."""
         self.gossip.detach()
         self._close_channels()
-        with self._lock:
-            trainer = self._trainer
-            held = self._committed is not None and self._committed.job_id == job_id and self._committed.round == rnd
-            if trainer is None or held or self._tentative is not None:
-                return
-            params = trainer.params()
-            self._committed = Snapshot(job_id, rnd, params, digest(params))
-
-    def _promote(self, tent: Snapshot) -> Snapshot:
-        """The committed snapshot for a tentative one: a copy if it is the live buffer, made into
-        the old committed array when it fits (no new allocation). Called under the lock."""
-        if not tent.live:
-            return tent
-        old = self._committed
-        if old is not None and old.params.shape == tent.params.shape and not np.shares_memory(old.params, tent.params):
-            np.copyto(old.params, tent.params)
-            params = old.params
-        else:
-            params = tent.params.copy()
-        return Snapshot(tent.job_id, tent.round, params, tent.digest)
+        self.store.keep_own(job_id, rnd)
 
     def _fetch(self, plan: types_pb2.Plan, rnd: int, trainer: Trainer) -> None:
         """Pulls round ``rnd``'s parameters (a joiner catching up): from a live member, else from
@@ -344,12 +271,9 @@ class Peer:
 
         sd = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
         trainer.model.load_state_dict(sd)
-        params = trainer.params()
-        if digest(params) != want:
+        if not self.store.adopt(job_id, rnd, trainer.params(), want):
             log.warning("peer %s: round %d parameters from %s failed their digest check", self.peer_id, rnd, source)
             return False
-        with self._lock:
-            self._committed = Snapshot(job_id, rnd, params, want)
         log.info("peer %s job %s: caught up to round %d from %s", self.peer_id, job_id, rnd, source)
         return True
 
@@ -409,11 +333,12 @@ class Peer:
         """The ring link for this round (a seam for fault-injection tests)."""
         world = len(plan.members)
         succ = plan.members[(rank + 1) % world]
+        trainer = self.store.trainer_for(plan.job_id)
         return PeerLink(self.servicer, (plan.job_id, plan.round, plan.epoch), self.peer_id,
                         plan.members[(rank - 1) % world].peer_id, succ.peer_id, succ.address,
                         self._round_deadline_s, self._abort, idle_timeout_s=self.config.exchange_timeout_s,
                         data_plane=plan.spec.data_plane or "auto",
-                        payload_bytes=4 * self._trainer.numel if self._trainer is not None and self._trainer_job == plan.job_id else 0)
+                        payload_bytes=4 * trainer.numel if trainer is not None else 0)
 
     def _codec(self, name: str) -> Codec:
         if name not in self._codecs:
@@ -441,10 +366,11 @@ class Peer:
         total = sum(r.stop - r.start for m in plan.members for r in m.samples)
         if total <= 0:
             raise ValueError("the plan allocates no samples: nothing to average")
-        assert self._committed is not None
+        committed = self.store.committed
+        assert committed is not None
         residual = self._residual_for(plan.job_id, buf.size - 1)
         try:
-            delta_ring_average(buf[:-1], self._committed.params, samples / total, rank, world, link,
+            delta_ring_average(buf[:-1], committed.params, samples / total, rank, world, link,
                                self._round_deadline_s, self._codec(codec), residual, chunk)
         except BaseException:
             residual.fill(0.0)  # half-updated: drop it rather than feed back a wrong correction
@@ -465,8 +391,7 @@ class Peer:
         t2 = time.monotonic()
         params, live = trainer.params_view()
         dig = digest(params)
-        with self._lock:
-            self._tentative = Snapshot(plan.job_id, plan.round, params, dig, live=live)
+        self.store.set_tentative(Snapshot(plan.job_id, plan.round, params, dig, live=live))
         req = control_pb2.ReportRoundRequest(
             peer_id=self.peer_id, job_id=plan.job_id, round=plan.round, epoch=plan.epoch, samples=res.samples,
             train_loss=res.loss, digest=dig,
@@ -501,15 +426,14 @@ class Peer:
         """The job's trainer (a new member starts from the seeded model, with weight 0, so its
         first exchange takes on its partner's parameters), attached to the gossip node."""
         spec = plan.spec
-        if self._trainer is None or self._trainer_job != plan.job_id:
+        trainer = self.store.trainer_for(plan.job_id)
+        if trainer is None:
             self.gossip.detach()
             self._close_channels()
             trainer = Trainer(get_task(spec.task), spec.seed, spec.learning_rate, self.config.device)
-            with self._lock:
-                self._trainer, self._trainer_job = trainer, plan.job_id
-                self._committed, self._tentative = None, None
-        self.gossip.attach(plan.job_id, self._trainer)
-        return self._trainer
+            self.store.start(plan.job_id, trainer, None)
+        self.gossip.attach(plan.job_id, trainer)
+        return trainer
 
     def _gossip_exchange(self, plan: types_pb2.Plan) -> Outcome | None:
         """Averages with the first candidate partner that takes part; busy or failed ones are
