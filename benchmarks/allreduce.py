@@ -9,7 +9,7 @@ For every (N, size, codec, data plane) it starts two pools of N worker processes
 
 - dml: each worker runs its own gRPC server with an :class:`peer.exchange.ExchangeServicer` on
   127.0.0.1:0 (the ports go through the parent) and, for ``tcp``, its TCP data plane; per
-  repetition it builds a :class:`peer.exchange.PeerLink` to its successor keyed by a fresh (job,
+  repetition it builds a :class:`peer.link.PeerLink` to its successor keyed by a fresh (job,
   round, epoch), exactly as ``Peer._make_link`` does, then times
   :func:`aggregation.allreduce.ring_allreduce` plus the link's shutdown. Peers negotiate the
   TCP stream over gRPC while they train (``PeerLink.open_early``), so the benchmark starts it
@@ -142,11 +142,8 @@ def _worker(kind: str, rank: int, world: int, n: int, conn: Any, barrier: Any, o
             from dml.aggregation.allreduce import ring_allreduce
             from dml.aggregation.codecs import get_codec
             from dml.common import rpc
-            from dml.peer.exchange import (
-                ExchangeServicer,
-                PeerLink,
-                add_exchange_to_server,
-            )
+            from dml.peer.exchange import ExchangeServicer, add_exchange_to_server
+            from dml.peer.link import PeerLink
 
             codec = get_codec(str(opts["codec"]))
             residual = None if codec.exact else np.zeros(n, dtype=np.float32)

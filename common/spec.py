@@ -9,7 +9,7 @@ from dml.v1 import types_pb2
 
 AGGREGATIONS = ("ring", "gossip")
 CODECS = ("fp32", "bf16", "fp16", "int8")  # aggregation.codecs.CODEC_NAMES; checked by a test
-DATA_PLANES = ("auto", "shm", "tcp", "grpc")  # peer.exchange.DATA_PLANES
+DATA_PLANES = ("auto", "shm", "tcp", "grpc")  # peer.link.DATA_PLANES
 # aggregation.topology.TOPOLOGY_NAMES; checked by a test. Named here so that the job client, which
 # needs the names for its flags, loads no numpy.
 TOPOLOGY_NAMES = ("uniform", "ring", "exponential")

@@ -57,6 +57,15 @@ def split_host_port(address: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+def close_socket(sock: socket.socket) -> None:
+    """Shuts a socket down (waking any thread blocked on it) and closes it."""
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    sock.close()
+
+
 class DataPlane:
     """A TCP listener that accepts only connections holding a token it issued.
 

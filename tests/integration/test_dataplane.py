@@ -20,8 +20,9 @@ from dml.aggregation.allreduce import ring_allreduce
 from dml.aggregation.codecs import get_codec
 from dml.aggregation.transport import ExchangeError, Header
 from dml.peer import dataplane, shm
-from dml.peer.exchange import SHM_MIN_BYTES as PeerLink_SHM_MIN
-from dml.peer.exchange import ExchangeServicer, PeerLink, add_exchange_to_server
+from dml.peer.exchange import ExchangeServicer, add_exchange_to_server
+from dml.peer.link import SHM_MIN_BYTES as PeerLink_SHM_MIN
+from dml.peer.link import PeerLink
 
 
 class Member:

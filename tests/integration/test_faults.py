@@ -13,7 +13,7 @@ from dml.v1 import types_pb2
 from dml.aggregation.transport import Header
 from dml.coordinator.service import CoordinatorConfig
 from dml.common.spec import JobSpec
-from dml.peer.exchange import PeerLink
+from dml.peer.link import PeerLink
 from dml.peer.runner import Peer, PeerConfig
 from tests.integration.helpers import (
     assert_state_dicts_identical,

@@ -323,7 +323,7 @@ def test_stratified_split_keeps_class_proportions() -> None:
 def test_spec_codecs_are_the_wire_codecs() -> None:
     from dml.aggregation.codecs import CODEC_NAMES
     from dml.common.spec import CODECS, DATA_PLANES
-    from dml.peer.exchange import DATA_PLANES as LINK_PLANES
+    from dml.peer.link import DATA_PLANES as LINK_PLANES
 
     assert CODECS == CODEC_NAMES
     assert set(DATA_PLANES) == set(LINK_PLANES)

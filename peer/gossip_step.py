@@ -1,0 +1,142 @@
+"""One gossip step on a peer: train on the step's samples, average with one partner through the
+peer's :class:`GossipNode`, report; the report's answer carries the next step. The rules:
+docs/architecture.md, "Gossip jobs"."""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from typing import TYPE_CHECKING
+
+import grpc
+import numpy as np
+from dml.v1 import control_pb2, types_pb2
+
+from dml.aggregation.topology import partner_ids
+from dml.common import rpc
+from dml.common.tasks import get_task
+from dml.peer.client import Evicted
+from dml.peer.gossip import Outcome
+from dml.peer.step import report_failure, superseded, train_and_report
+from dml.peer.trainer import Trainer
+
+if TYPE_CHECKING:
+    from dml.peer.runner import Peer
+
+log = logging.getLogger(__name__)
+
+
+class GossipStep:
+    """Runs a peer's gossip steps, keeping channels to its partners and which of them failed."""
+
+    def __init__(self, peer: Peer) -> None:
+        self._peer = peer
+        self._channels: dict[str, grpc.Channel] = {}  # gossip partners' exchange servers, by address
+        self._suspects: dict[str, float] = {}  # gossip partners that failed -> skip until (monotonic)
+        self._bytes_reported = 0
+        self._served_seen = 0  # the node's `served` count when this peer last exchanged
+
+    def close_channels(self) -> None:
+        """Closes the channels to partners and forgets which ones failed."""
+        chans, self._channels = list(self._channels.values()), {}
+        for ch in chans:
+            ch.close()
+        self._suspects.clear()
+
+    def leave(self) -> None:
+        """Stops gossiping: partners may no longer change this peer's parameters."""
+        self._peer.gossip.detach()
+        self.close_channels()
+
+    def _channel(self, address: str) -> grpc.Channel:
+        if address not in self._channels:
+            self._channels[address] = rpc.channel(address, max_message_bytes=rpc.EXCHANGE_MESSAGE_BYTES)
+        return self._channels[address]
+
+    def _trainer(self, plan: types_pb2.Plan) -> Trainer:
+        """The job's trainer (a new member starts from the seeded model, with weight 0, so its
+        first exchange takes on its partner's parameters), attached to the gossip node."""
+        peer, spec = self._peer, plan.spec
+        trainer = peer.store.trainer_for(plan.job_id)
+        if trainer is None:
+            self.leave()
+            trainer = Trainer(get_task(spec.task), spec.seed, spec.learning_rate, peer.config.device)
+            peer.store.start(plan.job_id, trainer, None)
+        peer.gossip.attach(plan.job_id, trainer)
+        return trainer
+
+    def _exchange(self, plan: types_pb2.Plan) -> Outcome | None:
+        """Averages with the first candidate partner that takes part; busy or failed ones are
+        skipped (a failed one for a while). None when nobody could, or when a partner averaged
+        with this peer while it trained: that was this step's exchange (as in AD-PSGD, every
+        step averages once, and starting another would only collide with the partners' own)."""
+        peer, node = self._peer, self._peer.gossip
+        served = node.served
+        if served != self._served_seen:
+            self._served_seen = served
+            return None
+        spec = plan.spec
+        ids = [m.peer_id for m in plan.members]
+        address = {m.peer_id: m.address for m in plan.members}
+        live = set(address.values())
+        for addr in [a for a in self._channels if a not in live]:  # members that left
+            self._channels.pop(addr).close()
+        rng = np.random.default_rng([spec.seed, int.from_bytes(peer.peer_id.encode()[-8:], "little"), plan.round])
+        now = time.monotonic()
+        timeout = (spec.gossip_timeout_ms or 10_000) / 1000.0
+        for cand in partner_ids(spec.gossip_topology or "uniform", ids, peer.peer_id, plan.round, rng):
+            if peer.stop_event.is_set():
+                return None
+            if self._suspects.get(cand, 0.0) > now:
+                continue
+            out = node.exchange(plan.job_id, cand, address[cand], timeout, self._channel(address[cand]))
+            if out.ok:
+                self._suspects.pop(cand, None)
+                self._served_seen = node.served
+                return out
+            if not out.busy:
+                log.info("peer %s job %s step %d: exchange with %s failed (%s); trying another partner",
+                         peer.peer_id, plan.job_id, plan.round, cand, out.detail)
+                self._suspects[cand] = time.monotonic() + max(2 * timeout, 5.0)
+            elif out.serving:
+                return None  # we are being averaged right now: that is this step's exchange
+        return None
+
+    def run(self, plan: types_pb2.Plan) -> types_pb2.Plan | None:
+        """One gossip step: train on the step's samples, average with one partner, report.
+        Returns the next plan when the report's answer carries one."""
+        peer, node = self._peer, self._peer.gossip
+        me = [i for i, m in enumerate(plan.members) if m.peer_id == peer.peer_id]
+        if not me:
+            return None
+        rank = me[0]
+        tag = f"peer {peer.peer_id} job {plan.job_id} gossip step {plan.round}"
+        sent = 0
+
+        def results(trainer: Trainer, req: control_pb2.ReportRoundRequest) -> None:
+            nonlocal sent
+            sent = node.bytes_sent
+            req.bytes_sent = sent - self._bytes_reported
+            dist = node.last_distance
+            if not math.isnan(dist):
+                req.has_pair_distance, req.pair_distance = True, dist
+
+        try:
+            resp = train_and_report(peer, plan, rank, tag, "report step", prepare=lambda: self._trainer(plan),
+                                    trained=node.add_samples, average=lambda trainer, samples: self._exchange(plan),
+                                    results=results, evaluate=plan.evaluate)  # about once per virtual round
+            self._bytes_reported = sent
+            if plan.round % 100 == 0:
+                slot = node.slot
+                log.info("%s: exchanges applied %d, dropped %d, refused while busy %d, one-sided %d; weight %.0f",
+                         tag, slot.commits, slot.aborts, slot.refusals, node.one_sided, node.weight)
+            return resp.next if resp.has_next else None
+        except Evicted:
+            raise
+        except Exception as e:
+            if superseded(e):
+                log.info("%s: superseded (%s)", tag, e)
+                return None
+            log.exception("%s: local failure; leaving the job", tag)
+            report_failure(peer, plan, peer.peer_id, f"local failure: {e!r}")
+        return None

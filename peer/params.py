@@ -1,0 +1,140 @@
+"""The parameters a peer holds for its job, with the trainer that holds them: ``committed``, what
+every member agreed on at the start of the current round, and ``tentative``, the result of the
+round this peer last finished (reported, not yet known to be committed). Thread-safe: the exchange
+server serves them to joiners while the round loop changes them. Rules: docs/architecture.md."""
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from dml.aggregation.averaging import digest
+
+if TYPE_CHECKING:
+    from dml.peer.trainer import Trainer
+
+
+@dataclass
+class Snapshot:
+    """Parameters of one round of one job."""
+
+    job_id: str
+    round: int
+    params: np.ndarray
+    digest: str
+    live: bool = False  # params is the trainer's own buffer, not a copy
+
+
+@dataclass(frozen=True)
+class Start:
+    """What :meth:`ParamStore.begin` found for a round's starting point."""
+
+    ready: bool  # the committed snapshot is the starting point
+    in_place: bool  # the trainer already holds it (our tentative result was promoted)
+    dropped: bool  # a tentative result that is not the starting point was dropped
+
+
+class ParamStore:
+    """The job's trainer and its committed and tentative snapshots. Only the round loop changes
+    them; the exchange server reads them (:meth:`serve`) from its own threads."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._trainer: Trainer | None = None
+        self._job_id = ""
+        self._committed: Snapshot | None = None
+        self._tentative: Snapshot | None = None
+
+    @property
+    def committed(self) -> Snapshot | None:
+        """The parameters of the last round known to be committed."""
+        return self._committed
+
+    def trainer_for(self, job_id: str) -> Trainer | None:
+        """The trainer if it trains ``job_id``. Read without the lock: only the caller, the
+        round loop, changes it."""
+        return self._trainer if self._job_id == job_id else None
+
+    def start(self, job_id: str, trainer: Trainer, committed: Snapshot | None) -> None:
+        """A new trainer for ``job_id``, starting from ``committed`` (None: nothing committed yet)."""
+        with self._lock:
+            self._trainer, self._job_id = trainer, job_id
+            self._committed, self._tentative = committed, None
+
+    def clear(self) -> None:
+        """Forgets the trainer and both snapshots (the peer was evicted: they may be stale)."""
+        with self._lock:
+            self._trainer, self._job_id, self._committed, self._tentative = None, "", None, None
+
+    def set_tentative(self, snap: Snapshot) -> None:
+        """The result of the round this peer just finished."""
+        with self._lock:
+            self._tentative = snap
+
+    def begin(self, start: int, want: str) -> Start:
+        """Settles the starting point of a round that starts from round ``start``'s parameters
+        (digest ``want``, "" when the plan names none). A tentative result that is that round
+        proves it committed and is promoted; any other tentative result is dropped."""
+
+        def good(snap: Snapshot | None) -> bool:
+            return snap is not None and snap.round == start and (not want or snap.digest == want)
+
+        in_place = dropped = False
+        with self._lock:
+            tent = self._tentative
+            if good(tent):  # our last round committed
+                assert tent is not None
+                self._committed = self._promote(tent)
+                self._tentative, in_place = None, tent.live
+            else:  # it did not commit (or not with our parameters), or it is older than needed
+                dropped = tent is not None
+                self._tentative = None
+            return Start(ready=good(self._committed), in_place=in_place, dropped=dropped)
+
+    def _promote(self, tent: Snapshot) -> Snapshot:
+        """The committed snapshot for a tentative one: a copy if it is the live buffer, made into
+        the old committed array when it fits (no new allocation). Called under the lock."""
+        if not tent.live:
+            return tent
+        old = self._committed
+        if old is not None and old.params.shape == tent.params.shape and not np.shares_memory(old.params, tent.params):
+            np.copyto(old.params, tent.params)
+            params = old.params
+        else:
+            params = tent.params.copy()
+        return Snapshot(tent.job_id, tent.round, params, tent.digest)
+
+    def adopt(self, job_id: str, rnd: int, params: np.ndarray, want: str) -> bool:
+        """Makes downloaded ``params`` round ``rnd``'s committed parameters if their digest is ``want``."""
+        if digest(params) != want:
+            return False
+        with self._lock:
+            self._committed = Snapshot(job_id, rnd, params, want)
+        return True
+
+    def keep_own(self, job_id: str, rnd: int) -> None:
+        """Commits the trainer's own parameters as round ``rnd``'s (a gossip job's closing ring
+        round starts from them), unless that round is held already or a tentative result is."""
+        with self._lock:
+            trainer = self._trainer
+            held = self._committed is not None and self._committed.job_id == job_id and self._committed.round == rnd
+            if trainer is None or held or self._tentative is not None:
+                return
+            params = trainer.params()
+            self._committed = Snapshot(job_id, rnd, params, digest(params))
+
+    def serve(self, job_id: str, rnd: int) -> tuple[int, str, bytes | memoryview] | None:
+        """(round, digest, state_dict bytes) of round ``rnd`` of ``job_id`` (0: the latest held),
+        or None. Serialised under the lock: the tentative snapshot is the live buffer, which the
+        next round only touches after :meth:`begin` (which takes the lock) has moved it aside."""
+        with self._lock:
+            trainer = self._trainer if self._job_id == job_id else None
+            cands = [s for s in (self._tentative, self._committed) if s is not None and s.job_id == job_id]
+            if trainer is None:
+                return None
+            for snap in cands:
+                if rnd in (0, snap.round):
+                    return snap.round, snap.digest, trainer.state_dict_bytes(snap.params)
+        return None

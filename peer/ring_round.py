@@ -1,0 +1,235 @@
+"""One ring round on a peer: settle the starting parameters (fetching them if this peer lacks
+them), train, all-reduce with the ring over a :class:`PeerLink`, report; a failed exchange is
+reported naming its suspect. The round's rules: docs/architecture.md, "A synchronous round"."""
+from __future__ import annotations
+
+import io
+import logging
+import tempfile
+import threading
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import grpc
+import numpy as np
+from dml.v1 import control_pb2, exchange_pb2, exchange_pb2_grpc, jobs_pb2, jobs_pb2_grpc, types_pb2
+
+from dml.aggregation.allreduce import chunk_elems_for
+from dml.aggregation.averaging import delta_ring_average, digest, weighted_ring_average
+from dml.aggregation.codecs import Codec, get_codec
+from dml.aggregation.transport import ExchangeError
+from dml.common import rpc
+from dml.common.tasks import get_task
+from dml.peer.client import Evicted
+from dml.peer.gossip_step import GossipStep
+from dml.peer.link import PeerLink
+from dml.peer.params import Snapshot
+from dml.peer.step import report_failure, superseded, train_and_report
+from dml.peer.trainer import Trainer
+
+if TYPE_CHECKING:
+    from dml.peer.runner import Peer
+
+log = logging.getLogger(__name__)
+
+
+class RingRound:
+    """Runs a peer's ring rounds. ``abort`` is set (by the peer's heartbeat or stop) when the
+    round under way is cancelled; ``make_link`` builds each round's link (the peer's seam for
+    fault-injection tests, :meth:`link` unless overridden); ``gossip`` is left when a gossip
+    job's closing ring round starts."""
+
+    def __init__(self, peer: Peer, abort: threading.Event, make_link: Callable[[types_pb2.Plan, int], PeerLink],
+                 gossip: GossipStep) -> None:
+        self._peer = peer
+        self._abort = abort
+        self._make_link = make_link
+        self._gossip = gossip
+        self.under_way: tuple[str, int] = ("", 0)  # (job, epoch) of the exchange under way
+        self.deadline_s = 120.0  # the coordinator's round deadline (set at registration)
+        self._residual: tuple[str, np.ndarray] | None = None  # (job, error-feedback residual)
+        self._codecs: dict[str, Codec] = {}
+
+    def forget(self) -> None:
+        """Drops what rounds carry over (the error-feedback residual): the peer starts clean."""
+        self._residual = None
+
+    def run(self, plan: types_pb2.Plan) -> None:
+        """Runs round ``plan.round`` if this peer is in its ring; failures are reported, not raised
+        (but :class:`Evicted` is)."""
+        peer = self._peer
+        me = [i for i, m in enumerate(plan.members) if m.peer_id == peer.peer_id]
+        if not me:
+            return
+        tag = f"peer {peer.peer_id} job {plan.job_id} round {plan.round} epoch {plan.epoch}"
+        self._abort.clear()
+        self.under_way = (plan.job_id, plan.epoch)
+        link = self._make_link(plan, me[0])
+        link.open_early()  # the stream to the successor is negotiated while we train
+        try:
+            self._train_and_average(plan, me[0], tag, link)
+        except ExchangeError as e:
+            log.warning("%s: exchange failed: %s", tag, e)
+            if not self._abort.is_set():  # an abort means the coordinator already moved on
+                report_failure(peer, plan, e.suspect, str(e))
+        except Evicted:
+            raise
+        except Exception as e:
+            if superseded(e):
+                log.info("%s: round superseded (%s)", tag, e)
+                return
+            log.exception("%s: local failure; leaving the ring so the round can go on without us", tag)
+            report_failure(peer, plan, peer.peer_id, f"local failure: {e!r}")
+        finally:
+            # Only now: closing our outgoing stream first would let our successor see it break
+            # and blame us before our own report (naming the real culprit) reaches the coordinator.
+            link.shutdown()
+            self.under_way = ("", 0)
+
+    def link(self, plan: types_pb2.Plan, rank: int) -> PeerLink:
+        """The ring link for this round."""
+        peer = self._peer
+        world = len(plan.members)
+        succ = plan.members[(rank + 1) % world]
+        trainer = peer.store.trainer_for(plan.job_id)
+        return PeerLink(peer.servicer, (plan.job_id, plan.round, plan.epoch), peer.peer_id,
+                        plan.members[(rank - 1) % world].peer_id, succ.peer_id, succ.address,
+                        self.deadline_s, self._abort, idle_timeout_s=peer.config.exchange_timeout_s,
+                        data_plane=plan.spec.data_plane or "auto",
+                        payload_bytes=4 * trainer.numel if trainer is not None else 0)
+
+    # -- the starting point -------------------------------------------------------------------
+    def _prepare(self, plan: types_pb2.Plan) -> Trainer:
+        """Makes sure the trainer holds the parameters of round ``plan.round - 1``."""
+        peer, store = self._peer, self._peer.store
+        spec = plan.spec
+        trainer = store.trainer_for(plan.job_id)
+        if trainer is None:
+            trainer = Trainer(get_task(spec.task), spec.seed, spec.learning_rate, peer.config.device)
+            init = trainer.params()
+            store.start(plan.job_id, trainer, Snapshot(plan.job_id, 0, init, digest(init)))
+        start = plan.round - 1
+        if spec.aggregation == "gossip":
+            self._end_gossip(plan.job_id, start)
+        got = store.begin(start, plan.start_digest)
+        if got.dropped and self._residual is not None:
+            self._residual[1].fill(0.0)  # its errors belong to a round that never counted
+        in_place = got.in_place  # the trainer already holds the starting parameters
+        if not got.ready:
+            self._fetch(plan, start, trainer)
+            in_place = False
+        committed = store.committed
+        assert committed is not None
+        if not in_place:
+            trainer.set_params(committed.params)
+        return trainer
+
+    def _end_gossip(self, job_id: str, rnd: int) -> None:
+        """A gossip job's closing ring round: partners may no longer change the parameters, and
+        this peer's own (gossiped) parameters become the round's starting point, kept so a
+        re-issued round starts from them again."""
+        self._gossip.leave()
+        self._peer.store.keep_own(job_id, rnd)
+
+    def _fetch(self, plan: types_pb2.Plan, rnd: int, trainer: Trainer) -> None:
+        """Pulls round ``rnd``'s parameters (a joiner catching up): from a live member, else from
+        the coordinator's checkpoint when it is of that round. Each download is digest-checked."""
+        peer = self._peer
+        sources = [(m.peer_id, m.address) for m in plan.members if m.peer_id != peer.peer_id]
+        for name, address in sources:
+            try:
+                with rpc.channel(address, max_message_bytes=rpc.EXCHANGE_MESSAGE_BYTES) as ch:
+                    stub = exchange_pb2_grpc.PeerExchangeStub(ch)
+                    parts = list(stub.FetchParameters(exchange_pb2.FetchParametersRequest(job_id=plan.job_id, round=rnd),
+                                                      timeout=peer.config.exchange_timeout_s))
+            except grpc.RpcError as e:
+                log.info("peer %s: %s has no round %d parameters (%s)", peer.peer_id, name, rnd,
+                         e.code() if isinstance(e, grpc.Call) else e)
+                continue
+            if parts and parts[0].round == rnd and plan.start_digest in ("", parts[0].digest) and self._adopt(
+                    plan.job_id, rnd, trainer, parts[0].digest, b"".join(p.data for p in parts), name):
+                return
+        try:
+            stub = jobs_pb2_grpc.JobServiceStub(peer.client.channel)
+            chunks = list(stub.DownloadModel(jobs_pb2.DownloadModelRequest(job_id=plan.job_id),
+                                             timeout=peer.config.exchange_timeout_s))
+            if chunks and chunks[0].round == rnd and plan.start_digest in ("", chunks[0].digest) and self._adopt(
+                    plan.job_id, rnd, trainer, chunks[0].digest, b"".join(c.data for c in chunks), "the coordinator"):
+                return
+        except grpc.RpcError as e:
+            log.info("peer %s: no checkpoint of round %d at the coordinator (%s)", peer.peer_id, rnd,
+                     e.code() if isinstance(e, grpc.Call) else e)
+        raise ExchangeError(f"neither a member nor the coordinator could provide round {rnd} parameters")
+
+    def _adopt(self, job_id: str, rnd: int, trainer: Trainer, want: str, data: bytes, source: str) -> bool:
+        """Loads a downloaded state_dict as round ``rnd``'s committed parameters if its digest matches."""
+        import torch
+
+        peer = self._peer
+        sd = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        trainer.model.load_state_dict(sd)
+        if not peer.store.adopt(job_id, rnd, trainer.params(), want):
+            log.warning("peer %s: round %d parameters from %s failed their digest check", peer.peer_id, rnd, source)
+            return False
+        log.info("peer %s job %s: caught up to round %d from %s", peer.peer_id, job_id, rnd, source)
+        return True
+
+    # -- the all-reduce -----------------------------------------------------------------------
+    def _codec(self, name: str) -> Codec:
+        if name not in self._codecs:
+            self._codecs[name] = get_codec(name)
+        return self._codecs[name]
+
+    def _residual_for(self, job_id: str, n: int) -> np.ndarray:
+        """This job's error-feedback residual (zeros when new)."""
+        if self._residual is None or self._residual[0] != job_id or self._residual[1].size != n:
+            self._residual = None  # free the old one first
+            self._residual = (job_id, np.zeros(n, dtype=np.float32))
+        return self._residual[1]
+
+    def _average(self, plan: types_pb2.Plan, rank: int, buf: np.ndarray, samples: int, link: PeerLink) -> None:
+        """Averages ``buf`` (parameters, then the weight slot) with the other members."""
+        world = len(plan.members)
+        codec = plan.spec.codec or "fp32"
+        chunk = self._peer.config.chunk_elems or chunk_elems_for(plan.spec.data_plane or "auto")
+        # Lossy codecs send changes against a base every member must hold bit for bit: the
+        # committed round, whose digest the plan carries. Before the first commit there is no
+        # such proof (inits agree only as far as seeding does), so that round averages exactly.
+        if codec == "fp32" or not plan.start_digest:
+            weighted_ring_average(buf, float(samples), rank, world, link, self.deadline_s, chunk)
+            return
+        total = sum(r.stop - r.start for m in plan.members for r in m.samples)
+        if total <= 0:
+            raise ValueError("the plan allocates no samples: nothing to average")
+        committed = self._peer.store.committed
+        assert committed is not None
+        residual = self._residual_for(plan.job_id, buf.size - 1)
+        try:
+            delta_ring_average(buf[:-1], committed.params, samples / total, rank, world, link,
+                               self.deadline_s, self._codec(codec), residual, chunk)
+        except BaseException:
+            residual.fill(0.0)  # half-updated: drop it rather than feed back a wrong correction
+            raise
+
+    def _train_and_average(self, plan: types_pb2.Plan, rank: int, tag: str, link: PeerLink) -> None:
+        peer = self._peer
+
+        def average(trainer: Trainer, samples: int) -> None:
+            buf = trainer.host_buffer()
+            self._average(plan, rank, buf, samples, link)  # closes the link when it succeeds
+            trainer.load_host_buffer(buf)
+
+        def results(trainer: Trainer, req: control_pb2.ReportRoundRequest) -> None:
+            params, live = trainer.params_view()
+            dig = digest(params)
+            peer.store.set_tentative(Snapshot(plan.job_id, plan.round, params, dig, live=live))
+            req.digest, req.bytes_sent = dig, link.bytes_sent
+            if rank == 0 and plan.checkpoint:  # whether or not this round is evaluated
+                with tempfile.TemporaryFile(prefix="dml-checkpoint-") as f:  # on disk, not another model in memory
+                    trainer.save_state_dict(f, params)
+                    peer.client.upload_checkpoint(peer.peer_id, plan.job_id, plan.round, plan.epoch, dig, f)
+
+        every = max(plan.spec.eval_every_rounds, 1)
+        train_and_report(peer, plan, rank, tag, "report round", prepare=lambda: self._prepare(plan),
+                         average=average, results=results,
+                         evaluate=rank == 0 and (plan.round % every == 0 or plan.round >= plan.spec.rounds))

@@ -1,0 +1,88 @@
+"""What a ring round and a gossip step share: the member's samples of a plan, training on them,
+averaging, and the report to the coordinator (:func:`train_and_report`)."""
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import grpc
+import numpy as np
+from dml.v1 import control_pb2, types_pb2
+
+from dml.common.sampling import shard_order
+from dml.peer.client import CALL_TIMEOUT_S, Evicted
+
+if TYPE_CHECKING:
+    from dml.peer.runner import Peer
+    from dml.peer.trainer import Trainer
+
+log = logging.getLogger(__name__)
+
+
+def superseded(e: BaseException) -> bool:
+    """The coordinator refused a report or upload as stale: the plan moved on without us."""
+    return isinstance(e, grpc.Call) and e.code() == grpc.StatusCode.FAILED_PRECONDITION
+
+
+def sample_indices(plan: types_pb2.Plan, rank: int) -> np.ndarray:
+    """The training-set indices this member trains on, in order, as the plan allocates them."""
+    parts = []
+    for r in plan.members[rank].samples:
+        indices = np.asarray(plan.shard_indices[r.shard_id].indices, dtype=np.int64)
+        parts.append(shard_order(indices, plan.spec.seed, r.data_epoch, r.shard_id)[r.start : r.stop])
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+
+
+def report_failure(peer: Peer, plan: types_pb2.Plan, suspect: str, detail: str) -> None:
+    """Tells the coordinator this round failed, naming ``suspect``; gives up after a while."""
+    fail = control_pb2.ReportFailureRequest(peer_id=peer.peer_id, job_id=plan.job_id, round=plan.round,
+                                            epoch=plan.epoch, suspect_peer_id=suspect, detail=detail)
+    try:
+        peer.client.call(lambda: peer.client.stub.ReportFailure(fail, timeout=CALL_TIMEOUT_S),
+                         "report failure", give_up_s=30)
+    except (grpc.RpcError, Evicted) as e:
+        log.warning("peer %s: could not report the failure: %s", peer.peer_id, e)
+
+
+def train_and_report(peer: Peer, plan: types_pb2.Plan, rank: int, tag: str, what: str, *,
+                     prepare: Callable[[], Trainer],
+                     average: Callable[[Trainer, int], object],
+                     results: Callable[[Trainer, control_pb2.ReportRoundRequest], None],
+                     evaluate: bool,
+                     trained: Callable[[int], None] | None = None) -> control_pb2.ReportRoundResponse:
+    """Trains on this member's samples of ``plan``, averages, then reports the round.
+
+    ``prepare`` gives the trainer holding the starting parameters; ``trained(samples)`` runs
+    after training; ``average(trainer, samples)`` averages with the other members; ``results``
+    adds what the exchange left to the report; with ``evaluate`` the report carries test metrics.
+    ``what`` names the report in the client's retry logs. Returns the coordinator's answer."""
+    t0 = time.monotonic()
+    trainer = prepare()
+    samples = sample_indices(plan, rank)
+    t_train = time.monotonic()
+    res = trainer.train_on(samples, plan.spec.batch_size)
+    t_done = time.monotonic()
+    if peer.config.slowdown > 1:  # --slowdown: idle (slowdown - 1) x the training time just spent
+        peer.stop_event.wait((peer.config.slowdown - 1) * (t_done - t_train))
+    if trained is not None:
+        trained(res.samples)
+    t1 = time.monotonic()
+    average(trainer, res.samples)
+    t2 = time.monotonic()
+    req = control_pb2.ReportRoundRequest(
+        peer_id=peer.peer_id, job_id=plan.job_id, round=plan.round, epoch=plan.epoch, samples=res.samples,
+        train_loss=res.loss, train_ms=int((t1 - t0) * 1000), exchange_ms=int((t2 - t1) * 1000),
+        train_samples_per_s=res.samples / (t1 - t_train) if res.samples and t1 > t_train else 0.0)  # throttle included
+    results(trainer, req)
+    if evaluate:
+        t_eval = time.monotonic()
+        with trainer.lock:  # a partner's averaging must not land mid-evaluation
+            acc, loss = trainer.evaluate()
+        req.has_test_metrics, req.test_accuracy, req.test_loss = True, acc, loss
+        req.eval_ms = int((time.monotonic() - t_eval) * 1000)
+    resp: control_pb2.ReportRoundResponse = peer.client.call(
+        lambda: peer.client.stub.ReportRound(req, timeout=CALL_TIMEOUT_S), what, give_up_s=60)
+    log.debug("%s: train %.3fs exchange %.3fs report %.3fs", tag, t1 - t0, t2 - t1, time.monotonic() - t2)
+    return resp
