@@ -15,7 +15,7 @@ from dml.v1 import exchange_pb2, exchange_pb2_grpc
 
 from dml.aggregation.codecs import payload_size
 from dml.aggregation.transport import FRAME, Header
-from dml.peer import dataplane, shm
+from dml.peer import dataplane, shm, watch
 from dml.peer.gossip import GossipNode
 from dml.peer.inbox import POLL_S, Frame, Inbox, Key
 from dml.peer.shm import SharedSlots
@@ -221,6 +221,7 @@ def _chain(first: exchange_pb2.TensorChunk, rest: Iterable[exchange_pb2.TensorCh
 
 
 def add_exchange_to_server(servicer: ExchangeServicer, server: grpc.Server) -> None:
-    """Serves both forms of the exchange (protobuf PeerExchange and raw frames) on ``server``."""
+    """Serves both forms of the exchange (protobuf PeerExchange and raw frames), and the
+    predecessor's watch (:mod:`peer.watch`), on ``server``."""
     exchange_pb2_grpc.add_PeerExchangeServicer_to_server(servicer, server)
-    server.add_generic_rpc_handlers((servicer.frames_handler(),))
+    server.add_generic_rpc_handlers((servicer.frames_handler(), watch.handler()))

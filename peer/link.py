@@ -7,6 +7,7 @@ import queue
 import socket
 import threading
 import time
+from collections.abc import Callable
 
 import grpc
 import numpy as np
@@ -19,6 +20,7 @@ from dml.peer.exchange import ExchangeServicer
 from dml.peer.inbox import POLL_S, Broken, Key
 from dml.peer.senders import ABORTED, GrpcSender, ShmSender, TcpSender
 from dml.peer.shm import SharedSlots
+from dml.peer.watch import SuccessorWatch
 
 log = logging.getLogger(__name__)
 
@@ -36,11 +38,17 @@ class PeerLink:
     uses the raw gRPC method, "auto" tries TCP and falls back to gRPC when the successor offers
     no data plane or its port cannot be reached. ``abort`` is an event the owner sets when the
     round is cancelled (membership changed); a waiting call then fails promptly.
+
+    Once the outgoing stream is open the link watches the successor (:mod:`peer.watch`): if it
+    goes away, a waiting call fails naming it even when no stream of this link has broken.
+    ``keep_watch``, if given, takes that watch (and the channel under it) over once this
+    member's part of the exchange is done; otherwise the link closes it.
     """
 
     def __init__(self, servicer: ExchangeServicer, key: Key, self_id: str, pred_id: str,
                  succ_id: str, succ_address: str, deadline_s: float, abort: threading.Event,
-                 idle_timeout_s: float = 30.0, data_plane: str = "auto", payload_bytes: int = 0) -> None:
+                 idle_timeout_s: float = 30.0, data_plane: str = "auto", payload_bytes: int = 0,
+                 keep_watch: Callable[[SuccessorWatch], None] | None = None) -> None:
         if data_plane not in DATA_PLANES:
             raise ValueError(f"unknown data plane {data_plane!r}")
         # "auto" asks for shared memory only where it pays: it costs a fixed ~2 ms per
@@ -59,6 +67,9 @@ class PeerLink:
         self._mode = data_plane
         self._channel = rpc.channel(succ_address, max_message_bytes=rpc.EXCHANGE_MESSAGE_BYTES)
         self._sender: GrpcSender | TcpSender | None = None
+        self._watch: SuccessorWatch | None = None
+        self._keep_watch = keep_watch
+        self._watch_kept = False
         self._opening: threading.Thread | None = None
         self._open_error: BaseException | None = None
         self._pending: memoryview | None = None  # payload of the last gRPC frame read
@@ -81,6 +92,11 @@ class PeerLink:
 
     # -- sending ------------------------------------------------------------------------------
     def _open(self) -> GrpcSender | TcpSender:
+        sender = self._open_sender()
+        self._watch = SuccessorWatch(self._channel, self._key, self._succ_id)
+        return sender
+
+    def _open_sender(self) -> GrpcSender | TcpSender:
         if self._mode != "grpc":
             try:
                 return self._open_tcp()  # ExchangeError (successor unreachable) propagates: no fallback
@@ -181,6 +197,8 @@ class PeerLink:
             raise ExchangeError(ABORTED)
         if self._sender is not None and self._sender.error:
             raise ExchangeError(self._sender.error, suspect=self._succ_id)
+        if self._watch is not None and self._watch.lost:
+            raise ExchangeError(self._watch.lost, suspect=self._succ_id)
         if self._inbox.closed.is_set():
             raise ExchangeError("exchange superseded by a newer round")
         if time.monotonic() >= deadline:
@@ -267,17 +285,24 @@ class PeerLink:
                     raise ExchangeError(f"stream from {self._pred_id} broke: {e!r}", suspect=self._pred_id) from None
             if self._sender is not None:
                 self._sender.finish(timeout, self._abort)
+            if self._keep_watch is not None and self._watch is not None:  # our part is done
+                self._keep_watch(self._watch)
+                self._watch_kept = True
         finally:
             self.shutdown()
 
     def shutdown(self) -> None:
-        """Cancels the outgoing stream if still open and frees the inbox and channel."""
+        """Cancels the outgoing stream if still open and frees the inbox, the watch (unless kept)
+        and the channel."""
         if self._opening is not None:
             self._opening.join(2 * OPEN_TIMEOUT_S + 1.0)  # bounded: it must not outlive the link
         if self._sender is not None:
             self._sender.cancel()
         self._servicer.release(self._key)
-        self._channel.close()
+        if not self._watch_kept:
+            if self._watch is not None:
+                self._watch.close()
+            self._channel.close()
 
 
 def _describe(e: BaseException) -> str:

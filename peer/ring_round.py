@@ -26,6 +26,7 @@ from dml.peer.link import PeerLink
 from dml.peer.params import Snapshot
 from dml.peer.step import report_failure, superseded, train_and_report
 from dml.peer.trainer import Trainer
+from dml.peer.watch import SuccessorWatch
 
 if TYPE_CHECKING:
     from dml.peer.runner import Peer
@@ -49,10 +50,35 @@ class RingRound:
         self.deadline_s = 120.0  # the coordinator's round deadline (set at registration)
         self._residual: tuple[str, np.ndarray] | None = None  # (job, error-feedback residual)
         self._codecs: dict[str, Codec] = {}
+        self.watch: SuccessorWatch | None = None  # the successor, from our all-reduce to our next plan
 
     def forget(self) -> None:
-        """Drops what rounds carry over (the error-feedback residual): the peer starts clean."""
+        """Drops what rounds carry over (the error-feedback residual, the watch): the peer starts clean."""
         self._residual = None
+        self.unwatch()
+
+    def unwatch(self) -> None:
+        """Ends the watch on the last round's successor (a new plan came, or the peer stops)."""
+        watch, self.watch = self.watch, None
+        if watch is not None:
+            watch.close()
+
+    def _keep_watch(self, plan: types_pb2.Plan, watch: SuccessorWatch) -> None:
+        """Keeps watching the successor after this member's all-reduce, until the next plan
+        (:mod:`peer.watch`): killed before its report, it would otherwise be noticed only by
+        its lease."""
+        peer = self._peer
+        tag = f"peer {peer.peer_id} job {plan.job_id} round {plan.round} epoch {plan.epoch}"
+
+        def report(lost: str) -> None:
+            if peer.stop_event.is_set():
+                return
+            log.warning("%s: after the all-reduce, %s", tag, lost)
+            report_failure(peer, plan, watch.succ_id, f"after the all-reduce, {lost}")
+
+        self.unwatch()
+        self.watch = watch
+        watch.on_lost(report)
 
     def run(self, plan: types_pb2.Plan) -> None:
         """Runs round ``plan.round`` if this peer is in its ring; failures are reported, not raised
@@ -96,7 +122,8 @@ class RingRound:
                         plan.members[(rank - 1) % world].peer_id, succ.peer_id, succ.address,
                         self.deadline_s, self._abort, idle_timeout_s=peer.config.exchange_timeout_s,
                         data_plane=plan.spec.data_plane or "auto",
-                        payload_bytes=4 * trainer.numel if trainer is not None else 0)
+                        payload_bytes=4 * trainer.numel if trainer is not None else 0,
+                        keep_watch=lambda watch: self._keep_watch(plan, watch))
 
     # -- the starting point -------------------------------------------------------------------
     def _prepare(self, plan: types_pb2.Plan) -> Trainer:

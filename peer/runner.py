@@ -101,6 +101,7 @@ class Peer:
         self._abort.set()
         if self._main is not None:
             self._main.join(10)
+        self._ring.unwatch()
         self._server.stop(0.5).wait(2)
         self.servicer.close()
         self._gossip_step.close_channels()
@@ -122,6 +123,9 @@ class Peer:
                 job, epoch = self._ring.under_way
                 if job and (hb.job_id != job or hb.epoch > epoch):  # cancelled, finished, or re-formed
                     self._abort.set()
+                watch = self._ring.watch
+                if watch is not None and (hb.job_id != watch.job_id or hb.epoch > watch.epoch):
+                    watch.close()  # its round is over either way: nothing left to report
             except grpc.RpcError as e:
                 code = e.code() if isinstance(e, grpc.Call) else None
                 if code == grpc.StatusCode.NOT_FOUND:
@@ -160,6 +164,7 @@ class Peer:
                     continue
                 plan: types_pb2.Plan | None = resp.plan
                 while plan is not None and not self.stop_event.is_set():
+                    self._ring.unwatch()  # a new plan: the watched round committed or was re-formed
                     last = (plan.job_id, plan.round, plan.epoch)
                     if plan.gossip:  # a gossip step's report answers with the next step
                         plan = self._gossip_step.run(plan)

@@ -240,6 +240,36 @@ def test_predecessor_dying_mid_stream_fails_the_receiver_fast_naming_it(members,
     assert body.took < 5, "a closed stream must fail at once, not after the idle timeout"  # type: ignore[attr-defined]
 
 
+@pytest.mark.parametrize("plane", ["tcp", "shm"])
+def test_successor_dying_after_taking_our_frames_is_named_while_we_wait_for_our_predecessor(members, plane):
+    # p0's frames all sit in the kernel's buffers when p1 dies, so no write of p0 fails, and
+    # p2 (p0's predecessor) waits for p1's stream, which never comes: nothing p0 reads or
+    # writes breaks. p0's watch on p1 must name p1, not, after the idle timeout, p2.
+    ms = members(3)
+    ls = links(ms, ("j", 1, 1), plane, idle_s=20.0)
+    payload = np.zeros(300, np.float32)
+    killed, done = threading.Event(), threading.Event()
+
+    def body(r: int, link: PeerLink) -> None:
+        if r == 0:
+            for i in range(3):
+                link.send(Header(1, 1, 0, 100 * i, 100), payload[100 * i : 100 * (i + 1)].view(np.uint8))
+            link.wait_sent(3, 5)
+            ms[1].close()  # p1 dies with our frames unread
+            killed.set()
+            try:
+                link.recv_header(25)
+            finally:
+                done.set()
+        elif r == 1:
+            killed.wait(25)  # holds its inbox (our stream) until it dies
+        else:
+            done.wait(25)  # p1 never sends: p2 has nothing to forward
+
+    errors = run_ring(ls, [], body=body)
+    assert isinstance(errors[0], ExchangeError) and errors[0].suspect == "p1", errors[0]
+
+
 def test_abort_stops_a_waiting_receiver_promptly(members):
     ms = members(2)
     ls = links(ms, ("j", 1, 1), "tcp", idle_s=20.0)
