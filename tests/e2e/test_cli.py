@@ -252,3 +252,16 @@ def test_peer_with_an_unreachable_coordinator_says_to_check_the_address():
         assert "Traceback" not in rest and f"cannot register with {addr}" in rest, rest
     finally:
         reap([proc])
+
+
+@pytest.mark.parametrize("module", ["peer", "coordinator"])
+def test_a_users_own_module_named_like_ours_shadows_nothing(tmp_path: pathlib.Path, module: str) -> None:
+    # A training script's folder often holds its own peer.py; with the old top-level names it
+    # replaced dml's. The working directory comes first on sys.path for `python -m` and `-c`.
+    (tmp_path / f"{module}.py").write_text("raise SystemExit('the user module was imported instead of dml')\n")
+    bindir = pathlib.Path(sys.executable).parent
+    for cmd in ([str(bindir / "dml-peer"), "--help"], [str(bindir / "dml-coordinator"), "--help"],
+                [sys.executable, "-m", "dml.peer.cli", "--help"],
+                [sys.executable, "-c", "import dml.coordinator.state, dml.peer.trainer, dml.client.api"]):
+        out = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, f"{cmd}: {out.stdout}{out.stderr}"
