@@ -1,10 +1,22 @@
 from dml.v1 import types_pb2 as _types_pb2
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from collections.abc import Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class FailureKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    FAILURE_KIND_UNSPECIFIED: _ClassVar[FailureKind]
+    FAILURE_KIND_UNREACHABLE: _ClassVar[FailureKind]
+    FAILURE_KIND_POISONED: _ClassVar[FailureKind]
+    FAILURE_KIND_LOCAL: _ClassVar[FailureKind]
+FAILURE_KIND_UNSPECIFIED: FailureKind
+FAILURE_KIND_UNREACHABLE: FailureKind
+FAILURE_KIND_POISONED: FailureKind
+FAILURE_KIND_LOCAL: FailureKind
 
 class PeerCapability(_message.Message):
     __slots__ = ("device", "memory_bytes", "pool")
@@ -17,24 +29,32 @@ class PeerCapability(_message.Message):
     def __init__(self, device: _Optional[str] = ..., memory_bytes: _Optional[int] = ..., pool: _Optional[str] = ...) -> None: ...
 
 class RegisterPeerRequest(_message.Message):
-    __slots__ = ("address", "capability")
+    __slots__ = ("address", "capability", "public_key", "cluster_id")
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     CAPABILITY_FIELD_NUMBER: _ClassVar[int]
+    PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
+    CLUSTER_ID_FIELD_NUMBER: _ClassVar[int]
     address: str
     capability: PeerCapability
-    def __init__(self, address: _Optional[str] = ..., capability: _Optional[_Union[PeerCapability, _Mapping]] = ...) -> None: ...
+    public_key: bytes
+    cluster_id: str
+    def __init__(self, address: _Optional[str] = ..., capability: _Optional[_Union[PeerCapability, _Mapping]] = ..., public_key: _Optional[bytes] = ..., cluster_id: _Optional[str] = ...) -> None: ...
 
 class RegisterPeerResponse(_message.Message):
-    __slots__ = ("peer_id", "heartbeat_interval_ms", "peer_timeout_ms", "round_deadline_ms")
+    __slots__ = ("peer_id", "heartbeat_interval_ms", "peer_timeout_ms", "round_deadline_ms", "peer_token", "cluster_id")
     PEER_ID_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_INTERVAL_MS_FIELD_NUMBER: _ClassVar[int]
     PEER_TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
     ROUND_DEADLINE_MS_FIELD_NUMBER: _ClassVar[int]
+    PEER_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    CLUSTER_ID_FIELD_NUMBER: _ClassVar[int]
     peer_id: str
     heartbeat_interval_ms: int
     peer_timeout_ms: int
     round_deadline_ms: int
-    def __init__(self, peer_id: _Optional[str] = ..., heartbeat_interval_ms: _Optional[int] = ..., peer_timeout_ms: _Optional[int] = ..., round_deadline_ms: _Optional[int] = ...) -> None: ...
+    peer_token: str
+    cluster_id: str
+    def __init__(self, peer_id: _Optional[str] = ..., heartbeat_interval_ms: _Optional[int] = ..., peer_timeout_ms: _Optional[int] = ..., round_deadline_ms: _Optional[int] = ..., peer_token: _Optional[str] = ..., cluster_id: _Optional[str] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
     __slots__ = ("peer_id",)
@@ -43,12 +63,16 @@ class HeartbeatRequest(_message.Message):
     def __init__(self, peer_id: _Optional[str] = ...) -> None: ...
 
 class HeartbeatResponse(_message.Message):
-    __slots__ = ("epoch", "job_id")
+    __slots__ = ("epoch", "job_id", "held_out_reason", "cluster_id")
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    HELD_OUT_REASON_FIELD_NUMBER: _ClassVar[int]
+    CLUSTER_ID_FIELD_NUMBER: _ClassVar[int]
     epoch: int
     job_id: str
-    def __init__(self, epoch: _Optional[int] = ..., job_id: _Optional[str] = ...) -> None: ...
+    held_out_reason: str
+    cluster_id: str
+    def __init__(self, epoch: _Optional[int] = ..., job_id: _Optional[str] = ..., held_out_reason: _Optional[str] = ..., cluster_id: _Optional[str] = ...) -> None: ...
 
 class GetPlanRequest(_message.Message):
     __slots__ = ("peer_id", "last_job_id", "last_round", "last_epoch", "wait_ms")
@@ -73,7 +97,7 @@ class GetPlanResponse(_message.Message):
     def __init__(self, has_plan: _Optional[bool] = ..., plan: _Optional[_Union[_types_pb2.Plan, _Mapping]] = ...) -> None: ...
 
 class ReportRoundRequest(_message.Message):
-    __slots__ = ("peer_id", "job_id", "round", "epoch", "samples", "train_loss", "digest", "has_test_metrics", "test_accuracy", "test_loss", "train_samples_per_s", "train_ms", "exchange_ms", "eval_ms", "pair_distance", "has_pair_distance", "bytes_sent")
+    __slots__ = ("peer_id", "job_id", "round", "epoch", "samples", "train_loss", "digest", "has_test_metrics", "test_accuracy", "test_loss", "train_samples_per_s", "train_ms", "exchange_ms", "eval_ms", "pair_distance", "has_pair_distance", "bytes_sent", "update_norm")
     PEER_ID_FIELD_NUMBER: _ClassVar[int]
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
@@ -91,6 +115,7 @@ class ReportRoundRequest(_message.Message):
     PAIR_DISTANCE_FIELD_NUMBER: _ClassVar[int]
     HAS_PAIR_DISTANCE_FIELD_NUMBER: _ClassVar[int]
     BYTES_SENT_FIELD_NUMBER: _ClassVar[int]
+    UPDATE_NORM_FIELD_NUMBER: _ClassVar[int]
     peer_id: str
     job_id: str
     round: int
@@ -108,7 +133,8 @@ class ReportRoundRequest(_message.Message):
     pair_distance: float
     has_pair_distance: bool
     bytes_sent: int
-    def __init__(self, peer_id: _Optional[str] = ..., job_id: _Optional[str] = ..., round: _Optional[int] = ..., epoch: _Optional[int] = ..., samples: _Optional[int] = ..., train_loss: _Optional[float] = ..., digest: _Optional[str] = ..., has_test_metrics: _Optional[bool] = ..., test_accuracy: _Optional[float] = ..., test_loss: _Optional[float] = ..., train_samples_per_s: _Optional[float] = ..., train_ms: _Optional[int] = ..., exchange_ms: _Optional[int] = ..., eval_ms: _Optional[int] = ..., pair_distance: _Optional[float] = ..., has_pair_distance: _Optional[bool] = ..., bytes_sent: _Optional[int] = ...) -> None: ...
+    update_norm: float
+    def __init__(self, peer_id: _Optional[str] = ..., job_id: _Optional[str] = ..., round: _Optional[int] = ..., epoch: _Optional[int] = ..., samples: _Optional[int] = ..., train_loss: _Optional[float] = ..., digest: _Optional[str] = ..., has_test_metrics: _Optional[bool] = ..., test_accuracy: _Optional[float] = ..., test_loss: _Optional[float] = ..., train_samples_per_s: _Optional[float] = ..., train_ms: _Optional[int] = ..., exchange_ms: _Optional[int] = ..., eval_ms: _Optional[int] = ..., pair_distance: _Optional[float] = ..., has_pair_distance: _Optional[bool] = ..., bytes_sent: _Optional[int] = ..., update_norm: _Optional[float] = ...) -> None: ...
 
 class ReportRoundResponse(_message.Message):
     __slots__ = ("committed", "has_next", "next")
@@ -121,20 +147,22 @@ class ReportRoundResponse(_message.Message):
     def __init__(self, committed: _Optional[bool] = ..., has_next: _Optional[bool] = ..., next: _Optional[_Union[_types_pb2.Plan, _Mapping]] = ...) -> None: ...
 
 class ReportFailureRequest(_message.Message):
-    __slots__ = ("peer_id", "job_id", "round", "epoch", "suspect_peer_id", "detail")
+    __slots__ = ("peer_id", "job_id", "round", "epoch", "suspect_peer_id", "detail", "kind")
     PEER_ID_FIELD_NUMBER: _ClassVar[int]
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     SUSPECT_PEER_ID_FIELD_NUMBER: _ClassVar[int]
     DETAIL_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
     peer_id: str
     job_id: str
     round: int
     epoch: int
     suspect_peer_id: str
     detail: str
-    def __init__(self, peer_id: _Optional[str] = ..., job_id: _Optional[str] = ..., round: _Optional[int] = ..., epoch: _Optional[int] = ..., suspect_peer_id: _Optional[str] = ..., detail: _Optional[str] = ...) -> None: ...
+    kind: FailureKind
+    def __init__(self, peer_id: _Optional[str] = ..., job_id: _Optional[str] = ..., round: _Optional[int] = ..., epoch: _Optional[int] = ..., suspect_peer_id: _Optional[str] = ..., detail: _Optional[str] = ..., kind: _Optional[_Union[FailureKind, str]] = ...) -> None: ...
 
 class ReportFailureResponse(_message.Message):
     __slots__ = ()

@@ -16,15 +16,19 @@ class EvictionCause(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     EVICTION_CAUSE_SELF_REPORT: _ClassVar[EvictionCause]
     EVICTION_CAUSE_ROUND_DEADLINE: _ClassVar[EvictionCause]
     EVICTION_CAUSE_REPLACED: _ClassVar[EvictionCause]
+    EVICTION_CAUSE_QUARANTINED: _ClassVar[EvictionCause]
+    EVICTION_CAUSE_UNREACHABLE: _ClassVar[EvictionCause]
 EVICTION_CAUSE_UNSPECIFIED: EvictionCause
 EVICTION_CAUSE_HEARTBEAT_TIMEOUT: EvictionCause
 EVICTION_CAUSE_NEIGHBOUR_REPORT: EvictionCause
 EVICTION_CAUSE_SELF_REPORT: EvictionCause
 EVICTION_CAUSE_ROUND_DEADLINE: EvictionCause
 EVICTION_CAUSE_REPLACED: EvictionCause
+EVICTION_CAUSE_QUARANTINED: EvictionCause
+EVICTION_CAUSE_UNREACHABLE: EvictionCause
 
 class JobStatus(_message.Message):
-    __slots__ = ("job_id", "spec", "state", "round", "epoch", "peers", "last", "reason", "created_unix_ms", "updated_unix_ms", "checkpoint_round", "samples", "data_epoch", "rolled_back_rounds", "evictions", "epochs", "evictions_total")
+    __slots__ = ("job_id", "spec", "state", "round", "epoch", "peers", "last", "reason", "created_unix_ms", "updated_unix_ms", "checkpoint_round", "samples", "data_epoch", "rolled_back_rounds", "evictions", "epochs", "evictions_total", "quarantined", "held_out")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     SPEC_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -42,6 +46,8 @@ class JobStatus(_message.Message):
     EVICTIONS_FIELD_NUMBER: _ClassVar[int]
     EPOCHS_FIELD_NUMBER: _ClassVar[int]
     EVICTIONS_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    QUARANTINED_FIELD_NUMBER: _ClassVar[int]
+    HELD_OUT_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     spec: _types_pb2.JobSpec
     state: _types_pb2.JobState
@@ -59,7 +65,23 @@ class JobStatus(_message.Message):
     evictions: _containers.RepeatedCompositeFieldContainer[Eviction]
     epochs: _containers.RepeatedCompositeFieldContainer[MembershipEpoch]
     evictions_total: int
-    def __init__(self, job_id: _Optional[str] = ..., spec: _Optional[_Union[_types_pb2.JobSpec, _Mapping]] = ..., state: _Optional[_Union[_types_pb2.JobState, str]] = ..., round: _Optional[int] = ..., epoch: _Optional[int] = ..., peers: _Optional[_Iterable[str]] = ..., last: _Optional[_Union[_types_pb2.RoundMetrics, _Mapping]] = ..., reason: _Optional[str] = ..., created_unix_ms: _Optional[int] = ..., updated_unix_ms: _Optional[int] = ..., checkpoint_round: _Optional[int] = ..., samples: _Optional[int] = ..., data_epoch: _Optional[int] = ..., rolled_back_rounds: _Optional[int] = ..., evictions: _Optional[_Iterable[_Union[Eviction, _Mapping]]] = ..., epochs: _Optional[_Iterable[_Union[MembershipEpoch, _Mapping]]] = ..., evictions_total: _Optional[int] = ...) -> None: ...
+    quarantined: _containers.RepeatedCompositeFieldContainer[PeerExclusion]
+    held_out: _containers.RepeatedCompositeFieldContainer[PeerExclusion]
+    def __init__(self, job_id: _Optional[str] = ..., spec: _Optional[_Union[_types_pb2.JobSpec, _Mapping]] = ..., state: _Optional[_Union[_types_pb2.JobState, str]] = ..., round: _Optional[int] = ..., epoch: _Optional[int] = ..., peers: _Optional[_Iterable[str]] = ..., last: _Optional[_Union[_types_pb2.RoundMetrics, _Mapping]] = ..., reason: _Optional[str] = ..., created_unix_ms: _Optional[int] = ..., updated_unix_ms: _Optional[int] = ..., checkpoint_round: _Optional[int] = ..., samples: _Optional[int] = ..., data_epoch: _Optional[int] = ..., rolled_back_rounds: _Optional[int] = ..., evictions: _Optional[_Iterable[_Union[Eviction, _Mapping]]] = ..., epochs: _Optional[_Iterable[_Union[MembershipEpoch, _Mapping]]] = ..., evictions_total: _Optional[int] = ..., quarantined: _Optional[_Iterable[_Union[PeerExclusion, _Mapping]]] = ..., held_out: _Optional[_Iterable[_Union[PeerExclusion, _Mapping]]] = ...) -> None: ...
+
+class PeerExclusion(_message.Message):
+    __slots__ = ("peer_id", "round", "reason", "unix_ms", "reporters")
+    PEER_ID_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    REPORTERS_FIELD_NUMBER: _ClassVar[int]
+    peer_id: str
+    round: int
+    reason: str
+    unix_ms: int
+    reporters: str
+    def __init__(self, peer_id: _Optional[str] = ..., round: _Optional[int] = ..., reason: _Optional[str] = ..., unix_ms: _Optional[int] = ..., reporters: _Optional[str] = ...) -> None: ...
 
 class Eviction(_message.Message):
     __slots__ = ("peer_id", "cause", "reporter", "unix_ms", "epoch", "round", "detail")

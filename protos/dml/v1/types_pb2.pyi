@@ -121,16 +121,18 @@ class RoundMetrics(_message.Message):
     def __init__(self, round: _Optional[int] = ..., epoch: _Optional[int] = ..., train_loss: _Optional[float] = ..., test_accuracy: _Optional[float] = ..., test_loss: _Optional[float] = ..., samples: _Optional[int] = ..., digest: _Optional[str] = ..., duration_ms: _Optional[int] = ..., members: _Optional[int] = ..., data_epoch: _Optional[int] = ..., consumed: _Optional[_Iterable[_Union[MemberSamples, _Mapping]]] = ..., train_ms: _Optional[int] = ..., exchange_ms: _Optional[int] = ..., committed_unix_ms: _Optional[int] = ..., test_evaluated: _Optional[bool] = ..., eval_ms: _Optional[int] = ..., consensus_distance: _Optional[float] = ..., bytes_sent: _Optional[int] = ...) -> None: ...
 
 class Member(_message.Message):
-    __slots__ = ("peer_id", "address", "shard_ids", "samples")
+    __slots__ = ("peer_id", "address", "shard_ids", "samples", "public_key")
     PEER_ID_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     SHARD_IDS_FIELD_NUMBER: _ClassVar[int]
     SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
     peer_id: str
     address: str
     shard_ids: _containers.RepeatedScalarFieldContainer[int]
     samples: _containers.RepeatedCompositeFieldContainer[SampleRange]
-    def __init__(self, peer_id: _Optional[str] = ..., address: _Optional[str] = ..., shard_ids: _Optional[_Iterable[int]] = ..., samples: _Optional[_Iterable[_Union[SampleRange, _Mapping]]] = ...) -> None: ...
+    public_key: bytes
+    def __init__(self, peer_id: _Optional[str] = ..., address: _Optional[str] = ..., shard_ids: _Optional[_Iterable[int]] = ..., samples: _Optional[_Iterable[_Union[SampleRange, _Mapping]]] = ..., public_key: _Optional[bytes] = ...) -> None: ...
 
 class Plan(_message.Message):
     __slots__ = ("job_id", "round", "epoch", "members", "spec", "checkpoint", "data_epoch", "shard_indices", "start_digest", "gossip", "evaluate")
