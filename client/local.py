@@ -18,6 +18,7 @@ import time
 from typing import Iterator
 
 from dml.client import cli as jobctl
+from dml.common import args as cliargs
 from dml.client.api import ApiError, JobClient, status_dict
 from dml.client.cluster import ClusterError, LocalCluster
 
@@ -36,6 +37,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--timeout-s", type=float, default=1800.0, help="give up on the job after this many seconds")
     p.add_argument("--keep", action="store_true",
                    help="keep the cluster up after the job ends (query it, submit more jobs) until Ctrl-C")
+    cliargs.add_metrics_flag(p)  # the coordinator's; each peer then serves its own on a free port
+
+
+def metrics_args(a: argparse.Namespace) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The metrics flags of ``dml local``'s coordinator and of its peers: with ``--metrics-port``
+    the coordinator serves there and every peer on a free port of its own (each logs its
+    address); without it nobody serves metrics, whatever the environment says."""
+    if a.metrics_port is None:
+        return ("--metrics-port", "off"), ("--metrics-port", "off")
+    return (("--metrics-port", str(a.metrics_port), "--metrics-host", a.metrics_host),
+            ("--metrics-port", "0", "--metrics-host", a.metrics_host))
 
 
 def _free(port: int) -> bool:
@@ -100,8 +112,14 @@ def cmd_local(a: argparse.Namespace) -> int:
     log_dir = a.log_dir or state_dir / "logs"
     started = time.monotonic()
     try:
-        with _cli_errors(), cluster(a.peers, port, state_dir, log_dir) as (address, _procs):
+        coordinator_metrics, peer_metrics = metrics_args(a)
+        with _cli_errors(), cluster(a.peers, port, state_dir, log_dir, extra_peer_args=peer_metrics,
+                                    coordinator_args=coordinator_metrics) as (address, _procs):
             print(f"coordinator on {address}, {a.peers} peers; logs in {log_dir}", file=sys.stderr)
+            if a.metrics_port is not None:
+                print(f"  metrics: the coordinator's at http://{a.metrics_host}:{a.metrics_port}/metrics"
+                      f"{' (the port it logs)' if a.metrics_port == 0 else ''}, each peer's in its log",
+                      file=sys.stderr)
             print(f"  watch from another shell: dml status --coordinator {address} --watch", file=sys.stderr)
             client = JobClient(address, timeout_s=30.0)
             job_id = client.submit(spec)

@@ -8,10 +8,13 @@ import math
 import os
 import sys
 from collections.abc import Callable
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 import dml
 from dml.common.rpc import parse_address
+
+if TYPE_CHECKING:
+    from dml.common.metrics import MetricsConfig
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -108,6 +111,39 @@ def address(text: str) -> str:
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
     return text
+
+
+def _metrics_port(text: str) -> int | None:
+    """``--metrics-port``: a port 0..65535 (0 picks a free one); "" or "off" serves nothing."""
+    if text.strip().lower() in ("", "off", "none"):
+        return None
+    return int_in(0, 65535)(text)
+
+
+_metrics_port.__name__ = "port"
+
+
+def add_metrics_flag(p: argparse.ArgumentParser) -> None:
+    """``--metrics-port`` (env DML_METRICS_PORT) and ``--metrics-host`` (env DML_METRICS_HOST):
+    where the process serves Prometheus metrics at /metrics. Off unless a port is given."""
+    g = p.add_argument_group("metrics")
+    g.add_argument("--metrics-port", type=_metrics_port, default=os.environ.get("DML_METRICS_PORT") or None,
+                   help="serve Prometheus metrics at http://HOST:PORT/metrics (HTTPS when TLS is on); 0 picks a "
+                        "free port and logs it (default: off, env DML_METRICS_PORT)")
+    g.add_argument("--metrics-host", default=os.environ.get("DML_METRICS_HOST", "127.0.0.1"),
+                   help="address the metrics endpoint binds (0.0.0.0 for all)")
+
+
+def metrics_config(a: argparse.Namespace) -> MetricsConfig | None:
+    """The metrics endpoint the parsed flags of :func:`add_metrics_flag` ask for (None: off).
+    When the command also has TLS flags (``--tls-cert``, ``--tls-key``, ``--tls-ca``) the
+    endpoint serves HTTPS with the same certificate and, with a CA, asks scrapers for one too."""
+    from dml.common.metrics import MetricsConfig
+
+    if getattr(a, "metrics_port", None) is None:
+        return None
+    return MetricsConfig(host=a.metrics_host, port=a.metrics_port, certfile=getattr(a, "tls_cert", None) or None,
+                         keyfile=getattr(a, "tls_key", None) or None, cafile=getattr(a, "tls_ca", None) or None)
 
 
 def run_quietly(main: Callable[[], int | None]) -> NoReturn:

@@ -11,6 +11,7 @@ import threading
 
 from dml.common import args as cliargs
 from dml.common import portcheck, rpc
+from dml.common.metrics import MetricsBindError
 from dml.coordinator.lock import StateDirLocked
 from dml.coordinator.server import CoordinatorServer, ServerConfig
 from dml.coordinator.service import CoordinatorConfig
@@ -40,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="evict members that have not reported a round this long after it started")
     p.add_argument("--port-file", type=pathlib.Path, help="write the bound port here once listening (default: none)")
     p.add_argument("--log-level", default=os.environ.get("DML_LOG_LEVEL", "INFO"), help="logging level")
+    cliargs.add_metrics_flag(p)
     return p
 
 
@@ -54,7 +56,8 @@ def build_config(argv: list[str] | None = None) -> ServerConfig:
     logging.basicConfig(level=a.log_level.upper(), format="%(asctime)s %(levelname)s coordinator %(name)s: %(message)s")
     cfg = ServerConfig(host=a.host, port=a.port, state_dir=a.state_dir,
                        timing=CoordinatorConfig(heartbeat_interval_ms=a.heartbeat_interval_ms, peer_timeout_ms=a.peer_timeout_ms,
-                                                round_deadline_ms=a.round_deadline_ms), port_file=a.port_file)
+                                                round_deadline_ms=a.round_deadline_ms), port_file=a.port_file,
+                       metrics=cliargs.metrics_config(a))
     return cfg
 
 
@@ -64,6 +67,9 @@ def main(argv: list[str] | None = None) -> None:
     try:
         server = CoordinatorServer(cfg).start()
     except StateDirLocked as e:  # another coordinator holds the state dir
+        print(f"dml-coordinator: {e}", file=sys.stderr)
+        sys.exit(2)
+    except MetricsBindError as e:  # --metrics-port taken, or --metrics-host not this machine's
         print(f"dml-coordinator: {e}", file=sys.stderr)
         sys.exit(2)
     except rpc.BindError:  # the port is taken, or the host is not this machine's
@@ -80,6 +86,8 @@ def main(argv: list[str] | None = None) -> None:
         tmp.write_text(str(server.port))
         tmp.replace(cfg.port_file)
     print(f"dml-coordinator listening on {server.address}", flush=True)
+    if server.metrics_server is not None:
+        print(f"dml-coordinator metrics on {server.metrics_server.url}", flush=True)
     done = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: done.set())

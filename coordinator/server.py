@@ -10,8 +10,11 @@ from dataclasses import dataclass
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from dml.common import metrics as metricsmod
 from dml.common import rpc
+from dml.common.metrics import MetricsConfig, MetricsServer
 from dml.coordinator.lock import StateDirLock
+from dml.coordinator.metrics import CoordinatorMetrics
 from dml.coordinator.service import Coordinator, CoordinatorConfig
 from dml.coordinator.servicer import JobServicer, PeerControlServicer
 from dml.coordinator.store import MemoryStore, SqliteStore, Store
@@ -29,6 +32,7 @@ class ServerConfig:
     timing: CoordinatorConfig = CoordinatorConfig()
     workers: int = 256  # long polls and watch streams each hold one while they wait
     port_file: pathlib.Path | None = None  # where the CLI writes the bound port
+    metrics: MetricsConfig | None = None  # the Prometheus endpoint (None: off)
 
 
 class CoordinatorServer:
@@ -61,8 +65,9 @@ class CoordinatorServer:
 
             store = MemoryStore()
             ckpt = pathlib.Path(tempfile.mkdtemp(prefix="dml-ckpt-"))
-        self.coordinator = Coordinator(config.timing, store, ckpt)
-        self._server = rpc.server(workers=config.workers)
+        self.metrics = CoordinatorMetrics()
+        self.coordinator = Coordinator(config.timing, store, ckpt, metrics=self.metrics)
+        self._server = rpc.server(workers=config.workers, interceptors=[self.metrics.rpcs])
         jobs_pb2_grpc.add_JobServiceServicer_to_server(JobServicer(self.coordinator), self._server)
         control_pb2_grpc.add_PeerControlServicer_to_server(PeerControlServicer(self.coordinator), self._server)
         self._health = health.HealthServicer()
@@ -76,11 +81,19 @@ class CoordinatorServer:
         reflection.enable_server_reflection(names, self._server)
         try:
             self.port = rpc.bind(self._server, config.host, config.port)
+            self.metrics_server: MetricsServer | None = metricsmod.serve(self.metrics.registry, config.metrics,
+                                                                         "coordinator")
         except BaseException:
+            self._server.stop(None)
             self.coordinator.close()
             raise
         self._stop = threading.Event()
         self._reaper = threading.Thread(target=self._reap, name="reaper", daemon=True)
+
+    @property
+    def metrics_port(self) -> int | None:
+        """The port the metrics endpoint listens on (None when it is off)."""
+        return self.metrics_server.port if self.metrics_server is not None else None
 
     @property
     def address(self) -> str:
@@ -114,6 +127,8 @@ class CoordinatorServer:
         self._server.stop(grace_s).wait(grace_s + 1)
         if self._reaper.is_alive():
             self._reaper.join(2)
+        if self.metrics_server is not None:
+            self.metrics_server.stop()
         self.coordinator.close()
         if self._state_lock is not None:
             self._state_lock.release()

@@ -20,6 +20,7 @@ import numpy as np
 
 from dml.coordinator import planner
 from dml.common.spec import JobSpec, validate, with_defaults
+from dml.coordinator.metrics import CoordinatorMetrics
 from dml.coordinator.records import Changes, Job, NotFound, Report, Stale
 from dml.coordinator.state import ClusterState
 from dml.coordinator.store import Store
@@ -62,8 +63,9 @@ class Coordinator:
     """Thread-safe facade over :class:`ClusterState`."""
 
     def __init__(self, config: CoordinatorConfig, store: Store, checkpoint_dir: pathlib.Path,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, metrics: CoordinatorMetrics | None = None) -> None:
         self.config = config
+        self.metrics = metrics if metrics is not None else CoordinatorMetrics()
         self._store = store
         self._ckpt_dir = checkpoint_dir
         self._clock = clock
@@ -87,6 +89,8 @@ class Coordinator:
             self.state.peers[p.peer_id] = p
         if jobs or peers:
             log.info("restored %d jobs and %d peers from the store", len(jobs), len(peers))
+        self.metrics.restored(jobs)
+        self.metrics.watch(self.view)
 
     def now_ms(self) -> int:
         """Wall clock in Unix milliseconds."""
@@ -98,12 +102,18 @@ class Coordinator:
             raise ShuttingDown("the coordinator is shutting down; retry against the restarted one")
         st = self.state
         if changes.jobs or changes.peers or changes.removed_peers or changes.committed:
-            self._store.save(
-                jobs=[st.jobs[j] for j in changes.jobs if j in st.jobs],
-                peers=[st.peers[p] for p in changes.peers if p in st.peers],
-                removed_peers=changes.removed_peers,
-                rounds=[(j, st.jobs[j].history[r - 1]) for j, r in changes.committed],
-            )
+            try:
+                self._store.save(
+                    jobs=[st.jobs[j] for j in changes.jobs if j in st.jobs],
+                    peers=[st.peers[p] for p in changes.peers if p in st.peers],
+                    removed_peers=changes.removed_peers,
+                    rounds=[(j, st.jobs[j].history[r - 1]) for j, r in changes.committed],
+                )
+            except Exception:
+                self.metrics.record_store_write_error()
+                raise
+            self.metrics.changed([st.jobs[j] for j in changes.jobs if j in st.jobs],
+                                 [(st.jobs[j], r) for j, r in changes.committed if j in st.jobs])
             self._cond.notify_all()
 
     # -- peers ------------------------------------------------------------------------------
@@ -197,10 +207,14 @@ class Coordinator:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
         try:
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
+            try:
+                with open(tmp, "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+            except OSError:
+                self.metrics.record_store_write_error()
+                raise
             with self._cond:
                 self.state.checkpoint_uploaded(peer_id, job_id, rnd, epoch, digest, self.now_ms())
                 os.replace(tmp, path)

@@ -12,6 +12,7 @@ import grpc
 from dml.aggregation.allreduce import DEFAULT_CHUNK_ELEMS, TCP_CHUNK_ELEMS
 from dml.common import args as cliargs
 from dml.common import portcheck, rpc
+from dml.common.metrics import MetricsBindError
 from dml.peer.runner import Peer, PeerConfig
 
 
@@ -57,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="experiments: train this many times slower than this machine can, by idling "
                         "(slowdown - 1) x the training time after each local training (default 1: off)")
     p.add_argument("--log-level", default=os.environ.get("DML_LOG_LEVEL", "INFO"), help="logging level")
+    cliargs.add_metrics_flag(p)
     return p
 
 
@@ -78,7 +80,7 @@ def build_config(argv: list[str] | None = None) -> tuple[PeerConfig, argparse.Na
         p.error(str(e))
     cfg = PeerConfig(coordinator=a.coordinator, host=a.host, port=a.port, advertise_host=a.advertise_host,
                      device=device, exchange_timeout_s=a.exchange_timeout_s, chunk_elems=a.chunk_elems,
-                     tcp=not a.no_tcp, slowdown=a.slowdown)
+                     tcp=not a.no_tcp, slowdown=a.slowdown, metrics=cliargs.metrics_config(a))
     return cfg, a
 
 
@@ -109,6 +111,9 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(max(1, a.torch_threads))
     try:
         peer = Peer(cfg)
+    except MetricsBindError as e:  # --metrics-port taken, or --metrics-host not this machine's
+        print(f"dml-peer: {e}", file=sys.stderr)
+        sys.exit(2)
     except rpc.BindError:  # --port taken, or --host not this machine's
         print(f"dml-peer: {portcheck.bind_failure(cfg.host, cfg.port)}", file=sys.stderr)
         sys.exit(2)
@@ -126,6 +131,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"dml-peer: cannot register with {cfg.coordinator}: {e.code() if isinstance(e, grpc.Call) else e}", file=sys.stderr)
         sys.exit(1)
     print(f"dml-peer {peer.peer_id} exchanging on {peer.address}", flush=True)
+    if peer.metrics_server is not None:
+        print(f"dml-peer {peer.peer_id} metrics on {peer.metrics_server.url}", flush=True)
     peer.run_in_thread()
     while not peer.stop_event.wait(1.0):  # set by SIGINT/SIGTERM, or if the round loop dies
         pass

@@ -33,7 +33,7 @@ import queue
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -107,9 +107,18 @@ class GossipNode:
         self.trainer: Any = None
         self.weight = 0.0  # guarded by the trainer's lock
         self.bytes_sent = 0
+        self.bytes_received = 0
+        self.on_bytes: Callable[[int, int], None] | None = None  # told (sent, received) after each exchange
         self.one_sided = 0
         self.served = 0  # exchanges applied as the partner (another peer started them)
         self.last_distance = float("nan")  # ||mine - theirs|| of the last exchange applied, either role
+
+    def _count(self, sent: int, received: int) -> None:
+        """Adds one exchange's parameter bytes, each way, to the totals (and tells ``on_bytes``)."""
+        self.bytes_received += received
+        hook = self.on_bytes
+        if hook is not None:
+            hook(sent, received)
 
     # -- membership of a job ----------------------------------------------------------------
     def attach(self, job_id: str, trainer: Any) -> None:
@@ -164,6 +173,7 @@ class GossipNode:
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"peer {self.peer_id} is busy in another exchange")
         locked = False
         committed = False
+        pos = sent_n = 0
         try:
             theirs = np.empty(n, dtype=np.float32)
             pos = _fill(theirs, 0, first.data)
@@ -185,6 +195,7 @@ class GossipNode:
             for data in _chunks(sent):
                 yield exchange_pb2.GossipMessage(data=data)
                 self.bytes_sent += len(data)
+                sent_n += len(data)
             msg = next(requests, None)
             if msg is None or not msg.commit:
                 raise GossipRefused("the initiator did not commit")
@@ -208,6 +219,7 @@ class GossipNode:
                      first.sender_id, e)
             context.abort(grpc.StatusCode.ABORTED, f"exchange dropped: {e}")
         finally:
+            self._count(sent_n, pos)
             if locked:
                 trainer.lock.release()
             if not committed:
@@ -243,6 +255,7 @@ class GossipNode:
         w_mine = self.weight
         committed = False
         call = None
+        pos = 0
 
         def requests() -> Iterator[exchange_pb2.GossipMessage]:
             yield exchange_pb2.GossipMessage(job_id=job_id, sender_id=self.peer_id, exchange_id=xid,
@@ -292,6 +305,7 @@ class GossipNode:
             return Outcome(partner_id, False, bytes_sent=sent[0], detail=str(e) or type(e).__name__)
         finally:
             self.bytes_sent += sent[0]
+            self._count(sent[0], pos)
             if not committed:
                 self.slot.abort(key)
                 out.put(None)

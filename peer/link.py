@@ -62,6 +62,7 @@ class PeerLink:
         self._servicer = servicer
         self._abort = abort
         self.bytes_sent = 0  # frames queued for the successor, headers included
+        self.bytes_received = 0  # frames read from the predecessor, headers included
         self._deadline_s = deadline_s
         self._idle_s = idle_timeout_s
         self._mode = data_plane
@@ -236,6 +237,7 @@ class PeerLink:
             if box.conn.gettimeout() != POLL_S:
                 box.conn.settimeout(POLL_S)
             self._recv_exact(box.conn, memoryview(self._hdr), timeout)
+            self.bytes_received += FRAME.size
             return Header.unpack(self._hdr)
         while True:
             self._check(deadline, waited)
@@ -246,6 +248,7 @@ class PeerLink:
             if isinstance(item, Broken):
                 raise ExchangeError(item.reason, suspect=self._pred_id)
             header, self._pending = item
+            self.bytes_received += FRAME.size
             return header
 
     def recv_payload(self, out: np.ndarray, timeout: float) -> None:
@@ -262,15 +265,18 @@ class PeerLink:
                 self._check(time.monotonic() + 1.0, timeout)
                 raise ExchangeError(f"stream from {self._pred_id} broke: {e!r}", suspect=self._pred_id) from None
             self._frames += 1
+            self.bytes_received += len(view)
             return
         if box.conn is not None:
             self._recv_exact(box.conn, view, timeout)
+            self.bytes_received += len(view)
             return
         if self._pending is None or len(self._pending) != len(view):
             raise ExchangeError(f"payload of {0 if self._pending is None else len(self._pending)} bytes, "
                                 f"expected {len(view)}", suspect=self._pred_id)
         view[:] = self._pending
         self._pending = None
+        self.bytes_received += len(view)
 
     # -- the end ------------------------------------------------------------------------------
     def close(self, timeout: float) -> None:

@@ -110,6 +110,7 @@ class RingRound:
             # Only now: closing our outgoing stream first would let our successor see it break
             # and blame us before our own report (naming the real culprit) reaches the coordinator.
             link.shutdown()
+            peer.metrics.exchanged("ring", link.bytes_sent, link.bytes_received)
             self.under_way = ("", 0)
 
     def link(self, plan: types_pb2.Plan, rank: int) -> PeerLink:

@@ -5,18 +5,22 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from dataclasses import dataclass
 
 import grpc
 from dml.v1 import control_pb2, types_pb2
 
+from dml.common import metrics as metricsmod
 from dml.common import rpc
+from dml.common.metrics import MetricsConfig, MetricsServer
 from dml.peer.advertise import advertise_host
 from dml.peer.client import CALL_TIMEOUT_S, ControlClient, Evicted
 from dml.peer.exchange import ExchangeServicer, add_exchange_to_server
 from dml.peer.gossip import GossipNode
 from dml.peer.gossip_step import GossipStep
 from dml.peer.link import PeerLink
+from dml.peer.metrics import PeerMetrics
 from dml.peer.params import ParamStore
 from dml.peer.ring_round import RingRound
 from dml.peer.trainer import Trainer
@@ -40,6 +44,7 @@ class PeerConfig:
     # Experiments only: after training, wait (slowdown - 1) times as long as training took, so
     # this peer trains `slowdown` times slower than it can (a stand-in for a slower machine).
     slowdown: float = 1.0
+    metrics: MetricsConfig | None = None  # the Prometheus endpoint (None: off)
 
 
 class Peer:
@@ -53,19 +58,33 @@ class Peer:
         self._abort = threading.Event()
         self._evicted = threading.Event()
         self._heartbeat_s = 0.5
+        self.metrics = PeerMetrics()
         self.servicer = ExchangeServicer(self.store.serve, recv_timeout_s=config.exchange_timeout_s,
                                          data_plane_host=config.host if config.tcp else None)
         self.gossip = GossipNode("")
+        self.gossip.on_bytes = lambda sent, received: self.metrics.exchanged("gossip", sent, received)
         self.servicer.gossip = self.gossip
         self._gossip_step = GossipStep(self)
         self._ring = RingRound(self, self._abort, self._make_link, self._gossip_step)
         self._server = rpc.server(workers=16, max_message_bytes=rpc.EXCHANGE_MESSAGE_BYTES)
         add_exchange_to_server(self.servicer, self._server)
         self.port = rpc.bind(self._server, config.host, config.port)
+        try:
+            self.metrics_server: MetricsServer | None = metricsmod.serve(self.metrics.registry, config.metrics,
+                                                                         f"peer on port {self.port}")
+        except BaseException:
+            self._server.stop(None)
+            self.servicer.close()
+            raise
         self.address = f"{advertise_host(config.host, config.advertise_host, config.coordinator)}:{self.port}"
         self.client = ControlClient(config.coordinator, self.stop_event)
         self._hb_thread = threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True)
         self._main: threading.Thread | None = None
+
+    @property
+    def metrics_port(self) -> int | None:
+        """The port the metrics endpoint listens on (None when it is off)."""
+        return self.metrics_server.port if self.metrics_server is not None else None
 
     # -- lifecycle --------------------------------------------------------------------------
     def start(self) -> Peer:
@@ -104,6 +123,8 @@ class Peer:
         self._ring.unwatch()
         self._server.stop(0.5).wait(2)
         self.servicer.close()
+        if self.metrics_server is not None:
+            self.metrics_server.stop()
         self._gossip_step.close_channels()
         self.client.close()
 
@@ -115,8 +136,10 @@ class Peer:
                 continue
             me = self.peer_id  # a NOT_FOUND for an id we no longer use must not evict the new one
             try:
+                sent = time.monotonic()
                 hb = self.client.stub.Heartbeat(control_pb2.HeartbeatRequest(peer_id=me),
                                                 timeout=max(self._heartbeat_s * 2, 1.0))
+                self.metrics.heartbeat_seconds.observe(time.monotonic() - sent)
                 if failing:
                     log.info("peer %s: coordinator reachable again", me)
                 failing = False
@@ -128,6 +151,7 @@ class Peer:
                     watch.close()  # its round is over either way: nothing left to report
             except grpc.RpcError as e:
                 code = e.code() if isinstance(e, grpc.Call) else None
+                self.metrics.heartbeat_failures.labels(code.name if code is not None else "UNKNOWN").inc()
                 if code == grpc.StatusCode.NOT_FOUND:
                     if me == self.peer_id:
                         log.warning("peer %s: evicted by the coordinator; will re-register", me)

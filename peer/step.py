@@ -42,6 +42,7 @@ def report_failure(peer: Peer, plan: types_pb2.Plan, suspect: str, detail: str) 
     try:
         peer.client.call(lambda: peer.client.stub.ReportFailure(fail, timeout=CALL_TIMEOUT_S),
                          "report failure", give_up_s=30)
+        peer.metrics.failure_reported(fail.kind)
     except (grpc.RpcError, Evicted) as e:
         log.warning("peer %s: could not report the failure: %s", peer.peer_id, e)
 
@@ -84,5 +85,6 @@ def train_and_report(peer: Peer, plan: types_pb2.Plan, rank: int, tag: str, what
         req.eval_ms = int((time.monotonic() - t_eval) * 1000)
     resp: control_pb2.ReportRoundResponse = peer.client.call(
         lambda: peer.client.stub.ReportRound(req, timeout=CALL_TIMEOUT_S), what, give_up_s=60)
+    peer.metrics.reported("gossip" if plan.gossip else "ring", t1 - t0, t2 - t1)
     log.debug("%s: train %.3fs exchange %.3fs report %.3fs", tag, t1 - t0, t2 - t1, time.monotonic() - t2)
     return resp

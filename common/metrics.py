@@ -1,0 +1,156 @@
+"""What the coordinator and the peers share about their Prometheus endpoint: its configuration,
+the HTTP(S) server (prometheus_client's, over a registry of the process's own, so a coordinator
+and peers in one test process keep their counts apart) and a gRPC server interceptor that
+counts calls by method and status code. The metrics themselves: ``dml.coordinator.metrics`` and
+``dml.peer.metrics``; their names: README, "Metrics"."""
+from __future__ import annotations
+
+import logging
+import ssl
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from prometheus_client import CollectorRegistry, Counter, start_http_server
+
+log = logging.getLogger(__name__)
+
+# Seconds, from a millisecond round trip to a round of minutes (Prometheus' default buckets stop at 10 s).
+SECONDS_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+                   120.0, 300.0, float("inf"))
+
+
+class MetricsBindError(OSError):
+    """The metrics endpoint could not listen on the address it was given."""
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    """Where a process serves ``/metrics``: host and port (0 picks a free one). With ``certfile``
+    and ``keyfile`` it serves HTTPS with that certificate; with ``cafile`` too, a scraper must
+    present a client certificate that CA signed (mutual TLS, as on the gRPC ports)."""
+
+    host: str = "127.0.0.1"
+    port: int = 0
+    certfile: str | None = None
+    keyfile: str | None = None
+    cafile: str | None = None
+
+    @property
+    def tls(self) -> bool:
+        """Whether the endpoint serves HTTPS."""
+        return bool(self.certfile and self.keyfile)
+
+
+class MetricsServer:
+    """A running ``/metrics`` endpoint over one registry; :meth:`stop` ends it."""
+
+    def __init__(self, registry: CollectorRegistry, config: MetricsConfig, what: str) -> None:
+        """Listens on ``config``'s address and serves ``registry`` from a daemon thread; raises
+        :class:`MetricsBindError` naming the address when it cannot listen there."""
+        self.config = config
+        try:
+            self._httpd, self._thread = start_http_server(
+                config.port, addr=config.host, registry=registry,
+                certfile=config.certfile if config.tls else None, keyfile=config.keyfile if config.tls else None,
+                client_cafile=config.cafile if config.tls else None,
+                client_auth_required=bool(config.tls and config.cafile))
+        except (OSError, ssl.SSLError) as e:
+            raise MetricsBindError(f"cannot serve metrics on {config.host}:{config.port}: {e.strerror or e}") from None
+        self.port: int = self._httpd.server_port
+        log.info("%s: metrics on %s", what, self.url)
+
+    @property
+    def url(self) -> str:
+        """The endpoint's address, ``http(s)://host:port/metrics``."""
+        host = f"[{self.config.host}]" if ":" in self.config.host else self.config.host
+        return f"{'https' if self.config.tls else 'http'}://{host}:{self.port}/metrics"
+
+    def stop(self) -> None:
+        """Stops serving and closes the listening socket."""
+        self._httpd.shutdown()
+        self._httpd.server_close()
+        self._thread.join(2)
+
+
+def serve(registry: CollectorRegistry, config: MetricsConfig | None, what: str) -> MetricsServer | None:
+    """Serves ``registry`` as ``config`` says; None (nothing served) when ``config`` is None.
+    ``what`` names the process in the log line that gives the address."""
+    return MetricsServer(registry, config, what) if config is not None else None
+
+
+class RpcCounter(grpc.ServerInterceptor):
+    """Counts the calls a gRPC server answers, by method and status code, in
+    ``dml_rpcs_total{method, code}``. A call's code is read where its handler ends: OK when it
+    returns, the code it aborted with (or set) otherwise, UNKNOWN for an uncaught exception, and
+    CANCELLED when the client left a response stream early."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.calls = Counter("dml_rpcs", "gRPC calls answered, by method and status code",
+                             ["method", "code"], registry=registry)
+
+    def _count(self, method: str, context: grpc.ServicerContext, failed: BaseException | None) -> None:
+        code = _code_of(context)
+        if code is None:
+            if failed is None:
+                code = grpc.StatusCode.OK
+            elif isinstance(failed, GeneratorExit):  # the client stopped reading the stream
+                code = grpc.StatusCode.CANCELLED
+            else:
+                code = grpc.StatusCode.UNKNOWN
+        self.calls.labels(method, code.name).inc()
+
+    def intercept_service(self, continuation: Callable[[grpc.HandlerCallDetails], Any],
+                          handler_call_details: grpc.HandlerCallDetails) -> Any:
+        """Wraps the method's handler so that each call is counted once it ends."""
+        handler = continuation(handler_call_details)
+        if handler is None:
+            return None
+        method = handler_call_details.method
+        if handler.unary_unary:
+            return handler._replace(unary_unary=self._unary(handler.unary_unary, method))
+        if handler.stream_unary:
+            return handler._replace(stream_unary=self._unary(handler.stream_unary, method))
+        if handler.unary_stream:
+            return handler._replace(unary_stream=self._stream(handler.unary_stream, method))
+        if handler.stream_stream:
+            return handler._replace(stream_stream=self._stream(handler.stream_stream, method))
+        return handler
+
+    def _unary(self, behavior: Callable[[Any, grpc.ServicerContext], Any], method: str
+               ) -> Callable[[Any, grpc.ServicerContext], Any]:
+        def wrapped(request: Any, context: grpc.ServicerContext) -> Any:
+            try:
+                out = behavior(request, context)
+            except BaseException as e:
+                self._count(method, context, e)
+                raise
+            self._count(method, context, None)
+            return out
+        return wrapped
+
+    def _stream(self, behavior: Callable[[Any, grpc.ServicerContext], Iterator[Any]], method: str
+                ) -> Callable[[Any, grpc.ServicerContext], Iterator[Any]]:
+        def wrapped(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+            try:
+                yield from behavior(request, context)
+            except BaseException as e:
+                self._count(method, context, e)
+                raise
+            self._count(method, context, None)
+        return wrapped
+
+
+def _code_of(context: grpc.ServicerContext) -> grpc.StatusCode | None:
+    """The status code a handler set or aborted with, None if it set none."""
+    try:
+        code = context.code()  # grpcio >= 1.38
+    except (AttributeError, NotImplementedError):
+        return None
+    if isinstance(code, grpc.StatusCode):
+        return code
+    if isinstance(code, int):  # some versions keep the raw C-core number
+        return next((c for c in grpc.StatusCode if c.value[0] == code), None)
+    return None
+
