@@ -1,18 +1,24 @@
 """What the coordinator and the peers share about their Prometheus endpoint: its configuration,
-the HTTP(S) server (prometheus_client's, over a registry of the process's own, so a coordinator
-and peers in one test process keep their counts apart) and a gRPC server interceptor that
+the HTTP(S) server (prometheus_client's WSGI app and threading server, over a registry of the
+process's own, so a coordinator and peers in one test process keep their counts apart; TLS
+handshakes in each connection's thread, bounded) and a gRPC server interceptor that
 counts calls by method and status code. The metrics themselves: ``dml.coordinator.metrics`` and
 ``dml.peer.metrics``; their names: README, "Metrics"."""
 from __future__ import annotations
 
 import logging
+import socket
 import ssl
+import sys
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, make_server
 
 import grpc
-from prometheus_client import CollectorRegistry, Counter, start_http_server
+from prometheus_client import CollectorRegistry, Counter, make_wsgi_app
+from prometheus_client.exposition import ThreadingWSGIServer
 
 log = logging.getLogger(__name__)
 
@@ -43,22 +49,71 @@ class MetricsConfig:
         return bool(self.certfile and self.keyfile)
 
 
+# A scraper gets this long to finish its TLS handshake and to send each request; silent ones are dropped.
+CLIENT_TIMEOUT_S = 10.0
+
+
+class _Handler(WSGIRequestHandler):
+    """One scrape's connection: bounded by ``CLIENT_TIMEOUT_S`` and not logged per request."""
+
+    timeout = CLIENT_TIMEOUT_S
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base class's name
+        """Logs nothing: scrapes come every few seconds."""
+
+
+class _Server(ThreadingWSGIServer):
+    """prometheus_client's thread-per-connection server, with TLS done in the connection's own
+    thread. (prometheus_client wraps the listening socket, so the handshake runs in ``accept``
+    and one client that connects and sends nothing stops every scrape after it.)"""
+
+    tls: ssl.SSLContext | None = None
+
+    def finish_request(self, request: Any, client_address: Any) -> None:
+        """Handshakes (bounded by the handler's timeout), then serves the connection."""
+        if self.tls is not None:
+            request.settimeout(CLIENT_TIMEOUT_S)
+            request = self.tls.wrap_socket(request, server_side=True)
+        super().finish_request(request, client_address)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A scraper that breaks its connection, fails the handshake or times out costs one
+        debug line, not a traceback on stderr."""
+        log.debug("metrics: connection from %s failed: %s", client_address, sys.exc_info()[1])
+
+
+def _tls_context(config: MetricsConfig) -> ssl.SSLContext:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(config.certfile, config.keyfile)  # type: ignore[arg-type]
+    if config.cafile:
+        ctx.load_verify_locations(cafile=config.cafile)
+        ctx.verify_mode = ssl.CERT_REQUIRED
+    return ctx
+
+
 class MetricsServer:
     """A running ``/metrics`` endpoint over one registry; :meth:`stop` ends it."""
 
     def __init__(self, registry: CollectorRegistry, config: MetricsConfig, what: str) -> None:
         """Listens on ``config``'s address and serves ``registry`` from a daemon thread; raises
-        :class:`MetricsBindError` naming the address when it cannot listen there."""
+        :class:`MetricsBindError` naming the address when it cannot listen there (or its
+        certificate files cannot be read)."""
         self.config = config
+        where = f"{config.host}:{config.port}"
         try:
-            self._httpd, self._thread = start_http_server(
-                config.port, addr=config.host, registry=registry,
-                certfile=config.certfile if config.tls else None, keyfile=config.keyfile if config.tls else None,
-                client_cafile=config.cafile if config.tls else None,
-                client_auth_required=bool(config.tls and config.cafile))
+            tls = _tls_context(config) if config.tls else None
+            family, _, _, _, sockaddr = socket.getaddrinfo(config.host, config.port, type=socket.SOCK_STREAM,
+                                                           flags=socket.AI_PASSIVE)[0]
+            server_class = type("MetricsHTTPServer", (_Server,), {"address_family": family, "tls": tls})
+            self._httpd = make_server(sockaddr[0], config.port, make_wsgi_app(registry), server_class,
+                                      handler_class=_Handler)
         except (OSError, ssl.SSLError) as e:
-            raise MetricsBindError(f"cannot serve metrics on {config.host}:{config.port}: {e.strerror or e}") from None
+            raise MetricsBindError(f"cannot serve metrics on {where}: {e.strerror or e}") from None
         self.port: int = self._httpd.server_port
+        self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.2},
+                                        name=f"metrics-{self.port}", daemon=True)
+        self._thread.start()
         log.info("%s: metrics on %s", what, self.url)
 
     @property

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import urllib.request
 
+import grpc
+
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -121,3 +123,126 @@ def test_off_by_default_and_stopped_with_the_process():
     srv.stop(0.2)
     with pytest.raises(OSError):
         urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2)
+
+
+def test_rpcs_are_counted_by_method_and_code():
+    srv = CoordinatorServer(ServerConfig(host="127.0.0.1", port=0, timing=FAST, metrics=ON)).start()
+    try:
+        stub = job_stub(srv.address)
+        with pytest.raises(grpc.RpcError) as e:
+            stub.GetJob(jobs_pb2.GetJobRequest(job_id="no-such-job"), timeout=5)
+        assert e.value.code() == grpc.StatusCode.NOT_FOUND
+        with pytest.raises(grpc.RpcError) as e:  # a response stream that fails before its first message
+            list(stub.WatchJob(jobs_pb2.WatchJobRequest(job_id="no-such-job"), timeout=5))
+        assert e.value.code() == grpc.StatusCode.NOT_FOUND
+        bad = JobSpec(task="digits", rounds=0)
+        with pytest.raises(grpc.RpcError) as e:
+            stub.SubmitJob(jobs_pb2.SubmitJobRequest(spec=spec_to_pb(bad)), timeout=5)
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        stub.ListJobs(jobs_pb2.ListJobsRequest(), timeout=5)
+        c = scrape(srv.metrics_port)
+        assert total(c, "dml_rpcs_total", method="/dml.v1.JobService/GetJob", code="NOT_FOUND") == 1
+        assert total(c, "dml_rpcs_total", method="/dml.v1.JobService/WatchJob", code="NOT_FOUND") == 1
+        assert total(c, "dml_rpcs_total", method="/dml.v1.JobService/SubmitJob", code="INVALID_ARGUMENT") == 1
+        assert total(c, "dml_rpcs_total", method="/dml.v1.JobService/ListJobs", code="OK") == 1
+        assert total(c, "dml_rpcs_total", code="OK") == 1
+    finally:
+        srv.stop(0.2)
+
+
+def _self_signed(tmp_path, name: str) -> tuple[str, str]:
+    """A self-signed certificate for 127.0.0.1 (also usable as its own CA): (cert, key) files."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=1))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
+            .sign(key, hashes.SHA256()))
+    cert_file, key_file = tmp_path / f"{name}.pem", tmp_path / f"{name}.key"
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return str(cert_file), str(key_file)
+
+
+def test_with_tls_the_endpoint_is_https_and_with_a_ca_it_wants_a_client_certificate(tmp_path):
+    import ssl
+
+    from prometheus_client import CollectorRegistry, Counter
+
+    from dml.common.metrics import MetricsServer
+
+    cert, key = _self_signed(tmp_path, "server")
+    client_cert, client_key = _self_signed(tmp_path, "scraper")
+    reg = CollectorRegistry()
+    Counter("dml_probe", "a probe", registry=reg).inc()
+    ctx = ssl.create_default_context(cafile=cert)
+
+    srv = MetricsServer(reg, MetricsConfig("127.0.0.1", 0, certfile=cert, keyfile=key), "test")
+    try:
+        assert srv.url.startswith("https://")
+        with urllib.request.urlopen(srv.url, timeout=10, context=ctx) as r:
+            assert b"dml_probe_total 1.0" in r.read()
+        with pytest.raises(OSError):  # plain HTTP gets no metrics
+            urllib.request.urlopen(srv.url.replace("https", "http"), timeout=5).read()
+    finally:
+        srv.stop()
+
+    srv = MetricsServer(reg, MetricsConfig("127.0.0.1", 0, certfile=cert, keyfile=key, cafile=client_cert), "test")
+    try:
+        with pytest.raises(OSError):  # no client certificate
+            urllib.request.urlopen(srv.url, timeout=5, context=ctx).read()
+        mtls = ssl.create_default_context(cafile=cert)
+        mtls.load_cert_chain(client_cert, client_key)
+        with urllib.request.urlopen(srv.url, timeout=10, context=mtls) as r:
+            assert b"dml_probe_total 1.0" in r.read()
+    finally:
+        srv.stop()
+
+
+def test_a_taken_metrics_port_is_a_clear_error_and_holds_nothing():
+    import socket
+
+    from dml.common.metrics import MetricsBindError
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        taken = s.getsockname()[1]
+        with pytest.raises(MetricsBindError, match=f"127.0.0.1:{taken}"):
+            CoordinatorServer(ServerConfig(host="127.0.0.1", port=0, timing=FAST,
+                                           metrics=MetricsConfig("127.0.0.1", taken)))
+
+
+@pytest.mark.parametrize("tls", [False, True])
+def test_a_client_that_sends_nothing_blocks_no_scrape(tmp_path, tls):
+    import socket
+    import ssl
+
+    from prometheus_client import CollectorRegistry
+
+    from dml.common.metrics import MetricsServer
+
+    cert, key = _self_signed(tmp_path, "server")
+    config = MetricsConfig("127.0.0.1", 0, certfile=cert, keyfile=key) if tls else ON
+    srv = MetricsServer(CollectorRegistry(), config, "test")
+    silent = [socket.create_connection(("127.0.0.1", srv.port), timeout=5) for _ in range(3)]
+    try:
+        ctx = ssl.create_default_context(cafile=cert) if tls else None
+        with urllib.request.urlopen(srv.url, timeout=5, context=ctx) as r:
+            assert r.status == 200
+    finally:
+        for s in silent:
+            s.close()
+        srv.stop()
