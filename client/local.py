@@ -80,6 +80,18 @@ def cluster(peers: int, port: int, state_dir: pathlib.Path, log_dir: pathlib.Pat
         yield address, [p.popen for p in c.everything]
 
 
+def _logged_metrics_url(log: pathlib.Path, timeout_s: float) -> str:
+    """The metrics address the coordinator printed to ``log`` ("" if none within ``timeout_s``)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        text = log.read_text(errors="replace") if log.exists() else ""
+        for line in text.splitlines():
+            if "dml-coordinator metrics on " in line:
+                return line.split(" metrics on ", 1)[1].strip()
+        time.sleep(0.05)
+    return ""
+
+
 @contextlib.contextmanager
 def _cli_errors() -> Iterator[None]:
     """A cluster that does not start is a one-line message and exit code 1."""
@@ -117,8 +129,8 @@ def cmd_local(a: argparse.Namespace) -> int:
                                     coordinator_args=coordinator_metrics) as (address, _procs):
             print(f"coordinator on {address}, {a.peers} peers; logs in {log_dir}", file=sys.stderr)
             if a.metrics_port is not None:
-                print(f"  metrics: the coordinator's at http://{a.metrics_host}:{a.metrics_port}/metrics"
-                      f"{' (the port it logs)' if a.metrics_port == 0 else ''}, each peer's in its log",
+                url = _logged_metrics_url(log_dir / "coordinator.log", 5.0)
+                print(f"  metrics: the coordinator's at {url or 'the address in its log'}, each peer's in its log",
                       file=sys.stderr)
             print(f"  watch from another shell: dml status --coordinator {address} --watch", file=sys.stderr)
             client = JobClient(address, timeout_s=30.0)
