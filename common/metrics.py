@@ -7,6 +7,7 @@ counts calls by method and status code. The metrics themselves: ``dml.coordinato
 from __future__ import annotations
 
 import logging
+import os
 import socket
 import ssl
 import sys
@@ -28,7 +29,8 @@ SECONDS_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
 
 
 class MetricsBindError(OSError):
-    """The metrics endpoint could not listen on the address it was given."""
+    """The metrics endpoint could not start: its address is taken or not this host's, or its TLS
+    files are unusable."""
 
 
 @dataclass(frozen=True)
@@ -83,6 +85,9 @@ class _Server(ThreadingWSGIServer):
 
 
 def _tls_context(config: MetricsConfig) -> ssl.SSLContext:
+    for path in (config.certfile, config.keyfile, config.cafile):
+        if path and not os.access(path, os.R_OK):
+            raise MetricsBindError(f"cannot serve metrics over TLS: cannot read {path}")
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.load_cert_chain(config.certfile, config.keyfile)  # type: ignore[arg-type]
@@ -108,8 +113,14 @@ class MetricsServer:
             server_class = type("MetricsHTTPServer", (_Server,), {"address_family": family, "tls": tls})
             self._httpd = make_server(sockaddr[0], config.port, make_wsgi_app(registry), server_class,
                                       handler_class=_Handler)
-        except (OSError, ssl.SSLError) as e:
-            raise MetricsBindError(f"cannot serve metrics on {where}: {e.strerror or e}") from None
+        except MetricsBindError:
+            raise
+        except ssl.SSLError as e:
+            raise MetricsBindError(f"cannot serve metrics over TLS: {config.certfile} and {config.keyfile} are not "
+                                   f"a certificate and its key ({e.reason or e})") from None
+        except OSError as e:
+            why = f"{e.strerror}: {e.filename}" if e.filename else (e.strerror or str(e))
+            raise MetricsBindError(f"cannot serve metrics on {where}: {why}") from None
         self.port: int = self._httpd.server_port
         self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.2},
                                         name=f"metrics-{self.port}", daemon=True)

@@ -93,6 +93,23 @@ def test_a_job_moves_the_coordinators_and_the_peers_counters(cluster):
     assert sent == received
 
 
+def test_a_gossip_job_counts_its_exchanges_and_steps(cluster):
+    srv, ps = cluster
+    stub = job_stub(srv.address)
+    spec = JobSpec(task="digits", rounds=4, local_steps=2, batch_size=32, learning_rate=0.1, min_peers=3,
+                   aggregation="gossip", gossip_timeout_ms=2000)
+    jid = stub.SubmitJob(jobs_pb2.SubmitJobRequest(spec=spec_to_pb(spec)), timeout=10).job_id
+    wait_for(lambda: _job(stub, jid).state == types_pb2.JOB_STATE_SUCCEEDED, 90, "the gossip job to succeed")
+    assert total(scrape(srv.metrics_port), "dml_rounds_committed_total", job=jid) == spec.rounds
+    scraped = [scrape(p.metrics_port) for p in ps]
+    # (rounds - 1) x peers steps in all, then one closing ring round each.
+    assert sum(total(m, "dml_peer_rounds_reported_total", aggregation="gossip") for m in scraped) == 3 * 3
+    assert all(total(m, "dml_peer_rounds_reported_total", aggregation="ring") == 1 for m in scraped)
+    sent = sum(total(m, "dml_peer_exchange_bytes_sent_total", aggregation="gossip") for m in scraped)
+    received = sum(total(m, "dml_peer_exchange_bytes_received_total", aggregation="gossip") for m in scraped)
+    assert sent > 0 and received > 0
+
+
 def test_evictions_are_counted_by_cause(cluster):
     srv, ps = cluster
     stub = job_stub(srv.address)
