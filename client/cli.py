@@ -43,6 +43,11 @@ def status_line(job: jobs_pb2.JobStatus, width: int = 30) -> str:
     return line + (f" ({d['reason']})" if d["reason"] and d["state"] not in ("SUCCEEDED",) else "")
 
 
+def exclusion_lines(job: jobs_pb2.JobStatus) -> list[str]:
+    """One line per peer the job holds out of its rings, with why."""
+    return [f"  held out: {x.peer_id} since round {x.round}: {x.reason}" for x in job.held_out]
+
+
 def history_table(history: list[types_pb2.RoundMetrics], gossip: bool = False) -> list[str]:
     """Committed rounds as table lines, a header first. Accuracy and test loss show '-' on rounds
     that skipped the test evaluation; consensus distance is shown for gossip jobs."""
@@ -95,6 +100,8 @@ def cmd_status(a: argparse.Namespace) -> int:
                 print(json.dumps(d))
             else:
                 print(status_line(resp.job))
+                for line in exclusion_lines(resp.job):
+                    print(line)
                 if a.history:
                     print("\n".join(history_table(list(resp.history), gossip=resp.job.spec.aggregation == "gossip")))
             return 0

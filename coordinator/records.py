@@ -19,7 +19,8 @@ NEIGHBOUR_REPORT = "NEIGHBOUR_REPORT"  # a ring neighbour or gossip partner repo
 SELF_REPORT = "SELF_REPORT"  # it reported a local failure and gave up its place
 ROUND_DEADLINE = "ROUND_DEADLINE"  # it had not reported when the round (or its gossip step) passed its deadline
 REPLACED = "REPLACED"  # a peer registered at its address (it restarted)
-EVICTION_CAUSES = (HEARTBEAT_TIMEOUT, NEIGHBOUR_REPORT, SELF_REPORT, ROUND_DEADLINE, REPLACED)
+UNREACHABLE = "UNREACHABLE"  # members could not reach it, or it them (judged from several reports): held out
+EVICTION_CAUSES = (HEARTBEAT_TIMEOUT, NEIGHBOUR_REPORT, SELF_REPORT, ROUND_DEADLINE, REPLACED, UNREACHABLE)
 MAX_JOB_EVENTS = 256  # a job keeps its most recent evictions and epochs, this many of each
 
 
@@ -46,6 +47,8 @@ class PeerRecord:
     last_seen_ms: int
     job_id: str = ""
     samples_per_s: float = 0.0  # measured training throughput (moving average)
+    held_out_job: str = ""  # the running job that holds this peer out of its rings ("" none)
+    held_out_reason: str = ""  # why, as its heartbeats tell it
 
 
 @dataclass
@@ -134,6 +137,30 @@ class Eviction:
 
 
 @dataclass
+class BrokenLink:
+    """A member's report that it could not reach another (``dml.coordinator.partitions``)."""
+
+    reporter: str
+    suspect: str
+    sender: str  # the link that failed, in the direction data flows over it
+    receiver: str
+    round: int
+    unix_ms: int
+    detail: str = ""
+
+
+@dataclass
+class Exclusion:
+    """A peer held out of a job's rings, and why (JobStatus.held_out)."""
+
+    peer_id: str
+    round: int  # the round under way
+    reason: str
+    unix_ms: int
+    reporters: list[str] = field(default_factory=list)  # whose reports led to it
+
+
+@dataclass
 class MembershipEpoch:
     """One membership epoch of a job: its members in ring order, from when and which round."""
 
@@ -177,6 +204,8 @@ class Job:
     evictions: list[Eviction] = field(default_factory=list)  # oldest first, the most recent MAX_JOB_EVENTS
     evictions_total: int = 0  # including those no longer listed
     epochs: list[MembershipEpoch] = field(default_factory=list)  # oldest first, the most recent MAX_JOB_EVENTS
+    broken_links: list[BrokenLink] = field(default_factory=list)  # reported among the current members
+    held_out: list[Exclusion] = field(default_factory=list)  # oldest first, the most recent MAX_JOB_EVENTS
 
     @property
     def start_digest(self) -> str:

@@ -125,10 +125,12 @@ class Coordinator:
         log.info("peer %s registered at %s (%s)", pid, address, capability.get("device", "?"))
         return pid
 
-    def heartbeat(self, peer_id: str) -> tuple[str, int]:
-        """Renews a peer's lease; returns its job and the job's epoch."""
+    def heartbeat(self, peer_id: str) -> tuple[str, int, str]:
+        """Renews a peer's lease; returns its job, the job's epoch and why a job holds it out of
+        its rings ("" when none does)."""
         with self._cond:
-            return self.state.heartbeat(peer_id, self.now_ms())
+            job_id, epoch = self.state.heartbeat(peer_id, self.now_ms())
+            return job_id, epoch, self.state.held_out_reason(peer_id)
 
     def view(self, fn: Callable[[ClusterState], T]) -> T:
         """Runs ``fn`` on the state under the lock (to read a consistent snapshot)."""
@@ -140,12 +142,14 @@ class Coordinator:
         with self._cond:
             self._apply(self.state.expire(self.now_ms()))
 
-    def report_failure(self, peer_id: str, job_id: str, rnd: int, epoch: int, suspect: str, detail: str) -> None:
-        """A member reports that its exchange of (round, epoch) failed, naming a suspect if any."""
+    def report_failure(self, peer_id: str, job_id: str, rnd: int, epoch: int, suspect: str, detail: str,
+                       kind: str = "") -> None:
+        """A member reports that its exchange of (round, epoch) failed, naming a suspect if any
+        (``kind``: a FailureKind name without its prefix, "" for unspecified)."""
         with self._cond:
-            log.warning("peer %s job %s round %d epoch %d: exchange failed (suspect %s): %s",
-                        peer_id, job_id, rnd, epoch, suspect or "none", detail)
-            self._apply(self.state.report_failure(peer_id, job_id, rnd, epoch, suspect, self.now_ms(), detail))
+            log.warning("peer %s job %s round %d epoch %d: exchange failed (suspect %s, %s): %s",
+                        peer_id, job_id, rnd, epoch, suspect or "none", kind or "unspecified", detail)
+            self._apply(self.state.report_failure(peer_id, job_id, rnd, epoch, suspect, self.now_ms(), detail, kind))
 
     def wait_plan(self, peer_id: str, last: tuple[str, int, int], timeout_s: float,
                   build: Callable[[Job], T]) -> T | None:

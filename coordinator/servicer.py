@@ -83,6 +83,8 @@ def job_to_pb(j: Job) -> jobs_pb2.JobStatus:
                                      detail=e.detail) for e in j.evictions],
         epochs=[jobs_pb2.MembershipEpoch(epoch=e.epoch, peers=e.peers, started_unix_ms=e.started_ms, round=e.round)
                 for e in j.epochs],
+        held_out=[jobs_pb2.PeerExclusion(peer_id=x.peer_id, round=x.round, reason=x.reason, unix_ms=x.unix_ms,
+                                         reporters=",".join(x.reporters)) for x in j.held_out],
     )
     if j.history:
         st.last.CopyFrom(round_to_pb(j.history[-1]))
@@ -170,8 +172,8 @@ class PeerControlServicer(control_pb2_grpc.PeerControlServicer):
 
     def Heartbeat(self, request: control_pb2.HeartbeatRequest, context: grpc.ServicerContext) -> control_pb2.HeartbeatResponse:
         with _status(context):
-            job_id, epoch = self._c.heartbeat(request.peer_id)
-            return control_pb2.HeartbeatResponse(job_id=job_id, epoch=epoch)
+            job_id, epoch, held_out = self._c.heartbeat(request.peer_id)
+            return control_pb2.HeartbeatResponse(job_id=job_id, epoch=epoch, held_out_reason=held_out)
         raise AssertionError("unreachable")
 
     def GetPlan(self, request: control_pb2.GetPlanRequest, context: grpc.ServicerContext) -> control_pb2.GetPlanResponse:
@@ -230,8 +232,12 @@ class PeerControlServicer(control_pb2_grpc.PeerControlServicer):
 
     def ReportFailure(self, request: control_pb2.ReportFailureRequest, context: grpc.ServicerContext) -> control_pb2.ReportFailureResponse:
         with _status(context):
+            if request.kind not in control_pb2.FailureKind.values():
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"unknown failure kind {request.kind}")
+            kind = "" if request.kind == control_pb2.FAILURE_KIND_UNSPECIFIED else \
+                control_pb2.FailureKind.Name(request.kind).removeprefix("FAILURE_KIND_")
             self._c.report_failure(request.peer_id, request.job_id, request.round, request.epoch,
-                                   request.suspect_peer_id, request.detail[:500])
+                                   request.suspect_peer_id, request.detail[:500], kind)
             return control_pb2.ReportFailureResponse()
         raise AssertionError("unreachable")
 

@@ -11,6 +11,13 @@ changed; the caller (``coordinator.service``) persists, wakes waiters and logs. 
 - Idle live peers join a running job at the next round boundary (a new epoch).
 - A peer registering at the address of a registered one replaces it (a restart): the old one is
   evicted as for any other cause.
+- A member that cannot reach a neighbour does not get it evicted on its word: the job keeps the
+  links its members reported broken and decides from all of them (``coordinator.partitions``):
+  the ring is re-formed around a broken link when it can be, and a peer nobody can reach (or
+  that reaches nobody) is *held out*: it leaves the ring (cause UNREACHABLE), stays registered,
+  its heartbeats tell it why, and it is not admitted to that job again. It comes back when it
+  registers again (a restart, with a fixed address perhaps); it is not retried by itself, since
+  each try of a dead address would cost the ring a re-issued round.
 - Below ``min_peers`` the job waits and says why; after ``peer_grace_s`` it fails.
 - A round running past ``round_deadline_ms`` evicts the members that did not report (or, if
   none did, is re-issued under a new epoch).
@@ -42,23 +49,25 @@ import logging
 from typing import Any, TypeVar
 
 from dml.common.spec import JobSpec
-from dml.coordinator import planner
+from dml.coordinator import partitions, planner
 from dml.coordinator.records import (
     CANCELLED,
     FAILED,
     FINISHED,
     HEARTBEAT_TIMEOUT,
     MAX_JOB_EVENTS,
-    NEIGHBOUR_REPORT,
     PENDING,
     REPLACED,
     ROUND_DEADLINE,
     RUNNING,
     SELF_REPORT,
     SUCCEEDED,
+    UNREACHABLE,
     BadReport,
+    BrokenLink,
     Changes,
     Eviction,
+    Exclusion,
     GossipWindow,
     Job,
     MembershipEpoch,
@@ -108,11 +117,18 @@ class ClusterState:
         return pid, changes | Changes(peers=(pid,)) | self.schedule(now_ms)
 
     def heartbeat(self, peer_id: str, now_ms: int) -> tuple[str, int]:
-        """Renews a lease; returns the peer's job and its epoch (("", 0) if idle)."""
+        """Renews a lease; returns the peer's job and its epoch (("", 0) if idle; see also
+        :meth:`held_out_reason`)."""
         p = self._peer(peer_id)
         p.last_seen_ms = now_ms
         job = self.jobs.get(p.job_id)
         return (job.job_id, job.epoch) if job else ("", 0)
+
+    def held_out_reason(self, peer_id: str) -> str:
+        """Why a running job holds the peer out of its rings ("" when none does)."""
+        p = self._peer(peer_id)
+        job = self.jobs.get(p.held_out_job)
+        return p.held_out_reason if job is not None and job.state == RUNNING else ""
 
     def _peer(self, peer_id: str) -> PeerRecord:
         p = self.peers.get(peer_id)
@@ -126,8 +142,12 @@ class ClusterState:
         dead = [p.peer_id for p in self.peers.values() if now_ms - p.last_seen_ms > self.peer_timeout_ms]
         changes = Changes()
         for pid in dead:
-            silent = now_ms - self.peers[pid].last_seen_ms
-            log.warning("peer %s: no heartbeat for %d ms, evicting", pid, silent)
+            p = self.peers[pid]
+            silent = now_ms - p.last_seen_ms
+            if not p.job_id and p.held_out_reason:  # in no ring any more: only its registration goes
+                log.warning("peer %s (%s) silent for %d ms; forgetting it", pid, p.held_out_reason, silent)
+            else:
+                log.warning("peer %s: no heartbeat for %d ms, evicting", pid, silent)
             changes = changes | self.remove_peer(pid, now_ms, HEARTBEAT_TIMEOUT, detail=f"no heartbeat for {silent} ms")
         for jid in sorted(self._doomed):
             job = self.jobs[jid]
@@ -172,32 +192,41 @@ class ClusterState:
             return Changes()
         changes = Changes(removed_peers=(peer_id,))
         job = self.jobs.get(p.job_id)
-        if job and peer_id in job.holders:
-            job.holders = [h for h in job.holders if h != peer_id]
-        if job and job.state == RUNNING and peer_id in job.members:
-            _keep_recent(job.evictions, Eviction(peer_id, cause, reporter, now_ms, job.epoch, job.round, detail))
-            job.evictions_total += 1
-            sizes = job.shard_sizes
-            job.members = [m for m in job.members if m != peer_id]
-            if job.members:
-                job.assignment = planner.remove_peers(job.assignment, {peer_id}, sizes, self._capacity(job.members))
-            else:
-                job.assignment = {}
-            self._new_epoch(job, now_ms, f"peer {peer_id} left")
-            changes = changes | Changes(jobs=(job.job_id,))
+        if job is not None:
+            changes = changes | self._leave(job, peer_id, cause, reporter, detail, now_ms)
         return changes | self.schedule(now_ms)
 
+    def _leave(self, job: Job, peer_id: str, cause: str, reporter: str, detail: str, now_ms: int) -> Changes:
+        """Takes a peer out of a job's membership (recorded as an eviction for ``cause``); the
+        ring re-forms without it and only its shards move."""
+        if peer_id in job.holders:
+            job.holders = [h for h in job.holders if h != peer_id]
+        if job.state != RUNNING or peer_id not in job.members:
+            return Changes()
+        _keep_recent(job.evictions, Eviction(peer_id, cause, reporter, now_ms, job.epoch, job.round, detail))
+        job.evictions_total += 1
+        sizes = job.shard_sizes
+        job.members = [m for m in job.members if m != peer_id]
+        if job.members:
+            job.assignment = planner.remove_peers(job.assignment, {peer_id}, sizes, self._capacity(job.members))
+        else:
+            job.assignment = {}
+        self._new_epoch(job, now_ms, f"peer {peer_id} left")
+        return Changes(jobs=(job.job_id,))
+
     def report_failure(self, reporter: str, job_id: str, rnd: int, epoch: int, suspect: str, now_ms: int,
-                       detail: str = "") -> Changes:
-        """A member's exchange of (round, epoch) failed (``detail``: what it saw). With a suspect
-        (a neighbour whose stream broke or whose port refused), evict it now; without one,
-        re-issue the round under a new epoch so nobody waits on an exchange that cannot finish.
-        Stale reports are ignored."""
+                       detail: str = "", kind: str = "") -> Changes:
+        """A member's exchange of (round, epoch) failed (``detail``: what it saw; ``kind``: a
+        FailureKind name without its prefix, "" for unspecified). Naming itself, the reporter
+        gives up its place (a local failure). Naming another member (UNREACHABLE, or
+        unspecified), it does not get it evicted on its word: the link is recorded and the job's
+        broken links decide (:meth:`_unreachable`). Without a suspect the round is re-issued under
+        a new epoch so nobody waits on an exchange that cannot finish. Stale reports are ignored."""
         self._peer(reporter).last_seen_ms = now_ms
         job = self.jobs.get(job_id)
         if job is not None and job.state == RUNNING and job.gossip.active:
-            # Gossip members route around dead partners themselves; only a member giving up its
-            # own place (a local failure) is acted on.
+            # Gossip members route around partners they cannot reach themselves (backing off from
+            # each for longer every time it fails); only a member giving up its own place is acted on.
             if suspect == reporter and reporter in job.members:
                 log.warning("peer %s gives up its place in job %s (local failure)", reporter, job_id)
                 return self.remove_peer(reporter, now_ms, SELF_REPORT, detail=detail)
@@ -208,12 +237,40 @@ class ClusterState:
             if suspect == reporter:
                 log.warning("peer %s gives up its place in job %s (local failure)", reporter, job_id)
                 return self.remove_peer(reporter, now_ms, SELF_REPORT, detail=detail)
-            log.warning("peer %s reported by %s as failed mid-exchange; evicting", suspect, reporter)
-            return self.remove_peer(suspect, now_ms, NEIGHBOUR_REPORT, reporter=reporter, detail=detail)
+            if reporter in job.members and suspect in job.members and kind in ("", UNREACHABLE):
+                return self._unreachable(job, reporter, suspect, detail, now_ms)
+            return Changes()
         if not suspect:
             self._new_epoch(job, now_ms, f"exchange failed at {reporter}")
             return Changes(jobs=(job_id,))
         return Changes()
+
+    def _unreachable(self, job: Job, reporter: str, suspect: str, detail: str, now_ms: int) -> Changes:
+        """``reporter`` could not reach ``suspect`` (both members of a ring job): records the
+        broken link and acts on the job's broken links as :func:`partitions.judge` decides:
+        hold a peer out, or re-form the ring around the link."""
+        sender, receiver = partitions.link_of(job.members, reporter, suspect)
+        _keep_recent(job.broken_links, BrokenLink(reporter, suspect, sender, receiver, job.round, now_ms, detail[:200]))
+        log.warning("peer %s reported by %s as unreachable (link %s -> %s): %s", suspect, reporter, sender, receiver,
+                    detail)
+        verdict = partitions.judge(job.members, job.broken_links, reporter, suspect)
+        if verdict.hold_out:
+            return self._hold_out(job, verdict, now_ms)
+        job.members = list(verdict.ring)
+        self._new_epoch(job, now_ms, f"{reporter} could not reach {suspect}: ring re-formed around the broken link")
+        return Changes(jobs=(job.job_id,))
+
+    def _hold_out(self, job: Job, verdict: partitions.Verdict, now_ms: int) -> Changes:
+        """Takes ``verdict.hold_out`` out of the job's rings for good (it stays registered, and
+        its heartbeats say why); recorded as an UNREACHABLE eviction and in ``job.held_out``."""
+        pid = verdict.hold_out
+        p = self.peers[pid]
+        log.warning("job %s: holding peer %s out of its rings: %s", job.job_id, pid, verdict.reason)
+        _keep_recent(job.held_out, Exclusion(pid, job.round, verdict.reason, now_ms, list(verdict.witnesses)))
+        p.job_id, p.held_out_job = "", job.job_id
+        p.held_out_reason = f"held out of job {job.job_id}: {verdict.reason}"
+        changes = Changes(jobs=(job.job_id,), peers=(pid,))
+        return changes | self._leave(job, pid, UNREACHABLE, "", verdict.reason, now_ms) | self.schedule(now_ms)
 
     def _capacity(self, members: list[str]) -> dict[str, float]:
         """Measured samples/s per member; members not yet measured count as the average."""
@@ -257,7 +314,11 @@ class ClusterState:
             if pid in self.peers:
                 self.peers[pid].job_id = ""
                 freed.append(pid)
-        job.members, job.reports = [], {}
+        job.members, job.reports, job.broken_links = [], {}, []
+        for p in self.peers.values():
+            if p.held_out_job == job.job_id:  # free for other jobs, and no longer told it is held out
+                p.held_out_job = p.held_out_reason = ""
+                freed.append(p.peer_id)
         log.info("job %s: %s (%s)", job.job_id, state, reason)
         return Changes(jobs=(job.job_id,), peers=tuple(freed)) | self.schedule(now_ms)
 
@@ -428,6 +489,12 @@ class ClusterState:
         return Changes(jobs=(job.job_id,), committed=((job.job_id, rec.round),))
 
     def _new_epoch(self, job: Job, now_ms: int, why: str) -> None:
+        live = set(job.members)
+        job.broken_links = [lk for lk in job.broken_links if lk.sender in live and lk.receiver in live]
+        if job.broken_links and not job.gossip.active:  # keep the ring off the links known broken
+            ring = partitions.ring_order(job.members, [(lk.sender, lk.receiver) for lk in job.broken_links])
+            if ring is not None:
+                job.members = ring
         job.epoch += 1
         job.reissues += 1
         self._issue(job, now_ms)
@@ -446,12 +513,15 @@ class ClusterState:
     def _admit(self, job: Job, now_ms: int) -> bool:
         """Adds idle peers to a job at a round boundary. True if the ring changed."""
         room = job.spec.num_shards - len(job.members)
-        joiners = self.live_idle()[: max(room, 0)]
+        out = {x.peer_id for x in job.held_out}
+        joiners = [p for p in self.live_idle() if p not in out][: max(room, 0)]
         if not joiners:
             return False
         sizes = job.shard_sizes
         for pid in joiners:
-            self.peers[pid].job_id = job.job_id
+            p = self.peers[pid]
+            p.job_id = job.job_id
+            p.held_out_job = p.held_out_reason = ""  # held out of another job, taken by this one
         job.members = job.members + joiners
         if job.assignment:
             job.assignment = planner.add_peers(job.assignment, joiners, sizes)

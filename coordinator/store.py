@@ -22,7 +22,9 @@ from dml.common.spec import JobSpec
 from dml.common.tasks import get_task
 from dml.coordinator import planner
 from dml.coordinator.records import (
+    BrokenLink,
     Eviction,
+    Exclusion,
     GossipPhase,
     GossipWindow,
     Job,
@@ -51,6 +53,8 @@ def job_to_dict(job: Job) -> dict[str, Any]:
     d["gossip"] = asdict(job.gossip)
     d["evictions"] = [asdict(e) for e in job.evictions]
     d["epochs"] = [asdict(e) for e in job.epochs]
+    d["broken_links"] = [asdict(b) for b in job.broken_links]
+    d["held_out"] = [asdict(x) for x in job.held_out]
     return d
 
 
@@ -68,6 +72,8 @@ def job_from_dict(d: dict[str, Any], history: list[RoundRecord]) -> Job:
     d["gossip"] = GossipPhase(**g)
     d["evictions"] = [Eviction(**e) for e in d.get("evictions", [])]
     d["epochs"] = [MembershipEpoch(**e) for e in d.get("epochs", [])]
+    d["broken_links"] = [BrokenLink(**b) for b in d.get("broken_links", [])]
+    d["held_out"] = [Exclusion(**x) for x in d.get("held_out", [])]
     return Job(history=history, **d)
 
 

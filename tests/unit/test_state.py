@@ -15,16 +15,17 @@ from dml.coordinator.records import (
     FINISHED,
     HEARTBEAT_TIMEOUT,
     MAX_JOB_EVENTS,
-    NEIGHBOUR_REPORT,
     PENDING,
     REPLACED,
     ROUND_DEADLINE,
     RUNNING,
     SELF_REPORT,
     SUCCEEDED,
+    UNREACHABLE,
     BadReport,
     Changes,
     Eviction,
+    Exclusion,
     Job,
     MembershipEpoch,
     NotFound,
@@ -400,20 +401,35 @@ def test_cancel_pending_job() -> None:
     assert len(s.live_idle()) == 2
 
 
-def test_report_failure_evicts_the_suspect() -> None:
+def test_one_report_re_forms_the_ring_and_a_second_reporter_holds_the_suspect_out() -> None:
     s, job, (a, b, c) = running(3)
     before = {p: list(v) for p, v in job.assignment.items()}
-    ch = s.report_failure(a, job.job_id, 1, 1, b, 900)
-    assert ch.removed_peers == (b,)
-    assert b not in s.peers and job.members == [a, c]
-    assert job.epoch == 2 and job.round == 1
+    # a cannot reach b: one report says nothing of who is broken; the ring is re-formed so that
+    # a no longer sends to b, and nobody is evicted.
+    ch = s.report_failure(a, job.job_id, 1, 1, b, 900, "cannot reach b")
+    assert ch.removed_peers == () and job.job_id in ch.jobs
+    assert job.members == [a, c, b] and job.epoch == 2 and job.round == 1
+    assert job.evictions == [] and job.held_out == []
     assert s.peers[a].last_seen_ms == 900
+    # c, b's predecessor now, cannot reach it either: nobody can. b is held out of the job (not
+    # forgotten: it stays registered, and its heartbeats say why).
+    ch = s.report_failure(c, job.job_id, 1, 2, b, 910, "cannot reach b")
+    assert ch.removed_peers == () and b in s.peers and b in ch.peers
+    assert job.members == [a, c] and job.epoch == 3 and job.round == 1
+    assert job.evictions == [Eviction(b, UNREACHABLE, "", 910, 2, 1, f"unreachable: {a}, {c} could not reach it")]
+    assert job.held_out == [Exclusion(b, 1, f"unreachable: {a}, {c} could not reach it", 910, [a, c])]
+    assert s.held_out_reason(b) == f"held out of job {job.job_id}: unreachable: {a}, {c} could not reach it"
+    assert s.held_out_reason(a) == ""
     for p in (a, c):
         assert set(before[p]) <= set(job.assignment[p])
     assert shards_of(job) == list(range(6))
-    with pytest.raises(NotFound):
-        s.report_failure(b, job.job_id, 1, 2, a, 903)
-    assert a in s.peers
+    assert job.broken_links == [], "links of a peer no longer in the ring are forgotten"
+    # It is not admitted again at a round boundary, nor is a report of it acted on.
+    s.heartbeat(b, 915)
+    report_all(s, job, 920)
+    assert job.committed_round == 1 and job.members == [a, c] and s.peers[b].job_id == ""
+    assert s.report_failure(b, job.job_id, 2, 3, a, 921) == Changes()
+    assert job.members == [a, c]
 
 
 def test_report_failure_for_a_stale_round_or_epoch_is_ignored() -> None:
@@ -421,11 +437,12 @@ def test_report_failure_for_a_stale_round_or_epoch_is_ignored() -> None:
     assert s.report_failure(a, job.job_id, 1, 0, b, 10) == Changes()
     assert s.report_failure(a, job.job_id, 2, 1, b, 11) == Changes()
     assert s.report_failure(a, "job-nope", 1, 1, b, 12) == Changes()
-    assert b in s.peers and job.epoch == 1
-    s.report_failure(a, job.job_id, 1, 1, b, 13)  # evicts b: epoch 2
-    # c's report of the same broken exchange arrives late, naming a: it must not evict a too.
+    assert b in s.peers and job.epoch == 1 and job.broken_links == []
+    s.report_failure(a, job.job_id, 1, 1, b, 13)  # re-forms the ring around a -> b: epoch 2
+    # c's report of the same broken exchange arrives late, naming a: it must count for nothing.
     assert s.report_failure(c, job.job_id, 1, 1, a, 14) == Changes()
-    assert a in s.peers and job.members == [a, c]
+    assert a in s.peers and job.members == [a, c, b] and job.epoch == 2
+    assert [(lk.reporter, lk.suspect) for lk in job.broken_links] == [(a, b)]
 
 
 def test_report_failure_without_a_suspect_reissues_the_round() -> None:
@@ -459,16 +476,20 @@ def test_a_heartbeat_timeout_is_recorded_with_the_epoch_it_ended_and_the_round_u
 
 def test_neighbour_and_self_reports_are_recorded_with_their_reporter_and_detail() -> None:
     s, job, (a, b, c, d) = running(4)
-    s.report_failure(a, job.job_id, 1, 1, b, 900, "stream from b broke")
-    s.report_failure(c, job.job_id, 1, 2, c, 950, "CUDA out of memory")
-    assert job.evictions == [Eviction(b, NEIGHBOUR_REPORT, a, 900, 1, 1, "stream from b broke"),
-                             Eviction(c, SELF_REPORT, "", 950, 2, 1, "CUDA out of memory")]
-    assert [(e.epoch, e.peers, e.round) for e in job.epochs] == [(1, [a, b, c, d], 1), (2, [a, c, d], 1), (3, [a, d], 1)]
+    s.report_failure(a, job.job_id, 1, 1, b, 900, "stream to b broke")  # ring re-formed: a -> c -> b -> d
+    s.report_failure(c, job.job_id, 1, 2, b, 905, "cannot reach b")  # a second reporter: b held out
+    s.report_failure(c, job.job_id, 1, 3, c, 950, "CUDA out of memory")
+    why = f"unreachable: {a}, {c} could not reach it"
+    assert job.evictions == [Eviction(b, UNREACHABLE, "", 905, 2, 1, why),
+                             Eviction(c, SELF_REPORT, "", 950, 3, 1, "CUDA out of memory")]
+    assert [lk.detail for lk in job.broken_links] == []
+    assert [(e.epoch, e.peers, e.round) for e in job.epochs] == [
+        (1, [a, b, c, d], 1), (2, [a, c, b, d], 1), (3, [a, c, d], 1), (4, [a, d], 1)]
     # Stale or suspect-less reports evict nobody; a re-issued round is an epoch of its own.
     s.report_failure(a, job.job_id, 1, 1, d, 960)
-    s.report_failure(a, job.job_id, 1, 3, "", 970)
+    s.report_failure(a, job.job_id, 1, 4, "", 970)
     assert len(job.evictions) == job.evictions_total == 2
-    assert job.epochs[-1] == MembershipEpoch(4, [a, d], 970, 1)
+    assert job.epochs[-1] == MembershipEpoch(5, [a, d], 970, 1)
 
 
 def test_members_that_missed_the_round_deadline_are_recorded_as_such() -> None:
