@@ -40,6 +40,19 @@ def advertise_host(bind_host: str, advertise: str, coordinator: str) -> str:
     return name
 
 
+def address_problem(address: str, timeout_s: float = 1.0) -> str:
+    """Why a TCP connection to ``address`` (``host:port`` or ``[v6]:port``) fails within
+    ``timeout_s``, or "" when it is accepted. A peer checks its own advertised address with it at
+    start-up: what it cannot reach, the other peers usually cannot either (it proves nothing the
+    other way: a route from here is not one from everywhere)."""
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s):
+            return ""
+    except (OSError, ValueError) as e:
+        return str(e) or type(e).__name__
+
+
 def route_address(coordinator: str, family: int = socket.AF_UNSPEC) -> str | None:
     """The local address this machine sends from to reach ``coordinator`` (``host:port`` or
     ``[v6]:port``), or None if it does not resolve or has no route. A UDP ``connect`` only

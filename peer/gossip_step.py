@@ -33,6 +33,7 @@ class GossipStep:
         self._peer = peer
         self._channels: dict[str, grpc.Channel] = {}  # gossip partners' exchange servers, by address
         self._suspects: dict[str, float] = {}  # gossip partners that failed -> skip until (monotonic)
+        self._failures: dict[str, int] = {}  # gossip partners -> failed exchanges in a row
         self._bytes_reported = 0
         self._served_seen = 0  # the node's `served` count when this peer last exchanged
 
@@ -42,6 +43,7 @@ class GossipStep:
         for ch in chans:
             ch.close()
         self._suspects.clear()
+        self._failures.clear()
 
     def leave(self) -> None:
         """Stops gossiping: partners may no longer change this peer's parameters."""
@@ -89,15 +91,24 @@ class GossipStep:
                 return None
             if self._suspects.get(cand, 0.0) > now:
                 continue
-            out = node.exchange(plan.job_id, cand, address[cand], timeout, self._channel(address[cand]))
+            fault = peer.config.injected_fault(address[cand])
+            if fault:
+                out = Outcome(cand, False, detail=fault)
+            else:
+                out = node.exchange(plan.job_id, cand, address[cand], timeout, self._channel(address[cand]))
             if out.ok:
                 self._suspects.pop(cand, None)
+                self._failures.pop(cand, None)
                 self._served_seen = node.served
                 return out
             if not out.busy:
-                log.info("peer %s job %s step %d: exchange with %s failed (%s); trying another partner",
-                         peer.peer_id, plan.job_id, plan.round, cand, out.detail)
-                self._suspects[cand] = time.monotonic() + max(2 * timeout, 5.0)
+                # Partner choice avoids a broken link: each failure in a row skips the partner
+                # twice as long (from twice the exchange timeout, at least 5 s, up to 64 times that).
+                n = self._failures[cand] = self._failures.get(cand, 0) + 1
+                skip = max(2 * timeout, 5.0) * 2 ** min(n - 1, 6)
+                log.info("peer %s job %s step %d: exchange with %s failed (%s); trying another partner, and not "
+                         "this one for %.0fs", peer.peer_id, plan.job_id, plan.round, cand, out.detail, skip)
+                self._suspects[cand] = time.monotonic() + skip
             elif out.serving:
                 return None  # we are being averaged right now: that is this step's exchange
         return None

@@ -48,7 +48,7 @@ class PeerLink:
     def __init__(self, servicer: ExchangeServicer, key: Key, self_id: str, pred_id: str,
                  succ_id: str, succ_address: str, deadline_s: float, abort: threading.Event,
                  idle_timeout_s: float = 30.0, data_plane: str = "auto", payload_bytes: int = 0,
-                 keep_watch: Callable[[SuccessorWatch], None] | None = None) -> None:
+                 keep_watch: Callable[[SuccessorWatch], None] | None = None, injected_fault: str = "") -> None:
         if data_plane not in DATA_PLANES:
             raise ValueError(f"unknown data plane {data_plane!r}")
         # "auto" asks for shared memory only where it pays: it costs a fixed ~2 ms per
@@ -66,6 +66,7 @@ class PeerLink:
         self._deadline_s = deadline_s
         self._idle_s = idle_timeout_s
         self._mode = data_plane
+        self._injected_fault = injected_fault  # tests only: fail to reach the successor, saying this
         self._channel = rpc.channel(succ_address, max_message_bytes=rpc.EXCHANGE_MESSAGE_BYTES)
         self._sender: GrpcSender | TcpSender | None = None
         self._watch: SuccessorWatch | None = None
@@ -98,6 +99,9 @@ class PeerLink:
         return sender
 
     def _open_sender(self) -> GrpcSender | TcpSender:
+        if self._injected_fault:
+            raise ExchangeError(f"cannot reach {self._succ_id} at {self._succ_address}: {self._injected_fault}",
+                                suspect=self._succ_id)
         if self._mode != "grpc":
             try:
                 return self._open_tcp()  # ExchangeError (successor unreachable) propagates: no fallback

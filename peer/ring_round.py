@@ -124,7 +124,8 @@ class RingRound:
                         self.deadline_s, self._abort, idle_timeout_s=peer.config.exchange_timeout_s,
                         data_plane=plan.spec.data_plane or "auto",
                         payload_bytes=4 * trainer.numel if trainer is not None else 0,
-                        keep_watch=lambda watch: self._keep_watch(plan, watch))
+                        keep_watch=lambda watch: self._keep_watch(plan, watch),
+                        injected_fault=peer.config.injected_fault(succ.address))
 
     # -- the starting point -------------------------------------------------------------------
     def _prepare(self, plan: types_pb2.Plan) -> Trainer:
@@ -163,7 +164,8 @@ class RingRound:
         """Pulls round ``rnd``'s parameters (a joiner catching up): from a live member, else from
         the coordinator's checkpoint when it is of that round. Each download is digest-checked."""
         peer = self._peer
-        sources = [(m.peer_id, m.address) for m in plan.members if m.peer_id != peer.peer_id]
+        sources = [(m.peer_id, m.address) for m in plan.members
+                   if m.peer_id != peer.peer_id and not peer.config.injected_fault(m.address)]
         for name, address in sources:
             try:
                 with rpc.channel(address, max_message_bytes=rpc.EXCHANGE_MESSAGE_BYTES) as ch:

@@ -14,7 +14,7 @@ from dml.v1 import control_pb2, types_pb2
 from dml.common import metrics as metricsmod
 from dml.common import rpc
 from dml.common.metrics import MetricsConfig, MetricsServer
-from dml.peer.advertise import advertise_host
+from dml.peer.advertise import address_problem, advertise_host
 from dml.peer.client import CALL_TIMEOUT_S, ControlClient, Evicted
 from dml.peer.exchange import ExchangeServicer, add_exchange_to_server
 from dml.peer.gossip import GossipNode
@@ -45,6 +45,14 @@ class PeerConfig:
     # this peer trains `slowdown` times slower than it can (a stand-in for a slower machine).
     slowdown: float = 1.0
     metrics: MetricsConfig | None = None  # the Prometheus endpoint (None: off)
+    # Tests only (fault injection, off by default): peer addresses (host:port) this peer acts as
+    # if it cannot reach, for ring neighbours, gossip partners and parameter fetches alike. A
+    # one-way partition: the others still reach this peer, and it them.
+    unreachable: tuple[str, ...] = ()
+
+    def injected_fault(self, address: str) -> str:
+        """Why this peer must act as if ``address`` were unreachable ("" when it need not)."""
+        return "connection refused (injected fault: --fault-unreachable)" if address in self.unreachable else ""
 
 
 class Peer:
@@ -59,6 +67,7 @@ class Peer:
         self._evicted = threading.Event()
         self._heartbeat_s = 0.5
         self.metrics = PeerMetrics()
+        self.held_out = ""  # why the coordinator holds this peer out of a job's rings ("" when it does not)
         self.servicer = ExchangeServicer(self.store.serve, recv_timeout_s=config.exchange_timeout_s,
                                          data_plane_host=config.host if config.tcp else None)
         self.gossip = GossipNode("")
@@ -88,8 +97,16 @@ class Peer:
 
     # -- lifecycle --------------------------------------------------------------------------
     def start(self) -> Peer:
-        """Starts the exchange server and registers with the coordinator."""
+        """Starts the exchange server, checks that its advertised address answers, and registers
+        with the coordinator."""
         self._server.start()
+        problem = address_problem(self.address)
+        if problem:
+            log.warning("this peer cannot reach its own advertised address %s (%s): other peers will likely not "
+                        "reach it either, and the coordinator will hold it out of rings; check --advertise-host "
+                        "(and --host, --port)", self.address, problem)
+        else:
+            log.info("advertised address %s answers", self.address)
         Trainer.warm_up()
         self._register()
         self._hb_thread.start()
@@ -143,6 +160,7 @@ class Peer:
                 if failing:
                     log.info("peer %s: coordinator reachable again", me)
                 failing = False
+                self._note_held_out(me, hb.held_out_reason)
                 job, epoch = self._ring.under_way
                 if job and (hb.job_id != job or hb.epoch > epoch):  # cancelled, finished, or re-formed
                     self._abort.set()
@@ -160,6 +178,19 @@ class Peer:
                 elif not failing:
                     log.warning("peer %s: heartbeat failed (%s); retrying", self.peer_id, code)
                     failing = True
+
+    def _note_held_out(self, me: str, reason: str) -> None:
+        """Logs once when the coordinator starts (or stops) holding this peer out of a job's
+        rings. The peer stays registered and idle rather than registering again: it is the
+        same peer at the same address, which would only be held out again."""
+        if reason == self.held_out:
+            return
+        self.held_out = reason
+        if reason:
+            log.error("peer %s: the coordinator holds this peer out of rings (%s). It stays registered and idle; "
+                      "once the cause is fixed (e.g. --advertise-host), restart it to take part again", me, reason)
+        else:
+            log.info("peer %s: no longer held out of any job", me)
 
     # -- the round loop ---------------------------------------------------------------------
     def run(self) -> None:

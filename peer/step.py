@@ -37,8 +37,10 @@ def sample_indices(plan: types_pb2.Plan, rank: int) -> np.ndarray:
 
 def report_failure(peer: Peer, plan: types_pb2.Plan, suspect: str, detail: str) -> None:
     """Tells the coordinator this round failed, naming ``suspect``; gives up after a while."""
+    kind = (control_pb2.FAILURE_KIND_LOCAL if suspect == peer.peer_id else
+            control_pb2.FAILURE_KIND_UNREACHABLE if suspect else control_pb2.FAILURE_KIND_UNSPECIFIED)
     fail = control_pb2.ReportFailureRequest(peer_id=peer.peer_id, job_id=plan.job_id, round=plan.round,
-                                            epoch=plan.epoch, suspect_peer_id=suspect, detail=detail)
+                                            epoch=plan.epoch, suspect_peer_id=suspect, detail=detail, kind=kind)
     try:
         peer.client.call(lambda: peer.client.stub.ReportFailure(fail, timeout=CALL_TIMEOUT_S),
                          "report failure", give_up_s=30)
