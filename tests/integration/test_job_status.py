@@ -39,3 +39,37 @@ def test_get_job_lists_the_eviction_of_a_peer_that_left_and_the_epochs_around_it
     assert epochs[ev.epoch + 1].round == ev.round
     assert all(a.started_unix_ms <= b.started_unix_ms and a.round <= b.round for a, b in zip(st.epochs, st.epochs[1:]))
     assert st.state == types_pb2.JOB_STATE_RUNNING
+
+
+def test_report_failure_kinds_the_held_out_reason_in_heartbeats_and_held_out_in_job_status() -> None:
+    import grpc
+    import pytest
+    from dml.v1 import control_pb2, control_pb2_grpc
+
+    from dml.common import rpc
+
+    with coordinator() as srv, rpc.channel(srv.address) as ch:
+        ctl = control_pb2_grpc.PeerControlStub(ch)
+        a, b = (ctl.RegisterPeer(control_pb2.RegisterPeerRequest(address=f"127.0.0.1:{p}"), timeout=10).peer_id
+                for p in (1, 2))
+        stub = job_stub(srv.address)
+        jid = _submit(stub, JobSpec(rounds=5, min_peers=1))
+        st = _job(stub, jid).job
+        assert list(st.peers) == [a, b]
+        fail = control_pb2.ReportFailureRequest(peer_id=a, job_id=jid, round=1, epoch=st.epoch, suspect_peer_id=b,
+                                                detail="connect refused", kind=99)
+        with pytest.raises(grpc.RpcError) as e:
+            ctl.ReportFailure(fail, timeout=10)
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "failure kind" in e.value.details()
+        fail.kind = control_pb2.FAILURE_KIND_UNREACHABLE
+        ctl.ReportFailure(fail, timeout=10)  # a ring of two has no other order: b is held out
+        hb = ctl.Heartbeat(control_pb2.HeartbeatRequest(peer_id=b), timeout=10)
+        assert hb.job_id == "" and hb.held_out_reason.startswith(f"held out of job {jid}: unreachable from {a}")
+        assert ctl.Heartbeat(control_pb2.HeartbeatRequest(peer_id=a), timeout=10).held_out_reason == ""
+        st = _job(stub, jid).job
+        assert list(st.peers) == [a]
+        (x,) = st.held_out
+        assert (x.peer_id, x.reporters, x.round) == (b, a, 1) and "unreachable from" in x.reason
+        assert [(e.peer_id, e.cause) for e in st.evictions] == [(b, jobs_pb2.EVICTION_CAUSE_UNREACHABLE)]
+        stub.CancelJob(jobs_pb2.CancelJobRequest(job_id=jid), timeout=10)
+        assert ctl.Heartbeat(control_pb2.HeartbeatRequest(peer_id=b), timeout=10).held_out_reason == ""

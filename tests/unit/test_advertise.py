@@ -50,3 +50,14 @@ def test_route_address_sends_nothing_and_handles_bad_input():
     assert advertise.route_address("127.0.0.1:9", socket.AF_INET) == "127.0.0.1"
     assert advertise.route_address("127.0.0.1:notaport") is None
     assert advertise.route_address("no-port-at-all") is None
+
+
+def test_address_problem_says_why_an_address_does_not_answer():
+    with socket.socket() as srv:
+        srv.bind(("127.0.0.1", 0))
+        srv.listen(1)
+        port = srv.getsockname()[1]
+        assert advertise.address_problem(f"127.0.0.1:{port}") == ""
+        # Bound to 127.0.0.1 only: the same port on 127.0.0.2 refuses.
+        assert advertise.address_problem(f"127.0.0.2:{port}", timeout_s=1.0)
+    assert advertise.address_problem("127.0.0.1:notaport")
