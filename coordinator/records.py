@@ -158,6 +158,7 @@ class Exclusion:
     reason: str
     unix_ms: int
     reporters: list[str] = field(default_factory=list)  # whose reports led to it
+    retry_ms: int = 0  # from when it may be tried again, should the job run short of peers
 
 
 @dataclass

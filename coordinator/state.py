@@ -15,9 +15,11 @@ changed; the caller (``coordinator.service``) persists, wakes waiters and logs. 
   links its members reported broken and decides from all of them (``coordinator.partitions``):
   the ring is re-formed around a broken link when it can be, and a peer nobody can reach (or
   that reaches nobody) is *held out*: it leaves the ring (cause UNREACHABLE), stays registered,
-  its heartbeats tell it why, and it is not admitted to that job again. It comes back when it
-  registers again (a restart, with a fixed address perhaps); it is not retried by itself, since
-  each try of a dead address would cost the ring a re-issued round.
+  its heartbeats tell it why, and it is not admitted to that job again while the job has
+  ``min_peers`` without it: each try of a dead address costs the ring two re-issued rounds. A
+  job short of peers tries it again, ``HOLD_OUT_RETRY_MS`` after its hold-out at the soonest,
+  twice as long after each further one (a transient fault must not stall a small job for good).
+  It comes back at once when it registers again (a restart, with a fixed address perhaps).
 - Below ``min_peers`` the job waits and says why; after ``peer_grace_s`` it fails.
 - A round running past ``round_deadline_ms`` evicts the members that did not report (or, if
   none did, is re-issued under a new epoch).
@@ -83,6 +85,8 @@ T = TypeVar("T")
 
 MAX_DIGEST_MISMATCHES = 3
 MAX_REISSUES = 50  # a round re-issued this often without committing fails the job
+HOLD_OUT_RETRY_MS = 120_000  # a held-out peer is tried again no sooner, doubling with each hold-out
+MAX_HOLD_OUT_RETRY_MS = 3_600_000
 
 
 class ClusterState:
@@ -165,6 +169,8 @@ class ClusterState:
                     changes = changes | self.remove_peer(pid, now_ms, ROUND_DEADLINE, detail=why)
             elif self.active(job) and now_ms - job.round_started_ms > self.round_deadline_ms:
                 changes = changes | self._round_overdue(job, now_ms)
+            elif job.waiting_since_ms and self._retry_due(job, now_ms) and (tried := self.schedule(now_ms)).jobs:
+                changes = changes | tried  # a held-out peer tried again (else the grace period runs on)
             elif job.waiting_since_ms and now_ms - job.waiting_since_ms > job.spec.peer_grace_s * 1000:
                 changes = changes | self._finish(
                     job, FAILED, f"only {len(job.members)} of {job.spec.min_peers} peers for "
@@ -266,7 +272,9 @@ class ClusterState:
         pid = verdict.hold_out
         p = self.peers[pid]
         log.warning("job %s: holding peer %s out of its rings: %s", job.job_id, pid, verdict.reason)
-        _keep_recent(job.held_out, Exclusion(pid, job.round, verdict.reason, now_ms, list(verdict.witnesses)))
+        before = sum(1 for x in job.held_out if x.peer_id == pid)
+        retry = now_ms + min(HOLD_OUT_RETRY_MS * 2 ** before, MAX_HOLD_OUT_RETRY_MS)
+        _keep_recent(job.held_out, Exclusion(pid, job.round, verdict.reason, now_ms, list(verdict.witnesses), retry))
         p.job_id, p.held_out_job = "", job.job_id
         p.held_out_reason = f"held out of job {job.job_id}: {verdict.reason}"
         changes = Changes(jobs=(job.job_id,), peers=(pid,))
@@ -510,10 +518,25 @@ class ClusterState:
             job.reason = f"round {job.round} re-issued {job.reissues} times without committing (last: {why})"
             self._doomed.add(job.job_id)  # failed by the next expire(), which persists the freed peers
 
+    def _held_out(self, job: Job, now_ms: int) -> set[str]:
+        """The peers the job keeps out now: all it held out, but, while it is short of peers,
+        those whose retry time has come."""
+        latest = {x.peer_id: x for x in job.held_out}
+        short = len(job.members) < job.spec.min_peers
+        return {p for p, x in latest.items() if not (short and x.retry_ms <= now_ms)}
+
+    def _retry_due(self, job: Job, now_ms: int) -> bool:
+        """Whether a job short of peers may try again an idle peer it held out."""
+        if len(job.members) >= job.spec.min_peers or not job.held_out:
+            return False
+        out = self._held_out(job, now_ms)
+        return any(x.peer_id not in out for x in job.held_out if x.peer_id in self.peers
+                   and not self.peers[x.peer_id].job_id)
+
     def _admit(self, job: Job, now_ms: int) -> bool:
         """Adds idle peers to a job at a round boundary. True if the ring changed."""
         room = job.spec.num_shards - len(job.members)
-        out = {x.peer_id for x in job.held_out}
+        out = self._held_out(job, now_ms)
         joiners = [p for p in self.live_idle() if p not in out][: max(room, 0)]
         if not joiners:
             return False

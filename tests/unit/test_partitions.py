@@ -195,3 +195,38 @@ def test_broken_links_and_held_out_peers_survive_a_store_round_trip() -> None:
     assert all(isinstance(x, Exclusion) for x in j.held_out) and all(isinstance(x, BrokenLink) for x in j.broken_links)
     got = {p.peer_id: p for p in peers}
     assert all(got[p].held_out_reason == s.peers[p].held_out_reason for p in s.peers)
+
+
+def test_a_job_short_of_peers_tries_a_held_out_peer_again_after_a_growing_wait() -> None:
+    from dml.coordinator.state import HOLD_OUT_RETRY_MS
+
+    s, job, (a, b) = running(2, min_peers=2, rounds=3)
+    s.report_failure(a, job.job_id, 1, 1, b, 10)  # a transient fault, say: b held out, the job waits
+    assert job.members == [a] and job.reason.startswith("waiting for peers")
+    for t in (1_000, HOLD_OUT_RETRY_MS):
+        for p in (a, b):
+            s.heartbeat(p, t)
+        s.expire(t)
+        assert job.members == [a], "not before its retry time"
+    for p in (a, b):
+        s.heartbeat(p, HOLD_OUT_RETRY_MS + 11)
+    s.expire(HOLD_OUT_RETRY_MS + 11)
+    assert job.members == [a, b] and s.held_out_reason(b) == "" and not job.reason
+    # Held out again: the next try waits twice as long.
+    s.report_failure(a, job.job_id, 1, job.epoch, b, HOLD_OUT_RETRY_MS + 20)
+    assert job.held_out[-1].retry_ms == HOLD_OUT_RETRY_MS + 20 + 2 * HOLD_OUT_RETRY_MS
+    assert [e.cause for e in job.evictions] == [UNREACHABLE, UNREACHABLE]
+
+
+def test_a_job_with_enough_peers_does_not_try_a_held_out_peer_again() -> None:
+    from dml.coordinator.state import HOLD_OUT_RETRY_MS
+
+    s, job, (a, b, c) = running(3, min_peers=2, rounds=50)
+    s.report_failure(a, job.job_id, 1, 1, b, 10)
+    s.report_failure(c, job.job_id, 1, 2, b, 11)
+    t = 2 * HOLD_OUT_RETRY_MS
+    for p in (a, b, c):
+        s.heartbeat(p, t)
+    s.expire(t)
+    report_all(s, job, t + 1)  # a round boundary, where idle peers join
+    assert job.members == [a, c] and s.held_out_reason(b)

@@ -417,7 +417,7 @@ def test_one_report_re_forms_the_ring_and_a_second_reporter_holds_the_suspect_ou
     assert ch.removed_peers == () and b in s.peers and b in ch.peers
     assert job.members == [a, c] and job.epoch == 3 and job.round == 1
     assert job.evictions == [Eviction(b, UNREACHABLE, "", 910, 2, 1, f"unreachable: {a}, {c} could not reach it")]
-    assert job.held_out == [Exclusion(b, 1, f"unreachable: {a}, {c} could not reach it", 910, [a, c])]
+    assert job.held_out == [Exclusion(b, 1, f"unreachable: {a}, {c} could not reach it", 910, [a, c], 120_910)]
     assert s.held_out_reason(b) == f"held out of job {job.job_id}: unreachable: {a}, {c} could not reach it"
     assert s.held_out_reason(a) == ""
     for p in (a, c):
