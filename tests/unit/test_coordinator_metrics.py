@@ -44,9 +44,11 @@ def test_commits_evictions_and_gauges(tmp_path: pathlib.Path) -> None:
     assert value(m, "dml_round_train_seconds_sum") == pytest.approx(0.3)
     assert value(m, "dml_round_exchange_seconds_sum") == pytest.approx(0.04)
 
-    first, second = job.members[0], job.members[1]
-    c.report_failure(first, jid, job.round, job.epoch, second, "stream broke")  # evicts the suspect
-    assert value(m, "dml_evictions_total", job=jid, cause="NEIGHBOUR_REPORT") == 1
+    first, second, third = job.members
+    c.report_failure(first, jid, job.round, job.epoch, second, "stream broke")  # the ring re-forms around the link
+    assert value(m, "dml_evictions_total", job=jid, cause="UNREACHABLE") == 0
+    c.report_failure(third, jid, job.round, job.epoch, second, "cannot reach it")  # a second reporter: held out
+    assert value(m, "dml_evictions_total", job=jid, cause="UNREACHABLE") == 1
     c.register("10.0.0.1:1", {})  # peer a restarts at its address: its old registration is replaced
     now[0] += 10  # every lease but the new peer's runs out
     c.tick()
@@ -61,7 +63,7 @@ def test_commits_evictions_and_gauges(tmp_path: pathlib.Path) -> None:
 
     # A coordinator restored from the store counts only what happens from then on.
     again = _coordinator(store, tmp_path, now)
-    assert value(again.metrics, "dml_evictions_total", job=jid, cause="NEIGHBOUR_REPORT") == 0
+    assert value(again.metrics, "dml_evictions_total", job=jid, cause="UNREACHABLE") == 0
     assert value(again.metrics, "dml_rounds_committed_total", job=jid) == 0
 
 
