@@ -12,6 +12,8 @@ from typing import Any
 
 import grpc
 
+from dml.common import guard
+
 # Message limits, by what travels. Control messages are small; checkpoints travel in chunks well
 # under the control limit; exchange frames are one chunk of a flat parameter buffer.
 CONTROL_MESSAGE_BYTES = 8 << 20
@@ -75,8 +77,12 @@ def channel(address: str, *, max_message_bytes: int = CONTROL_MESSAGE_BYTES, fas
 
 
 def server(*, workers: int, max_message_bytes: int = CONTROL_MESSAGE_BYTES,
-           interceptors: Sequence[grpc.ServerInterceptor] = ()) -> grpc.Server:
-    """A thread-pool server with dml's limits and keepalive policy. Bind it with :func:`bind`."""
+           interceptors: Sequence[grpc.ServerInterceptor] = (), limits: guard.Limits | None = None) -> grpc.Server:
+    """A thread-pool server with dml's limits and keepalive policy. Bind it with :func:`bind`.
+
+    Every call first passes the call guard (:mod:`dml.common.guard`: per-client and long-lived
+    call limits, idle calls cut), sized from ``workers`` unless ``limits`` is given, then
+    ``interceptors`` in order."""
     opts = _limits(max_message_bytes) + [
         # One server per port: without this, gRPC sets SO_REUSEPORT and a second process binds the
         # same port silently, and clients get answers from either.
@@ -85,8 +91,9 @@ def server(*, workers: int, max_message_bytes: int = CONTROL_MESSAGE_BYTES,
         ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
         ("grpc.keepalive_permit_without_calls", 1),
     ]
+    call_guard = guard.GuardInterceptor(limits or guard.Limits.for_pool(workers))
     return grpc.server(futures.ThreadPoolExecutor(max_workers=workers), options=opts,
-                       interceptors=list(interceptors))
+                       interceptors=[call_guard, *interceptors])
 
 
 def bind(srv: grpc.Server, host: str, port: int) -> int:

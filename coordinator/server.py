@@ -10,8 +10,8 @@ from dataclasses import dataclass
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from dml.common import guard, rpc
 from dml.common import metrics as metricsmod
-from dml.common import rpc
 from dml.common.metrics import MetricsConfig, MetricsServer
 from dml.coordinator.lock import StateDirLock
 from dml.coordinator.metrics import CoordinatorMetrics
@@ -21,6 +21,27 @@ from dml.coordinator.store import MemoryStore, SqliteStore, Store
 from dml.v1 import control_pb2, control_pb2_grpc, jobs_pb2, jobs_pb2_grpc
 
 log = logging.getLogger(__name__)
+
+UPLOAD_IDLE_S = 10.0  # between two checkpoint chunks (1 MiB each, sent back to back)
+UPLOAD_MAX_S = 600.0
+DOWNLOAD_IDLE_S = 30.0  # a client that takes no model chunk for this long has gone
+DOWNLOAD_MAX_S = 3600.0
+
+
+def call_policies() -> dict[str, guard.Policy]:
+    """The coordinator's long-lived calls and how long their clients may leave them waiting
+    (every other call: its request within :data:`dml.common.guard.FIRST_MESSAGE_S`)."""
+    ctl, jobs = "/dml.v1.PeerControl/", "/dml.v1.JobService/"
+    return {
+        ctl + "UploadCheckpoint": guard.Policy(idle_s=UPLOAD_IDLE_S, max_s=UPLOAD_MAX_S, long=True),
+        jobs + "WatchJob": guard.Policy(long=True),  # holds until the job changes (its own cap: MAX_WATCHERS)
+        jobs + "DownloadModel": guard.Policy(idle_s=DOWNLOAD_IDLE_S, max_s=DOWNLOAD_MAX_S, long=True,
+                                             response_idle=True),
+        "/grpc.health.v1.Health/Watch": guard.Policy(long=True),
+        "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo": guard.Policy(idle_s=DOWNLOAD_IDLE_S,
+                                                                                       long=True),
+    }
+
 
 @dataclass(frozen=True)
 class ServerConfig:
@@ -67,7 +88,8 @@ class CoordinatorServer:
             ckpt = pathlib.Path(tempfile.mkdtemp(prefix="dml-ckpt-"))
         self.metrics = CoordinatorMetrics()
         self.coordinator = Coordinator(config.timing, store, ckpt, metrics=self.metrics)
-        self._server = rpc.server(workers=config.workers, interceptors=[self.metrics.rpcs])
+        self._server = rpc.server(workers=config.workers, interceptors=[self.metrics.rpcs],
+                                  limits=guard.Limits.for_pool(config.workers, call_policies()))
         jobs_pb2_grpc.add_JobServiceServicer_to_server(JobServicer(self.coordinator), self._server)
         control_pb2_grpc.add_PeerControlServicer_to_server(PeerControlServicer(self.coordinator), self._server)
         self._health = health.HealthServicer()

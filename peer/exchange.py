@@ -15,6 +15,7 @@ from dml.v1 import exchange_pb2, exchange_pb2_grpc
 
 from dml.aggregation.codecs import payload_size
 from dml.aggregation.transport import FRAME, Header
+from dml.common import guard
 from dml.peer import dataplane, shm, watch
 from dml.peer.gossip import GossipNode
 from dml.peer.inbox import POLL_S, Frame, Inbox, Key
@@ -31,6 +32,25 @@ STALE_INBOX_S = 600.0
 # same frames.
 FRAMES_SERVICE = "dml.v1.PeerFrames"
 FRAMES_METHOD = f"/{FRAMES_SERVICE}/Push"
+
+STREAM_MAX_S = 900.0  # no exchange stream lasts longer (rounds have a deadline of their own)
+GOSSIP_IDLE_S = 30.0  # the initiator's commit follows our parameters at once
+
+
+def call_policies(idle_s: float) -> dict[str, guard.Policy]:
+    """The exchange server's long-lived calls and how long their clients may leave them waiting:
+    ring streams ``idle_s`` between frames (the peer's exchange timeout: its own read gives up
+    then anyway), a parameter download as long for the client to take each chunk."""
+    ring = guard.Policy(idle_s=idle_s, max_s=STREAM_MAX_S, long=True)
+    return {
+        FRAMES_METHOD: ring,
+        "/dml.v1.PeerExchange/PushChunks": ring,
+        "/dml.v1.PeerExchange/Gossip": guard.Policy(idle_s=GOSSIP_IDLE_S, max_s=STREAM_MAX_S, long=True),
+        "/dml.v1.PeerExchange/FetchParameters": guard.Policy(idle_s=idle_s, max_s=STREAM_MAX_S, long=True,
+                                                             response_idle=True),
+        watch.WATCH_METHOD: guard.Policy(long=True, max_s=watch.WATCH_MAX_S + 5.0),  # sends nothing, by design
+    }
+
 
 ParamsSource = Callable[[str, int], "tuple[int, str, bytes | memoryview] | None"]
 

@@ -11,12 +11,12 @@ from dataclasses import dataclass
 import grpc
 from dml.v1 import control_pb2, types_pb2
 
+from dml.common import guard, rpc
 from dml.common import metrics as metricsmod
-from dml.common import rpc
 from dml.common.metrics import MetricsConfig, MetricsServer
 from dml.peer.advertise import address_problem, advertise_host
 from dml.peer.client import CALL_TIMEOUT_S, ControlClient, Evicted
-from dml.peer.exchange import ExchangeServicer, add_exchange_to_server
+from dml.peer.exchange import ExchangeServicer, add_exchange_to_server, call_policies
 from dml.peer.gossip import GossipNode
 from dml.peer.gossip_step import GossipStep
 from dml.peer.link import PeerLink
@@ -26,6 +26,10 @@ from dml.peer.ring_round import RingRound
 from dml.peer.trainer import Trainer
 
 log = logging.getLogger(__name__)
+
+# The exchange server's pool: ring streams, watches, gossip and parameter downloads hold a thread
+# each (a handful in a healthy ring); the call guard keeps a quarter of it for short calls.
+EXCHANGE_WORKERS = 64
 
 
 @dataclass(frozen=True)
@@ -75,7 +79,9 @@ class Peer:
         self.servicer.gossip = self.gossip
         self._gossip_step = GossipStep(self)
         self._ring = RingRound(self, self._abort, self._make_link, self._gossip_step)
-        self._server = rpc.server(workers=16, max_message_bytes=rpc.EXCHANGE_MESSAGE_BYTES)
+        self._server = rpc.server(workers=EXCHANGE_WORKERS, max_message_bytes=rpc.EXCHANGE_MESSAGE_BYTES,
+                                  limits=guard.Limits.for_pool(EXCHANGE_WORKERS,
+                                                               call_policies(config.exchange_timeout_s)))
         add_exchange_to_server(self.servicer, self._server)
         self.port = rpc.bind(self._server, config.host, config.port)
         try:

@@ -23,22 +23,30 @@ ABORTED = "round aborted: the membership changed"
 
 
 class GrpcSender:
-    """Frames to the successor over the raw gRPC method: one client stream per all-reduce."""
+    """Frames to the successor over the raw gRPC method: one client stream per all-reduce,
+    opened with its first frame (the successor's server cuts a stream that sends nothing for a
+    few seconds, and the link is made before this peer trains)."""
 
     kind = "grpc"
 
     def __init__(self, channel: grpc.Channel, key: Key, self_id: str, succ_id: str, deadline_s: float) -> None:
         self._succ_id = succ_id
         self._out: queue.Queue[bytes | None] = queue.Queue()
-        push = channel.stream_unary(FRAMES_METHOD, request_serializer=None,
-                                    response_deserializer=exchange_pb2.PushChunksResponse.FromString)
+        self._push = channel.stream_unary(FRAMES_METHOD, request_serializer=None,
+                                          response_deserializer=exchange_pb2.PushChunksResponse.FromString)
         job, rnd, epoch = key
-        md = (("dml-job", job), ("dml-round", str(rnd)), ("dml-epoch", str(epoch)), ("dml-sender", self_id))
+        self._md = (("dml-job", job), ("dml-round", str(rnd)), ("dml-epoch", str(epoch)), ("dml-sender", self_id))
+        self._deadline_s = deadline_s
         self.error = ""
         self._done = threading.Event()
         self._seq = 0
-        self._call = push.future(self._requests(), timeout=deadline_s, metadata=md)
-        self._call.add_done_callback(self._on_done)
+        self._call: grpc.Future | None = None
+
+    def _start(self) -> grpc.Future:
+        if self._call is None:
+            self._call = self._push.future(self._requests(), timeout=self._deadline_s, metadata=self._md)
+            self._call.add_done_callback(self._on_done)
+        return self._call
 
     def _requests(self) -> Iterator[bytes]:
         while True:
@@ -60,6 +68,7 @@ class GrpcSender:
         # One copy: the payload goes straight from the caller's buffer into the message, so the
         # frame counts as sent at once.
         self._out.put(b"".join((header.pack(), payload.data)))
+        self._start()
         self._seq += 1
         return self._seq
 
@@ -71,6 +80,7 @@ class GrpcSender:
 
     def finish(self, timeout: float, abort: threading.Event) -> None:
         self._out.put(None)
+        self._start()
         deadline = time.monotonic() + timeout
         while not self._done.wait(POLL_S):
             if abort.is_set():
@@ -81,7 +91,7 @@ class GrpcSender:
             raise ExchangeError(self.error, suspect=self._succ_id)
 
     def cancel(self) -> None:
-        if not self._call.done():
+        if self._call is not None and not self._call.done():
             self._out.put(None)
             self._call.cancel()
 
