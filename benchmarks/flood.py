@@ -51,7 +51,7 @@ from dml.client import api as jobapi  # noqa: E402
 from dml.client.cluster import ClusterError, LocalCluster, Proc, registrations  # noqa: E402
 from dml.common import rpc  # noqa: E402
 from dml.common.spec import MAX_ROUNDS, JobSpec  # noqa: E402
-from dml.v1 import control_pb2, control_pb2_grpc, exchange_pb2, exchange_pb2_grpc, jobs_pb2, jobs_pb2_grpc  # noqa: E402
+from dml.v1 import control_pb2_grpc, exchange_pb2, exchange_pb2_grpc, jobs_pb2, jobs_pb2_grpc  # noqa: E402
 
 PROBES = ("coord-streams", "peer-streams", "inbox", "shm")
 SHM_DIR = pathlib.Path("/dev/shm")

@@ -21,6 +21,7 @@ import threading
 import time
 from collections.abc import Callable
 
+from dml.peer import shm
 from dml.peer.shm import SharedSlots
 
 log = logging.getLogger(__name__)
@@ -30,13 +31,19 @@ MAGIC_SHM = b"DMLS"  # the sender mapped the offered shared-memory slots: payloa
 TOKEN_BYTES = 16
 HELLO_BYTES = len(MAGIC) + TOKEN_BYTES
 ACK = b"\x06"
-TOKEN_TTL_S = 60.0
-MAX_TOKENS = 256
+TOKEN_TTL_S = 10.0  # a sender connects right after its OpenDataPlane; an offer unused this long is dropped
+MAX_TOKENS = 64  # open offers in all
+SENDER_TOKENS = 4  # open offers per sender (as it names itself); a ring needs one per all-reduce
+MAX_SHM_OFFERS = 4  # open offers holding a shared-memory file (each up to 64 MiB of /dev/shm)
 HANDSHAKE_S = 5.0
 SOCKET_BUFFER_BYTES = 4 << 20
 
 Key = tuple[str, int, int]  # (job_id, round, epoch)
 Attach = Callable[[Key, str, socket.socket, "SharedSlots | None"], bool]
+
+
+class OfferRefused(Exception):
+    """Too many data-plane offers are open (in all or for this sender): RESOURCE_EXHAUSTED."""
 
 
 def tune(sock: socket.socket) -> None:
@@ -87,23 +94,56 @@ class DataPlane:
         self._thread = threading.Thread(target=self._accept_loop, name=f"dataplane-{self.port}", daemon=True)
         self._thread.start()
 
-    def offer(self, key: Key, sender: str, shm: SharedSlots | None = None) -> bytes:
-        """A fresh token for ``sender`` to stream ``key``'s frames to this peer (through
-        ``shm``'s slots if the sender maps them; the token owns them until then)."""
+    def offer(self, key: Key, sender: str, shm_slot_bytes: int = 0) -> tuple[bytes, SharedSlots | None]:
+        """A fresh token for ``sender`` to stream ``key``'s frames to this peer, and, when
+        ``shm_slot_bytes`` asks for them and fewer than MAX_SHM_OFFERS are open, shared-memory
+        slots of that size (the token owns them until the sender connects). Raises
+        :class:`OfferRefused` past MAX_TOKENS open offers, or SENDER_TOKENS for ``sender``."""
         token = secrets.token_bytes(TOKEN_BYTES)
         now = time.monotonic()
-        dropped = []
+        slots = None
         with self._lock:
-            for t, entry in list(self._tokens.items()):
-                if entry[2] < now:
-                    dropped.append(self._tokens.pop(t)[3])
-            while len(self._tokens) >= MAX_TOKENS:
-                dropped.append(self._tokens.pop(next(iter(self._tokens)))[3])
-            self._tokens[token] = (key, sender, now + TOKEN_TTL_S, shm)
+            dropped = self._expire_locked(now)
+            try:
+                if len(self._tokens) >= MAX_TOKENS:
+                    raise OfferRefused(f"{MAX_TOKENS} data-plane offers are open already")
+                if sum(e[1] == sender for e in self._tokens.values()) >= SENDER_TOKENS:
+                    raise OfferRefused(f"sender {sender!r} has {SENDER_TOKENS} data-plane offers open already")
+                if shm_slot_bytes and shm.available():
+                    if sum(e[3] is not None for e in self._tokens.values()) >= MAX_SHM_OFFERS:
+                        log.info("data plane %d: %d shared-memory offers open; offering %s TCP only",
+                                 self.port, MAX_SHM_OFFERS, sender)
+                    else:
+                        try:
+                            slots = SharedSlots.create(min(shm_slot_bytes, shm.MAX_SLOT_BYTES))
+                        except OSError as e:
+                            log.info("data plane %d: no shared-memory slots for %s: %s", self.port, sender, e)
+                self._tokens[token] = (key, sender, now + TOKEN_TTL_S, slots)
+            finally:
+                self._close_all(dropped)
+        return token, slots
+
+    def open_offers(self) -> tuple[int, int]:
+        """Offers open now: in all, and those holding a shared-memory file."""
+        with self._lock:
+            return len(self._tokens), sum(e[3] is not None for e in self._tokens.values())
+
+    def expire(self, now: float | None = None) -> int:
+        """Drops offers unused past their time (and their shared-memory files); returns how many."""
+        with self._lock:
+            dropped = self._expire_locked(time.monotonic() if now is None else now)
+        self._close_all(dropped)
+        return len(dropped)
+
+    def _expire_locked(self, now: float) -> list[SharedSlots | None]:
+        gone = [t for t, entry in self._tokens.items() if entry[2] < now]
+        return [self._tokens.pop(t)[3] for t in gone]
+
+    @staticmethod
+    def _close_all(dropped: list[SharedSlots | None]) -> None:
         for slots in dropped:
             if slots is not None:
                 slots.close()
-        return token
 
     def forget(self, key: Key) -> None:
         """Drops the unused tokens of an exchange that ended (and their shared-memory files)."""

@@ -16,9 +16,9 @@ from dml.v1 import exchange_pb2, exchange_pb2_grpc
 from dml.aggregation.codecs import payload_size
 from dml.aggregation.transport import FRAME, Header
 from dml.common import guard
-from dml.peer import dataplane, shm, watch
+from dml.peer import dataplane, watch
 from dml.peer.gossip import GossipNode
-from dml.peer.inbox import POLL_S, Frame, Inbox, Key
+from dml.peer.inbox import POLL_S, UNCLAIMED_TTL_S, Frame, Inbox, Key
 from dml.peer.shm import SharedSlots
 
 log = logging.getLogger(__name__)
@@ -70,9 +70,25 @@ def _parse_frame(frame: bytes) -> Frame:
     return header, memoryview(frame)[FRAME.size:]
 
 
+# What senders may queue here, in payload bytes of frames waiting in inboxes. A claimed inbox
+# holds at most INBOX_CHUNKS frames (64 MiB of 1 MiB gRPC chunks; more only with a larger
+# --chunk-elems) and pushes back through flow control when full.
+INBOX_BYTES = 512 << 20  # all inboxes together
+SENDER_BYTES = 256 << 20  # the inboxes of one sender (as it names itself)
+UNCLAIMED_BYTES = 64 << 20  # inboxes no plan of this peer has claimed yet
+MAX_UNCLAIMED = 8  # unclaimed inboxes in all (a healthy ring makes at most one: a fast predecessor's)
+SENDER_UNCLAIMED = 2  # unclaimed inboxes one sender may open
+SWEEP_S = 1.0
+
+
 class ExchangeServicer(exchange_pb2_grpc.PeerExchangeServicer):
     """Receives ring frames into inboxes, offers the TCP data plane and serves committed
-    parameters. ``data_plane_host`` (the host to listen on) enables TCP; None serves gRPC only."""
+    parameters. ``data_plane_host`` (the host to listen on) enables TCP; None serves gRPC only.
+
+    What senders queue is bounded (bytes in all, per sender and in unclaimed inboxes; unclaimed
+    inboxes in all and per sender); a sender over a bound waits (flow control) or, for an inbox
+    no plan claims, is refused with RESOURCE_EXHAUSTED. A sweeper thread drops unclaimed inboxes
+    after :data:`~dml.peer.inbox.UNCLAIMED_TTL_S` and unused data-plane offers after theirs."""
 
     def __init__(self, params_source: ParamsSource, recv_timeout_s: float = 60.0,
                  data_plane_host: str | None = None) -> None:
@@ -82,9 +98,14 @@ class ExchangeServicer(exchange_pb2_grpc.PeerExchangeServicer):
         self._recv_timeout_s = recv_timeout_s
         self.gossip: GossipNode | None = None  # set by the peer: serves PeerExchange.Gossip
         self.data_plane = dataplane.DataPlane(data_plane_host, self._attach) if data_plane_host is not None else None
+        self.dropped = 0  # unclaimed inboxes dropped by the sweeper
+        self._stop = threading.Event()
+        self._sweeper = threading.Thread(target=self._sweep_loop, name="inbox-sweeper", daemon=True)
+        self._sweeper.start()
 
     def close(self) -> None:
-        """Stops the data plane and drops every inbox."""
+        """Stops the data plane and the sweeper and drops every inbox."""
+        self._stop.set()
         if self.data_plane is not None:
             self.data_plane.close()
         with self._lock:
@@ -93,16 +114,90 @@ class ExchangeServicer(exchange_pb2_grpc.PeerExchangeServicer):
             box.close()
 
     def inbox(self, key: Key) -> Inbox:
-        """The inbox for ``key``, created if needed. Older exchanges of the same job are dropped,
-        and those of other jobs once they are older than any exchange can last."""
+        """Claims the inbox for ``key`` (this peer's plan asks for it), created if needed. Older
+        exchanges of the same job are dropped, and those of other jobs once they are older than
+        any exchange can last."""
         now = time.monotonic()
         with self._lock:
             for k, old in list(self._inboxes.items()):
                 if k != key and ((k[0] == key[0] and k[1:] < key[1:]) or now - old.created > STALE_INBOX_S):
                     self._inboxes.pop(k).close()
-            if key not in self._inboxes:
-                self._inboxes[key] = Inbox(key)
-            return self._inboxes[key]
+            box = self._inboxes.get(key)
+            if box is None:
+                box = self._inboxes[key] = Inbox(key, claimed=True, now=now)
+            box.claimed = True
+            return box
+
+    def unclaimed(self) -> list[Inbox]:
+        """The inboxes senders opened that no plan of this peer has claimed (yet)."""
+        with self._lock:
+            return [b for b in self._inboxes.values() if not b.claimed]
+
+    def queued_bytes(self) -> int:
+        """Payload bytes waiting in all inboxes."""
+        with self._lock:
+            return sum(b.q.nbytes for b in self._inboxes.values())
+
+    def _arrival(self, key: Key, sender: str) -> Inbox | str:
+        """The inbox a sender's frames for ``key`` go to: the claimed one, or a new unclaimed one
+        if the limits allow (else the reason it is refused)."""
+        with self._lock:
+            box = self._inboxes.get(key)
+            if box is not None:
+                if not box.sender:
+                    box.sender = sender
+                return box
+            waiting = [b for b in self._inboxes.values() if not b.claimed]
+            if len(waiting) >= MAX_UNCLAIMED:
+                return f"{MAX_UNCLAIMED} exchanges no plan of this peer claims are open already"
+            if sum(b.sender == sender for b in waiting) >= SENDER_UNCLAIMED:
+                return f"sender {sender!r} has {SENDER_UNCLAIMED} exchanges open that no plan of this peer claims"
+            box = self._inboxes[key] = Inbox(key, sender=sender)
+            return box
+
+    def _try_put(self, box: Inbox, frame: Frame) -> bool:
+        """Queues ``frame`` in ``box`` if it is full by no bound; False to wait and try again."""
+        n = len(frame[1])
+        with self._lock:
+            if self._inboxes.get(box.key) is not box:
+                return False
+            boxes = self._inboxes.values()
+            total = sum(b.q.nbytes for b in boxes)
+            if not box.claimed:
+                if sum(b.q.nbytes for b in boxes if not b.claimed) + n > UNCLAIMED_BYTES:
+                    return False
+            elif not box.q.empty() and total + n > INBOX_BYTES:  # an empty claimed inbox takes one
+                return False
+            if not box.q.empty() and sum(b.q.nbytes for b in boxes if b.sender == box.sender) + n > SENDER_BYTES:
+                return False
+            try:
+                box.q.put_nowait(frame)
+            except queue.Full:
+                return False
+            return True
+
+    def sweep(self, now: float | None = None) -> int:
+        """Drops unclaimed inboxes older than UNCLAIMED_TTL_S and unused data-plane offers past
+        their time; returns how many inboxes it dropped (the sweeper thread calls it each second)."""
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            gone = [k for k, b in self._inboxes.items() if not b.claimed and now - b.created > UNCLAIMED_TTL_S]
+            boxes = [self._inboxes.pop(k) for k in gone]
+            self.dropped += len(boxes)
+        for box in boxes:
+            log.info("exchange %s from %r: no plan of this peer claimed it within %.0fs; dropped",
+                     box.key, box.sender, UNCLAIMED_TTL_S)
+            box.close(f"no plan of this peer claims exchange {box.key} (dropped after {UNCLAIMED_TTL_S:.0f}s)")
+        if self.data_plane is not None:
+            self.data_plane.expire(now)
+        return len(boxes)
+
+    def _sweep_loop(self) -> None:
+        while not self._stop.wait(SWEEP_S):
+            try:
+                self.sweep()
+            except Exception:  # the sweeper must outlive a bad sweep; the error is logged
+                log.exception("inbox sweep failed")
 
     def release(self, key: Key) -> None:
         """Drops the inbox of a finished or abandoned exchange."""
@@ -116,7 +211,10 @@ class ExchangeServicer(exchange_pb2_grpc.PeerExchangeServicer):
     def _attach(self, key: Key, sender: str, conn: socket.socket, shm: SharedSlots | None = None) -> bool:
         """Binds an authenticated TCP stream (and its shared-memory slots, if the sender mapped
         them) to ``key``'s inbox (one stream per inbox)."""
-        box = self.inbox(key)
+        box = self._arrival(key, sender)
+        if isinstance(box, str):
+            log.info("data plane: refused a stream for %s: %s", key, box)
+            return False
         with self._lock:
             if box.closed.is_set() or box.conn is not None or self._inboxes.get(key) is not box:
                 return False
@@ -131,13 +229,11 @@ class ExchangeServicer(exchange_pb2_grpc.PeerExchangeServicer):
         assert self.data_plane is not None
         if not request.job_id or not request.sender_id:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "job_id and sender_id are required")
-        slots = None
-        if request.shm_slot_bytes and shm.available():
-            try:
-                slots = SharedSlots.create(min(request.shm_slot_bytes, shm.MAX_SLOT_BYTES))
-            except OSError as e:
-                log.info("no shared-memory slots for %s: %s", request.sender_id, e)
-        token = self.data_plane.offer((request.job_id, request.round, request.epoch), request.sender_id, slots)
+        try:
+            token, slots = self.data_plane.offer((request.job_id, request.round, request.epoch), request.sender_id,
+                                                 request.shm_slot_bytes)
+        except dataplane.OfferRefused as e:
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
         if slots is None:
             return exchange_pb2.OpenDataPlaneResponse(port=self.data_plane.port, token=token)
         return exchange_pb2.OpenDataPlaneResponse(port=self.data_plane.port, token=token, shm_path=str(slots.path),
@@ -192,20 +288,29 @@ class ExchangeServicer(exchange_pb2_grpc.PeerExchangeServicer):
 
     def _receive(self, frames: Iterator[Frame], key: Key, sender: str, context: grpc.ServicerContext) -> int:
         """Moves a stream's frames into the inbox of ``key``; marks it broken if the stream breaks."""
-        box = self.inbox(key)
+        box = self._arrival(key, sender)
+        if isinstance(box, str):
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, box)
+        assert isinstance(box, Inbox)
         box.sender = sender
         n = 0
         try:
             for frame in frames:
                 deadline = time.monotonic() + self._recv_timeout_s
                 while not box.closed.is_set():
-                    try:
-                        box.q.put(frame, timeout=POLL_S)
+                    if self._try_put(box, frame):
                         box.arrived.set()
                         break
-                    except queue.Full:
-                        if time.monotonic() > deadline or not context.is_active():
-                            context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "receiver did not drain its inbox in time")
+                    now = time.monotonic()
+                    if not box.claimed and now - box.created > UNCLAIMED_TTL_S:
+                        context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                      f"no plan of this peer claims exchange {key} within {UNCLAIMED_TTL_S:.0f}s")
+                    if now > deadline or not context.is_active():
+                        context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "receiver did not drain its inbox in time")
+                    with box.q.not_full:
+                        box.q.not_full.wait(POLL_S)
+                if box.dropped:
+                    context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, box.dropped)
                 n += 1
         except grpc.RpcError as e:  # the sender went away mid-stream
             if not box.closed.is_set():

@@ -1,11 +1,17 @@
 """The inbox of one all-reduce: the frames a peer's ring predecessor sends it, queued (gRPC) or
-as a stream (TCP, shared memory), keyed by (job, round, epoch). See docs/architecture.md."""
+as a stream (TCP, shared memory), keyed by (job, round, epoch). See docs/architecture.md.
+
+An inbox is *claimed* once this peer's own plan asks for it (its ring link); before that it is
+only what a sender said, so the exchange server bounds unclaimed inboxes tightly and drops them
+when no plan claims them within :data:`UNCLAIMED_TTL_S`."""
 from __future__ import annotations
 
 import queue
 import socket
 import threading
 import time
+from collections import deque
+from typing import Any
 
 from dml.aggregation.transport import Header
 from dml.peer.dataplane import close_socket
@@ -14,6 +20,7 @@ from dml.peer.shm import SharedSlots
 Key = tuple[str, int, int]  # (job_id, round, epoch)
 INBOX_CHUNKS = 64
 POLL_S = 0.05
+UNCLAIMED_TTL_S = 10.0  # an inbox no plan of this peer claims is dropped this long after it was made
 Frame = tuple[Header, memoryview]
 
 
@@ -24,27 +31,63 @@ class Broken:
         self.reason = reason
 
 
+def _nbytes(item: Any) -> int:
+    return len(item[1]) if isinstance(item, tuple) else 0
+
+
+class FrameQueue(queue.Queue):  # type: ignore[type-arg]
+    """A bounded queue of frames that also counts the payload bytes it holds (``nbytes``)."""
+
+    def __init__(self, maxsize: int) -> None:
+        super().__init__(maxsize)
+        self.nbytes = 0
+
+    def _init(self, maxsize: int) -> None:
+        self.queue: deque[Any] = deque()
+
+    def _put(self, item: Any) -> None:
+        self.queue.append(item)
+        self.nbytes += _nbytes(item)
+
+    def _get(self) -> Any:
+        item = self.queue.popleft()
+        self.nbytes -= _nbytes(item)
+        return item
+
+    def drain(self) -> None:
+        """Drops everything queued (the memory goes with it)."""
+        with self.mutex:
+            self.queue.clear()
+            self.nbytes = 0
+            self.not_full.notify_all()
+
+
 class Inbox:
     """Frames from the predecessor for one all-reduce: queued gRPC frames, or a TCP stream."""
 
-    def __init__(self, key: Key) -> None:
+    def __init__(self, key: Key, sender: str = "", claimed: bool = False, now: float | None = None) -> None:
         self.key = key
-        self.created = time.monotonic()
-        self.q: queue.Queue[Frame | Broken] = queue.Queue(maxsize=INBOX_CHUNKS)
+        self.created = time.monotonic() if now is None else now
+        self.q: FrameQueue = FrameQueue(INBOX_CHUNKS)
         self.closed = threading.Event()
         self.arrived = threading.Event()  # set by the first gRPC frame or the TCP stream
         self.conn: socket.socket | None = None
         self.shm: SharedSlots | None = None  # payloads come through these slots (headers on conn)
-        self.sender = ""
+        self.sender = sender
+        self.claimed = claimed  # a plan of this peer asked for it (else: only a sender did)
+        self.dropped = ""  # why the exchange server dropped it ("" unless it did)
 
-    def close(self) -> None:
-        """Marks the inbox dead and drops its stream, if any."""
+    def close(self, reason: str = "") -> None:
+        """Marks the inbox dead and drops its stream and queued frames, if any."""
+        if reason and not self.dropped:
+            self.dropped = reason
         self.closed.set()
         self.arrived.set()
         if self.conn is not None:
             close_socket(self.conn)
         if self.shm is not None:
             self.shm.close()
+        self.q.drain()
 
     def put_broken(self, reason: str) -> None:
         """Tells the receiver the stream broke (dropped if the inbox stays full for a second)."""

@@ -14,6 +14,7 @@ from dml.v1 import control_pb2, types_pb2
 from dml.common import guard, rpc
 from dml.common import metrics as metricsmod
 from dml.common.metrics import MetricsConfig, MetricsServer
+from dml.peer import shm
 from dml.peer.advertise import address_problem, advertise_host
 from dml.peer.client import CALL_TIMEOUT_S, ControlClient, Evicted
 from dml.peer.exchange import ExchangeServicer, add_exchange_to_server, call_policies
@@ -105,6 +106,7 @@ class Peer:
     def start(self) -> Peer:
         """Starts the exchange server, checks that its advertised address answers, and registers
         with the coordinator."""
+        shm.remove_orphans()  # files a killed peer on this host left in /dev/shm
         self._server.start()
         problem = address_problem(self.address)
         if problem:

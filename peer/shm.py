@@ -16,13 +16,20 @@ the same memory (a peer on another host, or in a container with its own ``/dev/s
 such file, or another one, and streams over TCP instead). The receiver unlinks the file as soon
 as the sender's hello says it mapped it, or when the token expires unused, so nothing is left
 behind in ``/dev/shm`` once both have it mapped, even if they are killed.
+
+A file's name carries its creator's pid (``dml-PID-RANDOM``): a receiver killed while an offer
+was open leaves its file behind, and the next peer to start on the host removes the files whose
+owner is gone (:func:`remove_orphans`).
 """
 from __future__ import annotations
 
+import logging
 import mmap
 import os
 import pathlib
+import re
 import secrets
+from collections.abc import Callable
 
 SHM_DIR = pathlib.Path("/dev/shm")
 HEADER_BYTES = 64  # the nonce, padded to a cache line
@@ -30,11 +37,57 @@ NONCE_BYTES = 16
 SLOTS = 4  # frames in flight per stream (a credit each)
 MAX_SLOT_BYTES = 16 << 20
 CREDIT = b"\x01"
+_NAME_RE = re.compile(r"^dml-(\d+)-[0-9a-f]+$")
+
+log = logging.getLogger(__name__)
 
 
 def available() -> bool:
     """Whether this host has a writable /dev/shm."""
     return SHM_DIR.is_dir() and os.access(SHM_DIR, os.W_OK)
+
+
+def owner_pid(name: str) -> int | None:
+    """The pid of the process that created the dml shared-memory file ``name`` (None: not one)."""
+    m = _NAME_RE.match(name)
+    return int(m.group(1)) if m else None
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists (someone else's counts: it may be using its file)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_orphans(directory: pathlib.Path = SHM_DIR, alive: Callable[[int], bool] = pid_alive) -> list[pathlib.Path]:
+    """Removes this user's dml shared-memory files whose creator is gone; returns them."""
+    removed: list[pathlib.Path] = []
+    try:
+        entries = list(os.scandir(directory))
+    except OSError:
+        return removed
+    uid = os.getuid()
+    for e in entries:
+        pid = owner_pid(e.name)
+        if pid is None or pid == os.getpid() or alive(pid):
+            continue
+        try:
+            if e.stat(follow_symlinks=False).st_uid != uid or not e.is_file(follow_symlinks=False):
+                continue
+            os.unlink(e.path)
+        except OSError:
+            continue
+        removed.append(pathlib.Path(e.path))
+    if removed:
+        log.info("removed %d shared-memory files in %s left by processes that are gone", len(removed), directory)
+    return removed
 
 
 class SharedSlots:

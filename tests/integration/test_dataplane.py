@@ -193,7 +193,7 @@ def test_data_plane_refuses_connections_without_a_valid_token(members):
             s.sendall(hello)
             assert hung_up(s), "the data plane must hang up on a bad hello"
     assert box.conn is None
-    token = dp.offer(key, "p9")
+    token, _ = dp.offer(key, "p9")
     with dataplane.connect("127.0.0.1", dp.port, token, 5) as s:
         deadline = time.monotonic() + 5
         while box.conn is None and time.monotonic() < deadline:
