@@ -12,6 +12,7 @@ from collections.abc import Iterator
 import grpc
 from dml.v1 import control_pb2, control_pb2_grpc, jobs_pb2, jobs_pb2_grpc, types_pb2
 
+from dml.common import limits
 from dml.coordinator.service import Coordinator, ShuttingDown
 from dml.common.spec import InvalidSpec, spec_from_pb, spec_to_pb
 from dml.coordinator.records import BadReport, Job, NotFound, Report, RoundRecord, Stale
@@ -46,6 +47,13 @@ def _status(context: grpc.ServicerContext) -> Iterator[None]:
         context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
     except ShuttingDown as e:
         context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
+
+
+def _check(context: grpc.ServicerContext, request: object) -> None:
+    """INVALID_ARGUMENT when a string in ``request`` is over its length limit (common.limits)."""
+    err = limits.message_error(request)  # type: ignore[arg-type]
+    if err:
+        context.abort(grpc.StatusCode.INVALID_ARGUMENT, err)
 
 
 def _finite(x: float) -> float:
@@ -99,11 +107,13 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
         self._watchers = threading.BoundedSemaphore(MAX_WATCHERS)
 
     def SubmitJob(self, request: jobs_pb2.SubmitJobRequest, context: grpc.ServicerContext) -> jobs_pb2.SubmitJobResponse:
+        _check(context, request)
         with _status(context):
             return jobs_pb2.SubmitJobResponse(job_id=self._c.submit(spec_from_pb(request.spec)))
         raise AssertionError("unreachable")
 
     def GetJob(self, request: jobs_pb2.GetJobRequest, context: grpc.ServicerContext) -> jobs_pb2.GetJobResponse:
+        _check(context, request)
         with _status(context):
             def build(st: object) -> jobs_pb2.GetJobResponse:
                 j = self._c.state.job(request.job_id)
@@ -116,11 +126,13 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
         return self._c.view(lambda st: jobs_pb2.ListJobsResponse(jobs=[job_to_pb(j) for j in self._c.jobs()]))
 
     def CancelJob(self, request: jobs_pb2.CancelJobRequest, context: grpc.ServicerContext) -> jobs_pb2.CancelJobResponse:
+        _check(context, request)
         with _status(context):
             return jobs_pb2.CancelJobResponse(state=STATE_TO_PB[self._c.cancel(request.job_id)])
         raise AssertionError("unreachable")
 
     def WatchJob(self, request: jobs_pb2.WatchJobRequest, context: grpc.ServicerContext) -> Iterator[jobs_pb2.JobStatus]:
+        _check(context, request)
         if not self._watchers.acquire(blocking=False):
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"more than {MAX_WATCHERS} watchers; poll GetJob instead")
         try:
@@ -140,6 +152,7 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
             self._watchers.release()
 
     def DownloadModel(self, request: jobs_pb2.DownloadModelRequest, context: grpc.ServicerContext) -> Iterator[jobs_pb2.ModelChunk]:
+        _check(context, request)
         with _status(context):
             rnd, digest, path = self._c.checkpoint(request.job_id)
             with open(path, "rb") as f:
@@ -159,8 +172,11 @@ class PeerControlServicer(control_pb2_grpc.PeerControlServicer):
         self._c = coord
 
     def RegisterPeer(self, request: control_pb2.RegisterPeerRequest, context: grpc.ServicerContext) -> control_pb2.RegisterPeerResponse:
-        if not request.address or ":" not in request.address:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"address must be host:port, got {request.address!r}")
+        _check(context, request)
+        try:
+            limits.dialable_address(request.address)
+        except ValueError as e:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"cannot register address {request.address!r}: {e}")
         cap = {"device": request.capability.device, "memory_bytes": request.capability.memory_bytes,
                "pool": request.capability.pool}
         pid = self._c.register(request.address, cap)
@@ -171,12 +187,14 @@ class PeerControlServicer(control_pb2_grpc.PeerControlServicer):
         )
 
     def Heartbeat(self, request: control_pb2.HeartbeatRequest, context: grpc.ServicerContext) -> control_pb2.HeartbeatResponse:
+        _check(context, request)
         with _status(context):
             job_id, epoch, held_out = self._c.heartbeat(request.peer_id)
             return control_pb2.HeartbeatResponse(job_id=job_id, epoch=epoch, held_out_reason=held_out)
         raise AssertionError("unreachable")
 
     def GetPlan(self, request: control_pb2.GetPlanRequest, context: grpc.ServicerContext) -> control_pb2.GetPlanResponse:
+        _check(context, request)
         with _status(context):
             wait = min(request.wait_ms / 1000.0, MAX_PLAN_WAIT_S)
             left = context.time_remaining()
@@ -213,6 +231,7 @@ class PeerControlServicer(control_pb2_grpc.PeerControlServicer):
         )
 
     def ReportRound(self, request: control_pb2.ReportRoundRequest, context: grpc.ServicerContext) -> control_pb2.ReportRoundResponse:
+        _check(context, request)
         with _status(context):
             rep = Report(
                 samples=request.samples, train_loss=request.train_loss, digest=request.digest,
@@ -231,6 +250,7 @@ class PeerControlServicer(control_pb2_grpc.PeerControlServicer):
         raise AssertionError("unreachable")
 
     def ReportFailure(self, request: control_pb2.ReportFailureRequest, context: grpc.ServicerContext) -> control_pb2.ReportFailureResponse:
+        _check(context, request)
         with _status(context):
             if request.kind not in control_pb2.FailureKind.values():
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"unknown failure kind {request.kind}")
@@ -247,6 +267,7 @@ class PeerControlServicer(control_pb2_grpc.PeerControlServicer):
             if first is None:
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT, "empty checkpoint upload")
             assert first is not None
+            _check(context, first)
             # Refuse a stale upload before receiving (and writing) the rest of it.
             self._c.check_checkpoint(first.peer_id, first.job_id, first.round, first.epoch)
             data = first.data + b"".join(chunk.data for chunk in request_iterator)

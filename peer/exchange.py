@@ -15,7 +15,7 @@ from dml.v1 import exchange_pb2, exchange_pb2_grpc
 
 from dml.aggregation.codecs import payload_size
 from dml.aggregation.transport import FRAME, Header
-from dml.common import guard
+from dml.common import guard, limits
 from dml.peer import dataplane, watch
 from dml.peer.gossip import GossipNode
 from dml.peer.inbox import POLL_S, UNCLAIMED_TTL_S, Frame, Inbox, Key
@@ -59,6 +59,13 @@ def _check_payload(header: Header, nbytes: int) -> None:
     """ValueError unless ``nbytes`` is exactly ``header.count`` elements in ``header.codec``."""
     if nbytes != payload_size(header.codec, header.count):  # ValueError for an unknown codec too
         raise ValueError(f"payload of {nbytes} bytes is not {header.count} elements in codec {header.codec}")
+
+
+def _check(context: grpc.ServicerContext, request: object) -> None:
+    """INVALID_ARGUMENT when a string in ``request`` is over its length limit (common.limits)."""
+    err = limits.message_error(request)  # type: ignore[arg-type]
+    if err:
+        context.abort(grpc.StatusCode.INVALID_ARGUMENT, err)
 
 
 def _parse_frame(frame: bytes) -> Frame:
@@ -227,6 +234,7 @@ class ExchangeServicer(exchange_pb2_grpc.PeerExchangeServicer):
         if self.data_plane is None:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, "this peer serves no TCP data plane (started with --no-tcp)")
         assert self.data_plane is not None
+        _check(context, request)
         if not request.job_id or not request.sender_id:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "job_id and sender_id are required")
         try:
@@ -244,6 +252,7 @@ class ExchangeServicer(exchange_pb2_grpc.PeerExchangeServicer):
         first = next(request_iterator, None)
         if first is None:
             return exchange_pb2.PushChunksResponse(chunks=0)
+        _check(context, first)
 
         def frames() -> Iterator[Frame]:
             for msg in _chain(first, request_iterator):
@@ -267,6 +276,9 @@ class ExchangeServicer(exchange_pb2_grpc.PeerExchangeServicer):
             sender = str(md["dml-sender"])
         except (KeyError, ValueError):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "frames need dml-job, dml-round, dml-epoch, dml-sender metadata")
+        err = limits.string_error("dml-job", key[0]) or limits.string_error("dml-sender", sender)
+        if err:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, err)
 
         def frames() -> Iterator[Frame]:
             for frame in request_iterator:
@@ -326,9 +338,10 @@ class ExchangeServicer(exchange_pb2_grpc.PeerExchangeServicer):
         if node is None:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, "this peer does not gossip")
             return
-        yield from node.serve(request_iterator, context)
+        yield from node.serve(_checked_first(request_iterator, context), context)
 
     def FetchParameters(self, request: exchange_pb2.FetchParametersRequest, context: grpc.ServicerContext) -> Iterator[exchange_pb2.ParameterChunk]:
+        _check(context, request)
         got = self._params_source(request.job_id, request.round)
         if got is None:
             context.abort(grpc.StatusCode.NOT_FOUND,
@@ -338,6 +351,16 @@ class ExchangeServicer(exchange_pb2_grpc.PeerExchangeServicer):
         for i in range(0, max(len(data), 1), CHUNK_BYTES):
             yield exchange_pb2.ParameterChunk(round=rnd if i == 0 else 0, digest=digest if i == 0 else "",
                                               data=bytes(data[i : i + CHUNK_BYTES]))
+
+
+def _checked_first(requests: Iterator[exchange_pb2.GossipMessage], context: grpc.ServicerContext) -> Iterator[exchange_pb2.GossipMessage]:
+    """``requests``, the first (the offer) checked for its strings' lengths."""
+    first = next(requests, None)
+    if first is None:
+        return
+    _check(context, first)
+    yield first
+    yield from requests
 
 
 def _chain(first: exchange_pb2.TensorChunk, rest: Iterable[exchange_pb2.TensorChunk]) -> Iterator[exchange_pb2.TensorChunk]:
