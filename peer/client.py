@@ -37,13 +37,14 @@ class ControlClient:
         self._failing_since: float | None = None  # monotonic time the coordinator became unreachable
         self._next_log = 0.0  # no "unreachable" line before this (monotonic)
 
-    def call(self, fn: Callable[[], T], what: str, give_up_s: float = 3600.0) -> T:
+    def call(self, fn: Callable[[], T], what: str, give_up_s: float = 3600.0,
+             also_retry: tuple[grpc.StatusCode, ...] = ()) -> T:
         """Runs ``fn`` until it succeeds, retrying transient errors with backoff up to ``give_up_s``.
 
         Retries stay frequent (at most 0.5 s apart, so a restarted coordinator is found at once),
         but while the coordinator stays unreachable the log says so only every
-        ``LOG_EVERY_S``, asking to check the address. NOT_FOUND raises Evicted; other errors
-        propagate."""
+        ``LOG_EVERY_S``, asking to check the address. NOT_FOUND raises Evicted; codes in
+        ``also_retry`` are retried too; other errors propagate."""
         delay, start = 0.1, time.monotonic()
         deadline, attempts = start + give_up_s, 0
         while True:
@@ -53,7 +54,7 @@ class ControlClient:
                 code = e.code() if isinstance(e, grpc.Call) else None
                 if code == grpc.StatusCode.NOT_FOUND:
                     raise Evicted(e.details() if isinstance(e, grpc.Call) else str(e)) from None
-                if code not in RETRYABLE or time.monotonic() + delay > deadline or self._stop.is_set():
+                if (code not in RETRYABLE and code not in also_retry) or time.monotonic() + delay > deadline or self._stop.is_set():
                     raise
                 attempts += 1
                 self._note_unreachable(what, code, attempts, start)
@@ -110,7 +111,10 @@ class ControlClient:
                 yield control_pb2.CheckpointChunk(peer_id=peer_id, job_id=job_id, round=rnd, epoch=epoch,
                                                   digest=digest, data=f.read(step))
         timeout = CALL_TIMEOUT_S + size / 50e6
-        self.call(lambda: self.stub.UploadCheckpoint(chunks(), timeout=timeout), "upload checkpoint", give_up_s=60)
+        # RESOURCE_EXHAUSTED: the coordinator's long-lived calls are all taken for now (see
+        # dml.common.guard); the upload goes through once some end, within the minute.
+        self.call(lambda: self.stub.UploadCheckpoint(chunks(), timeout=timeout), "upload checkpoint", give_up_s=60,
+                  also_retry=(grpc.StatusCode.RESOURCE_EXHAUSTED,))
 
     def close(self) -> None:
         """Closes the channel."""
