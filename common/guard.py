@@ -74,11 +74,12 @@ class Limits:
     def for_pool(workers: int, policies: Mapping[str, Policy] | None = None) -> Limits:
         """Limits for a pool of ``workers`` threads: long-lived calls take at most three quarters
         of it (so a quarter always serves unary calls) and one key at most half; one key's calls
-        of any kind at most three quarters."""
-        if workers < 4:
-            raise ValueError(f"a guarded server needs at least 4 workers, got {workers}")
-        return Limits(per_key=workers * 3 // 4, long_total=workers * 3 // 4, long_per_key=workers // 2,
-                      policies=dict(policies or {}))
+        of any kind at most three quarters (each at least one: a pool of one or two threads
+        cannot keep any for unary calls)."""
+        if workers < 1:
+            raise ValueError(f"a server needs at least one worker, got {workers}")
+        return Limits(per_key=max(1, workers * 3 // 4), long_total=max(1, workers * 3 // 4),
+                      long_per_key=max(1, workers // 2), policies=dict(policies or {}))
 
     def policy(self, method: str) -> Policy:
         """The policy of ``method`` (the default for methods not named)."""

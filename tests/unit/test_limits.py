@@ -50,8 +50,10 @@ def test_limits_are_sized_from_the_pool() -> None:
     assert (lim.per_key, lim.long_total, lim.long_per_key) == (48, 48, 32)
     assert lim.policy("/a/B").long and not lim.policy("/a/C").long
     assert lim.policy("/a/C").first_s == guard.FIRST_MESSAGE_S
+    lim = guard.Limits.for_pool(1)
+    assert (lim.per_key, lim.long_total, lim.long_per_key) == (1, 1, 1)
     with pytest.raises(ValueError):
-        guard.Limits.for_pool(2)
+        guard.Limits.for_pool(0)
 
 
 class FakeContext:
