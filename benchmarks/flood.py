@@ -1,6 +1,6 @@
 """Flood probes: idle streams, inbox and shared-memory floods against a running local cluster.
 
-    python benchmarks/flood.py [--peers 3] [--hold-s 10] [--settle-s 8] [--probes ...] [--json]
+    python benchmarks/flood.py [--peers 3] [--hold-s 10] [--settle-s 12] [--probes ...] [--json]
 
 Starts a coordinator and ``--peers`` peers on 127.0.0.1 (``dml.client.cluster.LocalCluster``)
 running the default ring job with rounds set very high, waits for its first commit, then runs
@@ -324,7 +324,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--peers", type=int, default=3, help="peer processes (default 3)")
     p.add_argument("--probes", default=",".join(PROBES), help=f"which probes (default {','.join(PROBES)})")
     p.add_argument("--hold-s", type=float, default=10.0, help="how long idle streams are held (default 10)")
-    p.add_argument("--settle-s", type=float, default=8.0, help="wait after each probe before 'after' (default 8)")
+    p.add_argument("--settle-s", type=float, default=12.0, help="wait after each probe before 'after' (default 12: past the 10 s expiry of offers and unclaimed inboxes)")
     p.add_argument("--coord-streams", type=int, default=260, help="idle UploadCheckpoint streams (default 260)")
     p.add_argument("--peer-streams", type=int, default=20, help="idle PushChunks streams (default 20)")
     p.add_argument("--inbox-keys", type=int, default=40, help="made-up job ids to push 16 MiB each to (default 40)")

@@ -105,7 +105,8 @@ class ExchangeServicer(exchange_pb2_grpc.PeerExchangeServicer):
         self._recv_timeout_s = recv_timeout_s
         self.gossip: GossipNode | None = None  # set by the peer: serves PeerExchange.Gossip
         self.data_plane = dataplane.DataPlane(data_plane_host, self._attach) if data_plane_host is not None else None
-        self.dropped = 0  # unclaimed inboxes dropped by the sweeper
+        self.dropped = 0  # unclaimed inboxes dropped (by the sweeper, or to make room)
+        self._jobs: dict[str, float] = {}  # jobs this peer has claimed inboxes of -> when it last did
         self._stop = threading.Event()
         self._sweeper = threading.Thread(target=self._sweep_loop, name="inbox-sweeper", daemon=True)
         self._sweeper.start()
@@ -133,6 +134,9 @@ class ExchangeServicer(exchange_pb2_grpc.PeerExchangeServicer):
             if box is None:
                 box = self._inboxes[key] = Inbox(key, claimed=True, now=now)
             box.claimed = True
+            self._jobs[key[0]] = now
+            for job in [j for j, t in self._jobs.items() if now - t > STALE_INBOX_S]:
+                del self._jobs[job]
             return box
 
     def unclaimed(self) -> list[Inbox]:
@@ -155,12 +159,22 @@ class ExchangeServicer(exchange_pb2_grpc.PeerExchangeServicer):
                     box.sender = sender
                 return box
             waiting = [b for b in self._inboxes.values() if not b.claimed]
-            if len(waiting) >= MAX_UNCLAIMED:
-                return f"{MAX_UNCLAIMED} exchanges no plan of this peer claims are open already"
             if sum(b.sender == sender for b in waiting) >= SENDER_UNCLAIMED:
                 return f"sender {sender!r} has {SENDER_UNCLAIMED} exchanges open that no plan of this peer claims"
+            evicted = None
+            if len(waiting) >= MAX_UNCLAIMED:
+                # Make room by dropping the oldest inbox of a job this peer has no plan in: a
+                # ring neighbour's early frames are claimed within moments, a flood's never.
+                expected = key[0] in self._jobs
+                spare = sorted((b for b in waiting if b.key[0] not in self._jobs), key=lambda b: b.created)
+                if not spare or not expected and spare[0].created > time.monotonic() - UNCLAIMED_TTL_S / 2:
+                    return f"{MAX_UNCLAIMED} exchanges no plan of this peer claims are open already"
+                evicted = self._inboxes.pop(spare[0].key)
+                self.dropped += 1
             box = self._inboxes[key] = Inbox(key, sender=sender)
-            return box
+        if evicted is not None:
+            evicted.close(f"dropped to make room: {MAX_UNCLAIMED} exchanges no plan of this peer claims were open")
+        return box
 
     def _try_put(self, box: Inbox, frame: Frame) -> bool:
         """Queues ``frame`` in ``box`` if it is full by no bound; False to wait and try again."""

@@ -269,6 +269,17 @@ def test_unclaimed_inboxes_are_bounded_in_all_and_per_sender(ex):
     assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "'s0'" in e.value.details()
 
 
+def test_a_flood_of_made_up_exchanges_leaves_room_for_the_next_round_of_this_peers_job(ex):
+    ex.servicer.release(ex.servicer.inbox(("real", 1, 1)).key)  # this peer ran round 1 of job "real"
+    for i in range(8):
+        ex.stub.PushChunks(chunks(f"made-up-{i}", f"s{i}", 1), timeout=10)
+    # the predecessor's frames of round 2, before this peer's plan claims them: room is made
+    assert ex.stub.PushChunks(chunks("real", "pred", 1, rnd=2), timeout=10).chunks == 1
+    keys = {b.key for b in ex.servicer.unclaimed()}
+    assert ("real", 2, 1) in keys and ("made-up-0", 1, 1) not in keys and len(keys) == 8
+    assert ex.servicer.inbox(("real", 2, 1)).q.qsize() == 1
+
+
 def test_unclaimed_frames_are_bounded_and_their_memory_freed_when_no_plan_claims_them(ex):
     got: list[grpc.StatusCode] = []
 
