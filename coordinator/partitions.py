@@ -6,7 +6,10 @@ or only the link between the two may be (a one-way fault: B cannot reach X, whil
 everyone else can). So a job keeps every broken link its members reported (reporter, suspect
 and the direction the data flows) and decides from all of them:
 
-- the same peer named by two distinct reporters: nobody can reach it, hold *it* out;
+- the same peer named by two distinct reporters: nobody can reach it, hold *it* out; the
+  coordinator counts as the second when its own connect to the suspect's address is refused
+  (nothing listens there: the peer was killed or its address is wrong), so a dead peer costs one
+  re-issued round, not two;
 - the same reporter failing with two distinct peers: it cannot reach anyone, hold *the reporter*
   out;
 - otherwise re-form the ring in an order that avoids every broken link (:func:`ring_order`),
@@ -15,8 +18,8 @@ and the direction the data flows) and decides from all of them:
 
 Gossip jobs have no ring to re-form: their members route around partners they cannot reach
 themselves (``peer.gossip_step``), and their closing ring round is judged as any. A dead
-address therefore costs exactly one hold-out (two re-issues: the second member to try it
-confirms), and a one-way fault none. Heartbeat leases are not judged here.
+address therefore costs exactly one hold-out (one re-issue when the coordinator's connect is
+refused, two when it times out: the second member to try it confirms), and a one-way fault none. Heartbeat leases are not judged here.
 """
 from __future__ import annotations
 
@@ -95,9 +98,14 @@ class Verdict:
     ring: tuple[str, ...] = ()
 
 
-def judge(members: Sequence[str], links: Sequence[BrokenLink], reporter: str, suspect: str) -> Verdict:
+def judge(members: Sequence[str], links: Sequence[BrokenLink], reporter: str, suspect: str,
+          refused: str = "") -> Verdict:
     """Decides after ``reporter``'s report naming ``suspect`` (already in ``links``, which hold
-    every broken link reported among ``members``). See the module's rules."""
+    every broken link reported among ``members``). ``refused``: the coordinator's own finding
+    that nothing listens at the suspect's address (a second witness), "" when it has none. See
+    the module's rules."""
+    if refused:
+        return Verdict(suspect, (reporter,), f"{reporter} could not reach it, and {refused}")
     live = set(members)
     links = [lk for lk in links if lk.reporter in live and lk.suspect in live]
     namers = sorted({lk.reporter for lk in links if lk.suspect == suspect})

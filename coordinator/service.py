@@ -10,6 +10,7 @@ import functools
 import logging
 import os
 import pathlib
+import socket
 import threading
 import time
 import uuid
@@ -18,6 +19,7 @@ from typing import Any, Callable, TypeVar
 
 import numpy as np
 
+from dml.common import rpc
 from dml.coordinator import planner
 from dml.common.spec import JobSpec, validate, with_defaults
 from dml.coordinator.metrics import CoordinatorMetrics
@@ -30,6 +32,26 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 __all__ = ["Coordinator", "CoordinatorConfig", "NotFound", "ShuttingDown", "Stale"]
+
+
+
+WITNESS_TIMEOUT_S = 0.5  # the coordinator's own connect to a suspect's address
+
+
+def nothing_listens(address: str, timeout_s: float = WITNESS_TIMEOUT_S) -> str:
+    """Why nothing listens at ``address`` (host:port) when a TCP connect is refused there, else
+    "". Only a refusal counts: the host answered and said no process has the port (a peer killed
+    or gone), which no network fault between two members can fake. A timeout or an unreachable
+    network says nothing about the peer (the coordinator may sit on another network), so it
+    counts as no evidence."""
+    try:
+        host, port = rpc.parse_address(address)
+        with socket.create_connection((host.strip("[]"), port), timeout=timeout_s):
+            return ""
+    except ConnectionRefusedError:
+        return f"nothing listens at {address} (connection refused)"
+    except (OSError, ValueError):
+        return ""
 
 
 class ShuttingDown(Exception):
@@ -146,10 +168,15 @@ class Coordinator:
                        kind: str = "") -> None:
         """A member reports that its exchange of (round, epoch) failed, naming a suspect if any
         (``kind``: a FailureKind name without its prefix, "" for unspecified)."""
+        refused = ""
+        if suspect and suspect != peer_id and kind in ("", "UNREACHABLE"):
+            address = self.view(lambda st: st.peers[suspect].address if suspect in st.peers else "")
+            refused = nothing_listens(address) if address else ""
         with self._cond:
             log.warning("peer %s job %s round %d epoch %d: exchange failed (suspect %s, %s): %s",
                         peer_id, job_id, rnd, epoch, suspect or "none", kind or "unspecified", detail)
-            self._apply(self.state.report_failure(peer_id, job_id, rnd, epoch, suspect, self.now_ms(), detail, kind))
+            self._apply(self.state.report_failure(peer_id, job_id, rnd, epoch, suspect, self.now_ms(), detail, kind,
+                                                  refused=refused))
 
     def wait_plan(self, peer_id: str, last: tuple[str, int, int], timeout_s: float,
                   build: Callable[[Job], T]) -> T | None:

@@ -221,13 +221,15 @@ class ClusterState:
         return Changes(jobs=(job.job_id,))
 
     def report_failure(self, reporter: str, job_id: str, rnd: int, epoch: int, suspect: str, now_ms: int,
-                       detail: str = "", kind: str = "") -> Changes:
+                       detail: str = "", kind: str = "", refused: str = "") -> Changes:
         """A member's exchange of (round, epoch) failed (``detail``: what it saw; ``kind``: a
         FailureKind name without its prefix, "" for unspecified). Naming itself, the reporter
         gives up its place (a local failure). Naming another member (UNREACHABLE, or
         unspecified), it does not get it evicted on its word: the link is recorded and the job's
         broken links decide (:meth:`_unreachable`). Without a suspect the round is re-issued under
-        a new epoch so nobody waits on an exchange that cannot finish. Stale reports are ignored."""
+        a new epoch so nobody waits on an exchange that cannot finish. Stale reports are ignored.
+        ``refused`` is the coordinator's own evidence ("" when none): it found nothing listening
+        at the suspect's address, a second witness that holds it out at once."""
         self._peer(reporter).last_seen_ms = now_ms
         job = self.jobs.get(job_id)
         if job is not None and job.state == RUNNING and job.gossip.active:
@@ -244,14 +246,15 @@ class ClusterState:
                 log.warning("peer %s gives up its place in job %s (local failure)", reporter, job_id)
                 return self.remove_peer(reporter, now_ms, SELF_REPORT, detail=detail)
             if reporter in job.members and suspect in job.members and kind in ("", UNREACHABLE):
-                return self._unreachable(job, reporter, suspect, detail, now_ms)
+                return self._unreachable(job, reporter, suspect, detail, now_ms, refused)
             return Changes()
         if not suspect:
             self._new_epoch(job, now_ms, f"exchange failed at {reporter}")
             return Changes(jobs=(job_id,))
         return Changes()
 
-    def _unreachable(self, job: Job, reporter: str, suspect: str, detail: str, now_ms: int) -> Changes:
+    def _unreachable(self, job: Job, reporter: str, suspect: str, detail: str, now_ms: int,
+                     refused: str = "") -> Changes:
         """``reporter`` could not reach ``suspect`` (both members of a ring job): records the
         broken link and acts on the job's broken links as :func:`partitions.judge` decides:
         hold a peer out, or re-form the ring around the link."""
@@ -259,7 +262,7 @@ class ClusterState:
         _keep_recent(job.broken_links, BrokenLink(reporter, suspect, sender, receiver, job.round, now_ms, detail[:200]))
         log.warning("peer %s reported by %s as unreachable (link %s -> %s): %s", suspect, reporter, sender, receiver,
                     detail)
-        verdict = partitions.judge(job.members, job.broken_links, reporter, suspect)
+        verdict = partitions.judge(job.members, job.broken_links, reporter, suspect, refused)
         if verdict.hold_out:
             return self._hold_out(job, verdict, now_ms)
         job.members = list(verdict.ring)

@@ -230,3 +230,33 @@ def test_a_job_with_enough_peers_does_not_try_a_held_out_peer_again() -> None:
     s.expire(t)
     report_all(s, job, t + 1)  # a round boundary, where idle peers join
     assert job.members == [a, c] and s.held_out_reason(b)
+
+
+# -- the coordinator as a second witness --------------------------------------------------------
+
+
+def test_a_refused_connect_at_the_suspects_address_holds_it_out_on_the_first_report() -> None:
+    s, job, (x, a, b) = running(3, rounds=4)
+    s.report_failure(b, job.job_id, 1, 1, x, 10, "connect refused", refused="nothing listens at h:1 (connection refused)")
+    assert x not in job.members and [e.peer_id for e in job.held_out] == [x]
+    assert job.evictions_total == 1 and job.held_out[0].witnesses == [b]
+    assert "nothing listens" in job.held_out[0].reason
+    # Without the coordinator's evidence the same report only re-forms the ring.
+    s2, job2, (x2, _, b2) = running(3, rounds=4)
+    s2.report_failure(b2, job2.job_id, 1, 1, x2, 10, "connect refused")
+    assert x2 in job2.members and job2.held_out == [] and job2.evictions_total == 0
+
+
+def test_nothing_listens_counts_only_a_refusal_as_evidence() -> None:
+    import socket
+
+    from dml.coordinator.service import nothing_listens
+
+    with socket.socket() as srv:
+        srv.bind(("127.0.0.1", 0))
+        srv.listen()
+        port = srv.getsockname()[1]
+        assert nothing_listens(f"127.0.0.1:{port}") == ""
+    # The port is closed now: the host refuses.
+    assert "connection refused" in nothing_listens(f"127.0.0.1:{port}")
+    assert nothing_listens("not an address") == ""  # no evidence, not an error
