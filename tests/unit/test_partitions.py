@@ -239,7 +239,7 @@ def test_a_refused_connect_at_the_suspects_address_holds_it_out_on_the_first_rep
     s, job, (x, a, b) = running(3, rounds=4)
     s.report_failure(b, job.job_id, 1, 1, x, 10, "connect refused", refused="nothing listens at h:1 (connection refused)")
     assert x not in job.members and [e.peer_id for e in job.held_out] == [x]
-    assert job.evictions_total == 1 and job.held_out[0].witnesses == [b]
+    assert job.evictions_total == 1 and job.held_out[0].reporters == [b]
     assert "nothing listens" in job.held_out[0].reason
     # Without the coordinator's evidence the same report only re-forms the ring.
     s2, job2, (x2, _, b2) = running(3, rounds=4)
