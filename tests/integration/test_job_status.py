@@ -48,10 +48,17 @@ def test_report_failure_kinds_the_held_out_reason_in_heartbeats_and_held_out_in_
 
     from dml.common import rpc
 
-    with coordinator() as srv, rpc.channel(srv.address) as ch:
+    import socket
+
+    # Something listens at both addresses, so the coordinator's own connect is no witness and the
+    # ring-of-two rule is what holds b out.
+    with coordinator() as srv, rpc.channel(srv.address) as ch, socket.socket() as la, socket.socket() as lb:
+        for s in (la, lb):
+            s.bind(("127.0.0.1", 0))
+            s.listen()
         ctl = control_pb2_grpc.PeerControlStub(ch)
-        a, b = (ctl.RegisterPeer(control_pb2.RegisterPeerRequest(address=f"127.0.0.1:{p}"), timeout=10).peer_id
-                for p in (1, 2))
+        a, b = (ctl.RegisterPeer(control_pb2.RegisterPeerRequest(address=f"127.0.0.1:{s.getsockname()[1]}"),
+                                 timeout=10).peer_id for s in (la, lb))
         stub = job_stub(srv.address)
         jid = _submit(stub, JobSpec(rounds=5, min_peers=1))
         st = _job(stub, jid).job
