@@ -384,12 +384,13 @@ class Coordinator:
                 self._checkpoint_write_failed(path, len(data), e)
             with self._cond:
                 self._check_writable()
-                self.state.checkpoint_uploaded(peer_id, job_id, rnd, epoch, digest, self.now_ms())
+                self.state.check_checkpoint(peer_id, job_id, rnd, epoch)  # still current: may replace the file
                 try:
                     os.replace(tmp, path)
                 except OSError as e:
                     self.metrics.record_store_write_error()
                     self._checkpoint_write_failed(path, len(data), e)
+                self.state.checkpoint_uploaded(peer_id, job_id, rnd, epoch, digest, self.now_ms())
                 self._apply(Changes(jobs=(job_id,)))
         finally:
             try:
