@@ -208,9 +208,9 @@ class Coordinator:
                     removed_peers=changes.removed_peers,
                     rounds=[(j, st.jobs[j].history[r - 1]) for j, r in changes.committed],
                 )
-            except StoreWriteError as e:
+            except Exception as e:  # StoreWriteError, or anything else that kept it from being stored
                 self.metrics.record_store_write_error()
-                size = e.size_bytes
+                size = e.size_bytes if isinstance(e, StoreWriteError) else 0
                 self._write_failed(str(e), lambda: self._store.probe(size), reload=True)
                 raise StoreUnavailable(f"change refused: {e}") from e
             self.metrics.changed([st.jobs[j] for j in changes.jobs if j in st.jobs],
