@@ -146,6 +146,25 @@ def metrics_config(a: argparse.Namespace) -> MetricsConfig | None:
                          keyfile=getattr(a, "tls_key", None) or None, cafile=getattr(a, "tls_ca", None) or None)
 
 
+CLUSTER_ID_CHARS = frozenset("0123456789abcdef")
+
+
+def cluster_id(text: str) -> str:
+    """An argparse type: a cluster id as a coordinator makes them (32 hex digits), or "" (none)."""
+    v = text.strip().lower()
+    if (v and len(v) != 32) or not set(v) <= CLUSTER_ID_CHARS:
+        raise argparse.ArgumentTypeError(f"a cluster id is 32 hex digits (the coordinator logs its own), got {text!r}")
+    return v
+
+
+def add_cluster_flag(p: argparse.ArgumentParser) -> None:
+    """``--cluster-id`` (env DML_CLUSTER_ID): the cluster a peer belongs to. Without it a peer
+    belongs to the cluster of the first coordinator that registers it."""
+    p.add_argument("--cluster-id", type=cluster_id, default=os.environ.get("DML_CLUSTER_ID") or "",
+                   help="refuse any coordinator of another cluster (its state dir's id, 32 hex digits, "
+                        "logged at its start); default: the cluster of the first coordinator joined")
+
+
 def run_quietly(main: Callable[[], int | None]) -> NoReturn:
     """Runs ``main`` and exits with its code. When stdout is a pipe that closed early (``| head``)
     the process ends quietly with 141, as a tool killed by SIGPIPE does, with no traceback."""

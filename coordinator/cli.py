@@ -15,7 +15,7 @@ from dml.common.metrics import MetricsBindError
 from dml.coordinator.lock import StateDirLocked
 from dml.coordinator.server import CoordinatorServer, ServerConfig
 from dml.coordinator.service import CoordinatorConfig
-from dml.coordinator.store import SchemaError
+from dml.coordinator.store import StoreOpenError
 
 
 def _env_int(name: str, default: int) -> int:
@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> None:
     except OSError as e:
         print(f"dml-coordinator: {e}", file=sys.stderr)
         sys.exit(1)
-    except SchemaError as e:  # a state dir of a newer dml: bad input
+    except StoreOpenError as e:  # a state dir of a newer dml, or an empty or corrupt database: bad input
         print(f"dml-coordinator: {e}", file=sys.stderr)
         sys.exit(2)
     if cfg.port_file is not None:

@@ -21,6 +21,7 @@ from dml.coordinator.store import MemoryStore, SqliteStore, Store
 from dml.v1 import control_pb2, control_pb2_grpc, jobs_pb2, jobs_pb2_grpc
 
 log = logging.getLogger(__name__)
+HEALTH_NAMES = ("", "dml.v1.JobService", "dml.v1.PeerControl")
 
 UPLOAD_IDLE_S = 10.0  # between two checkpoint chunks (1 MiB each, sent back to back)
 UPLOAD_MAX_S = 600.0
@@ -88,6 +89,7 @@ class CoordinatorServer:
             ckpt = pathlib.Path(tempfile.mkdtemp(prefix="dml-ckpt-"))
         self.metrics = CoordinatorMetrics()
         self.coordinator = Coordinator(config.timing, store, ckpt, metrics=self.metrics)
+        self.coordinator.on_health = self._set_health
         self._server = rpc.server(workers=config.workers, interceptors=[self.metrics.rpcs],
                                   limits=guard.Limits.for_pool(config.workers, call_policies()))
         jobs_pb2_grpc.add_JobServiceServicer_to_server(JobServicer(self.coordinator), self._server)
@@ -126,10 +128,17 @@ class CoordinatorServer:
         """Starts serving and reaping."""
         self._server.start()
         self._reaper.start()
-        for name in ("", "dml.v1.JobService", "dml.v1.PeerControl"):
-            self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
-        log.info("coordinator listening on %s", self.address)
+        reason = self.coordinator.pause_reason
+        self._set_health(not reason, reason)
+        log.info("coordinator listening on %s (cluster %s)", self.address, self.coordinator.cluster_id)
         return self
+
+    def _set_health(self, serving: bool, reason: str) -> None:
+        """The health service follows the coordinator: NOT_SERVING while a failed write pauses it
+        (the reason is in the log and in every unfinished job's status)."""
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in HEALTH_NAMES:
+            self._health.set(name, status)
 
     def _reap(self) -> None:
         while not self._stop.wait(self.config.timing.tick_ms / 1000.0):

@@ -1,8 +1,20 @@
-"""The coordinator as one object: state machine + lock + store + checkpoints + the real clock.
+"""The coordinator as one object: state machine + lock + store + checkpoints + the real clocks.
 
 Servicers call these methods and translate results to protos; the background reaper calls
 :meth:`Coordinator.tick`. Every change is persisted before waiters are woken, so what a peer or
 client sees has survived a crash.
+
+Time: every lease, deadline and grace period runs on the monotonic clock (``now_ms``); the wall
+clock only stamps what people read (``ClusterState.wall_offset_ms``), so stepping it evicts
+nobody. Timers do not survive a restart: a restored state starts them afresh from "now".
+
+A write that fails (disk full, I/O error, a checkpoint that cannot be written) never leaves
+memory ahead of disk: the state is reloaded from the store, whose transaction rolled back (as a
+restart would), the call fails with :class:`StoreUnavailable`, and the coordinator is *paused*:
+it refuses every change (heartbeats and reads go on), reports NOT_SERVING with the reason, and
+its reaper re-tries a write of the same size every ``PROBE_EVERY_S``. When one fits, the state
+is reloaded once more (every lease and deadline starts afresh, so nobody pays for the pause)
+and it serves again. Peers retry UNAVAILABLE as they do across a coordinator restart.
 """
 from __future__ import annotations
 
@@ -25,13 +37,16 @@ from dml.common.spec import JobSpec, validate, with_defaults
 from dml.coordinator.metrics import CoordinatorMetrics
 from dml.coordinator.records import Changes, Job, NotFound, Report, Stale
 from dml.coordinator.state import ClusterState
-from dml.coordinator.store import Store
+from dml.coordinator.store import Store, StoreOpenError, StoreWriteError
 from dml.common.tasks import get_task
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-__all__ = ["Coordinator", "CoordinatorConfig", "NotFound", "ShuttingDown", "Stale"]
+__all__ = ["Clock", "Coordinator", "CoordinatorConfig", "NotFound", "ShuttingDown", "Stale", "StoreUnavailable",
+           "Unavailable"]
+
+PROBE_EVERY_S = 1.0  # while paused by a failed write, how often the reaper re-tries one
 
 
 
@@ -54,8 +69,35 @@ def nothing_listens(address: str, timeout_s: float = WITNESS_TIMEOUT_S) -> str:
         return ""
 
 
-class ShuttingDown(Exception):
+class Unavailable(Exception):
+    """The coordinator cannot serve the call now; clients should retry (UNAVAILABLE)."""
+
+
+class ShuttingDown(Unavailable):
     """The coordinator is stopping; clients should retry (UNAVAILABLE)."""
+
+
+class StoreUnavailable(Unavailable):
+    """A write failed or would fail (disk full, I/O error): the change was refused, nothing of
+    it was kept; retry once the coordinator serves again."""
+
+
+@dataclass(frozen=True)
+class Clock:
+    """The coordinator's clocks: ``monotonic`` (seconds) times every lease and deadline, ``wall``
+    (Unix seconds) stamps what people read. Tests inject their own."""
+
+    monotonic: Callable[[], float] = time.monotonic
+    wall: Callable[[], float] = time.time
+
+
+@dataclass
+class _Fault:
+    """Why the coordinator is paused, and how to tell that it may go on."""
+
+    reason: str
+    probe: Callable[[], None]  # raises while writes would still fail
+    since: float  # monotonic seconds
 
 
 @dataclass(frozen=True)
@@ -85,7 +127,7 @@ class Coordinator:
     """Thread-safe facade over :class:`ClusterState`."""
 
     def __init__(self, config: CoordinatorConfig, store: Store, checkpoint_dir: pathlib.Path,
-                 clock: Callable[[], float] = time.time, metrics: CoordinatorMetrics | None = None) -> None:
+                 clock: Clock = Clock(), metrics: CoordinatorMetrics | None = None) -> None:
         self.config = config
         self.metrics = metrics if metrics is not None else CoordinatorMetrics()
         self._store = store
@@ -93,33 +135,68 @@ class Coordinator:
         self._clock = clock
         self._cond = threading.Condition()
         self._closed = False
+        self._fault: _Fault | None = None  # set while paused by a failed write
+        self._stale = False  # memory may be ahead of disk (a reload failed): serve nothing
+        self._next_probe = 0.0
+        # Told (serving, reason) when the coordinator pauses and when it serves again; the server
+        # sets its health service from it. Called with the lock held: it must not call back.
+        self.on_health: Callable[[bool, str], None] | None = None
         self.state = ClusterState(config.peer_timeout_ms, config.round_deadline_ms)
-        jobs, peers = store.load()
-        now = self.now_ms()
+        self.cluster_id = store.cluster_id
+        with self._cond:
+            jobs, peers = store.load()
+            self.state.restore(jobs, peers, self.now_ms())
         for j in jobs:
-            self.state.jobs[j.job_id] = j
-            # Members' gossip steps restart their deadline: time the coordinator was down is not theirs.
-            j.gossip.issued_ms = {m: now + config.peer_timeout_ms for m in j.gossip.issued_ms}
             if j.state in ("PENDING", "RUNNING"):
                 job_shards(j.spec)  # cut the plans' shard indices now, not under the lock at the first plan
-        for p in peers:
-            # A restart grants every known peer a lease of two timeouts: their reconnects back off.
-            p.last_seen_ms = now + config.peer_timeout_ms
-            job = self.state.jobs.get(p.job_id)
-            if job is None or job.state != "RUNNING" or p.peer_id not in job.members:
-                p.job_id = ""
-            self.state.peers[p.peer_id] = p
         if jobs or peers:
-            log.info("restored %d jobs and %d peers from the store", len(jobs), len(peers))
+            log.info("restored %d jobs and %d peers from the store (cluster %s)", len(jobs), len(peers), self.cluster_id)
         self.metrics.restored(jobs)
-        self.metrics.watch(self.view)
+        self.metrics.watch(self._peek)
+
+    @property
+    def store(self) -> Store:
+        """Where the state is kept."""
+        return self._store
+
+    def _peek(self, fn: Callable[[ClusterState], T]) -> T:
+        """Runs ``fn`` on the state under the lock, even while it may be stale (metrics)."""
+        with self._cond:
+            return fn(self.state)
 
     def now_ms(self) -> int:
-        """Wall clock in Unix milliseconds."""
-        return int(self._clock() * 1000)
+        """The monotonic clock in milliseconds, for leases and deadlines; also tells the state
+        how far the wall clock is from it, for the timestamps it shows. Call with the lock held."""
+        now = int(self._clock.monotonic() * 1000)
+        self.state.wall_offset_ms = int(self._clock.wall() * 1000) - now
+        return now
+
+    @property
+    def pause_reason(self) -> str:
+        """Why the coordinator refuses changes ("" while it serves)."""
+        with self._cond:
+            return self._pause_reason()
+
+    def _pause_reason(self) -> str:
+        if self._fault is None:
+            return ""
+        return f"coordinator paused: {self._fault.reason}; changes are refused until it can write again"
+
+    def _check_writable(self) -> None:
+        """Raises ShuttingDown or StoreUnavailable unless a change may be made now. Lock held."""
+        if self._closed:
+            raise ShuttingDown("the coordinator is shutting down; retry against the restarted one")
+        if self._fault is not None:
+            raise StoreUnavailable(self._pause_reason())
+
+    def _check_readable(self) -> None:
+        """Raises StoreUnavailable while memory may disagree with disk. Lock held."""
+        if self._stale:
+            raise StoreUnavailable(self._pause_reason() or "coordinator state is being reloaded")
 
     def _apply(self, changes: Changes) -> None:
-        """Persists what changed and wakes waiters. Call with the condition held."""
+        """Persists what changed and wakes waiters. Call with the condition held. A write that
+        fails rolls memory back to the store and raises StoreUnavailable (see the module)."""
         if self._closed:
             raise ShuttingDown("the coordinator is shutting down; retry against the restarted one")
         st = self.state
@@ -131,37 +208,94 @@ class Coordinator:
                     removed_peers=changes.removed_peers,
                     rounds=[(j, st.jobs[j].history[r - 1]) for j, r in changes.committed],
                 )
-            except Exception:
+            except Exception as e:  # StoreWriteError, or anything else that kept it from being stored
                 self.metrics.record_store_write_error()
-                raise
+                size = e.size_bytes if isinstance(e, StoreWriteError) else 0
+                self._write_failed(str(e), lambda: self._store.probe(size), reload=True)
+                raise StoreUnavailable(f"change refused: {e}") from e
             self.metrics.changed([st.jobs[j] for j in changes.jobs if j in st.jobs],
                                  [(st.jobs[j], r) for j, r in changes.committed if j in st.jobs])
             self._cond.notify_all()
+
+    def _write_failed(self, reason: str, probe: Callable[[], None], reload: bool) -> None:
+        """Pauses the coordinator after a failed write; with ``reload``, memory (ahead of disk by
+        the refused change) is read back from the store. Lock held."""
+        log.error("%s; refusing changes (NOT_SERVING) until a write succeeds again", reason)
+        self._fault = _Fault(reason, probe, self._clock.monotonic())
+        self._next_probe = self._fault.since + PROBE_EVERY_S
+        if reload:
+            self._reload()
+        if self.on_health is not None:
+            self.on_health(False, self._pause_reason())
+        self._cond.notify_all()  # watchers show the pause
+
+    def _reload(self) -> None:
+        """Replaces memory with what the store holds, timers started afresh. Lock held."""
+        try:
+            jobs, peers = self._store.load()
+        except (StoreOpenError, OSError) as e:
+            log.error("cannot reload the coordinator state from the store (%s); serving nothing until it can", e)
+            self._stale = True
+            return
+        self.state.restore(jobs, peers, self.now_ms())
+        self._stale = False
+
+    def _retry_write(self) -> None:
+        """While paused: re-tries a write (at most every PROBE_EVERY_S); when it fits, reloads
+        the state with fresh timers and serves again. Lock held."""
+        fault = self._fault
+        now = self._clock.monotonic()
+        if fault is None or now < self._next_probe:
+            return
+        self._next_probe = now + PROBE_EVERY_S
+        try:
+            fault.probe()
+        except (StoreWriteError, OSError) as e:
+            log.debug("write still failing: %s", e)
+            return
+        self._reload()
+        if self._stale:
+            return
+        self._fault = None
+        log.warning("writes succeed again after %.1fs (%s); serving", now - fault.since, fault.reason)
+        if self.on_health is not None:
+            self.on_health(True, "")
+        self._cond.notify_all()
 
     # -- peers ------------------------------------------------------------------------------
     def register(self, address: str, capability: dict[str, Any]) -> str:
         """Registers a peer and returns its id."""
         with self._cond:
+            self._check_writable()
             pid, ch = self.state.register(address, capability, self.now_ms())
             self._apply(ch)
         log.info("peer %s registered at %s (%s)", pid, address, capability.get("device", "?"))
         return pid
 
     def heartbeat(self, peer_id: str) -> tuple[str, int, str]:
-        """Renews a peer's lease; returns its job, the job's epoch and why a job holds it out of
-        its rings ("" when none does)."""
+        """Renews a peer's lease (in memory: leases are not stored, and go on while paused);
+        returns its job, the job's epoch and why a job holds it out of its rings ("" when none
+        does)."""
         with self._cond:
+            self._check_readable()
             job_id, epoch = self.state.heartbeat(peer_id, self.now_ms())
             return job_id, epoch, self.state.held_out_reason(peer_id)
 
     def view(self, fn: Callable[[ClusterState], T]) -> T:
         """Runs ``fn`` on the state under the lock (to read a consistent snapshot)."""
         with self._cond:
+            self._check_readable()
             return fn(self.state)
 
     def tick(self) -> None:
-        """Evicts expired peers. Called by the reaper thread."""
+        """Evicts expired peers; while paused, re-tries a write instead (leases and deadlines
+        wait). Called by the reaper thread."""
         with self._cond:
+            if self._closed:
+                return
+            if self._fault is not None:
+                self._retry_write()
+                return
             self._apply(self.state.expire(self.now_ms()))
 
     def report_failure(self, peer_id: str, job_id: str, rnd: int, epoch: int, suspect: str, detail: str,
@@ -173,6 +307,7 @@ class Coordinator:
             address = self.view(lambda st: st.peers[suspect].address if suspect in st.peers else "")
             refused = nothing_listens(address) if address else ""
         with self._cond:
+            self._check_writable()
             log.warning("peer %s job %s round %d epoch %d: exchange failed (suspect %s, %s): %s",
                         peer_id, job_id, rnd, epoch, suspect or "none", kind or "unspecified", detail)
             self._apply(self.state.report_failure(peer_id, job_id, rnd, epoch, suspect, self.now_ms(), detail, kind,
@@ -185,6 +320,7 @@ class Coordinator:
         deadline = time.monotonic() + timeout_s
         with self._cond:
             while True:
+                self._check_readable()
                 job = self.state.plan_for(peer_id)
                 if job is not None and self.state.plan_key(job, peer_id) != last:
                     return build(job)
@@ -199,6 +335,7 @@ class Coordinator:
         (when ``build_next`` is given), ``build_next(job)`` for the member's next step, built
         under the lock, so it need not ask for it."""
         with self._cond:
+            self._check_writable()
             gossip = self.state.job(job_id).gossip.active
             ch = self.state.report(peer_id, job_id, rnd, epoch, rep, self.now_ms())
             self._apply(ch)
@@ -228,30 +365,56 @@ class Coordinator:
     def check_checkpoint(self, peer_id: str, job_id: str, rnd: int, epoch: int) -> None:
         """Raises NotFound/Stale unless the upload is for the current round of a member."""
         with self._cond:
+            self._check_writable()
             self.state.check_checkpoint(peer_id, job_id, rnd, epoch)
 
     def store_checkpoint(self, peer_id: str, job_id: str, rnd: int, epoch: int, digest: str, data: bytes) -> None:
         """Writes a checkpoint to a private temp file, then (if the round is still current)
-        renames it into place and records it; it counts once its round commits."""
+        renames it into place and records it; it counts once its round commits. A file that
+        cannot be written (disk full, a file-size limit, a read-only folder) pauses the
+        coordinator and raises StoreUnavailable; nothing is recorded."""
         self.check_checkpoint(peer_id, job_id, rnd, epoch)
         path = self.checkpoint_path(job_id, rnd)
-        path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
         try:
             try:
-                with open(tmp, "wb") as f:
-                    f.write(data)
-                    f.flush()
-                    os.fsync(f.fileno())
-            except OSError:
+                _write_file(tmp, data)
+            except OSError as e:
                 self.metrics.record_store_write_error()
-                raise
+                self._checkpoint_write_failed(path, len(data), e)
             with self._cond:
+                self._check_writable()
+                self.state.check_checkpoint(peer_id, job_id, rnd, epoch)  # still current: may replace the file
+                try:
+                    os.replace(tmp, path)
+                except OSError as e:
+                    self.metrics.record_store_write_error()
+                    self._checkpoint_write_failed(path, len(data), e)
                 self.state.checkpoint_uploaded(peer_id, job_id, rnd, epoch, digest, self.now_ms())
-                os.replace(tmp, path)
                 self._apply(Changes(jobs=(job_id,)))
         finally:
-            tmp.unlink(missing_ok=True)
+            try:
+                tmp.unlink(missing_ok=True)
+            except OSError as e:
+                log.warning("cannot remove %s: %s", tmp, e)
+
+    def _checkpoint_write_failed(self, path: pathlib.Path, size: int, err: OSError) -> None:
+        """Pauses the coordinator (see the module) and raises StoreUnavailable. Memory is as it
+        was: the upload is recorded only after its file is in place. The probe writes a file of
+        the same size beside it."""
+        reason = f"cannot write checkpoint {path}: {err.strerror or err}"
+
+        def probe() -> None:
+            tmp = path.with_name(f".probe-{uuid.uuid4().hex}.tmp")
+            try:
+                _write_file(tmp, bytes(size))
+            finally:
+                tmp.unlink(missing_ok=True)
+
+        with self._cond:
+            if self._fault is None:
+                self._write_failed(reason, probe, reload=False)
+        raise StoreUnavailable(f"checkpoint refused: {reason}") from err
 
     def _prune_checkpoints(self, job: Job) -> None:
         keep = self.checkpoint_path(job.job_id, job.checkpoint_round).name if job.checkpoint_round else ""
@@ -264,6 +427,7 @@ class Coordinator:
     def checkpoint(self, job_id: str) -> tuple[int, str, pathlib.Path]:
         """The job's last committed checkpoint: round, digest, file. NotFound if none."""
         with self._cond:
+            self._check_readable()
             job = self.state.job(job_id)
             if not job.checkpoint_round:
                 raise NotFound(f"job {job_id} has no checkpoint yet (state {job.state}, round {job.committed_round})")
@@ -276,6 +440,7 @@ class Coordinator:
         validate(spec)
         sizes = [int(s.size) for s in job_shards(spec)]  # cut the shards outside the lock
         with self._cond:
+            self._check_writable()
             jid, ch = self.state.submit(spec, sizes, self.now_ms())
             self._apply(ch)
         log.info("job %s submitted: %s", jid, spec)
@@ -284,23 +449,26 @@ class Coordinator:
     def cancel(self, job_id: str) -> str:
         """Cancels a job; returns its state."""
         with self._cond:
+            self._check_writable()
             self._apply(self.state.cancel(job_id, self.now_ms()))
             return self.state.job(job_id).state
 
     def jobs(self) -> list[Job]:
         """All jobs, newest first."""
         with self._cond:
+            self._check_readable()
             return sorted(self.state.jobs.values(), key=lambda j: (j.created_ms, j.job_id), reverse=True)
 
-    def wait_job_change(self, job_id: str, seen: tuple[int, int, str] | None, timeout_s: float,
-                        build: Callable[[Job], T]) -> tuple[tuple[int, int, str], T]:
-        """Blocks until the job's (updated, round, state) differs from ``seen``, or the timeout.
-        Returns the new key and ``build(job)``, built under the lock."""
+    def wait_job_change(self, job_id: str, seen: tuple[int, int, str, str] | None, timeout_s: float,
+                        build: Callable[[Job], T]) -> tuple[tuple[int, int, str, str], T]:
+        """Blocks until the job's (updated, round, state, pause reason) differs from ``seen``, or
+        the timeout. Returns the new key and ``build(job)``, built under the lock."""
         deadline = time.monotonic() + timeout_s
         with self._cond:
             while True:
+                self._check_readable()
                 job = self.state.job(job_id)
-                key = (job.updated_ms, job.committed_round, job.state)
+                key = (job.updated_ms, job.committed_round, job.state, self._pause_reason())
                 left = deadline - time.monotonic()
                 if key != seen or left <= 0:
                     return key, build(job)
@@ -311,3 +479,12 @@ class Coordinator:
         with self._cond:
             self._closed = True
             self._store.close()
+
+
+def _write_file(path: pathlib.Path, data: bytes) -> None:
+    """Writes ``data`` to a new file and syncs it (its folder made if need be)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())

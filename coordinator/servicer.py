@@ -1,6 +1,12 @@
 """gRPC servicers of the coordinator. They only translate: proto to a Coordinator call, domain
 error to a status code (InvalidSpec: INVALID_ARGUMENT, NotFound: NOT_FOUND, Stale:
-FAILED_PRECONDITION)."""
+FAILED_PRECONDITION, Unavailable (shutting down, or paused by a failed write): UNAVAILABLE).
+
+Every PeerControl call is checked against the cluster id: a caller that names another cluster
+(``RegisterPeerRequest.cluster_id``, or the ``dml-cluster-id`` metadata the peer sends on every
+call) gets FAILED_PRECONDITION with this coordinator's id in the ``dml-cluster-id`` trailing
+metadata, before anything else is looked at, so a peer never takes a wrong coordinator's
+NOT_FOUND for an eviction."""
 from __future__ import annotations
 
 import contextlib
@@ -13,7 +19,7 @@ import grpc
 from dml.v1 import control_pb2, control_pb2_grpc, jobs_pb2, jobs_pb2_grpc, types_pb2
 
 from dml.common import limits
-from dml.coordinator.service import Coordinator, ShuttingDown
+from dml.coordinator.service import Coordinator, Unavailable
 from dml.common.spec import InvalidSpec, spec_from_pb, spec_to_pb
 from dml.coordinator.records import BadReport, Job, NotFound, Report, RoundRecord, Stale
 
@@ -24,6 +30,7 @@ MAX_PLAN_WAIT_S = 30.0
 MAX_WATCH_S = 24 * 3600.0
 FINISHED_PB = (types_pb2.JOB_STATE_SUCCEEDED, types_pb2.JOB_STATE_FAILED, types_pb2.JOB_STATE_CANCELLED)
 MAX_WATCHERS = 64  # WatchJob streams hold a server thread each; past this they are refused
+CLUSTER_METADATA = "dml-cluster-id"  # the caller's cluster on requests, the coordinator's on refusals
 
 STATE_TO_PB = {
     "PENDING": types_pb2.JOB_STATE_PENDING,
@@ -45,7 +52,7 @@ def _status(context: grpc.ServicerContext) -> Iterator[None]:
         context.abort(grpc.StatusCode.NOT_FOUND, str(e))
     except Stale as e:
         context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
-    except ShuttingDown as e:
+    except Unavailable as e:
         context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
 
 
@@ -54,6 +61,19 @@ def _check(context: grpc.ServicerContext, request: object) -> None:
     err = limits.message_error(request)  # type: ignore[arg-type]
     if err:
         context.abort(grpc.StatusCode.INVALID_ARGUMENT, err)
+
+
+def check_cluster(coord: Coordinator, context: grpc.ServicerContext, claimed: str = "") -> None:
+    """Aborts with FAILED_PRECONDITION when the caller belongs to another cluster: ``claimed``
+    (a request field) or its ``dml-cluster-id`` metadata names an id other than this one's."""
+    ids = {v for k, v in (context.invocation_metadata() or ()) if k == CLUSTER_METADATA and isinstance(v, str)}
+    ids |= {claimed} if claimed else set()
+    other = sorted(i for i in ids if i != coord.cluster_id)
+    if other:
+        context.set_trailing_metadata(((CLUSTER_METADATA, coord.cluster_id),))
+        context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                      f"wrong cluster: this coordinator serves cluster {coord.cluster_id}, the caller belongs to "
+                      f"cluster {other[0][:64]} (a coordinator started on another state dir?)")
 
 
 def _finite(x: float) -> float:
@@ -79,8 +99,9 @@ def round_to_pb(r: RoundRecord, ledger: bool = False) -> types_pb2.RoundMetrics:
     return m
 
 
-def job_to_pb(j: Job) -> jobs_pb2.JobStatus:
-    """A job's user-facing status."""
+def job_to_pb(j: Job, pause_reason: str = "") -> jobs_pb2.JobStatus:
+    """A job's user-facing status; ``pause_reason`` (why the coordinator refuses changes) leads
+    the reason of a job that has not finished."""
     st = jobs_pb2.JobStatus(
         job_id=j.job_id, spec=spec_to_pb(j.spec), state=STATE_TO_PB[j.state], round=j.committed_round,
         epoch=j.epoch, peers=list(j.members), reason=j.reason, created_unix_ms=j.created_ms,
@@ -96,6 +117,8 @@ def job_to_pb(j: Job) -> jobs_pb2.JobStatus:
     )
     if j.history:
         st.last.CopyFrom(round_to_pb(j.history[-1]))
+    if pause_reason and st.state not in FINISHED_PB:
+        st.reason = f"{pause_reason}; {j.reason}" if j.reason else pause_reason
     return st
 
 
@@ -118,12 +141,15 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
             def build(st: object) -> jobs_pb2.GetJobResponse:
                 j = self._c.state.job(request.job_id)
                 hist = [round_to_pb(r, ledger=True) for r in j.history] if request.include_history else []
-                return jobs_pb2.GetJobResponse(job=job_to_pb(j), history=hist)
+                return jobs_pb2.GetJobResponse(job=job_to_pb(j, self._c.pause_reason), history=hist)
             return self._c.view(build)
         raise AssertionError("unreachable")
 
     def ListJobs(self, request: jobs_pb2.ListJobsRequest, context: grpc.ServicerContext) -> jobs_pb2.ListJobsResponse:
-        return self._c.view(lambda st: jobs_pb2.ListJobsResponse(jobs=[job_to_pb(j) for j in self._c.jobs()]))
+        with _status(context):
+            return self._c.view(lambda st: jobs_pb2.ListJobsResponse(
+                jobs=[job_to_pb(j, self._c.pause_reason) for j in self._c.jobs()]))
+        raise AssertionError("unreachable")
 
     def CancelJob(self, request: jobs_pb2.CancelJobRequest, context: grpc.ServicerContext) -> jobs_pb2.CancelJobResponse:
         _check(context, request)
@@ -139,9 +165,10 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
             with _status(context):
                 left = context.time_remaining()
                 budget = min(MAX_WATCH_S, left if left is not None else MAX_WATCH_S)
-                seen: tuple[int, int, str] | None = None
+                seen: tuple[int, int, str, str] | None = None
                 while context.is_active() and budget > 0:
-                    key, st = self._c.wait_job_change(request.job_id, seen, min(5.0, budget), job_to_pb)
+                    key, st = self._c.wait_job_change(request.job_id, seen, min(5.0, budget),
+                                                      lambda j: job_to_pb(j, self._c.pause_reason))
                     budget -= 5.0
                     if key != seen:
                         seen = key
@@ -173,28 +200,34 @@ class PeerControlServicer(control_pb2_grpc.PeerControlServicer):
 
     def RegisterPeer(self, request: control_pb2.RegisterPeerRequest, context: grpc.ServicerContext) -> control_pb2.RegisterPeerResponse:
         _check(context, request)
+        check_cluster(self._c, context, request.cluster_id)
         try:
             limits.dialable_address(request.address)
         except ValueError as e:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"cannot register address {request.address!r}: {e}")
         cap = {"device": request.capability.device, "memory_bytes": request.capability.memory_bytes,
                "pool": request.capability.pool}
-        pid = self._c.register(request.address, cap)
-        cfg = self._c.config
-        return control_pb2.RegisterPeerResponse(
-            peer_id=pid, heartbeat_interval_ms=cfg.heartbeat_interval_ms, peer_timeout_ms=cfg.peer_timeout_ms,
-            round_deadline_ms=cfg.round_deadline_ms,
-        )
+        with _status(context):
+            pid = self._c.register(request.address, cap)
+            cfg = self._c.config
+            return control_pb2.RegisterPeerResponse(
+                peer_id=pid, heartbeat_interval_ms=cfg.heartbeat_interval_ms, peer_timeout_ms=cfg.peer_timeout_ms,
+                round_deadline_ms=cfg.round_deadline_ms, cluster_id=self._c.cluster_id,
+            )
+        raise AssertionError("unreachable")
 
     def Heartbeat(self, request: control_pb2.HeartbeatRequest, context: grpc.ServicerContext) -> control_pb2.HeartbeatResponse:
         _check(context, request)
+        check_cluster(self._c, context)
         with _status(context):
             job_id, epoch, held_out = self._c.heartbeat(request.peer_id)
-            return control_pb2.HeartbeatResponse(job_id=job_id, epoch=epoch, held_out_reason=held_out)
+            return control_pb2.HeartbeatResponse(job_id=job_id, epoch=epoch, held_out_reason=held_out,
+                                                 cluster_id=self._c.cluster_id)
         raise AssertionError("unreachable")
 
     def GetPlan(self, request: control_pb2.GetPlanRequest, context: grpc.ServicerContext) -> control_pb2.GetPlanResponse:
         _check(context, request)
+        check_cluster(self._c, context)
         with _status(context):
             wait = min(request.wait_ms / 1000.0, MAX_PLAN_WAIT_S)
             left = context.time_remaining()
@@ -232,6 +265,7 @@ class PeerControlServicer(control_pb2_grpc.PeerControlServicer):
 
     def ReportRound(self, request: control_pb2.ReportRoundRequest, context: grpc.ServicerContext) -> control_pb2.ReportRoundResponse:
         _check(context, request)
+        check_cluster(self._c, context)
         with _status(context):
             rep = Report(
                 samples=request.samples, train_loss=request.train_loss, digest=request.digest,
@@ -251,6 +285,7 @@ class PeerControlServicer(control_pb2_grpc.PeerControlServicer):
 
     def ReportFailure(self, request: control_pb2.ReportFailureRequest, context: grpc.ServicerContext) -> control_pb2.ReportFailureResponse:
         _check(context, request)
+        check_cluster(self._c, context)
         with _status(context):
             if request.kind not in control_pb2.FailureKind.values():
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"unknown failure kind {request.kind}")
@@ -262,6 +297,7 @@ class PeerControlServicer(control_pb2_grpc.PeerControlServicer):
         raise AssertionError("unreachable")
 
     def UploadCheckpoint(self, request_iterator: Iterator[control_pb2.CheckpointChunk], context: grpc.ServicerContext) -> control_pb2.UploadCheckpointResponse:
+        check_cluster(self._c, context)
         with _status(context):
             first = next(request_iterator, None)
             if first is None:

@@ -1,7 +1,12 @@
 """The coordinator's state machine: peer registry, jobs and synchronous rounds.
 
 Deterministic and free of I/O: every method takes ``now_ms`` from the caller and returns what
-changed; the caller (``coordinator.service``) persists, wakes waiters and logs. Round rules:
+changed; the caller (``coordinator.service``) persists, wakes waiters and logs. ``now_ms`` is a
+monotonic clock: every lease, deadline and grace period is measured on it, so a step of the wall
+clock changes none of them. Timestamps shown to people (``*_unix_ms`` in the API: created,
+updated, committed, evictions, epochs) are ``now_ms + wall_offset_ms``, which the caller keeps
+up to date. Timers are not carried across a restart: :meth:`ClusterState.restore` starts every
+lease and deadline afresh. Round rules:
 
 - A job starts when at least ``min_peers`` live peers are idle; it takes them all (up to its
   shard count) in registration order as the ring of epoch 1.
@@ -99,11 +104,46 @@ class ClusterState:
         self.jobs: dict[str, Job] = {}
         self._ids = itertools.count(1)
         self._doomed: set[str] = set()
+        self.wall_offset_ms = 0  # Unix ms minus now_ms: the caller sets it from its clocks
+
+    def wall_ms(self, now_ms: int) -> int:
+        """``now_ms`` (monotonic) as Unix ms, for timestamps people read."""
+        return now_ms + self.wall_offset_ms
+
+    def restore(self, jobs: list[Job], peers: list[PeerRecord], now_ms: int) -> None:
+        """Replaces every job and peer with stored ones (at start-up, or to undo a change the
+        store refused), timers started afresh from ``now_ms``: a stored monotonic time means
+        nothing to this process, and the time the coordinator could not serve is nobody's fault.
+        Every peer gets a lease of two timeouts (their reconnects back off), each round and
+        gossip step its whole deadline, each waiting job its whole grace period, each held-out
+        peer its whole wait before a retry."""
+        self.jobs = {j.job_id: j for j in jobs}
+        self.peers = {}
+        self._doomed = set()
+        for j in jobs:
+            if j.state != RUNNING:
+                continue
+            j.round_started_ms = now_ms
+            j.waiting_since_ms = now_ms if j.waiting_since_ms else 0
+            j.gossip.issued_ms = {m: now_ms + self.peer_timeout_ms for m in j.gossip.issued_ms}
+            j.gossip.window.start_ms = now_ms
+            seen: dict[str, int] = {}
+            for x in j.held_out:  # each hold-out's wait before a retry, counted from now
+                before = seen[x.peer_id] = seen.get(x.peer_id, -1) + 1
+                x.retry_ms = now_ms + min(HOLD_OUT_RETRY_MS * 2 ** before, MAX_HOLD_OUT_RETRY_MS)
+            if j.reissues >= MAX_REISSUES:
+                self._doomed.add(j.job_id)
+        for p in peers:
+            p.last_seen_ms = now_ms + self.peer_timeout_ms
+            job = self.jobs.get(p.job_id)
+            if job is None or job.state != RUNNING or p.peer_id not in job.members:
+                p.job_id = ""
+            self.peers[p.peer_id] = p
 
     # -- ids --------------------------------------------------------------------------------
     def _new_id(self, prefix: str, taken: dict[str, Any], now_ms: int) -> str:
         while True:
-            cand = f"{prefix}-{now_ms % 10**8:08d}-{next(self._ids)}"
+            cand = f"{prefix}-{self.wall_ms(now_ms) % 10**8:08d}-{next(self._ids)}"
             if cand not in taken:
                 return cand
 
@@ -117,7 +157,7 @@ class ClusterState:
             log.warning("peer %s: a new peer registered at its address %s; replacing it", old, address)
             changes = changes | self.remove_peer(old, now_ms, REPLACED, detail=f"a new peer registered at {address}")
         pid = self._new_id("peer", self.peers, now_ms)
-        self.peers[pid] = PeerRecord(pid, address, capability, now_ms, now_ms)
+        self.peers[pid] = PeerRecord(pid, address, capability, self.wall_ms(now_ms), now_ms)
         return pid, changes | Changes(peers=(pid,)) | self.schedule(now_ms)
 
     def heartbeat(self, peer_id: str, now_ms: int) -> tuple[str, int]:
@@ -209,7 +249,8 @@ class ClusterState:
             job.holders = [h for h in job.holders if h != peer_id]
         if job.state != RUNNING or peer_id not in job.members:
             return Changes()
-        _keep_recent(job.evictions, Eviction(peer_id, cause, reporter, now_ms, job.epoch, job.round, detail))
+        _keep_recent(job.evictions, Eviction(peer_id, cause, reporter, self.wall_ms(now_ms), job.epoch, job.round,
+                                             detail))
         job.evictions_total += 1
         sizes = job.shard_sizes
         job.members = [m for m in job.members if m != peer_id]
@@ -259,7 +300,8 @@ class ClusterState:
         broken link and acts on the job's broken links as :func:`partitions.judge` decides:
         hold a peer out, or re-form the ring around the link."""
         sender, receiver = partitions.link_of(job.members, reporter, suspect)
-        _keep_recent(job.broken_links, BrokenLink(reporter, suspect, sender, receiver, job.round, now_ms, detail[:200]))
+        _keep_recent(job.broken_links, BrokenLink(reporter, suspect, sender, receiver, job.round, self.wall_ms(now_ms),
+                                                          detail[:200]))
         log.warning("peer %s reported by %s as unreachable (link %s -> %s): %s", suspect, reporter, sender, receiver,
                     detail)
         verdict = partitions.judge(job.members, job.broken_links, reporter, suspect, refused)
@@ -277,7 +319,8 @@ class ClusterState:
         log.warning("job %s: holding peer %s out of its rings: %s", job.job_id, pid, verdict.reason)
         before = sum(1 for x in job.held_out if x.peer_id == pid)
         retry = now_ms + min(HOLD_OUT_RETRY_MS * 2 ** before, MAX_HOLD_OUT_RETRY_MS)
-        _keep_recent(job.held_out, Exclusion(pid, job.round, verdict.reason, now_ms, list(verdict.witnesses), retry))
+        _keep_recent(job.held_out, Exclusion(pid, job.round, verdict.reason, self.wall_ms(now_ms),
+                                                 list(verdict.witnesses), retry))
         p.job_id, p.held_out_job = "", job.job_id
         p.held_out_reason = f"held out of job {job.job_id}: {verdict.reason}"
         changes = Changes(jobs=(job.job_id,), peers=(pid,))
@@ -300,7 +343,8 @@ class ClusterState:
         if len(shard_sizes) != spec.num_shards:
             raise ValueError(f"{len(shard_sizes)} shard sizes for a job of {spec.num_shards} shards")
         jid = self._new_id("job", self.jobs, now_ms)
-        self.jobs[jid] = Job(jid, spec, created_ms=now_ms, shard_sizes=list(shard_sizes), updated_ms=now_ms,
+        wall = self.wall_ms(now_ms)
+        self.jobs[jid] = Job(jid, spec, created_ms=wall, shard_sizes=list(shard_sizes), updated_ms=wall,
                              reason="waiting for peers")
         return jid, Changes(jobs=(jid,)) | self.schedule(now_ms)
 
@@ -319,7 +363,7 @@ class ClusterState:
         return self._finish(job, CANCELLED, "cancelled by user", now_ms)
 
     def _finish(self, job: Job, state: str, reason: str, now_ms: int) -> Changes:
-        job.state, job.reason, job.updated_ms = state, reason, now_ms
+        job.state, job.reason, job.updated_ms = state, reason, self.wall_ms(now_ms)
         freed = []
         for pid in job.members:
             if pid in self.peers:
@@ -364,7 +408,7 @@ class ClusterState:
         job.reports = {}
         job.pending_checkpoint = None
         job.round_started_ms = now_ms
-        job.updated_ms = now_ms
+        job.updated_ms = self.wall_ms(now_ms)
         if not job.members:
             job.allocation = {}
             return
@@ -376,7 +420,7 @@ class ClusterState:
         """Gossip phase: forgets departed members and gives each member without a step its
         first one. Members mid-step keep theirs: nothing they do depends on the others."""
         job.reports = {}
-        job.updated_ms = now_ms
+        job.updated_ms = self.wall_ms(now_ms)
         members = set(job.members)
         for d in (job.gossip.step, job.gossip.issued_ms, job.gossip.eval_step, job.gossip.distance, job.allocation):
             for k in [k for k in d if k not in members]:
@@ -448,7 +492,7 @@ class ClusterState:
         job.gossip.steps += 1
         job.gossip.step[pid] = step + 1
         job.samples += rep.samples
-        job.updated_ms = now_ms
+        job.updated_ms = self.wall_ms(now_ms)
         self._allocate_step(job, pid, now_ms)
         changes = Changes(jobs=(job.job_id,))
         if job.gossip.steps >= (job.committed_round + 1) * job.gossip.peers:
@@ -482,7 +526,7 @@ class ClusterState:
         rec = RoundRecord(
             round=job.committed_round + 1, epoch=job.epoch, samples=w.samples,
             train_loss=w.loss_sum / max(w.samples, 1), test_accuracy=acc, test_loss=loss, digest="",
-            duration_ms=now_ms - w.start_ms, members=list(job.members), committed_ms=now_ms,
+            duration_ms=now_ms - w.start_ms, members=list(job.members), committed_ms=self.wall_ms(now_ms),
             data_epoch=planner.data_epoch(job.cursors, len(sizes)), consumed=w.consumed,
             train_ms=w.train_ms, exchange_ms=w.exchange_ms, test_evaluated=bool(w.evaluations), eval_ms=w.eval_ms,
             consensus_distance=self.consensus_estimate(job), bytes_sent=w.bytes_sent,
@@ -509,7 +553,7 @@ class ClusterState:
         job.epoch += 1
         job.reissues += 1
         self._issue(job, now_ms)
-        _keep_recent(job.epochs, MembershipEpoch(job.epoch, list(job.members), now_ms, job.round))
+        _keep_recent(job.epochs, MembershipEpoch(job.epoch, list(job.members), self.wall_ms(now_ms), job.round))
         if len(job.members) < job.spec.min_peers:
             job.reason = f"waiting for peers: {len(job.members)} live, {job.spec.min_peers} needed"
             job.waiting_since_ms = job.waiting_since_ms or now_ms
@@ -660,7 +704,7 @@ class ClusterState:
             digest=digest,
             duration_ms=now_ms - job.round_started_ms,
             members=list(job.members),
-            committed_ms=now_ms,
+            committed_ms=self.wall_ms(now_ms),
             consumed={p: [list(r) for r in rs] for p, rs in job.allocation.items()},
             train_ms=max(r.train_ms for r in reps),
             exchange_ms=max(r.exchange_ms for r in reps),

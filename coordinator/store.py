@@ -6,15 +6,23 @@ as rows of their own so history grows by appends.
 
 The database carries its schema version in ``PRAGMA user_version``. Version 0 is the first
 release's (commit 0e7092d): opening it migrates it in one transaction. A database of a newer
-version than :data:`SCHEMA_VERSION` is refused (:class:`SchemaError`), never rewritten.
+version than :data:`SCHEMA_VERSION` is refused (:class:`SchemaError`), never rewritten; an empty,
+truncated or corrupt one is refused (:class:`CorruptStore`), naming the file.
+
+A save that cannot be written (disk full, I/O error) raises :class:`StoreWriteError` and writes
+nothing: the transaction is rolled back, so the file still holds the last committed state and
+the caller can reload it (see ``dml.coordinator.service``). :meth:`SqliteStore.probe` tells when
+writes fit again. Each store carries a cluster id, made once with the state dir.
 """
 from __future__ import annotations
 
 import json
 import logging
+import os
 import pathlib
 import sqlite3
 import threading
+import uuid
 from dataclasses import asdict, fields
 from typing import Any, Iterable, Protocol
 
@@ -37,11 +45,36 @@ from dml.coordinator.records import (
 log = logging.getLogger(__name__)
 
 # 0: the first release (0e7092d). 1: the gossip phase as one object; shard sizes on the job.
-SCHEMA_VERSION = 1
+# 2: a ``meta`` table holding the cluster id.
+SCHEMA_VERSION = 2
+PROBE_MIN_BYTES = 64 << 10  # the least room a recovery probe asks for
+MAX_PAGES = 4294967294  # SQLite's largest max_page_count: no cap
 
 
-class SchemaError(Exception):
+class StoreOpenError(Exception):
+    """A state dir that cannot be opened: its own message says which file and why."""
+
+
+class SchemaError(StoreOpenError):
     """A state dir this version of dml cannot open (written by a newer one), or cannot migrate."""
+
+
+class CorruptStore(StoreOpenError):
+    """A database file that is empty, truncated or not a dml database."""
+
+
+class StoreWriteError(Exception):
+    """A save that could not be written (disk full, I/O error); nothing of it was stored.
+    ``size_bytes``: about how much it tried to write (a probe asks for room for it)."""
+
+    def __init__(self, message: str, size_bytes: int = 0) -> None:
+        super().__init__(message)
+        self.size_bytes = size_bytes
+
+
+def new_cluster_id() -> str:
+    """A fresh cluster id: 32 hex digits."""
+    return uuid.uuid4().hex
 
 
 def job_to_dict(job: Job) -> dict[str, Any]:
@@ -112,17 +145,35 @@ class Store(Protocol):
     def load(self) -> tuple[list[Job], list[PeerRecord]]:
         """Everything saved, jobs with their history."""
 
+    @property
+    def cluster_id(self) -> str:
+        """The cluster this store belongs to, made once with it."""
+
+    def probe(self, size_bytes: int) -> None:
+        """Raises StoreWriteError unless a write of about ``size_bytes`` fits now (the
+        recovery check after a failed save); stores nothing."""
+
     def close(self) -> None:
         """Releases resources."""
 
 
 class MemoryStore:
-    """A Store in a dict (tests, and coordinators that need no durability)."""
+    """A Store in a dict (tests, and coordinators that need no durability). Its cluster id is
+    the process's: a coordinator without a state dir is a new cluster every time it starts."""
 
     def __init__(self) -> None:
         self.jobs: dict[str, str] = {}  # JSON documents, as the SQLite store keeps them
         self.peers: dict[str, str] = {}
         self.rounds: dict[str, list[str]] = {}
+        self._cluster_id = new_cluster_id()
+
+    @property
+    def cluster_id(self) -> str:
+        """See :class:`Store`."""
+        return self._cluster_id
+
+    def probe(self, size_bytes: int) -> None:
+        """See :class:`Store`: memory always has room."""
 
     def save(self, jobs: Iterable[Job], peers: Iterable[PeerRecord], removed_peers: Iterable[str],
              rounds: Iterable[tuple[str, RoundRecord]]) -> None:
@@ -155,34 +206,82 @@ class MemoryStore:
 
 class SqliteStore:
     """A Store in ``DIR/coordinator.db`` (WAL mode, one transaction per save). Opening a database
-    of an older schema migrates it; one of a newer schema raises :class:`SchemaError`."""
+    of an older schema migrates it; one of a newer schema raises :class:`SchemaError`, an empty,
+    truncated or corrupt one :class:`CorruptStore`. A new database is made under a temporary
+    name and renamed into place once initialised, so a ``coordinator.db`` that exists but is
+    empty was damaged, never merely new."""
 
     def __init__(self, state_dir: pathlib.Path) -> None:
         state_dir.mkdir(parents=True, exist_ok=True)
         self.path = state_dir / "coordinator.db"
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        if not self.path.exists():
+            self._create()
+        elif self.path.stat().st_size == 0:
+            raise CorruptStore(f"{self.path} is empty (0 bytes): the state was lost or truncated; restore the file "
+                               f"from a backup, or move it away to start a new cluster in this state dir")
         try:
-            self._db.execute("PRAGMA busy_timeout=5000")
-            self._check_not_newer(self._version())  # before anything writes to a database it cannot read
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=NORMAL")
-            with self._tx():
-                version = self._version()
-                self._check_not_newer(version)
-                self._db.execute("CREATE TABLE IF NOT EXISTS jobs (job_id TEXT PRIMARY KEY, body TEXT NOT NULL)")
-                self._db.execute("CREATE TABLE IF NOT EXISTS peers (peer_id TEXT PRIMARY KEY, body TEXT NOT NULL)")
-                self._db.execute(
-                    "CREATE TABLE IF NOT EXISTS rounds (job_id TEXT NOT NULL, round INTEGER NOT NULL, "
-                    "body TEXT NOT NULL, PRIMARY KEY (job_id, round))"
-                )
-                if version < 1:
-                    self._migrate_0_to_1()
-                if version < SCHEMA_VERSION:
-                    self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+            self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        except sqlite3.Error as e:
+            raise CorruptStore(f"{self.path}: cannot open the database: {e}") from e
+        try:
+            self._open()
+        except sqlite3.DatabaseError as e:  # "file is not a database", "database disk image is malformed"
+            self._db.close()
+            raise CorruptStore(f"{self.path} is not a readable dml database ({e}); restore it from a backup, "
+                               f"or move it away to start a new cluster in this state dir") from e
         except BaseException:
             self._db.close()
             raise
+
+    def _create(self) -> None:
+        """Makes a new, initialised database under a temporary name and renames it into place."""
+        tmp = self.path.with_name(f".{self.path.name}.{uuid.uuid4().hex}.new")
+        db = sqlite3.connect(tmp, isolation_level=None)
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            with _Tx(db, self._lock):
+                _create_tables(db)
+                db.execute("INSERT INTO meta VALUES ('cluster_id', ?)", (new_cluster_id(),))
+                db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        except BaseException:
+            db.close()
+            for suffix in ("", "-wal", "-shm"):
+                pathlib.Path(f"{tmp}{suffix}").unlink(missing_ok=True)
+            raise
+        db.close()  # the last connection checkpoints the WAL into the file and removes it
+        os.replace(tmp, self.path)
+
+    def _open(self) -> None:
+        self._db.execute("PRAGMA busy_timeout=5000")
+        self._check_not_newer(self._version())  # before anything writes to a database it cannot read
+        problems = [r[0] for r in self._db.execute("PRAGMA quick_check").fetchall()]
+        if problems != ["ok"]:
+            raise sqlite3.DatabaseError("; ".join(str(p) for p in problems[:3]))
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        with self._tx():
+            version = self._version()
+            self._check_not_newer(version)
+            tables = {r[0] for r in self._db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+            if version >= 1 and not {"jobs", "peers", "rounds"} <= tables:
+                raise sqlite3.DatabaseError(f"schema version {version} but tables {sorted(tables)}")
+            _create_tables(self._db)
+            if version < 1:
+                self._migrate_0_to_1()
+            if version < 2:
+                self._db.execute("INSERT OR IGNORE INTO meta VALUES ('cluster_id', ?)", (new_cluster_id(),))
+            if version < SCHEMA_VERSION:
+                self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+            row = self._db.execute("SELECT value FROM meta WHERE key = 'cluster_id'").fetchone()
+            if row is None or not isinstance(row[0], str) or not row[0]:
+                raise sqlite3.DatabaseError("no cluster id in table meta")
+            self._cluster_id: str = row[0]
+
+    @property
+    def cluster_id(self) -> str:
+        """See :class:`Store`."""
+        return self._cluster_id
 
     def _version(self) -> int:
         return int(self._db.execute("PRAGMA user_version").fetchone()[0])
@@ -217,33 +316,73 @@ class SqliteStore:
 
     def save(self, jobs: Iterable[Job], peers: Iterable[PeerRecord], removed_peers: Iterable[str],
              rounds: Iterable[tuple[str, RoundRecord]]) -> None:
-        """See :class:`Store`."""
-        with self._tx():
-            for j in jobs:
-                self._db.execute("INSERT OR REPLACE INTO jobs VALUES (?, ?)", (j.job_id, json.dumps(job_to_dict(j))))
-            for p in peers:
-                self._db.execute("INSERT OR REPLACE INTO peers VALUES (?, ?)", (p.peer_id, json.dumps(asdict(p))))
-            for pid in removed_peers:
-                self._db.execute("DELETE FROM peers WHERE peer_id = ?", (pid,))
-            for jid, r in rounds:
-                self._db.execute("INSERT OR REPLACE INTO rounds VALUES (?, ?, ?)", (jid, r.round, json.dumps(asdict(r))))
+        """See :class:`Store`. Everything is serialised first, then written in one transaction;
+        a write that fails (disk full, I/O error) is rolled back and raises StoreWriteError."""
+        job_rows = [(j.job_id, json.dumps(job_to_dict(j))) for j in jobs]
+        peer_rows = [(p.peer_id, json.dumps(asdict(p))) for p in peers]
+        gone = [(pid,) for pid in removed_peers]
+        round_rows = [(jid, r.round, json.dumps(asdict(r))) for jid, r in rounds]
+        size = sum(len(b) for _, b in job_rows) + sum(len(b) for _, b in peer_rows) + sum(len(b) for *_, b in round_rows)
+        try:
+            with self._tx():
+                self._db.executemany("INSERT OR REPLACE INTO jobs VALUES (?, ?)", job_rows)
+                self._db.executemany("INSERT OR REPLACE INTO peers VALUES (?, ?)", peer_rows)
+                self._db.executemany("DELETE FROM peers WHERE peer_id = ?", gone)
+                self._db.executemany("INSERT OR REPLACE INTO rounds VALUES (?, ?, ?)", round_rows)
+        except (sqlite3.Error, OSError) as e:
+            raise StoreWriteError(f"cannot write {self.path}: {e}", size) from e
+
+    def probe(self, size_bytes: int) -> None:
+        """See :class:`Store`: writes a blob of ``size_bytes`` (at least PROBE_MIN_BYTES) into
+        table meta and commits it, so the file and its WAL really grow, then deletes it."""
+        n = max(int(size_bytes), PROBE_MIN_BYTES)
+        try:
+            with self._tx():
+                self._db.execute("INSERT OR REPLACE INTO meta VALUES ('probe', zeroblob(?))", (n,))
+            with self._tx():
+                self._db.execute("DELETE FROM meta WHERE key = 'probe'")
+        except (sqlite3.Error, OSError) as e:
+            raise StoreWriteError(f"cannot write {self.path}: {e}", n) from e
+
+    def set_max_pages(self, pages: int | None = None) -> int:
+        """Caps the database at ``pages`` pages (``None``: the pages it has now), for tests and
+        drills of a full disk: a write past the cap fails with SQLite's real SQLITE_FULL
+        ("database or disk is full"). :data:`MAX_PAGES` lifts the cap. Returns the cap."""
+        with self._lock:
+            if pages is None:
+                pages = int(self._db.execute("PRAGMA page_count").fetchone()[0])
+            return int(self._db.execute(f"PRAGMA max_page_count={int(pages)}").fetchone()[0])
 
     def load(self) -> tuple[list[Job], list[PeerRecord]]:
-        """See :class:`Store`."""
+        """See :class:`Store`. A row that does not decode raises CorruptStore."""
         with self._lock:
-            hist: dict[str, list[RoundRecord]] = {}
-            for jid, body in self._db.execute("SELECT job_id, body FROM rounds ORDER BY job_id, round"):
-                hist.setdefault(jid, []).append(RoundRecord(**json.loads(body)))
-            jobs = [job_from_dict(json.loads(b), hist.get(jid, [])) for jid, b in self._db.execute("SELECT job_id, body FROM jobs")]
-            for j in jobs:  # rows past a rollback are overwritten as rounds commit again
-                j.history = [r for r in j.history if r.round <= j.committed_round]
-            peers = [PeerRecord(**json.loads(b)) for (b,) in self._db.execute("SELECT body FROM peers")]
+            try:
+                hist: dict[str, list[RoundRecord]] = {}
+                for jid, body in self._db.execute("SELECT job_id, body FROM rounds ORDER BY job_id, round"):
+                    hist.setdefault(jid, []).append(RoundRecord(**json.loads(body)))
+                jobs = [job_from_dict(json.loads(b), hist.get(jid, []))
+                        for jid, b in self._db.execute("SELECT job_id, body FROM jobs")]
+                for j in jobs:  # rows past a rollback are overwritten as rounds commit again
+                    j.history = [r for r in j.history if r.round <= j.committed_round]
+                peers = [PeerRecord(**json.loads(b)) for (b,) in self._db.execute("SELECT body FROM peers")]
+            except sqlite3.DatabaseError as e:
+                raise CorruptStore(f"{self.path} is not a readable dml database ({e})") from e
+            except (ValueError, TypeError, KeyError, AttributeError) as e:  # JSON, or fields that do not fit
+                raise CorruptStore(f"{self.path} holds a record this dml cannot read ({type(e).__name__}: {e})") from e
         return jobs, peers
 
     def close(self) -> None:
         """Closes the database."""
         with self._lock:
             self._db.close()
+
+
+def _create_tables(db: sqlite3.Connection) -> None:
+    db.execute("CREATE TABLE IF NOT EXISTS jobs (job_id TEXT PRIMARY KEY, body TEXT NOT NULL)")
+    db.execute("CREATE TABLE IF NOT EXISTS peers (peer_id TEXT PRIMARY KEY, body TEXT NOT NULL)")
+    db.execute("CREATE TABLE IF NOT EXISTS rounds (job_id TEXT NOT NULL, round INTEGER NOT NULL, "
+               "body TEXT NOT NULL, PRIMARY KEY (job_id, round))")
+    db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value NOT NULL)")
 
 
 class _Tx:
@@ -256,6 +395,22 @@ class _Tx:
 
     def __exit__(self, exc_type: object, *_: object) -> None:
         try:
-            self._db.execute("ROLLBACK" if exc_type else "COMMIT")
+            if exc_type is None:
+                self._db.execute("COMMIT")
+        except BaseException:
+            self._rollback()  # a COMMIT that failed (disk full) may leave the transaction open
+            raise
+        else:
+            if exc_type is not None:
+                self._rollback()
         finally:
             self._lock.release()
+
+    def _rollback(self) -> None:
+        """Ends the transaction, if SQLite has not already (it rolls back by itself on
+        SQLITE_FULL and some I/O errors; a ROLLBACK then would fail and hide the error)."""
+        if self._db.in_transaction:
+            try:
+                self._db.execute("ROLLBACK")
+            except sqlite3.Error as e:
+                log.error("rollback failed: %s", e)

@@ -60,6 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fault-unreachable", default=os.environ.get("DML_FAULT_UNREACHABLE", ""), metavar="ADDRS",
                    help="tests only (fault injection, off by default): comma-separated peer addresses HOST:PORT "
                         "this peer acts as if it cannot reach (a one-way partition; env DML_FAULT_UNREACHABLE)")
+    cliargs.add_cluster_flag(p)
     p.add_argument("--log-level", default=os.environ.get("DML_LOG_LEVEL", "INFO"), help="logging level")
     cliargs.add_metrics_flag(p)
     return p
@@ -84,7 +85,8 @@ def build_config(argv: list[str] | None = None) -> tuple[PeerConfig, argparse.Na
     cfg = PeerConfig(coordinator=a.coordinator, host=a.host, port=a.port, advertise_host=a.advertise_host,
                      device=device, exchange_timeout_s=a.exchange_timeout_s, chunk_elems=a.chunk_elems,
                      tcp=not a.no_tcp, slowdown=a.slowdown, metrics=cliargs.metrics_config(a),
-                     unreachable=tuple(x.strip() for x in a.fault_unreachable.split(",") if x.strip()))
+                     unreachable=tuple(x.strip() for x in a.fault_unreachable.split(",") if x.strip()),
+                     cluster_id=a.cluster_id)
     return cfg, a
 
 

@@ -1,5 +1,12 @@
 """The peer's client for the coordinator's PeerControl service: every call with a deadline, and
-retries with capped exponential backoff on UNAVAILABLE / DEADLINE_EXCEEDED."""
+retries with capped exponential backoff on UNAVAILABLE / DEADLINE_EXCEEDED.
+
+Cluster: the client belongs to one cluster, pinned (``--cluster-id``) or the one of the first
+coordinator that registered it (kept in memory: a restarted peer joins afresh unless pinned).
+Every call carries the id as ``dml-cluster-id`` metadata and registration sends it, so a
+coordinator of another cluster (one started on another state dir) refuses the call; a refusal,
+or an answer naming another cluster, is never acted on: the client logs it and keeps retrying the
+address as it does while the coordinator is unreachable, until the right coordinator answers."""
 from __future__ import annotations
 
 import logging
@@ -21,21 +28,75 @@ CALL_TIMEOUT_S = 10.0
 LOG_EVERY_S = 20.0  # while the coordinator is unreachable, one log line this often (retries are faster)
 
 
+CLUSTER_METADATA = "dml-cluster-id"
+
+
 class Evicted(Exception):
     """The coordinator no longer knows this peer (NOT_FOUND): re-register."""
+
+
+class WrongCluster(grpc.RpcError):
+    """The coordinator at the address belongs to another cluster than this peer's."""
+
+    def __init__(self, other: str) -> None:
+        super().__init__(f"coordinator of cluster {other}")
+        self.other = other
+
+
+def refusing_cluster(e: grpc.RpcError) -> str | None:
+    """The cluster id of a coordinator that refused a call for naming another cluster, else None."""
+    if isinstance(e, WrongCluster):
+        return e.other
+    if not isinstance(e, grpc.Call) or e.code() != grpc.StatusCode.FAILED_PRECONDITION:
+        return None
+    for k, v in e.trailing_metadata() or ():
+        if k == CLUSTER_METADATA:
+            return str(v)
+    return None
+
+
+class _ClusterMetadata(grpc.UnaryUnaryClientInterceptor, grpc.StreamUnaryClientInterceptor):
+    """Adds the client's cluster id (once known) to every call's metadata."""
+
+    def __init__(self, client: "ControlClient") -> None:
+        self._client = client
+
+    def _details(self, details: grpc.ClientCallDetails) -> grpc.ClientCallDetails:
+        cid = self._client.cluster_id
+        if not cid:
+            return details
+        md = list(details.metadata or ()) + [(CLUSTER_METADATA, cid)]
+        return _CallDetails(details.method, details.timeout, md, details.credentials,
+                            getattr(details, "wait_for_ready", None), getattr(details, "compression", None))
+
+    def intercept_unary_unary(self, continuation, client_call_details, request):  # type: ignore[no-untyped-def]
+        return continuation(self._details(client_call_details), request)
+
+    def intercept_stream_unary(self, continuation, client_call_details, request_iterator):  # type: ignore[no-untyped-def]
+        return continuation(self._details(client_call_details), request_iterator)
+
+
+class _CallDetails(grpc.ClientCallDetails):
+    def __init__(self, method: str, timeout: float | None, metadata: list[tuple[str, str]], credentials: object,
+                 wait_for_ready: bool | None, compression: object) -> None:
+        self.method, self.timeout, self.metadata, self.credentials = method, timeout, metadata, credentials
+        self.wait_for_ready, self.compression = wait_for_ready, compression
 
 
 class ControlClient:
     """Thin, retrying wrapper over PeerControlStub."""
 
-    def __init__(self, address: str, stop: threading.Event) -> None:
+    def __init__(self, address: str, stop: threading.Event, cluster_id: str = "") -> None:
         self.address = address
+        self.cluster_id = cluster_id  # pinned, or learnt from the first registration
         self.channel = rpc.channel(address, fast_reconnect=True)
-        self.stub = control_pb2_grpc.PeerControlStub(self.channel)
+        self.stub = control_pb2_grpc.PeerControlStub(grpc.intercept_channel(self.channel, _ClusterMetadata(self)))
         self._stop = stop
         self._log_lock = threading.Lock()
         self._failing_since: float | None = None  # monotonic time the coordinator became unreachable
         self._next_log = 0.0  # no "unreachable" line before this (monotonic)
+        self._refused: str = ""  # the other cluster last refused, while refusing it
+        self._next_refusal_log = 0.0
 
     def call(self, fn: Callable[[], T], what: str, give_up_s: float = 3600.0,
              also_retry: tuple[grpc.StatusCode, ...] = ()) -> T:
@@ -44,7 +105,8 @@ class ControlClient:
         Retries stay frequent (at most 0.5 s apart, so a restarted coordinator is found at once),
         but while the coordinator stays unreachable the log says so only every
         ``LOG_EVERY_S``, asking to check the address. NOT_FOUND raises Evicted; codes in
-        ``also_retry`` are retried too; other errors propagate."""
+        ``also_retry`` are retried too; other errors propagate. A coordinator of another cluster
+        is retried as an unreachable one is (its refusals and answers are never acted on)."""
         delay, start = 0.1, time.monotonic()
         deadline, attempts = start + give_up_s, 0
         while True:
@@ -52,18 +114,47 @@ class ControlClient:
                 out = fn()
             except grpc.RpcError as e:
                 code = e.code() if isinstance(e, grpc.Call) else None
-                if code == grpc.StatusCode.NOT_FOUND:
+                other = refusing_cluster(e)
+                if other is None and code == grpc.StatusCode.NOT_FOUND:
                     raise Evicted(e.details() if isinstance(e, grpc.Call) else str(e)) from None
-                if (code not in RETRYABLE and code not in also_retry) or time.monotonic() + delay > deadline or self._stop.is_set():
+                if ((other is None and code not in RETRYABLE and code not in also_retry)
+                        or time.monotonic() + delay > deadline or self._stop.is_set()):
                     raise
                 attempts += 1
-                self._note_unreachable(what, code, attempts, start)
+                if other is not None:
+                    self.note_wrong_cluster(what, other)
+                else:
+                    self._note_unreachable(what, code, attempts, start)
                 if self._stop.wait(delay):
                     raise
                 delay = min(delay * 2, 0.5) * (0.8 + 0.4 * random.random())
                 continue
             self._note_reachable(what)
             return out
+
+    def note_wrong_cluster(self, what: str, other: str) -> None:
+        """Logs a coordinator of another cluster: one line when it starts answering, then one
+        every LOG_EVERY_S while it goes on."""
+        now = time.monotonic()
+        with self._log_lock:
+            first, due = other != self._refused, now >= self._next_refusal_log
+            if first or due:
+                self._refused, self._next_refusal_log = other, now + LOG_EVERY_S
+        if first or due:
+            log.error("%s: refusing the coordinator at %s: it belongs to cluster %s, this peer to cluster %s "
+                      "(a coordinator started on another state dir?); retrying %s until this cluster's "
+                      "coordinator answers", what, self.address, other, self.cluster_id, self.address)
+
+    def answer_ok(self, cluster_id: str, what: str) -> bool:
+        """Whether an answer naming ``cluster_id`` is from this peer's cluster (logs it if not).
+        An answer without an id (a coordinator that predates cluster ids) is accepted."""
+        if not cluster_id or not self.cluster_id or cluster_id == self.cluster_id:
+            if self._refused:
+                log.info("%s: the coordinator at %s is of cluster %s again", what, self.address, self.cluster_id)
+                self._refused = ""
+            return True
+        self.note_wrong_cluster(what, cluster_id)
+        return False
 
     def _note_unreachable(self, what: str, code: grpc.StatusCode | None, attempts: int, start: float) -> None:
         """Logs an unreachable coordinator: once when it starts, then every LOG_EVERY_S (DEBUG between)."""
@@ -95,9 +186,20 @@ class ControlClient:
 
     def register(self, address: str, device: str, memory_bytes: int) -> control_pb2.RegisterPeerResponse:
         """Registers this peer."""
-        req = control_pb2.RegisterPeerRequest(
-            address=address, capability=control_pb2.PeerCapability(device=device, memory_bytes=memory_bytes))
-        return self.call(lambda: self.stub.RegisterPeer(req, timeout=CALL_TIMEOUT_S), "register")
+        def attempt() -> control_pb2.RegisterPeerResponse:
+            req = control_pb2.RegisterPeerRequest(
+                address=address, capability=control_pb2.PeerCapability(device=device, memory_bytes=memory_bytes),
+                cluster_id=self.cluster_id)
+            resp: control_pb2.RegisterPeerResponse = self.stub.RegisterPeer(req, timeout=CALL_TIMEOUT_S)
+            if not self.answer_ok(resp.cluster_id, "register"):
+                raise WrongCluster(resp.cluster_id)
+            return resp
+
+        resp = self.call(attempt, "register")
+        if resp.cluster_id and not self.cluster_id:
+            self.cluster_id = resp.cluster_id
+            log.info("joined cluster %s (coordinator %s)", resp.cluster_id, self.address)
+        return resp
 
     def upload_checkpoint(self, peer_id: str, job_id: str, rnd: int, epoch: int, digest: str, f: BinaryIO) -> None:
         """Streams a checkpoint from the file object ``f`` in 1 MiB chunks, read as they go (so

@@ -16,7 +16,7 @@ from dml.common import metrics as metricsmod
 from dml.common.metrics import MetricsConfig, MetricsServer
 from dml.peer import shm
 from dml.peer.advertise import address_problem, advertise_host
-from dml.peer.client import CALL_TIMEOUT_S, ControlClient, Evicted
+from dml.peer.client import CALL_TIMEOUT_S, ControlClient, Evicted, refusing_cluster
 from dml.peer.exchange import ExchangeServicer, add_exchange_to_server, call_policies
 from dml.peer.gossip import GossipNode
 from dml.peer.gossip_step import GossipStep
@@ -46,6 +46,7 @@ class PeerConfig:
     plan_wait_s: float = 5.0
     chunk_elems: int = 0  # float32 elements per wire chunk; 0: the best measured for the job's data plane
     tcp: bool = True  # serve the TCP data plane (jobs may still choose gRPC)
+    cluster_id: str = ""  # refuse coordinators of any other cluster; "": the first one joined
     # Experiments only: after training, wait (slowdown - 1) times as long as training took, so
     # this peer trains `slowdown` times slower than it can (a stand-in for a slower machine).
     slowdown: float = 1.0
@@ -93,7 +94,7 @@ class Peer:
             self.servicer.close()
             raise
         self.address = f"{advertise_host(config.host, config.advertise_host, config.coordinator)}:{self.port}"
-        self.client = ControlClient(config.coordinator, self.stop_event)
+        self.client = ControlClient(config.coordinator, self.stop_event, cluster_id=config.cluster_id)
         self._hb_thread = threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True)
         self._main: threading.Thread | None = None
 
@@ -121,11 +122,13 @@ class Peer:
         return self
 
     def _register(self) -> None:
+        # Registered first, cleared after: only this cluster's coordinator (which may take a
+        # while to come back) can tell this peer to drop what it holds.
+        resp = self.client.register(self.address, self.config.device, 0)
         if self.peer_id:  # evicted: whatever it held may be stale, start clean as a new member
             self.gossip.detach()
             self.store.clear()
             self._ring.forget()
-        resp = self.client.register(self.address, self.config.device, 0)
         self.peer_id = resp.peer_id
         self.gossip.peer_id = resp.peer_id
         self._heartbeat_s = resp.heartbeat_interval_ms / 1000.0
@@ -165,6 +168,8 @@ class Peer:
                 hb = self.client.stub.Heartbeat(control_pb2.HeartbeatRequest(peer_id=me),
                                                 timeout=max(self._heartbeat_s * 2, 1.0))
                 self.metrics.heartbeat_seconds.observe(time.monotonic() - sent)
+                if not self.client.answer_ok(hb.cluster_id, f"peer {me}: heartbeat"):
+                    continue  # another cluster's coordinator: nothing it says applies to this peer
                 if failing:
                     log.info("peer %s: coordinator reachable again", me)
                 failing = False
@@ -178,7 +183,10 @@ class Peer:
             except grpc.RpcError as e:
                 code = e.code() if isinstance(e, grpc.Call) else None
                 self.metrics.heartbeat_failures.labels(code.name if code is not None else "UNKNOWN").inc()
-                if code == grpc.StatusCode.NOT_FOUND:
+                other = refusing_cluster(e)
+                if other is not None:
+                    self.client.note_wrong_cluster(f"peer {me}: heartbeat", other)
+                elif code == grpc.StatusCode.NOT_FOUND:
                     if me == self.peer_id:
                         log.warning("peer %s: evicted by the coordinator; will re-register", me)
                         self._evicted.set()

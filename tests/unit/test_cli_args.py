@@ -253,3 +253,20 @@ def test_int_in_and_float_in() -> None:
     for bad in ("nan", "inf", "-0.5", "1.5"):
         with pytest.raises(argparse.ArgumentTypeError, match=r"\[0, 1\]"):
             cliargs.float_in(0, 1, lo_open=False)(bad)
+
+
+def test_dml_peer_cluster_id_is_32_hex_digits_or_unset(capsys: pytest.CaptureFixture[str],
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    from dml.peer import cli as peer_cli
+
+    monkeypatch.delenv("DML_CLUSTER_ID", raising=False)
+    cid = "0123456789abcdef" * 2
+    assert peer_cli.build_parser().parse_args([]).cluster_id == ""
+    assert peer_cli.build_parser().parse_args(["--cluster-id", cid.upper()]).cluster_id == cid
+    monkeypatch.setenv("DML_CLUSTER_ID", cid)
+    assert peer_cli.build_parser().parse_args([]).cluster_id == cid
+    with pytest.raises(SystemExit) as e:
+        peer_cli.build_parser().parse_args(["--cluster-id", "not-an-id"])
+    assert e.value.code == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert "--cluster-id: a cluster id is 32 hex digits" in line

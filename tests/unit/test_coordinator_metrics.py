@@ -10,7 +10,7 @@ import pytest
 from dml.common.spec import JobSpec
 from dml.coordinator.metrics import CoordinatorMetrics
 from dml.coordinator.records import Report
-from dml.coordinator.service import Coordinator, CoordinatorConfig
+from dml.coordinator.service import Clock, Coordinator, CoordinatorConfig, StoreUnavailable
 from dml.coordinator.store import MemoryStore
 
 SPEC = JobSpec(task="digits", num_shards=4, min_peers=2, rounds=3, local_steps=1, batch_size=8)
@@ -23,7 +23,7 @@ def value(m: CoordinatorMetrics, name: str, **labels: str) -> float:
 
 
 def _coordinator(store: MemoryStore, tmp_path: pathlib.Path, now: list[float]) -> Coordinator:
-    return Coordinator(CoordinatorConfig(), store, tmp_path, clock=lambda: now[0])
+    return Coordinator(CoordinatorConfig(), store, tmp_path, clock=Clock(monotonic=lambda: now[0], wall=lambda: now[0]))
 
 
 def test_commits_evictions_and_gauges(tmp_path: pathlib.Path) -> None:
@@ -84,9 +84,10 @@ def test_a_failed_write_is_counted(tmp_path: pathlib.Path) -> None:
     c.submit(SPEC)
     assert value(c.metrics, "dml_store_write_errors_total") == 0
     store.broken = True
-    with pytest.raises(OSError):
+    with pytest.raises(StoreUnavailable, match="No space left on device"):  # the change is refused (UNAVAILABLE)
         c.register("10.0.0.9:1", {})
     assert value(c.metrics, "dml_store_write_errors_total") == 1
+    assert c.state.peers == {} and "No space left on device" in c.pause_reason  # memory as the store has it
 
 
 def test_record_quarantine_counts_per_job() -> None:

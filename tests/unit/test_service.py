@@ -10,7 +10,7 @@ from dml.common import tasks
 from dml.common.spec import JobSpec
 from dml.coordinator import service
 from dml.coordinator.records import EVICTION_CAUSES, NEIGHBOUR_REPORT, Eviction, Job, MembershipEpoch, Report
-from dml.coordinator.service import Coordinator, CoordinatorConfig, job_shards
+from dml.coordinator.service import Clock, Coordinator, CoordinatorConfig, job_shards
 from dml.coordinator.servicer import PeerControlServicer, job_to_pb
 from dml.coordinator.store import MemoryStore, SqliteStore
 from dml.v1 import jobs_pb2
@@ -20,14 +20,14 @@ def test_submit_fixes_the_shard_sizes_and_a_restored_job_runs_without_loading_da
         tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> None:
     store = MemoryStore()
     now = [1000.0]
-    first = Coordinator(CoordinatorConfig(), store, tmp_path, clock=lambda: now[0])
+    first = Coordinator(CoordinatorConfig(), store, tmp_path, clock=Clock(monotonic=lambda: now[0], wall=lambda: now[0]))
     spec = JobSpec(task="digits", num_shards=5, min_peers=2, rounds=2, local_steps=1, batch_size=8)
     jid = first.submit(spec)
     sizes = first.state.job(jid).shard_sizes
     assert sizes == [int(s.size) for s in job_shards(first.state.job(jid).spec)]
     assert sum(sizes) == tasks.get_task("digits").load().y_train.size
     # A coordinator restored from the store: from here on nothing may load the task.
-    second = Coordinator(CoordinatorConfig(), store, tmp_path, clock=lambda: now[0])
+    second = Coordinator(CoordinatorConfig(), store, tmp_path, clock=Clock(monotonic=lambda: now[0], wall=lambda: now[0]))
     assert second.state.job(jid).shard_sizes == sizes
 
     def no_data(*_: object) -> None:
@@ -91,3 +91,221 @@ def test_job_status_carries_every_eviction_cause_the_epochs_and_the_rolled_back_
         ("p0", "", 100, 2, 5, "why 0"), ("p1", "p9", 101, 3, 5, "why 1")]
     assert [(e.epoch, list(e.peers), e.started_unix_ms, e.round) for e in st.epochs] == [
         (6, ["p8", "p9"], 90, 4), (7, ["p9"], 120, 5)]
+
+
+# -- durability and time -----------------------------------------------------------------------
+
+
+class FakeClock:
+    """Monotonic and wall clocks a test moves apart."""
+
+    def __init__(self, mono: float = 1000.0, wall: float = 1.7e9) -> None:
+        self.mono, self.wall = mono, wall
+
+    def clock(self) -> Clock:
+        return Clock(monotonic=lambda: self.mono, wall=lambda: self.wall)
+
+    def advance(self, s: float) -> None:
+        self.mono += s
+        self.wall += s
+
+
+def two_peer_job(coord: Coordinator, rounds: int = 50) -> tuple[str, str, str]:
+    a, b = coord.register("10.0.0.1:1", {}), coord.register("10.0.0.2:1", {})
+    jid = coord.submit(JobSpec(task="digits", num_shards=4, min_peers=2, rounds=rounds, local_steps=1, batch_size=8))
+    return jid, a, b
+
+
+def run_round(coord: Coordinator, clk: FakeClock, jid: str, members: list[str], digest: str = "") -> None:
+    """Every member heartbeats and reports the current round (same digest)."""
+    job = coord.state.job(jid)
+    rnd, epoch = job.round, job.epoch
+    for m in members:
+        clk.advance(0.1)
+        coord.heartbeat(m)
+        coord.report(m, jid, rnd, epoch, Report(samples=job.allocated(m), train_loss=1.0,
+                                                digest=digest or f"{rnd:064x}"))
+
+
+def comparable(job: Job) -> dict:
+    """A job's stored fields without its timers (a restore starts those afresh)."""
+    from dml.coordinator.store import job_to_dict
+
+    d = job_to_dict(job)
+    for k in ("round_started_ms", "waiting_since_ms", "gossip"):
+        d.pop(k)
+    d["history"] = [r.__dict__ for r in job.history]
+    return d
+
+
+def test_a_full_disk_mid_job_refuses_the_change_pauses_and_the_job_resumes_when_space_returns(
+        tmp_path: pathlib.Path) -> None:
+    """SQLite's max_page_count: a real SQLITE_FULL. The refused change leaves memory equal to
+    disk, the call fails (UNAVAILABLE) and health turns NOT_SERVING with the reason; changes are
+    refused while paused, heartbeats go on; once a probe write fits the coordinator serves
+    again with fresh leases and the job finishes with no committed round lost."""
+    from dml.coordinator.service import PROBE_EVERY_S, StoreUnavailable
+    from dml.coordinator.store import MAX_PAGES
+
+    clk = FakeClock()
+    store = SqliteStore(tmp_path / "state")
+    coord = Coordinator(CoordinatorConfig(), store, tmp_path / "state" / "checkpoints", clock=clk.clock())
+    health: list[tuple[bool, str]] = []
+    coord.on_health = lambda ok, why: health.append((ok, why))
+    try:
+        jid, a, b = two_peer_job(coord)
+        for _ in range(3):
+            run_round(coord, clk, jid, [a, b])
+        store.set_max_pages()
+        refused = None
+        for _ in range(40):  # each commit appends a round row: the pages run out within a few
+            try:
+                run_round(coord, clk, jid, [a, b])
+            except StoreUnavailable as e:
+                refused = e
+                break
+        assert refused is not None and "database or disk is full" in str(refused)
+        (disk_job,), disk_peers = store.load()
+        mem_job = coord.state.job(jid)
+        assert comparable(mem_job) == comparable(disk_job)  # memory went back to what disk holds
+        assert sorted(coord.state.peers) == sorted(p.peer_id for p in disk_peers)
+        committed = [(r.round, r.digest) for r in disk_job.history]
+        assert len(committed) >= 3
+        assert health and health[-1][0] is False and "database or disk is full" in health[-1][1]
+        reason = coord.pause_reason
+        assert "database or disk is full" in reason
+        assert reason in job_to_pb(mem_job, reason).reason
+        with pytest.raises(StoreUnavailable, match="paused"):
+            coord.submit(JobSpec(task="digits", num_shards=4, min_peers=2, rounds=2))
+        with pytest.raises(StoreUnavailable):
+            run_round(coord, clk, jid, [a, b])
+        for _ in range(20):  # a long pause: heartbeats go on, the reaper only probes
+            clk.advance(PROBE_EVERY_S)
+            coord.heartbeat(a)
+            coord.tick()
+        assert coord.pause_reason and health[-1][0] is False
+        clk.advance(30)  # well past the peer timeout without a heartbeat: nobody pays for the pause
+        store.set_max_pages(MAX_PAGES)
+        coord.tick()
+        assert coord.pause_reason == "" and health[-1] == (True, "")
+        coord.tick()
+        job = coord.state.job(jid)
+        assert job.members == [a, b] and job.evictions_total == 0
+        assert [(r.round, r.digest) for r in job.history[: len(committed)]] == committed
+        while job.state == "RUNNING":
+            run_round(coord, clk, jid, [a, b])
+            job = coord.state.job(jid)
+        assert job.state == "SUCCEEDED" and job.rolled_back_rounds == 0
+        assert [r.round for r in job.history] == list(range(1, 51))
+        assert [(r.round, r.digest) for r in store.load()[0][0].history] == [(r.round, r.digest) for r in job.history]
+    finally:
+        coord.close()
+
+
+CHECKPOINT_LIMIT_SCRIPT = r"""
+import pathlib, resource, sys, tempfile
+from dml.common.spec import JobSpec
+from dml.coordinator.service import PROBE_EVERY_S, Clock, Coordinator, CoordinatorConfig, StoreUnavailable
+from dml.coordinator.store import MemoryStore
+
+t = [1000.0]
+coord = Coordinator(CoordinatorConfig(), MemoryStore(), pathlib.Path(tempfile.mkdtemp()),
+                    clock=Clock(monotonic=lambda: t[0], wall=lambda: t[0]))
+health = []
+coord.on_health = lambda ok, why: health.append((ok, why))
+a, b = coord.register("10.0.0.1:1", {}), coord.register("10.0.0.2:1", {})
+jid = coord.submit(JobSpec(task="digits", num_shards=4, min_peers=2, rounds=3, local_steps=1, batch_size=8))
+epoch = coord.state.job(jid).epoch
+soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+resource.setrlimit(resource.RLIMIT_FSIZE, (64 << 10, hard))  # Python ignores SIGXFSZ: writes fail with EFBIG
+try:
+    coord.store_checkpoint(a, jid, 1, epoch, "d" * 64, bytes(256 << 10))
+    sys.exit("a checkpoint past the file-size limit was stored")
+except StoreUnavailable as e:
+    assert "File too large" in str(e), e
+job = coord.state.job(jid)
+assert job.pending_checkpoint is None, job.pending_checkpoint
+assert health == [(False, coord.pause_reason)] and "cannot write checkpoint" in coord.pause_reason, health
+assert not list(coord.checkpoint_path(jid, 1).parent.glob("*.tmp"))  # no half-written file left
+try:
+    coord.check_checkpoint(a, jid, 1, epoch)
+    sys.exit("a paused coordinator accepted an upload")
+except StoreUnavailable:
+    pass
+t[0] += PROBE_EVERY_S
+coord.tick()
+assert coord.pause_reason, "the probe succeeded under the limit"
+resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))  # space returns
+t[0] += PROBE_EVERY_S
+coord.tick()
+assert coord.pause_reason == "" and health[-1] == (True, ""), health
+coord.store_checkpoint(a, jid, 1, epoch, "d" * 64, bytes(256 << 10))
+assert coord.state.job(jid).pending_checkpoint == (1, "d" * 64)
+assert coord.checkpoint_path(jid, 1).stat().st_size == 256 << 10
+print("OK")
+"""
+
+
+def test_a_checkpoint_that_cannot_be_written_is_refused_and_the_coordinator_pauses_until_it_can() -> None:
+    """A real write failure: RLIMIT_FSIZE in a subprocess makes the checkpoint write fail with
+    EFBIG ("File too large") as a full disk fails one with ENOSPC."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", CHECKPOINT_LIMIT_SCRIPT], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("OK"), proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("step_s", [300.0, -300.0])
+def test_a_wall_clock_step_evicts_nobody_and_rolls_nothing_back(tmp_path: pathlib.Path, step_s: float) -> None:
+    """Leases and deadlines run on the monotonic clock; the wall clock only stamps what people read."""
+    clk = FakeClock()
+    coord = Coordinator(CoordinatorConfig(), MemoryStore(), tmp_path, clock=clk.clock())
+    try:
+        jid, a, b = two_peer_job(coord, rounds=10)
+        for _ in range(3):
+            run_round(coord, clk, jid, [a, b])
+        job = coord.state.job(jid)
+        before = (job.committed_round, job.epoch, list(job.members), job.evictions_total)
+        clk.wall += step_s
+        for _ in range(5):
+            clk.mono += 0.1
+            coord.tick()
+        assert (job.committed_round, job.epoch, list(job.members), job.evictions_total) == before
+        assert job.rolled_back_rounds == 0 and job.state == "RUNNING"
+        run_round(coord, clk, jid, [a, b])
+        assert job.committed_round == 4
+        assert job.history[-1].committed_ms == int(clk.wall * 1000)  # shown times follow the wall clock
+        assert 0 <= job.history[-1].duration_ms < 1000
+        clk.mono += 2.5  # the monotonic clock does count: silence past the peer timeout evicts
+        coord.tick()
+        assert job.evictions_total == 2 and not job.members
+    finally:
+        coord.close()
+
+
+def test_a_restart_gives_every_lease_and_deadline_a_fresh_start(tmp_path: pathlib.Path) -> None:
+    """Stored timers are another process's monotonic times (after a reboot, from another
+    origin): a restored coordinator starts them all from its own now."""
+    clk = FakeClock(mono=1e6)
+    store = SqliteStore(tmp_path / "state")
+    first = Coordinator(CoordinatorConfig(), store, tmp_path / "ckpt", clock=clk.clock())
+    jid, a, b = two_peer_job(first, rounds=10)
+    for _ in range(2):
+        run_round(first, clk, jid, [a, b])
+    first.close()
+    clk2 = FakeClock(mono=5.0, wall=clk.wall + 300)  # rebooted, and the wall clock stepped
+    second = Coordinator(CoordinatorConfig(), SqliteStore(tmp_path / "state"), tmp_path / "ckpt", clock=clk2.clock())
+    try:
+        assert second.cluster_id == store.cluster_id
+        clk2.mono += 3.0  # less than two peer timeouts since the restart
+        second.tick()
+        job = second.state.job(jid)
+        assert job.members == [a, b] and job.committed_round == 2 and job.state == "RUNNING"
+        run_round(second, clk2, jid, [a, b])
+        assert job.committed_round == 3 and 0 <= job.history[-1].duration_ms < 5000
+        clk2.mono += 2.5
+        second.tick()
+        assert job.evictions_total == 2
+    finally:
+        second.close()

@@ -718,3 +718,32 @@ def test_rounds_without_evaluation_carry_the_last_test_metrics_forward() -> None
     assert [r.test_accuracy for r in h] == [0.5, 0.5, 0.75]
     assert [r.eval_ms for r in h] == [7, 0, 7]
     assert h[0].train_ms == 20 and h[0].exchange_ms == 10, "the slowest member's times"
+
+
+def test_restore_starts_every_timer_afresh_and_keeps_wall_times() -> None:
+    """Stored timers are another process's monotonic times: restore() counts every lease,
+    deadline, grace period and hold-out wait from its own now; the wall-clock stamps people
+    read stay as stored."""
+    from dml.coordinator.records import Changes, Exclusion, Job, PeerRecord
+    from dml.coordinator.state import HOLD_OUT_RETRY_MS, MAX_HOLD_OUT_RETRY_MS
+
+    spec = JobSpec(task="digits", num_shards=4, min_peers=2, rounds=5)
+    job = Job("job-1", spec, created_ms=1_700_000_000_000, state="RUNNING", members=["a", "b"],
+              round_started_ms=9_000_000, waiting_since_ms=8_000_000, updated_ms=1_700_000_000_500)
+    job.gossip.issued_ms = {"a": 9_000_001}
+    job.held_out = [Exclusion("x", 1, "unreachable", 1_700_000_000_100, [], 9_100_000),
+                    Exclusion("x", 2, "unreachable", 1_700_000_000_200, [], 9_200_000),
+                    Exclusion("y", 2, "unreachable", 1_700_000_000_300, [], 9_300_000)]
+    done = Job("job-0", spec, created_ms=1_600_000_000_000, state="SUCCEEDED", round_started_ms=123)
+    peers = [PeerRecord("a", "h:1", {}, 1_700_000_000_000, 9_000_000, "job-1"),
+             PeerRecord("b", "h:2", {}, 1_700_000_000_000, 9_000_000, "job-1"),
+             PeerRecord("z", "h:3", {}, 1_700_000_000_000, 9_000_000, "job-0")]
+    s = ClusterState(peer_timeout_ms=2000)
+    s.restore([job, done], peers, 5_000)  # after a reboot the monotonic clock starts low
+    assert (job.round_started_ms, job.waiting_since_ms, job.gossip.issued_ms) == (5_000, 5_000, {"a": 7_000})
+    assert [x.retry_ms for x in job.held_out] == [5_000 + HOLD_OUT_RETRY_MS, 5_000 + min(2 * HOLD_OUT_RETRY_MS, MAX_HOLD_OUT_RETRY_MS),
+                                                  5_000 + HOLD_OUT_RETRY_MS]
+    assert {p.peer_id: (p.last_seen_ms, p.job_id) for p in s.peers.values()} == {
+        "a": (7_000, "job-1"), "b": (7_000, "job-1"), "z": (7_000, "")}
+    assert (job.created_ms, job.updated_ms, done.round_started_ms) == (1_700_000_000_000, 1_700_000_000_500, 123)
+    assert s.expire(5_000 + 2_000) == Changes()  # nobody evicted, nothing failed

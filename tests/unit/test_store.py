@@ -26,11 +26,14 @@ from dml.coordinator.records import (
     RoundRecord,
 )
 from dml.coordinator.store import (
+    MAX_PAGES,
     SCHEMA_VERSION,
+    CorruptStore,
     MemoryStore,
     SchemaError,
     SqliteStore,
     Store,
+    StoreWriteError,
     job_dict_from_v0,
     job_from_dict,
     job_to_dict,
@@ -365,3 +368,128 @@ def test_a_migration_that_fails_leaves_the_old_schema_untouched(tmp_path: pathli
     with pytest.raises(SchemaError, match=f"cannot migrate job {jid} from store schema 0: unknown task 'retired-task'"):
         SqliteStore(state)
     assert user_version(db) == 0 and raw_jobs(db) == old
+
+
+# -- durability: cluster id, a full disk, damaged files --------------------------------------
+
+
+def test_a_state_dir_keeps_the_cluster_id_it_was_made_with(tmp_path: pathlib.Path) -> None:
+    first = SqliteStore(tmp_path / "a")
+    cid = first.cluster_id
+    first.close()
+    again = SqliteStore(tmp_path / "a")
+    other = SqliteStore(tmp_path / "b")
+    try:
+        assert again.cluster_id == cid and len(cid) == 32 and int(cid, 16) >= 0
+        assert other.cluster_id != cid
+    finally:
+        again.close()
+        other.close()
+    assert MemoryStore().cluster_id != MemoryStore().cluster_id  # no state dir: a new cluster each start
+
+
+def test_a_migrated_state_dir_gets_a_cluster_id_once(tmp_path: pathlib.Path) -> None:
+    state = old_state_dir(tmp_path)
+    s = SqliteStore(state)
+    cid = s.cluster_id
+    s.close()
+    s = SqliteStore(state)
+    try:
+        assert s.cluster_id == cid and user_version(state / "coordinator.db") == SCHEMA_VERSION
+    finally:
+        s.close()
+
+
+def test_a_full_database_refuses_the_whole_save_and_writes_again_once_there_is_room(tmp_path: pathlib.Path) -> None:
+    """SQLite's max_page_count gives a real SQLITE_FULL. The save fails as a whole with
+    StoreWriteError, the file holds what it held, the connection stays usable (SQLite rolls a
+    full transaction back by itself: a ROLLBACK then must not hide the error), and the probe
+    tells when a write of that size fits again."""
+    s = SqliteStore(tmp_path)
+    try:
+        old = busy_job("job-old")
+        save_job(s, old, [peer("p1", "job-old")])
+        before = s.load()
+        s.set_max_pages()
+        big = busy_job("job-big")
+        big.reason = "x" * 200_000
+        with pytest.raises(StoreWriteError, match="database or disk is full") as err:
+            s.save(jobs=[big, old], peers=[peer("p9")], removed_peers=["p1"], rounds=[("job-big", record(1, ["p9"]))])
+        assert err.value.size_bytes > 200_000
+        assert s.load() == before
+        with pytest.raises(StoreWriteError, match="database or disk is full"):
+            s.probe(err.value.size_bytes)
+        assert s.load() == before
+        s.set_max_pages(MAX_PAGES)
+        s.probe(err.value.size_bytes)
+        s.save(jobs=[big], peers=[peer("p9")], removed_peers=["p1"], rounds=[("job-big", record(1, ["p9"]))])
+        jobs, peers = s.load()
+        assert {j.job_id for j in jobs} == {"job-old", "job-big"} and [p.peer_id for p in peers] == ["p9"]
+    finally:
+        s.close()
+
+
+def test_the_probe_leaves_nothing_behind(tmp_path: pathlib.Path) -> None:
+    s = SqliteStore(tmp_path)
+    try:
+        s.probe(1 << 20)
+        assert s.load() == ([], [])
+        assert s._db.execute("SELECT COUNT(*) FROM meta WHERE key = 'probe'").fetchone()[0] == 0
+    finally:
+        s.close()
+
+
+def damaged_db(tmp_path: pathlib.Path, how: str) -> pathlib.Path:
+    """A state dir whose coordinator.db is empty, truncated, or not a database at all."""
+    good = tmp_path / "good"
+    s = SqliteStore(good)
+    for i in range(40):
+        j = busy_job(f"job-{i}")
+        j.reason = "r" * 3000
+        save_job(s, j)
+    s.close()
+    data = (good / "coordinator.db").read_bytes()
+    assert len(data) > 64 << 10
+    state = tmp_path / how
+    state.mkdir()
+    content = {"empty": b"", "truncated": data[: len(data) // 2], "header-only": data[:100],
+               "garbage": bytes(range(256)) * 32}[how]
+    (state / "coordinator.db").write_bytes(content)
+    return state
+
+
+@pytest.mark.parametrize("how", ["empty", "truncated", "header-only", "garbage"])
+def test_an_empty_truncated_or_corrupt_database_is_refused_naming_the_file(tmp_path: pathlib.Path, how: str) -> None:
+    state = damaged_db(tmp_path, how)
+    before = (state / "coordinator.db").read_bytes()
+    with pytest.raises(CorruptStore) as err:
+        SqliteStore(state)
+    msg = str(err.value)
+    assert str(state / "coordinator.db") in msg and "\n" not in msg
+    assert ("empty" if how == "empty" else "not a readable dml database") in msg
+    assert (state / "coordinator.db").read_bytes() == before  # refused, never rewritten
+
+
+def test_a_record_that_does_not_decode_is_refused_naming_the_file(tmp_path: pathlib.Path) -> None:
+    s = SqliteStore(tmp_path)
+    save_job(s, busy_job())
+    s.close()
+    con = sqlite3.connect(tmp_path / "coordinator.db")
+    con.execute("UPDATE jobs SET body = '{\"job_id\": 1'")
+    con.commit()
+    con.close()
+    s = SqliteStore(tmp_path)
+    try:
+        with pytest.raises(CorruptStore, match="coordinator.db holds a record this dml cannot read"):
+            s.load()
+    finally:
+        s.close()
+
+
+def test_a_new_database_appears_only_initialised(tmp_path: pathlib.Path) -> None:
+    """A new coordinator.db is made under another name and renamed once written: an existing
+    empty one was damaged, never merely new."""
+    s = SqliteStore(tmp_path)
+    s.close()
+    assert sorted(p.name for p in tmp_path.iterdir() if "coordinator.db" in p.name and not p.name.endswith(("-wal", "-shm"))) == ["coordinator.db"]
+    assert user_version(tmp_path / "coordinator.db") == SCHEMA_VERSION
