@@ -49,9 +49,26 @@ def api_error(e: grpc.RpcError, address: str) -> ApiError:
         return ApiError(f"invalid job: {details}", BAD_INPUT)
     if code == grpc.StatusCode.NOT_FOUND:
         return ApiError(details, BAD_INPUT)  # an unknown job id, or a job with no checkpoint yet
+    if code == grpc.StatusCode.UNAUTHENTICATED:
+        return ApiError(f"the coordinator at {address} wants the operator token: give --token-file "
+                        f"(env DML_TOKEN_FILE; the coordinator's STATE_DIR/secrets/operator.token) ({details})", BAD_INPUT)
+    if code == grpc.StatusCode.PERMISSION_DENIED:
+        return ApiError(f"the coordinator at {address} refused this token: {details}", BAD_INPUT)
     if code in _TRANSIENT:
         return ApiError(f"cannot reach coordinator at {address} ({code.name.lower()})", FAILED)
     return ApiError(f"coordinator error: {code.name if code else '?'}: {details}", FAILED)
+
+
+def read_token(path: pathlib.Path) -> str:
+    """The operator token in ``path``; an ApiError (bad input) naming the file when it cannot be read."""
+    from dml.common.auth import AuthError, read_token_file
+
+    try:
+        return read_token_file(path)
+    except OSError as e:
+        raise ApiError(f"cannot read the token file {path}: {e.strerror or e}", BAD_INPUT) from None
+    except AuthError as e:
+        raise ApiError(str(e), BAD_INPUT) from None
 
 
 def check_address(address: str) -> str:
@@ -106,15 +123,19 @@ def history_dict(r: types_pb2.RoundMetrics) -> dict[str, Any]:
 
 
 class JobClient:
-    """A connection to one coordinator's JobService; every call has a deadline of ``timeout_s``.
+    """A connection to one coordinator's JobService; every call has a deadline of ``timeout_s``
+    and carries ``token`` (the operator token; "" for a coordinator run with --no-auth).
 
     Use it as a context manager, or call :meth:`close`. Raises :class:`ApiError` (bad input) at
     once for a malformed address."""
 
-    def __init__(self, address: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+    def __init__(self, address: str, timeout_s: float = DEFAULT_TIMEOUT_S, token: str = "") -> None:
+        from dml.common.auth import with_token
+
         self.address = check_address(address)
         self.timeout_s = timeout_s
-        self._channel = rpc.channel(address)
+        self._raw = rpc.channel(address)
+        self._channel = with_token(self._raw, token) if token else self._raw
         self.stub = jobs_pb2_grpc.JobServiceStub(self._channel)
 
     def __enter__(self) -> JobClient:
@@ -125,7 +146,7 @@ class JobClient:
 
     def close(self) -> None:
         """Closes the channel."""
-        self._channel.close()
+        self._raw.close()
 
     def call(self, fn: Callable[[], T]) -> T:
         """Runs one RPC, turning a gRPC error into an ApiError."""

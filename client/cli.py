@@ -3,7 +3,8 @@
 Argument parsing and printing only; the job API itself is :mod:`dml.client.api`.
 
 Exit codes: 0 success, 1 the coordinator failed or is unreachable, 2 bad input (a usage error, a
-malformed address, the coordinator's INVALID_ARGUMENT, an unknown job id), 3 a job that ended
+malformed address, the coordinator's INVALID_ARGUMENT, an unknown job id, a missing or refused
+operator token), 3 a job that ended
 FAILED or CANCELLED (``status --watch``, ``local``), 141 stdout closed early (``| head``).
 """
 from __future__ import annotations
@@ -77,7 +78,8 @@ def spec_from_args(a: argparse.Namespace) -> JobSpec:
 
 
 def _client(a: argparse.Namespace) -> JobClient:
-    return JobClient(a.coordinator, a.timeout)
+    token = api.read_token(a.token_file) if a.token_file is not None and a.command != "health" else ""
+    return JobClient(a.coordinator, a.timeout, token=token)
 
 
 def cmd_submit(a: argparse.Namespace) -> int:
@@ -243,6 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="coordinator HOST:PORT (env DML_COORDINATOR)")
         sp.add_argument("--timeout", type=cliargs.positive_float, default=api.DEFAULT_TIMEOUT_S,
                         help="deadline per call in seconds (an unreachable address fails at once)")
+        cliargs.add_auth_flags(sp, "client")
 
     sp = sub.add_parser("submit", help="submit a job; prints its id on the last line")
     common(sp)

@@ -8,6 +8,10 @@ resumes and restarts them by slot, and :meth:`LocalCluster.close` reaps every pr
 started (SIGCONT to paused ones, SIGTERM, then SIGKILL after a grace period). Children also get
 SIGTERM when their parent dies, even by SIGKILL (Linux).
 
+Authentication is on: the coordinator makes its join and operator tokens once in
+``STATE_DIR/secrets/`` (:attr:`LocalCluster.join_token_file`, :attr:`LocalCluster.operator_token_file`),
+peers register with the join token, and :meth:`LocalCluster.client` talks with the operator token.
+
 It only spawns processes: it imports nothing of the coordinator or the peer.
 """
 from __future__ import annotations
@@ -29,6 +33,16 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 GRACE_S = 5.0
+
+
+def join_token_file(state_dir: pathlib.Path) -> pathlib.Path:
+    """Where a coordinator with ``state_dir`` keeps the join token it made."""
+    return state_dir / "secrets" / "join.token"
+
+
+def operator_token_file(state_dir: pathlib.Path) -> pathlib.Path:
+    """Where a coordinator with ``state_dir`` keeps the operator token it made."""
+    return state_dir / "secrets" / "operator.token"
 
 
 class ClusterError(Exception):
@@ -186,6 +200,26 @@ class LocalCluster:
         self.close()
 
     @property
+    def join_token_file(self) -> pathlib.Path:
+        """The join token the coordinator made (exists once it has started)."""
+        return join_token_file(self.state_dir)
+
+    @property
+    def operator_token_file(self) -> pathlib.Path:
+        """The operator token the coordinator made (exists once it has started)."""
+        return operator_token_file(self.state_dir)
+
+    def operator_token(self) -> str:
+        """The operator token (the coordinator must have started)."""
+        return self.operator_token_file.read_text().strip()
+
+    def client(self, timeout_s: float = 30.0) -> Any:
+        """A :class:`dml.client.api.JobClient` to the coordinator with the operator token."""
+        from dml.client.api import JobClient
+
+        return JobClient(self.address, timeout_s, token=self.operator_token())
+
+    @property
     def address(self) -> str:
         """The coordinator's host:port (once started)."""
         if not self.port:
@@ -225,7 +259,7 @@ class LocalCluster:
         if old is not None and old.alive:
             raise ClusterError(f"peer slot {slot} still runs pid {old.popen.pid}")
         cmd = [sys.executable, "-m", "dml.peer.cli", "--coordinator", self.address, "--host", self.host,
-               "--port", "0", *self.peer_args, *args]
+               "--port", "0", "--join-token-file", str(self.join_token_file), *self.peer_args, *args]
         self.peers[slot] = self._spawn(f"peer-{slot}", cmd, tuple(args))
         return self.peers[slot]
 

@@ -20,7 +20,7 @@ from typing import Iterator
 from dml.client import cli as jobctl
 from dml.common import args as cliargs
 from dml.client.api import ApiError, JobClient, status_dict
-from dml.client.cluster import ClusterError, LocalCluster
+from dml.client.cluster import ClusterError, LocalCluster, operator_token_file
 
 DEFAULT_PORT = 50051
 
@@ -127,13 +127,16 @@ def cmd_local(a: argparse.Namespace) -> int:
         coordinator_metrics, peer_metrics = metrics_args(a)
         with _cli_errors(), cluster(a.peers, port, state_dir, log_dir, extra_peer_args=peer_metrics,
                                     coordinator_args=coordinator_metrics) as (address, _procs):
+            token_file = operator_token_file(state_dir)
             print(f"coordinator on {address}, {a.peers} peers; logs in {log_dir}", file=sys.stderr)
             if a.metrics_port is not None:
                 url = _logged_metrics_url(log_dir / "coordinator.log", 5.0)
                 print(f"  metrics: the coordinator's at {url or 'the address in its log'}, each peer's in its log",
                       file=sys.stderr)
-            print(f"  watch from another shell: dml status --coordinator {address} --watch", file=sys.stderr)
-            client = JobClient(address, timeout_s=30.0)
+            print(f"  watch from another shell: dml status --coordinator {address} --token-file {token_file} --watch",
+                  file=sys.stderr)
+            token = token_file.read_text().strip()
+            client = JobClient(address, timeout_s=30.0, token=token)
             job_id = client.submit(spec)
             print(f"job {job_id}: {spec.task}, {spec.rounds} rounds x {spec.local_steps} local steps, "
                   f"batch {spec.batch_size}, lr {spec.learning_rate}", file=sys.stderr)
@@ -152,7 +155,7 @@ def cmd_local(a: argparse.Namespace) -> int:
                 end = client.watch(job_id, show, max_s=a.timeout_s)
             except KeyboardInterrupt:
                 with contextlib.suppress(ApiError):
-                    JobClient(address, timeout_s=2.0).cancel(job_id)
+                    JobClient(address, timeout_s=2.0, token=token).cancel(job_id)
                 raise
             if tty:
                 print(file=sys.stderr)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import pathlib
 import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING, NoReturn
@@ -144,6 +145,33 @@ def metrics_config(a: argparse.Namespace) -> MetricsConfig | None:
         return None
     return MetricsConfig(host=a.metrics_host, port=a.metrics_port, certfile=getattr(a, "tls_cert", None) or None,
                          keyfile=getattr(a, "tls_key", None) or None, cafile=getattr(a, "tls_ca", None) or None)
+def _env_path(name: str) -> pathlib.Path | None:
+    v = os.environ.get(name)
+    return pathlib.Path(v) if v else None
+
+
+def add_auth_flags(p: argparse.ArgumentParser, role: str) -> None:
+    """The credential flags of one command (docs/security.md, "Authentication"), defaults from
+    DML_* variables. ``role``: "coordinator" (--join-token-file, --operator-token-file,
+    --no-auth), "peer" (--join-token-file) or "client" (--token-file)."""
+    if role == "client":
+        p.add_argument("--token-file", type=pathlib.Path, default=_env_path("DML_TOKEN_FILE"),
+                       help="file holding the operator token (env DML_TOKEN_FILE; the coordinator makes it as "
+                            "STATE_DIR/secrets/operator.token; default: none, for a coordinator run with --no-auth)")
+        return
+    if role not in ("coordinator", "peer"):
+        raise ValueError(f"unknown role {role!r}")
+    join_help = ("file holding the join token peers register with (env DML_JOIN_TOKEN_FILE; default: "
+                 "STATE_DIR/secrets/join.token, made once)" if role == "coordinator" else
+                 "file holding the cluster's join token (env DML_JOIN_TOKEN_FILE; the coordinator makes it as "
+                 "STATE_DIR/secrets/join.token; default: none, for a coordinator run with --no-auth)")
+    p.add_argument("--join-token-file", type=pathlib.Path, default=_env_path("DML_JOIN_TOKEN_FILE"), help=join_help)
+    if role == "coordinator":
+        p.add_argument("--operator-token-file", type=pathlib.Path, default=_env_path("DML_OPERATOR_TOKEN_FILE"),
+                       help="file holding the operator token job control needs (env DML_OPERATOR_TOKEN_FILE; "
+                            "default: STATE_DIR/secrets/operator.token, made once)")
+        p.add_argument("--no-auth", action="store_true", default=os.environ.get("DML_NO_AUTH", "") not in ("", "0"),
+                       help="accept every call without credentials (env DML_NO_AUTH=1); only on a loopback --host")
 
 
 CLUSTER_ID_CHARS = frozenset("0123456789abcdef")

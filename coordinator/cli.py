@@ -13,7 +13,8 @@ from dml.common import args as cliargs
 from dml.common import portcheck, rpc
 from dml.common.metrics import MetricsBindError
 from dml.coordinator.lock import StateDirLocked
-from dml.coordinator.server import CoordinatorServer, ServerConfig
+from dml.common.auth import AuthError
+from dml.coordinator.server import CoordinatorServer, ServerConfig, is_loopback
 from dml.coordinator.service import CoordinatorConfig
 from dml.coordinator.store import StoreOpenError
 
@@ -40,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--round-deadline-ms", type=int, default=_env_int("DML_ROUND_DEADLINE_MS", d.round_deadline_ms),
                    help="evict members that have not reported a round this long after it started")
     p.add_argument("--port-file", type=pathlib.Path, help="write the bound port here once listening (default: none)")
+    cliargs.add_auth_flags(p, "coordinator")
     p.add_argument("--log-level", default=os.environ.get("DML_LOG_LEVEL", "INFO"), help="logging level")
     cliargs.add_metrics_flag(p)
     return p
@@ -53,11 +55,14 @@ def build_config(argv: list[str] | None = None) -> ServerConfig:
         p.error("need --heartbeat-interval-ms >= 10 and --peer-timeout-ms > --heartbeat-interval-ms")
     if a.round_deadline_ms <= a.peer_timeout_ms:
         p.error("--round-deadline-ms must exceed --peer-timeout-ms")
+    if a.no_auth and not is_loopback(a.host):
+        p.error(f"--no-auth is allowed only on a loopback --host (127.0.0.1, ::1), not {a.host}")
     logging.basicConfig(level=a.log_level.upper(), format="%(asctime)s %(levelname)s coordinator %(name)s: %(message)s")
     cfg = ServerConfig(host=a.host, port=a.port, state_dir=a.state_dir,
                        timing=CoordinatorConfig(heartbeat_interval_ms=a.heartbeat_interval_ms, peer_timeout_ms=a.peer_timeout_ms,
                                                 round_deadline_ms=a.round_deadline_ms), port_file=a.port_file,
-                       metrics=cliargs.metrics_config(a))
+                       metrics=cliargs.metrics_config(a), auth=not a.no_auth, join_token_file=a.join_token_file,
+                       operator_token_file=a.operator_token_file)
     return cfg
 
 
@@ -79,6 +84,9 @@ def main(argv: list[str] | None = None) -> None:
         print(f"dml-coordinator: {e}", file=sys.stderr)
         sys.exit(1)
     except StoreOpenError as e:  # a state dir of a newer dml, or an empty or corrupt database: bad input
+        print(f"dml-coordinator: {e}", file=sys.stderr)
+        sys.exit(2)
+    except AuthError as e:  # an empty or malformed token file
         print(f"dml-coordinator: {e}", file=sys.stderr)
         sys.exit(2)
     if cfg.port_file is not None:

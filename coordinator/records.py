@@ -32,6 +32,11 @@ class Stale(Exception):
     """A report or upload for a round or epoch that is no longer current."""
 
 
+class Forbidden(Exception):
+    """A peer acting outside its membership: for a job it never belonged to, or naming a suspect
+    outside the epoch (PERMISSION_DENIED)."""
+
+
 class BadReport(ValueError):
     """A report that contradicts the plan (e.g. a sample count other than allocated)."""
 
@@ -49,6 +54,8 @@ class PeerRecord:
     samples_per_s: float = 0.0  # measured training throughput (moving average)
     held_out_job: str = ""  # the running job that holds this peer out of its rings ("" none)
     held_out_reason: str = ""  # why, as its heartbeats tell it
+    token_hash: str = ""  # sha256 hex of the credential issued at registration ("" before auth)
+    public_key: str = ""  # the peer's Ed25519 public key, hex (its exchange calls are signed with it)
 
 
 @dataclass

@@ -7,12 +7,15 @@ import pathlib
 import threading
 from dataclasses import dataclass
 
+import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from dml.common import guard, rpc
 from dml.common import metrics as metricsmod
+from dml.common import auth
 from dml.common.metrics import MetricsConfig, MetricsServer
+from dml.coordinator.auth import AuthInterceptor, Secrets
 from dml.coordinator.lock import StateDirLock
 from dml.coordinator.metrics import CoordinatorMetrics
 from dml.coordinator.service import Coordinator, CoordinatorConfig
@@ -55,6 +58,49 @@ class ServerConfig:
     workers: int = 256  # long polls and watch streams each hold one while they wait
     port_file: pathlib.Path | None = None  # where the CLI writes the bound port
     metrics: MetricsConfig | None = None  # the Prometheus endpoint (None: off)
+    # Authentication (docs/security.md). Tokens: given, else read from their files, else made
+    # once under STATE_DIR/secrets/ (0600), else (no state dir) made for this process only.
+    auth: bool = True  # False (--no-auth): every call is accepted; loopback binds only
+    join_token: str = ""
+    operator_token: str = ""
+    join_token_file: pathlib.Path | None = None
+    operator_token_file: pathlib.Path | None = None
+
+
+SECRETS_DIR = "secrets"
+JOIN_TOKEN_FILE = "join.token"
+OPERATOR_TOKEN_FILE = "operator.token"
+SIGNING_KEY_FILE = "coordinator.key"
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` names only this machine's loopback interface."""
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def _token(given: str, path: pathlib.Path | None, made: pathlib.Path | None, what: str) -> str:
+    """A token: ``given``, else the one in ``path``, else the one in ``made`` (created there
+    once, 0600), else a fresh one for this process."""
+    if given:
+        return given
+    if path is not None:
+        try:
+            return auth.read_token_file(path)
+        except OSError as e:
+            raise auth.AuthError(f"cannot read the {what} token file {path}: {e.strerror or e}") from None
+    if made is not None:
+        token, new = auth.ensure_token_file(made)
+        log.info("%s token %s %s", what, "made in" if new else "read from", made)
+        return token
+    log.info("%s token made for this process only (no state dir, no token file)", what)
+    return auth.new_token()
 
 
 class CoordinatorServer:
@@ -78,6 +124,16 @@ class CoordinatorServer:
             self._state_lock.record(self.address)
 
     def _open(self, config: ServerConfig) -> None:
+        if not config.auth and not is_loopback(config.host):
+            raise ValueError(f"--no-auth is allowed only on a loopback bind, not on {config.host}")
+        secrets_dir = config.state_dir / SECRETS_DIR if config.state_dir is not None else None
+        self.secrets = Secrets(
+            join_token=_token(config.join_token, config.join_token_file,
+                              secrets_dir / JOIN_TOKEN_FILE if secrets_dir else None, "join"),
+            operator_token=_token(config.operator_token, config.operator_token_file,
+                                  secrets_dir / OPERATOR_TOKEN_FILE if secrets_dir else None, "operator"),
+        ) if config.auth else None
+        signing_key = auth.ensure_private_key(secrets_dir / SIGNING_KEY_FILE)[0] if secrets_dir else None
         store: Store
         if config.state_dir is not None:
             store = SqliteStore(config.state_dir)
@@ -88,9 +144,12 @@ class CoordinatorServer:
             store = MemoryStore()
             ckpt = pathlib.Path(tempfile.mkdtemp(prefix="dml-ckpt-"))
         self.metrics = CoordinatorMetrics()
-        self.coordinator = Coordinator(config.timing, store, ckpt, metrics=self.metrics)
+        self.coordinator = Coordinator(config.timing, store, ckpt, metrics=self.metrics, signing_key=signing_key)
         self.coordinator.on_health = self._set_health
-        self._server = rpc.server(workers=config.workers, interceptors=[self.metrics.rpcs],
+        interceptors: list[grpc.ServerInterceptor] = [self.metrics.rpcs]
+        if self.secrets is not None:
+            interceptors.append(AuthInterceptor(self.secrets, self.coordinator.tokens, self.coordinator.member_of))
+        self._server = rpc.server(workers=config.workers, interceptors=interceptors,
                                   limits=guard.Limits.for_pool(config.workers, call_policies()))
         jobs_pb2_grpc.add_JobServiceServicer_to_server(JobServicer(self.coordinator), self._server)
         control_pb2_grpc.add_PeerControlServicer_to_server(PeerControlServicer(self.coordinator), self._server)

@@ -31,11 +31,14 @@ from typing import Any, Callable, TypeVar
 
 import numpy as np
 
-from dml.common import rpc
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from dml.common import auth, rpc
 from dml.coordinator import planner
+from dml.coordinator.auth import PeerTokens
 from dml.common.spec import JobSpec, validate, with_defaults
 from dml.coordinator.metrics import CoordinatorMetrics
-from dml.coordinator.records import Changes, Job, NotFound, Report, Stale
+from dml.coordinator.records import Changes, Forbidden, Job, NotFound, Report, Stale
 from dml.coordinator.state import ClusterState
 from dml.coordinator.store import Store, StoreOpenError, StoreWriteError
 from dml.common.tasks import get_task
@@ -127,9 +130,15 @@ class Coordinator:
     """Thread-safe facade over :class:`ClusterState`."""
 
     def __init__(self, config: CoordinatorConfig, store: Store, checkpoint_dir: pathlib.Path,
-                 clock: Clock = Clock(), metrics: CoordinatorMetrics | None = None) -> None:
+                 clock: Clock = Clock(), metrics: CoordinatorMetrics | None = None,
+                 signing_key: Ed25519PrivateKey | None = None) -> None:
         self.config = config
         self.metrics = metrics if metrics is not None else CoordinatorMetrics()
+        # Signs the membership tickets in plans; kept in the state dir by the server (a restart
+        # keeps the tickets it issued valid), made fresh here otherwise.
+        self.signing_key = signing_key if signing_key is not None else auth.new_private_key()
+        self.public_key = auth.public_bytes(self.signing_key)
+        self.tokens = PeerTokens()  # credentials issued to peers, by hash
         self._store = store
         self._ckpt_dir = checkpoint_dir
         self._clock = clock
@@ -149,6 +158,8 @@ class Coordinator:
         for j in jobs:
             if j.state in ("PENDING", "RUNNING"):
                 job_shards(j.spec)  # cut the plans' shard indices now, not under the lock at the first plan
+        for p in self.state.peers.values():
+            self.tokens.add(p.token_hash, p.peer_id)  # credentials survive a restart
         if jobs or peers:
             log.info("restored %d jobs and %d peers from the store (cluster %s)", len(jobs), len(peers), self.cluster_id)
         self.metrics.restored(jobs)
@@ -263,14 +274,38 @@ class Coordinator:
         self._cond.notify_all()
 
     # -- peers ------------------------------------------------------------------------------
-    def register(self, address: str, capability: dict[str, Any]) -> str:
-        """Registers a peer and returns its id."""
+    def register(self, address: str, capability: dict[str, Any], public_key: bytes = b"") -> tuple[str, str]:
+        """Registers a peer (with its Ed25519 public key); returns its id and the credential
+        issued to it, of which only the hash is kept (persisted with the peer)."""
+        token = auth.new_token()
         with self._cond:
             self._check_writable()
-            pid, ch = self.state.register(address, capability, self.now_ms())
+            pid, ch = self.state.register(address, capability, self.now_ms(), token_hash=auth.token_hash(token),
+                                          public_key=public_key.hex())
             self._apply(ch)
+            self.tokens.add(auth.token_hash(token), pid)
+            self.tokens.keep_only(set(self.state.peers))
         log.info("peer %s registered at %s (%s)", pid, address, capability.get("device", "?"))
-        return pid
+        return pid, token
+
+    def member_of(self, peer_id: str, job_id: str) -> bool:
+        """Whether a registered peer is (or was, in a recorded epoch) a member of the job."""
+        with self._cond:
+            job = self.state.jobs.get(job_id)
+            if job is None or peer_id not in self.state.peers:
+                return False
+            try:
+                self.state.check_member(job, peer_id)
+            except Forbidden:
+                return False
+            return True
+
+    def ticket(self, job_id: str, epoch: int, peer_id: str) -> bytes:
+        """The signed membership ticket of ``peer_id`` in (``job_id``, ``epoch``), for its plan.
+        Call with the lock held (plans are built under it)."""
+        p = self.state.peers.get(peer_id)
+        key = bytes.fromhex(p.public_key) if p is not None and p.public_key else b""
+        return auth.issue_ticket(self.signing_key, job_id, epoch, peer_id, key)
 
     def heartbeat(self, peer_id: str) -> tuple[str, int, str]:
         """Renews a peer's lease (in memory: leases are not stored, and go on while paused);

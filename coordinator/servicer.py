@@ -1,12 +1,12 @@
 """gRPC servicers of the coordinator. They only translate: proto to a Coordinator call, domain
-error to a status code (InvalidSpec: INVALID_ARGUMENT, NotFound: NOT_FOUND, Stale:
-FAILED_PRECONDITION, Unavailable (shutting down, or paused by a failed write): UNAVAILABLE).
+error to a status code (InvalidSpec: INVALID_ARGUMENT, NotFound: NOT_FOUND, Forbidden:
+PERMISSION_DENIED, Stale: FAILED_PRECONDITION, Unavailable (shutting down, or paused by a failed write): UNAVAILABLE).
 
 Every PeerControl call is checked against the cluster id: a caller that names another cluster
 (``RegisterPeerRequest.cluster_id``, or the ``dml-cluster-id`` metadata the peer sends on every
 call) gets FAILED_PRECONDITION with this coordinator's id in the ``dml-cluster-id`` trailing
 metadata, before anything else is looked at, so a peer never takes a wrong coordinator's
-NOT_FOUND for an eviction."""
+NOT_FOUND for an eviction. Who may call them at all: :mod:`coordinator.auth`."""
 from __future__ import annotations
 
 import contextlib
@@ -19,9 +19,10 @@ import grpc
 from dml.v1 import control_pb2, control_pb2_grpc, jobs_pb2, jobs_pb2_grpc, types_pb2
 
 from dml.common import limits
+from dml.common.auth import KEY_BYTES
 from dml.coordinator.service import Coordinator, Unavailable
 from dml.common.spec import InvalidSpec, spec_from_pb, spec_to_pb
-from dml.coordinator.records import BadReport, Job, NotFound, Report, RoundRecord, Stale
+from dml.coordinator.records import BadReport, Forbidden, Job, NotFound, Report, RoundRecord, Stale
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +51,8 @@ def _status(context: grpc.ServicerContext) -> Iterator[None]:
         context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
     except NotFound as e:
         context.abort(grpc.StatusCode.NOT_FOUND, str(e))
+    except Forbidden as e:
+        context.abort(grpc.StatusCode.PERMISSION_DENIED, str(e))
     except Stale as e:
         context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
     except Unavailable as e:
@@ -205,14 +208,18 @@ class PeerControlServicer(control_pb2_grpc.PeerControlServicer):
             limits.dialable_address(request.address)
         except ValueError as e:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"cannot register address {request.address!r}: {e}")
+        if request.public_key and len(request.public_key) != KEY_BYTES:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"public_key must be a raw Ed25519 key of {KEY_BYTES} bytes, got {len(request.public_key)}")
         cap = {"device": request.capability.device, "memory_bytes": request.capability.memory_bytes,
                "pool": request.capability.pool}
         with _status(context):
-            pid = self._c.register(request.address, cap)
+            pid, token = self._c.register(request.address, cap, bytes(request.public_key))
             cfg = self._c.config
             return control_pb2.RegisterPeerResponse(
                 peer_id=pid, heartbeat_interval_ms=cfg.heartbeat_interval_ms, peer_timeout_ms=cfg.peer_timeout_ms,
-                round_deadline_ms=cfg.round_deadline_ms, cluster_id=self._c.cluster_id,
+                round_deadline_ms=cfg.round_deadline_ms, cluster_id=self._c.cluster_id, peer_token=token,
+                coordinator_public_key=self._c.public_key,
             )
         raise AssertionError("unreachable")
 
@@ -250,7 +257,8 @@ class PeerControlServicer(control_pb2_grpc.PeerControlServicer):
         members = [
             types_pb2.Member(peer_id=m, address=st.peers[m].address if m in st.peers else "",
                              shard_ids=job.assignment.get(m, []),
-                             samples=ranges_to_pb(job.allocation.get(m, []) if m == peer_id or not gossip else []))
+                             samples=ranges_to_pb(job.allocation.get(m, []) if m == peer_id or not gossip else []),
+                             public_key=bytes.fromhex(st.peers[m].public_key) if m in st.peers else b"")
             for m in job.members
         ]
         mine = {r[0] for r in job.allocation.get(peer_id, [])}
@@ -261,6 +269,7 @@ class PeerControlServicer(control_pb2_grpc.PeerControlServicer):
             start_digest="" if gossip else job.start_digest, gossip=gossip,
             evaluate=gossip and job.gossip.eval_step.get(peer_id) == rnd,
             shard_indices={s: types_pb2.ShardIndices(indices=shards[s].tolist()) for s in mine},
+            member_ticket=self._c.ticket(job.job_id, epoch, peer_id),
         )
 
     def ReportRound(self, request: control_pb2.ReportRoundRequest, context: grpc.ServicerContext) -> control_pb2.ReportRoundResponse:

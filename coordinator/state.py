@@ -75,6 +75,7 @@ from dml.coordinator.records import (
     Changes,
     Eviction,
     Exclusion,
+    Forbidden,
     GossipWindow,
     Job,
     MembershipEpoch,
@@ -148,8 +149,10 @@ class ClusterState:
                 return cand
 
     # -- peers ------------------------------------------------------------------------------
-    def register(self, address: str, capability: dict[str, Any], now_ms: int) -> tuple[str, Changes]:
-        """Adds a peer; returns its id. A registered peer at the same address is stale (that peer
+    def register(self, address: str, capability: dict[str, Any], now_ms: int, token_hash: str = "",
+                 public_key: str = "") -> tuple[str, Changes]:
+        """Adds a peer (with the hash of the credential issued to it and its public key, hex);
+        returns its id. A registered peer at the same address is stale (that peer
         restarted, or its container came back at the same host:port): it is removed first,
         evicted from its job as ``REPLACED``, its shards moving as for any eviction."""
         changes = Changes()
@@ -157,7 +160,8 @@ class ClusterState:
             log.warning("peer %s: a new peer registered at its address %s; replacing it", old, address)
             changes = changes | self.remove_peer(old, now_ms, REPLACED, detail=f"a new peer registered at {address}")
         pid = self._new_id("peer", self.peers, now_ms)
-        self.peers[pid] = PeerRecord(pid, address, capability, self.wall_ms(now_ms), now_ms)
+        self.peers[pid] = PeerRecord(pid, address, capability, self.wall_ms(now_ms), now_ms, token_hash=token_hash,
+                                     public_key=public_key)
         return pid, changes | Changes(peers=(pid,)) | self.schedule(now_ms)
 
     def heartbeat(self, peer_id: str, now_ms: int) -> tuple[str, int]:
@@ -270,17 +274,25 @@ class ClusterState:
         broken links decide (:meth:`_unreachable`). Without a suspect the round is re-issued under
         a new epoch so nobody waits on an exchange that cannot finish. Stale reports are ignored.
         ``refused`` is the coordinator's own evidence ("" when none): it found nothing listening
-        at the suspect's address, a second witness that holds it out at once."""
+        at the suspect's address, a second witness that holds it out at once. Forbidden when the
+        reporter never was a member of the job, or (for the current epoch) names a live peer
+        outside it."""
         self._peer(reporter).last_seen_ms = now_ms
         job = self.jobs.get(job_id)
-        if job is not None and job.state == RUNNING and job.gossip.active:
+        if job is None:
+            return Changes()
+        self.check_member(job, reporter)
+        if (suspect and suspect != reporter and suspect in self.peers and suspect not in job.members
+                and job.state == RUNNING and not job.gossip.active and (rnd, epoch) == (job.round, job.epoch)):
+            raise Forbidden(f"suspect {suspect} is not a member of job {job_id} epoch {epoch}")
+        if job.state == RUNNING and job.gossip.active:
             # Gossip members route around partners they cannot reach themselves (backing off from
             # each for longer every time it fails); only a member giving up its own place is acted on.
             if suspect == reporter and reporter in job.members:
                 log.warning("peer %s gives up its place in job %s (local failure)", reporter, job_id)
                 return self.remove_peer(reporter, now_ms, SELF_REPORT, detail=detail)
             return Changes()
-        if job is None or job.state != RUNNING or (rnd, epoch) != (job.round, job.epoch):
+        if job.state != RUNNING or (rnd, epoch) != (job.round, job.epoch) or reporter not in job.members:
             return Changes()
         if suspect and suspect in self.peers:
             if suspect == reporter:
@@ -644,6 +656,17 @@ class ClusterState:
             return job.job_id, job.gossip.step.get(peer_id, 0), job.epoch
         return job.job_id, job.round, job.epoch
 
+    def check_member(self, job: Job, peer_id: str) -> None:
+        """Raises Forbidden unless ``peer_id`` is, or was in one of its recorded epochs, a member
+        of ``job``: a peer may report, fail or upload only for its own job (a late word from a
+        past epoch is merely stale)."""
+        peer = self.peers.get(peer_id)
+        if peer_id in job.members or (peer is not None and peer.job_id == job.job_id):
+            return
+        if any(peer_id in e.peers for e in job.epochs):
+            return
+        raise Forbidden(f"peer {peer_id} is not a member of job {job.job_id}")
+
     def _check_current(self, job: Job, peer_id: str, rnd: int, epoch: int) -> None:
         if job.state != RUNNING:
             raise Stale(f"job {job.job_id} is {job.state}")
@@ -653,14 +676,18 @@ class ClusterState:
             raise Stale(f"peer {peer_id} is not a member of epoch {job.epoch}")
 
     def check_checkpoint(self, peer_id: str, job_id: str, rnd: int, epoch: int) -> None:
-        """Raises NotFound or Stale unless a member may upload round ``rnd`` of epoch ``epoch`` now."""
+        """Raises NotFound, Forbidden or Stale unless a member may upload round ``rnd`` of epoch
+        ``epoch`` now."""
         self._peer(peer_id)
-        self._check_current(self.job(job_id), peer_id, rnd, epoch)
+        job = self.job(job_id)
+        self.check_member(job, peer_id)
+        self._check_current(job, peer_id, rnd, epoch)
 
     def checkpoint_uploaded(self, peer_id: str, job_id: str, rnd: int, epoch: int, digest: str, now_ms: int) -> None:
         """Records a checkpoint for the current round (it counts once the round commits)."""
         self._peer(peer_id).last_seen_ms = now_ms
         job = self.job(job_id)
+        self.check_member(job, peer_id)
         self._check_current(job, peer_id, rnd, epoch)
         job.pending_checkpoint = (rnd, digest)
 
@@ -669,6 +696,7 @@ class ClusterState:
         peer = self._peer(peer_id)
         peer.last_seen_ms = now_ms
         job = self.job(job_id)
+        self.check_member(job, peer_id)
         if job.gossip.active:
             return self._gossip_report(job, peer, rnd, rep, now_ms)
         self._check_current(job, peer_id, rnd, epoch)

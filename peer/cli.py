@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import signal
@@ -13,6 +14,7 @@ from dml.aggregation.allreduce import DEFAULT_CHUNK_ELEMS, TCP_CHUNK_ELEMS
 from dml.common import args as cliargs
 from dml.common import portcheck, rpc
 from dml.common.metrics import MetricsBindError
+from dml.common.auth import AuthError, read_token_file
 from dml.peer.runner import Peer, PeerConfig
 
 
@@ -63,6 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     cliargs.add_cluster_flag(p)
     p.add_argument("--log-level", default=os.environ.get("DML_LOG_LEVEL", "INFO"), help="logging level")
     cliargs.add_metrics_flag(p)
+    cliargs.add_auth_flags(p, "peer")
     return p
 
 
@@ -110,6 +113,13 @@ def return_big_buffers_to_the_os(threshold: int = 1 << 20) -> None:
 def main(argv: list[str] | None = None) -> None:
     """Entry point."""
     cfg, a = build_config(argv)
+    if a.join_token_file is not None:  # read at start, not at parse time: the coordinator may make it later
+        try:
+            cfg = dataclasses.replace(cfg, join_token=read_token_file(a.join_token_file))
+        except (OSError, AuthError) as e:
+            print(f"dml-peer: cannot read the join token from {a.join_token_file}: {getattr(e, 'strerror', None) or e}",
+                  file=sys.stderr)
+            sys.exit(2)
     return_big_buffers_to_the_os()
     logging.basicConfig(level=a.log_level.upper(), format="%(asctime)s %(levelname)s peer %(name)s: %(message)s")
     import torch
@@ -134,7 +144,12 @@ def main(argv: list[str] | None = None) -> None:
     try:
         peer.start()
     except grpc.RpcError as e:
-        print(f"dml-peer: cannot register with {cfg.coordinator}: {e.code() if isinstance(e, grpc.Call) else e}", file=sys.stderr)
+        code = e.code() if isinstance(e, grpc.Call) else None
+        if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+            print(f"dml-peer: {cfg.coordinator} refused the registration: {e.details()}", file=sys.stderr)  # type: ignore[union-attr]
+            peer.stop()
+            sys.exit(2)
+        print(f"dml-peer: cannot register with {cfg.coordinator}: {code or e}", file=sys.stderr)
         sys.exit(1)
     print(f"dml-peer {peer.peer_id} exchanging on {peer.address}", flush=True)
     if peer.metrics_server is not None:

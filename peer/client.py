@@ -19,7 +19,8 @@ from typing import BinaryIO, TypeVar
 import grpc
 from dml.v1 import control_pb2, control_pb2_grpc
 
-from dml.common import rpc
+from dml.common import auth, rpc
+from dml.peer.auth import PeerCredentials
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -86,10 +87,14 @@ class _CallDetails(grpc.ClientCallDetails):
 class ControlClient:
     """Thin, retrying wrapper over PeerControlStub."""
 
-    def __init__(self, address: str, stop: threading.Event, cluster_id: str = "") -> None:
+    def __init__(self, address: str, stop: threading.Event, cluster_id: str = "",
+                 credentials: PeerCredentials | None = None) -> None:
         self.address = address
         self.cluster_id = cluster_id  # pinned, or learnt from the first registration
-        self.channel = rpc.channel(address, fast_reconnect=True)
+        self.credentials = credentials if credentials is not None else PeerCredentials()
+        # The join token on RegisterPeer, this peer's credential on every other call.
+        self._raw = rpc.channel(address, fast_reconnect=True)
+        self.channel = auth.with_token(self._raw, self.credentials.control_token)
         self.stub = control_pb2_grpc.PeerControlStub(grpc.intercept_channel(self.channel, _ClusterMetadata(self)))
         self._stop = stop
         self._log_lock = threading.Lock()
@@ -189,7 +194,7 @@ class ControlClient:
         def attempt() -> control_pb2.RegisterPeerResponse:
             req = control_pb2.RegisterPeerRequest(
                 address=address, capability=control_pb2.PeerCapability(device=device, memory_bytes=memory_bytes),
-                cluster_id=self.cluster_id)
+                cluster_id=self.cluster_id, public_key=self.credentials.public_key)
             resp: control_pb2.RegisterPeerResponse = self.stub.RegisterPeer(req, timeout=CALL_TIMEOUT_S)
             if not self.answer_ok(resp.cluster_id, "register"):
                 raise WrongCluster(resp.cluster_id)
@@ -220,4 +225,4 @@ class ControlClient:
 
     def close(self) -> None:
         """Closes the channel."""
-        self.channel.close()
+        self._raw.close()

@@ -9,6 +9,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
+from typing import TypeVar
 
 import grpc
 from dml.v1 import exchange_pb2, exchange_pb2_grpc
@@ -17,11 +18,13 @@ from dml.aggregation.codecs import payload_size
 from dml.aggregation.transport import FRAME, Header
 from dml.common import guard, limits
 from dml.peer import dataplane, watch
+from dml.peer.auth import FETCH_PARAMETERS, GOSSIP, OPEN_DATA_PLANE, PUSH_CHUNKS, check_body
 from dml.peer.gossip import GossipNode
 from dml.peer.inbox import POLL_S, UNCLAIMED_TTL_S, Frame, Inbox, Key
 from dml.peer.shm import SharedSlots
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 CHUNK_BYTES = 1 << 20
 STALE_INBOX_S = 600.0
@@ -116,6 +119,9 @@ class ExchangeServicer(exchange_pb2_grpc.PeerExchangeServicer):
         self._params_source = params_source
         self._recv_timeout_s = recv_timeout_s
         self.gossip: GossipNode | None = None  # set by the peer: serves PeerExchange.Gossip
+        # Set by a peer whose server runs peer.auth.ExchangeGuard: every request's body must then
+        # name the (job, round, epoch, sender) its call was signed for.
+        self.guarded = False
         self.data_plane = dataplane.DataPlane(data_plane_host, self._attach) if data_plane_host is not None else None
         self.dropped = 0  # unclaimed inboxes dropped (by the sweeper, or to make room)
         self._trimmed = 0  # self.dropped when the heap was last trimmed
@@ -267,6 +273,8 @@ class ExchangeServicer(exchange_pb2_grpc.PeerExchangeServicer):
         _check(context, request)
         if not request.job_id or not request.sender_id:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "job_id and sender_id are required")
+        if self.guarded:
+            check_body(context, OPEN_DATA_PLANE, request.job_id, request.sender_id, request.epoch, str(request.round))
         try:
             token, slots = self.data_plane.offer((request.job_id, request.round, request.epoch), request.sender_id,
                                                  request.shm_slot_bytes)
@@ -283,6 +291,8 @@ class ExchangeServicer(exchange_pb2_grpc.PeerExchangeServicer):
         if first is None:
             return exchange_pb2.PushChunksResponse(chunks=0)
         _check(context, first)
+        if self.guarded:
+            check_body(context, PUSH_CHUNKS, first.job_id, first.sender_id, first.epoch, str(first.round))
 
         def frames() -> Iterator[Frame]:
             for msg in _chain(first, request_iterator):
@@ -309,6 +319,8 @@ class ExchangeServicer(exchange_pb2_grpc.PeerExchangeServicer):
         err = limits.string_error("dml-job", key[0]) or limits.string_error("dml-sender", sender)
         if err:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, err)
+        if self.guarded:
+            check_body(context, FRAMES_METHOD, key[0], sender, key[2], str(key[1]))
 
         def frames() -> Iterator[Frame]:
             for frame in request_iterator:
@@ -368,10 +380,20 @@ class ExchangeServicer(exchange_pb2_grpc.PeerExchangeServicer):
         if node is None:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, "this peer does not gossip")
             return
+        if self.guarded:  # a non-member's offer is refused before anything of ours is sent
+            first = next(request_iterator, None)
+            if first is None:
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, "empty gossip stream")
+                return
+            _check(context, first)
+            check_body(context, GOSSIP, first.job_id, first.sender_id, ref=first.exchange_id)
+            request_iterator = _chain(first, request_iterator)
         yield from node.serve(_checked_first(request_iterator, context), context)
 
     def FetchParameters(self, request: exchange_pb2.FetchParametersRequest, context: grpc.ServicerContext) -> Iterator[exchange_pb2.ParameterChunk]:
         _check(context, request)
+        if self.guarded:
+            check_body(context, FETCH_PARAMETERS, request.job_id, None, ref=str(request.round))
         got = self._params_source(request.job_id, request.round)
         if got is None:
             context.abort(grpc.StatusCode.NOT_FOUND,
@@ -393,9 +415,15 @@ def _checked_first(requests: Iterator[exchange_pb2.GossipMessage], context: grpc
     yield from requests
 
 
-def _chain(first: exchange_pb2.TensorChunk, rest: Iterable[exchange_pb2.TensorChunk]) -> Iterator[exchange_pb2.TensorChunk]:
+def _chain(first: T, rest: Iterable[T]) -> Iterator[T]:
     yield first
     yield from rest
+
+
+def guarded_method(method: str) -> bool:
+    """The exchange server's methods only members may call (all but health): the protobuf
+    exchange, the raw frames and the successor watch."""
+    return method.startswith("/dml.v1.PeerExchange/") or method in (FRAMES_METHOD, watch.WATCH_METHOD)
 
 
 def add_exchange_to_server(servicer: ExchangeServicer, server: grpc.Server) -> None:

@@ -43,6 +43,7 @@ from dml.v1 import exchange_pb2, exchange_pb2_grpc
 
 from dml.aggregation.gossip import Exchanger, ExchangeStateError, Snapshot
 from dml.common import rpc
+from dml.peer.auth import GOSSIP, PeerCredentials
 
 log = logging.getLogger(__name__)
 
@@ -99,8 +100,9 @@ def pair_distance(a: np.ndarray, b: np.ndarray, piece: int = 1 << 16) -> float:
 class GossipNode:
     """One peer's gossip state; thread-safe. ``attach`` it to a job's trainer before exchanging."""
 
-    def __init__(self, peer_id: str) -> None:
+    def __init__(self, peer_id: str, credentials: PeerCredentials | None = None) -> None:
         self.peer_id = peer_id
+        self.credentials = credentials  # signs the exchanges this peer starts (None: unsigned)
         self.slot = Exchanger(peer_id)
         self._lock = threading.Lock()
         self.job_id = ""
@@ -235,9 +237,10 @@ class GossipNode:
 
     # -- the initiator's side ---------------------------------------------------------------------
     def exchange(self, job_id: str, partner_id: str, address: str, timeout_s: float,
-                 channel: grpc.Channel | None = None) -> Outcome:
-        """Runs one exchange with ``partner_id`` at ``address``; never raises for the partner's
-        failures (the Outcome says what happened). Parameters change only on success."""
+                 channel: grpc.Channel | None = None, epoch: int = 0) -> Outcome:
+        """Runs one exchange with ``partner_id`` at ``address`` as a member of ``job_id``'s
+        ``epoch``; never raises for the partner's failures (the Outcome says what happened).
+        Parameters change only on success."""
         trainer = self._current(job_id)
         if trainer is None:
             return Outcome(partner_id, False, detail="not attached to the job")
@@ -269,7 +272,8 @@ class GossipNode:
 
         try:
             stub = exchange_pb2_grpc.PeerExchangeStub(ch)
-            call = stub.Gossip(requests(), timeout=timeout_s)
+            md = self.credentials.sign(GOSSIP, job_id, epoch, xid, partner_id) if self.credentials else []
+            call = stub.Gossip(requests(), timeout=timeout_s, metadata=md)
             first = next(call)
             if first.elems != n or not math.isfinite(first.weight) or first.weight < 0:
                 raise GossipRefused(f"bad answer: {first.elems} elements, weight {first.weight}")
@@ -297,8 +301,10 @@ class GossipNode:
         except grpc.RpcError as e:
             code = e.code() if isinstance(e, grpc.Call) else None
             detail = e.details() if isinstance(e, grpc.Call) else str(e)
-            # Busy, or alive but not (yet, or no longer) gossiping in this job: not a failure.
-            busy = code in (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.FAILED_PRECONDITION)
+            # Busy, or alive but not (yet, or no longer) gossiping in this job, or holding a newer
+            # epoch than our plan's (PERMISSION_DENIED): not a failure of the partner.
+            busy = code in (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.FAILED_PRECONDITION,
+                            grpc.StatusCode.PERMISSION_DENIED)
             return Outcome(partner_id, False, busy=busy,
                            bytes_sent=sent[0], detail=f"{code.name if code else 'error'}: {detail}")
         except (GossipRefused, ValueError, StopIteration, ExchangeStateError) as e:

@@ -95,7 +95,8 @@ class GossipStep:
             if fault:
                 out = Outcome(cand, False, detail=fault)
             else:
-                out = node.exchange(plan.job_id, cand, address[cand], timeout, self._channel(address[cand]))
+                out = node.exchange(plan.job_id, cand, address[cand], timeout, self._channel(address[cand]),
+                                    epoch=plan.epoch)
             if out.ok:
                 self._suspects.pop(cand, None)
                 self._failures.pop(cand, None)

@@ -16,11 +16,12 @@ from dml.v1 import exchange_pb2, exchange_pb2_grpc
 from dml.aggregation.transport import FRAME, ExchangeError, Header
 from dml.common import rpc
 from dml.peer import dataplane, shm
-from dml.peer.exchange import ExchangeServicer
+from dml.peer.auth import OPEN_DATA_PLANE, PeerCredentials
+from dml.peer.exchange import FRAMES_METHOD, ExchangeServicer
 from dml.peer.inbox import POLL_S, Broken, Key
 from dml.peer.senders import ABORTED, GrpcSender, ShmSender, TcpSender
 from dml.peer.shm import SharedSlots
-from dml.peer.watch import SuccessorWatch
+from dml.peer.watch import WATCH_METHOD, SuccessorWatch
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +49,8 @@ class PeerLink:
     def __init__(self, servicer: ExchangeServicer, key: Key, self_id: str, pred_id: str,
                  succ_id: str, succ_address: str, deadline_s: float, abort: threading.Event,
                  idle_timeout_s: float = 30.0, data_plane: str = "auto", payload_bytes: int = 0,
-                 keep_watch: Callable[[SuccessorWatch], None] | None = None, injected_fault: str = "") -> None:
+                 keep_watch: Callable[[SuccessorWatch], None] | None = None, injected_fault: str = "",
+                 credentials: PeerCredentials | None = None) -> None:
         if data_plane not in DATA_PLANES:
             raise ValueError(f"unknown data plane {data_plane!r}")
         # "auto" asks for shared memory only where it pays: it costs a fixed ~2 ms per
@@ -67,6 +69,7 @@ class PeerLink:
         self._idle_s = idle_timeout_s
         self._mode = data_plane
         self._injected_fault = injected_fault  # tests only: fail to reach the successor, saying this
+        self._creds = credentials  # signs our calls to the successor (None: unsigned)
         self._channel = rpc.channel(succ_address, max_message_bytes=rpc.EXCHANGE_MESSAGE_BYTES)
         self._sender: GrpcSender | TcpSender | None = None
         self._watch: SuccessorWatch | None = None
@@ -93,9 +96,16 @@ class PeerLink:
         return "shm" if self._inbox.shm is not None else "tcp"
 
     # -- sending ------------------------------------------------------------------------------
+    def _signed(self, method: str) -> list[tuple[str, str | bytes]]:
+        """The signature metadata of a call to the successor for this link's exchange."""
+        if self._creds is None:
+            return []
+        job, rnd, epoch = self._key
+        return self._creds.sign(method, job, epoch, str(rnd), self._succ_id)
+
     def _open(self) -> GrpcSender | TcpSender:
         sender = self._open_sender()
-        self._watch = SuccessorWatch(self._channel, self._key, self._succ_id)
+        self._watch = SuccessorWatch(self._channel, self._key, self._succ_id, self._signed(WATCH_METHOD))
         return sender
 
     def _open_sender(self) -> GrpcSender | TcpSender:
@@ -110,7 +120,8 @@ class PeerLink:
                     raise ExchangeError(f"cannot open a TCP stream to {self._succ_id}: {_describe(e)}",
                                         suspect=self._succ_id) from None
                 log.info("exchange %s: no TCP stream to %s (%s); using gRPC", self._key, self._succ_id, _describe(e))
-        return GrpcSender(self._channel, self._key, self._self_id, self._succ_id, self._deadline_s)
+        return GrpcSender(self._channel, self._key, self._self_id, self._succ_id, self._deadline_s,
+                          self._signed(FRAMES_METHOD))
 
     def open_early(self) -> None:
         """Negotiates the outgoing stream in the background (peers call this before training,
@@ -150,7 +161,8 @@ class PeerLink:
         try:
             offer = stub.OpenDataPlane(exchange_pb2.OpenDataPlaneRequest(
                 job_id=job, round=rnd, epoch=epoch, sender_id=self._self_id,
-                shm_slot_bytes=SHM_SLOT_BYTES if self._want_shm else 0), timeout=timeout)
+                shm_slot_bytes=SHM_SLOT_BYTES if self._want_shm else 0), timeout=timeout,
+                metadata=self._signed(OPEN_DATA_PLANE))
         except grpc.RpcError as e:
             code = e.code() if isinstance(e, grpc.Call) else None
             if code in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.UNIMPLEMENTED):

@@ -20,6 +20,7 @@ from dml.aggregation.codecs import Codec, get_codec
 from dml.aggregation.transport import ExchangeError
 from dml.common import rpc
 from dml.common.tasks import get_task
+from dml.peer.auth import FETCH_PARAMETERS
 from dml.peer.client import Evicted
 from dml.peer.gossip_step import GossipStep
 from dml.peer.link import PeerLink
@@ -125,7 +126,7 @@ class RingRound:
                         data_plane=plan.spec.data_plane or "auto",
                         payload_bytes=4 * trainer.numel if trainer is not None else 0,
                         keep_watch=lambda watch: self._keep_watch(plan, watch),
-                        injected_fault=peer.config.injected_fault(succ.address))
+                        injected_fault=peer.config.injected_fault(succ.address), credentials=peer.credentials)
 
     # -- the starting point -------------------------------------------------------------------
     def _prepare(self, plan: types_pb2.Plan) -> Trainer:
@@ -170,8 +171,9 @@ class RingRound:
             try:
                 with rpc.channel(address, max_message_bytes=rpc.EXCHANGE_MESSAGE_BYTES) as ch:
                     stub = exchange_pb2_grpc.PeerExchangeStub(ch)
+                    md = peer.credentials.sign(FETCH_PARAMETERS, plan.job_id, plan.epoch, str(rnd), name)
                     parts = list(stub.FetchParameters(exchange_pb2.FetchParametersRequest(job_id=plan.job_id, round=rnd),
-                                                      timeout=peer.config.exchange_timeout_s))
+                                                      timeout=peer.config.exchange_timeout_s, metadata=md))
             except grpc.RpcError as e:
                 log.info("peer %s: %s has no round %d parameters (%s)", peer.peer_id, name, rnd,
                          e.code() if isinstance(e, grpc.Call) else e)

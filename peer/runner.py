@@ -16,8 +16,9 @@ from dml.common import metrics as metricsmod
 from dml.common.metrics import MetricsConfig, MetricsServer
 from dml.peer import shm
 from dml.peer.advertise import address_problem, advertise_host
+from dml.peer.auth import ExchangeGuard, PeerCredentials
 from dml.peer.client import CALL_TIMEOUT_S, ControlClient, Evicted, refusing_cluster
-from dml.peer.exchange import ExchangeServicer, add_exchange_to_server, call_policies
+from dml.peer.exchange import ExchangeServicer, add_exchange_to_server, call_policies, guarded_method
 from dml.peer.gossip import GossipNode
 from dml.peer.gossip_step import GossipStep
 from dml.peer.link import PeerLink
@@ -38,6 +39,7 @@ class PeerConfig:
     """Everything dml-peer is configured with."""
 
     coordinator: str
+    join_token: str = ""  # the cluster's join token ("" for a coordinator run with --no-auth)
     host: str = "127.0.0.1"
     port: int = 0
     advertise_host: str = ""  # host others dial; "" or "auto": see dml.peer.advertise
@@ -74,14 +76,17 @@ class Peer:
         self._heartbeat_s = 0.5
         self.metrics = PeerMetrics()
         self.held_out = ""  # why the coordinator holds this peer out of a job's rings ("" when it does not)
+        self.credentials = PeerCredentials(config.join_token)
         self.servicer = ExchangeServicer(self.store.serve, recv_timeout_s=config.exchange_timeout_s,
                                          data_plane_host=config.host if config.tcp else None)
-        self.gossip = GossipNode("")
+        self.servicer.guarded = True
+        self.gossip = GossipNode("", self.credentials)
         self.gossip.on_bytes = lambda sent, received: self.metrics.exchanged("gossip", sent, received)
         self.servicer.gossip = self.gossip
         self._gossip_step = GossipStep(self)
         self._ring = RingRound(self, self._abort, self._make_link, self._gossip_step)
         self._server = rpc.server(workers=EXCHANGE_WORKERS, max_message_bytes=rpc.EXCHANGE_MESSAGE_BYTES,
+                                  interceptors=[ExchangeGuard(self.credentials, guarded_method)],
                                   limits=guard.Limits.for_pool(EXCHANGE_WORKERS,
                                                                call_policies(config.exchange_timeout_s)))
         add_exchange_to_server(self.servicer, self._server)
@@ -94,7 +99,8 @@ class Peer:
             self.servicer.close()
             raise
         self.address = f"{advertise_host(config.host, config.advertise_host, config.coordinator)}:{self.port}"
-        self.client = ControlClient(config.coordinator, self.stop_event, cluster_id=config.cluster_id)
+        self.client = ControlClient(config.coordinator, self.stop_event, cluster_id=config.cluster_id,
+                                    credentials=self.credentials)
         self._hb_thread = threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True)
         self._main: threading.Thread | None = None
 
@@ -129,6 +135,7 @@ class Peer:
             self.gossip.detach()
             self.store.clear()
             self._ring.forget()
+        self.credentials.registered(resp.peer_id, resp.peer_token, resp.coordinator_public_key)
         self.peer_id = resp.peer_id
         self.gossip.peer_id = resp.peer_id
         self._heartbeat_s = resp.heartbeat_interval_ms / 1000.0
@@ -236,6 +243,7 @@ class Peer:
                 plan: types_pb2.Plan | None = resp.plan
                 while plan is not None and not self.stop_event.is_set():
                     self._ring.unwatch()  # a new plan: the watched round committed or was re-formed
+                    self.credentials.note_plan(plan.job_id, plan.epoch, plan.member_ticket)
                     last = (plan.job_id, plan.round, plan.epoch)
                     if plan.gossip:  # a gossip step's report answers with the next step
                         plan = self._gossip_step.run(plan)

@@ -29,13 +29,15 @@ class GrpcSender:
 
     kind = "grpc"
 
-    def __init__(self, channel: grpc.Channel, key: Key, self_id: str, succ_id: str, deadline_s: float) -> None:
+    def __init__(self, channel: grpc.Channel, key: Key, self_id: str, succ_id: str, deadline_s: float,
+                 auth_metadata: list[tuple[str, str | bytes]] | None = None) -> None:
         self._succ_id = succ_id
         self._out: queue.Queue[bytes | None] = queue.Queue()
         self._push = channel.stream_unary(FRAMES_METHOD, request_serializer=None,
                                           response_deserializer=exchange_pb2.PushChunksResponse.FromString)
         job, rnd, epoch = key
-        self._md = (("dml-job", job), ("dml-round", str(rnd)), ("dml-epoch", str(epoch)), ("dml-sender", self_id))
+        self._md = (("dml-job", job), ("dml-round", str(rnd)), ("dml-epoch", str(epoch)), ("dml-sender", self_id),
+                    *(auth_metadata or []))
         self._deadline_s = deadline_s
         self.error = ""
         self._done = threading.Event()

@@ -47,11 +47,13 @@ def handler() -> grpc.GenericRpcHandler:
 
 
 class SuccessorWatch:
-    """The watch call to ring successor ``succ_id`` on ``channel``, for the exchange of ``key``.
+    """The watch call to ring successor ``succ_id`` on ``channel``, for the exchange of ``key``
+    (``metadata``: the call's signature, :mod:`peer.auth`).
     ``lost`` says why the successor went away ("" while it is there). The watch closes
     ``channel`` when it is closed."""
 
-    def __init__(self, channel: grpc.Channel, key: Key, succ_id: str) -> None:
+    def __init__(self, channel: grpc.Channel, key: Key, succ_id: str,
+                 metadata: list[tuple[str, str | bytes]] | None = None) -> None:
         self.job_id, self.round, self.epoch = key
         self.succ_id = succ_id
         self.lost = ""
@@ -60,7 +62,7 @@ class SuccessorWatch:
         self._closed = False
         self._report: Callable[[str], None] | None = None
         watch = channel.unary_stream(WATCH_METHOD, request_serializer=None, response_deserializer=None)
-        self._call = watch(b"", timeout=WATCH_MAX_S)
+        self._call = watch(b"", timeout=WATCH_MAX_S, metadata=metadata or None)
         self._call.add_done_callback(self._on_done)  # type: ignore[attr-defined]
 
     def _on_done(self, call: grpc.Call) -> None:

@@ -1,5 +1,6 @@
 """In-process cluster for integration tests: a real coordinator and real peers over gRPC on
-127.0.0.1 with ports picked by the OS."""
+127.0.0.1 with ports picked by the OS, authenticated: :func:`coordinator` remembers the tokens it
+was started with, by address, so :func:`peers` join and :func:`job_stub` operates with them."""
 from __future__ import annotations
 
 import contextlib
@@ -9,23 +10,36 @@ from typing import Callable, Iterator
 
 import torch
 
-from dml.common import rpc
+from dml.common import auth, rpc
 from dml.coordinator.server import CoordinatorServer, ServerConfig
 from dml.coordinator.service import CoordinatorConfig
 from dml.v1 import exchange_pb2, exchange_pb2_grpc, jobs_pb2_grpc
 from dml.peer.runner import Peer, PeerConfig
 
 FAST = CoordinatorConfig(heartbeat_interval_ms=200, peer_timeout_ms=1500, tick_ms=100)
+_SERVERS: dict[str, CoordinatorServer] = {}  # address -> the coordinator started there
 
 
 @contextlib.contextmanager
 def coordinator(state_dir=None, timing: CoordinatorConfig = FAST) -> Iterator[CoordinatorServer]:
-    """A started coordinator on 127.0.0.1:0, stopped on exit."""
+    """A started coordinator on 127.0.0.1:0 with authentication on, stopped on exit."""
     srv = CoordinatorServer(ServerConfig(host="127.0.0.1", port=0, state_dir=state_dir, timing=timing)).start()
+    _SERVERS[srv.address] = srv
     try:
         yield srv
     finally:
         srv.stop(0.2)
+        _SERVERS.pop(srv.address, None)
+
+
+def join_token(address: str) -> str:
+    """The join token of the coordinator :func:`coordinator` started at ``address``."""
+    return _SERVERS[address].secrets.join_token
+
+
+def operator_token(address: str) -> str:
+    """The operator token of the coordinator :func:`coordinator` started at ``address``."""
+    return _SERVERS[address].secrets.operator_token
 
 
 @contextlib.contextmanager
@@ -34,7 +48,8 @@ def peers(address: str, n: int, exchange_timeout_s: float = 10.0) -> Iterator[li
     started: list[Peer] = []
     try:
         for _ in range(n):
-            p = Peer(PeerConfig(coordinator=address, exchange_timeout_s=exchange_timeout_s, plan_wait_s=1.0)).start()
+            p = Peer(PeerConfig(coordinator=address, join_token=join_token(address),
+                                exchange_timeout_s=exchange_timeout_s, plan_wait_s=1.0)).start()
             p.run_in_thread()
             started.append(p)
         yield started
@@ -54,15 +69,36 @@ def wait_for(pred: Callable[[], bool], timeout_s: float, what: str) -> None:
 
 
 def job_stub(address: str) -> jobs_pb2_grpc.JobServiceStub:
-    """A JobService client."""
-    return jobs_pb2_grpc.JobServiceStub(rpc.channel(address))
+    """A JobService client with the operator token."""
+    return jobs_pb2_grpc.JobServiceStub(auth.with_token(rpc.channel(address), operator_token(address)))
 
 
-def fetch_state(address: str, job_id: str, rnd: int) -> tuple[str, dict[str, torch.Tensor], bytes]:
-    """Downloads a peer's parameters of a round: (digest, state_dict, raw bytes)."""
+AUDITOR = "auditor"
+AUDIT_EPOCH = 2**62  # newer than any epoch a peer holds
+
+
+def audit_metadata(signing_key, job_id: str, rnd: int, receiver: str) -> list:
+    """Metadata for a FetchParameters call to peer ``receiver`` from an auditor holding the
+    coordinator's signing key (in-process: ``srv.coordinator.signing_key``; a process's:
+    STATE_DIR/secrets/coordinator.key): it mints itself a ticket, as only the coordinator can."""
+    key = auth.new_private_key()
+    ticket = auth.issue_ticket(signing_key, job_id, AUDIT_EPOCH, AUDITOR, auth.public_bytes(key))
+    return auth.sign_call(key, ticket, auth.CallClaims("/dml.v1.PeerExchange/FetchParameters", job_id, AUDIT_EPOCH,
+                                                       str(rnd), AUDITOR, receiver))
+
+
+def coordinator_key(state_dir):
+    """The signing key a coordinator process keeps in ``state_dir``."""
+    return auth.ensure_private_key(state_dir / "secrets" / "coordinator.key")[0]
+
+
+def fetch_state(address: str, job_id: str, rnd: int, peer_id: str, signing_key) -> tuple[str, dict[str, torch.Tensor], bytes]:
+    """Downloads peer ``peer_id``'s parameters of a round as an auditor (see
+    :func:`audit_metadata`): (digest, state_dict, raw bytes)."""
+    md = audit_metadata(signing_key, job_id, rnd, peer_id)
     with rpc.channel(address) as ch:
         parts = list(exchange_pb2_grpc.PeerExchangeStub(ch).FetchParameters(
-            exchange_pb2.FetchParametersRequest(job_id=job_id, round=rnd), timeout=10))
+            exchange_pb2.FetchParametersRequest(job_id=job_id, round=rnd), timeout=10, metadata=md))
     raw = b"".join(p.data for p in parts)
     return parts[0].digest, torch.load(io.BytesIO(raw), weights_only=True), raw
 

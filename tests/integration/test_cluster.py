@@ -45,7 +45,7 @@ def test_three_peers_train_commit_and_agree_bit_for_bit(tmp_path):
         assert all(r.members == 3 for r in resp.history)
         assert resp.history[-1].test_accuracy > resp.history[0].test_accuracy
         # Every peer holds the committed parameters, bit for bit, and they match the digest.
-        got = [fetch_state(p.address, jid, SMALL.rounds) for p in ps]
+        got = [fetch_state(p.address, jid, SMALL.rounds, p.peer_id, srv.coordinator.signing_key) for p in ps]
         assert {g[0] for g in got} == {resp.history[-1].digest}
         assert_state_dicts_identical([g[1] for g in got])
         # The coordinator's checkpoint (what `dml model` downloads) is the same model.
@@ -110,7 +110,7 @@ def test_peer_that_leaves_between_rounds_is_evicted_and_the_job_succeeds():
         assert resp.history[-1].members == 2
         shards = [r for r in resp.history if r.members == 2]
         assert shards, "rounds after the eviction ran with the survivors"
-        got = [fetch_state(p.address, jid, 400) for p in ps]
+        got = [fetch_state(p.address, jid, 400, p.peer_id, srv.coordinator.signing_key) for p in ps]
         assert_state_dicts_identical([g[1] for g in got])
 
 

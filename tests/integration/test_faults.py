@@ -87,7 +87,7 @@ def test_peer_dying_mid_exchange_is_evicted_at_once_and_survivors_agree(data_pla
         resp = _job(stub, jid, history=True)
         assert [r.round for r in resp.history] == list(range(1, 26))
         assert resp.history[4].members == 2, "round 5 was re-run by the survivors"
-        got = [fetch_state(p.address, jid, 25) for p in ps]
+        got = [fetch_state(p.address, jid, 25, p.peer_id, srv.coordinator.signing_key) for p in ps]
         assert got[0][0] == got[1][0] == resp.history[-1].digest
         assert_state_dicts_identical([g[1] for g in got])
         from dml.client.api import history_dict
@@ -150,5 +150,5 @@ def test_peer_dying_after_its_exchange_is_reported_by_its_predecessor(data_plane
         resp = _job(stub, jid, history=True)
         assert [r.round for r in resp.history] == list(range(1, 13))
         assert resp.history[4].members == 2, "round 5 was re-run by the survivors"
-        got = [fetch_state(p.address, jid, 12) for p in ps]
+        got = [fetch_state(p.address, jid, 12, p.peer_id, srv.coordinator.signing_key) for p in ps]
         assert got[0][0] == got[1][0] == resp.history[-1].digest

@@ -35,7 +35,7 @@ def test_submit_fixes_the_shard_sizes_and_a_restored_job_runs_without_loading_da
 
     monkeypatch.setattr(service, "get_task", no_data)
     service._shards.cache_clear()
-    a, b = second.register("10.0.0.1:1", {}), second.register("10.0.0.2:1", {})
+    a, b = second.register("10.0.0.1:1", {})[0], second.register("10.0.0.2:1", {})[0]
     job = second.state.job(jid)
     assert job.members == [a, b]
     for rnd in (1, 2):

@@ -13,6 +13,7 @@ from dml.coordinator.records import (
     CANCELLED,
     FAILED,
     FINISHED,
+    Forbidden,
     HEARTBEAT_TIMEOUT,
     MAX_JOB_EVENTS,
     PENDING,
@@ -218,10 +219,10 @@ def test_stale_round_or_epoch_is_rejected() -> None:
     assert set(job.reports) == {a}
 
 
-def test_report_from_non_member_is_stale_and_unknowns_are_not_found() -> None:
+def test_report_from_non_member_is_forbidden_and_unknowns_are_not_found() -> None:
     s, job, (a, b) = running(2, num_shards=2)
     (c,) = register(s, 1, now=1)  # idle: the job has no room
-    with pytest.raises(Stale):
+    with pytest.raises(Forbidden):
         s.report(c, job.job_id, 1, 1, rep(), 2)
     with pytest.raises(NotFound):
         s.report("peer-nobody", job.job_id, 1, 1, rep(), 2)
@@ -698,7 +699,13 @@ def test_state_machine_invariants_hold_under_random_operations(ops: list[tuple[s
             job = s.jobs.get(s.peers[reporter].job_id)
             suspect = "" if arg % 5 == 0 else peers[(arg // 7) % len(peers)]
             if job is not None:
-                s.report_failure(reporter, job.job_id, job.round, job.epoch, suspect, now)
+                outsider = (suspect and suspect != reporter and suspect in s.peers and suspect not in job.members
+                            and job.state == RUNNING and not job.gossip.active)
+                if outsider:  # a member may not evict a peer outside its epoch
+                    with pytest.raises(Forbidden):
+                        s.report_failure(reporter, job.job_id, job.round, job.epoch, suspect, now)
+                else:
+                    s.report_failure(reporter, job.job_id, job.round, job.epoch, suspect, now)
         elif op == "submit":
             submit(s, spec(min_peers=arg % 3 + 1, num_shards=4, rounds=3), now)
         elif op == "cancel" and jobs:

@@ -25,41 +25,41 @@ _sym_db = _symbol_database.Default()
 from dml.v1 import types_pb2 as dml_dot_v1_dot_types__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14\x64ml/v1/control.proto\x12\x06\x64ml.v1\x1a\x12\x64ml/v1/types.proto\"D\n\x0ePeerCapability\x12\x0e\n\x06\x64\x65vice\x18\x01 \x01(\t\x12\x14\n\x0cmemory_bytes\x18\x02 \x01(\x04\x12\x0c\n\x04pool\x18\x03 \x01(\t\"z\n\x13RegisterPeerRequest\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12*\n\ncapability\x18\x02 \x01(\x0b\x32\x16.dml.v1.PeerCapability\x12\x12\n\npublic_key\x18\x03 \x01(\x0c\x12\x12\n\ncluster_id\x18\x04 \x01(\t\"\xa2\x01\n\x14RegisterPeerResponse\x12\x0f\n\x07peer_id\x18\x01 \x01(\t\x12\x1d\n\x15heartbeat_interval_ms\x18\x02 \x01(\r\x12\x17\n\x0fpeer_timeout_ms\x18\x03 \x01(\r\x12\x19\n\x11round_deadline_ms\x18\x04 \x01(\r\x12\x12\n\npeer_token\x18\x05 \x01(\t\x12\x12\n\ncluster_id\x18\x06 \x01(\t\"#\n\x10HeartbeatRequest\x12\x0f\n\x07peer_id\x18\x01 \x01(\t\"_\n\x11HeartbeatResponse\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\x12\x0e\n\x06job_id\x18\x02 \x01(\t\x12\x17\n\x0fheld_out_reason\x18\x03 \x01(\t\x12\x12\n\ncluster_id\x18\x04 \x01(\t\"o\n\x0eGetPlanRequest\x12\x0f\n\x07peer_id\x18\x01 \x01(\t\x12\x13\n\x0blast_job_id\x18\x02 \x01(\t\x12\x12\n\nlast_round\x18\x03 \x01(\r\x12\x12\n\nlast_epoch\x18\x04 \x01(\x04\x12\x0f\n\x07wait_ms\x18\x05 \x01(\r\"?\n\x0fGetPlanResponse\x12\x10\n\x08has_plan\x18\x01 \x01(\x08\x12\x1a\n\x04plan\x18\x02 \x01(\x0b\x32\x0c.dml.v1.Plan\"\xfc\x02\n\x12ReportRoundRequest\x12\x0f\n\x07peer_id\x18\x01 \x01(\t\x12\x0e\n\x06job_id\x18\x02 \x01(\t\x12\r\n\x05round\x18\x03 \x01(\r\x12\r\n\x05\x65poch\x18\x04 \x01(\x04\x12\x0f\n\x07samples\x18\x05 \x01(\x04\x12\x12\n\ntrain_loss\x18\x06 \x01(\x01\x12\x0e\n\x06\x64igest\x18\x07 \x01(\t\x12\x18\n\x10has_test_metrics\x18\x08 \x01(\x08\x12\x15\n\rtest_accuracy\x18\t \x01(\x01\x12\x11\n\ttest_loss\x18\n \x01(\x01\x12\x1b\n\x13train_samples_per_s\x18\x0b \x01(\x01\x12\x10\n\x08train_ms\x18\x0c \x01(\r\x12\x13\n\x0b\x65xchange_ms\x18\r \x01(\r\x12\x0f\n\x07\x65val_ms\x18\x0e \x01(\r\x12\x15\n\rpair_distance\x18\x0f \x01(\x01\x12\x19\n\x11has_pair_distance\x18\x10 \x01(\x08\x12\x12\n\nbytes_sent\x18\x11 \x01(\x04\x12\x13\n\x0bupdate_norm\x18\x12 \x01(\x01\"V\n\x13ReportRoundResponse\x12\x11\n\tcommitted\x18\x01 \x01(\x08\x12\x10\n\x08has_next\x18\x02 \x01(\x08\x12\x1a\n\x04next\x18\x03 \x01(\x0b\x32\x0c.dml.v1.Plan\"\xa1\x01\n\x14ReportFailureRequest\x12\x0f\n\x07peer_id\x18\x01 \x01(\t\x12\x0e\n\x06job_id\x18\x02 \x01(\t\x12\r\n\x05round\x18\x03 \x01(\r\x12\r\n\x05\x65poch\x18\x04 \x01(\x04\x12\x17\n\x0fsuspect_peer_id\x18\x05 \x01(\t\x12\x0e\n\x06\x64\x65tail\x18\x06 \x01(\t\x12!\n\x04kind\x18\x07 \x01(\x0e\x32\x13.dml.v1.FailureKind\"\x17\n\x15ReportFailureResponse\"n\n\x0f\x43heckpointChunk\x12\x0f\n\x07peer_id\x18\x01 \x01(\t\x12\x0e\n\x06job_id\x18\x02 \x01(\t\x12\r\n\x05round\x18\x03 \x01(\r\x12\x0e\n\x06\x64igest\x18\x04 \x01(\t\x12\r\n\x05\x65poch\x18\x06 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x05 \x01(\x0c\".\n\x18UploadCheckpointResponse\x12\x12\n\nsize_bytes\x18\x01 \x01(\x04*|\n\x0b\x46\x61ilureKind\x12\x1c\n\x18\x46\x41ILURE_KIND_UNSPECIFIED\x10\x00\x12\x1c\n\x18\x46\x41ILURE_KIND_UNREACHABLE\x10\x01\x12\x19\n\x15\x46\x41ILURE_KIND_POISONED\x10\x02\x12\x16\n\x12\x46\x41ILURE_KIND_LOCAL\x10\x03\x32\xbd\x03\n\x0bPeerControl\x12I\n\x0cRegisterPeer\x12\x1b.dml.v1.RegisterPeerRequest\x1a\x1c.dml.v1.RegisterPeerResponse\x12@\n\tHeartbeat\x12\x18.dml.v1.HeartbeatRequest\x1a\x19.dml.v1.HeartbeatResponse\x12:\n\x07GetPlan\x12\x16.dml.v1.GetPlanRequest\x1a\x17.dml.v1.GetPlanResponse\x12\x46\n\x0bReportRound\x12\x1a.dml.v1.ReportRoundRequest\x1a\x1b.dml.v1.ReportRoundResponse\x12L\n\rReportFailure\x12\x1c.dml.v1.ReportFailureRequest\x1a\x1d.dml.v1.ReportFailureResponse\x12O\n\x10UploadCheckpoint\x12\x17.dml.v1.CheckpointChunk\x1a .dml.v1.UploadCheckpointResponse(\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14\x64ml/v1/control.proto\x12\x06\x64ml.v1\x1a\x12\x64ml/v1/types.proto\"D\n\x0ePeerCapability\x12\x0e\n\x06\x64\x65vice\x18\x01 \x01(\t\x12\x14\n\x0cmemory_bytes\x18\x02 \x01(\x04\x12\x0c\n\x04pool\x18\x03 \x01(\t\"z\n\x13RegisterPeerRequest\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12*\n\ncapability\x18\x02 \x01(\x0b\x32\x16.dml.v1.PeerCapability\x12\x12\n\npublic_key\x18\x03 \x01(\x0c\x12\x12\n\ncluster_id\x18\x04 \x01(\t\"\xc2\x01\n\x14RegisterPeerResponse\x12\x0f\n\x07peer_id\x18\x01 \x01(\t\x12\x1d\n\x15heartbeat_interval_ms\x18\x02 \x01(\r\x12\x17\n\x0fpeer_timeout_ms\x18\x03 \x01(\r\x12\x19\n\x11round_deadline_ms\x18\x04 \x01(\r\x12\x12\n\npeer_token\x18\x05 \x01(\t\x12\x12\n\ncluster_id\x18\x06 \x01(\t\x12\x1e\n\x16\x63oordinator_public_key\x18\x07 \x01(\x0c\"#\n\x10HeartbeatRequest\x12\x0f\n\x07peer_id\x18\x01 \x01(\t\"_\n\x11HeartbeatResponse\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\x12\x0e\n\x06job_id\x18\x02 \x01(\t\x12\x17\n\x0fheld_out_reason\x18\x03 \x01(\t\x12\x12\n\ncluster_id\x18\x04 \x01(\t\"o\n\x0eGetPlanRequest\x12\x0f\n\x07peer_id\x18\x01 \x01(\t\x12\x13\n\x0blast_job_id\x18\x02 \x01(\t\x12\x12\n\nlast_round\x18\x03 \x01(\r\x12\x12\n\nlast_epoch\x18\x04 \x01(\x04\x12\x0f\n\x07wait_ms\x18\x05 \x01(\r\"?\n\x0fGetPlanResponse\x12\x10\n\x08has_plan\x18\x01 \x01(\x08\x12\x1a\n\x04plan\x18\x02 \x01(\x0b\x32\x0c.dml.v1.Plan\"\xfc\x02\n\x12ReportRoundRequest\x12\x0f\n\x07peer_id\x18\x01 \x01(\t\x12\x0e\n\x06job_id\x18\x02 \x01(\t\x12\r\n\x05round\x18\x03 \x01(\r\x12\r\n\x05\x65poch\x18\x04 \x01(\x04\x12\x0f\n\x07samples\x18\x05 \x01(\x04\x12\x12\n\ntrain_loss\x18\x06 \x01(\x01\x12\x0e\n\x06\x64igest\x18\x07 \x01(\t\x12\x18\n\x10has_test_metrics\x18\x08 \x01(\x08\x12\x15\n\rtest_accuracy\x18\t \x01(\x01\x12\x11\n\ttest_loss\x18\n \x01(\x01\x12\x1b\n\x13train_samples_per_s\x18\x0b \x01(\x01\x12\x10\n\x08train_ms\x18\x0c \x01(\r\x12\x13\n\x0b\x65xchange_ms\x18\r \x01(\r\x12\x0f\n\x07\x65val_ms\x18\x0e \x01(\r\x12\x15\n\rpair_distance\x18\x0f \x01(\x01\x12\x19\n\x11has_pair_distance\x18\x10 \x01(\x08\x12\x12\n\nbytes_sent\x18\x11 \x01(\x04\x12\x13\n\x0bupdate_norm\x18\x12 \x01(\x01\"V\n\x13ReportRoundResponse\x12\x11\n\tcommitted\x18\x01 \x01(\x08\x12\x10\n\x08has_next\x18\x02 \x01(\x08\x12\x1a\n\x04next\x18\x03 \x01(\x0b\x32\x0c.dml.v1.Plan\"\xa1\x01\n\x14ReportFailureRequest\x12\x0f\n\x07peer_id\x18\x01 \x01(\t\x12\x0e\n\x06job_id\x18\x02 \x01(\t\x12\r\n\x05round\x18\x03 \x01(\r\x12\r\n\x05\x65poch\x18\x04 \x01(\x04\x12\x17\n\x0fsuspect_peer_id\x18\x05 \x01(\t\x12\x0e\n\x06\x64\x65tail\x18\x06 \x01(\t\x12!\n\x04kind\x18\x07 \x01(\x0e\x32\x13.dml.v1.FailureKind\"\x17\n\x15ReportFailureResponse\"n\n\x0f\x43heckpointChunk\x12\x0f\n\x07peer_id\x18\x01 \x01(\t\x12\x0e\n\x06job_id\x18\x02 \x01(\t\x12\r\n\x05round\x18\x03 \x01(\r\x12\x0e\n\x06\x64igest\x18\x04 \x01(\t\x12\r\n\x05\x65poch\x18\x06 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x05 \x01(\x0c\".\n\x18UploadCheckpointResponse\x12\x12\n\nsize_bytes\x18\x01 \x01(\x04*|\n\x0b\x46\x61ilureKind\x12\x1c\n\x18\x46\x41ILURE_KIND_UNSPECIFIED\x10\x00\x12\x1c\n\x18\x46\x41ILURE_KIND_UNREACHABLE\x10\x01\x12\x19\n\x15\x46\x41ILURE_KIND_POISONED\x10\x02\x12\x16\n\x12\x46\x41ILURE_KIND_LOCAL\x10\x03\x32\xbd\x03\n\x0bPeerControl\x12I\n\x0cRegisterPeer\x12\x1b.dml.v1.RegisterPeerRequest\x1a\x1c.dml.v1.RegisterPeerResponse\x12@\n\tHeartbeat\x12\x18.dml.v1.HeartbeatRequest\x1a\x19.dml.v1.HeartbeatResponse\x12:\n\x07GetPlan\x12\x16.dml.v1.GetPlanRequest\x1a\x17.dml.v1.GetPlanResponse\x12\x46\n\x0bReportRound\x12\x1a.dml.v1.ReportRoundRequest\x1a\x1b.dml.v1.ReportRoundResponse\x12L\n\rReportFailure\x12\x1c.dml.v1.ReportFailureRequest\x1a\x1d.dml.v1.ReportFailureResponse\x12O\n\x10UploadCheckpoint\x12\x17.dml.v1.CheckpointChunk\x1a .dml.v1.UploadCheckpointResponse(\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'dml.v1.control_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FAILUREKIND']._serialized_start=1543
-  _globals['_FAILUREKIND']._serialized_end=1667
+  _globals['_FAILUREKIND']._serialized_start=1575
+  _globals['_FAILUREKIND']._serialized_end=1699
   _globals['_PEERCAPABILITY']._serialized_start=52
   _globals['_PEERCAPABILITY']._serialized_end=120
   _globals['_REGISTERPEERREQUEST']._serialized_start=122
   _globals['_REGISTERPEERREQUEST']._serialized_end=244
   _globals['_REGISTERPEERRESPONSE']._serialized_start=247
-  _globals['_REGISTERPEERRESPONSE']._serialized_end=409
-  _globals['_HEARTBEATREQUEST']._serialized_start=411
-  _globals['_HEARTBEATREQUEST']._serialized_end=446
-  _globals['_HEARTBEATRESPONSE']._serialized_start=448
-  _globals['_HEARTBEATRESPONSE']._serialized_end=543
-  _globals['_GETPLANREQUEST']._serialized_start=545
-  _globals['_GETPLANREQUEST']._serialized_end=656
-  _globals['_GETPLANRESPONSE']._serialized_start=658
-  _globals['_GETPLANRESPONSE']._serialized_end=721
-  _globals['_REPORTROUNDREQUEST']._serialized_start=724
-  _globals['_REPORTROUNDREQUEST']._serialized_end=1104
-  _globals['_REPORTROUNDRESPONSE']._serialized_start=1106
-  _globals['_REPORTROUNDRESPONSE']._serialized_end=1192
-  _globals['_REPORTFAILUREREQUEST']._serialized_start=1195
-  _globals['_REPORTFAILUREREQUEST']._serialized_end=1356
-  _globals['_REPORTFAILURERESPONSE']._serialized_start=1358
-  _globals['_REPORTFAILURERESPONSE']._serialized_end=1381
-  _globals['_CHECKPOINTCHUNK']._serialized_start=1383
-  _globals['_CHECKPOINTCHUNK']._serialized_end=1493
-  _globals['_UPLOADCHECKPOINTRESPONSE']._serialized_start=1495
-  _globals['_UPLOADCHECKPOINTRESPONSE']._serialized_end=1541
-  _globals['_PEERCONTROL']._serialized_start=1670
-  _globals['_PEERCONTROL']._serialized_end=2115
+  _globals['_REGISTERPEERRESPONSE']._serialized_end=441
+  _globals['_HEARTBEATREQUEST']._serialized_start=443
+  _globals['_HEARTBEATREQUEST']._serialized_end=478
+  _globals['_HEARTBEATRESPONSE']._serialized_start=480
+  _globals['_HEARTBEATRESPONSE']._serialized_end=575
+  _globals['_GETPLANREQUEST']._serialized_start=577
+  _globals['_GETPLANREQUEST']._serialized_end=688
+  _globals['_GETPLANRESPONSE']._serialized_start=690
+  _globals['_GETPLANRESPONSE']._serialized_end=753
+  _globals['_REPORTROUNDREQUEST']._serialized_start=756
+  _globals['_REPORTROUNDREQUEST']._serialized_end=1136
+  _globals['_REPORTROUNDRESPONSE']._serialized_start=1138
+  _globals['_REPORTROUNDRESPONSE']._serialized_end=1224
+  _globals['_REPORTFAILUREREQUEST']._serialized_start=1227
+  _globals['_REPORTFAILUREREQUEST']._serialized_end=1388
+  _globals['_REPORTFAILURERESPONSE']._serialized_start=1390
+  _globals['_REPORTFAILURERESPONSE']._serialized_end=1413
+  _globals['_CHECKPOINTCHUNK']._serialized_start=1415
+  _globals['_CHECKPOINTCHUNK']._serialized_end=1525
+  _globals['_UPLOADCHECKPOINTRESPONSE']._serialized_start=1527
+  _globals['_UPLOADCHECKPOINTRESPONSE']._serialized_end=1573
+  _globals['_PEERCONTROL']._serialized_start=1702
+  _globals['_PEERCONTROL']._serialized_end=2147
 # @@protoc_insertion_point(module_scope)

@@ -41,20 +41,22 @@ class RegisterPeerRequest(_message.Message):
     def __init__(self, address: _Optional[str] = ..., capability: _Optional[_Union[PeerCapability, _Mapping]] = ..., public_key: _Optional[bytes] = ..., cluster_id: _Optional[str] = ...) -> None: ...
 
 class RegisterPeerResponse(_message.Message):
-    __slots__ = ("peer_id", "heartbeat_interval_ms", "peer_timeout_ms", "round_deadline_ms", "peer_token", "cluster_id")
+    __slots__ = ("peer_id", "heartbeat_interval_ms", "peer_timeout_ms", "round_deadline_ms", "peer_token", "cluster_id", "coordinator_public_key")
     PEER_ID_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_INTERVAL_MS_FIELD_NUMBER: _ClassVar[int]
     PEER_TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
     ROUND_DEADLINE_MS_FIELD_NUMBER: _ClassVar[int]
     PEER_TOKEN_FIELD_NUMBER: _ClassVar[int]
     CLUSTER_ID_FIELD_NUMBER: _ClassVar[int]
+    COORDINATOR_PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
     peer_id: str
     heartbeat_interval_ms: int
     peer_timeout_ms: int
     round_deadline_ms: int
     peer_token: str
     cluster_id: str
-    def __init__(self, peer_id: _Optional[str] = ..., heartbeat_interval_ms: _Optional[int] = ..., peer_timeout_ms: _Optional[int] = ..., round_deadline_ms: _Optional[int] = ..., peer_token: _Optional[str] = ..., cluster_id: _Optional[str] = ...) -> None: ...
+    coordinator_public_key: bytes
+    def __init__(self, peer_id: _Optional[str] = ..., heartbeat_interval_ms: _Optional[int] = ..., peer_timeout_ms: _Optional[int] = ..., round_deadline_ms: _Optional[int] = ..., peer_token: _Optional[str] = ..., cluster_id: _Optional[str] = ..., coordinator_public_key: _Optional[bytes] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
     __slots__ = ("peer_id",)

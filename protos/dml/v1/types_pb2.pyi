@@ -135,7 +135,7 @@ class Member(_message.Message):
     def __init__(self, peer_id: _Optional[str] = ..., address: _Optional[str] = ..., shard_ids: _Optional[_Iterable[int]] = ..., samples: _Optional[_Iterable[_Union[SampleRange, _Mapping]]] = ..., public_key: _Optional[bytes] = ...) -> None: ...
 
 class Plan(_message.Message):
-    __slots__ = ("job_id", "round", "epoch", "members", "spec", "checkpoint", "data_epoch", "shard_indices", "start_digest", "gossip", "evaluate")
+    __slots__ = ("job_id", "round", "epoch", "members", "spec", "checkpoint", "data_epoch", "shard_indices", "start_digest", "gossip", "evaluate", "member_ticket")
     class ShardIndicesEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -154,6 +154,7 @@ class Plan(_message.Message):
     START_DIGEST_FIELD_NUMBER: _ClassVar[int]
     GOSSIP_FIELD_NUMBER: _ClassVar[int]
     EVALUATE_FIELD_NUMBER: _ClassVar[int]
+    MEMBER_TICKET_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     round: int
     epoch: int
@@ -165,7 +166,8 @@ class Plan(_message.Message):
     start_digest: str
     gossip: bool
     evaluate: bool
-    def __init__(self, job_id: _Optional[str] = ..., round: _Optional[int] = ..., epoch: _Optional[int] = ..., members: _Optional[_Iterable[_Union[Member, _Mapping]]] = ..., spec: _Optional[_Union[JobSpec, _Mapping]] = ..., checkpoint: _Optional[bool] = ..., data_epoch: _Optional[int] = ..., shard_indices: _Optional[_Mapping[int, ShardIndices]] = ..., start_digest: _Optional[str] = ..., gossip: _Optional[bool] = ..., evaluate: _Optional[bool] = ...) -> None: ...
+    member_ticket: bytes
+    def __init__(self, job_id: _Optional[str] = ..., round: _Optional[int] = ..., epoch: _Optional[int] = ..., members: _Optional[_Iterable[_Union[Member, _Mapping]]] = ..., spec: _Optional[_Union[JobSpec, _Mapping]] = ..., checkpoint: _Optional[bool] = ..., data_epoch: _Optional[int] = ..., shard_indices: _Optional[_Mapping[int, ShardIndices]] = ..., start_digest: _Optional[str] = ..., gossip: _Optional[bool] = ..., evaluate: _Optional[bool] = ..., member_ticket: _Optional[bytes] = ...) -> None: ...
 
 class ShardIndices(_message.Message):
     __slots__ = ("indices",)
