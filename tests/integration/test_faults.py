@@ -22,6 +22,7 @@ from tests.integration.helpers import (
     coordinator,
     fetch_state,
     job_stub,
+    join_token,
     peers,
     wait_for,
 )
@@ -69,7 +70,7 @@ class CrashingPeer(Peer):
 def test_peer_dying_mid_exchange_is_evicted_at_once_and_survivors_agree(data_plane, codec):
     spec = JobSpec(rounds=25, local_steps=5, min_peers=2, data_plane=data_plane, codec=codec)
     with coordinator(timing=SLOW_HEARTBEAT_EVICTION) as srv, peers(srv.address, 2) as ps:
-        victim = CrashingPeer(PeerConfig(coordinator=srv.address, plan_wait_s=1.0, chunk_elems=512),
+        victim = CrashingPeer(PeerConfig(coordinator=srv.address, join_token=join_token(srv.address), plan_wait_s=1.0, chunk_elems=512),
                               at_round=5, after_chunks=6).start()
         try:
             victim.run_in_thread()
@@ -133,7 +134,7 @@ def test_peer_dying_after_its_exchange_is_reported_by_its_predecessor(data_plane
     caplog.set_level(logging.WARNING, logger="dml.coordinator.state")
     spec = JobSpec(rounds=12, local_steps=5, min_peers=2, data_plane=data_plane)
     with coordinator(timing=SLOW_HEARTBEAT_EVICTION) as srv, peers(srv.address, 2) as ps:
-        victim = DyingAfterExchangePeer(PeerConfig(coordinator=srv.address, plan_wait_s=1.0), at_round=5).start()
+        victim = DyingAfterExchangePeer(PeerConfig(coordinator=srv.address, join_token=join_token(srv.address), plan_wait_s=1.0), at_round=5).start()
         try:
             victim.run_in_thread()
             stub = job_stub(srv.address)
