@@ -66,7 +66,7 @@ from dml.v1 import jobs_pb2, jobs_pb2_grpc
 
 from dml.client import api as jobapi
 from dml.client.cluster import ClusterError, LocalCluster, Proc, log_lines, log_time, registrations
-from dml.common import rpc
+from dml.common import auth, rpc
 from dml.common.spec import MAX_ROUNDS, JobSpec, with_defaults
 from dml.coordinator.ledger import violations
 from dml.coordinator.service import CoordinatorConfig, job_shards
@@ -140,15 +140,15 @@ def commit_after(history: Sequence[Any], t: float) -> Any | None:
     return min(later, key=lambda h: h.committed_unix_ms) if later else None
 
 
-def fetch_job(address: str, job_id: str, timeout_s: float) -> jobs_pb2.GetJobResponse:
-    """GetJob with the history, retried until ``timeout_s`` (the coordinator may just have been
-    restarted)."""
+def fetch_job(address: str, job_id: str, timeout_s: float, token: str) -> jobs_pb2.GetJobResponse:
+    """GetJob with the history (with the operator ``token``), retried until ``timeout_s`` (the
+    coordinator may just have been restarted)."""
     deadline = time.monotonic() + timeout_s
     last = ""
     while time.monotonic() < deadline:
         with rpc.channel(address, max_message_bytes=HISTORY_BYTES, options=POLL_CHANNEL_OPTIONS) as ch:
             try:
-                return jobs_pb2_grpc.JobServiceStub(ch).GetJob(
+                return jobs_pb2_grpc.JobServiceStub(auth.with_token(ch, token)).GetJob(
                     jobs_pb2.GetJobRequest(job_id=job_id, include_history=True),
                     timeout=max(1.0, deadline - time.monotonic()))
             except grpc.RpcError as e:
@@ -248,9 +248,9 @@ class Monitor(threading.Thread):
     """Polls GetJob every ~50 ms into ``obs`` (a fresh channel after each failed poll, so a
     restarted coordinator is seen as soon as it answers)."""
 
-    def __init__(self, address: str, job_id: str) -> None:
+    def __init__(self, address: str, job_id: str, token: str) -> None:
         super().__init__(name="monitor", daemon=True)
-        self.address, self.job_id = address, job_id
+        self.address, self.job_id, self.token = address, job_id, token
         self.obs: list[Obs] = []
         self.halt = threading.Event()
 
@@ -262,7 +262,7 @@ class Monitor(threading.Thread):
             t0 = time.monotonic()
             if stub is None:
                 ch = rpc.channel(self.address, options=POLL_CHANNEL_OPTIONS)
-                stub = jobs_pb2_grpc.JobServiceStub(ch)
+                stub = jobs_pb2_grpc.JobServiceStub(auth.with_token(ch, self.token))
             try:
                 o = obs_of(stub.GetJob(req, timeout=2.0).job, time.time())
             except grpc.RpcError as e:
@@ -474,10 +474,11 @@ def run(name: str, a: argparse.Namespace, work: pathlib.Path, chaos: bool) -> di
     try:
         cluster.start_coordinator()
         wait_registered([cluster.start_peer(i) for i in range(a.peers)], 120)
-        with jobapi.JobClient(cluster.address, timeout_s=30) as client:
+        token = cluster.operator_token()  # authentication is on, as everywhere LocalCluster runs
+        with jobapi.JobClient(cluster.address, timeout_s=30, token=token) as client:
             job_id = client.submit(spec)
         _say(f"[{name}] coordinator {cluster.address}, {a.peers} peers, job {job_id}; logs in {cluster.log_dir}")
-        mon = Monitor(cluster.address, job_id)
+        mon = Monitor(cluster.address, job_id, token)
         mon.start()
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and not ((o := mon.latest()) and o.round >= 1):
@@ -532,7 +533,7 @@ def run(name: str, a: argparse.Namespace, work: pathlib.Path, chaos: bool) -> di
         # Let the last failures finish recovering (measured), then stop.
         settle = time.monotonic() + a.settle_s
         while chaos and events and time.monotonic() < settle:
-            resp = fetch_job(cluster.address, job_id, 30)
+            resp = fetch_job(cluster.address, job_id, 30, token)
             obs = list(mon.obs)
             for i, ev in enumerate(events):
                 analyse(ev, obs, resp, events[i + 1].t if i + 1 < len(events) else math.inf)
@@ -543,9 +544,9 @@ def run(name: str, a: argparse.Namespace, work: pathlib.Path, chaos: bool) -> di
         mon.join(5)
         obs = list(mon.obs)
         cancel_at = time.time()
-        with contextlib.suppress(jobapi.ApiError), jobapi.JobClient(cluster.address, timeout_s=10) as client:
+        with contextlib.suppress(jobapi.ApiError), jobapi.JobClient(cluster.address, timeout_s=10, token=token) as client:
             client.cancel(job_id)
-        resp = fetch_job(cluster.address, job_id, 30)
+        resp = fetch_job(cluster.address, job_id, 30, token)
         for i, ev in enumerate(events):
             analyse(ev, obs, resp, events[i + 1].t if i + 1 < len(events) else cancel_at)
     finally:

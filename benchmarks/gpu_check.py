@@ -25,7 +25,7 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from dml.client.api import JobClient, status_dict
-from dml.client.cluster import die_with_parent, reap
+from dml.client.cluster import die_with_parent, operator_token_file, reap
 from dml.client.local import cluster
 from dml.common.spec import CODECS, JobSpec
 
@@ -43,7 +43,7 @@ def run(codec: str, a: argparse.Namespace, tmp: pathlib.Path) -> dict[str, objec
             n = a.cpu_peers + a.gpu_peers
             spec = JobSpec(rounds=a.rounds, min_peers=n, codec=codec, task=a.task, learning_rate=a.lr)
             t0 = time.monotonic()
-            with JobClient(address, timeout_s=60) as client:
+            with JobClient(address, timeout_s=60, token=operator_token_file(tmp / codec).read_text().strip()) as client:
                 job = client.submit(spec)
                 end = client.watch(job, lambda st: None, max_s=a.timeout_s)
                 took = time.monotonic() - t0

@@ -106,7 +106,8 @@ from dml.v1 import jobs_pb2
 
 from dml.client.api import ApiError, JobClient, history_dict, status_dict
 from dml.common.args import int_in, positive_float
-from dml.client.cluster import ClusterError, die_with_parent, reap, wait_for_port_file
+from dml.client.cluster import (ClusterError, die_with_parent, join_token_file, operator_token_file, reap,
+                                wait_for_port_file)
 from dml.common.spec import CODECS, DATA_PLANES, MAX_ROUNDS, JobSpec
 from dml.common.tasks import get_task
 
@@ -287,7 +288,8 @@ def cluster(peers: int, root: pathlib.Path) -> Iterator[Cluster]:
             raise BenchError(str(e)) from None
         address = f"127.0.0.1:{port}"
         peer_procs = [_spawn([py, "-m", "dml.peer.cli", "--coordinator", address, "--host", "127.0.0.1", "--port", "0",
-                              "--device", "cpu", "--log-level", "DEBUG"], logs / f"peer-{i}.log", procs)
+                              "--device", "cpu", "--log-level", "DEBUG", "--join-token-file", str(join_token_file(state))],
+                             logs / f"peer-{i}.log", procs)
                       for i in range(peers)]
         ids = _wait_registered(peer_procs, logs, START_TIMEOUT_S)
         yield Cluster(address, coord, peer_procs, ids, logs)
@@ -414,7 +416,8 @@ def measure(a: argparse.Namespace, params_m: float, num_params: int, root: pathl
         base = [proc_status_mb(p.pid)["VmRSS"] for p in c.peers]
         log(f"{len(c.peers)} peers registered after {time.monotonic() - t0:.1f}s at {c.address}; baseline RSS "
             + ", ".join(f"{x:.0f}" for x in base) + " MB")
-        client = JobClient(c.address, timeout_s=30.0)
+        token = operator_token_file(root / "state").read_text().strip()
+        client = JobClient(c.address, timeout_s=30.0, token=token)
         job_id = client.submit(spec)
         log(f"job {job_id}: {rounds} rounds x {a.local_steps} local steps x batch {a.batch_size}, codec {a.codec}, "
             f"data plane {a.data_plane}; deadline {job_timeout_s:.0f}s")
@@ -435,7 +438,7 @@ def measure(a: argparse.Namespace, params_m: float, num_params: int, root: pathl
             end = client.watch(job_id, show, max_s=job_timeout_s)
         except ApiError as e:
             with contextlib.suppress(ApiError):
-                JobClient(c.address, timeout_s=2.0).cancel(job_id)
+                JobClient(c.address, timeout_s=2.0, token=token).cancel(job_id)
             raise BenchError(f"{task}: {e}") from None
         job_s = time.monotonic() - t_job
         st = status_dict(end)

@@ -161,15 +161,15 @@ def add_auth_flags(p: argparse.ArgumentParser, role: str) -> None:
         return
     if role not in ("coordinator", "peer"):
         raise ValueError(f"unknown role {role!r}")
-    join_help = ("file holding the join token peers register with (env DML_JOIN_TOKEN_FILE; default: "
-                 "STATE_DIR/secrets/join.token, made once)" if role == "coordinator" else
+    join_help = ("file holding the join token peers register with, made there (0600) if missing (env "
+                 "DML_JOIN_TOKEN_FILE; default: STATE_DIR/secrets/join.token)" if role == "coordinator" else
                  "file holding the cluster's join token (env DML_JOIN_TOKEN_FILE; the coordinator makes it as "
                  "STATE_DIR/secrets/join.token; default: none, for a coordinator run with --no-auth)")
     p.add_argument("--join-token-file", type=pathlib.Path, default=_env_path("DML_JOIN_TOKEN_FILE"), help=join_help)
     if role == "coordinator":
         p.add_argument("--operator-token-file", type=pathlib.Path, default=_env_path("DML_OPERATOR_TOKEN_FILE"),
-                       help="file holding the operator token job control needs (env DML_OPERATOR_TOKEN_FILE; "
-                            "default: STATE_DIR/secrets/operator.token, made once)")
+                       help="file holding the operator token job control needs, made there (0600) if missing "
+                            "(env DML_OPERATOR_TOKEN_FILE; default: STATE_DIR/secrets/operator.token)")
         p.add_argument("--no-auth", action="store_true", default=os.environ.get("DML_NO_AUTH", "") not in ("", "0"),
                        help="accept every call without credentials (env DML_NO_AUTH=1); only on a loopback --host")
 

@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import pathlib
 import signal
 import sys
+import tempfile
 import threading
 
 from dml.common import args as cliargs
@@ -69,6 +71,11 @@ def build_config(argv: list[str] | None = None) -> ServerConfig:
 def main(argv: list[str] | None = None) -> None:
     """Entry point."""
     cfg = build_config(argv)
+    if cfg.auth and cfg.state_dir is None and (cfg.join_token_file is None or cfg.operator_token_file is None):
+        # No state dir to keep them in: make the tokens in a private folder and say where.
+        tmp = pathlib.Path(tempfile.mkdtemp(prefix="dml-secrets-"))
+        cfg = dataclasses.replace(cfg, join_token_file=cfg.join_token_file or tmp / "join.token",
+                                  operator_token_file=cfg.operator_token_file or tmp / "operator.token")
     try:
         server = CoordinatorServer(cfg).start()
     except StateDirLocked as e:  # another coordinator holds the state dir

@@ -86,17 +86,18 @@ def is_loopback(host: str) -> bool:
 
 
 def _token(given: str, path: pathlib.Path | None, made: pathlib.Path | None, what: str) -> str:
-    """A token: ``given``, else the one in ``path``, else the one in ``made`` (created there
-    once, 0600), else a fresh one for this process."""
+    """A token: ``given``, else the one in ``path`` (made there, 0600, when the file does not
+    exist yet: a compose file hands peers the join token that way), else the one in ``made``
+    (created there once), else a fresh one for this process."""
     if given:
         return given
     if path is not None:
-        try:
-            return auth.read_token_file(path)
-        except OSError as e:
-            raise auth.AuthError(f"cannot read the {what} token file {path}: {e.strerror or e}") from None
+        made = path
     if made is not None:
-        token, new = auth.ensure_token_file(made)
+        try:
+            token, new = auth.ensure_token_file(made)
+        except OSError as e:
+            raise auth.AuthError(f"cannot read or make the {what} token file {made}: {e.strerror or e}") from None
         log.info("%s token %s %s", what, "made in" if new else "read from", made)
         return token
     log.info("%s token made for this process only (no state dir, no token file)", what)

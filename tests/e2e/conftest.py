@@ -1,7 +1,11 @@
-"""Real processes: a coordinator and peers started through their handles and always reaped."""
+"""Real processes: a coordinator and peers started through their handles and always reaped.
+
+Authentication is on, as in every LocalCluster: the fixtures point DML_TOKEN_FILE at the
+coordinator's operator token, so `dml` commands run from the tests carry it."""
 from __future__ import annotations
 
 import json
+import os
 import pathlib
 import subprocess
 import sys
@@ -10,7 +14,9 @@ from typing import Iterator
 
 import pytest
 
-from dml.client.cluster import LocalCluster, default_log_name, registrations
+from dml.client.api import JobClient, read_token
+from dml.client.cluster import LocalCluster, default_log_name, operator_token_file, registrations
+from tests.integration.helpers import coordinator_key, fetch_state
 
 pytestmark = pytest.mark.e2e
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -44,6 +50,17 @@ def wait_status(address: str, job: str, pred, timeout_s: float, what: str) -> di
 FAST_FAILURES = ("--heartbeat-interval-ms", "200", "--peer-timeout-ms", "1500")
 
 
+def job_client(address: str, timeout_s: float = 10) -> JobClient:
+    """A JobClient with the operator token DML_TOKEN_FILE names (set by the fixtures)."""
+    return JobClient(address, timeout_s, token=read_token(pathlib.Path(os.environ["DML_TOKEN_FILE"])))
+
+
+def fetch_peer(state_dir: pathlib.Path, address: str, job: str, rnd: int, peer_id: str):
+    """A peer process's parameters of a round, fetched as an auditor holding the coordinator's
+    key (STATE_DIR/secrets/coordinator.key): (digest, state_dict, raw bytes)."""
+    return fetch_state(address, job, rnd, peer_id, coordinator_key(state_dir))
+
+
 def _print_tracebacks(logs: pathlib.Path, tail: int) -> None:
     for log in sorted(logs.glob("*.log")) if logs.exists() else []:
         text = log.read_text(errors="replace")
@@ -52,10 +69,11 @@ def _print_tracebacks(logs: pathlib.Path, tail: int) -> None:
 
 
 @pytest.fixture
-def local_cluster(tmp_path) -> Iterator:
+def local_cluster(tmp_path, monkeypatch) -> Iterator:
     """Factory: start a cluster of N peer processes with fast timeouts; yields (address,
     processes): the coordinator, then peer 0, 1, ... (peer i writes peer-i.log)."""
     clusters: list[LocalCluster] = []
+    monkeypatch.setenv("DML_TOKEN_FILE", str(operator_token_file(tmp_path / "state")))
 
     def start(n: int) -> tuple[str, list[subprocess.Popen[bytes]]]:
         c = LocalCluster(tmp_path / "state", tmp_path / "logs", coordinator_args=FAST_FAILURES, cwd=ROOT)
@@ -117,9 +135,10 @@ class Procs:
 
 
 @pytest.fixture
-def procs(tmp_path) -> Iterator[Procs]:
+def procs(tmp_path, monkeypatch) -> Iterator[Procs]:
     """Restartable coordinator + peers, reaped at the end."""
     p = Procs(tmp_path)
+    monkeypatch.setenv("DML_TOKEN_FILE", str(p.cluster.operator_token_file))
     try:
         yield p
     finally:

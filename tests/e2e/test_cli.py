@@ -13,7 +13,7 @@ from typing import Iterator
 
 import pytest
 
-from dml.client.cluster import reap
+from dml.client.cluster import operator_token_file, reap
 from dml.client.local import cluster
 from tests.e2e.conftest import ROOT, dml
 
@@ -142,7 +142,8 @@ def test_out_of_range_flags_exit_2_without_a_traceback(args, words):
 def finished_job(tmp_path_factory) -> Iterator[tuple[str, str]]:
     """A coordinator and one peer that have run a 3-round job to the end: (address, job id)."""
     root = tmp_path_factory.mktemp("finished")
-    with cluster(1, 0, root / "state", root / "logs") as (address, _):
+    with pytest.MonkeyPatch.context() as mp, cluster(1, 0, root / "state", root / "logs") as (address, _):
+        mp.setenv("DML_TOKEN_FILE", str(operator_token_file(root / "state")))  # the `dml` children's operator token
         out = dml("submit", "--coordinator", address, "--rounds", "3", "--local-steps", "2")
         assert out.returncode == 0, out.stderr
         job = out.stdout.split()[-1]

@@ -16,10 +16,9 @@ import time
 import pytest
 
 from dml.common.spec import JobSpec
-from tests.e2e.conftest import dml, status, wait_status
+from tests.e2e.conftest import dml, fetch_peer, status, wait_status
 from tests.integration.helpers import (
     assert_state_dicts_identical,
-    fetch_state,
     ledger_problems,
 )
 
@@ -56,9 +55,9 @@ def _check_finished_job(procs, job: str, baseline_acc: float, live: int) -> dict
     assert sum(r["samples"] for r in hist) == end["samples"]
     # Every peer still registered holds the final round, bit for bit, under the committed digest.
     got = []
-    for addr in procs.peer_addresses().values():
+    for pid, addr in procs.peer_addresses().items():
         try:
-            got.append(fetch_state(addr, job, ROUNDS))
+            got.append(fetch_peer(procs.state_dir, addr, job, ROUNDS, pid))
         except Exception:  # noqa: BLE001 - dead or evicted peers have nothing to serve
             continue
     assert len(got) >= live, f"only {len(got)} peers hold round {ROUNDS}"

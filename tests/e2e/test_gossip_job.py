@@ -11,13 +11,12 @@ import time
 import pytest
 import torch
 
-from dml.client.api import JobClient, history_dict, status_dict
+from dml.client.api import history_dict, status_dict
 from dml.common.tasks import get_task
 from dml.peer.trainer import Trainer
-from tests.e2e.conftest import dml
+from tests.e2e.conftest import dml, fetch_peer, job_client
 from tests.integration.helpers import (
     assert_state_dicts_identical,
-    fetch_state,
     ledger_problems,
     wait_for,
 )
@@ -40,7 +39,7 @@ def _peer_ids(logs) -> dict[int, tuple[str, str]]:
 
 def _get(address: str, job: str, history: bool = False) -> dict:
     """The job's status (and history) over gRPC, as `dml status --json [--history]` prints it."""
-    with JobClient(address, timeout_s=10) as client:
+    with job_client(address) as client:
         resp = client.status(job, history=history)
     d = status_dict(resp.job)
     if history:
@@ -91,7 +90,7 @@ def test_gossip_job_succeeds_and_serves_its_final_model(local_cluster, tmp_path)
     assert sum(r["samples"] for r in hist) == end["samples"]
     assert ledger_problems(hist) == [], "nobody failed: every sample once per pass"
     # The last round is one exact average: every peer holds it, bit for bit, under its digest.
-    got = [fetch_state(a, job, rounds) for _, a in _peer_ids(tmp_path / "logs").values()]
+    got = [fetch_peer(tmp_path / "state", a, job, rounds, pid) for pid, a in _peer_ids(tmp_path / "logs").values()]
     assert len(got) == 3 and {g[0] for g in got} == {hist[-1]["digest"]}
     assert_state_dicts_identical([g[1] for g in got])
     # `dml model` serves that model, and it scores what the status says.
@@ -137,8 +136,8 @@ def test_gossip_job_survives_a_peer_killed_mid_job(procs):
     assert late and max(late) < 3 * TIMEOUT_MS, f"virtual rounds after the kill took up to {max(late)} ms"
     coord_log = "".join(f.read_text(errors="replace") for f in procs.logs.glob("coordinator-*.log"))
     assert re.search(rf"peer {victim_id}: no heartbeat .* evicting", coord_log), coord_log[-2000:]
-    survivors = [a for pid, a in procs.peer_addresses().items() if pid != victim_id]
-    got = [fetch_state(a, job, rounds) for a in survivors]
+    survivors = [(pid, a) for pid, a in procs.peer_addresses().items() if pid != victim_id]
+    got = [fetch_peer(procs.state_dir, a, job, rounds, pid) for pid, a in survivors]
     assert len(got) == 2 and {g[0] for g in got} == {hist[-1]["digest"]}
     assert_state_dicts_identical([g[1] for g in got])
     for i in (1, 2):

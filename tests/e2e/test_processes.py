@@ -8,8 +8,8 @@ import signal
 import pytest
 import torch
 
-from tests.e2e.conftest import dml, wait_status
-from tests.integration.helpers import assert_state_dicts_identical, fetch_state, ledger_problems
+from tests.e2e.conftest import dml, fetch_peer, wait_status
+from tests.integration.helpers import assert_state_dicts_identical, ledger_problems
 
 pytestmark = pytest.mark.e2e
 
@@ -47,7 +47,7 @@ def test_submit_status_and_bit_identical_peers(local_cluster, tmp_path):
     # Download the committed parameters from every peer process and compare bit for bit.
     addrs = _peer_addresses(tmp_path / "logs")
     assert len(addrs) == 3
-    got = [fetch_state(a, job, 40) for _, a in addrs.values()]
+    got = [fetch_peer(tmp_path / "state", a, job, 40, pid) for pid, a in addrs.values()]
     assert {g[0] for g in got} == {end["metrics"]["digest"]}
     assert_state_dicts_identical([g[1] for g in got])
     # `dml model` saves the same parameters as a torch state_dict.
@@ -76,8 +76,8 @@ def test_killed_peer_is_evicted_its_shards_move_and_job_succeeds(local_cluster, 
     assert hist[-1]["members"] == 2
     assert ledger_problems(hist) == [], "every sample used exactly once per data epoch"
     assert hist[-1]["data_epoch"] > 2
-    survivors = [a for i, (_, a) in _peer_addresses(tmp_path / "logs").items() if i != 0]
-    got = [fetch_state(a, job, 150) for a in survivors]
+    survivors = [(pid, a) for i, (pid, a) in _peer_addresses(tmp_path / "logs").items() if i != 0]
+    got = [fetch_peer(tmp_path / "state", a, job, 150, pid) for pid, a in survivors]
     assert len(got) == 2
     assert len({g[0] for g in got}) == 1
     assert_state_dicts_identical([g[1] for g in got])

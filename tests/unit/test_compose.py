@@ -108,3 +108,34 @@ def test_the_image_installs_every_package_of_the_tree():
     tops = {d.split("/")[0] for d in package_dirs.values()} | {"pyproject.toml", "README.md", "wheels"}
     assert not tops & ignored, tops & ignored
     assert ".venv" in ignored, "a local virtualenv would make the build context gigabytes"
+
+
+def test_peers_join_with_the_token_the_coordinator_makes_and_only_the_operator_holds_its_token():
+    """The coordinator makes the join token in the `join-token` volume, which the peers mount
+    read-only and read; the operator token stays in the coordinator's state volume, which only the
+    submitter (the operator) mounts."""
+    from dml.coordinator import cli as coord_cli
+    from dml.client import cli as jobctl
+    from dml.peer import cli as peer_cli
+
+    c = _compose()
+    services = c["services"]
+    coord, peer, submit = services["coordinator"], services["peer"], services["submit"]
+    cfg = coord_cli.build_config(coord["command"][1:])
+    assert cfg.auth and cfg.join_token_file is not None
+    _, pa = peer_cli.build_config(peer["command"][1:] + ["--device", "cpu"])
+    assert pa.join_token_file == cfg.join_token_file
+
+    def mounts(svc: dict) -> dict[str, tuple[str, str]]:
+        out = {}
+        for v in svc.get("volumes", []):
+            name, path, *mode = v.split(":")
+            out[path] = (name, mode[0] if mode else "rw")
+        return out
+
+    join_dir = str(cfg.join_token_file.parent)
+    assert mounts(coord)[join_dir][0] == mounts(peer)[join_dir][0] in c["volumes"]
+    assert mounts(peer)[join_dir][1] == "ro"
+    assert str(cfg.state_dir) not in mounts(peer), "peers never see the operator token or the coordinator's key"
+    sa = jobctl.build_parser().parse_args(submit["command"][1:])
+    assert str(sa.token_file).startswith(str(cfg.state_dir)) and mounts(submit)[str(cfg.state_dir)][1] == "ro"
