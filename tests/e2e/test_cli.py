@@ -65,6 +65,23 @@ def test_invalid_job_is_rejected_by_the_coordinator_with_exit_2(local_cluster):
         assert "Traceback" not in out.stderr
 
 
+def test_without_the_right_tokens_job_control_and_joining_are_one_line_refusals(local_cluster, tmp_path, monkeypatch):
+    address, _ = local_cluster(0)
+    monkeypatch.delenv("DML_TOKEN_FILE")
+    wrong = tmp_path / "wrong.token"
+    wrong.write_text("not-the-token\n")
+    for extra, words in (((), "wants the operator token"), (("--token-file", str(wrong)), "wants the operator token"),
+                         (("--token-file", str(tmp_path / "missing")), "cannot read the token file")):
+        for argv in (["jobs"], ["submit", "--rounds", "1"], ["cancel", "job-x"]):
+            out = dml(*argv, "--coordinator", address, *extra)
+            assert out.returncode == 2 and out.stderr.count("\n") == 1 and words in out.stderr, (argv, extra, out)
+    assert dml("health", "--coordinator", address).returncode == 0, "health stays open"
+    peer = subprocess.run([sys.executable, "-m", "dml.peer.cli", "--coordinator", address, "--port", "0", "--device",
+                           "cpu", "--join-token-file", str(wrong)], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert peer.returncode == 2 and "refused the registration" in peer.stderr, peer.stderr
+    assert "Traceback" not in peer.stderr
+
+
 def test_dml_local_trains_and_shuts_down(tmp_path):
     out = subprocess.run([sys.executable, "-m", "dml.client.cli", "local", "--port", "0", "--peers", "2",
                           "--rounds", "30", "--state-dir", str(tmp_path / "s"), "-o", str(tmp_path / "m.pt")],

@@ -176,3 +176,14 @@ def test_a_peer_of_another_cluster_or_an_unregistered_peer_refuses():
     assert b.verify(METHOD, a.sign(METHOD, "job-1", 3, "7", "peer-b"))[0] == grpc.StatusCode.PERMISSION_DENIED
     fresh = PeerCredentials()
     assert fresh.verify(METHOD, a.sign(METHOD, "job-1", 3, "7", ""))[0] == grpc.StatusCode.UNAVAILABLE
+
+
+def test_no_auth_is_refused_on_a_bind_other_than_loopback(capsys):
+    from dml.coordinator import cli as coord_cli
+
+    with pytest.raises(SystemExit) as e:
+        coord_cli.build_config(["--no-auth", "--host", "0.0.0.0"])
+    assert e.value.code == 2 and "loopback" in capsys.readouterr().err
+    for host in ("127.0.0.1", "::1", "localhost"):
+        assert not coord_cli.build_config(["--no-auth", "--host", host]).auth
+    assert coord_cli.build_config(["--host", "0.0.0.0"]).auth
