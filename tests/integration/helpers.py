@@ -21,9 +21,10 @@ _SERVERS: dict[str, CoordinatorServer] = {}  # address -> the coordinator starte
 
 
 @contextlib.contextmanager
-def coordinator(state_dir=None, timing: CoordinatorConfig = FAST) -> Iterator[CoordinatorServer]:
-    """A started coordinator on 127.0.0.1:0 with authentication on, stopped on exit."""
-    srv = CoordinatorServer(ServerConfig(host="127.0.0.1", port=0, state_dir=state_dir, timing=timing)).start()
+def coordinator(state_dir=None, timing: CoordinatorConfig = FAST, **config) -> Iterator[CoordinatorServer]:
+    """A started coordinator on 127.0.0.1:0 with authentication on (``config``: more
+    ServerConfig fields), stopped on exit."""
+    srv = CoordinatorServer(ServerConfig(host="127.0.0.1", port=0, state_dir=state_dir, timing=timing, **config)).start()
     _SERVERS[srv.address] = srv
     try:
         yield srv

@@ -14,7 +14,7 @@ from dml.common.spec import JobSpec, spec_to_pb
 from dml.coordinator.server import CoordinatorServer, ServerConfig
 from dml.peer.runner import Peer, PeerConfig
 from dml.v1 import jobs_pb2, types_pb2
-from tests.integration.helpers import FAST, job_stub, wait_for
+from tests.integration.helpers import FAST, coordinator, job_stub, join_token, wait_for
 
 SPEC = JobSpec(task="digits", rounds=6, local_steps=2, batch_size=32, learning_rate=0.1, min_peers=3,
                checkpoint_every_rounds=3)
@@ -42,18 +42,18 @@ def _job(stub, jid: str) -> jobs_pb2.JobStatus:
 @pytest.fixture
 def cluster():
     """A coordinator and three peers, each with its metrics endpoint on a port of its own."""
-    srv = CoordinatorServer(ServerConfig(host="127.0.0.1", port=0, timing=FAST, metrics=ON)).start()
-    ps: list[Peer] = []
-    try:
-        for _ in range(3):
-            p = Peer(PeerConfig(coordinator=srv.address, exchange_timeout_s=10.0, plan_wait_s=1.0, metrics=ON)).start()
-            p.run_in_thread()
-            ps.append(p)
-        yield srv, ps
-    finally:
-        for p in ps:
-            p.stop()
-        srv.stop(0.2)
+    with coordinator(timing=FAST, metrics=ON) as srv:
+        ps: list[Peer] = []
+        try:
+            for _ in range(3):
+                p = Peer(PeerConfig(coordinator=srv.address, join_token=join_token(srv.address), exchange_timeout_s=10.0,
+                                    plan_wait_s=1.0, metrics=ON)).start()
+                p.run_in_thread()
+                ps.append(p)
+            yield srv, ps
+        finally:
+            for p in ps:
+                p.stop()
 
 
 def test_a_job_moves_the_coordinators_and_the_peers_counters(cluster):
@@ -143,8 +143,7 @@ def test_off_by_default_and_stopped_with_the_process():
 
 
 def test_rpcs_are_counted_by_method_and_code():
-    srv = CoordinatorServer(ServerConfig(host="127.0.0.1", port=0, timing=FAST, metrics=ON)).start()
-    try:
+    with coordinator(timing=FAST, metrics=ON) as srv:
         stub = job_stub(srv.address)
         with pytest.raises(grpc.RpcError) as e:
             stub.GetJob(jobs_pb2.GetJobRequest(job_id="no-such-job"), timeout=5)
@@ -163,8 +162,6 @@ def test_rpcs_are_counted_by_method_and_code():
         assert total(c, "dml_rpcs_total", method="/dml.v1.JobService/SubmitJob", code="INVALID_ARGUMENT") == 1
         assert total(c, "dml_rpcs_total", method="/dml.v1.JobService/ListJobs", code="OK") == 1
         assert total(c, "dml_rpcs_total", code="OK") == 1
-    finally:
-        srv.stop(0.2)
 
 
 def _self_signed(tmp_path, name: str) -> tuple[str, str]:

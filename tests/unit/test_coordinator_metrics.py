@@ -30,7 +30,7 @@ def test_commits_evictions_and_gauges(tmp_path: pathlib.Path) -> None:
     store, now = MemoryStore(), [1000.0]
     c = _coordinator(store, tmp_path, now)
     jid = c.submit(SPEC)
-    a, b, d = (c.register(f"10.0.0.{i}:1", {}) for i in (1, 2, 3))
+    a, b, d = (c.register(f"10.0.0.{i}:1", {})[0] for i in (1, 2, 3))
     m = c.metrics
     assert value(m, "dml_peers_live") == 3 and value(m, "dml_jobs_running") == 1
     job = c.state.job(jid)
