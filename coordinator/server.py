@@ -85,12 +85,12 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def _token(given: str, path: pathlib.Path | None, made: pathlib.Path | None, what: str) -> str:
-    """A token: ``given``, else the one in ``path`` (made there, 0600, when the file does not
-    exist yet: a compose file hands peers the join token that way), else the one in ``made``
-    (created there once), else a fresh one for this process."""
+def _token(given: str, path: pathlib.Path | None, made: pathlib.Path | None, what: str) -> tuple[str, str]:
+    """A token and where it comes from (for the log): ``given``, else the one in ``path`` (made
+    there, 0600, when the file does not exist yet: a compose file hands peers the join token that
+    way), else the one in ``made`` (created there once), else a fresh one for this process."""
     if given:
-        return given
+        return given, "given"
     if path is not None:
         made = path
     if made is not None:
@@ -98,10 +98,8 @@ def _token(given: str, path: pathlib.Path | None, made: pathlib.Path | None, wha
             token, new = auth.ensure_token_file(made)
         except OSError as e:
             raise auth.AuthError(f"cannot read or make the {what} token file {made}: {e.strerror or e}") from None
-        log.info("%s token %s %s", what, "made in" if new else "read from", made)
-        return token
-    log.info("%s token made for this process only (no state dir, no token file)", what)
-    return auth.new_token()
+        return token, f"{'made in' if new else 'read from'} {made}"
+    return auth.new_token(), "made for this process only"
 
 
 class CoordinatorServer:
@@ -128,12 +126,15 @@ class CoordinatorServer:
         if not config.auth and not is_loopback(config.host):
             raise ValueError(f"--no-auth is allowed only on a loopback bind, not on {config.host}")
         secrets_dir = config.state_dir / SECRETS_DIR if config.state_dir is not None else None
-        self.secrets = Secrets(
-            join_token=_token(config.join_token, config.join_token_file,
-                              secrets_dir / JOIN_TOKEN_FILE if secrets_dir else None, "join"),
-            operator_token=_token(config.operator_token, config.operator_token_file,
-                                  secrets_dir / OPERATOR_TOKEN_FILE if secrets_dir else None, "operator"),
-        ) if config.auth else None
+        self.secrets: Secrets | None = None
+        self._token_origins: tuple[str, str] = ("", "")
+        if config.auth:
+            join, join_from = _token(config.join_token, config.join_token_file,
+                                     secrets_dir / JOIN_TOKEN_FILE if secrets_dir else None, "join")
+            operator, operator_from = _token(config.operator_token, config.operator_token_file,
+                                             secrets_dir / OPERATOR_TOKEN_FILE if secrets_dir else None, "operator")
+            self.secrets = Secrets(join_token=join, operator_token=operator)
+            self._token_origins = (join_from, operator_from)
         signing_key = auth.ensure_private_key(secrets_dir / SIGNING_KEY_FILE)[0] if secrets_dir else None
         store: Store
         if config.state_dir is not None:
@@ -191,6 +192,11 @@ class CoordinatorServer:
         reason = self.coordinator.pause_reason
         self._set_health(not reason, reason)
         log.info("coordinator listening on %s (cluster %s)", self.address, self.coordinator.cluster_id)
+        if self.secrets is not None:
+            log.info("authentication on: join token %s, operator token %s", *self._token_origins)
+        else:
+            log.warning("authentication is off (--no-auth): anyone who reaches %s can submit, cancel and join",
+                        self.address)
         return self
 
     def _set_health(self, serving: bool, reason: str) -> None:
