@@ -46,7 +46,8 @@ def test_report_failure_kinds_the_held_out_reason_in_heartbeats_and_held_out_in_
     import pytest
     from dml.v1 import control_pb2, control_pb2_grpc
 
-    from dml.common import rpc
+    from dml.common import auth, rpc
+    from tests.integration.helpers import join_token
 
     import socket
 
@@ -56,9 +57,11 @@ def test_report_failure_kinds_the_held_out_reason_in_heartbeats_and_held_out_in_
         for s in (la, lb):
             s.bind(("127.0.0.1", 0))
             s.listen()
-        ctl = control_pb2_grpc.PeerControlStub(ch)
-        a, b = (ctl.RegisterPeer(control_pb2.RegisterPeerRequest(address=f"127.0.0.1:{s.getsockname()[1]}"),
-                                 timeout=10).peer_id for s in (la, lb))
+        joining = control_pb2_grpc.PeerControlStub(auth.with_token(ch, join_token(srv.address)))
+        regs = [joining.RegisterPeer(control_pb2.RegisterPeerRequest(address=f"127.0.0.1:{s.getsockname()[1]}"),
+                                     timeout=10) for s in (la, lb)]
+        a, b = (r.peer_id for r in regs)
+        ctl, ctl_b = (control_pb2_grpc.PeerControlStub(auth.with_token(ch, r.peer_token)) for r in regs)  # as a, as b
         stub = job_stub(srv.address)
         jid = _submit(stub, JobSpec(rounds=5, min_peers=1))
         st = _job(stub, jid).job
@@ -70,7 +73,7 @@ def test_report_failure_kinds_the_held_out_reason_in_heartbeats_and_held_out_in_
         assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "failure kind" in e.value.details()
         fail.kind = control_pb2.FAILURE_KIND_UNREACHABLE
         ctl.ReportFailure(fail, timeout=10)  # a ring of two has no other order: b is held out
-        hb = ctl.Heartbeat(control_pb2.HeartbeatRequest(peer_id=b), timeout=10)
+        hb = ctl_b.Heartbeat(control_pb2.HeartbeatRequest(peer_id=b), timeout=10)
         assert hb.job_id == "" and hb.held_out_reason.startswith(f"held out of job {jid}: unreachable from {a}")
         assert ctl.Heartbeat(control_pb2.HeartbeatRequest(peer_id=a), timeout=10).held_out_reason == ""
         st = _job(stub, jid).job
@@ -79,4 +82,4 @@ def test_report_failure_kinds_the_held_out_reason_in_heartbeats_and_held_out_in_
         assert (x.peer_id, x.reporters, x.round) == (b, a, 1) and "unreachable from" in x.reason
         assert [(e.peer_id, e.cause) for e in st.evictions] == [(b, jobs_pb2.EVICTION_CAUSE_UNREACHABLE)]
         stub.CancelJob(jobs_pb2.CancelJobRequest(job_id=jid), timeout=10)
-        assert ctl.Heartbeat(control_pb2.HeartbeatRequest(peer_id=b), timeout=10).held_out_reason == ""
+        assert ctl_b.Heartbeat(control_pb2.HeartbeatRequest(peer_id=b), timeout=10).held_out_reason == ""

@@ -146,7 +146,9 @@ def test_calls_in_flight_past_the_per_client_limit_are_refused(toy):
 # -- the coordinator -------------------------------------------------------------------------
 @pytest.fixture
 def coord():
-    srv = CoordinatorServer(ServerConfig(host="127.0.0.1", port=0, workers=8)).start()
+    # Limits apart from authentication (tests/integration/test_auth.py): every call here reaches
+    # the limits it probes without credentials, as on a loopback --no-auth coordinator.
+    srv = CoordinatorServer(ServerConfig(host="127.0.0.1", port=0, workers=8, auth=False)).start()
     channel = rpc.channel(srv.address)
     try:
         yield srv, channel
