@@ -79,7 +79,9 @@ def baseline_acc(tmp_path_factory):
     def get(n: int) -> float:
         if n not in cache:
             p = Procs(tmp_path_factory.mktemp(f"baseline{n}"))
+            mp = pytest.MonkeyPatch()
             try:
+                mp.setenv("DML_TOKEN_FILE", str(p.cluster.operator_token_file))  # this cluster's, for its `dml` calls
                 p.start_coordinator()
                 for _ in range(n):
                     p.start_peer()
@@ -87,6 +89,7 @@ def baseline_acc(tmp_path_factory):
                 wait_status(p.address, job, lambda s: s["state"] == "SUCCEEDED", 240, "baseline")
                 cache[n] = _final_accuracy(_history(p.address, job))
             finally:
+                mp.undo()  # back to the test's own cluster's token
                 p.reap()
         return cache[n]
 
