@@ -31,6 +31,7 @@ JOB_SERVICE = "dml.v1.JobService"
 PEER_CONTROL = "dml.v1.PeerControl"
 REGISTER = f"/{PEER_CONTROL}/RegisterPeer"
 DOWNLOAD = f"/{JOB_SERVICE}/DownloadModel"
+CLUSTER_METADATA = "dml-cluster-id"  # as coordinator.servicer names it
 
 
 @dataclass(frozen=True)
@@ -101,10 +102,12 @@ class AuthInterceptor(grpc.ServerInterceptor):
     """The coordinator's authentication and identity binding (see the module docstring).
     ``member_of(peer_id, job_id)`` says whether a peer may download a job's checkpoint."""
 
-    def __init__(self, secrets: Secrets, tokens: PeerTokens, member_of: Callable[[str, str], bool]) -> None:
+    def __init__(self, secrets: Secrets, tokens: PeerTokens, member_of: Callable[[str, str], bool],
+                 cluster_id: str = "") -> None:
         self._secrets = secrets
         self._tokens = tokens
         self._member_of = member_of
+        self._cluster_id = cluster_id
 
     def intercept_service(self, continuation: Callable[[Any], grpc.RpcMethodHandler | None],
                           details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
@@ -125,6 +128,12 @@ class AuthInterceptor(grpc.ServerInterceptor):
                              f"{method} needs the operator token; a peer's credential does not do")
             return _deny(handler, grpc.StatusCode.UNAUTHENTICATED,
                          f"{method} needs the operator token (authorization: Bearer <token>; dml --token-file)")
+        claimed = {v for k, v in details.invocation_metadata or () if k == CLUSTER_METADATA}
+        if self._cluster_id and claimed and claimed != {self._cluster_id}:
+            # A peer of another cluster (a coordinator on the wrong state dir): its credentials
+            # cannot be ours; the servicer refuses it by cluster id (FAILED_PRECONDITION naming this
+            # cluster) before it looks at anything else, so the peer says so instead of retrying.
+            return handler
         if method == REGISTER:
             if same_secret(token, self._secrets.join_token):
                 return handler

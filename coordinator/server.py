@@ -150,7 +150,8 @@ class CoordinatorServer:
         self.coordinator.on_health = self._set_health
         interceptors: list[grpc.ServerInterceptor] = [self.metrics.rpcs]
         if self.secrets is not None:
-            interceptors.append(AuthInterceptor(self.secrets, self.coordinator.tokens, self.coordinator.member_of))
+            interceptors.append(AuthInterceptor(self.secrets, self.coordinator.tokens, self.coordinator.member_of,
+                                                self.coordinator.cluster_id))
         self._server = rpc.server(workers=config.workers, interceptors=interceptors,
                                   limits=guard.Limits.for_pool(config.workers, call_policies()))
         jobs_pb2_grpc.add_JobServiceServicer_to_server(JobServicer(self.coordinator), self._server)

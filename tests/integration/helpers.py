@@ -33,6 +33,12 @@ def coordinator(state_dir=None, timing: CoordinatorConfig = FAST, **config) -> I
         _SERVERS.pop(srv.address, None)
 
 
+def track(srv: CoordinatorServer) -> CoordinatorServer:
+    """Remembers a coordinator started by hand, so :func:`peers` and :func:`job_stub` use its tokens."""
+    _SERVERS[srv.address] = srv
+    return srv
+
+
 def join_token(address: str) -> str:
     """The join token of the coordinator :func:`coordinator` started at ``address``."""
     return _SERVERS[address].secrets.join_token

@@ -20,7 +20,7 @@ from dml.common.spec import JobSpec
 from dml.coordinator.server import CoordinatorServer, ServerConfig
 from dml.coordinator.store import MAX_PAGES, SqliteStore
 from dml.peer.runner import Peer, PeerConfig
-from tests.integration.helpers import FAST, coordinator, ledger_problems, peers, wait_for
+from tests.integration.helpers import FAST, coordinator, join_token, ledger_problems, operator_token, peers, track, wait_for
 
 SPEC = JobSpec(task="digits", rounds=30, local_steps=1, batch_size=16, min_peers=2, num_shards=4,
                checkpoint_every_rounds=4, eval_every_rounds=5)
@@ -49,7 +49,7 @@ def test_disk_full_mid_job_pauses_then_the_job_resumes_and_a_restart_shows_the_s
     job resumes and succeeds with no committed round lost; after a restart GetJob shows the very
     history the API showed."""
     state = tmp_path / "state"
-    with coordinator(state) as srv, peers(srv.address, 2), JobClient(srv.address) as client:
+    with coordinator(state) as srv, peers(srv.address, 2), JobClient(srv.address, token=operator_token(srv.address)) as client:
         store = srv.coordinator.store
         assert isinstance(store, SqliteStore)
         job = client.submit(SPEC)
@@ -76,7 +76,7 @@ def test_disk_full_mid_job_pauses_then_the_job_resumes_and_a_restart_shows_the_s
                                 for m in r.consumed}} for r in final.history]
         assert ledger_problems(ledger, SPEC) == []
         before_restart = [r.SerializeToString(deterministic=True) for r in final.history]
-    with coordinator(state) as again, JobClient(again.address) as client:
+    with coordinator(state) as again, JobClient(again.address, token=operator_token(again.address)) as client:
         after = client.status(job, history=True)
         assert [r.SerializeToString(deterministic=True) for r in after.history] == before_restart
         assert after.job.state == 3 and after.job.reason == final.job.reason
@@ -112,19 +112,19 @@ def test_peers_refuse_a_coordinator_of_another_cluster_and_return_to_their_own(
     peers log one clear refusal, keep their place and parameters, and carry on with their own
     coordinator when it is back. A peer pinned with --cluster-id refuses it from the start."""
     caplog.set_level(logging.INFO)
-    first = CoordinatorServer(ServerConfig(port=0, state_dir=tmp_path / "a", timing=FAST)).start()
+    first = track(CoordinatorServer(ServerConfig(port=0, state_dir=tmp_path / "a", timing=FAST)).start())
     port, cid = first.port, first.coordinator.cluster_id
     address = first.address
     spec = JobSpec(task="digits", rounds=400, local_steps=1, batch_size=8, min_peers=2, num_shards=4)
     try:
-        with peers(address, 2) as ps, JobClient(address) as client:
+        with peers(address, 2) as ps, JobClient(address, token=operator_token(address)) as client:
             job = client.submit(spec)
             wait_for(lambda: client.status(job).job.round >= 2, 120, "two committed rounds")
             assert all(p.client.cluster_id == cid for p in ps)
             ids = [p.peer_id for p in ps]
             first.stop(0.2)
             other = CoordinatorServer(ServerConfig(port=port, state_dir=tmp_path / "b", timing=FAST)).start()
-            pinned = Peer(PeerConfig(coordinator=address, plan_wait_s=1.0, cluster_id=cid))
+            pinned = Peer(PeerConfig(coordinator=address, join_token=join_token(address), plan_wait_s=1.0, cluster_id=cid))
 
             def join() -> None:
                 pinned.start()  # registers: retries until a coordinator of its cluster answers
@@ -198,7 +198,7 @@ def fill(folder: pathlib.Path) -> pathlib.Path:
 def test_a_real_full_filesystem_pauses_the_coordinator_until_space_is_freed(tiny_tmpfs: pathlib.Path) -> None:
     """ENOSPC from a real (tiny tmpfs) filesystem, at whichever write comes first (the database or
     a checkpoint); freeing the space resumes the job."""
-    with coordinator(tiny_tmpfs / "state") as srv, peers(srv.address, 2), JobClient(srv.address) as client:
+    with coordinator(tiny_tmpfs / "state") as srv, peers(srv.address, 2), JobClient(srv.address, token=operator_token(srv.address)) as client:
         spec = JobSpec(task="digits", rounds=16, local_steps=1, batch_size=16, min_peers=2, num_shards=4,
                        checkpoint_every_rounds=2)
         job = client.submit(spec)

@@ -111,7 +111,7 @@ class FakeClock:
 
 
 def two_peer_job(coord: Coordinator, rounds: int = 50) -> tuple[str, str, str]:
-    a, b = coord.register("10.0.0.1:1", {}), coord.register("10.0.0.2:1", {})
+    a, b = coord.register("10.0.0.1:1", {})[0], coord.register("10.0.0.2:1", {})[0]
     jid = coord.submit(JobSpec(task="digits", num_shards=4, min_peers=2, rounds=rounds, local_steps=1, batch_size=8))
     return jid, a, b
 
@@ -213,7 +213,7 @@ coord = Coordinator(CoordinatorConfig(), MemoryStore(), pathlib.Path(tempfile.mk
                     clock=Clock(monotonic=lambda: t[0], wall=lambda: t[0]))
 health = []
 coord.on_health = lambda ok, why: health.append((ok, why))
-a, b = coord.register("10.0.0.1:1", {}), coord.register("10.0.0.2:1", {})
+a, b = coord.register("10.0.0.1:1", {})[0], coord.register("10.0.0.2:1", {})[0]
 jid = coord.submit(JobSpec(task="digits", num_shards=4, min_peers=2, rounds=3, local_steps=1, batch_size=8))
 epoch = coord.state.job(jid).epoch
 soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
