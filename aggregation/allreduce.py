@@ -24,13 +24,16 @@ from __future__ import annotations
 import time
 from collections import deque
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from dml.aggregation import ring
 from dml.aggregation.codecs import Codec, Fp32, codec_name
 from dml.aggregation.transport import ExchangeError, Header, RingLink
+
+if TYPE_CHECKING:
+    from dml.aggregation.guard import RingGuard
 
 DEFAULT_CHUNK_ELEMS = 256 * 1024  # 1 MiB of float32: the fastest over gRPC streams (docs/performance.md)
 TCP_CHUNK_ELEMS = 1024 * 1024  # 4 MiB of float32: fewer frames, 10-15% faster over the TCP data plane
@@ -85,6 +88,7 @@ def ring_allreduce(
     chunk_elems: int = DEFAULT_CHUNK_ELEMS,
     codec: Codec | None = None,
     residual: np.ndarray | None = None,
+    guard: RingGuard | None = None,
 ) -> None:
     """Replaces ``buf`` (1-D float32) with the element-wise sum of every member's ``buf``.
 
@@ -93,7 +97,9 @@ def ring_allreduce(
     member must use the same one. ``residual`` (float32, like ``buf``) is overwritten with this
     member's encoding errors (zeros when nothing was encoded). ``timeout`` bounds the whole call
     in seconds. Raises ExchangeError if a neighbour fails or the deadline passes; ``buf`` (and
-    ``residual``) are then undefined and the caller must restore them.
+    ``residual``) are then undefined and the caller must restore them. With ``guard`` every
+    received chunk is checked, decoded, before it is added or forwarded
+    (:mod:`aggregation.guard`); a bad one raises its :class:`~aggregation.guard.Poisoned`.
     """
     codec = codec or Fp32()
     if buf.ndim != 1 or buf.dtype != np.float32:
@@ -109,6 +115,8 @@ def ring_allreduce(
         residual.fill(0.0)  # nothing will be encoded lossily: no error to carry
     if world == 1:
         return
+    if guard is not None:
+        guard.begin(buf)
     deadline = time.monotonic() + timeout
     segs = ring.segments(buf.size, world)
     staging_elems = min(chunk_elems, buf.size)
@@ -168,15 +176,22 @@ def ring_allreduce(
     partial = np.empty(0, dtype=np.float32)
     partial_native = codec.wrap(partial)
 
-    def send_partial(step: int, span: ring.Span, native: Any) -> None:
-        """Encodes and sends ``buf[span] + decode(native)`` without writing it into ``buf``: the
-        all-gather overwrites that range anyway, so the sum never needs to reach main memory."""
+    def decoded(native: Any, span: ring.Span) -> tuple[np.ndarray, Any]:
+        """``decode(native)`` in a reused float32 buffer (numpy, and the codec's view of it)."""
         nonlocal partial, partial_native
         if partial.size < span.size:
             partial = np.empty(span.size, dtype=np.float32)
             partial_native = codec.wrap(partial)
         acc = partial_native[: span.size]
         codec.decode_into(native, acc)
+        return partial[: span.size], acc
+
+    def send_partial(step: int, span: ring.Span, native: Any) -> None:
+        """Encodes and sends ``buf[span] + decode(native)`` without writing it into ``buf``: the
+        all-gather overwrites that range anyway, so the sum never needs to reach main memory."""
+        values, acc = decoded(native, span)
+        if guard is not None:
+            guard.check(ring.REDUCE_SCATTER, step - 1, span, values, buf[span.start : span.stop])
         acc += nbuf[span.start : span.stop]
         slot = staging.take(codec.payload_bytes(span.size))
         out, wire = slot
@@ -198,8 +213,15 @@ def ring_allreduce(
         for span, nbytes in receive(ring.REDUCE_SCATTER, step, seg):
             payload, native = scratch_for(nbytes)
             link.recv_payload(payload, left())
+            if guard is not None and raw:
+                guard.check(ring.REDUCE_SCATTER, step, span, payload.view(np.float32), buf[span.start : span.stop])
             if step == last:  # fully reduced: keep it, and start the all-gather with it at once
-                codec.decode_add(native, nbuf[span.start : span.stop])
+                if guard is not None and not raw:  # decode once, check, then add what was checked
+                    values, acc = decoded(native, span)
+                    guard.check(ring.REDUCE_SCATTER, step, span, values, buf[span.start : span.stop])
+                    nbuf[span.start : span.stop] += acc
+                else:
+                    codec.decode_add(native, nbuf[span.start : span.stop])
                 send(ring.ALL_GATHER, 0, span, own=True)
             elif raw:  # reduce in place and forward straight from buf
                 codec.decode_add(native, nbuf[span.start : span.stop])
@@ -211,6 +233,8 @@ def ring_allreduce(
         for span, nbytes in receive(ring.ALL_GATHER, step, seg):
             if raw:  # straight into place, then forward the same bytes
                 link.recv_payload(u8[4 * span.start : 4 * span.stop], left())
+                if guard is not None:
+                    guard.check(ring.ALL_GATHER, step, span, buf[span.start : span.stop], None)
                 if step < last:
                     send_raw(ring.ALL_GATHER, step + 1, span)
                 continue
@@ -218,6 +242,8 @@ def ring_allreduce(
             out, native = slot
             link.recv_payload(out[:nbytes], left())
             codec.decode_into(native[:nbytes], nbuf[span.start : span.stop])
+            if guard is not None:
+                guard.check(ring.ALL_GATHER, step, span, buf[span.start : span.stop], None)
             if step < last:  # forward verbatim: no second rounding
                 staging.sent(slot, link.send(Header(ring.ALL_GATHER, codec.id, step + 1, span.start, span.size),
                                              out[:nbytes]))

@@ -17,25 +17,27 @@ import numpy as np
 
 from dml.aggregation.allreduce import DEFAULT_CHUNK_ELEMS, ring_allreduce
 from dml.aggregation.codecs import Codec
+from dml.aggregation.guard import RingGuard
 from dml.aggregation.transport import RingLink
 
 
 def weighted_ring_average(
     buf: np.ndarray, weight: float, rank: int, world: int, link: RingLink, timeout: float,
-    chunk_elems: int = DEFAULT_CHUNK_ELEMS,
+    chunk_elems: int = DEFAULT_CHUNK_ELEMS, guard: RingGuard | None = None,
 ) -> float:
     """Averages ``buf[:-1]`` across the ring, weighted; ``buf[-1]`` is scratch for the weight.
 
     Returns the total weight. ``weight`` is the samples this member processed; 0 is allowed (a
     member with no data this round keeps the others' average) as long as some member has more.
-    Raises ValueError if every weight is 0.
+    Raises ValueError if every weight is 0. ``guard`` checks every received chunk
+    (:mod:`aggregation.guard`); give it the members' weights as samples.
     """
     if weight < 0:
         raise ValueError(f"weight must be >= 0, got {weight}")
     params = buf[:-1]
     params *= np.float32(weight)
     buf[-1] = np.float32(weight)
-    ring_allreduce(buf, rank, world, link, timeout, chunk_elems)
+    ring_allreduce(buf, rank, world, link, timeout, chunk_elems, guard=guard)
     total = float(buf[-1])
     if total <= 0:
         raise ValueError("every member had weight 0: nothing to average")
@@ -46,6 +48,7 @@ def weighted_ring_average(
 def delta_ring_average(
     params: np.ndarray, base: np.ndarray, share: float, rank: int, world: int, link: RingLink,
     timeout: float, codec: Codec, residual: np.ndarray, chunk_elems: int = DEFAULT_CHUNK_ELEMS,
+    guard: RingGuard | None = None,
 ) -> None:
     """Replaces ``params`` by ``base + sum_i share_i * (params_i - base)`` over the ring.
 
@@ -54,7 +57,8 @@ def delta_ring_average(
     travels). Works in place on ``params``: no model-sized temporary. ``residual`` (float32, like
     ``params``) is the error-feedback state: added into this round's contribution, then
     overwritten with this round's encoding errors. On ExchangeError ``params`` and ``residual`` are undefined;
-    the caller restores the parameters and should zero the residual.
+    the caller restores the parameters and should zero the residual. ``guard`` checks every
+    received chunk (:mod:`aggregation.guard`); give it the members' shares as weights.
     """
     if not 0 <= share <= 1:
         raise ValueError(f"share must be in [0, 1], got {share}")
@@ -65,7 +69,7 @@ def delta_ring_average(
     np.subtract(params, base, out=params)
     params *= np.float32(share)
     params += residual
-    ring_allreduce(params, rank, world, link, timeout, chunk_elems, codec, residual)
+    ring_allreduce(params, rank, world, link, timeout, chunk_elems, codec, residual, guard)
     params += base
 
 

@@ -15,6 +15,7 @@ from dml.common import args as cliargs
 from dml.common import portcheck, rpc
 from dml.common.metrics import MetricsBindError
 from dml.common.auth import AuthError, read_token_file
+from dml.peer.faults import parse_fault
 from dml.peer.runner import Peer, PeerConfig
 
 
@@ -62,6 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fault-unreachable", default=os.environ.get("DML_FAULT_UNREACHABLE", ""), metavar="ADDRS",
                    help="tests only (fault injection, off by default): comma-separated peer addresses HOST:PORT "
                         "this peer acts as if it cannot reach (a one-way partition; env DML_FAULT_UNREACHABLE)")
+    p.add_argument("--fault", default=os.environ.get("DML_FAULT", ""), metavar="KIND:ROUND",
+                   help="tests only (fault injection, off by default): from round ROUND on, write NaN (KIND "
+                        "nan-params) or 1e30 (huge-params) into this peer's parameters and skip its own check, "
+                        "a broken peer its neighbours must refuse (env DML_FAULT)")
     cliargs.add_cluster_flag(p)
     p.add_argument("--log-level", default=os.environ.get("DML_LOG_LEVEL", "INFO"), help="logging level")
     cliargs.add_metrics_flag(p)
@@ -83,13 +88,14 @@ def build_config(argv: list[str] | None = None) -> tuple[PeerConfig, argparse.Na
         p.error(f"--slowdown must be between 1 and 1000, got {a.slowdown}")
     try:
         device = resolve_device(a.device)
+        fault = parse_fault(a.fault)
     except ValueError as e:
         p.error(str(e))
     cfg = PeerConfig(coordinator=a.coordinator, host=a.host, port=a.port, advertise_host=a.advertise_host,
                      device=device, exchange_timeout_s=a.exchange_timeout_s, chunk_elems=a.chunk_elems,
                      tcp=not a.no_tcp, slowdown=a.slowdown, metrics=cliargs.metrics_config(a),
                      unreachable=tuple(x.strip() for x in a.fault_unreachable.split(",") if x.strip()),
-                     cluster_id=a.cluster_id)
+                     cluster_id=a.cluster_id, fault=fault)
     return cfg, a
 
 

@@ -42,6 +42,7 @@ import numpy as np
 from dml.v1 import exchange_pb2, exchange_pb2_grpc
 
 from dml.aggregation.gossip import Exchanger, ExchangeStateError, Snapshot
+from dml.aggregation.guard import offer_problem, rms
 from dml.common import rpc
 from dml.peer.auth import GOSSIP, PeerCredentials
 
@@ -55,6 +56,10 @@ class GossipRefused(Exception):
     """The partner cannot exchange now (busy, another job, not reachable)."""
 
 
+class GossipPoisoned(GossipRefused):
+    """The other side's parameters or weight are non-finite or absurd (aggregation.guard)."""
+
+
 @dataclass
 class Outcome:
     """How one attempt to exchange with a partner ended."""
@@ -66,6 +71,7 @@ class Outcome:
     distance: float = float("nan")  # ||mine - theirs|| before averaging
     bytes_sent: int = 0
     detail: str = ""
+    poisoned: bool = False  # the partner answered with non-finite or absurd parameters or weight
 
 
 def _chunks(buf: np.ndarray) -> Iterator[bytes]:
@@ -114,6 +120,10 @@ class GossipNode:
         self.one_sided = 0
         self.served = 0  # exchanges applied as the partner (another peer started them)
         self.last_distance = float("nan")  # ||mine - theirs|| of the last exchange applied, either role
+        self.max_weight = float("inf")  # the most samples the job can have trained (set by attach)
+        # Called with (job, sender, what is wrong) when this peer, as the partner, refuses a
+        # poisoned offer: the peer reports the sender to the coordinator.
+        self.on_poisoned: Callable[[str, str, str], None] | None = None
 
     def _count(self, sent: int, received: int) -> None:
         """Adds one exchange's parameter bytes, each way, to the totals (and tells ``on_bytes``)."""
@@ -123,9 +133,11 @@ class GossipNode:
             hook(sent, received)
 
     # -- membership of a job ----------------------------------------------------------------
-    def attach(self, job_id: str, trainer: Any) -> None:
-        """Exchanges from now on average ``trainer``'s parameters for ``job_id``."""
+    def attach(self, job_id: str, trainer: Any, max_weight: float = float("inf")) -> None:
+        """Exchanges from now on average ``trainer``'s parameters for ``job_id``; an offer whose
+        weight exceeds ``max_weight`` (the samples the job can have trained) is refused."""
         with self._lock:
+            self.max_weight = max_weight
             if self.job_id == job_id and self.trainer is trainer:
                 return
             self.job_id, self.trainer, self.weight = job_id, trainer, 0.0
@@ -144,6 +156,14 @@ class GossipNode:
         if trainer is not None:
             with trainer.lock:
                 self.weight += n
+
+    def _vet(self, trainer: Any, theirs: np.ndarray, weight: float, sender: str) -> None:
+        """Raises :class:`GossipPoisoned` unless the other side's copy and weight are sane. Our
+        own scale is read without the trainer's lock: an estimate is all the rule needs."""
+        n = trainer.numel
+        problem = offer_problem(theirs, weight, rms(trainer.host_buffer()[:n]), self.max_weight)
+        if problem:
+            raise GossipPoisoned(f"refused the parameters of {sender}: {problem}")
 
     def _current(self, job_id: str) -> Any:
         with self._lock:
@@ -166,10 +186,15 @@ class GossipNode:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION,
                           f"peer {self.peer_id} is not gossiping in job {first.job_id!r} now")
         n = trainer.numel
-        if first.elems != n or not math.isfinite(first.weight) or first.weight < 0 or not first.exchange_id:
+        if first.elems != n or not first.exchange_id:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                          f"bad offer: {first.elems} elements (model has {n}), weight {first.weight}, "
-                          f"exchange id {first.exchange_id!r}")
+                          f"bad offer: {first.elems} elements (model has {n}), exchange id {first.exchange_id!r}")
+        if not (math.isfinite(first.weight) and 0 <= first.weight <= self.max_weight):
+            why = f"refused the offer of {first.sender_id}: weight {first.weight:.6g} outside [0, {self.max_weight:.6g}]"
+            log.error("peer %s job %s: %s", self.peer_id, first.job_id, why)
+            if self.on_poisoned is not None:
+                self.on_poisoned(first.job_id, first.sender_id, why)
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"poisoned offer: {why}")
         key = (first.sender_id, first.exchange_id)
         if not self.slot.try_begin(key):
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"peer {self.peer_id} is busy in another exchange")
@@ -184,6 +209,7 @@ class GossipNode:
                 if msg is None:
                     raise GossipRefused("the initiator closed the stream before sending all its parameters")
                 pos = _fill(theirs, pos, msg.data)
+            self._vet(trainer, theirs, float(first.weight), first.sender_id)
             self.slot.stage(key, Snapshot(theirs, float(first.weight)))
             # Our copy is taken between two SGD steps; training goes on while it travels.
             locked = self._lock_trainer(trainer, deadline, context)
@@ -216,6 +242,11 @@ class GossipNode:
             locked = False
             trainer.lock.release()
             yield exchange_pb2.GossipMessage(commit=True)
+        except GossipPoisoned as e:
+            log.error("peer %s job %s: gossip exchange %s: %s", self.peer_id, first.job_id, first.exchange_id, e)
+            if self.on_poisoned is not None:  # H7: count refused offers here
+                self.on_poisoned(first.job_id, first.sender_id, str(e))
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"poisoned offer: {e}")
         except (GossipRefused, ValueError, ExchangeStateError, grpc.RpcError) as e:
             log.info("peer %s: gossip exchange %s from %s dropped: %s", self.peer_id, first.exchange_id,
                      first.sender_id, e)
@@ -281,6 +312,7 @@ class GossipNode:
             pos = _fill(theirs, 0, first.data)
             while pos < theirs.nbytes:
                 pos = _fill(theirs, pos, next(call).data)
+            self._vet(trainer, theirs, float(first.weight), partner_id)
             self.slot.stage(key, Snapshot(theirs, float(first.weight)))
             dist = pair_distance(mine, theirs)
             with trainer.lock:
@@ -307,6 +339,9 @@ class GossipNode:
                             grpc.StatusCode.PERMISSION_DENIED)
             return Outcome(partner_id, False, busy=busy,
                            bytes_sent=sent[0], detail=f"{code.name if code else 'error'}: {detail}")
+        except GossipPoisoned as e:
+            log.error("peer %s job %s: gossip exchange %s: %s", self.peer_id, job_id, xid, e)
+            return Outcome(partner_id, False, bytes_sent=sent[0], detail=str(e), poisoned=True)
         except (GossipRefused, ValueError, StopIteration, ExchangeStateError) as e:
             return Outcome(partner_id, False, bytes_sent=sent[0], detail=str(e) or type(e).__name__)
         finally:

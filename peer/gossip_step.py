@@ -15,9 +15,10 @@ from dml.v1 import control_pb2, types_pb2
 from dml.aggregation.topology import partner_ids
 from dml.common import rpc
 from dml.common.tasks import get_task
+from dml.peer import faults
 from dml.peer.client import Evicted
 from dml.peer.gossip import Outcome
-from dml.peer.step import report_failure, superseded, train_and_report
+from dml.peer.step import NotFinite, check_own, report_failure, superseded, train_and_report
 from dml.peer.trainer import Trainer
 
 if TYPE_CHECKING:
@@ -36,6 +37,15 @@ class GossipStep:
         self._failures: dict[str, int] = {}  # gossip partners -> failed exchanges in a row
         self._bytes_reported = 0
         self._served_seen = 0  # the node's `served` count when this peer last exchanged
+        self._plan: types_pb2.Plan | None = None  # the step under way, for reports the partner side makes
+        peer.gossip.on_poisoned = self._report_poisoned
+
+    def _report_poisoned(self, job_id: str, sender: str, detail: str) -> None:
+        """As a partner, this peer refused ``sender``'s offer: tells the coordinator (on the
+        exchange server's thread, which the refused exchange holds anyway)."""
+        plan = self._plan
+        if plan is not None and plan.job_id == job_id and sender in {m.peer_id for m in plan.members}:
+            report_failure(self._peer, plan, sender, detail, control_pb2.FAILURE_KIND_POISONED)
 
     def close_channels(self) -> None:
         """Closes the channels to partners and forgets which ones failed."""
@@ -64,7 +74,9 @@ class GossipStep:
             self.leave()
             trainer = Trainer(get_task(spec.task), spec.seed, spec.learning_rate, peer.config.device)
             peer.store.start(plan.job_id, trainer, None)
-        peer.gossip.attach(plan.job_id, trainer)
+        # The most weight an honest offer can carry: every sample the job can train, twice over.
+        most = 2.0 * spec.rounds * max(len(plan.members), 1) * spec.local_steps * spec.batch_size
+        peer.gossip.attach(plan.job_id, trainer, max_weight=most)
         return trainer
 
     def _exchange(self, plan: types_pb2.Plan) -> Outcome | None:
@@ -97,6 +109,8 @@ class GossipStep:
             else:
                 out = node.exchange(plan.job_id, cand, address[cand], timeout, self._channel(address[cand]),
                                     epoch=plan.epoch)
+            if out.poisoned:
+                report_failure(peer, plan, cand, out.detail, control_pb2.FAILURE_KIND_POISONED)
             if out.ok:
                 self._suspects.pop(cand, None)
                 self._failures.pop(cand, None)
@@ -124,6 +138,17 @@ class GossipStep:
         rank = me[0]
         tag = f"peer {peer.peer_id} job {plan.job_id} gossip step {plan.round}"
         sent = 0
+        self._plan = plan
+
+        def average(trainer: Trainer, samples: int) -> Outcome | None:
+            buf = trainer.host_buffer()
+            params = buf[: trainer.numel]
+            if faults.inject(peer.config.fault, plan.round, params):
+                log.warning("%s: test fault %s injected; skipping this member's own check", tag, peer.config.fault)
+                trainer.load_host_buffer(buf)  # a no-op on CPU, where buf is the live buffer
+            else:  # gossip sends whole parameters: they must be finite before they leave
+                check_own(params, None, f"gossip step {plan.round}")
+            return self._exchange(plan)
 
         def results(trainer: Trainer, req: control_pb2.ReportRoundRequest) -> None:
             nonlocal sent
@@ -135,7 +160,7 @@ class GossipStep:
 
         try:
             resp = train_and_report(peer, plan, rank, tag, "report step", prepare=lambda: self._trainer(plan),
-                                    trained=node.add_samples, average=lambda trainer, samples: self._exchange(plan),
+                                    trained=node.add_samples, average=average,
                                     results=results, evaluate=plan.evaluate)  # about once per virtual round
             self._bytes_reported = sent
             if plan.round % 100 == 0:
@@ -145,6 +170,9 @@ class GossipStep:
             return resp.next if resp.has_next else None
         except Evicted:
             raise
+        except NotFinite as e:
+            log.error("%s: %s; not exchanging, and reporting it", tag, e)
+            report_failure(peer, plan, peer.peer_id, str(e), control_pb2.FAILURE_KIND_POISONED)
         except Exception as e:
             if superseded(e):
                 log.info("%s: superseded (%s)", tag, e)

@@ -17,15 +17,17 @@ from dml.v1 import control_pb2, exchange_pb2, exchange_pb2_grpc, jobs_pb2, jobs_
 from dml.aggregation.allreduce import chunk_elems_for
 from dml.aggregation.averaging import delta_ring_average, digest, weighted_ring_average
 from dml.aggregation.codecs import Codec, get_codec
+from dml.aggregation.guard import Poisoned, RingGuard
 from dml.aggregation.transport import ExchangeError
 from dml.common import rpc
 from dml.common.tasks import get_task
+from dml.peer import faults
 from dml.peer.auth import FETCH_PARAMETERS
 from dml.peer.client import Evicted
 from dml.peer.gossip_step import GossipStep
 from dml.peer.link import PeerLink
 from dml.peer.params import Snapshot
-from dml.peer.step import report_failure, superseded, train_and_report
+from dml.peer.step import NotFinite, check_own, report_failure, superseded, train_and_report
 from dml.peer.trainer import Trainer
 from dml.peer.watch import SuccessorWatch
 
@@ -33,6 +35,12 @@ if TYPE_CHECKING:
     from dml.peer.runner import Peer
 
 log = logging.getLogger(__name__)
+
+# The guard's floors (aggregation.guard), per unit of weight: fp32 sends parameters times the
+# member's samples, so its floor is a parameter RMS; lossy codecs send the update times the
+# member's share, so theirs is an update RMS.
+FP32_FLOOR = 1e-3
+DELTA_FLOOR = 1e-4
 
 
 class RingRound:
@@ -95,6 +103,13 @@ class RingRound:
         link.open_early()  # the stream to the successor is negotiated while we train
         try:
             self._train_and_average(plan, me[0], tag, link)
+        except NotFinite as e:
+            log.error("%s: %s; not exchanging, and reporting it", tag, e)
+            report_failure(peer, plan, peer.peer_id, str(e), control_pb2.FAILURE_KIND_POISONED)
+        except Poisoned as e:
+            log.error("%s: %s; not forwarding it, and reporting %s", tag, e, e.suspect)
+            if not self._abort.is_set():
+                report_failure(peer, plan, e.suspect, str(e), control_pb2.FAILURE_KIND_POISONED)
         except ExchangeError as e:
             log.warning("%s: exchange failed: %s", tag, e)
             if not self._abort.is_set():  # an abort means the coordinator already moved on
@@ -198,11 +213,17 @@ class RingRound:
         import torch
 
         peer = self._peer
-        sd = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-        trainer.model.load_state_dict(sd)
-        if not peer.store.adopt(job_id, rnd, trainer.params(), want):
+        try:
+            sd = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+            params = trainer.params_from_state_dict(sd)
+        except Exception as e:  # noqa: BLE001 - whatever the bytes are, they are not round rnd's parameters
+            log.warning("peer %s: round %d parameters from %s are unreadable: %s", peer.peer_id, rnd, source, e)
+            return False
+        # Checked before the trainer sees them: a failed download leaves its parameters alone.
+        if not peer.store.adopt(job_id, rnd, params, want):
             log.warning("peer %s: round %d parameters from %s failed their digest check", peer.peer_id, rnd, source)
             return False
+        trainer.set_params(params)
         log.info("peer %s job %s: caught up to round %d from %s", peer.peer_id, job_id, rnd, source)
         return True
 
@@ -224,30 +245,42 @@ class RingRound:
         world = len(plan.members)
         codec = plan.spec.codec or "fp32"
         chunk = self._peer.config.chunk_elems or chunk_elems_for(plan.spec.data_plane or "auto")
+        weights = [float(sum(r.stop - r.start for r in m.samples)) for m in plan.members]
+        pred = plan.members[(rank - 1) % world].peer_id
         # Lossy codecs send changes against a base every member must hold bit for bit: the
         # committed round, whose digest the plan carries. Before the first commit there is no
         # such proof (inits agree only as far as seeding does), so that round averages exactly.
         if codec == "fp32" or not plan.start_digest:
-            weighted_ring_average(buf, float(samples), rank, world, link, self.deadline_s, chunk)
+            guard = RingGuard(pred, rank, weights, FP32_FLOOR, weight_index=buf.size - 1, max_weight=sum(weights))
+            weighted_ring_average(buf, float(samples), rank, world, link, self.deadline_s, chunk, guard=guard)
             return
-        total = sum(r.stop - r.start for m in plan.members for r in m.samples)
+        total = sum(weights)
         if total <= 0:
             raise ValueError("the plan allocates no samples: nothing to average")
+        guard = RingGuard(pred, rank, [w / total for w in weights], DELTA_FLOOR)
         committed = self._peer.store.committed
         assert committed is not None
         residual = self._residual_for(plan.job_id, buf.size - 1)
         try:
             delta_ring_average(buf[:-1], committed.params, samples / total, rank, world, link,
-                               self.deadline_s, self._codec(codec), residual, chunk)
+                               self.deadline_s, self._codec(codec), residual, chunk, guard=guard)
         except BaseException:
             residual.fill(0.0)  # half-updated: drop it rather than feed back a wrong correction
             raise
 
     def _train_and_average(self, plan: types_pb2.Plan, rank: int, tag: str, link: PeerLink) -> None:
         peer = self._peer
+        norm = 0.0
 
         def average(trainer: Trainer, samples: int) -> None:
+            nonlocal norm
             buf = trainer.host_buffer()
+            committed = peer.store.committed
+            assert committed is not None
+            if faults.inject(peer.config.fault, plan.round, buf[:-1]):
+                log.warning("%s: test fault %s injected; skipping this member's own check", tag, peer.config.fault)
+            else:  # before anything leaves this member (H7: count own-check failures here)
+                norm = check_own(buf[:-1], committed.params, f"round {plan.round}")
             self._average(plan, rank, buf, samples, link)  # closes the link when it succeeds
             trainer.load_host_buffer(buf)
 
@@ -255,7 +288,7 @@ class RingRound:
             params, live = trainer.params_view()
             dig = digest(params)
             peer.store.set_tentative(Snapshot(plan.job_id, plan.round, params, dig, live=live))
-            req.digest, req.bytes_sent = dig, link.bytes_sent
+            req.digest, req.bytes_sent, req.update_norm = dig, link.bytes_sent, norm
             if rank == 0 and plan.checkpoint:  # whether or not this round is evaluated
                 with tempfile.TemporaryFile(prefix="dml-checkpoint-") as f:  # on disk, not another model in memory
                     trainer.save_state_dict(f, params)

@@ -19,6 +19,7 @@ from dml.peer.advertise import address_problem, advertise_host
 from dml.peer.auth import ExchangeGuard, PeerCredentials
 from dml.peer.client import CALL_TIMEOUT_S, ControlClient, Evicted, refusing_cluster
 from dml.peer.exchange import ExchangeServicer, add_exchange_to_server, call_policies, guarded_method
+from dml.peer.faults import Fault
 from dml.peer.gossip import GossipNode
 from dml.peer.gossip_step import GossipStep
 from dml.peer.link import PeerLink
@@ -57,6 +58,7 @@ class PeerConfig:
     # if it cannot reach, for ring neighbours, gossip partners and parameter fetches alike. A
     # one-way partition: the others still reach this peer, and it them.
     unreachable: tuple[str, ...] = ()
+    fault: Fault | None = None  # tests only (peer.faults): make this a broken peer at one round
 
     def injected_fault(self, address: str) -> str:
         """Why this peer must act as if ``address`` were unreachable ("" when it need not)."""

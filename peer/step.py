@@ -3,6 +3,7 @@ averaging, and the report to the coordinator (:func:`train_and_report`)."""
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -11,6 +12,7 @@ import grpc
 import numpy as np
 from dml.v1 import control_pb2, types_pb2
 
+from dml.aggregation.guard import update_norm
 from dml.common.sampling import shard_order
 from dml.peer.client import CALL_TIMEOUT_S, Evicted
 
@@ -35,10 +37,30 @@ def sample_indices(plan: types_pb2.Plan, rank: int) -> np.ndarray:
     return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
 
 
-def report_failure(peer: Peer, plan: types_pb2.Plan, suspect: str, detail: str) -> None:
-    """Tells the coordinator this round failed, naming ``suspect``; gives up after a while."""
-    kind = (control_pb2.FAILURE_KIND_LOCAL if suspect == peer.peer_id else
-            control_pb2.FAILURE_KIND_UNREACHABLE if suspect else control_pb2.FAILURE_KIND_UNSPECIFIED)
+class NotFinite(Exception):
+    """This member's own parameters or update are not finite: it must not exchange them."""
+
+
+def check_own(params: np.ndarray, base: np.ndarray | None, what: str) -> float:
+    """This member's check of its own result before it exchanges: returns the update's norm
+    (``||params - base||``; with no ``base``, the parameters' norm) and raises
+    :class:`NotFinite` when it is not finite (a NaN or infinity anywhere, or an overflow)."""
+    norm = update_norm(params, base if base is not None else np.zeros_like(params))
+    if not math.isfinite(norm):
+        bad = int(np.count_nonzero(~np.isfinite(params)))
+        raise NotFinite(f"{what}: own {'update' if base is not None else 'parameters'} not finite "
+                        f"(norm {norm}, {bad} non-finite parameters)")
+    return norm
+
+
+def report_failure(peer: Peer, plan: types_pb2.Plan, suspect: str, detail: str, kind: int | None = None) -> None:
+    """Tells the coordinator this round failed, naming ``suspect``; gives up after a while.
+    ``kind`` POISONED: ``suspect`` holds non-finite or absurd values (sent them to this member,
+    or, when it is this member, found them in its own update). By default LOCAL when this
+    member names itself (an error), UNREACHABLE when it names another."""
+    if kind is None:
+        kind = (control_pb2.FAILURE_KIND_LOCAL if suspect == peer.peer_id else
+                control_pb2.FAILURE_KIND_UNREACHABLE if suspect else control_pb2.FAILURE_KIND_UNSPECIFIED)
     fail = control_pb2.ReportFailureRequest(peer_id=peer.peer_id, job_id=plan.job_id, round=plan.round,
                                             epoch=plan.epoch, suspect_peer_id=suspect, detail=detail, kind=kind)
     try:

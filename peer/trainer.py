@@ -152,6 +152,18 @@ class Trainer:
             raise ValueError(f"parameter count mismatch: got {params.size}, model has {self.numel}")
         self.flat[: self.numel].copy_(torch.from_numpy(np.ascontiguousarray(params, dtype=np.float32)))
 
+    def params_from_state_dict(self, sd: dict[str, Any]) -> np.ndarray:
+        """The flat parameters a state_dict of this model holds (a new array; the model is not
+        touched). ValueError when an entry is missing, misshapen or not float32."""
+        out = np.empty(self.numel, dtype=np.float32)
+        for name, shape, off in self._layout:
+            t = sd.get(name)
+            if not isinstance(t, torch.Tensor) or tuple(t.shape) != tuple(shape) or t.dtype != torch.float32:
+                raise ValueError(f"state_dict entry {name!r} is missing or not a float32 tensor of shape {tuple(shape)}")
+            n = t.numel()
+            out[off : off + n] = t.detach().reshape(-1).cpu().numpy()
+        return out
+
     def _named_slices(self) -> list[tuple[str, torch.Tensor, int]]:
         base = self.flat.data_ptr()
         out = []

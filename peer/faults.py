@@ -1,0 +1,50 @@
+"""Test-only fault hooks: make this peer a broken one, to show the others stop it.
+
+Off by default. ``dml-peer --fault KIND:ROUND`` (or env ``DML_FAULT=KIND:ROUND``) makes the peer,
+at round (or gossip step) ROUND, overwrite part of its parameters after training and skip its
+own finite check, as a peer with broken hardware or a bug would:
+
+- ``nan-params``: NaN;
+- ``huge-params``: 1e30 (finite in float32, absurd as a parameter).
+
+Nothing else changes: the peer then exchanges as usual, and its neighbours must refuse what it
+sends. Never set it outside tests and experiments.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+KINDS = {"nan-params": float("nan"), "huge-params": 1e30}
+
+
+@dataclass(frozen=True)
+class Fault:
+    """Which fault to inject, at which round."""
+
+    kind: str
+    round: int
+
+    def value(self) -> float:
+        """The value written into the parameters."""
+        return KINDS[self.kind]
+
+
+def parse_fault(text: str) -> Fault | None:
+    """``KIND:ROUND`` as a :class:`Fault`; None for ""; ValueError saying what is wrong otherwise."""
+    if not text:
+        return None
+    kind, sep, rnd = text.partition(":")
+    if kind not in KINDS or not sep or not rnd.isdigit() or int(rnd) < 1:
+        raise ValueError(f"fault must be KIND:ROUND with KIND one of {', '.join(KINDS)} and ROUND >= 1, got {text!r}")
+    return Fault(kind, int(rnd))
+
+
+def inject(fault: Fault | None, rnd: int, params: np.ndarray) -> bool:
+    """Writes the fault's value into the first half of ``params`` if ``rnd`` is its round.
+    Returns whether it did (the caller then skips its own check, as a broken peer would)."""
+    if fault is None or rnd != fault.round:
+        return False
+    params[: max(1, params.size // 2)] = np.float32(fault.value())
+    return True
