@@ -11,6 +11,7 @@ Loads no server code, no SQLite and no torch.
 from __future__ import annotations
 
 import logging
+import math
 import pathlib
 import time
 from collections.abc import Callable
@@ -80,8 +81,15 @@ def check_address(address: str) -> str:
     return address
 
 
+def _tested(x: float, last: types_pb2.RoundMetrics) -> float | None:
+    """A test metric of the last round, None when no round has been evaluated yet (NaN then
+    means "not measured"; after an evaluation a NaN is what was measured, and shows)."""
+    return None if math.isnan(x) and not last.test_evaluated else x
+
+
 def status_dict(job: jobs_pb2.JobStatus) -> dict[str, Any]:
-    """A job status as the JSON object `dml status --json` prints."""
+    """A job status as the JSON object `dml status --json` prints. A NaN metric stays NaN
+    (JSON ``NaN``): a NaN loss must not read as a good one."""
     last = job.last
     has = job.HasField("last")
     return {
@@ -101,13 +109,15 @@ def status_dict(job: jobs_pb2.JobStatus) -> dict[str, Any]:
                       "reporters": [r for r in x.reporters.split(",") if r]} for x in job.held_out],
         "metrics": {
             "train_loss": last.train_loss if has else None,
-            "test_accuracy": last.test_accuracy if has else None,
-            "test_loss": last.test_loss if has else None,
+            "test_accuracy": _tested(last.test_accuracy, last) if has else None,
+            "test_loss": _tested(last.test_loss, last) if has else None,
             "round_ms": last.duration_ms if has else None,
             "digest": last.digest if has else None,
             "consensus_distance": last.consensus_distance if has else None,
             "bytes_sent": last.bytes_sent if has else None,
         },
+        "quarantined": [{"peer_id": q.peer_id, "round": q.round, "reason": q.reason, "reporters": q.reporters,
+                         "unix_ms": q.unix_ms} for q in job.quarantined],
     }
 
 

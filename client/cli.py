@@ -26,8 +26,16 @@ from dml.v1 import jobs_pb2, types_pb2
 
 
 def fmt_metric(x: float | None, spec: str = ".4f") -> str:
-    """A metric for a table: '-' when absent or NaN."""
-    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
+    """A metric for a table: '-' when absent, 'NaN' when it measured NaN (never 0)."""
+    if x is None:
+        return "-"
+    return "NaN" if isinstance(x, float) and math.isnan(x) else format(x, spec)
+
+
+def quarantine_lines(job: jobs_pb2.JobStatus) -> list[str]:
+    """One line per peer quarantined for the job, with the round and why."""
+    return [f"quarantined {q.peer_id} at round {q.round} (reported by {q.reporters or '?'}): {q.reason}"
+            for q in job.quarantined]
 
 
 def status_line(job: jobs_pb2.JobStatus, width: int = 30) -> str:
@@ -40,7 +48,8 @@ def status_line(job: jobs_pb2.JobStatus, width: int = 30) -> str:
     line = (f"{d['job_id']} [{bar}] round {d['round']}/{d['rounds']} loss {fmt_metric(m['train_loss'])} "
             f"acc {fmt_metric(m['test_accuracy'])}"
             + (f" consensus {fmt_metric(m['consensus_distance'], '.3g')}" if gossip and m["consensus_distance"] is not None else "")
-            + f" peers {len(d['peers'])} {d['state']}")
+            + f" peers {len(d['peers'])} {d['state']}"
+            + (f" quarantined {','.join(q['peer_id'] for q in d['quarantined'])}" if d["quarantined"] else ""))
     return line + (f" ({d['reason']})" if d["reason"] and d["state"] not in ("SUCCEEDED",) else "")
 
 
@@ -102,7 +111,7 @@ def cmd_status(a: argparse.Namespace) -> int:
                 print(json.dumps(d))
             else:
                 print(status_line(resp.job))
-                for line in exclusion_lines(resp.job):
+                for line in exclusion_lines(resp.job) + quarantine_lines(resp.job):
                     print(line)
                 if a.history:
                     print("\n".join(history_table(list(resp.history), gossip=resp.job.spec.aggregation == "gossip")))

@@ -5,6 +5,7 @@ Plain data, stored as JSON by ``dml.coordinator.store``; the rules that change t
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,7 +21,8 @@ SELF_REPORT = "SELF_REPORT"  # it reported a local failure and gave up its place
 ROUND_DEADLINE = "ROUND_DEADLINE"  # it had not reported when the round (or its gossip step) passed its deadline
 REPLACED = "REPLACED"  # a peer registered at its address (it restarted)
 UNREACHABLE = "UNREACHABLE"  # members could not reach it, or it them (judged from several reports): held out
-EVICTION_CAUSES = (HEARTBEAT_TIMEOUT, NEIGHBOUR_REPORT, SELF_REPORT, ROUND_DEADLINE, REPLACED, UNREACHABLE)
+QUARANTINED = "QUARANTINED"  # it sent non-finite or absurd values: out of the job for good
+EVICTION_CAUSES = (HEARTBEAT_TIMEOUT, NEIGHBOUR_REPORT, SELF_REPORT, ROUND_DEADLINE, REPLACED, UNREACHABLE, QUARANTINED)
 MAX_JOB_EVENTS = 256  # a job keeps its most recent evictions and epochs, this many of each
 
 
@@ -73,6 +75,33 @@ class Report:
     eval_ms: int = 0
     pair_distance: float | None = None  # gossip: distance to the partner before averaging
     bytes_sent: int = 0
+    update_norm: float = 0.0  # ||parameters after local training - the round's start||
+
+
+# What a report may say (check_report): beyond these it is nonsense, not a measurement.
+MAX_REPORT_MS = 7 * 24 * 3600 * 1000  # a week
+MAX_REPORT_BYTES = 1 << 50  # a petabyte sent in one round
+
+
+def check_report(rep: Report) -> None:
+    """Raises BadReport unless every metric of ``rep`` is in range: test accuracy in [0, 1] (or
+    NaN, nothing to test on), losses and rates finite or NaN and not negative, the update's norm
+    finite and not negative, times and byte counts sane."""
+    def real(name: str, x: float | None, nan_ok: bool = True, hi: float = math.inf) -> None:
+        if x is None or (nan_ok and math.isnan(x)):
+            return
+        if not (math.isfinite(x) and 0 <= x <= hi):
+            raise BadReport(f"{name} must be {'NaN or ' if nan_ok else ''}in [0, {hi:g}], got {x}")
+
+    real("test_accuracy", rep.test_accuracy, hi=1.0)
+    real("train_loss", rep.train_loss)
+    real("test_loss", rep.test_loss)
+    real("train_samples_per_s", rep.samples_per_s)
+    real("pair_distance", rep.pair_distance)
+    real("update_norm", rep.update_norm, nan_ok=False)
+    for name in ("train_ms", "exchange_ms", "eval_ms"):
+        real(name, getattr(rep, name), nan_ok=False, hi=MAX_REPORT_MS)
+    real("bytes_sent", rep.bytes_sent, nan_ok=False, hi=MAX_REPORT_BYTES)
 
 
 @dataclass
@@ -169,6 +198,19 @@ class Exclusion:
 
 
 @dataclass
+class Quarantine:
+    """A peer quarantined for a job: never a member of it again (matched by id and by address,
+    which a restarted peer keeps when it registers under a new id)."""
+
+    peer_id: str
+    address: str
+    round: int  # the round under way when it was quarantined
+    reason: str  # what the coordinator saw, for people
+    unix_ms: int
+    reporters: str  # the member(s) whose reports led to it, comma-separated
+
+
+@dataclass
 class MembershipEpoch:
     """One membership epoch of a job: its members in ring order, from when and which round."""
 
@@ -214,6 +256,12 @@ class Job:
     epochs: list[MembershipEpoch] = field(default_factory=list)  # oldest first, the most recent MAX_JOB_EVENTS
     broken_links: list[BrokenLink] = field(default_factory=list)  # reported among the current members
     held_out: list[Exclusion] = field(default_factory=list)  # oldest first, the most recent MAX_JOB_EVENTS
+    quarantined: list[Quarantine] = field(default_factory=list)  # oldest first; every one is kept
+    pending_checkpoint_peer: str = ""  # who uploaded pending_checkpoint
+
+    def excludes(self, peer: PeerRecord) -> bool:
+        """Whether ``peer`` is quarantined for this job (by its id, or the address it joins from)."""
+        return any(q.peer_id == peer.peer_id or (q.address and q.address == peer.address) for q in self.quarantined)
 
     @property
     def start_digest(self) -> str:

@@ -38,6 +38,7 @@ from dml.coordinator import planner
 from dml.coordinator.auth import PeerTokens
 from dml.common.spec import JobSpec, validate, with_defaults
 from dml.coordinator.metrics import CoordinatorMetrics
+from dml.coordinator.checkpoint import verify_checkpoint
 from dml.coordinator.records import Changes, Forbidden, Job, NotFound, Report, Stale
 from dml.coordinator.state import ClusterState
 from dml.coordinator.store import Store, StoreOpenError, StoreWriteError
@@ -345,8 +346,12 @@ class Coordinator:
             self._check_writable()
             log.warning("peer %s job %s round %d epoch %d: exchange failed (suspect %s, %s): %s",
                         peer_id, job_id, rnd, epoch, suspect or "none", kind or "unspecified", detail)
+            job = self.state.jobs.get(job_id)
+            before = len(job.quarantined) if job is not None else 0
             self._apply(self.state.report_failure(peer_id, job_id, rnd, epoch, suspect, self.now_ms(), detail, kind,
                                                   refused=refused))
+            if job is not None and len(job.quarantined) > before:
+                self.metrics.record_quarantine(job_id)
 
     def wait_plan(self, peer_id: str, last: tuple[str, int, int], timeout_s: float,
                   build: Callable[[Job], T]) -> T | None:
@@ -405,10 +410,12 @@ class Coordinator:
 
     def store_checkpoint(self, peer_id: str, job_id: str, rnd: int, epoch: int, digest: str, data: bytes) -> None:
         """Writes a checkpoint to a private temp file, then (if the round is still current)
-        renames it into place and records it; it counts once its round commits. A file that
-        cannot be written (disk full, a file-size limit, a read-only folder) pauses the
+        renames it into place and records it; it counts once its round commits with ``digest``
+        reported by its uploader too. BadCheckpoint unless its bytes hold that digest's parameters.
+        A file that cannot be written (disk full, a file-size limit, a read-only folder) pauses the
         coordinator and raises StoreUnavailable; nothing is recorded."""
         self.check_checkpoint(peer_id, job_id, rnd, epoch)
+        verify_checkpoint(data, digest)
         path = self.checkpoint_path(job_id, rnd)
         tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
         try:

@@ -79,8 +79,10 @@ def check_cluster(coord: Coordinator, context: grpc.ServicerContext, claimed: st
                       f"cluster {other[0][:64]} (a coordinator started on another state dir?)")
 
 
-def _finite(x: float) -> float:
-    return x if math.isfinite(x) else 0.0
+def _shown(x: float) -> float:
+    """A metric as users see it: NaN stays NaN (a NaN loss is news, never 0); the infinities
+    validation lets through nowhere would read as NaN too."""
+    return x if math.isfinite(x) else math.nan
 
 
 def ranges_to_pb(ranges: list[list[int]]) -> list[types_pb2.SampleRange]:
@@ -91,11 +93,11 @@ def ranges_to_pb(ranges: list[list[int]]) -> list[types_pb2.SampleRange]:
 def round_to_pb(r: RoundRecord, ledger: bool = False) -> types_pb2.RoundMetrics:
     """A committed round as proto metrics (with the samples each member consumed if ``ledger``)."""
     m = types_pb2.RoundMetrics(
-        round=r.round, epoch=r.epoch, train_loss=_finite(r.train_loss), test_accuracy=_finite(r.test_accuracy),
-        test_loss=_finite(r.test_loss), samples=r.samples, digest=r.digest, duration_ms=r.duration_ms,
+        round=r.round, epoch=r.epoch, train_loss=_shown(r.train_loss), test_accuracy=_shown(r.test_accuracy),
+        test_loss=_shown(r.test_loss), samples=r.samples, digest=r.digest, duration_ms=r.duration_ms,
         members=len(r.members), data_epoch=r.data_epoch, train_ms=r.train_ms, exchange_ms=r.exchange_ms,
         committed_unix_ms=r.committed_ms, test_evaluated=r.test_evaluated, eval_ms=r.eval_ms,
-        consensus_distance=_finite(r.consensus_distance), bytes_sent=r.bytes_sent,
+        consensus_distance=_shown(r.consensus_distance), bytes_sent=r.bytes_sent,
     )
     if ledger:
         m.consumed.extend(types_pb2.MemberSamples(peer_id=p, ranges=ranges_to_pb(rs)) for p, rs in r.consumed.items())
@@ -117,6 +119,8 @@ def job_to_pb(j: Job, pause_reason: str = "") -> jobs_pb2.JobStatus:
                 for e in j.epochs],
         held_out=[jobs_pb2.PeerExclusion(peer_id=x.peer_id, round=x.round, reason=x.reason, unix_ms=x.unix_ms,
                                          reporters=",".join(x.reporters)) for x in j.held_out],
+        quarantined=[jobs_pb2.PeerExclusion(peer_id=q.peer_id, round=q.round, reason=q.reason, unix_ms=q.unix_ms,
+                                            reporters=q.reporters) for q in j.quarantined],
     )
     if j.history:
         st.last.CopyFrom(round_to_pb(j.history[-1]))
@@ -283,7 +287,7 @@ class PeerControlServicer(control_pb2_grpc.PeerControlServicer):
                 samples_per_s=request.train_samples_per_s, train_ms=request.train_ms,
                 exchange_ms=request.exchange_ms, eval_ms=request.eval_ms,
                 pair_distance=request.pair_distance if request.has_pair_distance else None,
-                bytes_sent=request.bytes_sent,
+                bytes_sent=request.bytes_sent, update_norm=request.update_norm,
             )
             committed, nxt = self._c.report(request.peer_id, request.job_id, request.round, request.epoch, rep,
                                             lambda job: self._plan_pb(job, request.peer_id))

@@ -64,6 +64,7 @@ from dml.coordinator.records import (
     HEARTBEAT_TIMEOUT,
     MAX_JOB_EVENTS,
     PENDING,
+    QUARANTINED,
     REPLACED,
     ROUND_DEADLINE,
     RUNNING,
@@ -81,13 +82,19 @@ from dml.coordinator.records import (
     MembershipEpoch,
     NotFound,
     PeerRecord,
+    Quarantine,
     Report,
     RoundRecord,
     Stale,
+    check_report,
 )
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+
+# The ReportFailure kind (dml.v1.FailureKind without its prefix) that quarantines; LOCAL (an
+# error: the reporter gives up its place) and UNREACHABLE take the paths above it.
+POISONED = "POISONED"
 
 MAX_DIGEST_MISMATCHES = 3
 MAX_REISSUES = 50  # a round re-issued this often without committing fails the job
@@ -276,7 +283,7 @@ class ClusterState:
         ``refused`` is the coordinator's own evidence ("" when none): it found nothing listening
         at the suspect's address, a second witness that holds it out at once. Forbidden when the
         reporter never was a member of the job, or (for the current epoch) names a live peer
-        outside it."""
+        outside it. POISONED: see :meth:`_report_poison`."""
         self._peer(reporter).last_seen_ms = now_ms
         job = self.jobs.get(job_id)
         if job is None:
@@ -285,6 +292,8 @@ class ClusterState:
         if (suspect and suspect != reporter and suspect in self.peers and suspect not in job.members
                 and job.state == RUNNING and not job.gossip.active and (rnd, epoch) == (job.round, job.epoch)):
             raise Forbidden(f"suspect {suspect} is not a member of job {job_id} epoch {epoch}")
+        if kind == POISONED:
+            return self._report_poison(reporter, job, epoch, suspect, detail, now_ms)
         if job.state == RUNNING and job.gossip.active:
             # Gossip members route around partners they cannot reach themselves (backing off from
             # each for longer every time it fails); only a member giving up its own place is acted on.
@@ -337,6 +346,44 @@ class ClusterState:
         p.held_out_reason = f"held out of job {job.job_id}: {verdict.reason}"
         changes = Changes(jobs=(job.job_id,), peers=(pid,))
         return changes | self._leave(job, pid, UNREACHABLE, "", verdict.reason, now_ms) | self.schedule(now_ms)
+    def _report_poison(self, reporter: str, job: Job | None, epoch: int, suspect: str, detail: str,
+                       now_ms: int) -> Changes:
+        """A member saw non-finite or absurd values, sent to it by ``suspect`` (a ring
+        predecessor or gossip partner), or, when it names itself, in its own update (it is then
+        quarantined as having failed itself, never as poisoned by another). Either way the
+        culprit is quarantined for the job, and a ring round is re-run without it. (A LOCAL
+        report is an error, not poison: the reporter gives up its place and may come back.)
+
+        One report is enough: it models a broken peer, not a lying one. A member that lies can
+        frame a neighbour it exchanges with (costing the job that peer, not its model); what
+        bounds it is that only members of the job, reporting about a member of an epoch that
+        they were in, count (H2 binds the reporter to its credential)."""
+        if job is None or job.state != RUNNING or reporter not in job.members or epoch > job.epoch:
+            return Changes()
+        if suspect in ("", reporter):
+            return self.quarantine(job, reporter, reporter, f"its own parameters or update were not finite: {detail}",
+                                   now_ms)
+        then = next((e.peers for e in job.epochs if e.epoch == epoch), job.members)
+        if suspect not in then:
+            log.warning("job %s: %s reported %s as poisoned, but it was no member of epoch %d; ignored",
+                        job.job_id, reporter, suspect, epoch)
+            return Changes()
+        return self.quarantine(job, suspect, reporter, f"sent non-finite or absurd values to {reporter}: {detail}", now_ms)
+
+    def quarantine(self, job: Job, peer_id: str, reporter: str, reason: str, now_ms: int) -> Changes:
+        """Keeps ``peer_id`` out of ``job`` for good (listed in its status) and evicts it from
+        the job's membership, so the round under way is re-run without it."""
+        if any(q.peer_id == peer_id for q in job.quarantined):
+            return Changes()
+        p = self.peers.get(peer_id)
+        job.quarantined.append(Quarantine(peer_id, p.address if p else "", job.round, reason, now_ms, reporter))
+        job.updated_ms = now_ms
+        log.error("job %s round %d: peer %s quarantined (reported by %s): %s", job.job_id, job.round, peer_id,
+                  reporter, reason)  # counted by the service (CoordinatorMetrics.record_quarantine)
+        changes = Changes(jobs=(job.job_id,))
+        if p is not None and p.job_id == job.job_id:
+            changes = changes | self.remove_peer(peer_id, now_ms, QUARANTINED, reporter=reporter, detail=reason)
+        return changes
 
     def _capacity(self, members: list[str]) -> dict[str, float]:
         """Measured samples/s per member; members not yet measured count as the average."""
@@ -418,7 +465,7 @@ class ClusterState:
             return
         self._rollback_if_orphaned(job)
         job.reports = {}
-        job.pending_checkpoint = None
+        job.pending_checkpoint, job.pending_checkpoint_peer = None, ""
         job.round_started_ms = now_ms
         job.updated_ms = self.wall_ms(now_ms)
         if not job.members:
@@ -596,7 +643,7 @@ class ClusterState:
         """Adds idle peers to a job at a round boundary. True if the ring changed."""
         room = job.spec.num_shards - len(job.members)
         out = self._held_out(job, now_ms)
-        joiners = [p for p in self.live_idle() if p not in out][: max(room, 0)]
+        joiners = [p for p in self.live_idle() if p not in out and not job.excludes(self.peers[p])][: max(room, 0)]
         if not joiners:
             return False
         sizes = job.shard_sizes
@@ -690,11 +737,13 @@ class ClusterState:
         self.check_member(job, peer_id)
         self._check_current(job, peer_id, rnd, epoch)
         job.pending_checkpoint = (rnd, digest)
+        job.pending_checkpoint_peer = peer_id
 
     def report(self, peer_id: str, job_id: str, rnd: int, epoch: int, rep: Report, now_ms: int) -> Changes:
         """Records a member's round report; commits the round when every member agrees."""
         peer = self._peer(peer_id)
         peer.last_seen_ms = now_ms
+        check_report(rep)
         job = self.job(job_id)
         self.check_member(job, peer_id)
         if job.gossip.active:
@@ -740,6 +789,10 @@ class ClusterState:
             eval_ms=max(r.eval_ms for r in reps),
             bytes_sent=sum(r.bytes_sent for r in reps),
         )
+        # The uploaded checkpoint becomes the round's only if the round commits with its digest
+        # and its uploader is a member that reported that digest: never on the uploader's word.
+        up = job.reports.get(job.pending_checkpoint_peer)
+        keep_checkpoint = job.pending_checkpoint == (rec.round, digest) and up is not None and up.digest == digest
         sizes = job.shard_sizes
         for ranges in job.allocation.values():
             planner.advance(job.cursors, [tuple(r) for r in ranges], sizes)  # type: ignore[misc]
@@ -751,7 +804,7 @@ class ClusterState:
         job.reports = {}
         job.mismatches = 0
         job.reissues = 0
-        if job.pending_checkpoint == (rec.round, digest):
+        if keep_checkpoint:
             job.checkpoint_round, job.checkpoint_digest = rec.round, digest
         changes = Changes(jobs=(job.job_id,), committed=((job.job_id, rec.round),))
         if job.committed_round >= job.spec.rounds:

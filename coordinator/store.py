@@ -38,6 +38,7 @@ from dml.coordinator.records import (
     Job,
     MembershipEpoch,
     PeerRecord,
+    Quarantine,
     Report,
     RoundRecord,
 )
@@ -88,6 +89,7 @@ def job_to_dict(job: Job) -> dict[str, Any]:
     d["epochs"] = [asdict(e) for e in job.epochs]
     d["broken_links"] = [asdict(b) for b in job.broken_links]
     d["held_out"] = [asdict(x) for x in job.held_out]
+    d["quarantined"] = [asdict(q) for q in job.quarantined]
     return d
 
 
@@ -107,6 +109,7 @@ def job_from_dict(d: dict[str, Any], history: list[RoundRecord]) -> Job:
     d["epochs"] = [MembershipEpoch(**e) for e in d.get("epochs", [])]
     d["broken_links"] = [BrokenLink(**b) for b in d.get("broken_links", [])]
     d["held_out"] = [Exclusion(**x) for x in d.get("held_out", [])]
+    d["quarantined"] = [Quarantine(**q) for q in d.get("quarantined", [])]
     return Job(history=history, **d)
 
 

@@ -244,7 +244,7 @@ class GossipNode:
             yield exchange_pb2.GossipMessage(commit=True)
         except GossipPoisoned as e:
             log.error("peer %s job %s: gossip exchange %s: %s", self.peer_id, first.job_id, first.exchange_id, e)
-            if self.on_poisoned is not None:  # H7: count refused offers here
+            if self.on_poisoned is not None:  # the report is counted by kind (PeerMetrics.failure_reported)
                 self.on_poisoned(first.job_id, first.sender_id, str(e))
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"poisoned offer: {e}")
         except (GossipRefused, ValueError, ExchangeStateError, grpc.RpcError) as e:

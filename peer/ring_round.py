@@ -279,7 +279,7 @@ class RingRound:
             assert committed is not None
             if faults.inject(peer.config.fault, plan.round, buf[:-1]):
                 log.warning("%s: test fault %s injected; skipping this member's own check", tag, peer.config.fault)
-            else:  # before anything leaves this member (H7: count own-check failures here)
+            else:  # before anything leaves this member
                 norm = check_own(buf[:-1], committed.params, f"round {plan.round}")
             self._average(plan, rank, buf, samples, link)  # closes the link when it succeeds
             trainer.load_host_buffer(buf)
