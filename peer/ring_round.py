@@ -43,6 +43,15 @@ FP32_FLOOR = 1e-3
 DELTA_FLOOR = 1e-4
 
 
+def acceptable(plan: types_pb2.Plan, rnd: int, got_round: int, got_digest: str) -> bool:
+    """Whether downloaded parameters that claim (``got_round``, ``got_digest``) may stand for
+    round ``rnd`` of ``plan``: the round must match, and so must the plan's ``start_digest``
+    (the committed digest every member reported). Only a plan naming none (a gossip job's
+    closing round, whose members start from their own parameters) takes the claimed digest;
+    either way :meth:`RingRound._adopt` then checks the bytes hash to it."""
+    return got_round == rnd and bool(got_digest) and plan.start_digest in ("", got_digest)
+
+
 class RingRound:
     """Runs a peer's ring rounds. ``abort`` is set (by the peer's heartbeat or stop) when the
     round under way is cancelled; ``make_link`` builds each round's link (the peer's seam for
@@ -193,14 +202,14 @@ class RingRound:
                 log.info("peer %s: %s has no round %d parameters (%s)", peer.peer_id, name, rnd,
                          e.code() if isinstance(e, grpc.Call) else e)
                 continue
-            if parts and parts[0].round == rnd and plan.start_digest in ("", parts[0].digest) and self._adopt(
+            if parts and acceptable(plan, rnd, parts[0].round, parts[0].digest) and self._adopt(
                     plan.job_id, rnd, trainer, parts[0].digest, b"".join(p.data for p in parts), name):
                 return
         try:
             stub = jobs_pb2_grpc.JobServiceStub(peer.client.channel)
             chunks = list(stub.DownloadModel(jobs_pb2.DownloadModelRequest(job_id=plan.job_id),
                                              timeout=peer.config.exchange_timeout_s))
-            if chunks and chunks[0].round == rnd and plan.start_digest in ("", chunks[0].digest) and self._adopt(
+            if chunks and acceptable(plan, rnd, chunks[0].round, chunks[0].digest) and self._adopt(
                     plan.job_id, rnd, trainer, chunks[0].digest, b"".join(c.data for c in chunks), "the coordinator"):
                 return
         except grpc.RpcError as e:
