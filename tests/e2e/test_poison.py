@@ -11,17 +11,12 @@ import pytest
 import torch
 
 from tests.e2e.conftest import dml, status, wait_status
-from tests.e2e.test_failures import (  # noqa: F401 - baseline_acc is a fixture
-    ROUNDS,
-    SPEC,
-    _final_accuracy,
-    _history,
-    _submit,
-    baseline_acc,
-)
+from tests.e2e import test_failures
+from tests.e2e.test_failures import ROUNDS, SPEC, _final_accuracy, _history, _submit
 from tests.integration.helpers import assert_state_dicts_identical, fetch_state, ledger_problems
 
 pytestmark = pytest.mark.e2e
+baseline_acc = test_failures.baseline_acc  # the fixture: a failure-free run's final accuracy
 
 
 def test_a_nan_peer_and_a_1e30_peer_are_quarantined_and_the_job_succeeds(procs, baseline_acc, tmp_path):

@@ -18,7 +18,10 @@ from dml.peer.faults import Fault
 from dml.peer.runner import Peer, PeerConfig
 from tests.integration.helpers import assert_state_dicts_identical, coordinator, fetch_state, job_stub, peers, wait_for
 from tests.integration.test_cluster import _job, _submit
-from tests.integration.test_gossip_exchange import JOB, cluster, fake, finish, offer  # noqa: F401 - cluster is a fixture
+from tests.integration import test_gossip_exchange
+from tests.integration.test_gossip_exchange import JOB, fake, finish, offer
+
+cluster = test_gossip_exchange.cluster  # the fixture: GossipNodes behind real gRPC servers
 
 ROUNDS = 12
 FAULT_ROUND = 5
