@@ -11,8 +11,8 @@ to float32, whatever the codec) covering ``span``:
    weight: ``W`` is the weight of the members ``x`` sums (the ``step + 1`` predecessors at
    reduce-scatter step ``step``, everyone in the all-gather), ``w`` the receiver's own, and
    ``ref`` the receiver's own contribution's RMS: on the same range in the reduce-scatter (its
-   buffer still holds its own contribution there), over its whole buffer in the all-gather (the
-   RMS of a sum is at most the sum of the RMS, so honest sums pass). ``ratio`` is :data:`RATIO`
+   buffer still holds its own contribution there), over every range its reduce-scatter checked
+   in the all-gather (the RMS of a sum is at most the sum of the RMS, so honest sums pass). ``ratio`` is :data:`RATIO`
    (1e3): an honest member's update is of the same order as every other's (the same model, the
    same start, the same kind of data), so a thousandfold gap is absurd, not noise. ``floor``
    stops a receiver whose own contribution is 0 on a range (weight 0 this round, a frozen
@@ -106,13 +106,20 @@ class RingGuard:
         self.ratio = ratio
         self.weight_index = weight_index
         self.max_weight = max_weight
-        self.own_rms = 0.0  # of the receiver's whole contribution, set by begin()
+        self._own_ss = 0.0  # sum of squares of this member's own contribution on the ranges checked so far
+        self._own_n = 0
         self.checked = 0  # chunks checked (for tests and metrics)
 
     def begin(self, buf: np.ndarray) -> None:
-        """Notes the scale of this member's own contribution (the whole buffer, before the
-        all-reduce touches it): the reference for all-gather chunks."""
-        self.own_rms = rms(buf)
+        """A new all-reduce of ``buf`` starts (nothing is read: the reduce-scatter's checks
+        measure this member's own contribution on the way, costing no extra pass)."""
+        self._own_ss, self._own_n = 0.0, 0
+
+    @property
+    def own_rms(self) -> float:
+        """The RMS of this member's own contribution over the ranges its reduce-scatter received
+        (all but one segment): the reference for all-gather chunks."""
+        return math.sqrt(self._own_ss / self._own_n) if self._own_n else 0.0
 
     def contributors_weight(self, phase: int, step: int) -> float:
         """The summed weight of the members whose contributions a chunk of (phase, step) holds:
@@ -136,7 +143,14 @@ class RingGuard:
         if not math.isfinite(ss):
             raise self._refuse(_describe_bad(incoming, span.start), phase, step, span)
         got = math.sqrt(ss / incoming.size) if incoming.size else 0.0
-        mine = rms(own) if phase == REDUCE_SCATTER and own is not None else self.own_rms
+        if phase == REDUCE_SCATTER and own is not None:
+            own_ss = sum_squares(own)
+            if math.isfinite(own_ss):
+                self._own_ss += own_ss
+                self._own_n += own.size
+            mine = math.sqrt(own_ss / own.size) if own.size else 0.0
+        else:
+            mine = self.own_rms
         w_own = self.weights[self.rank]
         unit = mine / w_own if w_own > 0 and math.isfinite(mine) else 0.0  # our own bad values are our check's business
         ref = max(unit, self.floor)

@@ -1,8 +1,8 @@
 """Test-only fault hooks: make this peer a broken one, to show the others stop it.
 
 Off by default. ``dml-peer --fault KIND:ROUND`` (or env ``DML_FAULT=KIND:ROUND``) makes the peer,
-at round (or gossip step) ROUND, overwrite part of its parameters after training and skip its
-own finite check, as a peer with broken hardware or a bug would:
+from round (or gossip step) ROUND on, overwrite part of its parameters after training and skip
+its own finite check, as a peer with broken hardware or a bug would:
 
 - ``nan-params``: NaN;
 - ``huge-params``: 1e30 (finite in float32, absurd as a parameter).
@@ -42,9 +42,9 @@ def parse_fault(text: str) -> Fault | None:
 
 
 def inject(fault: Fault | None, rnd: int, params: np.ndarray) -> bool:
-    """Writes the fault's value into the first half of ``params`` if ``rnd`` is its round.
+    """Writes the fault's value into the first half of ``params`` from the fault's round on.
     Returns whether it did (the caller then skips its own check, as a broken peer would)."""
-    if fault is None or rnd != fault.round:
+    if fault is None or rnd < fault.round:
         return False
     params[: max(1, params.size // 2)] = np.float32(fault.value())
     return True

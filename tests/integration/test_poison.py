@@ -126,3 +126,29 @@ def test_an_initiator_refuses_a_poisoned_answer_and_changes_nothing(cluster) -> 
     out = a.exchange(b)
     assert not out.ok and out.poisoned and "peer-b" in out.detail and "non-finite" in out.detail
     assert a.params().tobytes() == xa.tobytes() and a.node.weight == 5
+
+
+@pytest.mark.parametrize("kind", ["nan-params", "huge-params"])
+def test_a_broken_gossip_member_is_quarantined_and_the_job_succeeds_finite(kind):
+    spec = JobSpec(task="digits", rounds=6, local_steps=5, batch_size=32, learning_rate=0.1, min_peers=2,
+                   aggregation="gossip", gossip_timeout_ms=5000)
+    with coordinator() as srv, peers(srv.address, 2) as ps:
+        bad = Peer(PeerConfig(coordinator=srv.address, plan_wait_s=1.0, exchange_timeout_s=10.0,
+                              fault=Fault(kind, 3))).start()
+        try:
+            bad.run_in_thread()
+            bad_id = bad.peer_id
+            wait_for(lambda: srv.coordinator.view(lambda st: len(st.live_idle())) == 3, 10, "three idle peers")
+            stub = job_stub(srv.address)
+            jid = _submit(stub, spec)
+            wait_for(lambda: _job(stub, jid).job.state not in (types_pb2.JOB_STATE_RUNNING, types_pb2.JOB_STATE_PENDING),
+                     120, "the job to end")
+            resp = _job(stub, jid, history=True)
+            assert resp.job.state == types_pb2.JOB_STATE_SUCCEEDED, resp.job.reason
+            assert [q.peer_id for q in resp.job.quarantined] == [bad_id], resp.job.quarantined
+            assert "sent non-finite or absurd values" in resp.job.quarantined[0].reason
+            got = [fetch_state(p.address, jid, spec.rounds) for p in ps]
+            assert {g[0] for g in got} == {resp.history[-1].digest}
+            assert all(bool(torch.isfinite(t).all()) for t in got[0][1].values())
+        finally:
+            bad.stop()

@@ -128,12 +128,14 @@ def test_scale_rule_limits() -> None:
     g = RingGuard("p", 0, [1.0, 1.0, 1.0], floor=1e-6)
     own = np.full(100, 1e-3, dtype=np.float32)
     g.begin(own)
+    assert g.own_rms == 0.0, "nothing measured before the reduce-scatter"
     ok = np.full(100, 0.99e-3 * RATIO, dtype=np.float32)
     g.check(REDUCE_SCATTER, 0, Span(0, 100), ok, own)
     with pytest.raises(Poisoned, match="RMS"):
         g.check(REDUCE_SCATTER, 0, Span(0, 100), ok * 1.1, own)
     # A partial sum of two contributions may be twice as large; the all-gather's sum of three, thrice.
     g.check(REDUCE_SCATTER, 1, Span(0, 100), ok * 2, own)
+    assert g.own_rms == pytest.approx(1e-3)  # measured on the way, for the all-gather
     g.check(ALL_GATHER, 0, Span(0, 100), ok * 3, None)
     with pytest.raises(Poisoned):
         g.check(ALL_GATHER, 0, Span(0, 100), ok * 3.3, None)
