@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 
 import pytest
 import torch
@@ -19,13 +20,21 @@ pytestmark = pytest.mark.e2e
 baseline_acc = test_failures.baseline_acc  # the fixture: a failure-free run's final accuracy
 
 
+@pytest.mark.timeout(900)  # two jobs of 200 rounds: this one and the failure-free baseline
 def test_a_nan_peer_and_a_1e30_peer_are_quarantined_and_the_job_succeeds(procs, baseline_acc, tmp_path):
     procs.start_coordinator()
     procs.start_peer()
     procs.start_peer()
     procs.start_peer("--fault", "nan-params:20")
     procs.start_peer("--fault", "huge-params:40")
-    job = _submit(procs.address, "--min-peers", "4")
+    # All four registered first: the job takes every idle peer, and goes on with two.
+    deadline = time.monotonic() + 60
+    while len(procs.peer_addresses()) < 4 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert len(procs.peer_addresses()) == 4, procs.peer_addresses()
+    job = _submit(procs.address, "--min-peers", "2")
+    assert len(wait_status(procs.address, job, lambda s: s["round"] >= 1, 60, "round 1")["peers"]) == 4
+    wait_status(procs.address, job, lambda s: len(s["quarantined"]) == 2, 300, "both broken peers quarantined")
     end = wait_status(procs.address, job, lambda s: s["state"] in ("SUCCEEDED", "FAILED"), 400, "the end")
     assert end["state"] == "SUCCEEDED", end
     ids = {r: pid for pid, r in procs.peer_addresses().items()}  # address -> peer id
