@@ -79,7 +79,7 @@ def _describe_bad(x: np.ndarray, offset: int) -> str:
     bad = np.flatnonzero(~np.isfinite(x))
     if bad.size:
         return f"{bad.size} non-finite values (the first {x[bad[0]]} at element {offset + int(bad[0])})"
-    return f"values beyond float range when squared (peak |x| {float(np.max(np.abs(x))):.3g})"
+    return f"absurd values (peak |x| {float(np.max(np.abs(x))):.3g}: its square overflows float32)"
 
 
 class RingGuard:

@@ -37,14 +37,11 @@ def test_a_nan_peer_and_a_1e30_peer_are_quarantined_and_the_job_succeeds(procs, 
     wait_status(procs.address, job, lambda s: len(s["quarantined"]) == 2, 300, "both broken peers quarantined")
     end = wait_status(procs.address, job, lambda s: s["state"] in ("SUCCEEDED", "FAILED"), 400, "the end")
     assert end["state"] == "SUCCEEDED", end
-    ids = {r: pid for pid, r in procs.peer_addresses().items()}  # address -> peer id
-    assert len(end["peers"]) == 2, end
     quarantined = {q["peer_id"]: q for q in end["quarantined"]}
     assert len(quarantined) == 2, end["quarantined"]
     assert sorted(q["round"] for q in quarantined.values()) == [20, 40]
     for q in quarantined.values():
-        assert "sent non-finite or absurd values" in q["reason"] and q["reporters"] in end["peers"]
-    assert not set(quarantined) & set(end["peers"])
+        assert "sent non-finite or absurd values" in q["reason"] and q["reporters"] not in quarantined
     # The text status names them, with the reason.
     out = dml("status", "--coordinator", procs.address, job)
     assert out.returncode == 0, out.stderr
@@ -55,7 +52,13 @@ def test_a_nan_peer_and_a_1e30_peer_are_quarantined_and_the_job_succeeds(procs, 
     assert ledger_problems(hist, SPEC) == []
     assert all(math.isfinite(r["train_loss"]) and math.isfinite(r["test_accuracy"]) for r in hist)
     # The honest peers hold the final round bit for bit, finite; so does `dml model`'s download.
-    got = [fetch_state(addr, job, ROUNDS) for addr in ids if ids[addr] in end["peers"]]
+    assert hist[-1]["members"] == 2
+    got = []
+    for addr in set(procs.peer_addresses().values()):
+        try:
+            got.append(fetch_state(addr, job, ROUNDS))
+        except Exception:  # noqa: BLE001 - the quarantined peers, back as idle ones, hold nothing of the job
+            continue
     assert len(got) == 2 and {g[0] for g in got} == {hist[-1]["digest"]}
     out = dml("model", "--coordinator", procs.address, job, "-o", str(tmp_path / "m.pt"))
     assert out.returncode == 0, out.stderr
