@@ -64,7 +64,7 @@ def test_a_broken_ring_member_is_quarantined_and_the_job_succeeds_finite(data_pl
 
 def test_a_member_whose_own_update_is_not_finite_reports_itself_and_is_quarantined(monkeypatch):
     """The fault writes NaN but does not skip the member's own check: its training went NaN,
-    and the check catches it before anything is sent (LOCAL)."""
+    and the check catches it before anything is sent (POISONED, naming itself)."""
     from dml.peer import faults
 
     real = faults.inject

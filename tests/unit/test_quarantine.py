@@ -1,6 +1,6 @@
-"""Poisoned peers at the coordinator: a POISONED report quarantines its suspect for the job (a
-LOCAL one, the reporter itself), the round is re-run without it, it never comes back to the
-job, the quarantine survives a restart; reports' metrics are validated; a checkpoint counts
+"""Poisoned peers at the coordinator: a POISONED report quarantines its suspect for the job (the
+reporter itself when it names itself: its own update was not finite), the round is re-run
+without it, it never comes back to the job, the quarantine survives a restart; reports' metrics are validated; a checkpoint counts
 only when its bytes and its uploader's report match the committed digest."""
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import pytest
 
 from dml.aggregation.averaging import digest
 from dml.coordinator.checkpoint import BadCheckpoint, verify_checkpoint
-from dml.coordinator.records import QUARANTINED, BadReport, Report, check_report
-from dml.coordinator.state import LOCAL, POISONED
+from dml.coordinator.records import QUARANTINED, SELF_REPORT, BadReport, Report, check_report
+from dml.coordinator.state import POISONED
 from dml.coordinator.store import MemoryStore, job_from_dict, job_to_dict
 from tests.unit.test_state import register, report_all, rep, running
 
@@ -38,16 +38,19 @@ def test_a_poisoned_report_quarantines_the_suspect_and_reruns_the_round_without_
     assert job.members == [a, c, d]
 
 
-def test_a_local_report_quarantines_the_reporter_itself_never_as_poisoned_by_another() -> None:
+def test_a_member_reporting_its_own_update_poisoned_is_quarantined_as_itself_never_by_another() -> None:
     s, job, (a, b, c) = running(3)
-    s.report_failure(b, job.job_id, 1, 1, b, 900, "own update not finite", LOCAL)
+    s.report_failure(b, job.job_id, 1, 1, b, 900, "own update not finite", POISONED)
     (q,) = job.quarantined
     assert q.peer_id == b and q.reporters == b and "its own parameters or update were not finite" in q.reason
     assert "sent" not in q.reason
-    # LOCAL is about the reporter: a suspect it names is not touched.
-    s2, job2, (a2, b2, _) = running(3)
-    s2.report_failure(a2, job2.job_id, 1, 1, b2, 900, "x", LOCAL)
-    assert [q.peer_id for q in job2.quarantined] == [a2] and b2 in job2.members
+    assert b not in job.members and job.evictions[-1].cause == QUARANTINED
+
+
+def test_a_local_error_gives_up_the_place_without_quarantine() -> None:
+    s, job, (a, b, c) = running(3)
+    s.report_failure(b, job.job_id, 1, 1, b, 900, "out of memory", "LOCAL")
+    assert job.quarantined == [] and b not in job.members and job.evictions[-1].cause == SELF_REPORT
 
 
 def test_poison_reports_from_outsiders_or_about_outsiders_are_ignored() -> None:
@@ -67,10 +70,10 @@ def test_a_late_poison_report_from_an_older_epoch_still_counts() -> None:
     assert [q.peer_id for q in job.quarantined] == [b] and job.members == [a, c]
 
 
-def test_unspecified_and_unreachable_reports_evict_without_quarantine() -> None:
+def test_unreachable_reports_never_quarantine() -> None:
     s, job, (a, b, c) = running(3)
     s.report_failure(a, job.job_id, 1, 1, b, 900, "stream broke", "UNREACHABLE")
-    assert job.quarantined == [] and b not in job.members
+    assert job.quarantined == []
 
 
 def test_quarantine_in_a_gossip_job() -> None:
