@@ -346,6 +346,7 @@ class ClusterState:
         p.held_out_reason = f"held out of job {job.job_id}: {verdict.reason}"
         changes = Changes(jobs=(job.job_id,), peers=(pid,))
         return changes | self._leave(job, pid, UNREACHABLE, "", verdict.reason, now_ms) | self.schedule(now_ms)
+
     def _report_poison(self, reporter: str, job: Job | None, epoch: int, suspect: str, detail: str,
                        now_ms: int) -> Changes:
         """A member saw non-finite or absurd values, sent to it by ``suspect`` (a ring
