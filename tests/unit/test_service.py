@@ -204,7 +204,9 @@ def test_a_full_disk_mid_job_refuses_the_change_pauses_and_the_job_resumes_when_
 
 
 CHECKPOINT_LIMIT_SCRIPT = r"""
-import pathlib, resource, sys, tempfile
+import io, pathlib, resource, sys, tempfile
+import numpy as np, torch
+from dml.aggregation.averaging import digest
 from dml.common.spec import JobSpec
 from dml.coordinator.service import PROBE_EVERY_S, Clock, Coordinator, CoordinatorConfig, StoreUnavailable
 from dml.coordinator.store import MemoryStore
@@ -217,10 +219,14 @@ coord.on_health = lambda ok, why: health.append((ok, why))
 a, b = coord.register("10.0.0.1:1", {})[0], coord.register("10.0.0.2:1", {})[0]
 jid = coord.submit(JobSpec(task="digits", num_shards=4, min_peers=2, rounds=3, local_steps=1, batch_size=8))
 epoch = coord.state.job(jid).epoch
+flat = np.arange(64 << 10, dtype=np.float32)  # a real 256 KiB state_dict: the coordinator checks its digest
+f = io.BytesIO()
+torch.save({"w": torch.from_numpy(flat)}, f)
+data, dig = f.getvalue(), digest(flat)
 soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
 resource.setrlimit(resource.RLIMIT_FSIZE, (64 << 10, hard))  # Python ignores SIGXFSZ: writes fail with EFBIG
 try:
-    coord.store_checkpoint(a, jid, 1, epoch, "d" * 64, bytes(256 << 10))
+    coord.store_checkpoint(a, jid, 1, epoch, dig, data)
     sys.exit("a checkpoint past the file-size limit was stored")
 except StoreUnavailable as e:
     assert "File too large" in str(e), e
@@ -240,9 +246,9 @@ resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))  # space returns
 t[0] += PROBE_EVERY_S
 coord.tick()
 assert coord.pause_reason == "" and health[-1] == (True, ""), health
-coord.store_checkpoint(a, jid, 1, epoch, "d" * 64, bytes(256 << 10))
-assert coord.state.job(jid).pending_checkpoint == (1, "d" * 64)
-assert coord.checkpoint_path(jid, 1).stat().st_size == 256 << 10
+coord.store_checkpoint(a, jid, 1, epoch, dig, data)
+assert coord.state.job(jid).pending_checkpoint == (1, dig)
+assert coord.checkpoint_path(jid, 1).stat().st_size == len(data) > 256 << 10
 print("OK")
 """
 
