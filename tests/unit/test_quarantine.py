@@ -12,7 +12,7 @@ import pytest
 
 from dml.aggregation.averaging import digest
 from dml.coordinator.checkpoint import BadCheckpoint, verify_checkpoint
-from dml.coordinator.records import QUARANTINED, SELF_REPORT, BadReport, Report, check_report
+from dml.coordinator.records import QUARANTINED, SELF_REPORT, BadReport, Forbidden, Report, check_report
 from dml.coordinator.state import POISONED
 from dml.coordinator.store import MemoryStore, job_from_dict, job_to_dict
 from tests.unit.test_state import register, report_all, rep, running
@@ -53,11 +53,13 @@ def test_a_local_error_gives_up_the_place_without_quarantine() -> None:
     assert job.quarantined == [] and b not in job.members and job.evictions[-1].cause == SELF_REPORT
 
 
-def test_poison_reports_from_outsiders_or_about_outsiders_are_ignored() -> None:
+def test_poison_reports_from_outsiders_or_about_outsiders_are_refused() -> None:
     s, job, (a, b) = running(2)
     (idle,) = register(s, 1, 10)  # registered after the job took its peers: not a member
-    assert s.report_failure(idle, job.job_id, 1, 1, a, 20, "lies", POISONED).jobs == ()
-    assert s.report_failure(a, job.job_id, 1, 1, idle, 21, "lies", POISONED).jobs == ()
+    with pytest.raises(Forbidden):
+        s.report_failure(idle, job.job_id, 1, 1, a, 20, "lies", POISONED)
+    with pytest.raises(Forbidden):
+        s.report_failure(a, job.job_id, 1, 1, idle, 21, "lies", POISONED)
     assert s.report_failure(a, job.job_id, 1, 5, b, 22, "epoch from the future", POISONED).jobs == ()
     assert job.quarantined == [] and job.members == [a, b]
 
