@@ -16,7 +16,15 @@ from dml.common import rpc
 from dml.common.spec import JobSpec
 from dml.peer.faults import Fault
 from dml.peer.runner import Peer, PeerConfig
-from tests.integration.helpers import assert_state_dicts_identical, coordinator, fetch_state, job_stub, peers, wait_for
+from tests.integration.helpers import (
+    assert_state_dicts_identical,
+    coordinator,
+    fetch_state,
+    job_stub,
+    join_token,
+    peers,
+    wait_for,
+)
 from tests.integration.test_cluster import _job, _submit
 from tests.integration import test_gossip_exchange
 from tests.integration.test_gossip_exchange import JOB, fake, finish, offer
@@ -35,7 +43,7 @@ def test_a_broken_ring_member_is_quarantined_and_the_job_succeeds_finite(data_pl
     spec = JobSpec(task="digits", rounds=ROUNDS, local_steps=5, batch_size=32, learning_rate=0.1, min_peers=2,
                    data_plane=data_plane, codec=codec, checkpoint_every_rounds=4)
     with coordinator() as srv, peers(srv.address, 2) as ps:
-        bad = Peer(PeerConfig(coordinator=srv.address, plan_wait_s=1.0, exchange_timeout_s=10.0,
+        bad = Peer(PeerConfig(coordinator=srv.address, join_token=join_token(srv.address), plan_wait_s=1.0, exchange_timeout_s=10.0,
                               fault=Fault(kind, FAULT_ROUND))).start()
         try:
             bad.run_in_thread()
@@ -54,7 +62,7 @@ def test_a_broken_ring_member_is_quarantined_and_the_job_succeeds_finite(data_pl
             assert [r.round for r in resp.history] == list(range(1, ROUNDS + 1))
             assert resp.history[FAULT_ROUND - 1].members == 2, "the round was re-run without the broken peer"
             assert all(math.isfinite(r.train_loss) for r in resp.history)
-            got = [fetch_state(p.address, jid, ROUNDS) for p in ps]
+            got = [fetch_state(p.address, jid, ROUNDS, p.peer_id, srv.coordinator.signing_key) for p in ps]
             assert {g[0] for g in got} == {resp.history[-1].digest}
             assert_state_dicts_identical([g[1] for g in got])
             assert all(bool(torch.isfinite(t).all()) for t in got[0][1].values())
@@ -71,7 +79,7 @@ def test_a_member_whose_own_update_is_not_finite_reports_itself_and_is_quarantin
     monkeypatch.setattr(faults, "inject", lambda fault, rnd, params: real(fault, rnd, params) and False)
     spec = JobSpec(task="digits", rounds=8, local_steps=5, batch_size=32, learning_rate=0.1, min_peers=2)
     with coordinator() as srv, peers(srv.address, 2) as ps:
-        bad = Peer(PeerConfig(coordinator=srv.address, plan_wait_s=1.0, exchange_timeout_s=10.0,
+        bad = Peer(PeerConfig(coordinator=srv.address, join_token=join_token(srv.address), plan_wait_s=1.0, exchange_timeout_s=10.0,
                               fault=Fault("nan-params", 3))).start()
         try:
             bad.run_in_thread()
@@ -83,7 +91,7 @@ def test_a_member_whose_own_update_is_not_finite_reports_itself_and_is_quarantin
             (q,) = _job(stub, jid).job.quarantined
             assert q.peer_id == bad_id and q.reporters == bad_id and q.round == 3
             assert "its own parameters or update were not finite" in q.reason
-            got = [fetch_state(p.address, jid, 8) for p in ps]
+            got = [fetch_state(p.address, jid, 8, p.peer_id, srv.coordinator.signing_key) for p in ps]
             assert all(bool(torch.isfinite(t).all()) for t in got[0][1].values())
         finally:
             bad.stop()
@@ -133,7 +141,7 @@ def test_a_broken_gossip_member_is_quarantined_and_the_job_succeeds_finite(kind)
     spec = JobSpec(task="digits", rounds=6, local_steps=5, batch_size=32, learning_rate=0.1, min_peers=2,
                    aggregation="gossip", gossip_timeout_ms=5000)
     with coordinator() as srv, peers(srv.address, 2) as ps:
-        bad = Peer(PeerConfig(coordinator=srv.address, plan_wait_s=1.0, exchange_timeout_s=10.0,
+        bad = Peer(PeerConfig(coordinator=srv.address, join_token=join_token(srv.address), plan_wait_s=1.0, exchange_timeout_s=10.0,
                               fault=Fault(kind, 3))).start()
         try:
             bad.run_in_thread()
@@ -147,7 +155,7 @@ def test_a_broken_gossip_member_is_quarantined_and_the_job_succeeds_finite(kind)
             assert resp.job.state == types_pb2.JOB_STATE_SUCCEEDED, resp.job.reason
             assert [q.peer_id for q in resp.job.quarantined] == [bad_id], resp.job.quarantined
             assert "sent non-finite or absurd values" in resp.job.quarantined[0].reason
-            got = [fetch_state(p.address, jid, spec.rounds) for p in ps]
+            got = [fetch_state(p.address, jid, spec.rounds, p.peer_id, srv.coordinator.signing_key) for p in ps]
             assert {g[0] for g in got} == {resp.history[-1].digest}
             assert all(bool(torch.isfinite(t).all()) for t in got[0][1].values())
         finally:
