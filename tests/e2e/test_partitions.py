@@ -11,8 +11,7 @@ import time
 import pytest
 from dml.v1 import jobs_pb2
 
-from dml.client.api import JobClient
-from dml.client.cluster import LocalCluster, Proc, registrations
+from dml.client.cluster import LocalCluster, Proc, operator_token_file, registrations
 from dml.common.spec import JobSpec
 from tests.e2e.conftest import FAST_FAILURES, ROOT, dml, status, wait_status
 
@@ -37,7 +36,7 @@ def _registered(proc: Proc, timeout_s: float = 90) -> tuple[str, str]:
 def _run_job(c: LocalCluster) -> tuple[str, dict, jobs_pb2.JobStatus]:
     """Submits a job every registered peer joins (it starts with all the idle ones), waits for
     its end; returns its id, `dml status --json` and the JobStatus."""
-    with JobClient(c.address) as client:
+    with c.client() as client:
         job = client.submit(JobSpec(rounds=ROUNDS, min_peers=2))
         end = wait_status(c.address, job, lambda s: s["state"] in ("SUCCEEDED", "FAILED", "CANCELLED"), 240, "the end")
         return job, end, client.status(job).job
@@ -47,12 +46,14 @@ def _log(c: LocalCluster, name: str) -> str:
     return "".join(p.log.read_text(errors="replace") for p in c.everything if p.name == name)
 
 
-def _cluster(tmp_path: pathlib.Path) -> LocalCluster:
+def _cluster(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> LocalCluster:
+    """A cluster whose operator token the `dml` commands and status waits of this file carry."""
+    monkeypatch.setenv("DML_TOKEN_FILE", str(operator_token_file(tmp_path / "state")))
     return LocalCluster(tmp_path / "state", tmp_path / "logs", coordinator_args=FAST_FAILURES, cwd=ROOT)
 
 
-def test_a_peer_whose_advertised_address_nobody_can_reach_is_held_out_once_and_told_why(tmp_path):
-    with _cluster(tmp_path) as c:
+def test_a_peer_whose_advertised_address_nobody_can_reach_is_held_out_once_and_told_why(tmp_path, monkeypatch):
+    with _cluster(tmp_path, monkeypatch) as c:
         c.start_coordinator()
         ids = [_registered(c.start_peer(i))[0] for i in range(2)]
         # Bound to 127.0.0.1, it tells everyone to dial 127.0.0.2: a closed address.
@@ -85,8 +86,8 @@ def test_a_peer_whose_advertised_address_nobody_can_reach_is_held_out_once_and_t
         assert f"peer {dead_id}: no heartbeat" not in coord
 
 
-def test_a_one_way_fault_re_forms_the_ring_without_evicting_anyone(tmp_path):
-    with _cluster(tmp_path) as c:
+def test_a_one_way_fault_re_forms_the_ring_without_evicting_anyone(tmp_path, monkeypatch):
+    with _cluster(tmp_path, monkeypatch) as c:
         c.start_coordinator()
         # Registered in this order, the first ring is x -> a -> b -> x: b sends to x, which it
         # cannot reach (while x reaches everyone, and a reaches x).
