@@ -22,8 +22,7 @@ import numpy as np
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
 from dml.client.cli import add_job_options, spec_from_args
-from dml.client.api import JobClient, status_dict
-from dml.client.cluster import operator_token_file
+from dml.client.api import status_dict
 from dml.client.local import cluster
 from dml.common.spec import CODECS, JobSpec
 
@@ -32,9 +31,9 @@ def run_dml(spec: JobSpec, peers: int) -> tuple[float, float, float, int]:
     """Runs the job on a local process cluster; returns (last-round test accuracy, mean over the
     last 10 rounds, seconds, samples)."""
     with tempfile.TemporaryDirectory(prefix="dml-bench-") as tmp:
-        with cluster(peers, 0, pathlib.Path(tmp), pathlib.Path(tmp) / "logs") as (address, _):
+        with cluster(peers, 0, pathlib.Path(tmp), pathlib.Path(tmp) / "logs") as (address, _, c):
             t0 = time.monotonic()
-            with JobClient(address, timeout_s=30, token=operator_token_file(pathlib.Path(tmp)).read_text().strip()) as client:
+            with c.client(timeout_s=30) as client:
                 job = client.submit(spec)
                 end = client.watch(job, lambda st: None, max_s=3600)
                 took = time.monotonic() - t0

@@ -34,8 +34,7 @@ from typing import Any
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
 from dml.client.cli import add_job_options, spec_from_args
-from dml.client.api import JobClient, status_dict
-from dml.client.cluster import operator_token_file
+from dml.client.api import status_dict
 from dml.client.local import cluster
 from dml.common.spec import JobSpec
 
@@ -48,9 +47,9 @@ def run(spec: JobSpec, peers: int, slow: float, log_root: pathlib.Path) -> dict[
     with tempfile.TemporaryDirectory(prefix="dml-gvr-") as tmp:
         logs = log_root / f"{spec.aggregation}-{'slow' if slow > 1 else 'equal'}"
         slow_args = {peers - 1: ("--slowdown", str(slow))} if slow > 1 else {}
-        with cluster(peers, 0, pathlib.Path(tmp), logs, peer_args=slow_args) as (address, _):
+        with cluster(peers, 0, pathlib.Path(tmp), logs, peer_args=slow_args) as (address, _, c):
             t0 = time.monotonic()
-            with JobClient(address, timeout_s=30, token=operator_token_file(pathlib.Path(tmp)).read_text().strip()) as client:
+            with c.client(timeout_s=30) as client:
                 job = client.submit(spec)
                 end = client.watch(job, lambda st: None, max_s=3600)
                 wall = time.monotonic() - t0

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import pathlib
 import statistics
 import subprocess
@@ -24,8 +23,8 @@ import time
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from dml.client.api import JobClient, status_dict
-from dml.client.cluster import die_with_parent, operator_token_file, reap
+from dml.client.api import status_dict
+from dml.client.cluster import die_with_parent, reap
 from dml.client.local import cluster
 from dml.common.spec import CODECS, JobSpec
 
@@ -33,17 +32,17 @@ from dml.common.spec import CODECS, JobSpec
 def run(codec: str, a: argparse.Namespace, tmp: pathlib.Path) -> dict[str, object]:
     """One job on a fresh mixed cluster; returns its summary."""
     logs = tmp / codec / "logs"
-    with cluster(a.cpu_peers, 0, tmp / codec, logs) as (address, procs):
+    with cluster(a.cpu_peers, 0, tmp / codec, logs) as (address, procs, c):
         gpu = [subprocess.Popen([sys.executable, "-m", "dml.peer.cli", "--coordinator", address, "--host", "127.0.0.1",
                                  "--port", "0", "--device", "cuda"],
                                 stdout=open(logs / f"gpu-peer-{i}.log", "ab"), stderr=subprocess.STDOUT,
-                                env=dict(os.environ, PYTHONUNBUFFERED="1"), preexec_fn=die_with_parent)
+                                env=dict(c.client_env(), PYTHONUNBUFFERED="1"), preexec_fn=die_with_parent)
                for i in range(a.gpu_peers)]
         try:
             n = a.cpu_peers + a.gpu_peers
             spec = JobSpec(rounds=a.rounds, min_peers=n, codec=codec, task=a.task, learning_rate=a.lr)
             t0 = time.monotonic()
-            with JobClient(address, timeout_s=60, token=operator_token_file(tmp / codec).read_text().strip()) as client:
+            with c.client(timeout_s=60) as client:
                 job = client.submit(spec)
                 end = client.watch(job, lambda st: None, max_s=a.timeout_s)
                 took = time.monotonic() - t0

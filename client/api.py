@@ -21,6 +21,7 @@ import grpc
 
 from dml.common import rpc
 from dml.common.spec import JobSpec, spec_to_pb
+from dml.common.tls import TlsConfig
 from dml.v1 import jobs_pb2, jobs_pb2_grpc, types_pb2
 
 log = logging.getLogger(__name__)
@@ -137,14 +138,17 @@ class JobClient:
     and carries ``token`` (the operator token; "" for a coordinator run with --no-auth).
 
     Use it as a context manager, or call :meth:`close`. Raises :class:`ApiError` (bad input) at
-    once for a malformed address."""
+    once for a malformed address. With ``tls`` the channel is TLS (the coordinator verified
+    against its CA, our certificate presented); without, plain text."""
 
-    def __init__(self, address: str, timeout_s: float = DEFAULT_TIMEOUT_S, token: str = "") -> None:
+    def __init__(self, address: str, timeout_s: float = DEFAULT_TIMEOUT_S, token: str = "",
+                 tls: TlsConfig | None = None) -> None:
         from dml.common.auth import with_token
 
         self.address = check_address(address)
         self.timeout_s = timeout_s
-        self._raw = rpc.channel(address)
+        self.tls = tls
+        self._raw = rpc.channel(address, tls=tls)
         self._channel = with_token(self._raw, token) if token else self._raw
         self.stub = jobs_pb2_grpc.JobServiceStub(self._channel)
 

@@ -19,10 +19,13 @@ import sys
 from dml.client import api
 from dml.client.api import ApiError, JobClient, history_dict, status_dict
 from dml.common import args as cliargs
+from dml.common import tls
 from dml.common.args import int_in
 from dml.common.spec import (AGGREGATIONS, CODECS, DATA_PLANES, MAX_GOSSIP_TIMEOUT_MS, MAX_LEARNING_RATE,
                              MAX_PEER_GRACE_S, MAX_ROUNDS, MAX_SAMPLES_PER_ROUND, MIN_GOSSIP_TIMEOUT_MS, TOPOLOGY_NAMES, JobSpec)
 from dml.v1 import jobs_pb2, types_pb2
+
+DEFAULT_CERT_DAYS = 3650
 
 
 def fmt_metric(x: float | None, spec: str = ".4f") -> str:
@@ -88,7 +91,7 @@ def spec_from_args(a: argparse.Namespace) -> JobSpec:
 
 def _client(a: argparse.Namespace) -> JobClient:
     token = api.read_token(a.token_file) if a.token_file is not None and a.command != "health" else ""
-    return JobClient(a.coordinator, a.timeout, token=token)
+    return JobClient(a.coordinator, a.timeout, token=token, tls=a.tls)
 
 
 def cmd_submit(a: argparse.Namespace) -> int:
@@ -193,6 +196,31 @@ def cmd_plot(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_certs(a: argparse.Namespace) -> int:
+    """Writes a private CA and a certificate per host (``dml certs``)."""
+    from dml.common import certs
+
+    hosts = [h for h in a.hosts.split(",") if h.strip()]
+    if not hosts:
+        raise ApiError("--hosts names no host", 2)
+    ca = a.out / certs.CA_CERT
+    if ca.exists() and not (a.force or a.add):
+        if a.if_missing:
+            print(f"{a.out} already holds a CA; nothing written", file=sys.stderr)
+            return 0
+        raise ApiError(f"{ca} exists: pass --force to replace the CA (every certificate it signed stops working), "
+                       f"or --add to sign more hosts with it", 2)
+    try:
+        made = certs.make_certs(a.out, hosts, cluster_name=a.server_name, days=a.days,
+                                reuse_ca=ca.exists() and a.add)
+    except (ValueError, OSError) as e:
+        raise ApiError(f"cannot write certificates to {a.out}: {e}", 2) from None
+    print(f"CA: {ca} (its key {a.out / certs.CA_KEY}, mode 0600: keep it off the hosts)")
+    for f in made:
+        print(f"{f.host}: --tls-cert {f.cert} --tls-key {f.key} --tls-ca {f.ca}")
+    return 0
+
+
 def cmd_health(a: argparse.Namespace) -> int:
     """Asks the standard gRPC health service; exit 0 when SERVING (docker health checks)."""
     with _client(a) as c:
@@ -255,6 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--timeout", type=cliargs.positive_float, default=api.DEFAULT_TIMEOUT_S,
                         help="deadline per call in seconds (an unreachable address fails at once)")
         cliargs.add_auth_flags(sp, "client")
+        cliargs.add_tls_flags(sp)
 
     sp = sub.add_parser("submit", help="submit a job; prints its id on the last line")
     common(sp)
@@ -297,6 +326,21 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--service", default="", help="service name ('' for the whole server)")
     sp.set_defaults(fn=cmd_health)
 
+    sp = sub.add_parser("certs", help="write a private CA and per-host TLS certificates (server and client use)")
+    sp.add_argument("--out", type=pathlib.Path, required=True, help="directory to write them to (required)")
+    sp.add_argument("--hosts", default="localhost",
+                    help="comma-separated host names or IP addresses, one certificate each")
+    sp.add_argument("--server-name", default=tls.CLUSTER_NAME,
+                    help="the cluster-wide name every certificate also carries (what dialers verify, "
+                         "--tls-server-name); '' for none")
+    sp.add_argument("--days", type=int_in(1, 36500), default=DEFAULT_CERT_DAYS, help="validity in days")
+    g = sp.add_mutually_exclusive_group()
+    g.add_argument("--force", action="store_true", help="replace an existing CA")
+    g.add_argument("--add", action="store_true", help="sign the hosts with the CA already in --out")
+    g.add_argument("--if-missing", action="store_true",
+                   help="do nothing (exit 0) when --out already holds a CA (a one-shot container's step)")
+    sp.set_defaults(fn=cmd_certs)
+
     from dml.client import local
 
     sp = sub.add_parser("local", help="run a coordinator and N peers here, train a job, print the accuracy")
@@ -308,7 +352,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run(argv: list[str] | None = None) -> int:
     """Parses ``argv`` and runs the command; returns the exit code (usage errors exit 2 from the parser)."""
-    a = build_parser().parse_args(argv)
+    p = build_parser()
+    a = p.parse_args(argv)
+    if hasattr(a, "tls_cert"):
+        a.tls = cliargs.tls_config(p, a)
     try:
         return int(a.fn(a))
     except ApiError as e:

@@ -12,6 +12,12 @@ Authentication is on: the coordinator makes its join and operator tokens once in
 ``STATE_DIR/secrets/`` (:attr:`LocalCluster.join_token_file`, :attr:`LocalCluster.operator_token_file`),
 peers register with the join token, and :meth:`LocalCluster.client` talks with the operator token.
 
+Every process runs with TLS on (mutual, from a private CA): the cluster makes its certificates
+in ``state_dir/tls`` (kept there, so a restart or a second cluster on the state dir reuses them)
+unless it is given a :class:`~dml.common.tls.TlsConfig`; ``plaintext=True`` runs it all in plain
+text on loopback instead. :meth:`LocalCluster.client` and :meth:`LocalCluster.client_env` give
+job clients the same credentials.
+
 It only spawns processes: it imports nothing of the coordinator or the peer.
 """
 from __future__ import annotations
@@ -28,7 +34,13 @@ import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from dml.common import tls as tlsmod
+from dml.common.tls import TlsConfig
+
+if TYPE_CHECKING:
+    from dml.client.api import JobClient
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +107,22 @@ def wait_for_port_file(path: pathlib.Path, proc: subprocess.Popen[bytes], timeou
             raise ClusterError(f"coordinator exited with code {proc.returncode} before listening")
         time.sleep(0.05)
     raise ClusterError(f"coordinator did not start within {timeout_s:.0f}s")
+
+
+LOCAL_HOST = "localhost"  # the one certificate a local cluster's processes share
+
+
+def local_tls(directory: pathlib.Path) -> TlsConfig:
+    """The TLS config of a cluster on this host: a CA and one certificate in ``directory``,
+    made there the first time (keys 0600) and reused after."""
+    from dml.common import certs
+
+    cert, key, ca = directory / f"{LOCAL_HOST}.pem", directory / f"{LOCAL_HOST}-key.pem", directory / certs.CA_CERT
+    if not (cert.exists() and key.exists() and ca.exists()):
+        certs.make_certs(directory, [LOCAL_HOST])
+    loaded = tlsmod.load(cert, key, ca)
+    assert loaded is not None
+    return loaded
 
 
 @dataclass
@@ -168,9 +196,10 @@ class LocalCluster:
     :meth:`close` (also on leaving a ``with`` block).
 
     ``coordinator_args`` go to every coordinator start, ``peer_args`` to every peer (after
-    ``--coordinator``, ``--host`` and ``--port 0``), ``env`` is the children's environment (default:
-    this one's) with PYTHONUNBUFFERED=1, ``log_name(name, generation)`` names each log file in
-    ``log_dir`` (opened for appending)."""
+    ``--coordinator``, ``--host``, ``--port 0`` and the TLS flags), ``env`` is the children's
+    environment (default: this one's) with PYTHONUNBUFFERED=1, ``log_name(name, generation)``
+    names each log file in ``log_dir`` (opened for appending). ``tls``: the certificates every
+    process uses (default: made in ``state_dir/tls``); ``plaintext``: none at all (loopback only)."""
 
     state_dir: pathlib.Path
     log_dir: pathlib.Path
@@ -182,6 +211,8 @@ class LocalCluster:
     cwd: pathlib.Path | None = None
     log_name: Callable[[str, int], str] = default_log_name
     grace_s: float = GRACE_S
+    tls: TlsConfig | None = None
+    plaintext: bool = False
     coordinator: Proc | None = field(default=None, init=False)
     peers: dict[int, Proc] = field(default_factory=dict, init=False)  # slot -> its latest process
     everything: list[Proc] = field(default_factory=list, init=False)
@@ -192,6 +223,22 @@ class LocalCluster:
         self.port_file = self.state_dir / "coordinator.port"
         self._env = dict(os.environ if self.env is None else self.env, PYTHONUNBUFFERED="1")
         self._generations: dict[str, int] = {}
+        if self.plaintext:
+            self.tls = None
+        elif self.tls is None:
+            self.tls = local_tls(self.state_dir / "tls")
+        self._tls_args = self.tls.args() if self.tls is not None else []
+
+    def client_env(self) -> dict[str, str]:
+        """The children's environment plus the DML_TLS_* variables a `dml` command needs to
+        reach this cluster."""
+        env = dict(self._env)
+        if self.tls is not None:
+            for name, path in (("DML_TLS_CERT", self.tls.cert), ("DML_TLS_KEY", self.tls.key), ("DML_TLS_CA", self.tls.ca)):
+                if path is not None:
+                    env[name] = str(path)
+            env["DML_TLS_SERVER_NAME"] = self.tls.server_name
+        return env
 
     def __enter__(self) -> LocalCluster:
         return self
@@ -213,11 +260,12 @@ class LocalCluster:
         """The operator token (the coordinator must have started)."""
         return self.operator_token_file.read_text().strip()
 
-    def client(self, timeout_s: float = 30.0) -> Any:
-        """A :class:`dml.client.api.JobClient` to the coordinator with the operator token."""
+    def client(self, timeout_s: float = 30.0) -> JobClient:
+        """A :class:`dml.client.api.JobClient` to the coordinator with the operator token and
+        the cluster's certificates."""
         from dml.client.api import JobClient
 
-        return JobClient(self.address, timeout_s, token=self.operator_token())
+        return JobClient(self.address, timeout_s, token=self.operator_token(), tls=self.tls)
 
     @property
     def address(self) -> str:
@@ -245,7 +293,8 @@ class LocalCluster:
             raise ClusterError(f"the coordinator is still running (pid {self.coordinator.popen.pid})")
         self.port_file.unlink(missing_ok=True)
         cmd = [sys.executable, "-m", "dml.coordinator.cli", "--host", self.host, "--port", str(self.port),
-               "--state-dir", str(self.state_dir), "--port-file", str(self.port_file), *self.coordinator_args]
+               "--state-dir", str(self.state_dir), "--port-file", str(self.port_file), *self._tls_args,
+               *self.coordinator_args]
         self.coordinator = self._spawn("coordinator", cmd)
         self.port = wait_for_port_file(self.port_file, self.coordinator.popen, timeout_s)
         return self.address
@@ -259,7 +308,7 @@ class LocalCluster:
         if old is not None and old.alive:
             raise ClusterError(f"peer slot {slot} still runs pid {old.popen.pid}")
         cmd = [sys.executable, "-m", "dml.peer.cli", "--coordinator", self.address, "--host", self.host,
-               "--port", "0", "--join-token-file", str(self.join_token_file), *self.peer_args, *args]
+               "--port", "0", "--join-token-file", str(self.join_token_file), *self._tls_args, *self.peer_args, *args]
         self.peers[slot] = self._spawn(f"peer-{slot}", cmd, tuple(args))
         return self.peers[slot]
 

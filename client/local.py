@@ -1,7 +1,9 @@
 """``dml local``: a coordinator and N peers as processes on 127.0.0.1, one job, then a clean exit.
 
-The same topology as docker-compose.yml. Children are started through their handles and always
-reaped: SIGTERM, then SIGKILL after a grace period, on success, failure and Ctrl-C alike.
+The same topology as docker-compose.yml, with TLS on every port as there: the certificates
+given with ``--tls-*``, else a CA and a certificate made in the state dir. Children are started
+through their handles and always reaped: SIGTERM, then SIGKILL after a grace period, on success,
+failure and Ctrl-C alike.
 """
 from __future__ import annotations
 
@@ -18,9 +20,10 @@ import time
 from typing import Iterator
 
 from dml.client import cli as jobctl
+from dml.client.api import ApiError, status_dict
+from dml.client.cluster import ClusterError, LocalCluster
 from dml.common import args as cliargs
-from dml.client.api import ApiError, JobClient, status_dict
-from dml.client.cluster import ClusterError, LocalCluster, operator_token_file
+from dml.common.tls import TlsConfig
 
 DEFAULT_PORT = 50051
 
@@ -38,6 +41,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--keep", action="store_true",
                    help="keep the cluster up after the job ends (query it, submit more jobs) until Ctrl-C")
     cliargs.add_metrics_flag(p)  # the coordinator's; each peer then serves its own on a free port
+    cliargs.add_tls_flags(p)  # given: every process uses these; else certificates made in the state dir
 
 
 def metrics_args(a: argparse.Namespace) -> tuple[tuple[str, ...], tuple[str, ...]]:
@@ -68,16 +72,19 @@ def _interrupt(signum: int, _frame: object) -> None:
 @contextlib.contextmanager
 def cluster(peers: int, port: int, state_dir: pathlib.Path, log_dir: pathlib.Path,
             extra_peer_args: tuple[str, ...] = (), coordinator_args: tuple[str, ...] = (),
-            peer_args: dict[int, tuple[str, ...]] | None = None) -> Iterator[tuple[str, list[subprocess.Popen[bytes]]]]:
-    """Starts a coordinator and ``peers`` peers (logs ``coordinator.log``, ``peer-I.log``); yields
-    (coordinator address, processes: the coordinator, then peer 0, 1, ...), and reaps them all on
-    the way out. ``peer_args`` adds flags to single peers, by index (e.g. one ``--slowdown``)."""
+            peer_args: dict[int, tuple[str, ...]] | None = None,
+            tls: TlsConfig | None = None) -> Iterator[tuple[str, list[subprocess.Popen[bytes]], LocalCluster]]:
+    """Starts a coordinator and ``peers`` peers (logs ``coordinator.log``, ``peer-I.log``), all
+    over TLS (``tls``, else certificates made in ``state_dir/tls``); yields (coordinator address,
+    processes: the coordinator, then peer 0, 1, ..., the cluster: ``.client()`` for a job
+    client with its credentials), and reaps them all on the way out. ``peer_args`` adds flags
+    to single peers, by index (e.g. one ``--slowdown``)."""
     with LocalCluster(state_dir, log_dir, port=port, coordinator_args=coordinator_args,
-                      peer_args=("--device", "cpu", *extra_peer_args)) as c:
+                      peer_args=("--device", "cpu", *extra_peer_args), tls=tls) as c:
         address = c.start_coordinator()
         for i in range(peers):
             c.start_peer(i, (peer_args or {}).get(i, ()))
-        yield address, [p.popen for p in c.everything]
+        yield address, [p.popen for p in c.everything], c
 
 
 def _logged_metrics_url(log: pathlib.Path, timeout_s: float) -> str:
@@ -105,6 +112,8 @@ def cmd_local(a: argparse.Namespace) -> int:
     """Runs the job on a local cluster and prints the final test accuracy."""
     if a.peers < 1:
         raise ApiError("--peers must be at least 1", 2)
+    if a.tls is not None and not a.tls.can_serve:
+        raise ApiError("dml local runs servers: --tls-cert and --tls-key go with --tls-ca", 2)
     # Stop the same way on each: cancel the job, reap the children. SIGINT too, explicitly: a
     # shell starts background jobs with SIGINT ignored, and Python would keep ignoring it.
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
@@ -126,17 +135,16 @@ def cmd_local(a: argparse.Namespace) -> int:
     try:
         coordinator_metrics, peer_metrics = metrics_args(a)
         with _cli_errors(), cluster(a.peers, port, state_dir, log_dir, extra_peer_args=peer_metrics,
-                                    coordinator_args=coordinator_metrics) as (address, _procs):
-            token_file = operator_token_file(state_dir)
-            print(f"coordinator on {address}, {a.peers} peers; logs in {log_dir}", file=sys.stderr)
+                                    coordinator_args=coordinator_metrics, tls=a.tls) as (address, _procs, c):
+            assert c.tls is not None
+            print(f"coordinator on {address} (TLS), {a.peers} peers; logs in {log_dir}", file=sys.stderr)
             if a.metrics_port is not None:
                 url = _logged_metrics_url(log_dir / "coordinator.log", 5.0)
                 print(f"  metrics: the coordinator's at {url or 'the address in its log'}, each peer's in its log",
                       file=sys.stderr)
-            print(f"  watch from another shell: dml status --coordinator {address} --token-file {token_file} --watch",
-                  file=sys.stderr)
-            token = token_file.read_text().strip()
-            client = JobClient(address, timeout_s=30.0, token=token)
+            print(f"  watch from another shell: dml status --coordinator {address} --watch "
+                  f"--token-file {c.operator_token_file} {' '.join(c.tls.args())}", file=sys.stderr)
+            client = c.client(timeout_s=30.0)
             job_id = client.submit(spec)
             print(f"job {job_id}: {spec.task}, {spec.rounds} rounds x {spec.local_steps} local steps, "
                   f"batch {spec.batch_size}, lr {spec.learning_rate}", file=sys.stderr)
@@ -155,7 +163,7 @@ def cmd_local(a: argparse.Namespace) -> int:
                 end = client.watch(job_id, show, max_s=a.timeout_s)
             except KeyboardInterrupt:
                 with contextlib.suppress(ApiError):
-                    JobClient(address, timeout_s=2.0, token=token).cancel(job_id)
+                    c.client(timeout_s=2.0).cancel(job_id)
                 raise
             if tty:
                 print(file=sys.stderr)

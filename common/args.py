@@ -12,6 +12,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, NoReturn
 
 import dml
+from dml.common import tls
 from dml.common.rpc import parse_address
 
 if TYPE_CHECKING:
@@ -172,6 +173,34 @@ def add_auth_flags(p: argparse.ArgumentParser, role: str) -> None:
                             "(env DML_OPERATOR_TOKEN_FILE; default: STATE_DIR/secrets/operator.token)")
         p.add_argument("--no-auth", action="store_true", default=os.environ.get("DML_NO_AUTH", "") not in ("", "0"),
                        help="accept every call without credentials (env DML_NO_AUTH=1); only on a loopback --host")
+def add_tls_flags(p: argparse.ArgumentParser) -> None:
+    """``--tls-cert --tls-key --tls-ca --tls-server-name``, the same on every command (env
+    DML_TLS_CERT, DML_TLS_KEY, DML_TLS_CA, DML_TLS_SERVER_NAME). Read them with :func:`tls_config`."""
+    g = p.add_argument_group("TLS", "PEM files of this process's certificate and key and of the cluster's CA "
+                                    "(`dml certs` makes them); without them, plain text on loopback only")
+    g.add_argument("--tls-cert", default=os.environ.get("DML_TLS_CERT") or None,
+                   help="this process's certificate (env DML_TLS_CERT; default: none, plain text)")
+    g.add_argument("--tls-key", default=os.environ.get("DML_TLS_KEY") or None,
+                   help="its private key, unencrypted (env DML_TLS_KEY; default: none)")
+    g.add_argument("--tls-ca", default=os.environ.get("DML_TLS_CA") or None,
+                   help="the cluster's CA certificate: servers are verified against it, and a server "
+                        "given it requires client certificates it signed (env DML_TLS_CA; default: none, "
+                        "the system's roots to verify servers, no client certificates asked)")
+    g.add_argument("--tls-server-name", default=os.environ.get("DML_TLS_SERVER_NAME", tls.CLUSTER_NAME),
+                   help="the name to verify in servers' certificates, '' for the host dialed (env DML_TLS_SERVER_NAME)")
+
+
+def tls_config(p: argparse.ArgumentParser, a: argparse.Namespace, serve: bool = False) -> tls.TlsConfig | None:
+    """The TLS config the flags of :func:`add_tls_flags` name (None: plain text). A bad, missing
+    or unreadable file is a usage error (one line, exit 2); with ``serve`` (a command that
+    listens) a CA alone is one too, as a server needs its own certificate."""
+    try:
+        cfg = tls.load(a.tls_cert, a.tls_key, a.tls_ca, a.tls_server_name)
+    except tls.TlsError as e:
+        p.error(str(e))
+    if serve and cfg is not None and not cfg.can_serve:
+        p.error("serving TLS needs --tls-cert and --tls-key (besides --tls-ca)")
+    return cfg
 
 
 CLUSTER_ID_CHARS = frozenset("0123456789abcdef")

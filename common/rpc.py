@@ -2,7 +2,8 @@
 
 Every client and server in the code goes through :func:`channel` and :func:`server` (then
 :func:`bind`), so message limits, keepalive, reconnect backoff, credentials and interceptors are
-set in one place. TLS and authentication plug in here.
+set in one place. TLS plugs in here: ``tls=`` on :func:`channel` and :func:`bind` (a
+:class:`~dml.common.tls.TlsConfig`, None for plain text, which :func:`bind` allows on loopback only).
 """
 from __future__ import annotations
 
@@ -10,9 +11,14 @@ from collections.abc import Sequence
 from concurrent import futures
 from typing import Any
 
+import logging
+
 import grpc
 
 from dml.common import guard
+from dml.common.tls import TlsConfig, check_listen
+
+log = logging.getLogger(__name__)
 
 # Message limits, by what travels. Control messages are small; checkpoints travel in chunks well
 # under the control limit; exchange frames are one chunk of a flat parameter buffer.
@@ -65,14 +71,19 @@ def _limits(max_message_bytes: int) -> list[tuple[str, Any]]:
             ("grpc.max_send_message_length", max_message_bytes)]
 
 
-def channel(address: str, *, max_message_bytes: int = CONTROL_MESSAGE_BYTES, fast_reconnect: bool = False,
-            options: Sequence[tuple[str, Any]] = ()) -> grpc.Channel:
-    """A channel to ``address`` (host:port) with dml's limits and keepalive.
+def channel(address: str, *, tls: TlsConfig | None = None, max_message_bytes: int = CONTROL_MESSAGE_BYTES,
+            fast_reconnect: bool = False, options: Sequence[tuple[str, Any]] = ()) -> grpc.Channel:
+    """A channel to ``address`` (host:port) with dml's limits and keepalive, over TLS with
+    ``tls`` (the server verified against its CA and name, our certificate presented), else plain.
 
     ``fast_reconnect`` for long-lived channels to a server that may restart (a peer's channel to
     the coordinator); ``options`` adds or overrides gRPC channel arguments."""
     opts = dict(_limits(max_message_bytes) + KEEPALIVE_OPTIONS + (FAST_RECONNECT_OPTIONS if fast_reconnect else []))
+    if tls is not None:
+        opts.update(tls.channel_options())
     opts.update(options)
+    if tls is not None:
+        return grpc.secure_channel(address, tls.channel_credentials, options=list(opts.items()))
     return grpc.insecure_channel(address, options=list(opts.items()))
 
 
@@ -96,14 +107,24 @@ def server(*, workers: int, max_message_bytes: int = CONTROL_MESSAGE_BYTES,
                        interceptors=[call_guard, *interceptors])
 
 
-def bind(srv: grpc.Server, host: str, port: int) -> int:
-    """Listens on host:port (0 picks a free port) and returns the port bound.
+def bind(srv: grpc.Server, host: str, port: int, tls: TlsConfig | None = None) -> int:
+    """Listens on host:port (0 picks a free port) and returns the port bound: over TLS with
+    ``tls`` (client certificates required when it has a CA), else plain text, on loopback only.
 
-    Raises :class:`BindError` naming the address when it is taken or not this host's."""
+    Raises :class:`~dml.common.tls.PlaintextRefused` for plain text on another address (before
+    listening), :class:`BindError` naming the address when it is taken or not this host's."""
+    check_listen(host, tls)
+    address = f"{host}:{port}"
     try:
-        bound = srv.add_insecure_port(f"{host}:{port}")
+        bound = srv.add_secure_port(address, tls.server_credentials) if tls is not None else srv.add_insecure_port(address)
     except RuntimeError:
         bound = 0
     if bound == 0:
         raise BindError(f"cannot listen on {host}:{port}: the address is in use or not this host's")
+    if tls is None:
+        log.warning("serving plain text on %s:%d, loopback only (pass --tls-cert, --tls-key and --tls-ca for TLS)",
+                    host, bound)
+    else:
+        log.info("serving TLS on %s:%d (%s)", host, bound,
+                 "client certificates required" if tls.mutual else "no client certificates asked")
     return bound

@@ -12,7 +12,7 @@ import tempfile
 import threading
 
 from dml.common import args as cliargs
-from dml.common import portcheck, rpc
+from dml.common import portcheck, rpc, tls
 from dml.common.metrics import MetricsBindError
 from dml.coordinator.lock import StateDirLocked
 from dml.common.auth import AuthError
@@ -46,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     cliargs.add_auth_flags(p, "coordinator")
     p.add_argument("--log-level", default=os.environ.get("DML_LOG_LEVEL", "INFO"), help="logging level")
     cliargs.add_metrics_flag(p)
+    cliargs.add_tls_flags(p)
     return p
 
 
@@ -59,12 +60,13 @@ def build_config(argv: list[str] | None = None) -> ServerConfig:
         p.error("--round-deadline-ms must exceed --peer-timeout-ms")
     if a.no_auth and not is_loopback(a.host):
         p.error(f"--no-auth is allowed only on a loopback --host (127.0.0.1, ::1), not {a.host}")
+    tls_cfg = cliargs.tls_config(p, a, serve=True)
     logging.basicConfig(level=a.log_level.upper(), format="%(asctime)s %(levelname)s coordinator %(name)s: %(message)s")
     cfg = ServerConfig(host=a.host, port=a.port, state_dir=a.state_dir,
                        timing=CoordinatorConfig(heartbeat_interval_ms=a.heartbeat_interval_ms, peer_timeout_ms=a.peer_timeout_ms,
                                                 round_deadline_ms=a.round_deadline_ms), port_file=a.port_file,
                        metrics=cliargs.metrics_config(a), auth=not a.no_auth, join_token_file=a.join_token_file,
-                       operator_token_file=a.operator_token_file)
+                       operator_token_file=a.operator_token_file, tls=tls_cfg)
     return cfg
 
 
@@ -78,6 +80,9 @@ def main(argv: list[str] | None = None) -> None:
                                   operator_token_file=cfg.operator_token_file or tmp / "operator.token")
     try:
         server = CoordinatorServer(cfg).start()
+    except tls.TlsError as e:  # plain text on a non-loopback address: bad input
+        print(f"dml-coordinator: {e}", file=sys.stderr)
+        sys.exit(2)
     except StateDirLocked as e:  # another coordinator holds the state dir
         print(f"dml-coordinator: {e}", file=sys.stderr)
         sys.exit(2)

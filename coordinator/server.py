@@ -16,6 +16,7 @@ from dml.common import metrics as metricsmod
 from dml.common import auth
 from dml.common.metrics import MetricsConfig, MetricsServer
 from dml.coordinator.auth import AuthInterceptor, Secrets
+from dml.common.tls import TlsConfig, check_listen
 from dml.coordinator.lock import StateDirLock
 from dml.coordinator.metrics import CoordinatorMetrics
 from dml.coordinator.service import Coordinator, CoordinatorConfig
@@ -65,6 +66,7 @@ class ServerConfig:
     operator_token: str = ""
     join_token_file: pathlib.Path | None = None
     operator_token_file: pathlib.Path | None = None
+    tls: TlsConfig | None = None  # None: plain text, loopback only
 
 
 SECRETS_DIR = "secrets"
@@ -108,8 +110,10 @@ class CoordinatorServer:
     def __init__(self, config: ServerConfig) -> None:
         """Locks the state dir (if any), opens the store and binds; raises
         :class:`~dml.coordinator.lock.StateDirLocked` or :class:`~dml.common.rpc.BindError`
-        (holding nothing then) when another coordinator has the state dir or the port."""
+        (holding nothing then) when another coordinator has the state dir or the port, and
+        :class:`~dml.common.tls.TlsError` for plain text on a non-loopback host."""
         self.config = config
+        check_listen(config.host, config.tls)  # refused before the state dir is touched
         # Lock, then open the store, then bind, then record the address: a second coordinator
         # never opens a held store, and one that fails to bind lets the lock go.
         self._state_lock = StateDirLock(config.state_dir).acquire() if config.state_dir is not None else None
@@ -166,7 +170,7 @@ class CoordinatorServer:
         )
         reflection.enable_server_reflection(names, self._server)
         try:
-            self.port = rpc.bind(self._server, config.host, config.port)
+            self.port = rpc.bind(self._server, config.host, config.port, tls=config.tls)
             self.metrics_server: MetricsServer | None = metricsmod.serve(self.metrics.registry, config.metrics,
                                                                          "coordinator")
         except BaseException:

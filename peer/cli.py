@@ -12,7 +12,7 @@ import grpc
 
 from dml.aggregation.allreduce import DEFAULT_CHUNK_ELEMS, TCP_CHUNK_ELEMS
 from dml.common import args as cliargs
-from dml.common import portcheck, rpc
+from dml.common import portcheck, rpc, tls
 from dml.common.metrics import MetricsBindError
 from dml.common.auth import AuthError, read_token_file
 from dml.peer.faults import parse_fault
@@ -71,6 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-level", default=os.environ.get("DML_LOG_LEVEL", "INFO"), help="logging level")
     cliargs.add_metrics_flag(p)
     cliargs.add_auth_flags(p, "peer")
+    cliargs.add_tls_flags(p)
     return p
 
 
@@ -95,7 +96,7 @@ def build_config(argv: list[str] | None = None) -> tuple[PeerConfig, argparse.Na
                      device=device, exchange_timeout_s=a.exchange_timeout_s, chunk_elems=a.chunk_elems,
                      tcp=not a.no_tcp, slowdown=a.slowdown, metrics=cliargs.metrics_config(a),
                      unreachable=tuple(x.strip() for x in a.fault_unreachable.split(",") if x.strip()),
-                     cluster_id=a.cluster_id, fault=fault)
+                     cluster_id=a.cluster_id, fault=fault, tls=cliargs.tls_config(p, a, serve=True))
     return cfg, a
 
 
@@ -133,7 +134,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(max(1, a.torch_threads))
     try:
         peer = Peer(cfg)
-    except MetricsBindError as e:  # --metrics-port taken, or --metrics-host not this machine's
+    except (MetricsBindError, tls.TlsError) as e:  # --metrics-port taken or not this machine's; plain text off loopback
         print(f"dml-peer: {e}", file=sys.stderr)
         sys.exit(2)
     except rpc.BindError:  # --port taken, or --host not this machine's

@@ -21,6 +21,7 @@ from dml.v1 import control_pb2, control_pb2_grpc
 
 from dml.common import auth, rpc
 from dml.peer.auth import PeerCredentials
+from dml.common.tls import TlsConfig
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -88,12 +89,12 @@ class ControlClient:
     """Thin, retrying wrapper over PeerControlStub."""
 
     def __init__(self, address: str, stop: threading.Event, cluster_id: str = "",
-                 credentials: PeerCredentials | None = None) -> None:
+                 credentials: PeerCredentials | None = None, tls: TlsConfig | None = None) -> None:
         self.address = address
         self.cluster_id = cluster_id  # pinned, or learnt from the first registration
         self.credentials = credentials if credentials is not None else PeerCredentials()
         # The join token on RegisterPeer, this peer's credential on every other call.
-        self._raw = rpc.channel(address, fast_reconnect=True)
+        self._raw = rpc.channel(address, tls=tls, fast_reconnect=True)
         self.channel = auth.with_token(self._raw, self.credentials.control_token)
         self.stub = control_pb2_grpc.PeerControlStub(grpc.intercept_channel(self.channel, _ClusterMetadata(self)))
         self._stop = stop

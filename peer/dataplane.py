@@ -8,6 +8,9 @@ writes the very frames the raw gRPC method carries. The successor binds the conn
 all-reduce's inbox. Nothing reaches an inbox without a token its owner issued over gRPC for that
 (job, round, epoch) and sender.
 
+With TLS on (the peer's :class:`~dml.common.tls.TlsConfig`) both ends wrap the stream in TLS,
+mutual when the config has a CA, as on the gRPC port; plain text is for a loopback listener only.
+
 Failure semantics match the gRPC path: a closed or reset connection is a broken stream naming the
 neighbour; progress is bounded by the exchange idle timeout; at the end the receiver
 acknowledges with one byte, so a sender knows its successor got everything.
@@ -21,6 +24,7 @@ import threading
 import time
 from collections.abc import Callable
 
+from dml.common.tls import TlsConfig, check_listen
 from dml.peer import shm
 from dml.peer.shm import SharedSlots
 
@@ -74,14 +78,17 @@ def close_socket(sock: socket.socket) -> None:
 
 
 class DataPlane:
-    """A TCP listener that accepts only connections holding a token it issued.
+    """A TCP listener that accepts only connections holding a token it issued (inside TLS with
+    ``tls``; plain text only on a loopback ``host``).
 
     ``attach(key, sender, sock)`` hands an authenticated connection to the exchange; it returns
     False (and the connection is closed) if nothing wants it any more.
     """
 
-    def __init__(self, host: str, attach: Attach) -> None:
+    def __init__(self, host: str, attach: Attach, tls: TlsConfig | None = None) -> None:
+        check_listen(host, tls, "data plane")
         self._attach = attach
+        self._tls = tls
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self._listener = socket.socket(family, socket.SOCK_STREAM)
         self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -168,6 +175,8 @@ class DataPlane:
     def _handshake(self, conn: socket.socket) -> None:
         try:
             conn.settimeout(HANDSHAKE_S)
+            if self._tls is not None:  # the TLS handshake, bounded by the same deadline
+                conn = self._tls.server_context.wrap_socket(conn, server_side=True)
             hello = bytearray(HELLO_BYTES)
             view, got = memoryview(hello), 0
             while got < HELLO_BYTES:
@@ -218,12 +227,16 @@ class DataPlane:
                 entry[3].close()
 
 
-def connect(host: str, port: int, token: bytes, timeout: float, shm: bool = False) -> socket.socket:
+def connect(host: str, port: int, token: bytes, timeout: float, shm: bool = False,
+            tls: TlsConfig | None = None) -> socket.socket:
     """Opens an authenticated stream to a peer's data plane (saying whether the sender mapped
-    the shared-memory slots it was offered)."""
+    the shared-memory slots it was offered), inside TLS with ``tls``: the peer's certificate
+    verified against the CA and the cluster name, ours presented."""
     sock = socket.create_connection((host, port), timeout=timeout)
     try:
         tune(sock)
+        if tls is not None:
+            sock = tls.client_context.wrap_socket(sock, server_hostname=tls.hostname_for(host))
         sock.sendall((MAGIC_SHM if shm else MAGIC) + token)
     except OSError:
         sock.close()

@@ -17,6 +17,7 @@ from dml.v1 import exchange_pb2, exchange_pb2_grpc
 from dml.aggregation.codecs import payload_size
 from dml.aggregation.transport import FRAME, Header
 from dml.common import guard, limits
+from dml.common.tls import TlsConfig
 from dml.peer import dataplane, watch
 from dml.peer.auth import FETCH_PARAMETERS, GOSSIP, OPEN_DATA_PLANE, PUSH_CHUNKS, check_body
 from dml.peer.gossip import GossipNode
@@ -110,10 +111,11 @@ class ExchangeServicer(exchange_pb2_grpc.PeerExchangeServicer):
     What senders queue is bounded (bytes in all, per sender and in unclaimed inboxes; unclaimed
     inboxes in all and per sender); a sender over a bound waits (flow control) or, for an inbox
     no plan claims, is refused with RESOURCE_EXHAUSTED. A sweeper thread drops unclaimed inboxes
-    after :data:`~dml.peer.inbox.UNCLAIMED_TTL_S` and unused data-plane offers after theirs."""
+    after :data:`~dml.peer.inbox.UNCLAIMED_TTL_S` and unused data-plane offers after theirs.
+    ``tls`` is the peer's TLS config: its data plane runs inside TLS (None: plain, loopback only)."""
 
     def __init__(self, params_source: ParamsSource, recv_timeout_s: float = 60.0,
-                 data_plane_host: str | None = None) -> None:
+                 data_plane_host: str | None = None, tls: TlsConfig | None = None) -> None:
         self._lock = threading.Lock()
         self._inboxes: dict[Key, Inbox] = {}
         self._params_source = params_source
@@ -122,7 +124,9 @@ class ExchangeServicer(exchange_pb2_grpc.PeerExchangeServicer):
         # Set by a peer whose server runs peer.auth.ExchangeGuard: every request's body must then
         # name the (job, round, epoch, sender) its call was signed for.
         self.guarded = False
-        self.data_plane = dataplane.DataPlane(data_plane_host, self._attach) if data_plane_host is not None else None
+        self.tls = tls
+        self.data_plane = (dataplane.DataPlane(data_plane_host, self._attach, tls)
+                           if data_plane_host is not None else None)
         self.dropped = 0  # unclaimed inboxes dropped (by the sweeper, or to make room)
         self._trimmed = 0  # self.dropped when the heap was last trimmed
         self._jobs: dict[str, float] = {}  # jobs this peer has claimed inboxes of -> when it last did

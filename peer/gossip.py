@@ -44,6 +44,7 @@ from dml.v1 import exchange_pb2, exchange_pb2_grpc
 from dml.aggregation.gossip import Exchanger, ExchangeStateError, Snapshot
 from dml.aggregation.guard import offer_problem, rms
 from dml.common import rpc
+from dml.common.tls import TlsConfig
 from dml.peer.auth import GOSSIP, PeerCredentials
 
 log = logging.getLogger(__name__)
@@ -268,10 +269,10 @@ class GossipNode:
 
     # -- the initiator's side ---------------------------------------------------------------------
     def exchange(self, job_id: str, partner_id: str, address: str, timeout_s: float,
-                 channel: grpc.Channel | None = None, epoch: int = 0) -> Outcome:
+                 channel: grpc.Channel | None = None, epoch: int = 0, tls: TlsConfig | None = None) -> Outcome:
         """Runs one exchange with ``partner_id`` at ``address`` as a member of ``job_id``'s
-        ``epoch``; never raises for the partner's failures (the Outcome says what happened).
-        Parameters change only on success."""
+        ``epoch`` (a channel of our own over ``tls`` when none is given); never raises for the
+        partner's failures (the Outcome says what happened). Parameters change only on success."""
         trainer = self._current(job_id)
         if trainer is None:
             return Outcome(partner_id, False, detail="not attached to the job")
@@ -280,7 +281,7 @@ class GossipNode:
         if not self.slot.try_begin(key):
             return Outcome(partner_id, False, busy=True, serving=True, detail="this peer is serving another exchange")
         own = channel is None
-        ch = channel or rpc.channel(address, max_message_bytes=rpc.EXCHANGE_MESSAGE_BYTES)
+        ch = channel or rpc.channel(address, tls=tls, max_message_bytes=rpc.EXCHANGE_MESSAGE_BYTES)
         out: queue.Queue[exchange_pb2.GossipMessage | None] = queue.Queue()
         sent = [0]
         n = trainer.numel

@@ -62,7 +62,8 @@ class GossipStep:
 
     def _channel(self, address: str) -> grpc.Channel:
         if address not in self._channels:
-            self._channels[address] = rpc.channel(address, max_message_bytes=rpc.EXCHANGE_MESSAGE_BYTES)
+            self._channels[address] = rpc.channel(address, tls=self._peer.config.tls,
+                                                  max_message_bytes=rpc.EXCHANGE_MESSAGE_BYTES)
         return self._channels[address]
 
     def _trainer(self, plan: types_pb2.Plan) -> Trainer:

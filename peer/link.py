@@ -15,6 +15,7 @@ from dml.v1 import exchange_pb2, exchange_pb2_grpc
 
 from dml.aggregation.transport import FRAME, ExchangeError, Header
 from dml.common import rpc
+from dml.common.tls import TlsConfig
 from dml.peer import dataplane, shm
 from dml.peer.auth import OPEN_DATA_PLANE, PeerCredentials
 from dml.peer.exchange import FRAMES_METHOD, ExchangeServicer
@@ -43,14 +44,15 @@ class PeerLink:
     Once the outgoing stream is open the link watches the successor (:mod:`peer.watch`): if it
     goes away, a waiting call fails naming it even when no stream of this link has broken.
     ``keep_watch``, if given, takes that watch (and the channel under it) over once this
-    member's part of the exchange is done; otherwise the link closes it.
+    member's part of the exchange is done; otherwise the link closes it. ``tls`` (the peer's
+    config) puts the gRPC channel and the TCP stream to the successor inside TLS.
     """
 
     def __init__(self, servicer: ExchangeServicer, key: Key, self_id: str, pred_id: str,
                  succ_id: str, succ_address: str, deadline_s: float, abort: threading.Event,
                  idle_timeout_s: float = 30.0, data_plane: str = "auto", payload_bytes: int = 0,
                  keep_watch: Callable[[SuccessorWatch], None] | None = None, injected_fault: str = "",
-                 credentials: PeerCredentials | None = None) -> None:
+                 credentials: PeerCredentials | None = None, tls: TlsConfig | None = None) -> None:
         if data_plane not in DATA_PLANES:
             raise ValueError(f"unknown data plane {data_plane!r}")
         # "auto" asks for shared memory only where it pays: it costs a fixed ~2 ms per
@@ -70,7 +72,8 @@ class PeerLink:
         self._mode = data_plane
         self._injected_fault = injected_fault  # tests only: fail to reach the successor, saying this
         self._creds = credentials  # signs our calls to the successor (None: unsigned)
-        self._channel = rpc.channel(succ_address, max_message_bytes=rpc.EXCHANGE_MESSAGE_BYTES)
+        self._tls = tls
+        self._channel = rpc.channel(succ_address, tls=tls, max_message_bytes=rpc.EXCHANGE_MESSAGE_BYTES)
         self._sender: GrpcSender | TcpSender | None = None
         self._watch: SuccessorWatch | None = None
         self._keep_watch = keep_watch
@@ -182,7 +185,7 @@ class PeerLink:
         if self._mode == "shm" and slots is None:
             raise ExchangeError(f"{self._succ_id} offered no shared memory this peer can map "
                                 f"(data plane 'shm' needs both on one host)", suspect=self._succ_id)
-        sock = dataplane.connect(host, offer.port, offer.token, timeout, shm=slots is not None)
+        sock = dataplane.connect(host, offer.port, offer.token, timeout, shm=slots is not None, tls=self._tls)
         if slots is not None:
             return ShmSender(sock, slots, self._succ_id, self._idle_s)
         return TcpSender(sock, self._succ_id, self._idle_s)

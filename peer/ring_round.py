@@ -150,7 +150,8 @@ class RingRound:
                         data_plane=plan.spec.data_plane or "auto",
                         payload_bytes=4 * trainer.numel if trainer is not None else 0,
                         keep_watch=lambda watch: self._keep_watch(plan, watch),
-                        injected_fault=peer.config.injected_fault(succ.address), credentials=peer.credentials)
+                        injected_fault=peer.config.injected_fault(succ.address), credentials=peer.credentials,
+                        tls=peer.config.tls)
 
     # -- the starting point -------------------------------------------------------------------
     def _prepare(self, plan: types_pb2.Plan) -> Trainer:
@@ -193,7 +194,7 @@ class RingRound:
                    if m.peer_id != peer.peer_id and not peer.config.injected_fault(m.address)]
         for name, address in sources:
             try:
-                with rpc.channel(address, max_message_bytes=rpc.EXCHANGE_MESSAGE_BYTES) as ch:
+                with rpc.channel(address, tls=peer.config.tls, max_message_bytes=rpc.EXCHANGE_MESSAGE_BYTES) as ch:
                     stub = exchange_pb2_grpc.PeerExchangeStub(ch)
                     md = peer.credentials.sign(FETCH_PARAMETERS, plan.job_id, plan.epoch, str(rnd), name)
                     parts = list(stub.FetchParameters(exchange_pb2.FetchParametersRequest(job_id=plan.job_id, round=rnd),

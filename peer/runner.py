@@ -14,6 +14,7 @@ from dml.v1 import control_pb2, types_pb2
 from dml.common import guard, rpc
 from dml.common import metrics as metricsmod
 from dml.common.metrics import MetricsConfig, MetricsServer
+from dml.common.tls import TlsConfig
 from dml.peer import shm
 from dml.peer.advertise import address_problem, advertise_host
 from dml.peer.auth import ExchangeGuard, PeerCredentials
@@ -54,6 +55,7 @@ class PeerConfig:
     # this peer trains `slowdown` times slower than it can (a stand-in for a slower machine).
     slowdown: float = 1.0
     metrics: MetricsConfig | None = None  # the Prometheus endpoint (None: off)
+    tls: TlsConfig | None = None  # every port and every dial over TLS; None: plain text, loopback only
     # Tests only (fault injection, off by default): peer addresses (host:port) this peer acts as
     # if it cannot reach, for ring neighbours, gossip partners and parameter fetches alike. A
     # one-way partition: the others still reach this peer, and it them.
@@ -80,7 +82,7 @@ class Peer:
         self.held_out = ""  # why the coordinator holds this peer out of a job's rings ("" when it does not)
         self.credentials = PeerCredentials(config.join_token)
         self.servicer = ExchangeServicer(self.store.serve, recv_timeout_s=config.exchange_timeout_s,
-                                         data_plane_host=config.host if config.tcp else None)
+                                         data_plane_host=config.host if config.tcp else None, tls=config.tls)
         self.servicer.guarded = True
         self.gossip = GossipNode("", self.credentials)
         self.gossip.on_bytes = lambda sent, received: self.metrics.exchanged("gossip", sent, received)
@@ -92,7 +94,11 @@ class Peer:
                                   limits=guard.Limits.for_pool(EXCHANGE_WORKERS,
                                                                call_policies(config.exchange_timeout_s)))
         add_exchange_to_server(self.servicer, self._server)
-        self.port = rpc.bind(self._server, config.host, config.port)
+        try:
+            self.port = rpc.bind(self._server, config.host, config.port, tls=config.tls)
+        except BaseException:
+            self.servicer.close()  # the data plane listens already
+            raise
         try:
             self.metrics_server: MetricsServer | None = metricsmod.serve(self.metrics.registry, config.metrics,
                                                                          f"peer on port {self.port}")
@@ -102,7 +108,7 @@ class Peer:
             raise
         self.address = f"{advertise_host(config.host, config.advertise_host, config.coordinator)}:{self.port}"
         self.client = ControlClient(config.coordinator, self.stop_event, cluster_id=config.cluster_id,
-                                    credentials=self.credentials)
+                                    credentials=self.credentials, tls=config.tls)
         self._hb_thread = threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True)
         self._main: threading.Thread | None = None
 

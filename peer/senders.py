@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import queue
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Iterator
@@ -232,7 +233,12 @@ class ShmSender(TcpSender):
 
 
 def _sendmsg_all(sock: socket.socket, header: bytes, payload: memoryview) -> None:
-    """Writes header then payload with as few system calls as the kernel allows."""
+    """Writes header then payload with as few system calls as the kernel allows (inside TLS,
+    which has no ``sendmsg``: two writes, the payload still straight from the caller's buffer)."""
+    if isinstance(sock, ssl.SSLSocket):
+        sock.sendall(header)
+        sock.sendall(payload)
+        return
     sent = sock.sendmsg([header, payload])
     if sent < len(header):
         sock.sendall(memoryview(header)[sent:])
