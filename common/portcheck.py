@@ -2,7 +2,8 @@
 
 After :func:`dml.common.rpc.bind` raised :class:`~dml.common.rpc.BindError`, :func:`bind_failure`
 tells an address in use from one that is not this host's, and probes a holder with the standard
-gRPC health check (short deadline): a dml coordinator answers for ``dml.v1.JobService``.
+gRPC health check (short deadline): a dml coordinator answers for ``dml.v1.JobService``. The
+probe speaks TLS with the process's own config (then plain text, for a plain holder).
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from dml.common import rpc
+from dml.common.tls import TlsConfig
 
 log = logging.getLogger(__name__)
 
@@ -48,10 +50,17 @@ def _dial_address(host: str, port: int) -> str:
     return f"[{bare}]:{port}" if ":" in bare else f"{bare}:{port}"
 
 
-def holder(host: str, port: int, timeout_s: float = PROBE_TIMEOUT_S) -> str:
+def holder(host: str, port: int, timeout_s: float = PROBE_TIMEOUT_S, tls: TlsConfig | None = None) -> str:
     """What listens on host:port: ``another dml coordinator (serving)``, ``another gRPC server``
-    or ``another program``, by the gRPC health check."""
-    ch = rpc.channel(_dial_address(host, port))
+    or ``another program``, by the gRPC health check (over TLS with ``tls``, then plain)."""
+    seen = _probe(host, port, timeout_s, tls)
+    if tls is not None and seen == "another program":
+        seen = _probe(host, port, timeout_s, None)  # a holder that speaks plain text
+    return seen
+
+
+def _probe(host: str, port: int, timeout_s: float, tls: TlsConfig | None) -> str:
+    ch = rpc.channel(_dial_address(host, port), tls=tls)
     try:
         resp = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=COORDINATOR_SERVICE),
                                                     timeout=timeout_s)
@@ -67,11 +76,12 @@ def holder(host: str, port: int, timeout_s: float = PROBE_TIMEOUT_S) -> str:
         ch.close()
 
 
-def bind_failure(host: str, port: int, timeout_s: float = PROBE_TIMEOUT_S) -> str:
-    """One line saying why host:port could not be listened on, naming the holder when in use."""
+def bind_failure(host: str, port: int, timeout_s: float = PROBE_TIMEOUT_S, tls: TlsConfig | None = None) -> str:
+    """One line saying why host:port could not be listened on, naming the holder when in use
+    (probed over TLS with ``tls``, the process's own config)."""
     err = _bind_errno(host, port)
     if err == errno.EADDRINUSE:
-        return f"{host}:{port} is in use by {holder(host, port, timeout_s)}"
+        return f"{host}:{port} is in use by {holder(host, port, timeout_s, tls)}"
     if err == errno.EADDRNOTAVAIL:
         return f"cannot listen on {host}:{port}: not an address of this host"
     if err:

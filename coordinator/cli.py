@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"dml-coordinator: {e}", file=sys.stderr)
         sys.exit(2)
     except rpc.BindError:  # the port is taken, or the host is not this machine's
-        print(f"dml-coordinator: {portcheck.bind_failure(cfg.host, cfg.port)}", file=sys.stderr)
+        print(f"dml-coordinator: {portcheck.bind_failure(cfg.host, cfg.port, tls=cfg.tls)}", file=sys.stderr)
         sys.exit(2)
     except OSError as e:
         print(f"dml-coordinator: {e}", file=sys.stderr)

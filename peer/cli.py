@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"dml-peer: {e}", file=sys.stderr)
         sys.exit(2)
     except rpc.BindError:  # --port taken, or --host not this machine's
-        print(f"dml-peer: {portcheck.bind_failure(cfg.host, cfg.port)}", file=sys.stderr)
+        print(f"dml-peer: {portcheck.bind_failure(cfg.host, cfg.port, tls=cfg.tls)}", file=sys.stderr)
         sys.exit(2)
     except OSError as e:
         print(f"dml-peer: {e}", file=sys.stderr)

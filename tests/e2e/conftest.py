@@ -1,7 +1,11 @@
 """Real processes: a coordinator and peers started through their handles and always reaped.
 
 Authentication is on, as in every LocalCluster: the fixtures point DML_TOKEN_FILE at the
-coordinator's operator token, so `dml` commands run from the tests carry it."""
+coordinator's operator token, so `dml` commands run from the tests carry it.
+
+Every e2e test runs over TLS (mutual, from a private CA): :func:`cluster_tls` makes one CA and
+certificate for the package, gives it to every LocalCluster and, through DML_TLS_*, to every
+process a test starts itself (`dml` commands, coordinators, peers)."""
 from __future__ import annotations
 
 import json
@@ -15,11 +19,18 @@ from typing import Iterator
 import pytest
 
 from dml.client.api import JobClient, read_token
-from dml.client.cluster import LocalCluster, default_log_name, operator_token_file, registrations
+from dml.client.cluster import LocalCluster, default_log_name, local_tls, operator_token_file, registrations
+from dml.common.tls import CLUSTER_NAME, TlsConfig
+from dml.common.tls import load as load_tls
 from tests.integration.helpers import coordinator_key, fetch_state
 
 pytestmark = pytest.mark.e2e
 ROOT = pathlib.Path(__file__).resolve().parents[2]
+
+
+def env_tls() -> TlsConfig | None:
+    """The TLS config DML_TLS_* name (set by :func:`cluster_tls`), for a test's own clients."""
+    return load_tls(*(os.environ.get(n) for n in TLS_ENV[:3]), os.environ.get(TLS_ENV[3], CLUSTER_NAME))
 
 
 def dml(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
@@ -48,11 +59,25 @@ def wait_status(address: str, job: str, pred, timeout_s: float, what: str) -> di
 
 
 FAST_FAILURES = ("--heartbeat-interval-ms", "200", "--peer-timeout-ms", "1500")
+TLS_ENV = ("DML_TLS_CERT", "DML_TLS_KEY", "DML_TLS_CA", "DML_TLS_SERVER_NAME")
+
+
+@pytest.fixture(scope="package", autouse=True)
+def cluster_tls(tmp_path_factory) -> Iterator[TlsConfig]:
+    """The certificates of every e2e process, also set as DML_TLS_* for the package's duration
+    (so a `dml` command or a coordinator a test starts by hand runs over TLS too)."""
+    tls = local_tls(tmp_path_factory.mktemp("tls"))
+    mp = pytest.MonkeyPatch()
+    for name, value in zip(TLS_ENV, (tls.cert, tls.key, tls.ca, tls.server_name)):
+        mp.setenv(name, str(value))
+    yield tls
+    mp.undo()
 
 
 def job_client(address: str, timeout_s: float = 10) -> JobClient:
-    """A JobClient with the operator token DML_TOKEN_FILE names (set by the fixtures)."""
-    return JobClient(address, timeout_s, token=read_token(pathlib.Path(os.environ["DML_TOKEN_FILE"])))
+    """A JobClient with the operator token DML_TOKEN_FILE names and the e2e certificates (both set
+    by the fixtures)."""
+    return JobClient(address, timeout_s, token=read_token(pathlib.Path(os.environ["DML_TOKEN_FILE"])), tls=env_tls())
 
 
 def fetch_peer(state_dir: pathlib.Path, address: str, job: str, rnd: int, peer_id: str):
@@ -69,14 +94,14 @@ def _print_tracebacks(logs: pathlib.Path, tail: int) -> None:
 
 
 @pytest.fixture
-def local_cluster(tmp_path, monkeypatch) -> Iterator:
+def local_cluster(tmp_path, monkeypatch, cluster_tls) -> Iterator:
     """Factory: start a cluster of N peer processes with fast timeouts; yields (address,
     processes): the coordinator, then peer 0, 1, ... (peer i writes peer-i.log)."""
     clusters: list[LocalCluster] = []
     monkeypatch.setenv("DML_TOKEN_FILE", str(operator_token_file(tmp_path / "state")))
 
     def start(n: int) -> tuple[str, list[subprocess.Popen[bytes]]]:
-        c = LocalCluster(tmp_path / "state", tmp_path / "logs", coordinator_args=FAST_FAILURES, cwd=ROOT)
+        c = LocalCluster(tmp_path / "state", tmp_path / "logs", coordinator_args=FAST_FAILURES, cwd=ROOT, tls=cluster_tls)
         clusters.append(c)
         address = c.start_coordinator()
         for i in range(n):
@@ -93,13 +118,13 @@ class Procs:
     """Coordinator and peer processes for failure tests: restartable, always reaped. Logs are
     numbered in start order across both kinds: coordinator-1.log, peer-2.log, peer-3.log, ..."""
 
-    def __init__(self, root: pathlib.Path) -> None:
+    def __init__(self, root: pathlib.Path, tls: TlsConfig) -> None:
         self.root = root
         self.state_dir = root / "state"
         self.logs = root / "logs"
         self._n = 0
         self.cluster = LocalCluster(self.state_dir, self.logs, coordinator_args=FAST_FAILURES, cwd=ROOT,
-                                    log_name=self._log_name)
+                                    log_name=self._log_name, tls=tls)
         self.peers: list[subprocess.Popen[bytes]] = []
 
     def _log_name(self, name: str, generation: int) -> str:
@@ -135,9 +160,9 @@ class Procs:
 
 
 @pytest.fixture
-def procs(tmp_path, monkeypatch) -> Iterator[Procs]:
+def procs(tmp_path, monkeypatch, cluster_tls) -> Iterator[Procs]:
     """Restartable coordinator + peers, reaped at the end."""
-    p = Procs(tmp_path)
+    p = Procs(tmp_path, cluster_tls)
     monkeypatch.setenv("DML_TOKEN_FILE", str(p.cluster.operator_token_file))
     try:
         yield p

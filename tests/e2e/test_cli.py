@@ -156,10 +156,11 @@ def test_out_of_range_flags_exit_2_without_a_traceback(args, words):
 
 
 @pytest.fixture(scope="module")
-def finished_job(tmp_path_factory) -> Iterator[tuple[str, str]]:
+def finished_job(tmp_path_factory, cluster_tls) -> Iterator[tuple[str, str]]:
     """A coordinator and one peer that have run a 3-round job to the end: (address, job id)."""
     root = tmp_path_factory.mktemp("finished")
-    with pytest.MonkeyPatch.context() as mp, cluster(1, 0, root / "state", root / "logs") as (address, _):
+    with pytest.MonkeyPatch.context() as mp, cluster(1, 0, root / "state", root / "logs",
+                                                     tls=cluster_tls) as (address, _, _c):
         mp.setenv("DML_TOKEN_FILE", str(operator_token_file(root / "state")))  # the `dml` children's operator token
         out = dml("submit", "--coordinator", address, "--rounds", "3", "--local-steps", "2")
         assert out.returncode == 0, out.stderr

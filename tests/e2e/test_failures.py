@@ -70,7 +70,7 @@ def _check_finished_job(procs, job: str, baseline_acc: float, live: int) -> dict
 
 
 @pytest.fixture(scope="module")
-def baseline_acc(tmp_path_factory):
+def baseline_acc(tmp_path_factory, cluster_tls):
     """Factory: final accuracy of the same job on ``n`` peers with no failure (cached per n)."""
     from tests.e2e.conftest import Procs
 
@@ -78,7 +78,7 @@ def baseline_acc(tmp_path_factory):
 
     def get(n: int) -> float:
         if n not in cache:
-            p = Procs(tmp_path_factory.mktemp(f"baseline{n}"))
+            p = Procs(tmp_path_factory.mktemp(f"baseline{n}"), cluster_tls)
             mp = pytest.MonkeyPatch()
             try:
                 mp.setenv("DML_TOKEN_FILE", str(p.cluster.operator_token_file))  # this cluster's, for its `dml` calls

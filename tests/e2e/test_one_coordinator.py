@@ -15,7 +15,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from dml.client.cluster import reap, wait_for_port_file
 from dml.common import rpc
 from dml.coordinator.lock import LOCK_NAME, read_holder
-from tests.e2e.conftest import ROOT
+from tests.e2e.conftest import ROOT, env_tls
 
 pytestmark = pytest.mark.e2e
 
@@ -60,7 +60,7 @@ def coordinators(tmp_path) -> Iterator[Coordinators]:
 
 
 def _serving(port: int) -> bool:
-    with rpc.channel(f"127.0.0.1:{port}") as ch:
+    with rpc.channel(f"127.0.0.1:{port}", tls=env_tls()) as ch:
         try:
             resp = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service="dml.v1.JobService"), timeout=10)
         except grpc.RpcError:

@@ -50,13 +50,14 @@ def operator_token(address: str) -> str:
 
 
 @contextlib.contextmanager
-def peers(address: str, n: int, exchange_timeout_s: float = 10.0) -> Iterator[list[Peer]]:
-    """``n`` started peers running their round loops in threads, stopped on exit."""
+def peers(address: str, n: int, exchange_timeout_s: float = 10.0, tls=None) -> Iterator[list[Peer]]:
+    """``n`` started peers running their round loops in threads (plain text, or over ``tls``),
+    stopped on exit."""
     started: list[Peer] = []
     try:
         for _ in range(n):
             p = Peer(PeerConfig(coordinator=address, join_token=join_token(address),
-                                exchange_timeout_s=exchange_timeout_s, plan_wait_s=1.0)).start()
+                                exchange_timeout_s=exchange_timeout_s, plan_wait_s=1.0, tls=tls)).start()
             p.run_in_thread()
             started.append(p)
         yield started
