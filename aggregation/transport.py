@@ -30,6 +30,14 @@ class ExchangeError(Exception):
         self.suspect = suspect
 
 
+class Cancelled(ExchangeError):
+    """This member's own side ended the exchange (the round was cancelled, or superseded by a
+    newer one): nobody is at fault and there is nothing to report."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, suspect="")
+
+
 @dataclass(frozen=True)
 class Header:
     """Where a frame's chunk belongs in the schedule, and how it is encoded."""

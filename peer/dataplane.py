@@ -68,12 +68,19 @@ def split_host_port(address: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-def close_socket(sock: socket.socket) -> None:
-    """Shuts a socket down (waking any thread blocked on it) and closes it."""
+def shutdown_socket(sock: socket.socket) -> None:
+    """Shuts a socket down, waking any thread blocked on it (which then sees the stream end),
+    but leaves its descriptor to whoever reads it."""
     try:
         sock.shutdown(socket.SHUT_RDWR)
     except OSError:
         pass
+
+
+def close_socket(sock: socket.socket) -> None:
+    """Shuts a socket down (waking any thread blocked on it) and closes it. Only for a socket no
+    other thread reads (see :class:`peer.inbox.Inbox`): :func:`shutdown_socket` otherwise."""
+    shutdown_socket(sock)
     sock.close()
 
 

@@ -263,11 +263,9 @@ class ExchangeServicer(exchange_pb2_grpc.PeerExchangeServicer):
             log.info("data plane: refused a stream for %s: %s", key, box)
             return False
         with self._lock:
-            if box.closed.is_set() or box.conn is not None or self._inboxes.get(key) is not box:
+            if self._inboxes.get(key) is not box:
                 return False
-            box.conn, box.sender, box.shm = conn, sender, shm
-        box.arrived.set()
-        return True
+            return box.attach(conn, sender, shm)
 
     def OpenDataPlane(self, request: exchange_pb2.OpenDataPlaneRequest, context: grpc.ServicerContext) -> exchange_pb2.OpenDataPlaneResponse:
         """Issues a port and single-use token for a TCP stream of one all-reduce."""

@@ -14,7 +14,7 @@ from collections import deque
 from typing import Any
 
 from dml.aggregation.transport import Header
-from dml.peer.dataplane import close_socket
+from dml.peer.dataplane import close_socket, shutdown_socket
 from dml.peer.shm import SharedSlots
 
 Key = tuple[str, int, int]  # (job_id, round, epoch)
@@ -63,7 +63,13 @@ class FrameQueue(queue.Queue):  # type: ignore[type-arg]
 
 
 class Inbox:
-    """Frames from the predecessor for one all-reduce: queued gRPC frames, or a TCP stream."""
+    """Frames from the predecessor for one all-reduce: queued gRPC frames, or a TCP stream.
+
+    The stream belongs to the one link that reads it once it has taken it (:meth:`take_stream`): another
+    thread dropping the inbox (a newer round's inbox opened, the peer stopping) only shuts it
+    down, which wakes the reader, and the reader closes it (:meth:`close` with ``reader``).
+    Closing a socket under a thread blocked on it would hand that thread EBADF, or worse, a
+    descriptor number already reused by the next connection."""
 
     def __init__(self, key: Key, sender: str = "", claimed: bool = False, now: float | None = None) -> None:
         self.key = key
@@ -76,15 +82,42 @@ class Inbox:
         self.sender = sender
         self.claimed = claimed  # a plan of this peer asked for it (else: only a sender did)
         self.dropped = ""  # why the exchange server dropped it ("" unless it did)
+        self._lock = threading.Lock()
+        self._reading = False  # a link took the stream to read it: from then on only that link closes it
 
-    def close(self, reason: str = "") -> None:
-        """Marks the inbox dead and drops its stream and queued frames, if any."""
-        if reason and not self.dropped:
-            self.dropped = reason
-        self.closed.set()
+    def attach(self, conn: socket.socket, sender: str, shm: SharedSlots | None) -> bool:
+        """Binds the predecessor's TCP stream (one per inbox); False if closed or taken."""
+        with self._lock:
+            if self.closed.is_set() or self.conn is not None:
+                return False
+            self.conn, self.sender, self.shm = conn, sender, shm
         self.arrived.set()
-        if self.conn is not None:
-            close_socket(self.conn)
+        return True
+
+    def take_stream(self) -> socket.socket | None:
+        """The stream, for the link that reads it (None once the inbox is closed): from now on
+        only that link closes it."""
+        with self._lock:
+            if self.closed.is_set():
+                return None
+            self._reading = True
+            return self.conn
+
+    def close(self, reason: str = "", reader: bool = False) -> None:
+        """Marks the inbox dead and drops its stream and queued frames, if any. The stream is
+        closed, or, when a link reads it and this is not that link (``reader``), shut down for
+        the link to close. ``reason``: why the exchange server dropped it."""
+        with self._lock:
+            if reason and not self.dropped:
+                self.dropped = reason
+            self.closed.set()
+            conn, someone_reads = self.conn, self._reading and not reader
+        self.arrived.set()
+        if conn is not None:
+            if someone_reads:
+                shutdown_socket(conn)
+            else:
+                close_socket(conn)
         if self.shm is not None:
             self.shm.close()
         self.q.drain()

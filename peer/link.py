@@ -13,7 +13,7 @@ import grpc
 import numpy as np
 from dml.v1 import exchange_pb2, exchange_pb2_grpc
 
-from dml.aggregation.transport import FRAME, ExchangeError, Header
+from dml.aggregation.transport import FRAME, Cancelled, ExchangeError, Header
 from dml.common import rpc
 from dml.common.tls import TlsConfig
 from dml.peer import dataplane, shm
@@ -30,6 +30,7 @@ OPEN_TIMEOUT_S = 5.0
 DATA_PLANES = ("auto", "shm", "tcp", "grpc")
 SHM_SLOT_BYTES = (1 << 22) + 64  # the largest chunk (1M float32) plus room for a codec's scale
 SHM_MIN_BYTES = 8 << 20  # "auto" uses shared memory from this buffer size on
+SUPERSEDED = "exchange superseded by a newer round"
 
 
 class PeerLink:
@@ -81,6 +82,7 @@ class PeerLink:
         self._opening: threading.Thread | None = None
         self._open_error: BaseException | None = None
         self._pending: memoryview | None = None  # payload of the last gRPC frame read
+        self._conn: socket.socket | None = None  # the predecessor's TCP stream, once claimed (ours to close)
         self._hdr = bytearray(FRAME.size)
         self._frames = 0  # frames read from shared-memory slots
 
@@ -214,13 +216,13 @@ class PeerLink:
     # -- receiving ----------------------------------------------------------------------------
     def _check(self, deadline: float, waited: float) -> None:
         if self._abort.is_set():
-            raise ExchangeError(ABORTED)
+            raise Cancelled(ABORTED)
         if self._sender is not None and self._sender.error:
             raise ExchangeError(self._sender.error, suspect=self._succ_id)
         if self._watch is not None and self._watch.lost:
             raise ExchangeError(self._watch.lost, suspect=self._succ_id)
-        if self._inbox.closed.is_set():
-            raise ExchangeError("exchange superseded by a newer round")
+        if self._inbox.closed.is_set():  # dropped by us (a newer round's inbox opened): no one's fault
+            raise Cancelled(self._inbox.dropped or SUPERSEDED)
         if time.monotonic() >= deadline:
             raise ExchangeError(f"no data from {self._pred_id} for {waited:.1f}s", suspect=self._pred_id)
 
@@ -243,6 +245,18 @@ class PeerLink:
             got += n
             deadline = time.monotonic() + waited  # progress-based: a slow ring is not a dead one
 
+    def _stream(self) -> socket.socket | None:
+        """The predecessor's TCP stream (None while frames come over gRPC), claimed from the
+        inbox on first use so that from then on only this link closes it (another thread
+        dropping the inbox just shuts it down, waking us). Cancelled if the inbox was dropped."""
+        if self._conn is None and self._inbox.conn is not None:
+            conn = self._inbox.take_stream()
+            if conn is None:
+                raise Cancelled(SUPERSEDED)
+            conn.settimeout(POLL_S)
+            self._conn = conn
+        return self._conn
+
     def recv_header(self, timeout: float) -> Header:
         """Header of the next frame from the predecessor; fails fast on abort or a broken
         stream, and after ``idle_timeout_s`` without data."""
@@ -252,10 +266,9 @@ class PeerLink:
         while not box.arrived.is_set():
             self._check(deadline, waited)
             box.arrived.wait(POLL_S)
-        if box.conn is not None:
-            if box.conn.gettimeout() != POLL_S:
-                box.conn.settimeout(POLL_S)
-            self._recv_exact(box.conn, memoryview(self._hdr), timeout)
+        conn = self._stream()
+        if conn is not None:
+            self._recv_exact(conn, memoryview(self._hdr), timeout)
             self.bytes_received += FRAME.size
             return Header.unpack(self._hdr)
         while True:
@@ -274,10 +287,11 @@ class PeerLink:
         """Reads the last header's payload into ``out`` (straight from the socket on TCP)."""
         view = out.data.cast("B")
         box = self._inbox
-        if box.shm is not None and box.conn is not None:
+        conn = self._stream()
+        if box.shm is not None and conn is not None:
             try:
                 view[:] = box.shm.slot(self._frames, len(view))
-                box.conn.sendall(shm.CREDIT)  # the slot may be written again
+                conn.sendall(shm.CREDIT)  # the slot may be written again
             except ValueError as e:
                 raise ExchangeError(f"frame from {self._pred_id} does not fit its slot: {e}", suspect=self._pred_id) from None
             except OSError as e:
@@ -286,8 +300,8 @@ class PeerLink:
             self._frames += 1
             self.bytes_received += len(view)
             return
-        if box.conn is not None:
-            self._recv_exact(box.conn, view, timeout)
+        if conn is not None:
+            self._recv_exact(conn, view, timeout)
             self.bytes_received += len(view)
             return
         if self._pending is None or len(self._pending) != len(view):
@@ -301,8 +315,8 @@ class PeerLink:
     def close(self, timeout: float) -> None:
         """Acknowledges the predecessor's stream, then waits for every frame to reach the
         successor (and, on TCP, for its acknowledgement)."""
-        conn = self._inbox.conn
         try:
+            conn = self._stream()
             if conn is not None:  # first, or every member would wait on its successor in a cycle
                 try:
                     conn.sendall(dataplane.ACK)
@@ -323,6 +337,7 @@ class PeerLink:
             self._opening.join(2 * OPEN_TIMEOUT_S + 1.0)  # bounded: it must not outlive the link
         if self._sender is not None:
             self._sender.cancel()
+        self._inbox.close(reader=True)  # our stream, if we claimed it: closed here, by its reader
         self._servicer.release(self._key)
         if not self._watch_kept:
             if self._watch is not None:

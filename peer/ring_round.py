@@ -18,7 +18,7 @@ from dml.aggregation.allreduce import chunk_elems_for
 from dml.aggregation.averaging import delta_ring_average, digest, weighted_ring_average
 from dml.aggregation.codecs import Codec, get_codec
 from dml.aggregation.guard import Poisoned, RingGuard
-from dml.aggregation.transport import ExchangeError
+from dml.aggregation.transport import Cancelled, ExchangeError
 from dml.common import rpc
 from dml.common.tasks import get_task
 from dml.peer import faults
@@ -119,6 +119,8 @@ class RingRound:
             log.error("%s: %s; not forwarding it, and reporting %s", tag, e, e.suspect)
             if not self._abort.is_set():
                 report_failure(peer, plan, e.suspect, str(e), control_pb2.FAILURE_KIND_POISONED)
+        except Cancelled as e:  # cancelled or superseded on our side: the coordinator has moved on
+            log.info("%s: exchange cancelled: %s", tag, e)
         except ExchangeError as e:
             log.warning("%s: exchange failed: %s", tag, e)
             if not self._abort.is_set():  # an abort means the coordinator already moved on

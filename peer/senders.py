@@ -2,6 +2,7 @@
 through shared memory with headers on TCP (one sender thread for both, a ``_write`` hook apart)."""
 from __future__ import annotations
 
+import logging
 import queue
 import socket
 import ssl
@@ -15,12 +16,15 @@ from dml.v1 import exchange_pb2
 
 from dml.aggregation.transport import ExchangeError, Header
 from dml.peer import dataplane, shm
-from dml.peer.dataplane import close_socket
+from dml.peer.dataplane import close_socket, shutdown_socket
 from dml.peer.exchange import FRAMES_METHOD
 from dml.peer.inbox import POLL_S, Key
 from dml.peer.shm import SharedSlots
 
 ABORTED = "round aborted: the membership changed"
+CANCEL_JOIN_S = 2.0
+
+log = logging.getLogger(__name__)
 
 
 class GrpcSender:
@@ -188,7 +192,15 @@ class TcpSender:
         return True
 
     def cancel(self) -> None:
+        """Ends the stream: shut down first, which wakes the sender thread (its write fails at
+        once), and closed only once that thread is out of it, so no write of ours can land on a
+        descriptor number the next connection has been given meanwhile."""
         self._out.put(None)
+        shutdown_socket(self._sock)
+        self._thread.join(CANCEL_JOIN_S)
+        if self._thread.is_alive():  # cannot happen short of a wedged kernel: leave the fd to the GC
+            log.warning("sender to %s did not stop; leaving its socket to be collected", self._succ_id)
+            return
         close_socket(self._sock)
 
 

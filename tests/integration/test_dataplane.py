@@ -18,11 +18,12 @@ from dml.v1 import exchange_pb2, exchange_pb2_grpc
 
 from dml.aggregation.allreduce import ring_allreduce
 from dml.aggregation.codecs import get_codec
-from dml.aggregation.transport import ExchangeError, Header
+from dml.aggregation.transport import Cancelled, ExchangeError, Header
 from dml.peer import dataplane, shm
 from dml.peer.exchange import ExchangeServicer, add_exchange_to_server
 from dml.peer.link import SHM_MIN_BYTES as PeerLink_SHM_MIN
 from dml.peer.link import PeerLink
+from tests.integration.helpers import wait_for
 
 
 class Member:
@@ -323,3 +324,59 @@ def test_lossy_ring_much_larger_than_socket_buffers_does_not_deadlock(members, m
     assert not any(t.is_alive() for t in threads), "the ring deadlocked"
     assert errors == [None] * 3
     assert all(np.all(b == 6.0) for b in bufs)
+
+
+def _attached_link(m: Member, key: tuple[str, int, int]) -> tuple[PeerLink, socket.socket]:
+    """A member's link whose predecessor's TCP stream has arrived (the far end is returned)."""
+    link = PeerLink(m.servicer, key, "p0", "p1", "p1", m.address, 10.0, m.abort, idle_timeout_s=5.0, data_plane="tcp")
+    ours, theirs = socket.socketpair()
+    ours.settimeout(dataplane.HANDSHAKE_S)  # as the data plane's handshake leaves it
+    assert m.servicer._attach(key, "p1", ours)
+    return link, theirs
+
+
+def test_a_stream_dropped_by_a_rapid_reissue_cancels_the_read_not_a_local_failure(members):
+    """A re-issue opens the next epoch's inbox (the predecessor got there first), which drops this
+    one while its reader is about to read: the reader gets a cancelled exchange, naming nobody;
+    before, its socket was closed under it and ``settimeout`` raised EBADF, an OSError that made
+    the peer report a local failure and give up its place."""
+    (m,) = members(1)
+    link, theirs = _attached_link(m, ("j", 4, 1))
+    try:
+        m.servicer.inbox(("j", 4, 2))  # the newer epoch's inbox, opened from another thread
+        with pytest.raises(Cancelled) as e:
+            link.recv_header(5.0)
+        assert e.value.suspect == ""
+    finally:
+        link.shutdown()
+        theirs.close()
+
+
+def test_a_reader_blocked_on_a_superseded_stream_is_woken_and_its_socket_stays_its_own(members):
+    """Another thread drops the inbox while the reader waits in ``recv_into``: the socket is only
+    shut down (the reader wakes at once), never closed under it, so its descriptor cannot be
+    reused by a new connection mid-read; the reader closes it when its link shuts down."""
+    (m,) = members(1)
+    link, theirs = _attached_link(m, ("j", 5, 1))
+    got: list[BaseException] = []
+
+    def read() -> None:
+        try:
+            link.recv_header(30.0)
+        except BaseException as e:  # noqa: BLE001 - checked below
+            got.append(e)
+
+    t = threading.Thread(target=read)
+    t.start()
+    try:
+        box = m.servicer.inbox(("j", 5, 1))
+        wait_for(lambda: box.conn is not None and box.conn.gettimeout() == 0.05, 10, "the reader to wait on its stream")
+        conn = box.conn
+        m.servicer.inbox(("j", 5, 2))  # supersedes it, from this thread
+        assert conn.fileno() != -1, "the stream was closed under its reader"
+        t.join(10)
+        assert not t.is_alive() and len(got) == 1 and isinstance(got[0], Cancelled), got
+    finally:
+        link.shutdown()
+        theirs.close()
+    assert conn.fileno() == -1, "the reader's link did not close its stream"
