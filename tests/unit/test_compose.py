@@ -139,3 +139,54 @@ def test_peers_join_with_the_token_the_coordinator_makes_and_only_the_operator_h
     assert str(cfg.state_dir) not in mounts(peer), "peers never see the operator token or the coordinator's key"
     sa = jobctl.build_parser().parse_args(submit["command"][1:])
     assert str(sa.token_file).startswith(str(cfg.state_dir)) and mounts(submit)[str(cfg.state_dir)][1] == "ro"
+
+
+def _tls_env(svc: dict) -> dict[str, str]:
+    return {k: v for k, v in svc.get("environment", {}).items() if k.startswith("DML_TLS_")}
+
+
+def test_every_service_runs_with_mutual_tls_from_the_certs_the_coordinator_makes(tmp_path, monkeypatch):
+    """The coordinator's entrypoint writes the CA and one certificate per role into the `certs`
+    volume before its command; every service (its health check too) names its certificate, its
+    key and the CA through DML_TLS_*, files that `dml certs` writes; with them the real parsers
+    build mutual-TLS configs (so the servers on 0.0.0.0 are allowed to start)."""
+    from dml.client import cli as jobctl
+    from dml.common import certs
+    from dml.coordinator import cli as coord_cli
+    from dml.peer import cli as peer_cli
+
+    c = _compose()
+    services = c["services"]
+    assert "certs" in c["volumes"]
+    entry = services["coordinator"]["entrypoint"]
+    script = entry[entry.index("-c") + 1]
+    assert script.startswith("dml certs ") and "--if-missing" in script and 'exec "$$@"' in script
+    state = services["coordinator"]["command"][services["coordinator"]["command"].index("--state-dir") + 1]
+    assert f"mv /certs/{certs.CA_KEY} {state}/" in script, "the CA's key leaves the volume every service mounts"
+    made = jobctl.build_parser().parse_args(script.split("&&")[0].split()[1:])
+    assert str(made.out) == "/certs" and made.if_missing
+    hosts = made.hosts.split(",")
+    certs.make_certs(tmp_path, hosts)  # what the entrypoint writes, here in tmp_path
+    for name, svc in services.items():
+        env = _tls_env(svc)
+        assert set(env) == {"DML_TLS_CERT", "DML_TLS_KEY", "DML_TLS_CA"}, f"{name} does not run with mutual TLS"
+        mount = [v for v in svc["volumes"] if v.split(":")[0] == "certs"]
+        assert mount and mount[0].split(":")[1] == "/certs", name
+        assert env["DML_TLS_CA"] == f"/certs/{certs.CA_CERT}"
+        role = pathlib.PurePath(env["DML_TLS_CERT"]).stem
+        assert role in hosts and env["DML_TLS_KEY"] == f"/certs/{role}-key.pem", name
+        for k, v in env.items():
+            monkeypatch.setenv(k, str(tmp_path / pathlib.PurePath(v).name))
+        if name == "coordinator":
+            cfg = coord_cli.build_config(svc["command"][1:])
+            assert cfg.tls is not None and cfg.tls.mutual and cfg.host == "0.0.0.0"
+            health = jobctl.build_parser().parse_args(svc["healthcheck"]["test"][2:])
+            assert jobctl.cliargs.tls_config(jobctl.build_parser(), health) is not None
+        elif name == "peer":
+            pc, _ = peer_cli.build_config(svc["command"][1:] + ["--device", "cpu"])
+            assert pc.tls is not None and pc.tls.mutual and pc.host == "0.0.0.0"
+        else:
+            a = jobctl.build_parser().parse_args(svc["command"][1:])
+            assert jobctl.cliargs.tls_config(jobctl.build_parser(), a) is not None
+        for k in env:
+            monkeypatch.delenv(k)
