@@ -2,7 +2,7 @@
 
     python benchmarks/allreduce.py [--world-sizes 2,3,4] [--sizes-mb 1,64,256] [--codecs fp32]
                                    [--data-planes tcp] [--repeats 5] [--chunk-elems 262144] [--json]
-                                   [--link-mbit 1000 [--egress-only] [--link-probe-s 1]]
+                                   [--link-mbit 1000 [--egress-only] [--link-probe-s 1]] [--tls]
 
 For every (N, size, codec, data plane) it starts two pools of N worker processes on 127.0.0.1
 (``spawn``):
@@ -18,7 +18,12 @@ For every (N, size, codec, data plane) it starts two pools of N worker processes
 - gloo: ``init_process_group('gloo', init_method='tcp://127.0.0.1:PORT')`` on a free port, then
   times ``dist.all_reduce`` on a float32 tensor of the same size.
 
-Both pools warm up once, then repetitions interleave (dml, gloo, dml, gloo, ...) so machine noise
+``--tls`` adds a third pool, dml over mutual TLS (certificates from ``dml certs``'s code in a
+temporary directory): its gRPC servers and channels and its TCP data plane (for ``shm``, the
+headers' stream) inside TLS, as peers run with TLS on. Its row sits beside plain dml and gloo,
+measured in the same run, with its cost: TLS time / plain time and TLS CPU / plain CPU.
+
+The pools warm up once, then repetitions interleave (dml, gloo, dml, gloo, ...) so machine noise
 hits both. Each repetition starts on a multiprocessing barrier; its time is the span from the
 first worker leaving the barrier to the last one finishing (``perf_counter`` is the system-wide
 monotonic clock), its CPU time the sum over the N workers of ``time.process_time`` (all threads
@@ -124,8 +129,9 @@ def _max_abs_err(buf: np.ndarray, expected: np.ndarray) -> float:
 
 # -- workers ---------------------------------------------------------------------------------------
 def _worker(kind: str, rank: int, world: int, n: int, conn: Any, barrier: Any, opts: dict[str, Any]) -> None:
-    """One rank of one pool. Talks to the parent over ``conn``: sends ("ready", port), then for each
-    ("run", rep) sends ("done", t0, t1, cpu_s, max_abs_err); exits on ("stop",) or a lost parent."""
+    """One rank of one pool ("dml", "dml-tls" or "gloo"). Talks to the parent over ``conn``: sends
+    ("ready", port), then for each ("run", rep) sends ("done", t0, t1, cpu_s, max_abs_err); exits
+    on ("stop",) or a lost parent."""
     server = None
     try:
         hosts: list[str] = opts["hosts"] or ["127.0.0.1"] * world
@@ -137,13 +143,15 @@ def _worker(kind: str, rank: int, world: int, n: int, conn: Any, barrier: Any, o
         buf = np.empty_like(orig)
         expected = _expected(n, world)
         timeout = float(opts["timeout_s"])
-        if kind == "dml":
+        if kind in ("dml", "dml-tls"):
             import threading
             from dml.aggregation.allreduce import ring_allreduce
             from dml.aggregation.codecs import get_codec
-            from dml.common import rpc
+            from dml.common import rpc, tls
             from dml.peer.exchange import ExchangeServicer, add_exchange_to_server
             from dml.peer.link import PeerLink
+
+            tls_cfg = tls.load(*opts["tls_files"]) if kind == "dml-tls" else None
 
             codec = get_codec(str(opts["codec"]))
             residual = None if codec.exact else np.zeros(n, dtype=np.float32)
@@ -153,10 +161,10 @@ def _worker(kind: str, rank: int, world: int, n: int, conn: Any, barrier: Any, o
                 torch.set_num_threads(1)
             plane = str(opts["data_plane"])
             servicer = ExchangeServicer(lambda job, rnd: None, recv_timeout_s=timeout,
-                                        data_plane_host=host if plane in ("shm", "tcp") else None)
+                                        data_plane_host=host if plane in ("shm", "tcp") else None, tls=tls_cfg)
             server = rpc.server(workers=16, max_message_bytes=rpc.EXCHANGE_MESSAGE_BYTES)
             add_exchange_to_server(servicer, server)
-            port = rpc.bind(server, host, 0)
+            port = rpc.bind(server, host, 0, tls=tls_cfg)
             server.start()
             conn.send(("ready", port))
             if not conn.poll(READY_TIMEOUT_S):
@@ -170,7 +178,8 @@ def _worker(kind: str, rank: int, world: int, n: int, conn: Any, barrier: Any, o
 
             def op(rep: int) -> tuple[float, float, float]:
                 link = PeerLink(servicer, (JOB, rep, 0), f"w{rank}", f"w{(rank - 1) % world}", f"w{succ}",
-                                f"{hosts[succ]}:{ports[succ]}", timeout, abort, idle_timeout_s=timeout, data_plane=plane)
+                                f"{hosts[succ]}:{ports[succ]}", timeout, abort, idle_timeout_s=timeout, data_plane=plane,
+                                tls=tls_cfg)
                 if residual is not None:
                     residual.fill(0.0)
                 if opts["open_early"]:
@@ -271,7 +280,7 @@ class Pool:
     def wait_ready(self) -> None:
         deadline = time.monotonic() + READY_TIMEOUT_S
         ports = [_recv(c, deadline, f"{self.kind} rank {r} to start")[1] for r, c in enumerate(self.conns)]
-        if self.kind == "dml":
+        if self.kind != "gloo":
             for c in self.conns:
                 c.send(("ports", ports))
         _log(f"  {self.kind} workers up: pids {[p.pid for p in self.procs]}")
@@ -335,32 +344,34 @@ def measure(ctx: Any, world: int, size_mb: float, codec: str, plane: str, args: 
             "gloo_port": next(NETNS_GLOO_PORTS) if lan is not None else _free_port(),
             "data_plane": plane, "verify": args.verify, "open_early": not args.open_in_time,
             "netns": lan.names[:world] if lan is not None else None,
-            "hosts": lan.addrs[:world] if lan is not None else None, "iface": netem.IFACE}
-    dml, gloo = Series(), Series()
-    pools: list[Pool] = []
+            "hosts": lan.addrs[:world] if lan is not None else None, "iface": netem.IFACE,
+            "tls_files": args.tls_files}
+    kinds = ["dml", "gloo"] + (["dml-tls"] if args.tls_files else [])
+    series = {k: Series() for k in kinds}
+    dml, gloo = series["dml"], series["gloo"]
+    pools: dict[str, Pool] = {}
     try:
         _log(f"N={world} {size_mb:g} MB {codec} over {plane}: starting workers")
-        pools.append(Pool(ctx, "dml", world, n, opts))
-        pools[-1].wait_ready()
-        pools.append(Pool(ctx, "gloo", world, n, opts))
-        pools[-1].wait_ready()
-        pd, pg = pools
-        wd, wg = pd.run(), pg.run()  # warm-up, not counted (errors still are)
-        dml.max_err, gloo.max_err = wd[2], wg[2]
-        _log(f"  warm-up: dml {wd[0]:.4f} s gloo {wg[0]:.4f} s")
+        for k in kinds:
+            pools[k] = Pool(ctx, k, world, n, opts)
+            pools[k].wait_ready()
+        warm = {k: pools[k].run() for k in kinds}  # warm-up, not counted (errors still are)
+        for k in kinds:
+            series[k].max_err = warm[k][2]
+        _log("  warm-up: " + " ".join(f"{k} {warm[k][0]:.4f} s" for k in kinds))
         for r in range(args.repeats):
-            dml.add(*pd.run())
-            gloo.add(*pg.run())
-            _log(f"  rep {r + 1}/{args.repeats}: dml {dml.times[-1]:.4f} s ({dml.cpus[-1]:.2f} CPU-s)"
-                 f"  gloo {gloo.times[-1]:.4f} s ({gloo.cpus[-1]:.2f} CPU-s)")
+            for k in kinds:
+                series[k].add(*pools[k].run())
+            _log(f"  rep {r + 1}/{args.repeats}: " + "  ".join(
+                f"{k} {series[k].times[-1]:.4f} s ({series[k].cpus[-1]:.2f} CPU-s)" for k in kinds))
     finally:
-        for p in reversed(pools):
+        for p in reversed(list(pools.values())):
             p.close()
     nbytes = n * 4
     bus = 2 * (world - 1) / world
     row: dict[str, Any] = {"world_size": world, "size_mb": size_mb, "codec": codec, "data_plane": plane,
                            "chunk_elems": opts["chunk_elems"], "repeats": args.repeats}
-    for name, s in (("dml", dml), ("gloo", gloo)):
+    for name, s in [("dml", dml), ("gloo", gloo)] + ([("tls", series["dml-tls"])] if "dml-tls" in series else []):
         med = statistics.median(s.times)
         row[f"{name}_s"] = med
         row[f"{name}_min_s"] = min(s.times)
@@ -372,6 +383,10 @@ def measure(ctx: Any, world: int, size_mb: float, codec: str, plane: str, args: 
     row["ratio"] = row["dml_s"] / row["gloo_s"]
     row["cpu_ratio"] = row["dml_cpu_s"] / row["gloo_cpu_s"] if row["gloo_cpu_s"] > 0 else None
     row["max_abs_err"] = dml.max_err
+    if "dml-tls" in series:  # what TLS costs: the same all-reduce, same run, inside TLS
+        row["tls_cost"] = row["tls_s"] / row["dml_s"]
+        row["tls_cpu_cost"] = row["tls_cpu_s"] / row["dml_cpu_s"] if row["dml_cpu_s"] > 0 else None
+        row["max_abs_err"] = max(dml.max_err, series["dml-tls"].max_err)
     row["gloo_max_abs_err"] = gloo.max_err
     row["link_mbit"] = lan.mbit if lan is not None else 0
     row["floor_s"] = row["gloo_floor_s"] = None
@@ -391,6 +406,7 @@ HEADER = (f"{'N':>2} {'size MB':>7} {'codec':>5} {'plane':>5} | {'dml s median [
 
 
 LINK_HEADER = f" | {'floor s':>7} {'dml/fl':>6} {'gl/fl':>6}"
+TLS_HEADER = f" | {'dml+TLS s median [min..max]':>27} {'algbw':>6} {'busbw':>6} {'CPU-s':>6} {'TLS x':>5} {'CPU x':>5}"
 
 
 def _fmt_row(r: dict[str, Any]) -> str:
@@ -403,6 +419,9 @@ def _fmt_row(r: dict[str, Any]) -> str:
             f" | {r['ratio']:5.2f} {cpu_x} {max(r['max_abs_err'], r['gloo_max_abs_err']):7.1g}")
     if r.get("floor_s") is not None:  # the codec's floor; gloo's is always fp32's
         line += f" | {r['floor_s']:7.4f} {r['dml_s'] / r['floor_s']:6.2f} {r['gloo_s'] / r['gloo_floor_s']:6.2f}"
+    if r.get("tls_cost") is not None:  # TLS x: time over plain dml's; CPU x: CPU-s over plain dml's
+        cpu = f"{r['tls_cpu_cost']:5.2f}" if r["tls_cpu_cost"] is not None else "    -"
+        line += f" | {side('tls')} {r['tls_cost']:5.2f} {cpu}"
     return line
 
 
@@ -444,6 +463,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--link-probe-s", type=float, default=1.0,
                    help="with --link-mbit, seconds of plain-socket ring traffic per world size before the "
                         "all-reduces, to report the rate the link reaches (default 1; 0: skip)")
+    p.add_argument("--tls", action="store_true",
+                   help="also time dml over mutual TLS (gRPC and the data plane), beside plain dml and gloo, "
+                        "and print what it costs")
     p.add_argument("--json", action="store_true", help="one JSON object per configuration on stdout")
     a = p.parse_args(argv)
     a.world_sizes = _csv(int, a.world_sizes, "--world-sizes", p)
@@ -473,6 +495,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--link-mbit: at most {netem.MAX_RANKS} ranks")
     if a.link_probe_s < 0:
         p.error("--link-probe-s must not be negative")
+    a.tls_files = None  # (cert, key, ca) once main has made them
     return a
 
 
@@ -490,7 +513,16 @@ def main(argv: list[str] | None = None) -> int:
     ctx = mp.get_context("spawn")
     lan: netem.Lan | None = None
     old_term = signal.signal(signal.SIGTERM, _raise_exit)
+    certs_dir = None
     try:
+        if args.tls:
+            import tempfile
+
+            from dml.common import certs
+
+            certs_dir = tempfile.TemporaryDirectory(prefix="allreduce-tls-")
+            made = certs.make_certs(pathlib.Path(certs_dir.name), ["localhost"])[0]
+            args.tls_files = (str(made.cert), str(made.key), str(made.ca))
         if args.link_mbit > 0:
             lan = netem.Lan(max(args.world_sizes), args.link_mbit, egress_only=args.egress_only)
             try:
@@ -511,7 +543,10 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"# {lan.describe()}")
                 print("# floor s = 2(N-1)/N x the codec's wire bytes x 8 / rate (each rank's share of the ring on its "
                       "link); dml/fl = dml median / that floor; gl/fl = gloo median / fp32's floor")
-            print(HEADER + (LINK_HEADER if lan is not None else ""), flush=True)
+            if args.tls:
+                print("# dml+TLS: the same dml ring inside mutual TLS (TLS 1.3, ECDSA P-256); TLS x = its median "
+                      "time / plain dml's, CPU x = its CPU-s / plain dml's")
+            print(HEADER + (LINK_HEADER if lan is not None else "") + (TLS_HEADER if args.tls else ""), flush=True)
         for world in args.world_sizes:
             if lan is not None and args.link_probe_s > 0:
                 rates = netem.probe_ring(ctx, lan, world, args.link_probe_s)
@@ -531,6 +566,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if lan is not None:
             lan.close()
+        if certs_dir is not None:
+            certs_dir.cleanup()
         signal.signal(signal.SIGTERM, old_term)
     return 0
 
