@@ -43,10 +43,28 @@ class ApiError(Exception):
         self.code = code
 
 
-def api_error(e: grpc.RpcError, address: str) -> ApiError:
-    """The user-facing error for a failed call to the coordinator at ``address``."""
+def _tls_reason(details: str) -> str:
+    """Why a TLS handshake failed, in a few words, from gRPC's connection error ("" if it was not TLS)."""
+    if "Hostname Verification" in details:
+        return "the coordinator's certificate does not carry the name checked (--tls-server-name)"
+    if "handshake" not in details.lower():
+        return ""
+    tail = details.split("OPENSSL_internal:", 1)[-1] if "OPENSSL_internal:" in details else details
+    return tail.removesuffix(": OK").strip()
+
+
+def api_error(e: grpc.RpcError, address: str, tls: bool | None = None) -> ApiError:
+    """The user-facing error for a failed call to the coordinator at ``address`` (``tls``: whether
+    the call was made over TLS, for the hint when the connection itself was refused)."""
     code = e.code() if isinstance(e, grpc.Call) else None
     details = e.details() if isinstance(e, grpc.Call) else str(e)
+    if code == grpc.StatusCode.UNAVAILABLE and (why := _tls_reason(details or "")):
+        return ApiError(f"cannot reach coordinator at {address}: TLS handshake failed ({why}); "
+                        f"check --tls-ca, --tls-cert and --tls-key", FAILED)
+    if code == grpc.StatusCode.UNAVAILABLE and "Socket closed" in (details or ""):
+        hint = ("it refused our certificate, or serves no TLS" if tls
+                else "if it serves TLS, pass --tls-ca, --tls-cert and --tls-key")
+        return ApiError(f"cannot reach coordinator at {address} (it closed the connection: {hint})", FAILED)
     if code == grpc.StatusCode.INVALID_ARGUMENT:
         return ApiError(f"invalid job: {details}", BAD_INPUT)
     if code == grpc.StatusCode.NOT_FOUND:
@@ -167,7 +185,7 @@ class JobClient:
         try:
             return fn()
         except grpc.RpcError as e:
-            raise api_error(e, self.address) from None
+            raise api_error(e, self.address, self.tls is not None) from None
 
     def submit(self, spec: JobSpec) -> str:
         """Submits a job; returns its id."""
@@ -218,7 +236,7 @@ class JobClient:
             except grpc.RpcError as e:
                 code = e.code() if isinstance(e, grpc.Call) else None
                 if code not in _TRANSIENT or not seen:
-                    raise api_error(e, self.address) from None
+                    raise api_error(e, self.address, self.tls is not None) from None
                 log.debug("watch %s: %s; reconnecting", job_id, code)
                 time.sleep(0.5)  # the coordinator is restarting: reconnect after a pause
         raise ApiError(f"gave up watching {job_id} after {max_s:.0f}s", FAILED)

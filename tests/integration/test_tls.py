@@ -56,6 +56,10 @@ def test_tls_coordinator_serves_cluster_clients_and_refuses_plain_and_foreign_on
             assert c.health() == "SERVING" and c.list() == []
         for cfg in (None, pki.theirs, pki.foreign_cert, pki.no_cert):
             assert "cannot reach coordinator" in _refused(srv.address, cfg)
+        # The messages say what to check.
+        assert "if it serves TLS, pass --tls-ca, --tls-cert and --tls-key" in _refused(srv.address, None)
+        assert "TLS handshake failed (CERTIFICATE_VERIFY_FAILED" in _refused(srv.address, pki.theirs)
+        assert "it refused our certificate" in _refused(srv.address, pki.no_cert)
         # The refusal is the handshake's: nothing reached the job service.
         with JobClient(srv.address, 5.0, tls=pki.ours) as c:
             assert c.list() == []
@@ -72,7 +76,7 @@ def test_dialers_verify_the_cluster_name_not_the_address_they_dial(pki):
     with coordinator(tls=pki.ours) as srv:
         files = pki.ours
         by_host = tls.load(files.cert, files.key, files.ca, server_name="")
-        assert "cannot reach coordinator" in _refused(srv.address, by_host)
+        assert "does not carry the name checked (--tls-server-name)" in _refused(srv.address, by_host)
         named = tls.load(files.cert, files.key, files.ca, server_name="localhost")
         with JobClient(srv.address, 5.0, tls=named) as c:
             assert c.list() == []
