@@ -67,6 +67,7 @@ from dml.v1 import jobs_pb2, jobs_pb2_grpc
 from dml.client import api as jobapi
 from dml.client.cluster import ClusterError, LocalCluster, Proc, log_lines, log_time, registrations
 from dml.common import auth, rpc
+from dml.common.tls import TlsConfig
 from dml.common.spec import MAX_ROUNDS, JobSpec, with_defaults
 from dml.coordinator.ledger import violations
 from dml.coordinator.service import CoordinatorConfig, job_shards
@@ -140,13 +141,14 @@ def commit_after(history: Sequence[Any], t: float) -> Any | None:
     return min(later, key=lambda h: h.committed_unix_ms) if later else None
 
 
-def fetch_job(address: str, job_id: str, timeout_s: float, token: str) -> jobs_pb2.GetJobResponse:
-    """GetJob with the history (with the operator ``token``), retried until ``timeout_s`` (the
-    coordinator may just have been restarted)."""
+def fetch_job(address: str, job_id: str, timeout_s: float, token: str,
+              tls: TlsConfig | None = None) -> jobs_pb2.GetJobResponse:
+    """GetJob with the history (with the operator ``token``, over ``tls``: the cluster's),
+    retried until ``timeout_s`` (the coordinator may just have been restarted)."""
     deadline = time.monotonic() + timeout_s
     last = ""
     while time.monotonic() < deadline:
-        with rpc.channel(address, max_message_bytes=HISTORY_BYTES, options=POLL_CHANNEL_OPTIONS) as ch:
+        with rpc.channel(address, tls=tls, max_message_bytes=HISTORY_BYTES, options=POLL_CHANNEL_OPTIONS) as ch:
             try:
                 return jobs_pb2_grpc.JobServiceStub(auth.with_token(ch, token)).GetJob(
                     jobs_pb2.GetJobRequest(job_id=job_id, include_history=True),
@@ -248,9 +250,9 @@ class Monitor(threading.Thread):
     """Polls GetJob every ~50 ms into ``obs`` (a fresh channel after each failed poll, so a
     restarted coordinator is seen as soon as it answers)."""
 
-    def __init__(self, address: str, job_id: str, token: str) -> None:
+    def __init__(self, address: str, job_id: str, token: str, tls: TlsConfig | None = None) -> None:
         super().__init__(name="monitor", daemon=True)
-        self.address, self.job_id, self.token = address, job_id, token
+        self.address, self.job_id, self.token, self.tls = address, job_id, token, tls
         self.obs: list[Obs] = []
         self.halt = threading.Event()
 
@@ -261,7 +263,7 @@ class Monitor(threading.Thread):
         while not self.halt.is_set():
             t0 = time.monotonic()
             if stub is None:
-                ch = rpc.channel(self.address, options=POLL_CHANNEL_OPTIONS)
+                ch = rpc.channel(self.address, tls=self.tls, options=POLL_CHANNEL_OPTIONS)
                 stub = jobs_pb2_grpc.JobServiceStub(auth.with_token(ch, self.token))
             try:
                 o = obs_of(stub.GetJob(req, timeout=2.0).job, time.time())
@@ -475,10 +477,10 @@ def run(name: str, a: argparse.Namespace, work: pathlib.Path, chaos: bool) -> di
         cluster.start_coordinator()
         wait_registered([cluster.start_peer(i) for i in range(a.peers)], 120)
         token = cluster.operator_token()  # authentication is on, as everywhere LocalCluster runs
-        with jobapi.JobClient(cluster.address, timeout_s=30, token=token) as client:
+        with cluster.client(timeout_s=30) as client:
             job_id = client.submit(spec)
         _say(f"[{name}] coordinator {cluster.address}, {a.peers} peers, job {job_id}; logs in {cluster.log_dir}")
-        mon = Monitor(cluster.address, job_id, token)
+        mon = Monitor(cluster.address, job_id, token, cluster.tls)
         mon.start()
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and not ((o := mon.latest()) and o.round >= 1):
@@ -533,7 +535,7 @@ def run(name: str, a: argparse.Namespace, work: pathlib.Path, chaos: bool) -> di
         # Let the last failures finish recovering (measured), then stop.
         settle = time.monotonic() + a.settle_s
         while chaos and events and time.monotonic() < settle:
-            resp = fetch_job(cluster.address, job_id, 30, token)
+            resp = fetch_job(cluster.address, job_id, 30, token, cluster.tls)
             obs = list(mon.obs)
             for i, ev in enumerate(events):
                 analyse(ev, obs, resp, events[i + 1].t if i + 1 < len(events) else math.inf)
@@ -544,9 +546,9 @@ def run(name: str, a: argparse.Namespace, work: pathlib.Path, chaos: bool) -> di
         mon.join(5)
         obs = list(mon.obs)
         cancel_at = time.time()
-        with contextlib.suppress(jobapi.ApiError), jobapi.JobClient(cluster.address, timeout_s=10, token=token) as client:
+        with contextlib.suppress(jobapi.ApiError), cluster.client(timeout_s=10) as client:
             client.cancel(job_id)
-        resp = fetch_job(cluster.address, job_id, 30, token)
+        resp = fetch_job(cluster.address, job_id, 30, token, cluster.tls)
         for i, ev in enumerate(events):
             analyse(ev, obs, resp, events[i + 1].t if i + 1 < len(events) else cancel_at)
     finally:

@@ -230,14 +230,15 @@ class LocalCluster:
         self._tls_args = self.tls.args() if self.tls is not None else []
 
     def client_env(self) -> dict[str, str]:
-        """The children's environment plus the DML_TLS_* variables a `dml` command needs to
-        reach this cluster."""
+        """The children's environment plus what a `dml` command needs to reach this cluster:
+        DML_TLS_* (its certificates) and DML_TOKEN_FILE (the operator token)."""
         env = dict(self._env)
         if self.tls is not None:
             for name, path in (("DML_TLS_CERT", self.tls.cert), ("DML_TLS_KEY", self.tls.key), ("DML_TLS_CA", self.tls.ca)):
                 if path is not None:
                     env[name] = str(path)
             env["DML_TLS_SERVER_NAME"] = self.tls.server_name
+        env["DML_TOKEN_FILE"] = str(self.operator_token_file)
         return env
 
     def __enter__(self) -> LocalCluster:

@@ -142,8 +142,10 @@ def cmd_local(a: argparse.Namespace) -> int:
                 url = _logged_metrics_url(log_dir / "coordinator.log", 5.0)
                 print(f"  metrics: the coordinator's at {url or 'the address in its log'}, each peer's in its log",
                       file=sys.stderr)
-            print(f"  watch from another shell: dml status --coordinator {address} --watch "
-                  f"--token-file {c.operator_token_file} {' '.join(c.tls.args())}", file=sys.stderr)
+            env = c.client_env()
+            exports = " ".join(f"{k}={env[k]}" for k in sorted(env) if k.startswith("DML_TLS_") or k == "DML_TOKEN_FILE")
+            print(f"  every port runs mutual TLS, job control needs the operator token; watch from another shell:\n"
+                  f"  export {exports}\n  dml status --coordinator {address} --watch", file=sys.stderr)
             client = c.client(timeout_s=30.0)
             job_id = client.submit(spec)
             print(f"job {job_id}: {spec.task}, {spec.rounds} rounds x {spec.local_steps} local steps, "
