@@ -83,7 +83,7 @@ def job_client(address: str, timeout_s: float = 10) -> JobClient:
 def fetch_peer(state_dir: pathlib.Path, address: str, job: str, rnd: int, peer_id: str):
     """A peer process's parameters of a round, fetched as an auditor holding the coordinator's
     key (STATE_DIR/secrets/coordinator.key): (digest, state_dict, raw bytes)."""
-    return fetch_state(address, job, rnd, peer_id, coordinator_key(state_dir))
+    return fetch_state(address, job, rnd, peer_id, coordinator_key(state_dir), tls=env_tls())
 
 
 def _print_tracebacks(logs: pathlib.Path, tail: int) -> None:

@@ -100,11 +100,12 @@ def coordinator_key(state_dir):
     return auth.ensure_private_key(state_dir / "secrets" / "coordinator.key")[0]
 
 
-def fetch_state(address: str, job_id: str, rnd: int, peer_id: str, signing_key) -> tuple[str, dict[str, torch.Tensor], bytes]:
+def fetch_state(address: str, job_id: str, rnd: int, peer_id: str, signing_key,
+                tls=None) -> tuple[str, dict[str, torch.Tensor], bytes]:
     """Downloads peer ``peer_id``'s parameters of a round as an auditor (see
-    :func:`audit_metadata`): (digest, state_dict, raw bytes)."""
+    :func:`audit_metadata`), over ``tls`` if the peer serves it: (digest, state_dict, raw bytes)."""
     md = audit_metadata(signing_key, job_id, rnd, peer_id)
-    with rpc.channel(address) as ch:
+    with rpc.channel(address, tls=tls) as ch:
         parts = list(exchange_pb2_grpc.PeerExchangeStub(ch).FetchParameters(
             exchange_pb2.FetchParametersRequest(job_id=job_id, round=rnd), timeout=10, metadata=md))
     raw = b"".join(p.data for p in parts)
