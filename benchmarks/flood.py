@@ -50,6 +50,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc  # noqa: E402
 from dml.client import api as jobapi  # noqa: E402
 from dml.client.cluster import ClusterError, LocalCluster, Proc, registrations  # noqa: E402
 from dml.common import rpc  # noqa: E402
+from dml.common.tls import TlsConfig  # noqa: E402
 from dml.common.spec import MAX_ROUNDS, JobSpec  # noqa: E402
 from dml.v1 import control_pb2_grpc, exchange_pb2, exchange_pb2_grpc, jobs_pb2, jobs_pb2_grpc  # noqa: E402
 
@@ -102,6 +103,7 @@ class Monitor:
 
     address: str
     job_id: str
+    tls: TlsConfig | None = None  # the cluster's: its ports take nothing else
     phase: str = "before"
     health: dict[str, list[float]] = field(default_factory=lambda: collections.defaultdict(list))
     failures: dict[str, int] = field(default_factory=lambda: collections.defaultdict(int))
@@ -118,7 +120,7 @@ class Monitor:
         self._stop.set()
 
     def _health_loop(self) -> None:
-        with rpc.channel(self.address) as ch:
+        with rpc.channel(self.address, tls=self.tls) as ch:
             stub = health_pb2_grpc.HealthStub(ch)
             while not self._stop.wait(0.1):
                 phase, t0 = self.phase, time.monotonic()
@@ -129,7 +131,7 @@ class Monitor:
                     self.failures[phase] += 1
 
     def _job_loop(self) -> None:
-        with rpc.channel(self.address) as ch:
+        with rpc.channel(self.address, tls=self.tls) as ch:
             stub = jobs_pb2_grpc.JobServiceStub(ch)
             while not self._stop.wait(0.25):
                 try:
@@ -176,10 +178,10 @@ def outcomes(futs: list[grpc.Future], timeout_s: float) -> dict[str, int]:
 
 
 def idle_streams(address: str, n: int, open_call: Callable[[grpc.Channel, threading.Event], grpc.Future],
-                 hold_s: float, on_held: Callable[[], None]) -> dict[str, int]:
+                 hold_s: float, on_held: Callable[[], None], tls: TlsConfig | None = None) -> dict[str, int]:
     """``n`` calls that send nothing for ``hold_s``; returns how they ended (before release)."""
     release = threading.Event()
-    channels = [rpc.channel(address) for _ in range(max(1, n // 50))]  # a few connections, like a real flood
+    channels = [rpc.channel(address, tls=tls) for _ in range(max(1, n // 50))]  # a few connections, like a real flood
     try:
         futs = [open_call(channels[i % len(channels)], release) for i in range(n)]
         time.sleep(hold_s)
@@ -197,13 +199,13 @@ def idle_streams(address: str, n: int, open_call: Callable[[grpc.Channel, thread
 def probe_coord_streams(cluster: LocalCluster, a: argparse.Namespace, during: Callable[[], None]) -> dict[str, int]:
     def open_call(ch: grpc.Channel, release: threading.Event) -> grpc.Future:
         return control_pb2_grpc.PeerControlStub(ch).UploadCheckpoint.future(hold(release), timeout=a.hold_s + 30)
-    return idle_streams(cluster.address, a.coord_streams, open_call, a.hold_s, during)
+    return idle_streams(cluster.address, a.coord_streams, open_call, a.hold_s, during, a.tls)
 
 
 def probe_peer_streams(target: str, a: argparse.Namespace, during: Callable[[], None]) -> dict[str, int]:
     def open_call(ch: grpc.Channel, release: threading.Event) -> grpc.Future:
         return exchange_pb2_grpc.PeerExchangeStub(ch).PushChunks.future(hold(release), timeout=a.hold_s + 30)
-    return idle_streams(target, a.peer_streams, open_call, a.hold_s, during)
+    return idle_streams(target, a.peer_streams, open_call, a.hold_s, during, a.tls)
 
 
 def probe_inbox(target: str, a: argparse.Namespace, during: Callable[[], None]) -> dict[str, int]:
@@ -221,7 +223,7 @@ def probe_inbox(target: str, a: argparse.Namespace, during: Callable[[], None]) 
             return e.code().name if isinstance(e, grpc.Call) else "error"
 
     got: collections.Counter[str] = collections.Counter()
-    with rpc.channel(target, max_message_bytes=rpc.EXCHANGE_MESSAGE_BYTES) as ch, \
+    with rpc.channel(target, tls=a.tls, max_message_bytes=rpc.EXCHANGE_MESSAGE_BYTES) as ch, \
             futures.ThreadPoolExecutor(8) as pool:
         for r in pool.map(lambda i: push(i, ch), range(a.inbox_keys)):
             got[r] += 1
@@ -229,10 +231,10 @@ def probe_inbox(target: str, a: argparse.Namespace, during: Callable[[], None]) 
     return dict(got)
 
 
-def open_offers(target: str, n: int) -> dict[str, int]:
+def open_offers(target: str, n: int, tls: TlsConfig | None = None) -> dict[str, int]:
     """``n`` OpenDataPlane calls asking for the largest shared-memory slots."""
     got: collections.Counter[str] = collections.Counter()
-    with rpc.channel(target) as ch:
+    with rpc.channel(target, tls=tls) as ch:
         stub = exchange_pb2_grpc.PeerExchangeStub(ch)
         for i in range(n):
             try:
@@ -246,7 +248,7 @@ def open_offers(target: str, n: int) -> dict[str, int]:
 
 
 def probe_shm(target: str, a: argparse.Namespace, during: Callable[[], None]) -> dict[str, int]:
-    got = open_offers(target, a.shm_offers)
+    got = open_offers(target, a.shm_offers, a.tls)
     during()
     return got
 
@@ -291,7 +293,7 @@ def shm_kill_step(cluster: LocalCluster, target: str, a: argparse.Namespace) -> 
     """Offers from a flood, the peer SIGKILLed at once, a fresh peer started in its slot."""
     proc = cluster.peers[0]
     pid = proc.popen.pid
-    open_offers(target, min(a.shm_offers, 64))
+    open_offers(target, min(a.shm_offers, 64), a.tls)
     cluster.kill(proc)
     left = shm_use(pid)
     fresh = cluster.start_peer(0, proc.args)
@@ -359,9 +361,10 @@ def main(argv: list[str] | None = None) -> int:
         cluster.start_coordinator()
         procs = [cluster.start_peer(i) for i in range(a.peers)]
         wait_registered(procs, 120)
-        with jobapi.JobClient(cluster.address, timeout_s=30) as client:
+        a.tls = cluster.tls  # the flood comes from inside the cluster: outsiders fail the TLS handshake
+        with cluster.client(timeout_s=30) as client:
             job_id = client.submit(JobSpec(rounds=MAX_ROUNDS, min_peers=a.peers))
-        mon = Monitor(cluster.address, job_id)
+        mon = Monitor(cluster.address, job_id, cluster.tls)
         mon.start()
         deadline = time.monotonic() + 120
         while not (mon.job and mon.job.round >= 1):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pathlib
 import queue
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -12,6 +13,8 @@ import time
 import urllib.request
 
 import pytest
+
+from tests.e2e.conftest import env_tls
 
 pytestmark = pytest.mark.e2e
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -50,8 +53,14 @@ def test_the_coordinator_prints_and_serves_its_metrics_endpoint(tmp_path):
     try:
         line = _wait_line(_lines(proc), "metrics on", 60)
         url = line.split("metrics on", 1)[1].strip()
-        assert url.startswith("http://127.0.0.1:") and url.endswith("/metrics")
-        with urllib.request.urlopen(url, timeout=10) as r:
+        # The e2e processes run with TLS (DML_TLS_*): the endpoint is HTTPS and wants a client
+        # certificate of the cluster's CA. Dialed by the name its certificate carries.
+        assert url.startswith("https://127.0.0.1:") and url.endswith("/metrics")
+        tls = env_tls()
+        assert tls is not None
+        ctx = ssl.create_default_context(cafile=str(tls.ca))
+        ctx.load_cert_chain(str(tls.cert), str(tls.key))
+        with urllib.request.urlopen(url.replace("127.0.0.1", "localhost"), timeout=10, context=ctx) as r:
             text = r.read().decode()
         assert "dml_peers_live 0.0" in text and "dml_jobs_running 0.0" in text
         assert "# TYPE dml_rounds_committed_total counter" in text

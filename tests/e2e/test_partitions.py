@@ -13,7 +13,7 @@ from dml.v1 import jobs_pb2
 
 from dml.client.cluster import LocalCluster, Proc, operator_token_file, registrations
 from dml.common.spec import JobSpec
-from tests.e2e.conftest import FAST_FAILURES, ROOT, dml, status, wait_status
+from tests.e2e.conftest import FAST_FAILURES, ROOT, dml, env_tls, status, wait_status
 
 pytestmark = pytest.mark.e2e
 
@@ -49,7 +49,7 @@ def _log(c: LocalCluster, name: str) -> str:
 def _cluster(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> LocalCluster:
     """A cluster whose operator token the `dml` commands and status waits of this file carry."""
     monkeypatch.setenv("DML_TOKEN_FILE", str(operator_token_file(tmp_path / "state")))
-    return LocalCluster(tmp_path / "state", tmp_path / "logs", coordinator_args=FAST_FAILURES, cwd=ROOT)
+    return LocalCluster(tmp_path / "state", tmp_path / "logs", coordinator_args=FAST_FAILURES, cwd=ROOT, tls=env_tls())
 
 
 def test_a_peer_whose_advertised_address_nobody_can_reach_is_held_out_once_and_told_why(tmp_path, monkeypatch):
