@@ -14,6 +14,8 @@ from dml.peer.ring_round import RingRound
 
 
 class _Link:
+    bytes_sent = bytes_received = 0
+
     def open_early(self) -> None:
         pass
 
@@ -29,7 +31,7 @@ class _Link:
 def test_only_real_failures_are_reported(monkeypatch, error, reported):
     reports: list[str] = []
     monkeypatch.setattr(ring_round, "report_failure", lambda peer, plan, suspect, detail: reports.append(suspect))
-    peer = SimpleNamespace(peer_id="p0")
+    peer = SimpleNamespace(peer_id="p0", metrics=SimpleNamespace(exchanged=lambda kind, sent, received: None))
     rr = RingRound(peer, threading.Event(), lambda plan, rank: _Link(), gossip=None)  # type: ignore[arg-type]
 
     def fail(*_a: object) -> None:
