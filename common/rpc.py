@@ -121,10 +121,15 @@ def bind(srv: grpc.Server, host: str, port: int, tls: TlsConfig | None = None) -
         bound = 0
     if bound == 0:
         raise BindError(f"cannot listen on {host}:{port}: the address is in use or not this host's")
-    if tls is None:
-        log.warning("serving plain text on %s:%d, loopback only (pass --tls-cert, --tls-key and --tls-ca for TLS)",
-                    host, bound)
-    else:
-        log.info("serving TLS on %s:%d (%s)", host, bound,
-                 "client certificates required" if tls.mutual else "no client certificates asked")
     return bound
+
+
+def log_transport(what: str, address: str, tls: TlsConfig | None) -> None:
+    """The start-up line saying how ``what`` at ``address`` is served: TLS (mutual or not), or
+    plain text, loopback only (a warning: nothing protects it but the host)."""
+    if tls is None:
+        log.warning("%s on %s serves plain text, loopback only (pass --tls-cert, --tls-key and --tls-ca for TLS)",
+                    what, address)
+    else:
+        log.info("%s on %s serves TLS (%s)", what, address,
+                 "mutual: client certificates of the cluster's CA required" if tls.mutual else "no client certificates asked")

@@ -202,6 +202,7 @@ class CoordinatorServer:
         else:
             log.warning("authentication is off (--no-auth): anyone who reaches %s can submit, cancel and join",
                         self.address)
+        rpc.log_transport("the coordinator", self.address, self.config.tls)
         return self
 
     def _set_health(self, serving: bool, reason: str) -> None:

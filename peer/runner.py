@@ -123,6 +123,9 @@ class Peer:
         with the coordinator."""
         shm.remove_orphans()  # files a killed peer on this host left in /dev/shm
         self._server.start()
+        dp = self.servicer.data_plane
+        rpc.log_transport("this peer's exchange server" + (f" and data plane (port {dp.port})" if dp else ""),
+                          f"{self.config.host}:{self.port}", self.config.tls)
         problem = address_problem(self.address)
         if problem:
             log.warning("this peer cannot reach its own advertised address %s (%s): other peers will likely not "
