@@ -147,37 +147,42 @@ def cmd_local(a: argparse.Namespace) -> int:
             print(f"  every port runs mutual TLS, job control needs the operator token; watch from another shell:\n"
                   f"  export {exports}\n  dml status --coordinator {address} --watch", file=sys.stderr)
             client = c.client(timeout_s=30.0)
-            job_id = client.submit(spec)
-            print(f"job {job_id}: {spec.task}, {spec.rounds} rounds x {spec.local_steps} local steps, "
-                  f"batch {spec.batch_size}, lr {spec.learning_rate}", file=sys.stderr)
-            tty = sys.stderr.isatty()
-            last_round = [-1]
-
-            def show(st: object) -> None:
-                line = jobctl.status_line(st)  # type: ignore[arg-type]
-                if tty:
-                    print("\r\033[K" + line, end="", file=sys.stderr, flush=True)
-                elif st.round != last_round[0] and (st.round % 10 == 0 or st.round == st.spec.rounds):  # type: ignore[attr-defined]
-                    print(line, file=sys.stderr, flush=True)
-                last_round[0] = st.round  # type: ignore[attr-defined]
-
             try:
-                end = client.watch(job_id, show, max_s=a.timeout_s)
-            except KeyboardInterrupt:
-                with contextlib.suppress(ApiError):
-                    c.client(timeout_s=2.0).cancel(job_id)
-                raise
-            if tty:
-                print(file=sys.stderr)
-            d = status_dict(end)
-            if a.output is not None and d["state"] == "SUCCEEDED":
-                rnd, _ = client.download(job_id, a.output, 60.0)
-                print(f"saved round {rnd} model to {a.output}", file=sys.stderr)
-            if a.keep:
-                print(f"job {job_id} {d['state']}: test accuracy {jobctl.fmt_metric(d['metrics']['test_accuracy'])}; "
-                      f"cluster still up on {address}, Ctrl-C to stop", file=sys.stderr, flush=True)
-                while True:
-                    time.sleep(3600)
+                job_id = client.submit(spec)
+                print(f"job {job_id}: {spec.task}, {spec.rounds} rounds x {spec.local_steps} local steps, "
+                      f"batch {spec.batch_size}, lr {spec.learning_rate}", file=sys.stderr)
+                tty = sys.stderr.isatty()
+                last_round = [-1]
+
+                def show(st: object) -> None:
+                    line = jobctl.status_line(st)  # type: ignore[arg-type]
+                    if tty:
+                        print("\r\033[K" + line, end="", file=sys.stderr, flush=True)
+                    elif st.round != last_round[0] and (st.round % 10 == 0 or st.round == st.spec.rounds):  # type: ignore[attr-defined]
+                        print(line, file=sys.stderr, flush=True)
+                    last_round[0] = st.round  # type: ignore[attr-defined]
+
+                try:
+                    end = client.watch(job_id, show, max_s=a.timeout_s)
+                except KeyboardInterrupt:
+                    with contextlib.suppress(ApiError), c.client(timeout_s=2.0) as stopper:
+                        stopper.cancel(job_id)
+                    raise
+                if tty:
+                    print(file=sys.stderr)
+                d = status_dict(end)
+                if a.output is not None and d["state"] == "SUCCEEDED":
+                    rnd, _ = client.download(job_id, a.output, 60.0)
+                    print(f"saved round {rnd} model to {a.output}", file=sys.stderr)
+                if a.keep:
+                    print(f"job {job_id} {d['state']}: test accuracy {jobctl.fmt_metric(d['metrics']['test_accuracy'])}; "
+                          f"cluster still up on {address}, Ctrl-C to stop", file=sys.stderr, flush=True)
+                    while True:
+                        time.sleep(3600)
+            finally:
+                # Closed here, while the cluster is up: a channel left to the garbage collector
+                # until exit can hang there after an interrupted watch.
+                client.close()
         acc = d["metrics"]["test_accuracy"]
         print(f"job {job_id} {d['state']} after {d['round']} rounds in {time.monotonic() - started:.1f}s: "
               f"test accuracy {jobctl.fmt_metric(acc)}")
