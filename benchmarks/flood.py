@@ -49,7 +49,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc  # noqa: E402
 
 from dml.client import api as jobapi  # noqa: E402
 from dml.client.cluster import ClusterError, LocalCluster, Proc, registrations  # noqa: E402
-from dml.common import rpc  # noqa: E402
+from dml.common import auth, rpc  # noqa: E402
 from dml.common.tls import TlsConfig  # noqa: E402
 from dml.common.spec import MAX_ROUNDS, JobSpec  # noqa: E402
 from dml.v1 import control_pb2_grpc, exchange_pb2, exchange_pb2_grpc, jobs_pb2, jobs_pb2_grpc  # noqa: E402
@@ -104,6 +104,7 @@ class Monitor:
     address: str
     job_id: str
     tls: TlsConfig | None = None  # the cluster's: its ports take nothing else
+    token: str = ""  # the operator token: GetJob is job control
     phase: str = "before"
     health: dict[str, list[float]] = field(default_factory=lambda: collections.defaultdict(list))
     failures: dict[str, int] = field(default_factory=lambda: collections.defaultdict(int))
@@ -132,7 +133,7 @@ class Monitor:
 
     def _job_loop(self) -> None:
         with rpc.channel(self.address, tls=self.tls) as ch:
-            stub = jobs_pb2_grpc.JobServiceStub(ch)
+            stub = jobs_pb2_grpc.JobServiceStub(auth.with_token(ch, self.token) if self.token else ch)
             while not self._stop.wait(0.25):
                 try:
                     self.job = stub.GetJob(jobs_pb2.GetJobRequest(job_id=self.job_id), timeout=2.0).job
@@ -364,7 +365,7 @@ def main(argv: list[str] | None = None) -> int:
         a.tls = cluster.tls  # the flood comes from inside the cluster: outsiders fail the TLS handshake
         with cluster.client(timeout_s=30) as client:
             job_id = client.submit(JobSpec(rounds=MAX_ROUNDS, min_peers=a.peers))
-        mon = Monitor(cluster.address, job_id, cluster.tls)
+        mon = Monitor(cluster.address, job_id, cluster.tls, cluster.operator_token())
         mon.start()
         deadline = time.monotonic() + 120
         while not (mon.job and mon.job.round >= 1):

@@ -34,7 +34,7 @@ def run(codec: str, a: argparse.Namespace, tmp: pathlib.Path) -> dict[str, objec
     logs = tmp / codec / "logs"
     with cluster(a.cpu_peers, 0, tmp / codec, logs) as (address, procs, c):
         gpu = [subprocess.Popen([sys.executable, "-m", "dml.peer.cli", "--coordinator", address, "--host", "127.0.0.1",
-                                 "--port", "0", "--device", "cuda"],
+                                 "--port", "0", "--device", "cuda", "--join-token-file", str(c.join_token_file)],
                                 stdout=open(logs / f"gpu-peer-{i}.log", "ab"), stderr=subprocess.STDOUT,
                                 env=dict(c.client_env(), PYTHONUNBUFFERED="1"), preexec_fn=die_with_parent)
                for i in range(a.gpu_peers)]
