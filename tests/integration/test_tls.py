@@ -24,7 +24,7 @@ from dml.coordinator.server import CoordinatorServer, ServerConfig
 from dml.peer import dataplane
 from dml.peer.exchange import ExchangeServicer, add_exchange_to_server
 from dml.peer.link import PeerLink
-from tests.integration.helpers import coordinator, peers, wait_for
+from tests.integration.helpers import coordinator, operator_token, peers, wait_for
 
 
 @pytest.fixture(scope="module")
@@ -43,16 +43,22 @@ def pki(tmp_path_factory) -> SimpleNamespace:
     )
 
 
+def _client(address: str, cfg: tls.TlsConfig | None, timeout_s: float = 5.0) -> JobClient:
+    """A job client with the operator token of the coordinator at ``address`` (so what refuses
+    it, if anything, is TLS) and the TLS config ``cfg``."""
+    return JobClient(address, timeout_s, token=operator_token(address), tls=cfg)
+
+
 def _refused(address: str, cfg: tls.TlsConfig | None) -> str:
     """The error a job client with ``cfg`` gets from the coordinator at ``address``."""
-    with JobClient(address, 5.0, tls=cfg) as c, pytest.raises(ApiError) as e:
+    with _client(address, cfg) as c, pytest.raises(ApiError) as e:
         c.list()
     return str(e.value)
 
 
 def test_tls_coordinator_serves_cluster_clients_and_refuses_plain_and_foreign_ones(pki):
     with coordinator(tls=pki.ours) as srv:
-        with JobClient(srv.address, 5.0, tls=pki.ours) as c:
+        with _client(srv.address, pki.ours, 5.0) as c:
             assert c.health() == "SERVING" and c.list() == []
         for cfg in (None, pki.theirs, pki.foreign_cert, pki.no_cert):
             assert "cannot reach coordinator" in _refused(srv.address, cfg)
@@ -61,7 +67,7 @@ def test_tls_coordinator_serves_cluster_clients_and_refuses_plain_and_foreign_on
         assert "TLS handshake failed (CERTIFICATE_VERIFY_FAILED" in _refused(srv.address, pki.theirs)
         assert "it refused our certificate" in _refused(srv.address, pki.no_cert)
         # The refusal is the handshake's: nothing reached the job service.
-        with JobClient(srv.address, 5.0, tls=pki.ours) as c:
+        with _client(srv.address, pki.ours, 5.0) as c:
             assert c.list() == []
 
 
@@ -78,7 +84,7 @@ def test_dialers_verify_the_cluster_name_not_the_address_they_dial(pki):
         by_host = tls.load(files.cert, files.key, files.ca, server_name="")
         assert "does not carry the name checked (--tls-server-name)" in _refused(srv.address, by_host)
         named = tls.load(files.cert, files.key, files.ca, server_name="localhost")
-        with JobClient(srv.address, 5.0, tls=named) as c:
+        with _client(srv.address, named, 5.0) as c:
             assert c.list() == []
         other = tls.load(files.cert, files.key, files.ca, server_name="not-the-cluster.internal")
         assert "cannot reach coordinator" in _refused(srv.address, other)
@@ -209,7 +215,7 @@ def test_a_job_runs_over_tls_end_to_end_with_the_tcp_data_plane(pki):
     """Coordinator, peers, their exchange servers and TCP data planes all over mutual TLS: a
     data_plane=tcp job (which fails its round rather than fall back) succeeds in one epoch."""
     with coordinator(tls=pki.ours) as srv, peers(srv.address, 2, tls=pki.ours):
-        with JobClient(srv.address, 10.0, tls=pki.ours) as c:
+        with _client(srv.address, pki.ours, 10.0) as c:
             job = c.submit(JobSpec(rounds=2, local_steps=2, min_peers=2, data_plane="tcp"))
             deadline = time.monotonic() + 120
             st = c.status(job).job
@@ -240,7 +246,7 @@ def test_plain_text_off_loopback_is_refused_with_exit_2(capsys):
 def test_with_tls_a_server_may_listen_on_every_interface(pki):
     srv = CoordinatorServer(ServerConfig(host="0.0.0.0", port=0, tls=pki.ours)).start()
     try:
-        with JobClient(f"127.0.0.1:{srv.port}", 5.0, tls=pki.ours) as c:
+        with JobClient(f"127.0.0.1:{srv.port}", 5.0, token=srv.secrets.operator_token, tls=pki.ours) as c:
             assert c.health() == "SERVING"
     finally:
         srv.stop(0.2)
