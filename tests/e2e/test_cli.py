@@ -13,9 +13,9 @@ from typing import Iterator
 
 import pytest
 
-from dml.client.cluster import operator_token_file, reap
+from dml.client.cluster import LocalCluster, operator_token_file, reap
 from dml.client.local import cluster
-from tests.e2e.conftest import ROOT, dml
+from tests.e2e.conftest import FAST_FAILURES, ROOT, TLS_ENV, dml
 
 pytestmark = pytest.mark.e2e
 
@@ -65,9 +65,19 @@ def test_invalid_job_is_rejected_by_the_coordinator_with_exit_2(local_cluster):
         assert "Traceback" not in out.stderr
 
 
-def test_without_the_right_tokens_job_control_and_joining_are_one_line_refusals(local_cluster, tmp_path, monkeypatch):
-    address, _ = local_cluster(0)
-    monkeypatch.delenv("DML_TOKEN_FILE")
+def test_without_the_right_tokens_job_control_and_joining_are_one_line_refusals(tmp_path, monkeypatch):
+    # Tokens alone decide only in plain text (loopback): with mutual TLS a client certificate of
+    # the cluster's CA is itself the join credential (docs/security.md), and a caller without one
+    # cannot even connect. So this cluster, and only this one, runs without TLS.
+    for name in TLS_ENV:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.delenv("DML_TOKEN_FILE", raising=False)
+    c = LocalCluster(tmp_path / "state", tmp_path / "logs", coordinator_args=FAST_FAILURES, cwd=ROOT, plaintext=True)
+    with c:
+        _token_refusals(c.start_coordinator(), tmp_path)
+
+
+def _token_refusals(address: str, tmp_path: pathlib.Path) -> None:
     wrong = tmp_path / "wrong.token"
     wrong.write_text("not-the-token\n")
     for extra, words in (((), "wants the operator token"), (("--token-file", str(wrong)), "wants the operator token"),
