@@ -227,12 +227,17 @@ class JobClient:
         seen = False
         req = jobs_pb2.WatchJobRequest(job_id=job_id)
         while time.monotonic() < deadline:
+            call = self.stub.WatchJob(req, timeout=min(300.0, deadline - time.monotonic()))
             try:
-                for st in self.stub.WatchJob(req, timeout=min(300.0, deadline - time.monotonic())):
+                for st in call:
                     seen = True
                     on_update(st)
                     if STATE_NAMES[st.state] in FINISHED:
                         return st
+            except KeyboardInterrupt:
+                # Ended here, not left open: closing the channel later waits for every call on it.
+                call.cancel()
+                raise
             except grpc.RpcError as e:
                 code = e.code() if isinstance(e, grpc.Call) else None
                 if code not in _TRANSIENT or not seen:

@@ -16,16 +16,18 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from typing import Iterator
 
 from dml.client import cli as jobctl
-from dml.client.api import ApiError, status_dict
+from dml.client.api import ApiError, JobClient, status_dict
 from dml.client.cluster import ClusterError, LocalCluster
 from dml.common import args as cliargs
 from dml.common.tls import TlsConfig
 
 DEFAULT_PORT = 50051
+CLOSE_S = 2.0  # the longest dml local waits to close a job client's channel
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -97,6 +99,13 @@ def _logged_metrics_url(log: pathlib.Path, timeout_s: float) -> str:
                 return line.split(" metrics on ", 1)[1].strip()
         time.sleep(0.05)
     return ""
+
+
+def _close_within(client: JobClient, timeout_s: float) -> None:
+    """Closes ``client`` on a daemon thread, waiting at most ``timeout_s`` for it."""
+    t = threading.Thread(target=client.close, name="close-job-client", daemon=True)
+    t.start()
+    t.join(timeout_s)
 
 
 @contextlib.contextmanager
@@ -180,9 +189,10 @@ def cmd_local(a: argparse.Namespace) -> int:
                     while True:
                         time.sleep(3600)
             finally:
-                # Closed here, while the cluster is up: a channel left to the garbage collector
-                # until exit can hang there after an interrupted watch.
-                client.close()
+                # Closed here, while the cluster is up, and within a deadline: after an
+                # interrupted call gRPC's close can wait for it forever (and so can the garbage
+                # collector's at exit); a close still waiting then ends with the process.
+                _close_within(client, CLOSE_S)
         acc = d["metrics"]["test_accuracy"]
         print(f"job {job_id} {d['state']} after {d['round']} rounds in {time.monotonic() - started:.1f}s: "
               f"test accuracy {jobctl.fmt_metric(acc)}")
