@@ -42,7 +42,7 @@ import numpy as np
 from dml.v1 import exchange_pb2, exchange_pb2_grpc
 
 from dml.aggregation.gossip import Exchanger, ExchangeStateError, Snapshot
-from dml.aggregation.guard import offer_problem, rms
+from dml.aggregation.guard import offer_problem, rms, update_norm
 from dml.common import rpc
 from dml.common.tls import TlsConfig
 from dml.peer.auth import GOSSIP, PeerCredentials
@@ -91,17 +91,11 @@ def _fill(out: np.ndarray, pos: int, data: bytes) -> int:
     return end
 
 
-def pair_distance(a: np.ndarray, b: np.ndarray, piece: int = 1 << 16) -> float:
-    """||a - b|| in float64, through small pieces (no model-sized temporary). Plain ufuncs, not
-    ``np.dot``: a BLAS call wakes OpenBLAS's worker threads, which then spin for a while; on a
-    gossip peer sharing cores with others that spinning cost as much CPU as the training."""
-    acc = 0.0
-    for s in range(0, a.size, piece):
-        d = a[s : s + piece].astype(np.float64)
-        np.subtract(d, b[s : s + piece], out=d)
-        np.multiply(d, d, out=d)
-        acc += float(d.sum())
-    return math.sqrt(acc)
+def pair_distance(a: np.ndarray, b: np.ndarray) -> float:
+    """||a - b|| in float64 (:func:`dml.aggregation.guard.update_norm`: small pieces, no
+    model-sized temporary, plain ufuncs rather than a BLAS call whose worker threads would spin
+    on a gossip peer sharing cores with others)."""
+    return update_norm(a, b)
 
 
 class GossipNode:
