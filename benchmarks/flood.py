@@ -6,6 +6,11 @@ Starts a coordinator and ``--peers`` peers on 127.0.0.1 (``dml.client.cluster.Lo
 running the default ring job with rounds set very high, waits for its first commit, then runs
 each probe in turn against the coordinator or peer 0:
 
+With authentication on (the default) these calls carry no credential and are refused
+UNAUTHENTICATED before they hold anything; ``--no-auth`` runs the cluster without it (a
+loopback-only setup), so the same floods meet the limits themselves (per-client and long-call
+caps, idle cuts, inbox and offer bounds).
+
 - ``coord-streams``: ``--coord-streams`` (260) UploadCheckpoint streams that send nothing, held
   ``--hold-s``;
 - ``peer-streams``: ``--peer-streams`` (20) PushChunks streams that send nothing, held ``--hold-s``;
@@ -333,6 +338,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--inbox-keys", type=int, default=40, help="made-up job ids to push 16 MiB each to (default 40)")
     p.add_argument("--shm-offers", type=int, default=300, help="OpenDataPlane(shm) offers (default 300)")
     p.add_argument("--no-kill", action="store_true", help="skip the SIGKILL step of the shm probe")
+    p.add_argument("--no-auth", action="store_true",
+                   help="run the cluster with --no-auth (loopback only), so the floods meet the limits "
+                        "instead of authentication's UNAUTHENTICATED")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     p.add_argument("--work-dir", type=pathlib.Path, default=None, help="logs and state (default: a new temp dir)")
     a = p.parse_args(argv)
@@ -354,7 +362,8 @@ def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
     work = a.work_dir or pathlib.Path(tempfile.mkdtemp(prefix="dml-flood-"))
     env = {k: v for k, v in os.environ.items() if not (_SET_FORK_ENV and k == _FORK_ENV)}
-    cluster = LocalCluster(work / "state", work / "logs", env=env, cwd=ROOT)
+    cluster = LocalCluster(work / "state", work / "logs", env=env, cwd=ROOT,
+                           auth=not a.no_auth)
     mon: Monitor | None = None
     results: list[dict[str, Any]] = []
     kill = None

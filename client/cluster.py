@@ -199,7 +199,9 @@ class LocalCluster:
     ``--coordinator``, ``--host``, ``--port 0`` and the TLS flags), ``env`` is the children's
     environment (default: this one's) with PYTHONUNBUFFERED=1, ``log_name(name, generation)``
     names each log file in ``log_dir`` (opened for appending). ``tls``: the certificates every
-    process uses (default: made in ``state_dir/tls``); ``plaintext``: none at all (loopback only)."""
+    process uses (default: made in ``state_dir/tls``); ``plaintext``: none at all (loopback only);
+    ``auth=False``: the coordinator runs with ``--no-auth`` (loopback only) and no process is
+    given a token."""
 
     state_dir: pathlib.Path
     log_dir: pathlib.Path
@@ -213,6 +215,7 @@ class LocalCluster:
     grace_s: float = GRACE_S
     tls: TlsConfig | None = None
     plaintext: bool = False
+    auth: bool = True
     coordinator: Proc | None = field(default=None, init=False)
     peers: dict[int, Proc] = field(default_factory=dict, init=False)  # slot -> its latest process
     everything: list[Proc] = field(default_factory=list, init=False)
@@ -238,7 +241,8 @@ class LocalCluster:
                 if path is not None:
                     env[name] = str(path)
             env["DML_TLS_SERVER_NAME"] = self.tls.server_name
-        env["DML_TOKEN_FILE"] = str(self.operator_token_file)
+        if self.auth:
+            env["DML_TOKEN_FILE"] = str(self.operator_token_file)
         return env
 
     def __enter__(self) -> LocalCluster:
@@ -258,8 +262,8 @@ class LocalCluster:
         return operator_token_file(self.state_dir)
 
     def operator_token(self) -> str:
-        """The operator token (the coordinator must have started)."""
-        return self.operator_token_file.read_text().strip()
+        """The operator token (the coordinator must have started); "" when auth is off."""
+        return self.operator_token_file.read_text().strip() if self.auth else ""
 
     def client(self, timeout_s: float = 30.0) -> JobClient:
         """A :class:`dml.client.api.JobClient` to the coordinator with the operator token and
@@ -295,7 +299,7 @@ class LocalCluster:
         self.port_file.unlink(missing_ok=True)
         cmd = [sys.executable, "-m", "dml.coordinator.cli", "--host", self.host, "--port", str(self.port),
                "--state-dir", str(self.state_dir), "--port-file", str(self.port_file), *self._tls_args,
-               *self.coordinator_args]
+               *([] if self.auth else ["--no-auth"]), *self.coordinator_args]
         self.coordinator = self._spawn("coordinator", cmd)
         self.port = wait_for_port_file(self.port_file, self.coordinator.popen, timeout_s)
         return self.address
@@ -309,7 +313,8 @@ class LocalCluster:
         if old is not None and old.alive:
             raise ClusterError(f"peer slot {slot} still runs pid {old.popen.pid}")
         cmd = [sys.executable, "-m", "dml.peer.cli", "--coordinator", self.address, "--host", self.host,
-               "--port", "0", "--join-token-file", str(self.join_token_file), *self._tls_args, *self.peer_args, *args]
+               "--port", "0", *(["--join-token-file", str(self.join_token_file)] if self.auth else []),
+               *self._tls_args, *self.peer_args, *args]
         self.peers[slot] = self._spawn(f"peer-{slot}", cmd, tuple(args))
         return self.peers[slot]
 
