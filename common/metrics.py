@@ -210,13 +210,6 @@ class RpcCounter(grpc.ServerInterceptor):
 
 def _code_of(context: grpc.ServicerContext) -> grpc.StatusCode | None:
     """The status code a handler set or aborted with, None if it set none."""
-    try:
-        code = context.code()  # grpcio >= 1.38
-    except (AttributeError, NotImplementedError):
-        return None
-    if isinstance(code, grpc.StatusCode):
-        return code
-    if isinstance(code, int):  # some versions keep the raw C-core number
-        return next((c for c in grpc.StatusCode if c.value[0] == code), None)
-    return None
+    code = context.code()  # every grpcio dml supports (>= 1.66) keeps the StatusCode it was given
+    return code if isinstance(code, grpc.StatusCode) else None
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import threading
 import time
 from typing import Callable, Iterator
 
@@ -14,6 +15,8 @@ from dml.common import auth, rpc
 from dml.coordinator.server import CoordinatorServer, ServerConfig
 from dml.coordinator.service import CoordinatorConfig
 from dml.v1 import exchange_pb2, exchange_pb2_grpc, jobs_pb2_grpc
+from dml.common.tls import TlsConfig
+from dml.peer.exchange import ExchangeServicer, add_exchange_to_server
 from dml.peer.runner import Peer, PeerConfig
 
 FAST = CoordinatorConfig(heartbeat_interval_ms=200, peer_timeout_ms=1500, tick_ms=100)
@@ -131,3 +134,23 @@ def ledger_problems(history: list[dict], spec=None) -> list[str]:
     sizes = [int(s.size) for s in job_shards(spec or JobSpec())]
     rounds = [[tuple(x) for m in sorted(r["consumed"]) for x in r["consumed"][m]] for r in history]
     return violations(rounds, sizes)
+
+
+class Member:
+    """One ring member: an exchange server (with or without the TCP data plane), over TLS when
+    ``tls`` is given."""
+
+    def __init__(self, tcp: bool = True, tls: TlsConfig | None = None) -> None:
+        self.tls = tls
+        self.servicer = ExchangeServicer(lambda job, rnd: None, recv_timeout_s=5,
+                                         data_plane_host="127.0.0.1" if tcp else None, tls=tls)
+        self.server = rpc.server(workers=8, max_message_bytes=rpc.EXCHANGE_MESSAGE_BYTES)
+        add_exchange_to_server(self.servicer, self.server)
+        self.port = rpc.bind(self.server, "127.0.0.1", 0, tls=tls)
+        self.server.start()
+        self.address = f"127.0.0.1:{self.port}"
+        self.abort = threading.Event()
+
+    def close(self) -> None:
+        self.server.stop(0).wait(5)
+        self.servicer.close()

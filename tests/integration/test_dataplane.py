@@ -20,28 +20,9 @@ from dml.aggregation.allreduce import ring_allreduce
 from dml.aggregation.codecs import get_codec
 from dml.aggregation.transport import Cancelled, ExchangeError, Header
 from dml.peer import dataplane, shm
-from dml.peer.exchange import ExchangeServicer, add_exchange_to_server
 from dml.peer.link import SHM_MIN_BYTES as PeerLink_SHM_MIN
 from dml.peer.link import PeerLink
-from tests.integration.helpers import wait_for
-
-
-class Member:
-    """One ring member: an exchange server (with or without the TCP data plane)."""
-
-    def __init__(self, tcp: bool = True) -> None:
-        self.servicer = ExchangeServicer(lambda job, rnd: None, recv_timeout_s=5,
-                                         data_plane_host="127.0.0.1" if tcp else None)
-        self.server = rpc.server(workers=8, max_message_bytes=rpc.EXCHANGE_MESSAGE_BYTES)
-        add_exchange_to_server(self.servicer, self.server)
-        self.port = rpc.bind(self.server, "127.0.0.1", 0)
-        self.server.start()
-        self.address = f"127.0.0.1:{self.port}"
-        self.abort = threading.Event()
-
-    def close(self) -> None:
-        self.server.stop(0).wait(5)
-        self.servicer.close()
+from tests.integration.helpers import Member, wait_for
 
 
 @pytest.fixture

@@ -22,9 +22,8 @@ from dml.common import certs, rpc, tls
 from dml.common.spec import JobSpec
 from dml.coordinator.server import CoordinatorServer, ServerConfig
 from dml.peer import dataplane
-from dml.peer.exchange import ExchangeServicer, add_exchange_to_server
 from dml.peer.link import PeerLink
-from tests.integration.helpers import coordinator, operator_token, peers, wait_for
+from tests.integration.helpers import Member, coordinator, operator_token, peers, wait_for
 
 
 @pytest.fixture(scope="module")
@@ -90,30 +89,12 @@ def test_dialers_verify_the_cluster_name_not_the_address_they_dial(pki):
         assert "cannot reach coordinator" in _refused(srv.address, other)
 
 
-class Member:
-    """One ring member: an exchange server and TCP data plane over TLS."""
-
-    def __init__(self, cfg: tls.TlsConfig) -> None:
-        self.tls = cfg
-        self.servicer = ExchangeServicer(lambda job, rnd: None, recv_timeout_s=5, data_plane_host="127.0.0.1", tls=cfg)
-        self.server = rpc.server(workers=8, max_message_bytes=rpc.EXCHANGE_MESSAGE_BYTES)
-        add_exchange_to_server(self.servicer, self.server)
-        self.port = rpc.bind(self.server, "127.0.0.1", 0, tls=cfg)
-        self.server.start()
-        self.address = f"127.0.0.1:{self.port}"
-        self.abort = threading.Event()
-
-    def close(self) -> None:
-        self.server.stop(0).wait(5)
-        self.servicer.close()
-
-
 @pytest.fixture
 def members(pki):
     made: list[Member] = []
 
     def make(n: int) -> list[Member]:
-        made.extend(Member(pki.ours) for _ in range(n))
+        made.extend(Member(tls=pki.ours) for _ in range(n))
         return made[-n:]
 
     yield make
