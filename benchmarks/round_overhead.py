@@ -13,7 +13,7 @@ every process (SIGTERM, then SIGKILL) before the next size. Fresh processes per 
 RSS a per-size figure.
 
 Job: task ``synthetic:<N>M`` (an MLP 256 -> hidden -> 10 with about N million parameters, exact
-count from ``dml.common.tasks.get_task``), ``--local-steps`` SGD steps of ``--batch-size`` per peer per
+count from ``dml.common.tasks.builtin_params``), ``--local-steps`` SGD steps of ``--batch-size`` per peer per
 round (default 1 x 32: the point is the overhead around training, so training is kept cheap),
 learning rate ``--lr`` (default 0.01; synthetic:10M diverges at 0.1), wire codec ``--codec`` and
 data plane ``--data-plane`` passed through to the job, and ``checkpoint_every_rounds`` = rounds + 1,
@@ -109,7 +109,7 @@ from dml.common.args import int_in, positive_float
 from dml.client.cluster import (ClusterError, die_with_parent, join_token_file, operator_token_file, reap,
                                 wait_for_port_file)
 from dml.common.spec import CODECS, DATA_PLANES, MAX_ROUNDS, JobSpec
-from dml.common.tasks import get_task
+from dml.common.tasks import builtin_params
 
 MB = 1 << 20
 TARGET_OVERHEAD_S = 1.0  # coord_s + exchange_s per round at 10M parameters and 4 peers
@@ -186,10 +186,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     sizes = []
     for m in a.params_m:
         try:
-            task = get_task(task_name(m))
+            num_params = builtin_params(task_name(m))
         except ValueError as e:
             p.error(f"--params-m {m:g}: {e}")
-        sizes.append((m, task.num_params))
+        sizes.append((m, num_params))
     a.sizes = sizes
     if a.rounds is not None:
         if a.rounds > MAX_ROUNDS:
@@ -355,9 +355,9 @@ def report_times(logs: pathlib.Path, peers: int, job_id: str) -> dict[tuple[int,
 
 def dataset_mb(task: str) -> float:
     """The task's training and test arrays, in MB: what every peer loads besides the model."""
-    from dml.common.tasks import get_task
+    from dml.common.tasks import builtin_data
 
-    d = get_task(task).load()
+    d = builtin_data(task)
     return sum(x.nbytes for x in (d.x_train, d.y_train, d.x_test, d.y_test)) / MB
 
 

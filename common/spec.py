@@ -2,6 +2,7 @@
 no numpy (the job client uses it); validation imports the task registry when it runs."""
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
@@ -13,6 +14,10 @@ DATA_PLANES = ("auto", "shm", "tcp", "grpc")  # peer.link.DATA_PLANES
 # aggregation.topology.TOPOLOGY_NAMES; checked by a test. Named here so that the job client, which
 # needs the names for its flags, loads no numpy.
 TOPOLOGY_NAMES = ("uniform", "ring", "exponential")
+SYNCS = ("params", "grads")
+OPTIMIZER_STATES = ("local", "average")
+OUTER_OPTIMIZERS = ("none", "sgd", "nesterov")
+MAX_PROX_MU = 1e6
 # Validation bounds (the CLI's range checks name the same ones).
 MAX_ROUNDS = 1_000_000
 MAX_SAMPLES_PER_ROUND = 10**8  # local_steps x batch_size
@@ -34,7 +39,7 @@ class JobSpec:
     rounds: int = 200
     local_steps: int = 10
     batch_size: int = 32
-    learning_rate: float = 0.1
+    learning_rate: float = 0.0  # 0: the task's own (the optimizer it builds); else every param group's
     min_peers: int = 1
     sharding: str = "iid"
     aggregation: str = "ring"
@@ -47,6 +52,14 @@ class JobSpec:
     eval_every_rounds: int = 1
     gossip_topology: str = "uniform"
     gossip_timeout_ms: int = 10_000
+    task_digest: str = ""  # sha256 of the task code sent with the job; "" for built-in and module tasks
+    sync: str = "params"
+    optimizer_state: str = "local"
+    outer_optimizer: str = "none"
+    outer_lr: float = 0.7
+    outer_momentum: float = 0.9
+    prox_mu: float = 0.0
+    min_shard_samples: int = 1
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-friendly form."""
@@ -60,7 +73,7 @@ class JobSpec:
 
 
 # Fields whose zero is a real value, not proto3's "unset".
-_ZERO_IS_A_VALUE = frozenset({"rounds", "seed"})
+_ZERO_IS_A_VALUE = frozenset({"rounds", "seed", "learning_rate", "prox_mu"})
 
 
 def with_defaults(spec: JobSpec) -> JobSpec:
@@ -90,8 +103,8 @@ def validate(spec: JobSpec) -> None:
         raise InvalidSpec(f"batch_size must be at least 1, got {spec.batch_size}")
     if spec.local_steps * spec.batch_size > MAX_SAMPLES_PER_ROUND:
         raise InvalidSpec("local_steps x batch_size must be at most 100M samples per round")
-    if not 0 < spec.learning_rate < MAX_LEARNING_RATE:
-        raise InvalidSpec(f"learning_rate must be in (0, {MAX_LEARNING_RATE:g}), got {spec.learning_rate}")
+    if not 0 <= spec.learning_rate < MAX_LEARNING_RATE:
+        raise InvalidSpec(f"learning_rate must be in (0, {MAX_LEARNING_RATE:g}) (or 0: the task's own), got {spec.learning_rate}")
     if spec.min_peers < 1:
         raise InvalidSpec(f"min_peers must be at least 1, got {spec.min_peers}")
     if spec.aggregation not in AGGREGATIONS:
@@ -110,16 +123,73 @@ def validate(spec: JobSpec) -> None:
         raise InvalidSpec("checkpoint_every_rounds must be at least 1")
     if not 1 <= spec.peer_grace_s <= MAX_PEER_GRACE_S:
         raise InvalidSpec(f"peer_grace_s must be between 1 s and 30 days, got {spec.peer_grace_s}")
+    _validate_training(spec)
     from dml.common.sampling import parse_sharding  # numpy: imported by the coordinator, not the client
-    from dml.common.tasks import get_task
+    from dml.common.tasks import builtin_data, is_builtin
 
     try:
         parse_sharding(spec.sharding)
-        task = get_task(spec.task)
+        _validate_task_ref(spec)
+        n = builtin_data(spec.task).y_train.size if is_builtin(spec.task) else None
     except ValueError as e:
         raise InvalidSpec(str(e)) from None
-    n = task.load().y_train.size
-    if not 1 <= spec.num_shards <= n:
+    if n is not None and not 1 <= spec.num_shards <= n:
         raise InvalidSpec(f"num_shards must be between 1 and {n} (the training set size), got {spec.num_shards}")
     if spec.min_peers > spec.num_shards:
         raise InvalidSpec(f"min_peers ({spec.min_peers}) cannot exceed num_shards ({spec.num_shards})")
+
+
+_MODULE_REF = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*$")
+_DIGEST = re.compile(r"^[0-9a-f]{64}$")
+
+
+def task_kind(task: str) -> str:
+    """What a ``--task`` names: ``builtin``, ``module`` (``package.module:NAME``) or ``code`` (a
+    file or directory whose code is sent with the job)."""
+    from dml.common.tasks import is_builtin
+
+    if is_builtin(task):
+        return "builtin"
+    if _MODULE_REF.match(task):
+        return "module"
+    return "code"
+
+
+def _validate_task_ref(spec: JobSpec) -> None:
+    kind = task_kind(spec.task)
+    if kind == "builtin":
+        from dml.common.tasks import get_task
+
+        get_task(spec.task)  # a synthetic size out of range raises here
+    if kind == "code" and not _DIGEST.match(spec.task_digest):
+        raise ValueError(f"task {spec.task!r} is not a built-in task or package.module:NAME, and no task code "
+                         "came with the job (task_digest must be the sha256 of the bundle)")
+    if kind != "code" and spec.task_digest:
+        raise ValueError(f"task {spec.task!r} is not a task file, but the job names task code {spec.task_digest[:12]}")
+
+
+def _validate_training(spec: JobSpec) -> None:
+    if spec.sync not in SYNCS:
+        raise InvalidSpec(f"unknown sync {spec.sync!r}: choose one of {', '.join(SYNCS)}")
+    if spec.optimizer_state not in OPTIMIZER_STATES:
+        raise InvalidSpec(f"unknown optimizer_state {spec.optimizer_state!r}: choose one of {', '.join(OPTIMIZER_STATES)}")
+    if spec.outer_optimizer not in OUTER_OPTIMIZERS:
+        raise InvalidSpec(f"unknown outer_optimizer {spec.outer_optimizer!r}: choose one of {', '.join(OUTER_OPTIMIZERS)}")
+    if not 0 < spec.outer_lr <= MAX_LEARNING_RATE:
+        raise InvalidSpec(f"outer_lr must be in (0, {MAX_LEARNING_RATE:g}], got {spec.outer_lr}")
+    if not 0 <= spec.outer_momentum < 1:
+        raise InvalidSpec(f"outer_momentum must be in [0, 1), got {spec.outer_momentum}")
+    if not 0 <= spec.prox_mu <= MAX_PROX_MU:
+        raise InvalidSpec(f"prox_mu must be in [0, {MAX_PROX_MU:g}], got {spec.prox_mu}")
+    if spec.min_shard_samples < 1:
+        raise InvalidSpec(f"min_shard_samples must be at least 1, got {spec.min_shard_samples}")
+    if spec.sync == "grads":
+        for bad, why in ((spec.aggregation != "ring", "needs the ring (--aggregation ring)"),
+                         (spec.outer_optimizer != "none", "has no outer optimizer (it applies to --sync params)"),
+                         (spec.prox_mu > 0, "has no proximal term (every step already starts from the same parameters)"),
+                         (spec.optimizer_state != "local", "keeps the optimizer state identical on every member already"),
+                         (spec.codec != "fp32", "all-reduces gradients in fp32")):
+            if bad:
+                raise InvalidSpec(f"--sync grads {why}")
+    if spec.aggregation == "gossip" and (spec.outer_optimizer != "none" or spec.optimizer_state != "local"):
+        raise InvalidSpec("gossip jobs have no outer optimizer and keep optimizer state local")

@@ -1,9 +1,14 @@
-"""Built-in tasks: a dataset, a model and a loss. Importing this module does not import torch.
+"""The built-in tasks, defined through the same :class:`dml.Task` API as a user's. Importing this
+module does not import torch (the models are built on the peers).
 
 - ``digits``: scikit-learn's bundled 8x8 digits (1,797 images, 10 classes), a fixed stratified
-  held-out test split of 20 percent, and an MLP.
+  held-out test split of 20 percent, and an MLP trained with plain SGD.
+- ``digits-cnn``: the same images as 1x8x8 tensors and a small CNN trained with Adam.
 - ``synthetic:SIZE``: generated 256-feature, 10-class data from a random teacher and an MLP whose
   parameter count is about SIZE (``500k``, ``10M``, ``50000000``); for benchmarks.
+
+Task references (``--task``): a built-in name, ``package.module:NAME`` (imported from each peer's
+own environment) or a path to a ``.py`` file or a directory (sent with the job).
 """
 from __future__ import annotations
 
@@ -12,9 +17,11 @@ import importlib.util
 import pathlib
 import re
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+from dml.common.task import ArrayDataset, Context, Task
 
 if TYPE_CHECKING:
     import torch
@@ -22,7 +29,7 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class Dataset:
-    """A task's data as float32 features and int64 labels, split into train and test."""
+    """A built-in task's data as float32 features and int64 labels, split into train and test."""
 
     x_train: np.ndarray
     y_train: np.ndarray
@@ -30,29 +37,31 @@ class Dataset:
     y_test: np.ndarray
 
 
-@dataclass(frozen=True)
-class Task:
-    """A named dataset and model builder."""
+def mlp(layers: tuple[int, ...]) -> "torch.nn.Module":
+    """An MLP of the given widths (input first, classes last) with ReLU between layers."""
+    import torch.nn as nn
 
-    name: str
-    load: Callable[[], Dataset]
-    layers: tuple[int, ...]  # MLP widths, input first, classes last
+    mods: list[nn.Module] = []
+    for i, (a, b) in enumerate(zip(layers, layers[1:])):
+        if i:
+            mods.append(nn.ReLU())
+        mods.append(nn.Linear(a, b))
+    return nn.Sequential(*mods)
 
-    def build_model(self) -> "torch.nn.Module":
-        """A freshly initialised model (seed torch first for a reproducible init)."""
-        import torch.nn as nn
 
-        mods: list[nn.Module] = []
-        for i, (a, b) in enumerate(zip(self.layers, self.layers[1:])):
-            if i:
-                mods.append(nn.ReLU())
-            mods.append(nn.Linear(a, b))
-        return nn.Sequential(*mods)
+def mlp_params(layers: tuple[int, ...]) -> int:
+    """Trainable parameters of :func:`mlp`."""
+    return sum(a * b + b for a, b in zip(layers, layers[1:]))
 
-    @property
-    def num_params(self) -> int:
-        """Number of trainable parameters of the model."""
-        return sum(a * b + b for a, b in zip(self.layers, self.layers[1:]))
+
+def digits_cnn() -> "torch.nn.Module":
+    """A small CNN for 1x8x8 images: two 3x3 convolutions, a 2x2 max pool, two linear layers."""
+    import torch.nn as nn
+
+    return nn.Sequential(
+        nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(),
+        nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(32 * 4 * 4, 64), nn.ReLU(), nn.Linear(64, 10))
 
 
 def _digits_file() -> pathlib.Path | None:
@@ -114,19 +123,71 @@ def parse_size(text: str) -> int:
     return round(float(m.group(1)) * mult)
 
 
+def _arrays_task(name: str, data: Any, model: Any, *, images: bool = False, optimizer: Any = None) -> Task:
+    def split(which: str) -> Any:
+        def make(ctx: Context) -> ArrayDataset:
+            d = data()
+            x, y = (d.x_train, d.y_train) if which == "train" else (d.x_test, d.y_test)
+            return ArrayDataset(x.reshape(-1, 1, 8, 8) if images else x, y)
+        return make
+
+    return Task(model=model, train=split("train"), test=split("test"), optimizer=optimizer,
+                labels=lambda ctx: data().y_train, batch_size=32, name=name)
+
+
+def _adam(params: Any) -> Any:
+    import torch
+
+    return torch.optim.Adam(params, lr=3e-3)
+
+
+BUILTIN = ("digits", "digits-cnn", "synthetic:SIZE")
+_DIGITS_LAYERS = (64, 128, 64, 10)
+
+
+def synthetic_layers(name: str) -> tuple[int, ...]:
+    """The MLP widths of ``synthetic:SIZE``. ValueError for a bad size."""
+    params = parse_size(name.split(":", 1)[1])
+    if not 3_000 <= params <= 2_000_000_000:
+        raise ValueError(f"task {name!r}: synthetic model size must be between 3k and 2000M parameters, got {params}")
+    hidden = max(1, round((params - 10) / (256 + 1 + 10)))
+    return (256, hidden, 10)
+
+
+def is_builtin(name: str) -> bool:
+    """Whether ``name`` names a built-in task (a synthetic size is not checked here)."""
+    return name in ("digits", "digits-cnn") or name.startswith("synthetic:")
+
+
 def get_task(name: str) -> Task:
-    """Looks a task up by name. Raises ValueError with a message for an unknown one."""
+    """A built-in task by name. Raises ValueError with a message for an unknown one."""
     if name == "digits":
-        return Task("digits", _digits, (64, 128, 64, 10))
+        return _arrays_task(name, _digits, lambda: mlp(_DIGITS_LAYERS))
+    if name == "digits-cnn":
+        return _arrays_task(name, _digits, digits_cnn, images=True, optimizer=_adam)
     if name.startswith("synthetic:"):
-        params = parse_size(name.split(":", 1)[1])
-        if not 3_000 <= params <= 2_000_000_000:
-            raise ValueError(f"task {name!r}: synthetic model size must be between 3k and 2000M parameters, got {params}")
-        hidden = max(1, round((params - 10) / (256 + 1 + 10)))
-        return Task(name, _synthetic, (256, hidden, 10))
-    raise ValueError(f"unknown task {name!r}: choose 'digits' or 'synthetic:SIZE' (e.g. synthetic:10M)")
+        layers = synthetic_layers(name)
+        return _arrays_task(name, _synthetic, lambda: mlp(layers))
+    raise ValueError(f"unknown task {name!r}: choose one of {', '.join(BUILTIN)}, a task file "
+                     "(PATH.py or a directory) or package.module:NAME")
+
+
+def builtin_data(name: str) -> Dataset:
+    """A built-in task's arrays (numpy only: the coordinator may call this). ValueError for an
+    unknown name."""
+    if name in ("digits", "digits-cnn"):
+        return _digits()
+    if name.startswith("synthetic:"):
+        synthetic_layers(name)
+        return _synthetic()
+    raise ValueError(f"unknown built-in task {name!r}")
+
+
+def builtin_params(name: str) -> int:
+    """Parameter count of a built-in MLP task (``digits``, ``synthetic:SIZE``)."""
+    return mlp_params(_DIGITS_LAYERS if name == "digits" else synthetic_layers(name))
 
 
 def task_names() -> list[str]:
     """Names of the built-in tasks, for help texts."""
-    return ["digits", "synthetic:SIZE"]
+    return list(BUILTIN)

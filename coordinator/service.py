@@ -42,7 +42,7 @@ from dml.coordinator.checkpoint import verify_checkpoint
 from dml.coordinator.records import Changes, Forbidden, Job, NotFound, Report, Stale
 from dml.coordinator.state import ClusterState
 from dml.coordinator.store import Store, StoreOpenError, StoreWriteError
-from dml.common.tasks import get_task
+from dml.common.tasks import builtin_data
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -116,7 +116,7 @@ class CoordinatorConfig:
 
 @functools.lru_cache(maxsize=32)
 def _shards(task: str, num_shards: int, sharding: str, seed: int) -> tuple[np.ndarray, ...]:
-    labels = get_task(task).load().y_train
+    labels = builtin_data(task).y_train
     return tuple(planner.make_shards(labels, num_shards, sharding, seed))
 
 

@@ -27,7 +27,7 @@ from dataclasses import asdict, fields
 from typing import Any, Iterable, Protocol
 
 from dml.common.spec import JobSpec
-from dml.common.tasks import get_task
+from dml.common.tasks import builtin_data
 from dml.coordinator import planner
 from dml.coordinator.records import (
     BrokenLink,
@@ -305,7 +305,7 @@ class SqliteStore:
             spec = JobSpec.from_dict(d["spec"])
             try:
                 if spec.task not in labels:
-                    labels[spec.task] = get_task(spec.task).load().y_train
+                    labels[spec.task] = builtin_data(spec.task).y_train
                 shards = planner.make_shards(labels[spec.task], spec.num_shards, spec.sharding, spec.seed)
             except ValueError as e:
                 raise SchemaError(f"{self.path}: cannot migrate job {jid} from store schema 0: {e}") from e

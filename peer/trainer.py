@@ -1,4 +1,4 @@
-"""Local training with torch over a flat parameter buffer. Imports no gRPC.
+"""Local training of a :class:`dml.Task` with torch over a flat parameter buffer. Imports no gRPC.
 
 The model's floating-point parameters and buffers are re-pointed into one contiguous float32
 tensor (plus one spare element for the all-reduce weight), so training updates it in place and
@@ -10,14 +10,15 @@ import functools
 import io
 import logging
 import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
 from typing import Any
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from dml.common.tasks import Task
+from dml.common.task import Context, Task
 
 log = logging.getLogger(__name__)
 EVAL_BATCH = 32
@@ -50,10 +51,23 @@ class _SGDLinear(torch.autograd.Function):
         return grad_x, None, None, None
 
 
+def plain_sgd(optimizer: torch.optim.Optimizer) -> float | None:
+    """The learning rate if ``optimizer`` is exactly plain SGD (``torch.optim.SGD`` itself, one
+    param group, no momentum, weight decay, Nesterov or maximize), else None."""
+    if type(optimizer) is not torch.optim.SGD or len(optimizer.param_groups) != 1:
+        return None
+    g = optimizer.param_groups[0]
+    if g.get("momentum", 0) or g.get("weight_decay", 0) or g.get("nesterov", False) or g.get("maximize", False):
+        return None
+    lr = g["lr"]
+    return float(lr) if isinstance(lr, (int, float)) else None
+
+
 def fuse_sgd_into_backward(model: torch.nn.Module, lr: float) -> bool:
     """Routes every ``nn.Linear`` of ``model`` through :class:`_SGDLinear` when those are all
     its parameters (the built-in tasks' MLPs); returns False and changes nothing otherwise, and
-    training then takes ordinary optimizer steps."""
+    training then takes ordinary optimizer steps. Only for an optimizer that :func:`plain_sgd`
+    accepts: this fast path must never change which optimizer a user asked for."""
     linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
     owned = {id(p) for m in linears for p in m.parameters(recurse=False)}
     if not linears or any(id(p) not in owned for p in model.parameters()):
@@ -77,27 +91,127 @@ class StepResult:
     loss: float
 
 
-class Trainer:
-    """A task's model, its flat buffer, plain SGD and the data, on one device.
+class TaskError(Exception):
+    """The user's task failed (building its model, optimizer or data, or a step): the message
+    names the part and carries the task's own error."""
 
-    Plain SGD keeps no optimizer state, so restoring the parameters restores the whole training
-    state: a round re-run after a membership change starts from exactly the committed point.
+
+@dataclass
+class Evaluation:
+    """Test metrics of the current parameters. Unpacks as ``(accuracy, loss)``."""
+
+    accuracy: float
+    loss: float
+    metrics: dict[str, float]
+
+    def __iter__(self) -> Iterator[float]:
+        return iter((self.accuracy, self.loss))
+
+
+def _call(what: str, fn: Callable[..., Any], *args: Any) -> Any:
+    """Calls a task's function, turning its failure into a :class:`TaskError` naming ``what``."""
+    try:
+        return fn(*args)
+    except Exception as e:  # noqa: BLE001 - the user's code may raise anything
+        raise TaskError(f"{what} raised {type(e).__name__}: {e}") from e
+
+
+class Batches:
+    """Makes batches of a map-style dataset by sample index. An :class:`ArrayDataset` or a
+    two-tensor ``TensorDataset`` is indexed all at once (a memory-mapped array is read only at
+    those rows); any other dataset item by item, then ``collate``."""
+
+    def __init__(self, dataset: Any, what: str, collate: Callable[[list[Any]], Any] | None, device: torch.device) -> None:
+        self.what, self.device = what, device
+        try:
+            self.size = len(dataset)
+        except Exception as e:  # noqa: BLE001
+            raise TaskError(f"{what}: len() of the dataset raised {type(e).__name__}: {e}") from e
+        self._ds = dataset
+        self._collate = collate
+        arrays = getattr(dataset, "arrays", None)
+        if arrays is None and isinstance(dataset, torch.utils.data.TensorDataset) and len(dataset.tensors) == 2:
+            arrays = dataset.tensors
+        self._arrays: tuple[Any, Any] | None = None
+        if arrays is not None:
+            x, y = arrays
+            self._arrays = (self._resident(x), self._resident(y))
+
+    def _resident(self, a: Any) -> Any:
+        """Small in-memory arrays go to the device once; memory maps stay where they are."""
+        if isinstance(a, np.memmap) or self.device.type == "cpu":
+            return a
+        return torch.as_tensor(np.asarray(a) if isinstance(a, np.ndarray) else a).to(self.device)
+
+    @property
+    def arrays(self) -> tuple[Any, Any] | None:
+        """(inputs, targets) when the dataset is array-backed."""
+        return self._arrays
+
+    def get(self, idx: np.ndarray) -> tuple[Any, Any]:
+        """The batch of samples ``idx`` as (inputs, targets) on the device."""
+        if self._arrays is not None:
+            x, y = self._arrays
+            return self._take(x, idx), self._take(y, idx)
+        items = [_call(f"{self.what}[{int(i)}]", self._ds.__getitem__, int(i)) for i in idx]
+        collate = self._collate or torch.utils.data.default_collate
+        batch = _call(f"{self.what}: collate", collate, items)
+        if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+            raise TaskError(f"{self.what}: an item must be (input, target), a batch of them is {type(batch).__name__}")
+        return _to(batch[0], self.device), _to(batch[1], self.device)
+
+    def _take(self, a: Any, idx: np.ndarray) -> Any:
+        if isinstance(a, torch.Tensor):
+            return a[torch.from_numpy(idx).to(a.device)].to(self.device)
+        return torch.from_numpy(np.ascontiguousarray(a[idx])).to(self.device)
+
+
+def _to(x: Any, device: torch.device) -> Any:
+    if isinstance(x, torch.Tensor):
+        return x.to(device)
+    if isinstance(x, np.ndarray):
+        return torch.from_numpy(x).to(device)
+    if isinstance(x, (tuple, list)):
+        return type(x)(_to(v, device) for v in x)
+    if isinstance(x, dict):
+        return {k: _to(v, device) for k, v in x.items()}
+    return x
+
+
+class Trainer:
+    """A task's model, its flat buffer, its optimizer and its data, on one device.
+
+    ``lr`` (the job's ``--lr``; 0 or None: the task's own) overrides every param group's lr.
+    With ``fuse`` (default) exactly plain SGD on a model made only of ``nn.Linear`` layers is
+    applied inside backward (:func:`fuse_sgd_into_backward`); any other optimizer takes its own
+    ordinary steps. Failures of the task's own code raise :class:`TaskError`.
     """
 
-    def __init__(self, task: Task, seed: int, lr: float, device: str = "cpu") -> None:
+    def __init__(self, task: Task, seed: int, lr: float | None, device: str = "cpu",
+                 ctx: Context | None = None, fuse: bool = True) -> None:
         self.task = task
         self.device = torch.device(device)
+        ctx = ctx if ctx is not None else Context(seed=seed)
         # Held around every SGD step and by whatever else changes the parameters in place (a
         # gossip partner's averaging), so that never lands in the middle of a step.
         self.lock = threading.Lock()
         self.version = 0  # SGD steps taken (under the lock): tells whether the parameters moved
         with _INIT_LOCK:
             torch.manual_seed(seed)
-            self.model = task.build_model().to(self.device)
+            model = _call("model()", task.model)
+        if not isinstance(model, torch.nn.Module):
+            raise TaskError(f"model() must return a torch.nn.Module, got {type(model).__name__}")
+        odd = [n for n, p in model.named_parameters() if p.dtype != torch.float32]
+        if odd:
+            raise TaskError(f"model(): dml trains float32 parameters; {odd[0]} is {dict(model.named_parameters())[odd[0]].dtype} "
+                            "(return model.float(), and use --precision for mixed precision)")
+        self.model = model.to(self.device)
         tensors = [p for p in self.model.parameters()] + [
-            b for b in self.model.buffers() if b.is_floating_point()
+            b for b in self.model.buffers() if b.dtype == torch.float32
         ]
         self.numel = sum(t.numel() for t in tensors)
+        if self.numel == 0:
+            raise TaskError("model() has no float32 parameters to train")
         # Host-side flat buffer (exchanged over the wire) and the device one training uses.
         self.flat = torch.zeros(self.numel + 1, dtype=torch.float32, device=self.device)
         offset = 0
@@ -106,17 +220,28 @@ class Trainer:
             self.flat[offset : offset + n].copy_(t.detach().reshape(-1))
             t.data = self.flat[offset : offset + n].view_as(t)
             offset += n
-        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=lr)
+        params = list(self.model.parameters())
+        if task.optimizer is None:
+            self.optimizer = torch.optim.SGD(params, lr=lr or 0.1)
+        else:
+            self.optimizer = _call("optimizer(params)", task.optimizer, params)
+            if not isinstance(self.optimizer, torch.optim.Optimizer):
+                raise TaskError(f"optimizer(params) must return a torch.optim.Optimizer, got {type(self.optimizer).__name__}")
+        if lr:
+            for g in self.optimizer.param_groups:
+                g["lr"] = lr
+        self.loss_fn: Callable[[Any, Any], Any] = task.loss or F.cross_entropy
         # Plain SGD on an MLP can apply each layer's update inside backward, straight into the
         # weights, so no gradient the size of the model ever exists (see _SGDLinear).
-        self.fused_sgd = fuse_sgd_into_backward(self.model, lr)
+        sgd_lr = plain_sgd(self.optimizer) if fuse else None
+        self.fused_sgd = sgd_lr is not None and fuse_sgd_into_backward(self.model, sgd_lr)
         self._layout = [(name, t.shape, off) for name, t, off in self._named_slices()]
-        data = task.load()
-        self.data = data
-        self._x = torch.from_numpy(data.x_train).to(self.device)
-        self._y = torch.from_numpy(data.y_train).to(self.device)
-        self._xt = torch.from_numpy(data.x_test).to(self.device)
-        self._yt = torch.from_numpy(data.y_test).to(self.device)
+        train = _call("train(ctx)", task.train, replace(ctx, split="train"))
+        self.train_data = Batches(train, "train(ctx)", task.collate, self.device)
+        if self.train_data.size == 0:
+            raise TaskError("train(ctx) returned an empty dataset")
+        test = _call("test(ctx)", task.test, replace(ctx, split="test")) if task.test is not None else None
+        self.test_data = Batches(test, "test(ctx)", task.collate, self.device) if test is not None else None
 
     # -- parameters ------------------------------------------------------------------------
     def host_buffer(self) -> np.ndarray:
@@ -228,30 +353,52 @@ class Trainer:
         self.model.train()
         total, loss_sum = 0, 0.0
         for idx in batches:
-            batch = torch.from_numpy(np.ascontiguousarray(idx, dtype=np.int64)).to(self.device)
+            x, y = self.train_data.get(np.ascontiguousarray(idx, dtype=np.int64))
             with self.lock:
                 self.optimizer.zero_grad(set_to_none=True)
-                loss = F.cross_entropy(self.model(self._x[batch]), self._y[batch])
+                loss = self._loss(self.model(x), y)
                 loss.backward()
                 self.optimizer.step()
                 self.version += 1
-            total += int(batch.numel())
-            loss_sum += float(loss.detach()) * int(batch.numel())
+            total += int(idx.size)
+            loss_sum += float(loss.detach()) * int(idx.size)
         self.optimizer.zero_grad(set_to_none=True)  # gradients are not needed past the round
         return StepResult(samples=total, loss=loss_sum / max(total, 1))
 
+    def _loss(self, out: Any, y: Any) -> torch.Tensor:
+        loss = _call("loss(output, target)", self.loss_fn, out, y)
+        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+            raise TaskError(f"loss(output, target) must return a scalar tensor, got {type(loss).__name__}"
+                            f"{tuple(loss.shape) if isinstance(loss, torch.Tensor) else ''}")
+        return loss.reshape(())
+
     @torch.no_grad()
-    def evaluate(self, batch_size: int = EVAL_BATCH) -> tuple[float, float]:
-        """Test accuracy in [0, 1] and mean test loss of the current parameters, computed in
-        batches so activations never take more than a batch's worth of memory."""
+    def evaluate(self, batch_size: int = EVAL_BATCH) -> Evaluation:
+        """Test metrics of the current parameters (NaN with no test data), computed in batches so
+        activations never take more than a batch's worth of memory: accuracy in [0, 1] (NaN when
+        the output is not one score per class and the task's metrics give none), the mean loss,
+        and the task's own metrics, each weighted by batch size."""
         self.model.eval()
-        n = int(self._yt.numel())
-        if n == 0:
-            return float("nan"), float("nan")
-        correct, loss_sum = 0, 0.0
+        data = self.test_data
+        if data is None or data.size == 0:
+            return Evaluation(float("nan"), float("nan"), {})
+        n = data.size
+        correct, loss_sum, sums = 0, 0.0, {}  # type: ignore[var-annotated]
+        classify = True
         for i in range(0, n, batch_size):
-            logits = self.model(self._xt[i : i + batch_size])
-            y = self._yt[i : i + batch_size]
-            loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
-            correct += int((logits.argmax(1) == y).sum())
-        return correct / n, loss_sum / n
+            idx = np.arange(i, min(i + batch_size, n), dtype=np.int64)
+            x, y = data.get(idx)
+            out = self.model(x)
+            loss_sum += float(self._loss(out, y)) * idx.size
+            if classify and isinstance(out, torch.Tensor) and out.dim() == 2 and isinstance(y, torch.Tensor) \
+                    and y.dim() == 1 and not y.is_floating_point():
+                correct += int((out.argmax(1) == y).sum())
+            else:
+                classify = False
+            if self.task.metrics is not None:
+                got = _call("metrics(output, target)", self.task.metrics, out, y)
+                for k, v in dict(got).items():
+                    sums[str(k)] = sums.get(str(k), 0.0) + float(v) * idx.size
+        metrics = {k: v / n for k, v in sums.items()}
+        acc = metrics.pop("accuracy", correct / n if classify else float("nan"))
+        return Evaluation(acc, loss_sum / n, metrics)

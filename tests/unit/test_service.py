@@ -25,7 +25,7 @@ def test_submit_fixes_the_shard_sizes_and_a_restored_job_runs_without_loading_da
     jid = first.submit(spec)
     sizes = first.state.job(jid).shard_sizes
     assert sizes == [int(s.size) for s in job_shards(first.state.job(jid).spec)]
-    assert sum(sizes) == tasks.get_task("digits").load().y_train.size
+    assert sum(sizes) == tasks.builtin_data("digits").y_train.size
     # A coordinator restored from the store: from here on nothing may load the task.
     second = Coordinator(CoordinatorConfig(), store, tmp_path, clock=Clock(monotonic=lambda: now[0], wall=lambda: now[0]))
     assert second.state.job(jid).shard_sizes == sizes
@@ -33,7 +33,7 @@ def test_submit_fixes_the_shard_sizes_and_a_restored_job_runs_without_loading_da
     def no_data(*_: object) -> None:
         raise AssertionError("the state machine loaded a dataset")
 
-    monkeypatch.setattr(service, "get_task", no_data)
+    monkeypatch.setattr(service, "builtin_data", no_data)
     service._shards.cache_clear()
     a, b = second.register("10.0.0.1:1", {})[0], second.register("10.0.0.2:1", {})[0]
     job = second.state.job(jid)

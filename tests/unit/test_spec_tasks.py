@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from dml.common.spec import AGGREGATIONS, InvalidSpec, JobSpec, validate, with_defaults
-from dml.common.tasks import get_task, parse_size, task_names
+from dml.common.tasks import builtin_data, builtin_params, get_task, parse_size, synthetic_layers, task_names
 from dml.peer.trainer import Trainer
 
 # -- the spec ---------------------------------------------------------------------------------
@@ -28,7 +28,12 @@ def test_default_spec_is_valid() -> None:
         (dict(rounds=1_000_001), "rounds"),
         (dict(local_steps=0), "local_steps"),
         (dict(batch_size=0), "batch_size"),
-        (dict(learning_rate=0.0), "learning_rate"),
+        (dict(sync="both"), "sync"),
+        (dict(sync="grads", codec="int8"), "sync grads"),
+        (dict(optimizer_state="global"), "optimizer_state"),
+        (dict(outer_optimizer="adam"), "outer_optimizer"),
+        (dict(prox_mu=-1.0), "prox_mu"),
+        (dict(task="mytask.py"), "task code"),
         (dict(learning_rate=-0.1), "learning_rate"),
         (dict(min_peers=0), "min_peers"),
         (dict(task="imagenet"), "task"),
@@ -88,38 +93,35 @@ def test_spec_dict_round_trip_ignores_unknown_keys() -> None:
 
 
 def test_digits_shapes_and_split() -> None:
-    task = get_task("digits")
-    data = task.load()
+    data = builtin_data("digits")
     assert data.x_train.shape == (1438, 64) and data.x_test.shape == (359, 64)
     assert data.y_train.shape == (1438,) and data.y_test.shape == (359,)
     assert data.x_train.dtype == np.float32 and data.y_train.dtype == np.int64
     assert set(np.unique(data.y_train)) == set(range(10)) == set(np.unique(data.y_test))
     assert 0.0 <= data.x_train.min() and data.x_train.max() <= 1.0
-    assert task.layers[0] == 64 and task.layers[-1] == 10
     # Stratified: every class is in the test split in about its share.
     counts = np.bincount(data.y_test, minlength=10)
     assert counts.min() >= 34 and counts.max() <= 38
-    assert task.load() is data, "loaded once"
+    assert builtin_data("digits") is data, "loaded once"
 
 
 @pytest.mark.parametrize("name,want", [("synthetic:10M", 10_000_000), ("synthetic:500k", 500_000),
                                        ("synthetic:50000000", 50_000_000), ("synthetic:3k", 3_000)])
 def test_synthetic_size_is_about_what_was_asked(name: str, want: int) -> None:
     """The brief: synthetic:10M has about 10M parameters (within 1 percent)."""
-    task = get_task(name)
     # Within 1 percent, or half a hidden unit (267 parameters) for tiny models.
-    assert abs(task.num_params - want) <= max(0.01 * want, 267 / 2)
-    assert task.layers[0] == 256 and task.layers[-1] == 10
+    assert abs(builtin_params(name) - want) <= max(0.01 * want, 267 / 2)
+    assert synthetic_layers(name)[0] == 256 and synthetic_layers(name)[-1] == 10
 
 
 def test_num_params_matches_the_built_model() -> None:
     for name in ("digits", "synthetic:500k"):
         task = get_task(name)
-        assert sum(p.numel() for p in task.build_model().parameters()) == task.num_params
+        assert sum(p.numel() for p in task.model().parameters()) == builtin_params(name)
 
 
 def test_synthetic_data_shapes() -> None:
-    data = get_task("synthetic:10k").load()
+    data = builtin_data("synthetic:10k")
     assert data.x_train.shape == (8192, 256) and data.x_test.shape == (2048, 256)
     assert set(np.unique(data.y_train)) <= set(range(10))
 
@@ -161,7 +163,7 @@ def digits_trainer() -> Trainer:
 
 def test_parameters_are_views_of_the_flat_buffer(digits_trainer: Trainer) -> None:
     t = digits_trainer
-    assert t.numel == get_task("digits").num_params
+    assert t.numel == builtin_params("digits")
     assert t.flat.shape == (t.numel + 1,) and t.flat.dtype == torch.float32
     base = t.flat.data_ptr()
     offset = 0
@@ -198,8 +200,10 @@ def test_train_draws_only_from_the_given_indices() -> None:
     """Samples outside the shard must not influence training: poison them and compare."""
     a = Trainer(get_task("digits"), seed=2, lr=0.1)
     b = Trainer(get_task("digits"), seed=2, lr=0.1)
-    b._x = b._x.clone()
-    b._x[100:] = 1e6
+    x, y = b.train_data.arrays
+    x = x.copy()
+    x[100:] = 1e6
+    b.train_data._arrays = (x, y)
     shard = np.arange(0, 100)
     a.train(shard, steps=5, batch_size=8, rng=np.random.default_rng(3))
     b.train(shard, steps=5, batch_size=8, rng=np.random.default_rng(3))
@@ -262,7 +266,7 @@ def test_state_dict_bytes_of_given_params_load_into_a_fresh_model(digits_trainer
     blob = t.state_dict_bytes(other)
     assert t.params().tobytes() == live.tobytes(), "serialising other params leaves the live ones"
     sd = torch.load(io.BytesIO(blob), weights_only=True)
-    fresh = get_task("digits").build_model()
+    fresh = get_task("digits").model()
     fresh.load_state_dict(sd, strict=True)
     off = 0
     for (name, p), q in zip(fresh.named_parameters(), t.model.parameters()):
@@ -276,7 +280,7 @@ def test_state_dict_bytes_of_given_params_load_into_a_fresh_model(digits_trainer
     for k, v in t.model.state_dict().items():
         assert torch.equal(sd_live[k], v), k
     # The same model fed the same input gives the same output as the trainer with those params.
-    x = torch.from_numpy(t.data.x_test[:5])
+    x = torch.from_numpy(builtin_data('digits').x_test[:5])
     saved = t.params()
     try:
         t.set_params(other)
@@ -290,7 +294,7 @@ def test_a_few_steps_reduce_the_loss_on_digits() -> None:
     t = Trainer(get_task("digits"), seed=0, lr=0.1)
     acc0, loss0 = t.evaluate()
     rng = np.random.default_rng(0)
-    idx = np.arange(t.data.y_train.size)
+    idx = np.arange(builtin_data('digits').y_train.size)
     first = t.train(idx, steps=20, batch_size=32, rng=rng)
     for _ in range(4):
         last = t.train(idx, steps=20, batch_size=32, rng=rng)
@@ -305,7 +309,7 @@ def test_digits_loads_without_importing_scikit_learn() -> None:
     import subprocess
     import sys
 
-    code = ("import sys; from dml.common.tasks import get_task; d = get_task('digits').load(); "
+    code = ("import sys; from dml.common.tasks import builtin_data; d = builtin_data('digits'); "
             "print(int('sklearn' in sys.modules), d.x_train.shape[0] + d.x_test.shape[0])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.stdout.split() == ["0", "1797"], out.stderr

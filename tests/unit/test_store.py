@@ -311,7 +311,7 @@ def test_a_state_dir_of_the_first_release_opens_migrated_with_its_jobs_rounds_an
     states = sorted((j.state, j.spec.aggregation) for j in jobs)
     assert states == [("PENDING", "ring"), ("RUNNING", "gossip"), ("RUNNING", "ring"),
                       ("SUCCEEDED", "gossip"), ("SUCCEEDED", "ring")]
-    train = tasks.get_task("digits").load().y_train.size
+    train = tasks.builtin_data("digits").y_train.size
     for jid, job in by.items():
         o = old[jid]
         assert (job.committed_round, job.epoch, job.members, job.samples) == (
@@ -365,7 +365,7 @@ def test_a_migration_that_fails_leaves_the_old_schema_untouched(tmp_path: pathli
     con.commit()
     con.close()
     old = raw_jobs(db)
-    with pytest.raises(SchemaError, match=f"cannot migrate job {jid} from store schema 0: unknown task 'retired-task'"):
+    with pytest.raises(SchemaError, match=f"cannot migrate job {jid} from store schema 0: unknown built-in task 'retired-task'"):
         SqliteStore(state)
     assert user_version(db) == 0 and raw_jobs(db) == old
 

@@ -1,4 +1,5 @@
 from dml.v1 import types_pb2 as _types_pb2
+from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
@@ -7,26 +8,46 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class CheckpointKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    CHECKPOINT_KIND_MODEL: _ClassVar[CheckpointKind]
+    CHECKPOINT_KIND_TRAINING_STATE: _ClassVar[CheckpointKind]
+
 class FailureKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     FAILURE_KIND_UNSPECIFIED: _ClassVar[FailureKind]
     FAILURE_KIND_UNREACHABLE: _ClassVar[FailureKind]
     FAILURE_KIND_POISONED: _ClassVar[FailureKind]
     FAILURE_KIND_LOCAL: _ClassVar[FailureKind]
+
+class TakeOutcome(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    TAKE_OUTCOME_UNSPECIFIED: _ClassVar[TakeOutcome]
+    TAKE_OUTCOME_READY: _ClassVar[TakeOutcome]
+    TAKE_OUTCOME_DECLINED: _ClassVar[TakeOutcome]
+    TAKE_OUTCOME_TASK_ERROR: _ClassVar[TakeOutcome]
+CHECKPOINT_KIND_MODEL: CheckpointKind
+CHECKPOINT_KIND_TRAINING_STATE: CheckpointKind
 FAILURE_KIND_UNSPECIFIED: FailureKind
 FAILURE_KIND_UNREACHABLE: FailureKind
 FAILURE_KIND_POISONED: FailureKind
 FAILURE_KIND_LOCAL: FailureKind
+TAKE_OUTCOME_UNSPECIFIED: TakeOutcome
+TAKE_OUTCOME_READY: TakeOutcome
+TAKE_OUTCOME_DECLINED: TakeOutcome
+TAKE_OUTCOME_TASK_ERROR: TakeOutcome
 
 class PeerCapability(_message.Message):
-    __slots__ = ("device", "memory_bytes", "pool")
+    __slots__ = ("device", "memory_bytes", "pool", "max_samples")
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
     POOL_FIELD_NUMBER: _ClassVar[int]
+    MAX_SAMPLES_FIELD_NUMBER: _ClassVar[int]
     device: str
     memory_bytes: int
     pool: str
-    def __init__(self, device: _Optional[str] = ..., memory_bytes: _Optional[int] = ..., pool: _Optional[str] = ...) -> None: ...
+    max_samples: int
+    def __init__(self, device: _Optional[str] = ..., memory_bytes: _Optional[int] = ..., pool: _Optional[str] = ..., max_samples: _Optional[int] = ...) -> None: ...
 
 class RegisterPeerRequest(_message.Message):
     __slots__ = ("address", "capability", "public_key", "cluster_id")
@@ -99,7 +120,14 @@ class GetPlanResponse(_message.Message):
     def __init__(self, has_plan: _Optional[bool] = ..., plan: _Optional[_Union[_types_pb2.Plan, _Mapping]] = ...) -> None: ...
 
 class ReportRoundRequest(_message.Message):
-    __slots__ = ("peer_id", "job_id", "round", "epoch", "samples", "train_loss", "digest", "has_test_metrics", "test_accuracy", "test_loss", "train_samples_per_s", "train_ms", "exchange_ms", "eval_ms", "pair_distance", "has_pair_distance", "bytes_sent", "update_norm")
+    __slots__ = ("peer_id", "job_id", "round", "epoch", "samples", "train_loss", "digest", "has_test_metrics", "test_accuracy", "test_loss", "train_samples_per_s", "train_ms", "exchange_ms", "eval_ms", "pair_distance", "has_pair_distance", "bytes_sent", "update_norm", "test_metrics")
+    class TestMetricsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
     PEER_ID_FIELD_NUMBER: _ClassVar[int]
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
@@ -118,6 +146,7 @@ class ReportRoundRequest(_message.Message):
     HAS_PAIR_DISTANCE_FIELD_NUMBER: _ClassVar[int]
     BYTES_SENT_FIELD_NUMBER: _ClassVar[int]
     UPDATE_NORM_FIELD_NUMBER: _ClassVar[int]
+    TEST_METRICS_FIELD_NUMBER: _ClassVar[int]
     peer_id: str
     job_id: str
     round: int
@@ -136,7 +165,8 @@ class ReportRoundRequest(_message.Message):
     has_pair_distance: bool
     bytes_sent: int
     update_norm: float
-    def __init__(self, peer_id: _Optional[str] = ..., job_id: _Optional[str] = ..., round: _Optional[int] = ..., epoch: _Optional[int] = ..., samples: _Optional[int] = ..., train_loss: _Optional[float] = ..., digest: _Optional[str] = ..., has_test_metrics: _Optional[bool] = ..., test_accuracy: _Optional[float] = ..., test_loss: _Optional[float] = ..., train_samples_per_s: _Optional[float] = ..., train_ms: _Optional[int] = ..., exchange_ms: _Optional[int] = ..., eval_ms: _Optional[int] = ..., pair_distance: _Optional[float] = ..., has_pair_distance: _Optional[bool] = ..., bytes_sent: _Optional[int] = ..., update_norm: _Optional[float] = ...) -> None: ...
+    test_metrics: _containers.ScalarMap[str, float]
+    def __init__(self, peer_id: _Optional[str] = ..., job_id: _Optional[str] = ..., round: _Optional[int] = ..., epoch: _Optional[int] = ..., samples: _Optional[int] = ..., train_loss: _Optional[float] = ..., digest: _Optional[str] = ..., has_test_metrics: _Optional[bool] = ..., test_accuracy: _Optional[float] = ..., test_loss: _Optional[float] = ..., train_samples_per_s: _Optional[float] = ..., train_ms: _Optional[int] = ..., exchange_ms: _Optional[int] = ..., eval_ms: _Optional[int] = ..., pair_distance: _Optional[float] = ..., has_pair_distance: _Optional[bool] = ..., bytes_sent: _Optional[int] = ..., update_norm: _Optional[float] = ..., test_metrics: _Optional[_Mapping[str, float]] = ...) -> None: ...
 
 class ReportRoundResponse(_message.Message):
     __slots__ = ("committed", "has_next", "next")
@@ -171,23 +201,77 @@ class ReportFailureResponse(_message.Message):
     def __init__(self) -> None: ...
 
 class CheckpointChunk(_message.Message):
-    __slots__ = ("peer_id", "job_id", "round", "digest", "epoch", "data")
+    __slots__ = ("peer_id", "job_id", "round", "digest", "epoch", "data", "kind")
     PEER_ID_FIELD_NUMBER: _ClassVar[int]
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     DIGEST_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
     peer_id: str
     job_id: str
     round: int
     digest: str
     epoch: int
     data: bytes
-    def __init__(self, peer_id: _Optional[str] = ..., job_id: _Optional[str] = ..., round: _Optional[int] = ..., digest: _Optional[str] = ..., epoch: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
+    kind: CheckpointKind
+    def __init__(self, peer_id: _Optional[str] = ..., job_id: _Optional[str] = ..., round: _Optional[int] = ..., digest: _Optional[str] = ..., epoch: _Optional[int] = ..., data: _Optional[bytes] = ..., kind: _Optional[_Union[CheckpointKind, str]] = ...) -> None: ...
 
 class UploadCheckpointResponse(_message.Message):
     __slots__ = ("size_bytes",)
     SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
     size_bytes: int
     def __init__(self, size_bytes: _Optional[int] = ...) -> None: ...
+
+class DataInfo(_message.Message):
+    __slots__ = ("train_samples", "test_samples", "labels", "num_classes", "batch_size", "num_params", "data_digest")
+    TRAIN_SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    TEST_SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
+    NUM_CLASSES_FIELD_NUMBER: _ClassVar[int]
+    BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    NUM_PARAMS_FIELD_NUMBER: _ClassVar[int]
+    DATA_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    train_samples: int
+    test_samples: int
+    labels: bytes
+    num_classes: int
+    batch_size: int
+    num_params: int
+    data_digest: str
+    def __init__(self, train_samples: _Optional[int] = ..., test_samples: _Optional[int] = ..., labels: _Optional[bytes] = ..., num_classes: _Optional[int] = ..., batch_size: _Optional[int] = ..., num_params: _Optional[int] = ..., data_digest: _Optional[str] = ...) -> None: ...
+
+class TakeJobRequest(_message.Message):
+    __slots__ = ("peer_id", "job_id", "outcome", "detail", "data")
+    PEER_ID_FIELD_NUMBER: _ClassVar[int]
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    OUTCOME_FIELD_NUMBER: _ClassVar[int]
+    DETAIL_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    peer_id: str
+    job_id: str
+    outcome: TakeOutcome
+    detail: str
+    data: DataInfo
+    def __init__(self, peer_id: _Optional[str] = ..., job_id: _Optional[str] = ..., outcome: _Optional[_Union[TakeOutcome, str]] = ..., detail: _Optional[str] = ..., data: _Optional[_Union[DataInfo, _Mapping]] = ...) -> None: ...
+
+class TakeJobResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class FetchTaskCodeRequest(_message.Message):
+    __slots__ = ("peer_id", "job_id", "digest")
+    PEER_ID_FIELD_NUMBER: _ClassVar[int]
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    DIGEST_FIELD_NUMBER: _ClassVar[int]
+    peer_id: str
+    job_id: str
+    digest: str
+    def __init__(self, peer_id: _Optional[str] = ..., job_id: _Optional[str] = ..., digest: _Optional[str] = ...) -> None: ...
+
+class FetchTaskCodeResponse(_message.Message):
+    __slots__ = ("bundle",)
+    BUNDLE_FIELD_NUMBER: _ClassVar[int]
+    bundle: bytes
+    def __init__(self, bundle: _Optional[bytes] = ...) -> None: ...

@@ -65,6 +65,16 @@ class PeerControlStub:
                 request_serializer=dml_dot_v1_dot_control__pb2.CheckpointChunk.SerializeToString,
                 response_deserializer=dml_dot_v1_dot_control__pb2.UploadCheckpointResponse.FromString,
                 _registered_method=True)
+        self.TakeJob = channel.unary_unary(
+                '/dml.v1.PeerControl/TakeJob',
+                request_serializer=dml_dot_v1_dot_control__pb2.TakeJobRequest.SerializeToString,
+                response_deserializer=dml_dot_v1_dot_control__pb2.TakeJobResponse.FromString,
+                _registered_method=True)
+        self.FetchTaskCode = channel.unary_unary(
+                '/dml.v1.PeerControl/FetchTaskCode',
+                request_serializer=dml_dot_v1_dot_control__pb2.FetchTaskCodeRequest.SerializeToString,
+                response_deserializer=dml_dot_v1_dot_control__pb2.FetchTaskCodeResponse.FromString,
+                _registered_method=True)
 
 
 class PeerControlServicer:
@@ -115,6 +125,21 @@ class PeerControlServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def TakeJob(self, request, context):
+        """The answer to a take plan (Plan.take): this peer can run the job (with what it found of the
+        data), declines it, or the task failed here.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def FetchTaskCode(self, request, context):
+        """A job's task code bundle (JobSpec.task_digest), for a member that will run it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PeerControlServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -147,6 +172,16 @@ def add_PeerControlServicer_to_server(servicer, server):
                     servicer.UploadCheckpoint,
                     request_deserializer=dml_dot_v1_dot_control__pb2.CheckpointChunk.FromString,
                     response_serializer=dml_dot_v1_dot_control__pb2.UploadCheckpointResponse.SerializeToString,
+            ),
+            'TakeJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.TakeJob,
+                    request_deserializer=dml_dot_v1_dot_control__pb2.TakeJobRequest.FromString,
+                    response_serializer=dml_dot_v1_dot_control__pb2.TakeJobResponse.SerializeToString,
+            ),
+            'FetchTaskCode': grpc.unary_unary_rpc_method_handler(
+                    servicer.FetchTaskCode,
+                    request_deserializer=dml_dot_v1_dot_control__pb2.FetchTaskCodeRequest.FromString,
+                    response_serializer=dml_dot_v1_dot_control__pb2.FetchTaskCodeResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -312,6 +347,60 @@ class PeerControl:
             '/dml.v1.PeerControl/UploadCheckpoint',
             dml_dot_v1_dot_control__pb2.CheckpointChunk.SerializeToString,
             dml_dot_v1_dot_control__pb2.UploadCheckpointResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def TakeJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dml.v1.PeerControl/TakeJob',
+            dml_dot_v1_dot_control__pb2.TakeJobRequest.SerializeToString,
+            dml_dot_v1_dot_control__pb2.TakeJobResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FetchTaskCode(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dml.v1.PeerControl/FetchTaskCode',
+            dml_dot_v1_dot_control__pb2.FetchTaskCodeRequest.SerializeToString,
+            dml_dot_v1_dot_control__pb2.FetchTaskCodeResponse.FromString,
             options,
             channel_credentials,
             insecure,

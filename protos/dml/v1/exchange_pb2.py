@@ -24,29 +24,29 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15\x64ml/v1/exchange.proto\x12\x06\x64ml.v1\"\xc0\x01\n\x0bTensorChunk\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\r\x12\r\n\x05\x65poch\x18\x03 \x01(\x04\x12\x11\n\tsender_id\x18\x04 \x01(\t\x12 \n\x05phase\x18\x05 \x01(\x0e\x32\x11.dml.v1.RingPhase\x12\x0c\n\x04step\x18\x06 \x01(\r\x12\x14\n\x0coffset_elems\x18\x07 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x08 \x01(\x0c\x12\r\n\x05\x63odec\x18\t \x01(\r\x12\r\n\x05\x63ount\x18\n \x01(\r\"$\n\x12PushChunksResponse\x12\x0e\n\x06\x63hunks\x18\x01 \x01(\x04\"o\n\x14OpenDataPlaneRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\r\x12\r\n\x05\x65poch\x18\x03 \x01(\x04\x12\x11\n\tsender_id\x18\x04 \x01(\t\x12\x16\n\x0eshm_slot_bytes\x18\x05 \x01(\r\"q\n\x15OpenDataPlaneResponse\x12\x0c\n\x04port\x18\x01 \x01(\r\x12\r\n\x05token\x18\x02 \x01(\x0c\x12\x10\n\x08shm_path\x18\x03 \x01(\t\x12\x11\n\tshm_nonce\x18\x04 \x01(\x0c\x12\x16\n\x0eshm_slot_bytes\x18\x05 \x01(\r\"7\n\x16\x46\x65tchParametersRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\r\"=\n\x0eParameterChunk\x12\r\n\x05round\x18\x01 \x01(\r\x12\x0e\n\x06\x64igest\x18\x02 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\x84\x01\n\rGossipMessage\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x11\n\tsender_id\x18\x02 \x01(\t\x12\x13\n\x0b\x65xchange_id\x18\x03 \x01(\t\x12\r\n\x05\x65lems\x18\x04 \x01(\x04\x12\x0e\n\x06weight\x18\x05 \x01(\x01\x12\x0c\n\x04\x64\x61ta\x18\x06 \x01(\x0c\x12\x0e\n\x06\x63ommit\x18\x07 \x01(\x08*a\n\tRingPhase\x12\x1a\n\x16RING_PHASE_UNSPECIFIED\x10\x00\x12\x1d\n\x19RING_PHASE_REDUCE_SCATTER\x10\x01\x12\x19\n\x15RING_PHASE_ALL_GATHER\x10\x02\x32\xa6\x02\n\x0cPeerExchange\x12?\n\nPushChunks\x12\x13.dml.v1.TensorChunk\x1a\x1a.dml.v1.PushChunksResponse(\x01\x12K\n\x0f\x46\x65tchParameters\x12\x1e.dml.v1.FetchParametersRequest\x1a\x16.dml.v1.ParameterChunk0\x01\x12L\n\rOpenDataPlane\x12\x1c.dml.v1.OpenDataPlaneRequest\x1a\x1d.dml.v1.OpenDataPlaneResponse\x12:\n\x06Gossip\x12\x15.dml.v1.GossipMessage\x1a\x15.dml.v1.GossipMessage(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15\x64ml/v1/exchange.proto\x12\x06\x64ml.v1\"\xd4\x01\n\x0bTensorChunk\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\r\x12\r\n\x05\x65poch\x18\x03 \x01(\x04\x12\x11\n\tsender_id\x18\x04 \x01(\t\x12 \n\x05phase\x18\x05 \x01(\x0e\x32\x11.dml.v1.RingPhase\x12\x0c\n\x04step\x18\x06 \x01(\r\x12\x14\n\x0coffset_elems\x18\x07 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x08 \x01(\x0c\x12\r\n\x05\x63odec\x18\t \x01(\r\x12\r\n\x05\x63ount\x18\n \x01(\r\x12\x12\n\ncollective\x18\x0b \x01(\r\"$\n\x12PushChunksResponse\x12\x0e\n\x06\x63hunks\x18\x01 \x01(\x04\"o\n\x14OpenDataPlaneRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\r\x12\r\n\x05\x65poch\x18\x03 \x01(\x04\x12\x11\n\tsender_id\x18\x04 \x01(\t\x12\x16\n\x0eshm_slot_bytes\x18\x05 \x01(\r\"q\n\x15OpenDataPlaneResponse\x12\x0c\n\x04port\x18\x01 \x01(\r\x12\r\n\x05token\x18\x02 \x01(\x0c\x12\x10\n\x08shm_path\x18\x03 \x01(\t\x12\x11\n\tshm_nonce\x18\x04 \x01(\x0c\x12\x16\n\x0eshm_slot_bytes\x18\x05 \x01(\r\"O\n\x16\x46\x65tchParametersRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\r\x12\x16\n\x0etraining_state\x18\x03 \x01(\x08\"K\n\x0eParameterChunk\x12\r\n\x05round\x18\x01 \x01(\r\x12\x0e\n\x06\x64igest\x18\x02 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x0c\n\x04part\x18\x04 \x01(\r\"\x84\x01\n\rGossipMessage\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x11\n\tsender_id\x18\x02 \x01(\t\x12\x13\n\x0b\x65xchange_id\x18\x03 \x01(\t\x12\r\n\x05\x65lems\x18\x04 \x01(\x04\x12\x0e\n\x06weight\x18\x05 \x01(\x01\x12\x0c\n\x04\x64\x61ta\x18\x06 \x01(\x0c\x12\x0e\n\x06\x63ommit\x18\x07 \x01(\x08*a\n\tRingPhase\x12\x1a\n\x16RING_PHASE_UNSPECIFIED\x10\x00\x12\x1d\n\x19RING_PHASE_REDUCE_SCATTER\x10\x01\x12\x19\n\x15RING_PHASE_ALL_GATHER\x10\x02\x32\xa6\x02\n\x0cPeerExchange\x12?\n\nPushChunks\x12\x13.dml.v1.TensorChunk\x1a\x1a.dml.v1.PushChunksResponse(\x01\x12K\n\x0f\x46\x65tchParameters\x12\x1e.dml.v1.FetchParametersRequest\x1a\x16.dml.v1.ParameterChunk0\x01\x12L\n\rOpenDataPlane\x12\x1c.dml.v1.OpenDataPlaneRequest\x1a\x1d.dml.v1.OpenDataPlaneResponse\x12:\n\x06Gossip\x12\x15.dml.v1.GossipMessage\x1a\x15.dml.v1.GossipMessage(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'dml.v1.exchange_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_RINGPHASE']._serialized_start=749
-  _globals['_RINGPHASE']._serialized_end=846
+  _globals['_RINGPHASE']._serialized_start=807
+  _globals['_RINGPHASE']._serialized_end=904
   _globals['_TENSORCHUNK']._serialized_start=34
-  _globals['_TENSORCHUNK']._serialized_end=226
-  _globals['_PUSHCHUNKSRESPONSE']._serialized_start=228
-  _globals['_PUSHCHUNKSRESPONSE']._serialized_end=264
-  _globals['_OPENDATAPLANEREQUEST']._serialized_start=266
-  _globals['_OPENDATAPLANEREQUEST']._serialized_end=377
-  _globals['_OPENDATAPLANERESPONSE']._serialized_start=379
-  _globals['_OPENDATAPLANERESPONSE']._serialized_end=492
-  _globals['_FETCHPARAMETERSREQUEST']._serialized_start=494
-  _globals['_FETCHPARAMETERSREQUEST']._serialized_end=549
-  _globals['_PARAMETERCHUNK']._serialized_start=551
-  _globals['_PARAMETERCHUNK']._serialized_end=612
-  _globals['_GOSSIPMESSAGE']._serialized_start=615
-  _globals['_GOSSIPMESSAGE']._serialized_end=747
-  _globals['_PEEREXCHANGE']._serialized_start=849
-  _globals['_PEEREXCHANGE']._serialized_end=1143
+  _globals['_TENSORCHUNK']._serialized_end=246
+  _globals['_PUSHCHUNKSRESPONSE']._serialized_start=248
+  _globals['_PUSHCHUNKSRESPONSE']._serialized_end=284
+  _globals['_OPENDATAPLANEREQUEST']._serialized_start=286
+  _globals['_OPENDATAPLANEREQUEST']._serialized_end=397
+  _globals['_OPENDATAPLANERESPONSE']._serialized_start=399
+  _globals['_OPENDATAPLANERESPONSE']._serialized_end=512
+  _globals['_FETCHPARAMETERSREQUEST']._serialized_start=514
+  _globals['_FETCHPARAMETERSREQUEST']._serialized_end=593
+  _globals['_PARAMETERCHUNK']._serialized_start=595
+  _globals['_PARAMETERCHUNK']._serialized_end=670
+  _globals['_GOSSIPMESSAGE']._serialized_start=673
+  _globals['_GOSSIPMESSAGE']._serialized_end=805
+  _globals['_PEEREXCHANGE']._serialized_start=907
+  _globals['_PEEREXCHANGE']._serialized_end=1201
 # @@protoc_insertion_point(module_scope)

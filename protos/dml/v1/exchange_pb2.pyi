@@ -15,7 +15,7 @@ RING_PHASE_REDUCE_SCATTER: RingPhase
 RING_PHASE_ALL_GATHER: RingPhase
 
 class TensorChunk(_message.Message):
-    __slots__ = ("job_id", "round", "epoch", "sender_id", "phase", "step", "offset_elems", "data", "codec", "count")
+    __slots__ = ("job_id", "round", "epoch", "sender_id", "phase", "step", "offset_elems", "data", "codec", "count", "collective")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
@@ -26,6 +26,7 @@ class TensorChunk(_message.Message):
     DATA_FIELD_NUMBER: _ClassVar[int]
     CODEC_FIELD_NUMBER: _ClassVar[int]
     COUNT_FIELD_NUMBER: _ClassVar[int]
+    COLLECTIVE_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     round: int
     epoch: int
@@ -36,7 +37,8 @@ class TensorChunk(_message.Message):
     data: bytes
     codec: int
     count: int
-    def __init__(self, job_id: _Optional[str] = ..., round: _Optional[int] = ..., epoch: _Optional[int] = ..., sender_id: _Optional[str] = ..., phase: _Optional[_Union[RingPhase, str]] = ..., step: _Optional[int] = ..., offset_elems: _Optional[int] = ..., data: _Optional[bytes] = ..., codec: _Optional[int] = ..., count: _Optional[int] = ...) -> None: ...
+    collective: int
+    def __init__(self, job_id: _Optional[str] = ..., round: _Optional[int] = ..., epoch: _Optional[int] = ..., sender_id: _Optional[str] = ..., phase: _Optional[_Union[RingPhase, str]] = ..., step: _Optional[int] = ..., offset_elems: _Optional[int] = ..., data: _Optional[bytes] = ..., codec: _Optional[int] = ..., count: _Optional[int] = ..., collective: _Optional[int] = ...) -> None: ...
 
 class PushChunksResponse(_message.Message):
     __slots__ = ("chunks",)
@@ -73,22 +75,26 @@ class OpenDataPlaneResponse(_message.Message):
     def __init__(self, port: _Optional[int] = ..., token: _Optional[bytes] = ..., shm_path: _Optional[str] = ..., shm_nonce: _Optional[bytes] = ..., shm_slot_bytes: _Optional[int] = ...) -> None: ...
 
 class FetchParametersRequest(_message.Message):
-    __slots__ = ("job_id", "round")
+    __slots__ = ("job_id", "round", "training_state")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
+    TRAINING_STATE_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     round: int
-    def __init__(self, job_id: _Optional[str] = ..., round: _Optional[int] = ...) -> None: ...
+    training_state: bool
+    def __init__(self, job_id: _Optional[str] = ..., round: _Optional[int] = ..., training_state: _Optional[bool] = ...) -> None: ...
 
 class ParameterChunk(_message.Message):
-    __slots__ = ("round", "digest", "data")
+    __slots__ = ("round", "digest", "data", "part")
     ROUND_FIELD_NUMBER: _ClassVar[int]
     DIGEST_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
+    PART_FIELD_NUMBER: _ClassVar[int]
     round: int
     digest: str
     data: bytes
-    def __init__(self, round: _Optional[int] = ..., digest: _Optional[str] = ..., data: _Optional[bytes] = ...) -> None: ...
+    part: int
+    def __init__(self, round: _Optional[int] = ..., digest: _Optional[str] = ..., data: _Optional[bytes] = ..., part: _Optional[int] = ...) -> None: ...
 
 class GossipMessage(_message.Message):
     __slots__ = ("job_id", "sender_id", "exchange_id", "elems", "weight", "data", "commit")

@@ -28,7 +28,7 @@ EVICTION_CAUSE_QUARANTINED: EvictionCause
 EVICTION_CAUSE_UNREACHABLE: EvictionCause
 
 class JobStatus(_message.Message):
-    __slots__ = ("job_id", "spec", "state", "round", "epoch", "peers", "last", "reason", "created_unix_ms", "updated_unix_ms", "checkpoint_round", "samples", "data_epoch", "rolled_back_rounds", "evictions", "epochs", "evictions_total", "quarantined", "held_out")
+    __slots__ = ("job_id", "spec", "state", "round", "epoch", "peers", "last", "reason", "created_unix_ms", "updated_unix_ms", "checkpoint_round", "samples", "data_epoch", "rolled_back_rounds", "evictions", "epochs", "evictions_total", "quarantined", "held_out", "declined")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     SPEC_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -48,6 +48,7 @@ class JobStatus(_message.Message):
     EVICTIONS_TOTAL_FIELD_NUMBER: _ClassVar[int]
     QUARANTINED_FIELD_NUMBER: _ClassVar[int]
     HELD_OUT_FIELD_NUMBER: _ClassVar[int]
+    DECLINED_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     spec: _types_pb2.JobSpec
     state: _types_pb2.JobState
@@ -67,7 +68,8 @@ class JobStatus(_message.Message):
     evictions_total: int
     quarantined: _containers.RepeatedCompositeFieldContainer[PeerExclusion]
     held_out: _containers.RepeatedCompositeFieldContainer[PeerExclusion]
-    def __init__(self, job_id: _Optional[str] = ..., spec: _Optional[_Union[_types_pb2.JobSpec, _Mapping]] = ..., state: _Optional[_Union[_types_pb2.JobState, str]] = ..., round: _Optional[int] = ..., epoch: _Optional[int] = ..., peers: _Optional[_Iterable[str]] = ..., last: _Optional[_Union[_types_pb2.RoundMetrics, _Mapping]] = ..., reason: _Optional[str] = ..., created_unix_ms: _Optional[int] = ..., updated_unix_ms: _Optional[int] = ..., checkpoint_round: _Optional[int] = ..., samples: _Optional[int] = ..., data_epoch: _Optional[int] = ..., rolled_back_rounds: _Optional[int] = ..., evictions: _Optional[_Iterable[_Union[Eviction, _Mapping]]] = ..., epochs: _Optional[_Iterable[_Union[MembershipEpoch, _Mapping]]] = ..., evictions_total: _Optional[int] = ..., quarantined: _Optional[_Iterable[_Union[PeerExclusion, _Mapping]]] = ..., held_out: _Optional[_Iterable[_Union[PeerExclusion, _Mapping]]] = ...) -> None: ...
+    declined: _containers.RepeatedCompositeFieldContainer[PeerExclusion]
+    def __init__(self, job_id: _Optional[str] = ..., spec: _Optional[_Union[_types_pb2.JobSpec, _Mapping]] = ..., state: _Optional[_Union[_types_pb2.JobState, str]] = ..., round: _Optional[int] = ..., epoch: _Optional[int] = ..., peers: _Optional[_Iterable[str]] = ..., last: _Optional[_Union[_types_pb2.RoundMetrics, _Mapping]] = ..., reason: _Optional[str] = ..., created_unix_ms: _Optional[int] = ..., updated_unix_ms: _Optional[int] = ..., checkpoint_round: _Optional[int] = ..., samples: _Optional[int] = ..., data_epoch: _Optional[int] = ..., rolled_back_rounds: _Optional[int] = ..., evictions: _Optional[_Iterable[_Union[Eviction, _Mapping]]] = ..., epochs: _Optional[_Iterable[_Union[MembershipEpoch, _Mapping]]] = ..., evictions_total: _Optional[int] = ..., quarantined: _Optional[_Iterable[_Union[PeerExclusion, _Mapping]]] = ..., held_out: _Optional[_Iterable[_Union[PeerExclusion, _Mapping]]] = ..., declined: _Optional[_Iterable[_Union[PeerExclusion, _Mapping]]] = ...) -> None: ...
 
 class PeerExclusion(_message.Message):
     __slots__ = ("peer_id", "round", "reason", "unix_ms", "reporters")
@@ -114,10 +116,12 @@ class MembershipEpoch(_message.Message):
     def __init__(self, epoch: _Optional[int] = ..., peers: _Optional[_Iterable[str]] = ..., started_unix_ms: _Optional[int] = ..., round: _Optional[int] = ...) -> None: ...
 
 class SubmitJobRequest(_message.Message):
-    __slots__ = ("spec",)
+    __slots__ = ("spec", "task_code")
     SPEC_FIELD_NUMBER: _ClassVar[int]
+    TASK_CODE_FIELD_NUMBER: _ClassVar[int]
     spec: _types_pb2.JobSpec
-    def __init__(self, spec: _Optional[_Union[_types_pb2.JobSpec, _Mapping]] = ...) -> None: ...
+    task_code: bytes
+    def __init__(self, spec: _Optional[_Union[_types_pb2.JobSpec, _Mapping]] = ..., task_code: _Optional[bytes] = ...) -> None: ...
 
 class SubmitJobResponse(_message.Message):
     __slots__ = ("job_id",)
@@ -184,3 +188,35 @@ class ModelChunk(_message.Message):
     digest: str
     data: bytes
     def __init__(self, round: _Optional[int] = ..., digest: _Optional[str] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class GetShardsRequest(_message.Message):
+    __slots__ = ("job_id",)
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    def __init__(self, job_id: _Optional[str] = ...) -> None: ...
+
+class PeerShards(_message.Message):
+    __slots__ = ("peer_id", "shard_ids", "samples", "label_counts")
+    PEER_ID_FIELD_NUMBER: _ClassVar[int]
+    SHARD_IDS_FIELD_NUMBER: _ClassVar[int]
+    SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    LABEL_COUNTS_FIELD_NUMBER: _ClassVar[int]
+    peer_id: str
+    shard_ids: _containers.RepeatedScalarFieldContainer[int]
+    samples: int
+    label_counts: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, peer_id: _Optional[str] = ..., shard_ids: _Optional[_Iterable[int]] = ..., samples: _Optional[int] = ..., label_counts: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class GetShardsResponse(_message.Message):
+    __slots__ = ("job_id", "peers", "num_classes", "train_samples", "unassigned")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    PEERS_FIELD_NUMBER: _ClassVar[int]
+    NUM_CLASSES_FIELD_NUMBER: _ClassVar[int]
+    TRAIN_SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    UNASSIGNED_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    peers: _containers.RepeatedCompositeFieldContainer[PeerShards]
+    num_classes: int
+    train_samples: int
+    unassigned: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, job_id: _Optional[str] = ..., peers: _Optional[_Iterable[_Union[PeerShards, _Mapping]]] = ..., num_classes: _Optional[int] = ..., train_samples: _Optional[int] = ..., unassigned: _Optional[_Iterable[int]] = ...) -> None: ...

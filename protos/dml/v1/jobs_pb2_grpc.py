@@ -65,6 +65,16 @@ class JobServiceStub:
                 request_serializer=dml_dot_v1_dot_jobs__pb2.DownloadModelRequest.SerializeToString,
                 response_deserializer=dml_dot_v1_dot_jobs__pb2.ModelChunk.FromString,
                 _registered_method=True)
+        self.DownloadCheckpoint = channel.unary_stream(
+                '/dml.v1.JobService/DownloadCheckpoint',
+                request_serializer=dml_dot_v1_dot_jobs__pb2.DownloadModelRequest.SerializeToString,
+                response_deserializer=dml_dot_v1_dot_jobs__pb2.ModelChunk.FromString,
+                _registered_method=True)
+        self.GetShards = channel.unary_unary(
+                '/dml.v1.JobService/GetShards',
+                request_serializer=dml_dot_v1_dot_jobs__pb2.GetShardsRequest.SerializeToString,
+                response_deserializer=dml_dot_v1_dot_jobs__pb2.GetShardsResponse.FromString,
+                _registered_method=True)
 
 
 class JobServiceServicer:
@@ -115,6 +125,20 @@ class JobServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DownloadCheckpoint(self, request, context):
+        """The whole training state of the latest checkpoint (model, optimizer, outer optimizer, round).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetShards(self, request, context):
+        """Each member's shards, samples and label counts.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_JobServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -147,6 +171,16 @@ def add_JobServiceServicer_to_server(servicer, server):
                     servicer.DownloadModel,
                     request_deserializer=dml_dot_v1_dot_jobs__pb2.DownloadModelRequest.FromString,
                     response_serializer=dml_dot_v1_dot_jobs__pb2.ModelChunk.SerializeToString,
+            ),
+            'DownloadCheckpoint': grpc.unary_stream_rpc_method_handler(
+                    servicer.DownloadCheckpoint,
+                    request_deserializer=dml_dot_v1_dot_jobs__pb2.DownloadModelRequest.FromString,
+                    response_serializer=dml_dot_v1_dot_jobs__pb2.ModelChunk.SerializeToString,
+            ),
+            'GetShards': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetShards,
+                    request_deserializer=dml_dot_v1_dot_jobs__pb2.GetShardsRequest.FromString,
+                    response_serializer=dml_dot_v1_dot_jobs__pb2.GetShardsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -312,6 +346,60 @@ class JobService:
             '/dml.v1.JobService/DownloadModel',
             dml_dot_v1_dot_jobs__pb2.DownloadModelRequest.SerializeToString,
             dml_dot_v1_dot_jobs__pb2.ModelChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DownloadCheckpoint(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/dml.v1.JobService/DownloadCheckpoint',
+            dml_dot_v1_dot_jobs__pb2.DownloadModelRequest.SerializeToString,
+            dml_dot_v1_dot_jobs__pb2.ModelChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetShards(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dml.v1.JobService/GetShards',
+            dml_dot_v1_dot_jobs__pb2.GetShardsRequest.SerializeToString,
+            dml_dot_v1_dot_jobs__pb2.GetShardsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -23,7 +23,7 @@ JOB_STATE_FAILED: JobState
 JOB_STATE_CANCELLED: JobState
 
 class JobSpec(_message.Message):
-    __slots__ = ("task", "rounds", "local_steps", "batch_size", "learning_rate", "min_peers", "sharding", "aggregation", "seed", "num_shards", "checkpoint_every_rounds", "peer_grace_s", "codec", "data_plane", "eval_every_rounds", "gossip_topology", "gossip_timeout_ms")
+    __slots__ = ("task", "rounds", "local_steps", "batch_size", "learning_rate", "min_peers", "sharding", "aggregation", "seed", "num_shards", "checkpoint_every_rounds", "peer_grace_s", "codec", "data_plane", "eval_every_rounds", "gossip_topology", "gossip_timeout_ms", "task_digest", "sync", "optimizer_state", "outer_optimizer", "outer_lr", "outer_momentum", "prox_mu", "min_shard_samples")
     TASK_FIELD_NUMBER: _ClassVar[int]
     ROUNDS_FIELD_NUMBER: _ClassVar[int]
     LOCAL_STEPS_FIELD_NUMBER: _ClassVar[int]
@@ -41,6 +41,14 @@ class JobSpec(_message.Message):
     EVAL_EVERY_ROUNDS_FIELD_NUMBER: _ClassVar[int]
     GOSSIP_TOPOLOGY_FIELD_NUMBER: _ClassVar[int]
     GOSSIP_TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
+    TASK_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    SYNC_FIELD_NUMBER: _ClassVar[int]
+    OPTIMIZER_STATE_FIELD_NUMBER: _ClassVar[int]
+    OUTER_OPTIMIZER_FIELD_NUMBER: _ClassVar[int]
+    OUTER_LR_FIELD_NUMBER: _ClassVar[int]
+    OUTER_MOMENTUM_FIELD_NUMBER: _ClassVar[int]
+    PROX_MU_FIELD_NUMBER: _ClassVar[int]
+    MIN_SHARD_SAMPLES_FIELD_NUMBER: _ClassVar[int]
     task: str
     rounds: int
     local_steps: int
@@ -58,7 +66,15 @@ class JobSpec(_message.Message):
     eval_every_rounds: int
     gossip_topology: str
     gossip_timeout_ms: int
-    def __init__(self, task: _Optional[str] = ..., rounds: _Optional[int] = ..., local_steps: _Optional[int] = ..., batch_size: _Optional[int] = ..., learning_rate: _Optional[float] = ..., min_peers: _Optional[int] = ..., sharding: _Optional[str] = ..., aggregation: _Optional[str] = ..., seed: _Optional[int] = ..., num_shards: _Optional[int] = ..., checkpoint_every_rounds: _Optional[int] = ..., peer_grace_s: _Optional[int] = ..., codec: _Optional[str] = ..., data_plane: _Optional[str] = ..., eval_every_rounds: _Optional[int] = ..., gossip_topology: _Optional[str] = ..., gossip_timeout_ms: _Optional[int] = ...) -> None: ...
+    task_digest: str
+    sync: str
+    optimizer_state: str
+    outer_optimizer: str
+    outer_lr: float
+    outer_momentum: float
+    prox_mu: float
+    min_shard_samples: int
+    def __init__(self, task: _Optional[str] = ..., rounds: _Optional[int] = ..., local_steps: _Optional[int] = ..., batch_size: _Optional[int] = ..., learning_rate: _Optional[float] = ..., min_peers: _Optional[int] = ..., sharding: _Optional[str] = ..., aggregation: _Optional[str] = ..., seed: _Optional[int] = ..., num_shards: _Optional[int] = ..., checkpoint_every_rounds: _Optional[int] = ..., peer_grace_s: _Optional[int] = ..., codec: _Optional[str] = ..., data_plane: _Optional[str] = ..., eval_every_rounds: _Optional[int] = ..., gossip_topology: _Optional[str] = ..., gossip_timeout_ms: _Optional[int] = ..., task_digest: _Optional[str] = ..., sync: _Optional[str] = ..., optimizer_state: _Optional[str] = ..., outer_optimizer: _Optional[str] = ..., outer_lr: _Optional[float] = ..., outer_momentum: _Optional[float] = ..., prox_mu: _Optional[float] = ..., min_shard_samples: _Optional[int] = ...) -> None: ...
 
 class SampleRange(_message.Message):
     __slots__ = ("shard_id", "start", "stop", "data_epoch")
@@ -81,7 +97,14 @@ class MemberSamples(_message.Message):
     def __init__(self, peer_id: _Optional[str] = ..., ranges: _Optional[_Iterable[_Union[SampleRange, _Mapping]]] = ...) -> None: ...
 
 class RoundMetrics(_message.Message):
-    __slots__ = ("round", "epoch", "train_loss", "test_accuracy", "test_loss", "samples", "digest", "duration_ms", "members", "data_epoch", "consumed", "train_ms", "exchange_ms", "committed_unix_ms", "test_evaluated", "eval_ms", "consensus_distance", "bytes_sent")
+    __slots__ = ("round", "epoch", "train_loss", "test_accuracy", "test_loss", "samples", "digest", "duration_ms", "members", "data_epoch", "consumed", "train_ms", "exchange_ms", "committed_unix_ms", "test_evaluated", "eval_ms", "consensus_distance", "bytes_sent", "test_metrics")
+    class TestMetricsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
     ROUND_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     TRAIN_LOSS_FIELD_NUMBER: _ClassVar[int]
@@ -100,6 +123,7 @@ class RoundMetrics(_message.Message):
     EVAL_MS_FIELD_NUMBER: _ClassVar[int]
     CONSENSUS_DISTANCE_FIELD_NUMBER: _ClassVar[int]
     BYTES_SENT_FIELD_NUMBER: _ClassVar[int]
+    TEST_METRICS_FIELD_NUMBER: _ClassVar[int]
     round: int
     epoch: int
     train_loss: float
@@ -118,7 +142,8 @@ class RoundMetrics(_message.Message):
     eval_ms: int
     consensus_distance: float
     bytes_sent: int
-    def __init__(self, round: _Optional[int] = ..., epoch: _Optional[int] = ..., train_loss: _Optional[float] = ..., test_accuracy: _Optional[float] = ..., test_loss: _Optional[float] = ..., samples: _Optional[int] = ..., digest: _Optional[str] = ..., duration_ms: _Optional[int] = ..., members: _Optional[int] = ..., data_epoch: _Optional[int] = ..., consumed: _Optional[_Iterable[_Union[MemberSamples, _Mapping]]] = ..., train_ms: _Optional[int] = ..., exchange_ms: _Optional[int] = ..., committed_unix_ms: _Optional[int] = ..., test_evaluated: _Optional[bool] = ..., eval_ms: _Optional[int] = ..., consensus_distance: _Optional[float] = ..., bytes_sent: _Optional[int] = ...) -> None: ...
+    test_metrics: _containers.ScalarMap[str, float]
+    def __init__(self, round: _Optional[int] = ..., epoch: _Optional[int] = ..., train_loss: _Optional[float] = ..., test_accuracy: _Optional[float] = ..., test_loss: _Optional[float] = ..., samples: _Optional[int] = ..., digest: _Optional[str] = ..., duration_ms: _Optional[int] = ..., members: _Optional[int] = ..., data_epoch: _Optional[int] = ..., consumed: _Optional[_Iterable[_Union[MemberSamples, _Mapping]]] = ..., train_ms: _Optional[int] = ..., exchange_ms: _Optional[int] = ..., committed_unix_ms: _Optional[int] = ..., test_evaluated: _Optional[bool] = ..., eval_ms: _Optional[int] = ..., consensus_distance: _Optional[float] = ..., bytes_sent: _Optional[int] = ..., test_metrics: _Optional[_Mapping[str, float]] = ...) -> None: ...
 
 class Member(_message.Message):
     __slots__ = ("peer_id", "address", "shard_ids", "samples", "public_key")
@@ -135,7 +160,7 @@ class Member(_message.Message):
     def __init__(self, peer_id: _Optional[str] = ..., address: _Optional[str] = ..., shard_ids: _Optional[_Iterable[int]] = ..., samples: _Optional[_Iterable[_Union[SampleRange, _Mapping]]] = ..., public_key: _Optional[bytes] = ...) -> None: ...
 
 class Plan(_message.Message):
-    __slots__ = ("job_id", "round", "epoch", "members", "spec", "checkpoint", "data_epoch", "shard_indices", "start_digest", "gossip", "evaluate", "member_ticket")
+    __slots__ = ("job_id", "round", "epoch", "members", "spec", "checkpoint", "data_epoch", "shard_indices", "start_digest", "gossip", "evaluate", "member_ticket", "take")
     class ShardIndicesEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -155,6 +180,7 @@ class Plan(_message.Message):
     GOSSIP_FIELD_NUMBER: _ClassVar[int]
     EVALUATE_FIELD_NUMBER: _ClassVar[int]
     MEMBER_TICKET_FIELD_NUMBER: _ClassVar[int]
+    TAKE_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     round: int
     epoch: int
@@ -167,7 +193,8 @@ class Plan(_message.Message):
     gossip: bool
     evaluate: bool
     member_ticket: bytes
-    def __init__(self, job_id: _Optional[str] = ..., round: _Optional[int] = ..., epoch: _Optional[int] = ..., members: _Optional[_Iterable[_Union[Member, _Mapping]]] = ..., spec: _Optional[_Union[JobSpec, _Mapping]] = ..., checkpoint: _Optional[bool] = ..., data_epoch: _Optional[int] = ..., shard_indices: _Optional[_Mapping[int, ShardIndices]] = ..., start_digest: _Optional[str] = ..., gossip: _Optional[bool] = ..., evaluate: _Optional[bool] = ..., member_ticket: _Optional[bytes] = ...) -> None: ...
+    take: bool
+    def __init__(self, job_id: _Optional[str] = ..., round: _Optional[int] = ..., epoch: _Optional[int] = ..., members: _Optional[_Iterable[_Union[Member, _Mapping]]] = ..., spec: _Optional[_Union[JobSpec, _Mapping]] = ..., checkpoint: _Optional[bool] = ..., data_epoch: _Optional[int] = ..., shard_indices: _Optional[_Mapping[int, ShardIndices]] = ..., start_digest: _Optional[str] = ..., gossip: _Optional[bool] = ..., evaluate: _Optional[bool] = ..., member_ticket: _Optional[bytes] = ..., take: _Optional[bool] = ...) -> None: ...
 
 class ShardIndices(_message.Message):
     __slots__ = ("indices",)

@@ -1,0 +1,113 @@
+"""``dml.Task``: what a user hands dml to train, as plain Python. Importing this module loads
+neither torch nor numpy; the fields are called on the peers only.
+
+A task module holds one ``Task`` (by default under the name ``task``)::
+
+    import dml, torch
+
+    task = dml.Task(
+        model=lambda: Net(),                               # a fresh torch.nn.Module
+        train=lambda ctx: dataset,                         # map-style Dataset of (input, target)
+        test=lambda ctx: dataset,                          # optional held-out data
+        loss=torch.nn.functional.cross_entropy,            # (output, target) -> scalar
+        optimizer=lambda params: torch.optim.Adam(params, lr=1e-2),
+    )
+
+``ctx`` (:class:`Context`) says where the peer keeps its data (``dml-peer --data-dir``), so a
+dataset on a shared volume is read from each peer's own mount path.
+"""
+from __future__ import annotations
+
+import pathlib
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+DEFAULT_BATCH_SIZE = 32
+
+
+@dataclass(frozen=True)
+class Context:
+    """Where a task finds its data on this peer, and what it is asked for."""
+
+    data_dir: pathlib.Path = field(default_factory=pathlib.Path.cwd)  # dml-peer --data-dir
+    split: str = "train"  # "train" or "test"
+    job_id: str = ""
+    peer_id: str = ""
+    seed: int = 0  # the job's seed
+
+    def path(self, *parts: str) -> pathlib.Path:
+        """A path under the data directory."""
+        return self.data_dir.joinpath(*parts)
+
+
+@dataclass(frozen=True)
+class Task:
+    """A model, its data, its loss and its optimizer. Only ``model`` and ``train`` are required.
+
+    - ``model()``: a freshly initialised ``torch.nn.Module`` (dml seeds torch before calling it,
+      so every peer starts from the same parameters).
+    - ``train(ctx)`` / ``test(ctx)``: map-style datasets whose items are ``(input, target)``;
+      ``len()`` must be the sample count. An :class:`ArrayDataset` (or a
+      ``torch.utils.data.TensorDataset``) is batched by indexing its arrays at once, any other
+      dataset item by item through ``collate``.
+    - ``loss(output, target)``: a scalar tensor, the batch mean (default: cross entropy).
+    - ``optimizer(params)``: any ``torch.optim.Optimizer`` over the given parameters (default:
+      plain SGD at the job's ``--lr``). The job's ``--lr`` overrides every param group's lr.
+    - ``metrics(output, target)``: the batch's test metrics as ``{name: mean}``; dml weights them
+      by batch size. Default: ``accuracy`` when the output has one score per class.
+    - ``batch_size``: used when the job gives no ``--batch-size``.
+    - ``labels(ctx)``: the training labels (one int per sample), for label-skewed sharding
+      (``classes:K``, ``dirichlet:ALPHA``) and ``dml shards``; by default read from the dataset's
+      targets when they are integers.
+    - ``collate(items)``: batches a list of items (default ``torch.utils.data.default_collate``).
+    """
+
+    model: Callable[[], Any]
+    train: Callable[[Context], Any]
+    loss: Callable[[Any, Any], Any] | None = None
+    optimizer: Callable[[Iterable[Any]], Any] | None = None
+    test: Callable[[Context], Any] | None = None
+    metrics: Callable[[Any, Any], Mapping[str, float]] | None = None
+    batch_size: int | None = None
+    labels: Callable[[Context], Sequence[int]] | None = None
+    collate: Callable[[list[Any]], Any] | None = None
+    name: str = ""
+
+    def __post_init__(self) -> None:
+        for f in ("model", "train"):
+            if not callable(getattr(self, f)):
+                raise TypeError(f"dml.Task: {f} must be callable (got {type(getattr(self, f)).__name__})")
+        for f in ("loss", "optimizer", "test", "metrics", "labels", "collate"):
+            v = getattr(self, f)
+            if v is not None and not callable(v):
+                raise TypeError(f"dml.Task: {f} must be callable or None (got {type(v).__name__})")
+        if self.batch_size is not None and (not isinstance(self.batch_size, int) or self.batch_size < 1):
+            raise TypeError(f"dml.Task: batch_size must be a positive int, got {self.batch_size!r}")
+
+    @property
+    def default_batch_size(self) -> int:
+        """The task's batch size, else dml's default."""
+        return self.batch_size or DEFAULT_BATCH_SIZE
+
+
+class ArrayDataset:
+    """A dataset held as two arrays of equal length (numpy arrays, torch tensors or numpy
+    memory maps): item ``i`` is ``(x[i], y[i])``. dml batches it by indexing both at once, so a
+    memory-mapped array is read only at the rows a peer trains on."""
+
+    def __init__(self, x: Any, y: Any) -> None:
+        if len(x) != len(y):
+            raise ValueError(f"ArrayDataset: {len(x)} inputs but {len(y)} targets")
+        self.x, self.y = x, y
+
+    @property
+    def arrays(self) -> tuple[Any, Any]:
+        """(inputs, targets)."""
+        return self.x, self.y
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def __getitem__(self, i: int) -> tuple[Any, Any]:
+        return self.x[i], self.y[i]

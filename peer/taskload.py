@@ -1,0 +1,31 @@
+"""Finds the :class:`dml.Task` a job names: a built-in task, or ``package.module:NAME``
+imported from this peer's own environment."""
+from __future__ import annotations
+
+import importlib
+
+from dml.common.task import Task
+from dml.common.tasks import get_task, is_builtin
+from dml.peer.trainer import TaskError
+
+
+def resolve(name: str) -> Task:
+    """The task ``name`` refers to. Raises :class:`TaskError` with a message when it cannot be
+    found or is not a ``dml.Task``."""
+    if is_builtin(name):
+        try:
+            return get_task(name)
+        except ValueError as e:
+            raise TaskError(str(e)) from None
+    module, sep, attr = name.partition(":")
+    if not sep or not module or not attr:
+        raise TaskError(f"task {name!r} is neither a built-in task nor package.module:NAME")
+    try:
+        mod = importlib.import_module(module)
+    except Exception as e:  # noqa: BLE001 - the user's module may raise anything
+        raise TaskError(f"importing {module} raised {type(e).__name__}: {e}") from e
+    task = getattr(mod, attr, None)
+    if not isinstance(task, Task):
+        raise TaskError(f"{module} has no dml.Task named {attr!r}"
+                        + (f" (found a {type(task).__name__})" if task is not None else ""))
+    return task
