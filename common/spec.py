@@ -162,8 +162,9 @@ def _validate_task_ref(spec: JobSpec) -> None:
 
         get_task(spec.task)  # a synthetic size out of range raises here
     if kind == "code" and not _DIGEST.match(spec.task_digest):
-        raise ValueError(f"task {spec.task!r} is not a built-in task or package.module:NAME, and no task code "
-                         "came with the job (task_digest must be the sha256 of the bundle)")
+        raise ValueError(f"unknown task {spec.task!r}: not a built-in task (digits, digits-cnn, synthetic:SIZE) "
+                         "or package.module:NAME, and no task code came with the job (a task file's task_digest "
+                         "is the sha256 of its bundle)")
     if kind != "code" and spec.task_digest:
         raise ValueError(f"task {spec.task!r} is not a task file, but the job names task code {spec.task_digest[:12]}")
 

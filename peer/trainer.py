@@ -231,6 +231,9 @@ class Trainer:
             for g in self.optimizer.param_groups:
                 g["lr"] = lr
         self.loss_fn: Callable[[Any, Any], Any] = task.loss or F.cross_entropy
+        # What, beside the parameters, is the training state: each part's state_dict() is
+        # snapshotted with the committed parameters, checkpointed and sent to joiners.
+        self.state_parts: dict[str, Any] = {"optimizer": self.optimizer}
         # Plain SGD on an MLP can apply each layer's update inside backward, straight into the
         # weights, so no gradient the size of the model ever exists (see _SGDLinear).
         sgd_lr = plain_sgd(self.optimizer) if fuse else None

@@ -33,7 +33,7 @@ def test_default_spec_is_valid() -> None:
         (dict(optimizer_state="global"), "optimizer_state"),
         (dict(outer_optimizer="adam"), "outer_optimizer"),
         (dict(prox_mu=-1.0), "prox_mu"),
-        (dict(task="mytask.py"), "task code"),
+        (dict(task="mytask.py"), "no task code"),
         (dict(learning_rate=-0.1), "learning_rate"),
         (dict(min_peers=0), "min_peers"),
         (dict(task="imagenet"), "task"),
