@@ -14,7 +14,7 @@ from dml.v1 import control_pb2, types_pb2
 
 from dml.aggregation.topology import partner_ids
 from dml.common import rpc
-from dml.peer.taskload import resolve
+from dml.peer.taskload import make_trainer
 from dml.peer import faults
 from dml.peer.client import Evicted
 from dml.peer.gossip import Outcome
@@ -73,7 +73,7 @@ class GossipStep:
         trainer = peer.store.trainer_for(plan.job_id)
         if trainer is None:
             self.leave()
-            trainer = Trainer(resolve(spec.task), spec.seed, spec.learning_rate, peer.config.device)
+            trainer = make_trainer(peer, plan.job_id, spec)
             peer.store.start(plan.job_id, trainer, None)
         # The most weight an honest offer can carry: every sample the job can train, twice over.
         most = 2.0 * spec.rounds * max(len(plan.members), 1) * spec.local_steps * spec.batch_size

@@ -20,7 +20,7 @@ from dml.aggregation.codecs import Codec, get_codec
 from dml.aggregation.guard import Poisoned, RingGuard
 from dml.aggregation.transport import Cancelled, ExchangeError
 from dml.common import rpc
-from dml.peer.taskload import resolve
+from dml.peer.taskload import make_trainer
 from dml.peer import faults
 from dml.peer.auth import FETCH_PARAMETERS
 from dml.peer.client import Evicted
@@ -162,7 +162,7 @@ class RingRound:
         spec = plan.spec
         trainer = store.trainer_for(plan.job_id)
         if trainer is None:
-            trainer = Trainer(resolve(spec.task), spec.seed, spec.learning_rate, peer.config.device)
+            trainer = make_trainer(peer, plan.job_id, spec)
             init = trainer.params()
             store.start(plan.job_id, trainer, Snapshot(plan.job_id, 0, init, digest(init)))
         start = plan.round - 1

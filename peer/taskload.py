@@ -3,10 +3,16 @@ imported from this peer's own environment."""
 from __future__ import annotations
 
 import importlib
+from typing import TYPE_CHECKING
 
-from dml.common.task import Task
+from dml.common.task import Context, Task
 from dml.common.tasks import get_task, is_builtin
-from dml.peer.trainer import TaskError
+from dml.peer.trainer import TaskError, Trainer
+
+if TYPE_CHECKING:
+    from dml.v1 import types_pb2
+
+    from dml.peer.runner import Peer
 
 
 def resolve(name: str) -> Task:
@@ -29,3 +35,11 @@ def resolve(name: str) -> Task:
         raise TaskError(f"{module} has no dml.Task named {attr!r}"
                         + (f" (found a {type(task).__name__})" if task is not None else ""))
     return task
+
+
+def make_trainer(peer: Peer, job_id: str, spec: types_pb2.JobSpec) -> Trainer:
+    """The trainer of job ``job_id`` on this peer: its task, seeded by the job, at the job's
+    learning rate, on the peer's device. The one place a peer builds a job's trainer."""
+    task = resolve(spec.task)
+    ctx = Context(seed=spec.seed, job_id=job_id, peer_id=peer.peer_id)
+    return Trainer(task, spec.seed, spec.learning_rate, peer.config.device, ctx=ctx)
