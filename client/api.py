@@ -140,6 +140,20 @@ def status_dict(job: jobs_pb2.JobStatus) -> dict[str, Any]:
     }
 
 
+def shards_dict(resp: jobs_pb2.GetShardsResponse) -> dict[str, Any]:
+    """A job's shard placement as plain data (``dml shards --json``): per member its shard ids,
+    samples and label counts (index = label; None when the coordinator knows no labels)."""
+    known = resp.num_classes > 0
+    return {
+        "job_id": resp.job_id,
+        "train_samples": resp.train_samples,
+        "num_classes": resp.num_classes if known else None,
+        "unassigned": list(resp.unassigned),
+        "peers": [{"peer_id": p.peer_id, "shards": list(p.shard_ids), "samples": p.samples,
+                   "label_counts": list(p.label_counts) if known else None} for p in resp.peers],
+    }
+
+
 def history_dict(r: types_pb2.RoundMetrics) -> dict[str, Any]:
     """One committed round, with its sample ledger, as JSON-friendly data."""
     return {"round": r.round, "epoch": r.epoch, "train_loss": r.train_loss, "test_accuracy": r.test_accuracy,
@@ -212,6 +226,12 @@ class JobClient:
         if not jobs:
             raise ApiError(f"no jobs on {self.address}", FAILED)
         return jobs[0].job_id
+
+    def shards(self, job_id: str) -> jobs_pb2.GetShardsResponse:
+        """Where a job's data is: each member's shards, samples and label counts, and the
+        shards no member holds (see :func:`shards_dict`)."""
+        req = jobs_pb2.GetShardsRequest(job_id=job_id)
+        return self.call(lambda: self.stub.GetShards(req, timeout=self.timeout_s))
 
     def cancel(self, job_id: str) -> str:
         """Cancels a job; returns the state it is in afterwards (CANCELLED, or how it had ended)."""

@@ -17,7 +17,7 @@ import pathlib
 import sys
 
 from dml.client import api
-from dml.client.api import ApiError, JobClient, history_dict, status_dict
+from dml.client.api import ApiError, JobClient, history_dict, shards_dict, status_dict
 from dml.common import args as cliargs
 from dml.common import tls
 from dml.common.args import int_in
@@ -86,7 +86,8 @@ def spec_from_args(a: argparse.Namespace) -> JobSpec:
                    checkpoint_every_rounds=a.checkpoint_every or d.checkpoint_every_rounds,
                    peer_grace_s=a.peer_grace_s or d.peer_grace_s, codec=a.codec, data_plane=a.data_plane,
                    eval_every_rounds=a.eval_every or d.eval_every_rounds,
-                   gossip_topology=a.topology, gossip_timeout_ms=a.gossip_timeout_ms or d.gossip_timeout_ms)
+                   gossip_topology=a.topology, gossip_timeout_ms=a.gossip_timeout_ms or d.gossip_timeout_ms,
+                   min_shard_samples=a.min_shard_samples)
 
 
 def _client(a: argparse.Namespace) -> JobClient:
@@ -163,12 +164,46 @@ def cmd_model(a: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_plot(a: argparse.Namespace) -> int:
-    """Saves a PNG of train loss and test accuracy per committed round."""
+def id_ranges(ids: list[int]) -> str:
+    """Shard ids as compact ranges: [0, 1, 2, 5] -> "0-2,5" ("-" for none)."""
+    runs: list[list[int]] = []
+    for i in sorted(ids):
+        if runs and runs[-1][1] == i - 1:
+            runs[-1][1] = i
+        else:
+            runs.append([i, i])
+    return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in runs) or "-"
+
+
+def shards_table(d: dict) -> list[str]:
+    """``dml shards`` as lines: a row per member (shard ids, samples, its labels' counts as
+    LABEL:COUNT for the labels it holds, "-" when the labels are unknown), then the totals."""
+    lines = [f"{'PEER':<24} {'SHARDS':>6} {'SAMPLES':>9}  {'SHARD_IDS':<16} LABELS (label:samples)"]
+    for p in d["peers"]:
+        counts = p["label_counts"]
+        labels = "-" if counts is None else " ".join(f"{i}:{n}" for i, n in enumerate(counts) if n) or "none"
+        lines.append(f"{p['peer_id']:<24} {len(p['shards']):>6} {p['samples']:>9}  {id_ranges(p['shards']):<16} {labels}")
+    placed = sum(p["samples"] for p in d["peers"])
+    classes = "labels unknown" if d["num_classes"] is None else f"{d['num_classes']} labels"
+    lines.append(f"{len(d['peers'])} peers hold {placed} of {d['train_samples']} training samples ({classes})")
+    if d["unassigned"]:
+        lines.append(f"unassigned: {len(d['unassigned'])} shards ({id_ranges(d['unassigned'])}): no member has room "
+                     "under its --max-samples")
+    return lines
+
+
+def cmd_shards(a: argparse.Namespace) -> int:
+    """Prints each member's shards, samples and label counts."""
     with _client(a) as c:
-        resp = c.status(a.job, history=True)  # an unknown job is reported before matplotlib loads
-    if not resp.history:
-        raise ApiError(f"{a.job} has no committed rounds yet", 1)
+        d = shards_dict(c.shards(a.job))
+    if a.json:
+        print(json.dumps(d))
+        return 0
+    print("\n".join(shards_table(d)))
+    return 0
+
+
+def _pyplot():  # type: ignore[no-untyped-def]
     try:
         import matplotlib
 
@@ -176,6 +211,48 @@ def cmd_plot(a: argparse.Namespace) -> int:
         import matplotlib.pyplot as plt
     except ImportError:
         raise ApiError("dml plot needs matplotlib: pip install 'dml[plot]'", 2) from None
+    return plt
+
+
+def plot_shards(a: argparse.Namespace) -> int:
+    """Saves a PNG with a stacked bar per member: its samples of each label."""
+    with _client(a) as c:
+        d = shards_dict(c.shards(a.job))  # an unknown job is reported before matplotlib loads
+    if not d["peers"]:
+        raise ApiError(f"{a.job} has no members holding shards now", 1)
+    plt = _pyplot()
+    names = [p["peer_id"] for p in d["peers"]]
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.9 * len(names) + 2), 4))
+    if d["num_classes"] is None:
+        ax.bar(names, [p["samples"] for p in d["peers"]], color="tab:grey", label="labels unknown")
+    else:
+        cmap = plt.get_cmap("tab20" if d["num_classes"] > 10 else "tab10")
+        bottom = [0] * len(names)
+        for label in range(d["num_classes"]):
+            counts = [p["label_counts"][label] for p in d["peers"]]
+            if any(counts):
+                ax.bar(names, counts, bottom=bottom, color=cmap(label % cmap.N), label=str(label))
+                bottom = [b + n for b, n in zip(bottom, counts)]
+    ax.set_ylabel("training samples")
+    ax.set_title(f"{d['job_id']}: label mix per peer")
+    ax.legend(title="label", fontsize="small", bbox_to_anchor=(1.01, 1), loc="upper left")
+    ax.tick_params(axis="x", labelrotation=30)
+    fig.tight_layout()
+    fig.savefig(a.output, dpi=110)
+    print(f"saved the label mix of {len(names)} peers to {a.output}")
+    return 0
+
+
+def cmd_plot(a: argparse.Namespace) -> int:
+    """Saves a PNG of train loss and test accuracy per committed round (``--shards``: the label
+    mix of each member's shards instead)."""
+    if a.shards:
+        return plot_shards(a)
+    with _client(a) as c:
+        resp = c.status(a.job, history=True)  # an unknown job is reported before matplotlib loads
+    if not resp.history:
+        raise ApiError(f"{a.job} has no committed rounds yet", 1)
+    plt = _pyplot()
     rounds = [r.round for r in resp.history]
     fig, ax = plt.subplots(figsize=(7, 4))
     ax.plot(rounds, [r.train_loss for r in resp.history], color="tab:red", label="train loss")
@@ -245,7 +322,11 @@ def add_job_options(p: argparse.ArgumentParser) -> None:
                    default=d.learning_rate, help="learning rate")
     p.add_argument("--min-peers", type=int_in(1), default=None,
                    help=f"peers needed to run a round (default {d.min_peers}; `local`: all its peers)")
-    p.add_argument("--sharding", default=d.sharding, help="iid or dirichlet:ALPHA")
+    p.add_argument("--sharding", default=d.sharding,
+                   help="iid, contiguous (index ranges in the data's own order), classes:K (K labels per shard, "
+                        "about K per peer) or dirichlet:ALPHA")
+    p.add_argument("--min-shard-samples", type=int_in(1), default=d.min_shard_samples,
+                   help="refuse a plan with a shard smaller than this")
     p.add_argument("--aggregation", choices=AGGREGATIONS, default=d.aggregation,
                    help="ring (synchronous all-reduce) or gossip (pairwise averaging, no barrier; "
                         "the last round is one exact ring average)")
@@ -319,7 +400,14 @@ def build_parser() -> argparse.ArgumentParser:
     common(sp)
     sp.add_argument("job", help="job id")
     sp.add_argument("-o", "--output", type=pathlib.Path, required=True, help="PNG file to write (required)")
+    sp.add_argument("--shards", action="store_true", help="plot each peer's label mix (a stacked bar per peer) instead")
     sp.set_defaults(fn=cmd_plot)
+
+    sp = sub.add_parser("shards", help="show each peer's shards, samples and label counts")
+    common(sp)
+    sp.add_argument("job", help="job id")
+    sp.add_argument("--json", action="store_true", help="print JSON")
+    sp.set_defaults(fn=cmd_shards)
 
     sp = sub.add_parser("health", help="check the coordinator's gRPC health service")
     common(sp)

@@ -7,16 +7,23 @@ import re
 import numpy as np
 
 _DIRICHLET = re.compile(r"^dirichlet:(\d+(?:\.\d+)?(?:[eE][-+]?\d+)?)$")
+_CLASSES = re.compile(r"^classes:([1-9]\d{0,5})$")
+SHARDINGS = "'iid', 'contiguous', 'classes:K' (K >= 1 labels per shard) or 'dirichlet:ALPHA' (ALPHA > 0)"
 
 
 def parse_sharding(text: str) -> tuple[str, float]:
-    """Parses ``iid`` or ``dirichlet:ALPHA``. Raises ValueError with a message."""
-    if text == "iid":
-        return "iid", 0.0
+    """Parses a sharding scheme: ``iid``, ``contiguous``, ``classes:K`` or ``dirichlet:ALPHA``.
+    Returns (kind, parameter): 0 for the first two, K for ``classes``, ALPHA for ``dirichlet``.
+    Raises ValueError with a message."""
+    if text in ("iid", "contiguous"):
+        return text, 0.0
     m = _DIRICHLET.match(text)
     if m and float(m.group(1)) > 0:
         return "dirichlet", float(m.group(1))
-    raise ValueError(f"bad sharding {text!r}: expected 'iid' or 'dirichlet:ALPHA' with ALPHA > 0")
+    m = _CLASSES.match(text)
+    if m:
+        return "classes", float(int(m.group(1)))
+    raise ValueError(f"bad sharding {text!r}: expected {SHARDINGS}")
 
 
 def shard_order(indices: np.ndarray, seed: int, data_epoch: int, shard_id: int) -> np.ndarray:

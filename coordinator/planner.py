@@ -1,33 +1,112 @@
 """Shard planning: cutting a training set into shards and giving shards to peers.
 
 Pure functions. Shards are index sets over the task's training split. An assignment maps each
-live peer to shard ids; every shard is held by exactly one peer. When a peer leaves, only its
-shards move (to the least-loaded survivors, by capacity); when one joins, shards move to it from
-the most-loaded peers until the load is even.
+live peer to shard ids; every shard is held by at most one peer, and by exactly one unless the
+peers' caps (``dml-peer --max-samples``) cannot hold it: such a shard is *unassigned* (nobody
+trains on it) until a peer with room joins, never squeezed onto a peer past its cap.
+
+Loads are weighted by *capacity* (measured samples/s; a peer twice as fast is given about twice
+the samples). The first placement gives each peer a run of consecutive shard ids (so data kept
+in order, ``contiguous`` or ``classes:K``, stays together) unless that balances worse than
+largest-first greedy placement, whose spread it then uses. When a peer leaves, only its shards
+move (largest first, each to the least-loaded survivor with room); when one joins, unassigned
+shards are placed first, then shards move to it from the most-loaded peer while that lowers the
+weighted imbalance.
 """
 from __future__ import annotations
+
+import math
 
 import numpy as np
 
 from dml.common.sampling import parse_sharding
 
 Assignment = dict[str, list[int]]
+Capacity = dict[str, float]  # peer -> relative speed (samples/s); absent: 1
+Caps = dict[str, int]  # peer -> the most samples it holds; absent or 0: no cap
 
 
-def make_shards(labels: np.ndarray, num_shards: int, sharding: str, seed: int) -> list[np.ndarray]:
-    """Cuts ``len(labels)`` samples into ``num_shards`` shards.
+def make_shards(labels: np.ndarray, num_shards: int, sharding: str, seed: int,
+                min_samples: int = 1) -> list[np.ndarray]:
+    """Cuts ``len(labels)`` samples into ``num_shards`` shards of at least ``min_samples`` each.
+    Every sample lands in exactly one shard; the same arguments give the same shards.
 
-    ``iid`` shuffles and splits evenly. ``dirichlet:ALPHA`` gives each shard a class mix drawn
-    from Dirichlet(ALPHA) (small ALPHA: each shard dominated by few classes), then fills shards
-    to equal sizes. Every sample lands in exactly one shard.
+    - ``iid``: shuffles and splits evenly.
+    - ``contiguous``: consecutive index ranges of equal size, in the dataset's own order (for
+      data already grouped per source: a user, a hospital, a file).
+    - ``classes:K``: every shard holds exactly K labels (see :func:`_by_classes`): the labels
+      are taken K at a time into ``ceil(C/K)`` label groups, each group's shards are
+      consecutive ids, and each label's samples are split evenly over the shards holding it.
+      With the first placement's runs of consecutive shards, each peer then sees the labels of
+      one group (K) when the peer count is a multiple of the group count and ``num_shards`` a
+      multiple of the peer count; otherwise a peer sees the groups its run overlaps (fewer
+      peers than groups: about ``C / peers`` labels, the least that covers every label).
+    - ``dirichlet:ALPHA``: each shard a class mix drawn from Dirichlet(ALPHA) (small ALPHA: few
+      classes dominate), filled to equal sizes.
+
+    Raises ValueError with a message when that cannot be done: a shard count out of range, K
+    above the number of labels, a label with fewer samples than the shards that must hold it,
+    or shards that cannot all reach ``min_samples``.
     """
-    kind, alpha = parse_sharding(sharding)
+    kind, param = parse_sharding(sharding)
     n = int(labels.size)
     if not 1 <= num_shards <= n:
         raise ValueError(f"num_shards must be between 1 and {n}, got {num_shards}")
+    if min_samples < 1:
+        raise ValueError(f"the minimum shard size must be at least 1, got {min_samples}")
+    if num_shards * min_samples > n:
+        raise ValueError(f"{n} training samples cannot fill {num_shards} shards of at least {min_samples} "
+                         f"samples each (min_shard_samples); use at most {n // min_samples} shards or a smaller minimum")
     rng = np.random.default_rng(seed)
     if kind == "iid":
-        return [np.sort(s) for s in np.array_split(rng.permutation(n), num_shards)]
+        shards = [np.sort(s) for s in np.array_split(rng.permutation(n), num_shards)]
+    elif kind == "contiguous":
+        shards = [np.asarray(s, dtype=np.int64) for s in np.array_split(np.arange(n), num_shards)]
+    elif kind == "classes":
+        shards = _by_classes(labels, num_shards, int(param), rng)
+    else:
+        shards = _by_dirichlet(labels, num_shards, param, rng)
+    small = [i for i, s in enumerate(shards) if s.size < min_samples]
+    if small:
+        raise ValueError(f"sharding {sharding!r} leaves {len(small)} of {num_shards} shards below the minimum of "
+                         f"{min_samples} samples (shard {small[0]} has {shards[small[0]].size}); "
+                         "use fewer shards or a smaller min_shard_samples")
+    return shards
+
+
+def _by_classes(labels: np.ndarray, num_shards: int, k: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """``classes:K``. The C distinct labels (sorted) form ``B = ceil(C/K)`` groups, group b the
+    labels ``b*K .. b*K+K-1`` (mod C: the last group wraps around when K does not divide C, so
+    a few labels are in two groups). Group b owns shards ``b*S//B .. (b+1)*S//B - 1``; each
+    label's samples (shuffled) are split evenly over all the shards of the groups holding it.
+    Guaranteed: every shard holds exactly K labels, every sample is in one shard."""
+    classes = np.unique(labels)
+    c = int(classes.size)
+    if k > c:
+        raise ValueError(f"classes:{k} asks for {k} labels per shard, but the training set has only {c}")
+    groups = -(-c // k)
+    if num_shards < groups:
+        raise ValueError(f"classes:{k} over {c} labels needs at least {groups} shards (one per group of {k} labels), "
+                         f"got {num_shards}")
+    holders: list[list[int]] = [[] for _ in range(c)]
+    for b in range(groups):
+        for j in range(k):
+            holders[(b * k + j) % c].extend(range(b * num_shards // groups, (b + 1) * num_shards // groups))
+    parts: list[list[np.ndarray]] = [[] for _ in range(num_shards)]
+    for ci in range(c):
+        idx = rng.permutation(np.flatnonzero(labels == classes[ci]))
+        hs = sorted(holders[ci])
+        if idx.size < len(hs):
+            raise ValueError(f"classes:{k}: label {classes[ci]} has {idx.size} samples, fewer than the {len(hs)} "
+                             "shards that must hold it; use fewer shards")
+        for shard, part in zip(hs, np.array_split(idx, len(hs))):
+            parts[shard].append(part)
+    return [np.sort(np.concatenate(p)).astype(np.int64) for p in parts]
+
+
+def _by_dirichlet(labels: np.ndarray, num_shards: int, alpha: float, rng: np.random.Generator) -> list[np.ndarray]:
+    """``dirichlet:ALPHA``: shards of equal size, each filled from its own Dirichlet class mix."""
+    n = int(labels.size)
     classes = np.unique(labels)
     mix = rng.dirichlet([alpha] * classes.size, size=num_shards)  # shard x class preference
     pools = {int(c): list(rng.permutation(np.flatnonzero(labels == c))) for c in classes}
@@ -47,52 +126,160 @@ def make_shards(labels: np.ndarray, num_shards: int, sharding: str, seed: int) -
     return [np.sort(np.asarray(s, dtype=np.int64)) for s in shards]
 
 
-def _load(assign: Assignment, sizes: list[int], peer: str, capacity: dict[str, float]) -> float:
-    return sum(sizes[s] for s in assign[peer]) / capacity.get(peer, 1.0)
+# -- placement ---------------------------------------------------------------------------------
+def held(assign: Assignment, sizes: list[int], peer: str) -> int:
+    """Samples a peer holds."""
+    return sum(sizes[s] for s in assign.get(peer, []))
 
 
-def assign_shards(sizes: list[int], peers: list[str], capacity: dict[str, float] | None = None) -> Assignment:
-    """Initial assignment: largest shards first, each to the least-loaded peer (by capacity)."""
+def unassigned(assign: Assignment, num_shards: int) -> list[int]:
+    """Shards no peer holds (the caps left no room for them), ascending."""
+    taken = {s for v in assign.values() for s in v}
+    return [s for s in range(num_shards) if s not in taken]
+
+
+def _weights(peers: list[str], capacity: Capacity | None) -> dict[str, float]:
+    cap = capacity or {}
+    return {p: cap[p] if cap.get(p, 0) > 0 and math.isfinite(cap[p]) else 1.0 for p in peers}
+
+
+def _room(out: Assignment, sizes: list[int], peer: str, caps: Caps) -> float:
+    cap = caps.get(peer, 0)
+    return math.inf if cap <= 0 else cap - held(out, sizes, peer)
+
+
+def _load(out: Assignment, sizes: list[int], peer: str, w: dict[str, float]) -> float:
+    return held(out, sizes, peer) / w[peer]
+
+
+def _spread(out: Assignment, sizes: list[int], w: dict[str, float]) -> float:
+    loads = [_load(out, sizes, p, w) for p in out]
+    return max(loads) - min(loads) if loads else 0.0
+
+
+def _place(out: Assignment, shards: list[int], sizes: list[int], peers: list[str], w: dict[str, float],
+           caps: Caps) -> None:
+    """Gives each shard (largest first) to the least-loaded peer with room for it; a shard that
+    fits nowhere stays unassigned."""
+    h = {p: held(out, sizes, p) for p in peers}
+    rank = {p: i for i, p in enumerate(peers)}
+    for s in sorted(shards, key=lambda i: (-sizes[i], i)):
+        fits = [p for p in peers if caps.get(p, 0) <= 0 or caps[p] - h[p] >= sizes[s]]
+        if fits:
+            p = min(fits, key=lambda q: (h[q] / w[q], rank[q]))
+            out[p].append(s)
+            h[p] += sizes[s]
+
+
+def _targets(total: int, peers: list[str], w: dict[str, float], caps: Caps) -> dict[str, float]:
+    """Each peer's share of ``total`` samples, proportional to its weight, capped (water-filling:
+    what a capped peer cannot take is shared by the others in proportion)."""
+    out: dict[str, float] = {}
+    free, left = list(peers), float(total)
+    while free:
+        lam = left / sum(w[p] for p in free)
+        over = [p for p in free if 0 < caps.get(p, 0) < lam * w[p]]
+        if not over:
+            out.update({p: lam * w[p] for p in free})
+            break
+        for p in over:
+            out[p] = float(caps[p])
+            left -= caps[p]
+            free.remove(p)
+    return out
+
+
+def _runs(sizes: list[int], peers: list[str], w: dict[str, float], caps: Caps) -> Assignment:
+    """Consecutive shard ids per peer, in peer order: a shard goes to the peer whose share of
+    the cumulative sample count holds its midpoint; a run over its cap gives back its last
+    shards, which are then placed greedily (or left unassigned)."""
+    target = _targets(sum(sizes), peers, w, caps)
+    out: Assignment = {p: [] for p in peers}
+    bounds, acc = [], 0.0
+    for p in peers:
+        acc += target[p]
+        bounds.append(acc)
+    spill, start, i = [], 0, 0
+    for s, size in enumerate(sizes):
+        mid = start + size / 2
+        while i < len(peers) and mid >= bounds[i]:
+            i += 1
+        (out[peers[i]] if i < len(peers) else spill).append(s)
+        start += size
+    for p in peers:
+        while out[p] and _room(out, sizes, p, caps) < 0:
+            spill.append(out[p].pop())
+    _place(out, spill, sizes, peers, w, caps)
+    return out
+
+
+def assign_shards(sizes: list[int], peers: list[str], capacity: Capacity | None = None,
+                  caps: Caps | None = None) -> Assignment:
+    """Initial assignment of shards ``0..len(sizes)-1`` to ``peers`` (in their order), loads
+    weighted by ``capacity``, no peer over its cap in ``caps``: runs of consecutive shards when
+    they place as many samples as greedy placement does and balance within its spread (or one
+    shard), else greedy largest-first placement. Either way no peer's weighted load exceeds
+    another's by more than the largest ``size / capacity`` when no cap binds."""
     if not peers:
         raise ValueError("cannot assign shards to no peers")
-    cap = capacity or {}
-    out: Assignment = {p: [] for p in peers}
-    for s in sorted(range(len(sizes)), key=lambda i: (-sizes[i], i)):
-        target = min(peers, key=lambda p: (_load(out, sizes, p, cap), peers.index(p)))
-        out[target].append(s)
-    return {p: sorted(v) for p, v in out.items()}
+    w, lim = _weights(peers, capacity), caps or {}
+    greedy: Assignment = {p: [] for p in peers}
+    _place(greedy, list(range(len(sizes))), sizes, peers, w, lim)
+    runs = _runs(sizes, peers, w, lim)
+    bound = max((sizes[s] / min(w.values()) for s in range(len(sizes))), default=0.0)
+    placed = sum(held(runs, sizes, p) for p in peers) >= sum(held(greedy, sizes, p) for p in peers)
+    best = runs if placed and _spread(runs, sizes, w) <= max(_spread(greedy, sizes, w), bound) else greedy
+    return {p: sorted(v) for p, v in best.items()}
 
 
-def remove_peers(assign: Assignment, gone: set[str], sizes: list[int], capacity: dict[str, float] | None = None) -> Assignment:
-    """Moves only the departed peers' shards to the survivors, least-loaded first."""
-    cap = capacity or {}
+def remove_peers(assign: Assignment, gone: set[str], sizes: list[int], capacity: Capacity | None = None,
+                 caps: Caps | None = None) -> Assignment:
+    """Moves only the departed peers' shards to the survivors: largest first, each to the
+    least-loaded survivor (by capacity) with room under its cap; one that fits nowhere becomes
+    unassigned."""
     survivors = [p for p in assign if p not in gone]
     if not survivors:
         raise ValueError("no surviving peers to take the shards")
     out: Assignment = {p: list(assign[p]) for p in survivors}
-    orphans = sorted((s for p in assign if p in gone for s in assign[p]), key=lambda i: (-sizes[i], i))
-    for s in orphans:
-        target = min(survivors, key=lambda p: (_load(out, sizes, p, cap), survivors.index(p)))
-        out[target].append(s)
+    _place(out, [s for p in assign if p in gone for s in assign[p]], sizes, survivors, _weights(survivors, capacity),
+           caps or {})
     return {p: sorted(v) for p, v in out.items()}
 
 
-def add_peers(assign: Assignment, new: list[str], sizes: list[int]) -> Assignment:
-    """Gives joiners shards taken from the most-loaded peers while that lowers the imbalance."""
+def add_peers(assign: Assignment, new: list[str], sizes: list[int], capacity: Capacity | None = None,
+              caps: Caps | None = None) -> Assignment:
+    """Adds joiners: first the unassigned shards are placed (largest first, least-loaded peer
+    with room), then shards move from the most-loaded peer (by capacity) to the peer they
+    balance best while the move lowers the weighted imbalance (sum of held^2 / capacity) and
+    the taker has room; a donor keeps at least one shard. Shards held elsewhere stay put."""
     out: Assignment = {p: list(v) for p, v in assign.items()}
     for p in new:
         out.setdefault(p, [])
     peers = list(out)
-    while True:
-        donor = max(peers, key=lambda p: (sum(sizes[s] for s in out[p]), -peers.index(p)))
-        taker = min(peers, key=lambda p: (sum(sizes[s] for s in out[p]), peers.index(p)))
-        gap = sum(sizes[s] for s in out[donor]) - sum(sizes[s] for s in out[taker])
-        movable = [s for s in out[donor] if sizes[s] < gap]
-        if donor == taker or not movable or len(out[donor]) <= 1:
+    w, lim = _weights(peers, capacity), caps or {}
+    _place(out, unassigned(out, len(sizes)), sizes, peers, w, lim)
+    h = {p: held(out, sizes, p) for p in peers}
+    rank = {p: i for i, p in enumerate(peers)}
+    for _ in range(len(sizes) * len(peers) + 1):  # each move lowers the potential; this bounds it anyway
+        donor = max(peers, key=lambda p: (h[p] / w[p], -rank[p]))
+        if len(out[donor]) <= 1:
             break
-        s = max(movable, key=lambda i: (sizes[i], -i))
-        out[donor].remove(s)
-        out[taker].append(s)
+        move = None
+        for s in sorted(out[donor], key=lambda i: (-sizes[i], i)):
+            fits = [p for p in peers if p != donor and (lim.get(p, 0) <= 0 or lim[p] - h[p] >= sizes[s])]
+            if not fits:
+                continue
+            taker = min(fits, key=lambda p: (2 * h[p] / w[p] + sizes[s] / w[p], rank[p]))
+            gain = 2 * (h[donor] / w[donor] - h[taker] / w[taker]) - sizes[s] * (1 / w[donor] + 1 / w[taker])
+            if gain > 1e-9 * max(1.0, h[donor] / w[donor]):
+                move = (s, taker)
+                break
+        if move is None:
+            break
+        out[donor].remove(move[0])
+        out[move[1]].append(move[0])
+        h[donor] -= sizes[move[0]]
+        h[move[1]] += sizes[move[0]]
     return {p: sorted(v) for p, v in out.items()}
 
 

@@ -60,6 +60,13 @@ class PeerRecord:
     public_key: str = ""  # the peer's Ed25519 public key, hex (its exchange calls are signed with it)
 
 
+def max_samples(peer: PeerRecord) -> int:
+    """The most training samples a peer takes (``dml-peer --max-samples``, kept in its
+    capability at registration); 0 for no cap."""
+    v = peer.capability.get("max_samples", 0)
+    return v if isinstance(v, int) and v > 0 else 0
+
+
 @dataclass
 class Report:
     """One member's report of a round."""

@@ -36,13 +36,13 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from dml.common import auth, rpc
 from dml.coordinator import planner
 from dml.coordinator.auth import PeerTokens
-from dml.common.spec import JobSpec, validate, with_defaults
+from dml.common.spec import InvalidSpec, JobSpec, validate, with_defaults
 from dml.coordinator.metrics import CoordinatorMetrics
 from dml.coordinator.checkpoint import verify_checkpoint
 from dml.coordinator.records import Changes, Forbidden, Job, NotFound, Report, Stale
 from dml.coordinator.state import ClusterState
 from dml.coordinator.store import Store, StoreOpenError, StoreWriteError
-from dml.common.tasks import builtin_data
+from dml.common.tasks import builtin_data, is_builtin
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -114,17 +114,70 @@ class CoordinatorConfig:
     round_deadline_ms: int = 120_000  # a round running longer evicts the members that did not report
 
 
+def job_labels(spec: JobSpec) -> np.ndarray | None:
+    """The training labels of a job's task (one integer per sample), or None when the
+    coordinator knows none. The coordinator never imports user code: it knows the built-in
+    tasks' data, and nothing else yet."""
+    if not is_builtin(spec.task):
+        return None
+    return np.asarray(builtin_data(spec.task).y_train)
+
+
 @functools.lru_cache(maxsize=32)
-def _shards(task: str, num_shards: int, sharding: str, seed: int) -> tuple[np.ndarray, ...]:
-    labels = builtin_data(task).y_train
-    return tuple(planner.make_shards(labels, num_shards, sharding, seed))
+def _shards(key: JobSpec) -> tuple[np.ndarray, ...]:
+    labels = job_labels(key)
+    if labels is None:
+        raise InvalidSpec(f"the coordinator knows no training labels for task {key.task!r}, so it cannot cut its shards")
+    try:
+        return tuple(planner.make_shards(labels, key.num_shards, key.sharding, key.seed, key.min_shard_samples))
+    except ValueError as e:
+        raise InvalidSpec(str(e)) from None
 
 
 def job_shards(spec: JobSpec) -> list[np.ndarray]:
     """The shards of a job's training set as sample indices, for the peers' plans: deterministic
     from the spec, so never stored (their sizes are, on the Job, fixed at submit time). Cut once
-    per spec and cached."""
-    return list(_shards(spec.task, spec.num_shards, spec.sharding, spec.seed))
+    per spec and cached. InvalidSpec when they cannot be cut (the message says why)."""
+    key = JobSpec(task=spec.task, num_shards=spec.num_shards, sharding=spec.sharding, seed=spec.seed,
+                  min_shard_samples=spec.min_shard_samples)
+    return list(_shards(key))
+
+
+@dataclass(frozen=True)
+class PeerShardView:
+    """One member's part of a job's data, for ``dml shards``."""
+
+    peer_id: str
+    shard_ids: list[int]
+    samples: int
+    label_counts: list[int] | None  # samples per label (index = label); None: labels unknown
+
+
+@dataclass(frozen=True)
+class ShardsView:
+    """Where a job's data is: each member's shards, and those no member holds."""
+
+    job_id: str
+    peers: list[PeerShardView]
+    num_classes: int  # 0 when the labels are unknown
+    train_samples: int
+    unassigned: list[int]
+
+
+def shards_view(job: Job, labels: np.ndarray | None, shards: list[np.ndarray] | None) -> ShardsView:
+    """Each member's shards (ring order), samples and label counts (from ``labels`` and the
+    shards' indices; None for both when unknown). Pure."""
+    sizes = job.shard_sizes
+    classes = int(labels.max()) + 1 if labels is not None and labels.size else 0
+    peers = []
+    for m in job.members:
+        ids = sorted(job.assignment.get(m, []))
+        counts = None
+        if labels is not None and shards is not None:
+            mine = np.concatenate([shards[s] for s in ids]) if ids else np.zeros(0, dtype=np.int64)
+            counts = np.bincount(labels[mine].astype(np.int64), minlength=classes).tolist()
+        peers.append(PeerShardView(m, ids, sum(sizes[s] for s in ids), counts))
+    return ShardsView(job.job_id, peers, classes, sum(sizes), planner.unassigned(job.assignment, len(sizes)))
 
 
 class Coordinator:
@@ -487,6 +540,22 @@ class Coordinator:
             self._apply(ch)
         log.info("job %s submitted: %s", jid, spec)
         return jid
+
+    def shards(self, job_id: str) -> ShardsView:
+        """Where a job's data is now (NotFound for an unknown job). The labels and indices are
+        read outside the lock (cached per spec after the first call)."""
+        with self._cond:
+            self._check_readable()
+            spec = self.state.job(job_id).spec
+        labels = job_labels(spec)
+        try:
+            shards = job_shards(spec) if labels is not None else None
+        except InvalidSpec:
+            labels, shards = None, None
+        with self._cond:
+            self._check_readable()
+            job = self.state.job(job_id)
+            return shards_view(job, labels, shards)
 
     def cancel(self, job_id: str) -> str:
         """Cancels a job; returns its state."""

@@ -185,6 +185,16 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
         finally:
             self._watchers.release()
 
+    def GetShards(self, request: jobs_pb2.GetShardsRequest, context: grpc.ServicerContext) -> jobs_pb2.GetShardsResponse:
+        _check(context, request)
+        with _status(context):
+            v = self._c.shards(request.job_id)
+            return jobs_pb2.GetShardsResponse(
+                job_id=v.job_id, num_classes=v.num_classes, train_samples=v.train_samples, unassigned=v.unassigned,
+                peers=[jobs_pb2.PeerShards(peer_id=p.peer_id, shard_ids=p.shard_ids, samples=p.samples,
+                                           label_counts=p.label_counts or []) for p in v.peers])
+        raise AssertionError("unreachable")
+
     def DownloadModel(self, request: jobs_pb2.DownloadModelRequest, context: grpc.ServicerContext) -> Iterator[jobs_pb2.ModelChunk]:
         _check(context, request)
         with _status(context):
@@ -216,7 +226,7 @@ class PeerControlServicer(control_pb2_grpc.PeerControlServicer):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                           f"public_key must be a raw Ed25519 key of {KEY_BYTES} bytes, got {len(request.public_key)}")
         cap = {"device": request.capability.device, "memory_bytes": request.capability.memory_bytes,
-               "pool": request.capability.pool}
+               "pool": request.capability.pool, "max_samples": request.capability.max_samples}
         with _status(context):
             pid, token = self._c.register(request.address, cap, bytes(request.public_key))
             cfg = self._c.config

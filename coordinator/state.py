@@ -87,6 +87,7 @@ from dml.coordinator.records import (
     RoundRecord,
     Stale,
     check_report,
+    max_samples,
 )
 
 log = logging.getLogger(__name__)
@@ -266,7 +267,8 @@ class ClusterState:
         sizes = job.shard_sizes
         job.members = [m for m in job.members if m != peer_id]
         if job.members:
-            job.assignment = planner.remove_peers(job.assignment, {peer_id}, sizes, self._capacity(job.members))
+            job.assignment = planner.remove_peers(job.assignment, {peer_id}, sizes, self._capacity(job.members),
+                                                  self._caps(job.members))
         else:
             job.assignment = {}
         self._new_epoch(job, now_ms, f"peer {peer_id} left")
@@ -391,6 +393,30 @@ class ClusterState:
         known = {m: self.peers[m].samples_per_s for m in members if m in self.peers and self.peers[m].samples_per_s > 0}
         default = sum(known.values()) / len(known) if known else 1.0
         return {m: known.get(m, default) for m in members}
+
+    def _caps(self, members: list[str]) -> dict[str, int]:
+        """Each member's ``dml-peer --max-samples`` (0: no cap), from its registration."""
+        return {m: max_samples(self.peers[m]) for m in members if m in self.peers}
+
+    def room_reason(self, job: Job) -> str:
+        """Why part of a running job's data is not trained on ("" when every shard is placed):
+        the members' caps (``--max-samples``) have no room for the unassigned shards. They are
+        placed when a peer with room joins; nothing is squeezed past a cap."""
+        left = planner.unassigned(job.assignment, len(job.shard_sizes))
+        if not left or not job.members:
+            return ""
+        missing = sum(job.shard_sizes[s] for s in left)
+        total = sum(job.shard_sizes)
+        what = (f"{len(left)} of {len(job.shard_sizes)} shards ({missing} of {total} samples) unassigned: "
+                "the members' --max-samples caps have no room for them")
+        if missing == total:
+            return f"waiting for room: {what}; no member can hold a shard"
+        return f"{what}; they are placed when a peer with room joins"
+
+    def holds_samples(self, job: Job) -> bool:
+        """Whether any member holds a shard with samples (else no round can train anything)."""
+        sizes = job.shard_sizes
+        return any(sizes[s] for m in job.members for s in job.assignment.get(m, []))
 
     def live_idle(self) -> list[str]:
         """Idle peers in registration order."""
@@ -618,7 +644,10 @@ class ClusterState:
             job.reason = f"waiting for peers: {len(job.members)} live, {job.spec.min_peers} needed"
             job.waiting_since_ms = job.waiting_since_ms or now_ms
         else:
-            job.reason = ""
+            reason = self.room_reason(job)
+            if reason and reason != job.reason:
+                log.warning("job %s epoch %d: %s", job.job_id, job.epoch, reason)
+            job.reason = reason
             job.waiting_since_ms = 0
         log.info("job %s: epoch %d, round %d, ring %s (%s)", job.job_id, job.epoch, job.round, job.members, why)
         if job.reissues >= MAX_REISSUES:
@@ -653,10 +682,11 @@ class ClusterState:
             p.job_id = job.job_id
             p.held_out_job = p.held_out_reason = ""  # held out of another job, taken by this one
         job.members = job.members + joiners
+        capacity, caps = self._capacity(job.members), self._caps(job.members)
         if job.assignment:
-            job.assignment = planner.add_peers(job.assignment, joiners, sizes)
+            job.assignment = planner.add_peers(job.assignment, joiners, sizes, capacity, caps)
         else:
-            job.assignment = planner.assign_shards(sizes, job.members)
+            job.assignment = planner.assign_shards(sizes, job.members, capacity, caps)
         return True
 
     def schedule(self, now_ms: int) -> Changes:
@@ -668,7 +698,7 @@ class ClusterState:
                     job.holders = list(job.members)
                     self._new_epoch(job, now_ms, "peers joined the gossip")
                     changed.append(job.job_id)
-            elif job.state == RUNNING and len(job.members) < job.spec.min_peers:
+            elif job.state == RUNNING and (len(job.members) < job.spec.min_peers or not self.holds_samples(job)):
                 if self._admit(job, now_ms):
                     self._new_epoch(job, now_ms, "peers joined a waiting job")
                     changed.append(job.job_id)
@@ -687,7 +717,8 @@ class ClusterState:
 
     def active(self, job: Job) -> bool:
         """Whether the job's current round is being run (enough members)."""
-        return job.state == RUNNING and bool(job.members) and len(job.members) >= job.spec.min_peers
+        return (job.state == RUNNING and bool(job.members) and len(job.members) >= job.spec.min_peers
+                and self.holds_samples(job))
 
     def plan_for(self, peer_id: str) -> Job | None:
         """The running job the peer is a member of, if its round is active."""

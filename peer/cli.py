@@ -60,6 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--slowdown", type=float, default=float(os.environ.get("DML_SLOWDOWN", "1")),
                    help="experiments: train this many times slower than this machine can, by idling "
                         "(slowdown - 1) x the training time after each local training (default 1: off)")
+    p.add_argument("--max-samples", type=cliargs.int_in(0, 2**63 - 1), default=int(os.environ.get("DML_MAX_SAMPLES", "0")),
+                   help="the most training samples this peer takes (its data capacity; the coordinator never "
+                        "places more shards on it, and leaves data unassigned rather than overfill; env "
+                        "DML_MAX_SAMPLES; default 0: no cap)")
     p.add_argument("--fault-unreachable", default=os.environ.get("DML_FAULT_UNREACHABLE", ""), metavar="ADDRS",
                    help="tests only (fault injection, off by default): comma-separated peer addresses HOST:PORT "
                         "this peer acts as if it cannot reach (a one-way partition; env DML_FAULT_UNREACHABLE)")
@@ -94,7 +98,7 @@ def build_config(argv: list[str] | None = None) -> tuple[PeerConfig, argparse.Na
         p.error(str(e))
     cfg = PeerConfig(coordinator=a.coordinator, host=a.host, port=a.port, advertise_host=a.advertise_host,
                      device=device, exchange_timeout_s=a.exchange_timeout_s, chunk_elems=a.chunk_elems,
-                     tcp=not a.no_tcp, slowdown=a.slowdown, metrics=cliargs.metrics_config(a),
+                     tcp=not a.no_tcp, slowdown=a.slowdown, max_samples=a.max_samples, metrics=cliargs.metrics_config(a),
                      unreachable=tuple(x.strip() for x in a.fault_unreachable.split(",") if x.strip()),
                      cluster_id=a.cluster_id, fault=fault, tls=cliargs.tls_config(p, a, serve=True))
     return cfg, a

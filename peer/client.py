@@ -190,11 +190,13 @@ class ControlClient:
         if since is not None:
             log.info("%s: the coordinator at %s answers again after %.1fs", what, self.address, time.monotonic() - since)
 
-    def register(self, address: str, device: str, memory_bytes: int) -> control_pb2.RegisterPeerResponse:
-        """Registers this peer."""
+    def register(self, address: str, device: str, memory_bytes: int,
+                 max_samples: int = 0) -> control_pb2.RegisterPeerResponse:
+        """Registers this peer (``max_samples``: the most training samples it takes, 0 for no cap)."""
         def attempt() -> control_pb2.RegisterPeerResponse:
             req = control_pb2.RegisterPeerRequest(
-                address=address, capability=control_pb2.PeerCapability(device=device, memory_bytes=memory_bytes),
+                address=address, capability=control_pb2.PeerCapability(device=device, memory_bytes=memory_bytes,
+                                                                max_samples=max_samples),
                 cluster_id=self.cluster_id, public_key=self.credentials.public_key)
             resp: control_pb2.RegisterPeerResponse = self.stub.RegisterPeer(req, timeout=CALL_TIMEOUT_S)
             if not self.answer_ok(resp.cluster_id, "register"):

@@ -54,6 +54,7 @@ class PeerConfig:
     # Experiments only: after training, wait (slowdown - 1) times as long as training took, so
     # this peer trains `slowdown` times slower than it can (a stand-in for a slower machine).
     slowdown: float = 1.0
+    max_samples: int = 0  # --max-samples: the most training samples this peer takes (0: no cap)
     metrics: MetricsConfig | None = None  # the Prometheus endpoint (None: off)
     tls: TlsConfig | None = None  # every port and every dial over TLS; None: plain text, loopback only
     # Tests only (fault injection, off by default): peer addresses (host:port) this peer acts as
@@ -141,7 +142,7 @@ class Peer:
     def _register(self) -> None:
         # Registered first, cleared after: only this cluster's coordinator (which may take a
         # while to come back) can tell this peer to drop what it holds.
-        resp = self.client.register(self.address, self.config.device, 0)
+        resp = self.client.register(self.address, self.config.device, 0, max_samples=self.config.max_samples)
         if self.peer_id:  # evicted: whatever it held may be stale, start clean as a new member
             self.gossip.detach()
             self.store.clear()
