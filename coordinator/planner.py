@@ -6,9 +6,9 @@ peers' caps (``dml-peer --max-samples``) cannot hold it: such a shard is *unassi
 trains on it) until a peer with room joins, never squeezed onto a peer past its cap.
 
 Loads are weighted by *capacity* (measured samples/s; a peer twice as fast is given about twice
-the samples). The first placement gives each peer a run of consecutive shard ids (so data kept
-in order, ``contiguous`` or ``classes:K``, stays together) unless that balances worse than
-largest-first greedy placement, whose spread it then uses. When a peer leaves, only its shards
+the samples). The first placement is largest-first to the least-loaded peer; for shardings whose
+order means something (``contiguous``, ``classes:K``) it gives each peer a run of consecutive
+shard ids instead, so data kept in order, and a label group, stays on one peer. When a peer leaves, only its shards
 move (largest first, each to the least-loaded survivor with room); when one joins, unassigned
 shards are placed first, then shards move to it from the most-loaded peer while that lowers the
 weighted imbalance.
@@ -37,7 +37,7 @@ def make_shards(labels: np.ndarray, num_shards: int, sharding: str, seed: int,
     - ``classes:K``: every shard holds exactly K labels (see :func:`_by_classes`): the labels
       are taken K at a time into ``ceil(C/K)`` label groups, each group's shards are
       consecutive ids, and each label's samples are split evenly over the shards holding it.
-      With the first placement's runs of consecutive shards, each peer then sees the labels of
+      With the first placement's runs of consecutive shards (``ordered``), each peer then sees the labels of
       one group (K) when the peer count is a multiple of the group count and ``num_shards`` a
       multiple of the peer count; otherwise a peer sees the groups its run overlaps (fewer
       peers than groups: about ``C / peers`` labels, the least that covers every label).
@@ -214,22 +214,30 @@ def _runs(sizes: list[int], peers: list[str], w: dict[str, float], caps: Caps) -
 
 
 def assign_shards(sizes: list[int], peers: list[str], capacity: Capacity | None = None,
-                  caps: Caps | None = None) -> Assignment:
-    """Initial assignment of shards ``0..len(sizes)-1`` to ``peers`` (in their order), loads
-    weighted by ``capacity``, no peer over its cap in ``caps``: runs of consecutive shards when
-    they place as many samples as greedy placement does and balance within its spread (or one
-    shard), else greedy largest-first placement. Either way no peer's weighted load exceeds
-    another's by more than the largest ``size / capacity`` when no cap binds."""
+                  caps: Caps | None = None, ordered: bool = False) -> Assignment:
+    """Initial assignment of shards ``0..len(sizes)-1`` to ``peers``, loads weighted by
+    ``capacity``, no peer over its cap in ``caps`` (a shard that fits nowhere is left out).
+
+    Default: largest shards first, each to the least-loaded peer with room; without caps no
+    peer's weighted load exceeds another's by more than the largest ``size / capacity``.
+    ``ordered`` (for data whose order means something: ``contiguous``, ``classes:K``): each
+    peer, in the order given, takes a run of consecutive shard ids, its load within one shard
+    of its capacity's share (a run that would pass its cap hands its last shards on to be
+    placed as above)."""
     if not peers:
         raise ValueError("cannot assign shards to no peers")
     w, lim = _weights(peers, capacity), caps or {}
-    greedy: Assignment = {p: [] for p in peers}
-    _place(greedy, list(range(len(sizes))), sizes, peers, w, lim)
-    runs = _runs(sizes, peers, w, lim)
-    bound = max((sizes[s] / min(w.values()) for s in range(len(sizes))), default=0.0)
-    placed = sum(held(runs, sizes, p) for p in peers) >= sum(held(greedy, sizes, p) for p in peers)
-    best = runs if placed and _spread(runs, sizes, w) <= max(_spread(greedy, sizes, w), bound) else greedy
-    return {p: sorted(v) for p, v in best.items()}
+    if ordered:
+        out = _runs(sizes, peers, w, lim)
+    else:
+        out = {p: [] for p in peers}
+        _place(out, list(range(len(sizes))), sizes, peers, w, lim)
+    return {p: sorted(v) for p, v in out.items()}
+
+
+def ordered_sharding(sharding: str) -> bool:
+    """Whether a sharding's shard ids are in an order worth keeping together on a peer."""
+    return parse_sharding(sharding)[0] in ("contiguous", "classes")
 
 
 def remove_peers(assign: Assignment, gone: set[str], sizes: list[int], capacity: Capacity | None = None,

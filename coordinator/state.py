@@ -686,7 +686,8 @@ class ClusterState:
         if job.assignment:
             job.assignment = planner.add_peers(job.assignment, joiners, sizes, capacity, caps)
         else:
-            job.assignment = planner.assign_shards(sizes, job.members, capacity, caps)
+            job.assignment = planner.assign_shards(sizes, job.members, capacity, caps,
+                                                   ordered=planner.ordered_sharding(job.spec.sharding))
         return True
 
     def schedule(self, now_ms: int) -> Changes:

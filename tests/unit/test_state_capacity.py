@@ -1,0 +1,94 @@
+"""Capacity in the state machine: shards weighted by measured samples/s and capped by each
+peer's ``--max-samples``, held when a job starts, when a peer leaves and when one joins; data
+the caps cannot hold is left unassigned and the job says so."""
+from __future__ import annotations
+
+import itertools
+
+from dml.common.spec import JobSpec
+from dml.coordinator import planner
+from dml.coordinator.records import HEARTBEAT_TIMEOUT, RUNNING, Report, max_samples
+from dml.coordinator.state import ClusterState
+
+PORTS = itertools.count(7000)
+
+
+def register(s: ClusterState, cap: int = 0, now: int = 0) -> str:
+    return s.register(f"10.0.0.2:{next(PORTS)}", {"device": "cpu", "max_samples": cap}, now)[0]
+
+
+def spec(**kw: object) -> JobSpec:
+    base = dict(rounds=5, min_peers=2, num_shards=6, local_steps=1, batch_size=10)
+    base.update(kw)
+    return JobSpec(**base)  # type: ignore[arg-type]
+
+
+def held(s: ClusterState, jid: str, peer: str) -> int:
+    job = s.job(jid)
+    return sum(job.shard_sizes[i] for i in job.assignment.get(peer, []))
+
+
+def test_caps_are_held_at_start_and_the_rest_is_unassigned_with_a_reason() -> None:
+    s = ClusterState(1000)
+    a, b = register(s, cap=20), register(s, cap=0)
+    jid, _ = s.submit(spec(), [10] * 6, 0)
+    job = s.job(jid)
+    assert job.state == RUNNING and held(s, jid, a) == 20 and held(s, jid, b) == 40
+    assert job.reason == "" and s.plan_for(a) is job
+
+    s2 = ClusterState(1000)
+    c, d = register(s2, cap=20), register(s2, cap=15)
+    jid2, _ = s2.submit(spec(), [10] * 6, 0)
+    job2 = s2.job(jid2)
+    assert held(s2, jid2, c) == 20 and held(s2, jid2, d) == 10
+    assert "3 of 6 shards (30 of 60 samples) unassigned" in job2.reason and "--max-samples" in job2.reason
+    assert s2.plan_for(c) is job2, "what fits is trained on"
+
+
+def test_a_job_whose_members_hold_nothing_waits_for_room_and_takes_a_peer_that_has_it() -> None:
+    s = ClusterState(1000)
+    a, b = register(s, cap=5), register(s, cap=5)
+    jid, _ = s.submit(spec(), [10] * 6, 0)
+    job = s.job(jid)
+    assert job.state == RUNNING and job.reason.startswith("waiting for room")
+    assert s.plan_for(a) is None and s.plan_for(b) is None, "no round that trains nothing"
+    c = register(s, cap=0, now=5)
+    assert c in job.members and held(s, jid, c) == 60
+    assert job.reason == "" and s.plan_for(c) is job
+
+
+def test_a_dead_peers_shards_move_only_where_the_caps_have_room() -> None:
+    s = ClusterState(1000)
+    a, b, c = register(s, cap=30), register(s, cap=0), register(s, cap=0)
+    jid, _ = s.submit(spec(num_shards=9), [10] * 9, 0)
+    job = s.job(jid)
+    assert held(s, jid, a) == 30
+    before = {p: list(v) for p, v in job.assignment.items()}
+    s.remove_peer(b, 10, HEARTBEAT_TIMEOUT)
+    assert held(s, jid, a) == 30, "a full peer takes nothing more"
+    assert set(job.assignment[c]) == set(before[c]) | set(before[b])
+    assert planner.unassigned(job.assignment, 9) == []
+
+
+def test_a_dead_peers_shards_go_to_the_faster_survivor() -> None:
+    s = ClusterState(1000)
+    a, b, c = register(s), register(s), register(s)
+    jid, _ = s.submit(spec(num_shards=12, min_peers=2), [10] * 12, 0)
+    job = s.job(jid)
+    assert [held(s, jid, p) for p in (a, b, c)] == [40, 40, 40], "unmeasured peers count alike"
+    speed = {a: 100.0, b: 100.0, c: 300.0}
+    for m in job.members:
+        s.report(m, jid, job.round, job.epoch, Report(samples=job.allocated(m), train_loss=1.0, digest="d",
+                                                      samples_per_s=speed[m]), 10)
+    assert job.committed_round == 1
+    s.remove_peer(a, 20, HEARTBEAT_TIMEOUT)
+    # By load per samples/s: b holds 40/100, c 40/300, so all four of a's shards fit c better.
+    assert (held(s, jid, b), held(s, jid, c)) == (40, 80)
+
+
+def test_max_samples_is_read_from_the_capability_and_survives_as_plain_data() -> None:
+    s = ClusterState(1000)
+    a = register(s, cap=123)
+    assert max_samples(s.peers[a]) == 123
+    s.peers[a].capability["max_samples"] = "junk"
+    assert max_samples(s.peers[a]) == 0
