@@ -270,3 +270,34 @@ def test_dml_peer_cluster_id_is_32_hex_digits_or_unset(capsys: pytest.CaptureFix
     assert e.value.code == 2
     (line,) = capsys.readouterr().err.strip().splitlines()
     assert "--cluster-id: a cluster id is 32 hex digits" in line
+
+
+def test_sharding_flags_reach_the_spec_and_the_peer_config(monkeypatch: pytest.MonkeyPatch,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    from dml.peer import cli as peer_cli
+
+    a = cli.build_parser().parse_args(["submit", "--sharding", "classes:2", "--min-shard-samples", "40"])
+    spec = cli.spec_from_args(a)
+    assert (spec.sharding, spec.min_shard_samples) == ("classes:2", 40)
+    with pytest.raises(SystemExit) as e:
+        cli.build_parser().parse_args(["submit", "--min-shard-samples", "0"])
+    assert e.value.code == 2 and "at least 1" in capsys.readouterr().err
+    cfg, _ = peer_cli.build_config(["--coordinator", "127.0.0.1:1", "--device", "cpu", "--max-samples", "500"])
+    assert cfg.max_samples == 500
+    monkeypatch.setenv("DML_MAX_SAMPLES", "70")
+    assert peer_cli.build_config(["--coordinator", "127.0.0.1:1", "--device", "cpu"])[0].max_samples == 70
+    with pytest.raises(SystemExit) as e:
+        peer_cli.build_config(["--coordinator", "127.0.0.1:1", "--device", "cpu", "--max-samples", "-1"])
+    assert e.value.code == 2 and "--max-samples" in capsys.readouterr().err
+
+
+def test_shards_table_and_id_ranges() -> None:
+    assert cli.id_ranges([5, 0, 1, 2, 7, 8]) == "0-2,5,7-8" and cli.id_ranges([]) == "-"
+    d = {"job_id": "j", "train_samples": 30, "num_classes": 3, "unassigned": [3],
+         "peers": [{"peer_id": "pa", "shards": [0, 1], "samples": 20, "label_counts": [10, 0, 10]},
+                   {"peer_id": "pb", "shards": [2], "samples": 5, "label_counts": None}]}
+    lines = cli.shards_table(d)
+    assert lines[1].split()[:4] == ["pa", "2", "20", "0-1"] and lines[1].endswith("0:10 2:10")
+    assert lines[2].split() == ["pb", "1", "5", "2", "-"]
+    assert lines[3] == "2 peers hold 25 of 30 training samples (3 labels)"
+    assert lines[4].startswith("unassigned: 1 shards (3)")
