@@ -288,6 +288,7 @@ def add_peers(assign: Assignment, new: list[str], sizes: list[int], capacity: Ca
         out[move[1]].append(move[0])
         h[donor] -= sizes[move[0]]
         h[move[1]] += sizes[move[0]]
+    _place(out, unassigned(out, len(sizes)), sizes, peers, w, lim)  # a move may have freed room on a donor
     return {p: sorted(v) for p, v in out.items()}
 
 

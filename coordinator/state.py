@@ -672,6 +672,8 @@ class ClusterState:
     def _admit(self, job: Job, now_ms: int) -> bool:
         """Adds idle peers to a job at a round boundary. True if the ring changed."""
         room = job.spec.num_shards - len(job.members)
+        if planner.unassigned(job.assignment, len(job.shard_sizes)) and job.members:
+            room = max(room, 1)  # the caps left data out: a joiner may have room for it
         out = self._held_out(job, now_ms)
         joiners = [p for p in self.live_idle() if p not in out and not job.excludes(self.peers[p])][: max(room, 0)]
         if not joiners:

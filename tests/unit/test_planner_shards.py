@@ -252,3 +252,36 @@ def test_add_peers_places_unassigned_shards_first_and_weights_by_capacity() -> N
     assert unassigned(after, 8) == [] and len(after["a"]) == 2 and len(after["b"]) == 6
     fast = add_peers(assign_shards(sizes, ["a"]), ["b"], sizes, capacity={"a": 1.0, "b": 3.0})
     assert (len(fast["a"]), len(fast["b"])) == (2, 6), "a joiner three times as fast takes three quarters"
+
+
+@settings(max_examples=100, deadline=None, database=None)
+@given(
+    sizes=st.lists(st.integers(1, 30), min_size=2, max_size=12),
+    budget=st.integers(1, 50),
+    caps=st.lists(st.sampled_from([0, 0, 10, 40, 100]), min_size=8, max_size=8),
+    ordered=st.booleans(),
+    events=st.lists(st.sampled_from(["commit", "commit", "commit", "abort", "leave", "join"]), max_size=50),
+)
+def test_the_ledger_holds_under_caps_while_peers_leave_and_join(sizes, budget, caps, ordered, events) -> None:
+    """With caps leaving some shards unassigned now and then, committed rounds still never use a
+    sample twice or skip one in a pass, and no peer ever holds more than its cap."""
+    from dml.coordinator.ledger import violations
+
+    cap_of = {f"p{i}": c for i, c in enumerate(caps)}
+    assign = assign_shards(sizes, ["p0", "p1"], caps=cap_of, ordered=ordered)
+    cursors: dict[int, tuple[int, int]] = {}
+    committed = []
+    n = 2
+    for ev in events:
+        alloc = planner.allocate(assign, sizes, cursors, budget)
+        if ev == "commit":
+            for p in sorted(alloc):
+                planner.advance(cursors, alloc[p], sizes)
+            committed.append([r for p in sorted(alloc) for r in alloc[p]])
+        elif ev == "leave" and len(assign) > 1:
+            assign = remove_peers(assign, {sorted(assign)[0]}, sizes, caps=cap_of)
+        elif ev == "join" and n < len(caps):
+            assign = add_peers(assign, [f"p{n}"], sizes, caps=cap_of)
+            n += 1
+        check_placement(assign, sizes, cap_of)
+    assert violations(committed, sizes) == []

@@ -92,3 +92,14 @@ def test_max_samples_is_read_from_the_capability_and_survives_as_plain_data() ->
     assert max_samples(s.peers[a]) == 123
     s.peers[a].capability["max_samples"] = "junk"
     assert max_samples(s.peers[a]) == 0
+
+
+def test_a_job_as_wide_as_its_shards_still_takes_a_peer_with_room_for_what_was_left_out() -> None:
+    s = ClusterState(1000)
+    a, b = register(s, cap=5), register(s, cap=5)
+    jid, _ = s.submit(spec(num_shards=2), [10, 10], 0)
+    job = s.job(jid)
+    assert job.members == [a, b] and s.plan_for(a) is None
+    c = register(s, cap=10, now=5)
+    assert c in job.members and held(s, jid, c) == 10 and s.plan_for(c) is job
+    assert "1 of 2 shards (10 of 20 samples) unassigned" in job.reason
