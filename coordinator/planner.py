@@ -148,15 +148,6 @@ def _room(out: Assignment, sizes: list[int], peer: str, caps: Caps) -> float:
     return math.inf if cap <= 0 else cap - held(out, sizes, peer)
 
 
-def _load(out: Assignment, sizes: list[int], peer: str, w: dict[str, float]) -> float:
-    return held(out, sizes, peer) / w[peer]
-
-
-def _spread(out: Assignment, sizes: list[int], w: dict[str, float]) -> float:
-    loads = [_load(out, sizes, p, w) for p in out]
-    return max(loads) - min(loads) if loads else 0.0
-
-
 def _place(out: Assignment, shards: list[int], sizes: list[int], peers: list[str], w: dict[str, float],
            caps: Caps) -> None:
     """Gives each shard (largest first) to the least-loaded peer with room for it; a shard that
