@@ -15,6 +15,7 @@ import math
 import os
 import pathlib
 import sys
+from typing import Any
 
 from dml.client import api
 from dml.client.api import ApiError, JobClient, history_dict, shards_dict, status_dict
@@ -175,7 +176,7 @@ def id_ranges(ids: list[int]) -> str:
     return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in runs) or "-"
 
 
-def shards_table(d: dict) -> list[str]:
+def shards_table(d: dict[str, Any]) -> list[str]:
     """``dml shards`` as lines: a row per member (shard ids, samples, its labels' counts as
     LABEL:COUNT for the labels it holds, "-" when the labels are unknown), then the totals."""
     lines = [f"{'PEER':<24} {'SHARDS':>6} {'SAMPLES':>9}  {'SHARD_IDS':<16} LABELS (label:samples)"]
@@ -203,7 +204,8 @@ def cmd_shards(a: argparse.Namespace) -> int:
     return 0
 
 
-def _pyplot():  # type: ignore[no-untyped-def]
+def _pyplot() -> Any:
+    """matplotlib.pyplot on the headless Agg backend; an ApiError (exit 2) when it is missing."""
     try:
         import matplotlib
 

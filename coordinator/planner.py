@@ -181,22 +181,24 @@ def _targets(total: int, peers: list[str], w: dict[str, float], caps: Caps) -> d
 
 
 def _runs(sizes: list[int], peers: list[str], w: dict[str, float], caps: Caps) -> Assignment:
-    """Consecutive shard ids per peer, in peer order: a shard goes to the peer whose share of
-    the cumulative sample count holds its midpoint; a run over its cap gives back its last
-    shards, which are then placed greedily (or left unassigned)."""
-    target = _targets(sum(sizes), peers, w, caps)
+    """Consecutive shard ids per peer, in peer order, each peer's run as long (in shards) as its
+    capped share of the samples (:func:`_targets`) is of the whole: shard s goes to the peer
+    whose share of the count holds ``s + 1/2``. Counted in shards, not samples, so that runs of
+    equal shards cut at the same places as groups of equal shards do (``classes:K``'s label
+    groups), whatever the groups' sizes. A run over its cap gives back its last shards, which
+    are then placed greedily (or left unassigned)."""
+    total, n = sum(sizes), len(sizes)
+    target = _targets(total, peers, w, caps)
     out: Assignment = {p: [] for p in peers}
     bounds, acc = [], 0.0
     for p in peers:
-        acc += target[p]
+        acc += target[p] / total * n if total else n / len(peers)
         bounds.append(acc)
-    spill, start, i = [], 0, 0
-    for s, size in enumerate(sizes):
-        mid = start + size / 2
-        while i < len(peers) and mid >= bounds[i]:
+    spill, i = [], 0
+    for s in range(n):
+        while i < len(peers) and s + 0.5 >= bounds[i]:
             i += 1
         (out[peers[i]] if i < len(peers) else spill).append(s)
-        start += size
     for p in peers:
         while out[p] and _room(out, sizes, p, caps) < 0:
             spill.append(out[p].pop())
@@ -212,9 +214,11 @@ def assign_shards(sizes: list[int], peers: list[str], capacity: Capacity | None 
     Default: largest shards first, each to the least-loaded peer with room; without caps no
     peer's weighted load exceeds another's by more than the largest ``size / capacity``.
     ``ordered`` (for data whose order means something: ``contiguous``, ``classes:K``): each
-    peer, in the order given, takes a run of consecutive shard ids, its load within one shard
-    of its capacity's share (a run that would pass its cap hands its last shards on to be
-    placed as above)."""
+    peer, in the order given, takes a run of consecutive shard ids, as many shards (within one)
+    as its capacity's share of the samples is of the whole (a run that would pass its cap hands
+    its last shards on to be placed as above). Label purity over balance: a member's round
+    trains the same number of samples whatever it holds, so holding more only means it reads
+    its shards in fewer passes."""
     if not peers:
         raise ValueError("cannot assign shards to no peers")
     w, lim = _weights(peers, capacity), caps or {}
