@@ -166,11 +166,12 @@ class ShardsView:
 
 def shards_view(job: Job, labels: np.ndarray | None, shards: list[np.ndarray] | None) -> ShardsView:
     """Each member's shards (ring order), samples and label counts (from ``labels`` and the
-    shards' indices; None for both when unknown). Pure."""
+    shards' indices; None for both when unknown). A finished job has no members: its last
+    placement is shown. Pure."""
     sizes = job.shard_sizes
     classes = int(labels.max()) + 1 if labels is not None and labels.size else 0
     peers = []
-    for m in job.members:
+    for m in list(dict.fromkeys(job.members + list(job.assignment))):
         ids = sorted(job.assignment.get(m, []))
         counts = None
         if labels is not None and shards is not None:

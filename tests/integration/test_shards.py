@@ -14,11 +14,14 @@ from dml.common.tasks import builtin_data
 from dml.client import cli
 from dml.coordinator.planner import make_shards
 from dml.v1 import control_pb2, control_pb2_grpc, jobs_pb2
+from dml.coordinator.service import CoordinatorConfig
 from tests.integration.helpers import coordinator, job_stub, join_token, operator_token
 from tests.integration.test_cluster import _submit
 
 SPEC = JobSpec(rounds=3, min_peers=2, num_shards=10, sharding="classes:2", seed=5)
 CAP = 150  # about one shard of digits' 1,438 training samples cut in 10
+# The registered peers never heartbeat: a lease long enough that none is evicted mid-test.
+SLOW_LEASE = CoordinatorConfig(heartbeat_interval_ms=200, peer_timeout_ms=600_000, tick_ms=100)
 
 
 def register(address: str, n_port: int, max_samples: int = 0) -> str:
@@ -40,7 +43,7 @@ def cli_run(capsys: pytest.CaptureFixture[str], address: str, token_file, *args:
 def test_get_shards_reports_each_members_shards_samples_and_label_counts(tmp_path, capsys) -> None:
     labels = builtin_data("digits").y_train
     shards = make_shards(labels, SPEC.num_shards, SPEC.sharding, SPEC.seed)
-    with coordinator() as srv:
+    with coordinator(timing=SLOW_LEASE) as srv:
         capped = register(srv.address, 1, max_samples=CAP)
         free = register(srv.address, 2)
         stub = job_stub(srv.address)

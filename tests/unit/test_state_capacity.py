@@ -103,3 +103,23 @@ def test_a_job_as_wide_as_its_shards_still_takes_a_peer_with_room_for_what_was_l
     c = register(s, cap=10, now=5)
     assert c in job.members and held(s, jid, c) == 10 and s.plan_for(c) is job
     assert "1 of 2 shards (10 of 20 samples) unassigned" in job.reason
+
+
+def test_shards_view_counts_labels_per_member_and_keeps_a_finished_jobs_last_placement() -> None:
+    import numpy as np
+
+    from dml.coordinator.records import Job
+    from dml.coordinator.service import shards_view
+
+    labels = np.array([0, 0, 1, 2, 2, 2])
+    shards = [np.array([0, 2]), np.array([1, 3]), np.array([4, 5])]
+    job = Job("j", spec(num_shards=3), 0, shard_sizes=[2, 2, 2], members=["b", "a"],
+              assignment={"a": [0], "b": [1]})
+    v = shards_view(job, labels, shards)
+    assert [(p.peer_id, p.shard_ids, p.samples, p.label_counts) for p in v.peers] == [
+        ("b", [1], 2, [1, 0, 1]), ("a", [0], 2, [1, 1, 0])]
+    assert (v.num_classes, v.train_samples, v.unassigned) == (3, 6, [2])
+    job.members = []  # finished: the members are freed, the placement stays
+    assert [p.peer_id for p in shards_view(job, labels, shards).peers] == ["a", "b"]
+    unknown = shards_view(job, None, None)
+    assert unknown.num_classes == 0 and all(p.label_counts is None for p in unknown.peers)
