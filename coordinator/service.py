@@ -143,6 +143,9 @@ def job_shards(spec: JobSpec) -> list[np.ndarray]:
     return list(_shards(key))
 
 
+MAX_LABELS = 1 << 16  # label counts are shown for labels 0..MAX_LABELS-1 (a count per label per peer)
+
+
 @dataclass(frozen=True)
 class PeerShardView:
     """One member's part of a job's data, for ``dml shards``."""
@@ -169,6 +172,9 @@ def shards_view(job: Job, labels: np.ndarray | None, shards: list[np.ndarray] | 
     shards' indices; None for both when unknown). A finished job has no members: its last
     placement is shown. Pure."""
     sizes = job.shard_sizes
+    if labels is not None and labels.size and not 0 <= int(labels.min()) <= int(labels.max()) < MAX_LABELS:
+        log.warning("job %s: labels outside 0..%d; shard label counts not shown", job.job_id, MAX_LABELS - 1)
+        labels = None
     classes = int(labels.max()) + 1 if labels is not None and labels.size else 0
     peers = []
     for m in list(dict.fromkeys(job.members + list(job.assignment))):

@@ -123,3 +123,16 @@ def test_shards_view_counts_labels_per_member_and_keeps_a_finished_jobs_last_pla
     assert [p.peer_id for p in shards_view(job, labels, shards).peers] == ["a", "b"]
     unknown = shards_view(job, None, None)
     assert unknown.num_classes == 0 and all(p.label_counts is None for p in unknown.peers)
+
+
+def test_shards_view_shows_no_counts_for_labels_out_of_range() -> None:
+    import numpy as np
+
+    from dml.coordinator.records import Job
+    from dml.coordinator.service import MAX_LABELS, shards_view
+
+    job = Job("j", spec(num_shards=2), 0, shard_sizes=[1, 1], members=["a"], assignment={"a": [0, 1]})
+    shards = [np.array([0]), np.array([1])]
+    for bad in (np.array([0, -1]), np.array([0, MAX_LABELS])):
+        v = shards_view(job, bad, shards)
+        assert v.num_classes == 0 and v.peers[0].label_counts is None and v.peers[0].samples == 2
