@@ -26,6 +26,10 @@ lease and deadline afresh. Round rules:
   twice as long after each further one (a transient fault must not stall a small job for good).
   It comes back at once when it registers again (a restart, with a fixed address perhaps).
 - Below ``min_peers`` the job waits and says why; after ``peer_grace_s`` it fails.
+- Shards are placed by measured samples/s and never past a member's ``--max-samples`` cap
+  (``coordinator.planner``). What the caps cannot hold is left unassigned, and the job's reason
+  says how much; a joiner is admitted for it even when the ring is as wide as the shard count.
+  A job whose members hold no data at all runs no round: it waits for a peer with room.
 - A round running past ``round_deadline_ms`` evicts the members that did not report (or, if
   none did, is re-issued under a new epoch).
 - Sample ledger: each round is allocated contiguous ranges of each member's shards (continuing
@@ -719,7 +723,7 @@ class ClusterState:
         return Changes(jobs=tuple(changed), peers=tuple(p for j in changed for p in self.jobs[j].members))
 
     def active(self, job: Job) -> bool:
-        """Whether the job's current round is being run (enough members)."""
+        """Whether the job's current round is being run (enough members, and data to train on)."""
         return (job.state == RUNNING and bool(job.members) and len(job.members) >= job.spec.min_peers
                 and self.holds_samples(job))
 
