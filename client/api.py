@@ -10,6 +10,7 @@ Loads no server code, no SQLite and no torch.
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import pathlib
@@ -275,6 +276,24 @@ class JobClient:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".part")
         tmp.write_bytes(b"".join(p.data for p in parts))
+        tmp.replace(path)
+        return parts[0].round, parts[0].digest
+
+    def download_checkpoint(self, job_id: str, path: pathlib.Path, timeout_s: float | None = None) -> tuple[int, str]:
+        """Saves the whole training state of the job's last checkpoint (a torch.save'd dict:
+        format, job_id, round, model, optimizer and the other state parts, spec) to ``path``,
+        atomically, once its bytes hash to the sha256 the coordinator names; returns (round,
+        sha256). ``timeout_s`` defaults to the client's, at least 60 s."""
+        limit = timeout_s if timeout_s is not None else max(self.timeout_s, 60.0)
+        req = jobs_pb2.DownloadModelRequest(job_id=job_id)
+        parts = self.call(lambda: list(self.stub.DownloadCheckpoint(req, timeout=limit)))
+        data = b"".join(p.data for p in parts)
+        if hashlib.sha256(data).hexdigest() != parts[0].digest:
+            raise ApiError(f"the training state of {job_id} from {self.address} does not hash to its sha256 "
+                           f"{parts[0].digest[:16]}: not saved", FAILED)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".part")
+        tmp.write_bytes(data)
         tmp.replace(path)
         return parts[0].round, parts[0].digest
 

@@ -22,7 +22,7 @@ from dml.client.api import ApiError, JobClient, history_dict, shards_dict, statu
 from dml.common import args as cliargs
 from dml.common import tls
 from dml.common.args import int_in
-from dml.common.spec import (AGGREGATIONS, CODECS, DATA_PLANES, MAX_GOSSIP_TIMEOUT_MS, MAX_LEARNING_RATE,
+from dml.common.spec import (AGGREGATIONS, CODECS, DATA_PLANES, OPTIMIZER_STATES, MAX_GOSSIP_TIMEOUT_MS, MAX_LEARNING_RATE,
                              MAX_PEER_GRACE_S, MAX_ROUNDS, MAX_SAMPLES_PER_ROUND, MIN_GOSSIP_TIMEOUT_MS, TOPOLOGY_NAMES, JobSpec)
 from dml.v1 import jobs_pb2, types_pb2
 
@@ -88,7 +88,7 @@ def spec_from_args(a: argparse.Namespace) -> JobSpec:
                    peer_grace_s=a.peer_grace_s or d.peer_grace_s, codec=a.codec, data_plane=a.data_plane,
                    eval_every_rounds=a.eval_every or d.eval_every_rounds,
                    gossip_topology=a.topology, gossip_timeout_ms=a.gossip_timeout_ms or d.gossip_timeout_ms,
-                   min_shard_samples=a.min_shard_samples)
+                   min_shard_samples=a.min_shard_samples, optimizer_state=a.optimizer_state)
 
 
 def _client(a: argparse.Namespace) -> JobClient:
@@ -162,6 +162,13 @@ def cmd_model(a: argparse.Namespace) -> int:
     with _client(a) as c:
         rnd, dig = c.download(a.job, a.output)
     print(f"saved round {rnd} of {a.job} to {a.output} (parameter digest {dig[:16]})")
+    return 0
+
+
+def cmd_checkpoint(a: argparse.Namespace) -> int:
+    with _client(a) as c:
+        rnd, sha = c.download_checkpoint(a.job, a.output)
+    print(f"saved the training state of round {rnd} of {a.job} to {a.output} (sha256 {sha[:16]})")
     return 0
 
 
@@ -349,6 +356,9 @@ def add_job_options(p: argparse.ArgumentParser) -> None:
                    help="rounds between test evaluations, always including the last")
     p.add_argument("--checkpoint-every", type=int_in(1, None, d.checkpoint_every_rounds), default=d.checkpoint_every_rounds,
                    help="rounds between checkpoints")
+    p.add_argument("--optimizer-state", choices=OPTIMIZER_STATES, default=d.optimizer_state,
+                   help="local: each peer keeps its own optimizer state (local SGD / FedAvg); average: its floating "
+                        "tensors are averaged with the parameters every round (fp32 codec)")
     p.add_argument("--peer-grace-s", type=int_in(1, MAX_PEER_GRACE_S, d.peer_grace_s), default=d.peer_grace_s,
                    help="fail a running job that has fewer than --min-peers for this long")
 
@@ -397,6 +407,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("job", help="job id")
     sp.add_argument("-o", "--output", type=pathlib.Path, required=True, help="file to write (required)")
     sp.set_defaults(fn=cmd_model)
+
+    sp = sub.add_parser("checkpoint", help="download a job's whole training state (model, optimizer, round) as a torch file")
+    common(sp)
+    sp.add_argument("job", help="job id")
+    sp.add_argument("-o", "--output", type=pathlib.Path, required=True, help="file to write (required)")
+    sp.set_defaults(fn=cmd_checkpoint)
 
     sp = sub.add_parser("plot", help="plot train loss and test accuracy per round to a PNG")
     common(sp)

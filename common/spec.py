@@ -194,3 +194,6 @@ def _validate_training(spec: JobSpec) -> None:
                 raise InvalidSpec(f"--sync grads {why}")
     if spec.aggregation == "gossip" and (spec.outer_optimizer != "none" or spec.optimizer_state != "local"):
         raise InvalidSpec("gossip jobs have no outer optimizer and keep optimizer state local")
+    if spec.optimizer_state == "average" and spec.codec != "fp32":
+        raise InvalidSpec("--optimizer-state average averages the optimizer state with the parameters in fp32 "
+                          "(--codec fp32)")

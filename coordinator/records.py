@@ -265,6 +265,8 @@ class Job:
     held_out: list[Exclusion] = field(default_factory=list)  # oldest first, the most recent MAX_JOB_EVENTS
     quarantined: list[Quarantine] = field(default_factory=list)  # oldest first; every one is kept
     pending_checkpoint_peer: str = ""  # who uploaded pending_checkpoint
+    pending_checkpoint_state: str = ""  # sha256 of the training state uploaded with it ("" none)
+    checkpoint_state_digest: str = ""  # sha256 of the checkpoint's training-state file ("" none)
 
     def excludes(self, peer: PeerRecord) -> bool:
         """Whether ``peer`` is quarantined for this job (by its id, or the address it joins from)."""

@@ -38,7 +38,7 @@ from dml.coordinator import planner
 from dml.coordinator.auth import PeerTokens
 from dml.common.spec import InvalidSpec, JobSpec, validate, with_defaults
 from dml.coordinator.metrics import CoordinatorMetrics
-from dml.coordinator.checkpoint import verify_checkpoint
+from dml.coordinator.checkpoint import BadCheckpoint, verify_checkpoint, verify_training_state
 from dml.coordinator.records import Changes, Forbidden, Job, NotFound, Report, Stale
 from dml.coordinator.state import ClusterState
 from dml.coordinator.store import Store, StoreOpenError, StoreWriteError
@@ -462,43 +462,65 @@ class Coordinator:
         """Where round ``rnd``'s checkpoint of a job lives."""
         return self._ckpt_dir / job_id / f"round-{rnd:06d}.pt"
 
+    def training_state_path(self, job_id: str, rnd: int) -> pathlib.Path:
+        """Where round ``rnd``'s training state (``dml checkpoint``) lives, beside its checkpoint."""
+        return self._ckpt_dir / job_id / f"state-{rnd:06d}.pt"
+
     def check_checkpoint(self, peer_id: str, job_id: str, rnd: int, epoch: int) -> None:
         """Raises NotFound/Stale unless the upload is for the current round of a member."""
         with self._cond:
             self._check_writable()
             self.state.check_checkpoint(peer_id, job_id, rnd, epoch)
 
-    def store_checkpoint(self, peer_id: str, job_id: str, rnd: int, epoch: int, digest: str, data: bytes) -> None:
-        """Writes a checkpoint to a private temp file, then (if the round is still current)
-        renames it into place and records it; it counts once its round commits with ``digest``
-        reported by its uploader too. BadCheckpoint unless its bytes hold that digest's parameters.
-        A file that cannot be written (disk full, a file-size limit, a read-only folder) pauses the
-        coordinator and raises StoreUnavailable; nothing is recorded."""
+    def store_checkpoint(self, peer_id: str, job_id: str, rnd: int, epoch: int, digest: str, data: bytes,
+                         state: bytes | None = None, state_sha256: str = "") -> None:
+        """Writes a checkpoint (and the training ``state`` uploaded with it) to private temp
+        files, then (if the round is still current) renames them into place and records them;
+        they count once their round commits with ``digest`` reported by its uploader too.
+        BadCheckpoint unless the bytes hold that digest's parameters and the state passes
+        ``checkpoint.verify_training_state``; nothing is written then. A file that cannot be
+        written (disk full, a file-size limit, a read-only folder) pauses the coordinator and
+        raises StoreUnavailable; nothing is recorded."""
         self.check_checkpoint(peer_id, job_id, rnd, epoch)
-        verify_checkpoint(data, digest)
-        path = self.checkpoint_path(job_id, rnd)
-        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+        with self._cond:
+            average = self.state.job(job_id).spec.optimizer_state == "average"
+        if state is not None:
+            verify_training_state(state, state_sha256, len(data))
+        elif average:
+            raise BadCheckpoint("a checkpoint of an --optimizer-state average job must hold its training state")
+        verify_checkpoint(data, digest, state if average else None)
+        path, state_path = self.checkpoint_path(job_id, rnd), self.training_state_path(job_id, rnd)
+        files = [(path, data)] + ([(state_path, state)] if state is not None else [])
+        tmps = [(p.with_name(f".{p.name}.{uuid.uuid4().hex}.tmp"), p, d) for p, d in files]
         try:
-            try:
-                _write_file(tmp, data)
-            except OSError as e:
-                self.metrics.record_store_write_error()
-                self._checkpoint_write_failed(path, len(data), e)
+            for tmp, final, d in tmps:
+                try:
+                    _write_file(tmp, d)
+                except OSError as e:
+                    self.metrics.record_store_write_error()
+                    self._checkpoint_write_failed(final, len(d), e)
             with self._cond:
                 self._check_writable()
-                self.state.check_checkpoint(peer_id, job_id, rnd, epoch)  # still current: may replace the file
+                self.state.check_checkpoint(peer_id, job_id, rnd, epoch)  # still current: may replace the files
                 try:
-                    os.replace(tmp, path)
+                    # The state first: the model file is what the record then points at, and a
+                    # state left by an earlier upload of this round must not pass for this one's.
+                    if state is None:
+                        state_path.unlink(missing_ok=True)
+                    for tmp, final, _ in reversed(tmps):
+                        os.replace(tmp, final)
                 except OSError as e:
                     self.metrics.record_store_write_error()
                     self._checkpoint_write_failed(path, len(data), e)
-                self.state.checkpoint_uploaded(peer_id, job_id, rnd, epoch, digest, self.now_ms())
+                self.state.checkpoint_uploaded(peer_id, job_id, rnd, epoch, digest, self.now_ms(),
+                                               state_digest=state_sha256 if state is not None else "")
                 self._apply(Changes(jobs=(job_id,)))
         finally:
-            try:
-                tmp.unlink(missing_ok=True)
-            except OSError as e:
-                log.warning("cannot remove %s: %s", tmp, e)
+            for tmp, _, _ in tmps:
+                try:
+                    tmp.unlink(missing_ok=True)
+                except OSError as e:
+                    log.warning("cannot remove %s: %s", tmp, e)
 
     def _checkpoint_write_failed(self, path: pathlib.Path, size: int, err: OSError) -> None:
         """Pauses the coordinator (see the module) and raises StoreUnavailable. Memory is as it
@@ -519,11 +541,12 @@ class Coordinator:
         raise StoreUnavailable(f"checkpoint refused: {reason}") from err
 
     def _prune_checkpoints(self, job: Job) -> None:
-        keep = self.checkpoint_path(job.job_id, job.checkpoint_round).name if job.checkpoint_round else ""
+        keep = {self.checkpoint_path(job.job_id, job.checkpoint_round).name,
+                self.training_state_path(job.job_id, job.checkpoint_round).name} if job.checkpoint_round else set()
         folder = self._ckpt_dir / job.job_id
         if folder.is_dir():
             for f in folder.iterdir():
-                if f.name != keep and f.suffix == ".pt" and int(f.stem.split("-")[1]) < job.committed_round:
+                if f.name not in keep and f.suffix == ".pt" and int(f.stem.split("-")[1]) < job.committed_round:
                     f.unlink(missing_ok=True)
 
     def checkpoint(self, job_id: str) -> tuple[int, str, pathlib.Path]:
@@ -534,6 +557,19 @@ class Coordinator:
             if not job.checkpoint_round:
                 raise NotFound(f"job {job_id} has no checkpoint yet (state {job.state}, round {job.committed_round})")
             return job.checkpoint_round, job.checkpoint_digest, self.checkpoint_path(job_id, job.checkpoint_round)
+
+    def training_state(self, job_id: str) -> tuple[int, str, pathlib.Path]:
+        """The training state of the job's last committed checkpoint: round, sha256, file.
+        NotFound if there is none."""
+        with self._cond:
+            self._check_readable()
+            job = self.state.job(job_id)
+            if not job.checkpoint_round:
+                raise NotFound(f"job {job_id} has no checkpoint yet (state {job.state}, round {job.committed_round})")
+            if not job.checkpoint_state_digest:
+                raise NotFound(f"job {job_id}'s checkpoint of round {job.checkpoint_round} holds no training state")
+            return (job.checkpoint_round, job.checkpoint_state_digest,
+                    self.training_state_path(job_id, job.checkpoint_round))
 
     # -- jobs -------------------------------------------------------------------------------
     def submit(self, spec: JobSpec) -> str:

@@ -10,8 +10,10 @@ NOT_FOUND for an eviction. Who may call them at all: :mod:`coordinator.auth`."""
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import math
+import pathlib
 import threading
 from collections.abc import Iterator
 
@@ -20,6 +22,7 @@ from dml.v1 import control_pb2, control_pb2_grpc, jobs_pb2, jobs_pb2_grpc, types
 
 from dml.common import limits
 from dml.common.auth import KEY_BYTES
+from dml.coordinator.checkpoint import MAX_STATE_RATIO, STATE_SLACK_BYTES, max_training_state_bytes
 from dml.coordinator.service import Coordinator, Unavailable
 from dml.common.spec import InvalidSpec, spec_from_pb, spec_to_pb
 from dml.coordinator.records import BadReport, Forbidden, Job, NotFound, Report, RoundRecord, Stale
@@ -199,14 +202,26 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
         _check(context, request)
         with _status(context):
             rnd, digest, path = self._c.checkpoint(request.job_id)
-            with open(path, "rb") as f:
-                first = True
-                while True:
-                    data = f.read(CHUNK_BYTES)
-                    if not data and not first:
-                        return
-                    yield jobs_pb2.ModelChunk(round=rnd if first else 0, digest=digest if first else "", data=data)
-                    first = False
+            yield from _file_chunks(path, rnd, digest)
+
+
+    def DownloadCheckpoint(self, request: jobs_pb2.DownloadModelRequest, context: grpc.ServicerContext) -> Iterator[jobs_pb2.ModelChunk]:
+        _check(context, request)
+        with _status(context):
+            rnd, sha, path = self._c.training_state(request.job_id)
+            yield from _file_chunks(path, rnd, sha)
+
+
+def _file_chunks(path: pathlib.Path, rnd: int, digest: str) -> Iterator[jobs_pb2.ModelChunk]:
+    """A stored file as ModelChunks, the first carrying ``rnd`` and ``digest``."""
+    with open(path, "rb") as f:
+        first = True
+        while True:
+            data = f.read(CHUNK_BYTES)
+            if not data and not first:
+                return
+            yield jobs_pb2.ModelChunk(round=rnd if first else 0, digest=digest if first else "", data=data)
+            first = False
 
 
 class PeerControlServicer(control_pb2_grpc.PeerControlServicer):
@@ -329,7 +344,31 @@ class PeerControlServicer(control_pb2_grpc.PeerControlServicer):
             _check(context, first)
             # Refuse a stale upload before receiving (and writing) the rest of it.
             self._c.check_checkpoint(first.peer_id, first.job_id, first.round, first.epoch)
-            data = first.data + b"".join(chunk.data for chunk in request_iterator)
-            self._c.store_checkpoint(first.peer_id, first.job_id, first.round, first.epoch, first.digest, data)
+            if first.kind != control_pb2.CHECKPOINT_KIND_MODEL:
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, "a checkpoint upload starts with the model's state_dict")
+            model, state, state_sha = [first.data], None, ""
+            model_size = state_size = 0
+            limit = 0
+            for chunk in itertools.chain([first], request_iterator):
+                if chunk.kind == control_pb2.CHECKPOINT_KIND_MODEL:
+                    if state is not None:
+                        context.abort(grpc.StatusCode.INVALID_ARGUMENT, "model chunks after the training state")
+                    if chunk is not first:
+                        model.append(chunk.data)
+                    model_size += len(chunk.data)
+                elif chunk.kind == control_pb2.CHECKPOINT_KIND_TRAINING_STATE:
+                    if state is None:  # its first chunk declares the state's sha256
+                        state, state_sha, limit = [], chunk.digest, max_training_state_bytes(model_size)
+                    state_size += len(chunk.data)
+                    if state_size > limit:  # refused before the rest arrives, nothing stored
+                        context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                      f"training state upload over {limit} bytes ({MAX_STATE_RATIO}x the model's "
+                                      f"state_dict of {model_size} bytes + {STATE_SLACK_BYTES})")
+                    state.append(chunk.data)
+                else:
+                    context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"unknown checkpoint chunk kind {chunk.kind}")
+            data = b"".join(model)
+            self._c.store_checkpoint(first.peer_id, first.job_id, first.round, first.epoch, first.digest, data,
+                                     b"".join(state) if state is not None else None, state_sha)
             return control_pb2.UploadCheckpointResponse(size_bytes=len(data))
         raise AssertionError("unreachable")

@@ -496,7 +496,7 @@ class ClusterState:
             return
         self._rollback_if_orphaned(job)
         job.reports = {}
-        job.pending_checkpoint, job.pending_checkpoint_peer = None, ""
+        job.pending_checkpoint, job.pending_checkpoint_peer, job.pending_checkpoint_state = None, "", ""
         job.round_started_ms = now_ms
         job.updated_ms = self.wall_ms(now_ms)
         if not job.members:
@@ -769,14 +769,17 @@ class ClusterState:
         self.check_member(job, peer_id)
         self._check_current(job, peer_id, rnd, epoch)
 
-    def checkpoint_uploaded(self, peer_id: str, job_id: str, rnd: int, epoch: int, digest: str, now_ms: int) -> None:
-        """Records a checkpoint for the current round (it counts once the round commits)."""
+    def checkpoint_uploaded(self, peer_id: str, job_id: str, rnd: int, epoch: int, digest: str, now_ms: int,
+                            state_digest: str = "") -> None:
+        """Records a checkpoint for the current round (it counts once the round commits), with the
+        sha256 of its training-state file ("" when it came without one)."""
         self._peer(peer_id).last_seen_ms = now_ms
         job = self.job(job_id)
         self.check_member(job, peer_id)
         self._check_current(job, peer_id, rnd, epoch)
         job.pending_checkpoint = (rnd, digest)
         job.pending_checkpoint_peer = peer_id
+        job.pending_checkpoint_state = state_digest
 
     def report(self, peer_id: str, job_id: str, rnd: int, epoch: int, rep: Report, now_ms: int) -> Changes:
         """Records a member's round report; commits the round when every member agrees."""
@@ -845,6 +848,7 @@ class ClusterState:
         job.reissues = 0
         if keep_checkpoint:
             job.checkpoint_round, job.checkpoint_digest = rec.round, digest
+            job.checkpoint_state_digest = job.pending_checkpoint_state
         changes = Changes(jobs=(job.job_id,), committed=((job.job_id, rec.round),))
         if job.committed_round >= job.spec.rounds:
             return changes | self._finish(job, SUCCEEDED, f"{job.spec.rounds} rounds committed", now_ms)

@@ -209,18 +209,25 @@ class ControlClient:
             log.info("joined cluster %s (coordinator %s)", resp.cluster_id, self.address)
         return resp
 
-    def upload_checkpoint(self, peer_id: str, job_id: str, rnd: int, epoch: int, digest: str, f: BinaryIO) -> None:
+    def upload_checkpoint(self, peer_id: str, job_id: str, rnd: int, epoch: int, digest: str, f: BinaryIO,
+                          state_file: BinaryIO | None = None, state_sha256: str = "") -> None:
         """Streams a checkpoint from the file object ``f`` in 1 MiB chunks, read as they go (so
-        a checkpoint spilled to disk is never held in memory whole). Each attempt reads it anew."""
+        a checkpoint spilled to disk is never held in memory whole), then, in the same stream, the
+        training state from ``state_file`` (``CHECKPOINT_KIND_TRAINING_STATE`` chunks, the first
+        carrying ``state_sha256``). Each attempt reads them anew."""
         step = 1 << 20
-        size = f.seek(0, 2)
+        files = [(f, control_pb2.CHECKPOINT_KIND_MODEL, digest)]
+        if state_file is not None:
+            files.append((state_file, control_pb2.CHECKPOINT_KIND_TRAINING_STATE, state_sha256))
+        sizes = [src.seek(0, 2) for src, _, _ in files]
 
         def chunks() -> Iterator[control_pb2.CheckpointChunk]:
-            for i in range(0, max(size, 1), step):
-                f.seek(i)
-                yield control_pb2.CheckpointChunk(peer_id=peer_id, job_id=job_id, round=rnd, epoch=epoch,
-                                                  digest=digest, data=f.read(step))
-        timeout = CALL_TIMEOUT_S + size / 50e6
+            for (src, kind, dig), size in zip(files, sizes):
+                for i in range(0, max(size, 1), step):
+                    src.seek(i)
+                    yield control_pb2.CheckpointChunk(peer_id=peer_id, job_id=job_id, round=rnd, epoch=epoch,
+                                                      digest=dig if i == 0 else "", data=src.read(step), kind=kind)
+        timeout = CALL_TIMEOUT_S + sum(sizes) / 50e6
         # RESOURCE_EXHAUSTED: the coordinator's long-lived calls are all taken for now (see
         # dml.common.guard); the upload goes through once some end, within the minute.
         self.call(lambda: self.stub.UploadCheckpoint(chunks(), timeout=timeout), "upload checkpoint", give_up_s=60,

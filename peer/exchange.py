@@ -9,7 +9,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import grpc
 from dml.v1 import exchange_pb2, exchange_pb2_grpc
@@ -56,7 +56,8 @@ def call_policies(idle_s: float) -> dict[str, guard.Policy]:
     }
 
 
-ParamsSource = Callable[[str, int], "tuple[int, str, bytes | memoryview] | None"]
+# (job, round, training_state=...) -> peer.params.Served or None (ParamStore.serve)
+ParamsSource = Callable[..., Any]
 
 
 def _check_payload(header: Header, nbytes: int) -> None:
@@ -396,15 +397,19 @@ class ExchangeServicer(exchange_pb2_grpc.PeerExchangeServicer):
         _check(context, request)
         if self.guarded:
             check_body(context, FETCH_PARAMETERS, request.job_id, None, ref=str(request.round))
-        got = self._params_source(request.job_id, request.round)
+        got = self._params_source(request.job_id, request.round, training_state=request.training_state)
         if got is None:
             context.abort(grpc.StatusCode.NOT_FOUND,
-                          f"no committed parameters for job {request.job_id} round {request.round or 'latest'}")
+                          f"no committed parameters{' and training state' if request.training_state else ''} "
+                          f"for job {request.job_id} round {request.round or 'latest'}")
         assert got is not None
-        rnd, digest, data = got
-        for i in range(0, max(len(data), 1), CHUNK_BYTES):
-            yield exchange_pb2.ParameterChunk(round=rnd if i == 0 else 0, digest=digest if i == 0 else "",
-                                              data=bytes(data[i : i + CHUNK_BYTES]))
+        # Part 0, the parameters, carries the round's digest in its first chunk; part 1, the
+        # training state, the sha256 of its bytes (the joiner refuses a mismatch).
+        parts = [(0, got.digest, got.model)] + ([(1, got.state_sha256, got.state)] if got.state is not None else [])
+        for part, digest, data in parts:
+            for i in range(0, max(len(data), 1), CHUNK_BYTES):
+                yield exchange_pb2.ParameterChunk(round=got.round if i == 0 else 0, digest=digest if i == 0 else "",
+                                                  data=bytes(data[i : i + CHUNK_BYTES]), part=part)
 
 
 def _checked_first(requests: Iterator[exchange_pb2.GossipMessage], context: grpc.ServicerContext) -> Iterator[exchange_pb2.GossipMessage]:

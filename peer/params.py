@@ -1,12 +1,16 @@
 """The parameters a peer holds for its job, with the trainer that holds them: ``committed``, what
 every member agreed on at the start of the current round, and ``tentative``, the result of the
-round this peer last finished (reported, not yet known to be committed). Thread-safe: the exchange
-server serves them to joiners while the round loop changes them. Rules: docs/architecture.md."""
+round this peer last finished (reported, not yet known to be committed). Each holds the training
+state with the parameters (a copy of every part of ``trainer.state_parts``: the optimizer, and
+whatever else holds state; :mod:`peer.trainstate`), so a round restarts from exactly the point it
+started from. Thread-safe: the exchange server serves them to joiners while the round loop
+changes them. Rules: docs/architecture.md."""
 from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+import hashlib
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -18,13 +22,26 @@ if TYPE_CHECKING:
 
 @dataclass
 class Snapshot:
-    """Parameters of one round of one job."""
+    """Parameters and training state of one round of one job."""
 
     job_id: str
     round: int
     params: np.ndarray
     digest: str
     live: bool = False  # params is the trainer's own buffer, not a copy
+    state: dict[str, Any] | None = None  # the training state (a copy, never the trainer's own)
+
+
+@dataclass(frozen=True)
+class Served:
+    """What :meth:`ParamStore.serve` hands a joiner: a round's parameters as a state_dict file
+    and, when asked for, its training state (``trainstate.to_bytes``) with its sha256."""
+
+    round: int
+    digest: str
+    model: bytes | memoryview
+    state: bytes | None = None
+    state_sha256: str = ""
 
 
 @dataclass(frozen=True)
@@ -34,6 +51,7 @@ class Start:
     ready: bool  # the committed snapshot is the starting point
     in_place: bool  # the trainer already holds it (our tentative result was promoted)
     dropped: bool  # a tentative result that is not the starting point was dropped
+    promoted: bool = False  # our tentative result was promoted: the trainer's state is the starting one
 
 
 class ParamStore:
@@ -46,6 +64,7 @@ class ParamStore:
         self._job_id = ""
         self._committed: Snapshot | None = None
         self._tentative: Snapshot | None = None
+        self._spare: dict[str, Any] | None = None  # a state no snapshot holds any more, to capture into
 
     @property
     def committed(self) -> Snapshot | None:
@@ -61,12 +80,20 @@ class ParamStore:
         """A new trainer for ``job_id``, starting from ``committed`` (None: nothing committed yet)."""
         with self._lock:
             self._trainer, self._job_id = trainer, job_id
-            self._committed, self._tentative = committed, None
+            self._committed, self._tentative, self._spare = committed, None, None
+
+    def spare_state(self) -> dict[str, Any] | None:
+        """A training state no snapshot holds any more (taken: the caller captures into it, so
+        rounds allocate no new state), or None."""
+        with self._lock:
+            spare, self._spare = self._spare, None
+            return spare
 
     def clear(self) -> None:
         """Forgets the trainer and both snapshots (the peer was evicted: they may be stale)."""
         with self._lock:
             self._trainer, self._job_id, self._committed, self._tentative = None, "", None, None
+            self._spare = None
 
     def set_tentative(self, snap: Snapshot) -> None:
         """The result of the round this peer just finished."""
@@ -81,17 +108,22 @@ class ParamStore:
         def good(snap: Snapshot | None) -> bool:
             return snap is not None and snap.round == start and (not want or snap.digest == want)
 
-        in_place = dropped = False
+        in_place = dropped = promoted = False
         with self._lock:
             tent = self._tentative
             if good(tent):  # our last round committed
                 assert tent is not None
+                old = self._committed
                 self._committed = self._promote(tent)
-                self._tentative, in_place = None, tent.live
+                if old is not None and old.state is not None and old.state is not tent.state:
+                    self._spare = old.state
+                self._tentative, in_place, promoted = None, tent.live, True
             else:  # it did not commit (or not with our parameters), or it is older than needed
                 dropped = tent is not None
+                if tent is not None and tent.state is not None:
+                    self._spare = tent.state
                 self._tentative = None
-            return Start(ready=good(self._committed), in_place=in_place, dropped=dropped)
+            return Start(ready=good(self._committed), in_place=in_place, dropped=dropped, promoted=promoted)
 
     def _promote(self, tent: Snapshot) -> Snapshot:
         """The committed snapshot for a tentative one: a copy if it is the live buffer, made into
@@ -104,14 +136,17 @@ class ParamStore:
             params = old.params
         else:
             params = tent.params.copy()
-        return Snapshot(tent.job_id, tent.round, params, tent.digest)
+        return Snapshot(tent.job_id, tent.round, params, tent.digest, state=tent.state)
 
-    def adopt(self, job_id: str, rnd: int, params: np.ndarray, want: str) -> bool:
-        """Makes downloaded ``params`` round ``rnd``'s committed parameters if their digest is ``want``."""
-        if digest(params) != want:
+    def adopt(self, job_id: str, rnd: int, params: np.ndarray, want: str,
+              state: dict[str, Any] | None = None, got: str | None = None) -> bool:
+        """Makes downloaded ``params`` (and training ``state``) round ``rnd``'s committed snapshot
+        if their digest (``got``, computed by the caller when the digest covers the state; by
+        default the parameters') is ``want``."""
+        if (got if got is not None else digest(params)) != want:
             return False
         with self._lock:
-            self._committed = Snapshot(job_id, rnd, params, want)
+            self._committed = Snapshot(job_id, rnd, params, want, state=state)
         return True
 
     def keep_own(self, job_id: str, rnd: int) -> None:
@@ -123,12 +158,15 @@ class ParamStore:
             if trainer is None or held or self._tentative is not None:
                 return
             params = trainer.params()
-            self._committed = Snapshot(job_id, rnd, params, digest(params))
+            state = trainer.capture_state()
+            self._committed = Snapshot(job_id, rnd, params, trainer.round_digest(params, state), state=state)
 
-    def serve(self, job_id: str, rnd: int) -> tuple[int, str, bytes | memoryview] | None:
-        """(round, digest, state_dict bytes) of round ``rnd`` of ``job_id`` (0: the latest held),
-        or None. Serialised under the lock: the tentative snapshot is the live buffer, which the
-        next round only touches after :meth:`begin` (which takes the lock) has moved it aside."""
+    def serve(self, job_id: str, rnd: int, training_state: bool = False) -> Served | None:
+        """Round ``rnd`` of ``job_id`` (0: the latest held) as a state_dict file and, with
+        ``training_state``, its training state, or None (also when the state is asked for and the
+        snapshot holds none). Serialised under the lock: the tentative snapshot is the live
+        buffer, which the next round only touches after :meth:`begin` (which takes the lock) has
+        moved it aside."""
         with self._lock:
             trainer = self._trainer if self._job_id == job_id else None
             cands = [s for s in (self._tentative, self._committed) if s is not None and s.job_id == job_id]
@@ -136,5 +174,11 @@ class ParamStore:
                 return None
             for snap in cands:
                 if rnd in (0, snap.round):
-                    return snap.round, snap.digest, trainer.state_dict_bytes(snap.params)
+                    model = trainer.state_dict_bytes(snap.params)
+                    if not training_state:
+                        return Served(snap.round, snap.digest, model)
+                    if snap.state is None:
+                        return None
+                    state = trainer.state_bytes(snap.state, job_id=job_id, round=snap.round)
+                    return Served(snap.round, snap.digest, model, state, hashlib.sha256(state).hexdigest())
         return None

@@ -3,6 +3,7 @@ them), train, all-reduce with the ring over a :class:`PeerLink`, report; a faile
 reported naming its suspect. The round's rules: docs/architecture.md, "A synchronous round"."""
 from __future__ import annotations
 
+import hashlib
 import io
 import logging
 import tempfile
@@ -15,13 +16,14 @@ import numpy as np
 from dml.v1 import control_pb2, exchange_pb2, exchange_pb2_grpc, jobs_pb2, jobs_pb2_grpc, types_pb2
 
 from dml.aggregation.allreduce import chunk_elems_for
-from dml.aggregation.averaging import delta_ring_average, digest, weighted_ring_average
+from dml.aggregation.averaging import delta_ring_average, weighted_ring_average
 from dml.aggregation.codecs import Codec, get_codec
 from dml.aggregation.guard import Poisoned, RingGuard
 from dml.aggregation.transport import Cancelled, ExchangeError
 from dml.common import rpc
+from dml.common.spec import spec_from_pb
 from dml.peer.taskload import make_trainer
-from dml.peer import faults
+from dml.peer import faults, trainstate
 from dml.peer.auth import FETCH_PARAMETERS
 from dml.peer.client import Evicted
 from dml.peer.gossip_step import GossipStep
@@ -163,8 +165,8 @@ class RingRound:
         trainer = store.trainer_for(plan.job_id)
         if trainer is None:
             trainer = make_trainer(peer, plan.job_id, spec)
-            init = trainer.params()
-            store.start(plan.job_id, trainer, Snapshot(plan.job_id, 0, init, digest(init)))
+            init, state = trainer.params(), trainer.capture_state()
+            store.start(plan.job_id, trainer, Snapshot(plan.job_id, 0, init, trainer.round_digest(init, state), state=state))
         start = plan.round - 1
         if spec.aggregation == "gossip":
             self._end_gossip(plan.job_id, start)
@@ -172,13 +174,16 @@ class RingRound:
         if got.dropped and self._residual is not None:
             self._residual[1].fill(0.0)  # its errors belong to a round that never counted
         in_place = got.in_place  # the trainer already holds the starting parameters
+        state_in_place = got.promoted  # ... and the starting training state
         if not got.ready:
-            self._fetch(plan, start, trainer)
-            in_place = False
+            self._fetch(plan, start, trainer)  # loads the parameters and the state it fetched
+            in_place = state_in_place = True
         committed = store.committed
         assert committed is not None
         if not in_place:
             trainer.set_params(committed.params)
+        if not state_in_place and committed.state is not None:  # a re-issued round: from the committed state
+            trainer.restore_state(committed.state)
         return trainer
 
     def _end_gossip(self, job_id: str, rnd: int) -> None:
@@ -199,41 +204,101 @@ class RingRound:
                 with rpc.channel(address, tls=peer.config.tls, max_message_bytes=rpc.EXCHANGE_MESSAGE_BYTES) as ch:
                     stub = exchange_pb2_grpc.PeerExchangeStub(ch)
                     md = peer.credentials.sign(FETCH_PARAMETERS, plan.job_id, plan.epoch, str(rnd), name)
-                    parts = list(stub.FetchParameters(exchange_pb2.FetchParametersRequest(job_id=plan.job_id, round=rnd),
-                                                      timeout=peer.config.exchange_timeout_s, metadata=md))
+                    req = exchange_pb2.FetchParametersRequest(job_id=plan.job_id, round=rnd, training_state=True)
+                    parts = list(stub.FetchParameters(req, timeout=peer.config.exchange_timeout_s, metadata=md))
             except grpc.RpcError as e:
                 log.info("peer %s: %s has no round %d parameters (%s)", peer.peer_id, name, rnd,
                          e.code() if isinstance(e, grpc.Call) else e)
                 continue
-            if parts and acceptable(plan, rnd, parts[0].round, parts[0].digest) and self._adopt(
-                    plan.job_id, rnd, trainer, parts[0].digest, b"".join(p.data for p in parts), name):
+            model = [p for p in parts if p.part == 0]
+            state = [p for p in parts if p.part == 1]
+            if not model or not state:
+                log.warning("peer %s: %s sent no %s", peer.peer_id, name, "parameters" if not model else "training state")
+                continue
+            if acceptable(plan, rnd, model[0].round, model[0].digest) and self._adopt(
+                    plan.job_id, rnd, trainer, model[0].digest, b"".join(p.data for p in model), name,
+                    b"".join(p.data for p in state), state[0].digest):
                 return
+        if self._from_checkpoint(plan, rnd, trainer):
+            return
+        raise ExchangeError(f"neither a member nor the coordinator could provide round {rnd} parameters")
+
+    def _from_checkpoint(self, plan: types_pb2.Plan, rnd: int, trainer: Trainer) -> bool:
+        """Takes round ``rnd`` from the coordinator's checkpoint: its training state (model,
+        optimizer and the other parts), else, for a checkpoint that holds none, the model alone
+        with the trainer's own state."""
+        peer = self._peer
+        stub = jobs_pb2_grpc.JobServiceStub(peer.client.channel)
+        req = jobs_pb2.DownloadModelRequest(job_id=plan.job_id)
         try:
-            stub = jobs_pb2_grpc.JobServiceStub(peer.client.channel)
-            chunks = list(stub.DownloadModel(jobs_pb2.DownloadModelRequest(job_id=plan.job_id),
-                                             timeout=peer.config.exchange_timeout_s))
+            chunks = list(stub.DownloadCheckpoint(req, timeout=peer.config.exchange_timeout_s))
+            if chunks and chunks[0].round == rnd:
+                data = b"".join(c.data for c in chunks)
+                if hashlib.sha256(data).hexdigest() != chunks[0].digest:
+                    log.warning("peer %s: the coordinator's training state of round %d fails its sha256 check",
+                                peer.peer_id, rnd)
+                else:
+                    try:
+                        _, doc = trainstate.load(data, trainer.state_parts)
+                        params = trainer.params_from_state_dict(doc["model"])
+                    except (ValueError, KeyError, TypeError) as e:
+                        log.warning("peer %s: the coordinator's training state of round %d is unreadable: %s",
+                                    peer.peer_id, rnd, e)
+                    else:
+                        state = {n: doc[n] for n in trainer.state_parts}
+                        got = trainer.round_digest(params, state)
+                        if acceptable(plan, rnd, rnd, got) and self._take(plan.job_id, rnd, trainer, params, state,
+                                                                         got, got, "the coordinator's checkpoint"):
+                            return True
+        except grpc.RpcError as e:
+            log.info("peer %s: no training state of round %d at the coordinator (%s)", peer.peer_id, rnd,
+                     e.code() if isinstance(e, grpc.Call) else e)
+        try:
+            chunks = list(stub.DownloadModel(req, timeout=peer.config.exchange_timeout_s))
             if chunks and acceptable(plan, rnd, chunks[0].round, chunks[0].digest) and self._adopt(
                     plan.job_id, rnd, trainer, chunks[0].digest, b"".join(c.data for c in chunks), "the coordinator"):
-                return
+                log.warning("peer %s job %s: round %d's checkpoint holds no training state; going on with this "
+                            "peer's own", peer.peer_id, plan.job_id, rnd)
+                return True
         except grpc.RpcError as e:
             log.info("peer %s: no checkpoint of round %d at the coordinator (%s)", peer.peer_id, rnd,
                      e.code() if isinstance(e, grpc.Call) else e)
-        raise ExchangeError(f"neither a member nor the coordinator could provide round {rnd} parameters")
+        return False
 
-    def _adopt(self, job_id: str, rnd: int, trainer: Trainer, want: str, data: bytes, source: str) -> bool:
-        """Loads a downloaded state_dict as round ``rnd``'s committed parameters if its digest matches."""
+    def _adopt(self, job_id: str, rnd: int, trainer: Trainer, want: str, data: bytes, source: str,
+               state_data: bytes | None = None, state_sha256: str = "") -> bool:
+        """Loads a downloaded state_dict (and training state, checked against its sha256) as
+        round ``rnd``'s committed snapshot if the digest matches. Without a training state the
+        trainer's own is kept."""
         import torch
 
         peer = self._peer
         try:
             sd = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
             params = trainer.params_from_state_dict(sd)
+            if state_data is None:
+                state = trainer.capture_state()
+            elif hashlib.sha256(state_data).hexdigest() != state_sha256:
+                raise ValueError("its training state fails its sha256 check")
+            else:
+                state, _ = trainstate.load(state_data, trainer.state_parts)
         except Exception as e:  # noqa: BLE001 - whatever the bytes are, they are not round rnd's parameters
             log.warning("peer %s: round %d parameters from %s are unreadable: %s", peer.peer_id, rnd, source, e)
             return False
+        return self._take(job_id, rnd, trainer, params, state, want, trainer.round_digest(params, state), source)
+
+    def _take(self, job_id: str, rnd: int, trainer: Trainer, params: np.ndarray, state: dict, want: str,
+              got: str, source: str) -> bool:
+        """Makes checked parameters and state round ``rnd``'s committed snapshot and loads them."""
+        peer = self._peer
         # Checked before the trainer sees them: a failed download leaves its parameters alone.
-        if not peer.store.adopt(job_id, rnd, params, want):
+        if not peer.store.adopt(job_id, rnd, params, want, state=state, got=got):
             log.warning("peer %s: round %d parameters from %s failed their digest check", peer.peer_id, rnd, source)
+            return False
+        try:
+            trainer.restore_state(state)
+        except ValueError as e:
+            log.warning("peer %s: round %d training state from %s does not load: %s", peer.peer_id, rnd, source, e)
             return False
         trainer.set_params(params)
         log.info("peer %s job %s: caught up to round %d from %s", peer.peer_id, job_id, rnd, source)
@@ -286,25 +351,35 @@ class RingRound:
 
         def average(trainer: Trainer, samples: int) -> None:
             nonlocal norm
-            buf = trainer.host_buffer()
+            buf = trainer.exchange_buffer()  # the parameters (and with --optimizer-state average the state)
             committed = peer.store.committed
             assert committed is not None
             if faults.inject(peer.config.fault, plan.round, buf[:-1]):
                 log.warning("%s: test fault %s injected; skipping this member's own check", tag, peer.config.fault)
             else:  # before anything leaves this member
-                norm = check_own(buf[:-1], committed.params, f"round {plan.round}")
+                norm = check_own(buf[: trainer.numel], committed.params, f"round {plan.round}")
+                if buf.size - 1 > trainer.numel:
+                    check_own(buf[trainer.numel : -1], None, f"round {plan.round}'s optimizer state")
             self._average(plan, rank, buf, samples, link)  # closes the link when it succeeds
-            trainer.load_host_buffer(buf)
+            trainer.load_exchange_buffer(buf)
 
         def results(trainer: Trainer, req: control_pb2.ReportRoundRequest) -> None:
             params, live = trainer.params_view()
-            dig = digest(params)
-            peer.store.set_tentative(Snapshot(plan.job_id, plan.round, params, dig, live=live))
+            state = trainer.capture_state(peer.store.spare_state())  # a copy, into one no snapshot holds
+            dig = trainer.round_digest(params, state)
+            peer.store.set_tentative(Snapshot(plan.job_id, plan.round, params, dig, live=live, state=state))
             req.digest, req.bytes_sent, req.update_norm = dig, link.bytes_sent, norm
             if rank == 0 and plan.checkpoint:  # whether or not this round is evaluated
-                with tempfile.TemporaryFile(prefix="dml-checkpoint-") as f:  # on disk, not another model in memory
+                # On disk, not another model in memory: the state_dict (dml model) and the whole
+                # training state (dml checkpoint), uploaded together.
+                with tempfile.TemporaryFile(prefix="dml-checkpoint-") as f, \
+                        tempfile.TemporaryFile(prefix="dml-training-state-") as g:
                     trainer.save_state_dict(f, params)
-                    peer.client.upload_checkpoint(peer.peer_id, plan.job_id, plan.round, plan.epoch, dig, f)
+                    sha = trainstate.save(g, state, shapes=trainer.averaged_shapes, job_id=plan.job_id,
+                                          round=plan.round, model=trainer.model_state_dict(params),
+                                          spec=spec_from_pb(plan.spec).to_dict())
+                    peer.client.upload_checkpoint(peer.peer_id, plan.job_id, plan.round, plan.epoch, dig, f,
+                                                  state_file=g, state_sha256=sha)
 
         every = max(plan.spec.eval_every_rounds, 1)
         train_and_report(peer, plan, rank, tag, "report round", prepare=lambda: self._prepare(plan),

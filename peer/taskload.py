@@ -42,4 +42,6 @@ def make_trainer(peer: Peer, job_id: str, spec: types_pb2.JobSpec) -> Trainer:
     learning rate, on the peer's device. The one place a peer builds a job's trainer."""
     task = resolve(spec.task)
     ctx = Context(seed=spec.seed, job_id=job_id, peer_id=peer.peer_id)
-    return Trainer(task, spec.seed, spec.learning_rate, peer.config.device, ctx=ctx)
+    trainer = Trainer(task, spec.seed, spec.learning_rate, peer.config.device, ctx=ctx)
+    trainer.average_state = spec.optimizer_state == "average"
+    return trainer

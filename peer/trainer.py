@@ -7,6 +7,7 @@ the exchange reads and writes it with no copy.
 from __future__ import annotations
 
 import functools
+import hashlib
 import io
 import logging
 import threading
@@ -19,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from dml.common.task import Context, Task
+from dml.peer import trainstate
 
 log = logging.getLogger(__name__)
 EVAL_BATCH = 32
@@ -234,6 +236,11 @@ class Trainer:
         # What, beside the parameters, is the training state: each part's state_dict() is
         # snapshotted with the committed parameters, checkpointed and sent to joiners.
         self.state_parts: dict[str, Any] = {"optimizer": self.optimizer}
+        # --optimizer-state average: the optimizer's floating tensors are averaged with the
+        # parameters (after them in the buffer the all-reduce reads) and the digest covers them.
+        self.average_state = False
+        self._param_shapes = [tuple(p.shape) for g in self.optimizer.param_groups for p in g["params"]]
+        self._xbuf: np.ndarray | None = None  # that buffer, reused across rounds
         # Plain SGD on an MLP can apply each layer's update inside backward, straight into the
         # weights, so no gradient the size of the model ever exists (see _SGDLinear).
         sgd_lr = plain_sgd(self.optimizer) if fuse else None
@@ -312,6 +319,11 @@ class Trainer:
         the file object ``f``. The float tensors are views of one flat array, which torch.save
         writes once (it keeps views of a storage as views): no copy of the model is made.
         Loading gives tensors that share one storage."""
+        torch.save(self.model_state_dict(params), f)
+
+    def model_state_dict(self, params: np.ndarray | None = None) -> dict[str, torch.Tensor]:
+        """The model's state_dict (of ``params`` if given, else the live ones) whose float tensors
+        are views of one CPU tensor over ``params`` (no copy of the model on CPU)."""
         if params is None:
             params, _ = self.params_view()
         base = torch.from_numpy(np.ascontiguousarray(params[: self.numel], dtype=np.float32))
@@ -320,7 +332,70 @@ class Trainer:
         for name, shape, off in self._layout:
             n = int(np.prod(shape)) if len(shape) else 1
             sd[name] = base[off : off + n].view(shape)
-        torch.save(sd, f)
+        return sd
+
+    # -- the training state (trainstate) -----------------------------------------------------
+    def capture_state(self, into: dict[str, Any] | None = None) -> dict[str, Any]:
+        """A copy of the training state (every state part), made into ``into`` where it fits."""
+        return trainstate.capture(self.state_parts, into)
+
+    def restore_state(self, state: dict[str, Any]) -> None:
+        """Loads a captured or downloaded training state (ValueError if it does not fit)."""
+        trainstate.restore(self.state_parts, state)
+
+    def round_digest(self, params: np.ndarray, state: dict[str, Any] | None) -> str:
+        """The digest members compare for a round: of the parameters, and with
+        ``--optimizer-state average`` of the averaged optimizer tensors after them."""
+        if not self.average_state or state is None:
+            return hashlib.sha256(np.ascontiguousarray(params).data).hexdigest()
+        return trainstate.hash_with(params, trainstate.averaged(state[trainstate.OPTIMIZER], self._param_shapes))
+
+    @property
+    def averaged_shapes(self) -> list[tuple[int, ...]] | None:
+        """The parameters' shapes, which place the optimizer's averaged tensors, with
+        ``--optimizer-state average``; else None."""
+        return self._param_shapes if self.average_state else None
+
+    def state_bytes(self, state: dict[str, Any], **meta: Any) -> bytes:
+        """A captured state serialised (trainstate.to_bytes), with ``meta``."""
+        return trainstate.to_bytes(state, self.averaged_shapes, **meta)
+
+    def exchange_buffer(self) -> np.ndarray:
+        """What the all-reduce averages: :meth:`host_buffer` (parameters, weight slot), and with
+        ``--optimizer-state average`` a buffer of the parameters, the optimizer's averaged
+        tensors, then the weight slot (write it back with :meth:`load_exchange_buffer`)."""
+        if not self.average_state:
+            return self.host_buffer()
+        tensors = list(trainstate.averaged(self.optimizer.state_dict(), self._param_shapes))
+        n = self.numel + sum(t.numel() for t in tensors) + 1
+        if self._xbuf is None or self._xbuf.size != n:
+            self._xbuf = None
+            self._xbuf = np.empty(n, dtype=np.float32)
+        buf = self._xbuf
+        buf[: self.numel] = self.flat[: self.numel].cpu().numpy()
+        off = self.numel
+        for t in tensors:
+            k = t.numel()
+            buf[off : off + k] = t.detach().reshape(-1).cpu().numpy()
+            off += k
+        buf[-1] = 0.0
+        return buf
+
+    def load_exchange_buffer(self, buf: np.ndarray) -> None:
+        """Writes an averaged :meth:`exchange_buffer` back into the parameters (and the
+        optimizer's averaged tensors)."""
+        if not self.average_state:
+            self.load_host_buffer(buf)
+            return
+        self.flat[: self.numel].copy_(torch.from_numpy(buf[: self.numel]))
+        off = self.numel
+        with torch.no_grad():
+            for t in trainstate.averaged(self.optimizer.state_dict(), self._param_shapes):
+                k = t.numel()
+                t.copy_(torch.from_numpy(buf[off : off + k]).view_as(t))
+                off += k
+        if off != buf.size - 1:
+            raise ValueError(f"the optimizer state changed size during the exchange ({off} vs {buf.size - 1})")
 
     @staticmethod
     def warm_up() -> None:
