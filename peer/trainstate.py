@@ -116,10 +116,7 @@ def _flatten_averaged(opt_sd: dict[str, Any], shapes: list[tuple[int, ...]]) -> 
         off += n
 
 
-def to_bytes(state: Mapping[str, Any], shapes: list[tuple[int, ...]] | None = None, **meta: Any) -> bytes:
-    """The serialised state (a torch.save'd dict of ``meta`` and the parts, on CPU). With
-    ``shapes`` (the parameters' shapes: ``--optimizer-state average``) the optimizer's averaged
-    tensors are stored as one flat storage."""
+def _document(state: Mapping[str, Any], shapes: list[tuple[int, ...]] | None, meta: dict[str, Any]) -> dict[str, Any]:
     doc = {"format": FORMAT, **meta}
     for name, sd in state.items():
         if name in RESERVED:
@@ -128,16 +125,28 @@ def to_bytes(state: Mapping[str, Any], shapes: list[tuple[int, ...]] | None = No
         if shapes is not None and name == OPTIMIZER:
             doc[name] = {**doc[name], "state": {i: dict(st) for i, st in doc[name].get("state", {}).items()}}
             _flatten_averaged(doc[name], shapes)
+    return doc
+
+
+def to_bytes(state: Mapping[str, Any], shapes: list[tuple[int, ...]] | None = None, **meta: Any) -> bytes:
+    """The serialised state (a torch.save'd dict of ``meta`` and the parts, on CPU). With
+    ``shapes`` (the parameters' shapes: ``--optimizer-state average``) the optimizer's averaged
+    tensors are stored as one flat storage."""
     out = io.BytesIO()
-    torch.save(doc, out)
+    torch.save(_document(state, shapes, meta), out)
     return out.getvalue()
 
 
 def save(f: Any, state: Mapping[str, Any], shapes: list[tuple[int, ...]] | None = None, **meta: Any) -> str:
-    """Writes the serialised state to the file object ``f``; returns its sha256."""
-    data = to_bytes(state, shapes, **meta)
-    f.write(data)
-    return hashlib.sha256(data).hexdigest()
+    """Writes the serialised state (:func:`to_bytes`) to the seekable binary file ``f`` straight
+    from the tensors (a model in ``meta`` is not copied into memory again); returns its sha256."""
+    torch.save(_document(state, shapes, meta), f)
+    f.flush()
+    f.seek(0)
+    h = hashlib.sha256()
+    while block := f.read(1 << 20):
+        h.update(block)
+    return h.hexdigest()
 
 
 def load(data: bytes, names: Any) -> tuple[dict[str, Any], dict[str, Any]]:

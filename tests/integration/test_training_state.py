@@ -258,3 +258,57 @@ def test_a_corrupt_or_oversized_training_state_upload_is_refused_and_changes_not
             release.set()
             for p in ps:
                 p.stop()
+
+
+def fetch_training_state(address: str, job_id: str, rnd: int, peer_id: str, signing_key) -> tuple[str, dict, dict]:
+    """A peer's round ``rnd`` as an auditor: (digest, model state_dict, training state parts)."""
+    from dml.common import rpc
+    from dml.v1 import exchange_pb2, exchange_pb2_grpc
+
+    from tests.integration.helpers import audit_metadata
+
+    md = audit_metadata(signing_key, job_id, rnd, peer_id)
+    with rpc.channel(address) as ch:
+        parts = list(exchange_pb2_grpc.PeerExchangeStub(ch).FetchParameters(
+            exchange_pb2.FetchParametersRequest(job_id=job_id, round=rnd, training_state=True), timeout=10, metadata=md))
+    model = [p for p in parts if p.part == 0]
+    state = [p for p in parts if p.part == 1]
+    raw = b"".join(p.data for p in state)
+    assert state and state[0].digest == hashlib.sha256(raw).hexdigest() and state[0].round == rnd
+    doc = torch.load(io.BytesIO(raw), weights_only=True)
+    assert doc["format"] == 1 and doc["job_id"] == job_id and doc["round"] == rnd
+    return model[0].digest, torch.load(io.BytesIO(b"".join(p.data for p in model)), weights_only=True), doc
+
+
+def test_averaged_optimizer_state_is_bit_identical_on_every_member_and_under_the_digest():
+    spec = adam_spec(rounds=3, optimizer_state="average", checkpoint_every_rounds=2)
+    with coordinator() as srv:
+        ps = [start_peer(srv.address) for _ in range(3)]
+        try:
+            stub = job_stub(srv.address)
+            wait_for(lambda: srv.coordinator.view(lambda st: len(st.live_idle())) == 3, 30, "three idle peers")
+            jid = _submit(stub, spec)
+            wait_for(lambda: _job(stub, jid).job.state == SUCCEEDED, 120, "the job to succeed")
+            resp = _job(stub, jid, history=True)
+            got = [fetch_training_state(p.address, jid, 3, p.peer_id, srv.coordinator.signing_key) for p in ps]
+            trainer = ps[0].store.trainer_for(jid)
+            with JobClient(srv.address, 10, token=operator_token(srv.address)) as c:
+                import pathlib
+                import tempfile
+
+                with tempfile.TemporaryDirectory() as d:
+                    rnd, _ = c.download_checkpoint(jid, pathlib.Path(d) / "state.pt")
+        finally:
+            for p in ps:
+                p.stop()
+    assert rnd == 3, "the checkpoint of the last round passed the coordinator's check of the combined digest"
+    assert {g[0] for g in got} == {resp.history[-1].digest}
+    opts = [g[2]["optimizer"] for g in got]
+    shapes = trainer.averaged_shapes
+    assert shapes is not None
+    tensors = [list(trainstate.averaged(o, shapes)) for o in opts]
+    assert tensors[0] and len(tensors[0]) == 2 * len(shapes), "Adam's two moments per parameter are averaged"
+    for other in tensors[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(tensors[0], other))
+    params = trainer.params_from_state_dict(got[0][1])
+    assert trainstate.hash_with(params, iter(tensors[0])) == resp.history[-1].digest, "the digest covers the state"
