@@ -1,8 +1,9 @@
 """Who may call what on the coordinator: a server interceptor that checks the bearer token of
 every call before a pool thread runs it, and binds peer calls to the peer the token was issued to.
 
-- JobService: the operator token (DownloadModel also takes a peer token, for a job that peer is a
-  member of: a joiner fetches the committed checkpoint).
+- JobService: the operator token (DownloadModel and DownloadCheckpoint also take a peer token,
+  for a job that peer is a member of: a joiner fetches the committed checkpoint and its training
+  state).
 - PeerControl.RegisterPeer: the join token, or a client certificate the server verified (mTLS).
 - Every other PeerControl call: a peer token; the request's ``peer_id`` must be that peer.
 - Health and reflection: open.
@@ -31,6 +32,7 @@ JOB_SERVICE = "dml.v1.JobService"
 PEER_CONTROL = "dml.v1.PeerControl"
 REGISTER = f"/{PEER_CONTROL}/RegisterPeer"
 DOWNLOAD = f"/{JOB_SERVICE}/DownloadModel"
+DOWNLOADS = (DOWNLOAD, f"/{JOB_SERVICE}/DownloadCheckpoint")  # what a member's peer token may call
 CLUSTER_METADATA = "dml-cluster-id"  # as coordinator.servicer names it
 
 
@@ -121,7 +123,7 @@ class AuthInterceptor(grpc.ServerInterceptor):
             if same_secret(token, self._secrets.operator_token):
                 return handler
             pid = self._tokens.peer_of(token)
-            if pid and method == DOWNLOAD:
+            if pid and method in DOWNLOADS:
                 return self._member_download(handler, pid)
             if pid:
                 return _deny(handler, grpc.StatusCode.PERMISSION_DENIED,

@@ -42,6 +42,8 @@ def call_policies() -> dict[str, guard.Policy]:
         jobs + "WatchJob": guard.Policy(long=True),  # holds until the job changes (its own cap: MAX_WATCHERS)
         jobs + "DownloadModel": guard.Policy(idle_s=DOWNLOAD_IDLE_S, max_s=DOWNLOAD_MAX_S, long=True,
                                              response_idle=True),
+        jobs + "DownloadCheckpoint": guard.Policy(idle_s=DOWNLOAD_IDLE_S, max_s=DOWNLOAD_MAX_S, long=True,
+                                                  response_idle=True),
         "/grpc.health.v1.Health/Watch": guard.Policy(long=True),
         "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo": guard.Policy(idle_s=DOWNLOAD_IDLE_S,
                                                                                        long=True),

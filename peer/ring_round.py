@@ -196,6 +196,12 @@ class RingRound:
     def _fetch(self, plan: types_pb2.Plan, rnd: int, trainer: Trainer) -> None:
         """Pulls round ``rnd``'s parameters (a joiner catching up): from a live member, else from
         the coordinator's checkpoint when it is of that round. Each download is digest-checked."""
+        if not self._from_members(plan, rnd, trainer) and not self._from_checkpoint(plan, rnd, trainer):
+            raise ExchangeError(f"neither a member nor the coordinator could provide round {rnd} parameters")
+
+    def _from_members(self, plan: types_pb2.Plan, rnd: int, trainer: Trainer) -> bool:
+        """Takes round ``rnd``'s parameters and training state from the first live member that
+        serves them, checked."""
         peer = self._peer
         sources = [(m.peer_id, m.address) for m in plan.members
                    if m.peer_id != peer.peer_id and not peer.config.injected_fault(m.address)]
@@ -218,10 +224,8 @@ class RingRound:
             if acceptable(plan, rnd, model[0].round, model[0].digest) and self._adopt(
                     plan.job_id, rnd, trainer, model[0].digest, b"".join(p.data for p in model), name,
                     b"".join(p.data for p in state), state[0].digest):
-                return
-        if self._from_checkpoint(plan, rnd, trainer):
-            return
-        raise ExchangeError(f"neither a member nor the coordinator could provide round {rnd} parameters")
+                return True
+        return False
 
     def _from_checkpoint(self, plan: types_pb2.Plan, rnd: int, trainer: Trainer) -> bool:
         """Takes round ``rnd`` from the coordinator's checkpoint: its training state (model,

@@ -312,3 +312,54 @@ def test_averaged_optimizer_state_is_bit_identical_on_every_member_and_under_the
         assert all(torch.equal(a, b) for a, b in zip(tensors[0], other))
     params = trainer.params_from_state_dict(got[0][1])
     assert trainstate.hash_with(params, iter(tensors[0])) == resp.history[-1].digest, "the digest covers the state"
+
+
+def test_a_joiner_no_member_can_serve_takes_the_training_state_from_the_checkpoint():
+    spec = adam_spec(rounds=5, checkpoint_every_rounds=1)  # every committed round has its checkpoint
+    committed: dict[tuple[str, int], dict] = {}
+    fetched: dict[int, dict] = {}
+    with coordinator() as srv:
+        ps = [start_peer(srv.address), start_peer(srv.address)]
+        for p in ps:
+            real = p.store.begin
+
+            def begin(start, want, p=p, real=real):
+                got = real(start, want)
+                snap = p.store.committed
+                if snap is not None and snap.state is not None:
+                    committed[(p.peer_id, snap.round)] = trainstate._copy(snap.state, None)
+                return got
+            p.store.begin = begin
+        stub = job_stub(srv.address)
+        joiner = None
+        try:
+            wait_for(lambda: srv.coordinator.view(lambda st: len(st.live_idle())) == 2, 30, "two idle peers")
+            jid = _submit(stub, spec)
+            wait_for(lambda: srv.coordinator.view(lambda st: st.job(jid).committed_round) >= 2, 120, "round 2")
+            joiner = Peer(PeerConfig(coordinator=srv.address, join_token=join_token(srv.address),
+                                     exchange_timeout_s=10.0, plan_wait_s=1.0))
+            joiner._ring._from_members = lambda plan, rnd, trainer: False  # no member serves it
+            real_ckpt = joiner._ring._from_checkpoint
+
+            def from_checkpoint(plan, rnd, trainer):
+                ok = real_ckpt(plan, rnd, trainer)
+                if ok:
+                    fetched[rnd] = trainer.capture_state()
+                return ok
+            joiner._ring._from_checkpoint = from_checkpoint
+            joiner.start()
+            joiner.run_in_thread()
+            wait_for(lambda: _job(stub, jid).job.state == SUCCEEDED, 180, "the job to succeed")
+            resp = _job(stub, jid, history=True)
+        finally:
+            for p in ps + ([joiner] if joiner is not None else []):
+                p.stop()
+    assert resp.history[-1].members == 3, "the joiner took part"
+    assert len(fetched) == 1
+    (rnd, got), = fetched.items()
+    uploader = resp.history[rnd - 1]  # the round the checkpoint is of: its first member uploaded it
+    states = [committed[(p.peer_id, rnd)] for p in ps]
+    assert got["optimizer"]["state"], "Adam's moments came with the checkpoint"
+    assert not trainstate.equal(states[0], states[1])
+    assert any(trainstate.equal(got, s) for s in states), "the joiner's state is the uploader's committed one"
+    assert uploader.round == rnd
