@@ -382,8 +382,7 @@ class RingRound:
                     sha = trainstate.save(g, state, shapes=trainer.averaged_shapes, job_id=plan.job_id,
                                           round=plan.round, model=trainer.model_state_dict(params),
                                           spec=spec_from_pb(plan.spec).to_dict())
-                    peer.client.upload_checkpoint(peer.peer_id, plan.job_id, plan.round, plan.epoch, dig, f,
-                                                  state_file=g, state_sha256=sha)
+                    peer.client.upload_checkpoint(peer.peer_id, plan.job_id, plan.round, plan.epoch, dig, f, g, sha)
 
         every = max(plan.spec.eval_every_rounds, 1)
         train_and_report(peer, plan, rank, tag, "report round", prepare=lambda: self._prepare(plan),

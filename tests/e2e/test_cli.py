@@ -211,7 +211,8 @@ def test_dml_status_loads_no_server_code(finished_job, tmp_path):
     a = ("--coordinator", address)
     for argv in (["status", *a], ["status", *a, job], ["status", *a, job, "--json"], ["status", *a, job, "--history"],
                  ["status", *a, job, "--json", "--history"], ["status", *a, job, "--watch"],
-                 ["status", *a, "--watch", "--json"], ["jobs", *a]):
+                 ["status", *a, "--watch", "--json"], ["jobs", *a],
+                 ["checkpoint", *a, job, "-o", str(tmp_path / "state.pt")]):
         out, mods = _loaded(tmp_path, *argv)
         assert out.returncode == 0, (argv, out.stderr)
         assert _server_side(mods) == [], argv
@@ -219,11 +220,12 @@ def test_dml_status_loads_no_server_code(finished_job, tmp_path):
 
 
 def test_unknown_job_is_bad_input(finished_job, tmp_path):
-    """status, status --watch, model, cancel and plot answer an unknown job id alike: one line, exit 2;
+    """status, status --watch, model, checkpoint, cancel and plot answer an unknown job id alike: one line, exit 2;
     plot looks the job up before it loads matplotlib."""
     address, _ = finished_job
     for argv in (["status", "job-nope"], ["status", "job-nope", "--watch"], ["cancel", "job-nope"],
-                 ["model", "job-nope", "-o", str(tmp_path / "m.pt")]):
+                 ["model", "job-nope", "-o", str(tmp_path / "m.pt")],
+                 ["checkpoint", "job-nope", "-o", str(tmp_path / "c.pt")]):
         out = dml(*argv, "--coordinator", address)
         assert out.returncode == 2, (argv, out)
         assert out.stderr == "dml: job job-nope not found\n", (argv, out.stderr)

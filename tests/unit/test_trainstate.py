@@ -163,3 +163,17 @@ def test_with_averaged_state_the_digest_covers_the_model_and_the_state_storages(
     _, other_state, _ = _model_and_state(average=False)  # the same moments, not stored as one storage
     with pytest.raises(BadCheckpoint):
         verify_checkpoint(model, dig, other_state)
+
+
+def test_the_job_flag_and_its_refusals() -> None:
+    from dml.client.cli import build_parser, spec_from_args
+    from dml.common.spec import InvalidSpec, JobSpec, validate
+
+    a = build_parser().parse_args(["submit", "--optimizer-state", "average"])
+    assert spec_from_args(a).optimizer_state == "average"
+    assert spec_from_args(build_parser().parse_args(["submit"])).optimizer_state == "local"
+    validate(JobSpec(optimizer_state="average"))
+    with pytest.raises(InvalidSpec, match="fp32"):
+        validate(JobSpec(optimizer_state="average", codec="int8"))
+    c = build_parser().parse_args(["checkpoint", "job-1", "-o", "state.pt"])
+    assert (c.job, str(c.output)) == ("job-1", "state.pt")
