@@ -177,3 +177,38 @@ def test_the_job_flag_and_its_refusals() -> None:
         validate(JobSpec(optimizer_state="average", codec="int8"))
     c = build_parser().parse_args(["checkpoint", "job-1", "-o", "state.pt"])
     assert (c.job, str(c.output)) == ("job-1", "state.pt")
+
+
+def test_the_coordinator_stores_the_training_state_beside_its_checkpoint_and_prunes_both(tmp_path) -> None:
+    from dml.common.spec import JobSpec
+    from dml.coordinator.records import Report
+    from dml.coordinator.service import Clock, Coordinator, CoordinatorConfig
+    from dml.coordinator.records import NotFound
+    from dml.coordinator.store import MemoryStore
+
+    now = [1000.0]
+    coord = Coordinator(CoordinatorConfig(), MemoryStore(), tmp_path, clock=Clock(monotonic=lambda: now[0], wall=lambda: now[0]))
+    a, b = coord.register("10.0.0.1:1", {})[0], coord.register("10.0.0.2:1", {})[0]
+    jid = coord.submit(JobSpec(task="digits", num_shards=4, min_peers=2, rounds=3, local_steps=1, batch_size=8))
+    model, state, dig = _model_and_state(average=False)
+    sha = hashlib.sha256(state).hexdigest()
+
+    def commit(rnd: int, with_state: bool) -> None:
+        job = coord.state.job(jid)
+        coord.store_checkpoint(a, jid, rnd, job.epoch, dig, model, state if with_state else None, sha if with_state else "")
+        for m in (a, b):
+            now[0] += 0.1
+            coord.report(m, jid, rnd, job.epoch, Report(samples=job.allocated(m), train_loss=1.0, digest=dig))
+
+    with pytest.raises(NotFound, match="no checkpoint"):
+        coord.training_state(jid)
+    commit(1, with_state=True)
+    rnd, got_sha, path = coord.training_state(jid)
+    assert (rnd, got_sha) == (1, sha) and path.read_bytes() == state and path.parent == coord.checkpoint_path(jid, 1).parent
+    commit(2, with_state=True)
+    assert coord.training_state(jid)[0] == 2
+    assert sorted(f.name for f in path.parent.iterdir()) == ["round-000002.pt", "state-000002.pt"]  # round 1's pruned
+    commit(3, with_state=False)  # an upload without one: the checkpoint holds no training state
+    with pytest.raises(NotFound, match="holds no training state"):
+        coord.training_state(jid)
+    assert coord.checkpoint(jid)[0] == 3
