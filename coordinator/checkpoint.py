@@ -46,16 +46,16 @@ def max_training_state_bytes(model_bytes: int) -> int:
     return MAX_STATE_RATIO * model_bytes + STATE_SLACK_BYTES
 
 
-def _storages(data: bytes, what: str) -> tuple[zipfile.ZipFile, list[zipfile.ZipInfo]]:
+def _storages(data: bytes, what: str, archive: str = "torch archive") -> tuple[zipfile.ZipFile, list[zipfile.ZipInfo]]:
     """The archive and its uncompressed storages, largest first; BadCheckpoint for anything
     that is not a little-endian torch archive."""
     try:
         z = zipfile.ZipFile(io.BytesIO(data))
         entries = z.infolist()
     except (zipfile.BadZipFile, ValueError, OSError) as e:
-        raise BadCheckpoint(f"{what} is not a torch archive: {e}") from None
+        raise BadCheckpoint(f"{what} is not a {archive}: {e}") from None
     if not any(i.filename.endswith("/data.pkl") for i in entries):
-        raise BadCheckpoint(f"{what} is not a torch archive: it holds no data.pkl")
+        raise BadCheckpoint(f"{what} is not a {archive}: it holds no data.pkl")
     storages = [i for i in entries if i.filename.rsplit("/", 2)[-2:-1] == ["data"]]
     order = [i for i in entries if i.filename.endswith("/byteorder")]
     if order and z.read(order[0]).strip() != b"little":
@@ -76,7 +76,7 @@ def verify_checkpoint(data: bytes, digest: str, averaged_state: bytes | None = N
     whose sha256 is ``digest``; with ``averaged_state`` (the training state of an
     ``--optimizer-state average`` job), whose bytes followed by one of that archive's storages
     hash to ``digest``."""
-    z, storages = _storages(data, "checkpoint")
+    z, storages = _storages(data, "checkpoint", "torch state_dict archive")
     if averaged_state is None:
         for info in storages:
             if _hash(z, info, hashlib.sha256()).hexdigest() == digest:
