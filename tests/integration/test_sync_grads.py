@@ -16,7 +16,8 @@ from dml.client.api import history_dict
 from dml.common.spec import JobSpec
 from dml.common.tasks import get_task
 from dml.peer.link import PeerLink
-from dml.peer.runner import PeerConfig
+from dml.peer.faults import Fault
+from dml.peer.runner import Peer, PeerConfig
 from tests.integration.helpers import (
     Member,
     assert_state_dicts_identical,
@@ -146,3 +147,34 @@ def test_a_member_killed_mid_round_reruns_it_from_the_committed_parameters_and_o
         assert_state_dicts_identical([g[1] for g in got])
         assert [_optimizer_steps(p.store.trainer_for(jid)) for p in ps] == [{spec.rounds * spec.local_steps}] * 2
         assert ledger_problems([history_dict(r) for r in resp.history], spec) == []
+
+
+@pytest.mark.parametrize("kind", ["nan-params", "huge-params"])
+def test_a_member_sending_a_broken_gradient_is_quarantined_and_the_job_succeeds_finite(kind):
+    """With --sync grads the fault lands in the member's first gradient of the round (and it
+    skips its own check): its successor's guard refuses it, and the round re-runs without it."""
+    rounds, at = 6, 3
+    spec = JobSpec(task="digits", rounds=rounds, local_steps=3, batch_size=32, learning_rate=0.1, min_peers=2,
+                   sync="grads", data_plane="tcp")
+    with coordinator() as srv, peers(srv.address, 2) as ps:
+        bad = Peer(PeerConfig(coordinator=srv.address, join_token=join_token(srv.address), plan_wait_s=1.0,
+                              exchange_timeout_s=10.0, fault=Fault(kind, at))).start()
+        try:
+            bad.run_in_thread()
+            bad_id = bad.peer_id  # once quarantined it registers again under a new id
+            wait_for(lambda: srv.coordinator.view(lambda st: len(st.live_idle())) == 3, 10, "three idle peers")
+            stub = job_stub(srv.address)
+            jid = _submit(stub, spec)
+            wait_for(lambda: _job(stub, jid).job.state not in (types_pb2.JOB_STATE_RUNNING, types_pb2.JOB_STATE_PENDING),
+                     120, "the job to end")
+            resp = _job(stub, jid, history=True)
+            assert resp.job.state == types_pb2.JOB_STATE_SUCCEEDED, resp.job.reason
+            (q,) = resp.job.quarantined
+            assert q.peer_id == bad_id and q.round == at, q
+            assert "sent non-finite or absurd values" in q.reason and q.reporters in {p.peer_id for p in ps}
+            assert resp.history[at - 1].members == 2, "the round was re-run without the broken peer"
+            got = [fetch_state(p.address, jid, rounds, p.peer_id, srv.coordinator.signing_key) for p in ps]
+            assert {g[0] for g in got} == {resp.history[-1].digest}
+            assert all(bool(torch.isfinite(t).all()) for t in got[0][1].values())
+        finally:
+            bad.stop()
