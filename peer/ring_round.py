@@ -18,7 +18,7 @@ from dml.v1 import control_pb2, exchange_pb2, exchange_pb2_grpc, jobs_pb2, jobs_
 from dml.aggregation.allreduce import chunk_elems_for
 from dml.aggregation.averaging import delta_ring_average, digest, weighted_ring_average
 from dml.aggregation.codecs import Codec, get_codec
-from dml.aggregation.guard import Poisoned, RingGuard, rms
+from dml.aggregation.guard import GradientGuards, Poisoned, RingGuard, rms
 from dml.aggregation.transport import Cancelled, ExchangeError
 from dml.common import rpc
 from dml.peer.taskload import make_trainer
@@ -42,13 +42,6 @@ log = logging.getLogger(__name__)
 # member's share, so theirs is an update RMS.
 FP32_FLOOR = 1e-3
 DELTA_FLOOR = 1e-4
-# --sync grads sends each step's gradient times the member's samples. A gradient has no natural
-# scale (scale the loss and it scales), and sparse layers (an embedding's unused rows) leave
-# ranges of an honest member's own gradient at 0, so no fixed floor fits: the floor is this
-# member's own gradient scale that step (its RMS over the whole buffer), the last averaged
-# step's when it has no samples itself, and GRAD_FLOOR only when neither exists. Non-finite and
-# overflowing values, and weights outside the step's samples, are refused whatever the floor.
-GRAD_FLOOR = 1.0
 
 
 def acceptable(plan: types_pb2.Plan, rnd: int, got_round: int, got_digest: str) -> bool:
@@ -296,14 +289,12 @@ class RingRound:
         peer = self._peer
         world = len(plan.members)
         bs = plan.spec.batch_size
-        counts = [sum(r.stop - r.start for r in m.samples) for m in plan.members]
-        steps = max(-(-c // bs) for c in counts)
         chunk = peer.config.chunk_elems or chunk_elems_for(plan.spec.data_plane or "auto")
-        pred = plan.members[(rank - 1) % world].peer_id
-        last_scale = 0.0  # RMS of the last averaged step's buffer: a weight-0 member's reference
+        guards = GradientGuards(plan.members[(rank - 1) % world].peer_id, rank,
+                                [sum(r.stop - r.start for r in m.samples) for m in plan.members], bs)
+        steps = guards.steps
 
         def allreduce(buf: np.ndarray, samples: int, step: int) -> None:
-            nonlocal last_scale
             own = buf[:-1]
             if step == 0 and faults.inject(peer.config.fault, plan.round, own):
                 log.warning("%s: test fault %s injected; skipping this member's own check", tag, peer.config.fault)
@@ -313,13 +304,10 @@ class RingRound:
                 if not math.isfinite(scale):
                     raise NotFinite(f"round {plan.round} step {step}: own gradient not finite "
                                     f"({int(np.count_nonzero(~np.isfinite(own)))} non-finite values)")
-            weights = [float(min(bs, max(c - step * bs, 0))) for c in counts]
-            floor = scale if samples and scale > 0 else last_scale or GRAD_FLOOR
-            guard = RingGuard(pred, rank, weights, floor, weight_index=buf.size - 1, max_weight=sum(weights))
-            weighted_ring_average(buf, float(samples), rank, world, link, self.deadline_s, chunk, guard=guard,
-                                  collective=step, final=step == steps - 1)
-            if step + 1 < steps and counts[rank] <= (step + 1) * bs:  # no samples of ours next step
-                last_scale = rms(buf[:-1])
+            weighted_ring_average(buf, float(samples), rank, world, link, self.deadline_s, chunk,
+                                  guard=guards.for_step(step, scale, buf.size - 1), collective=step,
+                                  final=step == steps - 1)
+            guards.averaged(step, buf[:-1])
 
         def train(trainer: Trainer, samples: np.ndarray) -> StepResult:
             if steps == 0:

@@ -46,19 +46,25 @@ def assert_bit_identical(bufs: list[np.ndarray]) -> None:
 
 
 def synced_member(task: Any, rank: int, world: int, link: Any, samples: np.ndarray, batch_size: int, steps: int,
-                  seed: int = 0, guard: Callable[[int], Any] | None = None, timeout: float = 10.0) -> Any:
+                  seed: int = 0, counts: list[int] | None = None, timeout: float = 10.0) -> Any:
     """One ``--sync grads`` member: a trainer of ``task`` that trains ``samples`` in ``steps``
     steps of ``batch_size``, averaging each step's gradient with the others over ``link`` (the
-    all-reduce a peer's ring round runs). ``guard(step)`` may give each step a RingGuard;
-    ``timeout`` bounds each all-reduce. Returns the trainer."""
+    all-reduce a peer's ring round runs). With ``counts`` (every member's sample count, as the
+    plan gives them) each step's chunks are checked by the round's gradient guards, as a peer's
+    are; ``timeout`` bounds each all-reduce. Returns the trainer."""
     from dml.aggregation.averaging import weighted_ring_average
+    from dml.aggregation.guard import GradientGuards, rms
     from dml.peer.trainer import Trainer
 
     trainer = Trainer(task, seed, 0, fuse=False)
+    guards = GradientGuards(str((rank - 1) % world), rank, counts, batch_size) if counts is not None else None
 
     def allreduce(buf: np.ndarray, n: int, step: int) -> None:
-        weighted_ring_average(buf, float(n), rank, world, link, timeout, 1000, guard=guard(step) if guard else None,
+        guard = guards.for_step(step, rms(buf[:-1]), buf.size - 1) if guards is not None else None
+        weighted_ring_average(buf, float(n), rank, world, link, timeout, 1000, guard=guard,
                               collective=step, final=step == steps - 1)
+        if guards is not None:
+            guards.averaged(step, buf[:-1])
 
     trainer.train_synced(samples, batch_size, steps, allreduce)
     return trainer

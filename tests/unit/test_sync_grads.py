@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from dml.aggregation.allreduce import ring_allreduce
-from dml.aggregation.guard import RingGuard
-from dml.aggregation.transport import ExchangeError, Header, InMemoryRing
+from dml.aggregation.guard import GRAD_FLOOR, GradientGuards, Poisoned
+from dml.aggregation.transport import ExchangeError, Header
 from dml.common.tasks import get_task
 from dml.peer.trainer import Trainer
 from tests.unit.ringkit import assert_bit_identical, reference_trainer, run_members, synced_member
@@ -166,28 +166,69 @@ def test_batch_norm_statistics_come_back_averaged_and_identical():
     assert not torch.equal(bn.running_mean, torch.zeros_like(bn.running_mean))
 
 
+class _Poisoning:
+    """A link that sends 1e30 in place of every value."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+
+    def send(self, header: Header, payload: np.ndarray) -> int:
+        bad = payload.copy().view(np.float32)
+        bad[:] = 1e30
+        return self.inner.send(header, bad.view(np.uint8))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
 def test_the_gradient_guard_refuses_a_poisoned_gradient_naming_its_sender():
     world, bs, steps = 3, 8, 2
     task = TASKS["mlp-sgd-momentum"]
     samples = _split(world, [16, 16, 16])
-
-    class Poisoning:
-        def __init__(self, inner: Any) -> None:
-            self.inner = inner
-
-        def send(self, header: Header, payload: np.ndarray) -> int:
-            bad = payload.copy().view(np.float32)
-            bad[:] = 1e30
-            return self.inner.send(header, bad.view(np.uint8))
-
-        def __getattr__(self, name: str) -> Any:
-            return getattr(self.inner, name)
-
-    def guard_for(rank: int) -> Any:
-        return lambda step: RingGuard(str((rank - 1) % world), rank, [8.0] * world, 1.0, weight_index=None)
-
-    net = InMemoryRing(world)
     _, errors = run_members(world, lambda r, link: synced_member(task, r, world, link, samples[r], bs, steps,
-                                                                 guard=guard_for(r), timeout=2.0),
-                            net=net, link_wrap=lambda r, link: Poisoning(link) if r == 0 else link)
-    assert errors[1] is not None and getattr(errors[1], "suspect", None) == "0", errors
+                                                                 counts=[16] * world, timeout=2.0),
+                            link_wrap=lambda r, link: _Poisoning(link) if r == 0 else link)
+    assert isinstance(errors[1], Poisoned) and errors[1].suspect == "0", errors
+
+
+class _Bag(torch.nn.Module):
+    """An embedding bag over the digits' 17 pixel levels: each batch touches few rows, so an
+    honest member's own gradient is 0 on many ranges others' is not."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = torch.nn.Embedding(64 * 17, 500)  # a row is half a chunk (ringkit: 1000 elements)
+        self.out = torch.nn.Linear(500, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        idx = torch.arange(64, device=x.device) * 17 + x.long().clamp(0, 16)
+        return self.out(self.emb(idx).mean(1))
+
+
+@pytest.mark.parametrize("per_member", [[24, 24, 24], [24, 8, 0]], ids=["sparse", "sparse-and-idle"])
+def test_the_gradient_guard_passes_honest_sparse_gradients_and_members_without_samples(per_member):
+    """Honest gradients pass the guard: an embedding's, whose ranges are 0 on one member and not
+    on another, and those a member with no samples in a step (no own scale) receives."""
+    def adam(params: Any) -> torch.optim.Optimizer:
+        return torch.optim.Adam(params, lr=1e-2)
+
+    world, bs, steps = 3, 8, 3
+    task = dataclasses.replace(get_task("digits"), model=_Bag, optimizer=adam)
+    samples = _split(world, per_member)
+    trainers, errors = run_members(world, lambda r, link: synced_member(task, r, world, link, samples[r], bs, steps,
+                                                                        counts=per_member))
+    assert errors == [None] * world
+    assert_bit_identical([t.host_buffer() for t in trainers])
+    want = reference_trainer(task, samples, bs, steps).params()
+    assert np.abs(trainers[0].params() - want).max() <= 1e-5
+
+
+def test_gradient_guards_weigh_each_step_by_its_samples_and_pick_an_honest_floor():
+    g = GradientGuards("p0", 1, [20, 5, 0], 8)
+    assert g.steps == 3
+    assert [g.weights(s) for s in range(3)] == [[8.0, 5.0, 0.0], [8.0, 0.0, 0.0], [4.0, 0.0, 0.0]]
+    first = g.for_step(0, 0.02, 99)
+    assert first.floor == 0.02 and first.max_weight == 13.0 and first.weight_index == 99
+    g.averaged(0, np.full(10, 0.5, np.float32))  # no samples of ours next step: its scale is kept
+    assert g.for_step(1, 0.0, 99).floor == pytest.approx(0.5)
+    assert GradientGuards("p0", 2, [20, 5, 0], 8).for_step(0, 0.0, 99).floor == GRAD_FLOOR
