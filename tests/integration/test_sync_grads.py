@@ -16,6 +16,8 @@ from dml.client.api import history_dict
 from dml.common.spec import JobSpec
 from dml.common.tasks import get_task
 from dml.peer.link import PeerLink
+from dml.peer import dataplane
+from dml.peer import link as link_module
 from dml.peer.faults import Fault
 from dml.peer.runner import Peer, PeerConfig
 from tests.integration.helpers import (
@@ -57,10 +59,26 @@ def members():
 
 @pytest.mark.parametrize("plane,name", [("tcp", "cnn-adam"), ("tcp", "mlp-sgd-momentum"), ("shm", "cnn-adam"),
                                         ("grpc", "mlp-sgd-momentum")])
-def test_members_on_real_links_match_one_process_with_the_n_times_batch(members, plane, name):
+def test_members_on_real_links_match_one_process_with_the_n_times_batch(members, monkeypatch, plane, name):
     """3 members, 6 steps of 16 each, all over one link per member (one connection for every
     step's all-reduce), end where one process with batches of 48 ends, and bit-identical."""
     world, bs, steps = 3, 16, 6
+    connects = []
+    real_connect = dataplane.connect
+
+    def connect(*args: Any, **kwargs: Any) -> Any:
+        connects.append(args[:2])
+        return real_connect(*args, **kwargs)
+
+    monkeypatch.setattr(dataplane, "connect", connect)
+    streams = []
+
+    class CountedGrpcSender(link_module.GrpcSender):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            streams.append(args[3])
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(link_module, "GrpcSender", CountedGrpcSender)
     task = TASKS[name]
     order = np.random.default_rng(3).permutation(1400).astype(np.int64)
     samples = [order[r * bs * steps : (r + 1) * bs * steps] for r in range(world)]
@@ -87,6 +105,8 @@ def test_members_on_real_links_match_one_process_with_the_n_times_batch(members,
     assert not any(t.is_alive() for t in threads), "a member hung"
     assert errors == [None] * world
     assert [link.sender_kind for link in links] == [plane] * world
+    # One connection (TCP, or a gRPC stream) per member carried every step's all-reduce.
+    assert (len(connects), len(streams)) == ((0, world) if plane == "grpc" else (world, 0))
     assert_bit_identical([t.host_buffer() for t in trainers])
     want = reference_trainer(task, samples, bs, steps).params()
     assert np.abs(trainers[0].params() - want).max() <= 1e-5 * max(1.0, float(np.abs(want).max()))
