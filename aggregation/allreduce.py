@@ -89,6 +89,8 @@ def ring_allreduce(
     codec: Codec | None = None,
     residual: np.ndarray | None = None,
     guard: RingGuard | None = None,
+    collective: int = 0,
+    final: bool = True,
 ) -> None:
     """Replaces ``buf`` (1-D float32) with the element-wise sum of every member's ``buf``.
 
@@ -100,6 +102,11 @@ def ring_allreduce(
     ``residual``) are then undefined and the caller must restore them. With ``guard`` every
     received chunk is checked, decoded, before it is added or forwarded
     (:mod:`aggregation.guard`); a bad one raises its :class:`~aggregation.guard.Poisoned`.
+
+    One link may carry several all-reduces in a row (one per training step with ``--sync
+    grads``): ``collective`` numbers this one (every frame carries it, and a frame of another is
+    refused), and all but the ``final`` one end by waiting until every frame this member sent has left
+    it (``buf`` may then change) instead of closing the link.
     """
     codec = codec or Fp32()
     if buf.ndim != 1 or buf.dtype != np.float32:
@@ -115,6 +122,8 @@ def ring_allreduce(
         residual.fill(0.0)  # nothing will be encoded lossily: no error to carry
     if world == 1:
         return
+    if not 0 <= collective <= 0xFFFFFFFF:
+        raise ValueError(f"collective {collective} does not fit a frame header")
     if guard is not None:
         guard.begin(buf)
     deadline = time.monotonic() + timeout
@@ -136,8 +145,15 @@ def ring_allreduce(
             raise ExchangeError(f"all-reduce deadline of {timeout:.1f}s passed")
         return remaining
 
+    sent = 0  # the number of the last frame this member sent
+
+    def put(header: Header, payload: np.ndarray) -> int:
+        nonlocal sent
+        sent = link.send(header, payload)
+        return sent
+
     def send_raw(phase: int, step: int, span: ring.Span) -> None:
-        link.send(Header(phase, codec.id, step, span.start, span.size), u8[4 * span.start : 4 * span.stop])
+        put(Header(phase, codec.id, step, span.start, span.size, collective), u8[4 * span.start : 4 * span.stop])
 
     def send_encoded(phase: int, step: int, span: ring.Span, own: bool = False) -> None:
         """Encodes ``buf[span]`` (with error feedback) and sends it; ``own`` also replaces it by
@@ -149,7 +165,7 @@ def ring_allreduce(
             nb = codec.encode(nbuf[a:b], native, None if nres is None else nres[a:b])
             if own:
                 codec.decode_into(native[:nb], nbuf[a:b])
-            staging.sent(slot, link.send(Header(phase, codec.id, step, a, b - a), out[:nb]))
+            staging.sent(slot, put(Header(phase, codec.id, step, a, b - a, collective), out[:nb]))
 
     def send(phase: int, step: int, span: ring.Span, own: bool = False) -> None:
         if raw:
@@ -165,10 +181,12 @@ def ring_allreduce(
             got = link.recv_header(left())
             if got.codec != codec.id:
                 raise ExchangeError(f"codec mismatch: predecessor sends {codec_name(got.codec)}, this member uses {codec.name}")
-            if (got.phase, got.step, got.offset) != (phase, step, pos) or not 0 < got.count <= seg.stop - pos:
+            if (got.collective, got.phase, got.step, got.offset) != (collective, phase, step, pos) \
+                    or not 0 < got.count <= seg.stop - pos:
                 raise ExchangeError(
-                    f"out-of-order chunk: got phase {got.phase} step {got.step} offset {got.offset} size {got.count}, "
-                    f"expected phase {phase} step {step} offset {pos} (segment ends at {seg.stop})"
+                    f"out-of-order chunk: got collective {got.collective} phase {got.phase} step {got.step} "
+                    f"offset {got.offset} size {got.count}, expected collective {collective} phase {phase} "
+                    f"step {step} offset {pos} (segment ends at {seg.stop})"
                 )
             yield ring.Span(pos, pos + got.count), codec.payload_bytes(got.count)
             pos += got.count
@@ -196,7 +214,7 @@ def ring_allreduce(
         slot = staging.take(codec.payload_bytes(span.size))
         out, wire = slot
         nb = codec.encode(acc, wire, None if nres is None else nres[span.start : span.stop])
-        staging.sent(slot, link.send(Header(ring.REDUCE_SCATTER, codec.id, step, span.start, span.size), out[:nb]))
+        staging.sent(slot, put(Header(ring.REDUCE_SCATTER, codec.id, step, span.start, span.size, collective), out[:nb]))
 
     def scratch_for(nbytes: int) -> tuple[np.ndarray, Any]:
         nonlocal scratch, scratch_native
@@ -245,9 +263,12 @@ def ring_allreduce(
             if guard is not None:
                 guard.check(ring.ALL_GATHER, step, span, buf[span.start : span.stop], None)
             if step < last:  # forward verbatim: no second rounding
-                staging.sent(slot, link.send(Header(ring.ALL_GATHER, codec.id, step + 1, span.start, span.size),
-                                             out[:nbytes]))
+                staging.sent(slot, put(Header(ring.ALL_GATHER, codec.id, step + 1, span.start, span.size, collective),
+                                       out[:nbytes]))
             else:
                 staging.put_back(slot)
-    link.close(max(0.0, deadline - time.monotonic()))
+    if final:
+        link.close(max(0.0, deadline - time.monotonic()))
+    elif sent:  # the link stays open for the next all-reduce; what we sent must be off buf first
+        link.wait_sent(sent, left())
 

@@ -23,21 +23,24 @@ from dml.aggregation.transport import RingLink
 
 def weighted_ring_average(
     buf: np.ndarray, weight: float, rank: int, world: int, link: RingLink, timeout: float,
-    chunk_elems: int = DEFAULT_CHUNK_ELEMS, guard: RingGuard | None = None,
+    chunk_elems: int = DEFAULT_CHUNK_ELEMS, guard: RingGuard | None = None, collective: int = 0,
+    final: bool = True,
 ) -> float:
     """Averages ``buf[:-1]`` across the ring, weighted; ``buf[-1]`` is scratch for the weight.
 
     Returns the total weight. ``weight`` is the samples this member processed; 0 is allowed (a
     member with no data this round keeps the others' average) as long as some member has more.
     Raises ValueError if every weight is 0. ``guard`` checks every received chunk
-    (:mod:`aggregation.guard`); give it the members' weights as samples.
+    (:mod:`aggregation.guard`); give it the members' weights as samples. ``buf`` may as well
+    hold gradients (``--sync grads`` averages each step's); ``collective`` and ``final`` are
+    :func:`~aggregation.allreduce.ring_allreduce`'s, for several averages over one link.
     """
     if weight < 0:
         raise ValueError(f"weight must be >= 0, got {weight}")
     params = buf[:-1]
     params *= np.float32(weight)
     buf[-1] = np.float32(weight)
-    ring_allreduce(buf, rank, world, link, timeout, chunk_elems, guard=guard)
+    ring_allreduce(buf, rank, world, link, timeout, chunk_elems, guard=guard, collective=collective, final=final)
     total = float(buf[-1])
     if total <= 0:
         raise ValueError("every member had weight 0: nothing to average")

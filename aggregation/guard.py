@@ -167,6 +167,50 @@ class RingGuard:
                                    phase, step, span)
 
 
+GRAD_FLOOR = 1.0  # a gradient guard's floor per unit of weight when no scale of its own is known
+
+
+class GradientGuards:
+    """The guards of a ``--sync grads`` round: one :class:`RingGuard` per step, whose weights are
+    the members' samples in that step (``batch_size`` each while their allocation ``counts``
+    lasts, then 0) and whose floor fits gradients.
+
+    A gradient has no natural scale (scale the loss and it scales), and sparse layers (an
+    embedding's unused rows) leave ranges of an honest member's own gradient at 0, so no fixed
+    floor fits. The floor is this member's own gradient RMS over the whole buffer that step; a
+    member with no samples in a step takes the last averaged step's RMS, and :data:`GRAD_FLOOR`
+    only when neither exists. Rule (2) then still refuses what is :data:`RATIO` times this
+    member's own scale; rules (1) and (3) hold whatever the floor."""
+
+    def __init__(self, suspect: str, rank: int, counts: Sequence[int], batch_size: int, fallback: float = GRAD_FLOOR) -> None:
+        if batch_size < 1 or not 0 <= rank < len(counts):
+            raise ValueError(f"rank {rank}, counts {list(counts)} and batch size {batch_size} do not make a round")
+        self.suspect, self.rank, self.batch_size = suspect, rank, batch_size
+        self.counts = [int(c) for c in counts]
+        self.steps = max(-(-c // batch_size) for c in self.counts)
+        self.fallback = fallback
+        self.last_scale = 0.0  # RMS of the last averaged step this member kept (its reference with no samples)
+
+    def weights(self, step: int) -> list[float]:
+        """Every member's samples in ``step``."""
+        bs = self.batch_size
+        return [float(min(bs, max(c - step * bs, 0))) for c in self.counts]
+
+    def for_step(self, step: int, own_scale: float, weight_index: int) -> RingGuard:
+        """The guard of ``step``; ``own_scale`` is the RMS of this member's own gradient buffer
+        (before it is scaled by its samples), ``weight_index`` the buffer's weight slot."""
+        weights = self.weights(step)
+        mine = weights[self.rank] > 0 and math.isfinite(own_scale) and own_scale > 0
+        floor = own_scale if mine else self.last_scale or self.fallback
+        return RingGuard(self.suspect, self.rank, weights, floor, weight_index=weight_index, max_weight=sum(weights))
+
+    def averaged(self, step: int, buf: np.ndarray) -> None:
+        """Step ``step``'s average is in ``buf`` (without the weight slot): kept as the reference
+        when this member has no samples in the next step (one pass, only then)."""
+        if step + 1 < self.steps and self.weights(step + 1)[self.rank] == 0:
+            self.last_scale = rms(buf)
+
+
 def offer_problem(theirs: np.ndarray, weight: float, own_rms: float, max_weight: float,
                   floor: float = 1e-3, ratio: float = RATIO) -> str:
     """What is wrong with a gossip partner's offer (its parameters and weight), or "" if nothing.

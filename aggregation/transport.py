@@ -1,8 +1,9 @@
 """The transport a ring member uses to talk to its neighbours, and an in-memory one for tests.
 
 A member sends only to its successor and receives only from its predecessor, so a transport is a
-pair of one-way links carrying *frames*: a 16-byte :data:`FRAME` header, then the payload (the
-chunk in the job's wire codec). Sends are zero-copy where the transport allows: ``send`` hands
+pair of one-way links carrying *frames*: a 20-byte :data:`FRAME` header, then the payload (the
+chunk in the job's wire codec). One link may carry several all-reduces in a row (``--sync grads``
+runs one per training step over the same connections); the header's ``collective`` numbers them. Sends are zero-copy where the transport allows: ``send`` hands
 over a view and returns a sequence number, and the caller must not change those bytes until
 the frame has left (``sent_upto`` reaches its number; ``wait_sent`` blocks for it). Receives are two calls, so the payload can land straight in
 its final place: ``recv_header``, then ``recv_payload`` into a buffer the caller picks. Errors
@@ -18,8 +19,9 @@ from typing import Protocol
 
 import numpy as np
 
-# phase u8, codec u8, step u16, offset u64 (elements), count u32 (elements); little-endian.
-FRAME = struct.Struct("<BBHQI")
+# phase u8, codec u8, step u16, offset u64 (elements), count u32 (elements), collective u32 (which
+# all-reduce of the exchange, from 0); little-endian.
+FRAME = struct.Struct("<BBHQII")
 
 
 class ExchangeError(Exception):
@@ -47,14 +49,15 @@ class Header:
     step: int
     offset: int
     count: int
+    collective: int = 0  # which all-reduce of the exchange (one per training step with --sync grads)
 
     def pack(self) -> bytes:
-        """The 16 wire bytes."""
-        return FRAME.pack(self.phase, self.codec, self.step, self.offset, self.count)
+        """The 20 wire bytes."""
+        return FRAME.pack(self.phase, self.codec, self.step, self.offset, self.count, self.collective)
 
     @classmethod
     def unpack(cls, data: bytes | bytearray | memoryview) -> Header:
-        """Parses the first 16 bytes of ``data``."""
+        """Parses the first :data:`FRAME` ``.size`` bytes of ``data``."""
         return cls(*FRAME.unpack_from(data))
 
 

@@ -125,6 +125,7 @@ def status_dict(job: jobs_pb2.JobStatus) -> dict[str, Any]:
         "checkpoint_round": job.checkpoint_round,
         "task": job.spec.task,
         "aggregation": job.spec.aggregation or "ring",
+        "sync": job.spec.sync or "params",
         "held_out": [{"peer_id": x.peer_id, "round": x.round, "reason": x.reason, "unix_ms": x.unix_ms,
                       "reporters": [r for r in x.reporters.split(",") if r]} for x in job.held_out],
         "metrics": {

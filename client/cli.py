@@ -22,8 +22,9 @@ from dml.client.api import ApiError, JobClient, history_dict, shards_dict, statu
 from dml.common import args as cliargs
 from dml.common import tls
 from dml.common.args import int_in
-from dml.common.spec import (AGGREGATIONS, CODECS, DATA_PLANES, OPTIMIZER_STATES, MAX_GOSSIP_TIMEOUT_MS, MAX_LEARNING_RATE,
-                             MAX_PEER_GRACE_S, MAX_ROUNDS, MAX_SAMPLES_PER_ROUND, MIN_GOSSIP_TIMEOUT_MS, TOPOLOGY_NAMES, JobSpec)
+from dml.common.spec import (AGGREGATIONS, CODECS, DATA_PLANES, MAX_GOSSIP_TIMEOUT_MS, MAX_LEARNING_RATE,
+                             MAX_PEER_GRACE_S, MAX_ROUNDS, MAX_SAMPLES_PER_ROUND, MIN_GOSSIP_TIMEOUT_MS, OPTIMIZER_STATES,
+                             SYNCS, TOPOLOGY_NAMES, JobSpec)
 from dml.v1 import jobs_pb2, types_pb2
 
 DEFAULT_CERT_DAYS = 3650
@@ -88,7 +89,7 @@ def spec_from_args(a: argparse.Namespace) -> JobSpec:
                    peer_grace_s=a.peer_grace_s or d.peer_grace_s, codec=a.codec, data_plane=a.data_plane,
                    eval_every_rounds=a.eval_every or d.eval_every_rounds,
                    gossip_topology=a.topology, gossip_timeout_ms=a.gossip_timeout_ms or d.gossip_timeout_ms,
-                   min_shard_samples=a.min_shard_samples, optimizer_state=a.optimizer_state)
+                   min_shard_samples=a.min_shard_samples, optimizer_state=a.optimizer_state, sync=a.sync)
 
 
 def _client(a: argparse.Namespace) -> JobClient:
@@ -339,6 +340,10 @@ def add_job_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--aggregation", choices=AGGREGATIONS, default=d.aggregation,
                    help="ring (synchronous all-reduce) or gossip (pairwise averaging, no barrier; "
                         "the last round is one exact ring average)")
+    p.add_argument("--sync", choices=SYNCS, default=d.sync,
+                   help="params: local steps, then average the parameters (local SGD); grads: all-reduce the "
+                        "gradients every step, then one identical optimizer step everywhere (data-parallel SGD; "
+                        "ring, fp32, no outer optimizer)")
     p.add_argument("--topology", choices=TOPOLOGY_NAMES, default=d.gossip_topology,
                    help="gossip: how peers pick partners")
     # 0 has always meant "the default" for the flags below (proto3's unset); it still does.

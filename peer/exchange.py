@@ -31,7 +31,7 @@ CHUNK_BYTES = 1 << 20
 STALE_INBOX_S = 600.0
 # The hot path bypasses protobuf: PushChunks wraps every chunk in a TensorChunk, which costs three
 # copies per byte (tobytes, the message, serialisation) and one more to read it back. Frames on
-# this raw method are a 16-byte header (aggregation.transport.FRAME) then the payload; the
+# this raw method are a 20-byte header (aggregation.transport.FRAME) then the payload; the
 # (job, round, epoch, sender) key travels once, as call metadata. The TCP data plane carries the
 # same frames.
 FRAMES_SERVICE = "dml.v1.PeerFrames"
@@ -301,7 +301,7 @@ class ExchangeServicer(exchange_pb2_grpc.PeerExchangeServicer):
             for msg in _chain(first, request_iterator):
                 codec = msg.codec or 1
                 count = msg.count if msg.count or codec != 1 else len(msg.data) // 4
-                header = Header(int(msg.phase), codec, msg.step, msg.offset_elems, count)
+                header = Header(int(msg.phase), codec, msg.step, msg.offset_elems, count, msg.collective)
                 try:
                     _check_payload(header, len(msg.data))
                 except ValueError as e:

@@ -1,8 +1,9 @@
 """Test-only fault hooks: make this peer a broken one, to show the others stop it.
 
 Off by default. ``dml-peer --fault KIND:ROUND`` (or env ``DML_FAULT=KIND:ROUND``) makes the peer,
-from round (or gossip step) ROUND on, overwrite part of its parameters after training and skip
-its own finite check, as a peer with broken hardware or a bug would:
+from round (or gossip step) ROUND on, overwrite part of its parameters after training (with
+``--sync grads``: of its round's first gradient) and skip its own finite check, as a peer with
+broken hardware or a bug would:
 
 - ``nan-params``: NaN;
 - ``huge-params``: 1e30 (finite in float32, absurd as a parameter).

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
+import math
 import tempfile
 import threading
 from collections.abc import Callable
@@ -18,7 +19,7 @@ from dml.v1 import control_pb2, exchange_pb2, exchange_pb2_grpc, jobs_pb2, jobs_
 from dml.aggregation.allreduce import chunk_elems_for
 from dml.aggregation.averaging import delta_ring_average, weighted_ring_average
 from dml.aggregation.codecs import Codec, get_codec
-from dml.aggregation.guard import Poisoned, RingGuard
+from dml.aggregation.guard import GradientGuards, Poisoned, RingGuard, rms
 from dml.aggregation.transport import Cancelled, ExchangeError
 from dml.common import rpc
 from dml.common.spec import spec_from_pb
@@ -30,7 +31,7 @@ from dml.peer.gossip_step import GossipStep
 from dml.peer.link import PeerLink
 from dml.peer.params import Snapshot
 from dml.peer.step import NotFinite, check_own, report_failure, superseded, train_and_report
-from dml.peer.trainer import Trainer
+from dml.peer.trainer import StepResult, Trainer
 from dml.peer.watch import SuccessorWatch
 
 if TYPE_CHECKING:
@@ -349,12 +350,53 @@ class RingRound:
             residual.fill(0.0)  # half-updated: drop it rather than feed back a wrong correction
             raise
 
+    def _synced(self, plan: types_pb2.Plan, rank: int, tag: str, link: PeerLink) -> Callable[[Trainer, np.ndarray], StepResult]:
+        """``--sync grads``: how this member trains a round, one all-reduce of its gradient per
+        step over ``link`` (:meth:`Trainer.train_synced`). Every member counts the same steps from
+        the plan: as many as the largest allocation needs; a member whose samples ran out takes
+        part in the rest with weight 0."""
+        peer = self._peer
+        world = len(plan.members)
+        bs = plan.spec.batch_size
+        chunk = peer.config.chunk_elems or chunk_elems_for(plan.spec.data_plane or "auto")
+        guards = GradientGuards(plan.members[(rank - 1) % world].peer_id, rank,
+                                [sum(r.stop - r.start for r in m.samples) for m in plan.members], bs)
+        steps = guards.steps
+
+        def allreduce(buf: np.ndarray, samples: int, step: int) -> None:
+            own = buf[:-1]
+            if step == 0 and faults.inject(peer.config.fault, plan.round, own):
+                log.warning("%s: test fault %s injected; skipping this member's own check", tag, peer.config.fault)
+                scale = 0.0
+            else:  # before anything leaves this member
+                scale = rms(own)
+                if not math.isfinite(scale):
+                    raise NotFinite(f"round {plan.round} step {step}: own gradient not finite "
+                                    f"({int(np.count_nonzero(~np.isfinite(own)))} non-finite values)")
+            weighted_ring_average(buf, float(samples), rank, world, link, self.deadline_s, chunk,
+                                  guard=guards.for_step(step, scale, buf.size - 1), collective=step,
+                                  final=step == steps - 1)
+            guards.averaged(step, buf[:-1])
+
+        def train(trainer: Trainer, samples: np.ndarray) -> StepResult:
+            if steps == 0:
+                raise ValueError("the plan allocates no samples: nothing to average")
+            return trainer.train_synced(samples, bs, steps, allreduce)
+
+        return train
+
     def _train_and_average(self, plan: types_pb2.Plan, rank: int, tag: str, link: PeerLink) -> None:
         peer = self._peer
         norm = 0.0
+        grads = plan.spec.sync == "grads"
 
         def average(trainer: Trainer, samples: int) -> None:
             nonlocal norm
+            if grads:  # the steps averaged the gradients; what is left is this member's own check
+                committed = peer.store.committed
+                assert committed is not None
+                norm = check_own(trainer.params_view()[0], committed.params, f"round {plan.round}")
+                return
             buf = trainer.exchange_buffer()  # the parameters (and with --optimizer-state average the state)
             committed = peer.store.committed
             assert committed is not None
@@ -386,5 +428,6 @@ class RingRound:
 
         every = max(plan.spec.eval_every_rounds, 1)
         train_and_report(peer, plan, rank, tag, "report round", prepare=lambda: self._prepare(plan),
+                         train=self._synced(plan, rank, tag, link) if grads else None,
                          average=average, results=results,
                          evaluate=rank == 0 and (plan.round % every == 0 or plan.round >= plan.spec.rounds))

@@ -5,7 +5,7 @@ with a system call and protocol work per packet: measured here, 4.4 GB/s between
 where one ``memcpy`` runs at 11 GB/s. When both neighbours can map the same file in
 ``/dev/shm``, the frames' payloads travel through it instead: the sender copies a payload into a
 slot, and the receiver copies it out (or reads it in place). The TCP stream stays, carrying the
-16-byte frame headers one way and one credit byte per consumed slot the other way, so the
+20-byte frame headers one way and one credit byte per consumed slot the other way, so the
 failure semantics do not change at all: a dead neighbour is a broken stream, progress is bounded
 by the idle timeout, and the end is the receiver's one-byte acknowledgement.
 

@@ -18,7 +18,7 @@ from dml.peer.client import CALL_TIMEOUT_S, Evicted
 
 if TYPE_CHECKING:
     from dml.peer.runner import Peer
-    from dml.peer.trainer import Trainer
+    from dml.peer.trainer import StepResult, Trainer
 
 log = logging.getLogger(__name__)
 
@@ -76,10 +76,13 @@ def train_and_report(peer: Peer, plan: types_pb2.Plan, rank: int, tag: str, what
                      average: Callable[[Trainer, int], object],
                      results: Callable[[Trainer, control_pb2.ReportRoundRequest], None],
                      evaluate: bool,
-                     trained: Callable[[int], None] | None = None) -> control_pb2.ReportRoundResponse:
+                     trained: Callable[[int], None] | None = None,
+                     train: Callable[[Trainer, np.ndarray], StepResult] | None = None) -> control_pb2.ReportRoundResponse:
     """Trains on this member's samples of ``plan``, averages, then reports the round.
 
-    ``prepare`` gives the trainer holding the starting parameters; ``trained(samples)`` runs
+    ``prepare`` gives the trainer holding the starting parameters; ``train(trainer, samples)``
+    trains on them (default: :meth:`Trainer.train_on`, one local step per batch; ``--sync
+    grads`` averages inside its steps, and their exchange time counts as exchange); ``trained(samples)`` runs
     after training; ``average(trainer, samples)`` averages with the other members; ``results``
     adds what the exchange left to the report; with ``evaluate`` the report carries test metrics.
     ``what`` names the report in the client's retry logs. Returns the coordinator's answer."""
@@ -87,7 +90,7 @@ def train_and_report(peer: Peer, plan: types_pb2.Plan, rank: int, tag: str, what
     trainer = prepare()
     samples = sample_indices(plan, rank)
     t_train = time.monotonic()
-    res = trainer.train_on(samples, plan.spec.batch_size)
+    res = train(trainer, samples) if train is not None else trainer.train_on(samples, plan.spec.batch_size)
     t_done = time.monotonic()
     if peer.config.slowdown > 1:  # --slowdown: idle (slowdown - 1) x the training time just spent
         peer.stop_event.wait((peer.config.slowdown - 1) * (t_done - t_train))
@@ -98,8 +101,10 @@ def train_and_report(peer: Peer, plan: types_pb2.Plan, rank: int, tag: str, what
     t2 = time.monotonic()
     req = control_pb2.ReportRoundRequest(
         peer_id=peer.peer_id, job_id=plan.job_id, round=plan.round, epoch=plan.epoch, samples=res.samples,
-        train_loss=res.loss, train_ms=int((t1 - t0) * 1000), exchange_ms=int((t2 - t1) * 1000),
-        train_samples_per_s=res.samples / (t1 - t_train) if res.samples and t1 > t_train else 0.0)  # throttle included
+        train_loss=res.loss, train_ms=int((t1 - t0 - res.exchange_s) * 1000),
+        exchange_ms=int((t2 - t1 + res.exchange_s) * 1000),
+        train_samples_per_s=res.samples / (t1 - t_train - res.exchange_s)
+        if res.samples and t1 > t_train + res.exchange_s else 0.0)  # throttle included
     results(trainer, req)
     if evaluate:
         t_eval = time.monotonic()
@@ -109,6 +114,7 @@ def train_and_report(peer: Peer, plan: types_pb2.Plan, rank: int, tag: str, what
         req.eval_ms = int((time.monotonic() - t_eval) * 1000)
     resp: control_pb2.ReportRoundResponse = peer.client.call(
         lambda: peer.client.stub.ReportRound(req, timeout=CALL_TIMEOUT_S), what, give_up_s=60)
-    peer.metrics.reported("gossip" if plan.gossip else "ring", t1 - t0, t2 - t1)
-    log.debug("%s: train %.3fs exchange %.3fs report %.3fs", tag, t1 - t0, t2 - t1, time.monotonic() - t2)
+    peer.metrics.reported("gossip" if plan.gossip else "ring", t1 - t0 - res.exchange_s, t2 - t1 + res.exchange_s)
+    log.debug("%s: train %.3fs exchange %.3fs report %.3fs", tag, t1 - t0 - res.exchange_s, t2 - t1 + res.exchange_s,
+              time.monotonic() - t2)
     return resp

@@ -39,9 +39,11 @@ def resolve(name: str) -> Task:
 
 def make_trainer(peer: Peer, job_id: str, spec: types_pb2.JobSpec) -> Trainer:
     """The trainer of job ``job_id`` on this peer: its task, seeded by the job, at the job's
-    learning rate, on the peer's device. The one place a peer builds a job's trainer."""
+    learning rate, on the peer's device. The one place a peer builds a job's trainer. With
+    ``--sync grads`` it keeps real gradients (no update fused into backward): they are what the
+    ring averages each step."""
     task = resolve(spec.task)
     ctx = Context(seed=spec.seed, job_id=job_id, peer_id=peer.peer_id)
-    trainer = Trainer(task, spec.seed, spec.learning_rate, peer.config.device, ctx=ctx)
+    trainer = Trainer(task, spec.seed, spec.learning_rate, peer.config.device, ctx=ctx, fuse=spec.sync != "grads")
     trainer.average_state = spec.optimizer_state == "average"
     return trainer

@@ -11,6 +11,7 @@ import hashlib
 import io
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from typing import Any
@@ -91,6 +92,12 @@ class StepResult:
 
     samples: int
     loss: float
+    exchange_s: float = 0.0  # of which spent in the steps' all-reduces (--sync grads)
+
+
+# --sync grads: averages one step's flat gradient buffer in place across the ring, given the
+# buffer (gradients, then the weight slot), this member's samples in the step and the step's index.
+AllReduce = Callable[[np.ndarray, int, int], None]
 
 
 class TaskError(Exception):
@@ -212,6 +219,7 @@ class Trainer:
             b for b in self.model.buffers() if b.dtype == torch.float32
         ]
         self.numel = sum(t.numel() for t in tensors)
+        self.param_numel = sum(p.numel() for p in self.model.parameters())  # parameters come first, then buffers
         if self.numel == 0:
             raise TaskError("model() has no float32 parameters to train")
         # Host-side flat buffer (exchanged over the wire) and the device one training uses.
@@ -246,6 +254,8 @@ class Trainer:
         sgd_lr = plain_sgd(self.optimizer) if fuse else None
         self.fused_sgd = sgd_lr is not None and fuse_sgd_into_backward(self.model, sgd_lr)
         self._layout = [(name, t.shape, off) for name, t, off in self._named_slices()]
+        self._grads: torch.Tensor | None = None  # the flat gradient buffer (--sync grads), made on first use
+        self._grad_views: list[tuple[torch.nn.Parameter, torch.Tensor]] = []
         train = _call("train(ctx)", task.train, replace(ctx, split="train"))
         self.train_data = Batches(train, "train(ctx)", task.collate, self.device)
         if self.train_data.size == 0:
@@ -442,6 +452,74 @@ class Trainer:
             loss_sum += float(loss.detach()) * int(idx.size)
         self.optimizer.zero_grad(set_to_none=True)  # gradients are not needed past the round
         return StepResult(samples=total, loss=loss_sum / max(total, 1))
+
+    def grad_buffer(self) -> torch.Tensor:
+        """The flat gradient buffer, laid out like :attr:`flat`: every trainable parameter's
+        ``.grad`` is a view of it at that parameter's offset, so backward accumulates straight
+        into it and a step's all-reduce reads and writes it whole. The buffers' slots (and a
+        frozen parameter's) hold no gradient; the last element is the all-reduce weight slot."""
+        if self._grads is None:
+            self._grads = torch.zeros(self.numel + 1, dtype=torch.float32, device=self.device)
+            base = self.flat.data_ptr()
+            self._grad_views = []
+            for p in self.model.parameters():
+                if p.requires_grad:
+                    off = (p.data_ptr() - base) // 4
+                    self._grad_views.append((p, self._grads[off : off + p.numel()].view_as(p)))
+        for p, view in self._grad_views:
+            p.grad = view
+        return self._grads
+
+    def train_synced(self, samples: np.ndarray, batch_size: int, steps: int, allreduce: AllReduce) -> StepResult:
+        """``--sync grads``: ``steps`` steps, step ``s`` on ``samples[s*batch_size:(s+1)*batch_size]``
+        (none past the end: this member then takes part with 0 samples). After each backward
+        ``allreduce(buffer, samples, s)`` averages the flat gradient buffer (:meth:`grad_buffer`)
+        in place across the ring, weighted by samples; then the optimizer steps on the average.
+        Every member gets the same bytes back, so from identical parameters and optimizer state
+        every member takes the identical step. The float buffers (a batch norm's running
+        statistics) travel in their slots of the same buffer as values, and come back averaged.
+        Needs real gradients: a trainer built with ``fuse=False``."""
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if self.fused_sgd:
+            raise ValueError("synchronous gradients need a trainer built with fuse=False")
+        self.model.train()
+        total, loss_sum, spent = 0, 0.0, 0.0
+        buffers = slice(self.param_numel, self.numel)
+        for s in range(steps):
+            idx = np.ascontiguousarray(samples[s * batch_size : (s + 1) * batch_size], dtype=np.int64)
+            n = int(idx.size)
+            with self.lock:
+                grads = self.grad_buffer()
+                grads.zero_()
+                if n:
+                    x, y = self.train_data.get(idx)
+                    loss = self._loss(self.model(x), y)
+                    loss.backward()
+                    self._gather_grads()
+                    loss_sum += float(loss.detach()) * n
+                grads[buffers].copy_(self.flat[buffers])
+                host = grads.numpy() if self.device.type == "cpu" else grads.cpu().numpy()
+                t0 = time.monotonic()
+                allreduce(host, n, s)
+                spent += time.monotonic() - t0
+                if self.device.type != "cpu":
+                    grads.copy_(torch.from_numpy(host))
+                self.flat[buffers].copy_(grads[buffers])
+                self.optimizer.step()
+                self.version += 1
+            total += n
+        return StepResult(samples=total, loss=loss_sum / max(total, 1), exchange_s=spent)
+
+    def _gather_grads(self) -> None:
+        """Copies into the flat buffer any gradient backward did not accumulate there (it may
+        replace a ``.grad`` whose layout it dislikes), and points ``.grad`` back at its view."""
+        for p, view in self._grad_views:
+            g = p.grad
+            if g is None or g.data_ptr() != view.data_ptr():
+                if g is not None:
+                    view.copy_(g.to_dense() if g.is_sparse else g)
+                p.grad = view
 
     def _loss(self, out: Any, y: Any) -> torch.Tensor:
         loss = _call("loss(output, target)", self.loss_fn, out, y)

@@ -42,3 +42,42 @@ def assert_bit_identical(bufs: list[np.ndarray]) -> None:
     first = bufs[0].tobytes()
     for r, b in enumerate(bufs[1:], start=1):
         assert b.tobytes() == first, f"rank {r} differs from rank 0"
+
+
+
+def synced_member(task: Any, rank: int, world: int, link: Any, samples: np.ndarray, batch_size: int, steps: int,
+                  seed: int = 0, counts: list[int] | None = None, timeout: float = 10.0) -> Any:
+    """One ``--sync grads`` member: a trainer of ``task`` that trains ``samples`` in ``steps``
+    steps of ``batch_size``, averaging each step's gradient with the others over ``link`` (the
+    all-reduce a peer's ring round runs). With ``counts`` (every member's sample count, as the
+    plan gives them) each step's chunks are checked by the round's gradient guards, as a peer's
+    are; ``timeout`` bounds each all-reduce. Returns the trainer."""
+    from dml.aggregation.averaging import weighted_ring_average
+    from dml.aggregation.guard import GradientGuards, rms
+    from dml.peer.trainer import Trainer
+
+    trainer = Trainer(task, seed, 0, fuse=False)
+    guards = GradientGuards(str((rank - 1) % world), rank, counts, batch_size) if counts is not None else None
+
+    def allreduce(buf: np.ndarray, n: int, step: int) -> None:
+        guard = guards.for_step(step, rms(buf[:-1]), buf.size - 1) if guards is not None else None
+        weighted_ring_average(buf, float(n), rank, world, link, timeout, 1000, guard=guard,
+                              collective=step, final=step == steps - 1)
+        if guards is not None:
+            guards.averaged(step, buf[:-1])
+
+    trainer.train_synced(samples, batch_size, steps, allreduce)
+    return trainer
+
+
+def reference_trainer(task: Any, member_samples: list[np.ndarray], batch_size: int, steps: int, seed: int = 0) -> Any:
+    """One process doing what ``--sync grads`` members together do: step ``s`` on the union of
+    every member's step-``s`` batch (the N-times batch). Returns the trainer."""
+    from dml.peer.trainer import Trainer
+
+    trainer = Trainer(task, seed, 0, fuse=False)
+    for s in range(steps):
+        batch = np.concatenate([m[s * batch_size : (s + 1) * batch_size] for m in member_samples])
+        if batch.size:
+            trainer.train_on(batch, batch.size)
+    return trainer
