@@ -58,8 +58,10 @@ def status_line(job: jobs_pb2.JobStatus, width: int = 30) -> str:
 
 
 def exclusion_lines(job: jobs_pb2.JobStatus) -> list[str]:
-    """One line per peer the job holds out of its rings, with why."""
-    return [f"  held out: {x.peer_id} since round {x.round}: {x.reason}" for x in job.held_out]
+    """One line per peer the job holds out of its rings, and one per peer that declined it
+    (or was refused it), with why."""
+    return ([f"  held out: {x.peer_id} since round {x.round}: {x.reason}" for x in job.held_out]
+            + [f"  declined {x.peer_id}: {x.reason}" for x in job.declined])
 
 
 def history_table(history: list[types_pb2.RoundMetrics], gossip: bool = False) -> list[str]:
@@ -318,8 +320,9 @@ def add_job_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rounds", type=int_in(1, MAX_ROUNDS), default=d.rounds, help="rounds to commit")
     p.add_argument("--local-steps", type=int_in(1, MAX_SAMPLES_PER_ROUND), default=d.local_steps,
                    help="SGD steps per round per peer")
-    p.add_argument("--batch-size", type=int_in(1, MAX_SAMPLES_PER_ROUND), default=d.batch_size,
-                   help=f"samples per SGD step (--local-steps x --batch-size at most {MAX_SAMPLES_PER_ROUND:,})")
+    p.add_argument("--batch-size", type=int_in(1, MAX_SAMPLES_PER_ROUND, 0), default=d.batch_size,
+                   help="samples per SGD step (default, or 0: the task's own batch size, else 32; "
+                        f"--local-steps x --batch-size at most {MAX_SAMPLES_PER_ROUND:,})")
     p.add_argument("--lr", type=cliargs.float_in(0.0, MAX_LEARNING_RATE, lo_open=True, hi_open=True),
                    default=d.learning_rate, help="learning rate")
     p.add_argument("--min-peers", type=int_in(1), default=None,

@@ -158,8 +158,9 @@ def cmd_local(a: argparse.Namespace) -> int:
             client = c.client(timeout_s=30.0)
             try:
                 job_id = client.submit(spec)
+                own = "the task's"
                 print(f"job {job_id}: {spec.task}, {spec.rounds} rounds x {spec.local_steps} local steps, "
-                      f"batch {spec.batch_size}, lr {spec.learning_rate}", file=sys.stderr)
+                      f"batch {spec.batch_size or own}, lr {spec.learning_rate or own}", file=sys.stderr)
                 tty = sys.stderr.isatty()
                 last_round = [-1]
 
