@@ -125,13 +125,22 @@ def assert_state_dicts_identical(states: list[dict[str, torch.Tensor]]) -> None:
             assert other[k].numpy().tobytes() == first[k].numpy().tobytes(), f"tensor {k} differs"
 
 
+def builtin_shard_sizes(spec=None) -> list[int]:
+    """The shard sizes a job of a built-in task gets (its peers' takes describe the task's
+    training set, from which the coordinator cuts them), computed here from the task's data."""
+    from dml.common.spec import JobSpec, with_defaults
+    from dml.common.tasks import builtin_data
+    from dml.coordinator.service import cut_shards
+
+    spec = with_defaults(spec or JobSpec())
+    return [int(s.size) for s in cut_shards(spec, builtin_data(spec.task).y_train)]
+
+
 def ledger_problems(history: list[dict], spec=None) -> list[str]:
     """Sample-ledger violations of a job's history (as `dml status --json --history` prints it)."""
     from dml.coordinator.ledger import violations
-    from dml.coordinator.service import job_shards
-    from dml.common.spec import JobSpec
 
-    sizes = [int(s.size) for s in job_shards(spec or JobSpec())]
+    sizes = builtin_shard_sizes(spec)
     rounds = [[tuple(x) for m in sorted(r["consumed"]) for x in r["consumed"][m]] for r in history]
     return violations(rounds, sizes)
 
