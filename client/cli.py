@@ -54,7 +54,14 @@ def status_line(job: jobs_pb2.JobStatus, width: int = 30) -> str:
             + (f" consensus {fmt_metric(m['consensus_distance'], '.3g')}" if gossip and m["consensus_distance"] is not None else "")
             + f" peers {len(d['peers'])} {d['state']}"
             + (f" quarantined {','.join(q['peer_id'] for q in d['quarantined'])}" if d["quarantined"] else ""))
-    return line + (f" ({d['reason']})" if d["reason"] and d["state"] not in ("SUCCEEDED",) else "")
+    first = d["reason"].split("\n", 1)[0]  # a task's error goes on with its traceback: reason_lines
+    return line + (f" ({first})" if first and d["state"] not in ("SUCCEEDED",) else "")
+
+
+def reason_lines(job: jobs_pb2.JobStatus) -> list[str]:
+    """The lines of a job's reason after its first (a task's error: the innermost frames of its
+    traceback), indented, to print under the status line."""
+    return [f"  {line}" for line in job.reason.split("\n")[1:] if line.strip()]
 
 
 def exclusion_lines(job: jobs_pb2.JobStatus) -> list[str]:
@@ -118,7 +125,7 @@ def cmd_status(a: argparse.Namespace) -> int:
                 print(json.dumps(d))
             else:
                 print(status_line(resp.job))
-                for line in exclusion_lines(resp.job) + quarantine_lines(resp.job):
+                for line in reason_lines(resp.job) + exclusion_lines(resp.job) + quarantine_lines(resp.job):
                     print(line)
                 if a.history:
                     print("\n".join(history_table(list(resp.history), gossip=resp.job.spec.aggregation == "gossip")))
@@ -136,6 +143,9 @@ def cmd_status(a: argparse.Namespace) -> int:
         end = c.watch(jid, show)
     if tty:
         print()
+    if not a.json:
+        for line in reason_lines(end):
+            print(line)
     return 0 if api.STATE_NAMES[end.state] == "SUCCEEDED" else 3
 
 

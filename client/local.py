@@ -181,6 +181,9 @@ def cmd_local(a: argparse.Namespace) -> int:
                 if tty:
                     print(file=sys.stderr)
                 d = status_dict(end)
+                if d["state"] != "SUCCEEDED":  # why, with a task's error and who declined the job
+                    for line in [jobctl.status_line(end)] + jobctl.reason_lines(end) + jobctl.exclusion_lines(end):
+                        print(line, file=sys.stderr)
                 if a.output is not None and d["state"] == "SUCCEEDED":
                     rnd, _ = client.download(job_id, a.output, 60.0)
                     print(f"saved round {rnd} model to {a.output}", file=sys.stderr)

@@ -168,3 +168,21 @@ def test_a_peer_that_leaves_forgets_its_takes_and_restored_members_need_not_take
     s2.restore([job], list(s.peers.values()), 10)
     job2 = s2.job(job.job_id)
     assert job2.members == [a, b] and s2.plan_for(a) is job2 and s2.take_for(a) is None
+
+
+def test_dml_status_shows_a_tasks_error_on_its_line_and_its_traceback_under_it_and_each_decline() -> None:
+    from dml.client.cli import exclusion_lines, reason_lines, status_line
+    from dml.coordinator.servicer import job_to_pb
+
+    s = ClusterState(1000)
+    a, b = register(s, 2)
+    job = pending(s)
+    s.take(b, job.job_id, DECLINED, 1, detail="job code is not allowed here")
+    s.take(a, job.job_id, TASK_ERROR, 2, detail='train(ctx) raised KeyError: \'x\'\n  File "task.py", line 3, in train\n'
+                                                "    return d['x']")
+    st = job_to_pb(job)
+    line = status_line(st)
+    assert line.endswith(f"FAILED (task error on peer {a}: train(ctx) raised KeyError: 'x')"), line
+    assert "\n" not in line
+    assert reason_lines(st) == ['    File "task.py", line 3, in train', "      return d['x']"]
+    assert exclusion_lines(st) == [f"  declined {b}: job code is not allowed here"]
