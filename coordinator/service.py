@@ -41,7 +41,7 @@ from dml.coordinator.auth import PeerTokens
 from dml.coordinator.checkpoint import verify_checkpoint
 from dml.coordinator.metrics import CoordinatorMetrics
 from dml.coordinator.records import BadReport, Changes, Forbidden, Job, JobData, NotFound, Report, Stale
-from dml.coordinator.state import READY, ClusterState
+from dml.coordinator.state import DECLINED, READY, ClusterState
 from dml.coordinator.store import Store, StoreOpenError, StoreWriteError
 
 log = logging.getLogger(__name__)
@@ -508,12 +508,20 @@ class Coordinator:
     def take(self, peer_id: str, job_id: str, outcome: str, detail: str = "", data: JobData | None = None,
              labels: bytes = b"") -> None:
         """A peer's answer to a take plan (:meth:`ClusterState.take`). A READY take's data is
-        checked first (:func:`check_take_data`, BadReport); the first one's shards are cut
+        checked first (:func:`check_take_data`: BadReport, and the peer is refused the job, as
+        for a decline); the first one's shards are cut
         here, outside the lock, from its labels, and its labels stored with the job."""
         cut: tuple[np.ndarray, ...] | None = None
         cut_error = ""
         if outcome == READY and data is not None:
-            data = check_take_data(data, labels)
+            try:
+                data = check_take_data(data, labels)
+            except BadReport as e:  # refused, and not offered again: it would only describe the same
+                with self._cond:
+                    self._check_writable()
+                    self._apply(self.state.take(peer_id, job_id, DECLINED, self.now_ms(),
+                                                detail=f"its description of the data was refused: {e}"))
+                raise
             with self._cond:
                 self._check_readable()
                 job = self.state.job(job_id)

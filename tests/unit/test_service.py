@@ -65,7 +65,7 @@ def test_the_first_ready_take_fixes_the_shards_and_a_restored_job_runs_without_l
 def test_a_take_whose_labels_do_not_add_up_is_refused(tmp_path: pathlib.Path) -> None:
     coord = Coordinator(CoordinatorConfig(), MemoryStore(), tmp_path)
     jid = coord.submit(JobSpec(task="digits", num_shards=4, min_peers=1, rounds=1))
-    (a,) = [coord.register("10.0.0.1:1", {})[0]]
+    a = coord.register("10.0.0.1:1", {})[0]
     data, labels = builtin_take()
     for bad, blob, words in (
             (data, labels[:-4], "bytes of labels for"),
@@ -77,6 +77,11 @@ def test_a_take_whose_labels_do_not_add_up_is_refused(tmp_path: pathlib.Path) ->
             coord.take(a, jid, READY, data=bad, labels=blob)
     job = coord.state.job(jid)
     assert job.data is None and job.state == "PENDING" and job.ready == []
+    assert [x.peer_id for x in job.declined] == [a] * 5, "each refused take is shown, the peer not offered it again"
+    assert job.declined[0].reason.startswith("its description of the data was refused: ") and \
+        "bytes of labels for" in job.declined[0].reason
+    assert coord.state.take_for(a) is None
+    a = coord.register("10.0.0.1:1", {})[0]  # it restarts: a new peer, that describes the data right
     coord.take(a, jid, READY, data=replace(data, num_classes=99), labels=labels)
     assert job.data is not None and job.data.num_classes == 10, "counted from the labels, not taken on trust"
     assert job.state == "RUNNING"
