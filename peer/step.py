@@ -43,11 +43,14 @@ TRACEBACK_FRAMES = 3  # the innermost frames of the task's traceback, where its 
 
 
 def task_error_detail(e: BaseException) -> str:
-    """A task's error as the coordinator shows it: the message, then the innermost frames of
-    the traceback of what the task raised (its own code), bounded in length."""
+    """A task's error as the coordinator shows it: the message, then (unless the message holds
+    them already) the innermost frames of the traceback of what the task raised, bounded in
+    length."""
+    text = str(e)
     cause = e.__cause__ or e
-    frames = traceback.format_tb(cause.__traceback__)[-TRACEBACK_FRAMES:] if cause.__traceback__ else []
-    text = f"{e}\n" + "".join(frames).rstrip() if frames else str(e)
+    if "\n  File " not in text and cause.__traceback__ is not None:
+        frames = traceback.format_tb(cause.__traceback__)[-TRACEBACK_FRAMES:]
+        text = f"{text}\n" + "".join(frames).rstrip() if frames else text
     return text if len(text) <= MAX_TASK_ERROR_CHARS else text[: MAX_TASK_ERROR_CHARS - 3] + "..."
 
 

@@ -95,3 +95,24 @@ def test_a_task_that_cannot_be_loaded_is_a_task_error_with_its_message() -> None
     assert req.outcome == control_pb2.TAKE_OUTCOME_TASK_ERROR
     assert req.detail.startswith("importing no_such_module_here raised ModuleNotFoundError")
     assert peer.store.trainer_for("job-1") is None
+
+
+def test_a_task_errors_detail_is_its_message_with_the_innermost_frames_bounded() -> None:
+    from dml.peer.step import MAX_TASK_ERROR_CHARS, task_error_detail
+
+    def users_code() -> None:
+        raise KeyError("x" * 10)
+
+    try:
+        try:
+            users_code()
+        except KeyError as inner:
+            raise TaskError(f"train(ctx) raised KeyError: {inner}") from inner
+    except TaskError as e:
+        detail = task_error_detail(e)
+    first, *frames = detail.split("\n")
+    assert first == "train(ctx) raised KeyError: 'xxxxxxxxxx'"
+    assert "in users_code" in detail and 'raise KeyError("x" * 10)' in detail
+    already = TaskError('train(ctx) raised KeyError: 1\n  File "t.py", line 2, in f: raise KeyError(1)')
+    assert task_error_detail(already) == str(already), "frames the message carries are not repeated"
+    assert len(task_error_detail(TaskError("y" * 5000))) == MAX_TASK_ERROR_CHARS
