@@ -519,8 +519,11 @@ class Coordinator:
             except BadReport as e:  # refused, and not offered again: it would only describe the same
                 with self._cond:
                     self._check_writable()
-                    self._apply(self.state.take(peer_id, job_id, DECLINED, self.now_ms(),
-                                                detail=f"its description of the data was refused: {e}"))
+                    job = self.state.job(job_id)
+                    if job.needs_take and job.state in ("PENDING", "RUNNING") and not job.declined_by(peer_id) \
+                            and peer_id in self.state.peers and self.state.peers[peer_id].job_id != job_id:
+                        self._apply(self.state.take(peer_id, job_id, DECLINED, self.now_ms(),
+                                                    detail=f"its description of the data was refused: {e}"))
                 raise
             with self._cond:
                 self._check_readable()

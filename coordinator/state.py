@@ -794,8 +794,10 @@ class ClusterState:
         without a batch size gets the task's (else dml's default). A later READY take must find
         data of the same digest, or the peer is refused the job (listed as declined). DECLINED:
         the peer is not offered the job again; ``detail`` is why. TASK_ERROR: the job fails with
-        ``detail``, the task's own error. Stale for a finished job; BadReport for a READY take
-        without data, or shard sizes that do not fit it."""
+        ``detail``, the task's own error. Stale for a finished job, from one of its members (they
+        took it already: a task error in a round is reported as a failure) or from a peer that
+        declined it or was refused it; BadReport for
+        a READY take without data, or shard sizes that do not fit it."""
         peer = self._peer(peer_id)
         peer.last_seen_ms = now_ms
         job = self.job(job_id)
@@ -803,6 +805,11 @@ class ClusterState:
             raise Stale(f"job {job_id} is {job.state}")
         if not job.needs_take:
             return Changes()
+        if peer.job_id == job_id:  # a member took the job before it was admitted: its take stands
+            raise Stale(f"peer {peer_id} is a member of job {job_id} already")
+        if job.declined_by(peer_id):
+            raise Stale(f"peer {peer_id} declined job {job_id} (or was refused it); it takes it again only once it "
+                        "registers again")
         if outcome == TASK_ERROR:
             log.error("job %s: the task failed on peer %s: %s", job_id, peer_id, detail)
             return self._finish(job, FAILED, task_error_reason(peer_id, detail), now_ms)

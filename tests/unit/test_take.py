@@ -5,11 +5,14 @@ from __future__ import annotations
 import itertools
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from dml.common.sampling import labels_digest
 from dml.common.spec import JobSpec
 from dml.coordinator.records import FAILED, PENDING, RUNNING, Job, JobData, Report, Stale
 from dml.coordinator.state import DECLINED, MAX_TASK_ERROR_CHARS, READY, TASK_ERROR, ClusterState
+from tests.unit.test_state import check_invariants
 
 PORTS = itertools.count(7000)
 
@@ -86,6 +89,8 @@ def test_a_decline_is_shown_and_the_peer_is_not_offered_the_job_again_until_it_r
         (a, "job code is not allowed here (dml-peer --allow-job-code)")]
     assert s.take_for(a) is None and s.take_for(b) is job
     assert job.reason == "waiting for peers to take the job: 0 ready, 1 declined, 2 needed"
+    with pytest.raises(Stale, match="declined job"):
+        ready(s, a, job, 1)
     ready(s, b, job, 2)
     assert job.state == PENDING, "a decliner is never admitted"
     # It restarts (registers again at its address): a new peer, offered the job again.
@@ -186,3 +191,58 @@ def test_dml_status_shows_a_tasks_error_on_its_line_and_its_traceback_under_it_a
     assert "\n" not in line
     assert reason_lines(st) == ['    File "task.py", line 3, in train', "      return d['x']"]
     assert exclusion_lines(st) == [f"  declined {b}: job code is not allowed here"]
+
+
+TAKE_OPS = st.lists(st.tuples(st.sampled_from(("register", "reregister", "advance", "heartbeat", "expire", "commit",
+                                                "ready", "decline", "differ", "submit", "cancel")),
+                              st.integers(0, 1000)), max_size=80)
+
+
+@settings(max_examples=200, deadline=None, database=None)
+@given(ops=TAKE_OPS)
+def test_only_peers_that_took_a_job_with_its_data_are_ever_its_members(ops: list[tuple[str, int]]) -> None:
+    """The state machine's invariants (tests/unit/test_state.py) hold with takes, and a job that
+    needs takes has as members only live peers that took it READY with its data, never one that
+    declined it."""
+    s = ClusterState(1000)
+    now, last = 0, {}  # type: ignore[var-annotated]
+    register(s, 3, now)
+    pending(s)
+    for op, arg in ops:
+        peers, jobs = sorted(s.peers), sorted(s.jobs)
+        job = s.jobs[jobs[arg % len(jobs)]] if jobs else None
+        peer = peers[arg % len(peers)] if peers else ""
+        if op == "register":
+            register(s, 1, now)
+        elif op == "reregister" and peer:
+            s.register(s.peers[peer].address, {}, now)
+        elif op == "advance":
+            now += arg % 900 + 1
+        elif op == "heartbeat":
+            for p in peers[: arg % (len(peers) + 1)]:
+                s.heartbeat(p, now)
+        elif op == "expire":
+            s.expire(now)
+        elif op == "commit" and job is not None and s.active(job):
+            for m in list(job.members):
+                s.report(m, job.job_id, job.round, job.epoch, Report(samples=job.allocated(m), train_loss=1.0,
+                                                                     digest="d"), now)
+        elif op in ("ready", "decline", "differ") and job is not None and peer and job.state in (PENDING, RUNNING):
+            if s.peers[peer].job_id == job.job_id or job.declined_by(peer):  # its take stands, or its decline
+                with pytest.raises(Stale, match="is a member of job|declined job"):
+                    s.take(peer, job.job_id, READY, now, data=data())
+            elif op == "decline":
+                s.take(peer, job.job_id, DECLINED, now, detail="no")
+            else:
+                ready(s, peer, job, now, data(n=40 if op == "ready" else 44))
+        elif op == "submit":
+            pending(s, min_peers=arg % 3 + 1)
+        elif op == "cancel" and job is not None:
+            s.cancel(job.job_id, now)
+        check_invariants(s, last)
+        for j in s.jobs.values():
+            assert set(j.ready) <= set(s.peers), "a peer that left has taken nothing"
+            for m in j.members:
+                assert m in j.ready and not j.declined_by(m), m
+            if j.data is not None:
+                assert sum(j.shard_sizes) == j.data.train_samples
