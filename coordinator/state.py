@@ -271,7 +271,7 @@ class ClusterState:
             return Changes()
         changes = Changes(removed_peers=(peer_id,))
         for j in self.jobs.values():  # a peer that registers again takes again
-            if peer_id in j.ready:
+            if j.state not in FINISHED and peer_id in j.ready:
                 j.ready.remove(peer_id)
                 changes = changes | Changes(jobs=(j.job_id,))
         job = self.jobs.get(p.job_id)
