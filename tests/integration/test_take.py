@@ -103,11 +103,11 @@ def test_the_labels_of_a_take_survive_a_coordinator_restart(tmp_path: pathlib.Pa
         wait_for(lambda: client.status(job).job.round >= 1, 120, "a committed round")
         assert client.status(job).job.spec.batch_size == 32, "the task's batch size, fixed by the first take"
         labels = srv.coordinator.job_labels(job)
-        shards = [x.tolist() for x in srv.coordinator.view(lambda st: srv.coordinator.shards(st.job(job)))]
+        shards = [x.tolist() for x in srv.coordinator.view(lambda st: srv.coordinator.shard_indices(st.job(job)))]
     assert labels is not None and labels.tolist() == builtin_data("digits").y_train.tolist()
     with coordinator(state) as again, JobClient(again.address, token=operator_token(again.address)) as client:
         c = again.coordinator
         assert client.status(job).job.state == 2  # RUNNING, waiting for its peers
         assert c.job_labels(job).tolist() == labels.tolist()
-        assert [x.tolist() for x in c.view(lambda st: c.shards(st.job(job)))] == shards
+        assert [x.tolist() for x in c.view(lambda st: c.shard_indices(st.job(job)))] == shards
         assert client.status(job).job.spec.batch_size == 32
