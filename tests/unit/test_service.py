@@ -362,3 +362,15 @@ def test_a_restart_gives_every_lease_and_deadline_a_fresh_start(tmp_path: pathli
         assert job.evictions_total == 2
     finally:
         second.close()
+
+
+def test_a_job_whose_shards_cannot_be_cut_from_the_data_a_take_found_fails_saying_why(tmp_path: pathlib.Path) -> None:
+    coord = Coordinator(CoordinatorConfig(), MemoryStore(), tmp_path)
+    jid = coord.submit(JobSpec(task="digits", num_shards=4, min_peers=1, rounds=1, sharding="classes:11"))
+    a = coord.register("10.0.0.1:1", {})[0]
+    take_all(coord, jid, [a])
+    job = coord.state.job(jid)
+    assert job.state == "FAILED" and job.data is None and job.members == []
+    with pytest.raises(ValueError) as cut:  # the planner's own message, as the job shows it
+        cut_shards(job.spec, tasks.builtin_data("digits").y_train)
+    assert job.reason == str(cut.value) and "11" in job.reason
