@@ -54,9 +54,10 @@ def run_single(spec: JobSpec, steps: int) -> tuple[float, float, int]:
 
     torch.set_num_threads(1)
     t0 = time.monotonic()
-    tr = Trainer(get_task(spec.task), spec.seed, spec.learning_rate)
+    task = get_task(spec.task)
+    tr = Trainer(task, spec.seed, spec.learning_rate)
     rng = np.random.default_rng(spec.seed)
-    res = tr.train(np.arange(tr.train_data.size), steps, spec.batch_size, rng)
+    res = tr.train(np.arange(tr.train_data.size), steps, spec.batch_size or task.default_batch_size, rng)
     acc, _ = tr.evaluate()
     return acc, time.monotonic() - t0, res.samples
 

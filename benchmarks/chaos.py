@@ -70,7 +70,8 @@ from dml.common import auth, rpc
 from dml.common.tls import TlsConfig
 from dml.common.spec import MAX_ROUNDS, JobSpec, with_defaults
 from dml.coordinator.ledger import violations
-from dml.coordinator.service import CoordinatorConfig, job_shards
+from dml.common.tasks import builtin_data
+from dml.coordinator.service import CoordinatorConfig, cut_shards
 
 KINDS = ("sigkill", "sigstop", "coordinator")
 POLL_S = 0.05
@@ -560,7 +561,7 @@ def run(name: str, a: argparse.Namespace, work: pathlib.Path, chaos: bool) -> di
         anomalies.append(f"before the window (no failure injected yet): round {first_commit.round} committed under "
                          f"membership epoch {first_commit.epoch} with {len(first_commit.peers)} of {a.peers} peers; "
                          f"evictions before it: {[f'{e.peer_id} ({cause_text(e)})' for e in early] or 'none'}")
-    sizes = [int(s.size) for s in job_shards(with_defaults(spec))]
+    sizes = [int(s.size) for s in cut_shards(with_defaults(spec), builtin_data(spec.task).y_train)]
     res = measure(name, events, obs, resp, t_start, t_end, anomalies, sizes)
     res["logs"] = str(cluster.log_dir)
     res["log_findings"] = scan_logs(cluster.log_dir, cancel_at)

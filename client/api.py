@@ -139,6 +139,7 @@ def status_dict(job: jobs_pb2.JobStatus) -> dict[str, Any]:
         },
         "quarantined": [{"peer_id": q.peer_id, "round": q.round, "reason": q.reason, "reporters": q.reporters,
                          "unix_ms": q.unix_ms} for q in job.quarantined],
+        "declined": [{"peer_id": x.peer_id, "reason": x.reason, "unix_ms": x.unix_ms} for x in job.declined],
     }
 
 

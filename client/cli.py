@@ -55,12 +55,21 @@ def status_line(job: jobs_pb2.JobStatus, width: int = 30) -> str:
             + (f" consensus {fmt_metric(m['consensus_distance'], '.3g')}" if gossip and m["consensus_distance"] is not None else "")
             + f" peers {len(d['peers'])} {d['state']}"
             + (f" quarantined {','.join(q['peer_id'] for q in d['quarantined'])}" if d["quarantined"] else ""))
-    return line + (f" ({d['reason']})" if d["reason"] and d["state"] not in ("SUCCEEDED",) else "")
+    first = d["reason"].split("\n", 1)[0]  # a task's error goes on with its traceback: reason_lines
+    return line + (f" ({first})" if first and d["state"] not in ("SUCCEEDED",) else "")
+
+
+def reason_lines(job: jobs_pb2.JobStatus) -> list[str]:
+    """The lines of a job's reason after its first (a task's error: the innermost frames of its
+    traceback), indented, to print under the status line."""
+    return [f"  {line}" for line in job.reason.split("\n")[1:] if line.strip()]
 
 
 def exclusion_lines(job: jobs_pb2.JobStatus) -> list[str]:
-    """One line per peer the job holds out of its rings, with why."""
-    return [f"  held out: {x.peer_id} since round {x.round}: {x.reason}" for x in job.held_out]
+    """One line per peer the job holds out of its rings, and one per peer that declined it
+    (or was refused it), with why."""
+    return ([f"  held out: {x.peer_id} since round {x.round}: {x.reason}" for x in job.held_out]
+            + [f"  declined {x.peer_id}: {x.reason}" for x in job.declined])
 
 
 def history_table(history: list[types_pb2.RoundMetrics], gossip: bool = False) -> list[str]:
@@ -117,7 +126,7 @@ def cmd_status(a: argparse.Namespace) -> int:
                 print(json.dumps(d))
             else:
                 print(status_line(resp.job))
-                for line in exclusion_lines(resp.job) + quarantine_lines(resp.job):
+                for line in reason_lines(resp.job) + exclusion_lines(resp.job) + quarantine_lines(resp.job):
                     print(line)
                 if a.history:
                     print("\n".join(history_table(list(resp.history), gossip=resp.job.spec.aggregation == "gossip")))
@@ -135,6 +144,9 @@ def cmd_status(a: argparse.Namespace) -> int:
         end = c.watch(jid, show)
     if tty:
         print()
+    if not a.json:
+        for line in reason_lines(end):
+            print(line)
     return 0 if api.STATE_NAMES[end.state] == "SUCCEEDED" else 3
 
 
@@ -326,8 +338,9 @@ def add_job_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rounds", type=int_in(1, MAX_ROUNDS), default=d.rounds, help="rounds to commit")
     p.add_argument("--local-steps", type=int_in(1, MAX_SAMPLES_PER_ROUND), default=d.local_steps,
                    help="SGD steps per round per peer")
-    p.add_argument("--batch-size", type=int_in(1, MAX_SAMPLES_PER_ROUND), default=d.batch_size,
-                   help=f"samples per SGD step (--local-steps x --batch-size at most {MAX_SAMPLES_PER_ROUND:,})")
+    p.add_argument("--batch-size", type=int_in(1, MAX_SAMPLES_PER_ROUND, 0), default=d.batch_size,
+                   help="samples per SGD step (default, or 0: the task's own batch size, else 32; "
+                        f"--local-steps x --batch-size at most {MAX_SAMPLES_PER_ROUND:,})")
     p.add_argument("--lr", type=cliargs.float_in(0.0, MAX_LEARNING_RATE, lo_open=True, hi_open=True),
                    default=d.learning_rate, help="learning rate")
     p.add_argument("--min-peers", type=int_in(1), default=None,

@@ -158,8 +158,9 @@ def cmd_local(a: argparse.Namespace) -> int:
             client = c.client(timeout_s=30.0)
             try:
                 job_id = client.submit(spec)
+                own = "the task's"
                 print(f"job {job_id}: {spec.task}, {spec.rounds} rounds x {spec.local_steps} local steps, "
-                      f"batch {spec.batch_size}, lr {spec.learning_rate}", file=sys.stderr)
+                      f"batch {spec.batch_size or own}, lr {spec.learning_rate or own}", file=sys.stderr)
                 tty = sys.stderr.isatty()
                 last_round = [-1]
 
@@ -180,6 +181,9 @@ def cmd_local(a: argparse.Namespace) -> int:
                 if tty:
                     print(file=sys.stderr)
                 d = status_dict(end)
+                if d["state"] != "SUCCEEDED":  # why, with a task's error and who declined the job
+                    for line in [jobctl.status_line(end)] + jobctl.reason_lines(end) + jobctl.exclusion_lines(end):
+                        print(line, file=sys.stderr)
                 if a.output is not None and d["state"] == "SUCCEEDED":
                     rnd, _ = client.download(job_id, a.output, 60.0)
                     print(f"saved round {rnd} model to {a.output}", file=sys.stderr)

@@ -38,7 +38,7 @@ class JobSpec:
     task: str = "digits"
     rounds: int = 200
     local_steps: int = 10
-    batch_size: int = 32
+    batch_size: int = 0  # 0: the task's own (else 32), fixed on the job when the first peer takes it
     learning_rate: float = 0.0  # 0: the task's own (the optimizer it builds); else every param group's
     min_peers: int = 1
     sharding: str = "iid"
@@ -73,7 +73,7 @@ class JobSpec:
 
 
 # Fields whose zero is a real value, not proto3's "unset".
-_ZERO_IS_A_VALUE = frozenset({"rounds", "seed", "learning_rate", "prox_mu"})
+_ZERO_IS_A_VALUE = frozenset({"rounds", "seed", "learning_rate", "prox_mu", "batch_size"})
 
 
 def with_defaults(spec: JobSpec) -> JobSpec:
@@ -99,8 +99,8 @@ def validate(spec: JobSpec) -> None:
         raise InvalidSpec(f"rounds must be between 1 and {MAX_ROUNDS}, got {spec.rounds}")
     if spec.local_steps < 1:
         raise InvalidSpec(f"local_steps must be at least 1, got {spec.local_steps}")
-    if spec.batch_size < 1:
-        raise InvalidSpec(f"batch_size must be at least 1, got {spec.batch_size}")
+    if spec.batch_size < 0:
+        raise InvalidSpec(f"batch_size must be at least 1 (or 0: the task's own), got {spec.batch_size}")
     if spec.local_steps * spec.batch_size > MAX_SAMPLES_PER_ROUND:
         raise InvalidSpec("local_steps x batch_size must be at most 100M samples per round")
     if not 0 <= spec.learning_rate < MAX_LEARNING_RATE:

@@ -19,11 +19,40 @@ import math
 
 import numpy as np
 
-from dml.common.sampling import parse_sharding
+from dml.common.sampling import MAX_LABELS, parse_sharding
+from dml.common.spec import JobSpec
 
 Assignment = dict[str, list[int]]
 Capacity = dict[str, float]  # peer -> relative speed (samples/s); absent: 1
 Caps = dict[str, int]  # peer -> the most samples it holds; absent or 0: no cap
+UNLABELLED_SHARDINGS = ("iid", "contiguous")  # the schemes that need no labels
+MAX_TRAIN_SAMPLES = 1 << 24  # the largest training set the coordinator cuts into shards
+
+
+def needs_labels(sharding: str) -> bool:
+    """Whether a sharding scheme cuts by label (``dirichlet:ALPHA``, ``classes:K``)."""
+    return parse_sharding(sharding)[0] not in UNLABELLED_SHARDINGS
+
+
+def data_problem(spec: JobSpec, train_samples: int, has_labels: bool) -> str:
+    """Why a job cannot be cut into shards from a training set of ``train_samples`` samples
+    (with or without labels), "" when it can: the checks made where the data is described,
+    since the coordinator never loads it."""
+    if train_samples < 1:
+        return "the task's training set is empty"
+    if train_samples > MAX_TRAIN_SAMPLES:
+        return (f"the task's training set has {train_samples:,} samples; the coordinator cuts shards of at most "
+                f"{MAX_TRAIN_SAMPLES:,}")
+    if not 1 <= spec.num_shards <= train_samples:
+        return (f"num_shards must be between 1 and {train_samples} (the training set size), "
+                f"got {spec.num_shards}")
+    if needs_labels(spec.sharding) and not has_labels and train_samples > MAX_LABELS:
+        return (f"sharding {spec.sharding} needs the training labels, and a take sends them for at most "
+                f"{MAX_LABELS:,} samples (this training set has {train_samples:,}): use --sharding iid")
+    if needs_labels(spec.sharding) and not has_labels:
+        return (f"sharding {spec.sharding} needs the training labels, and the task gives none: set labels= on "
+                f"its dml.Task (one int per training sample), or use --sharding iid")
+    return ""
 
 
 def make_shards(labels: np.ndarray, num_shards: int, sharding: str, seed: int,

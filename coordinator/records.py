@@ -218,6 +218,22 @@ class Quarantine:
 
 
 @dataclass
+class JobData:
+    """What the first peer to take a job found of its data (``TakeJob(READY)``): enough to cut
+    and check shards without importing the task. The labels themselves (one per training
+    sample, when the task has them) are stored beside the job, not in it: this record is saved
+    with every change of the job, the labels once."""
+
+    train_samples: int
+    test_samples: int = 0
+    num_classes: int = 0  # 0: the task gave no labels
+    batch_size: int = 0  # the task's default batch size (0: none)
+    num_params: int = 0
+    digest: str = ""  # sha256 over the sample count and the labels: every peer must find the same
+    has_labels: bool = False
+
+
+@dataclass
 class MembershipEpoch:
     """One membership epoch of a job: its members in ring order, from when and which round."""
 
@@ -267,6 +283,20 @@ class Job:
     pending_checkpoint_peer: str = ""  # who uploaded pending_checkpoint
     pending_checkpoint_state: str = ""  # sha256 of the training state uploaded with it ("" none)
     checkpoint_state_digest: str = ""  # sha256 of the checkpoint's training-state file ("" none)
+    # Takes (docs/architecture.md, "Taking a job"): a job submitted without its shard sizes
+    # (every job dml-coordinator accepts) admits only peers that took it and found its data.
+    needs_take: bool = False
+    data: JobData | None = None  # fixed by the first READY take (None until then)
+    ready: list[str] = field(default_factory=list)  # peers that took the job and found its data
+    declined: list[Exclusion] = field(default_factory=list)  # peers that declined it (or whose data differs)
+
+    def declined_by(self, peer_id: str) -> bool:
+        """Whether ``peer_id`` declined the job (or was refused it): it is not offered it again."""
+        return any(x.peer_id == peer_id for x in self.declined)
+
+    def may_admit(self, peer_id: str) -> bool:
+        """Whether the job may take ``peer_id`` into its rings: it took the job, if the job needs takes."""
+        return not self.needs_take or peer_id in self.ready
 
     def excludes(self, peer: PeerRecord) -> bool:
         """Whether ``peer`` is quarantined for this job (by its id, or the address it joins from)."""
@@ -299,6 +329,7 @@ class Changes:
     peers: tuple[str, ...] = ()
     removed_peers: tuple[str, ...] = ()
     committed: tuple[tuple[str, int], ...] = ()
+    data: tuple[str, ...] = ()  # jobs whose data (JobData, and labels) was fixed by this call
 
     def __or__(self, other: Changes) -> Changes:
         return Changes(
@@ -306,4 +337,5 @@ class Changes:
             tuple(dict.fromkeys(self.peers + other.peers)),
             tuple(dict.fromkeys(self.removed_peers + other.removed_peers)),
             self.committed + other.committed,
+            tuple(dict.fromkeys(self.data + other.data)),
         )

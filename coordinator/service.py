@@ -18,7 +18,6 @@ and it serves again. Peers retry UNAVAILABLE as they do across a coordinator res
 """
 from __future__ import annotations
 
-import functools
 import logging
 import os
 import pathlib
@@ -26,7 +25,7 @@ import socket
 import threading
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, TypeVar
 
 import numpy as np
@@ -34,15 +33,16 @@ import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from dml.common import auth, rpc
+from dml.common.sampling import MAX_LABELS as MAX_SENT_LABELS
+from dml.common.sampling import labels_digest
+from dml.common.spec import MAX_SAMPLES_PER_ROUND, JobSpec, validate, with_defaults
 from dml.coordinator import planner
 from dml.coordinator.auth import PeerTokens
-from dml.common.spec import InvalidSpec, JobSpec, validate, with_defaults
-from dml.coordinator.metrics import CoordinatorMetrics
 from dml.coordinator.checkpoint import BadCheckpoint, verify_checkpoint, verify_training_state
-from dml.coordinator.records import Changes, Forbidden, Job, NotFound, Report, Stale
-from dml.coordinator.state import ClusterState
+from dml.coordinator.metrics import CoordinatorMetrics
+from dml.coordinator.records import BadReport, Changes, Forbidden, Job, JobData, NotFound, Report, Stale
+from dml.coordinator.state import DECLINED, READY, ClusterState
 from dml.coordinator.store import Store, StoreOpenError, StoreWriteError
-from dml.common.tasks import builtin_data, is_builtin
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -114,33 +114,43 @@ class CoordinatorConfig:
     round_deadline_ms: int = 120_000  # a round running longer evicts the members that did not report
 
 
-def job_labels(spec: JobSpec) -> np.ndarray | None:
-    """The training labels of a job's task (one integer per sample), or None when the
-    coordinator knows none. The coordinator never imports user code: it knows the built-in
-    tasks' data, and nothing else yet."""
-    if not is_builtin(spec.task):
-        return None
-    return np.asarray(builtin_data(spec.task).y_train)
+def labels_array(labels: bytes, train_samples: int) -> np.ndarray:
+    """A job's training labels as an int array (zeros when its task has none: the schemes that
+    need no labels look only at the count)."""
+    if not labels:
+        return np.zeros(train_samples, dtype=np.int32)
+    return np.frombuffer(labels, dtype="<i4")
 
 
-@functools.lru_cache(maxsize=32)
-def _shards(key: JobSpec) -> tuple[np.ndarray, ...]:
-    labels = job_labels(key)
-    if labels is None:
-        raise InvalidSpec(f"the coordinator knows no training labels for task {key.task!r}, so it cannot cut its shards")
-    try:
-        return tuple(planner.make_shards(labels, key.num_shards, key.sharding, key.seed, key.min_shard_samples))
-    except ValueError as e:
-        raise InvalidSpec(str(e)) from None
-
-
-def job_shards(spec: JobSpec) -> list[np.ndarray]:
+def cut_shards(spec: JobSpec, labels: np.ndarray) -> tuple[np.ndarray, ...]:
     """The shards of a job's training set as sample indices, for the peers' plans: deterministic
-    from the spec, so never stored (their sizes are, on the Job, fixed at submit time). Cut once
-    per spec and cached. InvalidSpec when they cannot be cut (the message says why)."""
-    key = JobSpec(task=spec.task, num_shards=spec.num_shards, sharding=spec.sharding, seed=spec.seed,
-                  min_shard_samples=spec.min_shard_samples)
-    return list(_shards(key))
+    from the spec and the labels, so never stored (their sizes are, on the Job). ValueError
+    when they cannot be cut (the message says why)."""
+    return tuple(planner.make_shards(labels, spec.num_shards, spec.sharding, spec.seed, spec.min_shard_samples))
+
+
+def check_take_data(data: JobData, labels: bytes) -> JobData:
+    """A READY take's description of the data as the coordinator accepts it: sizes in bounds,
+    labels (int32 little-endian, one per training sample, at most MAX_SENT_LABELS of them, none
+    negative) hashing to the digest; the class count is recomputed from them. BadReport says
+    what is wrong: the bytes come from the network."""
+    if data.batch_size > MAX_SAMPLES_PER_ROUND:
+        raise BadReport(f"batch_size {data.batch_size} is over {MAX_SAMPLES_PER_ROUND:,}")
+    if len(data.digest) != 64 or any(c not in "0123456789abcdef" for c in data.digest):
+        raise BadReport("data_digest must be 64 hex digits (sha256)")
+    if not labels:
+        return replace(data, num_classes=0, has_labels=False)
+    if data.train_samples > MAX_SENT_LABELS:
+        raise BadReport(f"labels are sent for at most {MAX_SENT_LABELS:,} training samples, not {data.train_samples:,}")
+    if len(labels) != 4 * data.train_samples:
+        raise BadReport(f"{len(labels)} bytes of labels for {data.train_samples} training samples "
+                        "(one int32 each, little-endian)")
+    arr = np.frombuffer(labels, dtype="<i4")
+    if arr.size and int(arr.min()) < 0:
+        raise BadReport(f"labels must not be negative (found {int(arr.min())})")
+    if labels_digest(data.train_samples, labels) != data.digest:
+        raise BadReport("data_digest is not the sha256 of the sample count and the labels sent")
+    return replace(data, num_classes=int(arr.max()) + 1 if arr.size else 0, has_labels=True)
 
 
 MAX_LABELS = 1 << 16  # label counts are shown for labels 0..MAX_LABELS-1 (a count per label per peer)
@@ -213,18 +223,50 @@ class Coordinator:
         self.on_health: Callable[[bool, str], None] | None = None
         self.state = ClusterState(config.peer_timeout_ms, config.round_deadline_ms)
         self.cluster_id = store.cluster_id
+        self._shards: dict[str, tuple[np.ndarray, ...]] = {}  # job -> its shards' sample indices
         with self._cond:
             jobs, peers = store.load()
             self.state.restore(jobs, peers, self.now_ms())
         for j in jobs:
-            if j.state in ("PENDING", "RUNNING"):
-                job_shards(j.spec)  # cut the plans' shard indices now, not under the lock at the first plan
+            if j.state in ("PENDING", "RUNNING") and j.data is not None:
+                self._shards[j.job_id] = self._cut(j)  # now, not under the lock at the first plan
         for p in self.state.peers.values():
             self.tokens.add(p.token_hash, p.peer_id)  # credentials survive a restart
         if jobs or peers:
             log.info("restored %d jobs and %d peers from the store (cluster %s)", len(jobs), len(peers), self.cluster_id)
         self.metrics.restored(jobs)
         self.metrics.watch(self._peek)
+
+    def _cut(self, job: Job) -> tuple[np.ndarray, ...]:
+        """Cuts a job's shards from its stored labels (a restored job: no peer needed)."""
+        assert job.data is not None
+        labels = self._store.load_labels(job.job_id)
+        if labels is None:
+            raise StoreOpenError(f"job {job.job_id} has its data but no labels in the store")
+        shards = cut_shards(job.spec, labels_array(labels, job.data.train_samples))
+        if [int(s.size) for s in shards] != job.shard_sizes:
+            raise StoreOpenError(f"job {job.job_id}: its shards cut again from the stored labels differ from the "
+                                 "sizes it was planned with")
+        return shards
+
+    def shard_indices(self, job: Job) -> tuple[np.ndarray, ...]:
+        """A job's shards as sample indices (cut when its data was fixed, or at start-up). Call
+        with the lock held."""
+        shards = self._shards.get(job.job_id)
+        if shards is None:
+            raise Stale(f"job {job.job_id} has no shards yet: no peer has taken it")
+        return shards
+
+    def job_labels(self, job_id: str) -> np.ndarray | None:
+        """A job's training labels as the first peer to take it found them (one per sample),
+        None when its task has none or no peer has taken it yet. Read from the store."""
+        with self._cond:
+            self._check_readable()
+            job = self.state.job(job_id)
+            if job.data is None or not job.data.has_labels:
+                return None
+        labels = self._store.load_labels(job_id)
+        return np.frombuffer(labels, dtype="<i4").copy() if labels else None
 
     @property
     def store(self) -> Store:
@@ -266,9 +308,10 @@ class Coordinator:
         if self._stale:
             raise StoreUnavailable(self._pause_reason() or "coordinator state is being reloaded")
 
-    def _apply(self, changes: Changes) -> None:
-        """Persists what changed and wakes waiters. Call with the condition held. A write that
-        fails rolls memory back to the store and raises StoreUnavailable (see the module)."""
+    def _apply(self, changes: Changes, labels: dict[str, bytes] | None = None) -> None:
+        """Persists what changed (with ``labels``, job -> int32 bytes, for the jobs whose data
+        the change fixed) and wakes waiters. Call with the condition held. A write that fails
+        rolls memory back to the store and raises StoreUnavailable (see the module)."""
         if self._closed:
             raise ShuttingDown("the coordinator is shutting down; retry against the restarted one")
         st = self.state
@@ -279,6 +322,7 @@ class Coordinator:
                     peers=[st.peers[p] for p in changes.peers if p in st.peers],
                     removed_peers=changes.removed_peers,
                     rounds=[(j, st.jobs[j].history[r - 1]) for j, r in changes.committed],
+                    labels=[(j, (labels or {}).get(j, b"")) for j in changes.data],
                 )
             except Exception as e:  # StoreWriteError, or anything else that kept it from being stored
                 self.metrics.record_store_write_error()
@@ -414,9 +458,10 @@ class Coordinator:
                 self.metrics.record_quarantine(job_id)
 
     def wait_plan(self, peer_id: str, last: tuple[str, int, int], timeout_s: float,
-                  build: Callable[[Job], T]) -> T | None:
-        """Blocks until the peer has an active plan other than ``last`` (job, round, epoch);
-        returns ``build(job)``, run under the lock so the plan is consistent."""
+                  build: Callable[[Job], T], build_take: Callable[[Job], T] | None = None) -> T | None:
+        """Blocks until the peer has an active plan other than ``last`` (job, round, epoch), or,
+        with ``build_take``, an idle peer has a job to take; returns ``build(job)`` (or
+        ``build_take(job)``), run under the lock so the plan is consistent."""
         deadline = time.monotonic() + timeout_s
         with self._cond:
             while True:
@@ -424,6 +469,9 @@ class Coordinator:
                 job = self.state.plan_for(peer_id)
                 if job is not None and self.state.plan_key(job, peer_id) != last:
                     return build(job)
+                taken = self.state.take_for(peer_id) if build_take is not None and job is None else None
+                if taken is not None and build_take is not None:
+                    return build_take(taken)
                 left = deadline - time.monotonic()
                 if left <= 0:
                     return None
@@ -456,6 +504,44 @@ class Coordinator:
                 if job is not None and job.job_id == job_id and job.gossip.active:
                     nxt = build_next(job)
             return bool(ch.committed), nxt
+
+    def take(self, peer_id: str, job_id: str, outcome: str, detail: str = "", data: JobData | None = None,
+             labels: bytes = b"") -> None:
+        """A peer's answer to a take plan (:meth:`ClusterState.take`). A READY take's data is
+        checked first (:func:`check_take_data`: BadReport, and the peer is refused the job, as
+        for a decline); the first one's shards are cut
+        here, outside the lock, from its labels, and its labels stored with the job."""
+        cut: tuple[np.ndarray, ...] | None = None
+        cut_error = ""
+        if outcome == READY and data is not None:
+            try:
+                data = check_take_data(data, labels)
+            except BadReport as e:  # refused, and not offered again: it would only describe the same
+                with self._cond:
+                    self._check_writable()
+                    job = self.state.job(job_id)
+                    if job.needs_take and job.state in ("PENDING", "RUNNING") and not job.declined_by(peer_id) \
+                            and peer_id in self.state.peers and self.state.peers[peer_id].job_id != job_id:
+                        self._apply(self.state.take(peer_id, job_id, DECLINED, self.now_ms(),
+                                                    detail=f"its description of the data was refused: {e}"))
+                raise
+            with self._cond:
+                self._check_readable()
+                job = self.state.job(job_id)
+                fresh, spec = job.needs_take and job.data is None, job.spec
+            if fresh and not planner.data_problem(spec, data.train_samples, data.has_labels):
+                try:
+                    cut = cut_shards(spec, labels_array(labels, data.train_samples))
+                except ValueError as e:  # e.g. classes:K with fewer labels, or shards below their minimum
+                    cut_error = str(e)
+        with self._cond:
+            self._check_writable()
+            ch = self.state.take(peer_id, job_id, outcome, self.now_ms(), detail=detail, data=data,
+                                 shard_sizes=[int(s.size) for s in cut] if cut is not None else None,
+                                 cut_error=cut_error)
+            self._apply(ch, labels={job_id: labels})
+            if job_id in ch.data and cut is not None:
+                self._shards[job_id] = cut
 
     # -- checkpoints ------------------------------------------------------------------------
     def checkpoint_path(self, job_id: str, rnd: int) -> pathlib.Path:
@@ -576,29 +662,35 @@ class Coordinator:
         """Validates (InvalidSpec) and queues a job."""
         spec = with_defaults(spec)
         validate(spec)
-        sizes = [int(s.size) for s in job_shards(spec)]  # cut the shards outside the lock
-        with self._cond:
+        with self._cond:  # its shards are cut when the first peer takes it and describes its data
             self._check_writable()
-            jid, ch = self.state.submit(spec, sizes, self.now_ms())
+            jid, ch = self.state.submit(spec, None, self.now_ms())
             self._apply(ch)
         log.info("job %s submitted: %s", jid, spec)
         return jid
 
     def shards(self, job_id: str) -> ShardsView:
-        """Where a job's data is now (NotFound for an unknown job). The labels and indices are
-        read outside the lock (cached per spec after the first call)."""
-        with self._cond:
-            self._check_readable()
-            spec = self.state.job(job_id).spec
-        labels = job_labels(spec)
-        try:
-            shards = job_shards(spec) if labels is not None else None
-        except InvalidSpec:
-            labels, shards = None, None
+        """Where a job's data is now (NotFound for an unknown job). The labels are the stored
+        ones (read outside the lock), the indices those cut when the data was fixed (cut again
+        from the labels for a job finished before this coordinator started)."""
+        labels = self.job_labels(job_id)
         with self._cond:
             self._check_readable()
             job = self.state.job(job_id)
-            return shards_view(job, labels, shards)
+            shards = self._shards.get(job_id)
+            spec, sizes = job.spec, list(job.shard_sizes)
+        if labels is not None and shards is None:
+            try:
+                shards = cut_shards(spec, labels)
+            except ValueError:
+                shards = None
+            if shards is not None and [int(x.size) for x in shards] != sizes:
+                shards = None  # not the shards it was planned with: show no label counts
+        with self._cond:
+            self._check_readable()
+            job = self.state.job(job_id)
+            return shards_view(job, labels if shards is not None else None,
+                               list(shards) if shards is not None else None)
 
     def cancel(self, job_id: str) -> str:
         """Cancels a job; returns its state."""

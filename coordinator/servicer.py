@@ -25,7 +25,8 @@ from dml.common.auth import KEY_BYTES
 from dml.coordinator.checkpoint import MAX_STATE_RATIO, STATE_SLACK_BYTES, max_training_state_bytes
 from dml.coordinator.service import Coordinator, Unavailable
 from dml.common.spec import InvalidSpec, spec_from_pb, spec_to_pb
-from dml.coordinator.records import BadReport, Forbidden, Job, NotFound, Report, RoundRecord, Stale
+from dml.coordinator.records import BadReport, Forbidden, Job, JobData, NotFound, Report, RoundRecord, Stale
+from dml.coordinator.state import DECLINED, MAX_TASK_ERROR_CHARS, READY, TASK, TASK_ERROR
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +36,10 @@ MAX_WATCH_S = 24 * 3600.0
 FINISHED_PB = (types_pb2.JOB_STATE_SUCCEEDED, types_pb2.JOB_STATE_FAILED, types_pb2.JOB_STATE_CANCELLED)
 MAX_WATCHERS = 64  # WatchJob streams hold a server thread each; past this they are refused
 CLUSTER_METADATA = "dml-cluster-id"  # the caller's cluster on requests, the coordinator's on refusals
+
+TAKE_OUTCOMES = {control_pb2.TAKE_OUTCOME_READY: READY, control_pb2.TAKE_OUTCOME_DECLINED: DECLINED,
+                 control_pb2.TAKE_OUTCOME_TASK_ERROR: TASK_ERROR}
+MAX_FAILURE_DETAIL = 500  # of a failure report's detail, kept (a task's error: MAX_TASK_ERROR_CHARS)
 
 STATE_TO_PB = {
     "PENDING": types_pb2.JOB_STATE_PENDING,
@@ -124,6 +129,8 @@ def job_to_pb(j: Job, pause_reason: str = "") -> jobs_pb2.JobStatus:
                                          reporters=",".join(x.reporters)) for x in j.held_out],
         quarantined=[jobs_pb2.PeerExclusion(peer_id=q.peer_id, round=q.round, reason=q.reason, unix_ms=q.unix_ms,
                                             reporters=q.reporters) for q in j.quarantined],
+        declined=[jobs_pb2.PeerExclusion(peer_id=x.peer_id, round=x.round, reason=x.reason, unix_ms=x.unix_ms)
+                  for x in j.declined],
     )
     if j.history:
         st.last.CopyFrom(round_to_pb(j.history[-1]))
@@ -270,17 +277,21 @@ class PeerControlServicer(control_pb2_grpc.PeerControlServicer):
             if left is not None:
                 wait = max(0.0, min(wait, left - 0.2))
             last = (request.last_job_id, request.last_round, request.last_epoch)
-            plan = self._c.wait_plan(request.peer_id, last, wait, lambda job: self._plan_pb(job, request.peer_id))
+            plan = self._c.wait_plan(request.peer_id, last, wait, lambda job: self._plan_pb(job, request.peer_id),
+                                     build_take=self._take_pb)
             if plan is None:
                 return control_pb2.GetPlanResponse(has_plan=False)
             return control_pb2.GetPlanResponse(has_plan=True, plan=plan)
         raise AssertionError("unreachable")
 
+    @staticmethod
+    def _take_pb(job: Job) -> types_pb2.Plan:
+        """A take plan: the job and its spec only (the peer answers with TakeJob)."""
+        return types_pb2.Plan(job_id=job.job_id, take=True, spec=spec_to_pb(job.spec))
+
     def _plan_pb(self, job: Job, peer_id: str) -> types_pb2.Plan:
         """The plan proto; called under the coordinator's lock."""
-        from dml.coordinator.service import job_shards
-
-        shards = job_shards(job.spec)
+        shards = self._c.shard_indices(job)
         st = self._c.state
         gossip = job.gossip.active  # a gossip step is this member's alone: the others' samples are not sent
         members = [
@@ -329,9 +340,32 @@ class PeerControlServicer(control_pb2_grpc.PeerControlServicer):
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"unknown failure kind {request.kind}")
             kind = "" if request.kind == control_pb2.FAILURE_KIND_UNSPECIFIED else \
                 control_pb2.FailureKind.Name(request.kind).removeprefix("FAILURE_KIND_")
+            keep = MAX_TASK_ERROR_CHARS if kind == TASK else MAX_FAILURE_DETAIL
             self._c.report_failure(request.peer_id, request.job_id, request.round, request.epoch,
-                                   request.suspect_peer_id, request.detail[:500], kind)
+                                   request.suspect_peer_id, request.detail[:keep], kind)
             return control_pb2.ReportFailureResponse()
+        raise AssertionError("unreachable")
+
+    def TakeJob(self, request: control_pb2.TakeJobRequest, context: grpc.ServicerContext) -> control_pb2.TakeJobResponse:
+        _check(context, request)
+        check_cluster(self._c, context)
+        with _status(context):
+            outcome = TAKE_OUTCOMES.get(request.outcome)
+            if outcome is None:
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                              f"take outcome must be READY, DECLINED or TASK_ERROR, got {request.outcome}")
+            data, labels = None, b""
+            if outcome == READY:
+                if not request.HasField("data"):
+                    context.abort(grpc.StatusCode.INVALID_ARGUMENT, "a READY take must describe the data (data)")
+                d = request.data
+                data = JobData(train_samples=d.train_samples, test_samples=d.test_samples, num_classes=d.num_classes,
+                               batch_size=d.batch_size, num_params=d.num_params, digest=d.data_digest,
+                               has_labels=bool(d.labels))
+                labels = bytes(d.labels)
+            self._c.take(request.peer_id, request.job_id, str(outcome), request.detail[:MAX_TASK_ERROR_CHARS], data,
+                         labels)
+            return control_pb2.TakeJobResponse()
         raise AssertionError("unreachable")
 
     def UploadCheckpoint(self, request_iterator: Iterator[control_pb2.CheckpointChunk], context: grpc.ServicerContext) -> control_pb2.UploadCheckpointResponse:

@@ -25,6 +25,15 @@ lease and deadline afresh. Round rules:
   job short of peers tries it again, ``HOLD_OUT_RETRY_MS`` after its hold-out at the soonest,
   twice as long after each further one (a transient fault must not stall a small job for good).
   It comes back at once when it registers again (a restart, with a fixed address perhaps).
+- Takes: a job submitted without its shard sizes (every job the coordinator accepts: it never
+  loads a task's data) is first *taken*. An idle peer is offered the oldest job that needs
+  peers and that it has not taken (:meth:`ClusterState.take_for`); it loads the task and
+  answers (:meth:`ClusterState.take`): READY with what it found of the data (the first READY
+  take fixes the job's data, its shard sizes and, when the job gave none, its batch size; a
+  later one must find the same data, else the peer is refused the job), DECLINED (it is not
+  offered the job again until it registers again; the reason shows in the job's status), or
+  TASK_ERROR (the task failed there: the job fails with the task's error). Only peers that took
+  a job are admitted to its rings. A task error during a round fails the job the same way.
 - Below ``min_peers`` the job waits and says why; after ``peer_grace_s`` it fails.
 - Shards are placed by measured samples/s and never past a member's ``--max-samples`` cap
   (``coordinator.planner``). What the caps cannot hold is left unassigned, and the job's reason
@@ -57,9 +66,11 @@ from __future__ import annotations
 
 import itertools
 import logging
+from dataclasses import replace
 from typing import Any, TypeVar
 
-from dml.common.spec import JobSpec
+from dml.common.spec import MAX_SAMPLES_PER_ROUND, JobSpec
+from dml.common.task import DEFAULT_BATCH_SIZE
 from dml.coordinator import partitions, planner
 from dml.coordinator.records import (
     CANCELLED,
@@ -83,6 +94,7 @@ from dml.coordinator.records import (
     Forbidden,
     GossipWindow,
     Job,
+    JobData,
     MembershipEpoch,
     NotFound,
     PeerRecord,
@@ -100,6 +112,11 @@ T = TypeVar("T")
 # The ReportFailure kind (dml.v1.FailureKind without its prefix) that quarantines; LOCAL (an
 # error: the reporter gives up its place) and UNREACHABLE take the paths above it.
 POISONED = "POISONED"
+TASK = "TASK"  # the FailureKind of a task's own error during a round: the job fails with it
+
+# A take's outcome (dml.v1.TakeOutcome without its prefix).
+READY, DECLINED, TASK_ERROR = "READY", "DECLINED", "TASK_ERROR"
+MAX_TASK_ERROR_CHARS = 2000  # of a task's error kept in a failed job's reason
 
 MAX_DIGEST_MISMATCHES = 3
 MAX_REISSUES = 50  # a round re-issued this often without committing fails the job
@@ -253,6 +270,10 @@ class ClusterState:
         if p is None:
             return Changes()
         changes = Changes(removed_peers=(peer_id,))
+        for j in self.jobs.values():  # a peer that registers again takes again
+            if j.state not in FINISHED and peer_id in j.ready:
+                j.ready.remove(peer_id)
+                changes = changes | Changes(jobs=(j.job_id,))
         job = self.jobs.get(p.job_id)
         if job is not None:
             changes = changes | self._leave(job, peer_id, cause, reporter, detail, now_ms)
@@ -298,6 +319,11 @@ class ClusterState:
         if (suspect and suspect != reporter and suspect in self.peers and suspect not in job.members
                 and job.state == RUNNING and not job.gossip.active and (rnd, epoch) == (job.round, job.epoch)):
             raise Forbidden(f"suspect {suspect} is not a member of job {job_id} epoch {epoch}")
+        if kind == TASK:
+            if job.state in FINISHED:
+                return Changes()
+            log.error("job %s: the task failed on peer %s: %s", job_id, reporter, detail)
+            return self._finish(job, FAILED, task_error_reason(reporter, detail), now_ms)
         if kind == POISONED:
             return self._report_poison(reporter, job, epoch, suspect, detail, now_ms)
         if job.state == RUNNING and job.gossip.active:
@@ -428,14 +454,18 @@ class ClusterState:
         return [p.peer_id for p in sorted(idle, key=lambda p: (p.registered_ms, p.peer_id))]
 
     # -- jobs -------------------------------------------------------------------------------
-    def submit(self, spec: JobSpec, shard_sizes: list[int], now_ms: int) -> tuple[str, Changes]:
-        """Queues a validated job whose training set is cut into shards of ``shard_sizes`` samples."""
-        if len(shard_sizes) != spec.num_shards:
+    def submit(self, spec: JobSpec, shard_sizes: list[int] | None, now_ms: int) -> tuple[str, Changes]:
+        """Queues a validated job. With ``shard_sizes`` its training set is known already, cut
+        into shards of those sizes, and any idle peer may run it; without (None), peers take it
+        first and the first READY take fixes its data (see the module)."""
+        if shard_sizes is not None and len(shard_sizes) != spec.num_shards:
             raise ValueError(f"{len(shard_sizes)} shard sizes for a job of {spec.num_shards} shards")
+        if shard_sizes is not None and not spec.batch_size:
+            spec = replace(spec, batch_size=DEFAULT_BATCH_SIZE)
         jid = self._new_id("job", self.jobs, now_ms)
         wall = self.wall_ms(now_ms)
-        self.jobs[jid] = Job(jid, spec, created_ms=wall, shard_sizes=list(shard_sizes), updated_ms=wall,
-                             reason="waiting for peers")
+        self.jobs[jid] = Job(jid, spec, created_ms=wall, shard_sizes=list(shard_sizes or []), updated_ms=wall,
+                             reason="waiting for peers", needs_take=shard_sizes is None)
         return jid, Changes(jobs=(jid,)) | self.schedule(now_ms)
 
     def job(self, job_id: str) -> Job:
@@ -679,7 +709,7 @@ class ClusterState:
         if planner.unassigned(job.assignment, len(job.shard_sizes)) and job.members:
             room = max(room, 1)  # the caps left data out: a joiner may have room for it
         out = self._held_out(job, now_ms)
-        joiners = [p for p in self.live_idle() if p not in out and not job.excludes(self.peers[p])][: max(room, 0)]
+        joiners = [p for p in self.eligible(job) if p not in out][: max(room, 0)]
         if not joiners:
             return False
         sizes = job.shard_sizes
@@ -709,18 +739,123 @@ class ClusterState:
                 if self._admit(job, now_ms):
                     self._new_epoch(job, now_ms, "peers joined a waiting job")
                     changed.append(job.job_id)
-            elif job.state == PENDING and len(self.live_idle()) >= job.spec.min_peers:
+            elif job.state == PENDING and len(self.eligible(job)) >= job.spec.min_peers:
                 job.state = RUNNING
                 self._admit(job, now_ms)
                 self._start_gossip(job, now_ms)
                 self._new_epoch(job, now_ms, "job started")
                 changed.append(job.job_id)
             elif job.state == PENDING:
-                reason = f"waiting for peers: {len(self.live_idle())} idle, {job.spec.min_peers} needed"
+                reason = self._pending_reason(job)
                 if reason != job.reason:
                     job.reason = reason
                     changed.append(job.job_id)
         return Changes(jobs=tuple(changed), peers=tuple(p for j in changed for p in self.jobs[j].members))
+
+    def eligible(self, job: Job) -> list[str]:
+        """Idle peers (registration order) the job may take into its rings: not quarantined for
+        it, and, for a job that needs takes, having taken it."""
+        return [p for p in self.live_idle() if job.may_admit(p) and not job.excludes(self.peers[p])]
+
+    def _pending_reason(self, job: Job) -> str:
+        if not job.needs_take:
+            return f"waiting for peers: {len(self.live_idle())} idle, {job.spec.min_peers} needed"
+        declined = sum(1 for p in {x.peer_id for x in job.declined} if p in self.peers)
+        return (f"waiting for peers to take the job: {len(self.eligible(job))} ready, {declined} declined, "
+                f"{job.spec.min_peers} needed")
+
+    # -- takes ------------------------------------------------------------------------------
+    def take_for(self, peer_id: str) -> Job | None:
+        """The job an idle peer should take now: the oldest that needs takes and peers (pending,
+        or running with room in its rings) that this peer has neither taken nor declined, and
+        that does not exclude it. None for a member of a job, or when there is none."""
+        p = self._peer(peer_id)
+        if p.job_id:
+            return None
+        for job in sorted(self.jobs.values(), key=lambda j: (j.created_ms, j.job_id)):
+            if not job.needs_take or job.state not in (PENDING, RUNNING):
+                continue
+            if (job.state == RUNNING and len(job.members) >= job.spec.num_shards
+                    and not planner.unassigned(job.assignment, len(job.shard_sizes))):
+                continue  # no room in its rings (the caps left no data out either)
+            if peer_id in job.ready or job.declined_by(peer_id) or job.excludes(p):
+                continue
+            return job
+        return None
+
+    def take(self, peer_id: str, job_id: str, outcome: str, now_ms: int, detail: str = "",
+             data: JobData | None = None, shard_sizes: list[int] | None = None, cut_error: str = "") -> Changes:
+        """A peer's answer to a take (``outcome``: READY, DECLINED or TASK_ERROR).
+
+        READY: ``data`` is what it found. The first READY take fixes the job's data: unless
+        :func:`planner.data_problem` finds the job cannot run on it, or the caller could not cut
+        its shards (``cut_error``: why), in which case the job fails saying why, ``shard_sizes``
+        (cut by the caller from the labels) become the job's, and a job
+        without a batch size gets the task's (else dml's default). A later READY take must find
+        data of the same digest, or the peer is refused the job (listed as declined). DECLINED:
+        the peer is not offered the job again; ``detail`` is why. TASK_ERROR: the job fails with
+        ``detail``, the task's own error. Stale for a finished job, from one of its members (they
+        took it already: a task error in a round is reported as a failure) or from a peer that
+        declined it or was refused it; BadReport for
+        a READY take without data, or shard sizes that do not fit it."""
+        peer = self._peer(peer_id)
+        peer.last_seen_ms = now_ms
+        job = self.job(job_id)
+        if job.state in FINISHED:
+            raise Stale(f"job {job_id} is {job.state}")
+        if not job.needs_take:
+            return Changes()
+        if peer.job_id == job_id:  # a member took the job before it was admitted: its take stands
+            raise Stale(f"peer {peer_id} is a member of job {job_id} already")
+        if job.declined_by(peer_id):
+            raise Stale(f"peer {peer_id} declined job {job_id} (or was refused it); it takes it again only once it "
+                        "registers again")
+        if outcome == TASK_ERROR:
+            log.error("job %s: the task failed on peer %s: %s", job_id, peer_id, detail)
+            return self._finish(job, FAILED, task_error_reason(peer_id, detail), now_ms)
+        if outcome == DECLINED:
+            return self._decline(job, peer_id, detail or "declined (no reason given)", now_ms)
+        if outcome != READY:
+            raise BadReport(f"unknown take outcome {outcome!r}")
+        if data is None:
+            raise BadReport(f"peer {peer_id} took job {job_id} as READY without describing its data")
+        changes = Changes(jobs=(job_id,))
+        if job.data is None:
+            problem = planner.data_problem(job.spec, data.train_samples, data.has_labels) or cut_error
+            batch = job.spec.batch_size or data.batch_size or DEFAULT_BATCH_SIZE
+            if not problem and job.spec.local_steps * batch > MAX_SAMPLES_PER_ROUND:
+                problem = (f"local_steps x batch_size ({job.spec.local_steps} x {batch}, the task's batch size) "
+                           f"must be at most {MAX_SAMPLES_PER_ROUND:,} samples per round")
+            if problem:
+                log.error("job %s: cannot run on the data peer %s found: %s", job_id, peer_id, problem)
+                return self._finish(job, FAILED, problem, now_ms)
+            sizes = list(shard_sizes or [])
+            if len(sizes) != job.spec.num_shards or sum(sizes) != data.train_samples or min(sizes) < 0:
+                raise BadReport(f"{len(sizes)} shard sizes summing to {sum(sizes)} do not cut {data.train_samples} "
+                                f"samples into {job.spec.num_shards} shards")
+            job.data, job.shard_sizes = data, sizes
+            if job.spec.batch_size != batch:
+                job.spec = replace(job.spec, batch_size=batch)
+            log.info("job %s: data fixed by peer %s: %d training samples%s, batch size %d", job_id, peer_id,
+                     data.train_samples, f", {data.num_classes} classes" if data.has_labels else ", no labels", batch)
+            changes = changes | Changes(data=(job_id,))
+        elif data.digest != job.data.digest:
+            return self._decline(job, peer_id, (
+                f"its data differs from the job's: {data.train_samples} training samples (digest "
+                f"{data.digest[:12]}) where the job has {job.data.train_samples} ({job.data.digest[:12]})"), now_ms)
+        if peer_id not in job.ready:
+            job.ready.append(peer_id)
+        job.updated_ms = self.wall_ms(now_ms)
+        return changes | self.schedule(now_ms)
+
+    def _decline(self, job: Job, peer_id: str, reason: str, now_ms: int) -> Changes:
+        """Records that ``peer_id`` will not (or may not) run ``job``."""
+        log.warning("job %s: peer %s declined it: %s", job.job_id, peer_id, reason)
+        if peer_id in job.ready:
+            job.ready.remove(peer_id)
+        _keep_recent(job.declined, Exclusion(peer_id, job.round, reason, self.wall_ms(now_ms)))
+        job.updated_ms = self.wall_ms(now_ms)
+        return Changes(jobs=(job.job_id,)) | self.schedule(now_ms)
 
     def active(self, job: Job) -> bool:
         """Whether the job's current round is being run (enough members, and data to train on)."""
@@ -858,6 +993,14 @@ class ClusterState:
         else:
             self._issue(job, now_ms)
         return changes
+
+
+def task_error_reason(peer_id: str, detail: str) -> str:
+    """A failed job's reason for its task's error on ``peer_id`` (bounded in length)."""
+    detail = detail.strip() or "(no message)"
+    if len(detail) > MAX_TASK_ERROR_CHARS:
+        detail = detail[: MAX_TASK_ERROR_CHARS - 3] + "..."
+    return f"task error on peer {peer_id}: {detail}"
 
 
 def _keep_recent(events: list[T], event: T) -> None:

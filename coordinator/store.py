@@ -26,6 +26,9 @@ import uuid
 from dataclasses import asdict, fields
 from typing import Any, Iterable, Protocol
 
+import numpy as np
+
+from dml.common.sampling import labels_digest
 from dml.common.spec import JobSpec
 from dml.common.tasks import builtin_data
 from dml.coordinator import planner
@@ -36,6 +39,7 @@ from dml.coordinator.records import (
     GossipPhase,
     GossipWindow,
     Job,
+    JobData,
     MembershipEpoch,
     PeerRecord,
     Quarantine,
@@ -46,8 +50,9 @@ from dml.coordinator.records import (
 log = logging.getLogger(__name__)
 
 # 0: the first release (0e7092d). 1: the gossip phase as one object; shard sizes on the job.
-# 2: a ``meta`` table holding the cluster id.
-SCHEMA_VERSION = 2
+# 2: a ``meta`` table holding the cluster id. 3: takes: each job's data (``JobData``) and the
+# peers that took or declined it in its document, its training labels in table ``labels``.
+SCHEMA_VERSION = 3
 PROBE_MIN_BYTES = 64 << 10  # the least room a recovery probe asks for
 MAX_PAGES = 4294967294  # SQLite's largest max_page_count: no cap
 
@@ -90,6 +95,8 @@ def job_to_dict(job: Job) -> dict[str, Any]:
     d["broken_links"] = [asdict(b) for b in job.broken_links]
     d["held_out"] = [asdict(x) for x in job.held_out]
     d["quarantined"] = [asdict(q) for q in job.quarantined]
+    d["data"] = asdict(job.data) if job.data is not None else None
+    d["declined"] = [asdict(x) for x in job.declined]
     return d
 
 
@@ -110,6 +117,8 @@ def job_from_dict(d: dict[str, Any], history: list[RoundRecord]) -> Job:
     d["broken_links"] = [BrokenLink(**b) for b in d.get("broken_links", [])]
     d["held_out"] = [Exclusion(**x) for x in d.get("held_out", [])]
     d["quarantined"] = [Quarantine(**q) for q in d.get("quarantined", [])]
+    d["data"] = JobData(**d["data"]) if d.get("data") else None
+    d["declined"] = [Exclusion(**x) for x in d.get("declined", [])]
     return Job(history=history, **d)
 
 
@@ -142,11 +151,16 @@ class Store(Protocol):
     """Where the coordinator keeps what must survive a restart."""
 
     def save(self, jobs: Iterable[Job], peers: Iterable[PeerRecord], removed_peers: Iterable[str],
-             rounds: Iterable[tuple[str, RoundRecord]]) -> None:
-        """Writes changed jobs and peers, deletes removed peers, appends committed rounds, atomically."""
+             rounds: Iterable[tuple[str, RoundRecord]], labels: Iterable[tuple[str, bytes]] = ()) -> None:
+        """Writes changed jobs and peers, deletes removed peers, appends committed rounds and
+        writes jobs' training labels (int32 little-endian bytes, written once), atomically."""
 
     def load(self) -> tuple[list[Job], list[PeerRecord]]:
-        """Everything saved, jobs with their history."""
+        """Everything saved, jobs with their history (not their labels: :meth:`load_labels`)."""
+
+    def load_labels(self, job_id: str) -> bytes | None:
+        """A job's training labels as saved (int32 little-endian bytes; b"" when its task has
+        none), None when none were saved for it."""
 
     @property
     def cluster_id(self) -> str:
@@ -168,6 +182,7 @@ class MemoryStore:
         self.jobs: dict[str, str] = {}  # JSON documents, as the SQLite store keeps them
         self.peers: dict[str, str] = {}
         self.rounds: dict[str, list[str]] = {}
+        self.labels: dict[str, bytes] = {}
         self._cluster_id = new_cluster_id()
 
     @property
@@ -179,9 +194,10 @@ class MemoryStore:
         """See :class:`Store`: memory always has room."""
 
     def save(self, jobs: Iterable[Job], peers: Iterable[PeerRecord], removed_peers: Iterable[str],
-             rounds: Iterable[tuple[str, RoundRecord]]) -> None:
+             rounds: Iterable[tuple[str, RoundRecord]], labels: Iterable[tuple[str, bytes]] = ()) -> None:
         """See :class:`Store`. Everything is serialised before anything is written, so a save
         that fails part-way writes nothing (as SQLite's rollback does)."""
+        new_labels = {jid: bytes(b) for jid, b in labels}
         new_jobs = {j.job_id: json.dumps(job_to_dict(j)) for j in jobs}
         new_peers = {p.peer_id: json.dumps(asdict(p)) for p in peers}
         gone = list(removed_peers)
@@ -192,6 +208,11 @@ class MemoryStore:
             self.peers.pop(pid, None)
         for jid, r in new_rounds:
             self.rounds.setdefault(jid, []).append(r)
+        self.labels.update(new_labels)
+
+    def load_labels(self, job_id: str) -> bytes | None:
+        """See :class:`Store`."""
+        return self.labels.get(job_id)
 
     def load(self) -> tuple[list[Job], list[PeerRecord]]:
         """See :class:`Store`. Returns fresh objects that share nothing with the store."""
@@ -274,6 +295,8 @@ class SqliteStore:
                 self._migrate_0_to_1()
             if version < 2:
                 self._db.execute("INSERT OR IGNORE INTO meta VALUES ('cluster_id', ?)", (new_cluster_id(),))
+            if version < 3:
+                self._migrate_2_to_3()
             if version < SCHEMA_VERSION:
                 self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
             row = self._db.execute("SELECT value FROM meta WHERE key = 'cluster_id'").fetchone()
@@ -314,24 +337,52 @@ class SqliteStore:
         if rows:
             log.info("migrated %s from store schema 0 to 1 (%d jobs)", self.path, len(rows))
 
+    def _migrate_2_to_3(self) -> None:
+        """Schema 2 to 3, inside the opening transaction: every job (all of them of built-in
+        tasks, the only ones schema 2 could run) gets its data and labels from the built-in
+        task's training set, as a first READY take would have given them, and its members count
+        as having taken it (they are running it)."""
+        rows = self._db.execute("SELECT job_id, body FROM jobs").fetchall()
+        cache: dict[str, tuple[JobData, bytes]] = {}
+        for jid, body in rows:
+            d = json.loads(body)
+            task = JobSpec.from_dict(d["spec"]).task
+            try:
+                if task not in cache:
+                    y = builtin_data(task).y_train
+                    blob = np.ascontiguousarray(y, dtype="<i4").tobytes()
+                    cache[task] = (JobData(train_samples=int(y.size), num_classes=int(y.max()) + 1,
+                                           digest=labels_digest(int(y.size), blob), has_labels=True), blob)
+            except ValueError as e:
+                raise SchemaError(f"{self.path}: cannot migrate job {jid} from store schema 2: {e}") from e
+            data, blob = cache[task]
+            d.update(needs_take=True, data=asdict(data), ready=list(d.get("members", [])), declined=[])
+            self._db.execute("UPDATE jobs SET body = ? WHERE job_id = ?", (json.dumps(d), jid))
+            self._db.execute("INSERT OR REPLACE INTO labels VALUES (?, ?)", (jid, blob))
+        if rows:
+            log.info("migrated %s from store schema 2 to 3 (%d jobs)", self.path, len(rows))
+
     def _tx(self) -> "_Tx":
         return _Tx(self._db, self._lock)
 
     def save(self, jobs: Iterable[Job], peers: Iterable[PeerRecord], removed_peers: Iterable[str],
-             rounds: Iterable[tuple[str, RoundRecord]]) -> None:
+             rounds: Iterable[tuple[str, RoundRecord]], labels: Iterable[tuple[str, bytes]] = ()) -> None:
         """See :class:`Store`. Everything is serialised first, then written in one transaction;
         a write that fails (disk full, I/O error) is rolled back and raises StoreWriteError."""
+        label_rows = [(jid, bytes(b)) for jid, b in labels]
         job_rows = [(j.job_id, json.dumps(job_to_dict(j))) for j in jobs]
         peer_rows = [(p.peer_id, json.dumps(asdict(p))) for p in peers]
         gone = [(pid,) for pid in removed_peers]
         round_rows = [(jid, r.round, json.dumps(asdict(r))) for jid, r in rounds]
-        size = sum(len(b) for _, b in job_rows) + sum(len(b) for _, b in peer_rows) + sum(len(b) for *_, b in round_rows)
+        size = sum(len(b) for _, b in job_rows) + sum(len(b) for _, b in peer_rows) + sum(len(b) for *_, b in round_rows) \
+            + sum(len(b) for _, b in label_rows)
         try:
             with self._tx():
                 self._db.executemany("INSERT OR REPLACE INTO jobs VALUES (?, ?)", job_rows)
                 self._db.executemany("INSERT OR REPLACE INTO peers VALUES (?, ?)", peer_rows)
                 self._db.executemany("DELETE FROM peers WHERE peer_id = ?", gone)
                 self._db.executemany("INSERT OR REPLACE INTO rounds VALUES (?, ?, ?)", round_rows)
+                self._db.executemany("INSERT OR REPLACE INTO labels VALUES (?, ?)", label_rows)
         except (sqlite3.Error, OSError) as e:
             raise StoreWriteError(f"cannot write {self.path}: {e}", size) from e
 
@@ -374,6 +425,19 @@ class SqliteStore:
                 raise CorruptStore(f"{self.path} holds a record this dml cannot read ({type(e).__name__}: {e})") from e
         return jobs, peers
 
+    def load_labels(self, job_id: str) -> bytes | None:
+        """See :class:`Store`. CorruptStore when the row is not bytes."""
+        with self._lock:
+            try:
+                row = self._db.execute("SELECT body FROM labels WHERE job_id = ?", (job_id,)).fetchone()
+            except sqlite3.DatabaseError as e:
+                raise CorruptStore(f"{self.path} is not a readable dml database ({e})") from e
+        if row is None:
+            return None
+        if not isinstance(row[0], bytes):
+            raise CorruptStore(f"{self.path}: the labels of job {job_id} are not a blob")
+        return row[0]
+
     def close(self) -> None:
         """Closes the database."""
         with self._lock:
@@ -386,6 +450,7 @@ def _create_tables(db: sqlite3.Connection) -> None:
     db.execute("CREATE TABLE IF NOT EXISTS rounds (job_id TEXT NOT NULL, round INTEGER NOT NULL, "
                "body TEXT NOT NULL, PRIMARY KEY (job_id, round))")
     db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value NOT NULL)")
+    db.execute("CREATE TABLE IF NOT EXISTS labels (job_id TEXT PRIMARY KEY, body BLOB NOT NULL)")
 
 
 class _Tx:

@@ -18,8 +18,8 @@ from dml.peer.taskload import make_trainer
 from dml.peer import faults
 from dml.peer.client import Evicted
 from dml.peer.gossip import Outcome
-from dml.peer.step import NotFinite, check_own, report_failure, superseded, train_and_report
-from dml.peer.trainer import Trainer
+from dml.peer.step import NotFinite, check_own, report_failure, superseded, task_error_detail, train_and_report
+from dml.peer.trainer import TaskError, Trainer
 
 if TYPE_CHECKING:
     from dml.peer.runner import Peer
@@ -171,6 +171,9 @@ class GossipStep:
             return resp.next if resp.has_next else None
         except Evicted:
             raise
+        except TaskError as e:
+            log.error("%s: the task failed: %s", tag, e)
+            report_failure(peer, plan, peer.peer_id, task_error_detail(e), control_pb2.FAILURE_KIND_TASK)
         except NotFinite as e:
             log.error("%s: %s; not exchanging, and reporting it", tag, e)
             report_failure(peer, plan, peer.peer_id, str(e), control_pb2.FAILURE_KIND_POISONED)

@@ -30,8 +30,8 @@ from dml.peer.client import Evicted
 from dml.peer.gossip_step import GossipStep
 from dml.peer.link import PeerLink
 from dml.peer.params import Snapshot
-from dml.peer.step import NotFinite, check_own, report_failure, superseded, train_and_report
-from dml.peer.trainer import StepResult, Trainer
+from dml.peer.step import NotFinite, check_own, report_failure, superseded, task_error_detail, train_and_report
+from dml.peer.trainer import StepResult, TaskError, Trainer
 from dml.peer.watch import SuccessorWatch
 
 if TYPE_CHECKING:
@@ -115,6 +115,9 @@ class RingRound:
         link.open_early()  # the stream to the successor is negotiated while we train
         try:
             self._train_and_average(plan, me[0], tag, link)
+        except TaskError as e:
+            log.error("%s: the task failed: %s", tag, e)
+            report_failure(peer, plan, peer.peer_id, task_error_detail(e), control_pb2.FAILURE_KIND_TASK)
         except NotFinite as e:
             log.error("%s: %s; not exchanging, and reporting it", tag, e)
             report_failure(peer, plan, peer.peer_id, str(e), control_pb2.FAILURE_KIND_POISONED)

@@ -27,6 +27,7 @@ from dml.peer.link import PeerLink
 from dml.peer.metrics import PeerMetrics
 from dml.peer.params import ParamStore
 from dml.peer.ring_round import RingRound
+from dml.peer.take import take
 from dml.peer.trainer import Trainer
 
 log = logging.getLogger(__name__)
@@ -251,6 +252,11 @@ class Peer:
                     lambda: self.client.stub.GetPlan(ask, timeout=self.config.plan_wait_s + CALL_TIMEOUT_S),  # noqa: B023 (called now)
                     "get plan")
                 if not resp.has_plan:
+                    continue
+                if resp.plan.take:  # an idle peer's offer of a job: load its task and say what it found
+                    if self.store.trainer_for(resp.plan.job_id) is None:
+                        self._gossip_step.leave()  # whatever it gossiped before is over
+                    take(self, resp.plan)
                     continue
                 plan: types_pb2.Plan | None = resp.plan
                 while plan is not None and not self.stop_event.is_set():

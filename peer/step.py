@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+import traceback
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -37,6 +38,22 @@ def sample_indices(plan: types_pb2.Plan, rank: int) -> np.ndarray:
     return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
 
 
+MAX_TASK_ERROR_CHARS = 1800  # of a task's error sent to the coordinator
+TRACEBACK_FRAMES = 3  # the innermost frames of the task's traceback, where its own code raised
+
+
+def task_error_detail(e: BaseException) -> str:
+    """A task's error as the coordinator shows it: the message, then (unless the message holds
+    them already) the innermost frames of the traceback of what the task raised, bounded in
+    length."""
+    text = str(e)
+    cause = e.__cause__ or e
+    if "\n  File " not in text and cause.__traceback__ is not None:
+        frames = traceback.format_tb(cause.__traceback__)[-TRACEBACK_FRAMES:]
+        text = f"{text}\n" + "".join(frames).rstrip() if frames else text
+    return text if len(text) <= MAX_TASK_ERROR_CHARS else text[: MAX_TASK_ERROR_CHARS - 3] + "..."
+
+
 class NotFinite(Exception):
     """This member's own parameters or update are not finite: it must not exchange them."""
 
@@ -56,7 +73,8 @@ def check_own(params: np.ndarray, base: np.ndarray | None, what: str) -> float:
 def report_failure(peer: Peer, plan: types_pb2.Plan, suspect: str, detail: str, kind: int | None = None) -> None:
     """Tells the coordinator this round failed, naming ``suspect``; gives up after a while.
     ``kind`` POISONED: ``suspect`` holds non-finite or absurd values (sent them to this member,
-    or, when it is this member, found them in its own update). By default LOCAL when this
+    or, when it is this member, found them in its own update); TASK: the task's own code failed
+    here (``detail``: :func:`task_error_detail`), which fails the job. By default LOCAL when this
     member names itself (an error), UNREACHABLE when it names another."""
     if kind is None:
         kind = (control_pb2.FAILURE_KIND_LOCAL if suspect == peer.peer_id else

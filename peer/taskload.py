@@ -15,6 +15,11 @@ if TYPE_CHECKING:
     from dml.peer.runner import Peer
 
 
+class Declined(Exception):
+    """This peer will not run the job (for instance job code it is not allowed to run); the
+    message says why, and the coordinator shows it in the job's status."""
+
+
 def resolve(name: str) -> Task:
     """The task ``name`` refers to. Raises :class:`TaskError` with a message when it cannot be
     found or is not a ``dml.Task``."""

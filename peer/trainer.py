@@ -201,6 +201,7 @@ class Trainer:
         self.task = task
         self.device = torch.device(device)
         ctx = ctx if ctx is not None else Context(seed=seed)
+        self.ctx = ctx  # where the task finds its data on this peer (its labels(ctx) are read with it)
         # Held around every SGD step and by whatever else changes the parameters in place (a
         # gossip partner's averaging), so that never lands in the middle of a step.
         self.lock = threading.Lock()

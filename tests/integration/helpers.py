@@ -125,13 +125,39 @@ def assert_state_dicts_identical(states: list[dict[str, torch.Tensor]]) -> None:
             assert other[k].numpy().tobytes() == first[k].numpy().tobytes(), f"tensor {k} differs"
 
 
+def builtin_shard_sizes(spec=None) -> list[int]:
+    """The shard sizes a job of a built-in task gets (its peers' takes describe the task's
+    training set, from which the coordinator cuts them), computed here from the task's data."""
+    from dml.common.spec import JobSpec, with_defaults
+    from dml.common.tasks import builtin_data
+    from dml.coordinator.service import cut_shards
+
+    spec = with_defaults(spec or JobSpec())
+    return [int(s.size) for s in cut_shards(spec, builtin_data(spec.task).y_train)]
+
+
+def take_ready(ctl, peer_id: str, job_id: str, task: str = "digits") -> None:
+    """A hand-made peer (``ctl``: a PeerControl stub with its token) takes a built-in task's job,
+    describing the data as a real peer (dml.peer.take) would."""
+    import numpy as np
+    from dml.v1 import control_pb2
+
+    from dml.common.sampling import labels_digest
+    from dml.common.tasks import builtin_data
+
+    y = builtin_data(task).y_train
+    blob = np.ascontiguousarray(y, dtype="<i4").tobytes()
+    data = control_pb2.DataInfo(train_samples=y.size, labels=blob, num_classes=int(y.max()) + 1, batch_size=32,
+                                data_digest=labels_digest(y.size, blob))
+    ctl.TakeJob(control_pb2.TakeJobRequest(peer_id=peer_id, job_id=job_id, outcome=control_pb2.TAKE_OUTCOME_READY,
+                                           data=data), timeout=10)
+
+
 def ledger_problems(history: list[dict], spec=None) -> list[str]:
     """Sample-ledger violations of a job's history (as `dml status --json --history` prints it)."""
     from dml.coordinator.ledger import violations
-    from dml.coordinator.service import job_shards
-    from dml.common.spec import JobSpec
 
-    sizes = [int(s.size) for s in job_shards(spec or JobSpec())]
+    sizes = builtin_shard_sizes(spec)
     rounds = [[tuple(x) for m in sorted(r["consumed"]) for x in r["consumed"][m]] for r in history]
     return violations(rounds, sizes)
 

@@ -90,7 +90,7 @@ def test_job_waits_for_min_peers_and_says_why():
         stub = job_stub(srv.address)
         jid = _submit(stub, JobSpec(rounds=3, local_steps=2, min_peers=2))
         with peers(srv.address, 1):
-            wait_for(lambda: "1 idle, 2 needed" in _job(stub, jid).job.reason, 10, "waiting reason")
+            wait_for(lambda: "1 ready, 0 declined, 2 needed" in _job(stub, jid).job.reason, 10, "waiting reason")
             assert _job(stub, jid).job.state == types_pb2.JOB_STATE_PENDING
             with peers(srv.address, 1):
                 wait_for(lambda: _job(stub, jid).job.state == types_pb2.JOB_STATE_SUCCEEDED, 60, "job to succeed")

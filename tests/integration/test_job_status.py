@@ -47,7 +47,7 @@ def test_report_failure_kinds_the_held_out_reason_in_heartbeats_and_held_out_in_
     from dml.v1 import control_pb2, control_pb2_grpc
 
     from dml.common import auth, rpc
-    from tests.integration.helpers import join_token
+    from tests.integration.helpers import join_token, take_ready
 
     import socket
 
@@ -63,7 +63,9 @@ def test_report_failure_kinds_the_held_out_reason_in_heartbeats_and_held_out_in_
         a, b = (r.peer_id for r in regs)
         ctl, ctl_b = (control_pb2_grpc.PeerControlStub(auth.with_token(ch, r.peer_token)) for r in regs)  # as a, as b
         stub = job_stub(srv.address)
-        jid = _submit(stub, JobSpec(rounds=5, min_peers=1))
+        jid = _submit(stub, JobSpec(rounds=5, min_peers=2))  # both take it, then it starts with both
+        take_ready(ctl, a, jid)
+        take_ready(ctl_b, b, jid)
         st = _job(stub, jid).job
         assert list(st.peers) == [a, b]
         fail = control_pb2.ReportFailureRequest(peer_id=a, job_id=jid, round=1, epoch=st.epoch, suspect_peer_id=b,

@@ -51,8 +51,10 @@ def test_a_broken_ring_member_is_quarantined_and_the_job_succeeds_finite(data_pl
             wait_for(lambda: srv.coordinator.view(lambda st: len(st.live_idle())) == 3, 10, "three idle peers")
             stub = job_stub(srv.address)
             jid = _submit(stub, spec)
-            wait_for(lambda: _job(stub, jid).job.state != types_pb2.JOB_STATE_RUNNING
-                     and _job(stub, jid).job.state != types_pb2.JOB_STATE_PENDING, 120, "the job to end")
+            # One read per poll: a job that is PENDING (its peers taking it) on one read and
+            # RUNNING on the next must not pass for ended.
+            wait_for(lambda: _job(stub, jid).job.state not in (types_pb2.JOB_STATE_RUNNING, types_pb2.JOB_STATE_PENDING),
+                     120, "the job to end")
             resp = _job(stub, jid, history=True)
             assert resp.job.state == types_pb2.JOB_STATE_SUCCEEDED, resp.job.reason
             (q,) = resp.job.quarantined

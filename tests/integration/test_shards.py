@@ -13,15 +13,18 @@ from dml.common.spec import JobSpec
 from dml.common.tasks import builtin_data
 from dml.client import cli
 from dml.coordinator.planner import make_shards
-from dml.v1 import control_pb2, control_pb2_grpc, jobs_pb2
+from dml.v1 import control_pb2, control_pb2_grpc, jobs_pb2, types_pb2
 from dml.coordinator.service import CoordinatorConfig
-from tests.integration.helpers import coordinator, job_stub, join_token, operator_token
+from tests.integration.helpers import coordinator, job_stub, join_token, operator_token, take_ready
 from tests.integration.test_cluster import _submit
 
 SPEC = JobSpec(rounds=3, min_peers=2, num_shards=10, sharding="classes:2", seed=5)
 CAP = 150  # about one shard of digits' 1,438 training samples cut in 10
 # The registered peers never heartbeat: a lease long enough that none is evicted mid-test.
 SLOW_LEASE = CoordinatorConfig(heartbeat_interval_ms=200, peer_timeout_ms=600_000, tick_ms=100)
+
+
+TOKENS: dict[str, str] = {}  # peer id -> the token it was issued
 
 
 def register(address: str, n_port: int, max_samples: int = 0) -> str:
@@ -31,7 +34,15 @@ def register(address: str, n_port: int, max_samples: int = 0) -> str:
         req = control_pb2.RegisterPeerRequest(address=f"127.0.0.1:{n_port}",
                                               capability=control_pb2.PeerCapability(device="cpu",
                                                                                     max_samples=max_samples))
-        return stub.RegisterPeer(req, timeout=10).peer_id
+        resp = stub.RegisterPeer(req, timeout=10)
+        TOKENS[resp.peer_id] = resp.peer_token
+        return resp.peer_id
+
+
+def take(address: str, peer_id: str, job_id: str) -> None:
+    """The registered peer takes the job as a real one would (finding digits' data)."""
+    with rpc.channel(address) as ch:
+        take_ready(control_pb2_grpc.PeerControlStub(auth.with_token(ch, TOKENS[peer_id])), peer_id, job_id)
 
 
 def cli_run(capsys: pytest.CaptureFixture[str], address: str, token_file, *args: str) -> tuple[int, str, str]:
@@ -48,6 +59,8 @@ def test_get_shards_reports_each_members_shards_samples_and_label_counts(tmp_pat
         free = register(srv.address, 2)
         stub = job_stub(srv.address)
         jid = _submit(stub, SPEC)
+        for pid in (capped, free):
+            take(srv.address, pid, jid)
         resp = stub.GetShards(jobs_pb2.GetShardsRequest(job_id=jid), timeout=10)
         token = tmp_path / "operator.token"
         token.write_text(operator_token(srv.address) + "\n")
@@ -89,15 +102,19 @@ def test_get_shards_reports_each_members_shards_samples_and_label_counts(tmp_pat
     assert bad == 2 and "job-nope" in bad_err and "Traceback" not in bad_err and len(bad_err.strip().splitlines()) == 1
 
 
-def test_submit_refuses_a_plan_that_cannot_be_cut(tmp_path) -> None:
-    with coordinator() as srv:
+def test_a_plan_that_cannot_be_cut_fails_its_job_when_a_peer_takes_it(tmp_path) -> None:
+    """The coordinator cuts shards from the data the first take describes (it loads none
+    itself): a cut that cannot be made fails the job, saying why."""
+    with coordinator(timing=SLOW_LEASE) as srv:
         stub = job_stub(srv.address)
+        peer = register(srv.address, 3)
         for spec, words in ((JobSpec(num_shards=10, sharding="classes:11"), "only 10"),
                             (JobSpec(num_shards=100, min_shard_samples=20), "min_shard_samples"),
                             (JobSpec(num_shards=3, sharding="classes:2"), "at least 5 shards")):
-            with pytest.raises(grpc.RpcError) as e:
-                _submit(stub, spec)
-            assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and words in e.value.details(), e.value.details()
+            jid = _submit(stub, spec)
+            take(srv.address, peer, jid)
+            job = stub.GetJob(jobs_pb2.GetJobRequest(job_id=jid), timeout=10).job
+            assert job.state == types_pb2.JOB_STATE_FAILED and words in job.reason, job.reason
 
 
 def test_a_peers_max_samples_reaches_its_record_and_the_store(tmp_path) -> None:

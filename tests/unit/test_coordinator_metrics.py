@@ -12,6 +12,7 @@ from dml.coordinator.metrics import CoordinatorMetrics
 from dml.coordinator.records import Report
 from dml.coordinator.service import Clock, Coordinator, CoordinatorConfig, StoreUnavailable
 from dml.coordinator.store import MemoryStore
+from tests.unit.takekit import take_all
 
 SPEC = JobSpec(task="digits", num_shards=4, min_peers=2, rounds=3, local_steps=1, batch_size=8)
 
@@ -31,6 +32,7 @@ def test_commits_evictions_and_gauges(tmp_path: pathlib.Path) -> None:
     c = _coordinator(store, tmp_path, now)
     jid = c.submit(SPEC)
     a, b, d = (c.register(f"10.0.0.{i}:1", {})[0] for i in (1, 2, 3))
+    take_all(c, jid, [a, b, d])
     m = c.metrics
     assert value(m, "dml_peers_live") == 3 and value(m, "dml_jobs_running") == 1
     job = c.state.job(jid)

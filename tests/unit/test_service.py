@@ -6,43 +6,85 @@ import shutil
 
 import pytest
 
+from dataclasses import replace
+
 from dml.common import tasks
 from dml.common.spec import JobSpec
-from dml.coordinator import service
-from dml.coordinator.records import EVICTION_CAUSES, NEIGHBOUR_REPORT, Eviction, Job, MembershipEpoch, Report
-from dml.coordinator.service import Clock, Coordinator, CoordinatorConfig, job_shards
+from dml.coordinator import store as store_module
+from dml.coordinator.records import EVICTION_CAUSES, NEIGHBOUR_REPORT, BadReport, Eviction, Job, MembershipEpoch, Report
+from dml.coordinator.service import Clock, Coordinator, CoordinatorConfig, cut_shards
+from dml.coordinator.state import READY
 from dml.coordinator.servicer import PeerControlServicer, job_to_pb
 from dml.coordinator.store import MemoryStore, SqliteStore
 from dml.v1 import jobs_pb2
+from tests.unit.takekit import builtin_take, take_all
 
 
-def test_submit_fixes_the_shard_sizes_and_a_restored_job_runs_without_loading_data(
+def test_the_first_ready_take_fixes_the_shards_and_a_restored_job_runs_without_loading_data(
         tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    store = MemoryStore()
+    store = SqliteStore(tmp_path / "state")
     now = [1000.0]
     first = Coordinator(CoordinatorConfig(), store, tmp_path, clock=Clock(monotonic=lambda: now[0], wall=lambda: now[0]))
-    spec = JobSpec(task="digits", num_shards=5, min_peers=2, rounds=2, local_steps=1, batch_size=8)
+    spec = JobSpec(task="digits", num_shards=5, min_peers=2, rounds=2, local_steps=1, batch_size=8,
+                   sharding="dirichlet:0.5")
     jid = first.submit(spec)
-    sizes = first.state.job(jid).shard_sizes
-    assert sizes == [int(s.size) for s in job_shards(first.state.job(jid).spec)]
-    assert sum(sizes) == tasks.builtin_data("digits").y_train.size
-    # A coordinator restored from the store: from here on nothing may load the task.
-    second = Coordinator(CoordinatorConfig(), store, tmp_path, clock=Clock(monotonic=lambda: now[0], wall=lambda: now[0]))
-    assert second.state.job(jid).shard_sizes == sizes
+    assert first.state.job(jid).shard_sizes == [] and first.job_labels(jid) is None, "cut only once a peer took it"
+    a, b = first.register("10.0.0.1:1", {})[0], first.register("10.0.0.2:1", {})[0]
+    take_all(first, jid, [a])
+    data, labels = builtin_take()
+    job = first.state.job(jid)
+    sizes = job.shard_sizes
+    want = cut_shards(job.spec, tasks.builtin_data("digits").y_train)
+    assert sizes == [int(s.size) for s in want] and sum(sizes) == data.train_samples
+    assert [x.tolist() for x in first.shard_indices(job)] == [x.tolist() for x in want]
+    assert first.job_labels(jid).tolist() == tasks.builtin_data("digits").y_train.tolist()
+    first.close()
+    # A coordinator restored from the store: from here on nothing may load the task's data.
 
     def no_data(*_: object) -> None:
-        raise AssertionError("the state machine loaded a dataset")
+        raise AssertionError("the coordinator loaded a dataset")
 
-    monkeypatch.setattr(service, "builtin_data", no_data)
-    service._shards.cache_clear()
-    a, b = second.register("10.0.0.1:1", {})[0], second.register("10.0.0.2:1", {})[0]
+    monkeypatch.setattr(tasks, "builtin_data", no_data)
+    monkeypatch.setattr(store_module, "builtin_data", no_data)
+    second = Coordinator(CoordinatorConfig(), SqliteStore(tmp_path / "state"), tmp_path,
+                         clock=Clock(monotonic=lambda: now[0], wall=lambda: now[0]))
     job = second.state.job(jid)
+    assert job.shard_sizes == sizes and job.ready == [a]
+    assert [x.tolist() for x in second.shard_indices(job)] == [x.tolist() for x in want]
+    assert second.job_labels(jid).tobytes() == labels
+    second.take(b, jid, READY, data=data, labels=labels)
     assert job.members == [a, b]
     for rnd in (1, 2):
         for m in (a, b):
             now[0] += 1
             second.report(m, jid, rnd, job.epoch, Report(samples=job.allocated(m), train_loss=1.0, digest="d"))
     assert job.state == "SUCCEEDED" and job.samples == 2 * 2 * 8
+    second.close()
+
+
+def test_a_take_whose_labels_do_not_add_up_is_refused(tmp_path: pathlib.Path) -> None:
+    coord = Coordinator(CoordinatorConfig(), MemoryStore(), tmp_path)
+    jid = coord.submit(JobSpec(task="digits", num_shards=4, min_peers=1, rounds=1))
+    a = coord.register("10.0.0.1:1", {})[0]
+    data, labels = builtin_take()
+    for bad, blob, words in (
+            (data, labels[:-4], "bytes of labels for"),
+            (data, b"\xff\xff\xff\xff" + labels[4:], "must not be negative"),
+            (replace(data, digest="0" * 64), labels, "data_digest is not the sha256"),
+            (replace(data, digest="nope"), labels, "64 hex digits"),
+            (replace(data, train_samples=(1 << 20) + 1), labels, "at most 1,048,576")):
+        with pytest.raises(BadReport, match=words):
+            coord.take(a, jid, READY, data=bad, labels=blob)
+    job = coord.state.job(jid)
+    assert job.data is None and job.state == "PENDING" and job.ready == []
+    assert [x.peer_id for x in job.declined] == [a], "the first refused take is shown, the peer not offered it again"
+    assert job.declined[0].reason.startswith("its description of the data was refused: ") and \
+        "bytes of labels for" in job.declined[0].reason
+    assert coord.state.take_for(a) is None
+    a = coord.register("10.0.0.1:1", {})[0]  # it restarts: a new peer, that describes the data right
+    coord.take(a, jid, READY, data=replace(data, num_classes=99), labels=labels)
+    assert job.data is not None and job.data.num_classes == 10, "counted from the labels, not taken on trust"
+    assert job.state == "RUNNING"
 
 
 FIXTURE = pathlib.Path(__file__).resolve().parents[1] / "fixtures" / "state-0e7092d"
@@ -114,6 +156,7 @@ class FakeClock:
 def two_peer_job(coord: Coordinator, rounds: int = 50) -> tuple[str, str, str]:
     a, b = coord.register("10.0.0.1:1", {})[0], coord.register("10.0.0.2:1", {})[0]
     jid = coord.submit(JobSpec(task="digits", num_shards=4, min_peers=2, rounds=rounds, local_steps=1, batch_size=8))
+    take_all(coord, jid, [a, b])
     return jid, a, b
 
 
@@ -210,6 +253,7 @@ from dml.aggregation.averaging import digest
 from dml.common.spec import JobSpec
 from dml.coordinator.service import PROBE_EVERY_S, Clock, Coordinator, CoordinatorConfig, StoreUnavailable
 from dml.coordinator.store import MemoryStore
+from tests.unit.takekit import take_all
 
 t = [1000.0]
 coord = Coordinator(CoordinatorConfig(), MemoryStore(), pathlib.Path(tempfile.mkdtemp()),
@@ -218,6 +262,7 @@ health = []
 coord.on_health = lambda ok, why: health.append((ok, why))
 a, b = coord.register("10.0.0.1:1", {})[0], coord.register("10.0.0.2:1", {})[0]
 jid = coord.submit(JobSpec(task="digits", num_shards=4, min_peers=2, rounds=3, local_steps=1, batch_size=8))
+take_all(coord, jid, [a, b])
 epoch = coord.state.job(jid).epoch
 flat = np.arange(64 << 10, dtype=np.float32)  # a real 256 KiB state_dict: the coordinator checks its digest
 f = io.BytesIO()
@@ -259,7 +304,8 @@ def test_a_checkpoint_that_cannot_be_written_is_refused_and_the_coordinator_paus
     import subprocess
     import sys
 
-    proc = subprocess.run([sys.executable, "-c", CHECKPOINT_LIMIT_SCRIPT], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([sys.executable, "-c", CHECKPOINT_LIMIT_SCRIPT], capture_output=True, text=True, timeout=120,
+                          cwd=pathlib.Path(__file__).resolve().parents[2])
     assert proc.returncode == 0 and proc.stdout.strip().endswith("OK"), proc.stdout + proc.stderr
 
 
@@ -316,3 +362,15 @@ def test_a_restart_gives_every_lease_and_deadline_a_fresh_start(tmp_path: pathli
         assert job.evictions_total == 2
     finally:
         second.close()
+
+
+def test_a_job_whose_shards_cannot_be_cut_from_the_data_a_take_found_fails_saying_why(tmp_path: pathlib.Path) -> None:
+    coord = Coordinator(CoordinatorConfig(), MemoryStore(), tmp_path)
+    jid = coord.submit(JobSpec(task="digits", num_shards=4, min_peers=1, rounds=1, sharding="classes:11"))
+    a = coord.register("10.0.0.1:1", {})[0]
+    take_all(coord, jid, [a])
+    job = coord.state.job(jid)
+    assert job.state == "FAILED" and job.data is None and job.members == []
+    with pytest.raises(ValueError) as cut:  # the planner's own message, as the job shows it
+        cut_shards(job.spec, tasks.builtin_data("digits").y_train)
+    assert job.reason == str(cut.value) and "11" in job.reason

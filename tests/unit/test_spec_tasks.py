@@ -27,7 +27,7 @@ def test_default_spec_is_valid() -> None:
         (dict(rounds=-3), "rounds"),
         (dict(rounds=1_000_001), "rounds"),
         (dict(local_steps=0), "local_steps"),
-        (dict(batch_size=0), "batch_size"),
+        (dict(batch_size=-1), "batch_size"),  # 0 is the task's own batch size
         (dict(sync="both"), "sync"),
         (dict(sync="grads", codec="int8"), "sync grads"),
         (dict(optimizer_state="global"), "optimizer_state"),
@@ -79,6 +79,8 @@ def test_with_defaults_fills_zeros_and_keeps_set_values() -> None:
     assert with_defaults(custom) == custom
     # rounds is never defaulted: a zero there is the user's error to see.
     assert with_defaults(JobSpec(rounds=0)).rounds == 0
+    # batch_size 0 is the task's own: fixed on the job when the first peer takes it.
+    assert d.batch_size == 0 and with_defaults(JobSpec(batch_size=0)).batch_size == 0
     assert AGGREGATIONS == ("ring", "gossip")
     unset_gossip = with_defaults(JobSpec(aggregation="gossip", gossip_topology="", gossip_timeout_ms=0))
     assert (unset_gossip.gossip_topology, unset_gossip.gossip_timeout_ms) == (d.gossip_topology, d.gossip_timeout_ms)

@@ -493,3 +493,45 @@ def test_a_new_database_appears_only_initialised(tmp_path: pathlib.Path) -> None
     s.close()
     assert sorted(p.name for p in tmp_path.iterdir() if "coordinator.db" in p.name and not p.name.endswith(("-wal", "-shm"))) == ["coordinator.db"]
     assert user_version(tmp_path / "coordinator.db") == SCHEMA_VERSION
+
+
+def test_a_state_dir_of_schema_2_gets_each_jobs_data_and_labels_and_its_members_count_as_having_taken_it(
+        tmp_path: pathlib.Path) -> None:
+    """Schema 2 (before takes) knew only built-in tasks: a job's data and labels come from its
+    task's training set, as a take would give them, and its running members need not take again."""
+    from dml.common.sampling import labels_digest
+    from dml.coordinator.records import Job
+
+    state = tmp_path / "state"
+    s = SqliteStore(state)
+    running = Job("job-1", JobSpec(task="digits", num_shards=4, batch_size=8), created_ms=1, state="RUNNING",
+                  members=["peer-a", "peer-b"], shard_sizes=[360, 359, 359, 359])
+    s.save(jobs=[running, Job("job-2", JobSpec(task="synthetic:10k"), created_ms=2)], peers=[], removed_peers=[],
+           rounds=[])
+    s.close()
+    db = state / "coordinator.db"
+    con = sqlite3.connect(db, isolation_level=None)  # as schema 2 had it: no labels, no takes
+    for jid, body in con.execute("SELECT job_id, body FROM jobs").fetchall():
+        d = json.loads(body)
+        for k in ("needs_take", "data", "ready", "declined"):
+            d.pop(k)
+        con.execute("UPDATE jobs SET body = ? WHERE job_id = ?", (json.dumps(d), jid))
+    con.execute("DROP TABLE labels")
+    con.execute("PRAGMA user_version=2")
+    con.close()
+    store = SqliteStore(state)
+    try:
+        by = {j.job_id: j for j in store.load()[0]}
+        assert user_version(db) == SCHEMA_VERSION
+        for jid, task in (("job-1", "digits"), ("job-2", "synthetic:10k")):
+            y = tasks.builtin_data(task).y_train
+            blob = y.astype("<i4").tobytes()
+            job = by[jid]
+            assert job.needs_take and job.data is not None and job.data.has_labels
+            assert (job.data.train_samples, job.data.num_classes) == (y.size, 10)
+            assert job.data.digest == labels_digest(y.size, blob)
+            assert store.load_labels(jid) == blob
+        assert by["job-1"].ready == ["peer-a", "peer-b"] and by["job-2"].ready == []
+        assert by["job-1"].shard_sizes == [360, 359, 359, 359], "the sizes it was planned with stay"
+    finally:
+        store.close()

@@ -19,6 +19,7 @@ class FailureKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     FAILURE_KIND_UNREACHABLE: _ClassVar[FailureKind]
     FAILURE_KIND_POISONED: _ClassVar[FailureKind]
     FAILURE_KIND_LOCAL: _ClassVar[FailureKind]
+    FAILURE_KIND_TASK: _ClassVar[FailureKind]
 
 class TakeOutcome(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -32,6 +33,7 @@ FAILURE_KIND_UNSPECIFIED: FailureKind
 FAILURE_KIND_UNREACHABLE: FailureKind
 FAILURE_KIND_POISONED: FailureKind
 FAILURE_KIND_LOCAL: FailureKind
+FAILURE_KIND_TASK: FailureKind
 TAKE_OUTCOME_UNSPECIFIED: TakeOutcome
 TAKE_OUTCOME_READY: TakeOutcome
 TAKE_OUTCOME_DECLINED: TakeOutcome
