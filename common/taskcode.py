@@ -282,7 +282,7 @@ def check(data: bytes, max_bytes: int = MAX_BUNDLE_BYTES, ref: CodeRef | None = 
             raise BundleError(f"task code has {info.filename!r} twice")
         seen.add(folded)
         mode = info.external_attr >> 16
-        if info.is_dir() or (mode and not stat.S_ISREG(mode)):
+        if info.is_dir() or stat.S_IFMT(mode) not in (0, stat.S_IFREG):
             raise BundleError(f"task code: {info.filename!r} is not a regular file")
         if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED) or info.flag_bits & 0x1:
             raise BundleError(f"task code: {info.filename!r} is encrypted or compressed in an unsupported way")
