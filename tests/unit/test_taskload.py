@@ -194,3 +194,34 @@ def test_a_hostile_bundle_with_the_right_digest_is_still_checked(tmp_path: pathl
     with pytest.raises(TaskError, match="refused: .*unsafe part"):
         load_task(peer, "j1", types_pb2.JobSpec(task="mytask.py", task_digest=d))  # type: ignore[arg-type]
     assert not (tmp_path / "escape.py").exists() and not list((tmp_path / "cache").glob(f"{d}*/"))
+
+
+def test_the_peer_flags_allow_job_code_and_name_the_data_dir(tmp_path: pathlib.Path, monkeypatch, capsys) -> None:
+    from dml.peer import cli as peer_cli
+
+    base = ["--coordinator", "127.0.0.1:1", "--device", "cpu"]
+    monkeypatch.delenv("DML_ALLOW_JOB_CODE", raising=False)
+    monkeypatch.delenv("DML_DATA_DIR", raising=False)
+    monkeypatch.chdir(tmp_path)
+    cfg, _ = peer_cli.build_config(base)
+    assert not cfg.allow_job_code and cfg.data_dir == tmp_path.resolve() and cfg.code_cache_dir is None
+    (tmp_path / "mnt").mkdir()
+    cfg, _ = peer_cli.build_config([*base, "--allow-job-code", "--data-dir", "mnt", "--code-cache-dir", "c"])
+    assert cfg.allow_job_code and cfg.data_dir == tmp_path / "mnt" and cfg.code_cache_dir == tmp_path / "c"
+    monkeypatch.setenv("DML_ALLOW_JOB_CODE", "1")
+    monkeypatch.setenv("DML_DATA_DIR", str(tmp_path / "mnt"))
+    cfg, _ = peer_cli.build_config(base)
+    assert cfg.allow_job_code and cfg.data_dir == tmp_path / "mnt"
+    with pytest.raises(SystemExit) as e:
+        peer_cli.build_config([*base, "--data-dir", "missing"])
+    assert e.value.code == 2 and "--data-dir missing: no such directory" in capsys.readouterr().err
+
+
+def test_the_coordinator_flag_bounds_task_code(capsys) -> None:
+    from dml.coordinator import cli as coord_cli
+
+    assert coord_cli.build_config([]).max_task_code_bytes == taskcode.MAX_BUNDLE_BYTES
+    assert coord_cli.build_config(["--max-task-code-bytes", "1000"]).max_task_code_bytes == 1000
+    with pytest.raises(SystemExit):
+        coord_cli.build_config(["--max-task-code-bytes", str(taskcode.MAX_CONFIGURABLE_BYTES + 1)])
+    assert "--max-task-code-bytes" in capsys.readouterr().err
