@@ -3,6 +3,7 @@
 train it to the end. Bad task input is refused by `dml submit` with exit 2 and one line."""
 from __future__ import annotations
 
+import json
 import os
 import pathlib
 import subprocess
@@ -84,8 +85,10 @@ def test_peers_elsewhere_train_a_task_file_only_the_submitter_has(tmp_path: path
         job = sub.stdout.strip().splitlines()[-1]
         end = wait_status(address, job, lambda s: s["state"] in ("SUCCEEDED", "FAILED", "CANCELLED"), 180, "the end")
         assert end["state"] == "SUCCEEDED", end
-        assert end["round"] == 8 and len(end["peers"]) == 2
-        assert end["metrics"]["test_accuracy"] > 0.9
+        assert end["round"] == 8 and end["metrics"]["test_accuracy"] > 0.9
+        hist = _dml(submitter, "status", "--coordinator", address, job, "--json", "--history")
+        assert hist.returncode == 0, hist.stderr
+        assert [r["members"] for r in json.loads(hist.stdout)["history"]][-1] == 2  # both peers trained it
     finally:
         reap(procs)
         for log in sorted(tmp_path.glob("*.log")):
