@@ -9,13 +9,12 @@ import pathlib
 import grpc
 import pytest
 
-from dml.client.api import BAD_INPUT, ApiError, JobClient, pack_task
+from dml.client.api import BAD_INPUT, FINISHED, STATE_NAMES, ApiError, JobClient, pack_task
 from dml.common import taskcode
-from dml.common.spec import JobSpec
+from dml.common.spec import JobSpec, spec_to_pb
 from dml.peer.runner import Peer, PeerConfig
-from dml.peer.taskload import load_task
-from dml.common.spec import spec_to_pb
-from tests.integration.helpers import coordinator, join_token, operator_token
+from dml.peer.taskload import ALLOW_HINT, load_task
+from tests.integration.helpers import coordinator, join_token, operator_token, wait_for
 
 TASK = "import dml, torch\n\ntask = dml.Task(model=lambda: torch.nn.Linear(2, 2), train=lambda ctx: [], name='shipped')\n"
 
@@ -89,3 +88,30 @@ def test_code_over_the_limit_or_with_another_digest_is_refused(tmp_path: pathlib
         with pytest.raises(ApiError, match="is not a task file"):
             c.submit(JobSpec(task="digits", rounds=1), code)
         assert not (tmp_path / "state" / "code").exists() or not any((tmp_path / "state" / "code").iterdir())
+
+
+def test_a_peer_without_allow_job_code_declines_saying_how_and_the_job_runs_on_the_others(tmp_path: pathlib.Path) -> None:
+    src = ("import dml, torch\n\n"
+           "x = torch.randn(64, 3)\n"
+           "task = dml.Task(model=lambda: torch.nn.Linear(3, 2), train=lambda ctx: dml.ArrayDataset(x, (x[:, 0] > 0).long()))\n")
+    with coordinator(tmp_path / "state") as srv:
+        started = []
+        try:
+            for allow in (False, True):
+                p = Peer(PeerConfig(coordinator=srv.address, join_token=join_token(srv.address), allow_job_code=allow,
+                                    plan_wait_s=1.0, data_dir=tmp_path)).start()
+                p.run_in_thread()
+                started.append(p)
+            refuser = started[0].peer_id
+            with JobClient(srv.address, token=operator_token(srv.address)) as c:
+                jid = c.submit(JobSpec(task=str(_task_file(tmp_path, src)), rounds=3, local_steps=2, batch_size=8,
+                                       num_shards=4))
+                wait_for(lambda: STATE_NAMES[c.status(jid).job.state] in FINISHED, 60, "the job to end")
+                st = c.status(jid).job
+        finally:
+            for p in started:
+                p.stop()
+    assert STATE_NAMES[st.state] == "SUCCEEDED", st.reason
+    assert [(x.peer_id, x.reason) for x in st.declined] == [(refuser, ALLOW_HINT)]
+    assert refuser not in st.epochs[-1].peers
+
