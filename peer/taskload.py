@@ -215,13 +215,23 @@ def import_bundle(ref: taskcode.CodeRef, digest: str, root: pathlib.Path) -> typ
 
 
 def _taken(name: str) -> bool:
-    """Whether ``name`` is a module this process has or could import from its own environment."""
+    """Whether ``name`` is a module this process has, or could import from its own environment.
+    A file in the working directory does not count: ``python -m`` (as ``dml local`` starts peers)
+    puts it first on sys.path, and it is often the very task file the job sent."""
     if name in sys.modules:
         return True
     try:
-        return importlib.util.find_spec(name) is not None
+        spec = importlib.util.find_spec(name)
     except (ImportError, ValueError):
         return False
+    if spec is None:
+        return False
+    if spec.submodule_search_locations:  # a package: where its folder is
+        folder = next(iter(spec.submodule_search_locations), "")
+        home = pathlib.Path(folder).resolve().parent if folder else None
+    else:
+        home = pathlib.Path(spec.origin).resolve().parent if spec.has_location and spec.origin else None
+    return home != pathlib.Path.cwd().resolve()
 
 
 def _drop(name: str) -> None:

@@ -225,3 +225,15 @@ def test_the_coordinator_flag_bounds_task_code(capsys) -> None:
     with pytest.raises(SystemExit):
         coord_cli.build_config(["--max-task-code-bytes", str(taskcode.MAX_CONFIGURABLE_BYTES + 1)])
     assert "--max-task-code-bytes" in capsys.readouterr().err
+
+
+def test_a_copy_of_the_task_in_the_peers_working_directory_does_not_block_the_bundle(tmp_path: pathlib.Path,
+                                                                                      monkeypatch) -> None:
+    # `python -m dml.peer.cli` (dml local's peers) has the working directory first on sys.path,
+    # and `dml local --task mytask.py` runs where mytask.py is.
+    peer = _peer(tmp_path)
+    (tmp_path / "mytask.py").write_text("raise SystemExit('the working directory copy was imported')\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    task = load_task(peer, "j1", _spec(peer, {"mytask.py": TASK.format(version=3)}))  # type: ignore[arg-type]
+    assert task.name == "v3"
