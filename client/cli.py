@@ -95,8 +95,12 @@ def _client(a: argparse.Namespace) -> JobClient:
 
 
 def cmd_submit(a: argparse.Namespace) -> int:
+    spec, code = api.pack_task(spec_from_args(a))  # bad task code is refused before any call
+    if code:
+        print(f"sending task code {spec.task} ({len(code) / 1024:.1f} KiB, sha256 {spec.task_digest[:12]})",
+              file=sys.stderr)
     with _client(a) as c:
-        jid = c.submit(spec_from_args(a))
+        jid = c.submit(spec, code)
     print(f"submitted to {a.coordinator}", file=sys.stderr)
     print(jid)
     return 0
