@@ -169,6 +169,9 @@ def _package_files(root: pathlib.Path) -> dict[str, pathlib.Path]:
             p = pathlib.Path(folder, n)
             if not p.is_file():
                 continue  # a socket, a fifo or a dangling link: not code
+            if p.is_symlink() and root.resolve() not in p.resolve().parents:
+                raise BundleError(f"task directory {root}: {p.relative_to(root)} links outside it "
+                                  f"(to {p.resolve()}); copy what the task needs into the package")
             name = "/".join((top, *p.relative_to(root).parts))
             out[name] = p
             if len(out) > MAX_FILES:

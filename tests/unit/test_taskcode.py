@@ -203,3 +203,15 @@ def test_the_store_keeps_a_bundle_once_by_digest_and_refuses_wrong_ones(tmp_path
         store.get(d)
     with pytest.raises(KeyError):
         store.get("1" * 64)
+
+
+def test_a_link_inside_the_package_is_packed_as_a_file_and_one_leading_out_is_refused(tmp_path: pathlib.Path) -> None:
+    pkg = tmp_path / "pkg"
+    _write(pkg, {"__init__.py": TASK_SRC, "real.py": "X = 1\n"})
+    (pkg / "alias.py").symlink_to(pkg / "real.py")
+    names = zipfile.ZipFile(io.BytesIO(taskcode.pack_path(f"{pkg}/").data)).namelist()
+    assert names == ["pkg/__init__.py", "pkg/alias.py", "pkg/real.py"]
+    (tmp_path / "secret.txt").write_text("token")
+    (pkg / "leak.txt").symlink_to(tmp_path / "secret.txt")
+    with pytest.raises(BundleError, match="leak.txt links outside it"):
+        taskcode.pack_path(f"{pkg}/")
