@@ -65,11 +65,15 @@ class CodeStore:
 
     def put(self, data: bytes, digest: str) -> bool:
         """Keeps ``data`` (already :meth:`check`-ed) under ``digest``; False when it was kept
-        already (nothing is written). OSError when it cannot be written."""
+        already, intact (nothing is written). OSError when it cannot be written."""
         path = self.path(digest)
         with self._lock:
-            if path.is_file() and path.stat().st_size == len(data):
-                return False
+            try:
+                if taskcode.digest_of(path.read_bytes()) == digest:
+                    return False
+                log.warning("task code %s in %s does not match its digest; writing it again", digest[:12], path)
+            except FileNotFoundError:
+                pass
             self.folder.mkdir(parents=True, exist_ok=True)
             tmp = self.folder / f".{digest}.{uuid.uuid4().hex}.tmp"
             try:

@@ -201,6 +201,7 @@ def test_the_store_keeps_a_bundle_once_by_digest_and_refuses_wrong_ones(tmp_path
     (tmp_path / "code" / d).write_bytes(data[:-1] + b"x")  # damaged on disk: never served
     with pytest.raises(KeyError):
         store.get(d)
+    assert store.put(data, d) is True and store.get(d) == data  # a submit of the same code repairs it
     with pytest.raises(KeyError):
         store.get("1" * 64)
 
