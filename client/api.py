@@ -16,11 +16,12 @@ import math
 import pathlib
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any, TypeVar
 
 import grpc
 
-from dml.common import rpc
+from dml.common import rpc, taskcode
 from dml.common.spec import JobSpec, spec_to_pb
 from dml.common.tls import TlsConfig
 from dml.v1 import jobs_pb2, jobs_pb2_grpc, types_pb2
@@ -90,6 +91,21 @@ def read_token(path: pathlib.Path) -> str:
         raise ApiError(f"cannot read the token file {path}: {e.strerror or e}", BAD_INPUT) from None
     except AuthError as e:
         raise ApiError(str(e), BAD_INPUT) from None
+
+
+def pack_task(spec: JobSpec) -> tuple[JobSpec, bytes]:
+    """``spec`` and the task code to send with it: for a ``--task`` that names a file or package
+    (and no digest yet), its bundle, with ``task`` set to what the peers import (``mytask.py``,
+    ``mypkg/``) and ``task_digest`` to the bundle's sha256; else ``spec`` unchanged and no code.
+    An ApiError (bad input) says what is wrong with the code: a missing file, a syntax error and
+    its line, no Task in the module, over a size limit."""
+    if spec.task_digest or not taskcode.is_path(spec.task):
+        return spec, b""
+    try:
+        b = taskcode.pack_path(spec.task)
+    except taskcode.BundleError as e:
+        raise ApiError(str(e), BAD_INPUT) from None
+    return replace(spec, task=str(b.ref), task_digest=b.digest), b.data
 
 
 def check_address(address: str) -> str:
@@ -204,10 +220,20 @@ class JobClient:
         except grpc.RpcError as e:
             raise api_error(e, self.address, self.tls is not None) from None
 
-    def submit(self, spec: JobSpec) -> str:
-        """Submits a job; returns its id."""
-        req = jobs_pb2.SubmitJobRequest(spec=spec_to_pb(spec))
-        return self.call(lambda: self.stub.SubmitJob(req, timeout=self.timeout_s)).job_id
+    def submit(self, spec: JobSpec, task_code: bytes | None = None) -> str:
+        """Submits a job; returns its id. A ``spec.task`` that names a task file or package
+        (``mytask.py``, ``path/to/pkg``, either with ``:NAME``) is packed here (:func:`pack_task`)
+        and sent with the job; ``task_code`` sends a bundle as it is instead (``spec`` then
+        carries its reference and digest)."""
+        if task_code is None:
+            spec, task_code = pack_task(spec)
+        req = jobs_pb2.SubmitJobRequest(spec=spec_to_pb(spec), task_code=task_code)
+        try:
+            return self.stub.SubmitJob(req, timeout=self.timeout_s + len(task_code) / 10e6).job_id
+        except grpc.RpcError as e:
+            if isinstance(e, grpc.Call) and e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and task_code:
+                raise ApiError(f"the coordinator refused the job: {e.details()}", BAD_INPUT) from None
+            raise api_error(e, self.address, self.tls is not None) from None
 
     def status(self, job_id: str, history: bool = False) -> jobs_pb2.GetJobResponse:
         """The job's status (``.job``) and, with ``history``, every committed round with its

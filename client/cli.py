@@ -107,8 +107,12 @@ def _client(a: argparse.Namespace) -> JobClient:
 
 
 def cmd_submit(a: argparse.Namespace) -> int:
+    spec, code = api.pack_task(spec_from_args(a))  # bad task code is refused before any call
+    if code:
+        print(f"sending task code {spec.task} ({len(code) / 1024:.1f} KiB, sha256 {spec.task_digest[:12]})",
+              file=sys.stderr)
     with _client(a) as c:
-        jid = c.submit(spec_from_args(a))
+        jid = c.submit(spec, code)
     print(f"submitted to {a.coordinator}", file=sys.stderr)
     print(jid)
     return 0
@@ -334,7 +338,11 @@ def add_job_options(p: argparse.ArgumentParser) -> None:
     spec's validation bounds (a bad value exits 2 naming them); the bounds that depend on the
     task (num_shards at most the training set size) are the coordinator's to check."""
     d = JobSpec()
-    p.add_argument("--task", default=d.task, help="digits or synthetic:SIZE, e.g. synthetic:10M")
+    p.add_argument("--task", default=d.task,
+                   help="what to train: a built-in task (digits, digits-cnn, synthetic:SIZE such as synthetic:10M); "
+                        "a task file PATH.py or package directory DIR/ whose code is sent with the job (peers need "
+                        "--allow-job-code), either with :NAME for a dml.Task not called task; or "
+                        "package.module:NAME imported from each peer's own environment")
     p.add_argument("--rounds", type=int_in(1, MAX_ROUNDS), default=d.rounds, help="rounds to commit")
     p.add_argument("--local-steps", type=int_in(1, MAX_SAMPLES_PER_ROUND), default=d.local_steps,
                    help="SGD steps per round per peer")

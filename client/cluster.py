@@ -201,7 +201,8 @@ class LocalCluster:
     names each log file in ``log_dir`` (opened for appending). ``tls``: the certificates every
     process uses (default: made in ``state_dir/tls``); ``plaintext``: none at all (loopback only);
     ``auth=False``: the coordinator runs with ``--no-auth`` (loopback only) and no process is
-    given a token."""
+    given a token. Peers run the task code jobs send (``--allow-job-code``) unless
+    ``allow_job_code=False``."""
 
     state_dir: pathlib.Path
     log_dir: pathlib.Path
@@ -216,6 +217,7 @@ class LocalCluster:
     tls: TlsConfig | None = None
     plaintext: bool = False
     auth: bool = True
+    allow_job_code: bool = True  # peers run the task code jobs send (dml-peer --allow-job-code)
     coordinator: Proc | None = field(default=None, init=False)
     peers: dict[int, Proc] = field(default_factory=dict, init=False)  # slot -> its latest process
     everything: list[Proc] = field(default_factory=list, init=False)
@@ -314,7 +316,7 @@ class LocalCluster:
             raise ClusterError(f"peer slot {slot} still runs pid {old.popen.pid}")
         cmd = [sys.executable, "-m", "dml.peer.cli", "--coordinator", self.address, "--host", self.host,
                "--port", "0", *(["--join-token-file", str(self.join_token_file)] if self.auth else []),
-               *self._tls_args, *self.peer_args, *args]
+               *self._tls_args, *(["--allow-job-code"] if self.allow_job_code else []), *self.peer_args, *args]
         self.peers[slot] = self._spawn(f"peer-{slot}", cmd, tuple(args))
         return self.peers[slot]
 

@@ -21,7 +21,7 @@ import time
 from typing import Iterator
 
 from dml.client import cli as jobctl
-from dml.client.api import ApiError, JobClient, status_dict
+from dml.client.api import ApiError, JobClient, pack_task, status_dict
 from dml.client.cluster import ClusterError, LocalCluster
 from dml.common import args as cliargs
 from dml.common.tls import TlsConfig
@@ -130,7 +130,7 @@ def cmd_local(a: argparse.Namespace) -> int:
     port = a.port if a.port is not None else (DEFAULT_PORT if _free(DEFAULT_PORT) else 0)
     if a.min_peers is None:
         a.min_peers = a.peers  # start with the whole cluster rather than grow it round by round
-    spec = jobctl.spec_from_args(a)
+    spec, task_code = pack_task(jobctl.spec_from_args(a))  # bad task code fails before any process starts
     if spec.min_peers > a.peers:
         raise ApiError(f"--min-peers {spec.min_peers} exceeds --peers {a.peers}", 2)
     tmp = None
@@ -157,7 +157,7 @@ def cmd_local(a: argparse.Namespace) -> int:
                   f"  export {exports}\n  dml status --coordinator {address} --watch", file=sys.stderr)
             client = c.client(timeout_s=30.0)
             try:
-                job_id = client.submit(spec)
+                job_id = client.submit(spec, task_code)
                 own = "the task's"
                 print(f"job {job_id}: {spec.task}, {spec.rounds} rounds x {spec.local_steps} local steps, "
                       f"batch {spec.batch_size or own}, lr {spec.learning_rate or own}", file=sys.stderr)

@@ -20,7 +20,8 @@ from dml.common import rpc
 MAX_ID_BYTES = 256  # ids, digests, names, addresses
 MAX_DETAIL_BYTES = 4096  # free text: a failure's detail
 MAX_KEY_BYTES = 256  # bytes fields that are keys or tokens, not payloads
-PAYLOAD_FIELDS = frozenset({"data", "labels"})  # bytes fields bounded by the message size limit instead
+PAYLOAD_FIELDS = frozenset({"data", "labels", "task_code"})  # bytes fields bounded by the message size limit instead
+# (task_code: a job's task bundle, bounded by the coordinator's --max-task-code-bytes too)
 TEXT_FIELDS: Mapping[str, int] = {"detail": MAX_DETAIL_BYTES}
 _DNS_LABEL = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
 

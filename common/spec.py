@@ -143,30 +143,35 @@ _MODULE_REF = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A
 _DIGEST = re.compile(r"^[0-9a-f]{64}$")
 
 
-def task_kind(task: str) -> str:
+def task_kind(task: str, task_digest: str = "") -> str:
     """What a ``--task`` names: ``builtin``, ``module`` (``package.module:NAME``) or ``code`` (a
-    file or directory whose code is sent with the job)."""
+    file or package whose code is sent with the job: ``mytask.py`` or ``mypkg/``, with
+    ``task_digest`` the sha256 of its bundle)."""
     from dml.common.tasks import is_builtin
 
     if is_builtin(task):
         return "builtin"
-    if _MODULE_REF.match(task):
+    if not task_digest and _MODULE_REF.match(task):
         return "module"
     return "code"
 
 
 def _validate_task_ref(spec: JobSpec) -> None:
-    kind = task_kind(spec.task)
+    kind = task_kind(spec.task, spec.task_digest)
     if kind == "builtin":
         from dml.common.tasks import get_task
 
         get_task(spec.task)  # a synthetic size out of range raises here
-    if kind == "code" and not _DIGEST.match(spec.task_digest):
-        raise ValueError(f"unknown task {spec.task!r}: not a built-in task (digits, digits-cnn, synthetic:SIZE) "
-                         "or package.module:NAME, and no task code came with the job (a task file's task_digest "
-                         "is the sha256 of its bundle)")
-    if kind != "code" and spec.task_digest:
-        raise ValueError(f"task {spec.task!r} is not a task file, but the job names task code {spec.task_digest[:12]}")
+        if spec.task_digest:
+            raise ValueError(f"task {spec.task!r} is a built-in task, but the job names task code {spec.task_digest[:12]}")
+    if kind == "code":
+        if not _DIGEST.match(spec.task_digest):
+            raise ValueError(f"unknown task {spec.task!r}: not a built-in task (digits, digits-cnn, synthetic:SIZE) "
+                             "or package.module:NAME, and no task code came with the job (a task file's task_digest "
+                             "is the sha256 of its bundle)")
+        from dml.common.taskcode import parse_ref
+
+        parse_ref(spec.task)  # BundleError (a ValueError) names what is wrong
 
 
 def _validate_training(spec: JobSpec) -> None:

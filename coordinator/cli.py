@@ -12,7 +12,7 @@ import tempfile
 import threading
 
 from dml.common import args as cliargs
-from dml.common import portcheck, rpc, tls
+from dml.common import portcheck, rpc, taskcode, tls
 from dml.common.metrics import MetricsBindError
 from dml.coordinator.lock import StateDirLocked
 from dml.common.auth import AuthError
@@ -42,6 +42,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="evict a peer silent this long")
     p.add_argument("--round-deadline-ms", type=int, default=_env_int("DML_ROUND_DEADLINE_MS", d.round_deadline_ms),
                    help="evict members that have not reported a round this long after it started")
+    p.add_argument("--max-task-code-bytes", type=cliargs.int_in(1, taskcode.MAX_CONFIGURABLE_BYTES),
+                   default=_env_int("DML_MAX_TASK_CODE_BYTES", taskcode.MAX_BUNDLE_BYTES),
+                   help="largest task code bundle (compressed) a job may send; bigger ones are refused "
+                        "(env DML_MAX_TASK_CODE_BYTES)")
     p.add_argument("--port-file", type=pathlib.Path, help="write the bound port here once listening (default: none)")
     cliargs.add_auth_flags(p, "coordinator")
     p.add_argument("--log-level", default=os.environ.get("DML_LOG_LEVEL", "INFO"), help="logging level")
@@ -66,7 +70,8 @@ def build_config(argv: list[str] | None = None) -> ServerConfig:
                        timing=CoordinatorConfig(heartbeat_interval_ms=a.heartbeat_interval_ms, peer_timeout_ms=a.peer_timeout_ms,
                                                 round_deadline_ms=a.round_deadline_ms), port_file=a.port_file,
                        metrics=cliargs.metrics_config(a), auth=not a.no_auth, join_token_file=a.join_token_file,
-                       operator_token_file=a.operator_token_file, tls=tls_cfg)
+                       operator_token_file=a.operator_token_file, tls=tls_cfg,
+                       max_task_code_bytes=a.max_task_code_bytes)
     return cfg
 
 

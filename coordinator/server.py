@@ -13,9 +13,10 @@ from grpc_reflection.v1alpha import reflection
 
 from dml.common import guard, rpc
 from dml.common import metrics as metricsmod
-from dml.common import auth
+from dml.common import auth, taskcode
 from dml.common.metrics import MetricsConfig, MetricsServer
 from dml.coordinator.auth import AuthInterceptor, Secrets
+from dml.coordinator.codestore import CodeStore
 from dml.common.tls import TlsConfig, check_listen
 from dml.coordinator.lock import StateDirLock
 from dml.coordinator.metrics import CoordinatorMetrics
@@ -69,6 +70,7 @@ class ServerConfig:
     join_token_file: pathlib.Path | None = None
     operator_token_file: pathlib.Path | None = None
     tls: TlsConfig | None = None  # None: plain text, loopback only
+    max_task_code_bytes: int = taskcode.MAX_BUNDLE_BYTES  # a job's task code bundle, compressed
 
 
 SECRETS_DIR = "secrets"
@@ -146,13 +148,17 @@ class CoordinatorServer:
         if config.state_dir is not None:
             store = SqliteStore(config.state_dir)
             ckpt = config.state_dir / "checkpoints"
+            code_dir = config.state_dir / "code"
         else:
             import tempfile
 
             store = MemoryStore()
             ckpt = pathlib.Path(tempfile.mkdtemp(prefix="dml-ckpt-"))
+            code_dir = ckpt / "task-code"
+        code = CodeStore(code_dir, config.max_task_code_bytes)
         self.metrics = CoordinatorMetrics()
-        self.coordinator = Coordinator(config.timing, store, ckpt, metrics=self.metrics, signing_key=signing_key)
+        self.coordinator = Coordinator(config.timing, store, ckpt, metrics=self.metrics, signing_key=signing_key,
+                                       code=code)
         self.coordinator.on_health = self._set_health
         interceptors: list[grpc.ServerInterceptor] = [self.metrics.rpcs]
         if self.secrets is not None:

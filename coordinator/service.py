@@ -35,10 +35,11 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from dml.common import auth, rpc
 from dml.common.sampling import MAX_LABELS as MAX_SENT_LABELS
 from dml.common.sampling import labels_digest
-from dml.common.spec import MAX_SAMPLES_PER_ROUND, JobSpec, validate, with_defaults
+from dml.common.spec import MAX_SAMPLES_PER_ROUND, InvalidSpec, JobSpec, task_kind, validate, with_defaults
 from dml.coordinator import planner
 from dml.coordinator.auth import PeerTokens
 from dml.coordinator.checkpoint import BadCheckpoint, verify_checkpoint, verify_training_state
+from dml.coordinator.codestore import CodeStore
 from dml.coordinator.metrics import CoordinatorMetrics
 from dml.coordinator.records import BadReport, Changes, Forbidden, Job, JobData, NotFound, Report, Stale
 from dml.coordinator.state import DECLINED, READY, ClusterState
@@ -202,8 +203,10 @@ class Coordinator:
 
     def __init__(self, config: CoordinatorConfig, store: Store, checkpoint_dir: pathlib.Path,
                  clock: Clock = Clock(), metrics: CoordinatorMetrics | None = None,
-                 signing_key: Ed25519PrivateKey | None = None) -> None:
+                 signing_key: Ed25519PrivateKey | None = None, code: CodeStore | None = None) -> None:
         self.config = config
+        # Task code sent with jobs, by sha256 (the server keeps it in STATE_DIR/code).
+        self.code = code if code is not None else CodeStore(checkpoint_dir / "task-code")
         self.metrics = metrics if metrics is not None else CoordinatorMetrics()
         # Signs the membership tickets in plans; kept in the state dir by the server (a restart
         # keeps the tickets it issued valid), made fresh here otherwise.
@@ -658,10 +661,14 @@ class Coordinator:
                     self.training_state_path(job_id, job.checkpoint_round))
 
     # -- jobs -------------------------------------------------------------------------------
-    def submit(self, spec: JobSpec) -> str:
-        """Validates (InvalidSpec) and queues a job."""
+    def submit(self, spec: JobSpec, task_code: bytes = b"") -> str:
+        """Validates (InvalidSpec) and queues a job. A code task's bundle (``task_code``, the zip
+        whose sha256 is ``spec.task_digest``) is checked and kept first (OverLimit over the size
+        limit, InvalidSpec for a wrong digest or a malformed bundle, StoreUnavailable when it
+        cannot be written); it may be left out when this coordinator keeps that digest already."""
         spec = with_defaults(spec)
         validate(spec)
+        self._keep_code(spec, task_code)
         with self._cond:  # its shards are cut when the first peer takes it and describes its data
             self._check_writable()
             jid, ch = self.state.submit(spec, None, self.now_ms())
@@ -691,6 +698,48 @@ class Coordinator:
             job = self.state.job(job_id)
             return shards_view(job, labels if shards is not None else None,
                                list(shards) if shards is not None else None)
+
+    def _keep_code(self, spec: JobSpec, task_code: bytes) -> None:
+        """Checks and stores a submitted job's task code (see :meth:`submit`)."""
+        if task_kind(spec.task, spec.task_digest) != "code":
+            if task_code:
+                raise InvalidSpec(f"task code came with the job, but its task {spec.task!r} is not a task file")
+            return
+        if not task_code:
+            if not self.code.has(spec.task_digest):
+                raise InvalidSpec(f"job names task code {spec.task_digest[:12]} for {spec.task!r}, but none came "
+                                  "with it (send the bundle in task_code)")
+            return
+        self.code.check(task_code, spec.task_digest, spec.task)
+        with self._cond:
+            self._check_writable()
+        try:
+            self.code.put(task_code, spec.task_digest)
+        except OSError as e:
+            self.metrics.record_store_write_error()
+            raise StoreUnavailable(f"cannot store task code {spec.task_digest[:12]}: {e.strerror or e}") from e
+
+    def task_code(self, peer_id: str, job_id: str, digest: str) -> bytes:
+        """The bundle ``digest`` of job ``job_id``, for registered peer ``peer_id``. Any peer of
+        the cluster may fetch the code of a job that is pending or running (each may be offered
+        it); NotFound for an unknown peer or job, or a digest the job does not name (or that is
+        not kept); Stale for a job that has ended."""
+        with self._cond:
+            self._check_readable()
+            if peer_id not in self.state.peers:
+                raise NotFound(f"unknown peer {peer_id}; register again")
+            job = self.state.job(job_id)
+            if not job.spec.task_digest or job.spec.task_digest != digest:
+                raise NotFound(f"job {job_id} has no task code {digest[:64]}")
+            if job.state not in ("PENDING", "RUNNING"):
+                raise Stale(f"job {job_id} is {job.state}: its task code is no longer served")
+        try:
+            return self.code.get(digest)
+        except KeyError:
+            raise NotFound(f"task code {digest[:12]} of job {job_id} is not kept on this coordinator "
+                           f"(damaged or removed from its state dir)") from None
+        except OSError as e:
+            raise StoreUnavailable(f"cannot read task code {digest[:12]}: {e.strerror or e}") from e
 
     def cancel(self, job_id: str) -> str:
         """Cancels a job; returns its state."""

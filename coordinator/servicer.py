@@ -1,6 +1,6 @@
 """gRPC servicers of the coordinator. They only translate: proto to a Coordinator call, domain
 error to a status code (InvalidSpec: INVALID_ARGUMENT, NotFound: NOT_FOUND, Forbidden:
-PERMISSION_DENIED, Stale: FAILED_PRECONDITION, Unavailable (shutting down, or paused by a failed write): UNAVAILABLE).
+PERMISSION_DENIED, OverLimit (task code over the size limit): RESOURCE_EXHAUSTED, Stale: FAILED_PRECONDITION, Unavailable (shutting down, or paused by a failed write): UNAVAILABLE).
 
 Every PeerControl call is checked against the cluster id: a caller that names another cluster
 (``RegisterPeerRequest.cluster_id``, or the ``dml-cluster-id`` metadata the peer sends on every
@@ -23,6 +23,7 @@ from dml.v1 import control_pb2, control_pb2_grpc, jobs_pb2, jobs_pb2_grpc, types
 from dml.common import limits
 from dml.common.auth import KEY_BYTES
 from dml.coordinator.checkpoint import MAX_STATE_RATIO, STATE_SLACK_BYTES, max_training_state_bytes
+from dml.coordinator.codestore import OverLimit
 from dml.coordinator.service import Coordinator, Unavailable
 from dml.common.spec import InvalidSpec, spec_from_pb, spec_to_pb
 from dml.coordinator.records import BadReport, Forbidden, Job, JobData, NotFound, Report, RoundRecord, Stale
@@ -65,6 +66,8 @@ def _status(context: grpc.ServicerContext) -> Iterator[None]:
         context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
     except Unavailable as e:
         context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
+    except OverLimit as e:
+        context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
 
 
 def _check(context: grpc.ServicerContext, request: object) -> None:
@@ -149,7 +152,7 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
     def SubmitJob(self, request: jobs_pb2.SubmitJobRequest, context: grpc.ServicerContext) -> jobs_pb2.SubmitJobResponse:
         _check(context, request)
         with _status(context):
-            return jobs_pb2.SubmitJobResponse(job_id=self._c.submit(spec_from_pb(request.spec)))
+            return jobs_pb2.SubmitJobResponse(job_id=self._c.submit(spec_from_pb(request.spec), bytes(request.task_code)))
         raise AssertionError("unreachable")
 
     def GetJob(self, request: jobs_pb2.GetJobRequest, context: grpc.ServicerContext) -> jobs_pb2.GetJobResponse:
@@ -366,6 +369,14 @@ class PeerControlServicer(control_pb2_grpc.PeerControlServicer):
             self._c.take(request.peer_id, request.job_id, str(outcome), request.detail[:MAX_TASK_ERROR_CHARS], data,
                          labels)
             return control_pb2.TakeJobResponse()
+
+    def FetchTaskCode(self, request: control_pb2.FetchTaskCodeRequest, context: grpc.ServicerContext) -> control_pb2.FetchTaskCodeResponse:
+        _check(context, request)
+        check_cluster(self._c, context)
+        if not request.digest or len(request.digest) != 64 or request.digest.strip("0123456789abcdef"):
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"digest must be 64 lowercase hex digits, got {request.digest[:80]!r}")
+        with _status(context):
+            return control_pb2.FetchTaskCodeResponse(bundle=self._c.task_code(request.peer_id, request.job_id, request.digest))
         raise AssertionError("unreachable")
 
     def UploadCheckpoint(self, request_iterator: Iterator[control_pb2.CheckpointChunk], context: grpc.ServicerContext) -> control_pb2.UploadCheckpointResponse:

@@ -5,6 +5,7 @@ import argparse
 import dataclasses
 import logging
 import os
+import pathlib
 import signal
 import sys
 
@@ -71,6 +72,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tests only (fault injection, off by default): from round ROUND on, write NaN (KIND "
                         "nan-params) or 1e30 (huge-params) into this peer's parameters and skip its own check, "
                         "a broken peer its neighbours must refuse (env DML_FAULT)")
+    p.add_argument("--allow-job-code", action="store_true",
+                   default=os.environ.get("DML_ALLOW_JOB_CODE", "") not in ("", "0"),
+                   help="run the task code a job sends (a task file or package); without it this peer declines "
+                        "such jobs and runs only built-in tasks and package.module:NAME from its own environment "
+                        "(env DML_ALLOW_JOB_CODE=1)")
+    p.add_argument("--data-dir", type=pathlib.Path, default=os.environ.get("DML_DATA_DIR") or None,
+                   help="where tasks read their data (their ctx.data_dir; default: the working directory; "
+                        "env DML_DATA_DIR)")
+    p.add_argument("--code-cache-dir", type=pathlib.Path, default=os.environ.get("DML_CODE_CACHE_DIR") or None,
+                   help="keep fetched task code here (default: a temp dir removed at exit; env DML_CODE_CACHE_DIR)")
     cliargs.add_cluster_flag(p)
     p.add_argument("--log-level", default=os.environ.get("DML_LOG_LEVEL", "INFO"), help="logging level")
     cliargs.add_metrics_flag(p)
@@ -91,6 +102,9 @@ def build_config(argv: list[str] | None = None) -> tuple[PeerConfig, argparse.Na
         p.error("--exchange-timeout-s must be positive")
     if not 1 <= a.slowdown <= 1000:
         p.error(f"--slowdown must be between 1 and 1000, got {a.slowdown}")
+    data_dir = (a.data_dir or pathlib.Path.cwd()).resolve()
+    if not data_dir.is_dir():
+        p.error(f"--data-dir {a.data_dir}: no such directory")
     try:
         device = resolve_device(a.device)
         fault = parse_fault(a.fault)
@@ -100,7 +114,9 @@ def build_config(argv: list[str] | None = None) -> tuple[PeerConfig, argparse.Na
                      device=device, exchange_timeout_s=a.exchange_timeout_s, chunk_elems=a.chunk_elems,
                      tcp=not a.no_tcp, slowdown=a.slowdown, max_samples=a.max_samples, metrics=cliargs.metrics_config(a),
                      unreachable=tuple(x.strip() for x in a.fault_unreachable.split(",") if x.strip()),
-                     cluster_id=a.cluster_id, fault=fault, tls=cliargs.tls_config(p, a, serve=True))
+                     cluster_id=a.cluster_id, fault=fault, tls=cliargs.tls_config(p, a, serve=True),
+                     allow_job_code=a.allow_job_code, data_dir=data_dir,
+                     code_cache_dir=a.code_cache_dir.resolve() if a.code_cache_dir is not None else None)
     return cfg, a
 
 

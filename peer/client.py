@@ -37,6 +37,10 @@ class Evicted(Exception):
     """The coordinator no longer knows this peer (NOT_FOUND): re-register."""
 
 
+class TaskCodeMissing(Exception):
+    """The coordinator keeps no task code of that digest for the job (FetchTaskCode's NOT_FOUND)."""
+
+
 class WrongCluster(grpc.RpcError):
     """The coordinator at the address belongs to another cluster than this peer's."""
 
@@ -232,6 +236,22 @@ class ControlClient:
         # dml.common.guard); the upload goes through once some end, within the minute.
         self.call(lambda: self.stub.UploadCheckpoint(chunks(), timeout=timeout), "upload checkpoint", give_up_s=60,
                   also_retry=(grpc.StatusCode.RESOURCE_EXHAUSTED,))
+
+    def fetch_task_code(self, peer_id: str, job_id: str, digest: str) -> bytes:
+        """Job ``job_id``'s task code bundle ``digest``, retried while the coordinator is
+        unreachable (up to a minute). NOT_FOUND (the coordinator keeps no such code for the job)
+        raises :class:`TaskCodeMissing` rather than :class:`Evicted`."""
+        def attempt() -> bytes:
+            req = control_pb2.FetchTaskCodeRequest(peer_id=peer_id, job_id=job_id, digest=digest)
+            try:
+                resp: control_pb2.FetchTaskCodeResponse = self.stub.FetchTaskCode(req, timeout=CALL_TIMEOUT_S * 3)
+            except grpc.RpcError as e:
+                if isinstance(e, grpc.Call) and e.code() == grpc.StatusCode.NOT_FOUND:
+                    raise TaskCodeMissing(e.details() or f"no task code {digest[:12]} for job {job_id}") from None
+                raise
+            return bytes(resp.bundle)
+
+        return self.call(attempt, "fetch task code", give_up_s=60)
 
     def close(self) -> None:
         """Closes the channel."""

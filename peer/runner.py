@@ -4,6 +4,7 @@ waits for plans and runs them (ring rounds: :mod:`peer.ring_round`, gossip steps
 from __future__ import annotations
 
 import logging
+import pathlib
 import threading
 import time
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ from dml.peer.metrics import PeerMetrics
 from dml.peer.params import ParamStore
 from dml.peer.ring_round import RingRound
 from dml.peer.take import take
+from dml.peer.taskload import CodeCache
 from dml.peer.trainer import Trainer
 
 log = logging.getLogger(__name__)
@@ -63,6 +65,9 @@ class PeerConfig:
     # one-way partition: the others still reach this peer, and it them.
     unreachable: tuple[str, ...] = ()
     fault: Fault | None = None  # tests only (peer.faults): make this a broken peer at one round
+    allow_job_code: bool = False  # run task code sent with jobs (dml-peer --allow-job-code)
+    data_dir: pathlib.Path | None = None  # the tasks' ctx.data_dir (dml-peer --data-dir); None: the working directory
+    code_cache_dir: pathlib.Path | None = None  # where fetched task code is kept; None: a temp dir, removed at stop
 
     def injected_fault(self, address: str) -> str:
         """Why this peer must act as if ``address`` were unreachable ("" when it need not)."""
@@ -77,6 +82,7 @@ class Peer:
         self.stop_event = threading.Event()
         self.peer_id = ""
         self.store = ParamStore()
+        self.code_cache = CodeCache(config.code_cache_dir)  # task code fetched for jobs (peer.taskload)
         self._abort = threading.Event()
         self._evicted = threading.Event()
         self._heartbeat_s = 0.5
@@ -175,6 +181,7 @@ class Peer:
             self.metrics_server.stop()
         self._gossip_step.close_channels()
         self.client.close()
+        self.code_cache.close()
 
     # -- heartbeats -------------------------------------------------------------------------
     def _heartbeat_loop(self) -> None:

@@ -10,8 +10,11 @@ import functools
 import hashlib
 import io
 import logging
+import os
+import pathlib
 import threading
 import time
+import traceback
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from typing import Any
@@ -20,6 +23,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+import dml.aggregation
+import dml.common
+import dml.peer
 from dml.common.task import Context, Task
 from dml.peer import trainstate
 
@@ -117,12 +123,35 @@ class Evaluation:
         return iter((self.accuracy, self.loss))
 
 
+USER_FRAMES = 4  # the innermost frames of the user's code a TaskError shows
+# Frames in these folders are dml's or torch's, not the user's (their package folders).
+_LIBRARY_DIRS = tuple(str(pathlib.Path(p).resolve()) + os.sep for p in
+                      {os.path.dirname(m.__file__ or "") for m in (torch, np, dml.common, dml.peer, dml.aggregation)}
+                      if p)
+
+
+def user_frames(e: BaseException, root: pathlib.Path | None = None, limit: int = USER_FRAMES) -> str:
+    """The innermost ``limit`` frames of ``e``'s traceback that are the user's code (not dml's,
+    torch's or numpy's), one ``\n  File, line, in function: source`` each ("" when none is).
+    Files under ``root`` (an extracted bundle) are shown relative to it."""
+    base = str(root.resolve()) + os.sep if root is not None else None
+    frames = []
+    for f in traceback.extract_tb(e.__traceback__):
+        path = str(pathlib.Path(f.filename).resolve()) if not f.filename.startswith("<") else f.filename
+        if path.startswith(_LIBRARY_DIRS) or "importlib._bootstrap" in f.filename:
+            continue
+        shown = path[len(base):] if base is not None and path.startswith(base) else f.filename
+        frames.append(f"\n  File \"{shown}\", line {f.lineno}, in {f.name}" + (f": {f.line.strip()}" if f.line else ""))
+    return "".join(frames[-limit:])
+
+
 def _call(what: str, fn: Callable[..., Any], *args: Any) -> Any:
-    """Calls a task's function, turning its failure into a :class:`TaskError` naming ``what``."""
+    """Calls a task's function, turning its failure into a :class:`TaskError` naming ``what``,
+    with the innermost lines of the user's traceback."""
     try:
         return fn(*args)
     except Exception as e:  # noqa: BLE001 - the user's code may raise anything
-        raise TaskError(f"{what} raised {type(e).__name__}: {e}") from e
+        raise TaskError(f"{what} raised {type(e).__name__}: {e}{user_frames(e)}") from e
 
 
 class Batches:

@@ -185,11 +185,13 @@ def test_the_coordinator_stores_the_training_state_beside_its_checkpoint_and_pru
     from dml.coordinator.service import Clock, Coordinator, CoordinatorConfig
     from dml.coordinator.records import NotFound
     from dml.coordinator.store import MemoryStore
+    from tests.unit.takekit import take_all
 
     now = [1000.0]
     coord = Coordinator(CoordinatorConfig(), MemoryStore(), tmp_path, clock=Clock(monotonic=lambda: now[0], wall=lambda: now[0]))
     a, b = coord.register("10.0.0.1:1", {})[0], coord.register("10.0.0.2:1", {})[0]
     jid = coord.submit(JobSpec(task="digits", num_shards=4, min_peers=2, rounds=3, local_steps=1, batch_size=8))
+    take_all(coord, jid, [a, b])
     model, state, dig = _model_and_state(average=False)
     sha = hashlib.sha256(state).hexdigest()
 
