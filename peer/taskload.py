@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 
 from dml.common.task import Context, Task
 from dml.common.tasks import get_task, is_builtin
+from dml.peer import outer
 from dml.peer.trainer import TaskError, Trainer
 
 if TYPE_CHECKING:
@@ -44,11 +45,16 @@ def resolve(name: str) -> Task:
 
 def make_trainer(peer: Peer, job_id: str, spec: types_pb2.JobSpec) -> Trainer:
     """The trainer of job ``job_id`` on this peer: its task, seeded by the job, at the job's
-    learning rate, on the peer's device. The one place a peer builds a job's trainer. With
-    ``--sync grads`` it keeps real gradients (no update fused into backward): they are what the
-    ring averages each step."""
+    learning rate, on the peer's device, with the job's proximal term and its outer optimizer
+    (whose state is then one of the trainer's ``state_parts``). The one place a peer builds a
+    job's trainer. With ``--sync grads`` or a proximal term it keeps real gradients (no update
+    fused into backward): the ring averages them each step, or the term is added to them."""
     task = resolve(spec.task)
     ctx = Context(seed=spec.seed, job_id=job_id, peer_id=peer.peer_id)
-    trainer = Trainer(task, spec.seed, spec.learning_rate, peer.config.device, ctx=ctx, fuse=spec.sync != "grads")
+    trainer = Trainer(task, spec.seed, spec.learning_rate, peer.config.device, ctx=ctx,
+                      fuse=spec.sync != "grads" and spec.prox_mu == 0, prox_mu=spec.prox_mu)
     trainer.average_state = spec.optimizer_state == "average"
+    if spec.outer_optimizer not in ("", "none"):
+        trainer.state_parts[outer.PART] = outer.OuterOptimizer(spec.outer_optimizer, spec.outer_lr,
+                                                               spec.outer_momentum, trainer.numel)
     return trainer
