@@ -3,6 +3,7 @@ real peers in one process: they train, commit on equal digests, the members end 
 and a re-issued round reproduces the failure-free result (the outer momentum is training state)."""
 from __future__ import annotations
 
+import threading
 from dataclasses import replace
 
 import numpy as np
@@ -110,3 +111,40 @@ def test_a_reissued_round_with_the_outer_optimizer_reproduces_the_failure_free_r
         # 2, so the re-run and everything after it is the failure-free run, bit for bit.
         assert [r.digest for r in again.history] == [r.digest for r in clean.history]
         _identical(ps, srv, jid, again)
+
+
+class _HoldReport:
+    """A peer's control stub that holds its report of round ``rnd`` until ``gate`` is set (at
+    most ``wait_s``): the round cannot commit before then."""
+
+    def __init__(self, stub, rnd: int, gate: threading.Event, wait_s: float = 60.0) -> None:
+        self._stub, self._rnd, self._gate, self._wait_s = stub, rnd, gate, wait_s
+
+    def __getattr__(self, name):
+        return getattr(self._stub, name)
+
+    def ReportRound(self, req, **kw):  # noqa: N802 - the stub's method name
+        if req.round == self._rnd:
+            assert self._gate.wait(self._wait_s), "the joiner never registered"
+        return self._stub.ReportRound(req, **kw)
+
+
+def test_a_joiner_takes_the_outer_momentum_and_the_ring_stays_bit_identical(tmp_path):
+    spec = replace(NESTEROV, rounds=6, min_peers=2, checkpoint_every_rounds=100)
+    gate = threading.Event()
+    with coordinator(tmp_path / "state") as srv, peers(srv.address, 2) as ps:
+        ps[0].client.stub = _HoldReport(ps[0].client.stub, 3, gate)
+        stub = job_stub(srv.address)
+        jid = stub.SubmitJob(jobs_pb2.SubmitJobRequest(spec=spec_to_pb(spec)), timeout=10).job_id
+        wait_for(lambda: stub.GetJob(jobs_pb2.GetJobRequest(job_id=jid), timeout=5).job.round >= 2, 60, "round 2 to commit")
+        with peers(srv.address, 1) as late:  # registered before round 3 can commit: it joins at round 4
+            gate.set()
+            wait_for(lambda: stub.GetJob(jobs_pb2.GetJobRequest(job_id=jid), timeout=5).job.state in (
+                types_pb2.JOB_STATE_SUCCEEDED, types_pb2.JOB_STATE_FAILED), 90, "the job to end")
+            resp = stub.GetJob(jobs_pb2.GetJobRequest(job_id=jid, include_history=True), timeout=5)
+            assert resp.job.state == types_pb2.JOB_STATE_SUCCEEDED, resp.job.reason
+            assert [r.members for r in resp.history] == [2, 2, 2, 3, 3, 3]
+            everyone = ps + late
+            # Its outer steps agree with the others' only if it took the donor's momentum.
+            _identical(everyone, srv, jid, resp)
+            assert len(_momenta(everyone, jid)) == 1
