@@ -78,6 +78,11 @@ def test_outer_optimizer_and_prox_jobs_commit_with_members_bit_identical(tmp_pat
         assert all(a != b for a, b in zip([r.digest for r in prox.history], plain_digests))
         assert prox.history[-1].test_accuracy > prox.history[0].test_accuracy
 
+        jid, both = _run(stub, replace(NESTEROV, prox_mu=0.5))  # they combine: FedProx inside, DiLoCo outside
+        _identical(ps, srv, jid, both)
+        assert len(_momenta(ps, jid)) == 1
+        assert both.history[1].digest not in (outer.history[1].digest, prox.history[1].digest)
+
 
 class _WrongDigestOnce:
     """A peer's control stub whose first report of round ``rnd`` carries a wrong digest: the
