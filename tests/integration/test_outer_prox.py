@@ -3,6 +3,8 @@ real peers in one process: they train, commit on equal digests, the members end 
 and a re-issued round reproduces the failure-free result (the outer momentum is training state)."""
 from __future__ import annotations
 
+import contextlib
+import itertools
 import threading
 from dataclasses import replace
 
@@ -51,37 +53,51 @@ def _momenta(ps, jid: str) -> set[bytes]:
     return out
 
 
+@contextlib.contextmanager
+def _cluster(tmp_path, n: int = 3):
+    """A fresh coordinator and ``n`` fresh peers, all registered: shards are placed by measured
+    capacity, so jobs compared digest for digest each get a cluster that has measured nothing."""
+    with coordinator(tmp_path / f"state-{next(_COUNT)}") as srv, peers(srv.address, n) as ps:
+        wait_for(lambda: srv.coordinator.view(lambda st: len(st.live_idle())) == n, 30, f"{n} idle peers")
+        yield srv, ps, job_stub(srv.address)
+
+
+_COUNT = itertools.count()
+
+
+def _job(tmp_path, spec: JobSpec, outer: bool = False) -> jobs_pb2.GetJobResponse:
+    """Runs ``spec`` on a fresh cluster; checks the members end bit-identical (and, with
+    ``outer``, hold one outer momentum); returns the history."""
+    with _cluster(tmp_path) as (srv, ps, stub):
+        jid, resp = _run(stub, spec)
+        _identical(ps, srv, jid, resp)
+        if outer:
+            assert len(_momenta(ps, jid)) == 1, "every member holds the same outer momentum"
+        return resp
+
+
 def test_outer_optimizer_and_prox_jobs_commit_with_members_bit_identical(tmp_path):
-    with coordinator(tmp_path / "state") as srv, peers(srv.address, 3) as ps:
-        stub = job_stub(srv.address)
-        _, plain = _run(stub, BASE)
-        plain_digests = [r.digest for r in plain.history]
+    plain = _job(tmp_path, BASE)
+    plain_digests = [r.digest for r in plain.history]
 
-        jid, outer = _run(stub, NESTEROV)
-        _identical(ps, srv, jid, outer)
-        assert len(_momenta(ps, jid)) == 1, "every member holds the same outer momentum"
-        digests = [r.digest for r in outer.history]
-        # Round 1 has no committed digest to prove a common start: it takes the plain average.
-        assert digests[0] == plain_digests[0]
-        # From round 2 the outer step moves the parameters elsewhere than the average.
-        assert all(a != b for a, b in zip(digests[1:], plain_digests[1:]))
-        assert outer.history[-1].test_accuracy > outer.history[0].test_accuracy
+    outer = _job(tmp_path, NESTEROV, outer=True)
+    digests = [r.digest for r in outer.history]
+    # Round 1 has no committed digest to prove a common start: it takes the plain average.
+    assert digests[0] == plain_digests[0]
+    # From round 2 the outer step moves the parameters elsewhere than the average.
+    assert all(a != b for a, b in zip(digests[1:], plain_digests[1:]))
+    assert outer.history[-1].test_accuracy > outer.history[0].test_accuracy
 
-        # Lossy codecs average changes against the committed base; the outer step follows.
-        jid, lossy = _run(stub, replace(NESTEROV, codec="int8"))
-        _identical(ps, srv, jid, lossy)
-        assert len(_momenta(ps, jid)) == 1
+    # Lossy codecs average changes against the committed base; the outer step follows.
+    _job(tmp_path, replace(NESTEROV, codec="int8"), outer=True)
 
-        jid, prox = _run(stub, replace(BASE, prox_mu=0.5))
-        _identical(ps, srv, jid, prox)
-        # The proximal term changes local training from the first step on.
-        assert all(a != b for a, b in zip([r.digest for r in prox.history], plain_digests))
-        assert prox.history[-1].test_accuracy > prox.history[0].test_accuracy
+    prox = _job(tmp_path, replace(BASE, prox_mu=0.5))
+    # The proximal term changes local training from the first step on.
+    assert all(a != b for a, b in zip([r.digest for r in prox.history], plain_digests))
+    assert prox.history[-1].test_accuracy > prox.history[0].test_accuracy
 
-        jid, both = _run(stub, replace(NESTEROV, prox_mu=0.5))  # they combine: FedProx inside, DiLoCo outside
-        _identical(ps, srv, jid, both)
-        assert len(_momenta(ps, jid)) == 1
-        assert both.history[1].digest not in (outer.history[1].digest, prox.history[1].digest)
+    both = _job(tmp_path, replace(NESTEROV, prox_mu=0.5), outer=True)  # FedProx inside, DiLoCo outside
+    assert both.history[1].digest not in (outer.history[1].digest, prox.history[1].digest)
 
 
 class _WrongDigestOnce:
@@ -104,11 +120,10 @@ class _WrongDigestOnce:
 
 def test_a_reissued_round_with_the_outer_optimizer_reproduces_the_failure_free_result(tmp_path):
     spec = replace(NESTEROV, rounds=5)
-    with coordinator(tmp_path / "state") as srv, peers(srv.address, 3) as ps:
-        stub = job_stub(srv.address)
-        _, clean = _run(stub, spec)
+    clean = _job(tmp_path, spec, outer=True)
+    with _cluster(tmp_path) as (srv, ps, stub):
         wrong = _WrongDigestOnce(ps[1].client.stub, rnd=3)
-        ps[1].client.stub = wrong  # armed once the clean job is over
+        ps[1].client.stub = wrong
         jid, again = _run(stub, spec)
         assert wrong.fired == jid
         assert [e.round for e in again.job.epochs] == [1, 3], "round 3 was re-issued under a new epoch"
@@ -137,9 +152,8 @@ class _HoldReport:
 def test_a_joiner_takes_the_outer_momentum_and_the_ring_stays_bit_identical(tmp_path):
     spec = replace(NESTEROV, rounds=6, min_peers=2, checkpoint_every_rounds=100)
     gate = threading.Event()
-    with coordinator(tmp_path / "state") as srv, peers(srv.address, 2) as ps:
+    with _cluster(tmp_path, 2) as (srv, ps, stub):
         ps[0].client.stub = _HoldReport(ps[0].client.stub, 3, gate)
-        stub = job_stub(srv.address)
         jid = stub.SubmitJob(jobs_pb2.SubmitJobRequest(spec=spec_to_pb(spec)), timeout=10).job_id
         wait_for(lambda: stub.GetJob(jobs_pb2.GetJobRequest(job_id=jid), timeout=5).job.round >= 2, 60, "round 2 to commit")
         with peers(srv.address, 1) as late:  # registered before round 3 can commit: it joins at round 4
