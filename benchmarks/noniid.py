@@ -3,9 +3,10 @@ shards, beside plain averaging on IID shards.
 
     python benchmarks/noniid.py [--peers 4] [--skew classes:2] [--repeats 1] [--json] [job flags]
 
-Every row is one job on the same local process cluster (one coordinator, ``--peers`` peers), with
-the same task, seed, rounds, local steps, batch size and learning rate, so every row trains on the
-same number of samples; only the flags of its row differ:
+Every row is one job on a fresh local process cluster (one coordinator, ``--peers`` peers: shards
+are placed by measured capacity, so a cluster that ran another job could place them differently),
+with the same task, seed, rounds, local steps, batch size and learning rate, so every row trains on
+the same number of samples; only the flags of its row differ:
 
     iid, plain averaging        --sharding iid
     SKEW, plain averaging       --sharding SKEW
@@ -15,7 +16,9 @@ same number of samples; only the flags of its row differ:
 
 With ``--repeats R`` the rows run interleaved (all rows with seed S, then all with S + 1, ...) so
 a slow stretch of the machine lands on every row alike; the table shows the mean over the repeats
-and, past one repeat, the lowest and highest. ``--rows`` picks some rows by name.
+and, past one repeat, the lowest and highest. ``labels/peer`` is how many labels each peer's
+shards held in each run (``dml shards``: placement follows measured capacity, so it can differ
+between runs). ``--rows`` picks some rows by name.
 """
 from __future__ import annotations
 
@@ -30,7 +33,7 @@ from dataclasses import replace
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
-from dml.client.api import status_dict
+from dml.client.api import shards_dict, status_dict
 from dml.client.cli import add_job_options, spec_from_args
 from dml.client.local import cluster
 from dml.common.spec import InvalidSpec, JobSpec, validate
@@ -59,10 +62,13 @@ def run_job(client, spec: JobSpec) -> dict:
     job running, so the first job does not count the peers' start-up) and samples."""
     job = client.submit(spec)
     running: list[float] = []
+    placed: dict = {}
 
     def seen(st) -> None:
         if not running and st.state == types_pb2.JOB_STATE_RUNNING:
             running.append(time.monotonic())
+        if not placed and st.state == types_pb2.JOB_STATE_RUNNING and st.round >= 1:  # placed while it runs
+            placed.update(shards_dict(client.shards(job)))
 
     end = client.watch(job, seen, max_s=3600)
     took = time.monotonic() - running[0] if running else float("nan")
@@ -73,7 +79,8 @@ def run_job(client, spec: JobSpec) -> dict:
     last10 = [r.test_accuracy for r in hist[-10:]]
     return {"job": job, "accuracy": float(d["metrics"]["test_accuracy"]),
             "accuracy_last10": float(statistics.fmean(last10)) if last10 else float("nan"),
-            "s": took, "samples": int(d["samples"])}
+            "s": took, "samples": int(d["samples"]),
+            "labels_per_peer": sorted(sum(1 for n in p["label_counts"] or [] if n) for p in placed.get("peers", []))}
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, JobSpec, dict[str, tuple[str, JobSpec]]]:
@@ -105,19 +112,25 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, JobSp
     return a, base, specs
 
 
+def run_on_cluster(peers: int, spec: JobSpec) -> dict:
+    """Runs one job on a fresh local cluster: shards are placed by the peers' measured capacity,
+    so a cluster that ran an earlier row could place this row's samples differently."""
+    with tempfile.TemporaryDirectory(prefix="dml-noniid-") as tmp:
+        with cluster(peers, 0, pathlib.Path(tmp), pathlib.Path(tmp) / "logs") as (_, _, c):
+            with c.client(timeout_s=30) as client:
+                return run_job(client, spec)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point."""
     a, base, specs = parse_args(argv)
     runs: dict[str, list[dict]] = {k: [] for k in specs}
-    with tempfile.TemporaryDirectory(prefix="dml-noniid-") as tmp:
-        with cluster(a.peers, 0, pathlib.Path(tmp), pathlib.Path(tmp) / "logs") as (_, _, c):
-            with c.client(timeout_s=30) as client:
-                for rep in range(a.repeats):
-                    for name, (label, spec) in specs.items():
-                        got = run_job(client, replace(spec, seed=base.seed + rep))
-                        runs[name].append(got)
-                        print(f"repeat {rep + 1}/{a.repeats} {label}: accuracy {got['accuracy']:.4f} "
-                              f"({got['s']:.1f} s)", file=sys.stderr)
+    for rep in range(a.repeats):
+        for name, (label, spec) in specs.items():
+            got = run_on_cluster(a.peers, replace(spec, seed=base.seed + rep))
+            runs[name].append(got)
+            print(f"repeat {rep + 1}/{a.repeats} {label}: accuracy {got['accuracy']:.4f} "
+                  f"({got['s']:.1f} s, labels per peer {got['labels_per_peer']})", file=sys.stderr)
 
     out = {"task": base.task, "peers": a.peers, "skew": a.skew, "rounds": base.rounds,
            "local_steps": base.local_steps, "batch_size": base.batch_size, "learning_rate": base.learning_rate,
@@ -138,10 +151,13 @@ def main(argv: list[str] | None = None) -> None:
           f"{base.batch_size}, {lr}, {base.num_shards} shards, seed {base.seed}"
           + (f", {a.repeats} repeats (mean [min, max])" if a.repeats > 1 else ""))
     width = max(len(r["label"]) for r in out["rows"]) + 2
-    print(f"{'run':<{width}} {'test acc':>9} {'last 10':>8} {'samples':>9} {'wall s':>7}" + ("  range" if a.repeats > 1 else ""))
+    print(f"{'run':<{width}} {'test acc':>9} {'last 10':>8} {'samples':>9} {'wall s':>7}  labels/peer"
+          + ("  range" if a.repeats > 1 else ""))
     for r in out["rows"]:
         rng = f"  [{r['accuracy_min']:.4f}, {r['accuracy_max']:.4f}]" if a.repeats > 1 else ""
-        print(f"{r['label']:<{width}} {r['accuracy']:>9.4f} {r['accuracy_last10']:>8.4f} {r['samples']:>9} {r['s']:>7.1f}{rng}")
+        labels = " ".join(",".join(map(str, x["labels_per_peer"])) for x in r["runs"])
+        print(f"{r['label']:<{width}} {r['accuracy']:>9.4f} {r['accuracy_last10']:>8.4f} {r['samples']:>9} {r['s']:>7.1f}"
+              f"  {labels:<11}{rng}")
 
 
 if __name__ == "__main__":
