@@ -377,8 +377,8 @@ def test_noniid_rows_differ_only_in_their_own_flags() -> None:
     assert all(s.prox_mu == 0 for k, s in got.items() if k != "prox")
     assert all(s.outer_optimizer == "none" for k, s in got.items() if k != "outer")
     assert all(s.sync == "params" for k, s in got.items() if k != "grads")
-    _, _, some = mod.parse_args(["--skew", "dirichlet:0.3", "--rows", "iid,outer"])
-    assert list(some) == ["iid", "outer"]
+    _, _, some = mod.parse_args(["--rows", "iid,outer"])
+    assert list(some) == ["iid", "outer"] and some["outer"][1].sharding == "classes:2"
     for bad in (["--rows", "fedavg"], ["--rows", ","], ["--repeats", "0"], ["--skew", "bogus"]):
         with pytest.raises(SystemExit) as e:
             mod.parse_args(bad)
