@@ -4,11 +4,13 @@ and a re-issued round reproduces the failure-free result (the outer momentum is 
 from __future__ import annotations
 
 import contextlib
+import io
 import itertools
 import threading
 from dataclasses import replace
 
 import numpy as np
+import torch
 from dml.v1 import jobs_pb2, types_pb2
 
 from dml.common.spec import JobSpec, spec_to_pb
@@ -65,22 +67,30 @@ def _cluster(tmp_path, n: int = 3):
 _COUNT = itertools.count()
 
 
-def _job(tmp_path, spec: JobSpec, outer: bool = False) -> jobs_pb2.GetJobResponse:
+def _job(tmp_path, spec: JobSpec, outer: bool = False) -> tuple[jobs_pb2.GetJobResponse, dict | None]:
     """Runs ``spec`` on a fresh cluster; checks the members end bit-identical (and, with
-    ``outer``, hold one outer momentum); returns the history."""
+    ``outer``, hold one outer momentum); returns the history and the job's checkpoint."""
     with _cluster(tmp_path) as (srv, ps, stub):
         jid, resp = _run(stub, spec)
         _identical(ps, srv, jid, resp)
-        if outer:
-            assert len(_momenta(ps, jid)) == 1, "every member holds the same outer momentum"
-        return resp
+        if not outer:
+            return resp, None
+        momenta = _momenta(ps, jid)
+        assert len(momenta) == 1, "every member holds the same outer momentum"
+        chunks = list(stub.DownloadCheckpoint(jobs_pb2.DownloadModelRequest(job_id=jid), timeout=10))
+        assert chunks[0].round == spec.rounds
+        doc = torch.load(io.BytesIO(b"".join(c.data for c in chunks)), weights_only=True)
+        assert doc[PART]["state"][0]["momentum_buffer"].numpy().tobytes() == momenta.pop()
+        return resp, doc
 
 
 def test_outer_optimizer_and_prox_jobs_commit_with_members_bit_identical(tmp_path):
-    plain = _job(tmp_path, BASE)
+    plain, _ = _job(tmp_path, BASE)
     plain_digests = [r.digest for r in plain.history]
 
-    outer = _job(tmp_path, NESTEROV, outer=True)
+    outer, doc = _job(tmp_path, NESTEROV, outer=True)
+    # The checkpoint (dml checkpoint) holds the outer momentum beside the model and the inner optimizer.
+    assert doc[PART]["param_groups"][0]["nesterov"] and doc[PART]["param_groups"][0]["lr"] == 0.7
     digests = [r.digest for r in outer.history]
     # Round 1 has no committed digest to prove a common start: it takes the plain average.
     assert digests[0] == plain_digests[0]
@@ -91,12 +101,12 @@ def test_outer_optimizer_and_prox_jobs_commit_with_members_bit_identical(tmp_pat
     # Lossy codecs average changes against the committed base; the outer step follows.
     _job(tmp_path, replace(NESTEROV, codec="int8"), outer=True)
 
-    prox = _job(tmp_path, replace(BASE, prox_mu=0.5))
+    prox, _ = _job(tmp_path, replace(BASE, prox_mu=0.5))
     # The proximal term changes local training from the first step on.
     assert all(a != b for a, b in zip([r.digest for r in prox.history], plain_digests))
     assert prox.history[-1].test_accuracy > prox.history[0].test_accuracy
 
-    both = _job(tmp_path, replace(NESTEROV, prox_mu=0.5), outer=True)  # FedProx inside, DiLoCo outside
+    both, _ = _job(tmp_path, replace(NESTEROV, prox_mu=0.5), outer=True)  # FedProx inside, DiLoCo outside
     assert both.history[1].digest not in (outer.history[1].digest, prox.history[1].digest)
 
 
@@ -120,7 +130,7 @@ class _WrongDigestOnce:
 
 def test_a_reissued_round_with_the_outer_optimizer_reproduces_the_failure_free_result(tmp_path):
     spec = replace(NESTEROV, rounds=5)
-    clean = _job(tmp_path, spec, outer=True)
+    clean, _ = _job(tmp_path, spec, outer=True)
     with _cluster(tmp_path) as (srv, ps, stub):
         wrong = _WrongDigestOnce(ps[1].client.stub, rnd=3)
         ps[1].client.stub = wrong
