@@ -155,7 +155,7 @@ class _HoldReport:
 
     def ReportRound(self, req, **kw):  # noqa: N802 - the stub's method name
         if req.round == self._rnd:
-            assert self._gate.wait(self._wait_s), "the joiner never registered"
+            assert self._gate.wait(self._wait_s), "the joiner never took the job"
         return self._stub.ReportRound(req, **kw)
 
 
@@ -166,7 +166,9 @@ def test_a_joiner_takes_the_outer_momentum_and_the_ring_stays_bit_identical(tmp_
         ps[0].client.stub = _HoldReport(ps[0].client.stub, 3, gate)
         jid = stub.SubmitJob(jobs_pb2.SubmitJobRequest(spec=spec_to_pb(spec)), timeout=10).job_id
         wait_for(lambda: stub.GetJob(jobs_pb2.GetJobRequest(job_id=jid), timeout=5).job.round >= 2, 60, "round 2 to commit")
-        with peers(srv.address, 1) as late:  # registered before round 3 can commit: it joins at round 4
+        with peers(srv.address, 1) as late:  # ready before round 3 can commit: it joins at round 4
+            wait_for(lambda: srv.coordinator.view(lambda st: late[0].peer_id in st.job(jid).ready), 60,
+                     "the joiner to take the job")
             gate.set()
             wait_for(lambda: stub.GetJob(jobs_pb2.GetJobRequest(job_id=jid), timeout=5).job.state in (
                 types_pb2.JOB_STATE_SUCCEEDED, types_pb2.JOB_STATE_FAILED), 90, "the job to end")
