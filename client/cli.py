@@ -23,8 +23,8 @@ from dml.common import args as cliargs
 from dml.common import tls
 from dml.common.args import int_in
 from dml.common.spec import (AGGREGATIONS, CODECS, DATA_PLANES, MAX_GOSSIP_TIMEOUT_MS, MAX_LEARNING_RATE,
-                             MAX_PEER_GRACE_S, MAX_ROUNDS, MAX_SAMPLES_PER_ROUND, MIN_GOSSIP_TIMEOUT_MS, OPTIMIZER_STATES,
-                             SYNCS, TOPOLOGY_NAMES, JobSpec)
+                             MAX_PEER_GRACE_S, MAX_PROX_MU, MAX_ROUNDS, MAX_SAMPLES_PER_ROUND, MIN_GOSSIP_TIMEOUT_MS,
+                             OPTIMIZER_STATES, OUTER_OPTIMIZERS, SYNCS, TOPOLOGY_NAMES, JobSpec)
 from dml.v1 import jobs_pb2, types_pb2
 
 DEFAULT_CERT_DAYS = 3650
@@ -98,7 +98,9 @@ def spec_from_args(a: argparse.Namespace) -> JobSpec:
                    peer_grace_s=a.peer_grace_s or d.peer_grace_s, codec=a.codec, data_plane=a.data_plane,
                    eval_every_rounds=a.eval_every or d.eval_every_rounds,
                    gossip_topology=a.topology, gossip_timeout_ms=a.gossip_timeout_ms or d.gossip_timeout_ms,
-                   min_shard_samples=a.min_shard_samples, optimizer_state=a.optimizer_state, sync=a.sync)
+                   min_shard_samples=a.min_shard_samples, optimizer_state=a.optimizer_state, sync=a.sync,
+                   outer_optimizer=a.outer_optimizer, outer_lr=a.outer_lr, outer_momentum=a.outer_momentum,
+                   prox_mu=a.prox_mu)
 
 
 def _client(a: argparse.Namespace) -> JobClient:
@@ -375,6 +377,15 @@ def add_job_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-plane", choices=DATA_PLANES, default=d.data_plane,
                    help="how ring chunks travel: auto (TCP negotiated over gRPC, shared memory for large buffers on one host, "
                         "else gRPC), shm, tcp, grpc")
+    p.add_argument("--outer-optimizer", choices=OUTER_OPTIMIZERS, default=d.outer_optimizer,
+                   help="ring jobs: apply each round's averaged change through an outer optimizer (DiLoCo: nesterov); "
+                        "none takes the average itself")
+    p.add_argument("--outer-lr", type=cliargs.float_in(0.0, MAX_LEARNING_RATE), default=d.outer_lr,
+                   help="the outer optimizer's learning rate")
+    p.add_argument("--outer-momentum", type=cliargs.float_in(0.0, 1.0, lo_open=False, hi_open=True),
+                   default=d.outer_momentum, help="the outer optimizer's momentum")
+    p.add_argument("--prox-mu", type=cliargs.float_in(0.0, MAX_PROX_MU, lo_open=False), default=d.prox_mu,
+                   help="FedProx: add (mu/2)||w - w_round||^2 to every local step's loss, for non-IID data (0: off)")
     p.add_argument("--seed", type=int_in(0, 2**63 - 1), default=d.seed, help="seed of model init, shard plan and sampling")
     p.add_argument("--num-shards", type=int_in(1, None, d.num_shards), default=d.num_shards,
                    help="shards to cut the training data into (at most its size)")

@@ -73,7 +73,7 @@ class JobSpec:
 
 
 # Fields whose zero is a real value, not proto3's "unset".
-_ZERO_IS_A_VALUE = frozenset({"rounds", "seed", "learning_rate", "prox_mu", "batch_size"})
+_ZERO_IS_A_VALUE = frozenset({"rounds", "seed", "learning_rate", "prox_mu", "batch_size", "outer_momentum"})
 
 
 def with_defaults(spec: JobSpec) -> JobSpec:

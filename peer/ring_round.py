@@ -24,7 +24,7 @@ from dml.aggregation.transport import Cancelled, ExchangeError
 from dml.common import rpc
 from dml.common.spec import spec_from_pb
 from dml.peer.taskload import make_trainer
-from dml.peer import faults, trainstate
+from dml.peer import faults, outer, trainstate
 from dml.peer.auth import FETCH_PARAMETERS
 from dml.peer.client import Evicted
 from dml.peer.gossip_step import GossipStep
@@ -410,6 +410,11 @@ class RingRound:
                 if buf.size - 1 > trainer.numel:
                     check_own(buf[trainer.numel : -1], None, f"round {plan.round}'s optimizer state")
             self._average(plan, rank, buf, samples, link)  # closes the link when it succeeds
+            step = trainer.state_parts.get(outer.PART)
+            # Like the lossy codecs, the first round (no committed digest yet proves the members
+            # start from the same parameters) takes the average itself.
+            if step is not None and plan.start_digest:
+                step.step(committed.params, buf[: trainer.numel])  # DiLoCo: the average becomes a pseudo-gradient
             trainer.load_exchange_buffer(buf)
 
         def results(trainer: Trainer, req: control_pb2.ReportRoundRequest) -> None:

@@ -28,6 +28,7 @@ from dml.common import taskcode
 from dml.common.spec import task_kind
 from dml.common.task import Context, Task
 from dml.common.tasks import get_task, is_builtin
+from dml.peer import outer
 from dml.peer.client import TaskCodeMissing
 from dml.peer.trainer import TaskError, Trainer, user_frames
 
@@ -94,15 +95,20 @@ def load_task(peer: Peer, job_id: str, spec: types_pb2.JobSpec) -> Task:
 
 def make_trainer(peer: Peer, job_id: str, spec: types_pb2.JobSpec) -> Trainer:
     """The trainer of job ``job_id`` on this peer: its task, seeded by the job, at the job's
-    learning rate, on the peer's device, its data read under the peer's ``--data-dir``. The one
-    place a peer builds a job's trainer. With ``--sync grads`` it keeps real gradients (no update
-    fused into backward): they are what the ring averages each step. Raises what
-    :func:`load_task` raises."""
+    learning rate, on the peer's device, its data read under the peer's ``--data-dir``, with the
+    job's proximal term and its outer optimizer (whose state is then one of the trainer's
+    ``state_parts``). The one place a peer builds a job's trainer. With ``--sync grads`` or a
+    proximal term it keeps real gradients (no update fused into backward): the ring averages
+    them each step, or the term is added to them. Raises what :func:`load_task` raises."""
     task = load_task(peer, job_id, spec)
     data_dir = peer.config.data_dir if peer.config.data_dir is not None else pathlib.Path.cwd()
     ctx = Context(data_dir=data_dir, seed=spec.seed, job_id=job_id, peer_id=peer.peer_id)
-    trainer = Trainer(task, spec.seed, spec.learning_rate, peer.config.device, ctx=ctx, fuse=spec.sync != "grads")
+    trainer = Trainer(task, spec.seed, spec.learning_rate, peer.config.device, ctx=ctx,
+                      fuse=spec.sync != "grads" and spec.prox_mu == 0, prox_mu=spec.prox_mu)
     trainer.average_state = spec.optimizer_state == "average"
+    if spec.outer_optimizer not in ("", "none"):
+        trainer.state_parts[outer.PART] = outer.OuterOptimizer(spec.outer_optimizer, spec.outer_lr,
+                                                               spec.outer_momentum, trainer.numel)
     return trainer
 
 

@@ -154,6 +154,50 @@ def _call(what: str, fn: Callable[..., Any], *args: Any) -> Any:
         raise TaskError(f"{what} raised {type(e).__name__}: {e}{user_frames(e)}") from e
 
 
+class _Proximal:
+    """FedProx's proximal term over the flat buffer: the gradients of the trained parameters are
+    views into one flat gradient buffer laid out as ``flat``'s parameters are, so adding
+    ``mu * (w - w_start)`` to all of them is one subtraction and one scaled add over the whole
+    model, not a loop over tensors. The gradients stay attached between steps (zeroed in place,
+    never set to None): backward accumulates into them in place."""
+
+    def __init__(self, flat: torch.Tensor, params: list[torch.nn.Parameter], mu: float) -> None:
+        self.mu = mu
+        self.n = sum(p.numel() for p in params)  # the parameters come first in the flat buffer
+        self._w = flat[: self.n]
+        self._anchor = torch.zeros(self.n, dtype=flat.dtype, device=flat.device)
+        self._diff = torch.zeros(self.n, dtype=flat.dtype, device=flat.device)
+        self._grad = torch.zeros(self.n, dtype=flat.dtype, device=flat.device)
+        base = flat.data_ptr()
+        self._views: list[tuple[torch.nn.Parameter, torch.Tensor]] = []
+        for p in params:
+            if not p.requires_grad:  # frozen: no gradient, so the optimizer leaves it alone
+                continue
+            off = (p.data_ptr() - base) // flat.element_size()
+            self._views.append((p, self._grad[off : off + p.numel()].view_as(p)))
+
+    def begin(self) -> None:
+        """Takes the current parameters as ``w_start`` and attaches the flat gradient views."""
+        self._anchor.copy_(self._w)
+        for p, g in self._views:
+            p.grad = g
+
+    def zero_grad(self) -> None:
+        """Zeroes the gradients in place, keeping them views of the flat buffer."""
+        self._grad.zero_()
+        for p, g in self._views:
+            if p.grad is not g:  # something replaced it (set_to_none elsewhere): attach it again
+                p.grad = g
+
+    def add_gradient(self) -> None:
+        """Adds ``mu * (w - w_start)``, the proximal term's gradient, to every gradient."""
+        if any(p.grad is not g for p, g in self._views):
+            raise TaskError("a parameter's gradient was replaced during backward; the proximal term "
+                            "needs gradients accumulated in place (no .grad assignment in the task)")
+        torch.sub(self._w, self._anchor, out=self._diff)
+        self._grad.add_(self._diff, alpha=self.mu)
+
+
 class Batches:
     """Makes batches of a map-style dataset by sample index. An :class:`ArrayDataset` or a
     two-tensor ``TensorDataset`` is indexed all at once (a memory-mapped array is read only at
@@ -222,11 +266,14 @@ class Trainer:
     ``lr`` (the job's ``--lr``; 0 or None: the task's own) overrides every param group's lr.
     With ``fuse`` (default) exactly plain SGD on a model made only of ``nn.Linear`` layers is
     applied inside backward (:func:`fuse_sgd_into_backward`); any other optimizer takes its own
-    ordinary steps. Failures of the task's own code raise :class:`TaskError`.
+    ordinary steps. ``prox_mu`` > 0 adds FedProx's proximal term ``(mu/2)||w - w_start||^2``
+    to the loss of every step (``w_start``: the parameters training started from, a ring
+    round's committed ones), which needs real gradients: it turns the fused path off. Failures
+    of the task's own code raise :class:`TaskError`.
     """
 
     def __init__(self, task: Task, seed: int, lr: float | None, device: str = "cpu",
-                 ctx: Context | None = None, fuse: bool = True) -> None:
+                 ctx: Context | None = None, fuse: bool = True, prox_mu: float = 0.0) -> None:
         self.task = task
         self.device = torch.device(device)
         ctx = ctx if ctx is not None else Context(seed=seed)
@@ -279,9 +326,13 @@ class Trainer:
         self.average_state = False
         self._param_shapes = [tuple(p.shape) for g in self.optimizer.param_groups for p in g["params"]]
         self._xbuf: np.ndarray | None = None  # that buffer, reused across rounds
+        self.prox_mu = float(prox_mu)
+        if not (self.prox_mu >= 0 and np.isfinite(self.prox_mu)):
+            raise ValueError(f"prox_mu must be finite and >= 0, got {prox_mu}")
+        self._prox: _Proximal | None = _Proximal(self.flat, params, self.prox_mu) if self.prox_mu > 0 else None
         # Plain SGD on an MLP can apply each layer's update inside backward, straight into the
         # weights, so no gradient the size of the model ever exists (see _SGDLinear).
-        sgd_lr = plain_sgd(self.optimizer) if fuse else None
+        sgd_lr = plain_sgd(self.optimizer) if fuse and self._prox is None else None
         self.fused_sgd = sgd_lr is not None and fuse_sgd_into_backward(self.model, sgd_lr)
         self._layout = [(name, t.shape, off) for name, t, off in self._named_slices()]
         self._grads: torch.Tensor | None = None  # the flat gradient buffer (--sync grads), made on first use
@@ -470,17 +521,29 @@ class Trainer:
     def _run(self, batches: list[np.ndarray]) -> StepResult:
         self.model.train()
         total, loss_sum = 0, 0.0
+        prox = self._prox
+        if prox is not None:
+            with self.lock:
+                prox.begin()  # w_start: the parameters this training starts from
         for idx in batches:
             x, y = self.train_data.get(np.ascontiguousarray(idx, dtype=np.int64))
             with self.lock:
-                self.optimizer.zero_grad(set_to_none=True)
+                if prox is None:
+                    self.optimizer.zero_grad(set_to_none=True)
+                else:
+                    prox.zero_grad()
                 loss = self._loss(self.model(x), y)
                 loss.backward()
+                if prox is not None:
+                    prox.add_gradient()
                 self.optimizer.step()
                 self.version += 1
             total += int(idx.size)
             loss_sum += float(loss.detach()) * int(idx.size)
-        self.optimizer.zero_grad(set_to_none=True)  # gradients are not needed past the round
+        if prox is None:
+            self.optimizer.zero_grad(set_to_none=True)  # gradients are not needed past the round
+        else:
+            prox.zero_grad()
         return StepResult(samples=total, loss=loss_sum / max(total, 1))
 
     def grad_buffer(self) -> torch.Tensor:

@@ -362,3 +362,24 @@ def test_chaos_peer_side_facts_from_the_peer_logs(chaos, tmp_path):
     (tmp_path / "coordinator.log").write_text("x\nTraceback (most recent call last):\n  boom\n")
     found = chaos.scan_logs(tmp_path, T0 + 100)
     assert found["traceback"]["count"] == 1 and "critical" not in found
+
+
+def test_noniid_rows_differ_only_in_their_own_flags() -> None:
+    mod = _load("noniid")
+    a, base, specs = mod.parse_args(["--skew", "dirichlet:0.3", "--prox-mu", "0.1", "--rounds", "7", "--seed", "5"])
+    assert list(specs) == list(mod.ROWS) and a.peers == 4 and a.min_peers == 4 and base.task == "digits-cnn"
+    got = {k: s for k, (_, s) in specs.items()}
+    assert {(s.seed, s.rounds, s.local_steps, s.batch_size, s.learning_rate, s.num_shards, s.task)
+            for s in got.values()} == {(5, 7, base.local_steps, base.batch_size, base.learning_rate, base.num_shards,
+                                        "digits-cnn")}
+    assert got["iid"].sharding == "iid" and all(got[k].sharding == "dirichlet:0.3" for k in mod.ROWS if k != "iid")
+    assert (got["prox"].prox_mu, got["outer"].outer_optimizer, got["grads"].sync) == (0.1, "nesterov", "grads")
+    assert all(s.prox_mu == 0 for k, s in got.items() if k != "prox")
+    assert all(s.outer_optimizer == "none" for k, s in got.items() if k != "outer")
+    assert all(s.sync == "params" for k, s in got.items() if k != "grads")
+    _, _, some = mod.parse_args(["--rows", "iid,outer"])
+    assert list(some) == ["iid", "outer"] and some["outer"][1].sharding == "classes:2"
+    for bad in (["--rows", "fedavg"], ["--rows", ","], ["--repeats", "0"], ["--skew", "bogus"]):
+        with pytest.raises(SystemExit) as e:
+            mod.parse_args(bad)
+        assert e.value.code == 2, bad
