@@ -45,15 +45,14 @@ def save_atomically(path: pathlib.Path, array: np.ndarray) -> None:
 
 
 def generate(folder: pathlib.Path) -> None:
-    """Writes the synthetic readings: each machine state has its own mean pattern, and the
-    class is what a fixed random two-layer network makes of the noisy reading (deterministic:
-    every peer that generates them writes the same bytes)."""
+    """Writes the synthetic readings: each machine state has its own mean pattern over the 32
+    channels, and a reading is that pattern plus noise, squashed by the sensors' response
+    (deterministic: every peer that generates them writes the same bytes)."""
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(2024)
-    w1 = rng.standard_normal((FEATURES, 64)).astype(np.float32) / np.sqrt(FEATURES)
-    w2 = rng.standard_normal((64, CLASSES)).astype(np.float32)
-    x = rng.standard_normal((TRAIN + TEST, FEATURES)).astype(np.float32)
-    y = (np.tanh(x @ w1) @ w2).argmax(1).astype(np.int64)
+    patterns = 0.6 * rng.standard_normal((CLASSES, FEATURES))
+    y = rng.integers(0, CLASSES, TRAIN + TEST)
+    x = np.tanh(patterns[y] + rng.standard_normal((TRAIN + TEST, FEATURES))).astype(np.float32)
     for split, rows in (("train", slice(0, TRAIN)), ("test", slice(TRAIN, None))):
         save_atomically(folder / f"{split}_y.npy", y[rows])
         save_atomically(folder / f"{split}_x.npy", x[rows])  # last: its presence means all are there
