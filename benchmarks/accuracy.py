@@ -120,8 +120,9 @@ def main() -> None:
     if a.json:
         print(json.dumps(row))
         return
-    print(f"task {spec.task}, {spec.rounds} rounds x {spec.local_steps} local steps, batch {spec.batch_size}, "
-          f"lr {spec.learning_rate}, sharding {spec.sharding}")
+    own = "the task's"
+    print(f"task {spec.task}, {spec.rounds} rounds x {spec.local_steps} local steps, batch {spec.batch_size or own}, "
+          f"lr {spec.learning_rate or own}, sharding {spec.sharding}")
     print(f"{'run':<30} {'test acc':>9} {'last 10':>8} {'samples':>9} {'wall s':>8}")
     for c, (acc, acc10, t, n, _) in runs.items():
         print(f"{f'dml, {a.peers} peers (ring, {c})':<30} {acc:>9.4f} {acc10:>8.4f} {n:>9} {t:>8.1f}")
