@@ -111,7 +111,7 @@ def check_report(rep: Report) -> None:
         raise BadReport(f"at most {MAX_METRICS} test metrics, got {len(rep.test_metrics)}")
     for k, v in rep.test_metrics.items():
         if not isinstance(k, str) or not 0 < len(k) <= MAX_METRIC_NAME:
-            raise BadReport(f"a test metric's name must have 1 to {MAX_METRIC_NAME} characters, got {len(k)}")
+            raise BadReport(f"a test metric's name must have 1 to {MAX_METRIC_NAME} characters, got {k!r:.80}")
         real(f"test metric {k!r}", v, lo=-math.inf)
     real("train_samples_per_s", rep.samples_per_s)
     real("pair_distance", rep.pair_distance)
