@@ -30,7 +30,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 from dml.client.cli import add_job_options, spec_from_args
 from dml.client.api import status_dict
 from dml.client.local import cluster
-from dml.common.spec import CODECS, JobSpec
+from dml.common.spec import CODECS, JobSpec, task_kind
 from dml.common.task import Context, Task
 
 
@@ -60,13 +60,15 @@ def load_task(spec: JobSpec) -> tuple[Task, Callable[[], None]]:
     """The job's task, loaded the way a peer loads it: a task file or package is packed into
     the bundle ``dml submit`` sends, then imported from that bundle; a built-in task or
     ``module:NAME`` is resolved by name. Returns the task and what cleans up after it."""
+    from dml.peer.taskload import resolve
+
+    if task_kind(spec.task) != "code":
+        return resolve(spec.task), lambda: None
     from dml.client.api import pack_task
     from dml.common import taskcode
-    from dml.peer.taskload import CodeCache, resolve
+    from dml.peer.taskload import CodeCache
 
     packed, code = pack_task(spec)
-    if not code:
-        return resolve(spec.task), lambda: None
     cache = CodeCache()
     return cache.task(taskcode.parse_ref(packed.task), packed.task_digest, lambda: code), cache.close
 
