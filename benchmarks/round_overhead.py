@@ -1,8 +1,9 @@
 """Round overhead benchmark: where a dml round's time goes, and how much memory a peer holds.
 
-    python benchmarks/round_overhead.py [--params-m 1,10,50] [--peers 4] [--rounds R]
-                                        [--codec fp32] [--data-plane auto] [--local-steps 1]
-                                        [--batch-size 32] [--lr 0.01] [--warmup 2] [--json]
+    python benchmarks/round_overhead.py [--params-m 1,10,50] [--tasks digits-cnn] [--peers 4]
+                                        [--rounds R] [--codec fp32] [--data-plane auto]
+                                        [--local-steps 1] [--batch-size 32] [--lr 0.01]
+                                        [--warmup 2] [--json]
 
 For every model size it starts a fresh cluster on 127.0.0.1 (one ``coordinator.cli`` process and
 ``--peers`` ``peer.cli`` processes, ``--device cpu``, one torch/OpenMP thread each, the coordinator
@@ -18,6 +19,11 @@ round (default 1 x 32: the point is the overhead around training, so training is
 learning rate ``--lr`` (default 0.01; synthetic:10M diverges at 0.1), wire codec ``--codec`` and
 data plane ``--data-plane`` passed through to the job, and ``checkpoint_every_rounds`` = rounds + 1,
 so only the final round uploads a checkpoint (a job always checkpoints its last round).
+
+Beside the MLP sizes, ``--tasks`` (default ``digits-cnn``: a CNN trained with Adam, so the
+ordinary optimizer path rather than the MLPs' plain SGD fused into backward) names built-in
+tasks to measure the same way, one row each, each with its own optimizer at its own learning
+rate (``--lr`` is for the MLP rows); ``--tasks ''`` measures the MLP sizes only.
 
 Rounds (``--rounds``): by default 30 for models under 10M parameters, 20 up to 10M and 8 above
 (a 50M round takes about 10 s on a 2-core machine with 4 peers; the defaults keep the whole run
@@ -62,7 +68,8 @@ Also in the JSON: ``end_rss_mb_per_peer`` (VmRSS when the job has finished),
 
 Targets checked in the table (they print ok / NOT ok; the exit code does not depend on them):
 coordination plus exchange (``coord_s + exchange_s``) under 1 s per round at 10M parameters and 4
-peers, and every peer's peak RSS at most its baseline + 3 x the model's bytes.
+peers, and every peer's peak RSS at most its baseline + 3 x the model's bytes (for the MLP rows: a
+small model such as the CNN's is dwarfed by a peer's fixed memory).
 
 ``--json`` prints one JSON object per model size (as each finishes) instead of the table. Progress
 goes to stderr. Exit codes: 0 done, 1 a cluster or job failed (the tail of the process logs is
@@ -109,7 +116,7 @@ from dml.common.args import int_in, positive_float
 from dml.client.cluster import (ClusterError, die_with_parent, join_token_file, operator_token_file, reap,
                                 wait_for_port_file)
 from dml.common.spec import CODECS, DATA_PLANES, MAX_ROUNDS, JobSpec
-from dml.common.tasks import builtin_params
+from dml.common.tasks import builtin_params, get_task, is_builtin, task_names
 
 MB = 1 << 20
 TARGET_OVERHEAD_S = 1.0  # coord_s + exchange_s per round at 10M parameters and 4 peers
@@ -147,6 +154,18 @@ def task_name(params_m: float) -> str:
     return f"synthetic:{params_m:g}M"
 
 
+def task_model(task: str) -> tuple[int, str]:
+    """A built-in task's parameter count and its optimizer's class name (built here with torch,
+    as a peer builds them)."""
+    import torch
+
+    t = get_task(task)
+    model = t.model()
+    params = list(model.parameters())
+    opt = t.optimizer(params) if t.optimizer is not None else torch.optim.SGD(params, lr=0.1)
+    return sum(x.numel() for x in params), type(opt).__name__
+
+
 def default_rounds(num_params: int) -> int:
     """30 rounds below 10M parameters, 20 up to 10M, 8 above."""
     if num_params < 9_500_000:
@@ -158,6 +177,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--params-m", type=_params_list, default=[1.0, 10.0, 50.0],
                    help="model sizes in millions of parameters, comma-separated (default 1,10,50)")
+    p.add_argument("--tasks", default="digits-cnn",
+                   help="built-in tasks measured after the MLP sizes, each with its own optimizer and learning rate, "
+                        "comma-separated (default digits-cnn: a CNN with Adam; '' for none)")
     p.add_argument("--peers", type=int_in(1), default=4, help="peer processes (default 4)")
     p.add_argument("--rounds", type=int_in(1), default=None,
                    help="rounds per job (default: 30 below 10M parameters, 20 up to 10M, 8 above)")
@@ -191,6 +213,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             p.error(f"--params-m {m:g}: {e}")
         sizes.append((m, num_params))
     a.sizes = sizes
+    a.task_list = [t.strip() for t in a.tasks.split(",") if t.strip()]
+    for t in a.task_list:
+        if not is_builtin(t) or t.startswith("synthetic:"):
+            p.error(f"--tasks: {t!r} is not a built-in task other than synthetic:SIZE (those are --params-m); "
+                    f"choose from {', '.join(n for n in task_names() if not n.startswith('synthetic:'))}")
     if a.rounds is not None:
         if a.rounds > MAX_ROUNDS:
             p.error(f"--rounds must be at most {MAX_ROUNDS}, got {a.rounds}")
@@ -397,14 +424,15 @@ def round_split(history: list[dict[str, Any]], rounds: int, warmup: int,
 
 
 # -- one model size --------------------------------------------------------------------------
-def measure(a: argparse.Namespace, params_m: float, num_params: int, root: pathlib.Path) -> dict[str, Any]:
-    """Runs one job on a fresh cluster; returns its JSON row."""
-    task = task_name(params_m)
+def measure(a: argparse.Namespace, task: str, num_params: int, root: pathlib.Path, lr: float,
+            optimizer: str) -> dict[str, Any]:
+    """Runs one job of ``task`` (``num_params`` parameters, trained with ``optimizer``, at ``lr``:
+    0 keeps the task's own) on a fresh cluster; returns its JSON row."""
     rounds = a.rounds if a.rounds is not None else default_rounds(num_params)
     model_mb = num_params * 4 / MB
     job_timeout_s = a.timeout_s if a.timeout_s is not None else 60.0 + rounds * (2.0 + 0.6 * num_params / 1e6)
     spec = JobSpec(task=task, rounds=rounds, local_steps=a.local_steps, batch_size=a.batch_size,
-                   learning_rate=a.lr, min_peers=a.peers, num_shards=max(JobSpec().num_shards, a.peers),
+                   learning_rate=lr, min_peers=a.peers, num_shards=max(JobSpec().num_shards, a.peers),
                    checkpoint_every_rounds=rounds + 1, codec=a.codec, data_plane=a.data_plane,
                    eval_every_rounds=a.eval_every or rounds)
     root.mkdir(parents=True, exist_ok=True)
@@ -462,9 +490,9 @@ def measure(a: argparse.Namespace, params_m: float, num_params: int, root: pathl
     evaluator = c.peer_ids.index(ring[0]) if ring and ring[0] in c.peer_ids else None
     others = [x for i, x in enumerate(over) if i != evaluator]
     row: dict[str, Any] = {
-        "task": task, "params": num_params, "peers": a.peers, "rounds": rounds, "warmup": a.warmup,
+        "task": task, "optimizer": optimizer, "params": num_params, "peers": a.peers, "rounds": rounds, "warmup": a.warmup,
         "codec": a.codec, "data_plane": a.data_plane, "local_steps": a.local_steps, "batch_size": a.batch_size,
-        "lr": a.lr, "job_id": job_id,
+        "lr": lr, "job_id": job_id,
         **{k: split[k] for k in ("measured_rounds", "round_s", "train_s", "exchange_s", "eval_s", "coord_s",
                                  "plan_to_commit_s", "report_s")},
         "max": {k: split[k + "_max"] for k in ("round_s", "train_s", "exchange_s", "eval_s", "coord_s",
@@ -507,12 +535,12 @@ def table(rows: list[dict[str, Any]], a: argparse.Namespace) -> str:
         ("# RSS in MB (2**20 B): base = VmRSS after registering (max over peers), peak = VmHWM (max over peers), "
          "x = max over peers of (peak - base) / model, x oth = the same without rank 0 (marked * in peak per peer: "
          "it evaluates the test set and uploads the final checkpoint)"),
-        (f"{'params':>12} {'R':>3} {'round':>7} {'train':>7} {'exch':>7} {'eval':>7} {'coord':>7} {'report':>7} {'ex+co':>7} "
+        (f"{'task':<14} {'optimizer':<9} {'params':>12} {'R':>3} {'round':>7} {'train':>7} {'exch':>7} {'eval':>7} {'coord':>7} {'report':>7} {'ex+co':>7} "
          f"{'model':>7} {'base':>6} {'peak':>6} {'x':>6} {'x oth':>6}  peak per peer"),
     ]
     for r in rows:
         lines.append(
-            f"{r['params']:>12,} {r['rounds']:>3} {_f(r['round_s'])} {_f(r['train_s'])} {_f(r['exchange_s'])} "
+            f"{r['task']:<14} {r['optimizer']:<9} {r['params']:>12,} {r['rounds']:>3} {_f(r['round_s'])} {_f(r['train_s'])} {_f(r['exchange_s'])} "
             f"{_f(r['eval_s'])} {_f(r['coord_s'])} {_f(r['report_s']):>7} {_f(r['exchange_s'] + r['coord_s']):>7} "
             f"{r['model_mb']:>7.1f} {r['baseline_rss_mb']:>6.0f} {r['peak_rss_mb']:>6.0f} "
             f"{r['rss_over_baseline_x_model']:>6.2f} {_f(r['rss_over_baseline_x_model_others'], '.2f'):>6}  "
@@ -525,7 +553,7 @@ def table(rows: list[dict[str, Any]], a: argparse.Namespace) -> str:
 
 def checks(rows: list[dict[str, Any]], a: argparse.Namespace) -> list[str]:
     out = []
-    near = [r for r in rows if abs(r["params"] - TARGET_PARAMS) <= 0.05 * TARGET_PARAMS]
+    near = [r for r in rows if r["task"].startswith("synthetic:") and abs(r["params"] - TARGET_PARAMS) <= 0.05 * TARGET_PARAMS]
     if not near:
         out.append(f"target coord + exchange < {TARGET_OVERHEAD_S:g} s at 10M params, {TARGET_PEERS} peers: "
                    f"not measured (add 10 to --params-m)")
@@ -535,6 +563,10 @@ def checks(rows: list[dict[str, Any]], a: argparse.Namespace) -> list[str]:
         out.append(f"target coord + exchange < {TARGET_OVERHEAD_S:g} s at 10M params, {TARGET_PEERS} peers: "
                    f"{v:.3f} s -> {'ok' if v < TARGET_OVERHEAD_S else 'NOT ok'}{note}")
     for r in rows:
+        if not r["task"].startswith("synthetic:"):
+            out.append(f"target peak RSS <= baseline + {TARGET_RSS_X_MODEL:g} x model: not checked for {r['task']} "
+                       f"({r['model_mb']:.1f} MB model: a peer's memory is its fixed cost, peak {r['peak_rss_mb']:.0f} MB)")
+            continue
         over = r["rss_over_baseline_x_model_per_peer"]
         worst = r["rss_over_baseline_x_model"]
         i = over.index(worst)
@@ -562,10 +594,12 @@ def main(argv: list[str] | None = None) -> int:
     root = base
     keep = False
     try:
-        for params_m, num_params in a.sizes:
-            root = base / task_name(params_m).replace(":", "-")
+        runs = [(task_name(m), n, a.lr, "SGD") for m, n in a.sizes]  # plain SGD: fused into backward
+        runs += [(t, n, 0.0, opt) for t in a.task_list for n, opt in [task_model(t)]]  # 0: the task's own lr
+        for task, num_params, lr, optimizer in runs:
+            root = base / task.replace(":", "-")
             try:
-                row = measure(a, params_m, num_params, root)
+                row = measure(a, task, num_params, root, lr, optimizer)
             except (BenchError, ApiError) as e:
                 print(f"round_overhead: {e}", file=sys.stderr)
                 tails = log_tails(root / "logs")

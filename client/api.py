@@ -148,6 +148,8 @@ def status_dict(job: jobs_pb2.JobStatus) -> dict[str, Any]:
             "train_loss": last.train_loss if has else None,
             "test_accuracy": _tested(last.test_accuracy, last) if has else None,
             "test_loss": _tested(last.test_loss, last) if has else None,
+            # The task's own test metrics, by name ({} until a round has been evaluated).
+            "test_metrics": dict(sorted(last.test_metrics.items())) if has else {},
             "round_ms": last.duration_ms if has else None,
             "digest": last.digest if has else None,
             "consensus_distance": last.consensus_distance if has else None,
@@ -178,7 +180,7 @@ def history_dict(r: types_pb2.RoundMetrics) -> dict[str, Any]:
     return {"round": r.round, "epoch": r.epoch, "train_loss": r.train_loss, "test_accuracy": r.test_accuracy,
             "samples": r.samples, "members": r.members, "duration_ms": r.duration_ms, "digest": r.digest,
             "train_ms": r.train_ms, "exchange_ms": r.exchange_ms, "committed_unix_ms": r.committed_unix_ms,
-            "test_evaluated": r.test_evaluated, "eval_ms": r.eval_ms,
+            "test_evaluated": r.test_evaluated, "eval_ms": r.eval_ms, "test_metrics": dict(sorted(r.test_metrics.items())),
             "data_epoch": r.data_epoch, "consensus_distance": r.consensus_distance, "bytes_sent": r.bytes_sent,
             "consumed": {m.peer_id: [[x.shard_id, x.data_epoch, x.start, x.stop] for x in m.ranges]
                          for m in r.consumed}}

@@ -52,6 +52,7 @@ def status_line(job: jobs_pb2.JobStatus, width: int = 30) -> str:
     gossip = d["aggregation"] == "gossip" and d["state"] == "RUNNING" and not (m["digest"] or "")
     line = (f"{d['job_id']} [{bar}] round {d['round']}/{d['rounds']} loss {fmt_metric(m['train_loss'])} "
             f"acc {fmt_metric(m['test_accuracy'])}"
+            + "".join(f" {k} {fmt_metric(v)}" for k, v in m["test_metrics"].items())
             + (f" consensus {fmt_metric(m['consensus_distance'], '.3g')}" if gossip and m["consensus_distance"] is not None else "")
             + f" peers {len(d['peers'])} {d['state']}"
             + (f" quarantined {','.join(q['peer_id'] for q in d['quarantined'])}" if d["quarantined"] else ""))
@@ -73,17 +74,23 @@ def exclusion_lines(job: jobs_pb2.JobStatus) -> list[str]:
 
 
 def history_table(history: list[types_pb2.RoundMetrics], gossip: bool = False) -> list[str]:
-    """Committed rounds as table lines, a header first. Accuracy and test loss show '-' on rounds
-    that skipped the test evaluation; consensus distance is shown for gossip jobs."""
+    """Committed rounds as table lines, a header first. Accuracy, test loss and the task's own
+    test metrics (a column each, after the others) show '-' on rounds that skipped the test
+    evaluation; consensus distance is shown for gossip jobs."""
+    names = sorted({k for r in history for k in r.test_metrics})
+    widths = [max(7, len(k)) for k in names]
     head = (f"{'ROUND':>6} {'EPOCH':>5} {'PEERS':>5} {'SAMPLES':>10} {'LOSS':>8} {'ACC':>7} {'TEST_LOSS':>9} "
-            f"{'ROUND_MS':>8} {'TRAIN_MS':>8} {'EXCH_MS':>8}" + (f" {'CONSENSUS':>9}" if gossip else ""))
+            f"{'ROUND_MS':>8} {'TRAIN_MS':>8} {'EXCH_MS':>8}" + (f" {'CONSENSUS':>9}" if gossip else "")
+            + "".join(f" {k.upper():>{w}}" for k, w in zip(names, widths)))
     lines = [head]
     for r in history:
         acc = r.test_accuracy if r.test_evaluated else None
         tl = r.test_loss if r.test_evaluated else None
         lines.append(f"{r.round:>6} {r.epoch:>5} {r.members:>5} {r.samples:>10} {fmt_metric(r.train_loss):>8} "
                      f"{fmt_metric(acc):>7} {fmt_metric(tl):>9} {r.duration_ms:>8} {r.train_ms:>8} {r.exchange_ms:>8}"
-                     + (f" {fmt_metric(r.consensus_distance, '.3g'):>9}" if gossip else ""))
+                     + (f" {fmt_metric(r.consensus_distance, '.3g'):>9}" if gossip else "")
+                     + "".join(f" {fmt_metric(r.test_metrics.get(k) if r.test_evaluated else None):>{w}}"
+                               for k, w in zip(names, widths)))
     return lines
 
 
@@ -288,8 +295,14 @@ def cmd_plot(a: argparse.Namespace) -> int:
     ax.set_ylabel("train loss", color="tab:red")
     ax2 = ax.twinx()
     ax2.plot(rounds, [r.test_accuracy for r in resp.history], color="tab:blue", label="test accuracy")
+    for k in sorted({k for r in resp.history for k in r.test_metrics}):  # the task's own, on the same axis when they fit
+        ys = [r.test_metrics.get(k, math.nan) for r in resp.history]
+        if all(math.isnan(y) or 0 <= y <= 1 for y in ys):
+            ax2.plot(rounds, ys, ls="--", lw=1, label=f"test {k}")
     ax2.set_ylabel("test accuracy", color="tab:blue")
     ax2.set_ylim(0, 1)
+    if len(ax2.get_lines()) > 1:
+        ax2.legend(loc="lower right", fontsize="small")
     for prev, r in zip(resp.history, resp.history[1:]):
         if r.epoch != prev.epoch:
             ax.axvline(r.round, color="grey", lw=0.5, ls=":")

@@ -199,7 +199,8 @@ def cmd_local(a: argparse.Namespace) -> int:
                 _close_within(client, CLOSE_S)
         acc = d["metrics"]["test_accuracy"]
         print(f"job {job_id} {d['state']} after {d['round']} rounds in {time.monotonic() - started:.1f}s: "
-              f"test accuracy {jobctl.fmt_metric(acc)}")
+              f"test accuracy {jobctl.fmt_metric(acc)}"
+              + "".join(f", {k} {jobctl.fmt_metric(v)}" for k, v in d["metrics"]["test_metrics"].items()))
         if a.json:
             print(json.dumps(d))
         return 0 if d["state"] == "SUCCEEDED" else 3

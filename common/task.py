@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 DEFAULT_BATCH_SIZE = 32
+MAX_METRICS = 16  # a task's own test metrics, at most this many (the coordinator holds them per round)
+MAX_METRIC_NAME = 64  # characters in a metric's name
 
 
 @dataclass(frozen=True)
@@ -54,8 +56,12 @@ class Task:
     - ``loss(output, target)``: a scalar tensor, the batch mean (default: cross entropy).
     - ``optimizer(params)``: any ``torch.optim.Optimizer`` over the given parameters (default:
       plain SGD at the job's ``--lr``). The job's ``--lr`` overrides every param group's lr.
-    - ``metrics(output, target)``: the batch's test metrics as ``{name: mean}``; dml weights them
-      by batch size. Default: ``accuracy`` when the output has one score per class.
+    - ``metrics(output, target)``: one test batch's metrics as ``{name: value}``: a number is
+      the batch's mean (dml averages it over batches by their size); a pair ``(numerator,
+      denominator)`` is summed over all batches before dividing, so ratios such as recall or F1
+      are exact for the whole test set. At most MAX_METRICS names of MAX_METRIC_NAME characters.
+      ``accuracy`` is always reported (one score per class: the argmax); a metric of that name
+      replaces it.
     - ``batch_size``: used when the job gives no ``--batch-size``.
     - ``labels(ctx)``: the training labels (one int per sample), for label-skewed sharding
       (``classes:K``, ``dirichlet:ALPHA``) and ``dml shards``; by default read from the dataset's

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from dml.common.spec import JobSpec
+from dml.common.task import MAX_METRIC_NAME, MAX_METRICS
 
 PENDING, RUNNING, SUCCEEDED, FAILED, CANCELLED = "PENDING", "RUNNING", "SUCCEEDED", "FAILED", "CANCELLED"
 FINISHED = (SUCCEEDED, FAILED, CANCELLED)
@@ -83,6 +84,7 @@ class Report:
     pair_distance: float | None = None  # gossip: distance to the partner before averaging
     bytes_sent: int = 0
     update_norm: float = 0.0  # ||parameters after local training - the round's start||
+    test_metrics: dict[str, float] = field(default_factory=dict)  # the task's own, by name (with test_accuracy)
 
 
 # What a report may say (check_report): beyond these it is nonsense, not a measurement.
@@ -92,17 +94,25 @@ MAX_REPORT_BYTES = 1 << 50  # a petabyte sent in one round
 
 def check_report(rep: Report) -> None:
     """Raises BadReport unless every metric of ``rep`` is in range: test accuracy in [0, 1] (or
-    NaN, nothing to test on), losses and rates finite or NaN and not negative, the update's norm
-    finite and not negative, times and byte counts sane."""
-    def real(name: str, x: float | None, nan_ok: bool = True, hi: float = math.inf) -> None:
+    NaN, nothing to test on), rates finite or NaN and not negative, losses and the task's own
+    test metrics finite or NaN (a user's loss may be negative), at most MAX_METRICS of those
+    with names of 1 to MAX_METRIC_NAME characters, the update's norm finite and not negative,
+    times and byte counts sane."""
+    def real(name: str, x: float | None, nan_ok: bool = True, hi: float = math.inf, lo: float = 0.0) -> None:
         if x is None or (nan_ok and math.isnan(x)):
             return
-        if not (math.isfinite(x) and 0 <= x <= hi):
-            raise BadReport(f"{name} must be {'NaN or ' if nan_ok else ''}in [0, {hi:g}], got {x}")
+        if not (math.isfinite(x) and lo <= x <= hi):
+            raise BadReport(f"{name} must be {'NaN or ' if nan_ok else ''}in [{lo:g}, {hi:g}], got {x}")
 
     real("test_accuracy", rep.test_accuracy, hi=1.0)
-    real("train_loss", rep.train_loss)
-    real("test_loss", rep.test_loss)
+    real("train_loss", rep.train_loss, lo=-math.inf)
+    real("test_loss", rep.test_loss, lo=-math.inf)
+    if len(rep.test_metrics) > MAX_METRICS:
+        raise BadReport(f"at most {MAX_METRICS} test metrics, got {len(rep.test_metrics)}")
+    for k, v in rep.test_metrics.items():
+        if not isinstance(k, str) or not 0 < len(k) <= MAX_METRIC_NAME:
+            raise BadReport(f"a test metric's name must have 1 to {MAX_METRIC_NAME} characters, got {k!r:.80}")
+        real(f"test metric {k!r}", v, lo=-math.inf)
     real("train_samples_per_s", rep.samples_per_s)
     real("pair_distance", rep.pair_distance)
     real("update_norm", rep.update_norm, nan_ok=False)
@@ -133,6 +143,7 @@ class RoundRecord:
     eval_ms: int = 0
     consensus_distance: float = 0.0  # gossip: estimated spread of the members' parameters
     bytes_sent: int = 0  # parameters sent between members in the round, all together
+    test_metrics: dict[str, float] = field(default_factory=dict)  # the task's own (carried like test_accuracy)
 
 
 @dataclass
@@ -149,6 +160,7 @@ class GossipWindow:
     evaluations: int = 0  # steps that reported test metrics
     accuracy_sum: float = 0.0  # over those steps
     test_loss_sum: float = 0.0  # over those steps
+    metric_sums: dict[str, list[float]] = field(default_factory=dict)  # task metric -> [sum, steps reporting it]
     consumed: dict[str, list[list[int]]] = field(default_factory=dict)  # member -> [shard, pass, start, stop]
 
 

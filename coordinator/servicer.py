@@ -109,6 +109,7 @@ def round_to_pb(r: RoundRecord, ledger: bool = False) -> types_pb2.RoundMetrics:
         members=len(r.members), data_epoch=r.data_epoch, train_ms=r.train_ms, exchange_ms=r.exchange_ms,
         committed_unix_ms=r.committed_ms, test_evaluated=r.test_evaluated, eval_ms=r.eval_ms,
         consensus_distance=_shown(r.consensus_distance), bytes_sent=r.bytes_sent,
+        test_metrics={k: _shown(v) for k, v in r.test_metrics.items()},
     )
     if ledger:
         m.consumed.extend(types_pb2.MemberSamples(peer_id=p, ranges=ranges_to_pb(rs)) for p, rs in r.consumed.items())
@@ -327,6 +328,7 @@ class PeerControlServicer(control_pb2_grpc.PeerControlServicer):
                 exchange_ms=request.exchange_ms, eval_ms=request.eval_ms,
                 pair_distance=request.pair_distance if request.has_pair_distance else None,
                 bytes_sent=request.bytes_sent, update_norm=request.update_norm,
+                test_metrics=dict(request.test_metrics) if request.has_test_metrics else {},
             )
             committed, nxt = self._c.report(request.peer_id, request.job_id, request.round, request.epoch, rep,
                                             lambda job: self._plan_pb(job, request.peer_id))

@@ -607,6 +607,9 @@ class ClusterState:
             w.evaluations += 1
             w.accuracy_sum += rep.test_accuracy
             w.test_loss_sum += rep.test_loss if rep.test_loss is not None else float("nan")
+            for k, v in rep.test_metrics.items():
+                s = w.metric_sums.setdefault(k, [0.0, 0])
+                s[0], s[1] = s[0] + v, s[1] + 1
         if rep.pair_distance is not None:
             job.gossip.distance[pid] = rep.pair_distance
         job.gossip.steps += 1
@@ -642,6 +645,8 @@ class ClusterState:
         prev = job.history[-1] if job.history else None
         acc = w.accuracy_sum / w.evaluations if w.evaluations else prev.test_accuracy if prev else float("nan")
         loss = w.test_loss_sum / w.evaluations if w.evaluations else prev.test_loss if prev else float("nan")
+        metrics = ({k: s / n for k, (s, n) in w.metric_sums.items()} if w.evaluations
+                   else dict(prev.test_metrics) if prev else {})
         sizes = job.shard_sizes
         rec = RoundRecord(
             round=job.committed_round + 1, epoch=job.epoch, samples=w.samples,
@@ -649,7 +654,7 @@ class ClusterState:
             duration_ms=now_ms - w.start_ms, members=list(job.members), committed_ms=self.wall_ms(now_ms),
             data_epoch=planner.data_epoch(job.cursors, len(sizes)), consumed=w.consumed,
             train_ms=w.train_ms, exchange_ms=w.exchange_ms, test_evaluated=bool(w.evaluations), eval_ms=w.eval_ms,
-            consensus_distance=self.consensus_estimate(job), bytes_sent=w.bytes_sent,
+            consensus_distance=self.consensus_estimate(job), bytes_sent=w.bytes_sent, test_metrics=metrics,
         )
         job.history.append(rec)
         job.committed_round = rec.round
@@ -965,6 +970,7 @@ class ClusterState:
             test_evaluated=bool(evals),
             eval_ms=max(r.eval_ms for r in reps),
             bytes_sent=sum(r.bytes_sent for r in reps),
+            test_metrics=dict(evals[0].test_metrics) if evals else dict(prev.test_metrics) if prev else {},
         )
         # The uploaded checkpoint becomes the round's only if the round commits with its digest
         # and its uploader is a member that reported that digest: never on the uploader's word.

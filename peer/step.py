@@ -127,8 +127,9 @@ def train_and_report(peer: Peer, plan: types_pb2.Plan, rank: int, tag: str, what
     if evaluate:
         t_eval = time.monotonic()
         with trainer.lock:  # a partner's averaging must not land mid-evaluation
-            acc, loss = trainer.evaluate()
-        req.has_test_metrics, req.test_accuracy, req.test_loss = True, acc, loss
+            ev = trainer.evaluate()
+        req.has_test_metrics, req.test_accuracy, req.test_loss = True, ev.accuracy, ev.loss
+        req.test_metrics.update(ev.metrics)
         req.eval_ms = int((time.monotonic() - t_eval) * 1000)
     resp: control_pb2.ReportRoundResponse = peer.client.call(
         lambda: peer.client.stub.ReportRound(req, timeout=CALL_TIMEOUT_S), what, give_up_s=60)

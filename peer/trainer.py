@@ -10,12 +10,13 @@ import functools
 import hashlib
 import io
 import logging
+import math
 import os
 import pathlib
 import threading
 import time
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -26,7 +27,7 @@ import torch.nn.functional as F
 import dml.aggregation
 import dml.common
 import dml.peer
-from dml.common.task import Context, Task
+from dml.common.task import MAX_METRIC_NAME, MAX_METRICS, Context, Task
 from dml.peer import trainstate
 
 log = logging.getLogger(__name__)
@@ -626,13 +627,14 @@ class Trainer:
         """Test metrics of the current parameters (NaN with no test data), computed in batches so
         activations never take more than a batch's worth of memory: accuracy in [0, 1] (NaN when
         the output is not one score per class and the task's metrics give none), the mean loss,
-        and the task's own metrics, each weighted by batch size."""
+        and the task's own metrics over the whole test set (:func:`add_metrics`)."""
         self.model.eval()
         data = self.test_data
         if data is None or data.size == 0:
             return Evaluation(float("nan"), float("nan"), {})
         n = data.size
-        correct, loss_sum, sums = 0, 0.0, {}  # type: ignore[var-annotated]
+        correct, loss_sum = 0, 0.0
+        sums: dict[str, tuple[bool, float, float]] = {}
         classify = True
         for i in range(0, n, batch_size):
             idx = np.arange(i, min(i + batch_size, n), dtype=np.int64)
@@ -645,9 +647,48 @@ class Trainer:
             else:
                 classify = False
             if self.task.metrics is not None:
-                got = _call("metrics(output, target)", self.task.metrics, out, y)
-                for k, v in dict(got).items():
-                    sums[str(k)] = sums.get(str(k), 0.0) + float(v) * idx.size
-        metrics = {k: v / n for k, v in sums.items()}
+                add_metrics(sums, _call("metrics(output, target)", self.task.metrics, out, y), int(idx.size))
+        metrics = {k: num / den if den else float("nan") for k, (_, num, den) in sums.items()}
         acc = metrics.pop("accuracy", correct / n if classify else float("nan"))
+        if not (math.isnan(acc) or 0.0 <= acc <= 1.0):
+            raise TaskError(f"metrics(output, target): accuracy must be in [0, 1], got {acc}")
         return Evaluation(acc, loss_sum / n, metrics)
+
+
+def _number(name: str, v: Any) -> float:
+    try:
+        x = float(v)  # a Python number, a numpy scalar or a one-element tensor
+    except (TypeError, ValueError, RuntimeError):
+        raise TaskError(f"metrics(output, target): {name!r} must be a number or a pair of numbers, "
+                        f"got {type(v).__name__}") from None
+    if math.isinf(x):
+        raise TaskError(f"metrics(output, target): {name!r} is {x}")
+    return x
+
+
+def add_metrics(sums: dict[str, tuple[bool, float, float]], got: Any, batch: int) -> None:
+    """Adds one test batch's ``metrics(output, target)`` to ``sums`` (name -> (given as a pair,
+    numerator, denominator)); each metric is then ``numerator / denominator`` over the whole
+    test set (NaN when the denominator is 0). A number is the batch's mean: it adds ``(value x
+    batch, batch)``, so it is averaged over batches by their size. A pair ``(numerator,
+    denominator)`` is added as it is: a ratio such as recall or F1 comes out exact for the
+    test set, where a mean of per-batch ratios would not. Raises :class:`TaskError` for
+    anything else, for more than MAX_METRICS names, a name that is not a string of 1 to
+    MAX_METRIC_NAME characters, or a metric that is a number in one batch and a pair in another."""
+    if not isinstance(got, Mapping):
+        raise TaskError(f"metrics(output, target) must return a dict of name -> value, got {type(got).__name__}")
+    for k, v in got.items():
+        if not isinstance(k, str) or not 0 < len(k) <= MAX_METRIC_NAME:
+            raise TaskError(f"metrics(output, target): a metric's name must be a string of 1 to {MAX_METRIC_NAME} "
+                            f"characters, got {k!r:.80}")
+        pair = isinstance(v, (tuple, list))
+        if pair and len(v) != 2:
+            raise TaskError(f"metrics(output, target): {k!r} must be a number or a pair (numerator, denominator), "
+                            f"got {len(v)} values")
+        num, den = (_number(k, v[0]), _number(k, v[1])) if pair else (_number(k, v) * batch, float(batch))
+        was_pair, a, b = sums.get(k, (pair, 0.0, 0.0))
+        if was_pair != pair:
+            raise TaskError(f"metrics(output, target): {k!r} is a number in some batches and a pair in others")
+        sums[k] = (pair, a + num, b + den)
+    if len(sums) > MAX_METRICS:
+        raise TaskError(f"metrics(output, target): at most {MAX_METRICS} metrics, got {len(sums)}")

@@ -99,7 +99,7 @@ def test_quarantines_survive_a_restart() -> None:
 
 @pytest.mark.parametrize("field,value", [
     ("test_accuracy", 1.5), ("test_accuracy", -0.1), ("test_accuracy", math.inf),
-    ("train_loss", math.inf), ("train_loss", -1.0), ("test_loss", -math.inf),
+    ("train_loss", math.inf), ("train_loss", -math.inf), ("test_loss", -math.inf), ("test_loss", math.inf),
     ("samples_per_s", -5.0), ("samples_per_s", math.inf), ("pair_distance", math.inf),
     ("update_norm", math.nan), ("update_norm", math.inf), ("update_norm", -1.0),
     ("train_ms", 10**15), ("bytes_sent", 1 << 60),
@@ -113,6 +113,28 @@ def test_out_of_range_metrics_are_refused(field: str, value: float) -> None:
     with pytest.raises(BadReport):
         s.report(a, job.job_id, 1, 1, r, 10)
     assert a not in job.reports
+
+
+def test_a_users_loss_may_be_negative() -> None:
+    """A task's own loss (a log-likelihood, a contrastive loss) can be below zero."""
+    check_report(Report(samples=10, train_loss=-3.5, digest="d", test_accuracy=0.5, test_loss=-1e6))
+
+
+@pytest.mark.parametrize("metrics,match", [
+    ({"f1": math.inf}, "test metric 'f1'"), ({"f1": -math.inf}, "test metric 'f1'"),
+    ({"": 0.5}, "1 to 64 characters"), ({"x" * 65: 0.5}, "1 to 64 characters"),
+    ({f"m{i}": 0.5 for i in range(17)}, "at most 16 test metrics"),
+])
+def test_bad_task_metrics_are_refused(metrics: dict[str, float], match: str) -> None:
+    r = Report(samples=10, train_loss=1.0, digest="d", test_accuracy=0.5, test_loss=0.5, test_metrics=metrics)
+    with pytest.raises(BadReport, match=match):
+        check_report(r)
+
+
+def test_task_metrics_may_be_any_finite_number_or_nan() -> None:
+    check_report(Report(samples=10, train_loss=1.0, digest="d", test_accuracy=0.5, test_loss=0.5,
+                        test_metrics={"f1": 0.9, "log_lik": -12.5, "perplexity": 1e9, "auc": math.nan,
+                                      "x" * 64: 0.0, **{f"m{i}": 1.0 for i in range(11)}}))
 
 
 def test_nan_metrics_are_allowed_and_kept() -> None:

@@ -26,7 +26,7 @@ def parse(argv):
     except SystemExit as e:
         return {"exit": e.code, "stderr": err.getvalue()}
     return {"exit": None, "sizes": a.sizes, "rounds": a.rounds, "peers": a.peers, "codec": a.codec,
-            "data_plane": a.data_plane, "local_steps": a.local_steps, "warmup": a.warmup, "lr": a.lr}
+            "data_plane": a.data_plane, "local_steps": a.local_steps, "warmup": a.warmup, "lr": a.lr, "tasks": a.task_list}
 
 cases = json.loads(sys.argv[2])
 out = {"parse": [parse(c) for c in cases],
@@ -40,7 +40,7 @@ print(json.dumps(out))
 """
 
 GOOD = [[], ["--params-m", "1,10", "--peers", "3", "--rounds", "4", "--codec", "int8", "--data-plane", "grpc",
-             "--local-steps", "2", "--json"], ["--params-m", " 0.5 "]]
+             "--local-steps", "2", "--json", "--tasks", ""], ["--params-m", " 0.5 ", "--tasks", "digits, digits-cnn"]]
 BAD = {
     "--peers": ["--peers", "0"],
     "not a number": ["--params-m", "1,x"],
@@ -51,6 +51,8 @@ BAD = {
     "--data-plane": ["--data-plane", "udp"],
     "--local-steps": ["--local-steps", "0"],
     "--lr": ["--lr", "-1"],
+    "--tasks: 'nope' is not a built-in task": ["--tasks", "nope"],
+    "--tasks: 'synthetic:1M' is not a built-in task other than synthetic:SIZE": ["--tasks", "synthetic:1M"],
 }
 
 
@@ -69,10 +71,11 @@ def test_parsing_and_split() -> None:
     assert [m for m, _ in default["sizes"]] == [1.0, 10.0, 50.0]
     assert default["peers"] == 4 and default["rounds"] is None and default["codec"] == "fp32"
     assert default["data_plane"] == "auto" and default["local_steps"] == 1 and default["warmup"] == 2
-    assert default["lr"] == 0.01
+    assert default["lr"] == 0.01 and default["tasks"] == ["digits-cnn"]  # the CNN with Adam, beside the MLPs
     assert custom["exit"] is None and custom["peers"] == 3 and custom["rounds"] == 4
     assert custom["codec"] == "int8" and custom["data_plane"] == "grpc" and custom["local_steps"] == 2
-    assert half["exit"] is None and half["sizes"][0][0] == 0.5
+    assert half["exit"] is None and half["sizes"][0][0] == 0.5 and half["tasks"] == ["digits", "digits-cnn"]
+    assert custom["tasks"] == []
     for (needle, _), got in zip(BAD.items(), out["parse"][len(GOOD):]):
         assert got["exit"] == 2, (needle, got)
         assert needle in got["stderr"], (needle, got["stderr"])
