@@ -169,6 +169,19 @@ def main(argv: list[str] | None = None) -> None:
     while not peer.stop_event.wait(1.0):  # set by SIGINT/SIGTERM, or if the round loop dies
         pass
     peer.stop()
+    leave()
+
+
+def leave(code: int = 0) -> None:
+    """Ends the process at once, once the peer has stopped (its server, data plane, shared memory
+    and channels are closed by then) and its logs are flushed. What the interpreter's own exit
+    would add is tearing down the ~1900 modules a torch optimizer imports (dynamo, sympy):
+    about 2 s of CPU, 9 to 15 s on a loaded machine, for nothing, while a supervisor waiting for
+    the peer to stop (docker's 10 s, `dml local`'s 5 s) SIGKILLs it first."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":
