@@ -175,9 +175,10 @@ def main(argv: list[str] | None = None) -> None:
         if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
             print(f"dml-peer: {cfg.coordinator} refused the registration: {e.details()}", file=sys.stderr)  # type: ignore[union-attr]
             peer.stop()
-            sys.exit(2)
+            leave(2)
         print(f"dml-peer: cannot register with {cfg.coordinator}: {code or e}", file=sys.stderr)
-        sys.exit(1)
+        peer.stop()
+        leave(1)
     print(f"dml-peer {peer.peer_id} exchanging on {peer.address}", flush=True)
     if peer.metrics_server is not None:
         print(f"dml-peer {peer.peer_id} metrics on {peer.metrics_server.url}", flush=True)
@@ -185,6 +186,19 @@ def main(argv: list[str] | None = None) -> None:
     while not peer.stop_event.wait(1.0):  # set by SIGINT/SIGTERM, or if the round loop dies
         pass
     peer.stop()
+    leave()
+
+
+def leave(code: int = 0) -> None:
+    """Ends the process with ``code`` at once, once the peer has stopped (its server, data
+    plane, shared memory and channels are closed by then) and its logs are flushed. What the
+    interpreter's own exit would add is tearing down the ~1900 modules a torch optimizer imports
+    (dynamo, sympy): about 2 s of CPU, 9 to 15 s on a loaded machine, for nothing, while a
+    supervisor waiting for the peer to stop (docker's 10 s, `dml local`'s 5 s) SIGKILLs it first."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":

@@ -285,11 +285,12 @@ def test_peer_with_an_unreachable_coordinator_says_to_check_the_address():
         reap([proc])
 
 
-@pytest.mark.parametrize("module", ["peer", "coordinator"])
-def test_a_users_own_module_named_like_ours_shadows_nothing(tmp_path: pathlib.Path, module: str) -> None:
+def test_a_users_own_module_named_like_ours_shadows_nothing(tmp_path: pathlib.Path) -> None:
     # A training script's folder often holds its own peer.py; with the old top-level names it
     # replaced dml's. The working directory comes first on sys.path for `python -m` and `-c`.
-    (tmp_path / f"{module}.py").write_text("raise SystemExit('the user module was imported instead of dml')\n")
+    # Both names in one folder: each command below would import either one it shadowed.
+    for module in ("peer", "coordinator"):
+        (tmp_path / f"{module}.py").write_text(f"raise SystemExit('the user module {module}.py was imported instead of dml')\n")
     bindir = pathlib.Path(sys.executable).parent
     for cmd in ([str(bindir / "dml-peer"), "--help"], [str(bindir / "dml-coordinator"), "--help"],
                 [sys.executable, "-m", "dml.peer.cli", "--help"],

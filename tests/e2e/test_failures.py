@@ -101,22 +101,31 @@ def _start(procs, n: int, *peer_args: str) -> str:
     for _ in range(n):
         procs.start_peer(*peer_args)
     job = _submit(procs.address, "--min-peers", str(n))
-    wait_status(procs.address, job, lambda s: s["round"] >= 20, 60, "round 20")
+    wait_status(procs.address, job, lambda s: s["round"] >= 20, 120, "round 20")
     return job
 
 
+# Long enough that the victim's lease cannot run out before a neighbour's report arrives: that
+# report is the thing under test, and it races the lease. The lease's clock starts at the
+# victim's last heartbeat, which on a loaded machine can come well before the kill, while the
+# report may take a plan, a connect and two RPCs (0.1-0.7 s measured at load 40 on 2 cores):
+# with FAST_FAILURES' 1.5 s the lease sometimes won, and the test failed with nothing broken.
+SLOW_LEASE = ("--heartbeat-interval-ms", "200", "--peer-timeout-ms", "20000")
+
+
 def test_sigkill_mid_exchange_then_restart(procs, baseline_acc):
+    procs.cluster.coordinator_args = SLOW_LEASE
     # Small chunks make the exchange most of each round, so the kill lands mid-all-reduce.
     job = _start(procs, 3, "--chunk-elems", "256")
     victim = procs.peers[0]
     before = status(procs.address, job)
     victim.send_signal(signal.SIGKILL)
     t0 = time.monotonic()
-    st = wait_status(procs.address, job, lambda s: len(s["peers"]) == 2, 10, "eviction")
+    st = wait_status(procs.address, job, lambda s: len(s["peers"]) == 2, 40, "eviction")
     detected = time.monotonic() - t0
     assert st["epoch"] > before["epoch"]
     # Who noticed, not how fast (timings on a shared machine are noise): a ring neighbour must
-    # have reported the dead peer, rather than its lease running out (1.5 s here).
+    # have reported the dead peer, rather than its lease running out (20 s here, SLOW_LEASE).
     gone = set(before["peers"]) - set(st["peers"])
     assert len(gone) == 1, f"healthy peers were evicted along with the victim: {sorted(gone)}"
     (victim_id,) = gone

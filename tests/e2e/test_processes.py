@@ -2,13 +2,16 @@
 from __future__ import annotations
 
 import json
+import pathlib
 import re
 import signal
+from typing import Iterator
 
 import pytest
 import torch
 
-from tests.e2e.conftest import dml, fetch_peer, wait_status
+from dml.client.cluster import LocalCluster
+from tests.e2e.conftest import FAST_FAILURES, ROOT, _print_tracebacks, dml, fetch_peer, wait_status
 from tests.integration.helpers import assert_state_dicts_identical, ledger_problems
 
 pytestmark = pytest.mark.e2e
@@ -30,8 +33,23 @@ def _history(address: str, job: str) -> list[dict]:
     return json.loads(out.stdout)["history"]
 
 
-def test_submit_status_and_bit_identical_peers(local_cluster, tmp_path):
-    address, procs = local_cluster(3)
+@pytest.fixture(scope="module")
+def shared_cluster(tmp_path_factory, cluster_tls) -> Iterator[tuple[str, pathlib.Path]]:
+    """A coordinator and 3 peer processes for the tests here that leave them as they found them
+    (idle, after a job that ran to its end): (address, the folder holding state/ and logs/)."""
+    root = tmp_path_factory.mktemp("shared")
+    with pytest.MonkeyPatch.context() as mp, LocalCluster(root / "state", root / "logs", coordinator_args=FAST_FAILURES,
+                                                          cwd=ROOT, tls=cluster_tls) as c:
+        mp.setenv("DML_TOKEN_FILE", str(c.operator_token_file))  # for the `dml` commands and status polls
+        address = c.start_coordinator()
+        for i in range(3):
+            c.start_peer(i)
+        yield address, root
+    _print_tracebacks(root / "logs", 4000)
+
+
+def test_submit_status_and_bit_identical_peers(shared_cluster, tmp_path):
+    address, root = shared_cluster
     sub = dml("submit", "--coordinator", address, "--rounds", "40", "--local-steps", "5", "--min-peers", "3",
               "--checkpoint-every", "20")
     assert sub.returncode == 0, sub.stderr
@@ -45,9 +63,9 @@ def test_submit_status_and_bit_identical_peers(local_cluster, tmp_path):
     for key in ("job_id", "state", "round", "rounds", "peers"):
         assert key in end
     # Download the committed parameters from every peer process and compare bit for bit.
-    addrs = _peer_addresses(tmp_path / "logs")
+    addrs = _peer_addresses(root / "logs")
     assert len(addrs) == 3
-    got = [fetch_peer(tmp_path / "state", a, job, 40, pid) for pid, a in addrs.values()]
+    got = [fetch_peer(root / "state", a, job, 40, pid) for pid, a in addrs.values()]
     assert {g[0] for g in got} == {end["metrics"]["digest"]}
     assert_state_dicts_identical([g[1] for g in got])
     # `dml model` saves the same parameters as a torch state_dict.
@@ -85,8 +103,8 @@ def test_killed_peer_is_evicted_its_shards_move_and_job_succeeds(local_cluster, 
 
 
 
-def test_plot_of_a_finished_job(local_cluster, tmp_path):
-    address, _ = local_cluster(2)
+def test_plot_of_a_finished_job(shared_cluster, tmp_path):
+    address, _ = shared_cluster
     job = dml("submit", "--coordinator", address, "--rounds", "15", "--local-steps", "3", "--min-peers", "2"
               ).stdout.strip().splitlines()[-1]
     wait_status(address, job, lambda s: s["state"] == "SUCCEEDED", 90, "SUCCEEDED")
