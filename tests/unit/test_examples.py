@@ -158,3 +158,17 @@ def test_each_example_is_seeded_like_a_peer(tmp_path: pathlib.Path) -> None:
         mod = load(name)
         a, b = trainer(mod, tmp_path, seed=7), trainer(mod, tmp_path, seed=7)
         assert np.array_equal(a.params(), b.params())
+
+
+@pytest.mark.parametrize("name", ["tabular", "cnn", "memmap"])
+def test_each_example_loads_the_way_a_peer_loads_a_task_file(tmp_path: pathlib.Path, name: str) -> None:
+    """Packed as `dml submit --task examples/NAME.py` packs it, then imported from the bundle by
+    a peer's code cache: the file needs nothing beside itself."""
+    from dml.common import taskcode
+    from dml.peer.taskload import CodeCache
+
+    bundle = taskcode.pack_path(str(EXAMPLES / f"{name}.py"))
+    cache = CodeCache(tmp_path / "cache")
+    task = cache.task(bundle.ref, bundle.digest, lambda: bundle.data)
+    assert isinstance(task, Task) and task.name == name
+    assert isinstance(task.model(), torch.nn.Module)
