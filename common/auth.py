@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import os
 import pathlib
 import secrets
 import struct
@@ -20,6 +19,8 @@ import grpc
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from dml.common.files import write_atomic
 
 AUTHORIZATION = "authorization"  # gRPC metadata key of the bearer token
 BEARER = "Bearer "
@@ -79,16 +80,7 @@ def write_secret(path: pathlib.Path, data: bytes) -> None:
     """Writes ``data`` to a new file readable by its owner only (0600), atomically; the folder is
     made 0700 if missing."""
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_atomic(path, data, mode=0o600)
 
 
 def ensure_token_file(path: pathlib.Path) -> tuple[str, bool]:

@@ -9,13 +9,12 @@ jobs, finished ones included, are too.
 from __future__ import annotations
 
 import logging
-import os
 import pathlib
 import re
 import threading
-import uuid
 
 from dml.common import taskcode
+from dml.common.files import write_atomic
 from dml.common.spec import InvalidSpec
 
 log = logging.getLogger(__name__)
@@ -75,20 +74,7 @@ class CodeStore:
             except FileNotFoundError:
                 pass
             self.folder.mkdir(parents=True, exist_ok=True)
-            tmp = self.folder / f".{digest}.{uuid.uuid4().hex}.tmp"
-            try:
-                with open(tmp, "xb") as f:
-                    f.write(data)
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.replace(tmp, path)
-            finally:
-                tmp.unlink(missing_ok=True)
-            fd = os.open(self.folder, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            write_atomic(path, data, sync_folder=True)
         log.info("stored task code %s (%d bytes)", digest[:12], len(data))
         return True
 
