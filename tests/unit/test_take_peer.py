@@ -71,7 +71,7 @@ def test_the_description_carries_counts_labels_and_their_digest() -> None:
 
 
 def fake_peer() -> types.SimpleNamespace:
-    return types.SimpleNamespace(peer_id="peer-1", store=ParamStore(), config=types.SimpleNamespace(device="cpu"))
+    return types.SimpleNamespace(peer_id="peer-1", store=ParamStore(), config=types.SimpleNamespace(device="cpu", data_dir=None))
 
 
 def plan(task: str, aggregation: str = "ring") -> types_pb2.Plan:
