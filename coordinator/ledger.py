@@ -21,7 +21,10 @@ def violations(rounds: Iterable[Iterable[Range]], sizes: list[int]) -> list[str]
     cursor: dict[int, tuple[int, int]] = {}
     problems: list[str] = []
     for n, ranges in enumerate(rounds, start=1):
-        for shard, epoch, start, stop in ranges:
+        # A round's ranges in the order they were read: each shard by pass and position. The
+        # order they are listed in (member by member) is not that when a shard moved between
+        # members within one round (a gossip window), and must not read as a gap.
+        for shard, epoch, start, stop in sorted(ranges, key=lambda r: (r[0], r[1], r[2])):
             if not 0 <= shard < len(sizes):
                 problems.append(f"round #{n}: unknown shard {shard}")
                 continue
@@ -34,5 +37,6 @@ def violations(rounds: Iterable[Iterable[Range]], sizes: list[int]) -> list[str]
                                 f"to pass {epoch} position {start}")
             if not start < stop <= sizes[shard]:
                 problems.append(f"round #{n}: shard {shard} range {start}..{stop} outside 0..{sizes[shard]}")
-            cursor[shard] = (epoch + 1, 0) if stop >= sizes[shard] else (epoch, stop)
+            end = (epoch + 1, 0) if stop >= sizes[shard] else (epoch, stop)
+            cursor[shard] = max(at, end)  # a range used again does not move the ledger back
     return problems

@@ -68,3 +68,19 @@ def test_committed_rounds_keep_the_ledger_whatever_fails(sizes, budget, events) 
             n += 1
         # "abort": the allocation is simply dropped, as a re-issued round does
     assert violations(committed, sizes) == []
+
+
+def test_a_round_is_read_in_pass_order_whatever_order_its_members_list_it() -> None:
+    """A gossip window lists ranges member by member; a shard that moved between two members
+    within one window may be listed later part first. That is no gap, and a range used again
+    does not move the ledger back (which would report later rounds as gaps)."""
+    sizes = [100]
+    # B read 50..100 after A read 0..50 of pass 1, but B's report is listed first.
+    assert violations([[(0, 1, 50, 100), (0, 1, 0, 50)], [(0, 2, 0, 10)]], sizes) == []
+    # Used again (A's stale step re-reads 0..30 after 0..60): reported once, and the next
+    # round continuing at 60 is not a gap.
+    got = violations([[(0, 1, 0, 60), (0, 1, 0, 30)], [(0, 1, 60, 100)]], sizes)
+    assert len(got) == 1 and "used again" in got[0], got
+    # A real gap is still one, in any order.
+    got = violations([[(0, 1, 60, 100), (0, 1, 0, 50)]], sizes)
+    assert len(got) == 1 and "skipped from pass 1 position 50 to pass 1 position 60" in got[0], got
