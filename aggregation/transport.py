@@ -14,6 +14,7 @@ from __future__ import annotations
 import queue
 import struct
 import threading
+import time
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -22,6 +23,7 @@ import numpy as np
 # phase u8, codec u8, step u16, offset u64 (elements), count u32 (elements), collective u32 (which
 # all-reduce of the exchange, from 0); little-endian.
 FRAME = struct.Struct("<BBHQII")
+ABORT_POLL_S = 0.02  # how often a waiting in-memory member looks for an abort
 
 
 class ExchangeError(Exception):
@@ -90,7 +92,9 @@ class RingLink(Protocol):
 class InMemoryRing:
     """A ring of ``world`` members in one process, joined by queues. Used by unit tests.
 
-    ``break_member`` makes a member's outgoing link go silent, to test failure paths.
+    ``break_member`` makes a member's outgoing link go silent, to test failure paths;
+    ``abort`` ends the wait of every member once the frames already delivered are read, as a
+    real ring's new epoch aborts the members a failed round left waiting.
     """
 
     def __init__(self, world: int) -> None:
@@ -98,7 +102,13 @@ class InMemoryRing:
         self._queues: list[queue.Queue[tuple[Header, bytes]]] = [queue.Queue() for _ in range(world)]
         self._broken: set[int] = set()
         self._lock = threading.Lock()
+        self._aborted = threading.Event()
         self.sent_bytes = [0] * world
+
+    def abort(self) -> None:
+        """Makes every member's wait for a frame that is not already queued end at once with
+        :class:`Cancelled` (what was delivered before is still read, in order)."""
+        self._aborted.set()
 
     def break_member(self, rank: int) -> None:
         """Makes every later send from ``rank`` vanish, as if the process died."""
@@ -138,13 +148,21 @@ class InMemoryLink:
         return self._seq
 
     def recv_header(self, timeout: float) -> Header:
-        """Next header from the predecessor, or ExchangeError after ``timeout`` seconds."""
-        try:
-            header, self._payload = self._ring._queues[self._rank].get(timeout=timeout)
-        except queue.Empty:
-            pred = (self._rank - 1) % self._ring.world
-            raise ExchangeError(f"no data from rank {pred} within {timeout:.1f}s", suspect=str(pred)) from None
-        return header
+        """Next header from the predecessor; ExchangeError after ``timeout`` seconds, Cancelled
+        once the ring is aborted and nothing is left queued."""
+        deadline = time.monotonic() + timeout
+        box = self._ring._queues[self._rank]
+        while True:
+            try:
+                header, self._payload = box.get(timeout=max(0.0, min(ABORT_POLL_S, deadline - time.monotonic())))
+                return header
+            except queue.Empty:
+                pass
+            if self._ring._aborted.is_set() and box.empty():
+                raise Cancelled("the ring was aborted")
+            if time.monotonic() >= deadline:
+                pred = (self._rank - 1) % self._ring.world
+                raise ExchangeError(f"no data from rank {pred} within {timeout:.1f}s", suspect=str(pred))
 
     def recv_payload(self, out: np.ndarray, timeout: float) -> None:
         """Copies the pending payload into ``out``."""

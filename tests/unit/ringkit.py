@@ -13,8 +13,12 @@ JOIN_S = 20.0  # generous upper bound for a thread; a correct run takes millisec
 
 
 def run_members(world: int, body: Callable[[int, Any], Any], net: InMemoryRing | None = None,
-                link_wrap: Callable[[int, Any], Any] | None = None) -> tuple[list[Any], list[BaseException | None]]:
-    """Runs ``body(rank, link)`` on one thread per rank; returns (results, errors) per rank."""
+                link_wrap: Callable[[int, Any], Any] | None = None,
+                abort_on_error: bool = False) -> tuple[list[Any], list[BaseException | None]]:
+    """Runs ``body(rank, link)`` on one thread per rank; returns (results, errors) per rank.
+    With ``abort_on_error`` the first member to fail aborts the ring (what the coordinator's
+    new epoch does to a failed round), so the others stop waiting as soon as they have read
+    every frame already sent to them, rather than at their deadline."""
     net = net or InMemoryRing(world)
     results: list[Any] = [None] * world
     errors: list[BaseException | None] = [None] * world
@@ -27,6 +31,8 @@ def run_members(world: int, body: Callable[[int, Any], Any], net: InMemoryRing |
             results[rank] = body(rank, link)
         except BaseException as e:  # noqa: BLE001 - reported to the test thread
             errors[rank] = e
+            if abort_on_error:
+                net.abort()
 
     threads = [threading.Thread(target=target, args=(r,), daemon=True, name=f"rank-{r}") for r in range(world)]
     for t in threads:

@@ -186,8 +186,8 @@ def test_the_gradient_guard_refuses_a_poisoned_gradient_naming_its_sender():
     task = TASKS["mlp-sgd-momentum"]
     samples = _split(world, [16, 16, 16])
     _, errors = run_members(world, lambda r, link: synced_member(task, r, world, link, samples[r], bs, steps,
-                                                                 counts=[16] * world, timeout=2.0),
-                            link_wrap=lambda r, link: _Poisoning(link) if r == 0 else link)
+                                                                 counts=[16] * world),
+                            link_wrap=lambda r, link: _Poisoning(link) if r == 0 else link, abort_on_error=True)
     assert isinstance(errors[1], Poisoned) and errors[1].suspect == "0", errors
 
 
