@@ -14,9 +14,10 @@ import pathlib
 import subprocess
 import sys
 import time
-from typing import Iterator
+from typing import Callable, Iterator
 
 import pytest
+from dml.v1 import types_pb2
 
 from dml.client.api import JobClient, read_token, status_dict
 from dml.client.cluster import LocalCluster, default_log_name, local_tls, operator_token_file, registrations
@@ -26,6 +27,7 @@ from tests.integration.helpers import coordinator_key, fetch_state
 
 pytestmark = pytest.mark.e2e
 ROOT = pathlib.Path(__file__).resolve().parents[2]
+DONE = (types_pb2.JOB_STATE_SUCCEEDED, types_pb2.JOB_STATE_FAILED, types_pb2.JOB_STATE_CANCELLED)
 
 
 def env_tls() -> TlsConfig | None:
@@ -96,6 +98,34 @@ def _print_tracebacks(logs: pathlib.Path, tail: int) -> None:
         text = log.read_text(errors="replace")
         if "Traceback" in text:
             print(f"--- {log.name} ---\n{text[-tail:]}")
+
+
+@pytest.fixture(scope="session")
+def baseline_acc() -> Callable[[int], float]:
+    """Factory: the final accuracy of the failure tests' job (``test_failures.SPEC`` with
+    ``min_peers=n``) on ``n`` peers with no failure, cached per ``n``. It runs in this process, a
+    coordinator and ``n`` peers as threads: the same code, plan and ring average as processes
+    (the same accuracy, measured to the last digit at n=3), without a torch start-up per peer,
+    which is most of an e2e cluster's cost on 2 cores."""
+    import dataclasses
+
+    from dml.client.api import history_dict
+    from tests.e2e.test_failures import SPEC, _final_accuracy
+    from tests.integration.helpers import coordinator, operator_token, peers, wait_for
+
+    cache: dict[int, float] = {}
+
+    def get(n: int) -> float:
+        if n not in cache:
+            with coordinator() as srv, peers(srv.address, n), \
+                    JobClient(srv.address, token=operator_token(srv.address)) as client:
+                job = client.submit(dataclasses.replace(SPEC, min_peers=n))
+                wait_for(lambda: client.status(job).job.state in DONE, 240, f"the failure-free baseline on {n} peers")
+                assert client.status(job).job.state == types_pb2.JOB_STATE_SUCCEEDED, client.status(job)
+                cache[n] = _final_accuracy([history_dict(r) for r in client.history(job)])
+        return cache[n]
+
+    return get
 
 
 @pytest.fixture

@@ -69,33 +69,6 @@ def _check_finished_job(procs, job: str, baseline_acc: float, live: int) -> dict
     return end
 
 
-@pytest.fixture(scope="module")
-def baseline_acc(tmp_path_factory, cluster_tls):
-    """Factory: final accuracy of the same job on ``n`` peers with no failure (cached per n)."""
-    from tests.e2e.conftest import Procs
-
-    cache: dict[int, float] = {}
-
-    def get(n: int) -> float:
-        if n not in cache:
-            p = Procs(tmp_path_factory.mktemp(f"baseline{n}"), cluster_tls)
-            mp = pytest.MonkeyPatch()
-            try:
-                mp.setenv("DML_TOKEN_FILE", str(p.cluster.operator_token_file))  # this cluster's, for its `dml` calls
-                p.start_coordinator()
-                for _ in range(n):
-                    p.start_peer()
-                job = _submit(p.address, "--min-peers", str(n))
-                wait_status(p.address, job, lambda s: s["state"] == "SUCCEEDED", 240, "baseline")
-                cache[n] = _final_accuracy(_history(p.address, job))
-            finally:
-                mp.undo()  # back to the test's own cluster's token
-                p.reap()
-        return cache[n]
-
-    return get
-
-
 def _start(procs, n: int, *peer_args: str) -> str:
     procs.start_coordinator()
     for _ in range(n):

@@ -12,15 +12,13 @@ import pytest
 import torch
 
 from tests.e2e.conftest import dml, fetch_peer, status, wait_status
-from tests.e2e import test_failures
 from tests.e2e.test_failures import ROUNDS, SPEC, _final_accuracy, _history, _submit
 from tests.integration.helpers import assert_state_dicts_identical, ledger_problems
 
 pytestmark = pytest.mark.e2e
-baseline_acc = test_failures.baseline_acc  # the fixture: a failure-free run's final accuracy
 
 
-@pytest.mark.timeout(900)  # two jobs of 200 rounds: this one and the failure-free baseline
+@pytest.mark.timeout(900)  # a job of 200 rounds with four peers, and the failure-free baseline
 def test_a_nan_peer_and_a_1e30_peer_are_quarantined_and_the_job_succeeds(procs, baseline_acc, tmp_path):
     procs.start_coordinator()
     procs.start_peer()
