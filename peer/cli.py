@@ -8,6 +8,7 @@ import os
 import pathlib
 import signal
 import sys
+from typing import TYPE_CHECKING
 
 import grpc
 
@@ -17,17 +18,22 @@ from dml.common import portcheck, rpc, tls
 from dml.common.metrics import MetricsBindError
 from dml.common.auth import AuthError, read_token_file
 from dml.peer.faults import parse_fault
-from dml.peer.runner import Peer, PeerConfig
+
+if TYPE_CHECKING:
+    from dml.peer.runner import PeerConfig
 
 
 def resolve_device(choice: str) -> str:
-    """``auto`` picks CUDA when present; ``cuda:N`` is checked to exist."""
+    """``auto`` picks CUDA when present; ``cuda:N`` is checked to exist. torch is imported only
+    to look for CUDA, so a mistyped flag is answered at once rather than after torch's start-up."""
+    if choice == "cpu":
+        return "cpu"
+    if choice != "auto" and not choice.startswith("cuda"):
+        raise ValueError(f"--device must be auto, cpu or cuda:N, got {choice!r}")
     import torch
 
     if choice == "auto":
         return "cuda:0" if torch.cuda.is_available() else "cpu"
-    if choice == "cpu":
-        return "cpu"
     if choice.startswith("cuda"):
         idx = int(choice.split(":", 1)[1]) if ":" in choice else 0
         if not torch.cuda.is_available() or idx >= torch.cuda.device_count():
@@ -110,6 +116,8 @@ def build_config(argv: list[str] | None = None) -> tuple[PeerConfig, argparse.Na
         fault = parse_fault(a.fault)
     except ValueError as e:
         p.error(str(e))
+    from dml.peer.runner import PeerConfig  # torch and the whole peer: only once the flags are good
+
     cfg = PeerConfig(coordinator=a.coordinator, host=a.host, port=a.port, advertise_host=a.advertise_host,
                      device=device, exchange_timeout_s=a.exchange_timeout_s, chunk_elems=a.chunk_elems,
                      tcp=not a.no_tcp, slowdown=a.slowdown, max_samples=a.max_samples, metrics=cliargs.metrics_config(a),
@@ -152,6 +160,8 @@ def main(argv: list[str] | None = None) -> None:
     import torch
 
     torch.set_num_threads(max(1, a.torch_threads))
+    from dml.peer.runner import Peer
+
     try:
         peer = Peer(cfg)
     except (MetricsBindError, tls.TlsError) as e:  # --metrics-port taken or not this machine's; plain text off loopback

@@ -301,3 +301,13 @@ def test_shards_table_and_id_ranges() -> None:
     assert lines[2].split() == ["pb", "1", "5", "2", "-"]
     assert lines[3] == "2 peers hold 25 of 30 training samples (3 labels)"
     assert lines[4].startswith("unassigned: 1 shards (3)")
+
+
+@pytest.mark.parametrize("argv", [["--coordinator", "nohostport"], ["--coordinator", "127.0.0.1:1", "--device", "tpu"],
+                                  ["--coordinator", "127.0.0.1:1", "--chunk-elems", "-1"]])
+def test_dml_peer_answers_a_bad_flag_before_loading_torch(argv: list[str]) -> None:
+    """A mistyped flag gets its exit 2 at once, not after torch's seconds of start-up."""
+    code = ("import sys\nfrom dml.peer import cli\ntry:\n    cli.build_config(sys.argv[1:])\nexcept SystemExit as e:\n"
+            "    print(e.code, 'torch' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert out.stdout.split() == ["2", "False"], (out.stdout, out.stderr)
