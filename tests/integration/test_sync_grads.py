@@ -107,7 +107,7 @@ def test_members_on_real_links_match_one_process_with_the_n_times_batch(members,
     assert [link.sender_kind for link in links] == [plane] * world
     # One connection (TCP, or a gRPC stream) per member carried every step's all-reduce.
     assert (len(connects), len(streams)) == ((0, world) if plane == "grpc" else (world, 0))
-    assert_bit_identical([t.host_buffer() for t in trainers])
+    assert_bit_identical([t.host_buffer() for t in trainers], [t.sync_trace for t in trainers])
     want = reference_trainer(task, samples, bs, steps).params()
     assert np.abs(trainers[0].params() - want).max() <= 1e-5 * max(1.0, float(np.abs(want).max()))
 

@@ -1,6 +1,7 @@
 """Helpers shared by the ring tests: every member a thread, joined by an InMemoryRing."""
 from __future__ import annotations
 
+import hashlib
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -44,10 +45,52 @@ def run_members(world: int, body: Callable[[int, Any], Any], net: InMemoryRing |
     return results, errors
 
 
-def assert_bit_identical(bufs: list[np.ndarray]) -> None:
+def differences(a: np.ndarray, b: np.ndarray) -> str:
+    """Where two float32 buffers of one shape differ: how many elements, the first and last
+    index, and the largest distance in units in the last place. Scattered 1-ulp differences
+    point at arithmetic that rounded differently; long runs of large ones at bytes that went
+    astray (a chunk sent from or received into the wrong place or at the wrong time)."""
+    if a.shape != b.shape:
+        return f"shapes {a.shape} and {b.shape}"
+    diff = np.flatnonzero(a.view(np.uint32) != b.view(np.uint32))
+    if diff.size == 0:
+        return "no difference"
+    # float32 bits on one monotonic integer line (negatives mirrored), so the distance counts
+    # the representable values between the two
+    ia, ib = (np.where(u >= 1 << 31, (1 << 31) - u, u) for u in (x.view(np.uint32)[diff].astype(np.int64) for x in (a, b)))
+    return (f"{diff.size} of {a.size} elements differ, indices {int(diff[0])}..{int(diff[-1])}, "
+            f"up to {int(np.abs(ia - ib).max())} ulps")
+
+
+def divergence(traces: list[list[tuple[str, str]]]) -> str:
+    """The first step at which members' :func:`synced_member` traces part: whether the
+    parameters a step started from differed (at step 0: members built different models) or
+    the averaged gradient did (the all-reduce gave members different bytes); "" if the traces
+    agree throughout (then only the last optimizer step can have diverged)."""
+    for step, entries in enumerate(zip(*traces)):
+        params, grads = {e[0] for e in entries}, {e[1] for e in entries}
+        if len(params) > 1:
+            return f"members started step {step} from different parameters"
+        if len(grads) > 1:
+            return (f"members started step {step} from the same parameters, but the all-reduce gave them "
+                    "different averaged gradients")
+    return ""
+
+
+def assert_bit_identical(bufs: list[np.ndarray], traces: list[list[tuple[str, str]]] | None = None) -> None:
+    """Every buffer is bit-identical to the first; on a difference the message says where (and,
+    with the members' ``traces`` from :func:`synced_member`, at which step they parted)."""
     first = bufs[0].tobytes()
     for r, b in enumerate(bufs[1:], start=1):
-        assert b.tobytes() == first, f"rank {r} differs from rank 0"
+        if b.tobytes() != first:
+            where = divergence(traces) if traces is not None else ""
+            if traces is not None and not where:
+                where = "every step started from the same parameters and averaged gradients: an optimizer step diverged"
+            raise AssertionError(f"rank {r} differs from rank 0: {differences(bufs[0], b)}" + (f"; {where}" if where else ""))
+
+
+def _digest(a: np.ndarray) -> str:
+    return hashlib.sha256(a.tobytes()).hexdigest()
 
 
 
@@ -57,7 +100,9 @@ def synced_member(task: Any, rank: int, world: int, link: Any, samples: np.ndarr
     steps of ``batch_size``, averaging each step's gradient with the others over ``link`` (the
     all-reduce a peer's ring round runs). With ``counts`` (every member's sample count, as the
     plan gives them) each step's chunks are checked by the round's gradient guards, as a peer's
-    are; ``timeout`` bounds each all-reduce. Returns the trainer."""
+    are; ``timeout`` bounds each all-reduce. Returns the trainer, with ``sync_trace``: per step,
+    the digests of the parameters it started from and of the averaged gradient buffer (what
+    :func:`assert_bit_identical` reads to say where members parted)."""
     from dml.aggregation.averaging import weighted_ring_average
     from dml.aggregation.guard import GradientGuards, rms
     from dml.peer.trainer import Trainer
@@ -65,14 +110,19 @@ def synced_member(task: Any, rank: int, world: int, link: Any, samples: np.ndarr
     trainer = Trainer(task, seed, 0, fuse=False)
     guards = GradientGuards(str((rank - 1) % world), rank, counts, batch_size) if counts is not None else None
 
+    trace: list[tuple[str, str]] = []
+
     def allreduce(buf: np.ndarray, n: int, step: int) -> None:
+        start = _digest(trainer.host_buffer())
         guard = guards.for_step(step, rms(buf[:-1]), buf.size - 1) if guards is not None else None
         weighted_ring_average(buf, float(n), rank, world, link, timeout, 1000, guard=guard,
                               collective=step, final=step == steps - 1)
         if guards is not None:
             guards.averaged(step, buf[:-1])
+        trace.append((start, _digest(buf)))
 
     trainer.train_synced(samples, batch_size, steps, allreduce)
+    trainer.sync_trace = trace
     return trainer
 
 

@@ -11,11 +11,12 @@ import pytest
 import torch
 
 from dml.aggregation.allreduce import ring_allreduce
+from dml.aggregation.ring import ALL_GATHER
 from dml.aggregation.guard import GRAD_FLOOR, GradientGuards, Poisoned
 from dml.aggregation.transport import ExchangeError, Header
 from dml.common.tasks import get_task
 from dml.peer.trainer import Trainer
-from tests.unit.ringkit import assert_bit_identical, reference_trainer, run_members, synced_member
+from tests.unit.ringkit import assert_bit_identical, differences, reference_trainer, run_members, synced_member
 
 
 def _momentum(params: Any) -> torch.optim.Optimizer:
@@ -95,6 +96,49 @@ def test_a_non_final_all_reduce_leaves_the_link_open_and_its_frames_sent():
     assert all(links[r].waited == links[r].sent_upto() > 0 for r in range(3))
 
 
+class _Corrupting:
+    """A link that adds 1 to the first element of the first all-gather frame of one collective
+    it receives (the member forwards it as received): members end that collective with
+    different averaged gradients."""
+
+    def __init__(self, inner: Any, collective: int) -> None:
+        self.inner, self.collective, self.header, self.done = inner, collective, None, False
+
+    def recv_header(self, timeout: float) -> Header:
+        self.header = self.inner.recv_header(timeout)
+        return self.header
+
+    def recv_payload(self, out: np.ndarray, timeout: float) -> None:
+        self.inner.recv_payload(out, timeout)
+        h = self.header
+        if not self.done and h.collective == self.collective and h.phase == ALL_GATHER:
+            out.view(np.float32)[0] += np.float32(1.0)
+            self.done = True
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+def test_members_that_part_are_told_apart_by_the_step_and_the_cause():
+    """What a failing bit-identity check of ``--sync grads`` members says: which elements differ
+    and by how many ulps, and the first step at which the members parted, and why."""
+    world, bs, steps = 3, 8, 4
+    samples = _split(world, [32, 32, 32])
+    trainers, errors = run_members(world, lambda r, link: synced_member(TASKS["mlp-sgd-momentum"], r, world, link,
+                                                                        samples[r], bs, steps),
+                                   link_wrap=lambda r, link: _Corrupting(link, 2) if r == 1 else link)
+    assert errors == [None] * world
+    with pytest.raises(AssertionError) as e:
+        assert_bit_identical([t.host_buffer() for t in trainers], [t.sync_trace for t in trainers])
+    msg = str(e.value)
+    assert msg.startswith("rank 1 differs from rank 0: ") and " elements differ, indices " in msg, msg
+    assert msg.endswith("members started step 2 from the same parameters, but the all-reduce gave them different "
+                        "averaged gradients"), msg
+    a, b = trainers[0].host_buffer().copy(), trainers[0].host_buffer().copy()
+    b.view(np.uint32)[[3, 7]] += np.uint32(1)
+    assert differences(a, b) == f"2 of {a.size} elements differ, indices 3..7, up to 1 ulps"
+
+
 def test_gradients_accumulate_into_the_flat_buffer():
     t = Trainer(get_task("digits-cnn"), 0, 0, fuse=False)
     grads = t.grad_buffer()
@@ -138,7 +182,7 @@ def test_n_members_match_one_process_with_the_n_times_batch(name, per_member):
     samples = _split(world, per_member)
     trainers, errors = run_members(world, lambda r, link: synced_member(task, r, world, link, samples[r], bs, steps))
     assert errors == [None] * world
-    assert_bit_identical([t.host_buffer() for t in trainers])
+    assert_bit_identical([t.host_buffer() for t in trainers], [t.sync_trace for t in trainers])
     ref = reference_trainer(task, samples, bs, steps)
     got, want = trainers[0].params(), ref.params()
     print(name, per_member, "max |dml - one process|", float(np.abs(got - want).max()))
@@ -161,7 +205,7 @@ def test_batch_norm_statistics_come_back_averaged_and_identical():
     samples = _split(2, [24, 24])
     trainers, errors = run_members(2, lambda r, link: synced_member(task, r, 2, link, samples[r], 8, 3))
     assert errors == [None] * 2
-    assert_bit_identical([t.host_buffer() for t in trainers])
+    assert_bit_identical([t.host_buffer() for t in trainers], [t.sync_trace for t in trainers])
     bn = trainers[0].model[1]
     assert not torch.equal(bn.running_mean, torch.zeros_like(bn.running_mean))
 
@@ -218,7 +262,7 @@ def test_the_gradient_guard_passes_honest_sparse_gradients_and_members_without_s
     trainers, errors = run_members(world, lambda r, link: synced_member(task, r, world, link, samples[r], bs, steps,
                                                                         counts=per_member))
     assert errors == [None] * world
-    assert_bit_identical([t.host_buffer() for t in trainers])
+    assert_bit_identical([t.host_buffer() for t in trainers], [t.sync_trace for t in trainers])
     want = reference_trainer(task, samples, bs, steps).params()
     assert np.abs(trainers[0].params() - want).max() <= 1e-5
 
