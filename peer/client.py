@@ -1,5 +1,5 @@
 """The peer's client for the coordinator's PeerControl service: every call with a deadline, and
-retries with capped exponential backoff on UNAVAILABLE / DEADLINE_EXCEEDED.
+retries with capped exponential backoff on UNAVAILABLE / DEADLINE_EXCEEDED / CANCELLED.
 
 Cluster: the client belongs to one cluster, pinned (``--cluster-id``) or the one of the first
 coordinator that registered it (kept in memory: a restarted peer joins afresh unless pinned).
@@ -25,7 +25,11 @@ from dml.common.tls import TlsConfig
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+# CANCELLED, while this peer is not stopping (its own calls are never cancelled otherwise): a
+# coordinator that stopped with the call in flight (its server cancels what its grace leaves),
+# or whose call guard cut it. Either way the call did not fail on its merits: a report that met
+# a coordinator restart is sent again, rather than taken for a local failure.
+RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED)
 CALL_TIMEOUT_S = 10.0
 LOG_EVERY_S = 20.0  # while the coordinator is unreachable, one log line this often (retries are faster)
 
