@@ -1,5 +1,5 @@
 """The peer's client for the coordinator's PeerControl service: every call with a deadline, and
-retries with capped exponential backoff on UNAVAILABLE / DEADLINE_EXCEEDED.
+retries with capped exponential backoff on UNAVAILABLE / DEADLINE_EXCEEDED / CANCELLED.
 
 Cluster: the client belongs to one cluster, pinned (``--cluster-id``) or the one of the first
 coordinator that registered it (kept in memory: a restarted peer joins afresh unless pinned).
@@ -25,7 +25,11 @@ from dml.common.tls import TlsConfig
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+# CANCELLED, while this peer is not stopping (its own calls are never cancelled otherwise): a
+# coordinator that stopped with the call in flight (its server cancels what its grace leaves),
+# or whose call guard cut it. Either way the call did not fail on its merits: a report that met
+# a coordinator restart is sent again, rather than taken for a local failure.
+RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED)
 CALL_TIMEOUT_S = 10.0
 LOG_EVERY_S = 20.0  # while the coordinator is unreachable, one log line this often (retries are faster)
 
@@ -96,6 +100,7 @@ class ControlClient:
                  credentials: PeerCredentials | None = None, tls: TlsConfig | None = None) -> None:
         self.address = address
         self.cluster_id = cluster_id  # pinned, or learnt from the first registration
+        self.peer_id = ""  # the peer this client calls for, once registered (named in its log lines)
         self.credentials = credentials if credentials is not None else PeerCredentials()
         # The join token on RegisterPeer, this peer's credential on every other call.
         self._raw = rpc.channel(address, tls=tls, fast_reconnect=True)
@@ -153,21 +158,29 @@ class ControlClient:
         if first or due:
             log.error("%s: refusing the coordinator at %s: it belongs to cluster %s, this peer to cluster %s "
                       "(a coordinator started on another state dir?); retrying %s until this cluster's "
-                      "coordinator answers", what, self.address, other, self.cluster_id, self.address)
+                      "coordinator answers", self._named(what), self.address, other, self.cluster_id, self.address)
 
     def answer_ok(self, cluster_id: str, what: str) -> bool:
         """Whether an answer naming ``cluster_id`` is from this peer's cluster (logs it if not).
         An answer without an id (a coordinator that predates cluster ids) is accepted."""
         if not cluster_id or not self.cluster_id or cluster_id == self.cluster_id:
             if self._refused:
-                log.info("%s: the coordinator at %s is of cluster %s again", what, self.address, self.cluster_id)
+                log.info("%s: the coordinator at %s is of cluster %s again", self._named(what), self.address,
+                         self.cluster_id)
                 self._refused = ""
             return True
         self.note_wrong_cluster(what, cluster_id)
         return False
 
+    def _named(self, what: str) -> str:
+        """``what`` (a call) with the peer it is for: the client's lines are rate-limited across
+        all its calls (the line naming one call stands for the others), and one process may run
+        several peers, so each line says whose it is."""
+        return f"peer {self.peer_id}: {what}" if self.peer_id else what
+
     def _note_unreachable(self, what: str, code: grpc.StatusCode | None, attempts: int, start: float) -> None:
         """Logs an unreachable coordinator: once when it starts, then every LOG_EVERY_S (DEBUG between)."""
+        what = self._named(what)
         now = time.monotonic()
         with self._log_lock:
             first = self._failing_since is None
@@ -192,7 +205,8 @@ class ControlClient:
         with self._log_lock:
             since, self._failing_since = self._failing_since, None
         if since is not None:
-            log.info("%s: the coordinator at %s answers again after %.1fs", what, self.address, time.monotonic() - since)
+            log.info("%s: the coordinator at %s answers again after %.1fs", self._named(what), self.address,
+                     time.monotonic() - since)
 
     def register(self, address: str, device: str, memory_bytes: int,
                  max_samples: int = 0) -> control_pb2.RegisterPeerResponse:
@@ -208,6 +222,7 @@ class ControlClient:
             return resp
 
         resp = self.call(attempt, "register")
+        self.peer_id = resp.peer_id
         if resp.cluster_id and not self.cluster_id:
             self.cluster_id = resp.cluster_id
             log.info("joined cluster %s (coordinator %s)", resp.cluster_id, self.address)

@@ -195,7 +195,7 @@ class Peer:
                 hb = self.client.stub.Heartbeat(control_pb2.HeartbeatRequest(peer_id=me),
                                                 timeout=max(self._heartbeat_s * 2, 1.0))
                 self.metrics.heartbeat_seconds.observe(time.monotonic() - sent)
-                if not self.client.answer_ok(hb.cluster_id, f"peer {me}: heartbeat"):
+                if not self.client.answer_ok(hb.cluster_id, "heartbeat"):
                     continue  # another cluster's coordinator: nothing it says applies to this peer
                 if failing:
                     log.info("peer %s: coordinator reachable again", me)
@@ -212,7 +212,7 @@ class Peer:
                 self.metrics.heartbeat_failures.labels(code.name if code is not None else "UNKNOWN").inc()
                 other = refusing_cluster(e)
                 if other is not None:
-                    self.client.note_wrong_cluster(f"peer {me}: heartbeat", other)
+                    self.client.note_wrong_cluster("heartbeat", other)
                 elif code == grpc.StatusCode.NOT_FOUND:
                     if me == self.peer_id:
                         log.warning("peer %s: evicted by the coordinator; will re-register", me)

@@ -69,6 +69,53 @@ def peers(address: str, n: int, exchange_timeout_s: float = 10.0, tls=None) -> I
             p.stop()
 
 
+class RoundHold:
+    """Ring members held before their exchange (see :func:`held_rounds`); ``held`` maps each
+    held member to the (round, epoch) it waits in."""
+
+    def __init__(self, job_id: str, after: int) -> None:
+        self.job_id, self.after = job_id, after
+        self.released = threading.Event()
+        self.held: dict[str, tuple[int, int]] = {}
+
+    def release(self) -> None:
+        """Lets the held members go on (and no round is held any more)."""
+        self.released.set()
+
+    def all_held(self, n: int, timeout_s: float = 60) -> tuple[int, int]:
+        """Waits until ``n`` members wait in one (round, epoch), and returns it."""
+        wait_for(lambda: len(self.held) == n and len(set(self.held.values())) == 1, timeout_s,
+                 f"{n} members held in one round")
+        return next(iter(self.held.values()))
+
+
+@contextlib.contextmanager
+def held_rounds(members: list[Peer], job_id: str, after: int = 0) -> Iterator[RoundHold]:
+    """Holds ``members`` before their exchange of every round of ring job ``job_id`` past
+    ``after``, until the block ends. Nobody exchanges, so the round they wait in stays the
+    job's current one: it neither commits nor re-forms (the members keep heartbeating; end the
+    block well before the coordinator's round deadline)."""
+    hold = RoundHold(job_id, after)
+    real = {p.peer_id: p._ring._make_link for p in members}  # noqa: SLF001 (the peer's seam for faults)
+
+    def holding(p: Peer) -> Callable[[object, int], object]:
+        def make_link(plan, rank: int):  # type: ignore[no-untyped-def]
+            if plan.job_id == job_id and plan.round > after and not hold.released.is_set():
+                hold.held[p.peer_id] = (plan.round, plan.epoch)
+                hold.released.wait(60)
+            return real[p.peer_id](plan, rank)
+        return make_link
+
+    for p in members:
+        p._ring._make_link = holding(p)  # noqa: SLF001
+    try:
+        yield hold
+    finally:
+        hold.release()
+        for p in members:
+            p._ring._make_link = real[p.peer_id]  # noqa: SLF001
+
+
 def wait_for(pred: Callable[[], bool], timeout_s: float, what: str) -> None:
     """Polls ``pred`` every 50 ms until true; fails the test after ``timeout_s``."""
     deadline = time.monotonic() + timeout_s

@@ -16,7 +16,7 @@ from dml.v1 import control_pb2, control_pb2_grpc, exchange_pb2, exchange_pb2_grp
 from dml.common import auth, rpc
 from dml.common.spec import JobSpec, spec_to_pb
 from dml.peer.runner import Peer
-from tests.integration.helpers import audit_metadata, coordinator, job_stub, join_token, peers, wait_for
+from tests.integration.helpers import audit_metadata, coordinator, held_rounds, job_stub, join_token, peers, wait_for
 
 # Two shards: a job takes at most two members, so a third peer stays idle (an outsider).
 RING = JobSpec(task="digits", rounds=400, local_steps=1, batch_size=16, learning_rate=0.1, min_peers=2,
@@ -172,11 +172,17 @@ def test_a_member_may_not_name_a_suspect_outside_its_epoch() -> None:
         a, b = ps
         wait_for(lambda: idle.peer_id in srv.coordinator.state.peers, 10, "the third peer to register")
         member = _control(srv.address, a.credentials.peer_token)
-        st = _job(stub, jid)
-        code = _code(lambda: member.ReportFailure(control_pb2.ReportFailureRequest(
-            peer_id=a.peer_id, job_id=jid, round=st.round + 1, epoch=st.epoch, suspect_peer_id=idle.peer_id,
-            detail="forged"), timeout=10))
-        assert code == PERMISSION_DENIED
+        # The refusal is for the current round only (a report naming any other is stale, and
+        # ignored): the members are held so that no commit can make the forged round stale.
+        after = srv.coordinator.view(lambda st: st.job(jid).round)  # under way, or just committed
+        with held_rounds(ps, jid, after) as hold:
+            rnd, epoch = hold.all_held(len(ps))
+            assert srv.coordinator.view(lambda st: (st.job(jid).round, st.job(jid).epoch)) == (rnd, epoch)
+            code = _code(lambda: member.ReportFailure(control_pb2.ReportFailureRequest(
+                peer_id=a.peer_id, job_id=jid, round=rnd, epoch=epoch, suspect_peer_id=idle.peer_id,
+                detail="forged"), timeout=10))
+            assert code == PERMISSION_DENIED
+            assert srv.coordinator.view(lambda st: (st.job(jid).round, st.job(jid).epoch)) == (rnd, epoch)
         assert idle.peer_id in srv.coordinator.state.peers, "the outsider was not evicted"
         _goes_on(stub, jid, {a.peer_id, b.peer_id})
 

@@ -15,7 +15,7 @@ from dml.common import auth, rpc
 from dml.common.spec import JobSpec
 from dml.common.tasks import builtin_data
 from tests.integration import take_tasks
-from tests.integration.helpers import FAST, coordinator, join_token, operator_token, peers, wait_for
+from tests.integration.helpers import FAST, coordinator, held_rounds, join_token, operator_token, peers, wait_for
 
 TASKS = "tests.integration.take_tasks"
 
@@ -78,11 +78,16 @@ def test_a_decline_and_a_peer_whose_data_differs_show_in_the_status_and_the_job_
             assert st.reason == "waiting for peers to take the job: 0 ready, 1 declined, 2 needed"
             again = stub.GetPlan(control_pb2.GetPlanRequest(peer_id=reg.peer_id, wait_ms=300), timeout=10)
             assert not again.has_plan, "a decliner is not offered the job again"
-        with peers(srv.address, 2) as first:
+        # The members wait before their first exchange until the third peer's take is judged:
+        # three short rounds could otherwise end the job first (the take is then refused as
+        # "job ... is SUCCEEDED", and never listed).
+        with peers(srv.address, 2) as first, held_rounds(first, job) as hold:
             wait_for(lambda: client.status(job).job.state == 2, 60, "the job to start")  # RUNNING
+            hold.all_held(len(first))
             # A third peer takes the running job (it has room) and finds 10 samples fewer: refused.
             with peers(srv.address, 1) as (odd,):
                 wait_for(lambda: len(client.status(job).job.declined) == 2, 60, "the peer whose data differs")
+                hold.release()
                 st = finished(client, job)
             assert status_dict(st)["state"] == "SUCCEEDED", st
             refused = [x for x in st.declined if x.peer_id != reg.peer_id]

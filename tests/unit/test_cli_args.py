@@ -220,6 +220,53 @@ def test_an_unreachable_coordinator_is_logged_a_few_times_a_minute(monkeypatch: 
     assert len(again) == 1 and "answers again" in again[0]
 
 
+def test_a_refused_coordinator_is_logged_naming_the_peer_whichever_call_met_it_first(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """A coordinator of another cluster answers: the client logs one line for all its calls
+    (then one every LOG_EVERY_S), so whichever call met it first (here the round loop's report,
+    not the heartbeat) must say which peer refuses it; the heartbeat's refusal just after adds
+    no line."""
+    from dml.peer import client as pc
+    from dml.v1 import control_pb2
+
+    now = [1000.0]
+    monkeypatch.setattr(pc.time, "monotonic", lambda: now[0])
+
+    class Clock:  # the stop event: waiting advances the fake clock
+        def is_set(self) -> bool:
+            return False
+
+        def wait(self, s: float) -> bool:
+            now[0] += s
+            return False
+
+    class Stub:  # the coordinator of cluster-a registers the peer
+        def RegisterPeer(self, req: control_pb2.RegisterPeerRequest, timeout: float) -> control_pb2.RegisterPeerResponse:  # noqa: N802
+            return control_pb2.RegisterPeerResponse(peer_id="peer-7", cluster_id="cluster-a", heartbeat_interval_ms=200)
+
+    cc = pc.ControlClient("127.0.0.1:1", Clock())  # type: ignore[arg-type]
+    cc.stub = Stub()  # type: ignore[assignment]
+    refusals = [3]
+
+    def report() -> str:  # another cluster's coordinator refuses the first three attempts
+        if refusals[0]:
+            refusals[0] -= 1
+            raise pc.WrongCluster("cluster-b")
+        return "ok"
+
+    try:
+        cc.register("127.0.0.1:9", "cpu", 0)
+        with caplog.at_level(logging.INFO, logger=pc.__name__):
+            assert cc.call(report, "report round") == "ok"
+            cc.note_wrong_cluster("heartbeat", "cluster-b")
+    finally:
+        cc.close()
+    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(errors) == 1, errors
+    assert errors[0].startswith("peer peer-7: report round: refusing the coordinator at 127.0.0.1:1: it belongs to "
+                                "cluster cluster-b, this peer to cluster cluster-a"), errors
+
+
 def _to_closed_pipe(argv: list[str], unbuffered: bool) -> subprocess.CompletedProcess[str]:
     """Runs ``python argv`` with stdout a pipe whose reader is gone (what `| head` leaves)."""
     env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
