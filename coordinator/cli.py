@@ -6,13 +6,12 @@ import dataclasses
 import logging
 import os
 import pathlib
-import signal
 import sys
 import tempfile
 import threading
 
 from dml.common import args as cliargs
-from dml.common import portcheck, rpc, taskcode, tls
+from dml.common import lifeline, portcheck, rpc, taskcode, tls
 from dml.common.metrics import MetricsBindError
 from dml.coordinator.lock import StateDirLocked
 from dml.common.auth import AuthError
@@ -77,6 +76,7 @@ def build_config(argv: list[str] | None = None) -> ServerConfig:
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point."""
+    lifeline.watch_parent()  # first: a parent that died already is seen at once
     cfg = build_config(argv)
     if cfg.auth and cfg.state_dir is None and (cfg.join_token_file is None or cfg.operator_token_file is None):
         # No state dir to keep them in: make the tokens in a private folder and say where.
@@ -114,8 +114,7 @@ def main(argv: list[str] | None = None) -> None:
     if server.metrics_server is not None:
         print(f"dml-coordinator metrics on {server.metrics_server.url}", flush=True)
     done = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: done.set())
+    lifeline.on_stop_signals(lambda _signum: done.set())  # set on a thread, never in a signal handler
     done.wait()
     server.stop()
 

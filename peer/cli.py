@@ -6,14 +6,13 @@ import dataclasses
 import logging
 import os
 import pathlib
-import signal
 import sys
 
 import grpc
 
 from dml.aggregation.allreduce import DEFAULT_CHUNK_ELEMS, TCP_CHUNK_ELEMS
 from dml.common import args as cliargs
-from dml.common import portcheck, rpc, tls
+from dml.common import lifeline, portcheck, rpc, tls
 from dml.common.metrics import MetricsBindError
 from dml.common.auth import AuthError, read_token_file
 from dml.peer.faults import parse_fault
@@ -139,6 +138,7 @@ def return_big_buffers_to_the_os(threshold: int = 1 << 20) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point."""
+    lifeline.watch_parent()  # first: a parent that died already is seen at once
     cfg, a = build_config(argv)
     if a.join_token_file is not None:  # read at start, not at parse time: the coordinator may make it later
         try:
@@ -163,11 +163,7 @@ def main(argv: list[str] | None = None) -> None:
     except OSError as e:
         print(f"dml-peer: {e}", file=sys.stderr)
         sys.exit(1)
-    def _stop(*_: object) -> None:
-        peer.stop_event.set()
-
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, _stop)
+    lifeline.on_stop_signals(lambda _signum: peer.stop_event.set())  # set on a thread, never in a signal handler
     try:
         peer.start()
     except grpc.RpcError as e:
