@@ -1,6 +1,11 @@
 """``dml-coordinator``: runs the coordinator until SIGINT or SIGTERM."""
 from __future__ import annotations
 
+from dml.common import lifeline
+
+if __name__ == "__main__":  # `python -m` (as LocalCluster starts it): watch the parent from before the
+    lifeline.watch_parent()  # imports below (the coordinator's modules: seconds, more on a loaded machine)
+
 import argparse
 import dataclasses
 import logging
@@ -11,7 +16,7 @@ import tempfile
 import threading
 
 from dml.common import args as cliargs
-from dml.common import lifeline, portcheck, rpc, taskcode, tls
+from dml.common import portcheck, rpc, taskcode, tls
 from dml.common.metrics import MetricsBindError
 from dml.coordinator.lock import StateDirLocked
 from dml.common.auth import AuthError
@@ -76,7 +81,7 @@ def build_config(argv: list[str] | None = None) -> ServerConfig:
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point."""
-    lifeline.watch_parent()  # first: a parent that died already is seen at once
+    lifeline.watch_parent()  # first (a no-op when done at import): a parent that died already is seen at once
     cfg = build_config(argv)
     if cfg.auth and cfg.state_dir is None and (cfg.join_token_file is None or cfg.operator_token_file is None):
         # No state dir to keep them in: make the tokens in a private folder and say where.

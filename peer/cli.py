@@ -1,6 +1,11 @@
 """``dml-peer``: joins a coordinator and trains until SIGINT or SIGTERM."""
 from __future__ import annotations
 
+from dml.common import lifeline
+
+if __name__ == "__main__":  # `python -m` (as LocalCluster starts it): watch the parent from before the
+    lifeline.watch_parent()  # imports below (torch: seconds, more on a loaded machine)
+
 import argparse
 import dataclasses
 import logging
@@ -12,7 +17,7 @@ import grpc
 
 from dml.aggregation.allreduce import DEFAULT_CHUNK_ELEMS, TCP_CHUNK_ELEMS
 from dml.common import args as cliargs
-from dml.common import lifeline, portcheck, rpc, tls
+from dml.common import portcheck, rpc, tls
 from dml.common.metrics import MetricsBindError
 from dml.common.auth import AuthError, read_token_file
 from dml.peer.faults import parse_fault
@@ -138,7 +143,7 @@ def return_big_buffers_to_the_os(threshold: int = 1 << 20) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point."""
-    lifeline.watch_parent()  # first: a parent that died already is seen at once
+    lifeline.watch_parent()  # first (a no-op when done at import): a parent that died already is seen at once
     cfg, a = build_config(argv)
     if a.join_token_file is not None:  # read at start, not at parse time: the coordinator may make it later
         try:
