@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 
 import numpy as np
 import pytest
-from dml.v1 import types_pb2
+from dml.v1 import jobs_pb2, types_pb2
 
 from dml.aggregation.transport import Header
 from dml.coordinator.service import CoordinatorConfig
@@ -78,10 +77,12 @@ def test_peer_dying_mid_exchange_is_evicted_at_once_and_survivors_agree(data_pla
             assert srv.coordinator.view(lambda st: len(st.live_idle())) == 3
             jid = _submit(stub, spec)
             wait_for(victim.crashed.is_set, 60, "the victim to crash mid-exchange")
-            t_crash = time.monotonic()
             wait_for(lambda: victim.peer_id not in _job(stub, jid).job.peers, 10, "eviction")
-            detected_s = time.monotonic() - t_crash
-            assert detected_s < 5, f"eviction took {detected_s:.1f}s: not via the neighbours' report"
+            # Evicted by what the survivors reported (its lease of 20 s would have taken longer
+            # than this wait), as the eviction's record says.
+            (ev,) = [e for e in _job(stub, jid).job.evictions if e.peer_id == victim.peer_id]
+            assert ev.cause in (jobs_pb2.EVICTION_CAUSE_NEIGHBOUR_REPORT, jobs_pb2.EVICTION_CAUSE_UNREACHABLE), \
+                f"not via the neighbours' report: {jobs_pb2.EvictionCause.Name(ev.cause)} ({ev.detail})"
             wait_for(lambda: _job(stub, jid).job.state == types_pb2.JOB_STATE_SUCCEEDED, 90, "job to succeed")
         finally:
             victim.stop()
