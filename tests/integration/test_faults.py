@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import threading
 
+import grpc
 import numpy as np
 import pytest
 from dml.v1 import jobs_pb2, types_pb2
@@ -34,6 +35,16 @@ class Crash(Exception):
     """Raised in the victim's thread when it 'dies'."""
 
 
+class _DeadStub:
+    """The coordinator stub of a process that has died: it sends nothing (every call fails), so
+    the crashed peer cannot report its own failure, as a dead process could not."""
+
+    def __getattr__(self, method: str):
+        def call(*_args, **_kwargs):
+            raise grpc.RpcError(f"{method}: this process is dead")
+        return call
+
+
 class CrashingPeer(Peer):
     """Dies (server gone, heartbeats stop, streams cut) after sending ``after_chunks`` chunks of
     the all-reduce of round ``at_round`` — in the middle of the exchange."""
@@ -52,6 +63,7 @@ class CrashingPeer(Peer):
 
         def send(header: Header, payload: np.ndarray) -> int:
             if sent[0] == peer.after_chunks:
+                peer.client.stub = _DeadStub()  # no more calls to the coordinator, reports included
                 peer.crashed.set()
                 peer.stop_event.set()  # no more heartbeats
                 peer._server.stop(0)  # incoming gRPC streams die, the port closes
