@@ -24,9 +24,13 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from dml.client.api import status_dict
-from dml.client.cluster import die_with_parent, reap
+from dml.client.cluster import reap
+from dml.common.lifeline import Lifeline
 from dml.client.local import cluster
 from dml.common.spec import CODECS, JobSpec
+
+
+LIFELINE = Lifeline()  # the GPU peers stop when this process dies, however it dies
 
 
 def run(codec: str, a: argparse.Namespace, tmp: pathlib.Path) -> dict[str, object]:
@@ -36,7 +40,7 @@ def run(codec: str, a: argparse.Namespace, tmp: pathlib.Path) -> dict[str, objec
         gpu = [subprocess.Popen([sys.executable, "-m", "dml.peer.cli", "--coordinator", address, "--host", "127.0.0.1",
                                  "--port", "0", "--device", "cuda", "--join-token-file", str(c.join_token_file)],
                                 stdout=open(logs / f"gpu-peer-{i}.log", "ab"), stderr=subprocess.STDOUT,
-                                env=dict(c.client_env(), PYTHONUNBUFFERED="1"), preexec_fn=die_with_parent)
+                                **LIFELINE.child(dict(c.client_env(), PYTHONUNBUFFERED="1")))
                for i in range(a.gpu_peers)]
         try:
             n = a.cpu_peers + a.gpu_peers

@@ -75,7 +75,7 @@ small model such as the CNN's is dwarfed by a peer's fixed memory).
 goes to stderr. Exit codes: 0 done, 1 a cluster or job failed (the tail of the process logs is
 printed and the logs are kept), 2 bad flags, 130 interrupted. Every wait has a deadline; every
 process started is reaped on success, failure, exceptions and Ctrl-C (and gets SIGTERM if this
-process dies: PDEATHSIG).
+process dies, even by SIGKILL: dml.common.lifeline).
 """
 from __future__ import annotations
 
@@ -113,7 +113,8 @@ from dml.v1 import jobs_pb2
 
 from dml.client.api import ApiError, JobClient, history_dict, status_dict
 from dml.common.args import int_in, positive_float
-from dml.client.cluster import (ClusterError, die_with_parent, join_token_file, operator_token_file, reap,
+from dml.common.lifeline import Lifeline
+from dml.client.cluster import (ClusterError, join_token_file, operator_token_file, reap,
                                 wait_for_port_file)
 from dml.common.spec import CODECS, DATA_PLANES, MAX_ROUNDS, JobSpec
 from dml.common.tasks import builtin_params, get_task, is_builtin, task_names
@@ -265,10 +266,13 @@ def _child_env() -> dict[str, str]:
     return env
 
 
+_LIFELINE = Lifeline()  # the children stop when this process dies, however it dies
+
+
 def _spawn(cmd: list[str], log: pathlib.Path, procs: list[subprocess.Popen[bytes]]) -> subprocess.Popen[bytes]:
     with open(log, "ab") as f:  # the child holds its own descriptor
-        p = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=_child_env(),
-                             cwd=ROOT, preexec_fn=die_with_parent)  # noqa: PLW1509 (exec follows)
+        p = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=ROOT,
+                             **_LIFELINE.child(_child_env()))
     procs.append(p)
     return p
 

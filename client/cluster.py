@@ -5,8 +5,9 @@ e2e tests and the benchmarks.
 back from its port file; a restart reuses the port and the state dir) and ``python -m
 dml.peer.cli`` processes in numbered slots, each writing its own log file. It kills, pauses,
 resumes and restarts them by slot, and :meth:`LocalCluster.close` reaps every process it ever
-started (SIGCONT to paused ones, SIGTERM, then SIGKILL after a grace period). Children also get
-SIGTERM when their parent dies, even by SIGKILL (Linux).
+started (SIGCONT to paused ones, SIGTERM, then SIGKILL after a grace period). Children also stop
+when their parent dies, even by SIGKILL: each holds the read end of a pipe whose write end only
+this process has (:class:`dml.common.lifeline.Lifeline`).
 
 Authentication is on: the coordinator makes its join and operator tokens once in
 ``STATE_DIR/secrets/`` (:attr:`LocalCluster.join_token_file`, :attr:`LocalCluster.operator_token_file`),
@@ -34,9 +35,10 @@ import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from dml.common import tls as tlsmod
+from dml.common.lifeline import Lifeline
 from dml.common.tls import TlsConfig
 
 if TYPE_CHECKING:
@@ -59,27 +61,6 @@ def operator_token_file(state_dir: pathlib.Path) -> pathlib.Path:
 
 class ClusterError(Exception):
     """A process of the cluster did not start (it exited, or a deadline passed)."""
-
-
-def _resolve_prctl() -> Any:
-    if not sys.platform.startswith("linux"):
-        return None
-    import ctypes
-
-    try:
-        return ctypes.CDLL("libc.so.6", use_errno=True).prctl
-    except (OSError, AttributeError):
-        return None
-
-
-_PRCTL = _resolve_prctl()  # resolved here, so the forked child only makes the call
-
-
-def die_with_parent() -> None:
-    """For ``preexec_fn``: in the child, before exec, get SIGTERM when the parent dies, even by
-    SIGKILL (Linux; elsewhere nothing)."""
-    if _PRCTL is not None:
-        _PRCTL(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 def reap(procs: Sequence[subprocess.Popen[bytes]], grace_s: float = GRACE_S) -> None:
@@ -228,6 +209,7 @@ class LocalCluster:
         self.port_file = self.state_dir / "coordinator.port"
         self._env = dict(os.environ if self.env is None else self.env, PYTHONUNBUFFERED="1")
         self._generations: dict[str, int] = {}
+        self._lifeline = Lifeline()  # every child stops when this process dies, however it dies
         if self.plaintext:
             self.tls = None
         elif self.tls is None:
@@ -285,9 +267,9 @@ class LocalCluster:
         gen = self._generations.get(name, -1) + 1
         self._generations[name] = gen
         path = self.log_dir / self.log_name(name, gen)
-        with open(path, "ab") as f:
-            popen = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=self._env, cwd=self.cwd,
-                                     preexec_fn=die_with_parent)  # noqa: PLW1509 (one ctypes call, no locks)
+        with open(path, "ab") as f:  # no preexec_fn: the lifeline needs none, so subprocess may vfork
+            popen = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=self.cwd,
+                                     **self._lifeline.child(self._env))  # type: ignore[call-overload]
         proc = Proc(name, gen, popen, path, time.time(), args)
         self.everything.append(proc)
         log.debug("started %s (pid %d), log %s", name, popen.pid, path)
@@ -371,3 +353,4 @@ class LocalCluster:
         for p in self.everything:
             self.resume(p)
         reap([p.popen for p in self.everything], self.grace_s)
+        self._lifeline.close()  # a process started after this gets a new line

@@ -1,12 +1,16 @@
 """``dml-coordinator``: runs the coordinator until SIGINT or SIGTERM."""
 from __future__ import annotations
 
+from dml.common import lifeline
+
+if __name__ == "__main__":  # `python -m` (as LocalCluster starts it): watch the parent from before the
+    lifeline.watch_parent()  # imports below (the coordinator's modules: seconds, more on a loaded machine)
+
 import argparse
 import dataclasses
 import logging
 import os
 import pathlib
-import signal
 import sys
 import tempfile
 import threading
@@ -77,6 +81,7 @@ def build_config(argv: list[str] | None = None) -> ServerConfig:
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point."""
+    lifeline.watch_parent()  # first (a no-op when done at import): a parent that died already is seen at once
     cfg = build_config(argv)
     if cfg.auth and cfg.state_dir is None and (cfg.join_token_file is None or cfg.operator_token_file is None):
         # No state dir to keep them in: make the tokens in a private folder and say where.
@@ -114,8 +119,7 @@ def main(argv: list[str] | None = None) -> None:
     if server.metrics_server is not None:
         print(f"dml-coordinator metrics on {server.metrics_server.url}", flush=True)
     done = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: done.set())
+    lifeline.on_stop_signals(lambda _signum: done.set())  # set on a thread, never in a signal handler
     done.wait()
     server.stop()
 

@@ -1,12 +1,16 @@
 """``dml-peer``: joins a coordinator and trains until SIGINT or SIGTERM."""
 from __future__ import annotations
 
+from dml.common import lifeline
+
+if __name__ == "__main__":  # `python -m` (as LocalCluster starts it): watch the parent from before the
+    lifeline.watch_parent()  # imports below (torch: seconds, more on a loaded machine)
+
 import argparse
 import dataclasses
 import logging
 import os
 import pathlib
-import signal
 import sys
 from typing import TYPE_CHECKING
 
@@ -147,6 +151,7 @@ def return_big_buffers_to_the_os(threshold: int = 1 << 20) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point."""
+    lifeline.watch_parent()  # first (a no-op when done at import): a parent that died already is seen at once
     cfg, a = build_config(argv)
     if a.join_token_file is not None:  # read at start, not at parse time: the coordinator may make it later
         try:
@@ -173,11 +178,7 @@ def main(argv: list[str] | None = None) -> None:
     except OSError as e:
         print(f"dml-peer: {e}", file=sys.stderr)
         sys.exit(1)
-    def _stop(*_: object) -> None:
-        peer.stop_event.set()
-
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, _stop)
+    lifeline.on_stop_signals(lambda _signum: peer.stop_event.set())  # set on a thread, never in a signal handler
     try:
         peer.start()
     except grpc.RpcError as e:

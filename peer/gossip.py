@@ -292,7 +292,14 @@ class GossipNode:
             for data in _chunks(mine):
                 yield exchange_pb2.GossipMessage(data=data)
                 sent[0] += len(data)
-            msg = out.get(timeout=timeout_s)  # the commit, or None to end
+            # The commit, or None to end: exchange() puts one before it returns. A stalled
+            # exchange is ended by the call's own deadline (DEADLINE_EXCEEDED); this wait only
+            # backs it up, longer than the deadline so the two never race, and it ends the stream
+            # rather than raising (gRPC would log a traceback and report UNKNOWN instead).
+            try:
+                msg = out.get(timeout=2 * timeout_s + 1.0)
+            except queue.Empty:
+                return
             if msg is not None:
                 yield msg
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 import os
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
-# The e2e tests fork coordinators and peers (a subprocess with a preexec_fn: client/cluster.py)
-# from this process, which also runs gRPC servers and clients (the integration tests, the e2e
+# The e2e tests start coordinators and peers (client/cluster.py; other tests run subprocesses
+# too) from this process, which also runs gRPC servers and clients (the integration tests, the e2e
 # status polls). With gRPC's fork handlers on, a child forked while another thread is inside
 # gRPC dies before its exec now and then (SIGSEGV or SIGABRT: 5 to 8 of 200 forks here), and a
 # peer that never starts fails whichever test it belonged to. The children exec at once and use

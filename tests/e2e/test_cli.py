@@ -33,12 +33,14 @@ def test_unreachable_coordinator_is_one_line_within_the_deadline():
     for args in (["status", "--coordinator", addr, "job-x", "--timeout", "2"],
                  ["submit", "--coordinator", addr, "--timeout", "2"],
                  ["jobs", "--coordinator", addr, "--timeout", "2"]):
-        t0 = time.monotonic()
+        # It gives up on its own (a `dml` that kept retrying would run into the 30 s that
+        # dml() allows and fail here), saying why in one line: the connection was refused or
+        # its own deadline passed. How long that took is not asserted: the machine is shared.
         out = dml(*args, timeout=30)
-        assert time.monotonic() - t0 < 10
         assert out.returncode == 1
         assert out.stderr.strip().count("\n") == 0, out.stderr
-        assert "cannot reach coordinator" in out.stderr and "Traceback" not in out.stderr
+        assert re.fullmatch(rf"dml: cannot reach coordinator at {re.escape(addr)} \((unavailable|deadline_exceeded)\)",
+                            out.stderr.strip()), out.stderr
 
 
 def test_bad_flags_exit_2_with_a_message():
@@ -132,6 +134,23 @@ def test_dml_local_reaps_every_process_when_stopped(tmp_path, how):
             assert not _alive(pid), f"child {pid} survived {how}"
     finally:
         reap([proc])
+
+
+def test_a_burst_of_sigterms_stops_the_coordinator_and_a_peer_cleanly(tmp_path):
+    """What a parent SIGKILLed with several threads sends its children (several SIGTERMs at
+    once): each stops the normal way, exit code 0, rather than deadlocking in its handler."""
+    with LocalCluster(tmp_path / "state", tmp_path / "logs", coordinator_args=FAST_FAILURES, cwd=ROOT) as c:
+        c.start_coordinator()
+        peer = c.start_peer()
+        deadline = time.monotonic() + 90
+        while "exchanging on" not in peer.log.read_text(errors="replace"):
+            assert time.monotonic() < deadline and peer.alive, peer.log.read_text(errors="replace")[-2000:]
+            time.sleep(0.1)
+        for proc in (peer, c.coordinator):
+            assert proc is not None
+            for _ in range(20):
+                proc.popen.send_signal(signal.SIGTERM)
+            assert proc.popen.wait(60) == 0, (proc.name, proc.log.read_text(errors="replace")[-2000:])
 
 
 def _children(pid: int) -> list[int]:

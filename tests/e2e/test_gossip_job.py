@@ -130,10 +130,11 @@ def test_gossip_job_survives_a_peer_killed_mid_job(procs):
     hist = _get(address, job, history=True)["history"]
     _check_history(hist, rounds, 2)
     assert victim_id not in end["peers"]
-    # The survivors kept gossiping: no virtual round after the kill took more than a few
-    # partner timeouts (a dead partner costs at most one, then it is skipped).
-    late = [r["duration_ms"] for r in hist[killed_round:-1]]
-    assert late and max(late) < 3 * TIMEOUT_MS, f"virtual rounds after the kill took up to {max(late)} ms"
+    # The survivors kept gossiping: every virtual round after the kill committed (the history
+    # is checked whole above), and the dead partner cost each survivor at most one failed
+    # exchange per step before it was skipped (below, with the count over the whole job). How
+    # long those rounds took is no measure of it on a loaded machine.
+    assert len(hist) - 1 > killed_round, f"no round committed after the kill (round {killed_round})"
     coord_log = "".join(f.read_text(errors="replace") for f in procs.logs.glob("coordinator-*.log"))
     assert re.search(rf"peer {victim_id}: no heartbeat .* evicting", coord_log), coord_log[-2000:]
     survivors = [(pid, a) for pid, a in procs.peer_addresses().items() if pid != victim_id]
@@ -143,8 +144,12 @@ def test_gossip_job_survives_a_peer_killed_mid_job(procs):
     for i in (1, 2):
         text = _log_of(procs, i).read_text(errors="replace")
         assert "Traceback" not in text
-        tries = len(re.findall(rf"exchange with {victim_id} failed", text))
+        failed = re.findall(rf"step (\d+): exchange with {victim_id} failed \((.+?)\); trying another partner", text)
+        tries = len(failed)
         assert tries <= 2, f"survivor {i} tried the dead partner {tries} times"
+        steps = [step for step, _ in failed]
+        assert len(set(steps)) == len(steps), f"survivor {i} waited on the dead partner twice in one step: {failed}"
+        assert all(why.strip() for _, why in failed), failed  # each failure says why (its timeout, a refusal)
 
 
 def _log_of(procs, i: int) -> pathlib.Path:

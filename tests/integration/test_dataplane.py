@@ -8,7 +8,6 @@ import socket
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
 
 import grpc
 import numpy as np
@@ -208,18 +207,16 @@ def test_predecessor_dying_mid_stream_fails_the_receiver_fast_naming_it(members,
             link.wait_sent(1, 5)
             link.shutdown()
             return
-        t0 = time.monotonic()
-        try:
-            for _ in range(3):
-                link.recv_header(10)
-                link.recv_payload(payload.copy().view(np.uint8), 10)
-        finally:
-            body.took = time.monotonic() - t0  # type: ignore[attr-defined]
+        for _ in range(3):
+            link.recv_header(10)
+            link.recv_payload(payload.copy().view(np.uint8), 10)
 
     errors = run_ring(ls, [], body=body)
     assert errors[0] is None
     assert isinstance(errors[1], ExchangeError) and errors[1].suspect == "p0"
-    assert body.took < 5, "a closed stream must fail at once, not after the idle timeout"  # type: ignore[attr-defined]
+    # A closed stream fails at once, not after the idle timeout: the error is the stream's end,
+    # not the "no data from p0 for 10.0s" of a timeout.
+    assert not str(errors[1]).startswith("no data from"), errors[1]
 
 
 @pytest.mark.parametrize("plane", ["tcp", "shm"])
@@ -255,7 +252,6 @@ def test_successor_dying_after_taking_our_frames_is_named_while_we_wait_for_our_
 def test_abort_stops_a_waiting_receiver_promptly(members):
     ms = members(2)
     ls = links(ms, ("j", 1, 1), "tcp", idle_s=20.0)
-    out: dict[str, Any] = {}
 
     def body(r: int, link: PeerLink) -> None:
         if r == 0:
@@ -266,15 +262,12 @@ def test_abort_stops_a_waiting_receiver_promptly(members):
         link.recv_header(10)
         link.recv_payload(np.zeros(10, np.float32).view(np.uint8), 10)
         threading.Timer(0.2, ms[1].abort.set).start()
-        t0 = time.monotonic()
-        try:
-            link.recv_header(10)
-        finally:
-            out["took"] = time.monotonic() - t0
+        link.recv_header(10)
 
     errors = run_ring(ls, [], body=body)
     assert isinstance(errors[1], ExchangeError) and "aborted" in str(errors[1])
-    assert out["took"] < 2
+    # The abort ended the wait (a cancellation, nobody's fault), not its 10 s timeout.
+    assert isinstance(errors[1], Cancelled) and errors[1].suspect == "", errors[1]
 
 
 @pytest.mark.parametrize("plane", ["tcp", "shm"])

@@ -158,11 +158,11 @@ def test_busy_partner_refuses_at_once_and_nobody_changes(cluster) -> None:
     a, b = cluster("peer-a", fake(1), samples=5), cluster("peer-b", fake(2), samples=7)
     xa, xb = a.params(), b.params()
     assert b.node.slot.try_begin(("peer-c", "x1"))  # b is in another exchange
-    t0 = time.monotonic()
     out = a.exchange(b, timeout_s=20.0)
-    assert time.monotonic() - t0 < 10.0, "a busy partner refuses at once, not at the deadline"
     assert not out.ok and out.busy, out
-    assert "RESOURCE_EXHAUSTED" in out.detail
+    # The partner's refusal ended it, not the exchange's deadline (how long it took is no measure
+    # on a shared machine: the deadline would only show as DEADLINE_EXCEEDED).
+    assert out.detail.startswith("RESOURCE_EXHAUSTED"), out.detail
     assert a.params().tobytes() == xa.tobytes() and b.params().tobytes() == xb.tobytes()
     assert (a.node.weight, b.node.weight) == (5, 7)
     assert not a.node.slot.busy and b.node.slot.partner == ("peer-c", "x1")
@@ -250,8 +250,10 @@ class Silent(exchange_pb2_grpc.PeerExchangeServicer):
 
     def __init__(self) -> None:
         self.ended = threading.Event()
+        self.calls = 0
 
     def Gossip(self, request_iterator, context):
+        self.calls += 1
         try:
             for _ in request_iterator:
                 pass
@@ -278,18 +280,19 @@ def test_a_stalled_partner_costs_one_timeout_and_changes_nothing(cluster, how: s
         assert b.trainer.lock.acquire(timeout=5)  # mid-step, and it never ends
     xa = a.params()
     try:
-        t0 = time.monotonic()
         out = a.exchange(b, timeout_s=timeout_s)
-        took = time.monotonic() - t0
     finally:
         if how != "silent partner":
             b.trainer.lock.release()
     assert not out.ok and not out.busy, out
-    assert 0.7 * timeout_s <= took < 2 * timeout_s, f"took {took:.2f}s for a timeout of {timeout_s}s"
+    # One timeout: the exchange's own deadline ended it (not an early failure, nor a wait the
+    # deadline did not bound), and it was one call, not retried.
+    assert out.detail.startswith("DEADLINE_EXCEEDED"), out.detail
     assert a.params().tobytes() == xa.tobytes() and a.node.weight == 4
     assert a.node.slot.commits == 0 and not a.node.slot.busy
     if how == "silent partner":
         assert silent.ended.wait(10), "the stalled handler never saw the cancellation"
+        assert silent.calls == 1
     else:
         assert_idle(a, b)
         assert b.params().tobytes() == xb.tobytes() and b.node.weight == 4

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import re
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -137,3 +138,15 @@ def reference_trainer(task: Any, member_samples: list[np.ndarray], batch_size: i
         if batch.size:
             trainer.train_on(batch, batch.size)
     return trainer
+
+
+def deadline_errors(errors: list[BaseException | None], timeout: float) -> list[str]:
+    """Each error that is not the ring's own deadline (the all-reduce deadline, or a receive
+    given what was left of it) as the code reports it: "fail fast" means ending by that deadline,
+    which how long the run took on a shared machine cannot show."""
+    bad = []
+    for e in errors:
+        m = re.fullmatch(r"no data from rank \d+ within (\d+\.\d)s", str(e))
+        if not (str(e) == f"all-reduce deadline of {timeout:.1f}s passed" or (m and float(m.group(1)) <= timeout)):
+            bad.append(str(e))
+    return bad

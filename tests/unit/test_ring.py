@@ -5,7 +5,6 @@ Threads are always joined with a timeout, so a hang fails the test instead of st
 """
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import numpy as np
@@ -17,7 +16,7 @@ from dml.aggregation import ring
 from dml.aggregation.allreduce import ring_allreduce
 from dml.aggregation.averaging import digest, weighted_mean, weighted_ring_average
 from dml.aggregation.transport import FRAME, ExchangeError, Header, InMemoryRing
-from tests.unit.ringkit import assert_bit_identical, run_members
+from tests.unit.ringkit import assert_bit_identical, deadline_errors, run_members
 
 WORLDS = list(range(1, 9))
 
@@ -279,13 +278,12 @@ def test_broken_member_makes_the_others_fail_fast(world: int, broken: int) -> No
     net.break_member(broken)
     bufs = random_bufs(world, 100, seed=0)
     timeout = 0.5
-    t0 = time.monotonic()
     _, errors = run_members(world, lambda r, link: ring_allreduce(bufs[r], r, world, link, timeout, 7), net=net)
-    elapsed = time.monotonic() - t0
     for r in range(world):
         if r != broken:
             assert isinstance(errors[r], ExchangeError), f"rank {r} got {errors[r]!r}"
-    assert elapsed < timeout + 3.0, f"took {elapsed:.2f}s with a {timeout}s timeout"
+    others = [e for r, e in enumerate(errors) if r != broken]
+    assert not deadline_errors(others, timeout), f"not ended by the {timeout}s deadline: {others}"
     # The broken member's successor hears nothing at all and names it.
     succ = (broken + 1) % world
     assert errors[succ].suspect == str(broken)  # type: ignore[union-attr]
@@ -293,10 +291,9 @@ def test_broken_member_makes_the_others_fail_fast(world: int, broken: int) -> No
 
 def test_recv_times_out_with_exchange_error_naming_predecessor() -> None:
     link = InMemoryRing(3).link(0)
-    t0 = time.monotonic()
     with pytest.raises(ExchangeError) as ei:
         link.recv_header(0.05)
-    assert time.monotonic() - t0 < 2.0
+    assert str(ei.value) == "no data from rank 2 within 0.1s"  # its own deadline ended the wait (0.05 s, shown to 0.1)
     assert ei.value.suspect == "2"
 
 
@@ -378,3 +375,4 @@ def test_members_may_use_different_chunk_sizes(world: int) -> None:
     for b in bufs:
         assert np.array_equal(b.astype(np.float64), want)
         assert b.tobytes() == bufs[0].tobytes()
+

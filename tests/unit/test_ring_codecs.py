@@ -9,7 +9,6 @@ magnitude is at most ``A = sum_i |x_i|`` (plus the errors so far, a few percent 
 """
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import numpy as np
@@ -22,7 +21,7 @@ from dml.aggregation.allreduce import ring_allreduce
 from dml.aggregation.averaging import delta_ring_average
 from dml.aggregation.codecs import get_codec
 from dml.aggregation.transport import ExchangeError, InMemoryRing
-from tests.unit.ringkit import assert_bit_identical, run_members
+from tests.unit.ringkit import assert_bit_identical, deadline_errors, run_members
 
 LOSSY = ["bf16", "fp16", "int8"]
 F32_EPS = 2.0**-23
@@ -226,16 +225,15 @@ def test_codec_mismatch_fails_every_member(world: int, odd: int, odd_codec: str,
     bufs = [np.ones(n, np.float32) for _ in range(world)]
     names = [odd_codec if r == odd else others for r in range(world)]
     codecs = [get_codec(nm) for nm in names]
-    t0 = time.monotonic()
     _, errors = run_members(world, lambda r, link: ring_allreduce(bufs[r], r, world, link, timeout, 16, codecs[r]))
-    elapsed = time.monotonic() - t0
     assert all(isinstance(e, ExchangeError) for e in errors), errors
     succ = (odd + 1) % world
     for r in {odd, succ}:
         msg = str(errors[r])
         assert "codec mismatch" in msg, f"rank {r}: {msg}"
         assert names[r] in msg and names[(r - 1) % world] in msg, f"rank {r} should name both codecs: {msg}"
-    assert elapsed < timeout + 3.0, f"took {elapsed:.2f}s with a {timeout}s timeout"
+    rest = [e for r, e in enumerate(errors) if r not in {odd, succ}]
+    assert not deadline_errors(rest, timeout), f"not ended by the {timeout}s deadline: {rest}"
     # Nobody finished with a "sum": no buffer equals the world-sized sum of ones.
     assert not any(np.array_equal(b, np.full(n, world, np.float32)) for b in bufs)
 
