@@ -16,7 +16,7 @@ import time
 import pytest
 
 from dml.common.spec import JobSpec
-from tests.e2e.conftest import dml, fetch_peer, status, wait_status
+from tests.e2e.conftest import SLOW_LEASE, dml, fetch_peer, status, wait_status
 from tests.integration.helpers import (
     assert_state_dicts_identical,
     ledger_problems,
@@ -78,12 +78,11 @@ def _start(procs, n: int, *peer_args: str) -> str:
     return job
 
 
-# Long enough that the victim's lease cannot run out before a neighbour's report arrives: that
-# report is the thing under test, and it races the lease. The lease's clock starts at the
+# SLOW_LEASE for the sigkill test: the victim's lease must not run out before a neighbour's
+# report arrives, that report being the thing under test. The lease's clock starts at the
 # victim's last heartbeat, which on a loaded machine can come well before the kill, while the
 # report may take a plan, a connect and two RPCs (0.1-0.7 s measured at load 40 on 2 cores):
 # with FAST_FAILURES' 1.5 s the lease sometimes won, and the test failed with nothing broken.
-SLOW_LEASE = ("--heartbeat-interval-ms", "200", "--peer-timeout-ms", "20000")
 # How long a freshly started peer process may take to join a running job: start, warm up,
 # register, take the job, join at a round boundary. Measured here (2 cores shared by five test
 # runs): 24-31 s from spawn to registration alone, so the 30 s this used to be ran out before a

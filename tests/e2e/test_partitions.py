@@ -13,7 +13,7 @@ from dml.v1 import jobs_pb2
 
 from dml.client.cluster import LocalCluster, Proc, operator_token_file, registrations
 from dml.common.spec import JobSpec
-from tests.e2e.conftest import FAST_FAILURES, ROOT, dml, env_tls, status, wait_status
+from tests.e2e.conftest import ROOT, SLOW_LEASE, dml, env_tls, status, wait_status
 
 pytestmark = pytest.mark.e2e
 
@@ -48,9 +48,12 @@ def _log(c: LocalCluster, name: str) -> str:
 
 
 def _cluster(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> LocalCluster:
-    """A cluster whose operator token the `dml` commands and status waits of this file carry."""
+    """A cluster whose operator token the `dml` commands and status waits of this file carry.
+    Its lease is SLOW_LEASE: these tests count evictions and hold-outs, which reports decide;
+    nobody here dies, so a lease running out could only be a live peer's, late on a loaded
+    machine, and the counts would fail with nothing broken."""
     monkeypatch.setenv("DML_TOKEN_FILE", str(operator_token_file(tmp_path / "state")))
-    return LocalCluster(tmp_path / "state", tmp_path / "logs", coordinator_args=FAST_FAILURES, cwd=ROOT, tls=env_tls())
+    return LocalCluster(tmp_path / "state", tmp_path / "logs", coordinator_args=SLOW_LEASE, cwd=ROOT, tls=env_tls())
 
 
 def test_a_peer_whose_advertised_address_nobody_can_reach_is_held_out_once_and_told_why(tmp_path, monkeypatch):
