@@ -223,7 +223,7 @@ class CoordinatorServer:
     def _reap(self) -> None:
         while not self._stop.wait(self.config.timing.tick_ms / 1000.0):
             try:
-                self.coordinator.tick()
+                self.coordinator.tick(self.config.timing.tick_ms)
             except Exception:  # the reaper must survive a bad tick; the error is logged
                 log.exception("reaper tick failed")
 

@@ -221,6 +221,7 @@ class Coordinator:
         self._fault: _Fault | None = None  # set while paused by a failed write
         self._stale = False  # memory may be ahead of disk (a reload failed): serve nothing
         self._next_probe = 0.0
+        self._last_tick_ms: int | None = None  # when the reaper last ran (now_ms), to tell a stall
         # Told (serving, reason) when the coordinator pauses and when it serves again; the server
         # sets its health service from it. Called with the lock held: it must not call back.
         self.on_health: Callable[[bool, str], None] | None = None
@@ -430,16 +431,28 @@ class Coordinator:
             self._check_readable()
             return fn(self.state)
 
-    def tick(self) -> None:
+    def tick(self, interval_ms: int = 0) -> None:
         """Evicts expired peers; while paused, re-tries a write instead (leases and deadlines
-        wait). Called by the reaper thread."""
+        wait). Called by the reaper thread, every ``interval_ms`` (0: not on a schedule, as in
+        tests that move the clock by hand). A tick that comes more than a heartbeat interval
+        later than its schedule says the coordinator itself did not run meanwhile (the process
+        descheduled on a loaded machine, the GIL, a long hold of this lock): it heard no
+        heartbeat in that time, so every lease is first extended by the delay. Without that, the
+        first tick after a stall evicted every live peer whose heartbeat was still queued."""
         with self._cond:
             if self._closed:
                 return
+            now = self.now_ms()
+            last, self._last_tick_ms = self._last_tick_ms, now
+            stalled = now - last - interval_ms if interval_ms and last is not None else 0
+            if stalled >= self.config.heartbeat_interval_ms:
+                log.warning("the coordinator did not run for %d ms (its reaper ran that late): extending every "
+                            "peer's lease by as much", stalled)
+                self.state.extend_leases(stalled, now)
             if self._fault is not None:
                 self._retry_write()
                 return
-            self._apply(self.state.expire(self.now_ms()))
+            self._apply(self.state.expire(now))
 
     def report_failure(self, peer_id: str, job_id: str, rnd: int, epoch: int, suspect: str, detail: str,
                        kind: str = "") -> None:

@@ -213,6 +213,13 @@ class ClusterState:
             raise NotFound(f"peer {peer_id} is not registered (evicted or unknown); register again")
         return p
 
+    def extend_leases(self, by_ms: int, now_ms: int) -> None:
+        """Starts every peer's lease ``by_ms`` later, but not past ``now_ms`` (and never earlier
+        than it started): the coordinator could hear no heartbeat for that long (it stalled),
+        which is no peer's silence."""
+        for p in self.peers.values():
+            p.last_seen_ms = max(p.last_seen_ms, min(p.last_seen_ms + by_ms, now_ms))
+
     def expire(self, now_ms: int) -> Changes:
         """Evicts peers silent for longer than the peer timeout, enforces round deadlines and
         fails jobs that waited for peers longer than their grace period."""

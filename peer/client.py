@@ -34,6 +34,15 @@ CALL_TIMEOUT_S = 10.0
 LOG_EVERY_S = 20.0  # while the coordinator is unreachable, one log line this often (retries are faster)
 
 
+def evicted_code(code: grpc.StatusCode | None) -> bool:
+    """Whether a peer call's status says the coordinator no longer knows this peer, so it must
+    register again: NOT_FOUND (its id), or UNAUTHENTICATED (its credential: the coordinator
+    forgets an evicted peer's token at the next registration, after which the peer's calls never
+    reach the state machine that would answer NOT_FOUND). Not for RegisterPeer itself, where
+    UNAUTHENTICATED means a wrong join token."""
+    return code in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.UNAUTHENTICATED)
+
+
 CLUSTER_METADATA = "dml-cluster-id"
 
 
@@ -114,12 +123,14 @@ class ControlClient:
         self._next_refusal_log = 0.0
 
     def call(self, fn: Callable[[], T], what: str, give_up_s: float = 3600.0,
-             also_retry: tuple[grpc.StatusCode, ...] = ()) -> T:
+             also_retry: tuple[grpc.StatusCode, ...] = (), registered: bool = True) -> T:
         """Runs ``fn`` until it succeeds, retrying transient errors with backoff up to ``give_up_s``.
 
         Retries stay frequent (at most 0.5 s apart, so a restarted coordinator is found at once),
         but while the coordinator stays unreachable the log says so only every
-        ``LOG_EVERY_S``, asking to check the address. NOT_FOUND raises Evicted; codes in
+        ``LOG_EVERY_S``, asking to check the address. NOT_FOUND raises Evicted, and so does
+        UNAUTHENTICATED for a call with this peer's credential (``registered``: every call but
+        RegisterPeer, see :func:`evicted_code`); codes in
         ``also_retry`` are retried too; other errors propagate. A coordinator of another cluster
         is retried as an unreachable one is (its refusals and answers are never acted on)."""
         delay, start = 0.1, time.monotonic()
@@ -130,7 +141,7 @@ class ControlClient:
             except grpc.RpcError as e:
                 code = e.code() if isinstance(e, grpc.Call) else None
                 other = refusing_cluster(e)
-                if other is None and code == grpc.StatusCode.NOT_FOUND:
+                if other is None and (code == grpc.StatusCode.NOT_FOUND or (registered and evicted_code(code))):
                     raise Evicted(e.details() if isinstance(e, grpc.Call) else str(e)) from None
                 if ((other is None and code not in RETRYABLE and code not in also_retry)
                         or time.monotonic() + delay > deadline or self._stop.is_set()):
@@ -221,7 +232,7 @@ class ControlClient:
                 raise WrongCluster(resp.cluster_id)
             return resp
 
-        resp = self.call(attempt, "register")
+        resp = self.call(attempt, "register", registered=False)
         self.peer_id = resp.peer_id
         if resp.cluster_id and not self.cluster_id:
             self.cluster_id = resp.cluster_id

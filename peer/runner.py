@@ -19,7 +19,7 @@ from dml.common.tls import TlsConfig
 from dml.peer import shm
 from dml.peer.advertise import address_problem, advertise_host
 from dml.peer.auth import ExchangeGuard, PeerCredentials
-from dml.peer.client import CALL_TIMEOUT_S, ControlClient, Evicted, refusing_cluster
+from dml.peer.client import CALL_TIMEOUT_S, ControlClient, Evicted, evicted_code, refusing_cluster
 from dml.peer.exchange import ExchangeServicer, add_exchange_to_server, call_policies, guarded_method
 from dml.peer.faults import Fault
 from dml.peer.gossip import GossipNode
@@ -85,6 +85,9 @@ class Peer:
         self.code_cache = CodeCache(config.code_cache_dir)  # task code fetched for jobs (peer.taskload)
         self._abort = threading.Event()
         self._evicted = threading.Event()
+        # Held while peer_id changes with _evicted cleared (a registration), and while the heartbeat
+        # thread acts on a NOT_FOUND: so a notice for the id just replaced cannot mark the new one evicted.
+        self._id_lock = threading.Lock()
         self._heartbeat_s = 0.5
         self.metrics = PeerMetrics()
         self.held_out = ""  # why the coordinator holds this peer out of a job's rings ("" when it does not)
@@ -155,11 +158,12 @@ class Peer:
             self.store.clear()
             self._ring.forget()
         self.credentials.registered(resp.peer_id, resp.peer_token, resp.coordinator_public_key)
-        self.peer_id = resp.peer_id
-        self.gossip.peer_id = resp.peer_id
-        self._heartbeat_s = resp.heartbeat_interval_ms / 1000.0
-        self._ring.deadline_s = (resp.round_deadline_ms or 120_000) / 1000.0
-        self._evicted.clear()
+        with self._id_lock:
+            self.peer_id = resp.peer_id
+            self.gossip.peer_id = resp.peer_id
+            self._heartbeat_s = resp.heartbeat_interval_ms / 1000.0
+            self._ring.deadline_s = (resp.round_deadline_ms or 120_000) / 1000.0
+            self._evicted.clear()
         log.info("peer %s: registered at %s with coordinator %s", self.peer_id, self.address, self.config.coordinator)
 
     def run_in_thread(self) -> threading.Thread:
@@ -213,11 +217,16 @@ class Peer:
                 other = refusing_cluster(e)
                 if other is not None:
                     self.client.note_wrong_cluster("heartbeat", other)
-                elif code == grpc.StatusCode.NOT_FOUND:
-                    if me == self.peer_id:
-                        log.warning("peer %s: evicted by the coordinator; will re-register", me)
-                        self._evicted.set()
-                        self._abort.set()
+                elif evicted_code(code):
+                    # Checked and set under the lock a registration holds: the round loop may have
+                    # learnt of the eviction first and registered again meanwhile, and marking
+                    # that new id evicted would stop its heartbeats (the loop, in a long poll,
+                    # would not register again before the new lease ran out).
+                    with self._id_lock:
+                        if me == self.peer_id:
+                            log.warning("peer %s: evicted by the coordinator; will re-register", me)
+                            self._evicted.set()
+                            self._abort.set()
                 elif not failing:
                     log.warning("peer %s: heartbeat failed (%s); retrying", self.peer_id, code)
                     failing = True

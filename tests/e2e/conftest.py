@@ -66,6 +66,11 @@ def wait_status(address: str, job: str, pred, timeout_s: float, what: str) -> di
 
 
 FAST_FAILURES = ("--heartbeat-interval-ms", "200", "--peer-timeout-ms", "1500")
+# For tests whose subject is a report (a neighbour's, a partition's), not the lease: a lease so
+# long that only the report can evict anyone. With FAST_FAILURES' 1.5 s a live peer descheduled
+# on a loaded machine, or a dead one whose last heartbeat came well before its death, could be
+# taken out by its lease first, and the test failed with nothing broken.
+SLOW_LEASE = ("--heartbeat-interval-ms", "200", "--peer-timeout-ms", "20000")
 TLS_ENV = ("DML_TLS_CERT", "DML_TLS_KEY", "DML_TLS_CA", "DML_TLS_SERVER_NAME")
 
 

@@ -16,7 +16,7 @@ import time
 import pytest
 
 from dml.common.spec import JobSpec
-from tests.e2e.conftest import dml, fetch_peer, status, wait_status
+from tests.e2e.conftest import SLOW_LEASE, dml, fetch_peer, status, wait_status
 from tests.integration.helpers import (
     assert_state_dicts_identical,
     ledger_problems,
@@ -78,12 +78,16 @@ def _start(procs, n: int, *peer_args: str) -> str:
     return job
 
 
-# Long enough that the victim's lease cannot run out before a neighbour's report arrives: that
-# report is the thing under test, and it races the lease. The lease's clock starts at the
+# SLOW_LEASE for the sigkill test: the victim's lease must not run out before a neighbour's
+# report arrives, that report being the thing under test. The lease's clock starts at the
 # victim's last heartbeat, which on a loaded machine can come well before the kill, while the
 # report may take a plan, a connect and two RPCs (0.1-0.7 s measured at load 40 on 2 cores):
 # with FAST_FAILURES' 1.5 s the lease sometimes won, and the test failed with nothing broken.
-SLOW_LEASE = ("--heartbeat-interval-ms", "200", "--peer-timeout-ms", "20000")
+# How long a freshly started peer process may take to join a running job: start, warm up,
+# register, take the job, join at a round boundary. Measured here (2 cores shared by five test
+# runs): 24-31 s from spawn to registration alone, so the 30 s this used to be ran out before a
+# restarted peer had even logged its first line.
+PEER_START_S = 120
 
 
 def test_sigkill_mid_exchange_then_restart(procs, baseline_acc):
@@ -107,7 +111,7 @@ def test_sigkill_mid_exchange_then_restart(procs, baseline_acc):
         f"{victim_id} was evicted after {detected:.2f}s, but not on a neighbour's report:\n{coord_log[-2000:]}")
     assert f"peer {victim_id}: no heartbeat" not in coord_log
     procs.start_peer("--chunk-elems", "256")  # the machine comes back
-    wait_status(procs.address, job, lambda s: len(s["peers"]) == 3, 30, "the restarted peer to join")
+    wait_status(procs.address, job, lambda s: len(s["peers"]) == 3, PEER_START_S, "the restarted peer to join")
     _check_finished_job(procs, job, baseline_acc(3), live=3)
 
 
@@ -116,13 +120,16 @@ def test_sigstop_hung_peer_is_evicted_then_rejoins_by_itself(procs, baseline_acc
     victim = procs.peers[1]
     members = set(status(procs.address, job)["peers"])
     victim.send_signal(signal.SIGSTOP)
-    t0 = time.monotonic()
     try:
-        wait_status(procs.address, job, lambda s: len(s["peers"]) == 2, 10, "eviction of the hung peer")
-        assert time.monotonic() - t0 < 3.0
+        st = wait_status(procs.address, job, lambda s: len(s["peers"]) == 2, 10, "eviction of the hung peer")
         time.sleep(1.0)  # it stays frozen a while after being evicted
     finally:
         victim.send_signal(signal.SIGCONT)
+    # Evicted by its lease, the only thing that can tell a hung peer (its sockets stay open, so
+    # no neighbour's connect fails before the 30 s exchange timeout): which cause, not how fast.
+    (victim_id,) = members - set(st["peers"])
+    coord_log = "".join(f.read_text(errors="replace") for f in procs.logs.glob("coordinator-*.log"))
+    assert f"peer {victim_id}: no heartbeat" in coord_log, coord_log[-2000:]
     # It learns it was evicted (NOT_FOUND), drops its state and re-registers under a new id.
     st = wait_status(procs.address, job, lambda s: len(s["peers"]) == 3, 30, "the woken peer to rejoin")
     assert len(set(st["peers"]) - members) == 1, "it rejoins as a new member"
@@ -163,7 +170,7 @@ def test_too_few_peers_waits_says_why_and_resumes(procs, baseline_acc):
     time.sleep(1.0)
     assert status(procs.address, job)["round"] == stalled, "no round commits below min_peers"
     procs.start_peer()
-    wait_status(procs.address, job, lambda s: s["reason"] == "" and s["round"] > stalled, 30, "resumption")
+    wait_status(procs.address, job, lambda s: s["reason"] == "" and s["round"] > stalled, PEER_START_S, "resumption")
     _check_finished_job(procs, job, baseline_acc(2), live=2)
 
 

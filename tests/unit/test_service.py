@@ -374,3 +374,33 @@ def test_a_job_whose_shards_cannot_be_cut_from_the_data_a_take_found_fails_sayin
     with pytest.raises(ValueError) as cut:  # the planner's own message, as the job shows it
         cut_shards(job.spec, tasks.builtin_data("digits").y_train)
     assert job.reason == str(cut.value) and "11" in job.reason
+
+
+def test_a_stall_of_the_coordinator_itself_is_no_peer_s_silence_but_silence_after_it_is(tmp_path: pathlib.Path) -> None:
+    """The reaper ticks every ``tick_ms``. One that comes seconds late means the coordinator
+    did not run (a process frozen or descheduled on a loaded machine): no heartbeat could be
+    heard, and its first tick used to evict every live peer (a SIGSTOP of 3 s evicted all three
+    idle peers of a LocalCluster). The leases are extended by the stall; a peer that stays
+    silent afterwards is evicted one peer timeout later all the same. A tick off the schedule
+    (``interval_ms`` 0, a test moving the clock) excuses nothing."""
+    cfg = CoordinatorConfig(heartbeat_interval_ms=200, peer_timeout_ms=1500, tick_ms=100)
+    clk = FakeClock()
+    coord = Coordinator(cfg, MemoryStore(), tmp_path, clock=clk.clock())
+    a, b = coord.register("10.0.0.1:1", {})[0], coord.register("10.0.0.2:1", {})[0]
+    coord.tick(cfg.tick_ms)
+    clk.advance(3.0)  # frozen for twice the peer timeout
+    coord.tick(cfg.tick_ms)
+    assert sorted(coord.state.peers) == sorted([a, b]), "evicted for the coordinator's own stall"
+    for _ in range(10):  # 1 s on schedule: a heartbeats, b stays silent
+        clk.advance(0.1)
+        coord.heartbeat(a)
+        coord.tick(cfg.tick_ms)
+    assert b in coord.state.peers
+    for _ in range(6):
+        clk.advance(0.1)
+        coord.heartbeat(a)
+        coord.tick(cfg.tick_ms)
+    assert list(coord.state.peers) == [a], "silent for longer than the peer timeout after the stall"
+    clk.advance(3.0)
+    coord.tick()  # off the schedule: the time is a's silence
+    assert a not in coord.state.peers
