@@ -169,12 +169,14 @@ class DataClient:
                 raise ApiError(f"the coordinator refused: {e.details()}", BAD_INPUT) from None
             raise api_error(e, self.address, self.tls is not None) from None
 
-    def missing(self, digests: list[str]) -> set[str]:
-        """Those of ``digests`` the coordinator lacks."""
+    def missing(self, digests: list[str], dataset_bytes: int = 0) -> set[str]:
+        """Those of ``digests`` the coordinator lacks (refused at once when ``dataset_bytes``
+        is over its per-dataset limit)."""
         lacking: set[str] = set()
         step = datasets.MAX_DIGESTS_PER_CALL
-        for i in range(0, len(digests), step):
-            resp = self.call(self.stub.HaveChunks, data_pb2.HaveChunksRequest(digests=digests[i:i + step]))
+        for i in range(0, max(len(digests), 1), step):
+            req = data_pb2.HaveChunksRequest(digests=digests[i:i + step], dataset_bytes=dataset_bytes)
+            resp = self.call(self.stub.HaveChunks, req)
             lacking.update(resp.missing)
         return lacking
 
@@ -183,7 +185,7 @@ class DataClient:
         (``on_chunk(digest, size)`` after each chunk sent)."""
         if err := datasets.name_error(name):
             raise ApiError(err, BAD_INPUT)
-        lacking = self.missing(list(upload.pieces))
+        lacking = self.missing(list(upload.pieces), upload.bytes)
         sent = sent_bytes = 0
         for d, piece in upload.pieces.items():
             if d not in lacking:

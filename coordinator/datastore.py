@@ -147,9 +147,11 @@ class DataStore:
         with self._lock:
             return sum(self._sizes.values())
 
-    def missing(self, digests: list[str]) -> list[str]:
+    def missing(self, digests: list[str], dataset_bytes: int = 0) -> list[str]:
         """Those of ``digests`` the store does not hold, in order, each once (BadData for a
-        malformed one, or too many at once)."""
+        malformed one, or too many at once; OverLimit when ``dataset_bytes``, the size of the
+        dataset to come, is over ``max_dataset_bytes``)."""
+        self._check_size("the dataset to upload", dataset_bytes)
         if len(digests) > datasets.MAX_DIGESTS_PER_CALL:
             raise BadData(f"ask about at most {datasets.MAX_DIGESTS_PER_CALL} chunks at once, not {len(digests)}")
         for d in digests:
@@ -201,9 +203,7 @@ class DataStore:
         if err := datasets.name_error(name) or datasets.manifest_error(files):
             raise BadData(err)
         total = sum(f.size for f in files)
-        if total > self.max_dataset_bytes:
-            raise OverLimit(f"dataset {name} is {total} bytes, over this coordinator's limit of "
-                            f"{self.max_dataset_bytes} (dml-coordinator --max-dataset-bytes)")
+        self._check_size(f"dataset {name}", total)
         digest = datasets.manifest_digest(files)
         with self._lock:
             old = self._datasets.get(name)
@@ -226,6 +226,11 @@ class DataStore:
             self._datasets[name] = ds
         log.info("dataset %s committed: %d files, %d bytes, digest %s", name, len(files), total, digest[:12])
         return ds, True
+
+    def _check_size(self, what: str, size: int) -> None:
+        if size > self.max_dataset_bytes:
+            raise OverLimit(f"{what} is {size} bytes, over this coordinator's limit of "
+                            f"{self.max_dataset_bytes} (dml-coordinator --max-dataset-bytes)")
 
     def get(self, name: str) -> Dataset:
         """The committed dataset ``name`` (Missing when there is none; BadData for a bad name)."""

@@ -466,7 +466,7 @@ class DataServicer(data_pb2_grpc.DataServiceServicer):
     def HaveChunks(self, request: data_pb2.HaveChunksRequest, context: grpc.ServicerContext) -> data_pb2.HaveChunksResponse:
         _check(context, request)
         with _data_status(context):
-            return data_pb2.HaveChunksResponse(missing=self.store.missing(list(request.digests)))
+            return data_pb2.HaveChunksResponse(missing=self.store.missing(list(request.digests), request.dataset_bytes))
 
     def PutChunk(self, request: data_pb2.PutChunkRequest, context: grpc.ServicerContext) -> data_pb2.PutChunkResponse:
         _check(context, request)

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x11\x64ml/v1/data.proto\x12\x06\x64ml.v1\"9\n\x0b\x44\x61tasetFile\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x04\x12\x0e\n\x06\x63hunks\x18\x03 \x03(\t\"r\n\x0b\x44\x61tasetInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06\x64igest\x18\x02 \x01(\t\x12\r\n\x05\x66iles\x18\x03 \x01(\r\x12\r\n\x05\x62ytes\x18\x04 \x01(\x04\x12\x0e\n\x06\x63hunks\x18\x05 \x01(\r\x12\x17\n\x0f\x63reated_unix_ms\x18\x06 \x01(\x04\"$\n\x11HaveChunksRequest\x12\x0f\n\x07\x64igests\x18\x01 \x03(\t\"%\n\x12HaveChunksResponse\x12\x0f\n\x07missing\x18\x01 \x03(\t\"/\n\x0fPutChunkRequest\x12\x0e\n\x06\x64igest\x18\x01 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"\"\n\x10PutChunkResponse\x12\x0e\n\x06stored\x18\x01 \x01(\x08\"H\n\x14\x43ommitDatasetRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\"\n\x05\x66iles\x18\x02 \x03(\x0b\x32\x13.dml.v1.DatasetFile\"N\n\x15\x43ommitDatasetResponse\x12$\n\x07\x64\x61taset\x18\x01 \x01(\x0b\x32\x13.dml.v1.DatasetInfo\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\"\x15\n\x13ListDatasetsRequest\"=\n\x14ListDatasetsResponse\x12%\n\x08\x64\x61tasets\x18\x01 \x03(\x0b\x32\x13.dml.v1.DatasetInfo\"$\n\x14RemoveDatasetRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"U\n\x15RemoveDatasetResponse\x12$\n\x07\x64\x61taset\x18\x01 \x01(\x0b\x32\x13.dml.v1.DatasetInfo\x12\x16\n\x0e\x63hunks_deleted\x18\x02 \x01(\r\"!\n\x11GetDatasetRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"^\n\x12GetDatasetResponse\x12$\n\x07\x64\x61taset\x18\x01 \x01(\x0b\x32\x13.dml.v1.DatasetInfo\x12\"\n\x05\x66iles\x18\x02 \x03(\x0b\x32\x13.dml.v1.DatasetFile\"!\n\x0fGetChunkRequest\x12\x0e\n\x06\x64igest\x18\x01 \x01(\t\"0\n\x10GetChunkResponse\x12\x0e\n\x06\x64igest\x18\x01 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x32\xfc\x03\n\x0b\x44\x61taService\x12\x43\n\nHaveChunks\x12\x19.dml.v1.HaveChunksRequest\x1a\x1a.dml.v1.HaveChunksResponse\x12=\n\x08PutChunk\x12\x17.dml.v1.PutChunkRequest\x1a\x18.dml.v1.PutChunkResponse\x12L\n\rCommitDataset\x12\x1c.dml.v1.CommitDatasetRequest\x1a\x1d.dml.v1.CommitDatasetResponse\x12I\n\x0cListDatasets\x12\x1b.dml.v1.ListDatasetsRequest\x1a\x1c.dml.v1.ListDatasetsResponse\x12L\n\rRemoveDataset\x12\x1c.dml.v1.RemoveDatasetRequest\x1a\x1d.dml.v1.RemoveDatasetResponse\x12\x43\n\nGetDataset\x12\x19.dml.v1.GetDatasetRequest\x1a\x1a.dml.v1.GetDatasetResponse\x12=\n\x08GetChunk\x12\x17.dml.v1.GetChunkRequest\x1a\x18.dml.v1.GetChunkResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x11\x64ml/v1/data.proto\x12\x06\x64ml.v1\"9\n\x0b\x44\x61tasetFile\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x04\x12\x0e\n\x06\x63hunks\x18\x03 \x03(\t\"r\n\x0b\x44\x61tasetInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06\x64igest\x18\x02 \x01(\t\x12\r\n\x05\x66iles\x18\x03 \x01(\r\x12\r\n\x05\x62ytes\x18\x04 \x01(\x04\x12\x0e\n\x06\x63hunks\x18\x05 \x01(\r\x12\x17\n\x0f\x63reated_unix_ms\x18\x06 \x01(\x04\";\n\x11HaveChunksRequest\x12\x0f\n\x07\x64igests\x18\x01 \x03(\t\x12\x15\n\rdataset_bytes\x18\x02 \x01(\x04\"%\n\x12HaveChunksResponse\x12\x0f\n\x07missing\x18\x01 \x03(\t\"/\n\x0fPutChunkRequest\x12\x0e\n\x06\x64igest\x18\x01 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"\"\n\x10PutChunkResponse\x12\x0e\n\x06stored\x18\x01 \x01(\x08\"H\n\x14\x43ommitDatasetRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\"\n\x05\x66iles\x18\x02 \x03(\x0b\x32\x13.dml.v1.DatasetFile\"N\n\x15\x43ommitDatasetResponse\x12$\n\x07\x64\x61taset\x18\x01 \x01(\x0b\x32\x13.dml.v1.DatasetInfo\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\"\x15\n\x13ListDatasetsRequest\"=\n\x14ListDatasetsResponse\x12%\n\x08\x64\x61tasets\x18\x01 \x03(\x0b\x32\x13.dml.v1.DatasetInfo\"$\n\x14RemoveDatasetRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"U\n\x15RemoveDatasetResponse\x12$\n\x07\x64\x61taset\x18\x01 \x01(\x0b\x32\x13.dml.v1.DatasetInfo\x12\x16\n\x0e\x63hunks_deleted\x18\x02 \x01(\r\"!\n\x11GetDatasetRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"^\n\x12GetDatasetResponse\x12$\n\x07\x64\x61taset\x18\x01 \x01(\x0b\x32\x13.dml.v1.DatasetInfo\x12\"\n\x05\x66iles\x18\x02 \x03(\x0b\x32\x13.dml.v1.DatasetFile\"!\n\x0fGetChunkRequest\x12\x0e\n\x06\x64igest\x18\x01 \x01(\t\"0\n\x10GetChunkResponse\x12\x0e\n\x06\x64igest\x18\x01 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x32\xfc\x03\n\x0b\x44\x61taService\x12\x43\n\nHaveChunks\x12\x19.dml.v1.HaveChunksRequest\x1a\x1a.dml.v1.HaveChunksResponse\x12=\n\x08PutChunk\x12\x17.dml.v1.PutChunkRequest\x1a\x18.dml.v1.PutChunkResponse\x12L\n\rCommitDataset\x12\x1c.dml.v1.CommitDatasetRequest\x1a\x1d.dml.v1.CommitDatasetResponse\x12I\n\x0cListDatasets\x12\x1b.dml.v1.ListDatasetsRequest\x1a\x1c.dml.v1.ListDatasetsResponse\x12L\n\rRemoveDataset\x12\x1c.dml.v1.RemoveDatasetRequest\x1a\x1d.dml.v1.RemoveDatasetResponse\x12\x43\n\nGetDataset\x12\x19.dml.v1.GetDatasetRequest\x1a\x1a.dml.v1.GetDatasetResponse\x12=\n\x08GetChunk\x12\x17.dml.v1.GetChunkRequest\x1a\x18.dml.v1.GetChunkResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,33 +36,33 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DATASETINFO']._serialized_start=88
   _globals['_DATASETINFO']._serialized_end=202
   _globals['_HAVECHUNKSREQUEST']._serialized_start=204
-  _globals['_HAVECHUNKSREQUEST']._serialized_end=240
-  _globals['_HAVECHUNKSRESPONSE']._serialized_start=242
-  _globals['_HAVECHUNKSRESPONSE']._serialized_end=279
-  _globals['_PUTCHUNKREQUEST']._serialized_start=281
-  _globals['_PUTCHUNKREQUEST']._serialized_end=328
-  _globals['_PUTCHUNKRESPONSE']._serialized_start=330
-  _globals['_PUTCHUNKRESPONSE']._serialized_end=364
-  _globals['_COMMITDATASETREQUEST']._serialized_start=366
-  _globals['_COMMITDATASETREQUEST']._serialized_end=438
-  _globals['_COMMITDATASETRESPONSE']._serialized_start=440
-  _globals['_COMMITDATASETRESPONSE']._serialized_end=518
-  _globals['_LISTDATASETSREQUEST']._serialized_start=520
-  _globals['_LISTDATASETSREQUEST']._serialized_end=541
-  _globals['_LISTDATASETSRESPONSE']._serialized_start=543
-  _globals['_LISTDATASETSRESPONSE']._serialized_end=604
-  _globals['_REMOVEDATASETREQUEST']._serialized_start=606
-  _globals['_REMOVEDATASETREQUEST']._serialized_end=642
-  _globals['_REMOVEDATASETRESPONSE']._serialized_start=644
-  _globals['_REMOVEDATASETRESPONSE']._serialized_end=729
-  _globals['_GETDATASETREQUEST']._serialized_start=731
-  _globals['_GETDATASETREQUEST']._serialized_end=764
-  _globals['_GETDATASETRESPONSE']._serialized_start=766
-  _globals['_GETDATASETRESPONSE']._serialized_end=860
-  _globals['_GETCHUNKREQUEST']._serialized_start=862
-  _globals['_GETCHUNKREQUEST']._serialized_end=895
-  _globals['_GETCHUNKRESPONSE']._serialized_start=897
-  _globals['_GETCHUNKRESPONSE']._serialized_end=945
-  _globals['_DATASERVICE']._serialized_start=948
-  _globals['_DATASERVICE']._serialized_end=1456
+  _globals['_HAVECHUNKSREQUEST']._serialized_end=263
+  _globals['_HAVECHUNKSRESPONSE']._serialized_start=265
+  _globals['_HAVECHUNKSRESPONSE']._serialized_end=302
+  _globals['_PUTCHUNKREQUEST']._serialized_start=304
+  _globals['_PUTCHUNKREQUEST']._serialized_end=351
+  _globals['_PUTCHUNKRESPONSE']._serialized_start=353
+  _globals['_PUTCHUNKRESPONSE']._serialized_end=387
+  _globals['_COMMITDATASETREQUEST']._serialized_start=389
+  _globals['_COMMITDATASETREQUEST']._serialized_end=461
+  _globals['_COMMITDATASETRESPONSE']._serialized_start=463
+  _globals['_COMMITDATASETRESPONSE']._serialized_end=541
+  _globals['_LISTDATASETSREQUEST']._serialized_start=543
+  _globals['_LISTDATASETSREQUEST']._serialized_end=564
+  _globals['_LISTDATASETSRESPONSE']._serialized_start=566
+  _globals['_LISTDATASETSRESPONSE']._serialized_end=627
+  _globals['_REMOVEDATASETREQUEST']._serialized_start=629
+  _globals['_REMOVEDATASETREQUEST']._serialized_end=665
+  _globals['_REMOVEDATASETRESPONSE']._serialized_start=667
+  _globals['_REMOVEDATASETRESPONSE']._serialized_end=752
+  _globals['_GETDATASETREQUEST']._serialized_start=754
+  _globals['_GETDATASETREQUEST']._serialized_end=787
+  _globals['_GETDATASETRESPONSE']._serialized_start=789
+  _globals['_GETDATASETRESPONSE']._serialized_end=883
+  _globals['_GETCHUNKREQUEST']._serialized_start=885
+  _globals['_GETCHUNKREQUEST']._serialized_end=918
+  _globals['_GETCHUNKRESPONSE']._serialized_start=920
+  _globals['_GETCHUNKRESPONSE']._serialized_end=968
+  _globals['_DATASERVICE']._serialized_start=971
+  _globals['_DATASERVICE']._serialized_end=1479
 # @@protoc_insertion_point(module_scope)

@@ -33,10 +33,12 @@ class DatasetInfo(_message.Message):
     def __init__(self, name: _Optional[str] = ..., digest: _Optional[str] = ..., files: _Optional[int] = ..., bytes: _Optional[int] = ..., chunks: _Optional[int] = ..., created_unix_ms: _Optional[int] = ...) -> None: ...
 
 class HaveChunksRequest(_message.Message):
-    __slots__ = ("digests",)
+    __slots__ = ("digests", "dataset_bytes")
     DIGESTS_FIELD_NUMBER: _ClassVar[int]
+    DATASET_BYTES_FIELD_NUMBER: _ClassVar[int]
     digests: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, digests: _Optional[_Iterable[str]] = ...) -> None: ...
+    dataset_bytes: int
+    def __init__(self, digests: _Optional[_Iterable[str]] = ..., dataset_bytes: _Optional[int] = ...) -> None: ...
 
 class HaveChunksResponse(_message.Message):
     __slots__ = ("missing",)
