@@ -117,9 +117,11 @@ class DataStore:
         self.manifest_dir.mkdir(parents=True, exist_ok=True)
         self._datasets: dict[str, Dataset] = {}
         self._sizes: dict[str, int] = {}  # chunk digest -> its bytes on disk
+        self._total = 0  # their sum
         for p in self.chunk_dir.iterdir():
             if not datasets.digest_error(p.name) and p.is_file():
                 self._sizes[p.name] = p.stat().st_size
+                self._total += self._sizes[p.name]
             elif p.name.startswith(".") and p.name.endswith(".tmp"):
                 p.unlink(missing_ok=True)  # a write a crash interrupted
         for p in sorted(self.manifest_dir.glob("*.json")):
@@ -145,7 +147,7 @@ class DataStore:
     def stored_bytes(self) -> int:
         """Bytes of every chunk on disk, committed or not."""
         with self._lock:
-            return sum(self._sizes.values())
+            return self._total
 
     def missing(self, digests: list[str], dataset_bytes: int = 0) -> list[str]:
         """Those of ``digests`` the store does not hold, in order, each once (BadData for a
@@ -172,12 +174,12 @@ class DataStore:
         with self._lock:
             if digest in self._sizes:
                 return False
-            total = sum(self._sizes.values())
-            if total + len(data) > self.max_store_bytes:
-                raise OverLimit(f"the dataset store holds {total} bytes; this chunk would pass its limit of "
+            if self._total + len(data) > self.max_store_bytes:
+                raise OverLimit(f"the dataset store holds {self._total} bytes; this chunk would pass its limit of "
                                 f"{self.max_store_bytes} (dml-coordinator --max-data-bytes)")
             write_atomic(path, data, sync_folder=True)
             self._sizes[digest] = len(data)
+            self._total += len(data)
         return True
 
     def get_chunk(self, digest: str) -> bytes:
@@ -258,10 +260,9 @@ class DataStore:
         cannot be deleted (nothing is removed then)."""
         ds = self.get(name)
         with self._lock:
-            path = self.manifest_dir / f"{name}.json"
-            path.unlink(missing_ok=True)
-            _sync(self.manifest_dir)
+            (self.manifest_dir / f"{name}.json").unlink(missing_ok=True)
             del self._datasets[name]
+            _sync(self.manifest_dir)
             kept = {d for other in self._datasets.values() for d in other.chunks}
             gone = 0
             for d in ds.chunks - kept:
@@ -270,7 +271,7 @@ class DataStore:
                 except OSError as e:  # the manifest is gone: a leftover chunk only costs space
                     log.warning("cannot delete chunk %s of dataset %s: %s", d[:12], name, e)
                     continue
-                self._sizes.pop(d, None)
+                self._total -= self._sizes.pop(d, 0)
                 gone += 1
             _sync(self.chunk_dir)
         log.info("dataset %s removed (%d chunks deleted)", name, gone)

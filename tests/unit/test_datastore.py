@@ -42,6 +42,24 @@ def test_chunks_are_checked_kept_once_and_served_checked(tmp_path: pathlib.Path)
         s.get_chunk(chunk_digest(b"never"))
 
 
+def test_a_chunk_write_that_fails_leaves_nothing_and_can_be_sent_again(tmp_path: pathlib.Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    import dml.common.files
+
+    s = DataStore(tmp_path)
+    d = chunk_digest(b"payload")
+
+    def broken(*_: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(dml.common.files.os, "replace", broken)
+    with pytest.raises(OSError):
+        s.put_chunk(d, b"payload")
+    assert list((tmp_path / "chunks").iterdir()) == [] and s.missing([d]) == [d] and s.stored_bytes == 0
+    monkeypatch.undo()
+    assert s.put_chunk(d, b"payload") and s.stored_bytes == 7
+
+
 @pytest.mark.parametrize("digest", ["", "../../etc/passwd", "A" * 64, "0" * 63, "0" * 65, "0" * 63 + "\n", "/" + "0" * 63, "g" * 64])
 def test_malformed_digests_are_refused_before_the_disk_is_touched(tmp_path: pathlib.Path, digest: str) -> None:
     s = DataStore(tmp_path)
@@ -179,3 +197,14 @@ def test_a_manifest_file_round_trips_and_a_forged_one_is_refused() -> None:
     bad["name"] = "../n"
     with pytest.raises(ValueError):
         Dataset.from_json(json.dumps(bad).encode())
+
+
+def test_the_coordinator_flags_set_the_limits(monkeypatch: pytest.MonkeyPatch) -> None:
+    from dml.coordinator import cli as coord_cli
+
+    cfg = coord_cli.build_config(["--max-dataset-bytes", str(3 << 40), "--max-data-bytes", "1000"])
+    assert (cfg.max_dataset_bytes, cfg.max_data_bytes) == (3 << 40, 1000)
+    monkeypatch.setenv("DML_MAX_DATASET_BYTES", "77")
+    assert coord_cli.build_config([]).max_dataset_bytes == 77
+    with pytest.raises(SystemExit):
+        coord_cli.build_config(["--max-data-bytes", "0"])
