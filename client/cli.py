@@ -107,7 +107,7 @@ def spec_from_args(a: argparse.Namespace) -> JobSpec:
                    gossip_topology=a.topology, gossip_timeout_ms=a.gossip_timeout_ms or d.gossip_timeout_ms,
                    min_shard_samples=a.min_shard_samples, optimizer_state=a.optimizer_state, sync=a.sync,
                    outer_optimizer=a.outer_optimizer, outer_lr=a.outer_lr, outer_momentum=a.outer_momentum,
-                   prox_mu=a.prox_mu)
+                   prox_mu=a.prox_mu, dataset=getattr(a, "dataset", ""))
 
 
 def _client(a: argparse.Namespace) -> JobClient:
@@ -339,6 +339,66 @@ def cmd_certs(a: argparse.Namespace) -> int:
     return 0
 
 
+def _data_client(a: argparse.Namespace) -> Any:
+    from dml.client.data import DataClient
+
+    token = api.read_token(a.token_file) if a.token_file is not None else ""
+    return DataClient(a.coordinator, a.timeout, token=token, tls=a.tls)
+
+
+def fmt_bytes(n: int) -> str:
+    """A byte count for people: 0 B, 512 B, 1.5 KiB, 3.2 GiB."""
+    x = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if x < 1024 or unit == "TiB":
+            return f"{n} B" if unit == "B" else f"{x:.1f} {unit}"
+        x /= 1024
+    return f"{n} B"
+
+
+def cmd_data_put(a: argparse.Namespace) -> int:
+    """Uploads a dataset: only the chunks the coordinator lacks travel, then the manifest."""
+    from dml.client import data
+
+    upload = data.scan(a.paths)  # unreadable or clashing files are refused before any call
+    print(f"{a.name}: {len(upload.files)} files, {fmt_bytes(upload.bytes)} in {len(upload.pieces)} chunks",
+          file=sys.stderr)
+    with _data_client(a) as c:
+        r = c.put(a.name, upload)
+    print(f"sent {r.sent_chunks} chunks ({fmt_bytes(r.sent_bytes)}), skipped {r.skipped_chunks} already on the "
+          f"coordinator ({fmt_bytes(r.skipped_bytes)})", file=sys.stderr)
+    what = "committed" if r.created else "already committed, unchanged"
+    print(f"{r.info.name} {what}: {r.info.files} files, {r.info.bytes} bytes, digest {r.info.digest}")
+    return 0
+
+
+def cmd_data_ls(a: argparse.Namespace) -> int:
+    """Lists the store's datasets."""
+    import datetime
+
+    from dml.client.data import info_dict
+
+    with _data_client(a) as c:
+        infos = c.list()
+    if a.json:
+        print(json.dumps([info_dict(d) for d in infos]))
+        return 0
+    print(f"{'NAME':<24} {'FILES':>6} {'BYTES':>14} {'DIGEST':<16} CREATED")
+    for d in infos:
+        when = datetime.datetime.fromtimestamp(d.created_unix_ms / 1000, datetime.timezone.utc)
+        print(f"{d.name:<24} {d.files:>6} {d.bytes:>14} {d.digest[:16]:<16} {when:%Y-%m-%d %H:%M:%SZ}")
+    return 0
+
+
+def cmd_data_rm(a: argparse.Namespace) -> int:
+    """Removes a dataset (refused while a pending or running job names it)."""
+    with _data_client(a) as c:
+        r = c.remove(a.name)
+    print(f"removed {r.dataset.name} ({r.dataset.files} files, {fmt_bytes(r.dataset.bytes)}; "
+          f"{r.chunks_deleted} chunks deleted)")
+    return 0
+
+
 def cmd_health(a: argparse.Namespace) -> int:
     """Asks the standard gRPC health service; exit 0 when SERVING (docker health checks)."""
     with _client(a) as c:
@@ -431,6 +491,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("submit", help="submit a job; prints its id on the last line")
     common(sp)
     add_job_options(sp)
+    sp.add_argument("--dataset", default="",
+                    help="train on this dataset of the coordinator's store (dml data put); refused when it has none")
     sp.set_defaults(fn=cmd_submit)
 
     sp = sub.add_parser("status", help="show a job (default: the newest)")
@@ -476,6 +538,24 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("job", help="job id")
     sp.add_argument("--json", action="store_true", help="print JSON")
     sp.set_defaults(fn=cmd_shards)
+
+    sp = sub.add_parser("data", help="the coordinator's dataset store: put, ls, rm")
+    dsub = sp.add_subparsers(dest="data_command", required=True, parser_class=cliargs.Parser)
+    dp = dsub.add_parser("put", help="upload files or directories as a dataset (resumable: run it again after a "
+                                     "broken connection; only chunks the coordinator lacks are sent)")
+    common(dp)
+    dp.add_argument("name", help="dataset name: 1-64 letters, digits, '.', '_' or '-'")
+    dp.add_argument("paths", nargs="+", type=pathlib.Path, metavar="FILE|DIR",
+                    help="a file goes in at its name, a directory's files at their paths below it")
+    dp.set_defaults(fn=cmd_data_put)
+    dp = dsub.add_parser("ls", help="list datasets: name, files, bytes, digest, created")
+    common(dp)
+    dp.add_argument("--json", action="store_true", help="print JSON")
+    dp.set_defaults(fn=cmd_data_ls)
+    dp = dsub.add_parser("rm", help="remove a dataset (refused while a pending or running job uses it)")
+    common(dp)
+    dp.add_argument("name", help="dataset name")
+    dp.set_defaults(fn=cmd_data_rm)
 
     sp = sub.add_parser("health", help="check the coordinator's gRPC health service")
     common(sp)

@@ -60,6 +60,7 @@ class JobSpec:
     outer_momentum: float = 0.9
     prox_mu: float = 0.0
     min_shard_samples: int = 1
+    dataset: str = ""  # a dataset of the coordinator's store (dml data put); "" for none
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-friendly form."""
@@ -124,6 +125,11 @@ def validate(spec: JobSpec) -> None:
     if not 1 <= spec.peer_grace_s <= MAX_PEER_GRACE_S:
         raise InvalidSpec(f"peer_grace_s must be between 1 s and 30 days, got {spec.peer_grace_s}")
     _validate_training(spec)
+    if spec.dataset:
+        from dml.common.datasets import name_error
+
+        if err := name_error(spec.dataset):
+            raise InvalidSpec(err)
     from dml.common.sampling import parse_sharding  # numpy: imported by the coordinator, not the client
     from dml.common.tasks import builtin_data, is_builtin
 

@@ -6,6 +6,8 @@ every call before a pool thread runs it, and binds peer calls to the peer the to
   state).
 - PeerControl.RegisterPeer: the join token, or a client certificate the server verified (mTLS).
 - Every other PeerControl call: a peer token; the request's ``peer_id`` must be that peer.
+- DataService: the operator token; GetDataset and GetChunk (the read side) also take a
+  registered peer's token.
 - Health and reflection: open.
 
 No token (or an unknown one): UNAUTHENTICATED. A valid token used for another peer or outside
@@ -30,6 +32,8 @@ log = logging.getLogger(__name__)
 
 JOB_SERVICE = "dml.v1.JobService"
 PEER_CONTROL = "dml.v1.PeerControl"
+DATA_SERVICE = "dml.v1.DataService"
+DATA_READS = (f"/{DATA_SERVICE}/GetDataset", f"/{DATA_SERVICE}/GetChunk")  # what any peer's token may call
 REGISTER = f"/{PEER_CONTROL}/RegisterPeer"
 DOWNLOAD = f"/{JOB_SERVICE}/DownloadModel"
 DOWNLOADS = (DOWNLOAD, f"/{JOB_SERVICE}/DownloadCheckpoint")  # what a member's peer token may call
@@ -116,15 +120,17 @@ class AuthInterceptor(grpc.ServerInterceptor):
         handler = continuation(details)
         method = details.method
         service = method.split("/")[1] if method.count("/") == 2 else ""
-        if handler is None or service not in (JOB_SERVICE, PEER_CONTROL):
+        if handler is None or service not in (JOB_SERVICE, PEER_CONTROL, DATA_SERVICE):
             return handler  # health, reflection, unknown methods (UNIMPLEMENTED)
         token = bearer(details.invocation_metadata)
-        if service == JOB_SERVICE:
+        if service in (JOB_SERVICE, DATA_SERVICE):
             if same_secret(token, self._secrets.operator_token):
                 return handler
             pid = self._tokens.peer_of(token)
             if pid and method in DOWNLOADS:
                 return self._member_download(handler, pid)
+            if pid and method in DATA_READS:
+                return handler
             if pid:
                 return _deny(handler, grpc.StatusCode.PERMISSION_DENIED,
                              f"{method} needs the operator token; a peer's credential does not do")

@@ -18,6 +18,7 @@ import threading
 from dml.common import args as cliargs
 from dml.common import portcheck, rpc, taskcode, tls
 from dml.common.metrics import MetricsBindError
+from dml.coordinator.datastore import DEFAULT_MAX_DATASET_BYTES, DEFAULT_MAX_STORE_BYTES
 from dml.coordinator.lock import StateDirLocked
 from dml.common.auth import AuthError
 from dml.coordinator.server import CoordinatorServer, ServerConfig, is_loopback
@@ -50,6 +51,13 @@ def build_parser() -> argparse.ArgumentParser:
                    default=_env_int("DML_MAX_TASK_CODE_BYTES", taskcode.MAX_BUNDLE_BYTES),
                    help="largest task code bundle (compressed) a job may send; bigger ones are refused "
                         "(env DML_MAX_TASK_CODE_BYTES)")
+    p.add_argument("--max-dataset-bytes", type=cliargs.int_in(1, 1 << 62),
+                   default=_env_int("DML_MAX_DATASET_BYTES", DEFAULT_MAX_DATASET_BYTES),
+                   help="largest dataset `dml data put` may commit, in bytes (env DML_MAX_DATASET_BYTES)")
+    p.add_argument("--max-data-bytes", type=cliargs.int_in(1, 1 << 62),
+                   default=_env_int("DML_MAX_DATA_BYTES", DEFAULT_MAX_STORE_BYTES),
+                   help="most bytes the dataset store keeps in all, committed or still uploading "
+                        "(env DML_MAX_DATA_BYTES)")
     p.add_argument("--port-file", type=pathlib.Path, help="write the bound port here once listening (default: none)")
     cliargs.add_auth_flags(p, "coordinator")
     p.add_argument("--log-level", default=os.environ.get("DML_LOG_LEVEL", "INFO"), help="logging level")
@@ -75,7 +83,8 @@ def build_config(argv: list[str] | None = None) -> ServerConfig:
                                                 round_deadline_ms=a.round_deadline_ms), port_file=a.port_file,
                        metrics=cliargs.metrics_config(a), auth=not a.no_auth, join_token_file=a.join_token_file,
                        operator_token_file=a.operator_token_file, tls=tls_cfg,
-                       max_task_code_bytes=a.max_task_code_bytes)
+                       max_task_code_bytes=a.max_task_code_bytes, max_dataset_bytes=a.max_dataset_bytes,
+                       max_data_bytes=a.max_data_bytes)
     return cfg
 
 

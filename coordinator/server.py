@@ -17,28 +17,32 @@ from dml.common import auth, taskcode
 from dml.common.metrics import MetricsConfig, MetricsServer
 from dml.coordinator.auth import AuthInterceptor, Secrets
 from dml.coordinator.codestore import CodeStore
+from dml.coordinator.datastore import DEFAULT_MAX_DATASET_BYTES, DEFAULT_MAX_STORE_BYTES, DataStore
 from dml.common.tls import TlsConfig, check_listen
 from dml.coordinator.lock import StateDirLock
 from dml.coordinator.metrics import CoordinatorMetrics
 from dml.coordinator.service import Coordinator, CoordinatorConfig
-from dml.coordinator.servicer import JobServicer, PeerControlServicer
+from dml.coordinator.servicer import DataServicer, JobServicer, PeerControlServicer
 from dml.coordinator.store import MemoryStore, SqliteStore, Store
-from dml.v1 import control_pb2, control_pb2_grpc, jobs_pb2, jobs_pb2_grpc
+from dml.v1 import control_pb2, control_pb2_grpc, data_pb2, data_pb2_grpc, jobs_pb2, jobs_pb2_grpc
 
 log = logging.getLogger(__name__)
-HEALTH_NAMES = ("", "dml.v1.JobService", "dml.v1.PeerControl")
+HEALTH_NAMES = ("", "dml.v1.JobService", "dml.v1.PeerControl", "dml.v1.DataService")
 
 UPLOAD_IDLE_S = 10.0  # between two checkpoint chunks (1 MiB each, sent back to back)
 UPLOAD_MAX_S = 600.0
 DOWNLOAD_IDLE_S = 30.0  # a client that takes no model chunk for this long has gone
 DOWNLOAD_MAX_S = 3600.0
+CHUNK_FIRST_S = 60.0  # a PutChunk's 4 MiB message: 70 KB/s is enough
 
 
 def call_policies() -> dict[str, guard.Policy]:
     """The coordinator's long-lived calls and how long their clients may leave them waiting
     (every other call: its request within :data:`dml.common.guard.FIRST_MESSAGE_S`)."""
-    ctl, jobs = "/dml.v1.PeerControl/", "/dml.v1.JobService/"
+    ctl, jobs, data = "/dml.v1.PeerControl/", "/dml.v1.JobService/", "/dml.v1.DataService/"
     return {
+        data + "PutChunk": guard.Policy(first_s=CHUNK_FIRST_S, max_s=2 * CHUNK_FIRST_S),
+        data + "GetChunk": guard.Policy(max_s=2 * CHUNK_FIRST_S),
         ctl + "UploadCheckpoint": guard.Policy(idle_s=UPLOAD_IDLE_S, max_s=UPLOAD_MAX_S, long=True),
         jobs + "WatchJob": guard.Policy(long=True),  # holds until the job changes (its own cap: MAX_WATCHERS)
         jobs + "DownloadModel": guard.Policy(idle_s=DOWNLOAD_IDLE_S, max_s=DOWNLOAD_MAX_S, long=True,
@@ -71,6 +75,8 @@ class ServerConfig:
     operator_token_file: pathlib.Path | None = None
     tls: TlsConfig | None = None  # None: plain text, loopback only
     max_task_code_bytes: int = taskcode.MAX_BUNDLE_BYTES  # a job's task code bundle, compressed
+    max_dataset_bytes: int = DEFAULT_MAX_DATASET_BYTES  # one dataset of the store (dml data put)
+    max_data_bytes: int = DEFAULT_MAX_STORE_BYTES  # every chunk the dataset store holds
 
 
 SECRETS_DIR = "secrets"
@@ -149,16 +155,19 @@ class CoordinatorServer:
             store = SqliteStore(config.state_dir)
             ckpt = config.state_dir / "checkpoints"
             code_dir = config.state_dir / "code"
+            data_dir = config.state_dir / "data"
         else:
             import tempfile
 
             store = MemoryStore()
             ckpt = pathlib.Path(tempfile.mkdtemp(prefix="dml-ckpt-"))
             code_dir = ckpt / "task-code"
+            data_dir = ckpt / "data"
         code = CodeStore(code_dir, config.max_task_code_bytes)
+        data = DataStore(data_dir, config.max_dataset_bytes, config.max_data_bytes)
         self.metrics = CoordinatorMetrics()
         self.coordinator = Coordinator(config.timing, store, ckpt, metrics=self.metrics, signing_key=signing_key,
-                                       code=code)
+                                       code=code, data=data)
         self.coordinator.on_health = self._set_health
         interceptors: list[grpc.ServerInterceptor] = [self.metrics.rpcs]
         if self.secrets is not None:
@@ -168,11 +177,13 @@ class CoordinatorServer:
                                   limits=guard.Limits.for_pool(config.workers, call_policies()))
         jobs_pb2_grpc.add_JobServiceServicer_to_server(JobServicer(self.coordinator), self._server)
         control_pb2_grpc.add_PeerControlServicer_to_server(PeerControlServicer(self.coordinator), self._server)
+        data_pb2_grpc.add_DataServiceServicer_to_server(DataServicer(self.coordinator), self._server)
         self._health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
         names = (
             jobs_pb2.DESCRIPTOR.services_by_name["JobService"].full_name,
             control_pb2.DESCRIPTOR.services_by_name["PeerControl"].full_name,
+            data_pb2.DESCRIPTOR.services_by_name["DataService"].full_name,
             health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
             reflection.SERVICE_NAME,
         )

@@ -40,6 +40,7 @@ from dml.coordinator import planner
 from dml.coordinator.auth import PeerTokens
 from dml.coordinator.checkpoint import BadCheckpoint, verify_checkpoint, verify_training_state
 from dml.coordinator.codestore import CodeStore
+from dml.coordinator.datastore import DataStore, Dataset
 from dml.coordinator.metrics import CoordinatorMetrics
 from dml.coordinator.records import BadReport, Changes, Forbidden, Job, JobData, NotFound, Report, Stale
 from dml.coordinator.state import DECLINED, READY, ClusterState
@@ -203,8 +204,11 @@ class Coordinator:
 
     def __init__(self, config: CoordinatorConfig, store: Store, checkpoint_dir: pathlib.Path,
                  clock: Clock = Clock(), metrics: CoordinatorMetrics | None = None,
-                 signing_key: Ed25519PrivateKey | None = None, code: CodeStore | None = None) -> None:
+                 signing_key: Ed25519PrivateKey | None = None, code: CodeStore | None = None,
+                 data: DataStore | None = None) -> None:
         self.config = config
+        # The dataset store (the server keeps it in STATE_DIR/data); jobs name its datasets.
+        self.data = data if data is not None else DataStore(checkpoint_dir / "data")
         # Task code sent with jobs, by sha256 (the server keeps it in STATE_DIR/code).
         self.code = code if code is not None else CodeStore(checkpoint_dir / "task-code")
         self.metrics = metrics if metrics is not None else CoordinatorMetrics()
@@ -684,6 +688,9 @@ class Coordinator:
         self._keep_code(spec, task_code)
         with self._cond:  # its shards are cut when the first peer takes it and describes its data
             self._check_writable()
+            if spec.dataset and not self.data.has(spec.dataset):  # under the lock: remove_dataset holds it too
+                raise NotFound(f"job names dataset {spec.dataset}, but this coordinator's store has none by "
+                               f"that name (dml data put {spec.dataset} FILE...; dml data ls)")
             jid, ch = self.state.submit(spec, None, self.now_ms())
             self._apply(ch)
         log.info("job %s submitted: %s", jid, spec)
@@ -731,6 +738,23 @@ class Coordinator:
         except OSError as e:
             self.metrics.record_store_write_error()
             raise StoreUnavailable(f"cannot store task code {spec.task_digest[:12]}: {e.strerror or e}") from e
+
+    def remove_dataset(self, name: str) -> tuple[Dataset, int]:
+        """Removes a dataset of the store and its chunks no other dataset names (see
+        :meth:`DataStore.remove`); Stale while a pending or running job names it, so no job
+        is submitted on it meanwhile (submit checks under the same lock)."""
+        with self._cond:
+            self._check_writable()
+            users = sorted(j.job_id for j in self.state.jobs.values()
+                           if j.spec.dataset == name and j.state in ("PENDING", "RUNNING"))
+            if users:
+                raise Stale(f"dataset {name} is in use by {len(users)} pending or running jobs "
+                            f"({', '.join(users[:5])}); cancel them or wait for them to end")
+            try:
+                return self.data.remove(name)
+            except OSError as e:
+                self.metrics.record_store_write_error()
+                raise StoreUnavailable(f"cannot remove dataset {name}: {e.strerror or e}") from e
 
     def task_code(self, peer_id: str, job_id: str, digest: str) -> bytes:
         """The bundle ``digest`` of job ``job_id``, for registered peer ``peer_id``. Any peer of

@@ -18,12 +18,15 @@ import threading
 from collections.abc import Iterator
 
 import grpc
-from dml.v1 import control_pb2, control_pb2_grpc, jobs_pb2, jobs_pb2_grpc, types_pb2
+from dml.v1 import control_pb2, control_pb2_grpc, data_pb2, data_pb2_grpc, jobs_pb2, jobs_pb2_grpc, types_pb2
 
 from dml.common import limits
 from dml.common.auth import KEY_BYTES
 from dml.coordinator.checkpoint import MAX_STATE_RATIO, STATE_SLACK_BYTES, max_training_state_bytes
+from dml.common.datasets import FileEntry
+from dml.coordinator import datastore
 from dml.coordinator.codestore import OverLimit
+from dml.coordinator.datastore import Dataset
 from dml.coordinator.service import Coordinator, Unavailable
 from dml.common.spec import InvalidSpec, spec_from_pb, spec_to_pb
 from dml.coordinator.records import BadReport, Forbidden, Job, JobData, NotFound, Report, RoundRecord, Stale
@@ -419,3 +422,83 @@ class PeerControlServicer(control_pb2_grpc.PeerControlServicer):
                                      b"".join(state) if state is not None else None, state_sha)
             return control_pb2.UploadCheckpointResponse(size_bytes=len(data))
         raise AssertionError("unreachable")
+
+
+def dataset_to_pb(ds: Dataset) -> data_pb2.DatasetInfo:
+    """A committed dataset as `dml data ls` shows it."""
+    return data_pb2.DatasetInfo(name=ds.name, digest=ds.digest, files=len(ds.files), bytes=ds.bytes,
+                                chunks=len(ds.chunks), created_unix_ms=ds.created_ms)
+
+
+def files_to_pb(files: tuple[FileEntry, ...]) -> list[data_pb2.DatasetFile]:
+    """A manifest's files as protos."""
+    return [data_pb2.DatasetFile(path=f.path, size=f.size, chunks=list(f.chunks)) for f in files]
+
+
+@contextlib.contextmanager
+def _data_status(context: grpc.ServicerContext) -> Iterator[None]:
+    """Maps the dataset store's errors (and the coordinator's) to status codes."""
+    try:
+        with _status(context):
+            yield
+    except datastore.BadData as e:
+        context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+    except datastore.Missing as e:
+        context.abort(grpc.StatusCode.NOT_FOUND, str(e))
+    except datastore.Conflict as e:
+        context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
+    except datastore.OverLimit as e:
+        context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
+    except OSError as e:
+        log.error("dataset store I/O failed: %s", e)
+        context.abort(grpc.StatusCode.UNAVAILABLE, f"the coordinator cannot read or write its dataset store: "
+                                                   f"{e.strerror or e}")
+
+
+class DataServicer(data_pb2_grpc.DataServiceServicer):
+    """DataService over the coordinator's :class:`~dml.coordinator.datastore.DataStore` (who
+    may call what: :mod:`coordinator.auth`)."""
+
+    def __init__(self, coord: Coordinator) -> None:
+        self.coord = coord
+        self.store = coord.data
+
+    def HaveChunks(self, request: data_pb2.HaveChunksRequest, context: grpc.ServicerContext) -> data_pb2.HaveChunksResponse:
+        _check(context, request)
+        with _data_status(context):
+            return data_pb2.HaveChunksResponse(missing=self.store.missing(list(request.digests), request.dataset_bytes))
+
+    def PutChunk(self, request: data_pb2.PutChunkRequest, context: grpc.ServicerContext) -> data_pb2.PutChunkResponse:
+        _check(context, request)
+        with _data_status(context):
+            return data_pb2.PutChunkResponse(stored=self.store.put_chunk(request.digest, request.data))
+
+    def CommitDataset(self, request: data_pb2.CommitDatasetRequest,
+                      context: grpc.ServicerContext) -> data_pb2.CommitDatasetResponse:
+        _check(context, request)
+        files = [FileEntry(f.path, f.size, tuple(f.chunks)) for f in request.files]
+        with _data_status(context):
+            ds, created = self.store.commit(request.name, files)
+            return data_pb2.CommitDatasetResponse(dataset=dataset_to_pb(ds), created=created)
+
+    def ListDatasets(self, request: data_pb2.ListDatasetsRequest,
+                     context: grpc.ServicerContext) -> data_pb2.ListDatasetsResponse:
+        return data_pb2.ListDatasetsResponse(datasets=[dataset_to_pb(d) for d in self.store.list()])
+
+    def RemoveDataset(self, request: data_pb2.RemoveDatasetRequest,
+                      context: grpc.ServicerContext) -> data_pb2.RemoveDatasetResponse:
+        _check(context, request)
+        with _data_status(context):
+            ds, gone = self.coord.remove_dataset(request.name)
+            return data_pb2.RemoveDatasetResponse(dataset=dataset_to_pb(ds), chunks_deleted=gone)
+
+    def GetDataset(self, request: data_pb2.GetDatasetRequest, context: grpc.ServicerContext) -> data_pb2.GetDatasetResponse:
+        _check(context, request)
+        with _data_status(context):
+            ds = self.store.get(request.name)
+            return data_pb2.GetDatasetResponse(dataset=dataset_to_pb(ds), files=files_to_pb(ds.files))
+
+    def GetChunk(self, request: data_pb2.GetChunkRequest, context: grpc.ServicerContext) -> data_pb2.GetChunkResponse:
+        _check(context, request)
+        with _data_status(context):
+            return data_pb2.GetChunkResponse(digest=request.digest, data=self.store.get_chunk(request.digest))
