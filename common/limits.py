@@ -90,4 +90,4 @@ def _is_dns_name(host: str) -> bool:
     if not name or len(name) > 253:
         return False
     labels = name.split(".")
-    return all(_DNS_LABEL.match(label) for label in labels) and not labels[-1].isdigit()
+    return all(_DNS_LABEL.fullmatch(label) for label in labels) and not labels[-1].isdigit()

@@ -20,10 +20,10 @@ def parse_sharding(text: str) -> tuple[str, float]:
     Raises ValueError with a message."""
     if text in ("iid", "contiguous"):
         return text, 0.0
-    m = _DIRICHLET.match(text)
+    m = _DIRICHLET.fullmatch(text)
     if m and float(m.group(1)) > 0:
         return "dirichlet", float(m.group(1))
-    m = _CLASSES.match(text)
+    m = _CLASSES.fullmatch(text)
     if m:
         return "classes", float(int(m.group(1)))
     raise ValueError(f"bad sharding {text!r}: expected {SHARDINGS}")

@@ -157,7 +157,7 @@ def task_kind(task: str, task_digest: str = "") -> str:
 
     if is_builtin(task):
         return "builtin"
-    if not task_digest and _MODULE_REF.match(task):
+    if not task_digest and _MODULE_REF.fullmatch(task):
         return "module"
     return "code"
 
@@ -171,7 +171,7 @@ def _validate_task_ref(spec: JobSpec) -> None:
         if spec.task_digest:
             raise ValueError(f"task {spec.task!r} is a built-in task, but the job names task code {spec.task_digest[:12]}")
     if kind == "code":
-        if not _DIGEST.match(spec.task_digest):
+        if not _DIGEST.fullmatch(spec.task_digest):
             raise ValueError(f"unknown task {spec.task!r}: not a built-in task (digits, digits-cnn, synthetic:SIZE) "
                              "or package.module:NAME, and no task code came with the job (a task file's task_digest "
                              "is the sha256 of its bundle)")

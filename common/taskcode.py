@@ -84,7 +84,7 @@ def digest_of(data: bytes) -> str:
 
 def module_name_error(name: str) -> str:
     """Why ``name`` cannot be a task module's import name ("" when it can)."""
-    if not _IDENT.match(name) or keyword.iskeyword(name):
+    if not _IDENT.fullmatch(name) or keyword.iskeyword(name):
         return f"{name!r} is not a Python module name (letters, digits and _, not starting with a digit)"
     if name in _RESERVED or name in sys.stdlib_module_names:
         return f"{name!r} is the name of a module dml or Python itself uses: rename the task"
@@ -95,7 +95,7 @@ def parse_ref(task: str) -> CodeRef:
     """The :class:`CodeRef` a code task's ``JobSpec.task`` names (``mytask.py``, ``mypkg/``, either
     with ``:NAME``). BundleError when it is neither."""
     entry, sep, attr = task.partition(":")
-    if sep and not _IDENT.match(attr):
+    if sep and not _IDENT.fullmatch(attr):
         raise BundleError(f"task {task!r}: {attr!r} after ':' is not a Python name")
     attr = attr or DEFAULT_ATTR
     if entry.endswith("/"):
@@ -120,7 +120,7 @@ def is_path(task: str) -> bool:
 def _split_attr(task: str) -> tuple[str, str, bool]:
     """(path, Task name, whether a name was given) of ``PATH[:NAME]``."""
     head, sep, tail = task.rpartition(":")
-    if sep and _IDENT.match(tail) and head:
+    if sep and _IDENT.fullmatch(tail) and head:
         return head, tail, True
     return task, DEFAULT_ATTR, False
 
@@ -255,7 +255,7 @@ def name_error(name: str) -> str:
     if name.startswith("/") or "\\" in name or len(parts) > MAX_DEPTH + 1:
         return f"bundle path {name[:80]!r} is absolute, has a backslash or is nested too deep"
     for part in parts:
-        if not _COMPONENT.match(part) or part in (".", ".."):
+        if not _COMPONENT.fullmatch(part) or part in (".", ".."):
             return f"bundle path {name[:80]!r} has an unsafe part {part[:40]!r}"
     return ""
 

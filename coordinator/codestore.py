@@ -38,7 +38,7 @@ class CodeStore:
 
     def path(self, digest: str) -> pathlib.Path:
         """Where the bundle of ``digest`` is kept (ValueError for a malformed digest)."""
-        if not _DIGEST.match(digest):
+        if not _DIGEST.fullmatch(digest):
             raise ValueError(f"malformed task code digest {digest[:80]!r}")
         return self.folder / digest
 

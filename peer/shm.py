@@ -49,7 +49,7 @@ def available() -> bool:
 
 def owner_pid(name: str) -> int | None:
     """The pid of the process that created the dml shared-memory file ``name`` (None: not one)."""
-    m = _NAME_RE.match(name)
+    m = _NAME_RE.fullmatch(name)
     return int(m.group(1)) if m else None
 
 

@@ -367,3 +367,23 @@ def test_sgd_fused_into_backward_matches_optimizer_steps() -> None:
     assert np.allclose(fused.params(), plain.params(), rtol=1e-5, atol=1e-6)
     assert not np.array_equal(fused.params(), Trainer(get_task("digits"), seed=3, lr=0.1).params())
     assert all(p.grad is None for p in fused.model.parameters())
+
+
+def test_a_digest_or_name_with_a_trailing_newline_is_refused_everywhere(tmp_path) -> None:
+    """``$`` also matches before a final newline: every anchored check uses fullmatch, so a
+    digest ``<64 hex>\\n`` names no file and a task or sharding name with a newline is refused."""
+    import dataclasses
+
+    from dml.common import sampling
+    from dml.common.spec import JobSpec, validate
+    from dml.coordinator.codestore import CodeStore
+
+    digest = "a" * 64
+    with pytest.raises(ValueError):
+        validate(dataclasses.replace(JobSpec(), task="t.py", task_digest=digest + "\n"))
+    with pytest.raises(ValueError, match="malformed"):
+        CodeStore(tmp_path).path(digest + "\n")
+    assert CodeStore(tmp_path).path(digest).name == digest
+    assert sampling.parse_sharding("classes:2") == ("classes", 2.0)
+    with pytest.raises(ValueError):
+        sampling.parse_sharding("classes:2\n")
