@@ -73,7 +73,7 @@ class Board:
         self.caps = caps or {}
         self.cached = cached or {}
         self.shard_bytes = shard_bytes
-        self.cache_free = cache_free or {}
+        self.cache_free = {p: max(0, int(v)) for p, v in (cache_free or {}).items()}
         self.peers = list(out)
         self.rank = {p: i for i, p in enumerate(self.peers)}
         self.held = {p: sum(sizes[s] for s in v) for p, v in out.items()}
@@ -92,11 +92,15 @@ class Board:
         return self.shard_bytes[shard]
 
     def fits(self, peer: str, shard: int) -> bool:
-        """Whether ``peer`` has room for ``shard`` under its sample cap and its free cache."""
+        """Whether ``peer`` has room for ``shard`` under its sample cap and its free cache (a shard
+        it caches always fits the cache, even one already short of space)."""
         cap = self.caps.get(peer, 0)
         if 0 < cap < self.held[peer] + self.sizes[shard]:
             return False
-        return peer not in self.cache_free or self.used[peer] + self.cost(peer, shard) <= self.cache_free[peer]
+        if peer not in self.cache_free:
+            return True
+        cost = self.cost(peer, shard)
+        return cost == 0 or self.used[peer] + cost <= self.cache_free[peer]
 
     def room(self, peer: str) -> float:
         """How far ``peer`` is below its share, relative to its capacity (negative: above)."""

@@ -73,7 +73,7 @@ def has_room(w: World, assign: dict[str, list[int]], p: str, s: int) -> bool:
     held, spent = loads(w, assign)
     cost = 0 if not w.shard_bytes or s in w.cached.get(p, ()) else w.shard_bytes[s]
     return (not 0 < w.caps.get(p, 0) < held[p] + w.sizes[s]) and (
-        p not in w.cache_free or spent[p] + cost <= w.cache_free[p])
+        p not in w.cache_free or cost == 0 or spent[p] + cost <= w.cache_free[p])
 
 
 def check_limits(w: World, assign: dict[str, list[int]]) -> None:
@@ -143,6 +143,9 @@ def test_free_cache_space_is_a_cap_in_bytes_and_a_cached_shard_costs_none() -> N
     full = place(sizes, ["a", "b"], shard_bytes=nbytes, cache_free={"a": 0, "b": 1000}, cached={"a": {2, 3}})
     assert full == {"a": [2, 3], "b": [0]}, "a caches 2 and 3 (free), b has room for one more"
     assert unassigned(full, 4) == [1]
+    over = leave({"a": [0, 1], "b": [2], "c": [3]}, {"c"}, sizes, shard_bytes=nbytes, cache_free={"a": -5, "b": 0},
+                 cached={"a": {3}})
+    assert over == {"a": [0, 1, 3], "b": [2]}, "a cached shard fits a cache already short of space"
     with pytest.raises(ValueError, match="byte sizes"):
         place(sizes, ["a"], shard_bytes=[1, 2])
 
