@@ -6,25 +6,26 @@ peers' caps (``dml-peer --max-samples``) cannot hold it: such a shard is *unassi
 trains on it) until a peer with room joins, never squeezed onto a peer past its cap.
 
 Loads are weighted by *capacity* (measured samples/s; a peer twice as fast is given about twice
-the samples). The first placement is largest-first to the least-loaded peer; for shardings whose
+the samples) and bounded by each peer's limits: its sample cap, and its free cache space with the
+shards' byte sizes (a shard a peer already caches costs it none, and goes to it when that keeps
+the balance within one shard). The placement rules are in :mod:`dml.coordinator.placement`. The
+first placement is largest-first to the peer most below its share; for shardings whose
 order means something (``contiguous``, ``classes:K``) it gives each peer a run of consecutive
-shard ids instead, so data kept in order, and a label group, stays on one peer. When a peer leaves, only its shards
-move (largest first, each to the least-loaded survivor with room); when one joins, unassigned
-shards are placed first, then shards move to it from the most-loaded peer while that lowers the
-weighted imbalance.
+shard ids instead, so data kept in order, and a label group, stays on one peer. When a peer leaves,
+only its shards move (largest first, each to the survivor with the most room relative to its
+capacity, preferring one that caches it); when one joins, unassigned shards are placed first,
+then the joiner takes shards from the most-loaded peers while that lowers the weighted imbalance,
+and nothing else moves.
 """
 from __future__ import annotations
-
-import math
 
 import numpy as np
 
 from dml.common.sampling import MAX_LABELS, parse_sharding
 from dml.common.spec import JobSpec
+from dml.coordinator import placement
+from dml.coordinator.placement import Assignment, CacheFree, Cached, Capacity, Caps
 
-Assignment = dict[str, list[int]]
-Capacity = dict[str, float]  # peer -> relative speed (samples/s); absent: 1
-Caps = dict[str, int]  # peer -> the most samples it holds; absent or 0: no cap
 UNLABELLED_SHARDINGS = ("iid", "contiguous")  # the schemes that need no labels
 MAX_TRAIN_SAMPLES = 1 << 24  # the largest training set the coordinator cuts into shards
 
@@ -155,7 +156,7 @@ def _by_dirichlet(labels: np.ndarray, num_shards: int, alpha: float, rng: np.ran
     return [np.sort(np.asarray(s, dtype=np.int64)) for s in shards]
 
 
-# -- placement ---------------------------------------------------------------------------------
+# -- placement (see placement.py) -------------------------------------------------------------
 def held(assign: Assignment, sizes: list[int], peer: str) -> int:
     """Samples a peer holds."""
     return sum(sizes[s] for s in assign.get(peer, []))
@@ -163,61 +164,19 @@ def held(assign: Assignment, sizes: list[int], peer: str) -> int:
 
 def unassigned(assign: Assignment, num_shards: int) -> list[int]:
     """Shards no peer holds (the caps left no room for them), ascending."""
-    taken = {s for v in assign.values() for s in v}
-    return [s for s in range(num_shards) if s not in taken]
+    return placement.unassigned(assign, num_shards)
 
 
-def _weights(peers: list[str], capacity: Capacity | None) -> dict[str, float]:
-    cap = capacity or {}
-    return {p: cap[p] if cap.get(p, 0) > 0 and math.isfinite(cap[p]) else 1.0 for p in peers}
-
-
-def _room(out: Assignment, sizes: list[int], peer: str, caps: Caps) -> float:
-    cap = caps.get(peer, 0)
-    return math.inf if cap <= 0 else cap - held(out, sizes, peer)
-
-
-def _place(out: Assignment, shards: list[int], sizes: list[int], peers: list[str], w: dict[str, float],
-           caps: Caps) -> None:
-    """Gives each shard (largest first) to the least-loaded peer with room for it; a shard that
-    fits nowhere stays unassigned."""
-    h = {p: held(out, sizes, p) for p in peers}
-    rank = {p: i for i, p in enumerate(peers)}
-    for s in sorted(shards, key=lambda i: (-sizes[i], i)):
-        fits = [p for p in peers if caps.get(p, 0) <= 0 or caps[p] - h[p] >= sizes[s]]
-        if fits:
-            p = min(fits, key=lambda q: (h[q] / w[q], rank[q]))
-            out[p].append(s)
-            h[p] += sizes[s]
-
-
-def _targets(total: int, peers: list[str], w: dict[str, float], caps: Caps) -> dict[str, float]:
-    """Each peer's share of ``total`` samples, proportional to its weight, capped (water-filling:
-    what a capped peer cannot take is shared by the others in proportion)."""
-    out: dict[str, float] = {}
-    free, left = list(peers), float(total)
-    while free:
-        lam = left / sum(w[p] for p in free)
-        over = [p for p in free if 0 < caps.get(p, 0) < lam * w[p]]
-        if not over:
-            out.update({p: lam * w[p] for p in free})
-            break
-        for p in over:
-            out[p] = float(caps[p])
-            left -= caps[p]
-            free.remove(p)
-    return out
-
-
-def _runs(sizes: list[int], peers: list[str], w: dict[str, float], caps: Caps) -> Assignment:
+def _runs(sizes: list[int], peers: list[str], w: dict[str, float], caps: Caps, limits: dict) -> Assignment:
     """Consecutive shard ids per peer, in peer order, each peer's run as long (in shards) as its
-    capped share of the samples (:func:`_targets`) is of the whole: shard s goes to the peer
-    whose share of the count holds ``s + 1/2``. Counted in shards, not samples, so that runs of
+    capped share of the samples (:func:`placement.targets`) is of the whole: shard s goes to the
+    peer whose share of the count holds ``s + 1/2``. Counted in shards, not samples, so that runs of
     equal shards cut at the same places as groups of equal shards do (``classes:K``'s label
-    groups), whatever the groups' sizes. A run over its cap gives back its last shards, which
-    are then placed greedily (or left unassigned)."""
+    groups), whatever the groups' sizes. A run over a limit (its cap, its free cache) gives back
+    its last shards, which are then placed as :func:`placement.place` places them (or left
+    unassigned). The caches do not reorder the runs: label purity first."""
     total, n = sum(sizes), len(sizes)
-    target = _targets(total, peers, w, caps)
+    target = placement.targets(total, peers, w, caps)
     out: Assignment = {p: [] for p in peers}
     bounds, acc = [], 0.0
     for p in peers:
@@ -228,34 +187,41 @@ def _runs(sizes: list[int], peers: list[str], w: dict[str, float], caps: Caps) -
         while i < len(peers) and s + 0.5 >= bounds[i]:
             i += 1
         (out[peers[i]] if i < len(peers) else spill).append(s)
+    board = placement.Board({p: [] for p in peers}, sizes, w, caps, **limits)
     for p in peers:
-        while out[p] and _room(out, sizes, p, caps) < 0:
-            spill.append(out[p].pop())
-    _place(out, spill, sizes, peers, w, caps)
-    return out
+        run, k = out[p], 0
+        while k < len(run) and board.fits(p, run[k]):
+            board.give(p, run[k])
+            k += 1
+        spill.extend(run[k:])
+    board.place(spill, peers)
+    return board.out
 
 
 def assign_shards(sizes: list[int], peers: list[str], capacity: Capacity | None = None,
-                  caps: Caps | None = None, ordered: bool = False) -> Assignment:
+                  caps: Caps | None = None, ordered: bool = False, cached: Cached | None = None,
+                  shard_bytes: list[int] | None = None, cache_free: CacheFree | None = None) -> Assignment:
     """Initial assignment of shards ``0..len(sizes)-1`` to ``peers``, loads weighted by
-    ``capacity``, no peer over its cap in ``caps`` (a shard that fits nowhere is left out).
+    ``capacity``, no peer over its cap in ``caps`` nor its free cache in ``cache_free`` (bytes,
+    with ``shard_bytes``; a shard it already caches in ``cached`` costs none); a shard that
+    fits nowhere is left out.
 
-    Default: largest shards first, each to the least-loaded peer with room; without caps no
-    peer's weighted load exceeds another's by more than the largest ``size / capacity``.
+    Default (:func:`placement.place`): largest shards first, each to a peer that caches it when
+    that keeps it within one shard of its share, else to the peer with room most below its
+    share; without caps or caches no peer's weighted load exceeds another's by more than the
+    largest ``size / capacity``.
     ``ordered`` (for data whose order means something: ``contiguous``, ``classes:K``): each
     peer, in the order given, takes a run of consecutive shard ids, as many shards (within one)
-    as its capacity's share of the samples is of the whole (a run that would pass its cap hands
+    as its capacity's share of the samples is of the whole (a run that would pass its limits hands
     its last shards on to be placed as above). Label purity over balance: a member's round
     trains the same number of samples whatever it holds, so holding more only means it reads
     its shards in fewer passes."""
     if not peers:
         raise ValueError("cannot assign shards to no peers")
-    w, lim = _weights(peers, capacity), caps or {}
-    if ordered:
-        out = _runs(sizes, peers, w, lim)
-    else:
-        out = {p: [] for p in peers}
-        _place(out, list(range(len(sizes))), sizes, peers, w, lim)
+    limits = dict(cached=cached, shard_bytes=shard_bytes, cache_free=cache_free)
+    if not ordered:
+        return placement.place(sizes, peers, capacity, caps, **limits)
+    out = _runs(sizes, peers, placement.weights(peers, capacity), caps or {}, limits)
     return {p: sorted(v) for p, v in out.items()}
 
 
@@ -265,55 +231,22 @@ def ordered_sharding(sharding: str) -> bool:
 
 
 def remove_peers(assign: Assignment, gone: set[str], sizes: list[int], capacity: Capacity | None = None,
-                 caps: Caps | None = None) -> Assignment:
-    """Moves only the departed peers' shards to the survivors: largest first, each to the
-    least-loaded survivor (by capacity) with room under its cap; one that fits nowhere becomes
-    unassigned."""
-    survivors = [p for p in assign if p not in gone]
-    if not survivors:
-        raise ValueError("no surviving peers to take the shards")
-    out: Assignment = {p: list(assign[p]) for p in survivors}
-    _place(out, [s for p in assign if p in gone for s in assign[p]], sizes, survivors, _weights(survivors, capacity),
-           caps or {})
-    return {p: sorted(v) for p, v in out.items()}
+                 caps: Caps | None = None, cached: Cached | None = None, shard_bytes: list[int] | None = None,
+                 cache_free: CacheFree | None = None) -> Assignment:
+    """Moves only the departed peers' shards to the survivors (:func:`placement.leave`): largest
+    first, each to a survivor that caches it (within one shard of its share), else to the one
+    with room most below its share (by capacity); one that fits nowhere becomes unassigned."""
+    return placement.leave(assign, gone, sizes, capacity, caps, cached, shard_bytes, cache_free)
 
 
 def add_peers(assign: Assignment, new: list[str], sizes: list[int], capacity: Capacity | None = None,
-              caps: Caps | None = None) -> Assignment:
-    """Adds joiners: first the unassigned shards are placed (largest first, least-loaded peer
-    with room), then shards move from the most-loaded peer (by capacity) to the peer they
-    balance best while the move lowers the weighted imbalance (sum of held^2 / capacity) and
-    the taker has room; a donor keeps at least one shard. Shards held elsewhere stay put."""
-    out: Assignment = {p: list(v) for p, v in assign.items()}
-    for p in new:
-        out.setdefault(p, [])
-    peers = list(out)
-    w, lim = _weights(peers, capacity), caps or {}
-    _place(out, unassigned(out, len(sizes)), sizes, peers, w, lim)
-    h = {p: held(out, sizes, p) for p in peers}
-    rank = {p: i for i, p in enumerate(peers)}
-    for _ in range(len(sizes) * len(peers) + 1):  # each move lowers the potential; this bounds it anyway
-        donor = max(peers, key=lambda p: (h[p] / w[p], -rank[p]))
-        if len(out[donor]) <= 1:
-            break
-        move = None
-        for s in sorted(out[donor], key=lambda i: (-sizes[i], i)):
-            fits = [p for p in peers if p != donor and (lim.get(p, 0) <= 0 or lim[p] - h[p] >= sizes[s])]
-            if not fits:
-                continue
-            taker = min(fits, key=lambda p: (2 * h[p] / w[p] + sizes[s] / w[p], rank[p]))
-            gain = 2 * (h[donor] / w[donor] - h[taker] / w[taker]) - sizes[s] * (1 / w[donor] + 1 / w[taker])
-            if gain > 1e-9 * max(1.0, h[donor] / w[donor]):
-                move = (s, taker)
-                break
-        if move is None:
-            break
-        out[donor].remove(move[0])
-        out[move[1]].append(move[0])
-        h[donor] -= sizes[move[0]]
-        h[move[1]] += sizes[move[0]]
-    _place(out, unassigned(out, len(sizes)), sizes, peers, w, lim)  # a move may have freed room on a donor
-    return {p: sorted(v) for p, v in out.items()}
+              caps: Caps | None = None, cached: Cached | None = None, shard_bytes: list[int] | None = None,
+              cache_free: CacheFree | None = None) -> Assignment:
+    """Adds joiners (:func:`placement.join`): first the unassigned shards are placed, then the
+    joiners take shards from the most-loaded peers (by capacity), preferring shards they cache,
+    while a move lowers the weighted imbalance (sum of held^2 / capacity) and the joiner has
+    room; a donor keeps at least one shard. No shard moves between the peers already there."""
+    return placement.join(assign, new, sizes, capacity, caps, cached, shard_bytes, cache_free)
 
 
 # -- sample allocation: which samples each member trains on in a round -------------------------

@@ -71,7 +71,7 @@ from typing import Any, TypeVar
 
 from dml.common.spec import MAX_SAMPLES_PER_ROUND, JobSpec
 from dml.common.task import DEFAULT_BATCH_SIZE
-from dml.coordinator import partitions, planner
+from dml.coordinator import partitions, placement, planner
 from dml.coordinator.records import (
     CANCELLED,
     FAILED,
@@ -437,15 +437,17 @@ class ClusterState:
 
     def room_reason(self, job: Job) -> str:
         """Why part of a running job's data is not trained on ("" when every shard is placed):
-        the members' caps (``--max-samples``) have no room for the unassigned shards. They are
-        placed when a peer with room joins; nothing is squeezed past a cap."""
+        the members' caps (``--max-samples``) have no room for the unassigned shards, and when the
+        caps together hold less than the data, how much they hold (:func:`placement.shortfall`).
+        They are placed when a peer with room joins; nothing is squeezed past a cap."""
         left = planner.unassigned(job.assignment, len(job.shard_sizes))
         if not left or not job.members:
             return ""
         missing = sum(job.shard_sizes[s] for s in left)
         total = sum(job.shard_sizes)
         what = (f"{len(left)} of {len(job.shard_sizes)} shards ({missing} of {total} samples) unassigned: "
-                "the members' --max-samples caps have no room for them")
+                + (placement.shortfall(job.shard_sizes, job.members, self._caps(job.members))
+                   or "the members' --max-samples caps have no room for them"))
         if missing == total:
             return f"waiting for room: {what}; no member can hold a shard"
         return f"{what}; they are placed when a peer with room joins"

@@ -136,3 +136,15 @@ def test_shards_view_shows_no_counts_for_labels_out_of_range() -> None:
     for bad in (np.array([0, -1]), np.array([0, MAX_LABELS])):
         v = shards_view(job, bad, shards)
         assert v.num_classes == 0 and v.peers[0].label_counts is None and v.peers[0].samples == 2
+
+
+def test_the_reason_says_when_the_members_caps_together_hold_less_than_the_data() -> None:
+    s = ClusterState(1000)
+    register(s, cap=20), register(s, cap=15)
+    jid, _ = s.submit(spec(), [10] * 6, 0)
+    assert s.job(jid).reason == ("3 of 6 shards (30 of 60 samples) unassigned: the peers' --max-samples caps hold "
+                                 "at most 35 of the 60 training samples; they are placed when a peer with room joins")
+    s2 = ClusterState(1000)
+    register(s2, cap=25), register(s2, cap=45)
+    jid2, _ = s2.submit(spec(), [10] * 6, 0)
+    assert planner.unassigned(s2.job(jid2).assignment, 6) == []
