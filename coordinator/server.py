@@ -246,6 +246,7 @@ class CoordinatorServer:
         """Stops serving (in-flight calls get ``grace_s``) and closes the store."""
         self._stop.set()
         self._health.enter_graceful_shutdown()
+        self.coordinator.begin_shutdown()  # long polls answer now, not at their timeout
         self._server.stop(grace_s).wait(grace_s + 1)
         if self._reaper.is_alive():
             self._reaper.join(2)

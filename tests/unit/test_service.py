@@ -404,3 +404,37 @@ def test_a_stall_of_the_coordinator_itself_is_no_peer_s_silence_but_silence_afte
     clk.advance(3.0)
     coord.tick()  # off the schedule: the time is a's silence
     assert a not in coord.state.peers
+
+
+def test_a_stopping_coordinator_ends_every_long_poll_at_once(tmp_path: pathlib.Path) -> None:
+    """A peer's plan poll and a status watch with nothing new end with ShuttingDown (UNAVAILABLE)
+    when the coordinator begins to stop, not at their timeout: each waiting handler otherwise
+    held the process's exit for its whole poll."""
+    import threading
+
+    from dml.coordinator.service import ShuttingDown
+
+    coord = Coordinator(CoordinatorConfig(), MemoryStore(), tmp_path)
+    peer = coord.register("10.0.0.1:1", {})[0]
+    jid = coord.submit(JobSpec(task="digits", num_shards=4, min_peers=2, rounds=1))
+    key, _ = coord.wait_job_change(jid, None, 0.0, lambda j: j)
+    got: dict[str, BaseException | object] = {}
+
+    def poll(name: str, fn) -> None:
+        try:
+            got[name] = fn()
+        except BaseException as e:  # noqa: BLE001 - the test reads it
+            got[name] = e
+
+    threads = [threading.Thread(target=poll, args=("plan", lambda: coord.wait_plan(peer, ("", 0, 0), 600.0, lambda j: j))),
+               threading.Thread(target=poll, args=("watch", lambda: coord.wait_job_change(jid, key, 600.0, lambda j: j)))]
+    for t in threads:
+        t.start()
+    threads[0].join(0.5)
+    assert all(t.is_alive() for t in threads), got  # both are waiting: nothing changed
+    coord.begin_shutdown()
+    for t in threads:
+        t.join(60)  # a deadline for the test, ten times shorter than the polls
+    assert not any(t.is_alive() for t in threads)
+    assert isinstance(got["plan"], ShuttingDown) and isinstance(got["watch"], ShuttingDown), got
+    coord.close()
