@@ -177,6 +177,20 @@ def test_not_found_is_bad_input_and_unreachable_is_a_failure() -> None:
     assert e.code == api.FAILED and "cannot reach coordinator at h:1" in str(e)
 
 
+def _fake_clock(now: list[float]) -> type:
+    """A stop event whose waiting advances the fake clock ``now[0]`` (it is never set)."""
+
+    class Clock:
+        def is_set(self) -> bool:
+            return False
+
+        def wait(self, s: float) -> bool:
+            now[0] += s
+            return False
+
+    return Clock
+
+
 def test_an_unreachable_coordinator_is_logged_a_few_times_a_minute(monkeypatch: pytest.MonkeyPatch,
                                                                     caplog: pytest.LogCaptureFixture) -> None:
     """Ten simulated minutes of retries against a dead address: a line when it starts, then one
@@ -185,14 +199,7 @@ def test_an_unreachable_coordinator_is_logged_a_few_times_a_minute(monkeypatch: 
 
     now = [1000.0]
     monkeypatch.setattr(pc.time, "monotonic", lambda: now[0])
-
-    class Clock:  # the stop event: waiting advances the fake clock
-        def is_set(self) -> bool:
-            return False
-
-        def wait(self, s: float) -> bool:
-            now[0] += s
-            return False
+    Clock = _fake_clock(now)
 
     cc = pc.ControlClient("127.0.0.1:1", Clock())  # type: ignore[arg-type]
     minutes = 10
@@ -231,14 +238,7 @@ def test_a_refused_coordinator_is_logged_naming_the_peer_whichever_call_met_it_f
 
     now = [1000.0]
     monkeypatch.setattr(pc.time, "monotonic", lambda: now[0])
-
-    class Clock:  # the stop event: waiting advances the fake clock
-        def is_set(self) -> bool:
-            return False
-
-        def wait(self, s: float) -> bool:
-            now[0] += s
-            return False
+    Clock = _fake_clock(now)
 
     class Stub:  # the coordinator of cluster-a registers the peer
         def RegisterPeer(self, req: control_pb2.RegisterPeerRequest, timeout: float) -> control_pb2.RegisterPeerResponse:  # noqa: N802
