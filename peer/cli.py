@@ -92,6 +92,15 @@ def build_parser() -> argparse.ArgumentParser:
                         "env DML_DATA_DIR)")
     p.add_argument("--code-cache-dir", type=pathlib.Path, default=os.environ.get("DML_CODE_CACHE_DIR") or None,
                    help="keep fetched task code here (default: a temp dir removed at exit; env DML_CODE_CACHE_DIR)")
+    p.add_argument("--cache-dir", type=pathlib.Path, default=os.environ.get("DML_CACHE_DIR") or None,
+                   help="keep datasets fetched from the coordinator's store (jobs submitted with --dataset) here, "
+                        "so later jobs and restarts reuse them (default: .dml-cache in the working directory; "
+                        "env DML_CACHE_DIR)")
+    p.add_argument("--cache-max-gb", type=cliargs.float_in(0, 1 << 20, lo_open=False),
+                   default=os.environ.get("DML_CACHE_MAX_GB", "0"),
+                   help="the most GB (1e9 bytes) of dataset chunks kept in --cache-dir, least recently used "
+                        "evicted first (never those of the dataset being fetched; env DML_CACHE_MAX_GB; "
+                        "default 0: no limit)")
     cliargs.add_cluster_flag(p)
     p.add_argument("--log-level", default=os.environ.get("DML_LOG_LEVEL", "INFO"), help="logging level")
     cliargs.add_metrics_flag(p)
@@ -128,7 +137,9 @@ def build_config(argv: list[str] | None = None) -> tuple[PeerConfig, argparse.Na
                      unreachable=tuple(x.strip() for x in a.fault_unreachable.split(",") if x.strip()),
                      cluster_id=a.cluster_id, fault=fault, tls=cliargs.tls_config(p, a, serve=True),
                      allow_job_code=a.allow_job_code, data_dir=data_dir,
-                     code_cache_dir=a.code_cache_dir.resolve() if a.code_cache_dir is not None else None)
+                     code_cache_dir=a.code_cache_dir.resolve() if a.code_cache_dir is not None else None,
+                     cache_dir=(a.cache_dir or pathlib.Path.cwd() / ".dml-cache").resolve(),
+                     cache_max_bytes=int(a.cache_max_gb * 1e9))
     return cfg, a
 
 

@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator
 from typing import BinaryIO, TypeVar
 
 import grpc
-from dml.v1 import control_pb2, control_pb2_grpc
+from dml.v1 import control_pb2, control_pb2_grpc, data_pb2, data_pb2_grpc
 
 from dml.common import auth, rpc
 from dml.peer.auth import PeerCredentials
@@ -52,6 +52,10 @@ class Evicted(Exception):
 
 class TaskCodeMissing(Exception):
     """The coordinator keeps no task code of that digest for the job (FetchTaskCode's NOT_FOUND)."""
+
+
+class DatasetMissing(Exception):
+    """The coordinator's store holds no such dataset or chunk (GetDataset's or GetChunk's NOT_FOUND)."""
 
 
 class WrongCluster(grpc.RpcError):
@@ -115,6 +119,8 @@ class ControlClient:
         self._raw = rpc.channel(address, tls=tls, fast_reconnect=True)
         self.channel = auth.with_token(self._raw, self.credentials.control_token)
         self.stub = control_pb2_grpc.PeerControlStub(grpc.intercept_channel(self.channel, _ClusterMetadata(self)))
+        # The dataset store's read side (GetDataset, GetChunk), with this peer's credential.
+        self.data_stub = data_pb2_grpc.DataServiceStub(grpc.intercept_channel(self.channel, _ClusterMetadata(self)))
         self._stop = stop
         self._log_lock = threading.Lock()
         self._failing_since: float | None = None  # monotonic time the coordinator became unreachable
@@ -278,6 +284,32 @@ class ControlClient:
             return bytes(resp.bundle)
 
         return self.call(attempt, "fetch task code", give_up_s=60)
+
+    def _data_call(self, fn: Callable[[], T], what: str) -> T:
+        """A DataService read, retried while the coordinator is unreachable (up to a minute);
+        NOT_FOUND raises :class:`DatasetMissing` rather than :class:`Evicted`."""
+        def attempt() -> T:
+            try:
+                return fn()
+            except grpc.RpcError as e:
+                if isinstance(e, grpc.Call) and e.code() == grpc.StatusCode.NOT_FOUND:
+                    raise DatasetMissing(e.details() or what) from None
+                raise
+
+        return self.call(attempt, what, give_up_s=60)
+
+    def fetch_manifest(self, name: str) -> data_pb2.GetDatasetResponse:
+        """Dataset ``name``'s manifest from the coordinator's store (GetDataset)."""
+        req = data_pb2.GetDatasetRequest(name=name)
+        return self._data_call(lambda: self.data_stub.GetDataset(req, timeout=CALL_TIMEOUT_S), f"get dataset {name}")
+
+    def fetch_chunk(self, digest: str) -> bytes:
+        """One chunk's bytes from the coordinator's store (GetChunk), unchecked: the caller
+        verifies them (:class:`dml.peer.datacache.ChunkCache`)."""
+        req = data_pb2.GetChunkRequest(digest=digest)
+        resp: data_pb2.GetChunkResponse = self._data_call(
+            lambda: self.data_stub.GetChunk(req, timeout=CALL_TIMEOUT_S * 3), f"get chunk {digest[:12]}")
+        return bytes(resp.data)
 
     def close(self) -> None:
         """Closes the channel."""

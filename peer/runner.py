@@ -20,6 +20,7 @@ from dml.peer import shm
 from dml.peer.advertise import address_problem, advertise_host
 from dml.peer.auth import ExchangeGuard, PeerCredentials
 from dml.peer.client import CALL_TIMEOUT_S, ControlClient, Evicted, evicted_code, refusing_cluster
+from dml.peer.datacache import ChunkCache
 from dml.peer.exchange import ExchangeServicer, add_exchange_to_server, call_policies, guarded_method
 from dml.peer.faults import Fault
 from dml.peer.gossip import GossipNode
@@ -68,6 +69,8 @@ class PeerConfig:
     allow_job_code: bool = False  # run task code sent with jobs (dml-peer --allow-job-code)
     data_dir: pathlib.Path | None = None  # the tasks' ctx.data_dir (dml-peer --data-dir); None: the working directory
     code_cache_dir: pathlib.Path | None = None  # where fetched task code is kept; None: a temp dir, removed at stop
+    cache_dir: pathlib.Path | None = None  # datasets fetched from the coordinator's store; None: a temp dir, removed at stop
+    cache_max_bytes: int = 0  # the most bytes of dataset chunks kept in cache_dir (0: no limit)
 
     def injected_fault(self, address: str) -> str:
         """Why this peer must act as if ``address`` were unreachable ("" when it need not)."""
@@ -83,6 +86,7 @@ class Peer:
         self.peer_id = ""
         self.store = ParamStore()
         self.code_cache = CodeCache(config.code_cache_dir)  # task code fetched for jobs (peer.taskload)
+        self.data_cache = ChunkCache(config.cache_dir, config.cache_max_bytes)  # datasets of jobs (peer.datacache)
         self._abort = threading.Event()
         self._evicted = threading.Event()
         # Held while peer_id changes with _evicted cleared (a registration), and while the heartbeat
@@ -186,6 +190,7 @@ class Peer:
         self._gossip_step.close_channels()
         self.client.close()
         self.code_cache.close()
+        self.data_cache.close()
 
     # -- heartbeats -------------------------------------------------------------------------
     def _heartbeat_loop(self) -> None:

@@ -11,6 +11,7 @@ carry the first lines of its traceback, the user's frames only.
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import logging
 import os
@@ -29,7 +30,8 @@ from dml.common.spec import task_kind
 from dml.common.task import Context, Task
 from dml.common.tasks import get_task, is_builtin
 from dml.peer import outer
-from dml.peer.client import TaskCodeMissing
+from dml.peer.client import DatasetMissing, TaskCodeMissing
+from dml.peer.datacache import DatasetError, manifest_of
 from dml.peer.trainer import TaskError, Trainer, user_frames
 
 if TYPE_CHECKING:
@@ -93,15 +95,37 @@ def load_task(peer: Peer, job_id: str, spec: types_pb2.JobSpec) -> Task:
         raise TaskError(f"cannot fetch the task code of {ref}: {e}") from None
 
 
+def dataset_dir(peer: Peer, job_id: str, name: str) -> pathlib.Path:
+    """The folder holding dataset ``name`` of the coordinator's store on this peer, fetched into
+    its cache (``--cache-dir``) unless a previous job left it there; what it cost is logged.
+    Raises :class:`Declined` when it cannot be had (unknown, or bytes that fail their checks)."""
+    cache = peer.data_cache
+    before = dataclasses.replace(cache.counters)
+    try:
+        manifest = manifest_of(peer.client.fetch_manifest(name))
+        folder = cache.materialise(manifest, peer.client.fetch_chunk)
+    except (DatasetError, DatasetMissing) as e:
+        raise Declined(f"cannot fetch dataset {name}: {e}") from None
+    got = cache.counters.minus(before)
+    log.info("peer %s job %s: dataset %s (%s) at %s: fetched %d chunks (%d bytes), %d from the cache, %d damaged "
+             "cache files fetched again", peer.peer_id, job_id, name, manifest.digest[:12], folder, got.chunks_fetched,
+             got.bytes_fetched, got.hits, got.damaged)
+    return folder
+
+
 def make_trainer(peer: Peer, job_id: str, spec: types_pb2.JobSpec) -> Trainer:
     """The trainer of job ``job_id`` on this peer: its task, seeded by the job, at the job's
-    learning rate, on the peer's device, its data read under the peer's ``--data-dir``, with the
+    learning rate, on the peer's device, its data read under the peer's ``--data-dir`` (or, for
+    a job on a dataset of the coordinator's store, in the folder :func:`dataset_dir` fetched), with the
     job's proximal term and its outer optimizer (whose state is then one of the trainer's
     ``state_parts``). The one place a peer builds a job's trainer. With ``--sync grads`` or a
     proximal term it keeps real gradients (no update fused into backward): the ring averages
     them each step, or the term is added to them. Raises what :func:`load_task` raises."""
     task = load_task(peer, job_id, spec)
-    data_dir = peer.config.data_dir if peer.config.data_dir is not None else pathlib.Path.cwd()
+    if spec.dataset:
+        data_dir = dataset_dir(peer, job_id, spec.dataset)
+    else:
+        data_dir = peer.config.data_dir if peer.config.data_dir is not None else pathlib.Path.cwd()
     ctx = Context(data_dir=data_dir, seed=spec.seed, job_id=job_id, peer_id=peer.peer_id)
     trainer = Trainer(task, spec.seed, spec.learning_rate, peer.config.device, ctx=ctx,
                       fuse=spec.sync != "grads" and spec.prox_mu == 0, prox_mu=spec.prox_mu)
