@@ -35,6 +35,7 @@ if TYPE_CHECKING:
     from dml.v1 import data_pb2
 
 log = logging.getLogger(__name__)
+_STRIPES = 64  # chunk locks: a digest takes the one its first hex digits name
 
 
 class DatasetError(Exception):
@@ -93,7 +94,7 @@ class ChunkCache:
         self._bytes = 0
         self._loaded = False
         self._pins: collections.Counter[str] = collections.Counter()  # digest -> datasets being materialised with it
-        self._chunk_locks: dict[str, threading.Lock] = {}
+        self._chunk_locks = [threading.Lock() for _ in range(_STRIPES)]  # one fetch per digest at a time
         self._dataset_locks: dict[str, threading.Lock] = {}
 
     # -- folders --------------------------------------------------------------------------
@@ -149,9 +150,7 @@ class ChunkCache:
         ``fetch(digest)``-ed, checked (at most CHUNK_BYTES, hashing to ``digest``: else
         :class:`DatasetError`) and kept. Concurrent calls for one digest fetch it once."""
         path = self.chunk_path(digest)
-        with self._lock:
-            lock = self._chunk_locks.setdefault(digest, threading.Lock())
-        with lock:
+        with self._chunk_locks[int(digest[:8], 16) % _STRIPES]:
             data = self._read(digest, path)
             if data is not None:
                 return data

@@ -338,6 +338,26 @@ def test_sharding_flags_reach_the_spec_and_the_peer_config(monkeypatch: pytest.M
     assert e.value.code == 2 and "--max-samples" in capsys.readouterr().err
 
 
+def test_dml_peer_cache_flags_reach_the_peer_config(monkeypatch: pytest.MonkeyPatch, tmp_path: pathlib.Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    from dml.peer import cli as peer_cli
+
+    monkeypatch.delenv("DML_CACHE_DIR", raising=False)
+    monkeypatch.delenv("DML_CACHE_MAX_GB", raising=False)
+    monkeypatch.chdir(tmp_path)
+    base = ["--coordinator", "127.0.0.1:1", "--device", "cpu"]
+    cfg, _ = peer_cli.build_config(base)
+    assert cfg.cache_dir == tmp_path.resolve() / ".dml-cache" and cfg.cache_max_bytes == 0
+    cfg, _ = peer_cli.build_config([*base, "--cache-dir", "c", "--cache-max-gb", "1.5"])
+    assert cfg.cache_dir == tmp_path.resolve() / "c" and cfg.cache_max_bytes == 1_500_000_000
+    monkeypatch.setenv("DML_CACHE_MAX_GB", "0.25")
+    assert peer_cli.build_config(base)[0].cache_max_bytes == 250_000_000
+    for bad in ("-1", "nan"):
+        with pytest.raises(SystemExit) as e:
+            peer_cli.build_config([*base, "--cache-max-gb", bad])
+        assert e.value.code == 2 and "--cache-max-gb" in capsys.readouterr().err
+
+
 def test_shards_table_and_id_ranges() -> None:
     assert cli.id_ranges([5, 0, 1, 2, 7, 8]) == "0-2,5,7-8" and cli.id_ranges([]) == "-"
     d = {"job_id": "j", "train_samples": 30, "num_classes": 3, "unassigned": [3],
