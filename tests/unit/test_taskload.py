@@ -237,3 +237,57 @@ def test_a_copy_of_the_task_in_the_peers_working_directory_does_not_block_the_bu
     monkeypatch.syspath_prepend(str(tmp_path))
     task = load_task(peer, "j1", _spec(peer, {"mytask.py": TASK.format(version=3)}))  # type: ignore[arg-type]
     assert task.name == "v3"
+
+
+class DataClient:
+    """The coordinator's side of GetDataset and GetChunk, with what it serves set by the test."""
+
+    def __init__(self, files: dict[str, bytes], serve=None) -> None:  # type: ignore[no-untyped-def]
+        from dml.common.datasets import FileEntry, chunk_digest, manifest_digest
+        from dml.v1 import data_pb2
+
+        self.chunks = {chunk_digest(b): b for b in files.values()}
+        entries = [FileEntry(p, len(b), (chunk_digest(b),)) for p, b in sorted(files.items())]
+        self.resp = data_pb2.GetDatasetResponse(
+            dataset=data_pb2.DatasetInfo(name="ds", digest=manifest_digest(entries)),
+            files=[data_pb2.DatasetFile(path=f.path, size=f.size, chunks=list(f.chunks)) for f in entries])
+        self.serve = serve or (lambda d: self.chunks[d])
+
+    def fetch_manifest(self, name: str):  # type: ignore[no-untyped-def]
+        from dml.peer.client import DatasetMissing
+
+        if name != "ds":
+            raise DatasetMissing(f"no dataset {name}")
+        return self.resp
+
+    def fetch_chunk(self, digest: str) -> bytes:
+        return self.serve(digest)
+
+
+def test_a_job_on_a_stored_dataset_reads_it_from_the_cache_and_declines_when_it_cannot_be_had(
+        tmp_path: pathlib.Path) -> None:
+    import io
+
+    from dml.peer.datacache import ChunkCache
+
+    buf = io.BytesIO()
+    np.save(buf, np.random.default_rng(0).normal(size=(6, 3)).astype(np.float32))
+    peer = _peer(tmp_path)
+    spec = _spec(peer, {"mytask.py": TASK.format(version=1)})
+    spec.dataset = "ds"
+    code = peer.client
+    peer.client = DataClient({"x.npy": buf.getvalue()})  # type: ignore[assignment]
+    peer.client.fetch_task_code = code.fetch_task_code  # type: ignore[attr-defined]
+    peer.data_cache = ChunkCache(tmp_path / "datacache")  # type: ignore[attr-defined]
+    trainer = make_trainer(peer, "j1", spec)  # type: ignore[arg-type]
+    assert trainer.train_data.size == 6  # the dataset's x.npy, not the 10 rows in --data-dir
+    assert trainer.ctx.data_dir == tmp_path / "datacache" / "datasets" / peer.client.resp.dataset.digest
+    spec.dataset = "absent"
+    with pytest.raises(Declined, match="cannot fetch dataset absent: no dataset absent"):
+        make_trainer(peer, "j2", spec)  # type: ignore[arg-type]
+    liar = DataClient({"x.npy": b"other bytes"}, serve=lambda d: b"not those")
+    liar.fetch_task_code = code.fetch_task_code  # type: ignore[attr-defined]
+    peer.client = liar  # type: ignore[assignment]
+    spec.dataset = "ds"
+    with pytest.raises(Declined, match="cannot fetch dataset ds: chunk .* hashes to"):
+        make_trainer(peer, "j3", spec)  # type: ignore[arg-type]
