@@ -15,6 +15,8 @@ from dml.peer.runner import Peer, PeerConfig
 from dml.v1 import jobs_pb2, types_pb2
 from tests.integration.helpers import coordinator, job_stub, join_token, operator_token, wait_for
 
+FINISHED = (types_pb2.JOB_STATE_SUCCEEDED, types_pb2.JOB_STATE_FAILED, types_pb2.JOB_STATE_CANCELLED)
+
 TASK = '''import numpy as np, torch
 import dml
 
@@ -46,8 +48,14 @@ def _peer(address: str, root: pathlib.Path) -> Peer:
     return p
 
 
-def _state(address: str, jid: str) -> int:
-    return job_stub(address).GetJob(jobs_pb2.GetJobRequest(job_id=jid), timeout=10).job.state
+def _finishes(address: str, jid: str) -> None:
+    """Waits for job ``jid`` to finish, and checks that it succeeded (saying why not)."""
+    def job() -> jobs_pb2.JobStatus:
+        return job_stub(address).GetJob(jobs_pb2.GetJobRequest(job_id=jid), timeout=10).job
+
+    wait_for(lambda: job().state in FINISHED, 60, f"job {jid} to finish")
+    got = job()
+    assert got.state == types_pb2.JOB_STATE_SUCCEEDED, (types_pb2.JobState.Name(got.state), got.reason)
 
 
 def test_a_job_on_a_stored_dataset_trains_from_the_peers_caches(tmp_path: pathlib.Path,
@@ -71,7 +79,7 @@ def test_a_job_on_a_stored_dataset_trains_from_the_peers_caches(tmp_path: pathli
         members = [_peer(srv.address, tmp_path / f"peer{i}") for i in range(2)]
         try:
             jid = _dml(capsys, srv.address, token, *submit)
-            wait_for(lambda: _state(srv.address, jid) == types_pb2.JOB_STATE_SUCCEEDED, 60, "job 1 to succeed")
+            _finishes(srv.address, jid)
             manifest = manifest_of(members[0].client.fetch_manifest("tab"))
             for p in members:
                 c = p.data_cache.counters
@@ -82,7 +90,7 @@ def test_a_job_on_a_stored_dataset_trains_from_the_peers_caches(tmp_path: pathli
                 assert list((p.config.data_dir or tmp_path).iterdir()) == []
 
             jid2 = _dml(capsys, srv.address, token, *submit)
-            wait_for(lambda: _state(srv.address, jid2) == types_pb2.JOB_STATE_SUCCEEDED, 60, "job 2 to succeed")
+            _finishes(srv.address, jid2)
             for p in members:
                 assert p.data_cache.counters.chunks_fetched == 2, "the second job fetched nothing"
 
