@@ -185,8 +185,11 @@ class ChunkCache:
                 pass
             with self._lock:
                 self.counters.hits += 1
-                self._bytes += len(data) - self._lru.pop(digest, 0)
-                self._lru[digest] = len(data)
+                if digest in self._lru:
+                    self._lru.move_to_end(digest)
+                elif path.exists():  # written by another process sharing the folder (not evicted meanwhile)
+                    self._lru[digest] = len(data)
+                    self._bytes += len(data)
             return data
         log.warning("cached chunk %s is damaged (%d bytes that do not hash to its name): deleted, fetching it again",
                     path, len(data))
