@@ -107,6 +107,10 @@ def dataset_dir(peer: Peer, job_id: str, name: str) -> pathlib.Path:
     except (DatasetError, DatasetMissing) as e:
         raise Declined(f"cannot fetch dataset {name}: {e}") from None
     got = cache.counters.minus(before)
+    if not (got.chunks_fetched or got.hits or got.damaged):
+        log.info("peer %s job %s: dataset %s (%s) at %s: assembled already, nothing fetched", peer.peer_id, job_id,
+                 name, manifest.digest[:12], folder)
+        return folder
     log.info("peer %s job %s: dataset %s (%s) at %s: fetched %d chunks (%d bytes), %d from the cache, %d damaged "
              "cache files fetched again", peer.peer_id, job_id, name, manifest.digest[:12], folder, got.chunks_fetched,
              got.bytes_fetched, got.hits, got.damaged)
