@@ -108,9 +108,9 @@ class ChunkCache:
         if self._folder is None:
             self._tmp = tempfile.mkdtemp(prefix="dml-data-")
             self._folder = pathlib.Path(self._tmp)
-        (self._folder / "chunks").mkdir(parents=True, exist_ok=True)
-        (self._folder / "datasets").mkdir(parents=True, exist_ok=True)
-        if not self._loaded:  # chunks a previous run left: oldest access first
+        if not self._loaded:  # the folders, and the chunks a previous run left (oldest access first)
+            (self._folder / "chunks").mkdir(parents=True, exist_ok=True)
+            (self._folder / "datasets").mkdir(parents=True, exist_ok=True)
             found = []
             for p in (self._folder / "chunks").iterdir():
                 if digest_error(p.name) == "":
