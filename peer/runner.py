@@ -15,6 +15,7 @@ from dml.v1 import control_pb2, types_pb2
 from dml.common import guard, rpc
 from dml.common import metrics as metricsmod
 from dml.common.metrics import MetricsConfig, MetricsServer
+from dml.common.spec import DEFAULT_POOL
 from dml.common.tls import TlsConfig
 from dml.peer import shm
 from dml.peer.advertise import address_problem, advertise_host
@@ -58,6 +59,7 @@ class PeerConfig:
     # this peer trains `slowdown` times slower than it can (a stand-in for a slower machine).
     slowdown: float = 1.0
     max_samples: int = 0  # --max-samples: the most training samples this peer takes (0: no cap)
+    pool: str = DEFAULT_POOL  # --pool: the resource pool it serves
     metrics: MetricsConfig | None = None  # the Prometheus endpoint (None: off)
     tls: TlsConfig | None = None  # every port and every dial over TLS; None: plain text, loopback only
     # Tests only (fault injection, off by default): peer addresses (host:port) this peer acts as
@@ -152,7 +154,8 @@ class Peer:
     def _register(self) -> None:
         # Registered first, cleared after: only this cluster's coordinator (which may take a
         # while to come back) can tell this peer to drop what it holds.
-        resp = self.client.register(self.address, self.config.device, 0, max_samples=self.config.max_samples)
+        resp = self.client.register(self.address, self.config.device, 0, max_samples=self.config.max_samples,
+                                        pool=self.config.pool)
         if self.peer_id:  # evicted: whatever it held may be stale, start clean as a new member
             self.gossip.detach()
             self.store.clear()
