@@ -4,6 +4,7 @@ waits for plans and runs them (ring rounds: :mod:`peer.ring_round`, gossip steps
 from __future__ import annotations
 
 import logging
+import os
 import pathlib
 import threading
 import time
@@ -38,6 +39,21 @@ log = logging.getLogger(__name__)
 # The exchange server's pool: ring streams, watches, gossip and parameter downloads hold a thread
 # each (a handful in a healthy ring); the call guard keeps a quarter of it for short calls.
 EXCHANGE_WORKERS = 64
+
+
+def device_memory(device: str) -> int:
+    """Memory of ``device`` in bytes, for the capability record (``dml peers``): a CUDA device's
+    total memory, the machine's physical memory for ``cpu``; 0 when unknown."""
+    try:
+        if device.startswith("cuda"):
+            import torch
+
+            return int(torch.cuda.get_device_properties(torch.device(device)).total_memory)
+        if device == "cpu":
+            return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, RuntimeError, AssertionError, AttributeError) as e:
+        log.warning("cannot tell the memory of device %s: %s", device, e)
+    return 0
 
 
 @dataclass(frozen=True)
@@ -154,8 +170,8 @@ class Peer:
     def _register(self) -> None:
         # Registered first, cleared after: only this cluster's coordinator (which may take a
         # while to come back) can tell this peer to drop what it holds.
-        resp = self.client.register(self.address, self.config.device, 0, max_samples=self.config.max_samples,
-                                        pool=self.config.pool)
+        resp = self.client.register(self.address, self.config.device, device_memory(self.config.device),
+                                    max_samples=self.config.max_samples, pool=self.config.pool)
         if self.peer_id:  # evicted: whatever it held may be stale, start clean as a new member
             self.gossip.detach()
             self.store.clear()

@@ -144,3 +144,10 @@ def test_pool_and_max_peers_validate() -> None:
         validate(spec(max_peers=-1))
     with pytest.raises(InvalidSpec, match="cannot exceed max_peers"):
         validate(spec(min_peers=3, max_peers=2))
+
+
+def test_a_peer_reports_its_devices_memory_and_zero_when_unknown() -> None:
+    from dml.peer.runner import device_memory
+
+    assert device_memory("cpu") > 1 << 20
+    assert device_memory("tpu:0") == 0
