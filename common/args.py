@@ -116,10 +116,11 @@ def address(text: str) -> str:
 
 
 def pool_name(text: str) -> str:
-    """A peer pool's name (``--pool``), checked as the coordinator checks it."""
+    """A peer pool's name (``--pool``), checked as the coordinator checks it; "" stays "" (a
+    job's any pool, a peer's default one)."""
     from dml.common.spec import pool_error
 
-    if err := pool_error(text):
+    if text and (err := pool_error(text)):
         raise argparse.ArgumentTypeError(err)
     return text
 
