@@ -151,3 +151,38 @@ def test_a_peer_reports_its_devices_memory_and_zero_when_unknown() -> None:
 
     assert device_memory("cpu") > 1 << 20
     assert device_memory("tpu:0") == 0
+
+
+def test_a_running_job_at_max_peers_is_offered_to_no_more_takers() -> None:
+    from dml.coordinator.records import JobData
+    from dml.coordinator.state import READY
+
+    st = ClusterState(10_000)
+    first = register(st, "a", 1)
+    jid = st.submit(spec(max_peers=1, num_shards=4), None, 0)[0]  # needs takes; room for 4 by its shards
+    data = JobData(train_samples=40, test_samples=0, num_classes=2, digest="d" * 64, has_labels=True, batch_size=10)
+    st.take(first[0], jid, READY, 1, data=data, shard_sizes=[10] * 4)
+    assert st.job(jid).state == RUNNING and st.job(jid).members == first
+    late = register(st, "a", 1, now=2)
+    assert st.take_for(late[0]) is None and st.peer_state(late[0]) == ("idle", "")
+
+
+def test_peer_state_ready_and_quarantined() -> None:
+    from dml.coordinator.records import JobData
+    from dml.coordinator.state import READY
+
+    st = ClusterState(10_000)
+    a, b = register(st, "a", 2)
+    jid = st.submit(spec(min_peers=3, num_shards=4), None, 0)[0]
+    data = JobData(train_samples=40, num_classes=2, digest="d" * 64, has_labels=True, batch_size=10)
+    st.take(a, jid, READY, 1, data=data, shard_sizes=[10] * 4)
+    assert st.peer_state(a) == ("ready", jid) and st.peer_state(b) == ("taking", jid)
+    st.take(b, jid, READY, 2, data=data, shard_sizes=[10] * 4)
+    (c,) = register(st, "a", 1, now=3)
+    st.take(c, jid, READY, 4, data=data, shard_sizes=[10] * 4)
+    job = st.job(jid)
+    assert job.state == RUNNING and st.peer_state(c) == ("training", jid)
+    addr = st.peers[c].address
+    st.quarantine(job, c, a, "sent NaN", 5)  # evicted; when it registers again, its address is kept out
+    back, _ = st.register(addr, {"device": "cpu", "pool": "a"}, 6)
+    assert st.peer_state(back) == ("quarantined", jid)
