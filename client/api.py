@@ -142,6 +142,8 @@ def status_dict(job: jobs_pb2.JobStatus) -> dict[str, Any]:
         "task": job.spec.task,
         "aggregation": job.spec.aggregation or "ring",
         "sync": job.spec.sync or "params",
+        "pool": job.spec.pool,
+        "max_peers": job.spec.max_peers,
         "held_out": [{"peer_id": x.peer_id, "round": x.round, "reason": x.reason, "unix_ms": x.unix_ms,
                       "reporters": [r for r in x.reporters.split(",") if r]} for x in job.held_out],
         "metrics": {
@@ -158,6 +160,25 @@ def status_dict(job: jobs_pb2.JobStatus) -> dict[str, Any]:
         "quarantined": [{"peer_id": q.peer_id, "round": q.round, "reason": q.reason, "reporters": q.reporters,
                          "unix_ms": q.unix_ms} for q in job.quarantined],
         "declined": [{"peer_id": x.peer_id, "reason": x.reason, "unix_ms": x.unix_ms} for x in job.declined],
+    }
+
+
+def peer_dict(p: jobs_pb2.PeerInfo) -> dict[str, Any]:
+    """A registered peer as the JSON object ``dml peers --json`` prints (memory None when
+    unknown, samples/s None before its first report; the utilisation shares are of the last
+    minute and sum to 1)."""
+    return {
+        "peer_id": p.peer_id,
+        "address": p.address,
+        "pool": p.pool,
+        "device": p.device,
+        "memory_bytes": p.memory_bytes or None,
+        "samples_per_s": p.samples_per_s or None,
+        "max_samples": p.max_samples or None,
+        "state": p.state,
+        "job_id": p.job_id,
+        "utilisation": {"training": p.training_share, "exchanging": p.exchange_share, "idle": p.idle_share},
+        "registered_unix_ms": p.registered_unix_ms,
     }
 
 
@@ -257,6 +278,10 @@ class JobClient:
         if not jobs:
             raise ApiError(f"no jobs on {self.address}", FAILED)
         return jobs[0].job_id
+
+    def peers(self) -> list[jobs_pb2.PeerInfo]:
+        """Every registered peer, registration order (see :func:`peer_dict`)."""
+        return list(self.call(lambda: self.stub.ListPeers(jobs_pb2.ListPeersRequest(), timeout=self.timeout_s)).peers)
 
     def shards(self, job_id: str) -> jobs_pb2.GetShardsResponse:
         """Where a job's data is: each member's shards, samples and label counts, and the

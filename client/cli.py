@@ -18,12 +18,12 @@ import sys
 from typing import Any
 
 from dml.client import api
-from dml.client.api import ApiError, JobClient, history_dict, shards_dict, status_dict
+from dml.client.api import ApiError, JobClient, history_dict, peer_dict, shards_dict, status_dict
 from dml.common import args as cliargs
 from dml.common import tls
-from dml.common.args import int_in
+from dml.common.args import int_in, pool_name
 from dml.common.spec import (AGGREGATIONS, CODECS, DATA_PLANES, MAX_GOSSIP_TIMEOUT_MS, MAX_LEARNING_RATE,
-                             MAX_PEER_GRACE_S, MAX_PROX_MU, MAX_ROUNDS, MAX_SAMPLES_PER_ROUND, MIN_GOSSIP_TIMEOUT_MS,
+                             MAX_MAX_PEERS, MAX_PEER_GRACE_S, MAX_PROX_MU, MAX_ROUNDS, MAX_SAMPLES_PER_ROUND, MIN_GOSSIP_TIMEOUT_MS,
                              OPTIMIZER_STATES, OUTER_OPTIMIZERS, SYNCS, TOPOLOGY_NAMES, JobSpec)
 from dml.v1 import jobs_pb2, types_pb2
 
@@ -107,7 +107,8 @@ def spec_from_args(a: argparse.Namespace) -> JobSpec:
                    gossip_topology=a.topology, gossip_timeout_ms=a.gossip_timeout_ms or d.gossip_timeout_ms,
                    min_shard_samples=a.min_shard_samples, optimizer_state=a.optimizer_state, sync=a.sync,
                    outer_optimizer=a.outer_optimizer, outer_lr=a.outer_lr, outer_momentum=a.outer_momentum,
-                   prox_mu=a.prox_mu, dataset=getattr(a, "dataset", ""))
+                   prox_mu=a.prox_mu, dataset=getattr(a, "dataset", ""), pool=getattr(a, "pool", ""),
+                   max_peers=getattr(a, "max_peers", 0))
 
 
 def _client(a: argparse.Namespace) -> JobClient:
@@ -174,6 +175,34 @@ def cmd_jobs(a: argparse.Namespace) -> int:
         d = status_dict(j)
         print(f"{d['job_id']:<24} {d['state']:<10} {d['round']:>5}/{d['rounds']:<5} "
               f"{fmt_metric(d['metrics']['test_accuracy'], '.4f'):>7} {len(d['peers']):>5}  {d['task']}")
+    return 0
+
+
+def peers_table(peers: list[dict[str, Any]]) -> list[str]:
+    """``dml peers`` as lines: a row per peer (id, pool, device, memory, samples/s, state, job,
+    the last minute's training / exchanging / idle shares in percent, address)."""
+    lines = [f"{'PEER':<24} {'POOL':<12} {'DEVICE':<8} {'MEMORY':>9} {'SAMPLES/S':>10} {'STATE':<11} {'JOB':<24} "
+             f"{'TRAIN':>5} {'XCHG':>5} {'IDLE':>5}  ADDRESS"]
+    for p in peers:
+        u = p["utilisation"]
+        mem = fmt_bytes(p["memory_bytes"]) if p["memory_bytes"] else "-"
+        sps = f"{p['samples_per_s']:.0f}" if p["samples_per_s"] else "-"
+        lines.append(f"{p['peer_id']:<24} {p['pool']:<12} {p['device'] or '-':<8} {mem:>9} {sps:>10} "
+                     f"{p['state']:<11} {p['job_id'] or '-':<24} {u['training']:>5.0%} {u['exchanging']:>5.0%} "
+                     f"{u['idle']:>5.0%}  {p['address']}")
+    lines.append(f"{len(peers)} peers; utilisation over the last minute")
+    return lines
+
+
+def cmd_peers(a: argparse.Namespace) -> int:
+    """Prints every registered peer: pool, device, state, job and utilisation."""
+    with _client(a) as c:
+        peers = [peer_dict(p) for p in c.peers()]
+    if a.json:
+        for p in peers:
+            print(json.dumps(p))
+        return 0
+    print("\n".join(peers_table(peers)))
     return 0
 
 
@@ -493,6 +522,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_job_options(sp)
     sp.add_argument("--dataset", default="",
                     help="train on this dataset of the coordinator's store (dml data put); refused when it has none")
+    sp.add_argument("--pool", type=pool_name, default="",
+                    help="run only on peers of this pool (dml-peer --pool; default: any pool)")
+    sp.add_argument("--max-peers", type=int_in(0, MAX_MAX_PEERS), default=0,
+                    help="take at most this many peers at once (default 0: no limit beyond --num-shards)")
     sp.set_defaults(fn=cmd_submit)
 
     sp = sub.add_parser("status", help="show a job (default: the newest)")
@@ -508,6 +541,11 @@ def build_parser() -> argparse.ArgumentParser:
     common(sp)
     sp.add_argument("--json", action="store_true", help="print JSON")
     sp.set_defaults(fn=cmd_jobs)
+
+    sp = sub.add_parser("peers", help="list registered peers: pool, device, state, job, utilisation")
+    common(sp)
+    sp.add_argument("--json", action="store_true", help="print one JSON object per peer, a line each")
+    sp.set_defaults(fn=cmd_peers)
 
     sp = sub.add_parser("cancel", help="cancel a job")
     common(sp)

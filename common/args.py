@@ -115,6 +115,16 @@ def address(text: str) -> str:
     return text
 
 
+def pool_name(text: str) -> str:
+    """A peer pool's name (``--pool``), checked as the coordinator checks it; "" stays "" (a
+    job's any pool, a peer's default one)."""
+    from dml.common.spec import pool_error
+
+    if text and (err := pool_error(text)):
+        raise argparse.ArgumentTypeError(err)
+    return text
+
+
 def _metrics_port(text: str) -> int | None:
     """``--metrics-port``: a port 0..65535 (0 picks a free one); "" or "off" serves nothing."""
     if text.strip().lower() in ("", "off", "none"):

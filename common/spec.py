@@ -25,6 +25,9 @@ MAX_LEARNING_RATE = 100.0
 MIN_GOSSIP_TIMEOUT_MS = 100
 MAX_GOSSIP_TIMEOUT_MS = 600_000
 MAX_PEER_GRACE_S = 30 * 24 * 3600
+MAX_MAX_PEERS = 100_000
+DEFAULT_POOL = "default"  # the pool of a peer started without --pool
+_POOL = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 
 class InvalidSpec(ValueError):
@@ -61,6 +64,8 @@ class JobSpec:
     prox_mu: float = 0.0
     min_shard_samples: int = 1
     dataset: str = ""  # a dataset of the coordinator's store (dml data put); "" for none
+    pool: str = ""  # run only on peers of this pool (dml-peer --pool); "" for any pool
+    max_peers: int = 0  # the most members at once; 0 for no limit (beyond num_shards)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-friendly form."""
@@ -94,6 +99,15 @@ def spec_from_pb(p: types_pb2.JobSpec) -> JobSpec:
     return JobSpec(**{f.name: getattr(p, f.name) for f in fields(JobSpec)})
 
 
+def pool_error(name: str) -> str:
+    """Why ``name`` cannot name a peer pool ("" when it can): 1-64 letters, digits, ``.``, ``_``
+    and ``-``, starting with a letter or digit."""
+    if _POOL.fullmatch(name):
+        return ""
+    return (f"pool name {name[:80]!r} is not allowed: 1-64 letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit")
+
+
 def validate(spec: JobSpec) -> None:
     """Raises InvalidSpec naming the first bad field."""
     if not 1 <= spec.rounds <= MAX_ROUNDS:
@@ -124,6 +138,12 @@ def validate(spec: JobSpec) -> None:
         raise InvalidSpec("checkpoint_every_rounds must be at least 1")
     if not 1 <= spec.peer_grace_s <= MAX_PEER_GRACE_S:
         raise InvalidSpec(f"peer_grace_s must be between 1 s and 30 days, got {spec.peer_grace_s}")
+    if spec.pool and (err := pool_error(spec.pool)):
+        raise InvalidSpec(err)
+    if not 0 <= spec.max_peers <= MAX_MAX_PEERS:
+        raise InvalidSpec(f"max_peers must be between 0 (no limit) and {MAX_MAX_PEERS}, got {spec.max_peers}")
+    if spec.max_peers and spec.min_peers > spec.max_peers:
+        raise InvalidSpec(f"min_peers ({spec.min_peers}) cannot exceed max_peers ({spec.max_peers})")
     _validate_training(spec)
     if spec.dataset:
         from dml.common.datasets import name_error

@@ -9,7 +9,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from dml.common.spec import JobSpec
+from dml.common.spec import DEFAULT_POOL, JobSpec
 from dml.common.task import MAX_METRIC_NAME, MAX_METRICS
 
 PENDING, RUNNING, SUCCEEDED, FAILED, CANCELLED = "PENDING", "RUNNING", "SUCCEEDED", "FAILED", "CANCELLED"
@@ -66,6 +66,13 @@ def max_samples(peer: PeerRecord) -> int:
     capability at registration); 0 for no cap."""
     v = peer.capability.get("max_samples", 0)
     return v if isinstance(v, int) and v > 0 else 0
+
+
+def peer_pool(peer: PeerRecord) -> str:
+    """The pool a peer serves (``dml-peer --pool``, kept in its capability at registration);
+    ``DEFAULT_POOL`` for a peer that named none."""
+    v = peer.capability.get("pool", "")
+    return v if isinstance(v, str) and v else DEFAULT_POOL
 
 
 @dataclass

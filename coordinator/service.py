@@ -42,9 +42,21 @@ from dml.coordinator.checkpoint import BadCheckpoint, verify_checkpoint, verify_
 from dml.coordinator.codestore import CodeStore
 from dml.coordinator.datastore import DataStore, Dataset
 from dml.coordinator.metrics import CoordinatorMetrics
-from dml.coordinator.records import BadReport, Changes, Forbidden, Job, JobData, NotFound, Report, Stale
+from dml.coordinator.records import (
+    BadReport,
+    Changes,
+    Forbidden,
+    Job,
+    JobData,
+    NotFound,
+    Report,
+    Stale,
+    max_samples,
+    peer_pool,
+)
 from dml.coordinator.state import DECLINED, READY, ClusterState
 from dml.coordinator.store import Store, StoreOpenError, StoreWriteError
+from dml.coordinator.utilisation import Shares
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -166,6 +178,36 @@ class PeerShardView:
     shard_ids: list[int]
     samples: int
     label_counts: list[int] | None  # samples per label (index = label); None: labels unknown
+
+
+@dataclass(frozen=True)
+class PeerView:
+    """A registered peer, for ``dml peers``."""
+
+    peer_id: str
+    address: str
+    pool: str
+    device: str
+    memory_bytes: int
+    samples_per_s: float
+    state: str  # ClusterState.peer_state
+    job_id: str
+    shares: Shares  # of the last minute: training, exchanging, idle
+    registered_ms: int  # Unix ms
+    max_samples: int
+
+
+def peer_views(state: ClusterState, now_ms: int) -> list[PeerView]:
+    """Every registered peer of ``state`` in registration order, with what it does and its
+    utilisation over the last minute. Pure (read under the caller's lock)."""
+    out = []
+    for p in sorted(state.peers.values(), key=lambda p: (p.registered_ms, p.peer_id)):
+        what, job = state.peer_state(p.peer_id)
+        mem = p.capability.get("memory_bytes", 0)
+        out.append(PeerView(p.peer_id, p.address, peer_pool(p), str(p.capability.get("device", "")),
+                            mem if isinstance(mem, int) and mem > 0 else 0, p.samples_per_s, what, job,
+                            state.usage(p.peer_id, now_ms), p.registered_ms, max_samples(p)))
+    return out
 
 
 @dataclass(frozen=True)
@@ -787,6 +829,12 @@ class Coordinator:
             self._check_writable()
             self._apply(self.state.cancel(job_id, self.now_ms()))
             return self.state.job(job_id).state
+
+    def peers(self) -> list[PeerView]:
+        """Every registered peer, registration order (``dml peers``)."""
+        with self._cond:
+            self._check_readable()
+            return peer_views(self.state, self.now_ms())
 
     def jobs(self) -> list[Job]:
         """All jobs, newest first."""

@@ -28,7 +28,7 @@ from dml.coordinator import datastore
 from dml.coordinator.codestore import OverLimit
 from dml.coordinator.datastore import Dataset
 from dml.coordinator.service import Coordinator, Unavailable
-from dml.common.spec import InvalidSpec, spec_from_pb, spec_to_pb
+from dml.common.spec import DEFAULT_POOL, InvalidSpec, pool_error, spec_from_pb, spec_to_pb
 from dml.coordinator.records import BadReport, Forbidden, Job, JobData, NotFound, Report, RoundRecord, Stale
 from dml.coordinator.state import DECLINED, MAX_TASK_ERROR_CHARS, READY, TASK, TASK_ERROR
 
@@ -212,6 +212,15 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
                                            label_counts=p.label_counts or []) for p in v.peers])
         raise AssertionError("unreachable")
 
+    def ListPeers(self, request: jobs_pb2.ListPeersRequest, context: grpc.ServicerContext) -> jobs_pb2.ListPeersResponse:
+        with _status(context):
+            return jobs_pb2.ListPeersResponse(peers=[jobs_pb2.PeerInfo(
+                peer_id=v.peer_id, address=v.address, pool=v.pool, device=v.device, memory_bytes=v.memory_bytes,
+                samples_per_s=v.samples_per_s, state=v.state, job_id=v.job_id, training_share=v.shares.training,
+                exchange_share=v.shares.exchanging, idle_share=v.shares.idle, registered_unix_ms=v.registered_ms,
+                max_samples=v.max_samples) for v in self._c.peers()])
+        raise AssertionError("unreachable")
+
     def DownloadModel(self, request: jobs_pb2.DownloadModelRequest, context: grpc.ServicerContext) -> Iterator[jobs_pb2.ModelChunk]:
         _check(context, request)
         with _status(context):
@@ -254,8 +263,10 @@ class PeerControlServicer(control_pb2_grpc.PeerControlServicer):
         if request.public_key and len(request.public_key) != KEY_BYTES:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                           f"public_key must be a raw Ed25519 key of {KEY_BYTES} bytes, got {len(request.public_key)}")
+        if request.capability.pool and (err := pool_error(request.capability.pool)):
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"cannot register: {err}")
         cap = {"device": request.capability.device, "memory_bytes": request.capability.memory_bytes,
-               "pool": request.capability.pool, "max_samples": request.capability.max_samples}
+               "pool": request.capability.pool or DEFAULT_POOL, "max_samples": request.capability.max_samples}
         with _status(context):
             pid, token = self._c.register(request.address, cap, bytes(request.public_key))
             cfg = self._c.config

@@ -14,6 +14,10 @@ lease and deadline afresh. Round rules:
 - A member that leaves (evicted, or reported broken by a neighbour) bumps the epoch; only its
   shards move; round ``r`` is re-issued to the survivors from the parameters of ``r - 1``.
 - Idle live peers join a running job at the next round boundary (a new epoch).
+- Pools: a job that names a pool (``JobSpec.pool``) takes only peers of that pool
+  (``dml-peer --pool``, "default" when a peer names none), is offered to no other peer for a
+  take, and takes at most ``max_peers`` members when that is set; idle peers go to the waiting
+  jobs of their pool in submission order. Jobs whose peers differ run at the same time.
 - A peer registering at the address of a registered one replaces it (a restart): the old one is
   evicted as for any other cause.
 - A member that cannot reach a neighbour does not get it evicted on its word: the job keeps the
@@ -66,12 +70,13 @@ from __future__ import annotations
 
 import itertools
 import logging
+from collections import deque
 from dataclasses import replace
 from typing import Any, TypeVar
 
 from dml.common.spec import MAX_SAMPLES_PER_ROUND, JobSpec
 from dml.common.task import DEFAULT_BATCH_SIZE
-from dml.coordinator import partitions, placement, planner
+from dml.coordinator import partitions, placement, planner, utilisation
 from dml.coordinator.records import (
     CANCELLED,
     FAILED,
@@ -104,6 +109,7 @@ from dml.coordinator.records import (
     Stale,
     check_report,
     max_samples,
+    peer_pool,
 )
 
 log = logging.getLogger(__name__)
@@ -134,6 +140,9 @@ class ClusterState:
         self.jobs: dict[str, Job] = {}
         self._ids = itertools.count(1)
         self._doomed: set[str] = set()
+        # What each peer's accepted reports say it did in the last minute (not stored: the
+        # times are this process's monotonic clock).
+        self.activity: dict[str, deque[utilisation.Activity]] = {}
         self.wall_offset_ms = 0  # Unix ms minus now_ms: the caller sets it from its clocks
 
     def wall_ms(self, now_ms: int) -> int:
@@ -274,6 +283,7 @@ class ClusterState:
         """Evicts a peer for ``cause`` (one of ``EVICTION_CAUSES``); its job records the eviction
         and re-forms the ring without it."""
         p = self.peers.pop(peer_id, None)
+        self.activity.pop(peer_id, None)
         if p is None:
             return Changes()
         changes = Changes(removed_peers=(peer_id,))
@@ -462,6 +472,40 @@ class ClusterState:
         idle = [p for p in self.peers.values() if not p.job_id]
         return [p.peer_id for p in sorted(idle, key=lambda p: (p.registered_ms, p.peer_id))]
 
+    def _note_activity(self, peer_id: str, rep: Report, now_ms: int) -> None:
+        utilisation.note(self.activity.setdefault(peer_id, deque()),
+                         utilisation.Activity(now_ms, rep.train_ms, rep.exchange_ms, rep.eval_ms), now_ms)
+
+    def usage(self, peer_id: str, now_ms: int) -> utilisation.Shares:
+        """The share of the last minute the peer spent training, exchanging and idle, from its
+        accepted reports (all idle for a peer that reported nothing in it)."""
+        return utilisation.shares(self.activity.get(peer_id, ()), now_ms)
+
+    def peer_state(self, peer_id: str) -> tuple[str, str]:
+        """What a peer is doing, as (state, job id): ``training`` (a member of a job whose round
+        runs), ``waiting`` (a member of a job short of peers or data), ``held out`` (of a running
+        job's rings, which keeps it), ``quarantined`` (by a running job; it may serve others),
+        ``taking`` (offered a job to load), ``ready`` (took a job that waits for more peers), or
+        ``idle``."""
+        p = self._peer(peer_id)
+        job = self.jobs.get(p.job_id)
+        if job is not None and peer_id in job.members:
+            return ("training" if self.active(job) else "waiting"), job.job_id
+        if p.held_out_job:
+            return "held out", p.held_out_job
+        offered = self.take_for(peer_id)
+        if offered is not None:
+            return "taking", offered.job_id
+        live = [j for j in sorted(self.jobs.values(), key=lambda j: (j.created_ms, j.job_id))
+                if j.state in (PENDING, RUNNING)]
+        for j in live:
+            if peer_id in j.ready and self.in_pool(j, p) and not j.excludes(p):
+                return "ready", j.job_id
+        for j in live:
+            if j.excludes(p):
+                return "quarantined", j.job_id
+        return "idle", ""
+
     # -- jobs -------------------------------------------------------------------------------
     def submit(self, spec: JobSpec, shard_sizes: list[int] | None, now_ms: int) -> tuple[str, Changes]:
         """Queues a validated job. With ``shard_sizes`` its training set is known already, cut
@@ -595,6 +639,7 @@ class ClusterState:
             raise BadReport(f"peer {pid} reports {rep.samples} samples for gossip step {step}; "
                             f"{job.allocated(pid)} were allocated")
         _note_speed(peer, rep)
+        self._note_activity(peer.peer_id, rep, now_ms)
         sizes = job.shard_sizes
         ranges = job.allocation.pop(pid, [])
         mine = set(job.assignment.get(pid, []))
@@ -718,10 +763,13 @@ class ClusterState:
                    and not self.peers[x.peer_id].job_id)
 
     def _admit(self, job: Job, now_ms: int) -> bool:
-        """Adds idle peers to a job at a round boundary. True if the ring changed."""
+        """Adds idle peers to a job at a round boundary. True if the ring changed. A job takes
+        at most ``max_peers`` members (when set), even for data the caps left out."""
         room = job.spec.num_shards - len(job.members)
         if planner.unassigned(job.assignment, len(job.shard_sizes)) and job.members:
             room = max(room, 1)  # the caps left data out: a joiner may have room for it
+        if job.spec.max_peers:
+            room = min(room, job.spec.max_peers - len(job.members))
         out = self._held_out(job, now_ms)
         joiners = [p for p in self.eligible(job) if p not in out][: max(room, 0)]
         if not joiners:
@@ -767,15 +815,26 @@ class ClusterState:
         return Changes(jobs=tuple(changed), peers=tuple(p for j in changed for p in self.jobs[j].members))
 
     def eligible(self, job: Job) -> list[str]:
-        """Idle peers (registration order) the job may take into its rings: not quarantined for
-        it, and, for a job that needs takes, having taken it."""
-        return [p for p in self.live_idle() if job.may_admit(p) and not job.excludes(self.peers[p])]
+        """Idle peers (registration order) the job may take into its rings: of its pool (when it
+        names one), not quarantined for it, and, for a job that needs takes, having taken it."""
+        return [p for p in self.live_idle() if job.may_admit(p) and self.in_pool(job, self.peers[p])
+                and not job.excludes(self.peers[p])]
+
+    @staticmethod
+    def in_pool(job: Job, peer: PeerRecord) -> bool:
+        """Whether ``peer`` serves the job's pool (every peer does for a job that names none)."""
+        return not job.spec.pool or peer_pool(peer) == job.spec.pool
+
+    def pool_idle(self, job: Job) -> list[str]:
+        """Idle peers of the job's pool, registration order."""
+        return [p for p in self.live_idle() if self.in_pool(job, self.peers[p])]
 
     def _pending_reason(self, job: Job) -> str:
+        where = f" in pool {job.spec.pool!r}" if job.spec.pool else ""
         if not job.needs_take:
-            return f"waiting for peers: {len(self.live_idle())} idle, {job.spec.min_peers} needed"
+            return f"waiting for peers: {len(self.pool_idle(job))} idle{where}, {job.spec.min_peers} needed"
         declined = sum(1 for p in {x.peer_id for x in job.declined} if p in self.peers)
-        return (f"waiting for peers to take the job: {len(self.eligible(job))} ready, {declined} declined, "
+        return (f"waiting for peers{where} to take the job: {len(self.eligible(job))} ready, {declined} declined, "
                 f"{job.spec.min_peers} needed")
 
     # -- takes ------------------------------------------------------------------------------
@@ -792,6 +851,10 @@ class ClusterState:
             if (job.state == RUNNING and len(job.members) >= job.spec.num_shards
                     and not planner.unassigned(job.assignment, len(job.shard_sizes))):
                 continue  # no room in its rings (the caps left no data out either)
+            if job.state == RUNNING and job.spec.max_peers and len(job.members) >= job.spec.max_peers:
+                continue  # as many members as it may take
+            if not self.in_pool(job, p):
+                continue
             if peer_id in job.ready or job.declined_by(peer_id) or job.excludes(p):
                 continue
             return job
@@ -944,6 +1007,7 @@ class ClusterState:
             raise BadReport(f"peer {peer_id} reports {rep.samples} samples for round {rnd}; "
                             f"{job.allocated(peer_id)} were allocated")
         _note_speed(peer, rep)
+        self._note_activity(peer.peer_id, rep, now_ms)
         job.reports[peer_id] = rep
         if set(job.reports) != set(job.members):
             return Changes(jobs=(job_id,))  # persisted, so a coordinator restart keeps the report

@@ -20,6 +20,7 @@ from dml.aggregation.allreduce import DEFAULT_CHUNK_ELEMS, TCP_CHUNK_ELEMS
 from dml.common import args as cliargs
 from dml.common import portcheck, rpc, tls
 from dml.common.metrics import MetricsBindError
+from dml.common.spec import DEFAULT_POOL
 from dml.common.auth import AuthError, read_token_file
 from dml.peer.faults import parse_fault
 
@@ -75,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the most training samples this peer takes (its data capacity; the coordinator never "
                         "places more shards on it, and leaves data unassigned rather than overfill; env "
                         "DML_MAX_SAMPLES; default 0: no cap)")
+    p.add_argument("--pool", type=cliargs.pool_name, default=os.environ.get("DML_POOL", DEFAULT_POOL),
+                   help="the resource pool this peer serves: it runs only jobs submitted to it (dml submit --pool) "
+                        f"or to no pool (env DML_POOL; default {DEFAULT_POOL!r})")
     p.add_argument("--fault-unreachable", default=os.environ.get("DML_FAULT_UNREACHABLE", ""), metavar="ADDRS",
                    help="tests only (fault injection, off by default): comma-separated peer addresses HOST:PORT "
                         "this peer acts as if it cannot reach (a one-way partition; env DML_FAULT_UNREACHABLE)")
@@ -133,7 +137,7 @@ def build_config(argv: list[str] | None = None) -> tuple[PeerConfig, argparse.Na
 
     cfg = PeerConfig(coordinator=a.coordinator, host=a.host, port=a.port, advertise_host=a.advertise_host,
                      device=device, exchange_timeout_s=a.exchange_timeout_s, chunk_elems=a.chunk_elems,
-                     tcp=not a.no_tcp, slowdown=a.slowdown, max_samples=a.max_samples, metrics=cliargs.metrics_config(a),
+                     tcp=not a.no_tcp, slowdown=a.slowdown, max_samples=a.max_samples, pool=a.pool, metrics=cliargs.metrics_config(a),
                      unreachable=tuple(x.strip() for x in a.fault_unreachable.split(",") if x.strip()),
                      cluster_id=a.cluster_id, fault=fault, tls=cliargs.tls_config(p, a, serve=True),
                      allow_job_code=a.allow_job_code, data_dir=data_dir,

@@ -226,12 +226,13 @@ class ControlClient:
                      time.monotonic() - since)
 
     def register(self, address: str, device: str, memory_bytes: int,
-                 max_samples: int = 0) -> control_pb2.RegisterPeerResponse:
-        """Registers this peer (``max_samples``: the most training samples it takes, 0 for no cap)."""
+                 max_samples: int = 0, pool: str = "") -> control_pb2.RegisterPeerResponse:
+        """Registers this peer (``max_samples``: the most training samples it takes, 0 for no cap;
+        ``pool``: the resource pool it serves, "" for the default)."""
         def attempt() -> control_pb2.RegisterPeerResponse:
             req = control_pb2.RegisterPeerRequest(
                 address=address, capability=control_pb2.PeerCapability(device=device, memory_bytes=memory_bytes,
-                                                                max_samples=max_samples),
+                                                                max_samples=max_samples, pool=pool),
                 cluster_id=self.cluster_id, public_key=self.credentials.public_key)
             resp: control_pb2.RegisterPeerResponse = self.stub.RegisterPeer(req, timeout=CALL_TIMEOUT_S)
             if not self.answer_ok(resp.cluster_id, "register"):

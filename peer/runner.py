@@ -4,6 +4,7 @@ waits for plans and runs them (ring rounds: :mod:`peer.ring_round`, gossip steps
 from __future__ import annotations
 
 import logging
+import os
 import pathlib
 import threading
 import time
@@ -15,6 +16,7 @@ from dml.v1 import control_pb2, types_pb2
 from dml.common import guard, rpc
 from dml.common import metrics as metricsmod
 from dml.common.metrics import MetricsConfig, MetricsServer
+from dml.common.spec import DEFAULT_POOL
 from dml.common.tls import TlsConfig
 from dml.peer import shm
 from dml.peer.advertise import address_problem, advertise_host
@@ -40,6 +42,21 @@ log = logging.getLogger(__name__)
 EXCHANGE_WORKERS = 64
 
 
+def device_memory(device: str) -> int:
+    """Memory of ``device`` in bytes, for the capability record (``dml peers``): a CUDA device's
+    total memory, the machine's physical memory for ``cpu``; 0 when unknown."""
+    try:
+        if device.startswith("cuda"):
+            import torch
+
+            return int(torch.cuda.get_device_properties(torch.device(device)).total_memory)
+        if device == "cpu":
+            return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, RuntimeError, AssertionError, AttributeError) as e:
+        log.warning("cannot tell the memory of device %s: %s", device, e)
+    return 0
+
+
 @dataclass(frozen=True)
 class PeerConfig:
     """Everything dml-peer is configured with."""
@@ -59,6 +76,7 @@ class PeerConfig:
     # this peer trains `slowdown` times slower than it can (a stand-in for a slower machine).
     slowdown: float = 1.0
     max_samples: int = 0  # --max-samples: the most training samples this peer takes (0: no cap)
+    pool: str = DEFAULT_POOL  # --pool: the resource pool it serves
     metrics: MetricsConfig | None = None  # the Prometheus endpoint (None: off)
     tls: TlsConfig | None = None  # every port and every dial over TLS; None: plain text, loopback only
     # Tests only (fault injection, off by default): peer addresses (host:port) this peer acts as
@@ -156,7 +174,8 @@ class Peer:
     def _register(self) -> None:
         # Registered first, cleared after: only this cluster's coordinator (which may take a
         # while to come back) can tell this peer to drop what it holds.
-        resp = self.client.register(self.address, self.config.device, 0, max_samples=self.config.max_samples)
+        resp = self.client.register(self.address, self.config.device, device_memory(self.config.device),
+                                    max_samples=self.config.max_samples, pool=self.config.pool)
         if self.peer_id:  # evicted: whatever it held may be stale, start clean as a new member
             self.gossip.detach()
             self.store.clear()

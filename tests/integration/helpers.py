@@ -12,6 +12,7 @@ from typing import Callable, Iterator
 import torch
 
 from dml.common import auth, rpc
+from dml.common.spec import DEFAULT_POOL
 from dml.coordinator.server import CoordinatorServer, ServerConfig
 from dml.coordinator.service import CoordinatorConfig
 from dml.v1 import exchange_pb2, exchange_pb2_grpc, jobs_pb2_grpc
@@ -53,14 +54,14 @@ def operator_token(address: str) -> str:
 
 
 @contextlib.contextmanager
-def peers(address: str, n: int, exchange_timeout_s: float = 10.0, tls=None) -> Iterator[list[Peer]]:
-    """``n`` started peers running their round loops in threads (plain text, or over ``tls``),
-    stopped on exit."""
+def peers(address: str, n: int, exchange_timeout_s: float = 10.0, tls=None, pool: str = DEFAULT_POOL) -> Iterator[list[Peer]]:
+    """``n`` started peers of ``pool`` running their round loops in threads (plain text, or over
+    ``tls``), stopped on exit."""
     started: list[Peer] = []
     try:
         for _ in range(n):
             p = Peer(PeerConfig(coordinator=address, join_token=join_token(address),
-                                exchange_timeout_s=exchange_timeout_s, plan_wait_s=1.0, tls=tls)).start()
+                                exchange_timeout_s=exchange_timeout_s, plan_wait_s=1.0, tls=tls, pool=pool)).start()
             p.run_in_thread()
             started.append(p)
         yield started

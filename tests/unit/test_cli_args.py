@@ -378,3 +378,37 @@ def test_dml_peer_answers_a_bad_flag_before_loading_torch(argv: list[str]) -> No
             "    print(e.code, 'torch' in sys.modules)\n")
     out = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert out.stdout.split() == ["2", "False"], (out.stdout, out.stderr)
+
+
+def test_pool_flags_reach_the_spec_and_the_peer_config(monkeypatch: pytest.MonkeyPatch,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    from dml.peer import cli as peer_cli
+
+    spec = cli.spec_from_args(cli.build_parser().parse_args(["submit", "--pool", "gpu", "--max-peers", "3"]))
+    assert (spec.pool, spec.max_peers) == ("gpu", 3)
+    assert (cli.spec_from_args(cli.build_parser().parse_args(["submit"])).pool, spec.__class__().max_peers) == ("", 0)
+    for bad in (["--pool", "../x"], ["--max-peers", "-1"]):
+        with pytest.raises(SystemExit) as e:
+            cli.build_parser().parse_args(["submit", *bad])
+        assert e.value.code == 2 and bad[0] in capsys.readouterr().err
+    base = ["--coordinator", "127.0.0.1:1", "--device", "cpu"]
+    assert peer_cli.build_config(base)[0].pool == "default"
+    assert peer_cli.build_config([*base, "--pool", "a100"])[0].pool == "a100"
+    monkeypatch.setenv("DML_POOL", "edge-1")
+    assert peer_cli.build_config(base)[0].pool == "edge-1"
+    with pytest.raises(SystemExit) as e:
+        peer_cli.build_config([*base, "--pool", "a b"])
+    assert e.value.code == 2 and "pool name" in capsys.readouterr().err
+
+
+def test_peers_table() -> None:
+    row = {"peer_id": "peer-1", "address": "10.0.0.1:5000", "pool": "a", "device": "cpu", "memory_bytes": 2 << 30,
+           "samples_per_s": 1234.5, "max_samples": None, "state": "training", "job_id": "job-1",
+           "utilisation": {"training": 0.5, "exchanging": 0.25, "idle": 0.25}, "registered_unix_ms": 1}
+    idle = dict(row, peer_id="peer-2", memory_bytes=None, samples_per_s=None, state="idle", job_id="",
+                utilisation={"training": 0.0, "exchanging": 0.0, "idle": 1.0})
+    lines = cli.peers_table([row, idle])
+    assert lines[1].split() == ["peer-1", "a", "cpu", "2.0", "GiB", "1234", "training", "job-1", "50%", "25%", "25%",
+                                "10.0.0.1:5000"]
+    assert lines[2].split()[2:9] == ["cpu", "-", "-", "idle", "-", "0%", "0%"]
+    assert lines[-1].startswith("2 peers")

@@ -535,3 +535,19 @@ def test_a_state_dir_of_schema_2_gets_each_jobs_data_and_labels_and_its_members_
         assert by["job-1"].shard_sizes == [360, 359, 359, 359], "the sizes it was planned with stay"
     finally:
         store.close()
+
+
+def test_a_peers_pool_and_a_jobs_pool_and_cap_survive_a_restart(tmp_path: pathlib.Path) -> None:
+    from dml.coordinator.state import ClusterState
+
+    st = ClusterState(10_000)
+    pid, _ = st.register("10.0.0.9:1", {"device": "cpu", "pool": "gpu", "memory_bytes": 1 << 30}, 0)
+    st.submit(JobSpec(pool="gpu", max_peers=1, min_peers=1, num_shards=2), [5, 5], 0)
+    s = SqliteStore(tmp_path / "state")
+    s.save(jobs=list(st.jobs.values()), peers=list(st.peers.values()), removed_peers=[], rounds=[])
+    s.close()
+    s = SqliteStore(tmp_path / "state")
+    jobs, peers = s.load()
+    s.close()
+    assert (jobs[0].spec.pool, jobs[0].spec.max_peers) == ("gpu", 1)
+    assert peers[0].capability["pool"] == "gpu" and jobs[0].members == [pid]

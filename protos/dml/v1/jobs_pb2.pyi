@@ -155,6 +155,46 @@ class ListJobsResponse(_message.Message):
     jobs: _containers.RepeatedCompositeFieldContainer[JobStatus]
     def __init__(self, jobs: _Optional[_Iterable[_Union[JobStatus, _Mapping]]] = ...) -> None: ...
 
+class ListPeersRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class PeerInfo(_message.Message):
+    __slots__ = ("peer_id", "address", "pool", "device", "memory_bytes", "samples_per_s", "state", "job_id", "training_share", "exchange_share", "idle_share", "registered_unix_ms", "max_samples")
+    PEER_ID_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    POOL_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
+    SAMPLES_PER_S_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    TRAINING_SHARE_FIELD_NUMBER: _ClassVar[int]
+    EXCHANGE_SHARE_FIELD_NUMBER: _ClassVar[int]
+    IDLE_SHARE_FIELD_NUMBER: _ClassVar[int]
+    REGISTERED_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    MAX_SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    peer_id: str
+    address: str
+    pool: str
+    device: str
+    memory_bytes: int
+    samples_per_s: float
+    state: str
+    job_id: str
+    training_share: float
+    exchange_share: float
+    idle_share: float
+    registered_unix_ms: int
+    max_samples: int
+    def __init__(self, peer_id: _Optional[str] = ..., address: _Optional[str] = ..., pool: _Optional[str] = ..., device: _Optional[str] = ..., memory_bytes: _Optional[int] = ..., samples_per_s: _Optional[float] = ..., state: _Optional[str] = ..., job_id: _Optional[str] = ..., training_share: _Optional[float] = ..., exchange_share: _Optional[float] = ..., idle_share: _Optional[float] = ..., registered_unix_ms: _Optional[int] = ..., max_samples: _Optional[int] = ...) -> None: ...
+
+class ListPeersResponse(_message.Message):
+    __slots__ = ("peers",)
+    PEERS_FIELD_NUMBER: _ClassVar[int]
+    peers: _containers.RepeatedCompositeFieldContainer[PeerInfo]
+    def __init__(self, peers: _Optional[_Iterable[_Union[PeerInfo, _Mapping]]] = ...) -> None: ...
+
 class CancelJobRequest(_message.Message):
     __slots__ = ("job_id",)
     JOB_ID_FIELD_NUMBER: _ClassVar[int]

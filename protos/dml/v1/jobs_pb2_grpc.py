@@ -75,6 +75,11 @@ class JobServiceStub:
                 request_serializer=dml_dot_v1_dot_jobs__pb2.GetShardsRequest.SerializeToString,
                 response_deserializer=dml_dot_v1_dot_jobs__pb2.GetShardsResponse.FromString,
                 _registered_method=True)
+        self.ListPeers = channel.unary_unary(
+                '/dml.v1.JobService/ListPeers',
+                request_serializer=dml_dot_v1_dot_jobs__pb2.ListPeersRequest.SerializeToString,
+                response_deserializer=dml_dot_v1_dot_jobs__pb2.ListPeersResponse.FromString,
+                _registered_method=True)
 
 
 class JobServiceServicer:
@@ -139,6 +144,13 @@ class JobServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListPeers(self, request, context):
+        """Every registered peer: its pool, capability, state, current job and recent utilisation.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_JobServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -181,6 +193,11 @@ def add_JobServiceServicer_to_server(servicer, server):
                     servicer.GetShards,
                     request_deserializer=dml_dot_v1_dot_jobs__pb2.GetShardsRequest.FromString,
                     response_serializer=dml_dot_v1_dot_jobs__pb2.GetShardsResponse.SerializeToString,
+            ),
+            'ListPeers': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListPeers,
+                    request_deserializer=dml_dot_v1_dot_jobs__pb2.ListPeersRequest.FromString,
+                    response_serializer=dml_dot_v1_dot_jobs__pb2.ListPeersResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -400,6 +417,33 @@ class JobService:
             '/dml.v1.JobService/GetShards',
             dml_dot_v1_dot_jobs__pb2.GetShardsRequest.SerializeToString,
             dml_dot_v1_dot_jobs__pb2.GetShardsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListPeers(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dml.v1.JobService/ListPeers',
+            dml_dot_v1_dot_jobs__pb2.ListPeersRequest.SerializeToString,
+            dml_dot_v1_dot_jobs__pb2.ListPeersResponse.FromString,
             options,
             channel_credentials,
             insecure,

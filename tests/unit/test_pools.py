@@ -1,0 +1,188 @@
+"""Resource pools in the coordinator's state: a job takes only idle peers of its pool, at most
+``max_peers`` of them, jobs on disjoint pools run at once, and ``peer_state`` says what each peer
+does; plus the spec's checks of the two fields."""
+from __future__ import annotations
+
+import itertools
+
+import pytest
+
+from dml.common.spec import DEFAULT_POOL, InvalidSpec, JobSpec, pool_error, validate
+from dml.coordinator.records import PENDING, RUNNING, Report
+from dml.coordinator.state import ClusterState
+
+PORTS = itertools.count(7000)
+
+
+def spec(**kw: object) -> JobSpec:
+    base = dict(rounds=3, min_peers=1, num_shards=6, local_steps=1, batch_size=10)
+    base.update(kw)
+    return JobSpec(**base)  # type: ignore[arg-type]
+
+
+def register(st: ClusterState, pool: str, n: int, now: int = 0) -> list[str]:
+    cap = {"device": "cpu", "pool": pool} if pool else {"device": "cpu"}
+    return [st.register(f"10.0.0.2:{next(PORTS)}", dict(cap), now)[0] for _ in range(n)]
+
+
+def submit(st: ClusterState, now: int = 0, **kw: object) -> str:
+    s = spec(**kw)
+    return st.submit(s, [10] * s.num_shards, now)[0]
+
+
+def test_a_job_takes_only_idle_peers_of_its_pool() -> None:
+    st = ClusterState(10_000)
+    a = register(st, "a", 2)
+    b = register(st, "b", 2)
+    plain = register(st, "", 1)  # named no pool: the default one
+    jid = submit(st, pool="b")
+    assert st.job(jid).state == RUNNING and st.job(jid).members == b
+    assert all(not st.peers[p].job_id for p in a + plain)
+    dflt = submit(st, pool=DEFAULT_POOL)
+    assert st.job(dflt).members == plain
+    anyp = submit(st)  # no pool: any idle peer
+    assert st.job(anyp).members == a
+
+
+def test_a_job_whose_pool_has_no_idle_peer_waits_saying_so_and_starts_when_one_registers() -> None:
+    st = ClusterState(10_000)
+    register(st, "a", 3)
+    jid = submit(st, pool="gpu", min_peers=1)
+    job = st.job(jid)
+    assert job.state == PENDING and "0 idle in pool 'gpu'" in job.reason
+    g = register(st, "gpu", 1, now=5)
+    assert job.state == RUNNING and job.members == g
+
+
+def test_max_peers_caps_the_members_at_start_and_at_round_boundaries() -> None:
+    st = ClusterState(10_000)
+    peers = register(st, "a", 4)
+    jid = submit(st, max_peers=2)
+    job = st.job(jid)
+    assert job.members == peers[:2]
+    for m in job.members:  # commit round 1: a boundary where idle peers would join
+        st.report(m, jid, job.round, job.epoch, Report(samples=job.allocated(m), train_loss=1.0, digest="d"), 10)
+    assert job.committed_round == 1 and job.members == peers[:2]
+    assert st.take_for(peers[2]) is None  # never offered a full job either
+    other = submit(st, now=20)
+    assert st.job(other).members == peers[2:], "the peers the cap left idle serve the next job"
+
+
+def test_max_peers_holds_even_when_caps_leave_data_unassigned() -> None:
+    st = ClusterState(10_000)
+    small = [st.register(f"10.0.0.3:{next(PORTS)}", {"device": "cpu", "max_samples": 10}, 0)[0] for _ in range(3)]
+    jid = submit(st, max_peers=2, num_shards=3)
+    assert st.job(jid).members == small[:2] and not st.peers[small[2]].job_id
+
+
+def test_jobs_on_disjoint_pools_run_at_the_same_time_and_a_third_waits_for_its_full_pool() -> None:
+    st = ClusterState(10_000)
+    a = register(st, "a", 2)
+    b = register(st, "b", 2)
+    ja, jb = submit(st, pool="a", min_peers=2), submit(st, pool="b", min_peers=2)
+    jc = submit(st, pool="a", min_peers=1, now=1)
+    assert (st.job(ja).state, st.job(jb).state, st.job(jc).state) == (RUNNING, RUNNING, PENDING)
+    assert st.job(ja).members == a and st.job(jb).members == b
+    assert "0 idle in pool 'a'" in st.job(jc).reason
+    st.cancel(ja, 2)  # its peers return to pool a and go to the waiting job
+    assert st.job(jc).state == RUNNING and st.job(jc).members == a
+    assert st.job(jb).members == b
+
+
+def test_take_offers_a_job_only_to_peers_of_its_pool() -> None:
+    st = ClusterState(10_000)
+    a = register(st, "a", 1)
+    b = register(st, "b", 1)
+    jid = st.submit(spec(pool="b"), None, 0)[0]  # needs takes
+    assert st.take_for(a[0]) is None
+    assert st.take_for(b[0]) is st.job(jid)
+
+
+def test_peer_state_names_what_each_peer_does() -> None:
+    st = ClusterState(10_000)
+    a = register(st, "a", 2)
+    b = register(st, "b", 1)
+    idle = register(st, "c", 1)
+    ja = submit(st, pool="a", min_peers=2)
+    jb = st.submit(spec(pool="b"), None, 0)[0]
+    assert st.peer_state(a[0]) == ("training", ja)
+    assert st.peer_state(b[0]) == ("taking", jb)
+    assert st.peer_state(idle[0]) == ("idle", "")
+    st.remove_peer(a[1], 5, "HEARTBEAT_TIMEOUT")
+    assert st.peer_state(a[0]) == ("waiting", ja)  # below min_peers: no round runs
+
+
+def test_usage_counts_accepted_reports_of_the_last_minute() -> None:
+    st = ClusterState(600_000)
+    (p,) = register(st, "a", 1)
+    jid = submit(st, rounds=10)
+    job = st.job(jid)
+    now = 100_000
+    for _ in range(3):  # a round every 10 s: 4 s training, 1 s exchanging
+        now += 10_000
+        st.report(p, jid, job.round, job.epoch, Report(samples=job.allocated(p), train_loss=1.0, digest="d",
+                                                       train_ms=4_000, exchange_ms=1_000), now)
+    u = st.usage(p, now)
+    assert (u.training, u.exchanging) == pytest.approx((12 / 60, 3 / 60))
+    assert st.usage(p, now + 120_000).idle == 1.0, "a minute later it was all idle"
+    st.remove_peer(p, now, "HEARTBEAT_TIMEOUT")
+    assert p not in st.activity
+
+
+@pytest.mark.parametrize("name", ["", "-a", "a/b", "..", "a b", "x" * 65, "a\n", "ü"])
+def test_bad_pool_names_are_refused(name: str) -> None:
+    assert pool_error(name)
+    if name:
+        with pytest.raises(InvalidSpec, match="pool name"):
+            validate(spec(pool=name))
+
+
+def test_pool_and_max_peers_validate() -> None:
+    validate(spec(pool="gpu.a100-1", max_peers=3))
+    assert pool_error("default") == ""
+    with pytest.raises(InvalidSpec, match="max_peers"):
+        validate(spec(max_peers=-1))
+    with pytest.raises(InvalidSpec, match="cannot exceed max_peers"):
+        validate(spec(min_peers=3, max_peers=2))
+
+
+def test_a_peer_reports_its_devices_memory_and_zero_when_unknown() -> None:
+    from dml.peer.runner import device_memory
+
+    assert device_memory("cpu") > 1 << 20
+    assert device_memory("tpu:0") == 0
+
+
+def test_a_running_job_at_max_peers_is_offered_to_no_more_takers() -> None:
+    from dml.coordinator.records import JobData
+    from dml.coordinator.state import READY
+
+    st = ClusterState(10_000)
+    first = register(st, "a", 1)
+    jid = st.submit(spec(max_peers=1, num_shards=4), None, 0)[0]  # needs takes; room for 4 by its shards
+    data = JobData(train_samples=40, test_samples=0, num_classes=2, digest="d" * 64, has_labels=True, batch_size=10)
+    st.take(first[0], jid, READY, 1, data=data, shard_sizes=[10] * 4)
+    assert st.job(jid).state == RUNNING and st.job(jid).members == first
+    late = register(st, "a", 1, now=2)
+    assert st.take_for(late[0]) is None and st.peer_state(late[0]) == ("idle", "")
+
+
+def test_peer_state_ready_and_quarantined() -> None:
+    from dml.coordinator.records import JobData
+    from dml.coordinator.state import READY
+
+    st = ClusterState(10_000)
+    a, b = register(st, "a", 2)
+    jid = st.submit(spec(min_peers=3, num_shards=4), None, 0)[0]
+    data = JobData(train_samples=40, num_classes=2, digest="d" * 64, has_labels=True, batch_size=10)
+    st.take(a, jid, READY, 1, data=data, shard_sizes=[10] * 4)
+    assert st.peer_state(a) == ("ready", jid) and st.peer_state(b) == ("taking", jid)
+    st.take(b, jid, READY, 2, data=data, shard_sizes=[10] * 4)
+    (c,) = register(st, "a", 1, now=3)
+    st.take(c, jid, READY, 4, data=data, shard_sizes=[10] * 4)
+    job = st.job(jid)
+    assert job.state == RUNNING and st.peer_state(c) == ("training", jid)
+    addr = st.peers[c].address
+    st.quarantine(job, c, a, "sent NaN", 5)  # evicted; when it registers again, its address is kept out
+    back, _ = st.register(addr, {"device": "cpu", "pool": "a"}, 6)
+    assert st.peer_state(back) == ("quarantined", jid)
