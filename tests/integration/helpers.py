@@ -7,6 +7,7 @@ import contextlib
 import io
 import threading
 import time
+import uuid
 from typing import Callable, Iterator
 
 import torch
@@ -115,6 +116,13 @@ def held_rounds(members: list[Peer], job_id: str, after: int = 0) -> Iterator[Ro
         hold.release()
         for p in members:
             p._ring._make_link = real[p.peer_id]  # noqa: SLF001
+
+
+def ring_key() -> tuple[str, int, int]:
+    """A (job, round, epoch) key no other test's ring uses: a link or sender left over from an
+    earlier test that reaches a member on a reused port then names another job, so its frames are
+    refused instead of read as this ring's (test rings once all shared ``("j", 1, 1)``)."""
+    return (f"j-{uuid.uuid4().hex[:12]}", 1, 1)
 
 
 def wait_for(pred: Callable[[], bool], timeout_s: float, what: str) -> None:

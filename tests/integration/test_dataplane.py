@@ -21,7 +21,7 @@ from dml.aggregation.transport import Cancelled, ExchangeError, Header
 from dml.peer import dataplane, shm
 from dml.peer.link import SHM_MIN_BYTES as PeerLink_SHM_MIN
 from dml.peer.link import PeerLink
-from tests.integration.helpers import Member, wait_for
+from tests.integration.helpers import Member, ring_key, wait_for
 
 
 @pytest.fixture
@@ -87,7 +87,7 @@ def test_ring_is_exact_over_every_data_plane(members, plane, world):
     ms = members(world)
     bufs = int_bufs(world, 10_007)
     want = np.sum(np.stack(bufs).astype(np.float64), axis=0)
-    ls = links(ms, ("j", 1, 1), plane)
+    ls = links(ms, ring_key(), plane)
     assert run_ring(ls, bufs) == [None] * world
     for b in bufs:
         assert np.array_equal(b.astype(np.float64), want)
@@ -100,7 +100,7 @@ def test_ring_is_exact_over_every_data_plane(members, plane, world):
 def test_auto_takes_shared_memory_for_large_buffers(members):
     ms = members(2)
     bufs = int_bufs(2, 4_000)
-    ls = links(ms, ("j", 1, 1), "auto", payload_bytes=PeerLink_SHM_MIN)
+    ls = links(ms, ring_key(), "auto", payload_bytes=PeerLink_SHM_MIN)
     assert run_ring(ls, bufs) == [None] * 2
     assert [link.sender_kind for link in ls] == ["shm", "shm"]
 
@@ -115,7 +115,7 @@ def test_shared_memory_that_cannot_be_mapped_falls_back_to_tcp_or_fails_clearly(
     ms = members(2)
     bufs = int_bufs(2, 4_000)
     want = np.sum(np.stack(bufs).astype(np.float64), axis=0)
-    ls = links(ms, ("j", 1, 1), "auto", payload_bytes=PeerLink_SHM_MIN)
+    ls = links(ms, ring_key(), "auto", payload_bytes=PeerLink_SHM_MIN)
     assert run_ring(ls, bufs) == [None] * 2
     assert np.array_equal(bufs[0].astype(np.float64), want)
     assert [link.sender_kind for link in ls] == ["tcp", "tcp"]
@@ -130,7 +130,7 @@ def test_lossy_codecs_end_bit_identical(members, codec, plane):
     ms = members(3)
     bufs = [b / 7 for b in int_bufs(3, 5_003, seed=1)]
     want = np.sum(np.stack(bufs).astype(np.float64), axis=0)
-    assert run_ring(links(ms, ("j", 1, 1), plane), bufs, codec) == [None] * 3
+    assert run_ring(links(ms, ring_key(), plane), bufs, codec) == [None] * 3
     assert bufs[0].tobytes() == bufs[1].tobytes() == bufs[2].tobytes()
     assert np.abs(bufs[0] - want).max() < 0.05 * np.abs(want).max()
 
@@ -139,7 +139,7 @@ def test_auto_falls_back_to_grpc_where_no_data_plane_is_served(members):
     ms = members(3, tcp=[True, False, True])  # p1 serves no TCP: p0 -> p1 goes over gRPC
     bufs = int_bufs(3, 3000)
     want = np.sum(np.stack(bufs).astype(np.float64), axis=0)
-    ls = links(ms, ("j", 1, 1), "auto")
+    ls = links(ms, ring_key(), "auto")
     assert run_ring(ls, bufs) == [None] * 3
     assert np.array_equal(bufs[2].astype(np.float64), want)
     assert [link.sender_kind for link in ls] == ["grpc", "tcp", "tcp"]
@@ -148,7 +148,7 @@ def test_auto_falls_back_to_grpc_where_no_data_plane_is_served(members):
 
 def test_tcp_only_job_fails_clearly_where_no_data_plane_is_served(members):
     ms = members(2, tcp=[True, False])
-    ls = links(ms, ("j", 1, 1), "tcp")
+    ls = links(ms, ring_key(), "tcp")
     errors = run_ring(ls, int_bufs(2, 100))
     assert isinstance(errors[0], ExchangeError) and "TCP" in str(errors[0]) and errors[0].suspect == "p1"
     assert isinstance(errors[1], ExchangeError)  # its predecessor never sent: it times out
@@ -167,7 +167,7 @@ def test_data_plane_refuses_connections_without_a_valid_token(members):
     (m,) = members(1)
     dp = m.servicer.data_plane
     assert dp is not None
-    key = ("j", 1, 1)
+    key = ring_key()
     box = m.servicer.inbox(key)
     for hello in (b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", dataplane.MAGIC + b"\x00" * dataplane.TOKEN_BYTES):
         with socket.create_connection(("127.0.0.1", dp.port), timeout=5) as s:
@@ -198,7 +198,7 @@ def test_open_data_plane_rpc_validates_and_reports_absence(members):
 @pytest.mark.parametrize("plane", ["tcp", "shm"])
 def test_predecessor_dying_mid_stream_fails_the_receiver_fast_naming_it(members, plane):
     ms = members(2)
-    ls = links(ms, ("j", 1, 1), plane, idle_s=20.0)
+    ls = links(ms, ring_key(), plane, idle_s=20.0)
     payload = np.zeros(1000, np.float32)
 
     def body(r: int, link: PeerLink) -> None:
@@ -225,7 +225,7 @@ def test_successor_dying_after_taking_our_frames_is_named_while_we_wait_for_our_
     # p2 (p0's predecessor) waits for p1's stream, which never comes: nothing p0 reads or
     # writes breaks. p0's watch on p1 must name p1, not, after the idle timeout, p2.
     ms = members(3)
-    ls = links(ms, ("j", 1, 1), plane, idle_s=20.0)
+    ls = links(ms, ring_key(), plane, idle_s=20.0)
     payload = np.zeros(300, np.float32)
     killed, done = threading.Event(), threading.Event()
 
@@ -251,7 +251,7 @@ def test_successor_dying_after_taking_our_frames_is_named_while_we_wait_for_our_
 
 def test_abort_stops_a_waiting_receiver_promptly(members):
     ms = members(2)
-    ls = links(ms, ("j", 1, 1), "tcp", idle_s=20.0)
+    ls = links(ms, ring_key(), "tcp", idle_s=20.0)
 
     def body(r: int, link: PeerLink) -> None:
         if r == 0:
@@ -279,7 +279,7 @@ def test_lossy_ring_much_larger_than_socket_buffers_does_not_deadlock(members, m
     monkeypatch.setattr(dataplane, "SOCKET_BUFFER_BYTES", 32 * 1024)
     ms = members(3)
     bufs = [np.full(600_000, float(r + 1), np.float32) for r in range(3)]
-    ls = links(ms, ("j", 1, 1), plane, idle_s=10.0)  # shm: 4 slots in flight, far fewer than frames
+    ls = links(ms, ring_key(), plane, idle_s=10.0)  # shm: 4 slots in flight, far fewer than frames
     errors: list[BaseException | None] = [None] * 3
 
     def one(r: int) -> None:

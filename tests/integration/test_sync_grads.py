@@ -29,6 +29,7 @@ from tests.integration.helpers import (
     join_token,
     ledger_problems,
     peers,
+    ring_key,
     wait_for,
 )
 from tests.integration.test_cluster import _job, _submit
@@ -83,7 +84,8 @@ def test_members_on_real_links_match_one_process_with_the_n_times_batch(members,
     order = np.random.default_rng(3).permutation(1400).astype(np.int64)
     samples = [order[r * bs * steps : (r + 1) * bs * steps] for r in range(world)]
     ms = members(world)
-    links = [PeerLink(ms[r].servicer, ("j", 1, 1), f"p{r}", f"p{(r - 1) % world}", f"p{(r + 1) % world}",
+    key = ring_key()
+    links = [PeerLink(ms[r].servicer, key, f"p{r}", f"p{(r - 1) % world}", f"p{(r + 1) % world}",
                       ms[(r + 1) % world].address, 30.0, ms[r].abort, idle_timeout_s=10.0, data_plane=plane)
              for r in range(world)]
     trainers: list[Any] = [None] * world

@@ -23,7 +23,7 @@ from dml.common.spec import JobSpec
 from dml.coordinator.server import CoordinatorServer, ServerConfig
 from dml.peer import dataplane
 from dml.peer.link import PeerLink
-from tests.integration.helpers import Member, coordinator, operator_token, peers, wait_for
+from tests.integration.helpers import Member, coordinator, operator_token, peers, ring_key, wait_for
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +104,8 @@ def members(pki):
 
 def _ring(ms: list[Member], plane: str, bufs: list[np.ndarray]) -> list[PeerLink]:
     n = len(ms)
-    links = [PeerLink(ms[r].servicer, ("j", 1, 1), f"p{r}", f"p{(r - 1) % n}", f"p{(r + 1) % n}",
+    key = ring_key()
+    links = [PeerLink(ms[r].servicer, key, f"p{r}", f"p{(r - 1) % n}", f"p{(r + 1) % n}",
                       ms[(r + 1) % n].address, 10.0, ms[r].abort, idle_timeout_s=5.0, data_plane=plane,
                       tls=ms[r].tls) for r in range(n)]
     errors: list[BaseException | None] = [None] * n
