@@ -184,7 +184,8 @@ def peer_dict(p: jobs_pb2.PeerInfo) -> dict[str, Any]:
 
 def shards_dict(resp: jobs_pb2.GetShardsResponse) -> dict[str, Any]:
     """A job's shard placement as plain data (``dml shards --json``): per member its shard ids,
-    samples and label counts (index = label; None when the coordinator knows no labels)."""
+    samples, label counts (index = label; None when the coordinator knows no labels) and its data
+    usage (:func:`data_usage_dict`)."""
     known = resp.num_classes > 0
     return {
         "job_id": resp.job_id,
@@ -192,8 +193,31 @@ def shards_dict(resp: jobs_pb2.GetShardsResponse) -> dict[str, Any]:
         "num_classes": resp.num_classes if known else None,
         "unassigned": list(resp.unassigned),
         "peers": [{"peer_id": p.peer_id, "shards": list(p.shard_ids), "samples": p.samples,
-                   "label_counts": list(p.label_counts) if known else None} for p in resp.peers],
+                   "label_counts": list(p.label_counts) if known else None, "data": data_usage_dict(p)}
+                  for p in resp.peers],
     }
+
+
+def data_source_label(source: str, bytes_fetched: int) -> str:
+    """Where a peer's data comes from, for people: ``local`` (its own files or a shared volume),
+    ``store: fetched`` (it fetched bytes from the coordinator's store for this job), ``store:
+    cache`` (it had it all in its cache already)."""
+    if source == "store":
+        return "store: fetched" if bytes_fetched else "store: cache"
+    return source
+
+
+def data_usage_dict(p: jobs_pb2.PeerShards) -> dict[str, Any] | None:
+    """What a member's data of the job cost it, as it last reported (None when it has not
+    reported since the coordinator started): source, the label ``dml shards`` prints, bytes and
+    chunks fetched from the store, cache hits, damaged cache files fetched again, the shards it
+    caches whole, and its cache's free bytes (None: no limit)."""
+    if not p.data_source:
+        return None
+    return {"source": p.data_source, "label": data_source_label(p.data_source, p.bytes_fetched),
+            "bytes_fetched": p.bytes_fetched, "chunks_fetched": p.chunks_fetched, "cache_hits": p.cache_hits,
+            "damaged_refetched": p.damaged_refetched, "cached_shards": list(p.cached_shard_ids),
+            "cache_free_bytes": p.cache_free_bytes if p.has_cache_free else None}
 
 
 def history_dict(r: types_pb2.RoundMetrics) -> dict[str, Any]:

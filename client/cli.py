@@ -238,20 +238,35 @@ def id_ranges(ids: list[int]) -> str:
     return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in runs) or "-"
 
 
+def data_columns(u: dict[str, Any] | None) -> str:
+    """A member's data usage as ``dml shards`` columns: source, bytes and chunks fetched, cache
+    hits, cached shard ids ("-" each when it has not reported)."""
+    if u is None:
+        return f"{'-':<14} {'-':>10} {'-':>7} {'-':>6}  {'-':<12}"
+    return (f"{u['label']:<14} {fmt_bytes(u['bytes_fetched']):>10} {u['chunks_fetched']:>7} {u['cache_hits']:>6}  "
+            f"{id_ranges(u['cached_shards']):<12}")
+
+
 def shards_table(d: dict[str, Any]) -> list[str]:
-    """``dml shards`` as lines: a row per member (shard ids, samples, its labels' counts as
-    LABEL:COUNT for the labels it holds, "-" when the labels are unknown), then the totals."""
-    lines = [f"{'PEER':<24} {'SHARDS':>6} {'SAMPLES':>9}  {'SHARD_IDS':<16} LABELS (label:samples)"]
+    """``dml shards`` as lines: a row per member (shard ids, samples, and when any member reported
+    its data usage: where its data comes from (local, store: fetched, store: cache), bytes and
+    chunks fetched, cache hits and the shards it caches; then its labels' counts as LABEL:COUNT
+    for the labels it holds, "-" when the labels are unknown), then the totals."""
+    usage = any(p.get("data") for p in d["peers"])
+    data_head = f"{'DATA':<14} {'FETCHED':>10} {'CHUNKS':>7} {'HITS':>6}  {'CACHED':<12} " if usage else ""
+    lines = [f"{'PEER':<24} {'SHARDS':>6} {'SAMPLES':>9}  {'SHARD_IDS':<16} {data_head}LABELS (label:samples)"]
     for p in d["peers"]:
         counts = p["label_counts"]
         labels = "-" if counts is None else " ".join(f"{i}:{n}" for i, n in enumerate(counts) if n) or "none"
-        lines.append(f"{p['peer_id']:<24} {len(p['shards']):>6} {p['samples']:>9}  {id_ranges(p['shards']):<16} {labels}")
+        data = data_columns(p.get("data")) + " " if usage else ""
+        lines.append(f"{p['peer_id']:<24} {len(p['shards']):>6} {p['samples']:>9}  {id_ranges(p['shards']):<16} "
+                     f"{data}{labels}")
     placed = sum(p["samples"] for p in d["peers"])
     classes = "labels unknown" if d["num_classes"] is None else f"{d['num_classes']} labels"
     lines.append(f"{len(d['peers'])} peers hold {placed} of {d['train_samples']} training samples ({classes})")
     if d["unassigned"]:
         lines.append(f"unassigned: {len(d['unassigned'])} shards ({id_ranges(d['unassigned'])}): no member has room "
-                     "under its --max-samples")
+                     "under its --max-samples or --cache-max-gb")
     return lines
 
 
@@ -571,7 +586,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--shards", action="store_true", help="plot each peer's label mix (a stacked bar per peer) instead")
     sp.set_defaults(fn=cmd_plot)
 
-    sp = sub.add_parser("shards", help="show each peer's shards, samples and label counts")
+    sp = sub.add_parser("shards", help="show each peer's shards, samples, label counts and data use (source, bytes fetched, cache hits)")
     common(sp)
     sp.add_argument("job", help="job id")
     sp.add_argument("--json", action="store_true", help="print JSON")

@@ -128,6 +128,56 @@ def check_report(rep: Report) -> None:
     real("bytes_sent", rep.bytes_sent, nan_ok=False, hi=MAX_REPORT_BYTES)
 
 
+# Where a peer's data of a job comes from (DataUsage.source): dml.v1.DataSource without its prefix, lower case.
+LOCAL_DATA, STORE_DATA = "local", "store"
+DATA_SOURCES = (LOCAL_DATA, STORE_DATA)
+MAX_USAGE_COUNT = 1 << 50  # a chunk or byte count a data usage report may carry (a petabyte)
+
+
+@dataclass(frozen=True)
+class DataUsage:
+    """What one job's data cost a peer (its last TakeJob or ReportRound said so): totals since it
+    took the job, the shards it holds whole in its cache, and its cache's free bytes (None: no
+    limit). Kept in memory only (``Job.data_usage``)."""
+
+    source: str  # LOCAL_DATA or STORE_DATA
+    chunks_fetched: int = 0
+    bytes_fetched: int = 0
+    cache_hits: int = 0
+    damaged: int = 0  # damaged cache files fetched again
+    cached_shards: tuple[int, ...] = ()
+    cache_free: int | None = None
+
+
+def check_usage(u: DataUsage, num_shards: int, on_store: bool) -> None:
+    """Raises BadReport unless ``u`` can be true of a job of ``num_shards`` shards whose data
+    is (``on_store``) or is not on the coordinator's store: a known source matching the job's,
+    counts in range, at most ``num_shards`` distinct cached shard ids, each below ``num_shards``,
+    none for local data. The count is checked before anything is built from the ids."""
+    if u.source not in DATA_SOURCES:
+        raise BadReport(f"data usage: unknown source {u.source!r:.40}; one of {', '.join(DATA_SOURCES)}")
+    want = STORE_DATA if on_store else LOCAL_DATA
+    if u.source != want:
+        raise BadReport(f"data usage: source {u.source}, but the job's data is {want} "
+                        f"({'a dataset of the store' if on_store else 'not on the store'})")
+    for name in ("chunks_fetched", "bytes_fetched", "cache_hits", "damaged"):
+        v = getattr(u, name)
+        if not 0 <= v <= MAX_USAGE_COUNT:
+            raise BadReport(f"data usage: {name} must be in [0, {MAX_USAGE_COUNT}], got {v}")
+    if u.cache_free is not None and not 0 <= u.cache_free <= MAX_USAGE_COUNT:
+        raise BadReport(f"data usage: cache free bytes must be in [0, {MAX_USAGE_COUNT}], got {u.cache_free}")
+    ids = u.cached_shards
+    if ids and u.source == LOCAL_DATA:
+        raise BadReport(f"data usage: {len(ids)} cached shards reported for local data (a local job caches none)")
+    if len(ids) > num_shards:
+        raise BadReport(f"data usage: {len(ids)} cached shard ids for a job of {num_shards} shards")
+    bad = [s for s in ids if not 0 <= s < num_shards]
+    if bad:
+        raise BadReport(f"data usage: unknown shard id {bad[0]} (the job has shards 0..{num_shards - 1})")
+    if len(set(ids)) != len(ids):
+        raise BadReport("data usage: a cached shard id is listed twice")
+
+
 @dataclass
 class RoundRecord:
     """A committed round."""
@@ -308,6 +358,11 @@ class Job:
     data: JobData | None = None  # fixed by the first READY take (None until then)
     ready: list[str] = field(default_factory=list)  # peers that took the job and found its data
     declined: list[Exclusion] = field(default_factory=list)  # peers that declined it (or whose data differs)
+    dataset_bytes: int = 0  # the store dataset's bytes (JobSpec.dataset), fixed at submit; 0: not on the store
+    # peer -> its last DataUsage for this job (TakeJob, ReportRound). In memory only, never stored
+    # (store.job_to_dict leaves it out): a restarted coordinator knows no cache until each peer's
+    # next report, which places as if nothing were cached (a fetch too many, never a wrong claim).
+    data_usage: dict[str, DataUsage] = field(default_factory=dict)
 
     def declined_by(self, peer_id: str) -> bool:
         """Whether ``peer_id`` declined the job (or was refused it): it is not offered it again."""

@@ -45,6 +45,7 @@ from dml.coordinator.metrics import CoordinatorMetrics
 from dml.coordinator.records import (
     BadReport,
     Changes,
+    DataUsage,
     Forbidden,
     Job,
     JobData,
@@ -178,6 +179,7 @@ class PeerShardView:
     shard_ids: list[int]
     samples: int
     label_counts: list[int] | None  # samples per label (index = label); None: labels unknown
+    usage: DataUsage | None = None  # its last word on the job's data (None: none since this coordinator started)
 
 
 @dataclass(frozen=True)
@@ -223,8 +225,8 @@ class ShardsView:
 
 def shards_view(job: Job, labels: np.ndarray | None, shards: list[np.ndarray] | None) -> ShardsView:
     """Each member's shards (ring order), samples and label counts (from ``labels`` and the
-    shards' indices; None for both when unknown). A finished job has no members: its last
-    placement is shown. Pure."""
+    shards' indices; None for both when unknown), and what its data cost it as it last reported. A
+    finished job has no members: its last placement is shown. Pure."""
     sizes = job.shard_sizes
     if labels is not None and labels.size and not 0 <= int(labels.min()) <= int(labels.max()) < MAX_LABELS:
         log.warning("job %s: labels outside 0..%d; shard label counts not shown", job.job_id, MAX_LABELS - 1)
@@ -237,7 +239,7 @@ def shards_view(job: Job, labels: np.ndarray | None, shards: list[np.ndarray] | 
         if labels is not None and shards is not None:
             mine = np.concatenate([shards[s] for s in ids]) if ids else np.zeros(0, dtype=np.int64)
             counts = np.bincount(labels[mine].astype(np.int64), minlength=classes).tolist()
-        peers.append(PeerShardView(m, ids, sum(sizes[s] for s in ids), counts))
+        peers.append(PeerShardView(m, ids, sum(sizes[s] for s in ids), counts, job.data_usage.get(m)))
     return ShardsView(job.job_id, peers, classes, sum(sizes), planner.unassigned(job.assignment, len(sizes)))
 
 
@@ -543,14 +545,15 @@ class Coordinator:
                 self._cond.wait(left)
 
     def report(self, peer_id: str, job_id: str, rnd: int, epoch: int, rep: Report,
-               build_next: Callable[[Job], T] | None = None) -> tuple[bool, T | None]:
-        """Records a round report; returns whether it committed the round and, for a gossip step
+               build_next: Callable[[Job], T] | None = None, usage: DataUsage | None = None) -> tuple[bool, T | None]:
+        """Records a round report (with the member's ``usage`` of the job's data, when it sent
+        one); returns whether it committed the round and, for a gossip step
         (when ``build_next`` is given), ``build_next(job)`` for the member's next step, built
         under the lock, so it need not ask for it."""
         with self._cond:
             self._check_writable()
             gossip = self.state.job(job_id).gossip.active
-            ch = self.state.report(peer_id, job_id, rnd, epoch, rep, self.now_ms())
+            ch = self.state.report(peer_id, job_id, rnd, epoch, rep, self.now_ms(), usage=usage)
             self._apply(ch)
             if ch.committed:
                 j = self.state.jobs[job_id]
@@ -571,7 +574,7 @@ class Coordinator:
             return bool(ch.committed), nxt
 
     def take(self, peer_id: str, job_id: str, outcome: str, detail: str = "", data: JobData | None = None,
-             labels: bytes = b"") -> None:
+             labels: bytes = b"", usage: DataUsage | None = None) -> None:
         """A peer's answer to a take plan (:meth:`ClusterState.take`). A READY take's data is
         checked first (:func:`check_take_data`: BadReport, and the peer is refused the job, as
         for a decline); the first one's shards are cut
@@ -603,7 +606,7 @@ class Coordinator:
             self._check_writable()
             ch = self.state.take(peer_id, job_id, outcome, self.now_ms(), detail=detail, data=data,
                                  shard_sizes=[int(s.size) for s in cut] if cut is not None else None,
-                                 cut_error=cut_error)
+                                 cut_error=cut_error, usage=usage)
             self._apply(ch, labels={job_id: labels})
             if job_id in ch.data and cut is not None:
                 self._shards[job_id] = cut
@@ -736,7 +739,8 @@ class Coordinator:
             if spec.dataset and not self.data.has(spec.dataset):  # under the lock: remove_dataset holds it too
                 raise NotFound(f"job names dataset {spec.dataset}, but this coordinator's store has none by "
                                f"that name (dml data put {spec.dataset} FILE...; dml data ls)")
-            jid, ch = self.state.submit(spec, None, self.now_ms())
+            size = self.data.get(spec.dataset).bytes if spec.dataset else 0  # sizes its shards in bytes
+            jid, ch = self.state.submit(spec, None, self.now_ms(), dataset_bytes=size)
             self._apply(ch)
         log.info("job %s submitted: %s", jid, spec)
         return jid

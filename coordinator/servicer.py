@@ -27,9 +27,23 @@ from dml.common.datasets import FileEntry
 from dml.coordinator import datastore
 from dml.coordinator.codestore import OverLimit
 from dml.coordinator.datastore import Dataset
-from dml.coordinator.service import Coordinator, Unavailable
+from dml.coordinator.planner import MAX_TRAIN_SAMPLES
+from dml.coordinator.service import Coordinator, PeerShardView, Unavailable
 from dml.common.spec import DEFAULT_POOL, InvalidSpec, pool_error, spec_from_pb, spec_to_pb
-from dml.coordinator.records import BadReport, Forbidden, Job, JobData, NotFound, Report, RoundRecord, Stale
+from dml.coordinator.records import (
+    LOCAL_DATA,
+    MAX_USAGE_COUNT,
+    STORE_DATA,
+    BadReport,
+    DataUsage,
+    Forbidden,
+    Job,
+    JobData,
+    NotFound,
+    Report,
+    RoundRecord,
+    Stale,
+)
 from dml.coordinator.state import DECLINED, MAX_TASK_ERROR_CHARS, READY, TASK, TASK_ERROR
 
 log = logging.getLogger(__name__)
@@ -208,8 +222,7 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
             v = self._c.shards(request.job_id)
             return jobs_pb2.GetShardsResponse(
                 job_id=v.job_id, num_classes=v.num_classes, train_samples=v.train_samples, unassigned=v.unassigned,
-                peers=[jobs_pb2.PeerShards(peer_id=p.peer_id, shard_ids=p.shard_ids, samples=p.samples,
-                                           label_counts=p.label_counts or []) for p in v.peers])
+                peers=[peer_shards_pb(p) for p in v.peers])
         raise AssertionError("unreachable")
 
     def ListPeers(self, request: jobs_pb2.ListPeersRequest, context: grpc.ServicerContext) -> jobs_pb2.ListPeersResponse:
@@ -233,6 +246,41 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
         with _status(context):
             rnd, sha, path = self._c.training_state(request.job_id)
             yield from _file_chunks(path, rnd, sha)
+
+
+def peer_shards_pb(p: PeerShardView) -> jobs_pb2.PeerShards:
+    """One member's part of a job's data, with its data usage when it reported one."""
+    out = jobs_pb2.PeerShards(peer_id=p.peer_id, shard_ids=p.shard_ids, samples=p.samples,
+                              label_counts=p.label_counts or [])
+    u = p.usage
+    if u is not None:
+        out.data_source, out.bytes_fetched, out.chunks_fetched = u.source, u.bytes_fetched, u.chunks_fetched
+        out.cache_hits, out.damaged_refetched = u.cache_hits, u.damaged
+        out.cached_shard_ids.extend(sorted(u.cached_shards))
+        if u.cache_free is not None:
+            out.has_cache_free, out.cache_free_bytes = True, u.cache_free
+    return out
+
+
+SOURCES = {control_pb2.DATA_SOURCE_LOCAL: LOCAL_DATA, control_pb2.DATA_SOURCE_STORE: STORE_DATA}
+
+
+def usage_from_pb(request: control_pb2.ReportRoundRequest | control_pb2.TakeJobRequest) -> DataUsage | None:
+    """The data usage a report or take carries (None when it carries none: nothing is recorded).
+    BadReport for an unknown source, or more cached shard ids than any job has (MAX_TRAIN_SAMPLES:
+    counted before a tuple is built; the job's own bound is checked by the state,
+    ``check_usage``)."""
+    if not request.HasField("data_usage"):
+        return None
+    u = request.data_usage
+    source = SOURCES.get(u.source)
+    if source is None:
+        raise BadReport(f"data usage: source must be LOCAL or STORE, got {u.source}")
+    if len(u.cached_shard_ids) > MAX_TRAIN_SAMPLES:
+        raise BadReport(f"data usage: {len(u.cached_shard_ids)} cached shard ids; a job has at most "
+                        f"{MAX_TRAIN_SAMPLES} shards")
+    return DataUsage(source, u.chunks_fetched, u.bytes_fetched, u.cache_hits, u.damaged_refetched,
+                     tuple(u.cached_shard_ids), request.cache_free_bytes if request.has_cache_free else None)
 
 
 def _file_chunks(path: pathlib.Path, rnd: int, digest: str) -> Iterator[jobs_pb2.ModelChunk]:
@@ -265,8 +313,12 @@ class PeerControlServicer(control_pb2_grpc.PeerControlServicer):
                           f"public_key must be a raw Ed25519 key of {KEY_BYTES} bytes, got {len(request.public_key)}")
         if request.capability.pool and (err := pool_error(request.capability.pool)):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"cannot register: {err}")
-        cap = {"device": request.capability.device, "memory_bytes": request.capability.memory_bytes,
-               "pool": request.capability.pool or DEFAULT_POOL, "max_samples": request.capability.max_samples}
+        c = request.capability
+        if c.has_cache_free and c.cache_free_bytes > MAX_USAGE_COUNT:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"cannot register: cache_free_bytes must be at most {MAX_USAGE_COUNT}, got {c.cache_free_bytes}")
+        cap = {"device": c.device, "memory_bytes": c.memory_bytes, "pool": c.pool or DEFAULT_POOL,
+               "max_samples": c.max_samples, "cache_free_bytes": c.cache_free_bytes if c.has_cache_free else None}
         with _status(context):
             pid, token = self._c.register(request.address, cap, bytes(request.public_key))
             cfg = self._c.config
@@ -345,7 +397,8 @@ class PeerControlServicer(control_pb2_grpc.PeerControlServicer):
                 test_metrics=dict(request.test_metrics) if request.has_test_metrics else {},
             )
             committed, nxt = self._c.report(request.peer_id, request.job_id, request.round, request.epoch, rep,
-                                            lambda job: self._plan_pb(job, request.peer_id))
+                                            lambda job: self._plan_pb(job, request.peer_id),
+                                            usage=usage_from_pb(request))
             if nxt is None:
                 return control_pb2.ReportRoundResponse(committed=committed)
             return control_pb2.ReportRoundResponse(committed=committed, has_next=True, next=nxt)
@@ -383,7 +436,7 @@ class PeerControlServicer(control_pb2_grpc.PeerControlServicer):
                                has_labels=bool(d.labels))
                 labels = bytes(d.labels)
             self._c.take(request.peer_id, request.job_id, str(outcome), request.detail[:MAX_TASK_ERROR_CHARS], data,
-                         labels)
+                         labels, usage=usage_from_pb(request) if outcome == READY else None)
             return control_pb2.TakeJobResponse()
 
     def FetchTaskCode(self, request: control_pb2.FetchTaskCodeRequest, context: grpc.ServicerContext) -> control_pb2.FetchTaskCodeResponse:

@@ -94,6 +94,7 @@ from dml.coordinator.records import (
     BadReport,
     BrokenLink,
     Changes,
+    DataUsage,
     Eviction,
     Exclusion,
     Forbidden,
@@ -108,6 +109,7 @@ from dml.coordinator.records import (
     RoundRecord,
     Stale,
     check_report,
+    check_usage,
     max_samples,
     peer_pool,
 )
@@ -310,7 +312,7 @@ class ClusterState:
         job.members = [m for m in job.members if m != peer_id]
         if job.members:
             job.assignment = planner.remove_peers(job.assignment, {peer_id}, sizes, self._capacity(job.members),
-                                                  self._caps(job.members))
+                                                  self._caps(job.members), **self._data_limits(job, job.members))
         else:
             job.assignment = {}
         self._new_epoch(job, now_ms, f"peer {peer_id} left")
@@ -445,6 +447,27 @@ class ClusterState:
         """Each member's ``dml-peer --max-samples`` (0: no cap), from its registration."""
         return {m: max_samples(self.peers[m]) for m in members if m in self.peers}
 
+    def _data_limits(self, job: Job, members: list[str]) -> dict[str, Any]:
+        """What placement needs of the members' caches for a job on a store dataset (none for any
+        other job, so local data places as before): ``shard_bytes`` (:func:`shard_bytes`), the
+        shards each member reported caching, and each one's free cache bytes (from its last data
+        usage for this job, else its registration; absent: no limit)."""
+        sizes = shard_bytes(job)
+        if sizes is None:
+            return {}
+        cached: dict[str, set[int]] = {}
+        free: dict[str, int] = {}
+        for m in members:
+            u = job.data_usage.get(m)
+            if u is not None and u.cached_shards:
+                cached[m] = set(u.cached_shards)
+            room = u.cache_free if u is not None else None
+            if room is None and m in self.peers:
+                room = cache_free(self.peers[m])
+            if room is not None:
+                free[m] = room
+        return {"cached": cached, "shard_bytes": sizes, "cache_free": free}
+
     def room_reason(self, job: Job) -> str:
         """Why part of a running job's data is not trained on ("" when every shard is placed):
         the members' caps (``--max-samples``) have no room for the unassigned shards, and when the
@@ -456,8 +479,9 @@ class ClusterState:
         missing = sum(job.shard_sizes[s] for s in left)
         total = sum(job.shard_sizes)
         what = (f"{len(left)} of {len(job.shard_sizes)} shards ({missing} of {total} samples) unassigned: "
-                + (placement.shortfall(job.shard_sizes, job.members, self._caps(job.members))
-                   or "the members' --max-samples caps have no room for them"))
+                + (placement.shortfall(job.shard_sizes, job.members, self._caps(job.members),
+                                       **self._data_limits(job, job.members))
+                   or "the members' limits (--max-samples, --cache-max-gb) have no room for them"))
         if missing == total:
             return f"waiting for room: {what}; no member can hold a shard"
         return f"{what}; they are placed when a peer with room joins"
@@ -507,10 +531,12 @@ class ClusterState:
         return "idle", ""
 
     # -- jobs -------------------------------------------------------------------------------
-    def submit(self, spec: JobSpec, shard_sizes: list[int] | None, now_ms: int) -> tuple[str, Changes]:
+    def submit(self, spec: JobSpec, shard_sizes: list[int] | None, now_ms: int,
+               dataset_bytes: int = 0) -> tuple[str, Changes]:
         """Queues a validated job. With ``shard_sizes`` its training set is known already, cut
         into shards of those sizes, and any idle peer may run it; without (None), peers take it
-        first and the first READY take fixes its data (see the module)."""
+        first and the first READY take fixes its data (see the module). ``dataset_bytes``: the
+        size of the store dataset the job names (0 for none), which sizes its shards in bytes."""
         if shard_sizes is not None and len(shard_sizes) != spec.num_shards:
             raise ValueError(f"{len(shard_sizes)} shard sizes for a job of {spec.num_shards} shards")
         if shard_sizes is not None and not spec.batch_size:
@@ -518,7 +544,8 @@ class ClusterState:
         jid = self._new_id("job", self.jobs, now_ms)
         wall = self.wall_ms(now_ms)
         self.jobs[jid] = Job(jid, spec, created_ms=wall, shard_sizes=list(shard_sizes or []), updated_ms=wall,
-                             reason="waiting for peers", needs_take=shard_sizes is None)
+                             reason="waiting for peers", needs_take=shard_sizes is None,
+                             dataset_bytes=max(0, dataset_bytes) if spec.dataset else 0)
         return jid, Changes(jobs=(jid,)) | self.schedule(now_ms)
 
     def job(self, job_id: str) -> Job:
@@ -781,11 +808,12 @@ class ClusterState:
             p.held_out_job = p.held_out_reason = ""  # held out of another job, taken by this one
         job.members = job.members + joiners
         capacity, caps = self._capacity(job.members), self._caps(job.members)
+        limits = self._data_limits(job, job.members)
         if job.assignment:
-            job.assignment = planner.add_peers(job.assignment, joiners, sizes, capacity, caps)
+            job.assignment = planner.add_peers(job.assignment, joiners, sizes, capacity, caps, **limits)
         else:
             job.assignment = planner.assign_shards(sizes, job.members, capacity, caps,
-                                                   ordered=planner.ordered_sharding(job.spec.sharding))
+                                                   ordered=planner.ordered_sharding(job.spec.sharding), **limits)
         return True
 
     def schedule(self, now_ms: int) -> Changes:
@@ -861,7 +889,8 @@ class ClusterState:
         return None
 
     def take(self, peer_id: str, job_id: str, outcome: str, now_ms: int, detail: str = "",
-             data: JobData | None = None, shard_sizes: list[int] | None = None, cut_error: str = "") -> Changes:
+             data: JobData | None = None, shard_sizes: list[int] | None = None, cut_error: str = "",
+             usage: DataUsage | None = None) -> Changes:
         """A peer's answer to a take (``outcome``: READY, DECLINED or TASK_ERROR).
 
         READY: ``data`` is what it found. The first READY take fixes the job's data: unless
@@ -874,7 +903,9 @@ class ClusterState:
         ``detail``, the task's own error. Stale for a finished job, from one of its members (they
         took it already: a task error in a round is reported as a failure) or from a peer that
         declined it or was refused it; BadReport for
-        a READY take without data, or shard sizes that do not fit it."""
+        a READY take without data, or shard sizes that do not fit it, or a ``usage`` (what the
+        data cost the peer, which shards it caches) that cannot be true of the job
+        (:func:`check_usage`): it is kept on the job for placement (:meth:`note_usage`)."""
         peer = self._peer(peer_id)
         peer.last_seen_ms = now_ms
         job = self.job(job_id)
@@ -896,6 +927,8 @@ class ClusterState:
             raise BadReport(f"unknown take outcome {outcome!r}")
         if data is None:
             raise BadReport(f"peer {peer_id} took job {job_id} as READY without describing its data")
+        if usage is not None:
+            check_usage(usage, job.spec.num_shards, bool(job.spec.dataset))
         changes = Changes(jobs=(job_id,))
         if job.data is None:
             problem = planner.data_problem(job.spec, data.train_samples, data.has_labels) or cut_error
@@ -920,6 +953,8 @@ class ClusterState:
             return self._decline(job, peer_id, (
                 f"its data differs from the job's: {data.train_samples} training samples (digest "
                 f"{data.digest[:12]}) where the job has {job.data.train_samples} ({job.data.digest[:12]})"), now_ms)
+        if usage is not None:
+            self.note_usage(job, peer_id, usage)
         if peer_id not in job.ready:
             job.ready.append(peer_id)
         job.updated_ms = self.wall_ms(now_ms)
@@ -993,13 +1028,24 @@ class ClusterState:
         job.pending_checkpoint_peer = peer_id
         job.pending_checkpoint_state = state_digest
 
-    def report(self, peer_id: str, job_id: str, rnd: int, epoch: int, rep: Report, now_ms: int) -> Changes:
-        """Records a member's round report; commits the round when every member agrees."""
+    def note_usage(self, job: Job, peer_id: str, usage: DataUsage) -> None:
+        """Keeps ``usage`` as ``peer_id``'s last word on its data of ``job`` (checked already:
+        :func:`check_usage`); placement reads it when peers leave and join."""
+        job.data_usage[peer_id] = usage
+
+    def report(self, peer_id: str, job_id: str, rnd: int, epoch: int, rep: Report, now_ms: int,
+               usage: DataUsage | None = None) -> Changes:
+        """Records a member's round report; commits the round when every member agrees. ``usage``
+        (its data so far) is checked (BadReport, nothing recorded) and kept, even from a stale report:
+        it is the peer's cache as it is now."""
         peer = self._peer(peer_id)
         peer.last_seen_ms = now_ms
         check_report(rep)
         job = self.job(job_id)
         self.check_member(job, peer_id)
+        if usage is not None:
+            check_usage(usage, job.spec.num_shards, bool(job.spec.dataset))
+            self.note_usage(job, peer_id, usage)
         if job.gossip.active:
             return self._gossip_report(job, peer, rnd, rep, now_ms)
         self._check_current(job, peer_id, rnd, epoch)
@@ -1094,3 +1140,19 @@ def _note_speed(peer: PeerRecord, rep: Report) -> None:
         old = peer.samples_per_s
         peer.samples_per_s = rep.samples_per_s if old <= 0 else 0.7 * old + 0.3 * rep.samples_per_s
 
+
+def shard_bytes(job: Job) -> list[int] | None:
+    """Each shard's bytes for a job on a store dataset, estimated as the dataset's bytes times the
+    shard's share of the training samples; None for a job whose data is not on the store (or not
+    described yet): local data has no cache to fill."""
+    total = sum(job.shard_sizes)
+    if not job.spec.dataset or job.dataset_bytes <= 0 or total <= 0:
+        return None
+    return [job.dataset_bytes * n // total for n in job.shard_sizes]
+
+
+def cache_free(peer: PeerRecord) -> int | None:
+    """The free bytes of a peer's dataset cache as it registered (``dml-peer --cache-max-gb``
+    minus what it held); None when its cache has no limit (or it said nothing)."""
+    v = peer.capability.get("cache_free_bytes")
+    return v if isinstance(v, int) and not isinstance(v, bool) and v >= 0 else None

@@ -18,7 +18,7 @@ from dml.common import metrics as metricsmod
 from dml.common.metrics import MetricsConfig, MetricsServer
 from dml.common.spec import DEFAULT_POOL
 from dml.common.tls import TlsConfig
-from dml.peer import shm
+from dml.peer import datausage, shm
 from dml.peer.advertise import address_problem, advertise_host
 from dml.peer.auth import ExchangeGuard, PeerCredentials
 from dml.peer.client import CALL_TIMEOUT_S, ControlClient, Evicted, evicted_code, refusing_cluster
@@ -175,7 +175,8 @@ class Peer:
         # Registered first, cleared after: only this cluster's coordinator (which may take a
         # while to come back) can tell this peer to drop what it holds.
         resp = self.client.register(self.address, self.config.device, device_memory(self.config.device),
-                                    max_samples=self.config.max_samples, pool=self.config.pool)
+                                    max_samples=self.config.max_samples, pool=self.config.pool,
+                                    cache_free=datausage.cache_free(self.data_cache))
         if self.peer_id:  # evicted: whatever it held may be stale, start clean as a new member
             self.gossip.detach()
             self.store.clear()

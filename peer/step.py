@@ -15,6 +15,7 @@ from dml.v1 import control_pb2, types_pb2
 
 from dml.aggregation.guard import update_norm
 from dml.common.sampling import shard_order
+from dml.peer import datausage
 from dml.peer.client import CALL_TIMEOUT_S, Evicted
 
 if TYPE_CHECKING:
@@ -102,7 +103,8 @@ def train_and_report(peer: Peer, plan: types_pb2.Plan, rank: int, tag: str, what
     trains on them (default: :meth:`Trainer.train_on`, one local step per batch; ``--sync
     grads`` averages inside its steps, and their exchange time counts as exchange); ``trained(samples)`` runs
     after training; ``average(trainer, samples)`` averages with the other members; ``results``
-    adds what the exchange left to the report; with ``evaluate`` the report carries test metrics.
+    adds what the exchange left to the report, which also carries the job's data usage
+    (:mod:`dml.peer.datausage`); with ``evaluate`` the report carries test metrics.
     ``what`` names the report in the client's retry logs. Returns the coordinator's answer."""
     t0 = time.monotonic()
     trainer = prepare()
@@ -124,6 +126,7 @@ def train_and_report(peer: Peer, plan: types_pb2.Plan, rank: int, tag: str, what
         train_samples_per_s=res.samples / (t1 - t_train - res.exchange_s)
         if res.samples and t1 > t_train + res.exchange_s else 0.0)  # throttle included
     results(trainer, req)
+    datausage.fill(req, trainer, peer)  # cheap: a few counters, the cached shard ids
     if evaluate:
         t_eval = time.monotonic()
         with trainer.lock:  # a partner's averaging must not land mid-evaluation

@@ -15,6 +15,7 @@ from dml.v1 import control_pb2, types_pb2
 
 from dml.aggregation.averaging import digest
 from dml.common.sampling import MAX_LABELS, labels_digest
+from dml.peer import datausage
 from dml.peer.client import CALL_TIMEOUT_S, Evicted
 from dml.peer.params import Snapshot
 from dml.peer.step import task_error_detail
@@ -90,7 +91,8 @@ def describe(trainer: Trainer) -> control_pb2.DataInfo:
 
 def prepare(peer: Peer, plan: types_pb2.Plan) -> control_pb2.TakeJobRequest:
     """Loads the task of ``plan``'s job (or reuses the trainer this peer holds for it) and says
-    what came of it, as the TakeJob request. A new trainer is kept in the peer's ParamStore,
+    what came of it, as the TakeJob request (READY: with what its data cost, and the cache's
+    free bytes: :func:`datausage.fill`). A new trainer is kept in the peer's ParamStore,
     starting from the seeded model."""
     req = control_pb2.TakeJobRequest(peer_id=peer.peer_id, job_id=plan.job_id)
     try:
@@ -99,6 +101,7 @@ def prepare(peer: Peer, plan: types_pb2.Plan) -> control_pb2.TakeJobRequest:
         if trainer is None:
             trainer = make_trainer(peer, plan.job_id, plan.spec)
         req.data.CopyFrom(describe(trainer))
+        datausage.fill(req, trainer, peer)
     except Declined as e:
         req.outcome, req.detail = control_pb2.TAKE_OUTCOME_DECLINED, str(e)
         return req

@@ -16,6 +16,7 @@ from dml.common.sampling import MAX_LABELS, labels_digest
 from dml.common.spec import JobSpec, spec_to_pb
 from dml.common.task import ArrayDataset
 from dml.common.tasks import builtin_data
+from dml.peer.datacache import ChunkCache
 from dml.peer.params import ParamStore
 from dml.peer.take import describe, label_problem, prepare, training_labels
 from dml.peer.trainer import TaskError, Trainer
@@ -70,8 +71,9 @@ def test_the_description_carries_counts_labels_and_their_digest() -> None:
     assert unlabelled.labels == b"" and unlabelled.num_classes == 0 and unlabelled.data_digest == labels_digest(30, b"")
 
 
-def fake_peer() -> types.SimpleNamespace:
-    return types.SimpleNamespace(peer_id="peer-1", store=ParamStore(), config=types.SimpleNamespace(device="cpu", data_dir=None))
+def fake_peer(cache_max_bytes: int = 0) -> types.SimpleNamespace:
+    return types.SimpleNamespace(peer_id="peer-1", store=ParamStore(), config=types.SimpleNamespace(device="cpu", data_dir=None),
+                                 data_cache=ChunkCache(max_bytes=cache_max_bytes))
 
 
 def plan(task: str, aggregation: str = "ring") -> types_pb2.Plan:
@@ -87,6 +89,23 @@ def test_a_ready_take_keeps_the_trainer_for_the_jobs_rounds() -> None:
     assert held is not None and peer.store.committed is not None and peer.store.committed.round == 0
     again = prepare(peer, plan("digits"))  # type: ignore[arg-type]
     assert again.data == req.data and peer.store.trainer_for("job-1") is held, "loaded once"
+
+
+def test_a_ready_take_of_local_data_says_so_and_caches_no_shard() -> None:
+    """A local job's take carries its data usage: source local, nothing fetched, no shard cached;
+    the cache's free bytes go with it when the cache is limited, and not when it is not."""
+    peer = fake_peer(cache_max_bytes=1000)
+    try:
+        req = prepare(peer, plan("digits"))  # type: ignore[arg-type]
+    finally:
+        peer.data_cache.close()
+    assert req.outcome == control_pb2.TAKE_OUTCOME_READY and req.HasField("data_usage")
+    u = req.data_usage
+    assert u.source == control_pb2.DATA_SOURCE_LOCAL and list(u.cached_shard_ids) == []
+    assert (u.chunks_fetched, u.bytes_fetched, u.cache_hits, u.damaged_refetched) == (0, 0, 0, 0)
+    assert req.has_cache_free and req.cache_free_bytes == 1000
+    unlimited = prepare(fake_peer(), plan("digits"))  # type: ignore[arg-type]
+    assert unlimited.HasField("data_usage") and not unlimited.has_cache_free
 
 
 def test_a_task_that_cannot_be_loaded_is_a_task_error_with_its_message() -> None:

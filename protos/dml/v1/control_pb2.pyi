@@ -3,10 +3,16 @@ from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from collections.abc import Mapping as _Mapping
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class DataSource(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    DATA_SOURCE_UNSPECIFIED: _ClassVar[DataSource]
+    DATA_SOURCE_LOCAL: _ClassVar[DataSource]
+    DATA_SOURCE_STORE: _ClassVar[DataSource]
 
 class CheckpointKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -27,6 +33,9 @@ class TakeOutcome(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     TAKE_OUTCOME_READY: _ClassVar[TakeOutcome]
     TAKE_OUTCOME_DECLINED: _ClassVar[TakeOutcome]
     TAKE_OUTCOME_TASK_ERROR: _ClassVar[TakeOutcome]
+DATA_SOURCE_UNSPECIFIED: DataSource
+DATA_SOURCE_LOCAL: DataSource
+DATA_SOURCE_STORE: DataSource
 CHECKPOINT_KIND_MODEL: CheckpointKind
 CHECKPOINT_KIND_TRAINING_STATE: CheckpointKind
 FAILURE_KIND_UNSPECIFIED: FailureKind
@@ -40,16 +49,36 @@ TAKE_OUTCOME_DECLINED: TakeOutcome
 TAKE_OUTCOME_TASK_ERROR: TakeOutcome
 
 class PeerCapability(_message.Message):
-    __slots__ = ("device", "memory_bytes", "pool", "max_samples")
+    __slots__ = ("device", "memory_bytes", "pool", "max_samples", "cache_free_bytes", "has_cache_free")
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
     POOL_FIELD_NUMBER: _ClassVar[int]
     MAX_SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    CACHE_FREE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    HAS_CACHE_FREE_FIELD_NUMBER: _ClassVar[int]
     device: str
     memory_bytes: int
     pool: str
     max_samples: int
-    def __init__(self, device: _Optional[str] = ..., memory_bytes: _Optional[int] = ..., pool: _Optional[str] = ..., max_samples: _Optional[int] = ...) -> None: ...
+    cache_free_bytes: int
+    has_cache_free: bool
+    def __init__(self, device: _Optional[str] = ..., memory_bytes: _Optional[int] = ..., pool: _Optional[str] = ..., max_samples: _Optional[int] = ..., cache_free_bytes: _Optional[int] = ..., has_cache_free: _Optional[bool] = ...) -> None: ...
+
+class DataUsage(_message.Message):
+    __slots__ = ("source", "chunks_fetched", "bytes_fetched", "cache_hits", "damaged_refetched", "cached_shard_ids")
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    CHUNKS_FETCHED_FIELD_NUMBER: _ClassVar[int]
+    BYTES_FETCHED_FIELD_NUMBER: _ClassVar[int]
+    CACHE_HITS_FIELD_NUMBER: _ClassVar[int]
+    DAMAGED_REFETCHED_FIELD_NUMBER: _ClassVar[int]
+    CACHED_SHARD_IDS_FIELD_NUMBER: _ClassVar[int]
+    source: DataSource
+    chunks_fetched: int
+    bytes_fetched: int
+    cache_hits: int
+    damaged_refetched: int
+    cached_shard_ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, source: _Optional[_Union[DataSource, str]] = ..., chunks_fetched: _Optional[int] = ..., bytes_fetched: _Optional[int] = ..., cache_hits: _Optional[int] = ..., damaged_refetched: _Optional[int] = ..., cached_shard_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class RegisterPeerRequest(_message.Message):
     __slots__ = ("address", "capability", "public_key", "cluster_id")
@@ -122,7 +151,7 @@ class GetPlanResponse(_message.Message):
     def __init__(self, has_plan: _Optional[bool] = ..., plan: _Optional[_Union[_types_pb2.Plan, _Mapping]] = ...) -> None: ...
 
 class ReportRoundRequest(_message.Message):
-    __slots__ = ("peer_id", "job_id", "round", "epoch", "samples", "train_loss", "digest", "has_test_metrics", "test_accuracy", "test_loss", "train_samples_per_s", "train_ms", "exchange_ms", "eval_ms", "pair_distance", "has_pair_distance", "bytes_sent", "update_norm", "test_metrics")
+    __slots__ = ("peer_id", "job_id", "round", "epoch", "samples", "train_loss", "digest", "has_test_metrics", "test_accuracy", "test_loss", "train_samples_per_s", "train_ms", "exchange_ms", "eval_ms", "pair_distance", "has_pair_distance", "bytes_sent", "update_norm", "test_metrics", "data_usage", "cache_free_bytes", "has_cache_free")
     class TestMetricsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -149,6 +178,9 @@ class ReportRoundRequest(_message.Message):
     BYTES_SENT_FIELD_NUMBER: _ClassVar[int]
     UPDATE_NORM_FIELD_NUMBER: _ClassVar[int]
     TEST_METRICS_FIELD_NUMBER: _ClassVar[int]
+    DATA_USAGE_FIELD_NUMBER: _ClassVar[int]
+    CACHE_FREE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    HAS_CACHE_FREE_FIELD_NUMBER: _ClassVar[int]
     peer_id: str
     job_id: str
     round: int
@@ -168,7 +200,10 @@ class ReportRoundRequest(_message.Message):
     bytes_sent: int
     update_norm: float
     test_metrics: _containers.ScalarMap[str, float]
-    def __init__(self, peer_id: _Optional[str] = ..., job_id: _Optional[str] = ..., round: _Optional[int] = ..., epoch: _Optional[int] = ..., samples: _Optional[int] = ..., train_loss: _Optional[float] = ..., digest: _Optional[str] = ..., has_test_metrics: _Optional[bool] = ..., test_accuracy: _Optional[float] = ..., test_loss: _Optional[float] = ..., train_samples_per_s: _Optional[float] = ..., train_ms: _Optional[int] = ..., exchange_ms: _Optional[int] = ..., eval_ms: _Optional[int] = ..., pair_distance: _Optional[float] = ..., has_pair_distance: _Optional[bool] = ..., bytes_sent: _Optional[int] = ..., update_norm: _Optional[float] = ..., test_metrics: _Optional[_Mapping[str, float]] = ...) -> None: ...
+    data_usage: DataUsage
+    cache_free_bytes: int
+    has_cache_free: bool
+    def __init__(self, peer_id: _Optional[str] = ..., job_id: _Optional[str] = ..., round: _Optional[int] = ..., epoch: _Optional[int] = ..., samples: _Optional[int] = ..., train_loss: _Optional[float] = ..., digest: _Optional[str] = ..., has_test_metrics: _Optional[bool] = ..., test_accuracy: _Optional[float] = ..., test_loss: _Optional[float] = ..., train_samples_per_s: _Optional[float] = ..., train_ms: _Optional[int] = ..., exchange_ms: _Optional[int] = ..., eval_ms: _Optional[int] = ..., pair_distance: _Optional[float] = ..., has_pair_distance: _Optional[bool] = ..., bytes_sent: _Optional[int] = ..., update_norm: _Optional[float] = ..., test_metrics: _Optional[_Mapping[str, float]] = ..., data_usage: _Optional[_Union[DataUsage, _Mapping]] = ..., cache_free_bytes: _Optional[int] = ..., has_cache_free: _Optional[bool] = ...) -> None: ...
 
 class ReportRoundResponse(_message.Message):
     __slots__ = ("committed", "has_next", "next")
@@ -245,18 +280,24 @@ class DataInfo(_message.Message):
     def __init__(self, train_samples: _Optional[int] = ..., test_samples: _Optional[int] = ..., labels: _Optional[bytes] = ..., num_classes: _Optional[int] = ..., batch_size: _Optional[int] = ..., num_params: _Optional[int] = ..., data_digest: _Optional[str] = ...) -> None: ...
 
 class TakeJobRequest(_message.Message):
-    __slots__ = ("peer_id", "job_id", "outcome", "detail", "data")
+    __slots__ = ("peer_id", "job_id", "outcome", "detail", "data", "data_usage", "cache_free_bytes", "has_cache_free")
     PEER_ID_FIELD_NUMBER: _ClassVar[int]
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     OUTCOME_FIELD_NUMBER: _ClassVar[int]
     DETAIL_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
+    DATA_USAGE_FIELD_NUMBER: _ClassVar[int]
+    CACHE_FREE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    HAS_CACHE_FREE_FIELD_NUMBER: _ClassVar[int]
     peer_id: str
     job_id: str
     outcome: TakeOutcome
     detail: str
     data: DataInfo
-    def __init__(self, peer_id: _Optional[str] = ..., job_id: _Optional[str] = ..., outcome: _Optional[_Union[TakeOutcome, str]] = ..., detail: _Optional[str] = ..., data: _Optional[_Union[DataInfo, _Mapping]] = ...) -> None: ...
+    data_usage: DataUsage
+    cache_free_bytes: int
+    has_cache_free: bool
+    def __init__(self, peer_id: _Optional[str] = ..., job_id: _Optional[str] = ..., outcome: _Optional[_Union[TakeOutcome, str]] = ..., detail: _Optional[str] = ..., data: _Optional[_Union[DataInfo, _Mapping]] = ..., data_usage: _Optional[_Union[DataUsage, _Mapping]] = ..., cache_free_bytes: _Optional[int] = ..., has_cache_free: _Optional[bool] = ...) -> None: ...
 
 class TakeJobResponse(_message.Message):
     __slots__ = ()

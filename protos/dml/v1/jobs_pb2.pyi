@@ -236,16 +236,32 @@ class GetShardsRequest(_message.Message):
     def __init__(self, job_id: _Optional[str] = ...) -> None: ...
 
 class PeerShards(_message.Message):
-    __slots__ = ("peer_id", "shard_ids", "samples", "label_counts")
+    __slots__ = ("peer_id", "shard_ids", "samples", "label_counts", "data_source", "bytes_fetched", "chunks_fetched", "cache_hits", "damaged_refetched", "cached_shard_ids", "cache_free_bytes", "has_cache_free")
     PEER_ID_FIELD_NUMBER: _ClassVar[int]
     SHARD_IDS_FIELD_NUMBER: _ClassVar[int]
     SAMPLES_FIELD_NUMBER: _ClassVar[int]
     LABEL_COUNTS_FIELD_NUMBER: _ClassVar[int]
+    DATA_SOURCE_FIELD_NUMBER: _ClassVar[int]
+    BYTES_FETCHED_FIELD_NUMBER: _ClassVar[int]
+    CHUNKS_FETCHED_FIELD_NUMBER: _ClassVar[int]
+    CACHE_HITS_FIELD_NUMBER: _ClassVar[int]
+    DAMAGED_REFETCHED_FIELD_NUMBER: _ClassVar[int]
+    CACHED_SHARD_IDS_FIELD_NUMBER: _ClassVar[int]
+    CACHE_FREE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    HAS_CACHE_FREE_FIELD_NUMBER: _ClassVar[int]
     peer_id: str
     shard_ids: _containers.RepeatedScalarFieldContainer[int]
     samples: int
     label_counts: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, peer_id: _Optional[str] = ..., shard_ids: _Optional[_Iterable[int]] = ..., samples: _Optional[int] = ..., label_counts: _Optional[_Iterable[int]] = ...) -> None: ...
+    data_source: str
+    bytes_fetched: int
+    chunks_fetched: int
+    cache_hits: int
+    damaged_refetched: int
+    cached_shard_ids: _containers.RepeatedScalarFieldContainer[int]
+    cache_free_bytes: int
+    has_cache_free: bool
+    def __init__(self, peer_id: _Optional[str] = ..., shard_ids: _Optional[_Iterable[int]] = ..., samples: _Optional[int] = ..., label_counts: _Optional[_Iterable[int]] = ..., data_source: _Optional[str] = ..., bytes_fetched: _Optional[int] = ..., chunks_fetched: _Optional[int] = ..., cache_hits: _Optional[int] = ..., damaged_refetched: _Optional[int] = ..., cached_shard_ids: _Optional[_Iterable[int]] = ..., cache_free_bytes: _Optional[int] = ..., has_cache_free: _Optional[bool] = ...) -> None: ...
 
 class GetShardsResponse(_message.Message):
     __slots__ = ("job_id", "peers", "num_classes", "train_samples", "unassigned")

@@ -1,0 +1,110 @@
+"""What a job's data costs this peer, as the coordinator is told with every TakeJob and
+ReportRound (``DataUsage``): where the data comes from (``local``: the peer's own files or a
+shared volume; ``store``: fetched from the coordinator's dataset store into ``--cache-dir``),
+what fetching it cost for this job (chunks and bytes fetched, chunks found in the cache, damaged
+cache files fetched again), the job's shards the peer holds whole in its cache, and how many
+bytes the cache can still take in (``--cache-max-gb`` minus what it holds). The coordinator
+places shards by the last two (``coordinator/placement.py``) and shows it all in ``dml shards``.
+
+The counters are per job: :class:`JobUsage`, built when the job's trainer is (``peer/taskload.py``)
+and kept on that trainer (:func:`attach`, :func:`of`), so whatever reads the job's data can add
+to them. Counts are totals since the peer took the job, never deltas: a report the coordinator
+lost costs nothing.
+"""
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from dml.v1 import control_pb2
+
+from dml.peer.datacache import ChunkCache, Counters
+
+if TYPE_CHECKING:
+    from dml.peer.runner import Peer
+    from dml.peer.trainer import Trainer
+
+LOCAL, STORE = "local", "store"
+SOURCES = {LOCAL: control_pb2.DATA_SOURCE_LOCAL, STORE: control_pb2.DATA_SOURCE_STORE}
+ATTRIBUTE = "data_usage"  # the trainer attribute holding its job's JobUsage
+
+
+@dataclass
+class JobUsage:
+    """One job's data on this peer: its ``source`` (LOCAL or STORE), the cache counters it added
+    (chunks and bytes fetched, hits, damaged chunks fetched again), and whether the store dataset
+    is assembled whole in the cache (``whole``: every shard's rows are there)."""
+
+    source: str
+    num_shards: int
+    counters: Counters = field(default_factory=Counters)
+    whole: bool = False
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def add(self, got: Counters) -> None:
+        """Adds what one read of the job's data cost (a :meth:`Counters.minus` delta)."""
+        with self.lock:
+            c = self.counters
+            c.chunks_fetched += got.chunks_fetched
+            c.bytes_fetched += got.bytes_fetched
+            c.hits += got.hits
+            c.damaged += got.damaged
+            c.evicted += got.evicted
+
+    def snapshot(self) -> Counters:
+        """The counts so far (a copy)."""
+        with self.lock:
+            return Counters(**{k: getattr(self.counters, k) for k in Counters.__dataclass_fields__})
+
+
+def local(num_shards: int) -> JobUsage:
+    """A job on local data (``--data-dir`` or a shared volume): nothing fetched, nothing cached."""
+    return JobUsage(LOCAL, num_shards)
+
+
+def cached_shards(job: JobUsage) -> list[int]:
+    """The job's shard ids whose rows this peer holds whole in its cache: every shard when the
+    store dataset is assembled whole, none for local data (or before the dataset is there)."""
+    if job.source != STORE or not job.whole:
+        return []
+    return list(range(job.num_shards))
+
+
+def cache_free(cache: ChunkCache) -> int | None:
+    """Bytes the cache can still take in (``--cache-max-gb`` minus the chunks it holds, never
+    negative); None when it has no limit."""
+    if not cache.max_bytes:
+        return None
+    return max(0, cache.max_bytes - cache.stored_bytes)
+
+
+def usage(job: JobUsage) -> control_pb2.DataUsage:
+    """``job``'s data usage as the coordinator is told it."""
+    c = job.snapshot()
+    return control_pb2.DataUsage(source=SOURCES[job.source], chunks_fetched=c.chunks_fetched,
+                                 bytes_fetched=c.bytes_fetched, cache_hits=c.hits, damaged_refetched=c.damaged,
+                                 cached_shard_ids=cached_shards(job))
+
+
+def attach(trainer: Trainer, job: JobUsage) -> None:
+    """Keeps ``job`` on its trainer, where the job's data readers and its reports reach it."""
+    setattr(trainer, ATTRIBUTE, job)
+
+
+def of(trainer: Trainer) -> JobUsage | None:
+    """The JobUsage kept on ``trainer`` (None for a trainer built elsewhere, e.g. in a test)."""
+    got = getattr(trainer, ATTRIBUTE, None)
+    return got if isinstance(got, JobUsage) else None
+
+
+def fill(req: control_pb2.ReportRoundRequest | control_pb2.TakeJobRequest, trainer: Trainer, peer: Peer) -> None:
+    """Adds the trainer's job's data usage and the free bytes of ``peer``'s cache to a report or
+    take (nothing when the trainer carries no JobUsage)."""
+    job = of(trainer)
+    if job is None:
+        return
+    req.data_usage.CopyFrom(usage(job))
+    free = cache_free(peer.data_cache)
+    if free is not None:
+        req.has_cache_free, req.cache_free_bytes = True, free
