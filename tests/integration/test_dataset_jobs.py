@@ -1,10 +1,15 @@
 """A job on a dataset of the coordinator's store, with an in-process coordinator and peers: the
 data lives only in the store (`dml data put`), the task file reads ``ctx.data_dir``, two peers
 with empty data dirs fetch it into their caches and train it to SUCCEEDED; a second job on the
-same dataset fetches nothing; a tampered cache chunk is fetched again."""
+same dataset fetches nothing; a tampered cache chunk is fetched again. ``dml shards`` shows what
+each job's data cost each peer (bytes fetched on the first job, cache hits on the second, the
+shards cached), and the coordinator refuses data usage that cannot be true."""
 from __future__ import annotations
 
 import pathlib
+
+import grpc
+import json
 
 import numpy as np
 import pytest
@@ -12,8 +17,9 @@ import pytest
 from dml.client import cli
 from dml.peer.datacache import manifest_of
 from dml.peer.runner import Peer, PeerConfig
-from dml.v1 import jobs_pb2, types_pb2
-from tests.integration.helpers import coordinator, job_stub, join_token, operator_token, wait_for
+from dml.common import auth, rpc
+from dml.v1 import control_pb2, control_pb2_grpc, jobs_pb2, types_pb2
+from tests.integration.helpers import coordinator, job_stub, join_token, operator_token, take_ready, wait_for
 
 FINISHED = (types_pb2.JOB_STATE_SUCCEEDED, types_pb2.JOB_STATE_FAILED, types_pb2.JOB_STATE_CANCELLED)
 
@@ -81,6 +87,13 @@ def test_a_job_on_a_stored_dataset_trains_from_the_peers_caches(tmp_path: pathli
             jid = _dml(capsys, srv.address, token, *submit)
             _finishes(srv.address, jid)
             manifest = manifest_of(members[0].client.fetch_manifest("tab"))
+            size = sum(f.size for f in manifest.files)
+            shards = json.loads(_dml(capsys, srv.address, token, "shards", jid, "--json"))
+            assert {p["peer_id"] for p in shards["peers"]} == {p.peer_id for p in members}
+            for p in shards["peers"]:  # each fetched the whole dataset (materialised whole: every shard cached)
+                assert p["data"]["source"] == "store" and p["data"]["label"] == "store: fetched", p
+                assert (p["data"]["bytes_fetched"], p["data"]["chunks_fetched"], p["data"]["cache_hits"]) == (size, 2, 0)
+                assert p["data"]["cached_shards"] == list(range(24)) and p["data"]["cache_free_bytes"] is None
             for p in members:
                 c = p.data_cache.counters
                 assert c.chunks_fetched == 2 and c.hits == 0 and c.bytes_fetched == sum(f.size for f in manifest.files)
@@ -93,6 +106,13 @@ def test_a_job_on_a_stored_dataset_trains_from_the_peers_caches(tmp_path: pathli
             _finishes(srv.address, jid2)
             for p in members:
                 assert p.data_cache.counters.chunks_fetched == 2, "the second job fetched nothing"
+            shards = json.loads(_dml(capsys, srv.address, token, "shards", jid2, "--json"))
+            for p in shards["peers"]:  # its own counters: nothing fetched, both chunks found in the cache
+                assert (p["data"]["label"], p["data"]["bytes_fetched"], p["data"]["cache_hits"]) == ("store: cache", 0, 2)
+                assert p["data"]["cached_shards"] == list(range(24))
+            table = _dml(capsys, srv.address, token, "shards", jid2).splitlines()
+            assert "DATA" in table[0] and "HITS" in table[0]
+            assert all(" store: cache " in line and " 0 B " in line for line in table[1:3]), table
 
             # A tampered chunk in a cache is found when the dataset is assembled again.
             cache = members[0].data_cache
@@ -106,3 +126,68 @@ def test_a_job_on_a_stored_dataset_trains_from_the_peers_caches(tmp_path: pathli
         finally:
             for p in members:
                 p.stop()
+
+
+def test_the_coordinator_refuses_data_usage_that_cannot_be_true(tmp_path: pathlib.Path,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    """A hand-made peer takes a job on a store dataset: unknown shard ids, more ids than the job
+    has shards, a source other than the job's, an unknown source and a huge free cache are each
+    INVALID_ARGUMENT with a message, and nothing is recorded; a true usage is shown."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a.bin").write_bytes(b"x" * 100)
+    with coordinator(tmp_path / "state") as srv:
+        token = tmp_path / "operator.token"
+        token.write_text(operator_token(srv.address) + "\n")
+        token.chmod(0o600)
+        _dml(capsys, srv.address, token, "data", "put", "tiny", str(src))
+        with rpc.channel(srv.address) as ch:
+            joiner = control_pb2_grpc.PeerControlStub(auth.with_token(ch, join_token(srv.address)))
+            with pytest.raises(grpc.RpcError) as e:
+                joiner.RegisterPeer(control_pb2.RegisterPeerRequest(
+                    address="127.0.0.1:9", public_key=bytes(32),
+                    capability=control_pb2.PeerCapability(has_cache_free=True, cache_free_bytes=1 << 62)), timeout=10)
+            assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "cache_free_bytes" in e.value.details()
+            reg = joiner.RegisterPeer(control_pb2.RegisterPeerRequest(address="127.0.0.1:9", public_key=bytes(32)),
+                                      timeout=10)
+        jid = _dml(capsys, srv.address, token, "submit", "--task", "digits", "--dataset", "tiny", "--num-shards", "4",
+                   "--min-peers", "2")
+        with rpc.channel(srv.address) as ch:
+            stub = control_pb2_grpc.PeerControlStub(auth.with_token(ch, reg.peer_token))
+            store = control_pb2.DATA_SOURCE_STORE
+            for usage, words in [
+                (control_pb2.DataUsage(source=store, cached_shard_ids=[4]), "unknown shard id 4"),
+                (control_pb2.DataUsage(source=store, cached_shard_ids=list(range(5))), "5 cached shard ids for a job of 4"),
+                (control_pb2.DataUsage(source=control_pb2.DATA_SOURCE_LOCAL), "source local, but the job's data is store"),
+                (control_pb2.DataUsage(source=7), "source must be LOCAL or STORE"),
+                (control_pb2.DataUsage(source=store, bytes_fetched=1 << 63), "bytes_fetched must be in"),
+            ]:
+                with pytest.raises(grpc.RpcError) as e:
+                    _take(stub, reg.peer_id, jid, usage)
+                assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and words in e.value.details(), e.value.details()
+            shards = json.loads(_dml(capsys, srv.address, token, "shards", jid, "--json"))
+            assert shards["peers"] == [], "nothing recorded, the peer not taken"
+            _take(stub, reg.peer_id, jid, control_pb2.DataUsage(source=store, chunks_fetched=1, bytes_fetched=100,
+                                                                 cached_shard_ids=[3, 1]), free=5)
+        job = srv.coordinator.state.job(jid)
+        assert job.data_usage[reg.peer_id].cached_shards == (3, 1) and job.data_usage[reg.peer_id].cache_free == 5
+
+
+def _take(stub: control_pb2_grpc.PeerControlStub, peer_id: str, jid: str, usage: control_pb2.DataUsage,
+          free: int | None = None) -> None:
+    """A READY take of the digits task's data, carrying ``usage`` (and ``free`` cache bytes)."""
+    take_ready(_WithUsage(stub, usage, free), peer_id, jid)
+
+
+class _WithUsage:
+    """A PeerControl stub whose TakeJob requests carry a given data usage."""
+
+    def __init__(self, stub: control_pb2_grpc.PeerControlStub, usage: control_pb2.DataUsage, free: int | None) -> None:
+        self.stub, self.usage, self.free = stub, usage, free
+
+    def TakeJob(self, req: control_pb2.TakeJobRequest, timeout: float) -> control_pb2.TakeJobResponse:  # noqa: N802
+        req.data_usage.CopyFrom(self.usage)
+        if self.free is not None:
+            req.has_cache_free, req.cache_free_bytes = True, self.free
+        return self.stub.TakeJob(req, timeout=timeout)
+

@@ -370,6 +370,20 @@ def test_shards_table_and_id_ranges() -> None:
     assert lines[4].startswith("unassigned: 1 shards (3)")
 
 
+def test_shards_table_shows_each_members_data_source_bytes_fetched_hits_and_cached_shards() -> None:
+    data = {"source": "store", "label": "store: fetched", "bytes_fetched": 3 << 20, "chunks_fetched": 3,
+            "cache_hits": 1, "damaged_refetched": 0, "cached_shards": [0, 1, 2], "cache_free_bytes": None}
+    d = {"job_id": "j", "train_samples": 30, "num_classes": 0, "unassigned": [],
+         "peers": [{"peer_id": "pa", "shards": [0, 1], "samples": 20, "label_counts": None, "data": data},
+                   {"peer_id": "pb", "shards": [2], "samples": 10, "label_counts": None, "data": None}]}
+    lines = cli.shards_table(d)
+    assert lines[0].split()[:9] == ["PEER", "SHARDS", "SAMPLES", "SHARD_IDS", "DATA", "FETCHED", "CHUNKS", "HITS", "CACHED"]
+    assert lines[1].split() == ["pa", "2", "20", "0-1", "store:", "fetched", "3.0", "MiB", "3", "1", "0-2", "-"]
+    assert lines[2].split() == ["pb", "1", "10", "2", "-", "-", "-", "-", "-", "-"], "not reported"
+    assert [api.data_source_label("store", 0), api.data_source_label("store", 1), api.data_source_label("local", 0)] \
+        == ["store: cache", "store: fetched", "local"]
+
+
 @pytest.mark.parametrize("argv", [["--coordinator", "nohostport"], ["--coordinator", "127.0.0.1:1", "--device", "tpu"],
                                   ["--coordinator", "127.0.0.1:1", "--chunk-elems", "-1"]])
 def test_dml_peer_answers_a_bad_flag_before_loading_torch(argv: list[str]) -> None:

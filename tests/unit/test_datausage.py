@@ -1,0 +1,73 @@
+"""A peer's data usage of a job (peer/datausage.py) and its translation at the coordinator
+(servicer.usage_from_pb, peer_shards_pb): the counters a job adds up, the shards it caches
+(every one of a store dataset assembled whole, none of local data), the cache's free bytes, and
+what the coordinator refuses before it builds anything."""
+from __future__ import annotations
+
+import types
+
+import pytest
+from dml.v1 import control_pb2
+
+from dml.common.datasets import chunk_digest
+from dml.coordinator.records import BadReport, DataUsage
+from dml.coordinator.service import PeerShardView
+from dml.coordinator.servicer import peer_shards_pb, usage_from_pb
+from dml.peer import datausage
+from dml.peer.datacache import ChunkCache, Counters
+
+
+def test_a_store_job_assembled_whole_caches_every_shard_and_a_local_one_none() -> None:
+    job = datausage.JobUsage(datausage.STORE, 4)
+    assert datausage.cached_shards(job) == [], "not there yet"
+    job.whole = True
+    job.add(Counters(chunks_fetched=2, bytes_fetched=300, hits=1, damaged=1))
+    job.add(Counters(hits=2))
+    assert datausage.cached_shards(job) == [0, 1, 2, 3]
+    u = datausage.usage(job)
+    assert u.source == control_pb2.DATA_SOURCE_STORE and list(u.cached_shard_ids) == [0, 1, 2, 3]
+    assert (u.chunks_fetched, u.bytes_fetched, u.cache_hits, u.damaged_refetched) == (2, 300, 3, 1)
+    local = datausage.local(4)
+    local.whole = True  # whatever a reader says, local data caches nothing
+    assert datausage.cached_shards(local) == [] and datausage.usage(local).source == control_pb2.DATA_SOURCE_LOCAL
+
+
+def test_free_cache_bytes_are_the_limit_minus_what_the_cache_holds(tmp_path) -> None:
+    assert datausage.cache_free(ChunkCache(tmp_path / "a")) is None, "no limit"
+    cache = ChunkCache(tmp_path / "b", max_bytes=1000)
+    assert datausage.cache_free(cache) == 1000
+    data = b"x" * 300
+    cache.get(chunk_digest(data), lambda d: data)
+    assert datausage.cache_free(cache) == 700
+
+
+def test_fill_adds_the_trainers_usage_and_nothing_for_a_trainer_without_one(tmp_path) -> None:
+    peer = types.SimpleNamespace(data_cache=ChunkCache(tmp_path, max_bytes=10))
+    trainer = types.SimpleNamespace()
+    req = control_pb2.ReportRoundRequest()
+    datausage.fill(req, trainer, peer)  # type: ignore[arg-type]
+    assert not req.HasField("data_usage") and not req.has_cache_free
+    datausage.attach(trainer, datausage.local(2))  # type: ignore[arg-type]
+    datausage.fill(req, trainer, peer)  # type: ignore[arg-type]
+    assert req.HasField("data_usage") and req.has_cache_free and req.cache_free_bytes == 10
+
+
+def test_the_coordinator_reads_a_usage_and_refuses_an_unknown_source() -> None:
+    assert usage_from_pb(control_pb2.ReportRoundRequest()) is None, "an older peer: nothing recorded"
+    req = control_pb2.TakeJobRequest(data_usage=control_pb2.DataUsage(
+        source=control_pb2.DATA_SOURCE_STORE, chunks_fetched=1, bytes_fetched=2, cache_hits=3, damaged_refetched=4,
+        cached_shard_ids=[5, 0]), has_cache_free=True, cache_free_bytes=6)
+    assert usage_from_pb(req) == DataUsage("store", 1, 2, 3, 4, (5, 0), 6)
+    req.has_cache_free = False
+    assert usage_from_pb(req).cache_free is None  # type: ignore[union-attr]
+    for source in (control_pb2.DATA_SOURCE_UNSPECIFIED, 9):
+        with pytest.raises(BadReport, match="source must be LOCAL or STORE"):
+            usage_from_pb(control_pb2.TakeJobRequest(data_usage=control_pb2.DataUsage(source=source)))
+
+
+def test_get_shards_carries_the_usage_and_says_nothing_for_a_peer_that_sent_none() -> None:
+    pb = peer_shards_pb(PeerShardView("p", [0], 10, None, DataUsage("store", 1, 2, 3, 0, (1, 0), None)))
+    assert (pb.data_source, pb.chunks_fetched, pb.bytes_fetched, pb.cache_hits) == ("store", 1, 2, 3)
+    assert list(pb.cached_shard_ids) == [0, 1] and not pb.has_cache_free
+    none = peer_shards_pb(PeerShardView("q", [1], 10, None))
+    assert none.data_source == "" and not none.cached_shard_ids
