@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import pathlib
 
-import grpc
 import json
 
+import grpc
 import numpy as np
 import pytest
 

@@ -10,6 +10,7 @@ import pytest
 
 from dml.common.spec import JobSpec
 from dml.coordinator.records import (
+    HEARTBEAT_TIMEOUT,
     LOCAL_DATA,
     RUNNING,
     STORE_DATA,
@@ -19,7 +20,6 @@ from dml.coordinator.records import (
     Report,
     check_usage,
 )
-from dml.coordinator.records import HEARTBEAT_TIMEOUT
 from dml.coordinator.service import shards_view
 from dml.coordinator.state import READY, ClusterState, shard_bytes
 from dml.coordinator.store import job_from_dict, job_to_dict
