@@ -538,7 +538,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--dataset", default="",
                     help="train on this dataset of the coordinator's store (dml data put); refused when it has none")
     sp.add_argument("--pool", type=pool_name, default="",
-                    help="run only on peers of this pool (dml-peer --pool; default: any pool)")
+                    help="run only on peers of this pool (dml-peer --pool; default: the pool 'default', that of peers started without --pool)")
     sp.add_argument("--max-peers", type=int_in(0, MAX_MAX_PEERS), default=0,
                     help="take at most this many peers at once (default 0: no limit beyond --num-shards)")
     sp.set_defaults(fn=cmd_submit)

@@ -64,7 +64,7 @@ class JobSpec:
     prox_mu: float = 0.0
     min_shard_samples: int = 1
     dataset: str = ""  # a dataset of the coordinator's store (dml data put); "" for none
-    pool: str = ""  # run only on peers of this pool (dml-peer --pool); "" for any pool
+    pool: str = ""  # run only on peers of this pool (dml-peer --pool); "" for the default pool
     max_peers: int = 0  # the most members at once; 0 for no limit (beyond num_shards)
 
     def to_dict(self) -> dict[str, Any]:

@@ -75,6 +75,12 @@ def peer_pool(peer: PeerRecord) -> str:
     return v if isinstance(v, str) and v else DEFAULT_POOL
 
 
+def job_pool(job: Job) -> str:
+    """The pool a job runs on (``dml submit --pool``); ``DEFAULT_POOL`` for a job that named
+    none, like a Slurm job without a partition: it never takes a named pool's peers."""
+    return job.spec.pool or DEFAULT_POOL
+
+
 @dataclass
 class Report:
     """One member's report of a round."""

@@ -14,10 +14,14 @@ lease and deadline afresh. Round rules:
 - A member that leaves (evicted, or reported broken by a neighbour) bumps the epoch; only its
   shards move; round ``r`` is re-issued to the survivors from the parameters of ``r - 1``.
 - Idle live peers join a running job at the next round boundary (a new epoch).
-- Pools: a job that names a pool (``JobSpec.pool``) takes only peers of that pool
-  (``dml-peer --pool``, "default" when a peer names none), is offered to no other peer for a
-  take, and takes at most ``max_peers`` members when that is set; idle peers go to the waiting
-  jobs of their pool in submission order. Jobs whose peers differ run at the same time.
+- Pools: a job runs only on peers of its pool (``JobSpec.pool``; ``dml-peer --pool``, and
+  "default" for a job or a peer that names none, as Slurm's default partition: a job without a
+  pool never takes a named pool's peers, so a job on that pool submitted after it is not
+  starved), is offered to no other peer for a take, and takes at most ``max_peers`` members
+  when that is set; idle peers go to the waiting jobs of their pool in submission order (a job
+  that cannot start with the idle ones holds none of them back), and return to their pool when
+  their job ends. Jobs whose peers differ run at the same time. A pending job's reason counts
+  its pool's idle peers and names the jobs holding the others.
 - A peer registering at the address of a registered one replaces it (a restart): the old one is
   evicted as for any other cause.
 - A member that cannot reach a neighbour does not get it evicted on its word: the job keeps the
@@ -74,7 +78,7 @@ from collections import deque
 from dataclasses import replace
 from typing import Any, TypeVar
 
-from dml.common.spec import MAX_SAMPLES_PER_ROUND, JobSpec
+from dml.common.spec import DEFAULT_POOL, MAX_SAMPLES_PER_ROUND, JobSpec
 from dml.common.task import DEFAULT_BATCH_SIZE
 from dml.coordinator import partitions, placement, planner, utilisation
 from dml.coordinator.records import (
@@ -110,6 +114,7 @@ from dml.coordinator.records import (
     Stale,
     check_report,
     check_usage,
+    job_pool,
     max_samples,
     peer_pool,
 )
@@ -850,20 +855,54 @@ class ClusterState:
 
     @staticmethod
     def in_pool(job: Job, peer: PeerRecord) -> bool:
-        """Whether ``peer`` serves the job's pool (every peer does for a job that names none)."""
-        return not job.spec.pool or peer_pool(peer) == job.spec.pool
+        """Whether ``peer`` serves the job's pool (:func:`job_pool`: ``default`` for a job that
+        names none, the pool of every peer started without ``--pool``)."""
+        return peer_pool(peer) == job_pool(job)
 
     def pool_idle(self, job: Job) -> list[str]:
         """Idle peers of the job's pool, registration order."""
         return [p for p in self.live_idle() if self.in_pool(job, self.peers[p])]
 
     def _pending_reason(self, job: Job) -> str:
+        """Why a pending job waits: its pool's idle (or ready) peers against ``min_peers``, then
+        which jobs hold the pool's other peers, and, for a job that named no pool, the idle
+        peers of other pools it will not take."""
         where = f" in pool {job.spec.pool!r}" if job.spec.pool else ""
         if not job.needs_take:
-            return f"waiting for peers: {len(self.pool_idle(job))} idle{where}, {job.spec.min_peers} needed"
-        declined = sum(1 for p in {x.peer_id for x in job.declined} if p in self.peers)
-        return (f"waiting for peers{where} to take the job: {len(self.eligible(job))} ready, {declined} declined, "
-                f"{job.spec.min_peers} needed")
+            head = f"waiting for peers{where}: {len(self.pool_idle(job))} idle, {job.spec.min_peers} needed"
+        else:
+            declined = sum(1 for p in {x.peer_id for x in job.declined} if p in self.peers)
+            head = (f"waiting for peers{where} to take the job: {len(self.eligible(job))} ready, {declined} declined, "
+                    f"{job.spec.min_peers} needed")
+        return head + self._busy_note(job) + self._elsewhere_note(job)
+
+    def _busy_note(self, job: Job) -> str:
+        """``; 2 busy with job X, 1 with job Y``: the members of other jobs in ``job``'s pool, by
+        job in submission order ("" when there are none)."""
+        busy: dict[str, int] = {}
+        for p in self.peers.values():
+            if p.job_id and p.job_id != job.job_id and self.in_pool(job, p):
+                busy[p.job_id] = busy.get(p.job_id, 0) + 1
+        if not busy:
+            return ""
+        order = sorted(busy, key=lambda j: (self.jobs[j].created_ms, j) if j in self.jobs else (0, j))
+        parts = [f"{busy[j]} busy with job {j}" if i == 0 else f"{busy[j]} with job {j}" for i, j in enumerate(order)]
+        return "; " + ", ".join(parts)
+
+    def _elsewhere_note(self, job: Job) -> str:
+        """For a job that named no pool: the idle peers of named pools, which it does not take
+        ("" when there are none, or the job named its pool)."""
+        if job.spec.pool:
+            return ""
+        idle: dict[str, int] = {}
+        for pid in self.live_idle():
+            pool = peer_pool(self.peers[pid])
+            if pool != DEFAULT_POOL:
+                idle[pool] = idle.get(pool, 0) + 1
+        if not idle:
+            return ""
+        listed = ", ".join(f"{n} in {pool!r}" for pool, n in sorted(idle.items()))
+        return f"; a job without --pool runs on pool {DEFAULT_POOL!r} only (idle elsewhere: {listed})"
 
     # -- takes ------------------------------------------------------------------------------
     def take_for(self, peer_id: str) -> Job | None:

@@ -40,8 +40,10 @@ def test_a_job_takes_only_idle_peers_of_its_pool() -> None:
     assert all(not st.peers[p].job_id for p in a + plain)
     dflt = submit(st, pool=DEFAULT_POOL)
     assert st.job(dflt).members == plain
-    anyp = submit(st)  # no pool: any idle peer
-    assert st.job(anyp).members == a
+    nopool = submit(st)  # no pool: the default one, whose peer is busy; pool a's stay idle
+    assert st.job(nopool).state == PENDING and all(not st.peers[p].job_id for p in a)
+    assert st.job(nopool).reason == (f"waiting for peers: 0 idle, 1 needed; 1 busy with job {dflt}; a job without "
+                                     "--pool runs on pool 'default' only (idle elsewhere: 2 in 'a')")
 
 
 def test_a_job_whose_pool_has_no_idle_peer_waits_saying_so_and_starts_when_one_registers() -> None:
@@ -49,7 +51,7 @@ def test_a_job_whose_pool_has_no_idle_peer_waits_saying_so_and_starts_when_one_r
     register(st, "a", 3)
     jid = submit(st, pool="gpu", min_peers=1)
     job = st.job(jid)
-    assert job.state == PENDING and "0 idle in pool 'gpu'" in job.reason
+    assert job.state == PENDING and job.reason == "waiting for peers in pool 'gpu': 0 idle, 1 needed"
     g = register(st, "gpu", 1, now=5)
     assert job.state == RUNNING and job.members == g
 
@@ -57,14 +59,14 @@ def test_a_job_whose_pool_has_no_idle_peer_waits_saying_so_and_starts_when_one_r
 def test_max_peers_caps_the_members_at_start_and_at_round_boundaries() -> None:
     st = ClusterState(10_000)
     peers = register(st, "a", 4)
-    jid = submit(st, max_peers=2)
+    jid = submit(st, pool="a", max_peers=2)
     job = st.job(jid)
     assert job.members == peers[:2]
     for m in job.members:  # commit round 1: a boundary where idle peers would join
         st.report(m, jid, job.round, job.epoch, Report(samples=job.allocated(m), train_loss=1.0, digest="d"), 10)
     assert job.committed_round == 1 and job.members == peers[:2]
     assert st.take_for(peers[2]) is None  # never offered a full job either
-    other = submit(st, now=20)
+    other = submit(st, pool="a", now=20)
     assert st.job(other).members == peers[2:], "the peers the cap left idle serve the next job"
 
 
@@ -83,7 +85,7 @@ def test_jobs_on_disjoint_pools_run_at_the_same_time_and_a_third_waits_for_its_f
     jc = submit(st, pool="a", min_peers=1, now=1)
     assert (st.job(ja).state, st.job(jb).state, st.job(jc).state) == (RUNNING, RUNNING, PENDING)
     assert st.job(ja).members == a and st.job(jb).members == b
-    assert "0 idle in pool 'a'" in st.job(jc).reason
+    assert st.job(jc).reason == f"waiting for peers in pool 'a': 0 idle, 1 needed; 2 busy with job {ja}"
     st.cancel(ja, 2)  # its peers return to pool a and go to the waiting job
     assert st.job(jc).state == RUNNING and st.job(jc).members == a
     assert st.job(jb).members == b
@@ -115,7 +117,7 @@ def test_peer_state_names_what_each_peer_does() -> None:
 def test_usage_counts_accepted_reports_of_the_last_minute() -> None:
     st = ClusterState(600_000)
     (p,) = register(st, "a", 1)
-    jid = submit(st, rounds=10)
+    jid = submit(st, rounds=10, pool="a")
     job = st.job(jid)
     now = 100_000
     for _ in range(3):  # a round every 10 s: 4 s training, 1 s exchanging
@@ -159,7 +161,7 @@ def test_a_running_job_at_max_peers_is_offered_to_no_more_takers() -> None:
 
     st = ClusterState(10_000)
     first = register(st, "a", 1)
-    jid = st.submit(spec(max_peers=1, num_shards=4), None, 0)[0]  # needs takes; room for 4 by its shards
+    jid = st.submit(spec(pool="a", max_peers=1, num_shards=4), None, 0)[0]  # needs takes; room for 4 by its shards
     data = JobData(train_samples=40, test_samples=0, num_classes=2, digest="d" * 64, has_labels=True, batch_size=10)
     st.take(first[0], jid, READY, 1, data=data, shard_sizes=[10] * 4)
     assert st.job(jid).state == RUNNING and st.job(jid).members == first
@@ -173,7 +175,7 @@ def test_peer_state_ready_and_quarantined() -> None:
 
     st = ClusterState(10_000)
     a, b = register(st, "a", 2)
-    jid = st.submit(spec(min_peers=3, num_shards=4), None, 0)[0]
+    jid = st.submit(spec(pool="a", min_peers=3, num_shards=4), None, 0)[0]
     data = JobData(train_samples=40, num_classes=2, digest="d" * 64, has_labels=True, batch_size=10)
     st.take(a, jid, READY, 1, data=data, shard_sizes=[10] * 4)
     assert st.peer_state(a) == ("ready", jid) and st.peer_state(b) == ("taking", jid)
@@ -186,3 +188,86 @@ def test_peer_state_ready_and_quarantined() -> None:
     st.quarantine(job, c, a, "sent NaN", 5)  # evicted; when it registers again, its address is kept out
     back, _ = st.register(addr, {"device": "cpu", "pool": "a"}, 6)
     assert st.peer_state(back) == ("quarantined", jid)
+
+
+def finish(st: ClusterState, jid: str, now: int) -> int:
+    """Reports every round of job ``jid`` from all its members, committing each; the time after."""
+    job = st.job(jid)
+    while job.state == RUNNING:
+        now += 10
+        for m in list(job.members):
+            st.report(m, jid, job.round, job.epoch, Report(samples=job.allocated(m), train_loss=1.0, digest="d"), now)
+    return now
+
+
+def test_a_job_without_a_pool_leaves_named_pools_to_their_jobs() -> None:
+    """The starvation found before this rule: a job with no pool took every idle peer of every
+    pool, so a pool job submitted after it waited for it to end."""
+    st = ClusterState(10_000)
+    gpu = register(st, "gpu", 2)
+    plain = register(st, "", 2)
+    first = submit(st, min_peers=1)  # no --pool
+    assert st.job(first).members == plain
+    later = submit(st, pool="gpu", min_peers=2, now=1)
+    assert st.job(later).state == RUNNING and st.job(later).members == gpu
+
+
+def test_a_job_without_a_pool_waits_for_default_peers_saying_where_idle_ones_are() -> None:
+    st = ClusterState(10_000)
+    register(st, "gpu", 2)
+    register(st, "cpu", 1)
+    jid = st.submit(spec(min_peers=1), None, 0)[0]  # needs takes
+    job = st.job(jid)
+    assert job.state == PENDING and job.reason == (
+        "waiting for peers to take the job: 0 ready, 0 declined, 1 needed; a job without --pool runs on pool "
+        "'default' only (idle elsewhere: 1 in 'cpu', 2 in 'gpu')")
+    assert all(st.take_for(p) is None for p in st.peers)
+    (d,) = register(st, "", 1, now=1)
+    assert st.take_for(d) is job
+
+
+def test_within_a_pool_idle_peers_go_to_waiting_jobs_in_submission_order() -> None:
+    st = ClusterState(10_000)
+    other = register(st, "b", 1)
+    j1 = submit(st, pool="a", min_peers=2, max_peers=2)
+    j2 = submit(st, pool="a", min_peers=1, now=1)
+    j3 = submit(st, pool="b", min_peers=2, now=2)  # another pool's job: never given pool a's peers
+    assert [st.job(j).state for j in (j1, j2, j3)] == [PENDING] * 3
+    first = register(st, "a", 1, now=3)  # too few for j1: j2 may start with it, j1 keeps waiting
+    assert st.job(j2).members == first and st.job(j1).state == PENDING
+    more = register(st, "a", 3, now=4)  # j1, older, takes two (its max_peers); the third is left idle
+    assert st.job(j1).members == more[:2] and st.job(j2).members == first
+    assert not st.peers[more[2]].job_id and st.job(j3).members == [] and not st.peers[other[0]].job_id
+
+
+def test_a_peer_returns_to_its_pool_when_its_job_ends_and_serves_the_next_job_there() -> None:
+    st = ClusterState(10_000)
+    a = register(st, "a", 2)
+    b = register(st, "b", 1)
+    ja = submit(st, pool="a", min_peers=2)
+    waiting_a = submit(st, pool="a", min_peers=2, now=1)
+    waiting_b = submit(st, pool="b", min_peers=2, now=2)  # pool b has one peer: waits throughout
+    assert st.job(waiting_a).reason == f"waiting for peers in pool 'a': 0 idle, 2 needed; 2 busy with job {ja}"
+    now = finish(st, ja, 10)
+    assert st.job(ja).state == "SUCCEEDED"
+    assert st.job(waiting_a).state == RUNNING and st.job(waiting_a).members == a, "they went back to pool a"
+    assert st.job(waiting_b).state == PENDING and all(st.peers[p].job_id != waiting_b for p in a)
+    finish(st, waiting_a, now)
+    assert all(st.peer_state(p) == ("idle", "") for p in a) and st.job(waiting_b).members == []
+    assert st.job(waiting_b).reason == "waiting for peers in pool 'b': 1 idle, 2 needed"
+    assert not st.peers[b[0]].job_id
+
+
+def test_a_job_needing_takes_on_a_full_pool_names_the_busy_jobs_and_is_offered_when_a_peer_frees() -> None:
+    st = ClusterState(10_000)
+    a = register(st, "a", 2)
+    first = submit(st, pool="a", min_peers=1, max_peers=1)
+    second = submit(st, pool="a", min_peers=1, max_peers=1, now=1)
+    assert st.job(first).members == a[:1] and st.job(second).members == a[1:]
+    third = st.submit(spec(pool="a", min_peers=1), None, 2)[0]
+    assert st.job(third).reason == (f"waiting for peers in pool 'a' to take the job: 0 ready, 0 declined, 1 needed; "
+                                    f"1 busy with job {first}, 1 with job {second}")
+    assert st.take_for(a[0]) is None
+    finish(st, second, 10)
+    assert st.job(third).reason.endswith(f"1 needed; 1 busy with job {first}")
+    assert st.take_for(a[1]) is st.job(third) and st.take_for(a[0]) is None
