@@ -840,7 +840,8 @@ class ClusterState:
                 self._start_gossip(job, now_ms)
                 self._new_epoch(job, now_ms, "job started")
                 changed.append(job.job_id)
-            elif job.state == PENDING:
+        for job in self.jobs.values():  # after every admission: the reasons count what is idle now
+            if job.state == PENDING:
                 reason = self._pending_reason(job)
                 if reason != job.reason:
                     job.reason = reason
@@ -848,8 +849,8 @@ class ClusterState:
         return Changes(jobs=tuple(changed), peers=tuple(p for j in changed for p in self.jobs[j].members))
 
     def eligible(self, job: Job) -> list[str]:
-        """Idle peers (registration order) the job may take into its rings: of its pool (when it
-        names one), not quarantined for it, and, for a job that needs takes, having taken it."""
+        """Idle peers (registration order) the job may take into its rings: of its pool
+        (:meth:`in_pool`), not quarantined for it, and, for a job that needs takes, having taken it."""
         return [p for p in self.live_idle() if job.may_admit(p) and self.in_pool(job, self.peers[p])
                 and not job.excludes(self.peers[p])]
 

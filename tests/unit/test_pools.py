@@ -228,16 +228,27 @@ def test_a_job_without_a_pool_waits_for_default_peers_saying_where_idle_ones_are
 
 def test_within_a_pool_idle_peers_go_to_waiting_jobs_in_submission_order() -> None:
     st = ClusterState(10_000)
+    a = register(st, "a", 3)
     other = register(st, "b", 1)
-    j1 = submit(st, pool="a", min_peers=2, max_peers=2)
+    j0 = submit(st, pool="a", min_peers=3)
+    j1 = submit(st, pool="a", min_peers=2, max_peers=2, now=1)
+    j2 = submit(st, pool="a", min_peers=1, max_peers=2, now=2)
+    j3 = submit(st, pool="b", min_peers=2, now=3)  # another pool's job: never given pool a's peers
+    assert st.job(j0).members == a and [st.job(j).state for j in (j1, j2, j3)] == [PENDING] * 3
+    finish(st, j0, 10)  # three peers idle at once: the oldest waiting job first, up to its max_peers
+    assert st.job(j1).members == a[:2] and st.job(j2).members == a[2:]
+    assert st.job(j3).state == PENDING and not st.peers[other[0]].job_id
+
+
+def test_a_job_that_cannot_start_with_the_idle_peers_holds_none_of_them_back() -> None:
+    st = ClusterState(10_000)
+    j1 = submit(st, pool="a", min_peers=2)
     j2 = submit(st, pool="a", min_peers=1, now=1)
-    j3 = submit(st, pool="b", min_peers=2, now=2)  # another pool's job: never given pool a's peers
-    assert [st.job(j).state for j in (j1, j2, j3)] == [PENDING] * 3
-    first = register(st, "a", 1, now=3)  # too few for j1: j2 may start with it, j1 keeps waiting
+    first = register(st, "a", 1, now=2)  # too few for j1: j2, younger, starts with it
     assert st.job(j2).members == first and st.job(j1).state == PENDING
-    more = register(st, "a", 3, now=4)  # j1, older, takes two (its max_peers); the third is left idle
-    assert st.job(j1).members == more[:2] and st.job(j2).members == first
-    assert not st.peers[more[2]].job_id and st.job(j3).members == [] and not st.peers[other[0]].job_id
+    assert st.job(j1).reason == f"waiting for peers in pool 'a': 0 idle, 2 needed; 1 busy with job {j2}"
+    more = register(st, "a", 2, now=3)
+    assert st.job(j1).members == more
 
 
 def test_a_peer_returns_to_its_pool_when_its_job_ends_and_serves_the_next_job_there() -> None:
