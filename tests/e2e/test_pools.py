@@ -9,11 +9,10 @@ import time
 
 import pytest
 
-from dml.v1 import types_pb2
-
 from dml.client.cluster import LocalCluster, registrations
 from tests.e2e.conftest import ROOT, _print_tracebacks, dml, job_client, status, wait_status
 from tests.e2e.test_processes import _history
+from dml.v1 import types_pb2
 from tests.integration.helpers import wait_for
 
 pytestmark = pytest.mark.e2e
@@ -49,12 +48,13 @@ def _window(hist: list[dict]) -> tuple[int, int]:
 
 
 def test_two_pools_run_two_jobs_at_once_and_a_third_waits_for_its_full_pool(tmp_path, monkeypatch, cluster_tls):
-    # Nothing fails here: a long lease, so peers paused (SIGSTOP) for the snapshots keep their place.
+    # Nothing fails here: a long lease and exchange timeout, so peers paused (SIGSTOP) for the
+    # snapshots below (a few seconds) keep their place and their exchanges.
     lease = ("--heartbeat-interval-ms", "200", "--peer-timeout-ms", "60000")
     with LocalCluster(tmp_path / "state", tmp_path / "logs", coordinator_args=lease, cwd=ROOT, tls=cluster_tls) as c:
         monkeypatch.setenv("DML_TOKEN_FILE", str(c.operator_token_file))
         address = c.start_coordinator()
-        procs = {slot: c.start_peer(slot, ("--pool", pool, "--slowdown", SLOWDOWN)) for slot, pool in POOLS.items()}
+        procs = {slot: c.start_peer(slot, ("--pool", pool, "--slowdown", SLOWDOWN, "--exchange-timeout-s", "60")) for slot, pool in POOLS.items()}
         wait_for(lambda: all(registrations(p.log) for p in procs.values()), 120, "four peers to register")
         pool_of = {registrations(p.log)[-1].peer_id: POOLS[slot] for slot, p in procs.items()}
         in_a = {pid for pid, pool in pool_of.items() if pool == "a"}
