@@ -54,7 +54,8 @@ def test_two_pools_run_two_jobs_at_once_and_a_third_waits_for_its_full_pool(tmp_
     with LocalCluster(tmp_path / "state", tmp_path / "logs", coordinator_args=lease, cwd=ROOT, tls=cluster_tls) as c:
         monkeypatch.setenv("DML_TOKEN_FILE", str(c.operator_token_file))
         address = c.start_coordinator()
-        procs = {slot: c.start_peer(slot, ("--pool", pool, "--slowdown", SLOWDOWN, "--exchange-timeout-s", "60")) for slot, pool in POOLS.items()}
+        peer_args = ("--slowdown", SLOWDOWN, "--exchange-timeout-s", "60")
+        procs = {slot: c.start_peer(slot, ("--pool", pool, *peer_args)) for slot, pool in POOLS.items()}
         wait_for(lambda: all(registrations(p.log) for p in procs.values()), 120, "four peers to register")
         pool_of = {registrations(p.log)[-1].peer_id: POOLS[slot] for slot, p in procs.items()}
         in_a = {pid for pid, pool in pool_of.items() if pool == "a"}
