@@ -14,33 +14,99 @@ A task module holds one ``Task`` (by default under the name ``task``)::
     )
 
 ``ctx`` (:class:`Context`) says where the peer keeps its data (``dml-peer --data-dir``), so a
-dataset on a shared volume is read from each peer's own mount path.
+dataset on a shared volume is read from each peer's own mount path. Read through it
+(``ctx.path``, ``ctx.array``, ``ctx.files``) and the same task file also runs on a dataset of
+the coordinator's store (``dml submit --dataset``), whose files each peer fetches only as far as
+it reads them.
 """
 from __future__ import annotations
 
+import os
 import pathlib
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 DEFAULT_BATCH_SIZE = 32
 MAX_METRICS = 16  # a task's own test metrics, at most this many (the coordinator holds them per round)
 MAX_METRIC_NAME = 64  # characters in a metric's name
 
 
+class DataSource(Protocol):
+    """Where a :class:`Context` reads data that is not simply on the peer's disk (a dataset of
+    the coordinator's store: ``dml.peer.datacache.StoreSource``). Paths are relative, parts
+    joined by ``/``."""
+
+    def path(self, rel: str) -> pathlib.Path:
+        """The local path of ``rel`` once the file, or every file under the folder, is present."""
+        ...
+
+    def array(self, rel: str, train: bool = False) -> Any:
+        """The ``.npy`` file ``rel`` as a read-only array of rows, fetched as rows are read."""
+        ...
+
+    def files(self, prefix: str = "") -> list[str]:
+        """The relative paths of the files starting with ``prefix``, sorted."""
+        ...
+
+
 @dataclass(frozen=True)
 class Context:
-    """Where a task finds its data on this peer, and what it is asked for."""
+    """Where a task finds its data on this peer, and what it is asked for.
 
-    data_dir: pathlib.Path = field(default_factory=pathlib.Path.cwd)  # dml-peer --data-dir
+    Read the data through it and one task file works wherever the data is: under
+    ``dml-peer --data-dir`` (a local disk, a shared volume) or in the coordinator's store
+    (``dml submit --dataset NAME``, ``source`` set by dml), where each peer fetches only what it
+    reads: ``ctx.array`` fetches just the rows a batch indexes, ``ctx.path`` whole files.
+    """
+
+    data_dir: pathlib.Path = field(default_factory=pathlib.Path.cwd)  # dml-peer --data-dir, or the dataset's folder
     split: str = "train"  # "train" or "test"
     job_id: str = ""
     peer_id: str = ""
     seed: int = 0  # the job's seed
+    source: DataSource | None = field(default=None, compare=False, repr=False)  # None: the files under data_dir
 
     def path(self, *parts: str) -> pathlib.Path:
-        """A path under the data directory."""
-        return self.data_dir.joinpath(*parts)
+        """A path under the data directory. On a store dataset the file, or every file under
+        the folder (the whole dataset for no parts), is fetched first, so whatever reads it
+        (pandas, PIL, ``open``) finds it whole."""
+        if self.source is None:
+            return self.data_dir.joinpath(*parts)
+        return self.source.path("/".join(str(p) for p in parts))
+
+    def array(self, *parts: str) -> Any:
+        """The ``.npy`` file at ``parts`` as a read-only array indexed by rows: on local data
+        exactly ``np.load(path, mmap_mode="r")`` (nothing read until indexed); on a store
+        dataset an array-like that fetches the rows a batch asks for (``len``, ``shape``,
+        ``dtype``, ``x[i]``, ``x[a:b]``, ``x[int_array]``, ``np.asarray(x)``). Hand it to
+        :class:`ArrayDataset` and a peer reads only the rows it trains on."""
+        if self.source is None:
+            import numpy as np
+
+            return np.load(self.data_dir.joinpath(*parts), mmap_mode="r")
+        return self.source.array("/".join(str(p) for p in parts), train=self.split == "train")
+
+    def files(self, prefix: str = "") -> list[str]:
+        """The data's files whose path relative to the data directory (``/``-separated) starts
+        with ``prefix``, sorted: a folder of images indexed once, each then read through
+        ``ctx.path(name)``. Local data is walked (only the folders ``prefix`` can match)."""
+        if self.source is not None:
+            return self.source.files(prefix)
+        return _walk(self.data_dir, prefix)
+
+
+def _walk(root: pathlib.Path, prefix: str) -> list[str]:
+    """The files under ``root`` whose relative POSIX path starts with ``prefix``, sorted."""
+    base = prefix.rsplit("/", 1)[0] if "/" in prefix else ""
+    start = root.joinpath(*base.split("/")) if base else root
+    out = []
+    for folder, dirs, names in os.walk(start):
+        rel_dir = pathlib.Path(folder).relative_to(root).as_posix()
+        rel_dir = "" if rel_dir == "." else rel_dir + "/"
+        dirs[:] = sorted(d for d in dirs if (rel_dir + d + "/").startswith(prefix) or prefix.startswith(rel_dir + d + "/"))
+        out.extend(rel_dir + n for n in names if (rel_dir + n).startswith(prefix))
+    return sorted(out)
 
 
 @dataclass(frozen=True)

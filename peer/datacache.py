@@ -1,32 +1,51 @@
-"""The peer's copy of datasets from the coordinator's store (``JobSpec.dataset``).
+"""The peer's copy of datasets from the coordinator's store (``JobSpec.dataset``), fetched only
+where a task reads them.
 
-:class:`ChunkCache` keeps chunks on the peer's disk under their sha256 (``<folder>/chunks/``),
-least recently used first out when they pass ``max_bytes``; every chunk is checked against its
-digest when it arrives and again whenever it is read back, so a tampered or truncated cache file
-is found, deleted, logged and fetched again. :meth:`ChunkCache.materialise` assembles a
-dataset's files from its manifest under ``<folder>/datasets/<dataset digest>/`` (content
-addressed: a second job on the same dataset, or a restarted peer, finds it there and fetches
-nothing); that folder is the task's ``ctx.data_dir``. Whole files for now: every peer fetches
-every file, not only its shard's rows.
+:class:`ChunkCache` keeps each dataset in its own folder, ``<folder>/datasets/<dataset digest>/``
+(the task's ``ctx.data_dir``), every file at its full size as a *sparse* file: a chunk is fetched
+when a read needs it, checked against its sha256 and its place in the file, and only then written
+into place at its offset; the holes cost no disk. ``<folder>/datasets/<digest>.json`` records the
+manifest and the chunks present (written atomically after every change), so a restarted peer
+knows what it has, and every present chunk is hashed again when the dataset is opened: a tampered
+or truncated one is logged, forgotten and fetched again when next needed. Nothing is kept twice
+(no chunk store beside the files).
+
+:class:`StoreSource` is what a job's ``dml.Context`` reads through (``ctx.path`` fetches whole
+files or folders, ``ctx.array`` gives a :class:`RowArray` that fetches only the chunks holding the
+rows asked for, ``ctx.files`` lists the manifest); its counters are the job's. Past ``max_bytes``
+the least recently used chunks of any dataset are evicted by punching their holes back
+(``fallocate(FALLOC_FL_PUNCH_HOLE)``; where the file system cannot, the bytes are overwritten with
+zeros and the space is only notionally freed), never a chunk being read right now nor one of a
+file a live job fetched whole with ``ctx.path``: chunks rather than whole datasets, so a peer
+whose cache is smaller than a dataset still keeps the rows of its own shards.
 
 The bytes from the network are treated as hostile: a manifest must be valid
-(:func:`dml.common.datasets.manifest_error`) and hash to the digest it came with, a chunk may
-hold at most :data:`~dml.common.datasets.CHUNK_BYTES` and must hash to its name, and every
-assembled file must have its manifest's size.
+(:func:`dml.common.datasets.manifest_error`), hash to the digest it came with and be cut the way
+``dml data put`` cuts files (every chunk but a file's last holds exactly ``chunk_bytes``, so a
+row's chunk follows from its offset); a chunk must hash to its name and have the size of its
+place; a ``.npy`` header must describe exactly the file's size.
 """
 from __future__ import annotations
 
 import collections
+import contextlib
+import ctypes
+import ctypes.util
+import io
+import json
 import logging
 import os
 import pathlib
 import shutil
 import tempfile
 import threading
-import uuid
-from collections.abc import Callable
+import weakref
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from numpy.lib import format as npformat
 
 from dml.common.datasets import CHUNK_BYTES, FileEntry, chunk_digest, digest_error, manifest_digest, manifest_error
 from dml.common.files import write_atomic
@@ -35,12 +54,22 @@ if TYPE_CHECKING:
     from dml.v1 import data_pb2
 
 log = logging.getLogger(__name__)
-_STRIPES = 64  # chunk locks: a digest takes the one its first hex digits name
+_STRIPES = 64  # chunk locks: a chunk takes the one its key hashes to
+RECORD_FORMAT = 1
+MAX_HEADER_BYTES = 1 << 20  # a .npy header read for row access, at most (numpy's own limit is 10,000)
+
+Fetch = Callable[[str], bytes]
+ChunkKey = tuple[str, int, int]  # (dataset digest, file index in the manifest, chunk index in the file)
 
 
 class DatasetError(Exception):
-    """A dataset cannot be materialised here: the message says why (a manifest or chunk that
-    fails its checks, a file of the wrong size)."""
+    """A dataset cannot be had here: the message says why (a manifest or chunk that fails its
+    checks, a file cut in chunks of other sizes, a ``.npy`` header that lies)."""
+
+
+class NotRowAddressable(DatasetError):
+    """A ``.npy`` file whose rows cannot be fetched on their own (Fortran order, object dtype, a
+    0-d array, an unknown format version): it is fetched whole instead."""
 
 
 @dataclass(frozen=True)
@@ -51,20 +80,26 @@ class Manifest:
     digest: str
     files: tuple[FileEntry, ...]
 
-    def check(self) -> None:
+    def check(self, chunk_bytes: int = CHUNK_BYTES) -> None:
         """Raises :class:`DatasetError` unless the files form a valid manifest that hashes to
-        ``digest``."""
+        ``digest``, each cut in ``chunk_bytes`` chunks but its last."""
         if err := manifest_error(list(self.files)):
             raise DatasetError(f"dataset {self.name}: the coordinator's manifest is refused: {err}")
         got = manifest_digest(list(self.files))
         if got != self.digest:
             raise DatasetError(f"dataset {self.name}: the manifest hashes to {got}, not to its digest {self.digest[:80]}")
+        for f in self.files:
+            n = len(f.chunks)
+            if n and not (n - 1) * chunk_bytes < f.size <= n * chunk_bytes:
+                raise DatasetError(f"dataset {self.name}: {f.path!r} ({f.size} bytes in {n} chunks) is not cut in "
+                                   f"chunks of {chunk_bytes} bytes as dml data put cuts files")
 
 
 @dataclass
 class Counters:
-    """What a cache did: chunks and bytes fetched from the coordinator, chunks read from the
-    cache instead (hits), and cache files found damaged (then deleted and fetched again)."""
+    """What a cache (or one job's reads of it) did: chunks and bytes fetched from the
+    coordinator, chunks found present when asked for (hits), present chunks found damaged (then
+    forgotten and fetched again), chunks evicted."""
 
     chunks_fetched: int = 0
     bytes_fetched: int = 0
@@ -77,30 +112,219 @@ class Counters:
         return Counters(*(getattr(self, k) - getattr(before, k) for k in self.__dataclass_fields__))
 
 
-class ChunkCache:
-    """Content-addressed chunks and the datasets assembled from them under ``folder`` (None: a
-    temp dir made at first use and removed by :meth:`close`), at most ``max_bytes`` of chunks
-    (0: no limit). Thread-safe: one fetch per chunk however many threads ask for it."""
+# -- holes ----------------------------------------------------------------------------------
+_FALLOC_FL_KEEP_SIZE, _FALLOC_FL_PUNCH_HOLE = 0x01, 0x02
+_libc: Any = None
+_punch_ok = True
 
-    def __init__(self, folder: pathlib.Path | None = None, max_bytes: int = 0) -> None:
+
+def punch_hole(fd: int, offset: int, length: int) -> bool:
+    """Frees ``length`` bytes at ``offset`` of the file (they read as zeros after); True when
+    the file system punched a hole, False when it could not and zeros were written instead."""
+    global _libc, _punch_ok
+    if _punch_ok:
+        try:
+            if _libc is None:
+                _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+                _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+            if _libc.fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length) == 0:
+                return True
+            log.info("this file system cannot punch holes (%s): evicted chunks are overwritten with zeros",
+                     os.strerror(ctypes.get_errno()))
+        except (OSError, AttributeError) as e:
+            log.info("no fallocate here (%s): evicted chunks are overwritten with zeros", e)
+        _punch_ok = False
+    os.pwrite(fd, bytes(length), offset)
+    return False
+
+
+# -- one dataset ----------------------------------------------------------------------------
+class StoreDataset:
+    """One dataset of the store in the cache: its sparse files and which chunks are present.
+    Made by :meth:`ChunkCache.open`; thread-safe (its state is guarded by the cache's lock)."""
+
+    def __init__(self, cache: ChunkCache, manifest: Manifest, root: pathlib.Path) -> None:
+        self.cache = cache
+        self.manifest = manifest
+        self.root = root
+        self.files = manifest.files
+        self.index = {f.path: i for i, f in enumerate(manifest.files)}
+        self.present: set[tuple[int, int]] = set()  # (file, chunk)
+        self.fetch: Fetch | None = None
+        self.verified = False  # present chunks hashed since this process opened it
+        self._record_lock = threading.Lock()
+
+    @property
+    def digest(self) -> str:
+        """The dataset's digest."""
+        return self.manifest.digest
+
+    def file_path(self, i: int) -> pathlib.Path:
+        """Where file ``i`` lives."""
+        return _inside(self.root, self.files[i].path)
+
+    def chunk_span(self, i: int, c: int) -> tuple[int, int]:
+        """(offset, length) of chunk ``c`` of file ``i``."""
+        cb = self.cache.chunk_bytes
+        off = c * cb
+        return off, min(cb, self.files[i].size - off)
+
+    def chunks_of(self, i: int, start: int, stop: int) -> range:
+        """The chunks of file ``i`` holding its bytes [start, stop)."""
+        if stop <= start:
+            return range(0)
+        cb = self.cache.chunk_bytes
+        return range(start // cb, (stop - 1) // cb + 1)
+
+    def all_chunks(self, i: int) -> range:
+        """Every chunk of file ``i``."""
+        return range(len(self.files[i].chunks))
+
+    def holds(self, i: int, chunks: Iterable[int]) -> bool:
+        """Whether every one of ``chunks`` of file ``i`` is present."""
+        with self.cache._lock:
+            return all((i, c) in self.present for c in chunks)
+
+    def ensure(self, i: int, chunks: Iterable[int], counters: Counters | None = None,
+               cancelled: threading.Event | None = None) -> None:
+        """Makes chunks ``chunks`` of file ``i`` present: fetched, checked and written into place
+        unless they are. Concurrent calls for one chunk fetch it once. ``counters`` (a job's)
+        counts as the cache's own do; ``cancelled`` stops between chunks."""
+        for c in chunks:
+            if cancelled is not None and cancelled.is_set():
+                return
+            self._ensure_one(i, c, counters)
+
+    def _ensure_one(self, i: int, c: int, counters: Counters | None) -> None:
+        key = (self.digest, i, c)
+        cache = self.cache
+        with cache._lock:
+            if (i, c) in self.present:
+                cache._hit_locked(key, counters)
+                return
+        with cache._chunk_locks[hash(key) % _STRIPES]:
+            with cache._lock:
+                if (i, c) in self.present:  # fetched by another thread meanwhile
+                    cache._hit_locked(key, counters)
+                    return
+            if self.fetch is None:
+                raise DatasetError(f"dataset {self.manifest.name}: not opened for fetching")
+            digest = self.files[i].chunks[c]
+            off, length = self.chunk_span(i, c)
+            data = self.fetch(digest)
+            if len(data) > CHUNK_BYTES:
+                raise DatasetError(f"chunk {digest[:12]} from the coordinator is {len(data)} bytes, over the "
+                                   f"protocol's {CHUNK_BYTES}: refused")
+            got = chunk_digest(data)
+            if got != digest:
+                raise DatasetError(f"chunk {digest[:12]} from the coordinator hashes to {got[:12]}: refused")
+            if len(data) != length:
+                raise DatasetError(f"chunk {c} of {self.files[i].path!r} holds {len(data)} bytes where its place in "
+                                   f"the file ({self.files[i].size} bytes) holds {length}: refused")
+            fd = os.open(self.file_path(i), os.O_WRONLY)
+            try:
+                os.pwrite(fd, data, off)
+            finally:
+                os.close(fd)
+            with cache._lock:
+                self.present.add((i, c))
+                cache._added_locked(key, length, counters)
+            self.save()
+            cache._evict()
+
+    def save(self) -> None:
+        """Writes the record of present chunks (atomically)."""
+        with self._record_lock:
+            with self.cache._lock:
+                present = sorted(self.present)
+            body = {"format": RECORD_FORMAT, "name": self.manifest.name, "digest": self.digest,
+                    "files": [f.to_dict() for f in self.files], "present": [list(p) for p in present]}
+            write_atomic(self.cache.record_path(self.digest), json.dumps(body, separators=(",", ":")).encode())
+
+    def verify(self, counters: Counters | None = None) -> None:
+        """Hashes every present chunk again; a damaged one is logged and forgotten (fetched
+        again when next needed)."""
+        with self.cache._lock:
+            present = sorted(self.present)
+        bad = []
+        for i, c in present:
+            off, length = self.chunk_span(i, c)
+            try:
+                with open(self.file_path(i), "rb") as f:
+                    f.seek(off)
+                    data = f.read(length)
+            except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+                data = b""
+            if len(data) != length or chunk_digest(data) != self.files[i].chunks[c]:
+                log.warning("dataset %s: cached chunk %d of %s is damaged (%d bytes that do not hash to its digest): "
+                            "forgotten, it is fetched again when needed", self.manifest.name, c, self.files[i].path,
+                            len(data))
+                bad.append((i, c))
+        with self.cache._lock:
+            for i, c in bad:
+                self.present.discard((i, c))
+                self.cache._forget_locked((self.digest, i, c))
+                self.cache.counters.damaged += 1
+                if counters is not None:
+                    counters.damaged += 1
+            self.verified = True
+        if bad:
+            self.save()
+
+    def make_files(self) -> None:
+        """Creates every file at its size (sparse) where it is missing or of another size."""
+        for i, f in enumerate(self.files):
+            path = self.file_path(i)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
+            try:
+                if os.fstat(fd).st_size != f.size:
+                    os.ftruncate(fd, f.size)
+            finally:
+                os.close(fd)
+
+    def evict(self, i: int, c: int) -> None:
+        """Frees chunk ``c`` of file ``i`` (the caller has forgotten it)."""
+        off, length = self.chunk_span(i, c)
+        try:
+            fd = os.open(self.file_path(i), os.O_WRONLY)
+        except FileNotFoundError:
+            return
+        try:
+            punch_hole(fd, off, length)
+        finally:
+            os.close(fd)
+
+
+# -- the cache --------------------------------------------------------------------------------
+class ChunkCache:
+    """Datasets of the store under ``folder`` (None: a temp dir made at first use and removed by
+    :meth:`close`), at most ``max_bytes`` of present chunks in all (0: no limit). ``chunk_bytes``
+    is how ``dml data put`` cuts files (tests use smaller ones). Thread-safe."""
+
+    def __init__(self, folder: pathlib.Path | None = None, max_bytes: int = 0, chunk_bytes: int = CHUNK_BYTES) -> None:
         if max_bytes < 0:
             raise ValueError(f"max_bytes must be 0 (no limit) or positive, got {max_bytes}")
+        if not 1 <= chunk_bytes <= CHUNK_BYTES:
+            raise ValueError(f"chunk_bytes must be 1 to {CHUNK_BYTES}, got {chunk_bytes}")
         self.max_bytes = max_bytes
+        self.chunk_bytes = chunk_bytes
         self.counters = Counters()
         self._folder = folder
         self._tmp: str | None = None
-        self._lock = threading.Lock()  # guards everything below and counters
-        self._lru: collections.OrderedDict[str, int] = collections.OrderedDict()  # digest -> size, oldest first
+        self._lock = threading.RLock()  # guards everything below, the datasets' present sets and counters
+        self._lru: collections.OrderedDict[ChunkKey, int] = collections.OrderedDict()  # key -> size, oldest first
         self._bytes = 0
         self._loaded = False
-        self._pins: collections.Counter[str] = collections.Counter()  # digest -> datasets being materialised with it
-        self._chunk_locks = [threading.Lock() for _ in range(_STRIPES)]  # one fetch per digest at a time
-        self._dataset_locks: dict[str, threading.Lock] = {}
+        self._datasets: dict[str, StoreDataset] = {}
+        self._pins: collections.Counter[ChunkKey] = collections.Counter()  # chunks being read or held by a job
+        self._chunk_locks = [threading.Lock() for _ in range(_STRIPES)]  # one fetch per chunk at a time
+        self._open_locks: dict[str, threading.Lock] = {}
 
     # -- folders --------------------------------------------------------------------------
     @property
     def folder(self) -> pathlib.Path:
-        """The cache's folder (made on first use), holding ``chunks/`` and ``datasets/``."""
+        """The cache's folder (made on first use), holding ``datasets/``."""
         with self._lock:
             return self._folder_locked()
 
@@ -108,158 +332,150 @@ class ChunkCache:
         if self._folder is None:
             self._tmp = tempfile.mkdtemp(prefix="dml-data-")
             self._folder = pathlib.Path(self._tmp)
-        if not self._loaded:  # the folders, and the chunks a previous run left (oldest access first)
-            (self._folder / "chunks").mkdir(parents=True, exist_ok=True)
+        if not self._loaded:  # the records a previous run left: what it held (verified when opened)
             (self._folder / "datasets").mkdir(parents=True, exist_ok=True)
-            found = []
-            for p in (self._folder / "chunks").iterdir():
-                if digest_error(p.name) == "":
-                    try:
-                        st = p.stat()
-                    except FileNotFoundError:
-                        continue
-                    found.append((st.st_mtime_ns, p.name, st.st_size))
-            for _, name, size in sorted(found):
-                self._lru[name] = size
-                self._bytes += size
             self._loaded = True
+            for p in sorted((self._folder / "datasets").glob("*.json")):
+                self._load_record(p)
         return self._folder
 
-    def chunk_path(self, digest: str) -> pathlib.Path:
-        """Where chunk ``digest`` is kept (whether or not it is there)."""
-        if err := digest_error(digest):
-            raise DatasetError(err)
-        return self.folder / "chunks" / digest
-
-    @property
-    def stored_bytes(self) -> int:
-        """The bytes of chunks held now."""
-        with self._lock:
-            self._folder_locked()
-            return self._bytes
-
-    def held(self) -> list[str]:
-        """The digests held, least recently used first."""
-        with self._lock:
-            self._folder_locked()
-            return list(self._lru)
-
-    # -- chunks ---------------------------------------------------------------------------
-    def get(self, digest: str, fetch: Callable[[str], bytes]) -> bytes:
-        """Chunk ``digest``: from the cache when it is there and still hashes to its name, else
-        ``fetch(digest)``-ed, checked (at most CHUNK_BYTES, hashing to ``digest``: else
-        :class:`DatasetError`) and kept. Concurrent calls for one digest fetch it once."""
-        path = self.chunk_path(digest)
-        with self._chunk_locks[int(digest[:8], 16) % _STRIPES]:
-            data = self._read(digest, path)
-            if data is not None:
-                return data
-            data = fetch(digest)
-            if len(data) > CHUNK_BYTES:
-                raise DatasetError(f"chunk {digest[:12]} from the coordinator is {len(data)} bytes, over the "
-                                   f"protocol's {CHUNK_BYTES}: refused")
-            got = chunk_digest(data)
-            if got != digest:
-                raise DatasetError(f"chunk {digest[:12]} from the coordinator hashes to {got[:12]}: refused")
-            write_atomic(path, data)
-            with self._lock:
-                self.counters.chunks_fetched += 1
-                self.counters.bytes_fetched += len(data)
-                self._bytes += len(data) - self._lru.pop(digest, 0)
-                self._lru[digest] = len(data)
-                self._evict_locked()
-            return data
-
-    def _read(self, digest: str, path: pathlib.Path) -> bytes | None:
-        """The cached chunk when it is there and intact; a damaged one is deleted (None)."""
+    def _load_record(self, path: pathlib.Path) -> None:
+        digest = path.stem
         try:
-            data = path.read_bytes()
-        except FileNotFoundError:
-            with self._lock:
-                self._bytes -= self._lru.pop(digest, 0)
-            return None
-        if chunk_digest(data) == digest:
-            try:
-                os.utime(path)  # the LRU order survives a restart
-            except FileNotFoundError:
-                pass
-            with self._lock:
-                self.counters.hits += 1
-                if digest in self._lru:
-                    self._lru.move_to_end(digest)
-                elif path.exists():  # written by another process sharing the folder (not evicted meanwhile)
-                    self._lru[digest] = len(data)
-                    self._bytes += len(data)
-            return data
-        log.warning("cached chunk %s is damaged (%d bytes that do not hash to its name): deleted, fetching it again",
-                    path, len(data))
-        path.unlink(missing_ok=True)
-        with self._lock:
-            self.counters.damaged += 1
-            self._bytes -= self._lru.pop(digest, 0)
-        return None
-
-    def _evict_locked(self) -> None:
-        """Deletes least recently used chunks while over the limit, never a pinned one (a chunk
-        of a dataset being materialised now)."""
-        if not self.max_bytes or self._bytes <= self.max_bytes:
+            body = json.loads(path.read_bytes())
+            files = tuple(FileEntry(str(f["path"]), int(f["size"]), tuple(str(c) for c in f["chunks"]))
+                          for f in body["files"])
+            manifest = Manifest(str(body["name"]), digest, files)
+            manifest.check(self.chunk_bytes)
+            present = {(int(i), int(c)) for i, c in body["present"]}
+            if any(not (0 <= i < len(files) and 0 <= c < len(files[i].chunks)) for i, c in present):
+                raise DatasetError("a present chunk outside the manifest")
+        except (OSError, ValueError, KeyError, TypeError, DatasetError) as e:
+            log.warning("dataset cache record %s is unreadable (%s): forgetting that dataset", path, e)
+            path.unlink(missing_ok=True)
+            shutil.rmtree(path.with_suffix(""), ignore_errors=True)
             return
-        for digest in list(self._lru):
-            if self._bytes <= self.max_bytes:
-                break
-            if self._pins[digest]:
-                continue
-            size = self._lru.pop(digest)
-            (self._folder_locked() / "chunks" / digest).unlink(missing_ok=True)
-            self._bytes -= size
-            self.counters.evicted += 1
-        if self._bytes > self.max_bytes:
-            log.info("the dataset cache holds %d bytes, over its %d: the rest is in use by a dataset being "
-                     "materialised", self._bytes, self.max_bytes)
+        ds = StoreDataset(self, manifest, self._folder_locked() / "datasets" / digest)
+        ds.present = present
+        self._datasets[digest] = ds
+        for i, c in sorted(present):
+            size = ds.chunk_span(i, c)[1]
+            self._lru[(digest, i, c)] = size
+            self._bytes += size
 
-    # -- datasets -------------------------------------------------------------------------
+    def record_path(self, digest: str) -> pathlib.Path:
+        """Where the record of dataset ``digest`` is kept."""
+        return self.folder / "datasets" / f"{digest}.json"
+
     def dataset_dir(self, digest: str) -> pathlib.Path:
-        """Where the dataset of ``digest`` is assembled."""
+        """Where the files of the dataset of ``digest`` are."""
         if err := digest_error(digest):
             raise DatasetError(f"dataset digest: {err}")
         return self.folder / "datasets" / digest
 
-    def materialise(self, manifest: Manifest, fetch: Callable[[str], bytes]) -> pathlib.Path:
-        """The folder holding ``manifest``'s files, each of its size: reused when a previous
-        call assembled it, else built from its chunks (cache first, ``fetch`` for the rest) in a
-        temp folder renamed into place. Raises :class:`DatasetError` for a manifest, chunk or
-        file that fails its checks."""
-        manifest.check()
-        dest = self.dataset_dir(manifest.digest)
+    @property
+    def stored_bytes(self) -> int:
+        """The bytes of present chunks, all datasets together."""
         with self._lock:
-            lock = self._dataset_locks.setdefault(manifest.digest, threading.Lock())
+            self._folder_locked()
+            return self._bytes
+
+    def held(self) -> list[ChunkKey]:
+        """The chunks present, least recently used first."""
+        with self._lock:
+            self._folder_locked()
+            return list(self._lru)
+
+    # -- opening ----------------------------------------------------------------------------
+    def open(self, manifest: Manifest, fetch: Fetch, counters: Counters | None = None) -> StoreDataset:
+        """The dataset of ``manifest`` in this cache, its files made (sparse, at their sizes) and
+        its present chunks hashed again the first time this process opens it; later chunks come
+        from ``fetch(digest)``. Raises :class:`DatasetError` for a manifest that fails its checks."""
+        manifest.check(self.chunk_bytes)
+        root = self.dataset_dir(manifest.digest)
+        with self._lock:
+            lock = self._open_locks.setdefault(manifest.digest, threading.Lock())
         with lock:
-            if dest.is_dir():
-                if _sizes_match(dest, manifest.files):
-                    return dest
-                log.warning("dataset %s at %s does not hold its files at their sizes: assembling it again",
-                            manifest.name, dest)
-                shutil.rmtree(dest, ignore_errors=True)
-            digests = {d for f in manifest.files for d in f.chunks}
             with self._lock:
-                self._pins.update(digests)
-            tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex}")
-            try:
-                tmp.mkdir()
-                for f in manifest.files:
-                    _assemble(tmp, f, lambda d: self.get(d, fetch))
-                try:
-                    os.rename(tmp, dest)
-                except OSError:
-                    if not _sizes_match(dest, manifest.files):  # not another process's copy that got there first
-                        raise
-            finally:
-                shutil.rmtree(tmp, ignore_errors=True)
-                with self._lock:
-                    self._pins.subtract(digests)
-                    self._pins = +self._pins  # drop the zeros
-                    self._evict_locked()
-            return dest
+                ds = self._datasets.get(manifest.digest)
+                if ds is None or ds.files != manifest.files:
+                    if ds is not None:  # a record that disagrees with the digest's own manifest
+                        self._drop_locked(ds)
+                    ds = StoreDataset(self, manifest, root)
+                    self._datasets[manifest.digest] = ds
+            ds.fetch = fetch
+            if not ds.verified:
+                ds.make_files()
+                ds.verify(counters)
+                ds.save()
+        return ds
+
+    def _drop_locked(self, ds: StoreDataset) -> None:
+        for i, c in list(ds.present):
+            self._forget_locked((ds.digest, i, c))
+        ds.present.clear()
+
+    # -- accounting (all under self._lock) ------------------------------------------------------
+    def _hit_locked(self, key: ChunkKey, counters: Counters | None) -> None:
+        self.counters.hits += 1
+        if counters is not None:
+            counters.hits += 1
+        if key in self._lru:
+            self._lru.move_to_end(key)
+
+    def _added_locked(self, key: ChunkKey, size: int, counters: Counters | None) -> None:
+        for c in (self.counters, counters):
+            if c is not None:
+                c.chunks_fetched += 1
+                c.bytes_fetched += size
+        self._bytes += size - self._lru.pop(key, 0)
+        self._lru[key] = size
+
+    def _forget_locked(self, key: ChunkKey) -> None:
+        self._bytes -= self._lru.pop(key, 0)
+
+    # -- pins and eviction ------------------------------------------------------------------------
+    def pin(self, keys: Iterable[ChunkKey]) -> list[ChunkKey]:
+        """Keeps ``keys`` from eviction until :meth:`unpin`; returns them."""
+        keys = list(keys)
+        with self._lock:
+            self._pins.update(keys)
+        return keys
+
+    def unpin(self, keys: Iterable[ChunkKey]) -> None:
+        """Undoes one :meth:`pin` of ``keys``, evicting what is over the limit now."""
+        with self._lock:
+            self._pins.subtract(keys)
+            self._pins = +self._pins  # drop the zeros
+        self._evict()
+
+    def _evict(self) -> None:
+        """Frees least recently used chunks while over the limit, never a pinned one."""
+        if not self.max_bytes:
+            return
+        changed: set[str] = set()
+        with self._lock:
+            if self._bytes <= self.max_bytes:
+                return
+            for key in list(self._lru):
+                if self._bytes <= self.max_bytes:
+                    break
+                if self._pins[key]:
+                    continue
+                digest, i, c = key
+                ds = self._datasets.get(digest)
+                self._forget_locked(key)
+                self.counters.evicted += 1
+                if ds is not None:
+                    ds.present.discard((i, c))
+                    ds.evict(i, c)
+                    changed.add(digest)
+            over = self._bytes > self.max_bytes
+        for digest in changed:
+            self._datasets[digest].save()
+        if over:
+            log.info("the dataset cache holds %d bytes, over its %d: the rest is being read or held by a job",
+                     self.stored_bytes, self.max_bytes)
 
     def close(self) -> None:
         """Removes the temp folder, if this cache made one."""
@@ -276,34 +492,256 @@ def _inside(root: pathlib.Path, rel: str) -> pathlib.Path:
     return path
 
 
-def _assemble(root: pathlib.Path, f: FileEntry, chunk: Callable[[str], bytes]) -> None:
-    """Writes file ``f`` under ``root`` from its chunks; DatasetError unless it has its size."""
-    path = _inside(root, f.path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    written = 0
-    with open(path, "xb") as out:
-        for d in f.chunks:
-            data = chunk(d)
-            written += len(data)
-            if written > f.size:
-                break
-            out.write(data)
-        out.flush()
-        os.fsync(out.fileno())
-    if written != f.size:
-        raise DatasetError(f"file {f.path!r}: its chunks hold {'more than ' if written > f.size else ''}{written} bytes, "
-                           f"its manifest says {f.size}")
+# -- rows of a .npy file --------------------------------------------------------------------------
+class RowArray:
+    """A ``.npy`` file of a store dataset as a read-only array of rows: what ``ctx.array`` gives.
+    It behaves like ``np.load(path, mmap_mode="r")`` for what tasks and dml do with it (``len``,
+    ``shape``, ``dtype``, ``ndim``, ``x[i]``, ``x[a:b]``, ``x[int_array]``, ``x[rows, cols]``,
+    ``np.asarray(x)``), and fetches the chunks holding the rows asked for before reading them
+    (the header's chunk when it is opened). Raises :class:`NotRowAddressable` for files whose
+    rows cannot be read on their own, :class:`DatasetError` for a header that lies."""
 
-
-def _sizes_match(root: pathlib.Path, files: tuple[FileEntry, ...]) -> bool:
-    """Whether every file of the manifest is under ``root`` at its size."""
-    for f in files:
+    def __init__(self, ds: StoreDataset, rel: str, counters: Counters | None = None) -> None:
+        if rel not in ds.index:
+            raise FileNotFoundError(f"dataset {ds.manifest.name} has no file {rel!r}")
+        self._ds, self.rel, self._counters = ds, rel, counters
+        self._fi = i = ds.index[rel]
+        size = ds.files[i].size
+        if size == 0:
+            raise DatasetError(f"{rel}: an empty file is no .npy array")
+        head_len = min(size, ds.cache.chunk_bytes)
+        keys = ds.cache.pin(self._keys([0]))  # the header's chunk, not evicted before it is read
         try:
-            if _inside(root, f.path).stat().st_size != f.size:
-                return False
-        except (FileNotFoundError, NotADirectoryError):
-            return False
-    return True
+            ds.ensure(i, [0], counters)
+            with open(ds.file_path(i), "rb") as f:
+                head = f.read(head_len)
+        finally:
+            ds.cache.unpin(keys)
+        self.shape, self.dtype, self.offset = _parse_header(rel, head, size)
+        self.ndim = len(self.shape)
+        self.row_bytes = int(self.dtype.itemsize * int(np.prod(self.shape[1:], dtype=np.int64)))
+        self.size = int(np.prod(self.shape, dtype=np.int64))
+        self.nbytes = self.size * self.dtype.itemsize
+        self.itemsize = self.dtype.itemsize
+        self._mm = np.memmap(ds.file_path(i), dtype=self.dtype, mode="r", offset=self.offset, shape=self.shape) \
+            if self.size else np.zeros(self.shape, self.dtype)
+
+    def __len__(self) -> int:
+        return int(self.shape[0])
+
+    def __repr__(self) -> str:
+        return f"RowArray({self.rel!r}, shape={self.shape}, dtype={self.dtype})"
+
+    def _keys(self, chunks: Iterable[int]) -> list[ChunkKey]:
+        return [(self._ds.digest, self._fi, int(c)) for c in chunks]
+
+    def rows_of(self, key: Any) -> np.ndarray:
+        """The row numbers (sorted, unique, checked in range: else IndexError) that ``x[key]``
+        reads."""
+        n = len(self)
+        rows = key[0] if isinstance(key, tuple) and key else key
+        if isinstance(rows, slice):
+            return np.arange(*rows.indices(n), dtype=np.int64)
+        if rows is Ellipsis or rows is None or (isinstance(key, tuple) and not key):
+            return np.arange(n, dtype=np.int64)
+        a = np.asarray(rows)
+        if a.dtype == np.bool_:
+            if a.shape != (n,):
+                raise IndexError(f"{self.rel}: a boolean index of shape {a.shape} for {n} rows")
+            return np.flatnonzero(a)
+        if not np.issubdtype(a.dtype, np.integer):
+            raise IndexError(f"{self.rel}: rows must be indexed by ints, slices or int arrays, not {a.dtype}")
+        a = a.astype(np.int64, copy=False).ravel()
+        if a.size and (int(a.min()) < -n or int(a.max()) >= n):
+            bad = int(a.max()) if int(a.max()) >= n else int(a.min())
+            raise IndexError(f"{self.rel}: row {bad} is out of range for {n} rows")
+        return np.unique(np.where(a < 0, a + n, a))
+
+    def chunks_of_rows(self, rows: np.ndarray) -> np.ndarray:
+        """The chunks holding ``rows`` (sorted unique row numbers)."""
+        if not rows.size or not self.row_bytes:
+            return np.zeros(0, dtype=np.int64)
+        cb = self._ds.cache.chunk_bytes
+        first = (self.offset + rows * self.row_bytes) // cb
+        last = (self.offset + (rows + 1) * self.row_bytes - 1) // cb
+        if int((last - first).max()) <= 1:
+            return np.unique(np.concatenate([first, last]))
+        return np.unique(np.concatenate([np.arange(f, l + 1) for f, l in zip(first.tolist(), last.tolist())]))
+
+    def ensure_rows(self, rows: Any, counters: Counters | None = None, cancelled: threading.Event | None = None) -> None:
+        """Fetches the chunks holding ``rows`` (any index :meth:`rows_of` takes) unless present."""
+        chunks = self.chunks_of_rows(self.rows_of(rows))
+        self._ds.ensure(self._fi, chunks.tolist(), counters or self._counters, cancelled)
+
+    def holds(self, rows: Any) -> bool:
+        """Whether every chunk holding ``rows`` is present."""
+        return self._ds.holds(self._fi, self.chunks_of_rows(self.rows_of(rows)).tolist())
+
+    @contextlib.contextmanager
+    def _reading(self, key: Any) -> Iterator[None]:
+        keys = self._keys(self.chunks_of_rows(self.rows_of(key)).tolist())
+        self._ds.cache.pin(keys)  # not evicted between being ensured and read
+        try:
+            self._ds.ensure(self._fi, [k[2] for k in keys], self._counters)
+            yield
+        finally:
+            self._ds.cache.unpin(keys)
+
+    def __getitem__(self, key: Any) -> Any:
+        with self._reading(key):
+            got = self._mm[key]
+            return np.array(got) if isinstance(got, np.ndarray) else got
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        with self._reading(slice(None)):
+            out = np.array(self._mm)
+        return out if dtype is None else out.astype(dtype, copy=False)
+
+    def __iter__(self) -> Iterator[Any]:
+        for r in range(len(self)):
+            yield self[r]
+
+
+def _parse_header(rel: str, head: bytes, size: int) -> tuple[tuple[int, ...], np.dtype, int]:
+    """(shape, dtype, data offset) of the ``.npy`` file whose first bytes are ``head`` and whose
+    size is ``size``."""
+    f = io.BytesIO(head)
+    try:
+        version = npformat.read_magic(f)
+        if version == (1, 0):
+            shape, fortran, dtype = npformat.read_array_header_1_0(f, max_header_size=MAX_HEADER_BYTES)
+        elif version == (2, 0):
+            shape, fortran, dtype = npformat.read_array_header_2_0(f, max_header_size=MAX_HEADER_BYTES)
+        else:
+            raise NotRowAddressable(f"{rel}: .npy format version {version} is not read by rows")
+    except NotRowAddressable:
+        raise
+    except (ValueError, EOFError, SyntaxError, TypeError) as e:
+        raise DatasetError(f"{rel}: not a .npy file whose header fits its first chunk: {e}") from None
+    offset = f.tell()
+    if dtype.hasobject:
+        raise NotRowAddressable(f"{rel}: an array of Python objects is not read by rows")
+    if not shape:
+        raise NotRowAddressable(f"{rel}: a 0-d array has no rows")
+    if fortran and len(shape) > 1:
+        raise NotRowAddressable(f"{rel}: a Fortran-ordered array's rows are not contiguous")
+    if any(d < 0 for d in shape):
+        raise DatasetError(f"{rel}: the header's shape {shape} is negative")
+    want = offset + int(np.prod(shape, dtype=object)) * dtype.itemsize
+    if want != size:
+        raise DatasetError(f"{rel}: the header says {shape} of {dtype} ({want} bytes with the header), "
+                           f"the file holds {size}: refused")
+    return tuple(int(d) for d in shape), dtype, offset
+
+
+# -- what a job's ctx reads through ---------------------------------------------------------------
+class StoreSource:
+    """A store dataset as a job's ``dml.Context`` reads it (``ctx.path``, ``ctx.array``,
+    ``ctx.files``), with the job's own :class:`Counters`. ``root`` is its ``ctx.data_dir``.
+    Files fetched whole by :meth:`path` stay pinned (never evicted) until :meth:`close`, or
+    until the source is garbage-collected."""
+
+    local = False
+
+    def __init__(self, ds: StoreDataset, counters: Counters | None = None) -> None:
+        self.dataset = ds
+        self.root = ds.root
+        self.counters = counters if counters is not None else Counters()
+        self._lock = threading.Lock()
+        self._arrays: dict[str, Any] = {}  # rel -> RowArray, or the whole file's memory map
+        self._train: list[str] = []  # arrays opened for the training split, in order
+        self._whole: set[int] = set()  # files fetched whole (pinned)
+        self._pinned: list[ChunkKey] = []
+        self._fallback_logged: set[str] = set()
+        self._finalizer = weakref.finalize(self, ds.cache.unpin, self._pinned)
+
+    def _rel(self, rel: str) -> str:
+        rel = rel.strip("/")
+        parts = [p for p in rel.split("/") if p not in ("", ".")]
+        if ".." in parts:
+            raise DatasetError(f"path {rel!r} leaves the dataset")
+        return "/".join(parts)
+
+    def files(self, prefix: str = "") -> list[str]:
+        """The dataset's file paths starting with ``prefix``, sorted."""
+        return sorted(f.path for f in self.dataset.files if f.path.startswith(prefix))
+
+    def _fetch_whole(self, i: int) -> None:
+        ds = self.dataset
+        with self._lock:
+            if i in self._whole:
+                return
+            self._whole.add(i)
+        keys = ds.cache.pin((ds.digest, i, c) for c in ds.all_chunks(i))
+        with self._lock:
+            self._pinned.extend(keys)
+        ds.ensure(i, ds.all_chunks(i), self.counters)
+
+    def path(self, rel: str) -> pathlib.Path:
+        """``root / rel`` once the file ``rel``, or every file under folder ``rel`` (all for
+        ""), is present (fetched whole). A path the dataset lacks is returned as it is."""
+        rel = self._rel(rel)
+        ds = self.dataset
+        if rel in ds.index:
+            self._fetch_whole(ds.index[rel])
+        else:
+            under = rel + "/" if rel else ""
+            for f in ds.files:
+                if f.path.startswith(under):
+                    self._fetch_whole(ds.index[f.path])
+        return self.root.joinpath(*rel.split("/")) if rel else self.root
+
+    def array(self, rel: str, train: bool = False) -> Any:
+        """The ``.npy`` file ``rel`` as rows (:class:`RowArray`), or, when its rows cannot be
+        read on their own, the whole file fetched and memory-mapped (logged once). ``train``:
+        opened for the training split, so a plan's shards are prefetched in it."""
+        rel = self._rel(rel)
+        with self._lock:
+            got = self._arrays.get(rel)
+        if got is None:
+            try:
+                got = RowArray(self.dataset, rel, self.counters)
+            except NotRowAddressable as e:
+                if rel not in self._fallback_logged:
+                    self._fallback_logged.add(rel)
+                    log.info("dataset %s: %s: fetching the whole file", self.dataset.manifest.name, e)
+                got = np.load(self.path(rel), mmap_mode="r")
+            with self._lock:
+                got = self._arrays.setdefault(rel, got)
+        with self._lock:
+            if train and rel not in self._train:
+                self._train.append(rel)
+        return got
+
+    def train_arrays(self, rows: int) -> list[RowArray]:
+        """The row arrays opened for the training split that have ``rows`` rows (those a
+        plan's sample indices index)."""
+        with self._lock:
+            arrays = [self._arrays[r] for r in self._train]
+        return [a for a in arrays if isinstance(a, RowArray) and len(a) == rows]
+
+    def prefetch(self, indices: np.ndarray, rows: int, cancelled: threading.Event | None = None) -> None:
+        """Fetches the rows ``indices`` of every training array of ``rows`` rows (the peer's
+        shards of a plan); stops between chunks once ``cancelled`` is set."""
+        idx = np.asarray(indices, dtype=np.int64)
+        if idx.size and (int(idx.min()) < 0 or int(idx.max()) >= rows):
+            raise IndexError(f"shard indices outside the {rows} training samples")
+        for a in self.train_arrays(rows):
+            if cancelled is not None and cancelled.is_set():
+                return
+            a.ensure_rows(idx, self.counters, cancelled)
+
+    def holds(self, indices: Any, rows: int | None = None) -> bool:
+        """Whether every row ``indices`` of the training arrays (of ``rows`` rows; None: all of
+        them) is present: a shard this peer caches."""
+        with self._lock:
+            arrays = [self._arrays[r] for r in self._train]
+        arrays = [a for a in arrays if isinstance(a, RowArray) and (rows is None or len(a) == rows)]
+        return bool(arrays) and all(a.holds(indices) for a in arrays)
+
+    def close(self) -> None:
+        """Releases the pins of the files fetched whole."""
+        self._finalizer()
 
 
 def manifest_of(resp: data_pb2.GetDatasetResponse) -> Manifest:

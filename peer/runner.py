@@ -22,7 +22,7 @@ from dml.peer import datausage, shm
 from dml.peer.advertise import address_problem, advertise_host
 from dml.peer.auth import ExchangeGuard, PeerCredentials
 from dml.peer.client import CALL_TIMEOUT_S, ControlClient, Evicted, evicted_code, refusing_cluster
-from dml.peer.datacache import ChunkCache
+from dml.peer.datacache import ChunkCache, StoreSource
 from dml.peer.exchange import ExchangeServicer, add_exchange_to_server, call_policies, guarded_method
 from dml.peer.faults import Fault
 from dml.peer.gossip import GossipNode
@@ -30,6 +30,7 @@ from dml.peer.gossip_step import GossipStep
 from dml.peer.link import PeerLink
 from dml.peer.metrics import PeerMetrics
 from dml.peer.params import ParamStore
+from dml.peer.prefetch import Prefetcher, plan_indices
 from dml.peer.ring_round import RingRound
 from dml.peer.take import take
 from dml.peer.taskload import CodeCache
@@ -105,6 +106,7 @@ class Peer:
         self.store = ParamStore()
         self.code_cache = CodeCache(config.code_cache_dir)  # task code fetched for jobs (peer.taskload)
         self.data_cache = ChunkCache(config.cache_dir, config.cache_max_bytes)  # datasets of jobs (peer.datacache)
+        self.prefetch = Prefetcher()  # a plan's rows of a store dataset, fetched ahead of its batches
         self._abort = threading.Event()
         self._evicted = threading.Event()
         # Held while peer_id changes with _evicted cleared (a registration), and while the heartbeat
@@ -208,6 +210,8 @@ class Peer:
         if self.metrics_server is not None:
             self.metrics_server.stop()
         self._gossip_step.close_channels()
+        self.prefetch.cancel()
+        self.prefetch.join(5)
         self.client.close()
         self.code_cache.close()
         self.data_cache.close()
@@ -230,6 +234,9 @@ class Peer:
                     log.info("peer %s: coordinator reachable again", me)
                 failing = False
                 self._note_held_out(me, hb.held_out_reason)
+                fetching = self.prefetch.job_id
+                if fetching and hb.job_id != fetching:  # the job ended here: stop fetching its rows
+                    self.prefetch.cancel(fetching)
                 job, epoch = self._ring.under_way
                 if job and (hb.job_id != job or hb.epoch > epoch):  # cancelled, finished, or re-formed
                     self._abort.set()
@@ -304,6 +311,7 @@ class Peer:
                     self._ring.unwatch()  # a new plan: the watched round committed or was re-formed
                     self.credentials.note_plan(plan.job_id, plan.epoch, plan.member_ticket)
                     last = (plan.job_id, plan.round, plan.epoch)
+                    self._prefetch(plan)
                     if plan.gossip:  # a gossip step's report answers with the next step
                         plan = self._gossip_step.run(plan)
                     else:
@@ -318,6 +326,14 @@ class Peer:
                 log.error("peer %s: coordinator call failed: %s", self.peer_id,
                           e.details() if isinstance(e, grpc.Call) else e)
                 self.stop_event.wait(1.0)
+
+    def _prefetch(self, plan: types_pb2.Plan) -> None:
+        """Starts fetching the rows of this peer's shards in ``plan`` when its job reads a
+        dataset of the coordinator's store (and this peer holds the job's trainer)."""
+        trainer = self.store.trainer_for(plan.job_id)
+        source = trainer.ctx.source if trainer is not None else None
+        if isinstance(source, StoreSource) and plan.shard_indices:
+            self.prefetch.submit(plan.job_id, source, plan_indices(plan), trainer.train_data.size)
 
     def _make_link(self, plan: types_pb2.Plan, rank: int) -> PeerLink:
         """The ring link for this round (a seam for fault-injection tests)."""

@@ -11,7 +11,6 @@ carry the first lines of its traceback, the user's frames only.
 """
 from __future__ import annotations
 
-import dataclasses
 import importlib.util
 import logging
 import os
@@ -31,7 +30,7 @@ from dml.common.task import Context, Task
 from dml.common.tasks import get_task, is_builtin
 from dml.peer import datausage, outer
 from dml.peer.client import DatasetMissing, TaskCodeMissing
-from dml.peer.datacache import DatasetError, manifest_of
+from dml.peer.datacache import Counters, DatasetError, StoreSource, manifest_of
 from dml.peer.trainer import TaskError, Trainer, user_frames
 
 if TYPE_CHECKING:
@@ -95,51 +94,55 @@ def load_task(peer: Peer, job_id: str, spec: types_pb2.JobSpec) -> Task:
         raise TaskError(f"cannot fetch the task code of {ref}: {e}") from None
 
 
-def dataset_dir(peer: Peer, job_id: str, name: str, job: datausage.JobUsage | None = None) -> pathlib.Path:
-    """The folder holding dataset ``name`` of the coordinator's store on this peer, fetched into
-    its cache (``--cache-dir``) unless a previous job left it there; what it cost is logged and
-    added to ``job``'s counters (a dataset assembled already counts each of its chunks as a
-    cache hit: found present, not fetched), and ``job`` then holds it whole.
-    Raises :class:`Declined` when it cannot be had (unknown, or bytes that fail their checks)."""
-    job = job if job is not None else datausage.JobUsage(datausage.STORE, 0)
+def dataset_source(peer: Peer, job_id: str, name: str) -> StoreSource:
+    """Dataset ``name`` of the coordinator's store as job ``job_id`` reads it on this peer: its
+    manifest fetched and checked, its folder in the peer's cache (``--cache-dir``) opened (the
+    chunks a previous run left hashed again), nothing else fetched yet: the task's reads fetch
+    what they touch. Raises :class:`Declined` when it cannot be had (unknown, or a manifest that
+    fails its checks)."""
     cache = peer.data_cache
-    before = dataclasses.replace(cache.counters)
+    counters = Counters()
     try:
         manifest = manifest_of(peer.client.fetch_manifest(name))
-        folder = cache.materialise(manifest, peer.client.fetch_chunk)
+        ds = cache.open(manifest, peer.client.fetch_chunk, counters)
     except (DatasetError, DatasetMissing) as e:
         raise Declined(f"cannot fetch dataset {name}: {e}") from None
-    got = cache.counters.minus(before)
-    job.whole = True
-    if not (got.chunks_fetched or got.hits or got.damaged):
-        job.add(dataclasses.replace(got, hits=len({d for f in manifest.files for d in f.chunks})))
-        log.info("peer %s job %s: dataset %s (%s) at %s: assembled already, nothing fetched", peer.peer_id, job_id,
-                 name, manifest.digest[:12], folder)
-        return folder
-    log.info("peer %s job %s: dataset %s (%s) at %s: fetched %d chunks (%d bytes), %d from the cache, %d damaged "
-             "cache files fetched again", peer.peer_id, job_id, name, manifest.digest[:12], folder, got.chunks_fetched,
-             got.bytes_fetched, got.hits, got.damaged)
-    job.add(got)
-    return folder
+    with cache._lock:
+        held = len(ds.present)
+    total = sum(len(f.chunks) for f in manifest.files)
+    log.info("peer %s job %s: dataset %s (%s) at %s: %d of its %d chunks cached here%s; the rest is fetched as "
+             "the task reads it", peer.peer_id, job_id, name, manifest.digest[:12], ds.root, held, total,
+             f" ({counters.damaged} damaged, forgotten)" if counters.damaged else "")
+    return StoreSource(ds, counters)
 
 
 def make_trainer(peer: Peer, job_id: str, spec: types_pb2.JobSpec) -> Trainer:
     """The trainer of job ``job_id`` on this peer: its task, seeded by the job, at the job's
     learning rate, on the peer's device, its data read under the peer's ``--data-dir`` (or, for
-    a job on a dataset of the coordinator's store, in the folder :func:`dataset_dir` fetched), with the
+    a job on a dataset of the coordinator's store, through :func:`dataset_source`), with the
     job's proximal term and its outer optimizer (whose state is then one of the trainer's
-    ``state_parts``), and the job's data usage counters (:mod:`dml.peer.datausage`). The one place a peer builds a job's trainer. With ``--sync grads`` or a
+    ``state_parts``), and the job's data usage (:mod:`dml.peer.datausage`: the source's counters,
+    its cached shards). The one place a peer builds a job's trainer. With ``--sync grads`` or a
     proximal term it keeps real gradients (no update fused into backward): the ring averages
     them each step, or the term is added to them. Raises what :func:`load_task` raises."""
     task = load_task(peer, job_id, spec)
-    usage = datausage.JobUsage(datausage.STORE if spec.dataset else datausage.LOCAL, spec.num_shards)
-    if spec.dataset:
-        data_dir = dataset_dir(peer, job_id, spec.dataset, usage)
+    source = dataset_source(peer, job_id, spec.dataset) if spec.dataset else None
+    usage = datausage.JobUsage(datausage.STORE if source is not None else datausage.LOCAL, spec.num_shards,
+                               counters=source.counters if source is not None else Counters())
+    if source is not None:
+        data_dir = source.root
     else:
         data_dir = peer.config.data_dir if peer.config.data_dir is not None else pathlib.Path.cwd()
-    ctx = Context(data_dir=data_dir, seed=spec.seed, job_id=job_id, peer_id=peer.peer_id)
-    trainer = Trainer(task, spec.seed, spec.learning_rate, peer.config.device, ctx=ctx,
-                      fuse=spec.sync != "grads" and spec.prox_mu == 0, prox_mu=spec.prox_mu)
+    ctx = Context(data_dir=data_dir, seed=spec.seed, job_id=job_id, peer_id=peer.peer_id, source=source)
+    try:
+        trainer = Trainer(task, spec.seed, spec.learning_rate, peer.config.device, ctx=ctx,
+                          fuse=spec.sync != "grads" and spec.prox_mu == 0, prox_mu=spec.prox_mu)
+    except TaskError as e:
+        if source is not None:
+            source.close()
+        if isinstance(e.__cause__, (DatasetError, DatasetMissing)):  # the store's bytes, not the task's fault
+            raise Declined(f"cannot fetch dataset {spec.dataset}: {e.__cause__}") from None
+        raise
     trainer.average_state = spec.optimizer_state == "average"
     datausage.attach(trainer, usage)  # its reports carry it (peer.datausage)
     if spec.outer_optimizer not in ("", "none"):

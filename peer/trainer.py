@@ -29,6 +29,7 @@ import dml.common
 import dml.peer
 from dml.common.task import MAX_METRIC_NAME, MAX_METRICS, Context, Task
 from dml.peer import trainstate
+from dml.peer.datacache import RowArray
 
 log = logging.getLogger(__name__)
 EVAL_BATCH = 32
@@ -221,8 +222,9 @@ class Batches:
             self._arrays = (self._resident(x), self._resident(y))
 
     def _resident(self, a: Any) -> Any:
-        """Small in-memory arrays go to the device once; memory maps stay where they are."""
-        if isinstance(a, np.memmap) or self.device.type == "cpu":
+        """Small in-memory arrays go to the device once; memory maps and a store dataset's rows
+        (fetched as batches read them) stay where they are."""
+        if isinstance(a, (np.memmap, RowArray)) or self.device.type == "cpu":
             return a
         return torch.as_tensor(np.asarray(a) if isinstance(a, np.ndarray) else a).to(self.device)
 

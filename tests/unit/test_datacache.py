@@ -1,23 +1,35 @@
-"""The peer's dataset cache (dml.peer.datacache): chunks checked on arrival and on every read
-back (a tampered or truncated file is deleted and fetched again), least recently used chunks
-evicted past the limit but never those of the dataset being assembled, one fetch per chunk for
-concurrent callers, and datasets assembled once under their digest with every size checked."""
+"""The peer's dataset cache (dml.peer.datacache): a store dataset kept as sparse files, only the
+chunks holding the rows read fetched (``ctx.array``), whole files for ``ctx.path``; every chunk
+checked on arrival and every present one hashed again when a dataset is opened (a tampered or
+truncated one is forgotten and fetched again); what is present survives a restart; least
+recently used chunks evicted past the limit, never one being read or held whole by a job; one
+fetch per chunk for concurrent callers; manifests, chunks and ``.npy`` headers that lie refused.
+Chunks are 256 bytes here (``chunk_bytes``) so a few kilobytes span many of them."""
 from __future__ import annotations
 
+import io
+import logging
 import pathlib
 import threading
 
+import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from dml.common.datasets import CHUNK_BYTES, FileEntry, chunk_digest, manifest_digest
-from dml.peer.datacache import ChunkCache, DatasetError, Manifest
+from dml.common.datasets import FileEntry, chunk_digest, manifest_digest
+from dml.common.task import Context
+from dml.peer.datacache import ChunkCache, Counters, DatasetError, Manifest, RowArray, StoreSource
+from dml.peer.prefetch import Prefetcher
+
+CB = 256
 
 
 class Store:
     """A stand-in for the coordinator's GetChunk: serves chunks by digest and counts calls."""
 
-    def __init__(self, *blobs: bytes) -> None:
-        self.chunks = {chunk_digest(b): b for b in blobs}
+    def __init__(self, chunks: dict[str, bytes] | None = None) -> None:
+        self.chunks = dict(chunks or {})
         self.calls: list[str] = []
         self.lock = threading.Lock()
 
@@ -27,92 +39,128 @@ class Store:
         return self.chunks[digest]
 
 
-def _manifest(name: str, files: dict[str, list[bytes]]) -> Manifest:
-    entries = tuple(FileEntry(p, sum(map(len, parts)), tuple(chunk_digest(b) for b in parts))
-                    for p, parts in sorted(files.items()))
-    return Manifest(name, manifest_digest(list(entries)), entries)
+def npy(a: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, a)
+    return buf.getvalue()
 
 
-def test_a_chunk_is_fetched_once_then_read_from_the_cache(tmp_path: pathlib.Path) -> None:
-    store = Store(b"alpha")
-    cache = ChunkCache(tmp_path)
-    d = chunk_digest(b"alpha")
-    assert cache.get(d, store) == b"alpha" and cache.get(d, store) == b"alpha"
-    assert store.calls == [d]
-    assert (cache.counters.chunks_fetched, cache.counters.bytes_fetched, cache.counters.hits) == (1, 5, 1)
-    assert (tmp_path / "chunks" / d).read_bytes() == b"alpha"
-    assert ChunkCache(tmp_path).get(d, store) == b"alpha" and store.calls == [d]  # a restart keeps it
+def dataset(files: dict[str, bytes], store: Store, name: str = "d") -> Manifest:
+    """The manifest of ``files`` cut in CB-byte chunks, their chunks put into ``store``."""
+    entries = []
+    for path, data in sorted(files.items()):
+        parts = [data[i : i + CB] for i in range(0, len(data), CB)]
+        store.chunks.update({chunk_digest(p): p for p in parts})
+        entries.append(FileEntry(path, len(data), tuple(chunk_digest(p) for p in parts)))
+    return Manifest(name, manifest_digest(entries), tuple(entries))
 
 
-@pytest.mark.parametrize("damage", ["tampered", "truncated", "emptied"])
-def test_a_damaged_cache_file_is_detected_deleted_and_fetched_again(tmp_path: pathlib.Path, damage: str,
-                                                                    caplog: pytest.LogCaptureFixture) -> None:
-    store = Store(b"precious bytes")
-    cache = ChunkCache(tmp_path)
-    d = chunk_digest(b"precious bytes")
-    cache.get(d, store)
-    path = tmp_path / "chunks" / d
-    path.write_bytes({"tampered": b"precious bytez", "truncated": b"precious", "emptied": b""}[damage])
-    assert cache.get(d, store) == b"precious bytes"
-    assert store.calls == [d, d] and cache.counters.damaged == 1 and cache.counters.hits == 0
-    assert path.read_bytes() == b"precious bytes" and "damaged" in caplog.text
+X = np.arange(400 * 4, dtype=np.float32).reshape(400, 4)  # 16-byte rows: 16 rows a chunk
+Y = (np.arange(400) % 3).astype(np.int64)
 
 
-def test_chunks_from_the_network_that_lie_or_are_too_big_are_refused(tmp_path: pathlib.Path) -> None:
-    cache = ChunkCache(tmp_path)
-    d = chunk_digest(b"what was asked")
-    with pytest.raises(DatasetError, match="hashes to"):
-        cache.get(d, lambda _: b"something else")
-    huge = b"\0" * (CHUNK_BYTES + 1)
-    with pytest.raises(DatasetError, match="over the protocol's"):
-        cache.get(chunk_digest(huge), lambda _: huge)
-    with pytest.raises(DatasetError, match="malformed"):
-        cache.get("../../etc/passwd", lambda _: b"x")
-    assert list((tmp_path / "chunks").iterdir()) == [] and cache.stored_bytes == 0
-    assert cache.counters.chunks_fetched == 0
+def source(tmp_path: pathlib.Path, store: Store, files: dict[str, bytes] | None = None, max_bytes: int = 0,
+           cache: ChunkCache | None = None) -> StoreSource:
+    m = dataset(files or {"x.npy": npy(X), "y.npy": npy(Y), "notes/a.txt": b"a" * 600, "notes/b.txt": b"b"}, store)
+    cache = cache or ChunkCache(tmp_path / "cache", max_bytes=max_bytes, chunk_bytes=CB)
+    counters = Counters()  # the job's, as peer.taskload passes them
+    return StoreSource(cache.open(m, store, counters), counters)
 
 
-def test_least_recently_used_chunks_go_first_past_the_limit(tmp_path: pathlib.Path) -> None:
-    a, b, c = b"a" * 10, b"b" * 10, b"c" * 10
-    store = Store(a, b, c)
-    cache = ChunkCache(tmp_path, max_bytes=25)
-    da, db, dc = map(chunk_digest, (a, b, c))
-    cache.get(da, store)
-    cache.get(db, store)
-    cache.get(da, store)  # a is now the most recently used
-    cache.get(dc, store)  # 30 bytes: b goes
-    assert cache.held() == [da, dc] and cache.stored_bytes == 20 and cache.counters.evicted == 1
-    assert sorted(p.name for p in (tmp_path / "chunks").iterdir()) == sorted([da, dc])
-    assert ChunkCache(tmp_path, max_bytes=25).held() == [da, dc]  # the order survives a restart
+def test_only_the_chunks_of_the_rows_read_are_fetched(tmp_path: pathlib.Path) -> None:
+    store = Store()
+    src = source(tmp_path, store)
+    ctx = Context(data_dir=src.root, source=src)
+    assert store.calls == []  # opening the dataset fetches nothing
+    x = ctx.array("x.npy")
+    assert isinstance(x, RowArray) and len(store.calls) == 1  # the header's chunk, at open
+    assert (len(x), x.shape, x.dtype, x.ndim) == (400, (400, 4), np.float32, 2) and len(store.calls) == 1
+    header = x.offset
+    assert np.array_equal(x[np.array([3, 7])], X[[3, 7]]) and len(store.calls) == 1  # rows 3 and 7 share chunk 0
+    assert np.array_equal(x[200], X[200]) and np.array_equal(x[-1], X[-1])
+    want = {(header + r * 16) // CB for r in (3, 7, 200, 399)} | {0}
+    assert len(store.calls) == len(want) == src.counters.chunks_fetched
+    assert src.counters.bytes_fetched == sum(len(store.chunks[d]) for d in set(store.calls))
+    assert src.counters.hits >= 1 and src.counters.damaged == 0
+    file_chunks = len(src.dataset.files[src.dataset.index["x.npy"]].chunks)
+    assert len(store.calls) < file_chunks / 5  # a small share of the file's 26 chunks
+    assert src.root.joinpath("x.npy").stat().st_size == len(npy(X))  # full size, sparse
+    assert np.array_equal(x[10:40], X[10:40]) and np.array_equal(x[5:50:7, 2], X[5:50:7, 2])
+    assert np.array_equal(x[X[:, 0] > 1500], X[X[:, 0] > 1500])
+    assert np.array_equal(np.asarray(x), X) and len(store.calls) == file_chunks  # all of it now, each once
+    assert np.array_equal(x[:0], X[:0])
 
 
-def test_the_chunks_of_the_dataset_being_assembled_are_never_evicted(tmp_path: pathlib.Path) -> None:
-    p0, p1, p2, old = (bytes([i]) * 100 for i in range(4))
-    store = Store(p0, p1, p2, old)
-    cache = ChunkCache(tmp_path, max_bytes=150)
-    cache.get(chunk_digest(old), store)
-    m = _manifest("big", {"x.bin": [p0, p1], "y.bin": [p0, p2]})  # y needs p0 again after p1 passed the limit
-    folder = cache.materialise(m, store)
-    assert (folder / "x.bin").read_bytes() == p0 + p1 and (folder / "y.bin").read_bytes() == p0 + p2
-    # While it was assembled its chunks stayed (300 bytes, over the limit) and p0 was read back
-    # from the cache; the old chunk went at once; afterwards the cache is back under its limit.
-    assert store.calls == [chunk_digest(b) for b in (old, p0, p1, p2)] and cache.counters.hits == 1
-    assert chunk_digest(old) not in cache.held() and cache.stored_bytes <= 150
+def test_out_of_range_rows_are_an_index_error_and_fetch_nothing(tmp_path: pathlib.Path) -> None:
+    store = Store()
+    src = source(tmp_path, store)
+    x = src.array("x.npy")
+    n = len(store.calls)
+    for bad in (400, -401, [0, 400], np.array([5, -500])):
+        with pytest.raises(IndexError, match="out of range"):
+            x[bad]
+    with pytest.raises(IndexError):
+        x[np.array([0.5])]
+    assert len(store.calls) == n
+
+
+@settings(max_examples=25, deadline=None)
+@given(rows=st.lists(st.integers(-400, 399), min_size=1, max_size=40))
+def test_ctx_array_gives_the_same_rows_on_local_and_store_data(tmp_path_factory: pytest.TempPathFactory,
+                                                               rows: list[int]) -> None:
+    tmp = tmp_path_factory.mktemp("same")
+    (tmp / "local").mkdir()
+    np.save(tmp / "local" / "x.npy", X)
+    local = Context(data_dir=tmp / "local").array("x.npy")
+    assert isinstance(local, np.memmap)  # exactly np.load(mmap_mode="r")
+    store = Store()
+    src = source(tmp, store)
+    stored = Context(data_dir=src.root, source=src).array("x.npy")
+    idx = np.array(rows)
+    assert np.array_equal(stored[idx], local[idx]) and stored[idx].dtype == local[idx].dtype
+    assert np.array_equal(stored[rows[0]], local[rows[0]])
+    assert stored.shape == local.shape and len(stored) == len(local)
+
+
+def test_ctx_path_fetches_whole_files_and_folders_and_files_lists_them(tmp_path: pathlib.Path) -> None:
+    store = Store()
+    src = source(tmp_path, store)
+    ctx = Context(data_dir=src.root, source=src)
+    assert ctx.files() == ["notes/a.txt", "notes/b.txt", "x.npy", "y.npy"] and ctx.files("notes/") == ctx.files()[:2]
+    assert store.calls == []
+    assert ctx.path("notes", "b.txt").read_bytes() == b"b" and len(store.calls) == 1
+    folder = ctx.path("notes")
+    assert (folder / "a.txt").read_bytes() == b"a" * 600 and len(store.calls) == 1 + 3
+    assert ctx.path("absent.csv") == src.root / "absent.csv" and len(store.calls) == 4
+    assert np.array_equal(np.load(ctx.path("y.npy")), Y)
+    ctx.path()  # the whole dataset
+    assert len(store.calls) == sum(len(f.chunks) for f in src.dataset.files)  # each chunk once
+    # Local data: a path, a walk that lists only what the prefix can match.
+    local = tmp_path / "local"
+    (local / "imgs" / "cat").mkdir(parents=True)
+    (local / "imgs" / "cat" / "1.png").write_bytes(b"1")
+    (local / "imgs" / "dog.png").write_bytes(b"2")
+    (local / "other.txt").write_bytes(b"3")
+    lctx = Context(data_dir=local)
+    assert lctx.files() == ["imgs/cat/1.png", "imgs/dog.png", "other.txt"]
+    assert lctx.files("imgs/") == ["imgs/cat/1.png", "imgs/dog.png"] and lctx.files("imgs/d") == ["imgs/dog.png"]
+    assert lctx.path("imgs", "dog.png") == local / "imgs" / "dog.png"
 
 
 def test_two_threads_asking_for_one_chunk_fetch_it_once(tmp_path: pathlib.Path) -> None:
     release = threading.Event()
-    calls: list[str] = []
+    store = Store()
+    src = source(tmp_path, store)
+    x = src.array("x.npy")  # the header's chunk (chunk 0) present
 
     def slow(digest: str) -> bytes:
-        calls.append(digest)
+        store.calls.append(digest)
         assert release.wait(10)
-        return b"shared"
+        return store.chunks[digest]
 
-    cache = ChunkCache(tmp_path)
-    d = chunk_digest(b"shared")
-    got: list[bytes] = []
-    threads = [threading.Thread(target=lambda: got.append(cache.get(d, slow))) for _ in range(2)]
+    src.dataset.fetch = slow
+    got: list[np.ndarray] = []
+    threads = [threading.Thread(target=lambda: got.append(x[300])) for _ in range(2)]
     for t in threads:
         t.start()
     threads[0].join(0.2)  # lets the second reach the lock meanwhile (the outcome must not depend on it)
@@ -120,40 +168,153 @@ def test_two_threads_asking_for_one_chunk_fetch_it_once(tmp_path: pathlib.Path) 
     for t in threads:
         t.join(10)
         assert not t.is_alive()
-    assert got == [b"shared", b"shared"] and calls == [d]
-    assert cache.counters.chunks_fetched == 1 and cache.counters.hits == 1
+    assert len(got) == 2 and all(np.array_equal(g, X[300]) for g in got)
+    assert len(store.calls) == 2 and src.counters.chunks_fetched == 2  # the header's chunk, then row 300's once
 
 
-def test_a_dataset_is_assembled_once_under_its_digest_and_reused(tmp_path: pathlib.Path) -> None:
-    x = b"\x93NUMPY" + b"1" * 50
-    store = Store(x, b"a,b\n1,2\n", b"tail")
-    m = _manifest("tab", {"arrays/x.npy": [x], "t.csv": [b"a,b\n1,2\n", b"tail"], "empty": []})
-    cache = ChunkCache(tmp_path)
-    folder = cache.materialise(m, store)
-    assert folder == tmp_path / "datasets" / m.digest
-    assert (folder / "arrays" / "x.npy").read_bytes() == x and (folder / "t.csv").read_bytes() == b"a,b\n1,2\ntail"
-    assert (folder / "empty").read_bytes() == b""
+def test_a_restarted_peer_finds_what_it_has(tmp_path: pathlib.Path) -> None:
+    store = Store()
+    src = source(tmp_path, store)
+    rows = np.arange(0, 400, 50)
+    assert np.array_equal(src.array("x.npy")[rows], X[rows])
+    src.path("notes/a.txt")
+    fetched = len(store.calls)
+    again = source(tmp_path, store)  # a new cache on the same folder: the record says what is there
+    assert again.counters.damaged == 0
+    assert np.array_equal(again.array("x.npy", train=True)[rows], X[rows]) and again.path("notes/a.txt").read_bytes() == b"a" * 600
+    assert len(store.calls) == fetched and again.counters.chunks_fetched == 0 and again.counters.hits > 0
+    assert again.holds(rows) and not again.holds([1, 399])  # rows 0 and 350 present, 399's chunk never fetched
+
+
+@pytest.mark.parametrize("damage", ["tampered", "truncated"])
+def test_a_damaged_present_chunk_is_found_at_open_and_fetched_again(tmp_path: pathlib.Path, damage: str,
+                                                                   caplog: pytest.LogCaptureFixture) -> None:
+    store = Store()
+    src = source(tmp_path, store)
+    x = src.array("x.npy")
+    assert np.array_equal(x[100], X[100])
+    path = src.root / "x.npy"
+    off = (x.offset + 100 * 16) // CB * CB
+    if damage == "tampered":
+        with open(path, "r+b") as f:
+            f.seek(off)
+            f.write(b"tampered")
+    else:
+        with open(path, "r+b") as f:
+            f.truncate(off + 10)
     calls = len(store.calls)
-    again = ChunkCache(tmp_path)  # a restarted peer
-    assert again.materialise(m, store) == folder and len(store.calls) == calls
-    assert again.counters.chunks_fetched == 0 and again.counters.hits == 0
-    (folder / "t.csv").write_bytes(b"short")  # a damaged copy is assembled again, from the cache
-    assert again.materialise(m, store) == folder and (folder / "t.csv").read_bytes() == b"a,b\n1,2\ntail"
-    assert len(store.calls) == calls and again.counters.hits == 3
-    assert sorted(p.name for p in (tmp_path / "datasets").iterdir()) == [m.digest]  # no temp folder left
+    with caplog.at_level(logging.WARNING):
+        again = source(tmp_path, store)
+    assert again.counters.damaged == 1 and "damaged" in caplog.text
+    assert np.array_equal(again.array("x.npy")[100], X[100])
+    assert len(store.calls) == calls + 1 and again.counters.chunks_fetched == 1
+    assert path.stat().st_size == len(npy(X))
+
+
+def test_chunks_that_lie_are_refused_and_never_written(tmp_path: pathlib.Path) -> None:
+    store = Store()
+    src = source(tmp_path, store)
+    x = src.array("x.npy")
+    d = src.dataset.files[src.dataset.index["x.npy"]].chunks[10]
+    store.chunks[d] = b"something else"
+    with pytest.raises(DatasetError, match="hashes to"):
+        x[(10 * CB - x.offset) // 16 + 1]
+    assert not src.dataset.holds(src.dataset.index["x.npy"], [10])
+    # A chunk that hashes right but does not fit its place: a manifest not cut as dml data put cuts.
+    short = b"short chunk"
+    lie = Manifest("d", manifest_digest([FileEntry("f", 2 * CB, (chunk_digest(short), chunk_digest(short)))]),
+                   (FileEntry("f", 2 * CB, (chunk_digest(short), chunk_digest(short))),))
+    ds = ChunkCache(tmp_path / "c2", chunk_bytes=CB).open(lie, Store({chunk_digest(short): short}))
+    with pytest.raises(DatasetError, match="its place in the file"):
+        StoreSource(ds).path("f")
 
 
 def test_manifests_that_lie_are_refused_and_leave_nothing(tmp_path: pathlib.Path) -> None:
-    store = Store(b"1234")
-    cache = ChunkCache(tmp_path)
-    good = _manifest("d", {"f": [b"1234"]})
+    store = Store()
+    good = dataset({"f": b"1234"}, store)
+    cache = ChunkCache(tmp_path, chunk_bytes=CB)
     with pytest.raises(DatasetError, match="hashes to"):
-        cache.materialise(Manifest("d", "0" * 64, good.files), store)
+        cache.open(Manifest("d", "0" * 64, good.files), store)
     escape = (FileEntry("../escape", 4, good.files[0].chunks),)
     with pytest.raises(DatasetError, match="not allowed"):
-        cache.materialise(Manifest("d", manifest_digest(list(escape)), escape), store)
-    wrong = (FileEntry("f", 3, good.files[0].chunks),)  # the chunk holds 4 bytes, the manifest says 3
-    with pytest.raises(DatasetError, match="its manifest says 3"):
-        cache.materialise(Manifest("d", manifest_digest(list(wrong)), wrong), store)
-    assert list((tmp_path / "datasets").iterdir()) == []
+        cache.open(Manifest("d", manifest_digest(list(escape)), escape), store)
+    uneven = (FileEntry("f", 3 * CB, good.files[0].chunks * 2),)  # two chunks cannot hold 3 CB
+    with pytest.raises(DatasetError, match="not cut in chunks"):
+        cache.open(Manifest("d", manifest_digest(list(uneven)), uneven), store)
+    loose = (FileEntry("f", 8, good.files[0].chunks * 2),)  # 8 bytes in two chunks: not cut at CB
+    with pytest.raises(DatasetError, match="not cut in chunks"):
+        cache.open(Manifest("d", manifest_digest(list(loose)), loose), store)
+    assert not any(p.is_file() for p in tmp_path.rglob("*")) and store.calls == []
     assert not (tmp_path.parent / "escape").exists()
+
+
+def test_a_header_that_lies_about_its_size_is_refused(tmp_path: pathlib.Path) -> None:
+    store = Store()
+    raw = npy(X)
+    liar = raw.replace(b"(400, 4)", b"(900, 4)")  # the same length of header, claiming more rows
+    src = source(tmp_path, store, {"x.npy": liar, "junk.npy": b"not a numpy file at all"})
+    with pytest.raises(DatasetError, match="the file holds"):
+        src.array("x.npy")
+    with pytest.raises(DatasetError, match="not a .npy file"):
+        src.array("junk.npy")
+    with pytest.raises(FileNotFoundError):
+        src.array("absent.npy")
+
+
+def test_fortran_order_and_objects_are_fetched_whole(tmp_path: pathlib.Path, caplog: pytest.LogCaptureFixture) -> None:
+    store = Store()
+    fortran = np.asfortranarray(X)
+    src = source(tmp_path, store, {"f.npy": npy(fortran), "x.npy": npy(X)})
+    with caplog.at_level(logging.INFO):
+        got = src.array("f.npy")
+    assert isinstance(got, np.memmap) and np.array_equal(got, X) and "Fortran" in caplog.text
+    file_chunks = len(src.dataset.files[src.dataset.index["f.npy"]].chunks)
+    assert src.counters.chunks_fetched == file_chunks
+    assert src.array("f.npy") is got  # opened once
+
+
+def test_least_recently_used_chunks_are_punched_out_never_those_being_read(tmp_path: pathlib.Path) -> None:
+    store = Store()
+    src = source(tmp_path, store, max_bytes=4 * CB)
+    x = src.array("x.npy")
+    for r in range(0, 400, 16):  # every chunk in turn: at most 4 stay
+        assert np.array_equal(x[r], X[r])
+        assert src.dataset.cache.stored_bytes <= 4 * CB
+    assert src.dataset.cache.counters.evicted > 0
+    assert np.array_equal(x[np.arange(400)], X)  # a read of more than the limit: all pinned while it reads
+    assert src.dataset.cache.stored_bytes <= 4 * CB
+    path = src.root / "x.npy"
+    assert path.stat().st_blocks * 512 <= 8 * 4096  # the holes are punched back (a few pages at most)
+    # A file fetched whole by ctx.path is held while its job reads it.
+    src.path("notes/a.txt")
+    for r in range(0, 400, 16):
+        x[r]
+    assert src.dataset.holds(src.dataset.index["notes/a.txt"], range(3))
+    src.close()
+    x[0], x[399]
+    assert not src.dataset.holds(src.dataset.index["notes/a.txt"], range(3))
+
+
+def test_prefetch_fetches_the_plan_rows_of_the_training_arrays(tmp_path: pathlib.Path) -> None:
+    store = Store()
+    src = source(tmp_path, store)
+    ctx = Context(data_dir=src.root, source=src, split="train")
+    x, y = ctx.array("x.npy"), ctx.array("y.npy")
+    shard = np.arange(100, 164)  # four of x's chunks (16 rows each), one or two of y's
+    assert not src.holds(shard)
+    pre = Prefetcher()
+    try:
+        pre.submit("j1", src, shard, 400)
+        assert pre.wait_done(1, 30) and pre.failed == ""
+        assert src.holds(shard) and x.holds(shard) and y.holds(shard) and not src.holds([0, 399])
+        calls = len(store.calls)
+        assert np.array_equal(x[shard], X[shard]) and np.array_equal(y[shard], Y[shard]) and len(store.calls) == calls
+        pre.submit("j1", src, shard, 400)  # the same shards again: nothing to do
+        assert pre.done == 1
+        with pytest.raises(IndexError):
+            src.prefetch(np.array([400]), 400)
+        pre.cancel("j1")
+        assert pre.join(10) and pre.job_id == ""
+    finally:
+        pre.cancel()
+        pre.join(10)
