@@ -3,9 +3,13 @@
     dml local --task examples/memmap.py --rounds 30
 
 For data larger than a peer's memory, or on a shared volume (NFS, a mounted bucket) where each
-peer should read only what it trains on. ``np.load(..., mmap_mode="r")`` maps the file without
-reading it; ``dml.ArrayDataset`` hands dml the arrays, and dml indexes them with a whole batch of
-row numbers at once, so only those rows are ever read from disk.
+peer should read only what it trains on. ``ctx.array(...)`` is ``np.load(..., mmap_mode="r")``
+on local data: the file is mapped, not read; ``dml.ArrayDataset`` hands dml the arrays, and dml
+indexes them with a whole batch of row numbers at once, so only those rows are ever read from
+disk. The same file runs on a dataset of the coordinator's store (``dml data put sensors
+sensors/`` then ``dml submit --task examples/memmap.py --dataset sensors``, the files then at
+the dataset's top level or under ``sensors/``): there ``ctx.array`` fetches only the chunks
+holding the rows of the peer's own shards.
 
 The files live under the peer's data directory (``dml-peer --data-dir DIR``; by default its
 working directory) in ``sensors/``: ``train_x.npy`` (float32, samples x features),
@@ -59,12 +63,16 @@ def generate(folder: pathlib.Path) -> None:
 
 
 def dataset(ctx: dml.Context) -> dml.ArrayDataset:
-    """The ``ctx.split`` arrays under ``ctx.data_dir``, memory-mapped: nothing is read yet."""
-    folder = ctx.path(FOLDER)
-    if not (folder / "test_x.npy").exists():
-        generate(folder)
-    x = np.load(folder / f"{ctx.split}_x.npy", mmap_mode="r")
-    y = np.load(folder / f"{ctx.split}_y.npy", mmap_mode="r")
+    """The ``ctx.split`` arrays, read by rows (``ctx.array``): nothing is read yet. They are
+    looked for in ``sensors/``, else at the top of the data (a store dataset put from that
+    folder); missing everywhere, they are generated under ``ctx.data_dir / sensors``."""
+    folder = FOLDER if ctx.files(f"{FOLDER}/test_x.npy") else "" if ctx.files("test_x.npy") else None
+    if folder is None:
+        generate(ctx.data_dir / FOLDER)
+        folder = FOLDER
+    parts = (folder,) if folder else ()
+    x = ctx.array(*parts, f"{ctx.split}_x.npy")
+    y = ctx.array(*parts, f"{ctx.split}_y.npy")
     return dml.ArrayDataset(x, y)
 
 

@@ -1,21 +1,22 @@
 """A job on a dataset of the coordinator's store, with an in-process coordinator and peers: the
-data lives only in the store (`dml data put`), the task file reads ``ctx.data_dir``, two peers
-with empty data dirs fetch it into their caches and train it to SUCCEEDED; a second job on the
-same dataset fetches nothing; a tampered cache chunk is fetched again. ``dml shards`` shows what
-each job's data cost each peer (bytes fetched on the first job, cache hits on the second, the
-shards cached), and the coordinator refuses data usage that cannot be true."""
+data lives only in the store (`dml data put`), the task file reads it through ``ctx`` (``ctx.array``
+for the rows, ``ctx.path`` for a whole CSV), two peers with empty data dirs train it to
+SUCCEEDED, each fetching about its own shard's share of the array rather than all of it (the
+job's counters say so); a tampered chunk in a peer's cache is found when the dataset is opened
+again and fetched again. ``dml shards`` shows what the job's data cost each peer (source, bytes
+fetched, the shards it caches), and the coordinator refuses data usage that cannot be true."""
 from __future__ import annotations
 
-import pathlib
-
 import json
+import pathlib
 
 import grpc
 import numpy as np
 import pytest
 
 from dml.client import cli
-from dml.peer.datacache import manifest_of
+from dml.common.datasets import CHUNK_BYTES
+from dml.peer.datacache import ChunkCache, StoreSource, manifest_of
 from dml.peer.runner import Peer, PeerConfig
 from dml.common import auth, rpc
 from dml.v1 import control_pb2, control_pb2_grpc, jobs_pb2, types_pb2
@@ -28,13 +29,14 @@ import dml
 
 
 def train(ctx):
-    x = np.load(ctx.path("arrays", "x.npy"))
-    y = np.loadtxt(ctx.path("labels.csv"), delimiter=",", skiprows=1, dtype=np.int64)
-    return dml.ArrayDataset(torch.from_numpy(x), torch.from_numpy(y))
+    x = ctx.array("arrays", "x.npy")  # rows fetched as batches read them
+    y = np.loadtxt(ctx.path("labels.csv"), delimiter=",", skiprows=1, dtype=np.int64)  # fetched whole
+    return dml.ArrayDataset(x, torch.from_numpy(y))
 
 
-task = dml.Task(model=lambda: torch.nn.Linear(4, 2), train=train, name="stored")
+task = dml.Task(model=lambda: torch.nn.Linear(FEATURES, 2), train=train, name="stored")
 '''
+ROWS, FEATURES = 32768, 256  # x.npy: 32 MiB and its header, nine chunks
 
 
 def _dml(capsys: pytest.CaptureFixture[str], address: str, token: pathlib.Path, *args: str) -> str:
@@ -64,65 +66,72 @@ def _finishes(address: str, jid: str) -> None:
     assert got.state == types_pb2.JOB_STATE_SUCCEEDED, (types_pb2.JobState.Name(got.state), got.reason)
 
 
-def test_a_job_on_a_stored_dataset_trains_from_the_peers_caches(tmp_path: pathlib.Path,
-                                                                capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_job_on_a_stored_dataset_fetches_each_peers_share(tmp_path: pathlib.Path,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
     src = tmp_path / "src"
     (src / "arrays").mkdir(parents=True)
     rng = np.random.default_rng(0)
-    y = rng.integers(0, 2, 64)
-    np.save(src / "arrays" / "x.npy", (rng.standard_normal((64, 4)) + y[:, None]).astype(np.float32))
+    y = rng.integers(0, 2, ROWS)
+    x = rng.standard_normal((ROWS, FEATURES), dtype=np.float32)
+    x[:, 0] += 2 * y
+    np.save(src / "arrays" / "x.npy", x)
     (src / "labels.csv").write_text("label\n" + "".join(f"{v}\n" for v in y))
     task = tmp_path / "submitter" / "stored_task.py"
     task.parent.mkdir()
-    task.write_text(TASK)
+    task.write_text(TASK.replace("FEATURES", str(FEATURES)))
     with coordinator(tmp_path / "state") as srv:
         token = tmp_path / "operator.token"
         token.write_text(operator_token(srv.address) + "\n")
         token.chmod(0o600)
         _dml(capsys, srv.address, token, "data", "put", "tab", str(src))
         submit = ("submit", "--task", str(task), "--dataset", "tab", "--rounds", "2", "--local-steps", "1",
-                  "--batch-size", "8", "--min-peers", "2")
+                  "--batch-size", "8", "--min-peers", "2", "--sharding", "contiguous", "--num-shards", "2")
         members = [_peer(srv.address, tmp_path / f"peer{i}") for i in range(2)]
         try:
             jid = _dml(capsys, srv.address, token, *submit)
             _finishes(srv.address, jid)
             manifest = manifest_of(members[0].client.fetch_manifest("tab"))
-            size = sum(f.size for f in manifest.files)
-            shards = json.loads(_dml(capsys, srv.address, token, "shards", jid, "--json"))
-            assert {p["peer_id"] for p in shards["peers"]} == {p.peer_id for p in members}
-            for p in shards["peers"]:  # each fetched the whole dataset (materialised whole: every shard cached)
-                assert p["data"]["source"] == "store" and p["data"]["label"] == "store: fetched", p
-                assert (p["data"]["bytes_fetched"], p["data"]["chunks_fetched"], p["data"]["cache_hits"]) == (size, 2, 0)
-                assert p["data"]["cached_shards"] == list(range(24)) and p["data"]["cache_free_bytes"] is None
+            sizes = {f.path: f.size for f in manifest.files}
+            x_bytes = sizes["arrays/x.npy"]
             for p in members:
-                c = p.data_cache.counters
-                assert c.chunks_fetched == 2 and c.hits == 0 and c.bytes_fetched == sum(f.size for f in manifest.files)
+                assert p.prefetch.wait_done(1, 30)  # the plan's rows (cancelled, perhaps, when the job ended)
+                trainer = p.store.trainer_for(jid)
+                assert trainer is not None and trainer.ctx.source is not None
+                c = trainer.ctx.source.counters  # the job's own
+                x_fetched = c.bytes_fetched - sizes["labels.csv"]
+                # Its shard is half of x's rows: at most half of x's bytes, the chunk a shard boundary
+                # cuts and the header's chunk (3/4 of x here); never all of it.
+                share = x_bytes // 2 + 2 * CHUNK_BYTES
+                assert 0 < x_fetched <= share, (p.peer_id, c)
+                assert c.damaged == 0
                 folder = p.data_cache.dataset_dir(manifest.digest)
                 assert (folder / "labels.csv").read_bytes() == (src / "labels.csv").read_bytes()
-                assert (folder / "arrays" / "x.npy").read_bytes() == (src / "arrays" / "x.npy").read_bytes()
+                on_disk = (folder / "arrays" / "x.npy").stat()
+                assert on_disk.st_size == x_bytes and on_disk.st_blocks * 512 <= share + 4096  # sparse
                 assert list((p.config.data_dir or tmp_path).iterdir()) == []
-
-            jid2 = _dml(capsys, srv.address, token, *submit)
-            _finishes(srv.address, jid2)
-            for p in members:
-                assert p.data_cache.counters.chunks_fetched == 2, "the second job fetched nothing"
-            shards = json.loads(_dml(capsys, srv.address, token, "shards", jid2, "--json"))
-            for p in shards["peers"]:  # its own counters: nothing fetched, both chunks found in the cache
-                assert (p["data"]["label"], p["data"]["bytes_fetched"], p["data"]["cache_hits"]) == ("store: cache", 0, 2)
-                assert p["data"]["cached_shards"] == list(range(24))
-            table = _dml(capsys, srv.address, token, "shards", jid2).splitlines()
-            assert "DATA" in table[0] and "HITS" in table[0]
-            assert all(" store: cache " in line and " 0 B " in line for line in table[1:3]), table
-
-            # A tampered chunk in a cache is found when the dataset is assembled again.
-            cache = members[0].data_cache
-            chunk = cache.chunk_path(manifest.files[0].chunks[0])
-            chunk.write_bytes(b"tampered" + chunk.read_bytes()[8:])
-            dataset = cache.dataset_dir(manifest.digest)
-            (dataset / manifest.files[0].path).unlink()
-            assert cache.materialise(manifest, members[0].client.fetch_chunk) == dataset
-            assert (cache.counters.damaged, cache.counters.chunks_fetched, cache.counters.hits) == (1, 3, 1)
-            assert (dataset / "labels.csv").read_bytes() == (src / "labels.csv").read_bytes()
+            shards = json.loads(_dml(capsys, srv.address, token, "shards", jid, "--json"))
+            assert {p["peer_id"] for p in shards["peers"]} == {p.peer_id for p in members}
+            for got in shards["peers"]:  # as each last reported: its own share fetched, only its shards cached
+                d = got["data"]
+                assert d["source"] == "store" and d["label"] == "store: fetched", got
+                assert 0 < d["bytes_fetched"] <= share + sizes["labels.csv"] and d["damaged_refetched"] == 0, got
+                assert set(d["cached_shards"]) <= set(got["shards"]), got
+            # A tampered chunk in a cache is found when the dataset is opened again (a restarted peer).
+            p = members[0]
+            ds = p.data_cache.open(manifest, p.client.fetch_chunk)
+            fi = ds.index["arrays/x.npy"]
+            with p.data_cache._lock:
+                chunk = min(c for i, c in ds.present if i == fi)
+            off, _ = ds.chunk_span(fi, chunk)
+            with open(ds.file_path(fi), "r+b") as f:
+                f.seek(off + 100)
+                f.write(b"tampered")
+            fresh = ChunkCache(p.config.cache_dir)
+            source = StoreSource(fresh.open(manifest, p.client.fetch_chunk))
+            assert fresh.counters.damaged == 1
+            rows = source.array("arrays/x.npy")
+            r = max(0, (off - rows.offset) // rows.row_bytes + 1)
+            assert np.array_equal(rows[r], x[r]) and fresh.counters.chunks_fetched == 1
         finally:
             for p in members:
                 p.stop()
