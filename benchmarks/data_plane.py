@@ -71,11 +71,11 @@ def run(name: str, open_arrays: Callable[[], tuple[Any, Any]], batches: list[np.
     first = time.perf_counter() - t0
     t1 = time.perf_counter()
     samples = 0
-    checksum = float(bx.sum())
+    checksum = float(bx.sum()) + float(by.sum())
     for b in batches[1:]:
         bx, by = np.ascontiguousarray(x[b]), np.ascontiguousarray(y[b])
         samples += len(b)
-        checksum += float(bx[0, 0])
+        checksum += float(bx[0, 0]) + float(by[0])
     rest = time.perf_counter() - t1
     return {"mode": name, "first_batch_s": first, "samples_per_s": samples / rest if rest > 0 else float("inf"),
             "samples": samples + len(batches[0]), "checksum": checksum}

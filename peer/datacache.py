@@ -149,7 +149,7 @@ class StoreDataset:
         self.root = root
         self.files = manifest.files
         self.index = {f.path: i for i, f in enumerate(manifest.files)}
-        self.present: set[tuple[int, int]] = set()  # (file, chunk)
+        self.have = [np.zeros(len(f.chunks), dtype=np.bool_) for f in manifest.files]  # present chunks, per file
         self.fetch: Fetch | None = None
         self.verified = False  # present chunks hashed since this process opened it
         self._record_lock = threading.Lock()
@@ -182,15 +182,40 @@ class StoreDataset:
 
     def holds(self, i: int, chunks: Iterable[int]) -> bool:
         """Whether every one of ``chunks`` of file ``i`` is present."""
+        idx = chunks if isinstance(chunks, np.ndarray) else np.fromiter(chunks, dtype=np.int64)
         with self.cache._lock:
-            return all((i, c) in self.present for c in chunks)
+            return bool(self.have[i][idx].all()) if idx.size else True
+
+    def present(self) -> list[tuple[int, int]]:
+        """The present chunks as (file, chunk), sorted (call under the cache's lock, or accept
+        a snapshot)."""
+        return [(i, int(c)) for i, h in enumerate(self.have) for c in np.flatnonzero(h)]
+
+    def present_count(self) -> int:
+        """How many chunks are present."""
+        with self.cache._lock:
+            return int(sum(int(h.sum()) for h in self.have))
 
     def ensure(self, i: int, chunks: Iterable[int], counters: Counters | None = None,
                cancelled: threading.Event | None = None) -> None:
         """Makes chunks ``chunks`` of file ``i`` present: fetched, checked and written into place
         unless they are. Concurrent calls for one chunk fetch it once. ``counters`` (a job's)
         counts as the cache's own do; ``cancelled`` stops between chunks."""
-        for c in chunks:
+        cache = self.cache
+        idx = chunks if isinstance(chunks, np.ndarray) else np.fromiter(chunks, dtype=np.int64)
+        with cache._lock:  # the present ones in one go: the path every batch of a warm cache takes
+            missing = idx[~self.have[i][idx]].tolist()
+            hits = int(idx.size) - len(missing)
+            if hits:
+                cache.counters.hits += hits
+                if counters is not None:
+                    counters.hits += hits
+                if cache.max_bytes:  # the order only matters for eviction
+                    lru, d = cache._lru, self.digest
+                    for c in idx.tolist():
+                        if (d, i, c) in lru:
+                            lru.move_to_end((d, i, c))
+        for c in missing:
             if cancelled is not None and cancelled.is_set():
                 return
             self._ensure_one(i, c, counters)
@@ -198,13 +223,9 @@ class StoreDataset:
     def _ensure_one(self, i: int, c: int, counters: Counters | None) -> None:
         key = (self.digest, i, c)
         cache = self.cache
-        with cache._lock:
-            if (i, c) in self.present:
-                cache._hit_locked(key, counters)
-                return
         with cache._chunk_locks[hash(key) % _STRIPES]:
             with cache._lock:
-                if (i, c) in self.present:  # fetched by another thread meanwhile
+                if self.have[i][c]:  # fetched by another thread meanwhile
                     cache._hit_locked(key, counters)
                     return
             if self.fetch is None:
@@ -227,7 +248,7 @@ class StoreDataset:
             finally:
                 os.close(fd)
             with cache._lock:
-                self.present.add((i, c))
+                self.have[i][c] = True
                 cache._added_locked(key, length, counters)
             self.save()
             cache._evict()
@@ -236,7 +257,7 @@ class StoreDataset:
         """Writes the record of present chunks (atomically)."""
         with self._record_lock:
             with self.cache._lock:
-                present = sorted(self.present)
+                present = self.present()
             body = {"format": RECORD_FORMAT, "name": self.manifest.name, "digest": self.digest,
                     "files": [f.to_dict() for f in self.files], "present": [list(p) for p in present]}
             write_atomic(self.cache.record_path(self.digest), json.dumps(body, separators=(",", ":")).encode())
@@ -245,7 +266,7 @@ class StoreDataset:
         """Hashes every present chunk again; a damaged one is logged and forgotten (fetched
         again when next needed)."""
         with self.cache._lock:
-            present = sorted(self.present)
+            present = self.present()
         bad = []
         for i, c in present:
             off, length = self.chunk_span(i, c)
@@ -262,7 +283,7 @@ class StoreDataset:
                 bad.append((i, c))
         with self.cache._lock:
             for i, c in bad:
-                self.present.discard((i, c))
+                self.have[i][c] = False
                 self.cache._forget_locked((self.digest, i, c))
                 self.cache.counters.damaged += 1
                 if counters is not None:
@@ -356,7 +377,8 @@ class ChunkCache:
             shutil.rmtree(path.with_suffix(""), ignore_errors=True)
             return
         ds = StoreDataset(self, manifest, self._folder_locked() / "datasets" / digest)
-        ds.present = present
+        for i, c in present:
+            ds.have[i][c] = True
         self._datasets[digest] = ds
         for i, c in sorted(present):
             size = ds.chunk_span(i, c)[1]
@@ -411,9 +433,9 @@ class ChunkCache:
         return ds
 
     def _drop_locked(self, ds: StoreDataset) -> None:
-        for i, c in list(ds.present):
+        for i, c in ds.present():
             self._forget_locked((ds.digest, i, c))
-        ds.present.clear()
+            ds.have[i][c] = False
 
     # -- accounting (all under self._lock) ------------------------------------------------------
     def _hit_locked(self, key: ChunkKey, counters: Counters | None) -> None:
@@ -467,7 +489,7 @@ class ChunkCache:
                 self._forget_locked(key)
                 self.counters.evicted += 1
                 if ds is not None:
-                    ds.present.discard((i, c))
+                    ds.have[i][c] = False
                     ds.evict(i, c)
                     changed.add(digest)
             over = self._bytes > self.max_bytes
@@ -506,6 +528,7 @@ class RowArray:
             raise FileNotFoundError(f"dataset {ds.manifest.name} has no file {rel!r}")
         self._ds, self.rel, self._counters = ds, rel, counters
         self._fi = i = ds.index[rel]
+        self._chunks = len(ds.files[i].chunks)
         size = ds.files[i].size
         if size == 0:
             raise DatasetError(f"{rel}: an empty file is no .npy array")
@@ -523,8 +546,9 @@ class RowArray:
         self.size = int(np.prod(self.shape, dtype=np.int64))
         self.nbytes = self.size * self.dtype.itemsize
         self.itemsize = self.dtype.itemsize
-        self._mm = np.memmap(ds.file_path(i), dtype=self.dtype, mode="r", offset=self.offset, shape=self.shape) \
-            if self.size else np.zeros(self.shape, self.dtype)
+        # The file mapped (a plain ndarray view of the memmap: indexed without its subclass's overhead).
+        self._arr = np.memmap(ds.file_path(i), dtype=self.dtype, mode="r", offset=self.offset,
+                              shape=self.shape).view(np.ndarray) if self.size else np.zeros(self.shape, self.dtype)
 
     def __len__(self) -> int:
         return int(self.shape[0])
@@ -538,12 +562,22 @@ class RowArray:
     def rows_of(self, key: Any) -> np.ndarray:
         """The row numbers (sorted, unique, checked in range: else IndexError) that ``x[key]``
         reads."""
+        return np.unique(self._rows(key))
+
+    def _rows(self, key: Any) -> np.ndarray | range:
+        """The row numbers ``x[key]`` reads (checked in range, else IndexError; in any order,
+        repeats kept; a slice as a range)."""
         n = len(self)
         rows = key[0] if isinstance(key, tuple) and key else key
         if isinstance(rows, slice):
-            return np.arange(*rows.indices(n), dtype=np.int64)
+            return range(*rows.indices(n))
+        if isinstance(rows, (int, np.integer)) and not isinstance(rows, bool):
+            r = int(rows)
+            if not -n <= r < n:
+                raise IndexError(f"{self.rel}: row {r} is out of range for {n} rows")
+            return range(r % n, r % n + 1)
         if rows is Ellipsis or rows is None or (isinstance(key, tuple) and not key):
-            return np.arange(n, dtype=np.int64)
+            return range(n)
         a = np.asarray(rows)
         if a.dtype == np.bool_:
             if a.shape != (n,):
@@ -552,49 +586,66 @@ class RowArray:
         if not np.issubdtype(a.dtype, np.integer):
             raise IndexError(f"{self.rel}: rows must be indexed by ints, slices or int arrays, not {a.dtype}")
         a = a.astype(np.int64, copy=False).ravel()
-        if a.size and (int(a.min()) < -n or int(a.max()) >= n):
-            bad = int(a.max()) if int(a.max()) >= n else int(a.min())
-            raise IndexError(f"{self.rel}: row {bad} is out of range for {n} rows")
-        return np.unique(np.where(a < 0, a + n, a))
+        if not a.size:
+            return a
+        lo, hi = int(a.min()), int(a.max())
+        if lo < -n or hi >= n:
+            raise IndexError(f"{self.rel}: row {hi if hi >= n else lo} is out of range for {n} rows")
+        return np.where(a < 0, a + n, a) if lo < 0 else a
 
-    def chunks_of_rows(self, rows: np.ndarray) -> np.ndarray:
-        """The chunks holding ``rows`` (sorted unique row numbers)."""
-        if not rows.size or not self.row_bytes:
+    def chunks_of_rows(self, rows: np.ndarray | range) -> np.ndarray:
+        """The chunks holding ``rows``, sorted and unique."""
+        if not len(rows) or not self.row_bytes:
             return np.zeros(0, dtype=np.int64)
         cb = self._ds.cache.chunk_bytes
-        first = (self.offset + rows * self.row_bytes) // cb
-        last = (self.offset + (rows + 1) * self.row_bytes - 1) // cb
-        if int((last - first).max()) <= 1:
-            return np.unique(np.concatenate([first, last]))
+        if isinstance(rows, range):
+            if rows.step == 1 or abs(rows.step) * self.row_bytes <= cb:  # every chunk between the ends
+                lo, hi = min(rows[0], rows[-1]), max(rows[0], rows[-1])
+                return np.arange((self.offset + lo * self.row_bytes) // cb,
+                                 (self.offset + (hi + 1) * self.row_bytes - 1) // cb + 1)
+            rows = np.arange(rows.start, rows.stop, rows.step, dtype=np.int64)
+        starts = self.offset + rows * self.row_bytes
+        first = starts // cb
+        last = (starts + self.row_bytes - 1) // cb
+        if self.row_bytes <= cb:  # a row spans at most two chunks: mark them
+            need = np.zeros(self._chunks, dtype=np.bool_)
+            need[first] = True
+            need[last] = True
+            return np.flatnonzero(need)
         return np.unique(np.concatenate([np.arange(f, l + 1) for f, l in zip(first.tolist(), last.tolist())]))
 
     def ensure_rows(self, rows: Any, counters: Counters | None = None, cancelled: threading.Event | None = None) -> None:
         """Fetches the chunks holding ``rows`` (any index :meth:`rows_of` takes) unless present."""
-        chunks = self.chunks_of_rows(self.rows_of(rows))
-        self._ds.ensure(self._fi, chunks.tolist(), counters or self._counters, cancelled)
+        chunks = self.chunks_of_rows(self._rows(rows))
+        self._ds.ensure(self._fi, chunks, counters or self._counters, cancelled)
 
     def holds(self, rows: Any) -> bool:
         """Whether every chunk holding ``rows`` is present."""
-        return self._ds.holds(self._fi, self.chunks_of_rows(self.rows_of(rows)).tolist())
+        return self._ds.holds(self._fi, self.chunks_of_rows(self._rows(rows)))
 
     @contextlib.contextmanager
-    def _reading(self, key: Any) -> Iterator[None]:
-        keys = self._keys(self.chunks_of_rows(self.rows_of(key)).tolist())
-        self._ds.cache.pin(keys)  # not evicted between being ensured and read
+    def _reading(self, rows: np.ndarray | range) -> Iterator[None]:
+        chunks = self.chunks_of_rows(rows)
+        cache = self._ds.cache
+        keys = cache.pin(self._keys(chunks.tolist())) if cache.max_bytes else []  # not evicted between ensure and read
         try:
-            self._ds.ensure(self._fi, [k[2] for k in keys], self._counters)
+            self._ds.ensure(self._fi, chunks, self._counters)
             yield
         finally:
-            self._ds.cache.unpin(keys)
+            if keys:
+                cache.unpin(keys)
 
     def __getitem__(self, key: Any) -> Any:
-        with self._reading(key):
-            got = self._mm[key]
-            return np.array(got) if isinstance(got, np.ndarray) else got
+        rows = self._rows(key)
+        with self._reading(rows):
+            got = self._arr[key]
+            if isinstance(rows, range) and isinstance(got, np.ndarray):  # basic indexing: a view of the file,
+                return got.copy()  # copied while its chunks are held
+            return got  # one element, or what advanced indexing copied already
 
     def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
-        with self._reading(slice(None)):
-            out = np.array(self._mm)
+        with self._reading(range(len(self))):
+            out = self._arr.copy()
         return out if dtype is None else out.astype(dtype, copy=False)
 
     def __iter__(self) -> Iterator[Any]:

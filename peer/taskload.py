@@ -107,8 +107,7 @@ def dataset_source(peer: Peer, job_id: str, name: str) -> StoreSource:
         ds = cache.open(manifest, peer.client.fetch_chunk, counters)
     except (DatasetError, DatasetMissing) as e:
         raise Declined(f"cannot fetch dataset {name}: {e}") from None
-    with cache._lock:
-        held = len(ds.present)
+    held = ds.present_count()
     total = sum(len(f.chunks) for f in manifest.files)
     log.info("peer %s job %s: dataset %s (%s) at %s: %d of its %d chunks cached here%s; the rest is fetched as "
              "the task reads it", peer.peer_id, job_id, name, manifest.digest[:12], ds.root, held, total,

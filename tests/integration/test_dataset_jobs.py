@@ -120,8 +120,7 @@ def test_a_job_on_a_stored_dataset_fetches_each_peers_share(tmp_path: pathlib.Pa
             p = members[0]
             ds = p.data_cache.open(manifest, p.client.fetch_chunk)
             fi = ds.index["arrays/x.npy"]
-            with p.data_cache._lock:
-                chunk = min(c for i, c in ds.present if i == fi)
+            chunk = min(c for i, c in ds.present() if i == fi)
             off, _ = ds.chunk_span(fi, chunk)
             with open(ds.file_path(fi), "r+b") as f:
                 f.seek(off + 100)
