@@ -103,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-max-gb", type=cliargs.float_in(0, 1 << 20, lo_open=False),
                    default=os.environ.get("DML_CACHE_MAX_GB", "0"),
                    help="the most GB (1e9 bytes) of dataset chunks kept in --cache-dir, least recently used "
-                        "evicted first (never those of the dataset being fetched; env DML_CACHE_MAX_GB; "
+                        "punched out first (never one being read; env DML_CACHE_MAX_GB; "
                         "default 0: no limit)")
     cliargs.add_cluster_flag(p)
     p.add_argument("--log-level", default=os.environ.get("DML_LOG_LEVEL", "INFO"), help="logging level")
