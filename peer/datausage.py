@@ -2,13 +2,15 @@
 ReportRound (``DataUsage``): where the data comes from (``local``: the peer's own files or a
 shared volume; ``store``: fetched from the coordinator's dataset store into ``--cache-dir``),
 what fetching it cost for this job (chunks and bytes fetched, chunks found in the cache, damaged
-cache files fetched again), the job's shards the peer holds whole in its cache, and how many
-bytes the cache can still take in (``--cache-max-gb`` minus what it holds). The coordinator
+cache files fetched again), the job's shards whose rows the peer holds in its cache, and how
+many bytes the cache can still take in (``--cache-max-gb`` minus what it holds). The coordinator
 places shards by the last two (``coordinator/placement.py``) and shows it all in ``dml shards``.
 
 The counters are per job: :class:`JobUsage`, built when the job's trainer is (``peer/taskload.py``)
-and kept on that trainer (:func:`attach`, :func:`of`), so whatever reads the job's data can add
-to them. Counts are totals since the peer took the job, never deltas: a report the coordinator
+and kept on that trainer (:func:`attach`, :func:`of`); for a store dataset they are the job's
+:class:`~dml.peer.datacache.StoreSource` counters, which every read of its rows adds to, and the
+shards it caches are those of the shards it was given (:func:`note_plan`) whose rows are all
+present (``StoreSource.holds``). Counts are totals since the peer took the job, never deltas: a report the coordinator
 lost costs nothing.
 """
 from __future__ import annotations
@@ -17,11 +19,14 @@ import threading
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+import numpy as np
 from dml.v1 import control_pb2
 
-from dml.peer.datacache import ChunkCache, Counters
+from dml.peer.datacache import ChunkCache, Counters, StoreSource
 
 if TYPE_CHECKING:
+    from dml.v1 import types_pb2
+
     from dml.peer.runner import Peer
     from dml.peer.trainer import Trainer
 
@@ -33,13 +38,18 @@ ATTRIBUTE = "data_usage"  # the trainer attribute holding its job's JobUsage
 @dataclass
 class JobUsage:
     """One job's data on this peer: its ``source`` (LOCAL or STORE), the cache counters it added
-    (chunks and bytes fetched, hits, damaged chunks fetched again), and whether the store dataset
-    is assembled whole in the cache (``whole``: every shard's rows are there)."""
+    (chunks and bytes fetched, hits, damaged chunks fetched again: the ``store`` source's own),
+    whether every shard's rows are known to be there (``whole``), the store dataset the job reads
+    (``store``, None for local data) and the sample indices of the shards this peer was given
+    (``shards``, by id, from its plans)."""
 
     source: str
     num_shards: int
     counters: Counters = field(default_factory=Counters)
     whole: bool = False
+    store: StoreSource | None = field(default=None, repr=False, compare=False)
+    shards: dict[int, np.ndarray] = field(default_factory=dict, repr=False, compare=False)
+    rows: int = 0  # the training samples (the rows the training arrays must have)
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def add(self, got: Counters) -> None:
@@ -63,12 +73,34 @@ def local(num_shards: int) -> JobUsage:
     return JobUsage(LOCAL, num_shards)
 
 
+def note_plan(job: JobUsage, plan: types_pb2.Plan) -> None:
+    """Remembers the sample indices of the shards ``plan`` gives this peer (a shard keeps its
+    indices for the job's life), so their presence can be reported."""
+    if job.source != STORE:
+        return
+    with job.lock:
+        for sid, s in plan.shard_indices.items():
+            if sid not in job.shards:
+                job.shards[sid] = np.asarray(s.indices, dtype=np.int64)
+
+
 def cached_shards(job: JobUsage) -> list[int]:
-    """The job's shard ids whose rows this peer holds whole in its cache: every shard when the
-    store dataset is assembled whole, none for local data (or before the dataset is there)."""
-    if job.source != STORE or not job.whole:
+    """The job's shard ids whose rows this peer holds in its cache: every shard when ``whole``
+    or when every training array is present whole; else those of the shards it was given whose
+    rows are all present in every training array (none before the task opened any); none for
+    local data."""
+    if job.source != STORE:
         return []
-    return list(range(job.num_shards))
+    if job.whole:
+        return list(range(job.num_shards))
+    if job.store is None:
+        return []
+    arrays = job.store.train_arrays(job.rows) if job.rows else []
+    if arrays and all(a.holds(slice(None)) for a in arrays):
+        return list(range(job.num_shards))
+    with job.lock:
+        shards = sorted(job.shards.items())
+    return [sid for sid, idx in shards if job.store.holds(idx, job.rows or None)]
 
 
 def cache_free(cache: ChunkCache) -> int | None:

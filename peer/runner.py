@@ -331,6 +331,9 @@ class Peer:
         """Starts fetching the rows of this peer's shards in ``plan`` when its job reads a
         dataset of the coordinator's store (and this peer holds the job's trainer)."""
         trainer = self.store.trainer_for(plan.job_id)
+        usage = datausage.of(trainer) if trainer is not None else None
+        if usage is not None:
+            datausage.note_plan(usage, plan)  # the shards whose presence its reports tell
         source = trainer.ctx.source if trainer is not None else None
         if isinstance(source, StoreSource) and plan.shard_indices:
             self.prefetch.submit(plan.job_id, source, plan_indices(plan), trainer.train_data.size)

@@ -127,7 +127,7 @@ def make_trainer(peer: Peer, job_id: str, spec: types_pb2.JobSpec) -> Trainer:
     task = load_task(peer, job_id, spec)
     source = dataset_source(peer, job_id, spec.dataset) if spec.dataset else None
     usage = datausage.JobUsage(datausage.STORE if source is not None else datausage.LOCAL, spec.num_shards,
-                               counters=source.counters if source is not None else Counters())
+                               counters=source.counters if source is not None else Counters(), store=source)
     if source is not None:
         data_dir = source.root
     else:
@@ -143,6 +143,7 @@ def make_trainer(peer: Peer, job_id: str, spec: types_pb2.JobSpec) -> Trainer:
             raise Declined(f"cannot fetch dataset {spec.dataset}: {e.__cause__}") from None
         raise
     trainer.average_state = spec.optimizer_state == "average"
+    usage.rows = trainer.train_data.size
     datausage.attach(trainer, usage)  # its reports carry it (peer.datausage)
     if spec.outer_optimizer not in ("", "none"):
         trainer.state_parts[outer.PART] = outer.OuterOptimizer(spec.outer_optimizer, spec.outer_lr,

@@ -4,17 +4,20 @@
 what the coordinator refuses before it builds anything."""
 from __future__ import annotations
 
+import io
 import types
 
+import numpy as np
 import pytest
-from dml.v1 import control_pb2
+from dml.v1 import control_pb2, types_pb2
 
-from dml.common.datasets import chunk_digest
+from dml.common.datasets import FileEntry, chunk_digest, manifest_digest
+from dml.common.task import Context
 from dml.coordinator.records import BadReport, DataUsage
 from dml.coordinator.service import PeerShardView
 from dml.coordinator.servicer import peer_shards_pb, usage_from_pb
 from dml.peer import datausage
-from dml.peer.datacache import ChunkCache, Counters
+from dml.peer.datacache import ChunkCache, Counters, Manifest, StoreSource
 
 
 def test_a_store_job_assembled_whole_caches_every_shard_and_a_local_one_none() -> None:
@@ -37,8 +40,36 @@ def test_free_cache_bytes_are_the_limit_minus_what_the_cache_holds(tmp_path) -> 
     cache = ChunkCache(tmp_path / "b", max_bytes=1000)
     assert datausage.cache_free(cache) == 1000
     data = b"x" * 300
-    cache.get(chunk_digest(data), lambda d: data)
+    files = (FileEntry("f", 300, (chunk_digest(data),)),)
+    StoreSource(cache.open(Manifest("d", manifest_digest(list(files)), files), lambda d: data)).path("f")
     assert datausage.cache_free(cache) == 700
+
+
+def test_a_store_job_caches_the_shards_it_was_given_once_their_rows_are_present(tmp_path) -> None:
+    """Rows 0-99 of a 200-row array in 16-byte rows, 256-byte chunks: shard 0 (rows 0-49) and
+    shard 1 (rows 150-199) of the plan; only shard 0's rows are fetched."""
+    x = np.arange(800, dtype=np.float32).reshape(200, 4)
+    buf = io.BytesIO()
+    np.save(buf, x)
+    raw = buf.getvalue()
+    parts = [raw[i : i + 256] for i in range(0, len(raw), 256)]
+    files = (FileEntry("x.npy", len(raw), tuple(chunk_digest(p) for p in parts)),)
+    chunks = {chunk_digest(p): p for p in parts}
+    src = StoreSource(ChunkCache(tmp_path, chunk_bytes=256).open(Manifest("d", manifest_digest(list(files)), files),
+                                                               chunks.__getitem__))
+    job = datausage.JobUsage(datausage.STORE, 3, counters=src.counters, store=src, rows=200)
+    plan = types_pb2.Plan()
+    plan.shard_indices[0].indices.extend(range(50))
+    plan.shard_indices[1].indices.extend(range(150, 200))
+    datausage.note_plan(job, plan)
+    assert datausage.cached_shards(job) == [], "no training array opened yet"
+    arr = Context(data_dir=src.root, source=src).array("x.npy")  # a training array
+    assert datausage.cached_shards(job) == []
+    arr[np.arange(50)]
+    assert datausage.cached_shards(job) == [0]
+    assert datausage.usage(job).bytes_fetched == src.counters.bytes_fetched > 0  # the source's own counters
+    np.asarray(arr)  # every row: every shard, those never given too
+    assert datausage.cached_shards(job) == [0, 1, 2]
 
 
 def test_fill_adds_the_trainers_usage_and_nothing_for_a_trainer_without_one(tmp_path) -> None:
