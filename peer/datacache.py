@@ -31,6 +31,7 @@ import collections
 import contextlib
 import ctypes
 import ctypes.util
+import fcntl
 import io
 import json
 import logging
@@ -56,6 +57,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 _STRIPES = 64  # chunk locks: a chunk takes the one its key hashes to
 RECORD_FORMAT = 1
+MAX_SLOTS = 64  # caches sharing one --cache-dir (each in its own peer-N/ folder)
 MAX_HEADER_BYTES = 1 << 20  # a .npy header read for row access, at most (numpy's own limit is 10,000)
 
 Fetch = Callable[[str], bytes]
@@ -341,6 +343,7 @@ class ChunkCache:
         self._pins: collections.Counter[ChunkKey] = collections.Counter()  # chunks being read or held by a job
         self._chunk_locks = [threading.Lock() for _ in range(_STRIPES)]  # one fetch per chunk at a time
         self._open_locks: dict[str, threading.Lock] = {}
+        self._lock_fd: weakref.finalize | None = None  # closes the folder's lock (held for the cache's life: _claim)
 
     # -- folders --------------------------------------------------------------------------
     @property
@@ -354,11 +357,33 @@ class ChunkCache:
             self._tmp = tempfile.mkdtemp(prefix="dml-data-")
             self._folder = pathlib.Path(self._tmp)
         if not self._loaded:  # the records a previous run left: what it held (verified when opened)
+            self._folder = self._claim(self._folder)
             (self._folder / "datasets").mkdir(parents=True, exist_ok=True)
             self._loaded = True
             for p in sorted((self._folder / "datasets").glob("*.json")):
                 self._load_record(p)
         return self._folder
+
+    def _claim(self, folder: pathlib.Path) -> pathlib.Path:
+        """``folder``, or its first ``peer-N/`` subfolder no other live cache holds: a cache
+        takes an exclusive lock on its folder for its life, since another one punching holes
+        in files this one counts as present would have it read zeros. (Peers sharing a working
+        directory, as ``dml local`` starts them, so each keep their own cache under it.)"""
+        folder.mkdir(parents=True, exist_ok=True)
+        for n in range(MAX_SLOTS):
+            slot = folder if n == 0 else folder / f"peer-{n}"
+            slot.mkdir(exist_ok=True)
+            fd = os.open(slot / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                os.close(fd)
+                continue
+            self._lock_fd = weakref.finalize(self, os.close, fd)  # released with the cache, or by close()
+            if n:
+                log.info("dataset cache %s is in use by another peer: this one keeps its datasets in %s", folder, slot)
+            return slot
+        raise DatasetError(f"dataset cache {folder}: {MAX_SLOTS} peers use it already; give this one its own --cache-dir")
 
     def _load_record(self, path: pathlib.Path) -> None:
         digest = path.stem
@@ -500,7 +525,15 @@ class ChunkCache:
                      self.stored_bytes, self.max_bytes)
 
     def close(self) -> None:
-        """Removes the temp folder, if this cache made one."""
+        """Releases the folder (its lock), and removes it if this cache made it as a temp dir."""
+        with self._lock:
+            if self._lock_fd is not None:
+                self._lock_fd()  # closes the lock's file, and the lock goes with it
+                self._lock_fd = None
+            self._loaded = False
+            self._datasets.clear()
+            self._lru.clear()
+            self._bytes = 0
         if self._tmp is not None:
             shutil.rmtree(self._tmp, ignore_errors=True)
 

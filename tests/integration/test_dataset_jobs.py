@@ -117,7 +117,7 @@ def test_a_job_on_a_stored_dataset_fetches_each_peers_share(tmp_path: pathlib.Pa
                 assert 0 < d["bytes_fetched"] <= share + sizes["labels.csv"] and d["damaged_refetched"] == 0, got
                 assert set(d["cached_shards"]) <= set(got["shards"]), got
             # A tampered chunk in a cache is found when the dataset is opened again (a restarted peer).
-            p = members[0]
+            p = members.pop(0)
             ds = p.data_cache.open(manifest, p.client.fetch_chunk)
             fi = ds.index["arrays/x.npy"]
             chunk = min(c for i, c in ds.present() if i == fi)
@@ -125,12 +125,14 @@ def test_a_job_on_a_stored_dataset_fetches_each_peers_share(tmp_path: pathlib.Pa
             with open(ds.file_path(fi), "r+b") as f:
                 f.seek(off + 100)
                 f.write(b"tampered")
+            p.stop()  # releases its cache folder
             fresh = ChunkCache(p.config.cache_dir)
-            source = StoreSource(fresh.open(manifest, p.client.fetch_chunk))
+            source = StoreSource(fresh.open(manifest, members[0].client.fetch_chunk))
             assert fresh.counters.damaged == 1
             rows = source.array("arrays/x.npy")
             r = max(0, (off - rows.offset) // rows.row_bytes + 1)
             assert np.array_equal(rows[r], x[r]) and fresh.counters.chunks_fetched == 1
+            fresh.close()
         finally:
             for p in members:
                 p.stop()

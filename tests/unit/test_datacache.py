@@ -179,6 +179,7 @@ def test_a_restarted_peer_finds_what_it_has(tmp_path: pathlib.Path) -> None:
     assert np.array_equal(src.array("x.npy")[rows], X[rows])
     src.path("notes/a.txt")
     fetched = len(store.calls)
+    src.dataset.cache.close()  # the peer stops
     again = source(tmp_path, store)  # a new cache on the same folder: the record says what is there
     assert again.counters.damaged == 0
     assert np.array_equal(again.array("x.npy", train=True)[rows], X[rows]) and again.path("notes/a.txt").read_bytes() == b"a" * 600
@@ -203,6 +204,7 @@ def test_a_damaged_present_chunk_is_found_at_open_and_fetched_again(tmp_path: pa
         with open(path, "r+b") as f:
             f.truncate(off + 10)
     calls = len(store.calls)
+    src.dataset.cache.close()
     with caplog.at_level(logging.WARNING):
         again = source(tmp_path, store)
     assert again.counters.damaged == 1 and "damaged" in caplog.text
@@ -318,3 +320,19 @@ def test_prefetch_fetches_the_plan_rows_of_the_training_arrays(tmp_path: pathlib
     finally:
         pre.cancel()
         pre.join(10)
+
+
+def test_a_cache_folder_in_use_by_another_cache_is_not_shared(tmp_path: pathlib.Path) -> None:
+    """Two live caches on one folder (peers started in one working directory): the second keeps
+    its datasets in peer-1/, so neither punches holes in files the other counts as present."""
+    store = Store()
+    first = source(tmp_path, store, max_bytes=4 * CB)
+    second = source(tmp_path, store, max_bytes=4 * CB)
+    assert first.root.parent.parent == tmp_path / "cache" and second.root.parent.parent == tmp_path / "cache" / "peer-1"
+    x1, x2 = first.array("x.npy"), second.array("x.npy")
+    for r in range(0, 400, 16):  # each evicts its own chunks only
+        assert np.array_equal(x1[r], X[r]) and np.array_equal(x2[r], X[r])
+    second.dataset.cache.close()
+    first.dataset.cache.close()
+    assert source(tmp_path, store).root.parent.parent == tmp_path / "cache"  # free again
+
