@@ -4,10 +4,11 @@ where a task reads them.
 :class:`ChunkCache` keeps each dataset in its own folder, ``<folder>/datasets/<dataset digest>/``
 (the task's ``ctx.data_dir``), every file at its full size as a *sparse* file: a chunk is fetched
 when a read needs it, checked against its sha256 and its place in the file, and only then written
-into place at its offset; the holes cost no disk. ``<folder>/datasets/<digest>.json`` records the
-manifest and the chunks present (written atomically after every change), so a restarted peer
-knows what it has, and every present chunk is hashed again when the dataset is opened: a tampered
-or truncated one is logged, forgotten and fetched again when next needed. Nothing is kept twice
+into place at its offset; the holes cost no disk. Beside it ``<digest>.manifest`` keeps the
+manifest (its canonical JSON, which hashes to the digest) and ``<digest>.present`` the chunks
+present (a bitmap per file, written atomically at most every second and when the cache closes),
+so a restarted peer knows what it has; every present chunk is hashed again when the dataset is
+opened: a tampered or truncated one is logged, forgotten and fetched again when next needed. Nothing is kept twice
 (no chunk store beside the files).
 
 :class:`StoreSource` is what a job's ``dml.Context`` reads through (``ctx.path`` fetches whole
@@ -40,6 +41,7 @@ import pathlib
 import shutil
 import tempfile
 import threading
+import time
 import weakref
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -48,7 +50,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from numpy.lib import format as npformat
 
-from dml.common.datasets import CHUNK_BYTES, FileEntry, chunk_digest, digest_error, manifest_digest, manifest_error
+from dml.common.datasets import (CHUNK_BYTES, FileEntry, canonical, chunk_digest, digest_error, manifest_digest,
+                                 manifest_error)
 from dml.common.files import write_atomic
 
 if TYPE_CHECKING:
@@ -57,6 +60,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 _STRIPES = 64  # chunk locks: a chunk takes the one its key hashes to
 RECORD_FORMAT = 1
+SAVE_EVERY_S = 1.0  # a dataset's record of present chunks is written at most this often (and when it closes)
 MAX_SLOTS = 64  # caches sharing one --cache-dir (each in its own peer-N/ folder)
 MAX_HEADER_BYTES = 1 << 20  # a .npy header read for row access, at most (numpy's own limit is 10,000)
 
@@ -155,6 +159,8 @@ class StoreDataset:
         self.fetch: Fetch | None = None
         self.verified = False  # present chunks hashed since this process opened it
         self._record_lock = threading.Lock()
+        self._saved_at = -SAVE_EVERY_S
+        self._dirty = False
 
     @property
     def digest(self) -> str:
@@ -255,14 +261,30 @@ class StoreDataset:
             self.save()
             cache._evict()
 
-    def save(self) -> None:
-        """Writes the record of present chunks (atomically)."""
+    def save(self, force: bool = False) -> None:
+        """Writes the record of present chunks (atomically; the manifest beside it once): at
+        most every :data:`SAVE_EVERY_S` unless ``force``d, so a fast fetch is not an fsync per
+        chunk (a peer killed meanwhile forgets the last second's chunks, fetched again later)."""
         with self._record_lock:
+            now = time.monotonic()
+            if not force and now - self._saved_at < SAVE_EVERY_S:
+                self._dirty = True
+                return
+            self._dirty, self._saved_at = False, now
+            manifest = self.cache.manifest_path(self.digest)
+            if not manifest.exists():
+                write_atomic(manifest, canonical(list(self.files)))
             with self.cache._lock:
-                present = self.present()
-            body = {"format": RECORD_FORMAT, "name": self.manifest.name, "digest": self.digest,
-                    "files": [f.to_dict() for f in self.files], "present": [list(p) for p in present]}
+                bits = [np.packbits(h).tobytes().hex() for h in self.have]
+            body = {"format": RECORD_FORMAT, "name": self.manifest.name, "present": bits}
             write_atomic(self.cache.record_path(self.digest), json.dumps(body, separators=(",", ":")).encode())
+
+    def flush(self) -> None:
+        """Writes the record if a throttled :meth:`save` left it behind."""
+        with self._record_lock:
+            dirty = self._dirty
+        if dirty:
+            self.save(force=True)
 
     def verify(self, counters: Counters | None = None) -> None:
         """Hashes every present chunk again; a damaged one is logged and forgotten (fetched
@@ -292,7 +314,7 @@ class StoreDataset:
                     counters.damaged += 1
             self.verified = True
         if bad:
-            self.save()
+            self.save(force=True)
 
     def make_files(self) -> None:
         """Creates every file at its size (sparse) where it is missing or of another size."""
@@ -360,7 +382,7 @@ class ChunkCache:
             self._folder = self._claim(self._folder)
             (self._folder / "datasets").mkdir(parents=True, exist_ok=True)
             self._loaded = True
-            for p in sorted((self._folder / "datasets").glob("*.json")):
+            for p in sorted((self._folder / "datasets").glob("*.present")):
                 self._load_record(p)
         return self._folder
 
@@ -388,31 +410,45 @@ class ChunkCache:
     def _load_record(self, path: pathlib.Path) -> None:
         digest = path.stem
         try:
+            if err := digest_error(digest):
+                raise DatasetError(err)
             body = json.loads(path.read_bytes())
+            if body.get("format") != RECORD_FORMAT:
+                raise DatasetError(f"format {body.get('format')!r}, not {RECORD_FORMAT}")
             files = tuple(FileEntry(str(f["path"]), int(f["size"]), tuple(str(c) for c in f["chunks"]))
-                          for f in body["files"])
+                          for f in json.loads(self.manifest_path(digest).read_bytes())["files"])
             manifest = Manifest(str(body["name"]), digest, files)
-            manifest.check(self.chunk_bytes)
-            present = {(int(i), int(c)) for i, c in body["present"]}
-            if any(not (0 <= i < len(files) and 0 <= c < len(files[i].chunks)) for i, c in present):
-                raise DatasetError("a present chunk outside the manifest")
-        except (OSError, ValueError, KeyError, TypeError, DatasetError) as e:
+            manifest.check(self.chunk_bytes)  # the manifest file hashes to the digest it is named by
+            bits = body["present"]
+            if not isinstance(bits, list) or len(bits) != len(files):
+                raise DatasetError("present chunks for another number of files")
+            have = []
+            for f, hexbits in zip(files, bits):
+                h = np.unpackbits(np.frombuffer(bytes.fromhex(hexbits), dtype=np.uint8))
+                if h.size != -(-len(f.chunks) // 8) * 8 or h[len(f.chunks):].any():
+                    raise DatasetError(f"present chunks of {f.path!r} do not fit its {len(f.chunks)} chunks")
+                have.append(h[: len(f.chunks)].astype(np.bool_))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, DatasetError) as e:
             log.warning("dataset cache record %s is unreadable (%s): forgetting that dataset", path, e)
             path.unlink(missing_ok=True)
+            self.manifest_path(digest).unlink(missing_ok=True)
             shutil.rmtree(path.with_suffix(""), ignore_errors=True)
             return
         ds = StoreDataset(self, manifest, self._folder_locked() / "datasets" / digest)
-        for i, c in present:
-            ds.have[i][c] = True
+        ds.have = have
         self._datasets[digest] = ds
-        for i, c in sorted(present):
+        for i, c in ds.present():
             size = ds.chunk_span(i, c)[1]
             self._lru[(digest, i, c)] = size
             self._bytes += size
 
     def record_path(self, digest: str) -> pathlib.Path:
-        """Where the record of dataset ``digest`` is kept."""
-        return self.folder / "datasets" / f"{digest}.json"
+        """Where the record of dataset ``digest``'s present chunks is kept."""
+        return self.folder / "datasets" / f"{digest}.present"
+
+    def manifest_path(self, digest: str) -> pathlib.Path:
+        """Where dataset ``digest``'s manifest is kept (its canonical JSON: it hashes to the digest)."""
+        return self.folder / "datasets" / f"{digest}.manifest"
 
     def dataset_dir(self, digest: str) -> pathlib.Path:
         """Where the files of the dataset of ``digest`` are."""
@@ -454,7 +490,7 @@ class ChunkCache:
             if not ds.verified:
                 ds.make_files()
                 ds.verify(counters)
-                ds.save()
+                ds.save(force=True)
         return ds
 
     def _drop_locked(self, ds: StoreDataset) -> None:
@@ -526,6 +562,10 @@ class ChunkCache:
 
     def close(self) -> None:
         """Releases the folder (its lock), and removes it if this cache made it as a temp dir."""
+        with self._lock:
+            datasets = list(self._datasets.values())
+        for ds in datasets:
+            ds.flush()
         with self._lock:
             if self._lock_fd is not None:
                 self._lock_fd()  # closes the lock's file, and the lock goes with it

@@ -8,6 +8,7 @@ Chunks are 256 bytes here (``chunk_bytes``) so a few kilobytes span many of them
 from __future__ import annotations
 
 import io
+import json
 import logging
 import pathlib
 import threading
@@ -335,4 +336,29 @@ def test_a_cache_folder_in_use_by_another_cache_is_not_shared(tmp_path: pathlib.
     second.dataset.cache.close()
     first.dataset.cache.close()
     assert source(tmp_path, store).root.parent.parent == tmp_path / "cache"  # free again
+
+
+@pytest.mark.parametrize("damage", ["garbage", "manifest", "bits"])
+def test_a_damaged_record_forgets_its_dataset_and_fetches_it_again(tmp_path: pathlib.Path, damage: str,
+                                                                  caplog: pytest.LogCaptureFixture) -> None:
+    store = Store()
+    src = source(tmp_path, store)
+    assert np.array_equal(src.array("x.npy")[5], X[5])
+    cache = src.dataset.cache
+    digest = src.dataset.digest
+    record, manifest = cache.record_path(digest), cache.manifest_path(digest)
+    cache.close()
+    if damage == "garbage":
+        record.write_bytes(b"{not json")
+    elif damage == "manifest":  # no longer hashes to the digest it is named by
+        manifest.write_bytes(manifest.read_bytes().replace(b'"x.npy"', b'"z.npy"'))
+    else:  # a bit set past the file's last chunk
+        body = json.loads(record.read_bytes())
+        body["present"][0] = "ff" * (len(bytes.fromhex(body["present"][0])) + 1)
+        record.write_text(json.dumps(body))
+    calls = len(store.calls)
+    with caplog.at_level(logging.WARNING):
+        again = source(tmp_path, store)
+    assert "unreadable" in caplog.text and again.dataset.present_count() == 0
+    assert np.array_equal(again.array("x.npy")[5], X[5]) and len(store.calls) == calls + 1
 
