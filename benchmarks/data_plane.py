@@ -113,17 +113,22 @@ def main(argv: list[str] | None = None) -> int:
                     return bytes(resp.data)
 
                 fetched: list[Counters] = []
+                caches: list[ChunkCache] = []
 
                 def store() -> tuple[Any, Any]:
+                    if caches:
+                        caches[-1].close()  # the peer stops (releasing its cache folder), then starts again
                     counters = Counters()
                     fetched.append(counters)
                     cache = ChunkCache(root / "cache")
+                    caches.append(cache)
                     ctx = Context(data_dir=cache.dataset_dir(manifest.digest),
                                   source=StoreSource(cache.open(manifest, fetch, counters), counters))
                     return ctx.array("x.npy"), ctx.array("y.npy")
 
                 results.append(run("store fetch", store, batches))
                 results.append(run("store hit", store, batches))
+                caches[-1].close()
         finally:
             srv.stop(0.5)
         for r, c in zip(results[2:], fetched):

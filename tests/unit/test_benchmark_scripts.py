@@ -383,3 +383,19 @@ def test_noniid_rows_differ_only_in_their_own_flags() -> None:
         with pytest.raises(SystemExit) as e:
             mod.parse_args(bad)
         assert e.value.code == 2, bad
+
+
+def test_data_plane_flags_and_a_tiny_run(capsys: pytest.CaptureFixture[str]) -> None:
+    mod = _load("data_plane")
+    for bad in (["--rows", "3"], ["--features", "0"], ["--batch", "0"]):
+        with pytest.raises(SystemExit) as e:
+            mod.main(bad)
+        assert e.value.code == 2, bad
+    capsys.readouterr()
+    assert mod.main(["--rows", "2000", "--features", "4", "--batch", "16", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    modes = {r["mode"]: r for r in out["results"]}
+    assert list(modes) == ["numpy", "memmap", "store fetch", "store hit"]
+    assert len({r["checksum"] for r in out["results"]}) == 1  # every way read the same rows
+    assert modes["store fetch"]["bytes_fetched"] > 0 and modes["store hit"]["bytes_fetched"] == 0
+
