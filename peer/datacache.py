@@ -160,6 +160,7 @@ class StoreDataset:
         self.verified = False  # present chunks hashed since this process opened it
         self._record_lock = threading.Lock()
         self._saved_at = -SAVE_EVERY_S
+        self._made: set[int] = set()  # files made at their size by this process
         self._dirty = False
 
     @property
@@ -250,6 +251,7 @@ class StoreDataset:
             if len(data) != length:
                 raise DatasetError(f"chunk {c} of {self.files[i].path!r} holds {len(data)} bytes where its place in "
                                    f"the file ({self.files[i].size} bytes) holds {length}: refused")
+            self.make_file(i)
             fd = os.open(self.file_path(i), os.O_WRONLY)
             try:
                 os.pwrite(fd, data, off)
@@ -316,17 +318,22 @@ class StoreDataset:
         if bad:
             self.save(force=True)
 
-    def make_files(self) -> None:
-        """Creates every file at its size (sparse) where it is missing or of another size."""
-        for i, f in enumerate(self.files):
-            path = self.file_path(i)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
-            try:
-                if os.fstat(fd).st_size != f.size:
-                    os.ftruncate(fd, f.size)
-            finally:
-                os.close(fd)
+    def make_file(self, i: int) -> None:
+        """Creates file ``i`` at its size (sparse) unless it is there at that size. Files are
+        made when a read through ``ctx`` first needs them, so a task that reads ``ctx.data_dir``
+        directly finds no file rather than one of zeros."""
+        if i in self._made:
+            return
+        f = self.files[i]
+        path = self.file_path(i)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
+        try:
+            if os.fstat(fd).st_size != f.size:
+                os.ftruncate(fd, f.size)
+        finally:
+            os.close(fd)
+        self._made.add(i)
 
     def evict(self, i: int, c: int) -> None:
         """Frees chunk ``c`` of file ``i`` (the caller has forgotten it)."""
@@ -471,9 +478,9 @@ class ChunkCache:
 
     # -- opening ----------------------------------------------------------------------------
     def open(self, manifest: Manifest, fetch: Fetch, counters: Counters | None = None) -> StoreDataset:
-        """The dataset of ``manifest`` in this cache, its files made (sparse, at their sizes) and
-        its present chunks hashed again the first time this process opens it; later chunks come
-        from ``fetch(digest)``. Raises :class:`DatasetError` for a manifest that fails its checks."""
+        """The dataset of ``manifest`` in this cache (its folder made, its files made as reads
+        need them), its present chunks hashed again the first time this process opens it; later
+        chunks come from ``fetch(digest)``. Raises :class:`DatasetError` for a manifest that fails its checks."""
         manifest.check(self.chunk_bytes)
         root = self.dataset_dir(manifest.digest)
         with self._lock:
@@ -488,7 +495,7 @@ class ChunkCache:
                     self._datasets[manifest.digest] = ds
             ds.fetch = fetch
             if not ds.verified:
-                ds.make_files()
+                root.mkdir(parents=True, exist_ok=True)
                 ds.verify(counters)
                 ds.save(force=True)
         return ds
@@ -605,6 +612,7 @@ class RowArray:
         size = ds.files[i].size
         if size == 0:
             raise DatasetError(f"{rel}: an empty file is no .npy array")
+        ds.make_file(i)  # at its size before it is mapped, even where its header's chunk is present already
         head_len = min(size, ds.cache.chunk_bytes)
         keys = ds.cache.pin(self._keys([0]))  # the header's chunk, not evicted before it is read
         try:
@@ -796,6 +804,7 @@ class StoreSource:
             if i in self._whole:
                 return
             self._whole.add(i)
+        ds.make_file(i)  # an empty file has no chunk to make it
         keys = ds.cache.pin((ds.digest, i, c) for c in ds.all_chunks(i))
         with self._lock:
             self._pinned.extend(keys)

@@ -128,7 +128,7 @@ def test_ctx_path_fetches_whole_files_and_folders_and_files_lists_them(tmp_path:
     src = source(tmp_path, store)
     ctx = Context(data_dir=src.root, source=src)
     assert ctx.files() == ["notes/a.txt", "notes/b.txt", "x.npy", "y.npy"] and ctx.files("notes/") == ctx.files()[:2]
-    assert store.calls == []
+    assert store.calls == [] and list(src.root.iterdir()) == []  # no file before a read needs it: never one of zeros
     assert ctx.path("notes", "b.txt").read_bytes() == b"b" and len(store.calls) == 1
     folder = ctx.path("notes")
     assert (folder / "a.txt").read_bytes() == b"a" * 600 and len(store.calls) == 1 + 3
