@@ -372,6 +372,7 @@ class ChunkCache:
         self._pins: collections.Counter[ChunkKey] = collections.Counter()  # chunks being read or held by a job
         self._chunk_locks = [threading.Lock() for _ in range(_STRIPES)]  # one fetch per chunk at a time
         self._open_locks: dict[str, threading.Lock] = {}
+        self._closed = False
         self._lock_fd: weakref.finalize | None = None  # closes the folder's lock (held for the cache's life: _claim)
 
     # -- folders --------------------------------------------------------------------------
@@ -382,6 +383,8 @@ class ChunkCache:
             return self._folder_locked()
 
     def _folder_locked(self) -> pathlib.Path:
+        if self._closed:
+            raise DatasetError("the dataset cache is closed (the peer is stopping)")
         if self._folder is None:
             self._tmp = tempfile.mkdtemp(prefix="dml-data-")
             self._folder = pathlib.Path(self._tmp)
@@ -568,7 +571,8 @@ class ChunkCache:
                      self.stored_bytes, self.max_bytes)
 
     def close(self) -> None:
-        """Releases the folder (its lock), and removes it if this cache made it as a temp dir."""
+        """Writes what a throttled save left behind, releases the folder (its lock), and
+        removes it if this cache made it as a temp dir. The cache is unusable after."""
         with self._lock:
             datasets = list(self._datasets.values())
         for ds in datasets:
@@ -578,6 +582,7 @@ class ChunkCache:
                 self._lock_fd()  # closes the lock's file, and the lock goes with it
                 self._lock_fd = None
             self._loaded = False
+            self._closed = True
             self._datasets.clear()
             self._lru.clear()
             self._bytes = 0
