@@ -18,7 +18,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dml.common.datasets import FileEntry, chunk_digest, manifest_digest
+from dml.common.datasets import CHUNK_BYTES, FileEntry, chunk_digest, manifest_digest
 from dml.common.task import Context
 from dml.peer.datacache import ChunkCache, Counters, DatasetError, Manifest, RowArray, StoreSource
 from dml.peer.prefetch import Prefetcher
@@ -133,6 +133,9 @@ def test_ctx_path_fetches_whole_files_and_folders_and_files_lists_them(tmp_path:
     folder = ctx.path("notes")
     assert (folder / "a.txt").read_bytes() == b"a" * 600 and len(store.calls) == 1 + 3
     assert ctx.path("absent.csv") == src.root / "absent.csv" and len(store.calls) == 4
+    for escape in ("../x.npy", "notes/../../etc/passwd"):
+        with pytest.raises(DatasetError, match="leaves the dataset"):
+            ctx.path(escape)
     assert np.array_equal(np.load(ctx.path("y.npy")), Y)
     ctx.path()  # the whole dataset
     assert len(store.calls) == sum(len(f.chunks) for f in src.dataset.files)  # each chunk once
@@ -223,6 +226,10 @@ def test_chunks_that_lie_are_refused_and_never_written(tmp_path: pathlib.Path) -
     with pytest.raises(DatasetError, match="hashes to"):
         x[(10 * CB - x.offset) // 16 + 1]
     assert not src.dataset.holds(src.dataset.index["x.npy"], [10])
+    d11 = src.dataset.files[src.dataset.index["x.npy"]].chunks[11]
+    store.chunks[d11] = b"\0" * (CHUNK_BYTES + 1)  # over what any chunk may hold: refused before it is hashed
+    with pytest.raises(DatasetError, match="over the protocol's"):
+        x[(11 * CB - x.offset) // 16 + 1]
     # A chunk that hashes right but does not fit its place: a manifest not cut as dml data put cuts.
     short = b"short chunk"
     lie = Manifest("d", manifest_digest([FileEntry("f", 2 * CB, (chunk_digest(short), chunk_digest(short)))]),
