@@ -123,17 +123,32 @@ def dataset_dir(peer: Peer, job_id: str, name: str, job: datausage.JobUsage | No
     return folder
 
 
+def local_dir(peer: Peer, name: str) -> pathlib.Path:
+    """The PATH of this peer's ``--data NAME=PATH`` for a ``--placement local`` job (its tasks'
+    ``ctx.data_dir``); :class:`Declined` when it offers no dataset by that name or its PATH is gone."""
+    path = dict(peer.config.local_data).get(name)
+    if path is None:
+        raise Declined(f"this peer offers no local dataset {name!r} (dml-peer --data {name}=PATH)")
+    if not path.exists():
+        raise Declined(f"local dataset {name}: {path} is gone")
+    return path
+
+
 def make_trainer(peer: Peer, job_id: str, spec: types_pb2.JobSpec) -> Trainer:
     """The trainer of job ``job_id`` on this peer: its task, seeded by the job, at the job's
     learning rate, on the peer's device, its data read under the peer's ``--data-dir`` (or, for
-    a job on a dataset of the coordinator's store, in the folder :func:`dataset_dir` fetched), with the
+    a job on a dataset of the coordinator's store, in the folder :func:`dataset_dir` fetched; for
+    a ``--placement local`` job, at the PATH of this peer's ``--data NAME=PATH``), with the
     job's proximal term and its outer optimizer (whose state is then one of the trainer's
     ``state_parts``), and the job's data usage counters (:mod:`dml.peer.datausage`). The one place a peer builds a job's trainer. With ``--sync grads`` or a
     proximal term it keeps real gradients (no update fused into backward): the ring averages
     them each step, or the term is added to them. Raises what :func:`load_task` raises."""
+    local = local_dir(peer, spec.local_data) if spec.placement == "local" else None  # declined before any load
     task = load_task(peer, job_id, spec)
     usage = datausage.JobUsage(datausage.STORE if spec.dataset else datausage.LOCAL, spec.num_shards)
-    if spec.dataset:
+    if local is not None:
+        data_dir = local
+    elif spec.dataset:
         data_dir = dataset_dir(peer, job_id, spec.dataset, usage)
     else:
         data_dir = peer.config.data_dir if peer.config.data_dir is not None else pathlib.Path.cwd()
