@@ -253,7 +253,7 @@ def _local_shards_view(job: Job) -> ShardsView:
     counts = job.local_label_counts
     classes = max((len(c) for c in counts), default=0)
     peers = []
-    for m in job.members:
+    for m in list(dict.fromkeys(job.members + list(job.assignment))):  # a finished job: its last placement
         ids = sorted(job.assignment.get(m, []))
         mine = [counts[s] for s in ids if s < len(counts)]
         label_counts = ([sum(c[i] for c in mine if i < len(c)) for i in range(classes)]
