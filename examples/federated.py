@@ -103,7 +103,7 @@ task = dml.Task(
     loss=nn.functional.cross_entropy,
     optimizer=lambda params: torch.optim.Adam(params, lr=3e-3),
     batch_size=32,
-    name="federated-digits",
+    name="federated",
 )
 
 

@@ -19,7 +19,7 @@ import pytest
 
 from dml.client.cluster import LocalCluster, operator_token_file
 from dml.coordinator.ledger import violations
-from tests.e2e.conftest import FAST_FAILURES, ROOT, dml, env_tls, status, wait_status
+from tests.e2e.conftest import FAST_FAILURES, ROOT, dml, env_tls, wait_status
 
 pytestmark = pytest.mark.e2e
 NAME = "digits-csv"

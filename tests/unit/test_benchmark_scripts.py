@@ -383,3 +383,13 @@ def test_noniid_rows_differ_only_in_their_own_flags() -> None:
         with pytest.raises(SystemExit) as e:
             mod.parse_args(bad)
         assert e.value.code == 2, bad
+
+
+def test_federated_flags() -> None:
+    mod = _load("federated")
+    a = mod.parse_args([])
+    assert (a.peers, a.rounds, a.local_steps) == (4, 50, 4)
+    for bad in (["--peers", "1"], ["--peers", "11"], ["--rounds", "0"], ["--local-steps", "0"], ["--timeout-s", "0"]):
+        with pytest.raises(SystemExit) as e:
+            mod.parse_args(bad)
+        assert e.value.code == 2, bad
