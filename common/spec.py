@@ -86,12 +86,16 @@ _ZERO_IS_A_VALUE = frozenset({"rounds", "seed", "learning_rate", "prox_mu", "bat
 
 
 def with_defaults(spec: JobSpec) -> JobSpec:
-    """Fills zero / empty fields (proto3's 'unset') with the defaults. A ``local`` job keeps
-    ``num_shards`` 0: it has one shard per peer, that peer's own data, and no count to cut."""
+    """Fills zero / empty fields (proto3's 'unset') with the defaults. A ``local`` job's
+    ``num_shards`` is 0 (unset, or the dataclass's default, which a caller building a JobSpec
+    never chose): it has one shard per peer, that peer's own data, and no count to cut; any
+    other count is refused by :func:`validate`."""
     d = JobSpec()
-    keep = _ZERO_IS_A_VALUE | ({"num_shards"} if spec.placement == "local" else set())
-    return replace(spec, **{f.name: getattr(spec, f.name) or getattr(d, f.name)
-                            for f in fields(JobSpec) if f.name not in keep})
+    local = spec.placement == "local"
+    keep = _ZERO_IS_A_VALUE | ({"num_shards"} if local else set())
+    out = replace(spec, **{f.name: getattr(spec, f.name) or getattr(d, f.name)
+                           for f in fields(JobSpec) if f.name not in keep})
+    return replace(out, num_shards=0) if local and out.num_shards == d.num_shards else out
 
 
 def spec_to_pb(s: JobSpec) -> types_pb2.JobSpec:

@@ -57,6 +57,7 @@ def consumed(st: ClusterState, jid: str) -> list[list[tuple[int, int, int, int]]
 def test_the_spec_refuses_sharding_flags_for_local_jobs_and_local_data_for_shared_ones() -> None:
     validate(with_defaults(local_spec()))
     assert with_defaults(local_spec()).num_shards == 0, "a local job has no shard count to default"
+    assert with_defaults(JobSpec(placement="local", local_data=NAME)).num_shards == 0, "nor the dataclass's"
     for bad, word in ((dict(sharding="classes:2"), "--sharding"), (dict(num_shards=4), "--num-shards"),
                       (dict(dataset="store-set"), "--dataset"), (dict(min_shard_samples=5), "--min-shard-samples"),
                       (dict(aggregation="gossip"), "gossip"), (dict(local_data=""), "--local-data"),
