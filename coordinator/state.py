@@ -42,6 +42,11 @@ lease and deadline afresh. Round rules:
   offered the job again until it registers again; the reason shows in the job's status), or
   TASK_ERROR (the task failed there: the job fails with the task's error). Only peers that took
   a job are admitted to its rings. A task error during a round fails the job the same way.
+- Peer-local data (``placement="local"``): a job is offered only to peers offering its
+  ``local_data`` (``dml-peer --data NAME=PATH``); each READY take brings the peer's own data (its
+  sample and label counts only) as a shard of its own, keyed by (address, data digest); each
+  member holds and is allocated only its own shard; one that leaves takes its data with it and
+  nothing moves; a joiner brings its data at the next round boundary (docs/architecture.md).
 - Below ``min_peers`` the job waits and says why; after ``peer_grace_s`` it fails.
 - Shards are placed by measured samples/s and never past a member's ``--max-samples`` cap
   (``coordinator.planner``). What the caps cannot hold is left unassigned, and the job's reason
@@ -1034,7 +1039,7 @@ class ClusterState:
                 return self._finish(job, FAILED, (
                     f"local_steps x batch_size ({job.spec.local_steps} x {batch}, the task's batch size) must be at "
                     f"most {MAX_SAMPLES_PER_ROUND:,} samples per round"), now_ms)
-            job.data = replace(data, has_labels=bool(label_counts), num_classes=len(label_counts))
+            job.data = replace(data, has_labels=False, num_classes=len(label_counts))  # no labels are stored
             if job.spec.batch_size != batch:
                 job.spec = replace(job.spec, batch_size=batch)
             changes = changes | Changes(data=(job.job_id,))

@@ -104,3 +104,37 @@ def test_a_local_job_runs_only_on_the_peer_offering_its_data(tmp_path: pathlib.P
         finally:
             other.stop()
             mine.stop()
+
+
+def test_a_restarted_coordinator_keeps_a_local_jobs_peers_data_and_plans_it(tmp_path: pathlib.Path) -> None:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("dml_example_federated", TASK)
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    folder = mod.write_split(tmp_path / "data", 2)[1]
+    from dml.client.api import pack_task
+
+    job_spec, code = pack_task(JobSpec(task=TASK, placement="local", local_data="digits-csv", rounds=1000,
+                                       local_steps=1, checkpoint_every_rounds=1000))
+    state = tmp_path / "state"
+    with coordinator(state) as srv, JobClient(srv.address, token=operator_token(srv.address)) as client:
+        p = Peer(PeerConfig(coordinator=srv.address, join_token=join_token(srv.address), plan_wait_s=1.0,
+                            allow_job_code=True, local_data=(("digits-csv", folder),))).start()
+        p.run_in_thread()
+        try:
+            job = client.submit(job_spec, code)
+            wait_for(lambda: client.status(job).job.round >= 2, 120, "two committed rounds")
+        finally:
+            p.stop()
+        before = srv.coordinator.view(lambda st: (st.job(job).local_sources, st.job(job).shard_sizes,
+                                                  st.job(job).local_label_counts))
+    with coordinator(state) as again, JobClient(again.address, token=operator_token(again.address)) as client:
+        c = again.coordinator
+        st = client.status(job).job
+        assert st.state == 2 and st.data_seen_samples == before[1][0]  # RUNNING, its data remembered
+        assert c.view(lambda s: (s.job(job).local_sources, s.job(job).shard_sizes,
+                                 s.job(job).local_label_counts)) == before
+        assert c.view(lambda s: c.shard_indices(s.job(job))) == (), "a local job's plans send no indices"
+        assert c.job_labels(job) is None, "the coordinator holds no labels of a local job"
