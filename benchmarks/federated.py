@@ -4,11 +4,11 @@ placements, final test accuracies side by side.
     python benchmarks/federated.py [--peers 4] [--rounds 50] [--local-steps 4] [--seed 0] [--json]
 
 One local process cluster (a coordinator and ``--peers`` peers) runs two jobs of
-``examples/federated.py`` one after the other, with the same rounds, local steps, batch size and
+``examples/digits_csv.py`` one after the other, with the same rounds, local steps, batch size and
 seed:
 
 - ``local``: ``--placement local --local-data digits-csv``: peer ``i`` trains only on its own CSV
-  (``dml-peer --data digits-csv=DIR/peer-i``), a label-skewed split (``examples/federated.py``
+  (``dml-peer --data digits-csv=DIR/peer-i``), a label-skewed split (``examples/digits_csv.py``
   ``write_split``: 70% of each class with its home peer);
 - ``shared``: the default placement: every peer reads every row (``--data-dir DIR/all``), cut
   into ``--peers`` iid shards.
@@ -35,7 +35,7 @@ from dml.common.spec import JobSpec
 from dml.v1 import types_pb2
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-TASK = ROOT / "examples" / "federated.py"
+TASK = ROOT / "examples" / "digits_csv.py"
 NAME = "digits-csv"
 DONE = (types_pb2.JOB_STATE_SUCCEEDED, types_pb2.JOB_STATE_FAILED, types_pb2.JOB_STATE_CANCELLED)
 
@@ -58,7 +58,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def _split(folder: pathlib.Path, peers: int) -> list[pathlib.Path]:
-    spec = importlib.util.spec_from_file_location("dml_example_federated", TASK)
+    spec = importlib.util.spec_from_file_location("dml_example_digits_csv", TASK)
     assert spec is not None and spec.loader is not None
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.json:
         print(json.dumps(out))
         return 0
-    print(f"examples/federated.py (digits), {a.peers} peers, {a.rounds} rounds x {a.local_steps} local steps, "
+    print(f"examples/digits_csv.py (digits), {a.peers} peers, {a.rounds} rounds x {a.local_steps} local steps, "
           f"seed {a.seed}; rows per peer (local, label-skewed) {rows}")
     print(f"{'placement':<40} {'accuracy':>8} {'samples':>8} {'seconds':>8}")
     print(f"{'local (each peer its own CSV)':<40} {local['accuracy']:>8.4f} {local['samples']:>8} {local['s']:>8.1f}")

@@ -24,11 +24,11 @@ from tests.e2e.conftest import FAST_FAILURES, ROOT, dml, env_tls, wait_status
 pytestmark = pytest.mark.e2e
 NAME = "digits-csv"
 ROUNDS = 50
-TASK = ROOT / "examples" / "federated.py"
+TASK = ROOT / "examples" / "digits_csv.py"
 
 
 def _example():
-    spec = importlib.util.spec_from_file_location("dml_example_federated", TASK)
+    spec = importlib.util.spec_from_file_location("dml_example_digits_csv", TASK)
     assert spec is not None and spec.loader is not None
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)

@@ -19,7 +19,7 @@ from dml.common.spec import JobSpec
 from dml.peer.runner import Peer, PeerConfig
 from tests.integration.helpers import FAST, coordinator, join_token, operator_token, wait_for
 
-TASK = str(pathlib.Path(__file__).resolve().parents[2] / "examples" / "federated.py")
+TASK = str(pathlib.Path(__file__).resolve().parents[2] / "examples" / "digits_csv.py")
 
 
 def _register(address: str, port: int, names: list[str]) -> control_pb2.RegisterPeerResponse:
@@ -72,7 +72,7 @@ def test_registration_names_and_takes_are_checked_on_the_wire() -> None:
 def test_a_local_job_runs_only_on_the_peer_offering_its_data(tmp_path: pathlib.Path) -> None:
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("dml_example_federated", TASK)
+    spec = importlib.util.spec_from_file_location("dml_example_digits_csv", TASK)
     assert spec is not None and spec.loader is not None
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
@@ -109,7 +109,7 @@ def test_a_local_job_runs_only_on_the_peer_offering_its_data(tmp_path: pathlib.P
 def test_a_restarted_coordinator_keeps_a_local_jobs_peers_data_and_plans_it(tmp_path: pathlib.Path) -> None:
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("dml_example_federated", TASK)
+    spec = importlib.util.spec_from_file_location("dml_example_digits_csv", TASK)
     assert spec is not None and spec.loader is not None
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)

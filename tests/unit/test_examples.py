@@ -152,10 +152,10 @@ def test_peers_racing_to_write_the_data_all_see_it_whole(tmp_path: pathlib.Path,
     assert not [p for p in tmp_path.rglob(".*")], "a temporary file or folder was left behind"
 
 
-def test_federated_writes_a_label_skewed_split_and_learns_from_a_folder_or_a_file(tmp_path: pathlib.Path) -> None:
+def test_digits_csv_writes_a_label_skewed_split_and_learns_from_a_folder_or_a_file(tmp_path: pathlib.Path) -> None:
     from dml.common.tasks import builtin_data
 
-    mod = load("federated")
+    mod = load("digits_csv")
     folders = mod.write_split(tmp_path, 4)
     d = builtin_data("digits")
     ys = [np.loadtxt(f / "train.csv", delimiter=",", skiprows=1)[:, -1].astype(int) for f in folders]
@@ -181,7 +181,7 @@ def test_each_example_is_seeded_like_a_peer(tmp_path: pathlib.Path) -> None:
         assert np.array_equal(a.params(), b.params())
 
 
-@pytest.mark.parametrize("name", ["tabular", "cnn", "memmap", "federated"])
+@pytest.mark.parametrize("name", ["tabular", "cnn", "memmap", "digits_csv"])
 def test_each_example_loads_the_way_a_peer_loads_a_task_file(tmp_path: pathlib.Path, name: str) -> None:
     """Packed as `dml submit --task examples/NAME.py` packs it, then imported from the bundle by
     a peer's code cache: the file needs nothing beside itself."""

@@ -1,8 +1,8 @@
 """Federated digits: each peer trains on its own CSV, which never leaves it.
 
-    python examples/federated.py split DIR --peers 4     # a label-skewed split into DIR/peer-*/
+    python examples/digits_csv.py split DIR --peers 4     # a label-skewed split into DIR/peer-*/
     dml-peer --allow-job-code --data digits-csv=DIR/peer-0 ...   # one per folder
-    dml submit --task examples/federated.py --placement local --local-data digits-csv
+    dml submit --task examples/digits_csv.py --placement local --local-data digits-csv
 
 scikit-learn's 8x8 digits (the built-in ``digits`` task's rows and its fixed train/test split)
 as CSV files: a header line, 64 pixel values in 0..1, the class in the last column. A job with
@@ -103,13 +103,13 @@ task = dml.Task(
     loss=nn.functional.cross_entropy,
     optimizer=lambda params: torch.optim.Adam(params, lr=3e-3),
     batch_size=32,
-    name="federated",
+    name="digits_csv",
 )
 
 
 if __name__ == "__main__":
     if len(sys.argv) < 3 or sys.argv[1] != "split":
-        print("usage: python examples/federated.py split DIR [--peers N]", file=sys.stderr)
+        print("usage: python examples/digits_csv.py split DIR [--peers N]", file=sys.stderr)
         sys.exit(2)
     n = int(sys.argv[sys.argv.index("--peers") + 1]) if "--peers" in sys.argv else 4
     for p in write_split(pathlib.Path(sys.argv[2]), n):
