@@ -13,17 +13,18 @@ import pathlib
 import re
 import sqlite3
 import ssl
+import time
 import urllib.request
 
 import pytest
 
 from dml.client.cluster import LocalCluster, operator_token_file
 from dml.coordinator.ledger import violations
-from tests.e2e.conftest import FAST_FAILURES, ROOT, dml, env_tls, wait_status
+from tests.e2e.conftest import FAST_FAILURES, ROOT, dml, env_tls, job_client, wait_status
 
 pytestmark = pytest.mark.e2e
 NAME = "digits-csv"
-ROUNDS = 50
+ROUNDS = 60
 TASK = ROOT / "examples" / "digits_csv.py"
 
 
@@ -63,6 +64,16 @@ def test_four_peers_train_on_their_own_csvs_and_the_job_succeeds_on_three_after_
         address = procs.start_coordinator()
         for i, f in enumerate(folders):
             procs.start_peer(i, ("--data", f"{NAME}={f}"))
+        with job_client(address, 30) as client:  # registered, each naming its dataset (never its path)
+            deadline = time.monotonic() + 120
+            while len(client.peers()) < 4:
+                assert time.monotonic() < deadline, "the four peers did not register"
+                time.sleep(0.2)
+        listed = dml("peers", "--coordinator", address, "--json")
+        assert listed.returncode == 0, listed.stderr
+        peers = [json.loads(line) for line in listed.stdout.splitlines() if line.strip()]
+        assert len(peers) == 4 and all(p["local_datasets"] == [NAME] for p in peers), peers
+        assert str(tmp_path) not in listed.stdout
         refused = dml("submit", "--coordinator", address, "--task", str(TASK), "--placement", "local",
                       "--local-data", NAME, "--sharding", "classes:2")
         assert refused.returncode == 2 and "--sharding" in refused.stderr and "Traceback" not in refused.stderr
@@ -72,15 +83,11 @@ def test_four_peers_train_on_their_own_csvs_and_the_job_succeeds_on_three_after_
         assert out.returncode == 0, out.stderr
         job = out.stdout.strip().splitlines()[-1]
 
-        both = wait_status(address, job, lambda s: len(s["peers"]) == 4 and s["round"] >= 8, 120,
+        both = wait_status(address, job, lambda s: len(s["peers"]) == 4 and s["round"] >= 5, 120,
                            "all four peers training")
+        procs.kill_peer(3)  # SIGKILL at once (rounds are short): its data goes with it
         assert both["data_present"]["peers"] == 4 and both["data_present"]["fraction"] == 1.0, both
-        listed = dml("peers", "--coordinator", address, "--json")
-        assert listed.returncode == 0, listed.stderr
-        peers = [json.loads(line) for line in listed.stdout.splitlines() if line.strip()]
-        assert len(peers) == 4 and all(p["local_datasets"] == [NAME] for p in peers), peers
-
-        procs.kill_peer(3)  # SIGKILL: its data goes with it
+        assert both["round"] < ROUNDS - 20, "the job was nearly done before the kill"
         end = wait_status(address, job, lambda s: s["state"] in ("SUCCEEDED", "FAILED"), 180, "the end")
         assert end["state"] == "SUCCEEDED", end
         present = end["data_present"]

@@ -110,9 +110,12 @@ def test_a_take_with_labels_of_bad_counts_or_another_model_is_refused_the_job() 
     st.take(b, jid, READY, 1, data=data(20, seed="b"), label_counts=[3, 3])  # counts that do not sum to 20
     take(st, c, jid, 20, params=99, seed="c")  # another model
     st.take(d, jid, READY, 1, data=data(0, seed="d"), label_counts=[])  # nothing to train
+    e = register(st)
+    st.take(e, jid, READY, 1, data=data(1 << 32, seed="e"), label_counts=[])  # past what a plan can address
     job = st.job(jid)
     reasons = {x.peer_id: x.reason for x in job.declined}
-    assert set(reasons) == {b, c, d} and job.ready == [a]
+    assert set(reasons) == {b, c, d, e} and job.ready == [a]
+    assert "at most 4,294,967,295" in reasons[e]
     assert "label counts" in reasons[b] and "99 parameters" in reasons[c] and "empty" in reasons[d]
     assert job.shard_sizes == [20], "no refused take left a shard behind"
 
