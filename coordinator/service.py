@@ -258,7 +258,7 @@ def _local_shards_view(job: Job) -> ShardsView:
         mine = [counts[s] for s in ids if s < len(counts)]
         label_counts = ([sum(c[i] for c in mine if i < len(c)) for i in range(classes)]
                         if mine and all(mine) else None)
-        peers.append(PeerShardView(m, ids, sum(job.shard_sizes[s] for s in ids), label_counts))
+        peers.append(PeerShardView(m, ids, sum(job.shard_sizes[s] for s in ids), label_counts, job.data_usage.get(m)))
     return ShardsView(job.job_id, peers, classes, sum(job.shard_sizes),
                       planner.unassigned(job.assignment, len(job.shard_sizes)))
 

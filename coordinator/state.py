@@ -824,10 +824,10 @@ class ClusterState:
             p.held_out_job = p.held_out_reason = ""  # held out of another job, taken by this one
         job.members = job.members + joiners
         capacity, caps = self._capacity(job.members), self._caps(job.members)
+        limits = self._data_limits(job, job.members)
         if job.local:  # each member holds its own data, and nothing else
             job.assignment = planner.local_assignment(job.members, job.local_shard)
         elif job.assignment:
-            limits = self._data_limits(job, job.members)
             job.assignment = planner.add_peers(job.assignment, joiners, sizes, capacity, caps, **limits)
         else:
             job.assignment = planner.assign_shards(sizes, job.members, capacity, caps,
@@ -990,7 +990,7 @@ class ClusterState:
         if usage is not None:
             check_usage(usage, job.spec.num_shards, bool(job.spec.dataset))
         if job.local:
-            return self._take_local(job, peer, data, list(label_counts or []), now_ms)
+            return self._take_local(job, peer, data, list(label_counts or []), now_ms, usage)
         changes = Changes(jobs=(job_id,))
         if job.data is None:
             problem = planner.data_problem(job.spec, data.train_samples, data.has_labels) or cut_error
@@ -1023,7 +1023,7 @@ class ClusterState:
         return changes | self.schedule(now_ms)
 
     def _take_local(self, job: Job, peer: PeerRecord, data: JobData, label_counts: list[int],
-                    now_ms: int) -> Changes:
+                    now_ms: int, usage: DataUsage | None = None) -> Changes:
         """A READY take of a ``local`` job: the peer's own data becomes (or, for data the job saw
         from the same address before, is again) a shard of the job, indexed by that peer alone.
         The first fixes the job's batch size and parameter count; a later one must build a model
@@ -1059,6 +1059,8 @@ class ClusterState:
             job.shard_sizes.append(data.train_samples)
             job.local_label_counts.append(list(label_counts))
         job.local_shard[pid] = shard
+        if usage is not None:
+            self.note_usage(job, pid, usage)
         log.info("job %s: peer %s brings its local dataset %s: %d training samples (shard %d%s)", job.job_id, pid,
                  job.spec.local_data, data.train_samples, shard, ", seen before" if shard in job.cursors else "")
         if pid not in job.ready:
