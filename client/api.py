@@ -144,6 +144,13 @@ def status_dict(job: jobs_pb2.JobStatus) -> dict[str, Any]:
         "sync": job.spec.sync or "params",
         "pool": job.spec.pool,
         "max_peers": job.spec.max_peers,
+        "placement": job.spec.placement or "shared",
+        # --placement local: how much of the peers' own data is present now (the live members')
+        # against all the job has seen; None for other jobs.
+        "data_present": {"samples": job.data_present_samples, "seen_samples": job.data_seen_samples,
+                         "peers": job.data_sources_present, "seen_peers": job.data_sources_seen,
+                         "fraction": job.data_present_samples / job.data_seen_samples if job.data_seen_samples
+                         else None} if job.spec.placement == "local" else None,
         "held_out": [{"peer_id": x.peer_id, "round": x.round, "reason": x.reason, "unix_ms": x.unix_ms,
                       "reporters": [r for r in x.reporters.split(",") if r]} for x in job.held_out],
         "metrics": {
@@ -179,6 +186,7 @@ def peer_dict(p: jobs_pb2.PeerInfo) -> dict[str, Any]:
         "job_id": p.job_id,
         "utilisation": {"training": p.training_share, "exchanging": p.exchange_share, "idle": p.idle_share},
         "registered_unix_ms": p.registered_unix_ms,
+        "local_datasets": list(p.local_datasets),
     }
 
 

@@ -125,6 +125,33 @@ def pool_name(text: str) -> str:
     return text
 
 
+def dataset_name(text: str) -> str:
+    """A dataset's name (``dml submit --local-data``), checked as the coordinator checks it; ""
+    stays "" (none)."""
+    from dml.common.datasets import name_error
+
+    if text and (err := name_error(text)):
+        raise argparse.ArgumentTypeError(err)
+    return text
+
+
+def local_dataset(text: str) -> tuple[str, pathlib.Path]:
+    """``dml-peer --data NAME=PATH``: a local dataset this peer offers to ``--placement local``
+    jobs, as (name, absolute path). The name is checked as a store dataset's is, and PATH must
+    be an existing folder or file (a job's ``ctx.data_dir`` on this peer)."""
+    from dml.common.datasets import name_error
+
+    name, sep, path = text.partition("=")
+    if not sep or not path:
+        raise argparse.ArgumentTypeError(f"want NAME=PATH, got {text[:200]!r}")
+    if err := name_error(name):
+        raise argparse.ArgumentTypeError(err)
+    where = pathlib.Path(path).expanduser()
+    if not (where.is_dir() or where.is_file()):
+        raise argparse.ArgumentTypeError(f"{name}={path[:200]}: no such folder or file")
+    return name, where.resolve()
+
+
 def _metrics_port(text: str) -> int | None:
     """``--metrics-port``: a port 0..65535 (0 picks a free one); "" or "off" serves nothing."""
     if text.strip().lower() in ("", "off", "none"):

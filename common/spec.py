@@ -27,6 +27,7 @@ MAX_GOSSIP_TIMEOUT_MS = 600_000
 MAX_PEER_GRACE_S = 30 * 24 * 3600
 MAX_MAX_PEERS = 100_000
 DEFAULT_POOL = "default"  # the pool of a peer started without --pool
+PLACEMENTS = ("shared", "local")  # where a job's data is: one training set cut into shards, or each peer's own
 _POOL = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 
@@ -66,6 +67,8 @@ class JobSpec:
     dataset: str = ""  # a dataset of the coordinator's store (dml data put); "" for none
     pool: str = ""  # run only on peers of this pool (dml-peer --pool); "" for the default pool
     max_peers: int = 0  # the most members at once; 0 for no limit (beyond num_shards)
+    placement: str = "shared"  # "shared": one training set cut into shards; "local": each peer's own (federated)
+    local_data: str = ""  # placement "local": the dataset name peers offer (dml-peer --data NAME=PATH)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-friendly form."""
@@ -83,10 +86,16 @@ _ZERO_IS_A_VALUE = frozenset({"rounds", "seed", "learning_rate", "prox_mu", "bat
 
 
 def with_defaults(spec: JobSpec) -> JobSpec:
-    """Fills zero / empty fields (proto3's 'unset') with the defaults."""
+    """Fills zero / empty fields (proto3's 'unset') with the defaults. A ``local`` job's
+    ``num_shards`` is 0 (unset, or the dataclass's default, which a caller building a JobSpec
+    never chose): it has one shard per peer, that peer's own data, and no count to cut; any
+    other count is refused by :func:`validate`."""
     d = JobSpec()
-    return replace(spec, **{f.name: getattr(spec, f.name) or getattr(d, f.name)
-                            for f in fields(JobSpec) if f.name not in _ZERO_IS_A_VALUE})
+    local = spec.placement == "local"
+    keep = _ZERO_IS_A_VALUE | ({"num_shards"} if local else set())
+    out = replace(spec, **{f.name: getattr(spec, f.name) or getattr(d, f.name)
+                           for f in fields(JobSpec) if f.name not in keep})
+    return replace(out, num_shards=0) if local and out.num_shards == d.num_shards else out
 
 
 def spec_to_pb(s: JobSpec) -> types_pb2.JobSpec:
@@ -145,6 +154,7 @@ def validate(spec: JobSpec) -> None:
     if spec.max_peers and spec.min_peers > spec.max_peers:
         raise InvalidSpec(f"min_peers ({spec.min_peers}) cannot exceed max_peers ({spec.max_peers})")
     _validate_training(spec)
+    _validate_placement(spec)
     if spec.dataset:
         from dml.common.datasets import name_error
 
@@ -159,10 +169,41 @@ def validate(spec: JobSpec) -> None:
         n = builtin_data(spec.task).y_train.size if is_builtin(spec.task) else None
     except ValueError as e:
         raise InvalidSpec(str(e)) from None
+    if spec.placement == "local":
+        return  # no shards to cut: each member's own data is its shard
     if n is not None and not 1 <= spec.num_shards <= n:
         raise InvalidSpec(f"num_shards must be between 1 and {n} (the training set size), got {spec.num_shards}")
     if spec.min_peers > spec.num_shards:
         raise InvalidSpec(f"min_peers ({spec.min_peers}) cannot exceed num_shards ({spec.num_shards})")
+
+
+def _validate_placement(spec: JobSpec) -> None:
+    """``placement`` and ``local_data``: a ``local`` job names the dataset its peers offer and
+    refuses what cuts a common training set (docs/architecture.md, "Peer-local data")."""
+    if spec.placement not in PLACEMENTS:
+        raise InvalidSpec(f"unknown placement {spec.placement!r}: choose one of {', '.join(PLACEMENTS)}")
+    if spec.placement != "local":
+        if spec.local_data:
+            raise InvalidSpec("local_data names the peers' own dataset of a --placement local job; this job's "
+                              f"placement is {spec.placement!r}")
+        return
+    from dml.common.datasets import name_error
+
+    if not spec.local_data:
+        raise InvalidSpec("a --placement local job must name the dataset its peers offer (--local-data NAME, "
+                          "served by dml-peer --data NAME=PATH)")
+    if err := name_error(spec.local_data):
+        raise InvalidSpec(f"local_data: {err}")
+    for bad, what in ((spec.sharding != "iid", f"--sharding {spec.sharding}"),
+                      (spec.num_shards != 0, f"--num-shards {spec.num_shards}"),
+                      (spec.min_shard_samples != 1, f"--min-shard-samples {spec.min_shard_samples}"),
+                      (bool(spec.dataset), f"--dataset {spec.dataset}")):
+        if bad:
+            raise InvalidSpec(f"{what} cuts or names a shared training set; a --placement local job trains each "
+                              "peer on its own data (one shard per peer), so it takes no sharding flags")
+    if spec.aggregation != "ring":
+        raise InvalidSpec("a --placement local job runs on the ring (--aggregation ring): gossip's ledger is "
+                          "at-least-once, and a peer's data must be counted exactly once per pass")
 
 
 _MODULE_REF = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*$")

@@ -156,6 +156,31 @@ def _by_dirichlet(labels: np.ndarray, num_shards: int, alpha: float, rng: np.ran
     return [np.sort(np.asarray(s, dtype=np.int64)) for s in shards]
 
 
+MAX_LABEL_COUNTS = 4096  # a --placement local take's label-count vector: at most this many labels
+MAX_LOCAL_SAMPLES = (1 << 32) - 1  # a peer's own shard: positions travel as uint32 (SampleRange); no indices are cut
+
+
+def local_data_problem(train_samples: int, label_counts: list[int]) -> str:
+    """Why a peer's own data cannot be a shard of a ``--placement local`` job ("" when it can):
+    at least one and at most MAX_LOCAL_SAMPLES samples, and label counts (when given: samples
+    per label, index = label) bounded in length, none negative, summing to the sample count."""
+    if train_samples < 1:
+        return "its training set is empty"
+    if train_samples > MAX_LOCAL_SAMPLES:
+        return f"{train_samples:,} training samples; a peer's own shard holds at most {MAX_LOCAL_SAMPLES:,}"
+    if len(label_counts) > MAX_LABEL_COUNTS:
+        return f"{len(label_counts)} label counts; at most {MAX_LABEL_COUNTS} labels are counted"
+    if label_counts and (min(label_counts) < 0 or sum(label_counts) != train_samples):
+        return f"label counts summing to {sum(label_counts)} for {train_samples} training samples"
+    return ""
+
+
+def local_assignment(members: list[str], own: dict[str, int]) -> Assignment:
+    """A ``--placement local`` job's placement: each member holds exactly its own data's shard
+    (``own``: peer -> shard), and no other; nothing is ever moved between members."""
+    return {m: [own[m]] for m in members}
+
+
 # -- placement (see placement.py) -------------------------------------------------------------
 def held(assign: Assignment, sizes: list[int], peer: str) -> int:
     """Samples a peer holds."""

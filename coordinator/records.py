@@ -369,6 +369,27 @@ class Job:
     # (store.job_to_dict leaves it out): a restarted coordinator knows no cache until each peer's
     # next report, which places as if nothing were cached (a fetch too many, never a wrong claim).
     data_usage: dict[str, DataUsage] = field(default_factory=dict)
+    # --placement local (docs/architecture.md, "Peer-local data"): shard s is one peer's own data,
+    # indexed by that peer alone; the ledger's key (shard, index) is then (the peer's data, index).
+    local_sources: list[str] = field(default_factory=list)  # shard id -> its data's key (address, data digest)
+    local_shard: dict[str, int] = field(default_factory=dict)  # peer id -> the shard of its own data
+    local_label_counts: list[list[int]] = field(default_factory=list)  # shard id -> samples per label ([]: none)
+
+    @property
+    def local(self) -> bool:
+        """Whether each member trains on its own data (``--placement local``)."""
+        return self.spec.placement == "local"
+
+    def data_present(self) -> tuple[int, int, int, int]:
+        """(samples present, samples seen, sources present, sources seen) of a ``local`` job:
+        the data of its live members against all the peers' data it has seen (a source that
+        came back, a restarted peer with the same data, counts once); a finished job's as it
+        ended. (0, 0, 0, 0) for other jobs."""
+        if not self.local:
+            return 0, 0, 0, 0
+        holders = self.members if self.state not in FINISHED else list(self.assignment)  # its last placement
+        here = {s for m in holders for s in self.assignment.get(m, [])}
+        return (sum(self.shard_sizes[s] for s in here), sum(self.shard_sizes), len(here), len(self.shard_sizes))
 
     def declined_by(self, peer_id: str) -> bool:
         """Whether ``peer_id`` declined the job (or was refused it): it is not offered it again."""

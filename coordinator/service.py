@@ -197,6 +197,7 @@ class PeerView:
     shares: Shares  # of the last minute: training, exchanging, idle
     registered_ms: int  # Unix ms
     max_samples: int
+    local_datasets: list[str]  # the names of the local datasets it offers (dml-peer --data)
 
 
 def peer_views(state: ClusterState, now_ms: int) -> list[PeerView]:
@@ -208,7 +209,8 @@ def peer_views(state: ClusterState, now_ms: int) -> list[PeerView]:
         mem = p.capability.get("memory_bytes", 0)
         out.append(PeerView(p.peer_id, p.address, peer_pool(p), str(p.capability.get("device", "")),
                             mem if isinstance(mem, int) and mem > 0 else 0, p.samples_per_s, what, job,
-                            state.usage(p.peer_id, now_ms), p.registered_ms, max_samples(p)))
+                            state.usage(p.peer_id, now_ms), p.registered_ms, max_samples(p),
+                            list(p.capability.get("local_datasets", []))))
     return out
 
 
@@ -228,6 +230,8 @@ def shards_view(job: Job, labels: np.ndarray | None, shards: list[np.ndarray] | 
     shards' indices; None for both when unknown), and what its data cost it as it last reported. A
     finished job has no members: its last placement is shown. Pure."""
     sizes = job.shard_sizes
+    if job.local:
+        return _local_shards_view(job)
     if labels is not None and labels.size and not 0 <= int(labels.min()) <= int(labels.max()) < MAX_LABELS:
         log.warning("job %s: labels outside 0..%d; shard label counts not shown", job.job_id, MAX_LABELS - 1)
         labels = None
@@ -241,6 +245,22 @@ def shards_view(job: Job, labels: np.ndarray | None, shards: list[np.ndarray] | 
             counts = np.bincount(labels[mine].astype(np.int64), minlength=classes).tolist()
         peers.append(PeerShardView(m, ids, sum(sizes[s] for s in ids), counts, job.data_usage.get(m)))
     return ShardsView(job.job_id, peers, classes, sum(sizes), planner.unassigned(job.assignment, len(sizes)))
+
+
+def _local_shards_view(job: Job) -> ShardsView:
+    """A ``--placement local`` job's data for ``dml shards``: each member's own shard, with the
+    label counts it reported (never its labels); a departed peer's data is listed as unassigned."""
+    counts = job.local_label_counts
+    classes = max((len(c) for c in counts), default=0)
+    peers = []
+    for m in list(dict.fromkeys(job.members + list(job.assignment))):  # a finished job: its last placement
+        ids = sorted(job.assignment.get(m, []))
+        mine = [counts[s] for s in ids if s < len(counts)]
+        label_counts = ([sum(c[i] for c in mine if i < len(c)) for i in range(classes)]
+                        if mine and all(mine) else None)
+        peers.append(PeerShardView(m, ids, sum(job.shard_sizes[s] for s in ids), label_counts, job.data_usage.get(m)))
+    return ShardsView(job.job_id, peers, classes, sum(job.shard_sizes),
+                      planner.unassigned(job.assignment, len(job.shard_sizes)))
 
 
 class Coordinator:
@@ -281,7 +301,7 @@ class Coordinator:
             jobs, peers = store.load()
             self.state.restore(jobs, peers, self.now_ms())
         for j in jobs:
-            if j.state in ("PENDING", "RUNNING") and j.data is not None:
+            if j.state in ("PENDING", "RUNNING") and j.data is not None and not j.local:
                 self._shards[j.job_id] = self._cut(j)  # now, not under the lock at the first plan
         for p in self.state.peers.values():
             self.tokens.add(p.token_hash, p.peer_id)  # credentials survive a restart
@@ -305,6 +325,8 @@ class Coordinator:
     def shard_indices(self, job: Job) -> tuple[np.ndarray, ...]:
         """A job's shards as sample indices (cut when its data was fixed, or at start-up). Call
         with the lock held."""
+        if job.local:
+            return ()  # each member indexes its own data: no indices are sent
         shards = self._shards.get(job.job_id)
         if shards is None:
             raise Stale(f"job {job.job_id} has no shards yet: no peer has taken it")
@@ -574,15 +596,24 @@ class Coordinator:
             return bool(ch.committed), nxt
 
     def take(self, peer_id: str, job_id: str, outcome: str, detail: str = "", data: JobData | None = None,
-             labels: bytes = b"", usage: DataUsage | None = None) -> None:
+             labels: bytes = b"", usage: DataUsage | None = None, label_counts: list[int] | None = None) -> None:
         """A peer's answer to a take plan (:meth:`ClusterState.take`). A READY take's data is
         checked first (:func:`check_take_data`: BadReport, and the peer is refused the job, as
         for a decline); the first one's shards are cut
-        here, outside the lock, from its labels, and its labels stored with the job."""
+        here, outside the lock, from its labels, and its labels stored with the job. A
+        ``--placement local`` job's take carries no labels (BadReport if it does), only their
+        counts (``label_counts``), and cuts nothing."""
         cut: tuple[np.ndarray, ...] | None = None
         cut_error = ""
+        with self._cond:
+            self._check_readable()
+            local = self.state.job(job_id).local
         if outcome == READY and data is not None:
             try:
+                if local and labels:
+                    raise BadReport("a --placement local job's take carries the label counts only, never the labels")
+                if not local and label_counts:
+                    raise BadReport("label_counts are for --placement local jobs; this job's take sends the labels")
                 data = check_take_data(data, labels)
             except BadReport as e:  # refused, and not offered again: it would only describe the same
                 with self._cond:
@@ -597,7 +628,7 @@ class Coordinator:
                 self._check_readable()
                 job = self.state.job(job_id)
                 fresh, spec = job.needs_take and job.data is None, job.spec
-            if fresh and not planner.data_problem(spec, data.train_samples, data.has_labels):
+            if fresh and not local and not planner.data_problem(spec, data.train_samples, data.has_labels):
                 try:
                     cut = cut_shards(spec, labels_array(labels, data.train_samples))
                 except ValueError as e:  # e.g. classes:K with fewer labels, or shards below their minimum
@@ -606,7 +637,7 @@ class Coordinator:
             self._check_writable()
             ch = self.state.take(peer_id, job_id, outcome, self.now_ms(), detail=detail, data=data,
                                  shard_sizes=[int(s.size) for s in cut] if cut is not None else None,
-                                 cut_error=cut_error, usage=usage)
+                                 cut_error=cut_error, usage=usage, label_counts=label_counts)
             self._apply(ch, labels={job_id: labels})
             if job_id in ch.data and cut is not None:
                 self._shards[job_id] = cut

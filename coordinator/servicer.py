@@ -23,7 +23,7 @@ from dml.v1 import control_pb2, control_pb2_grpc, data_pb2, data_pb2_grpc, jobs_
 from dml.common import limits
 from dml.common.auth import KEY_BYTES
 from dml.coordinator.checkpoint import MAX_STATE_RATIO, STATE_SLACK_BYTES, max_training_state_bytes
-from dml.common.datasets import FileEntry
+from dml.common.datasets import FileEntry, name_error
 from dml.coordinator import datastore
 from dml.coordinator.codestore import OverLimit
 from dml.coordinator.datastore import Dataset
@@ -44,6 +44,7 @@ from dml.coordinator.records import (
     RoundRecord,
     Stale,
 )
+from dml.coordinator.planner import MAX_LABEL_COUNTS
 from dml.coordinator.state import DECLINED, MAX_TASK_ERROR_CHARS, READY, TASK, TASK_ERROR
 
 log = logging.getLogger(__name__)
@@ -57,6 +58,7 @@ CLUSTER_METADATA = "dml-cluster-id"  # the caller's cluster on requests, the coo
 
 TAKE_OUTCOMES = {control_pb2.TAKE_OUTCOME_READY: READY, control_pb2.TAKE_OUTCOME_DECLINED: DECLINED,
                  control_pb2.TAKE_OUTCOME_TASK_ERROR: TASK_ERROR}
+MAX_LOCAL_DATASETS = 64  # local datasets one peer may offer (dml-peer --data NAME=PATH)
 MAX_FAILURE_DETAIL = 500  # of a failure report's detail, kept (a task's error: MAX_TASK_ERROR_CHARS)
 
 STATE_TO_PB = {
@@ -153,6 +155,8 @@ def job_to_pb(j: Job, pause_reason: str = "") -> jobs_pb2.JobStatus:
         declined=[jobs_pb2.PeerExclusion(peer_id=x.peer_id, round=x.round, reason=x.reason, unix_ms=x.unix_ms)
                   for x in j.declined],
     )
+    (st.data_present_samples, st.data_seen_samples, st.data_sources_present,
+     st.data_sources_seen) = j.data_present()
     if j.history:
         st.last.CopyFrom(round_to_pb(j.history[-1]))
     if pause_reason and st.state not in FINISHED_PB:
@@ -231,7 +235,7 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
                 peer_id=v.peer_id, address=v.address, pool=v.pool, device=v.device, memory_bytes=v.memory_bytes,
                 samples_per_s=v.samples_per_s, state=v.state, job_id=v.job_id, training_share=v.shares.training,
                 exchange_share=v.shares.exchanging, idle_share=v.shares.idle, registered_unix_ms=v.registered_ms,
-                max_samples=v.max_samples) for v in self._c.peers()])
+                max_samples=v.max_samples, local_datasets=v.local_datasets) for v in self._c.peers()])
         raise AssertionError("unreachable")
 
     def DownloadModel(self, request: jobs_pb2.DownloadModelRequest, context: grpc.ServicerContext) -> Iterator[jobs_pb2.ModelChunk]:
@@ -317,8 +321,16 @@ class PeerControlServicer(control_pb2_grpc.PeerControlServicer):
         if c.has_cache_free and c.cache_free_bytes > MAX_USAGE_COUNT:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                           f"cannot register: cache_free_bytes must be at most {MAX_USAGE_COUNT}, got {c.cache_free_bytes}")
+        names = list(c.local_datasets)
+        if len(names) > MAX_LOCAL_DATASETS or len(set(names)) != len(names):
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"cannot register: at most {MAX_LOCAL_DATASETS} local "
+                                                            f"datasets, each named once (got {len(names)})")
+        for name in names:
+            if err := name_error(name):
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"cannot register local dataset: {err}")
         cap = {"device": c.device, "memory_bytes": c.memory_bytes, "pool": c.pool or DEFAULT_POOL,
-               "max_samples": c.max_samples, "cache_free_bytes": c.cache_free_bytes if c.has_cache_free else None}
+               "max_samples": c.max_samples, "cache_free_bytes": c.cache_free_bytes if c.has_cache_free else None,
+               "local_datasets": names}
         with _status(context):
             pid, token = self._c.register(request.address, cap, bytes(request.public_key))
             cfg = self._c.config
@@ -378,7 +390,7 @@ class PeerControlServicer(control_pb2_grpc.PeerControlServicer):
             checkpoint=not gossip and job.wants_checkpoint(rnd), data_epoch=job.data_epoch,
             start_digest="" if gossip else job.start_digest, gossip=gossip,
             evaluate=gossip and job.gossip.eval_step.get(peer_id) == rnd,
-            shard_indices={s: types_pb2.ShardIndices(indices=shards[s].tolist()) for s in mine},
+            shard_indices={s: types_pb2.ShardIndices(indices=shards[s].tolist()) for s in mine} if shards else {},
             member_ticket=self._c.ticket(job.job_id, epoch, peer_id),
         )
 
@@ -426,7 +438,7 @@ class PeerControlServicer(control_pb2_grpc.PeerControlServicer):
             if outcome is None:
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                               f"take outcome must be READY, DECLINED or TASK_ERROR, got {request.outcome}")
-            data, labels = None, b""
+            data, labels, counts = None, b"", None
             if outcome == READY:
                 if not request.HasField("data"):
                     context.abort(grpc.StatusCode.INVALID_ARGUMENT, "a READY take must describe the data (data)")
@@ -435,8 +447,12 @@ class PeerControlServicer(control_pb2_grpc.PeerControlServicer):
                                batch_size=d.batch_size, num_params=d.num_params, digest=d.data_digest,
                                has_labels=bool(d.labels))
                 labels = bytes(d.labels)
+                if len(d.label_counts) > MAX_LABEL_COUNTS:
+                    context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                  f"at most {MAX_LABEL_COUNTS} label counts, got {len(d.label_counts)}")
+                counts = list(d.label_counts)
             self._c.take(request.peer_id, request.job_id, str(outcome), request.detail[:MAX_TASK_ERROR_CHARS], data,
-                         labels, usage=usage_from_pb(request) if outcome == READY else None)
+                         labels, usage=usage_from_pb(request) if outcome == READY else None, label_counts=counts)
             return control_pb2.TakeJobResponse()
 
     def FetchTaskCode(self, request: control_pb2.FetchTaskCodeRequest, context: grpc.ServicerContext) -> control_pb2.FetchTaskCodeResponse:

@@ -42,6 +42,11 @@ lease and deadline afresh. Round rules:
   offered the job again until it registers again; the reason shows in the job's status), or
   TASK_ERROR (the task failed there: the job fails with the task's error). Only peers that took
   a job are admitted to its rings. A task error during a round fails the job the same way.
+- Peer-local data (``placement="local"``): a job is offered only to peers offering its
+  ``local_data`` (``dml-peer --data NAME=PATH``); each READY take brings the peer's own data (its
+  sample and label counts only) as a shard of its own, keyed by (address, data digest); each
+  member holds and is allocated only its own shard; one that leaves takes its data with it and
+  nothing moves; a joiner brings its data at the next round boundary (docs/architecture.md).
 - Below ``min_peers`` the job waits and says why; after ``peer_grace_s`` it fails.
 - Shards are placed by measured samples/s and never past a member's ``--max-samples`` cap
   (``coordinator.planner``). What the caps cannot hold is left unassigned, and the job's reason
@@ -315,7 +320,9 @@ class ClusterState:
         job.evictions_total += 1
         sizes = job.shard_sizes
         job.members = [m for m in job.members if m != peer_id]
-        if job.members:
+        if job.local:  # its data leaves with it: nothing moves
+            job.assignment = {m: s for m, s in job.assignment.items() if m != peer_id}
+        elif job.members:
             job.assignment = planner.remove_peers(job.assignment, {peer_id}, sizes, self._capacity(job.members),
                                                   self._caps(job.members), **self._data_limits(job, job.members))
         else:
@@ -478,6 +485,8 @@ class ClusterState:
         the members' caps (``--max-samples``) have no room for the unassigned shards, and when the
         caps together hold less than the data, how much they hold (:func:`placement.shortfall`).
         They are placed when a peer with room joins; nothing is squeezed past a cap."""
+        if job.local:
+            return local_presence(job)
         left = planner.unassigned(job.assignment, len(job.shard_sizes))
         if not left or not job.members:
             return ""
@@ -600,7 +609,7 @@ class ClusterState:
         for r in job.history:
             for ranges in r.consumed.values():
                 planner.advance(job.cursors, [tuple(x) for x in ranges], sizes)  # type: ignore[misc]
-        job.data_epoch = planner.data_epoch(job.cursors, len(sizes))
+        job.data_epoch = data_epoch(job)
         job.rolled_back_rounds += lost
 
     def _issue(self, job: Job, now_ms: int) -> None:
@@ -800,6 +809,8 @@ class ClusterState:
         room = job.spec.num_shards - len(job.members)
         if planner.unassigned(job.assignment, len(job.shard_sizes)) and job.members:
             room = max(room, 1)  # the caps left data out: a joiner may have room for it
+        if job.local:
+            room = len(self.peers)  # every peer that brings its data (a peer is its own shard)
         if job.spec.max_peers:
             room = min(room, job.spec.max_peers - len(job.members))
         out = self._held_out(job, now_ms)
@@ -814,7 +825,9 @@ class ClusterState:
         job.members = job.members + joiners
         capacity, caps = self._capacity(job.members), self._caps(job.members)
         limits = self._data_limits(job, job.members)
-        if job.assignment:
+        if job.local:  # each member holds its own data, and nothing else
+            job.assignment = planner.local_assignment(job.members, job.local_shard)
+        elif job.assignment:
             job.assignment = planner.add_peers(job.assignment, joiners, sizes, capacity, caps, **limits)
         else:
             job.assignment = planner.assign_shards(sizes, job.members, capacity, caps,
@@ -869,6 +882,8 @@ class ClusterState:
         which jobs hold the pool's other peers, and, for a job that named no pool, the idle
         peers of other pools it will not take."""
         where = f" in pool {job.spec.pool!r}" if job.spec.pool else ""
+        if job.local:
+            where += f" offering local dataset {job.spec.local_data!r}"
         if not job.needs_take:
             head = f"waiting for peers{where}: {len(self.pool_idle(job))} idle, {job.spec.min_peers} needed"
         else:
@@ -916,7 +931,9 @@ class ClusterState:
         for job in sorted(self.jobs.values(), key=lambda j: (j.created_ms, j.job_id)):
             if not job.needs_take or job.state not in (PENDING, RUNNING):
                 continue
-            if (job.state == RUNNING and len(job.members) >= job.spec.num_shards
+            if job.local and not offers(p, job.spec.local_data):
+                continue  # a local job runs only where its data is
+            if (not job.local and job.state == RUNNING and len(job.members) >= job.spec.num_shards
                     and not planner.unassigned(job.assignment, len(job.shard_sizes))):
                 continue  # no room in its rings (the caps left no data out either)
             if job.state == RUNNING and job.spec.max_peers and len(job.members) >= job.spec.max_peers:
@@ -930,7 +947,7 @@ class ClusterState:
 
     def take(self, peer_id: str, job_id: str, outcome: str, now_ms: int, detail: str = "",
              data: JobData | None = None, shard_sizes: list[int] | None = None, cut_error: str = "",
-             usage: DataUsage | None = None) -> Changes:
+             usage: DataUsage | None = None, label_counts: list[int] | None = None) -> Changes:
         """A peer's answer to a take (``outcome``: READY, DECLINED or TASK_ERROR).
 
         READY: ``data`` is what it found. The first READY take fixes the job's data: unless
@@ -945,7 +962,10 @@ class ClusterState:
         declined it or was refused it; BadReport for
         a READY take without data, or shard sizes that do not fit it, or a ``usage`` (what the
         data cost the peer, which shards it caches) that cannot be true of the job
-        (:func:`check_usage`): it is kept on the job for placement (:meth:`note_usage`)."""
+        (:func:`check_usage`): it is kept on the job for placement (:meth:`note_usage`).
+
+        A ``local`` job (:meth:`_take_local`): each READY take brings the peer's own data,
+        described by its sample count and ``label_counts`` only, as a shard of its own."""
         peer = self._peer(peer_id)
         peer.last_seen_ms = now_ms
         job = self.job(job_id)
@@ -969,6 +989,8 @@ class ClusterState:
             raise BadReport(f"peer {peer_id} took job {job_id} as READY without describing its data")
         if usage is not None:
             check_usage(usage, job.spec.num_shards, bool(job.spec.dataset))
+        if job.local:
+            return self._take_local(job, peer, data, list(label_counts or []), now_ms, usage)
         changes = Changes(jobs=(job_id,))
         if job.data is None:
             problem = planner.data_problem(job.spec, data.train_samples, data.has_labels) or cut_error
@@ -997,6 +1019,52 @@ class ClusterState:
             self.note_usage(job, peer_id, usage)
         if peer_id not in job.ready:
             job.ready.append(peer_id)
+        job.updated_ms = self.wall_ms(now_ms)
+        return changes | self.schedule(now_ms)
+
+    def _take_local(self, job: Job, peer: PeerRecord, data: JobData, label_counts: list[int],
+                    now_ms: int, usage: DataUsage | None = None) -> Changes:
+        """A READY take of a ``local`` job: the peer's own data becomes (or, for data the job saw
+        from the same address before, is again) a shard of the job, indexed by that peer alone.
+        The first fixes the job's batch size and parameter count; a later one must build a model
+        of the same size, else it is refused the job. Its data joins at the next round boundary
+        (the peer is admitted there)."""
+        pid, changes = peer.peer_id, Changes(jobs=(job.job_id,))
+        problem = planner.local_data_problem(data.train_samples, label_counts)
+        if problem:
+            return self._decline(job, pid, f"its local dataset {job.spec.local_data}: {problem}", now_ms)
+        if job.data is None:
+            batch = job.spec.batch_size or data.batch_size or DEFAULT_BATCH_SIZE
+            if job.spec.local_steps * batch > MAX_SAMPLES_PER_ROUND:
+                return self._finish(job, FAILED, (
+                    f"local_steps x batch_size ({job.spec.local_steps} x {batch}, the task's batch size) must be at "
+                    f"most {MAX_SAMPLES_PER_ROUND:,} samples per round"), now_ms)
+            job.data = replace(data, has_labels=False, num_classes=len(label_counts))  # no labels are stored
+            if job.spec.batch_size != batch:
+                job.spec = replace(job.spec, batch_size=batch)
+            changes = changes | Changes(data=(job.job_id,))
+        elif data.num_params != job.data.num_params:
+            return self._decline(job, pid, f"its model has {data.num_params} parameters where the job's has "
+                                           f"{job.data.num_params}", now_ms)
+        key = f"{peer.address}|{data.digest}"
+        if key in job.local_sources:
+            shard = job.local_sources.index(key)
+            holder = next((m for m in job.members if shard in job.assignment.get(m, [])), "")
+            if holder and holder != pid:
+                return self._decline(job, pid, f"the same data (from {peer.address}) is in the job already, with "
+                                               f"peer {holder}", now_ms)
+        else:
+            shard = len(job.local_sources)
+            job.local_sources.append(key)
+            job.shard_sizes.append(data.train_samples)
+            job.local_label_counts.append(list(label_counts))
+        job.local_shard[pid] = shard
+        if usage is not None:
+            self.note_usage(job, pid, usage)
+        log.info("job %s: peer %s brings its local dataset %s: %d training samples (shard %d%s)", job.job_id, pid,
+                 job.spec.local_data, data.train_samples, shard, ", seen before" if shard in job.cursors else "")
+        if pid not in job.ready:
+            job.ready.append(pid)
         job.updated_ms = self.wall_ms(now_ms)
         return changes | self.schedule(now_ms)
 
@@ -1138,7 +1206,7 @@ class ClusterState:
         sizes = job.shard_sizes
         for ranges in job.allocation.values():
             planner.advance(job.cursors, [tuple(r) for r in ranges], sizes)  # type: ignore[misc]
-        job.data_epoch = rec.data_epoch = planner.data_epoch(job.cursors, len(sizes))
+        job.data_epoch = rec.data_epoch = data_epoch(job)
         job.history.append(rec)
         job.samples += samples
         job.committed_round = rec.round
@@ -1158,6 +1226,32 @@ class ClusterState:
         else:
             self._issue(job, now_ms)
         return changes
+
+
+def offers(peer: PeerRecord, name: str) -> bool:
+    """Whether ``peer`` offers a local dataset ``name`` (``dml-peer --data NAME=PATH``, kept in
+    its capability at registration)."""
+    names = peer.capability.get("local_datasets", [])
+    return isinstance(names, list) and name in names
+
+
+def data_epoch(job: Job) -> int:
+    """The pass every shard has reached; for a ``local`` job, every shard present (a member's
+    own data: a departed peer's pass stops where it left, and does not hold the others back)."""
+    if not job.local:
+        return planner.data_epoch(job.cursors, len(job.shard_sizes))
+    here = sorted({s for m in job.members for s in job.assignment.get(m, [])})
+    return min((job.cursors.get(s, (1, 0))[0] for s in here), default=job.data_epoch)
+
+
+def local_presence(job: Job) -> str:
+    """What of a ``local`` job's data is present now ("" when all of it is): the samples of its
+    live members against all it has seen. The rest left with its peers; nothing moves."""
+    present, seen, here, sources = job.data_present()
+    if present >= seen or not job.members:
+        return ""
+    return (f"data present: {present} of {seen} samples ({100 * present / seen:.0f}%), {here} of {sources} peers' "
+            "local data; the rest left with its peers")
 
 
 def task_error_reason(peer_id: str, detail: str) -> str:

@@ -94,6 +94,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", type=pathlib.Path, default=os.environ.get("DML_DATA_DIR") or None,
                    help="where tasks read their data (their ctx.data_dir; default: the working directory; "
                         "env DML_DATA_DIR)")
+    p.add_argument("--data", dest="local_data", type=cliargs.local_dataset, action="append", default=[],
+                   metavar="NAME=PATH",
+                   help="offer a local dataset to --placement local jobs naming NAME (dml submit --local-data NAME): "
+                        "their tasks read PATH (a folder or a file) as ctx.data_dir, and the data never leaves this "
+                        "peer (the coordinator hears its sample and label counts only); repeatable")
     p.add_argument("--code-cache-dir", type=pathlib.Path, default=os.environ.get("DML_CODE_CACHE_DIR") or None,
                    help="keep fetched task code here (default: a temp dir removed at exit; env DML_CODE_CACHE_DIR)")
     p.add_argument("--cache-dir", type=pathlib.Path, default=os.environ.get("DML_CACHE_DIR") or None,
@@ -125,6 +130,9 @@ def build_config(argv: list[str] | None = None) -> tuple[PeerConfig, argparse.Na
         p.error("--exchange-timeout-s must be positive")
     if not 1 <= a.slowdown <= 1000:
         p.error(f"--slowdown must be between 1 and 1000, got {a.slowdown}")
+    names = [n for n, _ in a.local_data]
+    if len(set(names)) != len(names):
+        p.error(f"--data: each NAME once (got {', '.join(sorted(names))})")
     data_dir = (a.data_dir or pathlib.Path.cwd()).resolve()
     if not data_dir.is_dir():
         p.error(f"--data-dir {a.data_dir}: no such directory")
@@ -140,7 +148,7 @@ def build_config(argv: list[str] | None = None) -> tuple[PeerConfig, argparse.Na
                      tcp=not a.no_tcp, slowdown=a.slowdown, max_samples=a.max_samples, pool=a.pool, metrics=cliargs.metrics_config(a),
                      unreachable=tuple(x.strip() for x in a.fault_unreachable.split(",") if x.strip()),
                      cluster_id=a.cluster_id, fault=fault, tls=cliargs.tls_config(p, a, serve=True),
-                     allow_job_code=a.allow_job_code, data_dir=data_dir,
+                     allow_job_code=a.allow_job_code, data_dir=data_dir, local_data=tuple(a.local_data),
                      code_cache_dir=a.code_cache_dir.resolve() if a.code_cache_dir is not None else None,
                      cache_dir=(a.cache_dir or pathlib.Path.cwd() / ".dml-cache").resolve(),
                      cache_max_bytes=int(a.cache_max_gb * 1e9))

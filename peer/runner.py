@@ -90,6 +90,7 @@ class PeerConfig:
     code_cache_dir: pathlib.Path | None = None  # where fetched task code is kept; None: a temp dir, removed at stop
     cache_dir: pathlib.Path | None = None  # datasets fetched from the coordinator's store; None: a temp dir, removed at stop
     cache_max_bytes: int = 0  # the most bytes of dataset chunks kept in cache_dir (0: no limit)
+    local_data: tuple[tuple[str, pathlib.Path], ...] = ()  # --data NAME=PATH: local datasets offered, by name
 
     def injected_fault(self, address: str) -> str:
         """Why this peer must act as if ``address`` were unreachable ("" when it need not)."""
@@ -178,7 +179,8 @@ class Peer:
         # while to come back) can tell this peer to drop what it holds.
         resp = self.client.register(self.address, self.config.device, device_memory(self.config.device),
                                     max_samples=self.config.max_samples, pool=self.config.pool,
-                                    cache_free=datausage.cache_free(self.data_cache))
+                                    cache_free=datausage.cache_free(self.data_cache),
+                                    local_datasets=[n for n, _ in self.config.local_data])
         if self.peer_id:  # evicted: whatever it held may be stale, start clean as a new member
             self.gossip.detach()
             self.store.clear()

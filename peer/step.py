@@ -30,11 +30,20 @@ def superseded(e: BaseException) -> bool:
     return isinstance(e, grpc.Call) and e.code() == grpc.StatusCode.FAILED_PRECONDITION
 
 
-def sample_indices(plan: types_pb2.Plan, rank: int) -> np.ndarray:
-    """The training-set indices this member trains on, in order, as the plan allocates them."""
+def sample_indices(plan: types_pb2.Plan, rank: int, own_samples: int = 0) -> np.ndarray:
+    """The training-set indices this member trains on, in order, as the plan allocates them. A
+    ``--placement local`` job's plan sends no indices: the member's shard is its own data, all
+    ``own_samples`` of it (``0..own_samples-1``)."""
+    local = plan.spec.placement == "local"
     parts = []
     for r in plan.members[rank].samples:
-        indices = np.asarray(plan.shard_indices[r.shard_id].indices, dtype=np.int64)
+        if local:
+            if r.stop > own_samples:
+                raise ValueError(f"the plan allocates samples {r.start}..{r.stop} of shard {r.shard_id}, and this "
+                                 f"peer's own data has {own_samples}")
+            indices = np.arange(own_samples, dtype=np.int64)
+        else:
+            indices = np.asarray(plan.shard_indices[r.shard_id].indices, dtype=np.int64)
         parts.append(shard_order(indices, plan.spec.seed, r.data_epoch, r.shard_id)[r.start : r.stop])
     return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
 
@@ -108,7 +117,7 @@ def train_and_report(peer: Peer, plan: types_pb2.Plan, rank: int, tag: str, what
     ``what`` names the report in the client's retry logs. Returns the coordinator's answer."""
     t0 = time.monotonic()
     trainer = prepare()
-    samples = sample_indices(plan, rank)
+    samples = sample_indices(plan, rank, trainer.train_data.size)
     t_train = time.monotonic()
     res = train(trainer, samples) if train is not None else trainer.train_on(samples, plan.spec.batch_size)
     t_done = time.monotonic()

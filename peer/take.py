@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 MAX_LABEL = (1 << 31) - 1  # labels travel as int32
+MAX_LABEL_COUNTS = 4096  # a --placement local take's label counts (coordinator.planner.MAX_LABEL_COUNTS)
 
 
 def label_problem(labels: np.ndarray, samples: int) -> str:
@@ -76,12 +77,21 @@ def training_labels(trainer: Trainer) -> np.ndarray | None:
     return targets
 
 
-def describe(trainer: Trainer) -> control_pb2.DataInfo:
+def describe(trainer: Trainer, local: bool = False) -> control_pb2.DataInfo:
     """What this peer found of the job's data, as the coordinator plans from it. Labels are sent
-    for at most MAX_LABELS samples (the digest covers them all the same)."""
+    for at most MAX_LABELS samples (the digest covers them all the same). For a ``--placement
+    local`` job (``local``) the labels never leave: only their counts (samples per label, for
+    at most MAX_LABEL_COUNTS labels, else none) and the digest, by which the coordinator knows
+    this data again when this peer comes back."""
     labels = training_labels(trainer)
     n = trainer.train_data.size
     blob = np.ascontiguousarray(labels, dtype="<i4").tobytes() if labels is not None else b""
+    if local:
+        counts = np.bincount(labels.astype(np.int64)).tolist() if labels is not None and labels.size else []
+        return control_pb2.DataInfo(
+            train_samples=n, test_samples=trainer.test_data.size if trainer.test_data is not None else 0,
+            label_counts=counts if len(counts) <= MAX_LABEL_COUNTS else [], num_classes=len(counts),
+            batch_size=trainer.task.batch_size or 0, num_params=trainer.numel, data_digest=labels_digest(n, blob))
     return control_pb2.DataInfo(
         train_samples=n, test_samples=trainer.test_data.size if trainer.test_data is not None else 0,
         labels=blob if len(blob) <= 4 * MAX_LABELS else b"",
@@ -100,7 +110,7 @@ def prepare(peer: Peer, plan: types_pb2.Plan) -> control_pb2.TakeJobRequest:
         fresh = trainer is None
         if trainer is None:
             trainer = make_trainer(peer, plan.job_id, plan.spec)
-        req.data.CopyFrom(describe(trainer))
+        req.data.CopyFrom(describe(trainer, local=plan.spec.placement == "local"))
         datausage.fill(req, trainer, peer)
     except Declined as e:
         req.outcome, req.detail = control_pb2.TAKE_OUTCOME_DECLINED, str(e)

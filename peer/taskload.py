@@ -115,20 +115,35 @@ def dataset_source(peer: Peer, job_id: str, name: str) -> StoreSource:
     return StoreSource(ds, counters)
 
 
+def local_dir(peer: Peer, name: str) -> pathlib.Path:
+    """The PATH of this peer's ``--data NAME=PATH`` for a ``--placement local`` job (its tasks'
+    ``ctx.data_dir``); :class:`Declined` when it offers no dataset by that name or its PATH is gone."""
+    path = dict(peer.config.local_data).get(name)
+    if path is None:
+        raise Declined(f"this peer offers no local dataset {name!r} (dml-peer --data {name}=PATH)")
+    if not path.exists():
+        raise Declined(f"local dataset {name}: {path} is gone")
+    return path
+
+
 def make_trainer(peer: Peer, job_id: str, spec: types_pb2.JobSpec) -> Trainer:
     """The trainer of job ``job_id`` on this peer: its task, seeded by the job, at the job's
     learning rate, on the peer's device, its data read under the peer's ``--data-dir`` (or, for
-    a job on a dataset of the coordinator's store, through :func:`dataset_source`), with the
+    a job on a dataset of the coordinator's store, through :func:`dataset_source`; for a
+    ``--placement local`` job, at the PATH of this peer's ``--data NAME=PATH``), with the
     job's proximal term and its outer optimizer (whose state is then one of the trainer's
     ``state_parts``), and the job's data usage (:mod:`dml.peer.datausage`: the source's counters,
     its cached shards). The one place a peer builds a job's trainer. With ``--sync grads`` or a
     proximal term it keeps real gradients (no update fused into backward): the ring averages
     them each step, or the term is added to them. Raises what :func:`load_task` raises."""
+    local = local_dir(peer, spec.local_data) if spec.placement == "local" else None  # declined before any load
     task = load_task(peer, job_id, spec)
     source = dataset_source(peer, job_id, spec.dataset) if spec.dataset else None
     usage = datausage.JobUsage(datausage.STORE if source is not None else datausage.LOCAL, spec.num_shards,
                                counters=source.counters if source is not None else Counters(), store=source)
-    if source is not None:
+    if local is not None:
+        data_dir = local
+    elif source is not None:
         data_dir = source.root
     else:
         data_dir = peer.config.data_dir if peer.config.data_dir is not None else pathlib.Path.cwd()

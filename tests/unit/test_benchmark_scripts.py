@@ -399,3 +399,12 @@ def test_data_plane_flags_and_a_tiny_run(capsys: pytest.CaptureFixture[str]) -> 
     assert len({r["checksum"] for r in out["results"]}) == 1  # every way read the same rows
     assert modes["store fetch"]["bytes_fetched"] > 0 and modes["store hit"]["bytes_fetched"] == 0
 
+
+def test_federated_flags() -> None:
+    mod = _load("federated")
+    a = mod.parse_args([])
+    assert (a.peers, a.rounds, a.local_steps) == (4, 50, 4)
+    for bad in (["--peers", "1"], ["--peers", "11"], ["--rounds", "0"], ["--local-steps", "0"], ["--timeout-s", "0"]):
+        with pytest.raises(SystemExit) as e:
+            mod.parse_args(bad)
+        assert e.value.code == 2, bad

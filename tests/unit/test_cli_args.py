@@ -19,7 +19,7 @@ from dml.client import api, cli
 from dml.common import args as cliargs
 from dml.common import rpc
 from dml.common import spec as specmod
-from dml.v1 import types_pb2
+from dml.v1 import jobs_pb2, types_pb2
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
@@ -426,3 +426,64 @@ def test_peers_table() -> None:
                                 "10.0.0.1:5000"]
     assert lines[2].split()[2:9] == ["cpu", "-", "-", "idle", "-", "0%", "0%"]
     assert lines[-1].startswith("2 peers")
+
+
+def test_placement_flags_reach_the_spec_and_sharding_flags_are_refused_for_local_jobs(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    parse = cli.build_parser().parse_args
+    spec = cli.spec_from_args(parse(["submit", "--placement", "local", "--local-data", "clinic"]))
+    assert (spec.placement, spec.local_data, spec.num_shards) == ("local", "clinic", 0)
+    assert cli.spec_from_args(parse(["submit"])).placement == "shared"
+    for argv, words in ((["--placement", "local"], "needs --local-data"),
+                        (["--local-data", "clinic"], "use it with --placement local"),
+                        (["--placement", "local", "--local-data", "c", "--num-shards", "8"], "--num-shards"),
+                        (["--placement", "local", "--local-data", "c", "--sharding", "classes:2"], "--sharding"),
+                        (["--placement", "local", "--local-data", "c", "--dataset", "d"], "--dataset"),
+                        (["--placement", "local", "--local-data", "c", "--min-shard-samples", "3"], "--min-shard")):
+        assert cli.cmd_submit(parse(["submit", *argv])) == 2, argv  # before any call: no coordinator here
+        err = capsys.readouterr().err
+        assert words in err and len(err.strip().splitlines()) == 1, err
+    for bad in (["--placement", "nfs"], ["--local-data", "../etc"]):
+        with pytest.raises(SystemExit) as e:
+            parse(["submit", *bad])
+        assert e.value.code == 2
+
+
+def test_dml_peer_data_flags_reach_the_peer_config(tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from dml.peer import cli as peer_cli
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b.csv").write_text("x,y\n")
+    base = ["--coordinator", "127.0.0.1:1", "--device", "cpu"]
+    cfg = peer_cli.build_config([*base, "--data", f"clinic={tmp_path / 'a'}", "--data", f"b.v2={tmp_path / 'b.csv'}"])[0]
+    assert cfg.local_data == (("clinic", tmp_path / "a"), ("b.v2", tmp_path / "b.csv"))
+    assert peer_cli.build_config(base)[0].local_data == ()
+    for bad, words in (([f"../x={tmp_path}"], "not allowed"), ([f"c={tmp_path / 'nope'}"], "no such folder or file"),
+                       (["clinic"], "want NAME=PATH"), ([f"c={tmp_path}", "--data", f"c={tmp_path / 'a'}"], "each NAME once")):
+        with pytest.raises(SystemExit) as e:
+            peer_cli.build_config([*base, "--data", *bad])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and words in err, err
+
+
+def test_dml_peer_answers_a_bad_data_flag_before_loading_torch(tmp_path: pathlib.Path) -> None:
+    code = ("import sys\nfrom dml.peer import cli\ntry:\n    cli.build_config(sys.argv[1:])\nexcept SystemExit as e:\n"
+            "    print(e.code, 'torch' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code, "--coordinator", "127.0.0.1:1", "--data", f"x={tmp_path}/no"],
+                         capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert out.stdout.split() == ["2", "False"], (out.stdout, out.stderr)
+    assert "Traceback" not in out.stderr and len(out.stderr.strip().splitlines()) == 1, out.stderr
+
+
+def test_status_line_says_how_much_local_data_is_present() -> None:
+    st = jobs_pb2.JobStatus(job_id="job-1", state=types_pb2.JOB_STATE_RUNNING, round=3,
+                            spec=types_pb2.JobSpec(rounds=10, placement="local", local_data="c"),
+                            data_present_samples=750, data_seen_samples=1000, data_sources_present=3,
+                            data_sources_seen=4)
+    assert "data present 75% (750 of 1000 samples, 3 of 4 peers)" in cli.status_line(st)
+    assert "data present" not in cli.status_line(jobs_pb2.JobStatus(job_id="j", spec=types_pb2.JobSpec(rounds=1)))
+    row = {"peer_id": "peer-1", "address": "10.0.0.1:5000", "pool": "a", "device": "cpu", "memory_bytes": None,
+           "samples_per_s": None, "max_samples": None, "state": "idle", "job_id": "",
+           "utilisation": {"training": 0.0, "exchanging": 0.0, "idle": 1.0}, "registered_unix_ms": 1,
+           "local_datasets": ["clinic", "xray"]}
+    assert cli.peers_table([row])[1].endswith("data clinic,xray")

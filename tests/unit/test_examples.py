@@ -1,4 +1,4 @@
-"""The three task files in examples/: each builds its trainer from the file, writes its data when
+"""The task files in examples/: each builds its trainer from the file, writes its data when
 it is missing, and trains (no cluster: the trainer alone, a few steps)."""
 from __future__ import annotations
 
@@ -152,6 +152,27 @@ def test_peers_racing_to_write_the_data_all_see_it_whole(tmp_path: pathlib.Path,
     assert not [p for p in tmp_path.rglob(".*")], "a temporary file or folder was left behind"
 
 
+def test_digits_csv_writes_a_label_skewed_split_and_learns_from_a_folder_or_a_file(tmp_path: pathlib.Path) -> None:
+    from dml.common.tasks import builtin_data
+
+    mod = load("digits_csv")
+    folders = mod.write_split(tmp_path, 4)
+    d = builtin_data("digits")
+    ys = [np.loadtxt(f / "train.csv", delimiter=",", skiprows=1)[:, -1].astype(int) for f in folders]
+    assert sum(y.size for y in ys) == d.y_train.size, "every training row is with exactly one peer"
+    assert np.array_equal(np.sort(np.concatenate(ys)), np.sort(d.y_train))
+    for i, y in enumerate(ys):
+        home = np.isin(y, [c for c in range(10) if c % 4 == i])
+        assert home.mean() > 0.5 and set(y.tolist()) == set(range(10)), "skewed to its home classes, none missing"
+    assert (folders[0] / "test.csv").read_text() == (tmp_path / "all" / "test.csv").read_text()
+    tr = trainer(mod, folders[1], seed=7)
+    assert np.array_equal(tr.params(), trainer(mod, folders[2], seed=7).params()), "seeded like a peer"
+    assert tr.train_data.size == ys[1].size and tr.test_data.size == d.y_test.size
+    first = train_steps(tr, 5)
+    assert train_steps(tr, 60) < first
+    assert trainer(mod, folders[1] / "train.csv").train_data.size == ys[1].size  # PATH a file: test.csv beside it
+
+
 def test_each_example_is_seeded_like_a_peer(tmp_path: pathlib.Path) -> None:
     """Two peers of one job (same seed) start from the same parameters."""
     for name in ("tabular", "cnn", "memmap"):
@@ -160,7 +181,7 @@ def test_each_example_is_seeded_like_a_peer(tmp_path: pathlib.Path) -> None:
         assert np.array_equal(a.params(), b.params())
 
 
-@pytest.mark.parametrize("name", ["tabular", "cnn", "memmap"])
+@pytest.mark.parametrize("name", ["tabular", "cnn", "memmap", "digits_csv"])
 def test_each_example_loads_the_way_a_peer_loads_a_task_file(tmp_path: pathlib.Path, name: str) -> None:
     """Packed as `dml submit --task examples/NAME.py` packs it, then imported from the bundle by
     a peer's code cache: the file needs nothing beside itself."""

@@ -135,3 +135,27 @@ def test_a_task_errors_detail_is_its_message_with_the_innermost_frames_bounded()
     already = TaskError('train(ctx) raised KeyError: 1\n  File "t.py", line 2, in f: raise KeyError(1)')
     assert task_error_detail(already) == str(already), "frames the message carries are not repeated"
     assert len(task_error_detail(TaskError("y" * 5000))) == MAX_TASK_ERROR_CHARS
+
+
+def test_a_local_jobs_take_sends_label_counts_and_never_the_labels() -> None:
+    from dml.peer.take import MAX_LABEL_COUNTS
+
+    d = describe(trainer(), local=True)
+    assert d.labels == b"" and list(d.label_counts) == [10, 10, 10] and d.num_classes == 3
+    assert d.train_samples == 30 and d.data_digest == labels_digest(30, np.asarray(Y, dtype="<i4").tobytes())
+    wide = trainer(train=lambda ctx: ArrayDataset(X, np.full(30, MAX_LABEL_COUNTS)), loss=lambda o, y: o.sum() * 0)
+    assert list(describe(wide, local=True).label_counts) == [] and describe(wide, local=True).labels == b""
+    assert describe(trainer()).labels, "a shared job's take still sends the labels"
+
+
+def test_a_local_plans_samples_index_the_members_own_data() -> None:
+    from dml.common.sampling import shard_order
+    from dml.peer.step import sample_indices
+
+    plan = types_pb2.Plan(spec=types_pb2.JobSpec(placement="local", local_data="c", seed=3), members=[
+        types_pb2.Member(peer_id="p", shard_ids=[5], samples=[types_pb2.SampleRange(shard_id=5, start=4, stop=9,
+                                                                                  data_epoch=2)])])
+    got = sample_indices(plan, 0, own_samples=12)
+    assert got.tolist() == shard_order(np.arange(12), 3, 2, 5)[4:9].tolist()
+    with pytest.raises(ValueError, match="own data has 8"):
+        sample_indices(plan, 0, own_samples=8)

@@ -49,20 +49,22 @@ TAKE_OUTCOME_DECLINED: TakeOutcome
 TAKE_OUTCOME_TASK_ERROR: TakeOutcome
 
 class PeerCapability(_message.Message):
-    __slots__ = ("device", "memory_bytes", "pool", "max_samples", "cache_free_bytes", "has_cache_free")
+    __slots__ = ("device", "memory_bytes", "pool", "max_samples", "cache_free_bytes", "has_cache_free", "local_datasets")
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
     POOL_FIELD_NUMBER: _ClassVar[int]
     MAX_SAMPLES_FIELD_NUMBER: _ClassVar[int]
     CACHE_FREE_BYTES_FIELD_NUMBER: _ClassVar[int]
     HAS_CACHE_FREE_FIELD_NUMBER: _ClassVar[int]
+    LOCAL_DATASETS_FIELD_NUMBER: _ClassVar[int]
     device: str
     memory_bytes: int
     pool: str
     max_samples: int
     cache_free_bytes: int
     has_cache_free: bool
-    def __init__(self, device: _Optional[str] = ..., memory_bytes: _Optional[int] = ..., pool: _Optional[str] = ..., max_samples: _Optional[int] = ..., cache_free_bytes: _Optional[int] = ..., has_cache_free: _Optional[bool] = ...) -> None: ...
+    local_datasets: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, device: _Optional[str] = ..., memory_bytes: _Optional[int] = ..., pool: _Optional[str] = ..., max_samples: _Optional[int] = ..., cache_free_bytes: _Optional[int] = ..., has_cache_free: _Optional[bool] = ..., local_datasets: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class DataUsage(_message.Message):
     __slots__ = ("source", "chunks_fetched", "bytes_fetched", "cache_hits", "damaged_refetched", "cached_shard_ids")
@@ -262,7 +264,7 @@ class UploadCheckpointResponse(_message.Message):
     def __init__(self, size_bytes: _Optional[int] = ...) -> None: ...
 
 class DataInfo(_message.Message):
-    __slots__ = ("train_samples", "test_samples", "labels", "num_classes", "batch_size", "num_params", "data_digest")
+    __slots__ = ("train_samples", "test_samples", "labels", "num_classes", "batch_size", "num_params", "data_digest", "label_counts")
     TRAIN_SAMPLES_FIELD_NUMBER: _ClassVar[int]
     TEST_SAMPLES_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
@@ -270,6 +272,7 @@ class DataInfo(_message.Message):
     BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     NUM_PARAMS_FIELD_NUMBER: _ClassVar[int]
     DATA_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    LABEL_COUNTS_FIELD_NUMBER: _ClassVar[int]
     train_samples: int
     test_samples: int
     labels: bytes
@@ -277,7 +280,8 @@ class DataInfo(_message.Message):
     batch_size: int
     num_params: int
     data_digest: str
-    def __init__(self, train_samples: _Optional[int] = ..., test_samples: _Optional[int] = ..., labels: _Optional[bytes] = ..., num_classes: _Optional[int] = ..., batch_size: _Optional[int] = ..., num_params: _Optional[int] = ..., data_digest: _Optional[str] = ...) -> None: ...
+    label_counts: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, train_samples: _Optional[int] = ..., test_samples: _Optional[int] = ..., labels: _Optional[bytes] = ..., num_classes: _Optional[int] = ..., batch_size: _Optional[int] = ..., num_params: _Optional[int] = ..., data_digest: _Optional[str] = ..., label_counts: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class TakeJobRequest(_message.Message):
     __slots__ = ("peer_id", "job_id", "outcome", "detail", "data", "data_usage", "cache_free_bytes", "has_cache_free")

@@ -25,57 +25,57 @@ _sym_db = _symbol_database.Default()
 from dml.v1 import types_pb2 as dml_dot_v1_dot_types__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x11\x64ml/v1/jobs.proto\x12\x06\x64ml.v1\x1a\x12\x64ml/v1/types.proto\"\xae\x04\n\tJobStatus\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x1d\n\x04spec\x18\x02 \x01(\x0b\x32\x0f.dml.v1.JobSpec\x12\x1f\n\x05state\x18\x03 \x01(\x0e\x32\x10.dml.v1.JobState\x12\r\n\x05round\x18\x04 \x01(\r\x12\r\n\x05\x65poch\x18\x05 \x01(\x04\x12\r\n\x05peers\x18\x06 \x03(\t\x12\"\n\x04last\x18\x07 \x01(\x0b\x32\x14.dml.v1.RoundMetrics\x12\x0e\n\x06reason\x18\x08 \x01(\t\x12\x17\n\x0f\x63reated_unix_ms\x18\t \x01(\x04\x12\x17\n\x0fupdated_unix_ms\x18\n \x01(\x04\x12\x18\n\x10\x63heckpoint_round\x18\x0b \x01(\r\x12\x0f\n\x07samples\x18\x0c \x01(\x04\x12\x12\n\ndata_epoch\x18\r \x01(\r\x12\x1a\n\x12rolled_back_rounds\x18\x0e \x01(\r\x12#\n\tevictions\x18\x0f \x03(\x0b\x32\x10.dml.v1.Eviction\x12\'\n\x06\x65pochs\x18\x10 \x03(\x0b\x32\x17.dml.v1.MembershipEpoch\x12\x17\n\x0f\x65victions_total\x18\x11 \x01(\r\x12*\n\x0bquarantined\x18\x12 \x03(\x0b\x32\x15.dml.v1.PeerExclusion\x12\'\n\x08held_out\x18\x13 \x03(\x0b\x32\x15.dml.v1.PeerExclusion\x12\'\n\x08\x64\x65\x63lined\x18\x14 \x03(\x0b\x32\x15.dml.v1.PeerExclusion\"c\n\rPeerExclusion\x12\x0f\n\x07peer_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\r\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x0f\n\x07unix_ms\x18\x04 \x01(\x04\x12\x11\n\treporters\x18\x05 \x01(\t\"\x92\x01\n\x08\x45viction\x12\x0f\n\x07peer_id\x18\x01 \x01(\t\x12$\n\x05\x63\x61use\x18\x02 \x01(\x0e\x32\x15.dml.v1.EvictionCause\x12\x10\n\x08reporter\x18\x03 \x01(\t\x12\x0f\n\x07unix_ms\x18\x04 \x01(\x04\x12\r\n\x05\x65poch\x18\x05 \x01(\x04\x12\r\n\x05round\x18\x06 \x01(\r\x12\x0e\n\x06\x64\x65tail\x18\x07 \x01(\t\"W\n\x0fMembershipEpoch\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\x12\r\n\x05peers\x18\x02 \x03(\t\x12\x17\n\x0fstarted_unix_ms\x18\x03 \x01(\x04\x12\r\n\x05round\x18\x04 \x01(\r\"D\n\x10SubmitJobRequest\x12\x1d\n\x04spec\x18\x01 \x01(\x0b\x32\x0f.dml.v1.JobSpec\x12\x11\n\ttask_code\x18\x02 \x01(\x0c\"#\n\x11SubmitJobResponse\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"8\n\rGetJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x17\n\x0finclude_history\x18\x02 \x01(\x08\"W\n\x0eGetJobResponse\x12\x1e\n\x03job\x18\x01 \x01(\x0b\x32\x11.dml.v1.JobStatus\x12%\n\x07history\x18\x02 \x03(\x0b\x32\x14.dml.v1.RoundMetrics\"\x11\n\x0fListJobsRequest\"3\n\x10ListJobsResponse\x12\x1f\n\x04jobs\x18\x01 \x03(\x0b\x32\x11.dml.v1.JobStatus\"\x12\n\x10ListPeersRequest\"\x8b\x02\n\x08PeerInfo\x12\x0f\n\x07peer_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0c\n\x04pool\x18\x03 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\t\x12\x14\n\x0cmemory_bytes\x18\x05 \x01(\x04\x12\x15\n\rsamples_per_s\x18\x06 \x01(\x01\x12\r\n\x05state\x18\x07 \x01(\t\x12\x0e\n\x06job_id\x18\x08 \x01(\t\x12\x16\n\x0etraining_share\x18\t \x01(\x01\x12\x16\n\x0e\x65xchange_share\x18\n \x01(\x01\x12\x12\n\nidle_share\x18\x0b \x01(\x01\x12\x1a\n\x12registered_unix_ms\x18\x0c \x01(\x04\x12\x13\n\x0bmax_samples\x18\r \x01(\x04\"4\n\x11ListPeersResponse\x12\x1f\n\x05peers\x18\x01 \x03(\x0b\x32\x10.dml.v1.PeerInfo\"\"\n\x10\x43\x61ncelJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"4\n\x11\x43\x61ncelJobResponse\x12\x1f\n\x05state\x18\x01 \x01(\x0e\x32\x10.dml.v1.JobState\"!\n\x0fWatchJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"&\n\x14\x44ownloadModelRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"9\n\nModelChunk\x12\r\n\x05round\x18\x01 \x01(\r\x12\x0e\n\x06\x64igest\x18\x02 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\"\n\x10GetShardsRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"\x96\x02\n\nPeerShards\x12\x0f\n\x07peer_id\x18\x01 \x01(\t\x12\x11\n\tshard_ids\x18\x02 \x03(\r\x12\x0f\n\x07samples\x18\x03 \x01(\x04\x12\x14\n\x0clabel_counts\x18\x04 \x03(\x04\x12\x13\n\x0b\x64\x61ta_source\x18\x05 \x01(\t\x12\x15\n\rbytes_fetched\x18\x06 \x01(\x04\x12\x16\n\x0e\x63hunks_fetched\x18\x07 \x01(\x04\x12\x12\n\ncache_hits\x18\x08 \x01(\x04\x12\x19\n\x11\x64\x61maged_refetched\x18\t \x01(\x04\x12\x18\n\x10\x63\x61\x63hed_shard_ids\x18\n \x03(\r\x12\x18\n\x10\x63\x61\x63he_free_bytes\x18\x0b \x01(\x04\x12\x16\n\x0ehas_cache_free\x18\x0c \x01(\x08\"\x86\x01\n\x11GetShardsResponse\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12!\n\x05peers\x18\x02 \x03(\x0b\x32\x12.dml.v1.PeerShards\x12\x13\n\x0bnum_classes\x18\x03 \x01(\r\x12\x15\n\rtrain_samples\x18\x04 \x01(\x04\x12\x12\n\nunassigned\x18\x05 \x03(\r*\x9a\x02\n\rEvictionCause\x12\x1e\n\x1a\x45VICTION_CAUSE_UNSPECIFIED\x10\x00\x12$\n EVICTION_CAUSE_HEARTBEAT_TIMEOUT\x10\x01\x12#\n\x1f\x45VICTION_CAUSE_NEIGHBOUR_REPORT\x10\x02\x12\x1e\n\x1a\x45VICTION_CAUSE_SELF_REPORT\x10\x03\x12!\n\x1d\x45VICTION_CAUSE_ROUND_DEADLINE\x10\x04\x12\x1b\n\x17\x45VICTION_CAUSE_REPLACED\x10\x05\x12\x1e\n\x1a\x45VICTION_CAUSE_QUARANTINED\x10\x06\x12\x1e\n\x1a\x45VICTION_CAUSE_UNREACHABLE\x10\x07\x32\xd5\x04\n\nJobService\x12@\n\tSubmitJob\x12\x18.dml.v1.SubmitJobRequest\x1a\x19.dml.v1.SubmitJobResponse\x12\x37\n\x06GetJob\x12\x15.dml.v1.GetJobRequest\x1a\x16.dml.v1.GetJobResponse\x12=\n\x08ListJobs\x12\x17.dml.v1.ListJobsRequest\x1a\x18.dml.v1.ListJobsResponse\x12@\n\tCancelJob\x12\x18.dml.v1.CancelJobRequest\x1a\x19.dml.v1.CancelJobResponse\x12\x38\n\x08WatchJob\x12\x17.dml.v1.WatchJobRequest\x1a\x11.dml.v1.JobStatus0\x01\x12\x43\n\rDownloadModel\x12\x1c.dml.v1.DownloadModelRequest\x1a\x12.dml.v1.ModelChunk0\x01\x12H\n\x12\x44ownloadCheckpoint\x12\x1c.dml.v1.DownloadModelRequest\x1a\x12.dml.v1.ModelChunk0\x01\x12@\n\tGetShards\x12\x18.dml.v1.GetShardsRequest\x1a\x19.dml.v1.GetShardsResponse\x12@\n\tListPeers\x12\x18.dml.v1.ListPeersRequest\x1a\x19.dml.v1.ListPeersResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x11\x64ml/v1/jobs.proto\x12\x06\x64ml.v1\x1a\x12\x64ml/v1/types.proto\"\xa0\x05\n\tJobStatus\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x1d\n\x04spec\x18\x02 \x01(\x0b\x32\x0f.dml.v1.JobSpec\x12\x1f\n\x05state\x18\x03 \x01(\x0e\x32\x10.dml.v1.JobState\x12\r\n\x05round\x18\x04 \x01(\r\x12\r\n\x05\x65poch\x18\x05 \x01(\x04\x12\r\n\x05peers\x18\x06 \x03(\t\x12\"\n\x04last\x18\x07 \x01(\x0b\x32\x14.dml.v1.RoundMetrics\x12\x0e\n\x06reason\x18\x08 \x01(\t\x12\x17\n\x0f\x63reated_unix_ms\x18\t \x01(\x04\x12\x17\n\x0fupdated_unix_ms\x18\n \x01(\x04\x12\x18\n\x10\x63heckpoint_round\x18\x0b \x01(\r\x12\x0f\n\x07samples\x18\x0c \x01(\x04\x12\x12\n\ndata_epoch\x18\r \x01(\r\x12\x1a\n\x12rolled_back_rounds\x18\x0e \x01(\r\x12#\n\tevictions\x18\x0f \x03(\x0b\x32\x10.dml.v1.Eviction\x12\'\n\x06\x65pochs\x18\x10 \x03(\x0b\x32\x17.dml.v1.MembershipEpoch\x12\x17\n\x0f\x65victions_total\x18\x11 \x01(\r\x12*\n\x0bquarantined\x18\x12 \x03(\x0b\x32\x15.dml.v1.PeerExclusion\x12\'\n\x08held_out\x18\x13 \x03(\x0b\x32\x15.dml.v1.PeerExclusion\x12\'\n\x08\x64\x65\x63lined\x18\x14 \x03(\x0b\x32\x15.dml.v1.PeerExclusion\x12\x1c\n\x14\x64\x61ta_present_samples\x18\x15 \x01(\x04\x12\x19\n\x11\x64\x61ta_seen_samples\x18\x16 \x01(\x04\x12\x1c\n\x14\x64\x61ta_sources_present\x18\x17 \x01(\r\x12\x19\n\x11\x64\x61ta_sources_seen\x18\x18 \x01(\r\"c\n\rPeerExclusion\x12\x0f\n\x07peer_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\r\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x0f\n\x07unix_ms\x18\x04 \x01(\x04\x12\x11\n\treporters\x18\x05 \x01(\t\"\x92\x01\n\x08\x45viction\x12\x0f\n\x07peer_id\x18\x01 \x01(\t\x12$\n\x05\x63\x61use\x18\x02 \x01(\x0e\x32\x15.dml.v1.EvictionCause\x12\x10\n\x08reporter\x18\x03 \x01(\t\x12\x0f\n\x07unix_ms\x18\x04 \x01(\x04\x12\r\n\x05\x65poch\x18\x05 \x01(\x04\x12\r\n\x05round\x18\x06 \x01(\r\x12\x0e\n\x06\x64\x65tail\x18\x07 \x01(\t\"W\n\x0fMembershipEpoch\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\x12\r\n\x05peers\x18\x02 \x03(\t\x12\x17\n\x0fstarted_unix_ms\x18\x03 \x01(\x04\x12\r\n\x05round\x18\x04 \x01(\r\"D\n\x10SubmitJobRequest\x12\x1d\n\x04spec\x18\x01 \x01(\x0b\x32\x0f.dml.v1.JobSpec\x12\x11\n\ttask_code\x18\x02 \x01(\x0c\"#\n\x11SubmitJobResponse\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"8\n\rGetJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x17\n\x0finclude_history\x18\x02 \x01(\x08\"W\n\x0eGetJobResponse\x12\x1e\n\x03job\x18\x01 \x01(\x0b\x32\x11.dml.v1.JobStatus\x12%\n\x07history\x18\x02 \x03(\x0b\x32\x14.dml.v1.RoundMetrics\"\x11\n\x0fListJobsRequest\"3\n\x10ListJobsResponse\x12\x1f\n\x04jobs\x18\x01 \x03(\x0b\x32\x11.dml.v1.JobStatus\"\x12\n\x10ListPeersRequest\"\xa3\x02\n\x08PeerInfo\x12\x0f\n\x07peer_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0c\n\x04pool\x18\x03 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\t\x12\x14\n\x0cmemory_bytes\x18\x05 \x01(\x04\x12\x15\n\rsamples_per_s\x18\x06 \x01(\x01\x12\r\n\x05state\x18\x07 \x01(\t\x12\x0e\n\x06job_id\x18\x08 \x01(\t\x12\x16\n\x0etraining_share\x18\t \x01(\x01\x12\x16\n\x0e\x65xchange_share\x18\n \x01(\x01\x12\x12\n\nidle_share\x18\x0b \x01(\x01\x12\x1a\n\x12registered_unix_ms\x18\x0c \x01(\x04\x12\x13\n\x0bmax_samples\x18\r \x01(\x04\x12\x16\n\x0elocal_datasets\x18\x14 \x03(\t\"4\n\x11ListPeersResponse\x12\x1f\n\x05peers\x18\x01 \x03(\x0b\x32\x10.dml.v1.PeerInfo\"\"\n\x10\x43\x61ncelJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"4\n\x11\x43\x61ncelJobResponse\x12\x1f\n\x05state\x18\x01 \x01(\x0e\x32\x10.dml.v1.JobState\"!\n\x0fWatchJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"&\n\x14\x44ownloadModelRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"9\n\nModelChunk\x12\r\n\x05round\x18\x01 \x01(\r\x12\x0e\n\x06\x64igest\x18\x02 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\"\n\x10GetShardsRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"\x96\x02\n\nPeerShards\x12\x0f\n\x07peer_id\x18\x01 \x01(\t\x12\x11\n\tshard_ids\x18\x02 \x03(\r\x12\x0f\n\x07samples\x18\x03 \x01(\x04\x12\x14\n\x0clabel_counts\x18\x04 \x03(\x04\x12\x13\n\x0b\x64\x61ta_source\x18\x05 \x01(\t\x12\x15\n\rbytes_fetched\x18\x06 \x01(\x04\x12\x16\n\x0e\x63hunks_fetched\x18\x07 \x01(\x04\x12\x12\n\ncache_hits\x18\x08 \x01(\x04\x12\x19\n\x11\x64\x61maged_refetched\x18\t \x01(\x04\x12\x18\n\x10\x63\x61\x63hed_shard_ids\x18\n \x03(\r\x12\x18\n\x10\x63\x61\x63he_free_bytes\x18\x0b \x01(\x04\x12\x16\n\x0ehas_cache_free\x18\x0c \x01(\x08\"\x86\x01\n\x11GetShardsResponse\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12!\n\x05peers\x18\x02 \x03(\x0b\x32\x12.dml.v1.PeerShards\x12\x13\n\x0bnum_classes\x18\x03 \x01(\r\x12\x15\n\rtrain_samples\x18\x04 \x01(\x04\x12\x12\n\nunassigned\x18\x05 \x03(\r*\x9a\x02\n\rEvictionCause\x12\x1e\n\x1a\x45VICTION_CAUSE_UNSPECIFIED\x10\x00\x12$\n EVICTION_CAUSE_HEARTBEAT_TIMEOUT\x10\x01\x12#\n\x1f\x45VICTION_CAUSE_NEIGHBOUR_REPORT\x10\x02\x12\x1e\n\x1a\x45VICTION_CAUSE_SELF_REPORT\x10\x03\x12!\n\x1d\x45VICTION_CAUSE_ROUND_DEADLINE\x10\x04\x12\x1b\n\x17\x45VICTION_CAUSE_REPLACED\x10\x05\x12\x1e\n\x1a\x45VICTION_CAUSE_QUARANTINED\x10\x06\x12\x1e\n\x1a\x45VICTION_CAUSE_UNREACHABLE\x10\x07\x32\xd5\x04\n\nJobService\x12@\n\tSubmitJob\x12\x18.dml.v1.SubmitJobRequest\x1a\x19.dml.v1.SubmitJobResponse\x12\x37\n\x06GetJob\x12\x15.dml.v1.GetJobRequest\x1a\x16.dml.v1.GetJobResponse\x12=\n\x08ListJobs\x12\x17.dml.v1.ListJobsRequest\x1a\x18.dml.v1.ListJobsResponse\x12@\n\tCancelJob\x12\x18.dml.v1.CancelJobRequest\x1a\x19.dml.v1.CancelJobResponse\x12\x38\n\x08WatchJob\x12\x17.dml.v1.WatchJobRequest\x1a\x11.dml.v1.JobStatus0\x01\x12\x43\n\rDownloadModel\x12\x1c.dml.v1.DownloadModelRequest\x1a\x12.dml.v1.ModelChunk0\x01\x12H\n\x12\x44ownloadCheckpoint\x12\x1c.dml.v1.DownloadModelRequest\x1a\x12.dml.v1.ModelChunk0\x01\x12@\n\tGetShards\x12\x18.dml.v1.GetShardsRequest\x1a\x19.dml.v1.GetShardsResponse\x12@\n\tListPeers\x12\x18.dml.v1.ListPeersRequest\x1a\x19.dml.v1.ListPeersResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'dml.v1.jobs_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_EVICTIONCAUSE']._serialized_start=2298
-  _globals['_EVICTIONCAUSE']._serialized_end=2580
+  _globals['_EVICTIONCAUSE']._serialized_start=2436
+  _globals['_EVICTIONCAUSE']._serialized_end=2718
   _globals['_JOBSTATUS']._serialized_start=50
-  _globals['_JOBSTATUS']._serialized_end=608
-  _globals['_PEEREXCLUSION']._serialized_start=610
-  _globals['_PEEREXCLUSION']._serialized_end=709
-  _globals['_EVICTION']._serialized_start=712
-  _globals['_EVICTION']._serialized_end=858
-  _globals['_MEMBERSHIPEPOCH']._serialized_start=860
-  _globals['_MEMBERSHIPEPOCH']._serialized_end=947
-  _globals['_SUBMITJOBREQUEST']._serialized_start=949
-  _globals['_SUBMITJOBREQUEST']._serialized_end=1017
-  _globals['_SUBMITJOBRESPONSE']._serialized_start=1019
-  _globals['_SUBMITJOBRESPONSE']._serialized_end=1054
-  _globals['_GETJOBREQUEST']._serialized_start=1056
-  _globals['_GETJOBREQUEST']._serialized_end=1112
-  _globals['_GETJOBRESPONSE']._serialized_start=1114
-  _globals['_GETJOBRESPONSE']._serialized_end=1201
-  _globals['_LISTJOBSREQUEST']._serialized_start=1203
-  _globals['_LISTJOBSREQUEST']._serialized_end=1220
-  _globals['_LISTJOBSRESPONSE']._serialized_start=1222
-  _globals['_LISTJOBSRESPONSE']._serialized_end=1273
-  _globals['_LISTPEERSREQUEST']._serialized_start=1275
-  _globals['_LISTPEERSREQUEST']._serialized_end=1293
-  _globals['_PEERINFO']._serialized_start=1296
-  _globals['_PEERINFO']._serialized_end=1563
-  _globals['_LISTPEERSRESPONSE']._serialized_start=1565
-  _globals['_LISTPEERSRESPONSE']._serialized_end=1617
-  _globals['_CANCELJOBREQUEST']._serialized_start=1619
-  _globals['_CANCELJOBREQUEST']._serialized_end=1653
-  _globals['_CANCELJOBRESPONSE']._serialized_start=1655
-  _globals['_CANCELJOBRESPONSE']._serialized_end=1707
-  _globals['_WATCHJOBREQUEST']._serialized_start=1709
-  _globals['_WATCHJOBREQUEST']._serialized_end=1742
-  _globals['_DOWNLOADMODELREQUEST']._serialized_start=1744
-  _globals['_DOWNLOADMODELREQUEST']._serialized_end=1782
-  _globals['_MODELCHUNK']._serialized_start=1784
-  _globals['_MODELCHUNK']._serialized_end=1841
-  _globals['_GETSHARDSREQUEST']._serialized_start=1843
-  _globals['_GETSHARDSREQUEST']._serialized_end=1877
-  _globals['_PEERSHARDS']._serialized_start=1880
-  _globals['_PEERSHARDS']._serialized_end=2158
-  _globals['_GETSHARDSRESPONSE']._serialized_start=2161
-  _globals['_GETSHARDSRESPONSE']._serialized_end=2295
-  _globals['_JOBSERVICE']._serialized_start=2583
-  _globals['_JOBSERVICE']._serialized_end=3180
+  _globals['_JOBSTATUS']._serialized_end=722
+  _globals['_PEEREXCLUSION']._serialized_start=724
+  _globals['_PEEREXCLUSION']._serialized_end=823
+  _globals['_EVICTION']._serialized_start=826
+  _globals['_EVICTION']._serialized_end=972
+  _globals['_MEMBERSHIPEPOCH']._serialized_start=974
+  _globals['_MEMBERSHIPEPOCH']._serialized_end=1061
+  _globals['_SUBMITJOBREQUEST']._serialized_start=1063
+  _globals['_SUBMITJOBREQUEST']._serialized_end=1131
+  _globals['_SUBMITJOBRESPONSE']._serialized_start=1133
+  _globals['_SUBMITJOBRESPONSE']._serialized_end=1168
+  _globals['_GETJOBREQUEST']._serialized_start=1170
+  _globals['_GETJOBREQUEST']._serialized_end=1226
+  _globals['_GETJOBRESPONSE']._serialized_start=1228
+  _globals['_GETJOBRESPONSE']._serialized_end=1315
+  _globals['_LISTJOBSREQUEST']._serialized_start=1317
+  _globals['_LISTJOBSREQUEST']._serialized_end=1334
+  _globals['_LISTJOBSRESPONSE']._serialized_start=1336
+  _globals['_LISTJOBSRESPONSE']._serialized_end=1387
+  _globals['_LISTPEERSREQUEST']._serialized_start=1389
+  _globals['_LISTPEERSREQUEST']._serialized_end=1407
+  _globals['_PEERINFO']._serialized_start=1410
+  _globals['_PEERINFO']._serialized_end=1701
+  _globals['_LISTPEERSRESPONSE']._serialized_start=1703
+  _globals['_LISTPEERSRESPONSE']._serialized_end=1755
+  _globals['_CANCELJOBREQUEST']._serialized_start=1757
+  _globals['_CANCELJOBREQUEST']._serialized_end=1791
+  _globals['_CANCELJOBRESPONSE']._serialized_start=1793
+  _globals['_CANCELJOBRESPONSE']._serialized_end=1845
+  _globals['_WATCHJOBREQUEST']._serialized_start=1847
+  _globals['_WATCHJOBREQUEST']._serialized_end=1880
+  _globals['_DOWNLOADMODELREQUEST']._serialized_start=1882
+  _globals['_DOWNLOADMODELREQUEST']._serialized_end=1920
+  _globals['_MODELCHUNK']._serialized_start=1922
+  _globals['_MODELCHUNK']._serialized_end=1979
+  _globals['_GETSHARDSREQUEST']._serialized_start=1981
+  _globals['_GETSHARDSREQUEST']._serialized_end=2015
+  _globals['_PEERSHARDS']._serialized_start=2018
+  _globals['_PEERSHARDS']._serialized_end=2296
+  _globals['_GETSHARDSRESPONSE']._serialized_start=2299
+  _globals['_GETSHARDSRESPONSE']._serialized_end=2433
+  _globals['_JOBSERVICE']._serialized_start=2721
+  _globals['_JOBSERVICE']._serialized_end=3318
 # @@protoc_insertion_point(module_scope)

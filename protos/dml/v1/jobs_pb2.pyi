@@ -28,7 +28,7 @@ EVICTION_CAUSE_QUARANTINED: EvictionCause
 EVICTION_CAUSE_UNREACHABLE: EvictionCause
 
 class JobStatus(_message.Message):
-    __slots__ = ("job_id", "spec", "state", "round", "epoch", "peers", "last", "reason", "created_unix_ms", "updated_unix_ms", "checkpoint_round", "samples", "data_epoch", "rolled_back_rounds", "evictions", "epochs", "evictions_total", "quarantined", "held_out", "declined")
+    __slots__ = ("job_id", "spec", "state", "round", "epoch", "peers", "last", "reason", "created_unix_ms", "updated_unix_ms", "checkpoint_round", "samples", "data_epoch", "rolled_back_rounds", "evictions", "epochs", "evictions_total", "quarantined", "held_out", "declined", "data_present_samples", "data_seen_samples", "data_sources_present", "data_sources_seen")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     SPEC_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -49,6 +49,10 @@ class JobStatus(_message.Message):
     QUARANTINED_FIELD_NUMBER: _ClassVar[int]
     HELD_OUT_FIELD_NUMBER: _ClassVar[int]
     DECLINED_FIELD_NUMBER: _ClassVar[int]
+    DATA_PRESENT_SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    DATA_SEEN_SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    DATA_SOURCES_PRESENT_FIELD_NUMBER: _ClassVar[int]
+    DATA_SOURCES_SEEN_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     spec: _types_pb2.JobSpec
     state: _types_pb2.JobState
@@ -69,7 +73,11 @@ class JobStatus(_message.Message):
     quarantined: _containers.RepeatedCompositeFieldContainer[PeerExclusion]
     held_out: _containers.RepeatedCompositeFieldContainer[PeerExclusion]
     declined: _containers.RepeatedCompositeFieldContainer[PeerExclusion]
-    def __init__(self, job_id: _Optional[str] = ..., spec: _Optional[_Union[_types_pb2.JobSpec, _Mapping]] = ..., state: _Optional[_Union[_types_pb2.JobState, str]] = ..., round: _Optional[int] = ..., epoch: _Optional[int] = ..., peers: _Optional[_Iterable[str]] = ..., last: _Optional[_Union[_types_pb2.RoundMetrics, _Mapping]] = ..., reason: _Optional[str] = ..., created_unix_ms: _Optional[int] = ..., updated_unix_ms: _Optional[int] = ..., checkpoint_round: _Optional[int] = ..., samples: _Optional[int] = ..., data_epoch: _Optional[int] = ..., rolled_back_rounds: _Optional[int] = ..., evictions: _Optional[_Iterable[_Union[Eviction, _Mapping]]] = ..., epochs: _Optional[_Iterable[_Union[MembershipEpoch, _Mapping]]] = ..., evictions_total: _Optional[int] = ..., quarantined: _Optional[_Iterable[_Union[PeerExclusion, _Mapping]]] = ..., held_out: _Optional[_Iterable[_Union[PeerExclusion, _Mapping]]] = ..., declined: _Optional[_Iterable[_Union[PeerExclusion, _Mapping]]] = ...) -> None: ...
+    data_present_samples: int
+    data_seen_samples: int
+    data_sources_present: int
+    data_sources_seen: int
+    def __init__(self, job_id: _Optional[str] = ..., spec: _Optional[_Union[_types_pb2.JobSpec, _Mapping]] = ..., state: _Optional[_Union[_types_pb2.JobState, str]] = ..., round: _Optional[int] = ..., epoch: _Optional[int] = ..., peers: _Optional[_Iterable[str]] = ..., last: _Optional[_Union[_types_pb2.RoundMetrics, _Mapping]] = ..., reason: _Optional[str] = ..., created_unix_ms: _Optional[int] = ..., updated_unix_ms: _Optional[int] = ..., checkpoint_round: _Optional[int] = ..., samples: _Optional[int] = ..., data_epoch: _Optional[int] = ..., rolled_back_rounds: _Optional[int] = ..., evictions: _Optional[_Iterable[_Union[Eviction, _Mapping]]] = ..., epochs: _Optional[_Iterable[_Union[MembershipEpoch, _Mapping]]] = ..., evictions_total: _Optional[int] = ..., quarantined: _Optional[_Iterable[_Union[PeerExclusion, _Mapping]]] = ..., held_out: _Optional[_Iterable[_Union[PeerExclusion, _Mapping]]] = ..., declined: _Optional[_Iterable[_Union[PeerExclusion, _Mapping]]] = ..., data_present_samples: _Optional[int] = ..., data_seen_samples: _Optional[int] = ..., data_sources_present: _Optional[int] = ..., data_sources_seen: _Optional[int] = ...) -> None: ...
 
 class PeerExclusion(_message.Message):
     __slots__ = ("peer_id", "round", "reason", "unix_ms", "reporters")
@@ -160,7 +168,7 @@ class ListPeersRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class PeerInfo(_message.Message):
-    __slots__ = ("peer_id", "address", "pool", "device", "memory_bytes", "samples_per_s", "state", "job_id", "training_share", "exchange_share", "idle_share", "registered_unix_ms", "max_samples")
+    __slots__ = ("peer_id", "address", "pool", "device", "memory_bytes", "samples_per_s", "state", "job_id", "training_share", "exchange_share", "idle_share", "registered_unix_ms", "max_samples", "local_datasets")
     PEER_ID_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     POOL_FIELD_NUMBER: _ClassVar[int]
@@ -174,6 +182,7 @@ class PeerInfo(_message.Message):
     IDLE_SHARE_FIELD_NUMBER: _ClassVar[int]
     REGISTERED_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
     MAX_SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    LOCAL_DATASETS_FIELD_NUMBER: _ClassVar[int]
     peer_id: str
     address: str
     pool: str
@@ -187,7 +196,8 @@ class PeerInfo(_message.Message):
     idle_share: float
     registered_unix_ms: int
     max_samples: int
-    def __init__(self, peer_id: _Optional[str] = ..., address: _Optional[str] = ..., pool: _Optional[str] = ..., device: _Optional[str] = ..., memory_bytes: _Optional[int] = ..., samples_per_s: _Optional[float] = ..., state: _Optional[str] = ..., job_id: _Optional[str] = ..., training_share: _Optional[float] = ..., exchange_share: _Optional[float] = ..., idle_share: _Optional[float] = ..., registered_unix_ms: _Optional[int] = ..., max_samples: _Optional[int] = ...) -> None: ...
+    local_datasets: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, peer_id: _Optional[str] = ..., address: _Optional[str] = ..., pool: _Optional[str] = ..., device: _Optional[str] = ..., memory_bytes: _Optional[int] = ..., samples_per_s: _Optional[float] = ..., state: _Optional[str] = ..., job_id: _Optional[str] = ..., training_share: _Optional[float] = ..., exchange_share: _Optional[float] = ..., idle_share: _Optional[float] = ..., registered_unix_ms: _Optional[int] = ..., max_samples: _Optional[int] = ..., local_datasets: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ListPeersResponse(_message.Message):
     __slots__ = ("peers",)
