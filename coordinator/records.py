@@ -369,6 +369,9 @@ class Job:
     # (store.job_to_dict leaves it out): a restarted coordinator knows no cache until each peer's
     # next report, which places as if nothing were cached (a fetch too many, never a wrong claim).
     data_usage: dict[str, DataUsage] = field(default_factory=dict)
+    # Measured training samples/s of each member on this job (a moving average), which places
+    # its shards: another job's task may be far faster or slower. Memory only.
+    speeds: dict[str, float] = field(default_factory=dict)
     # --placement local (docs/architecture.md, "Peer-local data"): shard s is one peer's own data,
     # indexed by that peer alone; the ledger's key (shard, index) is then (the peer's data, index).
     local_sources: list[str] = field(default_factory=list)  # shard id -> its data's key (address, data digest)

@@ -323,7 +323,7 @@ class ClusterState:
         if job.local:  # its data leaves with it: nothing moves
             job.assignment = {m: s for m, s in job.assignment.items() if m != peer_id}
         elif job.members:
-            job.assignment = planner.remove_peers(job.assignment, {peer_id}, sizes, self._capacity(job.members),
+            job.assignment = planner.remove_peers(job.assignment, {peer_id}, sizes, self._capacity(job, job.members),
                                                   self._caps(job.members), **self._data_limits(job, job.members))
         else:
             job.assignment = {}
@@ -449,9 +449,10 @@ class ClusterState:
             changes = changes | self.remove_peer(peer_id, now_ms, QUARANTINED, reporter=reporter, detail=reason)
         return changes
 
-    def _capacity(self, members: list[str]) -> dict[str, float]:
-        """Measured samples/s per member; members not yet measured count as the average."""
-        known = {m: self.peers[m].samples_per_s for m in members if m in self.peers and self.peers[m].samples_per_s > 0}
+    def _capacity(self, job: Job, members: list[str]) -> dict[str, float]:
+        """Each member's measured samples/s on this job (a peer's speed on another job's task says
+        little about this one's); members not yet measured count as the average."""
+        known = {m: job.speeds[m] for m in members if job.speeds.get(m, 0) > 0}
         default = sum(known.values()) / len(known) if known else 1.0
         return {m: known.get(m, default) for m in members}
 
@@ -679,7 +680,7 @@ class ClusterState:
         if rep.samples != job.allocated(pid):
             raise BadReport(f"peer {pid} reports {rep.samples} samples for gossip step {step}; "
                             f"{job.allocated(pid)} were allocated")
-        _note_speed(peer, rep)
+        _note_speed(peer, rep, job)
         self._note_activity(peer.peer_id, rep, now_ms)
         sizes = job.shard_sizes
         ranges = job.allocation.pop(pid, [])
@@ -823,7 +824,7 @@ class ClusterState:
             p.job_id = job.job_id
             p.held_out_job = p.held_out_reason = ""  # held out of another job, taken by this one
         job.members = job.members + joiners
-        capacity, caps = self._capacity(job.members), self._caps(job.members)
+        capacity, caps = self._capacity(job, job.members), self._caps(job.members)
         limits = self._data_limits(job, job.members)
         if job.local:  # each member holds its own data, and nothing else
             job.assignment = planner.local_assignment(job.members, job.local_shard)
@@ -1160,7 +1161,7 @@ class ClusterState:
         if rep.samples != job.allocated(peer_id):
             raise BadReport(f"peer {peer_id} reports {rep.samples} samples for round {rnd}; "
                             f"{job.allocated(peer_id)} were allocated")
-        _note_speed(peer, rep)
+        _note_speed(peer, rep, job)
         self._note_activity(peer.peer_id, rep, now_ms)
         job.reports[peer_id] = rep
         if set(job.reports) != set(job.members):
@@ -1268,11 +1269,14 @@ def _keep_recent(events: list[T], event: T) -> None:
     del events[:-MAX_JOB_EVENTS]
 
 
-def _note_speed(peer: PeerRecord, rep: Report) -> None:
-    """Folds a report's measured training throughput into the peer's moving average."""
+def _note_speed(peer: PeerRecord, rep: Report, job: Job) -> None:
+    """Folds a report's measured training throughput into the peer's moving average (shown by
+    ``dml peers``) and into its average on this job (which places the job's shards)."""
     if rep.samples_per_s > 0:
         old = peer.samples_per_s
         peer.samples_per_s = rep.samples_per_s if old <= 0 else 0.7 * old + 0.3 * rep.samples_per_s
+        mine = job.speeds.get(peer.peer_id, 0.0)
+        job.speeds[peer.peer_id] = rep.samples_per_s if mine <= 0 else 0.7 * mine + 0.3 * rep.samples_per_s
 
 
 def shard_bytes(job: Job) -> list[int] | None:

@@ -86,8 +86,9 @@ def new_cluster_id() -> str:
 def job_to_dict(job: Job) -> dict[str, Any]:
     """A job without its history (stored separately, and never copied here: this runs on every
     save, and the history grows with every round), as JSON-friendly data. Nor the peers' data
-    usage (``Job.data_usage``): it is the peers' to say again, in memory only."""
-    d = {f.name: getattr(job, f.name) for f in fields(job) if f.name not in ("history", "data_usage")}
+    usage (``Job.data_usage``) or their speeds on it (``Job.speeds``): theirs to say again with
+    their next reports, in memory only."""
+    d = {f.name: getattr(job, f.name) for f in fields(job) if f.name not in ("history", "data_usage", "speeds")}
     d["spec"] = job.spec.to_dict()
     d["reports"] = {k: asdict(v) for k, v in job.reports.items()}
     d["gossip"] = asdict(job.gossip)

@@ -86,6 +86,32 @@ def test_a_dead_peers_shards_go_to_the_faster_survivor() -> None:
     assert (held(s, jid, b), held(s, jid, c)) == (40, 80)
 
 
+def test_a_peers_speed_on_one_job_does_not_place_the_shards_of_another() -> None:
+    """c ran a job whose task is 30 times faster than the next job's: on the next job it is
+    unmeasured, so it counts as the others' average there, not as 30 times faster."""
+    s = ClusterState(1000)
+    a, b, c = register(s), register(s), register(s)
+    first, _ = s.submit(spec(num_shards=3, min_peers=1, max_peers=1, rounds=1), [10] * 3, 0)
+    fast = s.job(first)
+    (only,) = fast.members
+    s.report(only, first, fast.round, fast.epoch, Report(samples=fast.allocated(only), train_loss=1.0, digest="d",
+                                                          samples_per_s=3000.0), 5)
+    assert fast.state != RUNNING and s.peers[only].samples_per_s == 3000.0
+    others = [p for p in (a, b, c) if p != only]
+    jid, _ = s.submit(spec(num_shards=12, min_peers=3), [10] * 12, 10)
+    job = s.job(jid)
+    assert sorted(job.members) == sorted([a, b, c])
+    for m in others:
+        s.report(m, jid, job.round, job.epoch, Report(samples=job.allocated(m), train_loss=1.0, digest="d",
+                                                      samples_per_s=100.0), 20)
+    s.report(only, jid, job.round, job.epoch, Report(samples=job.allocated(only), train_loss=1.0, digest="d"), 20)
+    assert job.committed_round == 1
+    s.remove_peer(others[0], 30, HEARTBEAT_TIMEOUT)
+    # Unmeasured on this job, `only` counts as 100/s like the survivor: a's 40 samples split
+    # evenly (by its 3000/s from the other job it would have taken all four shards).
+    assert (held(s, jid, only), held(s, jid, others[1])) == (60, 60)
+
+
 def test_max_samples_is_read_from_the_capability_and_survives_as_plain_data() -> None:
     s = ClusterState(1000)
     a = register(s, cap=123)
