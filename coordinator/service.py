@@ -69,6 +69,7 @@ PROBE_EVERY_S = 1.0  # while paused by a failed write, how often the reaper re-t
 
 
 
+MAX_INDICES_PER_CALL = 1 << 20  # sample indices in one GetShardIndices answer (<= 5 MiB as varints)
 WITNESS_TIMEOUT_S = 0.5  # the coordinator's own connect to a suspect's address
 
 
@@ -331,6 +332,37 @@ class Coordinator:
         if shards is None:
             raise Stale(f"job {job.job_id} has no shards yet: no peer has taken it")
         return shards
+
+    def assigned_indices(self, peer_id: str, job_id: str, shard_ids: list[int]) -> dict[int, np.ndarray]:
+        """The sample indices of those of ``shard_ids`` the running job ``job_id`` assigns to
+        peer ``peer_id`` (others are left out: its assignment moved on), whole shards in the
+        order asked until :data:`MAX_INDICES_PER_CALL` (always the first one). BadReport for ids
+        that are out of range or repeated, NotFound for an unknown peer or job, Stale for a job
+        that is not running or has no shards."""
+        with self._cond:
+            self._check_readable()
+            if peer_id not in self.state.peers:
+                raise NotFound(f"unknown peer {peer_id}; register again")
+            job = self.state.job(job_id)
+            n = len(job.shard_sizes)
+            if len(shard_ids) > max(n, 1) or len(set(shard_ids)) != len(shard_ids) or \
+                    any(not 0 <= s < n for s in shard_ids):
+                raise BadReport(f"shard ids must be distinct and below the job's {n} shards, "
+                                f"got {len(shard_ids)} ids ({sorted(shard_ids)[:8]}...)")
+            if job.state != "RUNNING":
+                raise Stale(f"job {job_id} is {job.state}: its shards are not served")
+            shards = self.shard_indices(job)
+            mine = set(job.assignment.get(peer_id, ()))
+            out: dict[int, np.ndarray] = {}
+            total = 0
+            for s in shard_ids:
+                if s not in mine or not shards:
+                    continue
+                if out and total + shards[s].size > MAX_INDICES_PER_CALL:
+                    break
+                out[s] = shards[s]
+                total += int(shards[s].size)
+            return out
 
     def job_labels(self, job_id: str) -> np.ndarray | None:
         """A job's training labels as the first peer to take it found them (one per sample),

@@ -464,6 +464,16 @@ class PeerControlServicer(control_pb2_grpc.PeerControlServicer):
             return control_pb2.FetchTaskCodeResponse(bundle=self._c.task_code(request.peer_id, request.job_id, request.digest))
         raise AssertionError("unreachable")
 
+    def GetShardIndices(self, request: control_pb2.GetShardIndicesRequest,
+                        context: grpc.ServicerContext) -> control_pb2.GetShardIndicesResponse:
+        _check(context, request)
+        check_cluster(self._c, context)
+        with _status(context):
+            got = self._c.assigned_indices(request.peer_id, request.job_id, list(request.shard_ids))
+            return control_pb2.GetShardIndicesResponse(
+                shard_indices={s: types_pb2.ShardIndices(indices=idx.tolist()) for s, idx in got.items()})
+        raise AssertionError("unreachable")
+
     def UploadCheckpoint(self, request_iterator: Iterator[control_pb2.CheckpointChunk], context: grpc.ServicerContext) -> control_pb2.UploadCheckpointResponse:
         check_cluster(self._c, context)
         with _status(context):

@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator
 from typing import BinaryIO, TypeVar
 
 import grpc
+import numpy as np
 from dml.v1 import control_pb2, control_pb2_grpc, data_pb2, data_pb2_grpc
 
 from dml.common import auth, rpc
@@ -290,6 +291,24 @@ class ControlClient:
             return bytes(resp.bundle)
 
         return self.call(attempt, "fetch task code", give_up_s=60)
+
+    def shard_indices(self, peer_id: str, job_id: str, shard_ids: list[int]) -> dict[int, np.ndarray]:
+        """The sample indices of shards ``shard_ids`` of job ``job_id`` that the job assigns to
+        this peer, asked for in as many calls as the coordinator's answers need (each holds whole
+        shards up to its size limit); shards no longer assigned are left out. Retried while the
+        coordinator is unreachable (up to 30 s): a prefetch that cannot have them is only late."""
+        out: dict[int, np.ndarray] = {}
+        rest = list(shard_ids)
+        while rest:
+            req = control_pb2.GetShardIndicesRequest(peer_id=peer_id, job_id=job_id, shard_ids=rest)
+            resp: control_pb2.GetShardIndicesResponse = self.call(
+                lambda: self.stub.GetShardIndices(req, timeout=CALL_TIMEOUT_S * 3), "get shard indices", give_up_s=30)
+            got = {s: np.asarray(v.indices, dtype=np.int64) for s, v in resp.shard_indices.items() if s in rest}
+            if not got:
+                break  # the others are no longer this peer's
+            out.update(got)
+            rest = [s for s in rest if s not in got]
+        return out
 
     def _data_call(self, fn: Callable[[], T], what: str) -> T:
         """A DataService read, retried while the coordinator is unreachable (up to a minute);

@@ -11,10 +11,17 @@ and kept on that trainer (:func:`attach`, :func:`of`); for a store dataset they 
 :class:`~dml.peer.datacache.StoreSource` counters, which every read of its rows adds to, and the
 shards it caches are those of the shards it was given (:func:`note_plan`) whose rows are all
 present (``StoreSource.holds``). Counts are totals since the peer took the job, never deltas: a report the coordinator
-lost costs nothing.
+lost costs nothing. The indices of the shards it was given are also kept beside the dataset in
+the cache (:func:`save_shards`, :func:`load_shards`), so a peer restarted on the same
+``--cache-dir`` tells the coordinator at its take which of the job's shards it still holds, and
+is given those back rather than shards it would have to fetch.
 """
 from __future__ import annotations
 
+import hashlib
+import io
+import logging
+import pathlib
 import threading
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -22,6 +29,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from dml.v1 import control_pb2
 
+from dml.common.files import write_atomic
 from dml.peer.datacache import ChunkCache, Counters, StoreSource
 
 if TYPE_CHECKING:
@@ -30,6 +38,7 @@ if TYPE_CHECKING:
     from dml.peer.runner import Peer
     from dml.peer.trainer import Trainer
 
+log = logging.getLogger(__name__)
 LOCAL, STORE = "local", "store"
 SOURCES = {LOCAL: control_pb2.DATA_SOURCE_LOCAL, STORE: control_pb2.DATA_SOURCE_STORE}
 ATTRIBUTE = "data_usage"  # the trainer attribute holding its job's JobUsage
@@ -50,6 +59,7 @@ class JobUsage:
     store: StoreSource | None = field(default=None, repr=False, compare=False)
     shards: dict[int, np.ndarray] = field(default_factory=dict, repr=False, compare=False)
     rows: int = 0  # the training samples (the rows the training arrays must have)
+    job_id: str = ""  # names the file its shards' indices are kept in (save_shards)
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def add(self, got: Counters) -> None:
@@ -78,10 +88,81 @@ def note_plan(job: JobUsage, plan: types_pb2.Plan) -> None:
     indices for the job's life), so their presence can be reported."""
     if job.source != STORE:
         return
+    note_indices(job, {sid: np.asarray(s.indices, dtype=np.int64) for sid, s in plan.shard_indices.items()
+                       if sid not in job.shards})
+
+
+def note_indices(job: JobUsage, indices: dict[int, np.ndarray]) -> None:
+    """Remembers (and keeps, :func:`save_shards`) the sample indices of shards given to this
+    peer: a plan's, or those the prefetch asked the coordinator for (GetShardIndices)."""
+    if job.source != STORE:
+        return
     with job.lock:
-        for sid, s in plan.shard_indices.items():
-            if sid not in job.shards:
-                job.shards[sid] = np.asarray(s.indices, dtype=np.int64)
+        new = [sid for sid in indices if sid not in job.shards]
+        for sid in new:
+            job.shards[sid] = indices[sid]
+    if new:
+        save_shards(job)
+
+
+def known_indices(job: JobUsage, shard_ids: list[int]) -> tuple[np.ndarray, list[int]]:
+    """The sample indices (sorted, unique) of those of ``shard_ids`` whose indices this peer
+    knows, and the ids it does not know."""
+    with job.lock:
+        parts = [job.shards[s] for s in shard_ids if s in job.shards]
+        missing = [s for s in shard_ids if s not in job.shards]
+    return (np.unique(np.concatenate(parts)) if parts else np.zeros(0, dtype=np.int64)), missing
+
+
+def shards_file(job: JobUsage) -> pathlib.Path | None:
+    """Where the indices of ``job``'s shards given to this peer are kept: beside its dataset's
+    folder in the cache, one file per job (named by the job id's sha256); None for local data."""
+    if job.store is None or not job.job_id:
+        return None
+    root = job.store.root
+    return root.parent / f"{root.name}.jobs" / f"{hashlib.sha256(job.job_id.encode()).hexdigest()[:32]}.npz"
+
+
+def save_shards(job: JobUsage) -> None:
+    """Writes the indices of the shards ``job`` was given (atomically; a failure is logged:
+    it only costs a restarted peer a fetch)."""
+    path = shards_file(job)
+    if path is None:
+        return
+    with job.lock:
+        arrays = {str(sid): idx for sid, idx in job.shards.items()}
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(path, buf.getvalue())
+    except OSError as e:
+        log.warning("job %s: cannot keep its shards' indices at %s: %s", job.job_id, path, e)
+
+
+def load_shards(job: JobUsage) -> int:
+    """Reads what :func:`save_shards` kept for ``job`` (a previous run of this peer on the same
+    cache) into ``job.shards``: shard ids below its shard count, indices below its rows (when
+    known), anything else ignored, a damaged file logged and ignored. Returns the shards read."""
+    path = shards_file(job)
+    if path is None or not path.is_file():
+        return 0
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            got = {}
+            for key in z.files:
+                sid, idx = int(key), np.asarray(z[key], dtype=np.int64)
+                if not 0 <= sid < job.num_shards or idx.ndim != 1 or (idx.size and idx.min() < 0) or \
+                        (job.rows and idx.size and idx.max() >= job.rows):
+                    raise ValueError(f"shard {key} does not fit the job")
+                got[sid] = idx
+    except (OSError, ValueError, KeyError) as e:
+        log.warning("job %s: ignoring the shards' indices kept at %s: %s", job.job_id, path, e)
+        return 0
+    with job.lock:
+        for sid, idx in got.items():
+            job.shards.setdefault(sid, idx)
+    return len(got)
 
 
 def cached_shards(job: JobUsage) -> list[int]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import threading
 from dataclasses import dataclass
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -28,7 +29,7 @@ IDLE_EXIT_S = 60.0  # a thread with no work for this long ends (the next plan st
 class _Work:
     job_id: str
     source: StoreSource
-    indices: np.ndarray
+    indices: np.ndarray | Callable[[], np.ndarray]  # or what finds them, called on the thread
     rows: int
 
 
@@ -61,10 +62,15 @@ class Prefetcher:
         with self._lock:
             return self._job
 
-    def submit(self, job_id: str, source: StoreSource, indices: np.ndarray, rows: int) -> None:
+    def submit(self, job_id: str, source: StoreSource, indices: np.ndarray | Callable[[], np.ndarray], rows: int,
+               key: object = None) -> None:
         """Fetches rows ``indices`` of ``source``'s training arrays of ``rows`` rows in the
-        background, for job ``job_id``; another job's prefetch is cancelled first."""
-        key = hash(np.asarray(indices, dtype=np.int64).tobytes())
+        background, for job ``job_id``; another job's prefetch is cancelled first. ``indices``
+        may be a function the thread calls to find them (it may ask the coordinator); ``key``
+        then tells the same work from new (by default the indices' own hash)."""
+        if key is None:
+            assert not callable(indices), "a function of indices needs a key"
+            key = hash(np.asarray(indices, dtype=np.int64).tobytes())
         with self._lock:
             if self._job != job_id:
                 self._stop_locked()
@@ -125,8 +131,10 @@ class Prefetcher:
                     continue
             idle = 0.0
             before = work.source.counters.chunks_fetched, work.source.counters.bytes_fetched
+            indices = np.zeros(0, dtype=np.int64)
             try:
-                work.source.prefetch(work.indices, work.rows, cancelled)
+                indices = work.indices() if callable(work.indices) else work.indices
+                work.source.prefetch(indices, work.rows, cancelled)
                 err = ""
             except Exception as e:  # noqa: BLE001 - a fetch that fails here fails again in the batch, which reports it
                 err = f"{type(e).__name__}: {e}"
@@ -134,7 +142,7 @@ class Prefetcher:
             c = work.source.counters
             if not err:
                 log.info("job %s: prefetched the rows of %d samples: %d chunks (%d bytes) fetched%s", work.job_id,
-                         work.indices.size, c.chunks_fetched - before[0], c.bytes_fetched - before[1],
+                         indices.size, c.chunks_fetched - before[0], c.bytes_fetched - before[1],
                          " (cancelled)" if cancelled.is_set() else "")
             with self._wake:
                 self.failed = err

@@ -11,6 +11,7 @@ import time
 from dataclasses import dataclass
 
 import grpc
+import numpy as np
 from dml.v1 import control_pb2, types_pb2
 
 from dml.common import guard, rpc
@@ -337,8 +338,25 @@ class Peer:
         if usage is not None:
             datausage.note_plan(usage, plan)  # the shards whose presence its reports tell
         source = trainer.ctx.source if trainer is not None else None
-        if isinstance(source, StoreSource) and plan.shard_indices:
-            self.prefetch.submit(plan.job_id, source, plan_indices(plan), trainer.train_data.size)
+        if not isinstance(source, StoreSource):
+            return
+        me = next((m for m in plan.members if m.peer_id == self.peer_id), None)
+        assigned = sorted(me.shard_ids) if me is not None else []
+        if usage is None or not assigned:  # no record of its shards: this round's, from the plan
+            if plan.shard_indices:
+                self.prefetch.submit(plan.job_id, source, plan_indices(plan), trainer.train_data.size)
+            return
+        job_id = plan.job_id
+
+        def indices() -> np.ndarray:
+            """Every assigned shard's indices: those the plans gave, the others asked for."""
+            known, missing = datausage.known_indices(usage, assigned)
+            if missing:
+                datausage.note_indices(usage, self.client.shard_indices(self.peer_id, job_id, missing))
+                known, _ = datausage.known_indices(usage, assigned)
+            return known
+
+        self.prefetch.submit(job_id, source, indices, trainer.train_data.size, key=tuple(assigned))
 
     def _make_link(self, plan: types_pb2.Plan, rank: int) -> PeerLink:
         """The ring link for this round (a seam for fault-injection tests)."""

@@ -140,7 +140,8 @@ def make_trainer(peer: Peer, job_id: str, spec: types_pb2.JobSpec) -> Trainer:
     task = load_task(peer, job_id, spec)
     source = dataset_source(peer, job_id, spec.dataset) if spec.dataset else None
     usage = datausage.JobUsage(datausage.STORE if source is not None else datausage.LOCAL, spec.num_shards,
-                               counters=source.counters if source is not None else Counters(), store=source)
+                               counters=source.counters if source is not None else Counters(), store=source,
+                               job_id=job_id)
     if local is not None:
         data_dir = local
     elif source is not None:
@@ -159,6 +160,9 @@ def make_trainer(peer: Peer, job_id: str, spec: types_pb2.JobSpec) -> Trainer:
         raise
     trainer.average_state = spec.optimizer_state == "average"
     usage.rows = trainer.train_data.size
+    if datausage.load_shards(usage):  # a previous run of this peer on the same cache was given these
+        log.info("peer %s job %s: cached shards of an earlier run: %s", peer.peer_id, job_id,
+                 datausage.cached_shards(usage))
     datausage.attach(trainer, usage)  # its reports carry it (peer.datausage)
     if spec.outer_optimizer not in ("", "none"):
         trainer.state_parts[outer.PART] = outer.OuterOptimizer(spec.outer_optimizer, spec.outer_lr,

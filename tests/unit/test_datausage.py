@@ -72,6 +72,55 @@ def test_a_store_job_caches_the_shards_it_was_given_once_their_rows_are_present(
     assert datausage.cached_shards(job) == [0, 1, 2]
 
 
+def test_a_restarted_peer_knows_the_shards_it_was_given_and_still_holds(tmp_path) -> None:
+    """The shards' indices are kept beside the dataset in the cache: a second run of the peer on
+    the same cache (a new JobUsage, a new source) reports the shard it fetched before as cached at
+    its take, before any plan; another job's run knows nothing; a damaged or lying file is ignored."""
+    x = np.arange(800, dtype=np.float32).reshape(200, 4)
+    buf = io.BytesIO()
+    np.save(buf, x)
+    raw = buf.getvalue()
+    parts = [raw[i : i + 256] for i in range(0, len(raw), 256)]
+    files = (FileEntry("x.npy", len(raw), tuple(chunk_digest(p) for p in parts)),)
+    chunks = {chunk_digest(p): p for p in parts}
+    manifest = Manifest("d", manifest_digest(list(files)), files)
+
+    def run(job_id: str) -> tuple[datausage.JobUsage, object]:
+        cache = ChunkCache(tmp_path, chunk_bytes=256)
+        src = StoreSource(cache.open(manifest, chunks.__getitem__))
+        job = datausage.JobUsage(datausage.STORE, 3, counters=src.counters, store=src, rows=200, job_id=job_id)
+        return job, (cache, Context(data_dir=src.root, source=src).array("x.npy"))
+
+    job, (cache, arr) = run("job-1")
+    plan = types_pb2.Plan()
+    plan.shard_indices[1].indices.extend(range(150, 200))
+    datausage.note_plan(job, plan)
+    arr[np.arange(150, 200)]
+    assert datausage.cached_shards(job) == [1]
+    cache.close()
+
+    again, (cache, _) = run("job-1")
+    assert datausage.cached_shards(again) == [], "nothing known before the kept indices are read"
+    assert datausage.load_shards(again) == 1 and datausage.cached_shards(again) == [1]
+    cache.close()
+    other, (cache, _) = run("job-2")
+    assert other.store is not None and other.store.root == again.store.root  # the same dataset folder
+    assert datausage.load_shards(other) == 0 and datausage.cached_shards(other) == []
+    cache.close()
+
+    path = datausage.shards_file(again)
+    assert path is not None
+    for damage in (b"not an npz", None):
+        if damage is None:  # a shard id past the job's shards
+            b = io.BytesIO()
+            np.savez(b, **{"7": np.arange(3)})
+            damage = b.getvalue()
+        path.write_bytes(damage)
+        fresh, (cache, _) = run("job-1")
+        assert datausage.load_shards(fresh) == 0 and datausage.cached_shards(fresh) == []
+        cache.close()
+
+
 def test_fill_adds_the_trainers_usage_and_nothing_for_a_trainer_without_one(tmp_path) -> None:
     peer = types.SimpleNamespace(data_cache=ChunkCache(tmp_path, max_bytes=10))
     trainer = types.SimpleNamespace()

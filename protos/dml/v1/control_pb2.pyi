@@ -322,3 +322,26 @@ class FetchTaskCodeResponse(_message.Message):
     BUNDLE_FIELD_NUMBER: _ClassVar[int]
     bundle: bytes
     def __init__(self, bundle: _Optional[bytes] = ...) -> None: ...
+
+class GetShardIndicesRequest(_message.Message):
+    __slots__ = ("peer_id", "job_id", "shard_ids")
+    PEER_ID_FIELD_NUMBER: _ClassVar[int]
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    SHARD_IDS_FIELD_NUMBER: _ClassVar[int]
+    peer_id: str
+    job_id: str
+    shard_ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, peer_id: _Optional[str] = ..., job_id: _Optional[str] = ..., shard_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class GetShardIndicesResponse(_message.Message):
+    __slots__ = ("shard_indices",)
+    class ShardIndicesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: int
+        value: _types_pb2.ShardIndices
+        def __init__(self, key: _Optional[int] = ..., value: _Optional[_Union[_types_pb2.ShardIndices, _Mapping]] = ...) -> None: ...
+    SHARD_INDICES_FIELD_NUMBER: _ClassVar[int]
+    shard_indices: _containers.MessageMap[int, _types_pb2.ShardIndices]
+    def __init__(self, shard_indices: _Optional[_Mapping[int, _types_pb2.ShardIndices]] = ...) -> None: ...

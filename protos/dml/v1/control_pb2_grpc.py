@@ -75,6 +75,11 @@ class PeerControlStub:
                 request_serializer=dml_dot_v1_dot_control__pb2.FetchTaskCodeRequest.SerializeToString,
                 response_deserializer=dml_dot_v1_dot_control__pb2.FetchTaskCodeResponse.FromString,
                 _registered_method=True)
+        self.GetShardIndices = channel.unary_unary(
+                '/dml.v1.PeerControl/GetShardIndices',
+                request_serializer=dml_dot_v1_dot_control__pb2.GetShardIndicesRequest.SerializeToString,
+                response_deserializer=dml_dot_v1_dot_control__pb2.GetShardIndicesResponse.FromString,
+                _registered_method=True)
 
 
 class PeerControlServicer:
@@ -140,6 +145,15 @@ class PeerControlServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetShardIndices(self, request, context):
+        """The sample indices of shards the job gave this member (its plan names them in
+        Member.shard_ids; Plan.shard_indices carries only those the round trains), so it can fetch
+        their rows of a store dataset ahead of the rounds that train them.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PeerControlServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -182,6 +196,11 @@ def add_PeerControlServicer_to_server(servicer, server):
                     servicer.FetchTaskCode,
                     request_deserializer=dml_dot_v1_dot_control__pb2.FetchTaskCodeRequest.FromString,
                     response_serializer=dml_dot_v1_dot_control__pb2.FetchTaskCodeResponse.SerializeToString,
+            ),
+            'GetShardIndices': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetShardIndices,
+                    request_deserializer=dml_dot_v1_dot_control__pb2.GetShardIndicesRequest.FromString,
+                    response_serializer=dml_dot_v1_dot_control__pb2.GetShardIndicesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -401,6 +420,33 @@ class PeerControl:
             '/dml.v1.PeerControl/FetchTaskCode',
             dml_dot_v1_dot_control__pb2.FetchTaskCodeRequest.SerializeToString,
             dml_dot_v1_dot_control__pb2.FetchTaskCodeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetShardIndices(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dml.v1.PeerControl/GetShardIndices',
+            dml_dot_v1_dot_control__pb2.GetShardIndicesRequest.SerializeToString,
+            dml_dot_v1_dot_control__pb2.GetShardIndicesResponse.FromString,
             options,
             channel_credentials,
             insecure,
