@@ -1,13 +1,15 @@
 """Jobs on a dataset of the coordinator's store (``dml data put``, ``dml submit --dataset``), with
-real processes: three peers in folders of their own (data, cache, code: nothing shared) train
+real processes: peers in folders of their own (data, cache, code: nothing shared) train
 ``examples/memmap.py`` on data only the store holds.
 
-- Each peer fetches about its share of the bytes (its shards' rows, ``--sharding contiguous``),
-  not the dataset, and the job ends at the accuracy of the same task, samples and seed trained
-  from shared storage (peers reading one folder, here in this process).
-- When a peer is SIGKILLed its shards go to the survivors: to those that hold them in their
-  cache, which fetch nothing for them, and otherwise to survivors that fetch them; the job
-  succeeds with every round committed once, the ledger holding and the peers bit-identical.
+- Three peers on one job each fetch about their share of the bytes (their shards' rows,
+  ``--sharding contiguous``), not the dataset, and the job ends at the accuracy of the same task,
+  samples and seed trained from shared storage (three peers reading one folder, in this process).
+- A second job, on another dataset: three peers, then a fourth that joins and takes shards from
+  them (they keep those in their caches). The joiner is SIGKILLed, then another member: each time
+  the dead peer's shards go to the survivors, and each survivor fetches nothing for the shards it
+  already caches and about the bytes of those it lacks. The job succeeds with every round
+  committed once, the ledger holding and the two last peers bit-identical.
 """
 from __future__ import annotations
 
@@ -22,14 +24,14 @@ from dml.client.api import JobClient, history_dict, shards_dict
 from dml.client.cluster import LocalCluster, operator_token_file, registrations
 from dml.common.datasets import CHUNK_BYTES
 from dml.common.spec import JobSpec
+from dml.coordinator.ledger import violations
 from dml.peer.runner import Peer, PeerConfig
 from dml.v1 import types_pb2
-from tests.e2e.conftest import DONE, ROOT, SLOW_LEASE, dml, fetch_peer, job_client, status, wait_status
+from tests.e2e.conftest import DONE, ROOT, SLOW_LEASE, dml, fetch_peer, job_client, wait_status
 from tests.integration.helpers import (
     assert_state_dicts_identical,
     coordinator,
     join_token,
-    ledger_problems,
     operator_token,
     wait_for,
 )
@@ -38,13 +40,13 @@ pytestmark = pytest.mark.e2e
 
 TASK = ROOT / "examples" / "memmap.py"
 FEATURES, CLASSES = 32, 8  # examples/memmap.py's model
-TRAIN, TEST = 960_000, 4_000  # train_x.npy: 123 MB, 30 chunks: a third is ten of them
+TRAIN, TEST = 480_000, 4_000  # train_x.npy: 61 MB, 15 chunks: a third is five of them
 SHARDS = 24
 PEERS = 4  # three train job 1; the fourth is held by another job until job 2 has started
-JOB1 = dict(rounds=40, local_steps=5, batch_size=64, min_peers=3, max_peers=3, sharding="contiguous", num_shards=SHARDS,
+JOB1 = dict(rounds=25, local_steps=5, batch_size=64, min_peers=3, max_peers=3, sharding="contiguous", num_shards=SHARDS,
             seed=3)
-JOB2 = dict(rounds=400, local_steps=2, batch_size=32, min_peers=2, sharding="contiguous", num_shards=SHARDS, seed=4,
-            eval_every_rounds=50, checkpoint_every_rounds=50)
+JOB2 = dict(rounds=160, local_steps=2, batch_size=32, min_peers=2, sharding="contiguous", num_shards=SHARDS, seed=4,
+            eval_every_rounds=40, checkpoint_every_rounds=40)  # the kills take about 45 rounds here
 
 
 def _write(folder: pathlib.Path, seed: int) -> int:
@@ -198,11 +200,14 @@ def test_store_jobs_fetch_each_peers_share_and_survivors_fetch_only_what_they_la
         assert held in four and four[held]["shards"]
         slots = _slots(procs.log_dir, PEERS)
 
-        # The joiner is SIGKILLed: its shards go back to the peers that cache them: nothing fetched.
+        # The joiner is SIGKILLed: its shards go back to the peers that gave them, which cache them
+        # and fetch nothing for them (placement keeps the load even first: any that go to a peer
+        # that never held them are fetched, as _check_moves checks).
         procs.kill_peer(slots[held][0])
         three = _settled(address, job2, set(four) - {held})
         print(f"job 2: {held} killed")
-        assert _check_moves(four, three, x_bytes)[1] == 0, "every shard of the joiner was in a survivor's cache"
+        from_cache, _ = _check_moves(four, three, x_bytes)
+        assert from_cache > 0, "the joiner's shards went back to peers that cache them"
 
         # Then the member whose shards the others cache least: the survivors fetch them.
         victim = max(three, key=lambda p: len(set(three[p]["shards"]) - set().union(
@@ -210,7 +215,7 @@ def test_store_jobs_fetch_each_peers_share_and_survivors_fetch_only_what_they_la
         procs.kill_peer(slots[victim][0])
         two = _settled(address, job2, set(three) - {victim})
         print(f"job 2: {victim} killed")
-        from_cache, fetched = _check_moves(three, two, x_bytes)
+        _, fetched = _check_moves(three, two, x_bytes)
         assert fetched > 0, "the survivors fetched the shards none of them held"
 
         end = wait_status(address, job2, lambda s: s["state"] in ("SUCCEEDED", "FAILED"), 240, "job 2 to end")
@@ -218,8 +223,9 @@ def test_store_jobs_fetch_each_peers_share_and_survivors_fetch_only_what_they_la
         out = dml("status", "--coordinator", address, job2, "--json", "--history")
         hist = json.loads(out.stdout)["history"]
         assert [r["round"] for r in hist] == list(range(1, JOB2["rounds"] + 1)), "a round was lost or repeated"
-        assert ledger_problems(hist, JobSpec(**JOB2)) == []
-        assert set(status(address, job2)["peers"]) == set(two)
+        rounds = [[tuple(x) for m in sorted(r["consumed"]) for x in r["consumed"][m]] for r in hist]
+        assert violations(rounds, [TRAIN // SHARDS] * SHARDS) == [], "a sample was trained twice in a pass"
+        assert hist[-1]["members"] == len(two)
         got = [fetch_peer(state, slots[p][1], job2, JOB2["rounds"], p) for p in two]
         assert {g[0] for g in got} == {hist[-1]["digest"]}, "the survivors hold the committed model"
         assert_state_dicts_identical([g[1] for g in got])

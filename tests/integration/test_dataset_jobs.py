@@ -201,3 +201,59 @@ class _WithUsage:
             req.has_cache_free, req.cache_free_bytes = True, self.free
         return self.stub.TakeJob(req, timeout=timeout)
 
+
+
+def test_a_member_gets_the_indices_of_its_own_shards_and_nothing_else(tmp_path: pathlib.Path,
+                                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    """GetShardIndices (what a peer's prefetch asks for the shards its plan names): a member gets
+    the indices of the shards the job assigns to it, whole, in the order asked; shards of another
+    member are left out; ids out of range, repeated or too many are INVALID_ARGUMENT, another
+    peer's id PERMISSION_DENIED, no credential UNAUTHENTICATED, an unknown job NOT_FOUND."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a.bin").write_bytes(b"x" * 100)
+    with coordinator(tmp_path / "state") as srv:
+        token = tmp_path / "operator.token"
+        token.write_text(operator_token(srv.address) + "\n")
+        token.chmod(0o600)
+        _dml(capsys, srv.address, token, "data", "put", "tiny", str(src))
+        with rpc.channel(srv.address) as ch:
+            joiner = control_pb2_grpc.PeerControlStub(auth.with_token(ch, join_token(srv.address)))
+            regs = [joiner.RegisterPeer(control_pb2.RegisterPeerRequest(address=f"127.0.0.1:{9 + i}",
+                                                                         public_key=bytes(32)), timeout=10)
+                    for i in range(2)]
+        jid = _dml(capsys, srv.address, token, "submit", "--task", "digits", "--dataset", "tiny", "--num-shards", "4",
+                   "--min-peers", "2")
+        with rpc.channel(srv.address) as ch:
+            a, b = (control_pb2_grpc.PeerControlStub(auth.with_token(ch, r.peer_token)) for r in regs)
+            for stub, r in ((a, regs[0]), (b, regs[1])):
+                take_ready(stub, r.peer_id, jid)
+            job = srv.coordinator.state.job(jid)
+            assert job.state == "RUNNING"
+            mine, theirs = (sorted(job.assignment[r.peer_id]) for r in regs)
+            with srv.coordinator._cond:
+                want = srv.coordinator.shard_indices(job)
+
+            def ask(stub, shard_ids, peer_id=regs[0].peer_id, job_id=jid):
+                return stub.GetShardIndices(control_pb2.GetShardIndicesRequest(
+                    peer_id=peer_id, job_id=job_id, shard_ids=shard_ids), timeout=10)
+
+            got = ask(a, mine[::-1] + theirs)
+            assert sorted(got.shard_indices) == mine, "its own shards only"
+            for s in mine:
+                assert list(got.shard_indices[s].indices) == want[s].tolist()
+            assert not ask(a, theirs).shard_indices
+            for ids, words in (([4], "below the job's 4 shards"), ([mine[0], mine[0]], "distinct"),
+                               ([0, 1, 2, 3, 0], "distinct")):
+                with pytest.raises(grpc.RpcError) as e:
+                    ask(a, ids)
+                assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and words in e.value.details(), ids
+            with pytest.raises(grpc.RpcError) as e:
+                ask(a, mine, peer_id=regs[1].peer_id)
+            assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED
+            with pytest.raises(grpc.RpcError) as e:
+                ask(a, mine, job_id="job-nope")
+            assert e.value.code() == grpc.StatusCode.NOT_FOUND
+            with pytest.raises(grpc.RpcError) as e:
+                ask(control_pb2_grpc.PeerControlStub(ch), mine)
+            assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
