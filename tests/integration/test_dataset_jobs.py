@@ -7,8 +7,11 @@ again and fetched again. ``dml shards`` shows what the job's data cost each peer
 fetched, the shards it caches), and the coordinator refuses data usage that cannot be true."""
 from __future__ import annotations
 
+import contextlib
 import json
 import pathlib
+from collections.abc import Iterator
+from typing import Any
 
 import grpc
 import numpy as np
@@ -138,11 +141,10 @@ def test_a_job_on_a_stored_dataset_fetches_each_peers_share(tmp_path: pathlib.Pa
                 p.stop()
 
 
-def test_the_coordinator_refuses_data_usage_that_cannot_be_true(tmp_path: pathlib.Path,
-                                                                capsys: pytest.CaptureFixture[str]) -> None:
-    """A hand-made peer takes a job on a store dataset: unknown shard ids, more ids than the job
-    has shards, a source other than the job's, an unknown source and a huge free cache are each
-    INVALID_ARGUMENT with a message, and nothing is recorded; a true usage is shown."""
+@contextlib.contextmanager
+def _tiny_store(tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]) -> Iterator[tuple[Any, pathlib.Path]]:
+    """A coordinator whose store holds dataset ``tiny`` (one 100-byte file), and the file
+    holding its operator token."""
     src = tmp_path / "src"
     src.mkdir()
     (src / "a.bin").write_bytes(b"x" * 100)
@@ -151,6 +153,15 @@ def test_the_coordinator_refuses_data_usage_that_cannot_be_true(tmp_path: pathli
         token.write_text(operator_token(srv.address) + "\n")
         token.chmod(0o600)
         _dml(capsys, srv.address, token, "data", "put", "tiny", str(src))
+        yield srv, token
+
+
+def test_the_coordinator_refuses_data_usage_that_cannot_be_true(tmp_path: pathlib.Path,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    """A hand-made peer takes a job on a store dataset: unknown shard ids, more ids than the job
+    has shards, a source other than the job's, an unknown source and a huge free cache are each
+    INVALID_ARGUMENT with a message, and nothing is recorded; a true usage is shown."""
+    with _tiny_store(tmp_path, capsys) as (srv, token):
         with rpc.channel(srv.address) as ch:
             joiner = control_pb2_grpc.PeerControlStub(auth.with_token(ch, join_token(srv.address)))
             with pytest.raises(grpc.RpcError) as e:
@@ -209,14 +220,7 @@ def test_a_member_gets_the_indices_of_its_own_shards_and_nothing_else(tmp_path: 
     the indices of the shards the job assigns to it, whole, in the order asked; shards of another
     member are left out; ids out of range, repeated or too many are INVALID_ARGUMENT, another
     peer's id PERMISSION_DENIED, no credential UNAUTHENTICATED, an unknown job NOT_FOUND."""
-    src = tmp_path / "src"
-    src.mkdir()
-    (src / "a.bin").write_bytes(b"x" * 100)
-    with coordinator(tmp_path / "state") as srv:
-        token = tmp_path / "operator.token"
-        token.write_text(operator_token(srv.address) + "\n")
-        token.chmod(0o600)
-        _dml(capsys, srv.address, token, "data", "put", "tiny", str(src))
+    with _tiny_store(tmp_path, capsys) as (srv, token):
         with rpc.channel(srv.address) as ch:
             joiner = control_pb2_grpc.PeerControlStub(auth.with_token(ch, join_token(srv.address)))
             regs = [joiner.RegisterPeer(control_pb2.RegisterPeerRequest(address=f"127.0.0.1:{9 + i}",

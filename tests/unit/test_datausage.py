@@ -45,18 +45,22 @@ def test_free_cache_bytes_are_the_limit_minus_what_the_cache_holds(tmp_path) -> 
     assert datausage.cache_free(cache) == 700
 
 
-def test_a_store_job_caches_the_shards_it_was_given_once_their_rows_are_present(tmp_path) -> None:
-    """Rows 0-99 of a 200-row array in 16-byte rows, 256-byte chunks: shard 0 (rows 0-49) and
-    shard 1 (rows 150-199) of the plan; only shard 0's rows are fetched."""
-    x = np.arange(800, dtype=np.float32).reshape(200, 4)
+def _array_dataset() -> tuple[Manifest, dict[str, bytes]]:
+    """A 200-row array of 16-byte rows (``x.npy``) as a store dataset in 256-byte chunks: its
+    manifest and its chunks by digest."""
     buf = io.BytesIO()
-    np.save(buf, x)
+    np.save(buf, np.arange(800, dtype=np.float32).reshape(200, 4))
     raw = buf.getvalue()
     parts = [raw[i : i + 256] for i in range(0, len(raw), 256)]
     files = (FileEntry("x.npy", len(raw), tuple(chunk_digest(p) for p in parts)),)
-    chunks = {chunk_digest(p): p for p in parts}
-    src = StoreSource(ChunkCache(tmp_path, chunk_bytes=256).open(Manifest("d", manifest_digest(list(files)), files),
-                                                               chunks.__getitem__))
+    return Manifest("d", manifest_digest(list(files)), files), {chunk_digest(p): p for p in parts}
+
+
+def test_a_store_job_caches_the_shards_it_was_given_once_their_rows_are_present(tmp_path) -> None:
+    """Rows 0-99 of a 200-row array in 16-byte rows, 256-byte chunks: shard 0 (rows 0-49) and
+    shard 1 (rows 150-199) of the plan; only shard 0's rows are fetched."""
+    manifest, chunks = _array_dataset()
+    src = StoreSource(ChunkCache(tmp_path, chunk_bytes=256).open(manifest, chunks.__getitem__))
     job = datausage.JobUsage(datausage.STORE, 3, counters=src.counters, store=src, rows=200)
     plan = types_pb2.Plan()
     plan.shard_indices[0].indices.extend(range(50))
@@ -76,14 +80,7 @@ def test_a_restarted_peer_knows_the_shards_it_was_given_and_still_holds(tmp_path
     """The shards' indices are kept beside the dataset in the cache: a second run of the peer on
     the same cache (a new JobUsage, a new source) reports the shard it fetched before as cached at
     its take, before any plan; another job's run knows nothing; a damaged or lying file is ignored."""
-    x = np.arange(800, dtype=np.float32).reshape(200, 4)
-    buf = io.BytesIO()
-    np.save(buf, x)
-    raw = buf.getvalue()
-    parts = [raw[i : i + 256] for i in range(0, len(raw), 256)]
-    files = (FileEntry("x.npy", len(raw), tuple(chunk_digest(p) for p in parts)),)
-    chunks = {chunk_digest(p): p for p in parts}
-    manifest = Manifest("d", manifest_digest(list(files)), files)
+    manifest, chunks = _array_dataset()
 
     def run(job_id: str) -> tuple[datausage.JobUsage, object]:
         cache = ChunkCache(tmp_path, chunk_bytes=256)
