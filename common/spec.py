@@ -10,7 +10,7 @@ from dml.v1 import types_pb2
 
 AGGREGATIONS = ("ring", "gossip")
 CODECS = ("fp32", "bf16", "fp16", "int8")  # aggregation.codecs.CODEC_NAMES; checked by a test
-DATA_PLANES = ("auto", "shm", "tcp", "grpc")  # peer.link.DATA_PLANES
+DATA_PLANES = ("auto", "shm", "tcp", "grpc", "torch")  # peer.link.DATA_PLANES, and peer.torchplane's
 # aggregation.topology.TOPOLOGY_NAMES; checked by a test. Named here so that the job client, which
 # needs the names for its flags, loads no numpy.
 TOPOLOGY_NAMES = ("uniform", "ring", "exponential")
@@ -264,6 +264,12 @@ def _validate_training(spec: JobSpec) -> None:
                          (spec.codec != "fp32", "all-reduces gradients in fp32")):
             if bad:
                 raise InvalidSpec(f"--sync grads {why}")
+    if spec.data_plane == "torch":
+        for bad, why in ((spec.codec != "fp32", f"all-reduces in fp32 (torch.distributed sums; --codec {spec.codec} "
+                                                "is not implemented on it)"),
+                         (spec.aggregation != "ring", "carries ring rounds (--aggregation ring)")):
+            if bad:
+                raise InvalidSpec(f"--data-plane torch {why}")
     if spec.aggregation == "gossip" and (spec.outer_optimizer != "none" or spec.optimizer_state != "local"):
         raise InvalidSpec("gossip jobs have no outer optimizer and keep optimizer state local")
     if spec.optimizer_state == "average" and spec.codec != "fp32":

@@ -91,6 +91,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run the task code a job sends (a task file or package); without it this peer declines "
                         "such jobs and runs only built-in tasks and package.module:NAME from its own environment "
                         "(env DML_ALLOW_JOB_CODE=1)")
+    p.add_argument("--allow-torch-plane", action="store_true",
+                   default=os.environ.get("DML_ALLOW_TORCH_PLANE", "") not in ("", "0"),
+                   help="with TLS on, still take --data-plane torch jobs, whose tensors travel over "
+                        "torch.distributed's own sockets unencrypted (gloo/NCCL: trusted networks only); "
+                        "without it such a peer declines them (env DML_ALLOW_TORCH_PLANE=1)")
     p.add_argument("--data-dir", type=pathlib.Path, default=os.environ.get("DML_DATA_DIR") or None,
                    help="where tasks read their data (their ctx.data_dir; default: the working directory; "
                         "env DML_DATA_DIR)")
@@ -148,7 +153,7 @@ def build_config(argv: list[str] | None = None) -> tuple[PeerConfig, argparse.Na
                      tcp=not a.no_tcp, slowdown=a.slowdown, max_samples=a.max_samples, pool=a.pool, metrics=cliargs.metrics_config(a),
                      unreachable=tuple(x.strip() for x in a.fault_unreachable.split(",") if x.strip()),
                      cluster_id=a.cluster_id, fault=fault, tls=cliargs.tls_config(p, a, serve=True),
-                     allow_job_code=a.allow_job_code, data_dir=data_dir, local_data=tuple(a.local_data),
+                     allow_job_code=a.allow_job_code, allow_torch_plane=a.allow_torch_plane, data_dir=data_dir, local_data=tuple(a.local_data),
                      code_cache_dir=a.code_cache_dir.resolve() if a.code_cache_dir is not None else None,
                      cache_dir=(a.cache_dir or pathlib.Path.cwd() / ".dml-cache").resolve(),
                      cache_max_bytes=int(a.cache_max_gb * 1e9))

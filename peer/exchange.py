@@ -18,7 +18,7 @@ from dml.aggregation.codecs import payload_size
 from dml.aggregation.transport import FRAME, Header
 from dml.common import guard, limits
 from dml.common.tls import TlsConfig
-from dml.peer import dataplane, watch
+from dml.peer import dataplane, torchplane, watch
 from dml.peer.auth import FETCH_PARAMETERS, GOSSIP, OPEN_DATA_PLANE, PUSH_CHUNKS, check_body
 from dml.peer.gossip import GossipNode
 from dml.peer.inbox import POLL_S, UNCLAIMED_TTL_S, Frame, Inbox, Key
@@ -122,6 +122,7 @@ class ExchangeServicer(exchange_pb2_grpc.PeerExchangeServicer):
         self._params_source = params_source
         self._recv_timeout_s = recv_timeout_s
         self.gossip: GossipNode | None = None  # set by the peer: serves PeerExchange.Gossip
+        self.torch: torchplane.TorchPlane | None = None  # set by the peer: serves TorchStore and TorchProbe
         # Set by a peer whose server runs peer.auth.ExchangeGuard: every request's body must then
         # name the (job, round, epoch, sender) its call was signed for.
         self.guarded = False
@@ -392,6 +393,29 @@ class ExchangeServicer(exchange_pb2_grpc.PeerExchangeServicer):
             check_body(context, GOSSIP, first.job_id, first.sender_id, ref=first.exchange_id)
             request_iterator = _chain(first, request_iterator)
         yield from node.serve(_checked_first(request_iterator, context), context)
+
+    def TorchStore(self, request: exchange_pb2.TorchStoreRequest, context: grpc.ServicerContext) -> exchange_pb2.TorchStoreResponse:
+        """One operation on the rendezvous store of a torch-plane group this peer hosts."""
+        _check(context, request)
+        if self.torch is None:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, "this peer serves no torch data plane")
+        assert self.torch is not None
+        if self.guarded:
+            check_body(context, torchplane.TORCH_STORE, request.job_id, request.sender_id, request.epoch,
+                       str(request.group_round))
+        try:
+            return self.torch.store_host.op(request)
+        except ValueError as e:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+            raise  # not reached: abort raises
+
+    def TorchProbe(self, request: exchange_pb2.TorchProbeRequest, context: grpc.ServicerContext) -> exchange_pb2.TorchProbeResponse:
+        """How far this member got in a torch-plane group's collectives."""
+        _check(context, request)
+        if self.guarded:
+            check_body(context, torchplane.TORCH_PROBE, request.job_id, request.sender_id, request.epoch,
+                       str(request.group_round))
+        return torchplane.probe_answer(self.torch, request)
 
     def FetchParameters(self, request: exchange_pb2.FetchParametersRequest, context: grpc.ServicerContext) -> Iterator[exchange_pb2.ParameterChunk]:
         _check(context, request)

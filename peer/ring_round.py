@@ -30,6 +30,7 @@ from dml.peer.client import Evicted
 from dml.peer.gossip_step import GossipStep
 from dml.peer.link import PeerLink
 from dml.peer.params import Snapshot
+from dml.peer.torchplane import PLANE as TORCH_PLANE, TorchLink
 from dml.peer.step import NotFinite, check_own, report_failure, superseded, task_error_detail, train_and_report
 from dml.peer.trainer import StepResult, TaskError, Trainer
 from dml.peer.watch import SuccessorWatch
@@ -111,7 +112,8 @@ class RingRound:
         tag = f"peer {peer.peer_id} job {plan.job_id} round {plan.round} epoch {plan.epoch}"
         self._abort.clear()
         self.under_way = (plan.job_id, plan.epoch)
-        link = self._make_link(plan, me[0])
+        link: PeerLink | TorchLink = (self.torch_link(plan, me[0]) if plan.spec.data_plane == TORCH_PLANE
+                                      else self._make_link(plan, me[0]))
         link.open_early()  # the stream to the successor is negotiated while we train
         try:
             self._train_and_average(plan, me[0], tag, link)
@@ -160,6 +162,13 @@ class RingRound:
                         keep_watch=lambda watch: self._keep_watch(plan, watch),
                         injected_fault=peer.config.injected_fault(succ.address), credentials=peer.credentials,
                         tls=peer.config.tls)
+
+    def torch_link(self, plan: types_pb2.Plan, rank: int) -> TorchLink:
+        """The round's link on the torch data plane (:mod:`peer.torchplane`): the epoch's process
+        group, every wait bounded by the exchange timeout."""
+        peer = self._peer
+        return TorchLink(peer.torch, plan, rank, peer.config.exchange_timeout_s, self._abort,
+                         skip=peer.config.injected_fault)
 
     # -- the starting point -------------------------------------------------------------------
     def _prepare(self, plan: types_pb2.Plan) -> Trainer:
@@ -325,8 +334,12 @@ class RingRound:
             self._residual = (job_id, np.zeros(n, dtype=np.float32))
         return self._residual[1]
 
-    def _average(self, plan: types_pb2.Plan, rank: int, buf: np.ndarray, samples: int, link: PeerLink) -> None:
+    def _average(self, plan: types_pb2.Plan, rank: int, buf: np.ndarray, samples: int,
+                 link: PeerLink | TorchLink) -> None:
         """Averages ``buf`` (parameters, then the weight slot) with the other members."""
+        if isinstance(link, TorchLink):  # one collective; the spec allows fp32 only on this plane
+            link.average(buf, float(samples))
+            return
         world = len(plan.members)
         codec = plan.spec.codec or "fp32"
         chunk = self._peer.config.chunk_elems or chunk_elems_for(plan.spec.data_plane or "auto")
@@ -353,7 +366,7 @@ class RingRound:
             residual.fill(0.0)  # half-updated: drop it rather than feed back a wrong correction
             raise
 
-    def _synced(self, plan: types_pb2.Plan, rank: int, tag: str, link: PeerLink) -> Callable[[Trainer, np.ndarray], StepResult]:
+    def _synced(self, plan: types_pb2.Plan, rank: int, tag: str, link: PeerLink | TorchLink) -> Callable[[Trainer, np.ndarray], StepResult]:
         """``--sync grads``: how this member trains a round, one all-reduce of its gradient per
         step over ``link`` (:meth:`Trainer.train_synced`). Every member counts the same steps from
         the plan: as many as the largest allocation needs; a member whose samples ran out takes
@@ -376,9 +389,12 @@ class RingRound:
                 if not math.isfinite(scale):
                     raise NotFinite(f"round {plan.round} step {step}: own gradient not finite "
                                     f"({int(np.count_nonzero(~np.isfinite(own)))} non-finite values)")
-            weighted_ring_average(buf, float(samples), rank, world, link, self.deadline_s, chunk,
-                                  guard=guards.for_step(step, scale, buf.size - 1), collective=step,
-                                  final=step == steps - 1)
+            if isinstance(link, TorchLink):
+                link.average(buf, float(samples))
+            else:
+                weighted_ring_average(buf, float(samples), rank, world, link, self.deadline_s, chunk,
+                                      guard=guards.for_step(step, scale, buf.size - 1), collective=step,
+                                      final=step == steps - 1)
             guards.averaged(step, buf[:-1])
 
         def train(trainer: Trainer, samples: np.ndarray) -> StepResult:
@@ -388,7 +404,7 @@ class RingRound:
 
         return train
 
-    def _train_and_average(self, plan: types_pb2.Plan, rank: int, tag: str, link: PeerLink) -> None:
+    def _train_and_average(self, plan: types_pb2.Plan, rank: int, tag: str, link: PeerLink | TorchLink) -> None:
         peer = self._peer
         norm = 0.0
         grads = plan.spec.sync == "grads"

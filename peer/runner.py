@@ -33,6 +33,7 @@ from dml.peer.metrics import PeerMetrics
 from dml.peer.params import ParamStore
 from dml.peer.prefetch import Prefetcher, plan_indices
 from dml.peer.ring_round import RingRound
+from dml.peer.torchplane import TorchPlane
 from dml.peer.take import take
 from dml.peer.taskload import CodeCache
 from dml.peer.trainer import Trainer
@@ -87,6 +88,7 @@ class PeerConfig:
     unreachable: tuple[str, ...] = ()
     fault: Fault | None = None  # tests only (peer.faults): make this a broken peer at one round
     allow_job_code: bool = False  # run task code sent with jobs (dml-peer --allow-job-code)
+    allow_torch_plane: bool = False  # with TLS on, take --data-plane torch jobs all the same (unencrypted)
     data_dir: pathlib.Path | None = None  # the tasks' ctx.data_dir (dml-peer --data-dir); None: the working directory
     code_cache_dir: pathlib.Path | None = None  # where fetched task code is kept; None: a temp dir, removed at stop
     cache_dir: pathlib.Path | None = None  # datasets fetched from the coordinator's store; None: a temp dir, removed at stop
@@ -144,6 +146,9 @@ class Peer:
             self.servicer.close()
             raise
         self.address = f"{advertise_host(config.host, config.advertise_host, config.coordinator)}:{self.port}"
+        host = self.address.rsplit(":", 1)[0].strip("[]")
+        self.torch = TorchPlane(lambda: self.peer_id, self.credentials, host, tls=config.tls, device=config.device)
+        self.servicer.torch = self.torch  # --data-plane torch: its rendezvous store and probes
         self.client = ControlClient(config.coordinator, self.stop_event, cluster_id=config.cluster_id,
                                     credentials=self.credentials, tls=config.tls)
         self._hb_thread = threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True)
@@ -208,6 +213,7 @@ class Peer:
         if self._main is not None:
             self._main.join(10)
         self._ring.unwatch()
+        self.torch.drop("the peer stops")
         self._server.stop(0.5).wait(2)
         self.servicer.close()
         if self.metrics_server is not None:

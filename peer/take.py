@@ -15,7 +15,7 @@ from dml.v1 import control_pb2, types_pb2
 
 from dml.aggregation.averaging import digest
 from dml.common.sampling import MAX_LABELS, labels_digest
-from dml.peer import datausage
+from dml.peer import datausage, torchplane
 from dml.peer.client import CALL_TIMEOUT_S, Evicted
 from dml.peer.params import Snapshot
 from dml.peer.step import task_error_detail
@@ -106,6 +106,9 @@ def prepare(peer: Peer, plan: types_pb2.Plan) -> control_pb2.TakeJobRequest:
     starting from the seeded model."""
     req = control_pb2.TakeJobRequest(peer_id=peer.peer_id, job_id=plan.job_id)
     try:
+        why = torchplane.decline_reason(plan.spec, peer.config.tls, peer.config.allow_torch_plane)
+        if why:
+            raise Declined(why)
         trainer = peer.store.trainer_for(plan.job_id)
         fresh = trainer is None
         if trainer is None:

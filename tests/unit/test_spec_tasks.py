@@ -330,9 +330,10 @@ def test_spec_codecs_are_the_wire_codecs() -> None:
     from dml.aggregation.codecs import CODEC_NAMES
     from dml.common.spec import CODECS, DATA_PLANES
     from dml.peer.link import DATA_PLANES as LINK_PLANES
+    from dml.peer.torchplane import PLANE
 
     assert CODECS == CODEC_NAMES
-    assert set(DATA_PLANES) == set(LINK_PLANES)
+    assert set(DATA_PLANES) == set(LINK_PLANES) | {PLANE}
 
 
 def test_spec_topologies_are_the_gossip_topologies() -> None:

@@ -24,29 +24,39 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15\x64ml/v1/exchange.proto\x12\x06\x64ml.v1\"\xd4\x01\n\x0bTensorChunk\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\r\x12\r\n\x05\x65poch\x18\x03 \x01(\x04\x12\x11\n\tsender_id\x18\x04 \x01(\t\x12 \n\x05phase\x18\x05 \x01(\x0e\x32\x11.dml.v1.RingPhase\x12\x0c\n\x04step\x18\x06 \x01(\r\x12\x14\n\x0coffset_elems\x18\x07 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x08 \x01(\x0c\x12\r\n\x05\x63odec\x18\t \x01(\r\x12\r\n\x05\x63ount\x18\n \x01(\r\x12\x12\n\ncollective\x18\x0b \x01(\r\"$\n\x12PushChunksResponse\x12\x0e\n\x06\x63hunks\x18\x01 \x01(\x04\"o\n\x14OpenDataPlaneRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\r\x12\r\n\x05\x65poch\x18\x03 \x01(\x04\x12\x11\n\tsender_id\x18\x04 \x01(\t\x12\x16\n\x0eshm_slot_bytes\x18\x05 \x01(\r\"q\n\x15OpenDataPlaneResponse\x12\x0c\n\x04port\x18\x01 \x01(\r\x12\r\n\x05token\x18\x02 \x01(\x0c\x12\x10\n\x08shm_path\x18\x03 \x01(\t\x12\x11\n\tshm_nonce\x18\x04 \x01(\x0c\x12\x16\n\x0eshm_slot_bytes\x18\x05 \x01(\r\"O\n\x16\x46\x65tchParametersRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\r\x12\x16\n\x0etraining_state\x18\x03 \x01(\x08\"K\n\x0eParameterChunk\x12\r\n\x05round\x18\x01 \x01(\r\x12\x0e\n\x06\x64igest\x18\x02 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x0c\n\x04part\x18\x04 \x01(\r\"\x84\x01\n\rGossipMessage\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x11\n\tsender_id\x18\x02 \x01(\t\x12\x13\n\x0b\x65xchange_id\x18\x03 \x01(\t\x12\r\n\x05\x65lems\x18\x04 \x01(\x04\x12\x0e\n\x06weight\x18\x05 \x01(\x01\x12\x0c\n\x04\x64\x61ta\x18\x06 \x01(\x0c\x12\x0e\n\x06\x63ommit\x18\x07 \x01(\x08*a\n\tRingPhase\x12\x1a\n\x16RING_PHASE_UNSPECIFIED\x10\x00\x12\x1d\n\x19RING_PHASE_REDUCE_SCATTER\x10\x01\x12\x19\n\x15RING_PHASE_ALL_GATHER\x10\x02\x32\xa6\x02\n\x0cPeerExchange\x12?\n\nPushChunks\x12\x13.dml.v1.TensorChunk\x1a\x1a.dml.v1.PushChunksResponse(\x01\x12K\n\x0f\x46\x65tchParameters\x12\x1e.dml.v1.FetchParametersRequest\x1a\x16.dml.v1.ParameterChunk0\x01\x12L\n\rOpenDataPlane\x12\x1c.dml.v1.OpenDataPlaneRequest\x1a\x1d.dml.v1.OpenDataPlaneResponse\x12:\n\x06Gossip\x12\x15.dml.v1.GossipMessage\x1a\x15.dml.v1.GossipMessage(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15\x64ml/v1/exchange.proto\x12\x06\x64ml.v1\"\xba\x01\n\x11TorchStoreRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12\x13\n\x0bgroup_round\x18\x03 \x01(\r\x12\x11\n\tsender_id\x18\x04 \x01(\t\x12 \n\x02op\x18\x05 \x01(\x0e\x32\x14.dml.v1.TorchStoreOp\x12\x0c\n\x04keys\x18\x06 \x03(\t\x12\r\n\x05value\x18\x07 \x01(\x0c\x12\x0e\n\x06\x61mount\x18\x08 \x01(\x03\x12\x0f\n\x07wait_ms\x18\t \x01(\r\"B\n\x12TorchStoreResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\x12\r\n\x05value\x18\x02 \x01(\x0c\x12\x0e\n\x06\x61mount\x18\x03 \x01(\x03\"Z\n\x11TorchProbeRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12\x13\n\x0bgroup_round\x18\x03 \x01(\r\x12\x11\n\tsender_id\x18\x04 \x01(\t\"U\n\x12TorchProbeResponse\x12\x10\n\x08in_group\x18\x01 \x01(\x08\x12\x0f\n\x07\x65ntered\x18\x02 \x01(\x04\x12\x0c\n\x04\x64one\x18\x03 \x01(\x04\x12\x0e\n\x06\x62roken\x18\x04 \x01(\x08\"\xd4\x01\n\x0bTensorChunk\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\r\x12\r\n\x05\x65poch\x18\x03 \x01(\x04\x12\x11\n\tsender_id\x18\x04 \x01(\t\x12 \n\x05phase\x18\x05 \x01(\x0e\x32\x11.dml.v1.RingPhase\x12\x0c\n\x04step\x18\x06 \x01(\r\x12\x14\n\x0coffset_elems\x18\x07 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x08 \x01(\x0c\x12\r\n\x05\x63odec\x18\t \x01(\r\x12\r\n\x05\x63ount\x18\n \x01(\r\x12\x12\n\ncollective\x18\x0b \x01(\r\"$\n\x12PushChunksResponse\x12\x0e\n\x06\x63hunks\x18\x01 \x01(\x04\"o\n\x14OpenDataPlaneRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\r\x12\r\n\x05\x65poch\x18\x03 \x01(\x04\x12\x11\n\tsender_id\x18\x04 \x01(\t\x12\x16\n\x0eshm_slot_bytes\x18\x05 \x01(\r\"q\n\x15OpenDataPlaneResponse\x12\x0c\n\x04port\x18\x01 \x01(\r\x12\r\n\x05token\x18\x02 \x01(\x0c\x12\x10\n\x08shm_path\x18\x03 \x01(\t\x12\x11\n\tshm_nonce\x18\x04 \x01(\x0c\x12\x16\n\x0eshm_slot_bytes\x18\x05 \x01(\r\"O\n\x16\x46\x65tchParametersRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\r\x12\x16\n\x0etraining_state\x18\x03 \x01(\x08\"K\n\x0eParameterChunk\x12\r\n\x05round\x18\x01 \x01(\r\x12\x0e\n\x06\x64igest\x18\x02 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x0c\n\x04part\x18\x04 \x01(\r\"\x84\x01\n\rGossipMessage\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x11\n\tsender_id\x18\x02 \x01(\t\x12\x13\n\x0b\x65xchange_id\x18\x03 \x01(\t\x12\r\n\x05\x65lems\x18\x04 \x01(\x04\x12\x0e\n\x06weight\x18\x05 \x01(\x01\x12\x0c\n\x04\x64\x61ta\x18\x06 \x01(\x0c\x12\x0e\n\x06\x63ommit\x18\x07 \x01(\x08*\xa9\x01\n\x0cTorchStoreOp\x12\x1e\n\x1aTORCH_STORE_OP_UNSPECIFIED\x10\x00\x12\x16\n\x12TORCH_STORE_OP_SET\x10\x01\x12\x16\n\x12TORCH_STORE_OP_GET\x10\x02\x12\x16\n\x12TORCH_STORE_OP_ADD\x10\x03\x12\x18\n\x14TORCH_STORE_OP_CHECK\x10\x04\x12\x17\n\x13TORCH_STORE_OP_WAIT\x10\x05*a\n\tRingPhase\x12\x1a\n\x16RING_PHASE_UNSPECIFIED\x10\x00\x12\x1d\n\x19RING_PHASE_REDUCE_SCATTER\x10\x01\x12\x19\n\x15RING_PHASE_ALL_GATHER\x10\x02\x32\xb0\x03\n\x0cPeerExchange\x12?\n\nPushChunks\x12\x13.dml.v1.TensorChunk\x1a\x1a.dml.v1.PushChunksResponse(\x01\x12K\n\x0f\x46\x65tchParameters\x12\x1e.dml.v1.FetchParametersRequest\x1a\x16.dml.v1.ParameterChunk0\x01\x12L\n\rOpenDataPlane\x12\x1c.dml.v1.OpenDataPlaneRequest\x1a\x1d.dml.v1.OpenDataPlaneResponse\x12:\n\x06Gossip\x12\x15.dml.v1.GossipMessage\x1a\x15.dml.v1.GossipMessage(\x01\x30\x01\x12\x43\n\nTorchStore\x12\x19.dml.v1.TorchStoreRequest\x1a\x1a.dml.v1.TorchStoreResponse\x12\x43\n\nTorchProbe\x12\x19.dml.v1.TorchProbeRequest\x1a\x1a.dml.v1.TorchProbeResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'dml.v1.exchange_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_RINGPHASE']._serialized_start=807
-  _globals['_RINGPHASE']._serialized_end=904
-  _globals['_TENSORCHUNK']._serialized_start=34
-  _globals['_TENSORCHUNK']._serialized_end=246
-  _globals['_PUSHCHUNKSRESPONSE']._serialized_start=248
-  _globals['_PUSHCHUNKSRESPONSE']._serialized_end=284
-  _globals['_OPENDATAPLANEREQUEST']._serialized_start=286
-  _globals['_OPENDATAPLANEREQUEST']._serialized_end=397
-  _globals['_OPENDATAPLANERESPONSE']._serialized_start=399
-  _globals['_OPENDATAPLANERESPONSE']._serialized_end=512
-  _globals['_FETCHPARAMETERSREQUEST']._serialized_start=514
-  _globals['_FETCHPARAMETERSREQUEST']._serialized_end=593
-  _globals['_PARAMETERCHUNK']._serialized_start=595
-  _globals['_PARAMETERCHUNK']._serialized_end=670
-  _globals['_GOSSIPMESSAGE']._serialized_start=673
-  _globals['_GOSSIPMESSAGE']._serialized_end=805
-  _globals['_PEEREXCHANGE']._serialized_start=907
-  _globals['_PEEREXCHANGE']._serialized_end=1201
+  _globals['_TORCHSTOREOP']._serialized_start=1244
+  _globals['_TORCHSTOREOP']._serialized_end=1413
+  _globals['_RINGPHASE']._serialized_start=1415
+  _globals['_RINGPHASE']._serialized_end=1512
+  _globals['_TORCHSTOREREQUEST']._serialized_start=34
+  _globals['_TORCHSTOREREQUEST']._serialized_end=220
+  _globals['_TORCHSTORERESPONSE']._serialized_start=222
+  _globals['_TORCHSTORERESPONSE']._serialized_end=288
+  _globals['_TORCHPROBEREQUEST']._serialized_start=290
+  _globals['_TORCHPROBEREQUEST']._serialized_end=380
+  _globals['_TORCHPROBERESPONSE']._serialized_start=382
+  _globals['_TORCHPROBERESPONSE']._serialized_end=467
+  _globals['_TENSORCHUNK']._serialized_start=470
+  _globals['_TENSORCHUNK']._serialized_end=682
+  _globals['_PUSHCHUNKSRESPONSE']._serialized_start=684
+  _globals['_PUSHCHUNKSRESPONSE']._serialized_end=720
+  _globals['_OPENDATAPLANEREQUEST']._serialized_start=722
+  _globals['_OPENDATAPLANEREQUEST']._serialized_end=833
+  _globals['_OPENDATAPLANERESPONSE']._serialized_start=835
+  _globals['_OPENDATAPLANERESPONSE']._serialized_end=948
+  _globals['_FETCHPARAMETERSREQUEST']._serialized_start=950
+  _globals['_FETCHPARAMETERSREQUEST']._serialized_end=1029
+  _globals['_PARAMETERCHUNK']._serialized_start=1031
+  _globals['_PARAMETERCHUNK']._serialized_end=1106
+  _globals['_GOSSIPMESSAGE']._serialized_start=1109
+  _globals['_GOSSIPMESSAGE']._serialized_end=1241
+  _globals['_PEEREXCHANGE']._serialized_start=1515
+  _globals['_PEEREXCHANGE']._serialized_end=1947
 # @@protoc_insertion_point(module_scope)

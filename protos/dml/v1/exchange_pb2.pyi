@@ -1,18 +1,91 @@
+from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class TorchStoreOp(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    TORCH_STORE_OP_UNSPECIFIED: _ClassVar[TorchStoreOp]
+    TORCH_STORE_OP_SET: _ClassVar[TorchStoreOp]
+    TORCH_STORE_OP_GET: _ClassVar[TorchStoreOp]
+    TORCH_STORE_OP_ADD: _ClassVar[TorchStoreOp]
+    TORCH_STORE_OP_CHECK: _ClassVar[TorchStoreOp]
+    TORCH_STORE_OP_WAIT: _ClassVar[TorchStoreOp]
 
 class RingPhase(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     RING_PHASE_UNSPECIFIED: _ClassVar[RingPhase]
     RING_PHASE_REDUCE_SCATTER: _ClassVar[RingPhase]
     RING_PHASE_ALL_GATHER: _ClassVar[RingPhase]
+TORCH_STORE_OP_UNSPECIFIED: TorchStoreOp
+TORCH_STORE_OP_SET: TorchStoreOp
+TORCH_STORE_OP_GET: TorchStoreOp
+TORCH_STORE_OP_ADD: TorchStoreOp
+TORCH_STORE_OP_CHECK: TorchStoreOp
+TORCH_STORE_OP_WAIT: TorchStoreOp
 RING_PHASE_UNSPECIFIED: RingPhase
 RING_PHASE_REDUCE_SCATTER: RingPhase
 RING_PHASE_ALL_GATHER: RingPhase
+
+class TorchStoreRequest(_message.Message):
+    __slots__ = ("job_id", "epoch", "group_round", "sender_id", "op", "keys", "value", "amount", "wait_ms")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    GROUP_ROUND_FIELD_NUMBER: _ClassVar[int]
+    SENDER_ID_FIELD_NUMBER: _ClassVar[int]
+    OP_FIELD_NUMBER: _ClassVar[int]
+    KEYS_FIELD_NUMBER: _ClassVar[int]
+    VALUE_FIELD_NUMBER: _ClassVar[int]
+    AMOUNT_FIELD_NUMBER: _ClassVar[int]
+    WAIT_MS_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    epoch: int
+    group_round: int
+    sender_id: str
+    op: TorchStoreOp
+    keys: _containers.RepeatedScalarFieldContainer[str]
+    value: bytes
+    amount: int
+    wait_ms: int
+    def __init__(self, job_id: _Optional[str] = ..., epoch: _Optional[int] = ..., group_round: _Optional[int] = ..., sender_id: _Optional[str] = ..., op: _Optional[_Union[TorchStoreOp, str]] = ..., keys: _Optional[_Iterable[str]] = ..., value: _Optional[bytes] = ..., amount: _Optional[int] = ..., wait_ms: _Optional[int] = ...) -> None: ...
+
+class TorchStoreResponse(_message.Message):
+    __slots__ = ("found", "value", "amount")
+    FOUND_FIELD_NUMBER: _ClassVar[int]
+    VALUE_FIELD_NUMBER: _ClassVar[int]
+    AMOUNT_FIELD_NUMBER: _ClassVar[int]
+    found: bool
+    value: bytes
+    amount: int
+    def __init__(self, found: _Optional[bool] = ..., value: _Optional[bytes] = ..., amount: _Optional[int] = ...) -> None: ...
+
+class TorchProbeRequest(_message.Message):
+    __slots__ = ("job_id", "epoch", "group_round", "sender_id")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    GROUP_ROUND_FIELD_NUMBER: _ClassVar[int]
+    SENDER_ID_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    epoch: int
+    group_round: int
+    sender_id: str
+    def __init__(self, job_id: _Optional[str] = ..., epoch: _Optional[int] = ..., group_round: _Optional[int] = ..., sender_id: _Optional[str] = ...) -> None: ...
+
+class TorchProbeResponse(_message.Message):
+    __slots__ = ("in_group", "entered", "done", "broken")
+    IN_GROUP_FIELD_NUMBER: _ClassVar[int]
+    ENTERED_FIELD_NUMBER: _ClassVar[int]
+    DONE_FIELD_NUMBER: _ClassVar[int]
+    BROKEN_FIELD_NUMBER: _ClassVar[int]
+    in_group: bool
+    entered: int
+    done: int
+    broken: bool
+    def __init__(self, in_group: _Optional[bool] = ..., entered: _Optional[int] = ..., done: _Optional[int] = ..., broken: _Optional[bool] = ...) -> None: ...
 
 class TensorChunk(_message.Message):
     __slots__ = ("job_id", "round", "epoch", "sender_id", "phase", "step", "offset_elems", "data", "codec", "count", "collective")

@@ -55,6 +55,16 @@ class PeerExchangeStub:
                 request_serializer=dml_dot_v1_dot_exchange__pb2.GossipMessage.SerializeToString,
                 response_deserializer=dml_dot_v1_dot_exchange__pb2.GossipMessage.FromString,
                 _registered_method=True)
+        self.TorchStore = channel.unary_unary(
+                '/dml.v1.PeerExchange/TorchStore',
+                request_serializer=dml_dot_v1_dot_exchange__pb2.TorchStoreRequest.SerializeToString,
+                response_deserializer=dml_dot_v1_dot_exchange__pb2.TorchStoreResponse.FromString,
+                _registered_method=True)
+        self.TorchProbe = channel.unary_unary(
+                '/dml.v1.PeerExchange/TorchProbe',
+                request_serializer=dml_dot_v1_dot_exchange__pb2.TorchProbeRequest.SerializeToString,
+                response_deserializer=dml_dot_v1_dot_exchange__pb2.TorchProbeResponse.FromString,
+                _registered_method=True)
 
 
 class PeerExchangeServicer:
@@ -99,6 +109,24 @@ class PeerExchangeServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def TorchStore(self, request, context):
+        """The torch data plane (--data-plane torch): one operation on the rendezvous store of a
+        membership epoch's torch.distributed process group, hosted by the epoch's first member in
+        ring order and reachable only through this signed call (a TCPStore would let anyone who
+        reaches its port list and set keys). Unary: gloo's rendezvous is a handful of small keys.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def TorchProbe(self, request, context):
+        """The torch data plane: how far this member got in a process group's collectives. A member
+        whose collective failed or timed out asks every other member, to name the one at fault.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PeerExchangeServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -121,6 +149,16 @@ def add_PeerExchangeServicer_to_server(servicer, server):
                     servicer.Gossip,
                     request_deserializer=dml_dot_v1_dot_exchange__pb2.GossipMessage.FromString,
                     response_serializer=dml_dot_v1_dot_exchange__pb2.GossipMessage.SerializeToString,
+            ),
+            'TorchStore': grpc.unary_unary_rpc_method_handler(
+                    servicer.TorchStore,
+                    request_deserializer=dml_dot_v1_dot_exchange__pb2.TorchStoreRequest.FromString,
+                    response_serializer=dml_dot_v1_dot_exchange__pb2.TorchStoreResponse.SerializeToString,
+            ),
+            'TorchProbe': grpc.unary_unary_rpc_method_handler(
+                    servicer.TorchProbe,
+                    request_deserializer=dml_dot_v1_dot_exchange__pb2.TorchProbeRequest.FromString,
+                    response_serializer=dml_dot_v1_dot_exchange__pb2.TorchProbeResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -232,6 +270,60 @@ class PeerExchange:
             '/dml.v1.PeerExchange/Gossip',
             dml_dot_v1_dot_exchange__pb2.GossipMessage.SerializeToString,
             dml_dot_v1_dot_exchange__pb2.GossipMessage.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def TorchStore(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dml.v1.PeerExchange/TorchStore',
+            dml_dot_v1_dot_exchange__pb2.TorchStoreRequest.SerializeToString,
+            dml_dot_v1_dot_exchange__pb2.TorchStoreResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def TorchProbe(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dml.v1.PeerExchange/TorchProbe',
+            dml_dot_v1_dot_exchange__pb2.TorchProbeRequest.SerializeToString,
+            dml_dot_v1_dot_exchange__pb2.TorchProbeResponse.FromString,
             options,
             channel_credentials,
             insecure,
