@@ -85,7 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fault", default=os.environ.get("DML_FAULT", ""), metavar="KIND:ROUND",
                    help="tests only (fault injection, off by default): from round ROUND on, write NaN (KIND "
                         "nan-params) or 1e30 (huge-params) into this peer's parameters and skip its own check, "
-                        "a broken peer its neighbours must refuse (env DML_FAULT)")
+                        "a broken peer its neighbours must refuse; hold-collective: on the torch data plane, "
+                        "never enter round ROUND's collective once the others have (env DML_FAULT)")
     p.add_argument("--allow-job-code", action="store_true",
                    default=os.environ.get("DML_ALLOW_JOB_CODE", "") not in ("", "0"),
                    help="run the task code a job sends (a task file or package); without it this peer declines "

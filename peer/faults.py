@@ -6,7 +6,10 @@ from round (or gossip step) ROUND on, overwrite part of its parameters after tra
 broken hardware or a bug would:
 
 - ``nan-params``: NaN;
-- ``huge-params``: 1e30 (finite in float32, absurd as a parameter).
+- ``huge-params``: 1e30 (finite in float32, absurd as a parameter);
+- ``hold-collective`` (the torch data plane only): at round ROUND alone, once every other member
+  has entered the round's collective, log so and never enter it, until the round is cancelled:
+  a member a test can kill at a known point, mid-collective.
 
 Nothing else changes: the peer then exchanges as usual, and its neighbours must refuse what it
 sends. Never set it outside tests and experiments.
@@ -18,6 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 
 KINDS = {"nan-params": float("nan"), "huge-params": 1e30}
+HOLD = "hold-collective"
 
 
 @dataclass(frozen=True)
@@ -37,15 +41,20 @@ def parse_fault(text: str) -> Fault | None:
     if not text:
         return None
     kind, sep, rnd = text.partition(":")
-    if kind not in KINDS or not sep or not rnd.isdigit() or int(rnd) < 1:
-        raise ValueError(f"fault must be KIND:ROUND with KIND one of {', '.join(KINDS)} and ROUND >= 1, got {text!r}")
+    if kind not in (*KINDS, HOLD) or not sep or not rnd.isdigit() or int(rnd) < 1:
+        raise ValueError(f"fault must be KIND:ROUND with KIND one of {', '.join((*KINDS, HOLD))} and ROUND >= 1, got {text!r}")
     return Fault(kind, int(rnd))
 
 
 def inject(fault: Fault | None, rnd: int, params: np.ndarray) -> bool:
     """Writes the fault's value into the first half of ``params`` from the fault's round on.
     Returns whether it did (the caller then skips its own check, as a broken peer would)."""
-    if fault is None or rnd < fault.round:
+    if fault is None or rnd < fault.round or fault.kind not in KINDS:
         return False
     params[: max(1, params.size // 2)] = np.float32(fault.value())
     return True
+
+
+def holds(fault: Fault | None, rnd: int) -> bool:
+    """Whether this member must hold round ``rnd``'s collective (``hold-collective``)."""
+    return fault is not None and fault.kind == HOLD and rnd == fault.round

@@ -168,7 +168,7 @@ class RingRound:
         group, every wait bounded by the exchange timeout."""
         peer = self._peer
         return TorchLink(peer.torch, plan, rank, peer.config.exchange_timeout_s, self._abort,
-                         skip=peer.config.injected_fault)
+                         skip=peer.config.injected_fault, hold=faults.holds(peer.config.fault, plan.round))
 
     # -- the starting point -------------------------------------------------------------------
     def _prepare(self, plan: types_pb2.Plan) -> Trainer:

@@ -408,6 +408,18 @@ class TorchPlane:
                  plan.job_id, plan.round, plan.epoch, g.backend, rank, len(members))
         return g
 
+    def probe(self, plan: types_pb2.Plan, key: GroupKey, m: types_pb2.Member) -> int:
+        """How many collectives of group ``key`` member ``m`` entered (-1: it holds no such
+        group, or does not answer)."""
+        req = exchange_pb2.TorchProbeRequest(job_id=key[0], epoch=key[1], group_round=key[2], sender_id=self._peer_id())
+        try:
+            with rpc.channel(m.address, tls=self._tls) as ch:
+                got = exchange_pb2_grpc.PeerExchangeStub(ch).TorchProbe(
+                    req, timeout=PROBE_TIMEOUT_S, metadata=self._sign(key, m.peer_id)(TORCH_PROBE))
+        except grpc.RpcError:
+            return -1
+        return got.entered if got.in_group else -1
+
     def suspect(self, plan: types_pb2.Plan, key: GroupKey, mine: Progress, skip: Callable[[str], str]) -> str:
         """Names the member at fault for a failed collective or rendezvous of group ``key``: the
         first (in ring order) whose exchange server does not answer a probe within
@@ -451,8 +463,9 @@ class TorchLink:
     (:meth:`average`). A failure names its suspect from probes (:meth:`TorchPlane.suspect`)."""
 
     def __init__(self, plane: TorchPlane, plan: types_pb2.Plan, rank: int, deadline_s: float,
-                 abort: threading.Event, skip: Callable[[str], str] = lambda _a: "") -> None:
+                 abort: threading.Event, skip: Callable[[str], str] = lambda _a: "", hold: bool = False) -> None:
         self._plane, self._plan, self._rank = plane, plan, rank
+        self._hold = hold  # tests only (peer.faults, hold-collective): never enter this round's collective
         self._deadline_s = deadline_s
         self._abort = abort
         self._skip = skip
@@ -498,6 +511,8 @@ class TorchLink:
         the group (:func:`weighted_average`)."""
         group = self._ready()
         n = len(group.members)
+        if self._hold:
+            self._hold_forever(group)
         try:
             total = weighted_average(group, buf, weight, self._deadline_s, self._abort)
         except ExchangeError as e:
@@ -506,6 +521,23 @@ class TorchLink:
         self.bytes_sent += 2 * moved
         self.bytes_received += 2 * moved
         return total
+
+    def _hold_forever(self, group: TorchGroup) -> None:
+        """Tests only: waits until every other member has entered the collective this member is
+        about to (their probes say so; 30 s at most), logs it, then waits to be cancelled (or
+        killed) without entering."""
+        want = group.progress.entered + 1
+        until = time.monotonic() + 30.0
+        others = [m for m in self._plan.members if m.peer_id != self._plane._peer_id()]
+        while time.monotonic() < until and not self._abort.is_set():
+            if all(self._plane.probe(self._plan, group.key, m) >= want for m in others):
+                break
+            self._abort.wait(0.1)
+        log.warning("peer %s job %s round %d epoch %d: test fault hold-collective: every other member is in "
+                    "collective %d; holding it", self._plane._peer_id(), self._plan.job_id, self._plan.round,
+                    self._plan.epoch, want)
+        self._abort.wait(120.0)
+        raise Cancelled("test fault hold-collective: the held round was cancelled")
 
     def shutdown(self) -> None:
         """Nothing to close: the group outlives the round (it is dropped when it breaks or the
