@@ -14,7 +14,11 @@ For every (N, size, codec, data plane) it starts two pools of N worker processes
   :func:`aggregation.allreduce.ring_allreduce` plus the link's shutdown. Peers negotiate the
   TCP stream over gRPC while they train (``PeerLink.open_early``), so the benchmark starts it
   before the barrier too; ``--open-in-time`` puts it inside the timed span instead. Lossy
-  codecs run with an error-feedback residual, as peers do;
+  codecs run with an error-feedback residual, as peers do. ``torch`` (``--data-plane torch``,
+  fp32 only) forms the workers' process group once, as a peer does per membership epoch
+  (:meth:`peer.torchplane.TorchPlane.group_for`: the rendezvous through rank 0's exchange
+  server), then times :meth:`peer.torchplane.TorchGroup.allreduce`, the collective with the
+  plane's deadline timer around its wait;
 - gloo: ``init_process_group('gloo', init_method='tcp://127.0.0.1:PORT')`` on a free port, then
   times ``dist.all_reduce`` on a float32 tensor of the same size.
 
@@ -80,7 +84,7 @@ from dml.aggregation.allreduce import chunk_elems_for
 from dml.aggregation.codecs import CODEC_NAMES, get_codec
 
 CODECS = CODEC_NAMES
-DATA_PLANES = ("shm", "tcp", "grpc")
+DATA_PLANES = ("shm", "tcp", "grpc", "torch")
 MB = 1 << 20
 GB = 1e9
 JOB = "allreduce-bench"
@@ -160,8 +164,14 @@ def _worker(kind: str, rank: int, world: int, n: int, conn: Any, barrier: Any, o
 
                 torch.set_num_threads(1)
             plane = str(opts["data_plane"])
+            if plane == "torch" and not codec.exact:
+                raise ValueError("the torch data plane all-reduces in fp32 only")
             servicer = ExchangeServicer(lambda job, rnd: None, recv_timeout_s=timeout,
                                         data_plane_host=host if plane in ("shm", "tcp") else None, tls=tls_cfg)
+            if plane == "torch":  # before the server starts, as a peer does: rank 0's store answers at once
+                from dml.peer.torchplane import TorchPlane
+
+                servicer.torch = TorchPlane(lambda: f"w{rank}", None, host, tls=tls_cfg)
             server = rpc.server(workers=16, max_message_bytes=rpc.EXCHANGE_MESSAGE_BYTES)
             add_exchange_to_server(servicer, server)
             port = rpc.bind(server, host, 0, tls=tls_cfg)
@@ -175,8 +185,25 @@ def _worker(kind: str, rank: int, world: int, n: int, conn: Any, barrier: Any, o
             ports: list[int] = msg[1]
             abort = threading.Event()
             succ = (rank + 1) % world
+            if plane == "torch":
+                import torch
+                from dml.v1 import types_pb2
 
-            def op(rep: int) -> tuple[float, float, float]:
+                torch.set_num_threads(1)
+                plane_obj = servicer.torch
+                assert plane_obj is not None
+                plan = types_pb2.Plan(job_id=JOB, round=1, epoch=1, members=[
+                    types_pb2.Member(peer_id=f"w{r}", address=f"{hosts[r]}:{ports[r]}") for r in range(world)])
+                group = plane_obj.group_for(plan, rank, timeout, abort)
+
+                def op(rep: int) -> tuple[float, float, float]:
+                    barrier.wait(BARRIER_TIMEOUT_S)
+                    t0, c0 = time.perf_counter(), time.process_time()
+                    group.allreduce(buf, timeout, abort)
+                    t1, c1 = time.perf_counter(), time.process_time()
+                    return t0, t1, c1 - c0
+
+            def ring_op(rep: int) -> tuple[float, float, float]:
                 link = PeerLink(servicer, (JOB, rep, 0), f"w{rank}", f"w{(rank - 1) % world}", f"w{succ}",
                                 f"{hosts[succ]}:{ports[succ]}", timeout, abort, idle_timeout_s=timeout, data_plane=plane,
                                 tls=tls_cfg)
@@ -195,6 +222,9 @@ def _worker(kind: str, rank: int, world: int, n: int, conn: Any, barrier: Any, o
                 if used != plane:
                     raise RuntimeError(f"asked for the {plane} data plane, the link used {used!r}")
                 return t0, t1, c1 - c0
+
+            if plane != "torch":
+                op = ring_op
         else:
             from datetime import timedelta
 
@@ -234,6 +264,8 @@ def _worker(kind: str, rank: int, world: int, n: int, conn: Any, barrier: Any, o
             conn.send(("error", f"{kind} rank {rank}: {traceback.format_exc()}"))
     finally:
         if server is not None:
+            if servicer.torch is not None:
+                servicer.torch.drop("the benchmark worker stops")
             server.stop(0)
             servicer.close()
         dist_mod = sys.modules.get("torch.distributed")
