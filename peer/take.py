@@ -106,9 +106,10 @@ def prepare(peer: Peer, plan: types_pb2.Plan) -> control_pb2.TakeJobRequest:
     starting from the seeded model."""
     req = control_pb2.TakeJobRequest(peer_id=peer.peer_id, job_id=plan.job_id)
     try:
-        why = torchplane.decline_reason(plan.spec, peer.config.tls, peer.config.allow_torch_plane)
-        if why:
-            raise Declined(why)
+        if plan.spec.data_plane == torchplane.PLANE:  # its tensors travel unencrypted
+            why = torchplane.decline_reason(plan.spec, peer.config.tls, peer.config.allow_torch_plane)
+            if why:
+                raise Declined(why)
         trainer = peer.store.trainer_for(plan.job_id)
         fresh = trainer is None
         if trainer is None:

@@ -159,3 +159,15 @@ def test_a_local_plans_samples_index_the_members_own_data() -> None:
     assert got.tolist() == shard_order(np.arange(12), 3, 2, 5)[4:9].tolist()
     with pytest.raises(ValueError, match="own data has 8"):
         sample_indices(plan, 0, own_samples=8)
+
+
+def test_a_tls_peer_declines_a_torch_plane_job_unless_started_to_allow_it() -> None:
+    torch_plan = types_pb2.Plan(job_id="job-1", take=True, spec=spec_to_pb(JobSpec(data_plane="torch")))
+    for allowed, outcome in ((False, control_pb2.TAKE_OUTCOME_DECLINED), (True, control_pb2.TAKE_OUTCOME_READY)):
+        peer = fake_peer()
+        peer.config.tls, peer.config.allow_torch_plane = object(), allowed
+        req = prepare(peer, torch_plan)  # type: ignore[arg-type]
+        assert req.outcome == outcome, req
+    assert "--allow-torch-plane" in prepare(  # type: ignore[arg-type]
+        types.SimpleNamespace(**{**vars(fake_peer()), "config": types.SimpleNamespace(
+            device="cpu", data_dir=None, tls=object(), allow_torch_plane=False)}), torch_plan).detail
