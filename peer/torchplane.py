@@ -227,6 +227,7 @@ class TorchGroup:
     pg: Any
     device: str = "cpu"
     progress: Progress = field(default_factory=Progress)
+    channel: grpc.Channel | None = None  # to the store's host: NCCL reads the store at its first collective
 
     def allreduce(self, buf: np.ndarray, deadline_s: float, abort: threading.Event) -> None:
         """Sums ``buf`` (1-D float32) over the group in place, one collective. Waits at most
@@ -274,6 +275,8 @@ class TorchGroup:
             self.pg.abort()
         except Exception as e:  # noqa: BLE001 - an abort that fails leaves a group we never use anyway
             log.info("process group %s: abort failed: %s", self.key, e)
+        if self.channel is not None:
+            self.channel.close()
 
 
 def make_group(store: Any, key: GroupKey, rank: int, members: tuple[str, ...], host: str, timeout_s: float,
@@ -380,6 +383,7 @@ class TorchPlane:
         forming = Progress()
         with self._lock:
             self._forming = {key: forming}
+        ch: grpc.Channel | None = None
         try:
             if rank == 0:
                 store: Any = self.store_host.store(key)
@@ -388,18 +392,16 @@ class TorchPlane:
                 ch = rpc.channel(first.address, tls=self._tls, max_message_bytes=rpc.EXCHANGE_MESSAGE_BYTES)
                 store = remote_store(exchange_pb2_grpc.PeerExchangeStub(ch), key, self._peer_id(),
                                      self._sign(key, first.peer_id), deadline_s, abort)
-            try:
-                g = make_group(store, key, rank, members, self._host, deadline_s, self._device)
-            finally:
-                if rank != 0:
-                    ch.close()
+            g = make_group(store, key, rank, members, self._host, deadline_s, self._device)
         except Exception as e:  # noqa: BLE001 - gloo reports a failed rendezvous as RuntimeError
+            if ch is not None:
+                ch.close()
             with self._lock:
                 self._forming = {}
             if abort.is_set():
                 raise Cancelled(f"forming process group {key}: cancelled") from None
             raise ExchangeError(f"forming process group {key} failed: {e}", suspect="") from None
-        g.progress = forming
+        g.progress, g.channel = forming, ch
         with self._lock:
             self._forming = {}
             self.group = g
