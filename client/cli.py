@@ -528,7 +528,8 @@ def add_job_options(p: argparse.ArgumentParser) -> None:
                    help="wire codec of the exchange: fp32 (exact), bf16, fp16, int8 (lossy ones use error feedback)")
     p.add_argument("--data-plane", choices=DATA_PLANES, default=d.data_plane,
                    help="how ring chunks travel: auto (TCP negotiated over gRPC, shared memory for large buffers on one host, "
-                        "else gRPC), shm, tcp, grpc")
+                        "else gRPC), shm, tcp, grpc; torch: one torch.distributed all-reduce per average (gloo, NCCL when "
+                        "every member is on CUDA; fp32; unencrypted: TLS peers need --allow-torch-plane)")
     p.add_argument("--outer-optimizer", choices=OUTER_OPTIMIZERS, default=d.outer_optimizer,
                    help="ring jobs: apply each round's averaged change through an outer optimizer (DiLoCo: nesterov); "
                         "none takes the average itself")
