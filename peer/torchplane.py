@@ -1,5 +1,5 @@
 """The torch data plane (``--data-plane torch``): a ring round's average as one torch.distributed
-all-reduce, in a process group per membership epoch (gloo; NCCL when every member is on CUDA).
+all-reduce, in a process group per membership epoch (gloo; NCCL when every member is on a GPU of its own).
 
 The group of (job, epoch) is formed at the first round a member runs in that epoch (its
 ``group_round``), ranks in ring order, and reused for the epoch's later rounds until a
@@ -279,19 +279,40 @@ class TorchGroup:
             self.channel.close()
 
 
+def device_tag(device: str) -> str:
+    """What a member tells its group about its device: ``cpu``, or ``cuda:`` and the GPU's UUID
+    (the host and index where torch does not give one), so the group can tell two members
+    sharing one GPU (NCCL refuses two ranks on one device) from members on distinct GPUs."""
+    if not device.startswith("cuda"):
+        return "cpu"
+    import socket
+
+    import torch
+
+    idx = torch.device(device).index
+    idx = torch.cuda.current_device() if idx is None else idx
+    uuid = getattr(torch.cuda.get_device_properties(idx), "uuid", None)
+    return f"cuda:{uuid}" if uuid is not None else f"cuda:{socket.gethostname()}/{idx}"
+
+
+def nccl_possible(devices: list[str]) -> bool:
+    """NCCL when every member is on CUDA, each on a GPU of its own; gloo otherwise (members that
+    share a GPU, as on a one-GPU machine, or any CPU member: their buffers are on the host)."""
+    return all(d.startswith("cuda:") for d in devices) and len(set(devices)) == len(devices)
+
+
 def make_group(store: Any, key: GroupKey, rank: int, members: tuple[str, ...], host: str, timeout_s: float,
                device: str = "cpu") -> TorchGroup:
     """Forms group ``key`` over ``store`` (wrapped in the group's own prefix): gloo for CPU
-    tensors, NCCL when every member says it is on CUDA (each member's device goes through the
-    store first). Created directly, never through ``init_process_group`` (process-global)."""
+    tensors, NCCL when every member says it is on a CUDA device of its own (each member's
+    :func:`device_tag` goes through the store first). Created directly, never through ``init_process_group`` (process-global)."""
     import torch.distributed as dist
 
     pstore = dist.PrefixStore(prefix(key), store)
-    cuda = device.startswith("cuda")
-    pstore.set(f"dml-device/{rank}", "cuda" if cuda else "cpu")
+    pstore.set(f"dml-device/{rank}", device_tag(device))
     devices = [bytes(pstore.get(f"dml-device/{r}")).decode() for r in range(len(members))]
     timeout = timedelta(seconds=timeout_s + BACKEND_SLACK_S)  # our timer is the one that fires (TorchGroup.allreduce)
-    if all(d == "cuda" for d in devices) and hasattr(dist, "ProcessGroupNCCL"):
+    if nccl_possible(devices) and hasattr(dist, "ProcessGroupNCCL"):
         opts = dist.ProcessGroupNCCL.Options()
         opts._timeout = timeout
         opts.config.blocking = False  # non-blocking communicators: their init and collectives can be aborted

@@ -74,3 +74,13 @@ def test_the_hold_collective_fault_holds_one_round_and_touches_no_parameter():
     assert not faults.inject(f, 4, params) and (params == 1).all()
     with pytest.raises(ValueError, match="hold-collective"):
         faults.parse_fault("hold:4")
+
+
+def test_nccl_only_when_every_member_has_a_gpu_of_its_own():
+    from dml.peer.torchplane import device_tag, nccl_possible
+
+    assert device_tag("cpu") == "cpu"
+    assert nccl_possible(["cuda:GPU-a", "cuda:GPU-b"])
+    assert not nccl_possible(["cuda:GPU-a", "cuda:GPU-a"]), "two ranks on one GPU: NCCL refuses them, gloo it is"
+    assert not nccl_possible(["cuda:GPU-a", "cpu"])
+    assert not nccl_possible(["cpu", "cpu"])
