@@ -31,9 +31,11 @@ from dml.peer.gossip_step import GossipStep
 from dml.peer.link import PeerLink
 from dml.peer.params import Snapshot
 from dml.peer.torchplane import PLANE as TORCH_PLANE, TorchLink
+from dml.peer.take import start_workers
 from dml.peer.step import NotFinite, check_own, report_failure, superseded, task_error_detail, train_and_report
 from dml.peer.trainer import StepResult, TaskError, Trainer
 from dml.peer.watch import SuccessorWatch
+from dml.peer.workers import WorkersFailed
 
 if TYPE_CHECKING:
     from dml.peer.runner import Peer
@@ -135,6 +137,9 @@ class RingRound:
                 report_failure(peer, plan, e.suspect, str(e))
         except Evicted:
             raise
+        except WorkersFailed as e:
+            log.error("%s: this host's workers failed (%s); reporting it and leaving the ring", tag, e)
+            report_failure(peer, plan, peer.peer_id, f"local failure: the host's workers failed: {e}")
         except Exception as e:
             if superseded(e):
                 log.info("%s: round superseded (%s)", tag, e)
@@ -450,8 +455,15 @@ class RingRound:
                                           spec=spec_from_pb(plan.spec).to_dict())
                     peer.client.upload_checkpoint(peer.peer_id, plan.job_id, plan.round, plan.epoch, dig, f, g, sha)
 
+        def on_workers(trainer: Trainer, samples: np.ndarray) -> StepResult:
+            """A multi-worker host (peer.workers): its workers train the round."""
+            if peer.workers.pool_for(plan.job_id, trainer) is None:  # a restored job's member never took it
+                start_workers(peer, plan.job_id, plan.spec, trainer)
+            return peer.workers.train(plan.job_id, trainer, samples, plan.spec.batch_size, plan.round,
+                                      self.deadline_s, peer.stop_event)
+
         every = max(plan.spec.eval_every_rounds, 1)
         train_and_report(peer, plan, rank, tag, "report round", prepare=lambda: self._prepare(plan),
-                         train=self._synced(plan, rank, tag, link) if grads else None,
+                         train=self._synced(plan, rank, tag, link) if grads else on_workers if peer.workers.multi else None,
                          average=average, results=results,
                          evaluate=rank == 0 and (plan.round % every == 0 or plan.round >= plan.spec.rounds))

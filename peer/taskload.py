@@ -151,7 +151,8 @@ def make_trainer(peer: Peer, job_id: str, spec: types_pb2.JobSpec) -> Trainer:
     ctx = Context(data_dir=data_dir, seed=spec.seed, job_id=job_id, peer_id=peer.peer_id, source=source)
     try:
         trainer = Trainer(task, spec.seed, spec.learning_rate, peer.config.device, ctx=ctx,
-                          fuse=spec.sync != "grads" and spec.prox_mu == 0, prox_mu=spec.prox_mu)
+                          fuse=spec.sync != "grads" and spec.prox_mu == 0, prox_mu=spec.prox_mu,
+                          precision=spec.precision or "fp32")
     except TaskError as e:
         if source is not None:
             source.close()
