@@ -1171,6 +1171,11 @@ class ClusterState:
         _note_speed(peer, rep, job)
         self._note_activity(peer.peer_id, rep, now_ms)
         job.reports[peer_id] = rep
+        if job.committed_round and peer_id not in job.holders:
+            # It trained this round from the committed one, so it holds it: a member that joined
+            # at the boundary and fetched it. Without this, a member left alone after the last
+            # recorded holder fails was thought to hold nothing and the job rolled back.
+            job.holders.append(peer_id)
         if set(job.reports) != set(job.members):
             return Changes(jobs=(job_id,))  # persisted, so a coordinator restart keeps the report
         digests = {r.digest for r in job.reports.values()}

@@ -214,8 +214,23 @@ class RingRound:
     def _fetch(self, plan: types_pb2.Plan, rnd: int, trainer: Trainer) -> None:
         """Pulls round ``rnd``'s parameters (a joiner catching up): from a live member, else from
         the coordinator's checkpoint when it is of that round. Each download is digest-checked."""
+        if rnd == 0 and not plan.start_digest:
+            self._from_seed(plan, trainer)
+            return
         if not self._from_members(plan, rnd, trainer) and not self._from_checkpoint(plan, rnd, trainer):
             raise ExchangeError(f"neither a member nor the coordinator could provide round {rnd} parameters")
+
+    def _from_seed(self, plan: types_pb2.Plan, trainer: Trainer) -> None:
+        """Round 0 is the seeded initial model, which this peer builds again rather than fetch
+        (no one serves it once every peer has trained past it): the job was rolled back to it."""
+        params = trainer.initial_params()
+        trainer.reset_state()
+        state = trainer.capture_state()
+        self._peer.store.adopt(plan.job_id, 0, params, trainer.round_digest(params, state), state=state,
+                               got=trainer.round_digest(params, state))
+        trainer.set_params(params)
+        log.warning("peer %s job %s: the job went back to round 0; starting again from the seeded initial model",
+                    self._peer.peer_id, plan.job_id)
 
     def _from_members(self, plan: types_pb2.Plan, rnd: int, trainer: Trainer) -> bool:
         """Takes round ``rnd``'s parameters and training state from the first live member that

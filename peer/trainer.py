@@ -282,6 +282,7 @@ class Trainer:
                  ctx: Context | None = None, fuse: bool = True, prox_mu: float = 0.0,
                  precision: str = "fp32") -> None:
         self.task = task
+        self.seed = seed
         self.device = torch.device(device)
         if precision not in PRECISIONS:
             raise ValueError(f"unknown precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
@@ -439,6 +440,31 @@ class Trainer:
             n = int(np.prod(shape)) if len(shape) else 1
             sd[name] = base[off : off + n].view(shape)
         return sd
+
+    def initial_params(self) -> np.ndarray:
+        """The seeded initial parameters (round 0) built again from the task and the seed, as
+        every member of the job built them: what a peer that no longer holds round 0 starts a
+        job rolled back to it from (coordinator.state: no live peer held the committed round
+        and there is no checkpoint)."""
+        with _INIT_LOCK:
+            torch.manual_seed(self.seed)
+            model = _call("model()", self.task.model)
+        tensors = [p for p in model.parameters()] + [b for b in model.buffers() if b.dtype == torch.float32]
+        out = torch.cat([t.detach().reshape(-1).float().cpu() for t in tensors]) if tensors else torch.zeros(0)
+        if out.numel() != self.numel:
+            raise TaskError(f"model() built again has {out.numel()} parameters, not {self.numel}")
+        return out.numpy().copy()
+
+    def reset_state(self) -> None:
+        """Forgets what training built up (the optimizer's moments and steps, an outer
+        momentum, fp16's loss scale): the state of a job at round 0."""
+        for part in self.state_parts.values():
+            if isinstance(part, torch.optim.Optimizer):
+                part.state.clear()
+            elif isinstance(part, torch.amp.GradScaler):
+                part.load_state_dict(torch.amp.GradScaler(self.device.type).state_dict())
+            elif hasattr(part, "reset"):
+                part.reset()
 
     # -- the training state (trainstate) -----------------------------------------------------
     def capture_state(self, into: dict[str, Any] | None = None) -> dict[str, Any]:

@@ -1,6 +1,6 @@
 """One training worker of a multi-worker host (``dml-peer --workers N`` / ``--gpus``): a child
-process the peer started (peer/workers.py), ``python -m dml.peer.worker FD`` with ``FD`` its end
-of a private socket pair. It builds the job's task like the peer did (a built-in task,
+process the peer started (peer/workers.py: :func:`run`, from a fork server that imported torch
+once), talking to the peer over a private pipe. It builds the job's task like the peer did (a built-in task,
 ``package.module:NAME``, or the task code the peer already fetched, verified and extracted),
 joins the host's local process group (gloo on CPU, NCCL on CUDA, a FileStore the peer made) and
 trains with ``DistributedDataParallel``. Each round the peer puts the starting parameters in a
@@ -16,7 +16,6 @@ import logging
 import mmap
 import os
 import pathlib
-import sys
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -30,7 +29,7 @@ from dml.common.task import Context, Task
 from dml.peer import faults, trainstate
 from dml.peer.outer import PART as OUTER
 from dml.peer.taskload import import_bundle, resolve
-from dml.peer.trainer import Trainer
+from dml.peer.trainer import TaskError, Trainer
 
 log = logging.getLogger(__name__)
 
@@ -115,17 +114,22 @@ class Worker:
             dist.destroy_process_group()
 
 
-def serve(conn: Connection, shared_fd: int) -> None:
+def serve(conn: Connection, shared_path: str) -> None:
     """The worker's loop: set up from the first message, then a round per message until
     ``stop`` or the peer's end closes."""
     setup = conn.recv()
     size = 4 * (int(setup["numel"]) + 1)
-    mem = mmap.mmap(shared_fd, size)
+    with open(shared_path, "r+b") as f:
+        mem = mmap.mmap(f.fileno(), size)
     shared = np.frombuffer(mem, dtype=np.float32)
     try:
         worker = Worker(setup, shared)
     except Exception as e:  # noqa: BLE001 - whatever failed, the peer must hear it
-        conn.send({"op": "error", "error": f"{type(e).__name__}: {e}"[:2000]})
+        log.warning("worker %s: cannot start: %s", setup.get("rank"), e)
+        try:
+            conn.send({"op": "error", "error": f"{type(e).__name__}: {e}"[:2000]})
+        except OSError:
+            pass
         return
     conn.send({"op": "ready"})
     try:
@@ -137,26 +141,29 @@ def serve(conn: Connection, shared_fd: int) -> None:
             if msg.get("op") != "round":
                 return
             try:
-                conn.send(worker.round(msg))
-            except Exception as e:  # noqa: BLE001
-                conn.send({"op": "error", "error": f"{type(e).__name__}: {e}"[:2000]})
+                out = worker.round(msg)
+            except Exception as e:  # noqa: BLE001 - a peer worker died (gloo says so), the task failed, ...
+                log.warning("worker %d: round %s failed: %s", worker.rank, msg.get("round"), e)
+                out = {"op": "error", "error": f"{type(e).__name__}: {e}"[:2000], "task": isinstance(e, TaskError)}
+            try:
+                conn.send(out)
+            except OSError:
+                return  # the peer stopped listening (it stops every worker when one fails)
+            if out["op"] == "error":
                 return
     finally:
         worker.close()
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``python -m dml.peer.worker CONN_FD SHARED_FD``."""
-    args = sys.argv[1:] if argv is None else argv
-    logging.basicConfig(level=os.environ.get("DML_LOG_LEVEL", "WARNING"),
-                        format="%(asctime)s %(levelname)s worker %(process)d %(name)s: %(message)s")
-    conn = Connection(int(args[0]))
+def run(conn: Connection, shared_path: str, gpu: int | None, log_level: int) -> None:
+    """A worker process's body (started by peer/workers.py from its fork server, where torch is
+    imported already): ``gpu`` is made the only CUDA device this process sees
+    (``CUDA_VISIBLE_DEVICES``) before anything touches CUDA."""
+    if gpu is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu)
+    os.environ["OMP_NUM_THREADS"] = "1"
+    logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s worker %(process)d %(name)s: %(message)s")
     try:
-        serve(conn, int(args[1]))
+        serve(conn, shared_path)
     finally:
         conn.close()
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -17,10 +17,10 @@ import io
 import logging
 import mmap
 import os
+import multiprocessing
+import pathlib
+import secrets
 import shutil
-import socket
-import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -32,9 +32,9 @@ import torch
 
 from dml.common import taskcode
 from dml.common.spec import task_kind
-from dml.peer import faults, trainstate
+from dml.peer import faults, shm, trainstate, worker
 from dml.peer.outer import PART as OUTER
-from dml.peer.trainer import StepResult, Trainer
+from dml.peer.trainer import StepResult, TaskError, Trainer
 from dml.peer.worksplit import loss_scales, split_steps
 
 if TYPE_CHECKING:
@@ -84,13 +84,20 @@ class WorkerPool:
         self._trainer = trainer
         self._tag = f"peer {peer_id} job {job_id}"
         self._dir = tempfile.mkdtemp(prefix="dml-workers-")
-        # The shared buffer: an unlinked file (nothing to leave behind), mapped by the workers
-        # through its inherited descriptor.
-        self._shm = tempfile.TemporaryFile(dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
-        self._shm.truncate(4 * (trainer.numel + 1))
-        self._map = mmap.mmap(self._shm.fileno(), 4 * (trainer.numel + 1))
+        # The shared buffer: a file named as peer/shm.py names its files (dml-PID-RANDOM), so a
+        # peer killed before it unlinks it has it removed at its next start; unlinked once every
+        # worker has mapped it.
+        folder = shm.SHM_DIR if shm.SHM_DIR.is_dir() else pathlib.Path(self._dir)
+        self._path: pathlib.Path | None = folder / f"dml-{os.getpid()}-{secrets.token_hex(12)}"
+        size = 4 * (trainer.numel + 1)
+        fd = os.open(self._path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.ftruncate(fd, size)
+            self._map = mmap.mmap(fd, size)
+        finally:
+            os.close(fd)
         self.shared = np.frombuffer(self._map, dtype=np.float32)
-        self._procs: list[subprocess.Popen[bytes]] = []
+        self._procs: list[Any] = []
         self._conns: list[Connection] = []
         self._setup = setup
         self.broken = ""  # why it can no longer train ("" while it can)
@@ -99,30 +106,32 @@ class WorkerPool:
         """Starts the workers and waits until each built its task and joined the process group;
         WorkersFailed (every worker stopped) when one cannot."""
         store = os.path.join(self._dir, "store")
-        fd = self._shm.fileno()
+        ctx = _context()
+        level = logging.getLogger().getEffectiveLevel()
         for rank in range(self.count):
-            parent, child = socket.socketpair()
-            env = dict(os.environ)
-            env["OMP_NUM_THREADS"] = "1"
-            if self.gpus:
-                env["CUDA_VISIBLE_DEVICES"] = str(self.gpus[rank])
+            parent, child = ctx.Pipe()
+            proc = ctx.Process(target=worker.run, name=f"dml-worker-{rank}", daemon=True,
+                               args=(child, str(self._path), self.gpus[rank] if self.gpus else None, level))
             try:
-                proc = subprocess.Popen([sys.executable, "-m", "dml.peer.worker", str(child.fileno()), str(fd)],
-                                        pass_fds=(child.fileno(), fd), env=env, stdin=subprocess.DEVNULL)
+                proc.start()
             except OSError as e:
                 parent.close()
                 child.close()
-                self.close()
-                raise WorkersFailed(f"cannot start worker {rank}: {e}") from e
+                self._fail(f"cannot start worker {rank}: {e}")
             child.close()
-            conn = Connection(parent.detach())
             self._procs.append(proc)
-            self._conns.append(conn)
-            conn.send({**self._setup, "rank": rank, "world": self.count, "store": store,
-                       "device": "cuda:0" if self.gpus else "cpu"})
+            self._conns.append(parent)
+            parent.send({**self._setup, "rank": rank, "world": self.count, "store": store,
+                         "device": "cuda:0" if self.gpus else "cpu"})
         self._gather("start", START_TIMEOUT_S, stop, want="ready")
+        self._unlink()
         log.info("%s: %d workers started (%s, %s)", self._tag, self.count,
                  f"GPUs {','.join(map(str, self.gpus))}" if self.gpus else "CPU", _backend(self._devices()))
+
+    def _unlink(self) -> None:
+        if self._path is not None:
+            self._path.unlink(missing_ok=True)
+            self._path = None
 
     def _devices(self) -> tuple[str, ...]:
         return tuple(f"cuda:{g}" for g in self.gpus)
@@ -146,8 +155,13 @@ class WorkerPool:
                 try:
                     msg = c.recv()  # type: ignore[union-attr]
                 except (EOFError, OSError):
-                    code = self._procs[i].wait(STOP_TIMEOUT_S) if self._procs[i].poll() is None else self._procs[i].returncode
+                    self._procs[i].join(STOP_TIMEOUT_S)
+                    code = self._procs[i].exitcode
                     self._fail(f"worker {i} died during its {what} (exit code {code})")
+                if msg.get("op") != want and msg.get("task"):  # the task's own code failed: a task error
+                    self.broken = f"worker {i}: {msg.get('error')}"
+                    self.close()
+                    raise TaskError(f"on worker {i} of this host: {msg.get('error')}")
                 if msg.get("op") != want:
                     self._fail(f"worker {i} failed its {what}: {msg.get('error', msg.get('op'))}")
                 got[i] = msg
@@ -194,21 +208,34 @@ class WorkerPool:
         return StepResult(samples=total, loss=sum(float(d["loss_sum"]) for d in done) / max(total, 1))
 
     def close(self) -> None:
-        """Stops every worker (asked, then killed) and frees the shared buffer."""
+        """Stops every worker (asked: its pipe closes; then killed) and frees the shared buffer."""
         for conn in self._conns:
-            try:
-                conn.close()
-            except OSError:
-                pass
+            conn.close()
         for p in self._procs:
-            if p.poll() is None:
-                try:
-                    p.wait(STOP_TIMEOUT_S if not self.broken else 0.1)
-                except subprocess.TimeoutExpired:
-                    p.kill()
-                    p.wait(STOP_TIMEOUT_S)
+            p.join(STOP_TIMEOUT_S if not self.broken else 0.1)
+            if p.is_alive():
+                p.kill()
+                p.join(STOP_TIMEOUT_S)
         self._conns, self._procs = [], []
+        self._unlink()
         shutil.rmtree(self._dir, ignore_errors=True)
+
+
+_CTX: Any = None
+_CTX_LOCK = threading.Lock()
+
+
+def _context() -> Any:
+    """The multiprocessing context workers start from: a fork server (single-threaded, started
+    once per peer process) that imported torch and the worker module, so a worker starts in a
+    fork rather than a fresh interpreter that imports torch again (seconds on a busy host)."""
+    global _CTX
+    with _CTX_LOCK:
+        if _CTX is None:
+            ctx = multiprocessing.get_context("forkserver")
+            ctx.set_forkserver_preload(["dml.peer.worker"])
+            _CTX = ctx
+        return _CTX
 
 
 class WorkerHost:
