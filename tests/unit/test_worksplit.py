@@ -127,3 +127,39 @@ def test_precision_is_validated() -> None:
     validate(JobSpec(precision="bf16", sync="grads"))
     with pytest.raises(ValueError):
         Trainer(get_task("digits"), 1, 0.1, "cpu", precision="fp8")
+
+
+@pytest.mark.parametrize("argv", [["submit", "--precision", "fp8"], ["submit", "--precision", ""]])
+def test_dml_submit_refuses_an_unknown_precision_with_exit_2(argv: list[str], capsys) -> None:
+    from dml.client import cli
+
+    with pytest.raises(SystemExit) as e:
+        cli.build_parser().parse_args(argv)
+    assert e.value.code == 2 and "precision" in capsys.readouterr().err
+
+
+def test_dml_submit_precision_reaches_the_spec() -> None:
+    from dml.client import cli
+
+    a = cli.build_parser().parse_args(["submit", "--precision", "bf16"])
+    assert cli.spec_from_args(a).precision == "bf16"
+    assert cli.spec_from_args(cli.build_parser().parse_args(["submit"])).precision == "fp32"
+
+
+@pytest.mark.parametrize("argv", [["--workers", "0"], ["--workers", "65"], ["--gpus", "0,0"], ["--gpus", "a"],
+                                  ["--gpus", "0,1", "--workers", "2"], ["--fault", "kill-worker:0"]])
+def test_dml_peer_refuses_bad_worker_flags_with_exit_2(argv: list[str], capsys) -> None:
+    from dml.peer import cli
+
+    with pytest.raises(SystemExit) as e:
+        cli.build_config(["--coordinator", "127.0.0.1:1", "--device", "cpu", *argv])
+    assert e.value.code == 2
+
+
+def test_dml_peer_gpus_start_one_worker_per_device() -> None:
+    from dml.peer import cli
+
+    cfg, _ = cli.build_config(["--coordinator", "127.0.0.1:1", "--device", "cpu", "--gpus", "0,2"])
+    assert cfg.workers == 2 and cfg.gpus == (0, 2)
+    cfg, _ = cli.build_config(["--coordinator", "127.0.0.1:1", "--device", "cpu", "--workers", "3"])
+    assert cfg.workers == 3 and cfg.gpus == ()
