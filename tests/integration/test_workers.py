@@ -20,8 +20,9 @@ import grpc
 import numpy as np
 import pytest
 import torch
-from dml.v1 import jobs_pb2, types_pb2
+from dml.v1 import control_pb2, control_pb2_grpc, jobs_pb2, types_pb2
 
+from dml.common import auth, rpc
 from dml.common.sampling import shard_order
 from dml.common.spec import JobSpec, spec_to_pb
 from dml.common.tasks import get_task
@@ -93,6 +94,9 @@ def test_a_two_worker_host_equals_two_single_worker_members(tmp_path) -> None:
     (32 each) make of the same samples: w - lr x mean of the three batches' gradients."""
     with _cluster(tmp_path, [2, 1]) as (srv, ps, stub):
         host, single = ps
+        listed = {p.peer_id: p for p in stub.ListPeers(jobs_pb2.ListPeersRequest(), timeout=5).peers}
+        assert (listed[host.peer_id].workers, listed[single.peer_id].workers) == (2, 1), "dml peers shows them"
+        assert list(listed[host.peer_id].worker_devices) == []
         jid, _ = _run(stub, SPEC)
         job = srv.coordinator.view(lambda st: st.jobs[jid])
         shards = srv.coordinator.view(lambda st: srv.coordinator.shard_indices(job))
@@ -167,9 +171,25 @@ def test_mixed_precision_trains_digits_with_members_bit_identical(tmp_path, prec
     assert last.test_accuracy > 0.85
 
 
-def test_an_unknown_precision_is_refused_at_submit(tmp_path) -> None:
+def test_an_unknown_precision_and_hostile_worker_records_are_refused(tmp_path) -> None:
+    """A precision the peers do not know is INVALID_ARGUMENT at submit; so is a registration
+    claiming more workers than any host runs (each would multiply its allocation) or worker
+    devices that are not cuda:N, or fewer devices than workers."""
+    hostile = [control_pb2.PeerCapability(device="cpu", workers=10_000),
+               control_pb2.PeerCapability(device="cpu", workers=2, worker_devices=["cuda:0", "/etc/passwd"]),
+               control_pb2.PeerCapability(device="cpu", workers=3, worker_devices=["cuda:0"])]
     with coordinator(tmp_path / "state") as srv:
         stub = job_stub(srv.address)
         with pytest.raises(grpc.RpcError) as e:
             stub.SubmitJob(jobs_pb2.SubmitJobRequest(spec=spec_to_pb(replace(SPEC, precision="fp8"))), timeout=10)
+        codes = []
+        with rpc.channel(srv.address) as ch:
+            control = control_pb2_grpc.PeerControlStub(auth.with_token(ch, join_token(srv.address)))
+            for cap in hostile:
+                with pytest.raises(grpc.RpcError) as bad:
+                    control.RegisterPeer(control_pb2.RegisterPeerRequest(address="127.0.0.1:9", capability=cap),
+                                         timeout=10)
+                codes.append((bad.value.code(), "worker" in bad.value.details()))
+        assert srv.coordinator.view(lambda st: len(st.peers)) == 0
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "precision" in e.value.details()
+    assert codes == [(grpc.StatusCode.INVALID_ARGUMENT, True)] * 3

@@ -163,3 +163,17 @@ def test_dml_peer_gpus_start_one_worker_per_device() -> None:
     assert cfg.workers == 2 and cfg.gpus == (0, 2)
     cfg, _ = cli.build_config(["--coordinator", "127.0.0.1:1", "--device", "cpu", "--workers", "3"])
     assert cfg.workers == 3 and cfg.gpus == ()
+
+
+def test_dml_peers_shows_a_multi_worker_peers_workers_and_devices() -> None:
+    from dml.client.api import peer_dict
+    from dml.client.cli import peers_table
+    from dml.v1 import jobs_pb2
+
+    rows = [peer_dict(jobs_pb2.PeerInfo(peer_id="gpu-host", workers=4, worker_devices=[f"cuda:{i}" for i in range(4)])),
+            peer_dict(jobs_pb2.PeerInfo(peer_id="cpu-host", workers=2)),
+            peer_dict(jobs_pb2.PeerInfo(peer_id="plain"))]
+    assert [r["workers"] for r in rows] == [4, 2, 1]
+    lines = peers_table(rows)
+    assert lines[1].endswith("workers 4 (cuda:0,cuda:1,cuda:2,cuda:3)")
+    assert lines[2].endswith("workers 2") and "workers" not in lines[3]
