@@ -252,6 +252,17 @@ class CodeCache:
             shutil.rmtree(self._tmp, ignore_errors=True)
 
 
+def bundled_task(task: str, digest: str, root: pathlib.Path) -> Task:
+    """The Task ``task`` (a task-code reference) names in bundle ``digest``, already fetched,
+    verified and extracted at ``root`` by this peer (a multi-worker host's workers import that
+    copy: peer/worker.py). TaskError when it cannot be imported or is no ``dml.Task``."""
+    try:
+        ref = taskcode.parse_ref(task)
+    except taskcode.BundleError as e:
+        raise TaskError(str(e)) from None
+    return _task_of(import_bundle(ref, digest, root), ref.attr, str(ref).partition(":")[0])
+
+
 def import_bundle(ref: taskcode.CodeRef, digest: str, root: pathlib.Path) -> types.ModuleType:
     """The module ``ref`` names in the bundle extracted at ``root``, imported under its own
     name. The same bundle is imported once per process; another bundle of the same name replaces

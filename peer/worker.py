@@ -24,11 +24,10 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from dml.common import taskcode
 from dml.common.task import Context, Task
 from dml.peer import faults, trainstate
 from dml.peer.outer import PART as OUTER
-from dml.peer.taskload import import_bundle, resolve
+from dml.peer.taskload import bundled_task, resolve
 from dml.peer.trainer import TaskError, Trainer
 
 log = logging.getLogger(__name__)
@@ -49,8 +48,7 @@ def load_state(trainer: Trainer, data: bytes) -> None:
 
 def _task(setup: dict[str, Any]) -> Task:
     if setup["code_root"]:  # the peer verified and extracted it: import that copy
-        ref = taskcode.parse_ref(setup["task"])
-        return import_bundle(ref, setup["task_digest"], pathlib.Path(setup["code_root"]))
+        return bundled_task(setup["task"], setup["task_digest"], pathlib.Path(setup["code_root"]))
     return resolve(setup["task"])
 
 

@@ -39,7 +39,8 @@ _COUNT = itertools.count()
 
 
 @contextlib.contextmanager
-def _cluster(tmp_path, workers: list[int], fault: Fault | None = None) -> Iterator[tuple[object, list[Peer], object]]:
+def _cluster(tmp_path, workers: list[int], fault: Fault | None = None,
+             **config: object) -> Iterator[tuple[object, list[Peer], object]]:
     """A coordinator and one peer per entry of ``workers`` (its worker count; the first gets
     ``fault``), registered in that order; all stopped (workers too) on exit."""
     with coordinator(tmp_path / f"state-{next(_COUNT)}") as srv:
@@ -47,7 +48,8 @@ def _cluster(tmp_path, workers: list[int], fault: Fault | None = None) -> Iterat
         try:
             for i, n in enumerate(workers):
                 p = Peer(PeerConfig(coordinator=srv.address, join_token=join_token(srv.address), plan_wait_s=1.0,
-                                    exchange_timeout_s=20.0, workers=n, fault=fault if i == 0 else None)).start()
+                                    exchange_timeout_s=20.0, workers=n, fault=fault if i == 0 else None,
+                                    **config)).start()  # type: ignore[arg-type]
                 p.run_in_thread()
                 started.append(p)
             wait_for(lambda: srv.coordinator.view(lambda st: len(st.live_idle())) == len(workers), 30, "idle peers")
@@ -130,7 +132,8 @@ def test_a_dead_worker_fails_its_hosts_round_and_the_host_restarts_its_workers(t
     fault). The host reports its own failure and is evicted, the round is re-issued, and the
     job (min_peers 2) waits until the host has re-registered, taken the job again with fresh
     workers and rejoined: every round commits with both members, every sample once per pass."""
-    spec = replace(SPEC, rounds=4, checkpoint_every_rounds=5)
+    # A package.module:NAME task from the peers' own environment, which the workers import too.
+    spec = replace(SPEC, task="tests.integration.take_tasks:good", rounds=4, checkpoint_every_rounds=5)
     with _cluster(tmp_path, [2, 1], fault=Fault(KILL_WORKER, 2)) as (srv, ps, stub):
         host, single = ps
         first = host.peer_id
@@ -193,3 +196,49 @@ def test_an_unknown_precision_and_hostile_worker_records_are_refused(tmp_path) -
         assert srv.coordinator.view(lambda st: len(st.peers)) == 0
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "precision" in e.value.details()
     assert codes == [(grpc.StatusCode.INVALID_ARGUMENT, True)] * 3
+
+
+TASK_CODE = """import numpy as np, torch, dml
+from dml.common.task import ArrayDataset
+
+def data(n):
+    rng = np.random.default_rng(3)
+    return ArrayDataset(rng.standard_normal((n, 5)).astype(np.float32), (np.arange(n) % 3).astype(np.int64))
+
+task = dml.Task(model=lambda: torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3)),
+                train=lambda ctx: data(96), test=lambda ctx: data(30), batch_size=8,
+                optimizer=lambda params: torch.optim.Adam(params, lr=0.01))
+"""
+
+
+def test_workers_run_the_task_code_the_peer_verified_and_decline_gossip(tmp_path) -> None:
+    """A 2-worker host (with --allow-job-code) runs a task file sent with the job (the workers
+    import the copy the peer fetched and checked), with Adam (its state travels to and from the
+    workers); it declines a gossip job, saying why. (The worker-death test runs a
+    ``package.module:NAME`` task.)"""
+    from dml.client.api import JobClient, pack_task
+    from tests.integration.helpers import operator_token
+
+    src = tmp_path / "submitter"
+    src.mkdir()
+    (src / "worker_task.py").write_text(TASK_CODE)
+    with _cluster(tmp_path, [2, 1], allow_job_code=True, code_cache_dir=tmp_path / "code") as (srv, ps, stub):
+        spec, code = pack_task(replace(SPEC, task=str(src / "worker_task.py"), rounds=3, local_steps=2, batch_size=0,
+                                       num_shards=4))
+        with JobClient(srv.address, token=operator_token(srv.address)) as c:
+            code_jid = c.submit(spec, code)
+        wait_for(lambda: stub.GetJob(jobs_pb2.GetJobRequest(job_id=code_jid), timeout=5).job.state
+                 in (types_pb2.JOB_STATE_SUCCEEDED, types_pb2.JOB_STATE_FAILED), 120, "the task-code job")
+        code_resp = stub.GetJob(jobs_pb2.GetJobRequest(job_id=code_jid, include_history=True), timeout=5)
+        host_state = ps[0].store.trainer_for(code_jid).optimizer.state_dict()["state"]
+        gossip = stub.SubmitJob(jobs_pb2.SubmitJobRequest(spec=spec_to_pb(replace(
+            SPEC, aggregation="gossip", min_peers=1, rounds=2))), timeout=10).job_id
+        wait_for(lambda: any(d.peer_id == ps[0].peer_id for d in
+                             stub.GetJob(jobs_pb2.GetJobRequest(job_id=gossip), timeout=5).job.declined), 60,
+                 "the host to decline the gossip job")
+        declined = [d.reason for d in stub.GetJob(jobs_pb2.GetJobRequest(job_id=gossip), timeout=5).job.declined
+                    if d.peer_id == ps[0].peer_id]
+    assert code_resp.job.state == types_pb2.JOB_STATE_SUCCEEDED, code_resp.job.reason
+    assert all(r.members == 2 for r in code_resp.history) and len(code_resp.history) == 3
+    assert host_state and all(int(v["step"]) == 6 for v in host_state.values()), "Adam's steps came back from the workers"
+    assert declined and "gossip" in declined[0]
