@@ -167,7 +167,9 @@ def build_config(argv: list[str] | None = None) -> tuple[PeerConfig, argparse.Na
     if not data_dir.is_dir():
         p.error(f"--data-dir {a.data_dir}: no such directory")
     try:
-        device = resolve_device(a.device)
+        # With --gpus the workers hold the GPUs; the supervisor's own copy (exchange, evaluation)
+        # stays on the CPU unless --device says otherwise.
+        device = "cpu" if a.gpus and a.device == "auto" else resolve_device(a.device)
         fault = parse_fault(a.fault)
     except ValueError as e:
         p.error(str(e))
