@@ -16,6 +16,7 @@ import logging
 import mmap
 import os
 import pathlib
+import time
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -31,6 +32,7 @@ from dml.peer.taskload import bundled_task, resolve
 from dml.peer.trainer import TaskError, Trainer
 
 log = logging.getLogger(__name__)
+HANG_S = 600.0  # the hang-worker test fault's silence (the host kills it long before)
 
 
 def state_bytes(trainer: Trainer) -> bytes:
@@ -88,9 +90,12 @@ class Worker:
         self.ddp.train()
         total, loss_sum = 0, 0.0
         for s, (idx, scale) in enumerate(zip(msg["steps"], msg["scales"])):
-            if msg.get("die_at") == s:
-                log.warning("worker %d: test fault %s: exiting at step %d", self.rank, faults.KILL_WORKER, s)
+            if s == 0 and msg.get("fault") == faults.KILL_WORKER:
+                log.warning("worker %d: test fault %s: exiting", self.rank, faults.KILL_WORKER)
                 os._exit(17)
+            if s == 0 and msg.get("fault") == faults.HANG_WORKER:
+                log.warning("worker %d: test fault %s: not answering", self.rank, faults.HANG_WORKER)
+                time.sleep(HANG_S)  # the host stops it at its deadline
             idx = np.ascontiguousarray(idx, dtype=np.int64)
             x, y = t.train_data.get(idx)
             t.optimizer.zero_grad(set_to_none=True)

@@ -145,8 +145,9 @@ class WorkerPool:
         while len(got) < self.count:
             left = deadline - time.monotonic()
             if left <= 0:
-                late = [i for i in range(self.count) if i not in got]
-                self._fail(f"worker {late[0]} did not finish its {what} within {timeout_s:.0f} s")
+                late = [str(i) for i in range(self.count) if i not in got]
+                self._fail(f"worker{'s' if len(late) > 1 else ''} {', '.join(late)} did not finish "
+                           f"{'their' if len(late) > 1 else 'its'} {what} within {timeout_s:.0f} s")
             if stop.is_set():
                 self._fail(f"the peer stopped during the workers' {what}")
             ready = wait([c for i, c in enumerate(self._conns) if i not in got], timeout=min(left, 0.5))
@@ -189,11 +190,12 @@ class WorkerPool:
         state = io.BytesIO()
         torch.save({name: part.state_dict() for name, part in _worker_parts(trainer).items()}, state)
         blob = state.getvalue()
-        die = fault is not None and fault.kind == faults.KILL_WORKER and rnd >= fault.round
+        hit = fault is not None and fault.kind in faults.WORKER_FAULTS and rnd >= fault.round
         for w, conn in enumerate(self._conns):
             msg = {"op": "round", "round": rnd, "steps": [s[w] for s in steps],
                    "scales": [loss_scales(s)[w] for s in steps], "state": blob,
-                   "die_at": 0 if die and w == faults.KILLED_WORKER % self.count else None}
+                   "fault": fault.kind if hit and fault is not None and w == faults.KILLED_WORKER % self.count
+                   else None}
             try:
                 conn.send(msg)
             except OSError as e:
@@ -241,12 +243,12 @@ def _context() -> Any:
 class WorkerHost:
     """A peer's workers: ``count`` of them (``--workers``; ``gpus``: one per listed device),
     one pool at a time, for the job the peer trains. ``fault``: tests only (peer.faults
-    ``kill-worker:ROUND``), fired once per peer process."""
+    ``kill-worker:ROUND``, ``hang-worker:ROUND``), fired once per peer process."""
 
     def __init__(self, count: int, gpus: tuple[int, ...] = (), fault: Fault | None = None) -> None:
         self.count = len(gpus) if gpus else count
         self.gpus = gpus
-        self._fault = fault if fault is not None and fault.kind == faults.KILL_WORKER else None
+        self._fault = fault if fault is not None and fault.kind in faults.WORKER_FAULTS else None
         self._pool: WorkerPool | None = None
         self._lock = threading.Lock()
 

@@ -242,3 +242,30 @@ def test_workers_run_the_task_code_the_peer_verified_and_decline_gossip(tmp_path
     assert all(r.members == 2 for r in code_resp.history) and len(code_resp.history) == 3
     assert host_state and all(int(v["step"]) == 6 for v in host_state.values()), "Adam's steps came back from the workers"
     assert declined and "gossip" in declined[0]
+
+
+def test_a_worker_that_stops_answering_is_stopped_at_the_deadline() -> None:
+    """Worker 1 of a host stops answering in its round (the hang-worker fault): the round fails
+    at the deadline the host gives it, every worker is stopped, and a new start trains again."""
+    import threading
+
+    from dml.peer.faults import HANG_WORKER
+    from dml.peer.workers import WorkerHost, WorkersFailed
+
+    pb = spec_to_pb(SPEC)
+    trainer = Trainer(get_task("digits"), SPEC.seed, SPEC.learning_rate, "cpu")
+    host = WorkerHost(2, fault=Fault(HANG_WORKER, 1))
+    stop = threading.Event()
+    try:
+        host.start("p", "j", pb, trainer, "", stop)
+        pool = host.pool_for("j", trainer)
+        assert pool is not None
+        procs = list(pool._procs)  # noqa: SLF001
+        with pytest.raises(WorkersFailed, match=r"workers? (0, )?1 did not finish (its|their) round 1 within 3 s"):
+            host.train("j", trainer, np.arange(128), 32, 1, 3.0, stop)
+        assert all(not p.is_alive() for p in procs), "every worker was stopped"
+        assert host.pool_for("j", trainer) is None
+        host.start("p", "j", pb, trainer, "", stop)  # the fault fired once
+        assert host.train("j", trainer, np.arange(128), 32, 1, 60.0, stop).samples == 128
+    finally:
+        host.close()
