@@ -34,6 +34,7 @@ from dml.common import taskcode
 from dml.common.spec import task_kind
 from dml.peer import faults, shm, trainstate, worker
 from dml.peer.outer import PART as OUTER
+from dml.peer.torchplane import PLANE as TORCH_PLANE
 from dml.peer.trainer import StepResult, TaskError, Trainer
 from dml.peer.worksplit import loss_scales, split_steps
 
@@ -61,6 +62,8 @@ def unsupported(spec: types_pb2.JobSpec) -> str:
         return "a multi-worker peer does not read datasets of the coordinator's store yet (--dataset)"
     if spec.prox_mu > 0:
         return "a multi-worker peer does not run a proximal term yet (--prox-mu)"
+    if spec.data_plane == TORCH_PLANE:
+        return "a multi-worker peer does not run --data-plane torch yet (its workers hold a process group already)"
     return ""
 
 

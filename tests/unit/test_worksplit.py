@@ -177,3 +177,14 @@ def test_dml_peers_shows_a_multi_worker_peers_workers_and_devices() -> None:
     lines = peers_table(rows)
     assert lines[1].endswith("workers 4 (cuda:0,cuda:1,cuda:2,cuda:3)")
     assert lines[2].endswith("workers 2") and "workers" not in lines[3]
+
+
+@pytest.mark.parametrize("kw,word", [({"aggregation": "gossip"}, "gossip"), ({"sync": "grads"}, "--sync grads"),
+                                     ({"dataset": "d"}, "--dataset"), ({"prox_mu": 0.1}, "--prox-mu"),
+                                     ({"data_plane": "torch"}, "--data-plane torch")])
+def test_a_multi_worker_host_declines_what_it_does_not_run_yet_saying_why(kw: dict, word: str) -> None:
+    from dml.common.spec import spec_to_pb
+    from dml.peer.workers import unsupported
+
+    assert unsupported(spec_to_pb(JobSpec())) == ""
+    assert word in unsupported(spec_to_pb(JobSpec(**kw)))
