@@ -187,6 +187,8 @@ def peer_dict(p: jobs_pb2.PeerInfo) -> dict[str, Any]:
         "utilisation": {"training": p.training_share, "exchanging": p.exchange_share, "idle": p.idle_share},
         "registered_unix_ms": p.registered_unix_ms,
         "local_datasets": list(p.local_datasets),
+        "workers": p.workers or 1,
+        "worker_devices": list(p.worker_devices),
     }
 
 

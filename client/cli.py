@@ -24,7 +24,7 @@ from dml.common import tls
 from dml.common.args import dataset_name, int_in, pool_name
 from dml.common.spec import (AGGREGATIONS, CODECS, DATA_PLANES, MAX_GOSSIP_TIMEOUT_MS, MAX_LEARNING_RATE,
                              MAX_MAX_PEERS, MAX_PEER_GRACE_S, MAX_PROX_MU, MAX_ROUNDS, MAX_SAMPLES_PER_ROUND, MIN_GOSSIP_TIMEOUT_MS,
-                             OPTIMIZER_STATES, OUTER_OPTIMIZERS, PLACEMENTS, SYNCS, TOPOLOGY_NAMES, JobSpec)
+                             OPTIMIZER_STATES, OUTER_OPTIMIZERS, PLACEMENTS, PRECISIONS, SYNCS, TOPOLOGY_NAMES, JobSpec)
 from dml.v1 import jobs_pb2, types_pb2
 
 DEFAULT_CERT_DAYS = 3650
@@ -119,7 +119,7 @@ def spec_from_args(a: argparse.Namespace) -> JobSpec:
                    outer_optimizer=a.outer_optimizer, outer_lr=a.outer_lr, outer_momentum=a.outer_momentum,
                    prox_mu=a.prox_mu, dataset=getattr(a, "dataset", ""), pool=getattr(a, "pool", ""),
                    max_peers=getattr(a, "max_peers", 0), placement=getattr(a, "placement", "shared"),
-                   local_data=getattr(a, "local_data", ""))
+                   local_data=getattr(a, "local_data", ""), precision=getattr(a, "precision", d.precision))
 
 
 def _client(a: argparse.Namespace) -> JobClient:
@@ -213,8 +213,8 @@ def cmd_jobs(a: argparse.Namespace) -> int:
 
 def peers_table(peers: list[dict[str, Any]]) -> list[str]:
     """``dml peers`` as lines: a row per peer (id, pool, device, memory, samples/s, state, job,
-    the last minute's training / exchanging / idle shares in percent, address, and the local
-    datasets it offers, when any)."""
+    the last minute's training / exchanging / idle shares in percent, address, the local
+    datasets it offers, when any, and a multi-worker peer's workers)."""
     lines = [f"{'PEER':<24} {'POOL':<12} {'DEVICE':<8} {'MEMORY':>9} {'SAMPLES/S':>10} {'STATE':<11} {'JOB':<24} "
              f"{'TRAIN':>5} {'XCHG':>5} {'IDLE':>5}  ADDRESS"]
     for p in peers:
@@ -224,9 +224,17 @@ def peers_table(peers: list[dict[str, Any]]) -> list[str]:
         lines.append(f"{p['peer_id']:<24} {p['pool']:<12} {p['device'] or '-':<8} {mem:>9} {sps:>10} "
                      f"{p['state']:<11} {p['job_id'] or '-':<24} {u['training']:>5.0%} {u['exchanging']:>5.0%} "
                      f"{u['idle']:>5.0%}  {p['address']}"
-                     + (f"  data {','.join(p['local_datasets'])}" if p.get("local_datasets") else ""))
+                     + (f"  data {','.join(p['local_datasets'])}" if p.get("local_datasets") else "")
+                     + (f"  workers {_workers(p)}" if p.get("workers", 1) > 1 or p.get("worker_devices") else ""))
     lines.append(f"{len(peers)} peers; utilisation over the last minute")
     return lines
+
+
+def _workers(p: dict[str, Any]) -> str:
+    """A multi-worker peer's workers as ``dml peers`` shows them: ``2`` (CPU) or
+    ``4 (cuda:0,cuda:1,cuda:2,cuda:3)``."""
+    devices = p.get("worker_devices") or []
+    return f"{p.get('workers', 1)}" + (f" ({','.join(devices)})" if devices else "")
 
 
 def cmd_peers(a: argparse.Namespace) -> int:
@@ -539,6 +547,9 @@ def add_job_options(p: argparse.ArgumentParser) -> None:
                    default=d.outer_momentum, help="the outer optimizer's momentum")
     p.add_argument("--prox-mu", type=cliargs.float_in(0.0, MAX_PROX_MU, lo_open=False), default=d.prox_mu,
                    help="FedProx: add (mu/2)||w - w_round||^2 to every local step's loss, for non-IID data (0: off)")
+    p.add_argument("--precision", choices=PRECISIONS, default=d.precision,
+                   help="mixed precision of training: fp32 (none), bf16 (autocast; CPU or CUDA), fp16 (autocast with "
+                        "a GradScaler); parameters and the exchange stay fp32")
     p.add_argument("--seed", type=int_in(0, 2**63 - 1), default=d.seed, help="seed of model init, shard plan and sampling")
     p.add_argument("--num-shards", type=int_in(1, None, d.num_shards), default=d.num_shards,
                    help="shards to cut the training data into (at most its size)")

@@ -20,6 +20,7 @@ from dml.common import rpc
 MAX_ID_BYTES = 256  # ids, digests, names, addresses
 MAX_DETAIL_BYTES = 4096  # free text: a failure's detail
 MAX_KEY_BYTES = 256  # bytes fields that are keys or tokens, not payloads
+MAX_WORKERS = 64  # a peer's training workers (dml-peer --workers / --gpus; PeerCapability.workers)
 PAYLOAD_FIELDS = frozenset({"data", "labels", "task_code"})  # bytes fields bounded by the message size limit instead
 # (task_code: a job's task bundle, bounded by the coordinator's --max-task-code-bytes too)
 TEXT_FIELDS: Mapping[str, int] = {"detail": MAX_DETAIL_BYTES}

@@ -27,6 +27,7 @@ MAX_GOSSIP_TIMEOUT_MS = 600_000
 MAX_PEER_GRACE_S = 30 * 24 * 3600
 MAX_MAX_PEERS = 100_000
 DEFAULT_POOL = "default"  # the pool of a peer started without --pool
+PRECISIONS = ("fp32", "bf16", "fp16")  # --precision: autocast's dtype (parameters and the exchange stay fp32)
 PLACEMENTS = ("shared", "local")  # where a job's data is: one training set cut into shards, or each peer's own
 _POOL = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
@@ -69,6 +70,7 @@ class JobSpec:
     max_peers: int = 0  # the most members at once; 0 for no limit (beyond num_shards)
     placement: str = "shared"  # "shared": one training set cut into shards; "local": each peer's own (federated)
     local_data: str = ""  # placement "local": the dataset name peers offer (dml-peer --data NAME=PATH)
+    precision: str = "fp32"  # autocast: fp32 (off), bf16, fp16 (with a GradScaler); parameters stay fp32
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-friendly form."""
@@ -256,12 +258,16 @@ def _validate_training(spec: JobSpec) -> None:
         raise InvalidSpec(f"prox_mu must be in [0, {MAX_PROX_MU:g}], got {spec.prox_mu}")
     if spec.min_shard_samples < 1:
         raise InvalidSpec(f"min_shard_samples must be at least 1, got {spec.min_shard_samples}")
+    if spec.precision not in PRECISIONS:
+        raise InvalidSpec(f"unknown precision {spec.precision!r}: choose one of {', '.join(PRECISIONS)}")
     if spec.sync == "grads":
         for bad, why in ((spec.aggregation != "ring", "needs the ring (--aggregation ring)"),
                          (spec.outer_optimizer != "none", "has no outer optimizer (it applies to --sync params)"),
                          (spec.prox_mu > 0, "has no proximal term (every step already starts from the same parameters)"),
                          (spec.optimizer_state != "local", "keeps the optimizer state identical on every member already"),
-                         (spec.codec != "fp32", "all-reduces gradients in fp32")):
+                         (spec.codec != "fp32", "all-reduces gradients in fp32"),
+                         (spec.precision == "fp16", "takes no --precision fp16: each member's loss scale would "
+                          "scale the gradients it all-reduces differently (use bf16)")):
             if bad:
                 raise InvalidSpec(f"--sync grads {why}")
     if spec.data_plane == "torch":

@@ -19,6 +19,8 @@ and nothing else moves.
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import numpy as np
 
 from dml.common.sampling import MAX_LABELS, parse_sharding
@@ -287,15 +289,17 @@ def advance(cursors: dict[int, Cursor], ranges: list[Range], sizes: list[int]) -
         cursors[shard] = (epoch + 1, 0) if stop >= sizes[shard] else (epoch, stop)
 
 
-def allocate(assign: Assignment, sizes: list[int], cursors: dict[int, Cursor], budget: int) -> dict[str, list[Range]]:
-    """Gives each member ``budget`` samples from its own shards, continuing where the committed
-    cursors stand: always from its least-read shard (lowest pass, then lowest id), starting the
-    shard's next pass when one ends, so every round is full and shards advance evenly."""
+def allocate(assign: Assignment, sizes: list[int], cursors: dict[int, Cursor], budget: int,
+             workers: Mapping[str, int] | None = None) -> dict[str, list[Range]]:
+    """Gives each member ``budget`` samples (times its ``workers``, a multi-worker host's count,
+    1 when not listed) from its own shards, continuing where the committed cursors stand: always
+    from its least-read shard (lowest pass, then lowest id), starting the shard's next pass when
+    one ends, so every round is full and shards advance evenly."""
     out: dict[str, list[Range]] = {}
     for peer, shards in assign.items():
         live = [s for s in shards if sizes[s] > 0]
         cur = {s: cursors.get(s, (1, 0)) for s in live}
-        left, ranges = budget, []
+        left, ranges = budget * (workers or {}).get(peer, 1), []
         while left > 0 and live:
             s = min(live, key=lambda x: (cur[x][0], x))
             epoch, pos = cur[s]

@@ -9,6 +9,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from dml.common.limits import MAX_WORKERS
 from dml.common.spec import DEFAULT_POOL, JobSpec
 from dml.common.task import MAX_METRIC_NAME, MAX_METRICS
 
@@ -66,6 +67,14 @@ def max_samples(peer: PeerRecord) -> int:
     capability at registration); 0 for no cap."""
     v = peer.capability.get("max_samples", 0)
     return v if isinstance(v, int) and v > 0 else 0
+
+
+def peer_workers(peer: PeerRecord) -> int:
+    """The training workers of a peer (``dml-peer --workers`` / ``--gpus``, kept in its
+    capability at registration): its allocation is that many members' samples; 1 for a
+    single-process peer."""
+    v = peer.capability.get("workers", 1)
+    return v if isinstance(v, int) and 1 <= v <= MAX_WORKERS else 1
 
 
 def peer_pool(peer: PeerRecord) -> str:

@@ -25,7 +25,7 @@ import socket
 import threading
 import time
 import uuid
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, TypeVar
 
 import numpy as np
@@ -53,6 +53,7 @@ from dml.coordinator.records import (
     Report,
     Stale,
     max_samples,
+    peer_workers,
     peer_pool,
 )
 from dml.coordinator.state import DECLINED, READY, ClusterState
@@ -199,6 +200,8 @@ class PeerView:
     registered_ms: int  # Unix ms
     max_samples: int
     local_datasets: list[str]  # the names of the local datasets it offers (dml-peer --data)
+    workers: int = 1  # its training workers (dml-peer --workers / --gpus)
+    worker_devices: list[str] = field(default_factory=list)  # their devices ("cuda:N"; none on CPU)
 
 
 def peer_views(state: ClusterState, now_ms: int) -> list[PeerView]:
@@ -211,7 +214,8 @@ def peer_views(state: ClusterState, now_ms: int) -> list[PeerView]:
         out.append(PeerView(p.peer_id, p.address, peer_pool(p), str(p.capability.get("device", "")),
                             mem if isinstance(mem, int) and mem > 0 else 0, p.samples_per_s, what, job,
                             state.usage(p.peer_id, now_ms), p.registered_ms, max_samples(p),
-                            list(p.capability.get("local_datasets", []))))
+                            list(p.capability.get("local_datasets", [])), peer_workers(p),
+                            [str(d) for d in p.capability.get("worker_devices", [])]))
     return out
 
 

@@ -14,6 +14,7 @@ import itertools
 import logging
 import math
 import pathlib
+import re
 import threading
 from collections.abc import Iterator
 
@@ -21,6 +22,7 @@ import grpc
 from dml.v1 import control_pb2, control_pb2_grpc, data_pb2, data_pb2_grpc, jobs_pb2, jobs_pb2_grpc, types_pb2
 
 from dml.common import limits
+from dml.common.limits import MAX_WORKERS
 from dml.common.auth import KEY_BYTES
 from dml.coordinator.checkpoint import MAX_STATE_RATIO, STATE_SLACK_BYTES, max_training_state_bytes
 from dml.common.datasets import FileEntry, name_error
@@ -48,6 +50,7 @@ from dml.coordinator.planner import MAX_LABEL_COUNTS
 from dml.coordinator.state import DECLINED, MAX_TASK_ERROR_CHARS, READY, TASK, TASK_ERROR
 
 log = logging.getLogger(__name__)
+_WORKER_DEVICE = re.compile(r"cuda:[0-9]{1,3}")  # a registration's worker devices
 
 CHUNK_BYTES = 1 << 20
 MAX_PLAN_WAIT_S = 30.0
@@ -235,7 +238,8 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
                 peer_id=v.peer_id, address=v.address, pool=v.pool, device=v.device, memory_bytes=v.memory_bytes,
                 samples_per_s=v.samples_per_s, state=v.state, job_id=v.job_id, training_share=v.shares.training,
                 exchange_share=v.shares.exchanging, idle_share=v.shares.idle, registered_unix_ms=v.registered_ms,
-                max_samples=v.max_samples, local_datasets=v.local_datasets) for v in self._c.peers()])
+                max_samples=v.max_samples, local_datasets=v.local_datasets, workers=v.workers,
+                worker_devices=v.worker_devices) for v in self._c.peers()])
         raise AssertionError("unreachable")
 
     def DownloadModel(self, request: jobs_pb2.DownloadModelRequest, context: grpc.ServicerContext) -> Iterator[jobs_pb2.ModelChunk]:
@@ -328,9 +332,18 @@ class PeerControlServicer(control_pb2_grpc.PeerControlServicer):
         for name in names:
             if err := name_error(name):
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"cannot register local dataset: {err}")
+        if c.workers > MAX_WORKERS or len(c.worker_devices) > MAX_WORKERS or (
+                c.worker_devices and len(c.worker_devices) != c.workers):
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"cannot register: at most {MAX_WORKERS} workers, and one "
+                                                            f"device per worker when devices are listed (got "
+                                                            f"{c.workers} workers, {len(c.worker_devices)} devices)")
+        for dev in c.worker_devices:
+            if not _WORKER_DEVICE.fullmatch(dev):
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                              f"cannot register: a worker device must be cuda:N, got {dev[:40]!r}")
         cap = {"device": c.device, "memory_bytes": c.memory_bytes, "pool": c.pool or DEFAULT_POOL,
                "max_samples": c.max_samples, "cache_free_bytes": c.cache_free_bytes if c.has_cache_free else None,
-               "local_datasets": names}
+               "local_datasets": names, "workers": max(1, c.workers), "worker_devices": list(c.worker_devices)}
         with _status(context):
             pid, token = self._c.register(request.address, cap, bytes(request.public_key))
             cfg = self._c.config

@@ -121,6 +121,7 @@ from dml.coordinator.records import (
     check_usage,
     job_pool,
     max_samples,
+    peer_workers,
     peer_pool,
 )
 
@@ -456,6 +457,11 @@ class ClusterState:
         default = sum(known.values()) / len(known) if known else 1.0
         return {m: known.get(m, default) for m in members}
 
+    def _workers(self, members: list[str]) -> dict[str, int]:
+        """Each member's training workers (``dml-peer --workers`` / ``--gpus``): a host of N
+        workers is allocated N members' samples a round (docs/architecture.md, "Multi-worker peers")."""
+        return {m: peer_workers(self.peers[m]) for m in members if m in self.peers}
+
     def _caps(self, members: list[str]) -> dict[str, int]:
         """Each member's ``dml-peer --max-samples`` (0: no cap), from its registration."""
         return {m: max_samples(self.peers[m]) for m in members if m in self.peers}
@@ -628,7 +634,8 @@ class ClusterState:
             job.allocation = {}
             return
         sizes = job.shard_sizes
-        alloc = planner.allocate(job.assignment, sizes, job.cursors, job.spec.local_steps * job.spec.batch_size)
+        alloc = planner.allocate(job.assignment, sizes, job.cursors, job.spec.local_steps * job.spec.batch_size,
+                                 self._workers(job.members))
         job.allocation = {p: [list(r) for r in rs] for p, rs in alloc.items()}
 
     def _issue_gossip(self, job: Job, now_ms: int) -> None:
@@ -652,7 +659,7 @@ class ClusterState:
         """One gossip step's samples for a member, from its own shards' cursors."""
         sizes = job.shard_sizes
         alloc = planner.allocate({peer_id: job.assignment.get(peer_id, [])}, sizes, job.cursors,
-                                 job.spec.local_steps * job.spec.batch_size)
+                                 job.spec.local_steps * job.spec.batch_size, self._workers([peer_id]))
         job.allocation[peer_id] = [list(r) for r in alloc[peer_id]]
         job.gossip.issued_ms[peer_id] = now_ms
 
@@ -1164,6 +1171,11 @@ class ClusterState:
         _note_speed(peer, rep, job)
         self._note_activity(peer.peer_id, rep, now_ms)
         job.reports[peer_id] = rep
+        if job.committed_round and peer_id not in job.holders:
+            # It trained this round from the committed one, so it holds it: a member that joined
+            # at the boundary and fetched it. Without this, a member left alone after the last
+            # recorded holder fails was thought to hold nothing and the job rolled back.
+            job.holders.append(peer_id)
         if set(job.reports) != set(job.members):
             return Changes(jobs=(job_id,))  # persisted, so a coordinator restart keeps the report
         digests = {r.digest for r in job.reports.values()}

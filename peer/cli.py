@@ -23,6 +23,7 @@ from dml.common.metrics import MetricsBindError
 from dml.common.spec import DEFAULT_POOL
 from dml.common.auth import AuthError, read_token_file
 from dml.peer.faults import parse_fault
+from dml.peer.worksplit import MAX_WORKERS
 
 if TYPE_CHECKING:
     from dml.peer.runner import PeerConfig
@@ -45,6 +46,19 @@ def resolve_device(choice: str) -> str:
             raise ValueError(f"--device {choice}: no such CUDA device ({torch.cuda.device_count()} visible)")
         return f"cuda:{idx}"
     raise ValueError(f"--device must be auto, cpu or cuda:N, got {choice!r}")
+
+
+def gpu_list(text: str) -> tuple[int, ...]:
+    """``--gpus 0,1,3``: distinct CUDA device indices ("" for none)."""
+    if not text.strip():
+        return ()
+    try:
+        out = tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be comma-separated device indices such as 0,1, got {text!r}") from None
+    if any(g < 0 for g in out) or len(set(out)) != len(out) or len(out) > MAX_WORKERS:
+        raise argparse.ArgumentTypeError(f"must be distinct device indices >= 0, at most {MAX_WORKERS}, got {text!r}")
+    return out
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -86,7 +100,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tests only (fault injection, off by default): from round ROUND on, write NaN (KIND "
                         "nan-params) or 1e30 (huge-params) into this peer's parameters and skip its own check, "
                         "a broken peer its neighbours must refuse; hold-collective: on the torch data plane, "
-                        "never enter round ROUND's collective once the others have (env DML_FAULT)")
+                        "never enter round ROUND's collective once the others have; kill-worker: worker 1 of a "
+                        "--workers peer dies at round ROUND, once (env DML_FAULT)")
+    p.add_argument("--workers", type=cliargs.int_in(1, MAX_WORKERS), default=int(os.environ.get("DML_WORKERS", "1")),
+                   help="train with N worker processes (DistributedDataParallel over gloo inside this host); the "
+                        "peer stays the host's one member of the ring and is allocated N members' samples a round "
+                        "(env DML_WORKERS; default 1: train in the peer process)")
+    p.add_argument("--gpus", type=gpu_list, default=os.environ.get("DML_GPUS", ""), metavar="0,1,...",
+                   help="one worker per listed CUDA device, each started with CUDA_VISIBLE_DEVICES set to it "
+                        "(DistributedDataParallel over NCCL); excludes --workers (env DML_GPUS)")
     p.add_argument("--allow-job-code", action="store_true",
                    default=os.environ.get("DML_ALLOW_JOB_CODE", "") not in ("", "0"),
                    help="run the task code a job sends (a task file or package); without it this peer declines "
@@ -136,6 +158,8 @@ def build_config(argv: list[str] | None = None) -> tuple[PeerConfig, argparse.Na
         p.error("--exchange-timeout-s must be positive")
     if not 1 <= a.slowdown <= 1000:
         p.error(f"--slowdown must be between 1 and 1000, got {a.slowdown}")
+    if a.gpus and a.workers != 1:
+        p.error("--gpus starts one worker per listed device; do not give --workers with it")
     names = [n for n, _ in a.local_data]
     if len(set(names)) != len(names):
         p.error(f"--data: each NAME once (got {', '.join(sorted(names))})")
@@ -143,7 +167,9 @@ def build_config(argv: list[str] | None = None) -> tuple[PeerConfig, argparse.Na
     if not data_dir.is_dir():
         p.error(f"--data-dir {a.data_dir}: no such directory")
     try:
-        device = resolve_device(a.device)
+        # With --gpus the workers hold the GPUs; the supervisor's own copy (exchange, evaluation)
+        # stays on the CPU unless --device says otherwise.
+        device = "cpu" if a.gpus and a.device == "auto" else resolve_device(a.device)
         fault = parse_fault(a.fault)
     except ValueError as e:
         p.error(str(e))
@@ -157,7 +183,8 @@ def build_config(argv: list[str] | None = None) -> tuple[PeerConfig, argparse.Na
                      allow_job_code=a.allow_job_code, allow_torch_plane=a.allow_torch_plane, data_dir=data_dir, local_data=tuple(a.local_data),
                      code_cache_dir=a.code_cache_dir.resolve() if a.code_cache_dir is not None else None,
                      cache_dir=(a.cache_dir or pathlib.Path.cwd() / ".dml-cache").resolve(),
-                     cache_max_bytes=int(a.cache_max_gb * 1e9))
+                     cache_max_bytes=int(a.cache_max_gb * 1e9), workers=len(a.gpus) or a.workers,
+                     gpus=tuple(a.gpus))
     return cfg, a
 
 

@@ -228,17 +228,20 @@ class ControlClient:
 
     def register(self, address: str, device: str, memory_bytes: int,
                  max_samples: int = 0, pool: str = "", cache_free: int | None = None,
-                 local_datasets: list[str] | None = None) -> control_pb2.RegisterPeerResponse:
+                 local_datasets: list[str] | None = None, workers: int = 1,
+                 worker_devices: list[str] | None = None) -> control_pb2.RegisterPeerResponse:
         """Registers this peer (``max_samples``: the most training samples it takes, 0 for no cap;
         ``pool``: the resource pool it serves, "" for the default; ``cache_free``: the bytes its
         dataset cache can still take in, None for no limit; ``local_datasets``: the names of the
-        local datasets it offers, never their paths)."""
+        local datasets it offers, never their paths; ``workers``, ``worker_devices``: its training
+        workers, dml-peer --workers / --gpus)."""
         def attempt() -> control_pb2.RegisterPeerResponse:
             req = control_pb2.RegisterPeerRequest(
                 address=address, capability=control_pb2.PeerCapability(
                     device=device, memory_bytes=memory_bytes, max_samples=max_samples, pool=pool,
                     has_cache_free=cache_free is not None, cache_free_bytes=cache_free or 0,
-                    local_datasets=local_datasets or []),
+                    local_datasets=local_datasets or [], workers=workers,
+                    worker_devices=worker_devices or []),
                 cluster_id=self.cluster_id, public_key=self.credentials.public_key)
             resp: control_pb2.RegisterPeerResponse = self.stub.RegisterPeer(req, timeout=CALL_TIMEOUT_S)
             if not self.answer_ok(resp.cluster_id, "register"):

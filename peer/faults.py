@@ -12,7 +12,11 @@ broken hardware or a bug would:
   a member a test can kill at a known point, mid-collective.
 
 Nothing else changes: the peer then exchanges as usual, and its neighbours must refuse what it
-sends. Never set it outside tests and experiments.
+sends. ``kill-worker:ROUND`` instead kills worker 1 of a multi-worker host (``--workers`` /
+``--gpus``, peer/workers.py) at the first step of round ROUND, once per peer process: the host
+must fail that round like any member that fails, then restart its workers; ``hang-worker:ROUND``
+makes that worker stop answering instead (the host's round deadline must catch it). Never set any of
+them outside tests and experiments.
 """
 from __future__ import annotations
 
@@ -22,6 +26,10 @@ import numpy as np
 
 KINDS = {"nan-params": float("nan"), "huge-params": 1e30}
 HOLD = "hold-collective"
+KILL_WORKER = "kill-worker"  # a worker of a multi-worker host dies (peer.workers)
+HANG_WORKER = "hang-worker"  # ... or stops answering, until the host's deadline stops it
+WORKER_FAULTS = (KILL_WORKER, HANG_WORKER)
+KILLED_WORKER = 1  # the worker it kills
 
 
 @dataclass(frozen=True)
@@ -41,8 +49,9 @@ def parse_fault(text: str) -> Fault | None:
     if not text:
         return None
     kind, sep, rnd = text.partition(":")
-    if kind not in (*KINDS, HOLD) or not sep or not rnd.isdigit() or int(rnd) < 1:
-        raise ValueError(f"fault must be KIND:ROUND with KIND one of {', '.join((*KINDS, HOLD))} and ROUND >= 1, got {text!r}")
+    if kind not in (*KINDS, HOLD, *WORKER_FAULTS) or not sep or not rnd.isdigit() or int(rnd) < 1:
+        raise ValueError(f"fault must be KIND:ROUND with KIND one of {', '.join((*KINDS, HOLD, *WORKER_FAULTS))} and "
+                         f"ROUND >= 1, got {text!r}")
     return Fault(kind, int(rnd))
 
 

@@ -66,6 +66,10 @@ class OuterOptimizer:
         buf = self._opt.state.get(self._param, {}).get("momentum_buffer")
         return None if buf is None else buf.numpy().copy()
 
+    def reset(self) -> None:
+        """Forgets the momentum: the state of a job that has not started (a rollback to round 0)."""
+        self._opt.state.clear()
+
     def state_dict(self) -> dict[str, Any]:
         """The torch optimizer's state_dict (its momentum buffer and hyper-parameters)."""
         return self._opt.state_dict()

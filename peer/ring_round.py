@@ -31,9 +31,11 @@ from dml.peer.gossip_step import GossipStep
 from dml.peer.link import PeerLink
 from dml.peer.params import Snapshot
 from dml.peer.torchplane import PLANE as TORCH_PLANE, TorchLink
+from dml.peer.take import start_workers
 from dml.peer.step import NotFinite, check_own, report_failure, superseded, task_error_detail, train_and_report
 from dml.peer.trainer import StepResult, TaskError, Trainer
 from dml.peer.watch import SuccessorWatch
+from dml.peer.workers import WorkersFailed
 
 if TYPE_CHECKING:
     from dml.peer.runner import Peer
@@ -135,6 +137,9 @@ class RingRound:
                 report_failure(peer, plan, e.suspect, str(e))
         except Evicted:
             raise
+        except WorkersFailed as e:
+            log.error("%s: this host's workers failed (%s); reporting it and leaving the ring", tag, e)
+            report_failure(peer, plan, peer.peer_id, f"local failure: the host's workers failed: {e}")
         except Exception as e:
             if superseded(e):
                 log.info("%s: round superseded (%s)", tag, e)
@@ -209,8 +214,23 @@ class RingRound:
     def _fetch(self, plan: types_pb2.Plan, rnd: int, trainer: Trainer) -> None:
         """Pulls round ``rnd``'s parameters (a joiner catching up): from a live member, else from
         the coordinator's checkpoint when it is of that round. Each download is digest-checked."""
+        if rnd == 0 and not plan.start_digest:
+            self._from_seed(plan, trainer)
+            return
         if not self._from_members(plan, rnd, trainer) and not self._from_checkpoint(plan, rnd, trainer):
             raise ExchangeError(f"neither a member nor the coordinator could provide round {rnd} parameters")
+
+    def _from_seed(self, plan: types_pb2.Plan, trainer: Trainer) -> None:
+        """Round 0 is the seeded initial model, which this peer builds again rather than fetch
+        (no one serves it once every peer has trained past it): the job was rolled back to it."""
+        params = trainer.initial_params()
+        trainer.reset_state()
+        state = trainer.capture_state()
+        self._peer.store.adopt(plan.job_id, 0, params, trainer.round_digest(params, state), state=state,
+                               got=trainer.round_digest(params, state))
+        trainer.set_params(params)
+        log.warning("peer %s job %s: the job went back to round 0; starting again from the seeded initial model",
+                    self._peer.peer_id, plan.job_id)
 
     def _from_members(self, plan: types_pb2.Plan, rnd: int, trainer: Trainer) -> bool:
         """Takes round ``rnd``'s parameters and training state from the first live member that
@@ -450,8 +470,15 @@ class RingRound:
                                           spec=spec_from_pb(plan.spec).to_dict())
                     peer.client.upload_checkpoint(peer.peer_id, plan.job_id, plan.round, plan.epoch, dig, f, g, sha)
 
+        def on_workers(trainer: Trainer, samples: np.ndarray) -> StepResult:
+            """A multi-worker host (peer.workers): its workers train the round."""
+            if peer.workers.pool_for(plan.job_id, trainer) is None:  # a restored job's member never took it
+                start_workers(peer, plan.job_id, plan.spec, trainer)
+            return peer.workers.train(plan.job_id, trainer, samples, plan.spec.batch_size, plan.round,
+                                      self.deadline_s, peer.stop_event)
+
         every = max(plan.spec.eval_every_rounds, 1)
         train_and_report(peer, plan, rank, tag, "report round", prepare=lambda: self._prepare(plan),
-                         train=self._synced(plan, rank, tag, link) if grads else None,
+                         train=self._synced(plan, rank, tag, link) if grads else on_workers if peer.workers.multi else None,
                          average=average, results=results,
                          evaluate=rank == 0 and (plan.round % every == 0 or plan.round >= plan.spec.rounds))

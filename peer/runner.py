@@ -37,6 +37,7 @@ from dml.peer.torchplane import TorchPlane
 from dml.peer.take import take
 from dml.peer.taskload import CodeCache
 from dml.peer.trainer import Trainer
+from dml.peer.workers import WorkerHost
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +95,8 @@ class PeerConfig:
     cache_dir: pathlib.Path | None = None  # datasets fetched from the coordinator's store; None: a temp dir, removed at stop
     cache_max_bytes: int = 0  # the most bytes of dataset chunks kept in cache_dir (0: no limit)
     local_data: tuple[tuple[str, pathlib.Path], ...] = ()  # --data NAME=PATH: local datasets offered, by name
+    workers: int = 1  # --workers: CPU training worker processes (peer.workers); 1: train in this process
+    gpus: tuple[int, ...] = ()  # --gpus: one worker per listed CUDA device (then workers = len(gpus))
 
     def injected_fault(self, address: str) -> str:
         """Why this peer must act as if ``address`` were unreachable ("" when it need not)."""
@@ -111,6 +114,7 @@ class Peer:
         self.code_cache = CodeCache(config.code_cache_dir)  # task code fetched for jobs (peer.taskload)
         self.data_cache = ChunkCache(config.cache_dir, config.cache_max_bytes)  # datasets of jobs (peer.datacache)
         self.prefetch = Prefetcher()  # a plan's rows of a store dataset, fetched ahead of its batches
+        self.workers = WorkerHost(config.workers, config.gpus, config.fault)  # --workers / --gpus (peer.workers)
         self._abort = threading.Event()
         self._evicted = threading.Event()
         # Held while peer_id changes with _evicted cleared (a registration), and while the heartbeat
@@ -186,10 +190,12 @@ class Peer:
         resp = self.client.register(self.address, self.config.device, device_memory(self.config.device),
                                     max_samples=self.config.max_samples, pool=self.config.pool,
                                     cache_free=datausage.cache_free(self.data_cache),
-                                    local_datasets=[n for n, _ in self.config.local_data])
+                                    local_datasets=[n for n, _ in self.config.local_data],
+                                    workers=self.workers.count, worker_devices=self.workers.devices)
         if self.peer_id:  # evicted: whatever it held may be stale, start clean as a new member
             self.gossip.detach()
             self.store.clear()
+            self.workers.close()  # a new take starts fresh ones
             self._ring.forget()
         self.credentials.registered(resp.peer_id, resp.peer_token, resp.coordinator_public_key)
         with self._id_lock:
@@ -221,6 +227,7 @@ class Peer:
         self._gossip_step.close_channels()
         self.prefetch.cancel()
         self.prefetch.join(5)
+        self.workers.close()
         self.client.close()
         self.code_cache.close()
         self.data_cache.close()

@@ -21,6 +21,7 @@ from dml.peer.params import Snapshot
 from dml.peer.step import task_error_detail
 from dml.peer.taskload import Declined, make_trainer
 from dml.peer.trainer import TaskError, Trainer
+from dml.peer.workers import WorkersFailed, unsupported
 
 if TYPE_CHECKING:
     from dml.peer.runner import Peer
@@ -99,6 +100,16 @@ def describe(trainer: Trainer, local: bool = False) -> control_pb2.DataInfo:
         batch_size=trainer.task.batch_size or 0, num_params=trainer.numel, data_digest=labels_digest(n, blob))
 
 
+def start_workers(peer: Peer, job_id: str, spec: types_pb2.JobSpec, trainer: Trainer) -> None:
+    """Starts the workers of a multi-worker host for the job (peer.workers); Declined when they
+    cannot start, so the host leaves the job cleanly rather than failing its rounds."""
+    root = str(peer.code_cache.folder / spec.task_digest) if spec.task_digest else ""
+    try:
+        peer.workers.start(peer.peer_id, job_id, spec, trainer, root, peer.stop_event)
+    except WorkersFailed as e:
+        raise Declined(f"cannot start this peer's {peer.workers.count} workers: {e}") from None
+
+
 def prepare(peer: Peer, plan: types_pb2.Plan) -> control_pb2.TakeJobRequest:
     """Loads the task of ``plan``'s job (or reuses the trainer this peer holds for it) and says
     what came of it, as the TakeJob request (READY: with what its data cost, and the cache's
@@ -110,10 +121,14 @@ def prepare(peer: Peer, plan: types_pb2.Plan) -> control_pb2.TakeJobRequest:
             why = torchplane.decline_reason(plan.spec, peer.config.tls, peer.config.allow_torch_plane)
             if why:
                 raise Declined(why)
+        if peer.workers.multi and (why := unsupported(plan.spec)):
+            raise Declined(why)
         trainer = peer.store.trainer_for(plan.job_id)
         fresh = trainer is None
         if trainer is None:
             trainer = make_trainer(peer, plan.job_id, plan.spec)
+        if peer.workers.multi and peer.workers.pool_for(plan.job_id, trainer) is None:
+            start_workers(peer, plan.job_id, plan.spec, trainer)
         req.data.CopyFrom(describe(trainer, local=plan.spec.placement == "local"))
         datausage.fill(req, trainer, peer)
     except Declined as e:

@@ -151,7 +151,8 @@ def make_trainer(peer: Peer, job_id: str, spec: types_pb2.JobSpec) -> Trainer:
     ctx = Context(data_dir=data_dir, seed=spec.seed, job_id=job_id, peer_id=peer.peer_id, source=source)
     try:
         trainer = Trainer(task, spec.seed, spec.learning_rate, peer.config.device, ctx=ctx,
-                          fuse=spec.sync != "grads" and spec.prox_mu == 0, prox_mu=spec.prox_mu)
+                          fuse=spec.sync != "grads" and spec.prox_mu == 0, prox_mu=spec.prox_mu,
+                          precision=spec.precision or "fp32")
     except TaskError as e:
         if source is not None:
             source.close()
@@ -249,6 +250,17 @@ class CodeCache:
         """Removes the temp folder, if this cache made one."""
         if self._tmp is not None:
             shutil.rmtree(self._tmp, ignore_errors=True)
+
+
+def bundled_task(task: str, digest: str, root: pathlib.Path) -> Task:
+    """The Task ``task`` (a task-code reference) names in bundle ``digest``, already fetched,
+    verified and extracted at ``root`` by this peer (a multi-worker host's workers import that
+    copy: peer/worker.py). TaskError when it cannot be imported or is no ``dml.Task``."""
+    try:
+        ref = taskcode.parse_ref(task)
+    except taskcode.BundleError as e:
+        raise TaskError(str(e)) from None
+    return _task_of(import_bundle(ref, digest, root), ref.attr, str(ref).partition(":")[0])
 
 
 def import_bundle(ref: taskcode.CodeRef, digest: str, root: pathlib.Path) -> types.ModuleType:

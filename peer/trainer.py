@@ -6,6 +6,7 @@ the exchange reads and writes it with no copy.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import io
@@ -27,12 +28,14 @@ import torch.nn.functional as F
 import dml.aggregation
 import dml.common
 import dml.peer
+from dml.common.spec import PRECISIONS
 from dml.common.task import MAX_METRIC_NAME, MAX_METRICS, Context, Task
 from dml.peer import trainstate
 from dml.peer.datacache import RowArray
 
 log = logging.getLogger(__name__)
 EVAL_BATCH = 32
+SCALER = "scaler"  # the state part of --precision fp16's GradScaler
 _INIT_LOCK = threading.Lock()  # torch's seed is global: peers sharing a process build one at a time
 
 
@@ -276,9 +279,14 @@ class Trainer:
     """
 
     def __init__(self, task: Task, seed: int, lr: float | None, device: str = "cpu",
-                 ctx: Context | None = None, fuse: bool = True, prox_mu: float = 0.0) -> None:
+                 ctx: Context | None = None, fuse: bool = True, prox_mu: float = 0.0,
+                 precision: str = "fp32") -> None:
         self.task = task
+        self.seed = seed
         self.device = torch.device(device)
+        if precision not in PRECISIONS:
+            raise ValueError(f"unknown precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
+        self.precision = precision
         ctx = ctx if ctx is not None else Context(seed=seed)
         self.ctx = ctx  # where the task finds its data on this peer (its labels(ctx) are read with it)
         # Held around every SGD step and by whatever else changes the parameters in place (a
@@ -335,7 +343,12 @@ class Trainer:
         self._prox: _Proximal | None = _Proximal(self.flat, params, self.prox_mu) if self.prox_mu > 0 else None
         # Plain SGD on an MLP can apply each layer's update inside backward, straight into the
         # weights, so no gradient the size of the model ever exists (see _SGDLinear).
-        sgd_lr = plain_sgd(self.optimizer) if fuse and self._prox is None else None
+        # --precision fp16: a GradScaler (its scale is training state, like the optimizer's).
+        self.scaler: torch.amp.GradScaler | None = None
+        if precision == "fp16":
+            self.scaler = torch.amp.GradScaler(self.device.type)
+            self.state_parts[SCALER] = self.scaler
+        sgd_lr = plain_sgd(self.optimizer) if fuse and self._prox is None and precision == "fp32" else None
         self.fused_sgd = sgd_lr is not None and fuse_sgd_into_backward(self.model, sgd_lr)
         self._layout = [(name, t.shape, off) for name, t, off in self._named_slices()]
         self._grads: torch.Tensor | None = None  # the flat gradient buffer (--sync grads), made on first use
@@ -427,6 +440,31 @@ class Trainer:
             n = int(np.prod(shape)) if len(shape) else 1
             sd[name] = base[off : off + n].view(shape)
         return sd
+
+    def initial_params(self) -> np.ndarray:
+        """The seeded initial parameters (round 0) built again from the task and the seed, as
+        every member of the job built them: what a peer that no longer holds round 0 starts a
+        job rolled back to it from (coordinator.state: no live peer held the committed round
+        and there is no checkpoint)."""
+        with _INIT_LOCK:
+            torch.manual_seed(self.seed)
+            model = _call("model()", self.task.model)
+        tensors = [p for p in model.parameters()] + [b for b in model.buffers() if b.dtype == torch.float32]
+        out = torch.cat([t.detach().reshape(-1).float().cpu() for t in tensors]) if tensors else torch.zeros(0)
+        if out.numel() != self.numel:
+            raise TaskError(f"model() built again has {out.numel()} parameters, not {self.numel}")
+        return out.numpy().copy()
+
+    def reset_state(self) -> None:
+        """Forgets what training built up (the optimizer's moments and steps, an outer
+        momentum, fp16's loss scale): the state of a job at round 0."""
+        for part in self.state_parts.values():
+            if isinstance(part, torch.optim.Optimizer):
+                part.state.clear()
+            elif isinstance(part, torch.amp.GradScaler):
+                part.load_state_dict(torch.amp.GradScaler(self.device.type).state_dict())
+            elif hasattr(part, "reset"):
+                part.reset()
 
     # -- the training state (trainstate) -----------------------------------------------------
     def capture_state(self, into: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -521,6 +559,32 @@ class Trainer:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         return self._run([samples[i : i + batch_size] for i in range(0, samples.size, batch_size)])
 
+    def autocast(self) -> Any:
+        """The context every forward pass runs in: ``torch.autocast`` to the job's
+        ``--precision`` (bf16 or fp16) on this device, or a no-op for fp32. Parameters, the flat
+        buffer and the exchange stay float32 either way."""
+        if self.precision == "fp32":
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=torch.bfloat16 if self.precision == "bf16" else torch.float16)
+
+    def backward_and_step(self, loss: torch.Tensor, extra: Callable[[], None] | None = None) -> None:
+        """Backward of ``loss`` then the optimizer's step; with fp16 through the GradScaler
+        (scaled backward, gradients unscaled before ``extra`` (the proximal term) adds to them,
+        the step skipped when they overflowed, the scale updated)."""
+        scaler = self.scaler
+        if scaler is None:
+            loss.backward()
+            if extra is not None:
+                extra()
+            self.optimizer.step()
+            return
+        scaler.scale(loss).backward()
+        if extra is not None:
+            scaler.unscale_(self.optimizer)
+            extra()
+        scaler.step(self.optimizer)
+        scaler.update()
+
     def _run(self, batches: list[np.ndarray]) -> StepResult:
         self.model.train()
         total, loss_sum = 0, 0.0
@@ -535,11 +599,9 @@ class Trainer:
                     self.optimizer.zero_grad(set_to_none=True)
                 else:
                     prox.zero_grad()
-                loss = self._loss(self.model(x), y)
-                loss.backward()
-                if prox is not None:
-                    prox.add_gradient()
-                self.optimizer.step()
+                with self.autocast():
+                    loss = self._loss(self.model(x), y)
+                self.backward_and_step(loss, prox.add_gradient if prox is not None else None)
                 self.version += 1
             total += int(idx.size)
             loss_sum += float(loss.detach()) * int(idx.size)
@@ -590,8 +652,9 @@ class Trainer:
                 grads.zero_()
                 if n:
                     x, y = self.train_data.get(idx)
-                    loss = self._loss(self.model(x), y)
-                    loss.backward()
+                    with self.autocast():
+                        loss = self._loss(self.model(x), y)
+                    loss.backward()  # no fp16 here (spec.validate): its scale would differ per member
                     self._gather_grads()
                     loss_sum += float(loss.detach()) * n
                 grads[buffers].copy_(self.flat[buffers])
@@ -641,8 +704,10 @@ class Trainer:
         for i in range(0, n, batch_size):
             idx = np.arange(i, min(i + batch_size, n), dtype=np.int64)
             x, y = data.get(idx)
-            out = self.model(x)
-            loss_sum += float(self._loss(out, y)) * idx.size
+            with self.autocast():
+                out = self.model(x)
+                loss_sum += float(self._loss(out, y)) * idx.size
+            out = out.float() if isinstance(out, torch.Tensor) and out.is_floating_point() else out
             if classify and isinstance(out, torch.Tensor) and out.dim() == 2 and isinstance(y, torch.Tensor) \
                     and y.dim() == 1 and not y.is_floating_point():
                 correct += int((out.argmax(1) == y).sum())

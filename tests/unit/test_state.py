@@ -754,3 +754,37 @@ def test_restore_starts_every_timer_afresh_and_keeps_wall_times() -> None:
         "a": (7_000, "job-1"), "b": (7_000, "job-1"), "z": (7_000, "")}
     assert (job.created_ms, job.updated_ms, done.round_started_ms) == (1_700_000_000_000, 1_700_000_000_500, 123)
     assert s.expire(5_000 + 2_000) == Changes()  # nobody evicted, nothing failed
+
+
+def test_a_member_that_joined_and_reported_holds_the_committed_round_when_the_last_holder_leaves() -> None:
+    """The job of the brief's bug: b joins at round 2's boundary (fetching round 2 from a, the
+    one recorded holder) and reports round 3; then a reports a local failure. b, left alone,
+    holds round 2: the job must go on from it, not roll back to the last checkpoint (here the
+    seeded init, checkpoint_every_rounds=5), which b no longer holds and nobody can serve (it
+    looped on "neither a member nor the coordinator could provide round 0 parameters")."""
+    s, job, (a,) = running(1, min_peers=1, checkpoint_every_rounds=5)
+    report_all(s, job, 10)
+    (b,) = register(s, 1, now=11)
+    report_all(s, job, 20)
+    assert job.members == [a, b] and job.committed_round == 2 and job.holders == [a]
+    s.report(b, job.job_id, 3, job.epoch, rep(samples=job.allocated(b)), 30)
+    s.report_failure(a, job.job_id, 3, job.epoch, a, 31, detail="local failure: the host's workers failed",
+                     kind="LOCAL")
+    assert job.members == [b] and job.round == 3 and job.committed_round == 2
+    assert job.rolled_back_rounds == 0 and job.start_digest == job.history[-1].digest
+    assert job.evictions[-1].peer_id == a and job.evictions[-1].cause == SELF_REPORT
+    report_all(s, job, 40)
+    assert job.committed_round == 3 and job.holders == [b]
+
+
+def test_a_job_no_live_member_holds_rolls_back_to_round_0_which_peers_rebuild_from_the_seed() -> None:
+    """b joined at the boundary but failed before reporting anything: nobody is known to hold
+    round 2, so the job rolls back to round 0 (no checkpoint yet), whose plan names no start
+    digest: peers rebuild the seeded init (peer.ring_round, Trainer.initial_params)."""
+    s, job, (a,) = running(1, min_peers=1, checkpoint_every_rounds=5)
+    report_all(s, job, 10)
+    (b,) = register(s, 1, now=11)
+    report_all(s, job, 20)
+    s.report_failure(a, job.job_id, 3, job.epoch, a, 31, detail="local failure", kind="LOCAL")
+    assert job.members == [b] and job.round == 1 and job.committed_round == 0 and job.rolled_back_rounds == 2
+    assert job.start_digest == ""

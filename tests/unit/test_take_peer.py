@@ -18,6 +18,7 @@ from dml.common.task import ArrayDataset
 from dml.common.tasks import builtin_data
 from dml.peer.datacache import ChunkCache
 from dml.peer.params import ParamStore
+from dml.peer.workers import WorkerHost
 from dml.peer.take import describe, label_problem, prepare, training_labels
 from dml.peer.trainer import TaskError, Trainer
 
@@ -73,7 +74,7 @@ def test_the_description_carries_counts_labels_and_their_digest() -> None:
 
 def fake_peer(cache_max_bytes: int = 0) -> types.SimpleNamespace:
     return types.SimpleNamespace(peer_id="peer-1", store=ParamStore(), config=types.SimpleNamespace(device="cpu", data_dir=None),
-                                 data_cache=ChunkCache(max_bytes=cache_max_bytes))
+                                 data_cache=ChunkCache(max_bytes=cache_max_bytes), workers=WorkerHost(1))
 
 
 def plan(task: str, aggregation: str = "ring") -> types_pb2.Plan:

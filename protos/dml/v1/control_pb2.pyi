@@ -49,7 +49,7 @@ TAKE_OUTCOME_DECLINED: TakeOutcome
 TAKE_OUTCOME_TASK_ERROR: TakeOutcome
 
 class PeerCapability(_message.Message):
-    __slots__ = ("device", "memory_bytes", "pool", "max_samples", "cache_free_bytes", "has_cache_free", "local_datasets")
+    __slots__ = ("device", "memory_bytes", "pool", "max_samples", "cache_free_bytes", "has_cache_free", "local_datasets", "workers", "worker_devices")
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
     POOL_FIELD_NUMBER: _ClassVar[int]
@@ -57,6 +57,8 @@ class PeerCapability(_message.Message):
     CACHE_FREE_BYTES_FIELD_NUMBER: _ClassVar[int]
     HAS_CACHE_FREE_FIELD_NUMBER: _ClassVar[int]
     LOCAL_DATASETS_FIELD_NUMBER: _ClassVar[int]
+    WORKERS_FIELD_NUMBER: _ClassVar[int]
+    WORKER_DEVICES_FIELD_NUMBER: _ClassVar[int]
     device: str
     memory_bytes: int
     pool: str
@@ -64,7 +66,9 @@ class PeerCapability(_message.Message):
     cache_free_bytes: int
     has_cache_free: bool
     local_datasets: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, device: _Optional[str] = ..., memory_bytes: _Optional[int] = ..., pool: _Optional[str] = ..., max_samples: _Optional[int] = ..., cache_free_bytes: _Optional[int] = ..., has_cache_free: _Optional[bool] = ..., local_datasets: _Optional[_Iterable[str]] = ...) -> None: ...
+    workers: int
+    worker_devices: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, device: _Optional[str] = ..., memory_bytes: _Optional[int] = ..., pool: _Optional[str] = ..., max_samples: _Optional[int] = ..., cache_free_bytes: _Optional[int] = ..., has_cache_free: _Optional[bool] = ..., local_datasets: _Optional[_Iterable[str]] = ..., workers: _Optional[int] = ..., worker_devices: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class DataUsage(_message.Message):
     __slots__ = ("source", "chunks_fetched", "bytes_fetched", "cache_hits", "damaged_refetched", "cached_shard_ids")

@@ -168,7 +168,7 @@ class ListPeersRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class PeerInfo(_message.Message):
-    __slots__ = ("peer_id", "address", "pool", "device", "memory_bytes", "samples_per_s", "state", "job_id", "training_share", "exchange_share", "idle_share", "registered_unix_ms", "max_samples", "local_datasets")
+    __slots__ = ("peer_id", "address", "pool", "device", "memory_bytes", "samples_per_s", "state", "job_id", "training_share", "exchange_share", "idle_share", "registered_unix_ms", "max_samples", "local_datasets", "workers", "worker_devices")
     PEER_ID_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     POOL_FIELD_NUMBER: _ClassVar[int]
@@ -183,6 +183,8 @@ class PeerInfo(_message.Message):
     REGISTERED_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
     MAX_SAMPLES_FIELD_NUMBER: _ClassVar[int]
     LOCAL_DATASETS_FIELD_NUMBER: _ClassVar[int]
+    WORKERS_FIELD_NUMBER: _ClassVar[int]
+    WORKER_DEVICES_FIELD_NUMBER: _ClassVar[int]
     peer_id: str
     address: str
     pool: str
@@ -197,7 +199,9 @@ class PeerInfo(_message.Message):
     registered_unix_ms: int
     max_samples: int
     local_datasets: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, peer_id: _Optional[str] = ..., address: _Optional[str] = ..., pool: _Optional[str] = ..., device: _Optional[str] = ..., memory_bytes: _Optional[int] = ..., samples_per_s: _Optional[float] = ..., state: _Optional[str] = ..., job_id: _Optional[str] = ..., training_share: _Optional[float] = ..., exchange_share: _Optional[float] = ..., idle_share: _Optional[float] = ..., registered_unix_ms: _Optional[int] = ..., max_samples: _Optional[int] = ..., local_datasets: _Optional[_Iterable[str]] = ...) -> None: ...
+    workers: int
+    worker_devices: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, peer_id: _Optional[str] = ..., address: _Optional[str] = ..., pool: _Optional[str] = ..., device: _Optional[str] = ..., memory_bytes: _Optional[int] = ..., samples_per_s: _Optional[float] = ..., state: _Optional[str] = ..., job_id: _Optional[str] = ..., training_share: _Optional[float] = ..., exchange_share: _Optional[float] = ..., idle_share: _Optional[float] = ..., registered_unix_ms: _Optional[int] = ..., max_samples: _Optional[int] = ..., local_datasets: _Optional[_Iterable[str]] = ..., workers: _Optional[int] = ..., worker_devices: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ListPeersResponse(_message.Message):
     __slots__ = ("peers",)

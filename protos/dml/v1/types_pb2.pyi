@@ -23,7 +23,7 @@ JOB_STATE_FAILED: JobState
 JOB_STATE_CANCELLED: JobState
 
 class JobSpec(_message.Message):
-    __slots__ = ("task", "rounds", "local_steps", "batch_size", "learning_rate", "min_peers", "sharding", "aggregation", "seed", "num_shards", "checkpoint_every_rounds", "peer_grace_s", "codec", "data_plane", "eval_every_rounds", "gossip_topology", "gossip_timeout_ms", "task_digest", "sync", "optimizer_state", "outer_optimizer", "outer_lr", "outer_momentum", "prox_mu", "min_shard_samples", "dataset", "pool", "max_peers", "placement", "local_data")
+    __slots__ = ("task", "rounds", "local_steps", "batch_size", "learning_rate", "min_peers", "sharding", "aggregation", "seed", "num_shards", "checkpoint_every_rounds", "peer_grace_s", "codec", "data_plane", "eval_every_rounds", "gossip_topology", "gossip_timeout_ms", "task_digest", "sync", "optimizer_state", "outer_optimizer", "outer_lr", "outer_momentum", "prox_mu", "min_shard_samples", "dataset", "pool", "max_peers", "placement", "local_data", "precision")
     TASK_FIELD_NUMBER: _ClassVar[int]
     ROUNDS_FIELD_NUMBER: _ClassVar[int]
     LOCAL_STEPS_FIELD_NUMBER: _ClassVar[int]
@@ -54,6 +54,7 @@ class JobSpec(_message.Message):
     MAX_PEERS_FIELD_NUMBER: _ClassVar[int]
     PLACEMENT_FIELD_NUMBER: _ClassVar[int]
     LOCAL_DATA_FIELD_NUMBER: _ClassVar[int]
+    PRECISION_FIELD_NUMBER: _ClassVar[int]
     task: str
     rounds: int
     local_steps: int
@@ -84,7 +85,8 @@ class JobSpec(_message.Message):
     max_peers: int
     placement: str
     local_data: str
-    def __init__(self, task: _Optional[str] = ..., rounds: _Optional[int] = ..., local_steps: _Optional[int] = ..., batch_size: _Optional[int] = ..., learning_rate: _Optional[float] = ..., min_peers: _Optional[int] = ..., sharding: _Optional[str] = ..., aggregation: _Optional[str] = ..., seed: _Optional[int] = ..., num_shards: _Optional[int] = ..., checkpoint_every_rounds: _Optional[int] = ..., peer_grace_s: _Optional[int] = ..., codec: _Optional[str] = ..., data_plane: _Optional[str] = ..., eval_every_rounds: _Optional[int] = ..., gossip_topology: _Optional[str] = ..., gossip_timeout_ms: _Optional[int] = ..., task_digest: _Optional[str] = ..., sync: _Optional[str] = ..., optimizer_state: _Optional[str] = ..., outer_optimizer: _Optional[str] = ..., outer_lr: _Optional[float] = ..., outer_momentum: _Optional[float] = ..., prox_mu: _Optional[float] = ..., min_shard_samples: _Optional[int] = ..., dataset: _Optional[str] = ..., pool: _Optional[str] = ..., max_peers: _Optional[int] = ..., placement: _Optional[str] = ..., local_data: _Optional[str] = ...) -> None: ...
+    precision: str
+    def __init__(self, task: _Optional[str] = ..., rounds: _Optional[int] = ..., local_steps: _Optional[int] = ..., batch_size: _Optional[int] = ..., learning_rate: _Optional[float] = ..., min_peers: _Optional[int] = ..., sharding: _Optional[str] = ..., aggregation: _Optional[str] = ..., seed: _Optional[int] = ..., num_shards: _Optional[int] = ..., checkpoint_every_rounds: _Optional[int] = ..., peer_grace_s: _Optional[int] = ..., codec: _Optional[str] = ..., data_plane: _Optional[str] = ..., eval_every_rounds: _Optional[int] = ..., gossip_topology: _Optional[str] = ..., gossip_timeout_ms: _Optional[int] = ..., task_digest: _Optional[str] = ..., sync: _Optional[str] = ..., optimizer_state: _Optional[str] = ..., outer_optimizer: _Optional[str] = ..., outer_lr: _Optional[float] = ..., outer_momentum: _Optional[float] = ..., prox_mu: _Optional[float] = ..., min_shard_samples: _Optional[int] = ..., dataset: _Optional[str] = ..., pool: _Optional[str] = ..., max_peers: _Optional[int] = ..., placement: _Optional[str] = ..., local_data: _Optional[str] = ..., precision: _Optional[str] = ...) -> None: ...
 
 class SampleRange(_message.Message):
     __slots__ = ("shard_id", "start", "stop", "data_epoch")
