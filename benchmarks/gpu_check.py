@@ -15,8 +15,8 @@ members bit-identical after each round.
   (``--torch-task``): the median exchange time per round side by side and the backend the
   process group used (NCCL when each peer has a GPU of its own, so with two or more devices;
   gloo through host buffers when they share one, since NCCL refuses two ranks on one GPU).
-- ``workers``: a peer with two workers (``--gpus 0,1`` with two devices; else ``--workers 2``
-  with its workers on the one GPU over gloo) beside a one-worker CUDA peer.
+- ``workers``: a peer with two workers (``--gpus 0,1`` with two devices, DDP over NCCL; else
+  ``--gpus 0,0``, both on the one GPU, DDP over gloo) beside a one-worker CUDA peer.
 
 Prints one JSON line per check, then ``ok`` or ``FAILED``. Exits 1 if a check fails, 2 if no
 CUDA device is visible or the flags are wrong.
@@ -150,7 +150,7 @@ def main() -> int:
             if a.cpu_rehearsal:
                 host: tuple[str, ...] = ("--workers", "2", "--device", "cpu")
             else:
-                host = ("--gpus", "0,1") if n_gpu > 1 else ("--workers", "2", "--device", "cuda:0")
+                host = ("--gpus", "0,1") if n_gpu > 1 else ("--gpus", "0,0")
             check("workers", [(*host, "--allow-torch-plane"), cuda("cuda:0")],
                   JobSpec(rounds=a.rounds, min_peers=2), worker_flags=" ".join(host))
     ok = all(good for _, good in rows)

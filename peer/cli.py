@@ -49,15 +49,17 @@ def resolve_device(choice: str) -> str:
 
 
 def gpu_list(text: str) -> tuple[int, ...]:
-    """``--gpus 0,1,3``: distinct CUDA device indices ("" for none)."""
+    """``--gpus 0,1,3``: CUDA device indices, one worker each ("" for none). An index may
+    repeat (``0,0``: two workers on one GPU, which then reduce over gloo: NCCL refuses two
+    ranks on one device)."""
     if not text.strip():
         return ()
     try:
         out = tuple(int(x) for x in text.split(","))
     except ValueError:
         raise argparse.ArgumentTypeError(f"must be comma-separated device indices such as 0,1, got {text!r}") from None
-    if any(g < 0 for g in out) or len(set(out)) != len(out) or len(out) > MAX_WORKERS:
-        raise argparse.ArgumentTypeError(f"must be distinct device indices >= 0, at most {MAX_WORKERS}, got {text!r}")
+    if any(g < 0 for g in out) or len(out) > MAX_WORKERS:
+        raise argparse.ArgumentTypeError(f"must be device indices >= 0, at most {MAX_WORKERS}, got {text!r}")
     return out
 
 

@@ -73,8 +73,11 @@ def _worker_parts(trainer: Trainer) -> dict[str, Any]:
     return {k: v for k, v in trainer.state_parts.items() if k != OUTER}
 
 
-def _backend(devices: tuple[str, ...]) -> str:
-    return "nccl" if devices and devices[0].startswith("cuda") else "gloo"
+def _backend(devices: tuple[str, ...] | list[str]) -> str:
+    """NCCL among workers each on a GPU of its own; gloo on CPU or where workers share a GPU
+    (NCCL refuses two ranks on one device)."""
+    cuda = bool(devices) and all(d.startswith("cuda") for d in devices)
+    return "nccl" if cuda and len(set(devices)) == len(devices) else "gloo"
 
 
 class WorkerPool:

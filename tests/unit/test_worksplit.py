@@ -146,7 +146,7 @@ def test_dml_submit_precision_reaches_the_spec() -> None:
     assert cli.spec_from_args(cli.build_parser().parse_args(["submit"])).precision == "fp32"
 
 
-@pytest.mark.parametrize("argv", [["--workers", "0"], ["--workers", "65"], ["--gpus", "0,0"], ["--gpus", "a"],
+@pytest.mark.parametrize("argv", [["--workers", "0"], ["--workers", "65"], ["--gpus", "0,-1"], ["--gpus", "a"],
                                   ["--gpus", "0,1", "--workers", "2"], ["--fault", "kill-worker:0"]])
 def test_dml_peer_refuses_bad_worker_flags_with_exit_2(argv: list[str], capsys) -> None:
     from dml.peer import cli
@@ -163,6 +163,16 @@ def test_dml_peer_gpus_start_one_worker_per_device() -> None:
     assert cfg.workers == 2 and cfg.gpus == (0, 2)
     cfg, _ = cli.build_config(["--coordinator", "127.0.0.1:1", "--device", "cpu", "--workers", "3"])
     assert cfg.workers == 3 and cfg.gpus == ()
+    cfg, _ = cli.build_config(["--coordinator", "127.0.0.1:1", "--device", "cpu", "--gpus", "0,0"])
+    assert cfg.workers == 2 and cfg.gpus == (0, 0), "two workers may share a GPU (a one-GPU machine)"
+
+
+def test_workers_reduce_over_nccl_only_each_on_a_gpu_of_its_own() -> None:
+    from dml.peer.workers import _backend
+
+    assert _backend(("cuda:0", "cuda:1")) == "nccl"
+    assert _backend(("cuda:0", "cuda:0")) == "gloo", "NCCL refuses two ranks on one device"
+    assert _backend(()) == "gloo"
 
 
 def test_dml_peers_shows_a_multi_worker_peers_workers_and_devices() -> None:
