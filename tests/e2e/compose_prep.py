@@ -28,12 +28,12 @@ from __future__ import annotations
 
 import argparse
 import fcntl
-import fnmatch
 import hashlib
 import io
 import json
 import os
 import pathlib
+import re
 import shutil
 import signal
 import subprocess
@@ -221,20 +221,34 @@ def dockerignore(root: pathlib.Path) -> list[str]:
     return [ln.strip() for ln in path.read_text().splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
 
 
+def _glob_re(pattern: str) -> re.Pattern[str]:
+    """A .dockerignore pattern as Docker reads it: ``*`` and ``?`` stay within one path element,
+    ``**`` spans any number of them (``**/`` none too)."""
+    out, i = "", 0
+    while i < len(pattern):
+        if pattern.startswith("**/", i):
+            out, i = out + "(?:.*/)?", i + 3
+        elif pattern.startswith("**", i):
+            out, i = out + ".*", i + 2
+        elif pattern[i] == "*":
+            out, i = out + "[^/]*", i + 1
+        elif pattern[i] == "?":
+            out, i = out + "[^/]", i + 1
+        else:
+            out, i = out + re.escape(pattern[i]), i + 1
+    return re.compile(out + r"\Z")
+
+
 def ignored(rel: str, patterns: list[str]) -> bool:
     """Whether .dockerignore's ``patterns`` leave ``rel`` (a path inside the context) out: the last
-    pattern matching the path or one of its parent folders wins; ``!`` re-includes; ``**/`` matches
-    any number of folders."""
+    pattern matching the path or one of its parent folders wins; ``!`` re-includes."""
     parts = rel.split("/")
     prefixes = ["/".join(parts[:i]) for i in range(1, len(parts) + 1)]
     out = False
     for pat in patterns:
         neg = pat.startswith("!")
-        pat = pat.lstrip("!").strip("/")
-        forms = [pat] + ([pat[3:]] if pat.startswith("**/") else [])
-        hit = any(fnmatch.fnmatchcase(pre, f) or (f != pat and fnmatch.fnmatchcase(pre.rsplit("/", 1)[-1], f))
-                  for pre in prefixes for f in forms)
-        if hit:
+        rx = _glob_re(pat.lstrip("!").strip("/"))
+        if any(rx.match(pre) for pre in prefixes):
             out = not neg
     return out
 
