@@ -29,10 +29,13 @@ from dml.common.tasks import get_task
 from dml.common.tls import load as load_tls
 from dml.coordinator.checkpoint import verify_checkpoint
 from dml.peer.trainer import Trainer
+from tests.e2e.compose_prep import DEFAULT_DEADLINE_S
 from tests.e2e.conftest import ROOT, compose_background, compose_note
 from tests.integration.helpers import ledger_problems
 
-pytestmark = pytest.mark.e2e
+# pytest-timeout counts fixture setup: the wait for the preparation (a fresh machine's minutes of
+# apt-get, debootstrap and docker build, bounded by its own deadline) plus the test itself.
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(DEFAULT_DEADLINE_S + 60 + 600)]
 
 PROJECT_PREFIX = "dmltest"
 _PROJECT_RE = re.compile(rf"^{PROJECT_PREFIX}(\d+)x[0-9a-f]+$")
