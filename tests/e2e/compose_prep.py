@@ -53,6 +53,7 @@ KEEP_IMAGES = 3  # dml-test images kept (newest first); older ones are removed w
 APT_PACKAGES = ["docker.io", "docker-compose", "debootstrap"]
 MTIME = 1577836800  # every file of the build context: 2020-01-01 (zip, and so wheels, need >= 1980)
 DEFAULT_DEADLINE_S = 1800.0
+PID_FILE: pathlib.Path | None = None  # where main() records the pid of a dockerd it starts
 
 
 class Unavailable(Exception):
@@ -153,6 +154,8 @@ def start_dockerd(p: Prep) -> None:
             raise Unavailable(f"dockerd exited ({proc.returncode}): {_tail(logfile)}")
         if daemon_answers(p):
             p.started_dockerd = proc.pid
+            if PID_FILE is not None:  # known to the session even if this process is killed before its result
+                PID_FILE.write_text(str(proc.pid))
             p.timed("dockerd start", t0)
             return
         time.sleep(0.5)
@@ -435,7 +438,7 @@ class Background:
         note = None
         pid = None
         try:
-            pid = json.loads(self.result_path.read_text()).get("started_dockerd")
+            pid = int((self.dir / "dockerd.pid").read_text())
         except (OSError, ValueError):
             pass
         if pid:
@@ -479,6 +482,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--result", type=pathlib.Path, required=True, help="write the result object here (JSON)")
     ap.add_argument("--deadline-s", type=float, default=DEFAULT_DEADLINE_S, help="the whole run's deadline")
     a = ap.parse_args(argv)
+    global PID_FILE
+    PID_FILE = a.result.with_name("dockerd.pid")
     result = prepare(a.deadline_s)
     tmp = a.result.with_name(a.result.name + ".part")
     tmp.write_text(json.dumps(result))
