@@ -4,8 +4,14 @@ veth pair into one bridge in the root namespace, every link shaped to R Mbit/s w
 Layout for a run of process ``PID`` with ``N`` ranks (names carry the pid, so concurrent runs do
 not collide and leftovers of dead runs can be found):
 
-- bridge ``dmlbPID`` in the root namespace, up, no address, bridge netfilter off (best effort: a
-  host whose FORWARD policy drops would otherwise drop the bridged packets);
+- bridge ``dmlbPID`` in the root namespace, up, no address, bridge netfilter off (best effort);
+- where ``iptables`` is installed, one rule of its own at the head of the root namespace's
+  FORWARD chain, ``-i dmlbPID -o dmlbPID -j ACCEPT``, deleted with the LAN. With the
+  ``br_netfilter`` module loaded (``dockerd`` loads it) bridged IPv4 packets traverse iptables'
+  FORWARD chain whatever the bridge's own ``nf_call_iptables`` says (the global sysctl wins), and
+  ``dockerd`` sets that chain's policy to DROP: without the rule every packet between two ranks
+  is dropped and the benchmark times out. The LAN depends on no one's policy: it brings its own
+  rule, and never changes the policy, which others (Docker) rely on;
 - per rank r: namespace ``dmlb-PID-r``; a veth pair whose root end ``dmlbPIDrR`` is a port of the
   bridge and whose other end is ``eth0`` inside the namespace, with address 10.213.0.(r+1)/24;
   ``lo`` up in the namespace;
@@ -20,7 +26,8 @@ not collide and leftovers of dead runs can be found):
 A process joins a rank's network with :func:`enter_netns` before it creates any socket or
 thread. Everything is torn down by :meth:`Lan.close` (deleting a namespace deletes its veth;
 the root end is deleted too in case a process still holds the namespace), and :func:`leftovers`
-finds what runs that died left behind. Needs root and iproute2 (``ip``, ``tc``).
+finds what runs that died left behind, FORWARD rules included. Needs root and iproute2 (``ip``,
+``tc``).
 """
 from __future__ import annotations
 
@@ -44,6 +51,7 @@ CLONE_NEWNET = 0x40000000
 NETNS_DIR = "/var/run/netns"
 _NS_RE = re.compile(rf"^{PREFIX}-(\d+)-(\d+)$")
 _LINK_RE = re.compile(rf"^{PREFIX}(\d+)(?:r(\d+))?$")
+_RULE_RE = re.compile(rf"^-A FORWARD -i {PREFIX}(\d+) -o {PREFIX}(\d+) -j ACCEPT$")
 
 
 class NetemError(RuntimeError):
@@ -112,9 +120,36 @@ def setup_commands(pid: int, world: int, mbit: float, egress_only: bool = False)
 
 
 def optional_commands(pid: int) -> list[list[str]]:
-    """Best effort after setup: keep the bridged packets out of iptables (br_netfilter)."""
+    """Best effort after setup: keep the bridged packets out of iptables (br_netfilter). Not enough
+    where the global ``net.bridge.bridge-nf-call-iptables`` is on (it wins): :func:`forward_commands`."""
     return [["ip", "link", "set", "dev", bridge_name(pid), "type", "bridge",
              "nf_call_iptables", "0", "nf_call_ip6tables", "0", "nf_call_arptables", "0"]]
+
+
+def forward_rule(pid: int) -> list[str]:
+    """The FORWARD rule that lets the LAN's bridged packets through (after the chain name)."""
+    br = bridge_name(pid)
+    return ["-i", br, "-o", br, "-j", "ACCEPT"]
+
+
+def forward_commands(pid: int) -> list[list[str]]:
+    """Inserts :func:`forward_rule` at the head of FORWARD (``-w``: wait for the xtables lock)."""
+    return [["iptables", "-w", "10", "-I", "FORWARD", "1", *forward_rule(pid)]]
+
+
+def forward_teardown_commands(pid: int) -> list[list[str]]:
+    """Deletes the rule :func:`forward_commands` inserted."""
+    return [["iptables", "-w", "10", "-D", "FORWARD", *forward_rule(pid)]]
+
+
+def leftover_forward_commands(rules: list[str], alive: Any) -> list[list[str]]:
+    """Commands deleting the FORWARD rules (lines of ``iptables -S FORWARD``) of dead runs."""
+    cmds: list[list[str]] = []
+    for line in rules:
+        m = _RULE_RE.match(line.strip())
+        if m and m.group(1) == m.group(2) and not alive(int(m.group(1))):
+            cmds.append(["iptables", "-w", "10", "-D", "FORWARD", *forward_rule(int(m.group(1)))])
+    return cmds
 
 
 def teardown_commands(pid: int, world: int) -> list[list[str]]:
@@ -168,12 +203,34 @@ def _pid_alive(pid: int) -> bool:
 
 
 def leftovers() -> list[list[str]]:
-    """Commands removing what dead runs left behind (namespaces, veths, bridges of this prefix)."""
+    """Commands removing what dead runs left behind (namespaces, veths, bridges of this prefix, and
+    their FORWARD rules)."""
     ns = _run(["ip", "netns", "list"], check=False).stdout.split("\n")
     netns = [line.split()[0] for line in ns if line.strip()]
     out = _run(["ip", "-o", "link", "show"], check=False).stdout.split("\n")
     links = [parts[1].split("@")[0].rstrip(":") for line in out if len(parts := line.split()) > 1]
-    return leftover_commands(netns, links, _pid_alive)
+    rules = _run(["iptables", "-w", "10", "-S", "FORWARD"], check=False).stdout.split("\n") if _has_iptables() else []
+    return leftover_commands(netns, links, _pid_alive) + leftover_forward_commands(rules, _pid_alive)
+
+
+def _has_iptables() -> bool:
+    return shutil.which("iptables") is not None
+
+
+def _open_forward(pid: int) -> bool:
+    """Inserts the LAN's FORWARD rule; True if it did (so close() deletes it). Without iptables, or
+    where iptables cannot even list FORWARD (no netfilter tables in this kernel), nothing filters
+    the bridge and nothing is needed; a FORWARD chain that exists but refuses the rule is an error."""
+    if not _has_iptables():
+        return False
+    try:
+        for cmd in forward_commands(pid):
+            _run(cmd)
+        return True
+    except NetemError:
+        if _run(["iptables", "-w", "10", "-S", "FORWARD"], check=False).returncode != 0:
+            return False
+        raise
 
 
 def clean_leftovers() -> int:
@@ -193,6 +250,7 @@ class Lan:
         self.names = [ns_name(self.pid, r) for r in range(world)]
         self.addrs = [rank_addr(r) for r in range(world)]
         self.built = False
+        self.forwarding = False  # our FORWARD rule is in
 
     def open(self) -> Lan:
         clean_leftovers()
@@ -202,6 +260,7 @@ class Lan:
                 _run(cmd)
             for cmd in optional_commands(self.pid):
                 _run(cmd, check=False)
+            self.forwarding = _open_forward(self.pid)
         except BaseException:
             self.close()
             raise
@@ -214,10 +273,13 @@ class Lan:
         blocked = {signal.SIGINT, signal.SIGTERM}
         old = signal.pthread_sigmask(signal.SIG_BLOCK, blocked)
         try:
-            for cmd in teardown_commands(self.pid, self.world):
+            cmds = teardown_commands(self.pid, self.world)
+            if self.forwarding:
+                cmds += forward_teardown_commands(self.pid)
+            for cmd in cmds:
                 with contextlib.suppress(OSError, subprocess.SubprocessError):
                     _run(cmd, check=False)
-            self.built = False
+            self.built = self.forwarding = False
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, old)
 

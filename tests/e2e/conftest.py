@@ -74,6 +74,50 @@ SLOW_LEASE = ("--heartbeat-interval-ms", "200", "--peer-timeout-ms", "20000")
 TLS_ENV = ("DML_TLS_CERT", "DML_TLS_KEY", "DML_TLS_CA", "DML_TLS_SERVER_NAME")
 
 
+# -- the compose test: its preparation overlaps the rest of the session --------------------------------
+COMPOSE_TEST = "test_compose.py"
+_compose_prep: dict[str, object] = {}  # "bg": the Background preparation; "notes": lines for the summary
+
+
+@pytest.hookimpl(trylast=True)  # after -k / -m / --deselect have had their say
+def pytest_collection_modifyitems(session, config, items) -> None:
+    """When the session runs the compose test: order it last and start its preparation (Docker,
+    the base image, the wheelhouse, the dml image: minutes on a fresh machine) now, in a process of
+    its own at the lowest priority, so that it overlaps every test before it."""
+    compose = [i for i in items if i.path.name == COMPOSE_TEST]
+    if not compose or "bg" in _compose_prep:
+        return
+    items[:] = [i for i in items if i.path.name != COMPOSE_TEST] + compose
+    compose_background()
+
+
+def compose_background():
+    """The session's compose preparation (tests/e2e/compose_prep.py), started on first use."""
+    from tests.e2e.compose_prep import Background
+
+    if "bg" not in _compose_prep:
+        _compose_prep["bg"] = Background()
+    return _compose_prep["bg"]
+
+
+def compose_note(line: str) -> None:
+    """A line the session's summary prints (why the compose test skipped, what it cost)."""
+    _compose_prep.setdefault("notes", []).append(line)  # type: ignore[union-attr]
+
+
+def pytest_sessionfinish(session, exitstatus) -> None:
+    bg = _compose_prep.get("bg")
+    if bg is not None:
+        note = bg.close()  # type: ignore[union-attr]
+        if note:
+            compose_note(note)
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
+    for line in _compose_prep.get("notes", []):  # type: ignore[union-attr]
+        terminalreporter.write_line(f"compose: {line}")
+
+
 @pytest.fixture(scope="package", autouse=True)
 def cluster_tls(tmp_path_factory) -> Iterator[TlsConfig]:
     """The certificates of every e2e process, also set as DML_TLS_* for the package's duration

@@ -136,6 +136,62 @@ def test_netem_leftovers_only_of_dead_runs() -> None:
                     ["ip", "link", "del", "dmlb11"]]
 
 
+
+def test_netem_forward_rule_and_its_leftovers() -> None:
+    """dockerd sets FORWARD's policy to DROP, and with br_netfilter loaded the LAN's bridged packets
+    traverse that chain: the LAN inserts its own ACCEPT rule and deletes the very same rule."""
+    netem = _load("netem")
+    rule = ["-i", "dmlb4242", "-o", "dmlb4242", "-j", "ACCEPT"]
+    assert netem.forward_commands(4242) == [["iptables", "-w", "10", "-I", "FORWARD", "1", *rule]]
+    assert netem.forward_teardown_commands(4242) == [["iptables", "-w", "10", "-D", "FORWARD", *rule]]
+    rules = ["-P FORWARD DROP", "-A FORWARD -j DOCKER-USER", "-A FORWARD -i dmlb11 -o dmlb11 -j ACCEPT",
+             "-A FORWARD -i dmlb22 -o dmlb22 -j ACCEPT", "-A FORWARD -i dmlb11 -o dmlb33 -j ACCEPT",
+             "-A FORWARD -i docker0 -o docker0 -j ACCEPT"]
+    assert netem.leftover_forward_commands(rules, alive=lambda pid: pid == 22) == [
+        ["iptables", "-w", "10", "-D", "FORWARD", "-i", "dmlb11", "-o", "dmlb11", "-j", "ACCEPT"]]
+
+
+def test_netem_lan_brings_and_removes_its_forward_rule(monkeypatch) -> None:
+    netem = _load("netem")
+    ran: list[list[str]] = []
+
+    def fake_run(cmd, check=True, fail=()):
+        ran.append(cmd)
+        if any(cmd[:len(f)] == f for f in fail):
+            if check:
+                raise netem.NetemError("failed")
+            return netem.subprocess.CompletedProcess(cmd, 1, "", "")
+        return netem.subprocess.CompletedProcess(cmd, 0, "", "")
+
+    monkeypatch.setattr(netem, "leftovers", lambda: [])
+    insert = netem.forward_commands(7)[0]
+    delete = netem.forward_teardown_commands(7)[0]
+    # iptables present: the rule goes in after the LAN is built and comes out with it.
+    monkeypatch.setattr(netem.shutil, "which", lambda name: "/usr/sbin/" + name)
+    monkeypatch.setattr(netem, "_run", fake_run)
+    lan = netem.Lan(2, 100, pid=7).open()
+    assert ran[-1] == insert and lan.forwarding
+    lan.close()
+    assert ran[-1] == delete and ran.count(delete) == 1
+    # No iptables: nothing filters the bridge, nothing is inserted or deleted.
+    ran.clear()
+    monkeypatch.setattr(netem.shutil, "which", lambda name: None if name == "iptables" else "/usr/sbin/" + name)
+    netem.Lan(2, 100, pid=7).open().close()
+    assert insert not in ran and delete not in ran
+    # iptables that cannot even list FORWARD (no netfilter tables): nothing to open, not an error.
+    monkeypatch.setattr(netem.shutil, "which", lambda name: "/usr/sbin/" + name)
+    monkeypatch.setattr(netem, "_run", lambda cmd, check=True: fake_run(cmd, check, fail=(["iptables"],)))
+    lan = netem.Lan(2, 100, pid=7).open()
+    assert not lan.forwarding
+    lan.close()
+    # A FORWARD chain that lists but refuses the rule: the LAN would drop every packet, so open()
+    # fails, and what it built is torn down.
+    ran.clear()
+    monkeypatch.setattr(netem, "_run", lambda cmd, check=True: fake_run(cmd, check, fail=(insert,)))
+    with pytest.raises(netem.NetemError):
+        netem.Lan(2, 100, pid=7).open()
+    assert ["ip", "link", "del", "dmlb7"] in ran and delete not in ran
+
 # -- chaos.py: what it reads from the job API and how it reports it --------------------------
 T0 = 1_700_000_000.0  # a Unix time; every time below is T0 + seconds
 

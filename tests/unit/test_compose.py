@@ -90,11 +90,16 @@ def test_dockerfile_takes_its_base_image_as_a_build_argument():
     first_from = text.index("\nFROM ")
     assert re.search(r"^ARG BASE_IMAGE=python:3\.12-slim$", text[:first_from], re.M), \
         "BASE_IMAGE is declared, with its default, before the first FROM"
-    froms = re.findall(r"^FROM (\S+)", text, re.M)
-    assert froms and all(f == "${BASE_IMAGE}" for f in froms), froms
+    # Every stage starts from the base image or from a stage built before it from that image.
+    froms = re.findall(r"^FROM (\S+)(?: AS (\S+))?$", text, re.M)
+    assert froms and froms[0][0] == "${BASE_IMAGE}" and froms[-1][0] == "${BASE_IMAGE}", froms
+    stages: set[str] = set()
+    for base, name in froms:
+        assert base == "${BASE_IMAGE}" or base in stages, f"FROM {base}: neither the base image nor an earlier stage"
+        stages.add(name)
     for name, svc in _compose()["services"].items():
         assert svc["build"]["args"]["BASE_IMAGE"].startswith("${DML_BASE_IMAGE:-"), name
-        assert svc["image"] == "dml:latest", name
+        assert svc["image"] == "${DML_IMAGE:-dml:latest}", name
 
 
 def test_the_image_installs_every_package_of_the_tree():
