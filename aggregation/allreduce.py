@@ -226,11 +226,20 @@ def ring_allreduce(
     last = world - 2
     for span in ring.chunks(segs[ring.send_segment(ring.REDUCE_SCATTER, rank, 0, world)], chunk_elems):
         send(ring.REDUCE_SCATTER, 0, span)
+    # A link whose payloads sit in shared memory lends them in place (peer.link.PeerLink
+    # .recv_slot): fp32 reduce-scatter chunks are then added straight from the slot, no copy.
+    # Not with a guard: the sender could change a slot between the check and the add.
+    recv_slot = getattr(link, "recv_slot", None) if raw and guard is None else None
     for step in range(world - 1):
         seg = segs[ring.recv_segment(ring.REDUCE_SCATTER, rank, step, world)]
         for span, nbytes in receive(ring.REDUCE_SCATTER, step, seg):
-            payload, native = scratch_for(nbytes)
-            link.recv_payload(payload, left())
+            lent = recv_slot(nbytes, left()) if recv_slot is not None else None
+            if lent is not None:
+                payload = np.frombuffer(lent, dtype=np.uint8)
+                native = codec.wrap(payload)
+            else:
+                payload, native = scratch_for(nbytes)
+                link.recv_payload(payload, left())
             if guard is not None and raw:
                 guard.check(ring.REDUCE_SCATTER, step, span, payload.view(np.float32), buf[span.start : span.stop])
             if step == last:  # fully reduced: keep it, and start the all-gather with it at once
@@ -243,9 +252,14 @@ def ring_allreduce(
                 send(ring.ALL_GATHER, 0, span, own=True)
             elif raw:  # reduce in place and forward straight from buf
                 codec.decode_add(native, nbuf[span.start : span.stop])
+                if lent is not None:
+                    link.release_slot()  # type: ignore[attr-defined]
+                    lent = None
                 send_raw(ring.REDUCE_SCATTER, step + 1, span)
             else:  # a partial sum only passes through: sum it in a small cache-resident buffer
                 send_partial(step + 1, span, native)
+            if lent is not None:
+                link.release_slot()  # type: ignore[attr-defined]
     for step in range(world - 1):
         seg = segs[ring.recv_segment(ring.ALL_GATHER, rank, step, world)]
         for span, nbytes in receive(ring.ALL_GATHER, step, seg):

@@ -14,12 +14,24 @@ mutual when the config has a CA, as on the gRPC port; plain text is for a loopba
 Failure semantics match the gRPC path: a closed or reset connection is a broken stream naming the
 neighbour; progress is bounded by the exchange idle timeout; at the end the receiver
 acknowledges with one byte, so a sender knows its successor got everything.
+
+A connection is kept for the membership epoch it was opened in (issue 14: a new connection,
+token and shared-memory mapping per all-reduce cost 10-20% at 64 MB). After an all-reduce that
+ended without error the receiver hands the stream back (:meth:`DataPlane.keep`): it stays bound
+to the (job, epoch, sender) of the token that opened it, and the sender starts each later
+all-reduce on it with a *round preamble* (:data:`ROUND`: magic, round, epoch). A preamble of
+another epoch, or of a round not newer than the stream's last one, closes the stream; otherwise
+the stream is attached to that round's inbox exactly as a fresh connection would be. Kept
+streams are closed at an epoch change of their job (:meth:`DataPlane.drop_kept`), when the peer
+leaves the job or is evicted, after :data:`KEPT_IDLE_S` without a round, and on any error.
 """
 from __future__ import annotations
 
 import logging
 import secrets
 import socket
+import ssl
+import struct
 import threading
 import time
 from collections.abc import Callable
@@ -40,10 +52,33 @@ MAX_TOKENS = 64  # open offers in all
 SENDER_TOKENS = 4  # open offers per sender (as it names itself); a ring needs one per all-reduce
 MAX_SHM_OFFERS = 4  # open offers holding a shared-memory file (each up to 64 MiB of /dev/shm)
 HANDSHAKE_S = 5.0
+ROUND = struct.Struct("!4sQQ")  # a kept stream's next all-reduce: magic, round, epoch
+MAGIC_ROUND = b"DMLR"
+KEPT_IDLE_S = 600.0  # a kept stream no round uses for this long is closed
+MAX_KEPT = 16  # kept streams in all
+SENDER_KEPT = 2  # kept streams per sender (a ring needs one)
 SOCKET_BUFFER_BYTES = 4 << 20
 
 Key = tuple[str, int, int]  # (job_id, round, epoch)
 Attach = Callable[[Key, str, socket.socket, "SharedSlots | None"], bool]
+
+
+def round_preamble(rnd: int, epoch: int) -> bytes:
+    """What a sender writes on a kept stream before the frames of round ``rnd``."""
+    return ROUND.pack(MAGIC_ROUND, rnd, epoch)
+
+
+class Kept:
+    """A stream an all-reduce ended cleanly on, waiting (on its own thread, which alone closes
+    it) for the round preamble of the next all-reduce of its (job, epoch, sender)."""
+
+    def __init__(self, conn: socket.socket, job: str, epoch: int, sender: str, last_round: int,
+                 slots: SharedSlots | None) -> None:
+        self.conn, self.job, self.epoch, self.sender = conn, job, epoch, sender
+        self.last_round = last_round
+        self.slots = slots
+        self.dropped = ""  # why it was dropped ("" while kept)
+        self.thread: threading.Thread | None = None
 
 
 class OfferRefused(Exception):
@@ -77,6 +112,20 @@ def shutdown_socket(sock: socket.socket) -> None:
         pass
 
 
+def stream_idle(sock: socket.socket) -> bool:
+    """Whether a kept stream is still open with nothing unread: a successor that closed it (or
+    sent anything between rounds) makes it unusable. Never blocks; restores no timeout (the
+    caller sets its own)."""
+    try:
+        sock.settimeout(0.0)
+        sock.recv(1)
+    except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
+        return True  # nothing to read: open and idle (TLS may have consumed a session ticket)
+    except OSError:
+        return False
+    return False  # the stream ended (b"") or carried bytes nobody asked for
+
+
 def close_socket(sock: socket.socket) -> None:
     """Shuts a socket down (waking any thread blocked on it) and closes it. Only for a socket no
     other thread reads (see :class:`peer.inbox.Inbox`): :func:`shutdown_socket` otherwise."""
@@ -103,6 +152,9 @@ class DataPlane:
         self._listener.listen(64)
         self.port = self._listener.getsockname()[1]
         self._tokens: dict[bytes, tuple[Key, str, float, SharedSlots | None]] = {}
+        self._kept: list[Kept] = []
+        self.opened = 0  # connections that presented a valid token (a new stream each)
+        self.reused = 0  # rounds a kept stream carried
         self._lock = threading.Lock()
         self._closed = threading.Event()
         self._thread = threading.Thread(target=self._accept_loop, name=f"dataplane-{self.port}", daemon=True)
@@ -168,6 +220,102 @@ class DataPlane:
             if slots is not None:
                 slots.close()
 
+    # -- kept streams -------------------------------------------------------------------------
+    def keep(self, conn: socket.socket, key: Key, sender: str, slots: SharedSlots | None) -> bool:
+        """Keeps ``conn`` (the stream of ``key``'s all-reduce from ``sender``, which ended without
+        error) for the next round of the same (job, epoch). False (the caller closes it) when
+        this data plane is closed or holds MAX_KEPT streams, or SENDER_KEPT of ``sender``."""
+        job, rnd, epoch = key
+        kept = Kept(conn, job, epoch, sender, rnd, slots)
+        with self._lock:
+            if self._closed.is_set() or len(self._kept) >= MAX_KEPT \
+                    or sum(k.sender == sender for k in self._kept) >= SENDER_KEPT:
+                return False
+            self._kept.append(kept)
+            kept.thread = threading.Thread(target=self._await_round, args=(kept,), name=f"kept-{sender}", daemon=True)
+            kept.thread.start()
+        return True
+
+    def kept(self) -> list[tuple[str, int, str]]:
+        """The kept streams: (job, epoch, sender) each."""
+        with self._lock:
+            return [(k.job, k.epoch, k.sender) for k in self._kept]
+
+    def drop_kept(self, job: str | None = None, below_epoch: int | None = None, reason: str = "dropped") -> int:
+        """Closes the kept streams of ``job`` (every job: None) older than ``below_epoch`` (every
+        epoch: None); returns how many. Each is shut down here and closed by its own thread."""
+        with self._lock:
+            gone = [k for k in self._kept if (job is None or k.job == job)
+                    and (below_epoch is None or k.epoch < below_epoch)]
+            for k in gone:
+                self._kept.remove(k)
+                k.dropped = reason
+        for k in gone:
+            shutdown_socket(k.conn)
+        return len(gone)
+
+    def _join_kept(self, threads: list[threading.Thread], timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        for t in threads:
+            t.join(max(0.0, deadline - time.monotonic()))
+
+    def _await_round(self, kept: Kept) -> None:
+        """A kept stream's thread: reads the next round's preamble within KEPT_IDLE_S and attaches
+        the stream to that round's inbox, or closes it."""
+        conn = kept.conn
+        buf = bytearray(ROUND.size)
+        view, got = memoryview(buf), 0
+        deadline = time.monotonic() + KEPT_IDLE_S
+        why = ""
+        try:
+            conn.settimeout(0.5)
+            while got < ROUND.size:
+                if kept.dropped or self._closed.is_set():
+                    why = kept.dropped or "data plane closed"
+                    break
+                if time.monotonic() > deadline:
+                    why = f"no round for {KEPT_IDLE_S:.0f}s"
+                    break
+                try:
+                    n = conn.recv_into(view[got:])
+                except TimeoutError:
+                    continue
+                if n == 0:
+                    why = kept.dropped or "closed by the sender"
+                    break
+                got += n
+        except OSError as e:
+            why = f"broke: {e!r}"
+        with self._lock:
+            if kept in self._kept:
+                self._kept.remove(kept)
+        if not why:
+            magic, rnd, epoch = ROUND.unpack(buf)
+            if magic != MAGIC_ROUND:
+                why = "not a round preamble"
+            elif epoch != kept.epoch:
+                why = f"a preamble for epoch {epoch} on a stream of epoch {kept.epoch}"
+            elif rnd <= kept.last_round:
+                why = f"a preamble for round {rnd}, not after the stream's round {kept.last_round}"
+            elif kept.dropped or self._closed.is_set():
+                why = kept.dropped or "data plane closed"
+            else:
+                key = (kept.job, rnd, kept.epoch)
+                try:
+                    if self._attach(key, kept.sender, conn, kept.slots):
+                        with self._lock:
+                            self.reused += 1
+                        log.debug("data plane %d: kept stream from %s carries %s", self.port, kept.sender, key)
+                        return
+                except Exception:  # noqa: BLE001 - logged; the stream is closed below
+                    log.exception("data plane %d: attaching a kept stream failed", self.port)
+                why = f"no exchange wants {key} any more"
+        log.info("data plane %d: kept stream from %s (job %s epoch %d) closed: %s",
+                 self.port, kept.sender, kept.job, kept.epoch, why)
+        if kept.slots is not None:
+            kept.slots.close()
+        close_socket(conn)
+
     def _accept_loop(self) -> None:
         while not self._closed.is_set():
             try:
@@ -196,6 +344,8 @@ class DataPlane:
                 raise ConnectionError("not a dml data-plane hello")
             with self._lock:
                 entry = self._tokens.pop(bytes(hello[len(MAGIC):]), None)
+                if entry is not None:
+                    self.opened += 1
             if entry is None or entry[2] < time.monotonic():
                 if entry is not None and entry[3] is not None:
                     entry[3].close()
@@ -227,6 +377,10 @@ class DataPlane:
             pass
         self._listener.close()
         self._thread.join(2)
+        with self._lock:
+            threads = [k.thread for k in self._kept if k.thread is not None]
+        self.drop_kept(reason="data plane closed")
+        self._join_kept(threads, 2.0)  # each closes its stream
         with self._lock:
             entries, self._tokens = list(self._tokens.values()), {}
         for entry in entries:

@@ -22,6 +22,7 @@ from dml.peer import dataplane, torchplane, watch
 from dml.peer.auth import FETCH_PARAMETERS, GOSSIP, OPEN_DATA_PLANE, PUSH_CHUNKS, check_body
 from dml.peer.gossip import GossipNode
 from dml.peer.inbox import POLL_S, UNCLAIMED_TTL_S, Frame, Inbox, Key
+from dml.peer.kept import KeptSenders
 from dml.peer.shm import SharedSlots
 
 log = logging.getLogger(__name__)
@@ -129,6 +130,9 @@ class ExchangeServicer(exchange_pb2_grpc.PeerExchangeServicer):
         self.tls = tls
         self.data_plane = (dataplane.DataPlane(data_plane_host, self._attach, tls)
                            if data_plane_host is not None else None)
+        # This peer's outgoing data-plane streams kept between the rounds of an epoch (the
+        # incoming ones are kept by the data plane).
+        self.kept_senders = KeptSenders()
         self.dropped = 0  # unclaimed inboxes dropped (by the sweeper, or to make room)
         self._trimmed = 0  # self.dropped when the heap was last trimmed
         self._jobs: dict[str, float] = {}  # jobs this peer has claimed inboxes of -> when it last did
@@ -137,8 +141,9 @@ class ExchangeServicer(exchange_pb2_grpc.PeerExchangeServicer):
         self._sweeper.start()
 
     def close(self) -> None:
-        """Stops the data plane and the sweeper and drops every inbox."""
+        """Stops the data plane and the sweeper and drops every inbox and kept stream."""
         self._stop.set()
+        self.kept_senders.drop()
         if self.data_plane is not None:
             self.data_plane.close()
         with self._lock:
@@ -151,6 +156,9 @@ class ExchangeServicer(exchange_pb2_grpc.PeerExchangeServicer):
         exchanges of the same job are dropped, and those of other jobs once they are older than
         any exchange can last."""
         now = time.monotonic()
+        self.kept_senders.drop(key[0], below_epoch=key[2])  # a new epoch: a new ring, new streams
+        if self.data_plane is not None:
+            self.data_plane.drop_kept(key[0], below_epoch=key[2], reason=f"epoch {key[2]} began")
         with self._lock:
             for k, old in list(self._inboxes.items()):
                 if k != key and ((k[0] == key[0] and k[1:] < key[1:]) or now - old.created > STALE_INBOX_S):
@@ -163,6 +171,29 @@ class ExchangeServicer(exchange_pb2_grpc.PeerExchangeServicer):
             for job in [j for j, t in self._jobs.items() if now - t > STALE_INBOX_S]:
                 del self._jobs[job]
             return box
+
+    def forget_job(self, job: str | None = None) -> None:
+        """Closes the data-plane streams kept for ``job`` (every job: None), both ways: the peer
+        left the job, or was evicted."""
+        n = self.kept_senders.drop(job)
+        if self.data_plane is not None:
+            n += self.data_plane.drop_kept(job, reason="the peer left the job")
+        if n:
+            log.info("closed %d kept data-plane streams of %s", n, f"job {job}" if job else "every job")
+
+    def keep_only(self, job: str, epoch: int) -> None:
+        """Closes the kept streams of every job but ``job`` ("" : every job) and of its epochs
+        before ``epoch`` (the coordinator's word, each heartbeat: a job that ended, a new epoch)."""
+        for k in {k[0] for k in self.kept_senders.keys()} | {k[0] for k in self._kept_receivers()}:
+            if k != job:
+                self.forget_job(k)
+        if job:
+            self.kept_senders.drop(job, below_epoch=epoch)
+            if self.data_plane is not None:
+                self.data_plane.drop_kept(job, below_epoch=epoch, reason=f"epoch {epoch} began")
+
+    def _kept_receivers(self) -> list[tuple[str, int, str]]:
+        return self.data_plane.kept() if self.data_plane is not None else []
 
     def unclaimed(self) -> list[Inbox]:
         """The inboxes senders opened that no plan of this peer has claimed (yet)."""

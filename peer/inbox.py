@@ -103,6 +103,17 @@ class Inbox:
             self._reading = True
             return self.conn
 
+    def detach_stream(self) -> tuple[socket.socket, SharedSlots | None] | None:
+        """Hands the stream (and its slots) over to be kept for the next round, for the link
+        that reads it, once its all-reduce ended cleanly; None if closed or not a stream. The
+        inbox no longer closes them."""
+        with self._lock:
+            if self.closed.is_set() or self.conn is None:
+                return None
+            conn, slots = self.conn, self.shm
+            self.conn, self.shm = None, None
+            return conn, slots
+
     def close(self, reason: str = "", reader: bool = False) -> None:
         """Marks the inbox dead and drops its stream and queued frames, if any. The stream is
         closed, or, when a link reads it and this is not that link (``reader``), shut down for
@@ -111,15 +122,15 @@ class Inbox:
             if reason and not self.dropped:
                 self.dropped = reason
             self.closed.set()
-            conn, someone_reads = self.conn, self._reading and not reader
+            conn, someone_reads, slots = self.conn, self._reading and not reader, self.shm
         self.arrived.set()
         if conn is not None:
             if someone_reads:
                 shutdown_socket(conn)
             else:
                 close_socket(conn)
-        if self.shm is not None:
-            self.shm.close()
+        if slots is not None:
+            slots.close()
         self.q.drain()
 
     def put_broken(self, reason: str) -> None:

@@ -85,15 +85,20 @@ class PeerLink:
         self._conn: socket.socket | None = None  # the predecessor's TCP stream, once claimed (ours to close)
         self._hdr = bytearray(FRAME.size)
         self._frames = 0  # frames read from shared-memory slots
+        self._recv_kind = ""  # how frames came from the predecessor, once they did
+        self._sent_kind = ""  # how frames went to the successor, once its sender was kept
+        self._slot_out = -1  # bytes of a payload read in place in its slot (credit owed); -1: none
 
     @property
     def sender_kind(self) -> str:
         """How frames go to the successor: "shm", "tcp", "grpc", or "" before the first send."""
-        return self._sender.kind if self._sender else ""
+        return self._sender.kind if self._sender else self._sent_kind
 
     @property
     def receiver_kind(self) -> str:
         """How frames come from the predecessor: "shm", "tcp", "grpc", or "" before the first one."""
+        if self._recv_kind:
+            return self._recv_kind
         if not self._inbox.arrived.is_set():
             return ""
         if self._inbox.conn is None:
@@ -118,6 +123,9 @@ class PeerLink:
             raise ExchangeError(f"cannot reach {self._succ_id} at {self._succ_address}: {self._injected_fault}",
                                 suspect=self._succ_id)
         if self._mode != "grpc":
+            kept = self._take_kept()
+            if kept is not None:
+                return kept
             try:
                 return self._open_tcp()  # ExchangeError (successor unreachable) propagates: no fallback
             except (grpc.RpcError, OSError, ValueError) as e:
@@ -156,6 +164,26 @@ class PeerLink:
         if self._open_error is not None:
             err, self._open_error = self._open_error, None
             raise err
+
+    def _kept_key(self) -> tuple[str, int, str, str, bool]:
+        job, _, epoch = self._key
+        return job, epoch, self._succ_id, self._succ_address, self._want_shm
+
+    def _take_kept(self) -> TcpSender | None:
+        """The stream the last round of this epoch to the same successor ended cleanly on, its
+        round preamble written (None: there is none, or it is no longer usable)."""
+        sender = self._servicer.kept_senders.take(self._kept_key())
+        if not isinstance(sender, TcpSender):
+            return None
+        job, rnd, epoch = self._key
+        try:
+            sender.begin(rnd, epoch)
+        except (OSError, RuntimeError) as e:
+            log.info("exchange %s: the kept stream to %s is unusable (%r); opening a new one", self._key, self._succ_id, e)
+            sender.cancel()
+            return None
+        log.debug("exchange %s: reusing the kept %s stream to %s", self._key, sender.kind, self._succ_id)
+        return sender
 
     def _open_tcp(self) -> TcpSender:
         if self._abort.is_set():
@@ -255,6 +283,7 @@ class PeerLink:
                 raise Cancelled(SUPERSEDED)
             conn.settimeout(POLL_S)
             self._conn = conn
+            self._recv_kind = "shm" if self._inbox.shm is not None else "tcp"
         return self._conn
 
     def recv_header(self, timeout: float) -> Header:
@@ -311,6 +340,36 @@ class PeerLink:
         self._pending = None
         self.bytes_received += len(view)
 
+    def recv_slot(self, nbytes: int, timeout: float) -> memoryview | None:
+        """The last header's payload in place in its shared-memory slot, to reduce straight
+        from (one copy fewer); :meth:`release_slot` once done with it. None when the payload is
+        not in a slot (TCP, gRPC): read it with :meth:`recv_payload` then."""
+        box = self._inbox
+        conn = self._stream()
+        if box.shm is None or conn is None:
+            return None
+        try:
+            view = box.shm.slot(self._frames, nbytes)
+        except ValueError as e:
+            raise ExchangeError(f"frame from {self._pred_id} does not fit its slot: {e}", suspect=self._pred_id) from None
+        self._slot_out = nbytes
+        return view
+
+    def release_slot(self) -> None:
+        """Gives the slot :meth:`recv_slot` lent back to the predecessor (its credit)."""
+        nbytes, self._slot_out = self._slot_out, -1
+        if nbytes < 0:
+            return
+        conn = self._conn
+        assert conn is not None
+        try:
+            conn.sendall(shm.CREDIT)
+        except OSError as e:
+            self._check(time.monotonic() + 1.0, self._idle_s)
+            raise ExchangeError(f"stream from {self._pred_id} broke: {e!r}", suspect=self._pred_id) from None
+        self._frames += 1
+        self.bytes_received += nbytes
+
     # -- the end ------------------------------------------------------------------------------
     def close(self, timeout: float) -> None:
         """Acknowledges the predecessor's stream, then waits for every frame to reach the
@@ -327,8 +386,27 @@ class PeerLink:
             if self._keep_watch is not None and self._watch is not None:  # our part is done
                 self._keep_watch(self._watch)
                 self._watch_kept = True
+            self._keep_streams()
         finally:
             self.shutdown()
+
+    def _keep_streams(self) -> None:
+        """After a clean end: the predecessor's stream back to the data plane and our sender to
+        the servicer's cache, for the next round of this epoch (:mod:`peer.kept`)."""
+        plane = self._servicer.data_plane
+        if self._conn is not None and plane is not None:
+            got = self._inbox.detach_stream()
+            if got is not None:
+                conn, slots = got
+                self._conn = None
+                if not plane.keep(conn, self._key, self._inbox.sender, slots):
+                    if slots is not None:
+                        slots.close()
+                    dataplane.close_socket(conn)
+        sender = self._sender
+        if isinstance(sender, TcpSender) and sender.reusable():
+            self._sender, self._sent_kind = None, sender.kind
+            self._servicer.kept_senders.put(self._kept_key(), sender)
 
     def shutdown(self) -> None:
         """Cancels the outgoing stream if still open and frees the inbox, the watch (unless kept)

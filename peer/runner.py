@@ -193,6 +193,7 @@ class Peer:
                                     local_datasets=[n for n, _ in self.config.local_data],
                                     workers=self.workers.count, worker_devices=self.workers.devices)
         if self.peer_id:  # evicted: whatever it held may be stale, start clean as a new member
+            self.servicer.forget_job()  # kept data-plane streams too
             self.gossip.detach()
             self.store.clear()
             self.workers.close()  # a new take starts fresh ones
@@ -253,6 +254,7 @@ class Peer:
                 fetching = self.prefetch.job_id
                 if fetching and hb.job_id != fetching:  # the job ended here: stop fetching its rows
                     self.prefetch.cancel(fetching)
+                self.servicer.keep_only(hb.job_id, hb.epoch)  # streams of ended jobs and epochs go
                 job, epoch = self._ring.under_way
                 if job and (hb.job_id != job or hb.epoch > epoch):  # cancelled, finished, or re-formed
                     self._abort.set()

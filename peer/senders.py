@@ -119,8 +119,30 @@ class TcpSender:
         self._sent = 0
         self._seq = 0
         self.error = ""
+        self._finished = False  # the last all-reduce ended with the successor's acknowledgement
         self._thread = threading.Thread(target=self._loop, name=f"send-{succ_id}", daemon=True)
         self._thread.start()
+
+    def reusable(self) -> bool:
+        """Whether this sender may carry another all-reduce (see :mod:`peer.kept`): its last one
+        was acknowledged, nothing failed, and the stream is still open and idle."""
+        return (self._finished and not self.error and not self._thread.is_alive()
+                and dataplane.stream_idle(self._sock))
+
+    def begin(self, rnd: int, epoch: int) -> None:
+        """Starts the next all-reduce on a kept stream: its round preamble first (the receiver
+        refuses one of another epoch or an older round), then frames as on a new stream."""
+        if not self._finished:
+            raise RuntimeError("a sender is reused only after an acknowledged all-reduce")
+        self._finished = False
+        self._sock.settimeout(self._idle_s)
+        self._sock.sendall(dataplane.round_preamble(rnd, epoch))  # 20 bytes: never waits on an idle stream
+        self._restart()
+        self._thread = threading.Thread(target=self._loop, name=f"send-{self._succ_id}", daemon=True)
+        self._thread.start()
+
+    def _restart(self) -> None:
+        """Per-all-reduce state a subclass resets when a kept stream starts again."""
 
     def _loop(self) -> None:
         while True:
@@ -183,10 +205,13 @@ class TcpSender:
             if not got:
                 raise ExchangeError(f"{self._succ_id} closed the stream without acknowledging", suspect=self._succ_id)
             if self._acknowledged(got):
+                self._thread.join(CANCEL_JOIN_S)  # it took the end marker after the last frame
+                self._finished = True
                 return
 
     def _acknowledged(self, got: bytes) -> bool:
-        """Whether ``got`` (bytes from the successor after the last frame) is its acknowledgement."""
+        """Whether ``got`` (bytes from the successor after the last frame) is its acknowledgement
+        (which is the last thing it sends in an all-reduce)."""
         if got != dataplane.ACK:
             raise ExchangeError(f"{self._succ_id} closed the stream without acknowledging", suspect=self._succ_id)
         return True
@@ -219,6 +244,13 @@ class ShmSender(TcpSender):
         self._frame = 0
         super().__init__(sock, succ_id, idle_s)
 
+    def reusable(self) -> bool:
+        """As for TCP, and every slot's credit is back (the receiver read them all)."""
+        return self._credits == shm.SLOTS and super().reusable()
+
+    def _restart(self) -> None:
+        self._frame = 0  # the receiver's next link counts slots from 0 too
+
     def _take_credit(self) -> None:
         while self._credits == 0:
             got = self._sock.recv(64)  # the socket's idle timeout bounds the wait
@@ -237,9 +269,10 @@ class ShmSender(TcpSender):
 
     def _acknowledged(self, got: bytes) -> bool:
         rest = got.lstrip(shm.CREDIT)  # credits for the last slots may precede the acknowledgement
+        self._credits += len(got) - len(rest)
         if not rest:
             return False
-        if rest[:1] != dataplane.ACK:
+        if rest != dataplane.ACK or self._credits > shm.SLOTS:
             raise ExchangeError(f"{self._succ_id} closed the stream without acknowledging", suspect=self._succ_id)
         return True
 
