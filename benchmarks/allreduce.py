@@ -155,7 +155,9 @@ def _worker(kind: str, rank: int, world: int, n: int, conn: Any, barrier: Any, o
             from dml.peer.exchange import ExchangeServicer, add_exchange_to_server
             from dml.peer.link import PeerLink
 
-            tls_cfg = tls.load(*opts["tls_files"]) if kind == "dml-tls" else None
+            # Over the emulated LAN every pool of dml runs inside TLS: its addresses are not loopback,
+            # and dml serves plain text on loopback only (common.tls.check_listen).
+            tls_cfg = tls.load(*opts["tls_files"]) if kind == "dml-tls" or opts["netns"] else None
 
             codec = get_codec(str(opts["codec"]))
             residual = None if codec.exact else np.zeros(n, dtype=np.float32)
@@ -378,7 +380,7 @@ def measure(ctx: Any, world: int, size_mb: float, codec: str, plane: str, args: 
             "netns": lan.names[:world] if lan is not None else None,
             "hosts": lan.addrs[:world] if lan is not None else None, "iface": netem.IFACE,
             "tls_files": args.tls_files}
-    kinds = ["dml", "gloo"] + (["dml-tls"] if args.tls_files else [])
+    kinds = ["dml", "gloo"] + (["dml-tls"] if args.tls else [])
     series = {k: Series() for k in kinds}
     dml, gloo = series["dml"], series["gloo"]
     pools: dict[str, Pool] = {}
@@ -547,7 +549,7 @@ def main(argv: list[str] | None = None) -> int:
     old_term = signal.signal(signal.SIGTERM, _raise_exit)
     certs_dir = None
     try:
-        if args.tls:
+        if args.tls or args.link_mbit > 0:
             import tempfile
 
             from dml.common import certs
@@ -573,6 +575,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"CPU-s; max_err = max |result - exact sum| over both, every rank and repeat")
             if lan is not None:
                 print(f"# {lan.describe()}")
+                print("# dml runs inside mutual TLS here (the namespaces' addresses are not loopback, and dml "
+                      "serves plain text on loopback only); gloo is plain TCP")
                 print("# floor s = 2(N-1)/N x the codec's wire bytes x 8 / rate (each rank's share of the ring on its "
                       "link); dml/fl = dml median / that floor; gl/fl = gloo median / fp32's floor")
             if args.tls:
