@@ -46,6 +46,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 START_TIMEOUT_S = 180.0  # a worker's start: torch's import, the task's data, the process group
 STOP_TIMEOUT_S = 5.0
+DEATH_GRACE_S = 2.0  # how long a failed worker's fellows may take to show that one of them died first
 
 
 class WorkersFailed(Exception):
@@ -170,9 +171,28 @@ class WorkerPool:
                     self.close()
                     raise TaskError(f"on worker {i} of this host: {msg.get('error')}")
                 if msg.get("op") != want:
+                    # A worker whose collective broke because another died says so first (gloo's
+                    # "connection closed by peer" comes back before the dead one's exit is seen):
+                    # name the death, the cause, when one follows within a short grace.
+                    dead = self._dead_worker(DEATH_GRACE_S, but=i)
+                    if dead is not None:
+                        self._fail(f"worker {dead[0]} died during its {what} (exit code {dead[1]}); "
+                                   f"worker {i} then failed: {msg.get('error', msg.get('op'))}")
                     self._fail(f"worker {i} failed its {what}: {msg.get('error', msg.get('op'))}")
                 got[i] = msg
         return [got[i] for i in range(self.count)]
+
+    def _dead_worker(self, grace_s: float, but: int) -> tuple[int, int | None] | None:
+        """The first worker other than ``but`` whose process has exited, or exits within
+        ``grace_s``: (its rank, its exit code); None if all of them live on."""
+        deadline = time.monotonic() + grace_s
+        while True:
+            for i, proc in enumerate(self._procs):
+                if i != but and not proc.is_alive():
+                    return i, proc.exitcode
+            if time.monotonic() >= deadline:
+                return None
+            time.sleep(0.05)
 
     def _fail(self, why: str) -> None:
         self.broken = why
