@@ -226,8 +226,8 @@ class RingRound:
         params = trainer.initial_params()
         trainer.reset_state()
         state = trainer.capture_state()
-        self._peer.store.adopt(plan.job_id, 0, params, trainer.round_digest(params, state), state=state,
-                               got=trainer.round_digest(params, state))
+        digest = trainer.round_digest(params, state)
+        self._peer.store.adopt(plan.job_id, 0, params, digest, state=state, got=digest)
         trainer.set_params(params)
         log.warning("peer %s job %s: the job went back to round 0; starting again from the seeded initial model",
                     self._peer.peer_id, plan.job_id)
