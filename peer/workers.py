@@ -185,14 +185,12 @@ class WorkerPool:
     def _dead_worker(self, grace_s: float, but: int) -> tuple[int, int | None] | None:
         """The first worker other than ``but`` whose process has exited, or exits within
         ``grace_s``: (its rank, its exit code); None if all of them live on."""
-        deadline = time.monotonic() + grace_s
-        while True:
-            for i, proc in enumerate(self._procs):
-                if i != but and not proc.is_alive():
-                    return i, proc.exitcode
-            if time.monotonic() >= deadline:
-                return None
-            time.sleep(0.05)
+        others = {proc.sentinel: i for i, proc in enumerate(self._procs) if i != but}
+        for sentinel in wait(list(others), timeout=grace_s):  # a sentinel is ready when its process ends
+            i = others[sentinel]  # type: ignore[index]
+            self._procs[i].join(STOP_TIMEOUT_S)
+            return i, self._procs[i].exitcode
+        return None
 
     def _fail(self, why: str) -> None:
         self.broken = why
