@@ -1,7 +1,7 @@
 """Round overhead benchmark: where a dml round's time goes, and how much memory a peer holds.
 
     python benchmarks/round_overhead.py [--params-m 1,10,50] [--tasks digits-cnn] [--peers 4]
-                                        [--rounds R] [--codec fp32] [--data-plane auto]
+                                        [--rounds R] [--codec fp32] [--data-plane auto] [--sync params]
                                         [--local-steps 1] [--batch-size 32] [--lr 0.01]
                                         [--warmup 2] [--json]
 
@@ -116,7 +116,7 @@ from dml.common.args import int_in, positive_float
 from dml.common.lifeline import Lifeline
 from dml.client.cluster import (ClusterError, join_token_file, operator_token_file, reap,
                                 wait_for_port_file)
-from dml.common.spec import CODECS, DATA_PLANES, MAX_ROUNDS, JobSpec
+from dml.common.spec import CODECS, DATA_PLANES, MAX_ROUNDS, SYNCS, JobSpec
 from dml.common.tasks import builtin_params, get_task, is_builtin, task_names
 
 MB = 1 << 20
@@ -190,6 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="first rounds left out of the medians (default 2; the final round is left out too)")
     p.add_argument("--codec", choices=CODECS, default="fp32", help="wire codec of the job (default fp32)")
     p.add_argument("--data-plane", choices=DATA_PLANES, default="auto", help="data plane of the job (default auto)")
+    p.add_argument("--sync", choices=SYNCS, default="params",
+                   help="what a round averages: params (default), or grads (one all-reduce of gradients per local step)")
     p.add_argument("--local-steps", type=int_in(1), default=1,
                    help="SGD steps per peer per round (default 1: cheap training, the overhead is measured)")
     p.add_argument("--batch-size", type=int_in(1), default=32, help="batch size (default 32)")
@@ -435,7 +437,7 @@ def measure(a: argparse.Namespace, task: str, num_params: int, root: pathlib.Pat
     rounds = a.rounds if a.rounds is not None else default_rounds(num_params)
     model_mb = num_params * 4 / MB
     job_timeout_s = a.timeout_s if a.timeout_s is not None else 60.0 + rounds * (2.0 + 0.6 * num_params / 1e6)
-    spec = JobSpec(task=task, rounds=rounds, local_steps=a.local_steps, batch_size=a.batch_size,
+    spec = JobSpec(task=task, rounds=rounds, sync=a.sync, local_steps=a.local_steps, batch_size=a.batch_size,
                    learning_rate=lr, min_peers=a.peers, num_shards=max(JobSpec().num_shards, a.peers),
                    checkpoint_every_rounds=rounds + 1, codec=a.codec, data_plane=a.data_plane,
                    eval_every_rounds=a.eval_every or rounds)
@@ -495,7 +497,7 @@ def measure(a: argparse.Namespace, task: str, num_params: int, root: pathlib.Pat
     others = [x for i, x in enumerate(over) if i != evaluator]
     row: dict[str, Any] = {
         "task": task, "optimizer": optimizer, "params": num_params, "peers": a.peers, "rounds": rounds, "warmup": a.warmup,
-        "codec": a.codec, "data_plane": a.data_plane, "local_steps": a.local_steps, "batch_size": a.batch_size,
+        "codec": a.codec, "data_plane": a.data_plane, "sync": a.sync, "local_steps": a.local_steps, "batch_size": a.batch_size,
         "lr": lr, "job_id": job_id,
         **{k: split[k] for k in ("measured_rounds", "round_s", "train_s", "exchange_s", "eval_s", "coord_s",
                                  "plan_to_commit_s", "report_s")},
