@@ -65,6 +65,56 @@ class _SGDLinear(torch.autograd.Function):
         return grad_x, None, None, None
 
 
+class _GradLinear(torch.autograd.Function):
+    """``x @ W.T + b`` whose backward adds the weight and bias gradients straight into
+    ``W.grad`` and ``b.grad`` (``--sync grads``: views of the flat gradient buffer) with one
+    in-place GEMM (``addmm_``), instead of handing autograd a new model-sized tensor to add
+    there: the largest layer's gradient then never exists twice. The values are the same
+    products autograd takes; only where they are summed differs."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.bias = bias
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        x, weight = ctx.saved_tensors
+        bias = ctx.bias
+        grad_x = g @ weight if ctx.needs_input_grad[0] else None
+        g2, x2 = g.reshape(-1, g.shape[-1]), x.reshape(-1, x.shape[-1])
+        gw = gb = None
+        with torch.no_grad():
+            if weight.grad is not None and weight.grad.shape == weight.shape:
+                weight.grad.addmm_(g2.t(), x2)
+            elif ctx.needs_input_grad[1]:  # no buffer to write into: an ordinary gradient
+                gw = g2.t() @ x2
+            if bias is not None:
+                if bias.grad is not None and bias.grad.shape == bias.shape:
+                    bias.grad.add_(g2.sum(0))
+                elif ctx.needs_input_grad[2]:
+                    gb = g2.sum(0)
+        return grad_x, gw, gb
+
+
+def grads_into_buffer(model: torch.nn.Module) -> int:
+    """Routes every plain ``nn.Linear`` of ``model`` (the class itself, not a subclass with a
+    forward of its own) through :class:`_GradLinear`; returns how many. Other layers keep
+    autograd's own accumulation into their ``.grad`` views. Gradient hooks registered on those
+    weights are then not called (the gradient is never handed to autograd)."""
+    linears = [m for m in model.modules() if type(m) is torch.nn.Linear and m.weight.requires_grad]
+    for m in linears:
+        m.forward = functools.partial(_grad_forward, m)  # type: ignore[method-assign]
+    return len(linears)
+
+
+def _grad_forward(m: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    if not torch.is_grad_enabled():  # evaluation: a plain linear layer
+        return F.linear(x, m.weight, m.bias)
+    return _GradLinear.apply(x, m.weight, m.bias)
+
+
 def plain_sgd(optimizer: torch.optim.Optimizer) -> float | None:
     """The learning rate if ``optimizer`` is exactly plain SGD (``torch.optim.SGD`` itself, one
     param group, no momentum, weight decay, Nesterov or maximize), else None."""
@@ -624,6 +674,10 @@ class Trainer:
                 if p.requires_grad:
                     off = (p.data_ptr() - base) // 4
                     self._grad_views.append((p, self._grads[off : off + p.numel()].view_as(p)))
+            # fp32 only: under autocast the products would be taken in another precision than
+            # the weights', which autograd's own linear handles and this one does not.
+            if self.precision == "fp32" and self._prox is None:
+                grads_into_buffer(self.model)
         for p, view in self._grad_views:
             p.grad = view
         return self._grads

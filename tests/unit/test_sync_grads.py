@@ -155,6 +155,47 @@ def test_gradients_accumulate_into_the_flat_buffer():
     assert torch.equal(grads[: t.param_numel], want)
 
 
+def test_linear_gradients_are_written_into_the_buffer_not_handed_to_autograd():
+    """An MLP's weight gradients go straight into their views of the flat buffer (one in-place
+    GEMM each): autograd never accumulates a weight-sized gradient there, and the values are
+    the ones autograd computes."""
+    t = Trainer(get_task("digits"), 0, 0, fuse=False)
+    grads = t.grad_buffer()
+    handed = []  # what autograd is handed to add into each .grad (None: nothing)
+    for p in t.model.parameters():
+        p.register_hook(lambda g: handed.append(g is not None))
+    x, y = t.train_data.get(np.arange(16))
+    t.loss_fn(t.model(x), y).backward()
+    assert handed == [False] * 6  # every parameter of the MLP is a Linear's: no gradient went through autograd
+    ref = Trainer(get_task("digits"), 0, 0, fuse=False)
+    ref.loss_fn(ref.model(x), y).backward()
+    want = torch.cat([p.grad.reshape(-1) for p in ref.model.parameters()])
+    assert torch.allclose(grads[: t.param_numel], want, rtol=1e-6, atol=1e-7)
+    assert grads[: t.param_numel].abs().sum() > 0
+
+
+def test_the_buffered_linear_takes_any_leading_dims_and_falls_back_without_a_buffer():
+    from dml.peer.trainer import grads_into_buffer
+
+    torch.manual_seed(0)
+    a, b = torch.nn.Linear(6, 4), torch.nn.Linear(6, 4)
+    b.load_state_dict(a.state_dict())
+    assert grads_into_buffer(torch.nn.Sequential(a)) == 1
+    x = torch.randn(3, 5, 6, requires_grad=True)  # (batch, time, features)
+    a(x).square().sum().backward()  # no .grad to write into yet: ordinary gradients
+    ga, gx = a.weight.grad.clone(), x.grad.clone()
+    x2 = x.detach().clone().requires_grad_(True)
+    b(x2).square().sum().backward()
+    assert torch.allclose(ga, b.weight.grad, atol=1e-6) and torch.allclose(gx, x2.grad, atol=1e-6)
+    view = torch.zeros(4 * 6 + 4)
+    a.weight.grad, a.bias.grad = view[:24].view(4, 6), view[24:]
+    a(x.detach()).square().sum().backward()
+    assert torch.allclose(view[:24].view(4, 6), b.weight.grad, atol=1e-5)
+    assert torch.allclose(view[24:], b.bias.grad, atol=1e-5)
+    with torch.no_grad():  # evaluation: a plain linear layer
+        assert torch.equal(a(x), b(x))
+
+
 def test_a_fused_trainer_refuses_synchronous_gradients():
     t = Trainer(get_task("digits"), 0, 0.1)  # plain SGD on an MLP: fused into backward
     assert t.fused_sgd
