@@ -319,7 +319,12 @@ def num_params(task: str) -> int:
     """The task's parameter count (its model built once here)."""
     if is_builtin(task):
         return builtin_params(task)
-    return sum(p.numel() for p in load_task(task).model().parameters())
+    try:
+        return sum(p.numel() for p in load_task(task).model().parameters())
+    except BenchError:
+        raise
+    except Exception as e:  # noqa: BLE001 - the task file may raise anything
+        raise BenchError(f"{task}: building its model raised {type(e).__name__}: {e}") from e
 
 
 def default_timeout_s(a: argparse.Namespace, params: int) -> float:
@@ -551,7 +556,11 @@ def main(argv: list[str] | None = None) -> int:
     root = base
     try:
         for task in a.task_list:
-            params = num_params(task)
+            try:
+                params = num_params(task)
+            except BenchError as e:
+                print(f"vs_ddp: {e}", file=sys.stderr)
+                return 1
             for peers in a.peers:
                 for repeat in range(a.repeats):
                     runs = [("ddp", "grads", 1), ("dml", "grads", a.grads_local_steps), ("dml", "params", a.local_steps)]
