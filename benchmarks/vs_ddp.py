@@ -41,7 +41,8 @@ Figures per configuration:
   ``warmup-rounds`` and round ``rounds - 1`` committed), over the measured steps, per step (a mean);
 - ``peak_rss_x_model``: max over ranks / peers of (``VmHWM`` - baseline ``VmRSS``) / (parameters x 4
   bytes); DDP's baseline is read once the process group is up, before the model is built; dml's
-  once the peer registered (``round_overhead.py``);
+  once the peer registered (``round_overhead.py``). DDP rows' JSON also has ``rss_over_baseline_mb``:
+  rank 0's MB over its baseline once built, after the first step, at training's peak and at the end;
 - ``test_accuracy``: DDP: rank 0's argmax accuracy on the task's test set after the last step
   (batched, no_grad); dml: the job's final ``test_accuracy``;
 - dml rows: ``step_ratio`` (dml step_s / DDP step_s of the same task, peers and repeat) and
@@ -400,6 +401,7 @@ def rank_main(argv: list[str]) -> int:
         cpu_s.append(time.process_time() - c0)
         if s == 0:
             first_mb = proc_status_mb(os.getpid())["VmRSS"]  # gradients, DDP's buckets, optimizer state
+    trained_hwm_mb = proc_status_mb(os.getpid())["VmHWM"]  # the peak of training alone, before the evaluation
     accuracy = None
     if a.ddp_rank == 0 and task.test is not None:
         test = Batches(task.test(Context(data_dir=a.data_dir, split="test", seed=SEED)), "test(ctx)", task.collate, cpu)
@@ -412,7 +414,7 @@ def rank_main(argv: list[str]) -> int:
         accuracy = correct / test.size if test.size else None
     mem = proc_status_mb(os.getpid())
     a.out.write_text(json.dumps({"step_s": step_s, "cpu_s": cpu_s, "baseline_mb": baseline, "peak_mb": mem["VmHWM"],
-                                 "built_mb": built_mb, "first_step_mb": first_mb,
+                                 "built_mb": built_mb, "first_step_mb": first_mb, "trained_peak_mb": trained_hwm_mb,
                                  "params": sum(p.numel() for p in params), "test_accuracy": accuracy,
                                  "train_loss": float(loss)}))
     dist.barrier()  # nobody leaves while another still needs the group
@@ -463,10 +465,11 @@ def run_ddp(a: argparse.Namespace, task: str, peers: int, repeat: int, root: pat
                 "peak_rss_x_model": max((x["peak_mb"] - x["baseline_mb"]) / model_mb for x in res),
                 "test_accuracy": res[0]["test_accuracy"], "train_loss": res[0]["train_loss"],
                 "wall_s": time.monotonic() - t0,
-                # Where DDP's memory goes, rank 0, MB over its baseline: built (model, optimizer, DDP,
-                # training data), after the first step (gradients, buckets), the peak (with the evaluation).
+                # Where DDP's memory goes, rank 0, MB over its baseline: VmRSS once built (model, optimizer,
+                # DDP, training data) and after the first step (gradients, buckets); VmHWM after the last
+                # step (training's peak) and at the end (the evaluation included).
                 "rss_over_baseline_mb": {k: res[0][k] - res[0]["baseline_mb"]
-                                         for k in ("built_mb", "first_step_mb", "peak_mb")}})
+                                         for k in ("built_mb", "first_step_mb", "trained_peak_mb", "peak_mb")}})
     return row
 
 
