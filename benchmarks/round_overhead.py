@@ -302,9 +302,10 @@ def _wait_registered(peers: list[subprocess.Popen[bytes]], logs: pathlib.Path, t
 
 
 @contextlib.contextmanager
-def cluster(peers: int, root: pathlib.Path) -> Iterator[Cluster]:
-    """A coordinator (port 0, read back from its port file) and ``peers`` registered peers. Every
-    process is reaped on the way out, whatever happens."""
+def cluster(peers: int, root: pathlib.Path, peer_args: tuple[str, ...] = ()) -> Iterator[Cluster]:
+    """A coordinator (port 0, read back from its port file) and ``peers`` registered peers, each
+    started with ``peer_args`` beside the usual flags (e.g. ``--allow-job-code``). Every process
+    is reaped on the way out, whatever happens."""
     state, logs = root / "state", root / "logs"
     state.mkdir(parents=True, exist_ok=True)
     logs.mkdir(parents=True, exist_ok=True)
@@ -321,7 +322,7 @@ def cluster(peers: int, root: pathlib.Path) -> Iterator[Cluster]:
             raise BenchError(str(e)) from None
         address = f"127.0.0.1:{port}"
         peer_procs = [_spawn([py, "-m", "dml.peer.cli", "--coordinator", address, "--host", "127.0.0.1", "--port", "0",
-                              "--device", "cpu", "--log-level", "DEBUG", "--join-token-file", str(join_token_file(state))],
+                              "--device", "cpu", "--log-level", "DEBUG", "--join-token-file", str(join_token_file(state)), *peer_args],
                              logs / f"peer-{i}.log", procs)
                       for i in range(peers)]
         ids = _wait_registered(peer_procs, logs, START_TIMEOUT_S)

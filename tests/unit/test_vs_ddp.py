@@ -1,0 +1,127 @@
+"""benchmarks/vs_ddp.py: flag parsing (bad flags exit 2), the step times from a made-up history,
+and the rows with their ratios to DDP. No cluster, no process group.
+
+The module is imported in a child process: importing it sets environment variables (one compute
+thread, gRPC fork support off) that must not leak into this test process.
+"""
+from __future__ import annotations
+
+import json
+import pathlib
+import subprocess
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+SCRIPT = ROOT / "benchmarks" / "vs_ddp.py"
+
+CHILD = r"""
+import argparse, contextlib, io, json, sys
+sys.path.insert(0, sys.argv[1])
+import vs_ddp as v
+
+def parse(argv):
+    err = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err):
+            a = v.parse_args(argv)
+    except SystemExit as e:
+        return {"exit": e.code, "stderr": err.getvalue()}
+    return {"exit": None, "peers": a.peers, "tasks": a.task_list, "steps": a.steps, "k_grads": a.grads_local_steps,
+            "k_params": a.local_steps, "batch": a.batch_size, "repeats": a.repeats, "json": a.json,
+            "lr": [v.task_lr(a, t) for t in a.task_list], "labels": [v.task_label(t) for t in a.task_list]}
+
+cases = json.loads(sys.argv[2])
+out = {"parse": [parse(c) for c in cases]}
+# Rounds of 10 steps: round r commits at r seconds, round 3 half a second late; 6 rounds, warm-up 1.
+hist = [{"round": r, "epoch": 1, "committed_unix_ms": 1000 * r + (500 if r == 3 else 0), "train_ms": 100,
+         "exchange_ms": 200, "duration_ms": 900} for r in range(1, 7)]
+out["dml_times"] = v.dml_step_times(hist, 6, 1, 10)
+out["dml_times_gap"] = v.dml_step_times([h for h in hist if h["round"] != 4], 6, 1, 10)
+out["ddp_times"] = v.ddp_step_times([[9.0, 1.0, 2.0, 3.0], [8.0, 2.0, 1.0, 4.0]], 1)
+out["spread"] = v.spread([0.3, 0.1, 0.2])
+a = v.parse_args(["--peers", "4", "--steps", "100"])
+ddp = v.base_row("ddp", "grads", "synthetic:10M", 4, 1, a, 0, [0.2, 0.1, 0.3], 10_000_000)
+ddp.update({"test_accuracy": 0.5})
+dml = v.base_row("dml", "params", "synthetic:10M", 4, 10, a, 0, [0.05, 0.05], 10_000_000)
+dml.update({"test_accuracy": 0.497})
+out["ddp_row"] = ddp
+out["dml_row"] = v.with_ratios(dml, ddp)
+out["no_ddp"] = v.with_ratios(dml, None)
+grads = v.with_ratios(dict(dml, sync="grads", local_steps=10, step_s=0.3, samples_per_s=4 * 32 / 0.3), ddp)
+out["checks"] = v.checks([ddp, out["dml_row"], grads])
+out["checks_none"] = v.checks([])
+print(json.dumps(out))
+"""
+
+GOOD = [[], ["--peers", "2,3,4", "--tasks", "synthetic:1M, digits,examples/cnn.py", "--steps", "20",
+             "--local-steps", "5", "--grads-local-steps", "4", "--repeats", "2", "--json", "--lr", "0.05"]]
+BAD = {
+    "must be a multiple of --grads-local-steps 10": ["--steps", "25", "--local-steps", "5"],
+    "must be a multiple of --local-steps 3": ["--steps", "40", "--local-steps", "3"],
+    "at least --warmup-rounds + 2 = 3": ["--steps", "20"],
+    "peers must be 1..64": ["--peers", "2,0"],
+    "not a whole number": ["--peers", "2,x"],
+    "neither a built-in task nor a task file": ["--tasks", "nope"],
+    "no such task file": ["--tasks", "examples/missing.py"],
+    "names no task": ["--tasks", " , "],
+    "--tasks synthetic:1k": ["--tasks", "synthetic:1k"],
+    "--ddp-warmup-steps must be below": ["--steps", "30", "--ddp-warmup-steps", "30"],
+    "--lr must be below 100": ["--lr", "1000"],
+    "--repeats": ["--repeats", "0"],
+}
+
+
+def _run_child() -> dict:
+    cases = GOOD + list(BAD.values())
+    res = subprocess.run([sys.executable, "-c", CHILD, str(SCRIPT.parent), json.dumps(cases)],
+                         capture_output=True, text=True, timeout=120, cwd=ROOT, check=False)
+    assert res.returncode == 0, res.stderr
+    return json.loads(res.stdout.splitlines()[-1])
+
+
+def test_flags() -> None:
+    out = _run_child()
+    default, custom = out["parse"][: len(GOOD)]
+    assert default["exit"] is None and default["peers"] == [4] and default["tasks"] == ["synthetic:10M"]
+    assert default["steps"] == 100 and default["k_grads"] == 10 and default["k_params"] == 10
+    assert default["batch"] == 32 and default["repeats"] == 1 and not default["json"]
+    assert default["lr"] == [0.01]  # synthetic:* at 0.01; other tasks at their own (0)
+    assert custom["exit"] is None and custom["peers"] == [2, 3, 4] and custom["repeats"] == 2 and custom["json"]
+    assert custom["tasks"][:2] == ["synthetic:1M", "digits"]
+    assert custom["tasks"][2] == str(ROOT / "examples" / "cnn.py")  # a task file by its absolute path
+    assert custom["labels"] == ["synthetic:1M", "digits", "examples/cnn.py"]
+    assert custom["lr"] == [0.05, 0.05, 0.05]
+    for (needle, _), got in zip(BAD.items(), out["parse"][len(GOOD):]):
+        assert got["exit"] == 2, (needle, got)
+        assert needle in got["stderr"], (needle, got["stderr"])
+        assert "Traceback" not in got["stderr"]
+
+
+def test_step_times_and_rows() -> None:
+    out = _run_child()
+    # Measured rounds 2..5 (round 1 is the warm-up, round 6 the final one): 10 steps a round.
+    assert out["dml_times"] == [0.1, 0.15, 0.05, 0.1]
+    assert out["dml_times_gap"] == [0.1, 0.15]  # rounds 4 and 5 need round 4's commit
+    assert out["ddp_times"] == [2.0, 2.0, 4.0]  # the slowest rank per step, the first step left out
+    assert out["spread"] == {"step_s": 0.2, "step_s_min": 0.1, "step_s_max": 0.3}
+    ddp, dml = out["ddp_row"], out["dml_row"]
+    assert ddp["system"] == "ddp" and ddp["sync"] == "grads" and ddp["local_steps"] == 1
+    assert ddp["step_s"] == 0.2 and abs(ddp["samples_per_s"] - 640) < 1e-9 and ddp["measured_steps"] == 3
+    assert dml["step_s"] == 0.05 and abs(dml["samples_per_s"] - 2560) < 1e-9
+    assert abs(dml["step_ratio"] - 0.25) < 1e-9 and abs(dml["samples_ratio"] - 4.0) < 1e-9
+    assert abs(dml["accuracy_points_vs_ddp"] + 0.3) < 1e-9
+    for k in ("system", "sync", "task", "peers", "local_steps", "step_s", "samples_per_s", "step_ratio",
+              "samples_ratio"):
+        assert k in dml, k
+    assert out["no_ddp"]["step_ratio"] is None and out["no_ddp"]["samples_ratio"] is None
+    grads, params = out["checks"]
+    assert "--sync grads" in grads and "1.50 x" in grads and grads.endswith("NOT ok")
+    assert "--sync params" in params and "4.00 x" in params and "-0.30 points" in params and params.endswith("-> ok")
+    assert all(line.endswith("not measured") for line in out["checks_none"])
+
+
+def test_bad_flag_exits_2() -> None:
+    res = subprocess.run([sys.executable, str(SCRIPT), "--steps", "25"], capture_output=True, text=True, timeout=120,
+                         cwd=ROOT, check=False)
+    assert res.returncode == 2
+    assert "multiple of --grads-local-steps" in res.stderr and res.stdout == "" and "Traceback" not in res.stderr
