@@ -208,7 +208,7 @@ def _worker(kind: str, rank: int, world: int, n: int, conn: Any, barrier: Any, o
             def ring_op(rep: int) -> tuple[float, float, float]:
                 link = PeerLink(servicer, (JOB, rep, 0), f"w{rank}", f"w{(rank - 1) % world}", f"w{succ}",
                                 f"{hosts[succ]}:{ports[succ]}", timeout, abort, idle_timeout_s=timeout, data_plane=plane,
-                                tls=tls_cfg)
+                                tls=tls_cfg, chunk_elems=int(opts["chunk_elems"]))
                 if residual is not None:
                     residual.fill(0.0)
                 if opts["open_early"]:
@@ -480,7 +480,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=5, help="timed repetitions per configuration (default 5)")
     p.add_argument("--chunk-elems", type=int, default=0,
                    help=f"float32 elements per dml wire chunk, at most {1 << 20} (default 0: as peers pick, "
-                        f"{chunk_elems_for('tcp')} over tcp, {chunk_elems_for('grpc')} over grpc)")
+                        f"{chunk_elems_for('tcp')} over tcp, {chunk_elems_for('shm')} over shm, {chunk_elems_for('grpc')} over grpc)")
     p.add_argument("--timeout-s", type=float, default=0.0,
                    help="deadline per all-reduce (default max(60, size_mb x N) seconds)")
     p.add_argument("--verify", choices=("all", "first"), default="all",

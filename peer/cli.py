@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 import grpc
 
-from dml.aggregation.allreduce import DEFAULT_CHUNK_ELEMS, TCP_CHUNK_ELEMS
+from dml.aggregation.allreduce import DEFAULT_CHUNK_ELEMS, SHM_CHUNK_ELEMS, TCP_CHUNK_ELEMS
 from dml.common import args as cliargs
 from dml.common import portcheck, rpc, tls
 from dml.common.metrics import MetricsBindError
@@ -82,6 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="serve no TCP data plane: neighbours send ring chunks over gRPC (env DML_NO_TCP=1)")
     p.add_argument("--chunk-elems", type=int, default=int(os.environ.get("DML_CHUNK_ELEMS", "0")),
                    help=f"float32 elements per exchange chunk, at most 1M (default 0: {TCP_CHUNK_ELEMS} over TCP, "
+                        f"{SHM_CHUNK_ELEMS} where shared memory may carry them (shm, auto), "
                         f"{DEFAULT_CHUNK_ELEMS} over gRPC, as measured fastest)")
     p.add_argument("--torch-threads", type=int, default=int(os.environ.get("DML_TORCH_THREADS", "1")),
                    help="intra-op threads for torch (1 suits several peers per machine)")

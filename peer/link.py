@@ -13,6 +13,7 @@ import grpc
 import numpy as np
 from dml.v1 import exchange_pb2, exchange_pb2_grpc
 
+from dml.aggregation.allreduce import MAX_CHUNK_ELEMS, TCP_CHUNK_ELEMS
 from dml.aggregation.transport import FRAME, Cancelled, ExchangeError, Header
 from dml.common import rpc
 from dml.common.tls import TlsConfig
@@ -28,7 +29,7 @@ log = logging.getLogger(__name__)
 
 OPEN_TIMEOUT_S = 5.0
 DATA_PLANES = ("auto", "shm", "tcp", "grpc")
-SHM_SLOT_BYTES = (1 << 22) + 64  # the largest chunk (1M float32) plus room for a codec's scale
+SLOT_SLACK = 64  # a shared-memory slot holds a chunk's float32 payload plus room for a codec's scale
 SHM_MIN_BYTES = 8 << 20  # "auto" uses shared memory from this buffer size on
 SUPERSEDED = "exchange superseded by a newer round"
 
@@ -53,9 +54,15 @@ class PeerLink:
                  succ_id: str, succ_address: str, deadline_s: float, abort: threading.Event,
                  idle_timeout_s: float = 30.0, data_plane: str = "auto", payload_bytes: int = 0,
                  keep_watch: Callable[[SuccessorWatch], None] | None = None, injected_fault: str = "",
-                 credentials: PeerCredentials | None = None, tls: TlsConfig | None = None) -> None:
+                 credentials: PeerCredentials | None = None, tls: TlsConfig | None = None,
+                 chunk_elems: int = TCP_CHUNK_ELEMS) -> None:
         if data_plane not in DATA_PLANES:
             raise ValueError(f"unknown data plane {data_plane!r}")
+        if not 0 < chunk_elems <= MAX_CHUNK_ELEMS:
+            raise ValueError(f"chunk_elems must be 1..{MAX_CHUNK_ELEMS}, got {chunk_elems}")
+        # Shared-memory slots sized for the chunks this link carries (a frame never exceeds
+        # one): each stream maps SLOTS of them on both sides, memory every round holds.
+        self._slot_bytes = 4 * chunk_elems + SLOT_SLACK
         # "auto" asks for shared memory only where it pays: it costs a fixed ~2 ms per
         # all-reduce (measured at 1 MB, N=2: 4.9 ms against TCP's 2.8) and saves a fifth of the
         # time at 64 MB, N=4. payload_bytes: the buffer's size, 0 when not known yet.
@@ -194,7 +201,7 @@ class PeerLink:
         try:
             offer = stub.OpenDataPlane(exchange_pb2.OpenDataPlaneRequest(
                 job_id=job, round=rnd, epoch=epoch, sender_id=self._self_id,
-                shm_slot_bytes=SHM_SLOT_BYTES if self._want_shm else 0), timeout=timeout,
+                shm_slot_bytes=self._slot_bytes if self._want_shm else 0), timeout=timeout,
                 metadata=self._signed(OPEN_DATA_PLANE))
         except grpc.RpcError as e:
             code = e.code() if isinstance(e, grpc.Call) else None

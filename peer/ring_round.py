@@ -166,7 +166,12 @@ class RingRound:
                         payload_bytes=4 * trainer.numel if trainer is not None else 0,
                         keep_watch=lambda watch: self._keep_watch(plan, watch),
                         injected_fault=peer.config.injected_fault(succ.address), credentials=peer.credentials,
-                        tls=peer.config.tls)
+                        tls=peer.config.tls, chunk_elems=self._chunk(plan))
+
+    def _chunk(self, plan: types_pb2.Plan) -> int:
+        """Float32 elements per wire chunk for ``plan``: the peer's --chunk-elems, else the
+        measured best for the job's data plane."""
+        return self._peer.config.chunk_elems or chunk_elems_for(plan.spec.data_plane or "auto")
 
     def torch_link(self, plan: types_pb2.Plan, rank: int) -> TorchLink:
         """The round's link on the torch data plane (:mod:`peer.torchplane`): the epoch's process
@@ -362,7 +367,7 @@ class RingRound:
             return
         world = len(plan.members)
         codec = plan.spec.codec or "fp32"
-        chunk = self._peer.config.chunk_elems or chunk_elems_for(plan.spec.data_plane or "auto")
+        chunk = self._chunk(plan)
         weights = [float(sum(r.stop - r.start for r in m.samples)) for m in plan.members]
         pred = plan.members[(rank - 1) % world].peer_id
         # Lossy codecs send changes against a base every member must hold bit for bit: the
@@ -394,7 +399,7 @@ class RingRound:
         peer = self._peer
         world = len(plan.members)
         bs = plan.spec.batch_size
-        chunk = peer.config.chunk_elems or chunk_elems_for(plan.spec.data_plane or "auto")
+        chunk = self._chunk(plan)
         guards = GradientGuards(plan.members[(rank - 1) % world].peer_id, rank,
                                 [sum(r.stop - r.start for r in m.samples) for m in plan.members], bs)
         steps = guards.steps

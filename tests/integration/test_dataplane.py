@@ -105,6 +105,26 @@ def test_auto_takes_shared_memory_for_large_buffers(members):
     assert [link.sender_kind for link in ls] == ["shm", "shm"]
 
 
+def test_shared_memory_slots_are_sized_for_the_links_chunks(members, monkeypatch):
+    """A stream maps SLOTS slots on both sides every round: they hold the link's chunk (plus a
+    codec's scale), not the largest chunk any link could send."""
+    made: list[int] = []
+    create = dataplane.SharedSlots.create
+    monkeypatch.setattr(dataplane.SharedSlots, "create", lambda n: made.append(n) or create(n))
+    ms = members(2)
+    bufs = int_bufs(2, 4_000)
+    want = np.sum(np.stack(bufs).astype(np.float64), axis=0)
+    n, key = 2, ring_key()
+    ls = [PeerLink(ms[r].servicer, key, f"p{r}", f"p{(r - 1) % n}", f"p{(r + 1) % n}", ms[(r + 1) % n].address,
+                   10.0, ms[r].abort, idle_timeout_s=5.0, data_plane="shm", chunk_elems=1000) for r in range(n)]
+    assert run_ring(ls, bufs) == [None] * 2  # run_ring sends 1000-element chunks
+    assert [link.sender_kind for link in ls] == ["shm", "shm"]
+    assert made == [4 * 1000 + 64] * 2
+    assert np.array_equal(bufs[0].astype(np.float64), want)
+    with pytest.raises(ValueError, match="chunk_elems"):
+        PeerLink(ms[0].servicer, ring_key(), "p0", "p1", "p1", ms[1].address, 10.0, ms[0].abort, chunk_elems=0)
+
+
 def test_shared_memory_that_cannot_be_mapped_falls_back_to_tcp_or_fails_clearly(members, monkeypatch):
     """A successor on another host (or with its own /dev/shm) offers a file the sender cannot
     map: "auto" streams over TCP, "shm" fails naming it, and the offered file is removed."""
