@@ -6,7 +6,7 @@
                                 [--ddp-warmup-steps 5] [--json]
 
 For every (task, peers) and every repeat it runs, one after the other (interleaved, so drift on a
-shared machine hits all three alike):
+shared machine hits all three alike; dml ``--sync grads`` first by default, see Samples):
 
 - ``ddp``: N processes of this script (a hidden ``--ddp-rank`` mode), launched as torchrun does:
   this process hosts a ``torch.distributed.TCPStore`` on 127.0.0.1, port 0 (read back), each rank
@@ -24,9 +24,14 @@ task's (plain SGD at 0.1 when it has none), ``--lr`` overriding every group's le
 0.01 for ``synthetic:*``, the task's own otherwise, as ``dml local`` leaves it).
 
 Samples: every rank or peer takes ``--batch-size`` samples per step, the global batch being N x batch.
-DDP's ranks read a seeded permutation of the training set per pass (numpy ``default_rng([seed,
-pass])``) split into N contiguous parts, rank r reading part r in order; dml samples its own shards.
-Not the same samples, the same number per step from the same distribution.
+By default (``--ddp-samples dml``) the dml ``--sync grads`` job runs first and DDP's rank r then
+trains, step by step, on exactly the batches that job's r-th member (by peer id) trained, read from
+its sample ledger (the job history's consumed ranges, cut from the shards the coordinator cuts:
+:func:`ledger_batches`): the same algorithm on the same samples, so the accuracies may differ only
+by float rounding, not by which samples each drew. With ``--ddp-samples own`` (or when a ledger
+cannot be replayed, e.g. uneven allocations) DDP's ranks read a seeded permutation of the
+training set per pass (numpy ``default_rng([seed, pass])``) split into N contiguous parts, rank r
+reading part r in order: the same number per step from the same distribution, other samples.
 
 Figures per configuration:
 
@@ -132,6 +137,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="deadline per run (default: 120 s + steps x (1 + params in M) s)")
     p.add_argument("--log-dir", type=pathlib.Path, default=None,
                    help="keep the process logs here (default: a temp dir, removed unless a run fails)")
+    p.add_argument("--ddp-samples", choices=("dml", "own"), default="dml",
+                   help="dml (default): DDP's ranks train on exactly the batches the dml --sync grads job of the same "
+                        "configuration trained, read from its sample ledger (so that job runs first), and the "
+                        "accuracies compare the algorithms, not two draws of samples; own: a seeded permutation")
     p.add_argument("--json", action="store_true", help="one JSON object per configuration instead of the table")
     return p
 
@@ -205,6 +214,35 @@ def dml_step_times(history: list[dict[str, Any]], rounds: int, warmup: int, k: i
         h, prev = by_round.get(r), by_round.get(r - 1)
         if h is not None and prev is not None:
             out.append((h["committed_unix_ms"] - prev["committed_unix_ms"]) / 1000.0 / k)
+    return out
+
+
+def ledger_batches(history: list[dict[str, Any]], shards: Any, seed: int, k: int, batch_size: int) -> Any:
+    """The batches a ``--sync grads`` job trained, from its sample ledger: an int64 array
+    ``(members, rounds x k, batch_size)``, member m's step s. Each round's consumed ranges are
+    ``(shard, data epoch, start, stop)`` into the shard's order for that epoch
+    (``common.sampling.shard_order``), in the order the member trained them; its step s took
+    samples ``[s x batch, (s + 1) x batch)`` of them. Members are ordered by peer id. BenchError
+    when the job cannot be replayed as DDP trains: membership or allocations that change, or a
+    round that is not ``k`` full batches per member."""
+    import numpy as np
+
+    from dml.common.sampling import shard_order
+
+    members = sorted(history[0]["consumed"]) if history else []
+    if not members:
+        raise BenchError("the job's history has no sample ledger")
+    out = np.empty((len(members), len(history) * k, batch_size), dtype=np.int64)
+    for i, h in enumerate(sorted(history, key=lambda x: x["round"])):
+        if sorted(h["consumed"]) != members:
+            raise BenchError(f"round {h['round']}: members {sorted(h['consumed'])}, not {members}: cannot replay")
+        for m, peer in enumerate(members):
+            parts = [shard_order(shards[sh], seed, ep, sh)[a:b] for sh, ep, a, b in h["consumed"][peer]]
+            idx = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+            if idx.size != k * batch_size:
+                raise BenchError(f"round {h['round']}: {peer} trained {idx.size} samples, not {k} x {batch_size}: "
+                                 f"cannot replay as equal DDP batches")
+            out[m, i * k:(i + 1) * k] = idx.reshape(k, batch_size)
     return out
 
 
@@ -344,6 +382,8 @@ def rank_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, required=True)
     p.add_argument("--lr", type=float, required=True)
     p.add_argument("--out", type=pathlib.Path, required=True)
+    p.add_argument("--samples", type=pathlib.Path, default=None,
+                   help="an .npy of (ranks, steps, batch) indices: rank r's step s trains [r, s] (ledger_batches)")
     return p
 
 
@@ -382,9 +422,12 @@ def rank_main(argv: list[str]) -> int:
     built_mb = proc_status_mb(os.getpid())["VmRSS"]  # model, optimizer, DDP and the training data
     step_s, cpu_s, order, pos, epoch = [], [], np.empty(0, dtype=np.int64), 0, 0
     first_mb = 0.0
+    given = np.load(a.samples) if a.samples is not None else None
+    if given is not None and (given.shape[0] != a.world or given.shape[1] < a.steps or given.shape[2] != a.batch_size):
+        raise BenchError(f"--samples holds {given.shape}, not ({a.world}, >= {a.steps}, {a.batch_size})")
     for s in range(a.steps):
         t0, c0 = time.perf_counter(), time.process_time()
-        idx = []
+        idx = given[a.ddp_rank, s].tolist() if given is not None else []
         while len(idx) < a.batch_size:  # this rank's contiguous part of a seeded permutation, pass by pass
             if pos >= len(order):
                 perm = np.random.default_rng([SEED, epoch]).permutation(train.size)
@@ -424,8 +467,9 @@ def rank_main(argv: list[str]) -> int:
 
 # -- DDP: the launcher ----------------------------------------------------------------------------
 def run_ddp(a: argparse.Namespace, task: str, peers: int, repeat: int, root: pathlib.Path,
-            data_dir: pathlib.Path, params: int) -> dict[str, Any]:
-    """N ranks of this script on a TCPStore this process hosts (port 0); returns the DDP row."""
+            data_dir: pathlib.Path, params: int, samples: Any = None) -> dict[str, Any]:
+    """N ranks of this script on a TCPStore this process hosts (port 0); returns the DDP row.
+    ``samples`` (:func:`ledger_batches`): the batches each rank trains, else its own permutation."""
     import torch.distributed as dist
 
     logs = root / "logs"
@@ -434,13 +478,20 @@ def run_ddp(a: argparse.Namespace, task: str, peers: int, repeat: int, root: pat
     store = dist.TCPStore("127.0.0.1", 0, peers, is_master=True, timeout=datetime.timedelta(seconds=120),
                           wait_for_workers=False)
     outs = [root / f"rank-{r}.json" for r in range(peers)]
+    extra: list[str] = []
+    if samples is not None:
+        import numpy as np
+
+        root.mkdir(parents=True, exist_ok=True)
+        np.save(root / "samples.npy", samples)
+        extra = ["--samples", str(root / "samples.npy")]
     procs: list[subprocess.Popen[bytes]] = []
     t0 = time.monotonic()
     try:
         for r in range(peers):
             ro._spawn([sys.executable, str(pathlib.Path(__file__).resolve()), "--ddp-rank", str(r), "--world", str(peers),
                        "--port", str(store.port), "--task", task, "--data-dir", str(data_dir), "--steps", str(a.steps),
-                       "--batch-size", str(a.batch_size), "--lr", repr(task_lr(a, task)), "--out", str(outs[r])],
+                       "--batch-size", str(a.batch_size), "--lr", repr(task_lr(a, task)), "--out", str(outs[r]), *extra],
                       logs / f"rank-{r}.log", procs)
         deadline = time.monotonic() + timeout_s
         while any(p.poll() is None for p in procs):
@@ -461,7 +512,8 @@ def run_ddp(a: argparse.Namespace, task: str, peers: int, repeat: int, root: pat
     cpu = sum(sum(x["cpu_s"][a.ddp_warmup_steps:]) for x in res) / len(times)
     model_mb = res[0]["params"] * 4 / MB
     row = base_row("ddp", "grads", task, peers, 1, a, repeat, times, res[0]["params"])
-    row.update({"cpu_s_per_step": cpu,
+    row.update({"samples_from": "dml --sync grads ledger" if samples is not None else "own permutation",
+                "cpu_s_per_step": cpu,
                 "peak_rss_x_model": max((x["peak_mb"] - x["baseline_mb"]) / model_mb for x in res),
                 "test_accuracy": res[0]["test_accuracy"], "train_loss": res[0]["train_loss"],
                 "wall_s": time.monotonic() - t0,
@@ -484,9 +536,28 @@ def cpu_ticks_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def job_shards(spec: JobSpec, task: str, data_dir: pathlib.Path) -> Any:
+    """A job's shards as the coordinator cuts them (``coordinator.service.cut_shards``), from the
+    labels a peer sends at its take (``peer.take.training_labels`` of a trainer built as peers
+    build it)."""
+    import numpy as np
+
+    from dml.common.task import Context
+    from dml.coordinator.service import cut_shards
+    from dml.peer.take import training_labels
+    from dml.peer.trainer import Trainer
+
+    trainer = Trainer(load_task(task), spec.seed, spec.learning_rate, ctx=Context(data_dir=data_dir, seed=spec.seed))
+    labels = training_labels(trainer)
+    if labels is None:
+        labels = np.zeros(trainer.train_data.size, dtype=np.int64)
+    return cut_shards(spec, np.asarray(labels))
+
+
 def run_dml(a: argparse.Namespace, task: str, peers: int, sync: str, k: int, repeat: int, root: pathlib.Path,
-            data_dir: pathlib.Path, params: int) -> dict[str, Any]:
-    """One job on a fresh cluster of ``peers`` peers; returns its row (ratios added later)."""
+            data_dir: pathlib.Path, params: int) -> tuple[dict[str, Any], list[dict[str, Any]], JobSpec]:
+    """One job on a fresh cluster of ``peers`` peers; returns its row (ratios added later), its
+    history (with the sample ledger) and its spec."""
     rounds = a.steps // k
     spec = JobSpec(task=task, rounds=rounds, sync=sync, local_steps=k, batch_size=a.batch_size,
                    learning_rate=task_lr(a, task), min_peers=peers, num_shards=max(JobSpec().num_shards, peers),
@@ -537,7 +608,7 @@ def run_dml(a: argparse.Namespace, task: str, peers: int, sync: str, k: int, rep
                 "wall_s": time.monotonic() - t0, "job_id": job_id,
                 "split": {x: split[x] for x in ("round_s", "train_s", "exchange_s", "eval_s", "coord_s")},
                 "members_per_round": sorted({h["members"] for h in history})})
-    return row
+    return row, history, spec
 
 
 # -- main -----------------------------------------------------------------------------------------
@@ -567,16 +638,26 @@ def main(argv: list[str] | None = None) -> int:
             for peers in a.peers:
                 for repeat in range(a.repeats):
                     runs = [("ddp", "grads", 1), ("dml", "grads", a.grads_local_steps), ("dml", "params", a.local_steps)]
-                    ddp_row = None
+                    if a.ddp_samples == "dml":  # DDP replays the grads job's batches: that job first
+                        runs = [runs[1], runs[0], runs[2]]
+                    ddp_row, replay, pending = None, None, []
                     for system, sync, k in runs:
                         root = base / f"{pathlib.Path(task).name.replace(':', '-')}-n{peers}-r{repeat}-{system}-{sync}"
                         print(f"[{system} {sync} {task_label(task)} N={peers}] starting (repeat {repeat + 1}/{a.repeats})",
                               file=sys.stderr, flush=True)
                         try:
                             if system == "ddp":
-                                row = ddp_row = run_ddp(a, task, peers, repeat, root, data_dir, params)
+                                row = ddp_row = run_ddp(a, task, peers, repeat, root, data_dir, params, replay)
                             else:
-                                row = with_ratios(run_dml(a, task, peers, sync, k, repeat, root, data_dir, params), ddp_row)
+                                row, history, spec = run_dml(a, task, peers, sync, k, repeat, root, data_dir, params)
+                                if sync == "grads" and a.ddp_samples == "dml":
+                                    try:
+                                        replay = ledger_batches(history, job_shards(spec, task, data_dir), spec.seed,
+                                                                k, a.batch_size)[:, :a.steps]
+                                    except BenchError as e:  # DDP then draws its own samples, and says so
+                                        print(f"[ddp grads {task_label(task)} N={peers}] {e}; DDP draws its own samples",
+                                              file=sys.stderr, flush=True)
+                                row = with_ratios(row, ddp_row)
                         except (BenchError, ApiError) as e:
                             print(f"vs_ddp: {e}", file=sys.stderr)
                             tails = log_tails(root / "logs")
@@ -588,9 +669,14 @@ def main(argv: list[str] | None = None) -> int:
                         print(f"[{system} {sync} {task_label(task)} N={peers}] {row['step_s']:.4f} s/step, "
                               f"{row['samples_per_s']:.0f} samples/s, accuracy {_f(row['test_accuracy'], '.4f')}, "
                               f"{row['wall_s']:.1f}s", file=sys.stderr, flush=True)
-                        rows.append(row)
-                        if a.json:
-                            print(json.dumps(row), flush=True)
+                        if system == "dml" and ddp_row is None:  # ran before DDP: its ratios come after it
+                            pending.append(row)
+                            continue
+                        for r in [with_ratios(x, ddp_row) for x in pending] + [row]:
+                            rows.append(r)
+                            if a.json:
+                                print(json.dumps(r), flush=True)
+                        pending = []
         if not a.json:
             print(table(rows), flush=True)
         return 0

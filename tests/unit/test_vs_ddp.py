@@ -50,6 +50,25 @@ out["no_ddp"] = v.with_ratios(dml, None)
 grads = v.with_ratios(dict(dml, sync="grads", local_steps=10, step_s=0.3, samples_per_s=4 * 32 / 0.3), ddp)
 out["checks"] = v.checks([ddp, out["dml_row"], grads])
 out["checks_none"] = v.checks([])
+# A ledger: 2 members, 2 rounds of 2 steps of batch 2; member b's second round spans two data epochs.
+import numpy as np
+from dml.common.sampling import shard_order
+shards = (np.arange(0, 10), np.arange(10, 20))
+led = [{"round": 2, "consumed": {"b": [[1, 1, 6, 8], [1, 2, 0, 2]], "a": [[0, 1, 4, 8]]}},
+       {"round": 1, "consumed": {"a": [[0, 1, 0, 4]], "b": [[1, 1, 2, 6]]}}]
+got = v.ledger_batches(led, shards, 3, 2, 2)
+want_b2 = np.concatenate([shard_order(shards[1], 3, 1, 1)[6:8], shard_order(shards[1], 3, 2, 1)[0:2]])
+out["ledger"] = {"shape": list(got.shape), "a1": got[0, :2].tolist(), "a1_want": shard_order(shards[0], 3, 1, 0)[0:4].reshape(2, 2).tolist(),
+                 "b2_ok": bool((got[1, 2:].reshape(-1) == want_b2).all())}
+errs = []
+for bad in ([{"round": 1, "consumed": {"a": [[0, 1, 0, 3]], "b": [[1, 1, 0, 4]]}}],
+            [{"round": 1, "consumed": {"a": [[0, 1, 0, 4]]}}, {"round": 2, "consumed": {"b": [[1, 1, 0, 4]]}}], []):
+    try:
+        v.ledger_batches(bad, shards, 3, 2, 2)
+        errs.append("")
+    except v.BenchError as e:
+        errs.append(str(e))
+out["ledger_errors"] = errs
 print(json.dumps(out))
 """
 
@@ -118,6 +137,18 @@ def test_step_times_and_rows() -> None:
     assert "--sync grads" in grads and "1.50 x" in grads and grads.endswith("NOT ok")
     assert "--sync params" in params and "4.00 x" in params and "-0.30 points" in params and params.endswith("-> ok")
     assert all(line.endswith("not measured") for line in out["checks_none"])
+
+
+def test_ddp_replays_the_batches_of_the_grads_jobs_ledger() -> None:
+    got = _run_child()
+    led = got["ledger"]
+    assert led["shape"] == [2, 4, 2]  # members (by peer id), rounds x steps, batch
+    assert led["a1"] == led["a1_want"]  # round 1 (listed second) first; its 4 samples as 2 steps of 2
+    assert led["b2_ok"]  # a round across two data epochs, in the order trained
+    short, changed, empty = got["ledger_errors"]
+    assert "trained 3 samples, not 2 x 2" in short
+    assert "members" in changed and "cannot replay" in changed
+    assert "no sample ledger" in empty
 
 
 def test_bad_flag_exits_2() -> None:
