@@ -103,7 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tests only (fault injection, off by default): from round ROUND on, write NaN (KIND "
                         "nan-params) or 1e30 (huge-params) into this peer's parameters and skip its own check, "
                         "a broken peer its neighbours must refuse; hold-collective: on the torch data plane, "
-                        "never enter round ROUND's collective once the others have; kill-worker: worker 1 of a "
+                        "never enter round ROUND's collective once the others have; pause-round: stop this process (SIGSTOP) "
+                        "at the start of round ROUND, once; kill-worker: worker 1 of a "
                         "--workers peer dies at round ROUND, once (env DML_FAULT)")
     p.add_argument("--workers", type=cliargs.int_in(1, MAX_WORKERS), default=int(os.environ.get("DML_WORKERS", "1")),
                    help="train with N worker processes (DistributedDataParallel over gloo inside this host); the "

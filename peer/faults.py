@@ -9,7 +9,10 @@ broken hardware or a bug would:
 - ``huge-params``: 1e30 (finite in float32, absurd as a parameter);
 - ``hold-collective`` (the torch data plane only): at round ROUND alone, once every other member
   has entered the round's collective, log so and never enter it, until the round is cancelled:
-  a member a test can kill at a known point, mid-collective.
+  a member a test can kill at a known point, mid-collective;
+- ``pause-round``: at the start of round ROUND, once, log so and stop this process with SIGSTOP
+  (a test continues it with SIGCONT): a job that cannot move on until the test lets it, however
+  fast its rounds are, so a test can restart the coordinator at a known round.
 
 Nothing else changes: the peer then exchanges as usual, and its neighbours must refuse what it
 sends. ``kill-worker:ROUND`` instead kills worker 1 of a multi-worker host (``--workers`` /
@@ -20,12 +23,16 @@ them outside tests and experiments.
 """
 from __future__ import annotations
 
+import logging
+import os
+import signal
 from dataclasses import dataclass
 
 import numpy as np
 
 KINDS = {"nan-params": float("nan"), "huge-params": 1e30}
 HOLD = "hold-collective"
+PAUSE = "pause-round"  # stop this process (SIGSTOP) at the start of round ROUND, once
 KILL_WORKER = "kill-worker"  # a worker of a multi-worker host dies (peer.workers)
 HANG_WORKER = "hang-worker"  # ... or stops answering, until the host's deadline stops it
 WORKER_FAULTS = (KILL_WORKER, HANG_WORKER)
@@ -49,8 +56,8 @@ def parse_fault(text: str) -> Fault | None:
     if not text:
         return None
     kind, sep, rnd = text.partition(":")
-    if kind not in (*KINDS, HOLD, *WORKER_FAULTS) or not sep or not rnd.isdigit() or int(rnd) < 1:
-        raise ValueError(f"fault must be KIND:ROUND with KIND one of {', '.join((*KINDS, HOLD, *WORKER_FAULTS))} and "
+    if kind not in (*KINDS, HOLD, PAUSE, *WORKER_FAULTS) or not sep or not rnd.isdigit() or int(rnd) < 1:
+        raise ValueError(f"fault must be KIND:ROUND with KIND one of {', '.join((*KINDS, HOLD, PAUSE, *WORKER_FAULTS))} and "
                          f"ROUND >= 1, got {text!r}")
     return Fault(kind, int(rnd))
 
@@ -61,6 +68,18 @@ def inject(fault: Fault | None, rnd: int, params: np.ndarray) -> bool:
     if fault is None or rnd < fault.round or fault.kind not in KINDS:
         return False
     params[: max(1, params.size // 2)] = np.float32(fault.value())
+    return True
+
+
+def pause(fault: Fault | None, rnd: int, tag: str, log: logging.Logger) -> bool:
+    """``pause-round``: at round ROUND, logs that this process stops and stops it (SIGSTOP), to
+    go on where it stopped when continued (SIGCONT). Returns whether it paused."""
+    if fault is None or fault.kind != PAUSE or rnd != fault.round:
+        return False
+    log.warning("%s: test fault pause-round: stopping this process before the round (continue it with SIGCONT)", tag)
+    for h in logging.getLogger().handlers:
+        h.flush()
+    os.kill(os.getpid(), signal.SIGSTOP)
     return True
 
 

@@ -75,6 +75,7 @@ class RingRound:
         self._residual: tuple[str, np.ndarray] | None = None  # (job, error-feedback residual)
         self._codecs: dict[str, Codec] = {}
         self.watch: SuccessorWatch | None = None  # the successor, from our all-reduce to our next plan
+        self._paused = False  # tests only (faults.PAUSE): this process has stopped itself once
 
     def forget(self) -> None:
         """Drops what rounds carry over (the error-feedback residual, the watch): the peer starts clean."""
@@ -112,6 +113,8 @@ class RingRound:
         if not me:
             return
         tag = f"peer {peer.peer_id} job {plan.job_id} round {plan.round} epoch {plan.epoch}"
+        if not self._paused and faults.pause(peer.config.fault, plan.round, tag, log):
+            self._paused = True  # once: a re-issued round after the test continues it runs
         self._abort.clear()
         self.under_way = (plan.job_id, plan.epoch)
         link: PeerLink | TorchLink = (self.torch_link(plan, me[0]) if plan.spec.data_plane == TORCH_PLANE
