@@ -361,7 +361,10 @@ class Trainer:
         if self.numel == 0:
             raise TaskError("model() has no float32 parameters to train")
         # Host-side flat buffer (exchanged over the wire) and the device one training uses.
-        self.flat = torch.zeros(self.numel + 1, dtype=torch.float32, device=self.device)
+        # Empty, not zeros: each tensor is copied in, then its own storage freed, so the model
+        # never exists twice (zeros touched the whole buffer first: a model-sized high-water mark).
+        self.flat = torch.empty(self.numel + 1, dtype=torch.float32, device=self.device)
+        self.flat[-1] = 0.0  # the weight slot
         offset = 0
         for t in tensors:
             n = t.numel()

@@ -128,6 +128,25 @@ def test_synthetic_data_shapes() -> None:
     assert set(np.unique(data.y_train)) <= set(range(10))
 
 
+def test_synthetic_labels_are_the_teachers_whole_product_bit_for_bit() -> None:
+    # The data is made with the teacher's products in row blocks (a whole-array GEMM kept a
+    # BLAS buffer the size of the data resident in every peer); the labels must stay the ones
+    # one product gives, so every figure measured on synthetic tasks still holds.
+    import hashlib
+
+    d = builtin_data("synthetic:10M")
+    rng = np.random.default_rng(1234)
+    teacher = rng.standard_normal((256, 10)).astype(np.float32)
+    x = rng.standard_normal((10240, 256)).astype(np.float32)
+    y = (x @ teacher + 0.5 * rng.standard_normal((10240, 10))).argmax(1)
+    assert np.array_equal(np.concatenate([d.x_train, d.x_test]), x)
+    assert np.array_equal(np.concatenate([d.y_train, d.y_test]), y)
+    assert hashlib.sha256(y.astype(np.int64).tobytes()).hexdigest()[:16] == SYNTHETIC_LABELS_SHA256_16
+
+
+SYNTHETIC_LABELS_SHA256_16 = "2ca0796a3f2ebff8"  # of the labels before the change
+
+
 @pytest.mark.parametrize("name", ["mnist", "", "synthetic:", "synthetic:abc", "synthetic:2k", "synthetic:3000M"])
 def test_unknown_or_out_of_range_task_is_a_value_error(name: str) -> None:
     with pytest.raises(ValueError):
