@@ -39,6 +39,12 @@ Per-round figures, from the job history the coordinator keeps (``GetJob`` with h
 - ``train_s``: ``train_ms``, the slowest member's preparation (restoring the committed parameters)
   plus local training;
 - ``exchange_s``: ``exchange_ms``, the slowest member's all-reduce (link set-up included);
+  a member that finished training first waits in there for the last one;
+- ``wait_s`` and ``allreduce_s`` (from the peers' DEBUG lines of their all-reduce windows,
+  :func:`allreduce_split`; null when a measured round lacks them): that wait, the spread of the
+  members' entries into each all-reduce (the slowest member's training, not exchange), and the
+  all-reduce itself, from the last member's entry to the last leave, summed over a round's
+  all-reduces (one per step with ``--sync grads``);
 - ``eval_s``: ``eval_ms``, rank 0's test-set evaluation (0 in rounds that do not evaluate: by
   default only the final round does, ``--eval-every`` changes that);
 - ``coord_s``: ``round_s - train_s - exchange_s - eval_s`` per round: everything else (plan
@@ -387,6 +393,37 @@ def report_times(logs: pathlib.Path, peers: int, job_id: str) -> dict[tuple[int,
     return out
 
 
+WINDOWS_RE = re.compile(r"job (\S+) round (\d+) epoch (\d+): all-reduce windows ((?:[\d.]+:[\d.]+ ?)+)")
+
+
+def allreduce_split(logs: pathlib.Path, peers: int, job_id: str) -> dict[tuple[int, int], tuple[float, float]]:
+    """(round, epoch) -> (wait_s, allreduce_s), from every member's DEBUG line of its all-reduce
+    windows (wall-clock enter and leave of each all-reduce: one per round, or one per step with
+    --sync grads; all processes share this machine's clock). For each all-reduce, the wait is
+    the last member's entry minus the first's (the spread of the members' training, which an
+    all-reduce must wait out: training, not exchange), and the all-reduce itself the last leave
+    minus the last entry; a round's figures are the sums over its all-reduces. Rounds where the
+    members logged different numbers of all-reduces (a failed attempt) are left out."""
+    got: dict[tuple[int, int], list[list[tuple[float, float]]]] = {}
+    for i in range(peers):
+        with contextlib.suppress(OSError):
+            for m in WINDOWS_RE.finditer((logs / f"peer-{i}.log").read_text(errors="replace")):
+                if m.group(1) == job_id:
+                    wins = [tuple(float(x) for x in w.split(":")) for w in m.group(4).split()]
+                    got.setdefault((int(m.group(2)), int(m.group(3))), []).append(wins)  # type: ignore[arg-type]
+    out: dict[tuple[int, int], tuple[float, float]] = {}
+    for key, members in got.items():
+        if len(members) != peers or len({len(w) for w in members}) != 1:
+            continue
+        wait = work = 0.0
+        for step in zip(*members):
+            last_in = max(w[0] for w in step)
+            wait += last_in - min(w[0] for w in step)
+            work += max(0.0, max(w[1] for w in step) - last_in)
+        out[key] = (wait, work)
+    return out
+
+
 def dataset_mb(task: str) -> float:
     """The task's training and test arrays, in MB: what every peer loads besides the model."""
     from dml.common.tasks import builtin_data
@@ -396,11 +433,14 @@ def dataset_mb(task: str) -> float:
 
 
 def round_split(history: list[dict[str, Any]], rounds: int, warmup: int,
-                reports: dict[tuple[int, int], float]) -> dict[str, Any]:
-    """Medians (and maxima) of the per-round split over rounds warmup < r < rounds."""
+                reports: dict[tuple[int, int], float],
+                windows: dict[tuple[int, int], tuple[float, float]] | None = None) -> dict[str, Any]:
+    """Medians (and maxima) of the per-round split over rounds warmup < r < rounds; with
+    ``windows`` (:func:`allreduce_split`) also ``wait_s`` and ``allreduce_s``."""
     by_round = {h["round"]: h for h in history}
+    windows = windows or {}
     cols: dict[str, list[float]] = {k: [] for k in ("round_s", "train_s", "exchange_s", "eval_s", "coord_s",
-                                                    "plan_to_commit_s", "report_s")}
+                                                    "plan_to_commit_s", "report_s", "wait_s", "allreduce_s")}
     measured = []
     for r in range(warmup + 1, rounds):
         h, prev = by_round.get(r), by_round.get(r - 1)
@@ -418,13 +458,17 @@ def round_split(history: list[dict[str, Any]], rounds: int, warmup: int,
         rep = reports.get((r, h["epoch"]))
         if rep is not None:
             cols["report_s"].append(rep)
+        win = windows.get((r, h["epoch"]))
+        if win is not None:
+            cols["wait_s"].append(win[0])
+            cols["allreduce_s"].append(win[1])
         measured.append(r)
     if not measured:
         raise BenchError(f"no measured rounds: the history has rounds {sorted(by_round)}, "
                          f"measured are {warmup + 1}..{rounds - 1}")
     out: dict[str, Any] = {"measured_rounds": len(measured)}
     for k, xs in cols.items():
-        full = k != "report_s" or len(xs) == len(measured)  # a partial report_s would mislead
+        full = k not in ("report_s", "wait_s", "allreduce_s") or len(xs) == len(measured)  # partial ones would mislead
         out[k] = _round(_median(xs), 4) if full else None
         out[k + "_max"] = _round(max(xs), 4) if xs and full else None
     return out
@@ -485,7 +529,8 @@ def measure(a: argparse.Namespace, task: str, num_params: int, root: pathlib.Pat
         client.close()
         # Rounds end with the report: the peers' last DEBUG lines are written by now.
         reports = report_times(c.logs, a.peers, job_id)
-    split = round_split(history, rounds, a.warmup, reports)
+        windows = allreduce_split(c.logs, a.peers, job_id)
+    split = round_split(history, rounds, a.warmup, reports, windows)
     members = sorted({h["members"] for h in history})
     epochs = sorted({h["epoch"] for h in history})
     if members != [a.peers] or len(epochs) != 1:
@@ -501,9 +546,9 @@ def measure(a: argparse.Namespace, task: str, num_params: int, root: pathlib.Pat
         "codec": a.codec, "data_plane": a.data_plane, "sync": a.sync, "local_steps": a.local_steps, "batch_size": a.batch_size,
         "lr": lr, "job_id": job_id,
         **{k: split[k] for k in ("measured_rounds", "round_s", "train_s", "exchange_s", "eval_s", "coord_s",
-                                 "plan_to_commit_s", "report_s")},
+                                 "plan_to_commit_s", "report_s", "wait_s", "allreduce_s")},
         "max": {k: split[k + "_max"] for k in ("round_s", "train_s", "exchange_s", "eval_s", "coord_s",
-                                               "plan_to_commit_s", "report_s")},
+                                               "plan_to_commit_s", "report_s", "wait_s", "allreduce_s")},
         "model_mb": _round(model_mb, 3),
         "data_mb": _round(data_mb, 3),
         "rss_over_baseline_and_data_x_model": _round(max((pk - b - data_mb) / model_mb for pk, b in zip(peak, base)), 3),
@@ -537,18 +582,18 @@ def table(rows: list[dict[str, Any]], a: argparse.Namespace) -> str:
          f"Python {platform.python_version()}; codec {a.codec}, data plane {a.data_plane}, "
          f"{a.local_steps} local step(s) x batch {a.batch_size}"),
         (f"# seconds per round, medians over rounds {a.warmup + 1}..R-1 (first {a.warmup} and the final round left "
-         "out): round = commit-to-commit; train/exchange = slowest member's; eval = rank 0's test evaluation; "
+         "out): round = commit-to-commit; train/exchange = slowest member's; wait = spread of the members' entries into the all-reduce(s), ar = last entry to last leave; eval = rank 0's test evaluation; "
          "coord = round - train - exchange - eval (report = slowest member's exchange end to report acknowledged)"),
         ("# RSS in MB (2**20 B): base = VmRSS after registering (max over peers), peak = VmHWM (max over peers), "
          "x = max over peers of (peak - base) / model, x oth = the same without rank 0 (marked * in peak per peer: "
          "it evaluates the test set and uploads the final checkpoint)"),
-        (f"{'task':<14} {'optimizer':<9} {'params':>12} {'R':>3} {'round':>7} {'train':>7} {'exch':>7} {'eval':>7} {'coord':>7} {'report':>7} {'ex+co':>7} "
+        (f"{'task':<14} {'optimizer':<9} {'params':>12} {'R':>3} {'round':>7} {'train':>7} {'exch':>7} {'wait':>7} {'ar':>7} {'eval':>7} {'coord':>7} {'report':>7} {'ex+co':>7} "
          f"{'model':>7} {'base':>6} {'peak':>6} {'x':>6} {'x oth':>6}  peak per peer"),
     ]
     for r in rows:
         lines.append(
             f"{r['task']:<14} {r['optimizer']:<9} {r['params']:>12,} {r['rounds']:>3} {_f(r['round_s'])} {_f(r['train_s'])} {_f(r['exchange_s'])} "
-            f"{_f(r['eval_s'])} {_f(r['coord_s'])} {_f(r['report_s']):>7} {_f(r['exchange_s'] + r['coord_s']):>7} "
+            f"{_f(r.get('wait_s')):>7} {_f(r.get('allreduce_s')):>7} {_f(r['eval_s'])} {_f(r['coord_s'])} {_f(r['report_s']):>7} {_f(r['exchange_s'] + r['coord_s']):>7} "
             f"{r['model_mb']:>7.1f} {r['baseline_rss_mb']:>6.0f} {r['peak_rss_mb']:>6.0f} "
             f"{r['rss_over_baseline_x_model']:>6.2f} {_f(r['rss_over_baseline_x_model_others'], '.2f'):>6}  "
             + " ".join(f"{x:.0f}" + ("*" if i == r["evaluator_peer"] else "")

@@ -52,7 +52,10 @@ Figures per configuration:
   (batched, no_grad); dml: the job's final ``test_accuracy``;
 - dml rows: ``step_ratio`` (dml step_s / DDP step_s of the same task, peers and repeat) and
   ``samples_ratio`` (dml samples/s / DDP samples/s), and the split of a round from the job
-  history (``round_overhead.round_split``: train / exchange / coordination, medians, seconds).
+  history (``round_overhead.round_split``: train / exchange / coordination, medians, seconds),
+  the exchange split from the peers' all-reduce windows (``round_overhead.allreduce_split``) into
+  ``wait_s``, the members' entries' spread (waiting out the slowest member's training), and
+  ``allreduce_s``, the all-reduces from the last member's entry on.
 
 Targets checked under the table (ok / NOT ok; the exit code does not depend on them), at N=4 on
 synthetic:10M: dml ``--sync grads`` at most 1.1 x DDP's time per step at an accuracy within 0.5
@@ -83,7 +86,7 @@ from typing import Any
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import round_overhead as ro  # noqa: E402 - sets the children's environment (one thread each) and sys.path
-from round_overhead import BenchError, cluster, log_tails, proc_status_mb, report_times, round_split  # noqa: E402
+from round_overhead import BenchError, allreduce_split, cluster, log_tails, proc_status_mb, report_times, round_split  # noqa: E402
 
 from dml.client.api import ApiError, JobClient, history_dict, status_dict  # noqa: E402
 from dml.client.cluster import operator_token_file, reap  # noqa: E402
@@ -316,13 +319,16 @@ def table(rows: list[dict[str, Any]]) -> str:
          f"{torch.__version__}, Python {platform.python_version()}; one compute thread per rank / peer"),
         ("# step = seconds per step, median (min..max); cpu = CPU seconds of all ranks/peers per step; rss = max over "
          "ranks/peers of (peak - baseline) / model bytes; acc = final test accuracy (%); ratios against the DDP row; "
-         "split = dml's round: train / exchange / coordination (medians, s per round)"),
+         "split = dml's round: train / exchange (of it: the wait for the slowest member's training, the spread of "
+         "the members' entries into the all-reduces, and the all-reduces from the last entry on) / coordination "
+         "(medians, s per round)"),
         (f"{'system':<6} {'sync':<6} {'task':<16} {'N':>2} {'K':>3} {'step':>7} {'min..max':>15} {'samples/s':>10} "
          f"{'cpu':>6} {'rss':>6} {'acc':>6} {'step x':>6} {'smp x':>6}  split"),
     ]
     for r in rows:
-        split = (f"{_f(r['split']['train_s'])} / {_f(r['split']['exchange_s'])} / {_f(r['split']['coord_s'])}"
-                 if r.get("split") else "")
+        sp = r.get("split")
+        split = (f"{_f(sp['train_s'])} / {_f(sp['exchange_s'])} (wait {_f(sp.get('wait_s'))} + all-reduce "
+                 f"{_f(sp.get('allreduce_s'))}) / {_f(sp['coord_s'])}" if sp else "")
         acc = None if r["test_accuracy"] is None else 100 * r["test_accuracy"]
         lines.append(
             f"{r['system']:<6} {r['sync']:<6} {r['task']:<16} {r['peers']:>2} {r['local_steps']:>3} {r['step_s']:>7.4f} "
@@ -594,10 +600,11 @@ def run_dml(a: argparse.Namespace, task: str, peers: int, sync: str, k: int, rep
         history = [history_dict(r) for r in client.history(job_id)]
         client.close()
         reports = report_times(c.logs, peers, job_id)
+        windows = allreduce_split(c.logs, peers, job_id)
     times = dml_step_times(history, rounds, a.warmup_rounds, k)
     if not times:
         raise BenchError(f"{task}: no measured rounds in the history (rounds {sorted(h['round'] for h in history)})")
-    split = round_split(history, rounds, a.warmup_rounds, reports)
+    split = round_split(history, rounds, a.warmup_rounds, reports, windows)
     cpu = None
     if "start" in marks and "end" in marks and marks["end"][0] > marks["start"][0]:
         cpu = (marks["end"][1] - marks["start"][1]) / ((marks["end"][0] - marks["start"][0]) * k)
@@ -606,7 +613,8 @@ def run_dml(a: argparse.Namespace, task: str, peers: int, sync: str, k: int, rep
     row.update({"cpu_s_per_step": cpu, "peak_rss_x_model": max((pk - b) / model_mb for pk, b in zip(peak, base)),
                 "test_accuracy": st["metrics"]["test_accuracy"], "train_loss": st["metrics"]["train_loss"],
                 "wall_s": time.monotonic() - t0, "job_id": job_id,
-                "split": {x: split[x] for x in ("round_s", "train_s", "exchange_s", "eval_s", "coord_s")},
+                "split": {x: split[x] for x in ("round_s", "train_s", "exchange_s", "wait_s", "allreduce_s", "eval_s",
+                                                "coord_s")},
                 "members_per_round": sorted({h["members"] for h in history})})
     return row, history, spec
 

@@ -125,9 +125,9 @@ def train_and_report(peer: Peer, plan: types_pb2.Plan, rank: int, tag: str, what
         peer.stop_event.wait((peer.config.slowdown - 1) * (t_done - t_train))
     if trained is not None:
         trained(res.samples)
-    t1 = time.monotonic()
+    t1, w1 = time.monotonic(), time.time()
     average(trainer, res.samples)
-    t2 = time.monotonic()
+    t2, w2 = time.monotonic(), time.time()
     req = control_pb2.ReportRoundRequest(
         peer_id=peer.peer_id, job_id=plan.job_id, round=plan.round, epoch=plan.epoch, samples=res.samples,
         train_loss=res.loss, train_ms=int((t1 - t0 - res.exchange_s) * 1000),
@@ -148,4 +148,10 @@ def train_and_report(peer: Peer, plan: types_pb2.Plan, rank: int, tag: str, what
     peer.metrics.reported("gossip" if plan.gossip else "ring", t1 - t0 - res.exchange_s, t2 - t1 + res.exchange_s)
     log.debug("%s: train %.3fs exchange %.3fs report %.3fs", tag, t1 - t0 - res.exchange_s, t2 - t1 + res.exchange_s,
               time.monotonic() - t2)
+    if log.isEnabledFor(logging.DEBUG):
+        # Each all-reduce's (enter, leave) in wall-clock time: set beside the other members'
+        # (benchmarks/round_overhead.py), the last member's entry splits the wait for the
+        # slowest (training, in truth) from the all-reduce itself, which one member cannot tell.
+        log.debug("%s: all-reduce windows %s", tag,
+                  " ".join(f"{a:.6f}:{b:.6f}" for a, b in (res.windows or [(w1, w2)])))
     return resp

@@ -18,7 +18,7 @@ import threading
 import time
 import traceback
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -154,6 +154,9 @@ class StepResult:
     samples: int
     loss: float
     exchange_s: float = 0.0  # of which spent in the steps' all-reduces (--sync grads)
+    # (enter, leave) of each step's all-reduce, wall-clock seconds (--sync grads): with the other
+    # members' windows, the wait for the slowest member tells apart from the all-reduce itself.
+    windows: list[tuple[float, float]] = field(default_factory=list)
 
 
 # --sync grads: averages one step's flat gradient buffer in place across the ring, given the
@@ -700,6 +703,7 @@ class Trainer:
             raise ValueError("synchronous gradients need a trainer built with fuse=False")
         self.model.train()
         total, loss_sum, spent = 0, 0.0, 0.0
+        windows: list[tuple[float, float]] = []
         buffers = slice(self.param_numel, self.numel)
         for s in range(steps):
             idx = np.ascontiguousarray(samples[s * batch_size : (s + 1) * batch_size], dtype=np.int64)
@@ -716,16 +720,17 @@ class Trainer:
                     loss_sum += float(loss.detach()) * n
                 grads[buffers].copy_(self.flat[buffers])
                 host = grads.numpy() if self.device.type == "cpu" else grads.cpu().numpy()
-                t0 = time.monotonic()
+                t0, w0 = time.monotonic(), time.time()
                 allreduce(host, n, s)
                 spent += time.monotonic() - t0
+                windows.append((w0, time.time()))
                 if self.device.type != "cpu":
                     grads.copy_(torch.from_numpy(host))
                 self.flat[buffers].copy_(grads[buffers])
                 self.optimizer.step()
                 self.version += 1
             total += n
-        return StepResult(samples=total, loss=loss_sum / max(total, 1), exchange_s=spent)
+        return StepResult(samples=total, loss=loss_sum / max(total, 1), exchange_s=spent, windows=windows)
 
     def _gather_grads(self) -> None:
         """Copies into the flat buffer any gradient backward did not accumulate there (it may

@@ -36,6 +36,22 @@ hist = [{"round": r, "epoch": 1, "committed_unix_ms": 1000 * r + (500 if r == 4 
          "exchange_ms": 200, "duration_ms": 900} for r in range(1, 7)]
 out["split"] = ro.round_split(hist, 6, 2, {(3, 1): 0.4, (4, 1): 0.5, (5, 1): 0.6})
 out["split_no_reports"] = ro.round_split(hist, 6, 2, {})
+# All-reduce windows as three members log them (peer-0..2.log), --sync grads with 2 steps a round:
+# round 3: step 0 entered at 10.0, 10.1, 10.3 and left at 10.5, 10.5, 10.6; step 1 entered at
+# 11.0 (all) and left at 11.2. Round 4: one member logged one window only (a failed attempt).
+import pathlib, tempfile
+logs = pathlib.Path(tempfile.mkdtemp())
+lines = {0: ["10.000000:10.500000 11.000000:11.200000"], 1: ["10.100000:10.500000 11.000000:11.200000"],
+         2: ["10.300000:10.600000 11.000000:11.150000"]}
+for i, wins in lines.items():
+    text = "".join(f"DEBUG peer p{i} job J round 3 epoch 1: all-reduce windows {w}\n" for w in wins)
+    text += f"DEBUG peer p{i} job J round 4 epoch 1: all-reduce windows " + ("1.0:2.0 3.0:4.0" if i else "1.0:2.0") + "\n"
+    text += f"DEBUG peer p{i} job OTHER round 5 epoch 1: all-reduce windows 1.0:2.0\n"
+    (logs / f"peer-{i}.log").write_text(text)
+win = ro.allreduce_split(logs, 3, "J")
+out["windows"] = {f"{r},{e}": v for (r, e), v in win.items()}
+out["split_windows"] = ro.round_split(hist, 6, 2, {}, {(3, 1): (0.3, 0.5), (4, 1): (0.1, 0.2), (5, 1): (0.2, 0.3)})
+out["split_partial_windows"] = ro.round_split(hist, 6, 2, {}, win)
 print(json.dumps(out))
 """
 
@@ -89,6 +105,15 @@ def test_parsing_and_split() -> None:
     assert abs(s["coord_s"] - 0.7) < 1e-9 and abs(s["coord_s_max"] - 1.2) < 1e-9
     assert s["plan_to_commit_s"] == 0.9 and s["report_s"] == 0.5
     assert out["split_no_reports"]["report_s"] is None
+    assert out["split_no_reports"]["wait_s"] is None and out["split_no_reports"]["allreduce_s"] is None
+    # Step 0 waits 0.3 s for the last member (10.3 - 10.0), then takes 0.3 s (10.6 - 10.3); step 1
+    # waits nothing and takes 0.2 s: the round waited 0.3 s and all-reduced 0.5 s. Round 4 (a member
+    # with one all-reduce fewer) and the other job's line are left out.
+    (key, (wait, work)), = out["windows"].items()
+    assert key == "3,1" and abs(wait - 0.3) < 1e-6 and abs(work - 0.5) < 1e-6
+    sw = out["split_windows"]
+    assert sw["wait_s"] == 0.2 and sw["allreduce_s"] == 0.3 and sw["wait_s_max"] == 0.3
+    assert out["split_partial_windows"]["wait_s"] is None, "a partial wait column would mislead"
 
 
 def test_bad_flag_exits_2() -> None:

@@ -317,3 +317,23 @@ def test_gradient_guards_weigh_each_step_by_its_samples_and_pick_an_honest_floor
     g.averaged(0, np.full(10, 0.5, np.float32))  # no samples of ours next step: its scale is kept
     assert g.for_step(1, 0.0, 99).floor == pytest.approx(0.5)
     assert GradientGuards("p0", 2, [20, 5, 0], 8).for_step(0, 0.0, 99).floor == GRAD_FLOOR
+
+
+def test_each_steps_all_reduce_window_is_returned_in_order():
+    import time
+
+    t = Trainer(get_task("digits"), 0, 0.1, fuse=False)
+    calls = []
+
+    def allreduce(buf, n, s):
+        calls.append(time.time())
+        time.sleep(0.01)
+
+    before = time.time()
+    res = t.train_synced(np.arange(24), 8, 3, allreduce)
+    assert len(res.windows) == 3
+    for (enter, leave), called in zip(res.windows, calls):
+        assert before <= enter <= called < leave, "the window holds the whole all-reduce call"
+        assert leave - enter >= 0.01
+    assert all(a[1] <= b[0] for a, b in zip(res.windows, res.windows[1:]))
+    assert abs(res.exchange_s - sum(b - a for a, b in res.windows)) < 0.01
