@@ -49,11 +49,13 @@ while late and os.getppid() == parent and time.monotonic() < deadline:
 done = threading.Event()
 lifeline.on_stop_signals(lambda signum: done.set())
 assert lifeline.watch_parent() and lifeline.ENV_FD not in os.environ
-with open(result + ".ready", "w") as f:
-    f.write(str(os.getpid()))
+def publish(path, text):  # whole or not at all: the test polls for the file and reads it at once
+    with open(path + ".tmp", "w") as f:
+        f.write(text)
+    os.replace(path + ".tmp", path)
+publish(result + ".ready", str(os.getpid()))
 if done.wait(120):
-    with open(result, "w") as f:
-        f.write("stopped")
+    publish(result, "stopped")
 """
 
 # Starts two children through one Lifeline (and, with "leak", hands the write end to a sleeping
@@ -67,10 +69,12 @@ kids = [subprocess.Popen([sys.executable, "-c", sys.argv[4], f"{out}/child-{i}",
         for i in range(2)]
 if leak:
     holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"], pass_fds=line._fds)
-    with open(f"{out}/holder", "w") as f:
+    with open(f"{out}/holder.tmp", "w") as f:
         f.write(str(holder.pid))
-with open(f"{out}/kids", "w") as f:
+    os.replace(f"{out}/holder.tmp", f"{out}/holder")
+with open(f"{out}/kids.tmp", "w") as f:  # renamed into place whole: the test reads it as soon as it exists
     f.write(" ".join(str(k.pid) for k in kids))
+os.replace(f"{out}/kids.tmp", f"{out}/kids")
 time.sleep(600)
 """
 

@@ -31,7 +31,8 @@ class _Link:
 def test_only_real_failures_are_reported(monkeypatch, error, reported):
     reports: list[str] = []
     monkeypatch.setattr(ring_round, "report_failure", lambda peer, plan, suspect, detail: reports.append(suspect))
-    peer = SimpleNamespace(peer_id="p0", metrics=SimpleNamespace(exchanged=lambda kind, sent, received: None))
+    peer = SimpleNamespace(peer_id="p0", metrics=SimpleNamespace(exchanged=lambda kind, sent, received: None),
+                           config=SimpleNamespace(fault=None))
     rr = RingRound(peer, threading.Event(), lambda plan, rank: _Link(), gossip=None)  # type: ignore[arg-type]
 
     def fail(*_a: object) -> None:
