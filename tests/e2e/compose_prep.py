@@ -423,6 +423,13 @@ class Background:
     def log_tail(self, n: int = 30) -> str:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:]) if self.log_path.exists() else ""
 
+    def env(self) -> dict[str, str]:
+        """What a test session started meanwhile needs to take this preparation over
+        (:class:`Adopted`) instead of starting its own: ``scripts/run_suite.py`` starts one before
+        the unit tests, so that its minutes on a fresh machine overlap those too."""
+        return {ADOPT_DIR: str(self.dir), ADOPT_PID: str(self.proc.pid), ADOPT_DEADLINE: str(self.deadline_s),
+                ADOPT_STARTED: repr(time.time() - (time.monotonic() - self.started))}
+
     def _kill(self) -> None:
         if self.proc.poll() is None:
             try:
@@ -451,6 +458,56 @@ class Background:
         self._lock.close()
         shutil.rmtree(self.dir, ignore_errors=True)
         return note
+
+
+ADOPT_DIR, ADOPT_PID = "DML_COMPOSE_PREP_DIR", "DML_COMPOSE_PREP_PID"  # set by Background.env()
+ADOPT_DEADLINE, ADOPT_STARTED = "DML_COMPOSE_PREP_DEADLINE_S", "DML_COMPOSE_PREP_STARTED"
+
+
+class Adopted:
+    """A preparation another process started and owns (:meth:`Background.env`, from the
+    environment): waited for like :class:`Background`, but never stopped here. Its owner stops it
+    and the dockerd it started, after this session has ended."""
+
+    def __init__(self, env: dict[str, str]) -> None:
+        self.dir = pathlib.Path(env[ADOPT_DIR])
+        self.pid = int(env[ADOPT_PID])
+        self.deadline_s = float(env[ADOPT_DEADLINE])
+        self.started_wall = float(env[ADOPT_STARTED])
+        self.result_path = self.dir / "result.json"
+        self.log_path = self.dir / "prep.log"
+        self.result: dict[str, Any] | None = None
+
+    @staticmethod
+    def from_env(env: dict[str, str] | None = None) -> Adopted | None:
+        """The preparation the environment names, or None when it names none."""
+        env = dict(os.environ if env is None else env)
+        return Adopted(env) if env.get(ADOPT_DIR) and env.get(ADOPT_PID) else None
+
+    def _running(self) -> bool:
+        return _proc_state(self.pid) != "Z"
+
+    def wait(self) -> dict[str, Any]:
+        """As :meth:`Background.wait`: the result, a skip when the deadline (counted from the
+        owner's start) passes first, an error when the preparation ended with none."""
+        if self.result is None:
+            end = time.monotonic() + max(0.0, self.started_wall + self.deadline_s + 60 - time.time())
+            while not self.result_path.exists() and self._running() and time.monotonic() < end:
+                time.sleep(0.5)
+            try:
+                self.result = json.loads(self.result_path.read_text())
+            except (OSError, ValueError):
+                self.result = ({"ok": False, "error": "the preparation exited with no result"} if not self._running()
+                               else {"ok": False, "skip": f"the preparation took longer than {self.deadline_s:.0f} s"})
+            self.result["waited_s"] = round(time.time() - self.started_wall, 1)
+        return self.result
+
+    def log_tail(self, n: int = 30) -> str:
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:]) if self.log_path.exists() else ""
+
+    def close(self) -> str | None:
+        """Nothing: the owner stops the preparation."""
+        return None
 
 
 def _stop_dockerd(pid: int) -> str:

@@ -92,11 +92,13 @@ def pytest_collection_modifyitems(session, config, items) -> None:
 
 
 def compose_background():
-    """The session's compose preparation (tests/e2e/compose_prep.py), started on first use."""
-    from tests.e2e.compose_prep import Background
+    """The session's compose preparation (tests/e2e/compose_prep.py): the one the suite's runner
+    (scripts/run_suite.py) started before the unit tests when the environment names it, else
+    one started on first use."""
+    from tests.e2e.compose_prep import Adopted, Background
 
     if "bg" not in _compose_prep:
-        _compose_prep["bg"] = Background()
+        _compose_prep["bg"] = Adopted.from_env() or Background()
     return _compose_prep["bg"]
 
 

@@ -57,3 +57,64 @@ def test_context_tar_holds_the_files_and_the_wheelhouse(tmp_path):
         assert members["run.sh"].mode == 0o755 and members["pkg/a.py"].mode == 0o644
         assert {m.mtime for m in members.values()} == {MTIME}
         assert tar.extractfile("pkg/a.py").read() == b"A = 1\n"
+
+
+def _adopted(tmp_path: pathlib.Path, pid: int, deadline_s: float = 60.0, started_ago_s: float = 0.0):
+    import time
+
+    from tests.e2e.compose_prep import ADOPT_DEADLINE, ADOPT_DIR, ADOPT_PID, ADOPT_STARTED, Adopted
+
+    env = {ADOPT_DIR: str(tmp_path), ADOPT_PID: str(pid), ADOPT_DEADLINE: str(deadline_s),
+           ADOPT_STARTED: repr(time.time() - started_ago_s)}
+    got = Adopted.from_env(env)
+    assert got is not None
+    return got
+
+
+def test_a_session_takes_over_the_preparation_the_suite_runner_started(tmp_path):
+    import json
+    import subprocess
+    import sys
+    import threading
+
+    from tests.e2e.compose_prep import Adopted
+
+    assert Adopted.from_env({}) is None, "nothing named: the session starts its own"
+    # A stand-in for the preparation: writes its result after a moment, then exits.
+    writer = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(0.5)"])
+    try:
+        prep = _adopted(tmp_path, writer.pid)
+        threading.Timer(0.2, lambda: (tmp_path / "result.json").write_text(json.dumps({"ok": True, "image": "i"}))).start()
+        got = prep.wait()
+        assert got["ok"] and got["image"] == "i" and got["waited_s"] >= 0
+        assert prep.close() is None, "the owner, not the session, stops it"
+    finally:
+        writer.wait(30)
+
+
+def test_an_adopted_preparation_that_dies_without_a_result_is_an_error_and_one_past_its_deadline_a_skip(tmp_path):
+    import subprocess
+    import sys
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait(30)
+    assert "error" in _adopted(tmp_path, dead.pid).wait()
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        # Started 70 s ago with a 5 s deadline: past it (and its 60 s margin) already.
+        got = _adopted(tmp_path, alive.pid, deadline_s=5, started_ago_s=70).wait()
+        assert "skip" in got and "longer than 5 s" in got["skip"]
+    finally:
+        alive.kill()
+        alive.wait(30)
+
+
+def test_the_suite_runner_runs_unit_and_integration_on_workers_then_e2e():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("run_suite", pathlib.Path(__file__).resolve().parents[2] / "scripts" / "run_suite.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    first, second = mod.parts("3")
+    assert first[-4:] == ["-n", "3", "tests/unit", "tests/integration"]
+    assert second[-1] == "tests/e2e" and "-n" not in second
