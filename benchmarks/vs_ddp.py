@@ -3,7 +3,7 @@
     python benchmarks/vs_ddp.py [--peers 2,3,4] [--tasks synthetic:10M,examples/cnn.py,digits]
                                 [--steps 100] [--grads-local-steps 10] [--local-steps 10]
                                 [--batch-size 32] [--lr LR] [--repeats 1] [--warmup-rounds 1]
-                                [--ddp-warmup-steps 5] [--json]
+                                [--ddp-warmup-steps 5] [--link-mbit 0] [--json]
 
 For every (task, peers) and every repeat it runs, one after the other (interleaved, so drift on a
 shared machine hits all three alike; dml ``--sync grads`` first by default, see Samples):
@@ -22,6 +22,26 @@ with ``--allow-job-code``; its data is read under one data directory shared by b
 built after ``torch.manual_seed(seed)`` (the job's seed, 0) as a dml peer builds it; optimizer the
 task's (plain SGD at 0.1 when it has none), ``--lr`` overriding every group's learning rate (default
 0.01 for ``synthetic:*``, the task's own otherwise, as ``dml local`` leaves it).
+
+Network (``--link-mbit``): by default every process talks over 127.0.0.1. With ``--link-mbit R``
+(root and iproute2; without them it exits 2 with a one-line reason) the run builds one emulated
+LAN (``benchmarks/netem.py``: a network namespace per rank, a veth into one bridge, every link
+shaped with ``tbf`` to R Mbit/s each way) with the root namespace at ``10.213.0.254`` on the
+bridge, and DDP's all-reduce, dml's gradient all-reduce and dml's parameter average all cross
+the shaped links:
+
+- DDP rank r enters namespace r first thing (``--netns``), gloo binds to its ``eth0``
+  (``GLOO_SOCKET_IFNAME``), and the TCPStore this process hosts listens on the bridge's address;
+- dml's coordinator runs in the root namespace on the bridge's address, peer i as
+  ``ip netns exec NS python -m dml.peer.cli --host 10.213.0.(i+1) ...`` (it execs: the pid spawned
+  is the peer's, which each run checks, so CPU and RSS readings stay the peer's); all of them
+  inside mutual TLS (certificates made per run: dml serves plain text on loopback only, so its
+  bytes are encrypted where gloo's are not), and the jobs use ``data_plane="tcp"`` (``auto`` may
+  choose shared memory between two processes of one machine). Each run checks the peers' DEBUG
+  lines: every round's data plane TCP, every successor on the LAN.
+
+The LAN is torn down (and every process reaped) on success, failure and interruption; what dead
+runs left behind is removed when the next one starts. Every JSON row carries ``link_mbit``.
 
 Samples: every rank or peer takes ``--batch-size`` samples per step, the global batch being N x batch.
 By default (``--ddp-samples dml``) the dml ``--sync grads`` job runs first and DDP's rank r then
@@ -541,6 +561,8 @@ def rank_main(argv: list[str]) -> int:
         loss.backward()
         opt.step()
         step_s.append(time.perf_counter() - t0)
+        if (s + 1) % 10 == 0:  # in the rank's log: where a stalled rank was
+            print(f"rank {a.ddp_rank}: step {s + 1}/{a.steps} done, {step_s[-1]:.3f}s", file=sys.stderr, flush=True)
         cpu_s.append(time.process_time() - c0)
         if s == 0:
             first_mb = proc_status_mb(os.getpid())["VmRSS"]  # gradients, DDP's buckets, optimizer state
