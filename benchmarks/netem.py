@@ -4,7 +4,11 @@ veth pair into one bridge in the root namespace, every link shaped to R Mbit/s w
 Layout for a run of process ``PID`` with ``N`` ranks (names carry the pid, so concurrent runs do
 not collide and leftovers of dead runs can be found):
 
-- bridge ``dmlbPID`` in the root namespace, up, no address, bridge netfilter off (best effort);
+- bridge ``dmlbPID`` in the root namespace, up, bridge netfilter off (best effort); no address,
+  unless the LAN is built with ``bridge_addr`` (e.g. :data:`BRIDGE_ADDR`, 10.213.0.254/24): then
+  processes of the root namespace (a coordinator, the benchmark itself) are reachable from every
+  rank there, over the rank's shaped link. Only one such LAN at a time (the root namespace gets a
+  route to the subnet);
 - where ``iptables`` is installed, one rule of its own at the head of the root namespace's
   FORWARD chain, ``-i dmlbPID -o dmlbPID -j ACCEPT``, deleted with the LAN. With the
   ``br_netfilter`` module loaded (``dockerd`` loads it) bridged IPv4 packets traverse iptables'
@@ -47,6 +51,7 @@ IFACE = "eth0"  # a rank's end of its veth, inside its namespace
 LATENCY_MS = 50
 MIN_BURST = 64 * 1024
 MAX_RANKS = 253  # 10.213.0.1 .. 10.213.0.253
+BRIDGE_ADDR = f"{SUBNET}.254"  # the root namespace's address on the bridge, when it has one
 CLONE_NEWNET = 0x40000000
 NETNS_DIR = "/var/run/netns"
 _NS_RE = re.compile(rf"^{PREFIX}-(\d+)-(\d+)$")
@@ -94,14 +99,20 @@ def ring_floor_s(world: int, wire_bytes: float, mbit: float) -> float:
     return 2 * (world - 1) / world * wire_bytes * 8 / (mbit * 1e6)
 
 
-def setup_commands(pid: int, world: int, mbit: float, egress_only: bool = False) -> list[list[str]]:
-    """The ``ip``/``tc`` argv lists that build the LAN for ``world`` ranks, in order."""
+def setup_commands(pid: int, world: int, mbit: float, egress_only: bool = False,
+                   bridge_addr: str | None = None) -> list[list[str]]:
+    """The ``ip``/``tc`` argv lists that build the LAN for ``world`` ranks, in order; with
+    ``bridge_addr`` the bridge gets that address (/24) in the root namespace."""
     if not 1 <= world <= MAX_RANKS:
         raise ValueError(f"1..{MAX_RANKS} ranks, got {world}")
     if len(veth_name(pid, world - 1)) > 15:
         raise ValueError(f"pid {pid} makes interface names longer than 15 characters")
     br = bridge_name(pid)
     cmds = [["ip", "link", "add", br, "type", "bridge"], ["ip", "link", "set", br, "up"]]
+    if bridge_addr is not None:
+        if bridge_addr in {rank_addr(r) for r in range(world)} or not bridge_addr.startswith(SUBNET + "."):
+            raise ValueError(f"bridge address {bridge_addr}: not in {SUBNET}.0/24, or a rank's")
+        cmds.append(["ip", "addr", "add", f"{bridge_addr}/24", "dev", br])
     for r in range(world):
         ns, veth = ns_name(pid, r), veth_name(pid, r)
         cmds += [
@@ -152,10 +163,14 @@ def leftover_forward_commands(rules: list[str], alive: Any) -> list[list[str]]:
     return cmds
 
 
-def teardown_commands(pid: int, world: int) -> list[list[str]]:
-    """Every command is run even if earlier ones fail (a half-built LAN is torn down the same way)."""
+def teardown_commands(pid: int, world: int, bridge_addr: str | None = None) -> list[list[str]]:
+    """Every command is run even if earlier ones fail (a half-built LAN is torn down the same way).
+    The bridge's address goes with the bridge; it is deleted first all the same, so the root
+    namespace stops routing the subnet even if the bridge cannot be deleted."""
     cmds = [["ip", "netns", "del", ns_name(pid, r)] for r in range(world)]
     cmds += [["ip", "link", "del", veth_name(pid, r)] for r in range(world)]
+    if bridge_addr is not None:
+        cmds.append(["ip", "addr", "del", f"{bridge_addr}/24", "dev", bridge_name(pid)])
     cmds.append(["ip", "link", "del", bridge_name(pid)])
     return cmds
 
@@ -242,10 +257,12 @@ def clean_leftovers() -> int:
 
 class Lan:
     """The emulated LAN for ``world`` ranks: :meth:`open` builds it, :meth:`close` deletes it. ``names[r]`` is rank r's namespace,
-    ``addrs[r]`` its address."""
+    ``addrs[r]`` its address; with ``bridge_addr`` (e.g. :data:`BRIDGE_ADDR`) the root namespace
+    has that address on the bridge, reachable from every rank."""
 
-    def __init__(self, world: int, mbit: float, egress_only: bool = False, pid: int | None = None) -> None:
-        self.world, self.mbit, self.egress_only = world, mbit, egress_only
+    def __init__(self, world: int, mbit: float, egress_only: bool = False, pid: int | None = None,
+                 bridge_addr: str | None = None) -> None:
+        self.world, self.mbit, self.egress_only, self.bridge_addr = world, mbit, egress_only, bridge_addr
         self.pid = os.getpid() if pid is None else pid
         self.names = [ns_name(self.pid, r) for r in range(world)]
         self.addrs = [rank_addr(r) for r in range(world)]
@@ -256,7 +273,7 @@ class Lan:
         clean_leftovers()
         self.built = True  # from the first command on, close() has something to undo
         try:
-            for cmd in setup_commands(self.pid, self.world, self.mbit, self.egress_only):
+            for cmd in setup_commands(self.pid, self.world, self.mbit, self.egress_only, self.bridge_addr):
                 _run(cmd)
             for cmd in optional_commands(self.pid):
                 _run(cmd, check=False)
@@ -273,7 +290,7 @@ class Lan:
         blocked = {signal.SIGINT, signal.SIGTERM}
         old = signal.pthread_sigmask(signal.SIG_BLOCK, blocked)
         try:
-            cmds = teardown_commands(self.pid, self.world)
+            cmds = teardown_commands(self.pid, self.world, self.bridge_addr)
             if self.forwarding:
                 cmds += forward_teardown_commands(self.pid)
             for cmd in cmds:
@@ -287,7 +304,8 @@ class Lan:
         both = "egress only" if self.egress_only else "each direction"
         return (f"emulated LAN: {self.world} network namespaces {self.names[0]}..{self.names[-1]} on bridge "
                 f"{bridge_name(self.pid)}, veth + tbf {self.mbit:g} Mbit/s {both} (burst "
-                f"{tbf_burst_bytes(self.mbit)} B, latency {LATENCY_MS} ms), addresses {self.addrs[0]}..{self.addrs[-1]}")
+                f"{tbf_burst_bytes(self.mbit)} B, latency {LATENCY_MS} ms), addresses {self.addrs[0]}..{self.addrs[-1]}"
+                + (f", root namespace {self.bridge_addr} on the bridge" if self.bridge_addr else ""))
 
 
 # -- in a process ----------------------------------------------------------------------------------

@@ -307,11 +307,37 @@ def _wait_registered(peers: list[subprocess.Popen[bytes]], logs: pathlib.Path, t
         time.sleep(0.1)
 
 
+def coordinator_command(py: str, host: str, state: pathlib.Path, port_file: pathlib.Path,
+                        extra: tuple[str, ...] = ()) -> list[str]:
+    """The coordinator's argv: on ``host``, port 0 (it writes the port it bound to ``port_file``)."""
+    return [py, "-m", "dml.coordinator.cli", "--host", host, "--port", "0", "--state-dir", str(state),
+            "--port-file", str(port_file), *extra]
+
+
+def peer_command(py: str, address: str, host: str, join_token: pathlib.Path, peer_args: tuple[str, ...] = (),
+                 prefix: tuple[str, ...] = ()) -> list[str]:
+    """A peer's argv: ``prefix`` (e.g. ``ip netns exec NS``: it execs, so the pid spawned is the
+    peer's), then ``peer.cli`` registering with ``address``, its exchange server on ``host``,
+    port 0, one CPU, DEBUG logs (the round split reads them), then ``peer_args``."""
+    return [*prefix, py, "-m", "dml.peer.cli", "--coordinator", address, "--host", host, "--port", "0",
+            "--device", "cpu", "--log-level", "DEBUG", "--join-token-file", str(join_token), *peer_args]
+
+
 @contextlib.contextmanager
-def cluster(peers: int, root: pathlib.Path, peer_args: tuple[str, ...] = ()) -> Iterator[Cluster]:
+def cluster(peers: int, root: pathlib.Path, peer_args: tuple[str, ...] = (), *,
+            coordinator_host: str = "127.0.0.1", coordinator_args: tuple[str, ...] = (),
+            peer_hosts: list[str] | None = None,
+            peer_prefixes: list[tuple[str, ...]] | None = None) -> Iterator[Cluster]:
     """A coordinator (port 0, read back from its port file) and ``peers`` registered peers, each
-    started with ``peer_args`` beside the usual flags (e.g. ``--allow-job-code``). Every process
-    is reaped on the way out, whatever happens."""
+    started with ``peer_args`` beside the usual flags (e.g. ``--allow-job-code``). By default all
+    on 127.0.0.1; ``coordinator_host`` (with ``coordinator_args``, e.g. TLS flags), and per peer
+    ``peer_hosts[i]`` and a command prefix ``peer_prefixes[i]`` (:func:`peer_command`) place them
+    elsewhere, e.g. each peer in a network namespace of an emulated LAN. Every process is reaped
+    on the way out, whatever happens."""
+    hosts = peer_hosts if peer_hosts is not None else ["127.0.0.1"] * peers
+    prefixes = peer_prefixes if peer_prefixes is not None else [()] * peers
+    if len(hosts) != peers or len(prefixes) != peers:
+        raise ValueError(f"{peers} peers, {len(hosts)} hosts, {len(prefixes)} command prefixes")
     state, logs = root / "state", root / "logs"
     state.mkdir(parents=True, exist_ok=True)
     logs.mkdir(parents=True, exist_ok=True)
@@ -320,15 +346,14 @@ def cluster(peers: int, root: pathlib.Path, peer_args: tuple[str, ...] = ()) -> 
     py = sys.executable
     procs: list[subprocess.Popen[bytes]] = []
     try:
-        coord = _spawn([py, "-m", "dml.coordinator.cli", "--host", "127.0.0.1", "--port", "0", "--state-dir", str(state),
-                        "--port-file", str(port_file)], logs / "coordinator.log", procs)
+        coord = _spawn(coordinator_command(py, coordinator_host, state, port_file, coordinator_args),
+                       logs / "coordinator.log", procs)
         try:
             port = wait_for_port_file(port_file, coord, START_TIMEOUT_S)
         except ClusterError as e:
             raise BenchError(str(e)) from None
-        address = f"127.0.0.1:{port}"
-        peer_procs = [_spawn([py, "-m", "dml.peer.cli", "--coordinator", address, "--host", "127.0.0.1", "--port", "0",
-                              "--device", "cpu", "--log-level", "DEBUG", "--join-token-file", str(join_token_file(state)), *peer_args],
+        address = f"{coordinator_host}:{port}"
+        peer_procs = [_spawn(peer_command(py, address, hosts[i], join_token_file(state), peer_args, prefixes[i]),
                              logs / f"peer-{i}.log", procs)
                       for i in range(peers)]
         ids = _wait_registered(peer_procs, logs, START_TIMEOUT_S)

@@ -3,7 +3,7 @@
     python benchmarks/vs_ddp.py [--peers 2,3,4] [--tasks synthetic:10M,examples/cnn.py,digits]
                                 [--steps 100] [--grads-local-steps 10] [--local-steps 10]
                                 [--batch-size 32] [--lr LR] [--repeats 1] [--warmup-rounds 1]
-                                [--ddp-warmup-steps 5] [--json]
+                                [--ddp-warmup-steps 5] [--link-mbit 0] [--json]
 
 For every (task, peers) and every repeat it runs, one after the other (interleaved, so drift on a
 shared machine hits all three alike; dml ``--sync grads`` first by default, see Samples):
@@ -22,6 +22,26 @@ with ``--allow-job-code``; its data is read under one data directory shared by b
 built after ``torch.manual_seed(seed)`` (the job's seed, 0) as a dml peer builds it; optimizer the
 task's (plain SGD at 0.1 when it has none), ``--lr`` overriding every group's learning rate (default
 0.01 for ``synthetic:*``, the task's own otherwise, as ``dml local`` leaves it).
+
+Network (``--link-mbit``): by default every process talks over 127.0.0.1. With ``--link-mbit R``
+(root and iproute2; without them it exits 2 with a one-line reason) the run builds one emulated
+LAN (``benchmarks/netem.py``: a network namespace per rank, a veth into one bridge, every link
+shaped with ``tbf`` to R Mbit/s each way) with the root namespace at ``10.213.0.254`` on the
+bridge, and DDP's all-reduce, dml's gradient all-reduce and dml's parameter average all cross
+the shaped links:
+
+- DDP rank r enters namespace r first thing (``--netns``), gloo binds to its ``eth0``
+  (``GLOO_SOCKET_IFNAME``), and the TCPStore this process hosts listens on the bridge's address;
+- dml's coordinator runs in the root namespace on the bridge's address, peer i as
+  ``ip netns exec NS python -m dml.peer.cli --host 10.213.0.(i+1) ...`` (it execs: the pid spawned
+  is the peer's, which each run checks, so CPU and RSS readings stay the peer's); all of them
+  inside mutual TLS (certificates made per run: dml serves plain text on loopback only, so its
+  bytes are encrypted where gloo's are not), and the jobs use ``data_plane="tcp"`` (``auto`` may
+  choose shared memory between two processes of one machine). Each run checks the peers' DEBUG
+  lines: every round's data plane TCP, every successor on the LAN.
+
+The LAN is torn down (and every process reaped) on success, failure and interruption; what dead
+runs left behind is removed when the next one starts. Every JSON row carries ``link_mbit``.
 
 Samples: every rank or peer takes ``--batch-size`` samples per step, the global batch being N x batch.
 By default (``--ddp-samples dml``) the dml ``--sync grads`` job runs first and DDP's rank r then
@@ -72,9 +92,11 @@ import contextlib
 import datetime
 import importlib.util
 import json
+import math
 import os
 import pathlib
 import platform
+import re
 import shutil
 import signal
 import statistics
@@ -86,6 +108,7 @@ from typing import Any
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import round_overhead as ro  # noqa: E402 - sets the children's environment (one thread each) and sys.path
+import netem  # noqa: E402
 from round_overhead import BenchError, allreduce_split, cluster, log_tails, proc_status_mb, report_times, round_split  # noqa: E402
 
 from dml.client.api import ApiError, JobClient, history_dict, status_dict  # noqa: E402
@@ -144,6 +167,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dml (default): DDP's ranks train on exactly the batches the dml --sync grads job of the same "
                         "configuration trained, read from its sample ledger (so that job runs first), and the "
                         "accuracies compare the algorithms, not two draws of samples; own: a seeded permutation")
+    p.add_argument("--link-mbit", type=float, default=0.0,
+                   help="0 (default): every process on 127.0.0.1; R > 0: every DDP rank and dml peer in its own network "
+                        "namespace of an emulated LAN (benchmarks/netem.py), its link shaped to R Mbit/s each way "
+                        "(needs root and iproute2)")
     p.add_argument("--json", action="store_true", help="one JSON object per configuration instead of the table")
     return p
 
@@ -185,6 +212,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--ddp-warmup-steps must be below --steps {a.steps}, got {a.ddp_warmup_steps}")
     if a.lr is not None and not a.lr < 100:
         p.error(f"--lr must be below 100, got {a.lr}")
+    if not (a.link_mbit >= 0 and math.isfinite(a.link_mbit)):  # also NaN
+        p.error(f"--link-mbit must be 0 (loopback) or a positive rate in Mbit/s, got {a.link_mbit:g}")
     return a
 
 
@@ -273,6 +302,7 @@ def base_row(system: str, sync: str, task: str, peers: int, local_steps: int, a:
     s = spread(times)
     return {"system": system, "sync": sync, "task": task_label(task), "peers": peers, "local_steps": local_steps,
             "repeat": repeat, "steps": a.steps, "batch_size": a.batch_size, "lr": task_lr(a, task), "params": params,
+            "link_mbit": a.link_mbit,
             **s, "measured_steps": len(times), "samples_per_s": peers * a.batch_size / s["step_s"]}
 
 
@@ -310,13 +340,23 @@ def _f(x: float | None, spec: str = ".3f") -> str:
     return "-" if x is None else format(x, spec)
 
 
-def table(rows: list[dict[str, Any]]) -> str:
+def link_line(lan: netem.Lan | None) -> str:
+    """The table's line saying what network the processes talk over."""
+    if lan is None:
+        return "# link: every process on 127.0.0.1 (loopback, no shaping; dml's data plane as the job's auto picks)"
+    return (f"# link: {lan.describe()}; DDP's ranks and dml's peers one per namespace (the TCPStore and dml's "
+            f"coordinator in the root namespace on {lan.bridge_addr}); dml inside mutual TLS (it serves plain text on "
+            f"loopback only) on the TCP data plane, gloo plain TCP")
+
+
+def table(rows: list[dict[str, Any]], link: str = link_line(None)) -> str:
     """The rows as a fixed-width table, the split of dml's rounds beside them, then the targets."""
     import torch
 
     lines = [
         (f"# dml vs DDP (gloo) on {platform.machine()} {platform.node()}, {os.cpu_count()} CPUs, torch "
          f"{torch.__version__}, Python {platform.python_version()}; one compute thread per rank / peer"),
+        link,
         ("# step = seconds per step, median (min..max); cpu = CPU seconds of all ranks/peers per step; rss = max over "
          "ranks/peers of (peak - baseline) / model bytes; acc = final test accuracy (%); ratios against the DDP row; "
          "split = dml's round: train / exchange (of it: the wait for the slowest member's training, the spread of "
@@ -373,7 +413,74 @@ def num_params(task: str) -> int:
 
 
 def default_timeout_s(a: argparse.Namespace, params: int) -> float:
-    return a.timeout_s if a.timeout_s is not None else 120.0 + a.steps * (1.0 + params / 1e6)
+    """``--timeout-s``, else 120 s + steps x (1 + params in M) s, plus on an emulated LAN 3 x a
+    step's all-reduce floor per step (DDP and --sync grads all-reduce the model every step)."""
+    if a.timeout_s is not None:
+        return a.timeout_s
+    link = 3 * netem.ring_floor_s(max(a.peers), params * 4, a.link_mbit) if a.link_mbit > 0 else 0.0
+    return 120.0 + a.steps * (1.0 + params / 1e6 + link)
+
+
+# -- the emulated LAN (--link-mbit) ---------------------------------------------------------------
+def netns_ino(name: str) -> int:
+    """The inode of network namespace ``name`` (``ip netns`` mounts it under /var/run/netns)."""
+    return os.stat(os.path.join(netem.NETNS_DIR, name)).st_ino
+
+
+def check_peer_process(pid: int, name: str) -> None:
+    """BenchError unless ``pid`` is a dml peer (``ip netns exec`` exec'd it: the pid spawned is the
+    peer's, so its CPU and RSS readings are the peer's) living in namespace ``name``."""
+    try:
+        cmdline = pathlib.Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        ino = os.stat(f"/proc/{pid}/ns/net").st_ino
+    except OSError as e:
+        raise BenchError(f"cannot read process {pid}: {e}") from None
+    if b"dml.peer.cli" not in cmdline:
+        raise BenchError(f"process {pid} is not a dml peer: {b' '.join(cmdline[:4]).decode(errors='replace')}")
+    if ino != netns_ino(name):
+        raise BenchError(f"peer process {pid} is not in network namespace {name}")
+
+
+def dml_placement(lan: netem.Lan, peers: int, tls_args: list[str]) -> dict[str, Any]:
+    """``round_overhead.cluster`` keyword arguments for a cluster on ``lan``: the coordinator in the
+    root namespace on the bridge's address (reachable from every namespace and from this
+    process), peer i in namespace i (``ip netns exec``) on rank i's address; TLS flags for the
+    coordinator (the peers get them with their other flags): dml serves plain text on loopback only."""
+    if lan.bridge_addr is None:
+        raise ValueError("the LAN has no root-namespace address for the coordinator (Lan(bridge_addr=...))")
+    return {"coordinator_host": lan.bridge_addr, "coordinator_args": tuple(tls_args),
+            "peer_hosts": lan.addrs[:peers],
+            "peer_prefixes": [("ip", "netns", "exec", lan.names[i]) for i in range(peers)]}
+
+
+PLANE_RE = re.compile(r"job (\S+) round (\d+) epoch (\d+): data plane: sent (\S+) to (\S+) at (\S+), received (\S+)")
+
+
+def data_plane_seen(texts: list[str], job_id: str) -> dict[str, Any]:
+    """What the peers' DEBUG lines (one per member per round, ``peer.ring_round``) say carried
+    job ``job_id``'s rounds: the kinds sent and received (tcp, shm, grpc, torch), the successors'
+    hosts, and how many lines."""
+    sent, got, hosts, n = set(), set(), set(), 0
+    for text in texts:
+        for m in PLANE_RE.finditer(text):
+            if m.group(1) == job_id:
+                n += 1
+                sent.add(m.group(4))
+                got.add(m.group(7))
+                hosts.add(m.group(6).rpartition(":")[0].strip("[]"))
+    return {"sent": sorted(sent), "received": sorted(got), "successor_hosts": sorted(hosts), "lines": n}
+
+
+def lan_plane_problem(seen: dict[str, Any], addrs: list[str]) -> str | None:
+    """Why ``seen`` (:func:`data_plane_seen`) is not TCP between LAN addresses ``addrs``, or None."""
+    if not seen["lines"]:
+        return "the peers logged no data plane lines (are they at DEBUG?)"
+    if seen["sent"] != ["tcp"] or seen["received"] != ["tcp"]:
+        return f"the data plane was not TCP alone: sent {seen['sent']}, received {seen['received']}"
+    off = [h for h in seen["successor_hosts"] if h not in addrs]
+    if off:
+        return f"successors at {off}, off the emulated LAN ({addrs[0]}..{addrs[-1]})"
+    return None
 
 
 # -- DDP: one rank (the hidden --ddp-rank mode) -------------------------------------------------
@@ -390,11 +497,19 @@ def rank_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=pathlib.Path, required=True)
     p.add_argument("--samples", type=pathlib.Path, default=None,
                    help="an .npy of (ranks, steps, batch) indices: rank r's step s trains [r, s] (ledger_batches)")
+    p.add_argument("--store-host", default="127.0.0.1", help="the parent's TCPStore")
+    p.add_argument("--netns", default=None, help="the network namespace to enter first (--link-mbit)")
     return p
 
 
 def rank_main(argv: list[str]) -> int:
-    """One DDP rank: joins the parent's TCPStore, trains ``--steps`` steps, writes its figures."""
+    """One DDP rank: joins the parent's TCPStore, trains ``--steps`` steps, writes its figures.
+    With ``--netns`` it first enters that namespace (before any socket or thread exists: both
+    inherit it), and gloo's pairs bind to the namespace's interface (``GLOO_SOCKET_IFNAME``)."""
+    a = rank_parser().parse_args(argv)
+    if a.netns:
+        netem.enter_netns(a.netns)
+        os.environ["GLOO_SOCKET_IFNAME"] = netem.IFACE
     import numpy as np
     import torch
     import torch.distributed as dist
@@ -404,9 +519,8 @@ def rank_main(argv: list[str]) -> int:
     from dml.common.task import Context
     from dml.peer.trainer import Batches
 
-    a = rank_parser().parse_args(argv)
     torch.set_num_threads(1)
-    store = dist.TCPStore("127.0.0.1", a.port, a.world, is_master=False, timeout=datetime.timedelta(seconds=120))
+    store = dist.TCPStore(a.store_host, a.port, a.world, is_master=False, timeout=datetime.timedelta(seconds=120))
     dist.init_process_group("gloo", store=store, rank=a.ddp_rank, world_size=a.world,
                             timeout=datetime.timedelta(seconds=120))
     baseline = proc_status_mb(os.getpid())["VmRSS"]
@@ -447,6 +561,8 @@ def rank_main(argv: list[str]) -> int:
         loss.backward()
         opt.step()
         step_s.append(time.perf_counter() - t0)
+        if (s + 1) % 10 == 0:  # in the rank's log: where a stalled rank was
+            print(f"rank {a.ddp_rank}: step {s + 1}/{a.steps} done, {step_s[-1]:.3f}s", file=sys.stderr, flush=True)
         cpu_s.append(time.process_time() - c0)
         if s == 0:
             first_mb = proc_status_mb(os.getpid())["VmRSS"]  # gradients, DDP's buckets, optimizer state
@@ -465,7 +581,7 @@ def rank_main(argv: list[str]) -> int:
     a.out.write_text(json.dumps({"step_s": step_s, "cpu_s": cpu_s, "baseline_mb": baseline, "peak_mb": mem["VmHWM"],
                                  "built_mb": built_mb, "first_step_mb": first_mb, "trained_peak_mb": trained_hwm_mb,
                                  "params": sum(p.numel() for p in params), "test_accuracy": accuracy,
-                                 "train_loss": float(loss)}))
+                                 "train_loss": float(loss), "netns_ino": os.stat("/proc/self/ns/net").st_ino}))
     dist.barrier()  # nobody leaves while another still needs the group
     dist.destroy_process_group()
     return 0
@@ -473,15 +589,17 @@ def rank_main(argv: list[str]) -> int:
 
 # -- DDP: the launcher ----------------------------------------------------------------------------
 def run_ddp(a: argparse.Namespace, task: str, peers: int, repeat: int, root: pathlib.Path,
-            data_dir: pathlib.Path, params: int, samples: Any = None) -> dict[str, Any]:
+            data_dir: pathlib.Path, params: int, samples: Any = None, lan: netem.Lan | None = None) -> dict[str, Any]:
     """N ranks of this script on a TCPStore this process hosts (port 0); returns the DDP row.
-    ``samples`` (:func:`ledger_batches`): the batches each rank trains, else its own permutation."""
+    ``samples`` (:func:`ledger_batches`): the batches each rank trains, else its own permutation.
+    On ``lan`` rank r runs in its namespace r and the store listens on the bridge's address."""
     import torch.distributed as dist
 
     logs = root / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     timeout_s = default_timeout_s(a, params)
-    store = dist.TCPStore("127.0.0.1", 0, peers, is_master=True, timeout=datetime.timedelta(seconds=120),
+    store_host = lan.bridge_addr if lan is not None and lan.bridge_addr else "127.0.0.1"
+    store = dist.TCPStore(store_host, 0, peers, is_master=True, timeout=datetime.timedelta(seconds=120),
                           wait_for_workers=False)
     outs = [root / f"rank-{r}.json" for r in range(peers)]
     extra: list[str] = []
@@ -497,7 +615,8 @@ def run_ddp(a: argparse.Namespace, task: str, peers: int, repeat: int, root: pat
         for r in range(peers):
             ro._spawn([sys.executable, str(pathlib.Path(__file__).resolve()), "--ddp-rank", str(r), "--world", str(peers),
                        "--port", str(store.port), "--task", task, "--data-dir", str(data_dir), "--steps", str(a.steps),
-                       "--batch-size", str(a.batch_size), "--lr", repr(task_lr(a, task)), "--out", str(outs[r]), *extra],
+                       "--batch-size", str(a.batch_size), "--lr", repr(task_lr(a, task)), "--out", str(outs[r]), *extra,
+                       "--store-host", store_host, *(["--netns", lan.names[r]] if lan is not None else [])],
                       logs / f"rank-{r}.log", procs)
         deadline = time.monotonic() + timeout_s
         while any(p.poll() is None for p in procs):
@@ -514,6 +633,10 @@ def run_ddp(a: argparse.Namespace, task: str, peers: int, repeat: int, root: pat
         reap(procs)
         del store
     res = [json.loads(o.read_text()) for o in outs]
+    if lan is not None:
+        wrong = [r for r in range(peers) if res[r]["netns_ino"] != netns_ino(lan.names[r])]
+        if wrong:
+            raise BenchError(f"DDP ranks {wrong} did not run in their network namespaces")
     times = ddp_step_times([x["step_s"] for x in res], a.ddp_warmup_steps)
     cpu = sum(sum(x["cpu_s"][a.ddp_warmup_steps:]) for x in res) / len(times)
     model_mb = res[0]["params"] * 4 / MB
@@ -561,21 +684,38 @@ def job_shards(spec: JobSpec, task: str, data_dir: pathlib.Path) -> Any:
 
 
 def run_dml(a: argparse.Namespace, task: str, peers: int, sync: str, k: int, repeat: int, root: pathlib.Path,
-            data_dir: pathlib.Path, params: int) -> tuple[dict[str, Any], list[dict[str, Any]], JobSpec]:
+            data_dir: pathlib.Path, params: int, lan: netem.Lan | None = None,
+            tls_files: Any = None) -> tuple[dict[str, Any], list[dict[str, Any]], JobSpec]:
     """One job on a fresh cluster of ``peers`` peers; returns its row (ratios added later), its
-    history (with the sample ledger) and its spec."""
+    history (with the sample ledger) and its spec. On ``lan`` (with ``tls_files``, a
+    ``common.certs.HostFiles``) the cluster is placed by :func:`dml_placement` and the job's data
+    plane is TCP (``auto`` could choose shared memory between two processes of this machine and
+    bypass the emulated links); the peers' logs must then show TCP between LAN addresses."""
+    from dml.common import tls
+
     rounds = a.steps // k
     spec = JobSpec(task=task, rounds=rounds, sync=sync, local_steps=k, batch_size=a.batch_size,
                    learning_rate=task_lr(a, task), min_peers=peers, num_shards=max(JobSpec().num_shards, peers),
-                   checkpoint_every_rounds=rounds + 1, eval_every_rounds=rounds)
+                   checkpoint_every_rounds=rounds + 1, eval_every_rounds=rounds,
+                   data_plane="tcp" if lan is not None else JobSpec().data_plane)
     peer_args = ("--data-dir", str(data_dir)) + (() if is_builtin(task) else ("--allow-job-code",))
+    place: dict[str, Any] = {}
+    tls_cfg = None
+    if lan is not None:
+        tls_args = ["--tls-cert", str(tls_files.cert), "--tls-key", str(tls_files.key), "--tls-ca", str(tls_files.ca)]
+        place = dml_placement(lan, peers, tls_args)
+        peer_args += tuple(tls_args)
+        tls_cfg = tls.load(tls_files.cert, tls_files.key, tls_files.ca)
     timeout_s = default_timeout_s(a, params) * 1.5
     t0 = time.monotonic()
     log = lambda msg: print(f"[dml {sync} {task_label(task)} N={peers}] {msg}", file=sys.stderr, flush=True)
-    with cluster(peers, root, peer_args) as c:
+    with cluster(peers, root, peer_args, **place) as c:
+        if lan is not None:
+            for i, p in enumerate(c.peers):
+                check_peer_process(p.pid, lan.names[i])
         base = [proc_status_mb(p.pid)["VmRSS"] for p in c.peers]
         token = operator_token_file(root / "state").read_text().strip()
-        client = JobClient(c.address, timeout_s=30.0, token=token)
+        client = JobClient(c.address, timeout_s=30.0, token=token, tls=tls_cfg)
         job_id = client.submit(spec)
         log(f"job {job_id}: {rounds} rounds x {k} steps; deadline {timeout_s:.0f}s")
         marks: dict[str, tuple[int, float]] = {}  # "start" / "end": (round committed, CPU seconds of the peers)
@@ -591,7 +731,7 @@ def run_dml(a: argparse.Namespace, task: str, peers: int, sync: str, k: int, rep
             end = client.watch(job_id, show, max_s=timeout_s)
         except ApiError as e:
             with contextlib.suppress(ApiError):
-                JobClient(c.address, timeout_s=2.0, token=token).cancel(job_id)
+                JobClient(c.address, timeout_s=2.0, token=token, tls=tls_cfg).cancel(job_id)
             raise BenchError(f"{task}: {e}") from None
         st = status_dict(end)
         if st["state"] != "SUCCEEDED":
@@ -601,6 +741,11 @@ def run_dml(a: argparse.Namespace, task: str, peers: int, sync: str, k: int, rep
         client.close()
         reports = report_times(c.logs, peers, job_id)
         windows = allreduce_split(c.logs, peers, job_id)
+        plane = data_plane_seen([(c.logs / f"peer-{i}.log").read_text(errors="replace") for i in range(peers)], job_id)
+    if lan is not None:
+        why = lan_plane_problem(plane, lan.addrs[:peers])
+        if why is not None:
+            raise BenchError(f"{task}: not over the emulated LAN: {why}")
     times = dml_step_times(history, rounds, a.warmup_rounds, k)
     if not times:
         raise BenchError(f"{task}: no measured rounds in the history (rounds {sorted(h['round'] for h in history)})")
@@ -615,7 +760,8 @@ def run_dml(a: argparse.Namespace, task: str, peers: int, sync: str, k: int, rep
                 "wall_s": time.monotonic() - t0, "job_id": job_id,
                 "split": {x: split[x] for x in ("round_s", "train_s", "exchange_s", "wait_s", "allreduce_s", "eval_s",
                                                 "coord_s")},
-                "members_per_round": sorted({h["members"] for h in history})})
+                "members_per_round": sorted({h["members"] for h in history}),
+                "data_plane": spec.data_plane, "data_plane_seen": plane})
     return row, history, spec
 
 
@@ -625,6 +771,11 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["--ddp-rank"]:
         return rank_main(argv)
     a = parse_args(argv)
+    if a.link_mbit > 0:
+        why = netem.check_prereqs()
+        if why is not None:
+            print(f"vs_ddp: error: {why}", file=sys.stderr)
+            return 2
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, ro._interrupt)
     tmp = None
@@ -636,7 +787,20 @@ def main(argv: list[str] | None = None) -> int:
     keep = False
     rows: list[dict[str, Any]] = []
     root = base
+    lan: netem.Lan | None = None
+    tls_files = None
     try:
+        if a.link_mbit > 0:
+            from dml.common import certs
+
+            tls_files = certs.make_certs(base / "certs", ["localhost"])[0]
+            lan = netem.Lan(max(a.peers), a.link_mbit, bridge_addr=netem.BRIDGE_ADDR)
+            try:
+                lan.open()  # cleans what dead runs left behind first; tears itself down if it fails
+            except netem.NetemError as e:
+                print(f"vs_ddp: error: cannot build the emulated network: {e}", file=sys.stderr)
+                return 2
+            print(f"vs_ddp: {lan.describe()}", file=sys.stderr, flush=True)
         for task in a.task_list:
             try:
                 params = num_params(task)
@@ -655,9 +819,10 @@ def main(argv: list[str] | None = None) -> int:
                               file=sys.stderr, flush=True)
                         try:
                             if system == "ddp":
-                                row = ddp_row = run_ddp(a, task, peers, repeat, root, data_dir, params, replay)
+                                row = ddp_row = run_ddp(a, task, peers, repeat, root, data_dir, params, replay, lan)
                             else:
-                                row, history, spec = run_dml(a, task, peers, sync, k, repeat, root, data_dir, params)
+                                row, history, spec = run_dml(a, task, peers, sync, k, repeat, root, data_dir, params,
+                                                             lan, tls_files)
                                 if sync == "grads" and a.ddp_samples == "dml":
                                     try:
                                         replay = ledger_batches(history, job_shards(spec, task, data_dir), spec.seed,
@@ -686,12 +851,14 @@ def main(argv: list[str] | None = None) -> int:
                                 print(json.dumps(r), flush=True)
                         pending = []
         if not a.json:
-            print(table(rows), flush=True)
+            print(table(rows, link_line(lan)), flush=True)
         return 0
     except KeyboardInterrupt:
         print("\nvs_ddp: interrupted; every process was stopped", file=sys.stderr)
         return 130
     finally:
+        if lan is not None:
+            lan.close()  # after every process was reaped (run_ddp's and cluster()'s own finally blocks)
         if tmp is not None and not keep:
             shutil.rmtree(tmp, ignore_errors=True)
 

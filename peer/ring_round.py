@@ -154,6 +154,11 @@ class RingRound:
             # and blame us before our own report (naming the real culprit) reaches the coordinator.
             link.shutdown()
             peer.metrics.exchanged("ring", link.bytes_sent, link.bytes_received)
+            if log.isEnabledFor(logging.DEBUG):  # which plane carried the round, and to where (benchmarks check it)
+                succ = plan.members[(me[0] + 1) % len(plan.members)]
+                sent, got = ((TORCH_PLANE, TORCH_PLANE) if isinstance(link, TorchLink)
+                             else (getattr(link, "sender_kind", "") or "-", getattr(link, "receiver_kind", "") or "-"))
+                log.debug("%s: data plane: sent %s to %s at %s, received %s", tag, sent, succ.peer_id, succ.address, got)
             self.under_way = ("", 0)
 
     def link(self, plan: types_pb2.Plan, rank: int) -> PeerLink:

@@ -192,6 +192,33 @@ def test_netem_lan_brings_and_removes_its_forward_rule(monkeypatch) -> None:
         netem.Lan(2, 100, pid=7).open()
     assert ["ip", "link", "del", "dmlb7"] in ran and delete not in ran
 
+def test_netem_bridge_address_commands(monkeypatch) -> None:
+    """With ``bridge_addr`` the root namespace gets an address on the bridge (a coordinator there
+    is reachable from every rank), right after the bridge is up; it is deleted before the bridge."""
+    netem = _load("netem")
+    plain = netem.setup_commands(4242, 2, 1000)
+    cmds = netem.setup_commands(4242, 2, 1000, bridge_addr=netem.BRIDGE_ADDR)
+    add = ["ip", "addr", "add", "10.213.0.254/24", "dev", "dmlb4242"]
+    assert cmds[:3] == [["ip", "link", "add", "dmlb4242", "type", "bridge"], ["ip", "link", "set", "dmlb4242", "up"], add]
+    assert cmds[3:] == plain[2:] and add not in plain
+    for bad in ("10.213.0.1", "10.9.0.254"):  # a rank's address, or off the subnet
+        with pytest.raises(ValueError):
+            netem.setup_commands(4242, 2, 1000, bridge_addr=bad)
+    delete = ["ip", "addr", "del", "10.213.0.254/24", "dev", "dmlb4242"]
+    down = netem.teardown_commands(4242, 2, bridge_addr=netem.BRIDGE_ADDR)
+    assert down[-2:] == [delete, ["ip", "link", "del", "dmlb4242"]]
+    assert down[:-2] == netem.teardown_commands(4242, 2)[:-1] and delete not in netem.teardown_commands(4242, 2)
+    # Lan passes it through both ways.
+    ran: list[list[str]] = []
+    monkeypatch.setattr(netem, "leftovers", lambda: [])
+    monkeypatch.setattr(netem.shutil, "which", lambda name: None if name == "iptables" else "/usr/sbin/" + name)
+    monkeypatch.setattr(netem, "_run", lambda cmd, check=True: ran.append(cmd) or netem.subprocess.CompletedProcess(cmd, 0, "", ""))
+    lan = netem.Lan(2, 1000, pid=4242, bridge_addr=netem.BRIDGE_ADDR).open()
+    assert add in ran and "10.213.0.254 on the bridge" in lan.describe()
+    lan.close()
+    assert ran[-2:] == [delete, ["ip", "link", "del", "dmlb4242"]]
+
+
 # -- chaos.py: what it reads from the job API and how it reports it --------------------------
 T0 = 1_700_000_000.0  # a Unix time; every time below is T0 + seconds
 

@@ -52,6 +52,34 @@ win = ro.allreduce_split(logs, 3, "J")
 out["windows"] = {f"{r},{e}": v for (r, e), v in win.items()}
 out["split_windows"] = ro.round_split(hist, 6, 2, {}, {(3, 1): (0.3, 0.5), (4, 1): (0.1, 0.2), (5, 1): (0.2, 0.3)})
 out["split_partial_windows"] = ro.round_split(hist, 6, 2, {}, win)
+# cluster(): the commands it starts, by default and placed (no process is started: _spawn and the
+# waits are stand-ins).
+spawned = []
+
+class FakeProc:
+    pid = 1
+
+    def poll(self):
+        return None
+
+ro._spawn = lambda cmd, log, procs: spawned.append([cmd, log.name]) or procs.append(FakeProc()) or procs[-1]
+ro.wait_for_port_file = lambda path, proc, timeout_s: 4321
+ro._wait_registered = lambda peers, logs, timeout_s: [f"p{i}" for i in range(len(peers))]
+ro.reap = lambda procs: spawned.append(["reaped", len(procs)])
+root = pathlib.Path(tempfile.mkdtemp())
+with ro.cluster(2, root, ("--allow-job-code",)) as c:
+    out["default_address"] = c.address
+with ro.cluster(2, root, ("--x",), coordinator_host="10.213.0.254", coordinator_args=("--tls-cert", "c"),
+                peer_hosts=["10.213.0.1", "10.213.0.2"], peer_prefixes=[("ip", "netns", "exec", "n0"), ("ip", "netns", "exec", "n1")]) as c:
+    out["placed_address"] = c.address
+try:
+    with ro.cluster(2, root, peer_hosts=["10.213.0.1"]):
+        pass
+    out["mismatch"] = ""
+except ValueError as e:
+    out["mismatch"] = str(e)
+out["spawned"] = [[[x.replace(str(root), "ROOT").replace(sys.executable, "PY") for x in cmd], log] if cmd != "reaped" else [cmd, log]
+                  for cmd, log in spawned]
 print(json.dumps(out))
 """
 
@@ -121,3 +149,25 @@ def test_bad_flag_exits_2() -> None:
                          cwd=ROOT, check=False)
     assert res.returncode == 2
     assert "--peers" in res.stderr and res.stdout == ""
+
+
+def test_cluster_commands_default_and_placed() -> None:
+    """cluster() starts the coordinator and the peers on 127.0.0.1 by default; with a host for the
+    coordinator (and its extra flags) and per peer a host and a command prefix (vs_ddp's emulated
+    LAN: ``ip netns exec NS``), each process gets exactly those."""
+    out = _run_child()
+    assert out["default_address"] == "127.0.0.1:4321" and out["placed_address"] == "10.213.0.254:4321"
+    assert "2 peers, 1 hosts" in out["mismatch"]
+    coord = ["PY", "-m", "dml.coordinator.cli", "--host", "127.0.0.1", "--port", "0", "--state-dir", "ROOT/state",
+             "--port-file", "ROOT/state/coordinator.port"]
+    peer = ["PY", "-m", "dml.peer.cli", "--coordinator", "127.0.0.1:4321", "--host", "127.0.0.1", "--port", "0",
+            "--device", "cpu", "--log-level", "DEBUG", "--join-token-file", "ROOT/state/secrets/join.token"]
+    (c0, l0), (p0, lp0), (p1, lp1), reaped, (c1, _), (q0, _), (q1, _), reaped2 = out["spawned"]
+    assert (l0, lp0, lp1) == ("coordinator.log", "peer-0.log", "peer-1.log") and reaped == reaped2 == ["reaped", 3]
+    assert c0 == coord
+    assert p0 == p1 == peer + ["--allow-job-code"]
+    assert c1 == coord[:4] + ["10.213.0.254"] + coord[5:] + ["--tls-cert", "c"]
+    for i, q in enumerate((q0, q1)):
+        assert q[:4] == ["ip", "netns", "exec", f"n{i}"]  # it execs: the pid spawned is the peer's
+        assert q[4:10] == ["PY", "-m", "dml.peer.cli", "--coordinator", "10.213.0.254:4321", "--host"]
+        assert q[10] == f"10.213.0.{i + 1}" and q[-1] == "--x"

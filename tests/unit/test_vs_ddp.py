@@ -28,7 +28,8 @@ def parse(argv):
         return {"exit": e.code, "stderr": err.getvalue()}
     return {"exit": None, "peers": a.peers, "tasks": a.task_list, "steps": a.steps, "k_grads": a.grads_local_steps,
             "k_params": a.local_steps, "batch": a.batch_size, "repeats": a.repeats, "json": a.json,
-            "lr": [v.task_lr(a, t) for t in a.task_list], "labels": [v.task_label(t) for t in a.task_list]}
+            "lr": [v.task_lr(a, t) for t in a.task_list], "labels": [v.task_label(t) for t in a.task_list],
+            "link_mbit": a.link_mbit}
 
 cases = json.loads(sys.argv[2])
 out = {"parse": [parse(c) for c in cases]}
@@ -69,11 +70,35 @@ for bad in ([{"round": 1, "consumed": {"a": [[0, 1, 0, 3]], "b": [[1, 1, 0, 4]]}
     except v.BenchError as e:
         errs.append(str(e))
 out["ledger_errors"] = errs
+# --link-mbit: where the cluster goes on an emulated LAN (a Lan object only names things: nothing is built).
+lan = v.netem.Lan(4, 1000, pid=42, bridge_addr=v.netem.BRIDGE_ADDR)
+out["placement"] = v.dml_placement(lan, 3, ["--tls-cert", "c.pem"])
+try:
+    v.dml_placement(v.netem.Lan(4, 1000, pid=42), 3, [])
+    out["placement_error"] = ""
+except ValueError as e:
+    out["placement_error"] = str(e)
+line = "DEBUG peer p job {job} round {r} epoch 1: data plane: sent {s} to q at {h}:4000, received {g}\n"
+texts = ["".join(line.format(job="J", r=r, s="tcp", h=f"10.213.0.{i % 3 + 1}", g="tcp") for r in (1, 2))
+         + line.format(job="OTHER", r=1, s="shm", h="127.0.0.1", g="shm") for i in range(3)]
+seen = v.data_plane_seen(texts, "J")
+out["seen"] = seen
+addrs = lan.addrs[:3]
+out["problems"] = [v.lan_plane_problem(seen, addrs), v.lan_plane_problem(v.data_plane_seen(texts, "OTHER"), addrs),
+                   v.lan_plane_problem(v.data_plane_seen(texts, "NONE"), addrs),
+                   v.lan_plane_problem(v.data_plane_seen([line.format(job="J", r=1, s="tcp", h="127.0.0.1", g="tcp")], "J"), addrs)]
+out["links"] = [v.link_line(None), v.link_line(lan)]
+# Without root or iproute2, --link-mbit exits 2 with a one-line reason, before anything starts.
+v.netem.check_prereqs = lambda: "--link-mbit builds network namespaces and needs root (run it as root)"
+err = io.StringIO()
+with contextlib.redirect_stderr(err):
+    out["no_root"] = [v.main(["--link-mbit", "1000"]), err.getvalue()]
 print(json.dumps(out))
 """
 
 GOOD = [[], ["--peers", "2,3,4", "--tasks", "synthetic:1M, digits,examples/cnn.py", "--steps", "20",
-             "--local-steps", "5", "--grads-local-steps", "4", "--repeats", "2", "--json", "--lr", "0.05"]]
+             "--local-steps", "5", "--grads-local-steps", "4", "--repeats", "2", "--json", "--lr", "0.05",
+             "--link-mbit", "100"]]
 BAD = {
     "must be a multiple of --grads-local-steps 10": ["--steps", "25", "--local-steps", "5"],
     "must be a multiple of --local-steps 3": ["--steps", "40", "--local-steps", "3"],
@@ -87,6 +112,9 @@ BAD = {
     "--ddp-warmup-steps must be below": ["--steps", "30", "--ddp-warmup-steps", "30"],
     "--lr must be below 100": ["--lr", "1000"],
     "--repeats": ["--repeats", "0"],
+    "--link-mbit must be 0 (loopback) or a positive rate in Mbit/s, got -1": ["--link-mbit", "-1"],
+    "--link-mbit must be 0 (loopback) or a positive rate in Mbit/s, got nan": ["--link-mbit", "nan"],
+    "--link-mbit must be 0 (loopback) or a positive rate in Mbit/s, got inf": ["--link-mbit", "inf"],
 }
 
 
@@ -110,6 +138,7 @@ def test_flags() -> None:
     assert custom["tasks"][2] == str(ROOT / "examples" / "cnn.py")  # a task file by its absolute path
     assert custom["labels"] == ["synthetic:1M", "digits", "examples/cnn.py"]
     assert custom["lr"] == [0.05, 0.05, 0.05]
+    assert default["link_mbit"] == 0 and custom["link_mbit"] == 100
     for (needle, _), got in zip(BAD.items(), out["parse"][len(GOOD):]):
         assert got["exit"] == 2, (needle, got)
         assert needle in got["stderr"], (needle, got["stderr"])
@@ -133,6 +162,7 @@ def test_step_times_and_rows() -> None:
               "samples_ratio"):
         assert k in dml, k
     assert out["no_ddp"]["step_ratio"] is None and out["no_ddp"]["samples_ratio"] is None
+    assert ddp["link_mbit"] == 0 and dml["link_mbit"] == 0  # every JSON row says its link
     grads, params = out["checks"]
     assert "--sync grads" in grads and "1.50 x" in grads and grads.endswith("NOT ok")
     assert "--sync params" in params and "4.00 x" in params and "-0.30 points" in params and params.endswith("-> ok")
@@ -156,3 +186,26 @@ def test_bad_flag_exits_2() -> None:
                          cwd=ROOT, check=False)
     assert res.returncode == 2
     assert "multiple of --grads-local-steps" in res.stderr and res.stdout == "" and "Traceback" not in res.stderr
+
+
+def test_link_mbit_placement_and_data_plane_check() -> None:
+    out = _run_child()
+    # The coordinator in the root namespace on the bridge's address, with the TLS flags; peer i in
+    # namespace i through `ip netns exec` (it execs: the pid spawned is the peer's), on rank i's address.
+    assert out["placement"] == {
+        "coordinator_host": "10.213.0.254", "coordinator_args": ["--tls-cert", "c.pem"],
+        "peer_hosts": ["10.213.0.1", "10.213.0.2", "10.213.0.3"],
+        "peer_prefixes": [["ip", "netns", "exec", f"dmlb-42-{i}"] for i in range(3)]}
+    assert "no root-namespace address" in out["placement_error"]
+    # The peers' DEBUG lines of job J: TCP both ways, successors on the LAN; the other job's shared memory is not counted.
+    assert out["seen"] == {"sent": ["tcp"], "received": ["tcp"],
+                           "successor_hosts": ["10.213.0.1", "10.213.0.2", "10.213.0.3"], "lines": 6}
+    ok, shm, none, loopback = out["problems"]
+    assert ok is None
+    assert "not TCP alone" in shm and "shm" in shm
+    assert "no data plane lines" in none
+    assert "127.0.0.1" in loopback and "off the emulated LAN" in loopback
+    plain, lan = out["links"]
+    assert "127.0.0.1" in plain and "1000 Mbit/s" in lan and "10.213.0.254" in lan and "TLS" in lan
+    code, err = out["no_root"]
+    assert code == 2 and err.strip().count("\n") == 0 and "needs root" in err and "Traceback" not in err
