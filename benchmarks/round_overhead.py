@@ -409,13 +409,20 @@ def _round(x: float | None, digits: int) -> float | None:
 def report_times(logs: pathlib.Path, peers: int, job_id: str) -> dict[tuple[int, int], float]:
     """(round, epoch) -> the slowest member's report time (s), from the peers' DEBUG lines."""
     out: dict[tuple[int, int], float] = {}
+    for m in _peer_lines(logs, peers, ROUND_RE, job_id):
+        key = (int(m.group(2)), int(m.group(3)))
+        out[key] = max(out.get(key, 0.0), float(m.group(6)))
+    return out
+
+
+def _peer_lines(logs: pathlib.Path, peers: int, pattern: re.Pattern[str], job_id: str) -> Iterator[re.Match[str]]:
+    """The matches of ``pattern`` (group 1: the job id) for ``job_id`` in peer-0..N-1.log; a
+    missing log has none."""
     for i in range(peers):
         with contextlib.suppress(OSError):
-            for m in ROUND_RE.finditer((logs / f"peer-{i}.log").read_text(errors="replace")):
+            for m in pattern.finditer((logs / f"peer-{i}.log").read_text(errors="replace")):
                 if m.group(1) == job_id:
-                    key = (int(m.group(2)), int(m.group(3)))
-                    out[key] = max(out.get(key, 0.0), float(m.group(6)))
-    return out
+                    yield m
 
 
 WINDOWS_RE = re.compile(r"job (\S+) round (\d+) epoch (\d+): all-reduce windows ((?:[\d.]+:[\d.]+ ?)+)")
@@ -430,12 +437,9 @@ def allreduce_split(logs: pathlib.Path, peers: int, job_id: str) -> dict[tuple[i
     minus the last entry; a round's figures are the sums over its all-reduces. Rounds where the
     members logged different numbers of all-reduces (a failed attempt) are left out."""
     got: dict[tuple[int, int], list[list[tuple[float, float]]]] = {}
-    for i in range(peers):
-        with contextlib.suppress(OSError):
-            for m in WINDOWS_RE.finditer((logs / f"peer-{i}.log").read_text(errors="replace")):
-                if m.group(1) == job_id:
-                    wins = [tuple(float(x) for x in w.split(":")) for w in m.group(4).split()]
-                    got.setdefault((int(m.group(2)), int(m.group(3))), []).append(wins)  # type: ignore[arg-type]
+    for m in _peer_lines(logs, peers, WINDOWS_RE, job_id):
+        wins = [tuple(float(x) for x in w.split(":")) for w in m.group(4).split()]
+        got.setdefault((int(m.group(2)), int(m.group(3))), []).append(wins)  # type: ignore[arg-type]
     out: dict[tuple[int, int], tuple[float, float]] = {}
     for key, members in got.items():
         if len(members) != peers or len({len(w) for w in members}) != 1:

@@ -112,7 +112,7 @@ def _synthetic(features: int = 256, classes: int = 10, n_train: int = 8192, n_te
     x = rng.standard_normal((n_train + n_test, features)).astype(np.float32)
     # The teacher's products 256 rows at a time: one GEMM over all rows made the BLAS keep a
     # packing buffer the size of ``x`` (10.5 MB, resident for the life of the process, measured
-    # per peer); row blocks give the same bits (tests/unit/test_tasks.py).
+    # per peer); row blocks give the same bits (tests/unit/test_spec_tasks.py).
     logits = np.concatenate([x[i : i + _ROWS] @ teacher for i in range(0, x.shape[0], _ROWS)])
     y = (logits + 0.5 * rng.standard_normal((n_train + n_test, classes))).argmax(1).astype(np.int64)
     return Dataset(x[:n_train], y[:n_train], x[n_train:], y[n_train:])
