@@ -343,6 +343,12 @@ def cluster(peers: int, root: pathlib.Path, peer_args: tuple[str, ...] = (), *,
     logs.mkdir(parents=True, exist_ok=True)
     port_file = state / "coordinator.port"
     port_file.unlink(missing_ok=True)
+    # Logs are appended to (a process restarted within a run keeps its history), so a --log-dir
+    # reused from an earlier run would hand _wait_registered, report_times and allreduce_split
+    # that run's lines: a "registered" line before this peer even imported torch (a baseline
+    # RSS of a few MB), and another cluster's timings.
+    for name in ["coordinator.log"] + [f"peer-{i}.log" for i in range(peers)]:
+        (logs / name).unlink(missing_ok=True)
     py = sys.executable
     procs: list[subprocess.Popen[bytes]] = []
     try:

@@ -62,11 +62,16 @@ class FakeProc:
     def poll(self):
         return None
 
-ro._spawn = lambda cmd, log, procs: spawned.append([cmd, log.name]) or procs.append(FakeProc()) or procs[-1]
+stale_at_spawn = []  # a log that still held an earlier run's lines when its process started
+ro._spawn = lambda cmd, log, procs: (stale_at_spawn.append(log.name) if log.exists() else None) or \
+    spawned.append([cmd, log.name]) or procs.append(FakeProc()) or procs[-1]
 ro.wait_for_port_file = lambda path, proc, timeout_s: 4321
 ro._wait_registered = lambda peers, logs, timeout_s: [f"p{i}" for i in range(len(peers))]
 ro.reap = lambda procs: spawned.append(["reaped", len(procs)])
 root = pathlib.Path(tempfile.mkdtemp())
+(root / "logs").mkdir()
+for name in ("coordinator.log", "peer-0.log", "peer-1.log"):  # a --log-dir reused from an earlier run
+    (root / "logs" / name).write_text("peer old: registered at 127.0.0.1:1 with coordinator 127.0.0.1:2\n")
 with ro.cluster(2, root, ("--allow-job-code",)) as c:
     out["default_address"] = c.address
 with ro.cluster(2, root, ("--x",), coordinator_host="10.213.0.254", coordinator_args=("--tls-cert", "c"),
@@ -78,6 +83,7 @@ try:
     out["mismatch"] = ""
 except ValueError as e:
     out["mismatch"] = str(e)
+out["stale_at_spawn"] = stale_at_spawn
 out["spawned"] = [[[x.replace(str(root), "ROOT").replace(sys.executable, "PY") for x in cmd], log] if cmd != "reaped" else [cmd, log]
                   for cmd, log in spawned]
 print(json.dumps(out))
@@ -158,6 +164,9 @@ def test_cluster_commands_default_and_placed() -> None:
     out = _run_child()
     assert out["default_address"] == "127.0.0.1:4321" and out["placed_address"] == "10.213.0.254:4321"
     assert "2 peers, 1 hosts" in out["mismatch"]
+    # An earlier run's logs are gone before anything starts: their "registered" lines would pass
+    # for this run's (a baseline RSS read before the peer imported torch).
+    assert out["stale_at_spawn"] == []
     coord = ["PY", "-m", "dml.coordinator.cli", "--host", "127.0.0.1", "--port", "0", "--state-dir", "ROOT/state",
              "--port-file", "ROOT/state/coordinator.port"]
     peer = ["PY", "-m", "dml.peer.cli", "--coordinator", "127.0.0.1:4321", "--host", "127.0.0.1", "--port", "0",
