@@ -61,17 +61,26 @@ def rms(x: np.ndarray) -> float:
     return math.sqrt(sum_squares(x) / x.size) if x.size else 0.0
 
 
-def update_norm(params: np.ndarray, base: np.ndarray) -> float:
-    """``||params - base||`` in float64, through small pieces: NaN or infinity when a parameter
-    is not finite, so ``math.isfinite(update_norm(...))`` is the member's own check."""
-    if params.shape != base.shape:
+def update_norm(params: np.ndarray, base: np.ndarray | None) -> float:
+    """``||params - base||`` (``||params||`` when ``base`` is None): NaN or infinity when a
+    parameter is not finite or a difference's square overflows float32 (``|d| > 1.8e19``), so
+    ``math.isfinite(update_norm(...))`` is the member's own check. Each piece of :data:`PIECE`
+    elements is differenced into one cache-resident float32 scratch and its squares summed there
+    (:func:`sum_squares`); the pieces' sums add up in float64. That is 2.5x faster than taking
+    every piece through float64 (17.7 to 7 ms at 10M here), and this runs on every round's
+    critical path; the norm is a report and a finiteness check, not part of any digest."""
+    if base is not None and params.shape != base.shape:
         raise ValueError(f"params and base differ in shape: {params.shape} vs {base.shape}")
     acc = 0.0
-    for s in range(0, params.size, PIECE):
-        d = params[s : s + PIECE].astype(np.float64)
-        np.subtract(d, base[s : s + PIECE], out=d)
-        np.multiply(d, d, out=d)
-        acc += float(d.sum())
+    d = np.empty(min(PIECE, params.size), dtype=np.float32)
+    with np.errstate(over="ignore", invalid="ignore"):
+        for s in range(0, params.size, PIECE):
+            n = min(PIECE, params.size - s)
+            if base is None:
+                acc += sum_squares(params[s : s + n])
+                continue
+            np.subtract(params[s : s + n], base[s : s + n], out=d[:n])
+            acc += sum_squares(d[:n])
     return math.sqrt(acc)
 
 

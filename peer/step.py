@@ -72,11 +72,12 @@ def check_own(params: np.ndarray, base: np.ndarray | None, what: str) -> float:
     """This member's check of its own result before it exchanges: returns the update's norm
     (``||params - base||``; with no ``base``, the parameters' norm) and raises
     :class:`NotFinite` when it is not finite (a NaN or infinity anywhere, or an overflow)."""
-    norm = update_norm(params, base if base is not None else np.zeros_like(params))
+    norm = update_norm(params, base)
     if not math.isfinite(norm):
         bad = int(np.count_nonzero(~np.isfinite(params)))
+        why = f"{bad} non-finite parameters" if bad else "every parameter finite, but absurd: a square overflows float32"
         raise NotFinite(f"{what}: own {'update' if base is not None else 'parameters'} not finite "
-                        f"(norm {norm}, {bad} non-finite parameters)")
+                        f"(norm {norm}, {why})")
     return norm
 
 

@@ -10,7 +10,7 @@ import pytest
 
 from dml.aggregation.averaging import delta_ring_average, weighted_ring_average
 from dml.aggregation.codecs import CODEC_NAMES, get_codec
-from dml.aggregation.guard import RATIO, Poisoned, RingGuard, update_norm
+from dml.aggregation.guard import PIECE, RATIO, Poisoned, RingGuard, update_norm
 from dml.aggregation.ring import ALL_GATHER, REDUCE_SCATTER, Span
 from tests.unit.ringkit import assert_bit_identical, run_members
 
@@ -176,3 +176,20 @@ def test_update_norm_is_the_members_own_check() -> None:
         assert not math.isfinite(update_norm(p, base))
     with pytest.raises(ValueError):
         update_norm(np.zeros(4, dtype=np.float32), base)
+    # No base: the parameters' own norm, without a model-sized array of zeros.
+    assert update_norm(np.array([0, 3, 4], dtype=np.float32), None) == pytest.approx(5.0)
+    # An absurd update (its square overflows float32) is not finite, as a gradient's is (rms).
+    assert not math.isfinite(update_norm(np.array([3e19, 0, 0, 0, 0], dtype=np.float32), base))
+
+
+def test_update_norm_matches_float64_across_pieces() -> None:
+    """Float32 per piece, float64 across them: within 1e-6 of the exact norm of a model-sized
+    update (several pieces and a ragged tail), also when the update is tiny beside the weights."""
+    rng = np.random.default_rng(3)
+    n = 5 * PIECE + 123
+    base = rng.standard_normal(n).astype(np.float32)
+    for scale in (1.0, 1e-4):
+        params = (base + scale * rng.standard_normal(n)).astype(np.float32)
+        exact = float(np.sqrt(np.sum((params.astype(np.float64) - base.astype(np.float64)) ** 2)))
+        assert update_norm(params, base) == pytest.approx(exact, rel=1e-6)
+    assert update_norm(base, base) == 0.0
