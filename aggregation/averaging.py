@@ -11,12 +11,12 @@ float operations on the same bytes, so results stay bit-identical.
 """
 from __future__ import annotations
 
-import hashlib
 
 import numpy as np
 
 from dml.aggregation.allreduce import DEFAULT_CHUNK_ELEMS, ring_allreduce
 from dml.aggregation.codecs import Codec
+from dml.aggregation.digests import digest  # noqa: F401 - re-exported: the members' parameter digest
 from dml.aggregation.guard import RingGuard
 from dml.aggregation.transport import RingLink
 
@@ -82,8 +82,3 @@ def weighted_mean(arrays: list[np.ndarray], weights: list[float]) -> np.ndarray:
         raise ValueError("need one weight per array and at least one array")
     w = np.asarray(weights, dtype=np.float64)
     return (np.stack([a.astype(np.float64) for a in arrays]) * w[:, None]).sum(0) / w.sum()
-
-
-def digest(params: np.ndarray) -> str:
-    """sha256 hex digest of a float32 buffer's bytes."""
-    return hashlib.sha256(np.ascontiguousarray(params).data).hexdigest()

@@ -3,7 +3,7 @@
     python benchmarks/gpu_check.py [--only cnn,mixed,torch,workers] [--rounds 30] [--timeout-s 150]
 
 Each check is one job on a fresh local cluster (a coordinator and peer processes on 127.0.0.1,
-TLS on as always). A round commits only when every member reports the same sha256 of its
+TLS on as always). A round commits only when every member reports the same digest of its
 parameters, so a job whose every round committed with every member proves its CUDA and CPU
 members bit-identical after each round.
 

@@ -3,7 +3,8 @@
 A checkpoint is a torch ``state_dict`` file (``dml model`` hands it to users as is): a zip
 archive whose float32 parameters are views of one flat storage, stored uncompressed as one
 entry (``<archive>/data/<key>``). That entry's bytes are exactly the flat float32 buffer the
-members' digest (``aggregation.averaging.digest``, sha256) is of, so the coordinator hashes it.
+members' digest (:mod:`dml.aggregation.digests`: BLAKE3, or sha256 for one made before it) is of,
+so the coordinator hashes it.
 An upload passes when one storage entry hashes to the claimed digest and the archive says it is
 little-endian; anything else (not a zip, no such entry, compressed storages) is refused.
 
@@ -26,7 +27,10 @@ import io
 import re
 import zipfile
 
+from dml.aggregation.digests import Hasher, new_hash
 from dml.coordinator.records import BadReport
+
+HASH_BLOCK = 8 << 20  # bytes read from an archive entry at a time
 
 
 # A training state holds the model, the optimizer's state (Adam: twice the parameters) and the
@@ -64,27 +68,27 @@ def _storages(data: bytes, what: str, archive: str = "torch archive") -> tuple[z
     return z, sorted(stored, key=lambda i: -i.file_size)  # the flat buffer is the largest
 
 
-def _hash(z: zipfile.ZipFile, info: zipfile.ZipInfo, h: hashlib._Hash) -> hashlib._Hash:
+def _hash(z: zipfile.ZipFile, info: zipfile.ZipInfo, h: Hasher) -> Hasher:
     with z.open(info) as f:
-        while block := f.read(1 << 20):
+        while block := f.read(HASH_BLOCK):  # large enough for BLAKE3's threads to share
             h.update(block)
     return h
 
 
 def verify_checkpoint(data: bytes, digest: str, averaged_state: bytes | None = None) -> None:
     """Raises :class:`BadCheckpoint` unless ``data`` is a state_dict archive holding a storage
-    whose sha256 is ``digest``; with ``averaged_state`` (the training state of an
+    whose digest (:mod:`dml.aggregation.digests`) is ``digest``; with ``averaged_state`` (the training state of an
     ``--optimizer-state average`` job), whose bytes followed by one of that archive's storages
     hash to ``digest``."""
     z, storages = _storages(data, "checkpoint", "torch state_dict archive")
     if averaged_state is None:
         for info in storages:
-            if _hash(z, info, hashlib.sha256()).hexdigest() == digest:
+            if _hash(z, info, new_hash(like=digest)).hexdigest() == digest:
                 return
         raise BadCheckpoint(f"no parameter storage in the checkpoint hashes to its claimed digest {digest[:16]}...")
     zs, state_storages = _storages(averaged_state, "training state")
     if storages:
-        params = _hash(z, storages[0], hashlib.sha256())
+        params = _hash(z, storages[0], new_hash(like=digest))
         for info in state_storages:  # the averaged tensors are the largest (Adam: twice the model)
             if _hash(zs, info, params.copy()).hexdigest() == digest:
                 return

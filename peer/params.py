@@ -143,7 +143,7 @@ class ParamStore:
         """Makes downloaded ``params`` (and training ``state``) round ``rnd``'s committed snapshot
         if their digest (``got``, computed by the caller when the digest covers the state; by
         default the parameters') is ``want``."""
-        if (got if got is not None else digest(params)) != want:
+        if (got if got is not None else digest(params, like=want)) != want:
             return False
         with self._lock:
             self._committed = Snapshot(job_id, rnd, params, want, state=state)

@@ -296,7 +296,7 @@ class RingRound:
                                     peer.peer_id, rnd, e)
                     else:
                         state = {n: doc[n] for n in trainer.state_parts}
-                        got = trainer.round_digest(params, state)
+                        got = trainer.round_digest(params, state, like=plan.start_digest)
                         if acceptable(plan, rnd, rnd, got) and self._take(plan.job_id, rnd, trainer, params, state,
                                                                          got, got, "the coordinator's checkpoint"):
                             return True
@@ -335,7 +335,7 @@ class RingRound:
         except Exception as e:  # noqa: BLE001 - whatever the bytes are, they are not round rnd's parameters
             log.warning("peer %s: round %d parameters from %s are unreadable: %s", peer.peer_id, rnd, source, e)
             return False
-        return self._take(job_id, rnd, trainer, params, state, want, trainer.round_digest(params, state), source)
+        return self._take(job_id, rnd, trainer, params, state, want, trainer.round_digest(params, state, like=want), source)
 
     def _take(self, job_id: str, rnd: int, trainer: Trainer, params: np.ndarray, state: dict, want: str,
               got: str, source: str) -> bool:

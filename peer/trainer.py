@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import hashlib
 import io
 import logging
 import math
@@ -28,6 +27,7 @@ import torch.nn.functional as F
 import dml.aggregation
 import dml.common
 import dml.peer
+from dml.aggregation import digests
 from dml.common.spec import PRECISIONS
 from dml.common.task import MAX_METRIC_NAME, MAX_METRICS, Context, Task
 from dml.peer import trainstate
@@ -531,12 +531,13 @@ class Trainer:
         """Loads a captured or downloaded training state (ValueError if it does not fit)."""
         trainstate.restore(self.state_parts, state)
 
-    def round_digest(self, params: np.ndarray, state: dict[str, Any] | None) -> str:
-        """The digest members compare for a round: of the parameters, and with
-        ``--optimizer-state average`` of the averaged optimizer tensors after them."""
+    def round_digest(self, params: np.ndarray, state: dict[str, Any] | None, like: str = "") -> str:
+        """The digest members compare for a round (:mod:`dml.aggregation.digests`): of the
+        parameters, and with ``--optimizer-state average`` of the averaged optimizer tensors after
+        them. ``like``: the digest this one is checked against (its algorithm is used)."""
         if not self.average_state or state is None:
-            return hashlib.sha256(np.ascontiguousarray(params).data).hexdigest()
-        return trainstate.hash_with(params, trainstate.averaged(state[trainstate.OPTIMIZER], self._param_shapes))
+            return digests.digest(params, like)
+        return trainstate.hash_with(params, trainstate.averaged(state[trainstate.OPTIMIZER], self._param_shapes), like)
 
     @property
     def averaged_shapes(self) -> list[tuple[int, ...]] | None:

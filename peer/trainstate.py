@@ -23,6 +23,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from dml.aggregation import digests
+
 FORMAT = 1
 RESERVED = ("format", "job_id", "round", "model", "spec")  # keys of the file that are not state parts
 OPTIMIZER = "optimizer"  # the part whose floating tensors --optimizer-state average averages
@@ -184,11 +186,12 @@ def averaged_numel(opt_state: Mapping[str, Any], shapes: list[tuple[int, ...]]) 
     return sum(t.numel() for t in averaged(opt_state, shapes))
 
 
-def hash_with(params: np.ndarray, tensors: Iterator[torch.Tensor]) -> str:
-    """sha256 of the parameters' bytes followed by each tensor's float32 bytes: the digest of a
-    round whose optimizer state is averaged (equal to ``digest`` of the buffer the all-reduce
-    averaged, parameters then state)."""
-    h = hashlib.sha256(np.ascontiguousarray(params).data)
+def hash_with(params: np.ndarray, tensors: Iterator[torch.Tensor], like: str = "") -> str:
+    """The digest of the parameters' bytes followed by each tensor's float32 bytes: the digest of
+    a round whose optimizer state is averaged (equal to ``digest`` of the buffer the all-reduce
+    averaged, parameters then state). ``like``: as for :func:`dml.aggregation.digests.new_hash`."""
+    h = digests.new_hash(like)
+    h.update(params)
     for t in tensors:
-        h.update(np.ascontiguousarray(t.detach().float().cpu().numpy().reshape(-1)).data)
+        h.update(t.detach().float().cpu().numpy())
     return h.hexdigest()

@@ -4,6 +4,7 @@ without it, it never comes back to the job, the quarantine survives a restart; r
 only when its bytes and its uploader's report match the committed digest."""
 from __future__ import annotations
 
+import hashlib
 import io
 import math
 
@@ -198,6 +199,14 @@ def test_checkpoint_bytes_must_hold_the_claimed_digest() -> None:
         verify_checkpoint(b"not a zip at all", digest(flat))
     with pytest.raises(BadCheckpoint):
         verify_checkpoint(_state_dict_bytes(np.zeros(10, dtype=np.float32)), digest(flat))
+    # A round committed before digests were BLAKE3 (a persisted sha256 one) still verifies, and
+    # still only for its own bytes; a large model's storage hashes across many read blocks.
+    legacy = hashlib.sha256(flat.tobytes()).hexdigest()
+    verify_checkpoint(data, legacy)
+    with pytest.raises(BadCheckpoint, match="hashes to its claimed digest"):
+        verify_checkpoint(data, hashlib.sha256(np.zeros(10, dtype=np.float32).tobytes()).hexdigest())
+    big = np.random.default_rng(0).standard_normal(5_000_000).astype(np.float32)  # 20 MB: 3 blocks
+    verify_checkpoint(_state_dict_bytes(big), digest(big))
 
 
 def test_a_checkpoint_counts_only_if_its_uploader_reported_the_committed_digest() -> None:

@@ -256,17 +256,38 @@ def test_weighted_mean_reference() -> None:
         weighted_mean([np.zeros(2)], [1.0, 2.0])
 
 
-def test_digest_is_sha256_of_bytes_and_sensitive_to_one_bit() -> None:
+def test_digest_is_blake3_of_bytes_and_sensitive_to_one_bit() -> None:
+    """A digest is "b3:" and the BLAKE3 hash of the float32 bytes (the reference: blake3 on
+    those bytes, one thread), whatever the threads; a legacy sha256 digest is recomputed as
+    sha256 when it is the one compared with (like=)."""
     import hashlib
 
+    from blake3 import blake3
+
+    from dml.aggregation import digests
+
     a = np.linspace(-1, 1, 100, dtype=np.float32)
-    assert digest(a) == hashlib.sha256(a.tobytes()).hexdigest()
+    assert digest(a) == "b3:" + blake3(a.tobytes()).hexdigest()
+    big = np.random.default_rng(0).standard_normal(3_000_001).astype(np.float32)  # many chunks: threads share it
+    assert digest(big) == "b3:" + blake3(big.tobytes()).hexdigest()
     assert digest(a) == digest(a.copy())
     b = a.copy()
     b.view(np.uint32)[37] ^= 1
     assert digest(b) != digest(a)
     # A non-contiguous view hashes its own values, not the base buffer.
-    assert digest(a[::2]) == hashlib.sha256(a[::2].copy().tobytes()).hexdigest()
+    assert digest(a[::2]) == "b3:" + blake3(a[::2].copy().tobytes()).hexdigest()
+    legacy = hashlib.sha256(a.tobytes()).hexdigest()
+    assert digests.is_legacy(legacy) and not digests.is_legacy(digest(a))
+    assert digest(a, like=legacy) == legacy and digest(a, like=digest(a)) == digest(a)
+    assert digest(b, like=legacy) != legacy
+    # Incremental hashing (checkpoints, a state after the parameters) equals hashing the whole.
+    h = digests.new_hash()
+    h.update(a[:40])
+    g = h.copy()
+    h.update(a[40:])
+    assert h.hexdigest() == digest(a)
+    g.update(a[40:].view(np.uint8).data)
+    assert g.hexdigest() == digest(a)
 
 
 # -- failures --------------------------------------------------------------------------------
