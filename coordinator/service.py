@@ -605,9 +605,11 @@ class Coordinator:
     def report(self, peer_id: str, job_id: str, rnd: int, epoch: int, rep: Report,
                build_next: Callable[[Job], T] | None = None, usage: DataUsage | None = None) -> tuple[bool, T | None]:
         """Records a round report (with the member's ``usage`` of the job's data, when it sent
-        one); returns whether it committed the round and, for a gossip step
-        (when ``build_next`` is given), ``build_next(job)`` for the member's next step, built
-        under the lock, so it need not ask for it."""
+        one); returns whether it committed the round and (when ``build_next`` is given)
+        ``build_next(job)`` for the member's next plan, built under the lock, so it need not ask
+        for it: a gossip step's next step, or, for the report that committed a ring round, the
+        next round (the member that reports last is the one the next round waits for: a GetPlan
+        fewer on its way there)."""
         with self._cond:
             self._check_writable()
             gossip = self.state.job(job_id).gossip.active
@@ -625,9 +627,10 @@ class Coordinator:
                              job_id, r.round, r.epoch, len(r.members), r.samples, r.test_accuracy, r.duration_ms)
                     self._prune_checkpoints(j)
             nxt = None
-            if gossip and build_next is not None:
+            if build_next is not None and (gossip or ch.committed):
                 job = self.state.plan_for(peer_id)
-                if job is not None and job.job_id == job_id and job.gossip.active:
+                if job is not None and job.job_id == job_id and (
+                        job.gossip.active if gossip else self.state.plan_key(job, peer_id) != (job_id, rnd, epoch)):
                     nxt = build_next(job)
             return bool(ch.committed), nxt
 

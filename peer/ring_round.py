@@ -105,13 +105,14 @@ class RingRound:
         self.watch = watch
         watch.on_lost(report)
 
-    def run(self, plan: types_pb2.Plan) -> None:
+    def run(self, plan: types_pb2.Plan) -> types_pb2.Plan | None:
         """Runs round ``plan.round`` if this peer is in its ring; failures are reported, not raised
-        (but :class:`Evicted` is)."""
+        (but :class:`Evicted` is). Returns the next plan when the report's answer carried one
+        (this member's report committed the round), else None: the caller asks for it."""
         peer = self._peer
         me = [i for i, m in enumerate(plan.members) if m.peer_id == peer.peer_id]
         if not me:
-            return
+            return None
         tag = f"peer {peer.peer_id} job {plan.job_id} round {plan.round} epoch {plan.epoch}"
         if not self._paused and faults.pause(peer.config.fault, plan.round, tag, log):
             self._paused = True  # once: a re-issued round after the test continues it runs
@@ -120,8 +121,9 @@ class RingRound:
         link: PeerLink | TorchLink = (self.torch_link(plan, me[0]) if plan.spec.data_plane == TORCH_PLANE
                                       else self._make_link(plan, me[0]))
         link.open_early()  # the stream to the successor is negotiated while we train
+        resp: control_pb2.ReportRoundResponse | None = None
         try:
-            self._train_and_average(plan, me[0], tag, link)
+            resp = self._train_and_average(plan, me[0], tag, link)
         except TaskError as e:
             log.error("%s: the task failed: %s", tag, e)
             report_failure(peer, plan, peer.peer_id, task_error_detail(e), control_pb2.FAILURE_KIND_TASK)
@@ -146,7 +148,7 @@ class RingRound:
         except Exception as e:
             if superseded(e):
                 log.info("%s: round superseded (%s)", tag, e)
-                return
+                return None
             log.exception("%s: local failure; leaving the ring so the round can go on without us", tag)
             report_failure(peer, plan, peer.peer_id, f"local failure: {e!r}")
         finally:
@@ -160,6 +162,7 @@ class RingRound:
                              else (getattr(link, "sender_kind", "") or "-", getattr(link, "receiver_kind", "") or "-"))
                 log.debug("%s: data plane: sent %s to %s at %s, received %s", tag, sent, succ.peer_id, succ.address, got)
             self.under_way = ("", 0)
+        return resp.next if resp is not None and resp.has_next else None
 
     def link(self, plan: types_pb2.Plan, rank: int) -> PeerLink:
         """The ring link for this round."""
@@ -437,7 +440,8 @@ class RingRound:
 
         return train
 
-    def _train_and_average(self, plan: types_pb2.Plan, rank: int, tag: str, link: PeerLink | TorchLink) -> None:
+    def _train_and_average(self, plan: types_pb2.Plan, rank: int, tag: str,
+                           link: PeerLink | TorchLink) -> control_pb2.ReportRoundResponse:
         peer = self._peer
         norm = 0.0
         grads = plan.spec.sync == "grads"
@@ -491,7 +495,7 @@ class RingRound:
                                       self.deadline_s, peer.stop_event)
 
         every = max(plan.spec.eval_every_rounds, 1)
-        train_and_report(peer, plan, rank, tag, "report round", prepare=lambda: self._prepare(plan),
+        return train_and_report(peer, plan, rank, tag, "report round", prepare=lambda: self._prepare(plan),
                          train=self._synced(plan, rank, tag, link) if grads else on_workers if peer.workers.multi else None,
                          average=average, results=results,
                          evaluate=rank == 0 and (plan.round % every == 0 or plan.round >= plan.spec.rounds))

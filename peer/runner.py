@@ -332,9 +332,8 @@ class Peer:
                     self._prefetch(plan)
                     if plan.gossip:  # a gossip step's report answers with the next step
                         plan = self._gossip_step.run(plan)
-                    else:
-                        self._ring.run(plan)
-                        plan = None
+                    else:  # and the report that commits a ring round with the next round
+                        plan = self._ring.run(plan)
             except Evicted as e:
                 log.warning("peer %s: %s", self.peer_id, e)
                 self._evicted.set()

@@ -438,3 +438,26 @@ def test_a_stopping_coordinator_ends_every_long_poll_at_once(tmp_path: pathlib.P
     assert not any(t.is_alive() for t in threads)
     assert isinstance(got["plan"], ShuttingDown) and isinstance(got["watch"], ShuttingDown), got
     coord.close()
+
+
+def test_the_report_that_commits_a_ring_round_answers_with_the_next_round(tmp_path: pathlib.Path) -> None:
+    """The member whose report completes a round gets its next plan in the answer (the same plan
+    GetPlan would give it: one call fewer for the member the next round waits for); a report
+    that does not commit gets none, nor does the one that commits a job's last round."""
+    coord = Coordinator(CoordinatorConfig(), MemoryStore(), tmp_path)
+    jid, a, b = two_peer_job(coord, rounds=2)
+    job = coord.state.job(jid)
+    rnd, epoch = job.round, job.epoch
+    plan_of = lambda j: (j.job_id, coord.state.plan_key(j, b))  # noqa: E731 - what build_next is handed
+    first = coord.report(a, jid, rnd, epoch, Report(samples=job.allocated(a), train_loss=1.0, digest=f"{rnd:064x}"),
+                         plan_of)
+    assert first == (False, None)
+    committed, nxt = coord.report(b, jid, rnd, epoch, Report(samples=job.allocated(b), train_loss=1.0,
+                                                             digest=f"{rnd:064x}"), plan_of)
+    assert committed and nxt == (jid, (jid, rnd + 1, epoch))
+    assert nxt == coord.wait_plan(b, (jid, rnd, epoch), 0.0, plan_of)  # what it would have asked for
+    job = coord.state.job(jid)
+    coord.report(a, jid, job.round, job.epoch, Report(samples=job.allocated(a), train_loss=1.0, digest="f" * 64), plan_of)
+    last = coord.report(b, jid, job.round, job.epoch, Report(samples=job.allocated(b), train_loss=1.0,
+                                                             digest="f" * 64), plan_of)
+    assert last == (True, None) and coord.state.job(jid).state == "SUCCEEDED"
