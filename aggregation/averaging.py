@@ -11,7 +11,6 @@ float operations on the same bytes, so results stay bit-identical.
 """
 from __future__ import annotations
 
-
 import numpy as np
 
 from dml.aggregation.allreduce import DEFAULT_CHUNK_ELEMS, ring_allreduce
