@@ -495,7 +495,7 @@ def run(name: str, a: argparse.Namespace, work: pathlib.Path, chaos: bool) -> di
             raise BenchError(f"no round committed with all {a.peers} peers in the ring within 120 s "
                              f"({'none committed' if seen is None else f'round {seen.round} with {len(seen.peers)}'}; "
                              f"see {cluster.log_dir})")
-        # The window opens at the commit of the first round seen, on the coordinator's clock.
+        # The window opens at that commit (the first with every peer), on the coordinator's clock.
         t_start = _s(first_commit.commit_ms)
         t_end = t_start + a.duration_s
         next_at = t_start + a.every_s
