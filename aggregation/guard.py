@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -61,8 +62,10 @@ def rms(x: np.ndarray) -> float:
     return math.sqrt(sum_squares(x) / x.size) if x.size else 0.0
 
 
-def update_norm(params: np.ndarray, base: np.ndarray | None) -> float:
-    """``||params - base||`` (``||params||`` when ``base`` is None): NaN or infinity when a
+def update_norm(params: np.ndarray, base: Any) -> float:
+    """``||params - base||`` (``||params||`` when ``base`` is None; ``base`` is an array or
+    anything whose ``base[s:e]`` gives that float32 piece, such as ``peer.diskcopy.DiskCopy``,
+    read one piece at a time): NaN or infinity when a
     parameter is not finite or a difference's square overflows float32 (``|d| > 1.8e19``), so
     ``math.isfinite(update_norm(...))`` is the member's own check. Each piece of :data:`PIECE`
     elements is differenced into one cache-resident float32 scratch and its squares summed there

@@ -200,6 +200,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="what a round averages: params (default), or grads (one all-reduce of gradients per local step)")
     p.add_argument("--local-steps", type=int_in(1), default=1,
                    help="SGD steps per peer per round (default 1: cheap training, the overhead is measured)")
+    p.add_argument("--committed-copy", choices=("memory", "disk"), default="memory",
+                   help="dml-peer --committed-copy: the committed parameters in memory (default) or in a "
+                        "file in the page cache (--committed-copy-dir is the log dir's disk)")
     p.add_argument("--batch-size", type=int_in(1), default=32, help="batch size (default 32)")
     p.add_argument("--lr", type=positive_float, default=0.01, help="learning rate (default 0.01)")
     p.add_argument("--timeout-s", type=positive_float, default=None,
@@ -526,7 +529,10 @@ def measure(a: argparse.Namespace, task: str, num_params: int, root: pathlib.Pat
     log = lambda msg: print(f"[{task}] {msg}", file=sys.stderr, flush=True)
     log(f"{num_params:,} parameters ({model_mb:.1f} MB); starting a coordinator and {a.peers} peers "
         f"(logs in {root / 'logs'})")
-    with cluster(a.peers, root) as c:
+    peer_args: tuple[str, ...] = ()
+    if a.committed_copy == "disk":
+        peer_args = ("--committed-copy", "disk", "--committed-copy-dir", str(root))
+    with cluster(a.peers, root, peer_args) as c:
         base = [proc_status_mb(p.pid)["VmRSS"] for p in c.peers]
         log(f"{len(c.peers)} peers registered after {time.monotonic() - t0:.1f}s at {c.address}; baseline RSS "
             + ", ".join(f"{x:.0f}" for x in base) + " MB")
@@ -578,7 +584,7 @@ def measure(a: argparse.Namespace, task: str, num_params: int, root: pathlib.Pat
     others = [x for i, x in enumerate(over) if i != evaluator]
     row: dict[str, Any] = {
         "task": task, "optimizer": optimizer, "params": num_params, "peers": a.peers, "rounds": rounds, "warmup": a.warmup,
-        "codec": a.codec, "data_plane": a.data_plane, "sync": a.sync, "local_steps": a.local_steps, "batch_size": a.batch_size,
+        "codec": a.codec, "data_plane": a.data_plane, "sync": a.sync, "committed_copy": a.committed_copy, "local_steps": a.local_steps, "batch_size": a.batch_size,
         "lr": lr, "job_id": job_id,
         **{k: split[k] for k in ("measured_rounds", "round_s", "train_s", "exchange_s", "eval_s", "coord_s",
                                  "plan_to_commit_s", "report_s", "wait_s", "allreduce_s")},

@@ -171,6 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="0 (default): every process on 127.0.0.1; R > 0: every DDP rank and dml peer in its own network "
                         "namespace of an emulated LAN (benchmarks/netem.py), its link shaped to R Mbit/s each way "
                         "(needs root and iproute2)")
+    p.add_argument("--committed-copy", choices=("memory", "disk"), default="memory",
+                   help="dml-peer --committed-copy for the dml peers: the committed parameters in memory (default) "
+                        "or in a file in the page cache, on the log dir's disk")
     p.add_argument("--json", action="store_true", help="one JSON object per configuration instead of the table")
     return p
 
@@ -302,7 +305,7 @@ def base_row(system: str, sync: str, task: str, peers: int, local_steps: int, a:
     s = spread(times)
     return {"system": system, "sync": sync, "task": task_label(task), "peers": peers, "local_steps": local_steps,
             "repeat": repeat, "steps": a.steps, "batch_size": a.batch_size, "lr": task_lr(a, task), "params": params,
-            "link_mbit": a.link_mbit,
+            "link_mbit": a.link_mbit, "committed_copy": a.committed_copy if system == "dml" else None,
             **s, "measured_steps": len(times), "samples_per_s": peers * a.batch_size / s["step_s"]}
 
 
@@ -699,6 +702,8 @@ def run_dml(a: argparse.Namespace, task: str, peers: int, sync: str, k: int, rep
                    checkpoint_every_rounds=rounds + 1, eval_every_rounds=rounds,
                    data_plane="tcp" if lan is not None else JobSpec().data_plane)
     peer_args = ("--data-dir", str(data_dir)) + (() if is_builtin(task) else ("--allow-job-code",))
+    if a.committed_copy == "disk":
+        peer_args += ("--committed-copy", "disk", "--committed-copy-dir", str(root))
     place: dict[str, Any] = {}
     tls_cfg = None
     if lan is not None:

@@ -22,6 +22,7 @@ from dml.common import portcheck, rpc, tls
 from dml.common.metrics import MetricsBindError
 from dml.common.spec import DEFAULT_POOL
 from dml.common.auth import AuthError, read_token_file
+from dml.peer import diskcopy
 from dml.peer.faults import parse_fault
 from dml.peer.worksplit import MAX_WORKERS
 
@@ -142,6 +143,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the most GB (1e9 bytes) of dataset chunks kept in --cache-dir, least recently used "
                         "punched out first (never one being read; env DML_CACHE_MAX_GB; "
                         "default 0: no limit)")
+    p.add_argument("--committed-copy", choices=("memory", "disk"), default=os.environ.get("DML_COMMITTED_COPY", "memory"),
+                   help="where the committed parameters a failed round restarts from are kept: memory (default), "
+                        "or disk, an unlinked file in --committed-copy-dir that lives in the page cache, which the "
+                        "kernel can write back and reclaim: a model's worth less resident memory, for a read or "
+                        "write through the kernel when a round commits, checks or restarts (env DML_COMMITTED_COPY)")
+    p.add_argument("--committed-copy-dir", type=pathlib.Path, default=os.environ.get("DML_COMMITTED_COPY_DIR") or None,
+                   help="with --committed-copy disk: a directory on a disk, not tmpfs (default /var/tmp; "
+                        "env DML_COMMITTED_COPY_DIR)")
     cliargs.add_cluster_flag(p)
     p.add_argument("--log-level", default=os.environ.get("DML_LOG_LEVEL", "INFO"), help="logging level")
     cliargs.add_metrics_flag(p)
@@ -170,6 +179,14 @@ def build_config(argv: list[str] | None = None) -> tuple[PeerConfig, argparse.Na
     data_dir = (a.data_dir or pathlib.Path.cwd()).resolve()
     if not data_dir.is_dir():
         p.error(f"--data-dir {a.data_dir}: no such directory")
+    disk_dir = None
+    if a.committed_copy == "disk":
+        disk_dir = (a.committed_copy_dir or diskcopy.default_dir()).resolve()
+        why = diskcopy.check_dir(disk_dir)
+        if why:
+            p.error(f"--committed-copy-dir: {why}")
+    elif a.committed_copy_dir is not None:
+        p.error("--committed-copy-dir is for --committed-copy disk")
     try:
         # With --gpus the workers hold the GPUs; the supervisor's own copy (exchange, evaluation)
         # stays on the CPU unless --device says otherwise.
@@ -188,7 +205,7 @@ def build_config(argv: list[str] | None = None) -> tuple[PeerConfig, argparse.Na
                      code_cache_dir=a.code_cache_dir.resolve() if a.code_cache_dir is not None else None,
                      cache_dir=(a.cache_dir or pathlib.Path.cwd() / ".dml-cache").resolve(),
                      cache_max_bytes=int(a.cache_max_gb * 1e9), workers=len(a.gpus) or a.workers,
-                     gpus=tuple(a.gpus))
+                     gpus=tuple(a.gpus), committed_copy_dir=disk_dir)
     return cfg, a
 
 

@@ -7,14 +7,16 @@ started from. Thread-safe: the exchange server serves them to joiners while the 
 changes them. Rules: docs/architecture.md."""
 from __future__ import annotations
 
+import hashlib
+import pathlib
 import threading
 from dataclasses import dataclass
-import hashlib
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from dml.aggregation.averaging import digest
+from dml.peer.diskcopy import DiskCopy
 
 if TYPE_CHECKING:
     from dml.peer.trainer import Trainer
@@ -26,7 +28,7 @@ class Snapshot:
 
     job_id: str
     round: int
-    params: np.ndarray
+    params: np.ndarray | DiskCopy  # a DiskCopy only for a committed snapshot (--committed-copy disk)
     digest: str
     live: bool = False  # params is the trainer's own buffer, not a copy
     state: dict[str, Any] | None = None  # the training state (a copy, never the trainer's own)
@@ -58,7 +60,8 @@ class ParamStore:
     """The job's trainer and its committed and tentative snapshots. Only the round loop changes
     them; the exchange server reads them (:meth:`serve`) from its own threads."""
 
-    def __init__(self) -> None:
+    def __init__(self, disk_dir: pathlib.Path | None = None) -> None:
+        self._disk_dir = disk_dir  # --committed-copy disk: committed parameters in a file here (peer.diskcopy)
         self._lock = threading.Lock()
         self._trainer: Trainer | None = None
         self._job_id = ""
@@ -80,7 +83,8 @@ class ParamStore:
         """A new trainer for ``job_id``, starting from ``committed`` (None: nothing committed yet)."""
         with self._lock:
             self._trainer, self._job_id = trainer, job_id
-            self._committed, self._tentative, self._spare = committed, None, None
+            self._committed = self._cold(committed) if committed is not None else None
+            self._tentative, self._spare = None, None
 
     def spare_state(self) -> dict[str, Any] | None:
         """A training state no snapshot holds any more (taken: the caller captures into it, so
@@ -127,16 +131,44 @@ class ParamStore:
 
     def _promote(self, tent: Snapshot) -> Snapshot:
         """The committed snapshot for a tentative one: a copy if it is the live buffer, made into
-        the old committed array when it fits (no new allocation). Called under the lock."""
+        the old committed array (or file) when it fits (no new allocation). Called under the lock."""
         if not tent.live:
-            return tent
+            return self._cold(tent)
         old = self._committed
-        if old is not None and old.params.shape == tent.params.shape and not np.shares_memory(old.params, tent.params):
+        if self._disk_dir is not None:
+            return Snapshot(tent.job_id, tent.round, self._on_disk(tent.params), tent.digest, state=tent.state)
+        if old is not None and isinstance(old.params, np.ndarray) and old.params.shape == tent.params.shape \
+                and not np.shares_memory(old.params, tent.params):
             np.copyto(old.params, tent.params)
             params = old.params
         else:
             params = tent.params.copy()
         return Snapshot(tent.job_id, tent.round, params, tent.digest, state=tent.state)
+
+    def _on_disk(self, params: np.ndarray | DiskCopy) -> DiskCopy:
+        """``params`` in a file: the old committed file rewritten when it fits, else a new one.
+        Called under the lock, with ``_disk_dir`` set."""
+        if isinstance(params, DiskCopy):
+            return params
+        old = self._committed
+        assert self._disk_dir is not None
+        if old is not None and isinstance(old.params, DiskCopy) and old.params.size == params.size:
+            try:
+                old.params.write(params)
+            except BaseException:
+                self._committed = None  # half overwritten: never serve or restore from it
+                raise
+            return old.params
+        return DiskCopy.of(self._disk_dir, params)
+
+    def _cold(self, snap: Snapshot) -> Snapshot:
+        """A committed snapshot as this store keeps it: with ``--committed-copy disk`` its
+        parameters move to a file (the array handed in is then no longer referenced here)."""
+        if self._disk_dir is None or isinstance(snap.params, DiskCopy):
+            return snap
+        if snap.live:
+            raise ValueError("a committed snapshot must not be the live buffer")
+        return Snapshot(snap.job_id, snap.round, self._on_disk(snap.params), snap.digest, state=snap.state)
 
     def adopt(self, job_id: str, rnd: int, params: np.ndarray, want: str,
               state: dict[str, Any] | None = None, got: str | None = None) -> bool:
@@ -146,7 +178,7 @@ class ParamStore:
         if (got if got is not None else digest(params, like=want)) != want:
             return False
         with self._lock:
-            self._committed = Snapshot(job_id, rnd, params, want, state=state)
+            self._committed = self._cold(Snapshot(job_id, rnd, params, want, state=state))
         return True
 
     def keep_own(self, job_id: str, rnd: int) -> None:
@@ -159,7 +191,7 @@ class ParamStore:
                 return
             params = trainer.params()
             state = trainer.capture_state()
-            self._committed = Snapshot(job_id, rnd, params, trainer.round_digest(params, state), state=state)
+            self._committed = self._cold(Snapshot(job_id, rnd, params, trainer.round_digest(params, state), state=state))
 
     def serve(self, job_id: str, rnd: int, training_state: bool = False) -> Served | None:
         """Round ``rnd`` of ``job_id`` (0: the latest held) as a state_dict file and, with
@@ -174,7 +206,7 @@ class ParamStore:
                 return None
             for snap in cands:
                 if rnd in (0, snap.round):
-                    model = trainer.state_dict_bytes(snap.params)
+                    model = trainer.state_dict_bytes(np.asarray(snap.params))  # a committed file: read whole
                     if not training_state:
                         return Served(snap.round, snap.digest, model)
                     if snap.state is None:

@@ -396,7 +396,7 @@ class RingRound:
         assert committed is not None
         residual = self._residual_for(plan.job_id, buf.size - 1)
         try:
-            delta_ring_average(buf[:-1], committed.params, samples / total, rank, world, link,
+            delta_ring_average(buf[:-1], np.asarray(committed.params), samples / total, rank, world, link,
                                self.deadline_s, self._codec(codec), residual, chunk, guard=guard)
         except BaseException:
             residual.fill(0.0)  # half-updated: drop it rather than feed back a wrong correction
@@ -467,7 +467,7 @@ class RingRound:
             # Like the lossy codecs, the first round (no committed digest yet proves the members
             # start from the same parameters) takes the average itself.
             if step is not None and plan.start_digest:
-                step.step(committed.params, buf[: trainer.numel])  # DiLoCo: the average becomes a pseudo-gradient
+                step.step(np.asarray(committed.params), buf[: trainer.numel])  # DiLoCo: the average becomes a pseudo-gradient
             trainer.load_exchange_buffer(buf)
 
         def results(trainer: Trainer, req: control_pb2.ReportRoundRequest) -> None:

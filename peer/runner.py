@@ -97,6 +97,7 @@ class PeerConfig:
     local_data: tuple[tuple[str, pathlib.Path], ...] = ()  # --data NAME=PATH: local datasets offered, by name
     workers: int = 1  # --workers: CPU training worker processes (peer.workers); 1: train in this process
     gpus: tuple[int, ...] = ()  # --gpus: one worker per listed CUDA device (then workers = len(gpus))
+    committed_copy_dir: pathlib.Path | None = None  # --committed-copy disk: where (peer.diskcopy); None: in memory
 
     def injected_fault(self, address: str) -> str:
         """Why this peer must act as if ``address`` were unreachable ("" when it need not)."""
@@ -110,7 +111,7 @@ class Peer:
         self.config = config
         self.stop_event = threading.Event()
         self.peer_id = ""
-        self.store = ParamStore()
+        self.store = ParamStore(config.committed_copy_dir)
         self.code_cache = CodeCache(config.code_cache_dir)  # task code fetched for jobs (peer.taskload)
         self.data_cache = ChunkCache(config.cache_dir, config.cache_max_bytes)  # datasets of jobs (peer.datacache)
         self.prefetch = Prefetcher()  # a plan's rows of a store dataset, fetched ahead of its batches

@@ -7,7 +7,7 @@ import math
 import time
 import traceback
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import grpc
 import numpy as np
@@ -68,7 +68,7 @@ class NotFinite(Exception):
     """This member's own parameters or update are not finite: it must not exchange them."""
 
 
-def check_own(params: np.ndarray, base: np.ndarray | None, what: str) -> float:
+def check_own(params: np.ndarray, base: Any, what: str) -> float:
     """This member's check of its own result before it exchanges: returns the update's norm
     (``||params - base||``; with no ``base``, the parameters' norm) and raises
     :class:`NotFinite` when it is not finite (a NaN or infinity anywhere, or an overflow)."""

@@ -32,6 +32,7 @@ from dml.common.spec import PRECISIONS
 from dml.common.task import MAX_METRIC_NAME, MAX_METRICS, Context, Task
 from dml.peer import trainstate
 from dml.peer.datacache import RowArray
+from dml.peer.diskcopy import DiskCopy
 
 log = logging.getLogger(__name__)
 EVAL_BATCH = 32
@@ -444,10 +445,16 @@ class Trainer:
         """A copy of the parameters (without the weight slot)."""
         return self.flat[: self.numel].cpu().numpy().copy()
 
-    def set_params(self, params: np.ndarray) -> None:
-        """Overwrites the parameters from a flat float32 array."""
+    def set_params(self, params: np.ndarray | DiskCopy) -> None:
+        """Overwrites the parameters from a flat float32 array (or a committed copy on disk,
+        read straight into the buffer on a CPU device)."""
         if params.size != self.numel:
             raise ValueError(f"parameter count mismatch: got {params.size}, model has {self.numel}")
+        if isinstance(params, DiskCopy):
+            if self.device.type == "cpu":
+                params.read_into(self.flat[: self.numel].numpy())
+                return
+            params = np.asarray(params)
         self.flat[: self.numel].copy_(torch.from_numpy(np.ascontiguousarray(params, dtype=np.float32)))
 
     def params_from_state_dict(self, sd: dict[str, Any]) -> np.ndarray:

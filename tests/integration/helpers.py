@@ -55,14 +55,16 @@ def operator_token(address: str) -> str:
 
 
 @contextlib.contextmanager
-def peers(address: str, n: int, exchange_timeout_s: float = 10.0, tls=None, pool: str = DEFAULT_POOL) -> Iterator[list[Peer]]:
+def peers(address: str, n: int, exchange_timeout_s: float = 10.0, tls=None, pool: str = DEFAULT_POOL,
+          committed_copy_dir=None) -> Iterator[list[Peer]]:
     """``n`` started peers of ``pool`` running their round loops in threads (plain text, or over
-    ``tls``), stopped on exit."""
+    ``tls``; keeping their committed copies in ``committed_copy_dir`` when given), stopped on exit."""
     started: list[Peer] = []
     try:
         for _ in range(n):
             p = Peer(PeerConfig(coordinator=address, join_token=join_token(address),
-                                exchange_timeout_s=exchange_timeout_s, plan_wait_s=1.0, tls=tls, pool=pool)).start()
+                                exchange_timeout_s=exchange_timeout_s, plan_wait_s=1.0, tls=tls, pool=pool,
+                                committed_copy_dir=committed_copy_dir)).start()
             p.run_in_thread()
             started.append(p)
         yield started

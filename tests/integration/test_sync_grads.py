@@ -19,6 +19,7 @@ from dml.peer.link import PeerLink
 from dml.peer import dataplane
 from dml.peer import link as link_module
 from dml.peer.faults import Fault
+from dml.peer.diskcopy import DiskCopy
 from dml.peer.runner import Peer, PeerConfig
 from tests.integration.helpers import (
     Member,
@@ -143,13 +144,16 @@ def test_a_grads_job_commits_with_identical_parameters_and_optimizer_state(tmp_p
         assert resp.history[-1].test_accuracy > resp.history[0].test_accuracy
 
 
-def test_a_member_killed_mid_round_reruns_it_from_the_committed_parameters_and_optimizer_state():
+@pytest.mark.parametrize("committed_copy", ["memory", "disk"])
+def test_a_member_killed_mid_round_reruns_it_from_the_committed_parameters_and_optimizer_state(committed_copy, tmp_path):
     """The victim dies in round 3's third step (it sends 50 frames of 512 elements a step here):
     the survivors have taken two optimizer steps of a round that never commits. The re-issued
     round starts from round 2's parameters and optimizer state, so once the job ends every
-    survivor has taken exactly one Adam step per committed step."""
+    survivor has taken exactly one Adam step per committed step. With ``disk`` the survivors
+    restart from committed copies read back from their files (``--committed-copy disk``)."""
     spec = dataclasses.replace(GRADS_JOB, rounds=6, min_peers=2, data_plane="tcp")
-    with coordinator(timing=SLOW_HEARTBEAT_EVICTION) as srv, peers(srv.address, 2) as ps:
+    disk = tmp_path if committed_copy == "disk" else None
+    with coordinator(timing=SLOW_HEARTBEAT_EVICTION) as srv, peers(srv.address, 2, committed_copy_dir=disk) as ps:
         victim = CrashingPeer(PeerConfig(coordinator=srv.address, join_token=join_token(srv.address), plan_wait_s=1.0,
                                          chunk_elems=512), at_round=3, after_chunks=120).start()
         try:
@@ -168,6 +172,7 @@ def test_a_member_killed_mid_round_reruns_it_from_the_committed_parameters_and_o
         assert got[0][0] == got[1][0] == resp.history[-1].digest
         assert_state_dicts_identical([g[1] for g in got])
         assert [_optimizer_steps(p.store.trainer_for(jid)) for p in ps] == [{spec.rounds * spec.local_steps}] * 2
+        assert all(isinstance(p.store.committed.params, DiskCopy) == (disk is not None) for p in ps)
         assert ledger_problems([history_dict(r) for r in resp.history], spec) == []
 
 

@@ -34,9 +34,9 @@ def adam_spec(**kw) -> JobSpec:
     return JobSpec(**base)
 
 
-def start_peer(address: str, cls=Peer, **kw) -> Peer:
+def start_peer(address: str, cls=Peer, disk_dir=None, **kw) -> Peer:
     p = cls(PeerConfig(coordinator=address, join_token=join_token(address), exchange_timeout_s=10.0,
-                       plan_wait_s=1.0), **kw).start()
+                       plan_wait_s=1.0, committed_copy_dir=disk_dir), **kw).start()
     p.run_in_thread()
     return p
 
@@ -66,13 +66,14 @@ class MisreportingPeer(Peer):
         self.client.stub = Stub()
 
 
-def run_job(spec: JobSpec, victim_round: int = 0) -> tuple[list[tuple[int, int, str]], list]:
-    """Runs ``spec`` on two peers (the second misreporting ``victim_round`` when given):
-    (round, epoch, digest) per committed round, and each peer's final optimizer state."""
+def run_job(spec: JobSpec, victim_round: int = 0, disk_dir=None) -> tuple[list[tuple[int, int, str]], list]:
+    """Runs ``spec`` on two peers (the second misreporting ``victim_round`` when given; both
+    keeping their committed copy in ``disk_dir`` when given): (round, epoch, digest) per
+    committed round, and each peer's final optimizer state."""
     with coordinator() as srv:
-        ps = [start_peer(srv.address)]
-        ps.append(start_peer(srv.address, MisreportingPeer, at_round=victim_round) if victim_round
-                  else start_peer(srv.address))
+        ps = [start_peer(srv.address, disk_dir=disk_dir)]
+        ps.append(start_peer(srv.address, MisreportingPeer, disk_dir=disk_dir, at_round=victim_round) if victim_round
+                  else start_peer(srv.address, disk_dir=disk_dir))
         try:
             stub = job_stub(srv.address)
             wait_for(lambda: srv.coordinator.view(lambda st: len(st.live_idle())) == 2, 30, "two idle peers")
@@ -86,10 +87,13 @@ def run_job(spec: JobSpec, victim_round: int = 0) -> tuple[list[tuple[int, int, 
     return [(r.round, r.epoch, r.digest) for r in resp.history], states
 
 
-def test_a_reissued_round_reproduces_the_failure_free_result_with_adam():
+@pytest.mark.parametrize("committed_copy", ["memory", "disk"])
+def test_a_reissued_round_reproduces_the_failure_free_result_with_adam(committed_copy, tmp_path):
+    """With ``disk`` the re-issued round restarts from the committed copy read back from its
+    file (``--committed-copy disk``), and still matches the clean run kept in memory."""
     spec = adam_spec()
     clean, clean_states = run_job(spec)
-    failed, failed_states = run_job(spec, victim_round=3)
+    failed, failed_states = run_job(spec, victim_round=3, disk_dir=tmp_path if committed_copy == "disk" else None)
     assert [r for r, _, _ in failed] == [1, 2, 3, 4]
     assert failed[2][1] > failed[1][1], "round 3 was re-issued under a new epoch"
     assert clean[2][1] == clean[1][1], "the clean run re-issued nothing"
