@@ -491,3 +491,28 @@ def test_federated_flags() -> None:
         with pytest.raises(SystemExit) as e:
             mod.parse_args(bad)
         assert e.value.code == 2, bad
+
+
+def test_memory_limit_flags_and_its_cgroup(monkeypatch: pytest.MonkeyPatch, tmp_path: pathlib.Path,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    mod = _load("memory_limit")
+    for bad in ([], ["--limit-mb", "10"], ["--limit-mb", "1000", "--modes", "swap"], ["--limit-mb", "1000", "--peers", "0"]):
+        with pytest.raises(SystemExit) as e:
+            mod.main(bad)
+        assert e.value.code == 2, bad
+    # A v1 hierarchy in a temp dir: the limit is written, the OOM kills and the peak read back.
+    v1 = tmp_path / "memory"
+    v1.mkdir()
+    (v1 / "memory.limit_in_bytes").write_text("9223372036854771712")
+    monkeypatch.setattr(mod, "V2", tmp_path / "no-v2")
+    monkeypatch.setattr(mod, "V1", v1)
+    cg = mod.Cgroup("x", 1650 * mod.MB)
+    assert (v1 / "x" / "memory.limit_in_bytes").read_text() == str(1650 * mod.MB)
+    (v1 / "x" / "memory.oom_control").write_text("oom_kill_disable 0\nunder_oom 0\noom_kill 3\n")
+    (v1 / "x" / "memory.max_usage_in_bytes").write_text(str(1600 * mod.MB))
+    assert cg.oom_kills() == 3 and cg.peak_mb() == 1600.0
+    assert cg.prefix()[:2] == ["sh", "-c"] and str(v1 / "x" / "cgroup.procs") in cg.prefix()[2]
+    # No memory cgroup at all: exit 2 with the reason, not a traceback.
+    monkeypatch.setattr(mod, "V1", tmp_path / "no-v1")
+    assert mod.main(["--limit-mb", "1000"]) == 2
+    assert "no memory cgroup" in capsys.readouterr().err
