@@ -21,7 +21,7 @@ from collections.abc import Iterator
 import grpc
 from dml.v1 import control_pb2, control_pb2_grpc, data_pb2, data_pb2_grpc, jobs_pb2, jobs_pb2_grpc, types_pb2
 
-from dml.common import limits
+from dml.common import limits, version
 from dml.common.limits import MAX_WORKERS
 from dml.common.auth import KEY_BYTES
 from dml.coordinator.checkpoint import MAX_STATE_RATIO, STATE_SLACK_BYTES, max_training_state_bytes
@@ -312,6 +312,8 @@ class PeerControlServicer(control_pb2_grpc.PeerControlServicer):
     def RegisterPeer(self, request: control_pb2.RegisterPeerRequest, context: grpc.ServicerContext) -> control_pb2.RegisterPeerResponse:
         _check(context, request)
         check_cluster(self._c, context, request.cluster_id)
+        if why := version.mismatch(version.PROTOCOL_VERSION, request.protocol_version, "this coordinator", "the peer"):
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"cannot register: {why}")
         try:
             limits.dialable_address(request.address)
         except ValueError as e:
@@ -350,7 +352,7 @@ class PeerControlServicer(control_pb2_grpc.PeerControlServicer):
             return control_pb2.RegisterPeerResponse(
                 peer_id=pid, heartbeat_interval_ms=cfg.heartbeat_interval_ms, peer_timeout_ms=cfg.peer_timeout_ms,
                 round_deadline_ms=cfg.round_deadline_ms, cluster_id=self._c.cluster_id, peer_token=token,
-                coordinator_public_key=self._c.public_key,
+                coordinator_public_key=self._c.public_key, protocol_version=version.PROTOCOL_VERSION,
             )
         raise AssertionError("unreachable")
 

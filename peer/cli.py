@@ -23,6 +23,7 @@ from dml.common.metrics import MetricsBindError
 from dml.common.spec import DEFAULT_POOL
 from dml.common.auth import AuthError, read_token_file
 from dml.peer import diskcopy
+from dml.peer.client import VersionMismatch
 from dml.peer.faults import parse_fault
 from dml.peer.worksplit import MAX_WORKERS
 
@@ -258,6 +259,10 @@ def main(argv: list[str] | None = None) -> None:
     lifeline.on_stop_signals(lambda _signum: peer.stop_event.set())  # set on a thread, never in a signal handler
     try:
         peer.start()
+    except VersionMismatch as e:
+        print(f"dml-peer: {cfg.coordinator}: {e}", file=sys.stderr)
+        peer.stop()
+        leave(2)
     except grpc.RpcError as e:
         code = e.code() if isinstance(e, grpc.Call) else None
         if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
@@ -274,6 +279,9 @@ def main(argv: list[str] | None = None) -> None:
     while not peer.stop_event.wait(1.0):  # set by SIGINT/SIGTERM, or if the round loop dies
         pass
     peer.stop()
+    if peer.fatal:  # e.g. a coordinator restarted on another release
+        print(f"dml-peer: {peer.fatal}", file=sys.stderr)
+        leave(2)
     leave()
 
 

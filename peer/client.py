@@ -20,7 +20,7 @@ import grpc
 import numpy as np
 from dml.v1 import control_pb2, control_pb2_grpc, data_pb2, data_pb2_grpc
 
-from dml.common import auth, rpc
+from dml.common import auth, rpc, version
 from dml.peer.auth import PeerCredentials
 from dml.common.tls import TlsConfig
 
@@ -57,6 +57,10 @@ class TaskCodeMissing(Exception):
 
 class DatasetMissing(Exception):
     """The coordinator's store holds no such dataset or chunk (GetDataset's or GetChunk's NOT_FOUND)."""
+
+
+class VersionMismatch(Exception):
+    """The coordinator speaks another dml protocol version than this peer (common.version)."""
 
 
 class WrongCluster(grpc.RpcError):
@@ -242,10 +246,21 @@ class ControlClient:
                     has_cache_free=cache_free is not None, cache_free_bytes=cache_free or 0,
                     local_datasets=local_datasets or [], workers=workers,
                     worker_devices=worker_devices or []),
-                cluster_id=self.cluster_id, public_key=self.credentials.public_key)
-            resp: control_pb2.RegisterPeerResponse = self.stub.RegisterPeer(req, timeout=CALL_TIMEOUT_S)
+                cluster_id=self.cluster_id, public_key=self.credentials.public_key,
+                protocol_version=version.PROTOCOL_VERSION)
+            try:
+                resp: control_pb2.RegisterPeerResponse = self.stub.RegisterPeer(req, timeout=CALL_TIMEOUT_S)
+            except grpc.RpcError as e:
+                # RegisterPeer's FAILED_PRECONDITION is another cluster (its id in the metadata,
+                # retried by call()) or another protocol version, which no retry mends.
+                if isinstance(e, grpc.Call) and e.code() == grpc.StatusCode.FAILED_PRECONDITION \
+                        and refusing_cluster(e) is None:
+                    raise VersionMismatch(e.details() or "the coordinator refused this peer's protocol version") from None
+                raise
             if not self.answer_ok(resp.cluster_id, "register"):
                 raise WrongCluster(resp.cluster_id)
+            if why := version.mismatch(version.PROTOCOL_VERSION, resp.protocol_version, "this peer", "the coordinator"):
+                raise VersionMismatch(why)
             return resp
 
         resp = self.call(attempt, "register", registered=False)

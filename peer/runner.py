@@ -22,7 +22,7 @@ from dml.common.tls import TlsConfig
 from dml.peer import datausage, shm
 from dml.peer.advertise import address_problem, advertise_host
 from dml.peer.auth import ExchangeGuard, PeerCredentials
-from dml.peer.client import CALL_TIMEOUT_S, ControlClient, Evicted, evicted_code, refusing_cluster
+from dml.peer.client import CALL_TIMEOUT_S, ControlClient, Evicted, VersionMismatch, evicted_code, refusing_cluster
 from dml.peer.datacache import ChunkCache, StoreSource
 from dml.peer.exchange import ExchangeServicer, add_exchange_to_server, call_policies, guarded_method
 from dml.peer.faults import Fault
@@ -124,6 +124,7 @@ class Peer:
         self._heartbeat_s = 0.5
         self.metrics = PeerMetrics()
         self.held_out = ""  # why the coordinator holds this peer out of a job's rings ("" when it does not)
+        self.fatal = ""  # why the round loop stopped the peer for good ("": it did not)
         self.credentials = PeerCredentials(config.join_token)
         self.servicer = ExchangeServicer(self.store.serve, recv_timeout_s=config.exchange_timeout_s,
                                          data_plane_host=config.host if config.tcp else None, tls=config.tls)
@@ -338,6 +339,11 @@ class Peer:
             except Evicted as e:
                 log.warning("peer %s: %s", self.peer_id, e)
                 self._evicted.set()
+            except VersionMismatch as e:  # re-registering with a coordinator of another release
+                self.fatal = f"{self.config.coordinator}: {e}"
+                log.critical("peer %s: %s; stopping", self.peer_id, self.fatal)
+                self.stop_event.set()
+                return
             except grpc.RpcError as e:
                 if self.stop_event.is_set():
                     return

@@ -16,6 +16,7 @@ from dml.v1 import control_pb2, control_pb2_grpc, exchange_pb2, exchange_pb2_grp
 from dml.common import auth, rpc
 from dml.common.spec import JobSpec, spec_to_pb
 from dml.peer.runner import Peer
+from dml.common.version import PROTOCOL_VERSION
 from tests.integration.helpers import audit_metadata, coordinator, held_rounds, job_stub, join_token, peers, wait_for
 
 # Two shards: a job takes at most two members, so a third peer stays idle (an outsider).
@@ -106,7 +107,7 @@ def test_health_and_reflection_stay_open() -> None:
 
 def test_registering_without_the_join_token_is_unauthenticated() -> None:
     with running(RING) as (srv, ps, jid, stub):
-        req = control_pb2.RegisterPeerRequest(address="127.0.0.1:9", public_key=b"k" * 32)
+        req = control_pb2.RegisterPeerRequest(protocol_version=PROTOCOL_VERSION, address="127.0.0.1:9", public_key=b"k" * 32)
         for token in ("", "wrong", ps[0].credentials.peer_token, srv.secrets.operator_token):
             assert _code(lambda: _control(srv.address, token).RegisterPeer(req, timeout=10)) == UNAUTHENTICATED  # noqa: B023
         assert len(srv.coordinator.state.peers) == 2, "no fake peer registered"

@@ -22,6 +22,7 @@ from dml.common.datasets import CHUNK_BYTES
 from dml.peer.datacache import ChunkCache, StoreSource, manifest_of
 from dml.peer.runner import Peer, PeerConfig
 from dml.common import auth, rpc
+from dml.common.version import PROTOCOL_VERSION
 from dml.v1 import control_pb2, control_pb2_grpc, jobs_pb2, types_pb2
 from tests.integration.helpers import coordinator, job_stub, join_token, operator_token, take_ready, wait_for
 
@@ -165,11 +166,11 @@ def test_the_coordinator_refuses_data_usage_that_cannot_be_true(tmp_path: pathli
         with rpc.channel(srv.address) as ch:
             joiner = control_pb2_grpc.PeerControlStub(auth.with_token(ch, join_token(srv.address)))
             with pytest.raises(grpc.RpcError) as e:
-                joiner.RegisterPeer(control_pb2.RegisterPeerRequest(
+                joiner.RegisterPeer(control_pb2.RegisterPeerRequest(protocol_version=PROTOCOL_VERSION,
                     address="127.0.0.1:9", public_key=bytes(32),
                     capability=control_pb2.PeerCapability(has_cache_free=True, cache_free_bytes=1 << 62)), timeout=10)
             assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "cache_free_bytes" in e.value.details()
-            reg = joiner.RegisterPeer(control_pb2.RegisterPeerRequest(address="127.0.0.1:9", public_key=bytes(32)),
+            reg = joiner.RegisterPeer(control_pb2.RegisterPeerRequest(protocol_version=PROTOCOL_VERSION, address="127.0.0.1:9", public_key=bytes(32)),
                                       timeout=10)
         jid = _dml(capsys, srv.address, token, "submit", "--task", "digits", "--dataset", "tiny", "--num-shards", "4",
                    "--min-peers", "2")
@@ -223,7 +224,7 @@ def test_a_member_gets_the_indices_of_its_own_shards_and_nothing_else(tmp_path: 
     with _tiny_store(tmp_path, capsys) as (srv, token):
         with rpc.channel(srv.address) as ch:
             joiner = control_pb2_grpc.PeerControlStub(auth.with_token(ch, join_token(srv.address)))
-            regs = [joiner.RegisterPeer(control_pb2.RegisterPeerRequest(address=f"127.0.0.1:{9 + i}",
+            regs = [joiner.RegisterPeer(control_pb2.RegisterPeerRequest(protocol_version=PROTOCOL_VERSION, address=f"127.0.0.1:{9 + i}",
                                                                          public_key=bytes(32)), timeout=10)
                     for i in range(2)]
         jid = _dml(capsys, srv.address, token, "submit", "--task", "digits", "--dataset", "tiny", "--num-shards", "4",

@@ -17,6 +17,7 @@ from dml.common import auth, rpc
 from dml.common.datasets import CHUNK_BYTES, chunk_digest
 from dml.coordinator.server import CoordinatorServer, ServerConfig
 from dml.v1 import control_pb2, control_pb2_grpc, data_pb2, data_pb2_grpc
+from dml.common.version import PROTOCOL_VERSION
 from tests.integration.helpers import _SERVERS, FAST, coordinator, join_token, operator_token, track
 
 
@@ -150,7 +151,7 @@ def test_who_may_call_what_and_hostile_requests_are_refused(tmp_path: pathlib.Pa
     with coordinator(max_dataset_bytes=10) as srv:
         op = _stub(srv.address, operator_token(srv.address))
         reg = control_pb2_grpc.PeerControlStub(auth.with_token(rpc.channel(srv.address), join_token(srv.address)))
-        peer_token = reg.RegisterPeer(control_pb2.RegisterPeerRequest(address="127.0.0.1:9", public_key=b"k" * 32),
+        peer_token = reg.RegisterPeer(control_pb2.RegisterPeerRequest(protocol_version=PROTOCOL_VERSION, address="127.0.0.1:9", public_key=b"k" * 32),
                                       timeout=10).peer_token
         peer, anon = _stub(srv.address, peer_token), _stub(srv.address, "")
         joiner = _stub(srv.address, join_token(srv.address))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dml.common.spec import JobSpec
 from dml.v1 import jobs_pb2, types_pb2
+from dml.common.version import PROTOCOL_VERSION
 from tests.integration.helpers import coordinator, job_stub, peers, wait_for
 from tests.integration.test_cluster import _job, _submit
 
@@ -58,7 +59,7 @@ def test_report_failure_kinds_the_held_out_reason_in_heartbeats_and_held_out_in_
             s.bind(("127.0.0.1", 0))
             s.listen()
         joining = control_pb2_grpc.PeerControlStub(auth.with_token(ch, join_token(srv.address)))
-        regs = [joining.RegisterPeer(control_pb2.RegisterPeerRequest(address=f"127.0.0.1:{s.getsockname()[1]}"),
+        regs = [joining.RegisterPeer(control_pb2.RegisterPeerRequest(protocol_version=PROTOCOL_VERSION, address=f"127.0.0.1:{s.getsockname()[1]}"),
                                      timeout=10) for s in (la, lb)]
         a, b = (r.peer_id for r in regs)
         ctl, ctl_b = (control_pb2_grpc.PeerControlStub(auth.with_token(ch, r.peer_token)) for r in regs)  # as a, as b

@@ -18,6 +18,7 @@ from dml.peer import dataplane, inbox
 from dml.peer.exchange import FRAMES_METHOD, ExchangeServicer, add_exchange_to_server, call_policies
 from dml.peer.runner import EXCHANGE_WORKERS
 from dml.v1 import control_pb2, control_pb2_grpc, exchange_pb2, exchange_pb2_grpc, jobs_pb2, jobs_pb2_grpc
+from dml.common.version import PROTOCOL_VERSION
 from tests.integration.helpers import wait_for
 
 SLOW = "/t.Limits/Slow"  # unary: blocks until released
@@ -167,7 +168,7 @@ def test_idle_uploads_cannot_take_the_coordinators_pool(coord):
     health = health_pb2_grpc.HealthStub(channel)
     assert health.Check(health_pb2.HealthCheckRequest(service=""), timeout=5).status == \
         health_pb2.HealthCheckResponse.SERVING
-    peer_id = stub.RegisterPeer(control_pb2.RegisterPeerRequest(address="127.0.0.1:5999"), timeout=5).peer_id
+    peer_id = stub.RegisterPeer(control_pb2.RegisterPeerRequest(protocol_version=PROTOCOL_VERSION, address="127.0.0.1:5999"), timeout=5).peer_id
     stub.Heartbeat(control_pb2.HeartbeatRequest(peer_id=peer_id), timeout=5)
     codes = sorted(code_of(f, 30).name for f in futs)  # the admitted ones: cut after 5 s without a message
     release.set()
@@ -181,7 +182,7 @@ def test_idle_uploads_cannot_take_the_coordinators_pool(coord):
 def test_registration_refuses_addresses_nobody_can_dial(coord, address):
     _, channel = coord
     with pytest.raises(grpc.RpcError) as e:
-        control_pb2_grpc.PeerControlStub(channel).RegisterPeer(control_pb2.RegisterPeerRequest(address=address),
+        control_pb2_grpc.PeerControlStub(channel).RegisterPeer(control_pb2.RegisterPeerRequest(protocol_version=PROTOCOL_VERSION, address=address),
                                                                 timeout=5)
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "address" in e.value.details()
 
@@ -190,13 +191,13 @@ def test_registration_refuses_addresses_nobody_can_dial(coord, address):
 def test_registration_takes_dialable_addresses(coord, address):
     _, channel = coord
     assert control_pb2_grpc.PeerControlStub(channel).RegisterPeer(
-        control_pb2.RegisterPeerRequest(address=address), timeout=5).peer_id
+        control_pb2.RegisterPeerRequest(protocol_version=PROTOCOL_VERSION, address=address), timeout=5).peer_id
 
 
 def test_long_strings_are_invalid_argument(coord):
     _, channel = coord
     ctl, jobs = control_pb2_grpc.PeerControlStub(channel), jobs_pb2_grpc.JobServiceStub(channel)
-    peer_id = ctl.RegisterPeer(control_pb2.RegisterPeerRequest(address="127.0.0.1:5998"), timeout=5).peer_id
+    peer_id = ctl.RegisterPeer(control_pb2.RegisterPeerRequest(protocol_version=PROTOCOL_VERSION, address="127.0.0.1:5998"), timeout=5).peer_id
     calls = [
         lambda: ctl.Heartbeat(control_pb2.HeartbeatRequest(peer_id="p" * 257), timeout=5),
         lambda: ctl.ReportFailure(control_pb2.ReportFailureRequest(peer_id=peer_id, job_id="j", detail="d" * 5000),
@@ -206,7 +207,7 @@ def test_long_strings_are_invalid_argument(coord):
         lambda: ctl.GetPlan(control_pb2.GetPlanRequest(peer_id=peer_id, last_job_id="j" * 300), timeout=5),
         lambda: ctl.UploadCheckpoint(iter([control_pb2.CheckpointChunk(peer_id=peer_id, job_id="j" * 300)]),
                                      timeout=5),
-        lambda: ctl.RegisterPeer(control_pb2.RegisterPeerRequest(address="127.0.0.1:1", cluster_id="c" * 300),
+        lambda: ctl.RegisterPeer(control_pb2.RegisterPeerRequest(protocol_version=PROTOCOL_VERSION, address="127.0.0.1:1", cluster_id="c" * 300),
                                  timeout=5),
         lambda: jobs.GetJob(jobs_pb2.GetJobRequest(job_id="j" * 300), timeout=5),
         lambda: jobs.CancelJob(jobs_pb2.CancelJobRequest(job_id="j" * 300), timeout=5),

@@ -17,6 +17,7 @@ from dml.client.api import ApiError, JobClient
 from dml.common import auth, rpc
 from dml.common.spec import JobSpec
 from dml.peer.runner import Peer, PeerConfig
+from dml.common.version import PROTOCOL_VERSION
 from tests.integration.helpers import FAST, coordinator, join_token, operator_token, wait_for
 
 TASK = str(pathlib.Path(__file__).resolve().parents[2] / "examples" / "digits_csv.py")
@@ -25,7 +26,7 @@ TASK = str(pathlib.Path(__file__).resolve().parents[2] / "examples" / "digits_cs
 def _register(address: str, port: int, names: list[str]) -> control_pb2.RegisterPeerResponse:
     with rpc.channel(address) as ch:
         return control_pb2_grpc.PeerControlStub(auth.with_token(ch, join_token(address))).RegisterPeer(
-            control_pb2.RegisterPeerRequest(address=f"127.0.0.1:{port}", public_key=bytes(32),
+            control_pb2.RegisterPeerRequest(protocol_version=PROTOCOL_VERSION, address=f"127.0.0.1:{port}", public_key=bytes(32),
                                             capability=control_pb2.PeerCapability(local_datasets=names)), timeout=10)
 
 

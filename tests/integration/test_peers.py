@@ -12,6 +12,7 @@ from dml.client import cli
 from dml.common import auth, rpc
 from dml.common.spec import JobSpec, spec_to_pb
 from dml.v1 import control_pb2, control_pb2_grpc, jobs_pb2, jobs_pb2_grpc, types_pb2
+from dml.common.version import PROTOCOL_VERSION
 from tests.integration.helpers import coordinator, job_stub, join_token, operator_token, peers, wait_for
 
 # Twenty steps a round: milliseconds of training that the reports' whole milliseconds count.
@@ -50,7 +51,7 @@ def test_dml_peers_shows_pools_jobs_states_and_utilisation(tmp_path, capsys) -> 
                     jobs_pb2.ListPeersRequest(), timeout=10)
             with pytest.raises(grpc.RpcError) as bad_pool:  # a hostile pool name is refused at registration
                 control_pb2_grpc.PeerControlStub(auth.with_token(ch, join_token(srv.address))).RegisterPeer(
-                    control_pb2.RegisterPeerRequest(address="127.0.0.1:9", capability=control_pb2.PeerCapability(
+                    control_pb2.RegisterPeerRequest(protocol_version=PROTOCOL_VERSION, address="127.0.0.1:9", capability=control_pb2.PeerCapability(
                         device="cpu", pool="../etc")), timeout=10)
         with pytest.raises(grpc.RpcError) as bad_spec:
             _submit(stub, JobSpec(pool="a b"))

@@ -15,6 +15,7 @@ from dml.client import cli
 from dml.coordinator.planner import make_shards
 from dml.v1 import control_pb2, control_pb2_grpc, jobs_pb2, types_pb2
 from dml.coordinator.service import CoordinatorConfig
+from dml.common.version import PROTOCOL_VERSION
 from tests.integration.helpers import coordinator, job_stub, join_token, operator_token, take_ready
 from tests.integration.test_cluster import _submit
 
@@ -31,7 +32,7 @@ def register(address: str, n_port: int, max_samples: int = 0) -> str:
     """Registers a peer that never trains (the job is only placed on it)."""
     with rpc.channel(address) as ch:
         stub = control_pb2_grpc.PeerControlStub(auth.with_token(ch, join_token(address)))
-        req = control_pb2.RegisterPeerRequest(address=f"127.0.0.1:{n_port}",
+        req = control_pb2.RegisterPeerRequest(protocol_version=PROTOCOL_VERSION, address=f"127.0.0.1:{n_port}",
                                               capability=control_pb2.PeerCapability(device="cpu",
                                                                                     max_samples=max_samples))
         resp = stub.RegisterPeer(req, timeout=10)

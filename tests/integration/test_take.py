@@ -14,6 +14,7 @@ from dml.client.cli import exclusion_lines, status_line
 from dml.common import auth, rpc
 from dml.common.spec import JobSpec
 from dml.common.tasks import builtin_data
+from dml.common.version import PROTOCOL_VERSION
 from tests.integration import take_tasks
 from tests.integration.helpers import FAST, coordinator, held_rounds, join_token, operator_token, peers, wait_for
 
@@ -63,7 +64,7 @@ def test_a_decline_and_a_peer_whose_data_differs_show_in_the_status_and_the_job_
         # A peer that declines, by hand: it registers and answers the take plan it is given.
         with rpc.channel(srv.address) as ch:
             reg = control_pb2_grpc.PeerControlStub(auth.with_token(ch, join_token(srv.address))).RegisterPeer(
-                control_pb2.RegisterPeerRequest(address="127.0.0.1:9", public_key=bytes(32)), timeout=10)
+                control_pb2.RegisterPeerRequest(protocol_version=PROTOCOL_VERSION, address="127.0.0.1:9", public_key=bytes(32)), timeout=10)
         with rpc.channel(srv.address) as ch:
             stub = control_pb2_grpc.PeerControlStub(auth.with_token(ch, reg.peer_token))
             job = client.submit(spec("shifting"))

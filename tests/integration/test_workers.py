@@ -26,6 +26,7 @@ from dml.common import auth, rpc
 from dml.common.sampling import shard_order
 from dml.common.spec import JobSpec, spec_to_pb
 from dml.common.tasks import get_task
+from dml.common.version import PROTOCOL_VERSION
 from dml.coordinator import ledger
 from dml.coordinator.records import SELF_REPORT
 from dml.peer.faults import KILL_WORKER, Fault
@@ -190,7 +191,7 @@ def test_an_unknown_precision_and_hostile_worker_records_are_refused(tmp_path) -
             control = control_pb2_grpc.PeerControlStub(auth.with_token(ch, join_token(srv.address)))
             for cap in hostile:
                 with pytest.raises(grpc.RpcError) as bad:
-                    control.RegisterPeer(control_pb2.RegisterPeerRequest(address="127.0.0.1:9", capability=cap),
+                    control.RegisterPeer(control_pb2.RegisterPeerRequest(protocol_version=PROTOCOL_VERSION, address="127.0.0.1:9", capability=cap),
                                          timeout=10)
                 codes.append((bad.value.code(), "worker" in bad.value.details()))
         assert srv.coordinator.view(lambda st: len(st.peers)) == 0

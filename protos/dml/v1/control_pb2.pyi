@@ -87,19 +87,21 @@ class DataUsage(_message.Message):
     def __init__(self, source: _Optional[_Union[DataSource, str]] = ..., chunks_fetched: _Optional[int] = ..., bytes_fetched: _Optional[int] = ..., cache_hits: _Optional[int] = ..., damaged_refetched: _Optional[int] = ..., cached_shard_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class RegisterPeerRequest(_message.Message):
-    __slots__ = ("address", "capability", "public_key", "cluster_id")
+    __slots__ = ("address", "capability", "public_key", "cluster_id", "protocol_version")
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     CAPABILITY_FIELD_NUMBER: _ClassVar[int]
     PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
     CLUSTER_ID_FIELD_NUMBER: _ClassVar[int]
+    PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     address: str
     capability: PeerCapability
     public_key: bytes
     cluster_id: str
-    def __init__(self, address: _Optional[str] = ..., capability: _Optional[_Union[PeerCapability, _Mapping]] = ..., public_key: _Optional[bytes] = ..., cluster_id: _Optional[str] = ...) -> None: ...
+    protocol_version: int
+    def __init__(self, address: _Optional[str] = ..., capability: _Optional[_Union[PeerCapability, _Mapping]] = ..., public_key: _Optional[bytes] = ..., cluster_id: _Optional[str] = ..., protocol_version: _Optional[int] = ...) -> None: ...
 
 class RegisterPeerResponse(_message.Message):
-    __slots__ = ("peer_id", "heartbeat_interval_ms", "peer_timeout_ms", "round_deadline_ms", "peer_token", "cluster_id", "coordinator_public_key")
+    __slots__ = ("peer_id", "heartbeat_interval_ms", "peer_timeout_ms", "round_deadline_ms", "peer_token", "cluster_id", "coordinator_public_key", "protocol_version")
     PEER_ID_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_INTERVAL_MS_FIELD_NUMBER: _ClassVar[int]
     PEER_TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
@@ -107,6 +109,7 @@ class RegisterPeerResponse(_message.Message):
     PEER_TOKEN_FIELD_NUMBER: _ClassVar[int]
     CLUSTER_ID_FIELD_NUMBER: _ClassVar[int]
     COORDINATOR_PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
+    PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     peer_id: str
     heartbeat_interval_ms: int
     peer_timeout_ms: int
@@ -114,7 +117,8 @@ class RegisterPeerResponse(_message.Message):
     peer_token: str
     cluster_id: str
     coordinator_public_key: bytes
-    def __init__(self, peer_id: _Optional[str] = ..., heartbeat_interval_ms: _Optional[int] = ..., peer_timeout_ms: _Optional[int] = ..., round_deadline_ms: _Optional[int] = ..., peer_token: _Optional[str] = ..., cluster_id: _Optional[str] = ..., coordinator_public_key: _Optional[bytes] = ...) -> None: ...
+    protocol_version: int
+    def __init__(self, peer_id: _Optional[str] = ..., heartbeat_interval_ms: _Optional[int] = ..., peer_timeout_ms: _Optional[int] = ..., round_deadline_ms: _Optional[int] = ..., peer_token: _Optional[str] = ..., cluster_id: _Optional[str] = ..., coordinator_public_key: _Optional[bytes] = ..., protocol_version: _Optional[int] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
     __slots__ = ("peer_id",)
