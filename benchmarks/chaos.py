@@ -466,6 +466,9 @@ def run(name: str, a: argparse.Namespace, work: pathlib.Path, chaos: bool) -> di
             coord_args += [flag, str(v)]
     spec = JobSpec(rounds=MAX_ROUNDS, min_peers=2, seed=a.job_seed)
     env = {k: v for k, v in os.environ.items() if not (_SET_FORK_ENV and k == _FORK_ENV)}
+    if a.committed_copy == "disk":  # rounds re-run after each failure restart from the files
+        (root / "committed").mkdir(parents=True, exist_ok=True)
+        env.update(DML_COMMITTED_COPY="disk", DML_COMMITTED_COPY_DIR=str(root / "committed"))
     cluster = LocalCluster(root / "state", root / "logs", coordinator_args=coord_args, env=env, cwd=ROOT)
     mon: Monitor | None = None
     events: list[Event] = []
@@ -807,6 +810,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--settle-s", type=float, default=30.0,
                    help="after the window, wait up to this long for the last failure's recovery to be measured "
                         "(default 30)")
+    p.add_argument("--committed-copy", choices=("memory", "disk"), default="memory",
+                   help="dml-peer --committed-copy of every peer (disk: in the run's work dir; default memory)")
     p.add_argument("--skip-baseline", action="store_true", help="run only the chaos run (development)")
     p.add_argument("--work-dir", type=pathlib.Path, default=None, help="logs and state (default: a new temp dir, kept)")
     a = p.parse_args(argv)

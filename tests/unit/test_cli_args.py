@@ -233,6 +233,7 @@ def test_a_refused_coordinator_is_logged_naming_the_peer_whichever_call_met_it_f
     (then one every LOG_EVERY_S), so whichever call met it first (here the round loop's report,
     not the heartbeat) must say which peer refuses it; the heartbeat's refusal just after adds
     no line."""
+    from dml.common.version import PROTOCOL_VERSION
     from dml.peer import client as pc
     from dml.v1 import control_pb2
 
@@ -242,7 +243,8 @@ def test_a_refused_coordinator_is_logged_naming_the_peer_whichever_call_met_it_f
 
     class Stub:  # the coordinator of cluster-a registers the peer
         def RegisterPeer(self, req: control_pb2.RegisterPeerRequest, timeout: float) -> control_pb2.RegisterPeerResponse:  # noqa: N802
-            return control_pb2.RegisterPeerResponse(peer_id="peer-7", cluster_id="cluster-a", heartbeat_interval_ms=200)
+            return control_pb2.RegisterPeerResponse(peer_id="peer-7", cluster_id="cluster-a", heartbeat_interval_ms=200,
+                                                    protocol_version=PROTOCOL_VERSION)
 
     cc = pc.ControlClient("127.0.0.1:1", Clock())  # type: ignore[arg-type]
     cc.stub = Stub()  # type: ignore[assignment]
