@@ -223,7 +223,9 @@ def join(assign: Assignment, new: list[str], sizes: list[int], capacity: Capacit
     peer with room); then the joiners take shards from the most loaded peers, one at a time, while
     a move lowers the weighted imbalance (``sum(held**2 / capacity)``), preferring shards they
     cache. A donor keeps at least one shard, and no shard moves between the peers that were there
-    before. Shards a move frees room for are placed last."""
+    before. Shards a move frees room for are placed next; a shard placed so can make another move
+    worth it (a donor with more load again), so moving and placing repeat until neither changes
+    anything: each round of it places a shard, so it ends."""
     out: Assignment = {p: list(v) for p, v in assign.items()}
     joiners = [p for p in dict.fromkeys(new) if p not in assign]
     for p in joiners:
@@ -231,14 +233,18 @@ def join(assign: Assignment, new: list[str], sizes: list[int], capacity: Capacit
     old = [p for p in out if p not in joiners]
     board = Board(out, sizes, weights(out, capacity), caps, cached, shard_bytes, cache_free)
     board.place(unassigned(out, len(sizes)), board.peers)
-    for _ in range(len(sizes) * max(1, len(board.peers)) + 1):  # each move lowers the imbalance; bounded anyway
-        move = board.next_move(old, joiners)
-        if move is None:
+    for _ in range(len(sizes) + 1):  # each pass but the last places a shard
+        for _ in range(len(sizes) * max(1, len(board.peers)) + 1):  # each move lowers the imbalance; bounded anyway
+            move = board.next_move(old, joiners)
+            if move is None:
+                break
+            donor, shard, taker = move
+            board.take(donor, shard)
+            board.give(taker, shard)
+        left = unassigned(out, len(sizes))
+        board.place(left, board.peers)
+        if len(unassigned(out, len(sizes))) == len(left):  # nothing placed: no move can have become worth it
             break
-        donor, shard, taker = move
-        board.take(donor, shard)
-        board.give(taker, shard)
-    board.place(unassigned(out, len(sizes)), board.peers)
     return {p: sorted(v) for p, v in out.items()}
 
 
