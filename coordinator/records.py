@@ -24,7 +24,9 @@ ROUND_DEADLINE = "ROUND_DEADLINE"  # it had not reported when the round (or its 
 REPLACED = "REPLACED"  # a peer registered at its address (it restarted)
 UNREACHABLE = "UNREACHABLE"  # members could not reach it, or it them (judged from several reports): held out
 QUARANTINED = "QUARANTINED"  # it sent non-finite or absurd values: out of the job for good
-EVICTION_CAUSES = (HEARTBEAT_TIMEOUT, NEIGHBOUR_REPORT, SELF_REPORT, ROUND_DEADLINE, REPLACED, UNREACHABLE, QUARANTINED)
+PROTOCOL_MISMATCH = "PROTOCOL_MISMATCH"  # registered with another release's protocol (found at a restart)
+EVICTION_CAUSES = (HEARTBEAT_TIMEOUT, NEIGHBOUR_REPORT, SELF_REPORT, ROUND_DEADLINE, REPLACED, UNREACHABLE, QUARANTINED,
+                   PROTOCOL_MISMATCH)
 MAX_JOB_EVENTS = 256  # a job keeps its most recent evictions and epochs, this many of each
 
 
@@ -60,6 +62,7 @@ class PeerRecord:
     held_out_reason: str = ""  # why, as its heartbeats tell it
     token_hash: str = ""  # sha256 hex of the credential issued at registration ("" before auth)
     public_key: str = ""  # the peer's Ed25519 public key, hex (its exchange calls are signed with it)
+    protocol_version: int = 0  # what it registered with (dml.common.version; 0 in records from before 3)
 
 
 def max_samples(peer: PeerRecord) -> int:

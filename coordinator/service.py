@@ -32,7 +32,7 @@ import numpy as np
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from dml.common import auth, rpc
+from dml.common import auth, rpc, version
 from dml.common.sampling import MAX_LABELS as MAX_SENT_LABELS
 from dml.common.sampling import labels_digest
 from dml.common.spec import MAX_SAMPLES_PER_ROUND, InvalidSpec, JobSpec, task_kind, validate, with_defaults
@@ -305,11 +305,16 @@ class Coordinator:
         with self._cond:
             jobs, peers = store.load()
             self.state.restore(jobs, peers, self.now_ms())
+            try:  # peers registered with another release's protocol (a restart on another release)
+                self._apply(self.state.evict_other_protocols(version.PROTOCOL_VERSION, self.now_ms()))
+            except StoreUnavailable as e:  # paused, memory reloaded; their credentials stay unknown (below)
+                log.error("could not store the eviction of peers of another release: %s", e)
         for j in jobs:
             if j.state in ("PENDING", "RUNNING") and j.data is not None and not j.local:
                 self._shards[j.job_id] = self._cut(j)  # now, not under the lock at the first plan
-        for p in self.state.peers.values():
-            self.tokens.add(p.token_hash, p.peer_id)  # credentials survive a restart
+        for p in self.state.peers.values():  # credentials survive a restart, but not into another release
+            if p.protocol_version == version.PROTOCOL_VERSION:
+                self.tokens.add(p.token_hash, p.peer_id)
         if jobs or peers:
             log.info("restored %d jobs and %d peers from the store (cluster %s)", len(jobs), len(peers), self.cluster_id)
         self.metrics.restored(jobs)
@@ -490,14 +495,16 @@ class Coordinator:
         self._cond.notify_all()
 
     # -- peers ------------------------------------------------------------------------------
-    def register(self, address: str, capability: dict[str, Any], public_key: bytes = b"") -> tuple[str, str]:
-        """Registers a peer (with its Ed25519 public key); returns its id and the credential
-        issued to it, of which only the hash is kept (persisted with the peer)."""
+    def register(self, address: str, capability: dict[str, Any], public_key: bytes = b"",
+                 protocol_version: int = version.PROTOCOL_VERSION) -> tuple[str, str]:
+        """Registers a peer (with its Ed25519 public key and the protocol version it speaks);
+        returns its id and the credential issued to it, of which only the hash is kept
+        (persisted with the peer)."""
         token = auth.new_token()
         with self._cond:
             self._check_writable()
             pid, ch = self.state.register(address, capability, self.now_ms(), token_hash=auth.token_hash(token),
-                                          public_key=public_key.hex())
+                                          public_key=public_key.hex(), protocol_version=protocol_version)
             self._apply(ch)
             self.tokens.add(auth.token_hash(token), pid)
             self.tokens.keep_only(set(self.state.peers))

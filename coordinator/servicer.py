@@ -347,7 +347,7 @@ class PeerControlServicer(control_pb2_grpc.PeerControlServicer):
                "max_samples": c.max_samples, "cache_free_bytes": c.cache_free_bytes if c.has_cache_free else None,
                "local_datasets": names, "workers": max(1, c.workers), "worker_devices": list(c.worker_devices)}
         with _status(context):
-            pid, token = self._c.register(request.address, cap, bytes(request.public_key))
+            pid, token = self._c.register(request.address, cap, bytes(request.public_key), request.protocol_version)
             cfg = self._c.config
             return control_pb2.RegisterPeerResponse(
                 peer_id=pid, heartbeat_interval_ms=cfg.heartbeat_interval_ms, peer_timeout_ms=cfg.peer_timeout_ms,
@@ -362,7 +362,8 @@ class PeerControlServicer(control_pb2_grpc.PeerControlServicer):
         with _status(context):
             job_id, epoch, held_out = self._c.heartbeat(request.peer_id)
             return control_pb2.HeartbeatResponse(job_id=job_id, epoch=epoch, held_out_reason=held_out,
-                                                 cluster_id=self._c.cluster_id)
+                                                 cluster_id=self._c.cluster_id,
+                                                 protocol_version=version.PROTOCOL_VERSION)
         raise AssertionError("unreachable")
 
     def GetPlan(self, request: control_pb2.GetPlanRequest, context: grpc.ServicerContext) -> control_pb2.GetPlanResponse:

@@ -83,6 +83,7 @@ from collections import deque
 from dataclasses import replace
 from typing import Any, TypeVar
 
+from dml.common import version
 from dml.common.spec import DEFAULT_POOL, MAX_SAMPLES_PER_ROUND, JobSpec
 from dml.common.task import DEFAULT_BATCH_SIZE
 from dml.coordinator import partitions, placement, planner, utilisation
@@ -93,6 +94,7 @@ from dml.coordinator.records import (
     HEARTBEAT_TIMEOUT,
     MAX_JOB_EVENTS,
     PENDING,
+    PROTOCOL_MISMATCH,
     QUARANTINED,
     REPLACED,
     ROUND_DEADLINE,
@@ -201,9 +203,9 @@ class ClusterState:
 
     # -- peers ------------------------------------------------------------------------------
     def register(self, address: str, capability: dict[str, Any], now_ms: int, token_hash: str = "",
-                 public_key: str = "") -> tuple[str, Changes]:
-        """Adds a peer (with the hash of the credential issued to it and its public key, hex);
-        returns its id. A registered peer at the same address is stale (that peer
+                 public_key: str = "", protocol_version: int = version.PROTOCOL_VERSION) -> tuple[str, Changes]:
+        """Adds a peer (with the hash of the credential issued to it, its public key, hex, and
+        the protocol version it registered with); returns its id. A registered peer at the same address is stale (that peer
         restarted, or its container came back at the same host:port): it is removed first,
         evicted from its job as ``REPLACED``, its shards moving as for any eviction."""
         changes = Changes()
@@ -212,8 +214,22 @@ class ClusterState:
             changes = changes | self.remove_peer(old, now_ms, REPLACED, detail=f"a new peer registered at {address}")
         pid = self._new_id("peer", self.peers, now_ms)
         self.peers[pid] = PeerRecord(pid, address, capability, self.wall_ms(now_ms), now_ms, token_hash=token_hash,
-                                     public_key=public_key)
+                                     public_key=public_key, protocol_version=protocol_version)
         return pid, changes | Changes(peers=(pid,)) | self.schedule(now_ms)
+
+    def evict_other_protocols(self, protocol_version: int, now_ms: int) -> Changes:
+        """Evicts every peer registered with another protocol version than ``protocol_version``
+        (``PROTOCOL_MISMATCH``), its shards moving as for any eviction: at start-up, for a
+        coordinator restarted on another release under running peers. Restored, they would
+        never register again, and so never be told; evicted, their next call registers again
+        and is refused with the reason."""
+        changes = Changes()
+        for p in [p for p in self.peers.values() if p.protocol_version != protocol_version]:
+            why = (f"registered with {version.describe(p.protocol_version)}; the coordinator now speaks "
+                   f"{version.describe(protocol_version)}")
+            log.warning("peer %s %s; evicting it", p.peer_id, why)
+            changes = changes | self.remove_peer(p.peer_id, now_ms, PROTOCOL_MISMATCH, detail=why)
+        return changes
 
     def heartbeat(self, peer_id: str, now_ms: int) -> tuple[str, int]:
         """Renews a lease; returns the peer's job and its epoch (("", 0) if idle; see also

@@ -14,7 +14,7 @@ import grpc
 import numpy as np
 from dml.v1 import control_pb2, types_pb2
 
-from dml.common import guard, rpc
+from dml.common import guard, rpc, version
 from dml.common import metrics as metricsmod
 from dml.common.metrics import MetricsConfig, MetricsServer
 from dml.common.spec import DEFAULT_POOL
@@ -249,6 +249,11 @@ class Peer:
                 self.metrics.heartbeat_seconds.observe(time.monotonic() - sent)
                 if not self.client.answer_ok(hb.cluster_id, "heartbeat"):
                     continue  # another cluster's coordinator: nothing it says applies to this peer
+                if why := version.mismatch(version.PROTOCOL_VERSION, hb.protocol_version, "this peer", "the coordinator"):
+                    # It came back on another release with this peer's registration kept: the
+                    # same refusal as at registration, which this peer will not make again.
+                    self._stop_for_good(why)
+                    return
                 if failing:
                     log.info("peer %s: coordinator reachable again", me)
                 failing = False
@@ -282,6 +287,14 @@ class Peer:
                 elif not failing:
                     log.warning("peer %s: heartbeat failed (%s); retrying", self.peer_id, code)
                     failing = True
+
+    def _stop_for_good(self, why: str) -> None:
+        """Stops this peer for a reason no retry mends (a coordinator of another release):
+        :attr:`fatal` says it, and dml-peer exits 2 with it. A round under way is aborted."""
+        self.fatal = f"{self.config.coordinator}: {why}"
+        log.critical("peer %s: %s; stopping", self.peer_id, self.fatal)
+        self._abort.set()
+        self.stop_event.set()
 
     def _note_held_out(self, me: str, reason: str) -> None:
         """Logs once when the coordinator starts (or stops) holding this peer out of a job's
@@ -340,9 +353,7 @@ class Peer:
                 log.warning("peer %s: %s", self.peer_id, e)
                 self._evicted.set()
             except VersionMismatch as e:  # re-registering with a coordinator of another release
-                self.fatal = f"{self.config.coordinator}: {e}"
-                log.critical("peer %s: %s; stopping", self.peer_id, self.fatal)
-                self.stop_event.set()
+                self._stop_for_good(str(e))
                 return
             except grpc.RpcError as e:
                 if self.stop_event.is_set():

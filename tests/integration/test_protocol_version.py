@@ -11,14 +11,17 @@ import types
 
 import grpc
 import pytest
-from dml.v1 import control_pb2, control_pb2_grpc
+from dml.v1 import control_pb2, control_pb2_grpc, jobs_pb2
 
 from dml.common import auth, rpc, version
-from dml.coordinator import servicer
+from dml.client.api import JobClient
+from dml.common.spec import JobSpec
+from dml.coordinator import service, servicer
+from dml.coordinator.server import CoordinatorServer, ServerConfig
 from dml.peer import client as peer_client
 from dml.peer.client import VersionMismatch
 from dml.peer.runner import Peer, PeerConfig
-from tests.integration.helpers import coordinator, join_token
+from tests.integration.helpers import FAST, coordinator, join_token, operator_token, track, wait_for
 
 
 def _register(address: str, v: int) -> control_pb2.RegisterPeerResponse:
@@ -82,7 +85,7 @@ def test_dml_peer_exits_2_naming_both_versions(monkeypatch, tmp_path) -> None:
     assert "Traceback" not in p.stderr
 
 
-def test_a_running_peer_stops_for_good_when_its_coordinator_comes_back_on_another_release(monkeypatch) -> None:
+def test_a_running_peer_stops_for_good_when_its_registration_again_is_refused(monkeypatch) -> None:
     """The coordinator is upgraded under a running peer: its next registration (here forced
     as an eviction forces it) is refused, and the peer stops with the reason (dml-peer then
     exits 2 with it) rather than retrying a registration no retry can mend."""
@@ -97,3 +100,67 @@ def test_a_running_peer_stops_for_good_when_its_coordinator_comes_back_on_anothe
             assert "this coordinator speaks protocol" in p.fatal and srv.address in p.fatal
         finally:
             p.stop()
+
+
+def test_a_running_peer_stops_when_a_heartbeat_says_its_coordinator_is_another_release(monkeypatch) -> None:
+    """No registration again: the coordinator kept this peer's registration (as a restart on
+    the same state dir does) but speaks another protocol, which its next heartbeat's answer says."""
+    with coordinator() as srv:
+        p = Peer(PeerConfig(coordinator=srv.address, join_token=join_token(srv.address), plan_wait_s=1.0)).start()
+        try:
+            p.run_in_thread()
+            monkeypatch.setattr(servicer, "version", types.SimpleNamespace(
+                PROTOCOL_VERSION=version.PROTOCOL_VERSION + 1, mismatch=version.mismatch))
+            assert p.stop_event.wait(30), "the peer went on"
+            assert f"the coordinator speaks protocol {version.PROTOCOL_VERSION + 1}" in p.fatal, p.fatal
+            assert not p._evicted.is_set(), "it stopped on the heartbeat, not on a registration"
+        finally:
+            p.stop()
+
+
+def _restart(port: int, state) -> CoordinatorServer:
+    return track(CoordinatorServer(ServerConfig(host="127.0.0.1", port=port, state_dir=state, timing=FAST)).start())
+
+
+@pytest.mark.parametrize("upgraded", [False, True])
+def test_a_coordinator_restarted_on_another_release_evicts_the_peers_it_restored(monkeypatch, tmp_path, upgraded) -> None:
+    """A restart on the same state dir restores the peers' registrations (they carry on, with no
+    registration again). On another release it evicts those of another version instead, as
+    PROTOCOL_MISMATCH in their job, so they are told (registering again is refused) and stop;
+    on the same release it keeps them (the control: the version is stored with each peer)."""
+    state = tmp_path / "state"
+    with coordinator(state) as srv:
+        port = srv.port
+        p = Peer(PeerConfig(coordinator=srv.address, join_token=join_token(srv.address), plan_wait_s=1.0)).start()
+        p.run_in_thread()
+        with JobClient(srv.address, token=operator_token(srv.address)) as client:
+            job = client.submit(JobSpec(task="digits", rounds=100_000, min_peers=1, local_steps=1))
+            wait_for(lambda: client.status(job).job.round >= 1, 60, "a committed round")
+        pid = p.peer_id
+    try:
+        if upgraded:
+            newer = types.SimpleNamespace(PROTOCOL_VERSION=version.PROTOCOL_VERSION + 1, mismatch=version.mismatch,
+                                          describe=version.describe)
+            monkeypatch.setattr(service, "version", newer)
+            monkeypatch.setattr(servicer, "version", newer)
+        again = _restart(port, state)
+        try:
+            kept = again.coordinator.view(lambda st: list(st.peers))
+            with JobClient(again.address, token=operator_token(again.address)) as client:
+                evictions = [(e.peer_id, e.cause) for e in client.status(job).job.evictions]
+            if not upgraded:
+                assert kept == [pid] and evictions == []
+                with JobClient(again.address, token=operator_token(again.address)) as client:
+                    at = client.status(job).job.round
+                    wait_for(lambda: client.status(job).job.round > at, 60, "a round committed after the restart")
+                assert not p.stop_event.is_set() and p.peer_id == pid, "the peer carried on under its id"
+                return
+            assert kept == [], "a peer of another release was restored"
+            assert evictions == [(pid, jobs_pb2.EVICTION_CAUSE_PROTOCOL_MISMATCH)]
+            assert p.stop_event.wait(30), "the peer of the other release went on"
+            assert f"speaks protocol {version.PROTOCOL_VERSION + 1}" in p.fatal, p.fatal
+            assert again.coordinator.view(lambda st: list(st.peers)) == [], "it registered again"
+        finally:
+            again.stop(0.2)
+    finally:
+        p.stop()

@@ -127,16 +127,18 @@ class HeartbeatRequest(_message.Message):
     def __init__(self, peer_id: _Optional[str] = ...) -> None: ...
 
 class HeartbeatResponse(_message.Message):
-    __slots__ = ("epoch", "job_id", "held_out_reason", "cluster_id")
+    __slots__ = ("epoch", "job_id", "held_out_reason", "cluster_id", "protocol_version")
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     HELD_OUT_REASON_FIELD_NUMBER: _ClassVar[int]
     CLUSTER_ID_FIELD_NUMBER: _ClassVar[int]
+    PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     epoch: int
     job_id: str
     held_out_reason: str
     cluster_id: str
-    def __init__(self, epoch: _Optional[int] = ..., job_id: _Optional[str] = ..., held_out_reason: _Optional[str] = ..., cluster_id: _Optional[str] = ...) -> None: ...
+    protocol_version: int
+    def __init__(self, epoch: _Optional[int] = ..., job_id: _Optional[str] = ..., held_out_reason: _Optional[str] = ..., cluster_id: _Optional[str] = ..., protocol_version: _Optional[int] = ...) -> None: ...
 
 class GetPlanRequest(_message.Message):
     __slots__ = ("peer_id", "last_job_id", "last_round", "last_epoch", "wait_ms")

@@ -18,6 +18,7 @@ class EvictionCause(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     EVICTION_CAUSE_REPLACED: _ClassVar[EvictionCause]
     EVICTION_CAUSE_QUARANTINED: _ClassVar[EvictionCause]
     EVICTION_CAUSE_UNREACHABLE: _ClassVar[EvictionCause]
+    EVICTION_CAUSE_PROTOCOL_MISMATCH: _ClassVar[EvictionCause]
 EVICTION_CAUSE_UNSPECIFIED: EvictionCause
 EVICTION_CAUSE_HEARTBEAT_TIMEOUT: EvictionCause
 EVICTION_CAUSE_NEIGHBOUR_REPORT: EvictionCause
@@ -26,6 +27,7 @@ EVICTION_CAUSE_ROUND_DEADLINE: EvictionCause
 EVICTION_CAUSE_REPLACED: EvictionCause
 EVICTION_CAUSE_QUARANTINED: EvictionCause
 EVICTION_CAUSE_UNREACHABLE: EvictionCause
+EVICTION_CAUSE_PROTOCOL_MISMATCH: EvictionCause
 
 class JobStatus(_message.Message):
     __slots__ = ("job_id", "spec", "state", "round", "epoch", "peers", "last", "reason", "created_unix_ms", "updated_unix_ms", "checkpoint_round", "samples", "data_epoch", "rolled_back_rounds", "evictions", "epochs", "evictions_total", "quarantined", "held_out", "declined", "data_present_samples", "data_seen_samples", "data_sources_present", "data_sources_seen")
