@@ -129,7 +129,7 @@ def test_job_status_carries_every_eviction_cause_the_epochs_and_the_rolled_back_
     assert [jobs_pb2.EvictionCause.Name(e.cause) for e in st.evictions] == [
         "EVICTION_CAUSE_HEARTBEAT_TIMEOUT", "EVICTION_CAUSE_NEIGHBOUR_REPORT", "EVICTION_CAUSE_SELF_REPORT",
         "EVICTION_CAUSE_ROUND_DEADLINE", "EVICTION_CAUSE_REPLACED", "EVICTION_CAUSE_UNREACHABLE",
-        "EVICTION_CAUSE_QUARANTINED"]
+        "EVICTION_CAUSE_QUARANTINED", "EVICTION_CAUSE_PROTOCOL_MISMATCH"]
     assert [(e.peer_id, e.reporter, e.unix_ms, e.epoch, e.round, e.detail) for e in st.evictions][:2] == [
         ("p0", "", 100, 2, 5, "why 0"), ("p1", "p9", 101, 3, 5, "why 1")]
     assert [(e.epoch, list(e.peers), e.started_unix_ms, e.round) for e in st.epochs] == [
