@@ -181,6 +181,8 @@ def build_config(argv: list[str] | None = None) -> tuple[PeerConfig, argparse.Na
     if not data_dir.is_dir():
         p.error(f"--data-dir {a.data_dir}: no such directory")
     disk_dir = None
+    if a.committed_copy not in ("memory", "disk"):  # argparse checks a flag's value, not a default's
+        p.error(f"--committed-copy (env DML_COMMITTED_COPY): choose memory or disk, got {a.committed_copy!r}")
     if a.committed_copy == "disk":
         disk_dir = (a.committed_copy_dir or diskcopy.default_dir()).resolve()
         why = diskcopy.check_dir(disk_dir)

@@ -8,6 +8,7 @@ changes them. Rules: docs/architecture.md."""
 from __future__ import annotations
 
 import hashlib
+import logging
 import pathlib
 import threading
 from dataclasses import dataclass
@@ -20,6 +21,8 @@ from dml.peer.diskcopy import DiskCopy
 
 if TYPE_CHECKING:
     from dml.peer.trainer import Trainer
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -82,9 +85,35 @@ class ParamStore:
     def start(self, job_id: str, trainer: Trainer, committed: Snapshot | None) -> None:
         """A new trainer for ``job_id``, starting from ``committed`` (None: nothing committed yet)."""
         with self._lock:
-            self._trainer, self._job_id = trainer, job_id
-            self._committed = self._cold(committed) if committed is not None else None
-            self._tentative, self._spare = None, None
+            self._tentative, self._spare = None, None  # the old job's: never promoted into this one
+            try:
+                cold = self._cold(committed) if committed is not None else None
+            except BaseException:  # the copy could not be written: no trainer, nothing committed
+                self._trainer, self._job_id, self._committed = None, "", None
+                raise
+            self._trainer, self._job_id, self._committed = trainer, job_id, cold
+
+    def restore_into(self, trainer: Trainer) -> bool:
+        """Loads the committed parameters into ``trainer`` (a round re-issued, or this peer's
+        last one dropped). A copy on disk is checked against its digest first-hand after the
+        read: a write the kernel accepted can still be lost (writeback failed, the page dropped,
+        the file's blocks read back as they were), and the parameters a peer trains from must be
+        the committed ones, bit for bit. False when they are not: the snapshot is dropped (never
+        served or restored again) and the caller downloads the round from a member."""
+        with self._lock:
+            snap = self._committed
+            if snap is None:
+                raise ValueError("no committed snapshot to restore")
+            trainer.set_params(snap.params)
+            if not isinstance(snap.params, DiskCopy):
+                return True
+            got = trainer.round_digest(trainer.params_view()[0], snap.state, like=snap.digest)
+            if got == snap.digest:
+                return True
+            log.error("job %s round %d: the committed copy read back from disk has digest %s, not %s; dropping "
+                      "it and downloading the round from a member", snap.job_id, snap.round, got, snap.digest)
+            self._committed = None
+            return False
 
     def spare_state(self) -> dict[str, Any] | None:
         """A training state no snapshot holds any more (taken: the caller captures into it, so

@@ -212,10 +212,11 @@ class RingRound:
         if not got.ready:
             self._fetch(plan, start, trainer)  # loads the parameters and the state it fetched
             in_place = state_in_place = True
+        if not in_place and not store.restore_into(trainer):  # a copy on disk that read back wrong
+            self._fetch(plan, start, trainer)
+            state_in_place = True
         committed = store.committed
         assert committed is not None
-        if not in_place:
-            trainer.set_params(committed.params)
         if not state_in_place and committed.state is not None:  # a re-issued round: from the committed state
             trainer.restore_state(committed.state)
         return trainer

@@ -125,6 +125,35 @@ def test_a_failed_write_drops_the_committed_snapshot_rather_than_keep_it_half_wr
     assert store.serve("j", 0).round == 1
 
 
+def test_a_restore_from_disk_checks_the_digest_and_drops_a_copy_that_read_back_wrong(tmp_path) -> None:
+    store, trainer, init = started_on_disk(tmp_path)
+    trainer.flat[:] = 5.0  # a round that will not commit
+    assert store.restore_into(trainer) and np.array_equal(trainer.flat, np.full(1000, 1.0, np.float32))
+    # What a lost writeback reads back as: the file's blocks as they were (zeros here), no error.
+    os.pwrite(init.params._fdno(), bytes(400), 0)
+    trainer.flat[:] = 5.0
+    assert not store.restore_into(trainer), "parameters that are not the committed ones were trained from"
+    assert store.committed is None and store.serve("j", 0) is None, "the bad copy is never served or restored"
+    with pytest.raises(ValueError, match="no committed snapshot"):
+        store.restore_into(trainer)
+
+
+def test_a_copy_that_cannot_be_written_at_start_leaves_no_trainer_and_no_old_round(tmp_path, monkeypatch) -> None:
+    store, trainer, _ = started_on_disk(tmp_path)
+    finish_round(trainer, store, 1, 2.0)  # the old job's tentative round
+
+    def broken(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(DiskCopy, "of", broken)
+    other = FakeTrainer(n=500, value=3.0)
+    with pytest.raises(OSError, match="No space"):
+        store.start("k", other, Snapshot("k", 0, other.params(), digest(other.params())))  # type: ignore[arg-type]
+    assert store.trainer_for("j") is None and store.trainer_for("k") is None and store.committed is None
+    assert store.begin(1, "") == Start(ready=False, in_place=False, dropped=False, promoted=False), \
+        "the old job's tentative round is promoted into nothing"
+
+
 def test_a_trainer_restores_its_parameters_from_a_copy_on_disk(tmp_path) -> None:
     from dml.common.tasks import get_task
     from dml.peer.trainer import Trainer
@@ -141,6 +170,15 @@ def test_a_trainer_restores_its_parameters_from_a_copy_on_disk(tmp_path) -> None
 def test_the_flags_choose_the_directory_and_refuse_memory_file_systems(tmp_path, monkeypatch, capsys) -> None:
     base = ["--coordinator", "127.0.0.1:1", "--device", "cpu"]
     assert peer_cli.build_config(base)[0].committed_copy_dir is None
+    monkeypatch.setenv("DML_COMMITTED_COPY", "disk")  # the environment chooses as the flags do
+    monkeypatch.setenv("DML_COMMITTED_COPY_DIR", str(tmp_path))
+    assert peer_cli.build_config(base)[0].committed_copy_dir == tmp_path.resolve()
+    monkeypatch.setenv("DML_COMMITTED_COPY", "dsk")
+    with pytest.raises(SystemExit) as e:
+        peer_cli.build_config(base)
+    assert e.value.code == 2 and "choose memory or disk, got 'dsk'" in capsys.readouterr().err
+    monkeypatch.delenv("DML_COMMITTED_COPY")
+    monkeypatch.delenv("DML_COMMITTED_COPY_DIR")
     cfg, _ = peer_cli.build_config([*base, "--committed-copy", "disk", "--committed-copy-dir", str(tmp_path)])
     assert cfg.committed_copy_dir == tmp_path.resolve()
     monkeypatch.setattr(diskcopy, "fs_type", lambda p: "tmpfs")

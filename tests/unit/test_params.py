@@ -25,8 +25,14 @@ class FakeTrainer:
     def capture_state(self, into: dict | None = None) -> dict:
         return {"optimizer": {"steps": self.steps}}
 
-    def round_digest(self, params: np.ndarray, state: dict | None) -> str:
+    def round_digest(self, params: np.ndarray, state: dict | None, like: str = "") -> str:
         return digest(params)
+
+    def set_params(self, params) -> None:
+        self.flat[:] = np.asarray(params)
+
+    def params_view(self) -> tuple[np.ndarray, bool]:
+        return self.flat, True
 
     def state_bytes(self, state: dict, **meta) -> bytes:
         return repr((state, sorted(meta.items()))).encode()
