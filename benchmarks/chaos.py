@@ -72,6 +72,7 @@ from dml.common.spec import MAX_ROUNDS, JobSpec, with_defaults
 from dml.coordinator.ledger import violations
 from dml.common.tasks import builtin_data
 from dml.coordinator.service import CoordinatorConfig, cut_shards
+from dml.peer import diskcopy
 
 KINDS = ("sigkill", "sigstop", "coordinator")
 POLL_S = 0.05
@@ -468,7 +469,7 @@ def run(name: str, a: argparse.Namespace, work: pathlib.Path, chaos: bool) -> di
     env = {k: v for k, v in os.environ.items() if not (_SET_FORK_ENV and k == _FORK_ENV)}
     if a.committed_copy == "disk":  # rounds re-run after each failure restart from the files
         (root / "committed").mkdir(parents=True, exist_ok=True)
-        env.update(DML_COMMITTED_COPY="disk", DML_COMMITTED_COPY_DIR=str(root / "committed"))
+        env.update(DML_COMMITTED_COPY="disk", DML_COMMITTED_COPY_DIR=str(diskcopy.usable_dir(root / "committed")))
     cluster = LocalCluster(root / "state", root / "logs", coordinator_args=coord_args, env=env, cwd=ROOT)
     mon: Monitor | None = None
     events: list[Event] = []

@@ -21,6 +21,7 @@ import argparse
 import json
 import os
 import pathlib
+import signal
 import subprocess
 import sys
 import tempfile
@@ -37,16 +38,21 @@ class Cgroup:
     """A new memory cgroup with a limit; ``prefix`` runs a command inside it."""
 
     def __init__(self, name: str, limit_bytes: int) -> None:
-        if (V2 / "cgroup.controllers").exists() and "memory" in (V2 / "cgroup.controllers").read_text().split():
-            self.v2, self.path = True, V2 / name
+        if (V2 / "cgroup.subtree_control").exists() and "memory" in (V2 / "cgroup.subtree_control").read_text().split():
+            self.v2, self.path = True, V2 / name  # a child of the root gets memory.max only where this lists memory
         elif (V1 / "memory.limit_in_bytes").exists():
             self.v2, self.path = False, V1 / name
         else:
-            raise OSError("no memory cgroup to use (neither v2 with the memory controller nor v1 at /sys/fs/cgroup/memory)")
+            raise OSError("no memory cgroup to use (neither v2 with the memory controller enabled for the root's "
+                          "children nor v1 at /sys/fs/cgroup/memory)")
         self.path.mkdir(exist_ok=True)
-        self._write("memory.max" if self.v2 else "memory.limit_in_bytes", str(limit_bytes))
-        if not self.v2:
-            self._write("memory.max_usage_in_bytes", "0")
+        try:
+            self._write("memory.max" if self.v2 else "memory.limit_in_bytes", str(limit_bytes))
+            if not self.v2:
+                self._write("memory.max_usage_in_bytes", "0")
+        except OSError:
+            self.remove()
+            raise
 
     def _write(self, name: str, value: str) -> None:
         (self.path / name).write_text(value)
@@ -68,7 +74,24 @@ class Cgroup:
         f = self.path / ("memory.peak" if self.v2 else "memory.max_usage_in_bytes")
         return int(f.read_text()) / MB if f.exists() else None
 
+    def kill_all(self) -> None:
+        """SIGKILLs every process still in the cgroup (a run cut at its timeout leaves its
+        coordinator and peers behind)."""
+        if self.v2 and (self.path / "cgroup.kill").exists():
+            self._write("cgroup.kill", "1")
+            return
+        for pid in (self.path / "cgroup.procs").read_text().split():
+            try:
+                os.kill(int(pid), signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
     def remove(self) -> None:
+        """Kills what is left in the cgroup and removes it."""
+        try:
+            self.kill_all()
+        except OSError:
+            pass  # gone already, or never made
         for _ in range(50):  # the last processes may take a moment to leave
             try:
                 self.path.rmdir()
@@ -84,8 +107,17 @@ def run_mode(a: argparse.Namespace, mode: str, logs: pathlib.Path) -> dict[str, 
                "--tasks", "", "--sync", a.sync, "--peers", str(a.peers), "--rounds", str(a.rounds),
                "--committed-copy", mode, "--log-dir", str(logs / mode), "--json"]
         t0 = time.monotonic()
-        p = subprocess.run(cmd, capture_output=True, text=True, timeout=a.timeout_s, cwd=ROOT)
-        row = json.loads(p.stdout.splitlines()[0]) if p.returncode == 0 and p.stdout.strip() else {}
+        try:
+            p = subprocess.run(cmd, capture_output=True, text=True, timeout=a.timeout_s, cwd=ROOT)
+        except subprocess.TimeoutExpired:  # remove() kills the cluster it leaves in the cgroup
+            return {"committed_copy": mode, "limit_mb": a.limit_mb, "ok": False,
+                    "failure": f"timed out after {a.timeout_s:g}s (--timeout-s)", "oom_kills": cg.oom_kills(),
+                    "cgroup_peak_mb": cg.peak_mb(), "wall_s": round(time.monotonic() - t0, 1), "round_s": None,
+                    "rss_over_baseline_x_model": None}
+        try:
+            row = json.loads(p.stdout.splitlines()[0]) if p.returncode == 0 and p.stdout.strip() else {}
+        except ValueError:
+            row = {}
         said = [x for x in p.stderr.splitlines() if x.startswith("round_overhead:") and "logs kept" not in x]
         why = "" if p.returncode == 0 else (said or p.stderr.strip().splitlines() or ["no output"])[-1]
         return {"committed_copy": mode, "limit_mb": a.limit_mb, "ok": p.returncode == 0, "failure": why,

@@ -124,6 +124,7 @@ from dml.client.cluster import (ClusterError, join_token_file, operator_token_fi
                                 wait_for_port_file)
 from dml.common.spec import CODECS, DATA_PLANES, MAX_ROUNDS, SYNCS, JobSpec
 from dml.common.tasks import builtin_params, get_task, is_builtin, task_names
+from dml.peer import diskcopy
 
 MB = 1 << 20
 TARGET_OVERHEAD_S = 1.0  # coord_s + exchange_s per round at 10M parameters and 4 peers
@@ -202,7 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="SGD steps per peer per round (default 1: cheap training, the overhead is measured)")
     p.add_argument("--committed-copy", choices=("memory", "disk"), default="memory",
                    help="dml-peer --committed-copy: the committed parameters in memory (default) or in a "
-                        "file in the page cache (--committed-copy-dir is the log dir's disk)")
+                        "file in the page cache (--committed-copy-dir is the log dir, or /var/tmp where that is on tmpfs)")
     p.add_argument("--batch-size", type=int_in(1), default=32, help="batch size (default 32)")
     p.add_argument("--lr", type=positive_float, default=0.01, help="learning rate (default 0.01)")
     p.add_argument("--timeout-s", type=positive_float, default=None,
@@ -531,7 +532,7 @@ def measure(a: argparse.Namespace, task: str, num_params: int, root: pathlib.Pat
         f"(logs in {root / 'logs'})")
     peer_args: tuple[str, ...] = ()
     if a.committed_copy == "disk":
-        peer_args = ("--committed-copy", "disk", "--committed-copy-dir", str(root))
+        peer_args = ("--committed-copy", "disk", "--committed-copy-dir", str(diskcopy.usable_dir(root)))
     with cluster(a.peers, root, peer_args) as c:
         base = [proc_status_mb(p.pid)["VmRSS"] for p in c.peers]
         log(f"{len(c.peers)} peers registered after {time.monotonic() - t0:.1f}s at {c.address}; baseline RSS "

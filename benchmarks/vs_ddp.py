@@ -115,6 +115,7 @@ from dml.client.api import ApiError, JobClient, history_dict, status_dict  # noq
 from dml.client.cluster import operator_token_file, reap  # noqa: E402
 from dml.common.args import int_in, positive_float  # noqa: E402
 from dml.common.spec import MAX_ROUNDS, JobSpec  # noqa: E402
+from dml.peer import diskcopy  # noqa: E402
 from dml.common.tasks import builtin_params, is_builtin  # noqa: E402
 
 MB = 1 << 20
@@ -703,7 +704,7 @@ def run_dml(a: argparse.Namespace, task: str, peers: int, sync: str, k: int, rep
                    data_plane="tcp" if lan is not None else JobSpec().data_plane)
     peer_args = ("--data-dir", str(data_dir)) + (() if is_builtin(task) else ("--allow-job-code",))
     if a.committed_copy == "disk":
-        peer_args += ("--committed-copy", "disk", "--committed-copy-dir", str(root))
+        peer_args += ("--committed-copy", "disk", "--committed-copy-dir", str(diskcopy.usable_dir(root)))
     place: dict[str, Any] = {}
     tls_cfg = None
     if lan is not None:

@@ -60,6 +60,13 @@ def check_dir(path: pathlib.Path) -> str:
     return ""
 
 
+def usable_dir(preferred: pathlib.Path) -> pathlib.Path:
+    """``preferred`` if it can hold committed copies (:func:`check_dir`), else :func:`default_dir`:
+    for tools that would put the copies beside their own files (a benchmark's log dir, which
+    ``mkdtemp`` may well have put on tmpfs)."""
+    return preferred if not check_dir(preferred) else default_dir()
+
+
 def default_dir() -> pathlib.Path:
     """/var/tmp (on a disk by convention, where /tmp is often tmpfs), else the temp dir."""
     var = pathlib.Path("/var/tmp")

@@ -512,6 +512,16 @@ def test_memory_limit_flags_and_its_cgroup(monkeypatch: pytest.MonkeyPatch, tmp_
     (v1 / "x" / "memory.max_usage_in_bytes").write_text(str(1600 * mod.MB))
     assert cg.oom_kills() == 3 and cg.peak_mb() == 1600.0
     assert cg.prefix()[:2] == ["sh", "-c"] and str(v1 / "x" / "cgroup.procs") in cg.prefix()[2]
+    # What a run cut at its timeout leaves in the cgroup is killed before the cgroup goes.
+    import subprocess
+    left = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (v1 / "x" / "cgroup.procs").write_text(f"{left.pid}\n")
+        cg.kill_all()
+        assert left.wait(10) == -9
+    finally:
+        left.kill()
+        left.wait()
     # No memory cgroup at all: exit 2 with the reason, not a traceback.
     monkeypatch.setattr(mod, "V1", tmp_path / "no-v1")
     assert mod.main(["--limit-mb", "1000"]) == 2

@@ -190,6 +190,13 @@ def test_the_flags_choose_the_directory_and_refuse_memory_file_systems(tmp_path,
         assert e.value.code == 2 and why in capsys.readouterr().err
 
 
+def test_tools_put_copies_beside_their_files_unless_those_are_on_tmpfs(tmp_path, monkeypatch) -> None:
+    assert diskcopy.usable_dir(tmp_path) == tmp_path
+    monkeypatch.setattr(diskcopy, "fs_type", lambda p: "tmpfs" if p == tmp_path else "ext4")
+    assert diskcopy.usable_dir(tmp_path) == diskcopy.default_dir()
+    assert diskcopy.usable_dir(tmp_path / "missing") == diskcopy.default_dir()
+
+
 @pytest.mark.skipif(not pathlib.Path("/proc/self/mounts").exists(), reason="needs Linux /proc")
 def test_fs_type_names_the_mount_holding_a_path(tmp_path) -> None:
     assert diskcopy.fs_type(pathlib.Path("/proc/self")) == "proc"
