@@ -5,9 +5,11 @@ FAILED_PRECONDITION naming both and registers nothing; a Peer refuses a coordina
 with another version (or none, an older release); and dml-peer exits 2 with the message."""
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import sys
 import types
+from collections.abc import Iterator
 
 import grpc
 import pytest
@@ -85,37 +87,43 @@ def test_dml_peer_exits_2_naming_both_versions(monkeypatch, tmp_path) -> None:
     assert "Traceback" not in p.stderr
 
 
-def test_a_running_peer_stops_for_good_when_its_registration_again_is_refused(monkeypatch) -> None:
-    """The coordinator is upgraded under a running peer: its next registration (here forced
-    as an eviction forces it) is refused, and the peer stops with the reason (dml-peer then
-    exits 2 with it) rather than retrying a registration no retry can mend."""
+@contextlib.contextmanager
+def _running_peer() -> Iterator[Peer]:
+    """A coordinator and one peer running its loop in a thread; both stopped on exit."""
     with coordinator() as srv:
         p = Peer(PeerConfig(coordinator=srv.address, join_token=join_token(srv.address), plan_wait_s=1.0)).start()
         try:
             p.run_in_thread()
-            monkeypatch.setattr(servicer, "version", types.SimpleNamespace(
-                PROTOCOL_VERSION=version.PROTOCOL_VERSION + 1, mismatch=version.mismatch))
-            p._evicted.set()
-            assert p.stop_event.wait(30), "the peer went on"
-            assert "this coordinator speaks protocol" in p.fatal and srv.address in p.fatal
+            yield p
         finally:
             p.stop()
+
+
+def test_a_running_peer_stops_for_good_when_its_registration_again_is_refused(monkeypatch) -> None:
+    """The coordinator is upgraded under a running peer: its next registration (here forced
+    as an eviction forces it) is refused, and the peer stops with the reason (dml-peer then
+    exits 2 with it) rather than retrying a registration no retry can mend. Only registration
+    refuses here (heartbeats still carry the peer's version), so the path under test is the one
+    taken."""
+    refusing = types.SimpleNamespace(PROTOCOL_VERSION=version.PROTOCOL_VERSION,
+                                     mismatch=lambda ours, *rest: version.mismatch(ours + 1, *rest))
+    with _running_peer() as p:
+        monkeypatch.setattr(servicer, "version", refusing)
+        p._evicted.set()
+        assert p.stop_event.wait(30), "the peer went on"
+        assert f"this coordinator speaks protocol {version.PROTOCOL_VERSION + 1}" in p.fatal, p.fatal
+        assert p.config.coordinator in p.fatal
 
 
 def test_a_running_peer_stops_when_a_heartbeat_says_its_coordinator_is_another_release(monkeypatch) -> None:
     """No registration again: the coordinator kept this peer's registration (as a restart on
     the same state dir does) but speaks another protocol, which its next heartbeat's answer says."""
-    with coordinator() as srv:
-        p = Peer(PeerConfig(coordinator=srv.address, join_token=join_token(srv.address), plan_wait_s=1.0)).start()
-        try:
-            p.run_in_thread()
-            monkeypatch.setattr(servicer, "version", types.SimpleNamespace(
-                PROTOCOL_VERSION=version.PROTOCOL_VERSION + 1, mismatch=version.mismatch))
-            assert p.stop_event.wait(30), "the peer went on"
-            assert f"the coordinator speaks protocol {version.PROTOCOL_VERSION + 1}" in p.fatal, p.fatal
-            assert not p._evicted.is_set(), "it stopped on the heartbeat, not on a registration"
-        finally:
-            p.stop()
+    with _running_peer() as p:
+        monkeypatch.setattr(servicer, "version", types.SimpleNamespace(
+            PROTOCOL_VERSION=version.PROTOCOL_VERSION + 1, mismatch=version.mismatch))
+        assert p.stop_event.wait(30), "the peer went on"
+        assert f"the coordinator speaks protocol {version.PROTOCOL_VERSION + 1}" in p.fatal, p.fatal
+        assert not p._evicted.is_set(), "it stopped on the heartbeat, not on a registration"
 
 
 def _restart(port: int, state) -> CoordinatorServer:
