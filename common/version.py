@@ -9,8 +9,9 @@ FAILED_PRECONDITION and a message naming both, and a peer refuses a coordinator 
 another (0: a release from before versions were sent). A coordinator's state dir keeps its peers'
 registrations across a restart, with the version each registered with: a coordinator restarted on
 another release evicts those of another version (they register again and are refused), and every
-heartbeat's answer carries the coordinator's version, which a peer checks as at registration. An upgrade restarts the coordinator and
-its peers on the same release; the coordinator's state dir and checkpoints carry over.
+heartbeat's answer carries the coordinator's version, which a peer checks as at registration. An
+upgrade restarts the coordinator and its peers on the same release; the coordinator's state dir
+and checkpoints carry over.
 
 Bump :data:`PROTOCOL_VERSION` with any change that makes members of one ring, or a peer and the
 coordinator, disagree: a digest, a frame, a codec, a field whose absence means something else.

@@ -205,9 +205,10 @@ class ClusterState:
     def register(self, address: str, capability: dict[str, Any], now_ms: int, token_hash: str = "",
                  public_key: str = "", protocol_version: int = version.PROTOCOL_VERSION) -> tuple[str, Changes]:
         """Adds a peer (with the hash of the credential issued to it, its public key, hex, and
-        the protocol version it registered with); returns its id. A registered peer at the same address is stale (that peer
-        restarted, or its container came back at the same host:port): it is removed first,
-        evicted from its job as ``REPLACED``, its shards moving as for any eviction."""
+        the protocol version it registered with); returns its id. A registered peer at the same
+        address is stale (that peer restarted, or its container came back at the same
+        host:port): it is removed first, evicted from its job as ``REPLACED``, its shards moving
+        as for any eviction."""
         changes = Changes()
         for old in [p.peer_id for p in self.peers.values() if p.address == address]:
             log.warning("peer %s: a new peer registered at its address %s; replacing it", old, address)
