@@ -30,12 +30,19 @@ def test_the_jobs_of_a_first_release_state_dir_resume_with_new_peers(tmp_path: p
         ring = next(j for j, (s, agg, _) in before.items() if s == "RUNNING" and agg == "ring")
         gossip = next(j for j, (s, agg, _) in before.items() if s == "RUNNING" and agg == "gossip")
         pending = next(j for j, (s, _, _) in before.items() if s == "PENDING")
-        old_ring = set(c.state.job(ring).members)
-        old_members = old_ring | set(c.state.job(gossip).members)
+        # The first release's peers registered with no protocol version: the coordinator evicted
+        # them as it started (PROTOCOL_MISMATCH), rather than wait out their leases, and holds none.
+        def mismatched(jid: str) -> set[str]:
+            return {e.peer_id for e in c.state.job(jid).evictions if e.cause == "PROTOCOL_MISMATCH"}
+
+        old_ring = mismatched(ring)
+        old_members = old_ring | mismatched(gossip)
+        assert old_ring and mismatched(gossip), "the old release's members were not evicted at start-up"
+        assert c.view(lambda st: list(st.peers)) == [] and not set(c.state.job(ring).members) & old_members
         stub = job_stub(srv.address)
         listed = stub.ListJobs(jobs_pb2.ListJobsRequest(), timeout=10).jobs
         assert {j.job_id for j in listed} == set(before)
-        # The first release's peers are gone: their leases run out, and four new peers take over.
+        # Four new peers take over.
         with peers(srv.address, 4):
             def progressed() -> bool:
                 return c.view(lambda st: st.jobs[ring].committed_round >= before[ring][2] + 3
@@ -45,9 +52,9 @@ def test_the_jobs_of_a_first_release_state_dir_resume_with_new_peers(tmp_path: p
             got = stub.GetJob(jobs_pb2.GetJobRequest(job_id=ring, include_history=True), timeout=10)
             assert got.job.state == types_pb2.JOB_STATE_RUNNING
             assert [r.round for r in got.history] == list(range(1, got.job.round + 1))
-            # The old release's members were the first to go, for want of heartbeats.
-            assert {(e.peer_id, e.cause) for e in got.job.evictions[:2]} == {
-                (m, jobs_pb2.EVICTION_CAUSE_HEARTBEAT_TIMEOUT) for m in old_ring}
+            # The old release's members were the first to go, each for its protocol.
+            assert {(e.peer_id, e.cause) for e in got.job.evictions[: len(old_ring)]} == {
+                (m, jobs_pb2.EVICTION_CAUSE_PROTOCOL_MISMATCH) for m in old_ring}
             for jid in (ring, gossip, pending):
                 job = c.view(lambda st, jid=jid: st.jobs[jid])
                 assert not old_members & set(job.members)
