@@ -107,20 +107,20 @@ def run_mode(a: argparse.Namespace, mode: str, logs: pathlib.Path) -> dict[str, 
                "--tasks", "", "--sync", a.sync, "--peers", str(a.peers), "--rounds", str(a.rounds),
                "--committed-copy", mode, "--log-dir", str(logs / mode), "--json"]
         t0 = time.monotonic()
+        row: dict[str, Any] = {}
         try:
             p = subprocess.run(cmd, capture_output=True, text=True, timeout=a.timeout_s, cwd=ROOT)
         except subprocess.TimeoutExpired:  # remove() kills the cluster it leaves in the cgroup
-            return {"committed_copy": mode, "limit_mb": a.limit_mb, "ok": False,
-                    "failure": f"timed out after {a.timeout_s:g}s (--timeout-s)", "oom_kills": cg.oom_kills(),
-                    "cgroup_peak_mb": cg.peak_mb(), "wall_s": round(time.monotonic() - t0, 1), "round_s": None,
-                    "rss_over_baseline_x_model": None}
-        try:
-            row = json.loads(p.stdout.splitlines()[0]) if p.returncode == 0 and p.stdout.strip() else {}
-        except ValueError:
-            row = {}
-        said = [x for x in p.stderr.splitlines() if x.startswith("round_overhead:") and "logs kept" not in x]
-        why = "" if p.returncode == 0 else (said or p.stderr.strip().splitlines() or ["no output"])[-1]
-        return {"committed_copy": mode, "limit_mb": a.limit_mb, "ok": p.returncode == 0, "failure": why,
+            ok, why = False, f"timed out after {a.timeout_s:g}s (--timeout-s)"
+        else:
+            ok = p.returncode == 0
+            try:
+                row = json.loads(p.stdout.splitlines()[0]) if ok and p.stdout.strip() else {}
+            except ValueError:
+                row = {}
+            said = [x for x in p.stderr.splitlines() if x.startswith("round_overhead:") and "logs kept" not in x]
+            why = "" if ok else (said or p.stderr.strip().splitlines() or ["no output"])[-1]
+        return {"committed_copy": mode, "limit_mb": a.limit_mb, "ok": ok, "failure": why,
                 "oom_kills": cg.oom_kills(), "cgroup_peak_mb": cg.peak_mb(), "wall_s": round(time.monotonic() - t0, 1),
                 "round_s": row.get("round_s"), "rss_over_baseline_x_model": row.get("rss_over_baseline_x_model")}
     finally:

@@ -140,11 +140,15 @@ def test_a_coordinator_restarted_on_another_release_evicts_the_peers_it_restored
     with coordinator(state) as srv:
         port = srv.port
         p = Peer(PeerConfig(coordinator=srv.address, join_token=join_token(srv.address), plan_wait_s=1.0)).start()
-        p.run_in_thread()
-        with JobClient(srv.address, token=operator_token(srv.address)) as client:
-            job = client.submit(JobSpec(task="digits", rounds=100_000, min_peers=1, local_steps=1))
-            wait_for(lambda: client.status(job).job.round >= 1, 60, "a committed round")
-        pid = p.peer_id
+        try:  # the peer outlives its first coordinator; stopped below, or here if this part fails
+            p.run_in_thread()
+            with JobClient(srv.address, token=operator_token(srv.address)) as client:
+                job = client.submit(JobSpec(task="digits", rounds=100_000, min_peers=1, local_steps=1))
+                wait_for(lambda: client.status(job).job.round >= 1, 60, "a committed round")
+            pid = p.peer_id
+        except BaseException:
+            p.stop()
+            raise
     try:
         if upgraded:
             newer = types.SimpleNamespace(PROTOCOL_VERSION=version.PROTOCOL_VERSION + 1, mismatch=version.mismatch,
@@ -156,13 +160,12 @@ def test_a_coordinator_restarted_on_another_release_evicts_the_peers_it_restored
             kept = again.coordinator.view(lambda st: list(st.peers))
             with JobClient(again.address, token=operator_token(again.address)) as client:
                 evictions = [(e.peer_id, e.cause) for e in client.status(job).job.evictions]
-            if not upgraded:
-                assert kept == [pid] and evictions == []
-                with JobClient(again.address, token=operator_token(again.address)) as client:
+                if not upgraded:
+                    assert kept == [pid] and evictions == []
                     at = client.status(job).job.round
                     wait_for(lambda: client.status(job).job.round > at, 60, "a round committed after the restart")
-                assert not p.stop_event.is_set() and p.peer_id == pid, "the peer carried on under its id"
-                return
+                    assert not p.stop_event.is_set() and p.peer_id == pid, "the peer carried on under its id"
+                    return
             assert kept == [], "a peer of another release was restored"
             assert evictions == [(pid, jobs_pb2.EVICTION_CAUSE_PROTOCOL_MISMATCH)]
             assert p.stop_event.wait(30), "the peer of the other release went on"

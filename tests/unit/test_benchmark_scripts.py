@@ -6,6 +6,7 @@ import importlib.util
 import json
 import pathlib
 import py_compile
+import subprocess
 import sys
 
 import pytest
@@ -513,7 +514,6 @@ def test_memory_limit_flags_and_its_cgroup(monkeypatch: pytest.MonkeyPatch, tmp_
     assert cg.oom_kills() == 3 and cg.peak_mb() == 1600.0
     assert cg.prefix()[:2] == ["sh", "-c"] and str(v1 / "x" / "cgroup.procs") in cg.prefix()[2]
     # What a run cut at its timeout leaves in the cgroup is killed before the cgroup goes.
-    import subprocess
     left = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
         (v1 / "x" / "cgroup.procs").write_text(f"{left.pid}\n")
