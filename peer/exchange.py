@@ -22,7 +22,7 @@ from dml.peer import dataplane, torchplane, watch
 from dml.peer.auth import FETCH_PARAMETERS, GOSSIP, OPEN_DATA_PLANE, PUSH_CHUNKS, check_body
 from dml.peer.gossip import GossipNode
 from dml.peer.inbox import POLL_S, UNCLAIMED_TTL_S, Frame, Inbox, Key
-from dml.peer.kept import KeptSenders
+from dml.peer.kept import KeptCache
 from dml.peer.shm import SharedSlots
 
 log = logging.getLogger(__name__)
@@ -131,8 +131,9 @@ class ExchangeServicer(exchange_pb2_grpc.PeerExchangeServicer):
         self.data_plane = (dataplane.DataPlane(data_plane_host, self._attach, tls)
                            if data_plane_host is not None else None)
         # This peer's outgoing data-plane streams kept between the rounds of an epoch (the
-        # incoming ones are kept by the data plane).
-        self.kept_senders = KeptSenders()
+        # incoming ones are kept by the data plane), and its gRPC channels to its successors.
+        self.kept_senders = KeptCache("stream")
+        self.kept_channels = KeptCache("channel")
         self.dropped = 0  # unclaimed inboxes dropped (by the sweeper, or to make room)
         self._trimmed = 0  # self.dropped when the heap was last trimmed
         self._jobs: dict[str, float] = {}  # jobs this peer has claimed inboxes of -> when it last did
@@ -144,6 +145,7 @@ class ExchangeServicer(exchange_pb2_grpc.PeerExchangeServicer):
         """Stops the data plane and the sweeper and drops every inbox and kept stream."""
         self._stop.set()
         self.kept_senders.drop()
+        self.kept_channels.drop()
         if self.data_plane is not None:
             self.data_plane.close()
         with self._lock:
@@ -157,6 +159,7 @@ class ExchangeServicer(exchange_pb2_grpc.PeerExchangeServicer):
         any exchange can last."""
         now = time.monotonic()
         self.kept_senders.drop(key[0], below_epoch=key[2])  # a new epoch: a new ring, new streams
+        self.kept_channels.drop(key[0], below_epoch=key[2])
         if self.data_plane is not None:
             self.data_plane.drop_kept(key[0], below_epoch=key[2], reason=f"epoch {key[2]} began")
         with self._lock:
@@ -173,9 +176,10 @@ class ExchangeServicer(exchange_pb2_grpc.PeerExchangeServicer):
             return box
 
     def forget_job(self, job: str | None = None) -> None:
-        """Closes the data-plane streams kept for ``job`` (every job: None), both ways: the peer
-        left the job, or was evicted."""
+        """Closes the data-plane streams kept for ``job`` (every job: None), both ways, and the
+        channels to its successors: the peer left the job, or was evicted."""
         n = self.kept_senders.drop(job)
+        self.kept_channels.drop(job)
         if self.data_plane is not None:
             n += self.data_plane.drop_kept(job, reason="the peer left the job")
         if n:
@@ -184,11 +188,13 @@ class ExchangeServicer(exchange_pb2_grpc.PeerExchangeServicer):
     def keep_only(self, job: str, epoch: int) -> None:
         """Closes the kept streams of every job but ``job`` ("" : every job) and of its epochs
         before ``epoch`` (the coordinator's word, each heartbeat: a job that ended, a new epoch)."""
-        for k in {k[0] for k in self.kept_senders.keys()} | {k[0] for k in self._kept_receivers()}:
+        kept = self.kept_senders.keys() + self.kept_channels.keys()
+        for k in {k[0] for k in kept} | {k[0] for k in self._kept_receivers()}:
             if k != job:
                 self.forget_job(k)
         if job:
             self.kept_senders.drop(job, below_epoch=epoch)
+            self.kept_channels.drop(job, below_epoch=epoch)
             if self.data_plane is not None:
                 self.data_plane.drop_kept(job, below_epoch=epoch, reason=f"epoch {epoch} began")
 

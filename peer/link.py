@@ -21,6 +21,7 @@ from dml.peer import dataplane, shm
 from dml.peer.auth import OPEN_DATA_PLANE, PeerCredentials
 from dml.peer.exchange import FRAMES_METHOD, ExchangeServicer
 from dml.peer.inbox import POLL_S, Broken, Key
+from dml.peer.kept import ChannelKey, KeptChannel, SenderKey
 from dml.peer.senders import ABORTED, GrpcSender, ShmSender, TcpSender
 from dml.peer.shm import SharedSlots
 from dml.peer.watch import WATCH_METHOD, SuccessorWatch
@@ -45,9 +46,11 @@ class PeerLink:
 
     Once the outgoing stream is open the link watches the successor (:mod:`peer.watch`): if it
     goes away, a waiting call fails naming it even when no stream of this link has broken.
-    ``keep_watch``, if given, takes that watch (and the channel under it) over once this
-    member's part of the exchange is done; otherwise the link closes it. ``tls`` (the peer's
-    config) puts the gRPC channel and the TCP stream to the successor inside TLS.
+    ``keep_watch``, if given, takes that watch over once this member's part of the exchange is
+    done; otherwise the link closes it. The gRPC channel to the successor is kept for the next
+    round of the epoch after a clean end (:mod:`peer.kept`), with the kept watch as its probe,
+    and closed after a failure. ``tls`` (the peer's config) puts the gRPC channel and the TCP
+    stream to the successor inside TLS.
     """
 
     def __init__(self, servicer: ExchangeServicer, key: Key, self_id: str, pred_id: str,
@@ -81,7 +84,12 @@ class PeerLink:
         self._injected_fault = injected_fault  # tests only: fail to reach the successor, saying this
         self._creds = credentials  # signs our calls to the successor (None: unsigned)
         self._tls = tls
-        self._channel = rpc.channel(succ_address, tls=tls, max_message_bytes=rpc.EXCHANGE_MESSAGE_BYTES)
+        # The channel the last clean round of this epoch left to the same successor, else a new one.
+        kept = servicer.kept_channels.take(self._channel_key())
+        self._channel: grpc.Channel = (kept.channel if isinstance(kept, KeptChannel) else
+                                       rpc.channel(succ_address, tls=tls, max_message_bytes=rpc.EXCHANGE_MESSAGE_BYTES))
+        self.channel_reused = isinstance(kept, KeptChannel)
+        self._channel_kept = False  # handed back to the servicer's cache (then not ours to close)
         self._sender: GrpcSender | TcpSender | None = None
         self._watch: SuccessorWatch | None = None
         self._keep_watch = keep_watch
@@ -122,7 +130,10 @@ class PeerLink:
 
     def _open(self) -> GrpcSender | TcpSender:
         sender = self._open_sender()
-        self._watch = SuccessorWatch(self._channel, self._key, self._succ_id, self._signed(WATCH_METHOD))
+        # The channel is the link's (or the cache's once kept), never the watch's: a kept watch
+        # only cancels its call, and the channel may carry the next round.
+        self._watch = SuccessorWatch(self._channel, self._key, self._succ_id, self._signed(WATCH_METHOD),
+                                     owns_channel=False)
         return sender
 
     def _open_sender(self) -> GrpcSender | TcpSender:
@@ -172,9 +183,13 @@ class PeerLink:
             err, self._open_error = self._open_error, None
             raise err
 
-    def _kept_key(self) -> tuple[str, int, str, str, bool]:
+    def _kept_key(self) -> SenderKey:
         job, _, epoch = self._key
         return job, epoch, self._succ_id, self._succ_address, self._want_shm
+
+    def _channel_key(self) -> ChannelKey:
+        job, _, epoch = self._key
+        return job, epoch, self._succ_id, self._succ_address
 
     def _take_kept(self) -> TcpSender | None:
         """The stream the last round of this epoch to the same successor ended cleanly on, its
@@ -390,9 +405,14 @@ class PeerLink:
                     raise ExchangeError(f"stream from {self._pred_id} broke: {e!r}", suspect=self._pred_id) from None
             if self._sender is not None:
                 self._sender.finish(timeout, self._abort)
+            kept_watch = None
             if self._keep_watch is not None and self._watch is not None:  # our part is done
                 self._keep_watch(self._watch)
                 self._watch_kept = True
+                kept_watch = self._watch
+            # The channel stays for the next round, the kept watch on it as its probe.
+            self._servicer.kept_channels.put(self._channel_key(), KeptChannel(self._channel, kept_watch))
+            self._channel_kept = True
             self._keep_streams()
         finally:
             self.shutdown()
@@ -417,16 +437,16 @@ class PeerLink:
 
     def shutdown(self) -> None:
         """Cancels the outgoing stream if still open and frees the inbox, the watch (unless kept)
-        and the channel."""
+        and the channel (unless kept for the next round)."""
         if self._opening is not None:
             self._opening.join(2 * OPEN_TIMEOUT_S + 1.0)  # bounded: it must not outlive the link
         if self._sender is not None:
             self._sender.cancel()
         self._inbox.close(reader=True)  # our stream, if we claimed it: closed here, by its reader
         self._servicer.release(self._key)
-        if not self._watch_kept:
-            if self._watch is not None:
-                self._watch.close()
+        if not self._watch_kept and self._watch is not None:
+            self._watch.close()
+        if not self._channel_kept:
             self._channel.close()
 
 

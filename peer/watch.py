@@ -50,14 +50,16 @@ class SuccessorWatch:
     """The watch call to ring successor ``succ_id`` on ``channel``, for the exchange of ``key``
     (``metadata``: the call's signature, :mod:`peer.auth`).
     ``lost`` says why the successor went away ("" while it is there). The watch closes
-    ``channel`` when it is closed."""
+    ``channel`` when it is closed if it ``owns_channel``; a channel kept for the epoch
+    (:mod:`peer.kept`) belongs to the cache, and the watch then only cancels its call."""
 
     def __init__(self, channel: grpc.Channel, key: Key, succ_id: str,
-                 metadata: list[tuple[str, str | bytes]] | None = None) -> None:
+                 metadata: list[tuple[str, str | bytes]] | None = None, owns_channel: bool = True) -> None:
         self.job_id, self.round, self.epoch = key
         self.succ_id = succ_id
         self.lost = ""
         self._channel = channel
+        self._owns_channel = owns_channel
         self._lock = threading.Lock()
         self._closed = False
         self._report: Callable[[str], None] | None = None
@@ -99,11 +101,17 @@ class SuccessorWatch:
 
         threading.Thread(target=run, name=f"watch-{self.succ_id}", daemon=True).start()
 
+    def active(self) -> bool:
+        """Whether the call is still open: not closed here, and not ended by the successor or
+        the connection under it (which is then not fit for another round either)."""
+        return not self._closed and not self._call.done()  # type: ignore[attr-defined]
+
     def close(self) -> None:
-        """Cancels the call and closes the channel (idempotent, from any thread)."""
+        """Cancels the call and closes the channel if it owns it (idempotent, from any thread)."""
         with self._lock:
             if self._closed:
                 return
             self._closed = True
         self._call.cancel()  # type: ignore[attr-defined]
-        self._channel.close()
+        if self._owns_channel:
+            self._channel.close()

@@ -1,8 +1,8 @@
-"""peer.kept: the cache of outgoing data-plane streams between the rounds of an epoch."""
+"""peer.kept: the cache of outgoing data-plane streams and gRPC channels between the rounds of an epoch."""
 from __future__ import annotations
 
 from dml.peer import kept
-from dml.peer.kept import KeptSenders
+from dml.peer.kept import KeptCache, KeptChannel
 
 
 class FakeStream:
@@ -24,7 +24,7 @@ def key(job: str = "j", epoch: int = 1, succ: str = "p1") -> kept.SenderKey:
 
 
 def test_a_kept_sender_is_taken_once_and_only_for_its_own_key():
-    cache = KeptSenders()
+    cache = KeptCache()
     s = FakeStream()
     cache.put(key(), s)
     assert cache.take(key(epoch=2)) is None
@@ -35,7 +35,7 @@ def test_a_kept_sender_is_taken_once_and_only_for_its_own_key():
 
 
 def test_a_kept_sender_whose_stream_closed_is_closed_not_handed_out():
-    cache = KeptSenders()
+    cache = KeptCache()
     s = FakeStream(open_=False)
     cache.put(key(), s)
     assert cache.take(key()) is None
@@ -43,7 +43,7 @@ def test_a_kept_sender_whose_stream_closed_is_closed_not_handed_out():
 
 
 def test_drop_closes_older_epochs_or_whole_jobs_and_the_cache_is_bounded():
-    cache = KeptSenders()
+    cache = KeptCache()
     old, new, other = FakeStream(), FakeStream(), FakeStream()
     cache.put(key(epoch=1), old)
     cache.put(key(epoch=2), new)
@@ -60,3 +60,34 @@ def test_drop_closes_older_epochs_or_whole_jobs_and_the_cache_is_bounded():
     assert len(cache.keys()) == kept.MAX_KEPT
     assert replaced.cancelled and many[0].cancelled and not many[-1].cancelled  # the oldest go first
     assert cache.drop() == kept.MAX_KEPT and all(s.cancelled for s in many)
+
+
+class FakeChannel:
+    def __init__(self) -> None:
+        self.closed = False
+
+    def close(self) -> None:
+        self.closed = True
+
+
+class FakeWatch:
+    def __init__(self, active: bool) -> None:
+        self._active = active
+
+    def active(self) -> bool:
+        return self._active
+
+
+def test_a_kept_channel_is_reused_only_while_the_watch_on_it_is_open_and_closing_it_closes_the_channel():
+    cache = KeptCache("channel")
+    ckey = ("j", 1, "p1", "127.0.0.1:1")
+    alive, broken, unwatched = (KeptChannel(FakeChannel(), FakeWatch(True)), KeptChannel(FakeChannel(), FakeWatch(False)),
+                                KeptChannel(FakeChannel(), None))
+    cache.put(ckey, alive)
+    assert cache.take(ckey) is alive and not alive.channel.closed
+    cache.put(ckey, broken)  # its watch ended: the successor or the connection went away
+    assert cache.take(ckey) is None and broken.channel.closed and cache.keys() == []
+    cache.put(ckey, unwatched)  # a link that kept no watch has no probe: the channel is trusted
+    assert cache.take(ckey) is unwatched
+    cache.put(ckey, alive)
+    assert cache.drop("j", below_epoch=2) == 1 and alive.channel.closed
