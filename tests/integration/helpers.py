@@ -238,3 +238,41 @@ class Member:
     def close(self) -> None:
         self.server.stop(0).wait(5)
         self.servicer.close()
+
+
+class HoldReport:
+    """A peer's control stub that holds its report of round ``rnd`` until ``gate`` is set (at
+    most ``wait_s``): the round cannot commit before then, so a joiner that took the job
+    meanwhile joins at ``rnd + 1`` however fast the job runs."""
+
+    def __init__(self, stub, rnd: int, gate: threading.Event, wait_s: float = 60.0) -> None:
+        self._stub, self._rnd, self._gate, self._wait_s = stub, rnd, gate, wait_s
+
+    def __getattr__(self, name):
+        return getattr(self._stub, name)
+
+    def ReportRound(self, req, **kw):  # noqa: N802 - the stub's method name
+        if req.round == self._rnd:
+            assert self._gate.wait(self._wait_s), "the joiner never took the job"
+        return self._stub.ReportRound(req, **kw)
+
+
+class RoundOneWaits:
+    """Holds ``holder``'s report of round 1 until :meth:`until_in` sees another peer take the
+    job. A job starts with its first ``min_peers`` takers and admits later ones at a round's
+    commit, so a peer the test needs in the ring by round N (a fault at an exact round) would
+    otherwise join whenever its take happened to land: with this it is in by round 2."""
+
+    def __init__(self, holder: Peer) -> None:
+        self.gate = threading.Event()
+        holder.client.stub = HoldReport(holder.client.stub, 1, self.gate)
+
+    def until_in(self, srv: CoordinatorServer, job_id: str, peer_id: str, timeout_s: float = 60.0) -> None:
+        """Waits until ``peer_id`` is a member of ``job_id`` or waits to be admitted, then lets
+        round 1 commit (also when the wait fails)."""
+        try:
+            wait_for(lambda: srv.coordinator.view(lambda st: peer_id in st.job(job_id).ready
+                                                  or peer_id in st.job(job_id).members), timeout_s,
+                     f"{peer_id} to take job {job_id}")
+        finally:
+            self.gate.set()

@@ -272,17 +272,21 @@ def test_successor_dying_after_taking_our_frames_is_named_while_we_wait_for_our_
 def test_abort_stops_a_waiting_receiver_promptly(members):
     ms = members(2)
     ls = links(ms, ring_key(), "tcp", idle_s=20.0)
+    waited = threading.Event()  # p1's wait ended (by the abort, we check): p0 may close its stream
 
     def body(r: int, link: PeerLink) -> None:
         if r == 0:
             link.send(Header(1, 1, 0, 0, 10), np.zeros(10, np.float32).view(np.uint8))
             link.wait_sent(1, 5)
-            time.sleep(1.0)  # keep the stream open, send nothing more
+            waited.wait(15)  # keep the stream open, send nothing more, until p1's wait is over
             return
-        link.recv_header(10)
-        link.recv_payload(np.zeros(10, np.float32).view(np.uint8), 10)
-        threading.Timer(0.2, ms[1].abort.set).start()
-        link.recv_header(10)
+        try:
+            link.recv_header(10)
+            link.recv_payload(np.zeros(10, np.float32).view(np.uint8), 10)
+            threading.Timer(0.2, ms[1].abort.set).start()
+            link.recv_header(10)
+        finally:
+            waited.set()
 
     errors = run_ring(ls, [], body=body)
     assert isinstance(errors[1], ExchangeError) and "aborted" in str(errors[1])

@@ -15,7 +15,8 @@ from dml.v1 import jobs_pb2, types_pb2
 
 from dml.common.spec import JobSpec, spec_to_pb
 from dml.peer.outer import PART
-from tests.integration.helpers import assert_state_dicts_identical, coordinator, fetch_state, job_stub, peers, wait_for
+from tests.integration.helpers import (HoldReport, assert_state_dicts_identical, coordinator, fetch_state, job_stub, peers,
+                                       wait_for)
 
 BASE = JobSpec(task="digits", rounds=4, local_steps=5, batch_size=32, learning_rate=0.1, min_peers=3,
                checkpoint_every_rounds=2, seed=3)
@@ -143,27 +144,11 @@ def test_a_reissued_round_with_the_outer_optimizer_reproduces_the_failure_free_r
         _identical(ps, srv, jid, again)
 
 
-class _HoldReport:
-    """A peer's control stub that holds its report of round ``rnd`` until ``gate`` is set (at
-    most ``wait_s``): the round cannot commit before then."""
-
-    def __init__(self, stub, rnd: int, gate: threading.Event, wait_s: float = 60.0) -> None:
-        self._stub, self._rnd, self._gate, self._wait_s = stub, rnd, gate, wait_s
-
-    def __getattr__(self, name):
-        return getattr(self._stub, name)
-
-    def ReportRound(self, req, **kw):  # noqa: N802 - the stub's method name
-        if req.round == self._rnd:
-            assert self._gate.wait(self._wait_s), "the joiner never took the job"
-        return self._stub.ReportRound(req, **kw)
-
-
 def test_a_joiner_takes_the_outer_momentum_and_the_ring_stays_bit_identical(tmp_path):
     spec = replace(NESTEROV, rounds=6, min_peers=2, checkpoint_every_rounds=100)
     gate = threading.Event()
     with _cluster(tmp_path, 2) as (srv, ps, stub):
-        ps[0].client.stub = _HoldReport(ps[0].client.stub, 3, gate)
+        ps[0].client.stub = HoldReport(ps[0].client.stub, 3, gate)
         jid = stub.SubmitJob(jobs_pb2.SubmitJobRequest(spec=spec_to_pb(spec)), timeout=10).job_id
         wait_for(lambda: stub.GetJob(jobs_pb2.GetJobRequest(job_id=jid), timeout=5).job.round >= 2, 60, "round 2 to commit")
         with peers(srv.address, 1) as late:  # ready before round 3 can commit: it joins at round 4

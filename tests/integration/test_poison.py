@@ -17,6 +17,7 @@ from dml.common.spec import JobSpec
 from dml.peer.faults import Fault
 from dml.peer.runner import Peer, PeerConfig
 from tests.integration.helpers import (
+    RoundOneWaits,
     assert_state_dicts_identical,
     coordinator,
     fetch_state,
@@ -50,7 +51,9 @@ def test_a_broken_ring_member_is_quarantined_and_the_job_succeeds_finite(data_pl
             bad_id = bad.peer_id
             wait_for(lambda: srv.coordinator.view(lambda st: len(st.live_idle())) == 3, 10, "three idle peers")
             stub = job_stub(srv.address)
+            first = RoundOneWaits(ps[0])  # the broken peer is in the ring before its fault's round
             jid = _submit(stub, spec)
+            first.until_in(srv, jid, bad_id)
             # One read per poll: a job that is PENDING (its peers taking it) on one read and
             # RUNNING on the next must not pass for ended.
             wait_for(lambda: _job(stub, jid).job.state not in (types_pb2.JOB_STATE_RUNNING, types_pb2.JOB_STATE_PENDING),
@@ -88,7 +91,9 @@ def test_a_member_whose_own_update_is_not_finite_reports_itself_and_is_quarantin
             bad_id = bad.peer_id
             wait_for(lambda: srv.coordinator.view(lambda st: len(st.live_idle())) == 3, 10, "three idle peers")
             stub = job_stub(srv.address)
+            first = RoundOneWaits(ps[0])  # the broken peer is in the ring before its fault's round
             jid = _submit(stub, spec)
+            first.until_in(srv, jid, bad_id)
             wait_for(lambda: _job(stub, jid).job.state == types_pb2.JOB_STATE_SUCCEEDED, 120, "the job to succeed")
             (q,) = _job(stub, jid).job.quarantined
             assert q.peer_id == bad_id and q.reporters == bad_id and q.round == 3

@@ -23,6 +23,7 @@ from dml.peer.diskcopy import DiskCopy
 from dml.peer.runner import Peer, PeerConfig
 from tests.integration.helpers import (
     Member,
+    RoundOneWaits,
     assert_state_dicts_identical,
     coordinator,
     fetch_state,
@@ -160,7 +161,9 @@ def test_a_member_killed_mid_round_reruns_it_from_the_committed_parameters_and_o
             victim.run_in_thread()
             stub = job_stub(srv.address)
             wait_for(lambda: srv.coordinator.view(lambda st: len(st.live_idle())) == 3, 10, "three idle peers")
+            first = RoundOneWaits(ps[0])  # the victim is in the ring before round 3, where it crashes
             jid = _submit(stub, spec)
+            first.until_in(srv, jid, victim.peer_id)
             wait_for(victim.crashed.is_set, 90, "the victim to crash mid-round")
             wait_for(lambda: _job(stub, jid).job.state == types_pb2.JOB_STATE_SUCCEEDED, 120, "job to succeed")
         finally:
@@ -191,7 +194,9 @@ def test_a_member_sending_a_broken_gradient_is_quarantined_and_the_job_succeeds_
             bad_id = bad.peer_id  # once quarantined it registers again under a new id
             wait_for(lambda: srv.coordinator.view(lambda st: len(st.live_idle())) == 3, 10, "three idle peers")
             stub = job_stub(srv.address)
+            first = RoundOneWaits(ps[0])  # the broken peer is in the ring before its fault's round
             jid = _submit(stub, spec)
+            first.until_in(srv, jid, bad_id)
             wait_for(lambda: _job(stub, jid).job.state not in (types_pb2.JOB_STATE_RUNNING, types_pb2.JOB_STATE_PENDING),
                      120, "the job to end")
             resp = _job(stub, jid, history=True)

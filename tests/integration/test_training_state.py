@@ -21,7 +21,7 @@ from dml.common.tasks import get_task
 from dml.coordinator.checkpoint import MAX_STATE_RATIO
 from dml.peer import trainstate
 from dml.peer.runner import Peer, PeerConfig
-from tests.integration.helpers import coordinator, job_stub, join_token, operator_token, wait_for
+from tests.integration.helpers import HoldReport, coordinator, job_stub, join_token, operator_token, wait_for
 from tests.integration.test_cluster import _job, _submit
 
 SUCCEEDED = types_pb2.JOB_STATE_SUCCEEDED
@@ -126,6 +126,8 @@ def test_a_joiner_takes_its_donors_committed_optimizer_state():
             record_begin(p)
         stub = job_stub(srv.address)
         joiner = None
+        gate = threading.Event()  # round 3 commits only once the joiner took the job: it joins at round 4
+        ps[0].client.stub = HoldReport(ps[0].client.stub, 3, gate)
         try:
             wait_for(lambda: srv.coordinator.view(lambda st: len(st.live_idle())) == 2, 30, "two idle peers")
             jid = _submit(stub, spec)
@@ -141,9 +143,13 @@ def test_a_joiner_takes_its_donors_committed_optimizer_state():
             joiner._ring._fetch = fetch
             joiner.start()
             joiner.run_in_thread()
+            wait_for(lambda: srv.coordinator.view(lambda st: joiner.peer_id in st.job(jid).ready), 60,
+                     "the joiner to take the job")
+            gate.set()
             wait_for(lambda: _job(stub, jid).job.state == SUCCEEDED, 180, "the job to succeed")
             resp = _job(stub, jid, history=True)
         finally:
+            gate.set()
             for p in ps + ([joiner] if joiner is not None else []):
                 p.stop()
     assert resp.history[-1].members == 3, "the joiner took part"
@@ -336,6 +342,8 @@ def test_a_joiner_no_member_can_serve_takes_the_training_state_from_the_checkpoi
             p.store.begin = begin
         stub = job_stub(srv.address)
         joiner = None
+        gate = threading.Event()  # round 3 commits only once the joiner took the job: it joins at round 4
+        ps[0].client.stub = HoldReport(ps[0].client.stub, 3, gate)
         try:
             wait_for(lambda: srv.coordinator.view(lambda st: len(st.live_idle())) == 2, 30, "two idle peers")
             jid = _submit(stub, spec)
@@ -353,9 +361,13 @@ def test_a_joiner_no_member_can_serve_takes_the_training_state_from_the_checkpoi
             joiner._ring._from_checkpoint = from_checkpoint
             joiner.start()
             joiner.run_in_thread()
+            wait_for(lambda: srv.coordinator.view(lambda st: joiner.peer_id in st.job(jid).ready), 60,
+                     "the joiner to take the job")
+            gate.set()
             wait_for(lambda: _job(stub, jid).job.state == SUCCEEDED, 180, "the job to succeed")
             resp = _job(stub, jid, history=True)
         finally:
+            gate.set()
             for p in ps + ([joiner] if joiner is not None else []):
                 p.stop()
     assert resp.history[-1].members == 3, "the joiner took part"
