@@ -8,6 +8,7 @@ fetched, the shards it caches), and the coordinator refuses data usage that cann
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import pathlib
 from collections.abc import Iterator
@@ -24,7 +25,7 @@ from dml.peer.runner import Peer, PeerConfig
 from dml.common import auth, rpc
 from dml.common.version import PROTOCOL_VERSION
 from dml.v1 import control_pb2, control_pb2_grpc, jobs_pb2, types_pb2
-from tests.integration.helpers import coordinator, job_stub, join_token, operator_token, take_ready, wait_for
+from tests.integration.helpers import FAST, coordinator, job_stub, join_token, operator_token, take_ready, wait_for
 
 FINISHED = (types_pb2.JOB_STATE_SUCCEEDED, types_pb2.JOB_STATE_FAILED, types_pb2.JOB_STATE_CANCELLED)
 
@@ -149,7 +150,9 @@ def _tiny_store(tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]) -> I
     src = tmp_path / "src"
     src.mkdir()
     (src / "a.bin").write_bytes(b"x" * 100)
-    with coordinator(tmp_path / "state") as srv:
+    # The tests' hand-made peers send no heartbeats: a lease FAST's 1.5 s would let a stalled
+    # machine evict them between two calls.
+    with coordinator(tmp_path / "state", timing=dataclasses.replace(FAST, peer_timeout_ms=120_000)) as srv:
         token = tmp_path / "operator.token"
         token.write_text(operator_token(srv.address) + "\n")
         token.chmod(0o600)

@@ -2,10 +2,12 @@
 from a real coordinator with real peers."""
 from __future__ import annotations
 
+import dataclasses
+
 from dml.common.spec import JobSpec
 from dml.v1 import jobs_pb2, types_pb2
 from dml.common.version import PROTOCOL_VERSION
-from tests.integration.helpers import coordinator, job_stub, peers, wait_for
+from tests.integration.helpers import FAST, coordinator, job_stub, peers, wait_for
 from tests.integration.test_cluster import _job, _submit
 
 # A peer that left: its lease ran out, or the members that then sent to it could not reach it
@@ -54,7 +56,9 @@ def test_report_failure_kinds_the_held_out_reason_in_heartbeats_and_held_out_in_
 
     # Something listens at both addresses, so the coordinator's own connect is no witness and the
     # ring-of-two rule is what holds b out.
-    with coordinator() as srv, rpc.channel(srv.address) as ch, socket.socket() as la, socket.socket() as lb:
+    # The hand-made peers send no heartbeats: a long lease, so only the report can evict b.
+    with (coordinator(timing=dataclasses.replace(FAST, peer_timeout_ms=120_000)) as srv, rpc.channel(srv.address) as ch,
+          socket.socket() as la, socket.socket() as lb):
         for s in (la, lb):
             s.bind(("127.0.0.1", 0))
             s.listen()

@@ -75,16 +75,19 @@ def test_a_session_takes_over_the_preparation_the_suite_runner_started(tmp_path)
     import json
     import subprocess
     import sys
-    import threading
 
     from tests.e2e.compose_prep import Adopted
 
     assert Adopted.from_env({}) is None, "nothing named: the session starts its own"
-    # A stand-in for the preparation: writes its result after a moment, then exits.
-    writer = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(0.5)"])
+    # A stand-in for the preparation: writes its result after a moment, then exits (the result
+    # written by the process itself, before it exits, as the real one does: a timer here could
+    # fire after the process was already seen gone).
+    result = json.dumps({"ok": True, "image": "i"})
+    writer = subprocess.Popen([sys.executable, "-c", "import os, sys, time; time.sleep(0.2); "
+                               "open(sys.argv[1] + '.tmp', 'w').write(sys.argv[2]); os.replace(sys.argv[1] + '.tmp', sys.argv[1])",
+                               str(tmp_path / "result.json"), result])
     try:
         prep = _adopted(tmp_path, writer.pid)
-        threading.Timer(0.2, lambda: (tmp_path / "result.json").write_text(json.dumps({"ok": True, "image": "i"}))).start()
         got = prep.wait()
         assert got["ok"] and got["image"] == "i" and got["waited_s"] >= 0
         assert prep.close() is None, "the owner, not the session, stops it"
