@@ -3,9 +3,10 @@ shared-memory senders whose all-reduce ended cleanly, and its gRPC channel to th
 kept for the next round to the same successor in the same epoch (see :mod:`peer.dataplane` for
 the receiving side and the round preamble).
 
-A new channel per round cost 3.7 ms of CPU (7 ms over TLS: a handshake) against 1 ms for the
-watch call on a kept one, every round on every member (measured on loopback, creating the channel
-and its watch call 200 times). The round's watch call (:mod:`peer.watch`) stays one per round.
+A new channel and its watch call cost 1.0 ms of CPU per round (2.8 ms over TLS: a handshake),
+both ends counted, against 0.5 ms for the watch call on a kept one, on every member every round
+(``benchmarks/channel_setup.py --tls``, loopback). The round's watch call (:mod:`peer.watch`)
+stays one per round.
 
 An entry is taken out to be used (by one link at a time) and put back only after a clean end;
 a link that fails closes it instead, so nothing is reused after an error. Entries are closed at
@@ -57,7 +58,9 @@ class KeptChannel:
         return self.watch is None or self.watch.active()
 
     def cancel(self) -> None:
-        self.channel.close()  # ends the watch call on it too (CANCELLED, which reports nothing)
+        if self.watch is not None:
+            self.watch.close()  # first: a call the channel's close cancels would read as the successor's doing
+        self.channel.close()
 
 
 class KeptCache:

@@ -89,6 +89,9 @@ class PeerLink:
         self._channel: grpc.Channel = (kept.channel if isinstance(kept, KeptChannel) else
                                        rpc.channel(succ_address, tls=tls, max_message_bytes=rpc.EXCHANGE_MESSAGE_BYTES))
         self.channel_reused = isinstance(kept, KeptChannel)
+        # The last round's watch, on that channel until the round loop ends it (closed before the
+        # channel, where this link closes it: see peer.watch).
+        self._prev_watch = kept.watch if isinstance(kept, KeptChannel) else None
         self._channel_kept = False  # handed back to the servicer's cache (then not ours to close)
         self._sender: GrpcSender | TcpSender | None = None
         self._watch: SuccessorWatch | None = None
@@ -447,6 +450,8 @@ class PeerLink:
         if not self._watch_kept and self._watch is not None:
             self._watch.close()
         if not self._channel_kept:
+            if self._prev_watch is not None:
+                self._prev_watch.close()
             self._channel.close()
 
 

@@ -68,14 +68,20 @@ class SuccessorWatch:
         self._call.add_done_callback(self._on_done)  # type: ignore[attr-defined]
 
     def _on_done(self, call: grpc.Call) -> None:
-        # CANCELLED is our own close, DEADLINE_EXCEEDED a watch that outlived WATCH_MAX_S,
-        # UNIMPLEMENTED a successor without the method: none of them says it went away.
-        if call.code() != grpc.StatusCode.UNAVAILABLE:
+        # UNAVAILABLE: the connection broke. CANCELLED not of our doing: the successor's server
+        # cancelled the call, as a server stopping does (about 1 stop in 50 ends the call so
+        # rather than with UNAVAILABLE). Our own CANCELLED comes after close() set _closed:
+        # whoever closes a channel closes the watches on it first (peer.link, peer.kept).
+        # DEADLINE_EXCEEDED is a watch that outlived WATCH_MAX_S, UNIMPLEMENTED a successor
+        # without the method: neither says it went away.
+        code = call.code()
+        if code not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
             return
         with self._lock:
             if self._closed:
                 return
-            self.lost = f"{self.succ_id} went away: {call.details()}"
+            why = call.details() if code == grpc.StatusCode.UNAVAILABLE else "its server cancelled the watch"
+            self.lost = f"{self.succ_id} went away: {why}"
             report = self._report
         if report is not None:
             self._fire(report)

@@ -73,9 +73,13 @@ class FakeChannel:
 class FakeWatch:
     def __init__(self, active: bool) -> None:
         self._active = active
+        self.closed = False
 
     def active(self) -> bool:
-        return self._active
+        return self._active and not self.closed
+
+    def close(self) -> None:
+        self.closed = True
 
 
 def test_a_kept_channel_is_reused_only_while_the_watch_on_it_is_open_and_closing_it_closes_the_channel():
@@ -91,3 +95,4 @@ def test_a_kept_channel_is_reused_only_while_the_watch_on_it_is_open_and_closing
     assert cache.take(ckey) is unwatched
     cache.put(ckey, alive)
     assert cache.drop("j", below_epoch=2) == 1 and alive.channel.closed
+    assert alive.watch.closed, "the watch is closed before its channel (else it would read as the successor's cancel)"
