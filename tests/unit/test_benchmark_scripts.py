@@ -526,3 +526,14 @@ def test_memory_limit_flags_and_its_cgroup(monkeypatch: pytest.MonkeyPatch, tmp_
     monkeypatch.setattr(mod, "V1", tmp_path / "no-v1")
     assert mod.main(["--limit-mb", "1000"]) == 2
     assert "no memory cgroup" in capsys.readouterr().err
+
+
+def test_channel_setup_times_both_modes_over_plain_and_tls(capsys: pytest.CaptureFixture[str]) -> None:
+    mod = _load("channel_setup")
+    assert mod.main(["--rounds", "3", "--repeats", "1", "--tls", "--json"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [(r["transport"], r["mode"]) for r in rows] == [("plain", "new"), ("plain", "kept"), ("tls", "new"), ("tls", "kept")]
+    assert all(r["wall_ms"] > 0 and r["cpu_ms"] >= 0 and len(r["cpu_ms_each"]) == 1 for r in rows)
+    with pytest.raises(SystemExit) as e:
+        mod.main(["--rounds", "0"])
+    assert e.value.code == 2
