@@ -9,7 +9,9 @@ times per mode, the modes alternating ``--repeats`` times:
 
 - ``new``: a new channel (``common.rpc.channel``, with TLS a full mutual handshake), the watch
   call on it, waited for until the server's handler has it (connected, handshake done),
-  then the watch cancelled and the channel closed, as a link did before channels were kept;
+  then the watch cancelled and the channel closed, as a link did before channels were kept
+  (gRPC may hand a new channel the connection of one just closed whose teardown has not
+  finished: the distinct client ports the calls came from are printed, ``connections``);
 - ``kept``: the watch call alone on one channel opened before the timing, cancelled the same way.
 
 Prints per mode the wall time and the CPU time (``time.process_time``: both ends together, gRPC's
@@ -35,7 +37,7 @@ from dml.peer import watch
 WAIT_S = 10.0  # every call and connect below is bounded by this
 
 
-def _round(ch: grpc.Channel, entered: threading.Semaphore) -> None:
+def _round(ch: grpc.Channel, entered: threading.Semaphore, left: threading.Semaphore) -> None:
     call = ch.unary_stream(watch.WATCH_METHOD, request_serializer=None, response_deserializer=None)(
         b"", timeout=WAIT_S)
     # The server's handler has the call (connected, handshake done; it sends nothing back).
@@ -43,14 +45,22 @@ def _round(ch: grpc.Channel, entered: threading.Semaphore) -> None:
         call.cancel()
         raise RuntimeError(f"the watch call did not reach the server in {WAIT_S:.0f}s")
     call.cancel()
+    # ... and has let it go: no round leaves a call behind (the server bounds open ones).
+    if not left.acquire(timeout=WAIT_S):
+        raise RuntimeError(f"the server's watch handler did not end in {WAIT_S:.0f}s after the cancel")
 
 
-def run(cfg: tls.TlsConfig | None, host: str, rounds: int, repeats: int) -> dict[str, list[tuple[float, float]]]:
-    entered = threading.Semaphore(0)
+def run(cfg: tls.TlsConfig | None, host: str, rounds: int, repeats: int) -> dict[str, list[tuple[float, float, int]]]:
+    entered, left = threading.Semaphore(0), threading.Semaphore(0)
+    clients: set[str] = set()  # the client ends (address:port) the calls came from
 
     def serve(request: bytes, context: grpc.ServicerContext):  # the peer's handler, counted in
+        clients.add(context.peer())
         entered.release()
-        return watch._serve(request, context)  # noqa: SLF001 - the very handler a peer serves
+        try:
+            return watch._serve(request, context)  # noqa: SLF001 - the very handler a peer serves
+        finally:
+            left.release()
 
     srv = rpc.server(workers=8)
     srv.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(watch.WATCH_SERVICE, {
@@ -58,27 +68,32 @@ def run(cfg: tls.TlsConfig | None, host: str, rounds: int, repeats: int) -> dict
     port = rpc.bind(srv, host, 0, tls=cfg)
     srv.start()
     address = f"{host}:{port}"
-    out: dict[str, list[tuple[float, float]]] = {"new": [], "kept": []}
+    out: dict[str, list[tuple[float, float, int]]] = {"new": [], "kept": []}
     try:
         for _ in range(repeats):
             for mode in ("new", "kept"):
-                kept = rpc.channel(address, tls=cfg)
+                # Only "kept" holds a channel across rounds: an open one would let gRPC share
+                # its connection with each "new" channel (one subchannel pool per process).
+                kept = rpc.channel(address, tls=cfg) if mode == "kept" else None
+                clients.clear()
                 try:
-                    _round(kept, entered)  # connected before the timing
+                    if kept is not None:
+                        _round(kept, entered, left)  # connected before the timing
                     t0, c0 = time.perf_counter(), time.process_time()
                     for _ in range(rounds):
-                        if mode == "new":
+                        if kept is None:
                             ch = rpc.channel(address, tls=cfg)
                             try:
-                                _round(ch, entered)
+                                _round(ch, entered, left)
                             finally:
                                 ch.close()
                         else:
-                            _round(kept, entered)
+                            _round(kept, entered, left)
                     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
                 finally:
-                    kept.close()
-                out[mode].append((wall / rounds, cpu / rounds))
+                    if kept is not None:
+                        kept.close()
+                out[mode].append((wall / rounds, cpu / rounds, len(clients)))
     finally:
         srv.stop(0).wait(WAIT_S)
     return out
@@ -106,12 +121,14 @@ def main(argv: list[str] | None = None) -> int:
             for mode, rows in got.items():
                 wall = statistics.median(r[0] for r in rows) * 1e3
                 cpu = statistics.median(r[1] for r in rows) * 1e3
+                conns = [r[2] for r in rows]
                 if args.json:
                     print(json.dumps({"transport": name, "mode": mode, "rounds": args.rounds, "repeats": args.repeats,
-                                      "wall_ms": wall, "cpu_ms": cpu, "cpu_ms_each": [r[1] * 1e3 for r in rows]}))
+                                      "wall_ms": wall, "cpu_ms": cpu, "cpu_ms_each": [r[1] * 1e3 for r in rows],
+                                      "connections": conns}))
                 else:
                     each = " ".join(f"{r[1] * 1e3:.2f}" for r in rows)
-                    print(f"{name:>9} {mode:>5} | {wall:16.2f} | {cpu:15.2f} | {each}")
+                    print(f"{name:>9} {mode:>5} | {wall:16.2f} | {cpu:15.2f} | {each}  (connections {conns})")
     return 0
 
 

@@ -144,8 +144,8 @@ class ExchangeServicer(exchange_pb2_grpc.PeerExchangeServicer):
     def close(self) -> None:
         """Stops the data plane and the sweeper and drops every inbox and kept stream."""
         self._stop.set()
-        self.kept_senders.drop()
-        self.kept_channels.drop()
+        self.kept_senders.close()
+        self.kept_channels.close()
         if self.data_plane is not None:
             self.data_plane.close()
         with self._lock:

@@ -55,7 +55,7 @@ class KeptChannel:
         self.watch = watch
 
     def reusable(self) -> bool:
-        return self.watch is None or self.watch.active()
+        return self.watch is None or self.watch.held()
 
     def cancel(self) -> None:
         if self.watch is not None:
@@ -71,6 +71,7 @@ class KeptCache:
         self._what = what  # for the log
         self._lock = threading.Lock()
         self._kept: dict[Key, Reusable] = {}  # in insertion order: the oldest first
+        self._closed = False  # the server stopped: what a late link puts back is closed at once
 
     def take(self, key: Key) -> Reusable | None:
         """The entry kept for ``key``, removed from the cache, if it still looks open (one that
@@ -89,8 +90,11 @@ class KeptCache:
     def put(self, key: Key, entry: Reusable) -> None:
         """Keeps ``entry`` for the next round of ``key`` (replacing and closing any other)."""
         with self._lock:
-            old = self._kept.pop(key, None)
-            self._kept[key] = entry
+            if self._closed:
+                old = entry  # nothing would ever close it here
+            else:
+                old = self._kept.pop(key, None)
+                self._kept[key] = entry
             evicted = []
             while len(self._kept) > MAX_KEPT:
                 evicted.append(self._kept.pop(next(iter(self._kept))))
@@ -107,6 +111,12 @@ class KeptCache:
         for e in entries:
             e.cancel()
         return len(entries)
+
+    def close(self) -> None:
+        """Closes every entry, and every one put back from now on (the server stops)."""
+        with self._lock:
+            self._closed = True
+        self.drop()
 
     def keys(self) -> list[Key]:
         """What is kept now."""

@@ -62,6 +62,7 @@ class SuccessorWatch:
         self._owns_channel = owns_channel
         self._lock = threading.Lock()
         self._closed = False
+        self._ended_first = False  # the call had ended (not by us) when we closed the watch
         self._report: Callable[[str], None] | None = None
         watch = channel.unary_stream(WATCH_METHOD, request_serializer=None, response_deserializer=None)
         self._call = watch(b"", timeout=WATCH_MAX_S, metadata=metadata or None)
@@ -112,12 +113,24 @@ class SuccessorWatch:
         the connection under it (which is then not fit for another round either)."""
         return not self._closed and not self._call.done()  # type: ignore[attr-defined]
 
+    def held(self) -> bool:
+        """Whether the call stayed open until now, or until we closed it: what a kept channel's
+        probe asks (the round loop closes the watch when the next plan comes, just before the
+        next round's link takes the channel)."""
+        with self._lock:
+            if self.lost:
+                return False
+            if self._closed:
+                return not self._ended_first
+        return not self._call.done()  # type: ignore[attr-defined]
+
     def close(self) -> None:
         """Cancels the call and closes the channel if it owns it (idempotent, from any thread)."""
         with self._lock:
             if self._closed:
                 return
             self._closed = True
+            self._ended_first = self._call.done()  # type: ignore[attr-defined]
         self._call.cancel()  # type: ignore[attr-defined]
         if self._owns_channel:
             self._channel.close()

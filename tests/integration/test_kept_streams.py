@@ -15,7 +15,9 @@ from dml.aggregation.transport import ExchangeError
 from dml.peer import dataplane
 from dml.peer.link import PeerLink
 from dml.peer.watch import SuccessorWatch
-from tests.integration.helpers import Member, ring_key, wait_for
+from dml.common.spec import JobSpec, spec_to_pb
+from dml.v1 import jobs_pb2, types_pb2
+from tests.integration.helpers import Member, coordinator, job_stub, peers, ring_key, wait_for
 from tests.integration.test_dataplane import int_bufs, our_shm_files, run_ring
 
 
@@ -210,17 +212,22 @@ def test_a_kept_stream_that_breaks_in_use_is_reported_naming_the_neighbour_and_n
 
 
 class Watches:
-    """What a peer's round loop does with the watch each clean round hands over: ends the
-    previous one and keeps the new one (ring_round.RingRound._keep_watch)."""
+    """What a peer's round loop does with the watch each clean round hands over: keeps it
+    (ring_round.RingRound._keep_watch), and ends it when the next plan comes, before that
+    round's link is made (runner.Peer.run: ``unwatch``)."""
 
     def __init__(self) -> None:
         self.kept: SuccessorWatch | None = None
         self.ended: list[SuccessorWatch] = []
 
-    def __call__(self, watch: SuccessorWatch) -> None:
+    def next_plan(self) -> None:
         if self.kept is not None:
             self.kept.close()
             self.ended.append(self.kept)
+            self.kept = None
+
+    def __call__(self, watch: SuccessorWatch) -> None:
+        self.next_plan()
         self.kept = watch
 
 
@@ -233,6 +240,8 @@ def test_rounds_of_an_epoch_reuse_the_channel_of_the_first_and_a_new_epoch_opens
     watches = [Watches() for _ in ms]
     job, _, epoch = ring_key()
     for rnd in (1, 2, 3):
+        for w in watches:
+            w.next_plan()
         ls: list[PeerLink] = []
         assert one_round(ms, (job, rnd, epoch), plane, seed=rnd, made=ls, keep_watch=watches) == [None] * 3
         assert [link.channel_reused for link in ls] == [rnd > 1] * 3, f"round {rnd}"
@@ -266,3 +275,29 @@ def test_a_channel_whose_kept_watch_ended_is_not_reused(ring):
     finally:
         for link in ls:
             link.shutdown()
+
+
+def test_a_real_peers_rounds_reuse_one_channel_per_epoch(monkeypatch):
+    """The same through real peers' round loops (which end the last round's watch when the next
+    plan comes, before the next link takes the channel): a job of one epoch opens one channel
+    per member, in its first round."""
+    made: list[tuple[str, int, int, bool]] = []
+    real_init = PeerLink.__init__
+
+    def init(self, servicer, key, self_id, *args, **kw):
+        real_init(self, servicer, key, self_id, *args, **kw)
+        made.append((self_id, key[1], key[2], self.channel_reused))
+
+    monkeypatch.setattr(PeerLink, "__init__", init)
+    spec = JobSpec(task="digits", rounds=5, local_steps=1, batch_size=32, learning_rate=0.1, min_peers=3)
+    with coordinator() as srv, peers(srv.address, 3) as ps:
+        wait_for(lambda: srv.coordinator.view(lambda st: len(st.live_idle())) == 3, 30, "three idle peers")
+        stub = job_stub(srv.address)
+        jid = stub.SubmitJob(jobs_pb2.SubmitJobRequest(spec=spec_to_pb(spec)), timeout=10).job_id
+        wait_for(lambda: stub.GetJob(jobs_pb2.GetJobRequest(job_id=jid), timeout=5).job.state == types_pb2.JOB_STATE_SUCCEEDED,
+                 90, "the job to succeed")
+        ids = {p.peer_id for p in ps}
+    ours = [m for m in made if m[0] in ids]
+    assert len({m[2] for m in ours}) == 1, f"the job changed epochs, so the test shows nothing: {ours}"
+    assert sorted((pid, rnd) for pid, rnd, _, _ in ours) == sorted((pid, r) for pid in ids for r in range(1, 6))
+    assert all(reused == (rnd > 1) for _, rnd, _, reused in ours), ours

@@ -62,31 +62,40 @@ def test_drop_closes_older_epochs_or_whole_jobs_and_the_cache_is_bounded():
     assert cache.drop() == kept.MAX_KEPT and all(s.cancelled for s in many)
 
 
+class FakeWatch:
+    def __init__(self, held: bool) -> None:
+        self._held = held
+        self.closed = False
+
+    def held(self) -> bool:
+        return self._held
+
+    def close(self) -> None:
+        self.closed = True
+
+
 class FakeChannel:
     def __init__(self) -> None:
         self.closed = False
+        self.watch_open_at_close: bool | None = None
+        self.watch: FakeWatch | None = None
 
     def close(self) -> None:
         self.closed = True
+        if self.watch is not None:
+            self.watch_open_at_close = not self.watch.closed
 
 
-class FakeWatch:
-    def __init__(self, active: bool) -> None:
-        self._active = active
-        self.closed = False
-
-    def active(self) -> bool:
-        return self._active and not self.closed
-
-    def close(self) -> None:
-        self.closed = True
+def _kept(held: bool | None) -> KeptChannel:
+    ch = FakeChannel()
+    ch.watch = FakeWatch(held) if held is not None else None
+    return KeptChannel(ch, ch.watch)
 
 
 def test_a_kept_channel_is_reused_only_while_the_watch_on_it_is_open_and_closing_it_closes_the_channel():
     cache = KeptCache("channel")
     ckey = ("j", 1, "p1", "127.0.0.1:1")
-    alive, broken, unwatched = (KeptChannel(FakeChannel(), FakeWatch(True)), KeptChannel(FakeChannel(), FakeWatch(False)),
-                                KeptChannel(FakeChannel(), None))
+    alive, broken, unwatched = _kept(True), _kept(False), _kept(None)
     cache.put(ckey, alive)
     assert cache.take(ckey) is alive and not alive.channel.closed
     cache.put(ckey, broken)  # its watch ended: the successor or the connection went away
@@ -95,4 +104,9 @@ def test_a_kept_channel_is_reused_only_while_the_watch_on_it_is_open_and_closing
     assert cache.take(ckey) is unwatched
     cache.put(ckey, alive)
     assert cache.drop("j", below_epoch=2) == 1 and alive.channel.closed
-    assert alive.watch.closed, "the watch is closed before its channel (else it would read as the successor's cancel)"
+    assert alive.watch.closed and alive.channel.watch_open_at_close is False, (
+        "the watch is closed before its channel (else the channel's close would read as the successor's cancel)")
+    cache.close()  # the server stops: what a late link puts back is closed, not kept
+    late = _kept(True)
+    cache.put(ckey, late)
+    assert late.channel.closed and cache.keys() == []
