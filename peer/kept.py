@@ -3,9 +3,9 @@ shared-memory senders whose all-reduce ended cleanly, and its gRPC channel to th
 kept for the next round to the same successor in the same epoch (see :mod:`peer.dataplane` for
 the receiving side and the round preamble).
 
-A new channel and its watch call cost 1.0 ms of CPU per round (2.8 ms over TLS: a handshake),
-both ends counted, against 0.5 ms for the watch call on a kept one, on every member every round
-(``benchmarks/channel_setup.py --tls``, loopback). The round's watch call (:mod:`peer.watch`)
+A new channel and its watch call cost about 1.1 ms of CPU per round (3.1 ms over TLS: a
+handshake), both ends counted, against 0.5-0.8 ms for the watch call on a kept one, on every
+member every round (``benchmarks/channel_setup.py --tls``, loopback; docs/performance.md). The round's watch call (:mod:`peer.watch`)
 stays one per round.
 
 An entry is taken out to be used (by one link at a time) and put back only after a clean end;

@@ -233,8 +233,8 @@ class Watches:
 
 @pytest.mark.parametrize("plane", ["tcp", "grpc"])
 def test_rounds_of_an_epoch_reuse_the_channel_of_the_first_and_a_new_epoch_opens_one(ring, plane):
-    """One gRPC channel per successor per epoch (a new one each round cost 1.0 ms of CPU, 2.8 ms
-    over TLS, against 0.5 ms): the later rounds' watch calls, and on "grpc" their frames, go over the channel
+    """One gRPC channel per successor per epoch (a new one each round cost about 1.1 ms of CPU,
+    3.1 ms over TLS, against 0.5-0.8 ms): the later rounds' watch calls, and on "grpc" their frames, go over the channel
     the first round opened, though each round ends the previous round's watch."""
     ms = ring(3)
     watches = [Watches() for _ in ms]
