@@ -19,7 +19,7 @@ from dml.v1 import control_pb2, exchange_pb2, exchange_pb2_grpc, jobs_pb2, jobs_
 from dml.aggregation.allreduce import chunk_elems_for
 from dml.aggregation.averaging import delta_ring_average, weighted_ring_average
 from dml.aggregation.codecs import Codec, get_codec
-from dml.aggregation.guard import GradientGuards, Poisoned, RingGuard, rms
+from dml.aggregation.guard import GradientGuards, Poisoned, RingGuard, sum_squares
 from dml.aggregation.transport import Cancelled, ExchangeError
 from dml.common import rpc
 from dml.common.spec import spec_from_pb
@@ -416,27 +416,38 @@ class RingRound:
                                 [sum(r.stop - r.start for r in m.samples) for m in plan.members], bs)
         steps = guards.steps
 
-        def allreduce(buf: np.ndarray, samples: int, step: int) -> None:
-            own = buf[:-1]
-            if step == 0 and faults.inject(peer.config.fault, plan.round, own):
+        parts = 1  # all-reduces per step (Trainer.sync_parts), set when the round trains
+        own = [0.0, 0]  # this step's own gradient so far: sum of squares, elements
+
+        def allreduce(buf: np.ndarray, samples: int, step: int, part: int) -> None:
+            mine = buf[:-1]
+            if part == 0:
+                own[0], own[1] = 0.0, 0
+            if step == 0 and part == 0 and faults.inject(peer.config.fault, plan.round, mine):
                 log.warning("%s: test fault %s injected; skipping this member's own check", tag, peer.config.fault)
                 scale = 0.0
             else:  # before anything leaves this member
-                scale = rms(own)
-                if not math.isfinite(scale):
+                ss = sum_squares(mine)
+                if not math.isfinite(ss):
                     raise NotFinite(f"round {plan.round} step {step}: own gradient not finite "
-                                    f"({int(np.count_nonzero(~np.isfinite(own)))} non-finite values)")
+                                    f"({int(np.count_nonzero(~np.isfinite(mine)))} non-finite values)")
+                own[0] += ss
+                own[1] += mine.size
+                scale = math.sqrt(own[0] / own[1]) if own[1] else 0.0  # over the step's parts so far
             if isinstance(link, TorchLink):
                 link.average(buf, float(samples))
             else:
                 weighted_ring_average(buf, float(samples), rank, world, link, self.deadline_s, chunk,
-                                      guard=guards.for_step(step, scale, buf.size - 1), collective=step,
-                                      final=step == steps - 1)
-            guards.averaged(step, buf[:-1])
+                                      guard=guards.for_step(step, scale, buf.size - 1),
+                                      collective=step * parts + part, final=step == steps - 1 and part == parts - 1)
+            if part == 0:
+                guards.averaged(step, buf[:-1])
 
         def train(trainer: Trainer, samples: np.ndarray) -> StepResult:
             if steps == 0:
                 raise ValueError("the plan allocates no samples: nothing to average")
+            nonlocal parts
+            parts = trainer.sync_parts
             return trainer.train_synced(samples, bs, steps, allreduce)
 
         return train

@@ -36,6 +36,11 @@ from dml.peer.diskcopy import DiskCopy
 
 log = logging.getLogger(__name__)
 EVAL_BATCH = 32
+# --sync grads with plain SGD: a Linear weight larger than STREAM_MIN_ELEMS gets no gradient
+# buffer of its own; its gradient is taken after backward in row blocks of about
+# STREAM_BLOCK_ELEMS, each all-reduced and applied before the next is made (Trainer.train_synced).
+STREAM_BLOCK_ELEMS = 1 << 20  # 4 MiB of float32 per block
+STREAM_MIN_ELEMS = 2 * STREAM_BLOCK_ELEMS
 SCALER = "scaler"  # the state part of --precision fp16's GradScaler
 _INIT_LOCK = threading.Lock()  # torch's seed is global: peers sharing a process build one at a time
 
@@ -86,8 +91,11 @@ class _GradLinear(torch.autograd.Function):
         grad_x = g @ weight if ctx.needs_input_grad[0] else None
         g2, x2 = g.reshape(-1, g.shape[-1]), x.reshape(-1, x.shape[-1])
         gw = gb = None
+        stash = getattr(weight, "_dml_stream", None)
         with torch.no_grad():
-            if weight.grad is not None and weight.grad.shape == weight.shape:
+            if stash is not None:  # a streamed weight: its gradient is taken later, block by block
+                stash.append((g2, x2))
+            elif weight.grad is not None and weight.grad.shape == weight.shape:
                 weight.grad.addmm_(g2.t(), x2)
             elif ctx.needs_input_grad[1]:  # no buffer to write into: an ordinary gradient
                 gw = g2.t() @ x2
@@ -160,9 +168,11 @@ class StepResult:
     windows: list[tuple[float, float]] = field(default_factory=list)
 
 
-# --sync grads: averages one step's flat gradient buffer in place across the ring, given the
-# buffer (gradients, then the weight slot), this member's samples in the step and the step's index.
-AllReduce = Callable[[np.ndarray, int, int], None]
+# --sync grads: averages one buffer of a step's gradient in place across the ring, given the
+# buffer (gradients, then the weight slot), this member's samples in the step, the step's index
+# and the part's (Trainer.sync_parts per step: the flat gradient buffer is part 0, each row
+# block of a streamed weight one more, in the same order on every member).
+AllReduce = Callable[[np.ndarray, int, int, int], None]
 
 
 class TaskError(Exception):
@@ -410,6 +420,11 @@ class Trainer:
         self._layout = [(name, t.shape, off) for name, t, off in self._named_slices()]
         self._grads: torch.Tensor | None = None  # the flat gradient buffer (--sync grads), made on first use
         self._grad_views: list[tuple[torch.nn.Parameter, torch.Tensor]] = []
+        self.stream_block = STREAM_BLOCK_ELEMS  # the streamed weights' block size (tests set it smaller)
+        self.stream_min = STREAM_MIN_ELEMS
+        self._streamed: list[tuple[torch.nn.Parameter, list[tuple[torch.Tensor, torch.Tensor]]]] = []
+        self._block: torch.Tensor | None = None  # the streamed weights' block buffer (and weight slot)
+        self._grad_buffers = slice(0, 0)  # where the float buffers' slots sit in the gradient buffer
         train = _call("train(ctx)", task.train, replace(ctx, split="train"))
         self.train_data = Batches(train, "train(ctx)", task.collate, self.device)
         if self.train_data.size == 0:
@@ -676,31 +691,84 @@ class Trainer:
         return StepResult(samples=total, loss=loss_sum / max(total, 1))
 
     def grad_buffer(self) -> torch.Tensor:
-        """The flat gradient buffer, laid out like :attr:`flat`: every trainable parameter's
-        ``.grad`` is a view of it at that parameter's offset, so backward accumulates straight
-        into it and a step's all-reduce reads and writes it whole. The buffers' slots (and a
-        frozen parameter's) hold no gradient; the last element is the all-reduce weight slot."""
+        """The flat gradient buffer, laid out like :attr:`flat` less the streamed weights (below):
+        every other trainable parameter's ``.grad`` is a view of it at its place, so backward
+        accumulates straight into it and a step's all-reduce reads and writes it whole. The float
+        buffers' slots (and a frozen parameter's) hold no gradient; the last element is the
+        all-reduce weight slot.
+
+        Streamed weights: with plain SGD (:func:`plain_sgd`) in fp32, a ``nn.Linear`` weight of at
+        least :attr:`stream_min` elements that no other module shares gets no slot here. Its
+        layer's backward keeps what the gradient is made of (the output's gradient and the input,
+        a batch's worth each) and :meth:`train_synced` takes the gradient from them in row blocks
+        after the rest is averaged, each block all-reduced and applied before the next is made:
+        no gradient the size of that weight ever exists. An MLP's first weight is nearly all of
+        it (96% of ``synthetic:10M``), so the step holds a 4 MiB block instead of a model-sized
+        gradient buffer."""
         if self._grads is None:
-            self._grads = torch.zeros(self.numel + 1, dtype=torch.float32, device=self.device)
-            base = self.flat.data_ptr()
-            self._grad_views = []
-            for p in self.model.parameters():
-                if p.requires_grad:
-                    off = (p.data_ptr() - base) // 4
-                    self._grad_views.append((p, self._grads[off : off + p.numel()].view_as(p)))
-            # fp32 only: under autocast the products would be taken in another precision than
-            # the weights', which autograd's own linear handles and this one does not.
-            if self.precision == "fp32" and self._prox is None:
+            routed = self.precision == "fp32" and self._prox is None
+            if routed:
+                # fp32 only: under autocast the products would be taken in another precision than
+                # the weights', which autograd's own linear handles and this one does not.
                 grads_into_buffer(self.model)
+            streamed = self._streamable() if routed else []
+            base = self.flat.data_ptr()
+            skip = sorted(((p.data_ptr() - base) // 4, p.numel()) for p in streamed)
+            gone = sum(n for _, n in skip)
+            self._grads = torch.zeros(self.numel - gone + 1, dtype=torch.float32, device=self.device)
+            self._grad_buffers = slice(self.param_numel - gone, self.numel - gone)
+            self._grad_views = []
+            ids = {id(p) for p in streamed}
+            for p in self.model.parameters():
+                if p.requires_grad and id(p) not in ids:
+                    off = (p.data_ptr() - base) // 4
+                    off -= sum(n for o, n in skip if o < off)
+                    self._grad_views.append((p, self._grads[off : off + p.numel()].view_as(p)))
+            self._streamed = []
+            for p in streamed:
+                p._dml_stream = []  # type: ignore[attr-defined]  # read by _GradLinear's backward
+                self._streamed.append((p, p._dml_stream))  # type: ignore[attr-defined]
+            if streamed:
+                block = max(self._block_rows(p) * p.shape[1] for p in streamed)
+                self._block = torch.zeros(block + 1, dtype=torch.float32, device=self.device)
         for p, view in self._grad_views:
             p.grad = view
         return self._grads
 
+    def _streamable(self) -> list[torch.nn.Parameter]:
+        """The weights :meth:`grad_buffer` streams (none unless the optimizer is plain SGD over
+        them: the block's update is that optimizer's step, taken here)."""
+        if plain_sgd(self.optimizer) is None:
+            return []
+        optimized = {id(p) for p in self.optimizer.param_groups[0]["params"]}
+        owners: dict[int, int] = {}
+        for m in self.model.modules():
+            for q in m._parameters.values():
+                if q is not None:
+                    owners[id(q)] = owners.get(id(q), 0) + 1
+        return [m.weight for m in self.model.modules()
+                if type(m) is torch.nn.Linear and m.weight.requires_grad and m.weight.dim() == 2
+                and m.weight.numel() >= self.stream_min and owners[id(m.weight)] == 1 and id(m.weight) in optimized]
+
+    def _block_rows(self, p: torch.Tensor) -> int:
+        return min(p.shape[0], max(1, self.stream_block // p.shape[1]))
+
+    @property
+    def sync_parts(self) -> int:
+        """How many all-reduces a ``--sync grads`` step takes: the gradient buffer, then one per
+        row block of each streamed weight (:meth:`grad_buffer`). The same on every member: it
+        depends on the model and the optimizer only."""
+        with self.lock:
+            self.grad_buffer()
+        return 1 + sum(-(-p.shape[0] // self._block_rows(p)) for p, _ in self._streamed)
+
     def train_synced(self, samples: np.ndarray, batch_size: int, steps: int, allreduce: AllReduce) -> StepResult:
         """``--sync grads``: ``steps`` steps, step ``s`` on ``samples[s*batch_size:(s+1)*batch_size]``
         (none past the end: this member then takes part with 0 samples). After each backward
-        ``allreduce(buffer, samples, s)`` averages the flat gradient buffer (:meth:`grad_buffer`)
+        ``allreduce(buffer, samples, s, 0)`` averages the flat gradient buffer (:meth:`grad_buffer`)
         in place across the ring, weighted by samples; then the optimizer steps on the average.
+        Each streamed weight's gradient follows in row blocks, parts ``1 ..`` :attr:`sync_parts`
+        - 1, each averaged the same way and applied as plain SGD's step before the next is made.
         Every member gets the same bytes back, so from identical parameters and optimizer state
         every member takes the identical step. The float buffers (a batch norm's running
         statistics) travel in their slots of the same buffer as values, and come back averaged.
@@ -719,26 +787,76 @@ class Trainer:
             with self.lock:
                 grads = self.grad_buffer()
                 grads.zero_()
-                if n:
-                    x, y = self.train_data.get(idx)
-                    with self.autocast():
-                        loss = self._loss(self.model(x), y)
-                    loss.backward()  # no fp16 here (spec.validate): its scale would differ per member
-                    self._gather_grads()
-                    loss_sum += float(loss.detach()) * n
-                grads[buffers].copy_(self.flat[buffers])
-                host = grads.numpy() if self.device.type == "cpu" else grads.cpu().numpy()
-                t0, w0 = time.monotonic(), time.time()
-                allreduce(host, n, s)
-                spent += time.monotonic() - t0
-                windows.append((w0, time.time()))
-                if self.device.type != "cpu":
-                    grads.copy_(torch.from_numpy(host))
-                self.flat[buffers].copy_(grads[buffers])
-                self.optimizer.step()
+                try:
+                    for _, stash in self._streamed:
+                        stash.clear()
+                    if n:
+                        x, y = self.train_data.get(idx)
+                        with self.autocast():
+                            loss = self._loss(self.model(x), y)
+                        loss.backward()  # no fp16 here (spec.validate): its scale would differ per member
+                        self._gather_grads()
+                        loss_sum += float(loss.detach()) * n
+                    w0 = time.time()
+                    grads[self._grad_buffers].copy_(self.flat[buffers])
+                    spent += self._average_part(grads, allreduce, n, s, 0)
+                    self.flat[buffers].copy_(grads[self._grad_buffers])
+                    # Whatever autograd left in a streamed weight's .grad (a use of it outside its
+                    # layer) is added to its blocks, not stepped on here unaveraged.
+                    extras = [p.grad for p, _ in self._streamed]
+                    for p, _ in self._streamed:
+                        p.grad = None
+                    self.optimizer.step()
+                    part = 1
+                    for (p, stash), extra in zip(self._streamed, extras):
+                        part, took = self._stream_weight(p, stash, extra, allreduce, n, s, part)
+                        spent += took
+                    windows.append((w0, time.time()))
+                finally:
+                    for _, stash in self._streamed:
+                        stash.clear()
                 self.version += 1
             total += n
         return StepResult(samples=total, loss=loss_sum / max(total, 1), exchange_s=spent, windows=windows)
+
+    def _average_part(self, buf: torch.Tensor, allreduce: AllReduce, n: int, step: int, part: int) -> float:
+        """One all-reduce of ``buf`` (a host view on CPU, a host copy elsewhere); its seconds."""
+        host = buf.numpy() if self.device.type == "cpu" else buf.cpu().numpy()
+        t0 = time.monotonic()
+        allreduce(host, n, step, part)
+        took = time.monotonic() - t0
+        if self.device.type != "cpu":
+            buf.copy_(torch.from_numpy(host))
+        return took
+
+    @torch.no_grad()
+    def _stream_weight(self, p: torch.nn.Parameter, stash: list[tuple[torch.Tensor, torch.Tensor]],
+                       extra: torch.Tensor | None, allreduce: AllReduce, n: int, step: int, part: int) -> tuple[int, float]:
+        """A streamed weight's step: block by block, its rows' gradient (``g.T @ x`` of every use
+        of its layer this step, plus whatever autograd left in ``.grad`` from a use outside the
+        layer) into the block buffer, averaged as part ``part``, ``part + 1``, .., then plain
+        SGD's update of those rows. Returns the next part and the seconds spent averaging."""
+        assert self._block is not None
+        lr = float(self.optimizer.param_groups[0]["lr"])  # read every step: a scheduler may move it
+        if extra is not None and extra.is_sparse:
+            extra = extra.to_dense()
+        rows, cols = p.shape
+        rb = self._block_rows(p)
+        took = 0.0
+        for r0 in range(0, rows, rb):
+            r1 = min(rows, r0 + rb)
+            blk = self._block[: (r1 - r0) * cols + 1]
+            view = blk[:-1].view(r1 - r0, cols)
+            if extra is not None:
+                view.copy_(extra[r0:r1])
+            else:
+                view.zero_()
+            for g, x in stash:
+                view.addmm_(g.t()[r0:r1], x)
+            took += self._average_part(blk, allreduce, n, step, part)
+            p[r0:r1].add_(view, alpha=-lr)  # torch.optim.SGD's own update: p - lr * g
+            part += 1
+        return part, took
 
     def _gather_grads(self) -> None:
         """Copies into the flat buffer any gradient backward did not accumulate there (it may

@@ -43,8 +43,14 @@ def _momentum(params: Any) -> torch.optim.Optimizer:
     return torch.optim.SGD(params, lr=0.05, momentum=0.9)
 
 
+def _plain_sgd(params: Any) -> torch.optim.Optimizer:
+    return torch.optim.SGD(params, lr=0.05)
+
+
 TASKS = {"mlp-sgd-momentum": dataclasses.replace(get_task("digits"), optimizer=_momentum),
-         "cnn-adam": get_task("digits-cnn")}
+         "cnn-adam": get_task("digits-cnn"),
+         # plain SGD: the MLP's two 8192-element weights streamed in blocks of 1024 (17 all-reduces a step)
+         "mlp-sgd-streamed": dataclasses.replace(get_task("digits"), optimizer=_plain_sgd)}
 
 
 @pytest.fixture
@@ -61,7 +67,8 @@ def members():
 
 
 @pytest.mark.parametrize("plane,name", [("tcp", "cnn-adam"), ("tcp", "mlp-sgd-momentum"), ("shm", "cnn-adam"),
-                                        ("grpc", "mlp-sgd-momentum")])
+                                        ("grpc", "mlp-sgd-momentum"), ("tcp", "mlp-sgd-streamed"),
+                                        ("shm", "mlp-sgd-streamed")])
 def test_members_on_real_links_match_one_process_with_the_n_times_batch(members, monkeypatch, plane, name):
     """3 members, 6 steps of 16 each, all over one link per member (one connection for every
     step's all-reduce), end where one process with batches of 48 ends, and bit-identical."""
@@ -95,7 +102,8 @@ def test_members_on_real_links_match_one_process_with_the_n_times_batch(members,
 
     def one(r: int) -> None:
         try:
-            trainers[r] = synced_member(task, r, world, links[r], samples[r], bs, steps)
+            trainers[r] = synced_member(task, r, world, links[r], samples[r], bs, steps,
+                                        stream_block=1024 if name.endswith("streamed") else None)
         except BaseException as e:  # noqa: BLE001 - collected for the assertions
             errors[r] = e
         finally:
@@ -112,6 +120,7 @@ def test_members_on_real_links_match_one_process_with_the_n_times_batch(members,
     # One connection (TCP, or a gRPC stream) per member carried every step's all-reduce.
     assert (len(connects), len(streams)) == ((0, world) if plane == "grpc" else (world, 0))
     assert_bit_identical([t.host_buffer() for t in trainers], [t.sync_trace for t in trainers])
+    assert trainers[0].sync_parts == (17 if name.endswith("streamed") else 1)
     want = reference_trainer(task, samples, bs, steps).params()
     assert np.abs(trainers[0].params() - want).max() <= 1e-5 * max(1.0, float(np.abs(want).max()))
 
@@ -142,6 +151,29 @@ def test_a_grads_job_commits_with_identical_parameters_and_optimizer_state(tmp_p
             for k, v in t.optimizer.state_dict()["state"].items():
                 mine = trainers[0].optimizer.state_dict()["state"][k]
                 assert all(torch.equal(v[n], mine[n]) for n in ("exp_avg", "exp_avg_sq"))
+        assert resp.history[-1].test_accuracy > resp.history[0].test_accuracy
+
+
+def test_a_grads_job_streaming_its_weights_commits_identical_and_learns(tmp_path, monkeypatch):
+    """Real peers, plain SGD, the weights streamed in row blocks (the blocks made small, so the
+    digits MLP streams its two 8192-element weights as a 10M model streams its first): every
+    round commits with every member's digest equal, and the model learns."""
+    from dml.peer import trainer as trainer_module
+
+    monkeypatch.setattr(trainer_module, "STREAM_BLOCK_ELEMS", 1024)
+    monkeypatch.setattr(trainer_module, "STREAM_MIN_ELEMS", 2048)
+    spec = JobSpec(task="digits", rounds=4, local_steps=4, batch_size=16, min_peers=3, sync="grads", learning_rate=0.1,
+                   checkpoint_every_rounds=4)
+    with coordinator(tmp_path / "state") as srv, peers(srv.address, 3) as ps:
+        stub = job_stub(srv.address)
+        jid = _submit(stub, spec)
+        wait_for(lambda: _job(stub, jid).job.state == types_pb2.JOB_STATE_SUCCEEDED, 120, "job to succeed")
+        resp = _job(stub, jid, history=True)
+        assert [r.members for r in resp.history] == [3] * spec.rounds
+        trainers = [p.store.trainer_for(jid) for p in ps]
+        assert [t.sync_parts for t in trainers] == [17] * 3
+        got = [fetch_state(p.address, jid, spec.rounds, p.peer_id, srv.coordinator.signing_key) for p in ps]
+        assert {g[0] for g in got} == {resp.history[-1].digest}
         assert resp.history[-1].test_accuracy > resp.history[0].test_accuracy
 
 

@@ -96,12 +96,15 @@ def _digest(a: np.ndarray) -> str:
 
 
 def synced_member(task: Any, rank: int, world: int, link: Any, samples: np.ndarray, batch_size: int, steps: int,
-                  seed: int = 0, counts: list[int] | None = None, timeout: float = 10.0) -> Any:
+                  seed: int = 0, counts: list[int] | None = None, timeout: float = 10.0,
+                  stream_block: int | None = None) -> Any:
     """One ``--sync grads`` member: a trainer of ``task`` that trains ``samples`` in ``steps``
     steps of ``batch_size``, averaging each step's gradient with the others over ``link`` (the
     all-reduce a peer's ring round runs). With ``counts`` (every member's sample count, as the
     plan gives them) each step's chunks are checked by the round's gradient guards, as a peer's
-    are; ``timeout`` bounds each all-reduce. Returns the trainer, with ``sync_trace``: per step,
+    are; ``timeout`` bounds each all-reduce; ``stream_block`` streams the weights of at least two
+    such blocks (:meth:`Trainer.grad_buffer`). Returns the trainer, with ``sync_trace``: per all-reduce (one per
+    step unless weights are streamed),
     the digests of the parameters it started from and of the averaged gradient buffer (what
     :func:`assert_bit_identical` reads to say where members parted)."""
     from dml.aggregation.averaging import weighted_ring_average
@@ -109,16 +112,19 @@ def synced_member(task: Any, rank: int, world: int, link: Any, samples: np.ndarr
     from dml.peer.trainer import Trainer
 
     trainer = Trainer(task, seed, 0, fuse=False)
+    if stream_block is not None:  # stream every Linear weight of at least two such blocks, in blocks
+        trainer.stream_block, trainer.stream_min = stream_block, 2 * stream_block
+    parts = trainer.sync_parts
     guards = GradientGuards(str((rank - 1) % world), rank, counts, batch_size) if counts is not None else None
 
     trace: list[tuple[str, str]] = []
 
-    def allreduce(buf: np.ndarray, n: int, step: int) -> None:
+    def allreduce(buf: np.ndarray, n: int, step: int, part: int) -> None:
         start = _digest(trainer.host_buffer())
         guard = guards.for_step(step, rms(buf[:-1]), buf.size - 1) if guards is not None else None
         weighted_ring_average(buf, float(n), rank, world, link, timeout, 1000, guard=guard,
-                              collective=step, final=step == steps - 1)
-        if guards is not None:
+                              collective=step * parts + part, final=step == steps - 1 and part == parts - 1)
+        if guards is not None and part == 0:
             guards.averaged(step, buf[:-1])
         trace.append((start, _digest(buf)))
 

@@ -200,7 +200,7 @@ def test_a_fused_trainer_refuses_synchronous_gradients():
     t = Trainer(get_task("digits"), 0, 0.1)  # plain SGD on an MLP: fused into backward
     assert t.fused_sgd
     with pytest.raises(ValueError, match="fuse=False"):
-        t.train_synced(np.arange(8), 8, 1, lambda buf, n, s: None)
+        t.train_synced(np.arange(8), 8, 1, lambda buf, n, s, part: None)
 
 
 def _split(world: int, per_member: list[int], seed: int = 1) -> list[np.ndarray]:
@@ -266,13 +266,23 @@ class _Poisoning:
         return getattr(self.inner, name)
 
 
-def test_the_gradient_guard_refuses_a_poisoned_gradient_naming_its_sender():
+class _PoisoningBlocks(_Poisoning):
+    """Poisons only the streamed weights' blocks (every all-reduce after a step's first)."""
+
+    def send(self, header: Header, payload: np.ndarray) -> int:
+        return super().send(header, payload) if header.collective % 17 else self.inner.send(header, payload)
+
+
+@pytest.mark.parametrize("streamed", [False, True], ids=["buffer", "streamed-blocks"])
+def test_the_gradient_guard_refuses_a_poisoned_gradient_naming_its_sender(streamed):
     world, bs, steps = 3, 8, 2
-    task = TASKS["mlp-sgd-momentum"]
+    task = PLAIN if streamed else TASKS["mlp-sgd-momentum"]
     samples = _split(world, [16, 16, 16])
+    wrap = _PoisoningBlocks if streamed else _Poisoning
     _, errors = run_members(world, lambda r, link: synced_member(task, r, world, link, samples[r], bs, steps,
-                                                                 counts=[16] * world),
-                            link_wrap=lambda r, link: _Poisoning(link) if r == 0 else link, abort_on_error=True)
+                                                                 counts=[16] * world,
+                                                                 stream_block=1024 if streamed else None),
+                            link_wrap=lambda r, link: wrap(link) if r == 0 else link, abort_on_error=True)
     assert isinstance(errors[1], Poisoned) and errors[1].suspect == "0", errors
 
 
@@ -325,7 +335,7 @@ def test_each_steps_all_reduce_window_is_returned_in_order():
     t = Trainer(get_task("digits"), 0, 0.1, fuse=False)
     calls = []
 
-    def allreduce(buf, n, s):
+    def allreduce(buf, n, s, part):
         calls.append(time.time())
         time.sleep(0.01)
 
@@ -337,3 +347,120 @@ def test_each_steps_all_reduce_window_is_returned_in_order():
         assert leave - enter >= 0.01
     assert all(a[1] <= b[0] for a, b in zip(res.windows, res.windows[1:]))
     assert abs(res.exchange_s - sum(b - a for a, b in res.windows)) < 0.01
+
+
+def _plain_sgd(params: Any) -> torch.optim.Optimizer:
+    return torch.optim.SGD(params, lr=0.05)
+
+
+PLAIN = dataclasses.replace(get_task("digits"), optimizer=_plain_sgd)  # 64 -> 128 -> 64 -> 10: two 8192-element weights
+
+
+def _streaming(task: Any, block: int = 1024) -> Trainer:
+    t = Trainer(task, 0, 0, fuse=False)
+    t.stream_block, t.stream_min = block, 2 * block
+    return t
+
+
+@pytest.mark.parametrize("per_member", [[40, 40, 40], [40, 25, 0]], ids=["even", "uneven"])
+def test_streamed_weights_match_one_process_with_the_n_times_batch(per_member):
+    """With plain SGD the MLP's two large weights are streamed (8 row blocks each, one
+    all-reduce a block): members stay bit-identical and end where one process with the N-times
+    batch and an ordinary gradient ends, a member with no samples left taking part in every block."""
+    world, bs, steps = 3, 8, 5
+    samples = _split(world, per_member)
+    trainers, errors = run_members(world, lambda r, link: synced_member(PLAIN, r, world, link, samples[r], bs, steps,
+                                                                        counts=per_member, stream_block=1024))
+    assert errors == [None] * world
+    assert trainers[0].sync_parts == 1 + 8 + 8
+    assert len(trainers[0].sync_trace) == steps * 17
+    assert_bit_identical([t.host_buffer() for t in trainers], [t.sync_trace for t in trainers])
+    ref = reference_trainer(PLAIN, samples, bs, steps)
+    got, want = trainers[0].params(), ref.params()
+    assert np.abs(got - want).max() <= 1e-5 * max(1.0, float(np.abs(want).max())), np.abs(got - want).max()
+    assert np.abs(got - Trainer(PLAIN, 0, 0, fuse=False).params()).max() > 1e-3  # it trained
+
+
+def test_a_streamed_weight_never_gets_a_gradient_of_its_size():
+    t = _streaming(PLAIN)
+    grads = t.grad_buffer()
+    big = [m.weight for m in t.model.modules() if isinstance(m, torch.nn.Linear) and m.weight.numel() >= 2048]
+    assert len(big) == 2
+    assert grads.numel() == t.numel - sum(p.numel() for p in big) + 1
+    seen: list[tuple[int, int]] = []
+
+    def allreduce(buf: np.ndarray, n: int, s: int, part: int) -> None:
+        seen.append((s, part))
+        assert buf.size <= 1024 + 1 or part == 0
+        assert all(p.grad is None for p in big), "no whole-weight gradient while a step averages"
+
+    t.train_synced(np.arange(16), 8, 2, allreduce)
+    assert seen == [(s, p) for s in range(2) for p in range(17)]
+    assert all(p.grad is None for p in big)
+    assert t._block is not None and t._block.numel() == 1024 + 1
+
+
+def _same_steps(task: Any, steps: int = 3) -> tuple[np.ndarray, np.ndarray]:
+    """One member's parameters after ``steps`` steps streamed and not (an all-reduce of one
+    member leaves the buffer as it is: the average is its own gradient)."""
+    out = []
+    for t in (_streaming(task), Trainer(task, 0, 0, fuse=False)):
+        t.train_synced(np.arange(8 * steps), 8, steps, lambda buf, n, s, part: None)
+        out.append(t.params())
+    return out[0], out[1]
+
+
+def test_a_streamed_step_is_plain_sgds_own_step():
+    streamed, plain = _same_steps(PLAIN)
+    assert np.abs(streamed - plain).max() <= 1e-6, np.abs(streamed - plain).max()
+
+
+class _Reused(torch.nn.Module):
+    """A weight its layer uses and the forward uses again directly: autograd adds the second use
+    to ``.grad``, which the streamed blocks must take in too."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = torch.nn.Linear(64, 64)
+        self.out = torch.nn.Linear(64, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.fc(x)) + 0.1 * torch.tanh(x @ self.fc.weight.t())
+        return self.out(h)
+
+
+def test_a_streamed_weight_used_outside_its_layer_takes_both_gradients():
+    task = dataclasses.replace(PLAIN, model=_Reused)
+    t = _streaming(task)
+    assert t.sync_parts > 1  # fc's weight (4096 elements) is streamed
+    streamed, plain = _same_steps(task)
+    assert np.abs(streamed - plain).max() <= 1e-6, np.abs(streamed - plain).max()
+
+
+class _Tied(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(64, 64), torch.nn.Linear(64, 64)
+        self.b.weight = self.a.weight
+        self.out = torch.nn.Linear(64, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.relu(self.b(torch.relu(self.a(x)))))
+
+
+def _partly(params: Any) -> torch.optim.Optimizer:
+    return torch.optim.SGD(list(params)[2:], lr=0.05)  # the first layer is not the optimizer's
+
+
+@pytest.mark.parametrize("task,want", [(TASKS["mlp-sgd-momentum"], []), (get_task("digits-cnn"), []),
+                                       (dataclasses.replace(PLAIN, model=_Tied), []),
+                                       (dataclasses.replace(PLAIN, optimizer=_partly), ["2.weight"])],
+                         ids=["momentum", "adam", "tied-weight", "weight-outside-the-optimizer"])
+def test_only_plain_sgd_streams_and_only_weights_it_alone_steps(task, want):
+    """Streaming takes plain SGD's step itself: with momentum or Adam, for a weight two layers
+    share, or one the optimizer does not step, the gradient stays in the buffer."""
+    t = _streaming(task)
+    names = {id(p): n for n, p in t.model.named_parameters()}
+    assert t.sync_parts == 1 + 8 * len(want)
+    assert [names[id(p)] for p, _ in t._streamed] == want
+    assert t.grad_buffer().numel() == t.numel + 1 - 8192 * len(want)
