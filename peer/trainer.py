@@ -165,6 +165,8 @@ class StepResult:
     exchange_s: float = 0.0  # of which spent in the steps' all-reduces (--sync grads)
     # (enter, leave) of each step's all-reduce, wall-clock seconds (--sync grads): with the other
     # members' windows, the wait for the slowest member tells apart from the all-reduce itself.
+    # With streamed weights a step's window runs from its buffer's all-reduce to its last block's,
+    # the blocks' gradient products in between included (exchange_s counts the all-reduces only).
     windows: list[tuple[float, float]] = field(default_factory=list)
 
 
